@@ -5,9 +5,18 @@ Bloch-Torrey operators) -> ``solvers`` (time integration) -> ``forward``
 (:func:`simulate`), with ``sequences`` describing the acquisitions.
 """
 
-from .forward import simulate
-from .grid import TetGrid
-from .sequences import (
+import os
+
+# Spin-waiting OpenMP threads (torch's default) starve when another thread
+# pool shares the cores -- numpy/scipy's OpenBLAS, or DIPY's joblib/dask/ray
+# workers -- and every small torch kernel then costs ~20 ms. Passive waiting
+# costs nothing measurable alone and avoids that. Only effective when set
+# before torch is first imported; set it yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .forward import simulate  # noqa: E402
+from .grid import TetGrid  # noqa: E402
+from .sequences import (  # noqa: E402
     PGSE,
     CosineOGSE,
     DoublePGSE,

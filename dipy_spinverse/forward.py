@@ -137,7 +137,8 @@ def _group_signal(op, waveform, rate, u0, *, frame, engine, tol):
     half = waveform.is_antisymmetric
     if half:
         # For f(TE - t) = -f(t) the second half-propagator is the adjoint of
-        # the first in both frames, so S = ||U(TE/2) u0||^2: half the work.
+        # the first in both frames, so S = ||U(TE/2) u0||^2 when the
+        # magnetisation starts everywhere: half the work.
         durations, amplitudes = _first_half(durations, amplitudes)
     rate_max = float(rate.norm(dim=-1).max()) if len(rate) else 0.0
     dmax = float(op.displacement.norm(dim=-1).max())
@@ -149,15 +150,26 @@ def _group_signal(op, waveform, rate, u0, *, frame, engine, tol):
         dmax=dmax,
         rate=rate_max,
     )
+    kwargs = dict(frame=frame, engine=engine, tol=tol)
     n_batch, n_cells = u0.shape
-    chunk = _chunk_size(n_batch, n_cells, len(rate), u0.element_size())
+    partial = bool(torch.any(u0 == 0))
+    chunk = _chunk_size(n_batch, n_cells, len(rate) * (1 + partial), u0.element_size())
     ctype = torch.complex128 if u0.dtype == torch.float64 else torch.complex64
     signals = []
     for lo in range(0, len(rate), chunk):
         r = rate[lo : lo + chunk]
-        u = u0.to(ctype)[..., None].expand(n_batch, n_cells, len(r)).contiguous()
-        u = propagate(op, steps, u, r, frame=frame, engine=engine, tol=tol)
-        if half:
+        n_acq = len(r)
+        start = u0.to(ctype)[..., None].expand(n_batch, n_cells, n_acq)
+        if half and partial:
+            # S = a^T U^H U w with a = sqrt(V) (integrate everywhere) and w the
+            # initial magnetisation: propagate both to TE/2, S = <U a, U w>.
+            whole = op.sqrt_volumes.to(ctype)[None, :, None]
+            start = torch.cat([whole.expand_as(start), start], dim=-1)
+            r = torch.cat([r, r])
+        u = propagate(op, steps, start.contiguous(), r, **kwargs)
+        if half and partial:
+            s = (u[..., :n_acq].conj() * u[..., n_acq:]).sum(1).abs()
+        elif half:
             s = (u.real**2 + u.imag**2).sum(1)
         else:
             s = _full_echo(op, u, r, waveform, frame).abs()

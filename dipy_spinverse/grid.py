@@ -222,6 +222,26 @@ class TetGrid:
         pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=int)
         return np.unique(np.sort(pairs, axis=1), axis=0)
 
+    def interface_faces(self, labels):
+        """Interior faces whose two cells carry different labels.
+
+        Parameters
+        ----------
+        labels : array_like (n_cells,)
+            Any per-cell labels (bool or int), e.g. inside/outside a shape.
+
+        Returns
+        -------
+        ndarray of bool (n_faces,)
+        """
+        labels = np.asarray(labels)
+        if labels.shape != (self.n_cells,):
+            raise ValueError(
+                f"labels must have one value per cell ({self.n_cells},), got "
+                f"shape {labels.shape}."
+            )
+        return labels[self.face_cells[:, 0]] != labels[self.face_cells[:, 1]]
+
     def __repr__(self):
         return (
             f"TetGrid(size={self.size:g} um, n_cells={self.n_cells}, "

@@ -32,6 +32,7 @@ Both are differentiated exactly by torch autograd.
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -332,9 +333,13 @@ class _LabZ:
         cols = (self.sorted_nbr[None] + offset).reshape(-1)
         values = torch.gather(self.zweights, 2, self.order.expand(b, n, k))
         crow = torch.arange(0, b * n * k + 1, k, device=dev)
-        self.csr = torch.sparse_csr_tensor(
-            crow, cols, values.reshape(-1), size=(b * n, b * n)
-        )
+        with warnings.catch_warnings():
+            # Beta-API and invariant-check notices, once per step: not for users.
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support")
+            warnings.filterwarnings("ignore", "Sparse invariant checks")
+            self.csr = torch.sparse_csr_tensor(
+                crow, cols, values.reshape(-1), size=(b * n, b * n)
+            )
         self.zcomplex = self.zdiag[..., None] + 1j * self.zimag
 
     def _couple(self, v):
