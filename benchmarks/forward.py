@@ -66,12 +66,12 @@ COLUMNS = (
     ("device", "device", "s"),
     ("method", "method", "s"),
     ("dtype", "dtype", "s"),
-    ("fwd (s)", "fwd_s", ".3g"),
-    ("fwd+grad (s)", "grad_s", ".3g"),
+    ("fwd (s)", "fwd_s", "sig"),
+    ("fwd+grad (s)", "grad_s", "sig"),
     ("peak MB fwd", "fwd_mb", ".0f"),
     ("peak MB fwd+grad", "grad_mb", ".0f"),
-    ("fwd us/cell/acq", "fwd_us", ".3g"),
-    ("fwd+grad us/cell/acq", "grad_us", ".3g"),
+    ("fwd us/cell/acq", "fwd_us", "sig"),
+    ("fwd+grad us/cell/acq", "grad_us", "sig"),
 )
 
 
@@ -90,7 +90,7 @@ def main(argv=None):
     for config in configs:
         label = (
             f"{config['device']} {config['method']} {config['dtype']} "
-            f"n={config['n']} acquisitions={config['select']}"
+            f"n={config['n']} protocol[{_select_text(config['select'])}]"
         )
         print(f"  running {label} ...", end="", flush=True)
         t0 = time.perf_counter()
@@ -178,6 +178,10 @@ def _configs(sizes, threads, repeats):
     return configs
 
 
+def _select_text(select):
+    return str(select) if isinstance(select, list) else f"::{select}"
+
+
 def _run_subprocess(config):
     """Run one configuration in a fresh interpreter and return its result row."""
     env = dict(os.environ)
@@ -222,16 +226,21 @@ def run_single(config):
     log_kappa = rng.uniform(*LOG10_KAPPA_RANGE, grid.n_faces)
     kappa = torch.tensor(10.0**log_kappa, dtype=dtype, device=device)
     cuda = device.type == "cuda"
+    # On CPU the warm-up only has to trigger lazy initialisation (thread pool,
+    # sparse kernels, scipy.special), which one acquisition does at a fraction
+    # of the cost; on CUDA the caching allocator and the cuSPARSE workspaces
+    # depend on the sizes, so the warm-up repeats the timed call.
+    warm = protocol if cuda else protocol[[int(np.argmax(protocol.bvals))]]
 
-    def forward():
+    def forward(prot=protocol):
         return simulate(
-            grid, kappa, protocol, method=config["method"], dtype=dtype, device=device
+            grid, kappa, prot, method=config["method"], dtype=dtype, device=device
         )
 
-    def forward_grad():
+    def forward_grad(prot=protocol):
         leaf = kappa.clone().requires_grad_(True)
         signal = simulate(
-            grid, leaf, protocol, method=config["method"], dtype=dtype, device=device
+            grid, leaf, prot, method=config["method"], dtype=dtype, device=device
         )
         signal.sum().backward()
         return leaf.grad
@@ -239,11 +248,13 @@ def run_single(config):
     # The baseline excludes the interpreter, torch and the inputs, so the
     # figures are the simulator's own working memory.
     mark = _memory_mark(cuda)
+    forward(warm)
     fwd_s = _median_time(forward, config["repeats"], cuda)
     fwd_peak = _memory_peak(cuda, mark)
     # On CPU ru_maxrss never decreases, so the gradient's peak includes the
     # forward's; the backward pass needs at least as much anyway.
     mark = _memory_mark(cuda) if cuda else mark
+    forward_grad(warm)
     grad_s = _median_time(forward_grad, config["repeats"], cuda)
     grad_peak = _memory_peak(cuda, mark)
     work = grid.n_cells * len(protocol)
@@ -262,8 +273,7 @@ def run_single(config):
 
 
 def _median_time(func, repeats, cuda):
-    """Median wall time of ``repeats`` calls after one untimed warm-up call."""
-    func()  # warm-up: thread pools, allocator, lazy initialisation
+    """Median wall time of ``repeats`` calls of ``func``."""
     times = []
     for _ in range(repeats):
         if cuda:
@@ -334,8 +344,16 @@ def _cells(row):
         if value is None:
             columns.append("failed" if key == "fwd_s" else "-")
         else:
-            columns.append(format(value, fmt))
+            columns.append(_format(value, fmt))
     return columns
+
+
+def _format(value, fmt):
+    # "sig": three significant digits, trailing zeros kept so that columns
+    # line up, without switching to exponents for the slow dense rows.
+    if fmt == "sig":
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:#.3g}"
+    return format(value, fmt)
 
 
 def format_text(rows):
@@ -407,15 +425,20 @@ def _notes(rows, repeats, total):
                 "budget of the whole run on 2 cores."
             )
     notes += [
-        f"Times: median of {repeats} runs after one warm-up run; fwd+grad is "
-        "simulate(...).sum().backward() w.r.t. the permeability tensor.",
+        f"Times: median of {repeats} runs after one untimed warm-up (on CPU "
+        "with one high-b acquisition, on CUDA the timed call itself); "
+        "fwd+grad is simulate(...).sum().backward() w.r.t. the permeability "
+        "tensor (float64/float32 as the row's dtype).",
         "Peak memory: on CPU the growth of the subprocess's max RSS "
         "(ru_maxrss) over its value after imports and building the inputs; the "
         "fwd+grad figure includes the forward's. On CUDA "
         "torch.cuda.max_memory_allocated() over what was allocated before.",
         "us/cell/acq = time / (cells x acquisitions); flat means linear "
         "scaling. It grows with the voxel because the gradient's phase range "
-        "across a larger voxel raises the Chebyshev degree.",
+        "across a larger voxel widens the generator's spectrum, so each "
+        "gradient pulse needs more Chebyshev products (sub-steps x degree).",
+        "Forward memory stays flat because simulate() processes acquisitions "
+        "in chunks sized to a fixed memory budget.",
         f"Total benchmark wall time: {total:.0f} s.",
     ]
     failed = [r for r in rows if r.get("error")]
