@@ -319,7 +319,8 @@ def machine_info(threads):
         f"machine: {processor}, {os.cpu_count()} CPUs, {platform.platform()}",
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"numpy {np.__version__}, dipy_spinverse {dipy_spinverse.__version__}",
-        f"torch threads: {threads}",
+        f"torch threads: {threads}, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset (active spinning)')}",
     ]
     if torch.cuda.is_available():
         lines.append(f"cuda: {torch.cuda.get_device_name(0)}")
@@ -439,6 +440,10 @@ def _notes(rows, repeats, total):
         "gradient pulse needs more Chebyshev products (sub-steps x degree).",
         "Forward memory stays flat because simulate() processes acquisitions "
         "in chunks sized to a fixed memory budget.",
+        "The subprocesses inherit OMP_WAIT_POLICY (dipy_spinverse sets PASSIVE "
+        "unless it is set): with active spinning, any other busy process or "
+        "thread pool on the same cores can make each small torch kernel cost "
+        "~20 ms and these times many-fold longer.",
         f"Total benchmark wall time: {total:.0f} s.",
     ]
     failed = [r for r in rows if r.get("error")]
