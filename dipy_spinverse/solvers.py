@@ -215,7 +215,10 @@ def _chebyshev_step(op, step, imag, factor, u, tol):
         z = _LabZ(imag[None] / r_t[..., None], op.neighbours)
     else:
         z = _PhaseZ(factor, op.neighbours)
-    coeffs = tuple(torch.as_tensor(c, dtype=rdt, device=u.device) for c in coeffs)
+    coeffs = tuple(
+        torch.as_tensor(c, dtype=u.dtype, device=u.device)[:, None, None]
+        for c in coeffs
+    )
     for _ in range(n_sub):
         u = _ChebyshevExp.apply(u, zdiag, zweights, z, coeffs)
     return u
@@ -230,6 +233,8 @@ class _ChebyshevExp(torch.autograd.Function):
     E T_j(Z)`` (g_0 = 1, g_j = 2), the parameter gradient is ``Re sum_j g_j
     <beta_j, dZ t_j>``. The forward terms ``t_j`` are recomputed during the
     backward pass, so memory holds one step's terms only while it runs.
+
+    ``coeffs`` are complex tensors (B, 1, 1), one per degree.
     """
 
     @staticmethod
@@ -237,9 +242,9 @@ class _ChebyshevExp(torch.autograd.Function):
         ctx.z, ctx.coeffs = z, coeffs
         ctx.save_for_backward(u)
         z.bind(zdiag, zweights)
-        out = coeffs[0][:, None, None] * u
+        out = coeffs[0] * u
         for c, t in zip(coeffs[1:], _chebyshev_terms(z, u, len(coeffs)), strict=False):
-            out = out + c[:, None, None] * t
+            out.addcmul_(c, t)
         return out
 
     @staticmethod
@@ -248,23 +253,19 @@ class _ChebyshevExp(torch.autograd.Function):
         z, coeffs = ctx.z, ctx.coeffs
         m = len(coeffs) - 1
         terms = [u] + list(_chebyshev_terms(z, u, m + 1))
+        z.start_gradients()
         beta_next2 = torch.zeros_like(ybar)
-        beta_next = coeffs[m][:, None, None] * ybar  # beta_{m-1}
-        grad_d = torch.zeros_like(z.zdiag)
-        grad_w = torch.zeros_like(z.zweights)
+        beta_next = coeffs[m] * ybar  # beta_{m-1}
         for j in range(m - 1, -1, -1):
             if j < m - 1:
-                beta = (
-                    coeffs[j + 1][:, None, None] * ybar
-                    + 2.0 * z.adjoint(beta_next)
-                    - beta_next2
-                )
+                beta = z.recur(beta_next, beta_next2, adjoint=True)
+                beta.addcmul_(coeffs[j + 1], ybar)
                 beta_next2, beta_next = beta_next, beta
-            weight = 1.0 if j == 0 else 2.0
-            z.accumulate(grad_d, grad_w, beta_next, terms[j], weight)
-        beta0 = beta_next
-        beta1 = beta_next2
-        grad_u = coeffs[0][:, None, None] * ybar + z.adjoint(beta0) - beta1
+            z.accumulate(beta_next, terms[j], 1.0 if j == 0 else 2.0)
+        # grad u = c_0 ybar + Z^H beta_0 - beta_1
+        grad_u = z.apply(beta_next, adjoint=True).sub_(beta_next2)
+        grad_u.addcmul_(coeffs[0], ybar)
+        grad_d, grad_w = z.gradients()
         return grad_u, grad_d, grad_w, None, None
 
 
@@ -275,8 +276,14 @@ def _chebyshev_terms(z, u, count):
     t_prev, t_cur = u, z.apply(u)
     yield t_cur
     for _ in range(count - 2):
-        t_prev, t_cur = t_cur, 2.0 * z.apply(t_cur) - t_prev
+        t_prev, t_cur = t_cur, z.recur(t_cur, t_prev)
         yield t_cur
+
+
+def _real_rows(v):
+    """(B, N, A) complex -> (B N, 2A) real view (no copy)."""
+    b, n, a = v.shape
+    return torch.view_as_real(v).reshape(b * n, 2 * a)
 
 
 class _PhaseZ:
@@ -287,25 +294,34 @@ class _PhaseZ:
         self.neighbours = neighbours
 
     def bind(self, zdiag, zweights):
-        self.zdiag = zdiag.detach()
+        self.zdiag = zdiag.detach()[..., None]
         self.zweights = zweights.detach()
+        self.coupling = self.zweights[..., None] * self.factor  # (B, N, K, A)
 
     def _gather(self, v):
         b, n, a = v.shape
         k = self.neighbours.shape[1]
         return v.index_select(1, self.neighbours.reshape(-1)).view(b, n, k, a)
 
-    def apply(self, v):
-        coupling = self.zweights[..., None] * self.factor  # (B, N, K, A)
-        return self.zdiag[..., None] * v - (coupling * self._gather(v)).sum(2)
+    def apply(self, v, adjoint=False):  # Hermitian: Z^H = Z
+        return self.zdiag * v - (self.coupling * self._gather(v)).sum(2)
 
-    adjoint = apply  # Hermitian
+    def recur(self, t, t_prev, adjoint=False):
+        return self.apply(t).mul_(2.0).sub_(t_prev)
 
-    def accumulate(self, grad_d, grad_w, beta, t, weight):
+    def start_gradients(self):
+        self.grad_d = torch.zeros_like(self.zweights[..., 0])
+        self.grad_w = torch.zeros_like(self.zweights)
+
+    def accumulate(self, beta, t, weight):
         # Re <beta, dZ t>: dZ = d(zdiag) on the diagonal, -d(W) Phi off it.
-        grad_d += weight * (beta.conj() * t).real.sum(-1)
+        b, n, a = t.shape
+        self.grad_d += weight * (_real_rows(beta) * _real_rows(t)).sum(-1).view(b, n)
         prod = (beta.conj()[:, :, None] * self.factor * self._gather(t)).real
-        grad_w -= weight * prod.sum(-1)
+        self.grad_w -= weight * prod.sum(-1)
+
+    def gradients(self):
+        return self.grad_d, self.grad_w
 
 
 class _LabZ:
@@ -313,7 +329,8 @@ class _LabZ:
 
     ``v`` is complex (B, N, A). The coupling is real and symmetric, so it acts
     alike on the real and imaginary parts: one sparse product of the
-    (B N, 2A) real view, block diagonal over the batch.
+    (B N, 2A) real view, block diagonal over the batch, fused with the
+    diagonal part through ``addmm``.
     """
 
     def __init__(self, zimag, neighbours):
@@ -340,32 +357,52 @@ class _LabZ:
             self.csr = torch.sparse_csr_tensor(
                 crow, cols, values.reshape(-1), size=(b * n, b * n)
             )
-        self.zcomplex = self.zdiag[..., None] + 1j * self.zimag
+        zc = self.zdiag[..., None] + 1j * self.zimag
+        self.diag = {False: zc, True: zc.conj()}
+        self.diag2 = {False: 2.0 * zc, True: 2.0 * zc.conj()}
 
-    def _couple(self, v):
-        b, n, a = v.shape
-        flat = torch.view_as_real(v).reshape(b * n, 2 * a)
-        out = (self.csr @ flat).reshape(b, n, a, 2)
-        return torch.view_as_complex(out)
+    def _finish(self, partial, v, alpha):
+        # partial + alpha * W v, computed in place on partial's real view.
+        rows = _real_rows(partial)
+        torch.addmm(rows, self.csr, _real_rows(v), alpha=alpha, out=rows)
+        return partial
 
-    def apply(self, v):
-        return self.zcomplex * v - self._couple(v)
+    def apply(self, v, adjoint=False):
+        return self._finish(self.diag[adjoint] * v, v, -1.0)
 
-    def adjoint(self, v):
-        return self.zcomplex.conj() * v - self._couple(v)
+    def recur(self, t, t_prev, adjoint=False):
+        """``2 Z t - t_prev`` in two kernels."""
+        partial = torch.addcmul(-t_prev, self.diag2[adjoint], t)
+        return self._finish(partial, t, -2.0)
 
-    def accumulate(self, grad_d, grad_w, beta, t, weight):
+    def start_gradients(self):
+        b, n, k = self.zweights.shape
+        self.grad_d = torch.zeros(
+            b * n, dtype=self.zdiag.dtype, device=self.zdiag.device
+        )
+        self.pairs = None
+
+    def accumulate(self, beta, t, weight):
         # Re <beta, dZ t>: dZ = d(zdiag) on the diagonal, -dW off it.
-        b, n, a = t.shape
-        k = self.neighbours.shape[1]
-        grad_d += weight * (beta.conj() * t).real.sum(-1)
-        beta_r = torch.view_as_real(beta).reshape(b * n, 2 * a)
-        t_r = torch.view_as_real(t).reshape(b * n, 2 * a)
+        beta_r, t_r = _real_rows(beta), _real_rows(t)
+        self.grad_d.add_((beta_r * t_r).sum(-1), alpha=weight)
         # Sampled dense-dense product on the coupling pattern: the dot products
-        # beta_i . t_j for coupled (i, j) only, without gathering t.
-        pair = torch.sparse.sampled_addmm(self.csr, beta_r, t_r.T, beta=0.0)
-        values = pair.values().view(b, n, k)
-        grad_w.scatter_add_(2, self.order.expand(b, n, k), -weight * values)
+        # beta_i . t_j for coupled (i, j) only, accumulated in the CSR values.
+        base = self.csr if self.pairs is None else self.pairs
+        self.pairs = torch.sparse.sampled_addmm(
+            base,
+            beta_r,
+            t_r.T,
+            beta=0.0 if self.pairs is None else 1.0,
+            alpha=-weight,
+        )
+
+    def gradients(self):
+        b, n, k = self.zweights.shape
+        grad_w = torch.zeros_like(self.zweights)
+        values = self.pairs.values().view(b, n, k)
+        grad_w.scatter_(2, self.order.expand(b, n, k), values)
+        return self.grad_d.view(b, n), grad_w
 
 
 def _chebyshev_plan(tau, lo, radius, imag_extent, tol, max_peak):
