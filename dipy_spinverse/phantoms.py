@@ -392,8 +392,9 @@ def circular_arc(*, centre, curvature_radius, axis=(0, 0, 1), bend=None, half_an
     axis : array_like (3,)
         Tangent at the midpoint.
     bend : array_like (3,), optional
-        Direction the arc bends towards (made normal to ``axis``); default a
-        fixed direction normal to ``axis``.
+        Direction the arc bends towards (made normal to ``axis``); default the
+        box axis least aligned with ``axis``, made normal to it (x for an
+        axis along z).
     half_angle : float
         Half the angle the arc subtends (radians, in ``(0, pi]``).
 
@@ -430,6 +431,7 @@ def bent_axon(
     radius,
     curve=None,
     axis=(0, 0, 1),
+    bend=None,
     centre=None,
     curvature_radius=None,
     n_samples=256,
@@ -453,6 +455,9 @@ def bent_axon(
         ``axis`` (see :func:`circular_arc`).
     axis : array_like (3,)
         Tangent of the default arc at ``centre``.
+    bend : array_like (3,), optional
+        Direction the default arc bends towards (default: x for an axis along
+        z, see :func:`circular_arc`).
     centre : array_like (3,), optional
         Midpoint of the default arc (default: the box centre).
     curvature_radius : float, optional
@@ -483,7 +488,11 @@ def bent_axon(
                 f"({radius:g} um), or the tube overlaps itself."
             )
         curve = circular_arc(
-            centre=centre, curvature_radius=curvature, axis=axis, half_angle=np.pi / 2
+            centre=centre,
+            curvature_radius=curvature,
+            axis=axis,
+            bend=bend,
+            half_angle=np.pi / 2,
         )
         params.update(
             curve="circular_arc",
@@ -848,9 +857,13 @@ def _unit(vector):
 
 
 def _frame(axis):
-    """Two unit vectors completing ``axis`` to a right-handed frame."""
+    """Unit vectors ``e1, e2`` with ``(e1, e2, axis)`` right-handed.
+
+    ``e1`` is the box axis least aligned with ``axis``, made normal to it:
+    x for an axis along z.
+    """
     helper = np.eye(3)[np.argmin(np.abs(axis))]
-    e1 = np.cross(axis, helper)
+    e1 = helper - (helper @ axis) * axis
     e1 /= np.linalg.norm(e1)
     return e1, np.cross(axis, e1)
 

@@ -1,0 +1,331 @@
+"""How well a recovered barrier matches the ground truth.
+
+A barrier is a boolean field over the interior faces of a
+:class:`~dipy_spinverse.grid.TetGrid` (True on membrane faces), e.g. a
+thresholded recovered permeability or :attr:`Phantom.barrier
+<dipy_spinverse.phantoms.Phantom.barrier>`. Every metric compares two such
+fields on the same grid:
+
+- face classification: precision, recall, F1 and the fraction of misclassified
+  faces (the published metric);
+- enclosed volume: IoU and Dice of the cells each barrier encloses
+  (:func:`~dipy_spinverse.interface.enclosed_cells`);
+- surface distances in um between the barrier surfaces, sampled at the barrier
+  faces' centroids: Chamfer (mean of the two mean nearest-neighbour
+  distances) and Hausdorff (largest nearest-neighbour distance), uncentred,
+  and optionally the published centred Chamfer;
+- topology of the recovered surface (capped by the outer wall where it runs
+  into it, see :func:`~dipy_spinverse.interface.barrier_mesh`): the fraction
+  of its edges shared by exactly two triangles, closed, manifold, and the
+  number of connected components.
+
+Empty surfaces: a distance to or from an empty surface is ``inf`` (and 0
+between two empty surfaces); the edge fraction of an empty surface is
+``nan``; precision is 0 when nothing is recovered but something was to be
+found, and every score is 1 when both are empty.
+"""
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .interface import _check_barrier, barrier_mesh, enclosed_cells
+
+__all__ = [
+    "face_scores",
+    "volume_overlap",
+    "surface_points",
+    "chamfer_distance",
+    "hausdorff_distance",
+    "edge_degree_fraction",
+    "n_components",
+    "all_metrics",
+]
+
+
+def face_scores(recovered, true):
+    """Precision, recall and F1 of the barrier faces.
+
+    Parameters
+    ----------
+    recovered, true : array_like of bool (n_faces,)
+        Recovered and true barrier faces.
+
+    Returns
+    -------
+    dict
+        ``precision`` (recovered faces that are true), ``recall`` (true faces
+        recovered), ``f1`` and ``face_error`` (fraction of all faces
+        misclassified). With no recovered face precision is 0 (1 if there was
+        no true face either); with no true face recall is 1.
+    """
+    recovered = _as_bool("recovered", recovered)
+    true = _as_bool("true", true)
+    if recovered.shape != true.shape:
+        raise ValueError(
+            f"recovered and true barriers differ in shape: {recovered.shape} vs "
+            f"{true.shape}."
+        )
+    tp = int(np.sum(recovered & true))
+    n_rec, n_true = int(recovered.sum()), int(true.sum())
+    precision = tp / n_rec if n_rec else float(n_true == 0)
+    recall = tp / n_true if n_true else 1.0
+    total = precision + recall
+    f1 = 2 * precision * recall / total if total else 0.0
+    error = float(np.mean(recovered != true)) if true.size else 0.0
+    return dict(precision=precision, recall=recall, f1=f1, face_error=error)
+
+
+def volume_overlap(grid, recovered, true_inside):
+    """IoU and Dice of the cells enclosed by a recovered barrier.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    recovered : array_like of bool (n_faces,)
+        Recovered barrier faces; their enclosed cells are those of
+        :func:`~dipy_spinverse.interface.enclosed_cells`.
+    true_inside : array_like of bool (n_cells,)
+        True inside cells, e.g. ``phantom.labels > 0`` or the cells enclosed
+        by the true barrier.
+
+    Returns
+    -------
+    dict
+        ``iou`` and ``dice``, weighted by cell volume; both 1 when neither
+        encloses anything.
+    """
+    inside = enclosed_cells(grid, recovered)
+    true_inside = np.asarray(true_inside, dtype=bool)
+    if true_inside.shape != (grid.n_cells,):
+        raise ValueError(
+            f"true_inside must have one value per cell ({grid.n_cells},), got "
+            f"shape {true_inside.shape}."
+        )
+    v = grid.cell_volumes
+    both = v[inside & true_inside].sum()
+    either = v[inside | true_inside].sum()
+    total = v[inside].sum() + v[true_inside].sum()
+    if either == 0:
+        return dict(iou=1.0, dice=1.0)
+    return dict(iou=float(both / either), dice=float(2 * both / total))
+
+
+def surface_points(grid, barrier):
+    """Points sampling a barrier surface: its faces' centroids (um).
+
+    Parameters
+    ----------
+    grid : TetGrid
+    barrier : array_like of bool (n_faces,)
+
+    Returns
+    -------
+    ndarray (n_barrier_faces, 3)
+        Wrapped into ``[0, size)`` on periodic grids.
+    """
+    return grid.face_centroids[_check_barrier(grid, barrier)]
+
+
+def chamfer_distance(grid, recovered, true, *, centre=False):
+    """Chamfer distance between two barrier surfaces in um.
+
+    The mean of the two mean nearest-neighbour distances between the faces'
+    centroids (periodic distances on periodic grids); 0 for identical
+    barriers.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    recovered, true : array_like of bool (n_faces,)
+    centre : bool
+        Subtract each point set's mean first (the published metric, blind to
+        position errors); not defined on periodic grids.
+
+    Returns
+    -------
+    float
+        ``inf`` when exactly one surface is empty, 0 when both are.
+    """
+    d_rt, d_tr = _nearest_both(grid, recovered, true, centre=centre)
+    if d_rt is None:
+        return _empty_distance(d_tr)
+    return float(0.5 * (d_rt.mean() + d_tr.mean()))
+
+
+def hausdorff_distance(grid, recovered, true):
+    """Hausdorff distance between two barrier surfaces in um.
+
+    The largest distance from a face centroid of either surface to the nearest
+    face centroid of the other (periodic distances on periodic grids).
+
+    Parameters
+    ----------
+    grid : TetGrid
+    recovered, true : array_like of bool (n_faces,)
+
+    Returns
+    -------
+    float
+        ``inf`` when exactly one surface is empty, 0 when both are.
+    """
+    d_rt, d_tr = _nearest_both(grid, recovered, true, centre=False)
+    if d_rt is None:
+        return _empty_distance(d_tr)
+    return float(max(d_rt.max(), d_tr.max()))
+
+
+def edge_degree_fraction(grid, barrier):
+    """Fraction of the surface's edges shared by exactly two triangles.
+
+    The surface is the barrier capped by the outer wall where it encloses
+    cells against it (``barrier_mesh(..., cap_wall=True)``), so a cylinder
+    running into the wall is not penalised. 1 for a closed surface; the
+    published metric is the complement (edges of degree 1 or > 2).
+
+    Parameters
+    ----------
+    grid : TetGrid
+    barrier : array_like of bool (n_faces,)
+
+    Returns
+    -------
+    float
+        ``nan`` for an empty barrier.
+    """
+    degrees = barrier_mesh(grid, barrier, cap_wall=True).edge_degrees
+    return float(np.mean(degrees == 2)) if len(degrees) else float("nan")
+
+
+def n_components(grid, barrier):
+    """Number of edge-connected components of the (wall-capped) surface.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    barrier : array_like of bool (n_faces,)
+
+    Returns
+    -------
+    int
+        0 for an empty barrier.
+    """
+    return barrier_mesh(grid, barrier, cap_wall=True).n_components
+
+
+def all_metrics(grid, recovered, phantom=None, *, true_barrier=None, true_labels=None):
+    """Every metric of a recovered barrier against the ground truth.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    recovered : array_like of bool (n_faces,)
+        Recovered barrier faces (threshold a permeability first).
+    phantom : Phantom, optional
+        The ground truth (its ``barrier`` and ``labels``).
+    true_barrier : array_like of bool (n_faces,), optional
+        The true barrier, instead of ``phantom``.
+    true_labels : array_like of int (n_cells,), optional
+        True cell labels (0 outside), with ``true_barrier``.
+
+    Returns
+    -------
+    dict
+        ``precision``, ``recall``, ``f1``, ``face_error``; ``iou`` and
+        ``dice`` of the enclosed cells against the cells the true barrier
+        encloses (by the same rule, so that a perfect recovery scores 1 even
+        where the truth traps extracellular pockets against the wall, as the
+        published torus does), and ``iou_labels``/``dice_labels`` against
+        ``labels > 0`` when labels are known; ``chamfer_um``,
+        ``hausdorff_um`` and ``centred_chamfer_um`` (``nan`` on periodic
+        grids); ``edge_degree2_fraction``, ``n_components``, ``is_closed``,
+        ``is_manifold`` of the recovered surface capped by the wall;
+        ``n_recovered_faces``, ``n_true_faces``.
+    """
+    if phantom is not None:
+        if true_barrier is not None or true_labels is not None:
+            raise ValueError("give either phantom or true_barrier/true_labels.")
+        true_barrier, true_labels = phantom.barrier, phantom.labels
+    if true_barrier is None:
+        raise ValueError("all_metrics needs a phantom or a true_barrier.")
+    recovered = _check_barrier(grid, recovered)
+    true_barrier = _check_barrier(grid, true_barrier)
+    out = face_scores(recovered, true_barrier)
+    out.update(volume_overlap(grid, recovered, enclosed_cells(grid, true_barrier)))
+    if true_labels is not None:
+        labels = np.asarray(true_labels)
+        if labels.shape != (grid.n_cells,):
+            raise ValueError(
+                f"true_labels must have one value per cell ({grid.n_cells},), got "
+                f"shape {labels.shape}."
+            )
+        labelled = volume_overlap(grid, recovered, labels > 0)
+        out.update(iou_labels=labelled["iou"], dice_labels=labelled["dice"])
+    out["chamfer_um"] = chamfer_distance(grid, recovered, true_barrier)
+    out["hausdorff_um"] = hausdorff_distance(grid, recovered, true_barrier)
+    out["centred_chamfer_um"] = (
+        float("nan")
+        if grid.periodic
+        else chamfer_distance(grid, recovered, true_barrier, centre=True)
+    )
+    mesh = barrier_mesh(grid, recovered, cap_wall=True)
+    degrees = mesh.edge_degrees
+    out["edge_degree2_fraction"] = (
+        float(np.mean(degrees == 2)) if len(degrees) else float("nan")
+    )
+    out["n_components"] = mesh.n_components
+    out["is_closed"] = mesh.is_closed
+    out["is_manifold"] = mesh.is_manifold
+    out["n_recovered_faces"] = int(recovered.sum())
+    out["n_true_faces"] = int(true_barrier.sum())
+    return out
+
+
+# -- internals ------------------------------------------------------------------
+def _as_bool(name, barrier):
+    barrier = np.asarray(barrier)
+    if barrier.dtype != bool:
+        if not np.issubdtype(barrier.dtype, np.integer) or np.any(
+            (barrier != 0) & (barrier != 1)
+        ):
+            raise ValueError(
+                f"{name} must be a boolean barrier; threshold a permeability first, "
+                "e.g. permeability < 1e-3."
+            )
+        barrier = barrier.astype(bool)
+    return barrier
+
+
+def _nearest_both(grid, recovered, true, *, centre):
+    """Nearest-neighbour distances both ways, or (None, n_empty) if any empty."""
+    a = surface_points(grid, recovered)
+    b = surface_points(grid, true)
+    if len(a) == 0 or len(b) == 0:
+        return None, int(len(a) == 0) + int(len(b) == 0)
+    if centre:
+        if grid.periodic:
+            raise ValueError(
+                "a centred Chamfer distance is not defined on a periodic grid (a "
+                "surface has no unique mean position there)."
+            )
+        a = a - a.mean(axis=0)
+        b = b - b.mean(axis=0)
+    return _nearest(grid, a, b), _nearest(grid, b, a)
+
+
+def _nearest(grid, points, targets):
+    if grid.periodic:
+        # cKDTree's periodic mode needs coordinates in [0, size); np.mod can
+        # round a tiny negative value up to exactly size.
+        size = grid.size
+        points = np.mod(points, size)
+        targets = np.mod(targets, size)
+        points[points >= size] = 0.0
+        targets[targets >= size] = 0.0
+        tree = cKDTree(targets, boxsize=size)
+    else:
+        tree = cKDTree(targets)
+    return tree.query(points)[0]
+
+
+def _empty_distance(n_empty):
+    return 0.0 if n_empty == 2 else float("inf")
