@@ -316,7 +316,7 @@ def barrier_mesh(grid, barrier, *, labels=None, cap_wall=False):
     grid : TetGrid
     barrier : array_like of bool (n_faces,)
         Barrier (membrane) faces, e.g. ``permeability < 1e-3``.
-    labels : array_like of int (n_cells,), optional
+    labels : array_like of int or bool (n_cells,), optional
         Cell labels (0 outside, ``k`` inside the k-th cell), e.g.
         ``Phantom.labels``. A barrier face between two different labels then
         points from the higher label to the lower one: out of every cell into
@@ -346,12 +346,14 @@ def barrier_mesh(grid, barrier, *, labels=None, cap_wall=False):
     barrier = _check_barrier(grid, barrier)
     if labels is not None:
         labels = np.asarray(labels)
+        if labels.dtype == bool:
+            labels = labels.astype(np.int64)
         if labels.shape != (grid.n_cells,) or not np.issubdtype(
             labels.dtype, np.integer
         ):
             raise ValueError(
-                f"labels must be {grid.n_cells} integers (one per cell), got "
-                f"{labels.dtype} of shape {labels.shape}."
+                f"labels must be {grid.n_cells} integers or bools (one per cell), "
+                f"got {labels.dtype} of shape {labels.shape}."
             )
     if grid.periodic and round(grid.size / grid.spacing) < 3:
         warnings.warn(

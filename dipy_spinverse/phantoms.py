@@ -199,7 +199,11 @@ def from_function(
         raise ValueError("inside must be a callable mapping (N, 3) points to labels.")
     points = _membership_points(grid, membership)
     n, k = points.shape[:2]
-    values = np.asarray(inside(points.reshape(-1, 3)))
+    points = points.reshape(-1, 3)
+    if grid.periodic:
+        # Tet vertices are stored unwrapped; the callable sees the box.
+        points = np.mod(points, grid.size)
+    values = np.asarray(inside(points))
     if values.shape != (n * k,):
         raise ValueError(
             f"inside returned shape {values.shape} for {n * k} points; expected "
