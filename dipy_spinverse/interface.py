@@ -336,6 +336,16 @@ def barrier_mesh(grid, barrier, *, labels=None, cap_wall=False):
     -------
     InterfaceMesh
 
+    Examples
+    --------
+    >>> from dipy_spinverse import TetGrid
+    >>> from dipy_spinverse.phantoms import sphere
+    >>> grid = TetGrid.bcc(80 / 3, 4)
+    >>> cell = sphere(grid, radius=10)
+    >>> mesh = barrier_mesh(grid, cell.barrier)
+    >>> mesh.is_closed, mesh.is_manifold, mesh.n_components, mesh.volume > 0
+    (True, True, 1, True)
+
     Notes
     -----
     Orientation is propagated across edges shared by exactly two triangles.

@@ -70,7 +70,7 @@ def test_capped_cylinder_needs_the_wall(grid, published):
     open_mesh = barrier_mesh(grid, p.barrier, labels=p.labels)
     assert not open_mesh.is_closed and not open_mesh.is_manifold
     assert open_mesh.euler_characteristic == 0  # a tube: an annulus
-    for labels in (p.labels, None):
+    for labels in (p.labels, p.inside, None):
         capped = barrier_mesh(grid, p.barrier, labels=labels, cap_wall=True)
         assert capped.is_closed and capped.is_manifold
         assert np.sum(capped.face_ids == -1) == 16
