@@ -16,6 +16,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .forward import simulate  # noqa: E402
 from .grid import TetGrid  # noqa: E402
+from .interface import InterfaceMesh, barrier_mesh, load_mesh  # noqa: E402
+from .inverse import Reconstruction, reconstruct  # noqa: E402
+from .metrics import all_metrics  # noqa: E402
+from .phantoms import Phantom, published_phantoms  # noqa: E402
 from .sequences import (  # noqa: E402
     PGSE,
     CosineOGSE,
@@ -38,4 +42,12 @@ __all__ = [
     "SineOGSE",
     "PiecewiseConstant",
     "published_protocol",
+    "reconstruct",
+    "Reconstruction",
+    "Phantom",
+    "published_phantoms",
+    "InterfaceMesh",
+    "barrier_mesh",
+    "load_mesh",
+    "all_metrics",
 ]

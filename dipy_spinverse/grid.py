@@ -15,6 +15,7 @@ discretisation of the diffusion operator. See ``doc/discretisation.md``.
 """
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -210,7 +211,7 @@ class TetGrid:
         """Total volume of the cells (um^3)."""
         return float(self.cell_volumes.sum())
 
-    @property
+    @cached_property
     def face_pairs(self):
         """Pairs of interior faces that share a grid edge, shape (P, 2)."""
         pairs = []
