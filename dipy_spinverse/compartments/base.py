@@ -1,0 +1,399 @@
+"""Shared machinery of the compartment models: DIPY contract and batched fitting.
+
+A model describes its signal as columns ``Phi`` (one per compartment, built
+from the building blocks) weighted by non-negative volume fractions, and its
+nonlinear parameters as :class:`~.fitting.Bound` s: some shared by the voxel,
+some per fibre population, plus one unit direction per fibre. Everything else
+-- input checks, S0 normalisation, masks, NaN voxels, chunking, grid
+initialisation, multi-start variable-projection Levenberg-Marquardt, greedy
+initialisation of several fibres, prediction -- lives here.
+"""
+
+import functools
+import itertools
+import math
+
+import numpy as np
+import torch
+from dipy.reconst.base import ReconstFit, ReconstModel
+from dipy.testing.decorators import warning_for_keywords
+
+from ..sequences import fibonacci_sphere
+from .acquisition import Acquisition
+from .fitting import levenberg_marquardt, nnls, nnls_gram
+
+__all__ = ["CompartmentModel", "CompartmentFit"]
+
+DTYPE = torch.float64
+# Elements of the largest temporary of dictionary scoring (voxels x atoms x
+# supports x K^2), in float64 about 0.3 GB.
+_SCORE_ELEMENTS = 4e7
+# Atoms evaluated per call when building the dictionary.
+_ATOM_CHUNK = 256
+# Greedy multi-fibre initialisation: a new population must lie at least this
+# far (degrees) from those already chosen.
+_MIN_SEPARATION_DEG = 20.0
+# Levenberg-Marquardt iterations every start gets before all but the best are
+# dropped.
+_SCREEN_ITERATIONS = 3
+# Largest |u| of the sigmoid reparametrisation: sigmoid'(8) = 3e-4, so a
+# parameter stays within 3e-4 of the width of its range from each bound.
+_SIGMOID_CAP = 8.0
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def canonical_directions(dirs):
+    """Flip unit vectors (..., 3) into the z >= 0 hemisphere (axes are +-)."""
+    sign = torch.where(dirs[..., 2:3] < 0, -1.0, 1.0).to(dirs.dtype)
+    return dirs * sign
+
+
+class CompartmentModel(ReconstModel):
+    """Base class: a multi-compartment model fitted by variable projection.
+
+    Subclasses set, in ``__init__`` before calling :meth:`_setup`:
+    ``_shared`` and ``_fibre`` (tuples of :class:`~.fitting.Bound`),
+    ``_grid`` (name -> initial values, natural internal units) and
+    ``n_fibres``; and implement ``_columns``, ``_to_params`` and
+    ``_from_params``.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+    n_starts : int
+        Starting points per voxel for Levenberg-Marquardt: the best grid atoms
+        of the ``n_starts`` best combinations of scalar grid values.
+    max_iter : int
+        Levenberg-Marquardt iterations.
+    n_grid_directions : int
+        Directions (on a half sphere) of the initialisation grid.
+    chunk_size : int
+        Voxels fitted together (memory grows linearly with it).
+    """
+
+    #: Whether the model needs gradient timing (restricted or exchange blocks).
+    _needs_timing = True
+    _fit_class = None
+    param_names = ()
+
+    def _setup(self, gtab, *, n_starts, max_iter, n_grid_directions, chunk_size):
+        ReconstModel.__init__(self, gtab)
+        self._acq = Acquisition.from_gtab(gtab, timing=self._needs_timing)
+        self.n_starts = _check_positive_int(n_starts, "n_starts")
+        self.max_iter = _check_positive_int(max_iter, "max_iter")
+        self.n_grid_directions = _check_positive_int(
+            n_grid_directions, "n_grid_directions"
+        )
+        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        self._b0s = np.asarray(gtab.b0s_mask, dtype=bool)
+
+    # -- parameter layout ---------------------------------------------------
+    @property
+    def _n_shared(self):
+        return len(self._shared)
+
+    def _n_x(self, n_fibres):
+        return self._n_shared + n_fibres * (len(self._fibre) + 3)
+
+    def _unpack(self, x):
+        """Unconstrained (B, P) -> shared {name: (B,)}, fibre {name: (B, F)},
+        unit directions (B, F, 3). F follows from P."""
+        S, Fs = self._n_shared, len(self._fibre)
+        shared = {b.name: b.value(x[:, i]) for i, b in enumerate(self._shared)}
+        per = x[:, S:].reshape(x.shape[0], -1, Fs + 3)
+        fibre = {b.name: b.value(per[..., i]) for i, b in enumerate(self._fibre)}
+        v = per[..., Fs:]
+        dirs = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return shared, fibre, dirs
+
+    def _renormalise(self, x):
+        """Unit-length direction vectors (the columns do not see their norm)
+        and bounded sigmoid arguments.
+
+        A sigmoid that has run far into saturation has no gradient left, so
+        a parameter pushed against a bound early on could never come back;
+        capping its argument at +-_SIGMOID_CAP keeps a usable slope."""
+        S, Fs = self._n_shared, len(self._fibre)
+        per = x[:, S:].reshape(x.shape[0], -1, Fs + 3)
+        v = per[..., Fs:]
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scalars = per[..., :Fs].clamp(-_SIGMOID_CAP, _SIGMOID_CAP)
+        per = torch.cat([scalars, v], dim=-1)
+        shared = x[:, :S].clamp(-_SIGMOID_CAP, _SIGMOID_CAP)
+        return torch.cat([shared, per.reshape(x.shape[0], -1)], dim=1)
+
+    def _columns_x(self, x, acq=None):
+        shared, fibre, dirs = self._unpack(x)
+        return self._columns(self._acq if acq is None else acq, shared, fibre, dirs)
+
+    # -- initialisation -----------------------------------------------------
+    @functools.cached_property
+    def _dictionary(self):
+        """Grid atoms for one fibre (or none): internal x (N, P1), columns
+        (N, M, K1), their Gram matrices, and the combination of scalar values
+        of each atom (atoms are ordered combination-major)."""
+        bounds = self._shared + self._fibre
+        values = [self._grid[b.name] for b in bounds]
+        combos = torch.tensor(list(itertools.product(*values)), dtype=DTYPE)
+        u = torch.stack(
+            [b.unconstrained(combos[:, i]) for i, b in enumerate(bounds)], dim=1
+        )
+        n_fibres = min(self.n_fibres, 1)
+        if n_fibres:
+            dirs = torch.tensor(
+                fibonacci_sphere(self.n_grid_directions, hemisphere=True), dtype=DTYPE
+            )
+            n_dirs = dirs.shape[0]
+            u = u.repeat_interleave(n_dirs, dim=0)
+            dirs = dirs.repeat(combos.shape[0], 1)
+            x = torch.cat([u, dirs], dim=1)
+        else:
+            n_dirs = 1
+            x = u
+        Phi = torch.cat(
+            [
+                self._columns_x(x[i : i + _ATOM_CHUNK])
+                for i in range(0, x.shape[0], _ATOM_CHUNK)
+            ]
+        )
+        return x, Phi, Phi.mT @ Phi, n_dirs
+
+    def _atom_costs(self, y):
+        """Projected cost of every grid atom for every voxel, (B, N)."""
+        _, Phi, G, _ = self._dictionary
+        N, _, K = Phi.shape
+        per_voxel = N * 2**K * K * K
+        step = max(1, int(_SCORE_ELEMENTS // per_voxel))
+        costs = []
+        for i in range(0, y.shape[0], step):
+            yi = y[i : i + step]
+            h = torch.einsum("nmk,bm->bnk", Phi, yi)
+            c = nnls_gram(G, h)
+            quad = (c[..., None, :] @ G @ c[..., :, None])[..., 0, 0]
+            costs.append((yi**2).sum(-1, keepdim=True) - 2 * (c * h).sum(-1) + quad)
+        return torch.cat(costs)
+
+    def _grid_starts(self, y):
+        """(B, S, P) starts: per scalar combination the best grid direction,
+        then the ``n_starts`` best combinations."""
+        x_atoms, _, _, n_dirs = self._dictionary
+        cost = self._atom_costs(y)
+        B = y.shape[0]
+        cost = cost.view(B, -1, n_dirs)
+        best_dir = cost.argmin(-1)  # (B, C)
+        best_cost = torch.take_along_dim(cost, best_dir[..., None], -1)[..., 0]
+        n = min(self.n_starts, best_cost.shape[1])
+        combo = best_cost.topk(n, dim=1, largest=False).indices  # (B, S)
+        atom = combo * n_dirs + torch.take_along_dim(best_dir, combo, 1)
+        return x_atoms[atom]
+
+    def _greedy_starts(self, y):
+        """(B, 1, P) start for several fibres: the best single-fibre atom,
+        then atoms that best match the remaining residual (matching pursuit),
+        each at least 20 degrees from those chosen."""
+        x_atoms, Phi, _, _ = self._dictionary
+        S, Fs = self._n_shared, len(self._fibre)
+        first = self._grid_starts(y)[:, 0]  # (B, P1)
+        atoms_fibre = Phi[..., 0]  # (N, M): the single fibre column
+        extra = Phi[0, :, 1:]  # (M, Ke): shared columns (no shared scalars)
+        atom_dirs = x_atoms[:, S + Fs :]
+        norms = atoms_fibre.norm(dim=-1)
+        cos_min = math.cos(math.radians(_MIN_SEPARATION_DEG))
+        parts = [first[:, S:]]
+        columns = [self._columns_x(first)[..., 0]]  # (B, M)
+        for _ in range(1, self.n_fibres):
+            C = torch.cat(
+                [torch.stack(columns, -1), extra.expand(y.shape[0], -1, -1)], -1
+            )
+            c = nnls(C, y)
+            r = y - (C @ c[..., None])[..., 0]
+            score = (r @ atoms_fibre.T).clamp_min(0.0) ** 2 / norms**2
+            for p in parts:
+                close = (p[:, None, Fs:] * atom_dirs).sum(-1).abs() > cos_min
+                score = torch.where(close, -math.inf, score)
+            pick = score.argmax(-1)
+            parts.append(x_atoms[pick, S:])
+            columns.append(Phi[pick, :, 0])
+        return torch.cat([first[:, :S]] + parts, dim=1)[:, None]
+
+    # -- fitting --------------------------------------------------------------
+    def _fit_normalised(self, y):
+        """Unconstrained parameters and NNLS coefficients for signals / S0.
+
+        All starts take a few Levenberg-Marquardt iterations; only the best
+        of each voxel is then iterated to convergence (starts rarely change
+        rank once they have settled into their basins, and this divides the
+        cost by about ``n_starts``).
+        """
+        starts = self._greedy_starts(y) if self.n_fibres > 1 else self._grid_starts(y)
+        B, S, P = starts.shape
+        x = starts.reshape(B * S, P)
+        if S > 1:
+            yy = y[:, None].expand(B, S, -1).reshape(B * S, -1)
+            x, _, cost = levenberg_marquardt(
+                self._columns_x,
+                yy,
+                x,
+                max_iter=min(_SCREEN_ITERATIONS, self.max_iter),
+                renormalise=self._renormalise,
+            )
+            x = x[torch.arange(B) * S + cost.view(B, S).argmin(1)]
+        x, c, _ = levenberg_marquardt(
+            self._columns_x,
+            y,
+            x,
+            max_iter=self.max_iter,
+            renormalise=self._renormalise,
+        )
+        return x, c
+
+    def _check_data(self, data, mask):
+        data = np.asarray(data, dtype=np.float64)
+        n = len(self._acq)
+        if data.ndim < 1 or data.shape[-1] != n:
+            raise ValueError(
+                f"data has shape {data.shape}, but gtab has {n} volumes; the last "
+                "axis of data must hold one value per gradient-table volume"
+            )
+        spatial = data.shape[:-1]
+        if mask is None:
+            return data, np.ones(spatial, dtype=bool)
+        mask = np.asarray(mask)
+        if mask.shape != spatial:
+            raise ValueError(
+                f"mask has shape {mask.shape}, but data has spatial shape "
+                f"{spatial}; give one mask value per voxel (data.shape[:-1])"
+            )
+        return data, mask.astype(bool)
+
+    def _s0_estimate(self, signals):
+        """Mean b = 0 signal per voxel (the largest signal without b = 0)."""
+        if self._b0s.any():
+            return signals[:, self._b0s].mean(-1)
+        return signals.max(-1)
+
+    @warning_for_keywords()
+    def fit(self, data, *, mask=None):
+        """Fit the model to every voxel in ``mask``.
+
+        Parameters
+        ----------
+        data : array_like, shape (..., N)
+            Signals; the last axis follows the gradient table.
+        mask : array_like of bool, shape data.shape[:-1], optional
+            Voxels to fit (default all). Parameters outside are 0.
+
+        Returns
+        -------
+        fit : CompartmentFit subclass
+            Voxels whose signals are not finite, or whose b = 0 signal is not
+            positive, get NaN parameters; the others are fitted regardless.
+        """
+        data, mask = self._check_data(data, mask)
+        n_params = len(self.param_names)
+        params = np.zeros(mask.shape + (n_params,))
+        signals = data[mask]  # (V, N)
+        s0 = self._s0_estimate(signals)
+        ok = np.isfinite(signals).all(-1) & np.isfinite(s0) & (s0 > 0)
+        out = np.full((signals.shape[0], n_params), np.nan)
+        y_ok = signals[ok] / s0[ok, None]
+        s0_ok = s0[ok]
+        results = []
+        with torch.no_grad():
+            for i in range(0, y_ok.shape[0], self.chunk_size):
+                y = torch.tensor(y_ok[i : i + self.chunk_size], dtype=DTYPE)
+                scale = torch.tensor(s0_ok[i : i + self.chunk_size], dtype=DTYPE)
+                x, c = self._fit_normalised(y)
+                shared, fibre, dirs = self._unpack(x)
+                results.append(self._to_params(shared, fibre, dirs, c, scale).numpy())
+        if results:
+            out[ok] = np.concatenate(results)
+        params[mask] = out
+        return self._fit_class(self, params)
+
+    # -- prediction -----------------------------------------------------------
+    def _predict_params(self, params, acq, S0=None):
+        """Signals (..., M) from public parameters (..., n_params)."""
+        shape = params.shape[:-1]
+        flat = torch.tensor(params.reshape(-1, params.shape[-1]), dtype=DTYPE)
+        out = []
+        with torch.no_grad():
+            for i in range(0, flat.shape[0], self.chunk_size):
+                shared, fibre, dirs, fractions, s0 = self._from_params(
+                    flat[i : i + self.chunk_size]
+                )
+                Phi = self._columns(acq, shared, fibre, dirs)
+                out.append(((Phi @ fractions[..., None])[..., 0] * s0[:, None]).numpy())
+        signal = np.concatenate(out) if out else np.zeros((0, len(acq)))
+        signal = signal.reshape(shape + (len(acq),))
+        if S0 is not None:
+            # The fitted S0 is replaced: divide it out, multiply by the new one.
+            fitted = params[..., 0]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                signal = signal / fitted[..., None] * np.asarray(S0)[..., None]
+        return signal
+
+
+class CompartmentFit(ReconstFit):
+    """Fit of a :class:`CompartmentModel`: a view over one parameter array.
+
+    Parameters
+    ----------
+    model : CompartmentModel
+    model_params : ndarray, shape (..., n_params)
+        Layout given by ``model.param_names``; ``model_params[..., 0]`` is S0.
+    """
+
+    def __init__(self, model, model_params):
+        ReconstFit.__init__(self, model, None)
+        self.model_params = model_params
+
+    @property
+    def shape(self):
+        return self.model_params.shape[:-1]
+
+    def __getitem__(self, index):
+        if not isinstance(index, tuple):
+            index = (index,)
+        if len(index) > self.model_params.ndim - 1:
+            raise IndexError("too many indices for this fit")
+        return type(self)(self.model, self.model_params[index])
+
+    def _param(self, name):
+        return self.model_params[..., self.model.param_names.index(name)]
+
+    @property
+    def S0(self):
+        """Fitted signal without diffusion weighting (same units as data)."""
+        return self.model_params[..., 0]
+
+    @warning_for_keywords()
+    def predict(self, gtab=None, *, S0=None):
+        """Predict signals from the fitted parameters.
+
+        Parameters
+        ----------
+        gtab : dipy.core.gradients.GradientTable, optional
+            Acquisitions to predict (with timing where the model needs it);
+            default the model's own table.
+        S0 : float or array_like of shape ``self.shape``, optional
+            Signal without diffusion weighting; default the fitted S0.
+
+        Returns
+        -------
+        signal : ndarray, shape self.shape + (N,)
+        """
+        model = self.model
+        acq = (
+            model._acq
+            if gtab is None
+            else Acquisition.from_gtab(gtab, timing=model._needs_timing)
+        )
+        return model._predict_params(self.model_params, acq, S0)

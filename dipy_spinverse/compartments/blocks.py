@@ -1,0 +1,552 @@
+"""Compartment signals in torch: differentiable, batched over voxels.
+
+Every block takes an :class:`~.acquisition.Acquisition` of M measurements and
+parameters with any common leading shape ``(...)`` (voxels, atoms of a
+dictionary, fibre populations); it returns normalised signals of shape
+``(..., M)`` (1 at b = 0). Directions have shape ``(..., 3)`` and unit length.
+
+Units (internal, as everywhere in ``dipy_spinverse``): lengths in um, times in
+us, diffusivities in um^2/us (numerically mm^2/s), b in us/um^2 (numerically
+s/mm^2), exchange rates in 1/us. The restricted blocks use the Gaussian phase
+approximation (GPA) and accept any piecewise-constant waveform; they are the
+torch versions of :func:`dipy_spinverse.analytic.cylinder_gpa` and
+:func:`~dipy_spinverse.analytic.sphere_gpa` (same roots, same kernel).
+
+References
+----------
+Behrens et al., Magn. Reson. Med. 50, 1077 (2003) (ball and stick).
+Van Gelderen et al., J. Magn. Reson. B 103, 255 (1994) (cylinder, GPA).
+Murday and Cotts, J. Chem. Phys. 48, 4938 (1968) (sphere, GPA).
+Zhang et al., NeuroImage 61, 1000 (2012) (NODDI, Watson dispersion).
+Karger, Adv. Magn. Reson. 21, 1 (1988); Fieremans et al., NMR Biomed. 23, 711
+(2010) (two-compartment exchange).
+"""
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from .. import analytic
+
+__all__ = [
+    "ball",
+    "dot",
+    "stick",
+    "zeppelin",
+    "cylinder",
+    "sphere",
+    "watson_stick",
+    "watson_zeppelin",
+    "watson_hindered",
+    "watson_tau",
+    "odi_to_kappa",
+    "kappa_to_odi",
+    "karger",
+]
+
+# Eigenmodes kept in the GPA sums. The weights fall as x_m^-4 and the kernel as
+# x_m^-2, so the 15th mode contributes ~1e-9 of the first; tests compare with
+# analytic.py's 60 modes at 1e-9.
+N_ROOTS = 15
+# Gauss-Legendre nodes on [0, 1] for the Watson integrals. The integrand
+# exp(lam (t^2 - 1)) narrows to a width ~1 / (2 lam) at t = 1, where the nodes
+# cluster ~1 / n^2 apart. Measured against a 800 x 400 product rule on the
+# sphere for b d_par <= 30: error < 1e-13 up to kappa = 16 and 2e-9 at
+# kappa = 64 (ODI = 0.01, the models' lower bound); 48 nodes are needed for
+# 1e-11 at kappa = 128.
+N_WATSON_NODES = 32
+# Below this argument x - 1 + exp(-x) is evaluated by its Taylor series.
+_PHI_SERIES_X = 1e-3
+# Magnus steps per waveform piece in karger(); see its Notes.
+N_MAGNUS_STEPS = 4
+# |s^2| below which the 2 x 2 exponential uses its Taylor series.
+_EXPM_SERIES = 1e-6
+_GAUSS3 = (0.5 - math.sqrt(15) / 10, 0.5, 0.5 + math.sqrt(15) / 10)
+
+
+def _as(x, like):
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device)
+
+
+def _col(x, like):
+    """Scalar parameter of shape (...) as (..., 1), to broadcast over M."""
+    return _as(x, like)[..., None]
+
+
+def cosines(acq, direction):
+    """``g . n`` for every acquisition, shape (..., M).
+
+    Parameters
+    ----------
+    acq : Acquisition
+    direction : array_like, shape (..., 3)
+        Unit vectors.
+    """
+    return _as(direction, acq.bvals) @ acq.bvecs.T
+
+
+# --------------------------------------------------------------------------
+# Gaussian compartments
+# --------------------------------------------------------------------------
+def ball(acq, *, diffusivity):
+    """Isotropic free diffusion, ``exp(-b D)``.
+
+    Parameters
+    ----------
+    acq : Acquisition
+    diffusivity : float or array_like, shape (...)
+        D in um^2/us (== mm^2/s).
+    """
+    return torch.exp(-acq.bvals * _col(diffusivity, acq.bvals))
+
+
+def dot(acq, *, shape=()):
+    """Stationary water (a "dot"): signal 1 for every acquisition."""
+    return torch.ones(tuple(shape) + (len(acq),), dtype=acq.dtype)
+
+
+def stick(acq, *, direction, d_par):
+    """Diffusion along a line, ``exp(-b d_par (g . n)^2)``.
+
+    Parameters
+    ----------
+    acq : Acquisition
+    direction : array_like, shape (..., 3)
+        Unit axis n.
+    d_par : float or array_like, shape (...)
+        Diffusivity along n in um^2/us.
+    """
+    c = cosines(acq, direction)
+    return torch.exp(-acq.bvals * _col(d_par, acq.bvals) * c**2)
+
+
+def zeppelin(acq, *, direction, d_par, d_perp):
+    """Axially symmetric tensor, ``exp(-b (d_perp + (d_par - d_perp)(g . n)^2))``.
+
+    Parameters
+    ----------
+    acq : Acquisition
+    direction : array_like, shape (..., 3)
+        Unit axis n.
+    d_par, d_perp : float or array_like, shape (...)
+        Diffusivities along and across n in um^2/us.
+    """
+    c = cosines(acq, direction)
+    d_perp = _col(d_perp, acq.bvals)
+    d_par = _col(d_par, acq.bvals)
+    return torch.exp(-acq.bvals * (d_perp + (d_par - d_perp) * c**2))
+
+
+# --------------------------------------------------------------------------
+# Restricted compartments, Gaussian phase approximation
+# --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _modes(geometry, n_roots):
+    """Roots x_m and the constant c of the weights 1 / (x^2 (x^2 - c))."""
+    if geometry == "cylinder":
+        return analytic.cylinder_roots(n_roots), 1.0
+    return analytic.sphere_roots(n_roots), 2.0
+
+
+def _phi(x):
+    """``x - 1 + exp(-x)``, by its Taylor series for small x (both finite)."""
+    series = x**2 / 2.0 * (1.0 - x / 3.0 * (1.0 - x / 4.0 * (1.0 - x / 5.0)))
+    return torch.where(x < _PHI_SERIES_X, series, x + torch.expm1(-x))
+
+
+def _waveform_kernel(lam, durations, amplitudes):
+    """``I(lam) = int int f(t1) f(t2) exp(-lam |t1 - t2|)`` per waveform.
+
+    The torch form of ``analytic._waveform_kernel``: one pass over the pieces,
+    carrying the decayed sum of the earlier pieces.
+
+    Parameters
+    ----------
+    lam : torch.Tensor, shape (..., 1, K)
+        Mode rates in 1/us.
+    durations, amplitudes : torch.Tensor, shape (W, P)
+
+    Returns
+    -------
+    kernel : torch.Tensor, shape (..., W, K), in us^2.
+    """
+    total = torch.zeros((), dtype=lam.dtype)
+    carry = torch.zeros((), dtype=lam.dtype)
+    for tau, f in zip(durations.T, amplitudes.T, strict=True):
+        x = lam * tau[:, None]
+        f = f[:, None]
+        one_minus = -torch.expm1(-x)
+        total = total + f**2 * 2.0 * _phi(x) + 2.0 * f * one_minus * carry
+        carry = torch.exp(-x) * carry + f * one_minus
+    return total / lam**2
+
+
+def _gpa_factor(acq, radius, diffusivity, geometry, n_roots):
+    """``sum_m w_m I(lam_m)`` per acquisition (um^2 us^2), shape (..., M).
+
+    ``-ln E = g^2 * factor`` for the gradient across the restriction.
+    """
+    acq.require_timing(f"the restricted {geometry}")
+    roots, c = _modes(geometry, n_roots)
+    x = _as(roots, acq.bvals)
+    R = _as(radius, acq.bvals)[..., None, None]
+    D = _as(diffusivity, acq.bvals)[..., None, None]
+    weights = R**2 / (x**2 * (x**2 - c))
+    lam = x**2 * D / R**2
+    kernel = _waveform_kernel(lam, acq.durations, acq.amplitudes)
+    per_waveform = torch.sum(weights * kernel, dim=-1)  # (..., W)
+    return per_waveform[..., acq.waveform_index]
+
+
+def cylinder(acq, *, direction, radius, diffusivity, n_roots=N_ROOTS):
+    """Impermeable cylinder: free along the axis, GPA across it.
+
+    ``E = exp(-b D (g . n)^2) exp(-g^2 (1 - (g . n)^2) sum_m w_m I(lam_m))``
+    with ``w_m = R^2 / (x_m^2 (x_m^2 - 1))``, ``lam_m = x_m^2 D / R^2``,
+    ``J_1'(x_m) = 0`` (Van Gelderen et al. 1994). Finite pulses and any
+    piecewise-constant waveform.
+
+    Parameters
+    ----------
+    acq : Acquisition
+        With timing.
+    direction : array_like, shape (..., 3)
+        Unit axis n.
+    radius : float or array_like, shape (...)
+        R in um (the diameter is 2R).
+    diffusivity : float or array_like, shape (...)
+        Intrinsic diffusivity in um^2/us, along and across the axis.
+    n_roots : int, optional
+        Eigenmodes kept.
+    """
+    c2 = cosines(acq, direction) ** 2
+    factor = _gpa_factor(acq, radius, diffusivity, "cylinder", n_roots)
+    along = acq.bvals * _col(diffusivity, acq.bvals) * c2
+    return torch.exp(-along - acq.g2 * (1.0 - c2) * factor)
+
+
+def sphere(acq, *, radius, diffusivity, n_roots=N_ROOTS):
+    """Impermeable sphere, GPA: ``exp(-g^2 sum_m w_m I(lam_m))``.
+
+    ``w_m = R^2 / (x_m^2 (x_m^2 - 2))``, ``j_1'(x_m) = 0`` (Murday and Cotts
+    1968), for any piecewise-constant waveform.
+
+    Parameters
+    ----------
+    acq : Acquisition
+        With timing.
+    radius : float or array_like, shape (...)
+        R in um.
+    diffusivity : float or array_like, shape (...)
+        Intrinsic diffusivity in um^2/us.
+    n_roots : int, optional
+        Eigenmodes kept.
+    """
+    factor = _gpa_factor(acq, radius, diffusivity, "sphere", n_roots)
+    return torch.exp(-acq.g2 * factor)
+
+
+# --------------------------------------------------------------------------
+# Watson dispersion
+# --------------------------------------------------------------------------
+def odi_to_kappa(odi):
+    """Watson concentration from the orientation dispersion index.
+
+    ``ODI = (2 / pi) arctan(1 / kappa)`` (Zhang et al. 2012), so
+    ``kappa = 1 / tan(pi ODI / 2)``; ODI in (0, 1].
+    """
+    return 1.0 / torch.tan(torch.pi * torch.as_tensor(odi) / 2.0)
+
+
+def kappa_to_odi(kappa):
+    """Orientation dispersion index ``(2 / pi) arctan(1 / kappa)``."""
+    return 2.0 / torch.pi * torch.atan(1.0 / torch.as_tensor(kappa))
+
+
+@functools.lru_cache(maxsize=8)
+def _watson_nodes(n_nodes):
+    t, w = np.polynomial.legendre.leggauss(n_nodes)
+    return (t + 1.0) / 2.0, w / 2.0
+
+
+def _bingham_integral(lam_plus, lam_minus, n_nodes):
+    """``int_0^1 exp(lam_plus (t^2 - 1)) i0e(lam_minus (1 - t^2) / 2) dt``.
+
+    ``exp(lam_plus) * this`` is the uniform average over the sphere of
+    ``exp(n^T A n)`` for a symmetric A with eigenvalues (lam_plus, lam_minus,
+    0), lam_minus <= 0 <= lam_plus: t is the coordinate along the first
+    eigenvector and the angle around it is integrated exactly (a Bessel I0).
+    """
+    t, w = (_as(a, lam_plus) for a in _watson_nodes(n_nodes))
+    t2 = t**2
+    expo = lam_plus[..., None] * (t2 - 1.0)
+    bessel = torch.special.i0e(lam_minus[..., None] * ((1.0 - t2) / 2.0))
+    return (torch.exp(expo) * bessel) @ w
+
+
+def _watson_stick_from_beta(beta, c, kappa, n_nodes):
+    """Watson average of ``exp(-beta (g . n)^2)``; ``c = g . mu``.
+
+    The average is ``<exp(n^T A n)>_uniform / <exp(kappa (mu . n)^2)>_uniform``
+    with ``A = kappa mu mu^T - beta g g^T``, whose non-zero eigenvalues solve
+    ``l^2 - (kappa - beta) l - kappa beta (1 - c^2) = 0``.
+    """
+    s2 = (1.0 - c**2).clamp_min(0.0)
+    tr = kappa - beta
+    det = -kappa * beta * s2  # <= 0: one root of each sign
+    # The tiny offset keeps the square root differentiable where both roots
+    # vanish (kappa = beta with g along mu); it moves no value.
+    disc = torch.sqrt(tr**2 - 4.0 * det + 1e-300)
+    # The larger-magnitude root from the sum, the other from the product:
+    # no cancellation when |tr| >> |det|.
+    big = torch.where(tr >= 0, tr + disc, tr - disc) / 2.0
+    safe_big = torch.where(big == 0, torch.ones_like(big), big)
+    other = torch.where(big == 0, torch.zeros_like(big), det / safe_big)
+    lam_plus = torch.where(tr >= 0, big, other)
+    lam_minus = torch.where(tr >= 0, other, big)
+    numerator = _bingham_integral(lam_plus, lam_minus, n_nodes)
+    # lam_plus <= kappa, so exp(lam_plus - kappa) <= 1: nothing overflows.
+    return torch.exp(lam_plus - kappa) * numerator / _watson_norm(kappa, n_nodes)
+
+
+def _watson_norm(kappa, n_nodes):
+    """``int_0^1 exp(kappa (t^2 - 1)) dt``, the Watson normalisation / e^kappa.
+
+    The same rule as the numerator, so that the signal is exactly 1 at b = 0.
+    """
+    t, w = (_as(a, kappa) for a in _watson_nodes(n_nodes))
+    return torch.exp(kappa[..., None] * (t**2 - 1.0)) @ w
+
+
+def watson_stick(acq, *, direction, kappa, d_par, n_nodes=N_WATSON_NODES):
+    """Sticks with Watson-distributed axes (the NODDI intra-neurite signal).
+
+    ``E = int W(n) exp(-b d_par (g . n)^2) dn`` with
+    ``W(n) ~ exp(kappa (mu . n)^2)``. Evaluated as a ratio of Bingham
+    normalising constants, one 1-D Gauss-Legendre integral each (see Notes).
+
+    Parameters
+    ----------
+    acq : Acquisition
+    direction : array_like, shape (..., 3)
+        Mean axis mu (unit).
+    kappa : float or array_like, shape (...)
+        Watson concentration (>= 0); see :func:`odi_to_kappa`.
+    d_par : float or array_like, shape (...)
+        Diffusivity along each stick in um^2/us.
+    n_nodes : int, optional
+        Quadrature nodes on [0, 1].
+
+    Notes
+    -----
+    ``W(n) exp(-beta (g . n)^2) ~ exp(n^T A n)`` with ``A = kappa mu mu^T -
+    beta g g^T``, a Bingham density with eigenvalues (lam+, lam-, 0). With t
+    the coordinate along the lam+ eigenvector the azimuthal integral is
+    ``exp(lam- (1 - t^2) / 2) I0(lam- (1 - t^2) / 2)``, leaving a smooth 1-D
+    integral over t. Exact (to quadrature accuracy) at every b, unlike the
+    truncated spherical-harmonic series of the NODDI toolbox.
+    """
+    beta = acq.bvals * _col(d_par, acq.bvals)
+    c = cosines(acq, direction)
+    return _watson_stick_from_beta(beta, c, _col(kappa, acq.bvals), n_nodes)
+
+
+def watson_zeppelin(acq, *, direction, kappa, d_par, d_perp, n_nodes=N_WATSON_NODES):
+    """Watson average of zeppelin signals (exact signal average).
+
+    ``exp(-b d_perp) x`` :func:`watson_stick` with ``d_par - d_perp``.
+
+    Parameters
+    ----------
+    acq : Acquisition
+    direction : array_like, shape (..., 3)
+    kappa : float or array_like, shape (...)
+    d_par, d_perp : float or array_like, shape (...)
+        Diffusivities in um^2/us along and across each zeppelin, d_perp <= d_par.
+    n_nodes : int, optional
+    """
+    d_perp = _as(d_perp, acq.bvals)
+    delta = _as(d_par, acq.bvals) - d_perp
+    sticks = watson_stick(
+        acq, direction=direction, kappa=kappa, d_par=delta, n_nodes=n_nodes
+    )
+    return ball(acq, diffusivity=d_perp) * sticks
+
+
+def watson_tau(kappa, *, n_nodes=N_WATSON_NODES):
+    """``<(mu . n)^2>`` under a Watson distribution (1/3 at kappa = 0, -> 1).
+
+    Equal to ``1 / (2 sqrt(kappa) F(sqrt(kappa))) - 1 / (2 kappa)`` with F
+    Dawson's function; evaluated with the Watson quadrature so that it is
+    smooth in kappa (including 0).
+    """
+    kappa = torch.as_tensor(kappa, dtype=torch.float64)
+    t, w = (_as(a, kappa) for a in _watson_nodes(n_nodes))
+    density = torch.exp(kappa[..., None] * (t**2 - 1.0))
+    return torch.sum(w * t**2 * density, -1) / torch.sum(w * density, -1)
+
+
+def watson_hindered(acq, *, direction, kappa, d_par, d_perp):
+    """NODDI's extra-neurite signal: the zeppelin of the Watson-averaged tensor.
+
+    Zhang et al. (2012) average the diffusion tensor, not the signal:
+    ``D = d_perp I + (d_par - d_perp) <n n^T>``, i.e. a zeppelin along mu with
+    ``d_par' = d_perp + (d_par - d_perp) tau`` and
+    ``d_perp' = d_perp + (d_par - d_perp) (1 - tau) / 2``,
+    ``tau = <(mu . n)^2>`` (:func:`watson_tau`).
+
+    Parameters
+    ----------
+    acq : Acquisition
+    direction : array_like, shape (..., 3)
+    kappa : float or array_like, shape (...)
+    d_par, d_perp : float or array_like, shape (...)
+        Diffusivities of each (undispersed) zeppelin in um^2/us.
+    """
+    tau = watson_tau(_as(kappa, acq.bvals))
+    d_par = _as(d_par, acq.bvals)
+    d_perp = _as(d_perp, acq.bvals)
+    spread = d_par - d_perp
+    return zeppelin(
+        acq,
+        direction=direction,
+        d_par=d_perp + spread * tau,
+        d_perp=d_perp + spread * (1.0 - tau) / 2.0,
+    )
+
+
+# --------------------------------------------------------------------------
+# Two-compartment exchange (Karger)
+# --------------------------------------------------------------------------
+def _mul(x, y):
+    """Product of 2 x 2 matrices stored as (a, b, c, d) tuples of tensors."""
+    a, b, c, d = x
+    e, f, g, h = y
+    return (a * e + b * g, a * f + b * h, c * e + d * g, c * f + d * h)
+
+
+def _comm(x, y):
+    return tuple(p - q for p, q in zip(_mul(x, y), _mul(y, x), strict=True))
+
+
+def _lin(*terms):
+    """Linear combination sum(w * X) of (weight, matrix) pairs."""
+    return tuple(sum(w * m[i] for w, m in terms) for i in range(4))
+
+
+def _expm2(m):
+    """Exact exponential of 2 x 2 matrices, smooth and differentiable.
+
+    ``exp(M) = e^mu (ch I + sh (M - mu I))``, ``s2 = ((a - d) / 2)^2 + b c``:
+    ``ch = cosh(sqrt(s2))``, ``sh = sinh(sqrt(s2)) / sqrt(s2)`` (cos/sin for
+    s2 < 0). The exponentials are combined before scaling, so large opposite
+    arguments (strong decay) do not overflow.
+    """
+    a, b, c, d = m
+    mu = (a + d) / 2.0
+    s2 = ((a - d) / 2.0) ** 2 + b * c
+    small = s2.abs() < _EXPM_SERIES
+    r = torch.sqrt(s2.abs().clamp_min(_EXPM_SERIES))
+    pos = s2 > 0
+    e_plus, e_minus = torch.exp(mu + r), torch.exp(mu - r)
+    ch_big = torch.where(pos, (e_plus + e_minus) / 2.0, torch.exp(mu) * torch.cos(r))
+    sh_big = torch.where(pos, (e_plus - e_minus) / 2.0, torch.exp(mu) * torch.sin(r))
+    sh_big = sh_big / r
+    em = torch.exp(mu)
+    ch_small = em * (1.0 + s2 / 2.0 + s2**2 / 24.0 + s2**3 / 720.0)
+    sh_small = em * (1.0 + s2 / 6.0 + s2**2 / 120.0 + s2**3 / 5040.0)
+    ch = torch.where(small, ch_small, ch_big)
+    sh = torch.where(small, sh_small, sh_big)
+    return (ch + sh * (a - mu), sh * b, sh * c, ch + sh * (d - mu))
+
+
+def karger(acq, *, d1, d2, f1, k12, n_steps=None):
+    """Two exchanging Gaussian compartments (Karger), any waveform.
+
+    Solves ``dM/dt = -(bdot(t) diag(D1, D2) + K) M``, ``M(0) = (f1, 1 - f1)``,
+    ``bdot(t) = g^2 F(t)^2``, ``K = [[k12, -k21], [-k12, k21]]``,
+    ``k21 = k12 f1 / (1 - f1)`` (detailed balance), and returns
+    ``M1 + M2`` at the echo. The torch form of
+    :func:`dipy_spinverse.analytic.karger_signal`, for isotropic compartments.
+
+    Parameters
+    ----------
+    acq : Acquisition
+        With timing.
+    d1, d2 : float or array_like, shape (...)
+        Diffusivities in um^2/us.
+    f1 : float or array_like, shape (...)
+        Signal fraction of compartment 1, in [0, 1).
+    k12 : float or array_like, shape (...)
+        Exchange rate 1 -> 2 in 1/us (the inverse residence time in 1).
+    n_steps : int, optional
+        Magnus steps per waveform piece with a gradient; by default at least 4
+        and enough that ``(k12 + k21) * step <= 2``.
+
+    Notes
+    -----
+    Each piece (F linear, bdot quadratic) is split into ``n_steps`` steps of
+    the sixth-order Magnus method on three Gauss-Legendre nodes (Blanes, Casas
+    and Ros 2000) with exact 2 x 2 exponentials. A piece without gradient is
+    integrated exactly in one step. With the default steps the absolute error
+    against ``analytic.karger_signal`` stays below ~1e-7 for b D <= 20 and
+    residence times down to 1 ms (tested).
+    """
+    acq.require_timing("the Karger exchange model")
+    like = acq.bvals
+    d1, d2, f1, k12 = (_as(v, like)[..., None, None] for v in (d1, d2, f1, k12))
+    k21 = k12 * f1 / (1.0 - f1)
+    durations = acq.durations[acq.waveform_index]  # (M, P)
+    areas = durations * acq.amplitudes[acq.waveform_index]
+    starts = torch.cumsum(areas, dim=1) - areas  # F at the start of each piece
+    amplitudes = acq.amplitudes[acq.waveform_index]
+    prop = None
+    for tau, f, F0 in zip(durations.T, amplitudes.T, starts.T, strict=True):
+        n = _magnus_steps(tau, f, k12 + k21, n_steps)
+        offsets = torch.arange(n, dtype=like.dtype)[:, None] + _as(_GAUSS3, like)
+        h = (tau / n)[:, None]  # (M, 1)
+        t = h[..., None] * offsets  # (M, n_steps, 3) node times in the piece
+        F = F0[:, None, None] + f[:, None, None] * t
+        bdot = acq.g2[:, None, None] * F**2
+        A1, A2, A3 = (_generator(bdot[..., j], d1, d2, k12, k21) for j in range(3))
+        # dM/dt = -A M: the Magnus series of -A.
+        r = math.sqrt(15.0) / 3.0 * h
+        a1 = _lin((-h, A2))
+        a2 = _lin((-r, A3), (r, A1))
+        a3 = _lin((-10.0 / 3.0 * h, A3), (20.0 / 3.0 * h, A2), (-10.0 / 3.0 * h, A1))
+        c1 = _comm(a1, a2)
+        c2 = _lin((-1.0 / 60.0, _comm(a1, _lin((2.0, a3), (1.0, c1)))))
+        left = _lin((-20.0, a1), (-1.0, a3), (1.0, c1))
+        right = _lin((1.0, a2), (1.0, c2))
+        omega = _lin((1.0, a1), (1.0 / 12.0, a3), (1.0 / 240.0, _comm(left, right)))
+        step = _expm2(omega)  # entries of shape (..., M, n_steps)
+        for j in range(n):
+            sj = tuple(e[..., j] for e in step)
+            prop = sj if prop is None else _mul(sj, prop)
+    f1, f2 = f1[..., 0], 1.0 - f1[..., 0]
+    return (prop[0] + prop[2]) * f1 + (prop[1] + prop[3]) * f2
+
+
+def _magnus_steps(tau, f, rate, n_steps):
+    """Magnus steps for one piece (the same for every voxel and acquisition).
+
+    A piece without gradient has a constant generator: one step is exact.
+    Otherwise at least ``N_MAGNUS_STEPS``, and enough that the exchange
+    rates times the step stay below 2 (the error then stays below ~1e-7 of the
+    signal; it falls 64x per halving of the step).
+    """
+    if not bool(torch.any(f != 0)):
+        return 1
+    if n_steps is not None:
+        return int(n_steps)
+    fastest = float(rate.detach().max()) if rate.numel() else 0.0
+    longest = float(tau.max())
+    return max(N_MAGNUS_STEPS, math.ceil(longest * fastest / 2.0))
+
+
+def _generator(bdot, d1, d2, k12, k21):
+    """``A = bdot diag(d1, d2) + K`` as a 2 x 2 tuple."""
+    zero = torch.zeros_like(bdot)
+    return (bdot * d1 + k12, zero - k21, zero - k12, bdot * d2 + k21)

@@ -1,0 +1,793 @@
+"""NODDI, ActiveAx, ZCD, IVIM and Karger exchange models as DIPY ReconstModels.
+
+Public units follow DIPY: diffusivities in mm^2/s, times in s, b in s/mm^2;
+diameters in um. Internally (um, us) diffusivities and b-values have the same
+numbers; only times are scaled (x 1e6).
+
+All models are fitted by variable projection (:mod:`.fitting`): volume
+fractions by exact non-negative least squares, everything else by a
+multi-start, grid-initialised, bounded Levenberg-Marquardt, for all voxels of
+a chunk at once.
+"""
+
+import math
+
+import numpy as np
+import torch
+from dipy.testing.decorators import warning_for_keywords
+
+from . import blocks
+from .base import CompartmentFit, CompartmentModel, canonical_directions
+from .fitting import Bound
+
+__all__ = [
+    "NoddiModel",
+    "NoddiFit",
+    "ActiveAxModel",
+    "ActiveAxFit",
+    "ZcdModel",
+    "ZcdFit",
+    "IvimModel",
+    "IvimFit",
+    "ExchangeModel",
+    "ExchangeFit",
+]
+
+_S_TO_US = 1e6
+# Zhang et al. (2012): in vivo intrinsic and free-water diffusivities (mm^2/s).
+D_PAR_INVIVO = 1.7e-3
+D_ISO = 3.0e-3
+# ODI bounds: 0.01 is kappa = 64, where the Watson quadrature is still exact to
+# 2e-9; 0.99 is nearly isotropic.
+_ODI_BOUNDS = (0.01, 0.99)
+# Cylinder diameters (um) the fits may return. Below ~0.2 um the signal of any
+# clinical or preclinical protocol is that of a stick.
+_DIAMETER_BOUNDS = (0.2, 20.0)
+_COMMON_DOC = """
+    n_starts : int, optional
+        Levenberg-Marquardt starts per voxel, from the best grid points of the
+        ``n_starts`` best combinations of scalar grid values.
+    max_iter : int, optional
+        Levenberg-Marquardt iterations per voxel.
+    n_grid_directions : int, optional
+        Directions on a half sphere in the initialisation grid.
+    chunk_size : int, optional
+        Voxels fitted together; memory grows linearly with it."""
+
+
+def _positive(value, name):
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
+    return value
+
+
+def _check_bounds(bounds, name, *, lower=0.0):
+    try:
+        lo, hi = (float(v) for v in bounds)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{name} must be a (lower, upper) pair, got {bounds!r}"
+        ) from err
+    if not (lower <= lo < hi and math.isfinite(hi)):
+        raise ValueError(
+            f"{name} must satisfy {lower} <= lower < upper < inf, got {bounds!r}"
+        )
+    return lo, hi
+
+
+def _fractions(c):
+    """Normalise NNLS coefficients (B, K) to fractions and their sum."""
+    total = c.sum(-1)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return c / safe[:, None], total
+
+
+# --------------------------------------------------------------------------
+# NODDI
+# --------------------------------------------------------------------------
+class NoddiModel(CompartmentModel):
+    """Neurite orientation dispersion and density imaging (Zhang et al. 2012).
+
+    ``S = S0 [fiso exp(-b d_iso) + (1 - fiso) sum_k w_k (ndi_k E_ic,k +
+    (1 - ndi_k) E_ec,k)]`` with ``E_ic`` sticks (``d_par``) Watson-dispersed
+    around ``mu_k`` with concentration ``kappa_k``
+    (:func:`~.blocks.watson_stick`), and ``E_ec`` the zeppelin of the
+    Watson-averaged tensor with the tortuosity ``d_perp = d_par (1 - ndi)``
+    (:func:`~.blocks.watson_hindered`), as in the NODDI toolbox.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+        b-values and directions (timing not needed).
+    n_fibres : int, optional
+        Fibre populations (1, 2 or 3), each with its own direction, ODI, NDI
+        and weight ``w_k``.
+    d_par : float, optional
+        Intrinsic parallel diffusivity in mm^2/s (1.7e-3 in vivo).
+    d_iso : float, optional
+        Free-water diffusivity in mm^2/s.
+    """
+
+    __doc__ += _COMMON_DOC
+    _needs_timing = False
+
+    @warning_for_keywords()
+    def __init__(
+        self,
+        gtab,
+        *,
+        n_fibres=1,
+        d_par=D_PAR_INVIVO,
+        d_iso=D_ISO,
+        n_starts=3,
+        max_iter=60,
+        n_grid_directions=100,
+        chunk_size=128,
+    ):
+        if n_fibres not in (1, 2, 3):
+            raise ValueError(f"n_fibres must be 1, 2 or 3, got {n_fibres!r}")
+        self.n_fibres = int(n_fibres)
+        self.d_par = _positive(d_par, "d_par")
+        self.d_iso = _positive(d_iso, "d_iso")
+        self._shared = ()
+        self._fibre = (Bound("odi", *_ODI_BOUNDS), Bound("ndi", 0.0, 1.0))
+        self._grid = {"odi": (0.05, 0.15, 0.3, 0.5, 0.75), "ndi": (0.2, 0.4, 0.6, 0.8)}
+        names = ["S0", "fiso"]
+        for k in range(self.n_fibres):
+            names += [f"{p}_{k}" for p in ("w", "ndi", "odi", "x", "y", "z")]
+        self.param_names = tuple(names)
+        self._setup(
+            gtab,
+            n_starts=n_starts,
+            max_iter=max_iter,
+            n_grid_directions=n_grid_directions,
+            chunk_size=chunk_size,
+        )
+
+    def _columns(self, acq, shared, fibre, dirs):
+        kappa = blocks.odi_to_kappa(fibre["odi"])
+        ndi = fibre["ndi"]
+        intra = blocks.watson_stick(acq, direction=dirs, kappa=kappa, d_par=self.d_par)
+        extra = blocks.watson_hindered(
+            acq,
+            direction=dirs,
+            kappa=kappa,
+            d_par=self.d_par,
+            d_perp=self.d_par * (1.0 - ndi),
+        )
+        ndi = ndi[..., None]
+        tissue = ndi * intra + (1.0 - ndi) * extra  # (B, F, M)
+        iso = blocks.ball(acq, diffusivity=self.d_iso)
+        iso = iso.expand(tissue.shape[0], 1, -1)
+        return torch.cat([tissue, iso], dim=1).mT
+
+    def _to_params(self, shared, fibre, dirs, c, scale):
+        F = self.n_fibres
+        fractions, total = _fractions(c)
+        tissue = fractions[:, :F]
+        tissue_sum = tissue.sum(-1, keepdim=True)
+        # Pure free water leaves the fibre weights undefined: share equally.
+        w = torch.where(tissue_sum > 0, tissue / tissue_sum.clamp_min(1e-300), 1.0 / F)
+        order = w.argsort(dim=-1, descending=True)
+
+        def sort(t):
+            return torch.take_along_dim(t, order, dim=1)
+
+        dirs = torch.take_along_dim(canonical_directions(dirs), order[..., None], 1)
+        per = torch.stack(
+            [sort(w), sort(fibre["ndi"]), sort(fibre["odi"])], dim=-1
+        )  # (B, F, 3)
+        per = torch.cat([per, dirs], dim=-1).reshape(c.shape[0], -1)
+        head = torch.stack([scale * total, fractions[:, F]], dim=-1)
+        return torch.cat([head, per], dim=-1)
+
+    def _from_params(self, params):
+        F = self.n_fibres
+        per = params[:, 2:].reshape(-1, F, 6)
+        fiso = params[:, 1:2]
+        fibre = {"ndi": per[..., 1], "odi": per[..., 2]}
+        fractions = torch.cat([(1.0 - fiso) * per[..., 0], fiso], dim=-1)
+        return {}, fibre, per[..., 3:], fractions, params[:, 0]
+
+
+class NoddiFit(CompartmentFit):
+    """NODDI parameter maps. Per-fibre maps have a trailing fibre axis when
+    the model has ``n_fibres > 1`` (fibres sorted by weight)."""
+
+    def _per_fibre(self, name):
+        F = self.model.n_fibres
+        maps = [self._param(f"{name}_{k}") for k in range(F)]
+        return maps[0] if F == 1 else np.stack(maps, axis=-1)
+
+    @property
+    def fiso(self):
+        """Free-water (isotropic) signal fraction."""
+        return self._param("fiso")
+
+    @property
+    def ndi(self):
+        """Neurite density index: intra-neurite fraction of the tissue part."""
+        return self._per_fibre("ndi")
+
+    @property
+    def odi(self):
+        """Orientation dispersion index ``(2 / pi) arctan(1 / kappa)``."""
+        return self._per_fibre("odi")
+
+    @property
+    def kappa(self):
+        """Watson concentration."""
+        return 1.0 / np.tan(math.pi * self.odi / 2.0)
+
+    @property
+    def fibre_fractions(self):
+        """Weight of each fibre population in the tissue part, (..., F)."""
+        return np.stack(
+            [self._param(f"w_{k}") for k in range(self.model.n_fibres)], axis=-1
+        )
+
+    @property
+    def direction(self):
+        """Mean fibre direction(s): (..., 3), or (..., F, 3) for F > 1."""
+        F = self.model.n_fibres
+        dirs = np.stack(
+            [
+                np.stack([self._param(f"{a}_{k}") for a in "xyz"], axis=-1)
+                for k in range(F)
+            ],
+            axis=-2,
+        )
+        return dirs[..., 0, :] if F == 1 else dirs
+
+
+NoddiModel._fit_class = NoddiFit
+
+
+def _init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size):
+    return {
+        "n_starts": n_starts,
+        "max_iter": max_iter,
+        "n_grid_directions": n_grid_directions,
+        "chunk_size": chunk_size,
+    }
+
+
+# --------------------------------------------------------------------------
+# ActiveAx
+# --------------------------------------------------------------------------
+class ActiveAxModel(CompartmentModel):
+    """ActiveAx: cylinders + zeppelin + ball (+ dot) (Alexander et al. 2010).
+
+    ``S = S0 [fic E_cyl + fee E_zep + fiso exp(-b d_iso) + fdot]``: impermeable
+    cylinders of diameter ``2R`` along ``mu`` (finite-pulse Gaussian phase
+    approximation, :func:`~.blocks.cylinder`, intrinsic diffusivity ``d_par``),
+    a zeppelin along ``mu`` with ``d_par`` and the tortuosity
+    ``d_perp = d_par (1 - fic / (fic + fee))``, free water, and (``dot=True``)
+    stationary water. Fractions sum to 1.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+        With ``big_delta`` and ``small_delta`` (s), scalars or per volume.
+    d_par : float, optional
+        Intrinsic diffusivity in mm^2/s (1.7e-3 in vivo; ~0.6e-3 fixed tissue).
+    d_iso : float, optional
+        Free-water diffusivity in mm^2/s.
+    dot : bool, optional
+        Add a stationary (dot) compartment (ex vivo).
+    diameter_bounds : (float, float), optional
+        Range of the fitted diameter in um.
+    """
+
+    __doc__ += _COMMON_DOC
+    param_names = ("S0", "fic", "fee", "fiso", "fdot", "diameter", "x", "y", "z")
+
+    @warning_for_keywords()
+    def __init__(
+        self,
+        gtab,
+        *,
+        d_par=D_PAR_INVIVO,
+        d_iso=D_ISO,
+        dot=False,
+        diameter_bounds=_DIAMETER_BOUNDS,
+        n_starts=3,
+        max_iter=60,
+        n_grid_directions=100,
+        chunk_size=128,
+    ):
+        self.n_fibres = 1
+        self.d_par = _positive(d_par, "d_par")
+        self.d_iso = _positive(d_iso, "d_iso")
+        self.dot = bool(dot)
+        lo, hi = _check_bounds(diameter_bounds, "diameter_bounds", lower=1e-3)
+        self._shared = ()
+        self._fibre = (Bound("diameter", lo, hi, log=True), Bound("icvf", 0.0, 1.0))
+        self._grid = {
+            "diameter": tuple(_log_grid(lo, hi, 5)),
+            "icvf": (0.3, 0.5, 0.7, 0.85),
+        }
+        self._setup(
+            gtab, **_init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size)
+        )
+
+    def _columns(self, acq, shared, fibre, dirs):
+        icvf = fibre["icvf"]
+        cyl = blocks.cylinder(
+            acq, direction=dirs, radius=fibre["diameter"] / 2.0, diffusivity=self.d_par
+        )
+        zep = blocks.zeppelin(
+            acq, direction=dirs, d_par=self.d_par, d_perp=self.d_par * (1.0 - icvf)
+        )
+        icvf = icvf[..., None]
+        tissue = (icvf * cyl + (1.0 - icvf) * zep)[:, 0]  # (B, M)
+        cols = [tissue, blocks.ball(acq, diffusivity=self.d_iso).expand_as(tissue)]
+        if self.dot:
+            cols.append(blocks.dot(acq, shape=tissue.shape[:1]))
+        return torch.stack(cols, dim=-1)
+
+    def _to_params(self, shared, fibre, dirs, c, scale):
+        fractions, total = _fractions(c)
+        tissue, icvf = fractions[:, 0], fibre["icvf"][:, 0]
+        fdot = fractions[:, 2] if self.dot else torch.zeros_like(tissue)
+        return torch.cat(
+            [
+                torch.stack(
+                    [
+                        scale * total,
+                        tissue * icvf,
+                        tissue * (1.0 - icvf),
+                        fractions[:, 1],
+                        fdot,
+                        fibre["diameter"][:, 0],
+                    ],
+                    dim=-1,
+                ),
+                canonical_directions(dirs[:, 0]),
+            ],
+            dim=-1,
+        )
+
+    def _from_params(self, params):
+        fic, fee, fiso, fdot = params[:, 1], params[:, 2], params[:, 3], params[:, 4]
+        tissue = fic + fee
+        safe = torch.where(tissue > 0, tissue, torch.ones_like(tissue))
+        fibre = {"diameter": params[:, 5:6], "icvf": (fic / safe)[:, None]}
+        cols = [tissue, fiso] + ([fdot] if self.dot else [])
+        return {}, fibre, params[:, None, 6:9], torch.stack(cols, -1), params[:, 0]
+
+
+class ActiveAxFit(CompartmentFit):
+    """ActiveAx parameter maps."""
+
+    @property
+    def fic(self):
+        """Intra-axonal (cylinder) signal fraction of the whole voxel."""
+        return self._param("fic")
+
+    @property
+    def fee(self):
+        """Extra-axonal (zeppelin) signal fraction."""
+        return self._param("fee")
+
+    @property
+    def fiso(self):
+        """Free-water (ball) signal fraction."""
+        return self._param("fiso")
+
+    @property
+    def fdot(self):
+        """Stationary-water (dot) fraction; 0 unless the model has ``dot=True``."""
+        return self._param("fdot")
+
+    @property
+    def diameter(self):
+        """Axon diameter in um (2 R of the cylinders)."""
+        return self._param("diameter")
+
+    @property
+    def direction(self):
+        """Fibre direction, (..., 3), z >= 0."""
+        return self.model_params[..., 6:9]
+
+
+ActiveAxModel._fit_class = ActiveAxFit
+
+
+def _log_grid(lo, hi, n):
+    """n values log-spaced strictly inside (lo, hi)."""
+    return torch.logspace(math.log10(lo), math.log10(hi), n + 2)[1:-1].tolist()
+
+
+# --------------------------------------------------------------------------
+# ZCD
+# --------------------------------------------------------------------------
+class ZcdModel(CompartmentModel):
+    """Zeppelin-Cylinder-Dot (Panagiotaki et al. 2012).
+
+    ``S = S0 [fic E_cyl + fee E_zep + fdot]``: impermeable cylinders (GPA,
+    finite pulses) along ``mu`` with intrinsic diffusivity ``d_par``, a
+    zeppelin along ``mu`` with ``d_par`` and a free ``d_perp <= d_par``, and
+    stationary water. No tortuosity constraint: the three fractions are linear.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+        With ``big_delta`` and ``small_delta`` (s), scalars or per volume.
+    d_par_bounds : (float, float), optional
+        Range of d_par in mm^2/s.
+    diameter_bounds : (float, float), optional
+        Range of the fitted diameter in um.
+    """
+
+    __doc__ += _COMMON_DOC
+    param_names = (
+        "S0",
+        "fic",
+        "fee",
+        "fdot",
+        "diameter",
+        "d_par",
+        "d_perp",
+        "x",
+        "y",
+        "z",
+    )
+
+    @warning_for_keywords()
+    def __init__(
+        self,
+        gtab,
+        *,
+        d_par_bounds=(0.1e-3, 3.0e-3),
+        diameter_bounds=_DIAMETER_BOUNDS,
+        n_starts=3,
+        max_iter=60,
+        n_grid_directions=100,
+        chunk_size=128,
+    ):
+        self.n_fibres = 1
+        lo, hi = _check_bounds(diameter_bounds, "diameter_bounds", lower=1e-3)
+        dlo, dhi = _check_bounds(d_par_bounds, "d_par_bounds", lower=1e-9)
+        self._shared = ()
+        self._fibre = (
+            Bound("diameter", lo, hi, log=True),
+            Bound("d_par", dlo, dhi),
+            Bound("perp_ratio", 0.0, 1.0),
+        )
+        self._grid = {
+            "diameter": tuple(_log_grid(lo, hi, 5)),
+            "d_par": tuple(torch.linspace(dlo, dhi, 5)[1:-1].tolist()),
+            "perp_ratio": (0.2, 0.45, 0.7),
+        }
+        self._setup(
+            gtab, **_init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size)
+        )
+
+    def _columns(self, acq, shared, fibre, dirs):
+        d_par = fibre["d_par"]
+        cyl = blocks.cylinder(
+            acq, direction=dirs, radius=fibre["diameter"] / 2.0, diffusivity=d_par
+        )
+        zep = blocks.zeppelin(
+            acq, direction=dirs, d_par=d_par, d_perp=d_par * fibre["perp_ratio"]
+        )
+        dot = blocks.dot(acq, shape=cyl.shape[:1])
+        return torch.stack([cyl[:, 0], zep[:, 0], dot], dim=-1)
+
+    def _to_params(self, shared, fibre, dirs, c, scale):
+        fractions, total = _fractions(c)
+        d_par = fibre["d_par"][:, 0]
+        scalars = [
+            scale * total,
+            fractions[:, 0],
+            fractions[:, 1],
+            fractions[:, 2],
+            fibre["diameter"][:, 0],
+            d_par,
+            d_par * fibre["perp_ratio"][:, 0],
+        ]
+        return torch.cat(
+            [torch.stack(scalars, -1), canonical_directions(dirs[:, 0])], dim=-1
+        )
+
+    def _from_params(self, params):
+        d_par = params[:, 5]
+        safe = torch.where(d_par > 0, d_par, torch.ones_like(d_par))
+        fibre = {
+            "diameter": params[:, 4:5],
+            "d_par": params[:, 5:6],
+            "perp_ratio": (params[:, 6] / safe)[:, None],
+        }
+        return {}, fibre, params[:, None, 7:10], params[:, 1:4], params[:, 0]
+
+
+class ZcdFit(CompartmentFit):
+    """ZCD parameter maps."""
+
+    @property
+    def fic(self):
+        """Intra-axonal (cylinder) signal fraction."""
+        return self._param("fic")
+
+    @property
+    def fee(self):
+        """Extra-axonal (zeppelin) signal fraction."""
+        return self._param("fee")
+
+    @property
+    def fdot(self):
+        """Stationary-water (dot) signal fraction."""
+        return self._param("fdot")
+
+    @property
+    def diameter(self):
+        """Axon diameter in um."""
+        return self._param("diameter")
+
+    @property
+    def d_par(self):
+        """Intrinsic (and parallel) diffusivity in mm^2/s."""
+        return self._param("d_par")
+
+    @property
+    def d_perp(self):
+        """Perpendicular diffusivity of the zeppelin in mm^2/s."""
+        return self._param("d_perp")
+
+    @property
+    def direction(self):
+        """Fibre direction, (..., 3), z >= 0."""
+        return self.model_params[..., 7:10]
+
+
+ZcdModel._fit_class = ZcdFit
+
+
+# --------------------------------------------------------------------------
+# IVIM
+# --------------------------------------------------------------------------
+class IvimModel(CompartmentModel):
+    """Intravoxel incoherent motion, bi-exponential (Le Bihan et al. 1988).
+
+    ``S = S0 [f exp(-b D*) + (1 - f) exp(-b D)]``: the model, parameter layout
+    ``[S0, f, D*, D]`` and attribute names of DIPY's
+    :class:`dipy.reconst.ivim.IvimModelTRR` / ``IvimFit``, so the maps are
+    interchangeable; the fit is this package's own (variable projection on
+    ``S0 f`` and ``S0 (1 - f)``, a grid over (D, D*), Levenberg-Marquardt),
+    vectorised over voxels instead of DIPY's per-voxel two-stage fit.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+        b-values (timing not needed; b-values are used as given, including
+        those below ``gtab.b0_threshold``).
+    d_bounds : (float, float), optional
+        Range of the tissue diffusivity D in mm^2/s.
+    d_star_bounds : (float, float), optional
+        Range of the pseudo-diffusion coefficient D* in mm^2/s; its lower end
+        must be >= the upper end of ``d_bounds`` so that the two exponentials
+        cannot swap.
+    """
+
+    __doc__ += _COMMON_DOC
+    _needs_timing = False
+    param_names = ("S0", "f", "D_star", "D")
+
+    @warning_for_keywords()
+    def __init__(
+        self,
+        gtab,
+        *,
+        d_bounds=(0.0, 4.0e-3),
+        d_star_bounds=(4.0e-3, 0.3),
+        n_starts=3,
+        max_iter=60,
+        chunk_size=1024,
+    ):
+        self.n_fibres = 0
+        lo, hi = _check_bounds(d_bounds, "d_bounds")
+        slo, shi = _check_bounds(d_star_bounds, "d_star_bounds", lower=1e-9)
+        if slo < hi:
+            raise ValueError(
+                f"d_star_bounds starts at {slo}, below the top of d_bounds ({hi}): "
+                "D* and D could swap; make d_star_bounds[0] >= d_bounds[1]"
+            )
+        self._shared = (Bound("D_star", slo, shi, log=True), Bound("D", lo, hi))
+        self._fibre = ()
+        self._grid = {
+            "D_star": tuple(_log_grid(slo, shi, 6)),
+            "D": tuple(torch.linspace(lo, hi, 7)[1:-1].tolist()),
+        }
+        self._setup(gtab, **_init_kwargs(n_starts, max_iter, 1, chunk_size))
+
+    def _columns(self, acq, shared, fibre, dirs):
+        return torch.stack(
+            [
+                blocks.ball(acq, diffusivity=shared["D_star"]),
+                blocks.ball(acq, diffusivity=shared["D"]),
+            ],
+            dim=-1,
+        )
+
+    def _to_params(self, shared, fibre, dirs, c, scale):
+        fractions, total = _fractions(c)
+        return torch.stack(
+            [scale * total, fractions[:, 0], shared["D_star"], shared["D"]], -1
+        )
+
+    def _from_params(self, params):
+        shared = {"D_star": params[:, 2], "D": params[:, 3]}
+        f = params[:, 1]
+        fractions = torch.stack([f, 1.0 - f], -1)
+        return shared, {}, params[:, None, :0], fractions, params[:, 0]
+
+
+class IvimFit(CompartmentFit):
+    """IVIM maps, named as in :class:`dipy.reconst.ivim.IvimFit`."""
+
+    @property
+    def S0_predicted(self):
+        """Fitted S0 (DIPY's name)."""
+        return self.model_params[..., 0]
+
+    @property
+    def perfusion_fraction(self):
+        """Perfusion fraction f."""
+        return self._param("f")
+
+    @property
+    def D_star(self):
+        """Pseudo-diffusion coefficient D* in mm^2/s."""
+        return self._param("D_star")
+
+    @property
+    def D(self):
+        """Tissue diffusivity D in mm^2/s."""
+        return self._param("D")
+
+
+IvimModel._fit_class = IvimFit
+
+
+# --------------------------------------------------------------------------
+# Karger exchange
+# --------------------------------------------------------------------------
+class ExchangeModel(CompartmentModel):
+    """Two isotropic Gaussian compartments exchanging water (Karger 1985).
+
+    The signal of :func:`~.blocks.karger` for the actual (finite-pulse)
+    waveforms: ``dM/dt = -(bdot(t) diag(D_i, D_e) + K) M`` with
+    ``M(0) = S0 (f_intra, 1 - f_intra)``, exchange rates ``k_ie = 1 /
+    exchange_time`` and ``k_ei = k_ie f_intra / (1 - f_intra)`` (detailed
+    balance). ``D_intra <= D_extra`` labels the compartments.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+        With ``big_delta`` and ``small_delta`` (s); several diffusion times
+        are needed to see exchange.
+    exchange_time_bounds : (float, float), optional
+        Range of the intra-compartment residence time in s.
+    d_bounds : (float, float), optional
+        Range of D_extra in mm^2/s (D_intra lies between 0 and D_extra).
+    f_bounds : (float, float), optional
+        Range of f_intra.
+
+    Notes
+    -----
+    ``f_intra`` sets both the initial magnetisation and, through detailed
+    balance, ``k_ei``, so it is nonlinear here; only S0 is solved linearly.
+    Karger's model assumes each compartment is well mixed (no restriction):
+    restricted intracellular diffusion shows up as a low ``D_intra`` that
+    depends on the diffusion time, which the model then partly attributes to
+    exchange.
+    """
+
+    __doc__ += _COMMON_DOC
+    _needs_timing = True
+    param_names = ("S0", "f_intra", "d_intra", "d_extra", "exchange_time")
+
+    @warning_for_keywords()
+    def __init__(
+        self,
+        gtab,
+        *,
+        exchange_time_bounds=(2e-3, 2.0),
+        d_bounds=(0.1e-3, 3.5e-3),
+        f_bounds=(0.02, 0.98),
+        n_starts=3,
+        max_iter=60,
+        chunk_size=256,
+    ):
+        self.n_fibres = 0
+        tlo, thi = _check_bounds(
+            exchange_time_bounds, "exchange_time_bounds", lower=1e-9
+        )
+        dlo, dhi = _check_bounds(d_bounds, "d_bounds", lower=1e-9)
+        flo, fhi = _check_bounds(f_bounds, "f_bounds")
+        if fhi >= 1.0:
+            raise ValueError(f"f_bounds must end below 1, got {f_bounds!r}")
+        self._shared = (
+            Bound("f_intra", flo, fhi),
+            Bound("d_extra", dlo, dhi),
+            Bound("d_ratio", 0.0, 1.0),
+            Bound("exchange_time", tlo * _S_TO_US, thi * _S_TO_US, log=True),
+        )
+        self._fibre = ()
+        self._grid = {
+            "f_intra": (0.2, 0.4, 0.6, 0.8),
+            "d_extra": tuple(torch.linspace(dlo, dhi, 5)[1:-1].tolist()),
+            "d_ratio": (0.1, 0.3, 0.6),
+            "exchange_time": tuple(_log_grid(tlo * _S_TO_US, thi * _S_TO_US, 5)),
+        }
+        self._setup(gtab, **_init_kwargs(n_starts, max_iter, 1, chunk_size))
+
+    def _columns(self, acq, shared, fibre, dirs):
+        d_extra = shared["d_extra"]
+        signal = blocks.karger(
+            acq,
+            d1=shared["d_ratio"] * d_extra,
+            d2=d_extra,
+            f1=shared["f_intra"],
+            k12=1.0 / shared["exchange_time"],
+        )
+        return signal[..., None]
+
+    def _to_params(self, shared, fibre, dirs, c, scale):
+        d_extra = shared["d_extra"]
+        return torch.stack(
+            [
+                scale * c[:, 0],
+                shared["f_intra"],
+                shared["d_ratio"] * d_extra,
+                d_extra,
+                shared["exchange_time"] / _S_TO_US,
+            ],
+            -1,
+        )
+
+    def _from_params(self, params):
+        d_extra = params[:, 3]
+        safe = torch.where(d_extra > 0, d_extra, torch.ones_like(d_extra))
+        shared = {
+            "f_intra": params[:, 1],
+            "d_extra": d_extra,
+            "d_ratio": params[:, 2] / safe,
+            "exchange_time": params[:, 4] * _S_TO_US,
+        }
+        ones = torch.ones_like(params[:, :1])
+        return shared, {}, params[:, None, :0], ones, params[:, 0]
+
+
+class ExchangeFit(CompartmentFit):
+    """Karger exchange maps."""
+
+    @property
+    def f_intra(self):
+        """Signal fraction of the slow (intracellular) compartment."""
+        return self._param("f_intra")
+
+    @property
+    def d_intra(self):
+        """Diffusivity of the slow compartment in mm^2/s."""
+        return self._param("d_intra")
+
+    @property
+    def d_extra(self):
+        """Diffusivity of the fast compartment in mm^2/s."""
+        return self._param("d_extra")
+
+    @property
+    def exchange_time(self):
+        """Mean residence time in the intra compartment, 1 / k_ie, in s."""
+        return self._param("exchange_time")
+
+    @property
+    def exchange_rate(self):
+        """``k_ie = 1 / exchange_time`` in 1/s."""
+        return 1.0 / self.exchange_time
+
+
+ExchangeModel._fit_class = ExchangeFit
