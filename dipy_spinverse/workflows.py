@@ -1,0 +1,459 @@
+"""Command line: ``dipy_fit_spinverse``, a DIPY workflow.
+
+Usage (the demo data of :func:`dipy_spinverse.data.make_phantom_dataset`)::
+
+    dipy_fit_spinverse dwi.nii.gz dwi.bval dwi.bvec mask.nii.gz \\
+        --timing_file timing.txt --max_iter 40 --out_dir spinverse_out
+
+As every DIPY workflow, the ``run`` docstring defines the command-line
+options; positional inputs may contain wildcards to process several datasets.
+"""
+
+import os
+
+import numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.io.gradients import read_bvals_bvecs
+from dipy.io.image import load_nifti, load_nifti_data
+from dipy.utils.logging import logger
+from dipy.workflows.flow_runner import run_flow
+from dipy.workflows.workflow import Workflow
+
+from .io import describe_status, save_fit, save_maps, save_permeability, save_predicted
+from .reconst import OK, SpinverseModel
+from .sequences import Protocol
+
+__all__ = ["SpinverseFlow", "main", "read_timing"]
+
+# Camino b-values are recomputed from G and the timing; allow this much
+# disagreement with the bval file (relative, plus an absolute s/mm^2 slack).
+_BVAL_RTOL, _BVAL_ATOL = 0.01, 5.0
+
+
+class SpinverseFlow(Workflow):
+    @classmethod
+    def get_short_name(cls):
+        return "spinverse"
+
+    def run(
+        self,
+        input_files,
+        bvalues_files,
+        bvectors_files,
+        mask_files,
+        *,
+        big_delta=None,
+        small_delta=None,
+        timing_file=None,
+        scheme_file=None,
+        b0_threshold=50.0,
+        bvecs_tol=0.01,
+        grid_size=None,
+        grid_resolution=4,
+        boundary="reflecting",
+        diffusivity=0.002,
+        preset="default",
+        max_iter=None,
+        batch_size=32,
+        engine="serial",
+        n_jobs=None,
+        device="cpu",
+        dtype="float64",
+        seed=0,
+        n_report=4,
+        resume=False,
+        out_dir="",
+        out_restricted_fraction="restricted_fraction.nii.gz",
+        out_surface_to_volume="surface_to_volume.nii.gz",
+        out_membrane_permeability="membrane_permeability.nii.gz",
+        out_n_compartments="n_compartments.nii.gz",
+        out_residual="residual.nii.gz",
+        out_status="status.nii.gz",
+        out_S0="S0.nii.gz",
+        out_predicted="predicted.nii.gz",
+        out_permeability="permeability.nii.gz",
+        out_state="spinverse_fit.npz",
+        out_meshes="meshes",
+        out_report="report.png",
+    ):
+        """Fit Spinverse membranes and permeabilities voxel by voxel.
+
+        Each voxel is represented by a tetrahedral grid whose faces carry a
+        membrane permeability, fitted to the voxel's signal through a
+        differentiable Bloch-Torrey simulator. Needs the gradient timing:
+        --big_delta and --small_delta, a --timing_file or a Camino
+        --scheme_file. Saves NIfTI maps, the predicted signal, the per-face
+        permeability, one barrier mesh per voxel, the full fit state (.npz,
+        resumable with --resume) and a PNG report of a few voxels.
+
+        Parameters
+        ----------
+        input_files : string or Path
+            Path to the diffusion data (4-D NIfTI). This path may contain
+            wildcards to process multiple inputs at once.
+        bvalues_files : string or Path
+            Path to the b-values files (FSL format). This path may contain
+            wildcards to use multiple bvalues files at once.
+        bvectors_files : string or Path
+            Path to the b-vectors files (FSL format). This path may contain
+            wildcards to use multiple bvectors files at once.
+        mask_files : string or Path
+            Path to the masks of the voxels to fit. This path may contain
+            wildcards to use multiple masks at once.
+        big_delta : float, optional
+            Time between the starts of the gradient pulses, in seconds (the
+            same for every volume).
+        small_delta : float, optional
+            Gradient pulse duration, in seconds (the same for every volume).
+        timing_file : string or Path, optional
+            Text file with one row "small_delta big_delta" (seconds) per
+            volume; lines starting with # are ignored.
+        scheme_file : string or Path, optional
+            Camino STEJSKALTANNER scheme file with the full protocol (its
+            b-values must agree with the b-values file).
+        b0_threshold : float, optional
+            b-values at or below this are b=0 volumes.
+        bvecs_tol : float, optional
+            Tolerance on the unit length of the b-vectors.
+        grid_size : float, optional
+            Side of the simulated box in um (default 80/3, the published
+            576-tetrahedron grid with grid_resolution 4).
+        grid_resolution : int, optional
+            BCC cubes per side of the grid.
+        boundary : string, optional
+            Outer boundary of the box: reflecting, periodic or absorbing.
+        diffusivity : float, optional
+            Intrinsic diffusivity in mm^2/s.
+        preset : string, optional
+            Inversion configuration (default or paper).
+        max_iter : int, optional
+            Total iterations per voxel; the preset's curriculum is scaled to
+            it (default: the preset's 300 or 400).
+        batch_size : int, optional
+            Voxels fitted together in one batched call.
+        engine : string, optional
+            serial (batched on one device), joblib, dask or ray.
+        n_jobs : int, optional
+            Workers of a parallel engine (default all cores).
+        device : string, optional
+            cpu or cuda.
+        dtype : string, optional
+            float64 or float32.
+        seed : int, optional
+            Seed of the inversion's initial noise.
+        n_report : int, optional
+            Voxels shown in the PNG report (0 for no report).
+        resume : bool, optional
+            Continue an interrupted fit from its saved state (out_state);
+            implies overwriting the other outputs.
+        out_dir : string or Path, optional
+            Output directory.
+        out_restricted_fraction : string, optional
+            Name of the restricted (enclosed) volume fraction map.
+        out_surface_to_volume : string, optional
+            Name of the membrane surface-to-volume map (1/um).
+        out_membrane_permeability : string, optional
+            Name of the mean membrane permeability map (m/s).
+        out_n_compartments : string, optional
+            Name of the map of the number of enclosed compartments.
+        out_residual : string, optional
+            Name of the RMS misfit map (fraction of S0).
+        out_status : string, optional
+            Name of the per-voxel status map (0 = ok).
+        out_S0 : string, optional
+            Name of the fitted S0 map.
+        out_predicted : string, optional
+            Name of the predicted signal (4-D).
+        out_permeability : string, optional
+            Name of the per-face permeability (4-D, m/s).
+        out_state : string, optional
+            Name of the saved fit (.npz), loadable with
+            dipy_spinverse.io.load_fit.
+        out_meshes : string, optional
+            Name of the folder of per-voxel barrier meshes (.ply).
+        out_report : string, optional
+            Name of the PNG report.
+        """
+        if resume:
+            self._force_overwrite = True
+        io_it = self.get_io_iterator()
+        for (
+            dwi,
+            bval,
+            bvec,
+            maskfile,
+            orf,
+            osv,
+            omp,
+            onc,
+            ores,
+            ostatus,
+            os0,
+            opred,
+            operm,
+            ostate,
+            omeshes,
+            oreport,
+        ) in io_it:
+            logger.info(f"Spinverse fit of {dwi}")
+            data, affine = load_nifti(dwi)
+            mask = load_nifti_data(maskfile).astype(bool)
+            table = _gradients(
+                bval,
+                bvec,
+                n_volumes=data.shape[-1],
+                big_delta=big_delta,
+                small_delta=small_delta,
+                timing_file=timing_file,
+                scheme_file=scheme_file,
+                b0_threshold=b0_threshold,
+                bvecs_tol=bvecs_tol,
+            )
+            model = SpinverseModel(
+                table,
+                grid_size=grid_size,
+                grid_resolution=grid_resolution,
+                boundary=boundary,
+                diffusivity=diffusivity,
+                preset=preset,
+                max_iter=max_iter,
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+                seed=seed,
+            )
+            logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
+            state = os.fspath(ostate)
+            if not state.endswith(".npz"):
+                state += ".npz"
+            previous = state if resume and os.path.isfile(state) else None
+            if resume and previous is None:
+                logger.info(f"No saved state at {state}; starting a new fit.")
+            fit = model.fit(
+                data,
+                mask=mask,
+                engine=engine,
+                n_jobs=n_jobs,
+                verbose=True,
+                checkpoint=state,
+                resume=previous,
+            )
+            save_fit(fit, state)
+            save_maps(
+                fit,
+                os.path.dirname(os.fspath(orf)) or ".",
+                affine=affine,
+                names=_names(
+                    restricted_fraction=orf,
+                    surface_to_volume=osv,
+                    membrane_permeability=omp,
+                    n_compartments=onc,
+                    residual=ores,
+                    status=ostatus,
+                    S0=os0,
+                ),
+            )
+            save_predicted(fit, opred, affine=affine)
+            save_permeability(fit, operm, affine=affine)
+            meshes = fit.save_interface(omeshes)
+            if n_report:
+                write_report(fit, data, oreport, n_voxels=n_report)
+            logger.info(f"Voxel status: {describe_status(fit.status[fit.mask])}")
+            logger.info(
+                f"Spinverse maps saved in {os.path.dirname(os.fspath(orf)) or '.'}; "
+                f"{len(meshes)} meshes in {omeshes}; fit state in {state}"
+                + (f"; report {oreport}" if n_report else "")
+            )
+
+
+def _names(**paths):
+    return {key: os.path.basename(os.fspath(path)) for key, path in paths.items()}
+
+
+def _gradients(
+    bval,
+    bvec,
+    *,
+    n_volumes,
+    big_delta,
+    small_delta,
+    timing_file,
+    scheme_file,
+    b0_threshold,
+    bvecs_tol,
+):
+    """GradientTable (or Protocol) with timing from exactly one source."""
+    bvals, bvecs = read_bvals_bvecs(os.fspath(bval), os.fspath(bvec))
+    if len(bvals) != n_volumes:
+        raise ValueError(
+            f"{bval} lists {len(bvals)} b-values but the data have {n_volumes} "
+            "volumes; pass the b-values file of this dataset."
+        )
+    pulses = big_delta is not None or small_delta is not None
+    sources = [pulses, timing_file is not None, scheme_file is not None]
+    if sum(sources) != 1:
+        raise ValueError(
+            "the gradient timing is needed, from exactly one source: "
+            "--big_delta and --small_delta (seconds), --timing_file (one "
+            "'small_delta big_delta' row per volume) or --scheme_file (Camino)."
+        )
+    if scheme_file is not None:
+        protocol = Protocol.from_camino(scheme_file)
+        if len(protocol) != n_volumes:
+            raise ValueError(
+                f"{scheme_file} has {len(protocol)} acquisitions but the data have "
+                f"{n_volumes} volumes; pass the scheme of this dataset."
+            )
+        nominal = np.where(bvals <= b0_threshold, 0.0, bvals)
+        if not np.allclose(protocol.bvals, nominal, rtol=_BVAL_RTOL, atol=_BVAL_ATOL):
+            worst = int(np.argmax(np.abs(protocol.bvals - nominal)))
+            raise ValueError(
+                f"{scheme_file} and {bval} disagree: volume {worst} has b = "
+                f"{protocol.bvals[worst]:.1f} s/mm^2 in the scheme and "
+                f"{bvals[worst]:.1f} in the b-values file; pass files of the same "
+                "acquisition."
+            )
+        return protocol
+    if pulses:
+        if big_delta is None or small_delta is None:
+            raise ValueError(
+                "pass both --big_delta and --small_delta (seconds), e.g. "
+                "--big_delta 0.02 --small_delta 0.01."
+            )
+    else:
+        small_delta, big_delta = read_timing(timing_file, n_volumes=n_volumes)
+    return gradient_table(
+        bvals,
+        bvecs=bvecs,
+        big_delta=big_delta,
+        small_delta=small_delta,
+        b0_threshold=b0_threshold,
+        atol=bvecs_tol,
+    )
+
+
+def read_timing(path, *, n_volumes=None):
+    """Read a per-volume timing file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Text with one ``small_delta big_delta`` row per volume, in seconds
+        (two rows of ``n_volumes`` values are accepted too); ``#`` starts a
+        comment.
+    n_volumes : int, optional
+        Expected number of volumes.
+
+    Returns
+    -------
+    small_delta, big_delta : ndarray
+    """
+    try:
+        table = np.loadtxt(os.fspath(path), ndmin=2)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the timing file {path}: {err}") from err
+    if table.shape[1] != 2 and table.shape[0] == 2:
+        table = table.T
+    if table.shape[1] != 2 or (n_volumes is not None and len(table) != n_volumes):
+        expected = n_volumes if n_volumes is not None else "n"
+        raise ValueError(
+            f"{path} must hold one 'small_delta big_delta' row per volume "
+            f"({expected} rows of 2 values, seconds), got shape {table.shape}."
+        )
+    return table[:, 0], table[:, 1]
+
+
+def write_report(fit, data, path, *, n_voxels=4):
+    """PNG: measured and predicted signals and the barrier mesh of a few voxels.
+
+    Parameters
+    ----------
+    fit : SpinverseVolumeFit
+    data : ndarray (..., n_volumes)
+        The fitted data.
+    path : str or os.PathLike
+    n_voxels : int
+        Voxels shown (the first fitted ones, in index order).
+
+    Returns
+    -------
+    str or None
+        The path, or None when no voxel was fitted.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    voxels = list(zip(*np.nonzero(fit.status == OK), strict=True))[:n_voxels]
+    if not voxels:
+        logger.info("No voxel was fitted; no report written.")
+        return None
+    model = fit.model
+    protocol = model.protocol
+    fig = plt.figure(figsize=(7.5, 2.6 * len(voxels)), dpi=80)
+    for row, index in enumerate(voxels):
+        voxel = fit[index]
+        scale = voxel._S0_sequences[model._group_of]
+        measured = data[index] / scale
+        predicted = voxel.predict() / scale
+        ax = fig.add_subplot(len(voxels), 2, 2 * row + 1)
+        for g, (waveform, idx) in enumerate(model._groups):
+            label = _waveform_label(waveform)
+            ax.plot(
+                protocol.bvals[idx],
+                measured[idx],
+                "o",
+                ms=3,
+                color=f"C{g}",
+                label=f"data {label}",
+            )
+            ax.plot(protocol.bvals[idx], predicted[idx], "x", ms=4, color=f"C{g}")
+        ax.set_ylabel("S / S0")
+        ax.set_title(
+            f"voxel {tuple(int(i) for i in index)}: residual {voxel.residual:.3f}",
+            fontsize=9,
+        )
+        if row == len(voxels) - 1:
+            ax.set_xlabel("b (s/mm^2); o data, x fit")
+        ax.legend(fontsize=6)
+        ax3 = fig.add_subplot(len(voxels), 2, 2 * row + 2, projection="3d")
+        mesh = voxel.interface_mesh
+        if mesh is not None and mesh.n_triangles:
+            tris = mesh.vertices[mesh.triangles]
+            ax3.add_collection3d(
+                Poly3DCollection(
+                    tris, alpha=0.5, facecolor="C1", edgecolor="k", linewidths=0.2
+                )
+            )
+        size = model.grid.size
+        for setter in (ax3.set_xlim, ax3.set_ylim, ax3.set_zlim):
+            setter(0, size)
+        ax3.set_title(
+            f"restricted {voxel.restricted_fraction:.2f}, "
+            f"{voxel.n_compartments} compartment(s)",
+            fontsize=9,
+        )
+        ax3.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+    plt.close(fig)
+    return os.fspath(path)
+
+
+def _waveform_label(waveform):
+    small = getattr(waveform, "small_delta", None)
+    big = getattr(waveform, "big_delta", None)
+    if small is None or big is None:
+        return type(waveform).__name__
+    return f"{small * 1e3:g}/{big * 1e3:g} ms"
+
+
+def main():
+    """Console-script entry point of ``dipy_fit_spinverse``."""
+    return run_flow(SpinverseFlow())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""SpinverseModel / SpinverseFit: DIPY conformance, bad input, save/load/resume.
+
+Tiny settings throughout (48-cell grid, 6 volumes, a few iterations): these
+tests check the DIPY layer, which must be right whatever the inversion
+returns, not the quality of the recovery.
+"""
+
+import numpy as np
+import pytest
+import torch
+from dipy.core.gradients import gradient_table
+from numpy.testing import assert_allclose, assert_array_equal
+
+import dipy_spinverse.reconst as reconst_module
+from dipy_spinverse import Protocol, TetGrid, simulate
+from dipy_spinverse.interface import InterfaceMesh, load_mesh
+from dipy_spinverse.io import (
+    load_fit,
+    resume_fit,
+    save_fit,
+    save_maps,
+    save_permeability,
+    save_predicted,
+)
+from dipy_spinverse.phantoms import sphere
+from dipy_spinverse.reconst import (
+    BAD_B0,
+    DIVERGED,
+    FAILED,
+    MASKED,
+    NONFINITE,
+    OK,
+    PENDING,
+    STATUS_CODES,
+    SpinverseFit,
+    SpinverseModel,
+    SpinverseVolumeFit,
+)
+
+BVALS = np.array([0, 1000, 3000, 0, 1000, 3000], float)
+BVECS = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]] * 2, float)
+BIG = np.array([0.04] * 3 + [0.01] * 3)
+SMALL = 0.005
+# Longer echo time, more T2 decay: the two sequences have different b=0.
+T2_WEIGHT = np.array([0.6] * 3 + [0.9] * 3)
+
+
+@pytest.fixture(scope="module")
+def grid():
+    return TetGrid.bcc(8.0, 2)
+
+
+@pytest.fixture(scope="module")
+def gtab():
+    return gradient_table(BVALS, bvecs=BVECS, big_delta=BIG, small_delta=SMALL)
+
+
+@pytest.fixture(scope="module")
+def truth(grid):
+    inside = np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5
+    permeability = np.where(grid.interface_faces(inside), 1e-5, 0.1)
+    return inside, permeability
+
+
+@pytest.fixture(scope="module")
+def signal(grid, gtab, truth):
+    """b0-normalised signal of the truth."""
+    return simulate(grid, truth[1], gtab).numpy()
+
+
+@pytest.fixture(scope="module")
+def model(grid, gtab):
+    # init_noise=0: a voxel's result does not depend on its batch neighbours.
+    return SpinverseModel(gtab, grid=grid, max_iter=4, init_noise=0.0)
+
+
+@pytest.fixture(scope="module")
+def volume(signal):
+    s0 = np.array([[500.0, 800.0], [650.0, 1000.0]])[..., None, None]
+    data = s0 * T2_WEIGHT * signal
+    mask = np.ones((2, 2, 1), bool)
+    mask[1, 1, 0] = False
+    return data, mask
+
+
+@pytest.fixture(scope="module")
+def volume_fit(model, volume):
+    data, mask = volume
+    return model.fit(data, mask=mask)
+
+
+# -- single voxel ------------------------------------------------------------------
+def test_single_voxel_fit(model, grid, signal):
+    raw = 700.0 * T2_WEIGHT * signal
+    fit = model.fit(raw)
+    assert isinstance(fit, SpinverseFit)
+    assert fit.status == OK and fit.shape == ()
+    assert fit.permeability.shape == (grid.n_faces,)
+    assert fit.barrier.dtype == bool and fit.barrier.shape == (grid.n_faces,)
+    assert_allclose(fit.S0, raw[[0, 3]].mean())
+    assert np.isfinite(fit.loss) and fit.residual >= 0
+    assert len(fit.history["total"]) == 4
+    # predict() uses the FITTED S0, sequence by sequence (T2 weighting).
+    predicted = fit.predict()
+    assert predicted.shape == (6,)
+    assert_allclose(predicted[[0, 3]], raw[[0, 3]])
+    assert_allclose(fit.predict(S0=1.0)[[0, 3]], 1.0)
+    # Re-simulating the same acquisitions matches the stored prediction.
+    assert_allclose(fit.predict(model.gtab), predicted, rtol=1e-8)
+    scale = raw[[0, 0, 0, 3, 3, 3]]
+    rms = np.sqrt(np.mean(((predicted - raw) / scale) ** 2))
+    assert_allclose(fit.residual, rms, rtol=1e-8)
+
+
+def test_predict_new_gtab_uses_matching_sequence_s0(model, signal):
+    raw = 700.0 * T2_WEIGHT * signal
+    fit = model.fit(raw)
+    other = gradient_table(
+        np.array([0, 2000, 0]),
+        bvecs=np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0]]),
+        big_delta=np.array([0.01, 0.01, 0.03]),
+        small_delta=SMALL,
+    )
+    predicted = fit.predict(other)
+    # Same timing as the fitted second sequence: its own b=0; unknown: mean b=0.
+    assert_allclose(predicted[0], raw[3])
+    assert_allclose(predicted[2], raw[[0, 3]].mean())
+    assert 0 < predicted[1] < raw[3]
+
+
+@pytest.fixture(scope="module")
+def sphere_fit(gtab):
+    """A fit holding a known field: a sphere on the published 576-cell grid."""
+    grid = TetGrid.bcc(80 / 3, 4)
+    model = SpinverseModel(gtab, grid=grid, max_iter=2)
+    phantom = sphere(grid, radius=9.0, kappa=2e-5)
+    params = dict(
+        permeability=np.where(phantom.barrier, phantom.permeability, 0.1),
+        labels=None,
+        predicted=np.ones(6),
+        S0=100.0,
+        S0_sequences=np.array([60.0, 90.0]),
+        loss=0.25 * model.config["loss_scale"],
+        status=OK,
+    )
+    return SpinverseFit(model, params), phantom
+
+
+def test_maps_of_known_permeability(sphere_fit):
+    """Maps computed from a known field, independently of the inversion."""
+    fit, phantom = sphere_fit
+    grid = fit.model.grid
+    assert_array_equal(fit.barrier, phantom.barrier)
+    inside = phantom.inside
+    assert_allclose(
+        fit.restricted_fraction, grid.cell_volumes[inside].sum() / grid.volume
+    )
+    assert fit.n_compartments == 1
+    area = grid.face_areas[phantom.barrier].sum()
+    assert_allclose(fit.surface_to_volume, area / grid.volume)
+    assert_allclose(fit.membrane_permeability, 2e-5)
+    assert_allclose(fit.residual, 0.5)
+    assert_allclose(fit.predict(), [60, 60, 60, 90, 90, 90])
+    mesh = fit.interface_mesh
+    assert isinstance(mesh, InterfaceMesh) and mesh.is_closed
+    assert mesh.n_triangles == phantom.barrier.sum()
+
+
+def test_save_interface(sphere_fit, tmp_path):
+    fit, _ = sphere_fit
+    for ext in (".ply", ".vtk"):
+        fit.save_interface(tmp_path / f"mesh{ext}")
+        loaded = load_mesh(tmp_path / f"mesh{ext}")
+        assert loaded.n_triangles == fit.interface_mesh.n_triangles
+    failed = SpinverseFit(
+        fit.model,
+        dict(
+            permeability=fit.permeability,
+            predicted=np.ones(6),
+            S0=1.0,
+            S0_sequences=np.ones(2),
+            loss=0.0,
+            status=FAILED,
+        ),
+    )
+    assert failed.interface_mesh is None
+    with pytest.raises(ValueError, match="no fitted interface"):
+        failed.save_interface(tmp_path / "x.ply")
+
+
+def test_single_voxel_problems_do_not_raise(model, signal):
+    bad = signal.copy()
+    bad[2] = np.nan
+    fit = model.fit(bad)
+    assert fit.status == NONFINITE
+    assert np.all(np.isnan(fit.permeability)) and np.isnan(fit.S0)
+    assert np.all(np.isnan(fit.predict()))
+    assert np.isnan(fit.restricted_fraction) and fit.interface_mesh is None
+    assert model.fit(-signal).status == BAD_B0
+
+
+# -- volumes -------------------------------------------------------------------------
+def test_volume_with_mask(volume_fit, volume, grid):
+    data, mask = volume
+    fit = volume_fit
+    assert isinstance(fit, SpinverseVolumeFit)
+    assert fit.shape == (2, 2, 1)
+    assert_array_equal(fit.status[..., 0], [[OK, OK], [OK, MASKED]])
+    assert fit.permeability.shape == (2, 2, 1, grid.n_faces)
+    for name in (
+        "restricted_fraction",
+        "surface_to_volume",
+        "membrane_permeability",
+        "n_compartments",
+        "residual",
+        "S0",
+        "loss",
+    ):
+        value = getattr(fit, name)
+        assert value.shape == (2, 2, 1), name
+        assert value[1, 1, 0] == 0, name  # 0 outside the mask, as DIPY
+    assert_allclose(fit.S0[mask], data[mask][:, [0, 3]].mean(-1))
+    # Volume predictions use each voxel's fitted S0 (not 1 as MultiVoxelFit).
+    predicted = fit.predict()
+    assert predicted.shape == data.shape
+    assert_allclose(predicted[mask][:, [0, 3]], data[mask][:, [0, 3]])
+    assert_array_equal(predicted[1, 1, 0], 0)
+    assert_allclose(fit.predict(S0=1.0)[mask][:, [0, 3]], 1.0)
+    s0_map = np.full((2, 2, 1), 3.0)
+    assert_allclose(fit.predict(S0=s0_map)[mask][:, 0], 3.0)
+    assert_allclose(fit.predict(fit.model.gtab), predicted, rtol=1e-8, atol=1e-12)
+
+
+def test_volume_matches_single_voxel_fits(model, volume_fit, volume):
+    data, _ = volume
+    single = model.fit(data[0, 1, 0])
+    assert_allclose(volume_fit[0, 1, 0].permeability, single.permeability, rtol=1e-7)
+    assert_allclose(volume_fit[0, 1, 0].S0, single.S0)
+
+
+def test_slicing_a_volume_fit(volume_fit):
+    fit = volume_fit
+    voxel = fit[1, 0, 0]
+    assert isinstance(voxel, SpinverseFit)
+    assert_array_equal(voxel.permeability, fit.permeability[1, 0, 0])
+    assert voxel.S0 == fit.S0[1, 0, 0]
+    assert fit[1, 1, 0] is None  # masked, as DIPY's MultiVoxelFit
+    column = fit[:, 0]
+    assert isinstance(column, SpinverseVolumeFit) and column.shape == (2, 1)
+    assert_array_equal(column.status, fit.status[:, 0])
+    assert_array_equal(column.restricted_fraction, fit.restricted_fraction[:, 0])
+    assert_allclose(column.predict(), fit.predict()[:, 0])
+    assert fit[..., 0].shape == (2, 2)
+    assert fit[fit.mask].shape == (3,)
+    meshes = fit.interface_mesh
+    assert meshes.shape == (2, 2, 1) and meshes[1, 1, 0] is None
+
+
+def test_engines_serial_and_joblib_agree(model, volume, volume_fit):
+    pytest.importorskip("joblib")
+    data, mask = volume
+    fit = model.fit(data, mask=mask, engine="joblib", n_jobs=2, vox_per_chunk=2)
+    assert_array_equal(fit.status, volume_fit.status)
+    assert_allclose(fit.permeability, volume_fit.permeability, rtol=1e-6)
+    assert_allclose(fit.predict(), volume_fit.predict(), rtol=1e-8)
+
+
+def test_verbose_progress_bar(model, volume, capsys):
+    data, mask = volume
+    model.fit(data[:1], mask=mask[:1], verbose=True)
+    assert "Fitting Spinverse" in capsys.readouterr().err
+
+
+def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
+    data = np.stack([signal * 100.0] * 6).reshape(3, 2, 1, 6)
+    data[0, 0, 0, 1] = np.nan
+    data[0, 1, 0, 4] = np.inf
+    data[1, 0, 0, [0, 3]] = 0.0
+    data[1, 1, 0, 2] = 123.0  # marker: this voxel's inversion raises
+    data[2, 0, 0, 2] = 321.0  # marker: this voxel diverges
+    real = reconst_module.reconstruct
+
+    def flaky(grid, signal, protocol, **kwargs):
+        raw = np.asarray(signal)
+        if np.any(np.isclose(raw[:, 2], 123.0 / 100.0)):
+            raise RuntimeError("solver blew up")
+        result = real(grid, signal, protocol, **kwargs)
+        result.permeability[np.isclose(raw[:, 2], 321.0 / 100.0)] = np.nan
+        return result
+
+    monkeypatch.setattr(reconst_module, "reconstruct", flaky)
+    with pytest.warns(RuntimeWarning, match="solver blew up"):
+        fit = model.fit(data)
+    assert_array_equal(
+        fit.status[..., 0], [[NONFINITE, NONFINITE], [BAD_B0, FAILED], [DIVERGED, OK]]
+    )
+    bad = fit.status != OK
+    assert np.all(np.isnan(fit.permeability[bad]))
+    assert np.all(np.isnan(fit.restricted_fraction[bad]))
+    assert np.all(np.isnan(fit.predict()[bad]))
+    assert np.isfinite(fit.restricted_fraction[2, 1, 0])
+    assert set(STATUS_CODES) >= set(np.unique(fit.status))
+
+
+# -- bad input ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(preset="nope"), "Invalid preset"),
+        (dict(contnuity=1.0), "Unknown option"),
+        (dict(max_iter=1), "fewer than the 2 curriculum stages"),
+        (dict(max_iter=2.5), "max_iter must be an integer"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1"),
+        (dict(diffusivity=-1.0), "diffusivity must be finite and > 0"),
+        (dict(dtype="int8"), "dtype must be one of"),
+        (dict(boundary="sticky"), "Invalid boundary"),
+        (dict(grid_resolution=0), "grid_resolution must be an integer"),
+        (dict(grid_size=float("nan")), "grid_size must be finite"),
+        (dict(stages=(dict(iterations=3, sequences=(2,)),)), "sequence rank 2"),
+        (dict(noise="poisson"), "noise must be"),
+    ],
+)
+def test_bad_model_options(gtab, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpinverseModel(gtab, grid_resolution=kwargs.pop("grid_resolution", 2), **kwargs)
+
+
+def test_grid_and_grid_options_are_exclusive(gtab, grid):
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        SpinverseModel(gtab, grid=grid, grid_size=10.0)
+    with pytest.raises(ValueError, match="grid must be a TetGrid"):
+        SpinverseModel(gtab, grid="bcc")
+
+
+def test_missing_timing():
+    table = gradient_table(BVALS, bvecs=BVECS)
+    with pytest.raises(ValueError, match="big_delta is None.*gradient timing"):
+        SpinverseModel(table)
+
+
+def test_non_unit_bvecs():
+    table = gradient_table(
+        BVALS, bvecs=1.5 * BVECS, atol=1.0, big_delta=BIG, small_delta=SMALL
+    )
+    with pytest.raises(ValueError, match="must be unit vectors.*Normalise"):
+        SpinverseModel(table)
+
+
+def test_no_b0():
+    table = gradient_table(
+        BVALS + 500,
+        bvecs=np.tile([1.0, 0, 0], (6, 1)),
+        big_delta=BIG,
+        small_delta=SMALL,
+        b0_threshold=50,
+    )
+    with pytest.raises(ValueError, match="no b=0 volume"):
+        SpinverseModel(table)
+
+
+def test_sequence_without_b0_warns():
+    bvals = BVALS.copy()
+    bvals[3] = 1000
+    bvecs = BVECS.copy()
+    bvecs[3] = [1, 0, 0]
+    table = gradient_table(bvals, bvecs=bvecs, big_delta=BIG, small_delta=SMALL)
+    with pytest.warns(UserWarning, match="no b=0 volume of their own"):
+        SpinverseModel(table, grid_resolution=2)
+
+
+def test_not_a_gradient_table():
+    with pytest.raises(ValueError, match="GradientTable"):
+        SpinverseModel(BVALS)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_device(gtab):
+    with pytest.raises(ValueError, match="no CUDA device"):
+        SpinverseModel(gtab, grid_resolution=2, device="cuda")
+
+
+def test_bad_fit_input(model, volume):
+    data, mask = volume
+    with pytest.raises(ValueError, match="last axis of data"):
+        model.fit(data[..., :5])
+    with pytest.raises(ValueError, match="mask has shape"):
+        model.fit(data, mask=mask[:1])
+    with pytest.raises(ValueError, match="Invalid engine"):
+        model.fit(data, engine="spark")
+    with pytest.raises(ValueError, match="n_jobs must be"):
+        model.fit(data, engine="joblib", n_jobs=0)
+    with pytest.raises(ValueError, match="numeric array"):
+        model.fit(np.array(["a"] * 6))
+    with pytest.raises(ValueError, match="vox_per_chunk"):
+        model.fit(data, vox_per_chunk=0)
+
+
+def test_missing_engine_package(model, volume, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "ray" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ValueError, match="needs the ray package"):
+        model.fit(volume[0], engine="ray")
+
+
+# -- options ------------------------------------------------------------------------
+def test_max_iter_scales_the_curriculum(gtab):
+    model = SpinverseModel(gtab, grid_resolution=2, max_iter=31)
+    stages = model.config["stages"]
+    assert sum(s["iterations"] for s in stages) == 31 == model.n_iterations
+    assert [s["iterations"] for s in stages] == [16, 15]
+    assert model.config["warmup"] == 5  # 50 of 300 iterations, scaled
+    stages = (dict(iterations=30, sequences=(0,)), dict(iterations=10, sequences="all"))
+    custom = SpinverseModel(
+        gtab, grid_resolution=2, max_iter=10, warmup=3, stages=stages
+    )
+    assert [s["iterations"] for s in custom.config["stages"]] == [7, 3]
+    assert custom.config["warmup"] == 3
+    assert SpinverseModel(gtab, grid_resolution=2).n_iterations == 300
+
+
+def test_explicit_protocol(grid, signal, tmp_path):
+    protocol = Protocol.pgse(BVALS[:3], BVECS[:3], small_delta=SMALL, big_delta=0.04)
+    protocol = protocol + Protocol.pgse(
+        BVALS[3:], BVECS[3:], small_delta=SMALL, big_delta=0.01
+    )
+    model = SpinverseModel(protocol, grid=grid, max_iter=2)
+    assert_allclose(model.gtab.bvals, BVALS)
+    fit = model.fit(np.stack([signal, 2 * signal]))
+    assert_array_equal(fit.status, [OK, OK])
+    path = save_fit(fit, tmp_path / "protocol_fit")
+    assert path.endswith(".npz")
+    loaded = load_fit(path)
+    assert loaded.model.protocol.waveforms == protocol.waveforms
+    assert_allclose(loaded.predict(), fit.predict())
+
+
+# -- save, load, resume ---------------------------------------------------------------
+def test_save_load_round_trip(volume_fit, tmp_path):
+    path = save_fit(volume_fit, tmp_path / "fit.npz")
+    loaded = load_fit(path)
+    assert loaded.shape == volume_fit.shape
+    assert_array_equal(loaded.mask, volume_fit.mask)
+    for key in ("permeability", "predicted", "S0", "S0_sequences", "loss", "status"):
+        assert_array_equal(loaded.params[key], volume_fit.params[key])
+    assert loaded.model._spec() == volume_fit.model._spec()
+    assert loaded.model.config == volume_fit.model.config
+    assert_array_equal(loaded.restricted_fraction, volume_fit.restricted_fraction)
+    assert_allclose(loaded.predict(), volume_fit.predict())
+
+
+def test_save_maps_and_images(volume_fit, tmp_path):
+    import nibabel as nib
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    paths = save_maps(volume_fit, tmp_path / "maps", affine=affine)
+    assert set(paths) == {
+        "restricted_fraction",
+        "surface_to_volume",
+        "membrane_permeability",
+        "n_compartments",
+        "residual",
+        "status",
+        "S0",
+    }
+    image = nib.load(paths["status"])
+    assert_allclose(image.affine, affine)
+    assert_array_equal(np.asanyarray(image.dataobj), volume_fit.status)
+    perm = nib.load(save_permeability(volume_fit, tmp_path / "perm.nii.gz"))
+    assert perm.shape == volume_fit.permeability.shape
+    pred = nib.load(save_predicted(volume_fit, tmp_path / "pred.nii.gz"))
+    assert pred.shape == volume_fit.shape + (6,)
+    with pytest.raises(ValueError, match="Unknown map"):
+        save_maps(volume_fit, tmp_path, names=["fa"])
+    with pytest.raises(ValueError, match="volume fits"):
+        save_fit(volume_fit[0, 0, 0], tmp_path / "one.npz")
+
+
+def test_load_rejects_other_files(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        load_fit(tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a Spinverse fit"):
+        load_fit(tmp_path / "other.npz")
+
+
+def test_checkpoint_and_resume(model, volume, volume_fit, tmp_path, monkeypatch):
+    data, mask = volume
+    path = tmp_path / "state.npz"
+    real = SpinverseModel._fit_batch
+    calls = []
+
+    def interrupted(self, chunk):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(len(chunk))
+        return real(self, chunk)
+
+    monkeypatch.setattr(SpinverseModel, "_fit_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(data, mask=mask, vox_per_chunk=1, checkpoint=path)
+    monkeypatch.setattr(SpinverseModel, "_fit_batch", real)
+    partial = load_fit(path)
+    assert partial.n_pending == 1
+    assert_array_equal(partial.status[..., 0], [[OK, OK], [PENDING, MASKED]])
+    assert np.isnan(partial.restricted_fraction[1, 0, 0])
+    done = resume_fit(path, data)
+    assert done.n_pending == 0
+    assert_array_equal(done.status, volume_fit.status)
+    assert_allclose(done.permeability, volume_fit.permeability, rtol=1e-7)
+    assert load_fit(path).n_pending == 0
+    # Resuming a finished fit fits nothing and changes nothing.
+    again = model.fit(data, mask=mask, resume=done)
+    assert_array_equal(again.permeability, done.permeability)
+
+
+def test_resume_checks(model, volume, volume_fit, gtab, grid):
+    data, mask = volume
+    with pytest.raises(ValueError, match="shape"):
+        model.fit(data[:1], resume=volume_fit)
+    with pytest.raises(ValueError, match="mask differs"):
+        model.fit(data, mask=np.ones((2, 2, 1), bool), resume=volume_fit)
+    other = SpinverseModel(gtab, grid=grid, max_iter=5, init_noise=0.0)
+    with pytest.raises(ValueError, match="different model settings.*max_iter"):
+        other.fit(data, resume=volume_fit)
+    with pytest.raises(ValueError, match="resume must be"):
+        model.fit(data, resume=42)
