@@ -239,3 +239,23 @@ def _write_truth(paths, grid, phantoms, s0, settings):
     )
     with open(paths["truth_json"], "w") as f:
         json.dump(dict(settings, shape=list(_SHAPE), voxels=voxels), f, indent=1)
+
+
+def main(argv=None):
+    """``python -m dipy_spinverse.data OUT_DIR``: write the demo dataset."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=make_phantom_dataset.__doc__.split("\n")[0]
+    )
+    parser.add_argument("out_dir", help="folder to write the dataset to")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    args = parser.parse_args(argv)
+    paths = make_phantom_dataset(args.out_dir, seed=args.seed)
+    for key, path in paths.items():
+        print(f"{key:12s} {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The demo dataset and the dipy_fit_spinverse workflow (tiny settings)."""
+
+import json
+import os
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from dipy_spinverse.data import PHANTOM_VOXELS, make_phantom_dataset
+from dipy_spinverse.io import load_fit, save_fit
+from dipy_spinverse.reconst import OK, PENDING
+from dipy_spinverse.sequences import Protocol
+from dipy_spinverse.workflows import SpinverseFlow, main, read_timing
+
+# A 48-cell grid and 3 directions per shell: 2 x (1 + 2 x 3) = 14 volumes.
+SMALL = dict(grid_size=12.0, grid_resolution=2, n_directions=3)
+N_VOLUMES = 14
+MAPS = (
+    "restricted_fraction",
+    "surface_to_volume",
+    "membrane_permeability",
+    "n_compartments",
+    "residual",
+    "status",
+    "S0",
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_phantom_dataset(tmp_path_factory.mktemp("demo"), **SMALL)
+
+
+def _load(path):
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def _run(demo, out_dir, **kwargs):
+    options = dict(
+        timing_file=demo["timing"],
+        grid_size=SMALL["grid_size"],
+        grid_resolution=SMALL["grid_resolution"],
+        max_iter=2,
+        out_dir=str(out_dir),
+    )
+    options.update(kwargs)
+    flow = SpinverseFlow(force=True)
+    flow.run(demo["data"], demo["bvals"], demo["bvecs"], demo["mask"], **options)
+    return flow
+
+
+def test_phantom_dataset_is_deterministic(demo, tmp_path):
+    again = make_phantom_dataset(tmp_path, **SMALL)
+    assert_array_equal(_load(again["data"]), _load(demo["data"]))
+    data = _load(demo["data"])
+    assert data.shape == (3, 2, 1, N_VOLUMES)
+    assert np.all(data > 0)
+    assert_array_equal(_load(demo["mask"]), 1)
+    bvals = np.loadtxt(demo["bvals"])
+    assert bvals.shape == (N_VOLUMES,) and np.sum(bvals == 0) == 2
+    assert np.loadtxt(demo["bvecs"]).shape == (3, N_VOLUMES)
+    small_delta, big_delta = read_timing(demo["timing"], n_volumes=N_VOLUMES)
+    assert set(big_delta) == {0.06, 0.02} and set(small_delta) == {0.01}
+    scheme = Protocol.from_camino(demo["scheme"])
+    assert_allclose(scheme.bvals, bvals, rtol=1e-6, atol=1e-6)
+    truth = np.load(demo["truth"])
+    assert truth["permeability"].shape[:3] == (3, 2, 1)
+    with open(demo["truth_json"]) as f:
+        description = json.load(f)
+    assert len(description["voxels"]) == len(PHANTOM_VOXELS) == 6
+    assert len(os.listdir(demo["truth_meshes"])) == 6
+    # Different S0 and T2 weighting per echo time: b=0 differs between sequences.
+    b0 = data[..., bvals == 0]
+    assert np.all(b0[..., 0] < b0[..., 1])
+    other_seed = make_phantom_dataset(tmp_path / "seed1", seed=1, **SMALL)
+    assert not np.array_equal(_load(other_seed["data"]), data)
+
+
+def test_workflow_on_demo_data(demo, tmp_path):
+    flow = _run(demo, tmp_path, n_report=2)
+    outputs = flow.last_generated_outputs
+    for name in MAPS:
+        image = nib.load(outputs[f"out_{name}"])
+        assert image.shape == (3, 2, 1), name
+        assert_allclose(image.affine, nib.load(demo["data"]).affine)
+    status = _load(outputs["out_status"])
+    assert_array_equal(status, OK)
+    assert _load(outputs["out_predicted"]).shape == (3, 2, 1, N_VOLUMES)
+    perm = _load(outputs["out_permeability"])
+    fit = load_fit(outputs["out_state"])
+    assert perm.shape == (3, 2, 1, fit.model.grid.n_faces)
+    assert_allclose(perm, fit.permeability, rtol=1e-6)
+    assert_allclose(_load(outputs["out_predicted"]), fit.predict(), rtol=1e-5)
+    meshes = sorted(os.listdir(outputs["out_meshes"]))
+    assert meshes == sorted(
+        "voxel_" + "_".join(map(str, index)) + ".ply" for index, *_ in PHANTOM_VOXELS
+    )
+    assert os.path.getsize(outputs["out_report"]) > 1000
+    assert fit.model.n_iterations == 2
+
+
+def test_command_line_with_camino_scheme(demo, tmp_path, monkeypatch):
+    argv = [
+        "dipy_fit_spinverse",
+        demo["data"],
+        demo["bvals"],
+        demo["bvecs"],
+        demo["mask"],
+        "--scheme_file", demo["scheme"],
+        "--grid_size", "12",
+        "--grid_resolution", "2",
+        "--max_iter", "2",
+        "--n_report", "0",
+        "--dtype", "float32",
+        "--out_dir", str(tmp_path),
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    fit = load_fit(tmp_path / "spinverse_fit.npz")
+    assert_array_equal(fit.status, OK)
+    assert str(fit.model.dtype) == "torch.float32"
+    assert not os.path.exists(tmp_path / "report.png")
+
+
+def test_resume_finishes_a_partial_fit(demo, tmp_path):
+    flow = _run(demo, tmp_path, n_report=0)
+    state = flow.last_generated_outputs["out_state"]
+    fit = load_fit(state)
+    fit.params["status"][2, 1, 0] = PENDING
+    fit.params["permeability"][2, 1, 0] = np.nan
+    save_fit(fit, state)
+    _run(demo, tmp_path, n_report=0, resume=True)
+    done = load_fit(state)
+    assert_array_equal(done.status, OK)
+    assert np.all(np.isfinite(done.permeability))
+    assert_array_equal(_load(flow.last_generated_outputs["out_status"]), OK)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(timing_file=None), "from exactly one source"),
+        (dict(big_delta=0.02), "from exactly one source"),
+        (dict(timing_file=None, big_delta=0.02), "both --big_delta and --small_delta"),
+        (dict(timing_file="BAD_ROWS"), "one 'small_delta big_delta' row per volume"),
+        (dict(timing_file=None, scheme_file="SHORT"), "acquisitions but the data"),
+        (dict(timing_file=None, scheme_file="WRONG_B"), "disagree"),
+        (dict(engine="spark"), "Invalid engine"),
+        (dict(boundary="sticky"), "Invalid boundary"),
+    ],
+)
+def test_workflow_bad_input(demo, tmp_path, kwargs, match):
+    if kwargs.get("timing_file") == "BAD_ROWS":
+        np.savetxt(tmp_path / "t.txt", np.full((N_VOLUMES - 1, 2), 0.01))
+        kwargs["timing_file"] = str(tmp_path / "t.txt")
+    if kwargs.get("scheme_file") in ("SHORT", "WRONG_B"):
+        protocol = Protocol.from_camino(demo["scheme"])
+        if kwargs["scheme_file"] == "SHORT":
+            protocol = protocol[:-1]
+        else:
+            protocol = Protocol(
+                waveforms=protocol.waveforms,
+                bvals=protocol.bvals * 1.2,
+                bvecs=protocol.bvecs,
+            )
+        protocol.to_camino(tmp_path / "s.scheme")
+        kwargs["scheme_file"] = str(tmp_path / "s.scheme")
+    with pytest.raises(ValueError, match=match):
+        _run(demo, tmp_path / "out", **kwargs)
+
+
+def test_bval_count_mismatch(demo, tmp_path):
+    bvals = np.loadtxt(demo["bvals"])[:-1]
+    np.savetxt(tmp_path / "b.bval", bvals[None])
+    bvecs = np.loadtxt(demo["bvecs"])[:, :-1]
+    np.savetxt(tmp_path / "b.bvec", bvecs)
+    flow = SpinverseFlow(force=True)
+    with pytest.raises(ValueError, match="b-values but the data have"):
+        flow.run(
+            demo["data"],
+            str(tmp_path / "b.bval"),
+            str(tmp_path / "b.bvec"),
+            demo["mask"],
+            timing_file=demo["timing"],
+            out_dir=str(tmp_path),
+        )
