@@ -75,7 +75,12 @@ def save_fit(fit, path):
     arrays["mask"] = fit.mask
     if fit.params.get("labels") is not None:
         arrays["labels"] = fit.params["labels"]
-    header = dict(format=_FORMAT, version=_VERSION, model=fit.model._spec())
+    header = dict(
+        format=_FORMAT,
+        version=_VERSION,
+        model=fit.model._spec(),
+        fingerprint=fit.fingerprint,
+    )
     arrays["header"] = np.array(json.dumps(header))
     directory = os.path.dirname(path)
     if directory:
@@ -132,7 +137,12 @@ def load_fit(path):
             f"{path}: the permeability has {params['permeability'].shape[-1]} faces "
             f"but the saved grid has {model.grid.n_faces}; the file is damaged."
         )
-    return SpinverseVolumeFit(model, params, arrays["mask"].astype(bool))
+    return SpinverseVolumeFit(
+        model,
+        params,
+        arrays["mask"].astype(bool),
+        fingerprint=header.get("fingerprint"),
+    )
 
 
 def resume_fit(
@@ -174,7 +184,10 @@ def resume_fit(
         spec = state.model._spec()
         spec["device"] = str(device)
         state = SpinverseVolumeFit(
-            SpinverseModel._from_spec(spec), state.params, state.mask
+            SpinverseModel._from_spec(spec),
+            state.params,
+            state.mask,
+            fingerprint=state.fingerprint,
         )
     return state.model.fit(
         data,

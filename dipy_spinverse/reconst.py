@@ -29,6 +29,7 @@ MASKED       -2    outside the mask
 """
 
 import copy
+import hashlib
 import json
 import math
 import numbers
@@ -282,8 +283,9 @@ class SpinverseModel(ReconstModel):
         if vox_per_chunk is not None:
             vox_per_chunk = _int(vox_per_chunk, "vox_per_chunk", 1)
         shape = data.shape[:-1]
+        fingerprint = _fingerprint(data)
         if resume is not None:
-            state = self._check_resume(resume, shape, mask)
+            state = self._check_resume(resume, shape, mask, fingerprint)
             mask = state.mask
             params = {
                 k: (None if v is None else v.copy()) for k, v in state.params.items()
@@ -294,9 +296,11 @@ class SpinverseModel(ReconstModel):
         flat = data.reshape(-1, data.shape[-1])
         status = params["status"].reshape(-1)
         todo = np.flatnonzero(status == PENDING)
+        partial = SpinverseVolumeFit(self, params, mask, fingerprint=fingerprint)
         if checkpoint is not None:
-            _save_checkpoint(SpinverseVolumeFit(self, params, mask), checkpoint)
+            _save_checkpoint(partial, checkpoint)
         bar = tqdm(total=len(todo), disable=not verbose, desc="Fitting Spinverse")
+        progress = _progress(bar, self.n_iterations) if verbose else None
         try:
             if engine == "serial":
                 chunk = vox_per_chunk or self.batch_size
@@ -309,7 +313,7 @@ class SpinverseModel(ReconstModel):
                 blocks = [todo[i : i + size] for i in range(0, len(todo), size)]
             for block in blocks:
                 if engine == "serial":
-                    result = self._fit_batch(flat[block])
+                    result = self._fit_batch(flat[block], callback=progress)
                     result.pop("history")
                 else:
                     result = self._fit_parallel(
@@ -318,10 +322,10 @@ class SpinverseModel(ReconstModel):
                 _store(params, block, result)
                 bar.update(len(block))
                 if checkpoint is not None:
-                    _save_checkpoint(SpinverseVolumeFit(self, params, mask), checkpoint)
+                    _save_checkpoint(partial, checkpoint)
         finally:
             bar.close()
-        return SpinverseVolumeFit(self, params, mask)
+        return SpinverseVolumeFit(self, params, mask, fingerprint=fingerprint)
 
     @multi_voxel_fit(batched=True)
     def _fit_chunk(self, data, **kwargs):
@@ -360,7 +364,7 @@ class SpinverseModel(ReconstModel):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         torch.set_num_threads(max(1, cores // int(n_workers)))
 
-    def _fit_batch(self, data):
+    def _fit_batch(self, data, *, callback=None):
         """Fit (n, n_volumes) raw voxels; per-voxel problems become statuses."""
         n = len(data)
         result = self._empty_result(n)
@@ -376,7 +380,7 @@ class SpinverseModel(ReconstModel):
         history = None
         if len(valid):
             normalised = data[valid] / s0_seq[valid][:, self._group_of]
-            part, history = self._reconstruct(normalised)
+            part, history = self._reconstruct(normalised, callback)
             for key, value in part.items():
                 if value is not None:
                     result[key][valid] = value
@@ -386,7 +390,7 @@ class SpinverseModel(ReconstModel):
         result["history"] = history
         return result
 
-    def _reconstruct(self, normalised):
+    def _reconstruct(self, normalised, callback=None):
         """Run the inversion on valid voxels; retry one by one if it raises."""
         n = len(normalised)
         try:
@@ -399,11 +403,15 @@ class SpinverseModel(ReconstModel):
                 seed=self.seed,
                 dtype=self.dtype,
                 device=self.device,
+                callback=callback,
                 **self._overrides,
             )
         except Exception as err:  # a voxel must never stop the volume
             if n > 1:
-                parts = [self._reconstruct(normalised[i : i + 1])[0] for i in range(n)]
+                parts = [
+                    self._reconstruct(normalised[i : i + 1], callback)[0]
+                    for i in range(n)
+                ]
                 merged = {}
                 for key in parts[0]:
                     values = [p[key] for p in parts]
@@ -484,7 +492,7 @@ class SpinverseModel(ReconstModel):
             )
         return data
 
-    def _check_resume(self, resume, shape, mask):
+    def _check_resume(self, resume, shape, mask, fingerprint):
         if isinstance(resume, str | os.PathLike):
             from .io import load_fit
 
@@ -499,6 +507,11 @@ class SpinverseModel(ReconstModel):
                 f"resume is a fit of shape {resume.shape} but data has {shape} "
                 "voxels; resume with the same data the fit was started on."
             )
+        if resume.fingerprint is not None and resume.fingerprint != fingerprint:
+            raise ValueError(
+                "data differ from the data the fit being resumed was started on; "
+                "resume with the same data (same values, same order)."
+            )
         if mask is not None and not np.array_equal(
             _check_mask(mask, shape), resume.mask
         ):
@@ -508,7 +521,7 @@ class SpinverseModel(ReconstModel):
             )
         mine, theirs = self._spec(), resume.model._spec()
         for key in _RUNTIME_KEYS:
-            mine.pop(key), theirs.pop(key)
+            del mine[key], theirs[key]
         if mine != theirs:
             keys = sorted(k for k in mine if mine[k] != theirs.get(k))
             raise ValueError(
@@ -841,6 +854,9 @@ class SpinverseVolumeFit(ReconstFit):
         ``predicted`` (..., n_volumes), ``S0``, ``S0_sequences``
         (..., n_sequences), ``loss``, ``status`` (see :data:`STATUS_CODES`).
     mask : ndarray of bool
+    fingerprint : str, optional
+        Checksum of the fitted data, to check that a partial fit is resumed
+        on the same data.
 
     Notes
     -----
@@ -848,11 +864,12 @@ class SpinverseVolumeFit(ReconstFit):
     where the status is not 0.
     """
 
-    def __init__(self, model, params, mask):
+    def __init__(self, model, params, mask, *, fingerprint=None):
         self.model = model
         self.data = None
         self.params = params
         self.mask = np.asarray(mask, dtype=bool)
+        self.fingerprint = fingerprint
 
     @property
     def shape(self):
@@ -1087,6 +1104,26 @@ def _store(params, block, result):
     for key, value in result.items():
         if params.get(key) is not None and value is not None:
             params[key][index] = value
+
+
+def _progress(bar, n_iterations):
+    """Inversion callback showing the current iteration on a progress bar."""
+
+    def callback(iteration, permeability, losses):
+        bar.set_postfix_str(
+            f"iteration {iteration + 1}/{n_iterations}, "
+            f"data loss {losses.get('data', float('nan')):.3g}",
+            refresh=iteration % 10 == 0,
+        )
+
+    return callback
+
+
+def _fingerprint(data):
+    """SHA-1 of the data (float64, C order) and their shape."""
+    digest = hashlib.sha1(np.ascontiguousarray(data, dtype=np.float64).tobytes())
+    digest.update(str(data.shape).encode())
+    return digest.hexdigest()
 
 
 def _save_checkpoint(fit, path):

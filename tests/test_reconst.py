@@ -495,11 +495,11 @@ def test_checkpoint_and_resume(model, volume, volume_fit, tmp_path, monkeypatch)
     real = SpinverseModel._fit_batch
     calls = []
 
-    def interrupted(self, chunk):
+    def interrupted(self, chunk, **kwargs):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(len(chunk))
-        return real(self, chunk)
+        return real(self, chunk, **kwargs)
 
     monkeypatch.setattr(SpinverseModel, "_fit_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -523,6 +523,8 @@ def test_resume_checks(model, volume, volume_fit, gtab, grid):
     data, mask = volume
     with pytest.raises(ValueError, match="shape"):
         model.fit(data[:1], resume=volume_fit)
+    with pytest.raises(ValueError, match="data differ"):
+        model.fit(data * 2, resume=volume_fit)
     with pytest.raises(ValueError, match="mask differs"):
         model.fit(data, mask=np.ones((2, 2, 1), bool), resume=volume_fit)
     other = SpinverseModel(gtab, grid=grid, max_iter=5, init_noise=0.0)
