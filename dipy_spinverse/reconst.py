@@ -160,7 +160,10 @@ class SpinverseModel(ReconstModel):
     ...                       small_delta=0.01)
     >>> model = SpinverseModel(gtab, grid_resolution=2, max_iter=5)
     >>> model.grid.n_cells
-    72
+    48
+    >>> fit = model.fit(np.array([1000.0, 600.0, 610.0, 590.0]))
+    >>> fit.status, fit.permeability.shape, fit.predict().shape
+    (0, (72,), (4,))
     """
 
     def __init__(
