@@ -20,7 +20,13 @@ from dipy.testing.decorators import warning_for_keywords
 
 from ..sequences import fibonacci_sphere
 from .acquisition import Acquisition
-from .fitting import levenberg_marquardt, nnls, nnls_gram
+from .fitting import (
+    fd_steps,
+    forward_differences,
+    levenberg_marquardt,
+    nnls,
+    nnls_gram,
+)
 
 __all__ = ["CompartmentModel", "CompartmentFit"]
 
@@ -80,6 +86,8 @@ class CompartmentModel(ReconstModel):
 
     #: Whether the model needs gradient timing (restricted or exchange blocks).
     _needs_timing = True
+    #: Columns per fibre population (Kf).
+    _fibre_width = 1
     _fit_class = None
     param_names = ()
 
@@ -132,6 +140,48 @@ class CompartmentModel(ReconstModel):
     def _columns_x(self, x, acq=None):
         shared, fibre, dirs = self._unpack(x)
         return self._columns(self._acq if acq is None else acq, shared, fibre, dirs)
+
+    def _columns(self, acq, shared, fibre, dirs):
+        """All columns (B, M, K): fibre columns, fibre-major, then shared ones.
+
+        Subclasses with fibres implement ``_fibre_columns(acq, shared, fibre,
+        dirs)`` -> (B, F, M, Kf); all implement ``_shared_columns(acq, shared,
+        B)`` -> (B, M, Ke).
+        """
+        B = dirs.shape[0]
+        parts = []
+        if dirs.shape[1]:
+            blk = self._fibre_columns(acq, shared, fibre, dirs)
+            parts.append(blk.permute(0, 2, 1, 3).reshape(B, len(acq), -1))
+        parts.append(self._shared_columns(acq, shared, B))
+        return torch.cat(parts, dim=-1)
+
+    def _derivatives(self, x, Phi, c):
+        """``d(Phi c)/dx`` (B, M, P) by forward differences.
+
+        Without shared parameters, a fibre's parameters move only that fibre's
+        columns: each parameter is perturbed in every fibre at once and only
+        the fibre columns are recomputed, F times cheaper than perturbing the
+        F (Fs + 3) parameters one by one.
+        """
+        S, Fs = self._n_shared, len(self._fibre)
+        B, P = x.shape
+        F = (P - S) // (Fs + 3)
+        if S or not F:
+            return forward_differences(self._columns_x, x, Phi, c)
+        J = Fs + 3
+        M, Kf = Phi.shape[1], self._fibre_width
+        per = x.view(B, F, J)
+        h = fd_steps(per)  # (B, F, J)
+        # pert[b, j, k] = per[b, k] + h[b, k, j] e_j
+        pert = per[:, None] + torch.diag_embed(h).permute(0, 2, 1, 3)
+        _, fibre, dirs = self._unpack(pert.reshape(B * J, P))
+        blk = self._fibre_columns(self._acq, {}, fibre, dirs).view(B, J, F, M, Kf)
+        base = Phi[..., : F * Kf].reshape(B, M, F, Kf).permute(0, 2, 1, 3)
+        cf = c[:, : F * Kf].reshape(B, F, Kf)
+        d = ((blk - base[:, None]) @ cf[:, None, :, :, None])[..., 0]  # (B,J,F,M)
+        d = d / h.permute(0, 2, 1)[..., None]
+        return d.permute(0, 3, 2, 1).reshape(B, M, F * J)
 
     # -- initialisation -----------------------------------------------------
     @functools.cached_property
@@ -195,33 +245,39 @@ class CompartmentModel(ReconstModel):
         return x_atoms[atom]
 
     def _greedy_starts(self, y):
-        """(B, 1, P) start for several fibres: the best single-fibre atom,
-        then atoms that best match the remaining residual (matching pursuit),
-        each at least 20 degrees from those chosen."""
+        """(B, S, P) starts for several fibres by matching pursuit.
+
+        Each of the ``n_starts`` single-fibre grid starts is completed by the
+        grid atoms that best match the remaining residual, one fibre at a
+        time, each at least 20 degrees from those already chosen.
+        """
         x_atoms, Phi, _, _ = self._dictionary
         S, Fs = self._n_shared, len(self._fibre)
-        first = self._grid_starts(y)[:, 0]  # (B, P1)
-        atoms_fibre = Phi[..., 0]  # (N, M): the single fibre column
-        extra = Phi[0, :, 1:]  # (M, Ke): shared columns (no shared scalars)
+        firsts = self._grid_starts(y)  # (B, S, P1)
+        B, n_starts, _ = firsts.shape
+        first = firsts.reshape(B * n_starts, -1)
+        yy = y.repeat_interleave(n_starts, dim=0)
+        atoms = Phi[..., 0]  # (N, M): the single fibre column
+        extra = Phi[0, :, 1:]  # (M, Ke): columns without fibre parameters
         atom_dirs = x_atoms[:, S + Fs :]
-        norms = atoms_fibre.norm(dim=-1)
+        norms = atoms.norm(dim=-1)
         cos_min = math.cos(math.radians(_MIN_SEPARATION_DEG))
         parts = [first[:, S:]]
-        columns = [self._columns_x(first)[..., 0]]  # (B, M)
+        columns = [self._columns_x(first)[..., 0]]  # (B S, M)
         for _ in range(1, self.n_fibres):
-            C = torch.cat(
-                [torch.stack(columns, -1), extra.expand(y.shape[0], -1, -1)], -1
-            )
-            c = nnls(C, y)
-            r = y - (C @ c[..., None])[..., 0]
-            score = (r @ atoms_fibre.T).clamp_min(0.0) ** 2 / norms**2
-            for p in parts:
-                close = (p[:, None, Fs:] * atom_dirs).sum(-1).abs() > cos_min
+            fixed = extra.expand(yy.shape[0], -1, -1)
+            C = torch.cat([torch.stack(columns, -1), fixed], -1)
+            c = nnls(C, yy)
+            r = yy - (C @ c[..., None])[..., 0]
+            score = (r @ atoms.T).clamp_min(0.0) ** 2 / norms**2
+            for part in parts:
+                close = (part[:, None, Fs:] * atom_dirs).sum(-1).abs() > cos_min
                 score = torch.where(close, -math.inf, score)
             pick = score.argmax(-1)
             parts.append(x_atoms[pick, S:])
-            columns.append(Phi[pick, :, 0])
-        return torch.cat([first[:, :S]] + parts, dim=1)[:, None]
+            columns.append(atoms[pick])
+        x = torch.cat([first[:, :S]] + parts, dim=1)
+        return x.view(B, n_starts, -1)
 
     # -- fitting --------------------------------------------------------------
     def _fit_normalised(self, y):
@@ -243,6 +299,7 @@ class CompartmentModel(ReconstModel):
                 x,
                 max_iter=min(_SCREEN_ITERATIONS, self.max_iter),
                 renormalise=self._renormalise,
+                derivatives=self._derivatives,
             )
             x = x[torch.arange(B) * S + cost.view(B, S).argmin(1)]
         x, c, _ = levenberg_marquardt(
@@ -251,6 +308,7 @@ class CompartmentModel(ReconstModel):
             x,
             max_iter=self.max_iter,
             renormalise=self._renormalise,
+            derivatives=self._derivatives,
         )
         return x, c
 

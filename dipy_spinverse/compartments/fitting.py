@@ -204,19 +204,33 @@ def _projected(Phi, y):
 # --------------------------------------------------------------------------
 # Levenberg-Marquardt on the projected residual
 # --------------------------------------------------------------------------
-def _kaufman_jacobian(columns, x, Phi, c):
-    """``(I - P_A) d(Phi c)/dx`` with c fixed, by forward differences.
+def forward_differences(columns, x, Phi, c):
+    """``d(Phi c)/dx`` with c fixed, by forward differences, shape (B, M, P).
 
     All P perturbed parameter vectors of all voxels go through ``columns`` in
     one batch.
     """
     B, P = x.shape
     M, K = Phi.shape[-2:]
-    h = _FD_STEP * (1.0 + x.abs())
+    h = fd_steps(x)
     xs = x[:, None, :] + torch.diag_embed(h)
     Phis = columns(xs.reshape(B * P, P)).reshape(B, P, M, K)
     dmodel = ((Phis - Phi[:, None]) @ c[:, None, :, None])[..., 0] / h[..., None]
-    D = dmodel.mT  # (B, M, P)
+    return dmodel.mT
+
+
+def fd_steps(x):
+    """Forward-difference steps for unconstrained parameters x."""
+    return _FD_STEP * (1.0 + x.abs())
+
+
+def _kaufman_jacobian(D, Phi, c):
+    """``(I - P_A) D``: Kaufman's variable-projection Jacobian.
+
+    ``D = d(Phi c)/dx`` at fixed c; ``P_A`` projects on the active columns
+    (those with c > 0), which the linear solve re-fits anyway.
+    """
+    K = Phi.shape[-1]
     active = (c > 0).to(Phi.dtype)
     PhiA = Phi * active[:, None, :]
     G = PhiA.mT @ PhiA + torch.diag_embed(1.0 - active)
@@ -227,7 +241,15 @@ def _kaufman_jacobian(columns, x, Phi, c):
 
 
 def levenberg_marquardt(
-    columns, y, x0, *, max_iter=60, ftol=1e-7, renormalise=None, lam0=1e-2
+    columns,
+    y,
+    x0,
+    *,
+    max_iter=60,
+    ftol=1e-7,
+    renormalise=None,
+    derivatives=None,
+    lam0=1e-2,
 ):
     """Fit ``y ~ Phi(x) c`` for a batch of voxels; c by NNLS, x by LM.
 
@@ -246,8 +268,11 @@ def levenberg_marquardt(
         A voxel stops when an accepted step lowers its cost by less than
         ``ftol`` relative, or when its damping exceeds 1e10.
     renormalise : callable, optional
-        Applied to accepted parameters (e.g. to rescale direction vectors,
-        on which ``columns`` does not depend).
+        Applied to every trial point (e.g. to rescale direction vectors, on
+        which ``columns`` does not depend, or to cap parameters).
+    derivatives : callable, optional
+        ``derivatives(x, Phi, c)`` -> ``d(Phi c)/dx`` at fixed c, (B, M, P);
+        default :func:`forward_differences` of ``columns``.
     lam0 : float, optional
         Initial damping (relative to the diagonal of J^T J).
 
@@ -258,6 +283,11 @@ def levenberg_marquardt(
     cost : torch.Tensor, shape (B,)
         Sum of squared residuals.
     """
+    if derivatives is None:
+
+        def derivatives(x, Phi, c):
+            return forward_differences(columns, x, Phi, c)
+
     x = x0.clone()
     Phi = columns(x)
     c, r, cost = _projected(Phi, y)
@@ -272,7 +302,8 @@ def levenberg_marquardt(
             break
         redo = idx[stale[idx]]
         if redo.numel():
-            J[redo] = _kaufman_jacobian(columns, x[redo], Phi[redo], c[redo])
+            D = derivatives(x[redo], Phi[redo], c[redo])
+            J[redo] = _kaufman_jacobian(D, Phi[redo], c[redo])
             stale[redo] = False
         Ji = J[idx]
         A = Ji.mT @ Ji

@@ -121,7 +121,7 @@ class NoddiModel(CompartmentModel):
         d_par=D_PAR_INVIVO,
         d_iso=D_ISO,
         n_starts=3,
-        max_iter=60,
+        max_iter=200,
         n_grid_directions=100,
         chunk_size=128,
     ):
@@ -145,7 +145,7 @@ class NoddiModel(CompartmentModel):
             chunk_size=chunk_size,
         )
 
-    def _columns(self, acq, shared, fibre, dirs):
+    def _fibre_columns(self, acq, shared, fibre, dirs):
         kappa = blocks.odi_to_kappa(fibre["odi"])
         ndi = fibre["ndi"]
         intra = blocks.watson_stick(acq, direction=dirs, kappa=kappa, d_par=self.d_par)
@@ -157,10 +157,11 @@ class NoddiModel(CompartmentModel):
             d_perp=self.d_par * (1.0 - ndi),
         )
         ndi = ndi[..., None]
-        tissue = ndi * intra + (1.0 - ndi) * extra  # (B, F, M)
+        return (ndi * intra + (1.0 - ndi) * extra)[..., None]  # (B, F, M, 1)
+
+    def _shared_columns(self, acq, shared, B):
         iso = blocks.ball(acq, diffusivity=self.d_iso)
-        iso = iso.expand(tissue.shape[0], 1, -1)
-        return torch.cat([tissue, iso], dim=1).mT
+        return iso.expand(B, -1)[..., None]
 
     def _to_params(self, shared, fibre, dirs, c, scale):
         F = self.n_fibres
@@ -293,7 +294,7 @@ class ActiveAxModel(CompartmentModel):
         dot=False,
         diameter_bounds=_DIAMETER_BOUNDS,
         n_starts=3,
-        max_iter=60,
+        max_iter=100,
         n_grid_directions=100,
         chunk_size=128,
     ):
@@ -312,7 +313,7 @@ class ActiveAxModel(CompartmentModel):
             gtab, **_init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size)
         )
 
-    def _columns(self, acq, shared, fibre, dirs):
+    def _fibre_columns(self, acq, shared, fibre, dirs):
         icvf = fibre["icvf"]
         cyl = blocks.cylinder(
             acq, direction=dirs, radius=fibre["diameter"] / 2.0, diffusivity=self.d_par
@@ -321,10 +322,12 @@ class ActiveAxModel(CompartmentModel):
             acq, direction=dirs, d_par=self.d_par, d_perp=self.d_par * (1.0 - icvf)
         )
         icvf = icvf[..., None]
-        tissue = (icvf * cyl + (1.0 - icvf) * zep)[:, 0]  # (B, M)
-        cols = [tissue, blocks.ball(acq, diffusivity=self.d_iso).expand_as(tissue)]
+        return (icvf * cyl + (1.0 - icvf) * zep)[..., None]
+
+    def _shared_columns(self, acq, shared, B):
+        cols = [blocks.ball(acq, diffusivity=self.d_iso).expand(B, -1)]
         if self.dot:
-            cols.append(blocks.dot(acq, shape=tissue.shape[:1]))
+            cols.append(blocks.dot(acq, shape=(B,)))
         return torch.stack(cols, dim=-1)
 
     def _to_params(self, shared, fibre, dirs, c, scale):
@@ -443,7 +446,7 @@ class ZcdModel(CompartmentModel):
         d_par_bounds=(0.1e-3, 3.0e-3),
         diameter_bounds=_DIAMETER_BOUNDS,
         n_starts=3,
-        max_iter=60,
+        max_iter=100,
         n_grid_directions=100,
         chunk_size=128,
     ):
@@ -465,7 +468,9 @@ class ZcdModel(CompartmentModel):
             gtab, **_init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size)
         )
 
-    def _columns(self, acq, shared, fibre, dirs):
+    _fibre_width = 2
+
+    def _fibre_columns(self, acq, shared, fibre, dirs):
         d_par = fibre["d_par"]
         cyl = blocks.cylinder(
             acq, direction=dirs, radius=fibre["diameter"] / 2.0, diffusivity=d_par
@@ -473,8 +478,10 @@ class ZcdModel(CompartmentModel):
         zep = blocks.zeppelin(
             acq, direction=dirs, d_par=d_par, d_perp=d_par * fibre["perp_ratio"]
         )
-        dot = blocks.dot(acq, shape=cyl.shape[:1])
-        return torch.stack([cyl[:, 0], zep[:, 0], dot], dim=-1)
+        return torch.stack([cyl, zep], dim=-1)
+
+    def _shared_columns(self, acq, shared, B):
+        return blocks.dot(acq, shape=(B,))[..., None]
 
     def _to_params(self, shared, fibre, dirs, c, scale):
         fractions, total = _fractions(c)
@@ -583,7 +590,7 @@ class IvimModel(CompartmentModel):
         d_bounds=(0.0, 4.0e-3),
         d_star_bounds=(4.0e-3, 0.3),
         n_starts=3,
-        max_iter=60,
+        max_iter=100,
         chunk_size=1024,
     ):
         self.n_fibres = 0
@@ -602,7 +609,7 @@ class IvimModel(CompartmentModel):
         }
         self._setup(gtab, **_init_kwargs(n_starts, max_iter, 1, chunk_size))
 
-    def _columns(self, acq, shared, fibre, dirs):
+    def _shared_columns(self, acq, shared, B):
         return torch.stack(
             [
                 blocks.ball(acq, diffusivity=shared["D_star"]),
@@ -621,7 +628,7 @@ class IvimModel(CompartmentModel):
         shared = {"D_star": params[:, 2], "D": params[:, 3]}
         f = params[:, 1]
         fractions = torch.stack([f, 1.0 - f], -1)
-        return shared, {}, params[:, None, :0], fractions, params[:, 0]
+        return shared, {}, params.new_zeros(len(params), 0, 3), fractions, params[:, 0]
 
 
 class IvimFit(CompartmentFit):
@@ -698,7 +705,7 @@ class ExchangeModel(CompartmentModel):
         d_bounds=(0.1e-3, 3.5e-3),
         f_bounds=(0.02, 0.98),
         n_starts=3,
-        max_iter=60,
+        max_iter=100,
         chunk_size=256,
     ):
         self.n_fibres = 0
@@ -724,7 +731,7 @@ class ExchangeModel(CompartmentModel):
         }
         self._setup(gtab, **_init_kwargs(n_starts, max_iter, 1, chunk_size))
 
-    def _columns(self, acq, shared, fibre, dirs):
+    def _shared_columns(self, acq, shared, B):
         d_extra = shared["d_extra"]
         signal = blocks.karger(
             acq,
@@ -758,7 +765,7 @@ class ExchangeModel(CompartmentModel):
             "exchange_time": params[:, 4] * _S_TO_US,
         }
         ones = torch.ones_like(params[:, :1])
-        return shared, {}, params[:, None, :0], ones, params[:, 0]
+        return shared, {}, params.new_zeros(len(params), 0, 3), ones, params[:, 0]
 
 
 class ExchangeFit(CompartmentFit):
