@@ -409,14 +409,21 @@ def write_report(fit, data, path, *, n_voxels=4):
                 color=f"C{g}",
                 label=f"data {label}",
             )
-            ax.plot(protocol.bvals[idx], predicted[idx], "x", ms=4, color=f"C{g}")
+            ax.plot(
+                protocol.bvals[idx] + 40.0,  # beside the data, not hidden by them
+                predicted[idx],
+                "x",
+                ms=4,
+                color="k" if g == 0 else "0.45",
+                label=f"fit {label}",
+            )
         ax.set_ylabel("S / S0")
         ax.set_title(
             f"voxel {tuple(int(i) for i in index)}: residual {voxel.residual:.3f}",
             fontsize=9,
         )
         if row == len(voxels) - 1:
-            ax.set_xlabel("b (s/mm^2); o data, x fit")
+            ax.set_xlabel("b (s/mm^2)")
         ax.legend(fontsize=6)
         ax3 = fig.add_subplot(len(voxels), 2, 2 * row + 2, projection="3d")
         mesh = voxel.interface_mesh
