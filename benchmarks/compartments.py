@@ -1,0 +1,350 @@
+"""Benchmark the compartment models: fitting speed and parameter recovery.
+
+For each model, simulate voxels with known parameters on a fixed protocol, add
+Rician noise at SNR 50 (seed 0), fit them all in one ``model.fit`` call on
+``--threads`` torch threads (2 by default) and report voxels per second and
+the median absolute error of the main parameters. Run from the repository
+root::
+
+    PYTHONPATH=. python benchmarks/compartments.py            # all models
+    PYTHONPATH=. python benchmarks/compartments.py --quick    # fewer voxels
+    PYTHONPATH=. python benchmarks/compartments.py --write-doc
+
+The table is printed as markdown; ``--write-doc`` also replaces the block
+between the benchmark markers in ``doc/compartments.md``.
+"""
+
+import argparse
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+# Passive OpenMP waiting must be set before torch is imported (see
+# dipy_spinverse/__init__.py): spinning threads make every small kernel slow
+# when other processes share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from dipy.core.gradients import gradient_table  # noqa: E402
+
+import dipy_spinverse  # noqa: E402
+from dipy_spinverse.compartments import (  # noqa: E402
+    ActiveAxModel,
+    ExchangeModel,
+    IvimModel,
+    NoddiModel,
+    ZcdModel,
+)
+from dipy_spinverse.sequences import Protocol, fibonacci_sphere  # noqa: E402
+
+SNR = 50.0
+S0 = 100.0
+SEED = 0
+DOC = Path(__file__).resolve().parents[1] / "doc" / "compartments.md"
+MARK_START = "<!-- benchmark:start -->"
+MARK_END = "<!-- benchmark:end -->"
+
+
+# --------------------------------------------------------------------------
+# Protocols
+# --------------------------------------------------------------------------
+def shells(timings, n_dirs=30, n_b0=3):
+    """Per-volume timing: for each (delta, Delta, shells) n_b0 b0s + shells."""
+    dirs = fibonacci_sphere(n_dirs)
+    bvals, bvecs, small, big = [], [], [], []
+    for delta, Delta, bs in timings:
+        bvals += [0.0] * n_b0
+        bvecs += [[1.0, 0.0, 0.0]] * n_b0
+        for b in bs:
+            bvals += [float(b)] * n_dirs
+            bvecs += list(dirs)
+        small += [delta] * (n_b0 + n_dirs * len(bs))
+        big += [Delta] * (n_b0 + n_dirs * len(bs))
+    return gradient_table(
+        np.array(bvals),
+        bvecs=np.array(bvecs),
+        small_delta=np.array(small),
+        big_delta=np.array(big),
+    )
+
+
+def protocols():
+    noddi = shells([(0.01, 0.03, (1000, 2000, 3000))])
+    axon = shells(
+        [(0.008, 0.02, (1000, 2500, 4000)), (0.008, 0.05, (1000, 3000, 6000))]
+    )
+    bvals, small, big = [], [], []
+    for Delta in (0.015, 0.03, 0.06, 0.1):
+        for b in (0, 500, 1000, 1500, 2000, 3000):
+            bvals += [b] * 3
+            small += [0.005] * 3
+            big += [Delta] * 3
+    exchange = gradient_table(
+        np.array(bvals, float),
+        bvecs=np.tile(np.eye(3), (len(bvals) // 3, 1)),
+        small_delta=np.array(small),
+        big_delta=np.array(big),
+    )
+    b = [0, 10, 20, 30, 40, 60, 80, 100, 120, 140, 160, 180, 200]
+    b = np.array(b + [300, 400, 500, 600, 700, 800, 900, 1000], float)
+    ivim = gradient_table(b, bvecs=np.tile([1.0, 0, 0], (b.size, 1)), b0_threshold=0)
+    return {"noddi": noddi, "axon": axon, "exchange": exchange, "ivim": ivim}
+
+
+def describe(gtab):
+    """Short protocol description: volumes, b-values, timings, max gradient."""
+    parts = [f"{len(gtab.bvals)} vol", f"b <= {gtab.bvals.max():.0f}"]
+    if gtab.big_delta is not None:
+        timings = sorted(
+            {
+                (round(d * 1e3, 1), round(D * 1e3, 1))
+                for d, D in zip(
+                    np.broadcast_to(gtab.small_delta, gtab.bvals.shape),
+                    np.broadcast_to(gtab.big_delta, gtab.bvals.shape),
+                    strict=True,
+                )
+            }
+        )
+        parts.append("(d, D) ms " + " ".join(f"({d:g},{D:g})" for d, D in timings))
+        g = Protocol.from_gtab(gtab).gradient_strength.max() * 1e3
+        parts.append(f"G <= {g:.0f} mT/m")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------
+# Cases: model, true parameters, errors to report
+# --------------------------------------------------------------------------
+def unit(rng, n):
+    v = rng.standard_normal((n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def angle_deg(a, b):
+    return np.degrees(np.arccos(np.clip(np.abs(np.sum(a * b, -1)), 0, 1)))
+
+
+def noddi_case(gtab, n, rng, n_fibres=1):
+    model = NoddiModel(gtab, n_fibres=n_fibres)
+    # Mutually perpendicular populations (90-degree crossings).
+    mus = [unit(rng, n)]
+    if n_fibres > 1:
+        v = np.cross(mus[0], unit(rng, n))
+        mus.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+    if n_fibres > 2:
+        mus.append(np.cross(mus[0], mus[1]))
+    w = -np.sort(-rng.dirichlet(np.full(n_fibres, 5.0), n), axis=1)
+    odi = rng.uniform(0.05, 0.6 if n_fibres == 1 else 0.25, (n, n_fibres))
+    ndi = rng.uniform(0.3, 0.8, (n, n_fibres))
+    fiso = rng.uniform(0.0, 0.3, n)
+    cols = [np.full(n, S0), fiso]
+    for k in range(n_fibres):
+        cols += [w[:, k], ndi[:, k], odi[:, k], mus[k]]
+    params = np.column_stack(cols)
+
+    def errors(fit):
+        fit_odi = fit.odi.reshape(n, n_fibres)
+        fit_ndi = fit.ndi.reshape(n, n_fibres)
+        dirs = fit.direction.reshape(n, n_fibres, 3)
+        # Fibres are sorted by weight in both; match directions by the
+        # closest fitted one.
+        ang = np.mean(
+            [angle_deg(dirs, mus[k][:, None]).min(1) for k in range(n_fibres)],
+            axis=0,
+        )
+        return {
+            "odi": np.abs(fit_odi - odi),
+            "ndi": np.abs(fit_ndi - ndi),
+            "fiso": np.abs(fit.fiso - fiso),
+            "angle (deg)": ang,
+        }
+
+    return model, params, errors
+
+
+def activeax_case(gtab, n, rng):
+    model = ActiveAxModel(gtab)
+    mu = unit(rng, n)
+    diameter = rng.uniform(2.0, 10.0, n)
+    fiso = rng.uniform(0.0, 0.2, n)
+    icvf = rng.uniform(0.4, 0.8, n)
+    fic, fee = (1 - fiso) * icvf, (1 - fiso) * (1 - icvf)
+    params = np.column_stack(
+        [np.full(n, S0), fic, fee, fiso, np.zeros(n), diameter, mu]
+    )
+
+    def errors(fit):
+        return {
+            "diameter (um)": np.abs(fit.diameter - diameter),
+            "fic": np.abs(fit.fic - fic),
+            "fiso": np.abs(fit.fiso - fiso),
+            "angle (deg)": angle_deg(fit.direction, mu),
+        }
+
+    return model, params, errors
+
+
+def zcd_case(gtab, n, rng):
+    model = ZcdModel(gtab)
+    mu = unit(rng, n)
+    diameter = rng.uniform(2.0, 10.0, n)
+    fic = rng.uniform(0.4, 0.7, n)
+    fdot = rng.uniform(0.0, 0.1, n)
+    d_par = rng.uniform(1.2e-3, 2.2e-3, n)
+    d_perp = d_par * rng.uniform(0.2, 0.6, n)
+    params = np.column_stack(
+        [np.full(n, S0), fic, 1 - fic - fdot, fdot, diameter, d_par, d_perp, mu]
+    )
+
+    def errors(fit):
+        return {
+            "diameter (um)": np.abs(fit.diameter - diameter),
+            "fic": np.abs(fit.fic - fic),
+            "fdot": np.abs(fit.fdot - fdot),
+            "d_par (um2/ms)": np.abs(fit.d_par - d_par) * 1e3,
+            "d_perp (um2/ms)": np.abs(fit.d_perp - d_perp) * 1e3,
+            "angle (deg)": angle_deg(fit.direction, mu),
+        }
+
+    return model, params, errors
+
+
+def ivim_case(gtab, n, rng):
+    model = IvimModel(gtab)
+    f = rng.uniform(0.05, 0.2, n)
+    d_star = rng.uniform(0.01, 0.05, n)
+    D = rng.uniform(0.5e-3, 1.5e-3, n)
+    params = np.column_stack([np.full(n, S0), f, d_star, D])
+
+    def errors(fit):
+        return {
+            "f": np.abs(fit.perfusion_fraction - f),
+            "D* (um2/ms)": np.abs(fit.D_star - d_star) * 1e3,
+            "D (um2/ms)": np.abs(fit.D - D) * 1e3,
+        }
+
+    return model, params, errors
+
+
+def exchange_case(gtab, n, rng):
+    model = ExchangeModel(gtab)
+    f = rng.uniform(0.4, 0.7, n)
+    d_extra = rng.uniform(1.5e-3, 2.5e-3, n)
+    d_intra = d_extra * rng.uniform(0.1, 0.4, n)
+    tau = 10 ** rng.uniform(np.log10(0.02), np.log10(0.2), n)
+    params = np.column_stack([np.full(n, S0), f, d_intra, d_extra, tau])
+
+    def errors(fit):
+        return {
+            "f_intra": np.abs(fit.f_intra - f),
+            "d_intra (um2/ms)": np.abs(fit.d_intra - d_intra) * 1e3,
+            "d_extra (um2/ms)": np.abs(fit.d_extra - d_extra) * 1e3,
+            "exchange_time (rel.)": np.abs(fit.exchange_time / tau - 1),
+        }
+
+    return model, params, errors
+
+
+def cases(quick):
+    scale = 0.25 if quick else 1.0
+    return [
+        ("NoddiModel", "noddi", lambda g, n, r: noddi_case(g, n, r), 400),
+        ("NoddiModel(n_fibres=2)", "noddi", lambda g, n, r: noddi_case(g, n, r, 2), 60),
+        ("NoddiModel(n_fibres=3)", "noddi", lambda g, n, r: noddi_case(g, n, r, 3), 20),
+        ("ActiveAxModel", "axon", activeax_case, 400),
+        ("ZcdModel", "axon", zcd_case, 300),
+        ("IvimModel", "ivim", ivim_case, 3000),
+        ("ExchangeModel", "exchange", exchange_case, 200),
+    ], scale
+
+
+# --------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------
+def rician(signal, rng):
+    sigma = S0 / SNR
+    noise = rng.normal(0, sigma, signal.shape) + 1j * rng.normal(0, sigma, signal.shape)
+    return np.abs(signal + noise)
+
+
+def run(quick):
+    gtabs = protocols()
+    rows = []
+    specs, scale = cases(quick)
+    for name, proto, make, n in specs:
+        n = max(8, int(n * scale))
+        rng = np.random.default_rng(SEED)
+        model, params, errors = make(gtabs[proto], n, rng)
+        data = rician(model._fit_class(model, params).predict(), rng)
+        start_cpu, start = time.process_time(), time.perf_counter()
+        fit = model.fit(data)
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - start_cpu
+        medians = {k: float(np.median(v)) for k, v in errors(fit).items()}
+        rows.append((name, proto, n, wall, cpu, medians))
+        print(f"{name}: {n} voxels in {wall:.2f} s ({n / wall:.1f} vox/s)", flush=True)
+    return gtabs, rows
+
+
+def table(gtabs, rows):
+    lines = [
+        "| model | protocol | voxels | wall (s) | voxels/s | CPU s/voxel "
+        "| median abs. error (SNR 50) |",
+        "|:---|:---|---:|---:|---:|---:|:---|",
+    ]
+    for name, proto, n, wall, cpu, medians in rows:
+        errs = ", ".join(f"{k} {v:.3g}" for k, v in medians.items())
+        lines.append(
+            f"| {name} | {proto} | {n} | {wall:.2f} | {n / wall:.1f} "
+            f"| {cpu / n:.3g} | {errs} |"
+        )
+    lines.append("")
+    lines.append("Protocols:")
+    lines.append("")
+    for key, gtab in gtabs.items():
+        lines.append(f"- {key}: {describe(gtab)}")
+    return "\n".join(lines)
+
+
+def header(threads):
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{platform.platform()}\n"
+        f"- python {platform.python_version()}, torch {torch.__version__}, "
+        f"numpy {np.__version__}, dipy_spinverse {dipy_spinverse.__version__}\n"
+        f"- torch threads: {threads}, float64, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"1-min load average at the end: {load:.1f}\n"
+        f"- Rician noise at SNR {SNR:g} (sigma = S0 / {SNR:g}), seed {SEED}; "
+        "default model options; one model.fit call per row"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a quarter of the voxels")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--write-doc", action="store_true", help=f"update {DOC.name} in doc/"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gtabs, rows = run(args.quick)
+    text = header(args.threads) + "\n\n" + table(gtabs, rows)
+    print()
+    print(text)
+    if args.write_doc:
+        doc = DOC.read_text()
+        block = f"{MARK_START}\n{text}\n{MARK_END}"
+        pattern = re.escape(MARK_START) + ".*?" + re.escape(MARK_END)
+        if not re.search(pattern, doc, flags=re.S):
+            raise SystemExit(f"{DOC}: no {MARK_START} ... {MARK_END} block")
+        DOC.write_text(re.sub(pattern, lambda _: block, doc, flags=re.S))
+        print(f"\nwrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
