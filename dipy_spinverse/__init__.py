@@ -20,6 +20,7 @@ from .interface import InterfaceMesh, barrier_mesh, load_mesh  # noqa: E402
 from .inverse import Reconstruction, reconstruct  # noqa: E402
 from .metrics import all_metrics  # noqa: E402
 from .phantoms import Phantom, published_phantoms  # noqa: E402
+from .reconst import SpinverseFit, SpinverseModel, SpinverseVolumeFit  # noqa: E402
 from .sequences import (  # noqa: E402
     PGSE,
     CosineOGSE,
@@ -50,4 +51,7 @@ __all__ = [
     "barrier_mesh",
     "load_mesh",
     "all_metrics",
+    "SpinverseModel",
+    "SpinverseFit",
+    "SpinverseVolumeFit",
 ]
