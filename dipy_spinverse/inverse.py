@@ -358,16 +358,17 @@ class _Geometry:
 
 def _initial_parameters(grid, config, n_batch, generator, dtype, device):
     size = grid.n_faces if config["parametrisation"] == "face" else grid.n_cells
-    noise = config["init_noise"] * torch.randn(
-        n_batch, size, generator=generator, dtype=dtype
-    )
+    # One draw shared by every voxel: a voxel's result must not depend on the
+    # batch it is fitted in (serial, chunked or parallel engines agree).
+    noise = config["init_noise"] * torch.randn(size, generator=generator, dtype=dtype)
+    noise = noise.expand(n_batch, size)
     if config["parametrisation"] == "face":
         lo, hi = config["log_kappa_bounds"]
         frac = (config["init_log_kappa"] - lo) / (hi - lo)
         start = math.log(frac / (1 - frac))
         param = start + noise
     else:
-        param = noise  # occupancy 0.5 everywhere: undecided
+        param = noise.clone()  # occupancy 0.5 everywhere: undecided
     return param.to(device).requires_grad_(True)
 
 

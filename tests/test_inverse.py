@@ -104,3 +104,12 @@ def test_bad_signal(problem):
     bad[2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         reconstruct(grid, bad, prot)
+
+
+def test_result_does_not_depend_on_batch(problem):
+    """Serial, chunked and parallel fits must agree voxel by voxel."""
+    grid, prot, signal = problem
+    other = 0.9 * signal + 0.1
+    alone = reconstruct(grid, signal, prot, stages=STAGES, seed=1)
+    batch = reconstruct(grid, np.stack([other, signal]), prot, stages=STAGES, seed=1)
+    assert_allclose(batch.permeability[1], alone.permeability, rtol=1e-10)
