@@ -23,6 +23,7 @@ from .acquisition import Acquisition
 from .fitting import (
     fd_steps,
     forward_differences,
+    forward_mode,
     levenberg_marquardt,
     nnls,
     nnls_gram,
@@ -88,6 +89,8 @@ class CompartmentModel(ReconstModel):
     _needs_timing = True
     #: Columns per fibre population (Kf).
     _fibre_width = 1
+    #: Jacobians by forward-mode autodiff instead of forward differences.
+    _forward_mode = False
     _fit_class = None
     param_names = ()
 
@@ -157,13 +160,16 @@ class CompartmentModel(ReconstModel):
         return torch.cat(parts, dim=-1)
 
     def _derivatives(self, x, Phi, c):
-        """``d(Phi c)/dx`` (B, M, P) by forward differences.
+        """``d(Phi c)/dx`` (B, M, P), by forward-mode autodiff where the model
+        asks for it (``_forward_mode``), else by forward differences.
 
         Without shared parameters, a fibre's parameters move only that fibre's
         columns: each parameter is perturbed in every fibre at once and only
         the fibre columns are recomputed, F times cheaper than perturbing the
         F (Fs + 3) parameters one by one.
         """
+        if self._forward_mode:
+            return forward_mode(self._columns_x, x, Phi, c)
         S, Fs = self._n_shared, len(self._fibre)
         B, P = x.shape
         F = (P - S) // (Fs + 3)

@@ -27,6 +27,7 @@ Lawson and Hanson, Solving Least Squares Problems (1974) (NNLS).
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -217,6 +218,32 @@ def forward_differences(columns, x, Phi, c):
     Phis = columns(xs.reshape(B * P, P)).reshape(B, P, M, K)
     dmodel = ((Phis - Phi[:, None]) @ c[:, None, :, None])[..., 0] / h[..., None]
     return dmodel.mT
+
+
+def forward_mode(columns, x, Phi, c):
+    """``d(Phi c)/dx`` with c fixed, by forward-mode autodiff, shape (B, M, P).
+
+    One ``torch.func.jvp`` per parameter, vectorised over the P tangents with
+    ``vmap``: the primal computation runs once and only the (cheap)
+    tangent arithmetic is repeated, which pays off when the columns contain
+    an expensive primitive with a hand-written derivative (the Watson
+    integral).
+    """
+    B, P = x.shape
+    c = c[..., None]
+
+    def model(x):
+        return (columns(x) @ c)[..., 0]
+
+    basis = torch.eye(P, dtype=x.dtype)[:, None, :].expand(P, B, P)
+    with warnings.catch_warnings():
+        # torch's forward-mode setup calls its own deprecated torch.jit.script
+        # on first use; nothing the caller can act on.
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")
+        tangents = torch.func.vmap(lambda v: torch.func.jvp(model, (x,), (v,))[1])(
+            basis
+        )
+    return tangents.permute(1, 2, 0)
 
 
 def fd_steps(x):
