@@ -250,13 +250,18 @@ def exchange_case(gtab, n, rng):
 def cases(quick):
     scale = 0.25 if quick else 1.0
     return [
-        ("NoddiModel", "noddi", lambda g, n, r: noddi_case(g, n, r), 400),
-        ("NoddiModel(n_fibres=2)", "noddi", lambda g, n, r: noddi_case(g, n, r, 2), 60),
-        ("NoddiModel(n_fibres=3)", "noddi", lambda g, n, r: noddi_case(g, n, r, 3), 20),
-        ("ActiveAxModel", "axon", activeax_case, 400),
-        ("ZcdModel", "axon", zcd_case, 300),
-        ("IvimModel", "ivim", ivim_case, 3000),
-        ("ExchangeModel", "exchange", exchange_case, 200),
+        ("NoddiModel", "noddi", lambda g, n, r: noddi_case(g, n, r), 1000),
+        (
+            "NoddiModel(n_fibres=2)",
+            "noddi",
+            lambda g, n, r: noddi_case(g, n, r, 2),
+            100,
+        ),
+        ("NoddiModel(n_fibres=3)", "noddi", lambda g, n, r: noddi_case(g, n, r, 3), 40),
+        ("ActiveAxModel", "axon", activeax_case, 1000),
+        ("ZcdModel", "axon", zcd_case, 500),
+        ("IvimModel", "ivim", ivim_case, 10000),
+        ("ExchangeModel", "exchange", exchange_case, 300),
     ], scale
 
 
