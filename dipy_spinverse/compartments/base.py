@@ -67,9 +67,11 @@ class CompartmentModel(ReconstModel):
 
     Subclasses set, in ``__init__`` before calling :meth:`_setup`:
     ``_shared`` and ``_fibre`` (tuples of :class:`~.fitting.Bound`),
-    ``_grid`` (name -> initial values, natural internal units) and
-    ``n_fibres``; and implement ``_columns``, ``_to_params`` and
-    ``_from_params``.
+    ``_grid`` (name -> initial values, natural internal units),
+    ``n_fibres`` and ``param_names``; and implement ``_shared_columns``
+    (plus ``_fibre_columns`` when they have fibres), ``_to_params`` (fitted
+    x and c -> public parameters) and ``_from_params`` (the inverse, for
+    prediction).
 
     Parameters
     ----------
@@ -109,9 +111,6 @@ class CompartmentModel(ReconstModel):
     @property
     def _n_shared(self):
         return len(self._shared)
-
-    def _n_x(self, n_fibres):
-        return self._n_shared + n_fibres * (len(self._fibre) + 3)
 
     def _unpack(self, x):
         """Unconstrained (B, P) -> shared {name: (B,)}, fibre {name: (B, F)},
@@ -193,8 +192,8 @@ class CompartmentModel(ReconstModel):
     @functools.cached_property
     def _dictionary(self):
         """Grid atoms for one fibre (or none): internal x (N, P1), columns
-        (N, M, K1), their Gram matrices, and the combination of scalar values
-        of each atom (atoms are ordered combination-major)."""
+        (N, M, K1), their Gram matrices, and the number of directions per
+        combination of scalar values (atoms are ordered combination-major)."""
         bounds = self._shared + self._fibre
         values = [self._grid[b.name] for b in bounds]
         combos = torch.tensor(list(itertools.product(*values)), dtype=DTYPE)
@@ -252,6 +251,9 @@ class CompartmentModel(ReconstModel):
 
     def _greedy_starts(self, y):
         """(B, S, P) starts for several fibres by matching pursuit.
+
+        Assumes one column per fibre and no shared nonlinear parameters (the
+        multi-fibre NODDI), so that the atoms' non-fibre columns are fixed.
 
         Each of the ``n_starts`` single-fibre grid starts is completed by the
         grid atoms that best match the remaining residual, one fibre at a
