@@ -14,6 +14,13 @@ import os
 # before torch is first imported; set it yourself to override.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .compartments import (  # noqa: E402
+    ActiveAxModel,
+    ExchangeModel,
+    IvimModel,
+    NoddiModel,
+    ZcdModel,
+)
 from .forward import simulate  # noqa: E402
 from .grid import TetGrid  # noqa: E402
 from .interface import InterfaceMesh, barrier_mesh, load_mesh  # noqa: E402
@@ -54,4 +61,9 @@ __all__ = [
     "SpinverseModel",
     "SpinverseFit",
     "SpinverseVolumeFit",
+    "NoddiModel",
+    "ActiveAxModel",
+    "ZcdModel",
+    "IvimModel",
+    "ExchangeModel",
 ]
