@@ -287,8 +287,7 @@ def _schedule(config, groups, protocol):
     steps = []
     stages = config["stages"]
     for s, stage in enumerate(stages):
-        ranks = stage["sequences"]
-        ranks = tuple(range(n_groups)) if ranks == "all" else tuple(ranks)
+        ranks = _ranks(stage["sequences"], n_groups)
         if any(r >= n_groups for r in ranks):
             raise ValueError(
                 f"stage {s} uses sequence rank {max(ranks)} but the protocol has "
@@ -300,8 +299,7 @@ def _schedule(config, groups, protocol):
             weights[list(ranks)] = 1.0
             if config["blend"] and s > 0:
                 # Fade the previous stage out instead of switching abruptly.
-                prev = stages[s - 1]["sequences"]
-                prev = range(n_groups) if prev == "all" else prev
+                prev = _ranks(stages[s - 1]["sequences"], n_groups)
                 fade = 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(n_iter / 2, 1))))
                 for r in prev:
                     weights[r] = max(weights[r], fade)
@@ -325,9 +323,13 @@ def _schedule(config, groups, protocol):
             protocol=sub,
             groups=sub.groups(),
             acq_weights=per_acq,
-            sub_bvals=protocol.bvals[index],
         )
     return steps
+
+
+def _ranks(sequences, n_groups):
+    """Curriculum ranks of a stage: a tuple of ranks, or ``"all"``."""
+    return tuple(range(n_groups)) if sequences == "all" else tuple(sequences)
 
 
 def _learning_rate(config, i, n_iter):

@@ -87,31 +87,16 @@ class DiffusionOperator:
     positions: torch.Tensor
     sqrt_volumes: torch.Tensor
 
-    def spectral_bounds(self, offdiag_scale=1.0, diag_scale=1.0):
+    def spectral_bounds(self, offdiag_scale=1.0):
         """Gershgorin interval of the Hermitian part, per batch: (lo, hi).
 
         ``offdiag_scale`` bounds the modulus of any factor multiplying the
         off-diagonal entries (1 for the plain operator).
         """
         radius = offdiag_scale * self.weights.abs().sum(-1)
-        centre = diag_scale * self.diag
-        lo = (centre - radius).amin(-1)
-        hi = (centre + radius).amax(-1)
+        lo = (self.diag - radius).amin(-1)
+        hi = (self.diag + radius).amax(-1)
         return lo.detach(), hi.detach()
-
-    def dense(self):
-        """The operator as a dense (B, N, N) real tensor (for references)."""
-        b, n, k = self.weights.shape
-        mat = torch.diag_embed(self.diag)
-        rows = torch.arange(n, device=self.diag.device).repeat_interleave(k)
-        cols = self.neighbours.reshape(-1)
-        off = torch.zeros_like(mat)
-        off = off.index_put(
-            (torch.arange(b)[:, None], rows[None], cols[None]),
-            self.weights.reshape(b, -1),
-            accumulate=True,
-        )
-        return mat - off
 
 
 def diffusion_operator(grid, permeability, diffusivity, relaxation=None):
