@@ -127,8 +127,9 @@ class SpinverseModel(ReconstModel):
         Voxels fitted together in one batched call (memory grows linearly).
     device : str or torch.device
         ``"cpu"`` or ``"cuda"`` (``"cuda:1"``, ...).
-    dtype : {"float64", "float32"} or torch.dtype
-        Floating-point precision of the simulator.
+    dtype : {"float32", "float64"} or torch.dtype
+        Floating-point precision of the simulator (float32, the published
+        precision, is 3-4 times faster).
     seed : int
         Seed of the inversion's initial noise.
     **options
@@ -180,7 +181,7 @@ class SpinverseModel(ReconstModel):
         max_iter=None,
         batch_size=32,
         device="cpu",
-        dtype="float64",
+        dtype="float32",
         seed=0,
         **options,
     ):

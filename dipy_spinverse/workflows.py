@@ -58,7 +58,7 @@ class SpinverseFlow(Workflow):
         engine="serial",
         n_jobs=None,
         device="cpu",
-        dtype="float64",
+        dtype="float32",
         seed=0,
         n_report=4,
         resume=False,
@@ -138,7 +138,7 @@ class SpinverseFlow(Workflow):
         device : string, optional
             cpu or cuda.
         dtype : string, optional
-            float64 or float32.
+            float32 (default, fast) or float64.
         seed : int, optional
             Seed of the inversion's initial noise.
         n_report : int, optional
