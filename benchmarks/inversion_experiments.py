@@ -79,7 +79,7 @@ def runs(experiment, snrs):
             (f"{arm}/{cur}", "paper", dict(ARMS[arm], **CURRICULA[cur]), None)
             for cur in CURRICULA
             for arm in ARMS
-        ]
+        ] + [("default", "default", {}, None)]
     return [
         (preset, preset, dict(sigma=1.0 / snr) if preset == "default" else {}, snr)
         for snr in snrs

@@ -34,7 +34,14 @@ from scipy.sparse.csgraph import (
     shortest_path,
 )
 
-__all__ = ["InterfaceMesh", "barrier_mesh", "enclosed_cells", "load_mesh"]
+__all__ = [
+    "InterfaceMesh",
+    "barrier_mesh",
+    "barrier_regions",
+    "enclosed_cells",
+    "load_mesh",
+    "odd_depth_cells",
+]
 
 MESH_FORMATS = (".ply", ".vtk")
 
@@ -387,7 +394,7 @@ def barrier_mesh(grid, barrier, *, labels=None, cap_wall=False):
         coords[flip] = coords[flip][:, [0, 2, 1]]
     face_ids = faces
     if cap_wall and not grid.periodic and len(grid.boundary_faces):
-        inside = labels > 0 if labels is not None else _odd_depth_cells(grid, barrier)
+        inside = labels > 0 if labels is not None else odd_depth_cells(grid, barrier)
         wall = inside[grid.boundary_cells]
         # Boundary faces are stored pointing out of their cell.
         topo = np.concatenate([topo, grid.boundary_faces[wall]])
@@ -427,12 +434,26 @@ def enclosed_cells(grid, barrier):
     ndarray of bool (n_cells,)
         All False when nothing is enclosed (for instance no barrier).
     """
-    region, outside = _regions(grid, _check_barrier(grid, barrier))
+    region, outside = barrier_regions(grid, barrier)
     return region != outside
 
 
-def _regions(grid, barrier):
-    """Open-face-connected regions of cells and the outside one."""
+def barrier_regions(grid, barrier):
+    """Regions of cells connected through open faces, and the outside one.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    barrier : array_like of bool (n_faces,)
+
+    Returns
+    -------
+    region : ndarray of int (n_cells,)
+        Region index of every cell.
+    outside : int
+        The outside region (see :func:`enclosed_cells`).
+    """
+    barrier = _check_barrier(grid, barrier)
     open_faces = grid.face_cells[~barrier]
     n = grid.n_cells
     graph = coo_matrix(
@@ -447,7 +468,7 @@ def _regions(grid, barrier):
     return region, candidates[np.argmax(volume[candidates])]
 
 
-def _odd_depth_cells(grid, barrier):
+def odd_depth_cells(grid, barrier):
     """Cells an odd number of barrier crossings away from the outside.
 
     Regions (see :func:`enclosed_cells`) at odd depth in the region adjacency
@@ -456,7 +477,7 @@ def _odd_depth_cells(grid, barrier):
     2, so capping only odd-depth regions at the wall keeps the surface of a
     cell and its pocket manifold. Unreachable regions count as odd.
     """
-    region, outside = _regions(grid, barrier)
+    region, outside = barrier_regions(grid, barrier)
     pairs = region[grid.face_cells[barrier]]
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     n = region.max() + 1

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .forward import simulate
-from .interface import enclosed_cells
+from .interface import barrier_regions, enclosed_cells, odd_depth_cells
 from .sequences import as_protocol
 
 __all__ = ["reconstruct", "Reconstruction", "PRESETS", "barrier_probability"]
@@ -74,7 +74,7 @@ PRESETS = {
 PRESETS["default"] = dict(
     PRESETS["paper"],
     noise="rician",
-    polish=150,
+    polish=300,
     polish_directions=10,
 )
 
@@ -480,10 +480,6 @@ def _polish_all(grid, data, protocol, groups, kappa, labels, config, sim):
     start = labels
     labels = np.zeros((len(data), grid.n_cells), dtype=int)
     for v in range(len(data)):
-        if start is None:
-            start_v = enclosed_cells(grid, kappa[v] < config["threshold"]).astype(int)
-        else:
-            start_v = start[v]
 
         def score(candidates, v=v):
             barrier = (
@@ -496,6 +492,12 @@ def _polish_all(grid, data, protocol, groups, kappa, labels, config, sim):
             ones = torch.ones(len(subset), dtype=pred.dtype, device=pred.device)
             return _data_term(pred, target, ones, config).cpu().numpy()
 
+        if start is None:
+            barrier = kappa[v] < config["threshold"]
+            candidates = _start_candidates(grid, barrier)
+            start_v = candidates[np.argmin(score(candidates))]
+        else:
+            start_v = start[v]
         labels[v] = _greedy_labels(grid, start_v, score, config)
     barrier = labels[:, grid.face_cells[:, 0]] != labels[:, grid.face_cells[:, 1]]
     kappa = np.where(barrier, 10.0**lo, 10.0**hi)
@@ -505,15 +507,68 @@ def _polish_all(grid, data, protocol, groups, kappa, labels, config, sim):
     return labels, kappa, predicted
 
 
-def _greedy_labels(grid, labels, score, config):
-    """Lazy greedy descent: move one cell across the surface at a time.
+def _start_candidates(grid, barrier, n_regions=8):
+    """Closed labellings to start the label search from.
 
-    A move gives a cell the label of a neighbour across a barrier face. Moves
-    are scored exactly in batches of ``polish_batch``: never-scored moves
-    first, then by their last known loss (a move's effect is local, so a stale
-    score is a good guess). The best improving move of a batch is taken; the
-    search stops at a local minimum (every current move scored since the last
-    step, none improves) or after ``polish`` steps.
+    From the thresholded face field: the cells it encloses, the cells at odd
+    barrier depth, and each of its largest regions alone (a field that walls
+    off a corner of the box makes the enclosed set nearly everything). Plus
+    generic blobs that need no face field: balls and tubes through the voxel
+    of a few sizes (see :func:`_generic_shapes`). The search starts from the
+    best of these by data loss.
+    """
+    region, outside = barrier_regions(grid, barrier)
+    volume = np.bincount(region, weights=grid.cell_volumes)
+    volume[outside] = 0
+    largest = [r for r in np.argsort(volume)[::-1][:n_regions] if volume[r] > 0]
+    candidates = [enclosed_cells(grid, barrier), odd_depth_cells(grid, barrier)]
+    candidates += [region == r for r in largest]
+    candidates += list(_generic_shapes(grid))
+    return np.unique(np.array(candidates, dtype=int), axis=0)
+
+
+def _generic_shapes(grid):
+    """Balls and straight tubes of cells, by centroid, a few sizes each.
+
+    Balls of radius 0.6-1.5 lattice spacings at the box centre and half a
+    spacing off it along each axis; tubes of radius 0.6-1.5 spacings through
+    the centre along the 13 lattice directions (axes, face and body
+    diagonals). Empty and all-inside labellings are dropped.
+    """
+    h = grid.spacing
+    centre = 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
+    x = grid.cell_centroids
+    radii = h * np.array([0.6, 0.9, 1.2, 1.5])
+    shifts = np.vstack([np.zeros(3), 0.5 * h * np.eye(3), -0.5 * h * np.eye(3)])
+    shapes = [
+        np.linalg.norm(x - centre - shift, axis=1) < r
+        for shift in shifts
+        for r in radii
+    ]
+    steps = np.array(
+        [[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], float
+    )
+    directions = [d / np.linalg.norm(d) for d in steps if tuple(d) > (0, 0, 0)]
+    for d in directions:
+        offset = x - centre
+        across = np.linalg.norm(offset - np.outer(offset @ d, d), axis=1)
+        shapes += [across < r for r in radii]
+    shapes = np.array(shapes)
+    return shapes[(shapes.sum(1) > 0) & (shapes.sum(1) < grid.n_cells)]
+
+
+def _greedy_labels(grid, labels, score, config):
+    """Lazy greedy descent over cell labels.
+
+    A move gives one cell the label of a neighbour across a barrier face, or
+    moves a whole group at once (erode or dilate the inside by one layer,
+    delete one of several inside components), which lets the search leave
+    minima that single cells cannot. Moves are scored exactly in batches of
+    ``polish_batch``: never-scored moves first, then by their last known loss
+    (a move's effect is local, so a stale score is a good guess). The best
+    improving move of a batch is taken; the search stops at a local minimum
+    (every current move scored since the last step, none improves) or after
+    ``polish`` steps.
     """
     current = score(labels[None])[0]
     known, fresh = {}, set()
@@ -524,8 +579,8 @@ def _greedy_labels(grid, labels, score, config):
         pending.sort(key=lambda m: known.get(m, -np.inf))
         batch = pending[: config["polish_batch"]]
         candidates = np.repeat(labels[None], len(batch), axis=0)
-        for row, (cell, label) in enumerate(batch):
-            candidates[row, cell] = label
+        for row, (cells, label) in enumerate(batch):
+            candidates[row, list(cells)] = label
         losses = score(candidates)
         known.update(zip(batch, losses, strict=True))
         fresh.update(batch)
@@ -536,12 +591,22 @@ def _greedy_labels(grid, labels, score, config):
 
 
 def _label_moves(grid, labels):
-    """(cell, new label) pairs for every cell next to a barrier face."""
+    """((cells...), new label) moves: single cells next to a barrier, groups."""
     a, b = grid.face_cells.T
     cut = labels[a] != labels[b]
     cells = np.concatenate([a[cut], b[cut]])
     new = np.concatenate([labels[b[cut]], labels[a[cut]]])
-    return sorted(set(zip(cells.tolist(), new.tolist(), strict=True)))
+    moves = {((c,), n) for c, n in zip(cells.tolist(), new.tolist(), strict=True)}
+    if labels.max() == 1:  # binary labels: whole-layer and component moves
+        rim = np.unique(cells)
+        moves.add((tuple(rim[labels[rim] == 1].tolist()), 0))  # erode
+        moves.add((tuple(rim[labels[rim] == 0].tolist()), 1))  # dilate
+        region, _ = barrier_regions(grid, cut)
+        parts = np.unique(region[labels == 1])
+        if len(parts) > 1:
+            for part in parts:
+                moves.add((tuple(np.flatnonzero(region == part).tolist()), 0))
+    return sorted(moves)
 
 
 def _direction_subset(protocol, groups, n_directions):

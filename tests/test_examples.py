@@ -1,0 +1,26 @@
+"""The example scripts run end to end (tiny settings)."""
+
+import os
+import subprocess
+import sys
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
+
+
+def test_compare_tutorial_runs(tmp_path):
+    script = os.path.join(EXAMPLES, "compare_compartment_models.py")
+    run = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| voxel | quantity | truth | NODDI | ActiveAx | Karger | Spinverse |" in (
+        run.stdout
+    )
+    for name in ("estimates_vs_truth.png", "interfaces.png", "signal_fits.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    table = (tmp_path / "table.md").read_text()
+    for voxel in ("cylinder 1e-5", "cylinder 5e-5", "sphere 1e-5"):
+        assert f"| {voxel} | face F1 | 1 |" in table
