@@ -184,11 +184,9 @@ def reconstruct(
     history = {k: [] for k in (*_TERMS, "total", "lr")}
     generator = torch.Generator().manual_seed(seed)
     param = _initial_parameters(grid, config, data.shape[0], generator, dtype, device)
-    fit = _Fit(grid, data, config, geometry, sim, history, callback)
+    fit = _Fit(grid, data, geometry, sim, history, callback)
     fit.run(param, config, _schedule(config, groups, protocol))
     kappa = fit.kappa(param, config)
-    with torch.no_grad():
-        predicted = _normalise(simulate(grid, kappa, protocol, **sim), protocol, groups)
     kappa_np = kappa.cpu().numpy()
     labels = None
     if config["parametrisation"] == "cell":
@@ -197,6 +195,10 @@ def reconstruct(
         labels, kappa_np, predicted = _polish_all(
             grid, data, protocol, groups, kappa_np, labels, config, sim
         )
+    else:
+        with torch.no_grad():
+            predicted = simulate(grid, kappa, protocol, **sim)
+        predicted = _normalise(predicted, protocol, groups)
     if labels is None:
         barrier = kappa_np < config["threshold"]
     else:  # the interface of the labels: closed by construction
@@ -219,7 +221,7 @@ _TERMS = ("data", "continuity", "manifold", "binarise", "area")
 class _Fit:
     """Adam over a parameter tensor through a schedule, logging every term."""
 
-    def __init__(self, grid, data, config, geometry, sim, history, callback):
+    def __init__(self, grid, data, geometry, sim, history, callback):
         self.grid, self.data, self.geometry = grid, data, geometry
         self.sim, self.history, self.callback = sim, history, callback
 
