@@ -62,15 +62,17 @@ PRESETS = {
         polish=0,
         polish_batch=16,
         polish_directions=None,
+        polish_kappas=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4),
     ),
 }
 # Realistic voxels (reflecting or periodic, extracellular water, noise): the
-# same machinery, a blended curriculum that keeps every sequence in the loss
-# (the long-time sequence alone fixes the outline but not inner walls), a
-# Rician-aware loss and a small binarisation push; then the continuous field is
-# closed (the cells it encloses become one inside label) and refined by a
-# greedy search over cell labels, which removes dangling walls and makes every
-# recovered surface closed by construction.
+# published face fit with a Rician-aware loss, then a search over closed cell
+# labellings (``polish`` steps at most). It starts from the best of the
+# regions the thresholded face field suggests and generic balls and tubes,
+# moves cells (and whole layers or components) across the surface while the
+# data loss drops, on ``polish_directions`` directions per sequence, and picks
+# one membrane permeability per voxel from ``polish_kappas``. Recovered
+# surfaces are closed by construction.
 PRESETS["default"] = dict(
     PRESETS["paper"],
     noise="rician",
@@ -279,6 +281,14 @@ def _resolve_config(preset, overrides):
             "polish must be >= 0 (0 switches the label search off) and "
             "polish_batch >= 1."
         )
+    kappas = np.asarray(config["polish_kappas"], dtype=float)
+    if kappas.size == 0 or np.any(
+        (kappas < 10.0**lo) | (kappas >= config["threshold"])
+    ):
+        raise ValueError(
+            "polish_kappas must list membrane permeabilities (m/s) between the "
+            f"lower bound {10.0**lo:g} and the threshold {config['threshold']:g}."
+        )
     n_dirs = config["polish_directions"]
     if n_dirs is not None and int(n_dirs) < 1:
         raise ValueError("polish_directions must be None (all) or >= 1.")
@@ -475,38 +485,69 @@ def _data_term(pred, data, weights, config):
 
 # -- discrete refinement over cell labels ---------------------------------------
 def _polish_all(grid, data, protocol, groups, kappa, labels, config, sim):
-    """Refine each voxel's cell labels (start: the cells its field encloses)."""
+    """Search cell labels and one membrane permeability per voxel.
+
+    Starts from ``labels`` when given, otherwise from the best closed
+    labelling the thresholded face field ``kappa`` suggests (see
+    :func:`_start_candidates`). The membrane permeability is chosen from
+    ``polish_kappas`` jointly with the start, and chosen again on the final
+    labels; if it changed, the label search runs once more with it.
+    """
     lo, hi = config["log_kappa_bounds"]
     subset = _direction_subset(protocol, groups, config["polish_directions"])
     search = protocol[subset]
-    start = labels
-    labels = np.zeros((len(data), grid.n_cells), dtype=int)
+    grid_kappas = np.asarray(config["polish_kappas"], dtype=float)
+    out_labels = np.zeros((len(data), grid.n_cells), dtype=int)
+    out_kappa = np.zeros(len(data))
     for v in range(len(data)):
 
-        def score(candidates, v=v):
+        def score(candidates, membrane, v=v):
             barrier = (
                 candidates[:, grid.face_cells[:, 0]]
                 != candidates[:, grid.face_cells[:, 1]]
             )
-            pred = simulate(grid, np.where(barrier, 10.0**lo, 10.0**hi), search, **sim)
+            field = np.where(barrier, np.reshape(membrane, (-1, 1)), 10.0**hi)
+            pred = simulate(grid, field, search, **sim)
             pred = _normalise(pred, search, search.groups())
             target = data[v, subset].expand_as(pred)
             ones = torch.ones(len(subset), dtype=pred.dtype, device=pred.device)
             return _data_term(pred, target, ones, config).cpu().numpy()
 
-        if start is None:
-            barrier = kappa[v] < config["threshold"]
-            candidates = _start_candidates(grid, barrier)
-            start_v = candidates[np.argmin(score(candidates))]
+        def best_kappa(candidates):
+            """Best (candidate, membrane permeability) over the grid."""
+            rows = np.repeat(candidates, len(grid_kappas), axis=0)
+            values = np.tile(grid_kappas, len(candidates))
+            losses = np.concatenate(
+                [
+                    score(rows[i : i + 64], values[i : i + 64])
+                    for i in range(0, len(rows), 64)
+                ]
+            )
+            best = int(np.argmin(losses))
+            return rows[best], values[best]
+
+        if labels is None:
+            starts = _start_candidates(grid, kappa[v] < config["threshold"])
         else:
-            start_v = start[v]
-        labels[v] = _greedy_labels(grid, start_v, score, config)
-    barrier = labels[:, grid.face_cells[:, 0]] != labels[:, grid.face_cells[:, 1]]
-    kappa = np.where(barrier, 10.0**lo, 10.0**hi)
+            starts = labels[v][None]
+        current, membrane = best_kappa(starts)
+        for _ in range(2):
+            current = _greedy_labels(
+                grid, current, lambda c, m=membrane: score(c, m), config
+            )
+            current, refitted = best_kappa(current[None])
+            if refitted == membrane:
+                break
+            membrane = refitted
+        out_labels[v], out_kappa[v] = current, membrane
+    barrier = (
+        out_labels[:, grid.face_cells[:, 0]] != out_labels[:, grid.face_cells[:, 1]]
+    )
+    field = np.where(barrier, out_kappa[:, None], 10.0**hi)
     with torch.no_grad():
-        full = simulate(grid, kappa, protocol, **sim)
+        full = simulate(grid, field, protocol, **sim)
         predicted = _normalise(full, protocol, groups)
-    return labels, kappa, predicted
+    return out_labels, field, predicted
 
 
 def _start_candidates(grid, barrier, n_regions=8):

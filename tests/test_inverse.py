@@ -100,6 +100,7 @@ def test_cell_parametrisation_returns_labels(problem):
         (dict(log_kappa_bounds=(-1, -5)), "log_kappa_bounds"),
         (dict(polish=-1), "polish"),
         (dict(polish_directions=0), "polish_directions"),
+        (dict(polish_kappas=(1e-2,)), "polish_kappas"),
     ],
 )
 def test_bad_options(problem, kwargs, match):
@@ -171,9 +172,11 @@ def test_label_search_returns_closed_surfaces(problem):
 
 
 def test_label_search_finds_the_truth_from_a_nearby_start(problem):
-    """Real physics: one misplaced cell is corrected and the data fitted."""
-    grid, prot, signal = problem
+    """Real physics: a misplaced cell is corrected and the permeability found."""
+    grid, prot, _ = problem
     inside = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
+    truth = np.where(grid.interface_faces(inside), 5e-5, 0.1)
+    signal = simulate(grid, truth, prot).numpy()
     start = inside.copy()
     start[np.flatnonzero(inside)[0]] = 0
     groups = _sequence_groups(prot)
@@ -184,5 +187,6 @@ def test_label_search_finds_the_truth_from_a_nearby_start(problem):
         grid, data, prot, groups, None, start[None], config, sim
     )
     assert_array_equal(labels[0], inside)
+    assert_allclose(kappa[0], truth)  # 5e-5 is on the default search grid
     # Noise-free data of the true field: the simulator's own accuracy (1e-11).
     assert_allclose(predicted[0].numpy(), data[0].numpy(), atol=1e-9)
