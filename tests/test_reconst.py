@@ -256,10 +256,11 @@ def test_slicing_a_volume_fit(volume_fit):
     assert meshes.shape == (2, 2, 1) and meshes[1, 1, 0] is None
 
 
-def test_engines_serial_and_joblib_agree(model, volume, volume_fit):
-    pytest.importorskip("joblib")
+@pytest.mark.parametrize("engine", ["joblib", "dask"])
+def test_parallel_engines_agree_with_serial(model, volume, volume_fit, engine):
+    pytest.importorskip(engine)
     data, mask = volume
-    fit = model.fit(data, mask=mask, engine="joblib", n_jobs=2, vox_per_chunk=2)
+    fit = model.fit(data, mask=mask, engine=engine, n_jobs=2, vox_per_chunk=2)
     assert_array_equal(fit.status, volume_fit.status)
     assert_allclose(fit.permeability, volume_fit.permeability, rtol=1e-6)
     assert_allclose(fit.predict(), volume_fit.predict(), rtol=1e-8)
