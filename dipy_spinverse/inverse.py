@@ -156,7 +156,9 @@ def reconstruct(
         times faster than float64 here; its simulator error (~1e-6) is far
         below any measurement noise.
     callback : callable, optional
-        ``callback(iteration, permeability_tensor, losses_dict)`` each step.
+        ``callback(iteration, permeability_tensor, losses_dict)`` each step
+        of the face fit; during the label search, after every step,
+        ``callback(step, None, {"search": loss, "voxel": index})``.
     **overrides
         Any key of the preset, e.g. ``stages``, ``continuity``,
         ``parametrisation="cell"``, ``noise="rician"``, ``sigma``.
@@ -195,7 +197,7 @@ def reconstruct(
         labels = (param.detach() > 0).cpu().numpy().astype(int)
     if config["polish"]:
         labels, kappa_np, predicted = _polish_all(
-            grid, data, protocol, groups, kappa_np, labels, config, sim
+            grid, data, protocol, groups, kappa_np, labels, config, sim, callback
         )
     else:
         with torch.no_grad():
@@ -484,7 +486,9 @@ def _data_term(pred, data, weights, config):
 
 
 # -- discrete refinement over cell labels ---------------------------------------
-def _polish_all(grid, data, protocol, groups, kappa, labels, config, sim):
+def _polish_all(
+    grid, data, protocol, groups, kappa, labels, config, sim, callback=None
+):
     """Search cell labels and one membrane permeability per voxel.
 
     Starts from ``labels`` when given, otherwise from the best closed
@@ -531,9 +535,14 @@ def _polish_all(grid, data, protocol, groups, kappa, labels, config, sim):
         else:
             starts = labels[v][None]
         current, membrane = best_kappa(starts)
+
+        def report(step, loss, v=v):
+            if callback is not None:
+                callback(step, None, {"search": float(loss), "voxel": v})
+
         for _ in range(2):
             current = _greedy_labels(
-                grid, current, lambda c, m=membrane: score(c, m), config
+                grid, current, lambda c, m=membrane: score(c, m), config, report
             )
             current, refitted = best_kappa(current[None])
             if refitted == membrane:
@@ -600,7 +609,7 @@ def _generic_shapes(grid):
     return shapes[(shapes.sum(1) > 0) & (shapes.sum(1) < grid.n_cells)]
 
 
-def _greedy_labels(grid, labels, score, config):
+def _greedy_labels(grid, labels, score, config, report=None):
     """Lazy greedy descent over cell labels.
 
     A move gives one cell the label of a neighbour across a barrier face, or
@@ -611,11 +620,11 @@ def _greedy_labels(grid, labels, score, config):
     (a move's effect is local, so a stale score is a good guess). The best
     improving move of a batch is taken; the search stops at a local minimum
     (every current move scored since the last step, none improves) or after
-    ``polish`` steps.
+    ``polish`` steps. ``report(step, loss)`` is called after every step.
     """
     current = score(labels[None])[0]
     known, fresh = {}, set()
-    for _ in range(int(config["polish"])):
+    for step in range(int(config["polish"])):
         pending = [m for m in _label_moves(grid, labels) if m not in fresh]
         if not pending:
             break
@@ -630,6 +639,8 @@ def _greedy_labels(grid, labels, score, config):
         best = int(np.argmin(losses))
         if losses[best] < current * (1 - 1e-9):
             labels, current, fresh = candidates[best], losses[best], set()
+        if report is not None:
+            report(step, current)
     return labels
 
 

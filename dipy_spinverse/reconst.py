@@ -1114,11 +1114,17 @@ def _progress(bar, n_iterations):
     """Inversion callback showing the current iteration on a progress bar."""
 
     def callback(iteration, permeability, losses):
-        bar.set_postfix_str(
-            f"iteration {iteration + 1}/{n_iterations}, "
-            f"data loss {losses.get('data', float('nan')):.3g}",
-            refresh=iteration % 10 == 0,
-        )
+        if "search" in losses:  # the label search, one voxel of the batch
+            text = (
+                f"label search, voxel {losses['voxel'] + 1}, step {iteration + 1}, "
+                f"loss {losses['search']:.3g}"
+            )
+        else:
+            text = (
+                f"iteration {iteration + 1}/{n_iterations}, "
+                f"data loss {losses.get('data', float('nan')):.3g}"
+            )
+        bar.set_postfix_str(text, refresh=iteration % 10 == 0)
 
     return callback
 

@@ -224,8 +224,12 @@ continuous = {}
 
 
 def keep_field(iteration, kappa, losses):
-    """Keep the latest continuous permeability field (m/s)."""
-    continuous["kappa"] = kappa.cpu().numpy().reshape(len(names), -1)
+    """Keep the latest continuous permeability field (m/s).
+
+    The label search reports its steps with ``kappa=None``; skip those.
+    """
+    if kappa is not None:
+        continuous["kappa"] = kappa.cpu().numpy().reshape(len(names), -1)
 
 
 result = reconstruct(

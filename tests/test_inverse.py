@@ -163,7 +163,19 @@ def test_direction_subset_keeps_b0_and_whole_shells():
 
 def test_label_search_returns_closed_surfaces(problem):
     grid, prot, signal = problem
-    result = reconstruct(grid, signal, prot, preset="default", stages=STAGES)
+    calls = []
+    result = reconstruct(
+        grid,
+        signal,
+        prot,
+        preset="default",
+        stages=STAGES,
+        callback=lambda *args: calls.append(args),
+    )
+    face = [c for c in calls if c[1] is not None]
+    search = [c for c in calls if c[1] is None]
+    assert len(face) == 12 and "data" in face[0][2]
+    assert search and set(search[0][2]) == {"search", "voxel"}
     labels = result.labels
     assert labels.shape == (grid.n_cells,) and set(np.unique(labels)) <= {0, 1}
     assert_array_equal(result.barrier, grid.interface_faces(labels > 0))
