@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.optimize import minimize_scalar
 
 from .forward import simulate
 from .interface import barrier_regions, enclosed_cells, odd_depth_cells
@@ -495,12 +496,17 @@ def _polish_all(
     labelling the thresholded face field ``kappa`` suggests (see
     :func:`_start_candidates`). The membrane permeability is chosen from
     ``polish_kappas`` jointly with the start, and chosen again on the final
-    labels; if it changed, the label search runs once more with it.
+    labels; if it changed, the label search runs once more with it. Last, a
+    1-D search refines it between the grid values (:func:`_refine_kappa`);
+    the labels were searched at the grid value, so a permeability far from
+    every grid value can still bias them.
     """
     lo, hi = config["log_kappa_bounds"]
     subset = _direction_subset(protocol, groups, config["polish_directions"])
     search = protocol[subset]
     grid_kappas = np.asarray(config["polish_kappas"], dtype=float)
+    # Stay below the barrier threshold so the membranes remain barriers.
+    bounds = (lo, math.log10(config["threshold"]) - 1e-3)
     out_labels = np.zeros((len(data), grid.n_cells), dtype=int)
     out_kappa = np.zeros(len(data))
     for v in range(len(data)):
@@ -548,7 +554,10 @@ def _polish_all(
             if refitted == membrane:
                 break
             membrane = refitted
-        out_labels[v], out_kappa[v] = current, membrane
+        out_labels[v] = current
+        out_kappa[v] = _refine_kappa(
+            lambda k, c=current: score(c[None], k)[0], membrane, bounds
+        )
     barrier = (
         out_labels[:, grid.face_cells[:, 0]] != out_labels[:, grid.face_cells[:, 1]]
     )
@@ -557,6 +566,24 @@ def _polish_all(
         full = simulate(grid, field, protocol, **sim)
         predicted = _normalise(full, protocol, groups)
     return out_labels, field, predicted
+
+
+def _refine_kappa(loss, start, bounds, *, span=0.5):
+    """Continuous membrane permeability near a grid pick, by a 1-D search.
+
+    Minimises ``loss(kappa)`` over log10 kappa within ``span`` decades of
+    ``start`` and inside ``bounds`` (log10; bounded Brent, 0.005 decades,
+    about 1 %), and keeps ``start`` unless the search finds a lower loss.
+    """
+    centre = math.log10(start)
+    low, high = max(centre - span, bounds[0]), min(centre + span, bounds[1])
+    found = minimize_scalar(
+        lambda lk: loss(10.0**lk),
+        bounds=(low, high),
+        method="bounded",
+        options=dict(xatol=0.005),
+    )
+    return 10.0**found.x if found.fun < loss(start) else start
 
 
 def _start_candidates(grid, barrier, n_regions=8):

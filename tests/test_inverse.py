@@ -180,28 +180,39 @@ def test_label_search_returns_closed_surfaces(problem):
     assert labels.shape == (grid.n_cells,) and set(np.unique(labels)) <= {0, 1}
     assert_array_equal(result.barrier, grid.interface_faces(labels > 0))
     lo, hi = PRESETS["default"]["log_kappa_bounds"]
-    assert_allclose(result.permeability, np.where(result.barrier, 10.0**lo, 10.0**hi))
+    membrane = result.permeability[result.barrier]
+    assert np.all(membrane == membrane[0]) and 10.0**lo <= membrane[0] < 1e-3
+    assert np.all(result.permeability[~result.barrier] == 10.0**hi)
 
 
-def test_label_search_finds_the_truth_from_a_nearby_start(problem):
-    """Real physics: a misplaced cell is corrected and the permeability found."""
+@pytest.mark.parametrize("kappa, start", [(5e-5, "near"), (3e-5, "truth")])
+def test_label_search_finds_the_truth_from_a_nearby_start(problem, kappa, start):
+    """Real physics: a misplaced cell is corrected and the permeability found.
+
+    5e-5 m/s is on the search grid (start one cell off); 3e-5 lies between
+    grid values (start at the true labels, no label moves: at a grid value
+    the true labels are not a minimum, a known weakness): the final 1-D
+    search (tolerance 0.005 decades, ~1 %) must find both within 2 %.
+    """
     grid, prot, _ = problem
     inside = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
-    truth = np.where(grid.interface_faces(inside), 5e-5, 0.1)
+    truth = np.where(grid.interface_faces(inside), kappa, 0.1)
     signal = simulate(grid, truth, prot).numpy()
-    start = inside.copy()
-    start[np.flatnonzero(inside)[0]] = 0
+    first = inside.copy()
+    if start == "near":
+        first[np.flatnonzero(inside)[0]] = 0
     groups = _sequence_groups(prot)
     data = _normalise(torch.as_tensor(signal[None]), prot, groups)
-    config = dict(PRESETS["default"], polish_directions=None)
+    steps = PRESETS["default"]["polish"] if start == "near" else 0
+    config = dict(PRESETS["default"], polish_directions=None, polish=steps)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
-    labels, kappa, predicted = _polish_all(
-        grid, data, prot, groups, None, start[None], config, sim
+    labels, field, predicted = _polish_all(
+        grid, data, prot, groups, None, first[None], config, sim
     )
     assert_array_equal(labels[0], inside)
-    assert_allclose(kappa[0], truth)  # 5e-5 is on the default search grid
-    # Noise-free data of the true field: the simulator's own accuracy (1e-11).
-    assert_allclose(predicted[0].numpy(), data[0].numpy(), atol=1e-9)
+    assert_allclose(field[0], truth, rtol=0.02)
+    # Noise-free data of the true field, up to the permeability tolerance.
+    assert_allclose(predicted[0].numpy(), data[0].numpy(), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -223,4 +234,4 @@ def test_default_preset_recovers_the_published_sphere():
     scores = all_metrics(grid, result.barrier, phantom)
     assert scores["f1"] == 1.0 and scores["iou"] == 1.0
     assert scores["is_closed"] and scores["is_manifold"]
-    assert_allclose(result.permeability[result.barrier], 1e-5)
+    assert_allclose(result.permeability[result.barrier], 1e-5, rtol=0.02)
