@@ -72,8 +72,8 @@ PRESETS = {
 # regions the thresholded face field suggests and generic balls and tubes,
 # moves cells (and whole layers or components) across the surface while the
 # data loss drops, on ``polish_directions`` directions per sequence, and picks
-# one membrane permeability per voxel from ``polish_kappas``. Recovered
-# surfaces are closed by construction.
+# one membrane permeability per voxel from ``polish_kappas``, refined between
+# them at the end. Recovered surfaces are closed by construction.
 PRESETS["default"] = dict(
     PRESETS["paper"],
     noise="rician",
