@@ -288,13 +288,8 @@ def cylinder(
     centre = _centre(grid, centre)
 
     def level(points):
-        d = _offsets(grid, points, centre)
-        along = d @ axis
-        rho = np.linalg.norm(d - along[:, None] * axis, axis=1)
-        out = rho - radius
-        if length is not None:
-            out = np.maximum(out, np.abs(along) - length / 2)
-        return out
+        along, rho = _axial(grid, points, centre, axis)
+        return _capped(rho - radius, along, length)
 
     params = dict(
         radius=radius, length=length, axis=_floats(axis), centre=_floats(centre)
@@ -372,9 +367,7 @@ def torus(
     centre = _centre(grid, centre)
 
     def level(points):
-        d = _offsets(grid, points, centre)
-        along = d @ axis
-        rho = np.linalg.norm(d - along[:, None] * axis, axis=1)
+        along, rho = _axial(grid, points, centre, axis)
         return np.hypot(rho - major, along) - minor
 
     params = dict(major=major, minor=minor, axis=_floats(axis), centre=_floats(centre))
@@ -582,14 +575,9 @@ def beaded_axon(
     centre = _centre(grid, centre)
 
     def level(points):
-        d = _offsets(grid, points, centre)
-        along = d @ axis
-        rho = np.linalg.norm(d - along[:, None] * axis, axis=1)
+        along, rho = _axial(grid, points, centre, axis)
         local = radius + amplitude * np.cos(2 * np.pi * along / period + phase)
-        out = rho - local
-        if length is not None:
-            out = np.maximum(out, np.abs(along) - length / 2)
-        return out
+        return _capped(rho - local, along, length)
 
     params = dict(
         radius=radius,
@@ -668,13 +656,8 @@ def packed_cylinders(
 
     def level_of(k):
         def level(points):
-            d = _offsets(grid, points, centres[k])
-            along = d @ axis
-            rho = np.linalg.norm(d - along[:, None] * axis, axis=1)
-            out = rho - radii[k]
-            if length is not None:
-                out = np.maximum(out, np.abs(along) - length / 2)
-            return out
+            along, rho = _axial(grid, points, centres[k], axis)
+            return _capped(rho - radii[k], along, length)
 
         return level
 
@@ -909,6 +892,20 @@ def _offsets(grid, points, centre):
     if grid.periodic:
         d = d - grid.size * np.round(d / grid.size)
     return d
+
+
+def _axial(grid, points, centre, axis):
+    """Coordinate along a unit ``axis`` through ``centre`` and distance from it."""
+    d = _offsets(grid, points, centre)
+    along = d @ axis
+    return along, np.linalg.norm(d - along[:, None] * axis, axis=1)
+
+
+def _capped(level, along, length):
+    """Cut a tube's level function with flat caps at +-length/2 (None: none)."""
+    if length is None:
+        return level
+    return np.maximum(level, np.abs(along) - length / 2)
 
 
 def _membership_points(grid, membership):
