@@ -504,6 +504,9 @@ def _polish_all(
     lo, hi = config["log_kappa_bounds"]
     subset = _direction_subset(protocol, groups, config["polish_directions"])
     search = protocol[subset]
+    search_groups = search.groups()
+    # The same for every voxel; only needed to start without given labels.
+    generic = _generic_shapes(grid) if labels is None else None
     grid_kappas = np.asarray(config["polish_kappas"], dtype=float)
     # Stay below the barrier threshold so the membranes remain barriers.
     bounds = (lo, math.log10(config["threshold"]) - 1e-3)
@@ -518,7 +521,7 @@ def _polish_all(
             )
             field = np.where(barrier, np.reshape(membrane, (-1, 1)), 10.0**hi)
             pred = simulate(grid, field, search, **sim)
-            pred = _normalise(pred, search, search.groups())
+            pred = _normalise(pred, search, search_groups)
             target = data[v, subset].expand_as(pred)
             ones = torch.ones(len(subset), dtype=pred.dtype, device=pred.device)
             return _data_term(pred, target, ones, config).cpu().numpy()
@@ -537,7 +540,7 @@ def _polish_all(
             return rows[best], values[best]
 
         if labels is None:
-            starts = _start_candidates(grid, kappa[v] < config["threshold"])
+            starts = _start_candidates(grid, kappa[v] < config["threshold"], generic)
         else:
             starts = labels[v][None]
         current, membrane = best_kappa(starts)
@@ -586,15 +589,15 @@ def _refine_kappa(loss, start, bounds, *, span=0.5):
     return 10.0**found.x if found.fun < loss(start) else start
 
 
-def _start_candidates(grid, barrier, n_regions=8):
+def _start_candidates(grid, barrier, generic, n_regions=8):
     """Closed labellings to start the label search from.
 
     From the thresholded face field: the cells it encloses, the cells at odd
     barrier depth, and each of its largest regions alone (a field that walls
     off a corner of the box makes the enclosed set nearly everything). Plus
-    generic blobs that need no face field: balls and tubes through the voxel
-    of a few sizes (see :func:`_generic_shapes`). The search starts from the
-    best of these by data loss.
+    ``generic`` labellings that need no face field, such as the balls and
+    tubes of :func:`_generic_shapes`. The search starts from the best of
+    these by data loss.
     """
     region, outside = barrier_regions(grid, barrier)
     volume = np.bincount(region, weights=grid.cell_volumes)
@@ -602,7 +605,7 @@ def _start_candidates(grid, barrier, n_regions=8):
     largest = [r for r in np.argsort(volume)[::-1][:n_regions] if volume[r] > 0]
     candidates = [enclosed_cells(grid, barrier), odd_depth_cells(grid, barrier)]
     candidates += [region == r for r in largest]
-    candidates += list(_generic_shapes(grid))
+    candidates += list(generic)
     return np.unique(np.array(candidates, dtype=int), axis=0)
 
 
@@ -619,17 +622,15 @@ def _generic_shapes(grid):
     x = grid.cell_centroids
     radii = h * np.array([0.6, 0.9, 1.2, 1.5])
     shifts = np.vstack([np.zeros(3), 0.5 * h * np.eye(3), -0.5 * h * np.eye(3)])
+    offset = x - centre
     shapes = [
-        np.linalg.norm(x - centre - shift, axis=1) < r
-        for shift in shifts
-        for r in radii
+        np.linalg.norm(offset - shift, axis=1) < r for shift in shifts for r in radii
     ]
     steps = np.array(
         [[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], float
     )
     directions = [d / np.linalg.norm(d) for d in steps if tuple(d) > (0, 0, 0)]
     for d in directions:
-        offset = x - centre
         across = np.linalg.norm(offset - np.outer(offset @ d, d), axis=1)
         shapes += [across < r for r in radii]
     shapes = np.array(shapes)
