@@ -37,7 +37,13 @@ import torch  # noqa: E402
 from dipy_spinverse import TetGrid, published_protocol, simulate  # noqa: E402
 from dipy_spinverse.inverse import reconstruct  # noqa: E402
 from dipy_spinverse.metrics import all_metrics  # noqa: E402
-from dipy_spinverse.phantoms import bent_axon, published_phantoms  # noqa: E402
+from dipy_spinverse.phantoms import (  # noqa: E402
+    beaded_axon,
+    bent_axon,
+    cylinder,
+    published_phantoms,
+    sphere,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -67,9 +73,29 @@ COLUMNS = (
 
 
 def phantoms(grid):
-    """The published targets plus a bent axon (r 4.5 um, 70 cells)."""
+    """The published targets, a bent axon, and four shapes off the dictionary.
+
+    The published targets are centred balls and cylinders, so the label
+    search's dictionary of generic starts holds each of them exactly. The
+    last four (centroid membership) are off-centre, at other radii and
+    angles, or beaded, so no generic start matches them: they measure the
+    search itself.
+    """
+    centre = np.full(3, 40 / 3)
     shapes = published_phantoms(grid, kappa=1e-5)
     shapes["bent_axon"] = bent_axon(grid, radius=4.5, curvature_radius=20.0)
+    shapes["sphere_off_centre"] = sphere(
+        grid, radius=8.0, centre=centre + [3.0, -2.5, 2.0]
+    )
+    shapes["capsule_111"] = cylinder(
+        grid, radius=7.0, length=18.0, axis=(1, 1, 1), centre=centre + [-2, 1.5, 0]
+    )
+    shapes["tube_off_centre"] = cylinder(
+        grid, radius=7.5, axis=(0, 1, 1), centre=centre + [2.5, 0, 0]
+    )
+    shapes["beaded_axon"] = beaded_axon(
+        grid, radius=6.0, bead_amplitude=2.0, bead_period=20.0, axis=(1, 0, 0)
+    )
     return shapes
 
 
@@ -135,7 +161,7 @@ def run(args):
     boundary = "absorbing" if args.experiment == "paper" else "reflecting"
     grid = TetGrid.bcc(80 / 3, 4, boundary=boundary, wall_permeability=0.1)
     targets = phantoms(grid)
-    shapes = args.shapes or list(targets)
+    shapes = args.shapes or list(targets)[:5]  # published four and the bent axon
     os.makedirs(RESULTS, exist_ok=True)
     log = os.path.join(RESULTS, f"{args.experiment}.jsonl")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")

@@ -64,16 +64,19 @@ PRESETS = {
         polish_batch=16,
         polish_directions=None,
         polish_kappas=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4),
+        polish_starts=16,
     ),
 }
 # Realistic voxels (reflecting or periodic, extracellular water, noise): the
 # published face fit with a Rician-aware loss, then a search over closed cell
 # labellings (``polish`` steps at most). It starts from the best of the
-# regions the thresholded face field suggests and generic balls and tubes,
-# moves cells (and whole layers or components) across the surface while the
-# data loss drops, on ``polish_directions`` directions per sequence, and picks
-# one membrane permeability per voxel from ``polish_kappas``, refined between
-# them at the end. Recovered surfaces are closed by construction.
+# regions the thresholded face field suggests and a dictionary of balls, tubes
+# and finite cylinders (screened on a few directions, the best
+# ``polish_starts`` scored in full), moves cells (and whole layers or
+# components) across the surface while the data loss drops, on
+# ``polish_directions`` directions per sequence, and picks one membrane
+# permeability per voxel from ``polish_kappas``, refined between them at the
+# end. Recovered surfaces are closed by construction.
 PRESETS["default"] = dict(
     PRESETS["paper"],
     noise="rician",
@@ -221,6 +224,11 @@ def reconstruct(
 
 
 _TERMS = ("data", "continuity", "manifold", "binarise", "area")
+# Label search: directions per sequence when screening its starts, and the
+# generic start shapes' largest radius and finite lengths (lattice spacings).
+_SCREEN_DIRECTIONS = 3
+_MAX_RADIUS = 1.6
+_HALF_LENGTHS = (1.0, 1.5)
 
 
 class _Fit:
@@ -292,6 +300,8 @@ def _resolve_config(preset, overrides):
             "polish_kappas must list membrane permeabilities (m/s) between the "
             f"lower bound {10.0**lo:g} and the threshold {config['threshold']:g}."
         )
+    if int(config["polish_starts"]) < 1:
+        raise ValueError("polish_starts must be >= 1.")
     n_dirs = config["polish_directions"]
     if n_dirs is not None and int(n_dirs) < 1:
         raise ValueError("polish_directions must be None (all) or >= 1.")
@@ -493,18 +503,19 @@ def _polish_all(
     """Search cell labels and one membrane permeability per voxel.
 
     Starts from ``labels`` when given, otherwise from the best closed
-    labelling the thresholded face field ``kappa`` suggests (see
-    :func:`_start_candidates`). The membrane permeability is chosen from
-    ``polish_kappas`` jointly with the start, and chosen again on the final
-    labels; if it changed, the label search runs once more with it. Last, a
-    1-D search refines it between the grid values (:func:`_refine_kappa`);
-    the labels were searched at the grid value, so a permeability far from
-    every grid value can still bias them.
+    labelling out of :func:`_start_candidates` (from the thresholded face
+    field ``kappa`` and a dictionary of generic shapes): all are screened on
+    a few directions, the best ``polish_starts`` are scored in full. The
+    membrane permeability is chosen from ``polish_kappas`` jointly with the
+    start, and chosen again on the final labels; if it changed, the label
+    search runs once more with it. Last, a 1-D search refines it between the
+    grid values (:func:`_refine_kappa`); the labels were searched at the
+    grid value, so a permeability far from every grid value can still bias
+    them.
     """
     lo, hi = config["log_kappa_bounds"]
     subset = _direction_subset(protocol, groups, config["polish_directions"])
-    search = protocol[subset]
-    search_groups = search.groups()
+    screen = _direction_subset(protocol, groups, _SCREEN_DIRECTIONS)
     # The same for every voxel; only needed to start without given labels.
     generic = _generic_shapes(grid) if labels is None else None
     grid_kappas = np.asarray(config["polish_kappas"], dtype=float)
@@ -513,23 +524,12 @@ def _polish_all(
     out_labels = np.zeros((len(data), grid.n_cells), dtype=int)
     out_kappa = np.zeros(len(data))
     for v in range(len(data)):
+        score = _label_scorer(grid, data[v], protocol, subset, config, sim)
 
-        def score(candidates, membrane, v=v):
-            barrier = (
-                candidates[:, grid.face_cells[:, 0]]
-                != candidates[:, grid.face_cells[:, 1]]
-            )
-            field = np.where(barrier, np.reshape(membrane, (-1, 1)), 10.0**hi)
-            pred = simulate(grid, field, search, **sim)
-            pred = _normalise(pred, search, search_groups)
-            target = data[v, subset].expand_as(pred)
-            ones = torch.ones(len(subset), dtype=pred.dtype, device=pred.device)
-            return _data_term(pred, target, ones, config).cpu().numpy()
-
-        def best_kappa(candidates):
-            """Best (candidate, membrane permeability) over the grid."""
-            rows = np.repeat(candidates, len(grid_kappas), axis=0)
-            values = np.tile(grid_kappas, len(candidates))
+        def best_kappa(candidates, score=score, kappas=grid_kappas):
+            """Best (candidate, membrane permeability) over ``kappas``."""
+            rows = np.repeat(candidates, len(kappas), axis=0)
+            values = np.tile(kappas, len(candidates))
             losses = np.concatenate(
                 [
                     score(rows[i : i + 64], values[i : i + 64])
@@ -537,13 +537,20 @@ def _polish_all(
                 ]
             )
             best = int(np.argmin(losses))
-            return rows[best], values[best]
+            return rows[best], values[best], losses.reshape(len(candidates), -1)
 
         if labels is None:
             starts = _start_candidates(grid, kappa[v] < config["threshold"], generic)
+            if len(starts) > config["polish_starts"]:
+                # Screen on a few directions and two permeabilities; keep the
+                # best few for the full choice below.
+                quick = _label_scorer(grid, data[v], protocol, screen, config, sim)
+                pair = grid_kappas[[0, len(grid_kappas) // 2]]
+                losses = best_kappa(starts, quick, pair)[2].min(1)
+                starts = starts[np.argsort(losses)[: config["polish_starts"]]]
         else:
             starts = labels[v][None]
-        current, membrane = best_kappa(starts)
+        current, membrane, _ = best_kappa(starts)
 
         def report(step, loss, v=v):
             if callback is not None:
@@ -551,15 +558,15 @@ def _polish_all(
 
         for _ in range(2):
             current = _greedy_labels(
-                grid, current, lambda c, m=membrane: score(c, m), config, report
+                grid, current, lambda c, m=membrane, s=score: s(c, m), config, report
             )
-            current, refitted = best_kappa(current[None])
+            current, refitted, _ = best_kappa(current[None])
             if refitted == membrane:
                 break
             membrane = refitted
         out_labels[v] = current
         out_kappa[v] = _refine_kappa(
-            lambda k, c=current: score(c[None], k)[0], membrane, bounds
+            lambda k, c=current, s=score: s(c[None], k)[0], membrane, bounds
         )
     barrier = (
         out_labels[:, grid.face_cells[:, 0]] != out_labels[:, grid.face_cells[:, 1]]
@@ -569,6 +576,31 @@ def _polish_all(
         full = simulate(grid, field, protocol, **sim)
         predicted = _normalise(full, protocol, groups)
     return out_labels, field, predicted
+
+
+def _label_scorer(grid, target, protocol, subset, config, sim):
+    """``score(labels (B, n_cells), membrane (B,)) -> data loss (B,)``.
+
+    The field of a labelling: ``membrane`` on the faces between different
+    labels, the upper bound elsewhere; scored on the acquisitions ``subset``.
+    """
+    search = protocol[subset]
+    search_groups = search.groups()
+    open_kappa = 10.0 ** config["log_kappa_bounds"][1]
+    target = target[subset]
+    ones = torch.ones(len(subset), dtype=target.dtype, device=target.device)
+
+    def score(candidates, membrane):
+        barrier = (
+            candidates[:, grid.face_cells[:, 0]] != candidates[:, grid.face_cells[:, 1]]
+        )
+        field = np.where(barrier, np.reshape(membrane, (-1, 1)), open_kappa)
+        with torch.no_grad():
+            pred = simulate(grid, field, search, **sim)
+            pred = _normalise(pred, search, search_groups)
+        return _data_term(pred, target.expand_as(pred), ones, config).cpu().numpy()
+
+    return score
 
 
 def _refine_kappa(loss, start, bounds, *, span=0.5):
@@ -610,31 +642,40 @@ def _start_candidates(grid, barrier, generic, n_regions=8):
 
 
 def _generic_shapes(grid):
-    """Balls and straight tubes of cells, by centroid, a few sizes each.
+    """A dictionary of balls, tubes and finite cylinders of cells.
 
-    Balls of radius 0.6-1.5 lattice spacings at the box centre and half a
-    spacing off it along each axis; tubes of radius 0.6-1.5 spacings through
-    the centre along the 13 lattice directions (axes, face and body
-    diagonals). Empty and all-inside labellings are dropped.
+    Every distinct ball (by centroid distance, radius up to ``1.6`` lattice
+    spacings) about the box centre and half a spacing off it along each
+    axis; every distinct straight tube through the centre along the 13
+    lattice directions (axes, face and body diagonals), running through the
+    voxel or cut flat at half-lengths of 1 and 1.5 spacings. Listing every
+    distinct radius matters: on a lattice, radii a fixed step apart skip
+    whole shells. Empty and all-inside labellings are dropped.
     """
     h = grid.spacing
-    centre = 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
-    x = grid.cell_centroids
-    radii = h * np.array([0.6, 0.9, 1.2, 1.5])
-    shifts = np.vstack([np.zeros(3), 0.5 * h * np.eye(3), -0.5 * h * np.eye(3)])
-    offset = x - centre
-    shapes = [
-        np.linalg.norm(offset - shift, axis=1) < r for shift in shifts for r in radii
-    ]
+    x = grid.cell_centroids - 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
+    shapes = []
+    for shift in np.vstack([np.zeros(3), 0.5 * h * np.eye(3), -0.5 * h * np.eye(3)]):
+        shapes += _shells(np.linalg.norm(x - shift, axis=1), _MAX_RADIUS * h)
     steps = np.array(
         [[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], float
     )
-    directions = [d / np.linalg.norm(d) for d in steps if tuple(d) > (0, 0, 0)]
-    for d in directions:
-        across = np.linalg.norm(offset - np.outer(offset @ d, d), axis=1)
-        shapes += [across < r for r in radii]
-    shapes = np.array(shapes)
+    for step in steps[[tuple(d) > (0, 0, 0) for d in steps]]:
+        axis = step / np.linalg.norm(step)
+        along = x @ axis
+        across = np.linalg.norm(x - np.outer(along, axis), axis=1)
+        shapes += _shells(across, _MAX_RADIUS * h)
+        for half in _HALF_LENGTHS:
+            capped = np.where(np.abs(along) < half * h, across, np.inf)
+            shapes += _shells(capped, _MAX_RADIUS * h)
+    shapes = np.unique(np.array(shapes), axis=0)
     return shapes[(shapes.sum(1) > 0) & (shapes.sum(1) < grid.n_cells)]
+
+
+def _shells(distance, max_radius):
+    """Every distinct set ``distance <= r`` with ``r <= max_radius``."""
+    radii = np.unique(np.round(distance[distance <= max_radius], 6))
+    return [distance <= r + 1e-6 for r in radii]
 
 
 def _greedy_labels(grid, labels, score, config, report=None):

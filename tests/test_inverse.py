@@ -9,6 +9,7 @@ from dipy_spinverse import Protocol, TetGrid, simulate
 from dipy_spinverse.inverse import (
     PRESETS,
     _direction_subset,
+    _generic_shapes,
     _greedy_labels,
     _normalise,
     _polish_all,
@@ -101,6 +102,7 @@ def test_cell_parametrisation_returns_labels(problem):
         (dict(polish=-1), "polish"),
         (dict(polish_directions=0), "polish_directions"),
         (dict(polish_kappas=(1e-2,)), "polish_kappas"),
+        (dict(polish_starts=0), "polish_starts"),
     ],
 )
 def test_bad_options(problem, kwargs, match):
@@ -146,6 +148,23 @@ def test_greedy_label_search_reaches_the_minimum():
     # A flat score is a local minimum everywhere: nothing moves.
     flat = _greedy_labels(grid, start, lambda c: np.ones(len(c)), config)
     assert_array_equal(flat, start)
+
+
+def test_generic_shapes_hold_every_centred_ball():
+    """Every distinct centred ball up to 1.6 spacings is a start candidate.
+
+    Radii sampled at a fixed step skip whole shells of the lattice (the
+    published sphere lies between 0.9 and 1.2 spacings), so each distinct
+    ball must be listed, whatever its radius.
+    """
+    grid = TetGrid.bcc(80 / 3, 4)
+    shapes = {tuple(s) for s in _generic_shapes(grid).astype(bool)}
+    centre = 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
+    distance = np.linalg.norm(grid.cell_centroids - centre, axis=1)
+    for radius in np.linspace(0.5, 1.6, 45) * grid.spacing:
+        ball = distance < radius
+        if ball.any():
+            assert tuple(ball) in shapes, f"ball of radius {radius:.2f} um missing"
 
 
 def test_direction_subset_keeps_b0_and_whole_shells():
