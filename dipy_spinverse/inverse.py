@@ -224,11 +224,17 @@ def reconstruct(
 
 
 _TERMS = ("data", "continuity", "manifold", "binarise", "area")
-# Label search: directions per sequence when screening its starts, and the
-# generic start shapes' largest radius and finite lengths (lattice spacings).
+# Label search: directions per sequence when screening its starts; the
+# generic start shapes' largest radius and finite half-lengths (lattice
+# spacings); their centre step (spacings), how far a centre may move (steps),
+# and the beam and rounds of the shape search.
 _SCREEN_DIRECTIONS = 3
 _MAX_RADIUS = 1.6
 _HALF_LENGTHS = (1.0, 1.5)
+_CENTRE_STEP = 0.25
+_MAX_STEPS = 4
+_BEAM = 4
+_ROUNDS = 12
 
 
 class _Fit:
@@ -516,8 +522,6 @@ def _polish_all(
     lo, hi = config["log_kappa_bounds"]
     subset = _direction_subset(protocol, groups, config["polish_directions"])
     screen = _direction_subset(protocol, groups, _SCREEN_DIRECTIONS)
-    # The same for every voxel; only needed to start without given labels.
-    generic = _generic_shapes(grid) if labels is None else None
     grid_kappas = np.asarray(config["polish_kappas"], dtype=float)
     # Stay below the barrier threshold so the membranes remain barriers.
     bounds = (lo, math.log10(config["threshold"]) - 1e-3)
@@ -540,14 +544,20 @@ def _polish_all(
             return rows[best], values[best], losses.reshape(len(candidates), -1)
 
         if labels is None:
-            starts = _start_candidates(grid, kappa[v] < config["threshold"], generic)
-            if len(starts) > config["polish_starts"]:
-                # Screen on a few directions and two permeabilities; keep the
-                # best few for the full choice below.
-                quick = _label_scorer(grid, data[v], protocol, screen, config, sim)
-                pair = grid_kappas[[0, len(grid_kappas) // 2]]
-                losses = best_kappa(starts, quick, pair)[2].min(1)
-                starts = starts[np.argsort(losses)[: config["polish_starts"]]]
+            quick = _label_scorer(grid, data[v], protocol, screen, config, sim)
+            pair = grid_kappas[[0, len(grid_kappas) // 2]]
+
+            def screened(candidates, quick=quick, pair=pair):
+                return best_kappa(candidates, quick, pair)[2].min(1)
+
+            starts = np.concatenate(
+                [
+                    _start_candidates(grid, kappa[v] < config["threshold"]),
+                    _shape_search(grid, screened, config["polish_starts"]),
+                ]
+            )
+            starts = np.unique(starts, axis=0)
+            starts = starts[np.argsort(screened(starts))[: config["polish_starts"]]]
         else:
             starts = labels[v][None]
         current, membrane, _ = best_kappa(starts)
@@ -621,15 +631,12 @@ def _refine_kappa(loss, start, bounds, *, span=0.5):
     return 10.0**found.x if found.fun < loss(start) else start
 
 
-def _start_candidates(grid, barrier, generic, n_regions=8):
-    """Closed labellings to start the label search from.
+def _start_candidates(grid, barrier, n_regions=8):
+    """Closed labellings the thresholded face field suggests.
 
-    From the thresholded face field: the cells it encloses, the cells at odd
-    barrier depth, and each of its largest regions alone (a field that walls
-    off a corner of the box makes the enclosed set nearly everything). Plus
-    ``generic`` labellings that need no face field, such as the balls and
-    tubes of :func:`_generic_shapes`. The search starts from the best of
-    these by data loss.
+    The cells it encloses, the cells at odd barrier depth, and each of its
+    largest regions alone (a field that walls off a corner of the box makes
+    the enclosed set nearly everything).
     """
     region, outside = barrier_regions(grid, barrier)
     volume = np.bincount(region, weights=grid.cell_volumes)
@@ -637,45 +644,123 @@ def _start_candidates(grid, barrier, generic, n_regions=8):
     largest = [r for r in np.argsort(volume)[::-1][:n_regions] if volume[r] > 0]
     candidates = [enclosed_cells(grid, barrier), odd_depth_cells(grid, barrier)]
     candidates += [region == r for r in largest]
-    candidates += list(generic)
-    return np.unique(np.array(candidates, dtype=int), axis=0)
+    candidates = np.unique(np.array(candidates, dtype=int), axis=0)
+    return candidates[(candidates.sum(1) > 0) & (candidates.sum(1) < grid.n_cells)]
 
 
-def _generic_shapes(grid):
-    """A dictionary of balls, tubes and finite cylinders of cells.
+def _shape_search(grid, screened, n_best):
+    """Generic shapes that fit the data: a dictionary, then a beam search.
 
-    Every distinct ball (by centroid distance, radius up to ``1.6`` lattice
-    spacings) about the box centre and half a spacing off it along each
-    axis; every distinct straight tube through the centre along the 13
-    lattice directions (axes, face and body diagonals), running through the
-    voxel or cut flat at half-lengths of 1 and 1.5 spacings. Listing every
-    distinct radius matters: on a lattice, radii a fixed step apart skip
-    whole shells. Empty and all-inside labellings are dropped.
+    The dictionary holds every distinct ball, tube and finite cylinder (see
+    :func:`_shape_families`) about the box centre: all radii up to
+    ``_MAX_RADIUS`` spacings, because on a lattice radii a fixed step apart
+    skip whole shells. All are scored with ``screened(labels) -> loss``.
+    Then a beam search: the best shape of each of the ``_BEAM`` best families
+    moves its centre by ``_CENTRE_STEP`` spacings along an axis (keeping its
+    radius or taking one of the two shells either side) or its radius by one
+    shell, while the leaders change (at most ``_ROUNDS`` rounds); this
+    reaches cells off the centre. Returns the
+    labels of the ``n_best`` best shapes seen.
     """
-    h = grid.spacing
-    x = grid.cell_centroids - 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
-    shapes = []
-    for shift in np.vstack([np.zeros(3), 0.5 * h * np.eye(3), -0.5 * h * np.eye(3)]):
-        shapes += _shells(np.linalg.norm(x - shift, axis=1), _MAX_RADIUS * h)
+    x = grid.cell_centroids
+    origin = 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
+    step = _CENTRE_STEP * grid.spacing
+    families = _shape_families(grid)
+    max_radius = _MAX_RADIUS * grid.spacing
+
+    def distance(family, offset):
+        return _core_distance(x, origin + step * np.array(offset), *families[family])
+
+    def shells(family, offset):
+        d = distance(family, offset)
+        return np.unique(np.round(d[d <= max_radius], 6))
+
+    seen = {}  # labels -> (loss, shape)
+
+    def score(shapes):
+        fresh = {}
+        for shape in shapes:
+            labels = (distance(shape[0], shape[1]) <= shape[2] + 1e-6).astype(int)
+            key = labels.tobytes()
+            if 0 < labels.sum() < grid.n_cells and key not in seen:
+                fresh.setdefault(key, (labels, shape))
+        if fresh:
+            losses = screened(np.array([labels for labels, _ in fresh.values()]))
+            for (key, (_, shape)), loss in zip(fresh.items(), losses, strict=True):
+                seen[key] = (float(loss), shape)
+
+    def best(n):
+        return sorted(seen.items(), key=lambda item: item[1][0])[:n]
+
+    def leaders():
+        """The best shape of each of the ``_BEAM`` best families."""
+        beam = {}
+        for key, (_, shape) in best(len(seen)):
+            beam.setdefault(shape[0], (key, shape))
+            if len(beam) == _BEAM:
+                break
+        return list(beam.values())
+
+    score(
+        [(f, (0, 0, 0), r) for f in range(len(families)) for r in shells(f, (0, 0, 0))]
+    )
+    beam = leaders()
+    for _ in range(_ROUNDS):
+        moves = []
+        for _, (family, offset, radius) in beam:
+            for axis in range(3):
+                for sign in (1, -1):
+                    moved = list(offset)
+                    moved[axis] += sign
+                    if abs(moved[axis]) <= _MAX_STEPS:
+                        # Moving keeps the radius or takes a shell near it.
+                        there = shells(family, tuple(moved))
+                        for r in [radius, *_neighbours(there, radius, 2)]:
+                            moves.append((family, tuple(moved), r))
+            radii = shells(family, offset)
+            moves += [(family, offset, r) for r in _neighbours(radii, radius)]
+        score(moves)
+        if leaders() == beam:
+            break
+        beam = leaders()
+    return np.array([np.frombuffer(key, dtype=int) for key, _ in best(n_best)])
+
+
+def _shape_families(grid):
+    """(axis, half-length) of the generic shapes' cores.
+
+    ``(None, None)``: a point (balls); ``(axis, None)``: a line along one of
+    the 13 lattice directions (axes, face and body diagonals; tubes through
+    the voxel); ``(axis, half)``: a segment of half-length ``_HALF_LENGTHS``
+    spacings (finite cylinders with flat caps).
+    """
     steps = np.array(
         [[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], float
     )
-    for step in steps[[tuple(d) > (0, 0, 0) for d in steps]]:
-        axis = step / np.linalg.norm(step)
-        along = x @ axis
-        across = np.linalg.norm(x - np.outer(along, axis), axis=1)
-        shapes += _shells(across, _MAX_RADIUS * h)
-        for half in _HALF_LENGTHS:
-            capped = np.where(np.abs(along) < half * h, across, np.inf)
-            shapes += _shells(capped, _MAX_RADIUS * h)
-    shapes = np.unique(np.array(shapes), axis=0)
-    return shapes[(shapes.sum(1) > 0) & (shapes.sum(1) < grid.n_cells)]
+    axes = [d / np.linalg.norm(d) for d in steps if tuple(d) > (0, 0, 0)]
+    halves = [None] + [half * grid.spacing for half in _HALF_LENGTHS]
+    return [(None, None)] + [(axis, half) for axis in axes for half in halves]
 
 
-def _shells(distance, max_radius):
-    """Every distinct set ``distance <= r`` with ``r <= max_radius``."""
-    radii = np.unique(np.round(distance[distance <= max_radius], 6))
-    return [distance <= r + 1e-6 for r in radii]
+def _core_distance(x, centre, axis, half):
+    """Distance of points ``x`` to a point, line or flat-capped segment."""
+    y = x - centre
+    if axis is None:
+        return np.linalg.norm(y, axis=1)
+    along = y @ axis
+    across = np.linalg.norm(y - np.outer(along, axis), axis=1)
+    return across if half is None else np.where(np.abs(along) < half, across, np.inf)
+
+
+def _neighbours(values, value, n=1):
+    """The ``n`` entries of sorted ``values`` just below and just above ``value``."""
+    i = np.searchsorted(values, value - 1e-6)
+    j = np.searchsorted(values, value + 1e-6)
+    return [
+        values[k]
+        for k in range(i - n, j + n)
+        if 0 <= k < len(values) and (k < i or k >= j)
+    ]
 
 
 def _greedy_labels(grid, labels, score, config, report=None):

@@ -9,11 +9,11 @@ from dipy_spinverse import Protocol, TetGrid, simulate
 from dipy_spinverse.inverse import (
     PRESETS,
     _direction_subset,
-    _generic_shapes,
     _greedy_labels,
     _normalise,
     _polish_all,
     _sequence_groups,
+    _shape_search,
     reconstruct,
 )
 from dipy_spinverse.sequences import fibonacci_sphere
@@ -150,21 +150,56 @@ def test_greedy_label_search_reaches_the_minimum():
     assert_array_equal(flat, start)
 
 
-def test_generic_shapes_hold_every_centred_ball():
-    """Every distinct centred ball up to 1.6 spacings is a start candidate.
+def test_shape_search_lists_every_centred_ball():
+    """Every distinct centred ball up to 1.6 spacings is scored.
 
     Radii sampled at a fixed step skip whole shells of the lattice (the
     published sphere lies between 0.9 and 1.2 spacings), so each distinct
     ball must be listed, whatever its radius.
     """
     grid = TetGrid.bcc(80 / 3, 4)
-    shapes = {tuple(s) for s in _generic_shapes(grid).astype(bool)}
+    scored = set()
+
+    def record(candidates):
+        scored.update(tuple(c) for c in candidates)
+        return np.ones(len(candidates))  # flat: the beam search stops at once
+
+    _shape_search(grid, record, 4)
     centre = 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
     distance = np.linalg.norm(grid.cell_centroids - centre, axis=1)
     for radius in np.linspace(0.5, 1.6, 45) * grid.spacing:
-        ball = distance < radius
+        ball = (distance < radius).astype(int)
         if ball.any():
-            assert tuple(ball) in shapes, f"ball of radius {radius:.2f} um missing"
+            assert tuple(ball) in scored, f"ball of radius {radius:.2f} um missing"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        dict(radius=7.5, centre=(2, -1, 1)),  # a ball off the centre
+        dict(radius=6.0, axis=(0, 1, 1), centre=(1, 0, 0)),  # a tube off it
+    ],
+)
+def test_shape_search_moves_off_the_centre(target):
+    """The beam search walks a centred shape to an off-centre target.
+
+    With a Hamming score, the best shape found must be the target: it is
+    not in the centred dictionary, but its centre is a whole number of
+    centre steps (a quarter spacing, ``centre`` counts them) away.
+    """
+    from dipy_spinverse.phantoms import cylinder, sphere
+
+    grid = TetGrid.bcc(80 / 3, 4)
+    steps = np.array(target.pop("centre"))
+    centre = np.full(3, 40 / 3) + steps * grid.spacing / 4
+    make = cylinder if "axis" in target else sphere
+    truth = make(grid, centre=centre, **target).inside.astype(int)
+
+    def hamming(candidates):
+        return (candidates != truth).sum(-1).astype(float)
+
+    found = _shape_search(grid, hamming, 1)[0]
+    assert_array_equal(found, truth)
 
 
 def test_direction_subset_keeps_b0_and_whole_shells():
