@@ -69,6 +69,8 @@ COLUMNS = (
     "n_components",
     "is_closed",
     "is_manifold",
+    "f1_twin",
+    "iou_twin",
 )
 
 
@@ -130,6 +132,10 @@ def measure(experiment, grid, shape, phantom, arm, preset, overrides, snr, seed)
         signal = np.hypot(signal + noise[0], noise[1])
     result = reconstruct(grid, signal, protocol, preset=preset, seed=seed, **overrides)
     scores = all_metrics(grid, result.barrier, phantom)
+    # Magnitude data cannot tell a surface from its inversion through the
+    # voxel centre (metrics.inversion_twin); score the better of the two too.
+    twin = all_metrics(grid, result.barrier, phantom, twin=True)
+    scores.update(f1_twin=twin["f1"], iou_twin=twin["iou"])
     row = dict(
         experiment=experiment,
         shape=shape,
@@ -204,8 +210,9 @@ def report():
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["shape"], r["arm"], str(r["snr"])]
-            cells += [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
-                      for c in COLUMNS]  # fmt: skip
+            # Rows from before a column was added show "n/a".
+            cells += [f"{r[c]:.3f}" if isinstance(r.get(c), float)
+                      else str(r.get(c, "n/a")) for c in COLUMNS]  # fmt: skip
             cells += [f"{r['data_loss']:.2e}", f"{r['time_s']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         sections.append(f"## {title}\n\n" + "\n".join(lines) + "\n")

@@ -65,6 +65,7 @@ PRESETS = {
         polish_directions=None,
         polish_kappas=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4),
         polish_starts=16,
+        polish_restarts=1,
     ),
 }
 # Realistic voxels (reflecting or periodic, extracellular water, noise): the
@@ -306,8 +307,8 @@ def _resolve_config(preset, overrides):
             "polish_kappas must list membrane permeabilities (m/s) between the "
             f"lower bound {10.0**lo:g} and the threshold {config['threshold']:g}."
         )
-    if int(config["polish_starts"]) < 1:
-        raise ValueError("polish_starts must be >= 1.")
+    if int(config["polish_starts"]) < 1 or int(config["polish_restarts"]) < 1:
+        raise ValueError("polish_starts and polish_restarts must be >= 1.")
     n_dirs = config["polish_directions"]
     if n_dirs is not None and int(n_dirs) < 1:
         raise ValueError("polish_directions must be None (all) or >= 1.")
@@ -560,20 +561,30 @@ def _polish_all(
             starts = starts[np.argsort(screened(starts))[: config["polish_starts"]]]
         else:
             starts = labels[v][None]
-        current, membrane, _ = best_kappa(starts)
+        _, _, losses = best_kappa(starts)
+        order = np.argsort(losses.min(1))[: config["polish_restarts"]]
 
         def report(step, loss, v=v):
             if callback is not None:
                 callback(step, None, {"search": float(loss), "voxel": v})
 
-        for _ in range(2):
-            current = _greedy_labels(
-                grid, current, lambda c, m=membrane, s=score: s(c, m), config, report
-            )
-            current, refitted, _ = best_kappa(current[None])
-            if refitted == membrane:
-                break
-            membrane = refitted
+        found = []
+        for i in order:
+            current, membrane = starts[i], grid_kappas[np.argmin(losses[i])]
+            for _ in range(2):
+                current = _greedy_labels(
+                    grid,
+                    current,
+                    lambda c, m=membrane, s=score: s(c, m),
+                    config,
+                    report,
+                )
+                current, refitted, final = best_kappa(current[None])
+                if refitted == membrane:
+                    break
+                membrane = refitted
+            found.append((final.min(), current, membrane))
+        _, current, membrane = min(found, key=lambda item: item[0])
         out_labels[v] = current
         out_kappa[v] = _refine_kappa(
             lambda k, c=current, s=score: s(c[None], k)[0], membrane, bounds

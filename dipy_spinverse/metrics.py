@@ -19,6 +19,11 @@ fields on the same grid:
   of its edges shared by exactly two triangles, closed, manifold, and the
   number of connected components.
 
+Magnitude signals cannot tell a barrier from its point inversion through the
+voxel centre (:func:`inversion_twin`): inverting the field conjugates the
+transverse magnetisation. An off-centre cell and its twin fit the data
+equally well, so score both (``twin=True`` in :func:`all_metrics`).
+
 Empty surfaces: a distance to or from an empty surface is ``inf`` (and 0
 between two empty surfaces); the edge fraction of an empty surface is
 ``nan``; precision is 0 when nothing is recovered but something was to be
@@ -38,6 +43,7 @@ __all__ = [
     "hausdorff_distance",
     "edge_degree_fraction",
     "n_components",
+    "inversion_twin",
     "all_metrics",
 ]
 
@@ -212,7 +218,39 @@ def n_components(grid, barrier):
     return barrier_mesh(grid, barrier, cap_wall=True).n_components
 
 
-def all_metrics(grid, recovered, phantom=None, *, true_barrier=None, true_labels=None):
+def inversion_twin(grid, barrier):
+    """The barrier inverted through the centre of the voxel, ``x -> -x``.
+
+    For any gradient waveform, the Bloch-Torrey solution of the inverted
+    field is the complex conjugate of the original's (the gradient term
+    ``-i gamma g.x`` changes sign with ``x``), so the two give the same signal
+    magnitude: magnitude data cannot tell them apart.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        A grid symmetric under the inversion (``TetGrid.bcc`` is).
+    barrier : array_like of bool (n_faces,)
+
+    Returns
+    -------
+    ndarray of bool (n_faces,)
+    """
+    barrier = _check_barrier(grid, barrier)
+    points = grid._wrap(grid.size - grid.face_centroids)  # about size / 2
+    tree = cKDTree(grid.face_centroids, boxsize=grid.size if grid.periodic else None)
+    distance, face = tree.query(points)
+    if np.any(distance > 1e-6 * grid.spacing):
+        raise ValueError(
+            "grid is not symmetric under inversion through its centre; "
+            "inversion_twin needs a grid such as TetGrid.bcc."
+        )
+    return barrier[face]
+
+
+def all_metrics(
+    grid, recovered, phantom=None, *, true_barrier=None, true_labels=None, twin=False
+):
     """Every metric of a recovered barrier against the ground truth.
 
     Parameters
@@ -226,6 +264,10 @@ def all_metrics(grid, recovered, phantom=None, *, true_barrier=None, true_labels
         The true barrier, instead of ``phantom``.
     true_labels : array_like of int (n_cells,), optional
         True cell labels (0 outside), with ``true_barrier``.
+    twin : bool
+        Score the recovered barrier or its :func:`inversion_twin`, whichever
+        has the higher F1 (magnitude data cannot tell them apart); ``twin``
+        in the result says which was scored.
 
     Returns
     -------
@@ -249,7 +291,16 @@ def all_metrics(grid, recovered, phantom=None, *, true_barrier=None, true_labels
         raise ValueError("all_metrics needs a phantom or a true_barrier.")
     recovered = _check_barrier(grid, recovered)
     true_barrier = _check_barrier(grid, true_barrier)
+    use_twin = False
+    if twin:
+        mirrored = inversion_twin(grid, recovered)
+        use_twin = (
+            face_scores(mirrored, true_barrier)["f1"]
+            > face_scores(recovered, true_barrier)["f1"]
+        )
+        recovered = mirrored if use_twin else recovered
     out = face_scores(recovered, true_barrier)
+    out["twin"] = use_twin
     out.update(volume_overlap(grid, recovered, enclosed_cells(grid, true_barrier)))
     if true_labels is not None:
         labels = np.asarray(true_labels)

@@ -18,6 +18,7 @@ from dipy_spinverse.metrics import (
     edge_degree_fraction,
     face_scores,
     hausdorff_distance,
+    inversion_twin,
     n_components,
     volume_overlap,
 )
@@ -208,6 +209,53 @@ def test_perfect_recovery(grid, published, name):
     assert m["iou_labels"] == pytest.approx(64 / 72 if name == "torus" else 1.0)
     again = all_metrics(grid, p.barrier, true_barrier=p.barrier, true_labels=p.labels)
     assert again == m
+
+
+@pytest.mark.parametrize("boundary", ["reflecting", "absorbing", "periodic"])
+def test_inversion_twin_has_the_same_signal(boundary):
+    """Magnitude signals cannot tell a field from its inversion x -> -x.
+
+    The inverted field's magnetisation is the complex conjugate of the
+    original's, for any gradient, so |S| agrees to round-off (float64). The
+    twin of an off-centre ball is another ball, and the twin of the twin is
+    the original.
+    """
+    from dipy_spinverse import Protocol, simulate
+
+    grid = TetGrid.bcc(12.0, 3, boundary=boundary)
+    ball = ph.sphere(grid, radius=3.5, centre=(7.5, 5.0, 6.8))
+    mirrored = ph.sphere(grid, radius=3.5, centre=(4.5, 7.0, 5.2))
+    twin = inversion_twin(grid, ball.barrier)
+    assert_array_equal(twin, mirrored.barrier)
+    assert not np.array_equal(twin, ball.barrier)
+    assert_array_equal(inversion_twin(grid, twin), ball.barrier)
+    dirs = np.array([[1, 0, 0], [0.6, 0.8, 0], [0.2, -0.3, 0.9], [0, 0, 1]])
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    prot = Protocol.pgse([0, 2000, 3000, 1000], dirs, small_delta=0.005, big_delta=0.03)
+    a = simulate(grid, np.where(ball.barrier, 2e-5, np.inf), prot)
+    b = simulate(grid, np.where(twin, 2e-5, np.inf), prot)
+    assert_allclose(a, b, rtol=0, atol=1e-12)
+    assert np.abs(a.numpy() - 1).max() > 0.05  # and the signal is not trivial
+    # The metric can score the better of the two.
+    m = all_metrics(grid, twin, ball, twin=True)
+    assert m["twin"] and m["f1"] == 1.0
+    assert all_metrics(grid, twin, ball)["f1"] < 1.0
+
+
+def test_inversion_twin_needs_a_symmetric_grid():
+    grid = TetGrid.bcc(12.0, 3)
+    keep = grid.cell_centroids[:, 0] < 9.5  # cut one side off: not symmetric
+    lopsided = TetGrid(
+        vertices=grid.vertices,
+        tets=grid.tets[keep],
+        size=grid.size,
+        boundary="reflecting",
+        wall_permeability=0.1,
+        spacing=grid.spacing,
+        tet_coords=grid.tet_coords[keep],
+    )
+    with pytest.raises(ValueError, match="inversion"):
+        inversion_twin(lopsided, np.zeros(lopsided.n_faces, bool))
 
 
 def test_eroded_recovery(periodic):
