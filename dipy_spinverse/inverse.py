@@ -511,8 +511,8 @@ def _polish_all(
 
     Starts from ``labels`` when given, otherwise from the best closed
     labelling out of :func:`_start_candidates` (from the thresholded face
-    field ``kappa`` and a dictionary of generic shapes): all are screened on
-    a few directions, the best ``polish_starts`` are scored in full. The
+    field ``kappa``, scored in full, and the best ``polish_starts`` of
+    :func:`_shape_search`, screened on a few directions). The
     membrane permeability is chosen from ``polish_kappas`` jointly with the
     start, and chosen again on the final labels; if it changed, the label
     search runs once more with it. Last, a 1-D search refines it between the
@@ -551,6 +551,8 @@ def _polish_all(
             def screened(candidates, quick=quick, pair=pair):
                 return best_kappa(candidates, quick, pair)[2].min(1)
 
+            # The face field's few regions all go to the full scoring; the
+            # generic shapes only after screening.
             starts = np.concatenate(
                 [
                     _start_candidates(grid, kappa[v] < config["threshold"]),
@@ -558,7 +560,6 @@ def _polish_all(
                 ]
             )
             starts = np.unique(starts, axis=0)
-            starts = starts[np.argsort(screened(starts))[: config["polish_starts"]]]
         else:
             starts = labels[v][None]
         _, _, losses = best_kappa(starts)
