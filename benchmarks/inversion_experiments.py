@@ -246,14 +246,14 @@ def _figure():
     fig = plt.figure(figsize=(3.2 * len(targets), 3.2 * (1 + len(arms))))
     found = False
     for col, (shape, phantom) in enumerate(targets.items()):
-        panels = [("truth", phantom.barrier)]
-        for experiment, arm, snr in arms:
+        panels = [(0, "truth", phantom.barrier)]
+        for row, (experiment, arm, snr) in enumerate(arms, start=1):
             name = f"{experiment}_{shape}_{arm.replace('/', '_')}_{snr}.npy"
             path = os.path.join(RESULTS, name)
-            if os.path.exists(path):
-                panels.append((f"{experiment} {arm}", np.load(path)))
+            if os.path.exists(path):  # a missing run leaves its panel blank
+                panels.append((row, f"{experiment} {arm}", np.load(path)))
                 found = True
-        for row, (label, barrier) in enumerate(panels):
+        for row, label, barrier in panels:
             ax = fig.add_subplot(
                 1 + len(arms), len(targets), row * len(targets) + col + 1,
                 projection="3d",

@@ -270,18 +270,22 @@ def test_label_search_finds_the_truth_from_a_nearby_start(problem, kappa, start)
 
 
 @pytest.mark.slow
-def test_default_preset_recovers_the_published_sphere():
-    """Paper physics, noise-free: the label search closes the exact sphere.
+@pytest.mark.parametrize("name", ["sphere", "cylinder", "tilted_cylinder"])
+def test_default_preset_recovers_the_published_shapes(name):
+    """Paper physics, noise-free: the label search closes the exact shape.
 
-    Measured: F1 = IoU = 1, closed and manifold, 37 s on 2 cores
-    (doc/inversion_results.md). A regression guard for the whole pipeline.
+    Measured: F1 = IoU = 1, closed and manifold, 65-72 s each on one core
+    shared with another run (doc/inversion_results.md). These centred shapes
+    are in the search's dictionary of generic starts, so this guards the
+    whole pipeline (face fit, screening, scoring, greedy descent, refit), not
+    the search's reach. The torus and the bent axon are not recovered.
     """
     from dipy_spinverse import published_protocol
     from dipy_spinverse.metrics import all_metrics
     from dipy_spinverse.phantoms import published_phantoms
 
     grid = TetGrid.bcc(80 / 3, 4, boundary="absorbing", wall_permeability=0.1)
-    phantom = published_phantoms(grid)["sphere"]
+    phantom = published_phantoms(grid)[name]
     prot = published_protocol()
     signal = simulate(grid, np.where(phantom.barrier, 1e-5, 0.1), prot).numpy()
     result = reconstruct(grid, signal, prot, preset="default")
