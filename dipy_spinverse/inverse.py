@@ -70,11 +70,12 @@ PRESETS = {
 }
 # Realistic voxels (reflecting or periodic, extracellular water, noise): the
 # published face fit with a Rician-aware loss, then a search over closed cell
-# labellings (``polish`` steps at most). It starts from the best of the
-# regions the thresholded face field suggests and a dictionary of balls, tubes
-# and finite cylinders (screened on a few directions, the best
-# ``polish_starts`` scored in full), moves cells (and whole layers or
-# components) across the surface while the data loss drops, on
+# labellings (``polish`` steps at most). Its starts are the regions the
+# thresholded face field suggests and generic balls, tubes and finite
+# cylinders (a dictionary and a beam search, screened on a few directions; the
+# best ``polish_starts`` are scored in full). From the best start
+# (``polish_restarts`` > 1: several) it moves cells, whole layers or
+# components across the surface while the data loss drops, on
 # ``polish_directions`` directions per sequence, and picks one membrane
 # permeability per voxel from ``polish_kappas``, refined between them at the
 # end. Recovered surfaces are closed by construction.
@@ -509,16 +510,17 @@ def _polish_all(
 ):
     """Search cell labels and one membrane permeability per voxel.
 
-    Starts from ``labels`` when given, otherwise from the best closed
-    labelling out of :func:`_start_candidates` (from the thresholded face
-    field ``kappa``, scored in full, and the best ``polish_starts`` of
-    :func:`_shape_search`, screened on a few directions). The
-    membrane permeability is chosen from ``polish_kappas`` jointly with the
-    start, and chosen again on the final labels; if it changed, the label
-    search runs once more with it. Last, a 1-D search refines it between the
-    grid values (:func:`_refine_kappa`); the labels were searched at the
-    grid value, so a permeability far from every grid value can still bias
-    them.
+    Starts from ``labels`` when given. Otherwise the candidates are the
+    regions of the thresholded face field ``kappa``
+    (:func:`_start_candidates`) and the best ``polish_starts`` generic shapes
+    of :func:`_shape_search`, screened on a few directions; every candidate
+    is scored in full at each of ``polish_kappas``, and the greedy descent
+    (:func:`_greedy_labels`) runs from the best ``polish_restarts`` of them,
+    keeping the lowest final loss. The membrane permeability is chosen again
+    on the final labels; if it changed, the descent runs once more with it.
+    Last, a 1-D search refines it between the grid values
+    (:func:`_refine_kappa`); the labels were searched at the grid value, so
+    a permeability far from every grid value can still bias them.
     """
     lo, hi = config["log_kappa_bounds"]
     subset = _direction_subset(protocol, groups, config["polish_directions"])

@@ -103,6 +103,7 @@ def test_cell_parametrisation_returns_labels(problem):
         (dict(polish_directions=0), "polish_directions"),
         (dict(polish_kappas=(1e-2,)), "polish_kappas"),
         (dict(polish_starts=0), "polish_starts"),
+        (dict(polish_restarts=0), "polish_restarts"),
     ],
 )
 def test_bad_options(problem, kwargs, match):
