@@ -83,7 +83,7 @@ def phantoms(grid):
     angles, or beaded, so no generic start matches them: they measure the
     search itself.
     """
-    centre = np.full(3, 40 / 3)
+    centre = np.full(3, grid.size / 2)
     shapes = published_phantoms(grid, kappa=1e-5)
     shapes["bent_axon"] = bent_axon(grid, radius=4.5, curvature_radius=20.0)
     shapes["sphere_off_centre"] = sphere(

@@ -21,6 +21,7 @@ from scipy.optimize import minimize_scalar
 
 from .forward import simulate
 from .interface import barrier_regions, enclosed_cells, odd_depth_cells
+from .phantoms import _axial, _offsets
 from .sequences import as_protocol
 
 __all__ = ["reconstruct", "Reconstruction", "PRESETS", "barrier_probability"]
@@ -676,14 +677,14 @@ def _shape_search(grid, screened, n_best):
     reaches cells off the centre. Returns the
     labels of the ``n_best`` best shapes seen.
     """
-    x = grid.cell_centroids
-    origin = 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
+    origin = np.full(3, grid.size / 2)  # the phantoms' default centre
     step = _CENTRE_STEP * grid.spacing
     families = _shape_families(grid)
     max_radius = _MAX_RADIUS * grid.spacing
 
     def distance(family, offset):
-        return _core_distance(x, origin + step * np.array(offset), *families[family])
+        centre = origin + step * np.array(offset)
+        return _core_distance(grid, centre, *families[family])
 
     def shells(family, offset):
         d = distance(family, offset)
@@ -734,9 +735,9 @@ def _shape_search(grid, screened, n_best):
             radii = shells(family, offset)
             moves += [(family, offset, r) for r in _neighbours(radii, radius)]
         score(moves)
-        if leaders() == beam:
+        beam, previous = leaders(), beam
+        if beam == previous:
             break
-        beam = leaders()
     return np.array([np.frombuffer(key, dtype=int) for key, _ in best(n_best)])
 
 
@@ -756,13 +757,15 @@ def _shape_families(grid):
     return [(None, None)] + [(axis, half) for axis in axes for half in halves]
 
 
-def _core_distance(x, centre, axis, half):
-    """Distance of points ``x`` to a point, line or flat-capped segment."""
-    y = x - centre
+def _core_distance(grid, centre, axis, half):
+    """Distance of the cell centroids to a point, line or flat-capped segment.
+
+    Offsets are the phantoms' (nearest periodic image on periodic grids).
+    """
+    x = grid.cell_centroids
     if axis is None:
-        return np.linalg.norm(y, axis=1)
-    along = y @ axis
-    across = np.linalg.norm(y - np.outer(along, axis), axis=1)
+        return np.linalg.norm(_offsets(grid, x, centre), axis=1)
+    along, across = _axial(grid, x, centre, axis)
     return across if half is None else np.where(np.abs(along) < half, across, np.inf)
 
 

@@ -166,8 +166,7 @@ def test_shape_search_lists_every_centred_ball():
         return np.ones(len(candidates))  # flat: the beam search stops at once
 
     _shape_search(grid, record, 4)
-    centre = 0.5 * (grid.vertices.min(0) + grid.vertices.max(0))
-    distance = np.linalg.norm(grid.cell_centroids - centre, axis=1)
+    distance = np.linalg.norm(grid.cell_centroids - grid.size / 2, axis=1)
     for radius in np.linspace(0.5, 1.6, 45) * grid.spacing:
         ball = (distance < radius).astype(int)
         if ball.any():
