@@ -14,6 +14,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -234,6 +235,9 @@ _TERMS = ("data", "continuity", "manifold", "binarise", "area")
 _SCREEN_DIRECTIONS = 3
 _MAX_RADIUS = 1.6
 _HALF_LENGTHS = (1.0, 1.5)
+_RING_RADII = (1.0, 1.25, 1.5, 1.75)
+_RING_TUBE = 0.7
+_ARC_RADII = (2.0, 3.0, 4.5)
 _CENTRE_STEP = 0.25
 _MAX_STEPS = 4
 _BEAM = 4
@@ -679,16 +683,15 @@ def _shape_search(grid, screened, n_best):
     """
     origin = np.full(3, grid.size / 2)  # the phantoms' default centre
     step = _CENTRE_STEP * grid.spacing
-    families = _shape_families(grid)
-    max_radius = _MAX_RADIUS * grid.spacing
+    families, bends = _shape_families(grid)
 
     def distance(family, offset):
         centre = origin + step * np.array(offset)
-        return _core_distance(grid, centre, *families[family])
+        return _core_distance(grid, centre, families[family])
 
     def shells(family, offset):
         d = distance(family, offset)
-        return np.unique(np.round(d[d <= max_radius], 6))
+        return np.unique(np.round(d[d <= families[family].top], 6))
 
     seen = {}  # labels -> (loss, shape)
 
@@ -716,9 +719,8 @@ def _shape_search(grid, screened, n_best):
                 break
         return list(beam.values())
 
-    score(
-        [(f, (0, 0, 0), r) for f in range(len(families)) for r in shells(f, (0, 0, 0))]
-    )
+    centred = [f for f, core in enumerate(families) if core.kind != "arc"]
+    score([(f, (0, 0, 0), r) for f in centred for r in shells(f, (0, 0, 0))])
     beam = leaders()
     for _ in range(_ROUNDS):
         moves = []
@@ -733,7 +735,10 @@ def _shape_search(grid, screened, n_best):
                         for r in [radius, *_neighbours(there, radius, 2)]:
                             moves.append((family, tuple(moved), r))
             radii = shells(family, offset)
-            moves += [(family, offset, r) for r in _neighbours(radii, radius)]
+            moves += [(family, offset, r) for r in _neighbours(radii, radius, 2)]
+            for arc in bends.get(family, ()):  # a tube may bend
+                there = shells(arc, offset)
+                moves += [(arc, offset, r) for r in [radius, *_neighbours(there, radius)]]
         score(moves)
         beam, previous = leaders(), beam
         if beam == previous:
@@ -741,32 +746,84 @@ def _shape_search(grid, screened, n_best):
     return np.array([np.frombuffer(key, dtype=int) for key, _ in best(n_best)])
 
 
-def _shape_families(grid):
-    """(axis, half-length) of the generic shapes' cores.
+class _Core(NamedTuple):
+    """The core of a generic shape; the shape is the cells within a radius.
 
-    ``(None, None)``: a point (balls); ``(axis, None)``: a line along one of
-    the 13 lattice directions (axes, face and body diagonals; tubes through
-    the voxel); ``(axis, half)``: a segment of half-length ``_HALF_LENGTHS``
-    spacings (finite cylinders with flat caps).
+    ``kind``: ``"ball"`` (a point), ``"tube"`` (a line along ``axis``),
+    ``"cylinder"`` (a segment of half-length ``size`` along ``axis``),
+    ``"ring"`` (a circle of radius ``size`` about ``axis``) or ``"arc"`` (a
+    circle of radius ``size`` through the centre, tangent to ``axis`` there
+    and bending towards ``bend``). ``top``: the largest radius (um).
     """
+
+    kind: str
+    top: float
+    axis: np.ndarray | None = None
+    size: float | None = None
+    bend: np.ndarray | None = None
+
+
+def _shape_families(grid):
+    """Cores of the generic shapes (:class:`_Core`), and the bends of tubes.
+
+    Balls; tubes along the 13 lattice directions (axes, face and body
+    diagonals; tubes through the voxel); finite cylinders of half-length
+    ``_HALF_LENGTHS`` spacings with flat caps; rings of radius
+    ``_RING_RADII`` spacings about the 7 axes and body diagonals, with tube
+    radii up to ``_RING_TUBE`` of it so the ring keeps its hole (tori; no
+    other start has a hole, and the label moves cannot open one); and arcs
+    (bent tubes) of curvature radius ``_ARC_RADII`` spacings bending towards
+    each lattice direction normal to a tube's axis (up to sign: an arc and
+    its point inversion give the same signal, see
+    :func:`~dipy_spinverse.metrics.inversion_twin`).
+
+    Returns the list of cores and ``{tube index: [arc indices]}``; arcs are
+    reached from their tube in the beam search, not in the dictionary.
+    """
+    h, top = grid.spacing, _MAX_RADIUS * grid.spacing
     steps = np.array(
         [[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], float
     )
     axes = [d / np.linalg.norm(d) for d in steps if tuple(d) > (0, 0, 0)]
-    halves = [None] + [half * grid.spacing for half in _HALF_LENGTHS]
-    return [(None, None)] + [(axis, half) for axis in axes for half in halves]
+    cores, bends = [_Core("ball", top)], {}
+    for axis in axes:
+        cores.append(_Core("tube", top, axis))
+        cores += [_Core("cylinder", top, axis, half * h) for half in _HALF_LENGTHS]
+    for axis in axes:
+        if np.count_nonzero(axis) != 2:  # axes and body diagonals
+            cores += [
+                _Core("ring", min(top, _RING_TUBE * r * h), axis, r * h)
+                for r in _RING_RADII
+            ]
+    for tube, core in enumerate(list(cores)):
+        if core.kind == "tube":
+            normal = [d for d in axes if abs(d @ core.axis) < 1e-9]
+            arcs = [
+                _Core("arc", top, core.axis, r * h, d) for r in _ARC_RADII for d in normal
+            ]
+            bends[tube] = range(len(cores), len(cores) + len(arcs))
+            cores += arcs
+    return cores, bends
 
 
-def _core_distance(grid, centre, axis, half):
-    """Distance of the cell centroids to a point, line or flat-capped segment.
+def _core_distance(grid, centre, core):
+    """Distance of the cell centroids to the core of a shape (:class:`_Core`).
 
     Offsets are the phantoms' (nearest periodic image on periodic grids).
     """
     x = grid.cell_centroids
-    if axis is None:
+    if core.kind == "ball":
         return np.linalg.norm(_offsets(grid, x, centre), axis=1)
-    along, across = _axial(grid, x, centre, axis)
-    return across if half is None else np.where(np.abs(along) < half, across, np.inf)
+    if core.kind in ("tube", "cylinder"):
+        along, across = _axial(grid, x, centre, core.axis)
+        if core.kind == "tube":
+            return across
+        return np.where(np.abs(along) < core.size, across, np.inf)
+    axis, middle = core.axis, centre
+    if core.kind == "arc":  # the circle's centre is off to the bend side
+        axis, middle = np.cross(core.axis, core.bend), centre + core.size * core.bend
+    along, across = _axial(grid, x, middle, axis)
+    return np.hypot(across - core.size, along)
 
 
 def _neighbours(values, value, n=1):

@@ -202,6 +202,36 @@ def test_shape_search_moves_off_the_centre(target):
     assert_array_equal(found, truth)
 
 
+@pytest.mark.parametrize(
+    "kind, params",
+    [
+        ("torus", dict(major=25 / 3, minor=3.5, axis=(1, 1, 1))),
+        ("torus", dict(major=10.0, minor=6.0)),  # the published torus
+        ("bent_axon", dict(radius=5.0, axis=(1, 0, 0), bend=(0, 1, -1))),
+        ("bent_axon", dict(radius=4.5, curvature_radius=20.0, bend=(0, 1, 0))),
+    ],
+)
+def test_shape_search_finds_rings_and_bent_tubes(kind, params):
+    """Tori are in the dictionary; bent tubes are reached by bending a tube.
+
+    Rings of radius 1.25 and 1.5 spacings and arcs of curvature radius 3 and
+    4.5 spacings (the box side is 4) are exact on the lattice; with a
+    Hamming score the search must return the phantom's cells.
+    """
+    from dipy_spinverse import phantoms
+
+    grid = TetGrid.bcc(80 / 3, 4)
+    if kind == "bent_axon":
+        params.setdefault("curvature_radius", 30.0)
+    truth = getattr(phantoms, kind)(grid, membership="centroid", **params)
+    truth = truth.inside.astype(int)
+
+    def hamming(candidates):
+        return (candidates != truth).sum(-1).astype(float)
+
+    assert_array_equal(_shape_search(grid, hamming, 1)[0], truth)
+
+
 def test_direction_subset_keeps_b0_and_whole_shells():
     dirs = fibonacci_sphere(30)
     bvals = np.r_[0, np.full(30, 1000.0), np.full(30, 3000.0), 0]
