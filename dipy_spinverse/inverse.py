@@ -738,7 +738,8 @@ def _shape_search(grid, screened, n_best):
             moves += [(family, offset, r) for r in _neighbours(radii, radius, 2)]
             for arc in bends.get(family, ()):  # a tube may bend
                 there = shells(arc, offset)
-                moves += [(arc, offset, r) for r in [radius, *_neighbours(there, radius)]]
+                near = [radius, *_neighbours(there, radius)]
+                moves += [(arc, offset, r) for r in near]
         score(moves)
         beam, previous = leaders(), beam
         if beam == previous:
@@ -799,7 +800,9 @@ def _shape_families(grid):
         if core.kind == "tube":
             normal = [d for d in axes if abs(d @ core.axis) < 1e-9]
             arcs = [
-                _Core("arc", top, core.axis, r * h, d) for r in _ARC_RADII for d in normal
+                _Core("arc", top, core.axis, r * h, bend)
+                for r in _ARC_RADII
+                for bend in normal
             ]
             bends[tube] = range(len(cores), len(cores) + len(arcs))
             cores += arcs
