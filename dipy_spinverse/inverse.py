@@ -84,6 +84,15 @@ PRESETS = {
 PRESETS["default"] = dict(
     PRESETS["paper"],
     noise="rician",
+    # The face fit only proposes starts here, and its regions rarely win
+    # against the shape search (same result on 9 of 9 realistic shapes with
+    # no face field at all), so half the published iterations buy the time
+    # the search needs.
+    stages=(
+        dict(iterations=100, sequences=(0,)),
+        dict(iterations=100, sequences=(1,)),
+    ),
+    warmup=25,
     polish=300,
     polish_directions=10,
 )

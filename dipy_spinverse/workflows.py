@@ -128,7 +128,7 @@ class SpinverseFlow(Workflow):
             Inversion configuration (default or paper).
         max_iter : int, optional
             Total iterations per voxel; the preset's curriculum is scaled to
-            it (default: the preset's 400).
+            it (default: the preset's, 200 for default and 400 for paper).
         batch_size : int, optional
             Voxels fitted together in one batched call.
         engine : string, optional

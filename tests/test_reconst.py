@@ -415,14 +415,16 @@ def test_max_iter_scales_the_curriculum(gtab):
     stages = model.config["stages"]
     assert sum(s["iterations"] for s in stages) == 31 == model.n_iterations
     assert [s["iterations"] for s in stages] == [16, 15]
-    assert model.config["warmup"] == 4  # 50 of 400 iterations, scaled
+    assert model.config["warmup"] == 4  # 25 of 200 iterations, scaled
     stages = (dict(iterations=30, sequences=(0,)), dict(iterations=10, sequences="all"))
     custom = SpinverseModel(
         gtab, grid_resolution=2, max_iter=10, warmup=3, stages=stages
     )
     assert [s["iterations"] for s in custom.config["stages"]] == [7, 3]
     assert custom.config["warmup"] == 3
-    assert SpinverseModel(gtab, grid_resolution=2).n_iterations == 400
+    assert SpinverseModel(gtab, grid_resolution=2).n_iterations == 200
+    paper = SpinverseModel(gtab, grid_resolution=2, preset="paper")
+    assert paper.n_iterations == 400
 
 
 def test_explicit_protocol(grid, signal, tmp_path):
