@@ -68,16 +68,18 @@ PRESETS = {
         polish_kappas=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4),
         polish_starts=16,
         polish_restarts=1,
+        polish_min_gain=0.0,
     ),
 }
 # Realistic voxels (reflecting or periodic, extracellular water, noise): the
 # published face fit with a Rician-aware loss, then a search over closed cell
 # labellings (``polish`` steps at most). Its starts are the regions the
-# thresholded face field suggests and generic balls, tubes and finite
-# cylinders (a dictionary and a beam search, screened on a few directions; the
-# best ``polish_starts`` are scored in full). From the best start
-# (``polish_restarts`` > 1: several) it moves cells, whole layers or
-# components across the surface while the data loss drops, on
+# thresholded face field suggests and generic balls, tubes, finite cylinders,
+# rings and bent tubes (a dictionary and a beam search, screened on a few
+# directions; the best ``polish_starts`` are scored in full). From the best
+# start (``polish_restarts`` > 1: several) it moves cells, whole layers or
+# components across the surface while the data loss drops by more than the
+# noise explains (``polish_min_gain``, chi-square units, with ``sigma``), on
 # ``polish_directions`` directions per sequence, and picks one membrane
 # permeability per voxel from ``polish_kappas``, refined between them at the
 # end. Recovered surfaces are closed by construction.
@@ -324,6 +326,11 @@ def _resolve_config(preset, overrides):
         )
     if int(config["polish_starts"]) < 1 or int(config["polish_restarts"]) < 1:
         raise ValueError("polish_starts and polish_restarts must be >= 1.")
+    if not config["polish_min_gain"] >= 0:
+        raise ValueError(
+            "polish_min_gain must be >= 0 (chi-square units; 0 accepts every "
+            "label move that lowers the loss)."
+        )
     n_dirs = config["polish_directions"]
     if n_dirs is not None and int(n_dirs) < 1:
         raise ValueError("polish_directions must be None (all) or >= 1.")
@@ -546,6 +553,14 @@ def _polish_all(
     out_kappa = np.zeros(len(data))
     for v in range(len(data)):
         score = _label_scorer(grid, data[v], protocol, subset, config, sim)
+        # A move must beat the noise: lower chi-square by polish_min_gain
+        # (the data term is loss_scale * mean squared residual).
+        min_gain = (
+            config["polish_min_gain"]
+            * config["loss_scale"]
+            * config["sigma"] ** 2
+            / len(subset)
+        )
 
         def best_kappa(candidates, score=score, kappas=grid_kappas):
             """Best (candidate, membrane permeability) over ``kappas``."""
@@ -595,6 +610,7 @@ def _polish_all(
                     lambda c, m=membrane, s=score: s(c, m),
                     config,
                     report,
+                    min_gain=min_gain,
                 )
                 current, refitted, final = best_kappa(current[None])
                 if refitted == membrane:
@@ -849,7 +865,7 @@ def _neighbours(values, value, n=1):
     ]
 
 
-def _greedy_labels(grid, labels, score, config, report=None):
+def _greedy_labels(grid, labels, score, config, report=None, *, min_gain=0.0):
     """Lazy greedy descent over cell labels.
 
     A move gives one cell the label of a neighbour across a barrier face, or
@@ -858,9 +874,11 @@ def _greedy_labels(grid, labels, score, config, report=None):
     minima that single cells cannot. Moves are scored exactly in batches of
     ``polish_batch``: never-scored moves first, then by their last known loss
     (a move's effect is local, so a stale score is a good guess). The best
-    improving move of a batch is taken; the search stops at a local minimum
-    (every current move scored since the last step, none improves) or after
-    ``polish`` steps. ``report(step, loss)`` is called after every step.
+    move of a batch is taken if it lowers the loss by more than ``min_gain``
+    (the noise's share, see ``polish_min_gain``); the search stops at a local
+    minimum (every current move scored since the last step, none improves)
+    or after ``polish`` steps. ``report(step, loss)`` is called after every
+    step.
     """
     current = score(labels[None])[0]
     known, fresh = {}, set()
@@ -877,7 +895,7 @@ def _greedy_labels(grid, labels, score, config, report=None):
         known.update(zip(batch, losses, strict=True))
         fresh.update(batch)
         best = int(np.argmin(losses))
-        if losses[best] < current * (1 - 1e-9):
+        if losses[best] < current * (1 - 1e-9) - min_gain:
             labels, current, fresh = candidates[best], losses[best], set()
         if report is not None:
             report(step, current)

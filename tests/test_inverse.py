@@ -104,6 +104,8 @@ def test_cell_parametrisation_returns_labels(problem):
         (dict(polish_kappas=(1e-2,)), "polish_kappas"),
         (dict(polish_starts=0), "polish_starts"),
         (dict(polish_restarts=0), "polish_restarts"),
+        (dict(polish_min_gain=-1.0), "polish_min_gain"),
+        (dict(polish_min_gain=float("nan")), "polish_min_gain"),
     ],
 )
 def test_bad_options(problem, kwargs, match):
@@ -149,6 +151,12 @@ def test_greedy_label_search_reaches_the_minimum():
     # A flat score is a local minimum everywhere: nothing moves.
     flat = _greedy_labels(grid, start, lambda c: np.ones(len(c)), config)
     assert_array_equal(flat, start)
+    # Every move changes the Hamming score by 1: a required gain of 1 (or
+    # more) stops the search at the start, a gain just below it does not.
+    stuck = _greedy_labels(grid, start, hamming, config, min_gain=1.0)
+    assert_array_equal(stuck, start)
+    moved = _greedy_labels(grid, start, hamming, config, min_gain=0.99)
+    assert_array_equal(moved, target)
 
 
 def test_shape_search_lists_every_centred_ball():
