@@ -52,6 +52,7 @@ class SpinverseFlow(Workflow):
         grid_resolution=4,
         boundary="reflecting",
         diffusivity=0.002,
+        sigma=0.0,
         preset="default",
         max_iter=None,
         batch_size=32,
@@ -124,6 +125,10 @@ class SpinverseFlow(Workflow):
             Outer boundary of the box: reflecting, periodic or absorbing.
         diffusivity : float, optional
             Intrinsic diffusivity in mm^2/s.
+        sigma : float, optional
+            Noise standard deviation relative to the b=0 signal (1/SNR);
+            0 if unknown. With it the loss is Rician-aware, and the label
+            search ranks shapes and accepts moves only beyond the noise.
         preset : string, optional
             Inversion configuration (default or paper).
         max_iter : int, optional
@@ -217,6 +222,7 @@ class SpinverseFlow(Workflow):
                 diffusivity=diffusivity,
                 preset=preset,
                 max_iter=max_iter,
+                sigma=sigma,
                 batch_size=batch_size,
                 device=device,
                 dtype=dtype,

@@ -105,6 +105,7 @@ def test_cell_parametrisation_returns_labels(problem):
         (dict(polish_starts=0), "polish_starts"),
         (dict(polish_restarts=0), "polish_restarts"),
         (dict(polish_min_gain=-1.0), "polish_min_gain"),
+        (dict(sigma=-0.01), "sigma"),
         (dict(polish_min_gain=float("nan")), "polish_min_gain"),
     ],
 )
@@ -206,8 +207,8 @@ def test_shape_search_moves_off_the_centre(target):
     def hamming(candidates):
         return (candidates != truth).sum(-1).astype(float)
 
-    found = _shape_search(grid, hamming, 1)[0]
-    assert_array_equal(found, truth)
+    found, _ = _shape_search(grid, hamming, 1)
+    assert_array_equal(found[0], truth)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +238,9 @@ def test_shape_search_finds_rings_and_bent_tubes(kind, params):
     def hamming(candidates):
         return (candidates != truth).sum(-1).astype(float)
 
-    assert_array_equal(_shape_search(grid, hamming, 1)[0], truth)
+    found, loss = _shape_search(grid, hamming, 1)
+    assert_array_equal(found[0], truth)
+    assert loss[0] == 0
 
 
 def test_direction_subset_keeps_b0_and_whole_shells():

@@ -150,6 +150,7 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(timing_file=None, scheme_file="WRONG_B"), "disagree"),
         (dict(engine="spark"), "Invalid engine"),
         (dict(boundary="sticky"), "Invalid boundary"),
+        (dict(sigma=-0.02), "sigma must be a finite noise level"),
     ],
 )
 def test_workflow_bad_input(demo, tmp_path, kwargs, match):
