@@ -16,7 +16,7 @@ surface-to-volume ratio, membrane permeability and exchange rate, plus the
 face F1 and IoU of the recovered interface.
 
 Run ``python examples/compare_compartment_models.py --out compare_output``
-(about 4 minutes on 2 shared CPU cores, nearly all of it Spinverse); ``--quick``
+(about 3 minutes on 2 shared CPU cores, nearly all of it Spinverse); ``--quick``
 runs a tiny version in seconds whose numbers mean nothing (a smoke test). The
 measured table and its discussion are in ``doc/compare_compartment_models.md``.
 """
@@ -458,30 +458,30 @@ print(
 # true 2.55-12.7 1/s, so it cannot tell 1e-5 from 5e-5 m/s. None explains the
 # signal to the noise: signal RMSE 0.0546-0.119 against a floor of about 0.01.
 #
-# **Spinverse** assumes no shape. It recovers the interface in all three
-# voxels -- face F1 0.877, 0.878 and 0.907, IoU 0.972, 0.961 and 0.97 (the
-# two cylinders and the sphere), intracellular fractions 0.483, 0.484 and
-# 0.283 (truth 0.486, 0.486 and 0.292), surface-to-volume 0.266, 0.269 and
-# 0.383 /um (0.255, 0.255 and 0.364) -- and fits the data to the noise floor
-# (RMSE 0.0101, 0.00968 and 0.0101 for floors of 0.0101, 0.00952 and 0.01):
+# **Spinverse** assumes no shape. It recovers the interface exactly in all
+# three voxels -- face F1 1 and IoU 1 (the two cylinders and the sphere), so
+# intracellular fractions 0.486, 0.486 and 0.292 and surface-to-volume 0.255,
+# 0.255 and 0.364 /um, the truth -- and fits the data to the noise floor
+# (RMSE 0.0101, 0.00955 and 0.00994 for floors of 0.0101, 0.00952 and 0.01):
 # better than every compartment model on each of these quantities, and it
 # tells the sphere from the cylinder without being told either shape. The
 # leakier cylinder (5e-5 m/s) is recovered as well as the tight one because
 # the label search fits one membrane permeability per voxel: picked from its
 # grid (1e-5, 2e-5, 5e-5, 1e-4, 2e-4 m/s), then refined between grid values
-# (about 1 %). It finds 4.95e-5 m/s there and 1e-5 m/s (the lower bound) in
-# the other two voxels, and the exchange rates follow (2.66, 13.3 and 3.83
-# 1/s for 2.55, 12.7 and 3.64; the 4-6 % excess is the surface-to-volume's).
-# The labels are searched at the grid value, so a permeability far from
-# every grid value can still bias the surface. The continuous field before
-# the label search does not measure permeability: its barrier faces average
-# 5.19e-4 to 6.58e-4 m/s in all three voxels, just under the 1e-3 m/s
-# threshold, 1e-5 and 5e-5 alike. And it took 130 s for the three voxels
-# on an idle 2-core machine.
+# (about 1 %). It finds 4.86e-5 m/s there and 1e-5 m/s (the lower bound) in
+# the other two voxels, and the exchange rates follow (2.55, 12.4 and 3.64
+# 1/s for 2.55, 12.7 and 3.64). With the known ``sigma``, a label move counts
+# only if it lowers chi-square by 8 (``polish_min_gain``), so the search does
+# not move cells to fit the noise. The labels are searched at the grid value,
+# so a permeability far from every grid value can still bias the surface.
+# The continuous field before the label search does not measure
+# permeability: its barrier faces average 5.25e-4 to 6.59e-4 m/s in all three
+# voxels, just under the 1e-3 m/s threshold, 1e-5 and 5e-5 alike. And it took
+# 155 s for the three voxels on a 2-core machine shared with another job.
 #
 # In short: the compartment models give fast, robust scalar summaries with
 # shape- and exchange-driven biases of the size above, and none measures the
 # permeability; Spinverse recovers the geometry itself -- interface, volume
 # fraction, surface-to-volume -- on all three voxels, picks the right
 # membrane permeability from its five-value grid (so gets the exchange rate
-# within 4-6 %), and is slow.
+# within 3 %), and is slow.

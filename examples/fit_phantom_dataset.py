@@ -33,6 +33,9 @@ def main(argv=None):
     parser.add_argument("--out", default="out/phantom", help="output folder")
     parser.add_argument("--max_iter", type=int, default=300, help="iterations")
     parser.add_argument("--engine", default="serial", help="serial or joblib")
+    parser.add_argument(
+        "--sigma", type=float, default=0.03, help="noise / b=0 signal (0: unknown)"
+    )
     args = parser.parse_args(argv)
 
     paths = make_phantom_dataset(os.path.join(args.out, "data"))
@@ -44,7 +47,7 @@ def main(argv=None):
         bvals, bvecs=bvecs, big_delta=big_delta, small_delta=small_delta
     )
 
-    model = SpinverseModel(gtab, max_iter=args.max_iter)
+    model = SpinverseModel(gtab, max_iter=args.max_iter, sigma=args.sigma)
     fit = model.fit(data, mask=mask, engine=args.engine, verbose=True)
     print(fit)
 
