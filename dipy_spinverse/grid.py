@@ -174,6 +174,11 @@ class TetGrid:
         periodic = boundary == "periodic"
         if periodic and n < 2:
             raise ValueError("A periodic BCC grid needs n >= 2 cubes per side.")
+        if n < 2:  # whole octahedra only: one cube per side holds none
+            raise ValueError(
+                f"A BCC grid with a wall ({boundary!r}) needs n >= 2 cubes per "
+                "side: only whole octahedra are kept, and one cube holds none."
+            )
         if boundary == "absorbing" and not wall_permeability > 0:
             raise ValueError(
                 "wall_permeability must be > 0 m/s for an absorbing wall; use "

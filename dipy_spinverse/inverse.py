@@ -601,7 +601,8 @@ def _polish_all(
             spread = (
                 config["loss_scale"] * config["sigma"] ** 2 * math.sqrt(2 / len(screen))
             )
-            n_close = np.searchsorted(quick_losses, quick_losses[0] + spread, "right")
+            best = quick_losses[0] if len(quick_losses) else np.inf
+            n_close = np.searchsorted(quick_losses, best + spread, "right")
             shapes = shapes[: max(config["polish_starts"], n_close)]
             if len(shapes) > config["polish_starts"]:
                 losses = best_kappa(shapes, score, pair)[2].min(1)
@@ -795,7 +796,8 @@ def _shape_search(grid, screened, n_best):
         if beam == previous:
             break
     found = best(n_best)
-    labels = np.array([np.frombuffer(key, dtype=int) for key, _ in found])
+    labels = [np.frombuffer(key, dtype=int) for key, _ in found]
+    labels = np.array(labels, dtype=int).reshape(-1, grid.n_cells)
     return labels, np.array([loss for _, (loss, _) in found])
 
 

@@ -90,6 +90,7 @@ def test_interface_faces():
         (dict(size=-1, n=2), "size"),
         (dict(size=10, n=0), "n must"),
         (dict(size=10, n=1, boundary="periodic"), "n >= 2"),
+        (dict(size=10, n=1), "n >= 2"),
         (dict(size=10, n=2, boundary="open"), "boundary"),
         (dict(size=10, n=2, boundary="absorbing", wall_permeability=0), "wall"),
     ],
