@@ -172,12 +172,11 @@ class TetGrid:
             raise ValueError(f"n must be a positive integer, got {n!r}.")
         n = int(n)
         periodic = boundary == "periodic"
-        if periodic and n < 2:
-            raise ValueError("A periodic BCC grid needs n >= 2 cubes per side.")
-        if n < 2:  # whole octahedra only: one cube per side holds none
+        if n < 2:
+            # Periodic: a cube would meet its own image. With a wall only
+            # whole octahedra are kept, and one cube per side holds none.
             raise ValueError(
-                f"A BCC grid with a wall ({boundary!r}) needs n >= 2 cubes per "
-                "side: only whole octahedra are kept, and one cube holds none."
+                f"A {boundary!r} BCC grid needs n >= 2 cubes per side, got {n}."
             )
         if boundary == "absorbing" and not wall_permeability > 0:
             raise ValueError(

@@ -560,18 +560,16 @@ def _polish_all(
     grid_kappas = np.asarray(config["polish_kappas"], dtype=float)
     # Stay below the barrier threshold so the membranes remain barriers.
     bounds = (lo, math.log10(config["threshold"]) - 1e-3)
+    # The data term of the truth under noise: loss_scale * sigma^2 (mean
+    # squared residual). A move must lower chi-square by polish_min_gain, and
+    # the screened loss spreads by sqrt(2 / n) of it over n acquisitions.
+    noise = config["loss_scale"] * config["sigma"] ** 2
+    min_gain = config["polish_min_gain"] * noise / len(subset)
+    spread = noise * math.sqrt(2 / len(screen))
     out_labels = np.zeros((len(data), grid.n_cells), dtype=int)
     out_kappa = np.zeros(len(data))
     for v in range(len(data)):
         score = _label_scorer(grid, data[v], protocol, subset, config, sim)
-        # A move must beat the noise: lower chi-square by polish_min_gain
-        # (the data term is loss_scale * mean squared residual).
-        min_gain = (
-            config["polish_min_gain"]
-            * config["loss_scale"]
-            * config["sigma"] ** 2
-            / len(subset)
-        )
 
         def best_kappa(candidates, score=score, kappas=grid_kappas):
             """Best (candidate, membrane permeability) over ``kappas``."""
@@ -598,9 +596,6 @@ def _polish_all(
             # whose losses differ by less than the loss's own spread (the
             # truth ranked 40-184th at SNR 30): rank those again on the
             # polish directions.
-            spread = (
-                config["loss_scale"] * config["sigma"] ** 2 * math.sqrt(2 / len(screen))
-            )
             best = quick_losses[0] if len(quick_losses) else np.inf
             n_close = np.searchsorted(quick_losses, best + spread, "right")
             shapes = shapes[: max(config["polish_starts"], n_close)]
