@@ -85,7 +85,9 @@ class SpinverseFlow(Workflow):
         --big_delta and --small_delta, a --timing_file or a Camino
         --scheme_file. Saves NIfTI maps, the predicted signal, the per-face
         permeability, one barrier mesh per voxel, the full fit state (.npz,
-        resumable with --resume) and a PNG report of a few voxels.
+        resumable with --resume) and a PNG report of a few voxels (with
+        matplotlib). The fit state is written last: the outputs of a run that
+        failed before it are overwritten by the next run, not skipped.
 
         Parameters
         ----------
@@ -149,7 +151,8 @@ class SpinverseFlow(Workflow):
         n_report : int, optional
             Voxels shown in the PNG report (0 for no report).
         resume : bool, optional
-            Continue an interrupted fit from its saved state (out_state);
+            Continue an interrupted fit from the checkpoint it left beside
+            out_state (name.partial.npz), or a finished one from out_state;
             implies overwriting the other outputs.
         out_dir : string or Path, optional
             Output directory.
@@ -173,11 +176,13 @@ class SpinverseFlow(Workflow):
             Name of the per-face permeability (4-D, m/s).
         out_state : string, optional
             Name of the saved fit (.npz), loadable with
-            dipy_spinverse.io.load_fit.
+            dipy_spinverse.io.load_fit; written last, when every other output
+            is. During the fit, a checkpoint goes to name.partial.npz.
         out_meshes : string, optional
             Name of the folder of per-voxel barrier meshes (.ply).
         out_report : string, optional
-            Name of the PNG report.
+            Name of the PNG report (needs matplotlib: without it the report is
+            skipped with a warning).
         """
         if resume:
             self._force_overwrite = True
@@ -229,22 +234,26 @@ class SpinverseFlow(Workflow):
                 seed=seed,
             )
             logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
-            state = os.fspath(ostate)
-            if not state.endswith(".npz"):
-                state += ".npz"
-            previous = state if resume and os.path.isfile(state) else None
+            state = _npz(ostate)
+            checkpoint = _checkpoint(state)
+            saved = [path for path in (checkpoint, state) if os.path.isfile(path)]
+            previous = saved[0] if resume and saved else None
             if resume and previous is None:
                 logger.info(f"No saved state at {state}; starting a new fit.")
+            if not resume and os.path.isfile(checkpoint):
+                logger.warning(
+                    f"{checkpoint} holds an interrupted fit; starting a new fit "
+                    "over it (--resume continues the interrupted one instead)."
+                )
             fit = model.fit(
                 data,
                 mask=mask,
                 engine=engine,
                 n_jobs=n_jobs,
                 verbose=True,
-                checkpoint=state,
+                checkpoint=checkpoint,
                 resume=previous,
             )
-            save_fit(fit, state)
             save_maps(
                 fit,
                 os.path.dirname(os.fspath(orf)) or ".",
@@ -262,14 +271,53 @@ class SpinverseFlow(Workflow):
             save_predicted(fit, opred, affine=affine)
             save_permeability(fit, operm, affine=affine)
             meshes = fit.save_interface(omeshes)
+            report = None
             if n_report:
-                write_report(fit, data, oreport, n_voxels=n_report)
+                report = write_report(fit, data, oreport, n_voxels=n_report)
+            # Last: the state's presence tells manage_output_overwrite that
+            # this run finished.
+            save_fit(fit, state)
+            if os.path.isfile(checkpoint):
+                os.remove(checkpoint)
             logger.info(f"Voxel status: {describe_status(fit.status[fit.mask])}")
             logger.info(
                 f"Spinverse maps saved in {os.path.dirname(os.fspath(orf)) or '.'}; "
                 f"{len(meshes)} meshes in {omeshes}; fit state in {state}"
-                + (f"; report {oreport}" if n_report else "")
+                + (f"; report {report}" if report else "")
             )
+
+    def manage_output_overwrite(self):
+        """DIPY's check, except that an unfinished run's outputs are redone.
+
+        DIPY skips the whole run when any output file exists, unless --force.
+        The fit state is written after every other output, so outputs without
+        it are what a failed or interrupted run left: those are overwritten,
+        with a warning, instead of the rerun silently doing nothing.
+        """
+        if not self._force_overwrite:
+            keys = list(self.last_generated_outputs)
+            states = self.flat_outputs[keys.index("out_state") :: len(keys)]
+            unfinished = [path for path in states if not os.path.isfile(_npz(path))]
+            left = [path for path in self.flat_outputs if os.path.isfile(path)]
+            if unfinished and left:
+                logger.warning(
+                    f"No fit state at {', '.join(map(_npz, unfinished))}: the "
+                    f"{len(left)} output files there are from a run that did not "
+                    "finish; fitting again and overwriting them."
+                )
+                return True
+        return super().manage_output_overwrite()
+
+
+def _npz(path):
+    """The state file's path, as save_fit writes it."""
+    path = os.fspath(path)
+    return path if path.endswith(".npz") else path + ".npz"
+
+
+def _checkpoint(state):
+    """Where the fit saves its progress until the state is written."""
+    return state[: -len(".npz")] + ".partial.npz"
 
 
 def _names(**paths):
@@ -384,9 +432,18 @@ def write_report(fit, data, path, *, n_voxels=4):
     Returns
     -------
     str or None
-        The path, or None when no voxel was fitted.
+        The path, or None when nothing was written: no voxel was fitted, or
+        matplotlib is not installed (a warning names the fix).
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning(
+            f"matplotlib is not installed: no PNG report {os.fspath(path)} (the "
+            "other outputs are written); for the report, install it with "
+            'pip install "dipy_spinverse[plot]".'
+        )
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -188,3 +188,31 @@ def test_bval_count_mismatch(demo, tmp_path):
             timing_file=demo["timing"],
             out_dir=str(tmp_path),
         )
+
+
+def test_rerun_fits_again_after_an_unfinished_run(demo, tmp_path):
+    # What a run that failed after the fit leaves: outputs but no fit state
+    # (written last). DIPY alone would skip the rerun, since outputs exist.
+    for name in ("restricted_fraction.nii.gz", "status.nii.gz", "S0.nii.gz"):
+        (tmp_path / name).write_bytes(b"left by a failed run")
+    inputs = (demo["data"], demo["bvals"], demo["bvecs"], demo["mask"])
+    options = dict(
+        timing_file=demo["timing"],
+        grid_size=SMALL["grid_size"],
+        grid_resolution=SMALL["grid_resolution"],
+        max_iter=2,
+        n_report=0,
+        out_dir=str(tmp_path),
+    )
+    flow = SpinverseFlow()  # no --force, as a user's rerun
+    flow.run(*inputs, **options)
+    outputs = flow.last_generated_outputs
+    for name in MAPS:
+        assert nib.load(outputs[f"out_{name}"]).shape == (3, 2, 1), name
+    assert_array_equal(_load(outputs["out_status"]), OK)
+    assert_array_equal(load_fit(outputs["out_state"]).status, OK)
+    assert not os.path.exists(tmp_path / "spinverse_fit.partial.npz")
+    # A finished run is skipped, as DIPY does without --force.
+    finished = os.stat(outputs["out_state"]).st_mtime_ns
+    SpinverseFlow().run(*inputs, **options)
+    assert os.stat(outputs["out_state"]).st_mtime_ns == finished
