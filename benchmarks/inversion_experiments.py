@@ -146,7 +146,7 @@ def measure(experiment, grid, shape, phantom, arm, preset, overrides, snr, seed)
             sigma[idx] = b0 / snr
         noise = rng.normal(size=(2, len(signal))) * sigma
         signal = np.hypot(signal + noise[0], noise[1])
-    result = reconstruct(grid, signal, protocol, preset=preset, seed=seed, **overrides)
+    result = reconstruct(grid, signal, protocol, preset=preset, **overrides)
     scores = all_metrics(grid, result.barrier, phantom)
     # Magnitude data cannot tell a surface from its inversion through the
     # voxel centre (metrics.inversion_twin); score the better of the two too.

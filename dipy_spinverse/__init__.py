@@ -27,7 +27,7 @@ from .interface import InterfaceMesh, barrier_mesh, load_mesh  # noqa: E402
 from .inverse import Reconstruction, reconstruct  # noqa: E402
 from .metrics import all_metrics  # noqa: E402
 from .phantoms import Phantom, published_phantoms  # noqa: E402
-from .reconst import SpinverseFit, SpinverseModel, SpinverseVolumeFit  # noqa: E402
+from .reconst import SpinverseFit, SpinverseModel  # noqa: E402
 from .sequences import (  # noqa: E402
     PGSE,
     CosineOGSE,
@@ -60,7 +60,6 @@ __all__ = [
     "all_metrics",
     "SpinverseModel",
     "SpinverseFit",
-    "SpinverseVolumeFit",
     "NoddiModel",
     "ActiveAxModel",
     "ZcdModel",

@@ -117,8 +117,8 @@ class TetGrid:
             raise ValueError("tets must be positively oriented and non-degenerate.")
         circ = _circumcentres(coords)
         _set(self, "cell_volumes", volumes)
-        _set(self, "cell_centroids", self._wrap(coords.mean(axis=1)))
-        _set(self, "cell_circumcentres", self._wrap(circ))
+        _set(self, "cell_centroids", self.wrap(coords.mean(axis=1)))
+        _set(self, "cell_circumcentres", self.wrap(circ))
         face_tri = self._build_faces(coords, circ)
         self._build_edges(coords, face_tri)
         self._build_cell_adjacency()
@@ -253,9 +253,19 @@ class TetGrid:
             f"n_faces={self.n_faces}, boundary={self.boundary!r})"
         )
 
-    # -- internals ----------------------------------------------------------
-    def _wrap(self, points):
+    # -- coordinates ----------------------------------------------------------
+    def wrap(self, points):
+        """Points mapped into the box on a periodic grid (unchanged otherwise)."""
         return np.mod(points, self.size) if self.periodic else points
+
+    def displacement(self, points, centre):
+        """``points - centre``, to the nearest periodic image on periodic grids."""
+        d = points - centre
+        if self.periodic:
+            d = d - self.size * np.round(d / self.size)
+        return d
+
+    # -- internals ----------------------------------------------------------
 
     def _keys(self, points, scale):
         keys = np.rint(points * scale / self.spacing).astype(np.int64)
@@ -303,7 +313,7 @@ class TetGrid:
         _set(self, "faces", tet_faces[cell0, loc0])
         _set(self, "face_cells", np.stack([cell0, cell1], axis=1))
         _set(self, "face_areas", area[cell0, loc0])
-        _set(self, "face_centroids", self._wrap(centroid[cell0, loc0]))
+        _set(self, "face_centroids", self.wrap(centroid[cell0, loc0]))
         _set(self, "face_normals", normal[cell0, loc0])
         _set(
             self, "face_distances", np.stack([dist[cell0, loc0], dist[cell1, loc1]], 1)

@@ -37,6 +37,8 @@ from scipy.sparse.csgraph import (
 __all__ = [
     "InterfaceMesh",
     "barrier_mesh",
+    "check_barrier",
+    "graph_components",
     "barrier_regions",
     "enclosed_cells",
     "load_mesh",
@@ -360,7 +362,7 @@ def barrier_mesh(grid, barrier, *, labels=None, cap_wall=False):
     and then flipped if needed so that their signed volume (about their
     centroid) is >= 0, i.e. outward normals when the component is closed.
     """
-    barrier = _check_barrier(grid, barrier)
+    barrier = check_barrier(grid, barrier)
     if labels is not None:
         labels = np.asarray(labels)
         if labels.dtype == bool:
@@ -411,6 +413,40 @@ def barrier_mesh(grid, barrier, *, labels=None, cap_wall=False):
     return InterfaceMesh(vertices, triangles, vertex_ids, face_ids)
 
 
+def graph_components(n, rows, cols):
+    """Connected components of the undirected graph on ``n`` nodes with edges
+    ``rows[i] -- cols[i]``: (number of components, component of every node).
+
+    The one connected-components routine of the package (cell regions,
+    surface components, vertex fans).
+    """
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)
+
+
+def check_barrier(grid, barrier):
+    """``barrier`` as a boolean array of one value per interior face.
+
+    Raises a ValueError naming the fix for a wrong shape or non-boolean values.
+    """
+    barrier = np.asarray(barrier)
+    if barrier.shape != (grid.n_faces,):
+        raise ValueError(
+            f"barrier must have one value per interior face ({grid.n_faces},), got "
+            f"shape {barrier.shape}."
+        )
+    if barrier.dtype != bool:
+        if not np.issubdtype(barrier.dtype, np.integer) or np.any(
+            (barrier != 0) & (barrier != 1)
+        ):
+            raise ValueError(
+                "barrier must be boolean (True on membrane faces); threshold a "
+                "permeability first, e.g. permeability < 1e-3."
+            )
+        barrier = barrier.astype(bool)
+    return barrier
+
+
 def enclosed_cells(grid, barrier):
     """Cells enclosed by a barrier.
 
@@ -453,13 +489,10 @@ def barrier_regions(grid, barrier):
     outside : int
         The outside region (see :func:`enclosed_cells`).
     """
-    barrier = _check_barrier(grid, barrier)
+    barrier = check_barrier(grid, barrier)
     open_faces = grid.face_cells[~barrier]
     n = grid.n_cells
-    graph = coo_matrix(
-        (np.ones(len(open_faces)), (open_faces[:, 0], open_faces[:, 1])), shape=(n, n)
-    )
-    _, region = connected_components(graph, directed=False)
+    _, region = graph_components(n, open_faces[:, 0], open_faces[:, 1])
     volume = np.bincount(region, weights=grid.cell_volumes)
     candidates = np.unique(region[grid.boundary_cells])
     if len(candidates) == 0:
@@ -656,23 +689,6 @@ def _read_vtk(path):
 
 
 # -- internals ----------------------------------------------------------------
-def _check_barrier(grid, barrier):
-    barrier = np.asarray(barrier)
-    if barrier.shape != (grid.n_faces,):
-        raise ValueError(
-            f"barrier must have one value per interior face ({grid.n_faces},), got "
-            f"shape {barrier.shape}."
-        )
-    if barrier.dtype != bool:
-        if not np.issubdtype(barrier.dtype, np.integer) or np.any(
-            (barrier != 0) & (barrier != 1)
-        ):
-            raise ValueError(
-                "barrier must be boolean (True on membrane faces); threshold a "
-                "permeability first, e.g. permeability < 1e-3."
-            )
-        barrier = barrier.astype(bool)
-    return barrier
 
 
 def _face_coords(grid, faces, cells):
@@ -801,10 +817,7 @@ def _components(n, side_edge):
     order = np.argsort(side_edge, kind="stable")
     edge, tri = side_edge[order], tri[order]
     link = edge[1:] == edge[:-1]
-    graph = coo_matrix(
-        (np.ones(link.sum()), (tri[:-1][link], tri[1:][link])), shape=(n, n)
-    )
-    return connected_components(graph, directed=False)
+    return graph_components(n, tri[:-1][link], tri[1:][link])
 
 
 def _count_fans(topo, edges, side_edge):
@@ -826,5 +839,4 @@ def _count_fans(topo, edges, side_edge):
     link = e[1:] == e[:-1]
     rows = np.r_[lo[:-1][link], hi[:-1][link]]
     cols = np.r_[lo[1:][link], hi[1:][link]]
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(3 * n, 3 * n))
-    return connected_components(graph, directed=False)[0]
+    return graph_components(3 * n, rows, cols)[0]

@@ -1,26 +1,37 @@
-"""Saving, loading and resuming Spinverse volume fits.
+"""Saving, loading and resuming Spinverse fits.
 
 A fitted volume is saved as one ``.npz`` file that holds every per-voxel
-array of a :class:`~dipy_spinverse.reconst.SpinverseVolumeFit` (status,
-per-face permeability, predicted signal, S0, loss) and a JSON description of
-the model, from which :func:`load_fit` rebuilds it -- no pickles. A partly
-finished fit (``SpinverseModel.fit(..., checkpoint=path)``) is saved the same
+array of a :class:`~dipy_spinverse.reconst.SpinverseFit` (status, per-face
+permeability, cell labels, predicted signal, S0, loss) and a JSON
+description of the model (:func:`model_spec`), from which :func:`load_fit`
+rebuilds it -- no pickles. A partly finished fit
+(``SpinverseModel.fit(..., checkpoint=Checkpoint(path))``) is saved the same
 way, with status ``PENDING`` on the voxels still to fit; :func:`resume_fit`
 continues it. :func:`save_maps`, :func:`save_permeability` and
 :func:`save_predicted` write NIfTI images; per-voxel meshes are written by
-``SpinverseVolumeFit.save_interface``.
+``SpinverseFit.save_interface``.
 """
 
+import copy
 import json
 import os
+from dataclasses import asdict
 
 import numpy as np
+import torch
+from dipy.core.gradients import gradient_table
 from dipy.io.image import save_nifti
 
-from .reconst import STATUS_CODES, SpinverseModel, SpinverseVolumeFit
+from . import sequences
+from .grid import TetGrid
+from .inverse import InversionConfig
+from .reconst import STATUS_CODES, SpinverseFit, SpinverseModel
 
 __all__ = [
     "MAPS",
+    "Checkpoint",
+    "model_spec",
+    "model_from_spec",
     "save_fit",
     "load_fit",
     "resume_fit",
@@ -30,8 +41,10 @@ __all__ = [
     "describe_status",
 ]
 
-_FORMAT = "dipy_spinverse.SpinverseVolumeFit"
-_VERSION = 1
+_FORMAT = "dipy_spinverse.SpinverseFit"
+# Version 2: one SpinverseFit class, S0_sequences columns in rank order
+# (Protocol.sequences), the label search's options named search_*, no seed.
+_VERSION = 2
 _ARRAYS = ("mask", "status", "permeability", "predicted", "S0", "S0_sequences", "loss")
 
 #: Scalar maps of a volume fit and their NIfTI data types.
@@ -46,6 +59,131 @@ MAPS = {
 }
 
 
+class Checkpoint:
+    """``checkpoint`` hook of :meth:`SpinverseModel.fit` that saves to a file.
+
+    Each call saves the partial fit with :func:`save_fit` (atomically), so an
+    interrupted fit can be continued with :func:`resume_fit`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __call__(self, fit):
+        save_fit(fit, self.path)
+
+
+def model_spec(model):
+    """JSON-ready description of ``model``; :func:`model_from_spec` rebuilds it.
+
+    The acquisitions are saved as the model's protocol (waveforms, b-values,
+    directions), which is all a fit depends on.
+    """
+    grid = model.grid
+    configured = not isinstance(model.preset, str)
+    spec = dict(
+        grid=dict(
+            size=grid.size,
+            n=int(round(grid.size / grid.spacing)),
+            boundary=grid.boundary,
+            wall_permeability=grid.wall_permeability,
+        ),
+        diffusivity=model.diffusivity,
+        # A preset given as a configuration is saved whole, as options.
+        preset=None if configured else model.preset,
+        max_iter=None if configured else model.max_iter,
+        batch_size=model.batch_size,
+        device=str(model.device),
+        dtype=str(model.dtype).replace("torch.", ""),
+        options=model.config.as_dict() if configured else model.options,
+        protocol=dict(
+            bvals=model.protocol.bvals,
+            bvecs=model.protocol.bvecs,
+            waveforms=[_waveform_spec(w) for w in model.protocol.waveforms],
+        ),
+    )
+    return json.loads(json.dumps(spec, default=_jsonable))
+
+
+def model_from_spec(spec):
+    """Rebuild the model that :func:`model_spec` described.
+
+    A model saved on ``cuda`` is rebuilt on ``cpu`` when CUDA is absent.
+    """
+    spec = copy.deepcopy(spec)
+    if "protocol" in spec:
+        p = spec["protocol"]
+        table = sequences.Protocol(
+            waveforms=tuple(_waveform_from_spec(w) for w in p["waveforms"]),
+            bvals=np.asarray(p["bvals"], float),
+            bvecs=np.asarray(p["bvecs"], float).reshape(-1, 3),
+        )
+    else:  # version 1 files of models built from a gradient table
+        g = spec["gtab"]
+        table = gradient_table(
+            np.asarray(g["bvals"], float),
+            bvecs=np.asarray(g["bvecs"], float).reshape(-1, 3),
+            big_delta=_array_or_scalar(g["big_delta"]),
+            small_delta=_array_or_scalar(g["small_delta"]),
+            b0_threshold=g["b0_threshold"],
+        )
+    grid = TetGrid.bcc(
+        spec["grid"]["size"],
+        spec["grid"]["n"],
+        boundary=spec["grid"]["boundary"],
+        wall_permeability=spec["grid"]["wall_permeability"],
+    )
+    device = spec["device"]
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    options, preset = spec["options"], spec["preset"]
+    if preset is None:  # a whole configuration was saved
+        preset, options = InversionConfig(**options), {}
+    return SpinverseModel(
+        table,
+        grid=grid,
+        diffusivity=spec["diffusivity"],
+        preset=preset,
+        max_iter=spec["max_iter"],
+        batch_size=spec["batch_size"],
+        device=device,
+        dtype=spec["dtype"],
+        **options,
+    )
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if hasattr(value, "__dataclass_fields__"):  # a curriculum Stage
+        return asdict(value)
+    raise TypeError(f"cannot describe {type(value).__name__} in JSON")
+
+
+def _array_or_scalar(value):
+    if value is None:
+        return None
+    return np.asarray(value, float) if isinstance(value, list) else float(value)
+
+
+def _waveform_spec(waveform):
+    return dict(type=type(waveform).__name__, **asdict(waveform))
+
+
+def _waveform_from_spec(spec):
+    spec = dict(spec)
+    cls = getattr(sequences, spec.pop("type"))
+    return cls(**spec)
+
+
 def save_fit(fit, path):
     """Save a (possibly partial) volume fit to a ``.npz`` file.
 
@@ -54,7 +192,8 @@ def save_fit(fit, path):
 
     Parameters
     ----------
-    fit : SpinverseVolumeFit
+    fit : SpinverseFit
+        A volume fit (``fit.shape != ()``).
     path : str or os.PathLike
         Output file; ``.npz`` is appended when missing.
 
@@ -63,9 +202,9 @@ def save_fit(fit, path):
     str
         The path written.
     """
-    if not isinstance(fit, SpinverseVolumeFit):
+    if not isinstance(fit, SpinverseFit) or fit.shape == ():
         raise ValueError(
-            f"save_fit saves volume fits (SpinverseVolumeFit), got "
+            "save_fit saves volume fits (a SpinverseFit of a volume), got "
             f"{type(fit).__name__}; fit a volume, e.g. data[None] for one voxel."
         )
     path = os.fspath(path)
@@ -78,7 +217,7 @@ def save_fit(fit, path):
     header = dict(
         format=_FORMAT,
         version=_VERSION,
-        model=fit.model._spec(),
+        model=model_spec(fit.model),
         fingerprint=fit.fingerprint,
     )
     arrays["header"] = np.array(json.dumps(header))
@@ -101,7 +240,7 @@ def load_fit(path):
 
     Returns
     -------
-    SpinverseVolumeFit
+    SpinverseFit
         ``fit.n_pending > 0`` for a partial fit; continue it with
         :func:`resume_fit`.
     """
@@ -126,7 +265,7 @@ def load_fit(path):
             f"{path} was written by a newer dipy_spinverse (format version "
             f"{header['version']} > {_VERSION}); upgrade dipy_spinverse."
         )
-    model = SpinverseModel._from_spec(header["model"])
+    model = model_from_spec(header["model"])
     missing = [name for name in _ARRAYS if name not in arrays]
     if missing:
         raise ValueError(f"{path} lacks the arrays {missing}; the file is damaged.")
@@ -137,7 +276,7 @@ def load_fit(path):
             f"{path}: the permeability has {params['permeability'].shape[-1]} faces "
             f"but the saved grid has {model.grid.n_faces}; the file is damaged."
         )
-    return SpinverseVolumeFit(
+    return SpinverseFit(
         model,
         params,
         arrays["mask"].astype(bool),
@@ -162,8 +301,8 @@ def resume_fit(
     Parameters
     ----------
     path : str or os.PathLike
-        A checkpoint from ``SpinverseModel.fit(..., checkpoint=path)`` or a
-        file from :func:`save_fit`.
+        A checkpoint saved by :class:`Checkpoint` or a file from
+        :func:`save_fit`.
     data : array_like (..., n_volumes)
         The same data the fit was started on.
     mask : array_like of bool, optional
@@ -177,14 +316,14 @@ def resume_fit(
 
     Returns
     -------
-    SpinverseVolumeFit
+    SpinverseFit
     """
     state = load_fit(path)
     if device is not None:
-        spec = state.model._spec()
+        spec = model_spec(state.model)
         spec["device"] = str(device)
-        state = SpinverseVolumeFit(
-            SpinverseModel._from_spec(spec),
+        state = SpinverseFit(
+            model_from_spec(spec),
             state.params,
             state.mask,
             fingerprint=state.fingerprint,
@@ -196,7 +335,7 @@ def resume_fit(
         n_jobs=n_jobs,
         verbose=verbose,
         vox_per_chunk=vox_per_chunk,
-        checkpoint=os.fspath(path) if checkpoint else None,
+        checkpoint=Checkpoint(path) if checkpoint else None,
         resume=state,
     )
 
@@ -206,7 +345,7 @@ def save_maps(fit, out_dir, *, affine=None, names=None, prefix="", suffix=".nii.
 
     Parameters
     ----------
-    fit : SpinverseVolumeFit
+    fit : SpinverseFit
     out_dir : str or os.PathLike
         Created if needed.
     affine : ndarray (4, 4), optional
@@ -246,7 +385,7 @@ def save_permeability(fit, path, *, affine=None):
 
     Parameters
     ----------
-    fit : SpinverseVolumeFit
+    fit : SpinverseFit
     path : str or os.PathLike
     affine : ndarray (4, 4), optional
 
@@ -265,7 +404,7 @@ def save_predicted(fit, path, *, affine=None, gtab=None):
 
     Parameters
     ----------
-    fit : SpinverseVolumeFit
+    fit : SpinverseFit
     path : str or os.PathLike
     affine : ndarray (4, 4), optional
     gtab : GradientTable or Protocol, optional

@@ -33,7 +33,7 @@ found, and every score is 1 when both are empty.
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .interface import _check_barrier, barrier_mesh, enclosed_cells
+from .interface import barrier_mesh, check_barrier, enclosed_cells
 
 __all__ = [
     "face_scores",
@@ -129,7 +129,7 @@ def surface_points(grid, barrier):
     ndarray (n_barrier_faces, 3)
         Wrapped into ``[0, size)`` on periodic grids.
     """
-    return grid.face_centroids[_check_barrier(grid, barrier)]
+    return grid.face_centroids[check_barrier(grid, barrier)]
 
 
 def chamfer_distance(grid, recovered, true, *, centre=False):
@@ -236,8 +236,8 @@ def inversion_twin(grid, barrier):
     -------
     ndarray of bool (n_faces,)
     """
-    barrier = _check_barrier(grid, barrier)
-    points = grid._wrap(grid.size - grid.face_centroids)  # about size / 2
+    barrier = check_barrier(grid, barrier)
+    points = grid.wrap(grid.size - grid.face_centroids)  # about size / 2
     tree = cKDTree(grid.face_centroids, boxsize=grid.size if grid.periodic else None)
     distance, face = tree.query(points)
     if np.any(distance > 1e-6 * grid.spacing):
@@ -289,8 +289,8 @@ def all_metrics(
         true_barrier, true_labels = phantom.barrier, phantom.labels
     if true_barrier is None:
         raise ValueError("all_metrics needs a phantom or a true_barrier.")
-    recovered = _check_barrier(grid, recovered)
-    true_barrier = _check_barrier(grid, true_barrier)
+    recovered = check_barrier(grid, recovered)
+    true_barrier = check_barrier(grid, true_barrier)
     use_twin = False
     if twin:
         mirrored = inversion_twin(grid, recovered)

@@ -52,6 +52,7 @@ __all__ = [
     "cells_of_sizes",
     "published_phantoms",
     "staircase_bound",
+    "axial_coordinates",
 ]
 
 MEMBERSHIPS = ("centroid", "vertices")
@@ -288,7 +289,7 @@ def cylinder(
     centre = _centre(grid, centre)
 
     def level(points):
-        along, rho = _axial(grid, points, centre, axis)
+        along, rho = axial_coordinates(grid, points, centre, axis)
         return _capped(rho - radius, along, length)
 
     params = dict(
@@ -319,7 +320,7 @@ def sphere(grid, *, radius, centre=None, kappa=1e-5, membership="centroid"):
     centre = _centre(grid, centre)
 
     def level(points):
-        return np.linalg.norm(_offsets(grid, points, centre), axis=1) - radius
+        return np.linalg.norm(grid.displacement(points, centre), axis=1) - radius
 
     params = dict(radius=radius, centre=_floats(centre))
     return _single(grid, level, kappa, membership, "sphere", params)
@@ -367,7 +368,7 @@ def torus(
     centre = _centre(grid, centre)
 
     def level(points):
-        along, rho = _axial(grid, points, centre, axis)
+        along, rho = axial_coordinates(grid, points, centre, axis)
         return np.hypot(rho - major, along) - minor
 
     params = dict(major=major, minor=minor, axis=_floats(axis), centre=_floats(centre))
@@ -514,7 +515,7 @@ def bent_axon(
     anchor = line[len(line) // 2]
 
     def level(points):
-        d = _offsets(grid, points, anchor)
+        d = grid.displacement(points, anchor)
         return _polyline_distance(d, line - anchor) - radius
 
     return _single(grid, level, kappa, membership, "bent_axon", params)
@@ -575,7 +576,7 @@ def beaded_axon(
     centre = _centre(grid, centre)
 
     def level(points):
-        along, rho = _axial(grid, points, centre, axis)
+        along, rho = axial_coordinates(grid, points, centre, axis)
         local = radius + amplitude * np.cos(2 * np.pi * along / period + phase)
         return _capped(rho - local, along, length)
 
@@ -656,7 +657,7 @@ def packed_cylinders(
 
     def level_of(k):
         def level(points):
-            along, rho = _axial(grid, points, centres[k], axis)
+            along, rho = axial_coordinates(grid, points, centres[k], axis)
             return _capped(rho - radii[k], along, length)
 
         return level
@@ -749,7 +750,7 @@ def cells_of_sizes(
 
     def level_of(k):
         def level(points):
-            d = _offsets(grid, points, centres[k])
+            d = grid.displacement(points, centres[k])
             if shapes[k] == "cube":
                 return np.abs(d).max(axis=1) - radii[k]
             return np.linalg.norm(d, axis=1) - radii[k]
@@ -887,16 +888,13 @@ def _radii(radii):
     return r
 
 
-def _offsets(grid, points, centre):
-    d = points - centre
-    if grid.periodic:
-        d = d - grid.size * np.round(d / grid.size)
-    return d
+def axial_coordinates(grid, points, centre, axis):
+    """Coordinate along a unit ``axis`` through ``centre`` and distance from it.
 
-
-def _axial(grid, points, centre, axis):
-    """Coordinate along a unit ``axis`` through ``centre`` and distance from it."""
-    d = _offsets(grid, points, centre)
+    Offsets from ``centre`` are :meth:`TetGrid.displacement`'s (nearest
+    periodic image on periodic grids). Returns ``(along, across)``.
+    """
+    d = grid.displacement(points, centre)
     along = d @ axis
     return along, np.linalg.norm(d - along[:, None] * axis, axis=1)
 

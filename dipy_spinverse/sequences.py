@@ -751,6 +751,18 @@ class Protocol:
             waveforms = _pgse_waveforms(gtab.small_delta, gtab.big_delta, n)
         else:
             waveforms = _broadcast_waveforms(waveform, n)
+        # DIPY checked the directions against the table's own tolerance
+        # (gradient_table's atol) when it built the table; only rows that
+        # cannot be normalised are refused here.
+        norms = np.linalg.norm(np.asarray(gtab.bvecs, dtype=np.float64), axis=1)
+        bad = (bvals > 0) & ~(norms > 0)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"gtab.bvecs has no direction (|bvec| = {norms[first]:g}) for volume "
+                f"{first}, whose b-value {bvals[first]:g} s/mm^2 is above "
+                f"b0_threshold {threshold:g}; fix the b-vectors or the b-values."
+            )
         bvecs = _unit_rows(gtab.bvecs)
         return cls(waveforms=waveforms, bvals=bvals, bvecs=bvecs)
 
@@ -896,6 +908,27 @@ class Protocol:
         for i, waveform in enumerate(self.waveforms):
             index.setdefault(waveform, []).append(i)
         return [(w, np.asarray(idx, dtype=np.intp)) for w, idx in index.items()]
+
+    def sequences(self):
+        """The protocol's sequences in the package's one order.
+
+        A sequence is the set of acquisitions sharing a waveform
+        (:meth:`groups`). They are ranked by decreasing diffusion time (echo
+        time for waveforms without one), ties in order of first appearance:
+        rank 0 is the longest diffusion time. Curriculum stages, per-sequence
+        S0 and reports all use this order.
+
+        Returns
+        -------
+        sequences : list of (Waveform, ndarray of int)
+        """
+
+        def diffusion_time(group):
+            waveform = group[0]
+            t = waveform.diffusion_time
+            return t if t is not None else waveform.echo_time
+
+        return sorted(self.groups(), key=diffusion_time, reverse=True)
 
     @cached_property
     def _bfactors_us3(self):

@@ -19,9 +19,18 @@ from dipy.utils.logging import logger
 from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.workflow import Workflow
 
-from .io import describe_status, save_fit, save_maps, save_permeability, save_predicted
+from .io import (
+    Checkpoint,
+    describe_status,
+    load_fit,
+    save_fit,
+    save_maps,
+    save_permeability,
+    save_predicted,
+)
 from .reconst import OK, SpinverseModel
 from .sequences import Protocol
+from .signals import sequence_index
 
 __all__ = ["SpinverseFlow", "main", "read_timing"]
 
@@ -60,7 +69,6 @@ class SpinverseFlow(Workflow):
         n_jobs=None,
         device="cpu",
         dtype="float32",
-        seed=0,
         n_report=4,
         resume=False,
         out_dir="",
@@ -146,8 +154,6 @@ class SpinverseFlow(Workflow):
             cpu or cuda.
         dtype : string, optional
             float32 (default, fast) or float64.
-        seed : int, optional
-            Seed of the inversion's initial noise.
         n_report : int, optional
             Voxels shown in the PNG report (0 for no report).
         resume : bool, optional
@@ -227,17 +233,18 @@ class SpinverseFlow(Workflow):
                 diffusivity=diffusivity,
                 preset=preset,
                 max_iter=max_iter,
-                sigma=sigma,
                 batch_size=batch_size,
                 device=device,
                 dtype=dtype,
-                seed=seed,
+                # 0 means unknown: left out, so that presets without a noise
+                # model accept the default.
+                **({"sigma": sigma} if sigma else {}),
             )
             logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
             state = _npz(ostate)
             checkpoint = _checkpoint(state)
             saved = [path for path in (checkpoint, state) if os.path.isfile(path)]
-            previous = saved[0] if resume and saved else None
+            previous = load_fit(saved[0]) if resume and saved else None
             if resume and previous is None:
                 logger.info(f"No saved state at {state}; starting a new fit.")
             if not resume and os.path.isfile(checkpoint):
@@ -251,7 +258,7 @@ class SpinverseFlow(Workflow):
                 engine=engine,
                 n_jobs=n_jobs,
                 verbose=True,
-                checkpoint=checkpoint,
+                checkpoint=Checkpoint(checkpoint),
                 resume=previous,
             )
             save_maps(
@@ -422,7 +429,7 @@ def write_report(fit, data, path, *, n_voxels=4):
 
     Parameters
     ----------
-    fit : SpinverseVolumeFit
+    fit : SpinverseFit
     data : ndarray (..., n_volumes)
         The fitted data.
     path : str or os.PathLike
@@ -458,11 +465,11 @@ def write_report(fit, data, path, *, n_voxels=4):
     fig = plt.figure(figsize=(7.5, 2.6 * len(voxels)), dpi=80)
     for row, index in enumerate(voxels):
         voxel = fit[index]
-        scale = voxel._S0_sequences[model._group_of]
+        scale = voxel.params["S0_sequences"][sequence_index(protocol)]
         measured = data[index] / scale
         predicted = voxel.predict() / scale
         ax = fig.add_subplot(len(voxels), 2, 2 * row + 1)
-        for g, (waveform, idx) in enumerate(model._groups):
+        for g, (waveform, idx) in enumerate(model.sequences):
             label = _waveform_label(waveform)
             ax.plot(
                 protocol.bvals[idx],

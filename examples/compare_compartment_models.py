@@ -45,7 +45,6 @@ from dipy_spinverse import (  # noqa: E402
 )
 from dipy_spinverse.analytic import exchange_rates  # noqa: E402
 from dipy_spinverse.interface import enclosed_cells  # noqa: E402
-from dipy_spinverse.inverse import PRESETS  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
 parser.add_argument("--out", default="compare_output", help="output directory")
@@ -207,9 +206,9 @@ tau_at_bound = karger.exchange_time >= 0.99 * TAU_BOUNDS[1]
 # of label-search steps) and the known noise level ``sigma``, all three voxels
 # in one batched call. A callback keeps the continuous permeability field of
 # the last gradient iteration: the label search that ends the default preset
-# (``polish``) leaves every face either open (0.1 m/s, the top of the range)
+# (``search_steps``) leaves every face either open (0.1 m/s, the top of the range)
 # or a membrane, and gives all the membranes of a voxel one permeability
-# picked from the preset's grid ``polish_kappas`` (1e-5 to 2e-4 m/s) and then
+# picked from the preset's grid ``search_kappas`` (1e-5 to 2e-4 m/s) and then
 # refined between grid values by a 1-D search; the continuous field shows
 # what gradient descent alone makes of the permeability.
 overrides = {}
@@ -218,8 +217,7 @@ if args.quick:
         dict(iterations=2, sequences=(0,)),
         dict(iterations=2, sequences="all"),
     )
-    if "polish" in PRESETS["default"]:
-        overrides["polish"] = 0  # seconds per step even on the tiny grid
+    overrides["search_steps"] = 0  # seconds per step even on the tiny grid
 continuous = {}
 
 
@@ -244,12 +242,12 @@ result = reconstruct(
 )
 seconds["Spinverse"] = result.time_s
 config = result.config
-threshold = config["threshold"]
+threshold = config.threshold
 print(
     "Spinverse: stages",
-    [(s["iterations"], s["sequences"]) for s in config["stages"]],
-    "polish steps",
-    config.get("polish", "n/a (not in this version)"),
+    [(s.iterations, s.sequences) for s in config.stages],
+    "label-search steps",
+    config.search_steps,
 )
 
 
@@ -471,7 +469,7 @@ print(
 # (about 1 %). It finds 4.86e-5 m/s there and 1e-5 m/s (the lower bound) in
 # the other two voxels, and the exchange rates follow (2.55, 12.4 and 3.64
 # 1/s for 2.55, 12.7 and 3.64). With the known ``sigma``, a label move counts
-# only if it lowers chi-square by 8 (``polish_min_gain``), so the search does
+# only if it lowers chi-square by 8 (``search_min_gain``), so the search does
 # not move cells to fit the noise. The labels are searched at the grid value,
 # so a permeability far from every grid value can still bias the surface.
 # The continuous field before the label search does not measure

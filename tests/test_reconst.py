@@ -11,11 +11,13 @@ import torch
 from dipy.core.gradients import gradient_table
 from numpy.testing import assert_allclose, assert_array_equal
 
-import dipy_spinverse.reconst as reconst_module
+import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import Protocol, TetGrid, simulate
 from dipy_spinverse.interface import InterfaceMesh, load_mesh
 from dipy_spinverse.io import (
+    Checkpoint,
     load_fit,
+    model_spec,
     resume_fit,
     save_fit,
     save_maps,
@@ -34,7 +36,6 @@ from dipy_spinverse.reconst import (
     STATUS_CODES,
     SpinverseFit,
     SpinverseModel,
-    SpinverseVolumeFit,
 )
 
 BVALS = np.array([0, 1000, 3000, 0, 1000, 3000], float)
@@ -43,6 +44,9 @@ BIG = np.array([0.04] * 3 + [0.01] * 3)
 SMALL = 0.005
 # Longer echo time, more T2 decay: the two sequences have different b=0.
 T2_WEIGHT = np.array([0.6] * 3 + [0.9] * 3)
+# The published face fit, 4 iterations: the DIPY layer is tested fast; the
+# label search has its own smoke test below (and tests/test_search.py).
+FAST = dict(preset="paper", max_iter=4)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def signal(grid, gtab, truth):
 @pytest.fixture(scope="module")
 def model(grid, gtab):
     # float64: the checks below compare re-simulations to 1e-8.
-    return SpinverseModel(gtab, grid=grid, max_iter=4, dtype="float64")
+    return SpinverseModel(gtab, grid=grid, dtype="float64", **FAST)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +136,7 @@ def test_predict_new_gtab_uses_matching_sequence_s0(model, signal):
 def sphere_fit(gtab):
     """A fit holding a known field: a sphere on the published 576-cell grid."""
     grid = TetGrid.bcc(80 / 3, 4)
-    model = SpinverseModel(gtab, grid=grid, max_iter=2)
+    model = SpinverseModel(gtab, grid=grid, **FAST)
     phantom = sphere(grid, radius=9.0, kappa=2e-5)
     params = dict(
         permeability=np.where(phantom.barrier, phantom.permeability, 0.1),
@@ -140,7 +144,7 @@ def sphere_fit(gtab):
         predicted=np.ones(6),
         S0=100.0,
         S0_sequences=np.array([60.0, 90.0]),
-        loss=0.25 * model.config["loss_scale"],
+        loss=0.25 * model.config.loss_scale,
         status=OK,
     )
     return SpinverseFit(model, params), phantom
@@ -203,7 +207,7 @@ def test_single_voxel_problems_do_not_raise(model, signal):
 def test_volume_with_mask(volume_fit, volume, grid):
     data, mask = volume
     fit = volume_fit
-    assert isinstance(fit, SpinverseVolumeFit)
+    assert isinstance(fit, SpinverseFit)
     assert fit.shape == (2, 2, 1)
     assert_array_equal(fit.status[..., 0], [[OK, OK], [OK, MASKED]])
     assert fit.permeability.shape == (2, 2, 1, grid.n_faces)
@@ -246,7 +250,7 @@ def test_slicing_a_volume_fit(volume_fit):
     assert voxel.S0 == fit.S0[1, 0, 0]
     assert fit[1, 1, 0] is None  # masked, as DIPY's MultiVoxelFit
     column = fit[:, 0]
-    assert isinstance(column, SpinverseVolumeFit) and column.shape == (2, 1)
+    assert isinstance(column, SpinverseFit) and column.shape == (2, 1)
     assert_array_equal(column.status, fit.status[:, 0])
     assert_array_equal(column.restricted_fraction, fit.restricted_fraction[:, 0])
     assert_allclose(column.predict(), fit.predict()[:, 0])
@@ -279,7 +283,7 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
     data[1, 0, 0, [0, 3]] = 0.0
     data[1, 1, 0, 2] = 123.0  # marker: this voxel's inversion raises
     data[2, 0, 0, 2] = 321.0  # marker: this voxel diverges
-    real = reconst_module.reconstruct
+    real = runner.reconstruct
 
     def flaky(grid, signal, protocol, **kwargs):
         raw = np.asarray(signal)
@@ -289,7 +293,7 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
         result.permeability[np.isclose(raw[:, 2], 321.0 / 100.0)] = np.nan
         return result
 
-    monkeypatch.setattr(reconst_module, "reconstruct", flaky)
+    monkeypatch.setattr(runner, "reconstruct", flaky)
     with pytest.warns(RuntimeWarning, match="solver blew up"):
         fit = model.fit(data)
     assert_array_equal(
@@ -318,12 +322,32 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
         (dict(grid_resolution=0), "grid_resolution must be an integer"),
         (dict(grid_size=float("nan")), "grid_size must be finite"),
         (dict(stages=(dict(iterations=3, sequences=(2,)),)), "sequence rank 2"),
-        (dict(noise="poisson"), "noise must be"),
+        (dict(noise="poisson"), "Invalid noise"),
+        # Options the configuration would ignore are refused, not dropped.
+        (dict(preset="paper", sigma=0.5), "sigma.*no effect"),
+        (dict(preset="paper", search_starts=4), "search_starts.*no effect"),
+        (dict(seed=1), "seed is now init_seed"),
+        (dict(preset="paper", init_seed=1), "init_seed.*no effect"),
+        (dict(device="mps"), "device"),
+        (dict(sigma=30.0), "sigma must be"),
     ],
 )
 def test_bad_model_options(gtab, kwargs, match):
     with pytest.raises(ValueError, match=match):
         SpinverseModel(gtab, grid_resolution=kwargs.pop("grid_resolution", 2), **kwargs)
+
+
+def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
+    """Smoke test of the label search through the DIPY layer (a few steps)."""
+    model = SpinverseModel(gtab, grid=grid, max_iter=4, search_steps=3, search_starts=2)
+    assert model.has_labels
+    one = model.fit(signal * 1000.0)
+    assert one.labels.shape == (grid.n_cells,)
+    assert set(np.unique(one.labels)) <= {0, 1}
+    # The membranes are the interface of the labels: closed by construction.
+    assert_array_equal(one.barrier, grid.interface_faces(one.labels > 0))
+    volume = model.fit(np.stack([signal * 1000.0] * 2))
+    assert_array_equal(volume.labels[0], one.labels)
 
 
 def test_grid_and_grid_options_are_exclusive(gtab, grid):
@@ -339,12 +363,25 @@ def test_missing_timing():
         SpinverseModel(table)
 
 
-def test_non_unit_bvecs():
+def test_bvecs_honour_the_tables_own_tolerance():
+    """DIPY checked |bvec| against the table's atol; the model only renormalises.
+
+    (The workflow's --bvecs_tol reaches gradient_table's atol and is not
+    overridden by a tolerance of the model's own.)
+    """
     table = gradient_table(
         BVALS, bvecs=1.5 * BVECS, atol=1.0, big_delta=BIG, small_delta=SMALL
     )
-    with pytest.raises(ValueError, match="must be unit vectors.*Normalise"):
-        SpinverseModel(table)
+    model = SpinverseModel(table, **FAST)
+    weighted = model.protocol.bvals > 0
+    assert_allclose(np.linalg.norm(model.protocol.bvecs[weighted], axis=1), 1.0)
+    bvecs = BVECS.copy()
+    bvecs[1] = 0.0  # b = 1000 with no direction
+    table = gradient_table(
+        BVALS, bvecs=bvecs, atol=1.0, big_delta=BIG, small_delta=SMALL
+    )
+    with pytest.raises(ValueError, match="no direction.*volume 1"):
+        SpinverseModel(table, **FAST)
 
 
 def test_no_b0():
@@ -412,16 +449,16 @@ def test_missing_engine_package(model, volume, monkeypatch):
 # -- options ------------------------------------------------------------------------
 def test_max_iter_scales_the_curriculum(gtab):
     model = SpinverseModel(gtab, grid_resolution=2, max_iter=31)
-    stages = model.config["stages"]
-    assert sum(s["iterations"] for s in stages) == 31 == model.n_iterations
-    assert [s["iterations"] for s in stages] == [16, 15]
-    assert model.config["warmup"] == 4  # 25 of 200 iterations, scaled
+    stages = model.config.stages
+    assert sum(s.iterations for s in stages) == 31 == model.n_iterations
+    assert [s.iterations for s in stages] == [16, 15]
+    assert model.config.warmup == 4  # 25 of 200 iterations, scaled
     stages = (dict(iterations=30, sequences=(0,)), dict(iterations=10, sequences="all"))
     custom = SpinverseModel(
         gtab, grid_resolution=2, max_iter=10, warmup=3, stages=stages
     )
-    assert [s["iterations"] for s in custom.config["stages"]] == [7, 3]
-    assert custom.config["warmup"] == 3
+    assert [s.iterations for s in custom.config.stages] == [7, 3]
+    assert custom.config.warmup == 3
     assert SpinverseModel(gtab, grid_resolution=2).n_iterations == 200
     paper = SpinverseModel(gtab, grid_resolution=2, preset="paper")
     assert paper.n_iterations == 400
@@ -432,7 +469,7 @@ def test_explicit_protocol(grid, signal, tmp_path):
     protocol = protocol + Protocol.pgse(
         BVALS[3:], BVECS[3:], small_delta=SMALL, big_delta=0.01
     )
-    model = SpinverseModel(protocol, grid=grid, max_iter=2)
+    model = SpinverseModel(protocol, grid=grid, **FAST)
     assert_allclose(model.gtab.bvals, BVALS)
     fit = model.fit(np.stack([signal, 2 * signal]))
     assert_array_equal(fit.status, [OK, OK])
@@ -451,7 +488,7 @@ def test_save_load_round_trip(volume_fit, tmp_path):
     assert_array_equal(loaded.mask, volume_fit.mask)
     for key in ("permeability", "predicted", "S0", "S0_sequences", "loss", "status"):
         assert_array_equal(loaded.params[key], volume_fit.params[key])
-    assert loaded.model._spec() == volume_fit.model._spec()
+    assert model_spec(loaded.model) == model_spec(volume_fit.model)
     assert loaded.model.config == volume_fit.model.config
     assert_array_equal(loaded.restricted_fraction, volume_fit.restricted_fraction)
     assert_allclose(loaded.predict(), volume_fit.predict())
@@ -495,19 +532,19 @@ def test_load_rejects_other_files(tmp_path):
 def test_checkpoint_and_resume(model, volume, volume_fit, tmp_path, monkeypatch):
     data, mask = volume
     path = tmp_path / "state.npz"
-    real = SpinverseModel._fit_batch
+    real = runner.fit_voxels
     calls = []
 
-    def interrupted(self, chunk, **kwargs):
+    def interrupted(model, chunk, **kwargs):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(len(chunk))
-        return real(self, chunk, **kwargs)
+        return real(model, chunk, **kwargs)
 
-    monkeypatch.setattr(SpinverseModel, "_fit_batch", interrupted)
+    monkeypatch.setattr(runner, "fit_voxels", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        model.fit(data, mask=mask, vox_per_chunk=1, checkpoint=path)
-    monkeypatch.setattr(SpinverseModel, "_fit_batch", real)
+        model.fit(data, mask=mask, vox_per_chunk=1, checkpoint=Checkpoint(path))
+    monkeypatch.setattr(runner, "fit_voxels", real)
     partial = load_fit(path)
     assert partial.n_pending == 1
     assert_array_equal(partial.status[..., 0], [[OK, OK], [PENDING, MASKED]])
@@ -530,8 +567,8 @@ def test_resume_checks(model, volume, volume_fit, gtab, grid):
         model.fit(data * 2, resume=volume_fit)
     with pytest.raises(ValueError, match="mask differs"):
         model.fit(data, mask=np.ones((2, 2, 1), bool), resume=volume_fit)
-    other = SpinverseModel(gtab, grid=grid, max_iter=5, dtype="float64")
-    with pytest.raises(ValueError, match="different model settings.*max_iter"):
+    other = SpinverseModel(gtab, grid=grid, preset="paper", max_iter=5, dtype="float64")
+    with pytest.raises(ValueError, match="different model settings.*config"):
         other.fit(data, resume=volume_fit)
     with pytest.raises(ValueError, match="resume must be"):
         model.fit(data, resume=42)

@@ -44,6 +44,9 @@ def _run(demo, out_dir, **kwargs):
         grid_size=SMALL["grid_size"],
         grid_resolution=SMALL["grid_resolution"],
         max_iter=2,
+        # The face fit alone: the label search has its own tests
+        # (tests/test_search.py, and a smoke test in tests/test_reconst.py).
+        preset="paper",
         out_dir=str(out_dir),
     )
     options.update(kwargs)
@@ -113,6 +116,7 @@ def test_command_line_with_camino_scheme(demo, tmp_path, monkeypatch):
         "--grid_size", "12",
         "--grid_resolution", "2",
         "--max_iter", "2",
+        "--preset", "paper",
         "--n_report", "0",
         "--dtype", "float32",
         "--out_dir", str(tmp_path),

@@ -1,0 +1,108 @@
+"""Validators shared by every public entry point.
+
+Each raises a ``ValueError`` that names the argument, what it must be and the
+value it got, so a bad option is reported where it is given, not as a failed
+fit later.
+"""
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+__all__ = [
+    "check_int",
+    "check_number",
+    "check_positive",
+    "check_choice",
+    "check_device",
+    "check_dtype",
+    "DTYPES",
+]
+
+#: Floating-point precisions of the simulator, by name.
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def check_int(value, name, minimum):
+    """``value`` as an int, which must be an integer ``>= minimum``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_number(value, name, *, minimum=None, maximum=None, hint=""):
+    """``value`` as a finite float within ``[minimum, maximum]`` (if given)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+    if (
+        not ok
+        or not math.isfinite(value)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        bounds = []
+        if minimum is not None:
+            bounds.append(f">= {minimum:g}")
+        if maximum is not None:
+            bounds.append(f"<= {maximum:g}")
+        what = " and ".join(["a finite number", *bounds])
+        raise ValueError(f"{name} must be {what}{hint}, got {value!r}.")
+    return value
+
+
+def check_positive(value, name, unit, example):
+    """``value`` as a finite float > 0 in ``unit``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a number in {unit}, got {value!r}.") from err
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"{name} must be finite and > 0 in {unit} (e.g. {example}), got {value!r}."
+        )
+    return value
+
+
+def check_choice(value, name, choices):
+    """``value``, which must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"Invalid {name} {value!r}. Must be one of {tuple(choices)}.")
+    return value
+
+
+def check_device(device):
+    """A torch device this machine can use: ``"cpu"`` or an available CUDA one."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}.") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"device={str(device)!r} is not supported; use device='cpu' or 'cuda'."
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} but no CUDA device is available; use device='cpu'."
+        )
+    return device
+
+
+def check_dtype(dtype):
+    """A torch floating dtype from a name, a numpy dtype or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
+    if not isinstance(dtype, str):
+        try:
+            dtype = np.dtype(dtype).name
+        except TypeError:
+            pass
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"dtype must be one of {tuple(DTYPES)} (or the torch dtypes), got "
+            f"{dtype!r}."
+        )
+    return DTYPES[dtype]

@@ -1,0 +1,265 @@
+"""The published face fit: permeabilities by back-propagation through the simulator.
+
+The permeability field of a fixed grid is parametrised (per-face logits, as
+published, or a per-cell occupancy whose jumps set the faces), the simulator
+predicts the b0-normalised signals, and Adam minimises the data loss
+(:func:`dipy_spinverse.signals.data_loss`) plus geometric priors through a
+staged multi-sequence curriculum.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..forward import simulate
+from ..signals import data_loss, normalise_b0
+
+__all__ = ["FaceFit", "fit_faces", "barrier_probability", "schedule", "TERMS"]
+
+# Soft barrier indicator of the published method: p = sigmoid((-3 - log10 k)/0.5).
+_P_CENTRE, _P_WIDTH = -3.0, 0.5
+# Softness of the manifold prior's min(k^2, (k - 2)^2) (barrier faces per edge).
+_MANIFOLD_TEMPERATURE = 0.25
+# Loss terms, in the order the history records them.
+TERMS = ("data", "continuity", "manifold", "binarise", "area")
+
+
+@dataclass
+class FaceFit:
+    """Result of :func:`fit_faces`.
+
+    Attributes
+    ----------
+    permeability : torch.Tensor (n_voxels, n_faces)
+        Fitted permeability per interior face, m/s.
+    labels : ndarray of int (n_voxels, n_cells) or None
+        Occupancy labels of the cell parametrisation; None for faces.
+    history : dict of list
+        Mean loss per term per iteration, ``"total"`` and ``"lr"``.
+    """
+
+    permeability: torch.Tensor
+    labels: np.ndarray | None
+    history: dict = field(repr=False)
+
+
+def barrier_probability(log_kappa):
+    """Soft barrier indicator ``sigmoid((-3 - log10 kappa) / 0.5)``."""
+    return torch.sigmoid((_P_CENTRE - log_kappa) / _P_WIDTH)
+
+
+def fit_faces(grid, data, protocol, config, *, sim, callback=None):
+    """Run the face fit on b0-normalised ``data`` (n_voxels, n_acquisitions).
+
+    Parameters
+    ----------
+    grid : TetGrid
+    data : torch.Tensor (n_voxels, n_acquisitions)
+    protocol : Protocol
+    config : InversionConfig
+    sim : dict
+        ``diffusivity``, ``dtype``, ``device`` for :func:`simulate`.
+    callback : callable, optional
+        ``callback(iteration, permeability_tensor, losses_dict)`` every step.
+
+    Returns
+    -------
+    FaceFit
+    """
+    dtype, device = sim["dtype"], sim["device"]
+    geometry = _Geometry(grid, dtype, device)
+    param = _initial_parameters(grid, config, len(data), dtype, device)
+    history = {k: [] for k in (*TERMS, "total", "lr")}
+    optimiser = torch.optim.Adam([param], lr=config.lr)
+    for n, step in enumerate(schedule(config, protocol)):
+        for group in optimiser.param_groups:
+            group["lr"] = step.lr
+        optimiser.zero_grad()
+        log_kappa = _log_kappa(param, config, geometry)
+        kappa = 10.0**log_kappa
+        pred = normalise_b0(simulate(grid, kappa, step.protocol, **sim), step.protocol)
+        losses = _losses(pred, data[:, step.index], step, log_kappa, geometry, config)
+        total = sum(losses.values())
+        total.sum().backward()
+        _clip_per_voxel(param, config.clip)
+        optimiser.step()
+        means = {k: float(v.detach().mean()) for k, v in losses.items()}
+        for key, value in means.items():
+            history[key].append(value)
+        history["total"].append(float(total.detach().mean()))
+        history["lr"].append(step.lr)
+        if callback is not None:
+            callback(n, kappa.detach(), means)
+    with torch.no_grad():
+        kappa = 10.0 ** _log_kappa(param, config, geometry)
+    labels = None
+    if config.parametrisation == "cell":
+        labels = (param.detach() > 0).cpu().numpy().astype(int)
+    return FaceFit(kappa, labels, history)
+
+
+# -- curriculum -------------------------------------------------------------------
+@dataclass
+class Step:
+    """One iteration of the curriculum: its learning rate and acquisitions."""
+
+    lr: float
+    ramp: float
+    index: np.ndarray
+    protocol: object
+    weights: np.ndarray
+
+
+def schedule(config, protocol):
+    """The curriculum of ``config`` on ``protocol``: one :class:`Step` per iteration.
+
+    Stages name sequence ranks (:meth:`Protocol.sequences`); a step fits the
+    acquisitions of the sequences with non-zero weight, each weighted by its
+    stage weight (faded in and out when ``blend``) times ``sequence_weights``.
+    """
+    sequences = protocol.sequences()
+    n_seq = len(sequences)
+    config.check_protocol(n_seq)
+    per_iteration = []
+    for s, stage in enumerate(config.stages):
+        ranks = stage.ranks(n_seq)
+        n_iter = stage.iterations
+        for i in range(n_iter):
+            weights = np.zeros(n_seq)
+            weights[list(ranks)] = 1.0
+            if config.blend and s > 0:
+                # Fade the previous stage out instead of switching abruptly.
+                fade = 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(n_iter / 2, 1))))
+                for r in config.stages[s - 1].ranks(n_seq):
+                    weights[r] = max(weights[r], fade)
+            per_iteration.append((_learning_rate(config, i, n_iter), weights))
+    steps = []
+    for n, (lr, weights) in enumerate(per_iteration):
+        used = [r for r in range(n_seq) if weights[r] > 0]
+        index = np.concatenate([sequences[r][1] for r in used])
+        per_acq = weights
+        if config.sequence_weights is not None:
+            per_acq = weights * np.asarray(config.sequence_weights, float)
+        per_acq = np.concatenate(
+            [np.full(len(sequences[r][1]), per_acq[r]) for r in used]
+        )
+        ramp = (n + 1) / len(per_iteration) if config.manifold_ramp else 1.0
+        steps.append(Step(lr, ramp, index, protocol[index], per_acq))
+    return steps
+
+
+def _learning_rate(config, i, n_iter):
+    """Linear warm-up to ``lr``, then cosine decay ending at ``lr_final``."""
+    warm = config.warmup
+    if i < warm:
+        return config.lr * (i + 1) / warm
+    progress = (i - warm) / max(n_iter - warm - 1, 1)
+    low, high = config.lr_final, config.lr
+    return low + 0.5 * (high - low) * (1 + math.cos(math.pi * progress))
+
+
+# -- parametrisations ------------------------------------------------------------
+class _Geometry:
+    """Grid incidence as tensors, built once per fit."""
+
+    def __init__(self, grid, dtype, device):
+        self.face_cells = torch.tensor(grid.face_cells, device=device)
+        self.pairs = torch.tensor(grid.face_pairs, device=device)
+        edge_faces = torch.tensor(grid.edge_faces, device=device)
+        self.edge_mask = edge_faces >= 0
+        self.edge_faces = edge_faces.clamp(min=0)
+        self.edge_degree = torch.tensor(
+            grid.edge_face_counts, dtype=dtype, device=device
+        ).clamp(min=1)
+        area = torch.tensor(grid.face_areas, dtype=dtype, device=device)
+        self.area_fraction = area / area.sum()
+
+
+def _initial_parameters(grid, config, n_batch, dtype, device):
+    size = grid.n_faces if config.parametrisation == "face" else grid.n_cells
+    # One draw shared by every voxel: a voxel's result must not depend on the
+    # batch it is fitted in (serial, chunked or parallel engines agree).
+    generator = torch.Generator().manual_seed(config.init_seed)
+    noise = config.init_noise * torch.randn(size, generator=generator, dtype=dtype)
+    noise = noise.expand(n_batch, size)
+    if config.parametrisation == "face":
+        lo, hi = config.log_kappa_bounds
+        frac = (config.init_log_kappa - lo) / (hi - lo)
+        param = math.log(frac / (1 - frac)) + noise
+    else:
+        param = noise.clone()  # occupancy 0.5 everywhere: undecided
+    return param.to(device).requires_grad_(True)
+
+
+def _log_kappa(param, config, geometry):
+    lo, hi = config.log_kappa_bounds
+    if config.parametrisation == "face":
+        return lo + (hi - lo) * torch.sigmoid(param)
+    # Cell occupancy o in (0, 1): a face is a barrier where o jumps, so the
+    # recovered barriers are level sets of o -- closed by construction.
+    occ = torch.sigmoid(param)
+    jump = (occ[:, geometry.face_cells[:, 0]] - occ[:, geometry.face_cells[:, 1]]) ** 2
+    return hi - (hi - lo) * jump
+
+
+# -- losses and priors -------------------------------------------------------------
+def _losses(pred, data, step, log_kappa, geometry, config):
+    weights = torch.as_tensor(step.weights, dtype=pred.dtype, device=pred.device)
+    data_term = data_loss(
+        pred,
+        data,
+        loss_scale=config.loss_scale,
+        sigma=config.sigma,
+        noise=config.noise,
+        weights=weights,
+    )
+    p = barrier_probability(log_kappa)
+    zero = torch.zeros_like(data_term)
+
+    def term(weight, value):
+        return weight * value() if weight else zero
+
+    return dict(
+        data=data_term,
+        continuity=term(
+            config.continuity, lambda: _continuity(log_kappa, p, geometry, config)
+        ),
+        manifold=term(config.manifold * step.ramp, lambda: _manifold(p, geometry)),
+        binarise=term(config.binarise, lambda: (p * (1 - p)).mean(-1)),
+        area=term(config.area, lambda: (p * geometry.area_fraction).sum(-1)),
+    )
+
+
+def _continuity(log_kappa, p, geometry, config):
+    """Huber of log10-kappa jumps between faces sharing an edge.
+
+    Weighted by 1 - |p_i - p_j| (detached) so that the boundary of a barrier,
+    where the indicator must jump, is not smoothed away.
+    """
+    i, j = geometry.pairs[:, 0], geometry.pairs[:, 1]
+    diff = log_kappa[:, i] - log_kappa[:, j]
+    huber = torch.nn.functional.huber_loss(
+        diff, torch.zeros_like(diff), reduction="none", delta=config.continuity_delta
+    )
+    weight = (1 - (p[:, i] - p[:, j]).abs()).detach()
+    return (weight * huber).mean(-1)
+
+
+def _manifold(p, geometry):
+    """Each grid edge should touch 0 or 2 barrier faces (soft count k)."""
+    k = (p[:, geometry.edge_faces] * geometry.edge_mask).sum(-1)
+    both = torch.stack([k**2, (k - 2) ** 2], dim=-1)
+    t = _MANIFOLD_TEMPERATURE
+    softmin = -t * torch.logsumexp(-both / t, dim=-1)
+    return (softmin / geometry.edge_degree).mean(-1)
+
+
+def _clip_per_voxel(param, max_norm):
+    """Gradient-norm clipping per voxel (each row is an independent fit)."""
+    if not max_norm:
+        return
+    grad = param.grad
+    norm = grad.norm(dim=-1, keepdim=True)
+    grad.mul_(torch.clamp(max_norm / (norm + 1e-12), max=1.0))

@@ -1,0 +1,42 @@
+"""The DIPY reconstruction layer: :class:`SpinverseModel` and :class:`SpinverseFit`.
+
+``model``
+    :class:`SpinverseModel`: options checked once, the gradient-table
+    gatekeeper, prediction helpers.
+``runner``
+    The voxel runner: batches, parallel engines, statuses, retries and the
+    checkpoint hook.
+``fit``
+    :class:`SpinverseFit`, one voxel or a volume, and the status codes.
+
+Problems of single voxels never stop a volume: the voxel gets a status code
+(:data:`STATUS_CODES`) and NaN outputs, and the rest of the volume is kept.
+"""
+
+from .fit import (
+    BAD_B0,
+    DIVERGED,
+    FAILED,
+    MASKED,
+    NONFINITE,
+    OK,
+    PENDING,
+    STATUS_CODES,
+    SpinverseFit,
+)
+from .model import SpinverseModel
+from .runner import PARALLEL_ENGINES
+
+__all__ = [
+    "SpinverseModel",
+    "SpinverseFit",
+    "STATUS_CODES",
+    "PARALLEL_ENGINES",
+    "OK",
+    "NONFINITE",
+    "BAD_B0",
+    "FAILED",
+    "DIVERGED",
+    "PENDING",
+    "MASKED",
+]

@@ -1,0 +1,353 @@
+"""The result of a Spinverse fit: :class:`SpinverseFit` and the voxel statuses.
+
+One class serves one voxel and any volume shape, as DIPY's fits do: it holds
+a dict of per-voxel parameter arrays of shape ``fit.shape + (...)`` and
+derives every map from them. For a single voxel ``fit.shape`` is ``()`` and
+the scalar maps are Python numbers.
+
+===========  ====  ==========================================================
+name         code  meaning
+===========  ====  ==========================================================
+OK           0     fitted
+NONFINITE    1     the voxel's data contain NaN or inf
+BAD_B0       2     the mean b = 0 signal (of some sequence) is <= 0
+FAILED       3     the inversion raised an error for this voxel
+DIVERGED     4     the fit returned non-finite permeabilities or signals
+PENDING      -1    inside the mask but not fitted yet (partial fits)
+MASKED       -2    outside the mask
+===========  ====  ==========================================================
+"""
+
+import os
+from functools import cached_property
+
+import numpy as np
+from dipy.reconst.base import ReconstFit
+
+from ..interface import barrier_mesh, barrier_regions
+
+__all__ = [
+    "SpinverseFit",
+    "STATUS_CODES",
+    "OK",
+    "NONFINITE",
+    "BAD_B0",
+    "FAILED",
+    "DIVERGED",
+    "PENDING",
+    "MASKED",
+    "PARAMETERS",
+]
+
+OK, NONFINITE, BAD_B0, FAILED, DIVERGED, PENDING, MASKED = 0, 1, 2, 3, 4, -1, -2
+
+#: Per-voxel status codes of a fit and their meaning.
+STATUS_CODES = {
+    OK: "ok",
+    NONFINITE: "data contain NaN or inf",
+    BAD_B0: "mean b=0 signal <= 0",
+    FAILED: "the inversion raised an error",
+    DIVERGED: "the fit returned non-finite values",
+    PENDING: "not fitted yet",
+    MASKED: "outside the mask",
+}
+
+#: The per-voxel parameters a fit holds (``labels`` may be None).
+PARAMETERS = (
+    "permeability",
+    "labels",
+    "predicted",
+    "S0",
+    "S0_sequences",
+    "loss",
+    "status",
+)
+
+
+class SpinverseFit(ReconstFit):
+    """Spinverse fit of one voxel or a volume.
+
+    Index a volume fit like an array: an index of one voxel gives that
+    voxel's fit (None outside the mask, as DIPY's ``MultiVoxelFit``), any
+    other index a smaller volume fit.
+
+    Parameters
+    ----------
+    model : SpinverseModel
+    params : dict of ndarray
+        Per-voxel arrays of shape ``shape + (...)``: ``permeability``
+        (n_faces,), ``labels`` (n_cells,) or None, ``predicted``
+        (n_volumes,) b0-normalised signal, ``S0``, ``S0_sequences``
+        (n_sequences,), ``loss``, ``status`` (see :data:`STATUS_CODES`).
+    mask : array_like of bool, optional
+        Voxels of the fit (default: all).
+    history : dict, optional
+        The inversion's loss curves (single-voxel fits).
+    fingerprint : str, optional
+        Checksum of the fitted data, to check that a partial fit is resumed
+        on the same data.
+
+    Notes
+    -----
+    Scalar maps are 0 outside the mask (as DIPY's maps) and NaN inside it
+    where the status is not 0.
+    """
+
+    def __init__(self, model, params, mask=None, *, history=None, fingerprint=None):
+        self.model = model
+        self.params = {
+            k: None if params.get(k) is None else np.asarray(params[k])
+            for k in PARAMETERS
+        }
+        shape = np.shape(self.params["status"])
+        self.mask = np.ones(shape, bool) if mask is None else np.asarray(mask, bool)
+        self.history = history
+        self.fingerprint = fingerprint
+
+    # -- per-voxel parameters ------------------------------------------------------
+    @property
+    def shape(self):
+        """Shape of the fitted volume, ``()`` for one voxel."""
+        return self.mask.shape
+
+    @property
+    def status(self):
+        """Status map (0 = ok; see :data:`STATUS_CODES`)."""
+        return _scalar(self.params["status"])
+
+    @property
+    def ok(self):
+        """Voxels fitted without problems."""
+        return np.asarray(self.params["status"]) == OK
+
+    @property
+    def n_pending(self):
+        """Voxels of the mask still to fit (a partial fit to resume)."""
+        return int(np.sum(np.asarray(self.params["status"]) == PENDING))
+
+    @property
+    def permeability(self):
+        """Per-face permeability (..., n_faces), m/s; NaN where not fitted."""
+        return self.params["permeability"]
+
+    @property
+    def barrier(self):
+        """Faces below the barrier threshold (..., n_faces): the membranes."""
+        with np.errstate(invalid="ignore"):
+            permeability = np.nan_to_num(self.permeability, nan=np.inf)
+            return permeability < self.model.config.threshold
+
+    @property
+    def labels(self):
+        """Cell labels (..., n_cells): 0 outside, 1 inside; -1 where not fitted.
+
+        Kept whenever the inversion produces labels (the label search, or the
+        cell parametrisation); None otherwise.
+        """
+        return self.params["labels"]
+
+    @property
+    def S0(self):
+        """Fitted S0 map (mean b = 0 signal)."""
+        return self._map(self.params["S0"])
+
+    @property
+    def loss(self):
+        """Final data loss (:func:`dipy_spinverse.signals.data_loss`)."""
+        return self._map(self.params["loss"])
+
+    @property
+    def residual(self):
+        """RMS misfit of the b0-normalised signal (a fraction of S0)."""
+        return self._map(np.sqrt(self.params["loss"] / self.model.config.loss_scale))
+
+    # -- derived maps --------------------------------------------------------------
+    @property
+    def surface_to_volume(self):
+        """Barrier area per box volume, 1/um."""
+        grid = self.model.grid
+        return self._map((self.barrier @ grid.face_areas) / grid.volume)
+
+    @property
+    def membrane_permeability(self):
+        """Mean permeability over the barrier faces, m/s (NaN without any)."""
+        barrier = self.barrier
+        count = barrier.sum(-1)
+        total = np.where(barrier, self.permeability, 0.0).sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self._map(np.where(count > 0, total / np.maximum(count, 1), np.nan))
+
+    @cached_property
+    def _compartments(self):
+        """(restricted fraction, enclosed compartments) per voxel, NaN if not ok."""
+        out = np.full(self.shape + (2,), np.nan)
+        grid = self.model.grid
+        barrier = self.barrier
+        ok = self.ok
+        for index in np.ndindex(self.shape):
+            if not ok[index]:
+                continue
+            region, outside = barrier_regions(grid, barrier[index])
+            enclosed = region != outside
+            out[index] = (
+                grid.cell_volumes[enclosed].sum() / grid.volume,
+                len(np.unique(region[enclosed])),
+            )
+        return out
+
+    @property
+    def restricted_fraction(self):
+        """Volume fraction of the cells enclosed by barriers."""
+        return self._map(self._compartments[..., 0])
+
+    @property
+    def n_compartments(self):
+        """Number of enclosed compartments."""
+        return self._map(self._compartments[..., 1])
+
+    # -- meshes --------------------------------------------------------------------
+    @property
+    def interface_mesh(self):
+        """The barrier faces as an :class:`InterfaceMesh` (um), wall-capped.
+
+        One voxel: its mesh, or None unless the status is 0. A volume: an
+        object array of the voxels' meshes.
+        """
+        if self.shape == ():
+            return self._mesh
+        meshes = np.empty(self.shape, dtype=object)
+        for index in zip(*np.nonzero(self.ok), strict=True):
+            meshes[index] = self[index].interface_mesh
+        return meshes
+
+    @cached_property
+    def _mesh(self):
+        if not self.ok:
+            return None
+        labels = self.labels
+        if labels is not None and np.any(labels < 0):
+            labels = None
+        return barrier_mesh(self.model.grid, self.barrier, labels=labels, cap_wall=True)
+
+    def save_interface(self, path, *, ext=".ply", binary=False):
+        """Write the interface meshes.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            One voxel: the .ply or .vtk file. A volume: a folder (created if
+            needed) that receives ``voxel_<i>_<j>_<k><ext>`` per fitted voxel.
+        ext : {".ply", ".vtk"}
+            File type of a volume's meshes.
+        binary : bool
+            Binary PLY.
+
+        Returns
+        -------
+        str or dict
+            The path, or ``{voxel index: path}`` for a volume.
+        """
+        if self.shape == ():
+            if self._mesh is None:
+                raise ValueError(
+                    f"this voxel has no fitted interface (status {self.status}: "
+                    f"{STATUS_CODES[self.status]})."
+                )
+            self._mesh.save(path, binary=binary)
+            return os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        paths = {}
+        for index in zip(*np.nonzero(self.ok), strict=True):
+            index = tuple(int(i) for i in index)
+            name = "voxel_" + "_".join(map(str, index)) + ext
+            paths[index] = self[index].save_interface(
+                os.path.join(os.fspath(path), name), binary=binary
+            )
+        return paths
+
+    # -- prediction ----------------------------------------------------------------
+    def predict(self, gtab=None, *, S0=None):
+        """Predict the signal of every voxel.
+
+        Parameters
+        ----------
+        gtab : GradientTable or Protocol, optional
+            Acquisitions to predict (default: the fitted ones). A gradient
+            table needs ``big_delta`` and ``small_delta``.
+        S0 : float or array_like (shape), optional
+            Unweighted signal. Default: each voxel's FITTED S0 -- for
+            acquisitions sharing a waveform with a fitted sequence that
+            sequence's own b = 0 signal, otherwise the voxel's mean b = 0
+            signal (unlike DIPY's ``MultiVoxelFit``, which predicts with
+            S0 = 1).
+
+        Returns
+        -------
+        ndarray (..., n_volumes)
+            0 outside the mask, NaN where the status is not 0.
+        """
+        model = self.model
+        protocol = model.protocol if gtab is None else model.protocol_for(gtab)
+        out = np.zeros(self.shape + (len(protocol),))
+        out[self.mask & ~self.ok] = np.nan
+        ok = self.ok
+        if not ok.any():
+            return out
+        if gtab is None:
+            normalised = self.params["predicted"][ok]
+        else:
+            normalised = model.predict_normalised(self.permeability[ok], protocol)
+        if S0 is None:
+            scale = model.s0_for(
+                protocol, self.params["S0"][ok], self.params["S0_sequences"][ok]
+            )
+        else:
+            scale = np.broadcast_to(np.asarray(S0, dtype=float), self.shape)[ok]
+            scale = scale[:, None]
+        out[ok] = normalised * scale
+        return out
+
+    # -- indexing ------------------------------------------------------------------
+    def __getitem__(self, index):
+        if self.shape == ():
+            raise IndexError("a single-voxel fit cannot be indexed.")
+        ids = np.arange(self.mask.size).reshape(self.shape)[index]
+        flat = {
+            k: None if v is None else v.reshape((-1,) + v.shape[len(self.shape) :])
+            for k, v in self.params.items()
+        }
+        if np.ndim(ids) == 0 and not self.mask.reshape(-1)[ids]:
+            return None
+        params = {
+            k: None
+            if v is None
+            else v[ids.reshape(-1)].reshape(ids.shape + v.shape[1:])
+            for k, v in flat.items()
+        }
+        return SpinverseFit(self.model, params, self.mask.reshape(-1)[ids])
+
+    def _map(self, values):
+        """``values`` where ok, NaN elsewhere in the mask, 0 outside it."""
+        out = np.where(self.ok, values, np.nan)
+        out = np.where(self.mask, out, 0.0)
+        return _scalar(out)
+
+    def __repr__(self):
+        if self.shape == ():
+            return (
+                f"SpinverseFit(status={self.status} ({STATUS_CODES[self.status]}), "
+                f"barrier_faces={int(self.barrier.sum())}, loss={self.loss:.3g})"
+            )
+        status = np.asarray(self.params["status"])
+        counts = {
+            STATUS_CODES[c]: int(np.sum(status == c))
+            for c in STATUS_CODES
+            if c != MASKED and np.any(status == c)
+        }
+        return f"SpinverseFit(shape={self.shape}, status={counts})"
+
+
+def _scalar(values):
+    """0-d arrays as Python numbers (one voxel), other arrays as they are."""
+    values = np.asarray(values)
+    return values.item() if values.ndim == 0 else values

@@ -1,0 +1,419 @@
+"""The DIPY reconstruction model :class:`SpinverseModel`.
+
+``SpinverseModel(gtab, ...)`` is used like DIPY's ``TensorModel`` or
+``IvimModel``: build it once from a gradient table (with the gradient timing
+in ``gtab.big_delta`` / ``gtab.small_delta``), then call ``fit`` on one voxel
+or a whole volume. Every option is checked once, when the model is built.
+Each voxel is normalised by its own b = 0 signal and handed to
+:func:`dipy_spinverse.inverse.reconstruct`.
+"""
+
+import copy
+import os
+import warnings
+
+import numpy as np
+import torch
+from dipy.core.gradients import GradientTable, gradient_table
+from dipy.reconst.base import ReconstModel
+from dipy.reconst.multi_voxel import multi_voxel_fit
+
+from ..checks import check_choice, check_device, check_dtype, check_int, check_positive
+from ..forward import simulate
+from ..grid import BOUNDARIES, TetGrid
+from ..inverse import resolve_config
+from ..sequences import PGSE, Protocol
+from ..signals import normalise_b0
+from . import runner
+from .fit import SpinverseFit
+
+__all__ = ["SpinverseModel", "DEFAULT_GRID"]
+
+#: The default grid: the published BCC grid of 576 tetrahedra, 26.7 um across.
+DEFAULT_GRID = dict(size=80 / 3, n=4, boundary="reflecting", wall_permeability=0.1)
+
+
+class SpinverseModel(ReconstModel):
+    """Spinverse: membranes and their permeability from diffusion MRI.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable or Protocol
+        Gradient table whose ``big_delta`` and ``small_delta`` hold the pulse
+        timing in seconds (scalars or one value per volume; several
+        diffusion times are the normal case), or an explicit
+        :class:`~dipy_spinverse.sequences.Protocol`. It needs at least one
+        b = 0 volume (``b <= gtab.b0_threshold``).
+    grid : TetGrid, optional
+        The grid of one voxel. Default: ``TetGrid.bcc(grid_size,
+        grid_resolution, boundary=boundary)``. Exclusive with the next four.
+    grid_size : float, optional
+        Side of the simulated box in um (default 80/3, the published grid).
+    grid_resolution : int, optional
+        BCC cubes per side (default 4: 576 tetrahedra, 1,008 faces).
+    boundary : {"reflecting", "periodic", "absorbing"}, optional
+        Outer boundary of the box (default ``"reflecting"``).
+    wall_permeability : float, optional
+        Wall permeability in m/s for ``boundary="absorbing"`` (default 0.1).
+    diffusivity : float
+        Intrinsic diffusivity in mm^2/s.
+    preset : str or InversionConfig
+        Inversion configuration, a key of
+        :data:`dipy_spinverse.inverse.PRESETS` or a configuration.
+    max_iter : int, optional
+        Total face-fit iterations: the preset's curriculum stages (and its
+        learning-rate warm-up, unless ``warmup`` is given) are scaled to this
+        total, each stage keeping at least one iteration. Default: the
+        preset's own total.
+    batch_size : int
+        Voxels fitted together in one batched call (memory grows linearly).
+    device : str or torch.device
+        ``"cpu"`` or ``"cuda"`` (``"cuda:1"``, ...).
+    dtype : {"float32", "float64"} or torch.dtype
+        Floating-point precision of the simulator (float32, the published
+        precision, is 3-4 times faster).
+    **options
+        Fields of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
+        (``continuity``, ``manifold``, ``binarise``, ``area``), curriculum
+        (``stages``, ``blend``, ``sequence_weights``), optimiser (``lr``,
+        ``lr_final``, ``warmup``, ``clip``), ``threshold``,
+        ``parametrisation``, ``noise``, ``sigma``, the label search's
+        ``search_*``. An option the configuration would ignore is an error.
+
+    Raises
+    ------
+    ValueError
+        Missing gradient timing, no b = 0 volume, unknown options, options
+        the configuration ignores, or out-of-range values.
+
+    Notes
+    -----
+    Each voxel is divided by its own b = 0 signal, sequence by sequence (a
+    sequence's own mean b = 0 signal when it has b = 0 volumes, else the mean
+    of all b = 0 volumes; :func:`dipy_spinverse.signals.b0_scale`), so that
+    T2 weighting that differs between echo times cancels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dipy.core.gradients import gradient_table
+    >>> bvals = np.array([0, 1000, 1000, 1000])
+    >>> bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    >>> gtab = gradient_table(bvals, bvecs=bvecs, big_delta=0.03,
+    ...                       small_delta=0.01)
+    >>> model = SpinverseModel(gtab, grid_resolution=2, preset="paper",
+    ...                        stages=[dict(iterations=5)])
+    >>> model.grid.n_cells
+    48
+    >>> fit = model.fit(np.array([1000.0, 600.0, 610.0, 590.0]))
+    >>> fit.status, fit.permeability.shape, fit.predict().shape
+    (0, (72,), (4,))
+    """
+
+    def __init__(
+        self,
+        gtab,
+        *,
+        grid=None,
+        grid_size=None,
+        grid_resolution=None,
+        boundary=None,
+        wall_permeability=None,
+        diffusivity=2e-3,
+        preset="default",
+        max_iter=None,
+        batch_size=32,
+        device="cpu",
+        dtype="float32",
+        **options,
+    ):
+        self.gtab, self.protocol = gradient_tables(gtab)
+        self.grid = _make_grid(
+            grid, grid_size, grid_resolution, boundary, wall_permeability
+        )
+        self.diffusivity = check_positive(diffusivity, "diffusivity", "mm^2/s", 2e-3)
+        self.preset = preset
+        self.max_iter = None if max_iter is None else check_int(max_iter, "max_iter", 1)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.device = check_device(device)
+        self.dtype = check_dtype(dtype)
+        self.options = copy.deepcopy(options)
+        self.config = resolve_config(preset, max_iter=self.max_iter, **options)
+        #: The protocol's sequences in rank order (:meth:`Protocol.sequences`).
+        self.sequences = self.protocol.sequences()
+        self.config.check_protocol(len(self.sequences))
+        b0 = self.protocol.bvals == 0
+        if not b0.any():
+            raise ValueError(
+                "gtab has no b=0 volume (b <= gtab.b0_threshold); Spinverse "
+                "normalises each voxel by its b=0 signal. Acquire at least one "
+                "b=0 volume, or raise b0_threshold in gradient_table(...) if your "
+                "b=0 volumes have small nominal b-values."
+            )
+        missing = [r for r, (_, idx) in enumerate(self.sequences) if not b0[idx].any()]
+        if missing:
+            warnings.warn(
+                f"sequence(s) of rank {missing} (0 = longest diffusion time) have "
+                "no b=0 volume of their own; they are normalised by the mean of all "
+                "b=0 volumes, which assumes the same T2 weighting (echo time).",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._pid = os.getpid()
+
+    # -- fitting ---------------------------------------------------------------
+    def fit(
+        self,
+        data,
+        *,
+        mask=None,
+        engine="serial",
+        n_jobs=None,
+        verbose=False,
+        vox_per_chunk=None,
+        checkpoint=None,
+        resume=None,
+    ):
+        """Fit one voxel or a volume.
+
+        Parameters
+        ----------
+        data : array_like (..., n_volumes)
+            One voxel (1-D) or a volume, raw signal in the order of ``gtab``.
+        mask : array_like of bool (data.shape[:-1]), optional
+            Voxels to fit (default: all).
+        engine : {"serial", "joblib", "dask", "ray"}
+            ``"serial"`` fits ``batch_size`` voxels at a time through the
+            batched simulator on ``device``; the others spread chunks of
+            ``vox_per_chunk`` voxels over ``n_jobs`` workers with DIPY's
+            ``multi_voxel_fit``.
+        n_jobs : int, optional
+            Workers of a parallel engine (default: all cores; negative values
+            count back from all cores, as in DIPY).
+        verbose : bool
+            Show a progress bar over voxels.
+        vox_per_chunk : int, optional
+            Voxels per batched call (default ``batch_size``; for parallel
+            engines at most an equal share per worker).
+        checkpoint : callable, optional
+            ``checkpoint(partial_fit)`` after every chunk (serial) or round
+            of chunks (parallel engines), e.g.
+            :class:`dipy_spinverse.io.Checkpoint` to save progress to a file.
+        resume : SpinverseFit, optional
+            A partly finished volume fit of the same data and model: only its
+            voxels with status ``PENDING`` are fitted
+            (:func:`dipy_spinverse.io.resume_fit` resumes a saved file).
+
+        Returns
+        -------
+        SpinverseFit
+            Of shape ``data.shape[:-1]`` (``()`` for one voxel).
+        """
+        data = self._check_data(data)
+        if data.ndim == 1:
+            params, history = runner.fit_voxels(self, data[None])
+            params = {k: None if v is None else v[0] for k, v in params.items()}
+            return SpinverseFit(self, params, history=history)
+        return runner.fit_volume(
+            self,
+            data,
+            mask=mask,
+            engine=engine,
+            n_jobs=n_jobs,
+            verbose=verbose,
+            vox_per_chunk=vox_per_chunk,
+            checkpoint=checkpoint,
+            resume=resume,
+        )
+
+    @multi_voxel_fit(batched=True)
+    def fit_chunk(self, data, **kwargs):
+        """Fit a (n_vox, n_volumes) chunk inside a DIPY ``multi_voxel_fit`` worker.
+
+        The parallel engines' entry point (:func:`runner.fit_volume` calls
+        it); use :meth:`fit` instead. DIPY 1.12.1 also passes its engine
+        keywords (``engine``, ``n_jobs``, ``vox_per_chunk``, ``verbose``,
+        ``_batched``) into this call; only ``n_jobs`` is used, to share the
+        cores between worker processes.
+        """
+        runner.share_cores(kwargs.get("n_jobs"), self._pid)
+        params, _ = runner.fit_voxels(self, np.atleast_2d(data))
+        fits = np.empty(len(params["status"]), dtype=object)
+        for i in range(len(fits)):
+            fits[i] = SpinverseFit(
+                self, {k: None if v is None else v[i] for k, v in params.items()}
+            )
+        return fits
+
+    # -- what the model holds ------------------------------------------------------
+    @property
+    def has_labels(self):
+        """Whether the inversion returns cell labels (search or cell occupancy)."""
+        return self.config.search_steps > 0 or self.config.parametrisation == "cell"
+
+    @property
+    def n_iterations(self):
+        """Total iterations of the face fit per voxel."""
+        return self.config.n_iterations
+
+    def differences(self, other):
+        """Names of the settings that make ``other``'s fits differ from ours.
+
+        ``batch_size`` and ``device`` are left out: they change how voxels
+        are fitted, not the result.
+        """
+        pairs = dict(
+            grid=(_grid_key(self.grid), _grid_key(other.grid)),
+            diffusivity=(self.diffusivity, other.diffusivity),
+            config=(self.config, other.config),
+            dtype=(self.dtype, other.dtype),
+            protocol=(_protocol_key(self.protocol), _protocol_key(other.protocol)),
+        )
+        return [name for name, (a, b) in pairs.items() if a != b]
+
+    # -- prediction ----------------------------------------------------------------
+    def protocol_for(self, gtab):
+        """The :class:`Protocol` of ``gtab`` (checked as ``gtab`` at build)."""
+        return gradient_tables(gtab)[1]
+
+    def s0_for(self, protocol, s0, s0_sequences):
+        """Fitted S0 per acquisition of ``protocol``, shape (n, n_acq).
+
+        Sequences with the same waveform as a fitted one use that sequence's
+        S0 (its T2 weighting); other waveforms use the mean b = 0 signal.
+        """
+        out = np.repeat(np.asarray(s0, float)[:, None], len(protocol), axis=1)
+        fitted = {w: rank for rank, (w, _) in enumerate(self.sequences)}
+        for waveform, idx in protocol.groups():
+            if waveform in fitted:
+                out[:, idx] = s0_sequences[:, fitted[waveform], None]
+        return out
+
+    def predict_normalised(self, permeability, protocol):
+        """b0-normalised signals (n, n_acq) of ``permeability`` (n, n_faces).
+
+        One simulated b = 0 acquisition per sequence is added so that every
+        sequence is normalised by its own simulated b = 0 signal (below 1
+        with absorbing walls).
+        """
+        waveforms = tuple(w for w, _ in protocol.groups())
+        b0 = Protocol(
+            waveforms=waveforms,
+            bvals=np.zeros(len(waveforms)),
+            bvecs=np.zeros((len(waveforms), 3)),
+        )
+        full = protocol + b0
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(permeability), self.batch_size):
+                signal = simulate(
+                    self.grid,
+                    permeability[i : i + self.batch_size],
+                    full,
+                    diffusivity=self.diffusivity,
+                    dtype=self.dtype,
+                    device=self.device,
+                )
+                out.append(signal.cpu().numpy().astype(np.float64))
+        if not out:
+            return np.zeros((0, len(protocol)))
+        return normalise_b0(np.concatenate(out), full)[:, : len(protocol)]
+
+    # -- input checks ----------------------------------------------------------
+    def _check_data(self, data):
+        try:
+            data = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"data must be a numeric array (..., {len(self.protocol)}), got "
+                f"{type(data).__name__}."
+            ) from err
+        if data.ndim == 0 or data.shape[-1] != len(self.protocol):
+            raise ValueError(
+                f"data has shape {data.shape} but the gradient table has "
+                f"{len(self.protocol)} volumes; the last axis of data must hold "
+                f"one value per volume, in the order of gtab (shape (..., "
+                f"{len(self.protocol)}))."
+            )
+        return data
+
+    def __repr__(self):
+        return (
+            f"SpinverseModel(n_volumes={len(self.protocol)}, "
+            f"n_sequences={len(self.sequences)}, grid={self.grid!r}, "
+            f"preset={self.preset!r}, iterations={self.n_iterations})"
+        )
+
+
+def gradient_tables(gtab):
+    """(GradientTable, Protocol) from a gradient table or a protocol.
+
+    The one gatekeeper of gradient tables: DIPY has checked the b-vectors
+    against the table's own tolerance when it built the table, and
+    :meth:`Protocol.from_gtab` checks the timing.
+    """
+    if isinstance(gtab, Protocol):
+        timing = {}
+        if all(type(w) is PGSE for w in gtab.waveforms):
+            timing = dict(
+                big_delta=np.array([w.big_delta for w in gtab.waveforms]),
+                small_delta=np.array([w.small_delta for w in gtab.waveforms]),
+            )
+        table = gradient_table(gtab.bvals, bvecs=gtab.bvecs, b0_threshold=0, **timing)
+        return table, gtab
+    if not isinstance(gtab, GradientTable):
+        raise ValueError(
+            "gtab must be a dipy GradientTable (with big_delta and small_delta in "
+            f"seconds) or a dipy_spinverse Protocol, got {type(gtab).__name__}."
+        )
+    return gtab, Protocol.from_gtab(gtab)
+
+
+def _make_grid(grid, size, resolution, boundary, wall_permeability):
+    given = dict(
+        grid_size=size,
+        grid_resolution=resolution,
+        boundary=boundary,
+        wall_permeability=wall_permeability,
+    )
+    if grid is not None:
+        clash = [k for k, v in given.items() if v is not None]
+        if clash:
+            raise ValueError(
+                f"grid and {', '.join(clash)} are mutually exclusive: pass a TetGrid "
+                "or the options to build one, not both."
+            )
+        if not isinstance(grid, TetGrid):
+            raise ValueError(f"grid must be a TetGrid, got {type(grid).__name__}.")
+        return grid
+    boundary = check_choice(
+        DEFAULT_GRID["boundary"] if boundary is None else boundary,
+        "boundary",
+        BOUNDARIES,
+    )
+    size = check_positive(
+        DEFAULT_GRID["size"] if size is None else size, "grid_size", "um", 26.7
+    )
+    resolution = check_int(
+        DEFAULT_GRID["n"] if resolution is None else resolution, "grid_resolution", 1
+    )
+    if wall_permeability is None:
+        wall_permeability = DEFAULT_GRID["wall_permeability"]
+    wall_permeability = check_positive(
+        wall_permeability, "wall_permeability", "m/s", 0.1
+    )
+    return TetGrid.bcc(
+        size, resolution, boundary=boundary, wall_permeability=wall_permeability
+    )
+
+
+def _grid_key(grid):
+    return (grid.size, grid.n_cells, grid.boundary, grid.wall_permeability)
+
+
+def _protocol_key(protocol):
+    return (
+        tuple(protocol.waveforms),
+        protocol.bvals.tobytes(),
+        protocol.bvecs.tobytes(),
+    )

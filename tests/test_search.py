@@ -1,0 +1,221 @@
+"""The label search and its generic shapes (inverse.search, inverse.shapes)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose, assert_array_equal
+
+from dipy_spinverse import Protocol, TetGrid, simulate
+from dipy_spinverse.inverse import PRESETS, InversionConfig, reconstruct, resolve_config
+from dipy_spinverse.inverse.search import (
+    direction_subset,
+    greedy_labels,
+    search_labels,
+)
+from dipy_spinverse.inverse.shapes import shape_search
+from dipy_spinverse.sequences import fibonacci_sphere
+from dipy_spinverse.signals import normalise_b0
+
+
+def test_greedy_label_search_reaches_the_minimum():
+    """With a score whose only minimum is the target, the search finds it."""
+    grid = TetGrid.bcc(8.0, 2)
+    target = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
+    start = target.copy()
+    start[np.flatnonzero(target)[:3]] = 0  # a dent
+    outside = np.flatnonzero(grid.interface_faces(target))
+    start[grid.face_cells[outside[:2]].ravel()] = 1  # and a bump
+
+    def hamming(candidates):
+        return (candidates != target).sum(-1).astype(float)
+
+    config = InversionConfig(search_steps=100, search_batch=4)
+    assert_array_equal(greedy_labels(grid, start, hamming, config), target)
+    # A flat score is a local minimum everywhere: nothing moves.
+    flat = greedy_labels(grid, start, lambda c: np.ones(len(c)), config)
+    assert_array_equal(flat, start)
+    # Every move changes the Hamming score by 1: a required gain of 1 (or
+    # more) stops the search at the start, a gain just below it does not.
+    stuck = greedy_labels(grid, start, hamming, config, min_gain=1.0)
+    assert_array_equal(stuck, start)
+    moved = greedy_labels(grid, start, hamming, config, min_gain=0.99)
+    assert_array_equal(moved, target)
+
+
+def test_shape_search_lists_every_centred_ball():
+    """Every distinct centred ball up to 1.6 spacings is scored.
+
+    Radii sampled at a fixed step skip whole shells of the lattice (the
+    published sphere lies between 0.9 and 1.2 spacings), so each distinct
+    ball must be listed, whatever its radius.
+    """
+    grid = TetGrid.bcc(80 / 3, 4)
+    scored = set()
+
+    def record(candidates):
+        scored.update(tuple(c) for c in candidates)
+        return np.ones(len(candidates))  # flat: the beam search stops at once
+
+    shape_search(grid, record, 4)
+    distance = np.linalg.norm(grid.cell_centroids - grid.size / 2, axis=1)
+    for radius in np.linspace(0.5, 1.6, 45) * grid.spacing:
+        ball = (distance < radius).astype(int)
+        if ball.any():
+            assert tuple(ball) in scored, f"ball of radius {radius:.2f} um missing"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        dict(radius=7.5, centre=(2, -1, 1)),  # a ball off the centre
+        dict(radius=6.0, axis=(0, 1, 1), centre=(1, 0, 0)),  # a tube off it
+    ],
+)
+def test_shape_search_moves_off_the_centre(target):
+    """The beam search walks a centred shape to an off-centre target.
+
+    With a Hamming score, the best shape found must be the target: it is
+    not in the centred dictionary, but its centre is a whole number of
+    centre steps (a quarter spacing, ``centre`` counts them) away.
+    """
+    from dipy_spinverse.phantoms import cylinder, sphere
+
+    grid = TetGrid.bcc(80 / 3, 4)
+    steps = np.array(target.pop("centre"))
+    centre = np.full(3, 40 / 3) + steps * grid.spacing / 4
+    make = cylinder if "axis" in target else sphere
+    truth = make(grid, centre=centre, **target).inside.astype(int)
+
+    def hamming(candidates):
+        return (candidates != truth).sum(-1).astype(float)
+
+    found, _ = shape_search(grid, hamming, 1)
+    assert_array_equal(found[0], truth)
+
+
+@pytest.mark.parametrize(
+    "kind, params",
+    [
+        ("torus", dict(major=25 / 3, minor=3.5, axis=(1, 1, 1))),
+        ("torus", dict(major=10.0, minor=6.0)),  # the published torus
+        ("bent_axon", dict(radius=5.0, axis=(1, 0, 0), bend=(0, 1, -1))),
+        ("bent_axon", dict(radius=4.5, curvature_radius=20.0, bend=(0, 1, 0))),
+    ],
+)
+def test_shape_search_finds_rings_and_bent_tubes(kind, params):
+    """Tori are in the dictionary; bent tubes are reached by bending a tube.
+
+    Rings of radius 1.25 and 1.5 spacings and arcs of curvature radius 3 and
+    4.5 spacings (the box side is 4) are exact on the lattice; with a
+    Hamming score the search must return the phantom's cells.
+    """
+    from dipy_spinverse import phantoms
+
+    grid = TetGrid.bcc(80 / 3, 4)
+    if kind == "bent_axon":
+        params.setdefault("curvature_radius", 30.0)
+    truth = getattr(phantoms, kind)(grid, membership="centroid", **params)
+    truth = truth.inside.astype(int)
+
+    def hamming(candidates):
+        return (candidates != truth).sum(-1).astype(float)
+
+    found, loss = shape_search(grid, hamming, 1)
+    assert_array_equal(found[0], truth)
+    assert loss[0] == 0
+
+
+def test_direction_subset_keeps_b0_and_whole_shells():
+    dirs = fibonacci_sphere(30)
+    bvals = np.r_[0, np.full(30, 1000.0), np.full(30, 3000.0), 0]
+    bvecs = np.vstack([[1, 0, 0], dirs, dirs, [1, 0, 0]])
+    prot = Protocol.pgse(bvals, bvecs, small_delta=0.005, big_delta=0.02)
+    keep = direction_subset(prot, 10)
+    assert len(keep) == 2 + 2 * 10
+    assert set(np.flatnonzero(bvals == 0)) <= set(keep)
+    chosen = {tuple(np.round(v, 6)) for v in prot.bvecs[keep][prot.bvals[keep] > 0]}
+    assert len(chosen) == 10  # each chosen direction at both b-values
+    assert_array_equal(direction_subset(prot, None), np.arange(62))
+
+
+@pytest.mark.parametrize("kappa, start", [(5e-5, "near"), (3e-5, "truth")])
+def test_label_search_finds_the_truth_from_a_nearby_start(problem, kappa, start):
+    """Real physics: a misplaced cell is corrected and the permeability found.
+
+    5e-5 m/s is on the search grid (start one cell off); 3e-5 lies between
+    grid values (start at the true labels, no label moves: at a grid value
+    the true labels are not a minimum, a known weakness): the final 1-D
+    search (tolerance 0.005 decades, ~1 %) must find both within 2 %.
+    """
+    grid, prot, _ = problem
+    inside = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
+    truth = np.where(grid.interface_faces(inside), kappa, 0.1)
+    signal = simulate(grid, truth, prot).numpy()
+    first = inside.copy()
+    if start == "near":
+        first[np.flatnonzero(inside)[0]] = 0
+    data = normalise_b0(torch.as_tensor(signal[None]), prot)
+    steps = PRESETS["default"].search_steps if start == "near" else 0
+    config = resolve_config("default", search_directions=None)
+    config = dataclasses.replace(config, search_steps=steps)
+    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
+    labels, field, predicted = search_labels(
+        grid, data, prot, config, sim=sim, face_kappa=None, labels=first[None]
+    )
+    assert_array_equal(labels[0], inside)
+    assert_allclose(field[0], truth, rtol=0.02)
+    # Noise-free data of the true field, up to the permeability tolerance.
+    assert_allclose(predicted[0].numpy(), data[0].numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, snr",
+    [
+        ("sphere", None),
+        ("cylinder", None),
+        ("tilted_cylinder", None),
+        ("torus", None),
+        ("bent_axon", None),
+        ("torus", 100.0),
+        ("bent_axon", 100.0),
+    ],
+)
+def test_default_preset_recovers_the_published_shapes(name, snr):
+    """The label search closes the exact published shape.
+
+    Paper physics (absorbing wall), noise-free, and realistic physics
+    (reflecting wall, Rician noise at SNR 100 relative to each sequence's
+    b = 0 signal, ``sigma`` given). Measured: F1 = IoU = 1, closed and
+    manifold, 40-75 s each (doc/inversion_results.md). These shapes are in
+    the search's dictionary of generic starts or one bend from it (the bent
+    axon), so this guards the whole pipeline (face fit, screening, noise-aware
+    ranking and moves, greedy descent, refit), not the search's reach.
+    """
+    from dipy_spinverse import published_protocol
+    from dipy_spinverse.metrics import all_metrics
+    from dipy_spinverse.phantoms import bent_axon, published_phantoms
+
+    boundary = "absorbing" if snr is None else "reflecting"
+    grid = TetGrid.bcc(80 / 3, 4, boundary=boundary, wall_permeability=0.1)
+    phantoms = published_phantoms(grid)
+    phantoms["bent_axon"] = bent_axon(grid, radius=4.5, curvature_radius=20.0)
+    phantom = phantoms[name]
+    prot = published_protocol()
+    signal = simulate(grid, np.where(phantom.barrier, 1e-5, 0.1), prot).numpy()
+    options = {}
+    if snr is not None:
+        rng = np.random.default_rng(0)
+        sigma = np.empty_like(signal)
+        for _, idx in prot.groups():
+            sigma[idx] = signal[idx[prot.bvals[idx] == 0]].mean() / snr
+        noise = rng.normal(size=(2, len(signal))) * sigma
+        signal = np.hypot(signal + noise[0], noise[1])
+        options["sigma"] = 1 / snr
+    result = reconstruct(grid, signal, prot, preset="default", **options)
+    scores = all_metrics(grid, result.barrier, phantom)
+    assert scores["f1"] == 1.0 and scores["iou"] == 1.0
+    assert scores["is_closed"] and scores["is_manifold"]
+    assert_allclose(result.permeability[result.barrier], 1e-5, rtol=0.02)
