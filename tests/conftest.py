@@ -6,8 +6,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from dipy.core.gradients import gradient_table  # noqa: E402
 
-from dipy_spinverse import Protocol, TetGrid, simulate  # noqa: E402
+from dipy_spinverse import Protocol, SpinverseModel, TetGrid, simulate  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,3 +32,59 @@ def problem():
     prot = prot + Protocol.pgse(bvals[3:], dirs[3:], small_delta=0.005, big_delta=0.01)
     signal = simulate(grid, truth, prot).numpy()
     return grid, prot, signal
+
+
+# -- the DIPY layer (tests/test_reconst.py, tests/test_io.py) ------------------
+BVALS = np.array([0, 1000, 3000, 0, 1000, 3000], float)
+BVECS = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]] * 2, float)
+BIG = np.array([0.04] * 3 + [0.01] * 3)
+SMALL = 0.005
+# Longer echo time, more T2 decay: the two sequences have different b=0.
+T2_WEIGHT = np.array([0.6] * 3 + [0.9] * 3)
+# The published face fit, 4 iterations: the DIPY layer is tested fast; the
+# label search has a smoke test in test_reconst.py (and tests/test_search.py).
+FAST = dict(preset="paper", max_iter=4)
+
+
+@pytest.fixture(scope="module")
+def grid():
+    return TetGrid.bcc(8.0, 2)
+
+
+@pytest.fixture(scope="module")
+def gtab():
+    return gradient_table(BVALS, bvecs=BVECS, big_delta=BIG, small_delta=SMALL)
+
+
+@pytest.fixture(scope="module")
+def truth(grid):
+    inside = np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5
+    permeability = np.where(grid.interface_faces(inside), 1e-5, 0.1)
+    return inside, permeability
+
+
+@pytest.fixture(scope="module")
+def signal(grid, gtab, truth):
+    """b0-normalised signal of the truth."""
+    return simulate(grid, truth[1], gtab).numpy()
+
+
+@pytest.fixture(scope="module")
+def model(grid, gtab):
+    # float64: the checks below compare re-simulations to 1e-8.
+    return SpinverseModel(gtab, grid=grid, dtype="float64", **FAST)
+
+
+@pytest.fixture(scope="module")
+def volume(signal):
+    s0 = np.array([[500.0, 800.0], [650.0, 1000.0]])[..., None, None]
+    data = s0 * T2_WEIGHT * signal
+    mask = np.ones((2, 2, 1), bool)
+    mask[1, 1, 0] = False
+    return data, mask
+
+
+@pytest.fixture(scope="module")
+def volume_fit(model, volume):
+    data, mask = volume
+    return model.fit(data, mask=mask)
