@@ -34,6 +34,8 @@ import numpy as np
 from scipy import special
 from scipy.optimize import brentq
 
+from .checks import check_int
+
 __all__ = [
     "free_signal",
     "plates_narrow_pulse",
@@ -134,7 +136,7 @@ def plates_narrow_pulse(q, L, D, Delta, *, n_terms=200):
         np.abs(np.asarray(q, dtype=float) * np.asarray(L, dtype=float)),
         *(np.asarray(a, dtype=float) for a in (L, D, Delta)),
     )
-    n = np.arange(1, _positive_int(n_terms, "n_terms") + 1)
+    n = np.arange(1, check_int(n_terms, "n_terms", 1) + 1)
     npi = n * np.pi
     xe = x[..., None]
     decay = np.exp(-(npi**2) * (D * Delta / L**2)[..., None])
@@ -161,7 +163,7 @@ def sphere_roots(n):
     roots : ndarray, shape (n,)
         2.0815759778, 5.9403699906, 9.2058401429, ... (dimensionless).
     """
-    return np.array(_sphere_roots(_positive_int(n, "n")))
+    return np.array(_sphere_roots(check_int(n, "n", 1)))
 
 
 def cylinder_roots(n):
@@ -180,7 +182,7 @@ def cylinder_roots(n):
     roots : ndarray, shape (n,)
         1.8411837813, 5.3314427735, 8.5363163663, ... (dimensionless).
     """
-    return np.array(_cylinder_roots(_positive_int(n, "n")))
+    return np.array(_cylinder_roots(check_int(n, "n", 1)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -781,10 +783,6 @@ def periodic_membrane_diffusivity(D, kappa, L):
 # --------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------
-def _positive_int(value, name):
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _check_pgse_timing(delta, Delta):

@@ -54,16 +54,16 @@ def check_number(value, name, *, minimum=None, maximum=None, hint=""):
     return value
 
 
-def check_positive(value, name, unit, example):
-    """``value`` as a finite float > 0 in ``unit``."""
+def check_positive(value, name, unit="", example=None):
+    """``value`` as a finite float > 0 (in ``unit``, e.g. ``example``)."""
+    where = f" in {unit}" if unit else ""
     try:
         value = float(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a number in {unit}, got {value!r}.") from err
+        raise ValueError(f"{name} must be a number{where}, got {value!r}.") from err
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"{name} must be finite and > 0 in {unit} (e.g. {example}), got {value!r}."
-        )
+        hint = f" (e.g. {example})" if example is not None else ""
+        raise ValueError(f"{name} must be finite and > 0{where}{hint}, got {value!r}.")
     return value
 
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .checks import check_positive
+
 __all__ = [
     "Phantom",
     "MEMBERSHIPS",
@@ -283,8 +285,8 @@ def cylinder(
     -------
     Phantom
     """
-    radius = _positive("radius", radius)
-    length = None if length is None else _positive("length", length)
+    radius = check_positive(radius, "radius", "um")
+    length = None if length is None else check_positive(length, "length", "um")
     axis = _unit(axis)
     centre = _centre(grid, centre)
 
@@ -316,7 +318,7 @@ def sphere(grid, *, radius, centre=None, kappa=1e-5, membership="centroid"):
     -------
     Phantom
     """
-    radius = _positive("radius", radius)
+    radius = check_positive(radius, "radius", "um")
     centre = _centre(grid, centre)
 
     def level(points):
@@ -357,8 +359,8 @@ def torus(
     -------
     Phantom
     """
-    major = _positive("major", major)
-    minor = _positive("minor", minor)
+    major = check_positive(major, "major", "um")
+    minor = check_positive(minor, "minor", "um")
     if minor >= major:
         raise ValueError(
             f"minor ({minor:g} um) must be smaller than major ({major:g} um) for a "
@@ -401,7 +403,7 @@ def circular_arc(*, centre, curvature_radius, axis=(0, 0, 1), bend=None, half_an
     callable
         ``curve(t)`` for ``t`` in ``[0, 1]``, returning (len(t), 3) points.
     """
-    radius = _positive("curvature_radius", curvature_radius)
+    radius = check_positive(curvature_radius, "curvature_radius", "um")
     if not 0 < half_angle <= math.pi:
         raise ValueError(f"half_angle must be in (0, pi], got {half_angle!r}.")
     axis = _unit(axis)
@@ -472,14 +474,14 @@ def bent_axon(
     -------
     Phantom
     """
-    radius = _positive("radius", radius)
+    radius = check_positive(radius, "radius", "um")
     if int(n_samples) != n_samples or n_samples < 2:
         raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}.")
     centre = _centre(grid, centre)
     params = dict(radius=radius)
     if curve is None:
         curvature = grid.size if curvature_radius is None else curvature_radius
-        curvature = _positive("curvature_radius", curvature)
+        curvature = check_positive(curvature, "curvature_radius", "um")
         if curvature <= radius:
             raise ValueError(
                 f"curvature_radius ({curvature:g} um) must exceed the tube radius "
@@ -564,14 +566,14 @@ def beaded_axon(
     -------
     Phantom
     """
-    radius = _positive("radius", radius)
-    period = _positive("bead_period", bead_period)
+    radius = check_positive(radius, "radius", "um")
+    period = check_positive(bead_period, "bead_period", "um")
     amplitude = float(bead_amplitude)
     if not 0 <= amplitude < radius:
         raise ValueError(
             f"bead_amplitude must be in [0, radius={radius:g}) um, got {amplitude!r}."
         )
-    length = None if length is None else _positive("length", length)
+    length = None if length is None else check_positive(length, "length", "um")
     axis = _unit(axis)
     centre = _centre(grid, centre)
 
@@ -642,7 +644,7 @@ def packed_cylinders(
     gap = 0.5 * grid.spacing if gap is None else float(gap)
     if not gap >= 0:
         raise ValueError(f"gap must be >= 0 um, got {gap!r}.")
-    length = None if length is None else _positive("length", length)
+    length = None if length is None else check_positive(length, "length", "um")
     e1, e2 = _frame(axis)
     if centres is None:
         half = grid.size / 2 - gap
@@ -830,18 +832,6 @@ def _check_membership(membership):
 def _floats(values):
     """Plain Python floats, for readable ``params``."""
     return tuple(float(v) for v in np.ravel(values))
-
-
-def _positive(name, value):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be a positive length in um, got {value!r}."
-        ) from None
-    if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive length in um, got {value!r}.")
-    return value
 
 
 def _unit(vector):

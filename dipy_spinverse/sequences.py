@@ -12,14 +12,14 @@ unit direction g. With F(t) = int_0^t f, the waveform's b-factor is
 """
 
 import abc
-import math
-import numbers
 import os
 from dataclasses import KW_ONLY, dataclass
 from functools import cached_property
 
 import numpy as np
 from dipy.core.gradients import WATER_GYROMAGNETIC_RATIO, GradientTable
+
+from .checks import check_int
 
 __all__ = [
     "Waveform",
@@ -85,14 +85,6 @@ def _check_seconds(value, name, *, allow_zero=False, max_s=_MAX_TIME_S):
             f"(e.g. {name}={big * 1e-3:g} for {big:g} ms)"
         )
     return float(arr) if arr.ndim == 0 else arr
-
-
-def _positive_int(value, name, *, minimum=1):
-    """Return ``value`` as an int >= ``minimum`` or raise ValueError."""
-    ok = isinstance(value, numbers.Real) and math.isfinite(value)
-    if not ok or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _readonly(arr):
@@ -337,14 +329,12 @@ class _OGSE(Waveform):
         small_delta, big_delta = _check_lobes(self.small_delta, self.big_delta)
         object.__setattr__(self, "small_delta", small_delta)
         object.__setattr__(self, "big_delta", big_delta)
-        object.__setattr__(
-            self, "n_periods", _positive_int(self.n_periods, "n_periods")
-        )
+        object.__setattr__(self, "n_periods", check_int(self.n_periods, "n_periods", 1))
         # Fewer than 4 pieces per period can average a cosine lobe to zero.
         object.__setattr__(
             self,
             "steps_per_period",
-            _positive_int(self.steps_per_period, "steps_per_period", minimum=4),
+            check_int(self.steps_per_period, "steps_per_period", 4),
         )
 
     def _lobe_means(self):
@@ -1082,7 +1072,7 @@ def fibonacci_sphere(n, *, hemisphere=False):
     -------
     directions : ndarray, shape (n, 3)
     """
-    n = _positive_int(n, "n")
+    n = check_int(n, "n", 1)
     i = np.arange(n) + 0.5
     z = 1.0 - i / n if hemisphere else 1.0 - 2.0 * i / n
     radius = np.sqrt(1.0 - z * z)

@@ -18,6 +18,7 @@ import torch
 from dipy.reconst.base import ReconstFit, ReconstModel
 from dipy.testing.decorators import warning_for_keywords
 
+from ..checks import check_int
 from ..sequences import fibonacci_sphere
 from .acquisition import Acquisition
 from .fitting import (
@@ -46,14 +47,6 @@ _SCREEN_ITERATIONS = 3
 # Largest |u| of the sigmoid reparametrisation: sigmoid'(8) = 3e-4, so a
 # parameter stays within 3e-4 of the width of its range from each bound.
 _SIGMOID_CAP = 8.0
-
-
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def canonical_directions(dirs):
@@ -99,12 +92,10 @@ class CompartmentModel(ReconstModel):
     def _setup(self, gtab, *, n_starts, max_iter, n_grid_directions, chunk_size):
         ReconstModel.__init__(self, gtab)
         self._acq = Acquisition.from_gtab(gtab, timing=self._needs_timing)
-        self.n_starts = _check_positive_int(n_starts, "n_starts")
-        self.max_iter = _check_positive_int(max_iter, "max_iter")
-        self.n_grid_directions = _check_positive_int(
-            n_grid_directions, "n_grid_directions"
-        )
-        self.chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        self.n_starts = check_int(n_starts, "n_starts", 1)
+        self.max_iter = check_int(max_iter, "max_iter", 1)
+        self.n_grid_directions = check_int(n_grid_directions, "n_grid_directions", 1)
+        self.chunk_size = check_int(chunk_size, "chunk_size", 1)
         self._b0s = np.asarray(gtab.b0s_mask, dtype=bool)
 
     # -- parameter layout ---------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from dipy.testing.decorators import warning_for_keywords
 
+from ..checks import check_positive
 from . import blocks
 from .base import CompartmentFit, CompartmentModel, canonical_directions
 from .fitting import Bound
@@ -53,13 +54,6 @@ _COMMON_DOC = """
         Directions on a half sphere in the initialisation grid.
     chunk_size : int, optional
         Voxels fitted together; memory grows linearly with it."""
-
-
-def _positive(value, name):
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
-    return value
 
 
 def _check_bounds(bounds, name, *, lower=0.0):
@@ -140,8 +134,8 @@ class NoddiModel(CompartmentModel):
             # starts changed no fit in tests at SNR 50); several fibres: the
             # matching-pursuit completions of different first atoms differ.
             n_starts = 1 if self.n_fibres == 1 else 3
-        self.d_par = _positive(d_par, "d_par")
-        self.d_iso = _positive(d_iso, "d_iso")
+        self.d_par = check_positive(d_par, "d_par")
+        self.d_iso = check_positive(d_iso, "d_iso")
         self._shared = ()
         self._fibre = (Bound("odi", *_ODI_BOUNDS), Bound("ndi", 0.0, 1.0))
         self._grid = {"odi": (0.05, 0.15, 0.3, 0.5, 0.75), "ndi": (0.2, 0.4, 0.6, 0.8)}
@@ -311,8 +305,8 @@ class ActiveAxModel(CompartmentModel):
         chunk_size=128,
     ):
         self.n_fibres = 1
-        self.d_par = _positive(d_par, "d_par")
-        self.d_iso = _positive(d_iso, "d_iso")
+        self.d_par = check_positive(d_par, "d_par")
+        self.d_iso = check_positive(d_iso, "d_iso")
         self.dot = bool(dot)
         lo, hi = _check_bounds(diameter_bounds, "diameter_bounds", lower=1e-3)
         self._shared = ()
