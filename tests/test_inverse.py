@@ -129,7 +129,9 @@ def test_result_does_not_depend_on_batch(problem):
     """Serial, chunked and parallel fits must agree voxel by voxel."""
     grid, prot, signal = problem
     other = 0.9 * signal + 0.1
-    kwargs = dict(stages=STAGES, init_noise=0.1, init_seed=1, dtype=torch.float64)
+    kwargs = dict(
+        preset="paper", stages=STAGES, init_noise=0.1, init_seed=1, dtype=torch.float64
+    )
     alone = reconstruct(grid, signal, prot, **kwargs)
     batch = reconstruct(grid, np.stack([other, signal]), prot, **kwargs)
     assert_allclose(batch.permeability[1], alone.permeability, rtol=1e-10)

@@ -154,7 +154,7 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(timing_file=None, scheme_file="WRONG_B"), "disagree"),
         (dict(engine="spark"), "Invalid engine"),
         (dict(boundary="sticky"), "Invalid boundary"),
-        (dict(sigma=-0.02), "sigma must be a finite noise level"),
+        (dict(sigma=-0.02), "sigma must be a finite number and >= 0"),
     ],
 )
 def test_workflow_bad_input(demo, tmp_path, kwargs, match):
@@ -205,6 +205,7 @@ def test_rerun_fits_again_after_an_unfinished_run(demo, tmp_path):
         grid_size=SMALL["grid_size"],
         grid_resolution=SMALL["grid_resolution"],
         max_iter=2,
+        preset="paper",
         n_report=0,
         out_dir=str(tmp_path),
     )
