@@ -201,8 +201,14 @@ def _chebyshev_step(op, step, imag, factor, u, tol):
     lo = lo.cpu().numpy().astype(float)
     hi = hi.cpu().numpy().astype(float)
     imag_extent = 0.0 if imag is None else float(imag.abs().max())
-    centre = 0.5 * (lo + hi)
-    radius = np.maximum(0.5 * (hi - lo), 1e-300)
+    # Z = (G - centre) / radius maps the field of values [lo, hi] x i[-s, s]
+    # into [-1, 1] x i[-s/r, s/r]; the plan expands about centre = lo + r.
+    # The radius is at least the gradient term's extent s: with impermeable
+    # membranes and a reflecting wall the real extent hi - lo is 0, and a
+    # radius of 0 would overflow the recurrence (it hung, then gave NaN).
+    half = 0.5 * (hi - lo)
+    radius = np.maximum(np.maximum(half, imag_extent), 1e-300)
+    centre = np.where(radius > half, lo + radius, 0.5 * (lo + hi))
     n_sub, coeffs = _chebyshev_plan(
         step.tau, lo, radius, imag_extent, tol, _MAX_PEAK[op.diag.dtype]
     )
