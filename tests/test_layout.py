@@ -28,6 +28,7 @@ LAYERS = [
     "compartments",
     "phantoms",
     "interface",
+    "substrates",
     "metrics",
     "data",
     "inverse.config",
