@@ -204,3 +204,25 @@ def test_options_without_effect_are_errors(preset, options, match):
 def test_sigma_with_a_rician_paper_fit_is_used():
     config = resolve_config("paper", noise="rician", sigma=0.05)
     assert config.sigma == 0.05
+
+
+def test_presets_adapt_to_one_diffusion_time():
+    """One sequence: the preset's two stages merge into one over everything."""
+    for preset in ("paper", "default"):
+        config = resolve_config(preset)
+        adapted = config.for_protocol(1)
+        assert adapted.stages == (Stage(config.n_iterations, "all"),)
+        assert config.for_protocol(2) == config  # enough sequences: unchanged
+    # Stages you give are used as given: missing ranks are an error.
+    mine = resolve_config("paper", stages=[dict(iterations=5, sequences=(1,))])
+    assert not mine.adapt_stages
+    with pytest.raises(ValueError, match="rank 1.*only 1 sequence.*sequences='all'"):
+        mine.for_protocol(1)
+
+
+def test_one_diffusion_time_reconstructs(problem):
+    grid, prot, signal = problem
+    one = prot[:3]  # the 40 ms sequence alone
+    result = reconstruct(grid, signal[:3], one, preset="paper", max_iter=6)
+    assert len(result.history["lr"]) == 6
+    assert np.all(np.isfinite(result.permeability))

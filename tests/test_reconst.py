@@ -290,6 +290,18 @@ def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
     assert_array_equal(volume.labels[0], one.labels)
 
 
+def test_one_diffusion_time(grid, signal):
+    """Most DIPY datasets: one big_delta / small_delta for the whole table."""
+    table = gradient_table(
+        BVALS[:3], bvecs=BVECS[:3], big_delta=0.04, small_delta=SMALL
+    )
+    for preset in ("paper", "default"):
+        model = SpinverseModel(table, grid=grid, preset=preset, max_iter=4)
+        assert len(model.sequences) == 1 and len(model.config.stages) == 1
+    fit = SpinverseModel(table, grid=grid, **FAST).fit(500.0 * signal[:3])
+    assert fit.status == OK and fit.predict().shape == (3,)
+
+
 def test_grid_and_grid_options_are_exclusive(gtab, grid):
     with pytest.raises(ValueError, match="mutually exclusive"):
         SpinverseModel(gtab, grid=grid, grid_size=10.0)

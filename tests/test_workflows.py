@@ -221,3 +221,14 @@ def test_rerun_fits_again_after_an_unfinished_run(demo, tmp_path):
     finished = os.stat(outputs["out_state"]).st_mtime_ns
     SpinverseFlow().run(*inputs, **options)
     assert os.stat(outputs["out_state"]).st_mtime_ns == finished
+
+
+def test_one_diffusion_time_from_the_command_line_options(demo, tmp_path):
+    """--big_delta/--small_delta: one timing for every volume, one sequence."""
+    flow = _run(
+        demo, tmp_path, timing_file=None, big_delta=0.06, small_delta=0.01,
+        n_report=0,
+    )  # fmt: skip
+    fit = load_fit(flow.last_generated_outputs["out_state"])
+    assert_array_equal(fit.status, OK)
+    assert len(fit.model.sequences) == 1

@@ -87,7 +87,8 @@ class InversionConfig:
         ``threshold`` (m/s; faces below it are membranes), Adam's ``lr``
         with a linear ``warmup`` and cosine decay to ``lr_final`` restarted
         per stage, per-voxel gradient-norm ``clip``, the curriculum
-        ``stages`` (optionally ``blend``-ed, with ``sequence_weights``), and
+        ``stages`` (optionally ``blend``-ed, with ``sequence_weights``;
+        ``adapt_stages``: see :meth:`for_protocol`), and
         the priors ``continuity`` (Huber width ``continuity_delta``),
         ``manifold`` (``manifold_ramp``-ed in), ``binarise`` and ``area``.
     The data loss (face fit and label search alike)
@@ -118,6 +119,7 @@ class InversionConfig:
     noise: str = "gaussian"
     sigma: float = 0.0
     stages: tuple = (Stage(200, (0,)), Stage(200, (1,)))
+    adapt_stages: bool = True
     blend: bool = False
     sequence_weights: tuple | None = None
     continuity: float = 2.0
@@ -224,8 +226,36 @@ class InversionConfig:
         """Total iterations of the face fit."""
         return sum(stage.iterations for stage in self.stages)
 
-    def check_protocol(self, n_sequences):
-        """Refuse stages or weights that the protocol's sequences cannot meet."""
+    def for_protocol(self, n_sequences):
+        """This configuration on a protocol of ``n_sequences`` sequences.
+
+        The curriculum's stages name sequences by rank (0 = the longest
+        diffusion time). With ``adapt_stages`` (the presets' curricula) and
+        fewer sequences than the stages name -- one diffusion time, as most
+        DIPY datasets have -- the stages merge into a single stage over all
+        acquisitions with the same total iterations. Stages you give are
+        used as given (``adapt_stages`` is then off), and ranks the protocol
+        lacks are an error.
+
+        Returns
+        -------
+        InversionConfig
+
+        Raises
+        ------
+        ValueError
+            Stages or ``sequence_weights`` that the protocol cannot meet.
+        """
+        needed = max(max(stage.ranks(n_sequences)) for stage in self.stages)
+        config = self
+        if self.adapt_stages and needed >= n_sequences:
+            config = dataclasses.replace(
+                self, stages=(Stage(self.n_iterations, "all"),), adapt_stages=False
+            )
+        config._check_protocol(n_sequences)
+        return config
+
+    def _check_protocol(self, n_sequences):
         for s, stage in enumerate(self.stages):
             ranks = stage.ranks(n_sequences)
             if max(ranks) >= n_sequences:
@@ -233,7 +263,8 @@ class InversionConfig:
                     f"curriculum stage {s} uses sequence rank {max(ranks)}, but the "
                     f"protocol has only {n_sequences} sequence(s) (distinct timings; "
                     "rank 0 = the longest diffusion time). Pass stages= that use "
-                    f"ranks < {n_sequences}, or acquire more diffusion times."
+                    f"ranks < {n_sequences}, stages=[dict(iterations=..., "
+                    "sequences='all')], or acquire more diffusion times."
                 )
         if self.sequence_weights is not None and len(self.sequence_weights) != (
             n_sequences
@@ -363,6 +394,8 @@ def resolve_config(preset="default", *, max_iter=None, **options):
         raise ValueError(
             f"Unknown option(s) {unknown}{hint}; valid options are {sorted(names)}."
         )
+    if "stages" in options:  # stages given are used as given
+        options = {"adapt_stages": False, **options}
     if max_iter is not None:
         options = _scale_iterations(base, options, check_int(max_iter, "max_iter", 1))
     config = dataclasses.replace(base, **options)

@@ -121,7 +121,7 @@ def schedule(config, protocol):
     """
     sequences = protocol.sequences()
     n_seq = len(sequences)
-    config.check_protocol(n_seq)
+    config = config.for_protocol(n_seq)
     per_iteration = []
     for s, stage in enumerate(config.stages):
         ranks = stage.ranks(n_seq)

@@ -138,10 +138,11 @@ class SpinverseModel(ReconstModel):
         self.device = check_device(device)
         self.dtype = check_dtype(dtype)
         self.options = copy.deepcopy(options)
-        self.config = resolve_config(preset, max_iter=self.max_iter, **options)
         #: The protocol's sequences in rank order (:meth:`Protocol.sequences`).
         self.sequences = self.protocol.sequences()
-        self.config.check_protocol(len(self.sequences))
+        config = resolve_config(preset, max_iter=self.max_iter, **options)
+        #: The inversion's configuration on this protocol (stages adapted).
+        self.config = config.for_protocol(len(self.sequences))
         b0 = self.protocol.bvals == 0
         if not b0.any():
             raise ValueError(
