@@ -16,7 +16,11 @@ one membrane permeability, and which fits the data best:
    refined between those values by a 1-D search (:func:`refine_kappa`).
 
 Every candidate is scored by the simulator through the one data loss of the
-package (:func:`dipy_spinverse.signals.data_loss`).
+package (:func:`dipy_spinverse.signals.data_loss`). Each voxel's search is a
+generator of score requests; :func:`search_labels` drives the searches of
+all voxels together and scores their pending requests in shared, batched
+simulator calls (:class:`BatchScorer`), so a volume keeps the simulator busy
+on CPU and GPU alike.
 """
 
 import math
@@ -28,10 +32,11 @@ from scipy.optimize import minimize_scalar
 from ..forward import simulate
 from ..interface import barrier_regions, enclosed_cells, odd_depth_cells
 from ..signals import data_loss, normalise_b0
-from .shapes import shape_search
+from .shapes import run_steps, shape_search_steps
 
 __all__ = [
     "search_labels",
+    "BatchScorer",
     "label_scorer",
     "greedy_labels",
     "label_moves",
@@ -48,8 +53,8 @@ SCREEN_DIRECTIONS = 3
 # ranked again on the search directions (at SNR 30 the true shape ranked
 # 40th-184th of ~1,000 in the screen; doc/inversion_results.md).
 RESCREEN_MAX = 256
-# Candidates scored per simulator call when picking a permeability: bounds
-# the batch's memory on the published grid.
+# Candidates (of any voxels) scored per simulator call: bounds the batch's
+# memory (64 fields x 576 cells x 540 acquisitions, complex64: 20 MB a state).
 SCORE_BATCH = 64
 # Largest regions of the face field offered as starts (a field that walls
 # off a corner of the box makes its enclosed set nearly everything, so each
@@ -100,13 +105,14 @@ def search_labels(
     noise = config.loss_scale * config.sigma**2
     min_gain = config.search_min_gain * noise / len(search)
     spread = noise * math.sqrt(2 / len(screen))
-    out_labels = np.zeros((len(data), grid.n_cells), dtype=int)
-    out_kappa = np.zeros(len(data))
-    for v in range(len(data)):
-        score = label_scorer(grid, data[v], protocol, search, config, sim)
+    scorers = {
+        "search": BatchScorer(grid, data, protocol, search, config, sim),
+        "screen": BatchScorer(grid, data, protocol, screen, config, sim),
+    }
+
+    def voxel(v):
         if labels is None:
-            quick = label_scorer(grid, data[v], protocol, screen, config, sim)
-            shapes = _screened_shapes(grid, score, quick, config, spread)
+            shapes = yield from _screened_shapes(grid, config, spread)
             barrier = face_kappa[v] < config.threshold
             starts = np.unique(
                 np.concatenate([face_field_starts(grid, barrier), shapes]), axis=0
@@ -114,18 +120,29 @@ def search_labels(
         else:
             starts = labels[v][None]
 
-        def report(step, loss, v=v):
+        def report(step, loss):
             if callback is not None:
                 callback(step, None, {"search": float(loss), "voxel": v})
 
-        out_labels[v], membrane = _descend(
-            grid, starts, score, config, min_gain, report
-        )
-        # Stay below the barrier threshold so the membranes remain barriers.
-        bounds = (lo, math.log10(config.threshold) - 1e-3)
-        out_kappa[v] = refine_kappa(
-            lambda k, c=out_labels[v], s=score: s(c[None], k)[0], membrane, bounds
-        )
+        return (yield from _descend(grid, starts, config, min_gain, report))
+
+    found = drive([voxel(v) for v in range(len(data))], scorers)
+    out_labels = np.array([labels for labels, _ in found], dtype=int)
+    out_labels = out_labels.reshape(len(data), grid.n_cells)
+    # Stay below the barrier threshold so the membranes remain barriers.
+    bounds = (lo, math.log10(config.threshold) - 1e-3)
+    out_kappa = np.array(
+        [
+            refine_kappa(
+                lambda k, v=v: scorers["search"](
+                    np.array([v]), out_labels[v][None], np.array([k])
+                )[0],
+                membrane,
+                bounds,
+            )
+            for v, (_, membrane) in enumerate(found)
+        ]
+    )
     barrier = (
         out_labels[:, grid.face_cells[:, 0]] != out_labels[:, grid.face_cells[:, 1]]
     )
@@ -135,44 +152,128 @@ def search_labels(
     return out_labels, field, predicted
 
 
-def _best_kappa(candidates, score, kappas):
-    """Best (candidate, membrane permeability) over ``kappas``, and all losses."""
+def drive(searches, scorers):
+    """Run many searches together, scoring their requests in shared batches.
+
+    Each search is a generator that yields ``(kind, candidates, membranes)``
+    requests and receives the losses; ``scorers[kind](owners, candidates,
+    membranes)`` scores the pending requests of all searches of one kind at
+    once (``owners``: the search each row belongs to). Returns the searches'
+    return values, in order.
+    """
+    results = [None] * len(searches)
+    pending = {}
+
+    def advance(i, losses):
+        try:
+            pending[i] = searches[i].send(losses)
+        except StopIteration as stop:
+            pending.pop(i, None)
+            results[i] = stop.value
+
+    for i in range(len(searches)):
+        advance(i, None)
+    while pending:
+        kind = next(iter(pending.values()))[0]
+        group = [i for i, request in pending.items() if request[0] == kind]
+        sizes = [len(pending[i][1]) for i in group]
+        owners = np.repeat(group, sizes)
+        candidates = np.concatenate([pending[i][1] for i in group])
+        membranes = np.concatenate([pending[i][2] for i in group])
+        losses = np.split(
+            scorers[kind](owners, candidates, membranes), np.cumsum(sizes)[:-1]
+        )
+        for i, loss in zip(group, losses, strict=True):
+            advance(i, loss)
+    return results
+
+
+class BatchScorer:
+    """Data loss of labellings of many voxels, ``SCORE_BATCH`` per simulation.
+
+    ``scorer(owners, candidates, membranes) -> losses``: row ``r`` is the
+    field of ``candidates[r]`` (``membranes[r]`` on the faces between
+    different labels, the upper bound elsewhere) scored against voxel
+    ``owners[r]`` on the acquisitions ``subset``.
+    """
+
+    def __init__(self, grid, data, protocol, subset, config, sim):
+        self.grid, self.config, self.sim = grid, config, sim
+        self.protocol = protocol[subset]
+        self.target = data[:, subset]
+        self.open_kappa = 10.0 ** config.log_kappa_bounds[1]
+        self.ones = torch.ones(len(subset), dtype=data.dtype, device=data.device)
+
+    def __call__(self, owners, candidates, membranes):
+        face_cells = self.grid.face_cells
+        losses = []
+        for i in range(0, len(candidates), SCORE_BATCH):
+            rows = slice(i, i + SCORE_BATCH)
+            labels = candidates[rows]
+            barrier = labels[:, face_cells[:, 0]] != labels[:, face_cells[:, 1]]
+            field = np.where(
+                barrier, np.reshape(membranes[rows], (-1, 1)), self.open_kappa
+            )
+            with torch.no_grad():
+                pred = simulate(self.grid, field, self.protocol, **self.sim)
+                pred = normalise_b0(pred, self.protocol)
+            target = self.target[
+                torch.as_tensor(owners[rows], device=self.target.device)
+            ]
+            loss = data_loss(
+                pred,
+                target,
+                loss_scale=self.config.loss_scale,
+                sigma=self.config.sigma,
+                noise=self.config.noise,
+                weights=self.ones,
+            )
+            losses.append(loss.cpu().numpy())
+        return np.concatenate(losses) if losses else np.zeros(0)
+
+
+def _best_kappa(kind, candidates, kappas):
+    """Best (candidate, membrane permeability) over ``kappas``, and all losses.
+
+    A generator step: yields one ``(kind, labels, membranes)`` request.
+    """
     rows = np.repeat(candidates, len(kappas), axis=0)
     values = np.tile(kappas, len(candidates))
-    losses = np.concatenate(
-        [
-            score(rows[i : i + SCORE_BATCH], values[i : i + SCORE_BATCH])
-            for i in range(0, len(rows), SCORE_BATCH)
-        ]
-    )
+    losses = yield kind, rows, values
     best = int(np.argmin(losses))
     return rows[best], values[best], losses.reshape(len(candidates), -1)
 
 
-def _screened_shapes(grid, score, quick, config, spread):
-    """The ``search_starts`` generic shapes that best fit a voxel.
+def _screened_shapes(grid, config, spread):
+    """The ``search_starts`` generic shapes that best fit a voxel (generator).
 
-    Shapes are screened with ``quick`` at two permeabilities (the smallest and
-    the middle of ``search_kappas``). With noise, the few screening
-    directions cannot rank shapes whose losses differ by less than the
-    screen's own ``spread``: those are ranked again with ``score``.
+    Shapes are screened on ``SCREEN_DIRECTIONS`` directions at two
+    permeabilities (the smallest and the middle of ``search_kappas``). With
+    noise, the few screening directions cannot rank shapes whose losses
+    differ by less than the screen's own ``spread``: those are ranked again
+    on the search directions.
     """
     kappas = np.asarray(config.search_kappas)
     pair = kappas[[0, len(kappas) // 2]]
-    shapes, quick_losses = shape_search(
-        grid, lambda c: _best_kappa(c, quick, pair)[2].min(1), RESCREEN_MAX
-    )
+    steps = shape_search_steps(grid, RESCREEN_MAX)
+    try:
+        request = next(steps)
+        while True:
+            losses = (yield from _best_kappa("screen", request, pair))[2].min(1)
+            request = steps.send(losses)
+    except StopIteration as stop:
+        shapes, quick_losses = stop.value
     best = quick_losses[0] if len(quick_losses) else np.inf
     n_close = np.searchsorted(quick_losses, best + spread, "right")
     shapes = shapes[: max(config.search_starts, n_close)]
     if len(shapes) > config.search_starts:
-        losses = _best_kappa(shapes, score, pair)[2].min(1)
+        losses = (yield from _best_kappa("search", shapes, pair))[2].min(1)
         shapes = shapes[np.argsort(losses, kind="stable")]
     return shapes[: config.search_starts]
 
 
-def _descend(grid, starts, score, config, min_gain, report):
-    """Greedy descent from the best ``search_restarts`` starts.
+def _descend(grid, starts, config, min_gain, report):
+    """Greedy descent from the best ``search_restarts`` starts (generator).
 
     Every start is scored at each of ``search_kappas``; from the best ones the
     descent runs at their best permeability, which is chosen again on the
@@ -180,20 +281,17 @@ def _descend(grid, starts, score, config, min_gain, report):
     labels with the lowest final loss and their permeability.
     """
     kappas = np.asarray(config.search_kappas)
-    _, _, losses = _best_kappa(starts, score, kappas)
+    _, _, losses = yield from _best_kappa("search", starts, kappas)
     found = []
     for i in np.argsort(losses.min(1))[: config.search_restarts]:
         current, membrane = starts[i], kappas[np.argmin(losses[i])]
         for _ in range(2):
-            current = greedy_labels(
-                grid,
-                current,
-                lambda c, m=membrane: score(c, m),
-                config,
-                report,
-                min_gain=min_gain,
+            current = yield from _greedy_steps(
+                grid, current, config, report, min_gain, membrane
             )
-            current, refitted, final = _best_kappa(current[None], score, kappas)
+            current, refitted, final = yield from _best_kappa(
+                "search", current[None], kappas
+            )
             if refitted == membrane:
                 break
             membrane = refitted
@@ -203,32 +301,17 @@ def _descend(grid, starts, score, config, min_gain, report):
 
 
 def label_scorer(grid, target, protocol, subset, config, sim):
-    """``score(labels (B, n_cells), membrane (B,)) -> data loss (B,)``.
+    """``score(labels (B, n_cells), membrane (B,)) -> data loss (B,)`` of one voxel.
 
     The field of a labelling: ``membrane`` on the faces between different
-    labels, the upper bound elsewhere; scored on the acquisitions ``subset``.
+    labels, the upper bound elsewhere; scored on the acquisitions ``subset``
+    against ``target`` (n_acquisitions,). See :class:`BatchScorer`.
     """
-    search = protocol[subset]
-    open_kappa = 10.0 ** config.log_kappa_bounds[1]
-    target = target[subset]
-    ones = torch.ones(len(subset), dtype=target.dtype, device=target.device)
+    scorer = BatchScorer(grid, target[None], protocol, subset, config, sim)
 
     def score(candidates, membrane):
-        barrier = (
-            candidates[:, grid.face_cells[:, 0]] != candidates[:, grid.face_cells[:, 1]]
-        )
-        field = np.where(barrier, np.reshape(membrane, (-1, 1)), open_kappa)
-        with torch.no_grad():
-            pred = normalise_b0(simulate(grid, field, search, **sim), search)
-        loss = data_loss(
-            pred,
-            target.expand_as(pred),
-            loss_scale=config.loss_scale,
-            sigma=config.sigma,
-            noise=config.noise,
-            weights=ones,
-        )
-        return loss.cpu().numpy()
+        membranes = np.broadcast_to(np.reshape(membrane, -1), (len(candidates),))
+        return scorer(np.zeros(len(candidates), dtype=int), candidates, membranes)
 
     return score
 
@@ -270,7 +353,16 @@ def face_field_starts(grid, barrier, n_regions=FACE_FIELD_REGIONS):
 
 
 def greedy_labels(grid, labels, score, config, report=None, *, min_gain=0.0):
-    """Lazy greedy descent over cell labels.
+    """Lazy greedy descent over cell labels, scored by ``score(candidates)``.
+
+    See :func:`_greedy_steps`, which it runs.
+    """
+    steps = _greedy_steps(grid, labels, config, report, min_gain, membrane=None)
+    return run_steps(steps, lambda request: score(request[1]))
+
+
+def _greedy_steps(grid, labels, config, report, min_gain, membrane):
+    """Lazy greedy descent over cell labels (generator of score requests).
 
     A move (:func:`label_moves`) gives one cell the label of a neighbour
     across a barrier face, or moves a whole group at once, which lets the
@@ -282,7 +374,12 @@ def greedy_labels(grid, labels, score, config, report=None, *, min_gain=0.0):
     scored since the last step, none improves) or after ``search_steps``
     steps. ``report(step, loss)`` is called after every step.
     """
-    current = score(labels[None])[0]
+
+    def score(candidates):
+        membranes = np.full(len(candidates), np.nan if membrane is None else membrane)
+        return (yield "search", candidates, membranes)
+
+    current = (yield from score(labels[None]))[0]
     known, fresh = {}, set()
     for step in range(config.search_steps):
         pending = [m for m in label_moves(grid, labels) if m not in fresh]
@@ -293,7 +390,7 @@ def greedy_labels(grid, labels, score, config, report=None, *, min_gain=0.0):
         candidates = np.repeat(labels[None], len(batch), axis=0)
         for row, (cells, label) in enumerate(batch):
             candidates[row, list(cells)] = label
-        losses = score(candidates)
+        losses = yield from score(candidates)
         known.update(zip(batch, losses, strict=True))
         fresh.update(batch)
         best = int(np.argmin(losses))

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..phantoms import axial_coordinates
 
-__all__ = ["shape_search", "shape_families", "Core"]
+__all__ = ["shape_search", "shape_search_steps", "run_steps", "shape_families", "Core"]
 
 # Largest radius of a generic shape, 1.6 spacings: the published cells (radius
 # 10 um = 1.5 spacings of the 26.7 um grid) fit, and a larger cell would leave
@@ -53,10 +53,36 @@ ROUNDS = 12
 def shape_search(grid, screened, n_best):
     """Generic shapes that fit the data: a dictionary, then a beam search.
 
+    Runs :func:`shape_search_steps` with ``screened(labels) -> losses``.
+    """
+    return run_steps(shape_search_steps(grid, n_best), screened)
+
+
+def run_steps(steps, score):
+    """Run a search written as a generator of score requests.
+
+    ``steps`` yields candidates to score and receives their losses; ``score``
+    answers each request. Returns what the generator returns. (The label
+    search drives many voxels' generators at once instead, scoring all their
+    requests in shared simulator calls.)
+    """
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(score(request))
+    except StopIteration as stop:
+        return stop.value
+
+
+def shape_search_steps(grid, n_best):
+    """Generic shapes that fit the data, as a generator of score requests.
+
+    Yields labellings (n, n_cells) to score and receives their losses (n,).
+
     The dictionary holds every distinct ball, tube, finite cylinder and ring
     (see :func:`shape_families`) about the box centre: all radii up to
     ``MAX_RADIUS`` spacings, because on a lattice radii a fixed step apart
-    skip whole shells. All are scored with ``screened(labels) -> loss``.
+    skip whole shells. All are scored.
     Then a beam search: the best shape of each of the ``BEAM`` best families
     moves its centre by ``CENTRE_STEP`` spacings along an axis (keeping its
     radius or taking one of the two shells either side) or its radius by up
@@ -87,7 +113,7 @@ def shape_search(grid, screened, n_best):
             if 0 < labels.sum() < grid.n_cells and key not in seen:
                 fresh.setdefault(key, (labels, shape))
         if fresh:
-            losses = screened(np.array([labels for labels, _ in fresh.values()]))
+            losses = yield np.array([labels for labels, _ in fresh.values()])
             for (key, (_, shape)), loss in zip(fresh.items(), losses, strict=True):
                 seen[key] = (float(loss), shape)
 
@@ -104,7 +130,7 @@ def shape_search(grid, screened, n_best):
         return list(beam.values())
 
     centred = [f for f, core in enumerate(families) if core.kind != "arc"]
-    score([(f, (0, 0, 0), r) for f in centred for r in shells(f, (0, 0, 0))])
+    yield from score([(f, (0, 0, 0), r) for f in centred for r in shells(f, (0, 0, 0))])
     beam = leaders()
     for _ in range(ROUNDS):
         moves = []
@@ -124,7 +150,7 @@ def shape_search(grid, screened, n_best):
                 there = shells(arc, offset)
                 near = [radius, *_neighbours(there, radius)]
                 moves += [(arc, offset, r) for r in near]
-        score(moves)
+        yield from score(moves)
         beam, previous = leaders(), beam
         if beam == previous:
             break
