@@ -18,11 +18,19 @@ __all__ = [
     "check_choice",
     "check_device",
     "check_dtype",
+    "check_diffusivity",
     "DTYPES",
+    "DIFFUSIVITY_RANGE",
 ]
 
 #: Floating-point precisions of the simulator, by name.
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+#: Plausible intrinsic diffusivities of water in tissue, mm^2/s: free water
+#: at body temperature is 3e-3, fixed tissue at room temperature about 1e-4;
+#: the range leaves a decade either side. Values outside are another unit
+#: (2e-9 m^2/s = 2e-3 mm^2/s = 2 um^2/ms).
+DIFFUSIVITY_RANGE = (1e-5, 1e-1)
 
 
 def check_int(value, name, minimum):
@@ -88,7 +96,48 @@ def check_device(device):
         raise ValueError(
             f"device={str(device)!r} but no CUDA device is available; use device='cpu'."
         )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={str(device)!r} but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s); use device='cuda' (the "
+            f"first) or 'cuda:<i>' with i < {torch.cuda.device_count()}."
+        )
     return device
+
+
+def check_diffusivity(value, name="diffusivity"):
+    """A diffusivity in mm^2/s within :data:`DIFFUSIVITY_RANGE`, as a float.
+
+    Values outside the range are refused with the conversion from the unit
+    they were probably given in (m^2/s, um^2/ms or um^2/s).
+    """
+    low, high = DIFFUSIVITY_RANGE
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(
+            f"{name} must be a number in mm^2/s (e.g. 2e-3), got {value!r}."
+        )
+    value = check_positive(value, name, "mm^2/s", 2e-3)
+    if low <= value <= high:
+        return value
+    if value < low:
+        hint = (
+            f"it looks like m^2/s: pass {name}={value * 1e6:g} (mm^2/s = 1e6 x "
+            "m^2/s; 2e-9 m^2/s = 2e-3 mm^2/s)"
+        )
+    elif high < value <= 100:
+        hint = (
+            f"it looks like um^2/ms: pass {name}={value * 1e-3:g} (mm^2/s = 1e-3 x "
+            "um^2/ms; 2 um^2/ms = 2e-3 mm^2/s)"
+        )
+    else:
+        hint = (
+            f"it looks like um^2/s: pass {name}={value * 1e-6:g} (mm^2/s = 1e-6 x "
+            "um^2/s; 2000 um^2/s = 2e-3 mm^2/s)"
+        )
+    raise ValueError(
+        f"{name}={value:g} is outside the plausible range {low:g} to {high:g} "
+        f"mm^2/s of water in tissue; {hint}."
+    )
 
 
 def check_dtype(dtype):

@@ -15,6 +15,8 @@ continues it. :func:`save_maps`, :func:`save_permeability` and
 import copy
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import asdict
 
 import numpy as np
@@ -23,6 +25,7 @@ from dipy.core.gradients import gradient_table
 from dipy.io.image import save_nifti
 
 from . import sequences
+from .checks import check_device
 from .grid import TetGrid
 from .inverse import InversionConfig
 from .reconst import STATUS_CODES, SpinverseFit, SpinverseModel
@@ -112,7 +115,9 @@ def model_spec(model):
 def model_from_spec(spec):
     """Rebuild the model that :func:`model_spec` described.
 
-    A model saved on ``cuda`` is rebuilt on ``cpu`` when CUDA is absent.
+    A model saved on ``cuda`` is rebuilt on ``cpu`` when CUDA is absent (to
+    inspect a fit; :func:`resume_fit` refuses to continue it there unless
+    told ``device="cpu"``).
     """
     spec = copy.deepcopy(spec)
     if "protocol" in spec:
@@ -234,6 +239,11 @@ def save_fit(fit, path):
 def load_fit(path):
     """Load a volume fit saved by :func:`save_fit`, with its model.
 
+    A fit saved on ``cuda`` loads on a machine without CUDA, with its model
+    on ``cpu``, for inspection; ``fit.saved_device`` keeps the saved device,
+    and :func:`resume_fit` refuses to continue such a fit unless told
+    ``device="cpu"``.
+
     Parameters
     ----------
     path : str or os.PathLike
@@ -243,45 +253,96 @@ def load_fit(path):
     SpinverseFit
         ``fit.n_pending > 0`` for a partial fit; continue it with
         :func:`resume_fit`.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path``: a missing, truncated or corrupted file, or one not
+        written by :func:`save_fit`.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file; pass the .npz written by save_fit.")
+    header, arrays = _read_fit(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            header = json.loads(str(archive["header"]))
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, KeyError) as err:
+        model = model_from_spec(header["model"])
+    except (KeyError, TypeError, ValueError) as err:
         raise ValueError(
-            f"{path} is not a Spinverse fit saved by dipy_spinverse.io.save_fit "
-            f"({err})."
+            f"{path}: the saved model cannot be rebuilt ({type(err).__name__}: "
+            f"{err}); the file is damaged or was not written by save_fit."
         ) from err
-    if header.get("format") != _FORMAT:
-        raise ValueError(
-            f"{path} is not a Spinverse fit (format {header.get('format')!r})."
-        )
-    if header.get("version", 0) > _VERSION:
-        raise ValueError(
-            f"{path} was written by a newer dipy_spinverse (format version "
-            f"{header['version']} > {_VERSION}); upgrade dipy_spinverse."
-        )
-    model = model_from_spec(header["model"])
-    missing = [name for name in _ARRAYS if name not in arrays]
-    if missing:
-        raise ValueError(f"{path} lacks the arrays {missing}; the file is damaged.")
-    params = {name: np.array(arrays[name]) for name in _ARRAYS if name != "mask"}
-    params["labels"] = np.array(arrays["labels"]) if "labels" in arrays else None
-    if params["permeability"].shape[-1] != model.grid.n_faces:
-        raise ValueError(
-            f"{path}: the permeability has {params['permeability'].shape[-1]} faces "
-            f"but the saved grid has {model.grid.n_faces}; the file is damaged."
-        )
+    params = {name: arrays[name] for name in _ARRAYS if name != "mask"}
+    params["labels"] = arrays.get("labels")
+    _check_arrays(path, model, arrays["mask"].shape, params)
     return SpinverseFit(
         model,
         params,
         arrays["mask"].astype(bool),
         fingerprint=header.get("fingerprint"),
+        saved_device=str(header["model"].get("device", model.device)),
     )
+
+
+#: What a damaged ``.npz`` raises while it is read: zipfile's errors for a
+#: truncated or overwritten archive, zlib's and EOFError for a broken
+#: compressed member, ValueError and OSError from numpy and json.
+_READ_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+
+def _read_fit(path):
+    """The header and arrays of a fit file; a ValueError naming it if damaged."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file; pass the .npz written by save_fit.")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            header = json.loads(str(archive["header"]))
+            arrays = {name: np.array(archive[name]) for name in archive.files}
+    except _READ_ERRORS as err:
+        raise ValueError(
+            f"{path} is not a Spinverse fit saved by dipy_spinverse.io.save_fit: "
+            f"it is truncated, corrupted or another file ({type(err).__name__}: "
+            f"{err}). Fit again, or load an intact copy."
+        ) from err
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise ValueError(f"{path} is not a Spinverse fit (format {found!r}).")
+    if header.get("version", 0) > _VERSION:
+        raise ValueError(
+            f"{path} was written by a newer dipy_spinverse (format version "
+            f"{header['version']} > {_VERSION}); upgrade dipy_spinverse."
+        )
+    missing = [name for name in _ARRAYS if name not in arrays]
+    if missing or not isinstance(header.get("model"), dict):
+        what = f"the arrays {missing}" if missing else "the model description"
+        raise ValueError(f"{path} lacks {what}; the file is damaged.")
+    return header, arrays
+
+
+def _check_arrays(path, model, shape, params):
+    """Refuse arrays whose shapes do not fit the volume and the model."""
+    trailing = dict(
+        permeability=(model.grid.n_faces,),
+        labels=(model.grid.n_cells,),
+        predicted=(len(model.protocol),),
+        S0=(),
+        S0_sequences=(len(model.sequences),),
+        loss=(),
+        status=(),
+    )
+    for name, tail in trailing.items():
+        if params.get(name) is None:
+            continue
+        if params[name].shape != tuple(shape) + tail:
+            raise ValueError(
+                f"{path}: {name} has shape {params[name].shape} but the saved "
+                f"volume and model need {tuple(shape) + tail}; the file is "
+                "damaged."
+            )
 
 
 def resume_fit(
@@ -310,16 +371,35 @@ def resume_fit(
     engine, n_jobs, verbose, vox_per_chunk
         As in :meth:`SpinverseModel.fit`.
     device : str, optional
-        Run on another device than the saved one (e.g. ``"cuda"``).
+        Run on another device than the saved one (e.g. ``"cuda"``, or
+        ``"cpu"`` to continue a fit saved on ``cuda`` on a machine without
+        CUDA). Default: the saved device.
     checkpoint : bool
         Keep saving progress to ``path``.
 
     Returns
     -------
     SpinverseFit
+
+    Raises
+    ------
+    ValueError
+        The fit was saved on ``cuda`` and this machine has none (and
+        ``device`` is not given): it is not continued on the CPU silently.
     """
     state = load_fit(path)
+    saved = state.saved_device
+    if device is None and torch.device(saved).type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{os.fspath(path)} was saved with device={saved!r}, but no CUDA "
+                "device is available here; pass device='cpu' to resume_fit to "
+                "continue on the CPU (slower), or resume on a machine with CUDA."
+            )
+        device = saved
     if device is not None:
+        # Not model_from_spec's CPU fallback: a device asked for must exist.
+        device = check_device(device)
         spec = model_spec(state.model)
         spec["device"] = str(device)
         state = SpinverseFit(
@@ -380,7 +460,8 @@ def save_maps(fit, out_dir, *, affine=None, names=None, prefix="", suffix=".nii.
 def save_permeability(fit, path, *, affine=None):
     """Write the per-face permeability (..., n_faces) as a 4-D NIfTI image.
 
-    Values are m/s; NaN where the status is not 0 (and outside the mask).
+    Values are m/s; NaN where the voxel has no outputs (status other than
+    ``OK`` or ``POOR_FIT``) and outside the mask.
     The faces are those of ``fit.model.grid`` in order.
 
     Parameters
@@ -394,7 +475,8 @@ def save_permeability(fit, path, *, affine=None):
     str
     """
     affine = np.eye(4) if affine is None else np.asarray(affine)
-    data = np.where(fit.ok[..., None], fit.permeability, np.nan).astype(np.float32)
+    data = np.where(fit.fitted[..., None], fit.permeability, np.nan)
+    data = data.astype(np.float32)
     save_nifti(os.fspath(path), data, affine)
     return os.fspath(path)
 
@@ -421,6 +503,13 @@ def save_predicted(fit, path, *, affine=None, gtab=None):
 
 def describe_status(status):
     """Count voxels per status code, e.g. ``{"ok": 5, "outside the mask": 1}``.
+
+    The codes are :data:`~dipy_spinverse.reconst.STATUS_CODES`.
+    ``"residual far above the noise"`` (``POOR_FIT``, 5) is a warning: those
+    voxels are fitted and their maps are filled, but the data are not what
+    the model can produce (a residual above the noise ``sigma`` at a
+    one-in-a-million false-alarm rate). Every other code but ``"ok"`` (0)
+    leaves the voxel's maps NaN.
 
     Parameters
     ----------

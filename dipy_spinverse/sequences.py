@@ -30,6 +30,8 @@ __all__ = [
     "PiecewiseConstant",
     "Protocol",
     "as_protocol",
+    "check_bvals",
+    "BVALUE_RANGE",
     "fibonacci_sphere",
     "published_protocol",
 ]
@@ -565,6 +567,86 @@ def _unit_rows(bvecs):
     return np.divide(bvecs, norms, out=np.zeros_like(bvecs), where=norms > 0)
 
 
+#: b-values (s/mm^2) of plausible diffusion-weighted shells: clinical shells
+#: are 300-3,000, preclinical and ex vivo ones up to 20,000-30,000. A table
+#: whose weighted shells all lie outside has its b-values in another unit:
+#: s/m^2 (1 s/mm^2 = 1e6 s/m^2) above, ms/um^2 (1 ms/um^2 = 1,000 s/mm^2)
+#: below.
+BVALUE_RANGE = (50.0, 30_000.0)
+
+
+def check_bvals(bvals, *, b0_threshold=0.0, name="gtab.bvals"):
+    """b-values (s/mm^2) that can be fitted, as a float64 array.
+
+    Parameters
+    ----------
+    bvals : array_like, shape (n,)
+        b-values in s/mm^2.
+    b0_threshold : float, optional
+        b-values at or below it count as b = 0 (DIPY's ``gtab.b0_threshold``).
+    name : str, optional
+        Argument name used in error messages.
+
+    Returns
+    -------
+    bvals : ndarray, shape (n,)
+
+    Raises
+    ------
+    ValueError
+        A negative or non-finite b-value, no diffusion-weighted volume
+        (b > ``b0_threshold``), or no diffusion-weighted shell within
+        :data:`BVALUE_RANGE` (b-values in s/m^2 or ms/um^2), with the fix.
+    """
+    try:
+        bvals = np.asarray(bvals, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be numbers in s/mm^2, got {bvals!r}") from err
+    bad = ~np.isfinite(bvals) | (bvals < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name} has a negative or non-finite b-value ({bvals[i]:g} at volume "
+            f"{i}); b-values are >= 0 in s/mm^2. Fix the b-value file (DIPY would "
+            "silently count a negative b as b = 0)."
+        )
+    low, high = BVALUE_RANGE
+    weighted = bvals[bvals > b0_threshold]
+    if weighted.size == 0:
+        largest = float(bvals.max()) if bvals.size else 0.0
+        hint = (
+            " If your b-values are in ms/um^2 (1 ms/um^2 = 1,000 s/mm^2), multiply "
+            "them by 1,000."
+            if 0 < largest <= low
+            else " Pass a table with at least one diffusion-weighted shell."
+        )
+        raise ValueError(
+            f"{name} has no diffusion-weighted volume: every b-value is <= "
+            f"b0_threshold {b0_threshold:g} s/mm^2 (largest {largest:g}); the "
+            f"signal decay of diffusion-weighted volumes is what is fitted.{hint}"
+        )
+    if not np.any((weighted >= low) & (weighted <= high)):
+        if weighted.min() > high:
+            unit = (
+                "these look like s/m^2 (1 s/mm^2 = 1e6 s/m^2): divide them by 1e6, "
+                f"e.g. {weighted.min():g} s/m^2 = {weighted.min() * 1e-6:g} s/mm^2"
+            )
+        elif weighted.max() < low:
+            unit = (
+                "these look like ms/um^2 (1 ms/um^2 = 1,000 s/mm^2): multiply them "
+                f"by 1,000, e.g. {weighted.max():g} ms/um^2 = "
+                f"{weighted.max() * 1e3:g} s/mm^2"
+            )
+        else:
+            unit = "check the unit of the b-value file"
+        raise ValueError(
+            f"{name} has no diffusion-weighted shell between {low:g} and {high:g} "
+            f"s/mm^2 (weighted b-values {weighted.min():g} to {weighted.max():g}); "
+            f"b-values must be in s/mm^2: {unit}."
+        )
+    return bvals
+
+
 _MISSING_TIMING = (
     "gtab.{name} is None: the simulator needs the gradient timing. Build the "
     "table with gradient_table(bvals, bvecs=bvecs, big_delta=..., "
@@ -727,10 +809,12 @@ class Protocol:
         -----
         b-values at or below ``gtab.b0_threshold`` are treated as b = 0, as
         DIPY does for ``gtab.b0s_mask``. Directions with b > 0 are renormalised,
-        since DIPY accepts directions within ``atol`` of unit length.
+        since DIPY accepts directions within ``atol`` of unit length. The
+        b-values are checked by :func:`check_bvals`: none negative, at least
+        one diffusion-weighted volume, and a shell in s/mm^2.
         """
-        bvals = np.asarray(gtab.bvals, dtype=np.float64)
         threshold = 0.0 if gtab.b0_threshold is None else gtab.b0_threshold
+        bvals = check_bvals(gtab.bvals, b0_threshold=threshold)
         bvals = np.where(bvals <= threshold, 0.0, bvals)
         _check_linear_encoding(gtab.btens, bvals)
         n = bvals.size

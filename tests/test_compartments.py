@@ -540,6 +540,59 @@ def test_volume_mask_and_nan(activeax_case):
     assert fit[1, 2].shape == (2,)
 
 
+def test_exchange_predict_masked_and_nan_voxels(gtab_exchange):
+    model = ExchangeModel(gtab_exchange, n_starts=1)
+    params = np.array(
+        [[S0, 0.5, 0.4e-3, 2e-3, 0.05], [0.5 * S0, 0.6, 0.3e-3, 2.2e-3, 0.1]]
+    )
+    signal = _simulate(model, params)
+    data = np.stack([signal, signal[::-1]])  # (2, 2, M)
+    data[0, 1, 3] = np.nan
+    mask = np.array([[True, True], [False, True]])
+    fit = model.fit(data, mask=mask)
+    pred = fit.predict()
+    assert pred.shape == data.shape
+    assert np.all(pred[1, 0] == 0)  # outside the mask: 0, as DIPY's fits
+    assert np.all(np.isnan(pred[0, 1]))  # a NaN voxel: NaN, and no error
+    assert_allclose(pred[0, 0], signal[0], rtol=1e-6)
+    assert_allclose(pred[1, 1], signal[0], rtol=1e-6)
+    scaled = fit.predict(S0=1.0)
+    assert np.all(scaled[1, 0] == 0) and np.all(np.isnan(scaled[0, 1]))
+    assert_allclose(scaled[0, 0], signal[0] / S0, rtol=1e-6)
+    assert np.all(fit[1, 0].predict() == 0) and np.all(fit[1].predict()[0] == 0)
+
+
+def test_exchange_does_not_depend_on_chunking(gtab_exchange):
+    # A fast-exchanging voxel needs more Magnus steps than slow ones; each
+    # voxel's steps are its own, not those of the voxels chunked with it.
+    params = np.array(
+        [
+            [S0, 0.5, 0.4e-3, 2e-3, 0.5],
+            [S0, 0.95, 0.3e-3, 2.2e-3, 0.0025],
+            [S0, 0.4, 0.5e-3, 1.8e-3, 0.03],
+        ]
+    )
+    signals, fits = [], []
+    for chunk_size in (1, 2, 3):
+        model = ExchangeModel(
+            gtab_exchange, n_starts=1, max_iter=5, chunk_size=chunk_size
+        )
+        signals.append(_simulate(model, params))
+        fits.append(model.fit(signals[0]).model_params)
+    for other in signals[1:]:
+        assert_allclose(other, signals[0], rtol=1e-12, atol=0)
+    for other in fits[1:]:
+        assert_allclose(other, fits[0], rtol=1e-12, atol=0)
+
+
+def test_predict_outside_the_mask_is_zero(activeax_case):
+    model, params = activeax_case
+    volume = np.stack([params, np.zeros_like(params), np.full_like(params, np.nan)])
+    pred = model._fit_class(model, volume).predict()
+    assert_allclose(pred[0], _simulate(model, params))
+    assert np.all(pred[1] == 0) and np.all(np.isnan(pred[2]))
+
+
 def test_bad_inputs(gtab_axon, gtab_ivim):
     model = ActiveAxModel(gtab_axon, n_starts=1)
     n = len(gtab_axon.bvals)

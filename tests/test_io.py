@@ -1,7 +1,11 @@
 """io: model spec, save, load, checkpoint and resume of fits."""
 
+import json
+import re
+
 import numpy as np
 import pytest
+import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
 import dipy_spinverse.reconst.runner as runner
@@ -16,7 +20,7 @@ from dipy_spinverse.io import (
     save_permeability,
     save_predicted,
 )
-from dipy_spinverse.reconst import MASKED, OK, PENDING
+from dipy_spinverse.reconst import MASKED, OK, PENDING, SpinverseFit
 
 
 # -- save, load, resume ---------------------------------------------------------------
@@ -111,3 +115,66 @@ def test_resume_checks(model, volume, volume_fit, gtab, grid):
         other.fit(data, resume=volume_fit)
     with pytest.raises(ValueError, match="resume must be"):
         model.fit(data, resume=42)
+
+
+# -- damaged files, devices ------------------------------------------------------------
+def test_damaged_fit_files_are_refused_naming_the_file(volume_fit, tmp_path):
+    path = save_fit(volume_fit, tmp_path / "fit.npz")
+    raw = open(path, "rb").read()
+    middle = len(raw) // 2
+
+    def flipped(start, stop):
+        return raw[:start] + bytes(b ^ 0xFF for b in raw[start:stop]) + raw[stop:]
+
+    damaged = dict(
+        truncated=raw[:middle],
+        cut_end=raw[:-10],
+        empty=b"",
+        garbage=b"not a fit file " * 20,
+        corrupted_data=flipped(middle, middle + 64),
+        corrupted_start=flipped(10, 40),
+    )
+    for name, content in damaged.items():
+        bad = tmp_path / f"{name}.npz"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(str(bad))):
+            load_fit(bad)
+    # Intact archive, damaged content: arrays that do not fit the volume.
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    arrays["status"] = arrays["status"][:1]
+    np.savez_compressed(tmp_path / "shapes.npz", **arrays)
+    with pytest.raises(ValueError, match="shapes.npz: status has shape"):
+        load_fit(tmp_path / "shapes.npz")
+
+
+def _saved_on(path, device):
+    """Rewrite a fit file as if it had been saved with ``device``."""
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    header = json.loads(str(arrays["header"]))
+    header["model"]["device"] = device
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez_compressed(path, **arrays)
+
+
+def test_resume_on_cuda_without_cuda_is_refused(model, volume, tmp_path, monkeypatch):
+    data, mask = volume
+    params = runner.empty_params(model, mask.shape)
+    params["status"][~mask] = MASKED
+    partial = SpinverseFit(model, params, mask, fingerprint=runner.fingerprint(data))
+    path = save_fit(partial, tmp_path / "state.npz")
+    _saved_on(path, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # Loading for inspection works on the CPU and keeps the saved device ...
+    loaded = load_fit(path)
+    assert loaded.model.device.type == "cpu" and loaded.saved_device == "cuda"
+    assert loaded.n_pending == 3
+    # ... but a fit is not continued on the CPU unless asked for.
+    with pytest.raises(ValueError, match="saved with device='cuda'.*device='cpu'"):
+        resume_fit(path, data)
+    with pytest.raises(ValueError, match="no CUDA device.*use device='cpu'"):
+        resume_fit(path, data, device="cuda")
+    done = resume_fit(path, data, device="cpu")
+    assert done.n_pending == 0 and done.model.device.type == "cpu"
+    assert_array_equal(done.status[mask], OK)

@@ -11,11 +11,13 @@ import torch
 from conftest import BIG, BVALS, BVECS, FAST, SMALL, T2_WEIGHT  # noqa: E402
 from dipy.core.gradients import gradient_table
 from numpy.testing import assert_allclose, assert_array_equal
+from scipy.stats import chi2
 
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import Protocol, TetGrid
 from dipy_spinverse.interface import InterfaceMesh, load_mesh
 from dipy_spinverse.io import (
+    describe_status,
     load_fit,
     save_fit,
 )
@@ -27,6 +29,7 @@ from dipy_spinverse.reconst import (
     MASKED,
     NONFINITE,
     OK,
+    POOR_FIT,
     STATUS_CODES,
     SpinverseFit,
     SpinverseModel,
@@ -430,3 +433,133 @@ def test_explicit_protocol(grid, signal, tmp_path):
     loaded = load_fit(path)
     assert loaded.model.protocol.waveforms == protocol.waveforms
     assert_allclose(loaded.predict(), fit.predict())
+
+
+# -- bad input, refused when the model is built or the voxel fitted -------------------
+@pytest.mark.parametrize(
+    "bvals, threshold, match",
+    [
+        ([0, -1000, 3000] * 2, 50, r"negative.*Fix the b-value file"),
+        ([0, 1e9, 3e9] * 2, 50, r"look like s/m\^2 .*: divide them by 1e6"),
+        ([0, 1, 3] * 2, 50, r"no diffusion-weighted volume.*multiply them by 1,000"),
+        ([0, 1, 3] * 2, 0, r"look like ms/um\^2 .*: multiply them by 1,000"),
+        ([0, 0, 0] * 2, 50, r"no diffusion-weighted volume"),
+    ],
+)
+def test_bvals_in_the_wrong_unit_fail_when_the_model_is_built(bvals, threshold, match):
+    table = gradient_table(
+        np.array(bvals, float),
+        bvecs=BVECS,
+        big_delta=BIG,
+        small_delta=SMALL,
+        b0_threshold=threshold,
+    )
+    with pytest.raises(ValueError, match=r"gtab\.bvals has .*" + match):
+        SpinverseModel(table, grid_resolution=2, **FAST)
+
+
+def test_protocol_bvals_in_the_wrong_unit_fail_when_the_model_is_built():
+    for bvals, match in (([0, 1e9, 3e9], r"s/m\^2"), ([0, 0, 0], "no diffusion")):
+        protocol = Protocol.pgse(bvals, BVECS[:3], small_delta=SMALL, big_delta=0.04)
+        with pytest.raises(ValueError, match=match):
+            SpinverseModel(protocol, grid_resolution=2, **FAST)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        # A device torch cannot use.
+        (dict(device="mps"), "device='mps' is not supported; use device='cpu'"),
+        (dict(device="xpu"), "device='xpu' is not supported; use device='cpu'"),
+        # The optimiser: negative or non-numeric.
+        (dict(lr=-0.1), "lr must be a finite number and >= 0, got -0.1"),
+        (dict(lr=0.0), "lr and loss_scale must be > 0"),
+        (dict(lr="0.1"), "lr must be a finite number"),
+        (dict(clip=-1.0), "clip must be a finite number and >= 0"),
+        (dict(clip="1"), "clip must be a finite number"),
+        # Iterations.
+        (dict(max_iter=0), "max_iter must be an integer >= 1"),
+        (dict(max_iter="4"), "max_iter must be an integer >= 1"),
+        (dict(warmup=-1), "warmup must be an integer >= 0"),
+        (dict(stages=[dict(iterations=0)]), "stage iterations must be an integer"),
+        (dict(stages=[dict(iterations=2.5)]), "stage iterations must be an integer"),
+        # Malformed stages.
+        (dict(stages=[5]), r"each stage must be a Stage or a dict\(iterations="),
+        (dict(stages=[dict(iters=3)]), "each stage must be a Stage or a dict"),
+        (dict(stages=[dict(iterations=3, order=1)]), r"unknown key\(s\) \['order'\]"),
+        (dict(stages=[dict(iterations=3, sequences=5)]), "'all' or a tuple of"),
+        (dict(stages=[dict(iterations=3, sequences=(-1,))]), "sequence rank must"),
+        (dict(stages=[dict(iterations=3, sequences=())]), "at least one rank"),
+        (dict(stages=[dict(iterations=3, sequences=(5,))]), "uses sequence rank 5"),
+        # One weight per sequence (the table has two).
+        (dict(sequence_weights=[1.0]), "sequence_weights has 1 values.*2 sequence"),
+        (dict(sequence_weights=[1.0] * 3), "sequence_weights has 3 values"),
+        (dict(sequence_weights=[-1.0, 1.0]), "sequence_weights must be"),
+        # The initial permeability (log10 m/s) outside its bounds.
+        (dict(init_log_kappa=0.0), "init_log_kappa must lie strictly inside"),
+        (dict(init_log_kappa=-6.0), "init_log_kappa must lie strictly inside"),
+        (dict(init_log_kappa=1e-3), "init_log_kappa must lie strictly inside"),
+        # sigma: of the wrong type, or an SNR by mistake.
+        (dict(preset="default", sigma="0.03"), "sigma must be a finite number"),
+        (dict(preset="default", sigma=True), "sigma must be a finite number"),
+        (dict(preset="default", sigma=50.0), r"sigma must be .*<= 1.*1/SNR"),
+        # A diffusivity in another unit than mm^2/s.
+        (dict(diffusivity=2e-9), r"diffusivity=2e-09 .*m\^2/s: pass diffusivity=0.002"),
+        (dict(diffusivity=2.0), r"um\^2/ms: pass diffusivity=0.002"),
+        (dict(diffusivity=2000.0), r"um\^2/s: pass diffusivity=0.002"),
+        (dict(diffusivity="2e-3"), r"diffusivity must be a number in mm\^2/s"),
+    ],
+)
+def test_options_that_cannot_work_fail_when_the_model_is_built(gtab, kwargs, match):
+    options = {**FAST, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SpinverseModel(gtab, grid_resolution=2, **options)
+
+
+def test_plausible_diffusivities_are_accepted(gtab):
+    # Fixed tissue at room temperature and free water at body temperature.
+    for diffusivity in (1e-4, 3e-3):
+        model = SpinverseModel(gtab, grid_resolution=2, diffusivity=diffusivity)
+        assert model.diffusivity == diffusivity
+
+
+def test_mask_of_one_voxel_is_honoured(model, signal):
+    raw = 700.0 * T2_WEIGHT * signal
+    masked = model.fit(raw, mask=False)
+    assert masked.shape == () and masked.status == MASKED
+    assert masked.S0 == 0 and masked.restricted_fraction == 0
+    assert np.all(np.isnan(masked.permeability)) and masked.interface_mesh is None
+    assert_array_equal(masked.predict(), 0)  # outside the mask, as DIPY
+    assert model.fit(raw, mask=np.bool_(True)).status == OK
+    with pytest.raises(ValueError, match=r"mask has shape \(1,\).*a single bool"):
+        model.fit(raw, mask=[True])
+
+
+def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):
+    """A voxel the model cannot produce: diffusion weighting raises the signal."""
+    sigma = 0.1
+    options = dict(preset="paper", noise="rician", max_iter=4, dtype="float64")
+    model = SpinverseModel(gtab, grid=grid, sigma=sigma, **options)
+    absurd = signal.copy()
+    absurd[BVALS > 0] = 2.5
+    data = 700.0 * np.stack([signal, absurd])
+    fit = model.fit(data)
+    assert_array_equal(fit.status, [OK, POOR_FIT])
+    # chi-square with one degree of freedom per acquisition, false alarm 1e-6.
+    bound = runner.poor_fit_bound(len(BVALS), sigma)
+    assert_allclose(bound, sigma**2 * chi2.isf(1e-6, len(BVALS)) / len(BVALS))
+    assert fit.residual[0] ** 2 < bound < fit.residual[1] ** 2
+    # A warning: the voxel keeps its outputs, and its maps are filled.
+    assert np.isfinite(fit.permeability[1]).all() and fit.fitted.all()
+    assert not fit.ok[1]
+    for name in ("residual", "S0", "restricted_fraction", "surface_to_volume"):
+        assert np.isfinite(getattr(fit, name)[1]), name
+    assert np.isfinite(fit.predict()[1]).all()
+    assert fit[1].interface_mesh is not None
+    assert describe_status(fit.status) == {
+        "ok": 1,
+        "residual far above the noise": 1,
+    }
+    # Without a noise level (sigma 0: unknown) there is no bound to exceed.
+    blind = SpinverseModel(gtab, grid=grid, preset="paper", max_iter=4)
+    assert_array_equal(blind.fit(data).status, [OK, OK])

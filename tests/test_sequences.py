@@ -13,6 +13,7 @@ from dipy_spinverse.sequences import (
     Protocol,
     SineOGSE,
     as_protocol,
+    check_bvals,
     fibonacci_sphere,
     published_protocol,
 )
@@ -392,6 +393,39 @@ def test_from_gtab_wrong_timing_length():
     gtab = gradient_table(bvals, bvecs=bvecs, big_delta=[0.02, 0.06], small_delta=0.01)
     with pytest.raises(ValueError, match="big_delta.*one value per"):
         Protocol.from_gtab(gtab)
+
+
+@pytest.mark.parametrize(
+    "bvals, threshold, match",
+    [
+        # A sign error: DIPY alone would count -1000 as b = 0.
+        ([0, -1000, 1000], 50, "negative.*-1000 at volume 1.*>= 0 in s/mm\\^2"),
+        # s/m^2: no shell below 30,000 s/mm^2.
+        ([0, 1e9, 3e9], 50, "no diffusion-weighted shell.*s/m\\^2.*divide.*1e6"),
+        # ms/um^2: every b under the b = 0 threshold ...
+        ([0, 1, 3], 50, "no diffusion-weighted volume.*ms/um\\^2.*multiply.*1,000"),
+        # ... or, without a threshold, no shell above 50 s/mm^2.
+        ([0, 1, 3], 0, "no diffusion-weighted shell.*ms/um\\^2.*3000 s/mm\\^2"),
+        ([0, 0, 0], 50, "no diffusion-weighted volume.*at least one"),
+    ],
+)
+def test_from_gtab_refuses_bvals_in_the_wrong_unit(bvals, threshold, match):
+    bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], float)
+    gtab = gradient_table(
+        np.array(bvals, float),
+        bvecs=bvecs,
+        big_delta=0.02,
+        small_delta=0.01,
+        b0_threshold=threshold,
+    )
+    with pytest.raises(ValueError, match=r"gtab\.bvals has .*" + match):
+        Protocol.from_gtab(gtab)
+
+
+def test_check_bvals_accepts_plausible_tables():
+    # Small tables (tests), IVIM's low b beside a normal shell, ex vivo b.
+    for bvals in ([0, 1000, 3000], [0, 10, 20, 800], [0, 5, 25_000]):
+        npt.assert_array_equal(check_bvals(bvals, b0_threshold=0), bvals)
 
 
 def test_as_protocol_type_error():

@@ -373,13 +373,27 @@ class CompartmentModel(ReconstModel):
         if results:
             out[ok] = np.concatenate(results)
         params[mask] = out
-        return self._fit_class(self, params)
+        return self._fit_class(self, params, mask=mask)
 
     # -- prediction -----------------------------------------------------------
-    def _predict_params(self, params, acq, S0=None):
-        """Signals (..., M) from public parameters (..., n_params)."""
+    def _predict_params(self, params, acq, S0=None, mask=None):
+        """Signals (..., M) from public parameters (..., n_params).
+
+        0 outside ``mask`` (default: where any parameter is non-zero; ``fit``
+        writes zeros outside its mask), NaN where a parameter is not finite
+        (voxels that could not be fitted); only the other voxels are
+        simulated, ``chunk_size`` at a time.
+        """
+        params = np.asarray(params, dtype=np.float64)
         shape = params.shape[:-1]
-        flat = torch.tensor(params.reshape(-1, params.shape[-1]), dtype=DTYPE)
+        if mask is None:
+            mask = np.any(params != 0, axis=-1)
+        mask = np.broadcast_to(np.asarray(mask, dtype=bool), shape)
+        finite = np.isfinite(params).all(-1)
+        signal = np.zeros(shape + (len(acq),))
+        signal[mask & ~finite] = np.nan
+        todo = mask & finite
+        flat = torch.tensor(params[todo], dtype=DTYPE)
         out = []
         with torch.no_grad():
             for i in range(0, flat.shape[0], self.chunk_size):
@@ -388,13 +402,15 @@ class CompartmentModel(ReconstModel):
                 )
                 Phi = self._columns(acq, shared, fibre, dirs)
                 out.append(((Phi @ fractions[..., None])[..., 0] * s0[:, None]).numpy())
-        signal = np.concatenate(out) if out else np.zeros((0, len(acq)))
-        signal = signal.reshape(shape + (len(acq),))
+        if out:
+            signal[todo] = np.concatenate(out)
         if S0 is not None:
             # The fitted S0 is replaced: divide it out, multiply by the new one.
             fitted = params[..., 0]
+            new = np.broadcast_to(np.asarray(S0, dtype=np.float64), shape)
             with np.errstate(invalid="ignore", divide="ignore"):
-                signal = signal / fitted[..., None] * np.asarray(S0)[..., None]
+                scaled = signal / fitted[..., None] * new[..., None]
+            signal = np.where(todo[..., None], scaled, signal)
         return signal
 
 
@@ -406,11 +422,17 @@ class CompartmentFit(ReconstFit):
     model : CompartmentModel
     model_params : ndarray, shape (..., n_params)
         Layout given by ``model.param_names``; ``model_params[..., 0]`` is S0.
+        All zeros outside the mask, NaN where a voxel could not be fitted.
+    mask : array_like of bool, shape (...), optional
+        Voxels of the fit (default: those with any non-zero parameter).
     """
 
-    def __init__(self, model, model_params):
+    def __init__(self, model, model_params, *, mask=None):
         ReconstFit.__init__(self, model, None)
         self.model_params = model_params
+        if mask is None:
+            mask = np.any(np.asarray(model_params) != 0, axis=-1)
+        self.mask = np.broadcast_to(np.asarray(mask, dtype=bool), self.shape)
 
     @property
     def shape(self):
@@ -421,7 +443,7 @@ class CompartmentFit(ReconstFit):
             index = (index,)
         if len(index) > self.model_params.ndim - 1:
             raise IndexError("too many indices for this fit")
-        return type(self)(self.model, self.model_params[index])
+        return type(self)(self.model, self.model_params[index], mask=self.mask[index])
 
     def _param(self, name):
         return self.model_params[..., self.model.param_names.index(name)]
@@ -446,6 +468,8 @@ class CompartmentFit(ReconstFit):
         Returns
         -------
         signal : ndarray, shape self.shape + (N,)
+            0 outside the mask (as DIPY's fits), NaN in voxels that could not
+            be fitted (non-finite data or b = 0 signal <= 0).
         """
         model = self.model
         acq = (
@@ -453,4 +477,4 @@ class CompartmentFit(ReconstFit):
             if gtab is None
             else Acquisition.from_gtab(gtab, timing=model._needs_timing)
         )
-        return model._predict_params(self.model_params, acq, S0)
+        return model._predict_params(self.model_params, acq, S0, self.mask)

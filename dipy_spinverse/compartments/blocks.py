@@ -535,7 +535,10 @@ def karger(acq, *, d1, d2, f1, k12, n_steps=None):
         Exchange rate 1 -> 2 in 1/us (the inverse residence time in 1).
     n_steps : int, optional
         Magnus steps per waveform piece with a gradient; by default at least 4
-        and enough that ``(k12 + k21) * step <= 1``.
+        and enough that ``(k12 + k21) * step <= 1``, for each voxel's own
+        rate rounded up to a power of two: voxels with rates in the same
+        octave share their steps, and a voxel's signal does not depend on
+        the other voxels of the batch (nor on how voxels are chunked).
 
     Notes
     -----
@@ -548,7 +551,47 @@ def karger(acq, *, d1, d2, f1, k12, n_steps=None):
     """
     acq.require_timing("the Karger exchange model")
     like = acq.bvals
-    d1, d2, f1, k12 = (_as(v, like)[..., None, None] for v in (d1, d2, f1, k12))
+    d1, d2, f1, k12 = torch.broadcast_tensors(
+        *(_as(v, like) for v in (d1, d2, f1, k12))
+    )
+    if n_steps is not None:
+        return _karger(acq, d1, d2, f1, k12, n_steps=int(n_steps))
+    rates = _step_rates(acq, k12.detach() / (1.0 - f1.detach()))
+    values = torch.unique(rates)
+    if values.numel() <= 1:
+        rate = float(values[0]) if values.numel() else 0.0
+        return _karger(acq, d1, d2, f1, k12, rate=rate)
+    flat = [v.reshape(-1) for v in (d1, d2, f1, k12)]
+    rates = rates.reshape(-1)
+    parts, order = [], []
+    for value in values:
+        idx = torch.nonzero(rates == value).flatten()
+        parts.append(_karger(acq, *(v[idx] for v in flat), rate=float(value)))
+        order.append(idx)
+    out = torch.cat(parts)[torch.argsort(torch.cat(order))]
+    return out.reshape(d1.shape + out.shape[-1:])
+
+
+def _step_rates(acq, rate):
+    """Exchange rates (1/us) that set the Magnus steps, one per voxel.
+
+    Each voxel's ``k12 + k21`` rounded up to a power of two, and at least the
+    rate below which every piece takes ``N_MAGNUS_STEPS`` (so slow voxels all
+    share one value); non-finite rates (unfitted voxels) take that floor too.
+    """
+    amplitudes = acq.amplitudes[acq.waveform_index]
+    durations = acq.durations[acq.waveform_index][amplitudes != 0]
+    if durations.numel() == 0:
+        return torch.zeros_like(rate)
+    floor = N_MAGNUS_STEPS / float(durations.max())
+    octave = torch.exp2(torch.ceil(torch.log2(rate.clamp_min(floor))))
+    return torch.where(torch.isfinite(rate) & (rate > floor), octave, floor)
+
+
+def _karger(acq, d1, d2, f1, k12, *, rate=0.0, n_steps=None):
+    """:func:`karger` with the Magnus steps set by ``rate`` (or ``n_steps``)."""
+    like = acq.bvals
+    d1, d2, f1, k12 = (v[..., None, None] for v in (d1, d2, f1, k12))
     k21 = k12 * f1 / (1.0 - f1)
     durations = acq.durations[acq.waveform_index]  # (M, P)
     areas = durations * acq.amplitudes[acq.waveform_index]
@@ -556,7 +599,7 @@ def karger(acq, *, d1, d2, f1, k12, n_steps=None):
     amplitudes = acq.amplitudes[acq.waveform_index]
     prop = None
     for tau, f, F0 in zip(durations.T, amplitudes.T, starts.T, strict=True):
-        n = _magnus_steps(tau, f, k12 + k21, n_steps)
+        n = _magnus_steps(tau, f, rate, n_steps)
         offsets = torch.arange(n, dtype=like.dtype)[:, None] + _as(_GAUSS3, like)
         h = (tau / n)[:, None]  # (M, 1)
         t = h[..., None] * offsets  # (M, n_steps, 3) node times in the piece
@@ -586,16 +629,15 @@ def _magnus_steps(tau, f, rate, n_steps):
 
     A piece without gradient has a constant generator: one step is exact.
     Otherwise at least ``N_MAGNUS_STEPS``, and enough that the exchange
-    rates times the step stay below 1 (the error then stays below ~3e-8 of the
-    signal; it falls 64x per halving of the step).
+    rate (1/us, from :func:`_step_rates`) times the step stays below 1 (the
+    error then stays below ~3e-8 of the signal; it falls 64x per halving of
+    the step).
     """
     if not bool(torch.any(f != 0)):
         return 1
     if n_steps is not None:
         return int(n_steps)
-    fastest = float(rate.detach().max()) if rate.numel() else 0.0
-    longest = float(tau.max())
-    return max(N_MAGNUS_STEPS, math.ceil(longest * fastest))
+    return max(N_MAGNUS_STEPS, math.ceil(float(tau.max()) * rate))
 
 
 def _generator(bdot, d1, d2, k12, k21):

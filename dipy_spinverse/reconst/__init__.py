@@ -11,16 +11,20 @@
 
 Problems of single voxels never stop a volume: the voxel gets a status code
 (:data:`STATUS_CODES`) and NaN outputs, and the rest of the volume is kept.
+A fit whose residual is far above the noise is kept, with the warning status
+``POOR_FIT``.
 """
 
 from .fit import (
     BAD_B0,
     DIVERGED,
     FAILED,
+    FITTED,
     MASKED,
     NONFINITE,
     OK,
     PENDING,
+    POOR_FIT,
     STATUS_CODES,
     SpinverseFit,
 )
@@ -37,6 +41,8 @@ __all__ = [
     "BAD_B0",
     "FAILED",
     "DIVERGED",
+    "POOR_FIT",
     "PENDING",
     "MASKED",
+    "FITTED",
 ]

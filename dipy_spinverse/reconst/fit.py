@@ -13,9 +13,17 @@ NONFINITE    1     the voxel's data contain NaN or inf
 BAD_B0       2     the mean b = 0 signal (of some sequence) is <= 0
 FAILED       3     the inversion raised an error for this voxel
 DIVERGED     4     the fit returned non-finite permeabilities or signals
+POOR_FIT     5     fitted, but the residual is far above the noise ``sigma``
+                   (:data:`~dipy_spinverse.reconst.runner.POOR_FIT_FALSE_ALARM`):
+                   the data are not what the model can produce. A warning:
+                   the voxel keeps its outputs and every map is filled
 PENDING      -1    inside the mask but not fitted yet (partial fits)
 MASKED       -2    outside the mask
 ===========  ====  ==========================================================
+
+The voxels with outputs (:attr:`SpinverseFit.fitted`) are those with status
+``OK`` or ``POOR_FIT`` (:data:`FITTED`); maps, meshes and predictions are
+NaN or None for the others inside the mask.
 """
 
 import os
@@ -34,12 +42,18 @@ __all__ = [
     "BAD_B0",
     "FAILED",
     "DIVERGED",
+    "POOR_FIT",
     "PENDING",
     "MASKED",
+    "FITTED",
     "PARAMETERS",
 ]
 
-OK, NONFINITE, BAD_B0, FAILED, DIVERGED, PENDING, MASKED = 0, 1, 2, 3, 4, -1, -2
+OK, NONFINITE, BAD_B0, FAILED, DIVERGED, POOR_FIT = 0, 1, 2, 3, 4, 5
+PENDING, MASKED = -1, -2
+
+#: Statuses of the voxels that have outputs (maps, meshes, predictions).
+FITTED = (OK, POOR_FIT)
 
 #: Per-voxel status codes of a fit and their meaning.
 STATUS_CODES = {
@@ -48,6 +62,7 @@ STATUS_CODES = {
     BAD_B0: "mean b=0 signal <= 0",
     FAILED: "the inversion raised an error",
     DIVERGED: "the fit returned non-finite values",
+    POOR_FIT: "residual far above the noise",
     PENDING: "not fitted yet",
     MASKED: "outside the mask",
 }
@@ -86,14 +101,29 @@ class SpinverseFit(ReconstFit):
     fingerprint : str, optional
         Checksum of the fitted data, to check that a partial fit is resumed
         on the same data.
+    saved_device : str, optional
+        The device a fit loaded from a file was saved with
+        (:func:`dipy_spinverse.io.load_fit`), which may differ from
+        ``model.device`` (a ``cuda`` fit inspected on a machine without
+        CUDA).
 
     Notes
     -----
     Scalar maps are 0 outside the mask (as DIPY's maps) and NaN inside it
-    where the status is not 0.
+    where the voxel has no outputs (status other than ``OK`` or
+    ``POOR_FIT``; a ``POOR_FIT`` voxel keeps its maps).
     """
 
-    def __init__(self, model, params, mask=None, *, history=None, fingerprint=None):
+    def __init__(
+        self,
+        model,
+        params,
+        mask=None,
+        *,
+        history=None,
+        fingerprint=None,
+        saved_device=None,
+    ):
         self.model = model
         self.params = {
             k: None if params.get(k) is None else np.asarray(params[k])
@@ -103,6 +133,7 @@ class SpinverseFit(ReconstFit):
         self.mask = np.ones(shape, bool) if mask is None else np.asarray(mask, bool)
         self.history = history
         self.fingerprint = fingerprint
+        self.saved_device = saved_device
 
     # -- per-voxel parameters ------------------------------------------------------
     @property
@@ -117,8 +148,13 @@ class SpinverseFit(ReconstFit):
 
     @property
     def ok(self):
-        """Voxels fitted without problems."""
+        """Voxels fitted without problems (status ``OK``)."""
         return np.asarray(self.params["status"]) == OK
+
+    @property
+    def fitted(self):
+        """Voxels with outputs: status ``OK`` or ``POOR_FIT`` (:data:`FITTED`)."""
+        return np.isin(np.asarray(self.params["status"]), FITTED)
 
     @property
     def n_pending(self):
@@ -183,9 +219,9 @@ class SpinverseFit(ReconstFit):
         out = np.full(self.shape + (2,), np.nan)
         grid = self.model.grid
         barrier = self.barrier
-        ok = self.ok
+        fitted = self.fitted
         for index in np.ndindex(self.shape):
-            if not ok[index]:
+            if not fitted[index]:
                 continue
             region, outside = barrier_regions(grid, barrier[index])
             enclosed = region != outside
@@ -210,19 +246,19 @@ class SpinverseFit(ReconstFit):
     def interface_mesh(self):
         """The barrier faces as an :class:`InterfaceMesh` (um), wall-capped.
 
-        One voxel: its mesh, or None unless the status is 0. A volume: an
-        object array of the voxels' meshes.
+        One voxel: its mesh, or None unless it has outputs (:attr:`fitted`).
+        A volume: an object array of the voxels' meshes.
         """
         if self.shape == ():
             return self._mesh
         meshes = np.empty(self.shape, dtype=object)
-        for index in zip(*np.nonzero(self.ok), strict=True):
+        for index in zip(*np.nonzero(self.fitted), strict=True):
             meshes[index] = self[index].interface_mesh
         return meshes
 
     @cached_property
     def _mesh(self):
-        if not self.ok:
+        if not self.fitted:
             return None
         labels = self.labels
         if labels is not None and np.any(labels < 0):
@@ -257,7 +293,7 @@ class SpinverseFit(ReconstFit):
             return os.fspath(path)
         os.makedirs(path, exist_ok=True)
         paths = {}
-        for index in zip(*np.nonzero(self.ok), strict=True):
+        for index in zip(*np.nonzero(self.fitted), strict=True):
             index = tuple(int(i) for i in index)
             name = "voxel_" + "_".join(map(str, index)) + ext
             paths[index] = self[index].save_interface(
@@ -284,13 +320,14 @@ class SpinverseFit(ReconstFit):
         Returns
         -------
         ndarray (..., n_volumes)
-            0 outside the mask, NaN where the status is not 0.
+            0 outside the mask, NaN where the voxel has no outputs (status
+            other than ``OK`` or ``POOR_FIT``).
         """
         model = self.model
         protocol = model.protocol if gtab is None else model.protocol_for(gtab)
         out = np.zeros(self.shape + (len(protocol),))
-        out[self.mask & ~self.ok] = np.nan
-        ok = self.ok
+        ok = self.fitted
+        out[self.mask & ~ok] = np.nan
         if not ok.any():
             return out
         if gtab is None:
@@ -327,8 +364,8 @@ class SpinverseFit(ReconstFit):
         return SpinverseFit(self.model, params, self.mask.reshape(-1)[ids])
 
     def _map(self, values):
-        """``values`` where ok, NaN elsewhere in the mask, 0 outside it."""
-        out = np.where(self.ok, values, np.nan)
+        """``values`` where fitted, NaN elsewhere in the mask, 0 outside it."""
+        out = np.where(self.fitted, values, np.nan)
         out = np.where(self.mask, out, 0.0)
         return _scalar(out)
 

@@ -18,14 +18,21 @@ from dipy.core.gradients import GradientTable, gradient_table
 from dipy.reconst.base import ReconstModel
 from dipy.reconst.multi_voxel import multi_voxel_fit
 
-from ..checks import check_choice, check_device, check_dtype, check_int, check_positive
+from ..checks import (
+    check_choice,
+    check_device,
+    check_diffusivity,
+    check_dtype,
+    check_int,
+    check_positive,
+)
 from ..forward import simulate
 from ..grid import BOUNDARIES, TetGrid
 from ..inverse import resolve_config
-from ..sequences import PGSE, Protocol
+from ..sequences import PGSE, Protocol, check_bvals
 from ..signals import normalise_b0
 from . import runner
-from .fit import SpinverseFit
+from .fit import MASKED, SpinverseFit
 
 __all__ = ["SpinverseModel", "DEFAULT_GRID"]
 
@@ -56,7 +63,9 @@ class SpinverseModel(ReconstModel):
     wall_permeability : float, optional
         Wall permeability in m/s for ``boundary="absorbing"`` (default 0.1).
     diffusivity : float
-        Intrinsic diffusivity in mm^2/s.
+        Intrinsic diffusivity in mm^2/s, within
+        :data:`~dipy_spinverse.checks.DIFFUSIVITY_RANGE` (1e-5 to 0.1; a
+        value outside is refused as another unit: 2e-9 m^2/s = 2e-3 mm^2/s).
     preset : str or InversionConfig
         Inversion configuration, a key of
         :data:`dipy_spinverse.inverse.PRESETS` or a configuration.
@@ -83,8 +92,11 @@ class SpinverseModel(ReconstModel):
     Raises
     ------
     ValueError
-        Missing gradient timing, no b = 0 volume, unknown options, options
-        the configuration ignores, or out-of-range values.
+        Missing gradient timing, negative b-values, no b = 0 or no
+        diffusion-weighted volume, b-values in another unit than s/mm^2
+        (:func:`~dipy_spinverse.sequences.check_bvals`), unknown options,
+        options the configuration ignores, or out-of-range values (a device
+        torch cannot use, a diffusivity in another unit than mm^2/s).
 
     Notes
     -----
@@ -131,7 +143,7 @@ class SpinverseModel(ReconstModel):
         self.grid = _make_grid(
             grid, grid_size, grid_resolution, boundary, wall_permeability
         )
-        self.diffusivity = check_positive(diffusivity, "diffusivity", "mm^2/s", 2e-3)
+        self.diffusivity = check_diffusivity(diffusivity)
         self.preset = preset
         self.max_iter = None if max_iter is None else check_int(max_iter, "max_iter", 1)
         self.batch_size = check_int(batch_size, "batch_size", 1)
@@ -182,7 +194,8 @@ class SpinverseModel(ReconstModel):
         data : array_like (..., n_volumes)
             One voxel (1-D) or a volume, raw signal in the order of ``gtab``.
         mask : array_like of bool (data.shape[:-1]), optional
-            Voxels to fit (default: all).
+            Voxels to fit (default: all). For one voxel a single bool:
+            ``False`` returns an unfitted fit with status ``MASKED``.
         engine : {"serial", "joblib", "dask", "ray"}
             ``"serial"`` fits ``batch_size`` voxels at a time through the
             batched simulator on ``device``; the others spread chunks of
@@ -212,6 +225,10 @@ class SpinverseModel(ReconstModel):
         """
         data = self._check_data(data)
         if data.ndim == 1:
+            if mask is not None and not runner.check_mask(mask, ()):
+                params = runner.empty_params(self, ())
+                params["status"][...] = MASKED
+                return SpinverseFit(self, params, False)
             params, history = runner.fit_voxels(self, data[None])
             params = {k: None if v is None else v[0] for k, v in params.items()}
             return SpinverseFit(self, params, history=history)
@@ -351,7 +368,9 @@ def gradient_tables(gtab):
 
     The one gatekeeper of gradient tables: DIPY has checked the b-vectors
     against the table's own tolerance when it built the table, and
-    :meth:`Protocol.from_gtab` checks the timing.
+    :meth:`Protocol.from_gtab` checks the timing and the b-values
+    (:func:`~dipy_spinverse.sequences.check_bvals`; a protocol's b-values
+    are checked by the same function).
     """
     if isinstance(gtab, Protocol):
         timing = {}
@@ -360,6 +379,7 @@ def gradient_tables(gtab):
                 big_delta=np.array([w.big_delta for w in gtab.waveforms]),
                 small_delta=np.array([w.small_delta for w in gtab.waveforms]),
             )
+        check_bvals(gtab.bvals)
         table = gradient_table(gtab.bvals, bvecs=gtab.bvecs, b0_threshold=0, **timing)
         return table, gtab
     if not isinstance(gtab, GradientTable):

@@ -5,8 +5,11 @@ Voxels are fitted ``batch_size`` at a time through the batched inversion
 :func:`~dipy.reconst.multi_voxel.multi_voxel_fit` (``"joblib"``, ``"dask"``,
 ``"ray"``). A voxel's problem never stops the volume: it gets a status code
 (:data:`~dipy_spinverse.reconst.fit.STATUS_CODES`) and NaN outputs; when the
-inversion raises on a batch, its voxels are retried one by one. After every
-chunk an optional ``checkpoint(partial_fit)`` hook sees the fit so far.
+inversion raises on a batch, its voxels are retried one by one. With a known
+noise level (``sigma > 0``) a fit whose residual is far above the noise keeps
+its outputs with the warning status ``POOR_FIT`` (:func:`poor_fit_bound`).
+After every chunk an optional ``checkpoint(partial_fit)`` hook sees the fit
+so far.
 """
 
 import hashlib
@@ -17,6 +20,7 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.stats import chi2
 from tqdm import tqdm
 
 from ..checks import check_int
@@ -26,17 +30,59 @@ from .fit import (
     BAD_B0,
     DIVERGED,
     FAILED,
+    FITTED,
     MASKED,
     NONFINITE,
     OK,
     PENDING,
+    POOR_FIT,
     SpinverseFit,
 )
 
-__all__ = ["PARALLEL_ENGINES", "fit_voxels", "fit_volume", "fingerprint"]
+__all__ = [
+    "PARALLEL_ENGINES",
+    "POOR_FIT_FALSE_ALARM",
+    "fit_voxels",
+    "fit_volume",
+    "fingerprint",
+    "poor_fit_bound",
+]
 
 #: Ways to spread a volume fit: one device, or DIPY's parallel engines.
 PARALLEL_ENGINES = ("serial", "joblib", "dask", "ray")
+
+#: False-alarm rate of the ``POOR_FIT`` status. Where the model explains a
+#: voxel, its n b0-normalised acquisitions differ from the fit by noise of
+#: standard deviation sigma, so n * mse / sigma^2 (mse: the mean squared
+#: misfit, ``loss / loss_scale``) follows a chi-square distribution with at
+#: most n degrees of freedom (fewer, as the fit absorbs part of the noise;
+#: the Rician magnitude varies less than sigma): the chi-square(n) quantile
+#: at this rate flags one voxel in a million that the model does explain.
+#: A fit above it is not noise around a signal the model can produce.
+POOR_FIT_FALSE_ALARM = 1e-6
+
+
+def poor_fit_bound(n_acquisitions, sigma):
+    """Largest mean squared misfit of a fit consistent with the noise.
+
+    ``sigma^2 * chi2.isf(POOR_FIT_FALSE_ALARM, n) / n``, see
+    :data:`POOR_FIT_FALSE_ALARM`; ``inf`` when ``sigma`` is 0 (unknown).
+
+    Parameters
+    ----------
+    n_acquisitions : int
+        Acquisitions in the misfit (n).
+    sigma : float
+        Noise relative to the b = 0 signal (1/SNR).
+
+    Returns
+    -------
+    float
+    """
+    if not sigma > 0:
+        return math.inf
+    n = check_int(n_acquisitions, "n_acquisitions", 1)
+    return float(sigma**2 * chi2.isf(POOR_FIT_FALSE_ALARM, n) / n)
 
 
 def fit_voxels(model, data, *, callback=None):
@@ -69,7 +115,7 @@ def fit_voxels(model, data, *, callback=None):
         for key, value in part.items():
             if value is not None:
                 result[key][valid] = value
-        ok = valid[part["status"] == OK]
+        ok = valid[np.isin(part["status"], FITTED)]
         result["S0"][ok] = s0[ok]
         result["S0_sequences"][ok] = s0_seq[ok]
     return result, history
@@ -120,8 +166,10 @@ def _reconstruct(model, normalised, callback=None):
         & np.isfinite(predicted).all(-1)
         & np.isfinite(loss)
     )
+    bound = poor_fit_bound(normalised.shape[-1], config.sigma)
+    poor = good & (loss / config.loss_scale > bound)
     part = empty_params(model, n)
-    part["status"][:] = np.where(good, OK, DIVERGED)
+    part["status"][:] = np.where(good, np.where(poor, POOR_FIT, OK), DIVERGED)
     part["permeability"][good] = permeability[good]
     part["predicted"][good] = predicted[good]
     part["loss"][good] = loss[good]
@@ -258,9 +306,10 @@ def check_mask(mask, shape):
         return np.ones(shape, dtype=bool)
     mask = np.asarray(mask)
     if mask.shape != shape:
+        one = " (for one voxel, 1-D data, a single bool)" if shape == () else ""
         raise ValueError(
             f"mask has shape {mask.shape} but data has {shape} voxels; pass a mask "
-            "of shape data.shape[:-1]."
+            f"of shape data.shape[:-1]{one}."
         )
     return mask.astype(bool)
 
