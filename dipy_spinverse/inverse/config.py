@@ -86,7 +86,7 @@ class InversionConfig:
         m/s), ``init_log_kappa``, ``init_noise`` and its ``init_seed``,
         ``threshold`` (m/s; faces below it are membranes), Adam's ``lr``
         with a linear ``warmup`` and cosine decay to ``lr_final`` restarted
-        per stage, per-voxel gradient-norm ``clip``, the curriculum
+        per stage, per-voxel gradient-norm ``clip`` (0: none), the curriculum
         ``stages`` (optionally ``blend``-ed, with ``sequence_weights``;
         ``adapt_stages``: see :meth:`for_protocol`), and
         the priors ``continuity`` (Huber width ``continuity_delta``),
@@ -161,8 +161,12 @@ class InversionConfig:
             set_(self, name, check_number(getattr(self, name), name, minimum=0))
         for name in ("continuity", "continuity_delta", "manifold", "binarise", "area"):
             set_(self, name, check_number(getattr(self, name), name, minimum=0))
-        if self.lr <= 0 or self.loss_scale <= 0:
-            raise ValueError("lr and loss_scale must be > 0.")
+        for name in ("lr", "loss_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(
+                    f"{name} must be > 0, got {getattr(self, name)!r} (the "
+                    f"paper preset uses {getattr(InversionConfig, name)!r})."
+                )
         set_(self, "init_seed", check_int(self.init_seed, "init_seed", 0))
         set_(self, "warmup", check_int(self.warmup, "warmup", 0))
         threshold = check_number(self.threshold, "threshold", hint=" (m/s)")
@@ -183,13 +187,16 @@ class InversionConfig:
                 hint=" (noise relative to the b = 0 signal, 1/SNR; 0 if unknown)",
             ),
         )
-        if not self.stages:
-            raise ValueError("stages must list at least one stage.")
-        set_(self, "stages", tuple(Stage.coerce(s) for s in self.stages))
+        set_(self, "stages", _stages(self.stages))
         if self.sequence_weights is not None:
+            if np.ndim(self.sequence_weights) != 1:
+                raise ValueError(
+                    "sequence_weights must be one weight per sequence (a flat "
+                    f"sequence, rank order), got {self.sequence_weights!r}."
+                )
             weights = tuple(
                 check_number(w, "sequence_weights", minimum=0)
-                for w in np.ravel(self.sequence_weights)
+                for w in self.sequence_weights
             )
             set_(self, "sequence_weights", weights)
         set_(self, "search_steps", check_int(self.search_steps, "search_steps", 0))
@@ -266,6 +273,15 @@ class InversionConfig:
                     f"ranks < {n_sequences}, stages=[dict(iterations=..., "
                     "sequences='all')], or acquire more diffusion times."
                 )
+        weights = self.sequence_weights
+        if weights is not None and len(weights) == n_sequences:
+            for s, stage in enumerate(self.stages):
+                if not any(weights[r] > 0 for r in stage.ranks(n_sequences)):
+                    raise ValueError(
+                        f"curriculum stage {s} fits only sequences whose "
+                        "sequence_weights are 0, so it has no data term; give "
+                        "them a weight > 0."
+                    )
         if self.sequence_weights is not None and len(self.sequence_weights) != (
             n_sequences
         ):
@@ -280,6 +296,18 @@ class InversionConfig:
         out = {f.name: getattr(self, f.name) for f in _fields()}
         out["stages"] = tuple(dataclasses.asdict(s) for s in self.stages)
         return out
+
+
+def _stages(stages):
+    """A non-empty tuple of :class:`Stage` from Stages or dicts."""
+    if isinstance(stages, Stage | dict) or not isinstance(stages, tuple | list):
+        raise ValueError(
+            "stages must be a list of stages, e.g. [dict(iterations=200, "
+            f"sequences=(0,)), dict(iterations=200, sequences=(1,))], got {stages!r}."
+        )
+    if not stages:
+        raise ValueError("stages must list at least one stage.")
+    return tuple(Stage.coerce(s) for s in stages)
 
 
 def _pair(value):
@@ -411,7 +439,7 @@ def resolve_config(preset="default", *, max_iter=None, **options):
 
 
 def _scale_iterations(base, options, max_iter):
-    stages = [Stage.coerce(s) for s in options.get("stages", base.stages)]
+    stages = list(_stages(options.get("stages", base.stages)))
     if max_iter < len(stages):
         raise ValueError(
             f"max_iter={max_iter} is fewer than the {len(stages)} curriculum stages; "
