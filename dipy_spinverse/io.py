@@ -345,18 +345,7 @@ def _check_arrays(path, model, shape, params):
             )
 
 
-def resume_fit(
-    path,
-    data,
-    *,
-    mask=None,
-    engine="serial",
-    n_jobs=None,
-    verbose=False,
-    vox_per_chunk=None,
-    device=None,
-    checkpoint=True,
-):
+def resume_fit(path, data, *, mask=None, device=None, checkpoint=True, **fit_options):
     """Continue a partly finished volume fit saved at ``path``.
 
     Parameters
@@ -368,14 +357,15 @@ def resume_fit(
         The same data the fit was started on.
     mask : array_like of bool, optional
         Must equal the saved mask when given.
-    engine, n_jobs, verbose, vox_per_chunk
-        As in :meth:`SpinverseModel.fit`.
     device : str, optional
         Run on another device than the saved one (e.g. ``"cuda"``, or
         ``"cpu"`` to continue a fit saved on ``cuda`` on a machine without
         CUDA). Default: the saved device.
     checkpoint : bool
         Keep saving progress to ``path``.
+    **fit_options
+        ``engine``, ``n_jobs``, ``verbose``, ``vox_per_chunk``: as in
+        :meth:`SpinverseModel.fit`.
 
     Returns
     -------
@@ -411,12 +401,9 @@ def resume_fit(
     return state.model.fit(
         data,
         mask=mask,
-        engine=engine,
-        n_jobs=n_jobs,
-        verbose=verbose,
-        vox_per_chunk=vox_per_chunk,
         checkpoint=Checkpoint(path) if checkpoint else None,
         resume=state,
+        **fit_options,
     )
 
 
