@@ -88,3 +88,25 @@ def volume(signal):
 def volume_fit(model, volume):
     data, mask = volume
     return model.fit(data, mask=mask)
+
+
+# -- operators and solvers (tests/test_operators.py, tests/test_solvers.py) ---
+def jittered_grid(boundary="reflecting", jitter=0.04):
+    """A 2 x 2 x 2-cube BCC grid with its vertices jittered by up to
+    ``jitter`` lattice spacings: still well centred, but every cell has its
+    own volume and distances (on the exact BCC lattice all tets are
+    congruent, which would hide any mistake in the volume weighting)."""
+    bcc = TetGrid.bcc(8.0, 2, boundary=boundary, wall_permeability=0.05)
+    if jitter == 0:
+        return bcc
+    rng = np.random.default_rng(42)
+    delta = jitter * bcc.spacing * rng.uniform(-1, 1, bcc.vertices.shape)
+    return TetGrid(
+        vertices=bcc.vertices + delta,
+        tets=bcc.tets,
+        size=bcc.size,
+        boundary=bcc.boundary,
+        wall_permeability=bcc.wall_permeability,
+        spacing=bcc.spacing,
+        tet_coords=bcc.tet_coords + delta[bcc.tets],
+    )

@@ -13,9 +13,9 @@ geometry in numpy. Each tolerance is stated and justified where it is used;
 import numpy as np
 import pytest
 import torch
+from conftest import jittered_grid  # noqa: E402
 from numpy.testing import assert_allclose, assert_array_equal
 
-from dipy_spinverse.grid import TetGrid
 from dipy_spinverse.operators import (
     DiffusionOperator,
     diffusion_operator,
@@ -29,25 +29,6 @@ BOUNDARIES = ["reflecting", "periodic", "absorbing"]
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-def _grid(boundary="reflecting", jitter=0.04):
-    """A 2 x 2 x 2-cube BCC grid with its vertices jittered by up to
-    ``jitter`` lattice spacings: still well centred, but every cell has its
-    own volume and distances (on the exact BCC lattice all tets are
-    congruent, which would hide any mistake in the volume weighting)."""
-    bcc = TetGrid.bcc(8.0, 2, boundary=boundary, wall_permeability=0.05)
-    if jitter == 0:
-        return bcc
-    rng = np.random.default_rng(42)
-    delta = jitter * bcc.spacing * rng.uniform(-1, 1, bcc.vertices.shape)
-    return TetGrid(
-        vertices=bcc.vertices + delta,
-        tets=bcc.tets,
-        size=bcc.size,
-        boundary=bcc.boundary,
-        wall_permeability=bcc.wall_permeability,
-        spacing=bcc.spacing,
-        tet_coords=bcc.tet_coords + delta[bcc.tets],
-    )
 
 
 def _kappa(grid, batch=1, seed=0):
@@ -94,7 +75,7 @@ def test_face_conductance_is_the_series_resistance():
     exactly 0. rtol 1e-13: the two sides differ only by the order of a handful
     of floating-point operations.
     """
-    grid = _grid()
+    grid = jittered_grid()
     kappa, diff = _kappa(grid, batch=2), _diffusivity(grid, batch=2)
     w = face_conductance(grid, kappa, diff).numpy()
     assert w.shape == (2, grid.n_faces)
@@ -122,7 +103,7 @@ def test_conductance_limits_in_kappa():
     kappa * A to first order (rtol 1e-6 at kappa = 1e-12: the next term is
     kappa R ~ 1e-9 relative).
     """
-    grid = _grid()
+    grid = jittered_grid()
     diff = torch.full((1, grid.n_cells), D_WATER, dtype=torch.float64)
 
     def w(value):
@@ -149,7 +130,7 @@ def test_conductance_gradients_finite_at_zero_and_inf():
     (rtol 1e-14: a single multiply); the second is the documented reason for
     the placeholder branch: a NaN there would poison every gradient.
     """
-    grid = _grid()
+    grid = jittered_grid()
     kappa = torch.zeros(1, grid.n_faces, dtype=torch.float64)
     kappa[0, ::2] = np.inf
     kappa.requires_grad_(True)
@@ -174,7 +155,7 @@ def test_conductance_gradients_finite_at_zero_and_inf():
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("boundary", BOUNDARIES)
 def test_operator_layout(boundary):
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     op = _operator(grid, _kappa(grid, batch=2), _diffusivity(grid, batch=2))
     assert isinstance(op, DiffusionOperator)
     n = grid.n_cells
@@ -197,7 +178,7 @@ def test_operator_entries_from_geometry(boundary):
     Checked on the dense matrix against face_conductance: rtol 1e-13 (a few
     roundings in the product and the square roots).
     """
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     kappa, diff = _kappa(grid), _diffusivity(grid)
     dense = _dense(_operator(grid, kappa, diff))[0]
     w = face_conductance(grid, kappa, diff)[0].numpy()
@@ -216,7 +197,7 @@ def test_operator_is_symmetric(boundary):
     """The symmetrised operator is symmetric: both slots of a face hold the
     same w_f / sqrt(V_a V_b). atol 1e-17 absolute is ~20 ulps of the entries
     (~2e-3 /us): room for the two slots to round differently, nothing more."""
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     dense = _dense(_operator(grid, _kappa(grid, batch=2)))
     assert_allclose(dense, dense.transpose(0, 2, 1), rtol=0, atol=1e-17)
 
@@ -228,7 +209,7 @@ def test_constant_field_is_in_the_kernel(boundary):
 
     atol 1e-16 against entries up to ~1e-2 /us: row sums cancel to rounding.
     """
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     op = _operator(grid, _kappa(grid, batch=2), _diffusivity(grid, batch=2))
     dense = _dense(op)
     s = op.sqrt_volumes.numpy()
@@ -245,7 +226,7 @@ def test_operator_is_positive_semidefinite(boundary):
     one (all faces permeable). Absorbing: strictly positive (the wall drains
     every mode), smallest eigenvalue well above rounding.
     """
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     kappa = torch.tensor(
         10 ** np.random.default_rng(2).uniform(-4, -1, (1, grid.n_faces))
     )
@@ -267,7 +248,7 @@ def test_spectral_bounds_enclose_the_spectrum(boundary):
     walls lo = 0 = the smallest eigenvalue, which eigvalsh and the row sums
     both only reach to rounding (~1e-17 here).
     """
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     op = _operator(grid, _kappa(grid, batch=2), _diffusivity(grid, batch=2))
     lo, hi = op.spectral_bounds()
     assert lo.shape == hi.shape == (2,)
@@ -286,7 +267,7 @@ def test_spectral_bounds_enclose_the_spectrum(boundary):
 
 def test_relaxation_only_shifts_the_diagonal():
     """relaxation r adds diag(r): weights identical, diag + r (rtol 1e-15)."""
-    grid = _grid()
+    grid = jittered_grid()
     rate = torch.tensor(np.random.default_rng(3).uniform(0, 1e-4, (1, grid.n_cells)))
     plain = _operator(grid)
     relaxed = _operator(grid, relaxation=rate)
@@ -297,7 +278,7 @@ def test_relaxation_only_shifts_the_diagonal():
 def test_open_operator_is_linear_in_diffusivity():
     """Without membranes every entry is proportional to D (rtol 1e-14); with
     finite membranes it is not (the 1/kappa resistance does not scale)."""
-    grid = _grid("periodic")
+    grid = jittered_grid("periodic")
     open_ = torch.full((1, grid.n_faces), np.inf, dtype=torch.float64)
     d1 = torch.full((1, grid.n_cells), D_WATER, dtype=torch.float64)
     a1 = _dense(_operator(grid, open_, d1))
@@ -318,7 +299,7 @@ def test_large_kappa_tends_to_the_membrane_free_operator():
     At kappa = 1e6 um/us the relative gap is 1/(kappa R) ~ 1e-9 (R ~ 1e3
     us/um); halving the gap per doubled kappa is checked to 1 %.
     """
-    grid = _grid()
+    grid = jittered_grid()
     diff = _diffusivity(grid)
 
     def dense(value):
@@ -339,7 +320,7 @@ def test_zero_kappa_decouples_the_two_sides():
     separately in the kernel (its magnetisation is conserved on its own).
     Exact zeros for the coupling; 1e-16 (rounding) for the kernel.
     """
-    grid = _grid()
+    grid = jittered_grid()
     inside = grid.cell_circumcentres[:, 0] < 4.0
     assert 0 < inside.sum() < grid.n_cells
     interface = grid.interface_faces(inside)
@@ -366,7 +347,7 @@ def test_zero_kappa_decouples_the_two_sides():
 
 def test_all_closed_reflecting_operator_is_zero():
     """kappa = 0 everywhere with a reflecting wall: no transport at all."""
-    grid = _grid()
+    grid = jittered_grid()
     kappa = torch.zeros(1, grid.n_faces, dtype=torch.float64)
     assert np.all(_dense(_operator(grid, kappa)) == 0.0)
 
@@ -381,8 +362,8 @@ def test_absorbing_wall_only_drains():
     recomputed in numpy (rtol 1e-13). Then d/dt sum V M = -<sqrt(V), A u>
     = -sum_i sink_i M_i <= 0 for any non-negative magnetisation.
     """
-    walled = _grid("reflecting")
-    absorbing = _grid("absorbing")
+    walled = jittered_grid("reflecting")
+    absorbing = jittered_grid("absorbing")
     kappa, diff = _kappa(walled), _diffusivity(walled)
     a_ref = _dense(_operator(walled, kappa, diff))[0]
     op = _operator(absorbing, kappa, diff)
@@ -413,7 +394,7 @@ def test_displacements_join_circumcentres(boundary):
     """displacement[i, k] = x_nbr - x_i (minimum image on a periodic cell),
     antisymmetric between the two slots of a face; positions have zero mean.
     atol 1e-13 um: coordinates ~10 um, a few roundings."""
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     op = _operator(grid)
     disp = op.displacement.numpy()
     nbr = op.neighbours.numpy()
@@ -449,7 +430,7 @@ def test_phase_frame_generator_gives_the_free_diffusivity():
     (|d| <= 2 um): rtol 1e-6, in three directions. The quotient must also be
     real (G Hermitian): imaginary part below 1e-20 absolute (~1e-11 of it).
     """
-    grid = _grid("periodic")
+    grid = jittered_grid("periodic")
     kappa = torch.full((1, grid.n_faces), np.inf, dtype=torch.float64)
     diff = torch.full((1, grid.n_cells), D_WATER, dtype=torch.float64)
     op = _operator(grid, kappa, diff)
@@ -483,7 +464,7 @@ def test_operator_gradcheck():
     (one directional difference, one backward pass): a wrong entry of the
     Jacobian passes only on a measure-zero set of (u, v).
     """
-    grid = _grid("absorbing")
+    grid = jittered_grid("absorbing")
     rng = np.random.default_rng(5)
     kappa = 10 ** rng.uniform(-4, -1, (1, grid.n_faces))
     kappa[:, ::9] = 0.0

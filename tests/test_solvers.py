@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import jittered_grid  # noqa: E402
 from numpy.testing import assert_allclose
 from scipy.integrate import solve_ivp
 from scipy.linalg import expm
@@ -37,25 +38,6 @@ TOL = 1e-11
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-def _grid(boundary="reflecting", jitter=0.04):
-    """A 2 x 2 x 2-cube BCC grid with its vertices jittered by up to
-    ``jitter`` lattice spacings: still well centred, but every cell has its
-    own volume and distances (on the exact BCC lattice all tets are
-    congruent, which would hide any mistake in the volume weighting)."""
-    bcc = TetGrid.bcc(8.0, 2, boundary=boundary, wall_permeability=0.05)
-    if jitter == 0:
-        return bcc
-    rng = np.random.default_rng(42)
-    delta = jitter * bcc.spacing * rng.uniform(-1, 1, bcc.vertices.shape)
-    return TetGrid(
-        vertices=bcc.vertices + delta,
-        tets=bcc.tets,
-        size=bcc.size,
-        boundary=bcc.boundary,
-        wall_permeability=bcc.wall_permeability,
-        spacing=bcc.spacing,
-        tet_coords=bcc.tet_coords + delta[bcc.tets],
-    )
 
 
 def _frame(grid):
@@ -260,7 +242,7 @@ def test_propagate_matches_scipy_expm(engine, boundary):
     rounding over a few steps, 1e-12 relative. Chebyshev: truncation bounded
     by TOL = 1e-11 per step and per unit |u|, over <= 30 steps: 1e-9.
     """
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     frame = _frame(grid)
     op = _operator(grid, batch=2)
     rates = _rates(n=2)
@@ -286,7 +268,7 @@ def test_engines_agree_and_batch_equals_loop(boundary):
     the degree and sub-steps follow the worst batch element, so a field alone
     may get a shorter expansion; both stay within TOL per step of the exact
     value, hence 2 n_steps TOL relative."""
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     frame = _frame(grid)
     op = _operator(grid, batch=2, seed=3)
     rates = _rates(n=2, seed=1)
@@ -322,7 +304,7 @@ def test_chebyshev_honours_its_tolerance(tol):
     at most tol |u| (2-norm; the lab-frame propagators are contractions, so
     errors do not grow), hence |u_cheb - u_exact| <= n_steps tol |u0|.
     The exact value is the dense engine (rounding ~1e-13, far below tol)."""
-    grid = _grid("reflecting")
+    grid = jittered_grid("reflecting")
     op = _operator(grid, seed=4)
     rates = _rates(seed=2, scale=3 * RATE)
     steps = _plan(grid, op, rates)
@@ -347,7 +329,7 @@ def test_zero_gradient_keeps_uniform_magnetisation(engine, boundary):
     polynomial is not exact at eigenvalue 0 either: its truncation error,
     TOL per step, applies to this state too (3 steps: 3e-11).
     """
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     frame = _frame(grid)
     op = _operator(grid, batch=2)
     rates = _rates(n=2)
@@ -369,7 +351,7 @@ def test_total_magnetisation_is_conserved_and_equilibrates(engine):
     field carrying that total: 1e-10 relative (TOL over the few sub-steps
     of the long step; dense rounding is far below).
     """
-    grid = _grid("reflecting")
+    grid = jittered_grid("reflecting")
     op = _operator(grid, open_faces=True)
     rates = _rates(n=1)
     s = op.sqrt_volumes.numpy()
@@ -393,7 +375,7 @@ def test_absorbing_wall_only_loses_magnetisation(engine):
     non-negative (exp(-t A) of an M-matrix; -1e-14 for rounding) and its
     total strictly decreases step after step, at the initial rate
     <sqrt V, A sqrt V> = total wall conductance."""
-    grid = _grid("absorbing")
+    grid = jittered_grid("absorbing")
     op = _operator(grid)
     rates = _rates(n=1)
     s = op.sqrt_volumes.numpy()
@@ -423,7 +405,7 @@ def test_gradient_only_dissipates(engine):
     |u(t)|_2 never grows, and it strictly falls once the gradient dephases
     a uniform field (which no longer lies in the kernel). 1e-12 slack for
     rounding in the monotonicity check."""
-    grid = _grid("reflecting")
+    grid = jittered_grid("reflecting")
     op = _operator(grid)
     rates = _rates()
     steps = _plan(grid, op, rates)
@@ -449,7 +431,7 @@ def test_shifting_the_origin_is_a_global_phase(engine):
     this phase. The waveform integral is nonzero on purpose (f = 1, 0, -0.5).
     1e-12 (dense) / 1e-9 (Chebyshev) relative as above.
     """
-    grid = _grid("reflecting")
+    grid = jittered_grid("reflecting")
     op = _operator(grid)
     rates = _rates()
     durations = np.array([800.0, 500.0, 600.0])
@@ -474,7 +456,7 @@ def test_lab_propagator_is_complex_symmetric(engine):
     complex symmetric (not Hermitian), a^T U b = b^T U a, while the
     Hermitian identity a^H U b = conj(b^H U a) fails (gradient on).
     1e-12 / 1e-9 relative to |a| |b|."""
-    grid = _grid("reflecting")
+    grid = jittered_grid("reflecting")
     op = _operator(grid)
     rates = _rates(n=1)
     step = Step(1500.0, amplitude=1.0)
@@ -494,7 +476,7 @@ def test_phase_propagator_is_hermitian(engine):
     """Periodic cell, phase frame at fixed k != 0: G(k) = diag - W exp(-ik.d)
     is Hermitian (d antisymmetric across a face), so exp(-t G) is Hermitian:
     a^H U b = conj(b^H U a), while a^T U b != b^T U a. Tolerances as above."""
-    grid = _grid("periodic")
+    grid = jittered_grid("periodic")
     op = _operator(grid)
     rates = _rates(n=1)
     step = Step(1500.0, phase_weights=(1.0,), phase_F=(2000.0,))
@@ -514,7 +496,7 @@ def test_lab_plan_is_exact_under_step_splitting(engine):
     """The lab-frame generator is constant on a piece, so splitting a step
     (exp(-tG) = exp(-tG/3) exp(-2tG/3)) changes nothing: no time-stepping
     error to converge. 1e-12 / 1e-9 relative as above."""
-    grid = _grid("absorbing")
+    grid = jittered_grid("absorbing")
     op = _operator(grid)
     rates = _rates()
     u0 = _state(op, len(rates))
@@ -545,7 +527,7 @@ def test_magnus_scheme_converges_at_fourth_order():
     observed order accepted in [3.5, 4.5] (measured 3.87, 3.96; a
     2nd-order scheme, e.g. the two exponentials swapped, gives ~2).
     """
-    grid = _grid("periodic")
+    grid = jittered_grid("periodic")
     op = _operator(grid, seed=8)
     rates = _rates(n=1, scale=2 * RATE)
     rate = rates[0].numpy()
@@ -616,7 +598,7 @@ def test_propagate_gradcheck(engine, boundary):
     v^T J u for random u, v (one directional difference, one backward pass):
     a wrong Jacobian passes only on a measure-zero set of (u, v).
     """
-    grid = _grid(boundary)
+    grid = jittered_grid(boundary)
     frame = _frame(grid)
     rng = np.random.default_rng(9)
     kappa0 = torch.tensor(10 ** rng.uniform(-4, -2, (1, grid.n_faces)))
@@ -660,7 +642,7 @@ def test_chebyshev_on_cuda_matches_cpu():
     ~1e-12 per step; and a bound computed a hair differently may change the
     degree, which moves the result by up to TOL per step (3e-11 here).
     """
-    grid = _grid("reflecting")
+    grid = jittered_grid("reflecting")
     op = _operator(grid, batch=2)
     rates = _rates()
     steps = _plan(grid, op, rates)
