@@ -223,6 +223,9 @@ def _engine(method, grid):
 
 
 def _permeability(grid, permeability, dtype, device):
+    if isinstance(permeability, np.ndarray) and not permeability.flags.writeable:
+        # Phantoms' read-only arrays: torch cannot wrap them without a copy.
+        permeability = permeability.copy()
     kappa = torch.as_tensor(permeability, dtype=dtype, device=device)
     if kappa.ndim == 0 or kappa.shape[-1] != grid.n_faces:
         raise ValueError(

@@ -473,7 +473,7 @@ def test_protocol_bvals_in_the_wrong_unit_fail_when_the_model_is_built():
         (dict(device="xpu"), "device='xpu' is not supported; use device='cpu'"),
         # The optimiser: negative or non-numeric.
         (dict(lr=-0.1), "lr must be a finite number and >= 0, got -0.1"),
-        (dict(lr=0.0), "lr and loss_scale must be > 0"),
+        (dict(lr=0.0), "lr must be > 0, got 0"),
         (dict(lr="0.1"), "lr must be a finite number"),
         (dict(clip=-1.0), "clip must be a finite number and >= 0"),
         (dict(clip="1"), "clip must be a finite number"),
