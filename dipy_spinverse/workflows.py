@@ -9,8 +9,11 @@ As every DIPY workflow, the ``run`` docstring defines the command-line
 options; positional inputs may contain wildcards to process several datasets.
 """
 
+import importlib.metadata
 import os
+import sys
 
+import dipy
 import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.io.gradients import read_bvals_bvecs
@@ -189,6 +192,12 @@ class SpinverseFlow(Workflow):
         out_report : string, optional
             Name of the PNG report (needs matplotlib: without it the report is
             skipped with a warning).
+
+        References
+        ----------
+        .. [1] Khole, P. P., Brenes, et al. (2026). Spinverse: Differentiable
+           Physics for Permeability-Aware Microstructure Reconstruction from
+           Diffusion MRI.
         """
         if resume:
             self._force_overwrite = True
@@ -528,7 +537,15 @@ def _waveform_label(waveform):
 
 
 def main():
-    """Console-script entry point of ``dipy_fit_spinverse``."""
+    """Console-script entry point of ``dipy_fit_spinverse``.
+
+    ``--version`` prints this package's version (DIPY's parser alone would
+    print DIPY's).
+    """
+    if "--version" in sys.argv[1:]:
+        version = importlib.metadata.version("dipy_spinverse")
+        print(f"dipy_spinverse {version} (DIPY {dipy.__version__})")
+        return 0
     return run_flow(SpinverseFlow())
 
 

@@ -232,3 +232,13 @@ def test_one_diffusion_time_from_the_command_line_options(demo, tmp_path):
     fit = load_fit(flow.last_generated_outputs["out_state"])
     assert_array_equal(fit.status, OK)
     assert len(fit.model.sequences) == 1
+
+
+def test_version_and_citation(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["dipy_fit_spinverse", "--version"])
+    assert main() == 0
+    assert capsys.readouterr().out.startswith("dipy_spinverse 0.")
+    monkeypatch.setattr(sys, "argv", ["dipy_fit_spinverse", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "Spinverse: Differentiable" in capsys.readouterr().out
