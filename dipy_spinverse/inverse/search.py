@@ -37,7 +37,6 @@ from .shapes import run_steps, shape_search_steps
 __all__ = [
     "search_labels",
     "BatchScorer",
-    "label_scorer",
     "greedy_labels",
     "label_moves",
     "refine_kappa",
@@ -298,22 +297,6 @@ def _descend(grid, starts, config, min_gain, report):
         found.append((final.min(), current, membrane))
     _, labels, membrane = min(found, key=lambda item: item[0])
     return labels, membrane
-
-
-def label_scorer(grid, target, protocol, subset, config, sim):
-    """``score(labels (B, n_cells), membrane (B,)) -> data loss (B,)`` of one voxel.
-
-    The field of a labelling: ``membrane`` on the faces between different
-    labels, the upper bound elsewhere; scored on the acquisitions ``subset``
-    against ``target`` (n_acquisitions,). See :class:`BatchScorer`.
-    """
-    scorer = BatchScorer(grid, target[None], protocol, subset, config, sim)
-
-    def score(candidates, membrane):
-        membranes = np.broadcast_to(np.reshape(membrane, -1), (len(candidates),))
-        return scorer(np.zeros(len(candidates), dtype=int), candidates, membranes)
-
-    return score
 
 
 def refine_kappa(loss, start, bounds, *, span=REFINE_SPAN):
