@@ -5,8 +5,10 @@
 permeability) into an :class:`InterfaceMesh`: de-duplicated vertices,
 consistently oriented triangles, and the topological checks the inversion is
 judged by (closed, manifold, connected components). :func:`enclosed_cells`
-finds the cells a barrier encloses. Meshes are written to .ply and legacy
-.vtk and read back with :func:`load_mesh`.
+finds the cells a barrier encloses. Meshes are written by
+:func:`write_mesh` (atomically, never empty) to PLY, VTK XML PolyData
+(``.vtp``), GIFTI (``.gii``) or legacy ``.vtk``, with optional per-face data
+(PLY and ``.vtp``), and read back with :func:`load_mesh`.
 
 Topology is that of the grid: two triangles share a vertex or an edge when
 they share grid vertices, whatever their coordinates. On periodic grids each
@@ -21,8 +23,10 @@ of the surface in the periodic box. Grid edges are identified by their two
 vertex ids, which is unique on periodic grids of 3 or more cubes per side.
 """
 
+import base64
 import os
 import warnings
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -34,6 +38,8 @@ from scipy.sparse.csgraph import (
     shortest_path,
 )
 
+from .files import atomic_write
+
 __all__ = [
     "InterfaceMesh",
     "barrier_mesh",
@@ -43,9 +49,15 @@ __all__ = [
     "enclosed_cells",
     "load_mesh",
     "odd_depth_cells",
+    "write_mesh",
+    "MESH_FORMATS",
 ]
 
-MESH_FORMATS = (".ply", ".vtk")
+#: Mesh file types :func:`write_mesh` writes and :func:`load_mesh` reads.
+#: ``.vtp`` (VTK XML) is read by VTK, ParaView, meshio and PyVista; legacy
+#: ``.vtk`` is kept for old files only (meshio and trimesh do not read the
+#: legacy POLYDATA files).
+MESH_FORMATS = (".ply", ".vtp", ".gii", ".vtk")
 
 _PLY_TYPES = {
     "char": "i1",
@@ -278,27 +290,38 @@ class InterfaceMesh:
                 x = x + lam * np.where(degree[:, None] > 0, adj @ x / safe - x, 0.0)
         return InterfaceMesh(x, self.triangles, self.vertex_ids, self.face_ids)
 
-    def save(self, path, *, binary=False):
-        """Write the mesh to .ply (ASCII or binary) or legacy ASCII .vtk.
+    def save(self, path, *, binary=False, face_data=None):
+        """Write the mesh (um) with :func:`write_mesh`.
 
         Parameters
         ----------
         path : str or os.PathLike
-            The extension picks the format: ``.ply`` or ``.vtk``
-            (``DATASET POLYDATA``).
+            The extension picks the format (:data:`MESH_FORMATS`): ``.ply``,
+            ``.vtp`` (VTK XML PolyData), ``.gii`` (GIFTI) or legacy ``.vtk``.
         binary : bool
-            Binary little-endian PLY (``.ply`` only).
+            Binary PLY (``.ply`` only; ``.vtp`` and ``.gii`` are always
+            base64-encoded binary, legacy ``.vtk`` always ASCII).
+        face_data : dict of array_like, optional
+            Per-triangle values (PLY and ``.vtp``), e.g. ``{"face":
+            self.face_ids}``.
+
+        Raises
+        ------
+        ValueError
+            The mesh has no triangles: no file is written (an empty mesh file
+            breaks meshio and VTK).
         """
         path = os.fspath(path)
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in MESH_FORMATS:
-            raise ValueError(f"unknown mesh format {ext!r}; use one of {MESH_FORMATS}.")
-        if ext == ".vtk":
-            if binary:
-                raise ValueError("only ASCII legacy .vtk is written; use binary .ply.")
-            _write_vtk(path, self.vertices, self.triangles)
-        else:
-            _write_ply(path, self.vertices, self.triangles, binary=binary)
+        if os.path.splitext(path)[1].lower() == ".vtk" and binary:
+            raise ValueError("only ASCII legacy .vtk is written; use binary .ply.")
+        write_mesh(
+            path,
+            self.vertices,
+            self.triangles,
+            face_data=face_data,
+            binary=binary,
+            comment="dipy_spinverse interface mesh (um)",
+        )
 
     def __repr__(self):
         return (
@@ -522,8 +545,119 @@ def odd_depth_cells(grid, barrier):
 
 
 # -- input and output --------------------------------------------------------
+def write_mesh(
+    path,
+    vertices,
+    triangles,
+    *,
+    vertex_data=None,
+    face_data=None,
+    binary=True,
+    scanner=False,
+    comment="dipy_spinverse mesh",
+):
+    """Write a triangle mesh atomically; the extension picks the format.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.ply`` (binary little-endian or ASCII), ``.vtp`` (VTK XML PolyData,
+        base64 binary), ``.gii`` (GIFTI surface: a ``NIFTI_INTENT_POINTSET``
+        and a ``NIFTI_INTENT_TRIANGLE`` array) or legacy ASCII ``.vtk``.
+        Written to a temporary file in the same folder, then renamed.
+    vertices : array_like (V, 3)
+    triangles : array_like of int (T, 3)
+    vertex_data : dict of array_like (V,), optional
+        Per-vertex values, written as PLY vertex properties and VTK
+        ``PointData`` (integers as 32-bit ints, booleans as bytes, the rest
+        as doubles); left out of GIFTI and legacy ``.vtk``.
+    face_data : dict of array_like (T,), optional
+        Per-triangle values, written as PLY face properties and VTK
+        ``CellData``; left out of GIFTI and legacy ``.vtk``. meshio 5 reads
+        PLY face properties from ASCII files only (its binary reader fails on
+        them; trimesh reads both): put data meant for meshio in
+        ``vertex_data`` of a binary PLY.
+    binary : bool
+        Binary PLY (the other formats ignore it).
+    scanner : bool
+        The vertices are scanner coordinates (mm): GIFTI's coordinate system
+        says so (``NIFTI_XFORM_SCANNER_ANAT``), else it is unknown.
+    comment : str
+        A line of description (PLY comment, VTK and GIFTI metadata).
+
+    Returns
+    -------
+    str
+        The path written.
+
+    Raises
+    ------
+    ValueError
+        No triangles (an empty mesh file breaks meshio and VTK, so none is
+        written), an unknown extension, or face data of the wrong length.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in MESH_FORMATS:
+        raise ValueError(f"unknown mesh format {ext!r}; use one of {MESH_FORMATS}.")
+    vertices = np.asarray(vertices, dtype=float).reshape(-1, 3)
+    triangles = np.asarray(triangles, dtype=np.int64).reshape(-1, 3)
+    if len(triangles) == 0:
+        raise ValueError(
+            f"the mesh for {path} has no triangles; no file is written (an empty "
+            "mesh file breaks meshio and VTK)."
+        )
+    data = _columns(face_data, len(triangles), "face_data", "triangle")
+    points = _columns(vertex_data, len(vertices), "vertex_data", "vertex")
+    with atomic_write(path) as tmp:
+        if ext == ".ply":
+            _write_ply(
+                tmp,
+                vertices,
+                triangles,
+                binary=binary,
+                data=data,
+                points=points,
+                comment=comment,
+            )
+        elif ext == ".vtp":
+            _write_vtp(
+                tmp, vertices, triangles, data=data, points=points, comment=comment
+            )
+        elif ext == ".gii":
+            _write_gifti(tmp, vertices, triangles, scanner=scanner, comment=comment)
+        else:
+            _write_vtk(tmp, vertices, triangles, comment=comment)
+    return path
+
+
+def _columns(data, n, argument, element):
+    """Per-element arrays with the types the writers know (int32, uint8, float64)."""
+    columns = {}
+    for name, values in (data or {}).items():
+        values = np.asarray(values)
+        if values.shape != (n,):
+            raise ValueError(
+                f"{argument}[{name!r}] must hold one value per {element} ({n},), "
+                f"got shape {values.shape}."
+            )
+        if not str(name).isidentifier() or name in ("x", "y", "z"):
+            raise ValueError(
+                f"{argument} names must be identifiers other than x, y, z; got "
+                f"{name!r}."
+            )
+        if values.dtype == bool:
+            values = values.astype(np.uint8)
+        elif np.issubdtype(values.dtype, np.integer):
+            values = values.astype(np.int32)
+        else:
+            values = values.astype(np.float64)
+        columns[str(name)] = values
+    return columns
+
+
 def load_mesh(path):
-    """Read a triangle mesh from .ply (ASCII or binary) or legacy ASCII .vtk.
+    """Read a triangle mesh: .ply (ASCII or binary), .vtp, .gii or legacy .vtk.
 
     Parameters
     ----------
@@ -532,37 +666,203 @@ def load_mesh(path):
     Returns
     -------
     InterfaceMesh
-        Without grid ids (every vertex is its own).
+        Without grid ids (every vertex is its own); per-face data are not
+        read.
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".ply":
-        vertices, triangles = _read_ply(path)
-    elif ext == ".vtk":
-        vertices, triangles = _read_vtk(path)
-    else:
+    readers = {
+        ".ply": _read_ply,
+        ".vtp": _read_vtp,
+        ".gii": _read_gifti,
+        ".vtk": _read_vtk,
+    }
+    if ext not in readers:
         raise ValueError(f"unknown mesh format {ext!r}; use one of {MESH_FORMATS}.")
+    vertices, triangles = readers[ext](path)
     return InterfaceMesh(vertices, triangles)
 
 
-def _write_ply(path, vertices, triangles, *, binary):
+_PLY_NAMES = {np.dtype(np.int32): "int", np.dtype(np.uint8): "uchar"}
+
+
+def _write_ply(
+    path, vertices, triangles, *, binary, data=None, points=None, comment=""
+):
+    data, points = data or {}, points or {}
+
+    def props(columns):
+        return "".join(
+            f"property {_PLY_NAMES.get(v.dtype, 'double')} {k}\n"
+            for k, v in columns.items()
+        )
+
     fmt = "binary_little_endian" if binary else "ascii"
     header = (
-        f"ply\nformat {fmt} 1.0\ncomment dipy_spinverse interface mesh (um)\n"
+        f"ply\nformat {fmt} 1.0\ncomment {comment}\n"
         f"element vertex {len(vertices)}\nproperty double x\nproperty double y\n"
-        f"property double z\nelement face {len(triangles)}\n"
-        "property list uchar int vertex_indices\nend_header\n"
+        f"property double z\n{props(points)}element face {len(triangles)}\n"
+        f"property list uchar int vertex_indices\n{props(data)}end_header\n"
     )
+    vertex_columns = [*vertices.T, *points.values()]
+    face_columns = [np.full(len(triangles), 3), *triangles.T, *data.values()]
     with open(path, "wb") as f:
         f.write(header.encode("ascii"))
         if binary:
-            f.write(np.ascontiguousarray(vertices, dtype="<f8").tobytes())
-            rec = np.zeros(len(triangles), dtype=[("n", "u1"), ("v", "<i4", (3,))])
-            rec["n"], rec["v"] = 3, triangles
-            f.write(rec.tobytes())
+            fields = [(k, "<f8") for k in "xyz"]
+            fields += [(k, v.dtype.newbyteorder("<")) for k, v in points.items()]
+            f.write(_records(fields, vertex_columns).tobytes())
+            fields = [("n", "u1"), *((f"v{i}", "<i4") for i in range(3))]
+            fields += [(k, v.dtype.newbyteorder("<")) for k, v in data.items()]
+            f.write(_records(fields, face_columns).tobytes())
         else:
-            np.savetxt(f, vertices, fmt="%.17g")
-            np.savetxt(f, np.c_[np.full(len(triangles), 3), triangles], fmt="%d")
+            _write_rows(f, vertex_columns, ["%.17g"] * 3)
+            _write_rows(f, face_columns, ["%d"] * 4)
+
+
+def _records(fields, columns):
+    """A packed record array (the PLY binary layout) of the given columns."""
+    rec = np.zeros(len(columns[0]), dtype=fields)
+    for (name, _), column in zip(fields, columns, strict=True):
+        rec[name] = column
+    return rec
+
+
+def _write_rows(f, columns, fmts):
+    """ASCII rows: the leading columns with ``fmts``, then the data columns
+    (integers as integers, floats to full precision)."""
+    fmts = fmts + [
+        "%.17g" if c.dtype == np.float64 else "%d" for c in columns[len(fmts) :]
+    ]
+    rows = np.empty((len(columns[0]), len(columns)), dtype=object)
+    for i, column in enumerate(columns):
+        rows[:, i] = column
+    np.savetxt(f, rows, fmt=fmts)
+
+
+_VTK_TYPES = {
+    np.dtype(np.float64): "Float64",
+    np.dtype(np.int64): "Int64",
+    np.dtype(np.int32): "Int32",
+    np.dtype(np.uint8): "UInt8",
+}
+
+
+def _vtk_array(parent, values, *, name=None, components=1):
+    """A base64 binary DataArray: a UInt64 byte count, then the data, encoded
+    together (as VTK writes uncompressed inline binary)."""
+    values = np.ascontiguousarray(values)
+    values = values.astype(values.dtype.newbyteorder("<"))
+    attrs = dict(type=_VTK_TYPES[values.dtype.newbyteorder("=")], format="binary")
+    if name is not None:
+        attrs["Name"] = name
+    if components != 1:
+        attrs["NumberOfComponents"] = str(components)
+    raw = values.tobytes()
+    array = ET.SubElement(parent, "DataArray", attrs)
+    array.text = base64.b64encode(np.uint64(len(raw)).tobytes() + raw).decode()
+    return array
+
+
+def _write_vtp(path, vertices, triangles, *, data=None, points=None, comment=""):
+    root = ET.Element(
+        "VTKFile",
+        type="PolyData",
+        version="1.0",
+        byte_order="LittleEndian",
+        header_type="UInt64",
+    )
+    root.append(ET.Comment(f" {comment} "))
+    piece = ET.SubElement(
+        ET.SubElement(root, "PolyData"),
+        "Piece",
+        NumberOfPoints=str(len(vertices)),
+        NumberOfVerts="0",
+        NumberOfLines="0",
+        NumberOfStrips="0",
+        NumberOfPolys=str(len(triangles)),
+    )
+    if points:
+        point_data = ET.SubElement(piece, "PointData")
+        for name, values in points.items():
+            _vtk_array(point_data, values, name=name)
+    if data:
+        cells = ET.SubElement(piece, "CellData")
+        for name, values in data.items():
+            _vtk_array(cells, values, name=name)
+    points = ET.SubElement(piece, "Points")
+    _vtk_array(points, vertices.astype(np.float64), name="Points", components=3)
+    polys = ET.SubElement(piece, "Polys")
+    _vtk_array(polys, triangles.reshape(-1), name="connectivity")
+    offsets = 3 * np.arange(1, len(triangles) + 1, dtype=np.int64)
+    _vtk_array(polys, offsets, name="offsets")
+    ET.ElementTree(root).write(path, xml_declaration=True, encoding="utf-8")
+
+
+def _read_vtp(path):
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise ValueError(f"{path} is not a VTK XML file ({err}).") from err
+    piece = root.find("PolyData/Piece")
+    if root.tag != "VTKFile" or piece is None:
+        raise ValueError(f"{path}: expected a VTK XML PolyData file.")
+    header = np.dtype(root.get("header_type", "UInt32").lower()).newbyteorder("<")
+    little = root.get("byte_order", "LittleEndian") == "LittleEndian"
+
+    def read(array):
+        kind = np.dtype(array.get("type").lower())
+        kind = kind.newbyteorder("<" if little else ">")
+        text = (array.text or "").strip()
+        if array.get("format") == "ascii":
+            return np.array(text.split(), dtype=kind)
+        if array.get("format") != "binary" or root.get("compressor"):
+            raise ValueError(f"{path}: only ascii or uncompressed binary is read.")
+        raw = base64.b64decode(text)
+        return np.frombuffer(raw[header.itemsize :], dtype=kind)
+
+    vertices = read(piece.find("Points/DataArray")).astype(float).reshape(-1, 3)
+    polys = {a.get("Name"): a for a in piece.findall("Polys/DataArray")}
+    connectivity = read(polys["connectivity"]).astype(np.int64)
+    offsets = read(polys["offsets"]).astype(np.int64)
+    if np.any(np.diff(np.r_[0, offsets]) != 3):
+        raise ValueError(f"{path}: only triangle meshes are supported.")
+    return vertices, connectivity.reshape(-1, 3)
+
+
+def _write_gifti(path, vertices, triangles, *, scanner, comment=""):
+    import nibabel as nib
+    from nibabel.gifti import GiftiCoordSystem, GiftiDataArray, GiftiImage
+
+    space = "NIFTI_XFORM_SCANNER_ANAT" if scanner else "NIFTI_XFORM_UNKNOWN"
+    coords = GiftiDataArray(
+        vertices.astype(np.float32),
+        intent="NIFTI_INTENT_POINTSET",
+        datatype="NIFTI_TYPE_FLOAT32",
+        coordsys=GiftiCoordSystem(space, space, np.eye(4)),
+    )
+    faces = GiftiDataArray(
+        triangles.astype(np.int32),
+        intent="NIFTI_INTENT_TRIANGLE",
+        datatype="NIFTI_TYPE_INT32",
+    )
+    image = GiftiImage(darrays=[coords, faces])
+    image.meta["Description"] = comment
+    nib.save(image, path)
+
+
+def _read_gifti(path):
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        points = image.get_arrays_from_intent("NIFTI_INTENT_POINTSET")
+        faces = image.get_arrays_from_intent("NIFTI_INTENT_TRIANGLE")
+    except Exception as err:  # nibabel raises many kinds on a damaged file
+        raise ValueError(f"{path} is not a GIFTI surface ({err}).") from err
+    if len(points) != 1 or len(faces) != 1:
+        raise ValueError(f"{path}: expected one pointset and one triangle array.")
+    return points[0].data.astype(float), faces[0].data.astype(np.int64)
 
 
 def _read_ply(path):
@@ -652,10 +952,10 @@ def _ply_ascii_arrays(path, data):
     return vertices, np.array(triangles, dtype=np.int64).reshape(-1, 3)
 
 
-def _write_vtk(path, vertices, triangles):
+def _write_vtk(path, vertices, triangles, *, comment=""):
     with open(path, "w") as f:
         f.write(
-            "# vtk DataFile Version 3.0\ndipy_spinverse interface mesh (um)\nASCII\n"
+            f"# vtk DataFile Version 3.0\n{comment}\nASCII\n"
             f"DATASET POLYDATA\nPOINTS {len(vertices)} double\n"
         )
         np.savetxt(f, vertices, fmt="%.17g")

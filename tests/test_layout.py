@@ -13,6 +13,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dipy_spinverse"
 LAYERS = [
     "checks",
+    "files",
     "grid",
     "sequences",
     "operators",
@@ -43,6 +44,11 @@ LAYERS = [
     "reconst",
     "io",
     "workflows",
+    "tissue.sequences",
+    "tissue.simplex",
+    "tissue.model",
+    "tissue.workflow",
+    "tissue",
 ]
 
 

@@ -1,0 +1,56 @@
+"""Atomic file output: write a temporary file beside the target, then rename.
+
+A reader (or a later run) then sees either the previous file or the complete
+new one, never a half-written one: ``os.replace`` within one folder is
+atomic on POSIX and Windows.
+"""
+
+import contextlib
+import os
+import secrets
+
+__all__ = ["atomic_write"]
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Context manager: a temporary path to write to, renamed to ``path``.
+
+    The temporary file lies in ``path``'s folder (created if needed), so the
+    rename never crosses file systems, and its name ends with ``path``'s own
+    name, so that writers that choose the format from the extension
+    (nibabel's ``.nii.gz``, matplotlib's ``.png``) write the right one. If
+    the block raises, the temporary file is removed and ``path`` is left as
+    it was.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Yields
+    ------
+    str
+        The temporary path; write the whole file there.
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile
+    >>> target = os.path.join(tempfile.mkdtemp(), "x.npy")
+    >>> with atomic_write(target) as tmp:
+    ...     np.save(tmp, np.arange(3))
+    >>> np.load(target).tolist()
+    [0, 1, 2]
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(4)}-{name}")
+    try:
+        yield tmp
+        if not os.path.isfile(tmp):
+            raise OSError(f"nothing was written for {path}.")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
