@@ -1,0 +1,521 @@
+"""Tissue probability maps from multi-contrast images (BMapEst-style).
+
+A voxel holds tissues (csf, gm, wm by default) in proportions ``p`` (non-
+negative, summing to one). Each tissue has known T1, T2 and proton density;
+the known sequences turn them into images, and the proportions are fitted
+to the measured images.
+
+``mixing="signal"`` (default): a voxel's signal is the proportion-weighted
+sum of its tissues' signals, as partial volumes add. The model is then
+linear in ``p`` (up to the magnitude a scanner takes), and each voxel's fit
+is a least-squares problem over the simplex, solved exactly for all voxels
+at once (:mod:`.simplex`). ``mixing="parameters"``: BMapEst's choice, the
+voxel's T1, T2 and PD are the proportion-weighted means of the tissues',
+and the proportions are fitted by back-propagation through the signal
+formulas (Adam on softmax logits, started from the signal-mixing fit).
+
+References
+----------
+.. [1] Gupta U., Nikolakakis E., Zaiss M., Marinescu R. BMapEst: Estimation
+   of Brain Tissue Probability Maps using a Differentiable MRI Simulator.
+   https://github.com/BioMedAI-UCSC/BMapEst
+"""
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+import torch
+
+from ..checks import check_choice, check_device, check_int, check_number, check_positive
+from .simplex import MAX_TISSUES, SimplexLstsq, nonneg_lstsq, project_simplex
+
+__all__ = ["TISSUE_DEFAULTS", "TissueMapModel", "TissueMapFit", "GAINS", "MIXINGS"]
+
+#: Literature relaxation times (seconds) and relative proton density of
+#: brain tissue at 1.5 T and 3 T, in the order csf, gm, wm. GM and WM T1 and
+#: T2: Stanisz G. J. et al., "T1, T2 relaxation and magnetization transfer in
+#: tissue at 3T", Magn. Reson. Med. 54:507-512 (2005), Table 1 (1.5 T and
+#: 3 T). CSF T1: about 4.3 s at 3 T (Lu H. et al., "Routine clinical brain
+#: MRI sequences for use at 3.0 Tesla", J. Magn. Reson. Imaging 22:13-22,
+#: 2005), taken as 4.2 s at 1.5 T (CSF T1 depends little on the field);
+#: CSF T2 about 2 s (water-like; e.g. Spijkerman J. M. et al., MAGMA
+#: 31:415-424, 2018). Proton density: water content relative to CSF, GM 0.8
+#: and WM 0.7 (e.g. Neeb H. et al., NeuroImage 31:1156-1168, 2006).
+#: Published values spread by 10-30 % with the method; pass ``tissues=``
+#: with your own.
+TISSUE_DEFAULTS = {
+    1.5: {
+        "csf": dict(t1=4.2, t2=2.0, pd=1.0),
+        "gm": dict(t1=1.124, t2=0.095, pd=0.8),
+        "wm": dict(t1=0.884, t2=0.072, pd=0.7),
+    },
+    3.0: {
+        "csf": dict(t1=4.3, t2=2.0, pd=1.0),
+        "gm": dict(t1=1.820, t2=0.099, pd=0.8),
+        "wm": dict(t1=1.084, t2=0.069, pd=0.7),
+    },
+}
+
+MIXINGS = ("signal", "parameters")
+#: Receive gain models: one unknown scale for all images ("global"), one per
+#: voxel ("voxel", a receive-bias field; needs as many contrasts as
+#: tissues), or a known number.
+GAINS = ("global", "voxel")
+
+_PROPERTIES = ("t1", "t2", "pd")
+
+
+def _check_tissues(tissues):
+    if not isinstance(tissues, dict) or not 2 <= len(tissues) <= MAX_TISSUES:
+        raise ValueError(
+            f"tissues must be a dict of 2 to {MAX_TISSUES} names -> "
+            f"dict(t1=..., t2=..., pd=...), got {tissues!r}."
+        )
+    table = {}
+    for name, values in tissues.items():
+        if not isinstance(values, dict) or set(values) != set(_PROPERTIES):
+            raise ValueError(
+                f"tissues[{name!r}] must be dict(t1=..., t2=..., pd=...) (seconds), "
+                f"got {values!r}."
+            )
+        table[str(name)] = {
+            key: check_positive(
+                values[key],
+                f"tissues[{name!r}][{key!r}]",
+                "seconds" if key != "pd" else "",
+            )
+            for key in _PROPERTIES
+        }
+    return table
+
+
+def _check_sequences(sequences):
+    sequences = [sequences] if hasattr(sequences, "signal") else list(sequences or [])
+    if not sequences or not all(
+        callable(getattr(s, "signal", None)) for s in sequences
+    ):
+        raise ValueError(
+            "sequences must be a non-empty list of sequences with a "
+            "signal(t1, t2, pd) method, e.g. [Flash(tr=0.02, te=0.004, "
+            f"flip_angle=30)], got {sequences!r}."
+        )
+    return tuple(sequences)
+
+
+def _check_gain(gain):
+    if isinstance(gain, str):
+        return check_choice(gain, "gain", GAINS)
+    if isinstance(gain, numbers.Real) and not isinstance(gain, bool):
+        return check_positive(gain, "gain")
+    raise ValueError(f"gain must be one of {GAINS} or a positive number, got {gain!r}.")
+
+
+def _neighbour_pairs(mask):
+    """Index pairs of face-adjacent voxels both in ``mask`` (numbering the
+    mask's voxels in C order)."""
+    index = np.full(mask.shape, -1, dtype=np.int64)
+    index[mask] = np.arange(int(mask.sum()))
+    pairs = []
+    for axis in range(mask.ndim):
+        a = np.moveaxis(index, axis, 0)[:-1].ravel()
+        b = np.moveaxis(index, axis, 0)[1:].ravel()
+        both = (a >= 0) & (b >= 0)
+        pairs.append(np.stack([a[both], b[both]], axis=1))
+    return np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+
+
+class TissueMapModel:
+    """Tissue probability maps through a differentiable signal model.
+
+    Parameters
+    ----------
+    sequences : list
+        The sequences of the images, in the order of their last axis:
+        :class:`Flash`, :class:`SpinEcho`, :class:`InversionRecovery`,
+        :class:`Mprage` (or any object with ``signal(t1, t2, pd)``).
+    tissues : dict, optional
+        ``name -> dict(t1=..., t2=..., pd=...)`` (seconds; the proton density
+        relative). Default: :data:`TISSUE_DEFAULTS` at ``field_strength``
+        (csf, gm, wm).
+    field_strength : float
+        1.5 or 3.0 (tesla): the default tissue values used when ``tissues``
+        is not given.
+    mixing : str
+        "signal" (partial volumes: signals add, exact per-voxel solve) or
+        "parameters" (BMapEst: T1, T2, PD are probability-weighted means;
+        fitted by back-propagation).
+    gain : str or float
+        The receive gain, the unknown scale between the model's signals
+        (proton density 1 = CSF) and the image intensities. "global": one
+        scale for all images and voxels (images from one scanner session,
+        stored on one intensity scale), found by a 1-D search that
+        minimises the total misfit, as pure-tissue voxels pin the corners of
+        the simplex of possible signals. "voxel": one per voxel (a smooth
+        receive-bias field or unknown PD); the voxel's probabilities are
+        then its non-negative tissue amounts normalised to sum one, which
+        needs at least as many contrasts as tissues. A number: the gain is
+        known (1 when the images are in model units).
+    smoothness : float
+        Weight of the squared differences of neighbouring voxels'
+        probabilities, relative to the squared misfit in units of the
+        image's 99th-percentile intensity (0: independent voxels). Needs the
+        images' spatial layout (fit takes (..., n_sequences) arrays).
+    max_iter : int
+        Iterations of the gradient refinement (mixing="parameters" or
+        smoothness > 0).
+    device : str
+        "cpu" or "cuda".
+
+    Notes
+    -----
+    Images are magnitudes: the model takes ``|sum of signed signals|`` (the
+    signals of an inversion are signed), and the signal-mixing fit stays
+    exact by trying both signs of every sequence whose tissues straddle
+    their inversion null. With one contrast the probabilities of three
+    tissues are not identifiable (a GM value is also a CSF-WM mixture); two
+    contrasts identify them if the tissues' signal vectors are not
+    collinear; three or more average the noise (and "voxel" gain needs
+    three).
+    """
+
+    def __init__(
+        self,
+        sequences,
+        *,
+        tissues=None,
+        field_strength=3.0,
+        mixing="signal",
+        gain="global",
+        smoothness=0.0,
+        max_iter=200,
+        device="cpu",
+    ):
+        self.sequences = _check_sequences(sequences)
+        if tissues is None:
+            field_strength = check_choice(
+                field_strength, "field_strength", tuple(TISSUE_DEFAULTS)
+            )
+            tissues = TISSUE_DEFAULTS[float(field_strength)]
+        self.field_strength = check_positive(field_strength, "field_strength", "T")
+        self.tissues = _check_tissues(tissues)
+        self.mixing = check_choice(mixing, "mixing", MIXINGS)
+        self.gain = _check_gain(gain)
+        self.smoothness = check_number(smoothness, "smoothness", minimum=0)
+        self.max_iter = check_int(max_iter, "max_iter", 1)
+        self.device = check_device(device)
+        if self.gain == "voxel" and len(self.sequences) < len(self.tissues):
+            raise ValueError(
+                f"gain='voxel' needs at least as many sequences as tissues "
+                f"({len(self.tissues)}), got {len(self.sequences)}; use "
+                "gain='global' or add contrasts."
+            )
+        if len(self.sequences) < 2:
+            warnings.warn(
+                f"One contrast cannot identify {len(self.tissues)} tissue "
+                "probabilities (a mixture of two tissues mimics a third); "
+                "expect ill-posed maps.",
+                stacklevel=2,
+            )
+        self.design = self.signals(*self.tissue_properties()).T
+        self._solvers = [SimplexLstsq(design) for design in self._designs()]
+
+    @property
+    def tissue_names(self):
+        """Tissue names, in the order of the probabilities' last axis."""
+        return tuple(self.tissues)
+
+    def tissue_properties(self):
+        """``(t1, t2, pd)`` of the tissues as float64 tensors on the device."""
+        return tuple(
+            torch.tensor(
+                [self.tissues[n][key] for n in self.tissues],
+                dtype=torch.float64,
+                device=self.device,
+            )
+            for key in _PROPERTIES
+        )
+
+    def signals(self, t1, t2, pd):
+        """Signed signals (..., n_sequences) of tissue properties (...)."""
+        return torch.stack([s.signal(t1, t2, pd) for s in self.sequences], dim=-1)
+
+    def __repr__(self):
+        return (
+            f"TissueMapModel({len(self.sequences)} sequences, tissues="
+            f"{self.tissue_names}, mixing={self.mixing!r}, gain={self.gain!r})"
+        )
+
+    # -- forward model -------------------------------------------------------
+
+    def forward(self, probabilities, gain=1.0):
+        """Magnitude images (..., n_sequences) of probabilities (..., n_tissues)."""
+        p = torch.as_tensor(probabilities, dtype=torch.float64, device=self.device)
+        gain = torch.as_tensor(gain, dtype=torch.float64, device=self.device)
+        if self.mixing == "signal":
+            signed = p @ self.design.T
+        else:
+            t1, t2, pd = (p @ v for v in self.tissue_properties())
+            signed = self.signals(t1, t2, pd)
+        if gain.ndim:
+            gain = gain[..., None]
+        return gain * signed.abs()
+
+    # -- fitting -------------------------------------------------------------
+
+    def _check_images(self, images, mask):
+        images = np.asarray(images, dtype=np.float64)
+        n = len(self.sequences)
+        if images.ndim < 1 or images.shape[-1] != n:
+            raise ValueError(
+                f"images must have shape (..., {n}) (one image per sequence on "
+                f"the last axis), got shape {images.shape}."
+            )
+        if mask is None:
+            mask = np.ones(images.shape[:-1], dtype=bool)
+        else:
+            mask = np.asarray(mask)
+            if mask.shape != images.shape[:-1]:
+                raise ValueError(
+                    f"mask must have the images' spatial shape {images.shape[:-1]}, "
+                    f"got {mask.shape}."
+                )
+            mask = mask.astype(bool)
+        values = images[mask]
+        if not np.isfinite(values).all():
+            raise ValueError(
+                "images must be finite inside the mask (NaN or inf found)."
+            )
+        if (values < 0).any():
+            raise ValueError(
+                "images must be magnitudes (>= 0) inside the mask; found negative "
+                "values."
+            )
+        if not mask.any():
+            raise ValueError("mask selects no voxel.")
+        return images, mask, values
+
+    def _designs(self):
+        """Row-signed copies of the design: magnitudes of every sign choice
+        of the sequences whose tissue signals straddle zero."""
+        signs = torch.sign(self.design)
+        fixed = torch.where((signs <= 0).all(dim=1), -1.0, 1.0).to(self.design)
+        mixed = [
+            j
+            for j in range(signs.shape[0])
+            if (signs[j] > 0).any() and (signs[j] < 0).any()
+        ]
+        designs = []
+        for choice in np.ndindex(*(2,) * len(mixed)):
+            row_signs = fixed.clone()
+            for j, c in zip(mixed, choice, strict=True):
+                row_signs[j] = 1.0 if c == 0 else -1.0
+            designs.append(row_signs[:, None] * self.design)
+        return designs
+
+    def _solve(self, data, gain):
+        """Exact signal-mixing fit at a known global ``gain``: (p, rss)."""
+        best_p, best_rss = None, None
+        for solver in self._solvers:
+            p, rss = solver(data, gain)
+            if best_p is None:
+                best_p, best_rss = p, rss
+            else:
+                better = rss < best_rss
+                best_p = torch.where(better[:, None], p, best_p)
+                best_rss = torch.where(better, rss, best_rss)
+        return best_p, best_rss
+
+    def _solve_voxel_gain(self, data):
+        best_q, best_rss = None, None
+        for design in self._designs():
+            q, rss = nonneg_lstsq(design, data)
+            if best_q is None:
+                best_q, best_rss = q, rss
+            else:
+                better = rss < best_rss
+                best_q = torch.where(better[:, None], q, best_q)
+                best_rss = torch.where(better, rss, best_rss)
+        gain = best_q.sum(dim=1)
+        n = best_q.shape[1]
+        p = torch.where(
+            gain[:, None] > 0,
+            best_q / gain.clamp_min(1e-300)[:, None],
+            torch.full_like(best_q, 1.0 / n),
+        )
+        return p, gain
+
+    def _search_gain(self, data):
+        """The global gain minimising the total misfit (log-grid, then
+        golden-section search), on at most 20,000 evenly strided voxels."""
+        sample = data[:: max(1, data.shape[0] // 20000)]
+        top = torch.quantile(sample, 0.99, dim=0)
+        peak = self.design.abs().amax(dim=1)
+        guess = torch.median(top / peak).item()
+
+        def misfit(log_gain):
+            return self._solve(sample, math.exp(log_gain))[1].mean().item()
+
+        grid = np.linspace(
+            math.log(guess) - math.log(30), math.log(guess) + math.log(30), 41
+        )
+        values = [misfit(g) for g in grid]
+        i = int(np.argmin(values))
+        low, high = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        ratio = (math.sqrt(5) - 1) / 2
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        fa, fb = misfit(a), misfit(b)
+        for _ in range(30):
+            if fa < fb:
+                high, b, fb = b, a, fa
+                a = high - ratio * (high - low)
+                fa = misfit(a)
+            else:
+                low, a, fa = a, b, fb
+                b = low + ratio * (high - low)
+                fb = misfit(b)
+        return math.exp((low + high) / 2)
+
+    def _refine(self, data, p, gain, pairs, n_dims):
+        """Gradient refinement: BMapEst's back-propagation (parameters
+        mixing; Adam on softmax logits and the log gain) or projected FISTA
+        (signal mixing with smoothness)."""
+        weight = self.smoothness
+        pairs = torch.as_tensor(pairs, device=self.device)
+
+        def penalty(p):
+            if weight == 0 or pairs.shape[0] == 0:
+                return 0.0
+            diff = p[pairs[:, 0]] - p[pairs[:, 1]]
+            return weight * (diff**2).sum()
+
+        def loss(p, gain):
+            return ((self.forward(p, gain) - data) ** 2).sum() + penalty(p)
+
+        per_voxel = self.gain == "voxel"
+        fixed_gain = not isinstance(self.gain, str)
+        if self.mixing == "signal":
+            # the objective is quadratic in p: fixed step 1 / Lipschitz
+            spectral = torch.linalg.matrix_norm(self.design, ord=2).item()
+            g_max = float(torch.as_tensor(gain).max())
+            lipschitz = 2 * (g_max**2 * spectral**2 + weight * 4 * n_dims)
+            x, y, t = p.clone(), p.clone(), 1.0
+            for _ in range(self.max_iter):
+                y = y.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(loss(y, gain), y)
+                x_new = project_simplex(y.detach() - grad / lipschitz)
+                t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+                y = x_new + (t - 1) / t_new * (x_new - x)
+                x, t = x_new, t_new
+            return x, gain
+        logits = torch.log(p.clamp_min(1e-6)).requires_grad_(True)
+        log_gain = torch.log(
+            torch.as_tensor(gain, dtype=torch.float64, device=self.device)
+        ).clone()
+        variables = [logits]
+        if not fixed_gain:
+            log_gain.requires_grad_(True)
+            variables.append(log_gain)
+        optimiser = torch.optim.Adam(variables, lr=0.05)
+        scale = data.shape[0]
+        for _ in range(self.max_iter):
+            optimiser.zero_grad()
+            value = loss(torch.softmax(logits, dim=1), torch.exp(log_gain)) / scale
+            value.backward()
+            optimiser.step()
+        p = torch.softmax(logits.detach(), dim=1)
+        gain = torch.exp(log_gain.detach())
+        return p, (gain if per_voxel else gain.item())
+
+    def fit(self, images, mask=None):
+        """Fit the tissue probabilities of every voxel in ``mask``.
+
+        Parameters
+        ----------
+        images : array, (..., n_sequences)
+            Magnitude images, one per sequence on the last axis.
+        mask : array of bool, (...), optional
+            Voxels to fit (default all).
+
+        Returns
+        -------
+        TissueMapFit
+        """
+        images, mask, values = self._check_images(images, mask)
+        # Work in units of the 99th percentile so that tolerances and
+        # step sizes do not depend on the scanner's intensity scale.
+        unit = float(np.quantile(values, 0.99)) or 1.0
+        data = torch.as_tensor(values / unit, device=self.device)
+        if self.gain == "voxel":
+            p, gain = self._solve_voxel_gain(data)
+        else:
+            gain = (
+                self._search_gain(data) if self.gain == "global" else self.gain / unit
+            )
+            p, _ = self._solve(data, gain)
+        if self.mixing == "parameters" or self.smoothness > 0:
+            pairs = _neighbour_pairs(mask) if self.smoothness > 0 else np.zeros((0, 2))
+            p, gain = self._refine(data, p, gain, pairs.astype(np.int64), mask.ndim)
+        if torch.is_tensor(gain):
+            gain_map = np.zeros(mask.shape)
+            gain_map[mask] = gain.cpu().numpy() * unit
+            gain = gain_map
+        else:
+            gain = float(gain) * unit
+        probabilities = np.zeros(mask.shape + (len(self.tissues),))
+        probabilities[mask] = p.cpu().numpy()
+        return TissueMapFit(self, probabilities, gain, mask)
+
+
+class TissueMapFit:
+    """Fitted tissue probabilities, a thin view over one array.
+
+    Attributes
+    ----------
+    probabilities : array, (..., n_tissues)
+        Non-negative, summing to one inside the mask; zero outside.
+    gain : float or array
+        The fitted receive gain (a map for ``gain="voxel"``).
+    mask : array of bool
+    """
+
+    def __init__(self, model, probabilities, gain, mask):
+        self.model = model
+        self.probabilities = probabilities
+        self.gain = gain
+        self.mask = mask
+
+    def _weighted(self, key):
+        values = np.array([self.model.tissues[n][key] for n in self.model.tissues])
+        return self.probabilities @ values
+
+    @property
+    def t1(self):
+        """Probability-weighted T1 (seconds; 0 outside the mask)."""
+        return self._weighted("t1")
+
+    @property
+    def t2(self):
+        """Probability-weighted T2 (seconds; 0 outside the mask)."""
+        return self._weighted("t2")
+
+    @property
+    def pd(self):
+        """Probability-weighted proton density (0 outside the mask)."""
+        return self._weighted("pd")
+
+    @property
+    def labels(self):
+        """Most probable tissue, 1..n_tissues in the order of
+        ``model.tissue_names``, 0 outside the mask (DIPY's HMRF convention)."""
+        return np.where(self.mask, self.probabilities.argmax(axis=-1) + 1, 0)
+
+    def predict(self):
+        """Predicted magnitude images (..., n_sequences), gain included; 0
+        outside the mask."""
+        p = torch.as_tensor(self.probabilities[self.mask], device=self.model.device)
+        gain = self.gain[self.mask] if np.ndim(self.gain) else self.gain
+        out = np.zeros(self.mask.shape + (len(self.model.sequences),))
+        out[self.mask] = self.model.forward(p, gain).cpu().numpy()
+        return out

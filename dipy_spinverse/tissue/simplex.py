@@ -1,0 +1,142 @@
+"""Exact batched least squares over the probability simplex (and NNLS).
+
+For a handful of tissues the constrained problems are solved exactly by
+enumerating active sets: a convex quadratic's minimiser over the simplex
+lies in the relative interior of one face, where it is that face's
+equality-constrained minimiser (a linear function of the data). So the
+feasible face minimiser of least misfit is the global minimiser. With one
+design matrix shared by every voxel each face's solution is a precomputed
+matrix product: ``2**n - 1`` faces for ``n`` tissues, all voxels at once.
+"""
+
+import itertools
+
+import torch
+
+__all__ = [
+    "SimplexLstsq",
+    "simplex_lstsq",
+    "nonneg_lstsq",
+    "project_simplex",
+    "MAX_TISSUES",
+]
+
+#: Enumeration costs ``2**n`` faces; beyond this many tissues it is refused.
+MAX_TISSUES = 8
+
+# Face minimisers this far below zero (relative to 1) still count as
+# feasible: rounding of the 1-3 dimensional solves, not a constraint.
+_FEASIBLE = 1e-9
+
+
+def _faces(n):
+    for size in range(1, n + 1):
+        yield from itertools.combinations(range(n), size)
+
+
+def _affine_solver(design, face):
+    """``(matrix, offset)`` with ``p_face = y @ matrix + offset``: the
+    least-squares point of the face's affine hull (sum one), the one nearest
+    the face's centre where the data do not fix it (pseudo-inverse)."""
+    k = len(face)
+    columns = design[:, list(face)]
+    centre = torch.full((k,), 1.0 / k, dtype=design.dtype, device=design.device)
+    if k == 1:
+        return torch.zeros(
+            design.shape[0], 1, dtype=design.dtype, device=design.device
+        ), centre
+    # orthonormal basis of {z : sum z = 0}
+    steps = torch.eye(k, dtype=design.dtype, device=design.device)[:, 1:] - 1.0 / k
+    basis = torch.linalg.qr(steps).Q
+    solve = basis @ torch.linalg.pinv(columns @ basis)  # (k, n_seq)
+    matrix = solve.T
+    offset = centre - (columns @ centre) @ matrix
+    return matrix, offset
+
+
+class SimplexLstsq:
+    """Exact simplex least squares for one design, its face solvers cached.
+
+    ``SimplexLstsq(design)(data)`` equals ``simplex_lstsq(design, data)``;
+    build it once to solve many data sets (or scales of one, see ``scale``).
+    """
+
+    def __init__(self, design):
+        self.design = design
+        self.faces = [
+            (list(face), *_affine_solver(design, face))
+            for face in _faces(design.shape[1])
+        ]
+
+    def __call__(self, data, scale=1.0):
+        """``(p, rss)`` for ``scale * design`` (the same faces, data / scale)."""
+        data = data / scale
+        n = self.design.shape[1]
+        best = torch.full(
+            data.shape[:1], torch.inf, dtype=data.dtype, device=data.device
+        )
+        p = torch.zeros(data.shape[0], n, dtype=data.dtype, device=data.device)
+        for face, matrix, offset in self.faces:
+            candidate = data @ matrix + offset
+            feasible = (candidate >= -_FEASIBLE).all(dim=1)
+            rss = ((candidate @ self.design[:, face].T - data) ** 2).sum(dim=1)
+            better = feasible & (rss < best)
+            best = torch.where(better, rss, best)
+            full = torch.zeros_like(p)
+            full[:, face] = candidate.clamp_min(0)
+            p = torch.where(better[:, None], full, p)
+        return p / p.sum(dim=1, keepdim=True), best * scale**2
+
+
+def simplex_lstsq(design, data):
+    """``argmin ||design @ p - y||^2`` subject to ``p >= 0, sum(p) = 1``.
+
+    Parameters
+    ----------
+    design : tensor, (n_sequences, n_tissues)
+    data : tensor, (n_voxels, n_sequences)
+
+    Returns
+    -------
+    p : tensor, (n_voxels, n_tissues)
+    rss : tensor, (n_voxels,)
+        Residual sum of squares at ``p``.
+    """
+    return SimplexLstsq(design)(data)
+
+
+def nonneg_lstsq(design, data):
+    """``argmin ||design @ q - y||^2`` subject to ``q >= 0`` (exact NNLS).
+
+    Same shapes and returns as :func:`simplex_lstsq`; ``q`` does not sum to
+    one (its sum is the voxel's gain when the columns are unit-gain
+    signals).
+    """
+    n = design.shape[1]
+    best = (data**2).sum(dim=1)  # the empty face, q = 0
+    q = torch.zeros(data.shape[0], n, dtype=data.dtype, device=data.device)
+    for face in _faces(n):
+        columns = design[:, list(face)]
+        candidate = data @ torch.linalg.pinv(columns).T
+        feasible = candidate >= -_FEASIBLE * data.abs().amax(dim=1, keepdim=True)
+        feasible = feasible.all(dim=1)
+        rss = ((candidate @ columns.T - data) ** 2).sum(dim=1)
+        better = feasible & (rss < best)
+        best = torch.where(better, rss, best)
+        full = torch.zeros_like(q)
+        full[:, list(face)] = candidate.clamp_min(0)
+        q = torch.where(better[:, None], full, q)
+    return q, best
+
+
+def project_simplex(v):
+    """Euclidean projection of each row of ``v`` onto the probability simplex
+    (the sort-based algorithm of Held, Wolfe and Crowder, 1974)."""
+    n = v.shape[-1]
+    u = torch.sort(v, dim=-1, descending=True).values
+    cumulative = u.cumsum(dim=-1) - 1
+    index = torch.arange(1, n + 1, dtype=v.dtype, device=v.device)
+    active = (u - cumulative / index) > 0
+    rho = active.to(v.dtype).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    theta = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp_min(0)
