@@ -42,6 +42,7 @@ LAYERS = [
     "reconst.runner",
     "reconst.model",
     "reconst",
+    "surfaces",
     "io",
     "workflows",
     "tissue.sequences",

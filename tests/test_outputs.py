@@ -9,8 +9,15 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import TetGrid
 from dipy_spinverse.files import atomic_write
-from dipy_spinverse.interface import barrier_mesh, load_mesh, write_mesh
+from dipy_spinverse.interface import InterfaceMesh, barrier_mesh, load_mesh, write_mesh
 from dipy_spinverse.phantoms import sphere
+from dipy_spinverse.reconst import MASKED, OK, SpinverseFit
+from dipy_spinverse.surfaces import (
+    place_in_voxel,
+    remove_voxel_meshes,
+    save_voxel_meshes,
+    volume_surface,
+)
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +152,139 @@ def test_no_empty_mesh_file(tmp_path, mesh):
     with pytest.raises(ValueError, match="unknown mesh format"):
         write_mesh(tmp_path / "x.stl", mesh.vertices, mesh.triangles)
     assert os.listdir(tmp_path) == []
+
+
+# -- the combined surface of a volume, in scanner coordinates ---------------------
+@pytest.fixture(scope="module")
+def barrier_fit(model, truth):
+    """A 2 x 2 x 1 volume fit without fitting: the ball in (0, 0, 0), a slab
+    against the box's wall in (1, 0, 0), no barrier in (0, 1, 0), (1, 1, 0)
+    outside the mask."""
+    grid = model.grid
+    permeability = np.broadcast_to(truth[1], (2, 2, 1, len(truth[1]))).copy()
+    permeability[0, 1, 0] = 0.1
+    slab = grid.cell_centroids[:, 0] < 3.0
+    permeability[1, 0, 0] = np.where(grid.interface_faces(slab), 2e-5, 0.1)
+    status = np.full((2, 2, 1), OK)
+    status[1, 1, 0] = MASKED
+    params = dict(
+        permeability=permeability,
+        labels=None,
+        predicted=np.ones((2, 2, 1, 6)),
+        S0=np.ones((2, 2, 1)),
+        S0_sequences=np.ones((2, 2, 1, 2)),
+        loss=np.zeros((2, 2, 1)),
+        status=status,
+    )
+    return SpinverseFit(model, params, status != MASKED)
+
+
+# A rotation, anisotropic voxels (1 x 2 x 3 mm) and a shift, as an oblique scan.
+_ANGLE = 0.3
+_ROTATION = np.array(
+    [
+        [np.cos(_ANGLE), -np.sin(_ANGLE), 0],
+        [np.sin(_ANGLE), np.cos(_ANGLE), 0],
+        [0, 0, 1],
+    ]
+)
+AFFINE = np.eye(4)
+AFFINE[:3, :3] = _ROTATION @ np.diag([1.0, 2.0, 3.0])
+AFFINE[:3, 3] = [-90.0, 12.0, 30.0]
+
+
+def test_place_in_voxel_maps_the_box_onto_the_voxel():
+    size = 8.0
+    corners = np.array([[0, 0, 0], [8, 8, 8], [4, 4, 4], [8, 0, 0]], float)
+    placed = place_in_voxel(corners, (3, 1, 2), size=size, affine=AFFINE)
+    # Reference: voxel coordinates of the corners (index -/+ 1/2, the centre
+    # at the index) through the affine, written out.
+    expected = [
+        AFFINE @ [2.5, 0.5, 1.5, 1],
+        AFFINE @ [3.5, 1.5, 2.5, 1],
+        AFFINE @ [3, 1, 2, 1],
+        AFFINE @ [3.5, 0.5, 1.5, 1],
+    ]
+    assert_allclose(placed, np.array(expected)[:, :3], atol=1e-12)
+    # 2-D volumes: the missing index is 0.
+    assert_allclose(place_in_voxel(corners[2:3], (3, 1), size=size), [[3, 1, 0]])
+
+
+def test_volume_surface_places_each_voxel(barrier_fit):
+    surface = volume_surface(barrier_fit, affine=AFFINE)
+    size = barrier_fit.model.grid.size
+    voxels = [(0, 0, 0), (1, 0, 0)]  # with a barrier, in index order
+    flat = [np.ravel_multi_index(v, (2, 2, 1)) for v in voxels]
+    assert_array_equal(np.unique(surface.face_data["voxel"]), flat)
+    start = 0
+    for index, voxel in zip(voxels, flat, strict=True):
+        mesh = barrier_fit[index].interface_mesh
+        rows = surface.vertex_data["voxel"] == voxel
+        assert_allclose(
+            surface.vertices[rows],
+            place_in_voxel(mesh.vertices, index, size=size, affine=AFFINE),
+        )
+        faces = surface.face_data["voxel"] == voxel
+        assert_array_equal(surface.triangles[faces], mesh.triangles + start)
+        start += mesh.n_vertices
+    # Inside the voxels' extent: voxel coordinates within index -/+ 1/2.
+    voxel_coords = (surface.vertices - AFFINE[:3, 3]) @ np.linalg.inv(AFFINE[:3, :3]).T
+    assert voxel_coords.min() >= -0.5 - 1e-9 and voxel_coords.max() <= 1.5 + 1e-9
+    perm = surface.face_data["permeability"]
+    wall = surface.face_data["wall"].astype(bool)
+    ball = surface.face_data["voxel"] == flat[0]
+    assert_allclose(perm[ball], 1e-5)
+    assert_allclose(perm[~ball & ~wall], 2e-5)
+    assert wall.any() and np.all(np.isnan(perm[wall]))
+    assert np.all(~wall[ball])  # the ball does not reach the wall
+    # The slab is one compartment, closed by the wall.
+    assert_array_equal(surface.face_data["compartment"][~ball], 1)
+    assert set(np.unique(surface.face_data["compartment"])) <= set(range(1, 13))
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_volume_surface_keeps_normals_outward(barrier_fit, mirror):
+    affine = AFFINE @ np.diag([-1.0 if mirror else 1.0, 1, 1, 1])
+    surface = volume_surface(barrier_fit, affine=affine)
+    combined = InterfaceMesh(surface.vertices, surface.triangles)
+    # Each voxel's closed surface, scaled by the affine's volume factor over
+    # the box volume: the enclosed volume in mm^3, positive (outward normals)
+    # whichever way the affine turns.
+    size = barrier_fit.model.grid.size
+    scale = abs(np.linalg.det(affine[:3, :3])) / size**3
+    meshes = [barrier_fit[index].interface_mesh for index in [(0, 0, 0), (1, 0, 0)]]
+    expected = sum(mesh.volume for mesh in meshes) * scale
+    assert_allclose(combined.volume, expected, rtol=1e-10)
+    assert expected > 0
+
+
+def test_surface_files_and_no_empty_file(barrier_fit, tmp_path):
+    meshio = pytest.importorskip("meshio")
+    surface = volume_surface(barrier_fit, affine=AFFINE)
+    for name in ("s.gii", "s.ply", "s.vtp"):
+        back = load_mesh(surface.save(tmp_path / name))
+        assert_allclose(back.vertices, surface.vertices, atol=1e-4)
+        assert_array_equal(back.triangles, surface.triangles)
+    read = meshio.read(tmp_path / "s.ply")
+    assert_array_equal(read.point_data["voxel"], surface.vertex_data["voxel"])
+    empty = barrier_fit[0:1, 1:2]  # the voxel without a barrier
+    nothing = volume_surface(empty)
+    assert nothing.n_triangles == 0
+    with pytest.raises(ValueError, match="no triangles"):
+        nothing.save(tmp_path / "e.gii")
+    assert not os.path.exists(tmp_path / "e.gii")
+
+
+def test_voxel_meshes_only_where_a_barrier_is(barrier_fit, tmp_path):
+    folder = tmp_path / "voxels"
+    paths = save_voxel_meshes(barrier_fit, folder)
+    assert sorted(os.listdir(folder)) == ["voxel_0_0_0.vtp", "voxel_1_0_0.vtp"]
+    mesh = barrier_fit[0, 0, 0].interface_mesh
+    back = load_mesh(paths[(0, 0, 0)])
+    assert_allclose(back.vertices, mesh.vertices)  # micrometres, as fitted
+    (folder / "notes.txt").write_text("mine")
+    (folder / "voxel_5_5_5.ply").write_text("stale")
+    removed = remove_voxel_meshes(folder)
+    assert len(removed) == 3 and os.listdir(folder) == ["notes.txt"]
+    with pytest.raises(ValueError, match="ext must be"):
+        save_voxel_meshes(barrier_fit, folder, ext=".vtk")
