@@ -18,9 +18,10 @@ import torch
 from dipy.reconst.base import ReconstFit, ReconstModel
 from dipy.testing.decorators import warning_for_keywords
 
-from ..checks import check_int
+from ..checks import check_choice, check_int, check_positive
 from ..sequences import fibonacci_sphere
 from .acquisition import Acquisition
+from .learned import LearnedOptions, fingerprint, load_or_train
 from .fitting import (
     fd_steps,
     forward_differences,
@@ -30,7 +31,11 @@ from .fitting import (
     nnls_gram,
 )
 
-__all__ = ["CompartmentModel", "CompartmentFit"]
+__all__ = ["CompartmentModel", "CompartmentFit", "FIT_METHODS"]
+
+#: Estimators of every compartment model: variable-projection fitting or a
+#: regressor trained on simulated signals (:mod:`.learned`).
+FIT_METHODS = ("varpro", "learned")
 
 DTYPE = torch.float64
 # Elements of the largest temporary of dictionary scoring (voxels x atoms x
@@ -47,6 +52,13 @@ _SCREEN_ITERATIONS = 3
 # Largest |u| of the sigmoid reparametrisation: sigmoid'(8) = 3e-4, so a
 # parameter stays within 3e-4 of the width of its range from each bound.
 _SIGMOID_CAP = 8.0
+# Fibre-count selection (fibres="auto"). Weight of the parameter penalty of
+# the Bayesian information criterion: 1 is BIC; 0.5 was the most accurate on
+# simulated NODDI crossings at SNR 30 (benchmarks/compartments.py).
+_COUNT_PENALTY = 0.5
+# A one-fibre fit whose tissue (non-free-water) fraction is below this is a
+# voxel without fibres.
+_MIN_TISSUE = 0.05
 
 
 def canonical_directions(dirs):
@@ -89,7 +101,19 @@ class CompartmentModel(ReconstModel):
     _fit_class = None
     param_names = ()
 
-    def _setup(self, gtab, *, n_starts, max_iter, n_grid_directions, chunk_size):
+    def _setup(
+        self,
+        gtab,
+        *,
+        n_starts,
+        max_iter,
+        n_grid_directions,
+        chunk_size,
+        fit_method="varpro",
+        snr=50.0,
+        learned_options=None,
+        cache_dir=None,
+    ):
         ReconstModel.__init__(self, gtab)
         self._acq = Acquisition.from_gtab(gtab, timing=self._needs_timing)
         self.n_starts = check_int(n_starts, "n_starts", 1)
@@ -97,6 +121,15 @@ class CompartmentModel(ReconstModel):
         self.n_grid_directions = check_int(n_grid_directions, "n_grid_directions", 1)
         self.chunk_size = check_int(chunk_size, "chunk_size", 1)
         self._b0s = np.asarray(gtab.b0s_mask, dtype=bool)
+        self.fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
+        self.snr = check_positive(snr, "snr")
+        self.learned_options = LearnedOptions.from_dict(learned_options)
+        self.cache_dir = cache_dir
+        if self.fit_method == "learned" and self.fibres == "auto":
+            raise ValueError(
+                "fit_method='learned' needs a fixed n_fibres; fibres='auto' "
+                "is fitted (fit_method='varpro')"
+            )
 
     # -- parameter layout ---------------------------------------------------
     @property
@@ -279,15 +312,36 @@ class CompartmentModel(ReconstModel):
         return x.view(B, n_starts, -1)
 
     # -- fitting --------------------------------------------------------------
-    def _fit_normalised(self, y):
+    def _directed_start(self, x, directions):
+        """Start ``x`` (B, P) with its fibre directions replaced by the given
+        ones (B, D, 3), strongest first; zero rows (no peak) keep the start's
+        own direction."""
+        S, Fs = self._n_shared, len(self._fibre)
+        B = x.shape[0]
+        per = x[:, S:].reshape(B, self.n_fibres, Fs + 3).clone()
+        n = min(self.n_fibres, directions.shape[1])
+        given = directions[:, :n]
+        has = given.norm(dim=-1, keepdim=True) > 0
+        per[:, :n, Fs:] = torch.where(has, given, per[:, :n, Fs:])
+        return torch.cat([x[:, :S], per.reshape(B, -1)], dim=1)
+
+    def _fit_normalised(self, y, *, directions=None):
         """Unconstrained parameters and NNLS coefficients for signals / S0.
 
         All starts take a few Levenberg-Marquardt iterations; only the best
         of each voxel is then iterated to convergence (starts rarely change
         rank once they have settled into their basins, and this divides the
-        cost by about ``n_starts``).
+        cost by about ``n_starts``). ``directions`` (B, D, 3), e.g. CSD peaks,
+        add one start: the first grid start with those fibre directions.
         """
+        if not self.n_fibres and not self._shared:
+            # Nothing nonlinear (NODDI without fibres): one NNLS.
+            x = y.new_zeros(y.shape[0], 0)
+            return x, nnls(self._columns_x(x), y)
         starts = self._greedy_starts(y) if self.n_fibres > 1 else self._grid_starts(y)
+        if directions is not None:
+            directed = self._directed_start(starts[:, 0], directions)
+            starts = torch.cat([starts, directed[:, None]], dim=1)
         B, S, P = starts.shape
         x = starts.reshape(B * S, P)
         if S > 1:
@@ -337,7 +391,7 @@ class CompartmentModel(ReconstModel):
         return signals.max(-1)
 
     @warning_for_keywords()
-    def fit(self, data, *, mask=None):
+    def fit(self, data, *, mask=None, fibres=None):
         """Fit the model to every voxel in ``mask``.
 
         Parameters
@@ -346,6 +400,11 @@ class CompartmentModel(ReconstModel):
             Signals; the last axis follows the gradient table.
         mask : array_like of bool, shape data.shape[:-1], optional
             Voxels to fit (default all). Parameters outside are 0.
+        fibres : "auto" or array_like of int, shape data.shape[:-1], optional
+            Only for models built with ``fibres="auto"``: the number of fibre
+            populations of every voxel (0 to ``model.n_fibres``), or "auto"
+            (the default of such models) to choose it from CSD peaks and a
+            model-selection test.
 
         Returns
         -------
@@ -354,6 +413,7 @@ class CompartmentModel(ReconstModel):
             positive, get NaN parameters; the others are fitted regardless.
         """
         data, mask = self._check_data(data, mask)
+        counts = self._check_fibres(fibres, mask)
         n_params = len(self.param_names)
         params = np.zeros(mask.shape + (n_params,))
         signals = data[mask]  # (V, N)
@@ -362,20 +422,292 @@ class CompartmentModel(ReconstModel):
         out = np.full((signals.shape[0], n_params), np.nan)
         y_ok = signals[ok] / s0[ok, None]
         s0_ok = s0[ok]
-        results = []
-        with torch.no_grad():
-            for i in range(0, y_ok.shape[0], self.chunk_size):
-                y = torch.tensor(y_ok[i : i + self.chunk_size], dtype=DTYPE)
-                scale = torch.tensor(s0_ok[i : i + self.chunk_size], dtype=DTYPE)
-                x, c = self._fit_normalised(y)
-                shared, fibre, dirs = self._unpack(x)
-                results.append(self._to_params(shared, fibre, dirs, c, scale).numpy())
-        if results:
-            out[ok] = np.concatenate(results)
+        if not ok.any():
+            pass
+        elif self.fit_method == "learned":
+            out[ok] = self._fit_learned(y_ok, s0_ok)
+        elif self.fibres == "auto":
+            counts_ok = None if counts is None else counts[mask][ok]
+            out[ok] = self._fit_variable(signals[ok], y_ok, s0_ok, counts_ok)
+        else:
+            out[ok] = self._fit_fixed(y_ok, s0_ok)
         params[mask] = out
         return self._fit_class(self, params, mask=mask)
 
+    #: "auto" for models whose fibre count varies per voxel (set by
+    #: subclasses that support it), else None.
+    fibres = None
+    #: "varpro" (variable-projection fitting) or "learned".
+    fit_method = "varpro"
+
+    def _check_fibres(self, fibres, mask):
+        if fibres is None or (isinstance(fibres, str) and fibres == "auto"):
+            if fibres is not None and self.fibres != "auto":
+                raise ValueError(
+                    "fibres='auto' needs a model built with fibres='auto'"
+                )
+            return None
+        if self.fibres != "auto":
+            raise ValueError(
+                "a per-voxel fibre count map needs a model built with "
+                "fibres='auto' (this one has a fixed n_fibres)"
+            )
+        counts = np.asarray(fibres)
+        if counts.shape != mask.shape:
+            raise ValueError(
+                f"fibres has shape {counts.shape}, but data has spatial shape "
+                f"{mask.shape}; give one count per voxel"
+            )
+        if not np.issubdtype(counts.dtype, np.integer):
+            raise ValueError(f"fibres must hold integers, got dtype {counts.dtype}")
+        inside = counts[mask]
+        if inside.size and (inside.min() < 0 or inside.max() > self.n_fibres):
+            raise ValueError(
+                f"fibres must lie in 0..{self.n_fibres} inside the mask, got "
+                f"{inside.min()}..{inside.max()}"
+            )
+        return counts.astype(np.int64)
+
+    def _fit_fixed(self, y, s0, *, directions=None, with_cost=False):
+        """Public parameters (V, n_params) of normalised signals ``y`` (V, M)
+        with S0 ``s0`` (V,), ``chunk_size`` voxels at a time; with
+        ``with_cost`` also the residual sums of squares (V,)."""
+        results, costs = [], []
+        with torch.no_grad():
+            for i in range(0, y.shape[0], self.chunk_size):
+                yi = torch.tensor(y[i : i + self.chunk_size], dtype=DTYPE)
+                scale = torch.tensor(s0[i : i + self.chunk_size], dtype=DTYPE)
+                di = None
+                if directions is not None:
+                    di = torch.tensor(
+                        directions[i : i + self.chunk_size], dtype=DTYPE
+                    )
+                x, c = self._fit_normalised(yi, directions=di)
+                shared, fibre, dirs = self._unpack(x)
+                results.append(self._to_params(shared, fibre, dirs, c, scale).numpy())
+                r = yi - (self._columns_x(x) @ c[..., None])[..., 0]
+                costs.append((r**2).sum(-1).numpy())
+        params = np.concatenate(results)
+        return (params, np.concatenate(costs)) if with_cost else params
+
+    # -- learned estimator -------------------------------------------------------
+    #: Options that change how, not what, the model fits (not in the cache key).
+    _NOT_IN_KEY = ("n_starts", "max_iter", "n_grid_directions", "chunk_size")
+
+    def _learned_key(self):
+        """Hash of the model, its acquisitions, the noise and the options."""
+        described = {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_")
+            and k not in self._NOT_IN_KEY
+            and isinstance(v, (bool, int, float, str))
+        }
+        described.update(
+            model=type(self).__name__,
+            params=list(self.param_names),
+            bounds=[repr(b) for b in self._shared + self._fibre],
+            options=repr(self.learned_options),
+        )
+        acq = self._acq
+        arrays = [acq.bvals, acq.bvecs]
+        if acq.has_timing:
+            arrays += [acq.g2, acq.waveform_index, acq.durations, acq.amplitudes]
+        return fingerprint(described, [a.numpy() for a in arrays])
+
+    def _direction_slots(self):
+        """Indices of the first of every (x, y, z) triple in param_names."""
+        names = self.param_names
+        return [i for i, n in enumerate(names) if n == "x" or n.startswith("x_")]
+
+    def _sample_training(self, n, rng):
+        """Unconstrained parameters (n, P) and linear weights (n, K) drawn
+        from the prior of the learned estimator: every bounded parameter
+        uniform in its range (log-uniform on a log scale), directions uniform
+        on the sphere, the compartment weights from a flat Dirichlet (volume
+        fractions summing to 1)."""
+        F, Fs = self.n_fibres, len(self._fibre)
+
+        def draw(bound, size):
+            lo, hi = bound.lower, bound.upper
+            if bound.log:
+                v = np.exp(rng.uniform(math.log(lo), math.log(hi), size))
+            else:
+                v = rng.uniform(lo, hi, size)
+            return bound.unconstrained(torch.tensor(v, dtype=DTYPE))
+
+        cols = [draw(b, n)[:, None] for b in self._shared]
+        for _ in range(F):
+            cols += [draw(b, n)[:, None] for b in self._fibre]
+            v = rng.standard_normal((n, 3))
+            cols.append(torch.tensor(v / np.linalg.norm(v, axis=1, keepdims=True)))
+        x = torch.cat(cols, dim=1) if cols else torch.zeros(n, 0, dtype=DTYPE)
+        K = self._columns_x(x[:1]).shape[-1]
+        c = torch.tensor(rng.dirichlet(np.ones(K), n), dtype=DTYPE)
+        return x, c
+
+    def _to_targets(self, params):
+        """Public parameters (V, n_params) -> regression targets: S0 / b0 mean
+        and scalars as they are, each direction as the 6 entries of its
+        outer product (sign-free)."""
+        slots = self._direction_slots()
+        keep = [
+            i
+            for i in range(len(self.param_names))
+            if not any(s <= i < s + 3 for s in slots)
+        ]
+        parts = [params[:, keep]]
+        iu = np.triu_indices(3)
+        for s in slots:
+            d = params[:, s : s + 3]
+            parts.append((d[:, :, None] * d[:, None, :])[:, iu[0], iu[1]])
+        return np.concatenate(parts, axis=1), keep
+
+    def _from_targets(self, targets, s0):
+        """Regression outputs -> public parameters (V, n_params)."""
+        slots = self._direction_slots()
+        _, keep = self._to_targets(np.zeros((1, len(self.param_names))))
+        out = np.empty((targets.shape[0], len(self.param_names)))
+        out[:, keep] = targets[:, : len(keep)]
+        out[:, 0] *= s0
+        iu = np.triu_indices(3)
+        for j, s in enumerate(slots):
+            t = targets[:, len(keep) + 6 * j : len(keep) + 6 * (j + 1)]
+            m = np.zeros((t.shape[0], 3, 3))
+            m[:, iu[0], iu[1]] = t
+            m[:, iu[1], iu[0]] = t
+            _, vecs = np.linalg.eigh(m)
+            d = vecs[..., -1]
+            out[:, s : s + 3] = d * np.where(d[:, 2:3] < 0, -1.0, 1.0)
+        return out
+
+    def _training_set(self):
+        """Simulated normalised signals with Rician noise at ``snr`` (V, M)
+        and their targets."""
+        opts = self.learned_options
+        rng = np.random.default_rng(opts.seed)
+        inputs, targets = [], []
+        chunk = 4096
+        with torch.no_grad():
+            for i in range(0, opts.n_train, chunk):
+                n = min(chunk, opts.n_train - i)
+                x, c = self._sample_training(n, rng)
+                clean = (self._columns_x(x) @ c[..., None])[..., 0].numpy()
+                sigma = 1.0 / self.snr
+                noisy = np.abs(
+                    clean
+                    + rng.normal(0, sigma, clean.shape)
+                    + 1j * rng.normal(0, sigma, clean.shape)
+                )
+                s0 = self._s0_estimate(noisy)
+                s0 = np.where(s0 > 0, s0, 1.0)
+                shared, fibre, dirs = self._unpack(x)
+                params = self._to_params(
+                    shared, fibre, dirs, c, torch.ones(n, dtype=DTYPE)
+                ).numpy()
+                params[:, 0] /= s0
+                inputs.append(noisy / s0[:, None])
+                targets.append(self._to_targets(params)[0])
+        return np.concatenate(inputs), np.concatenate(targets)
+
+    @functools.cached_property
+    def regressor(self):
+        """The trained network of ``fit_method="learned"`` (loaded from the
+        cache, or trained on first use)."""
+        net, _ = load_or_train(
+            self._learned_key(),
+            self._training_set,
+            self.learned_options,
+            directory=self.cache_dir,
+            label=type(self).__name__,
+        )
+        return net
+
+    def _fit_learned(self, y, s0):
+        targets = self.regressor.predict(y.astype(np.float32))
+        return self._from_targets(targets.astype(np.float64), s0)
+
+    # -- fibre counts per voxel --------------------------------------------------
+    def _with_fibres(self, n_fibres):
+        """The same model with a fixed number of fibres (0 included)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no per-voxel fibre count"
+        )
+
+    def _padded(self, params, n_fibres):
+        """Parameters of the ``n_fibres`` model in this model's layout, NaN
+        for the fibres it does not have."""
+        head = len(self.param_names) - self.n_fibres * self._per_fibre_params
+        out = np.full((params.shape[0], len(self.param_names)), np.nan)
+        out[:, : head + n_fibres * self._per_fibre_params] = params
+        return out
+
+    def _fit_variable(self, signals, y, s0, counts):
+        """Parameters (V, n_params) with a fibre count per voxel.
+
+        Every fit with k >= 1 fibres gets one extra start: the voxel's CSD
+        peaks. Given counts, each voxel is fitted with its own. Otherwise
+        (``counts`` None) the count is chosen by forward selection: one
+        fibre first (none if the fitted tissue fraction is below
+        ``_MIN_TISSUE``), then k + 1 fibres replace k while the information
+        criterion ``M log(RSS / M) + _COUNT_PENALTY P log M`` (P free
+        parameters) decreases.
+        """
+        from .peaks import csd_peaks
+
+        directions, _ = csd_peaks(
+            self.gtab, signals, response=self.response, max_peaks=self.n_fibres
+        )
+        V, M = y.shape
+        out = np.full((V, len(self.param_names)), np.nan)
+        if counts is not None:
+            for k in np.unique(counts):
+                idx = np.flatnonzero(counts == k)
+                sub = self._with_fibres(int(k))
+                p = sub._fit_fixed(y[idx], s0[idx], directions=directions[idx])
+                out[idx] = self._padded(p, int(k))
+            return out
+        one = self._with_fibres(1)
+        params, cost = one._fit_fixed(y, s0, directions=directions, with_cost=True)
+        chosen = np.ones(V, dtype=np.int64)
+        best = self._criterion(cost, 1, M)
+        out[:] = self._padded(params, 1)
+        empty = self._tissue_fraction(params) < _MIN_TISSUE
+        if empty.any():
+            idx = np.flatnonzero(empty)
+            p = self._with_fibres(0)._fit_fixed(y[idx], s0[idx])
+            out[idx] = self._padded(p, 0)
+            chosen[idx] = 0
+        for k in range(2, self.n_fibres + 1):
+            idx = np.flatnonzero(chosen == k - 1)
+            if not idx.size:
+                break
+            sub = self._with_fibres(k)
+            p, c = sub._fit_fixed(
+                y[idx], s0[idx], directions=directions[idx], with_cost=True
+            )
+            crit = self._criterion(c, k, M)
+            better = crit < best[idx]
+            win = idx[better]
+            out[win] = self._padded(p[better], k)
+            best[win] = crit[better]
+            chosen[win] = k
+        return out
+
+    def _criterion(self, cost, n_fibres, n_meas):
+        n_free = self._n_free(n_fibres)
+        cost = np.maximum(cost, 1e-300)
+        return n_meas * np.log(cost / n_meas) + _COUNT_PENALTY * n_free * math.log(
+            n_meas
+        )
+
     # -- prediction -----------------------------------------------------------
+    def _fill_padding(self, params):
+        """Parameters with the NaN of absent fibres (per-voxel counts)
+        replaced by a fibre of weight 0, so that only unfitted voxels stay
+        NaN."""
+        return params
+
     def _predict_params(self, params, acq, S0=None, mask=None):
         """Signals (..., M) from public parameters (..., n_params).
 
@@ -384,7 +716,7 @@ class CompartmentModel(ReconstModel):
         (voxels that could not be fitted); only the other voxels are
         simulated, ``chunk_size`` at a time.
         """
-        params = np.asarray(params, dtype=np.float64)
+        params = self._fill_padding(np.asarray(params, dtype=np.float64))
         shape = params.shape[:-1]
         if mask is None:
             mask = np.any(params != 0, axis=-1)
@@ -452,6 +784,31 @@ class CompartmentFit(ReconstFit):
     def S0(self):
         """Fitted signal without diffusion weighting (same units as data)."""
         return self.model_params[..., 0]
+
+    def _direction_stack(self):
+        slots = self.model._direction_slots()
+        if not slots:
+            return np.zeros(self.shape + (0, 3))
+        return np.stack([self.model_params[..., s : s + 3] for s in slots], axis=-2)
+
+    @property
+    def n_fibres(self):
+        """Fibre populations of every voxel (int array, 0 outside the mask
+        and where the voxel could not be fitted)."""
+        dirs = self._direction_stack()
+        present = np.isfinite(dirs).all(-1).sum(-1)
+        fitted = self.mask & np.isfinite(self.S0)
+        return np.where(fitted, present, 0).astype(np.int64)
+
+    @property
+    def directions(self):
+        """Fibre directions (..., F, 3), strongest first, as DIPY's
+        ``TensorFit.directions`` (F = 1) and ``peak_dirs``: unit vectors,
+        zero rows for absent fibres, outside the mask and in unfitted voxels,
+        so they can seed and drive DIPY's tractography."""
+        dirs = self._direction_stack()
+        keep = np.isfinite(dirs).all(-1, keepdims=True) & self.mask[..., None, None]
+        return np.where(keep, dirs, 0.0)
 
     @warning_for_keywords()
     def predict(self, gtab=None, *, S0=None):

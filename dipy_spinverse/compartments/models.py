@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from dipy.testing.decorators import warning_for_keywords
 
-from ..checks import check_positive
+from ..checks import check_choice, check_positive
 from . import blocks
 from .base import CompartmentFit, CompartmentModel, canonical_directions
 from .fitting import Bound
@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 _S_TO_US = 1e6
+# Most fibre populations per voxel (fibres="auto").
+MAX_FIBRES = 3
 # Zhang et al. (2012): in vivo intrinsic and free-water diffusivities (mm^2/s).
 D_PAR_INVIVO = 1.7e-3
 D_ISO = 3.0e-3
@@ -53,7 +55,21 @@ _COMMON_DOC = """
     n_grid_directions : int, optional
         Directions on a half sphere in the initialisation grid.
     chunk_size : int, optional
-        Voxels fitted together; memory grows linearly with it."""
+        Voxels fitted together; memory grows linearly with it.
+    fit_method : {"varpro", "learned"}, optional
+        "varpro": variable-projection fitting (the default); "learned": a
+        small MLP trained on signals simulated from this model for ``gtab``
+        with Rician noise at ``snr`` (:mod:`.learned`), cached on disk and
+        trained on first use (the training time is printed).
+    snr : float, optional
+        Signal-to-noise ratio (S0 / sigma) of the learned estimator's
+        training signals.
+    learned_options : dict, optional
+        Training options (:class:`~.learned.LearnedOptions`: n_train,
+        epochs, hidden, batch_size, lr, seed).
+    cache_dir : path-like, optional
+        Folder of the trained networks; default ``$DIPY_SPINVERSE_CACHE`` or
+        ``~/.cache/dipy_spinverse``."""
 
 
 def _check_bounds(bounds, name, *, lower=0.0):
@@ -95,12 +111,25 @@ class NoddiModel(CompartmentModel):
     gtab : dipy.core.gradients.GradientTable
         b-values and directions (timing not needed).
     n_fibres : int, optional
-        Fibre populations (1, 2 or 3), each with its own direction, ODI, NDI
-        and weight ``w_k``.
+        Fibre populations (0, 1, 2 or 3), each with its own direction, ODI,
+        NDI and weight ``w_k``; 0 is free water alone.
+    fibres : "auto", optional
+        A fibre count per voxel (0 to 3): chosen from DIPY's CSD peaks and an
+        information criterion, or given to :meth:`fit` as a map. The
+        parameters then have the layout of ``n_fibres=3``, NaN for the fibres
+        a voxel does not have (``fit.n_fibres`` holds the counts).
+    response : tuple, optional
+        CSD single-fibre response (``(evals, S0)``, for the highest shell)
+        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7.
     d_par : float, optional
         Intrinsic parallel diffusivity in mm^2/s (1.7e-3 in vivo).
     d_iso : float, optional
         Free-water diffusivity in mm^2/s.
+    extra_average : {"tensor", "signal"}, optional
+        Extra-neurite compartment: the zeppelin of the Watson-averaged tensor
+        as in the NODDI toolbox ("tensor", :func:`~.blocks.watson_hindered`)
+        or the Watson average of zeppelin signals as in dmipy ("signal",
+        :func:`~.blocks.watson_zeppelin`).
 
     Notes
     -----
@@ -112,6 +141,8 @@ class NoddiModel(CompartmentModel):
     # The Watson integral has hand-written derivatives: forward mode costs
     # about 3 model evaluations per Jacobian instead of 6 (measured).
     _forward_mode = True
+    # Per fibre: w, ndi, odi, x, y, z.
+    _per_fibre_params = 6
 
     @warning_for_keywords()
     def __init__(
@@ -119,23 +150,39 @@ class NoddiModel(CompartmentModel):
         gtab,
         *,
         n_fibres=1,
+        fibres=None,
+        response=None,
         d_par=D_PAR_INVIVO,
         d_iso=D_ISO,
+        extra_average="tensor",
         n_starts=None,
         max_iter=200,
         n_grid_directions=100,
         chunk_size=128,
+        fit_method="varpro",
+        snr=50.0,
+        learned_options=None,
+        cache_dir=None,
     ):
-        if n_fibres not in (1, 2, 3):
-            raise ValueError(f"n_fibres must be 1, 2 or 3, got {n_fibres!r}")
+        if n_fibres not in (0, 1, 2, 3):
+            raise ValueError(f"n_fibres must be 0, 1, 2 or 3, got {n_fibres!r}")
+        if fibres is not None:
+            check_choice(fibres, "fibres", ("auto",))
+            n_fibres = MAX_FIBRES
+        self.fibres = fibres
+        self.response = response
         self.n_fibres = int(n_fibres)
+        self._n_starts_given = n_starts
         if n_starts is None:
             # One fibre: the grid start is already in the right basin (extra
             # starts changed no fit in tests at SNR 50); several fibres: the
             # matching-pursuit completions of different first atoms differ.
-            n_starts = 1 if self.n_fibres == 1 else 3
+            n_starts = 1 if self.n_fibres <= 1 else 3
         self.d_par = check_positive(d_par, "d_par")
         self.d_iso = check_positive(d_iso, "d_iso")
+        self.extra_average = check_choice(
+            extra_average, "extra_average", ("tensor", "signal")
+        )
         self._shared = ()
         self._fibre = (Bound("odi", *_ODI_BOUNDS), Bound("ndi", 0.0, 1.0))
         self._grid = {"odi": (0.05, 0.15, 0.3, 0.5, 0.75), "ndi": (0.2, 0.4, 0.6, 0.8)}
@@ -149,13 +196,55 @@ class NoddiModel(CompartmentModel):
             max_iter=max_iter,
             n_grid_directions=n_grid_directions,
             chunk_size=chunk_size,
+            fit_method=fit_method,
+            snr=snr,
+            learned_options=learned_options,
+            cache_dir=cache_dir,
         )
+
+    def _with_fibres(self, n_fibres):
+        cache = self.__dict__.setdefault("_submodels", {})
+        if n_fibres not in cache:
+            cache[n_fibres] = NoddiModel(
+                self.gtab,
+                n_fibres=n_fibres,
+                d_par=self.d_par,
+                d_iso=self.d_iso,
+                extra_average=self.extra_average,
+                n_starts=self._n_starts_given,
+                max_iter=self.max_iter,
+                n_grid_directions=self.n_grid_directions,
+                chunk_size=self.chunk_size,
+            )
+        return cache[n_fibres]
+
+    def _n_free(self, n_fibres):
+        # fiso, then per fibre: weight, ndi, odi and two direction angles
+        # (the tissue weights sum to 1 - fiso: one of them is not free).
+        return 1 + 5 * n_fibres
+
+    def _tissue_fraction(self, params):
+        return 1.0 - params[:, 1]
+
+    def _fill_padding(self, params):
+        params = params.copy()
+        fitted = np.isfinite(params[..., 0])
+        for k in range(self.n_fibres):
+            block = params[..., 2 + 6 * k : 8 + 6 * k]
+            absent = fitted & np.isnan(block[..., 0])
+            block[absent] = (0.0, 0.5, 0.5, 0.0, 0.0, 1.0)
+        return params
 
     def _fibre_columns(self, acq, shared, fibre, dirs):
         kappa = blocks.odi_to_kappa(fibre["odi"])
         ndi = fibre["ndi"]
         intra = blocks.watson_stick(acq, direction=dirs, kappa=kappa, d_par=self.d_par)
-        extra = blocks.watson_hindered(
+        average = (
+            blocks.watson_hindered
+            if self.extra_average == "tensor"
+            else blocks.watson_zeppelin
+        )
+        extra = average(
             acq,
             direction=dirs,
             kappa=kappa,
@@ -175,7 +264,9 @@ class NoddiModel(CompartmentModel):
         tissue = fractions[:, :F]
         tissue_sum = tissue.sum(-1, keepdim=True)
         # Pure free water leaves the fibre weights undefined: share equally.
-        w = torch.where(tissue_sum > 0, tissue / tissue_sum.clamp_min(1e-300), 1.0 / F)
+        w = torch.where(
+            tissue_sum > 0, tissue / tissue_sum.clamp_min(1e-300), 1.0 / max(F, 1)
+        )
         order = w.argsort(dim=-1, descending=True)
 
         def sort(t):
@@ -191,7 +282,7 @@ class NoddiModel(CompartmentModel):
 
     def _from_params(self, params):
         F = self.n_fibres
-        per = params[:, 2:].reshape(-1, F, 6)
+        per = params[:, 2:].reshape(len(params), F, 6)
         fiso = params[:, 1:2]
         fibre = {"ndi": per[..., 1], "odi": per[..., 2]}
         fractions = torch.cat([(1.0 - fiso) * per[..., 0], fiso], dim=-1)
@@ -205,6 +296,8 @@ class NoddiFit(CompartmentFit):
     def _per_fibre(self, name):
         F = self.model.n_fibres
         maps = [self._param(f"{name}_{k}") for k in range(F)]
+        if F == 0:
+            return np.zeros(self.shape + (0,))
         return maps[0] if F == 1 else np.stack(maps, axis=-1)
 
     @property

@@ -1,0 +1,235 @@
+"""Learned estimators: a small torch MLP trained on simulated signals.
+
+The machine-learning paradigm beside model fitting (as in MicroLearn): a
+regressor from normalised signals to a model's parameters, trained on signals
+simulated from the same model, for the user's gradient table and a noise
+level, then applied to every voxel in one batched forward pass. Trained
+networks are cached on disk under a hash of everything that defines them
+(like AMICO's kernels), so a table is trained for once.
+
+The model-specific parts (drawing parameters, simulating, turning network
+outputs into public parameters) live in the models; this module only knows
+arrays: a training set, a network, the cache.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checks import check_int, check_positive
+
+__all__ = ["LearnedOptions", "Regressor", "cache_dir", "train", "load_or_train"]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming the cache folder.
+CACHE_ENV = "DIPY_SPINVERSE_CACHE"
+
+
+@dataclass(frozen=True)
+class LearnedOptions:
+    """Training options of a learned estimator.
+
+    Parameters
+    ----------
+    n_train : int
+        Simulated training voxels.
+    epochs : int
+        Passes over the training set.
+    hidden : tuple of int
+        Widths of the hidden layers.
+    batch_size : int
+    lr : float
+        Initial Adam learning rate (cosine decay to 1 % of it).
+    seed : int
+        Seed of the simulated parameters, noise and initial weights.
+    """
+
+    n_train: int = 100_000
+    epochs: int = 30
+    hidden: tuple = (256, 256, 256)
+    batch_size: int = 512
+    lr: float = 2e-3
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, options):
+        """Options from a dict (None: defaults); unknown keys are refused."""
+        options = dict(options or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(
+                f"unknown learned_options {sorted(unknown)}; valid keys: "
+                f"{sorted(known)}"
+            )
+        out = cls(**options)
+        check_int(out.n_train, "learned_options['n_train']", 16)
+        check_int(out.epochs, "learned_options['epochs']", 1)
+        check_int(out.batch_size, "learned_options['batch_size']", 1)
+        check_int(out.seed, "learned_options['seed']", 0)
+        check_positive(out.lr, "learned_options['lr']")
+        hidden = tuple(out.hidden)
+        for width in hidden:
+            check_int(width, "learned_options['hidden']", 1)
+        return cls(**{**asdict(out), "hidden": hidden})
+
+
+def cache_dir(path=None):
+    """The cache folder: ``path``, else ``$DIPY_SPINVERSE_CACHE``, else
+    ``~/.cache/dipy_spinverse``."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "dipy_spinverse"
+
+
+def fingerprint(description, arrays):
+    """SHA-256 of a JSON-able description and some arrays (their bytes)."""
+    h = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+class Regressor(torch.nn.Module):
+    """MLP with standardised inputs and outputs (statistics as buffers)."""
+
+    def __init__(self, n_in, n_out, hidden):
+        super().__init__()
+        layers, width = [], n_in
+        for h in hidden:
+            layers += [torch.nn.Linear(width, h), torch.nn.SiLU()]
+            width = h
+        layers.append(torch.nn.Linear(width, n_out))
+        self.net = torch.nn.Sequential(*layers)
+        for name, size in (("x_mean", n_in), ("x_std", n_in)):
+            self.register_buffer(name, torch.zeros(size))
+        for name, size in (("y_mean", n_out), ("y_std", n_out)):
+            self.register_buffer(name, torch.ones(size))
+        self.register_buffer("y_min", torch.zeros(n_out))
+        self.register_buffer("y_max", torch.zeros(n_out))
+
+    def forward(self, x):
+        z = self.net((x - self.x_mean) / self.x_std)
+        return z * self.y_std + self.y_mean
+
+    @torch.no_grad()
+    def predict(self, x, *, chunk=65536):
+        """Outputs for inputs (V, n_in) (numpy), clamped to the range seen in
+        training (a network extrapolates badly; the clamp never moves a
+        value inside that range)."""
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        out = [self(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)]
+        y = torch.cat(out) if out else torch.zeros(0, self.y_min.numel())
+        return torch.maximum(torch.minimum(y, self.y_max), self.y_min).numpy()
+
+
+def train(inputs, targets, options, *, label="regressor"):
+    """Train a :class:`Regressor` on (V, n_in) inputs and (V, n_out) targets.
+
+    Adam on the mean squared error of standardised targets, cosine learning
+    rate, a tqdm bar over epochs; the training time is logged and printed.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(options.seed)
+    x = torch.as_tensor(inputs, dtype=torch.float32)
+    y = torch.as_tensor(targets, dtype=torch.float32)
+    net = Regressor(x.shape[1], y.shape[1], options.hidden)
+    net.x_mean.copy_(x.mean(0))
+    net.x_std.copy_(x.std(0).clamp_min(1e-6))
+    net.y_mean.copy_(y.mean(0))
+    net.y_std.copy_(y.std(0).clamp_min(1e-6))
+    net.y_min.copy_(y.amin(0))
+    net.y_max.copy_(y.amax(0))
+    steps_per_epoch = math.ceil(x.shape[0] / options.batch_size)
+    total = steps_per_epoch * options.epochs
+    opt = torch.optim.Adam(net.parameters(), lr=options.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, total, eta_min=options.lr * 0.01
+    )
+    yn = (y - net.y_mean) / net.y_std
+    gen = torch.Generator().manual_seed(options.seed)
+    start = time.perf_counter()
+    bar = tqdm(range(options.epochs), desc=f"training {label}", leave=False)
+    for _ in bar:
+        order = torch.randperm(x.shape[0], generator=gen)
+        running = 0.0
+        for i in range(0, x.shape[0], options.batch_size):
+            idx = order[i : i + options.batch_size]
+            z = net.net((x[idx] - net.x_mean) / net.x_std)
+            loss = torch.mean((z - yn[idx]) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss) * idx.numel()
+        bar.set_postfix(loss=f"{running / x.shape[0]:.4f}")
+    seconds = time.perf_counter() - start
+    message = (
+        f"dipy_spinverse: trained the {label} on {x.shape[0]} simulated voxels "
+        f"in {seconds:.1f} s"
+    )
+    logger.info(message)
+    print(message)
+    net.eval()
+    return net, seconds
+
+
+def load_or_train(key, make_training_set, options, *, directory=None, label=""):
+    """The cached regressor for ``key``, trained (and saved) if absent.
+
+    Parameters
+    ----------
+    key : str
+        Hash of everything the network depends on (:func:`fingerprint`).
+    make_training_set : callable
+        ``() -> (inputs, targets)`` numpy arrays, called only when training.
+    options : LearnedOptions
+    directory : path-like, optional
+        Cache folder (default :func:`cache_dir`).
+
+    Returns
+    -------
+    net : Regressor
+    path : Path
+        The cache file.
+    """
+    folder = cache_dir(directory)
+    path = folder / f"{label or 'regressor'}-{key}.pt"
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = Regressor(state["n_in"], state["n_out"], tuple(state["hidden"]))
+        net.load_state_dict(state["weights"])
+        net.eval()
+        return net, path
+    inputs, targets = make_training_set()
+    net, seconds = train(inputs, targets, options, label=label or "regressor")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "n_in": inputs.shape[1],
+            "n_out": targets.shape[1],
+            "hidden": list(options.hidden),
+            "weights": net.state_dict(),
+            "train_seconds": seconds,
+        },
+        tmp,
+    )
+    # Atomic: a concurrent reader never sees half a file.
+    tmp.replace(path)
+    return net, path

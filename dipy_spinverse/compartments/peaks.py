@@ -1,0 +1,141 @@
+"""Fibre directions and counts per voxel from DIPY's constrained spherical
+deconvolution (CSD), the starts of the multi-fibre compartment fits.
+
+CSD needs one shell: the highest shell with enough directions is used
+(with the b = 0 volumes). The response is DIPY's single-fibre response from
+the voxels of highest FA unless one is given.
+
+References
+----------
+Tournier et al., NeuroImage 35, 1459 (2007) (constrained spherical
+deconvolution).
+"""
+
+import numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.data import default_sphere
+from dipy.direction import peaks_from_model
+from dipy.reconst.csdeconv import (
+    ConstrainedSphericalDeconvModel,
+    response_from_mask_ssst,
+)
+from dipy.reconst.dti import TensorModel
+
+__all__ = ["csd_peaks", "select_shell"]
+
+# Shells are told apart to this precision (s/mm^2).
+_SHELL_ROUNDING = 100.0
+# CSD's spherical-harmonic order is capped at 8 (45 coefficients), the usual
+# choice; lower where the shell has fewer directions than coefficients.
+_MAX_SH_ORDER = 8
+# Voxels used for the automatic response: FA above this (DIPY's default).
+_RESPONSE_FA = 0.7
+
+
+def select_shell(gtab, *, min_directions=15):
+    """Indices of the b = 0 volumes and of the highest shell with at least
+    ``min_directions`` volumes.
+
+    Returns
+    -------
+    index : ndarray of int
+    bval : float
+        The shell's (rounded) b-value in s/mm^2.
+    """
+    bvals = np.asarray(gtab.bvals, dtype=np.float64)
+    b0s = np.asarray(gtab.b0s_mask, dtype=bool)
+    rounded = np.round(bvals / _SHELL_ROUNDING) * _SHELL_ROUNDING
+    shells = [
+        b
+        for b in np.unique(rounded[~b0s])
+        if np.sum(rounded[~b0s] == b) >= min_directions
+    ]
+    if not shells or not b0s.any():
+        raise ValueError(
+            "CSD peaks need b = 0 volumes and a shell with at least "
+            f"{min_directions} directions; the gradient table has b-values "
+            f"{sorted(set(rounded.tolist()))}"
+        )
+    shell = max(shells)
+    return np.flatnonzero(b0s | (rounded == shell)), float(shell)
+
+
+def _sh_order(n_directions):
+    order = _MAX_SH_ORDER
+    while order > 2 and (order + 1) * (order + 2) // 2 > n_directions:
+        order -= 2
+    return order
+
+
+def csd_peaks(
+    gtab,
+    signals,
+    *,
+    response=None,
+    max_peaks=3,
+    relative_peak_threshold=0.25,
+    min_separation_angle=25.0,
+):
+    """CSD fibre directions of every voxel, strongest first.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+    signals : ndarray, shape (V, N)
+        One row per voxel, columns following ``gtab``.
+    response : tuple or AxSymShResponse, optional
+        Single-fibre response for :class:`ConstrainedSphericalDeconvModel`
+        (e.g. ``(evals, S0)``), for the selected shell. Default: estimated
+        from the voxels of FA > 0.7 (``response_from_mask_ssst``).
+    max_peaks : int, optional
+    relative_peak_threshold : float, optional
+        Peaks below this fraction of the largest are dropped.
+    min_separation_angle : float, optional
+        Degrees; closer peaks are merged.
+
+    Returns
+    -------
+    directions : ndarray, shape (V, max_peaks, 3)
+        Unit vectors, zero rows beyond a voxel's peaks (DIPY's convention).
+    values : ndarray, shape (V, max_peaks)
+        Peak heights of the fibre orientation distribution (0 beyond).
+    """
+    signals = np.asarray(signals, dtype=np.float64)
+    index, _ = select_shell(gtab)
+    sub = gradient_table(
+        np.asarray(gtab.bvals)[index],
+        bvecs=np.asarray(gtab.bvecs)[index],
+        b0_threshold=gtab.b0_threshold,
+    )
+    data = signals[:, index][:, None, None, :]
+    if response is None:
+        response = _auto_response(sub, data)
+    n_dirs = int(np.sum(~sub.b0s_mask))
+    model = ConstrainedSphericalDeconvModel(
+        sub, response, sh_order_max=_sh_order(n_dirs)
+    )
+    pam = peaks_from_model(
+        model,
+        data,
+        default_sphere,
+        relative_peak_threshold,
+        min_separation_angle,
+        return_sh=False,
+        npeaks=max_peaks,
+    )
+    dirs = pam.peak_dirs.reshape(-1, max_peaks, 3)
+    values = pam.peak_values.reshape(-1, max_peaks)
+    return dirs, np.where(np.isfinite(values), values, 0.0)
+
+
+def _auto_response(gtab, data):
+    fa = TensorModel(gtab).fit(data).fa
+    mask = np.nan_to_num(fa) > _RESPONSE_FA
+    if not mask.any():
+        raise ValueError(
+            f"no voxel has FA > {_RESPONSE_FA} to estimate the CSD response; "
+            "give response=(evals, S0) (e.g. from "
+            "dipy.reconst.csdeconv.auto_response_ssst on the whole volume)"
+        )
+    response, _ = response_from_mask_ssst(gtab, data, mask)
+    return response
