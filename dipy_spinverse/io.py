@@ -7,9 +7,10 @@ description of the model (:func:`model_spec`), from which :func:`load_fit`
 rebuilds it -- no pickles. A partly finished fit
 (``SpinverseModel.fit(..., checkpoint=Checkpoint(path))``) is saved the same
 way, with status ``PENDING`` on the voxels still to fit; :func:`resume_fit`
-continues it. :func:`save_maps`, :func:`save_permeability` and
-:func:`save_predicted` write NIfTI images; per-voxel meshes are written by
-``SpinverseFit.save_interface``.
+continues it. :func:`save_map`, :func:`save_maps`, :func:`save_permeability`
+and :func:`save_predicted` write NIfTI images, each atomically (a temporary
+file beside it, then a rename: an interrupted run never leaves a half-written
+image); barrier meshes are written by :mod:`dipy_spinverse.surfaces`.
 """
 
 import copy
@@ -26,6 +27,7 @@ from dipy.io.image import save_nifti
 
 from . import sequences
 from .checks import check_device
+from .files import atomic_write
 from .grid import TetGrid
 from .inverse import InversionConfig
 from .reconst import STATUS_CODES, SpinverseFit, SpinverseModel
@@ -38,6 +40,7 @@ __all__ = [
     "save_fit",
     "load_fit",
     "resume_fit",
+    "save_map",
     "save_maps",
     "save_permeability",
     "save_predicted",
@@ -434,14 +437,44 @@ def save_maps(fit, out_dir, *, affine=None, names=None, prefix="", suffix=".nii.
     unknown = sorted(set(names) - set(MAPS))
     if unknown:
         raise ValueError(f"Unknown map(s) {unknown}; choose from {sorted(MAPS)}.")
-    affine = np.eye(4) if affine is None else np.asarray(affine)
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for name, fname in names.items():
         path = os.path.join(os.fspath(out_dir), os.fspath(fname))
-        save_nifti(path, np.asarray(getattr(fit, name)).astype(MAPS[name]), affine)
-        paths[name] = path
+        paths[name] = save_map(fit, name, path, affine=affine)
     return paths
+
+
+def save_map(fit, name, path, *, affine=None):
+    """Write one scalar map of a volume fit as a NIfTI image, atomically.
+
+    Parameters
+    ----------
+    fit : SpinverseFit
+    name : str
+        A key of :data:`MAPS` (``"restricted_fraction"``, ``"S0"``, ...).
+    path : str or os.PathLike
+        The image (its folder is created if needed).
+    affine : ndarray (4, 4), optional
+        Voxel-to-world affine (default identity).
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    if name not in MAPS:
+        raise ValueError(f"Unknown map {name!r}; choose from {sorted(MAPS)}.")
+    values = np.asarray(getattr(fit, name)).astype(MAPS[name])
+    return _save_nifti(path, values, affine)
+
+
+def _save_nifti(path, data, affine):
+    """``save_nifti`` through a temporary file beside ``path``, then a rename."""
+    affine = np.eye(4) if affine is None else np.asarray(affine)
+    with atomic_write(path) as tmp:
+        save_nifti(tmp, data, affine)
+    return os.fspath(path)
 
 
 def save_permeability(fit, path, *, affine=None):
@@ -461,11 +494,8 @@ def save_permeability(fit, path, *, affine=None):
     -------
     str
     """
-    affine = np.eye(4) if affine is None else np.asarray(affine)
     data = np.where(fit.fitted[..., None], fit.permeability, np.nan)
-    data = data.astype(np.float32)
-    save_nifti(os.fspath(path), data, affine)
-    return os.fspath(path)
+    return _save_nifti(path, data.astype(np.float32), affine)
 
 
 def save_predicted(fit, path, *, affine=None, gtab=None):
@@ -483,9 +513,7 @@ def save_predicted(fit, path, *, affine=None, gtab=None):
     -------
     str
     """
-    affine = np.eye(4) if affine is None else np.asarray(affine)
-    save_nifti(os.fspath(path), fit.predict(gtab).astype(np.float32), affine)
-    return os.fspath(path)
+    return _save_nifti(path, fit.predict(gtab).astype(np.float32), affine)
 
 
 def describe_status(status):
