@@ -44,6 +44,7 @@ __all__ = [
     "edge_degree_fraction",
     "n_components",
     "inversion_twin",
+    "cell_inversion",
     "all_metrics",
 ]
 
@@ -237,15 +238,41 @@ def inversion_twin(grid, barrier):
     ndarray of bool (n_faces,)
     """
     barrier = check_barrier(grid, barrier)
-    points = grid.wrap(grid.size - grid.face_centroids)  # about size / 2
-    tree = cKDTree(grid.face_centroids, boxsize=grid.size if grid.periodic else None)
-    distance, face = tree.query(points)
-    if np.any(distance > 1e-6 * grid.spacing):
+    return barrier[_inverted(grid, grid.face_centroids, exact=True)]
+
+
+def cell_inversion(grid, *, exact=True):
+    """The cell each cell maps to under inversion through the voxel centre.
+
+    ``labels[cell_inversion(grid)]`` is the labelling inverted through the
+    centre, which gives the same signal magnitude as ``labels`` (see
+    :func:`inversion_twin`).
+
+    Parameters
+    ----------
+    grid : TetGrid
+    exact : bool
+        Require a grid symmetric under the inversion (``TetGrid.bcc`` is);
+        ``False`` maps each cell to the cell nearest its inverted centroid
+        on any grid.
+
+    Returns
+    -------
+    ndarray of int (n_cells,)
+    """
+    return _inverted(grid, grid.cell_centroids, exact=exact)
+
+
+def _inverted(grid, points, *, exact):
+    """Index of the point nearest each point's inversion through the centre."""
+    tree = cKDTree(points, boxsize=grid.size if grid.periodic else None)
+    distance, index = tree.query(grid.wrap(grid.size - points))  # about size / 2
+    if exact and np.any(distance > 1e-6 * grid.spacing):
         raise ValueError(
-            "grid is not symmetric under inversion through its centre; "
-            "inversion_twin needs a grid such as TetGrid.bcc."
+            "grid is not symmetric under inversion through its centre; use a "
+            "grid such as TetGrid.bcc (or exact=False for the nearest cells)."
         )
-    return barrier[face]
+    return index
 
 
 def all_metrics(

@@ -161,7 +161,7 @@ def test_label_search_finds_the_truth_from_a_nearby_start(problem, kappa, start)
     config = resolve_config("default", search_directions=None)
     config = dataclasses.replace(config, search_steps=steps)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
-    labels, field, predicted = search_labels(
+    labels, field, predicted, *_ = search_labels(
         grid, data, prot, config, sim=sim, face_kappa=None, labels=first[None]
     )
     assert_array_equal(labels[0], inside)

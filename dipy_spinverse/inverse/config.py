@@ -15,6 +15,10 @@ from ..checks import check_choice, check_int, check_number
 
 __all__ = ["Stage", "InversionConfig", "PRESETS", "resolve_config"]
 
+# A learned proposal needs some variety to learn from (ProposalSettings
+# refuses fewer).
+MIN_PROPOSAL_SUBSTRATES = 10
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -102,7 +106,12 @@ class InversionConfig:
         ``search_kappas`` (m/s), refined between them; ``search_starts``
         generic shapes kept after screening, ``search_restarts`` descents;
         a move must lower chi-square by ``search_min_gain`` (needs
-        ``sigma``). See :mod:`dipy_spinverse.inverse.search`.
+        ``sigma``). Starts: the face field's regions, the generic-shape
+        dictionary (``search_dictionary``) and, when ``search_proposal`` > 0,
+        ``search_proposal_samples`` labellings drawn from a learned proposal
+        trained on that many random substrates (cached on disk; see
+        :mod:`dipy_spinverse.inverse.proposal`). See
+        :mod:`dipy_spinverse.inverse.search`.
     """
 
     parametrisation: str = "face"
@@ -135,6 +144,9 @@ class InversionConfig:
     search_starts: int = 16
     search_restarts: int = 1
     search_min_gain: float = 0.0
+    search_dictionary: bool = True
+    search_proposal: int = 0
+    search_proposal_samples: int = 16
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -226,6 +238,26 @@ class InversionConfig:
                 minimum=0,
                 hint=" (chi-square units; 0 accepts every move that lowers the loss)",
             ),
+        )
+
+        if not isinstance(self.search_dictionary, bool | np.bool_):
+            raise ValueError(
+                f"search_dictionary must be True or False, got "
+                f"{self.search_dictionary!r}."
+            )
+        set_(self, "search_dictionary", bool(self.search_dictionary))
+        proposal = check_int(self.search_proposal, "search_proposal", 0)
+        if 0 < proposal < MIN_PROPOSAL_SUBSTRATES:
+            raise ValueError(
+                f"search_proposal is the number of training substrates of the "
+                f"learned proposal: 0 (off) or at least {MIN_PROPOSAL_SUBSTRATES}, "
+                f"got {proposal}; e.g. search_proposal=4000."
+            )
+        set_(self, "search_proposal", proposal)
+        set_(
+            self,
+            "search_proposal_samples",
+            check_int(self.search_proposal_samples, "search_proposal_samples", 1),
         )
 
     @property
@@ -335,6 +367,11 @@ def _ignored_options(config):
         ignored["sigma"] = (
             "the loss is Gaussian (noise='gaussian') and the label search is off "
             "(search_steps=0); use preset='default' or noise='rician'"
+        )
+    if config.search_proposal == 0:
+        ignored.setdefault(
+            "search_proposal_samples",
+            "there is no learned proposal (search_proposal=0)",
         )
     if config.parametrisation != "face":
         ignored["init_log_kappa"] = "parametrisation='cell' starts from occupancy 0.5"

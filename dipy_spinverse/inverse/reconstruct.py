@@ -35,8 +35,9 @@ class Reconstruction:
         are labels, the faces between cells of different labels (closed
         surfaces by construction).
     labels : ndarray of int (..., n_cells) or None
-        Cell labels (0 outside, 1 inside) from the cell parametrisation or
-        the label search; None otherwise.
+        Cell labels from the cell parametrisation (0 outside, 1 inside) or
+        the label search (0 outside, ``k`` in cell ``k``: touching cells stay
+        separate compartments); None otherwise.
     predicted : ndarray (..., n_acquisitions)
         b0-normalised signal of the fitted field, protocol order.
     history : dict of ndarray
@@ -47,6 +48,14 @@ class Reconstruction:
         Wall time of the fit.
     config : InversionConfig
         The configuration used.
+    inside_probability : ndarray (..., n_cells) or None
+        Label search: probability that each grid cell is inside a cell,
+        over the labellings found within the noise.
+    uncertainty : ndarray (...) or None
+        Label search: expected ``1 - IoU`` of those labellings against
+        ``labels`` (0: the data allow no other surface).
+    proposal_probability : ndarray (..., n_cells) or None
+        The learned proposal's occupancy, when the search used one.
     """
 
     permeability: np.ndarray
@@ -56,6 +65,9 @@ class Reconstruction:
     history: dict = field(repr=False)
     time_s: float = 0.0
     config: InversionConfig | None = field(default=None, repr=False)
+    inside_probability: np.ndarray | None = field(default=None, repr=False)
+    uncertainty: np.ndarray | None = field(default=None, repr=False)
+    proposal_probability: np.ndarray | None = field(default=None, repr=False)
 
 
 def reconstruct(
@@ -118,8 +130,9 @@ def reconstruct(
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
     faces = fit_faces(grid, data, protocol, config, sim=sim, callback=callback)
     kappa, labels = faces.permeability.cpu().numpy(), faces.labels
+    extras = {}
     if config.search_steps:
-        labels, kappa, predicted = search_labels(
+        found = search_labels(
             grid,
             data,
             protocol,
@@ -129,6 +142,16 @@ def reconstruct(
             labels=labels,
             callback=callback,
         )
+        labels, kappa, predicted = found.labels, found.permeability, found.predicted
+        extras = dict(
+            inside_probability=found.inside_probability,
+            uncertainty=found.uncertainty,
+            proposal_probability=found.proposal_probability,
+        )
+        extras = {
+            k: None if v is None else v.reshape(*batch_shape, *v.shape[1:])
+            for k, v in extras.items()
+        }
     else:
         with torch.no_grad():
             predicted = simulate(grid, faces.permeability, protocol, **sim)
@@ -146,4 +169,5 @@ def reconstruct(
         history={k: np.asarray(v) for k, v in faces.history.items()},
         time_s=time.perf_counter() - start,
         config=config,
+        **extras,
     )

@@ -24,19 +24,31 @@ on CPU and GPU alike.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
 from ..forward import simulate
-from ..interface import barrier_regions, enclosed_cells, odd_depth_cells
+from ..interface import (
+    barrier_regions,
+    enclosed_cells,
+    graph_components,
+    odd_depth_cells,
+)
+from ..metrics import cell_inversion
 from ..signals import data_loss, normalise_b0
+from .proposal import ProposalSettings, load_or_train_proposal, proposal_starts
 from .shapes import run_steps, shape_search_steps
 
 __all__ = [
     "search_labels",
+    "LabelSearch",
+    "label_field",
+    "cell_labels",
     "BatchScorer",
+    "Recorder",
     "greedy_labels",
     "label_moves",
     "refine_kappa",
@@ -63,12 +75,49 @@ FACE_FIELD_REGIONS = 8
 # the grid pick, to 0.005 decades (about 1 %).
 REFINE_SPAN = 0.5
 REFINE_TOLERANCE = 0.005
+# Labellings scored within this chi-square of a voxel's best are kept for
+# its uncertainty: their likelihood weight exp(-chi2 / 2) is then above
+# 3e-4, so dropping the rest changes no probability by more than that.
+KEEP_CHI2 = 16.0
+
+
+class LabelSearch(NamedTuple):
+    """What :func:`search_labels` found, per voxel.
+
+    Attributes
+    ----------
+    labels : ndarray of int (n_voxels, n_cells)
+        0 outside, ``k`` inside cell ``k`` (1, 2, ... by decreasing volume).
+    permeability : ndarray (n_voxels, n_faces)
+        Each cell's membrane permeability on its interface with the outside,
+        two membranes in series between touching cells, the upper bound
+        elsewhere.
+    predicted : torch.Tensor (n_voxels, n_acquisitions)
+        b0-normalised signal of that field.
+    inside_probability : ndarray (n_voxels, n_cells)
+        Probability that each grid cell is inside a cell, over the
+        labellings the search scored within the noise of the best
+        (likelihood weights ``exp(-delta chi2 / 2)``).
+    uncertainty : ndarray (n_voxels,)
+        Expected ``1 - IoU`` of those labellings against the result (the
+        better of a labelling and its point inversion): 0 when every
+        labelling the data allow agrees with it.
+    proposal_probability : ndarray (n_voxels, n_cells) or None
+        The learned proposal's occupancy (None without a proposal).
+    """
+
+    labels: np.ndarray
+    permeability: np.ndarray
+    predicted: torch.Tensor
+    inside_probability: np.ndarray
+    uncertainty: np.ndarray
+    proposal_probability: np.ndarray | None
 
 
 def search_labels(
     grid, data, protocol, config, *, sim, face_kappa, labels=None, callback=None
 ):
-    """Search cell labels and one membrane permeability per voxel.
+    """Search cell labels and membrane permeabilities per voxel.
 
     Parameters
     ----------
@@ -89,11 +138,7 @@ def search_labels(
 
     Returns
     -------
-    labels : ndarray of int (n_voxels, n_cells)
-    permeability : ndarray (n_voxels, n_faces)
-        ``membrane`` on the labels' interface, the upper bound elsewhere.
-    predicted : torch.Tensor (n_voxels, n_acquisitions)
-        b0-normalised signal of that field.
+    LabelSearch
     """
     lo, hi = config.log_kappa_bounds
     search = direction_subset(protocol, config.search_directions)
@@ -104,18 +149,42 @@ def search_labels(
     noise = config.loss_scale * config.sigma**2
     min_gain = config.search_min_gain * noise / len(search)
     spread = noise * math.sqrt(2 / len(screen))
+    recorder = Recorder(
+        BatchScorer(grid, data, protocol, search, config, sim),
+        len(data),
+        noise,
+        len(search),
+    )
     scorers = {
-        "search": BatchScorer(grid, data, protocol, search, config, sim),
+        "search": recorder,
         "screen": BatchScorer(grid, data, protocol, screen, config, sim),
     }
+    occupancy = None
+    if config.search_proposal and labels is None:
+        proposal = load_or_train_proposal(
+            grid,
+            protocol,
+            diffusivity=sim["diffusivity"],
+            settings=ProposalSettings(n_substrates=config.search_proposal),
+            dtype=sim["dtype"],
+            device=sim["device"],
+        )
+        occupancy, _ = proposal.predict(data.cpu())
+    rng = np.random.default_rng(config.init_seed)
 
     def voxel(v):
         if labels is None:
-            shapes = yield from _screened_shapes(grid, config, spread)
             barrier = face_kappa[v] < config.threshold
-            starts = np.unique(
-                np.concatenate([face_field_starts(grid, barrier), shapes]), axis=0
-            )
+            starts = [face_field_starts(grid, barrier)]
+            if config.search_dictionary:
+                starts.append((yield from _screened_shapes(grid, config, spread)))
+            if occupancy is not None:
+                starts.append(
+                    proposal_starts(
+                        grid, occupancy[v], config.search_proposal_samples, rng
+                    )
+                )
+            starts = np.unique(np.concatenate(starts), axis=0)
         else:
             starts = labels[v][None]
 
@@ -126,29 +195,94 @@ def search_labels(
         return (yield from _descend(grid, starts, config, min_gain, report))
 
     found = drive([voxel(v) for v in range(len(data))], scorers)
-    out_labels = np.array([labels for labels, _ in found], dtype=int)
+    out_labels = np.array([cell_labels(grid, labels) for labels, _ in found])
     out_labels = out_labels.reshape(len(data), grid.n_cells)
     # Stay below the barrier threshold so the membranes remain barriers.
     bounds = (lo, math.log10(config.threshold) - 1e-3)
-    out_kappa = np.array(
-        [
-            refine_kappa(
-                lambda k, v=v: scorers["search"](
-                    np.array([v]), out_labels[v][None], np.array([k])
-                )[0],
-                membrane,
-                bounds,
-            )
-            for v, (_, membrane) in enumerate(found)
-        ]
-    )
-    barrier = (
-        out_labels[:, grid.face_cells[:, 0]] != out_labels[:, grid.face_cells[:, 1]]
-    )
-    field = np.where(barrier, out_kappa[:, None], 10.0**hi)
+    fields = []
+    for v, (_, membrane) in enumerate(found):
+        kappas = _refine_cells(
+            grid, recorder.scorer, v, out_labels[v], membrane, bounds
+        )
+        fields.append(label_field(grid, out_labels[v], kappas, 10.0**hi))
+    field = np.array(fields).reshape(len(data), grid.n_faces)
     with torch.no_grad():
         predicted = normalise_b0(simulate(grid, field, protocol, **sim), protocol)
-    return out_labels, field, predicted
+    inside, uncertainty = recorder.posterior(grid, out_labels)
+    return LabelSearch(out_labels, field, predicted, inside, uncertainty, occupancy)
+
+
+def label_field(grid, labels, kappas, open_kappa):
+    """The permeability field of a labelling with one permeability per cell.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    labels : ndarray of int (n_cells,)
+        0 outside, ``k`` in cell ``k``.
+    kappas : array_like (n_labels,)
+        Membrane permeability of cell ``k`` at entry ``k - 1``, m/s.
+    open_kappa : float
+        Permeability of faces without a membrane.
+
+    Returns
+    -------
+    ndarray (n_faces,)
+        ``kappas[k - 1]`` between cell ``k`` and the outside, the two
+        membranes in series between touching cells (as
+        :mod:`dipy_spinverse.substrates` builds them), ``open_kappa``
+        elsewhere.
+    """
+    kappa = np.concatenate([[np.inf], np.asarray(kappas, float)])
+    a, b = labels[grid.face_cells[:, 0]], labels[grid.face_cells[:, 1]]
+    with np.errstate(divide="ignore"):  # outside-outside faces: masked below
+        series = 1 / (1 / kappa[a] + 1 / kappa[b])
+    return np.where(a != b, series, open_kappa)
+
+
+def cell_labels(grid, labels):
+    """Canonical cell labels: every connected piece of a label is a cell.
+
+    Pieces (connected through faces with the same label) are numbered 1, 2,
+    ... by decreasing volume; 0 stays outside.
+    """
+    a, b = grid.face_cells.T
+    same = (labels[a] == labels[b]) & (labels[a] > 0)
+    _, piece = graph_components(grid.n_cells, a[same], b[same])
+    inside = labels > 0
+    parts = np.unique(piece[inside])
+    volumes = np.array([grid.cell_volumes[piece == p].sum() for p in parts])
+    out = np.zeros(grid.n_cells, int)
+    for k, i in enumerate(np.argsort(-volumes, kind="stable"), start=1):
+        out[piece == parts[i]] = k
+    return out
+
+
+def _refine_cells(grid, scorer, v, labels, membrane, bounds):
+    """One permeability per cell: the shared one refined, then each cell's.
+
+    The descent shares one permeability among a voxel's cells; it is refined
+    by :func:`refine_kappa`, then, with several cells, each cell's in turn
+    with the others fixed (one coordinate pass).
+    """
+    n = int(labels.max())
+    shared = refine_kappa(
+        lambda k: scorer(np.array([v]), labels[None], np.array([k]))[0],
+        membrane,
+        bounds,
+    )
+    kappas = np.full(n, shared)
+    if n < 2:
+        return kappas
+    for k in range(n):
+
+        def loss(value, k=k):
+            trial = kappas.copy()
+            trial[k] = value
+            return scorer.score_field(v, label_field(grid, labels, trial, np.nan))
+
+        kappas[k] = refine_kappa(loss, kappas[k], bounds)
+    return kappas
 
 
 def drive(searches, scorers):
@@ -229,6 +363,92 @@ class BatchScorer:
             )
             losses.append(loss.cpu().numpy())
         return np.concatenate(losses) if losses else np.zeros(0)
+
+    def score_field(self, v, field):
+        """Data loss of one permeability field (n_faces,) against voxel ``v``.
+
+        ``NaN`` entries of ``field`` mean no membrane (the upper bound).
+        """
+        field = np.where(np.isnan(field), self.open_kappa, field)[None]
+        with torch.no_grad():
+            pred = simulate(self.grid, field, self.protocol, **self.sim)
+            pred = normalise_b0(pred, self.protocol)
+        return float(
+            data_loss(
+                pred,
+                self.target[v : v + 1],
+                loss_scale=self.config.loss_scale,
+                sigma=self.config.sigma,
+                noise=self.config.noise,
+                weights=self.ones,
+            )[0]
+        )
+
+
+class Recorder:
+    """A scorer that remembers the labellings scored within the noise.
+
+    Wraps a :class:`BatchScorer`; for each voxel it keeps every distinct
+    (labelling, permeability) whose chi-square is within ``KEEP_CHI2`` of
+    the best seen, to weigh them afterwards (:meth:`posterior`). Chi-square
+    is ``n * loss / noise`` with ``noise`` the loss of pure noise
+    (``loss_scale * sigma^2``), or, when ``sigma`` is unknown, the voxel's
+    best loss (a fit that explains the data leaves only noise).
+    """
+
+    def __init__(self, scorer, n_voxels, noise, n_acquisitions):
+        self.scorer = scorer
+        self.noise, self.n = noise, n_acquisitions
+        self.kept = [dict() for _ in range(n_voxels)]
+        self.best = np.full(n_voxels, np.inf)
+
+    def __call__(self, owners, candidates, membranes):
+        losses = self.scorer(owners, candidates, membranes)
+        for v in np.unique(owners):
+            rows = np.flatnonzero(owners == v)
+            self.best[v] = min(self.best[v], losses[rows].min())
+            margin = KEEP_CHI2 * self._scale(v)
+            kept = self.kept[v]
+            for r in rows[losses[rows] <= self.best[v] + margin]:
+                key = (candidates[r].astype(np.int8).tobytes(), float(membranes[r]))
+                kept[key] = float(losses[r])
+            for key in [k for k, loss in kept.items() if loss > self.best[v] + margin]:
+                del kept[key]
+        return losses
+
+    def _scale(self, v):
+        """Loss per unit chi-square of voxel ``v``."""
+        noise = self.noise if self.noise > 0 else self.best[v]
+        return max(noise, 1e-12) / self.n
+
+    def posterior(self, grid, labels):
+        """Inside probability per grid cell, and expected ``1 - IoU``.
+
+        Weights ``exp(-delta chi2 / 2)`` over the kept labellings; the IoU
+        of a labelling against ``labels[v]`` is the better of it and its
+        point inversion's (magnitude data cannot tell them apart).
+        """
+        twin = cell_inversion(grid, exact=False)
+        inside = np.zeros((len(self.kept), grid.n_cells))
+        spread = np.zeros(len(self.kept))
+        for v, kept in enumerate(self.kept):
+            if not kept:  # nothing scored (e.g. start labels given)
+                inside[v] = labels[v] > 0
+                continue
+            cells = np.array([np.frombuffer(k, np.int8) for k, _ in kept]) > 0
+            loss = np.array(list(kept.values()))
+            weights = np.exp(-(loss - loss.min()) / (2 * self._scale(v)))
+            weights /= weights.sum()
+            inside[v] = weights @ cells
+            best = labels[v] > 0
+            iou = np.maximum(_iou(cells, best), _iou(cells[:, twin], best))
+            spread[v] = weights @ (1 - iou)
+        return inside, spread
+
+
+def _iou(cells, best):
+    union = (cells | best).sum(1)
+    return np.where(union > 0, (cells & best).sum(1) / np.maximum(union, 1), 1.0)
 
 
 def _best_kappa(kind, candidates, kappas):
@@ -388,24 +608,38 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
 def label_moves(grid, labels):
     """((cells...), new label) moves: single cells next to a barrier, groups.
 
-    Group moves of binary labels: erode or dilate the inside by one layer,
-    or delete one of several inside components.
+    Single moves give a cell on a barrier the label across it. Group moves,
+    per cell label ``k``: erode or dilate cell ``k`` by one layer (its rim
+    cells go outside; the outside cells along its rim join it), delete one
+    of its pieces when it has several; and with several cells, delete cell
+    ``k`` or merge it into a cell it touches.
     """
     a, b = grid.face_cells.T
     cut = labels[a] != labels[b]
     cells = np.concatenate([a[cut], b[cut]])
     new = np.concatenate([labels[b[cut]], labels[a[cut]]])
     moves = {((c,), n) for c, n in zip(cells.tolist(), new.tolist(), strict=True)}
-    if labels.max() == 1:
-        rim = np.unique(cells)
-        moves.add((tuple(rim[labels[rim] == 1].tolist()), 0))  # erode
-        moves.add((tuple(rim[labels[rim] == 0].tolist()), 1))  # dilate
-        region, _ = barrier_regions(grid, cut)
-        parts = np.unique(region[labels == 1])
+    rim = np.unique(cells)
+    region, _ = barrier_regions(grid, cut)
+    present = np.unique(labels[labels > 0])
+    for k in present.tolist():
+        moves.add((tuple(rim[labels[rim] == k].tolist()), 0))  # erode
+        touching = np.unique(
+            np.concatenate([a[cut & (labels[b] == k)], b[cut & (labels[a] == k)]])
+        )
+        grow = touching[labels[touching] == 0]
+        if len(grow):
+            moves.add((tuple(grow.tolist()), k))  # dilate
+        parts = np.unique(region[labels == k])
         if len(parts) > 1:
             for part in parts:
                 moves.add((tuple(np.flatnonzero(region == part).tolist()), 0))
-    return sorted(moves)
+        if len(present) > 1:
+            cell = tuple(np.flatnonzero(labels == k).tolist())
+            moves.add((cell, 0))  # delete
+            neighbours = np.unique(labels[touching])
+            moves.update((cell, int(j)) for j in neighbours if j > 0)  # merge
+    return sorted(m for m in moves if m[0])
 
 
 def direction_subset(protocol, n_directions):
