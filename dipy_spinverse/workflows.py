@@ -22,20 +22,40 @@ from dipy.utils.logging import logger
 from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.workflow import Workflow
 
+from .checks import check_choice
+from .files import atomic_write
 from .io import (
     Checkpoint,
     describe_status,
     load_fit,
     save_fit,
-    save_maps,
+    save_map,
     save_permeability,
     save_predicted,
 )
-from .reconst import OK, SpinverseModel
+from .reconst import OK, STATUS_CODES, SpinverseModel
 from .sequences import Protocol
 from .signals import sequence_index
+from .surfaces import remove_voxel_meshes, save_voxel_meshes, volume_surface
 
-__all__ = ["SpinverseFlow", "main", "read_timing"]
+__all__ = ["SpinverseFlow", "main", "read_timing", "write_report", "METRICS"]
+
+#: What ``--save_metrics`` chooses from (default: all): the scalar maps
+#: (named as the ``SpinverseFit`` attributes, ``s0`` as in DIPY's workflows),
+#: the predicted signal, the per-face permeability and the barrier surfaces
+#: (``mesh``: GIFTI and PLY).
+METRICS = (
+    "restricted_fraction",
+    "surface_to_volume",
+    "membrane_permeability",
+    "n_compartments",
+    "residual",
+    "status",
+    "s0",
+    "predicted",
+    "permeability",
+    "mesh",
+)
 
 # Camino b-values are recomputed from G and the timing; allow this much
 # disagreement with the bval file (relative, plus an absolute s/mm^2 slack).
@@ -73,6 +93,8 @@ class SpinverseFlow(Workflow):
         device="cpu",
         dtype="float32",
         n_report=4,
+        save_metrics=None,
+        voxel_meshes=False,
         resume=False,
         out_dir="",
         out_restricted_fraction="restricted_fraction.nii.gz",
@@ -81,11 +103,13 @@ class SpinverseFlow(Workflow):
         out_n_compartments="n_compartments.nii.gz",
         out_residual="residual.nii.gz",
         out_status="status.nii.gz",
-        out_S0="S0.nii.gz",
+        out_s0="s0.nii.gz",
         out_predicted="predicted.nii.gz",
         out_permeability="permeability.nii.gz",
         out_state="spinverse_fit.npz",
-        out_meshes="meshes",
+        out_mesh_gifti="barriers.gii",
+        out_mesh_ply="barriers.ply",
+        out_voxel_meshes="voxel_meshes",
         out_report="report.png",
     ):
         """Fit Spinverse membranes and permeabilities voxel by voxel.
@@ -95,10 +119,14 @@ class SpinverseFlow(Workflow):
         differentiable Bloch-Torrey simulator. Needs the gradient timing:
         --big_delta and --small_delta, a --timing_file or a Camino
         --scheme_file. Saves NIfTI maps, the predicted signal, the per-face
-        permeability, one barrier mesh per voxel, the full fit state (.npz,
-        resumable with --resume) and a PNG report of a few voxels (with
-        matplotlib). The fit state is written last: the outputs of a run that
-        failed before it are overwritten by the next run, not skipped.
+        permeability, the barrier surfaces of the whole volume in scanner
+        coordinates (GIFTI and PLY; per-voxel micrometre meshes with
+        --voxel_meshes), the full fit state (.npz, resumable with --resume)
+        and a PNG report (with matplotlib): mid slices of the maps and a few
+        voxels. Each output goes to its own out_* path, written atomically
+        (a temporary file, then a rename). The fit state is written last: the
+        outputs of a run that failed before it are overwritten by the next
+        run, not skipped.
 
         Parameters
         ----------
@@ -158,7 +186,16 @@ class SpinverseFlow(Workflow):
         dtype : string, optional
             float32 (default, fast) or float64.
         n_report : int, optional
-            Voxels shown in the PNG report (0 for no report).
+            Voxels shown in the PNG report beside the maps (0 for no report).
+        save_metrics : variable string, optional
+            List of outputs to save (default all). Possible values:
+            restricted_fraction, surface_to_volume, membrane_permeability,
+            n_compartments, residual, status, s0, predicted, permeability,
+            mesh (the barrier surfaces, GIFTI and PLY).
+        voxel_meshes : bool, optional
+            Also write each voxel's barrier surface in micrometres, one .vtp
+            file (VTK XML PolyData) per voxel with a barrier, in
+            out_voxel_meshes.
         resume : bool, optional
             Continue an interrupted fit from the checkpoint it left beside
             out_state (name.partial.npz), or a finished one from out_state;
@@ -177,7 +214,7 @@ class SpinverseFlow(Workflow):
             Name of the RMS misfit map (fraction of S0).
         out_status : string, optional
             Name of the per-voxel status map (0 = ok).
-        out_S0 : string, optional
+        out_s0 : string, optional
             Name of the fitted S0 map.
         out_predicted : string, optional
             Name of the predicted signal (4-D).
@@ -187,8 +224,18 @@ class SpinverseFlow(Workflow):
             Name of the saved fit (.npz), loadable with
             dipy_spinverse.io.load_fit; written last, when every other output
             is. During the fit, a checkpoint goes to name.partial.npz.
-        out_meshes : string, optional
-            Name of the folder of per-voxel barrier meshes (.ply).
+        out_mesh_gifti : string, optional
+            Name of the barrier surfaces of the volume in scanner coordinates
+            (mm), GIFTI: each voxel's surfaces scaled into that voxel through
+            the affine, as ODF glyphs are. Not written when no voxel has a
+            barrier (nor is out_mesh_ply).
+        out_mesh_ply : string, optional
+            Name of the same surfaces as binary PLY, with the voxel (flat
+            index) and the membrane permeability of each vertex.
+        out_voxel_meshes : string, optional
+            Name of the folder of per-voxel meshes (with --voxel_meshes).
+            Mesh files a previous run left there (voxel_*.vtp, .ply, .vtk)
+            are removed.
         out_report : string, optional
             Name of the PNG report (needs matplotlib: without it the report is
             skipped with a warning).
@@ -201,25 +248,12 @@ class SpinverseFlow(Workflow):
         """
         if resume:
             self._force_overwrite = True
+        metrics = _check_metrics(save_metrics)
         io_it = self.get_io_iterator()
-        for (
-            dwi,
-            bval,
-            bvec,
-            maskfile,
-            orf,
-            osv,
-            omp,
-            onc,
-            ores,
-            ostatus,
-            os0,
-            opred,
-            operm,
-            ostate,
-            omeshes,
-            oreport,
-        ) in io_it:
+        for dwi, bval, bvec, maskfile, *outputs in io_it:
+            # Outputs by name: every one has its own path (out_dir joined).
+            out = dict(zip(io_it.out_keys, outputs, strict=True))
+            ostate = out["out_state"]
             logger.info(f"Spinverse fit of {dwi}")
             data, affine = load_nifti(dwi)
             mask = load_nifti_data(maskfile).astype(bool)
@@ -270,36 +304,22 @@ class SpinverseFlow(Workflow):
                 checkpoint=Checkpoint(checkpoint),
                 resume=previous,
             )
-            save_maps(
-                fit,
-                os.path.dirname(os.fspath(orf)) or ".",
-                affine=affine,
-                names=_names(
-                    restricted_fraction=orf,
-                    surface_to_volume=osv,
-                    membrane_permeability=omp,
-                    n_compartments=onc,
-                    residual=ores,
-                    status=ostatus,
-                    S0=os0,
-                ),
+            written = _save_outputs(
+                fit, out, affine=affine, metrics=metrics, voxel_meshes=voxel_meshes
             )
-            save_predicted(fit, opred, affine=affine)
-            save_permeability(fit, operm, affine=affine)
-            meshes = fit.save_interface(omeshes)
-            report = None
             if n_report:
-                report = write_report(fit, data, oreport, n_voxels=n_report)
+                report = write_report(fit, data, out["out_report"], n_voxels=n_report)
+                written += [report] if report else []
             # Last: the state's presence tells manage_output_overwrite that
             # this run finished.
             save_fit(fit, state)
             if os.path.isfile(checkpoint):
                 os.remove(checkpoint)
             logger.info(f"Voxel status: {describe_status(fit.status[fit.mask])}")
+            folder = os.path.commonpath([os.path.abspath(p) for p in written + [state]])
             logger.info(
-                f"Spinverse maps saved in {os.path.dirname(os.fspath(orf)) or '.'}; "
-                f"{len(meshes)} meshes in {omeshes}; fit state in {state}"
-                + (f"; report {report}" if report else "")
+                f"Spinverse outputs: {len(written)} files and the fit state "
+                f"{state}, in {folder}"
             )
 
     def manage_output_overwrite(self):
@@ -336,8 +356,61 @@ def _checkpoint(state):
     return state[: -len(".npz")] + ".partial.npz"
 
 
-def _names(**paths):
-    return {key: os.path.basename(os.fspath(path)) for key, path in paths.items()}
+def _check_metrics(save_metrics):
+    """The outputs ``--save_metrics`` asks for (all of :data:`METRICS` if none)."""
+    if not save_metrics:
+        return list(METRICS)
+    if isinstance(save_metrics, str):
+        save_metrics = [save_metrics]
+    return [check_choice(name, "save_metrics entry", METRICS) for name in save_metrics]
+
+
+def _save_outputs(fit, out, *, affine, metrics, voxel_meshes):
+    """Write the chosen outputs, each to its own out_* path; the paths written."""
+    written = []
+    for metric in metrics:
+        if metric in _MAPS:
+            path = out[f"out_{metric}"]
+            written.append(save_map(fit, _MAPS[metric], path, affine=affine))
+    if "predicted" in metrics:
+        written.append(save_predicted(fit, out["out_predicted"], affine=affine))
+    if "permeability" in metrics:
+        written.append(save_permeability(fit, out["out_permeability"], affine=affine))
+    folder = out["out_voxel_meshes"]
+    stale = remove_voxel_meshes(folder)
+    if stale:
+        logger.info(f"Removed {len(stale)} mesh files of a previous run from {folder}.")
+    if "mesh" in metrics:
+        written += _save_surface(fit, out, affine=affine)
+    if voxel_meshes:
+        paths = save_voxel_meshes(fit, folder)
+        logger.info(f"{len(paths)} voxel meshes (um) in {folder}.")
+        written += list(paths.values())
+    return written
+
+
+#: Scalar maps: the --save_metrics name and the io.MAPS name (DIPY's ``s0``).
+_MAPS = {
+    name: "S0" if name == "s0" else name
+    for name in METRICS
+    if name not in ("predicted", "permeability", "mesh")
+}
+
+
+def _save_surface(fit, out, *, affine):
+    """The barrier surfaces in scanner coordinates, GIFTI and PLY, if any."""
+    paths = [out["out_mesh_gifti"], out["out_mesh_ply"]]
+    surface = volume_surface(fit, affine=affine)
+    if surface.n_triangles:
+        return [surface.save(path) for path in paths]
+    for path in paths:  # a previous run's surfaces are not this run's
+        if os.path.isfile(path):
+            os.remove(path)
+    logger.info(
+        "No fitted voxel has a barrier: no mesh file written (an empty mesh "
+        "file would break mesh readers)."
+    )
+    return []
 
 
 def _gradients(
@@ -434,7 +507,13 @@ def read_timing(path, *, n_volumes=None):
 
 
 def write_report(fit, data, path, *, n_voxels=4):
-    """PNG: measured and predicted signals and the barrier mesh of a few voxels.
+    """PNG: the maps' mid slices, then the signals and meshes of a few voxels.
+
+    The top row shows the middle slice (along the last spatial axis) of the
+    restricted fraction, surface-to-volume, membrane permeability and
+    residual maps and of the status map; below, for each of the first
+    ``n_voxels`` fitted voxels, the measured and predicted signals and the
+    barrier mesh.
 
     Parameters
     ----------
@@ -442,14 +521,16 @@ def write_report(fit, data, path, *, n_voxels=4):
     data : ndarray (..., n_volumes)
         The fitted data.
     path : str or os.PathLike
+        Written atomically (a temporary file, then a rename).
     n_voxels : int
-        Voxels shown (the first fitted ones, in index order).
+        Voxels shown (the first fitted ones, in index order; 0 for the maps
+        only).
 
     Returns
     -------
     str or None
-        The path, or None when nothing was written: no voxel was fitted, or
-        matplotlib is not installed (a warning names the fix).
+        The path, or None when matplotlib is not installed (a warning names
+        the fix).
     """
     try:
         import matplotlib
@@ -463,69 +544,118 @@ def write_report(fit, data, path, *, n_voxels=4):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     voxels = list(zip(*np.nonzero(fit.status == OK), strict=True))[:n_voxels]
-    if not voxels:
-        logger.info("No voxel was fitted; no report written.")
-        return None
-    model = fit.model
-    protocol = model.protocol
-    fig = plt.figure(figsize=(7.5, 2.6 * len(voxels)), dpi=80)
-    for row, index in enumerate(voxels):
-        voxel = fit[index]
-        scale = voxel.params["S0_sequences"][sequence_index(protocol)]
-        measured = data[index] / scale
-        predicted = voxel.predict() / scale
-        ax = fig.add_subplot(len(voxels), 2, 2 * row + 1)
-        for g, (waveform, idx) in enumerate(model.sequences):
-            label = _waveform_label(waveform)
-            ax.plot(
-                protocol.bvals[idx],
-                measured[idx],
-                "o",
-                ms=3,
-                color=f"C{g}",
-                label=f"data {label}",
-            )
-            ax.plot(
-                protocol.bvals[idx] + 40.0,  # beside the data, not hidden by them
-                predicted[idx],
-                "x",
-                ms=4,
-                color="k" if g == 0 else "0.45",
-                label=f"fit {label}",
-            )
-        ax.set_ylabel("S / S0")
-        ax.set_title(
-            f"voxel {tuple(int(i) for i in index)}: residual {voxel.residual:.3f}",
-            fontsize=9,
-        )
-        if row == len(voxels) - 1:
-            ax.set_xlabel("b (s/mm^2)")
-        ax.legend(fontsize=6)
-        ax3 = fig.add_subplot(len(voxels), 2, 2 * row + 2, projection="3d")
-        mesh = voxel.interface_mesh
-        if mesh is not None and mesh.n_triangles:
-            tris = mesh.vertices[mesh.triangles]
-            ax3.add_collection3d(
-                Poly3DCollection(
-                    tris, alpha=0.5, facecolor="C1", edgecolor="k", linewidths=0.2
-                )
-            )
-        size = model.grid.size
-        for setter in (ax3.set_xlim, ax3.set_ylim, ax3.set_zlim):
-            setter(0, size)
-        ax3.set_title(
-            f"restricted {voxel.restricted_fraction:.2f}, "
-            f"{voxel.n_compartments} compartment(s)",
-            fontsize=9,
-        )
-        ax3.tick_params(labelsize=6)
+    fig = plt.figure(figsize=(10, 2.6 * (1 + len(voxels))), dpi=80)
+    layout = fig.add_gridspec(1 + len(voxels), 10)
+    _plot_maps(fig, layout, fit)
+    for row, index in enumerate(voxels, start=1):
+        _plot_voxel(fig, layout, row, fit, data, index, last=row == len(voxels))
     fig.tight_layout()
-    fig.savefig(os.fspath(path))
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return os.fspath(path)
+
+
+#: The maps of the report's top row: (attribute, title).
+_REPORT_MAPS = (
+    ("restricted_fraction", "restricted fraction"),
+    ("surface_to_volume", "surface / volume (1/um)"),
+    ("membrane_permeability", "membrane permeability (m/s)"),
+    ("residual", "residual (fraction of S0)"),
+)
+
+
+def _mid_slice(volume):
+    """The middle slice along the last axes down to 2-D (1-D as a column)."""
+    volume = np.asarray(volume, dtype=float)
+    while volume.ndim > 2:
+        volume = volume[..., volume.shape[-1] // 2]
+    return volume[:, None] if volume.ndim == 1 else volume
+
+
+def _plot_maps(fig, layout, fit):
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    depth = fit.shape[2] // 2 if len(fit.shape) > 2 else None
+    where = f" (slice {depth})" if depth is not None else ""
+    for col, (name, title) in enumerate(_REPORT_MAPS):
+        ax = fig.add_subplot(layout[0, 2 * col : 2 * col + 2])
+        values = np.where(_mid_slice(fit.mask), _mid_slice(getattr(fit, name)), np.nan)
+        image = ax.imshow(values.T, origin="lower", cmap="viridis")
+        fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+        ax.set_title(title + where, fontsize=8)
+        ax.tick_params(labelsize=6)
+    # Status: one colour per code, only those present named.
+    codes = sorted(STATUS_CODES)
+    colours = ListedColormap([f"C{i}" for i in range(len(codes))])
+    norm = BoundaryNorm(np.arange(len(codes) + 1) - 0.5, len(codes))
+    status = _mid_slice(fit.status).astype(int)
+    ax = fig.add_subplot(layout[0, 8:10])
+    ax.imshow(np.searchsorted(codes, status).T, origin="lower", cmap=colours, norm=norm)
+    present = [c for c in codes if np.any(np.asarray(fit.status) == c)]
+    for code in present:
+        ax.plot([], [], "s", color=f"C{codes.index(code)}", label=STATUS_CODES[code])
+    ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("status" + where, fontsize=8)
+    ax.tick_params(labelsize=6)
+
+
+def _plot_voxel(fig, layout, row, fit, data, index, *, last):
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    model = fit.model
+    protocol = model.protocol
+    voxel = fit[index]
+    scale = voxel.params["S0_sequences"][sequence_index(protocol)]
+    measured = data[index] / scale
+    predicted = voxel.predict() / scale
+    ax = fig.add_subplot(layout[row, 0:5])
+    for g, (waveform, idx) in enumerate(model.sequences):
+        label = _waveform_label(waveform)
+        ax.plot(
+            protocol.bvals[idx],
+            measured[idx],
+            "o",
+            ms=3,
+            color=f"C{g}",
+            label=f"data {label}",
+        )
+        ax.plot(
+            protocol.bvals[idx] + 40.0,  # beside the data, not hidden by them
+            predicted[idx],
+            "x",
+            ms=4,
+            color="k" if g == 0 else "0.45",
+            label=f"fit {label}",
+        )
+    ax.set_ylabel("S / S0")
+    ax.set_title(
+        f"voxel {tuple(int(i) for i in index)}: residual {voxel.residual:.3f}",
+        fontsize=9,
+    )
+    if last:
+        ax.set_xlabel("b (s/mm^2)")
+    ax.legend(fontsize=6)
+    ax3 = fig.add_subplot(layout[row, 5:10], projection="3d")
+    mesh = voxel.interface_mesh
+    if mesh is not None and mesh.n_triangles:
+        tris = mesh.vertices[mesh.triangles]
+        ax3.add_collection3d(
+            Poly3DCollection(
+                tris, alpha=0.5, facecolor="C1", edgecolor="k", linewidths=0.2
+            )
+        )
+    size = model.grid.size
+    for setter in (ax3.set_xlim, ax3.set_ylim, ax3.set_zlim):
+        setter(0, size)
+    ax3.set_title(
+        f"restricted {voxel.restricted_fraction:.2f}, "
+        f"{voxel.n_compartments} compartment(s)",
+        fontsize=9,
+    )
+    ax3.tick_params(labelsize=6)
 
 
 def _waveform_label(waveform):

@@ -3,13 +3,17 @@ surface of a volume in scanner coordinates, and the workflow's outputs."""
 
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+import dipy_spinverse.workflows as workflows
 from dipy_spinverse import TetGrid
+from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.files import atomic_write
 from dipy_spinverse.interface import InterfaceMesh, barrier_mesh, load_mesh, write_mesh
+from dipy_spinverse.io import save_map, save_permeability, save_predicted
 from dipy_spinverse.phantoms import sphere
 from dipy_spinverse.reconst import MASKED, OK, SpinverseFit
 from dipy_spinverse.surfaces import (
@@ -18,6 +22,7 @@ from dipy_spinverse.surfaces import (
     save_voxel_meshes,
     volume_surface,
 )
+from dipy_spinverse.workflows import SpinverseFlow, write_report
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +293,132 @@ def test_voxel_meshes_only_where_a_barrier_is(barrier_fit, tmp_path):
     assert len(removed) == 3 and os.listdir(folder) == ["notes.txt"]
     with pytest.raises(ValueError, match="ext must be"):
         save_voxel_meshes(barrier_fit, folder, ext=".vtk")
+
+
+# -- NIfTI images and the report, atomically -----------------------------------------
+def test_nifti_images_are_written_atomically(barrier_fit, tmp_path, monkeypatch):
+    import dipy_spinverse.io as io
+
+    path = save_map(barrier_fit, "status", tmp_path / "status.nii.gz")
+    before = open(path, "rb").read()
+    real = io.save_nifti
+
+    def interrupted(fname, data, affine):
+        real(fname, data, affine)
+        with open(fname, "r+b") as f:  # half written when the run dies
+            f.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "save_nifti", interrupted)
+    for save in (
+        lambda: save_map(barrier_fit, "status", path),
+        lambda: save_predicted(barrier_fit, path),
+        lambda: save_permeability(barrier_fit, path),
+    ):
+        with pytest.raises(KeyboardInterrupt):
+            save()
+        assert open(path, "rb").read() == before
+        assert os.listdir(tmp_path) == ["status.nii.gz"]
+
+
+def test_report_shows_the_maps(barrier_fit, tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    path = write_report(barrier_fit, None, tmp_path / "report.png", n_voxels=0)
+    # The maps' row alone: 10 x 2.6 inches at 80 dpi.
+    assert plt.imread(path).shape[:2] == (208, 800)
+    assert os.listdir(tmp_path) == ["report.png"]
+
+
+# -- the workflow's outputs ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_phantom_dataset(tmp_path_factory.mktemp("demo"), **DEMO)
+
+
+DEMO = dict(grid_size=12.0, grid_resolution=2, n_directions=3)
+
+
+def _run(demo, out_dir, **kwargs):
+    options = dict(
+        timing_file=demo["timing"],
+        grid_size=DEMO["grid_size"],
+        grid_resolution=DEMO["grid_resolution"],
+        max_iter=2,
+        preset="paper",  # the face fit alone: fast
+        n_report=0,
+        out_dir=str(out_dir),
+    )
+    options.update(kwargs)
+    flow = SpinverseFlow(force=True)
+    flow.run(demo["data"], demo["bvals"], demo["bvecs"], demo["mask"], **options)
+    return flow.last_generated_outputs
+
+
+def test_every_output_goes_to_its_own_path(demo, tmp_path):
+    paths = dict(
+        out_status="maps/status_map.nii.gz",
+        out_s0="other/s0_estimate.nii.gz",
+        out_mesh_gifti="surf/cells.gii",
+        out_mesh_ply="surf/cells.ply",
+        out_report="figures/fit.png",
+        out_state="state/fit.npz",
+    )
+    outputs = _run(demo, tmp_path, n_report=1, **paths)
+    for key, name in paths.items():
+        assert os.fspath(outputs[key]) == str(tmp_path / name)
+        assert os.path.isfile(tmp_path / name), key
+    names = set(os.listdir(tmp_path))
+    assert "status.nii.gz" not in names and "s0.nii.gz" not in names
+    assert {"restricted_fraction.nii.gz", "predicted.nii.gz"} <= names
+    assert not any(
+        name.startswith(".tmp-") for _, _, files in os.walk(tmp_path) for name in files
+    )
+    affine = nib.load(demo["data"]).affine
+    surface = load_mesh(tmp_path / "surf/cells.gii")
+    # Scanner coordinates: within the volume's extent through the affine.
+    voxels = (surface.vertices - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+    assert voxels.min() >= -0.5 - 1e-4
+    assert np.all(voxels.max(0) <= np.array([3, 2, 1]) - 0.5 + 1e-4)
+
+
+def test_save_metrics_chooses_the_outputs(demo, tmp_path):
+    outputs = _run(demo, tmp_path, save_metrics=["s0", "status"])
+    assert sorted(os.listdir(tmp_path)) == [
+        "s0.nii.gz",
+        "spinverse_fit.npz",
+        "status.nii.gz",
+    ]
+    assert_array_equal(np.asanyarray(nib.load(outputs["out_status"]).dataobj), OK)
+    with pytest.raises(ValueError, match="Invalid save_metrics entry 'fa'"):
+        _run(demo, tmp_path / "bad", save_metrics=["fa"])
+    assert not os.path.exists(tmp_path / "bad")  # refused before fitting
+
+
+def test_voxel_meshes_and_stale_meshes(demo, tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "voxel_meshes"
+    folder.mkdir()
+    (folder / "voxel_7_7_7.vtp").write_text("left by an earlier run")
+    (folder / "voxel_7_7_7.ply").write_text("left by an earlier run")
+    outputs = _run(demo, tmp_path, voxel_meshes=True, save_metrics=["mesh"])
+    files = sorted(os.listdir(folder))
+    assert files and all(f.endswith(".vtp") for f in files)
+    assert "voxel_7_7_7.vtp" not in files
+    for name in files:
+        assert load_mesh(folder / name).n_triangles > 0
+    assert os.path.isfile(outputs["out_mesh_gifti"])
+    # A rerun where no voxel has a barrier: no mesh file at all, and the
+    # previous run's meshes are gone.
+    real = workflows.SpinverseModel.fit
+
+    def without_barriers(self, *args, **kwargs):
+        fit = real(self, *args, **kwargs)
+        fit.params["permeability"][...] = 1.0  # far above any barrier
+        return fit
+
+    monkeypatch.setattr(workflows.SpinverseModel, "fit", without_barriers)
+    caplog.set_level("INFO", logger="dipy")
+    outputs = _run(demo, tmp_path, voxel_meshes=True, save_metrics=["mesh"])
+    assert os.listdir(folder) == []
+    assert not os.path.exists(outputs["out_mesh_gifti"])
+    assert not os.path.exists(outputs["out_mesh_ply"])
+    assert "no mesh file written" in caplog.text

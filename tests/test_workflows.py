@@ -10,6 +10,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse.data import PHANTOM_VOXELS, make_phantom_dataset
+from dipy_spinverse.interface import load_mesh
 from dipy_spinverse.io import load_fit, save_fit
 from dipy_spinverse.reconst import OK, PENDING
 from dipy_spinverse.sequences import Protocol
@@ -25,7 +26,7 @@ MAPS = (
     "n_compartments",
     "residual",
     "status",
-    "S0",
+    "s0",
 )
 
 
@@ -97,10 +98,11 @@ def test_workflow_on_demo_data(demo, tmp_path):
     assert perm.shape == (3, 2, 1, fit.model.grid.n_faces)
     assert_allclose(perm, fit.permeability, rtol=1e-6)
     assert_allclose(_load(outputs["out_predicted"]), fit.predict(), rtol=1e-5)
-    meshes = sorted(os.listdir(outputs["out_meshes"]))
-    assert meshes == sorted(
-        "voxel_" + "_".join(map(str, index)) + ".ply" for index, *_ in PHANTOM_VOXELS
-    )
+    # One surface in scanner coordinates, GIFTI and PLY; no per-voxel meshes
+    # unless asked for.
+    surface = load_mesh(outputs["out_mesh_gifti"])
+    assert surface.n_triangles == load_mesh(outputs["out_mesh_ply"]).n_triangles > 0
+    assert not os.path.exists(outputs["out_voxel_meshes"])
     assert os.path.getsize(outputs["out_report"]) > 1000
     assert fit.model.n_iterations == 2
 
@@ -197,7 +199,7 @@ def test_bval_count_mismatch(demo, tmp_path):
 def test_rerun_fits_again_after_an_unfinished_run(demo, tmp_path):
     # What a run that failed after the fit leaves: outputs but no fit state
     # (written last). DIPY alone would skip the rerun, since outputs exist.
-    for name in ("restricted_fraction.nii.gz", "status.nii.gz", "S0.nii.gz"):
+    for name in ("restricted_fraction.nii.gz", "status.nii.gz", "s0.nii.gz"):
         (tmp_path / name).write_bytes(b"left by a failed run")
     inputs = (demo["data"], demo["bvals"], demo["bvecs"], demo["mask"])
     options = dict(
