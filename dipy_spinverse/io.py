@@ -30,11 +30,13 @@ from .checks import check_device
 from .files import atomic_write
 from .grid import TetGrid
 from .inverse import InversionConfig
-from .reconst import STATUS_CODES, SpinverseFit, SpinverseModel
+from .reconst import PENDING, STATUS_CODES, SpinverseFit, SpinverseModel
 
 __all__ = [
     "MAPS",
     "Checkpoint",
+    "checkpoint_for",
+    "store_path",
     "model_spec",
     "model_from_spec",
     "save_fit",
@@ -50,8 +52,23 @@ __all__ = [
 _FORMAT = "dipy_spinverse.SpinverseFit"
 # Version 2: one SpinverseFit class, S0_sequences columns in rank order
 # (Protocol.sequences), the label search's options named search_*, no seed.
-_VERSION = 2
+# Version 3: the parameters of the voxels in the mask only, (n_mask, ...).
+_VERSION = 3
 _ARRAYS = ("mask", "status", "permeability", "predicted", "S0", "S0_sequences", "loss")
+#: What a store holds for a voxel not fitted yet (status last: see
+#: :class:`Checkpoint`).
+_FILL = dict(
+    permeability=np.nan,
+    labels=-1,
+    predicted=np.nan,
+    S0=np.nan,
+    S0_sequences=np.nan,
+    loss=np.nan,
+    status=PENDING,
+)
+
+#: Bytes of one chunk of a checkpoint store's datasets (at most 4096 voxels).
+STORE_CHUNK_BYTES = 1 << 20
 
 #: Scalar maps of a volume fit and their NIfTI data types.
 MAPS = {
@@ -66,21 +83,116 @@ MAPS = {
 
 
 class Checkpoint:
-    """``checkpoint`` hook of :meth:`SpinverseModel.fit` that saves to a file.
+    """``checkpoint`` hook of :meth:`SpinverseModel.fit`: a chunked HDF5 store.
 
-    Each call saves the partial fit with :func:`save_fit` (atomically), so an
-    interrupted fit can be continued with :func:`resume_fit`.
+    The first call (``rows`` None) creates the store: the model, the mask,
+    the data's fingerprint, and one dataset per parameter over the voxels of
+    the mask, chunked on disk and filled with the values of a voxel not yet
+    fitted (status ``PENDING``) -- nothing is written for those. Each later
+    call writes only the rows of the chunk just fitted, status last, so its
+    cost does not depend on the size of the volume and a fit interrupted at
+    any moment keeps every chunk written before: :func:`load_fit` reads the
+    store (the voxels still ``PENDING`` included) and :func:`resume_fit`
+    continues it.
 
     Parameters
     ----------
     path : str or os.PathLike
+        The store (``.h5`` is appended when the name has no ``.h5``).
     """
 
     def __init__(self, path):
-        self.path = os.fspath(path)
+        self.path = store_path(path)
 
-    def __call__(self, fit):
-        save_fit(fit, self.path)
+    def __call__(self, fit, rows=None):
+        if rows is None:
+            _create_store(fit, self.path)
+        else:
+            _write_rows(fit, self.path, np.asarray(rows))
+
+
+def checkpoint_for(path):
+    """The checkpoint store of a fit saved at ``path``.
+
+    ``path`` itself when it is a store (``.h5``), else ``<name>.partial.h5``
+    beside it (``fit.npz`` -> ``fit.partial.h5``).
+    """
+    path = os.fspath(path)
+    if path.endswith((".h5", ".hdf5")):
+        return path
+    stem = path[: -len(".npz")] if path.endswith(".npz") else path
+    return stem + ".partial.h5"
+
+
+def store_path(path):
+    """``path`` as the name of an HDF5 store (``.h5`` appended if missing)."""
+    path = os.fspath(path)
+    return path if path.endswith((".h5", ".hdf5")) else path + ".h5"
+
+
+def _header(fit):
+    return dict(
+        format=_FORMAT,
+        version=_VERSION,
+        model=model_spec(fit.model),
+        fingerprint=fit.fingerprint,
+    )
+
+
+def _store_chunks(n_rows, tail, itemsize):
+    """Rows per HDF5 chunk: about ``STORE_CHUNK_BYTES``, at most 4096."""
+    row = max(1, int(np.prod(tail, dtype=np.int64)) * itemsize)
+    rows = int(np.clip(STORE_CHUNK_BYTES // row, 1, 4096))
+    return (min(rows, n_rows),) + tuple(tail)
+
+
+def _create_store(fit, path):
+    """Write a new store for ``fit`` (a temporary file, then renamed)."""
+    import h5py
+
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    tmp = path + ".part"
+    n_rows = int(fit.mask.sum())
+    pending = fit.params["status"] == PENDING
+    with h5py.File(tmp, "w") as store:
+        store.attrs["header"] = json.dumps(_header(fit))
+        store.create_dataset("mask", data=fit.mask, compression="gzip")
+        for name, fill in _FILL.items():
+            values = fit.params.get(name)
+            if values is None:
+                continue
+            dataset = store.create_dataset(
+                name,
+                shape=values.shape,
+                dtype=values.dtype,
+                chunks=_store_chunks(n_rows, values.shape[1:], values.itemsize)
+                if n_rows
+                else None,
+                fillvalue=fill,
+            )
+            if not pending.all():  # resuming: the voxels already fitted
+                dataset[...] = values
+    os.replace(tmp, path)
+
+
+def _write_rows(fit, path, rows):
+    """Write the ``rows`` of ``fit.params`` (increasing) to the store."""
+    import h5py
+
+    if not len(rows):
+        return
+    rows = np.sort(rows)
+    where = rows
+    if rows[-1] - rows[0] + 1 == len(rows):
+        where = slice(int(rows[0]), int(rows[-1]) + 1)
+    with h5py.File(path, "r+") as store:
+        # Status last: a voxel is marked fitted only once its outputs are in.
+        for name in [*_FILL][:-1] + ["status"]:
+            if fit.params.get(name) is not None:
+                store[name][where] = fit.params[name][rows]
+            store.flush()
 
 
 def model_spec(model):
@@ -222,13 +334,7 @@ def save_fit(fit, path):
     arrays["mask"] = fit.mask
     if fit.params.get("labels") is not None:
         arrays["labels"] = fit.params["labels"]
-    header = dict(
-        format=_FORMAT,
-        version=_VERSION,
-        model=model_spec(fit.model),
-        fingerprint=fit.fingerprint,
-    )
-    arrays["header"] = np.array(json.dumps(header))
+    arrays["header"] = np.array(json.dumps(_header(fit)))
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -240,7 +346,7 @@ def save_fit(fit, path):
 
 
 def load_fit(path):
-    """Load a volume fit saved by :func:`save_fit`, with its model.
+    """Load a volume fit saved by :func:`save_fit` or a :class:`Checkpoint`.
 
     A fit saved on ``cuda`` loads on a machine without CUDA, with its model
     on ``cpu``, for inspection; ``fit.saved_device`` keeps the saved device,
@@ -250,6 +356,8 @@ def load_fit(path):
     Parameters
     ----------
     path : str or os.PathLike
+        A ``.npz`` from :func:`save_fit` or an HDF5 store (``.h5``) from
+        :class:`Checkpoint`.
 
     Returns
     -------
@@ -261,7 +369,7 @@ def load_fit(path):
     ------
     ValueError
         Naming ``path``: a missing, truncated or corrupted file, or one not
-        written by :func:`save_fit`.
+        written by :func:`save_fit` or :class:`Checkpoint`.
     """
     path = os.fspath(path)
     header, arrays = _read_fit(path)
@@ -274,11 +382,14 @@ def load_fit(path):
         ) from err
     params = {name: arrays[name] for name in _ARRAYS if name != "mask"}
     params["labels"] = arrays.get("labels")
-    _check_arrays(path, model, arrays["mask"].shape, params)
+    mask = arrays["mask"].astype(bool)
+    # Up to version 2 the parameters of the whole volume were saved.
+    rows = mask.shape if header.get("version", 0) < 3 else (int(mask.sum()),)
+    _check_arrays(path, model, rows, params)
     return SpinverseFit(
         model,
         params,
-        arrays["mask"].astype(bool),
+        mask,
         fingerprint=header.get("fingerprint"),
         saved_device=str(header["model"].get("device", model.device)),
     )
@@ -299,12 +410,22 @@ _READ_ERRORS = (
 
 def _read_fit(path):
     """The header and arrays of a fit file; a ValueError naming it if damaged."""
+    import h5py
+
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file; pass the .npz written by save_fit.")
+        raise ValueError(
+            f"{path}: no such file; pass the .npz written by save_fit or the .h5 "
+            "store of a Checkpoint."
+        )
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            header = json.loads(str(archive["header"]))
-            arrays = {name: np.array(archive[name]) for name in archive.files}
+        if h5py.is_hdf5(path):
+            with h5py.File(path, "r") as store:
+                header = json.loads(store.attrs["header"])
+                arrays = {name: store[name][()] for name in store}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                header = json.loads(str(archive["header"]))
+                arrays = {name: np.array(archive[name]) for name in archive.files}
     except _READ_ERRORS as err:
         raise ValueError(
             f"{path} is not a Spinverse fit saved by dipy_spinverse.io.save_fit: "
@@ -327,7 +448,7 @@ def _read_fit(path):
 
 
 def _check_arrays(path, model, shape, params):
-    """Refuse arrays whose shapes do not fit the volume and the model."""
+    """Refuse arrays whose shapes do not fit ``shape`` (voxels) and the model."""
     trailing = dict(
         permeability=(model.grid.n_faces,),
         labels=(model.grid.n_cells,),
@@ -354,8 +475,8 @@ def resume_fit(path, data, *, mask=None, device=None, checkpoint=True, **fit_opt
     Parameters
     ----------
     path : str or os.PathLike
-        A checkpoint saved by :class:`Checkpoint` or a file from
-        :func:`save_fit`.
+        The HDF5 store of a :class:`Checkpoint` (``.h5``), or a file from
+        :func:`save_fit` (``.npz``).
     data : array_like (..., n_volumes)
         The same data the fit was started on.
     mask : array_like of bool, optional
@@ -365,10 +486,11 @@ def resume_fit(path, data, *, mask=None, device=None, checkpoint=True, **fit_opt
         ``"cpu"`` to continue a fit saved on ``cuda`` on a machine without
         CUDA). Default: the saved device.
     checkpoint : bool
-        Keep saving progress to ``path``.
+        Keep saving progress: to ``path`` when it is a store, else to the
+        store :func:`checkpoint_for` names beside it.
     **fit_options
-        ``engine``, ``n_jobs``, ``verbose``, ``vox_per_chunk``: as in
-        :meth:`SpinverseModel.fit`.
+        ``engine``, ``address``, ``n_jobs``, ``verbose``, ``vox_per_chunk``:
+        as in :meth:`SpinverseModel.fit`.
 
     Returns
     -------
@@ -404,7 +526,7 @@ def resume_fit(path, data, *, mask=None, device=None, checkpoint=True, **fit_opt
     return state.model.fit(
         data,
         mask=mask,
-        checkpoint=Checkpoint(path) if checkpoint else None,
+        checkpoint=Checkpoint(checkpoint_for(path)) if checkpoint else None,
         resume=state,
         **fit_options,
     )

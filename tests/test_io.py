@@ -74,7 +74,7 @@ def test_load_rejects_other_files(tmp_path):
 
 def test_checkpoint_and_resume(model, volume, volume_fit, tmp_path, monkeypatch):
     data, mask = volume
-    path = tmp_path / "state.npz"
+    path = tmp_path / "state.h5"
     real = runner.fit_voxels
     calls = []
 
@@ -100,6 +100,79 @@ def test_checkpoint_and_resume(model, volume, volume_fit, tmp_path, monkeypatch)
     # Resuming a finished fit fits nothing and changes nothing.
     again = model.fit(data, mask=mask, resume=done)
     assert_array_equal(again.permeability, done.permeability)
+
+
+def test_store_writes_each_chunk_once(model, volume, volume_fit, tmp_path, monkeypatch):
+    import dipy_spinverse.io as io
+
+    data, mask = volume
+    written = []
+    real = io._write_rows
+
+    def spy(fit, path, rows):
+        written.append(list(rows))
+        return real(fit, path, rows)
+
+    monkeypatch.setattr(io, "_write_rows", spy)
+    path = tmp_path / "store.h5"
+    fit = model.fit(data, mask=mask, vox_per_chunk=2, checkpoint=Checkpoint(path))
+    # Chunks of 2 rows of the 3 voxels of the mask, each written once.
+    assert written == [[0, 1], [2]]
+    # The fit and the store hold the voxels of the mask only.
+    assert fit.params["permeability"].shape == (3, model.grid.n_faces)
+    stored = load_fit(path)
+    assert_array_equal(stored.status, volume_fit.status)
+    assert_array_equal(stored.permeability, fit.permeability)
+    assert stored.fingerprint == runner.fingerprint(data)
+
+
+def test_store_chunks_do_not_grow_with_the_volume(model, volume, tmp_path):
+    import h5py
+
+    data, mask = volume
+    params = runner.empty_params(model, 3)
+    for n_voxels in (3, 300_000):
+        big = np.zeros(n_voxels, bool)
+        big[:3] = True
+        partial = SpinverseFit(model, params, big)
+        path = tmp_path / f"empty_{n_voxels}.h5"
+        Checkpoint(path)(partial)
+        with h5py.File(path) as store:
+            assert store["permeability"].shape == (3, model.grid.n_faces)
+            assert store["permeability"].chunks[0] <= 3
+        assert load_fit(path).n_pending == 3
+
+
+def test_one_argument_checkpoint_gets_the_partial_fit(model, volume):
+    data, mask = volume
+    seen = []
+    model.fit(data, mask=mask, vox_per_chunk=2, checkpoint=lambda f: seen.append(f))
+    assert len(seen) == 3  # the start, then two chunks
+    assert seen[-1].n_pending == 0
+
+
+def test_resume_a_saved_npz_checkpoints_beside_it(model, volume, volume_fit, tmp_path):
+    data, mask = volume
+    params = {k: None if v is None else v.copy() for k, v in volume_fit.params.items()}
+    params["status"][1] = runner.PENDING
+    partial = SpinverseFit(model, params, mask, fingerprint=volume_fit.fingerprint)
+    path = save_fit(partial, tmp_path / "fit.npz")
+    done = resume_fit(path, data)
+    assert_array_equal(done.status, volume_fit.status)
+    assert load_fit(tmp_path / "fit.partial.h5").n_pending == 0
+
+
+def test_fingerprint_hashes_in_slabs(volume, monkeypatch):
+    import hashlib
+
+    data, _ = volume
+    whole = hashlib.sha1(np.ascontiguousarray(data, dtype=np.float64).tobytes())
+    whole.update(str(data.shape).encode())
+    monkeypatch.setattr(runner, "FINGERPRINT_BYTES", 8)  # one row at a time
+    assert runner.fingerprint(data) == whole.hexdigest()
+    assert runner.fingerprint(data.astype(np.float32)) != whole.hexdigest()
+    transposed = np.asfortranarray(data)
+    assert runner.fingerprint(transposed) == whole.hexdigest()
 
 
 def test_resume_checks(model, volume, volume_fit, gtab, grid):

@@ -86,14 +86,22 @@ class SpinverseFit(ReconstFit):
     voxel's fit (None outside the mask, as DIPY's ``MultiVoxelFit``), any
     other index a smaller volume fit.
 
+    A volume fit holds the parameters of the voxels in its mask only, so its
+    memory grows with the mask, not with the volume; the maps and arrays of
+    the whole volume (``permeability``, ``labels``, ``status``, ...) are
+    built when asked for.
+
     Parameters
     ----------
     model : SpinverseModel
     params : dict of ndarray
-        Per-voxel arrays of shape ``shape + (...)``: ``permeability``
-        (n_faces,), ``labels`` (n_cells,) or None, ``predicted``
-        (n_volumes,) b0-normalised signal, ``S0``, ``S0_sequences``
-        (n_sequences,), ``loss``, ``status`` (see :data:`STATUS_CODES`).
+        Per-voxel arrays: ``permeability`` (n_faces,), ``labels``
+        (n_cells,) or None, ``predicted`` (n_volumes,) b0-normalised signal,
+        ``S0``, ``S0_sequences`` (n_sequences,), ``loss``, ``status`` (see
+        :data:`STATUS_CODES`). Either of the whole volume, shape
+        ``mask.shape + (...)``, or of the voxels in the mask only, shape
+        ``(n_mask, ...)`` in C order (``data[mask]``); a volume fit keeps
+        the latter (:attr:`params`).
     mask : array_like of bool, optional
         Voxels of the fit (default: all).
     history : dict, optional
@@ -106,6 +114,12 @@ class SpinverseFit(ReconstFit):
         (:func:`dipy_spinverse.io.load_fit`), which may differ from
         ``model.device`` (a ``cuda`` fit inspected on a machine without
         CUDA).
+
+    Attributes
+    ----------
+    params : dict of ndarray
+        One voxel: its arrays. A volume: the arrays of the voxels in the
+        mask, ``(n_mask, ...)`` in C order.
 
     Notes
     -----
@@ -125,15 +139,55 @@ class SpinverseFit(ReconstFit):
         saved_device=None,
     ):
         self.model = model
-        self.params = {
+        params = {
             k: None if params.get(k) is None else np.asarray(params[k])
             for k in PARAMETERS
         }
-        shape = np.shape(self.params["status"])
-        self.mask = np.ones(shape, bool) if mask is None else np.asarray(mask, bool)
+        status_shape = params["status"].shape
+        mask = np.ones(status_shape, bool) if mask is None else np.asarray(mask, bool)
+        self.mask = mask
+        n_mask = int(mask.sum())
+        if mask.ndim == 0 or status_shape == (n_mask,):
+            pass  # one voxel, or the voxels of the mask: kept as they are
+        elif status_shape == mask.shape:
+            # Parameters of the whole volume: keep the voxels of the mask.
+            params = {k: None if v is None else v[mask] for k, v in params.items()}
+        else:
+            raise ValueError(
+                f"params['status'] has shape {status_shape}; a fit with a mask of "
+                f"shape {mask.shape} needs {mask.shape} (the whole volume) or "
+                f"({n_mask},) (the voxels in the mask)."
+            )
+        self.params = params
         self.history = history
         self.fingerprint = fingerprint
         self.saved_device = saved_device
+
+    # -- the voxels of the mask and the whole volume -----------------------------
+    def _rows(self, name):
+        """``params[name]`` of the voxels in the mask, (n_mask, ...)."""
+        values = self.params[name]
+        if values is None or self.shape != ():
+            return values
+        return values[None] if self.mask else values[None][:0]
+
+    def _volume(self, rows, fill):
+        """Per-voxel ``rows`` (n_mask, ...) spread over the volume, ``fill`` out."""
+        rows = np.asarray(rows)
+        out = np.full(self.shape + rows.shape[1:], fill, dtype=rows.dtype)
+        out[self.mask] = rows
+        return out
+
+    @cached_property
+    def _rank(self):
+        """Row of each voxel of the volume in :attr:`params` (-1 outside)."""
+        rank = np.full(self.mask.size, -1, dtype=np.int64)
+        rank[self.mask.reshape(-1)] = np.arange(int(self.mask.sum()))
+        return rank
+
+    @property
+    def _fitted_rows(self):
+        return np.isin(self._rows("status"), FITTED)
 
     # -- per-voxel parameters ------------------------------------------------------
     @property
@@ -144,33 +198,42 @@ class SpinverseFit(ReconstFit):
     @property
     def status(self):
         """Status map (0 = ok; see :data:`STATUS_CODES`)."""
-        return _scalar(self.params["status"])
+        if self.shape == ():
+            return _scalar(self.params["status"])
+        return self._volume(self.params["status"], MASKED)
 
     @property
     def ok(self):
         """Voxels fitted without problems (status ``OK``)."""
-        return np.asarray(self.params["status"]) == OK
+        return np.asarray(self.status) == OK
 
     @property
     def fitted(self):
         """Voxels with outputs: status ``OK`` or ``POOR_FIT`` (:data:`FITTED`)."""
-        return np.isin(np.asarray(self.params["status"]), FITTED)
+        return np.isin(np.asarray(self.status), FITTED)
 
     @property
     def n_pending(self):
         """Voxels of the mask still to fit (a partial fit to resume)."""
-        return int(np.sum(np.asarray(self.params["status"]) == PENDING))
+        return int(np.sum(self._rows("status") == PENDING))
 
     @property
     def permeability(self):
         """Per-face permeability (..., n_faces), m/s; NaN where not fitted."""
-        return self.params["permeability"]
+        if self.shape == ():
+            return self.params["permeability"]
+        return self._volume(self.params["permeability"], np.nan)
 
     @property
     def barrier(self):
         """Faces below the barrier threshold (..., n_faces): the membranes."""
+        if self.shape == ():
+            return self._barrier_of(self.params["permeability"])
+        return self._volume(self._barrier_of(self.params["permeability"]), False)
+
+    def _barrier_of(self, permeability):
         with np.errstate(invalid="ignore"):
-            permeability = np.nan_to_num(self.permeability, nan=np.inf)
+            permeability = np.nan_to_num(permeability, nan=np.inf)
             return permeability < self.model.config.threshold
 
     @property
@@ -180,52 +243,55 @@ class SpinverseFit(ReconstFit):
         Kept whenever the inversion produces labels (the label search, or the
         cell parametrisation); None otherwise.
         """
-        return self.params["labels"]
+        labels = self.params["labels"]
+        if labels is None or self.shape == ():
+            return labels
+        return self._volume(labels, -1)
 
     @property
     def S0(self):
         """Fitted S0 map (mean b = 0 signal)."""
-        return self._map(self.params["S0"])
+        return self._map(self._rows("S0"))
 
     @property
     def loss(self):
         """Final data loss (:func:`dipy_spinverse.signals.data_loss`)."""
-        return self._map(self.params["loss"])
+        return self._map(self._rows("loss"))
 
     @property
     def residual(self):
         """RMS misfit of the b0-normalised signal (a fraction of S0)."""
-        return self._map(np.sqrt(self.params["loss"] / self.model.config.loss_scale))
+        return self._map(np.sqrt(self._rows("loss") / self.model.config.loss_scale))
 
     # -- derived maps --------------------------------------------------------------
     @property
     def surface_to_volume(self):
         """Barrier area per box volume, 1/um."""
         grid = self.model.grid
-        return self._map((self.barrier @ grid.face_areas) / grid.volume)
+        barrier = self._barrier_of(self._rows("permeability"))
+        return self._map((barrier @ grid.face_areas) / grid.volume)
 
     @property
     def membrane_permeability(self):
         """Mean permeability over the barrier faces, m/s (NaN without any)."""
-        barrier = self.barrier
+        permeability = self._rows("permeability")
+        barrier = self._barrier_of(permeability)
         count = barrier.sum(-1)
-        total = np.where(barrier, self.permeability, 0.0).sum(-1)
+        total = np.where(barrier, permeability, 0.0).sum(-1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return self._map(np.where(count > 0, total / np.maximum(count, 1), np.nan))
 
     @cached_property
     def _compartments(self):
-        """(restricted fraction, enclosed compartments) per voxel, NaN if not ok."""
-        out = np.full(self.shape + (2,), np.nan)
+        """(restricted fraction, enclosed compartments) per voxel of the mask."""
+        permeability = self._rows("permeability")
+        out = np.full((len(permeability), 2), np.nan)
         grid = self.model.grid
-        barrier = self.barrier
-        fitted = self.fitted
-        for index in np.ndindex(self.shape):
-            if not fitted[index]:
-                continue
-            region, outside = barrier_regions(grid, barrier[index])
+        for row in np.flatnonzero(self._fitted_rows):
+            barrier = self._barrier_of(permeability[row])
+            region, outside = barrier_regions(grid, barrier)
             enclosed = region != outside
-            out[index] = (
+            out[row] = (
                 grid.cell_volumes[enclosed].sum() / grid.volume,
                 len(np.unique(region[enclosed])),
             )
@@ -234,12 +300,12 @@ class SpinverseFit(ReconstFit):
     @property
     def restricted_fraction(self):
         """Volume fraction of the cells enclosed by barriers."""
-        return self._map(self._compartments[..., 0])
+        return self._map(self._compartments[:, 0])
 
     @property
     def n_compartments(self):
         """Number of enclosed compartments."""
-        return self._map(self._compartments[..., 1])
+        return self._map(self._compartments[:, 1])
 
     # -- meshes --------------------------------------------------------------------
     @property
@@ -330,13 +396,16 @@ class SpinverseFit(ReconstFit):
         out[self.mask & ~ok] = np.nan
         if not ok.any():
             return out
+        rows = self._fitted_rows
         if gtab is None:
-            normalised = self.params["predicted"][ok]
+            normalised = self._rows("predicted")[rows]
         else:
-            normalised = model.predict_normalised(self.permeability[ok], protocol)
+            normalised = model.predict_normalised(
+                self._rows("permeability")[rows], protocol
+            )
         if S0 is None:
             scale = model.s0_for(
-                protocol, self.params["S0"][ok], self.params["S0_sequences"][ok]
+                protocol, self._rows("S0")[rows], self._rows("S0_sequences")[rows]
             )
         else:
             scale = np.broadcast_to(np.asarray(S0, dtype=float), self.shape)[ok]
@@ -348,26 +417,26 @@ class SpinverseFit(ReconstFit):
     def __getitem__(self, index):
         if self.shape == ():
             raise IndexError("a single-voxel fit cannot be indexed.")
+        if _is_voxel(index, self.shape):
+            row = self._rank[np.ravel_multi_index(index, self.shape)]
+            if row < 0:
+                return None
+            params = {k: None if v is None else v[row] for k, v in self.params.items()}
+            return SpinverseFit(self.model, params, True)
         ids = np.arange(self.mask.size).reshape(self.shape)[index]
-        flat = {
-            k: None if v is None else v.reshape((-1,) + v.shape[len(self.shape) :])
-            for k, v in self.params.items()
-        }
-        if np.ndim(ids) == 0 and not self.mask.reshape(-1)[ids]:
-            return None
-        params = {
-            k: None
-            if v is None
-            else v[ids.reshape(-1)].reshape(ids.shape + v.shape[1:])
-            for k, v in flat.items()
-        }
-        return SpinverseFit(self.model, params, self.mask.reshape(-1)[ids])
+        inside = self.mask.reshape(-1)[ids]
+        if np.ndim(ids) == 0:
+            return self[np.unravel_index(int(ids), self.shape)]
+        rows = self._rank[ids[inside]]
+        params = {k: None if v is None else v[rows] for k, v in self.params.items()}
+        return SpinverseFit(self.model, params, inside)
 
-    def _map(self, values):
-        """``values`` where fitted, NaN elsewhere in the mask, 0 outside it."""
-        out = np.where(self.fitted, values, np.nan)
-        out = np.where(self.mask, out, 0.0)
-        return _scalar(out)
+    def _map(self, rows):
+        """Map of per-voxel ``rows`` (n_mask,): NaN where not fitted, 0 outside."""
+        values = np.where(self._fitted_rows, rows, np.nan)
+        if self.shape == ():
+            return _scalar(values[0]) if self.mask else 0.0
+        return self._volume(values.astype(float), 0.0)
 
     def __repr__(self):
         if self.shape == ():
@@ -375,13 +444,22 @@ class SpinverseFit(ReconstFit):
                 f"SpinverseFit(status={self.status} ({STATUS_CODES[self.status]}), "
                 f"barrier_faces={int(self.barrier.sum())}, loss={self.loss:.3g})"
             )
-        status = np.asarray(self.params["status"])
+        status = self._rows("status")
         counts = {
             STATUS_CODES[c]: int(np.sum(status == c))
             for c in STATUS_CODES
             if c != MASKED and np.any(status == c)
         }
         return f"SpinverseFit(shape={self.shape}, status={counts})"
+
+
+def _is_voxel(index, shape):
+    """Whether ``index`` names one voxel by integers, e.g. ``(1, 0, 2)``."""
+    return (
+        isinstance(index, tuple)
+        and len(index) == len(shape)
+        and all(isinstance(i, (int, np.integer)) for i in index)
+    )
 
 
 def _scalar(values):

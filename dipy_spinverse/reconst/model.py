@@ -181,6 +181,7 @@ class SpinverseModel(ReconstModel):
         *,
         mask=None,
         engine="serial",
+        address=None,
         n_jobs=None,
         verbose=False,
         vox_per_chunk=None,
@@ -198,21 +199,38 @@ class SpinverseModel(ReconstModel):
             ``False`` returns an unfitted fit with status ``MASKED``.
         engine : {"serial", "joblib", "dask", "ray"}
             ``"serial"`` fits ``batch_size`` voxels at a time through the
-            batched simulator on ``device``; the others spread chunks of
-            ``vox_per_chunk`` voxels over ``n_jobs`` workers with DIPY's
-            ``multi_voxel_fit``.
+            batched simulator on ``device``; ``"joblib"`` spreads chunks of
+            ``vox_per_chunk`` voxels over ``n_jobs`` local processes (DIPY's
+            ``multi_voxel_fit``); ``"ray"`` and ``"dask"`` run one task per
+            chunk on a cluster (``address``; by default a local one of
+            ``n_jobs`` workers), each worker on its own GPU when the cluster
+            has GPUs and the model is on ``cuda``. Dask without the
+            ``distributed`` package (and no ``address``) runs on local threads
+            through DIPY. Install both with
+            ``pip install "dipy_spinverse[parallel]"``.
+        address : str or distributed.Client, optional
+            The cluster of ``engine="ray"`` (a running cluster's address,
+            ``"auto"`` for the one on this machine, ``"local"`` for a new
+            local instance; default: the ``ray.init`` of this process, else
+            ``RAY_ADDRESS``, else a local instance) or ``engine="dask"`` (a
+            scheduler address ``"tcp://host:port"`` or a ``Client``; default:
+            the current client, else a local cluster of processes).
         n_jobs : int, optional
-            Workers of a parallel engine (default: all cores; negative values
-            count back from all cores, as in DIPY).
+            Workers of a parallel engine started here (default: all cores;
+            negative values count back from all cores, as in DIPY).
         verbose : bool
-            Show a progress bar over voxels.
+            Show a progress bar over voxels: it moves through a chunk as the
+            face fit iterates and as voxels end their label search, and over
+            all workers of a cluster as their chunks finish.
         vox_per_chunk : int, optional
             Voxels per batched call (default ``batch_size``; for parallel
             engines at most an equal share per worker).
         checkpoint : callable, optional
-            ``checkpoint(partial_fit)`` after every chunk (serial) or round
-            of chunks (parallel engines), e.g.
-            :class:`dipy_spinverse.io.Checkpoint` to save progress to a file.
+            ``checkpoint(partial_fit, rows)`` at the start (``rows`` None)
+            and after every chunk, with the rows of ``partial_fit.params``
+            that chunk fitted (a callable of one argument gets the partial
+            fit alone): :class:`dipy_spinverse.io.Checkpoint` writes each
+            chunk once to an HDF5 store.
         resume : SpinverseFit, optional
             A partly finished volume fit of the same data and model: only its
             voxels with status ``PENDING`` are fitted
@@ -237,6 +255,7 @@ class SpinverseModel(ReconstModel):
             data,
             mask=mask,
             engine=engine,
+            address=address,
             n_jobs=n_jobs,
             verbose=verbose,
             vox_per_chunk=vox_per_chunk,
@@ -339,13 +358,20 @@ class SpinverseModel(ReconstModel):
 
     # -- input checks ----------------------------------------------------------
     def _check_data(self, data):
-        try:
-            data = np.asarray(data, dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"data must be a numeric array (..., {len(self.protocol)}), got "
-                f"{type(data).__name__}."
-            ) from err
+        """``data`` as an array of its own numeric dtype (not copied to float64).
+
+        Chunks of voxels are converted to float64 when they are fitted, so a
+        volume is never copied whole.
+        """
+        data = np.asarray(data)
+        if data.dtype.kind not in "biuf":
+            try:
+                data = np.asarray(data, dtype=np.float64)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"data must be a numeric array (..., {len(self.protocol)}), "
+                    f"got {type(data).__name__} of {data.dtype}."
+                ) from err
         if data.ndim == 0 or data.shape[-1] != len(self.protocol):
             raise ValueError(
                 f"data has shape {data.shape} but the gradient table has "
@@ -353,6 +379,8 @@ class SpinverseModel(ReconstModel):
                 f"one value per volume, in the order of gtab (shape (..., "
                 f"{len(self.protocol)}))."
             )
+        if data.ndim == 1:
+            data = data.astype(np.float64)
         return data
 
     def __repr__(self):

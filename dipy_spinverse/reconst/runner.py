@@ -12,7 +12,9 @@ After every chunk an optional ``checkpoint(partial_fit)`` hook sees the fit
 so far.
 """
 
+import copy
 import hashlib
+import inspect
 import math
 import numbers
 import os
@@ -26,12 +28,12 @@ from tqdm import tqdm
 from ..checks import check_int
 from ..inverse import reconstruct
 from ..signals import b0_scale, data_loss, normalise_b0
+from . import engines
 from .fit import (
     BAD_B0,
     DIVERGED,
     FAILED,
     FITTED,
-    MASKED,
     NONFINITE,
     OK,
     PENDING,
@@ -44,12 +46,17 @@ __all__ = [
     "POOR_FIT_FALSE_ALARM",
     "fit_voxels",
     "fit_volume",
+    "fit_chunk",
     "fingerprint",
     "poor_fit_bound",
 ]
 
-#: Ways to spread a volume fit: one device, or DIPY's parallel engines.
+#: Ways to spread a volume fit: one device, joblib processes (DIPY's
+#: ``multi_voxel_fit``), or a Ray or Dask cluster (:mod:`.engines`).
 PARALLEL_ENGINES = ("serial", "joblib", "dask", "ray")
+
+#: Bytes of float64 hashed at a time by :func:`fingerprint`.
+FINGERPRINT_BYTES = 1 << 24
 
 #: False-alarm rate of the ``POOR_FIT`` status. Where the model explains a
 #: voxel, its n b0-normalised acquisitions differ from the fit by noise of
@@ -96,6 +103,7 @@ def fit_voxels(model, data, *, callback=None):
     history : dict or None
         The inversion's loss curves, when it ran once over all voxels.
     """
+    data = np.asarray(data, dtype=np.float64)
     n = len(data)
     result = empty_params(model, n)
     finite = np.isfinite(data).all(axis=1)
@@ -201,24 +209,26 @@ def fit_volume(
     *,
     mask=None,
     engine="serial",
+    address=None,
     n_jobs=None,
     verbose=False,
     vox_per_chunk=None,
     checkpoint=None,
     resume=None,
 ):
-    """Fit a volume (..., n_volumes); see :meth:`SpinverseModel.fit`."""
+    """Fit a volume (..., n_volumes); see :meth:`SpinverseModel.fit`.
+
+    Only the voxels of the mask are held: the parameters of the fit are
+    ``(n_mask, ...)`` arrays, and each chunk of voxels is read from ``data``
+    (any numeric dtype, never copied whole) and converted to float64 when it
+    is fitted.
+    """
     if engine not in PARALLEL_ENGINES:
         raise ValueError(
             f"Invalid engine {engine!r}. Must be one of {PARALLEL_ENGINES}."
         )
-    _check_engine_installed(engine)
-    if checkpoint is not None and not callable(checkpoint):
-        raise ValueError(
-            "checkpoint must be a callable checkpoint(partial_fit), e.g. "
-            "dipy_spinverse.io.Checkpoint('fit.npz'), got "
-            f"{type(checkpoint).__name__}."
-        )
+    on_cluster = _check_engine_installed(engine, address)
+    hook = _checkpoint_hook(checkpoint)
     n_workers = _n_workers(n_jobs)
     if vox_per_chunk is not None:
         vox_per_chunk = check_int(vox_per_chunk, "vox_per_chunk", 1)
@@ -232,48 +242,128 @@ def fit_volume(
         }
     else:
         mask = check_mask(mask, shape)
-        params = empty_params(model, shape)
-        params["status"][~mask] = MASKED
+        params = empty_params(model, int(mask.sum()))
     partial = SpinverseFit(model, params, mask, fingerprint=digest)
-    flat = data.reshape(-1, data.shape[-1])
-    todo = np.flatnonzero(params["status"].reshape(-1) == PENDING)
-    if checkpoint is not None:
-        checkpoint(partial)
-    bar = tqdm(total=len(todo), disable=not verbose, desc="Fitting Spinverse")
-    progress = _progress(bar, model.config.n_iterations) if verbose else None
+    voxels = np.flatnonzero(mask)  # the volume index of each row of params
+    todo = np.flatnonzero(params["status"] == PENDING)
+    if hook is not None:
+        hook(partial, None)
+    bar = tqdm(
+        total=len(todo),
+        disable=not verbose,
+        desc="Fitting Spinverse",
+        unit="voxel",
+        # Fractions of a voxel: a chunk moves on as its voxels are fitted.
+        bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]",
+    )
+
+    def load(rows):
+        """The raw signal of ``rows`` of params, (len(rows), n_volumes)."""
+        return data[np.unravel_index(voxels[rows], shape)]
+
+    def done(rows, result):
+        for key, value in result.items():
+            if params[key] is not None and value is not None:
+                params[key][rows] = value
+        bar.update(len(rows) - bar_share[0])
+        bar_share[0] = 0
+        if hook is not None:
+            hook(partial, rows)
+
+    bar_share = [0.0]  # the part of the current chunk already on the bar
     try:
         if engine == "serial":
-            chunk = vox_per_chunk or model.batch_size
-            size = chunk
-        else:
-            chunk = vox_per_chunk or max(
-                1, min(model.batch_size, math.ceil(len(todo) / n_workers))
-            )
-            size = chunk * n_workers if checkpoint is not None else len(todo)
-        for start in range(0, len(todo), size):
-            block = todo[start : start + size]
-            if engine == "serial":
-                result, _ = fit_voxels(model, flat[block], callback=progress)
-            else:
-                result = _fit_parallel(
-                    model, flat[block], engine=engine, n_jobs=n_workers, chunk=chunk
+            size = vox_per_chunk or model.batch_size
+            for rows in _chunks(todo, size):
+                progress = None
+                if verbose:
+                    progress = _progress(bar, model, len(rows), bar_share)
+                done(rows, fit_voxels(model, load(rows), callback=progress)[0])
+        elif on_cluster:
+            chunk = vox_per_chunk or _share(model, len(todo), n_workers)
+            with engines.open_cluster(engine, address, n_workers=n_workers) as cluster:
+                if vox_per_chunk is None and address is not None:
+                    chunk = _share(model, len(todo), cluster.slots)
+                engines.run_chunks(
+                    cluster,
+                    fit_chunk,
+                    model,
+                    _chunks(todo, chunk),
+                    load=load,
+                    done=done,
+                    gpu=model.device.type == "cuda",
                 )
-            index = np.unravel_index(block, shape)
-            for key, value in result.items():
-                if params[key] is not None and value is not None:
-                    params[key][index] = value
-            bar.update(len(block))
-            if checkpoint is not None:
-                checkpoint(partial)
+        else:
+            chunk = vox_per_chunk or _share(model, len(todo), n_workers)
+            size = chunk * n_workers if hook is not None else len(todo)
+            for rows in _chunks(todo, size):
+                result = _fit_parallel(
+                    model, load(rows), engine=engine, n_jobs=n_workers, chunk=chunk
+                )
+                done(rows, result)
     finally:
         bar.close()
     return partial
 
 
+def fit_chunk(model, data, *, device=None):
+    """Fit (n, n_volumes) raw voxels on a cluster worker (its ``device``).
+
+    The task of the Ray and Dask engines
+    (:func:`~dipy_spinverse.reconst.engines.run_chunks`): ``device`` is the
+    worker's own GPU, or None to keep the model's.
+    """
+    if device is not None and torch.device(device) != model.device:
+        model = copy.copy(model)
+        model.device = torch.device(device)
+    return fit_voxels(model, data)[0]
+
+
+def _chunks(rows, size):
+    """Consecutive pieces of ``rows`` of at most ``size``."""
+    return (rows[start : start + size] for start in range(0, len(rows), size))
+
+
+def _share(model, n_voxels, n_workers):
+    """Voxels per chunk: ``batch_size``, or an equal share of each worker."""
+    return max(1, min(model.batch_size, math.ceil(n_voxels / n_workers)))
+
+
+def _checkpoint_hook(checkpoint):
+    """``hook(partial_fit, rows)`` calling ``checkpoint`` as it asks to be.
+
+    A checkpoint takes ``(partial_fit, rows)``: ``rows`` are the rows of
+    ``partial_fit.params`` fitted since the last call (None the first time:
+    all of them), so that a store writes each chunk once
+    (:class:`dipy_spinverse.io.Checkpoint`). A callable of one argument gets
+    the partial fit alone.
+    """
+    if checkpoint is None:
+        return None
+    if not callable(checkpoint):
+        raise ValueError(
+            "checkpoint must be a callable checkpoint(partial_fit, rows), e.g. "
+            "dipy_spinverse.io.Checkpoint('fit.h5'), got "
+            f"{type(checkpoint).__name__}."
+        )
+    try:
+        signature = inspect.signature(checkpoint)
+        signature.bind(None, None)
+    except TypeError:
+        return lambda fit, rows: checkpoint(fit)
+    except ValueError:  # no signature to inspect (a builtin): assume two
+        pass
+    return checkpoint
+
+
 def _fit_parallel(model, data, *, engine, n_jobs, chunk):
-    """Fit (n, n_volumes) voxels over a DIPY parallel engine."""
+    """Fit (n, n_volumes) voxels over DIPY's ``multi_voxel_fit`` (joblib, dask)."""
     fits = model.fit_chunk(
-        data, engine=engine, n_jobs=n_jobs, vox_per_chunk=chunk, verbose=False
+        np.asarray(data, dtype=np.float64),
+        engine=engine,
+        n_jobs=n_jobs,
+        vox_per_chunk=chunk,
+        verbose=False,
     ).fit_array
     return _merge([fit.params for fit in fits], np.stack)
 
@@ -294,8 +384,22 @@ def share_cores(n_workers, main_pid):
 
 
 def fingerprint(data):
-    """SHA-1 of the data (float64, C order) and their shape."""
-    digest = hashlib.sha1(np.ascontiguousarray(data, dtype=np.float64).tobytes())
+    """SHA-1 of the data (float64, C order) and their shape.
+
+    Hashed a slab of the first axis at a time (about ``FINGERPRINT_BYTES``
+    as float64), so that the whole volume is never copied to float64; the
+    digest is that of the whole array's bytes.
+    """
+    data = np.asarray(data)
+    digest = hashlib.sha1()
+    if data.ndim == 0:
+        digest.update(np.float64(data).tobytes())
+    else:
+        per_row = max(1, data[:1].size * 8)
+        step = max(1, FINGERPRINT_BYTES // per_row)
+        for start in range(0, len(data), step):
+            slab = data[start : start + step]
+            digest.update(np.ascontiguousarray(slab, dtype=np.float64).tobytes())
     digest.update(str(data.shape).encode())
     return digest.hexdigest()
 
@@ -345,35 +449,88 @@ def _check_resume(model, resume, shape, mask, digest):
         )
 
 
-def _progress(bar, n_iterations):
-    """Inversion callback showing the current iteration on a progress bar."""
+def _progress(bar, model, n_rows, shown):
+    """Inversion callback moving the bar through a chunk of ``n_rows`` voxels.
+
+    The face fit moves the bar through its share of the chunk iteration by
+    iteration (all of it, or half when the label search follows); the label
+    search moves it by a voxel's other half when that voxel's search ends
+    (when the search reports it, ``{"voxel_done": index}``) and counts its
+    steps on the bar. ``shown[0]`` is what the bar shows of this chunk; the
+    runner completes the chunk when it is stored.
+    """
+    config = model.config
+    face_share = 0.5 if config.search_steps > 0 else 1.0
+    steps = [0, set()]  # search steps so far, voxels whose search ended
+
+    def move(position):
+        position = min(position, n_rows)
+        if position > shown[0]:
+            bar.update(position - shown[0])
+            shown[0] = position
 
     def callback(iteration, permeability, losses):
-        if "search" in losses:  # the label search, one voxel of the batch
+        if "voxel_done" in losses:
+            steps[1].add(losses["voxel_done"])
+            move(n_rows * face_share + len(steps[1]) * (1 - face_share))
+            return
+        if "search" in losses:  # a step of one voxel's label search
+            steps[0] += 1
             text = (
-                f"label search, voxel {losses['voxel'] + 1}, step {iteration + 1}, "
-                f"loss {losses['search']:.3g}"
+                f"label search: {steps[0]} steps, voxel {losses['voxel'] + 1}/"
+                f"{n_rows} at step {iteration + 1}, loss {losses['search']:.3g}"
             )
-        else:
-            text = (
-                f"iteration {iteration + 1}/{n_iterations}, "
-                f"data loss {losses.get('data', float('nan')):.3g}"
-            )
-        bar.set_postfix_str(text, refresh=iteration % 10 == 0)
+            bar.set_postfix_str(text, refresh=steps[0] % 10 == 0)
+            return
+        move(n_rows * face_share * min(1.0, (iteration + 1) / config.n_iterations))
+        text = (
+            f"face fit: iteration {iteration + 1}/{config.n_iterations}, "
+            f"data loss {losses.get('data', float('nan')):.3g}"
+        )
+        bar.set_postfix_str(text, refresh=False)
 
     return callback
 
 
-def _check_engine_installed(engine):
-    if engine == "serial":
-        return
+def _check_engine_installed(engine, address):
+    """Whether ``engine`` runs on a cluster; a ValueError if it cannot run.
+
+    Ray always runs on a cluster (a local one by default). Dask does when
+    ``distributed`` is installed or an ``address`` is given; without both it
+    runs on local threads through DIPY's ``multi_voxel_fit``.
+    """
     import importlib.util
 
-    if importlib.util.find_spec(engine) is None:
-        raise ValueError(
-            f"engine={engine!r} needs the {engine} package: pip install {engine}, "
-            "or use engine='serial'."
-        )
+    if engine == "serial":
+        if address is not None:
+            raise ValueError(
+                f"address={address!r} is for engine='ray' or engine='dask'; "
+                "pass one of those engines, or leave address out."
+            )
+        return False
+    if engine == "joblib":
+        if address is not None:
+            raise ValueError(
+                "engine='joblib' runs on this machine and takes no address; use "
+                "engine='ray' or engine='dask' for a cluster."
+            )
+        if importlib.util.find_spec("joblib") is None:
+            raise ValueError(
+                "engine='joblib' needs the joblib package: pip install joblib, "
+                "or use engine='serial'."
+            )
+        return False
+    package = engines.CLUSTER_ENGINES[engine]
+    if importlib.util.find_spec(package) is not None:
+        return True
+    if engine == "dask" and address is None:
+        if importlib.util.find_spec("dask") is not None:
+            return False
+    raise ValueError(
+        f"engine={engine!r} needs the {package} package: "
+        f"{engines.INSTALL_HINT} (or pip install {package}), or use "
+        "engine='serial'."
+    )
 
 
 def _cores():
