@@ -14,7 +14,7 @@ import pytest
 import torch
 from dipy.core.gradients import gradient_table
 from dipy.reconst.ivim import ivim_prediction
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 from scipy.optimize import nnls as scipy_nnls
 from scipy.special import dawsn, erf
 
@@ -707,3 +707,92 @@ def test_noddi_extra_average_limits(gtab_noddi):
 def test_noddi_extra_average_choice(gtab_noddi):
     with pytest.raises(ValueError, match="extra_average"):
         NoddiModel(gtab_noddi, extra_average="mean")
+
+
+# --------------------------------------------------------------------------
+# Fibre count per voxel (fibres="auto" or a count map)
+# --------------------------------------------------------------------------
+def _noddi_voxels(counts, rng, *, odi=0.1, ndi=0.6, fiso=0.1):
+    """Parameters in the 3-fibre layout, NaN beyond each voxel's count;
+    populations 90 degrees apart, weights 0.5/0.3/0.2 renormalised."""
+    V = len(counts)
+    out = np.full((V, 2 + 18), np.nan)
+    out[:, 0] = S0
+    a = _unit(rng, V)
+    b = np.cross(a, _unit(rng, V))
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    dirs = np.stack([a, b, np.cross(a, b)], axis=1)
+    for i, k in enumerate(counts):
+        out[i, 1] = 1.0 if k == 0 else fiso
+        w = np.array([0.5, 0.3, 0.2][:k])
+        for j in range(k):
+            out[i, 2 + 6 * j : 8 + 6 * j] = [w[j] / w.sum(), ndi, odi, *dirs[i, j]]
+    return out
+
+
+def test_fibre_count_map(gtab_noddi):
+    rng = np.random.default_rng(5)
+    counts = np.array([0, 1, 2, 1, 2, 0])
+    model = NoddiModel(gtab_noddi, fibres="auto")
+    assert model.n_fibres == 3 and len(model.param_names) == 20
+    params = _noddi_voxels(counts, rng)
+    clean = _simulate(model, params)
+    assert np.isfinite(clean).all()
+    # A (2, 3) volume with one voxel masked out.
+    data = clean.reshape(2, 3, -1)
+    mask = np.ones((2, 3), bool)
+    mask[1, 2] = False
+    fit = model.fit(data, mask=mask, fibres=counts.reshape(2, 3))
+    assert_array_equal(fit.n_fibres, np.where(mask, counts.reshape(2, 3), 0))
+    flat = fit.model_params.reshape(6, -1)
+    # Per-fibre maps are (..., 3), NaN beyond each voxel's count.
+    assert fit.odi.shape == (2, 3, 3)
+    assert_array_equal(np.isnan(fit.odi.reshape(6, 3)[:5]), np.arange(3) >= counts[:5, None])
+    # Noiseless: the given counts are fitted exactly (1e-6, as with a fixed
+    # n_fibres); fibres sorted by weight in both.
+    for i in np.flatnonzero(mask.ravel()):
+        k = counts[i]
+        assert_allclose(flat[i, 1], params[i, 1], atol=1e-6)
+        for j in range(k):
+            got, want = flat[i, 2 + 6 * j : 8 + 6 * j], params[i, 2 + 6 * j : 8 + 6 * j]
+            assert_allclose(got[:3], want[:3], atol=1e-6)
+            assert _angle_deg(got[3:], want[3:]) < 1e-3
+    # directions: DIPY's layout (..., F, 3), zero rows where there is no fibre.
+    dirs = fit.directions
+    assert dirs.shape == (2, 3, 3, 3)
+    norms = np.linalg.norm(dirs, axis=-1)
+    assert_allclose(norms, (np.arange(3) < fit.n_fibres[..., None]).astype(float))
+    # Predictions: the data inside the mask (absent fibres weigh 0), 0 outside.
+    pred = fit.predict()
+    assert_allclose(pred[mask], data[mask], rtol=1e-6)
+    assert_array_equal(pred[~mask], 0.0)
+
+
+def test_fibre_count_auto(gtab_noddi):
+    rng = np.random.default_rng(6)
+    counts = np.array([0, 1, 2, 2, 1])
+    model = NoddiModel(gtab_noddi, fibres="auto")
+    data = _rician(_simulate(model, _noddi_voxels(counts, rng, odi=0.08)), rng, 200)
+    fit = model.fit(data)
+    # SNR 200, 90-degree crossings, weights 0.6/0.4: every count is found.
+    assert_array_equal(fit.n_fibres, counts)
+    single = NoddiModel(gtab_noddi, fibres="auto", response=None)
+    with pytest.raises(ValueError, match="FA > 0.7"):
+        # Free water alone: no voxel to estimate a CSD response from.
+        single.fit(data[counts == 0])
+
+
+def test_fibre_count_bad_input(gtab_noddi):
+    fixed = NoddiModel(gtab_noddi, n_fibres=2)
+    data = np.ones((2, len(gtab_noddi.bvals)))
+    with pytest.raises(ValueError, match="fibres='auto'"):
+        fixed.fit(data, fibres=np.array([1, 2]))
+    auto = NoddiModel(gtab_noddi, fibres="auto")
+    with pytest.raises(ValueError, match="one count per voxel"):
+        auto.fit(data, fibres=np.array([1, 2, 1]))
+    with pytest.raises(ValueError, match="0..3"):
+        auto.fit(data, fibres=np.array([1, 4]))
+    with pytest.raises(ValueError, match="integers"):
+        auto.fit(data, fibres=np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="fibres"):
+        NoddiModel(gtab_noddi, fibres="all")

@@ -121,6 +121,7 @@ def csd_peaks(
         relative_peak_threshold,
         min_separation_angle,
         return_sh=False,
+        legacy=False,
         npeaks=max_peaks,
     )
     dirs = pam.peak_dirs.reshape(-1, max_peaks, 3)
