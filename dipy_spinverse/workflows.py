@@ -546,7 +546,7 @@ def write_report(fit, data, path, *, n_voxels=4):
     import matplotlib.pyplot as plt
 
     voxels = list(zip(*np.nonzero(fit.status == OK), strict=True))[:n_voxels]
-    fig = plt.figure(figsize=(10, 2.6 * (1 + len(voxels))), dpi=80)
+    fig = plt.figure(figsize=(11, 2.6 * (1 + len(voxels))), dpi=80)
     layout = fig.add_gridspec(1 + len(voxels), 10)
     _plot_maps(fig, layout, fit)
     for row, index in enumerate(voxels, start=1):
@@ -560,10 +560,10 @@ def write_report(fit, data, path, *, n_voxels=4):
 
 #: The maps of the report's top row: (attribute, title).
 _REPORT_MAPS = (
-    ("restricted_fraction", "restricted fraction"),
-    ("surface_to_volume", "surface / volume (1/um)"),
-    ("membrane_permeability", "membrane permeability (m/s)"),
-    ("residual", "residual (fraction of S0)"),
+    ("restricted_fraction", "restricted\nfraction"),
+    ("surface_to_volume", "surface / volume\n(1/um)"),
+    ("membrane_permeability", "membrane\npermeability (m/s)"),
+    ("residual", "residual\n(fraction of S0)"),
 )
 
 
@@ -578,15 +578,15 @@ def _mid_slice(volume):
 def _plot_maps(fig, layout, fit):
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    depth = fit.shape[2] // 2 if len(fit.shape) > 2 else None
-    where = f" (slice {depth})" if depth is not None else ""
     for col, (name, title) in enumerate(_REPORT_MAPS):
         ax = fig.add_subplot(layout[0, 2 * col : 2 * col + 2])
         values = np.where(_mid_slice(fit.mask), _mid_slice(getattr(fit, name)), np.nan)
         image = ax.imshow(values.T, origin="lower", cmap="viridis")
         fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
-        ax.set_title(title + where, fontsize=8)
+        ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=6)
+        if col == 0 and len(fit.shape) > 2:
+            ax.set_ylabel(f"slice {fit.shape[2] // 2}", fontsize=7)
     # Status: one colour per code, only those present named.
     codes = sorted(STATUS_CODES)
     colours = ListedColormap([f"C{i}" for i in range(len(codes))])
@@ -598,7 +598,7 @@ def _plot_maps(fig, layout, fit):
     for code in present:
         ax.plot([], [], "s", color=f"C{codes.index(code)}", label=STATUS_CODES[code])
     ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("status" + where, fontsize=8)
+    ax.set_title("status", fontsize=8)
     ax.tick_params(labelsize=6)
 
 
@@ -652,7 +652,7 @@ def _plot_voxel(fig, layout, row, fit, data, index, *, last):
         setter(0, size)
     ax3.set_title(
         f"restricted {voxel.restricted_fraction:.2f}, "
-        f"{voxel.n_compartments} compartment(s)",
+        f"{voxel.n_compartments:.0f} compartment(s)",
         fontsize=9,
     )
     ax3.tick_params(labelsize=6)

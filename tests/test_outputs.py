@@ -324,8 +324,8 @@ def test_nifti_images_are_written_atomically(barrier_fit, tmp_path, monkeypatch)
 def test_report_shows_the_maps(barrier_fit, tmp_path):
     plt = pytest.importorskip("matplotlib.pyplot")
     path = write_report(barrier_fit, None, tmp_path / "report.png", n_voxels=0)
-    # The maps' row alone: 10 x 2.6 inches at 80 dpi.
-    assert plt.imread(path).shape[:2] == (208, 800)
+    # The maps' row alone: 11 x 2.6 inches at 80 dpi.
+    assert plt.imread(path).shape[:2] == (208, 880)
     assert os.listdir(tmp_path) == ["report.png"]
 
 
