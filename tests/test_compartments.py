@@ -747,7 +747,9 @@ def test_fibre_count_map(gtab_noddi):
     flat = fit.model_params.reshape(6, -1)
     # Per-fibre maps are (..., 3), NaN beyond each voxel's count.
     assert fit.odi.shape == (2, 3, 3)
-    assert_array_equal(np.isnan(fit.odi.reshape(6, 3)[:5]), np.arange(3) >= counts[:5, None])
+    assert_array_equal(
+        np.isnan(fit.odi.reshape(6, 3)[:5]), np.arange(3) >= counts[:5, None]
+    )
     # Noiseless: the given counts are fitted exactly (1e-6, as with a fixed
     # n_fibres); fibres sorted by weight in both.
     for i in np.flatnonzero(mask.ravel()):

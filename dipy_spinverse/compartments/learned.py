@@ -176,7 +176,7 @@ def train(inputs, targets, options, *, label="regressor"):
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss) * idx.numel()
+            running += loss.item() * idx.numel()
         bar.set_postfix(loss=f"{running / x.shape[0]:.4f}")
     seconds = time.perf_counter() - start
     message = (

@@ -344,12 +344,13 @@ class NoddiFit(CompartmentFit):
 NoddiModel._fit_class = NoddiFit
 
 
-def _init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size):
+def _init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size, **learned):
     return {
         "n_starts": n_starts,
         "max_iter": max_iter,
         "n_grid_directions": n_grid_directions,
         "chunk_size": chunk_size,
+        **learned,
     }
 
 
@@ -396,6 +397,10 @@ class ActiveAxModel(CompartmentModel):
         max_iter=100,
         n_grid_directions=100,
         chunk_size=128,
+        fit_method="varpro",
+        snr=50.0,
+        learned_options=None,
+        cache_dir=None,
     ):
         self.n_fibres = 1
         self.d_par = check_positive(d_par, "d_par")
@@ -409,7 +414,17 @@ class ActiveAxModel(CompartmentModel):
             "icvf": (0.3, 0.5, 0.7, 0.85),
         }
         self._setup(
-            gtab, **_init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size)
+            gtab,
+            **_init_kwargs(
+                n_starts,
+                max_iter,
+                n_grid_directions,
+                chunk_size,
+                fit_method=fit_method,
+                snr=snr,
+                learned_options=learned_options,
+                cache_dir=cache_dir,
+            ),
         )
 
     def _fibre_columns(self, acq, shared, fibre, dirs):
@@ -548,6 +563,10 @@ class ZcdModel(CompartmentModel):
         max_iter=100,
         n_grid_directions=100,
         chunk_size=128,
+        fit_method="varpro",
+        snr=50.0,
+        learned_options=None,
+        cache_dir=None,
     ):
         self.n_fibres = 1
         lo, hi = _check_bounds(diameter_bounds, "diameter_bounds", lower=1e-3)
@@ -564,7 +583,17 @@ class ZcdModel(CompartmentModel):
             "perp_ratio": (0.2, 0.45, 0.7),
         }
         self._setup(
-            gtab, **_init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size)
+            gtab,
+            **_init_kwargs(
+                n_starts,
+                max_iter,
+                n_grid_directions,
+                chunk_size,
+                fit_method=fit_method,
+                snr=snr,
+                learned_options=learned_options,
+                cache_dir=cache_dir,
+            ),
         )
 
     _fibre_width = 2
@@ -691,6 +720,10 @@ class IvimModel(CompartmentModel):
         n_starts=3,
         max_iter=100,
         chunk_size=1024,
+        fit_method="varpro",
+        snr=50.0,
+        learned_options=None,
+        cache_dir=None,
     ):
         self.n_fibres = 0
         lo, hi = _check_bounds(d_bounds, "d_bounds")
@@ -706,7 +739,19 @@ class IvimModel(CompartmentModel):
             "D_star": tuple(_log_grid(slo, shi, 6)),
             "D": tuple(torch.linspace(lo, hi, 7)[1:-1].tolist()),
         }
-        self._setup(gtab, **_init_kwargs(n_starts, max_iter, 1, chunk_size))
+        self._setup(
+            gtab,
+            **_init_kwargs(
+                n_starts,
+                max_iter,
+                1,
+                chunk_size,
+                fit_method=fit_method,
+                snr=snr,
+                learned_options=learned_options,
+                cache_dir=cache_dir,
+            ),
+        )
 
     def _shared_columns(self, acq, shared, B):
         return torch.stack(
@@ -806,6 +851,10 @@ class ExchangeModel(CompartmentModel):
         n_starts=3,
         max_iter=100,
         chunk_size=256,
+        fit_method="varpro",
+        snr=50.0,
+        learned_options=None,
+        cache_dir=None,
     ):
         self.n_fibres = 0
         tlo, thi = _check_bounds(
@@ -828,7 +877,19 @@ class ExchangeModel(CompartmentModel):
             "d_ratio": (0.1, 0.3, 0.6),
             "exchange_time": tuple(_log_grid(tlo * _S_TO_US, thi * _S_TO_US, 5)),
         }
-        self._setup(gtab, **_init_kwargs(n_starts, max_iter, 1, chunk_size))
+        self._setup(
+            gtab,
+            **_init_kwargs(
+                n_starts,
+                max_iter,
+                1,
+                chunk_size,
+                fit_method=fit_method,
+                snr=snr,
+                learned_options=learned_options,
+                cache_dir=cache_dir,
+            ),
+        )
 
     def _shared_columns(self, acq, shared, B):
         d_extra = shared["d_extra"]
