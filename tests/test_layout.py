@@ -24,6 +24,8 @@ LAYERS = [
     "compartments.acquisition",
     "compartments.fitting",
     "compartments.blocks",
+    "compartments.peaks",
+    "compartments.learned",
     "compartments.base",
     "compartments.models",
     "compartments",

@@ -30,6 +30,7 @@ from .fitting import (
     nnls_gram,
 )
 from .learned import LearnedOptions, fingerprint, load_or_train
+from .peaks import csd_peaks
 
 __all__ = ["CompartmentModel", "CompartmentFit", "FIT_METHODS"]
 
@@ -655,8 +656,6 @@ class CompartmentModel(ReconstModel):
         criterion ``M log(RSS / M) + _COUNT_PENALTY P log M`` (P free
         parameters) decreases.
         """
-        from .peaks import csd_peaks
-
         directions, _ = csd_peaks(
             self.gtab, signals, response=self.response, max_peaks=self.n_fibres
         )
