@@ -383,11 +383,13 @@ def test_every_output_goes_to_its_own_path(demo, tmp_path):
 
 def test_save_metrics_chooses_the_outputs(demo, tmp_path):
     outputs = _run(demo, tmp_path, save_metrics=["s0", "status"])
-    assert sorted(os.listdir(tmp_path)) == [
-        "s0.nii.gz",
-        "spinverse_fit.npz",
-        "status.nii.gz",
+    outputs_written = [
+        name
+        for name in os.listdir(tmp_path)
+        if name.endswith((".nii.gz", ".gii", ".ply", ".png"))
     ]
+    assert sorted(outputs_written) == ["s0.nii.gz", "status.nii.gz"]
+    assert os.path.isfile(outputs["out_state"])  # always: it marks a finished run
     assert_array_equal(np.asanyarray(nib.load(outputs["out_status"]).dataobj), OK)
     with pytest.raises(ValueError, match="Invalid save_metrics entry 'fa'"):
         _run(demo, tmp_path / "bad", save_metrics=["fa"])
@@ -422,3 +424,14 @@ def test_voxel_meshes_and_stale_meshes(demo, tmp_path, monkeypatch, caplog):
     assert not os.path.exists(outputs["out_mesh_gifti"])
     assert not os.path.exists(outputs["out_mesh_ply"])
     assert "no mesh file written" in caplog.text
+
+
+def test_save_interface_writes_no_empty_file(barrier_fit, tmp_path):
+    paths = barrier_fit.save_interface(tmp_path / "meshes")
+    assert sorted(paths) == [(0, 0, 0), (1, 0, 0)]
+    assert sorted(os.listdir(tmp_path / "meshes")) == [
+        "voxel_0_0_0.vtp",
+        "voxel_1_0_0.vtp",
+    ]
+    assert barrier_fit[0, 1, 0].save_interface(tmp_path / "none.ply") is None
+    assert not os.path.exists(tmp_path / "none.ply")

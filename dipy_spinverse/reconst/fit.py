@@ -331,23 +331,32 @@ class SpinverseFit(ReconstFit):
             labels = None
         return barrier_mesh(self.model.grid, self.barrier, labels=labels, cap_wall=True)
 
-    def save_interface(self, path, *, ext=".ply", binary=False):
-        """Write the interface meshes.
+    def save_interface(self, path, *, ext=".vtp", binary=True):
+        """Write the interface meshes (um, in the voxel's local box).
+
+        No file is written for a voxel without a barrier (an empty mesh file
+        breaks meshio and VTK). For the meshes of a volume in scanner
+        coordinates, see :func:`dipy_spinverse.surfaces.volume_surface`.
 
         Parameters
         ----------
         path : str or os.PathLike
-            One voxel: the .ply or .vtk file. A volume: a folder (created if
-            needed) that receives ``voxel_<i>_<j>_<k><ext>`` per fitted voxel.
-        ext : {".ply", ".vtk"}
-            File type of a volume's meshes.
+            One voxel: the mesh file; its extension picks the format
+            (``.vtp``, ``.ply``, ``.gii`` or legacy ``.vtk``). A volume: a
+            folder (created if needed) that receives
+            ``voxel_<i>_<j>_<k><ext>`` per fitted voxel with a barrier.
+        ext : {".vtp", ".ply", ".gii", ".vtk"}
+            File type of a volume's meshes (``.vtp``: VTK XML PolyData, read
+            by VTK, ParaView and PyVista; legacy ``.vtk`` is not read by
+            meshio or trimesh).
         binary : bool
-            Binary PLY.
+            Binary PLY (``.ply`` only).
 
         Returns
         -------
-        str or dict
-            The path, or ``{voxel index: path}`` for a volume.
+        str, None or dict
+            The path (None when the voxel has no barrier), or ``{voxel index:
+            path}`` for a volume's voxels with a barrier.
         """
         if self.shape == ():
             if self._mesh is None:
@@ -355,16 +364,20 @@ class SpinverseFit(ReconstFit):
                     f"this voxel has no fitted interface (status {self.status}: "
                     f"{STATUS_CODES[self.status]})."
                 )
-            self._mesh.save(path, binary=binary)
+            if self._mesh.n_triangles == 0:
+                return None
+            self._mesh.save(path, binary=binary and str(path).endswith(".ply"))
             return os.fspath(path)
         os.makedirs(path, exist_ok=True)
         paths = {}
         for index in zip(*np.nonzero(self.fitted), strict=True):
             index = tuple(int(i) for i in index)
             name = "voxel_" + "_".join(map(str, index)) + ext
-            paths[index] = self[index].save_interface(
+            written = self[index].save_interface(
                 os.path.join(os.fspath(path), name), binary=binary
             )
+            if written is not None:
+                paths[index] = written
         return paths
 
     # -- prediction ----------------------------------------------------------------
