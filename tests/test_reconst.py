@@ -204,8 +204,20 @@ def test_slicing_a_volume_fit(volume_fit):
 
 
 @pytest.mark.parametrize("engine", ["joblib", "dask"])
-def test_parallel_engines_agree_with_serial(model, volume, volume_fit, engine):
+def test_parallel_engines_agree_with_serial(
+    model, volume, volume_fit, engine, monkeypatch
+):
+    """DIPY's multi_voxel_fit: joblib, and dask on local threads (without the
+    distributed package; clusters are tested in tests/test_engines.py)."""
     pytest.importorskip(engine)
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "distributed" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     data, mask = volume
     fit = model.fit(data, mask=mask, engine=engine, n_jobs=2, vox_per_chunk=2)
     assert_array_equal(fit.status, volume_fit.status)

@@ -199,19 +199,34 @@ class DaskCluster(Cluster):
             int(w.get("resources", {}).get("GPU", 0)) for w in workers.values()
         )
         self.ranks = _host_ranks(workers)
+        self._completed = None
 
     def share(self, obj):
         return self.client.scatter(obj, broadcast=True, hash=False)
 
     def submit(self, function, *args, gpu=False):
         # pure=False: two chunks with equal arguments are still two tasks.
-        return self.client.submit(
-            _on_dask_worker, function, self.ranks, gpu, *args, pure=False
+        future = self.client.submit(
+            _on_dask_worker,
+            function,
+            self.ranks,
+            gpu,
+            os.getpid(),
+            *args,
+            pure=False,
         )
+        # distributed.wait would need a default client; as_completed follows
+        # the futures' own client (one passed with set_as_default=False).
+        if self._completed is None:
+            self._completed = self.distributed.as_completed(
+                [future], loop=self.client.loop
+            )
+        else:
+            self._completed.add(future)
+        return future
 
     def wait_any(self, futures):
-        done, _ = self.distributed.wait(list(futures), return_when="FIRST_COMPLETED")
-        return list(done)
+        return [next(self._completed)]
 
     def result(self, future):
         return future.result()
@@ -251,12 +266,13 @@ def _host_ranks(workers):
     return ranks
 
 
-def _on_dask_worker(function, ranks, gpu, *args):
+def _on_dask_worker(function, ranks, gpu, client_pid, *args):
     """Run ``function(*args, device=...)`` with this worker's device and threads."""
     from distributed import get_worker
 
     worker = get_worker()
-    torch.set_num_threads(max(1, int(getattr(worker.state, "nthreads", 1))))
+    if os.getpid() != client_pid:  # a worker process: its own threads only
+        torch.set_num_threads(max(1, int(getattr(worker.state, "nthreads", 1))))
     device = worker_device(ranks.get(worker.address, 0)) if gpu else None
     return function(*args, device=device)
 
