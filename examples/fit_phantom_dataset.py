@@ -23,6 +23,7 @@ from dipy.io.image import load_nifti, load_nifti_data
 from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.io import save_fit, save_maps
 from dipy_spinverse.reconst import SpinverseModel
+from dipy_spinverse.surfaces import volume_surface
 from dipy_spinverse.workflows import read_timing
 
 MAPS = ("restricted_fraction", "surface_to_volume", "n_compartments")
@@ -68,7 +69,11 @@ def main(argv=None):
 
     fit_dir = os.path.join(args.out, "fit")
     maps = save_maps(fit, fit_dir, affine=affine)
-    meshes = fit.save_interface(os.path.join(fit_dir, "meshes"))
+    meshes = fit.save_interface(os.path.join(fit_dir, "meshes"))  # um, .vtp
+    # All voxels' membranes as one surface in scanner coordinates (mm).
+    surface = volume_surface(fit, affine=affine)
+    if surface.n_triangles:
+        print(f"surface: {surface.save(os.path.join(fit_dir, 'barriers.gii'))}")
     state = save_fit(fit, os.path.join(fit_dir, "spinverse_fit.npz"))
     print(f"maps: {sorted(maps.values())[0]} ... ({len(maps)} files)")
     print(f"meshes: {len(meshes)} in {os.path.join(fit_dir, 'meshes')}")

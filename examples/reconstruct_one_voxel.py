@@ -6,7 +6,7 @@ Simulate the published sphere phantom (radius 10 um) with the published
 physics (absorbing wall, open faces 0.1 m/s, membrane 1e-5 m/s) and protocol,
 recover its permeability field with :func:`dipy_spinverse.reconstruct`, and
 save the loss curves, a 3-panel picture (true surface, recovered surface,
-permeability histogram) and both meshes (.ply and .vtk).
+permeability histogram) and both meshes (.ply and VTK XML .vtp).
 
 The ``"default"`` preset is used (``--preset paper`` for the published
 configuration): the published face fit, then a search over cell labels that
@@ -62,7 +62,10 @@ for key in ("f1", "iou", "chamfer_um", "hausdorff_um", "is_closed", "is_manifold
 true_mesh = barrier_mesh(grid, phantom.barrier, labels=phantom.labels)
 recovered_mesh = barrier_mesh(grid, result.barrier, labels=result.labels)
 for name, mesh in (("true", true_mesh), ("recovered", recovered_mesh)):
-    for ext in ("ply", "vtk"):
+    if mesh.n_triangles == 0:  # nothing recovered: no (empty) mesh file
+        print(f"no {name} membrane: no mesh file")
+        continue
+    for ext in ("ply", "vtp"):
         mesh.save(os.path.join(args.out, f"{name}_{args.shape}.{ext}"))
 
 # %%
