@@ -11,7 +11,16 @@ root::
     PYTHONPATH=. python benchmarks/compartments.py --write-doc
 
 The table is printed as markdown; ``--write-doc`` also replaces the block
-between the benchmark markers in ``doc/compartments.md``.
+between the benchmark markers in ``doc/compartments.md``. Further sections,
+each with its own block in the doc:
+
+    --learned   fit_method="learned" beside the fitted estimates (training
+                time, voxels per second, errors and their ratio)
+    --fibres    fibre count per voxel (fibres="auto") at SNR 30, 0-3 fibres
+                crossing at >= 45 degrees; 2-fibre angle errors at SNR 50
+    --amico     AMICO's NODDI (pip package dmri-amico, the ``benchmark``
+                extra; skipped when absent) on the same voxels as ours at 1,
+                2 and 3 fibres
 """
 
 import argparse
@@ -328,6 +337,281 @@ def header(threads):
     )
 
 
+# --------------------------------------------------------------------------
+# Learned estimators beside the fitted ones
+# --------------------------------------------------------------------------
+# Voxels per second of a learned estimator are measured on at least this many
+# voxels (the case's voxels repeated): one network pass has a fixed cost.
+LEARNED_SPEED_VOXELS = 20000
+
+
+def ratio(a, b):
+    return f"{a / b:.1f}x" if b > 0 else "-"
+
+
+def learned_twin(model, cache):
+    """The same model with fit_method="learned" at the benchmark's SNR."""
+    kwargs = {"n_fibres": model.n_fibres} if isinstance(model, NoddiModel) else {}
+    return type(model)(
+        model.gtab, fit_method="learned", snr=SNR, cache_dir=cache, **kwargs
+    )
+
+
+def run_learned(quick, cache):
+    gtabs = protocols()
+    rows = []
+    specs, scale = cases(quick)
+    for name, proto, make, n in specs:
+        n = max(8, int(n * scale))
+        rng = np.random.default_rng(SEED)
+        model, params, errors = make(gtabs[proto], n, rng)
+        data = rician(model._fit_class(model, params).predict(), rng)
+        fitted = {k: float(np.median(v)) for k, v in errors(model.fit(data)).items()}
+        learned = learned_twin(model, cache)
+        start = time.perf_counter()
+        learned.regressor  # noqa: B018 (trains, or loads from the cache)
+        train = time.perf_counter() - start
+        reps = max(1, -(-LEARNED_SPEED_VOXELS // n))
+        big = np.tile(data, (reps, 1))
+        start = time.perf_counter()
+        learned.fit(big)
+        wall = time.perf_counter() - start
+        got = {k: float(np.median(v)) for k, v in errors(learned.fit(data)).items()}
+        rows.append((name, big.shape[0] / wall, train, fitted, got))
+        print(f"{name}: learned {big.shape[0] / wall:.0f} vox/s", flush=True)
+    lines = [
+        "| model | learned voxels/s | training or loading (s) | median abs. error: "
+        "learned / fitted (ratio) |",
+        "|:---|---:|---:|:---|",
+    ]
+    for name, speed, train, fitted, got in rows:
+        errs = ", ".join(
+            f"{k} {got[k]:.3g} / {fitted[k]:.3g} ({ratio(got[k], fitted[k])})"
+            for k in fitted
+        )
+        lines.append(f"| {name} | {speed:.0f} | {train:.1f} | {errs} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Fibre count per voxel
+# --------------------------------------------------------------------------
+MIN_CROSSING_DEG = 45.0
+
+
+def separated_directions(rng, n, k, min_angle=MIN_CROSSING_DEG):
+    """(n, k, 3) unit vectors, pairwise at least ``min_angle`` degrees apart
+    (uniform directions, rejected until they are)."""
+    cos_max = np.cos(np.radians(min_angle))
+    out = np.zeros((n, k, 3))
+    for i in range(n):
+        chosen = []
+        while len(chosen) < k:
+            v = unit(rng, 1)[0]
+            if all(abs(v @ u) <= cos_max for u in chosen):
+                chosen.append(v)
+        out[i] = chosen
+    return out
+
+
+def crossing_voxels(gtab, counts, rng, snr):
+    """Noisy NODDI voxels with the given fibre counts (0-3): free water for
+    0; else weights Dirichlet(5) sorted, ODI 0.05-0.25, NDI 0.3-0.8, fiso
+    0-0.3, directions >= 45 degrees apart. Returns data, params, dirs."""
+    model = NoddiModel(gtab, fibres="auto")
+    n = len(counts)
+    dirs = separated_directions(rng, n, 3)
+    params = np.full((n, 20), np.nan)
+    params[:, 0] = S0
+    for i, k in enumerate(counts):
+        params[i, 1] = 1.0 if k == 0 else rng.uniform(0.0, 0.3)
+        w = -np.sort(-rng.dirichlet(np.full(k, 5.0))) if k else []
+        for j in range(k):
+            block = [w[j], rng.uniform(0.3, 0.8), rng.uniform(0.05, 0.25)]
+            params[i, 2 + 6 * j : 8 + 6 * j] = block + list(dirs[i, j])
+    clean = model._fit_class(model, params).predict()
+    sigma = S0 / snr
+    noise = rng.normal(0, sigma, (2,) + clean.shape)
+    return np.abs(clean + noise[0] + 1j * noise[1]), params, dirs
+
+
+def run_fibres(quick):
+    gtab = protocols()["noddi"]
+    n = 40 if quick else 200
+    rng = np.random.default_rng(SEED)
+    counts = np.repeat(np.arange(4), n // 4)
+    data, _, _ = crossing_voxels(gtab, counts, rng, 30.0)
+    model = NoddiModel(gtab, fibres="auto")
+    start = time.perf_counter()
+    fit = model.fit(data)
+    wall = time.perf_counter() - start
+    found = fit.n_fibres
+    confusion = np.zeros((4, 4), dtype=int)
+    np.add.at(confusion, (counts, found), 1)
+    lines = [
+        f"Fibre count, SNR 30, {len(counts)} voxels ({len(counts) // 4} per count),"
+        f" crossings >= {MIN_CROSSING_DEG:g} degrees: **{np.mean(found == counts):.1%}"
+        f" correct** ({len(counts) / wall:.2f} voxels/s). Rows: true count, "
+        "columns: count found.",
+        "",
+        "| true \\ found | 0 | 1 | 2 | 3 | correct |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in range(4):
+        row = " | ".join(str(v) for v in confusion[k])
+        lines.append(f"| {k} | {row} | {confusion[k, k] / confusion[k].sum():.0%} |")
+    # Two fibres at SNR 50, crossings 45-90 degrees: fixed n_fibres=2 and
+    # the count map.
+    m = 20 if quick else 100
+    rng = np.random.default_rng(SEED + 1)
+    two = np.full(m, 2)
+    data, params, dirs = crossing_voxels(gtab, two, rng, SNR)
+    crossing = angle_deg(dirs[:, 0], dirs[:, 1])
+    lines += [
+        "",
+        "Two fibres at SNR 50, crossings 45-90 degrees "
+        f"(median {np.median(crossing):.0f}), {m} voxels:",
+        "",
+        "| fit | median angle error (deg) | 90th percentile | voxels/s |",
+        "|:---|---:|---:|---:|",
+    ]
+    for label, mdl, kwargs in (
+        ("NoddiModel(n_fibres=2)", NoddiModel(gtab, n_fibres=2), {}),
+        (
+            "NoddiModel(fibres='auto'), count map",
+            NoddiModel(gtab, fibres="auto"),
+            {"fibres": two},
+        ),
+    ):
+        start = time.perf_counter()
+        fit = mdl.fit(data, **kwargs)
+        wall = time.perf_counter() - start
+        got = fit.direction.reshape(m, -1, 3)[:, :2]
+        err = np.mean(
+            [angle_deg(got, dirs[:, k][:, None]).min(1) for k in range(2)], axis=0
+        )
+        lines.append(
+            f"| {label} | {np.median(err):.2f} | {np.percentile(err, 90):.2f} "
+            f"| {m / wall:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# AMICO's NODDI on the same voxels
+# --------------------------------------------------------------------------
+class _Maps:
+    """Attribute view of AMICO's maps for the cases' error functions."""
+
+    def __init__(self, ndi, odi, fiso, direction, n_fibres):
+        self.ndi = np.repeat(ndi[:, None], n_fibres, 1)
+        self.odi = np.repeat(odi[:, None], n_fibres, 1)
+        self.fiso = fiso
+        self.direction = direction if n_fibres == 1 else direction[:, None]
+
+
+def amico_noddi(gtab, data, workdir, threads):
+    """AMICO's NODDI on voxels (V, N): maps, fit seconds (directions
+    included, kernels and file I/O not), kernel seconds."""
+    import amico
+    import nibabel as nib
+
+    V = data.shape[0]
+    d = Path(workdir)
+    nib.save(
+        nib.Nifti1Image(data.reshape(V, 1, 1, -1).astype(np.float32), np.eye(4)),
+        d / "dwi.nii.gz",
+    )
+    nib.save(
+        nib.Nifti1Image(np.ones((V, 1, 1), np.uint8), np.eye(4)), d / "mask.nii.gz"
+    )
+    np.savetxt(d / "bvals", gtab.bvals[None])
+    np.savetxt(d / "bvecs", gtab.bvecs.T)
+    amico.util.fsl2scheme(str(d / "bvals"), str(d / "bvecs"), str(d / "dwi.scheme"))
+    amico.setup()
+    amico.core.set_verbose(1)
+    ae = amico.Evaluation(study_path=str(d), subject=".", output_path=str(d / "out"))
+    ae.set_config("nthreads", threads)
+    ae.set_config("BLAS_nthreads", 1)
+    ae.load_data(
+        str(d / "dwi.nii.gz"),
+        str(d / "dwi.scheme"),
+        mask_filename=str(d / "mask.nii.gz"),
+        b0_thr=0,
+    )
+    ae.set_model("NODDI")
+    start = time.perf_counter()
+    ae.generate_kernels(regenerate=True)
+    ae.load_kernels()
+    kernels = time.perf_counter() - start
+    start = time.perf_counter()
+    ae.fit()
+    wall = time.perf_counter() - start
+    names = list(ae.model.maps_name)
+    maps = ae.RESULTS["MAPs"].reshape(V, -1)
+    out = {name: maps[:, names.index(name)].astype(np.float64) for name in names}
+    out["direction"] = ae.RESULTS["DIRs"].reshape(V, 3).astype(np.float64)
+    return out, wall, kernels
+
+
+def run_amico(quick, threads):
+    try:
+        import amico  # noqa: F401
+    except ImportError:
+        return "AMICO (dmri-amico) is not installed: `pip install .[benchmark]`."
+    import tempfile
+
+    gtab = protocols()["noddi"]
+    lines = [
+        "| fibres | voxels | ours: voxels/s | AMICO: voxels/s | median abs. error: "
+        "ours / AMICO |",
+        "|---:|---:|---:|---:|:---|",
+    ]
+    kernel_times = []
+    for k, n in ((1, 1000), (2, 100), (3, 40)):
+        n = max(8, int(n * (0.25 if quick else 1.0)))
+        rng = np.random.default_rng(SEED)
+        model, params, errors = noddi_case(gtab, n, rng, k)
+        data = rician(model._fit_class(model, params).predict(), rng)
+        start = time.perf_counter()
+        ours = errors(model.fit(data))
+        wall = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as tmp:
+            maps, amico_wall, kernels = amico_noddi(gtab, data, tmp, threads)
+        kernel_times.append(kernels)
+        theirs = errors(
+            _Maps(maps["NDI"], maps["ODI"], maps["FWF"], maps["direction"], k)
+        )
+        errs = ", ".join(
+            f"{key} {np.median(ours[key]):.3g} / {np.median(theirs[key]):.3g}"
+            for key in ours
+        )
+        lines.append(f"| {k} | {n} | {n / wall:.1f} | {n / amico_wall:.1f} | {errs} |")
+        print(lines[-1], flush=True)
+    lines += [
+        "",
+        f"AMICO {amico.__version__ if hasattr(amico, '__version__') else ''}: "
+        f"NODDI kernels generated in {np.mean(kernel_times):.1f} s per run (not "
+        "in its voxels/s; our grid dictionary is built inside the timed fit). "
+        "AMICO fits one direction per voxel (from DTI), so at 2 and 3 fibres "
+        "its ODI and NDI are compared with every population's and its angle "
+        "error is the mean over populations of the angle to its one direction.",
+    ]
+    return "\n".join(lines)
+
+
+def write_block(name, text):
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = DOC.read_text()
+    pattern = re.escape(start) + ".*?" + re.escape(end)
+    if not re.search(pattern, doc, flags=re.S):
+        raise SystemExit(f"{DOC}: no {start} ... {end} block")
+    DOC.write_text(
+        re.sub(pattern, lambda _: f"{start}\n{text}\n{end}", doc, flags=re.S)
+    )
+    print(f"\nwrote the {name} block of {DOC}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the voxels")
@@ -335,20 +619,46 @@ def main():
     parser.add_argument(
         "--write-doc", action="store_true", help=f"update {DOC.name} in doc/"
     )
+    parser.add_argument("--learned", action="store_true", help="learned estimators")
+    parser.add_argument("--fibres", action="store_true", help="fibre counts")
+    parser.add_argument("--amico", action="store_true", help="AMICO's NODDI")
+    parser.add_argument(
+        "--no-fits", action="store_true", help="skip the main table of fits"
+    )
+    parser.add_argument(
+        "--cache", default=None, help="cache folder of the learned estimators"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    gtabs, rows = run(args.quick)
-    text = header(args.threads) + "\n\n" + table(gtabs, rows)
-    print()
-    print(text)
-    if args.write_doc:
-        doc = DOC.read_text()
-        block = f"{MARK_START}\n{text}\n{MARK_END}"
-        pattern = re.escape(MARK_START) + ".*?" + re.escape(MARK_END)
-        if not re.search(pattern, doc, flags=re.S):
-            raise SystemExit(f"{DOC}: no {MARK_START} ... {MARK_END} block")
-        DOC.write_text(re.sub(pattern, lambda _: block, doc, flags=re.S))
-        print(f"\nwrote {DOC}")
+    sections = []
+    if not args.no_fits:
+        gtabs, rows = run(args.quick)
+        sections.append(
+            ("benchmark", header(args.threads) + "\n\n" + table(gtabs, rows))
+        )
+    if args.learned:
+        sections.append(
+            (
+                "learned",
+                header(args.threads) + "\n\n" + run_learned(args.quick, args.cache),
+            )
+        )
+    if args.fibres:
+        sections.append(
+            ("fibres", header(args.threads) + "\n\n" + run_fibres(args.quick))
+        )
+    if args.amico:
+        sections.append(
+            (
+                "amico",
+                header(args.threads) + "\n\n" + run_amico(args.quick, args.threads),
+            )
+        )
+    for name, text in sections:
+        print()
+        print(text)
+        if args.write_doc:
+            write_block(name, text)
 
 
 if __name__ == "__main__":
