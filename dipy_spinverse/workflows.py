@@ -26,6 +26,7 @@ from .checks import check_choice
 from .files import atomic_write
 from .io import (
     Checkpoint,
+    checkpoint_for,
     describe_status,
     load_fit,
     save_fit,
@@ -34,6 +35,7 @@ from .io import (
     save_predicted,
 )
 from .reconst import OK, STATUS_CODES, SpinverseModel
+from .reconst.runner import check_resume
 from .sequences import Protocol
 from .signals import sequence_index
 from .surfaces import remove_voxel_meshes, save_voxel_meshes, volume_surface
@@ -89,6 +91,7 @@ class SpinverseFlow(Workflow):
         max_iter=None,
         batch_size=32,
         engine="serial",
+        address=None,
         n_jobs=None,
         device="cpu",
         dtype="float32",
@@ -178,9 +181,18 @@ class SpinverseFlow(Workflow):
         batch_size : int, optional
             Voxels fitted together in one batched call.
         engine : string, optional
-            serial (batched on one device), joblib, dask or ray.
+            serial (batched on one device), joblib (local processes), ray or
+            dask (a cluster: see --address). ray and dask need
+            pip install "dipy_spinverse[parallel]".
+        address : string, optional
+            The cluster: for ray a running cluster's address (host:port), auto
+            (the cluster on this machine) or local (a new local instance;
+            default: RAY_ADDRESS when set, else a local instance); for dask a
+            scheduler address, tcp://host:port (default: a local cluster of
+            n_jobs processes). On a cluster with GPUs and --device cuda, each
+            worker fits on its own GPU.
         n_jobs : int, optional
-            Workers of a parallel engine (default all cores).
+            Workers of a parallel engine started here (default all cores).
         device : string, optional
             cpu or cuda.
         dtype : string, optional
@@ -197,9 +209,11 @@ class SpinverseFlow(Workflow):
             file (VTK XML PolyData) per voxel with a barrier, in
             out_voxel_meshes.
         resume : bool, optional
-            Continue an interrupted fit from the checkpoint it left beside
-            out_state (name.partial.npz), or a finished one from out_state;
-            implies overwriting the other outputs.
+            Continue the fit from the checkpoint an interrupted run left
+            beside out_state (name.partial.h5), or a finished one from
+            out_state; implies overwriting the other outputs. Without it a
+            rerun also continues an interrupted fit of the same data, mask and
+            settings (delete name.partial.h5 to start over).
         out_dir : string or Path, optional
             Output directory.
         out_restricted_fraction : string, optional
@@ -223,7 +237,8 @@ class SpinverseFlow(Workflow):
         out_state : string, optional
             Name of the saved fit (.npz), loadable with
             dipy_spinverse.io.load_fit; written last, when every other output
-            is. During the fit, a checkpoint goes to name.partial.npz.
+            is. During the fit, each finished chunk of voxels is written
+            once to the checkpoint store name.partial.h5 (HDF5).
         out_mesh_gifti : string, optional
             Name of the barrier surfaces of the volume in scanner coordinates
             (mm), GIFTI: each voxel's surfaces scaled into that voxel through
@@ -285,20 +300,13 @@ class SpinverseFlow(Workflow):
             )
             logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
             state = _npz(ostate)
-            checkpoint = _checkpoint(state)
-            saved = [path for path in (checkpoint, state) if os.path.isfile(path)]
-            previous = load_fit(saved[0]) if resume and saved else None
-            if resume and previous is None:
-                logger.info(f"No saved state at {state}; starting a new fit.")
-            if not resume and os.path.isfile(checkpoint):
-                logger.warning(
-                    f"{checkpoint} holds an interrupted fit; starting a new fit "
-                    "over it (--resume continues the interrupted one instead)."
-                )
+            checkpoint = checkpoint_for(state)
+            previous = _previous_fit(model, data, mask, state, resume=resume)
             fit = model.fit(
                 data,
                 mask=mask,
                 engine=engine,
+                address=address,
                 n_jobs=n_jobs,
                 verbose=True,
                 checkpoint=Checkpoint(checkpoint),
@@ -351,9 +359,38 @@ def _npz(path):
     return path if path.endswith(".npz") else path + ".npz"
 
 
-def _checkpoint(state):
-    """Where the fit saves its progress until the state is written."""
-    return state[: -len(".npz")] + ".partial.npz"
+def _previous_fit(model, data, mask, state, *, resume):
+    """The fit to continue: an interrupted one, or with --resume the state.
+
+    With --resume: the checkpoint store, else the finished state, else none
+    (a new fit). Without: the checkpoint store when it holds a fit of the
+    same data, mask and settings, so that rerunning an interrupted command
+    continues it; otherwise a new fit over it, with a warning.
+    """
+    checkpoint = checkpoint_for(state)
+    if resume:
+        saved = [path for path in (checkpoint, state) if os.path.isfile(path)]
+        if not saved:
+            logger.info(f"No saved state at {state}; starting a new fit.")
+            return None
+        logger.info(f"Resuming the fit saved in {saved[0]}.")
+        return load_fit(saved[0])
+    if not os.path.isfile(checkpoint):
+        return None
+    try:
+        previous = load_fit(checkpoint)
+        check_resume(model, previous, data, mask)
+    except ValueError as err:
+        logger.warning(
+            f"{checkpoint} holds an interrupted fit that cannot be continued "
+            f"here ({err}); starting a new fit over it."
+        )
+        return None
+    logger.info(
+        f"Continuing the interrupted fit in {checkpoint}: {previous.n_pending} of "
+        f"{int(previous.mask.sum())} voxels left (delete it to start over)."
+    )
+    return previous
 
 
 def _check_metrics(save_metrics):

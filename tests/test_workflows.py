@@ -135,8 +135,14 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
     flow = _run(demo, tmp_path, n_report=0)
     state = flow.last_generated_outputs["out_state"]
     fit = load_fit(state)
-    fit.params["status"][2, 1, 0] = PENDING
-    fit.params["permeability"][2, 1, 0] = np.nan
+    # The voxel's row among the voxels of the mask (a fit holds those only).
+    row = (
+        np.flatnonzero(fit.mask)
+        .tolist()
+        .index(np.ravel_multi_index((2, 1, 0), fit.shape))
+    )
+    fit.params["status"][row] = PENDING
+    fit.params["permeability"][row] = np.nan
     save_fit(fit, state)
     _run(demo, tmp_path, n_report=0, resume=True)
     done = load_fit(state)
@@ -218,7 +224,7 @@ def test_rerun_fits_again_after_an_unfinished_run(demo, tmp_path):
         assert nib.load(outputs[f"out_{name}"]).shape == (3, 2, 1), name
     assert_array_equal(_load(outputs["out_status"]), OK)
     assert_array_equal(load_fit(outputs["out_state"]).status, OK)
-    assert not os.path.exists(tmp_path / "spinverse_fit.partial.npz")
+    assert not os.path.exists(tmp_path / "spinverse_fit.partial.h5")
     # A finished run is skipped, as DIPY does without --force.
     finished = os.stat(outputs["out_state"]).st_mtime_ns
     SpinverseFlow().run(*inputs, **options)
@@ -244,3 +250,42 @@ def test_version_and_citation(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main()
     assert "Spinverse: Differentiable" in capsys.readouterr().out
+
+
+def test_rerunning_an_interrupted_command_continues_it(demo, tmp_path, monkeypatch):
+    import dipy_spinverse.reconst.runner as runner
+
+    real = runner.fit_voxels
+    fitted = []
+
+    def interrupted(model, chunk, **kwargs):
+        if len(fitted) == 2:
+            raise KeyboardInterrupt
+        fitted.append(len(chunk))
+        return real(model, chunk, **kwargs)
+
+    monkeypatch.setattr(runner, "fit_voxels", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(demo, tmp_path, n_report=0, batch_size=2)
+    store = tmp_path / "spinverse_fit.partial.h5"
+    assert load_fit(store).n_pending == 2  # 2 chunks of 2 of the 6 voxels kept
+    fitted.clear()
+
+    def counted(model, chunk, **kwargs):
+        fitted.append(len(chunk))
+        return real(model, chunk, **kwargs)
+
+    monkeypatch.setattr(runner, "fit_voxels", counted)
+    flow = _run(demo, tmp_path, n_report=0, batch_size=2)  # the same command
+    assert fitted == [2]  # only the chunk left
+    assert_array_equal(load_fit(flow.last_generated_outputs["out_state"]).status, OK)
+    assert not store.exists()
+    # Other settings: the store cannot be continued; a new fit, with a warning.
+    monkeypatch.setattr(runner, "fit_voxels", interrupted)
+    fitted.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _run(demo, tmp_path, n_report=0, batch_size=2)
+    fitted.clear()
+    monkeypatch.setattr(runner, "fit_voxels", counted)
+    _run(demo, tmp_path, n_report=0, batch_size=2, max_iter=3)
+    assert fitted == [2, 2, 2]

@@ -47,6 +47,7 @@ __all__ = [
     "fit_voxels",
     "fit_volume",
     "fit_chunk",
+    "check_resume",
     "fingerprint",
     "poor_fit_bound",
 ]
@@ -235,7 +236,7 @@ def fit_volume(
     shape = data.shape[:-1]
     digest = fingerprint(data)
     if resume is not None:
-        _check_resume(model, resume, shape, mask, digest)
+        check_resume(model, resume, data, mask, digest=digest)
         mask = resume.mask
         params = {
             k: (None if v is None else v.copy()) for k, v in resume.params.items()
@@ -418,7 +419,25 @@ def check_mask(mask, shape):
     return mask.astype(bool)
 
 
-def _check_resume(model, resume, shape, mask, digest):
+def check_resume(model, resume, data, mask=None, *, digest=None):
+    """Raise a ValueError unless ``model`` can continue ``resume`` on ``data``.
+
+    ``resume`` must be a partial volume fit of the same data (shape and
+    :func:`fingerprint`), mask (when given) and model settings
+    (:meth:`SpinverseModel.differences`).
+
+    Parameters
+    ----------
+    model : SpinverseModel
+    resume : SpinverseFit
+    data : ndarray (..., n_volumes)
+    mask : array_like of bool, optional
+    digest : str, optional
+        ``fingerprint(data)`` when already known.
+    """
+    shape = np.shape(data)[:-1]
+    if digest is None:
+        digest = fingerprint(data)
     if not isinstance(resume, SpinverseFit) or resume.shape == ():
         raise ValueError(
             "resume must be a partly finished volume SpinverseFit (load a saved "
