@@ -75,6 +75,9 @@ FACE_FIELD_REGIONS = 8
 # the grid pick, to 0.005 decades (about 1 %).
 REFINE_SPAN = 0.5
 REFINE_TOLERANCE = 0.005
+# L-BFGS iterations of the joint per-cell refinement (each one simulation
+# with its gradient, plus line-search steps).
+REFINE_ITERATIONS = 60
 # Labellings scored within this chi-square of a voxel's best are kept for
 # its uncertainty: their likelihood weight exp(-chi2 / 2) is then above
 # 3e-4, so dropping the rest changes no probability by more than that.
@@ -259,11 +262,14 @@ def cell_labels(grid, labels):
 
 
 def _refine_cells(grid, scorer, v, labels, membrane, bounds):
-    """One permeability per cell: the shared one refined, then each cell's.
+    """One permeability per cell: the shared one refined, then all jointly.
 
     The descent shares one permeability among a voxel's cells; it is refined
-    by :func:`refine_kappa`, then, with several cells, each cell's in turn
-    with the others fixed (one coordinate pass).
+    by :func:`refine_kappa`, then, with several cells, all cells' together
+    by L-BFGS through the simulator's gradients (log10 kappa mapped into
+    ``bounds`` by a sigmoid): touching cells trade permeability along a
+    curved valley of the loss, which one cell at a time crosses slowly.
+    The joint result is kept only if it lowers the loss.
     """
     n = int(labels.max())
     shared = refine_kappa(
@@ -271,18 +277,45 @@ def _refine_cells(grid, scorer, v, labels, membrane, bounds):
         membrane,
         bounds,
     )
-    kappas = np.full(n, shared)
     if n < 2:
-        return kappas
-    for k in range(n):
+        return np.full(n, shared)
+    low, high = bounds
+    dtype, device = scorer.sim["dtype"], scorer.sim["device"]
+    # The shared value may sit on a bound, where the sigmoid has no preimage.
+    start = min(max((math.log10(shared) - low) / (high - low), 1e-6), 1 - 1e-6)
+    z = torch.full((n,), math.log(start / (1 - start)), dtype=dtype, device=device)
+    z.requires_grad_(True)
+    a, b = (torch.as_tensor(c, device=device) for c in labels[grid.face_cells].T)
+    optimiser = torch.optim.LBFGS(
+        [z],
+        max_iter=REFINE_ITERATIONS,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
 
-        def loss(value, k=k):
-            trial = kappas.copy()
-            trial[k] = value
-            return scorer.score_field(v, label_field(grid, labels, trial, np.nan))
+    def field():
+        log_kappa = low + (high - low) * torch.sigmoid(z)
+        inverse = torch.cat([torch.zeros_like(z[:1]), 10.0**-log_kappa])
+        resistance = inverse[a] + inverse[b]  # two membranes in series
+        return torch.where(
+            a != b, 1 / resistance.clamp_min(1e-300), scorer.open_kappa
+        ), log_kappa
 
-        kappas[k] = refine_kappa(loss, kappas[k], bounds)
-    return kappas
+    def closure():
+        optimiser.zero_grad()
+        loss = scorer.field_loss(v, field()[0])
+        loss.backward()
+        return loss
+
+    before = scorer.score_field(
+        v, label_field(grid, labels, np.full(n, shared), np.nan)
+    )
+    optimiser.step(closure)
+    with torch.no_grad():
+        refined, log_kappa = field()
+        after = float(scorer.field_loss(v, refined))
+    return 10.0 ** log_kappa.cpu().numpy() if after < before else np.full(n, shared)
 
 
 def drive(searches, scorers):
@@ -369,20 +402,21 @@ class BatchScorer:
 
         ``NaN`` entries of ``field`` mean no membrane (the upper bound).
         """
-        field = np.where(np.isnan(field), self.open_kappa, field)[None]
+        field = np.where(np.isnan(field), self.open_kappa, field)
         with torch.no_grad():
-            pred = simulate(self.grid, field, self.protocol, **self.sim)
-            pred = normalise_b0(pred, self.protocol)
-        return float(
-            data_loss(
-                pred,
-                self.target[v : v + 1],
-                loss_scale=self.config.loss_scale,
-                sigma=self.config.sigma,
-                noise=self.config.noise,
-                weights=self.ones,
-            )[0]
-        )
+            return float(self.field_loss(v, torch.as_tensor(field)))
+
+    def field_loss(self, v, field):
+        """Differentiable data loss of a field tensor (n_faces,) for voxel ``v``."""
+        pred = simulate(self.grid, field[None], self.protocol, **self.sim)
+        return data_loss(
+            normalise_b0(pred, self.protocol),
+            self.target[v : v + 1],
+            loss_scale=self.config.loss_scale,
+            sigma=self.config.sigma,
+            noise=self.config.noise,
+            weights=self.ones,
+        )[0]
 
 
 class Recorder:
