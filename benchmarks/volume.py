@@ -1,0 +1,218 @@
+"""Whole volumes: memory, checkpoint cost and throughput of a volume fit.
+
+A 96 x 96 x 60 volume (552,960 voxels, float32, two diffusion times) with a
+10,000-voxel mask, fitted with fast settings (the published face fit, the
+default 576-tetrahedron grid, ``max_iter`` iterations, no label search).
+Fitting all 10,000 voxels would take long on a laptop CPU, so the fit is
+stopped after ``--chunks`` chunks of ``--batch`` voxels (by the checkpoint
+hook) and the time of the whole mask is extrapolated from the voxels per
+minute; memory is measured over the setup (the part that grew with the
+volume before) and those chunks.
+
+Tables printed:
+
+1. Memory: the volume's data, peak traced Python/numpy allocations during
+   the fit (tracemalloc: torch's own allocations are not traced), the peak
+   resident set size (ru_maxrss) before and after, and what the per-voxel
+   arrays of the whole volume would take (the layout before: every voxel of
+   the volume, masked or not).
+2. Checkpoint cost per chunk against the number of voxels in the mask: the
+   HDF5 store (:class:`dipy_spinverse.io.Checkpoint`, one chunk written) and,
+   for comparison, rewriting the whole state as one ``.npz``
+   (:func:`dipy_spinverse.io.save_fit`, the checkpoint before).
+3. Throughput: voxels per minute and the extrapolated time of the mask.
+
+Run: ``python benchmarks/volume.py`` (about two minutes on 2 CPU cores).
+"""
+
+import argparse
+import os
+import resource
+import shutil
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+import torch
+from dipy.core.gradients import gradient_table
+
+from dipy_spinverse import SpinverseModel
+from dipy_spinverse.io import Checkpoint, save_fit
+from dipy_spinverse.reconst import SpinverseFit
+from dipy_spinverse.reconst.runner import empty_params
+
+SHAPE = (96, 96, 60)
+N_MASK = 10_000
+
+
+class Stop(Exception):
+    """Raised by the checkpoint hook to end the fit after a few chunks."""
+
+
+def gradients():
+    """Two diffusion times, b = 0, 1000, 2500 s/mm^2, 6 directions each."""
+    dirs = np.array(
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], float
+    )
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    bvals, bvecs, big = [], [], []
+    for big_delta in (0.04, 0.015):
+        bvals += [0.0] + [1000.0] * 6 + [2500.0] * 6
+        bvecs += [np.zeros(3)] + list(dirs) * 2
+        big += [big_delta] * 13
+    return gradient_table(
+        np.array(bvals),
+        bvecs=np.array(bvecs),
+        big_delta=np.array(big),
+        small_delta=0.005,
+    )
+
+
+def ball_mask(shape, n_voxels):
+    """The ``n_voxels`` voxels nearest the centre."""
+    grid = np.indices(shape).reshape(3, -1).T - (np.array(shape) - 1) / 2
+    order = np.argsort(np.linalg.norm(grid, axis=1), kind="stable")
+    mask = np.zeros(int(np.prod(shape)), bool)
+    mask[order[:n_voxels]] = True
+    return mask.reshape(shape)
+
+
+def volume_data(gtab, shape, mask, seed=0):
+    """Float32 signal: a mono-exponential decay with noise, S0 = 1000."""
+    rng = np.random.default_rng(seed)
+    signal = np.exp(-gtab.bvals * 1e-3 * rng.uniform(0.6, 0.9))
+    data = np.zeros(shape + (len(signal),), np.float32)
+    n = int(mask.sum())
+    noise = 1 + 0.02 * rng.standard_normal((n, len(signal)))
+    data[mask] = (1000.0 * signal * noise).astype(np.float32)
+    return data
+
+
+def memory_and_throughput(model, data, mask, n_chunks):
+    """Fit ``n_chunks`` chunks; memory peaks and the time per chunk."""
+    times = []
+
+    def stop_after(partial, rows):
+        times.append(time.perf_counter())
+        if len(times) > n_chunks:
+            raise Stop
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tracemalloc.start()
+    try:
+        model.fit(data, mask=mask, checkpoint=stop_after)
+    except Stop:
+        pass
+    _, traced = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    per_chunk = np.diff(times)  # times[0]: the store created, before chunk 1
+    return traced / 2**20, rss_before, rss_after, per_chunk
+
+
+def volume_layout_bytes(model, n_voxels):
+    """Bytes of the per-voxel arrays for ``n_voxels`` voxels."""
+    params = empty_params(model, 1)
+    return n_voxels * sum(v.nbytes for v in params.values() if v is not None)
+
+
+def checkpoint_costs(model, sizes, batch, repeats, folder):
+    """Seconds per chunk: the HDF5 store against rewriting the whole .npz."""
+    rows = []
+    for n_mask in sizes:
+        params = empty_params(model, n_mask)
+        rng = np.random.default_rng(1)
+        params["permeability"][:] = rng.uniform(1e-5, 0.1, params["permeability"].shape)
+        params["predicted"][:] = rng.uniform(0, 1, params["predicted"].shape)
+        params["S0"][:] = 1000.0
+        params["S0_sequences"][:] = 1000.0
+        params["loss"][:] = 1e-3
+        params["status"][:] = -1  # PENDING
+        mask = ball_mask(SHAPE, n_mask)
+        fit = SpinverseFit(model, params, mask)
+        store = Checkpoint(os.path.join(folder, f"store_{n_mask}.h5"))
+        start = time.perf_counter()
+        store(fit)
+        create = time.perf_counter() - start
+        chunks = [np.arange(i * batch, (i + 1) * batch) for i in range(repeats)]
+        start = time.perf_counter()
+        for chunk in chunks:
+            params["status"][chunk] = 0
+            store(fit, chunk)
+        per_chunk = (time.perf_counter() - start) / repeats
+        start = time.perf_counter()
+        save_fit(fit, os.path.join(folder, f"whole_{n_mask}.npz"))
+        whole = time.perf_counter() - start
+        rows.append((n_mask, create, per_chunk, whole))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max_iter", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    gtab = gradients()
+    model = SpinverseModel(
+        gtab,
+        preset="paper",
+        max_iter=args.max_iter,
+        batch_size=args.batch,
+        device=args.device,
+    )
+    mask = ball_mask(SHAPE, N_MASK)
+    data = volume_data(gtab, SHAPE, mask)
+    print(
+        f"volume {SHAPE}, {mask.size:,} voxels, mask {int(mask.sum()):,}; "
+        f"{len(gtab.bvals)} volumes; grid {model.grid.n_cells} cells / "
+        f"{model.grid.n_faces} faces; max_iter {args.max_iter}, batch {args.batch}; "
+        f"device {args.device}, torch threads {torch.get_num_threads()}"
+    )
+    traced, rss_before, rss_after, per_chunk = memory_and_throughput(
+        model, data, mask, args.chunks
+    )
+    print("\n| memory | MiB |")
+    print("|---|---:|")
+    print(f"| the volume's data (float32, input) | {data.nbytes / 2**20:.0f} |")
+    print(f"| peak traced allocations during the fit (tracemalloc) | {traced:.0f} |")
+    print(f"| peak RSS before the fit (data, imports) | {rss_before:.0f} |")
+    print(f"| peak RSS after {args.chunks} chunks | {rss_after:.0f} |")
+    print(
+        f"| per-voxel arrays of the {N_MASK:,} voxels of the mask (held) | "
+        f"{volume_layout_bytes(model, N_MASK) / 2**20:.0f} |"
+    )
+    print(
+        f"| the same for all {mask.size:,} voxels (the layout before) | "
+        f"{volume_layout_bytes(model, mask.size) / 2**20:,.0f} |"
+    )
+    folder = tempfile.mkdtemp()
+    try:
+        costs = checkpoint_costs(
+            model, (1_000, 10_000, 100_000), args.batch, 20, folder
+        )
+    finally:
+        shutil.rmtree(folder)
+    print(
+        f"\n| voxels in the mask | store created (s) | HDF5 chunk of {args.batch} "
+        "(ms) | whole .npz rewrite (s) |"
+    )
+    print("|---:|---:|---:|---:|")
+    for n_mask, create, chunk, whole in costs:
+        print(f"| {n_mask:,} | {create:.3f} | {chunk * 1e3:.1f} | {whole:.2f} |")
+    seconds = float(np.mean(per_chunk))
+    per_minute = args.batch / seconds * 60
+    print("\n| throughput | value |")
+    print("|---|---:|")
+    print(f"| chunks fitted | {len(per_chunk)} x {args.batch} voxels |")
+    print(f"| seconds per chunk (fit + checkpoint) | {seconds:.2f} |")
+    print(f"| voxels per minute | {per_minute:,.0f} |")
+    print(
+        f"| the {N_MASK:,}-voxel mask (extrapolated) | {N_MASK / per_minute:.0f} min |"
+    )
+
+
+if __name__ == "__main__":
+    main()
