@@ -228,7 +228,35 @@ def test_parallel_engines_agree_with_serial(
 def test_verbose_progress_bar(model, volume, capsys):
     data, mask = volume
     model.fit(data[:1], mask=mask[:1], verbose=True)
-    assert "Fitting Spinverse" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Fitting Spinverse" in err and "2.0/2" in err
+
+
+def test_progress_moves_within_a_chunk(gtab, grid):
+    """Not 0/6 until a chunk of 6 ends: the face fit moves the bar iteration by
+    iteration; with the label search, half of a voxel's share is its search,
+    added when the search reports that voxel done; search steps are counted."""
+    import io
+
+    from tqdm import tqdm
+
+    searching = SpinverseModel(gtab, grid=grid, max_iter=4, search_steps=3)
+    face_only = SpinverseModel(gtab, grid=grid, **FAST)
+    for model, after_face in ((face_only, 6.0), (searching, 3.0)):
+        bar = tqdm(total=6, file=io.StringIO())
+        shown = [0.0]
+        callback = runner._progress(bar, model, 6, shown)
+        callback(0, None, {"data": 0.1})
+        assert_allclose(bar.n, after_face / model.n_iterations)
+        for i in range(1, model.n_iterations):
+            callback(i, None, {"data": 0.1})
+        assert_allclose(bar.n, after_face)
+        callback(0, None, {"search": 0.2, "voxel": 4})
+        callback(1, None, {"search": 0.1, "voxel": 4})
+        assert "label search: 2 steps" in bar.postfix
+        callback(-1, None, {"voxel_done": 4})
+        assert_allclose(bar.n, min(6.0, after_face + 0.5))
+        assert shown[0] == bar.n
 
 
 def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
