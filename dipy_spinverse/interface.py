@@ -49,6 +49,7 @@ __all__ = [
     "enclosed_cells",
     "load_mesh",
     "odd_depth_cells",
+    "cell_table",
     "write_mesh",
     "MESH_FORMATS",
 ]
@@ -1140,3 +1141,50 @@ def _count_fans(topo, edges, side_edge):
     rows = np.r_[lo[:-1][link], hi[:-1][link]]
     cols = np.r_[lo[1:][link], hi[1:][link]]
     return graph_components(3 * n, rows, cols)[0]
+
+
+def cell_table(grid, labels, permeability=None):
+    """Volume, membrane area and permeability of each cell of a labelling.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    labels : array_like of int (n_cells,)
+        0 outside, ``k`` in cell ``k`` (1 .. n).
+    permeability : array_like (n_faces,), optional
+        The field whose membranes to read, m/s.
+
+    Returns
+    -------
+    dict of ndarray (n,)
+        ``volume`` (um^3); ``surface_area`` (um^2): the interior faces
+        between the cell and any other label (a cell closed by the outer wall
+        is not charged for it); ``permeability`` (m/s): the median over the
+        cell's faces with the outside, or, for a cell that only touches other
+        cells, recovered from the series rule ``1 / (1 / f - 1 / kappa_j)``
+        with a neighbour's known permeability; NaN when neither exists or no
+        field is given.
+    """
+    labels = np.asarray(labels)
+    n = int(labels.max(initial=0))
+    a, b = labels[grid.face_cells[:, 0]], labels[grid.face_cells[:, 1]]
+    cut = a != b
+    volume = np.bincount(labels, weights=grid.cell_volumes, minlength=n + 1)[1:]
+    area = np.zeros(n + 1)
+    np.add.at(area, a[cut], grid.face_areas[cut])
+    np.add.at(area, b[cut], grid.face_areas[cut])
+    kappa = np.full(n, np.nan)
+    if permeability is not None:
+        field = np.asarray(permeability, float)
+        for k in range(1, n + 1):
+            outside = cut & (((a == k) & (b == 0)) | ((b == k) & (a == 0)))
+            if outside.any():
+                kappa[k - 1] = np.median(field[outside])
+        for k in np.flatnonzero(np.isnan(kappa)) + 1:
+            for j in np.flatnonzero(~np.isnan(kappa)) + 1:
+                shared = ((a == k) & (b == j)) | ((a == j) & (b == k))
+                if shared.any():
+                    inverse = 1 / np.median(field[shared]) - 1 / kappa[j - 1]
+                    kappa[k - 1] = 1 / inverse if inverse > 0 else np.nan
+                    break
+    return dict(volume=volume, surface_area=area[1:], permeability=kappa)

@@ -30,7 +30,13 @@ from .checks import check_device
 from .files import atomic_write
 from .grid import TetGrid
 from .inverse import InversionConfig
-from .reconst import PENDING, STATUS_CODES, SpinverseFit, SpinverseModel
+from .reconst import (
+    OPTIONAL_PARAMETERS,
+    PENDING,
+    STATUS_CODES,
+    SpinverseFit,
+    SpinverseModel,
+)
 
 __all__ = [
     "MAPS",
@@ -64,6 +70,9 @@ _FILL = dict(
     S0=np.nan,
     S0_sequences=np.nan,
     loss=np.nan,
+    inside_probability=np.nan,
+    uncertainty=np.nan,
+    proposal_probability=np.nan,
     status=PENDING,
 )
 
@@ -332,8 +341,9 @@ def save_fit(fit, path):
         path += ".npz"
     arrays = {name: fit.params[name] for name in _ARRAYS if name != "mask"}
     arrays["mask"] = fit.mask
-    if fit.params.get("labels") is not None:
-        arrays["labels"] = fit.params["labels"]
+    for name in OPTIONAL_PARAMETERS:
+        if fit.params.get(name) is not None:
+            arrays[name] = fit.params[name]
     arrays["header"] = np.array(json.dumps(_header(fit)))
     directory = os.path.dirname(path)
     if directory:
@@ -381,7 +391,8 @@ def load_fit(path):
             f"{err}); the file is damaged or was not written by save_fit."
         ) from err
     params = {name: arrays[name] for name in _ARRAYS if name != "mask"}
-    params["labels"] = arrays.get("labels")
+    for name in OPTIONAL_PARAMETERS:
+        params[name] = arrays.get(name)
     mask = arrays["mask"].astype(bool)
     # Up to version 2 the parameters of the whole volume were saved.
     rows = mask.shape if header.get("version", 0) < 3 else (int(mask.sum()),)
@@ -457,6 +468,9 @@ def _check_arrays(path, model, shape, params):
         S0_sequences=(len(model.sequences),),
         loss=(),
         status=(),
+        inside_probability=(model.grid.n_cells,),
+        uncertainty=(),
+        proposal_probability=(model.grid.n_cells,),
     )
     for name, tail in trailing.items():
         if params.get(name) is None:

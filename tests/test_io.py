@@ -37,6 +37,24 @@ def test_save_load_round_trip(volume_fit, tmp_path):
     assert_allclose(loaded.predict(), volume_fit.predict())
 
 
+def test_search_outputs_survive_save_load_and_the_store(gtab, grid, volume, tmp_path):
+    """Labels, inside probability and uncertainty of the label search are
+    saved (npz) and checkpointed (HDF5 store) like the other parameters."""
+    data, mask = volume
+    model = SpinverseModel(gtab, grid=grid, max_iter=4, search_steps=2, search_starts=2)
+    fit = model.fit(data, mask=mask, checkpoint=Checkpoint(tmp_path / "state.h5"))
+    assert fit.inside_probability.shape == mask.shape + (grid.n_cells,)
+    for loaded in (
+        load_fit(save_fit(fit, tmp_path / "fit.npz")),
+        load_fit(tmp_path / "state.h5"),
+    ):
+        for key in ("labels", "inside_probability", "uncertainty"):
+            assert_array_equal(loaded.params[key], fit.params[key])
+        assert loaded.params["proposal_probability"] is None
+        assert_array_equal(loaded.n_cells, fit.n_cells)
+        assert_array_equal(loaded.cell_volumes, fit.cell_volumes)
+
+
 def test_save_maps_and_images(volume_fit, tmp_path):
     import nibabel as nib
 

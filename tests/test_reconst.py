@@ -326,11 +326,25 @@ def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
     assert model.has_labels
     one = model.fit(signal * 1000.0)
     assert one.labels.shape == (grid.n_cells,)
-    assert set(np.unique(one.labels)) <= {0, 1}
-    # The membranes are the interface of the labels: closed by construction.
-    assert_array_equal(one.barrier, grid.interface_faces(one.labels > 0))
+    # Labels 0 .. n_cells, each a cell; membranes between different labels
+    # (closed by construction).
+    assert set(np.unique(one.labels)) == set(range(int(one.n_cells) + 1))
+    labels = one.labels
+    between = labels[grid.face_cells[:, 0]] != labels[grid.face_cells[:, 1]]
+    assert_array_equal(one.barrier, between)
     volume = model.fit(np.stack([signal * 1000.0] * 2))
     assert_array_equal(volume.labels[0], one.labels)
+    # Per-cell tables: volumes add up to the labelled cells, areas to the
+    # membranes; the probabilities and the uncertainty are probabilities.
+    n = int(one.n_cells)
+    assert one.cell_volumes.shape == (n,) and volume.cell_volumes.shape == (2, n)
+    assert_allclose(one.cell_volumes.sum(), grid.cell_volumes[labels > 0].sum())
+    assert one.cell_surface_areas.sum() >= grid.face_areas[between].sum()
+    assert np.all((one.cell_permeability > 0) & (one.cell_permeability < 1e-3))
+    assert one.inside_probability.shape == (grid.n_cells,)
+    assert np.all((one.inside_probability >= 0) & (one.inside_probability <= 1))
+    assert 0 <= one.uncertainty <= 1 and volume.uncertainty.shape == (2,)
+    assert one.proposal_probability is None  # no learned proposal asked for
 
 
 def test_one_diffusion_time(grid, signal):

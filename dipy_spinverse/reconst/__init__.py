@@ -23,6 +23,7 @@ from .fit import (
     MASKED,
     NONFINITE,
     OK,
+    OPTIONAL_PARAMETERS,
     PENDING,
     POOR_FIT,
     STATUS_CODES,
@@ -45,4 +46,5 @@ __all__ = [
     "PENDING",
     "MASKED",
     "FITTED",
+    "OPTIONAL_PARAMETERS",
 ]

@@ -32,7 +32,7 @@ from functools import cached_property
 import numpy as np
 from dipy.reconst.base import ReconstFit
 
-from ..interface import barrier_mesh, barrier_regions
+from ..interface import barrier_mesh, barrier_regions, cell_table
 
 __all__ = [
     "SpinverseFit",
@@ -47,6 +47,7 @@ __all__ = [
     "MASKED",
     "FITTED",
     "PARAMETERS",
+    "OPTIONAL_PARAMETERS",
 ]
 
 OK, NONFINITE, BAD_B0, FAILED, DIVERGED, POOR_FIT = 0, 1, 2, 3, 4, 5
@@ -76,6 +77,22 @@ PARAMETERS = (
     "S0_sequences",
     "loss",
     "status",
+    "inside_probability",
+    "uncertainty",
+    "proposal_probability",
+)
+
+#: The per-cell columns of :func:`~dipy_spinverse.interface.cell_table`.
+CELL_COLUMNS = ("volume", "surface_area", "permeability")
+
+#: Parameters only some fits hold (None otherwise): labels from the label
+#: search or the cell parametrisation; the search's inside probability and
+#: uncertainty; the learned proposal's occupancy.
+OPTIONAL_PARAMETERS = (
+    "labels",
+    "inside_probability",
+    "uncertainty",
+    "proposal_probability",
 )
 
 
@@ -238,7 +255,8 @@ class SpinverseFit(ReconstFit):
 
     @property
     def labels(self):
-        """Cell labels (..., n_cells): 0 outside, 1 inside; -1 where not fitted.
+        """Cell labels (..., n_cells): 0 outside, ``k`` in cell ``k``; -1 where
+        not fitted (the cell parametrisation gives 0 and 1 only).
 
         Kept whenever the inversion produces labels (the label search, or the
         cell parametrisation); None otherwise.
@@ -247,6 +265,87 @@ class SpinverseFit(ReconstFit):
         if labels is None or self.shape == ():
             return labels
         return self._volume(labels, -1)
+
+    @property
+    def n_cells(self):
+        """Number of cells per voxel (labels 1 .. n); None without labels."""
+        labels = self._rows("labels")
+        if labels is None:
+            return None
+        return self._map(np.max(labels, axis=-1, initial=0))
+
+    @property
+    def cell_volumes(self):
+        """Volume of each cell (..., max cells), um^3; NaN past a voxel's cells.
+
+        None without labels. See :func:`~dipy_spinverse.interface.cell_table`.
+        """
+        return self._cell_table("volume")
+
+    @property
+    def cell_surface_areas(self):
+        """Membrane area of each cell (..., max cells), um^2; NaN padded."""
+        return self._cell_table("surface_area")
+
+    @property
+    def cell_permeability(self):
+        """Membrane permeability of each cell (..., max cells), m/s; NaN padded."""
+        return self._cell_table("permeability")
+
+    @cached_property
+    def _cell_tables(self):
+        """Per-voxel :func:`cell_table` rows, (n_mask, max cells) per column."""
+        labels, kappa = self._rows("labels"), self._rows("permeability")
+        fitted = self._fitted_rows
+        n = int(np.max(labels[fitted], initial=0)) if fitted.any() else 0
+        out = {k: np.full((len(labels), n), np.nan) for k in CELL_COLUMNS}
+        for row in np.flatnonzero(fitted):
+            table = cell_table(self.model.grid, labels[row], kappa[row])
+            for name, values in table.items():
+                out[name][row, : len(values)] = values
+        return out
+
+    def _cell_table(self, name):
+        if self._rows("labels") is None:
+            return None
+        rows = self._cell_tables[name]
+        if self.shape == ():
+            return rows[0] if self.mask else rows[:0]
+        return self._volume(rows, np.nan)
+
+    @property
+    def inside_probability(self):
+        """Probability that each grid cell is inside a cell (..., n_cells).
+
+        Over the labellings the label search scored within the noise of its
+        result (likelihood weights); None without the label search.
+        """
+        return self._per_voxel("inside_probability")
+
+    @property
+    def uncertainty(self):
+        """Expected ``1 - IoU`` of the labellings within the noise (map).
+
+        0: the data allow no other surface; near 1: the surface is a guess.
+        None without the label search.
+        """
+        if self.params["uncertainty"] is None:
+            return None
+        return self._map(self._rows("uncertainty"))
+
+    @property
+    def proposal_probability(self):
+        """The learned proposal's occupancy (..., n_cells); None without one."""
+        return self._per_voxel("proposal_probability")
+
+    def _per_voxel(self, name):
+        rows = self._rows(name)
+        if rows is None:
+            return None
+        rows = np.where(self._fitted_rows[:, None], rows, np.nan)
+        if self.shape == ():
+            return rows[0] if len(rows) else None
+        return self._volume(rows, np.nan)
 
     @property
     def S0(self):

@@ -36,6 +36,7 @@ from .fit import (
     FITTED,
     NONFINITE,
     OK,
+    OPTIONAL_PARAMETERS,
     PENDING,
     POOR_FIT,
     SpinverseFit,
@@ -182,8 +183,10 @@ def _reconstruct(model, normalised, callback=None):
     part["permeability"][good] = permeability[good]
     part["predicted"][good] = predicted[good]
     part["loss"][good] = loss[good]
-    if part["labels"] is not None and rec.labels is not None:
-        part["labels"][good] = rec.labels[good]
+    for name in OPTIONAL_PARAMETERS:
+        value = getattr(rec, name)
+        if part[name] is not None and value is not None:
+            part[name][good] = value[good]
     return part, rec.history
 
 
@@ -193,9 +196,18 @@ def empty_params(model, shape):
     labels = None
     if model.has_labels:
         labels = np.full(shape + (model.grid.n_cells,), -1, dtype=np.int16)
+    searched = model.config.search_steps > 0 and model.config.parametrisation == "face"
+    n_cells = model.grid.n_cells
     return dict(
         permeability=np.full(shape + (model.grid.n_faces,), np.nan),
         labels=labels,
+        inside_probability=np.full(shape + (n_cells,), np.nan, np.float32)
+        if searched
+        else None,
+        uncertainty=np.full(shape, np.nan) if searched else None,
+        proposal_probability=np.full(shape + (n_cells,), np.nan, np.float32)
+        if searched and model.config.search_proposal
+        else None,
         predicted=np.full(shape + (len(model.protocol),), np.nan),
         S0=np.full(shape, np.nan),
         S0_sequences=np.full(shape + (len(model.sequences),), np.nan),
