@@ -8,8 +8,12 @@ Modules, in the order a reconstruction uses them:
     The published face fit: parametrisations, priors, curriculum, Adam.
 ``shapes``
     Generic cell shapes, the label search's starting dictionary.
+``proposal``
+    The learned proposal: a network trained on simulated random
+    substrates, cached on disk, whose occupancy seeds the label search.
 ``search``
-    The label search: scorer, greedy moves, permeability refinement.
+    The label search: scorer, greedy moves, per-cell permeabilities, the
+    uncertainty of the labellings within the noise.
 ``reconstruct``
     :func:`reconstruct`, which only orchestrates the above.
 
@@ -19,7 +23,9 @@ layer (:mod:`dipy_spinverse.reconst`) calls :func:`reconstruct`.
 
 from .config import PRESETS, InversionConfig, Stage, resolve_config
 from .facefit import barrier_probability
+from .proposal import ProposalSettings, load_or_train_proposal
 from .reconstruct import Reconstruction, reconstruct
+from .search import learned_proposal
 
 __all__ = [
     "reconstruct",
@@ -29,4 +35,7 @@ __all__ = [
     "PRESETS",
     "resolve_config",
     "barrier_probability",
+    "learned_proposal",
+    "load_or_train_proposal",
+    "ProposalSettings",
 ]

@@ -45,6 +45,7 @@ from .shapes import run_steps, shape_search_steps
 __all__ = [
     "search_labels",
     "LabelSearch",
+    "learned_proposal",
     "label_field",
     "cell_labels",
     "BatchScorer",
@@ -164,14 +165,7 @@ def search_labels(
     }
     occupancy = None
     if config.search_proposal and labels is None:
-        proposal = load_or_train_proposal(
-            grid,
-            protocol,
-            diffusivity=sim["diffusivity"],
-            settings=ProposalSettings(n_substrates=config.search_proposal),
-            dtype=sim["dtype"],
-            device=sim["device"],
-        )
+        proposal = learned_proposal(grid, protocol, config, **sim)
         occupancy, _ = proposal.predict(data.cpu())
     rng = np.random.default_rng(config.init_seed)
 
@@ -213,6 +207,23 @@ def search_labels(
         predicted = normalise_b0(simulate(grid, field, protocol, **sim), protocol)
     inside, uncertainty = recorder.posterior(grid, out_labels)
     return LabelSearch(out_labels, field, predicted, inside, uncertainty, occupancy)
+
+
+def learned_proposal(grid, protocol, config, *, diffusivity, dtype, device):
+    """The label search's learned proposal (read from the cache or trained).
+
+    Trained on ``config.search_proposal`` random substrates for this grid,
+    protocol and diffusivity; see
+    :func:`~dipy_spinverse.inverse.proposal.load_or_train_proposal`.
+    """
+    return load_or_train_proposal(
+        grid,
+        protocol,
+        diffusivity=diffusivity,
+        settings=ProposalSettings(n_substrates=config.search_proposal),
+        dtype=dtype,
+        device=device,
+    )
 
 
 def label_field(grid, labels, kappas, open_kappa):

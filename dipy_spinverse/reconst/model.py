@@ -28,7 +28,7 @@ from ..checks import (
 )
 from ..forward import simulate
 from ..grid import BOUNDARIES, TetGrid
-from ..inverse import resolve_config
+from ..inverse import learned_proposal, resolve_config
 from ..sequences import PGSE, Protocol, check_bvals
 from ..signals import normalise_b0
 from . import runner
@@ -250,6 +250,7 @@ class SpinverseModel(ReconstModel):
             params, history = runner.fit_voxels(self, data[None])
             params = {k: None if v is None else v[0] for k, v in params.items()}
             return SpinverseFit(self, params, history=history)
+        self._prepare()
         return runner.fit_volume(
             self,
             data,
@@ -262,6 +263,22 @@ class SpinverseModel(ReconstModel):
             checkpoint=checkpoint,
             resume=resume,
         )
+
+    def _prepare(self):
+        """Train (or read from the cache) the learned proposal before voxels
+        are sent to workers, so that they read it instead of each training
+        it."""
+        config = self.config
+        if config.search_steps and config.search_proposal:
+            if config.parametrisation == "face":
+                learned_proposal(
+                    self.grid,
+                    self.protocol,
+                    config,
+                    diffusivity=self.diffusivity,
+                    dtype=self.dtype,
+                    device=self.device,
+                )
 
     @multi_voxel_fit(batched=True)
     def fit_chunk(self, data, **kwargs):
