@@ -158,13 +158,21 @@ class TissueMapModel:
         needs at least as many contrasts as tissues. A number: the gain is
         known (1 when the images are in model units).
     smoothness : float
-        Weight of the squared differences of neighbouring voxels'
-        probabilities, relative to the squared misfit in units of the
-        image's 99th-percentile intensity (0: independent voxels). Needs the
-        images' spatial layout (fit takes (..., n_sequences) arrays).
+        Weight of the sum of squared differences of neighbouring voxels'
+        probabilities against the squared misfit, the images in units of
+        their 99th-percentile intensity (0: independent voxels; about 0.01
+        at SNR 30). A Gaussian prior: it lowers the noise of partial-volume
+        voxels but blurs edges between pure tissues. Refined by projected
+        FISTA (``max_iter`` steps) from the exact independent fit.
     max_iter : int
         Iterations of the gradient refinement (mixing="parameters" or
         smoothness > 0).
+    noise_weighting : bool
+        Weight each image by ``1 / sigma``, its noise estimated by the RMS
+        residual of a first, unweighted fit (images differ in noise
+        relative to their signal). Helps with four or more contrasts;
+        with three (one residual degree of freedom per voxel) the residuals
+        misjudge the noise and it does not help.
     device : str
         "cpu" or "cuda".
 
@@ -190,6 +198,7 @@ class TissueMapModel:
         gain="global",
         smoothness=0.0,
         max_iter=200,
+        noise_weighting=False,
         device="cpu",
     ):
         self.sequences = _check_sequences(sequences)
@@ -204,6 +213,11 @@ class TissueMapModel:
         self.gain = _check_gain(gain)
         self.smoothness = check_number(smoothness, "smoothness", minimum=0)
         self.max_iter = check_int(max_iter, "max_iter", 1)
+        if not isinstance(noise_weighting, bool):
+            raise ValueError(
+                f"noise_weighting must be True or False, got {noise_weighting!r}."
+            )
+        self.noise_weighting = noise_weighting
         self.device = check_device(device)
         if self.gain == "voxel" and len(self.sequences) < len(self.tissues):
             raise ValueError(
@@ -219,7 +233,6 @@ class TissueMapModel:
                 stacklevel=2,
             )
         self.design = self.signals(*self.tissue_properties()).T
-        self._solvers = [SimplexLstsq(design) for design in self._designs()]
 
     @property
     def tissue_names(self):
@@ -314,10 +327,14 @@ class TissueMapModel:
             designs.append(row_signs[:, None] * self.design)
         return designs
 
-    def _solve(self, data, gain):
+    def _solvers_for(self, weights):
+        """Exact solvers of the row-weighted designs (one per sign choice)."""
+        return [SimplexLstsq(weights[:, None] * d) for d in self._designs()]
+
+    def _solve(self, data, gain, solvers):
         """Exact signal-mixing fit at a known global ``gain``: (p, rss)."""
         best_p, best_rss = None, None
-        for solver in self._solvers:
+        for solver in solvers:
             p, rss = solver(data, gain)
             if best_p is None:
                 best_p, best_rss = p, rss
@@ -327,10 +344,10 @@ class TissueMapModel:
                 best_rss = torch.where(better, rss, best_rss)
         return best_p, best_rss
 
-    def _solve_voxel_gain(self, data):
+    def _solve_voxel_gain(self, data, weights):
         best_q, best_rss = None, None
         for design in self._designs():
-            q, rss = nonneg_lstsq(design, data)
+            q, rss = nonneg_lstsq(weights[:, None] * design, data)
             if best_q is None:
                 best_q, best_rss = q, rss
             else:
@@ -346,19 +363,19 @@ class TissueMapModel:
         )
         return p, gain
 
-    def _search_gain(self, data):
+    def _search_gain(self, data, solvers):
         """The global gain minimising the total misfit (log-grid, then
-        golden-section search), on at most 20,000 evenly strided voxels."""
-        sample = data[:: max(1, data.shape[0] // 20000)]
+        golden-section search), on about 10,000 evenly strided voxels."""
+        sample = data[:: max(1, data.shape[0] // 10000)]
         top = torch.quantile(sample, 0.99, dim=0)
-        peak = self.design.abs().amax(dim=1)
+        peak = (solvers[0].design.abs().amax(dim=1)).clamp_min(1e-300)
         guess = torch.median(top / peak).item()
 
         def misfit(log_gain):
-            return self._solve(sample, math.exp(log_gain))[1].mean().item()
+            return self._solve(sample, math.exp(log_gain), solvers)[1].mean().item()
 
         grid = np.linspace(
-            math.log(guess) - math.log(30), math.log(guess) + math.log(30), 41
+            math.log(guess) - math.log(10), math.log(guess) + math.log(10), 25
         )
         values = [misfit(g) for g in grid]
         i = int(np.argmin(values))
@@ -366,7 +383,7 @@ class TissueMapModel:
         ratio = (math.sqrt(5) - 1) / 2
         a, b = high - ratio * (high - low), low + ratio * (high - low)
         fa, fb = misfit(a), misfit(b)
-        for _ in range(30):
+        for _ in range(40):
             if fa < fb:
                 high, b, fb = b, a, fa
                 a = high - ratio * (high - low)
@@ -377,7 +394,58 @@ class TissueMapModel:
                 fb = misfit(b)
         return math.exp((low + high) / 2)
 
-    def _refine(self, data, p, gain, pairs, n_dims):
+    def _levenberg_marquardt(self, data, weights, p, gain):
+        """Parameter mixing, independent voxels: batched projected
+        Levenberg-Marquardt on the simplex (the Jacobian along the simplex's
+        tangent directions by central differences of the signal formulas).
+        A per-voxel gain is a further LM unknown (its log); a global one is
+        updated in closed form (least squares) after every step."""
+        n = p.shape[1]
+        steps = torch.eye(n, dtype=p.dtype, device=p.device)[:, 1:] - 1.0 / n
+        basis = torch.linalg.qr(steps).Q  # (n, n - 1), orthonormal, sum zero
+        per_voxel = self.gain == "voxel"
+        fixed_gain = not isinstance(self.gain, str)
+        gain = torch.as_tensor(gain, dtype=p.dtype, device=p.device)
+        n_unknowns = n if per_voxel else n - 1
+
+        def residual(q, g):
+            return self.forward(q, g) * weights - data
+
+        damping = torch.full(p.shape[:1], 1e-3, dtype=p.dtype, device=p.device)
+        eye = torch.eye(n_unknowns, dtype=p.dtype, device=p.device)
+        cost = (residual(p, gain) ** 2).sum(dim=1)
+        for _ in range(self.max_iter):
+            # central differences along the tangent directions: elementwise
+            # formulas, so the error is ~1e-10 relative in float64
+            columns = [
+                (residual(p + 1e-6 * d, gain) - residual(p - 1e-6 * d, gain)) / 2e-6
+                for d in basis.T
+            ]
+            r = residual(p, gain)
+            if per_voxel:
+                columns.append(r + data)  # d r / d log(gain)
+            jacobian = torch.stack(columns, dim=-1)
+            normal = jacobian.transpose(1, 2) @ jacobian
+            diagonal = torch.diag_embed(torch.diagonal(normal, dim1=1, dim2=2))
+            system = normal + damping[:, None, None] * (diagonal + 1e-12 * eye)
+            rhs = -(jacobian.transpose(1, 2) @ r[..., None])
+            delta = torch.linalg.solve(system, rhs)[..., 0]
+            trial = project_simplex(p + delta[:, : n - 1] @ basis.T)
+            trial_gain = gain * torch.exp(delta[:, -1]) if per_voxel else gain
+            trial_cost = (residual(trial, trial_gain) ** 2).sum(dim=1)
+            accept = trial_cost < cost
+            p = torch.where(accept[:, None], trial, p)
+            if per_voxel:
+                gain = torch.where(accept, trial_gain, gain)
+            cost = torch.where(accept, trial_cost, cost)
+            damping = torch.where(accept, damping / 3, damping * 4).clamp(1e-9, 1e9)
+            if not fixed_gain and not per_voxel:
+                unit_signal = self.forward(p, 1.0) * weights
+                gain = (unit_signal * data).sum() / (unit_signal**2).sum()
+                cost = (residual(p, gain) ** 2).sum(dim=1)
+        return p, (gain if per_voxel else gain.item())
+
+    def _refine(self, data, weights, p, gain, pairs, n_dims):
         """Gradient refinement: BMapEst's back-propagation (parameters
         mixing; Adam on softmax logits and the log gain) or projected FISTA
         (signal mixing with smoothness)."""
@@ -391,13 +459,15 @@ class TissueMapModel:
             return weight * (diff**2).sum()
 
         def loss(p, gain):
-            return ((self.forward(p, gain) - data) ** 2).sum() + penalty(p)
+            misfit = (self.forward(p, gain) * weights - data) ** 2
+            return misfit.sum() + penalty(p)
 
         per_voxel = self.gain == "voxel"
         fixed_gain = not isinstance(self.gain, str)
         if self.mixing == "signal":
             # the objective is quadratic in p: fixed step 1 / Lipschitz
-            spectral = torch.linalg.matrix_norm(self.design, ord=2).item()
+            weighted = weights[:, None] * self.design
+            spectral = torch.linalg.matrix_norm(weighted, ord=2).item()
             g_max = float(torch.as_tensor(gain).max())
             lipschitz = 2 * (g_max**2 * spectral**2 + weight * 4 * n_dims)
             x, y, t = p.clone(), p.clone(), 1.0
@@ -418,15 +488,43 @@ class TissueMapModel:
             log_gain.requires_grad_(True)
             variables.append(log_gain)
         optimiser = torch.optim.Adam(variables, lr=0.05)
+        # cosine decay to 1 % of the step: Adam's fixed step would leave the
+        # probabilities oscillating at about the step size
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimiser, T_max=self.max_iter, eta_min=5e-4
+        )
         scale = data.shape[0]
         for _ in range(self.max_iter):
             optimiser.zero_grad()
             value = loss(torch.softmax(logits, dim=1), torch.exp(log_gain)) / scale
             value.backward()
             optimiser.step()
+            schedule.step()
         p = torch.softmax(logits.detach(), dim=1)
         gain = torch.exp(log_gain.detach())
         return p, (gain if per_voxel else gain.item())
+
+    def _exact_fit(self, data, weights, unit):
+        """The exact signal-mixing fit of (weighted) data: (p, gain)."""
+        if self.gain == "voxel":
+            return self._solve_voxel_gain(data, weights)
+        solvers = self._solvers_for(weights)
+        if self.gain == "global":
+            gain = self._search_gain(data, solvers)
+        else:
+            gain = self.gain / unit
+        return self._solve(data, gain, solvers)[0], gain
+
+    def _noise_weights(self, data, p, gain):
+        """``1 / sigma`` of each image, its noise estimated by the RMS
+        residual of an unweighted fit (floored at 1 % of the largest, so
+        that an image the model fits exactly does not take all the
+        weight; equal weights when nothing is left to estimate from)."""
+        residual = self.forward(p, gain) - data
+        sigma = residual.pow(2).mean(dim=0).sqrt()
+        if not (sigma.max() > 0):
+            return torch.ones_like(sigma)
+        return 1 / sigma.clamp_min(0.01 * sigma.max())
 
     def fit(self, images, mask=None):
         """Fit the tissue probabilities of every voxel in ``mask``.
@@ -447,16 +545,18 @@ class TissueMapModel:
         # step sizes do not depend on the scanner's intensity scale.
         unit = float(np.quantile(values, 0.99)) or 1.0
         data = torch.as_tensor(values / unit, device=self.device)
-        if self.gain == "voxel":
-            p, gain = self._solve_voxel_gain(data)
-        else:
-            gain = (
-                self._search_gain(data) if self.gain == "global" else self.gain / unit
-            )
-            p, _ = self._solve(data, gain)
-        if self.mixing == "parameters" or self.smoothness > 0:
+        weights = torch.ones(data.shape[1], dtype=data.dtype, device=self.device)
+        p, gain = self._exact_fit(data, weights, unit)
+        if self.noise_weighting:
+            weights = self._noise_weights(data, p, gain)
+            p, gain = self._exact_fit(data * weights, weights, unit)
+        if self.mixing == "parameters" and self.smoothness == 0:
+            p, gain = self._levenberg_marquardt(data * weights, weights, p, gain)
+        elif self.mixing == "parameters" or self.smoothness > 0:
             pairs = _neighbour_pairs(mask) if self.smoothness > 0 else np.zeros((0, 2))
-            p, gain = self._refine(data, p, gain, pairs.astype(np.int64), mask.ndim)
+            p, gain = self._refine(
+                data * weights, weights, p, gain, pairs.astype(np.int64), mask.ndim
+            )
         if torch.is_tensor(gain):
             gain_map = np.zeros(mask.shape)
             gain_map[mask] = gain.cpu().numpy() * unit

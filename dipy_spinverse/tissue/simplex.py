@@ -54,6 +54,32 @@ def _affine_solver(design, face):
     return matrix, offset
 
 
+def _stack(design, solvers):
+    """One ``(n_sequences, n_faces * n)`` matrix and offset giving every
+    face's solution, embedded in all ``n`` coordinates, in one product."""
+    n = design.shape[1]
+    matrix = torch.zeros(
+        design.shape[0], len(solvers), n, dtype=design.dtype, device=design.device
+    )
+    offset = torch.zeros(len(solvers), n, dtype=design.dtype, device=design.device)
+    for i, (face, face_matrix, face_offset) in enumerate(solvers):
+        matrix[:, i, list(face)] = face_matrix
+        offset[i, list(face)] = face_offset
+    return matrix.reshape(design.shape[0], -1), offset.reshape(-1)
+
+
+def _best_face(design, matrix, offset, data, tolerance):
+    """The feasible face solution of least misfit, for every voxel."""
+    n = design.shape[1]
+    candidates = (data @ matrix + offset).reshape(data.shape[0], -1, n)
+    feasible = (candidates >= -tolerance).all(dim=2)
+    rss = ((candidates @ design.T - data[:, None, :]) ** 2).sum(dim=2)
+    rss = torch.where(feasible, rss, torch.inf)
+    best, index = rss.min(dim=1)
+    chosen = candidates[torch.arange(data.shape[0], device=data.device), index]
+    return chosen.clamp_min(0), best
+
+
 class SimplexLstsq:
     """Exact simplex least squares for one design, its face solvers cached.
 
@@ -63,28 +89,16 @@ class SimplexLstsq:
 
     def __init__(self, design):
         self.design = design
-        self.faces = [
-            (list(face), *_affine_solver(design, face))
-            for face in _faces(design.shape[1])
+        solvers = [
+            (face, *_affine_solver(design, face)) for face in _faces(design.shape[1])
         ]
+        self.matrix, self.offset = _stack(design, solvers)
 
     def __call__(self, data, scale=1.0):
         """``(p, rss)`` for ``scale * design`` (the same faces, data / scale)."""
         data = data / scale
-        n = self.design.shape[1]
-        best = torch.full(
-            data.shape[:1], torch.inf, dtype=data.dtype, device=data.device
-        )
-        p = torch.zeros(data.shape[0], n, dtype=data.dtype, device=data.device)
-        for face, matrix, offset in self.faces:
-            candidate = data @ matrix + offset
-            feasible = (candidate >= -_FEASIBLE).all(dim=1)
-            rss = ((candidate @ self.design[:, face].T - data) ** 2).sum(dim=1)
-            better = feasible & (rss < best)
-            best = torch.where(better, rss, best)
-            full = torch.zeros_like(p)
-            full[:, face] = candidate.clamp_min(0)
-            p = torch.where(better[:, None], full, p)
+        # the vertices are always feasible, so every voxel has a solution
+        p, best = _best_face(self.design, self.matrix, self.offset, data, _FEASIBLE)
         return p / p.sum(dim=1, keepdim=True), best * scale**2
 
 
@@ -113,20 +127,17 @@ def nonneg_lstsq(design, data):
     signals).
     """
     n = design.shape[1]
-    best = (data**2).sum(dim=1)  # the empty face, q = 0
-    q = torch.zeros(data.shape[0], n, dtype=data.dtype, device=data.device)
+    empty = torch.zeros(design.shape[0], 0, dtype=design.dtype, device=design.device)
+    solvers = [((), empty, empty[0])]  # q = 0, always feasible
     for face in _faces(n):
         columns = design[:, list(face)]
-        candidate = data @ torch.linalg.pinv(columns).T
-        feasible = candidate >= -_FEASIBLE * data.abs().amax(dim=1, keepdim=True)
-        feasible = feasible.all(dim=1)
-        rss = ((candidate @ columns.T - data) ** 2).sum(dim=1)
-        better = feasible & (rss < best)
-        best = torch.where(better, rss, best)
-        full = torch.zeros_like(q)
-        full[:, list(face)] = candidate.clamp_min(0)
-        q = torch.where(better[:, None], full, q)
-    return q, best
+        solvers.append(
+            (face, torch.linalg.pinv(columns).T, torch.zeros_like(columns[0]))
+        )
+    matrix, offset = _stack(design, solvers)
+    scale = data.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+    q, best = _best_face(design, matrix, offset, data / scale, _FEASIBLE)
+    return q * scale, best * scale[:, 0] ** 2
 
 
 def project_simplex(v):
