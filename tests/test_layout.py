@@ -52,6 +52,7 @@ LAYERS = [
     "tissue.sequences",
     "tissue.simplex",
     "tissue.model",
+    "tissue.data",
     "tissue.workflow",
     "tissue",
 ]
