@@ -24,6 +24,7 @@ on CPU and GPU alike.
 """
 
 import math
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -167,7 +168,6 @@ def search_labels(
     if config.search_proposal and labels is None:
         proposal = learned_proposal(grid, protocol, config, **sim)
         occupancy, _ = proposal.predict(data.cpu())
-    rng = np.random.default_rng(config.init_seed)
 
     def voxel(v):
         if labels is None:
@@ -176,6 +176,9 @@ def search_labels(
             if config.search_dictionary:
                 starts.append((yield from _screened_shapes(grid, config, spread)))
             if occupancy is not None:
+                # Seeded by the voxel's own proposal: the samples do not
+                # depend on which other voxels share the call.
+                rng = np.random.default_rng(zlib.crc32(occupancy[v].tobytes()))
                 starts.append(
                     proposal_starts(
                         grid, occupancy[v], config.search_proposal_samples, rng
