@@ -11,6 +11,8 @@ Tournier et al., NeuroImage 35, 1459 (2007) (constrained spherical
 deconvolution).
 """
 
+import warnings
+
 import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.data import default_sphere
@@ -20,6 +22,7 @@ from dipy.reconst.csdeconv import (
     response_from_mask_ssst,
 )
 from dipy.reconst.dti import TensorModel
+from dipy.reconst.shm import descoteaux07_legacy_msg
 
 __all__ = ["csd_peaks", "select_shell"]
 
@@ -111,19 +114,27 @@ def csd_peaks(
     if response is None:
         response = _auto_response(sub, data)
     n_dirs = int(np.sum(~sub.b0s_mask))
-    model = ConstrainedSphericalDeconvModel(
-        sub, response, sh_order_max=_sh_order(n_dirs)
-    )
-    pam = peaks_from_model(
-        model,
-        data,
-        default_sphere,
-        relative_peak_threshold,
-        min_separation_angle,
-        return_sh=False,
-        legacy=False,
-        npeaks=max_peaks,
-    )
+    with warnings.catch_warnings():
+        # CSD builds its own basis in DIPY's legacy convention and uses it
+        # consistently; the warning is about the convention, not the peaks.
+        warnings.filterwarnings(
+            "ignore",
+            message=descoteaux07_legacy_msg,
+            category=PendingDeprecationWarning,
+        )
+        model = ConstrainedSphericalDeconvModel(
+            sub, response, sh_order_max=_sh_order(n_dirs)
+        )
+        pam = peaks_from_model(
+            model,
+            data,
+            default_sphere,
+            relative_peak_threshold,
+            min_separation_angle,
+            return_sh=False,
+            legacy=False,
+            npeaks=max_peaks,
+        )
     dirs = pam.peak_dirs.reshape(-1, max_peaks, 3)
     values = pam.peak_values.reshape(-1, max_peaks)
     return dirs, np.where(np.isfinite(values), values, 0.0)
