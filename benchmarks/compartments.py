@@ -24,6 +24,7 @@ each with its own block in the doc:
 """
 
 import argparse
+import math
 import os
 import platform
 import re
@@ -381,9 +382,12 @@ def run_learned(quick, cache):
         train = time.perf_counter() - start
         reps = max(1, -(-LEARNED_SPEED_VOXELS // n))
         big = np.tile(data, (reps, 1))
-        start = time.perf_counter()
-        learned.fit(big)
-        wall = time.perf_counter() - start
+        # Best of three: a shared machine's load spikes only slow calls down.
+        wall = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            learned.fit(big)
+            wall = min(wall, time.perf_counter() - start)
         got = {k: float(np.median(v)) for k, v in errors(learned.fit(data)).items()}
         rows.append((name, big.shape[0] / wall, train, fitted, got))
         print(f"{name}: learned {big.shape[0] / wall:.0f} vox/s", flush=True)
