@@ -182,3 +182,38 @@ def test_ray_local_instance_started_and_stopped(model, noisy_volume, serial_fit)
     )
     _assert_same_fit(fit, serial_fit)
     assert not ray.is_initialized()
+
+
+def test_workflow_on_a_dask_cluster(dask_cluster, tmp_path, monkeypatch):
+    """--engine dask --address: the same fit state as the serial command."""
+    from dipy_spinverse.data import make_phantom_dataset
+    from dipy_spinverse.workflows import SpinverseFlow
+
+    demo = make_phantom_dataset(
+        tmp_path / "demo", grid_size=12.0, grid_resolution=2, n_directions=3
+    )
+    # A stale RAY_ADDRESS is no concern of a Dask (or serial) run.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    states = []
+    for name, options in (
+        ("serial", {}),
+        ("dask", dict(engine="dask", address=dask_cluster.scheduler_address)),
+    ):
+        flow = SpinverseFlow(force=True)
+        flow.run(
+            demo["data"],
+            demo["bvals"],
+            demo["bvecs"],
+            demo["mask"],
+            timing_file=demo["timing"],
+            grid_size=12.0,
+            grid_resolution=2,
+            max_iter=2,
+            preset="paper",
+            batch_size=2,
+            n_report=0,
+            out_dir=str(tmp_path / name),
+            **options,
+        )
+        states.append(load_fit(flow.last_generated_outputs["out_state"]))
+    _assert_same_fit(*states)
