@@ -528,7 +528,8 @@ class _Maps:
         self.ndi = np.repeat(ndi[:, None], n_fibres, 1)
         self.odi = np.repeat(odi[:, None], n_fibres, 1)
         self.fiso = fiso
-        self.direction = direction if n_fibres == 1 else direction[:, None]
+        # One direction, repeated: each population is compared with it.
+        self.direction = np.repeat(direction[:, None], n_fibres, 1)
 
 
 def amico_noddi(gtab, data, workdir, threads):
