@@ -395,7 +395,9 @@ def test_noisy_fit_accuracy_and_smoothness():
 def test_noise_weighting_estimates_the_noise():
     truth = _phantom(shape=(12, 12, 8))
     mask = np.ones(truth.shape[:-1], bool)
-    model = TissueMapModel(PROTOCOL, noise_weighting=True)
+    model = TissueMapModel(PROTOCOL)
+    assert model.uses_noise_weighting  # 4 contrasts, 3 tissues
+    assert not TissueMapModel(PROTOCOL[:3]).uses_noise_weighting
     images = simulate_scans(model, truth, mask, snr=40, rng=2, noise="gaussian")
     fit = model.fit(images)
     assert np.abs(fit.probabilities - truth).mean() < 0.06
@@ -515,6 +517,7 @@ def test_workflow_writes_maps(tmp_path):
         assert (out / f"{name}.nii.gz").exists()
 
 
+@pytest.mark.slow  # importing nilearn takes ~15 s
 def test_mni152_tissue_maps():
     pytest.importorskip("nilearn")
     from dipy_spinverse.tissue.data import mni152_tissue_maps
@@ -526,3 +529,21 @@ def test_mni152_tissue_maps():
     assert (probabilities >= 0).all() and (probabilities <= 1).all()
     assert_array_equal(probabilities[~mask], 0)
     assert_allclose(np.abs(np.diag(affine)[:3]), 2)
+
+
+def test_example_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "tissue_maps.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--phantom", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "mean absolute probability error" in run.stdout
+    assert (tmp_path / "tissue_maps.png").stat().st_size > 0

@@ -167,12 +167,13 @@ class TissueMapModel:
     max_iter : int
         Iterations of the gradient refinement (mixing="parameters" or
         smoothness > 0).
-    noise_weighting : bool
+    noise_weighting : bool or None
         Weight each image by ``1 / sigma``, its noise estimated by the RMS
         residual of a first, unweighted fit (images differ in noise
-        relative to their signal). Helps with four or more contrasts;
-        with three (one residual degree of freedom per voxel) the residuals
-        misjudge the noise and it does not help.
+        relative to their signal). It helps when there are more contrasts
+        than tissues (measured on the MNI152 benchmark); with fewer residual
+        degrees of freedom the residuals misjudge the noise. None (default):
+        on exactly then.
     device : str
         "cpu" or "cuda".
 
@@ -198,7 +199,7 @@ class TissueMapModel:
         gain="global",
         smoothness=0.0,
         max_iter=200,
-        noise_weighting=False,
+        noise_weighting=None,
         device="cpu",
     ):
         self.sequences = _check_sequences(sequences)
@@ -213,9 +214,10 @@ class TissueMapModel:
         self.gain = _check_gain(gain)
         self.smoothness = check_number(smoothness, "smoothness", minimum=0)
         self.max_iter = check_int(max_iter, "max_iter", 1)
-        if not isinstance(noise_weighting, bool):
+        if noise_weighting is not None and not isinstance(noise_weighting, bool):
             raise ValueError(
-                f"noise_weighting must be True or False, got {noise_weighting!r}."
+                "noise_weighting must be True, False or None (automatic), got "
+                f"{noise_weighting!r}."
             )
         self.noise_weighting = noise_weighting
         self.device = check_device(device)
@@ -233,6 +235,13 @@ class TissueMapModel:
                 stacklevel=2,
             )
         self.design = self.signals(*self.tissue_properties()).T
+
+    @property
+    def uses_noise_weighting(self):
+        """Whether fits weight the images by their estimated noise."""
+        if self.noise_weighting is None:
+            return len(self.sequences) > len(self.tissues)
+        return self.noise_weighting
 
     @property
     def tissue_names(self):
@@ -547,7 +556,7 @@ class TissueMapModel:
         data = torch.as_tensor(values / unit, device=self.device)
         weights = torch.ones(data.shape[1], dtype=data.dtype, device=self.device)
         p, gain = self._exact_fit(data, weights, unit)
-        if self.noise_weighting:
+        if self.uses_noise_weighting:
             weights = self._noise_weights(data, p, gain)
             p, gain = self._exact_fit(data * weights, weights, unit)
         if self.mixing == "parameters" and self.smoothness == 0:
