@@ -35,3 +35,56 @@ def test_memory_grows_with_the_mask_not_the_volume(model, signal):
     assert_array_equal([status[i] for i in voxels], OK)
     assert (status == MASKED).sum() == mask.size - 2
     assert fit[voxels[1]].S0 == fit.S0[voxels[1]]
+
+
+_WRITER = """
+import sys
+import numpy as np
+from dipy_spinverse.io import Checkpoint
+from dipy_spinverse.reconst import SpinverseFit
+from dipy_spinverse.reconst.runner import empty_params
+from dipy_spinverse import SpinverseModel, TetGrid, Protocol
+protocol = Protocol.pgse([0, 1000, 1000], np.eye(3), small_delta=0.005,
+                         big_delta=0.02)
+model = SpinverseModel(protocol, grid=TetGrid.bcc(8.0, 2), preset="paper",
+                       max_iter=2)
+n = 50_000
+params = empty_params(model, n)
+fit = SpinverseFit(model, params, np.ones(n, bool))
+store = Checkpoint(sys.argv[1])
+store(fit)
+for start in range(0, n, 32):
+    rows = np.arange(start, min(n, start + 32))
+    params["permeability"][rows] = 0.05
+    params["status"][rows] = 0
+    store(fit, rows)
+    if start == 320:
+        print("writing", flush=True)
+"""
+
+
+def test_a_killed_run_keeps_every_chunk_written(tmp_path):
+    """SIGKILL while chunks are being written: the store stays readable, and
+    every voxel marked done has its outputs (the status is written last)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dipy_spinverse.io import load_fit
+
+    path = tmp_path / "killed.h5"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        time.sleep(0.2)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    fit = load_fit(path)
+    done = fit.params["status"] == OK
+    assert 320 < done.sum() < 50_000
+    assert np.all(fit.params["permeability"][done] == 0.05)
+    assert fit.n_pending == 50_000 - done.sum()
