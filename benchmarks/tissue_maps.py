@@ -203,14 +203,19 @@ def main():
             figure_fits.append(("DIPY HMRF, T1w", hmrf))
     if figure_fits and args.figure:
         figure(args.figure, truth, figure_fits, mask)
-    # BMapEst's parameter mixing, on scans simulated with it (3 contrasts)
+    # BMapEst's parameter mixing, on scans simulated with it (3 contrasts),
+    # on a slab of 20 axial slices (its Levenberg-Marquardt is ~30x the cost
+    # of the exact signal-mixing fit)
     if 50 in args.snr:
+        slab = np.zeros_like(mask)
+        slab[:, :, 40:60] = True
         mixed = TissueMapModel(sequences[:3], mixing="parameters", max_iter=100)
         images = simulate_scans(mixed, truth, mask, snr=50, gain=GAIN, rng=0)
-        fit, seconds = timed_fit(mixed, images, mask)
-        result = scores(fit.probabilities, truth, mask)
+        fit, seconds = timed_fit(mixed, images, mask & slab)
+        result = scores(fit.probabilities, truth * slab[..., None], mask & slab)
         names = " + ".join(name for name, _ in PROTOCOL[:3])
-        lines.append(row("mixing='parameters' (own data)", 50, names, result, seconds))
+        method = f"mixing='parameters' (own data; {int((mask & slab).sum())} voxels)"
+        lines.append(row(method, 50, names, result, seconds))
         print(lines[-1], flush=True)
     if args.out:
         with open(args.out, "w") as handle:

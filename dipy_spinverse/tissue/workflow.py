@@ -59,6 +59,7 @@ class TissueMapsFlow(Workflow):
         gain="global",
         smoothness=0.0,
         max_iter=200,
+        noise_weighting="auto",
         device="cpu",
         out_dir="",
         out_probabilities="tissue_probabilities.nii.gz",
@@ -102,6 +103,9 @@ class TissueMapsFlow(Workflow):
             Weight of the spatial smoothness of the probabilities (0: none).
         max_iter : int, optional
             Iterations of the gradient refinement.
+        noise_weighting : string, optional
+            auto (on when there are more sequences than tissues), on or off:
+            weight each image by its noise, estimated from the residuals.
         device : string, optional
             cpu or cuda.
         out_dir : string or Path, optional
@@ -130,6 +134,11 @@ class TissueMapsFlow(Workflow):
             gain = float(gain)
         except ValueError:
             pass
+        weighting = {"auto": None, "on": True, "off": False}
+        if noise_weighting not in weighting:
+            raise ValueError(
+                f"noise_weighting must be auto, on or off, got {noise_weighting!r}."
+            )
         io_it = self.get_io_iterator()
         for inputs in io_it:
             image_file, sequence_file = inputs[0], inputs[1]
@@ -148,6 +157,7 @@ class TissueMapsFlow(Workflow):
                 gain=gain,
                 smoothness=smoothness,
                 max_iter=max_iter,
+                noise_weighting=weighting[noise_weighting],
                 device=device,
             )
             logger.info(f"{model}")
