@@ -280,10 +280,13 @@ def fit_volume(
                 params[key][rows] = value
         bar.update(len(rows) - bar_share[0])
         bar_share[0] = 0
+        completed[0] += len(rows)
+        bar.n = completed[0]  # whole voxels: no drift from the fractions
         if hook is not None:
             hook(partial, rows)
 
     bar_share = [0.0]  # the part of the current chunk already on the bar
+    completed = [0]  # voxels stored
     try:
         if engine == "serial":
             size = vox_per_chunk or model.batch_size
@@ -495,10 +498,14 @@ def _progress(bar, model, n_rows, shown):
     face_share = 0.5 if config.search_steps > 0 else 1.0
     steps = [0, set()]  # search steps so far, voxels whose search ended
 
+    base = bar.n  # voxels stored before this chunk
+
     def move(position):
         position = min(position, n_rows)
         if position > shown[0]:
             bar.update(position - shown[0])
+            # Set, not summed: sums of fractions could pass the chunk's end.
+            bar.n = base + position
             shown[0] = position
 
     def callback(iteration, permeability, losses):
@@ -514,12 +521,12 @@ def _progress(bar, model, n_rows, shown):
             )
             bar.set_postfix_str(text, refresh=steps[0] % 10 == 0)
             return
-        move(n_rows * face_share * min(1.0, (iteration + 1) / config.n_iterations))
         text = (
             f"face fit: iteration {iteration + 1}/{config.n_iterations}, "
             f"data loss {losses.get('data', float('nan')):.3g}"
         )
         bar.set_postfix_str(text, refresh=False)
+        move(n_rows * face_share * min(1.0, (iteration + 1) / config.n_iterations))
 
     return callback
 
