@@ -31,6 +31,7 @@ from .files import atomic_write
 from .grid import TetGrid
 from .inverse import InversionConfig
 from .reconst import (
+    FITTED,
     OPTIONAL_PARAMETERS,
     PENDING,
     STATUS_CODES,
@@ -630,8 +631,16 @@ def save_permeability(fit, path, *, affine=None):
     -------
     str
     """
-    data = np.where(fit.fitted[..., None], fit.permeability, np.nan)
-    return _save_nifti(path, data.astype(np.float32), affine)
+    if fit.shape == ():
+        data = np.where(fit.fitted, fit.permeability, np.nan)
+        return _save_nifti(path, data.astype(np.float32), affine)
+    # Filled row by row in float32: no whole-volume float64 copy.
+    data = np.full(fit.shape + (fit.model.grid.n_faces,), np.nan, np.float32)
+    rows = fit.params["permeability"]
+    data[fit.mask] = np.where(
+        np.isin(fit.params["status"], FITTED)[:, None], rows, np.nan
+    )
+    return _save_nifti(path, data, affine)
 
 
 def save_predicted(fit, path, *, affine=None, gtab=None):

@@ -139,7 +139,8 @@ def search_labels(
         Start from these labels alone (the cell parametrisation's).
     callback : callable, optional
         ``callback(step, None, {"search": loss, "voxel": index})`` after every
-        descent step.
+        descent step, and ``callback(-1, None, {"voxel_done": index})`` when
+        a voxel's descent ends.
 
     Returns
     -------
@@ -192,7 +193,10 @@ def search_labels(
             if callback is not None:
                 callback(step, None, {"search": float(loss), "voxel": v})
 
-        return (yield from _descend(grid, starts, config, min_gain, report))
+        found = yield from _descend(grid, starts, config, min_gain, report)
+        if callback is not None:  # the runner's progress bar counts voxels
+            callback(-1, None, {"voxel_done": v})
+        return found
 
     found = drive([voxel(v) for v in range(len(data))], scorers)
     out_labels = np.array([cell_labels(grid, labels) for labels, _ in found])
