@@ -798,3 +798,10 @@ def test_fibre_count_bad_input(gtab_noddi):
         auto.fit(data, fibres=np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="fibres"):
         NoddiModel(gtab_noddi, fibres="all")
+    # n_fibres caps the count: layout and accepted map follow it.
+    two = NoddiModel(gtab_noddi, fibres="auto", n_fibres=2)
+    assert len(two.param_names) == 2 + 6 * 2
+    with pytest.raises(ValueError, match="0..2"):
+        two.fit(data, fibres=np.array([1, 3]))
+    with pytest.raises(ValueError, match="largest count"):
+        NoddiModel(gtab_noddi, fibres="auto", n_fibres=0)

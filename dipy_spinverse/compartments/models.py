@@ -112,12 +112,14 @@ class NoddiModel(CompartmentModel):
         b-values and directions (timing not needed).
     n_fibres : int, optional
         Fibre populations (0, 1, 2 or 3), each with its own direction, ODI,
-        NDI and weight ``w_k``; 0 is free water alone.
+        NDI and weight ``w_k``; 0 is free water alone. Default 1; with
+        ``fibres="auto"`` the largest count per voxel, default 3.
     fibres : "auto", optional
-        A fibre count per voxel (0 to 3): chosen from DIPY's CSD peaks and an
-        information criterion, or given to :meth:`fit` as a map. The
-        parameters then have the layout of ``n_fibres=3``, NaN for the fibres
-        a voxel does not have (``fit.n_fibres`` holds the counts).
+        A fibre count per voxel (0 to ``n_fibres``): chosen from DIPY's CSD
+        peaks and an information criterion, or given to :meth:`fit` as a
+        map. The parameters then have the layout of ``n_fibres`` fibres, NaN
+        for the fibres a voxel does not have (``fit.n_fibres`` holds the
+        counts).
     response : tuple, optional
         CSD single-fibre response (``(evals, S0)``, for the highest shell)
         for ``fibres="auto"``; default estimated from the voxels of FA > 0.7.
@@ -149,7 +151,7 @@ class NoddiModel(CompartmentModel):
         self,
         gtab,
         *,
-        n_fibres=1,
+        n_fibres=None,
         fibres=None,
         response=None,
         d_par=D_PAR_INVIVO,
@@ -164,11 +166,14 @@ class NoddiModel(CompartmentModel):
         learned_options=None,
         cache_dir=None,
     ):
-        if n_fibres not in (0, 1, 2, 3):
-            raise ValueError(f"n_fibres must be 0, 1, 2 or 3, got {n_fibres!r}")
         if fibres is not None:
             check_choice(fibres, "fibres", ("auto",))
-            n_fibres = MAX_FIBRES
+        if n_fibres is None:
+            n_fibres = 1 if fibres is None else MAX_FIBRES
+        if n_fibres not in (0, 1, 2, 3):
+            raise ValueError(f"n_fibres must be 0, 1, 2 or 3, got {n_fibres!r}")
+        if fibres is not None and n_fibres < 1:
+            raise ValueError("fibres='auto' needs n_fibres (the largest count) >= 1")
         self.fibres = fibres
         self.response = response
         self.n_fibres = int(n_fibres)
