@@ -484,8 +484,9 @@ class CompartmentModel(ReconstModel):
                 x, c = self._fit_normalised(yi, directions=di)
                 shared, fibre, dirs = self._unpack(x)
                 results.append(self._to_params(shared, fibre, dirs, c, scale).numpy())
-                r = yi - (self._columns_x(x) @ c[..., None])[..., 0]
-                costs.append((r**2).sum(-1).numpy())
+                if with_cost:
+                    r = yi - (self._columns_x(x) @ c[..., None])[..., 0]
+                    costs.append((r**2).sum(-1).numpy())
         params = np.concatenate(results)
         return (params, np.concatenate(costs)) if with_cost else params
 
