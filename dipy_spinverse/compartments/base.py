@@ -425,15 +425,14 @@ class CompartmentModel(ReconstModel):
         out = np.full((signals.shape[0], n_params), np.nan)
         y_ok = signals[ok] / s0[ok, None]
         s0_ok = s0[ok]
-        if not ok.any():
-            pass
-        elif self.fit_method == "learned":
-            out[ok] = self._fit_learned(y_ok, s0_ok)
-        elif self.fibres == "auto":
-            counts_ok = None if counts is None else counts[mask][ok]
-            out[ok] = self._fit_variable(signals[ok], y_ok, s0_ok, counts_ok)
-        else:
-            out[ok] = self._fit_fixed(y_ok, s0_ok)
+        if ok.any():
+            if self.fit_method == "learned":
+                out[ok] = self._fit_learned(y_ok, s0_ok)
+            elif self.fibres == "auto":
+                counts_ok = None if counts is None else counts[mask][ok]
+                out[ok] = self._fit_variable(signals[ok], y_ok, s0_ok, counts_ok)
+            else:
+                out[ok] = self._fit_fixed(y_ok, s0_ok)
         params[mask] = out
         return self._fit_class(self, params, mask=mask)
 
