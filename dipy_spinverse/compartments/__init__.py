@@ -8,16 +8,21 @@ Three layers, data flowing one way:
   differentiable and batched over voxels, evaluated on an
   :class:`~.acquisition.Acquisition`;
 - :mod:`.fitting`: batched NNLS and variable-projection Levenberg-Marquardt;
+- :mod:`.peaks`: fibre directions per voxel from DIPY's CSD (starts and
+  fibre counts of ``fibres="auto"``);
+- :mod:`.learned`: MLP estimators trained on simulated signals
+  (``fit_method="learned"``), cached on disk;
 - :mod:`.models`: DIPY ``ReconstModel`` / ``ReconstFit`` pairs.
 
 Units: public API as DIPY (mm^2/s, s, s/mm^2; diameters in um); internally
 um and us, where diffusivities and b-values keep their numbers.
 """
 
-from . import blocks
+from . import blocks, learned, peaks
 from .acquisition import Acquisition
-from .base import CompartmentFit, CompartmentModel
+from .base import FIT_METHODS, CompartmentFit, CompartmentModel
 from .fitting import Bound, levenberg_marquardt, nnls
+from .learned import LearnedOptions
 from .models import (
     ActiveAxFit,
     ActiveAxModel,
@@ -30,9 +35,15 @@ from .models import (
     ZcdFit,
     ZcdModel,
 )
+from .peaks import csd_peaks
 
 __all__ = [
     "blocks",
+    "learned",
+    "peaks",
+    "csd_peaks",
+    "LearnedOptions",
+    "FIT_METHODS",
     "Acquisition",
     "Bound",
     "nnls",
