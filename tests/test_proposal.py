@@ -227,6 +227,12 @@ def test_reconstruct_reports_the_proposal_and_the_uncertainty(
     monkeypatch.setenv("DIPY_SPINVERSE_CACHE", str(tmp_path))
     monkeypatch.setattr(search_module, "ProposalSettings", lambda **kw: TINY)
     grid, prot, signal = problem
+    done = []
+
+    def progress(iteration, permeability, losses):
+        if "voxel_done" in losses:
+            done.append(losses["voxel_done"])
+
     result = reconstruct(
         grid,
         np.stack([signal, signal]),
@@ -238,7 +244,9 @@ def test_reconstruct_reports_the_proposal_and_the_uncertainty(
         search_dictionary=False,
         search_proposal=32,
         search_proposal_samples=4,
+        callback=progress,
     )
+    assert sorted(done) == [0, 1]  # each voxel's end reaches progress bars
     assert list((tmp_path / "proposals").glob("*.pt"))
     assert result.labels.shape == (2, grid.n_cells)
     assert result.proposal_probability.shape == (2, grid.n_cells)
