@@ -144,6 +144,9 @@ def main():
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--figure", help="save true vs fitted maps (PNG)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument(
+        "--parameters-only", action="store_true", help="only the mixing row"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     truth, mask, _ = mni152_tissue_maps(resolution=2)
@@ -161,7 +164,7 @@ def main():
     ]
     print("\n".join(lines), flush=True)
     figure_fits = None
-    for snr in args.snr:
+    for snr in [] if args.parameters_only else args.snr:
         images = simulate_scans(simulator, truth, mask, snr=snr, gain=GAIN, rng=0)
         for n in range(1, len(PROTOCOL) + 1):
             names = " + ".join(name for name, _ in PROTOCOL[:n])

@@ -21,6 +21,7 @@ References
    https://github.com/BioMedAI-UCSC/BMapEst
 """
 
+import itertools
 import math
 import numbers
 import warnings
@@ -372,16 +373,17 @@ class TissueMapModel:
         )
         return p, gain
 
-    def _search_gain(self, data, solvers):
-        """The global gain minimising the total misfit (log-grid, then
-        golden-section search), on about 10,000 evenly strided voxels."""
+    def _search_gain(self, data, solve, peak):
+        """The global gain minimising the total misfit ``solve(data, gain)``
+        (log-grid, then golden-section search), on about 10,000 evenly
+        strided voxels; ``peak``: the brightest unit-gain signal of each
+        image, for the first guess."""
         sample = data[:: max(1, data.shape[0] // 10000)]
         top = torch.quantile(sample, 0.99, dim=0)
-        peak = (solvers[0].design.abs().amax(dim=1)).clamp_min(1e-300)
-        guess = torch.median(top / peak).item()
+        guess = torch.median(top / peak.clamp_min(1e-300)).item()
 
         def misfit(log_gain):
-            return self._solve(sample, math.exp(log_gain), solvers)[1].mean().item()
+            return solve(sample, math.exp(log_gain))[1].mean().item()
 
         grid = np.linspace(
             math.log(guess) - math.log(10), math.log(guess) + math.log(10), 25
@@ -404,16 +406,30 @@ class TissueMapModel:
         return math.exp((low + high) / 2)
 
     def _levenberg_marquardt(self, data, weights, p, gain):
-        """Parameter mixing, independent voxels: batched projected
-        Levenberg-Marquardt on the simplex (the Jacobian along the simplex's
-        tangent directions by central differences of the signal formulas).
+        """Parameter mixing's refinement; with a global gain and enough
+        contrasts, a per-voxel-gain pass first (it converges fast; the
+        alternation of one gain with all voxels is slow), then the median
+        gain held, then the alternation."""
+        n_images, n_tissues = data.shape[1], len(self.tissues)
+        if self.gain != "global" or n_images < n_tissues:
+            return self._lm(data, weights, p, gain, self.gain)
+        per_voxel = torch.full(p.shape[:1], float(gain), dtype=p.dtype, device=p.device)
+        p, per_voxel = self._lm(data, weights, p, per_voxel, "voxel")
+        gain = per_voxel.median().item()
+        p, _ = self._lm(data, weights, p, gain, gain)
+        return self._lm(data, weights, p, gain, "global")
+
+    def _lm(self, data, weights, p, gain, mode):
+        """Batched projected Levenberg-Marquardt on the simplex (the
+        Jacobian along the simplex's tangent directions by central
+        differences of the signal formulas).
         A per-voxel gain is a further LM unknown (its log); a global one is
         updated in closed form (least squares) after every step."""
         n = p.shape[1]
         steps = torch.eye(n, dtype=p.dtype, device=p.device)[:, 1:] - 1.0 / n
         basis = torch.linalg.qr(steps).Q  # (n, n - 1), orthonormal, sum zero
-        per_voxel = self.gain == "voxel"
-        fixed_gain = not isinstance(self.gain, str)
+        per_voxel = mode == "voxel"
+        fixed_gain = not isinstance(mode, str)
         gain = torch.as_tensor(gain, dtype=p.dtype, device=p.device)
         n_unknowns = n if per_voxel else n - 1
 
@@ -518,11 +534,72 @@ class TissueMapModel:
         if self.gain == "voxel":
             return self._solve_voxel_gain(data, weights)
         solvers = self._solvers_for(weights)
+
+        def solve(sample, gain):
+            return self._solve(sample, gain, solvers)
+
         if self.gain == "global":
-            gain = self._search_gain(data, solvers)
+            peak = solvers[0].design.abs().amax(dim=1)
+            gain = self._search_gain(data, solve, peak)
         else:
             gain = self.gain / unit
-        return self._solve(data, gain, solvers)[0], gain
+        return solve(data, gain)[0], gain
+
+    def _lattice(self, max_points=5000):
+        """Points of the simplex on a regular lattice (step 1/20 for three
+        tissues; coarser when there are more)."""
+        n = len(self.tissues)
+        for divisions in range(20, 0, -1):
+            if math.comb(divisions + n - 1, n - 1) <= max_points:
+                break
+        points = [
+            np.array(c) / divisions
+            for c in itertools.product(range(divisions + 1), repeat=n)
+            if sum(c) == divisions
+        ]
+        return torch.tensor(np.array(points), dtype=torch.float64, device=self.device)
+
+    def _lattice_fit(self, data, weights, unit):
+        """Parameter mixing's start: each voxel's best simplex-lattice point
+        (a global search: the nonlinear misfit may have local minima), at
+        the gain of least total misfit (or per voxel, in closed form)."""
+        points = self._lattice()
+        signals = self.forward(points, 1.0) * weights  # (n_points, n_seq)
+        norms = (signals**2).sum(dim=1)
+
+        def solve(sample, gain):
+            best = torch.empty(
+                sample.shape[0], dtype=sample.dtype, device=sample.device
+            )
+            index = torch.empty(sample.shape[0], dtype=torch.long, device=sample.device)
+            voxel_gain = torch.empty_like(best)
+            for start in range(0, sample.shape[0], 20000):
+                chunk = sample[start : start + 20000]
+                cross = chunk @ signals.T  # (chunk, n_points)
+                if gain is None:  # per voxel: g = s.y / s.s
+                    rss = (chunk**2).sum(dim=1, keepdim=True) - cross**2 / norms
+                else:
+                    rss = (
+                        (chunk**2).sum(dim=1, keepdim=True)
+                        - 2 * gain * cross
+                        + gain**2 * norms
+                    )
+                value, at = rss.min(dim=1)
+                best[start : start + 20000] = value
+                index[start : start + 20000] = at
+                voxel_gain[start : start + 20000] = (
+                    cross.gather(1, at[:, None])[:, 0] / norms[at]
+                )
+            return points[index], best.clamp_min(0), voxel_gain
+
+        if self.gain == "voxel":
+            p, _, gain = solve(data, None)
+            return p, gain
+        if self.gain == "global":
+            gain = self._search_gain(data, solve, signals.amax(dim=0))
+        else:
+            gain = self.gain / unit
+        return solve(data, gain)[0], gain
 
     def _noise_weights(self, data, p, gain):
         """``1 / sigma`` of each image, its noise estimated by the RMS
@@ -555,13 +632,19 @@ class TissueMapModel:
         unit = float(np.quantile(values, 0.99)) or 1.0
         data = torch.as_tensor(values / unit, device=self.device)
         weights = torch.ones(data.shape[1], dtype=data.dtype, device=self.device)
-        p, gain = self._exact_fit(data, weights, unit)
+        if self.mixing == "signal":
+            p, gain = self._exact_fit(data, weights, unit)
+        else:
+            p, gain = self._lattice_fit(data, weights, unit)
+            if self.smoothness == 0:
+                p, gain = self._levenberg_marquardt(data, weights, p, gain)
         if self.uses_noise_weighting:
             weights = self._noise_weights(data, p, gain)
-            p, gain = self._exact_fit(data * weights, weights, unit)
-        if self.mixing == "parameters" and self.smoothness == 0:
-            p, gain = self._levenberg_marquardt(data * weights, weights, p, gain)
-        elif self.mixing == "parameters" or self.smoothness > 0:
+            if self.mixing == "signal":
+                p, gain = self._exact_fit(data * weights, weights, unit)
+            elif self.smoothness == 0:
+                p, gain = self._levenberg_marquardt(data * weights, weights, p, gain)
+        if self.smoothness > 0:
             pairs = _neighbour_pairs(mask) if self.smoothness > 0 else np.zeros((0, 2))
             p, gain = self._refine(
                 data * weights, weights, p, gain, pairs.astype(np.int64), mask.ndim
