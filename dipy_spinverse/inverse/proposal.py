@@ -399,6 +399,11 @@ def _noisy(signals, protocol, settings, generator):
     sigma = torch.where(
         torch.rand(len(signals), 1, generator=generator) < 0.25, 0, 1 / snr
     )
+    return _rician(signals, sigma, protocol, generator)
+
+
+def _rician(signals, sigma, protocol, generator):
+    """b0-normalised magnitude of the signals with complex Gaussian noise."""
     real = signals + sigma * torch.randn(signals.shape, generator=generator)
     imag = sigma * torch.randn(signals.shape, generator=generator)
     return normalise_b0(torch.hypot(real, imag), protocol)
@@ -417,10 +422,7 @@ def _scores(net, signals, occupancy, log_kappa, protocol, twin):
     """Validation: median twin-aware IoU at 0.5 (noise-free and SNR 50)."""
     scores = {}
     for name, sigma in (("clean", 0.0), ("snr50", 1 / 50)):
-        generator = torch.Generator().manual_seed(1)
-        real = signals + sigma * torch.randn(signals.shape, generator=generator)
-        imag = sigma * torch.randn(signals.shape, generator=generator)
-        x = normalise_b0(torch.hypot(real, imag), protocol)
+        x = _rician(signals, sigma, protocol, torch.Generator().manual_seed(1))
         with torch.no_grad():
             logits, predicted_kappa = net(x)
         inside = logits > 0
