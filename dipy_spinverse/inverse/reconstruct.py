@@ -149,7 +149,7 @@ def reconstruct(
             proposal_probability=found.proposal_probability,
         )
         extras = {
-            k: None if v is None else v.reshape(*batch_shape, *v.shape[1:])
+            k: None if v is None else v.reshape(tuple(batch_shape) + v.shape[1:])
             for k, v in extras.items()
         }
     else:
