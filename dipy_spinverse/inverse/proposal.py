@@ -465,17 +465,17 @@ def proposal_starts(grid, occupancy, n_samples, rng):
     while len(binary) < 2 * n_samples:
         draw = rng.random(grid.n_cells) < occupancy
         binary.append(_majority(grid, draw))
-    starts = np.unique(np.array([_components(grid, b) for b in binary]), axis=0)
-    filled = (starts > 0).sum(1)
-    starts = starts[(filled > 0) & (filled < grid.n_cells)]
-    # Cuts first (they are the proposal's best guess), then samples.
-    first = [
-        i
-        for b in binary[: len(START_LEVELS)]
-        for i in np.flatnonzero(np.all(starts == _components(grid, b), axis=1))
-    ]
-    order = list(dict.fromkeys(first + list(range(len(starts)))))
-    return starts[order[:n_samples]]
+    labelled = [_components(grid, inside) for inside in binary]
+    # Cuts first (they are the proposal's best guess), then every distinct
+    # labelling in sorted order; empty and full ones dropped.
+    ordered = labelled[: len(START_LEVELS)] + list(np.unique(labelled, axis=0))
+    starts = {}
+    for labels in ordered:
+        if 0 < np.count_nonzero(labels) < grid.n_cells:
+            starts.setdefault(labels.tobytes(), labels)
+    return np.array(list(starts.values())[:n_samples], dtype=int).reshape(
+        -1, grid.n_cells
+    )
 
 
 def _majority(grid, inside):
