@@ -12,7 +12,13 @@ signal, which cancels T2 weighting that differs between echo times.
 import numpy as np
 import torch
 
-__all__ = ["b0_scale", "normalise_b0", "sequence_index", "data_loss"]
+__all__ = [
+    "b0_scale",
+    "normalise_b0",
+    "noise_precision",
+    "sequence_index",
+    "data_loss",
+]
 
 
 def b0_scale(signal, protocol):
@@ -62,6 +68,41 @@ def normalise_b0(signal, protocol):
     return signal / scale[..., sequence_index(protocol)]
 
 
+def noise_precision(signal, protocol):
+    """Precision of each b0-normalised acquisition relative to ``sigma``.
+
+    Magnitude images carry one noise level in signal units for every volume.
+    After :func:`normalise_b0` a sequence's relative noise is that level over
+    its own b = 0 scale, so sequences with a longer echo time (a smaller
+    b = 0 signal under T2 decay) are noisier. With ``sigma`` the noise
+    relative to the voxel's mean b = 0 signal (over all b = 0 volumes),
+    sequence ``s`` has relative noise ``sigma * b0_mean / b0_s``: precision
+    ``(b0_s / b0_mean)^2`` in units of ``1 / sigma^2``.
+
+    Parameters
+    ----------
+    signal : ndarray or torch.Tensor (..., n_acquisitions)
+        Signals in protocol order, *before* normalisation.
+    protocol : Protocol
+
+    Returns
+    -------
+    precision : same type as ``signal``, shape (..., n_acquisitions)
+        Ones when every sequence has the same echo time (their b = 0 scales
+        then differ by noise only, not by T2 decay) or there is no b = 0
+        volume.
+    """
+    ones = (torch.ones_like if isinstance(signal, torch.Tensor) else np.ones_like)(
+        signal
+    )
+    b0 = protocol.bvals == 0
+    if not b0.any() or np.ptp(protocol.echo_times) == 0:
+        return ones
+    overall = signal[..., np.flatnonzero(b0)].mean(-1, keepdims=True)
+    scale = b0_scale(signal, protocol)[..., sequence_index(protocol)]
+    return (scale / overall) ** 2
+
+
 def sequence_index(protocol):
     """Rank (in :meth:`Protocol.sequences` order) of each acquisition's sequence."""
     index = np.empty(len(protocol), dtype=np.intp)
@@ -71,15 +112,25 @@ def sequence_index(protocol):
 
 
 def data_loss(
-    predicted, measured, *, loss_scale, sigma=0.0, noise="gaussian", weights=None
+    predicted,
+    measured,
+    *,
+    loss_scale,
+    sigma=0.0,
+    noise="gaussian",
+    weights=None,
+    precision=None,
 ):
     """Weighted signal misfit per voxel, the data term of every fit.
 
-    ``loss_scale * sum(w * (E[S] - y)^2) / sum(w)``, where ``E[S]`` is the
-    predicted signal, or with ``noise="rician"`` and ``sigma > 0`` its Rician
-    floor ``sqrt(S^2 + sigma^2)``: the magnitude of a signal plus complex
-    Gaussian noise of relative level ``sigma`` has about that mean above the
-    noise floor.
+    ``loss_scale * sum(w * p * (E[S] - y)^2) / sum(w)``, where ``E[S]`` is
+    the predicted signal, or with ``noise="rician"`` and ``sigma > 0`` its
+    Rician floor ``sqrt(S^2 + sigma^2 / p)``: the magnitude of a signal plus
+    complex Gaussian noise of relative level ``sigma / sqrt(p)`` has about
+    that mean above the noise floor. The precision ``p``
+    (:func:`noise_precision`) makes this the Gaussian log-likelihood when
+    sequences differ in relative noise, and keeps the expected loss of the
+    truth at ``loss_scale * sigma^2`` whatever ``p``.
 
     Parameters
     ----------
@@ -87,18 +138,25 @@ def data_loss(
         b0-normalised signals.
     loss_scale : float
     sigma : float
-        Noise level relative to the b = 0 signal (1/SNR; 0 if unknown).
+        Noise level relative to the (mean) b = 0 signal (1/SNR; 0 if
+        unknown).
     noise : {"gaussian", "rician"}
     weights : torch.Tensor (n,), optional
         Per-acquisition weights (default 1).
+    precision : torch.Tensor (..., n), optional
+        Noise precision of each acquisition relative to ``1 / sigma^2``
+        (default 1: every acquisition has relative noise ``sigma``).
 
     Returns
     -------
     loss : torch.Tensor (...)
     """
     if noise == "rician" and sigma > 0:
-        predicted = torch.sqrt(predicted**2 + sigma**2)
+        floor = sigma**2 if precision is None else sigma**2 / precision
+        predicted = torch.sqrt(predicted**2 + floor)
     residual = (predicted - measured) ** 2
+    if precision is not None:
+        residual = residual * precision
     if weights is None:
         return loss_scale * residual.mean(-1)
     return loss_scale * (residual * weights).sum(-1) / weights.sum()

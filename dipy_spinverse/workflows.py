@@ -170,7 +170,7 @@ class SpinverseFlow(Workflow):
         diffusivity : float, optional
             Intrinsic diffusivity in mm^2/s.
         sigma : float, optional
-            Noise standard deviation relative to the b=0 signal (1/SNR);
+            Noise standard deviation relative to the mean b=0 signal (1/SNR);
             0 if unknown. With it the loss is Rician-aware, and the label
             search ranks shapes and accepts moves only beyond the noise.
         preset : string, optional

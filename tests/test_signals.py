@@ -6,7 +6,13 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import Protocol
-from dipy_spinverse.signals import b0_scale, data_loss, normalise_b0, sequence_index
+from dipy_spinverse.signals import (
+    b0_scale,
+    data_loss,
+    noise_precision,
+    normalise_b0,
+    sequence_index,
+)
 
 BVECS = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], float)
 
@@ -68,3 +74,51 @@ def test_data_loss_gaussian_and_rician_floor():
     weights = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
     weighted = data_loss(pred, data, loss_scale=1.0, weights=weights)
     assert_allclose(weighted.numpy(), [(0.01 + 3 * 0.01) / 4], rtol=1e-15)
+
+
+def test_noise_precision_follows_each_sequence_b0(protocol):
+    # b0 900 (long sequence) and 600 (short one), mean of all b0 750: the
+    # long sequence's normalised noise is sigma * 750 / 900, its precision
+    # (900 / 750)^2. Exact: a few divisions.
+    signal = np.array([[600.0, 300, 150, 900, 300, 100]])
+    precision = noise_precision(signal, protocol)
+    assert_allclose(precision, [[0.64] * 3 + [1.44] * 3], rtol=1e-15)
+    same_echo = Protocol.pgse([0, 1000, 2000], BVECS, small_delta=0.005, big_delta=0.02)
+    flat = noise_precision(signal, same_echo + same_echo)
+    assert_array_equal(flat, np.ones_like(signal))  # b0s differ by noise only
+
+
+def test_precision_weighted_loss_is_the_likelihood_at_the_truth(protocol):
+    # Two sequences whose b0 differ 1.5-fold under T2 decay, one noise level
+    # in signal units: after normalisation their relative noise differs
+    # 1.5-fold. With the precision, the loss of the truth averages
+    # loss_scale * sigma^2 (sigma relative to the mean b0), as for one
+    # sequence. 20,000 x 6 draws: the mean of (x^2) has relative standard
+    # error sqrt(2 / 120,000) = 0.4 %, so 2 % is five standard errors.
+    rng = np.random.default_rng(0)
+    clean = np.array([600.0, 300, 150, 900, 300, 100])
+    noise_sd = 15.0  # signal units; the mean b0 is 750, so sigma = 0.02
+    noisy = clean + noise_sd * rng.standard_normal((20_000, 6))
+    # The precision of the clean b0 scales (the loss's definition); the
+    # measured ones differ by noise only.
+    precision = torch.as_tensor(noise_precision(clean, protocol)).expand(20_000, 6)
+    truth = torch.as_tensor(normalise_b0(clean, protocol)).expand(20_000, 6)
+    measured = torch.as_tensor(
+        noisy / b0_scale(clean, protocol)[sequence_index(protocol)]
+    )
+    loss = data_loss(truth, measured, loss_scale=1.0, precision=precision)
+    assert_allclose(float(loss.mean()), 0.02**2, rtol=0.02)
+    # Without it the noisier sequence dominates: 0.02^2 * (1.25^2 + 0.833^2) / 2.
+    plain = data_loss(truth, measured, loss_scale=1.0)
+    assert_allclose(float(plain.mean()), 0.02**2 * 1.1285, rtol=0.02)
+    # The Rician floor uses each acquisition's own level sigma / sqrt(p).
+    zero = torch.zeros(1, 6, dtype=torch.float64)
+    floor = data_loss(
+        zero,
+        zero,
+        loss_scale=1.0,
+        sigma=0.02,
+        noise="rician",
+        precision=precision[:1],
+    )
+    assert_allclose(float(floor[0]), 0.02**2, rtol=1e-12)

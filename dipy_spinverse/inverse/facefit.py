@@ -50,7 +50,7 @@ def barrier_probability(log_kappa):
     return torch.sigmoid((_P_CENTRE - log_kappa) / _P_WIDTH)
 
 
-def fit_faces(grid, data, protocol, config, *, sim, callback=None):
+def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=None):
     """Run the face fit on b0-normalised ``data`` (n_voxels, n_acquisitions).
 
     Parameters
@@ -61,6 +61,9 @@ def fit_faces(grid, data, protocol, config, *, sim, callback=None):
     config : InversionConfig
     sim : dict
         ``diffusivity``, ``dtype``, ``device`` for :func:`simulate`.
+    precision : torch.Tensor (n_voxels, n_acquisitions), optional
+        Noise precision of each acquisition relative to ``1 / sigma^2``
+        (:func:`~dipy_spinverse.signals.noise_precision`; default 1).
     callback : callable, optional
         ``callback(iteration, permeability_tensor, losses_dict)`` every step.
 
@@ -80,7 +83,15 @@ def fit_faces(grid, data, protocol, config, *, sim, callback=None):
         log_kappa = _log_kappa(param, config, geometry)
         kappa = 10.0**log_kappa
         pred = normalise_b0(simulate(grid, kappa, step.protocol, **sim), step.protocol)
-        losses = _losses(pred, data[:, step.index], step, log_kappa, geometry, config)
+        losses = _losses(
+            pred,
+            data[:, step.index],
+            None if precision is None else precision[:, step.index],
+            step,
+            log_kappa,
+            geometry,
+            config,
+        )
         total = sum(losses.values())
         total.sum().backward()
         _clip_per_voxel(param, config.clip)
@@ -205,7 +216,7 @@ def _log_kappa(param, config, geometry):
 
 
 # -- losses and priors -------------------------------------------------------------
-def _losses(pred, data, step, log_kappa, geometry, config):
+def _losses(pred, data, precision, step, log_kappa, geometry, config):
     weights = torch.as_tensor(step.weights, dtype=pred.dtype, device=pred.device)
     data_term = data_loss(
         pred,
@@ -214,6 +225,7 @@ def _losses(pred, data, step, log_kappa, geometry, config):
         sigma=config.sigma,
         noise=config.noise,
         weights=weights,
+        precision=precision,
     )
     p = barrier_probability(log_kappa)
     zero = torch.zeros_like(data_term)

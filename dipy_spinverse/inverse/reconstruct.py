@@ -14,7 +14,7 @@ import torch
 
 from ..forward import simulate
 from ..sequences import as_protocol
-from ..signals import normalise_b0
+from ..signals import noise_precision, normalise_b0
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
 from .search import search_labels
@@ -89,7 +89,10 @@ def reconstruct(
     grid : TetGrid
     signal : array_like (..., n_acquisitions)
         Measurements in protocol order: raw (with b = 0 volumes) or already
-        b0-normalised; see :func:`dipy_spinverse.signals.normalise_b0`.
+        b0-normalised; see :func:`dipy_spinverse.signals.normalise_b0`. Pass
+        raw data when the sequences' echo times differ: their b = 0 scales
+        set each sequence's noise precision
+        (:func:`~dipy_spinverse.signals.noise_precision`).
     protocol : Protocol or GradientTable
     preset : str or InversionConfig
         Starting configuration: ``"default"``, ``"paper"`` (see
@@ -126,9 +129,13 @@ def reconstruct(
     if not torch.all(torch.isfinite(data)):
         raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
     batch_shape = data.shape[:-1]
-    data = normalise_b0(data.reshape(-1, len(protocol)), protocol)
+    data = data.reshape(-1, len(protocol))
+    precision = noise_precision(data, protocol)
+    data = normalise_b0(data, protocol)
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
-    faces = fit_faces(grid, data, protocol, config, sim=sim, callback=callback)
+    faces = fit_faces(
+        grid, data, protocol, config, sim=sim, precision=precision, callback=callback
+    )
     kappa, labels = faces.permeability.cpu().numpy(), faces.labels
     extras = {}
     if config.search_steps:
@@ -140,6 +147,7 @@ def reconstruct(
             sim=sim,
             face_kappa=kappa,
             labels=labels,
+            precision=precision,
             callback=callback,
         )
         labels, kappa, predicted = found.labels, found.permeability, found.predicted

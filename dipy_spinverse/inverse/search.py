@@ -120,7 +120,16 @@ class LabelSearch(NamedTuple):
 
 
 def search_labels(
-    grid, data, protocol, config, *, sim, face_kappa, labels=None, callback=None
+    grid,
+    data,
+    protocol,
+    config,
+    *,
+    sim,
+    face_kappa,
+    labels=None,
+    precision=None,
+    callback=None,
 ):
     """Search cell labels and membrane permeabilities per voxel.
 
@@ -137,6 +146,9 @@ def search_labels(
         The face fit's permeabilities (their regions are starts).
     labels : ndarray of int (n_voxels, n_cells), optional
         Start from these labels alone (the cell parametrisation's).
+    precision : torch.Tensor (n_voxels, n_acquisitions), optional
+        Noise precision of each acquisition relative to ``1 / sigma^2``
+        (:func:`~dipy_spinverse.signals.noise_precision`; default 1).
     callback : callable, optional
         ``callback(step, None, {"search": loss, "voxel": index})`` after every
         descent step, and ``callback(-1, None, {"voxel_done": index})`` when
@@ -156,14 +168,14 @@ def search_labels(
     min_gain = config.search_min_gain * noise / len(search)
     spread = noise * math.sqrt(2 / len(screen))
     recorder = Recorder(
-        BatchScorer(grid, data, protocol, search, config, sim),
+        BatchScorer(grid, data, protocol, search, config, sim, precision),
         len(data),
         noise,
         len(search),
     )
     scorers = {
         "search": recorder,
-        "screen": BatchScorer(grid, data, protocol, screen, config, sim),
+        "screen": BatchScorer(grid, data, protocol, screen, config, sim, precision),
     }
     occupancy = None
     if config.search_proposal and labels is None:
@@ -378,15 +390,18 @@ class BatchScorer:
     ``scorer(owners, candidates, membranes) -> losses``: row ``r`` is the
     field of ``candidates[r]`` (``membranes[r]`` on the faces between
     different labels, the upper bound elsewhere) scored against voxel
-    ``owners[r]`` on the acquisitions ``subset``.
+    ``owners[r]`` on the acquisitions ``subset`` (with each acquisition's
+    noise ``precision``, default 1).
     """
 
-    def __init__(self, grid, data, protocol, subset, config, sim):
+    def __init__(self, grid, data, protocol, subset, config, sim, precision=None):
         self.grid, self.config, self.sim = grid, config, sim
         self.protocol = protocol[subset]
         self.target = data[:, subset]
+        if precision is None:
+            precision = torch.ones_like(data)
+        self.precision = precision[:, subset]
         self.open_kappa = 10.0 ** config.log_kappa_bounds[1]
-        self.ones = torch.ones(len(subset), dtype=data.dtype, device=data.device)
 
     def __call__(self, owners, candidates, membranes):
         face_cells = self.grid.face_cells
@@ -401,17 +416,8 @@ class BatchScorer:
             with torch.no_grad():
                 pred = simulate(self.grid, field, self.protocol, **self.sim)
                 pred = normalise_b0(pred, self.protocol)
-            target = self.target[
-                torch.as_tensor(owners[rows], device=self.target.device)
-            ]
-            loss = data_loss(
-                pred,
-                target,
-                loss_scale=self.config.loss_scale,
-                sigma=self.config.sigma,
-                noise=self.config.noise,
-                weights=self.ones,
-            )
+            owner = torch.as_tensor(owners[rows], device=self.target.device)
+            loss = self._loss(pred, owner)
             losses.append(loss.cpu().numpy())
         return np.concatenate(losses) if losses else np.zeros(0)
 
@@ -427,14 +433,17 @@ class BatchScorer:
     def field_loss(self, v, field):
         """Differentiable data loss of a field tensor (n_faces,) for voxel ``v``."""
         pred = simulate(self.grid, field[None], self.protocol, **self.sim)
+        return self._loss(normalise_b0(pred, self.protocol), slice(v, v + 1))[0]
+
+    def _loss(self, pred, owners):
         return data_loss(
-            normalise_b0(pred, self.protocol),
-            self.target[v : v + 1],
+            pred,
+            self.target[owners],
             loss_scale=self.config.loss_scale,
             sigma=self.config.sigma,
             noise=self.config.noise,
-            weights=self.ones,
-        )[0]
+            precision=self.precision[owners],
+        )
 
 
 class Recorder:

@@ -359,7 +359,13 @@ class SpinverseFit(ReconstFit):
 
     @property
     def residual(self):
-        """RMS misfit of the b0-normalised signal (a fraction of S0)."""
+        """RMS misfit as a fraction of the mean b = 0 signal.
+
+        Of the b0-normalised signal when the sequences share one echo time;
+        otherwise each sequence's misfit is weighted by its noise
+        (:func:`dipy_spinverse.signals.noise_precision`), which makes it the
+        misfit of the raw signal over the voxel's mean b = 0 signal.
+        """
         return self._map(np.sqrt(self._rows("loss") / self.model.config.loss_scale))
 
     # -- derived maps --------------------------------------------------------------

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..checks import check_int
 from ..inverse import reconstruct
-from ..signals import b0_scale, data_loss, normalise_b0
+from ..signals import b0_scale, data_loss, noise_precision, normalise_b0
 from . import engines
 from .fit import (
     BAD_B0,
@@ -120,8 +120,7 @@ def fit_voxels(model, data, *, callback=None):
     valid = np.flatnonzero(result["status"] == PENDING)
     history = None
     if len(valid):
-        normalised = normalise_b0(data[valid], model.protocol)
-        part, history = _reconstruct(model, normalised, callback)
+        part, history = _reconstruct(model, data[valid], callback)
         for key, value in part.items():
             if value is not None:
                 result[key][valid] = value
@@ -131,13 +130,13 @@ def fit_voxels(model, data, *, callback=None):
     return result, history
 
 
-def _reconstruct(model, normalised, callback=None):
+def _reconstruct(model, data, callback=None):
     """Run the inversion on valid voxels; retry one by one if it raises."""
-    n = len(normalised)
+    n = len(data)
     try:
         rec = reconstruct(
             model.grid,
-            normalised,
+            data,
             model.protocol,
             preset=model.config,
             diffusivity=model.diffusivity,
@@ -148,8 +147,7 @@ def _reconstruct(model, normalised, callback=None):
     except Exception as err:  # a voxel must never stop the volume
         if n > 1:
             parts = [
-                _reconstruct(model, normalised[i : i + 1], callback)[0]
-                for i in range(n)
+                _reconstruct(model, data[i : i + 1], callback)[0] for i in range(n)
             ]
             return _merge(parts, np.concatenate), None
         warnings.warn(
@@ -166,17 +164,18 @@ def _reconstruct(model, normalised, callback=None):
     config = model.config
     loss = data_loss(
         torch.from_numpy(predicted),
-        torch.from_numpy(normalised),
+        torch.from_numpy(normalise_b0(data, model.protocol)),
         loss_scale=config.loss_scale,
         sigma=config.sigma,
         noise=config.noise,
+        precision=torch.from_numpy(noise_precision(data, model.protocol)),
     ).numpy()
     good = (
         np.isfinite(permeability).all(-1)
         & np.isfinite(predicted).all(-1)
         & np.isfinite(loss)
     )
-    bound = poor_fit_bound(normalised.shape[-1], config.sigma)
+    bound = poor_fit_bound(data.shape[-1], config.sigma)
     poor = good & (loss / config.loss_scale > bound)
     part = empty_params(model, n)
     part["status"][:] = np.where(good, np.where(poor, POOR_FIT, OK), DIVERGED)
