@@ -165,3 +165,31 @@ def test_learned_bad_input(gtab, gtab_ivim):
     with pytest.raises(ValueError, match="fibres='auto'"):
         NoddiModel(gtab, fibres="auto", fit_method="learned")
     assert IvimModel(gtab_ivim).fit_method == "varpro"
+
+
+def test_set_loss_is_invariant_to_the_order_of_fibres():
+    from dipy_spinverse.compartments.learned import set_loss
+
+    rng = np.random.default_rng(3)
+    groups = torch.tensor([[1, 2, 5], [3, 4, 6]])
+    z = torch.tensor(rng.standard_normal((4, 8)))
+    y = torch.tensor(rng.standard_normal((4, 8)))
+    swapped = y.clone()
+    swapped[:, groups[0]], swapped[:, groups[1]] = y[:, groups[1]], y[:, groups[0]]
+    assert_allclose(set_loss(z, y, groups), set_loss(z, swapped, groups), rtol=1e-12)
+    # The least over the two orders, each the plain squared error.
+    plain = ((z - y) ** 2).mean(-1)
+    assert torch.all(set_loss(z, y, groups) <= plain + 1e-12)
+    assert_allclose(set_loss(y, y, groups), 0.0, atol=0)
+    assert_allclose(set_loss(z, y, None), plain, rtol=1e-12)
+
+
+def test_two_fibre_groups_cover_each_fibre(gtab):
+    model = NoddiModel(gtab, n_fibres=2)
+    groups = model._fibre_target_groups()
+    # Per fibre: w, ndi, odi and the 6 outer-product entries; S0 and fiso in
+    # no group; every target column at most once.
+    assert groups.shape == (2, 9)
+    assert len(set(groups.ravel())) == 18
+    assert {0, 1}.isdisjoint(groups.ravel())
+    assert NoddiModel(gtab)._fibre_target_groups() is None

@@ -28,8 +28,9 @@ from .fitting import (
     levenberg_marquardt,
     nnls,
     nnls_gram,
+    projected,
 )
-from .learned import LearnedOptions, fingerprint, load_or_train
+from .learned import TRAINER_VERSION, LearnedOptions, fingerprint, load_or_train
 from .peaks import csd_peaks
 
 __all__ = ["CompartmentModel", "CompartmentFit", "FIT_METHODS"]
@@ -101,6 +102,10 @@ class CompartmentModel(ReconstModel):
     _fibre_width = 1
     #: Jacobians by forward-mode autodiff instead of forward differences.
     _forward_mode = False
+    #: Directions of single-fibre starts: "grid" (every grid direction scored
+    #: against the data) or "tensor" (the tensor's principal direction, only
+    #: the scalar grid values scored).
+    _direction_starts = "grid"
     _fit_class = None
     param_names = ()
 
@@ -276,6 +281,75 @@ class CompartmentModel(ReconstModel):
         atom = combo * n_dirs + torch.take_along_dim(best_dir, combo, 1)
         return x_atoms[atom]
 
+    @functools.cached_property
+    def _tensor_design(self):
+        """Design matrix (M, 7) of the log-linear diffusion-tensor fit:
+        log S = log S0 - b g^T D g."""
+        b, g = self._acq.bvals, self._acq.bvecs
+        x, y, z = g.unbind(-1)
+        return torch.stack(
+            [
+                torch.ones_like(b),
+                -b * x * x,
+                -b * y * y,
+                -b * z * z,
+                -2.0 * b * x * y,
+                -2.0 * b * x * z,
+                -2.0 * b * y * z,
+            ],
+            dim=-1,
+        )
+
+    def _tensor_directions(self, y):
+        """Principal eigenvectors (B, 3) of weighted log-linear tensor fits to
+        the normalised signals y (B, M). The weights y^2 undo the log's noise
+        amplification at low signal (Salvador et al. 2005, as DIPY's WLS)."""
+        X = self._tensor_design
+        w = y.clamp_min(1e-3) ** 2
+        logy = torch.log(y.clamp_min(1e-3))
+        A = torch.einsum("mi,bm,mj->bij", X, w, X)
+        rhs = torch.einsum("mi,bm->bi", X, w * logy)
+        ridge = 1e-12 * torch.diagonal(A, dim1=-2, dim2=-1).amax(-1)
+        A = A + ridge[:, None, None] * torch.eye(7, dtype=y.dtype)
+        d = torch.linalg.solve(A, rhs)
+        D = torch.stack(
+            [
+                torch.stack([d[:, 1], d[:, 4], d[:, 5]], -1),
+                torch.stack([d[:, 4], d[:, 2], d[:, 6]], -1),
+                torch.stack([d[:, 5], d[:, 6], d[:, 3]], -1),
+            ],
+            dim=-2,
+        )
+        return torch.linalg.eigh(D).eigenvectors[..., -1]
+
+    @functools.cached_property
+    def _scalar_grid(self):
+        """Unconstrained values (C, P1 - 3) of every combination of scalar
+        grid values (one fibre)."""
+        bounds = self._shared + self._fibre
+        values = [self._grid[b.name] for b in bounds]
+        combos = torch.tensor(list(itertools.product(*values)), dtype=DTYPE)
+        return torch.stack(
+            [b.unconstrained(combos[:, i]) for i, b in enumerate(bounds)], dim=1
+        )
+
+    def _tensor_starts(self, y):
+        """(B, S, P) single-fibre starts at the voxel's tensor direction: every
+        combination of scalar grid values there, the ``n_starts`` of least
+        projected cost. As AMICO's NODDI, the direction comes from the
+        tensor; unlike it, Levenberg-Marquardt then refines it."""
+        u = self._scalar_grid  # (C, Q)
+        B, C = y.shape[0], u.shape[0]
+        dirs = self._tensor_directions(y)
+        x = torch.cat(
+            [u.expand(B, -1, -1), dirs[:, None].expand(-1, C, -1)], dim=-1
+        ).reshape(B * C, -1)
+        yy = y.repeat_interleave(C, dim=0)
+        _, _, cost = projected(self._columns_x(x), yy)
+        n = min(self.n_starts, C)
+        best = cost.view(B, C).topk(n, dim=1, largest=False).indices
+        return torch.take_along_dim(x.view(B, C, -1), best[..., None], 1)
+
     def _greedy_starts(self, y):
         """(B, S, P) starts for several fibres by matching pursuit.
 
@@ -341,7 +415,12 @@ class CompartmentModel(ReconstModel):
             # Nothing nonlinear (NODDI without fibres): one NNLS.
             x = y.new_zeros(y.shape[0], 0)
             return x, nnls(self._columns_x(x), y)
-        starts = self._greedy_starts(y) if self.n_fibres > 1 else self._grid_starts(y)
+        if self.n_fibres > 1:
+            starts = self._greedy_starts(y)
+        elif self.n_fibres == 1 and self._direction_starts == "tensor":
+            starts = self._tensor_starts(y)
+        else:
+            starts = self._grid_starts(y)
         if directions is not None:
             directed = self._directed_start(starts[:, 0], directions)
             starts = torch.cat([starts, directed[:, None]], dim=1)
@@ -514,6 +593,7 @@ class CompartmentModel(ReconstModel):
             params=list(self.param_names),
             bounds=[repr(b) for b in self._shared + self._fibre],
             options=repr(self.learned_options),
+            trainer=TRAINER_VERSION,
         )
         acq = self._acq
         arrays = [acq.bvals, acq.bvecs]
@@ -626,12 +706,39 @@ class CompartmentModel(ReconstModel):
             self.learned_options,
             directory=self.cache_dir,
             label=type(self).__name__,
+            groups=self._fibre_target_groups(),
         )
         return net
 
+    def _fibre_target_groups(self):
+        """(F, W) target columns of each fibre population, exchangeable in
+        training (:func:`~.learned.set_loss`), or None for fewer than 2
+        fibres. Per fibre: its scalar parameters (weight first), then the 6
+        entries of its direction's outer product."""
+        F = self.n_fibres
+        if F < 2:
+            return None
+        _, keep = self._to_targets(np.zeros((1, len(self.param_names))))
+        head = len(self.param_names) - F * self._per_fibre_params
+        n_scalar = self._per_fibre_params - 3
+        groups = []
+        for k in range(F):
+            first = head + k * self._per_fibre_params
+            scalars = [keep.index(first + j) for j in range(n_scalar)]
+            dirs = [len(keep) + 6 * k + j for j in range(6)]
+            groups.append(scalars + dirs)
+        return np.array(groups)
+
     def _fit_learned(self, y, s0):
-        targets = self.regressor.predict(y.astype(np.float32))
-        return self._from_targets(targets.astype(np.float64), s0)
+        targets = self.regressor.predict(y.astype(np.float32)).astype(np.float64)
+        groups = self._fibre_target_groups()
+        if groups is not None:
+            # Outputs come in no particular fibre order: sort by weight.
+            order = np.argsort(-targets[:, groups[:, 0]], axis=1)
+            targets[:, groups.ravel()] = np.take_along_axis(
+                targets[:, groups], order[..., None], axis=1
+            ).reshape(len(targets), -1)
+        return self._from_targets(targets, s0)
 
     # -- fibre counts per voxel --------------------------------------------------
     def _with_fibres(self, n_fibres):
@@ -651,11 +758,11 @@ class CompartmentModel(ReconstModel):
 
         Every fit with k >= 1 fibres gets one extra start: the voxel's CSD
         peaks. Given counts, each voxel is fitted with its own. Otherwise
-        (``counts`` None) the count is chosen by forward selection: one
-        fibre first (none if the fitted tissue fraction is below
-        ``_MIN_TISSUE``), then k + 1 fibres replace k while the information
-        criterion ``M log(RSS / M) + _COUNT_PENALTY P log M`` (P free
-        parameters) decreases.
+        (``counts`` None) the count is chosen: one fibre first (none if the
+        fitted tissue fraction is below ``_MIN_TISSUE``), then every voxel
+        with fibres is also fitted with 2 .. ``n_fibres`` and keeps the count
+        of least information criterion ``M log(RSS / M) + _COUNT_PENALTY P
+        log M`` (P free parameters).
         """
         directions, _ = csd_peaks(
             self.gtab, signals, response=self.response, max_peaks=self.n_fibres
@@ -681,7 +788,10 @@ class CompartmentModel(ReconstModel):
             out[idx] = self._padded(p, 0)
             chosen[idx] = 0
         for k in range(2, self.n_fibres + 1):
-            idx = np.flatnonzero(chosen == k - 1)
+            # Every voxel with fibres is fitted with every count (best subset,
+            # not forward selection): a third population can lower the
+            # criterion when a second alone did not.
+            idx = np.flatnonzero(chosen >= 1)
             if not idx.size:
                 break
             sub = self._with_fibres(k)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Bound", "nnls", "nnls_gram", "levenberg_marquardt"]
+__all__ = ["Bound", "nnls", "nnls_gram", "projected", "levenberg_marquardt"]
 
 # Supports are enumerated, so the number of linear columns is capped.
 MAX_COLUMNS = 8
@@ -195,8 +195,9 @@ def nnls(Phi, y):
     return nnls_gram(G, h)
 
 
-def _projected(Phi, y):
-    """NNLS coefficients, residual and cost of the variable projection."""
+def projected(Phi, y):
+    """NNLS coefficients, residuals and costs (sums of squares) of the
+    variable projection."""
     c = nnls(Phi, y)
     r = y - (Phi @ c[..., None])[..., 0]
     return c, r, (r**2).sum(-1)
@@ -317,7 +318,7 @@ def levenberg_marquardt(
 
     x = x0.clone()
     Phi = columns(x)
-    c, r, cost = _projected(Phi, y)
+    c, r, cost = projected(Phi, y)
     B, P = x.shape
     J = torch.zeros(B, y.shape[-1], P, dtype=y.dtype)
     lam = torch.full((B,), float(lam0), dtype=y.dtype)
@@ -344,7 +345,7 @@ def levenberg_marquardt(
         if renormalise is not None:
             x_new = renormalise(x_new)
         Phi_new = columns(x_new)
-        c_new, r_new, cost_new = _projected(Phi_new, y[idx])
+        c_new, r_new, cost_new = projected(Phi_new, y[idx])
         accept = cost_new < cost[idx]
         gain = (cost[idx] - cost_new) / cost[idx].clamp_min(_TINY)
         a = idx[accept]

@@ -13,6 +13,7 @@ arrays: a training set, a network, the cache.
 """
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -26,7 +27,18 @@ import torch
 
 from ..checks import check_int, check_positive
 
-__all__ = ["LearnedOptions", "Regressor", "cache_dir", "train", "load_or_train"]
+__all__ = [
+    "LearnedOptions",
+    "Regressor",
+    "cache_dir",
+    "set_loss",
+    "train",
+    "load_or_train",
+]
+
+#: Version of the training procedure, part of every cache key: networks
+#: trained by an earlier procedure are not loaded.
+TRAINER_VERSION = 2
 
 logger = logging.getLogger(__name__)
 
@@ -137,24 +149,66 @@ class Regressor(torch.nn.Module):
         return torch.maximum(torch.minimum(y, self.y_max), self.y_min).numpy()
 
 
-def train(inputs, targets, options, *, label="regressor"):
+def _pool_groups(stat, groups, reduce):
+    """Per-column statistics (n_out,) made equal across the matching columns
+    of exchangeable groups (fibres), so that a permutation of the groups
+    leaves the standardised targets permuted, not changed."""
+    if groups is None:
+        return stat
+    stat = stat.clone()
+    stat[groups] = reduce(stat[groups])[None].expand(groups.shape[0], -1)
+    return stat
+
+
+def set_loss(z, y, groups):
+    """Mean squared error (per sample) between outputs z and targets y, both
+    (B, n_out), invariant to the order of exchangeable groups of columns.
+
+    ``groups`` (F, W) indexes F groups of W columns (one per fibre
+    population): the error of the grouped columns is the least over the F!
+    assignments of output groups to target groups, so that a network is never
+    asked to guess an arbitrary order (label switching), as in set prediction.
+    Columns in no group are compared as they are.
+    """
+    if groups is None:
+        return ((z - y) ** 2).mean(-1)
+    F, W = groups.shape
+    free = torch.ones(z.shape[-1], dtype=torch.bool)
+    free[groups.flatten()] = False
+    loss = ((z[:, free] - y[:, free]) ** 2).sum(-1)
+    zg, yg = z[:, groups], y[:, groups]  # (B, F, W)
+    pair = ((zg[:, :, None] - yg[:, None]) ** 2).sum(-1)  # (B, F out, F true)
+    perms = torch.tensor(list(itertools.permutations(range(F))))  # (F!, F)
+    cost = pair[:, torch.arange(F), perms].sum(-1)  # (B, F!)
+    return (loss + cost.amin(-1)) / z.shape[-1]
+
+
+def train(inputs, targets, options, *, label="regressor", groups=None):
     """Train a :class:`Regressor` on (V, n_in) inputs and (V, n_out) targets.
 
-    Adam on the mean squared error of standardised targets, cosine learning
-    rate, a tqdm bar over epochs; the training time is logged and printed.
+    Adam on the mean squared error of standardised targets (:func:`set_loss`
+    when ``groups`` (F, W) of exchangeable columns are given), cosine
+    learning rate, a tqdm bar over epochs; the training time is logged and
+    printed.
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(options.seed)
     x = torch.as_tensor(inputs, dtype=torch.float32)
     y = torch.as_tensor(targets, dtype=torch.float32)
+    if groups is not None:
+        groups = torch.as_tensor(groups, dtype=torch.long)
     net = Regressor(x.shape[1], y.shape[1], options.hidden)
     net.x_mean.copy_(x.mean(0))
     net.x_std.copy_(x.std(0).clamp_min(1e-6))
-    net.y_mean.copy_(y.mean(0))
-    net.y_std.copy_(y.std(0).clamp_min(1e-6))
-    net.y_min.copy_(y.amin(0))
-    net.y_max.copy_(y.amax(0))
+    net.y_mean.copy_(_pool_groups(y.mean(0), groups, lambda v: v.mean(0)))
+    net.y_std.copy_(
+        _pool_groups(y.std(0), groups, lambda v: v.pow(2).mean(0).sqrt()).clamp_min(
+            1e-6
+        )
+    )
+    net.y_min.copy_(_pool_groups(y.amin(0), groups, lambda v: v.amin(0)))
+    net.y_max.copy_(_pool_groups(y.amax(0), groups, lambda v: v.amax(0)))
     steps_per_epoch = math.ceil(x.shape[0] / options.batch_size)
     total = steps_per_epoch * options.epochs
     opt = torch.optim.Adam(net.parameters(), lr=options.lr)
@@ -171,7 +225,7 @@ def train(inputs, targets, options, *, label="regressor"):
         for i in range(0, x.shape[0], options.batch_size):
             idx = order[i : i + options.batch_size]
             z = net.net((x[idx] - net.x_mean) / net.x_std)
-            loss = torch.mean((z - yn[idx]) ** 2)
+            loss = set_loss(z, yn[idx], groups).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -189,7 +243,9 @@ def train(inputs, targets, options, *, label="regressor"):
     return net, seconds
 
 
-def load_or_train(key, make_training_set, options, *, directory=None, label=""):
+def load_or_train(
+    key, make_training_set, options, *, directory=None, label="", groups=None
+):
     """The cached regressor for ``key``, trained (and saved) if absent.
 
     Parameters
@@ -201,6 +257,8 @@ def load_or_train(key, make_training_set, options, *, directory=None, label=""):
     options : LearnedOptions
     directory : path-like, optional
         Cache folder (default :func:`cache_dir`).
+    groups : array_like of int, shape (F, W), optional
+        Exchangeable groups of target columns (:func:`set_loss`).
 
     Returns
     -------
@@ -217,7 +275,9 @@ def load_or_train(key, make_training_set, options, *, directory=None, label=""):
         net.eval()
         return net, path
     inputs, targets = make_training_set()
-    net, seconds = train(inputs, targets, options, label=label or "regressor")
+    net, seconds = train(
+        inputs, targets, options, label=label or "regressor", groups=groups
+    )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(
