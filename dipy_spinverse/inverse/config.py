@@ -267,6 +267,17 @@ class InversionConfig:
         """Total iterations of the face fit."""
         return sum(stage.iterations for stage in self.stages)
 
+    @property
+    def uses_proposal(self):
+        """Whether the label search starts from the learned proposal: the
+        search runs, a proposal is asked for, and the search starts from the
+        face field (the cell parametrisation starts from its own labels)."""
+        return bool(
+            self.search_steps
+            and self.search_proposal
+            and self.parametrisation == "face"
+        )
+
     def for_protocol(self, n_sequences):
         """This configuration on a protocol of ``n_sequences`` sequences.
 

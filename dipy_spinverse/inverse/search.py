@@ -178,7 +178,7 @@ def search_labels(
         "screen": BatchScorer(grid, data, protocol, screen, config, sim, precision),
     }
     occupancy = None
-    if config.search_proposal and labels is None:
+    if config.uses_proposal and labels is None:
         proposal = learned_proposal(grid, protocol, config, **sim)
         occupancy, _ = proposal.predict(data.cpu())
 

@@ -268,17 +268,15 @@ class SpinverseModel(ReconstModel):
         """Train (or read from the cache) the learned proposal before voxels
         are sent to workers, so that they read it instead of each training
         it."""
-        config = self.config
-        if config.search_steps and config.search_proposal:
-            if config.parametrisation == "face":
-                learned_proposal(
-                    self.grid,
-                    self.protocol,
-                    config,
-                    diffusivity=self.diffusivity,
-                    dtype=self.dtype,
-                    device=self.device,
-                )
+        if self.config.uses_proposal:
+            learned_proposal(
+                self.grid,
+                self.protocol,
+                self.config,
+                diffusivity=self.diffusivity,
+                dtype=self.dtype,
+                device=self.device,
+            )
 
     @multi_voxel_fit(batched=True)
     def fit_chunk(self, data, **kwargs):

@@ -205,7 +205,7 @@ def empty_params(model, shape):
         else None,
         uncertainty=np.full(shape, np.nan) if searched else None,
         proposal_probability=np.full(shape + (n_cells,), np.nan, np.float32)
-        if searched and model.config.search_proposal
+        if model.config.uses_proposal
         else None,
         predicted=np.full(shape + (len(model.protocol),), np.nan),
         S0=np.full(shape, np.nan),
