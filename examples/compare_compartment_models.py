@@ -2,23 +2,27 @@
 Compartment models versus Spinverse on the same simulated voxels
 ================================================================
 
-Three synthetic voxels -- a cylinder along z whose membrane has a
-permeability of 1e-5 m/s, the same cylinder at 5e-5 m/s, and a sphere at
-1e-5 m/s -- are simulated with the package's own Bloch-Torrey solver
-(:func:`dipy_spinverse.simulate`) on the published 576-cell grid with a
-reflecting outer wall, so that the extracellular water stays in the voxel.
+Three synthetic voxels the inversion has never seen -- held-out random
+substrates (:mod:`dipy_spinverse.substrates`): a capsule, a bent tube and
+two touching cells, each cell with its own membrane permeability -- are drawn
+and simulated with the package's own Bloch-Torrey solver
+(:func:`dipy_spinverse.simulate`) on a grid twice as fine as the fit's, inside
+a reflecting outer wall, so that the extracellular water stays in the voxel.
 The same noisy signals (published three-sequence PGSE protocol, Rician noise
 at SNR 100) are fitted by NODDI, ActiveAx and the Karger exchange model
 (:mod:`dipy_spinverse.compartments`) and inverted by Spinverse
-(:func:`dipy_spinverse.reconstruct`). Every estimate is set beside the ground
-truth of the phantom: intracellular volume fraction, diameter,
-surface-to-volume ratio, membrane permeability and exchange rate, plus the
-face F1 and IoU of the recovered interface.
+(:func:`dipy_spinverse.reconstruct`) on the published 576-cell grid. Every
+estimate is set beside the ground truth of the substrate: intracellular
+volume fraction, diameter, surface-to-volume ratio, per-cell membrane
+permeability and exchange rate, plus the face F1 and IoU of the recovered
+interface against the substrate carried to the fit's grid.
 
 Run ``python examples/compare_compartment_models.py --out compare_output``
-(about 3 minutes on 2 shared CPU cores, nearly all of it Spinverse); ``--quick``
-runs a tiny version in seconds whose numbers mean nothing (a smoke test). The
-measured table and its discussion are in ``doc/compare_compartment_models.md``.
+(about 13 minutes on 2 CPU cores shared with other jobs: 4-8 minutes of it
+simulating the targets on the fine grid, most of the rest Spinverse);
+``--quick`` runs a tiny version in seconds whose numbers mean nothing (a smoke
+test). The measured table and its discussion are in
+``doc/compare_compartment_models.md``.
 """
 
 import argparse
@@ -30,7 +34,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from dipy.core.gradients import gradient_table  # noqa: E402
+from scipy.spatial import cKDTree  # noqa: E402
 
 from dipy_spinverse import (  # noqa: E402
     ActiveAxModel,
@@ -38,96 +44,159 @@ from dipy_spinverse import (  # noqa: E402
     NoddiModel,
     TetGrid,
     all_metrics,
-    phantoms,
     published_protocol,
     reconstruct,
     simulate,
 )
 from dipy_spinverse.analytic import exchange_rates  # noqa: E402
-from dipy_spinverse.interface import enclosed_cells  # noqa: E402
+from dipy_spinverse.interface import cell_table, enclosed_cells  # noqa: E402
+from dipy_spinverse.inverse.proposal import TRAINING_SEED  # noqa: E402
+from dipy_spinverse.metrics import cell_inversion, inversion_twin  # noqa: E402
+from dipy_spinverse.substrates import random_substrate  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
 parser.add_argument("--out", default="compare_output", help="output directory")
 parser.add_argument("--seed", type=int, default=0, help="seed of the Rician noise")
+parser.add_argument(
+    "--substrate-seed",
+    type=int,
+    default=1,
+    help="seed of the random substrates (never the proposal's training seed)",
+)
 parser.add_argument(
     "--quick",
     action="store_true",
     help="tiny grid, few directions and iterations (smoke test only)",
 )
 args, _ = parser.parse_known_args()
+if args.substrate_seed == TRAINING_SEED:
+    parser.error(
+        f"--substrate-seed {TRAINING_SEED} is the learned proposal's training seed; "
+        "pick another so that the voxels are held out."
+    )
 os.makedirs(args.out, exist_ok=True)
 wall_start = time.perf_counter()
 
 # %%
-# Three voxels on one grid
-# ------------------------
-# The published grid is a 26.7 um box cut into 4^3 cubes and 576 tetrahedra
-# of about 6.7 um. With ``boundary="reflecting"`` the outer wall is
-# impermeable: only whole octahedra are kept, so the wall is jagged and the
-# cells fill 3/4 of the box. Shapes are placed by centroid membership (a
-# tetrahedron is inside when its centroid is), so the true membrane is a
-# staircase of grid faces -- exactly what Spinverse can represent. The
-# cylinder (radius 10 um) runs through the voxel along z and is closed by the
-# wall at both ends; its lateral surface is the membrane. The sphere also has
-# a radius of 10 um.
+# Three held-out substrates on a fine grid
+# ----------------------------------------
+# The fit's grid is the published one: a 26.7 um box cut into 4^3 cubes, 576
+# tetrahedra of about 6.7 um. With ``boundary="reflecting"`` the outer wall is
+# impermeable (only whole octahedra are kept, so the wall is jagged). The
+# targets are drawn and simulated on the same box cut twice as finely (8^3
+# cubes, 5,376 cells of about 3.3 um), so their membranes are staircases the
+# fit's grid cannot draw exactly -- as in a real voxel, where no membrane
+# follows the fit's grid.
+#
+# :func:`~dipy_spinverse.substrates.random_substrate` draws cells of a given
+# kind at random size, orientation and position, one seed per call
+# (``--substrate-seed``, 1 by default, the same for all three voxels). The
+# learned proposal is trained on substrates drawn from ``TRAINING_SEED``
+# (20260; the script refuses it), so these voxels are held out from it; the
+# label-search dictionary holds none of these shapes either. Each cell must
+# fill at least 4 % of the voxel (about 27 of the fit's cells), since a
+# smaller one is a handful of coarse cells that no method can size. The
+# permeabilities are drawn log-uniformly in 1e-5 to 1e-4 m/s: inside the
+# published range (1e-6 to 1e-4 m/s), restricted to where the default
+# preset's permeability grid (1e-5 to 2e-4 m/s) reaches.
 if args.quick:
     size, n_cubes = 8.0, 2
 else:
     size, n_cubes = 80 / 3, 4
 grid = TetGrid.bcc(size, n_cubes, boundary="reflecting")
-radius = 0.375 * size  # 10 um on the published grid
+fine = TetGrid.bcc(size, 2 * n_cubes, boundary="reflecting")
+draw = dict(
+    rng=args.substrate_seed,
+    permeability_range=(1e-5, 1e-4),
+    min_cell_volume=0.04 * fine.volume,
+)
 voxels = {
-    "cylinder 1e-5": phantoms.cylinder(grid, radius=radius, kappa=1e-5),
-    "cylinder 5e-5": phantoms.cylinder(grid, radius=radius, kappa=5e-5),
-    "sphere 1e-5": phantoms.sphere(grid, radius=radius, kappa=1e-5),
+    "capsule": random_substrate(fine, n_cells=1, kinds="capsule", **draw),
+    "bent tube": random_substrate(fine, n_cells=1, kinds="bent_tube", **draw),
+    "two touching cells": random_substrate(
+        fine, n_cells=2, kinds=("ellipsoid", "capsule"), touching=True, **draw
+    ),
 }
 names = list(voxels)
-OPEN = 0.1  # m/s on faces without membrane: the top of Spinverse's range
 DIFFUSIVITY = 2e-3  # mm^2/s, the simulator's default, everywhere in the voxel
 
 
-def geometry(barrier, inside):
-    """Inside volume fraction, inside volume (um^3) and membrane area (um^2).
+def carry_labels(source, target, labels):
+    """Labels of ``source`` at the cell centroids of ``target``.
+
+    Each cell of ``target`` takes the label of the ``source`` cell whose
+    centroid is nearest its own (``benchmarks/generalisation.py`` scores the
+    same way).
 
     Parameters
     ----------
-    barrier : ndarray of bool (n_faces,)
-        Membrane faces.
-    inside : ndarray of bool (n_cells,)
-        Intracellular cells.
+    source, target : TetGrid
+    labels : ndarray of int (source.n_cells,)
 
     Returns
     -------
-    fraction, volume, area : float
+    ndarray of int (target.n_cells,)
     """
-    volumes = grid.cell_volumes
-    volume = float(volumes[inside].sum())
-    return volume / volumes.sum(), volume, float(grid.face_areas[barrier].sum())
+    _, nearest = cKDTree(source.cell_centroids).query(target.cell_centroids)
+    return np.asarray(labels)[nearest]
+
+
+def label_barrier(on_grid, labels):
+    """Faces between cells of different labels (the membranes)."""
+    a, b = labels[on_grid.face_cells].T
+    return a != b
+
+
+def exchange_rate(on_grid, labels, permeability):
+    """Barrier-limited intra -> extracellular exchange rate, 1/s.
+
+    ``k_ie = sum(kappa A) / V_in`` over the faces between a cell and the
+    extracellular space (:func:`~dipy_spinverse.analytic.exchange_rates` with
+    the area-weighted mean permeability of those faces); faces between two
+    touching cells do not reach the extracellular water and do not count.
+    """
+    labels = np.asarray(labels)
+    a, b = labels[on_grid.face_cells].T
+    outer = (a > 0) != (b > 0)
+    area = on_grid.face_areas[outer]
+    if not area.size:
+        return np.nan
+    kappa = np.average(np.asarray(permeability, float)[outer], weights=area)
+    volumes = on_grid.cell_volumes
+    inside = float(volumes[labels > 0].sum())
+    k_ie, _ = exchange_rates(kappa, area.sum(), inside, volumes.sum() - inside)
+    return float(k_ie) * 1e6  # 1/us -> 1/s
 
 
 # %%
-# Ground truth of each voxel: the intracellular volume fraction from the
-# phantom's labels, the diameter it was built with, the surface-to-volume
-# ratio of its staircase membrane (the staircase area of a tetrahedral grid
-# exceeds that of the smooth shape), the membrane permeability and the
-# barrier-limited exchange rate ``k_ie = kappa A / V_in`` (valid here since
-# ``kappa R / D = 0.05-0.25 << 1``).
-truth = {}
-total_volume = grid.cell_volumes.sum()
-for name, phantom in voxels.items():
-    kappa = float(phantom.permeability[phantom.barrier][0])
-    fraction, volume, area = geometry(phantom.barrier, phantom.inside)
-    k_ie, _ = exchange_rates(kappa, area, volume, total_volume - volume)  # 1/us
+# Ground truth of each voxel, from the fine-grid substrate: the intracellular
+# volume fraction (cell volumes over the grid's volume), the diameter the
+# capsule and the tube were drawn with (twice their ``params`` radius; the
+# touching pair mixes an ellipsoid and a capsule, so it has none), the
+# surface-to-volume ratio of the fine staircase membrane (each cell's
+# membrane area, a face between two touching cells counting for both cells
+# since each has its own membrane, over the cells' volume; the staircase of a
+# tetrahedral grid has more area than the smooth shape), each cell's
+# membrane permeability and the barrier-limited exchange rate
+# ``k_ie = kappa A / V_in`` (valid here since ``kappa R / D << 1``). The
+# capsule is straight, so its orientation dispersion (ODI) is 0.
+truth, carried = {}, {}
+for name, sub in voxels.items():
+    params = sub.params[0]
     truth[name] = dict(
-        intra=fraction,
-        diameter=2 * radius,
-        s_to_v=area / volume,
-        odi=0.0 if phantom.name == "cylinder" else np.nan,
-        kappa=kappa,
-        kappa_continuous=kappa,
-        rate=float(k_ie) * 1e6,
+        intra=float(sub.volumes.sum() / fine.volume),
+        diameter=2 * params["radius"] if sub.n_cells == 1 else np.nan,
+        s_to_v=float(sub.surface_areas.sum() / sub.volumes.sum()),
+        odi=0.0 if sub.kinds == ("capsule",) else np.nan,
+        kappa=np.asarray(sub.permeability, float),
+        rate=exchange_rate(fine, sub.labels, sub.face_permeability),
+        cells=sub.n_cells,
     )
-    print(f"{name}: {int(phantom.inside.sum())} inside cells of {grid.n_cells}")
+    carried[name] = carry_labels(fine, grid, sub.labels)
+    print(
+        f"{name}: {sub!r}; on the fit's grid {int((carried[name] > 0).sum())} "
+        f"inside cells of {grid.n_cells}"
+    )
 
 # %%
 # Signals
@@ -135,12 +204,19 @@ for name, phantom in voxels.items():
 # The published protocol: PGSE with (delta, Delta) = (5, 6), (10, 20) and
 # (10, 60) ms, b = 0 to 5000 s/mm^2, 30 directions per shell (540
 # acquisitions) -- several diffusion times, which ActiveAx and the exchange
-# model need. One batched :func:`~dipy_spinverse.simulate` call, then Rician
-# noise: the magnitude of the signal plus complex Gaussian noise of standard
-# deviation 1 / SNR (S0 = 1).
+# model need. One batched :func:`~dipy_spinverse.simulate` call on the fine
+# grid (float32: its error, about 1e-6, is far below the noise, and it is
+# twice as fast as float64 here), then Rician noise: the magnitude of the
+# signal plus complex Gaussian noise of standard deviation 1 / SNR (S0 = 1).
 protocol = published_protocol(n_directions=6 if args.quick else 30)
-field = np.stack([np.where(p.barrier, p.permeability, OPEN) for p in voxels.values()])
-clean = simulate(grid, field, protocol, diffusivity=DIFFUSIVITY).numpy()
+field = np.stack([sub.face_permeability for sub in voxels.values()])
+start = time.perf_counter()
+with torch.no_grad():
+    clean = simulate(
+        fine, field, protocol, diffusivity=DIFFUSIVITY, dtype=torch.float32
+    ).numpy()
+clean = clean.astype(float)
+print(f"targets simulated on the fine grid in {time.perf_counter() - start:.0f} s")
 sigma = 1 / 100
 rng = np.random.default_rng(args.seed)
 noise = sigma * rng.standard_normal((2, *clean.shape))
@@ -150,8 +226,8 @@ signal = np.hypot(clean + noise[0], noise[1])
 # The compartment models take a DIPY gradient table; the timing of each
 # volume comes from the protocol's waveforms (seconds). Every model is given
 # the true intrinsic diffusivity (2e-3 mm^2/s) instead of its in-vivo default,
-# and ActiveAx a diameter range up to 40 um (its default stops at 20 um, the
-# true diameter); the Karger model fits its diffusivities itself.
+# and ActiveAx a diameter range up to 40 um (its default stops at 20 um); the
+# Karger model fits its diffusivities itself.
 gtab = gradient_table(
     protocol.bvals,
     bvecs=protocol.bvecs,
@@ -201,16 +277,15 @@ tau_at_bound = karger.exchange_time >= 0.99 * TAU_BOUNDS[1]
 # %%
 # Spinverse
 # ---------
-# :func:`~dipy_spinverse.reconstruct` with its ``"default"`` preset (the one
-# meant for realistic voxels; the script prints its curriculum and the number
-# of label-search steps) and the known noise level ``sigma``, all three voxels
-# in one batched call. A callback keeps the continuous permeability field of
-# the last gradient iteration: the label search that ends the default preset
-# (``search_steps``) leaves every face either open (0.1 m/s, the top of the range)
-# or a membrane, and gives all the membranes of a voxel one permeability
-# picked from the preset's grid ``search_kappas`` (1e-5 to 2e-4 m/s) and then
-# refined between grid values by a 1-D search; the continuous field shows
-# what gradient descent alone makes of the permeability.
+# :func:`~dipy_spinverse.reconstruct` on the fit's (coarse) grid with its
+# ``"default"`` preset (the one meant for realistic voxels; the script prints
+# its curriculum and the number of label-search steps) and the known noise
+# level ``sigma``, all three voxels in one batched call. The label search that
+# ends the default preset returns integer labels (touching cells stay separate
+# compartments) and one membrane permeability per cell, picked from the
+# preset's grid ``search_kappas`` (1e-5 to 2e-4 m/s) and refined between grid
+# values; :func:`~dipy_spinverse.interface.cell_table` reads each cell's
+# volume, membrane area and permeability off them.
 overrides = {}
 if args.quick:
     overrides["stages"] = (
@@ -218,17 +293,6 @@ if args.quick:
         dict(iterations=2, sequences="all"),
     )
     overrides["search_steps"] = 0  # seconds per step even on the tiny grid
-continuous = {}
-
-
-def keep_field(iteration, kappa, losses):
-    """Keep the latest continuous permeability field (m/s).
-
-    The label search reports its steps with ``kappa=None``; skip those.
-    """
-    if kappa is not None:
-        continuous["kappa"] = kappa.cpu().numpy().reshape(len(names), -1)
-
 
 result = reconstruct(
     grid,
@@ -237,12 +301,10 @@ result = reconstruct(
     preset="default",
     diffusivity=DIFFUSIVITY,
     sigma=sigma,
-    callback=keep_field,
     **overrides,
 )
 seconds["Spinverse"] = result.time_s
 config = result.config
-threshold = config.threshold
 print(
     "Spinverse: stages",
     [(s.iterations, s.sequences) for s in config.stages],
@@ -251,9 +313,83 @@ print(
 )
 
 
-def geometric_mean(values):
-    """Geometric mean, nan for no values."""
-    return float(np.exp(np.mean(np.log(values)))) if len(values) else np.nan
+def found_labels(i):
+    """Spinverse's cell labels of voxel ``i`` (0 outside, k in cell k)."""
+    if result.labels is not None:
+        return np.asarray(result.labels[i])
+    # Without a label search (``--quick``): one label for the enclosed cells.
+    return enclosed_cells(grid, result.barrier[i]).astype(int)
+
+
+def matched_permeability(truth_labels, labels, kappa_found, n_true):
+    """Permeability of the recovered cell that best overlaps each true cell.
+
+    Parameters
+    ----------
+    truth_labels, labels : ndarray of int (n_cells,)
+        True (carried) and recovered labels on the fit's grid.
+    kappa_found : ndarray (n_found,)
+        Recovered permeability of each recovered cell (``cell_table``).
+    n_true : int
+        Number of true cells.
+
+    Returns
+    -------
+    ndarray (n_true,)
+        NaN for a true cell no recovered cell overlaps.
+    """
+    out = np.full(n_true, np.nan)
+    for k in range(1, n_true + 1):
+        cell = truth_labels == k
+        iou = [
+            np.sum(cell & (labels == j)) / np.sum(cell | (labels == j))
+            for j in range(1, len(kappa_found) + 1)
+        ]
+        if iou and max(iou) > 0:
+            out[k - 1] = kappa_found[int(np.argmax(iou))]
+    return out
+
+
+# Scores are twin-aware: magnitude data cannot tell a substrate from its
+# inversion through the voxel centre, so the recovered surface is scored
+# against the carried truth or its twin, whichever fits better
+# (``all_metrics(..., twin=True)``); per-cell permeabilities are matched to
+# the true cells in the same frame.
+spin = dict(intra=[], s_to_v=[], kappa=[], rate=[], cells=[])
+scores, shown_barrier = [], []
+for i, name in enumerate(names):
+    labels = found_labels(i)
+    barrier = label_barrier(grid, labels)
+    true_labels = carried[name]
+    score = all_metrics(
+        grid,
+        barrier,
+        true_barrier=label_barrier(grid, true_labels),
+        true_labels=true_labels,
+        twin=True,
+    )
+    scores.append(score)
+    shown_barrier.append(inversion_twin(grid, barrier) if score["twin"] else barrier)
+    frame = true_labels[cell_inversion(grid)] if score["twin"] else true_labels
+    cells = cell_table(grid, labels, result.permeability[i])
+    volume = cells["volume"].sum()
+    spin["intra"].append(volume / grid.volume)
+    spin["s_to_v"].append(cells["surface_area"].sum() / volume if volume else np.nan)
+    spin["kappa"].append(
+        matched_permeability(frame, labels, cells["permeability"], truth[name]["cells"])
+    )
+    spin["rate"].append(exchange_rate(grid, labels, result.permeability[i]))
+    spin["cells"].append(len(cells["volume"]))
+estimates["Spinverse"] = {
+    key: (value if key == "kappa" else np.array(value)) for key, value in spin.items()
+}
+
+# %%
+# Signal misfit: root-mean-square difference between each model's predicted
+# signal and the noisy data it was fitted to (Spinverse works on signals
+# normalised per sequence by their b = 0 mean, so its misfit is taken on
+# those). The "truth" column is the noise-free simulated signal: the noise
+# floor, about sigma = 0.01.
 
 
 def per_sequence_normalised(values):
@@ -265,27 +401,6 @@ def per_sequence_normalised(values):
     return out
 
 
-spin = dict(intra=[], s_to_v=[], kappa=[], kappa_continuous=[], rate=[])
-scores = []
-for i, name in enumerate(names):
-    barrier = result.barrier[i]
-    fraction, volume, area = geometry(barrier, enclosed_cells(grid, barrier))
-    kappa = geometric_mean(result.permeability[i][barrier])
-    field_i = continuous["kappa"][i]
-    spin["intra"].append(fraction)
-    spin["s_to_v"].append(area / volume if volume > 0 else np.nan)
-    spin["kappa"].append(kappa)
-    spin["kappa_continuous"].append(geometric_mean(field_i[field_i < threshold]))
-    spin["rate"].append(kappa * area / volume * 1e6 if volume > 0 else np.nan)
-    scores.append(all_metrics(grid, barrier, voxels[name]))
-estimates["Spinverse"] = {key: np.array(value) for key, value in spin.items()}
-
-# %%
-# Signal misfit: root-mean-square difference between each model's predicted
-# signal and the noisy data it was fitted to (Spinverse works on signals
-# normalised per sequence by their b = 0 mean, so its misfit is taken on
-# those). The "truth" column is the noise-free simulated signal: the noise
-# floor, about sigma = 0.01.
 rmse = {"truth": np.sqrt(np.mean((clean - signal) ** 2, axis=-1))}
 for key in models:
     rmse[key] = np.sqrt(np.mean((predicted[key] - signal) ** 2, axis=-1))
@@ -297,15 +412,17 @@ rmse["Spinverse"] = np.sqrt(np.mean((result.predicted - normalised) ** 2, axis=-
 # ---------
 # One row per voxel and quantity; "-" where a method has no such parameter.
 # A Karger rate marked ``*`` sits at the end of its range (no exchange seen).
+# Only Spinverse counts cells and gives each its own permeability; a true
+# cell's row shows the permeability of the recovered cell that overlaps it
+# best.
 METHODS = ("NODDI", "ActiveAx", "Karger", "Spinverse")
 QUANTITIES = (
     ("intra", "intracellular volume fraction"),
     ("diameter", "diameter (um)"),
     ("s_to_v", "surface / volume (1/um)"),
     ("odi", "ODI"),
-    ("kappa", "permeability (m/s)"),
-    ("kappa_continuous", "permeability, continuous field (m/s)"),
     ("rate", "exchange rate k_ie (1/s)"),
+    ("cells", "number of cells"),
 )
 
 
@@ -325,8 +442,12 @@ for i, name in enumerate(names):
             star = method == "Karger" and key == "rate" and bool(tau_at_bound[i])
             row.append(cell(None if value is None else value[i], star))
         rows.append(row)
-    for key in ("f1", "iou"):
-        label = {"f1": "face F1", "iou": "IoU (enclosed volume)"}[key]
+    for k, kappa in enumerate(truth[name]["kappa"]):
+        label = f"permeability, cell {k + 1} (m/s)"
+        found = estimates["Spinverse"]["kappa"][i][k]
+        rows.append([name, label, cell(kappa), "-", "-", "-", cell(found)])
+    for key in ("f1", "iou_labels"):
+        label = {"f1": "face F1", "iou_labels": "IoU (cells)"}[key]
         rows.append([name, label, "1", "-", "-", "-", cell(scores[i][key])])
     misfit = [cell(rmse[m][i]) for m in ("truth", *METHODS)]
     rows.append([name, "signal RMSE", *misfit])
@@ -390,19 +511,20 @@ fig.tight_layout()
 fig.savefig(os.path.join(args.out, "estimates_vs_truth.png"), dpi=120)
 
 # %%
-# True and recovered interfaces: the centroids of the membrane faces, grey
-# for the phantom and red for Spinverse's thresholded field.
+# True and recovered interfaces on the fit's grid: the centroids of the
+# membrane faces, grey for the substrate carried to the fit's grid and red for
+# Spinverse's labels (inverted through the centre where its twin was scored).
 fig = plt.figure(figsize=(4.5 * len(names), 4.5))
 for i, name in enumerate(names):
     ax = fig.add_subplot(1, len(names), i + 1, projection="3d")
-    true_points = grid.face_centroids[voxels[name].barrier]
-    found = grid.face_centroids[result.barrier[i]]
+    true_points = grid.face_centroids[label_barrier(grid, carried[name])]
+    found = grid.face_centroids[shown_barrier[i]]
     ax.scatter(*true_points.T, s=25, c="0.4", alpha=0.6, label="true membrane")
     ax.scatter(*found.T, s=10, c="tab:red", marker="x", label="Spinverse")
     for setter in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
         setter(0, grid.size)
     ax.set_title(
-        f"{name}\nF1 = {scores[i]['f1']:.2f}, IoU = {scores[i]['iou']:.2f}",
+        f"{name}\nF1 = {scores[i]['f1']:.2f}, IoU = {scores[i]['iou_labels']:.2f}",
         fontsize=10,
     )
     if i == 0:
@@ -431,55 +553,3 @@ print(
     f"saved estimates_vs_truth.png, interfaces.png, signal_fits.png and table.md "
     f"in {args.out}; total wall time {time.perf_counter() - wall_start:.0f} s"
 )
-
-# %%
-# Where each method wins
-# ----------------------
-# The numbers quoted here are those printed by the run recorded in
-# ``doc/compare_compartment_models.md`` (seed 0, 2-core x86_64, commit
-# ef0322e of the inversion); Spinverse's will move as its inversion changes.
-#
-# **Compartment models** are fast and never fail outright. The three fits
-# took 0.583-6.01 s for all three voxels, one-off setup included (in bulk
-# they cost 3-31 ms of CPU per voxel, ``doc/compartments.md``). NODDI's
-# intracellular fraction is within 0.05 of the truth on both cylinders (0.536
-# and 0.474 for 0.486) whatever the permeability, ActiveAx's diameter has the
-# right scale (12.6 and 17.6 um for 20 um), and the Karger fraction is fair on
-# the sphere (0.349 for 0.292). But each assumes a shape and an exchange
-# regime, and these voxels break the assumptions (a 20 um cell with exchange,
-# in a 26.7 um voxel whose extracellular water is itself restricted): NODDI
-# calls the perfectly aligned cylinder dispersed (ODI 0.323 and 0.401) and the
-# sphere half neurite (0.496); ActiveAx fits a 15.5 um "cylinder" to the
-# sphere and puts 0.634-0.734 of the water in its cylinders everywhere; the
-# Karger model, whose compartments are well mixed, sees no exchange at all --
-# its rate sits at the end of its range (0.501 1/s) in all three voxels for a
-# true 2.55-12.7 1/s, so it cannot tell 1e-5 from 5e-5 m/s. None explains the
-# signal to the noise: signal RMSE 0.0546-0.119 against a floor of about 0.01.
-#
-# **Spinverse** assumes no shape. It recovers the interface exactly in all
-# three voxels -- face F1 1 and IoU 1 (the two cylinders and the sphere), so
-# intracellular fractions 0.486, 0.486 and 0.292 and surface-to-volume 0.255,
-# 0.255 and 0.364 /um, the truth -- and fits the data to the noise floor
-# (RMSE 0.0101, 0.00955 and 0.00994 for floors of 0.0101, 0.00952 and 0.01):
-# better than every compartment model on each of these quantities, and it
-# tells the sphere from the cylinder without being told either shape. The
-# leakier cylinder (5e-5 m/s) is recovered as well as the tight one because
-# the label search fits one membrane permeability per voxel: picked from its
-# grid (1e-5, 2e-5, 5e-5, 1e-4, 2e-4 m/s), then refined between grid values
-# (about 1 %). It finds 4.86e-5 m/s there and 1e-5 m/s (the lower bound) in
-# the other two voxels, and the exchange rates follow (2.55, 12.4 and 3.64
-# 1/s for 2.55, 12.7 and 3.64). With the known ``sigma``, a label move counts
-# only if it lowers chi-square by 8 (``search_min_gain``), so the search does
-# not move cells to fit the noise. The labels are searched at the grid value,
-# so a permeability far from every grid value can still bias the surface.
-# The continuous field before the label search does not measure
-# permeability: its barrier faces average 5.25e-4 to 6.59e-4 m/s in all three
-# voxels, just under the 1e-3 m/s threshold, 1e-5 and 5e-5 alike. And it took
-# 155 s for the three voxels on a 2-core machine shared with another job.
-#
-# In short: the compartment models give fast, robust scalar summaries with
-# shape- and exchange-driven biases of the size above, and none measures the
-# permeability; Spinverse recovers the geometry itself -- interface, volume
-# fraction, surface-to-volume -- on all three voxels, picks the right
-# membrane permeability from its five-value grid (so gets the exchange rate
-# within 3 %), and is slow.

@@ -22,5 +22,7 @@ def test_compare_tutorial_runs(tmp_path):
     for name in ("estimates_vs_truth.png", "interfaces.png", "signal_fits.png"):
         assert (tmp_path / name).stat().st_size > 0
     table = (tmp_path / "table.md").read_text()
-    for voxel in ("cylinder 1e-5", "cylinder 5e-5", "sphere 1e-5"):
+    for voxel in ("capsule", "bent tube", "two touching cells"):
         assert f"| {voxel} | face F1 | 1 |" in table
+    # Held-out substrates: the touching pair has one permeability per cell.
+    assert "| two touching cells | permeability, cell 2 (m/s) |" in table
