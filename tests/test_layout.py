@@ -36,6 +36,8 @@ LAYERS = [
     "data",
     "meshfit.mesh",
     "meshfit.fem",
+    "meshfit.shape",
+    "meshfit.fit",
     "meshfit",
     "inverse.config",
     "inverse.facefit",

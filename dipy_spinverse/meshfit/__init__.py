@@ -3,11 +3,15 @@
 A cell is a tetrahedral mesh (:mod:`.mesh`: built-in ball, tube and axon
 templates); :mod:`.fem` simulates its diffusion signal with P1 finite
 elements and the matrix formalism, differentiable with respect to the vertex
-positions (ReMiDi's approach, with this package's protocols and noise model).
+positions (ReMiDi's approach, with this package's protocols and noise model);
+:mod:`.shape` is the shape code (Laplace-Beltrami modes of the template's
+surface) and :mod:`.fit` optimises it (:func:`fit_mesh`).
 """
 
 from .fem import MeshBasis, mesh_basis, mesh_signal
+from .fit import MeshFit, fit_mesh
 from .mesh import TetMesh, axon_mesh, ball_mesh, tube_mesh
+from .shape import SpectralShape, spectral_shape
 
 __all__ = [
     "TetMesh",
@@ -17,4 +21,8 @@ __all__ = [
     "MeshBasis",
     "mesh_basis",
     "mesh_signal",
+    "SpectralShape",
+    "spectral_shape",
+    "MeshFit",
+    "fit_mesh",
 ]

@@ -1,0 +1,305 @@
+"""Fit a cell's smooth mesh to its diffusion signal: :func:`fit_mesh`.
+
+The shape code of a template (:mod:`.shape`) is optimised by
+back-propagation through the finite-element simulator (:mod:`.fem`), with
+the package's one data loss (:func:`dipy_spinverse.signals.data_loss`:
+Gaussian or Rician, noise level ``sigma``). The eigenbasis is recomputed
+every ``basis_every`` iterations at the current vertices and held fixed in
+between (its derivative is not taken, see :mod:`.fem`).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..checks import (
+    check_choice,
+    check_diffusivity,
+    check_int,
+    check_number,
+    check_positive,
+)
+from ..interface import write_mesh
+from ..sequences import as_protocol
+from ..signals import data_loss, normalise_b0
+from .fem import mesh_basis, mesh_signal
+from .mesh import TetMesh, ball_mesh, tube_mesh
+from .shape import DIRECTIONS, SpectralShape, spectral_shape
+
+__all__ = ["MeshFit", "fit_mesh", "TEMPLATES", "NOISE_MODELS"]
+
+#: Built-in templates: a ball (radius 4 um) and a closed tube (radius 3 um,
+#: 20 um long), coarse enough for a fit of a few minutes on 2 cores.
+TEMPLATES = {
+    "ball": lambda: ball_mesh(4.0, resolution=3),
+    "tube": lambda: tube_mesh(3.0, 20.0, resolution=3, layers=10),
+}
+NOISE_MODELS = ("gaussian", "rician")
+
+
+@dataclass(frozen=True, eq=False)
+class MeshFit:
+    """Result of :func:`fit_mesh`.
+
+    Attributes
+    ----------
+    mesh : TetMesh
+        The fitted cell (um).
+    shape_code : ndarray (n_code,)
+        Coefficients of the spectral shape (rms normal displacement, um).
+    predicted_signal : ndarray (n_acquisitions,)
+        b0-normalised signal of the fitted mesh.
+    loss_history : ndarray (n_iterations,)
+        Data loss (plus the code penalty) at each iteration.
+    kind : str
+        ``"ball"``, ``"tube"`` or ``"mesh"`` (a user template): what
+        :attr:`radius` means.
+    n_inverted : int
+        Tetrahedra inverted at the solution (0 for a valid mesh; the best
+        valid iterate is returned when one exists).
+    """
+
+    mesh: TetMesh
+    shape_code: np.ndarray
+    predicted_signal: np.ndarray
+    loss_history: np.ndarray
+    kind: str = "mesh"
+    n_inverted: int = 0
+    shape: SpectralShape = field(default=None, repr=False)
+
+    @property
+    def vertices(self):
+        """Vertex positions (V, 3), um."""
+        return self.mesh.vertices
+
+    @property
+    def faces(self):
+        """Outward boundary triangles (F, 3): the cell's surface."""
+        return self.mesh.boundary_faces
+
+    @property
+    def surface_vertices(self):
+        """The surface as (vertices, triangles) with only the surface vertices."""
+        used = self.mesh.boundary_vertices
+        renumber = np.full(self.mesh.n_vertices, -1, dtype=np.int64)
+        renumber[used] = np.arange(len(used))
+        return self.mesh.vertices[used], renumber[self.faces]
+
+    @property
+    def volume(self):
+        """Cell volume, um^3."""
+        return self.mesh.volume
+
+    @property
+    def surface_area(self):
+        """Membrane area, um^2."""
+        return self.mesh.surface_area
+
+    @property
+    def surface_to_volume(self):
+        """Surface-to-volume ratio, 1/um."""
+        return self.surface_area / self.volume
+
+    @property
+    def radius(self):
+        """Equivalent radius (um): of the ball of the same volume for a ball,
+        the mean distance of the side vertices from the mesh's principal axis
+        for a tube, ``3 V / A`` otherwise."""
+        if self.kind == "ball":
+            return (3.0 * self.volume / (4.0 * np.pi)) ** (1.0 / 3.0)
+        if self.kind == "tube":
+            return axis_radius(self.mesh)
+        return 3.0 * self.volume / self.surface_area
+
+    def save(self, path, **kwargs):
+        """Write the surface like the other interface meshes (.ply, .vtp, ...)."""
+        vertices, triangles = self.surface_vertices
+        return write_mesh(path, vertices, triangles, **kwargs)
+
+
+def axis_radius(mesh):
+    """Mean distance of surface vertices from the principal axis (um).
+
+    Cap vertices (within 5% of the length of either end along the axis) are
+    left out.
+    """
+    points = mesh.vertices[mesh.boundary_vertices]
+    centre = points.mean(0)
+    _, _, vt = np.linalg.svd(points - centre, full_matrices=False)
+    axis = vt[0]
+    along = (points - centre) @ axis
+    span = along.max() - along.min()
+    side = (along > along.min() + 0.05 * span) & (along < along.max() - 0.05 * span)
+    radial = (points - centre) - np.outer(along, axis)
+    return float(np.linalg.norm(radial[side], axis=1).mean())
+
+
+def fit_mesh(
+    signal,
+    protocol,
+    *,
+    template="tube",
+    start=None,
+    n_modes=12,
+    directions="normal",
+    diffusivity=2e-3,
+    sigma=0.0,
+    noise="gaussian",
+    loss_scale=100.0,
+    max_iter=60,
+    learning_rate=0.1,
+    penalty=1e-4,
+    length_scale=2.0,
+    basis_every=5,
+    verbose=False,
+):
+    """Fit a smooth cell mesh to a b0-normalisable signal.
+
+    Parameters
+    ----------
+    signal : array_like (n_acquisitions,)
+        One cell's signal in protocol order (normalised here by its b = 0
+        volumes, :func:`dipy_spinverse.signals.normalise_b0`).
+    protocol : Protocol or dipy.core.gradients.GradientTable
+    template : {"ball", "tube"}, TetMesh or SpectralShape
+        Starting shape (built-in: :data:`TEMPLATES`).
+    start : array_like (n_code,), optional
+        Starting shape code (default zeros: the template itself).
+    n_modes : int
+        Laplace-Beltrami modes of the shape code (ignored for a
+        SpectralShape).
+    directions : {"normal", "xyz"}
+        Displacement directions of the code (ignored for a SpectralShape).
+    diffusivity : float
+        Intrinsic diffusivity, mm^2/s.
+    sigma : float
+        Noise level relative to the b = 0 signal (1 / SNR); 0 if unknown.
+    noise : {"gaussian", "rician"}
+        Noise model of the data loss.
+    loss_scale : float
+        Scale of the data loss (the package's default 100).
+    max_iter : int
+        Adam iterations.
+    learning_rate : float
+        Adam step (um of rms displacement per coefficient).
+    penalty : float
+        Weight of ``sum_k lambda_k code_k^2`` (Laplace-Beltrami eigenvalues as
+        a smoothness prior; the swelling mode is free).
+    length_scale : float
+        Cut-off of the eigenbasis (um); 2 um is the published setting.
+    basis_every : int
+        Iterations between basis recomputations.
+    verbose : bool
+        Print the loss every 10 iterations.
+
+    Returns
+    -------
+    MeshFit
+    """
+    protocol = as_protocol(protocol)
+    measured = np.asarray(signal, dtype=np.float64)
+    if measured.shape != (len(protocol),):
+        raise ValueError(
+            f"signal must have shape ({len(protocol)},) (one cell, protocol order), "
+            f"got {measured.shape}; fit voxels one at a time."
+        )
+    if not np.all(np.isfinite(measured)):
+        raise ValueError("signal must be finite.")
+    if protocol.bvals.min() == 0 and np.any(measured[protocol.bvals == 0] <= 0):
+        raise ValueError("the b = 0 signal must be > 0 to normalise by it.")
+    diffusivity = check_diffusivity(diffusivity)
+    sigma = check_number(sigma, "sigma", minimum=0.0, maximum=1.0)
+    noise = check_choice(noise, "noise", NOISE_MODELS)
+    loss_scale = check_positive(loss_scale, "loss_scale")
+    max_iter = check_int(max_iter, "max_iter", 1)
+    learning_rate = check_positive(learning_rate, "learning_rate", "um")
+    penalty = check_number(penalty, "penalty", minimum=0.0)
+    length_scale = check_positive(length_scale, "length_scale", "um")
+    basis_every = check_int(basis_every, "basis_every", 1)
+    check_choice(directions, "directions", DIRECTIONS)
+    shape, kind = _shape(template, n_modes, directions)
+    code0 = np.zeros(shape.n_code) if start is None else np.asarray(start, float)
+    if code0.shape != (shape.n_code,):
+        raise ValueError(
+            f"start must be a shape code of shape ({shape.n_code},), got {code0.shape}."
+        )
+    if shape.n_inverted(code0):
+        raise ValueError("start inverts tetrahedra of the template; shrink it.")
+
+    target = torch.tensor(normalise_b0(measured, protocol))
+    weights = _penalty_weights(shape)
+    code = torch.tensor(code0, requires_grad=True)
+    optimiser = torch.optim.Adam([code], lr=learning_rate)
+    history, best = [], (np.inf, code0, None)
+    basis = None
+    for it in range(max_iter):
+        vertices = shape.vertices(code)
+        current = vertices.detach().numpy()
+        if shape.n_inverted(code.detach().numpy()):
+            # A step inverted the mesh: halve the step back toward the last
+            # valid code and keep the learning rate smaller.
+            with torch.no_grad():
+                code.copy_(torch.as_tensor((code.detach().numpy() + best[1]) / 2))
+            for group in optimiser.param_groups:
+                group["lr"] *= 0.5
+            continue
+        if basis is None or it % basis_every == 0:
+            basis = mesh_basis(shape.template.moved(current), length_scale=length_scale)
+        predicted = mesh_signal(
+            shape.template,
+            protocol,
+            vertices=vertices,
+            basis=basis,
+            diffusivity=diffusivity,
+        )
+        loss = (
+            data_loss(
+                predicted, target, loss_scale=loss_scale, sigma=sigma, noise=noise
+            )
+            + penalty * (weights * code**2).sum()
+        )
+        history.append(loss.item())
+        if history[-1] < best[0]:
+            best = (history[-1], code.detach().numpy().copy(), predicted.detach())
+        if verbose and it % 10 == 0:
+            print(f"fit_mesh: iteration {it}, loss {history[-1]:.4g}")
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    _, code_best, predicted = best
+    mesh = shape.mesh(code_best)
+    if predicted is None:
+        predicted = mesh_signal(mesh, protocol, diffusivity=diffusivity).detach()
+    return MeshFit(
+        mesh=mesh,
+        shape_code=code_best,
+        predicted_signal=predicted.numpy(),
+        loss_history=np.asarray(history),
+        kind=kind,
+        n_inverted=shape.n_inverted(code_best),
+        shape=shape,
+    )
+
+
+def _shape(template, n_modes, directions):
+    if isinstance(template, SpectralShape):
+        return template, "mesh"
+    if isinstance(template, str):
+        check_choice(template, "template", tuple(TEMPLATES))
+        mesh, kind = TEMPLATES[template](), template
+    elif isinstance(template, TetMesh):
+        mesh, kind = template, "mesh"
+    else:
+        raise ValueError(
+            f"template must be one of {tuple(TEMPLATES)}, a TetMesh or a "
+            f"SpectralShape, got {type(template).__name__}."
+        )
+    return spectral_shape(mesh, n_modes=n_modes, directions=directions), kind
+
+
+def _penalty_weights(shape):
+    per_mode = torch.as_tensor(shape.eigenvalues, dtype=torch.float64)
+    if shape.directions == "xyz":
+        per_mode = per_mode.repeat_interleave(3)
+    return per_mode

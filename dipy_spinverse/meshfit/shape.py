@@ -1,0 +1,191 @@
+"""A low-dimensional shape code: a template deformed by a spectral basis.
+
+The template's surface is deformed along its normals by the lowest
+Laplace-Beltrami eigenfunctions of that surface (cotangent Laplacian, lumped
+area mass, scipy), and the displacement is extended into the interior as a
+harmonic field (the template's own P1 stiffness, solved once with a sparse
+LU). The vertices are therefore a *linear* function of the code,
+``vertices = template + sum_k code_k field_k``: no remeshing during a fit, and
+the derivative of anything with respect to the code is the derivative with
+respect to the vertices contracted with the fields.
+
+Each eigenfunction is scaled to unit root-mean-square over the surface, so a
+coefficient is the rms normal displacement in um. Mode 0 (constant) is a
+uniform swelling.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+
+from ..checks import check_choice, check_int
+from .fem import assemble
+from .mesh import TetMesh, signed_volumes, triangle_areas
+
+__all__ = ["SpectralShape", "spectral_shape", "surface_laplacian", "DIRECTIONS"]
+
+#: Directions of the surface displacement: along the template's normals, or
+#: each eigenfunction along x, y and z (three coefficients per mode; moves
+#: the surface tangentially too, which bends a tube without distorting its
+#: section).
+DIRECTIONS = ("normal", "xyz")
+
+
+@dataclass(frozen=True, eq=False)
+class SpectralShape:
+    """A template mesh and the displacement fields of its shape code.
+
+    Attributes
+    ----------
+    template : TetMesh
+    fields : ndarray (n_code, V, 3)
+        Vertex displacement (um) per unit coefficient.
+    eigenvalues : ndarray (n_modes,)
+        Laplace-Beltrami eigenvalues (1/um^2) of the modes.
+    directions : str
+        ``"normal"`` or ``"xyz"``.
+    """
+
+    template: TetMesh
+    fields: np.ndarray
+    eigenvalues: np.ndarray
+    directions: str
+
+    @property
+    def n_code(self):
+        """Number of coefficients."""
+        return self.fields.shape[0]
+
+    def vertices(self, code):
+        """Vertex positions (V, 3) for a code (n_code,), numpy or torch."""
+        if isinstance(code, torch.Tensor):
+            fields = torch.as_tensor(self.fields, dtype=code.dtype)
+            base = torch.tensor(self.template.vertices, dtype=code.dtype)
+            return base + torch.einsum("k,kvd->vd", code, fields)
+        code = np.asarray(code, dtype=np.float64)
+        if code.shape != (self.n_code,):
+            raise ValueError(
+                f"the shape code must have shape ({self.n_code},), got {code.shape}."
+            )
+        return self.template.vertices + np.einsum("k,kvd->vd", code, self.fields)
+
+    def n_inverted(self, code):
+        """Number of tetrahedra with volume <= 0 for a code."""
+        vertices = self.vertices(np.asarray(code, dtype=np.float64))
+        return int(np.sum(signed_volumes(vertices, self.template.tets) <= 0))
+
+    def mesh(self, code):
+        """The deformed :class:`TetMesh` (raises if a tetrahedron inverts)."""
+        return self.template.moved(self.vertices(code))
+
+
+def surface_laplacian(vertices, triangles):
+    """Cotangent Laplacian and lumped (one third of the areas) mass.
+
+    Parameters
+    ----------
+    vertices : ndarray (V, 3)
+    triangles : ndarray of int (F, 3)
+
+    Returns
+    -------
+    stiffness : scipy.sparse.csr_matrix (V, V)
+        Positive semi-definite: ``sum (cot a + cot b) / 2`` off the diagonal
+        with the sign flipped.
+    mass : ndarray (V,)
+        Lumped vertex areas (um^2).
+    """
+    p = np.asarray(vertices)[triangles]
+    n = len(vertices)
+    rows, cols, vals = [], [], []
+    for i in range(3):
+        j, k = (i + 1) % 3, (i + 2) % 3
+        u, v = p[:, j] - p[:, i], p[:, k] - p[:, i]
+        cot = np.einsum("fd,fd->f", u, v) / np.linalg.norm(np.cross(u, v), axis=1)
+        # The angle at i weighs the opposite edge (j, k).
+        for a, b in ((j, k), (k, j)):
+            rows.append(triangles[:, a])
+            cols.append(triangles[:, b])
+            vals.append(-0.5 * cot)
+    rows, cols, vals = map(np.concatenate, (rows, cols, vals))
+    off = scipy.sparse.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsr()
+    stiffness = off - scipy.sparse.diags(np.asarray(off.sum(axis=1)).ravel())
+    areas = triangle_areas(vertices, triangles)
+    mass = np.bincount(triangles.ravel(), np.repeat(areas / 3.0, 3), minlength=n)
+    return stiffness.tocsr(), mass
+
+
+def spectral_shape(template, *, n_modes=16, directions="normal"):
+    """Shape code of a template: Laplace-Beltrami modes, harmonic interior.
+
+    Parameters
+    ----------
+    template : TetMesh
+    n_modes : int
+        Surface eigenfunctions kept (the lowest; mode 0 is constant).
+    directions : {"normal", "xyz"}
+        See :data:`DIRECTIONS`.
+
+    Returns
+    -------
+    SpectralShape
+    """
+    if not isinstance(template, TetMesh):
+        raise TypeError(f"template must be a TetMesh, got {type(template).__name__}.")
+    directions = check_choice(directions, "directions", DIRECTIONS)
+    faces = template.boundary_faces
+    surface = template.boundary_vertices
+    local = np.full(template.n_vertices, -1, dtype=np.int64)
+    local[surface] = np.arange(len(surface))
+    n_modes = min(check_int(n_modes, "n_modes", 1), len(surface) - 1)
+    stiffness, mass = surface_laplacian(template.vertices[surface], local[faces])
+    values, modes = scipy.linalg.eigh(
+        stiffness.toarray(), np.diag(mass), subset_by_index=[0, n_modes - 1]
+    )
+    # Unit rms over the surface: sum(mass * phi^2) = area.
+    modes = modes * np.sqrt(mass.sum())
+    normals = _vertex_normals(template.vertices[surface], local[faces])
+    if directions == "normal":
+        boundary = modes.T[:, :, None] * normals[None]  # (K, S, 3)
+    else:
+        eye = np.eye(3)
+        boundary = (modes.T[:, None, :, None] * eye[None, :, None, :]).reshape(
+            -1, len(surface), 3
+        )
+    fields = _harmonic_extension(template, surface, boundary)
+    return SpectralShape(
+        template=template,
+        fields=fields,
+        eigenvalues=np.maximum(values, 0.0),
+        directions=directions,
+    )
+
+
+def _vertex_normals(vertices, triangles):
+    p = vertices[triangles]
+    face = np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])  # area-weighted
+    normals = np.zeros_like(vertices)
+    for i in range(3):
+        np.add.at(normals, triangles[:, i], face)
+    return normals / np.linalg.norm(normals, axis=1, keepdims=True)
+
+
+def _harmonic_extension(template, surface, boundary):
+    """Interior displacement solving the Laplace equation, boundary given."""
+    stiffness, _ = assemble(template)
+    interior = np.setdiff1d(np.arange(template.n_vertices), surface)
+    fields = np.zeros((len(boundary), template.n_vertices, 3))
+    fields[:, surface] = boundary
+    if len(interior):
+        k_ii = stiffness[interior][:, interior].tocsc()
+        k_ib = stiffness[interior][:, surface]
+        rhs = -(k_ib @ boundary.transpose(1, 0, 2).reshape(len(surface), -1))
+        solved = scipy.sparse.linalg.splu(k_ii).solve(np.asarray(rhs))
+        fields[:, interior] = solved.reshape(len(interior), len(boundary), 3).transpose(
+            1, 0, 2
+        )
+    return fields
