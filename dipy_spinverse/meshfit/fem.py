@@ -251,15 +251,21 @@ def reduced_operators(vertices, tets, modes, *, centre=None):
         ],
         dim=2,
     )  # (T, 4, 4): mass, then the three moments
+    # Weighted Gram matrices as plain matrix products (an einsum over three
+    # operands materialises a (k, 4, m, m) intermediate: gigabytes).
     flat = local.reshape(-1, m)
-    diag = torch.einsum("kc,km,kn->cmn", node_weights.reshape(-1, 4), flat, flat)
+    node_weights = node_weights.reshape(-1, 4)
+    diag = torch.stack([(flat * node_weights[:, c, None]).T @ flat for c in range(4)])
     # The all-pairs parts through total = sum_i u_i.
     elem_weights = torch.cat(
         [(volumes / 20.0)[:, None], (volumes / 120.0)[:, None] * s], dim=1
     )  # (T, 4)
-    pairs = torch.einsum("tc,tm,tn->cmn", elem_weights, total, total)
+    pairs = torch.stack(
+        [(total * elem_weights[:, c, None]).T @ total for c in range(4)]
+    )
     xsum = torch.einsum("tid,tim->tdm", xs, local)  # (T, 3, m): sum_i x_id u_i
-    cross = torch.einsum("t,tdm,tn->dmn", volumes / 120.0, xsum, total)
+    xsum = xsum * (volumes / 120.0)[:, None, None]
+    cross = (xsum.reshape(len(xsum), -1).T @ total).reshape(3, m, m)
     cross = cross + cross.transpose(1, 2)
     mass = diag[0] + pairs[0]
     moments = diag[1:] + pairs[1:] + cross
