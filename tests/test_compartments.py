@@ -275,10 +275,11 @@ def test_watson_stick_table_against_exact(gtab_noddi):
     exact = blocks.watson_stick(
         acq, direction=mu, kappa=blocks.odi_to_kappa(odi), d_par=d_par, n_nodes=64
     )
-    # Cubic convolution on 256 x 128 nodes: the error is O(h^3), largest at
+    # Cubic convolution on 160 x 96 nodes: the error is O(h^3), largest at
     # the lowest ODI (kappa = 64, where the signal varies fastest); measured
-    # 1.1e-6 for b d_par <= 10. 3e-6 is 1 / 7000 of the noise at SNR 50.
-    assert float((got - exact).abs().max()) < 3e-6
+    # 8.3e-6 here (b up to 6000, b d_par = 10), 3.5e-6 for b <= 3000. 1e-5 is
+    # 1 / 2000 of the noise at SNR 50.
+    assert float((got - exact).abs().max()) < 1e-5
     # Exactly 1 at b = 0 (every table entry is), and derivatives of the
     # interpolant against central differences in float64.
     assert_allclose(got[:, bvals == 0].numpy(), 1.0, rtol=0, atol=1e-14)
@@ -302,8 +303,8 @@ def test_noddi_table_and_exact_kernels_agree(gtab_noddi):
         ]
     )
     signal = _simulate(exact, params)
-    # Predictions: within 3e-6 of S0 (the table's error, above).
-    assert np.abs(_simulate(table, params) - signal).max() < 3e-6 * S0
+    # Predictions: within 5e-6 of S0 (3.5e-6 measured for b <= 3000, above).
+    assert np.abs(_simulate(table, params) - signal).max() < 5e-6 * S0
     data = _rician(signal, rng)
     a, b = exact.fit(data), table.fit(data)
     # Fits of the same noisy voxels: a model error of 1e-6 moves the
