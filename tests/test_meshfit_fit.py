@@ -6,7 +6,13 @@ import torch
 from numpy.testing import assert_allclose
 
 from dipy_spinverse.meshfit.fem import mesh_signal
-from dipy_spinverse.meshfit.fit import MeshFit, axis_radius, fit_mesh
+from dipy_spinverse.meshfit.fit import (
+    MeshFit,
+    axis_radius,
+    fit_mesh,
+    fit_surface,
+    surface_chamfer,
+)
 from dipy_spinverse.meshfit.mesh import ball_mesh, tube_mesh
 from dipy_spinverse.meshfit.shape import spectral_shape, surface_laplacian
 from dipy_spinverse.sequences import Protocol, fibonacci_sphere
@@ -112,3 +118,26 @@ def test_fit_saves_its_surface(tmp_path):
     loaded = load_mesh(path)
     vertices, triangles = fit.surface_vertices
     assert_allclose(np.asarray(loaded.vertices), vertices, atol=1e-6)
+
+
+def test_fit_surface_matches_a_target_surface():
+    # A 5 um ball centred at (10, 10, 10), from the 4 um ball template: the
+    # Chamfer distance falls from 0.79 um to 0.18 um (measured), the rest
+    # being the sampling of two different meshes (vertices and centroids
+    # ~1 um apart), not a shape error.
+    target = ball_mesh(5.0, resolution=3, centre=(10.0, 10.0, 10.0))
+    faces = target.boundary_faces
+    shape, code = fit_surface(
+        target.vertices, faces, template="ball", n_modes=1, directions="normal"
+    )
+    assert code[0] == pytest.approx(1.0, abs=0.2)  # swelling by ~1 um
+    start = shape.mesh(np.zeros(shape.n_code))
+    fitted = shape.mesh(code)
+    before = surface_chamfer(
+        start.vertices, start.boundary_faces, target.vertices, faces
+    )
+    after = surface_chamfer(
+        fitted.vertices, fitted.boundary_faces, target.vertices, faces
+    )
+    assert before > 0.7
+    assert after < 0.25

@@ -9,7 +9,7 @@ surface) and :mod:`.fit` optimises it (:func:`fit_mesh`).
 """
 
 from .fem import MeshBasis, mesh_basis, mesh_signal
-from .fit import MeshFit, fit_mesh
+from .fit import MeshFit, fit_mesh, fit_surface, surface_chamfer
 from .mesh import TetMesh, axon_mesh, ball_mesh, tube_mesh
 from .shape import SpectralShape, spectral_shape
 
@@ -25,4 +25,6 @@ __all__ = [
     "spectral_shape",
     "MeshFit",
     "fit_mesh",
+    "fit_surface",
+    "surface_chamfer",
 ]

@@ -146,8 +146,10 @@ def spectral_shape(template, *, n_modes=16, directions="normal"):
     values, modes = scipy.linalg.eigh(
         stiffness.toarray(), np.diag(mass), subset_by_index=[0, n_modes - 1]
     )
-    # Unit rms over the surface: sum(mass * phi^2) = area.
+    # Unit rms over the surface: sum(mass * phi^2) = area; mode 0 positive, so
+    # that a positive first coefficient swells the cell.
     modes = modes * np.sqrt(mass.sum())
+    modes[:, 0] *= np.sign(modes[:, 0].sum())
     normals = _vertex_normals(template.vertices[surface], local[faces])
     if directions == "normal":
         boundary = modes.T[:, :, None] * normals[None]  # (K, S, 3)
