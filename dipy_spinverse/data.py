@@ -42,10 +42,10 @@ _VOXEL_MM = 2.0
 def make_phantom_dataset(
     out_dir,
     *,
-    timings=((0.010, 0.060), (0.010, 0.020)),
-    bvals=(1000.0, 2500.0),
-    n_directions=6,
-    n_b0=1,
+    timings=((0.005, 0.006), (0.010, 0.020), (0.010, 0.060)),
+    bvals=(1000.0, 2500.0, 4000.0),
+    n_directions=10,
+    n_b0=3,
     snr=50.0,
     t2=0.08,
     diffusivity=2e-3,
@@ -61,6 +61,17 @@ def make_phantom_dataset(
     cylinders of radius 0.30, 0.20 and 0.26 box sides along z, x and
     (1, 0, 1), a sphere, and a leakier (1e-4 m/s) copy of the first
     cylinder. The data are deterministic given ``seed``.
+
+    The default protocol (99 volumes) is the published one thinned: its three
+    PGSE timings (5/6, 10/20 and 10/60 ms: the curriculum's three stages and
+    the diffusion times that separate restriction from hindrance), shells
+    up to 4000 s/mm^2 (the cells' size shows above about 2500), 10
+    directions per shell (orientation of the cylinders) and 3 b = 0 volumes
+    per sequence (each sequence is normalised by its own b = 0 mean, whose
+    noise would otherwise bias a whole sequence). On the 26-volume protocol
+    it replaces (two timings, b up to 2500, 6 directions, one b = 0) the
+    label search returned shapes that fit the data within the noise but
+    were not the cells (measured per-voxel IoU 0.00-0.79).
 
     Parameters
     ----------

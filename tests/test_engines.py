@@ -190,7 +190,12 @@ def test_workflow_on_a_dask_cluster(dask_cluster, tmp_path, monkeypatch):
     from dipy_spinverse.workflows import SpinverseFlow
 
     demo = make_phantom_dataset(
-        tmp_path / "demo", grid_size=12.0, grid_resolution=2, n_directions=3
+        tmp_path / "demo",
+        grid_size=12.0,
+        grid_resolution=2,
+        n_directions=3,
+        timings=((0.010, 0.060), (0.010, 0.020)),
+        bvals=(1000.0, 2500.0),
     )
     # A stale RAY_ADDRESS is no concern of a Dask (or serial) run.
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")

@@ -335,7 +335,14 @@ def demo(tmp_path_factory):
     return make_phantom_dataset(tmp_path_factory.mktemp("demo"), **DEMO)
 
 
-DEMO = dict(grid_size=12.0, grid_resolution=2, n_directions=3)
+DEMO = dict(
+    grid_size=12.0,
+    grid_resolution=2,
+    n_directions=3,
+    timings=((0.010, 0.060), (0.010, 0.020)),
+    bvals=(1000.0, 2500.0),
+    n_b0=1,
+)
 
 
 def _run(demo, out_dir, **kwargs):

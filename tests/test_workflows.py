@@ -17,7 +17,14 @@ from dipy_spinverse.sequences import Protocol
 from dipy_spinverse.workflows import SpinverseFlow, main, read_timing
 
 # A 48-cell grid and 3 directions per shell: 2 x (1 + 2 x 3) = 14 volumes.
-SMALL = dict(grid_size=12.0, grid_resolution=2, n_directions=3)
+SMALL = dict(
+    grid_size=12.0,
+    grid_resolution=2,
+    n_directions=3,
+    timings=((0.010, 0.060), (0.010, 0.020)),
+    bvals=(1000.0, 2500.0),
+    n_b0=1,
+)
 N_VOLUMES = 14
 MAPS = (
     "restricted_fraction",
