@@ -18,8 +18,9 @@ permeability and exchange rate, plus the face F1 and IoU of the recovered
 interface against the substrate carried to the fit's grid.
 
 Run ``python examples/compare_compartment_models.py --out compare_output``
-(about 13 minutes on 2 CPU cores shared with other jobs: 4-8 minutes of it
-simulating the targets on the fine grid, most of the rest Spinverse);
+(simulating the targets on the fine grid alone took 376 s on 2 CPU cores
+shared with other jobs, under ``nice``; the whole run is not yet timed to the
+end, see the doc);
 ``--quick`` runs a tiny version in seconds whose numbers mean nothing (a smoke
 test). The measured table and its discussion are in
 ``doc/compare_compartment_models.md``.
