@@ -14,7 +14,7 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import T2_WEIGHT
+from conftest import SMALL_DEMO, T2_WEIGHT
 from numpy.testing import assert_array_equal
 
 from dipy_spinverse.io import Checkpoint, load_fit
@@ -189,14 +189,7 @@ def test_workflow_on_a_dask_cluster(dask_cluster, tmp_path, monkeypatch):
     from dipy_spinverse.data import make_phantom_dataset
     from dipy_spinverse.workflows import SpinverseFlow
 
-    demo = make_phantom_dataset(
-        tmp_path / "demo",
-        grid_size=12.0,
-        grid_resolution=2,
-        n_directions=3,
-        timings=((0.010, 0.060), (0.010, 0.020)),
-        bvals=(1000.0, 2500.0),
-    )
+    demo = make_phantom_dataset(tmp_path / "demo", **SMALL_DEMO)
     # A stale RAY_ADDRESS is no concern of a Dask (or serial) run.
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     states = []

@@ -6,6 +6,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SMALL_DEMO
 from numpy.testing import assert_allclose, assert_array_equal
 
 import dipy_spinverse.workflows as workflows
@@ -332,24 +333,14 @@ def test_report_shows_the_maps(barrier_fit, tmp_path):
 # -- the workflow's outputs ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return make_phantom_dataset(tmp_path_factory.mktemp("demo"), **DEMO)
-
-
-DEMO = dict(
-    grid_size=12.0,
-    grid_resolution=2,
-    n_directions=3,
-    timings=((0.010, 0.060), (0.010, 0.020)),
-    bvals=(1000.0, 2500.0),
-    n_b0=1,
-)
+    return make_phantom_dataset(tmp_path_factory.mktemp("demo"), **SMALL_DEMO)
 
 
 def _run(demo, out_dir, **kwargs):
     options = dict(
         timing_file=demo["timing"],
-        grid_size=DEMO["grid_size"],
-        grid_resolution=DEMO["grid_resolution"],
+        grid_size=SMALL_DEMO["grid_size"],
+        grid_resolution=SMALL_DEMO["grid_resolution"],
         max_iter=2,
         preset="paper",  # the face fit alone: fast
         n_report=0,

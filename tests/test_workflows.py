@@ -7,6 +7,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SMALL_DEMO
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse.data import PHANTOM_VOXELS, make_phantom_dataset
@@ -17,14 +18,6 @@ from dipy_spinverse.sequences import Protocol
 from dipy_spinverse.workflows import SpinverseFlow, main, read_timing
 
 # A 48-cell grid and 3 directions per shell: 2 x (1 + 2 x 3) = 14 volumes.
-SMALL = dict(
-    grid_size=12.0,
-    grid_resolution=2,
-    n_directions=3,
-    timings=((0.010, 0.060), (0.010, 0.020)),
-    bvals=(1000.0, 2500.0),
-    n_b0=1,
-)
 N_VOLUMES = 14
 MAPS = (
     "restricted_fraction",
@@ -39,7 +32,7 @@ MAPS = (
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return make_phantom_dataset(tmp_path_factory.mktemp("demo"), **SMALL)
+    return make_phantom_dataset(tmp_path_factory.mktemp("demo"), **SMALL_DEMO)
 
 
 def _load(path):
@@ -49,8 +42,8 @@ def _load(path):
 def _run(demo, out_dir, **kwargs):
     options = dict(
         timing_file=demo["timing"],
-        grid_size=SMALL["grid_size"],
-        grid_resolution=SMALL["grid_resolution"],
+        grid_size=SMALL_DEMO["grid_size"],
+        grid_resolution=SMALL_DEMO["grid_resolution"],
         max_iter=2,
         # The face fit alone: the label search has its own tests
         # (tests/test_search.py, and a smoke test in tests/test_reconst.py).
@@ -64,7 +57,7 @@ def _run(demo, out_dir, **kwargs):
 
 
 def test_phantom_dataset_is_deterministic(demo, tmp_path):
-    again = make_phantom_dataset(tmp_path, **SMALL)
+    again = make_phantom_dataset(tmp_path, **SMALL_DEMO)
     assert_array_equal(_load(again["data"]), _load(demo["data"]))
     data = _load(demo["data"])
     assert data.shape == (3, 2, 1, N_VOLUMES)
@@ -86,7 +79,7 @@ def test_phantom_dataset_is_deterministic(demo, tmp_path):
     # Different S0 and T2 weighting per echo time: b=0 differs between sequences.
     b0 = data[..., bvals == 0]
     assert np.all(b0[..., 0] < b0[..., 1])
-    other_seed = make_phantom_dataset(tmp_path / "seed1", seed=1, **SMALL)
+    other_seed = make_phantom_dataset(tmp_path / "seed1", seed=1, **SMALL_DEMO)
     assert not np.array_equal(_load(other_seed["data"]), data)
 
 
@@ -217,8 +210,8 @@ def test_rerun_fits_again_after_an_unfinished_run(demo, tmp_path):
     inputs = (demo["data"], demo["bvals"], demo["bvecs"], demo["mask"])
     options = dict(
         timing_file=demo["timing"],
-        grid_size=SMALL["grid_size"],
-        grid_resolution=SMALL["grid_resolution"],
+        grid_size=SMALL_DEMO["grid_size"],
+        grid_resolution=SMALL_DEMO["grid_resolution"],
         max_iter=2,
         preset="paper",
         n_report=0,
