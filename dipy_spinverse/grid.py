@@ -19,7 +19,7 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["TetGrid", "BOUNDARIES"]
+__all__ = ["TetGrid", "BOUNDARIES", "signed_volumes"]
 
 BOUNDARIES = ("reflecting", "periodic", "absorbing")
 
@@ -112,7 +112,7 @@ class TetGrid:
                 f"boundary={self.boundary!r} is not supported; use one of {BOUNDARIES}."
             )
         coords = self.tet_coords
-        volumes = _signed_volumes(coords)
+        volumes = signed_volumes(coords)
         if np.any(volumes <= 0):
             raise ValueError("tets must be positively oriented and non-degenerate.")
         circ = _circumcentres(coords)
@@ -375,7 +375,19 @@ def _set(obj, name, value):
     object.__setattr__(obj, name, np.ascontiguousarray(value))
 
 
-def _signed_volumes(coords):
+def signed_volumes(coords):
+    """Signed volumes ``det(b - a, c - a, d - a) / 6`` of tetrahedra.
+
+    Parameters
+    ----------
+    coords : ndarray (n, 4, 3)
+        Corner coordinates of each tetrahedron.
+
+    Returns
+    -------
+    volumes : ndarray (n,)
+        Positive for a positively oriented tetrahedron.
+    """
     e = coords[:, 1:] - coords[:, :1]
     return np.linalg.det(e) / 6.0
 
@@ -441,7 +453,7 @@ def _bcc_lattice(size, n, periodic):
     tets = np.concatenate(tets)
     coords = np.concatenate(coords)
     # Orient every tet positively (swap the two corners where needed).
-    flip = _signed_volumes(coords) < 0
+    flip = signed_volumes(coords) < 0
     tets[flip] = tets[flip][:, [0, 1, 3, 2]]
     coords[flip] = coords[flip][:, [0, 1, 3, 2]]
     return vertices, tets, coords

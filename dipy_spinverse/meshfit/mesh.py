@@ -23,6 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from ..checks import check_int, check_number, check_positive
+from ..grid import signed_volumes as tet_signed_volumes
 
 __all__ = [
     "TetMesh",
@@ -129,9 +130,7 @@ class TetMesh:
 
 def signed_volumes(vertices, tets):
     """Signed volumes ``det(b - a, c - a, d - a) / 6`` of tetrahedra (numpy)."""
-    p = np.asarray(vertices)[np.asarray(tets)]
-    edges = p[:, 1:] - p[:, :1]
-    return np.linalg.det(edges) / 6.0
+    return tet_signed_volumes(np.asarray(vertices)[np.asarray(tets)])
 
 
 def tet_quality(vertices, tets):
