@@ -71,6 +71,23 @@ def canonical_directions(dirs):
     return dirs * sign
 
 
+def _atom_gains(atoms, r):
+    """Decrease of |r|^2 (B, N) when each atom's columns (N, M, Kf) are
+    added to the residuals r (B, M) with non-negative weights."""
+    if atoms.shape[-1] == 1:
+        a = atoms[..., 0]
+        return (r @ a.T).clamp_min(0.0) ** 2 / (a**2).sum(-1)
+    G = atoms.mT @ atoms  # (N, Kf, Kf)
+    N, _, Kf = atoms.shape
+    step = max(1, int(_SCORE_ELEMENTS // (N * 2**Kf * Kf * Kf)))
+    gains = []
+    for i in range(0, r.shape[0], step):
+        h = torch.einsum("nmk,bm->bnk", atoms, r[i : i + step])
+        # At the NNLS optimum c^T G c = c^T h, so the decrease is c^T h.
+        gains.append((nnls_gram(G, h) * h).sum(-1))
+    return torch.cat(gains)
+
+
 class CompartmentModel(ReconstModel):
     """Base class: a multi-compartment model fitted by variable projection.
 
@@ -365,32 +382,31 @@ class CompartmentModel(ReconstModel):
     def _greedy_starts(self, y):
         """(B, S, P) starts for several fibres by matching pursuit.
 
-        Assumes one column per fibre and no shared nonlinear parameters (the
-        multi-fibre NODDI), so that the atoms' non-fibre columns are fixed.
+        Assumes no shared nonlinear parameters (the multi-fibre models), so
+        that the atoms' non-fibre columns are fixed.
 
         Each of the ``n_starts`` single-fibre grid starts is completed by the
         grid atoms that best match the remaining residual, one fibre at a
         time, each at least 20 degrees from those already chosen.
         """
         x_atoms, Phi, _, _ = self._dictionary
-        S, Fs = self._n_shared, len(self._fibre)
+        S, Fs, Kf = self._n_shared, len(self._fibre), self._fibre_width
         firsts = self._grid_starts(y)  # (B, S, P1)
         B, n_starts, _ = firsts.shape
         first = firsts.reshape(B * n_starts, -1)
         yy = y.repeat_interleave(n_starts, dim=0)
-        atoms = Phi[..., 0]  # (N, M): the single fibre column
-        extra = Phi[0, :, 1:]  # (M, Ke): columns without fibre parameters
+        atoms = Phi[..., :Kf]  # (N, M, Kf): the fibre columns
+        extra = Phi[0, :, Kf:]  # (M, Ke): columns without fibre parameters
         atom_dirs = x_atoms[:, S + Fs :]
-        norms = atoms.norm(dim=-1)
         cos_min = math.cos(math.radians(_MIN_SEPARATION_DEG))
         parts = [first[:, S:]]
-        columns = [self._columns_x(first)[..., 0]]  # (B S, M)
+        columns = [self._columns_x(first)[..., :Kf]]  # (B S, M, Kf)
         for _ in range(1, self.n_fibres):
             fixed = extra.expand(yy.shape[0], -1, -1)
-            C = torch.cat([torch.stack(columns, -1), fixed], -1)
+            C = torch.cat(columns + [fixed], -1)
             c = nnls(C, yy)
             r = yy - (C @ c[..., None])[..., 0]
-            score = (r @ atoms.T).clamp_min(0.0) ** 2 / norms**2
+            score = _atom_gains(atoms, r)
             for part in parts:
                 close = (part[:, None, Fs:] * atom_dirs).sum(-1).abs() > cos_min
                 score = torch.where(close, -math.inf, score)
@@ -644,9 +660,24 @@ class CompartmentModel(ReconstModel):
         c = torch.tensor(rng.dirichlet(np.ones(K), n), dtype=DTYPE)
         return x, c
 
+    def _log_target_columns(self):
+        """Indices of the public parameters regressed on a log scale: those
+        named after a log-scaled bound (diameters, D*, exchange times), with
+        or without a fibre suffix ``_k``. Their priors span decades, so a
+        squared error on the values themselves would be all about the
+        largest ones (relative errors at the small end ignored)."""
+        logs = {b.name for b in self._shared + self._fibre if b.log}
+        out = []
+        for i, name in enumerate(self.param_names):
+            stem, _, suffix = name.rpartition("_")
+            if name in logs or (suffix.isdigit() and stem in logs):
+                out.append(i)
+        return out
+
     def _to_targets(self, params):
         """Public parameters (V, n_params) -> regression targets: S0 / b0 mean
-        and scalars as they are, each direction as the 6 entries of its
+        and scalars as they are (log-scaled ones as their logarithm,
+        :meth:`_log_target_columns`), each direction as the 6 entries of its
         outer product (sign-free)."""
         slots = self._direction_slots()
         keep = [
@@ -654,6 +685,10 @@ class CompartmentModel(ReconstModel):
             for i in range(len(self.param_names))
             if not any(s <= i < s + 3 for s in slots)
         ]
+        params = params.copy()
+        logs = self._log_target_columns()
+        with np.errstate(divide="ignore"):
+            params[:, logs] = np.log(params[:, logs])
         parts = [params[:, keep]]
         iu = np.triu_indices(3)
         for s in slots:
@@ -667,6 +702,8 @@ class CompartmentModel(ReconstModel):
         _, keep = self._to_targets(np.zeros((1, len(self.param_names))))
         out = np.empty((targets.shape[0], len(self.param_names)))
         out[:, keep] = targets[:, : len(keep)]
+        logs = self._log_target_columns()
+        out[:, logs] = np.exp(out[:, logs])
         out[:, 0] *= s0
         iu = np.triu_indices(3)
         for j, s in enumerate(slots):
@@ -910,6 +947,17 @@ class CompartmentFit(ReconstFit):
     def S0(self):
         """Fitted signal without diffusion weighting (same units as data)."""
         return self.model_params[..., 0]
+
+    def _per_fibre(self, name):
+        """Map of ``name``: (...) where the layout has one value per voxel,
+        (..., F) where it has one per fibre (``name_0``, ``name_1``, ...)."""
+        names = self.model.param_names
+        if name in names:
+            return self._param(name)
+        F = self.model.n_fibres
+        if F == 0:
+            return np.zeros(self.shape + (0,))
+        return np.stack([self._param(f"{name}_{k}") for k in range(F)], axis=-1)
 
     def _direction_stack(self):
         slots = self.model._direction_slots()

@@ -410,6 +410,57 @@ class NoddiFit(CompartmentFit):
 NoddiModel._fit_class = NoddiFit
 
 
+def _fibre_options(n_fibres, fibres, *, default=1):
+    """Checked ``(n_fibres, fibres)`` of a multi-fibre model: ``fibres`` None
+    or "auto"; ``n_fibres`` 0-3, default ``default`` (``MAX_FIBRES`` with
+    ``fibres="auto"``, where it is the largest count and must be >= 1)."""
+    if fibres is not None:
+        check_choice(fibres, "fibres", ("auto",))
+    if n_fibres is None:
+        n_fibres = default if fibres is None else MAX_FIBRES
+    if n_fibres not in (0, 1, 2, 3):
+        raise ValueError(f"n_fibres must be 0, 1, 2 or 3, got {n_fibres!r}")
+    if fibres is not None and n_fibres < 1:
+        raise ValueError("fibres='auto' needs n_fibres (the largest count) >= 1")
+    return int(n_fibres), fibres
+
+
+def _submodel(model, n_fibres, build):
+    """``model`` with ``n_fibres`` fibres in the per-fibre layout (built
+    once by ``build()`` and kept on the model): the fits that
+    ``fibres="auto"`` compares."""
+    cache = model.__dict__.setdefault("_submodels", {})
+    if n_fibres not in cache:
+        sub = build()
+        sub._set_layout(True)
+        cache[n_fibres] = sub
+    return cache[n_fibres]
+
+
+def _sorted_fibres(per, dirs, weight):
+    """Per-fibre scalars (B, F, W) and directions (B, F, 3), fibres sorted by
+    decreasing ``weight`` (B, F), flattened to (B, F (W + 3))."""
+    order = weight.argsort(dim=-1, descending=True)[..., None]
+    per = torch.take_along_dim(per, order, 1)
+    dirs = torch.take_along_dim(canonical_directions(dirs), order, 1)
+    return torch.cat([per, dirs], dim=-1).reshape(per.shape[0], -1)
+
+
+def _fill_absent(params, model, head, absent_fibre):
+    """Parameters (..., P) with the NaN blocks of absent fibres (per-voxel
+    counts) replaced by ``absent_fibre``, a fibre of weight 0."""
+    if not model._multi:
+        return params
+    params = params.copy()
+    fitted = np.isfinite(params[..., 0])
+    W = model._per_fibre_params
+    for k in range(model.n_fibres):
+        block = params[..., head + W * k : head + W * (k + 1)]
+        absent = fitted & np.isnan(block[..., 0])
+        block[absent] = absent_fibre
+    return params
+
+
 def _init_kwargs(n_starts, max_iter, n_grid_directions, chunk_size, **learned):
     return {
         "n_starts": n_starts,
@@ -431,12 +482,24 @@ class ActiveAxModel(CompartmentModel):
     approximation, :func:`~.blocks.cylinder`, intrinsic diffusivity ``d_par``),
     a zeppelin along ``mu`` with ``d_par`` and the tortuosity
     ``d_perp = d_par (1 - fic / (fic + fee))``, free water, and (``dot=True``)
-    stationary water. Fractions sum to 1.
+    stationary water. Fractions sum to 1. With several fibre populations
+    each has its own direction, diameter and ``fic_k``, ``fee_k`` (fractions
+    of the voxel; tortuosity per population).
 
     Parameters
     ----------
     gtab : dipy.core.gradients.GradientTable
         With ``big_delta`` and ``small_delta`` (s), scalars or per volume.
+    n_fibres : int, optional
+        Fibre populations (0 to 3). Default 1; with ``fibres="auto"`` the
+        largest count per voxel, default 3.
+    fibres : "auto", optional
+        A fibre count per voxel (0 to ``n_fibres``), chosen from DIPY's CSD
+        peaks and a model-selection test, or given to :meth:`fit` as a map
+        (see :class:`NoddiModel`).
+    response : tuple, optional
+        CSD single-fibre response (``(evals, S0)``, for the highest shell)
+        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7.
     d_par : float, optional
         Intrinsic diffusivity in mm^2/s (1.7e-3 in vivo; ~0.6e-3 fixed tissue).
     d_iso : float, optional
@@ -445,16 +508,28 @@ class ActiveAxModel(CompartmentModel):
         Add a stationary (dot) compartment (ex vivo).
     diameter_bounds : (float, float), optional
         Range of the fitted diameter in um.
+
+    Notes
+    -----
+    With one fibre (the default) the parameters are ``param_names = (S0, fic,
+    fee, fiso, fdot, diameter, x, y, z)``; with ``n_fibres != 1`` or
+    ``fibres="auto"`` they are ``(S0, fiso, fdot)`` followed, per fibre
+    (sorted by ``fic_k + fee_k``), by ``(fic_k, fee_k, diameter_k, x_k, y_k,
+    z_k)``, NaN for the fibres a voxel does not have, and the per-fibre maps
+    (``fic``, ``fee``, ``diameter``, ``direction``) get a fibre axis.
     """
 
     __doc__ += _COMMON_DOC
-    param_names = ("S0", "fic", "fee", "fiso", "fdot", "diameter", "x", "y", "z")
+    _per_fibre_params = 6
 
     @warning_for_keywords()
     def __init__(
         self,
         gtab,
         *,
+        n_fibres=None,
+        fibres=None,
+        response=None,
         d_par=D_PAR_INVIVO,
         d_iso=D_ISO,
         dot=False,
@@ -468,17 +543,22 @@ class ActiveAxModel(CompartmentModel):
         learned_options=None,
         cache_dir=None,
     ):
-        self.n_fibres = 1
+        self.n_fibres, self.fibres = _fibre_options(n_fibres, fibres)
+        self.response = response
         self.d_par = check_positive(d_par, "d_par")
         self.d_iso = check_positive(d_iso, "d_iso")
         self.dot = bool(dot)
-        lo, hi = _check_bounds(diameter_bounds, "diameter_bounds", lower=1e-3)
+        self.diameter_bounds = _check_bounds(
+            diameter_bounds, "diameter_bounds", lower=1e-3
+        )
+        lo, hi = self.diameter_bounds
         self._shared = ()
         self._fibre = (Bound("diameter", lo, hi, log=True), Bound("icvf", 0.0, 1.0))
         self._grid = {
             "diameter": tuple(_log_grid(lo, hi, 5)),
             "icvf": (0.3, 0.5, 0.7, 0.85),
         }
+        self._set_layout(self.fibres is not None or self.n_fibres != 1)
         self._setup(
             gtab,
             **_init_kwargs(
@@ -492,6 +572,45 @@ class ActiveAxModel(CompartmentModel):
                 cache_dir=cache_dir,
             ),
         )
+
+    def _set_layout(self, per_fibre):
+        """One parameter per voxel (the single-fibre layout) or per fibre."""
+        self._multi = per_fibre
+        if not per_fibre:
+            self.param_names = _ACTIVEAX_SINGLE
+            return
+        names = ["S0", "fiso", "fdot"]
+        for k in range(self.n_fibres):
+            names += [f"{p}_{k}" for p in ("fic", "fee", "diameter", "x", "y", "z")]
+        self.param_names = tuple(names)
+
+    def _with_fibres(self, n_fibres):
+        def build():
+            return ActiveAxModel(
+                self.gtab,
+                n_fibres=n_fibres,
+                d_par=self.d_par,
+                d_iso=self.d_iso,
+                dot=self.dot,
+                diameter_bounds=self.diameter_bounds,
+                n_starts=self.n_starts,
+                max_iter=self.max_iter,
+                n_grid_directions=self.n_grid_directions,
+                chunk_size=self.chunk_size,
+            )
+
+        return _submodel(self, n_fibres, build)
+
+    def _n_free(self, n_fibres):
+        # fiso (and fdot), then per fibre: weight, icvf, diameter and two
+        # direction angles.
+        return 1 + self.dot + 5 * n_fibres
+
+    def _tissue_fraction(self, params):
+        return 1.0 - params[:, 1] - params[:, 2]
+
+    def _fill_padding(self, params):
+        return _fill_absent(params, self, 3, (0.0, 0.0, 1.0, 0.0, 0.0, 1.0))
 
     def _fibre_columns(self, acq, shared, fibre, dirs):
         icvf = fibre["icvf"]
@@ -511,6 +630,8 @@ class ActiveAxModel(CompartmentModel):
         return torch.stack(cols, dim=-1)
 
     def _to_params(self, shared, fibre, dirs, c, scale):
+        if self._multi:
+            return self._to_params_per_fibre(fibre, dirs, c, scale)
         fractions, total = _fractions(c)
         tissue, icvf = fractions[:, 0], fibre["icvf"][:, 0]
         fdot = fractions[:, 2] if self.dot else torch.zeros_like(tissue)
@@ -532,27 +653,50 @@ class ActiveAxModel(CompartmentModel):
             dim=-1,
         )
 
+    def _to_params_per_fibre(self, fibre, dirs, c, scale):
+        F = self.n_fibres
+        fractions, total = _fractions(c)
+        tissue, icvf = fractions[:, :F], fibre["icvf"]
+        per = torch.stack([tissue * icvf, tissue * (1.0 - icvf), fibre["diameter"]], -1)
+        fdot = fractions[:, F + 1] if self.dot else torch.zeros_like(total)
+        head = torch.stack([scale * total, fractions[:, F], fdot], dim=-1)
+        return torch.cat([head, _sorted_fibres(per, dirs, tissue)], dim=-1)
+
     def _from_params(self, params):
-        fic, fee, fiso, fdot = params[:, 1], params[:, 2], params[:, 3], params[:, 4]
+        if self._multi:
+            per = params[:, 3:].reshape(len(params), self.n_fibres, 6)
+            fic, fee = per[..., 0], per[..., 1]
+            fiso, fdot = params[:, 1:2], params[:, 2:3]
+            diameter, dirs = per[..., 2], per[..., 3:]
+        else:
+            fic, fee = params[:, 1:2], params[:, 2:3]
+            fiso, fdot = params[:, 3:4], params[:, 4:5]
+            diameter, dirs = params[:, 5:6], params[:, None, 6:9]
         tissue = fic + fee
         safe = torch.where(tissue > 0, tissue, torch.ones_like(tissue))
-        fibre = {"diameter": params[:, 5:6], "icvf": (fic / safe)[:, None]}
+        fibre = {"diameter": diameter, "icvf": fic / safe}
         cols = [tissue, fiso] + ([fdot] if self.dot else [])
-        return {}, fibre, params[:, None, 6:9], torch.stack(cols, -1), params[:, 0]
+        return {}, fibre, dirs, torch.cat(cols, -1), params[:, 0]
+
+
+_ACTIVEAX_SINGLE = ("S0", "fic", "fee", "fiso", "fdot", "diameter", "x", "y", "z")
 
 
 class ActiveAxFit(CompartmentFit):
-    """ActiveAx parameter maps."""
+    """ActiveAx parameter maps; per-fibre maps have a trailing fibre axis when
+    the model has several fibres or ``fibres="auto"`` (fibres sorted by
+    ``fic + fee``, NaN beyond each voxel's count)."""
 
     @property
     def fic(self):
-        """Intra-axonal (cylinder) signal fraction of the whole voxel."""
-        return self._param("fic")
+        """Intra-axonal (cylinder) signal fraction of the whole voxel (per
+        fibre)."""
+        return self._per_fibre("fic")
 
     @property
     def fee(self):
-        """Extra-axonal (zeppelin) signal fraction."""
-        return self._param("fee")
+        """Extra-axonal (zeppelin) signal fraction (per fibre)."""
+        return self._per_fibre("fee")
 
     @property
     def fiso(self):
@@ -566,12 +710,14 @@ class ActiveAxFit(CompartmentFit):
 
     @property
     def diameter(self):
-        """Axon diameter in um (2 R of the cylinders)."""
-        return self._param("diameter")
+        """Axon diameter in um (2 R of the cylinders; per fibre)."""
+        return self._per_fibre("diameter")
 
     @property
     def direction(self):
-        """Fibre direction, (..., 3), z >= 0."""
+        """Fibre direction, (..., 3), z >= 0; (..., F, 3) per fibre."""
+        if self.model._multi:
+            return self._direction_stack()
         return self.model_params[..., 6:9]
 
 
@@ -593,36 +739,50 @@ class ZcdModel(CompartmentModel):
     finite pulses) along ``mu`` with intrinsic diffusivity ``d_par``, a
     zeppelin along ``mu`` with ``d_par`` and a free ``d_perp <= d_par``, and
     stationary water. No tortuosity constraint: the three fractions are linear.
+    With several fibre populations each has its own direction, diameter,
+    ``d_par``, ``d_perp``, ``fic_k`` and ``fee_k``.
 
     Parameters
     ----------
     gtab : dipy.core.gradients.GradientTable
         With ``big_delta`` and ``small_delta`` (s), scalars or per volume.
+    n_fibres : int, optional
+        Fibre populations (0 to 3; 0 is the dot alone). Default 1; with
+        ``fibres="auto"`` the largest count per voxel, default 3.
+    fibres : "auto", optional
+        A fibre count per voxel (1 to ``n_fibres`` when chosen: ZCD has no
+        free-water compartment, so a voxel without fibres cannot be told
+        from an isotropic zeppelin; 0 to ``n_fibres`` in a count map given
+        to :meth:`fit`). See :class:`NoddiModel`.
+    response : tuple, optional
+        CSD single-fibre response (``(evals, S0)``, for the highest shell)
+        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7.
     d_par_bounds : (float, float), optional
         Range of d_par in mm^2/s.
     diameter_bounds : (float, float), optional
         Range of the fitted diameter in um.
+
+    Notes
+    -----
+    With one fibre (the default) the parameters are ``param_names = (S0, fic,
+    fee, fdot, diameter, d_par, d_perp, x, y, z)``; with ``n_fibres != 1`` or
+    ``fibres="auto"`` they are ``(S0, fdot)`` followed, per fibre (sorted by
+    ``fic_k + fee_k``), by ``(fic_k, fee_k, diameter_k, d_par_k, d_perp_k,
+    x_k, y_k, z_k)``, NaN for the fibres a voxel does not have, and the
+    per-fibre maps get a fibre axis.
     """
 
     __doc__ += _COMMON_DOC
-    param_names = (
-        "S0",
-        "fic",
-        "fee",
-        "fdot",
-        "diameter",
-        "d_par",
-        "d_perp",
-        "x",
-        "y",
-        "z",
-    )
+    _per_fibre_params = 8
 
     @warning_for_keywords()
     def __init__(
         self,
         gtab,
         *,
+        n_fibres=None,
+        fibres=None,
+        response=None,
         d_par_bounds=(0.1e-3, 3.0e-3),
         diameter_bounds=_DIAMETER_BOUNDS,
         n_starts=3,
@@ -634,9 +794,14 @@ class ZcdModel(CompartmentModel):
         learned_options=None,
         cache_dir=None,
     ):
-        self.n_fibres = 1
-        lo, hi = _check_bounds(diameter_bounds, "diameter_bounds", lower=1e-3)
-        dlo, dhi = _check_bounds(d_par_bounds, "d_par_bounds", lower=1e-9)
+        self.n_fibres, self.fibres = _fibre_options(n_fibres, fibres)
+        self.response = response
+        self.diameter_bounds = _check_bounds(
+            diameter_bounds, "diameter_bounds", lower=1e-3
+        )
+        self.d_par_bounds = _check_bounds(d_par_bounds, "d_par_bounds", lower=1e-9)
+        lo, hi = self.diameter_bounds
+        dlo, dhi = self.d_par_bounds
         self._shared = ()
         self._fibre = (
             Bound("diameter", lo, hi, log=True),
@@ -648,6 +813,7 @@ class ZcdModel(CompartmentModel):
             "d_par": tuple(torch.linspace(dlo, dhi, 5)[1:-1].tolist()),
             "perp_ratio": (0.2, 0.45, 0.7),
         }
+        self._set_layout(self.fibres is not None or self.n_fibres != 1)
         self._setup(
             gtab,
             **_init_kwargs(
@@ -664,6 +830,49 @@ class ZcdModel(CompartmentModel):
 
     _fibre_width = 2
 
+    def _set_layout(self, per_fibre):
+        """One parameter per voxel (the single-fibre layout) or per fibre."""
+        self._multi = per_fibre
+        if not per_fibre:
+            self.param_names = _ZCD_SINGLE
+            return
+        names = ["S0", "fdot"]
+        for k in range(self.n_fibres):
+            names += [
+                f"{p}_{k}"
+                for p in ("fic", "fee", "diameter", "d_par", "d_perp", "x", "y", "z")
+            ]
+        self.param_names = tuple(names)
+
+    def _with_fibres(self, n_fibres):
+        def build():
+            return ZcdModel(
+                self.gtab,
+                n_fibres=n_fibres,
+                d_par_bounds=self.d_par_bounds,
+                diameter_bounds=self.diameter_bounds,
+                n_starts=self.n_starts,
+                max_iter=self.max_iter,
+                n_grid_directions=self.n_grid_directions,
+                chunk_size=self.chunk_size,
+            )
+
+        return _submodel(self, n_fibres, build)
+
+    def _n_free(self, n_fibres):
+        # fdot, then per fibre: two fractions, diameter, d_par, d_perp and
+        # two direction angles.
+        return 1 + 7 * n_fibres
+
+    def _tissue_fraction(self, params):
+        # No free-water compartment: "no fibre" is never chosen (an
+        # isotropic zeppelin is a fibre of this model).
+        return np.ones(len(params))
+
+    def _fill_padding(self, params):
+        absent = (0.0, 0.0, 1.0, 1.0e-3, 0.5e-3, 0.0, 0.0, 1.0)
+        return _fill_absent(params, self, 2, absent)
+
     def _fibre_columns(self, acq, shared, fibre, dirs):
         d_par = fibre["d_par"]
         cyl = blocks.cylinder(
@@ -678,6 +887,8 @@ class ZcdModel(CompartmentModel):
         return blocks.dot(acq, shape=(B,))[..., None]
 
     def _to_params(self, shared, fibre, dirs, c, scale):
+        if self._multi:
+            return self._to_params_per_fibre(fibre, dirs, c, scale)
         fractions, total = _fractions(c)
         d_par = fibre["d_par"][:, 0]
         scalars = [
@@ -693,29 +904,61 @@ class ZcdModel(CompartmentModel):
             [torch.stack(scalars, -1), canonical_directions(dirs[:, 0])], dim=-1
         )
 
+    def _to_params_per_fibre(self, fibre, dirs, c, scale):
+        F = self.n_fibres
+        fractions, total = _fractions(c)
+        # Columns are fibre-major: (cylinder, zeppelin) per fibre, then dot.
+        fic, fee = fractions[:, 0 : 2 * F : 2], fractions[:, 1 : 2 * F : 2]
+        d_par = fibre["d_par"]
+        per = torch.stack(
+            [fic, fee, fibre["diameter"], d_par, d_par * fibre["perp_ratio"]], -1
+        )
+        head = torch.stack([scale * total, fractions[:, 2 * F]], dim=-1)
+        return torch.cat([head, _sorted_fibres(per, dirs, fic + fee)], dim=-1)
+
     def _from_params(self, params):
-        d_par = params[:, 5]
+        B = len(params)
+        if self._multi:
+            per = params[:, 2:].reshape(B, self.n_fibres, 8)
+            fractions = torch.cat([per[..., :2].reshape(B, -1), params[:, 1:2]], -1)
+            diameter, d_par, d_perp = per[..., 2], per[..., 3], per[..., 4]
+            dirs = per[..., 5:]
+        else:
+            fractions = params[:, 1:4]
+            diameter, d_par, d_perp = params[:, 4:5], params[:, 5:6], params[:, 6:7]
+            dirs = params[:, None, 7:10]
         safe = torch.where(d_par > 0, d_par, torch.ones_like(d_par))
-        fibre = {
-            "diameter": params[:, 4:5],
-            "d_par": params[:, 5:6],
-            "perp_ratio": (params[:, 6] / safe)[:, None],
-        }
-        return {}, fibre, params[:, None, 7:10], params[:, 1:4], params[:, 0]
+        fibre = {"diameter": diameter, "d_par": d_par, "perp_ratio": d_perp / safe}
+        return {}, fibre, dirs, fractions, params[:, 0]
+
+
+_ZCD_SINGLE = (
+    "S0",
+    "fic",
+    "fee",
+    "fdot",
+    "diameter",
+    "d_par",
+    "d_perp",
+    "x",
+    "y",
+    "z",
+)
 
 
 class ZcdFit(CompartmentFit):
-    """ZCD parameter maps."""
+    """ZCD parameter maps; per-fibre maps have a trailing fibre axis when the
+    model has several fibres or ``fibres="auto"``."""
 
     @property
     def fic(self):
-        """Intra-axonal (cylinder) signal fraction."""
-        return self._param("fic")
+        """Intra-axonal (cylinder) signal fraction (per fibre)."""
+        return self._per_fibre("fic")
 
     @property
     def fee(self):
-        """Extra-axonal (zeppelin) signal fraction."""
-        return self._param("fee")
+        """Extra-axonal (zeppelin) signal fraction (per fibre)."""
+        return self._per_fibre("fee")
 
     @property
     def fdot(self):
@@ -724,22 +967,24 @@ class ZcdFit(CompartmentFit):
 
     @property
     def diameter(self):
-        """Axon diameter in um."""
-        return self._param("diameter")
+        """Axon diameter in um (per fibre)."""
+        return self._per_fibre("diameter")
 
     @property
     def d_par(self):
-        """Intrinsic (and parallel) diffusivity in mm^2/s."""
-        return self._param("d_par")
+        """Intrinsic (and parallel) diffusivity in mm^2/s (per fibre)."""
+        return self._per_fibre("d_par")
 
     @property
     def d_perp(self):
-        """Perpendicular diffusivity of the zeppelin in mm^2/s."""
-        return self._param("d_perp")
+        """Perpendicular diffusivity of the zeppelin in mm^2/s (per fibre)."""
+        return self._per_fibre("d_perp")
 
     @property
     def direction(self):
-        """Fibre direction, (..., 3), z >= 0."""
+        """Fibre direction, (..., 3), z >= 0; (..., F, 3) per fibre."""
+        if self.model._multi:
+            return self._direction_stack()
         return self.model_params[..., 7:10]
 
 
