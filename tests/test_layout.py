@@ -38,6 +38,7 @@ LAYERS = [
     "meshfit.fem",
     "meshfit.shape",
     "meshfit.fit",
+    "meshfit.refine",
     "meshfit",
     "inverse.config",
     "inverse.facefit",

@@ -5,12 +5,15 @@ templates); :mod:`.fem` simulates its diffusion signal with P1 finite
 elements and the matrix formalism, differentiable with respect to the vertex
 positions (ReMiDi's approach, with this package's protocols and noise model);
 :mod:`.shape` is the shape code (Laplace-Beltrami modes of the template's
-surface) and :mod:`.fit` optimises it (:func:`fit_mesh`).
+surface), :mod:`.fit` optimises it (:func:`fit_mesh`) and :mod:`.refine`
+starts it from a Spinverse label surface (:func:`refine_cell`, behind
+``SpinverseModel(..., refine_mesh=True)``).
 """
 
 from .fem import MeshBasis, mesh_basis, mesh_signal
 from .fit import MeshFit, fit_mesh, fit_surface, surface_chamfer
 from .mesh import TetMesh, axon_mesh, ball_mesh, tube_mesh
+from .refine import check_refine_options, refine_cell
 from .shape import SpectralShape, spectral_shape
 
 __all__ = [
@@ -27,4 +30,6 @@ __all__ = [
     "fit_mesh",
     "fit_surface",
     "surface_chamfer",
+    "refine_cell",
+    "check_refine_options",
 ]

@@ -160,6 +160,8 @@ def fit_mesh(
     penalty=1e-4,
     length_scale=2.0,
     basis_every=5,
+    background=None,
+    box_volume=None,
     verbose=False,
 ):
     """Fit a smooth cell mesh to a b0-normalisable signal.
@@ -198,6 +200,14 @@ def fit_mesh(
         Cut-off of the eigenbasis (um); 2 um is the published setting.
     basis_every : int
         Iterations between basis recomputations.
+    background : array_like (n_acquisitions,), optional
+        b0-normalised signal of the rest of a voxel of volume ``box_volume``
+        (e.g. the grid simulator's, :func:`.refine.refine_cell`): the model
+        is then ``f S_mesh + (1 - f) background``, ``f`` the mesh's volume
+        over ``box_volume`` (differentiable). Default: the cell alone.
+    box_volume : float, optional
+        Volume of that voxel (um^3); needed with ``background``, larger than
+        the cell.
     verbose : bool
         Print the loss every 10 iterations.
 
@@ -226,6 +236,7 @@ def fit_mesh(
     length_scale = check_positive(length_scale, "length_scale", "um")
     basis_every = check_int(basis_every, "basis_every", 1)
     check_choice(directions, "directions", DIRECTIONS)
+    background, box_volume = _check_background(background, box_volume, len(protocol))
     shape, kind = _shape(template, n_modes, directions)
     code0 = np.zeros(shape.n_code) if start is None else np.asarray(start, float)
     if code0.shape != (shape.n_code,):
@@ -236,6 +247,7 @@ def fit_mesh(
         raise ValueError("start inverts tetrahedra of the template; shrink it.")
 
     target = torch.tensor(normalise_b0(measured, protocol))
+    tets = torch.tensor(shape.template.tets)
     weights = _penalty_weights(shape)
     code = torch.tensor(code0, requires_grad=True)
     optimiser = torch.optim.Adam([code], lr=learning_rate)
@@ -261,6 +273,9 @@ def fit_mesh(
             basis=basis,
             diffusivity=diffusivity,
         )
+        if background is not None:
+            fraction = _volume(vertices, tets) / box_volume
+            predicted = fraction * predicted + (1.0 - fraction) * background
         loss = (
             data_loss(
                 predicted, target, loss_scale=loss_scale, sigma=sigma, noise=noise
@@ -279,6 +294,9 @@ def fit_mesh(
     mesh = shape.mesh(code_best)
     if predicted is None:
         predicted = mesh_signal(mesh, protocol, diffusivity=diffusivity).detach()
+        if background is not None:
+            fraction = mesh.volume / box_volume
+            predicted = fraction * predicted + (1.0 - fraction) * background
     return MeshFit(
         mesh=mesh,
         shape_code=code_best,
@@ -288,6 +306,31 @@ def fit_mesh(
         n_inverted=shape.n_inverted(code_best),
         shape=shape,
     )
+
+
+def _check_background(background, box_volume, n_acquisitions):
+    """The background as a tensor and the checked box volume (or None, None)."""
+    if background is None and box_volume is None:
+        return None, None
+    if background is None or box_volume is None:
+        raise ValueError(
+            "background and box_volume go together: pass both (the rest of the "
+            "voxel's signal and the voxel's volume in um^3) or neither."
+        )
+    box_volume = check_positive(box_volume, "box_volume", "um^3")
+    background = np.asarray(background, dtype=np.float64)
+    if background.shape != (n_acquisitions,) or not np.all(np.isfinite(background)):
+        raise ValueError(
+            f"background must be a finite signal of shape ({n_acquisitions},), "
+            f"got shape {background.shape}."
+        )
+    return torch.tensor(background), box_volume
+
+
+def _volume(vertices, tets):
+    """Volume of a mesh (um^3) from vertex positions, differentiable."""
+    p = vertices[tets]
+    return torch.linalg.det(p[:, 1:] - p[:, :1]).sum() / 6.0
 
 
 def _shape(template, n_modes, directions):
