@@ -1,5 +1,7 @@
 """The differentiable forward model: permeability field -> diffusion signals."""
 
+import json
+
 import numpy as np
 import torch
 
@@ -8,7 +10,7 @@ from .operators import diffusion_operator
 from .sequences import as_protocol
 from .solvers import ENGINES, propagate, time_plan
 
-__all__ = ["simulate", "METHODS"]
+__all__ = ["simulate", "update_digest", "METHODS"]
 
 METHODS = ("auto",) + ENGINES
 
@@ -269,3 +271,27 @@ def _initial(grid, initial, n_batch, batch_shape, like):
     if torch.any(start.sum(-1) == 0):
         raise ValueError("initial selects no cell; the signal would be undefined.")
     return start
+
+
+def update_digest(digest, grid, protocol, **meta):
+    """Feed everything a simulation of ``grid`` and ``protocol`` depends on.
+
+    Updates the ``hashlib`` object ``digest`` with the grid's geometry, the
+    protocol's b-values, directions and waveforms, then ``meta`` (JSON, with
+    the grid's size and wall). Cache keys of simulated results (the learned
+    proposal, the label search's signals) are built on it.
+    """
+    for array in (grid.vertices, grid.tets, protocol.bvals, protocol.bvecs):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    for waveform in protocol.waveforms:
+        digest.update(repr(waveform).encode())
+        for part in waveform.segments:
+            digest.update(np.asarray(part, dtype=np.float64).tobytes())
+    meta = dict(
+        meta,
+        size=grid.size,
+        boundary=grid.boundary,
+        wall=grid.wall_permeability,
+    )
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest

@@ -10,6 +10,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 from dipy_spinverse import Protocol, TetGrid, simulate
 from dipy_spinverse.inverse import PRESETS, InversionConfig, reconstruct, resolve_config
 from dipy_spinverse.inverse.search import (
+    BatchScorer,
+    SignalCache,
     direction_subset,
     greedy_labels,
     search_labels,
@@ -243,6 +245,65 @@ def test_voxels_searched_together_match_one_at_a_time(problem):
         )
         assert_array_equal(together[0][v], alone[0][0])
         assert_allclose(together[1][v], alone[1][0], rtol=1e-6)
+
+
+def test_scorer_simulates_each_field_once(problem, monkeypatch):
+    """Shared fields (the same barrier and membrane) are simulated once.
+
+    Two voxels scoring the same labellings, a labelling repeated, and two
+    labellings with the same barrier (labels swapped) cost one simulation
+    each; the losses equal those of an uncached simulation of each row.
+    """
+    import dipy_spinverse.inverse.search as search
+
+    grid, prot, signal = problem
+    data = normalise_b0(torch.as_tensor(np.stack([signal, 0.9 * signal])), prot)
+    config = resolve_config("default", search_directions=None)
+    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
+    scorer = BatchScorer(
+        grid, data, prot, np.arange(len(prot)), config, sim, cache=SignalCache()
+    )
+    ball = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
+    half = (np.arange(grid.n_cells) < 24).astype(int)
+    candidates = np.array([ball, half, ball, 1 - ball, half, ball])
+    owners = np.array([0, 0, 1, 1, 1, 0])
+    membranes = np.array([1e-5, 1e-5, 1e-5, 1e-5, 2e-5, 1e-5])
+    simulated = []
+    real = search.simulate
+
+    def counting(grid, field, protocol, **kw):
+        simulated.append(len(field))
+        return real(grid, field, protocol, **kw)
+
+    monkeypatch.setattr(search, "simulate", counting)
+    losses = scorer(owners, candidates, membranes)
+    assert sum(simulated) == 3  # ball, half at 1e-5; half at 2e-5
+    assert len(scorer.cache) == 3
+    fields = np.array(
+        [
+            np.where(grid.interface_faces(c), m, 0.1)
+            for c, m in zip(candidates, membranes, strict=True)
+        ]
+    )
+    pred = normalise_b0(real(grid, fields, prot), prot)
+    expected = scorer._loss(pred, torch.as_tensor(owners)).numpy()
+    assert_allclose(losses, expected, rtol=1e-12)
+    # Asked again (another chunk of a volume): nothing is simulated.
+    simulated.clear()
+    assert_allclose(scorer(owners, candidates, membranes), losses, rtol=0)
+    assert simulated == []
+
+
+def test_signal_cache_keeps_the_most_recent_within_its_bytes():
+    value = torch.zeros(4, dtype=torch.float64)  # 32 bytes
+    cache = SignalCache(max_bytes=64)
+    cache.put_many([(b"a", value), (b"b", value)])
+    assert set(cache.get_many([b"a"])) == {b"a"}  # "a" now the most recent
+    cache.put_many([(b"c", value)])
+    assert set(cache.get_many([b"a", b"b", b"c"])) == {b"a", b"c"}
+    assert cache.n_bytes == 64
+    cache.clear()
+    assert len(cache) == 0 and cache.n_bytes == 0
 
 
 def test_drive_answers_each_search_in_turn():

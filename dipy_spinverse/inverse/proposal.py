@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_number
-from ..forward import simulate
+from ..forward import simulate, update_digest
 from ..interface import graph_components
 from ..metrics import cell_inversion
 from ..signals import normalise_b0
@@ -177,22 +177,14 @@ def proposal_key(grid, protocol, diffusivity, settings):
     directions, the diffusivity, the training settings and
     ``PROPOSAL_VERSION``.
     """
-    digest = hashlib.sha256()
-    for array in (grid.vertices, grid.tets, protocol.bvals, protocol.bvecs):
-        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
-    for waveform in protocol.waveforms:
-        digest.update(repr(waveform).encode())
-        for part in waveform.segments:
-            digest.update(np.asarray(part, dtype=np.float64).tobytes())
-    meta = dict(
+    digest = update_digest(
+        hashlib.sha256(),
+        grid,
+        protocol,
         version=PROPOSAL_VERSION,
-        size=grid.size,
-        boundary=grid.boundary,
-        wall=grid.wall_permeability,
         diffusivity=float(diffusivity),
         settings=asdict(settings),
     )
-    digest.update(json.dumps(meta, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
 

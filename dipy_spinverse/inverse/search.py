@@ -23,15 +23,18 @@ simulator calls (:class:`BatchScorer`), so a volume keeps the simulator busy
 on CPU and GPU alike.
 """
 
+import hashlib
 import math
+import threading
 import zlib
+from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from ..forward import simulate
+from ..forward import simulate, update_digest
 from ..interface import (
     barrier_regions,
     enclosed_cells,
@@ -50,6 +53,8 @@ __all__ = [
     "label_field",
     "cell_labels",
     "BatchScorer",
+    "SignalCache",
+    "SIGNAL_CACHE",
     "Recorder",
     "greedy_labels",
     "label_moves",
@@ -80,6 +85,10 @@ REFINE_TOLERANCE = 0.005
 # L-BFGS iterations of the joint per-cell refinement (each one simulation
 # with its gradient, plus line-search steps).
 REFINE_ITERATIONS = 60
+# Memory for simulated signals shared between voxels (SignalCache): at 540
+# acquisitions in float64 this holds about 60,000 labellings, more than the
+# generic-shape screen and the descents of a chunk of voxels request.
+SIGNAL_CACHE_BYTES = 256 * 2**20
 # Labellings scored within this chi-square of a voxel's best are kept for
 # its uncertainty: their likelihood weight exp(-chi2 / 2) is then above
 # 3e-4, so dropping the rest changes no probability by more than that.
@@ -394,7 +403,9 @@ class BatchScorer:
     noise ``precision``, default 1).
     """
 
-    def __init__(self, grid, data, protocol, subset, config, sim, precision=None):
+    def __init__(
+        self, grid, data, protocol, subset, config, sim, precision=None, cache=None
+    ):
         self.grid, self.config, self.sim = grid, config, sim
         self.protocol = protocol[subset]
         self.target = data[:, subset]
@@ -402,24 +413,56 @@ class BatchScorer:
             precision = torch.ones_like(data)
         self.precision = precision[:, subset]
         self.open_kappa = 10.0 ** config.log_kappa_bounds[1]
+        self.cache = SIGNAL_CACHE if cache is None else cache
+        self.context = update_digest(
+            hashlib.sha256(),
+            grid,
+            self.protocol,
+            diffusivity=float(sim["diffusivity"]),
+            dtype=str(sim["dtype"]),
+            device=str(sim["device"]),
+            open_kappa=self.open_kappa,
+        ).digest()
 
     def __call__(self, owners, candidates, membranes):
+        owner = torch.as_tensor(owners, device=self.target.device)
+        return self._loss(self.signals(candidates, membranes), owner).cpu().numpy()
+
+    def signals(self, candidates, membranes):
+        """b0-normalised signals (n, n_acquisitions) of labellings.
+
+        The field of a labelling depends only on where labels differ and on
+        the membrane, so that is the cache key: identical fields requested by
+        different voxels (every voxel screens the same generic shapes), or
+        again later, are simulated once.
+        """
+        if len(candidates) == 0:
+            sim = self.sim
+            shape = (0, len(self.protocol))
+            return torch.zeros(shape, dtype=sim["dtype"], device=sim["device"])
         face_cells = self.grid.face_cells
-        losses = []
-        for i in range(0, len(candidates), SCORE_BATCH):
-            rows = slice(i, i + SCORE_BATCH)
-            labels = candidates[rows]
-            barrier = labels[:, face_cells[:, 0]] != labels[:, face_cells[:, 1]]
-            field = np.where(
-                barrier, np.reshape(membranes[rows], (-1, 1)), self.open_kappa
-            )
+        barrier = candidates[:, face_cells[:, 0]] != candidates[:, face_cells[:, 1]]
+        membranes = np.broadcast_to(np.asarray(membranes, float), len(candidates))
+        keys = [
+            self.context + np.packbits(row).tobytes() + np.float64(m).tobytes()
+            for row, m in zip(barrier, membranes, strict=True)
+        ]
+        found = self.cache.get_many(keys)
+        first = {}
+        for row, key in enumerate(keys):
+            if key not in found:
+                first.setdefault(key, row)
+        missing = list(first)
+        for i in range(0, len(missing), SCORE_BATCH):
+            batch = missing[i : i + SCORE_BATCH]
+            rows = [first[k] for k in batch]
+            field = np.where(barrier[rows], membranes[rows][:, None], self.open_kappa)
             with torch.no_grad():
                 pred = simulate(self.grid, field, self.protocol, **self.sim)
                 pred = normalise_b0(pred, self.protocol)
-            owner = torch.as_tensor(owners[rows], device=self.target.device)
-            loss = self._loss(pred, owner)
-            losses.append(loss.cpu().numpy())
-        return np.concatenate(losses) if losses else np.zeros(0)
+            found.update(zip(batch, pred, strict=True))
+            self.cache.put_many(zip(batch, pred, strict=True))
+        return torch.stack([found[k] for k in keys])
 
     def score_field(self, v, field):
         """Data loss of one permeability field (n_faces,) against voxel ``v``.
@@ -444,6 +487,56 @@ class BatchScorer:
             noise=self.config.noise,
             precision=self.precision[owners],
         )
+
+
+class SignalCache:
+    """Least-recently-used store of simulated signals, thread-safe.
+
+    Keys are bytes (:meth:`BatchScorer.signals` builds them from a digest of
+    the grid, protocol and simulation settings, the barrier faces and the
+    membrane), values tensors. Holds at most ``max_bytes`` of tensors.
+    """
+
+    def __init__(self, max_bytes=SIGNAL_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.n_bytes = 0
+        self._store = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._store)
+
+    def get_many(self, keys):
+        """The stored values of ``keys`` (a dict; absent keys are left out)."""
+        with self._lock:
+            found = {}
+            for key in keys:
+                if key in self._store and key not in found:
+                    self._store.move_to_end(key)
+                    found[key] = self._store[key]
+            return found
+
+    def put_many(self, items):
+        """Store ``(key, tensor)`` pairs, dropping the least recently used."""
+        with self._lock:
+            for key, value in items:
+                if key in self._store:
+                    continue
+                self._store[key] = value
+                self.n_bytes += value.element_size() * value.nelement()
+            while self.n_bytes > self.max_bytes and self._store:
+                _, old = self._store.popitem(last=False)
+                self.n_bytes -= old.element_size() * old.nelement()
+
+    def clear(self):
+        with self._lock:
+            self._store.clear()
+            self.n_bytes = 0
+
+
+#: The process's shared store: the generic-shape screen asks every voxel of a
+#: volume (every chunk) for the same ~1,000 shapes.
+SIGNAL_CACHE = SignalCache()
 
 
 class Recorder:
