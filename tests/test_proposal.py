@@ -75,8 +75,28 @@ def test_label_moves_of_several_cells():
     cell2 = tuple(np.flatnonzero(labels == 2).tolist())
     assert (cell2, 1) in moves and (cell2, 0) in moves
     binary = label_moves(grid, (labels > 0).astype(int))
-    assert all(label in (0, 1) for _, label in binary)
+    assert all(label in (0, 1, 2) for _, label in binary)  # 2: splits only
     assert all(len(cells) > 0 for cells, _ in moves)
+
+
+def test_split_moves_cut_a_cell_across_its_principal_axes():
+    """A slab long along x: one split cuts it at its mean x, with a new label.
+
+    Nothing else creates a label, so two touching cells that a start merged
+    are separated only by such a move.
+    """
+    grid = TetGrid.bcc(80 / 3, 4)
+    centroids = grid.cell_centroids
+    inside = np.all(np.abs(centroids - grid.size / 2) < [9.0, 5.0, 5.0], axis=1)
+    labels = inside.astype(int)
+    splits = [set(cells) for cells, label in label_moves(grid, labels) if label == 2]
+    assert len(splits) == 3  # one per principal axis
+    cells = np.flatnonzero(inside)
+    x = centroids[cells, 0]
+    x = x - x.mean()  # cells on the cut stay with the original label
+    halves = set(cells[x > 1e-6].tolist()), set(cells[x < -1e-6].tolist())
+    assert any(half in splits for half in halves)
+    assert label_moves(grid, np.zeros(grid.n_cells, int)) == []
 
 
 def test_inversion_twin_gives_the_same_signal(problem):

@@ -85,6 +85,9 @@ REFINE_TOLERANCE = 0.005
 # L-BFGS iterations of the joint per-cell refinement (each one simulation
 # with its gradient, plus line-search steps).
 REFINE_ITERATIONS = 60
+# A split move (label_moves) leaves at least this many grid cells on each side:
+# smaller pieces are a single move's business.
+SPLIT_MIN_CELLS = 4
 # Memory for simulated signals shared between voxels (SignalCache): at 540
 # acquisitions in float64 this holds about 60,000 labellings, more than the
 # generic-shape screen and the descents of a chunk of voxels request.
@@ -766,7 +769,8 @@ def label_moves(grid, labels):
     per cell label ``k``: erode or dilate cell ``k`` by one layer (its rim
     cells go outside; the outside cells along its rim join it), delete one
     of its pieces when it has several; and with several cells, delete cell
-    ``k`` or merge it into a cell it touches.
+    ``k`` or merge it into a cell it touches; and split cell ``k`` in two
+    across each of its principal axes (:func:`_split_moves`).
     """
     a, b = grid.face_cells.T
     cut = labels[a] != labels[b]
@@ -793,7 +797,32 @@ def label_moves(grid, labels):
             moves.add((cell, 0))  # delete
             neighbours = np.unique(labels[touching])
             moves.update((cell, int(j)) for j in neighbours if j > 0)  # merge
+        moves.update(_split_moves(grid, labels, k))
     return sorted(m for m in moves if m[0])
+
+
+def _split_moves(grid, labels, k):
+    """Cell ``k`` cut in two across each of its principal axes (a new label).
+
+    Nothing else creates a label, so without these two touching cells that a
+    start merged (a proposal's occupancy cannot tell them apart) would stay
+    one compartment; the descent then moves the cut to the membrane.
+    """
+    cells = np.flatnonzero(labels == k)
+    if len(cells) < 2 * SPLIT_MIN_CELLS:
+        return []
+    centroids = grid.cell_centroids[cells]
+    offsets = grid.displacement(centroids, centroids[0])
+    offsets -= offsets.mean(0)
+    _, _, axes = np.linalg.svd(offsets, full_matrices=False)
+    new = int(labels.max()) + 1
+    moves = []
+    for axis in axes:
+        # Cells on the plane stay (rounding must not decide their side).
+        side = cells[offsets @ axis > 1e-9 * grid.spacing]
+        if SPLIT_MIN_CELLS <= len(side) <= len(cells) - SPLIT_MIN_CELLS:
+            moves.append((tuple(side.tolist()), new))
+    return moves
 
 
 def direction_subset(protocol, n_directions):
