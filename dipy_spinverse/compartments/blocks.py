@@ -425,6 +425,20 @@ def _catmull_rom(f):
     )
 
 
+def _catmull_rom_slopes(f):
+    """Derivatives with respect to f of the :func:`_catmull_rom` weights."""
+    f2 = f * f
+    return torch.stack(
+        [
+            (-3.0 * f2 + 4.0 * f - 1.0) / 2.0,
+            (9.0 * f2 - 10.0 * f) / 2.0,
+            (-9.0 * f2 + 8.0 * f + 1.0) / 2.0,
+            (3.0 * f2 - 2.0 * f) / 2.0,
+        ],
+        dim=-1,
+    )
+
+
 def _ghost_nodes(values, dim):
     """Pad ``values`` by one node at both ends of ``dim``, extrapolated by
     the cubic through the 4 nearest nodes (exact for cubics)."""
@@ -536,6 +550,43 @@ class WatsonStickTable:
         picked = torch.gather(flat, -1, index).unflatten(-1, (-1, 4))
         return (picked * wt).sum(-1)
 
+    def with_derivatives(self, direction, odi):
+        """Signals E (..., M) and their derivatives dE/dODI (..., M) and
+        dE/dt (..., M), t = (g . mu)^2, in closed form: the derivatives of
+        the cubic-convolution weights (:func:`_catmull_rom_slopes`) on the
+        same four table entries. Zero where ODI or t is clamped to the
+        table's range (the interpolant is constant there)."""
+        odi = torch.as_tensor(odi, dtype=self.values.dtype)
+        u_raw = (odi - self.odi_lo) / self.h_odi
+        u = u_raw.clamp(0.0, self.n_odi - 1.0)
+        i = u.floor().clamp(max=self.n_odi - 2).long()
+        inside = (u == u_raw).to(u.dtype)
+        # Value and ODI-slope weights as two stencil rows: one matrix product.
+        w = torch.stack(
+            [_catmull_rom(u - i), _catmull_rom_slopes(u - i) * inside[..., None]],
+            dim=-2,
+        )  # (..., 2, 4)
+        rows = (i[..., None] + torch.arange(4))[..., None, :].expand(w.shape)
+        stencil = torch.zeros(
+            w.shape[:-1] + (self.n_odi + 2,), dtype=w.dtype, device=w.device
+        ).scatter(-1, rows, w)
+        flat = stencil @ self.values  # (..., 2, n_b (n_t + 2))
+        c = direction @ self.bvecs_t
+        v_raw = c * c * (self.n_t - 1)
+        v = v_raw.clamp(0.0, self.n_t - 1.0)
+        j = v.floor().clamp(max=self.n_t - 2).long()
+        wt = _catmull_rom(v - j)  # (..., M, 4)
+        dwt = _catmull_rom_slopes(v - j) * (v == v_raw).to(v.dtype)[..., None]
+        width = self.n_t + 2
+        base = self.shell_index * width + j
+        index = (base[..., None] + torch.arange(4)).flatten(-2)
+        index = index[..., None, :].expand(index.shape[:-1] + (2, index.shape[-1]))
+        picked = torch.gather(flat, -1, index).unflatten(-1, (-1, 4))
+        value = (picked[..., 0, :, :] * wt).sum(-1)
+        d_odi = (picked[..., 1, :, :] * wt).sum(-1) / self.h_odi
+        d_t = (picked[..., 0, :, :] * dwt).sum(-1) * (self.n_t - 1)
+        return value, d_odi, d_t
+
 
 def watson_zeppelin(acq, *, direction, kappa, d_par, d_perp, n_nodes=N_WATSON_NODES):
     """Watson average of zeppelin signals (exact signal average).
@@ -570,6 +621,71 @@ def watson_tau(kappa, *, n_nodes=N_WATSON_NODES):
     t, w = (_as(a, kappa) for a in _watson_nodes(n_nodes))
     density = torch.exp(kappa[..., None] * (t**2 - 1.0))
     return torch.sum(w * t**2 * density, -1) / torch.sum(w * density, -1)
+
+
+def watson_tau_slope(kappa, *, n_nodes=N_WATSON_NODES):
+    """``d tau / d kappa`` of :func:`watson_tau`, on the same quadrature:
+    the Watson variance of ``(mu . n)^2``, ``<(mu . n)^4> - tau^2``."""
+    kappa = torch.as_tensor(kappa, dtype=torch.float64)
+    t, w = (_as(a, kappa) for a in _watson_nodes(n_nodes))
+    density = w * torch.exp(kappa[..., None] * (t**2 - 1.0))
+    norm = density.sum(-1)
+    tau = (density * t**2).sum(-1) / norm
+    return (density * t**4).sum(-1) / norm - tau**2
+
+
+def noddi_neurite_derivatives(acq, table, *, direction, odi, ndi, d_par):
+    """NODDI's neurite signal and its derivatives in closed form.
+
+    ``N = ndi E + (1 - ndi) X``: ``E`` the Watson sticks from a
+    :class:`WatsonStickTable` (``table``, built for ``acq`` and ``d_par``),
+    ``X`` the zeppelin of the Watson-averaged tensor
+    (:func:`watson_hindered`) with the tortuosity ``d_perp = d_par (1 -
+    ndi)``. With ``t = (g . mu)^2`` and ``tau = <(mu . n)^2>``, ``X =
+    exp(-b A)``, ``A = d_par (1 - ndi) + d_par ndi ((1 - tau) / 2 + t (3 tau
+    - 1) / 2)``, so every derivative is elementary; the table's come from
+    its interpolant (:meth:`WatsonStickTable.with_derivatives`). One
+    evaluation instead of one per parameter for forward differences.
+
+    Parameters
+    ----------
+    acq : Acquisition
+    table : WatsonStickTable
+    direction : torch.Tensor, shape (..., 3)
+        Unit axes mu.
+    odi, ndi : torch.Tensor, shape (...)
+    d_par : float
+        Intrinsic diffusivity in um^2/us (the table's).
+
+    Returns
+    -------
+    value, d_odi, d_ndi : torch.Tensor, shape (..., M)
+    d_mu : torch.Tensor, shape (..., M, 3)
+        Gradient with respect to the (unnormalised) components of mu, at
+        unit mu.
+    """
+    intra, intra_odi, intra_t = table.with_derivatives(direction, odi)
+    kappa = odi_to_kappa(odi)
+    tau = watson_tau(kappa)
+    # d kappa / d ODI for kappa = 1 / tan(pi ODI / 2).
+    kappa_odi = -(torch.pi / 2.0) / torch.sin(torch.pi * odi / 2.0) ** 2
+    tau_odi = (watson_tau_slope(kappa) * kappa_odi)[..., None]
+    c = cosines(acq, direction)
+    t = c * c
+    b = acq.bvals
+    tau, ndi = tau[..., None], ndi[..., None]
+    shape = (1.0 - tau) / 2.0 + t * (3.0 * tau - 1.0) / 2.0
+    extra = torch.exp(-b * d_par * ((1.0 - ndi) + ndi * shape))
+    # d(-b A)/d(parameter), times X below.
+    rate_ndi = -b * d_par * (shape - 1.0)
+    rate_tau = -b * d_par * ndi * (3.0 * t - 1.0) / 2.0
+    rate_t = -b * d_par * ndi * (3.0 * tau - 1.0) / 2.0
+    value = ndi * intra + (1.0 - ndi) * extra
+    d_odi = ndi * intra_odi + (1.0 - ndi) * extra * rate_tau * tau_odi
+    d_ndi = intra - extra + (1.0 - ndi) * extra * rate_ndi
+    d_t = ndi * intra_t + (1.0 - ndi) * extra * rate_t
+    d_mu = (2.0 * d_t * c)[..., None] * acq.bvecs
+    return value, d_odi, d_ndi, d_mu
 
 
 def watson_hindered(acq, *, direction, kappa, d_par, d_perp):

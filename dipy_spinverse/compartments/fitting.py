@@ -84,6 +84,13 @@ class Bound:
         v = lo + (hi - lo) * torch.sigmoid(u)
         return torch.exp(v) if self.log else v
 
+    def slope(self, u):
+        """Derivative of :meth:`value` with respect to u."""
+        lo, hi = self._ends()
+        s = torch.sigmoid(u)
+        d = (hi - lo) * s * (1.0 - s)
+        return d * self.value(u) if self.log else d
+
     def unconstrained(self, value):
         """Inverse of :meth:`value` (values are clipped inside the bounds)."""
         lo, hi = self._ends()

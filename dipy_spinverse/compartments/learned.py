@@ -38,7 +38,7 @@ __all__ = [
 
 #: Version of the training procedure, part of every cache key: networks
 #: trained by an earlier procedure are not loaded.
-TRAINER_VERSION = 2
+TRAINER_VERSION = 3
 
 logger = logging.getLogger(__name__)
 
