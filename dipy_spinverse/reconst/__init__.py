@@ -12,7 +12,8 @@
 Problems of single voxels never stop a volume: the voxel gets a status code
 (:data:`STATUS_CODES`) and NaN outputs, and the rest of the volume is kept.
 A fit whose residual is far above the noise is kept, with the warning status
-``POOR_FIT``.
+``POOR_FIT``. A smooth mesh refinement (``refine_mesh=True``) that fails
+flags the voxel's mesh (:data:`MESH_STATUS_CODES`), not its fit.
 """
 
 from .fit import (
@@ -21,6 +22,11 @@ from .fit import (
     FAILED,
     FITTED,
     MASKED,
+    MESH_FAILED,
+    MESH_NO_CELL,
+    MESH_NOT_REFINED,
+    MESH_OK,
+    MESH_STATUS_CODES,
     NONFINITE,
     OK,
     OPTIONAL_PARAMETERS,
@@ -47,4 +53,9 @@ __all__ = [
     "MASKED",
     "FITTED",
     "OPTIONAL_PARAMETERS",
+    "MESH_STATUS_CODES",
+    "MESH_OK",
+    "MESH_NO_CELL",
+    "MESH_FAILED",
+    "MESH_NOT_REFINED",
 ]

@@ -24,6 +24,12 @@ MASKED       -2    outside the mask
 The voxels with outputs (:attr:`SpinverseFit.fitted`) are those with status
 ``OK`` or ``POOR_FIT`` (:data:`FITTED`); maps, meshes and predictions are
 NaN or None for the others inside the mask.
+
+With ``SpinverseModel(..., refine_mesh=True)`` each fitted voxel's largest
+cell is also refined into a smooth mesh
+(:func:`dipy_spinverse.meshfit.refine_cell`), with its own status
+(:data:`MESH_STATUS_CODES`): a refinement that fails flags the voxel's mesh,
+never the voxel's fit.
 """
 
 import os
@@ -32,7 +38,9 @@ from functools import cached_property
 import numpy as np
 from dipy.reconst.base import ReconstFit
 
-from ..interface import barrier_mesh, barrier_regions, cell_table
+from ..interface import barrier_mesh, barrier_regions, cell_table, write_mesh
+from ..meshfit.fit import axis_radius
+from ..meshfit.mesh import TetMesh, boundary_triangles, signed_volumes, triangle_areas
 
 __all__ = [
     "SpinverseFit",
@@ -48,6 +56,12 @@ __all__ = [
     "FITTED",
     "PARAMETERS",
     "OPTIONAL_PARAMETERS",
+    "MESH_PARAMETERS",
+    "MESH_STATUS_CODES",
+    "MESH_OK",
+    "MESH_NO_CELL",
+    "MESH_FAILED",
+    "MESH_NOT_REFINED",
 ]
 
 OK, NONFINITE, BAD_B0, FAILED, DIVERGED, POOR_FIT = 0, 1, 2, 3, 4, 5
@@ -68,6 +82,24 @@ STATUS_CODES = {
     MASKED: "outside the mask",
 }
 
+#: Statuses of a voxel's smooth mesh (``refine_mesh=True``).
+MESH_OK, MESH_NO_CELL, MESH_FAILED, MESH_NOT_REFINED = 0, 1, 2, -1
+
+#: Meaning of the smooth mesh's status codes.
+MESH_STATUS_CODES = {
+    MESH_OK: "refined",
+    MESH_NO_CELL: "no labelled cell to refine",
+    MESH_FAILED: "the mesh refinement raised an error",
+    MESH_NOT_REFINED: "not refined (the voxel has no outputs)",
+}
+
+#: Per-voxel parameters of the smooth mesh (None unless ``refine_mesh``):
+#: vertex positions (V, 3) in um (the faces are the model's,
+#: ``model.mesh_tets``), final loss and status. Not written by
+#: :func:`dipy_spinverse.io.save_fit`; :meth:`SpinverseFit.save_smooth_mesh`
+#: writes the surfaces.
+MESH_PARAMETERS = ("mesh_vertices", "mesh_loss", "mesh_status")
+
 #: The per-voxel parameters a fit holds (``labels`` may be None).
 PARAMETERS = (
     "permeability",
@@ -80,6 +112,7 @@ PARAMETERS = (
     "inside_probability",
     "uncertainty",
     "proposal_probability",
+    *MESH_PARAMETERS,
 )
 
 #: The per-cell columns of :func:`~dipy_spinverse.interface.cell_table`.
@@ -483,6 +516,159 @@ class SpinverseFit(ReconstFit):
             )
             if written is not None:
                 paths[index] = written
+        return paths
+
+    # -- smooth meshes (refine_mesh=True) ----------------------------------------
+    @property
+    def mesh_status(self):
+        """Status of each voxel's smooth mesh (:data:`MESH_STATUS_CODES`);
+        ``MESH_NOT_REFINED`` outside the mask; None without ``refine_mesh``."""
+        status = self._rows("mesh_status")
+        if status is None:
+            return None
+        if self.shape == ():
+            return _scalar(status[0]) if self.mask else MESH_NOT_REFINED
+        return self._volume(status, MESH_NOT_REFINED)
+
+    @property
+    def _mesh_rows(self):
+        """Rows (voxels of the mask) with a refined mesh."""
+        status = self._rows("mesh_status")
+        if status is None:
+            return np.zeros(len(self._rows("status")), bool)
+        return status == MESH_OK
+
+    @property
+    def mesh_vertices(self):
+        """Smooth mesh vertices (..., V, 3), um in the voxel's box; NaN where
+        not refined; None without ``refine_mesh``. Tetrahedra:
+        ``model.mesh_tets``; surface triangles: :attr:`mesh_faces`."""
+        if self.params["mesh_vertices"] is None:
+            return None
+        if self.shape == ():
+            return self.params["mesh_vertices"]
+        return self._volume(self.params["mesh_vertices"], np.nan)
+
+    @property
+    def mesh_faces(self):
+        """Outward surface triangles (F, 3) of every smooth mesh (shared)."""
+        if self.model.mesh_tets is None:
+            return None
+        return boundary_triangles(self.model.mesh_tets)
+
+    @property
+    def smooth_mesh(self):
+        """The smooth cell mesh as a :class:`~dipy_spinverse.meshfit.TetMesh`.
+
+        One voxel: its mesh, or None unless refined (``mesh_status`` 0). A
+        volume: an object array of them. None without ``refine_mesh``.
+        """
+        if self.params["mesh_vertices"] is None:
+            return None
+        if self.shape == ():
+            if not (self.mask and self._mesh_rows[0]):
+                return None
+            return TetMesh(self.params["mesh_vertices"], self.model.mesh_tets)
+        meshes = np.empty(self.shape, dtype=object)
+        rows = self._rank.reshape(self.shape)
+        for index in zip(*np.nonzero(self.mask), strict=True):
+            row = rows[index]
+            if self._mesh_rows[row]:
+                meshes[index] = TetMesh(
+                    self.params["mesh_vertices"][row], self.model.mesh_tets
+                )
+        return meshes
+
+    @cached_property
+    def _mesh_measures(self):
+        """(volume, area, radius) per voxel of the mask, NaN where not refined."""
+        vertices = self._rows("mesh_vertices")
+        out = np.full((len(self._rows("status")), 3), np.nan)
+        tets, faces = self.model.mesh_tets, self.mesh_faces
+        for row in np.flatnonzero(self._mesh_rows):
+            v = vertices[row]
+            volume = signed_volumes(v, tets).sum()
+            if self.model.mesh_options["template"] == "tube":
+                radius = axis_radius(TetMesh(v, tets))
+            else:
+                radius = (3.0 * volume / (4.0 * np.pi)) ** (1.0 / 3.0)
+            out[row] = volume, triangle_areas(v, faces).sum(), radius
+        return out
+
+    def _mesh_map(self, column):
+        if self.params["mesh_status"] is None:
+            return None
+        values = self._mesh_measures[:, column]
+        if self.shape == ():
+            return float(values[0]) if self.mask else 0.0
+        return self._volume(values, 0.0)
+
+    @property
+    def mesh_volume(self):
+        """Volume of the smooth cell mesh (um^3): NaN where not refined."""
+        return self._mesh_map(0)
+
+    @property
+    def mesh_surface_to_volume(self):
+        """Membrane area over the smooth cell's own volume (1/um).
+
+        Not :attr:`surface_to_volume` (barrier area per box volume).
+        """
+        if self.params["mesh_status"] is None:
+            return None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = self._mesh_measures[:, 1] / self._mesh_measures[:, 0]
+        if self.shape == ():
+            return float(ratio[0]) if self.mask else 0.0
+        return self._volume(ratio, 0.0)
+
+    @property
+    def mesh_radius(self):
+        """Radius of the smooth cell (um): of the ball of the same volume
+        (``template="ball"``), or the mean distance of the side from the
+        principal axis (``"tube"``)."""
+        return self._mesh_map(2)
+
+    def save_smooth_mesh(self, path, *, ext=".vtp", binary=True):
+        """Write the smooth cell surfaces (um, in the voxel's local box).
+
+        As :meth:`save_interface`: one voxel, the file ``path``; a volume, a
+        folder receiving ``voxel_<i>_<j>_<k><ext>`` per refined voxel.
+
+        Returns
+        -------
+        str or dict
+            The path, or ``{voxel index: path}`` for a volume.
+        """
+        if self.params["mesh_vertices"] is None:
+            raise ValueError(
+                "this fit has no smooth meshes: build the model with refine_mesh=True."
+            )
+        if self.shape == ():
+            mesh = self.smooth_mesh
+            if mesh is None:
+                raise ValueError(
+                    f"this voxel has no smooth mesh (mesh status {self.mesh_status}: "
+                    f"{MESH_STATUS_CODES[self.mesh_status]})."
+                )
+            used = mesh.boundary_vertices
+            renumber = np.full(mesh.n_vertices, -1, dtype=np.int64)
+            renumber[used] = np.arange(len(used))
+            write_mesh(
+                path,
+                mesh.vertices[used],
+                renumber[mesh.boundary_faces],
+                binary=binary and str(path).endswith(".ply"),
+            )
+            return os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        paths = {}
+        for index in zip(*np.nonzero(self.mesh_status == MESH_OK), strict=True):
+            index = tuple(int(i) for i in index)
+            name = "voxel_" + "_".join(map(str, index)) + ext
+            paths[index] = self[index].save_smooth_mesh(
+                os.path.join(os.fspath(path), name), binary=binary
+            )
         return paths
 
     # -- prediction ----------------------------------------------------------------

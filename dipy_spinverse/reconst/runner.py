@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..checks import check_int
 from ..inverse import reconstruct
+from ..meshfit.refine import refine_cell
 from ..signals import b0_scale, data_loss, noise_precision, normalise_b0
 from . import engines
 from .fit import (
@@ -34,6 +35,10 @@ from .fit import (
     DIVERGED,
     FAILED,
     FITTED,
+    MESH_FAILED,
+    MESH_NO_CELL,
+    MESH_NOT_REFINED,
+    MESH_OK,
     NONFINITE,
     OK,
     OPTIONAL_PARAMETERS,
@@ -127,7 +132,49 @@ def fit_voxels(model, data, *, callback=None):
         ok = valid[np.isin(part["status"], FITTED)]
         result["S0"][ok] = s0[ok]
         result["S0_sequences"][ok] = s0_seq[ok]
+        if model.refine_mesh:
+            refine_meshes(model, data, result, ok)
     return result, history
+
+
+def refine_meshes(model, data, result, rows):
+    """Smooth meshes of the largest cell of ``rows`` (``refine_mesh=True``).
+
+    Fills ``result``'s mesh parameters in place. A voxel without a labelled
+    cell gets ``MESH_NO_CELL``; a refinement that raises gets
+    ``MESH_FAILED`` and a warning, and the voxel's fit is kept.
+    """
+    config = model.config
+    for row in rows:
+        labels = result["labels"][row]
+        if labels.max(initial=0) < 1:
+            result["mesh_status"][row] = MESH_NO_CELL
+            continue
+        try:
+            fit = refine_cell(
+                model.grid,
+                labels,
+                result["permeability"][row],
+                data[row],
+                model.protocol,
+                diffusivity=model.diffusivity,
+                sigma=config.sigma,
+                noise=config.noise,
+                options=model.mesh_options,
+            )
+        except Exception as err:  # one mesh must never stop the volume
+            warnings.warn(
+                f"smooth mesh refinement of a voxel failed ({type(err).__name__}: "
+                f"{err}); its mesh status is {MESH_FAILED} (MESH_FAILED), its "
+                "Spinverse fit is kept.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            result["mesh_status"][row] = MESH_FAILED
+            continue
+        result["mesh_vertices"][row] = fit.vertices
+        result["mesh_loss"][row] = fit.loss_history.min()
+        result["mesh_status"][row] = MESH_OK
 
 
 def _reconstruct(model, data, callback=None):
@@ -212,6 +259,19 @@ def empty_params(model, shape):
         S0_sequences=np.full(shape + (len(model.sequences),), np.nan),
         loss=np.full(shape, np.nan),
         status=np.full(shape, PENDING, dtype=np.int16),
+        **_empty_mesh_params(model, shape),
+    )
+
+
+def _empty_mesh_params(model, shape):
+    """The smooth mesh's parameters (None unless ``refine_mesh``)."""
+    if not model.refine_mesh:
+        return dict(mesh_vertices=None, mesh_loss=None, mesh_status=None)
+    n_vertices = int(model.mesh_tets.max()) + 1
+    return dict(
+        mesh_vertices=np.full(shape + (n_vertices, 3), np.nan),
+        mesh_loss=np.full(shape, np.nan),
+        mesh_status=np.full(shape, MESH_NOT_REFINED, dtype=np.int16),
     )
 
 

@@ -1,0 +1,157 @@
+"""Smooth-mesh refinement of a Spinverse fit (meshfit.refine, refine_mesh=True).
+
+Tiny settings throughout (48-cell grid, 6 volumes, resolution-2 meshes, a
+few iterations): these tests check the plumbing and the physics of the
+mixture, not the accuracy of a converged fit (doc/mesh_inversion.md).
+"""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from dipy_spinverse import SpinverseModel
+from dipy_spinverse.meshfit import ball_mesh, fit_mesh, mesh_signal
+from dipy_spinverse.meshfit.refine import (
+    check_refine_options,
+    largest_cell,
+    refine_cell,
+    refine_template,
+)
+from dipy_spinverse.reconst import MESH_FAILED, MESH_OK, runner
+
+TINY = dict(resolution=2, n_modes=1, max_iter=3, surface_iter=20)
+
+
+def test_refine_options_are_checked():
+    assert check_refine_options()["template"] == "ball"
+    with pytest.raises(ValueError, match="unknown mesh_options"):
+        check_refine_options(dict(modes=3))
+    with pytest.raises(ValueError, match="Invalid template"):
+        check_refine_options(dict(template="torus"))
+    with pytest.raises(ValueError, match="resolution"):
+        check_refine_options(dict(resolution=1))
+
+
+def test_model_checks_refine_mesh(gtab, grid):
+    with pytest.raises(ValueError, match="turn the label search on"):
+        SpinverseModel(gtab, grid=grid, preset="paper", refine_mesh=True)
+    with pytest.raises(ValueError, match="refine_mesh=True with them"):
+        SpinverseModel(gtab, grid=grid, preset="paper", mesh_options=TINY)
+    with pytest.raises(ValueError, match="refine_mesh must be True or False"):
+        SpinverseModel(gtab, grid=grid, search_steps=3, refine_mesh="yes")
+    plain = SpinverseModel(gtab, grid=grid, preset="paper")
+    assert plain.refine_mesh is False and plain.mesh_tets is None
+
+
+def test_tube_template_follows_the_label_axis():
+    # Points of a 3 x 3 x 12 um box along (1, 1, 0) / sqrt 2: the tube lies
+    # along that axis, as long as the points' extent, of the given volume.
+    rng = np.random.default_rng(0)
+    axis = np.array([1.0, 1.0, 0.0]) / np.sqrt(2)
+    points = rng.uniform(-1, 1, (400, 3)) * [1.5, 1.5, 6.0]
+    basis = np.stack([[1, -1, 0] / np.sqrt(2), [0, 0, 1], axis])
+    points = points @ basis + 5.0
+    tube = refine_template("tube", points, 100.0, resolution=2, layers=4)
+    assert_allclose(tube.volume, 100.0, rtol=1e-9)
+    _, _, vt = np.linalg.svd(tube.vertices - tube.vertices.mean(0))
+    _, _, principal = np.linalg.svd(points - points.mean(0))
+    # Exactly the points' principal axis (which is the box's to 0.03%).
+    assert abs(vt[0] @ principal[0]) == pytest.approx(1.0, abs=1e-9)
+    assert abs(vt[0] @ axis) == pytest.approx(1.0, abs=1e-3)
+    assert_allclose(tube.vertices.mean(0), points.mean(0), atol=0.3)
+
+
+def test_background_mixture_weighs_by_volume():
+    # With a background signal the model is f S_mesh + (1 - f) background,
+    # f = mesh volume / box volume: at the first iteration (the template
+    # itself) the prediction is that mixture exactly.
+    from dipy_spinverse.sequences import Protocol
+
+    protocol = Protocol.pgse(
+        [0.0, 1000.0, 3000.0],
+        [[0, 0, 0], [1, 0, 0], [0, 1, 0]],
+        small_delta=0.005,
+        big_delta=0.02,
+    )
+    mesh = ball_mesh(3.0, resolution=2)
+    cell = mesh_signal(mesh, protocol, length_scale=2.0).numpy()  # fit_mesh's
+    background = np.array([1.0, 0.3, 0.05])
+    box = 4.0 * mesh.volume
+    fit = fit_mesh(
+        np.ones(3),
+        protocol,
+        template=mesh,
+        n_modes=1,
+        max_iter=1,
+        background=background,
+        box_volume=box,
+    )
+    assert_allclose(fit.predicted_signal, 0.25 * cell + 0.75 * background, rtol=1e-10)
+    with pytest.raises(ValueError, match="go together"):
+        fit_mesh(np.ones(3), protocol, template=mesh, background=background)
+
+
+def test_refine_cell_starts_from_the_label_surface(grid, truth, signal, gtab):
+    inside, permeability = truth
+    labels = inside.astype(int)
+    assert largest_cell(grid, labels) == 1
+    fit = refine_cell(grid, labels, permeability, signal * 1000.0, gtab, options=TINY)
+    # The mesh is placed on the label (box centre 4, 4, 4) with about its
+    # volume (the label's 128 um^3, from a start matched to its surface).
+    assert_allclose(fit.vertices.mean(0), 4.0, atol=0.5)
+    assert fit.volume == pytest.approx(grid.cell_volumes[inside].sum(), rel=0.3)
+    assert fit.n_inverted == 0 and fit.kind == "ball"
+    with pytest.raises(ValueError, match="no cell with label 2"):
+        refine_cell(grid, labels, permeability, signal, gtab, label=2)
+
+
+@pytest.fixture(scope="module")
+def refined(gtab, grid, signal):
+    model = SpinverseModel(
+        gtab,
+        grid=grid,
+        max_iter=4,
+        search_steps=3,
+        search_starts=2,
+        refine_mesh=True,
+        mesh_options=TINY,
+    )
+    return model, model.fit(np.stack([signal * 1000.0] * 2)[:, None, None])
+
+
+def test_spinverse_fit_exposes_the_smooth_mesh(refined, tmp_path):
+    model, fit = refined
+    assert fit.shape == (2, 1, 1)
+    n_vertices = int(model.mesh_tets.max()) + 1
+    assert fit.mesh_vertices.shape == (2, 1, 1, n_vertices, 3)
+    assert np.all(fit.mesh_status == MESH_OK)
+    one = fit[0, 0, 0]
+    mesh = one.smooth_mesh
+    assert mesh.n_tets == len(model.mesh_tets)
+    # The derived maps are the mesh's own measures.
+    assert one.mesh_volume == pytest.approx(mesh.volume)
+    assert one.mesh_surface_to_volume == pytest.approx(mesh.surface_area / mesh.volume)
+    radius = (3 * mesh.volume / (4 * np.pi)) ** (1 / 3)
+    assert one.mesh_radius == pytest.approx(radius)
+    assert_allclose(fit.mesh_volume[:, 0, 0], one.mesh_volume)
+    paths = fit.save_smooth_mesh(tmp_path / "meshes", ext=".ply")
+    assert sorted(paths) == [(0, 0, 0), (1, 0, 0)]
+    from dipy_spinverse.interface import load_mesh
+
+    loaded = load_mesh(paths[(0, 0, 0)])
+    assert len(loaded.triangles) == len(one.mesh_faces)
+
+
+def test_a_failing_refinement_flags_the_mesh_only(refined, signal, monkeypatch):
+    model, _ = refined
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mesh blew up")
+
+    monkeypatch.setattr(runner, "refine_cell", broken)
+    with pytest.warns(RuntimeWarning, match="mesh blew up"):
+        fit = model.fit(signal * 1000.0)
+    assert fit.status == 0
+    assert fit.mesh_status == MESH_FAILED
+    assert fit.smooth_mesh is None and np.isnan(fit.mesh_volume)
+    assert np.isfinite(fit.permeability).all()
