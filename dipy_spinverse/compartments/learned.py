@@ -38,7 +38,7 @@ __all__ = [
 
 #: Version of the training procedure, part of every cache key: networks
 #: trained by an earlier procedure are not loaded.
-TRAINER_VERSION = 3
+TRAINER_VERSION = 4
 
 logger = logging.getLogger(__name__)
 
@@ -183,40 +183,51 @@ def set_loss(z, y, groups):
     return (loss + cost.amin(-1)) / z.shape[-1]
 
 
-def train(inputs, targets, options, *, label="regressor", groups=None):
+def train(inputs, targets, options, *, label="regressor", groups=None, augment=None):
     """Train a :class:`Regressor` on (V, n_in) inputs and (V, n_out) targets.
 
     Adam on the mean squared error of standardised targets (:func:`set_loss`
     when ``groups`` (F, W) of exchangeable columns are given), cosine
     learning rate, a tqdm bar over epochs; the training time is logged and
     printed.
+
+    ``augment(inputs, targets, generator) -> (inputs, targets)``, if given,
+    is applied to every batch (and once to the whole set for the
+    standardisation statistics): e.g. ``inputs`` are noiseless signals and
+    every epoch sees a new noise draw, so the network never fits one noise
+    realisation.
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(options.seed)
     x = torch.as_tensor(inputs, dtype=torch.float32)
     y = torch.as_tensor(targets, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(options.seed)
+    if augment is None:
+
+        def augment(xb, yb, _):
+            return xb, yb
+
     if groups is not None:
         groups = torch.as_tensor(groups, dtype=torch.long)
     net = Regressor(x.shape[1], y.shape[1], options.hidden)
-    net.x_mean.copy_(x.mean(0))
-    net.x_std.copy_(x.std(0).clamp_min(1e-6))
-    net.y_mean.copy_(_pool_groups(y.mean(0), groups, lambda v: v.mean(0)))
+    x_seen, y_seen = augment(x, y, gen)
+    net.x_mean.copy_(x_seen.mean(0))
+    net.x_std.copy_(x_seen.std(0).clamp_min(1e-6))
+    net.y_mean.copy_(_pool_groups(y_seen.mean(0), groups, lambda v: v.mean(0)))
     net.y_std.copy_(
-        _pool_groups(y.std(0), groups, lambda v: v.pow(2).mean(0).sqrt()).clamp_min(
-            1e-6
-        )
+        _pool_groups(
+            y_seen.std(0), groups, lambda v: v.pow(2).mean(0).sqrt()
+        ).clamp_min(1e-6)
     )
-    net.y_min.copy_(_pool_groups(y.amin(0), groups, lambda v: v.amin(0)))
-    net.y_max.copy_(_pool_groups(y.amax(0), groups, lambda v: v.amax(0)))
+    net.y_min.copy_(_pool_groups(y_seen.amin(0), groups, lambda v: v.amin(0)))
+    net.y_max.copy_(_pool_groups(y_seen.amax(0), groups, lambda v: v.amax(0)))
     steps_per_epoch = math.ceil(x.shape[0] / options.batch_size)
     total = steps_per_epoch * options.epochs
     opt = torch.optim.Adam(net.parameters(), lr=options.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, total, eta_min=options.lr * 0.01
     )
-    yn = (y - net.y_mean) / net.y_std
-    gen = torch.Generator().manual_seed(options.seed)
     start = time.perf_counter()
     bar = tqdm(range(options.epochs), desc=f"training {label}", leave=False)
     for _ in bar:
@@ -224,8 +235,9 @@ def train(inputs, targets, options, *, label="regressor", groups=None):
         running = 0.0
         for i in range(0, x.shape[0], options.batch_size):
             idx = order[i : i + options.batch_size]
-            z = net.net((x[idx] - net.x_mean) / net.x_std)
-            loss = set_loss(z, yn[idx], groups).mean()
+            xb, yb = augment(x[idx], y[idx], gen)
+            z = net.net((xb - net.x_mean) / net.x_std)
+            loss = set_loss(z, (yb - net.y_mean) / net.y_std, groups).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -244,7 +256,14 @@ def train(inputs, targets, options, *, label="regressor", groups=None):
 
 
 def load_or_train(
-    key, make_training_set, options, *, directory=None, label="", groups=None
+    key,
+    make_training_set,
+    options,
+    *,
+    directory=None,
+    label="",
+    groups=None,
+    augment=None,
 ):
     """The cached regressor for ``key``, trained (and saved) if absent.
 
@@ -259,6 +278,8 @@ def load_or_train(
         Cache folder (default :func:`cache_dir`).
     groups : array_like of int, shape (F, W), optional
         Exchangeable groups of target columns (:func:`set_loss`).
+    augment : callable, optional
+        Applied to every training batch (:func:`train`).
 
     Returns
     -------
@@ -276,7 +297,12 @@ def load_or_train(
         return net, path
     inputs, targets = make_training_set()
     net, seconds = train(
-        inputs, targets, options, label=label or "regressor", groups=groups
+        inputs,
+        targets,
+        options,
+        label=label or "regressor",
+        groups=groups,
+        augment=augment,
     )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -1178,6 +1178,9 @@ class ExchangeModel(CompartmentModel):
     __doc__ += _COMMON_DOC
     _needs_timing = True
     param_names = ("S0", "f_intra", "d_intra", "d_extra", "exchange_time")
+    # Exchange times span 3 decades and their error is relative: the learned
+    # estimator regresses their logarithm.
+    _log_targets = ("exchange_time",)
 
     @warning_for_keywords()
     def __init__(
