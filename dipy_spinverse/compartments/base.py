@@ -853,16 +853,11 @@ class CompartmentModel(ReconstModel):
         directions, _ = csd_peaks(
             self.gtab, signals, response=self.response, max_peaks=self.n_fibres
         )
+        if counts is not None:
+            return self._fit_counts(y, s0, directions, counts)
         V, M = y.shape
         out = np.full((V, len(self.param_names)), np.nan)
-        if counts is not None:
-            for k in np.unique(counts):
-                idx = np.flatnonzero(counts == k)
-                sub = self._with_fibres(int(k))
-                p = sub._fit_fixed(y[idx], s0[idx], directions=directions[idx])
-                out[idx] = self._padded(p, int(k))
-            return out
-        one = self._with_fibres(1)
+        one = self._counting_model(1)
         params, cost = one._fit_fixed(y, s0, directions=directions, with_cost=True)
         chosen = np.ones(V, dtype=np.int64)
         best = self._criterion(cost, 1, M)
@@ -870,7 +865,7 @@ class CompartmentModel(ReconstModel):
         empty = self._tissue_fraction(params) < _MIN_TISSUE
         if empty.any():
             idx = np.flatnonzero(empty)
-            p = self._with_fibres(0)._fit_fixed(y[idx], s0[idx])
+            p = self._counting_model(0)._fit_fixed(y[idx], s0[idx])
             out[idx] = self._padded(p, 0)
             chosen[idx] = 0
         for k in range(2, self.n_fibres + 1):
@@ -881,7 +876,7 @@ class CompartmentModel(ReconstModel):
             idx = np.flatnonzero(chosen == k - 1)
             if not idx.size:
                 break
-            sub = self._with_fibres(k)
+            sub = self._counting_model(k)
             p, c = sub._fit_fixed(
                 y[idx], s0[idx], directions=directions[idx], with_cost=True
             )
@@ -892,7 +887,27 @@ class CompartmentModel(ReconstModel):
             out[win] = self._padded(p[better], k)
             best[win] = crit[better]
             chosen[win] = k
+        if self._counting_model(1) is not self._with_fibres(1):
+            return self._fit_counts(y, s0, directions, chosen)
         return out
+
+    def _fit_counts(self, y, s0, directions, counts):
+        """Parameters (V, n_params) of every voxel fitted with its own fibre
+        count (V,), CSD directions (V, D, 3) as an extra start."""
+        out = np.full((y.shape[0], len(self.param_names)), np.nan)
+        for k in np.unique(counts):
+            idx = np.flatnonzero(counts == k)
+            sub = self._with_fibres(int(k))
+            p = sub._fit_fixed(y[idx], s0[idx], directions=directions[idx])
+            out[idx] = self._padded(p, int(k))
+        return out
+
+    def _counting_model(self, n_fibres):
+        """The model with ``n_fibres`` fibres whose fits choose the count
+        (default: the fitted one; a model may add a compartment there, e.g.
+        one that absorbs the Rician noise floor, and is then refitted with
+        the counts found)."""
+        return self._with_fibres(n_fibres)
 
     def _criterion(self, cost, n_fibres, n_meas):
         """``M log(RSS / M) + log(M) sum_j w_j dP_j``: -2 times the Gaussian
