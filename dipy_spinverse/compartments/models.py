@@ -218,17 +218,8 @@ class NoddiModel(CompartmentModel):
         learned_options=None,
         cache_dir=None,
     ):
-        if fibres is not None:
-            check_choice(fibres, "fibres", ("auto",))
-        if n_fibres is None:
-            n_fibres = 1 if fibres is None else MAX_FIBRES
-        if n_fibres not in (0, 1, 2, 3):
-            raise ValueError(f"n_fibres must be 0, 1, 2 or 3, got {n_fibres!r}")
-        if fibres is not None and n_fibres < 1:
-            raise ValueError("fibres='auto' needs n_fibres (the largest count) >= 1")
-        self.fibres = fibres
+        self.n_fibres, self.fibres = _fibre_options(n_fibres, fibres)
         self.response = response
-        self.n_fibres = int(n_fibres)
         self._n_starts_given = n_starts
         if n_starts is None:
             # One fibre: the grid start is already in the right basin (extra
