@@ -134,7 +134,7 @@ def run(physics, args):
     if args.starts != "dictionary":
         options.update(search_proposal=args.proposal)
     if sigma:
-        options.update(sigma=sigma, search_area_weight=args.area)
+        options["sigma"] = sigma
     rows = []
     start = time.perf_counter()
     for i in range(0, args.n, args.batch):
@@ -228,9 +228,6 @@ def main(argv=None):
     )
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--batch", type=int, default=8, help="voxels per call")
-    parser.add_argument(
-        "--area", type=float, default=0.0, help="search_area_weight (with noise)"
-    )
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.seed == TRAINING_SEED:

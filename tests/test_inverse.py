@@ -112,8 +112,6 @@ def test_cell_parametrisation_returns_labels(problem):
         (dict(lr=0.0), "lr must be > 0, got 0.0"),
         (dict(sigma=-0.01), "sigma"),
         (dict(search_min_gain=float("nan")), "search_min_gain"),
-        (dict(search_area_weight=-1.0, sigma=0.01), "search_area_weight"),
-        (dict(search_area_weight=1.0), "search_area_weight.*sigma"),
     ],
 )
 def test_bad_options(problem, kwargs, match):

@@ -294,36 +294,6 @@ def test_scorer_simulates_each_field_once(problem, monkeypatch):
     assert simulated == []
 
 
-def test_area_prior_is_in_chi_square_units(problem):
-    """``search_area_weight`` chi-square units per squared spacing of membrane.
-
-    On ``n`` scored acquisitions a chi-square unit is ``loss_scale * sigma^2
-    / n`` of the loss; the prior is added to the data loss of each row.
-    """
-    grid, prot, signal = problem
-    data = normalise_b0(torch.as_tensor(signal[None]), prot)
-    sigma, weight = 0.02, 3.0
-    config = resolve_config(
-        "default", search_directions=None, sigma=sigma, search_area_weight=weight
-    )
-    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
-    subset = np.arange(len(prot))
-    scorer = BatchScorer(grid, data, prot, subset, config, sim, cache=SignalCache())
-    ball = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
-    candidates = np.array([ball, np.zeros_like(ball)])
-    area = grid.face_areas[grid.interface_faces(ball)].sum() / grid.spacing**2
-    unit = config.loss_scale * sigma**2 / len(subset)
-    assert_allclose(scorer.area_prior(candidates), [weight * area * unit, 0.0])
-    plain = dataclasses.replace(config, search_area_weight=0.0)
-    bare = BatchScorer(grid, data, prot, subset, plain, sim, cache=SignalCache())
-    zeros = np.zeros(2, int)
-    assert_allclose(
-        scorer(zeros, candidates, np.full(2, 1e-5)) - bare(zeros, candidates, [1e-5]),
-        [weight * area * unit, 0.0],
-        rtol=1e-10,
-    )
-
-
 def test_signal_cache_keeps_the_most_recent_within_its_bytes():
     value = torch.zeros(4, dtype=torch.float64)  # 32 bytes
     cache = SignalCache(max_bytes=64)

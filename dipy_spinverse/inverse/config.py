@@ -108,11 +108,8 @@ class InversionConfig:
         ``search_kappas`` (m/s), refined between them; ``search_starts``
         generic shapes kept after screening, ``search_restarts`` descents;
         a move must lower chi-square by ``search_min_gain`` (needs
-        ``sigma``); each labelling pays ``search_area_weight`` chi-square
-        units per squared grid spacing of membrane (a smoothness prior
-        among the labellings the noise allows; needs ``sigma``). Starts: the
-        face field's regions, the generic-shape dictionary
-        (``search_dictionary``) and, when ``search_proposal`` > 0,
+        ``sigma``). Starts: the face field's regions, the generic-shape
+        dictionary (``search_dictionary``) and, when ``search_proposal`` > 0,
         ``search_proposal_samples`` labellings drawn from a learned proposal
         trained on that many random substrates (cached on disk; see
         :mod:`dipy_spinverse.inverse.proposal`). See
@@ -149,7 +146,6 @@ class InversionConfig:
     search_starts: int = 16
     search_restarts: int = 1
     search_min_gain: float = 0.0
-    search_area_weight: float = 0.0
     search_dictionary: bool = True
     search_proposal: int = 0
     search_proposal_samples: int = 16
@@ -243,16 +239,6 @@ class InversionConfig:
                 "search_min_gain",
                 minimum=0,
                 hint=" (chi-square units; 0 accepts every move that lowers the loss)",
-            ),
-        )
-        set_(
-            self,
-            "search_area_weight",
-            check_number(
-                self.search_area_weight,
-                "search_area_weight",
-                minimum=0,
-                hint=" (chi-square units per squared grid spacing; 0: no prior)",
             ),
         )
 
@@ -394,11 +380,6 @@ def _ignored_options(config):
         ignored["sigma"] = (
             "the loss is Gaussian (noise='gaussian') and the label search is off "
             "(search_steps=0); use preset='default' or noise='rician'"
-        )
-    if config.sigma == 0:
-        ignored.setdefault(
-            "search_area_weight",
-            "it is in chi-square units, which need the noise level (sigma > 0)",
         )
     if config.search_proposal == 0:
         ignored.setdefault(

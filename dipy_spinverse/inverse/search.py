@@ -429,24 +429,7 @@ class BatchScorer:
 
     def __call__(self, owners, candidates, membranes):
         owner = torch.as_tensor(owners, device=self.target.device)
-        losses = self._loss(self.signals(candidates, membranes), owner)
-        return losses.cpu().numpy() + self.area_prior(candidates)
-
-    def area_prior(self, candidates):
-        """The smoothness prior of labellings, in loss units (n,).
-
-        ``search_area_weight`` chi-square units per squared grid spacing of
-        membrane; a chi-square unit is ``loss_scale * sigma^2 / n`` in loss
-        units on ``n`` acquisitions, so the prior weighs the same against
-        the data whatever the acquisitions scored. None without ``sigma``.
-        """
-        weight = self.config.search_area_weight * self.config.sigma**2
-        if weight == 0 or len(candidates) == 0:
-            return np.zeros(len(candidates))
-        faces = self.grid.face_cells
-        barrier = candidates[:, faces[:, 0]] != candidates[:, faces[:, 1]]
-        area = barrier @ self.grid.face_areas / self.grid.spacing**2
-        return weight * self.config.loss_scale / len(self.protocol) * area
+        return self._loss(self.signals(candidates, membranes), owner).cpu().numpy()
 
     def signals(self, candidates, membranes):
         """b0-normalised signals (n, n_acquisitions) of labellings.
