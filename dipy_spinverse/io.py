@@ -32,6 +32,8 @@ from .grid import TetGrid
 from .inverse import InversionConfig
 from .reconst import (
     FITTED,
+    MESH_NOT_REFINED,
+    MESH_PARAMETERS,
     OPTIONAL_PARAMETERS,
     PENDING,
     STATUS_CODES,
@@ -74,8 +76,14 @@ _FILL = dict(
     inside_probability=np.nan,
     uncertainty=np.nan,
     proposal_probability=np.nan,
+    mesh_vertices=np.nan,
+    mesh_loss=np.nan,
+    mesh_status=MESH_NOT_REFINED,
     status=PENDING,
 )
+#: Per-voxel arrays saved when the fit holds them (None otherwise): the
+#: optional parameters and the smooth meshes of ``refine_mesh=True``.
+_SAVED_IF_PRESENT = OPTIONAL_PARAMETERS + MESH_PARAMETERS
 
 #: Bytes of one chunk of a checkpoint store's datasets (at most 4096 voxels).
 STORE_CHUNK_BYTES = 1 << 20
@@ -228,6 +236,8 @@ def model_spec(model):
         device=str(model.device),
         dtype=str(model.dtype).replace("torch.", ""),
         options=model.config.as_dict() if configured else model.options,
+        refine_mesh=model.refine_mesh,
+        mesh_options=model.mesh_options,
         protocol=dict(
             bvals=model.protocol.bvals,
             bvecs=model.protocol.bvecs,
@@ -282,6 +292,8 @@ def model_from_spec(spec):
         batch_size=spec["batch_size"],
         device=device,
         dtype=spec["dtype"],
+        refine_mesh=spec.get("refine_mesh", False),
+        mesh_options=spec.get("mesh_options"),
         **options,
     )
 
@@ -342,7 +354,7 @@ def save_fit(fit, path):
         path += ".npz"
     arrays = {name: fit.params[name] for name in _ARRAYS if name != "mask"}
     arrays["mask"] = fit.mask
-    for name in OPTIONAL_PARAMETERS:
+    for name in _SAVED_IF_PRESENT:
         if fit.params.get(name) is not None:
             arrays[name] = fit.params[name]
     arrays["header"] = np.array(json.dumps(_header(fit)))
@@ -392,7 +404,7 @@ def load_fit(path):
             f"{err}); the file is damaged or was not written by save_fit."
         ) from err
     params = {name: arrays[name] for name in _ARRAYS if name != "mask"}
-    for name in OPTIONAL_PARAMETERS:
+    for name in _SAVED_IF_PRESENT:
         params[name] = arrays.get(name)
     mask = arrays["mask"].astype(bool)
     # Up to version 2 the parameters of the whole volume were saved.
@@ -472,7 +484,11 @@ def _check_arrays(path, model, shape, params):
         inside_probability=(model.grid.n_cells,),
         uncertainty=(),
         proposal_probability=(model.grid.n_cells,),
+        mesh_loss=(),
+        mesh_status=(),
     )
+    if model.mesh_tets is not None:
+        trailing["mesh_vertices"] = (int(model.mesh_tets.max()) + 1, 3)
     for name, tail in trailing.items():
         if params.get(name) is None:
             continue

@@ -142,6 +142,17 @@ def test_spinverse_fit_exposes_the_smooth_mesh(refined, tmp_path):
     assert len(loaded.triangles) == len(one.mesh_faces)
 
 
+def test_smooth_meshes_are_saved_and_loaded(refined, tmp_path):
+    from dipy_spinverse.io import load_fit, save_fit
+
+    model, fit = refined
+    loaded = load_fit(save_fit(fit, tmp_path / "fit.npz"))
+    assert loaded.model.refine_mesh and loaded.model.mesh_options == model.mesh_options
+    assert_allclose(loaded.mesh_vertices, fit.mesh_vertices)
+    assert_allclose(loaded.mesh_volume, fit.mesh_volume)
+    assert np.array_equal(loaded.mesh_status, fit.mesh_status)
+
+
 def test_a_failing_refinement_flags_the_mesh_only(refined, signal, monkeypatch):
     model, _ = refined
 

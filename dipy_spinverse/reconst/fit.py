@@ -95,9 +95,9 @@ MESH_STATUS_CODES = {
 
 #: Per-voxel parameters of the smooth mesh (None unless ``refine_mesh``):
 #: vertex positions (V, 3) in um (the faces are the model's,
-#: ``model.mesh_tets``), final loss and status. Not written by
-#: :func:`dipy_spinverse.io.save_fit`; :meth:`SpinverseFit.save_smooth_mesh`
-#: writes the surfaces.
+#: ``model.mesh_tets``), final loss and status. Saved and checkpointed by
+#: :mod:`dipy_spinverse.io`; :meth:`SpinverseFit.save_smooth_mesh` writes
+#: the surfaces.
 MESH_PARAMETERS = ("mesh_vertices", "mesh_loss", "mesh_status")
 
 #: The per-voxel parameters a fit holds (``labels`` may be None).
