@@ -1,7 +1,9 @@
 """Refinement of a grid label surface into a smooth mesh (issue 14).
 
-A sphere in a voxel of the published grid (26.7 um box, 6.7 um spacing):
-its label is the staircase of grid cells whose centroid is inside
+A sphere (or, ``--shape cylinder``, a cylinder along z running through the
+reflecting box: a closed tube as long as the box) in a voxel of the
+published grid (26.7 um box, 6.7 um spacing): its label is the staircase
+of grid cells whose centroid is inside
 (:func:`dipy_spinverse.phantoms.sphere`), the labelling a perfect label
 search would return. :func:`dipy_spinverse.meshfit.refine_cell` starts a
 ball from that label's surface and fits it to the voxel's signal.
@@ -32,10 +34,15 @@ from mesh_experiments import reduced_protocol
 
 from dipy_spinverse import TetGrid, simulate
 from dipy_spinverse.interface import barrier_mesh
-from dipy_spinverse.meshfit import ball_mesh, mesh_signal, surface_chamfer
-from dipy_spinverse.meshfit.fit import fit_surface
+from dipy_spinverse.meshfit import (
+    ball_mesh,
+    mesh_signal,
+    surface_chamfer,
+    tube_mesh,
+)
+from dipy_spinverse.meshfit.fit import axis_radius, fit_surface
 from dipy_spinverse.meshfit.refine import refine_cell, refine_template
-from dipy_spinverse.phantoms import sphere
+from dipy_spinverse.phantoms import cylinder, sphere
 from dipy_spinverse.signals import normalise_b0
 
 
@@ -51,14 +58,23 @@ def voxel_signal(grid, phantom, truth, protocol):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--radius", type=float, default=9.0)
+    parser.add_argument("--shape", choices=("sphere", "cylinder"), default="sphere")
+    parser.add_argument("--radius", type=float, default=None)
     parser.add_argument("--max-iter", type=int, default=40)
     parser.add_argument("--n-modes", type=int, default=4)
     args = parser.parse_args()
     grid = TetGrid.bcc(80 / 3, 4)
     centre = np.full(3, grid.size / 2)
-    phantom = sphere(grid, radius=args.radius, kappa=1e-5)
-    truth = ball_mesh(args.radius, resolution=4, centre=centre)
+    kind = "ball" if args.shape == "sphere" else "tube"
+    if args.radius is None:
+        args.radius = 9.0 if kind == "ball" else 6.0
+    if kind == "ball":
+        phantom = sphere(grid, radius=args.radius, kappa=1e-5)
+        truth = ball_mesh(args.radius, resolution=4, centre=centre)
+    else:
+        phantom = cylinder(grid, radius=args.radius, kappa=1e-5)
+        tube = tube_mesh(args.radius, grid.size, resolution=4)
+        truth = tube.moved(tube.vertices + centre)
     protocol = reduced_protocol()
     clean = voxel_signal(grid, phantom, truth, protocol)
     tv, tf = truth.vertices, truth.boundary_faces
@@ -66,9 +82,9 @@ def main():
     label = barrier_mesh(
         grid, grid.interface_faces(inside), labels=inside.astype(int), cap_wall=True
     )
-    options = dict(n_modes=args.n_modes, max_iter=args.max_iter)
+    options = dict(n_modes=args.n_modes, max_iter=args.max_iter, template=kind)
     start_template = refine_template(
-        "ball", label.vertices, grid.cell_volumes[inside].sum()
+        kind, label.vertices, grid.cell_volumes[inside].sum()
     )
     shape, code = fit_surface(
         label.vertices,
@@ -78,16 +94,26 @@ def main():
         directions="normal",
     )
     start = shape.mesh(code)
+
+    def radius_of(surface, volume):
+        """Ball: of the same volume; tube: its side's distance from the axis
+        (the label: of the cylinder of its volume and the box's length)."""
+        if kind == "ball":
+            return (3 * volume / (4 * np.pi)) ** (1 / 3)
+        if surface is None:
+            return np.sqrt(volume / (np.pi * grid.size))
+        return axis_radius(surface)
+
     rows = [
         (
             "grid label surface",
-            label.volume,
+            radius_of(None, label.volume),
             surface_chamfer(label.vertices, label.triangles, tv, tf),
             0.0,
         ),
         (
-            "start (ball matched to it)",
-            start.volume,
+            f"start ({kind} matched to it)",
+            radius_of(start, start.volume),
             surface_chamfer(start.vertices, start.boundary_faces, tv, tf),
             0.0,
         ),
@@ -113,23 +139,19 @@ def main():
         rows.append(
             (
                 f"refined, SNR {snr or 'inf'}",
-                fit.volume,
+                radius_of(fit.mesh, fit.volume),
                 surface_chamfer(fit.vertices, fit.faces, tv, tf),
                 time.perf_counter() - t0,
             )
         )
     print(
-        f"sphere radius {args.radius} um; grid spacing {grid.spacing:.2f} um; "
+        f"{args.shape} radius {args.radius} um; grid spacing {grid.spacing:.2f} um; "
         f"label {int(inside.sum())} cells; {len(protocol)} acquisitions; "
         f"{args.n_modes} modes, {args.max_iter} iterations"
     )
-    print(
-        "| surface | equivalent radius (um) | error | Chamfer to truth (um) | "
-        "time (s) |"
-    )
+    print("| surface | radius (um) | error | Chamfer to truth (um) | time (s) |")
     print("| --- | --- | --- | --- | --- |")
-    for name, volume, chamfer, seconds in rows:
-        radius = (3 * volume / (4 * np.pi)) ** (1 / 3)
+    for name, radius, chamfer, seconds in rows:
         print(
             f"| {name} | {radius:.3f} | {100 * (radius / args.radius - 1):+.1f}% "
             f"| {chamfer:.2f} | {seconds:.0f} |"

@@ -162,6 +162,9 @@ def refine_meshes(model, data, result, rows):
                 noise=config.noise,
                 options=model.mesh_options,
             )
+            vertices, loss = fit.vertices, float(np.min(fit.loss_history))
+            if not np.all(np.isfinite(vertices)) or fit.n_inverted:
+                raise ValueError("the fitted mesh is not a valid mesh")
         except Exception as err:  # one mesh must never stop the volume
             warnings.warn(
                 f"smooth mesh refinement of a voxel failed ({type(err).__name__}: "
@@ -172,8 +175,8 @@ def refine_meshes(model, data, result, rows):
             )
             result["mesh_status"][row] = MESH_FAILED
             continue
-        result["mesh_vertices"][row] = fit.vertices
-        result["mesh_loss"][row] = fit.loss_history.min()
+        result["mesh_vertices"][row] = vertices
+        result["mesh_loss"][row] = loss
         result["mesh_status"][row] = MESH_OK
 
 
