@@ -45,6 +45,7 @@ LAYERS = [
     "inverse.shapes",
     "inverse.proposal",
     "inverse.search",
+    "inverse.approximation",
     "inverse.reconstruct",
     "inverse",
     "reconst.fit",

@@ -114,6 +114,12 @@ class InversionConfig:
         trained on that many random substrates (cached on disk; see
         :mod:`dipy_spinverse.inverse.proposal`). See
         :mod:`dipy_spinverse.inverse.search`.
+    The grid's approximation error (off when ``approximation_error`` is 0)
+        The data are compared with the grid's signals after removing the
+        mean difference between a grid twice as fine and the fit's grid,
+        and each acquisition's noise grows by its spread; both drawn over
+        ``approximation_error`` random substrates (cached on disk; see
+        :mod:`dipy_spinverse.inverse.approximation`).
     """
 
     parametrisation: str = "face"
@@ -146,6 +152,7 @@ class InversionConfig:
     search_starts: int = 16
     search_restarts: int = 1
     search_min_gain: float = 0.0
+    approximation_error: int = 0
     search_dictionary: bool = True
     search_proposal: int = 0
     search_proposal_samples: int = 16
@@ -256,6 +263,14 @@ class InversionConfig:
                 f"got {proposal}; e.g. search_proposal=4000."
             )
         set_(self, "search_proposal", proposal)
+        approximation = check_int(self.approximation_error, "approximation_error", 0)
+        if approximation == 1:
+            raise ValueError(
+                "approximation_error is the number of random substrates its mean "
+                "and spread are drawn over: 0 (off) or at least 2, got 1; e.g. "
+                "approximation_error=32."
+            )
+        set_(self, "approximation_error", approximation)
         set_(
             self,
             "search_proposal_samples",

@@ -15,6 +15,7 @@ import torch
 from ..forward import simulate
 from ..sequences import as_protocol
 from ..signals import noise_precision, normalise_b0
+from .approximation import approximation_error
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
 from .search import search_labels
@@ -56,6 +57,9 @@ class Reconstruction:
         ``labels`` (0: the data allow no other surface).
     proposal_probability : ndarray (..., n_cells) or None
         The learned proposal's occupancy, when the search used one.
+    precision : ndarray (..., n_acquisitions) or None
+        The noise precision each acquisition was weighed with, relative to
+        ``1 / sigma^2`` (with the grid's approximation error, when used).
     """
 
     permeability: np.ndarray
@@ -68,6 +72,7 @@ class Reconstruction:
     inside_probability: np.ndarray | None = field(default=None, repr=False)
     uncertainty: np.ndarray | None = field(default=None, repr=False)
     proposal_probability: np.ndarray | None = field(default=None, repr=False)
+    precision: np.ndarray | None = field(default=None, repr=False)
 
 
 def reconstruct(
@@ -133,6 +138,18 @@ def reconstruct(
     precision = noise_precision(data, protocol)
     data = normalise_b0(data, protocol)
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
+    bias = 0.0
+    if config.approximation_error:
+        error = approximation_error(
+            grid,
+            protocol,
+            n_substrates=config.approximation_error,
+            diffusivity=diffusivity,
+            open_kappa=10.0 ** config.log_kappa_bounds[1],
+            device=device,
+        )
+        data, precision = error.apply(data, precision, config.sigma)
+        bias = error.mean
     faces = fit_faces(
         grid, data, protocol, config, sim=sim, precision=precision, callback=callback
     )
@@ -173,9 +190,11 @@ def reconstruct(
         permeability=kappa.reshape(*batch_shape, grid.n_faces),
         barrier=barrier.reshape(*batch_shape, grid.n_faces),
         labels=labels,
-        predicted=predicted.cpu().numpy().reshape(*batch_shape, len(protocol)),
+        # In the data's terms: the grid's signal plus its mean error.
+        predicted=(predicted.cpu().numpy() + bias).reshape(*batch_shape, len(protocol)),
         history={k: np.asarray(v) for k, v in faces.history.items()},
         time_s=time.perf_counter() - start,
         config=config,
+        precision=precision.cpu().numpy().reshape(*batch_shape, len(protocol)),
         **extras,
     )

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..checks import check_int
 from ..inverse import reconstruct
 from ..meshfit.refine import refine_cell
-from ..signals import b0_scale, data_loss, noise_precision, normalise_b0
+from ..signals import b0_scale, data_loss, normalise_b0
 from . import engines
 from .fit import (
     BAD_B0,
@@ -218,7 +218,7 @@ def _reconstruct(model, data, callback=None):
         loss_scale=config.loss_scale,
         sigma=config.sigma,
         noise=config.noise,
-        precision=torch.from_numpy(noise_precision(data, model.protocol)),
+        precision=torch.from_numpy(np.asarray(rec.precision, dtype=np.float64)),
     ).numpy()
     good = (
         np.isfinite(permeability).all(-1)
