@@ -29,7 +29,11 @@ answer fits at least as well as the truth (the data cannot prefer the truth
 there: a wrong answer is then ambiguity, not a failed search).
 
     python benchmarks/generalisation.py --n 200 --physics paper snr100 snr30 \\
-        --starts both --proposal 4000 --json results.json
+        --starts both --proposal 4000 --approximation 32 --json results.json
+
+With ``--approximation N`` the realistic fits take the fit grid's
+approximation error (:mod:`dipy_spinverse.inverse.approximation`) over N
+substrates into account.
 """
 
 import argparse
@@ -135,6 +139,8 @@ def run(physics, args):
         options.update(search_proposal=args.proposal)
     if sigma:
         options["sigma"] = sigma
+    if args.approximation and physics != "paper":
+        options["approximation_error"] = args.approximation
     rows = []
     start = time.perf_counter()
     for i in range(0, args.n, args.batch):
@@ -228,6 +234,12 @@ def main(argv=None):
     )
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--batch", type=int, default=8, help="voxels per call")
+    parser.add_argument(
+        "--approximation",
+        type=int,
+        default=0,
+        help="approximation_error substrates (realistic physics only; 0: off)",
+    )
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.seed == TRAINING_SEED:
