@@ -120,3 +120,30 @@ def jittered_grid(boundary="reflecting", jitter=0.04):
         spacing=bcc.spacing,
         tet_coords=bcc.tet_coords + delta[bcc.tets],
     )
+
+
+def shells_gtab(timings, *, n_dirs=30, n_b0=3):
+    """A multi-shell gradient table with per-volume timing.
+
+    For each ``(small_delta, big_delta, shells)``: ``n_b0`` b = 0 volumes,
+    then ``n_dirs`` Fibonacci directions per shell (s/mm^2).
+    """
+    from dipy_spinverse.sequences import fibonacci_sphere
+
+    dirs = fibonacci_sphere(n_dirs)
+    bvals, bvecs, small, big = [], [], [], []
+    for delta, Delta, shells in timings:
+        bvals += [0.0] * n_b0
+        bvecs += [[1.0, 0.0, 0.0]] * n_b0
+        for b in shells:
+            bvals += [float(b)] * n_dirs
+            bvecs += list(dirs)
+        n = n_b0 + n_dirs * len(shells)
+        small += [delta] * n
+        big += [Delta] * n
+    return gradient_table(
+        np.array(bvals),
+        bvecs=np.array(bvecs),
+        small_delta=np.array(small),
+        big_delta=np.array(big),
+    )

@@ -12,6 +12,7 @@ next to each check; the recovery ones are about twice the medians measured.
 import numpy as np
 import pytest
 import torch
+from conftest import shells_gtab
 from dipy.core.gradients import gradient_table
 from dipy.reconst.ivim import ivim_prediction
 from numpy.testing import assert_allclose, assert_array_equal
@@ -39,37 +40,16 @@ S0 = 100.0
 # --------------------------------------------------------------------------
 # Protocols
 # --------------------------------------------------------------------------
-def _shells(timings, n_dirs=30, n_b0=3):
-    """gtab with per-volume timing: for each (delta, Delta, shells) b0s + shells."""
-    dirs = fibonacci_sphere(n_dirs)
-    bvals, bvecs, small, big = [], [], [], []
-    for delta, Delta, shells in timings:
-        bvals += [0.0] * n_b0
-        bvecs += [[1.0, 0.0, 0.0]] * n_b0
-        for b in shells:
-            bvals += [float(b)] * n_dirs
-            bvecs += list(dirs)
-        n = n_b0 + n_dirs * len(shells)
-        small += [delta] * n
-        big += [Delta] * n
-    return gradient_table(
-        np.array(bvals),
-        bvecs=np.array(bvecs),
-        small_delta=np.array(small),
-        big_delta=np.array(big),
-    )
-
-
 @pytest.fixture(scope="module")
 def gtab_noddi():
     # A clinical multi-shell protocol (timing unused by NODDI).
-    return _shells([(0.01, 0.03, (1000, 2000, 3000))])
+    return shells_gtab([(0.01, 0.03, (1000, 2000, 3000))])
 
 
 @pytest.fixture(scope="module")
 def gtab_axon():
     # Two diffusion times, up to 225 mT/m (a Connectom-like scanner).
-    return _shells(
+    return shells_gtab(
         [(0.008, 0.02, (1000, 2500, 4000)), (0.008, 0.05, (1000, 3000, 6000))]
     )
 

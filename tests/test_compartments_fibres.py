@@ -9,11 +9,10 @@ and the parameters are recovered within the tolerances stated at each check.
 
 import numpy as np
 import pytest
-from dipy.core.gradients import gradient_table
+from conftest import shells_gtab
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse.compartments import ActiveAxModel, ZcdModel
-from dipy_spinverse.sequences import fibonacci_sphere
 
 S0 = 100.0
 # A small grid keeps the tests fast; the CSD-peak start carries the fibres.
@@ -23,23 +22,8 @@ FAST = {"n_grid_directions": 30, "n_starts": 1}
 @pytest.fixture(scope="module")
 def gtab():
     # Two diffusion times, 30 directions per shell, up to 225 mT/m.
-    dirs = fibonacci_sphere(30)
-    bvals, bvecs, small, big = [], [], [], []
-    for delta, Delta, shells in ((0.008, 0.02, (1000, 2500)), (0.008, 0.05, (3000,))):
-        bvals += [0.0] * 2
-        bvecs += [[1.0, 0.0, 0.0]] * 2
-        for b in shells:
-            bvals += [float(b)] * 30
-            bvecs += list(dirs)
-        n = 2 + 30 * len(shells)
-        small += [delta] * n
-        big += [Delta] * n
-    return gradient_table(
-        np.array(bvals),
-        bvecs=np.array(bvecs),
-        small_delta=np.array(small),
-        big_delta=np.array(big),
-    )
+    timings = [(0.008, 0.02, (1000, 2500)), (0.008, 0.05, (3000,))]
+    return shells_gtab(timings, n_b0=2)
 
 
 def _crossing_dirs(rng, V):

@@ -9,6 +9,7 @@ reached with the default training (measured in benchmarks/compartments.py).
 import numpy as np
 import pytest
 import torch
+from conftest import shells_gtab
 from dipy.core.gradients import gradient_table
 from numpy.testing import assert_allclose
 
@@ -20,36 +21,18 @@ from dipy_spinverse.compartments import (
     ZcdModel,
 )
 from dipy_spinverse.compartments.learned import CACHE_ENV, LearnedOptions, cache_dir
-from dipy_spinverse.sequences import fibonacci_sphere
 
 TINY = {"n_train": 2000, "epochs": 2, "hidden": (32, 32), "batch_size": 256}
 
 
-def _shells(timings, n_dirs=20, n_b0=2):
-    dirs = fibonacci_sphere(n_dirs)
-    bvals, bvecs, small, big = [], [], [], []
-    for delta, Delta, shells in timings:
-        bvals += [0.0] * n_b0
-        bvecs += [[1.0, 0.0, 0.0]] * n_b0
-        for b in shells:
-            bvals += [float(b)] * n_dirs
-            bvecs += list(dirs)
-        n = n_b0 + n_dirs * len(shells)
-        small += [delta] * n
-        big += [Delta] * n
-    return gradient_table(
-        np.array(bvals),
-        bvecs=np.array(bvecs),
-        small_delta=np.array(small),
-        big_delta=np.array(big),
-    )
-
-
 @pytest.fixture(scope="module")
 def gtab():
-    return _shells(
-        [(0.008, 0.02, (1000, 2500)), (0.008, 0.05, (1000, 3000)), (0.008, 0.1, (500,))]
-    )
+    timings = [
+        (0.008, 0.02, (1000, 2500)),
+        (0.008, 0.05, (1000, 3000)),
+        (0.008, 0.1, (500,)),
+    ]
+    return shells_gtab(timings, n_dirs=20, n_b0=2)
 
 
 @pytest.fixture(scope="module")
