@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..checks import check_int
 from ..inverse import reconstruct
 from ..meshfit.refine import refine_cell
-from ..signals import b0_scale, data_loss, normalise_b0
+from ..signals import b0_scale, data_loss, noise_precision, normalise_b0
 from . import engines
 from .fit import (
     BAD_B0,
@@ -180,6 +180,15 @@ def refine_meshes(model, data, result, rows):
         result["mesh_status"][row] = MESH_OK
 
 
+def _precision(model, data, rec):
+    """Noise precisions of the loss and ``POOR_FIT``: each sequence's own
+    (:func:`~dipy_spinverse.signals.noise_precision`), or those the fit used
+    when they hold the grid's approximation error."""
+    if model.config.approximation_error:
+        return np.asarray(rec.precision, dtype=np.float64)
+    return noise_precision(data, model.protocol)
+
+
 def _reconstruct(model, data, callback=None):
     """Run the inversion on valid voxels; retry one by one if it raises."""
     n = len(data)
@@ -218,7 +227,7 @@ def _reconstruct(model, data, callback=None):
         loss_scale=config.loss_scale,
         sigma=config.sigma,
         noise=config.noise,
-        precision=torch.from_numpy(np.asarray(rec.precision, dtype=np.float64)),
+        precision=torch.from_numpy(_precision(model, data, rec)),
     ).numpy()
     good = (
         np.isfinite(permeability).all(-1)
