@@ -32,6 +32,7 @@ import warnings
 
 import numpy as np
 from dipy.sims.voxel import add_noise
+from meshfit import reduced_protocol  # benchmarks/meshfit.py: the same subset
 from scipy.optimize import OptimizeWarning, curve_fit
 from tqdm import tqdm
 
@@ -44,7 +45,6 @@ from dipy_spinverse.meshfit import (
     mesh_signal,
     surface_chamfer,
 )
-from dipy_spinverse.sequences import Protocol, fibonacci_sphere
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "doc"
 LENGTH = 20.0
@@ -57,19 +57,6 @@ CASES = [
     ("beaded", dict(radius=3.4, beading_amplitude=0.2, beading_period=10.0), "tube"),
     ("fanning", dict(radius=3.4, fanning=0.15), "tube"),
 ]
-
-
-def reduced_protocol():
-    """50 acquisitions: 2 timings x (b0 + 3 shells x 8 directions)."""
-    dirs = fibonacci_sphere(8, hemisphere=True)
-    parts = []
-    for small_delta, big_delta in ((0.010, 0.020), (0.010, 0.060)):
-        bvals = np.r_[0.0, np.repeat([1000.0, 3000.0, 5000.0], len(dirs))]
-        bvecs = np.r_[[[0.0, 0.0, 0.0]], np.tile(dirs, (3, 1))]
-        parts.append(
-            Protocol.pgse(bvals, bvecs, small_delta=small_delta, big_delta=big_delta)
-        )
-    return Protocol.concatenate(*parts)
 
 
 def truth_mesh(params, template):
