@@ -43,6 +43,7 @@ from .reconst import (
 
 __all__ = [
     "MAPS",
+    "MESH_MAPS",
     "Checkpoint",
     "checkpoint_for",
     "store_path",
@@ -97,6 +98,14 @@ MAPS = {
     "residual": np.float32,
     "status": np.int16,
     "S0": np.float32,
+}
+
+#: Maps of the smooth meshes (``refine_mesh=True``): :func:`save_map` writes
+#: them too (NaN where a voxel's mesh was not refined).
+MESH_MAPS = {
+    "mesh_volume": np.float32,
+    "mesh_surface_to_volume": np.float32,
+    "mesh_radius": np.float32,
 }
 
 
@@ -605,7 +614,8 @@ def save_map(fit, name, path, *, affine=None):
     ----------
     fit : SpinverseFit
     name : str
-        A key of :data:`MAPS` (``"restricted_fraction"``, ``"S0"``, ...).
+        A key of :data:`MAPS` (``"restricted_fraction"``, ``"S0"``, ...) or,
+        for a fit with smooth meshes, of :data:`MESH_MAPS`.
     path : str or os.PathLike
         The image (its folder is created if needed).
     affine : ndarray (4, 4), optional
@@ -616,9 +626,15 @@ def save_map(fit, name, path, *, affine=None):
     str
         The path written.
     """
-    if name not in MAPS:
-        raise ValueError(f"Unknown map {name!r}; choose from {sorted(MAPS)}.")
-    values = np.asarray(getattr(fit, name)).astype(MAPS[name])
+    dtypes = {**MAPS, **MESH_MAPS}
+    if name not in dtypes:
+        raise ValueError(f"Unknown map {name!r}; choose from {sorted(dtypes)}.")
+    values = getattr(fit, name)
+    if values is None:
+        raise ValueError(
+            f"this fit has no {name} map: build the model with refine_mesh=True."
+        )
+    values = np.asarray(values).astype(dtypes[name])
     return _save_nifti(path, values, affine)
 
 

@@ -10,6 +10,7 @@ options; positional inputs may contain wildcards to process several datasets.
 """
 
 import importlib.metadata
+import json
 import os
 import sys
 
@@ -25,6 +26,7 @@ from dipy.workflows.workflow import Workflow
 from .checks import check_choice
 from .files import atomic_write
 from .io import (
+    MESH_MAPS,
     Checkpoint,
     checkpoint_for,
     describe_status,
@@ -34,13 +36,22 @@ from .io import (
     save_permeability,
     save_predicted,
 )
+from .meshfit.refine import check_refine_options
 from .reconst import OK, STATUS_CODES, SpinverseModel
 from .reconst.runner import check_resume
 from .sequences import Protocol
 from .signals import sequence_index
 from .surfaces import remove_voxel_meshes, save_voxel_meshes, volume_surface
 
-__all__ = ["SpinverseFlow", "main", "read_timing", "write_report", "METRICS"]
+__all__ = [
+    "SpinverseFlow",
+    "main",
+    "read_timing",
+    "write_report",
+    "parse_mesh_options",
+    "METRICS",
+    "SMOOTH_MESH_FORMATS",
+]
 
 #: What ``--save_metrics`` chooses from (default: all): the scalar maps
 #: (named as the ``SpinverseFit`` attributes, ``s0`` as in DIPY's workflows),
@@ -58,6 +69,9 @@ METRICS = (
     "permeability",
     "mesh",
 )
+
+#: File formats of the smooth meshes (``--refine_mesh``), one file per voxel.
+SMOOTH_MESH_FORMATS = ("vtp", "ply", "vtk", "gii")
 
 # Camino b-values are recomputed from G and the timing; allow this much
 # disagreement with the bval file (relative, plus an absolute s/mm^2 slack).
@@ -98,6 +112,9 @@ class SpinverseFlow(Workflow):
         n_report=4,
         save_metrics=None,
         voxel_meshes=False,
+        refine_mesh=False,
+        mesh_options=None,
+        smooth_mesh_format="vtp",
         resume=False,
         out_dir="",
         out_restricted_fraction="restricted_fraction.nii.gz",
@@ -113,6 +130,10 @@ class SpinverseFlow(Workflow):
         out_mesh_gifti="barriers.gii",
         out_mesh_ply="barriers.ply",
         out_voxel_meshes="voxel_meshes",
+        out_mesh_volume="mesh_volume.nii.gz",
+        out_mesh_surface_to_volume="mesh_surface_to_volume.nii.gz",
+        out_mesh_radius="mesh_radius.nii.gz",
+        out_smooth_meshes="smooth_meshes",
         out_report="report.png",
     ):
         """Fit Spinverse membranes and permeabilities voxel by voxel.
@@ -208,6 +229,23 @@ class SpinverseFlow(Workflow):
             Also write each voxel's barrier surface in micrometres, one .vtp
             file (VTK XML PolyData) per voxel with a barrier, in
             out_voxel_meshes.
+        refine_mesh : bool, optional
+            After the label search, refine each fitted voxel's largest cell
+            into a smooth tetrahedral mesh fitted to the voxel's signal
+            (about a minute per voxel on one core). Writes the mesh maps
+            (out_mesh_volume, out_mesh_surface_to_volume, out_mesh_radius;
+            NaN where a voxel's mesh was not refined) and one surface file
+            per refined voxel (um, the voxel's box) in out_smooth_meshes.
+            Needs the label search (--preset default).
+        mesh_options : string, optional
+            Options of the refinement as a JSON object, e.g.
+            '{"template": "tube", "n_modes": 8, "max_iter": 30}' (keys:
+            template, resolution, layers, n_modes, directions, surface_iter,
+            max_iter, learning_rate, penalty, length_scale, basis_every);
+            only with --refine_mesh.
+        smooth_mesh_format : string, optional
+            File format of the smooth meshes: vtp (VTK XML PolyData), ply,
+            vtk (legacy VTK) or gii (GIFTI).
         resume : bool, optional
             Continue the fit from the checkpoint an interrupted run left
             beside out_state (name.partial.h5), or a finished one from
@@ -251,6 +289,17 @@ class SpinverseFlow(Workflow):
             Name of the folder of per-voxel meshes (with --voxel_meshes).
             Mesh files a previous run left there (voxel_*.vtp, .ply, .vtk)
             are removed.
+        out_mesh_volume : string, optional
+            Name of the smooth cell volume map (um^3; with --refine_mesh).
+        out_mesh_surface_to_volume : string, optional
+            Name of the map of the smooth cell's own membrane area over its
+            volume (1/um; with --refine_mesh).
+        out_mesh_radius : string, optional
+            Name of the smooth cell radius map (um; with --refine_mesh).
+        out_smooth_meshes : string, optional
+            Name of the folder of smooth cell surfaces, one
+            voxel_<i>_<j>_<k> file per refined voxel (with --refine_mesh).
+            Mesh files a previous run left there are removed.
         out_report : string, optional
             Name of the PNG report (needs matplotlib: without it the report is
             skipped with a warning).
@@ -264,6 +313,10 @@ class SpinverseFlow(Workflow):
         if resume:
             self._force_overwrite = True
         metrics = _check_metrics(save_metrics)
+        mesh_options = parse_mesh_options(mesh_options, refine_mesh=refine_mesh)
+        smooth_mesh_format = check_choice(
+            smooth_mesh_format, "smooth_mesh_format", SMOOTH_MESH_FORMATS
+        )
         io_it = self.get_io_iterator()
         for dwi, bval, bvec, maskfile, *outputs in io_it:
             # Outputs by name: every one has its own path (out_dir joined).
@@ -294,6 +347,8 @@ class SpinverseFlow(Workflow):
                 batch_size=batch_size,
                 device=device,
                 dtype=dtype,
+                refine_mesh=bool(refine_mesh),
+                mesh_options=mesh_options,
                 # 0 means unknown: left out, so that presets without a noise
                 # model accept the default.
                 **({"sigma": sigma} if sigma else {}),
@@ -314,6 +369,9 @@ class SpinverseFlow(Workflow):
             )
             written = _save_outputs(
                 fit, out, affine=affine, metrics=metrics, voxel_meshes=voxel_meshes
+            )
+            written += _save_smooth_meshes(
+                fit, out, affine=affine, ext="." + smooth_mesh_format
             )
             if n_report:
                 report = write_report(fit, data, out["out_report"], n_voxels=n_report)
@@ -391,6 +449,73 @@ def _previous_fit(model, data, mask, state, *, resume):
         f"{int(previous.mask.sum())} voxels left (delete it to start over)."
     )
     return previous
+
+
+def parse_mesh_options(mesh_options, *, refine_mesh=True):
+    """The ``--mesh_options`` JSON object as checked refinement options.
+
+    Parameters
+    ----------
+    mesh_options : str, dict or None
+        A JSON object (or a dict) of
+        :data:`dipy_spinverse.meshfit.refine.REFINE_DEFAULTS` keys.
+    refine_mesh : bool
+        Whether ``--refine_mesh`` was given: options without it are refused.
+
+    Returns
+    -------
+    dict or None
+        The options as given (the model fills in and keeps the defaults), or
+        None when there are none.
+
+    Raises
+    ------
+    ValueError
+        Naming ``--mesh_options``: not JSON, not an object, an unknown key or
+        a value out of range.
+    """
+    if mesh_options is None or mesh_options == "":
+        return None
+    if not refine_mesh:
+        raise ValueError(
+            "--mesh_options are the options of the smooth-mesh refinement; add "
+            "--refine_mesh, or leave --mesh_options out."
+        )
+    example = "'{\"n_modes\": 8}'"
+    if isinstance(mesh_options, str):
+        try:
+            mesh_options = json.loads(mesh_options)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"--mesh_options must be a JSON object such as {example}, got "
+                f"{mesh_options!r} ({err})."
+            ) from err
+    if not isinstance(mesh_options, dict):
+        raise ValueError(
+            f"--mesh_options must be a JSON object such as {example}, got "
+            f"{mesh_options!r}."
+        )
+    try:
+        check_refine_options(mesh_options)
+    except ValueError as err:
+        raise ValueError(f"--mesh_options: {err}") from err
+    return mesh_options
+
+
+def _save_smooth_meshes(fit, out, *, affine, ext):
+    """Mesh maps and per-voxel smooth surfaces (``--refine_mesh``); paths."""
+    folder = out["out_smooth_meshes"]
+    stale = remove_voxel_meshes(folder)
+    if stale:
+        logger.info(f"Removed {len(stale)} smooth meshes of an old run from {folder}.")
+    if not fit.model.refine_mesh:
+        return []
+    written = [
+        save_map(fit, name, out[f"out_{name}"], affine=affine) for name in MESH_MAPS
+    ]
+    paths = fit.save_smooth_mesh(folder, ext=ext)
+    logger.info(f"{len(paths)} smooth cell meshes (um) in {folder}.")
+    return written + list(paths.values())
 
 
 def _check_metrics(save_metrics):

@@ -16,6 +16,7 @@ from dipy_spinverse.io import (
     model_spec,
     resume_fit,
     save_fit,
+    save_map,
     save_maps,
     save_permeability,
     save_predicted,
@@ -78,6 +79,8 @@ def test_save_maps_and_images(volume_fit, tmp_path):
     assert pred.shape == volume_fit.shape + (6,)
     with pytest.raises(ValueError, match="Unknown map"):
         save_maps(volume_fit, tmp_path, names=["fa"])
+    with pytest.raises(ValueError, match="no mesh_volume map.*refine_mesh=True"):
+        save_map(volume_fit, "mesh_volume", tmp_path / "v.nii.gz")
     with pytest.raises(ValueError, match="volume fits"):
         save_fit(volume_fit[0, 0, 0], tmp_path / "one.npz")
 

@@ -289,3 +289,77 @@ def test_rerunning_an_interrupted_command_continues_it(demo, tmp_path, monkeypat
     monkeypatch.setattr(runner, "fit_voxels", counted)
     _run(demo, tmp_path, n_report=0, batch_size=2, max_iter=3)
     assert fitted == [2, 2, 2]
+
+
+def test_refine_mesh_from_the_command_line(demo, tmp_path, monkeypatch):
+    """--refine_mesh writes the smooth mesh maps and surfaces (one voxel)."""
+    reference = nib.load(demo["mask"])
+    one = np.zeros(reference.shape, np.uint8)
+    one[0, 0, 0] = 1
+    nib.save(nib.Nifti1Image(one, reference.affine), tmp_path / "one.nii.gz")
+    argv = [
+        "dipy_fit_spinverse",
+        demo["data"],
+        demo["bvals"],
+        demo["bvecs"],
+        str(tmp_path / "one.nii.gz"),
+        "--timing_file", demo["timing"],
+        "--grid_size", "12",
+        "--grid_resolution", "2",
+        "--max_iter", "2",
+        "--preset", "default",
+        "--n_report", "0",
+        "--refine_mesh",
+        "--mesh_options",
+        '{"resolution": 2, "n_modes": 1, "max_iter": 3, "surface_iter": 20}',
+        "--smooth_mesh_format", "ply",
+        "--out_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    out = tmp_path / "out"
+    fit = load_fit(out / "spinverse_fit.npz")
+    assert fit.model.refine_mesh and fit.model.mesh_options["n_modes"] == 1
+    volume, radius, ratio = (
+        _load(out / f"{name}.nii.gz")
+        for name in ("mesh_volume", "mesh_radius", "mesh_surface_to_volume")
+    )
+    assert volume.shape == (3, 2, 1)
+    # Outside the mask the maps are 0; inside, the saved fit's own measures.
+    assert_array_equal(volume[one == 0], 0)
+    assert_allclose(volume, fit.mesh_volume, rtol=1e-6)
+    # A ball template: the radius is that of the ball of the same volume, and
+    # a polyhedral ball's area is above the sphere's, S/V >= 3 / r (within
+    # 15% at resolution 2).
+    assert volume[0, 0, 0] > 0
+    assert radius[0, 0, 0] == pytest.approx(
+        (3 * volume[0, 0, 0] / (4 * np.pi)) ** (1 / 3), rel=1e-5
+    )
+    assert 1.0 <= ratio[0, 0, 0] * radius[0, 0, 0] / 3 < 1.15
+    # The cell fits in the 12 um box, about the label's volume (the label
+    # search's restricted fraction of the box, within a factor 2: a 3
+    # iteration refinement).
+    label_volume = _load(out / "restricted_fraction.nii.gz")[0, 0, 0] * 12.0**3
+    assert 0.5 < volume[0, 0, 0] / label_volume < 2.0
+    assert os.listdir(out / "smooth_meshes") == ["voxel_0_0_0.ply"]
+    surface = load_mesh(out / "smooth_meshes" / "voxel_0_0_0.ply")
+    assert surface.n_triangles == len(fit.mesh_faces)
+    assert np.all((surface.vertices > -1) & (surface.vertices < 13))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mesh_options='{"modes": 3}'), "--mesh_options: unknown mesh_options"),
+        (dict(mesh_options='{"resolution": 1}'), "--mesh_options: .*resolution"),
+        (dict(mesh_options="n_modes=3"), "--mesh_options must be a JSON object"),
+        (dict(mesh_options="[3]"), "--mesh_options must be a JSON object"),
+        (dict(mesh_options='{"n_modes": 3}', refine_mesh=False), "add --refine_mesh"),
+        (dict(smooth_mesh_format="stl"), "Invalid smooth_mesh_format"),
+        (dict(preset="paper"), "turn the label search on"),
+    ],
+)
+def test_refine_mesh_bad_options(demo, tmp_path, kwargs, match):
+    kwargs = dict(dict(refine_mesh=True, preset="default"), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        _run(demo, tmp_path, **kwargs)
