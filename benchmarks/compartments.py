@@ -300,11 +300,13 @@ def rician(signal, rng):
     return np.abs(signal + noise)
 
 
-def run(quick):
+def run(quick, models=None):
     gtabs = protocols()
     rows = []
     specs, scale = cases(quick)
     for name, proto, make, n in specs:
+        if models and name not in models:
+            continue
         n = max(8, int(n * scale))
         rng = np.random.default_rng(SEED)
         model, params, errors = make(gtabs[proto], n, rng)
@@ -371,44 +373,51 @@ def ratio(a, b):
     return f"{a / b:.1f}x" if b > 0 else "-"
 
 
-def learned_twin(model, cache):
-    """The same model with fit_method="learned" at the benchmark's SNR."""
+def learned_twin(model, cache, polish=0):
+    """The same model with fit_method="learned" at the benchmark's SNR, its
+    estimates polished by ``polish`` Levenberg-Marquardt iterations (the
+    same network for every ``polish``: it is not in the cache key)."""
     kwargs = {"n_fibres": model.n_fibres} if isinstance(model, NoddiModel) else {}
     return type(model)(
         model.gtab,
         fit_method="learned",
         snr=SNR,
-        learned_options=LEARNED_OPTIONS,
+        learned_options={**LEARNED_OPTIONS, "polish": polish},
         cache_dir=cache,
         **kwargs,
     )
 
 
-def run_learned(quick, cache):
+def run_learned(quick, cache, polishes=(0,), models=None):
     gtabs = protocols()
     rows = []
     specs, scale = cases(quick)
     for name, proto, make, n in specs:
+        if models and name not in models:
+            continue
         n = max(8, int(n * scale))
         rng = np.random.default_rng(SEED)
         model, params, errors = make(gtabs[proto], n, rng)
         data = rician(simulate(model, params), rng)
         fitted = {k: float(np.median(v)) for k, v in errors(model.fit(data)).items()}
-        learned = learned_twin(model, cache)
-        start = time.perf_counter()
-        learned.regressor  # noqa: B018 (trains, or loads from the cache)
-        train = time.perf_counter() - start
         reps = max(1, -(-LEARNED_SPEED_VOXELS // n))
         big = np.tile(data, (reps, 1))
-        # Best of three: a shared machine's load spikes only slow calls down.
-        wall = math.inf
-        for _ in range(3):
+        for polish in polishes:
+            learned = learned_twin(model, cache, polish)
             start = time.perf_counter()
-            learned.fit(big)
-            wall = min(wall, time.perf_counter() - start)
-        got = {k: float(np.median(v)) for k, v in errors(learned.fit(data)).items()}
-        rows.append((name, big.shape[0] / wall, train, fitted, got))
-        print(f"{name}: learned {big.shape[0] / wall:.0f} vox/s", flush=True)
+            learned.regressor  # noqa: B018 (trains, or loads from the cache)
+            train = time.perf_counter() - start
+            # Best of three (the first call also builds lookup tables): a
+            # shared machine's load spikes only slow calls down.
+            wall = math.inf
+            for _ in range(3):
+                start = time.perf_counter()
+                learned.fit(big)
+                wall = min(wall, time.perf_counter() - start)
+            got = {k: float(np.median(v)) for k, v in errors(learned.fit(data)).items()}
+            label = f"{name}, polish {polish}" if polish else name
+            rows.append((label, big.shape[0] / wall, train, fitted, got))
+            print(f"{label}: learned {big.shape[0] / wall:.0f} vox/s", flush=True)
     lines = [
         "| model | learned voxels/s | training or loading (s) | median abs. error: "
         "learned / fitted (ratio) |",
@@ -848,11 +857,26 @@ def main():
     parser.add_argument(
         "--cache", default=None, help="cache folder of the learned estimators"
     )
+    parser.add_argument(
+        "--polish",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="--learned rows with these learned_options['polish'] (0: network)",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="only these rows of the main and --learned tables, e.g. "
+        "'NoddiModel(n_fibres=2)' ActiveAxModel (with --write-doc the block "
+        "then holds only these rows)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = []
     if not args.no_fits:
-        gtabs, rows = run(args.quick)
+        gtabs, rows = run(args.quick, args.models)
         sections.append(
             ("benchmark", header(args.threads) + "\n\n" + table(gtabs, rows))
         )
@@ -860,7 +884,9 @@ def main():
         sections.append(
             (
                 "learned",
-                header(args.threads) + "\n\n" + run_learned(args.quick, args.cache),
+                header(args.threads)
+                + "\n\n"
+                + run_learned(args.quick, args.cache, args.polish, args.models),
             )
         )
     if args.fibres:

@@ -642,7 +642,7 @@ class CompartmentModel(ReconstModel):
             model=type(self).__name__,
             params=list(self.param_names),
             bounds=[repr(b) for b in self._shared + self._fibre],
-            options=repr(self.learned_options),
+            options=self.learned_options.training_description(),
             trainer=TRAINER_VERSION,
         )
         acq = self._acq
@@ -824,7 +824,56 @@ class CompartmentModel(ReconstModel):
             targets[:, groups.ravel()] = np.take_along_axis(
                 targets[:, groups], order[..., None], axis=1
             ).reshape(len(targets), -1)
-        return self._from_targets(targets, s0)
+        params = self._from_targets(targets, s0)
+        if self.learned_options.polish:
+            params = self._polished(y, s0, params, self.learned_options.polish)
+        return params
+
+    def _pack(self, shared, fibre, dirs):
+        """Inverse of :meth:`_unpack`: unconstrained parameters (B, P) from
+        shared {name: (B,)}, fibre {name: (B, F)} and directions (B, F, 3)
+        (values are clipped just inside their bounds)."""
+        B = dirs.shape[0]
+        cols = [b.unconstrained(shared[b.name])[:, None] for b in self._shared]
+        per = [b.unconstrained(fibre[b.name])[..., None] for b in self._fibre]
+        per = torch.cat(per + [dirs.to(DTYPE)], dim=-1)  # (B, F, Fs + 3)
+        return torch.cat(cols + [per.reshape(B, -1)], dim=1)
+
+    def _polished(self, y, s0, params, n_iter):
+        """Public parameters (V, n_params) after ``n_iter`` Levenberg-Marquardt
+        iterations of variable projection (:func:`~.fitting.levenberg_marquardt`,
+        the fitting's own solver, Jacobians and bounds) started from the
+        learned estimates ``params``, all voxels of a chunk at once.
+
+        The network does the global search (no grid, no multi-start); the
+        iterations only refine within its basin. The volume fractions are
+        re-solved by NNLS at the network's nonlinear parameters, and a step is
+        accepted only if it lowers the residual, so a polished voxel never
+        fits its signal worse than the network's estimate.
+        """
+        results = []
+        with torch.no_grad():
+            for i in range(0, y.shape[0], self.chunk_size):
+                yi = torch.tensor(y[i : i + self.chunk_size], dtype=DTYPE)
+                scale = torch.tensor(s0[i : i + self.chunk_size], dtype=DTYPE)
+                start = torch.tensor(params[i : i + self.chunk_size], dtype=DTYPE)
+                shared, fibre, dirs, _, _ = self._from_params(start)
+                x0 = self._renormalise(self._pack(shared, fibre, dirs))
+                if x0.shape[1]:
+                    x, c, _ = levenberg_marquardt(
+                        self._columns_x,
+                        yi,
+                        x0,
+                        max_iter=n_iter,
+                        renormalise=self._renormalise,
+                        derivatives=self._derivatives,
+                    )
+                else:
+                    # Nothing nonlinear (NODDI without fibres): one NNLS.
+                    x, c = x0, nnls(self._columns_x(x0), yi)
+                shared, fibre, dirs = self._unpack(x)
+                results.append(self._to_params(shared, fibre, dirs, c, scale).numpy())
+        return np.concatenate(results)
 
     # -- fibre counts per voxel --------------------------------------------------
     def _with_fibres(self, n_fibres):

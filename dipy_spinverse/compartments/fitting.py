@@ -94,7 +94,10 @@ class Bound:
     def unconstrained(self, value):
         """Inverse of :meth:`value` (values are clipped inside the bounds)."""
         lo, hi = self._ends()
+        # Clipped before the log: a value <= 0 of a log-scale parameter
+        # (e.g. a start from outside the model) maps to the lower bound.
         value = torch.as_tensor(value, dtype=torch.float64)
+        value = value.clamp(self.lower, self.upper)
         v = torch.log(value) if self.log else value
         p = ((v - lo) / (hi - lo)).clamp(1e-6, 1.0 - 1e-6)
         return torch.logit(p)

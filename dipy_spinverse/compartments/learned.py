@@ -63,6 +63,11 @@ class LearnedOptions:
         Initial Adam learning rate (cosine decay to 1 % of it).
     seed : int
         Seed of the simulated parameters, noise and initial weights.
+    polish : int
+        Levenberg-Marquardt iterations of variable projection on the model's
+        own signal after the network (0: the network's estimates as they
+        are). Applied to the estimates, not in training: not part of the
+        cache key (:meth:`training_description`).
     """
 
     n_train: int = 100_000
@@ -71,6 +76,10 @@ class LearnedOptions:
     batch_size: int = 512
     lr: float = 2e-3
     seed: int = 0
+    polish: int = 0
+
+    #: Fields used after training only (not in :meth:`training_description`).
+    _AFTER_TRAINING = ("polish",)
 
     @classmethod
     def from_dict(cls, options):
@@ -88,11 +97,23 @@ class LearnedOptions:
         check_int(out.epochs, "learned_options['epochs']", 1)
         check_int(out.batch_size, "learned_options['batch_size']", 1)
         check_int(out.seed, "learned_options['seed']", 0)
+        check_int(out.polish, "learned_options['polish']", 0)
         check_positive(out.lr, "learned_options['lr']")
         hidden = tuple(out.hidden)
         for width in hidden:
             check_int(width, "learned_options['hidden']", 1)
         return cls(**{**asdict(out), "hidden": hidden})
+
+    def training_description(self):
+        """The options that define a trained network, as the dataclass repr
+        of those fields (the text of the cache key): options applied after
+        training (``polish``) leave cached networks valid."""
+        fields = ", ".join(
+            f"{name}={getattr(self, name)!r}"
+            for name in self.__dataclass_fields__
+            if name not in self._AFTER_TRAINING
+        )
+        return f"{type(self).__name__}({fields})"
 
 
 def cache_dir(path=None):
