@@ -134,7 +134,9 @@ def run(physics, args):
     grid, protocol, labels, kappas, signal, sigma, kinds = targets(
         physics, args.n, args.seed
     )
-    options = dict(search_dictionary=args.starts != "proposal")
+    options = dict(
+        search_dictionary=args.starts != "proposal", search_ranking=args.ranking
+    )
     if args.starts != "dictionary":
         options.update(search_proposal=args.proposal)
     if sigma:
@@ -231,6 +233,12 @@ def main(argv=None):
     )
     parser.add_argument(
         "--proposal", type=int, default=4000, help="proposal training substrates"
+    )
+    parser.add_argument(
+        "--ranking",
+        default="gradient",
+        choices=("gradient", "lazy"),
+        help="order of the label moves (search_ranking)",
     )
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--batch", type=int, default=8, help="voxels per call")

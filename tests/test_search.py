@@ -142,8 +142,13 @@ def test_direction_subset_keeps_b0_and_whole_shells():
     assert_array_equal(direction_subset(prot, None), np.arange(62))
 
 
-@pytest.mark.parametrize("kappa, start", [(5e-5, "near"), (3e-5, "truth")])
-def test_label_search_finds_the_truth_from_a_nearby_start(problem, kappa, start):
+@pytest.mark.parametrize(
+    "kappa, start, ranking",
+    [(5e-5, "near", "gradient"), (5e-5, "near", "lazy"), (3e-5, "truth", "lazy")],
+)
+def test_label_search_finds_the_truth_from_a_nearby_start(
+    problem, kappa, start, ranking
+):
     """Real physics: a misplaced cell is corrected and the permeability found.
 
     5e-5 m/s is on the search grid (start one cell off); 3e-5 lies between
@@ -160,7 +165,7 @@ def test_label_search_finds_the_truth_from_a_nearby_start(problem, kappa, start)
         first[np.flatnonzero(inside)[0]] = 0
     data = normalise_b0(torch.as_tensor(signal[None]), prot)
     steps = PRESETS["default"].search_steps if start == "near" else 0
-    config = resolve_config("default", search_directions=None)
+    config = resolve_config("default", search_directions=None, search_ranking=ranking)
     config = dataclasses.replace(config, search_steps=steps)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
     labels, field, predicted, *_ = search_labels(
@@ -294,6 +299,70 @@ def test_scorer_simulates_each_field_once(problem, monkeypatch):
     assert simulated == []
 
 
+def test_opening_gains_match_finite_differences(problem):
+    """dL/dw_f * (w_open - w_membrane) against central differences in w_f.
+
+    float64, dense matrix exponentials (exact to rounding: the Chebyshev
+    solver's tolerance would swamp the small loss changes of open faces).
+    Each face's permeability is moved by a relative 1e-3 either way and
+    the loss change divided by the conductance change
+    (:func:`~dipy_spinverse.operators.face_conductance`): truncation error
+    of order 1e-6 relative, and rounding of the loss (about 1e-16 of it)
+    over a step of 1e-3 of a small derivative reaches 2e-5 relative on open
+    faces whose gain is 1e-6 of the largest (measured); hence rtol 1e-4 and
+    an absolute floor of 1e-7 of the largest gain.
+    """
+    from dipy_spinverse.operators import face_conductance
+
+    grid, prot, signal = problem
+    data = normalise_b0(torch.as_tensor(np.stack([signal, 0.9 * signal])), prot)
+    config = resolve_config("default", search_directions=None)
+    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu", method="dense")
+    scorer = BatchScorer(
+        grid, data, prot, np.arange(len(prot)), config, sim, cache=SignalCache()
+    )
+    half = (np.arange(grid.n_cells) < 24).astype(int)
+    membrane = 3e-5
+    gains = scorer.opening_gains(np.array([1]), half[None], np.array([membrane]))[0]
+    kappa = np.where(grid.interface_faces(half), membrane, 0.1)
+    diffusivity = torch.full((1, grid.n_cells), 2e-3, dtype=torch.float64)
+
+    def conductance(field):
+        return face_conductance(grid, torch.as_tensor(field)[None], diffusivity)[0]
+
+    opened = conductance(np.full(grid.n_faces, 0.1)) - conductance(
+        np.full(grid.n_faces, membrane)
+    )
+    floor = 1e-7 * np.abs(gains).max()
+    faces = np.flatnonzero(np.abs(gains) > 0)[::5]
+    assert len(faces) > 5
+    for f in faces:
+        up, down = kappa.copy(), kappa.copy()
+        up[f] *= 1 + 1e-3
+        down[f] *= 1 - 1e-3
+        d_loss = scorer.score_field(1, up) - scorer.score_field(1, down)
+        d_w = float(conductance(up)[f] - conductance(down)[f])
+        expected = d_loss / d_w * float(opened[f])
+        assert_allclose(gains[f], expected, rtol=1e-4, atol=floor)
+
+
+def test_separate_moves_share_no_cells_or_neighbours():
+    from dipy_spinverse.inverse.search import _separate_moves
+
+    grid = TetGrid.bcc(8.0, 2)
+    first = int(np.flatnonzero(grid.cell_neighbours[0] != 0)[0])
+    near = int(grid.cell_neighbours[0, first])  # touches cell 0
+    far = int(
+        np.argmax(np.linalg.norm(grid.cell_centroids - grid.cell_centroids[0], axis=1))
+    )
+    moves = [((0,), 1), ((near,), 1), ((far,), 1), ((far,), 2)]
+    losses = np.array([1.0, 2.0, 3.0, 9.0])
+    chosen = _separate_moves(grid, moves, losses, enough=5.0)
+    # The neighbour of a better move is left out, and so is the move that
+    # does not improve enough.
+    assert chosen == [((0,), 1), ((far,), 1)]
+
+
 def test_signal_cache_keeps_the_most_recent_within_its_bytes():
     value = torch.zeros(4, dtype=torch.float64)  # 32 bytes
     cache = SignalCache(max_bytes=64)
@@ -326,3 +395,8 @@ def test_drive_answers_each_search_in_turn():
         (50.0, [60.0, 70.0]),
     ]
     assert calls == [[0, 1], [0, 0, 1, 1]]
+
+
+def test_search_ranking_must_be_known():
+    with pytest.raises(ValueError, match="search_ranking"):
+        resolve_config("default", search_ranking="best")

@@ -42,6 +42,7 @@ from ..interface import (
     odd_depth_cells,
 )
 from ..metrics import cell_inversion
+from ..operators import face_conductance
 from ..signals import data_loss, normalise_b0
 from .proposal import ProposalSettings, load_or_train_proposal, proposal_starts
 from .shapes import run_steps, shape_search_steps
@@ -187,6 +188,7 @@ def search_labels(
     )
     scorers = {
         "search": recorder,
+        "gradient": recorder.scorer.opening_gains,
         "screen": BatchScorer(grid, data, protocol, screen, config, sim, precision),
     }
     occupancy = None
@@ -443,8 +445,7 @@ class BatchScorer:
             sim = self.sim
             shape = (0, len(self.protocol))
             return torch.zeros(shape, dtype=sim["dtype"], device=sim["device"])
-        face_cells = self.grid.face_cells
-        barrier = candidates[:, face_cells[:, 0]] != candidates[:, face_cells[:, 1]]
+        barrier = _barriers(self.grid, candidates)
         membranes = np.broadcast_to(np.asarray(membranes, float), len(candidates))
         keys = [
             self.context + np.packbits(row).tobytes() + np.float64(m).tobytes()
@@ -466,6 +467,51 @@ class BatchScorer:
             found.update(zip(batch, pred, strict=True))
             self.cache.put_many(zip(batch, pred, strict=True))
         return torch.stack([found[k] for k in keys])
+
+    def opening_gains(self, owners, candidates, membranes):
+        """First-order loss change of opening each face, per labelling.
+
+        ``dL/dw_f * (w_open - w_membrane)``: the gradient of the loss with
+        respect to each face's conductance ``w_f`` (the diffusion operator
+        is linear in it, :func:`~dipy_spinverse.operators.face_conductance`,
+        so this linearisation follows the physics across the decades between
+        a membrane and an open face, where one in log permeability saturates
+        at both ends), at the field of each row, times the conductance that
+        opening a membrane face adds. Same rows as :meth:`__call__`; returns
+        (n, n_faces); not cached (only the move ranking uses it).
+        """
+        out = []
+        owner = torch.as_tensor(owners, device=self.target.device)
+        dtype, device = self.sim["dtype"], self.sim["device"]
+        diffusivity = torch.as_tensor(self.sim["diffusivity"], dtype=dtype)
+        diffusivity = diffusivity.expand(1, self.grid.n_cells).to(device)
+        for i in range(0, len(candidates), SCORE_BATCH):
+            rows = slice(i, i + SCORE_BATCH)
+            barrier = _barriers(self.grid, candidates[rows])
+            membrane = torch.as_tensor(membranes[rows], dtype=dtype, device=device)
+            kappa = torch.where(
+                torch.as_tensor(barrier, device=device),
+                membrane[:, None],
+                torch.tensor(self.open_kappa, dtype=dtype, device=device),
+            ).requires_grad_(True)
+            pred = simulate(self.grid, kappa, self.protocol, **self.sim)
+            # Each row's loss depends on its own field only: one backward
+            # pass of the sum gives every row's gradient.
+            self._loss(normalise_b0(pred, self.protocol), owner[rows]).sum().backward()
+            with torch.no_grad():
+                w = face_conductance(self.grid, kappa, diffusivity)
+                w_open = face_conductance(
+                    self.grid, torch.full_like(kappa, self.open_kappa), diffusivity
+                )
+                w_membrane = face_conductance(
+                    self.grid, membrane[:, None].expand_as(kappa), diffusivity
+                )
+                # w = A kappa / (kappa R + 1): dw/dkappa = (w / kappa)^2 / A.
+                area = torch.tensor(self.grid.face_areas, dtype=dtype, device=device)
+                dw_dkappa = (w / kappa) ** 2 / area
+                gain = kappa.grad / dw_dkappa * (w_open - w_membrane)
+            out.append(gain.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.grid.n_faces))
 
     def score_field(self, v, field):
         """Data loss of one permeability field (n_faces,) against voxel ``v``.
@@ -490,6 +536,12 @@ class BatchScorer:
             noise=self.config.noise,
             precision=self.precision[owners],
         )
+
+
+def _barriers(grid, labels):
+    """Faces between different labels, (n, n_faces) bool."""
+    a, b = grid.face_cells.T
+    return labels[:, a] != labels[:, b]
 
 
 class SignalCache:
@@ -729,37 +781,105 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
     search leave minima that single cells cannot. Moves are scored exactly in
     batches of ``search_batch``: never-scored moves first, then by their last
     known loss (a move's effect is local, so a stale score is a good guess).
-    The best move of a batch is taken if it lowers the loss by more than
-    ``min_gain``; the search stops at a local minimum (every current move
-    scored since the last step, none improves) or after ``search_steps``
-    steps. ``report(step, loss)`` is called after every step.
+    With a membrane and ``search_ranking="gradient"``, half of each batch
+    are instead the moves of best first-order gain: one gradient of the loss
+    with respect to every face's log permeability at the current labels,
+    times the change of log permeability each move makes (a move only
+    toggles faces between open and membrane). The best move of a batch -- or all its
+    improving moves that do not touch one another, when together they score
+    lower -- is taken if it lowers the loss by more than ``min_gain``; the
+    search stops at a local
+    minimum (every current move scored since the last step, none improves)
+    or after ``search_steps`` steps. ``report(step, loss)`` is called after
+    every step.
     """
 
     def score(candidates):
         membranes = np.full(len(candidates), np.nan if membrane is None else membrane)
         return (yield "search", candidates, membranes)
 
+    ranked = membrane is not None and config.search_ranking == "gradient"
     current = (yield from score(labels[None]))[0]
-    known, fresh = {}, set()
+    known, fresh, gains = {}, set(), None
     for step in range(config.search_steps):
-        pending = [m for m in label_moves(grid, labels) if m not in fresh]
+        moves = label_moves(grid, labels)
+        if ranked and gains is None:
+            gains = yield from _first_order_gains(grid, labels, moves, membrane)
+        pending = [m for m in moves if m not in fresh]
         if not pending:
             break
         pending.sort(key=lambda m: known.get(m, -np.inf))
+        if ranked:
+            # Half by first-order gain, half in the lazy order: the
+            # linearisation spans decades of permeability and misjudges big
+            # group moves, so it may pick moves but not hide any.
+            chosen = sorted(pending, key=gains.__getitem__)
+            chosen = chosen[: config.search_batch // 2]
+            pending = chosen + [m for m in pending if m not in set(chosen)]
         batch = pending[: config.search_batch]
-        candidates = np.repeat(labels[None], len(batch), axis=0)
-        for row, (cells, label) in enumerate(batch):
-            candidates[row, list(cells)] = label
+        candidates = _apply_moves(labels, batch)
         losses = yield from score(candidates)
         known.update(zip(batch, losses, strict=True))
         fresh.update(batch)
-        best = int(np.argmin(losses))
         # The relative margin keeps rounding noise from counting as progress.
-        if losses[best] < current * (1 - 1e-9) - min_gain:
-            labels, current, fresh = candidates[best], losses[best], set()
+        enough = current * (1 - 1e-9) - min_gain
+        best = int(np.argmin(losses))
+        found = candidates[best], losses[best]
+        together = _separate_moves(grid, batch, losses, enough)
+        if len(together) > 1:
+            # Improving moves far apart barely interact: take them together
+            # when that scores better than the best alone (one more score).
+            combined = labels.copy()
+            for cells, label in together:
+                combined[list(cells)] = label
+            loss = (yield from score(combined[None]))[0]
+            if loss < found[1]:
+                found = combined, loss
+        if found[1] < enough:
+            (labels, current), fresh, gains = found, set(), None
         if report is not None:
             report(step, current)
     return labels
+
+
+def _apply_moves(labels, moves):
+    """One copy of ``labels`` per ``(cells, new label)`` move, (n, n_cells)."""
+    candidates = np.repeat(labels[None], len(moves), axis=0)
+    for row, (cells, label) in enumerate(moves):
+        candidates[row, list(cells)] = label
+    return candidates
+
+
+def _separate_moves(grid, moves, losses, enough):
+    """The improving moves (loss below ``enough``), best first, that touch
+    no cell of a better one nor its neighbours."""
+    claimed = np.zeros(grid.n_cells, bool)
+    chosen = []
+    for row in np.argsort(losses, kind="stable"):
+        if losses[row] >= enough:
+            break
+        cells = list(moves[row][0])
+        halo = grid.cell_neighbours[cells].ravel()
+        if not claimed[halo].any():
+            chosen.append(moves[row])
+            claimed[halo] = True
+    return chosen
+
+
+def _first_order_gains(grid, labels, moves, membrane):
+    """Predicted loss change of each move, {move: gain} (generator step).
+
+    Yields one ``("gradient", labels, membrane)`` request for the
+    first-order gain of opening each face (:meth:`BatchScorer.opening_gains`);
+    a move opens some faces and closes others, and its gain is the sum. The
+    search uses it only to order moves; each is scored exactly before it is
+    taken.
+    """
+    opening = (yield "gradient", labels[None], np.array([membrane]))[0]
+    before = _barriers(grid, labels[None])[0]
+    after = _barriers(grid, _apply_moves(labels, moves))
+    opened = before.astype(float) - after  # +1 opened, -1 closed
+    return dict(zip(moves, (opened @ opening).tolist(), strict=True))
 
 
 def label_moves(grid, labels):
