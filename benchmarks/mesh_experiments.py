@@ -21,7 +21,10 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/mesh_experiments.py [--max-iter 60]
 
-Writes ``doc/mesh_inversion_results.json`` and ``doc/mesh_inversion.png``.
+Writes ``doc/mesh_inversion_results.json`` and ``doc/mesh_inversion.png``;
+with ``--code latent`` (the fit in the latent code of the shape autoencoder,
+:mod:`dipy_spinverse.meshfit.autoencoder`, trained on demand and cached)
+``doc/mesh_inversion_latent_results.json`` and no figure.
 """
 
 import argparse
@@ -203,7 +206,7 @@ def true_signal(name, truth, protocol, cache):
     return clean, seconds
 
 
-def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0):
+def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0, code="spectral"):
     protocol = reduced_protocol()
     rows = []
     for index, (name, params, template) in enumerate(tqdm(CASES, desc="cases")):
@@ -228,6 +231,7 @@ def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0):
                 max_iter=max_iter,
                 sigma=0.0 if snr is None else 1.0 / snr,
                 noise="gaussian" if snr is None else "rician",
+                code=code if template == "tube" else "spectral",
             )
             seconds = time.perf_counter() - t0
             fv, ff = fit.mesh.vertices, fit.faces
@@ -241,6 +245,7 @@ def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0):
                 grid_chamfer=g_chamfer,
                 grid_cells=g_cells,
                 n_modes=n_modes,
+                code=code,
                 final_loss=float(fit.loss_history.min()),
                 n_inverted=fit.n_inverted,
             )
@@ -265,7 +270,8 @@ def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0):
                     }
                 )
             )
-            np.save(DOC / f"mesh_inversion_{name}_{snr}.npy", fv)
+            suffix = "" if code == "spectral" else f"_{code}"
+            np.save(DOC / f"mesh_inversion_{name}_{snr}{suffix}.npy", fv)
     return rows
 
 
@@ -364,16 +370,23 @@ def main():
     parser.add_argument("--cases", nargs="*", help="rerun these cases only")
     parser.add_argument("--cache", default=None, help="folder of true signals")
     parser.add_argument("--figure-only", action="store_true")
+    parser.add_argument(
+        "--snrs", nargs="*", default=["inf", "100"], help="inf for noise free"
+    )
+    parser.add_argument("--code", default="spectral", choices=("spectral", "latent"))
     args = parser.parse_args()
-    out = DOC / "mesh_inversion_results.json"
+    snrs = [None if s == "inf" else float(s) for s in args.snrs]
+    latent = args.code == "latent"
+    out = DOC / f"mesh_inversion{'_latent' if latent else ''}_results.json"
     rows = json.loads(out.read_text()) if out.exists() else []
     if not args.figure_only:
         new = run(
             args.max_iter,
             args.n_modes,
-            [None, 100],
+            snrs,
             cases=args.cases,
             cache=args.cache,
+            code=args.code,
         )
 
         def key(r):
@@ -387,7 +400,8 @@ def main():
         )
         out.write_text(json.dumps(rows, indent=1))
     print(table(rows))
-    figure(rows, DOC / "mesh_inversion.png")
+    if not latent:
+        figure(rows, DOC / "mesh_inversion.png")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ LAYERS = [
     "meshfit.mesh",
     "meshfit.fem",
     "meshfit.shape",
+    "meshfit.autoencoder",
     "meshfit.fit",
     "meshfit.refine",
     "meshfit",

@@ -5,14 +5,21 @@ templates); :mod:`.fem` simulates its diffusion signal with P1 finite
 elements and the matrix formalism, differentiable with respect to the vertex
 positions (ReMiDi's approach, with this package's protocols and noise model);
 :mod:`.shape` is the shape code (Laplace-Beltrami modes of the template's
-surface), :mod:`.fit` optimises it (:func:`fit_mesh`) and :mod:`.refine`
+surface; :mod:`.autoencoder` compresses it further, trained on axon
+families), :mod:`.fit` optimises it (:func:`fit_mesh`) and :mod:`.refine`
 starts it from a Spinverse label surface (:func:`refine_cell`, behind
 ``SpinverseModel(..., refine_mesh=True)``).
 """
 
+from .autoencoder import (
+    AutoencoderSettings,
+    ShapeAutoencoder,
+    load_or_train_autoencoder,
+    train_autoencoder,
+)
 from .fem import MeshBasis, mesh_basis, mesh_signal
 from .fit import MeshFit, fit_mesh, fit_surface, surface_chamfer
-from .mesh import TetMesh, axon_mesh, ball_mesh, tube_mesh
+from .mesh import TetMesh, axon_deformation, axon_mesh, ball_mesh, tube_mesh
 from .refine import check_refine_options, refine_cell
 from .shape import SpectralShape, spectral_shape
 
@@ -21,11 +28,16 @@ __all__ = [
     "ball_mesh",
     "tube_mesh",
     "axon_mesh",
+    "axon_deformation",
     "MeshBasis",
     "mesh_basis",
     "mesh_signal",
     "SpectralShape",
     "spectral_shape",
+    "AutoencoderSettings",
+    "ShapeAutoencoder",
+    "train_autoencoder",
+    "load_or_train_autoencoder",
     "MeshFit",
     "fit_mesh",
     "fit_surface",

@@ -24,6 +24,7 @@ from ..checks import (
 from ..interface import write_mesh
 from ..sequences import as_protocol
 from ..signals import data_loss, normalise_b0
+from .autoencoder import ShapeAutoencoder, load_or_train_autoencoder
 from .fem import mesh_basis, mesh_signal
 from .mesh import TetMesh, ball_mesh, tube_mesh
 from .shape import DIRECTIONS, SpectralShape, spectral_shape
@@ -35,6 +36,7 @@ __all__ = [
     "surface_chamfer",
     "TEMPLATES",
     "NOISE_MODELS",
+    "CODES",
 ]
 
 #: Built-in templates: a ball (radius 4 um) and a closed tube (radius 3 um,
@@ -44,6 +46,10 @@ TEMPLATES = {
     "tube": lambda: tube_mesh(3.0, 20.0, resolution=3, layers=10),
 }
 NOISE_MODELS = ("gaussian", "rician")
+#: What :func:`fit_mesh` optimises: the spectral coefficients themselves, or
+#: the latent code of a shape autoencoder trained on axon families
+#: (:mod:`.autoencoder`), decoded into coefficients.
+CODES = ("spectral", "latent")
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +72,8 @@ class MeshFit:
     n_inverted : int
         Tetrahedra inverted at the solution (0 for a valid mesh; the best
         valid iterate is returned when one exists).
+    latent_code : ndarray (n_latent,) or None
+        The autoencoder's latent code of the solution (``code="latent"``).
     """
 
     mesh: TetMesh
@@ -75,6 +83,7 @@ class MeshFit:
     kind: str = "mesh"
     n_inverted: int = 0
     shape: SpectralShape = field(default=None, repr=False)
+    latent_code: np.ndarray = None
 
     @property
     def vertices(self):
@@ -162,6 +171,8 @@ def fit_mesh(
     basis_every=5,
     background=None,
     box_volume=None,
+    code="spectral",
+    autoencoder=None,
     verbose=False,
 ):
     """Fit a smooth cell mesh to a b0-normalisable signal.
@@ -208,6 +219,15 @@ def fit_mesh(
     box_volume : float, optional
         Volume of that voxel (um^3); needed with ``background``, larger than
         the cell.
+    code : {"spectral", "latent"}
+        What is optimised (:data:`CODES`): the spectral coefficients, or the
+        latent code of a shape autoencoder over them (axon families, tube
+        templates only; ``start`` is then encoded, and ``learning_rate`` is
+        in units of the latent's spread over the training shapes).
+    autoencoder : ShapeAutoencoder, optional
+        With ``code="latent"``: trained for this template's shape code.
+        Default: :func:`.autoencoder.load_or_train_autoencoder` of the shape
+        with default settings (trained once, ~10-30 s, then cached).
     verbose : bool
         Print the loss every 10 iterations.
 
@@ -237,6 +257,7 @@ def fit_mesh(
     basis_every = check_int(basis_every, "basis_every", 1)
     check_choice(directions, "directions", DIRECTIONS)
     background, box_volume = _check_background(background, box_volume, len(protocol))
+    code = check_choice(code, "code", CODES)
     shape, kind = _shape(template, n_modes, directions)
     code0 = np.zeros(shape.n_code) if start is None else np.asarray(start, float)
     if code0.shape != (shape.n_code,):
@@ -245,22 +266,34 @@ def fit_mesh(
         )
     if shape.n_inverted(code0):
         raise ValueError("start inverts tetrahedra of the template; shrink it.")
+    autoencoder = _autoencoder(code, autoencoder, shape)
+    if autoencoder is None:
+        decode, variable0 = None, code0
+    else:
+        decode, variable0 = autoencoder.decode, autoencoder.encode(code0)
+        if shape.n_inverted(decode(variable0)):
+            raise ValueError(
+                "the autoencoder's reconstruction of start inverts tetrahedra; "
+                "start from a smaller code or use code='spectral'."
+            )
 
     target = torch.tensor(normalise_b0(measured, protocol))
     tets = torch.tensor(shape.template.tets)
     weights = _penalty_weights(shape)
-    code = torch.tensor(code0, requires_grad=True)
-    optimiser = torch.optim.Adam([code], lr=learning_rate)
-    history, best = [], (np.inf, code0, None)
+    variable = torch.tensor(variable0, requires_grad=True)
+    optimiser = torch.optim.Adam([variable], lr=learning_rate)
+    history, best = [], (np.inf, variable0, None)
     basis = None
     for it in range(max_iter):
-        vertices = shape.vertices(code)
+        coefficients = variable if decode is None else decode(variable)
+        vertices = shape.vertices(coefficients)
         current = vertices.detach().numpy()
-        if shape.n_inverted(code.detach().numpy()):
+        if shape.n_inverted(coefficients.detach().numpy()):
             # A step inverted the mesh: halve the step back toward the last
             # valid code and keep the learning rate smaller.
             with torch.no_grad():
-                code.copy_(torch.as_tensor((code.detach().numpy() + best[1]) / 2))
+                halfway = (variable.detach().numpy() + best[1]) / 2
+                variable.copy_(torch.as_tensor(halfway))
             for group in optimiser.param_groups:
                 group["lr"] *= 0.5
             continue
@@ -280,17 +313,21 @@ def fit_mesh(
             data_loss(
                 predicted, target, loss_scale=loss_scale, sigma=sigma, noise=noise
             )
-            + penalty * (weights * code**2).sum()
+            + penalty * (weights * coefficients**2).sum()
         )
         history.append(loss.item())
         if history[-1] < best[0]:
-            best = (history[-1], code.detach().numpy().copy(), predicted.detach())
+            best = (history[-1], variable.detach().numpy().copy(), predicted.detach())
         if verbose and it % 10 == 0:
             print(f"fit_mesh: iteration {it}, loss {history[-1]:.4g}")
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    _, code_best, predicted = best
+    _, variable_best, predicted = best
+    if decode is None:
+        code_best, latent_best = variable_best, None
+    else:
+        code_best, latent_best = decode(variable_best), variable_best
     mesh = shape.mesh(code_best)
     if predicted is None:
         predicted = mesh_signal(mesh, protocol, diffusivity=diffusivity).detach()
@@ -305,7 +342,27 @@ def fit_mesh(
         kind=kind,
         n_inverted=shape.n_inverted(code_best),
         shape=shape,
+        latent_code=latent_best,
     )
+
+
+def _autoencoder(code, autoencoder, shape):
+    """The checked autoencoder of ``code="latent"``, None for ``"spectral"``."""
+    if code == "spectral":
+        if autoencoder is not None:
+            raise ValueError(
+                "autoencoder is used with code='latent' only; pass code='latent' "
+                "or leave autoencoder out."
+            )
+        return None
+    if autoencoder is None:
+        autoencoder = load_or_train_autoencoder(shape)
+    elif not isinstance(autoencoder, ShapeAutoencoder):
+        raise ValueError(
+            f"autoencoder must be a ShapeAutoencoder, got {type(autoencoder).__name__}."
+        )
+    autoencoder.check_shape(shape)
+    return autoencoder
 
 
 def _check_background(background, box_volume, n_acquisitions):

@@ -30,6 +30,7 @@ __all__ = [
     "ball_mesh",
     "tube_mesh",
     "axon_mesh",
+    "axon_deformation",
     "signed_volumes",
     "OUTWARD_FACES",
 ]
@@ -249,6 +250,8 @@ def axon_mesh(
     beading_period=10.0,
     swelling=0.0,
     fanning=0.0,
+    beading_phase=0.0,
+    bend_azimuth=0.0,
     resolution=4,
     layers=None,
 ):
@@ -257,9 +260,10 @@ def axon_mesh(
     The tube of :func:`tube_mesh` (axis z, from ``-length / 2`` to
     ``length / 2``) is mapped smoothly, so every member of the family has the
     same connectivity: radius ``radius * (1 + beading_amplitude * cos(2 pi z /
-    beading_period) + swelling * (1 - (2 z / length)^2)) * (1 + fanning * 2 z
-    / length)``, then the axis bent into a circular arc of the given
-    curvature in the x-z plane (arc length preserved).
+    beading_period + beading_phase) + swelling * (1 - (2 z / length)^2)) * (1
+    + fanning * 2 z / length)``, then the axis bent into a circular arc of the
+    given curvature in the plane of z and the direction at ``bend_azimuth``
+    from x (arc length preserved): :func:`axon_deformation`.
 
     Parameters
     ----------
@@ -277,12 +281,59 @@ def axon_mesh(
     fanning : float
         Relative radius change from the middle to each end (a cone), in
         (-0.8, 0.8).
+    beading_phase : float
+        Phase of the beading at z = 0, radians.
+    bend_azimuth : float
+        Direction of the bend across the axis, radians from x.
     resolution, layers : int
         As :func:`tube_mesh`.
 
     Returns
     -------
     TetMesh
+    """
+    tube = tube_mesh(radius, length, resolution=resolution, layers=layers)
+    vertices = axon_deformation(
+        tube.vertices,
+        length,
+        curvature=curvature,
+        beading_amplitude=beading_amplitude,
+        beading_period=beading_period,
+        swelling=swelling,
+        fanning=fanning,
+        beading_phase=beading_phase,
+        bend_azimuth=bend_azimuth,
+    )
+    return TetMesh(vertices=vertices, tets=tube.tets)
+
+
+def axon_deformation(
+    vertices,
+    length,
+    *,
+    curvature=0.0,
+    beading_amplitude=0.0,
+    beading_period=10.0,
+    swelling=0.0,
+    fanning=0.0,
+    beading_phase=0.0,
+    bend_azimuth=0.0,
+):
+    """The smooth map of :func:`axon_mesh` applied to a straight tube's vertices.
+
+    Parameters
+    ----------
+    vertices : array_like (V, 3)
+        A tube along z centred at 0 (um), e.g. :func:`tube_mesh`'s.
+    length : float
+        The tube's length (um): the swelling and fanning profiles span it.
+    curvature, beading_amplitude, beading_period, swelling, fanning,
+    beading_phase, bend_azimuth
+        As :func:`axon_mesh`.
+
+    Returns
+    -------
+    ndarray (V, 3)
     """
     length = check_positive(length, "length", "um")
     curvature = check_number(curvature, "curvature", minimum=0.0)
@@ -295,21 +346,26 @@ def axon_mesh(
     period = check_positive(beading_period, "beading_period", "um")
     swelling = check_number(swelling, "swelling", minimum=-0.8, maximum=5.0)
     fanning = check_number(fanning, "fanning", minimum=-0.8, maximum=0.8)
-    tube = tube_mesh(radius, length, resolution=resolution, layers=layers)
-    x, y, z = tube.vertices.T
+    phase = check_number(beading_phase, "beading_phase")
+    azimuth = check_number(bend_azimuth, "bend_azimuth")
+    x, y, z = np.asarray(vertices, dtype=np.float64).T
     s = 2.0 * z / length
-    scale = 1.0 + amp * np.cos(2.0 * np.pi * z / period) + swelling * (1.0 - s * s)
+    wave = np.cos(2.0 * np.pi * z / period + phase)
+    scale = 1.0 + amp * wave + swelling * (1.0 - s * s)
     scale = scale * (1.0 + fanning * s)
     x, y = x * scale, y * scale
     if curvature > 0:
-        # Bend the axis into an arc of radius 1/curvature in the x-z plane,
-        # centred on (1/curvature, 0, 0); x is the distance from the axis
-        # towards the arc's centre, negated.
+        # Bend the axis into an arc of radius 1/curvature in the plane of z
+        # and u (the direction at the azimuth), centred on u = 1/curvature;
+        # u is the distance from the axis towards the arc's centre, negated.
+        c, n = np.cos(azimuth), np.sin(azimuth)
+        u, w = c * x + n * y, -n * x + c * y
         rc = 1.0 / curvature
         angle = z * curvature
-        r = rc - x
-        x, z = rc - r * np.cos(angle), r * np.sin(angle)
-    return TetMesh(vertices=np.column_stack([x, y, z]), tets=tube.tets)
+        r = rc - u
+        u, z = rc - r * np.cos(angle), r * np.sin(angle)
+        x, y = c * u - n * w, n * u + c * w
+    return np.column_stack([x, y, z])
 
 
 def _kuhn_lattice(cells, origin):
