@@ -19,7 +19,14 @@ from .autoencoder import (
 )
 from .fem import MeshBasis, mesh_basis, mesh_signal
 from .fit import MeshFit, fit_mesh, fit_surface, surface_chamfer
-from .mesh import TetMesh, axon_deformation, axon_mesh, ball_mesh, tube_mesh
+from .mesh import (
+    TetMesh,
+    axon_deformation,
+    axon_mesh,
+    ball_mesh,
+    surface_tet_mesh,
+    tube_mesh,
+)
 from .refine import check_refine_options, refine_cell
 from .shape import SpectralShape, spectral_shape
 
@@ -29,6 +36,7 @@ __all__ = [
     "tube_mesh",
     "axon_mesh",
     "axon_deformation",
+    "surface_tet_mesh",
     "MeshBasis",
     "mesh_basis",
     "mesh_signal",
