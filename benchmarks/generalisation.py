@@ -135,7 +135,10 @@ def run(physics, args):
         physics, args.n, args.seed
     )
     options = dict(
-        search_dictionary=args.starts != "proposal", search_ranking=args.ranking
+        search_dictionary=args.starts != "proposal",
+        search_ranking=args.ranking,
+        search_restarts=args.restarts,
+        search_kicks=args.kicks,
     )
     if args.starts != "dictionary":
         options.update(search_proposal=args.proposal)
@@ -236,9 +239,15 @@ def main(argv=None):
     )
     parser.add_argument(
         "--ranking",
-        default="gradient",
+        default="lazy",
         choices=("gradient", "lazy"),
         help="order of the label moves (search_ranking)",
+    )
+    parser.add_argument(
+        "--restarts", type=int, default=1, help="search_restarts (descents)"
+    )
+    parser.add_argument(
+        "--kicks", type=int, default=0, help="search_kicks (iterated local search)"
     )
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--batch", type=int, default=8, help="voxels per call")

@@ -104,12 +104,14 @@ class InversionConfig:
     The label search (off when ``search_steps`` is 0)
         At most ``search_steps`` greedy moves over closed cell labellings,
         scored ``search_batch`` at a time on ``search_directions`` directions
-        per sequence (None: all), in the order of their first-order gain
-        from one gradient of the loss per step (``search_ranking=
-        "gradient"``) or of their last known loss (``"lazy"``); one membrane
+        per sequence (None: all), in the order of their last known loss
+        (``search_ranking="lazy"``) or half of each batch by their
+        first-order gain from one gradient of the loss per step
+        (``"gradient"``); one membrane
         permeability per voxel from ``search_kappas`` (m/s), refined
         between them; ``search_starts`` generic shapes kept after
-        screening, ``search_restarts`` descents;
+        screening, ``search_restarts`` descents, each kicked out of its
+        local minimum ``search_kicks`` times (iterated local search);
         a move must lower chi-square by ``search_min_gain`` (needs
         ``sigma``). Starts: the face field's regions, the generic-shape
         dictionary (``search_dictionary``) and, when ``search_proposal`` > 0,
@@ -150,11 +152,12 @@ class InversionConfig:
     area: float = 0.0
     search_steps: int = 0
     search_batch: int = 16
-    search_ranking: str = "gradient"
+    search_ranking: str = "lazy"
     search_directions: int | None = None
     search_kappas: tuple = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4)
     search_starts: int = 16
     search_restarts: int = 1
+    search_kicks: int = 0
     search_min_gain: float = 0.0
     approximation_error: int = 0
     search_dictionary: bool = True
@@ -228,6 +231,7 @@ class InversionConfig:
         check_choice(self.search_ranking, "search_ranking", ("gradient", "lazy"))
         for name in ("search_batch", "search_starts", "search_restarts"):
             set_(self, name, check_int(getattr(self, name), name, 1))
+        set_(self, "search_kicks", check_int(self.search_kicks, "search_kicks", 0))
         if self.search_directions is not None:
             set_(
                 self,

@@ -93,6 +93,10 @@ SPLIT_MIN_CELLS = 4
 # acquisitions in float64 this holds about 60,000 labellings, more than the
 # generic-shape screen and the descents of a chunk of voxels request.
 SIGNAL_CACHE_BYTES = 256 * 2**20
+# Random label moves of one kick of the iterated local search
+# (_kicked_descents): enough to leave a local minimum's basin, few enough
+# that the descent from there still starts near it.
+KICK_MOVES = 3
 # Labellings scored within this chi-square of a voxel's best are kept for
 # its uncertainty: their likelihood weight exp(-chi2 / 2) is then above
 # 3e-4, so dropping the rest changes no probability by more than that.
@@ -705,8 +709,9 @@ def _descend(grid, starts, config, min_gain, report):
 
     Every start is scored at each of ``search_kappas``; from the best ones the
     descent runs at their best permeability, which is chosen again on the
-    final labels (and the descent repeated once if it changed). Returns the
-    labels with the lowest final loss and their permeability.
+    final labels (and the descent repeated once if it changed). Each descent
+    is then kicked ``search_kicks`` times (:func:`_kicked_descents`). Returns
+    the labels with the lowest final loss and their permeability.
     """
     kappas = np.asarray(config.search_kappas)
     _, _, losses = yield from _best_kappa("search", starts, kappas)
@@ -715,6 +720,9 @@ def _descend(grid, starts, config, min_gain, report):
         current, membrane = starts[i], kappas[np.argmin(losses[i])]
         for _ in range(2):
             current = yield from _greedy_steps(
+                grid, current, config, report, min_gain, membrane
+            )
+            current = yield from _kicked_descents(
                 grid, current, config, report, min_gain, membrane
             )
             current, refitted, final = yield from _best_kappa(
@@ -726,6 +734,35 @@ def _descend(grid, starts, config, min_gain, report):
         found.append((final.min(), current, membrane))
     _, labels, membrane = min(found, key=lambda item: item[0])
     return labels, membrane
+
+
+def _kicked_descents(grid, labels, config, report, min_gain, membrane):
+    """Iterated local search from a local minimum (generator).
+
+    ``search_kicks`` times: apply ``KICK_MOVES`` random label moves to the
+    best labels so far (a jump out of the minimum's basin that a single
+    descent cannot make), descend again, and keep the result if its loss
+    is lower by more than ``min_gain``. The random draws are seeded by the
+    labels, so a voxel's result does not depend on the other voxels.
+    """
+    if not config.search_kicks:
+        return labels
+    membranes = np.array([membrane])
+    best = (yield "search", labels[None], membranes)[0]
+    rng = np.random.default_rng(zlib.crc32(labels.astype(np.int8).tobytes()))
+    for _ in range(config.search_kicks):
+        moves = label_moves(grid, labels)
+        kicked = labels.copy()
+        for row in rng.choice(len(moves), min(KICK_MOVES, len(moves)), False):
+            cells, label = moves[row]
+            kicked[list(cells)] = label
+        kicked = yield from _greedy_steps(
+            grid, kicked, config, report, min_gain, membrane
+        )
+        loss = (yield "search", kicked[None], membranes)[0]
+        if loss < best * (1 - 1e-9) - min_gain:
+            labels, best = kicked, loss
+    return labels
 
 
 def refine_kappa(loss, start, bounds, *, span=REFINE_SPAN):
@@ -782,13 +819,9 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
     batches of ``search_batch``: never-scored moves first, then by their last
     known loss (a move's effect is local, so a stale score is a good guess).
     With a membrane and ``search_ranking="gradient"``, half of each batch
-    are instead the moves of best first-order gain: one gradient of the loss
-    with respect to every face's log permeability at the current labels,
-    times the change of log permeability each move makes (a move only
-    toggles faces between open and membrane). The best move of a batch -- or all its
-    improving moves that do not touch one another, when together they score
-    lower -- is taken if it lowers the loss by more than ``min_gain``; the
-    search stops at a local
+    are instead the moves of best first-order gain (:func:`_first_order_gains`,
+    one gradient of the loss per step). The best move of a batch is taken if
+    it lowers the loss by more than ``min_gain``; the search stops at a local
     minimum (every current move scored since the last step, none improves)
     or after ``search_steps`` steps. ``report(step, loss)`` is called after
     every step.
@@ -821,22 +854,10 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
         losses = yield from score(candidates)
         known.update(zip(batch, losses, strict=True))
         fresh.update(batch)
-        # The relative margin keeps rounding noise from counting as progress.
-        enough = current * (1 - 1e-9) - min_gain
         best = int(np.argmin(losses))
-        found = candidates[best], losses[best]
-        together = _separate_moves(grid, batch, losses, enough)
-        if len(together) > 1:
-            # Improving moves far apart barely interact: take them together
-            # when that scores better than the best alone (one more score).
-            combined = labels.copy()
-            for cells, label in together:
-                combined[list(cells)] = label
-            loss = (yield from score(combined[None]))[0]
-            if loss < found[1]:
-                found = combined, loss
-        if found[1] < enough:
-            (labels, current), fresh, gains = found, set(), None
+        # The relative margin keeps rounding noise from counting as progress.
+        if losses[best] < current * (1 - 1e-9) - min_gain:
+            labels, current, fresh, gains = candidates[best], losses[best], set(), None
         if report is not None:
             report(step, current)
     return labels
@@ -848,22 +869,6 @@ def _apply_moves(labels, moves):
     for row, (cells, label) in enumerate(moves):
         candidates[row, list(cells)] = label
     return candidates
-
-
-def _separate_moves(grid, moves, losses, enough):
-    """The improving moves (loss below ``enough``), best first, that touch
-    no cell of a better one nor its neighbours."""
-    claimed = np.zeros(grid.n_cells, bool)
-    chosen = []
-    for row in np.argsort(losses, kind="stable"):
-        if losses[row] >= enough:
-            break
-        cells = list(moves[row][0])
-        halo = grid.cell_neighbours[cells].ravel()
-        if not claimed[halo].any():
-            chosen.append(moves[row])
-            claimed[halo] = True
-    return chosen
 
 
 def _first_order_gains(grid, labels, moves, membrane):
