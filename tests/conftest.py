@@ -147,3 +147,22 @@ def shells_gtab(timings, *, n_dirs=30, n_b0=3):
         small_delta=np.array(small),
         big_delta=np.array(big),
     )
+
+
+@pytest.fixture(scope="module")
+def gtab_shells():
+    """Three timings, five shells, 20 directions each (the learned and
+    polished compartment estimators' tests)."""
+    timings = [
+        (0.008, 0.02, (1000, 2500)),
+        (0.008, 0.05, (1000, 3000)),
+        (0.008, 0.1, (500,)),
+    ]
+    return shells_gtab(timings, n_dirs=20, n_b0=2)
+
+
+@pytest.fixture(scope="module")
+def gtab_ivim():
+    """Thirteen b-values up to 1000 s/mm^2 along x (IVIM)."""
+    b = np.array([0, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 700, 1000], float)
+    return gradient_table(b, bvecs=np.tile([1.0, 0, 0], (b.size, 1)), b0_threshold=0)

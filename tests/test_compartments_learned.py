@@ -9,7 +9,6 @@ reached with the default training (measured in benchmarks/compartments.py).
 import numpy as np
 import pytest
 import torch
-from conftest import shells_gtab
 from dipy.core.gradients import gradient_table
 from numpy.testing import assert_allclose
 
@@ -25,22 +24,6 @@ from dipy_spinverse.compartments.learned import CACHE_ENV, LearnedOptions, cache
 TINY = {"n_train": 2000, "epochs": 2, "hidden": (32, 32), "batch_size": 256}
 
 
-@pytest.fixture(scope="module")
-def gtab():
-    timings = [
-        (0.008, 0.02, (1000, 2500)),
-        (0.008, 0.05, (1000, 3000)),
-        (0.008, 0.1, (500,)),
-    ]
-    return shells_gtab(timings, n_dirs=20, n_b0=2)
-
-
-@pytest.fixture(scope="module")
-def gtab_ivim():
-    b = np.array([0, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 700, 1000], float)
-    return gradient_table(b, bvecs=np.tile([1.0, 0, 0], (b.size, 1)), b0_threshold=0)
-
-
 MODELS = [
     (NoddiModel, {}),
     (NoddiModel, {"n_fibres": 2}),
@@ -51,11 +34,15 @@ MODELS = [
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), MODELS)
-def test_every_model_learns_and_caches(gtab, tmp_path, capsys, cls, kwargs):
+def test_every_model_learns_and_caches(gtab_shells, tmp_path, capsys, cls, kwargs):
     model = cls(
-        gtab, fit_method="learned", learned_options=TINY, cache_dir=tmp_path, **kwargs
+        gtab_shells,
+        fit_method="learned",
+        learned_options=TINY,
+        cache_dir=tmp_path,
+        **kwargs,
     )
-    truth = cls(gtab, **kwargs)
+    truth = cls(gtab_shells, **kwargs)
     rng = np.random.default_rng(0)
     x, c = truth._sample_training(6, rng)
     with torch.no_grad():
@@ -76,13 +63,17 @@ def test_every_model_learns_and_caches(gtab, tmp_path, capsys, cls, kwargs):
     # A second model with the same definition loads the network: no training,
     # the same estimates.
     again = cls(
-        gtab, fit_method="learned", learned_options=TINY, cache_dir=tmp_path, **kwargs
+        gtab_shells,
+        fit_method="learned",
+        learned_options=TINY,
+        cache_dir=tmp_path,
+        **kwargs,
     )
     assert_allclose(again.fit(data).model_params, fit.model_params.reshape(6, -1))
     assert "trained the" not in capsys.readouterr().out
 
 
-def test_cache_key(gtab, gtab_ivim, tmp_path):
+def test_cache_key(gtab_shells, gtab_ivim, tmp_path):
     base = IvimModel(gtab_ivim, fit_method="learned", learned_options=TINY)
     key = base._learned_key()
     assert IvimModel(gtab_ivim, learned_options=TINY)._learned_key() == key
@@ -96,8 +87,8 @@ def test_cache_key(gtab, gtab_ivim, tmp_path):
     b[-1] = 900.0
     g2 = gradient_table(b, bvecs=gtab_ivim.bvecs, b0_threshold=0)
     assert IvimModel(g2, learned_options=TINY)._learned_key() != key
-    noddi = NoddiModel(gtab, learned_options=TINY)
-    signal = NoddiModel(gtab, learned_options=TINY, extra_average="signal")
+    noddi = NoddiModel(gtab_shells, learned_options=TINY)
+    signal = NoddiModel(gtab_shells, learned_options=TINY, extra_average="signal")
     assert noddi._learned_key() != signal._learned_key()
 
 
@@ -136,7 +127,7 @@ def test_learned_ivim_recovers_far_better_than_chance(gtab_ivim, tmp_path):
     assert np.median(np.abs(fit.D - D)) < 1.6e-4
 
 
-def test_learned_bad_input(gtab, gtab_ivim):
+def test_learned_bad_input(gtab_shells, gtab_ivim):
     with pytest.raises(ValueError, match="fit_method"):
         IvimModel(gtab_ivim, fit_method="nn")
     with pytest.raises(ValueError, match="unknown learned_options"):
@@ -146,7 +137,7 @@ def test_learned_bad_input(gtab, gtab_ivim):
     with pytest.raises(ValueError, match="n_train"):
         LearnedOptions.from_dict({"n_train": 1})
     with pytest.raises(ValueError, match="fibres='auto'"):
-        NoddiModel(gtab, fibres="auto", fit_method="learned")
+        NoddiModel(gtab_shells, fibres="auto", fit_method="learned")
     assert IvimModel(gtab_ivim).fit_method == "varpro"
 
 
@@ -167,22 +158,22 @@ def test_set_loss_is_invariant_to_the_order_of_fibres():
     assert_allclose(set_loss(z, y, None), plain, rtol=1e-12)
 
 
-def test_two_fibre_groups_cover_each_fibre(gtab):
-    model = NoddiModel(gtab, n_fibres=2)
+def test_two_fibre_groups_cover_each_fibre(gtab_shells):
+    model = NoddiModel(gtab_shells, n_fibres=2)
     groups = model._fibre_target_groups()
     # Per fibre: w, ndi, odi and the 6 outer-product entries; S0 and fiso in
     # no group; every target column at most once.
     assert groups.shape == (2, 9)
     assert len(set(groups.ravel())) == 18
     assert {0, 1}.isdisjoint(groups.ravel())
-    assert NoddiModel(gtab)._fibre_target_groups() is None
+    assert NoddiModel(gtab_shells)._fibre_target_groups() is None
 
 
-def test_noisy_batches_are_rician_and_normalised(gtab):
+def test_noisy_batches_are_rician_and_normalised(gtab_shells):
     # Rician noise at SNR 50 on signals 0.5 (b = 0: 1): at this SNR the
     # magnitude's spread is the Gaussian sigma to O(sigma^2 / S) (2 %); the
     # sample std over 4000 x 100 values is within 1 % of it.
-    model = ZcdModel(gtab, snr=50)
+    model = ZcdModel(gtab_shells, snr=50)
     b0s = torch.as_tensor(model._b0s)
     clean = torch.full((4000, len(model._b0s)), 0.5, dtype=torch.float32)
     clean[:, b0s] = 1.0
@@ -200,8 +191,8 @@ def test_noisy_batches_are_rician_and_normalised(gtab):
     assert not torch.equal(again, inputs)
 
 
-def test_exchange_time_targets_are_logarithms(gtab):
-    model = ExchangeModel(gtab)
+def test_exchange_time_targets_are_logarithms(gtab_shells):
+    model = ExchangeModel(gtab_shells)
     params = np.array([[1.0, 0.5, 0.5e-3, 2e-3, 0.05], [1.0, 0.3, 1e-3, 2.5e-3, 1.5]])
     targets, keep = model._to_targets(params)
     assert_allclose(targets[:, keep.index(4)], np.log(params[:, 4]), rtol=1e-14)
@@ -209,4 +200,4 @@ def test_exchange_time_targets_are_logarithms(gtab):
     back = model._from_targets(targets, np.ones(2))
     assert_allclose(back, params, rtol=1e-14)
     # Diameters stay linear (their error is judged in um).
-    assert ActiveAxModel(gtab)._log_target_columns() == []
+    assert ActiveAxModel(gtab_shells)._log_target_columns() == []

@@ -10,8 +10,6 @@ minimum), plus one public-path check with a tiny network.
 import numpy as np
 import pytest
 import torch
-from conftest import shells_gtab
-from dipy.core.gradients import gradient_table
 from numpy.testing import assert_allclose
 
 from dipy_spinverse.compartments import (
@@ -24,22 +22,6 @@ from dipy_spinverse.compartments.learned import LearnedOptions
 
 TINY = {"n_train": 2000, "epochs": 2, "hidden": (32, 32), "batch_size": 256}
 S0 = 100.0
-
-
-@pytest.fixture(scope="module")
-def gtab():
-    timings = [
-        (0.008, 0.02, (1000, 2500)),
-        (0.008, 0.05, (1000, 3000)),
-        (0.008, 0.1, (500,)),
-    ]
-    return shells_gtab(timings, n_dirs=20, n_b0=2)
-
-
-@pytest.fixture(scope="module")
-def gtab_ivim():
-    b = np.array([0, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 700, 1000], float)
-    return gradient_table(b, bvecs=np.tile([1.0, 0, 0], (b.size, 1)), b0_threshold=0)
 
 
 def unit(rng, n):
@@ -159,9 +141,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def models(gtab, gtab_ivim):
+def models(gtab_shells, gtab_ivim):
     """One model per case, shared by the tests (lookup tables built once)."""
-    return {label: build(gtab, gtab_ivim) for label, (build, _) in CASES.items()}
+    return {label: build(gtab_shells, gtab_ivim) for label, (build, _) in CASES.items()}
 
 
 @pytest.mark.parametrize("label", CASES)
@@ -226,17 +208,17 @@ def test_polish_respects_the_bounds(models, label):
         assert_allclose(np.linalg.norm(polished[:, s : s + 3], axis=1), 1.0)
 
 
-def test_polished_learned_fit_never_fits_worse(gtab, tmp_path):
+def test_polished_learned_fit_never_fits_worse(gtab_shells, tmp_path):
     # Public path: a tiny network, then its estimates polished. The volume
     # fractions are re-solved at the network's nonlinear parameters and a
     # step is taken only if it lowers the residual, so every voxel's
     # residual is at most the network's (up to float rounding).
     options = {**TINY, "seed": 2}
     net = NoddiModel(
-        gtab, fit_method="learned", learned_options=options, cache_dir=tmp_path
+        gtab_shells, fit_method="learned", learned_options=options, cache_dir=tmp_path
     )
     polish = NoddiModel(
-        gtab,
+        gtab_shells,
         fit_method="learned",
         learned_options={**options, "polish": 3},
         cache_dir=tmp_path,
