@@ -848,7 +848,8 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
             # group moves, so it may pick moves but not hide any.
             chosen = sorted(pending, key=gains.__getitem__)
             chosen = chosen[: config.search_batch // 2]
-            pending = chosen + [m for m in pending if m not in set(chosen)]
+            taken = set(chosen)
+            pending = chosen + [m for m in pending if m not in taken]
         batch = pending[: config.search_batch]
         candidates = _apply_moves(labels, batch)
         losses = yield from score(candidates)
