@@ -19,7 +19,7 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["TetGrid", "BOUNDARIES", "signed_volumes"]
+__all__ = ["TetGrid", "BOUNDARIES", "LATTICE_STEPS", "signed_volumes"]
 
 BOUNDARIES = ("reflecting", "periodic", "absorbing")
 
@@ -29,6 +29,17 @@ BOUNDARIES = ("reflecting", "periodic", "absorbing")
 # periodic wraps, without relying on vertex-index triples.
 _FACE_KEY_SCALE = 6
 _EDGE_KEY_SCALE = 4
+# Cell centroids (two cube centres and two corners) sit on multiples of a/8.
+_CELL_KEY_SCALE = 8
+# The BCC lattice's 14 shortest translations, in cube sides: the six cube
+# edges and the eight half diagonals. Each maps the tetrahedra onto
+# tetrahedra (the Sommerville tiling has the lattice's symmetry).
+LATTICE_STEPS = np.concatenate(
+    [
+        np.concatenate([np.eye(3), -np.eye(3)]),
+        0.5 * np.array(np.meshgrid(*[[-1, 1]] * 3, indexing="ij")).reshape(3, -1).T,
+    ]
+)
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -226,6 +237,26 @@ class TetGrid:
                 pairs.append(self.edge_faces[both][:, [i, j]])
         pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=int)
         return np.unique(np.sort(pairs, axis=1), axis=0)
+
+    @cached_property
+    def lattice_shifts(self):
+        """Cells moved by each of the lattice's shortest translations.
+
+        Row ``i`` gives, for every cell, the cell that covers it after a
+        translation by ``LATTICE_STEPS[i] * spacing``, or -1 where the
+        translated cell leaves the grid (through the wall; periodic grids
+        wrap). Shape ``(14, n_cells)``. Used to move a whole compartment
+        without changing its shape.
+        """
+        keys = self._keys(self.cell_centroids, _CELL_KEY_SCALE)
+        index = {key: i for i, key in enumerate(map(tuple, keys.tolist()))}
+        shifts = np.full((len(LATTICE_STEPS), self.n_cells), -1)
+        for row, step in enumerate(LATTICE_STEPS):
+            moved = self.wrap(self.cell_centroids + step * self.spacing)
+            moved = self._keys(moved, _CELL_KEY_SCALE).tolist()
+            shifts[row] = [index.get(tuple(key), -1) for key in moved]
+        shifts.setflags(write=False)
+        return shifts
 
     def interface_faces(self, labels):
         """Interior faces whose two cells carry different labels.

@@ -423,3 +423,34 @@ def test_kicked_descents_never_worsen_and_repeat():
         ),
         start,
     )
+
+
+def test_label_search_moves_a_misplaced_cell_whole():
+    """Real physics: a cell one lattice step (half a cube diagonal) from its
+    true place is moved back whole.
+
+    Every single-cell or rim move of the misplaced ball first spoils its
+    shape, so without the translation moves the descent stops at the start
+    (checked: it does on this case); with them one step reaches the truth.
+    """
+    grid = TetGrid.bcc(16.0, 4, boundary="absorbing", wall_permeability=0.1)
+    centre = np.array([7.0, 8.0, 9.0])
+    step = 0.5 * grid.spacing * np.array([1.0, -1.0, 1.0])
+
+    def ball(at):
+        return (np.linalg.norm(grid.cell_centroids - at, axis=1) < 4.0).astype(int)
+
+    inside, start = ball(centre), ball(centre + step)
+    assert (start != inside).sum() > 20  # far from the truth cell by cell
+    bvals = np.array([0, 1000, 3000] * 3, float)
+    dirs = np.repeat(np.eye(3), 3, axis=0)
+    prot = Protocol.pgse(bvals, dirs, small_delta=0.005, big_delta=0.03)
+    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
+    truth = np.where(grid.interface_faces(inside), 1e-5, 0.1)
+    data = normalise_b0(simulate(grid, truth, prot)[None], prot)
+    config = resolve_config("default", search_directions=None)
+    config = dataclasses.replace(config, search_kappas=(1e-5,), search_restarts=1)
+    labels, *_ = search_labels(
+        grid, data, prot, config, sim=sim, face_kappa=None, labels=start[None]
+    )
+    assert_array_equal(labels[0], inside)

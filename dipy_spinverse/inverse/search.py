@@ -865,7 +865,7 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
 
 
 def _apply_moves(labels, moves):
-    """One copy of ``labels`` per ``(cells, new label)`` move, (n, n_cells)."""
+    """One copy of ``labels`` per ``(cells, new label(s))`` move, (n, n_cells)."""
     candidates = np.repeat(labels[None], len(moves), axis=0)
     for row, (cells, label) in enumerate(moves):
         candidates[row, list(cells)] = label
@@ -889,14 +889,16 @@ def _first_order_gains(grid, labels, moves, membrane):
 
 
 def label_moves(grid, labels):
-    """((cells...), new label) moves: single cells next to a barrier, groups.
+    """((cells...), new label(s)) moves: single cells next to a barrier, groups.
 
     Single moves give a cell on a barrier the label across it. Group moves,
     per cell label ``k``: erode or dilate cell ``k`` by one layer (its rim
     cells go outside; the outside cells along its rim join it), delete one
     of its pieces when it has several; and with several cells, delete cell
     ``k`` or merge it into a cell it touches; and split cell ``k`` in two
-    across each of its principal axes (:func:`_split_moves`).
+    across each of its principal axes (:func:`_split_moves`). These give all
+    their cells one new label; the translations (:func:`_translation_moves`),
+    which come last, give a tuple of per-cell labels.
     """
     a, b = grid.face_cells.T
     cut = labels[a] != labels[b]
@@ -924,7 +926,33 @@ def label_moves(grid, labels):
             neighbours = np.unique(labels[touching])
             moves.update((cell, int(j)) for j in neighbours if j > 0)  # merge
         moves.update(_split_moves(grid, labels, k))
-    return sorted(m for m in moves if m[0])
+    shifted = [m for k in present.tolist() for m in _translation_moves(grid, labels, k)]
+    return sorted(m for m in moves if m[0]) + sorted(set(shifted))
+
+
+def _translation_moves(grid, labels, k):
+    """Cell ``k`` moved whole by each of the lattice's shortest translations.
+
+    A cell of the right shape in the wrong place is a deep local minimum of
+    the other moves: every single-cell or rim move of a misplaced cell
+    first makes its shape worse. A translation (one cube side or half a
+    cube diagonal, :attr:`TetGrid.lattice_shifts`) keeps the shape. It is
+    skipped where the cell would leave the grid or overlap another cell.
+    Each move lists the vacated cells (label 0) and the filled ones (``k``).
+    """
+    cells = np.flatnonzero(labels == k)
+    moves = []
+    for shift in grid.lattice_shifts:
+        target = shift[cells]
+        if np.any(target < 0) or np.any((labels[target] != 0) & (labels[target] != k)):
+            continue
+        vacated = np.setdiff1d(cells, target)
+        filled = np.setdiff1d(target, cells)
+        changed = np.concatenate([vacated, filled])
+        new = np.repeat([0, k], [len(vacated), len(filled)])
+        order = np.argsort(changed)
+        moves.append((tuple(changed[order].tolist()), tuple(new[order].tolist())))
+    return moves
 
 
 def _split_moves(grid, labels, k):
