@@ -248,15 +248,30 @@ class TetGrid:
         wrap). Shape ``(14, n_cells)``. Used to move a whole compartment
         without changing its shape.
         """
-        keys = self._keys(self.cell_centroids, _CELL_KEY_SCALE)
-        index = {key: i for i, key in enumerate(map(tuple, keys.tolist()))}
-        shifts = np.full((len(LATTICE_STEPS), self.n_cells), -1)
-        for row, step in enumerate(LATTICE_STEPS):
-            moved = self.wrap(self.cell_centroids + step * self.spacing)
-            moved = self._keys(moved, _CELL_KEY_SCALE).tolist()
-            shifts[row] = [index.get(tuple(key), -1) for key in moved]
+        shifts = np.stack(
+            [
+                self.cells_at(self.cell_centroids + step * self.spacing)
+                for step in LATTICE_STEPS
+            ]
+        )
         shifts.setflags(write=False)
         return shifts
+
+    def cells_at(self, centroids):
+        """The cells whose centroids are ``centroids`` (to a/8), -1 for none.
+
+        Exact on the lattice: a rigid motion of the lattice (a translation,
+        a quarter turn about a lattice point) maps every cell's centroid onto
+        another cell's centroid or off the grid.
+        """
+        keys = self._keys(self.wrap(np.asarray(centroids, float)), _CELL_KEY_SCALE)
+        index = self._centroid_index
+        return np.array([index.get(key, -1) for key in map(tuple, keys.tolist())])
+
+    @cached_property
+    def _centroid_index(self):
+        keys = self._keys(self.cell_centroids, _CELL_KEY_SCALE)
+        return {key: i for i, key in enumerate(map(tuple, keys.tolist()))}
 
     def interface_faces(self, labels):
         """Interior faces whose two cells carry different labels.

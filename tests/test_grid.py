@@ -100,6 +100,22 @@ def test_lattice_shifts_move_cells_onto_cells(boundary):
             assert kept.sum() == (416 if np.abs(step).max() == 1 else 378)
 
 
+def test_quarter_turns_map_the_periodic_tiling_onto_itself():
+    """About a cube corner and a cube centre, a quarter turn about each axis
+    maps every cell onto a cell (cells_at finds all, one to one)."""
+    grid = TetGrid.bcc(80 / 3, 4, boundary="periodic")
+    quarter = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    for pivot in (np.full(3, 2.0), np.full(3, 1.5)):
+        for axis in range(3):
+            turn = np.roll(quarter, axis, axis=(0, 1))
+            image = grid.cells_at(
+                pivot * grid.spacing
+                + (grid.cell_centroids - pivot * grid.spacing) @ turn.T
+            )
+            assert_array_equal(np.sort(image), np.arange(grid.n_cells))
+    assert grid.cells_at([[0.1, 0.2, 0.3]])[0] == -1  # not a centroid
+
+
 def test_interface_faces():
     grid = TetGrid.bcc(10.0, 3)
     inside = grid.cell_centroids[:, 0] < 5.0

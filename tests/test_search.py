@@ -425,22 +425,32 @@ def test_kicked_descents_never_worsen_and_repeat():
     )
 
 
-def test_label_search_moves_a_misplaced_cell_whole():
-    """Real physics: a cell one lattice step (half a cube diagonal) from its
-    true place is moved back whole.
+@pytest.mark.parametrize("motion", ["shifted", "turned"])
+def test_label_search_moves_a_misplaced_cell_whole(motion):
+    """Real physics: a rod one lattice step (half a cube diagonal) from its
+    true place, or turned by a quarter turn about z, is moved back whole.
 
-    Every single-cell or rim move of the misplaced ball first spoils its
-    shape, so without the translation moves the descent stops at the start
-    (checked: it does on this case); with them one step reaches the truth.
+    Every single-cell or rim move of the misplaced rod first spoils its
+    shape, so without the rigid moves the descent stops far from the truth
+    (checked: it does on both cases); with them one step reaches it.
     """
     grid = TetGrid.bcc(16.0, 4, boundary="absorbing", wall_permeability=0.1)
-    centre = np.array([7.0, 8.0, 9.0])
-    step = 0.5 * grid.spacing * np.array([1.0, -1.0, 1.0])
+    centre = np.array([8.0, 8.0, 8.0])  # a lattice point (cube corner)
 
-    def ball(at):
-        return (np.linalg.norm(grid.cell_centroids - at, axis=1) < 4.0).astype(int)
+    def rod(at, axis):
+        d = grid.cell_centroids - at
+        across = np.linalg.norm(np.delete(d, axis, axis=1), axis=1)
+        return ((across < 3.0) & (np.abs(d[:, axis]) < 5.5)).astype(int)
 
-    inside, start = ball(centre), ball(centre + step)
+    inside = rod(centre, 0)
+    if motion == "shifted":
+        start = rod(centre + 0.5 * grid.spacing * np.array([1.0, -1.0, 1.0]), 0)
+    else:  # the rod's image under a quarter turn about z through its centre
+        turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        image = grid.cells_at(centre + (grid.cell_centroids - centre) @ turn.T)
+        start = np.zeros_like(inside)
+        start[image[inside > 0]] = 1
+        assert np.all(image[inside > 0] >= 0)
     assert (start != inside).sum() > 20  # far from the truth cell by cell
     bvals = np.array([0, 1000, 3000] * 3, float)
     dirs = np.repeat(np.eye(3), 3, axis=0)

@@ -103,6 +103,21 @@ KICK_MOVES = 3
 KEEP_CHI2 = 16.0
 
 
+def _axis_turns():
+    """Quarter, half and three-quarter turns about x, y and z (9 matrices)."""
+    turns = []
+    for axis in range(3):
+        i, j = [a for a in range(3) if a != axis]
+        quarter = np.eye(3)
+        quarter[[i, i, j, j], [i, j, i, j]] = 0, -1, 1, 0
+        turns += [np.linalg.matrix_power(quarter, n) for n in (1, 2, 3)]
+    return np.array(turns)
+
+
+# Rotations that map the BCC tiling onto itself about any lattice point.
+TURNS = _axis_turns()
+
+
 class LabelSearch(NamedTuple):
     """What :func:`search_labels` found, per voxel.
 
@@ -897,8 +912,9 @@ def label_moves(grid, labels):
     of its pieces when it has several; and with several cells, delete cell
     ``k`` or merge it into a cell it touches; and split cell ``k`` in two
     across each of its principal axes (:func:`_split_moves`). These give all
-    their cells one new label; the translations (:func:`_translation_moves`),
-    which come last, give a tuple of per-cell labels.
+    their cells one new label; the rigid moves of each cell
+    (:func:`_rigid_moves`), which come first, give a tuple of per-cell
+    labels.
     """
     a, b = grid.face_cells.T
     cut = labels[a] != labels[b]
@@ -926,33 +942,52 @@ def label_moves(grid, labels):
             neighbours = np.unique(labels[touching])
             moves.update((cell, int(j)) for j in neighbours if j > 0)  # merge
         moves.update(_split_moves(grid, labels, k))
-    shifted = [m for k in present.tolist() for m in _translation_moves(grid, labels, k)]
-    return sorted(m for m in moves if m[0]) + sorted(set(shifted))
+    rigid = [m for k in present.tolist() for m in _rigid_moves(grid, labels, k)]
+    # Rigid moves first: the lazy search scores never-scored moves in this
+    # order and takes the best of each batch, and a small move taken first
+    # can lead away from the one step that puts a whole cell right.
+    return sorted(set(rigid)) + sorted(m for m in moves if m[0])
 
 
-def _translation_moves(grid, labels, k):
-    """Cell ``k`` moved whole by each of the lattice's shortest translations.
+def _rigid_moves(grid, labels, k):
+    """Cell ``k`` moved whole: translated, or turned about its centre.
 
-    A cell of the right shape in the wrong place is a deep local minimum of
-    the other moves: every single-cell or rim move of a misplaced cell
-    first makes its shape worse. A translation (one cube side or half a
-    cube diagonal, :attr:`TetGrid.lattice_shifts`) keeps the shape. It is
-    skipped where the cell would leave the grid or overlap another cell.
-    Each move lists the vacated cells (label 0) and the filled ones (``k``).
+    A cell of the right shape in the wrong place or orientation is a deep
+    local minimum of the other moves: each single-cell or rim move first
+    makes its shape worse. The lattice's rigid motions keep the shape: its
+    14 shortest translations (one cube side or half a cube diagonal,
+    :attr:`TetGrid.lattice_shifts`) and the quarter, half and three-quarter
+    turns about each axis through the lattice point nearest the cell's
+    centroid. A motion is skipped where the cell would leave the grid or
+    overlap another cell. Each move lists the vacated cells (label 0) and
+    the filled ones (``k``).
     """
     cells = np.flatnonzero(labels == k)
+    images = [shift[cells] for shift in grid.lattice_shifts]
+    anchor = grid.cell_centroids[cells[0]]
+    points = anchor + grid.displacement(grid.cell_centroids[cells], anchor)
+    pivot = _nearest_lattice_point(points.mean(0), grid.spacing)
+    images += [grid.cells_at(pivot + (points - pivot) @ turn.T) for turn in TURNS]
     moves = []
-    for shift in grid.lattice_shifts:
-        target = shift[cells]
+    for target in images:
         if np.any(target < 0) or np.any((labels[target] != 0) & (labels[target] != k)):
             continue
         vacated = np.setdiff1d(cells, target)
         filled = np.setdiff1d(target, cells)
         changed = np.concatenate([vacated, filled])
+        if not len(changed):
+            continue  # a turn that maps the cell onto itself
         new = np.repeat([0, k], [len(vacated), len(filled)])
         order = np.argsort(changed)
         moves.append((tuple(changed[order].tolist()), tuple(new[order].tolist())))
     return moves
+
+
+def _nearest_lattice_point(point, spacing):
+    """The BCC lattice point (cube corner or cube centre) nearest ``point``."""
+    corner = np.round(point / spacing) * spacing
+    centre = (np.floor(point / spacing) + 0.5) * spacing
+    return min((corner, centre), key=lambda p: np.linalg.norm(p - point))
 
 
 def _split_moves(grid, labels, k):
