@@ -20,11 +20,18 @@ best a grid surface can do, before any fit.
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/mesh_experiments.py [--max-iter 60]
+    OMP_NUM_THREADS=1 python benchmarks/mesh_experiments.py --code axon \
+        --protocol published --max-iter 20 --cache /tmp/cache
 
 Writes ``doc/mesh_inversion_results.json`` and ``doc/mesh_inversion.png``;
 with ``--code latent`` (the fit in the latent code of the shape autoencoder,
 :mod:`dipy_spinverse.meshfit.autoencoder`, trained on demand and cached)
-``doc/mesh_inversion_latent_results.json`` and no figure.
+``doc/mesh_inversion_latent_results.json`` and no figure; with ``--code
+axon`` (the axon family's eight parameters, Levenberg-Marquardt with a
+screen of beading periods; tube cases only) or ``--protocol published``
+(the 540 acquisitions of :func:`dipy_spinverse.sequences.published_protocol`
+instead of the reduced 50) ``doc/mesh_inversion_<code>_<protocol>_results.json``
+and no figure.
 """
 
 import argparse
@@ -48,6 +55,7 @@ from dipy_spinverse.meshfit import (
     mesh_signal,
     surface_chamfer,
 )
+from dipy_spinverse.sequences import published_protocol
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "doc"
 LENGTH = 20.0
@@ -59,6 +67,21 @@ CASES = [
     ("bent", dict(radius=3.3, curvature=0.05), "tube"),
     ("beaded", dict(radius=3.4, beading_amplitude=0.2, beading_period=10.0), "tube"),
     ("fanning", dict(radius=3.4, fanning=0.15), "tube"),
+    # Held out from the doc's first table: other radii, curvatures, bend
+    # directions, periods and phases (issue 14: "in general").
+    ("bent-2", dict(radius=2.7, curvature=0.075, bend_azimuth=1.0), "tube"),
+    (
+        "beaded-2",
+        dict(radius=4.0, beading_amplitude=0.15, beading_period=7.0, beading_phase=1.0),
+        "tube",
+    ),
+    (
+        "beaded-3",
+        dict(
+            radius=3.0, beading_amplitude=0.25, beading_period=14.0, beading_phase=2.5
+        ),
+        "tube",
+    ),
 ]
 
 
@@ -191,10 +214,16 @@ def _points_inside(vertices, triangles, points):
     return winding > 0.5
 
 
-def true_signal(name, truth, protocol, cache):
+#: The fits' protocols: the reduced 50 acquisitions, or the published 540.
+PROTOCOLS = {"reduced": reduced_protocol, "published": published_protocol}
+
+
+def true_signal(name, truth, protocol, cache, protocol_name="reduced"):
     """The true cell's signal, read from / written to the ``cache`` folder
-    (a beaded axon's takes ~15 min on a loaded machine)."""
-    path = None if cache is None else pathlib.Path(cache) / f"{name}.npy"
+    (a beaded axon's takes ~15 min on a loaded machine; ~5 min for the
+    published protocol on a less loaded one)."""
+    suffix = "" if protocol_name == "reduced" else f"_{protocol_name}"
+    path = None if cache is None else pathlib.Path(cache) / f"{name}{suffix}.npy"
     if path is not None and path.exists():
         return np.load(path), 0.0
     t0 = time.perf_counter()
@@ -206,15 +235,27 @@ def true_signal(name, truth, protocol, cache):
     return clean, seconds
 
 
-def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0, code="spectral"):
-    protocol = reduced_protocol()
+def run(
+    max_iter,
+    n_modes,
+    snrs,
+    *,
+    cases=None,
+    cache=None,
+    seed=0,
+    code="spectral",
+    protocol_name="reduced",
+):
+    protocol = PROTOCOLS[protocol_name]()
     rows = []
     for index, (name, params, template) in enumerate(tqdm(CASES, desc="cases")):
         if cases and name not in cases:
             continue
+        if code == "axon" and template != "tube":
+            continue  # the axon code is a tube's
         rng = np.random.default_rng([seed, index])  # a case's own noise
         truth = truth_mesh(params, template)
-        clean, t_truth = true_signal(name, truth, protocol, cache)
+        clean, t_truth = true_signal(name, truth, protocol, cache, protocol_name)
         tv, tf = truth.vertices, truth.boundary_faces
         true_est = None if template == "ball" else tube_profile(tv, tf)
         g_chamfer, g_cells = grid_chamfer(truth)
@@ -233,6 +274,9 @@ def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0, code="spectr
                 noise="gaussian" if snr is None else "rician",
                 code=code if template == "tube" else "spectral",
             )
+            if code == "axon":
+                # The code's own estimate, next to the surface estimator's.
+                fit_parameters = dict(fit.axon_parameters)
             seconds = time.perf_counter() - t0
             fv, ff = fit.mesh.vertices, fit.faces
             row = dict(
@@ -248,7 +292,11 @@ def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0, code="spectr
                 code=code,
                 final_loss=float(fit.loss_history.min()),
                 n_inverted=fit.n_inverted,
+                protocol=protocol_name,
+                n_acquisitions=len(protocol),
             )
+            if code == "axon":
+                row["axon_parameters"] = fit_parameters
             if template == "ball":
                 row["radius_true"] = params["radius"]
                 row["radius_fit"] = float(fit.radius)
@@ -271,13 +319,14 @@ def run(max_iter, n_modes, snrs, *, cases=None, cache=None, seed=0, code="spectr
                 )
             )
             suffix = "" if code == "spectral" else f"_{code}"
+            suffix += "" if protocol_name == "reduced" else f"_{protocol_name}"
             np.save(DOC / f"mesh_inversion_{name}_{snr}{suffix}.npy", fv)
     return rows
 
 
 def table(rows):
     lines = [
-        "| case | modes | SNR | radius true / fit (um) | error "
+        "| case | code (modes) | SNR | radius true / fit (um) | error "
         "| other parameter true / fit | Chamfer fit (um) "
         "| Chamfer grid staircase (um) | fit time (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -286,23 +335,30 @@ def table(rows):
         other = ""
         if "fit_estimate" in r:
             t, f = r["true_estimate"], r["fit_estimate"]
-            if r["case"] == "bent":
+            if r["case"].startswith("bent"):
                 other = f"curvature {t['curvature']:.4f} / {f['curvature']:.4f} 1/um"
-            elif r["case"] == "beaded":
+            elif r["case"].startswith("beaded"):
                 other = (
                     f"amplitude {t['beading']:.3f} / {f['beading']:.3f}, "
                     f"period {t['period']:.2f} / {f['period']:.2f} um"
                 )
-            elif r["case"] == "fanning":
+            elif r["case"].startswith("fanning"):
                 other = f"fanning {t['fanning']:.3f} / {f['fanning']:.3f}"
         err = 100 * (r["radius_fit"] / r["radius_true"] - 1)
         lines.append(
-            f"| {r['case']} | {r.get('n_modes', 16)} | {r['snr'] or 'inf'} | "
+            f"| {r['case']} | {_code_label(r)} | {r['snr'] or 'inf'} | "
             f"{r['radius_true']:.2f} / "
             f"{r['radius_fit']:.3f} | {err:+.1f}% | {other} | {r['chamfer']:.2f} | "
             f"{r['grid_chamfer']:.2f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _code_label(row):
+    """The table's code column: the spectral modes, or the axon code."""
+    if row.get("code") == "axon" and "axon_parameters" in row:
+        return "axon"
+    return str(row.get("n_modes", 16))
 
 
 def figure(rows, path):
@@ -311,7 +367,7 @@ def figure(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c for c, _, _ in CASES]
+    cases = [c for c, _, _ in CASES if any(r["case"] == c for r in rows)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     x = np.arange(len(cases))
     for k, snr in enumerate(sorted({r["snr"] or 0 for r in rows})):
@@ -373,11 +429,19 @@ def main():
     parser.add_argument(
         "--snrs", nargs="*", default=["inf", "100"], help="inf for noise free"
     )
-    parser.add_argument("--code", default="spectral", choices=("spectral", "latent"))
+    parser.add_argument(
+        "--code", default="spectral", choices=("spectral", "latent", "axon")
+    )
+    parser.add_argument("--protocol", default="reduced", choices=tuple(PROTOCOLS))
     args = parser.parse_args()
     snrs = [None if s == "inf" else float(s) for s in args.snrs]
-    latent = args.code == "latent"
-    out = DOC / f"mesh_inversion{'_latent' if latent else ''}_results.json"
+    default = args.code == "spectral" and args.protocol == "reduced"
+    if default:
+        out = DOC / "mesh_inversion_results.json"
+    elif args.code == "latent" and args.protocol == "reduced":
+        out = DOC / "mesh_inversion_latent_results.json"
+    else:
+        out = DOC / f"mesh_inversion_{args.code}_{args.protocol}_results.json"
     rows = json.loads(out.read_text()) if out.exists() else []
     if not args.figure_only:
         new = run(
@@ -387,6 +451,7 @@ def main():
             cases=args.cases,
             cache=args.cache,
             code=args.code,
+            protocol_name=args.protocol,
         )
 
         def key(r):
@@ -400,7 +465,7 @@ def main():
         )
         out.write_text(json.dumps(rows, indent=1))
     print(table(rows))
-    if not latent:
+    if default:
         figure(rows, DOC / "mesh_inversion.png")
 
 

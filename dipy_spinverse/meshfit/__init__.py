@@ -28,7 +28,7 @@ from .mesh import (
     tube_mesh,
 )
 from .refine import check_refine_options, refine_cell
-from .shape import SpectralShape, spectral_shape
+from .shape import AxonShape, SpectralShape, axon_shape, spectral_shape
 
 __all__ = [
     "TetMesh",
@@ -42,6 +42,8 @@ __all__ = [
     "mesh_signal",
     "SpectralShape",
     "spectral_shape",
+    "AxonShape",
+    "axon_shape",
     "AutoencoderSettings",
     "ShapeAutoencoder",
     "train_autoencoder",

@@ -12,6 +12,12 @@ respect to the vertices contracted with the fields.
 Each eigenfunction is scaled to unit root-mean-square over the surface, so a
 coefficient is the rms normal displacement in um. Mode 0 (constant) is a
 uniform swelling.
+
+:class:`AxonShape` is the other code: the eight parameters of the axon
+family of :func:`.mesh.axon_deformation` (radius, bend, beading, swelling,
+fanning) applied to a straight tube template, in torch. It is a strong prior
+(only family members are representable) with few coefficients, each of which
+the signal sees.
 """
 
 from dataclasses import dataclass
@@ -26,7 +32,15 @@ from ..checks import check_choice, check_int
 from .fem import assemble
 from .mesh import TetMesh, signed_volumes, triangle_areas
 
-__all__ = ["SpectralShape", "spectral_shape", "surface_laplacian", "DIRECTIONS"]
+__all__ = [
+    "SpectralShape",
+    "spectral_shape",
+    "surface_laplacian",
+    "DIRECTIONS",
+    "AxonShape",
+    "axon_shape",
+    "AXON_CODE",
+]
 
 #: Directions of the surface displacement: along the template's normals, or
 #: each eigenfunction along x, y and z (three coefficients per mode; moves
@@ -191,3 +205,165 @@ def _harmonic_extension(template, surface, boundary):
             1, 0, 2
         )
     return fields
+
+
+#: Coefficients of :class:`AxonShape`, in order. The bend is the curvature
+#: vector across the axis (``curvature * (cos, sin)(bend_azimuth)``, 1/um) and
+#: the beading its cosine and sine parts (``beading_amplitude * (cos, sin)
+#: (beading_phase)``): smooth through a straight, unbeaded tube, where the
+#: polar forms' angles are undefined.
+AXON_CODE = (
+    "radius",
+    "bend_x",
+    "bend_y",
+    "beading_cos",
+    "beading_sin",
+    "beading_period",
+    "swelling",
+    "fanning",
+)
+# Below this squared curvature (1/um^2) the arc's functions are evaluated by
+# their Taylor series (exact to ~1e-16 relative for |z| <= 50 um).
+_STRAIGHT_K2 = 1e-10
+
+
+@dataclass(frozen=True, eq=False)
+class AxonShape:
+    """A straight tube template deformed by the axon family's parameters.
+
+    ``vertices(code)`` is :func:`.mesh.axon_deformation` of the template
+    scaled to ``radius`` (the same map as :func:`.mesh.axon_mesh`), in torch
+    so that a fit can differentiate it; ``code`` holds :data:`AXON_CODE`.
+
+    Attributes
+    ----------
+    template : TetMesh
+        A straight tube along z centred at z = 0 (:func:`.mesh.tube_mesh`).
+    length : float
+        Its length along z (um): the family's profiles span it; not fitted.
+    template_radius : float
+        Its mean side radius (um).
+    """
+
+    template: TetMesh
+    length: float
+    template_radius: float
+
+    @property
+    def n_code(self):
+        """Number of coefficients (8)."""
+        return len(AXON_CODE)
+
+    def code(
+        self,
+        *,
+        radius,
+        curvature=0.0,
+        bend_azimuth=0.0,
+        beading_amplitude=0.0,
+        beading_period=10.0,
+        beading_phase=0.0,
+        swelling=0.0,
+        fanning=0.0,
+    ):
+        """The code of :func:`.mesh.axon_mesh`'s keywords (ndarray (8,))."""
+        return np.array(
+            [
+                radius,
+                curvature * np.cos(bend_azimuth),
+                curvature * np.sin(bend_azimuth),
+                beading_amplitude * np.cos(beading_phase),
+                beading_amplitude * np.sin(beading_phase),
+                beading_period,
+                swelling,
+                fanning,
+            ],
+            dtype=np.float64,
+        )
+
+    def parameters(self, code):
+        """:func:`.mesh.axon_mesh`'s keywords of a code (dict of floats)."""
+        r, bx, by, bc, bs, period, swelling, fanning = np.asarray(code, float)
+        return dict(
+            radius=float(r),
+            curvature=float(np.hypot(bx, by)),
+            bend_azimuth=float(np.arctan2(by, bx)),
+            beading_amplitude=float(np.hypot(bc, bs)),
+            beading_period=float(period),
+            beading_phase=float(np.arctan2(bs, bc)),
+            swelling=float(swelling),
+            fanning=float(fanning),
+        )
+
+    def vertices(self, code):
+        """Vertex positions (V, 3) for a code (8,), numpy or torch."""
+        as_numpy = not isinstance(code, torch.Tensor)
+        if as_numpy:
+            code = np.asarray(code, dtype=np.float64)
+            if code.shape != (self.n_code,):
+                raise ValueError(
+                    f"the axon code must have shape ({self.n_code},), got {code.shape}."
+                )
+            code = torch.as_tensor(code)
+        r, bx, by, bc, bs, period, swelling, fanning = code.unbind()
+        x, y, z = torch.tensor(self.template.vertices, dtype=code.dtype).unbind(1)
+        s = 2.0 * z / self.length
+        theta = 2.0 * np.pi * z / period
+        scale = (r / self.template_radius) * (
+            1.0 + bc * torch.cos(theta) - bs * torch.sin(theta) + swelling * (1 - s * s)
+        )
+        scale = scale * (1.0 + fanning * s)
+        x, y = x * scale, y * scale
+        # The arc of axon_deformation written with the curvature vector k:
+        # (x, y) += k (1 - k.p) f, z' = (1 - k.p) g, f = (1 - cos kz) / k^2,
+        # g = sin(kz) / k: even in |k|, so smooth through a straight tube.
+        k2 = bx * bx + by * by
+        straight = k2 < _STRAIGHT_K2
+        k2_safe = torch.where(straight, torch.ones_like(k2), k2)
+        k = torch.sqrt(k2_safe)
+        f = torch.where(
+            straight, z * z / 2 - k2 * z**4 / 24, (1 - torch.cos(k * z)) / k2_safe
+        )
+        g = torch.where(straight, z - k2 * z**3 / 6, torch.sin(k * z) / k)
+        along = 1.0 - (bx * x + by * y)
+        out = torch.stack([x + bx * along * f, y + by * along * f, along * g], dim=1)
+        return out.numpy() if as_numpy else out
+
+    def n_inverted(self, code):
+        """Number of tetrahedra with volume <= 0 for a code."""
+        return int(np.sum(signed_volumes(self.vertices(code), self.template.tets) <= 0))
+
+    def mesh(self, code):
+        """The deformed :class:`TetMesh` (raises if a tetrahedron inverts)."""
+        return self.template.moved(self.vertices(code))
+
+
+def axon_shape(template):
+    """The axon code (:class:`AxonShape`) of a straight tube template.
+
+    Parameters
+    ----------
+    template : TetMesh
+        A straight tube along z, centred at z = 0, e.g. :func:`.mesh.tube_mesh`.
+
+    Returns
+    -------
+    AxonShape
+    """
+    if not isinstance(template, TetMesh):
+        raise TypeError(f"template must be a TetMesh, got {type(template).__name__}.")
+    points = template.vertices[template.boundary_vertices]
+    z = points[:, 2]
+    length = float(z.max() - z.min())
+    radial = np.hypot(points[:, 0], points[:, 1])
+    side = (z > z.min() + 0.05 * length) & (z < z.max() - 0.05 * length)
+    spread = radial[side].std() / radial[side].mean() if side.any() else np.inf
+    centred = abs(z.max() + z.min()) < 1e-6 * length
+    if not centred or spread > 0.05 or length < 2 * radial[side].mean():
+        raise ValueError(
+            "the axon code needs a straight tube along z centred at z = 0 (the "
+            "'tube' template or meshfit.tube_mesh); got a template that is not."
+        )
+    return AxonShape(
+        template=template, length=length, template_radius=float(radial[side].mean())
+    )
