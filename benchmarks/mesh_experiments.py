@@ -433,6 +433,9 @@ def main():
         "--code", default="spectral", choices=("spectral", "latent", "axon")
     )
     parser.add_argument("--protocol", default="reduced", choices=tuple(PROTOCOLS))
+    parser.add_argument(
+        "--tag", default="", help="suffix of the results file (concurrent runs)"
+    )
     args = parser.parse_args()
     snrs = [None if s == "inf" else float(s) for s in args.snrs]
     default = args.code == "spectral" and args.protocol == "reduced"
@@ -442,6 +445,8 @@ def main():
         out = DOC / "mesh_inversion_latent_results.json"
     else:
         out = DOC / f"mesh_inversion_{args.code}_{args.protocol}_results.json"
+    if args.tag:
+        out = out.with_name(out.stem + f"_{args.tag}.json")
     rows = json.loads(out.read_text()) if out.exists() else []
     if not args.figure_only:
         new = run(
