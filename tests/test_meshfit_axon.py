@@ -156,3 +156,17 @@ def test_axon_fit_finds_the_bend(short_tube, protocol):
     )
     assert fit.axon_parameters["curvature"] == pytest.approx(0.1, rel=0.05)
     assert fit.axon_parameters["radius"] == pytest.approx(2.0, rel=0.01)
+
+
+def test_axon_fit_keeps_noise_out_of_the_beads(short_tube, protocol):
+    # An unbeaded axon at SNR 30 (Gaussian noise, the loss told so): beads
+    # found by the screen only fit noise, and the chi-square rule drops them
+    # (measured amplitude 0.018, the unbeaded fit's drift); told the data are
+    # noise free (sigma 0) the same fit keeps them (measured 0.13).
+    clean = _family_signal(short_tube, protocol, radius=2.2, curvature=0.03)
+    noisy = clean + np.random.default_rng(3).normal(0.0, 1 / 30, clean.shape)
+    options = dict(template=short_tube, code="axon", max_iter=3, axon_periods=(5.5,))
+    fit = fit_mesh(noisy, protocol, sigma=1 / 30, **options)
+    assert fit.axon_parameters["beading_amplitude"] < 0.05
+    trusting = fit_mesh(noisy, protocol, sigma=0.0, **options)
+    assert trusting.axon_parameters["beading_amplitude"] > 0.08
