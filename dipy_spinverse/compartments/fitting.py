@@ -32,7 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Bound", "nnls", "nnls_gram", "projected", "levenberg_marquardt"]
+__all__ = [
+    "Bound",
+    "nnls",
+    "nnls_gram",
+    "projected",
+    "levenberg_marquardt",
+    "joint_levenberg_marquardt",
+]
 
 # Supports are enumerated, so the number of linear columns is capped.
 MAX_COLUMNS = 8
@@ -356,6 +363,93 @@ def levenberg_marquardt(
             x_new = renormalise(x_new)
         Phi_new = columns(x_new)
         c_new, r_new, cost_new = projected(Phi_new, y[idx])
+        accept = cost_new < cost[idx]
+        gain = (cost[idx] - cost_new) / cost[idx].clamp_min(_TINY)
+        a = idx[accept]
+        x[a], Phi[a], c[a] = x_new[accept], Phi_new[accept], c_new[accept]
+        r[a], cost[a] = r_new[accept], cost_new[accept]
+        stale[a] = True
+        lam[a] = (lam[a] * 0.2).clamp_min(1e-12)
+        lam[idx[~accept]] *= 10.0
+        done = (accept & (gain < ftol)) | (lam[idx] > 1e10)
+        active[idx[done]] = False
+    return x, c, cost
+
+
+def joint_levenberg_marquardt(
+    columns,
+    y,
+    x0,
+    c0,
+    *,
+    max_iter=3,
+    ftol=1e-7,
+    renormalise=None,
+    derivatives=None,
+    lam0=1e-2,
+):
+    """Levenberg-Marquardt on ``x`` and ``c`` together, ``c >= 0``.
+
+    Unlike :func:`levenberg_marquardt`, the linear weights are not
+    re-solved at every ``x`` but move with it from a given start: the full
+    Jacobian is ``[d(Phi c)/dx, Phi]``, and a step's weights are clipped at
+    0. For refining a start whose weights are better than the least-squares
+    ones at its nonlinear parameters (a learned estimate whose directions
+    are still off: the projected weights there absorb the misfit). Same
+    damping, acceptance and stopping as :func:`levenberg_marquardt`.
+
+    Parameters
+    ----------
+    columns, y, x0, max_iter, ftol, renormalise, derivatives, lam0
+        As :func:`levenberg_marquardt`.
+    c0 : torch.Tensor, shape (B, K)
+        Starting weights (>= 0).
+
+    Returns
+    -------
+    x : torch.Tensor, shape (B, P)
+    c : torch.Tensor, shape (B, K)
+    cost : torch.Tensor, shape (B,)
+    """
+    if derivatives is None:
+
+        def derivatives(x, Phi, c):
+            return forward_differences(columns, x, Phi, c)
+
+    x, c = x0.clone(), c0.clamp_min(0.0)
+    Phi = columns(x)
+    r = y - (Phi @ c[..., None])[..., 0]
+    cost = (r**2).sum(-1)
+    P = x.shape[1]
+    lam = torch.full((x.shape[0],), float(lam0), dtype=y.dtype)
+    active = torch.isfinite(cost)
+    J = None
+    stale = torch.ones_like(active)
+    for _ in range(max_iter):
+        idx = torch.nonzero(active).flatten()
+        if idx.numel() == 0:
+            break
+        if J is None:
+            J = torch.zeros(x.shape[0], y.shape[-1], P + c.shape[1], dtype=y.dtype)
+        redo = idx[stale[idx]]
+        if redo.numel():
+            D = derivatives(x[redo], Phi[redo], c[redo])
+            J[redo] = torch.cat([D, Phi[redo]], dim=-1)
+            stale[redo] = False
+        Ji = J[idx]
+        A = Ji.mT @ Ji
+        g = (Ji.mT @ r[idx][..., None])[..., 0]
+        diag = torch.diagonal(A, dim1=-2, dim2=-1)
+        floor = 1e-9 * diag.amax(-1, keepdim=True) + _TINY
+        A = A + torch.diag_embed(lam[idx, None] * (diag + floor))
+        step = solve_spd(A, g)
+        x_new = x[idx] + step[:, :P]
+        if renormalise is not None:
+            x_new = renormalise(x_new)
+        c_new = (c[idx] + step[:, P:]).clamp_min(0.0)
+        Phi_new = columns(x_new)
+        r_new = y[idx] - (Phi_new @ c_new[..., None])[..., 0]
+        cost_new = (r_new**2).sum(-1)
         accept = cost_new < cost[idx]
         gain = (cost[idx] - cost_new) / cost[idx].clamp_min(_TINY)
         a = idx[accept]
