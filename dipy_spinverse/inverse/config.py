@@ -107,9 +107,10 @@ class InversionConfig:
         per sequence (None: all), in the order of their last known loss
         (``search_ranking="lazy"``) or half of each batch by their
         first-order gain from one gradient of the loss per step
-        (``"gradient"``); one membrane
-        permeability per voxel from ``search_kappas`` (m/s), refined
-        between them; ``search_starts`` generic shapes kept after
+        (``"gradient"``); starts scored at one membrane permeability per
+        voxel from ``search_kappas`` (m/s), then each cell's own
+        permeability refined between descents; ``search_starts`` generic
+        shapes kept after
         screening, ``search_restarts`` descents, each kicked out of its
         local minimum ``search_kicks`` times (iterated local search);
         a move must lower chi-square by ``search_min_gain`` (needs
@@ -448,6 +449,12 @@ PRESETS["default"] = dataclasses.replace(
     # strict because each step takes the best of many moves. Needs sigma;
     # noise-free data (sigma 0) accept every decrease.
     search_min_gain=8.0,
+    # Membranes of real cells span 1e-6 to 1e-4 m/s (the random substrates'
+    # range); the published lower bound (1e-5) would pin the least permeable
+    # half a decade or more off. The grid of starts spans it at half-decade
+    # steps; each cell's value is refined between them.
+    log_kappa_bounds=(-6.5, -1.0),
+    search_kappas=(2e-6, 6e-6, 2e-5, 6e-5, 2e-4),
 )
 
 

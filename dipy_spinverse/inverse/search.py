@@ -80,9 +80,10 @@ SCORE_BATCH = 64
 # large region is also tried alone).
 FACE_FIELD_REGIONS = 8
 # The 1-D permeability refinement searches this many decades either side of
-# the grid pick, to 0.005 decades (about 1 %).
+# the coordinate search's pick, to 0.001 decades (about 0.2 %): a single
+# cell's signal moves by about 1e-4 per 0.1 % of permeability.
 REFINE_SPAN = 0.5
-REFINE_TOLERANCE = 0.005
+REFINE_TOLERANCE = 0.001
 # L-BFGS iterations of the joint per-cell refinement (each one simulation
 # with its gradient, plus line-search steps).
 REFINE_ITERATIONS = 60
@@ -97,6 +98,18 @@ SIGNAL_CACHE_BYTES = 256 * 2**20
 # (_kicked_descents): enough to leave a local minimum's basin, few enough
 # that the descent from there still starts near it.
 KICK_MOVES = 3
+# Cell labels a voxel's search tracks (each with its own permeability):
+# per-label permeabilities travel as rows of MAX_LABELS + 1 values (entry 0,
+# the outside, unused). Splits stop creating labels beyond it.
+MAX_LABELS = 32
+# At most this many rounds of per-cell permeability refinement and label
+# descent (_descend); they stop earlier once the labels stop changing.
+ALTERNATIONS = 4
+# The per-cell permeability search (_refine_kappas): coordinate steps in
+# log10 kappa from KAPPA_STEP decades halved down to KAPPA_TOLERANCE; the
+# joint gradient refinement then goes below it.
+KAPPA_STEP = 0.2
+KAPPA_TOLERANCE = 0.02
 # Labellings scored within this chi-square of a voxel's best are kept for
 # its uncertainty: their likelihood weight exp(-chi2 / 2) is then above
 # 3e-4, so dropping the rest changes no probability by more than that.
@@ -190,7 +203,7 @@ def search_labels(
     -------
     LabelSearch
     """
-    lo, hi = config.log_kappa_bounds
+    hi = config.log_kappa_bounds[1]
     search = direction_subset(protocol, config.search_directions)
     screen = direction_subset(protocol, SCREEN_DIRECTIONS)
     # The data term of the truth under noise: loss_scale * sigma^2 (mean
@@ -208,6 +221,7 @@ def search_labels(
     scorers = {
         "search": recorder,
         "gradient": recorder.scorer.opening_gains,
+        "kappas": recorder.scorer.refined_kappas,
         "screen": BatchScorer(grid, data, protocol, screen, config, sim, precision),
     }
     occupancy = None
@@ -246,12 +260,20 @@ def search_labels(
     found = drive([voxel(v) for v in range(len(data))], scorers)
     out_labels = np.array([cell_labels(grid, labels) for labels, _ in found])
     out_labels = out_labels.reshape(len(data), grid.n_cells)
-    # Stay below the barrier threshold so the membranes remain barriers.
-    bounds = (lo, math.log10(config.threshold) - 1e-3)
     fields = []
-    for v, (_, membrane) in enumerate(found):
-        kappas = _refine_cells(
-            grid, recorder.scorer, v, out_labels[v], membrane, bounds
+    for v, (labels_v, membrane) in enumerate(found):
+        # Each output cell starts from the permeability of the label it
+        # came from (cell_labels renumbers, and splits a label's pieces).
+        first = [
+            np.argmax(out_labels[v] == k) for k in range(1, out_labels[v].max() + 1)
+        ]
+        kappas, _ = _refine_cells(
+            grid,
+            recorder.scorer,
+            v,
+            out_labels[v],
+            membrane[labels_v[first]],
+            _membrane_bounds(config),
         )
         fields.append(label_field(grid, out_labels[v], kappas, 10.0**hi))
     field = np.array(fields).reshape(len(data), grid.n_faces)
@@ -300,10 +322,35 @@ def label_field(grid, labels, kappas, open_kappa):
         elsewhere.
     """
     kappa = np.concatenate([[np.inf], np.asarray(kappas, float)])
-    a, b = labels[grid.face_cells[:, 0]], labels[grid.face_cells[:, 1]]
+    return label_fields(grid, np.asarray(labels)[None], kappa[None], open_kappa)[0]
+
+
+def label_fields(grid, labels, kappas, open_kappa):
+    """Permeability fields of many labellings, (n, n_faces).
+
+    ``labels`` (n, n_cells) and per-label permeabilities ``kappas``
+    (n, n_labels + 1), entry ``k`` for label ``k`` (entry 0, the outside,
+    unused); the rule of :func:`label_field`.
+    """
+    kappas = np.asarray(kappas, float).copy()
+    kappas[:, 0] = np.inf  # the outside adds no membrane
+    rows = np.arange(len(labels))[:, None]
+    a, b = labels[:, grid.face_cells[:, 0]], labels[:, grid.face_cells[:, 1]]
     with np.errstate(divide="ignore"):  # outside-outside faces: masked below
-        series = 1 / (1 / kappa[a] + 1 / kappa[b])
+        series = 1 / (1 / kappas[rows, a] + 1 / kappas[rows, b])
     return np.where(a != b, series, open_kappa)
+
+
+def kappa_rows(membranes, n):
+    """Per-label permeability rows (n, MAX_LABELS + 1) of ``membranes``.
+
+    A scalar or a 1-D array of n values gives every label that value (one
+    membrane per voxel); 2-D rows are returned as they are.
+    """
+    membranes = np.asarray(membranes, float)
+    if membranes.ndim == 2:
+        return membranes
+    return np.repeat(np.broadcast_to(membranes, (n,))[:, None], MAX_LABELS + 1, 1)
 
 
 def cell_labels(grid, labels):
@@ -324,29 +371,31 @@ def cell_labels(grid, labels):
     return out
 
 
-def _refine_cells(grid, scorer, v, labels, membrane, bounds):
-    """One permeability per cell: the shared one refined, then all jointly.
+def _refine_cells(grid, scorer, v, labels, start, bounds):
+    """Each cell's permeability, refined from ``start`` (one per cell).
 
-    The descent shares one permeability among a voxel's cells; it is refined
-    by :func:`refine_kappa`, then, with several cells, all cells' together
-    by L-BFGS through the simulator's gradients (log10 kappa mapped into
-    ``bounds`` by a sigmoid): touching cells trade permeability along a
-    curved valley of the loss, which one cell at a time crosses slowly.
-    The joint result is kept only if it lowers the loss.
+    Returns the permeabilities (one per label 1..n) and their loss. One cell
+    is refined by :func:`refine_kappa`; several cells all together by
+    L-BFGS through the simulator's gradients (log10 kappa mapped into
+    ``bounds`` by a sigmoid): the cells' permeabilities trade along curved
+    valleys of the loss (touching cells, or cells of similar size), which
+    one cell at a time crosses slowly. The joint result is kept only if it
+    lowers the loss.
     """
     n = int(labels.max())
-    shared = refine_kappa(
-        lambda k: scorer(np.array([v]), labels[None], np.array([k]))[0],
-        membrane,
-        bounds,
-    )
+    start = np.asarray(start, float)[:n]
+
+    def loss_at(kappas):
+        return scorer(np.array([v]), labels[None], kappa_rows(kappas, 1))[0]
+
     if n < 2:
-        return np.full(n, shared)
+        kappas = np.array([refine_kappa(loss_at, start[0], bounds)][:n])
+        return kappas, loss_at(kappas[0] if n else np.nan)
     low, high = bounds
     dtype, device = scorer.sim["dtype"], scorer.sim["device"]
-    # The shared value may sit on a bound, where the sigmoid has no preimage.
-    start = min(max((math.log10(shared) - low) / (high - low), 1e-6), 1 - 1e-6)
-    z = torch.full((n,), math.log(start / (1 - start)), dtype=dtype, device=device)
+    # A value may sit on a bound, where the sigmoid has no preimage.
+    unit = np.clip((np.log10(start) - low) / (high - low), 1e-6, 1 - 1e-6)
+    z = torch.as_tensor(np.log(unit / (1 - unit)), dtype=dtype, device=device)
     z.requires_grad_(True)
     a, b = (torch.as_tensor(c, device=device) for c in labels[grid.face_cells].T)
     optimiser = torch.optim.LBFGS(
@@ -371,14 +420,14 @@ def _refine_cells(grid, scorer, v, labels, membrane, bounds):
         loss.backward()
         return loss
 
-    before = scorer.score_field(
-        v, label_field(grid, labels, np.full(n, shared), np.nan)
-    )
+    before = scorer.score_field(v, label_field(grid, labels, start, np.nan))
     optimiser.step(closure)
     with torch.no_grad():
         refined, log_kappa = field()
         after = float(scorer.field_loss(v, refined))
-    return 10.0 ** log_kappa.cpu().numpy() if after < before else np.full(n, shared)
+    if after < before:
+        return 10.0 ** log_kappa.cpu().numpy(), after
+    return start, before
 
 
 def drive(searches, scorers):
@@ -408,7 +457,9 @@ def drive(searches, scorers):
         sizes = [len(pending[i][1]) for i in group]
         owners = np.repeat(group, sizes)
         candidates = np.concatenate([pending[i][1] for i in group])
-        membranes = np.concatenate([pending[i][2] for i in group])
+        membranes = np.concatenate(
+            [kappa_rows(pending[i][2], len(pending[i][1])) for i in group]
+        )
         losses = np.split(
             scorers[kind](owners, candidates, membranes), np.cumsum(sizes)[:-1]
         )
@@ -421,10 +472,11 @@ class BatchScorer:
     """Data loss of labellings of many voxels, ``SCORE_BATCH`` per simulation.
 
     ``scorer(owners, candidates, membranes) -> losses``: row ``r`` is the
-    field of ``candidates[r]`` (``membranes[r]`` on the faces between
-    different labels, the upper bound elsewhere) scored against voxel
-    ``owners[r]`` on the acquisitions ``subset`` (with each acquisition's
-    noise ``precision``, default 1).
+    field of ``candidates[r]`` (:func:`label_fields`, with the per-label
+    permeabilities ``membranes[r]``, or one value for every label; the
+    upper bound where labels agree) scored against voxel ``owners[r]`` on
+    the acquisitions ``subset`` (with each acquisition's noise
+    ``precision``, default 1).
     """
 
     def __init__(
@@ -455,8 +507,7 @@ class BatchScorer:
     def signals(self, candidates, membranes):
         """b0-normalised signals (n, n_acquisitions) of labellings.
 
-        The field of a labelling depends only on where labels differ and on
-        the membrane, so that is the cache key: identical fields requested by
+        The field is the cache key: identical fields requested by
         different voxels (every voxel screens the same generic shapes), or
         again later, are simulated once.
         """
@@ -464,11 +515,10 @@ class BatchScorer:
             sim = self.sim
             shape = (0, len(self.protocol))
             return torch.zeros(shape, dtype=sim["dtype"], device=sim["device"])
-        barrier = _barriers(self.grid, candidates)
-        membranes = np.broadcast_to(np.asarray(membranes, float), len(candidates))
+        fields = self.fields(candidates, membranes)
         keys = [
-            self.context + np.packbits(row).tobytes() + np.float64(m).tobytes()
-            for row, m in zip(barrier, membranes, strict=True)
+            self.context + hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            for row in fields
         ]
         found = self.cache.get_many(keys)
         first = {}
@@ -479,13 +529,33 @@ class BatchScorer:
         for i in range(0, len(missing), SCORE_BATCH):
             batch = missing[i : i + SCORE_BATCH]
             rows = [first[k] for k in batch]
-            field = np.where(barrier[rows], membranes[rows][:, None], self.open_kappa)
             with torch.no_grad():
-                pred = simulate(self.grid, field, self.protocol, **self.sim)
+                pred = simulate(self.grid, fields[rows], self.protocol, **self.sim)
                 pred = normalise_b0(pred, self.protocol)
             found.update(zip(batch, pred, strict=True))
             self.cache.put_many(zip(batch, pred, strict=True))
         return torch.stack([found[k] for k in keys])
+
+    def refined_kappas(self, owners, candidates, membranes):
+        """Each row's per-label permeabilities refined at fixed labels.
+
+        Returns rows of ``[loss, permeability row]`` (n, MAX_LABELS + 2):
+        :func:`_refine_cells` from ``membranes``, labels 1..n contiguous.
+        """
+        rows = kappa_rows(membranes, len(candidates)).copy()
+        losses = np.empty(len(candidates))
+        bounds = _membrane_bounds(self.config)
+        for r, (v, labels) in enumerate(zip(owners, candidates, strict=True)):
+            n = int(labels.max())
+            rows[r, 1 : n + 1], losses[r] = _refine_cells(
+                self.grid, self, int(v), labels, rows[r, 1 : n + 1], bounds
+            )
+        return np.column_stack([losses, rows])
+
+    def fields(self, candidates, membranes):
+        """Permeability fields (n, n_faces) of labellings and their membranes."""
+        rows = kappa_rows(membranes, len(candidates))
+        return label_fields(self.grid, candidates, rows, self.open_kappa)
 
     def opening_gains(self, owners, candidates, membranes):
         """First-order loss change of opening each face, per labelling.
@@ -497,7 +567,9 @@ class BatchScorer:
         a membrane and an open face, where one in log permeability saturates
         at both ends), at the field of each row, times the conductance that
         opening a membrane face adds. Same rows as :meth:`__call__`; returns
-        (n, n_faces); not cached (only the move ranking uses it).
+        (n, n_faces); not cached (only the move ranking uses it). A face
+        without a membrane would close with the geometric mean of the
+        row's membranes.
         """
         out = []
         owner = torch.as_tensor(owners, device=self.target.device)
@@ -506,13 +578,16 @@ class BatchScorer:
         diffusivity = diffusivity.expand(1, self.grid.n_cells).to(device)
         for i in range(0, len(candidates), SCORE_BATCH):
             rows = slice(i, i + SCORE_BATCH)
-            barrier = _barriers(self.grid, candidates[rows])
-            membrane = torch.as_tensor(membranes[rows], dtype=dtype, device=device)
-            kappa = torch.where(
-                torch.as_tensor(barrier, device=device),
-                membrane[:, None],
-                torch.tensor(self.open_kappa, dtype=dtype, device=device),
-            ).requires_grad_(True)
+            field = self.fields(
+                candidates[rows], kappa_rows(membranes, len(owners))[rows]
+            )
+            barrier = field < self.open_kappa
+            typical = np.exp(
+                np.sum(np.log(field) * barrier, 1) / np.maximum(barrier.sum(1), 1)
+            )
+            closing = np.where(barrier, field, typical[:, None])
+            kappa = torch.as_tensor(field, dtype=dtype, device=device)
+            kappa.requires_grad_(True)
             pred = simulate(self.grid, kappa, self.protocol, **self.sim)
             # Each row's loss depends on its own field only: one backward
             # pass of the sum gives every row's gradient.
@@ -523,7 +598,9 @@ class BatchScorer:
                     self.grid, torch.full_like(kappa, self.open_kappa), diffusivity
                 )
                 w_membrane = face_conductance(
-                    self.grid, membrane[:, None].expand_as(kappa), diffusivity
+                    self.grid,
+                    torch.as_tensor(closing, dtype=dtype, device=device),
+                    diffusivity,
                 )
                 # w = A kappa / (kappa R + 1): dw/dkappa = (w / kappa)^2 / A.
                 area = torch.tensor(self.grid.face_areas, dtype=dtype, device=device)
@@ -631,6 +708,7 @@ class Recorder:
         self.best = np.full(n_voxels, np.inf)
 
     def __call__(self, owners, candidates, membranes):
+        membranes = kappa_rows(membranes, len(candidates))
         losses = self.scorer(owners, candidates, membranes)
         for v in np.unique(owners):
             rows = np.flatnonzero(owners == v)
@@ -638,7 +716,7 @@ class Recorder:
             margin = KEEP_CHI2 * self._scale(v)
             kept = self.kept[v]
             for r in rows[losses[rows] <= self.best[v] + margin]:
-                key = (candidates[r].astype(np.int8).tobytes(), float(membranes[r]))
+                key = (candidates[r].astype(np.int8).tobytes(), membranes[r].tobytes())
                 kept[key] = float(losses[r])
             for key in [k for k, loss in kept.items() if loss > self.best[v] + margin]:
                 del kept[key]
@@ -722,33 +800,124 @@ def _screened_shapes(grid, config, spread):
 def _descend(grid, starts, config, min_gain, report):
     """Greedy descent from the best ``search_restarts`` starts (generator).
 
-    Every start is scored at each of ``search_kappas``; from the best ones the
-    descent runs at their best permeability, which is chosen again on the
-    final labels (and the descent repeated once if it changed). Each descent
-    is then kicked ``search_kicks`` times (:func:`_kicked_descents`). Returns
-    the labels with the lowest final loss and their permeability.
+    Every start is scored at each of ``search_kappas`` (one membrane for all
+    its cells); from the best ones the descent alternates, at most
+    ``ALTERNATIONS`` times, between the labels (greedy moves and
+    ``search_kicks`` kicks, :func:`_kicked_descents`) at fixed per-cell
+    permeabilities and each cell's permeability at fixed labels
+    (:func:`_refine_kappas`), until the labels stop changing. The labels
+    of a one-cell start move first: permeabilities refined on wrong labels
+    absorb part of their error, and the move that would fix it then no
+    longer pays. A start of several cells has its cells' permeabilities
+    refined first: one shared value is then the wrong model, and moves
+    made under it spoil the labels (a cell split to mimic two
+    permeabilities). Cells of one
+    voxel need not share a membrane: with one value for all, the truth is
+    not a minimum of the labels' loss, and neither is it when the value
+    sits between grid points (0.1 decade off moves the loss more than a
+    wrong cell does). Returns the labels with the lowest final loss and
+    their per-label permeability row.
     """
     kappas = np.asarray(config.search_kappas)
+    bounds = _membrane_bounds(config)
     _, _, losses = yield from _best_kappa("search", starts, kappas)
     found = []
     for i in np.argsort(losses.min(1))[: config.search_restarts]:
-        current, membrane = starts[i], kappas[np.argmin(losses[i])]
-        for _ in range(2):
-            current = yield from _greedy_steps(
+        current = starts[i]
+        membrane = kappa_rows(kappas[np.argmin(losses[i])], 1)[0]
+        if len(np.unique(current[current > 0])) > 1:
+            current, membrane = _compact(current, membrane)
+            membrane, _ = yield from _refine_kappas(current, membrane, kappas, bounds)
+        for _ in range(ALTERNATIONS):
+            before = current
+            current, membrane = yield from _greedy_steps(
                 grid, current, config, report, min_gain, membrane
             )
-            current = yield from _kicked_descents(
+            current, membrane = yield from _kicked_descents(
                 grid, current, config, report, min_gain, membrane
             )
-            current, refitted, final = yield from _best_kappa(
-                "search", current[None], kappas
+            current, membrane = _compact(current, membrane)
+            membrane, loss = yield from _refine_kappas(
+                current, membrane, kappas, bounds
             )
-            if refitted == membrane:
+            if np.array_equal(current, before):
                 break
-            membrane = refitted
-        found.append((final.min(), current, membrane))
+        found.append((loss, current, membrane))
     _, labels, membrane = min(found, key=lambda item: item[0])
     return labels, membrane
+
+
+def _membrane_bounds(config):
+    """log10 permeability bounds of a membrane: below the barrier threshold."""
+    return config.log_kappa_bounds[0], math.log10(config.threshold) - 1e-3
+
+
+def _compact(labels, membrane):
+    """Labels renumbered 1, 2, ... in order, with their permeabilities."""
+    present = np.unique(labels[labels > 0])
+    order = np.zeros(max(int(labels.max()), 0) + 1, int)
+    order[present] = np.arange(1, len(present) + 1)
+    compact = membrane.copy()
+    compact[1 : len(present) + 1] = membrane[present]
+    return order[labels], compact
+
+
+def _refine_kappas(labels, membrane, grid_kappas, bounds):
+    """Each cell's permeability at fixed labels (generator).
+
+    Coordinate descent in log10 kappa from several starts together
+    (``membrane``, and each of ``grid_kappas`` for all cells): the cells'
+    permeabilities are coupled and the loss has several minima in them (a
+    large cell of low and a small one of high permeability can nearly
+    mimic the reverse), and it is steep: 0.2 decades on a large cell can
+    cost more than a wrong cell does, so a coarse grid does not see the
+    right basin. Each round tries every cell ``step`` decades up and down
+    in one batch; the cells whose better value improves take it together
+    if that beats the best single change, else only the best single
+    change; ``step`` (per start) halves when nothing improves, from
+    ``KAPPA_STEP`` to ``KAPPA_TOLERANCE``. Then a joint refinement of the
+    best between grid values (a ``"kappas"`` request,
+    :meth:`BatchScorer.refined_kappas`). Returns the permeability row and
+    its loss.
+    """
+    present = np.unique(labels[labels > 0])
+    n = len(present)
+    rows = np.repeat(membrane[None], len(grid_kappas) + 1, axis=0)
+    rows[1:, present[:, None]] = np.asarray(grid_kappas, float)[:, None, None]
+    rows = np.unique(rows, axis=0)
+    best = yield "search", np.repeat(labels[None], len(rows), axis=0), rows
+    step = np.full(len(rows), KAPPA_STEP)
+    while n and np.any(step >= KAPPA_TOLERANCE):
+        active = np.flatnonzero(step >= KAPPA_TOLERANCE)
+        log = np.log10(rows[active][:, present])  # (a, n)
+        moved = np.stack([log - step[active, None], log + step[active, None]], 1)
+        moved = np.clip(moved, *bounds)  # (a, 2, n)
+        trials = np.repeat(rows[active], 2 * n, axis=0)  # start, sign, cell
+        cell = np.tile(present, 2 * len(active))
+        trials[np.arange(len(trials)), cell] = 10.0 ** moved.ravel()
+        losses = yield "search", np.repeat(labels[None], len(trials), 0), trials
+        losses = losses.reshape(len(active), 2, n)
+        better = losses.min(1) < best[active, None] * (1 - 1e-9)
+        sign = losses.argmin(1)  # (a, n): the better direction per cell
+        chosen = np.take_along_axis(moved, sign[:, None], 1)[:, 0]
+        joint = rows[active].copy()
+        for r in range(len(active)):
+            joint[r, present[better[r]]] = 10.0 ** chosen[r, better[r]]
+        joint_loss = yield "search", np.repeat(labels[None], len(active), 0), joint
+        for r, start in enumerate(active):
+            if not better[r].any():
+                step[start] /= 2
+                continue
+            c = int(np.argmin(losses[r].min(0)))
+            single_loss = losses[r, sign[r, c], c]
+            if better[r].sum() > 1 and joint_loss[r] < single_loss:
+                rows[start], best[start] = joint[r], joint_loss[r]
+            else:
+                rows[start] = trials[(r * 2 + sign[r, c]) * n + c]
+                best[start] = single_loss
+    membrane = rows[np.argmin(best)]
+    out = (yield "kappas", labels[None], membrane[None])[0]
+    return out[1:], out[0]
 
 
 def _kicked_descents(grid, labels, config, report, min_gain, membrane):
@@ -759,11 +928,11 @@ def _kicked_descents(grid, labels, config, report, min_gain, membrane):
     descent cannot make), descend again, and keep the result if its loss
     is lower by more than ``min_gain``. The random draws are seeded by the
     labels, so a voxel's result does not depend on the other voxels.
+    Returns the labels and their permeability row.
     """
     if not config.search_kicks:
-        return labels
-    membranes = np.array([membrane])
-    best = (yield "search", labels[None], membranes)[0]
+        return labels, membrane
+    best = (yield "search", labels[None], membrane[None])[0]
     rng = np.random.default_rng(zlib.crc32(labels.astype(np.int8).tobytes()))
     for _ in range(config.search_kicks):
         moves = label_moves(grid, labels)
@@ -771,13 +940,14 @@ def _kicked_descents(grid, labels, config, report, min_gain, membrane):
         for row in rng.choice(len(moves), min(KICK_MOVES, len(moves)), False):
             cells, label = moves[row]
             kicked[list(cells)] = label
-        kicked = yield from _greedy_steps(
-            grid, kicked, config, report, min_gain, membrane
+        start = _inherited(labels, kicked[None], membrane)[0]
+        kicked, kicked_membrane = yield from _greedy_steps(
+            grid, kicked, config, report, min_gain, start
         )
-        loss = (yield "search", kicked[None], membranes)[0]
+        loss = (yield "search", kicked[None], kicked_membrane[None])[0]
         if loss < best * (1 - 1e-9) - min_gain:
-            labels, best = kicked, loss
-    return labels
+            labels, membrane, best = kicked, kicked_membrane, loss
+    return labels, membrane
 
 
 def refine_kappa(loss, start, bounds, *, span=REFINE_SPAN):
@@ -822,7 +992,7 @@ def greedy_labels(grid, labels, score, config, report=None, *, min_gain=0.0):
     See :func:`_greedy_steps`, which it runs.
     """
     steps = _greedy_steps(grid, labels, config, report, min_gain, membrane=None)
-    return run_steps(steps, lambda request: score(request[1]))
+    return run_steps(steps, lambda request: score(request[1]))[0]
 
 
 def _greedy_steps(grid, labels, config, report, min_gain, membrane):
@@ -839,12 +1009,15 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
     it lowers the loss by more than ``min_gain``; the search stops at a local
     minimum (every current move scored since the last step, none improves)
     or after ``search_steps`` steps. ``report(step, loss)`` is called after
-    every step.
+    every step. ``membrane`` is the per-label permeability row (None for a
+    score that needs none); a cell a split creates inherits its parent's.
+    Returns the labels and their permeability row.
     """
 
     def score(candidates):
-        membranes = np.full(len(candidates), np.nan if membrane is None else membrane)
-        return (yield "search", candidates, membranes)
+        if membrane is None:
+            return (yield "search", candidates, np.full(len(candidates), np.nan))
+        return (yield "search", candidates, _inherited(labels, candidates, membrane))
 
     ranked = membrane is not None and config.search_ranking == "gradient"
     current = (yield from score(labels[None]))[0]
@@ -873,10 +1046,24 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
         best = int(np.argmin(losses))
         # The relative margin keeps rounding noise from counting as progress.
         if losses[best] < current * (1 - 1e-9) - min_gain:
+            if membrane is not None:
+                membrane = _inherited(labels, candidates[best][None], membrane)[0]
             labels, current, fresh, gains = candidates[best], losses[best], set(), None
         if report is not None:
             report(step, current)
-    return labels
+    return labels, membrane
+
+
+def _inherited(labels, candidates, membrane):
+    """Per-candidate permeability rows: ``membrane``, and for the label a
+    split creates (the only new one, ``labels.max() + 1``) its parent's."""
+    rows = np.repeat(membrane[None], len(candidates), axis=0)
+    new = int(labels.max()) + 1
+    if new <= MAX_LABELS:
+        split = candidates == new
+        for r in np.flatnonzero(split.any(1)):
+            rows[r, new] = membrane[labels[np.argmax(split[r])]]
+    return rows
 
 
 def _apply_moves(labels, moves):
@@ -896,7 +1083,7 @@ def _first_order_gains(grid, labels, moves, membrane):
     search uses it only to order moves; each is scored exactly before it is
     taken.
     """
-    opening = (yield "gradient", labels[None], np.array([membrane]))[0]
+    opening = (yield "gradient", labels[None], membrane[None])[0]
     before = _barriers(grid, labels[None])[0]
     after = _barriers(grid, _apply_moves(labels, moves))
     opened = before.astype(float) - after  # +1 opened, -1 closed
@@ -1005,6 +1192,8 @@ def _split_moves(grid, labels, k):
     offsets -= offsets.mean(0)
     _, _, axes = np.linalg.svd(offsets, full_matrices=False)
     new = int(labels.max()) + 1
+    if new > MAX_LABELS:
+        return []
     moves = []
     for axis in axes:
         # Cells on the plane stay (rounding must not decide their side).
