@@ -339,9 +339,41 @@ class NoddiModel(CompartmentModel):
             self._acq, d_par=self.d_par, odi_range=_ODI_BOUNDS
         )
 
+    #: A constant column beside free water (only in the fits that count
+    #: fibres, :meth:`_counting_model`).
+    _floor_column = False
+
     def _shared_columns(self, acq, shared, B):
-        iso = blocks.ball(acq, diffusivity=self.d_iso)
-        return iso.expand(B, -1)[..., None]
+        iso = blocks.ball(acq, diffusivity=self.d_iso).expand(B, -1)[..., None]
+        if not self._floor_column:
+            return iso
+        return torch.cat([iso, blocks.dot(acq, shape=(B,))[..., None]], dim=-1)
+
+    def _counting_model(self, n_fibres):
+        # As ActiveAx's: the Rician noise floor of the high shells (sigma
+        # sqrt(pi / 2) where the signal vanishes, e.g. along a fibre at b =
+        # 3000) is a constant the model has no column for; a least-squares
+        # fit without one fits it with extra, dispersed fibres. The counting
+        # fits get a constant column (its fraction is dropped from their
+        # parameters); the voxels are then refitted with the counts found
+        # and the model's own compartments.
+        cache = self.__dict__.setdefault("_counting_models", {})
+        if n_fibres not in cache:
+            counting = NoddiModel(
+                self.gtab,
+                n_fibres=n_fibres,
+                d_par=self.d_par,
+                d_iso=self.d_iso,
+                extra_average=self.extra_average,
+                kernels=self.kernels,
+                n_starts=self._n_starts_given,
+                max_iter=self.max_iter,
+                n_grid_directions=self.n_grid_directions,
+                chunk_size=self.chunk_size,
+            )
+            counting._floor_column = True
+            cache[n_fibres] = counting
+        return cache[n_fibres]
 
     def _to_params(self, shared, fibre, dirs, c, scale):
         F = self.n_fibres
@@ -366,6 +398,8 @@ class NoddiModel(CompartmentModel):
         return torch.cat([head, per], dim=-1)
 
     def _from_params(self, params):
+        if self._floor_column:
+            raise NotImplementedError("the counting fits have no public layout")
         F = self.n_fibres
         per = params[:, 2:].reshape(len(params), F, 6)
         fiso = params[:, 1:2]
