@@ -78,7 +78,9 @@ _MIN_CROSSING_DEG = 30.0
 # 512-1024, 5,100 at 2048-4096).
 _POLISH_CHUNK = 1024
 # Initial Levenberg-Marquardt damping of the polishing of learned estimates
-# (relative to the diagonal of J^T J; the fits start at 1e-2).
+# (relative to the diagonal of J^T J), as the fits': 1e-4 changed no error
+# ratio by more than 0.15 and 0 (Gauss-Newton) made one-fibre ODI 1.4x the
+# fitted error and broke 2-fibre fits (measured, doc/compartments.md).
 _POLISH_DAMPING = 1e-2
 # A one-fibre fit whose tissue (non-free-water) fraction is below this is a
 # voxel without fibres. Pure free water at SNR 30 fits 0.05-0.07 of tissue
