@@ -436,6 +436,9 @@ def main():
     parser.add_argument(
         "--tag", default="", help="suffix of the results file (concurrent runs)"
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="noise draws (0: the doc's tables)"
+    )
     args = parser.parse_args()
     snrs = [None if s == "inf" else float(s) for s in args.snrs]
     default = args.code == "spectral" and args.protocol == "reduced"
@@ -457,6 +460,7 @@ def main():
             cache=args.cache,
             code=args.code,
             protocol_name=args.protocol,
+            seed=args.seed,
         )
 
         def key(r):

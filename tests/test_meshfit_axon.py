@@ -114,13 +114,15 @@ def _family_signal(template, protocol, **params):
     return mesh_signal(mesh, protocol, length_scale=2.0).numpy()
 
 
+@pytest.mark.slow  # five Levenberg-Marquardt runs: ~1 min on a quiet core
 def test_axon_fit_finds_the_beading_period(short_tube, protocol):
     # Noise free, 6 um beads of relative amplitude 0.2 on a 2.2 um axon. The
     # unbeaded start is a stationary point of the loss in the beads (the
     # signal is even in the amplitude about zero), so without the period
     # screen the beads are not found; with a screen whose periods miss the
     # truth's (the nearest 5.5 um) the period and the amplitude come within
-    # 5% and the radius within 1%.
+    # 5% and the radius within 1%. The best screened start (4 um) is a local
+    # minimum: refining one start only fails this test.
     signal = _family_signal(
         short_tube, protocol, radius=2.2, beading_amplitude=0.2, beading_period=6.0
     )
@@ -159,14 +161,16 @@ def test_axon_fit_finds_the_bend(short_tube, protocol):
 
 
 def test_axon_fit_keeps_noise_out_of_the_beads(short_tube, protocol):
-    # An unbeaded axon at SNR 30 (Gaussian noise, the loss told so): beads
-    # found by the screen only fit noise, and the chi-square rule drops them
-    # (measured amplitude 0.018, the unbeaded fit's drift); told the data are
-    # noise free (sigma 0) the same fit keeps them (measured 0.13).
+    # An unbeaded, unswollen axon at SNR 30 (Gaussian noise, the loss told
+    # so): beads found by the screen, and swelling and fanning, only fit
+    # noise, and the chi-square rules drop them (held at the start's 0);
+    # told the data are noise free (sigma 0) the same fit keeps them.
     clean = _family_signal(short_tube, protocol, radius=2.2, curvature=0.03)
     noisy = clean + np.random.default_rng(3).normal(0.0, 1 / 30, clean.shape)
     options = dict(template=short_tube, code="axon", max_iter=3, axon_periods=(5.5,))
     fit = fit_mesh(noisy, protocol, sigma=1 / 30, **options)
-    assert fit.axon_parameters["beading_amplitude"] < 0.05
+    for key in ("beading_amplitude", "swelling", "fanning"):
+        assert fit.axon_parameters[key] == 0.0
     trusting = fit_mesh(noisy, protocol, sigma=0.0, **options)
-    assert trusting.axon_parameters["beading_amplitude"] > 0.08
+    assert trusting.axon_parameters["beading_amplitude"] > 0.05
+    assert trusting.axon_parameters["swelling"] != 0.0

@@ -90,6 +90,20 @@ _AXON_MAX_TURN = 0.9 * np.pi
 # at SNR 100 (published protocol) came out with beads of amplitude 0.06 that
 # lowered chi^2 by 9.7; true beads of amplitude 0.2 lower it by ~1,000.
 _BEADING_EVIDENCE = 20.0
+# Swelling and fanning are freed last, and kept only when they lower chi^2 by
+# more than this: the 99.9% quantile of chi^2 with 2 degrees of freedom
+# (13.8). Free from the start, they trade with the radius: a held-out beaded
+# axon at SNR 100 (published protocol, a second noise draw) came out with
+# swelling -0.17, its radius 3.7% low and a loss below the truth's.
+_PROFILE_EVIDENCE = 14.0
+# Screened periods refined (the best phase of each, best first): the best
+# start alone can be a local minimum (a 6 um bead screened at 4, 5.5, 7.5
+# and 10 um: the 4 um start ranked first and stayed there; 5.5 um, second,
+# refines to the truth).
+_AXON_REFINED_PERIODS = 3
+# Coefficients freed in turn (indices into AXON_CODE): radius and bend; then
+# the beads too; then swelling and fanning too.
+_AXON_STAGES = (np.arange(3), np.arange(6), np.arange(8))
 
 
 @dataclass(frozen=True, eq=False)
@@ -528,29 +542,31 @@ class _AxonModel:
         scale = np.sqrt(self.loss["loss_scale"] / len(self.target))
         return (scale * (expected - self.target)).numpy(), predicted
 
-    def jacobian(self, code, basis, residuals):
-        """Forward differences on the basis of ``code`` (held fixed)."""
+    def jacobian(self, code, basis, residuals, free):
+        """Forward differences in the ``free`` coefficients, on the basis of
+        ``code`` (held fixed)."""
         steps = 1e-4 * np.maximum(np.abs(code), [1.0, 0.1, 0.1, 1.0, 1.0, 10.0, 1, 1])
         columns = []
-        for i, step in enumerate(steps):
+        for i in free:
             moved = code.copy()
             # Step inwards at an upper bound.
-            moved[i] += step if code[i] + step <= self.upper[i] else -step
-            columns.append(
-                (self.residuals(moved, basis)[0] - residuals) / (moved[i] - code[i])
-            )
+            step = steps[i] if code[i] + steps[i] <= self.upper[i] else -steps[i]
+            moved[i] += step
+            moved_residuals = self.residuals(moved, basis)[0]
+            columns.append((moved_residuals - residuals) / step)
         return np.stack(columns, axis=1)
 
 
-def _levenberg_marquardt(model, code, max_iter, history, verbose):
-    """Damped Gauss-Newton on the axon code from ``code``; the best point."""
+def _levenberg_marquardt(model, code, free, max_iter, history, verbose):
+    """Damped Gauss-Newton in the ``free`` coefficients of the axon code from
+    ``code`` (the others held); the best point."""
     basis = model.basis(code)
     residuals, predicted = model.residuals(code, basis)
     loss = float(residuals @ residuals)
     history.append(loss)
     damping = 1e-3
     for it in range(max_iter):
-        jac = model.jacobian(code, basis, residuals)
+        jac = model.jacobian(code, basis, residuals, free)
         gradient = jac.T @ residuals
         normal = jac.T @ jac
         # Marquardt's scaling: each coefficient in its own units.
@@ -558,7 +574,8 @@ def _levenberg_marquardt(model, code, max_iter, history, verbose):
         improved = False
         while damping < 1e10:
             step = np.linalg.solve(normal + damping * np.diag(scaling), -gradient)
-            trial = code + step
+            trial = code.copy()
+            trial[free] += step
             if not model.valid(trial):
                 damping *= 10.0
                 continue
@@ -598,12 +615,14 @@ def _fit_axon(
     """``fit_mesh(..., code="axon")``: Levenberg-Marquardt with a period screen.
 
     1. From ``start`` (default: the template's radius, a small bend, no
-       beads) to the unbeaded fit.
+       beads) the radius and bend are fitted, the rest held.
     2. Beads of each screened period at four phases added to it
-       (:data:`AXON_START_PERIODS`); the lowest loss among them is refined.
-    3. The beaded fit is returned if it is better by more than the noise
-       explains (``sigma > 0``: chi^2 lower by ``_BEADING_EVIDENCE``), else
-       the unbeaded one.
+       (:data:`AXON_START_PERIODS`); the best starts of the three best
+       periods are refined (radius, bend and beads free); the best is kept
+       if it is better by more than the noise explains (``sigma > 0``:
+       chi^2 lower by ``_BEADING_EVIDENCE``).
+    3. Swelling and fanning are freed too, kept under the same rule
+       (``_PROFILE_EVIDENCE``). Noise free, any decrease is kept.
     """
     model = _AxonModel(
         shape, target, protocol, loss, diffusivity, length_scale, background, box_volume
@@ -623,7 +642,9 @@ def _fit_axon(
             "start is outside the axon code's bounds or inverts tetrahedra."
         )
     history = []
-    best = _levenberg_marquardt(model, start, max_iter, history, verbose)
+    best = _levenberg_marquardt(
+        model, start, _AXON_STAGES[0], max_iter, history, verbose
+    )
     screened = []
     # The screen's starts are ranked on the unbeaded fit's basis (a bead of
     # amplitude 0.15 is a small change of the eigenmodes; the refinement
@@ -642,13 +663,21 @@ def _fit_axon(
             if model.valid(trial):
                 residuals, _ = model.residuals(trial, unbeaded_basis)
                 screened.append((float(residuals @ residuals), tuple(trial)))
-    if screened:
-        _, trial = min(screened)
+    unbeaded = best
+    for trial in _best_per_period(screened, _AXON_REFINED_PERIODS):
         beaded = _levenberg_marquardt(
-            model, np.array(trial), max_iter, history, verbose
+            model, trial, _AXON_STAGES[1], max_iter, history, verbose
         )
-        if _significant(best[1] - beaded[1], len(target), loss):
+        better = beaded[1] < best[1]
+        if better and _significant(
+            unbeaded[1] - beaded[1], len(target), loss, _BEADING_EVIDENCE
+        ):
             best = beaded
+    profiled = _levenberg_marquardt(
+        model, best[0], _AXON_STAGES[2], max_iter, history, verbose
+    )
+    if _significant(best[1] - profiled[1], len(target), loss, _PROFILE_EVIDENCE):
+        best = profiled
     code, _, predicted = best
     return MeshFit(
         mesh=shape.mesh(code),
@@ -662,12 +691,23 @@ def _fit_axon(
     )
 
 
-def _significant(decrease, n_acquisitions, loss):
-    """Whether a loss decrease is evidence for beads (see _BEADING_EVIDENCE)."""
+def _best_per_period(screened, n):
+    """The ``n`` best screened starts of distinct periods, best first."""
+    chosen, periods = [], set()
+    for _, trial in sorted(screened):
+        if trial[5] not in periods:
+            periods.add(trial[5])
+            chosen.append(np.array(trial))
+    return chosen[:n]
+
+
+def _significant(decrease, n_acquisitions, loss, evidence):
+    """Whether a loss decrease is evidence for more coefficients: chi^2
+    lower by more than ``evidence`` (any decrease when noise free)."""
     if loss["sigma"] == 0:
         return decrease > 0  # noise free: any decrease is signal
     chi2 = decrease * n_acquisitions / (loss["loss_scale"] * loss["sigma"] ** 2)
-    return chi2 > _BEADING_EVIDENCE
+    return chi2 > evidence
 
 
 def _autoencoder(code, autoencoder, shape):
