@@ -801,50 +801,68 @@ def _descend(grid, starts, config, min_gain, report):
     """Greedy descent from the best ``search_restarts`` starts (generator).
 
     Every start is scored at each of ``search_kappas`` (one membrane for all
-    its cells); from the best ones the descent alternates, at most
-    ``ALTERNATIONS`` times, between the labels (greedy moves and
-    ``search_kicks`` kicks, :func:`_kicked_descents`) at fixed per-cell
-    permeabilities and each cell's permeability at fixed labels
-    (:func:`_refine_kappas`), until the labels stop changing. The labels
-    of a one-cell start move first: permeabilities refined on wrong labels
-    absorb part of their error, and the move that would fix it then no
-    longer pays. A start of several cells has its cells' permeabilities
-    refined first: one shared value is then the wrong model, and moves
-    made under it spoil the labels (a cell split to mimic two
-    permeabilities). Cells of one
-    voxel need not share a membrane: with one value for all, the truth is
-    not a minimum of the labels' loss, and neither is it when the value
-    sits between grid points (0.1 decade off moves the loss more than a
-    wrong cell does). Returns the labels with the lowest final loss and
-    their per-label permeability row.
+    its cells); from each of the best ones two alternating descents run
+    (:func:`_alternate`), one moving the labels first at that grid value and
+    one refining each cell's permeability first, and the lower final loss
+    is kept. Neither order is right for every start: permeabilities refined
+    on wrong labels absorb part of their error, so the move that would fix
+    it no longer pays; moves made at a grid value that is not the cells'
+    (off by 0.1 decade, or one value for cells that differ) spoil labels
+    that were right (a cell split to mimic two permeabilities). Returns the
+    labels with the lowest final loss and their per-label permeability row.
     """
     kappas = np.asarray(config.search_kappas)
-    bounds = _membrane_bounds(config)
     _, _, losses = yield from _best_kappa("search", starts, kappas)
     found = []
     for i in np.argsort(losses.min(1))[: config.search_restarts]:
-        current = starts[i]
         membrane = kappa_rows(kappas[np.argmin(losses[i])], 1)[0]
-        if len(np.unique(current[current > 0])) > 1:
-            current, membrane = _compact(current, membrane)
-            membrane, _ = yield from _refine_kappas(current, membrane, kappas, bounds)
-        for _ in range(ALTERNATIONS):
-            before = current
-            current, membrane = yield from _greedy_steps(
-                grid, current, config, report, min_gain, membrane
+        for refine_first in (False, True):
+            found.append(
+                (
+                    yield from _alternate(
+                        grid,
+                        starts[i],
+                        membrane,
+                        config,
+                        min_gain,
+                        report,
+                        refine_first=refine_first,
+                    )
+                )
             )
-            current, membrane = yield from _kicked_descents(
-                grid, current, config, report, min_gain, membrane
-            )
-            current, membrane = _compact(current, membrane)
-            membrane, loss = yield from _refine_kappas(
-                current, membrane, kappas, bounds
-            )
-            if np.array_equal(current, before):
-                break
-        found.append((loss, current, membrane))
     _, labels, membrane = min(found, key=lambda item: item[0])
     return labels, membrane
+
+
+def _alternate(grid, labels, membrane, config, min_gain, report, *, refine_first):
+    """Labels and per-cell permeabilities by turns, from one start (generator).
+
+    At most ``ALTERNATIONS`` rounds of the labels (greedy moves and
+    ``search_kicks`` kicks, :func:`_kicked_descents`) at fixed per-cell
+    permeabilities, then each cell's permeability at fixed labels
+    (:func:`_refine_kappas`), until the labels stop changing; with
+    ``refine_first`` the permeabilities are refined once before. Cells of
+    one voxel need not share a membrane: with one value for all, the truth
+    is not a minimum of the labels' loss. Returns (loss, labels, row).
+    """
+    kappas = np.asarray(config.search_kappas)
+    bounds = _membrane_bounds(config)
+    if refine_first:
+        labels, membrane = _compact(labels, membrane)
+        membrane, _ = yield from _refine_kappas(labels, membrane, kappas, bounds)
+    for _ in range(ALTERNATIONS):
+        before = labels
+        labels, membrane = yield from _greedy_steps(
+            grid, labels, config, report, min_gain, membrane
+        )
+        labels, membrane = yield from _kicked_descents(
+            grid, labels, config, report, min_gain, membrane
+        )
+        labels, membrane = _compact(labels, membrane)
+        membrane, loss = yield from _refine_kappas(labels, membrane, kappas, bounds)
+        if np.array_equal(labels, before):
+            break
+    return loss, labels, membrane
 
 
 def _membrane_bounds(config):
