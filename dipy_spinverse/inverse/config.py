@@ -431,7 +431,7 @@ def _ignored_options(config):
 #: the ablation's "both" arm. ``"default"``: realistic voxels (reflecting or
 #: periodic boxes, extracellular water, noise): the face fit with a
 #: Rician-aware loss proposes starts for the label search, which gives closed
-#: surfaces and one membrane permeability per voxel.
+#: surfaces and one membrane permeability per cell.
 PRESETS = {"paper": InversionConfig()}
 PRESETS["default"] = dataclasses.replace(
     PRESETS["paper"],

@@ -1,19 +1,22 @@
-"""The label search: closed cell labellings and one membrane permeability.
+"""The label search: closed cell labellings and their membrane permeabilities.
 
 The face fit's permeabilities are thresholded into a barrier that need not
 be closed. The label search instead looks for a labelling of the cells
-(0 outside, 1 inside) whose interface -- closed by construction -- carries
-one membrane permeability, and which fits the data best:
+(0 outside, k in cell k) whose interfaces -- closed by construction -- carry
+one membrane permeability per cell, and which fits the data best:
 
 1. **Starts**: the regions the thresholded face field suggests, and the
    generic shapes of :func:`~dipy_spinverse.inverse.shapes.shape_search`
    screened on a few directions (ranked again on the search directions when
    noise makes the screen unable to tell them apart).
-2. **Descent**: a lazy greedy descent over label moves (:func:`greedy_labels`)
+2. **Descent**: a lazy greedy descent over label moves (:func:`label_moves`:
+   single cells, rim and group moves, whole-cell translations and turns)
    from the best starts, while a move lowers the data loss by more than the
    noise explains (``search_min_gain`` chi-square units).
-3. **Permeability**: chosen from ``search_kappas`` with the labels, then
-   refined between those values by a 1-D search (:func:`refine_kappa`).
+3. **Permeability**: the starts are scored at each of ``search_kappas``;
+   between descents each cell's own permeability is refined at fixed labels
+   (a coordinate search, then joint L-BFGS), and once more at the end
+   (:func:`refine_kappa` for a single cell).
 
 Every candidate is scored by the simulator through the one data loss of the
 package (:func:`dipy_spinverse.signals.data_loss`). Each voxel's search is a
