@@ -1,15 +1,37 @@
-"""Atomic file output: write a temporary file beside the target, then rename.
+"""Files: atomic output, and the package's one cache folder.
 
-A reader (or a later run) then sees either the previous file or the complete
+Atomic output: write a temporary file beside the target, then rename. A
+reader (or a later run) then sees either the previous file or the complete
 new one, never a half-written one: ``os.replace`` within one folder is
 atomic on POSIX and Windows.
 """
 
 import contextlib
 import os
+import pathlib
 import secrets
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "cache_root", "CACHE_ENV"]
+
+#: Environment variable naming the cache folder.
+CACHE_ENV = "DIPY_SPINVERSE_CACHE"
+
+
+def cache_root(path=None):
+    """The folder of everything the package trains or estimates once and reuses.
+
+    ``path`` if given, else ``$DIPY_SPINVERSE_CACHE``, else
+    ``$XDG_CACHE_HOME/dipy_spinverse`` (``~/.cache/dipy_spinverse``). Learned
+    proposals, approximation-error estimates, compartment networks and
+    shape autoencoders live in subfolders or under their own hashes there.
+    """
+    if path is not None:
+        return pathlib.Path(path)
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return pathlib.Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(xdg) / "dipy_spinverse"
 
 
 @contextlib.contextmanager

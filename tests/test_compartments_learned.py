@@ -19,7 +19,8 @@ from dipy_spinverse.compartments import (
     NoddiModel,
     ZcdModel,
 )
-from dipy_spinverse.compartments.learned import CACHE_ENV, LearnedOptions, cache_dir
+from dipy_spinverse.compartments.learned import LearnedOptions, cache_dir
+from dipy_spinverse.files import CACHE_ENV
 
 TINY = {"n_train": 2000, "epochs": 2, "hidden": (32, 32), "batch_size": 256}
 

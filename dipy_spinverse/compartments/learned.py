@@ -17,15 +17,14 @@ import itertools
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checks import check_int, check_positive
+from ..files import cache_root
 
 __all__ = [
     "LearnedOptions",
@@ -41,9 +40,6 @@ __all__ = [
 TRAINER_VERSION = 4
 
 logger = logging.getLogger(__name__)
-
-#: Environment variable naming the cache folder.
-CACHE_ENV = "DIPY_SPINVERSE_CACHE"
 
 
 @dataclass(frozen=True)
@@ -117,14 +113,8 @@ class LearnedOptions:
 
 
 def cache_dir(path=None):
-    """The cache folder: ``path``, else ``$DIPY_SPINVERSE_CACHE``, else
-    ``~/.cache/dipy_spinverse``."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    return Path.home() / ".cache" / "dipy_spinverse"
+    """The cache folder (:func:`dipy_spinverse.files.cache_root`)."""
+    return cache_root(path)
 
 
 def fingerprint(description, arrays):

@@ -38,11 +38,11 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from ..checks import check_int
+from ..files import cache_root
 from ..forward import simulate, update_digest
 from ..grid import TetGrid
 from ..signals import normalise_b0
 from ..substrates import random_substrates
-from .proposal import proposal_cache_dir
 from .search import label_field
 
 __all__ = [
@@ -178,11 +178,7 @@ def approximation_error(
         n_substrates=n_substrates,
         refine=refine,
     )
-    folder = (
-        pathlib.Path(cache_dir)
-        if cache_dir
-        else proposal_cache_dir().parent / "approximation"
-    )
+    folder = pathlib.Path(cache_dir) if cache_dir else cache_root() / "approximation"
     path = folder / f"{key}.npz"
     if path.exists():
         saved = np.load(path)

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_number
+from ..files import cache_root
 from ..forward import simulate, update_digest
 from ..interface import graph_components
 from ..metrics import cell_inversion
@@ -194,11 +195,7 @@ def proposal_cache_dir():
     ``$DIPY_SPINVERSE_CACHE`` if set, else ``$XDG_CACHE_HOME/dipy_spinverse``
     (``~/.cache/dipy_spinverse``), subfolder ``proposals``.
     """
-    root = os.environ.get("DIPY_SPINVERSE_CACHE")
-    if root is None:
-        xdg = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-        root = pathlib.Path(xdg) / "dipy_spinverse"
-    return pathlib.Path(root) / "proposals"
+    return cache_root() / "proposals"
 
 
 def load_or_train_proposal(
