@@ -451,10 +451,11 @@ PRESETS["default"] = dataclasses.replace(
     search_min_gain=8.0,
     # Membranes of real cells span 1e-6 to 1e-4 m/s (the random substrates'
     # range); the published lower bound (1e-5) would pin the least permeable
-    # half a decade or more off. The grid of starts spans it at half-decade
-    # steps; each cell's value is refined between them.
+    # half a decade or more off. The grid the starts are scored on is the
+    # published one (1e-5 to 2e-4) extended down to it at the same steps;
+    # each cell's value is refined between grid values.
     log_kappa_bounds=(-6.5, -1.0),
-    search_kappas=(2e-6, 6e-6, 2e-5, 6e-5, 2e-4),
+    search_kappas=(2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4),
 )
 
 
