@@ -353,27 +353,45 @@ def levenberg_marquardt(
         Ji = J[idx]
         A = Ji.mT @ Ji
         g = (Ji.mT @ r[idx][..., None])[..., 0]
-        diag = torch.diagonal(A, dim1=-2, dim2=-1)
-        # Marquardt scaling plus a floor, so that a parameter the data do not
-        # constrain (zero column) still gets a finite, small step.
-        floor = 1e-9 * diag.amax(-1, keepdim=True) + _TINY
-        A = A + torch.diag_embed(lam[idx, None] * (diag + floor))
-        x_new = x[idx] + solve_spd(A, g)
+        x_new = x[idx] + _marquardt_step(A, g, lam[idx])
         if renormalise is not None:
             x_new = renormalise(x_new)
         Phi_new = columns(x_new)
         c_new, r_new, cost_new = projected(Phi_new, y[idx])
-        accept = cost_new < cost[idx]
-        gain = (cost[idx] - cost_new) / cost[idx].clamp_min(_TINY)
+        accept = _judge_steps(idx, cost_new, cost, lam, active, ftol)
         a = idx[accept]
         x[a], Phi[a], c[a] = x_new[accept], Phi_new[accept], c_new[accept]
         r[a], cost[a] = r_new[accept], cost_new[accept]
         stale[a] = True
-        lam[a] = (lam[a] * 0.2).clamp_min(1e-12)
-        lam[idx[~accept]] *= 10.0
-        done = (accept & (gain < ftol)) | (lam[idx] > 1e10)
-        active[idx[done]] = False
     return x, c, cost
+
+
+def _marquardt_step(A, g, lam):
+    """Solve ``(A + lam (diag A + floor)) dx = g`` per voxel.
+
+    Marquardt scaling plus a floor, so that a parameter the data do not
+    constrain (zero column) still gets a finite, small step.
+    """
+    diag = torch.diagonal(A, dim1=-2, dim2=-1)
+    floor = 1e-9 * diag.amax(-1, keepdim=True) + _TINY
+    return solve_spd(A + torch.diag_embed(lam[:, None] * (diag + floor)), g)
+
+
+def _judge_steps(idx, cost_new, cost, lam, active, ftol):
+    """Steps that lower the cost (mask over ``idx``); updates the damping.
+
+    Accepted steps relax ``lam`` by 5, rejected ones raise it by 10; a voxel
+    stops when an accepted step gains less than ``ftol`` (relative) or its
+    damping passes 1e10. ``lam`` and ``active`` change in place; the
+    caller stores the accepted values.
+    """
+    accept = cost_new < cost[idx]
+    gain = (cost[idx] - cost_new) / cost[idx].clamp_min(_TINY)
+    lam[idx[accept]] = (lam[idx[accept]] * 0.2).clamp_min(1e-12)
+    lam[idx[~accept]] *= 10.0
+    done = (accept & (gain < ftol)) | (lam[idx] > 1e10)
+    active[idx[done]] = False
+    return accept
 
 
 def joint_levenberg_marquardt(
@@ -439,10 +457,7 @@ def joint_levenberg_marquardt(
         Ji = J[idx]
         A = Ji.mT @ Ji
         g = (Ji.mT @ r[idx][..., None])[..., 0]
-        diag = torch.diagonal(A, dim1=-2, dim2=-1)
-        floor = 1e-9 * diag.amax(-1, keepdim=True) + _TINY
-        A = A + torch.diag_embed(lam[idx, None] * (diag + floor))
-        step = solve_spd(A, g)
+        step = _marquardt_step(A, g, lam[idx])
         x_new = x[idx] + step[:, :P]
         if renormalise is not None:
             x_new = renormalise(x_new)
@@ -450,14 +465,9 @@ def joint_levenberg_marquardt(
         Phi_new = columns(x_new)
         r_new = y[idx] - (Phi_new @ c_new[..., None])[..., 0]
         cost_new = (r_new**2).sum(-1)
-        accept = cost_new < cost[idx]
-        gain = (cost[idx] - cost_new) / cost[idx].clamp_min(_TINY)
+        accept = _judge_steps(idx, cost_new, cost, lam, active, ftol)
         a = idx[accept]
         x[a], Phi[a], c[a] = x_new[accept], Phi_new[accept], c_new[accept]
         r[a], cost[a] = r_new[accept], cost_new[accept]
         stale[a] = True
-        lam[a] = (lam[a] * 0.2).clamp_min(1e-12)
-        lam[idx[~accept]] *= 10.0
-        done = (accept & (gain < ftol)) | (lam[idx] > 1e10)
-        active[idx[done]] = False
     return x, c, cost
