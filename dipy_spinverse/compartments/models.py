@@ -254,19 +254,23 @@ class NoddiModel(CompartmentModel):
     def _with_fibres(self, n_fibres):
         cache = self.__dict__.setdefault("_submodels", {})
         if n_fibres not in cache:
-            cache[n_fibres] = NoddiModel(
-                self.gtab,
-                n_fibres=n_fibres,
-                d_par=self.d_par,
-                d_iso=self.d_iso,
-                extra_average=self.extra_average,
-                kernels=self.kernels,
-                n_starts=self._n_starts_given,
-                max_iter=self.max_iter,
-                n_grid_directions=self.n_grid_directions,
-                chunk_size=self.chunk_size,
-            )
+            cache[n_fibres] = self._sibling(n_fibres)
         return cache[n_fibres]
+
+    def _sibling(self, n_fibres):
+        """The same fitted NODDI model with ``n_fibres`` fibres."""
+        return NoddiModel(
+            self.gtab,
+            n_fibres=n_fibres,
+            d_par=self.d_par,
+            d_iso=self.d_iso,
+            extra_average=self.extra_average,
+            kernels=self.kernels,
+            n_starts=self._n_starts_given,
+            max_iter=self.max_iter,
+            n_grid_directions=self.n_grid_directions,
+            chunk_size=self.chunk_size,
+        )
 
     def _n_free(self, n_fibres):
         # fiso, then per fibre: weight, ndi, odi and two direction angles
@@ -359,18 +363,7 @@ class NoddiModel(CompartmentModel):
         # and the model's own compartments.
         cache = self.__dict__.setdefault("_counting_models", {})
         if n_fibres not in cache:
-            counting = NoddiModel(
-                self.gtab,
-                n_fibres=n_fibres,
-                d_par=self.d_par,
-                d_iso=self.d_iso,
-                extra_average=self.extra_average,
-                kernels=self.kernels,
-                n_starts=self._n_starts_given,
-                max_iter=self.max_iter,
-                n_grid_directions=self.n_grid_directions,
-                chunk_size=self.chunk_size,
-            )
+            counting = self._sibling(n_fibres)
             counting._floor_column = True
             cache[n_fibres] = counting
         return cache[n_fibres]
