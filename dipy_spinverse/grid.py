@@ -19,7 +19,7 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["TetGrid", "BOUNDARIES", "LATTICE_STEPS", "signed_volumes"]
+__all__ = ["TetGrid", "BOUNDARIES", "signed_volumes"]
 
 BOUNDARIES = ("reflecting", "periodic", "absorbing")
 
@@ -29,17 +29,6 @@ BOUNDARIES = ("reflecting", "periodic", "absorbing")
 # periodic wraps, without relying on vertex-index triples.
 _FACE_KEY_SCALE = 6
 _EDGE_KEY_SCALE = 4
-# Cell centroids (two cube centres and two corners) sit on multiples of a/8.
-_CELL_KEY_SCALE = 8
-# The BCC lattice's 14 shortest translations, in cube sides: the six cube
-# edges and the eight half diagonals. Each maps the tetrahedra onto
-# tetrahedra (the Sommerville tiling has the lattice's symmetry).
-LATTICE_STEPS = np.concatenate(
-    [
-        np.concatenate([np.eye(3), -np.eye(3)]),
-        0.5 * np.array(np.meshgrid(*[[-1, 1]] * 3, indexing="ij")).reshape(3, -1).T,
-    ]
-)
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -237,41 +226,6 @@ class TetGrid:
                 pairs.append(self.edge_faces[both][:, [i, j]])
         pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=int)
         return np.unique(np.sort(pairs, axis=1), axis=0)
-
-    @cached_property
-    def lattice_shifts(self):
-        """Cells moved by each of the lattice's shortest translations.
-
-        Row ``i`` gives, for every cell, the cell that covers it after a
-        translation by ``LATTICE_STEPS[i] * spacing``, or -1 where the
-        translated cell leaves the grid (through the wall; periodic grids
-        wrap). Shape ``(14, n_cells)``. Used to move a whole compartment
-        without changing its shape.
-        """
-        shifts = np.stack(
-            [
-                self.cells_at(self.cell_centroids + step * self.spacing)
-                for step in LATTICE_STEPS
-            ]
-        )
-        shifts.setflags(write=False)
-        return shifts
-
-    def cells_at(self, centroids):
-        """The cells whose centroids are ``centroids`` (to a/8), -1 for none.
-
-        Exact on the lattice: a rigid motion of the lattice (a translation,
-        a quarter turn about a lattice point) maps every cell's centroid onto
-        another cell's centroid or off the grid.
-        """
-        keys = self._keys(self.wrap(np.asarray(centroids, float)), _CELL_KEY_SCALE)
-        index = self._centroid_index
-        return np.array([index.get(key, -1) for key in map(tuple, keys.tolist())])
-
-    @cached_property
-    def _centroid_index(self):
-        keys = self._keys(self.cell_centroids, _CELL_KEY_SCALE)
-        return {key: i for i, key in enumerate(map(tuple, keys.tolist()))}
 
     def interface_faces(self, labels):
         """Interior faces whose two cells carry different labels.

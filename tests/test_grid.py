@@ -5,7 +5,6 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import TetGrid
-from dipy_spinverse.grid import LATTICE_STEPS
 
 
 def test_published_grid_counts():
@@ -73,47 +72,6 @@ def test_incidence_arrays():
     for cell in (0, 17, grid.n_cells - 1):
         faces = grid.cell_faces[cell][grid.cell_faces[cell] >= 0]
         assert np.all(np.any(grid.face_cells[faces] == cell, axis=1))
-
-
-@pytest.mark.parametrize("boundary", ["reflecting", "periodic"])
-def test_lattice_shifts_move_cells_onto_cells(boundary):
-    """Each translation maps a cell onto a congruent cell at centroid + step,
-    one to one; on a walled grid exactly the cells whose image stays inside
-    the kept octahedra map (the rest are -1), on a periodic grid all do."""
-    grid = TetGrid.bcc(80 / 3, 4, boundary=boundary)
-    shifts = grid.lattice_shifts
-    assert shifts.shape == (14, grid.n_cells)
-    for step, shift in zip(LATTICE_STEPS, shifts, strict=True):
-        kept = shift >= 0
-        moved = grid.displacement(grid.cell_centroids[shift[kept]], 0.0)
-        offset = grid.displacement(moved, grid.cell_centroids[kept])
-        assert_allclose(offset, np.broadcast_to(step * grid.spacing, offset.shape))
-        assert_allclose(grid.cell_volumes[shift[kept]], grid.cell_volumes[kept])
-        assert len(np.unique(shift[kept])) == kept.sum()
-        if boundary == "periodic":
-            assert kept.all()
-        else:
-            # A cube side: of each axis' 48 octahedra (4 cells each), 2/3 of
-            # those along the step and 3/4 of those across it stay inside,
-            # 4 (32 + 36 + 36) = 416 cells. A half diagonal keeps fewer
-            # (378, counted once; a change here means the lattice changed).
-            assert kept.sum() == (416 if np.abs(step).max() == 1 else 378)
-
-
-def test_quarter_turns_map_the_periodic_tiling_onto_itself():
-    """About a cube corner and a cube centre, a quarter turn about each axis
-    maps every cell onto a cell (cells_at finds all, one to one)."""
-    grid = TetGrid.bcc(80 / 3, 4, boundary="periodic")
-    quarter = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    for pivot in (np.full(3, 2.0), np.full(3, 1.5)):
-        for axis in range(3):
-            turn = np.roll(quarter, axis, axis=(0, 1))
-            image = grid.cells_at(
-                pivot * grid.spacing
-                + (grid.cell_centroids - pivot * grid.spacing) @ turn.T
-            )
-            assert_array_equal(np.sort(image), np.arange(grid.n_cells))
-    assert grid.cells_at([[0.1, 0.2, 0.3]])[0] == -1  # not a centroid
 
 
 def test_interface_faces():

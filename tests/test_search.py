@@ -14,7 +14,6 @@ from dipy_spinverse.inverse.search import (
     SignalCache,
     direction_subset,
     greedy_labels,
-    label_field,
     search_labels,
 )
 from dipy_spinverse.inverse.shapes import shape_search
@@ -155,7 +154,7 @@ def test_label_search_finds_the_truth_from_a_nearby_start(
     5e-5 m/s is on the search grid (start one cell off); 3e-5 lies between
     grid values (start at the true labels, no label moves: at a grid value
     the true labels are not a minimum, a known weakness): the final 1-D
-    search (tolerance 0.001 decades, ~0.2 %) must find both within 2 %.
+    search (tolerance 0.005 decades, ~1 %) must find both within 2 %.
     """
     grid, prot, _ = problem
     inside = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
@@ -395,7 +394,7 @@ def test_kicked_descents_never_worsen_and_repeat():
     """
     import zlib
 
-    from dipy_spinverse.inverse.search import _kicked_descents, kappa_rows
+    from dipy_spinverse.inverse.search import _kicked_descents
     from dipy_spinverse.inverse.shapes import run_steps
 
     grid = TetGrid.bcc(8.0, 2)
@@ -409,11 +408,9 @@ def test_kicked_descents_never_worsen_and_repeat():
         search_steps=20, search_batch=4, search_kicks=5, search_ranking="lazy"
     )
 
-    membrane = kappa_rows(1e-5, 1)[0]
-
     def kicked():
-        steps = _kicked_descents(grid, start, config, None, 0.0, membrane)
-        return run_steps(steps, lambda request: rugged(request[1]))[0]
+        steps = _kicked_descents(grid, start, config, None, 0.0, 1e-5)
+        return run_steps(steps, lambda request: rugged(request[1]))
 
     found = kicked()
     assert rugged(found[None])[0] <= rugged(start[None])[0]
@@ -421,86 +418,8 @@ def test_kicked_descents_never_worsen_and_repeat():
     off = dataclasses.replace(config, search_kicks=0)
     assert_array_equal(
         run_steps(
-            _kicked_descents(grid, start, off, None, 0.0, membrane),
+            _kicked_descents(grid, start, off, None, 0.0, 1e-5),
             lambda request: rugged(request[1]),
-        )[0],
+        ),
         start,
     )
-
-
-@pytest.mark.parametrize("motion", ["shifted", "turned"])
-def test_label_search_moves_a_misplaced_cell_whole(motion):
-    """Real physics: a rod one lattice step (half a cube diagonal) from its
-    true place, or turned by a quarter turn about z, is moved back whole.
-
-    Every single-cell or rim move of the misplaced rod first spoils its
-    shape, so without the rigid moves the descent stops far from the truth
-    (checked: it does on both cases); with them one step reaches it.
-    """
-    grid = TetGrid.bcc(16.0, 4, boundary="absorbing", wall_permeability=0.1)
-    centre = np.array([8.0, 8.0, 8.0])  # a lattice point (cube corner)
-
-    def rod(at, axis):
-        d = grid.cell_centroids - at
-        across = np.linalg.norm(np.delete(d, axis, axis=1), axis=1)
-        return ((across < 3.0) & (np.abs(d[:, axis]) < 5.5)).astype(int)
-
-    inside = rod(centre, 0)
-    if motion == "shifted":
-        start = rod(centre + 0.5 * grid.spacing * np.array([1.0, -1.0, 1.0]), 0)
-    else:  # the rod's image under a quarter turn about z through its centre
-        turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-        image = grid.cells_at(centre + (grid.cell_centroids - centre) @ turn.T)
-        start = np.zeros_like(inside)
-        start[image[inside > 0]] = 1
-        assert np.all(image[inside > 0] >= 0)
-    assert (start != inside).sum() > 20  # far from the truth cell by cell
-    bvals = np.array([0, 1000, 3000] * 3, float)
-    dirs = np.repeat(np.eye(3), 3, axis=0)
-    prot = Protocol.pgse(bvals, dirs, small_delta=0.005, big_delta=0.03)
-    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
-    truth = np.where(grid.interface_faces(inside), 1e-5, 0.1)
-    data = normalise_b0(simulate(grid, truth, prot)[None], prot)
-    config = resolve_config("default", search_directions=None)
-    config = dataclasses.replace(config, search_kappas=(1e-5,), search_restarts=1)
-    labels, *_ = search_labels(
-        grid, data, prot, config, sim=sim, face_kappa=None, labels=start[None]
-    )
-    assert_array_equal(labels[0], inside)
-
-
-def test_label_search_gives_each_cell_its_own_permeability():
-    """Real physics: two cells a decade apart in permeability (one below the
-    search's grid of permeabilities), started at their true labels.
-
-    With one membrane for both, the truth is not a minimum of the labels'
-    loss and the descent leaves it (checked: it does without per-cell
-    permeabilities); with them the labels stay and each permeability is
-    found to 2 % (joint L-BFGS refinement between and after descents).
-    A reflecting box: with the published absorbing wall the two
-    permeabilities have a second, wide minimum here (a weakness the
-    closing note reports), which the search's starts all fall into.
-    """
-    grid = TetGrid.bcc(16.0, 4)
-    centroids = grid.cell_centroids
-    labels = np.zeros(grid.n_cells, int)
-    labels[np.linalg.norm(centroids - [5.0, 8.0, 8.0], axis=1) < 3.0] = 1
-    # Sizes differ: two equal balls at mirror places would be their own
-    # point inversion with the permeabilities swapped (same magnitude).
-    labels[np.linalg.norm(centroids - [11.0, 8.0, 8.0], axis=1) < 4.0] = 2
-    kappas = np.array([3e-6, 3e-5])
-    bvals = np.array([0, 1000, 3000] * 3, float)
-    dirs = np.repeat(np.eye(3), 3, axis=0)
-    prot = Protocol.pgse(bvals, dirs, small_delta=0.005, big_delta=0.03)
-    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
-    truth = label_field(grid, labels, kappas, 0.1)
-    data = normalise_b0(simulate(grid, truth, prot)[None], prot)
-    config = resolve_config("default", search_directions=None)
-    config = dataclasses.replace(config, search_restarts=1)
-    found, field, *_ = search_labels(
-        grid, data, prot, config, sim=sim, face_kappa=None, labels=labels[None]
-    )
-    # The same two cells, numbered by volume (equal here: either order).
-    pairs = {(int(t), int(f)) for t, f in zip(labels, found[0], strict=True)}
-    assert len(pairs) == 3 and len({f for _, f in pairs}) == 3
-    assert_allclose(field[0], truth, rtol=0.02)

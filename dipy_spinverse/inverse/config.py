@@ -107,10 +107,9 @@ class InversionConfig:
         per sequence (None: all), in the order of their last known loss
         (``search_ranking="lazy"``) or half of each batch by their
         first-order gain from one gradient of the loss per step
-        (``"gradient"``); starts scored at one membrane permeability per
-        voxel from ``search_kappas`` (m/s), then each cell's own
-        permeability refined between descents; ``search_starts`` generic
-        shapes kept after
+        (``"gradient"``); one membrane
+        permeability per voxel from ``search_kappas`` (m/s), refined
+        between them; ``search_starts`` generic shapes kept after
         screening, ``search_restarts`` descents, each kicked out of its
         local minimum ``search_kicks`` times (iterated local search);
         a move must lower chi-square by ``search_min_gain`` (needs
@@ -431,7 +430,7 @@ def _ignored_options(config):
 #: the ablation's "both" arm. ``"default"``: realistic voxels (reflecting or
 #: periodic boxes, extracellular water, noise): the face fit with a
 #: Rician-aware loss proposes starts for the label search, which gives closed
-#: surfaces and one membrane permeability per cell.
+#: surfaces and one membrane permeability per voxel.
 PRESETS = {"paper": InversionConfig()}
 PRESETS["default"] = dataclasses.replace(
     PRESETS["paper"],
@@ -449,13 +448,6 @@ PRESETS["default"] = dataclasses.replace(
     # strict because each step takes the best of many moves. Needs sigma;
     # noise-free data (sigma 0) accept every decrease.
     search_min_gain=8.0,
-    # Membranes of real cells span 1e-6 to 1e-4 m/s (the random substrates'
-    # range); the published lower bound (1e-5) would pin the least permeable
-    # half a decade or more off. The grid the starts are scored on is the
-    # published one (1e-5 to 2e-4) extended down to it at the same steps;
-    # each cell's value is refined between grid values.
-    log_kappa_bounds=(-6.5, -1.0),
-    search_kappas=(2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4),
 )
 
 

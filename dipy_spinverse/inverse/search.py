@@ -1,22 +1,19 @@
-"""The label search: closed cell labellings and their membrane permeabilities.
+"""The label search: closed cell labellings and one membrane permeability.
 
 The face fit's permeabilities are thresholded into a barrier that need not
 be closed. The label search instead looks for a labelling of the cells
-(0 outside, k in cell k) whose interfaces -- closed by construction -- carry
-one membrane permeability per cell, and which fits the data best:
+(0 outside, 1 inside) whose interface -- closed by construction -- carries
+one membrane permeability, and which fits the data best:
 
 1. **Starts**: the regions the thresholded face field suggests, and the
    generic shapes of :func:`~dipy_spinverse.inverse.shapes.shape_search`
    screened on a few directions (ranked again on the search directions when
    noise makes the screen unable to tell them apart).
-2. **Descent**: a lazy greedy descent over label moves (:func:`label_moves`:
-   single cells, rim and group moves, whole-cell translations and turns)
+2. **Descent**: a lazy greedy descent over label moves (:func:`greedy_labels`)
    from the best starts, while a move lowers the data loss by more than the
    noise explains (``search_min_gain`` chi-square units).
-3. **Permeability**: the starts are scored at each of ``search_kappas``;
-   between descents each cell's own permeability is refined at fixed labels
-   (a coordinate search, then joint L-BFGS), and once more at the end
-   (:func:`refine_kappa` for a single cell).
+3. **Permeability**: chosen from ``search_kappas`` with the labels, then
+   refined between those values by a 1-D search (:func:`refine_kappa`).
 
 Every candidate is scored by the simulator through the one data loss of the
 package (:func:`dipy_spinverse.signals.data_loss`). Each voxel's search is a
@@ -83,10 +80,9 @@ SCORE_BATCH = 64
 # large region is also tried alone).
 FACE_FIELD_REGIONS = 8
 # The 1-D permeability refinement searches this many decades either side of
-# the coordinate search's pick, to 0.001 decades (about 0.2 %): a single
-# cell's signal moves by about 1e-4 per 0.1 % of permeability.
+# the grid pick, to 0.005 decades (about 1 %).
 REFINE_SPAN = 0.5
-REFINE_TOLERANCE = 0.001
+REFINE_TOLERANCE = 0.005
 # L-BFGS iterations of the joint per-cell refinement (each one simulation
 # with its gradient, plus line-search steps).
 REFINE_ITERATIONS = 60
@@ -101,37 +97,10 @@ SIGNAL_CACHE_BYTES = 256 * 2**20
 # (_kicked_descents): enough to leave a local minimum's basin, few enough
 # that the descent from there still starts near it.
 KICK_MOVES = 3
-# Cell labels a voxel's search tracks (each with its own permeability):
-# per-label permeabilities travel as rows of MAX_LABELS + 1 values (entry 0,
-# the outside, unused). Splits stop creating labels beyond it.
-MAX_LABELS = 32
-# At most this many rounds of per-cell permeability refinement and label
-# descent (_descend); they stop earlier once the labels stop changing.
-ALTERNATIONS = 4
-# The per-cell permeability search (_refine_kappas): coordinate steps in
-# log10 kappa from KAPPA_STEP decades halved down to KAPPA_TOLERANCE; the
-# joint gradient refinement then goes below it.
-KAPPA_STEP = 0.2
-KAPPA_TOLERANCE = 0.02
 # Labellings scored within this chi-square of a voxel's best are kept for
 # its uncertainty: their likelihood weight exp(-chi2 / 2) is then above
 # 3e-4, so dropping the rest changes no probability by more than that.
 KEEP_CHI2 = 16.0
-
-
-def _axis_turns():
-    """Quarter, half and three-quarter turns about x, y and z (9 matrices)."""
-    turns = []
-    for axis in range(3):
-        i, j = [a for a in range(3) if a != axis]
-        quarter = np.eye(3)
-        quarter[[i, i, j, j], [i, j, i, j]] = 0, -1, 1, 0
-        turns += [np.linalg.matrix_power(quarter, n) for n in (1, 2, 3)]
-    return np.array(turns)
-
-
-# Rotations that map the BCC tiling onto itself about any lattice point.
-TURNS = _axis_turns()
 
 
 class LabelSearch(NamedTuple):
@@ -206,7 +175,7 @@ def search_labels(
     -------
     LabelSearch
     """
-    hi = config.log_kappa_bounds[1]
+    lo, hi = config.log_kappa_bounds
     search = direction_subset(protocol, config.search_directions)
     screen = direction_subset(protocol, SCREEN_DIRECTIONS)
     # The data term of the truth under noise: loss_scale * sigma^2 (mean
@@ -224,7 +193,6 @@ def search_labels(
     scorers = {
         "search": recorder,
         "gradient": recorder.scorer.opening_gains,
-        "kappas": recorder.scorer.refined_kappas,
         "screen": BatchScorer(grid, data, protocol, screen, config, sim, precision),
     }
     occupancy = None
@@ -263,20 +231,12 @@ def search_labels(
     found = drive([voxel(v) for v in range(len(data))], scorers)
     out_labels = np.array([cell_labels(grid, labels) for labels, _ in found])
     out_labels = out_labels.reshape(len(data), grid.n_cells)
+    # Stay below the barrier threshold so the membranes remain barriers.
+    bounds = (lo, math.log10(config.threshold) - 1e-3)
     fields = []
-    for v, (labels_v, membrane) in enumerate(found):
-        # Each output cell starts from the permeability of the label it
-        # came from (cell_labels renumbers, and splits a label's pieces).
-        first = [
-            np.argmax(out_labels[v] == k) for k in range(1, out_labels[v].max() + 1)
-        ]
-        kappas, _ = _refine_cells(
-            grid,
-            recorder.scorer,
-            v,
-            out_labels[v],
-            membrane[labels_v[first]],
-            _membrane_bounds(config),
+    for v, (_, membrane) in enumerate(found):
+        kappas = _refine_cells(
+            grid, recorder.scorer, v, out_labels[v], membrane, bounds
         )
         fields.append(label_field(grid, out_labels[v], kappas, 10.0**hi))
     field = np.array(fields).reshape(len(data), grid.n_faces)
@@ -325,35 +285,10 @@ def label_field(grid, labels, kappas, open_kappa):
         elsewhere.
     """
     kappa = np.concatenate([[np.inf], np.asarray(kappas, float)])
-    return label_fields(grid, np.asarray(labels)[None], kappa[None], open_kappa)[0]
-
-
-def label_fields(grid, labels, kappas, open_kappa):
-    """Permeability fields of many labellings, (n, n_faces).
-
-    ``labels`` (n, n_cells) and per-label permeabilities ``kappas``
-    (n, n_labels + 1), entry ``k`` for label ``k`` (entry 0, the outside,
-    unused); the rule of :func:`label_field`.
-    """
-    kappas = np.asarray(kappas, float).copy()
-    kappas[:, 0] = np.inf  # the outside adds no membrane
-    rows = np.arange(len(labels))[:, None]
-    a, b = labels[:, grid.face_cells[:, 0]], labels[:, grid.face_cells[:, 1]]
+    a, b = labels[grid.face_cells[:, 0]], labels[grid.face_cells[:, 1]]
     with np.errstate(divide="ignore"):  # outside-outside faces: masked below
-        series = 1 / (1 / kappas[rows, a] + 1 / kappas[rows, b])
+        series = 1 / (1 / kappa[a] + 1 / kappa[b])
     return np.where(a != b, series, open_kappa)
-
-
-def kappa_rows(membranes, n):
-    """Per-label permeability rows (n, MAX_LABELS + 1) of ``membranes``.
-
-    A scalar or a 1-D array of n values gives every label that value (one
-    membrane per voxel); 2-D rows are returned as they are.
-    """
-    membranes = np.asarray(membranes, float)
-    if membranes.ndim == 2:
-        return membranes
-    return np.repeat(np.broadcast_to(membranes, (n,))[:, None], MAX_LABELS + 1, 1)
 
 
 def cell_labels(grid, labels):
@@ -374,31 +309,29 @@ def cell_labels(grid, labels):
     return out
 
 
-def _refine_cells(grid, scorer, v, labels, start, bounds):
-    """Each cell's permeability, refined from ``start`` (one per cell).
+def _refine_cells(grid, scorer, v, labels, membrane, bounds):
+    """One permeability per cell: the shared one refined, then all jointly.
 
-    Returns the permeabilities (one per label 1..n) and their loss. One cell
-    is refined by :func:`refine_kappa`; several cells all together by
-    L-BFGS through the simulator's gradients (log10 kappa mapped into
-    ``bounds`` by a sigmoid): the cells' permeabilities trade along curved
-    valleys of the loss (touching cells, or cells of similar size), which
-    one cell at a time crosses slowly. The joint result is kept only if it
-    lowers the loss.
+    The descent shares one permeability among a voxel's cells; it is refined
+    by :func:`refine_kappa`, then, with several cells, all cells' together
+    by L-BFGS through the simulator's gradients (log10 kappa mapped into
+    ``bounds`` by a sigmoid): touching cells trade permeability along a
+    curved valley of the loss, which one cell at a time crosses slowly.
+    The joint result is kept only if it lowers the loss.
     """
     n = int(labels.max())
-    start = np.asarray(start, float)[:n]
-
-    def loss_at(kappas):
-        return scorer(np.array([v]), labels[None], kappa_rows(kappas, 1))[0]
-
+    shared = refine_kappa(
+        lambda k: scorer(np.array([v]), labels[None], np.array([k]))[0],
+        membrane,
+        bounds,
+    )
     if n < 2:
-        kappas = np.array([refine_kappa(loss_at, start[0], bounds)][:n])
-        return kappas, loss_at(kappas[0] if n else np.nan)
+        return np.full(n, shared)
     low, high = bounds
     dtype, device = scorer.sim["dtype"], scorer.sim["device"]
-    # A value may sit on a bound, where the sigmoid has no preimage.
-    unit = np.clip((np.log10(start) - low) / (high - low), 1e-6, 1 - 1e-6)
-    z = torch.as_tensor(np.log(unit / (1 - unit)), dtype=dtype, device=device)
+    # The shared value may sit on a bound, where the sigmoid has no preimage.
+    start = min(max((math.log10(shared) - low) / (high - low), 1e-6), 1 - 1e-6)
+    z = torch.full((n,), math.log(start / (1 - start)), dtype=dtype, device=device)
     z.requires_grad_(True)
     a, b = (torch.as_tensor(c, device=device) for c in labels[grid.face_cells].T)
     optimiser = torch.optim.LBFGS(
@@ -423,14 +356,14 @@ def _refine_cells(grid, scorer, v, labels, start, bounds):
         loss.backward()
         return loss
 
-    before = scorer.score_field(v, label_field(grid, labels, start, np.nan))
+    before = scorer.score_field(
+        v, label_field(grid, labels, np.full(n, shared), np.nan)
+    )
     optimiser.step(closure)
     with torch.no_grad():
         refined, log_kappa = field()
         after = float(scorer.field_loss(v, refined))
-    if after < before:
-        return 10.0 ** log_kappa.cpu().numpy(), after
-    return start, before
+    return 10.0 ** log_kappa.cpu().numpy() if after < before else np.full(n, shared)
 
 
 def drive(searches, scorers):
@@ -460,9 +393,7 @@ def drive(searches, scorers):
         sizes = [len(pending[i][1]) for i in group]
         owners = np.repeat(group, sizes)
         candidates = np.concatenate([pending[i][1] for i in group])
-        membranes = np.concatenate(
-            [kappa_rows(pending[i][2], len(pending[i][1])) for i in group]
-        )
+        membranes = np.concatenate([pending[i][2] for i in group])
         losses = np.split(
             scorers[kind](owners, candidates, membranes), np.cumsum(sizes)[:-1]
         )
@@ -475,11 +406,10 @@ class BatchScorer:
     """Data loss of labellings of many voxels, ``SCORE_BATCH`` per simulation.
 
     ``scorer(owners, candidates, membranes) -> losses``: row ``r`` is the
-    field of ``candidates[r]`` (:func:`label_fields`, with the per-label
-    permeabilities ``membranes[r]``, or one value for every label; the
-    upper bound where labels agree) scored against voxel ``owners[r]`` on
-    the acquisitions ``subset`` (with each acquisition's noise
-    ``precision``, default 1).
+    field of ``candidates[r]`` (``membranes[r]`` on the faces between
+    different labels, the upper bound elsewhere) scored against voxel
+    ``owners[r]`` on the acquisitions ``subset`` (with each acquisition's
+    noise ``precision``, default 1).
     """
 
     def __init__(
@@ -510,7 +440,8 @@ class BatchScorer:
     def signals(self, candidates, membranes):
         """b0-normalised signals (n, n_acquisitions) of labellings.
 
-        The field is the cache key: identical fields requested by
+        The field of a labelling depends only on where labels differ and on
+        the membrane, so that is the cache key: identical fields requested by
         different voxels (every voxel screens the same generic shapes), or
         again later, are simulated once.
         """
@@ -518,10 +449,11 @@ class BatchScorer:
             sim = self.sim
             shape = (0, len(self.protocol))
             return torch.zeros(shape, dtype=sim["dtype"], device=sim["device"])
-        fields = self.fields(candidates, membranes)
+        barrier = _barriers(self.grid, candidates)
+        membranes = np.broadcast_to(np.asarray(membranes, float), len(candidates))
         keys = [
-            self.context + hashlib.blake2b(row.tobytes(), digest_size=16).digest()
-            for row in fields
+            self.context + np.packbits(row).tobytes() + np.float64(m).tobytes()
+            for row, m in zip(barrier, membranes, strict=True)
         ]
         found = self.cache.get_many(keys)
         first = {}
@@ -532,33 +464,13 @@ class BatchScorer:
         for i in range(0, len(missing), SCORE_BATCH):
             batch = missing[i : i + SCORE_BATCH]
             rows = [first[k] for k in batch]
+            field = np.where(barrier[rows], membranes[rows][:, None], self.open_kappa)
             with torch.no_grad():
-                pred = simulate(self.grid, fields[rows], self.protocol, **self.sim)
+                pred = simulate(self.grid, field, self.protocol, **self.sim)
                 pred = normalise_b0(pred, self.protocol)
             found.update(zip(batch, pred, strict=True))
             self.cache.put_many(zip(batch, pred, strict=True))
         return torch.stack([found[k] for k in keys])
-
-    def refined_kappas(self, owners, candidates, membranes):
-        """Each row's per-label permeabilities refined at fixed labels.
-
-        Returns rows of ``[loss, permeability row]`` (n, MAX_LABELS + 2):
-        :func:`_refine_cells` from ``membranes``, labels 1..n contiguous.
-        """
-        rows = kappa_rows(membranes, len(candidates)).copy()
-        losses = np.empty(len(candidates))
-        bounds = _membrane_bounds(self.config)
-        for r, (v, labels) in enumerate(zip(owners, candidates, strict=True)):
-            n = int(labels.max())
-            rows[r, 1 : n + 1], losses[r] = _refine_cells(
-                self.grid, self, int(v), labels, rows[r, 1 : n + 1], bounds
-            )
-        return np.column_stack([losses, rows])
-
-    def fields(self, candidates, membranes):
-        """Permeability fields (n, n_faces) of labellings and their membranes."""
-        rows = kappa_rows(membranes, len(candidates))
-        return label_fields(self.grid, candidates, rows, self.open_kappa)
 
     def opening_gains(self, owners, candidates, membranes):
         """First-order loss change of opening each face, per labelling.
@@ -570,9 +482,7 @@ class BatchScorer:
         a membrane and an open face, where one in log permeability saturates
         at both ends), at the field of each row, times the conductance that
         opening a membrane face adds. Same rows as :meth:`__call__`; returns
-        (n, n_faces); not cached (only the move ranking uses it). A face
-        without a membrane would close with the geometric mean of the
-        row's membranes.
+        (n, n_faces); not cached (only the move ranking uses it).
         """
         out = []
         owner = torch.as_tensor(owners, device=self.target.device)
@@ -581,16 +491,13 @@ class BatchScorer:
         diffusivity = diffusivity.expand(1, self.grid.n_cells).to(device)
         for i in range(0, len(candidates), SCORE_BATCH):
             rows = slice(i, i + SCORE_BATCH)
-            field = self.fields(
-                candidates[rows], kappa_rows(membranes, len(owners))[rows]
-            )
-            barrier = field < self.open_kappa
-            typical = np.exp(
-                np.sum(np.log(field) * barrier, 1) / np.maximum(barrier.sum(1), 1)
-            )
-            closing = np.where(barrier, field, typical[:, None])
-            kappa = torch.as_tensor(field, dtype=dtype, device=device)
-            kappa.requires_grad_(True)
+            barrier = _barriers(self.grid, candidates[rows])
+            membrane = torch.as_tensor(membranes[rows], dtype=dtype, device=device)
+            kappa = torch.where(
+                torch.as_tensor(barrier, device=device),
+                membrane[:, None],
+                torch.tensor(self.open_kappa, dtype=dtype, device=device),
+            ).requires_grad_(True)
             pred = simulate(self.grid, kappa, self.protocol, **self.sim)
             # Each row's loss depends on its own field only: one backward
             # pass of the sum gives every row's gradient.
@@ -601,9 +508,7 @@ class BatchScorer:
                     self.grid, torch.full_like(kappa, self.open_kappa), diffusivity
                 )
                 w_membrane = face_conductance(
-                    self.grid,
-                    torch.as_tensor(closing, dtype=dtype, device=device),
-                    diffusivity,
+                    self.grid, membrane[:, None].expand_as(kappa), diffusivity
                 )
                 # w = A kappa / (kappa R + 1): dw/dkappa = (w / kappa)^2 / A.
                 area = torch.tensor(self.grid.face_areas, dtype=dtype, device=device)
@@ -711,7 +616,6 @@ class Recorder:
         self.best = np.full(n_voxels, np.inf)
 
     def __call__(self, owners, candidates, membranes):
-        membranes = kappa_rows(membranes, len(candidates))
         losses = self.scorer(owners, candidates, membranes)
         for v in np.unique(owners):
             rows = np.flatnonzero(owners == v)
@@ -719,7 +623,7 @@ class Recorder:
             margin = KEEP_CHI2 * self._scale(v)
             kept = self.kept[v]
             for r in rows[losses[rows] <= self.best[v] + margin]:
-                key = (candidates[r].astype(np.int8).tobytes(), membranes[r].tobytes())
+                key = (candidates[r].astype(np.int8).tobytes(), float(membranes[r]))
                 kept[key] = float(losses[r])
             for key in [k for k, loss in kept.items() if loss > self.best[v] + margin]:
                 del kept[key]
@@ -803,142 +707,33 @@ def _screened_shapes(grid, config, spread):
 def _descend(grid, starts, config, min_gain, report):
     """Greedy descent from the best ``search_restarts`` starts (generator).
 
-    Every start is scored at each of ``search_kappas`` (one membrane for all
-    its cells); from each of the best ones two alternating descents run
-    (:func:`_alternate`), one moving the labels first at that grid value and
-    one refining each cell's permeability first, and the lower final loss
-    is kept. Neither order is right for every start: permeabilities refined
-    on wrong labels absorb part of their error, so the move that would fix
-    it no longer pays; moves made at a grid value that is not the cells'
-    (off by 0.1 decade, or one value for cells that differ) spoil labels
-    that were right (a cell split to mimic two permeabilities). Returns the
-    labels with the lowest final loss and their per-label permeability row.
+    Every start is scored at each of ``search_kappas``; from the best ones the
+    descent runs at their best permeability, which is chosen again on the
+    final labels (and the descent repeated once if it changed). Each descent
+    is then kicked ``search_kicks`` times (:func:`_kicked_descents`). Returns
+    the labels with the lowest final loss and their permeability.
     """
     kappas = np.asarray(config.search_kappas)
     _, _, losses = yield from _best_kappa("search", starts, kappas)
     found = []
     for i in np.argsort(losses.min(1))[: config.search_restarts]:
-        membrane = kappa_rows(kappas[np.argmin(losses[i])], 1)[0]
-        for refine_first in (False, True):
-            found.append(
-                (
-                    yield from _alternate(
-                        grid,
-                        starts[i],
-                        membrane,
-                        config,
-                        min_gain,
-                        report,
-                        refine_first=refine_first,
-                    )
-                )
+        current, membrane = starts[i], kappas[np.argmin(losses[i])]
+        for _ in range(2):
+            current = yield from _greedy_steps(
+                grid, current, config, report, min_gain, membrane
             )
+            current = yield from _kicked_descents(
+                grid, current, config, report, min_gain, membrane
+            )
+            current, refitted, final = yield from _best_kappa(
+                "search", current[None], kappas
+            )
+            if refitted == membrane:
+                break
+            membrane = refitted
+        found.append((final.min(), current, membrane))
     _, labels, membrane = min(found, key=lambda item: item[0])
     return labels, membrane
-
-
-def _alternate(grid, labels, membrane, config, min_gain, report, *, refine_first):
-    """Labels and per-cell permeabilities by turns, from one start (generator).
-
-    At most ``ALTERNATIONS`` rounds of the labels (greedy moves and
-    ``search_kicks`` kicks, :func:`_kicked_descents`) at fixed per-cell
-    permeabilities, then each cell's permeability at fixed labels
-    (:func:`_refine_kappas`), until the labels stop changing; with
-    ``refine_first`` the permeabilities are refined once before. Cells of
-    one voxel need not share a membrane: with one value for all, the truth
-    is not a minimum of the labels' loss. Returns (loss, labels, row).
-    """
-    kappas = np.asarray(config.search_kappas)
-    bounds = _membrane_bounds(config)
-    if refine_first:
-        labels, membrane = _compact(labels, membrane)
-        membrane, _ = yield from _refine_kappas(labels, membrane, kappas, bounds)
-    for _ in range(ALTERNATIONS):
-        before = labels
-        labels, membrane = yield from _greedy_steps(
-            grid, labels, config, report, min_gain, membrane
-        )
-        labels, membrane = yield from _kicked_descents(
-            grid, labels, config, report, min_gain, membrane
-        )
-        labels, membrane = _compact(labels, membrane)
-        membrane, loss = yield from _refine_kappas(labels, membrane, kappas, bounds)
-        if np.array_equal(labels, before):
-            break
-    return loss, labels, membrane
-
-
-def _membrane_bounds(config):
-    """log10 permeability bounds of a membrane: below the barrier threshold."""
-    return config.log_kappa_bounds[0], math.log10(config.threshold) - 1e-3
-
-
-def _compact(labels, membrane):
-    """Labels renumbered 1, 2, ... in order, with their permeabilities."""
-    present = np.unique(labels[labels > 0])
-    order = np.zeros(max(int(labels.max()), 0) + 1, int)
-    order[present] = np.arange(1, len(present) + 1)
-    compact = membrane.copy()
-    compact[1 : len(present) + 1] = membrane[present]
-    return order[labels], compact
-
-
-def _refine_kappas(labels, membrane, grid_kappas, bounds):
-    """Each cell's permeability at fixed labels (generator).
-
-    Coordinate descent in log10 kappa from several starts together
-    (``membrane``, and each of ``grid_kappas`` for all cells): the cells'
-    permeabilities are coupled and the loss has several minima in them (a
-    large cell of low and a small one of high permeability can nearly
-    mimic the reverse), and it is steep: 0.2 decades on a large cell can
-    cost more than a wrong cell does, so a coarse grid does not see the
-    right basin. Each round tries every cell ``step`` decades up and down
-    in one batch; the cells whose better value improves take it together
-    if that beats the best single change, else only the best single
-    change; ``step`` (per start) halves when nothing improves, from
-    ``KAPPA_STEP`` to ``KAPPA_TOLERANCE``. Then a joint refinement of the
-    best between grid values (a ``"kappas"`` request,
-    :meth:`BatchScorer.refined_kappas`). Returns the permeability row and
-    its loss.
-    """
-    present = np.unique(labels[labels > 0])
-    n = len(present)
-    rows = np.repeat(membrane[None], len(grid_kappas) + 1, axis=0)
-    rows[1:, present[:, None]] = np.asarray(grid_kappas, float)[:, None, None]
-    rows = np.unique(rows, axis=0)
-    best = yield "search", np.repeat(labels[None], len(rows), axis=0), rows
-    step = np.full(len(rows), KAPPA_STEP)
-    while n and np.any(step >= KAPPA_TOLERANCE):
-        active = np.flatnonzero(step >= KAPPA_TOLERANCE)
-        log = np.log10(rows[active][:, present])  # (a, n)
-        moved = np.stack([log - step[active, None], log + step[active, None]], 1)
-        moved = np.clip(moved, *bounds)  # (a, 2, n)
-        trials = np.repeat(rows[active], 2 * n, axis=0)  # start, sign, cell
-        cell = np.tile(present, 2 * len(active))
-        trials[np.arange(len(trials)), cell] = 10.0 ** moved.ravel()
-        losses = yield "search", np.repeat(labels[None], len(trials), 0), trials
-        losses = losses.reshape(len(active), 2, n)
-        better = losses.min(1) < best[active, None] * (1 - 1e-9)
-        sign = losses.argmin(1)  # (a, n): the better direction per cell
-        chosen = np.take_along_axis(moved, sign[:, None], 1)[:, 0]
-        joint = rows[active].copy()
-        for r in range(len(active)):
-            joint[r, present[better[r]]] = 10.0 ** chosen[r, better[r]]
-        joint_loss = yield "search", np.repeat(labels[None], len(active), 0), joint
-        for r, start in enumerate(active):
-            if not better[r].any():
-                step[start] /= 2
-                continue
-            c = int(np.argmin(losses[r].min(0)))
-            single_loss = losses[r, sign[r, c], c]
-            if better[r].sum() > 1 and joint_loss[r] < single_loss:
-                rows[start], best[start] = joint[r], joint_loss[r]
-            else:
-                rows[start] = trials[(r * 2 + sign[r, c]) * n + c]
-                best[start] = single_loss
-    membrane = rows[np.argmin(best)]
-    out = (yield "kappas", labels[None], membrane[None])[0]
-    return out[1:], out[0]
 
 
 def _kicked_descents(grid, labels, config, report, min_gain, membrane):
@@ -949,11 +744,11 @@ def _kicked_descents(grid, labels, config, report, min_gain, membrane):
     descent cannot make), descend again, and keep the result if its loss
     is lower by more than ``min_gain``. The random draws are seeded by the
     labels, so a voxel's result does not depend on the other voxels.
-    Returns the labels and their permeability row.
     """
     if not config.search_kicks:
-        return labels, membrane
-    best = (yield "search", labels[None], membrane[None])[0]
+        return labels
+    membranes = np.array([membrane])
+    best = (yield "search", labels[None], membranes)[0]
     rng = np.random.default_rng(zlib.crc32(labels.astype(np.int8).tobytes()))
     for _ in range(config.search_kicks):
         moves = label_moves(grid, labels)
@@ -961,14 +756,13 @@ def _kicked_descents(grid, labels, config, report, min_gain, membrane):
         for row in rng.choice(len(moves), min(KICK_MOVES, len(moves)), False):
             cells, label = moves[row]
             kicked[list(cells)] = label
-        start = _inherited(labels, kicked[None], membrane)[0]
-        kicked, kicked_membrane = yield from _greedy_steps(
-            grid, kicked, config, report, min_gain, start
+        kicked = yield from _greedy_steps(
+            grid, kicked, config, report, min_gain, membrane
         )
-        loss = (yield "search", kicked[None], kicked_membrane[None])[0]
+        loss = (yield "search", kicked[None], membranes)[0]
         if loss < best * (1 - 1e-9) - min_gain:
-            labels, membrane, best = kicked, kicked_membrane, loss
-    return labels, membrane
+            labels, best = kicked, loss
+    return labels
 
 
 def refine_kappa(loss, start, bounds, *, span=REFINE_SPAN):
@@ -1013,7 +807,7 @@ def greedy_labels(grid, labels, score, config, report=None, *, min_gain=0.0):
     See :func:`_greedy_steps`, which it runs.
     """
     steps = _greedy_steps(grid, labels, config, report, min_gain, membrane=None)
-    return run_steps(steps, lambda request: score(request[1]))[0]
+    return run_steps(steps, lambda request: score(request[1]))
 
 
 def _greedy_steps(grid, labels, config, report, min_gain, membrane):
@@ -1030,15 +824,12 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
     it lowers the loss by more than ``min_gain``; the search stops at a local
     minimum (every current move scored since the last step, none improves)
     or after ``search_steps`` steps. ``report(step, loss)`` is called after
-    every step. ``membrane`` is the per-label permeability row (None for a
-    score that needs none); a cell a split creates inherits its parent's.
-    Returns the labels and their permeability row.
+    every step.
     """
 
     def score(candidates):
-        if membrane is None:
-            return (yield "search", candidates, np.full(len(candidates), np.nan))
-        return (yield "search", candidates, _inherited(labels, candidates, membrane))
+        membranes = np.full(len(candidates), np.nan if membrane is None else membrane)
+        return (yield "search", candidates, membranes)
 
     ranked = membrane is not None and config.search_ranking == "gradient"
     current = (yield from score(labels[None]))[0]
@@ -1067,28 +858,14 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
         best = int(np.argmin(losses))
         # The relative margin keeps rounding noise from counting as progress.
         if losses[best] < current * (1 - 1e-9) - min_gain:
-            if membrane is not None:
-                membrane = _inherited(labels, candidates[best][None], membrane)[0]
             labels, current, fresh, gains = candidates[best], losses[best], set(), None
         if report is not None:
             report(step, current)
-    return labels, membrane
-
-
-def _inherited(labels, candidates, membrane):
-    """Per-candidate permeability rows: ``membrane``, and for the label a
-    split creates (the only new one, ``labels.max() + 1``) its parent's."""
-    rows = np.repeat(membrane[None], len(candidates), axis=0)
-    new = int(labels.max()) + 1
-    if new <= MAX_LABELS:
-        split = candidates == new
-        for r in np.flatnonzero(split.any(1)):
-            rows[r, new] = membrane[labels[np.argmax(split[r])]]
-    return rows
+    return labels
 
 
 def _apply_moves(labels, moves):
-    """One copy of ``labels`` per ``(cells, new label(s))`` move, (n, n_cells)."""
+    """One copy of ``labels`` per ``(cells, new label)`` move, (n, n_cells)."""
     candidates = np.repeat(labels[None], len(moves), axis=0)
     for row, (cells, label) in enumerate(moves):
         candidates[row, list(cells)] = label
@@ -1104,7 +881,7 @@ def _first_order_gains(grid, labels, moves, membrane):
     search uses it only to order moves; each is scored exactly before it is
     taken.
     """
-    opening = (yield "gradient", labels[None], membrane[None])[0]
+    opening = (yield "gradient", labels[None], np.array([membrane]))[0]
     before = _barriers(grid, labels[None])[0]
     after = _barriers(grid, _apply_moves(labels, moves))
     opened = before.astype(float) - after  # +1 opened, -1 closed
@@ -1112,17 +889,14 @@ def _first_order_gains(grid, labels, moves, membrane):
 
 
 def label_moves(grid, labels):
-    """((cells...), new label(s)) moves: single cells next to a barrier, groups.
+    """((cells...), new label) moves: single cells next to a barrier, groups.
 
     Single moves give a cell on a barrier the label across it. Group moves,
     per cell label ``k``: erode or dilate cell ``k`` by one layer (its rim
     cells go outside; the outside cells along its rim join it), delete one
     of its pieces when it has several; and with several cells, delete cell
     ``k`` or merge it into a cell it touches; and split cell ``k`` in two
-    across each of its principal axes (:func:`_split_moves`). These give all
-    their cells one new label; the rigid moves of each cell
-    (:func:`_rigid_moves`), which come first, give a tuple of per-cell
-    labels.
+    across each of its principal axes (:func:`_split_moves`).
     """
     a, b = grid.face_cells.T
     cut = labels[a] != labels[b]
@@ -1150,52 +924,7 @@ def label_moves(grid, labels):
             neighbours = np.unique(labels[touching])
             moves.update((cell, int(j)) for j in neighbours if j > 0)  # merge
         moves.update(_split_moves(grid, labels, k))
-    rigid = [m for k in present.tolist() for m in _rigid_moves(grid, labels, k)]
-    # Rigid moves first: the lazy search scores never-scored moves in this
-    # order and takes the best of each batch, and a small move taken first
-    # can lead away from the one step that puts a whole cell right.
-    return sorted(set(rigid)) + sorted(m for m in moves if m[0])
-
-
-def _rigid_moves(grid, labels, k):
-    """Cell ``k`` moved whole: translated, or turned about its centre.
-
-    A cell of the right shape in the wrong place or orientation is a deep
-    local minimum of the other moves: each single-cell or rim move first
-    makes its shape worse. The lattice's rigid motions keep the shape: its
-    14 shortest translations (one cube side or half a cube diagonal,
-    :attr:`TetGrid.lattice_shifts`) and the quarter, half and three-quarter
-    turns about each axis through the lattice point nearest the cell's
-    centroid. A motion is skipped where the cell would leave the grid or
-    overlap another cell. Each move lists the vacated cells (label 0) and
-    the filled ones (``k``).
-    """
-    cells = np.flatnonzero(labels == k)
-    images = [shift[cells] for shift in grid.lattice_shifts]
-    anchor = grid.cell_centroids[cells[0]]
-    points = anchor + grid.displacement(grid.cell_centroids[cells], anchor)
-    pivot = _nearest_lattice_point(points.mean(0), grid.spacing)
-    images += [grid.cells_at(pivot + (points - pivot) @ turn.T) for turn in TURNS]
-    moves = []
-    for target in images:
-        if np.any(target < 0) or np.any((labels[target] != 0) & (labels[target] != k)):
-            continue
-        vacated = np.setdiff1d(cells, target)
-        filled = np.setdiff1d(target, cells)
-        changed = np.concatenate([vacated, filled])
-        if not len(changed):
-            continue  # a turn that maps the cell onto itself
-        new = np.repeat([0, k], [len(vacated), len(filled)])
-        order = np.argsort(changed)
-        moves.append((tuple(changed[order].tolist()), tuple(new[order].tolist())))
-    return moves
-
-
-def _nearest_lattice_point(point, spacing):
-    """The BCC lattice point (cube corner or cube centre) nearest ``point``."""
-    corner = np.round(point / spacing) * spacing
-    centre = (np.floor(point / spacing) + 0.5) * spacing
-    return min((corner, centre), key=lambda p: np.linalg.norm(p - point))
+    return sorted(m for m in moves if m[0])
 
 
 def _split_moves(grid, labels, k):
@@ -1213,8 +942,6 @@ def _split_moves(grid, labels, k):
     offsets -= offsets.mean(0)
     _, _, axes = np.linalg.svd(offsets, full_matrices=False)
     new = int(labels.max()) + 1
-    if new > MAX_LABELS:
-        return []
     moves = []
     for axis in axes:
         # Cells on the plane stay (rounding must not decide their side).
