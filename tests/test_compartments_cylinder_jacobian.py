@@ -55,6 +55,16 @@ def _central(f, x, step):
     return (f(x + step) - f(x - step)) / (2 * step)
 
 
+def _assert_axis_derivative(signal, mu, d_mu):
+    """``d_mu`` against central differences in each unnormalised component
+    of the axis, at the unit axis ``mu``."""
+    for k in range(3):
+        e = torch.zeros(3, dtype=mu.dtype)
+        e[k] = 1.0
+        numeric = _central(lambda s, e=e: signal(mu + s * e), 0.0, STEP)
+        assert_allclose(d_mu[..., k], numeric, atol=TOL)
+
+
 def _axes(n, seed):
     v = np.random.default_rng(seed).standard_normal((n, 3))
     return torch.tensor(v / np.linalg.norm(v, axis=1, keepdims=True))
@@ -108,12 +118,7 @@ def test_cylinder_derivatives_match_central_differences(acq):
     assert_allclose(d_radius * radius[:, None], num_r, atol=TOL)
     num_d = _central(lambda s: cyl(diff=diff * (1 + s)), 0.0, STEP)
     assert_allclose(d_diff * diff[:, None], num_d, atol=TOL)
-    for k in range(3):
-        e = torch.zeros(3, dtype=mu.dtype)
-        e[k] = 1.0
-        # The unnormalised components of the axis, at the unit axis.
-        numeric = _central(lambda s, e=e: cyl(mu=mu + s * e), 0.0, STEP)
-        assert_allclose(d_mu[..., k], numeric, atol=TOL)
+    _assert_axis_derivative(lambda m: cyl(mu=m), mu, d_mu)
     # Every term matters: derivatives of order 1e-3 to 1 (so a missing one
     # would fail by far more than TOL).
     assert (d_radius * radius[:, None]).abs().max() > 0.1
@@ -138,11 +143,7 @@ def test_zeppelin_derivatives_match_central_differences(acq):
     assert_allclose(s_par * 1e-3, num * 1e-3, atol=TOL)
     num = _central(lambda s: zep(d_perp=d_perp + s), 0.0, 1e-9)
     assert_allclose(s_perp * 1e-3, num * 1e-3, atol=TOL)
-    for k in range(3):
-        e = torch.zeros(3, dtype=mu.dtype)
-        e[k] = 1.0
-        numeric = _central(lambda s, e=e: zep(mu=mu + s * e), 0.0, STEP)
-        assert_allclose(d_mu[..., k], numeric, atol=TOL)
+    _assert_axis_derivative(lambda m: zep(mu=m), mu, d_mu)
 
 
 def test_gpa_table_matches_the_exact_sum(acq):

@@ -205,15 +205,20 @@ def _gpa_factor(acq, radius, diffusivity, geometry, n_roots):
     ``-ln E = g^2 * factor`` for the gradient across the restriction.
     """
     acq.require_timing(f"the restricted {geometry}")
+    weights, lam = _gpa_modes(acq, radius, diffusivity, geometry, n_roots)
+    kernel = _waveform_kernel(lam, acq.durations, acq.amplitudes)
+    per_waveform = torch.sum(weights * kernel, dim=-1)  # (..., W)
+    return _per_measurement(per_waveform, acq)
+
+
+def _gpa_modes(acq, radius, diffusivity, geometry, n_roots):
+    """GPA mode weights ``w_m = R^2 / (x_m^2 (x_m^2 - c))`` and decay rates
+    ``lam_m = x_m^2 D / R^2``, shape (..., 1, n_roots)."""
     roots, c = _modes(geometry, n_roots)
     x = _as(roots, acq.bvals)
     R = _as(radius, acq.bvals)[..., None, None]
     D = _as(diffusivity, acq.bvals)[..., None, None]
-    weights = R**2 / (x**2 * (x**2 - c))
-    lam = x**2 * D / R**2
-    kernel = _waveform_kernel(lam, acq.durations, acq.amplitudes)
-    per_waveform = torch.sum(weights * kernel, dim=-1)  # (..., W)
-    return _per_measurement(per_waveform, acq)
+    return R**2 / (x**2 * (x**2 - c)), x**2 * D / R**2
 
 
 def _waveform_kernel_slope(lam, durations, amplitudes):
@@ -250,16 +255,13 @@ def _gpa_sums(acq, radius, diffusivity, geometry, n_roots):
     With ``w_m = R^2 a_m`` and ``lam_m = x_m^2 D / R^2``: ``d/dR = (2 / R)
     sum_m w_m (I - lam_m I')`` and ``d/dD = (1 / D) sum_m w_m lam_m I'``.
     """
-    roots, c = _modes(geometry, n_roots)
-    x = _as(roots, acq.bvals)
-    R = _as(radius, acq.bvals)[..., None, None]
-    D = _as(diffusivity, acq.bvals)[..., None, None]
-    weights = R**2 / (x**2 * (x**2 - c))
-    lam = x**2 * D / R**2
+    weights, lam = _gpa_modes(acq, radius, diffusivity, geometry, n_roots)
     kernel, slope = _waveform_kernel_slope(lam, acq.durations, acq.amplitudes)
     factor = torch.sum(weights * kernel, dim=-1)
-    d_radius = 2.0 / R[..., 0] * torch.sum(weights * (kernel - lam * slope), dim=-1)
-    d_diff = torch.sum(weights * lam * slope, dim=-1) / D[..., 0]
+    R = _as(radius, acq.bvals)[..., None]
+    D = _as(diffusivity, acq.bvals)[..., None]
+    d_radius = 2.0 / R * torch.sum(weights * (kernel - lam * slope), dim=-1)
+    d_diff = torch.sum(weights * lam * slope, dim=-1) / D
     return factor, d_radius, d_diff
 
 
