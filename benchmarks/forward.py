@@ -82,7 +82,7 @@ def main(argv=None):
         print(json.dumps(run_single(json.loads(args.single))))
         return
     sizes = (4,) if args.quick else tuple(args.sizes)
-    configs = _configs(sizes, args.threads, args.repeats)
+    configs = _configs(sizes, args.threads, args.repeats, args.devices)
     header = machine_info(args.threads)
     print("\n".join(header), flush=True)
     rows = []
@@ -140,6 +140,13 @@ def _parse(argv):
         action="store_true",
         help=f"also write the table as markdown to {DOC_PATH.name} in doc/",
     )
+    parser.add_argument(
+        "--devices",
+        nargs="+",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="devices to run (default: cpu, and cuda when present)",
+    )
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
@@ -147,8 +154,9 @@ def _parse(argv):
     return args
 
 
-def _configs(sizes, threads, repeats):
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def _configs(sizes, threads, repeats, devices=None):
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     common = {"threads": threads, "repeats": repeats}
     configs = []
     for device in devices:

@@ -150,7 +150,14 @@ def run(physics, args):
     start = time.perf_counter()
     for i in range(0, args.n, args.batch):
         part = slice(i, i + args.batch)
-        result = reconstruct(grid, signal[part], protocol, preset="default", **options)
+        result = reconstruct(
+            grid,
+            signal[part],
+            protocol,
+            preset="default",
+            device=args.device,
+            **options,
+        )
         truth = [
             label_field(grid, labels[i + v], kappas[i + v], 0.1)
             for v in range(len(result.labels))
@@ -227,6 +234,12 @@ def table(physics, rows, per_voxel):
         )
 
 
+def _device_name(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return str(device)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=200, help="substrates per physics")
@@ -257,6 +270,7 @@ def main(argv=None):
         default=0,
         help="approximation_error substrates (realistic physics only; 0: off)",
     )
+    parser.add_argument("--device", default="cpu", help="torch device of the fits")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.seed == TRAINING_SEED:
@@ -264,7 +278,8 @@ def main(argv=None):
     print(
         f"starts {args.starts}, proposal {args.proposal} substrates, seed "
         f"{args.seed}; {platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {_device_name(args.device)}"
     )
     results = {}
     for physics in args.physics:

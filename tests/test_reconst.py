@@ -427,6 +427,33 @@ def test_cuda_without_device(gtab):
         SpinverseModel(gtab, grid_resolution=2, device="cuda")
 
 
+@pytest.mark.gpu
+def test_volume_fit_on_cuda_matches_cpu(model, volume_fit, volume, gtab, grid):
+    """The same fit on the GPU: float64 throughout, so only the order of the
+    floating-point sums differs (reductions on the GPU are reordered); 4 Adam
+    steps amplify a 1e-15 difference to ~1e-9 at most, hence rtol 1e-6."""
+    data, mask = volume
+    on_gpu = SpinverseModel(gtab, grid=grid, dtype="float64", device="cuda", **FAST)
+    fit = on_gpu.fit(data, mask=mask)
+    assert_array_equal(fit.status, volume_fit.status)
+    assert_allclose(fit.permeability, volume_fit.permeability, rtol=1e-6)
+    assert_allclose(fit.S0, volume_fit.S0, rtol=1e-12)
+
+
+@pytest.mark.gpu
+def test_label_search_on_cuda_matches_cpu(gtab, grid, signal):
+    """The label search scores its candidates on the GPU; in float64 every
+    loss agrees with the CPU's to ~1e-12, far below the gaps between
+    candidates, so the labels found are the same."""
+    options = dict(grid=grid, dtype="float64", max_iter=4, search_steps=3)
+    cpu = SpinverseModel(gtab, search_starts=2, **options).fit(signal * 1000.0)
+    gpu = SpinverseModel(gtab, search_starts=2, device="cuda", **options).fit(
+        signal * 1000.0
+    )
+    assert_array_equal(gpu.labels, cpu.labels)
+    assert_allclose(gpu.cell_permeability, cpu.cell_permeability, rtol=1e-6)
+
+
 def test_bad_fit_input(model, volume):
     data, mask = volume
     with pytest.raises(ValueError, match="last axis of data"):
