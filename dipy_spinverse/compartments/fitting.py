@@ -270,10 +270,15 @@ def fd_steps(x):
 
 
 def _kaufman_jacobian(D, Phi, c):
-    """``(I - P_A) D``: Kaufman's variable-projection Jacobian.
+    """``((I - P_A) D)^T``: Kaufman's variable-projection Jacobian,
+    transposed, shape (B, P, M).
 
     ``D = d(Phi c)/dx`` at fixed c; ``P_A`` projects on the active columns
-    (those with c > 0), which the linear solve re-fits anyway.
+    (those with c > 0), which the linear solve re-fits anyway. Built in the
+    (B, P, M) layout the models' derivatives come in (rows of M contiguous
+    values): the products and the subtraction then stream through
+    contiguous memory instead of (B, M, P) views (a third of the cost of the
+    Jacobian at B = 1024, measured).
     """
     K = Phi.shape[-1]
     active = (c > 0).to(Phi.dtype)
@@ -281,8 +286,27 @@ def _kaufman_jacobian(D, Phi, c):
     G = PhiA.mT @ PhiA + torch.diag_embed(1.0 - active)
     ridge = _RIDGE * torch.diagonal(G, dim1=-2, dim2=-1).amax(-1)
     G = G + ridge[:, None, None] * torch.eye(K, dtype=Phi.dtype)
-    coef = solve_spd(G[:, None], (PhiA.mT @ D).mT)  # (B, P, K)
-    return D - PhiA @ coef.mT
+    Dt = D.mT
+    coef = solve_spd(G[:, None], Dt @ PhiA)  # (B, P, K)
+    # Dt - coef PhiA^T in one pass (the product has an inner size of K).
+    return torch.baddbmm(Dt, coef, PhiA.mT, alpha=-1.0)
+
+
+def _rows(t, idx, every):
+    """Rows ``idx`` of t; t itself when they are all of them (no copy)."""
+    return t if every else t[idx]
+
+
+def _keep_accepted(accept, new, old, idx, every):
+    """``old`` with the rows ``idx[accept]`` replaced by ``new[accept]``.
+
+    With every voxel active (the first iterations, and all of a short
+    polish) one ``torch.where`` pass replaces the boolean gather and
+    scatter."""
+    if every:
+        return torch.where(accept.view(-1, *([1] * (new.dim() - 1))), new, old)
+    old[idx[accept]] = new[accept]
+    return old
 
 
 def levenberg_marquardt(
@@ -337,32 +361,42 @@ def levenberg_marquardt(
     Phi = columns(x)
     c, r, cost = projected(Phi, y)
     B, P = x.shape
-    J = torch.zeros(B, y.shape[-1], P, dtype=y.dtype)
+    # Transposed Jacobians (B, P, M), made at the first iteration.
+    Jt = None
     lam = torch.full((B,), float(lam0), dtype=y.dtype)
     stale = torch.ones(B, dtype=torch.bool)  # Jacobian to (re)compute
     active = torch.isfinite(cost)
-    for _ in range(max_iter):
+    for it in range(max_iter):
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
             break
+        every = idx.numel() == B
         redo = idx[stale[idx]]
-        if redo.numel():
+        if redo.numel() == B:
+            Jt = _kaufman_jacobian(derivatives(x, Phi, c), Phi, c)
+        elif redo.numel():
+            if Jt is None:
+                Jt = torch.zeros(B, P, y.shape[-1], dtype=y.dtype)
             D = derivatives(x[redo], Phi[redo], c[redo])
-            J[redo] = _kaufman_jacobian(D, Phi[redo], c[redo])
-            stale[redo] = False
-        Ji = J[idx]
-        A = Ji.mT @ Ji
-        g = (Ji.mT @ r[idx][..., None])[..., 0]
-        x_new = x[idx] + _marquardt_step(A, g, lam[idx])
+            Jt[redo] = _kaufman_jacobian(D, Phi[redo], c[redo])
+        stale[redo] = False
+        Ji = _rows(Jt, idx, every)
+        A = Ji @ Ji.mT
+        g = (Ji @ _rows(r, idx, every)[..., None])[..., 0]
+        x_new = _rows(x, idx, every) + _marquardt_step(A, g, _rows(lam, idx, every))
         if renormalise is not None:
             x_new = renormalise(x_new)
         Phi_new = columns(x_new)
-        c_new, r_new, cost_new = projected(Phi_new, y[idx])
+        c_new, r_new, cost_new = projected(Phi_new, _rows(y, idx, every))
         accept = _judge_steps(idx, cost_new, cost, lam, active, ftol)
-        a = idx[accept]
-        x[a], Phi[a], c[a] = x_new[accept], Phi_new[accept], c_new[accept]
-        r[a], cost[a] = r_new[accept], cost_new[accept]
-        stale[a] = True
+        x = _keep_accepted(accept, x_new, x, idx, every)
+        c = _keep_accepted(accept, c_new, c, idx, every)
+        cost = _keep_accepted(accept, cost_new, cost, idx, every)
+        if it < max_iter - 1:
+            # Columns and residuals are read by later iterations only.
+            Phi = _keep_accepted(accept, Phi_new, Phi, idx, every)
+            r = _keep_accepted(accept, r_new, r, idx, every)
+            stale[idx[accept]] = True
     return x, c, cost
 
 
@@ -438,36 +472,43 @@ def joint_levenberg_marquardt(
     Phi = columns(x)
     r = y - (Phi @ c[..., None])[..., 0]
     cost = (r**2).sum(-1)
-    P = x.shape[1]
-    lam = torch.full((x.shape[0],), float(lam0), dtype=y.dtype)
+    B, P = x.shape
+    lam = torch.full((B,), float(lam0), dtype=y.dtype)
     active = torch.isfinite(cost)
     J = None
     stale = torch.ones_like(active)
-    for _ in range(max_iter):
+    for it in range(max_iter):
         idx = torch.nonzero(active).flatten()
         if idx.numel() == 0:
             break
-        if J is None:
-            J = torch.zeros(x.shape[0], y.shape[-1], P + c.shape[1], dtype=y.dtype)
+        every = idx.numel() == B
         redo = idx[stale[idx]]
-        if redo.numel():
+        if redo.numel() == B:
+            J = torch.cat([derivatives(x, Phi, c), Phi], dim=-1)
+        elif redo.numel():
+            if J is None:
+                J = torch.zeros(B, y.shape[-1], P + c.shape[1], dtype=y.dtype)
             D = derivatives(x[redo], Phi[redo], c[redo])
             J[redo] = torch.cat([D, Phi[redo]], dim=-1)
-            stale[redo] = False
-        Ji = J[idx]
+        stale[redo] = False
+        Ji = _rows(J, idx, every)
         A = Ji.mT @ Ji
-        g = (Ji.mT @ r[idx][..., None])[..., 0]
-        step = _marquardt_step(A, g, lam[idx])
-        x_new = x[idx] + step[:, :P]
+        g = (Ji.mT @ _rows(r, idx, every)[..., None])[..., 0]
+        step = _marquardt_step(A, g, _rows(lam, idx, every))
+        x_new = _rows(x, idx, every) + step[:, :P]
         if renormalise is not None:
             x_new = renormalise(x_new)
-        c_new = (c[idx] + step[:, P:]).clamp_min(0.0)
+        c_new = (_rows(c, idx, every) + step[:, P:]).clamp_min(0.0)
         Phi_new = columns(x_new)
-        r_new = y[idx] - (Phi_new @ c_new[..., None])[..., 0]
+        r_new = _rows(y, idx, every) - (Phi_new @ c_new[..., None])[..., 0]
         cost_new = (r_new**2).sum(-1)
         accept = _judge_steps(idx, cost_new, cost, lam, active, ftol)
-        a = idx[accept]
-        x[a], Phi[a], c[a] = x_new[accept], Phi_new[accept], c_new[accept]
-        r[a], cost[a] = r_new[accept], cost_new[accept]
-        stale[a] = True
+        x = _keep_accepted(accept, x_new, x, idx, every)
+        c = _keep_accepted(accept, c_new, c, idx, every)
+        cost = _keep_accepted(accept, cost_new, cost, idx, every)
+        if it < max_iter - 1:
+            # Columns and residuals are read by later iterations only.
+            Phi = _keep_accepted(accept, Phi_new, Phi, idx, every)
+            r = _keep_accepted(accept, r_new, r, idx, every)
+            stale[idx[accept]] = True
     return x, c, cost
