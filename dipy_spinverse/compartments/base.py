@@ -234,13 +234,28 @@ class CompartmentModel(ReconstModel):
         dirs)`` -> (B, F, M, Kf); all implement ``_shared_columns(acq, shared,
         B)`` -> (B, M, Ke).
         """
-        B = dirs.shape[0]
+        blk = self._fibre_columns(acq, shared, fibre, dirs) if dirs.shape[1] else None
+        return self._assembled(acq, blk, shared, dirs.shape[0])
+
+    def _assembled(self, acq, blk, shared, B):
+        """Columns (B, M, K) from fibre columns (B, F, M, Kf) (or None)."""
         parts = []
-        if dirs.shape[1]:
-            blk = self._fibre_columns(acq, shared, fibre, dirs)
+        if blk is not None:
             parts.append(blk.permute(0, 2, 1, 3).reshape(B, len(acq), -1))
         parts.append(self._shared_columns(acq, shared, B))
         return torch.cat(parts, dim=-1)
+
+    #: Whether the model implements ``_fibre_columns_and_jacobian(x)`` ->
+    #: (fibre columns (B, F, M, Kf), ``jacobian(c)`` -> ``d(Phi c)/dx``):
+    #: closed-form derivatives that evaluate the fibre columns on the way.
+    _closed_form_jacobian = False
+
+    def _columns_and_jacobian(self, x):
+        """Columns (B, M, K) at x and ``jacobian(c)`` -> ``d(Phi c)/dx``
+        there, from one evaluation of the fibre compartments (models with
+        ``_closed_form_jacobian``; no shared nonlinear parameters)."""
+        blk, jacobian = self._fibre_columns_and_jacobian(x)
+        return self._assembled(self._acq, blk, {}, x.shape[0]), jacobian
 
     def _derivatives(self, x, Phi, c):
         """``d(Phi c)/dx`` (B, M, P), by forward-mode autodiff where the model
@@ -938,6 +953,9 @@ class CompartmentModel(ReconstModel):
                         renormalise=self._renormalise,
                         derivatives=self._derivatives,
                         lam0=_POLISH_DAMPING,
+                        columns_and_jacobian=self._columns_and_jacobian
+                        if self._closed_form_jacobian
+                        else None,
                     )
                 else:
                     # Nothing nonlinear (NODDI without fibres): one NNLS.

@@ -160,16 +160,23 @@ class NoddiModel(CompartmentModel):
         # forward differences are faster there (measured).
         return self.kernels == "exact"
 
-    def _derivatives(self, x, Phi, c):
+    @property
+    def _closed_form_jacobian(self):
         # Table kernels with the tensor-averaged extra-neurite compartment:
         # the Jacobian in closed form (blocks.noddi_neurite_derivatives), one
         # table pass instead of 5 per fibre for forward differences.
-        if self.kernels != "table" or self.extra_average != "tensor":
+        return self.kernels == "table" and self.extra_average == "tensor"
+
+    def _derivatives(self, x, Phi, c):
+        if not self._closed_form_jacobian:
             return super()._derivatives(x, Phi, c)
+        return self._fibre_columns_and_jacobian(x)[1](c)
+
+    def _fibre_columns_and_jacobian(self, x):
         B, F = x.shape[0], self.n_fibres
         per = x.view(B, F, 5)  # per fibre: u_odi, u_ndi, v (3)
         _, fibre, dirs = self._unpack(x)
-        _, d_odi, d_ndi, d_mu = blocks.noddi_neurite_derivatives(
+        value, d_odi, d_ndi, d_mu = blocks.noddi_neurite_derivatives(
             self._acq,
             self._stick_table,
             direction=dirs,
@@ -185,8 +192,12 @@ class NoddiModel(CompartmentModel):
         radial = (d_mu * dirs[..., None, :]).sum(-1, keepdim=True)
         d_v = (d_mu - radial * dirs[..., None, :]) / norm
         J = torch.cat([d_u_odi[..., None], d_u_ndi[..., None], d_v], dim=-1)
-        J = J * c[:, :F, None, None]  # (B, F, M, 5)
-        return J.permute(0, 2, 1, 3).reshape(B, J.shape[2], F * 5)
+
+        def jacobian(c):
+            Jc = J * c[:, :F, None, None]  # (B, F, M, 5)
+            return Jc.permute(0, 2, 1, 3).reshape(B, J.shape[2], F * 5)
+
+        return value[..., None], jacobian
 
     # Per fibre: w, ndi, odi, x, y, z.
     _per_fibre_params = 6
@@ -687,10 +698,15 @@ class ActiveAxModel(CompartmentModel):
         icvf = icvf[..., None]
         return (icvf * cyl + (1.0 - icvf) * zep)[..., None]
 
+    # In closed form (blocks.cylinder_derivatives and the zeppelin's): one
+    # evaluation of the GPA series per Jacobian instead of one per fibre
+    # parameter for forward differences.
+    _closed_form_jacobian = True
+
     def _derivatives(self, x, Phi, c):
-        # In closed form (blocks.cylinder_derivatives and the zeppelin's):
-        # one evaluation of the GPA series per Jacobian instead of one per
-        # fibre parameter for forward differences.
+        return self._fibre_columns_and_jacobian(x)[1](c)
+
+    def _fibre_columns_and_jacobian(self, x):
         F = x.shape[1] // 5
         _, fibre, dirs = self._unpack(x)
         icvf, radius = fibre["icvf"], fibre["diameter"] / 2.0
@@ -705,12 +721,18 @@ class ActiveAxModel(CompartmentModel):
         zep, _, zep_perp, zep_cos = blocks.zeppelin_derivatives(
             self._acq, direction=dirs, d_par=self.d_par, d_perp=d_perp
         )
-        weight = c[:, :F, None]  # (B, F, 1): the fibre column's coefficient
         icvf = icvf[..., None]
         d_diameter = icvf * cyl_r / 2.0
         d_icvf = cyl - zep - (1.0 - icvf) * self.d_par * zep_perp
-        d_cos = (icvf * cyl_cos + (1.0 - icvf) * zep_cos) * weight
-        return self._fibre_jacobian(x, (d_diameter * weight, d_icvf * weight), d_cos)
+        d_cos = icvf * cyl_cos + (1.0 - icvf) * zep_cos
+
+        def jacobian(c):
+            weight = c[:, :F, None]  # (B, F, 1): the fibre column's coefficient
+            return self._fibre_jacobian(
+                x, (d_diameter * weight, d_icvf * weight), d_cos * weight
+            )
+
+        return (icvf * cyl + (1.0 - icvf) * zep)[..., None], jacobian
 
     @functools.cached_property
     def _gpa_table(self):
@@ -983,30 +1005,39 @@ class ZcdModel(CompartmentModel):
         )
         return torch.stack([cyl, zep], dim=-1)
 
+    # In closed form, as ActiveAx's (blocks.cylinder_derivatives).
+    _closed_form_jacobian = True
+
     def _derivatives(self, x, Phi, c):
-        # In closed form, as ActiveAx's (blocks.cylinder_derivatives).
+        return self._fibre_columns_and_jacobian(x)[1](c)
+
+    def _fibre_columns_and_jacobian(self, x):
         F = x.shape[1] // 6
         _, fibre, dirs = self._unpack(x)
         d_par, ratio = fibre["d_par"], fibre["perp_ratio"]
-        _, cyl_r, cyl_d, cyl_cos = blocks.cylinder_derivatives(
+        cyl, cyl_r, cyl_d, cyl_cos = blocks.cylinder_derivatives(
             self._acq,
             direction=dirs,
             radius=fibre["diameter"] / 2.0,
             diffusivity=d_par,
             table=self._gpa_table,
         )
-        _, zep_par, zep_perp, zep_cos = blocks.zeppelin_derivatives(
+        zep, zep_par, zep_perp, zep_cos = blocks.zeppelin_derivatives(
             self._acq, direction=dirs, d_par=d_par, d_perp=d_par * ratio
         )
-        fic = c[:, 0 : 2 * F : 2, None]  # (B, F, 1)
-        fee = c[:, 1 : 2 * F : 2, None]
         ratio, d_par = ratio[..., None], d_par[..., None]
-        d_scalars = (
-            fic * cyl_r / 2.0,
-            fic * cyl_d + fee * (zep_par + ratio * zep_perp),
-            fee * d_par * zep_perp,
-        )
-        return self._fibre_jacobian(x, d_scalars, fic * cyl_cos + fee * zep_cos)
+
+        def jacobian(c):
+            fic = c[:, 0 : 2 * F : 2, None]  # (B, F, 1)
+            fee = c[:, 1 : 2 * F : 2, None]
+            d_scalars = (
+                fic * cyl_r / 2.0,
+                fic * cyl_d + fee * (zep_par + ratio * zep_perp),
+                fee * d_par * zep_perp,
+            )
+            return self._fibre_jacobian(x, d_scalars, fic * cyl_cos + fee * zep_cos)
+
+        return torch.stack([cyl, zep], dim=-1), jacobian
 
     _gpa_table = ActiveAxModel._gpa_table
 
