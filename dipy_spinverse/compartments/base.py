@@ -943,6 +943,9 @@ class CompartmentModel(ReconstModel):
                         max_iter=n_iter,
                         renormalise=self._renormalise,
                         derivatives=self._derivatives,
+                        columns_and_jacobian=self._columns_and_jacobian
+                        if self._closed_form_jacobian
+                        else None,
                     )
                 elif x0.shape[1]:
                     x, c, _ = levenberg_marquardt(

@@ -452,6 +452,7 @@ def joint_levenberg_marquardt(
     renormalise=None,
     derivatives=None,
     lam0=1e-2,
+    columns_and_jacobian=None,
 ):
     """Levenberg-Marquardt on ``x`` and ``c`` together, ``c >= 0``.
 
@@ -466,6 +467,7 @@ def joint_levenberg_marquardt(
     Parameters
     ----------
     columns, y, x0, max_iter, ftol, renormalise, derivatives, lam0
+    columns_and_jacobian
         As :func:`levenberg_marquardt`.
     c0 : torch.Tensor, shape (B, K)
         Starting weights (>= 0).
@@ -482,7 +484,11 @@ def joint_levenberg_marquardt(
             return forward_differences(columns, x, Phi, c)
 
     x, c = x0.clone(), c0.clamp_min(0.0)
-    Phi = columns(x)
+    start_jacobian = None
+    if columns_and_jacobian is None:
+        Phi = columns(x)
+    else:
+        Phi, start_jacobian = columns_and_jacobian(x)
     r = y - (Phi @ c[..., None])[..., 0]
     cost = (r**2).sum(-1)
     B, P = x.shape
@@ -497,13 +503,15 @@ def joint_levenberg_marquardt(
         every = idx.numel() == B
         redo = idx[stale[idx]]
         if redo.numel() == B:
-            J = torch.cat([derivatives(x, Phi, c), Phi], dim=-1)
+            D = derivatives(x, Phi, c) if start_jacobian is None else start_jacobian(c)
+            J = torch.cat([D, Phi], dim=-1)
         elif redo.numel():
             if J is None:
                 J = torch.zeros(B, y.shape[-1], P + c.shape[1], dtype=y.dtype)
             D = derivatives(x[redo], Phi[redo], c[redo])
             J[redo] = torch.cat([D, Phi[redo]], dim=-1)
         stale[redo] = False
+        start_jacobian = None  # x has moved on
         Ji = _rows(J, idx, every)
         A = Ji.mT @ Ji
         g = (Ji.mT @ _rows(r, idx, every)[..., None])[..., 0]
