@@ -14,6 +14,7 @@ from numpy.testing import assert_allclose
 
 from dipy_spinverse.compartments import (
     ActiveAxModel,
+    ExchangeModel,
     IvimModel,
     NoddiModel,
     ZcdModel,
@@ -222,7 +223,7 @@ def test_polished_learned_fit_never_fits_worse(gtab_shells, tmp_path, n_fibres):
         gtab_shells,
         n_fibres=n_fibres,
         fit_method="learned",
-        learned_options=options,
+        learned_options={**options, "polish": 0},
         cache_dir=tmp_path,
     )
     polish = NoddiModel(
@@ -247,11 +248,15 @@ def test_polished_learned_fit_never_fits_worse(gtab_shells, tmp_path, n_fibres):
 
 
 def test_polish_option_is_checked_and_not_in_the_key():
-    for bad in (-1, 1.5, "3", True, None):
+    for bad in (-1, 1.5, "3", True):
         with pytest.raises(ValueError, match=r"learned_options\['polish'\]"):
             LearnedOptions.from_dict({"polish": bad})
     assert LearnedOptions.from_dict({"polish": 4}).polish == 4
-    assert LearnedOptions().polish == 0
+    # Unset: each model's own default (one iteration; none for the exchange
+    # model, whose network alone is within 1.5x of the fit).
+    assert LearnedOptions().polish is None
+    assert LearnedOptions.from_dict({"polish": None}).polish is None
+    assert NoddiModel.default_polish == 1 and ExchangeModel.default_polish == 0
     # The training description is the repr of the training fields, as the
     # cache key has always used: networks cached before the polish existed
     # stay valid.

@@ -59,11 +59,12 @@ class LearnedOptions:
         Initial Adam learning rate (cosine decay to 1 % of it).
     seed : int
         Seed of the simulated parameters, noise and initial weights.
-    polish : int
+    polish : int or None
         Levenberg-Marquardt iterations of variable projection on the model's
         own signal after the network (0: the network's estimates as they
-        are). Applied to the estimates, not in training: not part of the
-        cache key (:meth:`training_description`).
+        are). None (default): the model's ``default_polish``, 1 (0 for
+        :class:`~.models.ExchangeModel`). Applied to the estimates, not in
+        training: not part of the cache key (:meth:`training_description`).
     """
 
     n_train: int = 100_000
@@ -72,7 +73,7 @@ class LearnedOptions:
     batch_size: int = 512
     lr: float = 2e-3
     seed: int = 0
-    polish: int = 0
+    polish: int | None = None
 
     #: Fields used after training only (not in :meth:`training_description`).
     _AFTER_TRAINING = ("polish",)
@@ -93,7 +94,8 @@ class LearnedOptions:
         check_int(out.epochs, "learned_options['epochs']", 1)
         check_int(out.batch_size, "learned_options['batch_size']", 1)
         check_int(out.seed, "learned_options['seed']", 0)
-        check_int(out.polish, "learned_options['polish']", 0)
+        if out.polish is not None:
+            check_int(out.polish, "learned_options['polish']", 0)
         check_positive(out.lr, "learned_options['lr']")
         hidden = tuple(out.hidden)
         for width in hidden:
