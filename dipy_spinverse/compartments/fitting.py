@@ -309,6 +309,13 @@ def _keep_accepted(accept, new, old, idx, every):
     return old
 
 
+def _keep_steps(accept, idx, every, new, old):
+    """:func:`_keep_accepted` for each pair of ``new`` and ``old`` tensors."""
+    return [
+        _keep_accepted(accept, n, o, idx, every) for n, o in zip(new, old, strict=True)
+    ]
+
+
 def levenberg_marquardt(
     columns,
     y,
@@ -402,13 +409,12 @@ def levenberg_marquardt(
         Phi_new = columns(x_new)
         c_new, r_new, cost_new = projected(Phi_new, _rows(y, idx, every))
         accept = _judge_steps(idx, cost_new, cost, lam, active, ftol)
-        x = _keep_accepted(accept, x_new, x, idx, every)
-        c = _keep_accepted(accept, c_new, c, idx, every)
-        cost = _keep_accepted(accept, cost_new, cost, idx, every)
+        x, c, cost = _keep_steps(
+            accept, idx, every, (x_new, c_new, cost_new), (x, c, cost)
+        )
         if it < max_iter - 1:
             # Columns and residuals are read by later iterations only.
-            Phi = _keep_accepted(accept, Phi_new, Phi, idx, every)
-            r = _keep_accepted(accept, r_new, r, idx, every)
+            Phi, r = _keep_steps(accept, idx, every, (Phi_new, r_new), (Phi, r))
             stale[idx[accept]] = True
     return x, c, cost
 
@@ -524,12 +530,11 @@ def joint_levenberg_marquardt(
         r_new = _rows(y, idx, every) - (Phi_new @ c_new[..., None])[..., 0]
         cost_new = (r_new**2).sum(-1)
         accept = _judge_steps(idx, cost_new, cost, lam, active, ftol)
-        x = _keep_accepted(accept, x_new, x, idx, every)
-        c = _keep_accepted(accept, c_new, c, idx, every)
-        cost = _keep_accepted(accept, cost_new, cost, idx, every)
+        x, c, cost = _keep_steps(
+            accept, idx, every, (x_new, c_new, cost_new), (x, c, cost)
+        )
         if it < max_iter - 1:
             # Columns and residuals are read by later iterations only.
-            Phi = _keep_accepted(accept, Phi_new, Phi, idx, every)
-            r = _keep_accepted(accept, r_new, r, idx, every)
+            Phi, r = _keep_steps(accept, idx, every, (Phi_new, r_new), (Phi, r))
             stale[idx[accept]] = True
     return x, c, cost
