@@ -263,10 +263,9 @@ class NoddiModel(CompartmentModel):
         )
 
     def _with_fibres(self, n_fibres):
-        cache = self.__dict__.setdefault("_submodels", {})
-        if n_fibres not in cache:
-            cache[n_fibres] = self._sibling(n_fibres)
-        return cache[n_fibres]
+        return _built_once(
+            self, "_submodels", n_fibres, lambda: self._sibling(n_fibres)
+        )
 
     def _sibling(self, n_fibres):
         """The same fitted NODDI model with ``n_fibres`` fibres."""
@@ -372,12 +371,12 @@ class NoddiModel(CompartmentModel):
         # fits get a constant column (its fraction is dropped from their
         # parameters); the voxels are then refitted with the counts found
         # and the model's own compartments.
-        cache = self.__dict__.setdefault("_counting_models", {})
-        if n_fibres not in cache:
+        def build():
             counting = self._sibling(n_fibres)
             counting._floor_column = True
-            cache[n_fibres] = counting
-        return cache[n_fibres]
+            return counting
+
+        return _built_once(self, "_counting_models", n_fibres, build)
 
     def _to_params(self, shared, fibre, dirs, c, scale):
         F = self.n_fibres
@@ -482,16 +481,26 @@ def _fibre_options(n_fibres, fibres, *, default=1):
     return int(n_fibres), fibres
 
 
+def _built_once(model, store, key, build):
+    """``build()``, made once per ``key`` and kept on ``model`` (in the dict
+    ``model.<store>``): the sub-models a fit uses per fibre count."""
+    cache = model.__dict__.setdefault(store, {})
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
 def _submodel(model, n_fibres, build):
     """``model`` with ``n_fibres`` fibres in the per-fibre layout (built
     once by ``build()`` and kept on the model): the fits that
     ``fibres="auto"`` compares."""
-    cache = model.__dict__.setdefault("_submodels", {})
-    if n_fibres not in cache:
+
+    def per_fibre():
         sub = build()
         sub._set_layout(True)
-        cache[n_fibres] = sub
-    return cache[n_fibres]
+        return sub
+
+    return _built_once(model, "_submodels", n_fibres, per_fibre)
 
 
 def _sorted_fibres(per, dirs, weight):
