@@ -264,14 +264,17 @@ class CompartmentModel(ReconstModel):
         return self._assembled(self._acq, blk, {}, x.shape[0]), jacobian
 
     def _derivatives(self, x, Phi, c):
-        """``d(Phi c)/dx`` (B, M, P), by forward-mode autodiff where the model
-        asks for it (``_forward_mode``), else by forward differences.
+        """``d(Phi c)/dx`` (B, M, P): in closed form where the model has it
+        (``_closed_form_jacobian``), by forward-mode autodiff where it asks
+        for it (``_forward_mode``), else by forward differences.
 
         Without shared parameters, a fibre's parameters move only that fibre's
         columns: each parameter is perturbed in every fibre at once and only
         the fibre columns are recomputed, F times cheaper than perturbing the
         F (Fs + 3) parameters one by one.
         """
+        if self._closed_form_jacobian:
+            return self._fibre_columns_and_jacobian(x)[1](c)
         if self._forward_mode:
             return forward_mode(self._columns_x, x, Phi, c)
         S, Fs = self._n_shared, len(self._fibre)
@@ -929,6 +932,7 @@ class CompartmentModel(ReconstModel):
         """
         results = []
         step = max(self.chunk_size, _POLISH_CHUNK)
+        at_start = self._columns_and_jacobian if self._closed_form_jacobian else None
         with torch.no_grad():
             for i in range(0, y.shape[0], step):
                 yi = torch.tensor(y[i : i + step], dtype=DTYPE)
@@ -952,9 +956,7 @@ class CompartmentModel(ReconstModel):
                         max_iter=n_iter,
                         renormalise=self._renormalise,
                         derivatives=self._derivatives,
-                        columns_and_jacobian=self._columns_and_jacobian
-                        if self._closed_form_jacobian
-                        else None,
+                        columns_and_jacobian=at_start,
                     )
                 elif x0.shape[1]:
                     x, c, _ = levenberg_marquardt(
@@ -965,9 +967,7 @@ class CompartmentModel(ReconstModel):
                         renormalise=self._renormalise,
                         derivatives=self._derivatives,
                         lam0=_POLISH_DAMPING,
-                        columns_and_jacobian=self._columns_and_jacobian
-                        if self._closed_form_jacobian
-                        else None,
+                        columns_and_jacobian=at_start,
                     )
                 else:
                     # Nothing nonlinear (NODDI without fibres): one NNLS.

@@ -167,11 +167,6 @@ class NoddiModel(CompartmentModel):
         # table pass instead of 5 per fibre for forward differences.
         return self.kernels == "table" and self.extra_average == "tensor"
 
-    def _derivatives(self, x, Phi, c):
-        if not self._closed_form_jacobian:
-            return super()._derivatives(x, Phi, c)
-        return self._fibre_columns_and_jacobian(x)[1](c)
-
     def _fibre_columns_and_jacobian(self, x):
         B, F = x.shape[0], self.n_fibres
         per = x.view(B, F, 5)  # per fibre: u_odi, u_ndi, v (3)
@@ -712,9 +707,6 @@ class ActiveAxModel(CompartmentModel):
     # parameter for forward differences.
     _closed_form_jacobian = True
 
-    def _derivatives(self, x, Phi, c):
-        return self._fibre_columns_and_jacobian(x)[1](c)
-
     def _fibre_columns_and_jacobian(self, x):
         F = x.shape[1] // 5
         _, fibre, dirs = self._unpack(x)
@@ -1016,9 +1008,6 @@ class ZcdModel(CompartmentModel):
 
     # In closed form, as ActiveAx's (blocks.cylinder_derivatives).
     _closed_form_jacobian = True
-
-    def _derivatives(self, x, Phi, c):
-        return self._fibre_columns_and_jacobian(x)[1](c)
 
     def _fibre_columns_and_jacobian(self, x):
         F = x.shape[1] // 6
