@@ -428,7 +428,7 @@ def test_cuda_without_device(gtab):
 
 
 @pytest.mark.gpu
-def test_volume_fit_on_cuda_matches_cpu(model, volume_fit, volume, gtab, grid):
+def test_volume_fit_on_cuda_matches_cpu(volume_fit, volume, gtab, grid):
     """The same fit on the GPU: float64 throughout, so only the order of the
     floating-point sums differs (reductions on the GPU are reordered); 4 Adam
     steps amplify a 1e-15 difference to ~1e-9 at most, hence rtol 1e-6."""
