@@ -840,12 +840,11 @@ class CompartmentModel(ReconstModel):
         the S0 target (column 0) by the same mean. A new draw per batch: the
         network sees every training voxel with many noise realisations."""
         sigma = 1.0 / self.snr
-        real = clean + sigma * torch.randn(
-            clean.shape, generator=generator, dtype=clean.dtype
-        )
-        imag = sigma * torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
+        like = {"generator": generator, "dtype": clean.dtype, "device": clean.device}
+        real = clean + sigma * torch.randn(clean.shape, **like)
+        imag = sigma * torch.randn(clean.shape, **like)
         noisy = torch.sqrt(real**2 + imag**2)
-        b0s = torch.as_tensor(self._b0s)
+        b0s = torch.as_tensor(self._b0s, device=clean.device)
         s0 = noisy[:, b0s].mean(-1) if b0s.any() else noisy.amax(-1)
         s0 = torch.where(s0 > 0, s0, torch.ones_like(s0))
         targets = targets.clone()

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..checks import check_int, check_positive
+from ..checks import check_device, check_int, check_positive
 from ..files import cache_root
 
 __all__ = [
@@ -65,6 +65,12 @@ class LearnedOptions:
         are). None (default): the model's ``default_polish``, 1 (0 for
         :class:`~.models.ExchangeModel`). Applied to the estimates, not in
         training: not part of the cache key (:meth:`training_description`).
+    device : str
+        Torch device the network is trained on (``"cpu"``, default, or
+        ``"cuda"``); it is then used on the CPU. Not part of the cache key:
+        the device changes the rounding and the random stream of the
+        training, not what is trained, so a network trained on a GPU serves
+        the CPU fits of the same model.
     """
 
     n_train: int = 100_000
@@ -74,9 +80,11 @@ class LearnedOptions:
     lr: float = 2e-3
     seed: int = 0
     polish: int | None = None
+    device: str = "cpu"
 
-    #: Fields used after training only (not in :meth:`training_description`).
-    _AFTER_TRAINING = ("polish",)
+    #: Fields that change how or where, not what, is trained or applied
+    #: (not in :meth:`training_description`, so not in the cache key).
+    _AFTER_TRAINING = ("polish", "device")
 
     @classmethod
     def from_dict(cls, options):
@@ -97,6 +105,10 @@ class LearnedOptions:
         if out.polish is not None:
             check_int(out.polish, "learned_options['polish']", 0)
         check_positive(out.lr, "learned_options['lr']")
+        try:
+            check_device(out.device)
+        except ValueError as err:
+            raise ValueError(f"learned_options['device']: {err}") from None
         hidden = tuple(out.hidden)
         for width in hidden:
             check_int(width, "learned_options['hidden']", 1)
@@ -186,13 +198,13 @@ def set_loss(z, y, groups):
     if groups is None:
         return ((z - y) ** 2).mean(-1)
     F, W = groups.shape
-    free = torch.ones(z.shape[-1], dtype=torch.bool)
+    free = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
     free[groups.flatten()] = False
     loss = ((z[:, free] - y[:, free]) ** 2).sum(-1)
     zg, yg = z[:, groups], y[:, groups]  # (B, F, W)
     pair = ((zg[:, :, None] - yg[:, None]) ** 2).sum(-1)  # (B, F out, F true)
-    perms = torch.tensor(list(itertools.permutations(range(F))))  # (F!, F)
-    cost = pair[:, torch.arange(F), perms].sum(-1)  # (B, F!)
+    perms = torch.tensor(list(itertools.permutations(range(F))), device=z.device)
+    cost = pair[:, torch.arange(F, device=z.device), perms].sum(-1)  # (B, F!)
     return (loss + cost.amin(-1)) / z.shape[-1]
 
 
@@ -213,17 +225,18 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
     from tqdm.auto import tqdm
 
     torch.manual_seed(options.seed)
-    x = torch.as_tensor(inputs, dtype=torch.float32)
-    y = torch.as_tensor(targets, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(options.seed)
+    device = check_device(options.device)
+    x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
+    y = torch.as_tensor(targets, dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device).manual_seed(options.seed)
     if augment is None:
 
         def augment(xb, yb, _):
             return xb, yb
 
     if groups is not None:
-        groups = torch.as_tensor(groups, dtype=torch.long)
-    net = Regressor(x.shape[1], y.shape[1], options.hidden)
+        groups = torch.as_tensor(groups, dtype=torch.long, device=device)
+    net = Regressor(x.shape[1], y.shape[1], options.hidden).to(device)
     x_seen, y_seen = augment(x, y, gen)
     net.x_mean.copy_(x_seen.mean(0))
     net.x_std.copy_(x_seen.std(0).clamp_min(1e-6))
@@ -244,7 +257,7 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
     start = time.perf_counter()
     bar = tqdm(range(options.epochs), desc=f"training {label}", leave=False)
     for _ in bar:
-        order = torch.randperm(x.shape[0], generator=gen)
+        order = torch.randperm(x.shape[0], generator=gen, device=device)
         running = 0.0
         for i in range(0, x.shape[0], options.batch_size):
             idx = order[i : i + options.batch_size]
@@ -255,16 +268,17 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
             loss.backward()
             opt.step()
             sched.step()
-            running += loss.item() * idx.numel()
-        bar.set_postfix(loss=f"{running / x.shape[0]:.4f}")
+            # Summed on the device: .item() every step would wait for it.
+            running = running + loss.detach() * idx.numel()
+        bar.set_postfix(loss=f"{float(running) / x.shape[0]:.4f}")
     seconds = time.perf_counter() - start
     message = (
         f"dipy_spinverse: trained the {label} on {x.shape[0]} simulated voxels "
-        f"in {seconds:.1f} s"
+        f"in {seconds:.1f} s on {device}"
     )
     logger.info(message)
     print(message)
-    net.eval()
+    net.cpu().eval()
     return net, seconds
 
 
