@@ -7,6 +7,8 @@ recovers every parameter to the optimiser's precision; at SNR 100 the count
 and the parameters are recovered within the tolerances stated at each check.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 from conftest import shells_gtab
@@ -247,3 +249,31 @@ def test_noddi_counts_with_a_constant_column():
     assert_array_equal(fit.n_fibres, 1)
     again = model.fit(data, fibres=fit.n_fibres)
     assert_allclose(fit.model_params, again.model_params, rtol=1e-12)
+
+
+def test_count_map_needs_no_csd():
+    # With a count map the CSD peaks are only one extra start per fit: a
+    # table CSD cannot use (no b = 0 volume, 10 directions per shell) fits
+    # the map from the grid starts with a warning, where "auto" (which needs
+    # the peaks) still refuses; a map without fibres does not run CSD.
+    rng = np.random.default_rng(7)
+    counts = np.array([0, 1, 2])
+    for n_b0, n_dirs in ((0, 30), (2, 10)):
+        gtab = shells_gtab(
+            [(0.008, 0.02, (1000, 2500, 4000))], n_dirs=n_dirs, n_b0=n_b0
+        )
+        model = ActiveAxModel(gtab, fibres="auto", **FAST)
+        params = _activeax_params(counts, _crossing_dirs(rng, len(counts)))
+        data = _simulate(model, params)
+        with pytest.warns(UserWarning, match="without CSD starts"):
+            fit = model.fit(data, fibres=counts)
+        assert_array_equal(fit.n_fibres, counts)
+        # Noiseless: the data to the optimiser's precision (as with CSD).
+        assert_allclose(fit.predict(), data, rtol=1e-6)
+        with pytest.raises(ValueError, match="CSD peaks need"):
+            model.fit(data)
+    free_water = data[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = model.fit(free_water, fibres=np.array([0]))
+    assert_array_equal(fit.n_fibres, 0)

@@ -12,6 +12,7 @@ initialisation of several fibres, prediction -- lives here.
 import functools
 import itertools
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from .fitting import (
     projected,
 )
 from .learned import TRAINER_VERSION, LearnedOptions, fingerprint, load_or_train
-from .peaks import csd_peaks
+from .peaks import CSDUnavailableError, csd_peaks
 
 __all__ = ["CompartmentModel", "CompartmentFit", "FIT_METHODS"]
 
@@ -999,9 +1000,7 @@ class CompartmentModel(ReconstModel):
         criterion (:meth:`_criterion`) decreases and the k + 1 populations
         are at least ``_MIN_CROSSING_DEG`` apart.
         """
-        directions, _ = csd_peaks(
-            self.gtab, signals, response=self.response, max_peaks=self.n_fibres
-        )
+        directions = self._csd_directions(signals, counts)
         if counts is not None:
             return self._fit_counts(y, s0, directions, counts)
         V, M = y.shape
@@ -1039,6 +1038,31 @@ class CompartmentModel(ReconstModel):
         if self._counting_model(1) is not self._with_fibres(1):
             return self._fit_counts(y, s0, directions, chosen)
         return out
+
+    def _csd_directions(self, signals, counts):
+        """CSD peaks (V, n_fibres, 3) of the voxels' signals (V, N).
+
+        The count selection needs them; with a count map they are only one
+        extra start per fit, so a table or data CSD cannot use (no b = 0
+        volume or shell of 15 directions, no voxel to estimate the response
+        from) leaves zero rows (the fits' own starts) with a warning instead
+        of stopping the fit, and a map without fibres does not run CSD."""
+        no_peaks = np.zeros((len(signals), self.n_fibres, 3))
+        if counts is not None and not counts.any():
+            return no_peaks
+        try:
+            directions, _ = csd_peaks(
+                self.gtab, signals, response=self.response, max_peaks=self.n_fibres
+            )
+        except CSDUnavailableError as err:
+            if counts is None:
+                raise
+            warnings.warn(
+                f"{err}. The fibre count map is fitted without CSD starts.",
+                stacklevel=6,
+            )
+            return no_peaks
+        return directions
 
     def _fit_counts(self, y, s0, directions, counts):
         """Parameters (V, n_params) of every voxel fitted with its own fibre

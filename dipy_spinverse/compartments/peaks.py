@@ -24,7 +24,7 @@ from dipy.reconst.csdeconv import (
 from dipy.reconst.dti import TensorModel
 from dipy.reconst.shm import descoteaux07_legacy_msg
 
-__all__ = ["csd_peaks", "select_shell"]
+__all__ = ["CSDUnavailableError", "csd_peaks", "select_shell"]
 
 # Shells are told apart to this precision (s/mm^2).
 _SHELL_ROUNDING = 100.0
@@ -33,6 +33,13 @@ _SHELL_ROUNDING = 100.0
 _MAX_SH_ORDER = 8
 # Voxels used for the automatic response: FA above this (DIPY's default).
 _RESPONSE_FA = 0.7
+
+
+class CSDUnavailableError(ValueError):
+    """CSD cannot run on these data: the gradient table has no b = 0 volume
+    or no shell with enough directions, or no voxel to estimate the response
+    from. A ``ValueError``; callers for which the peaks are only starts
+    catch it."""
 
 
 def select_shell(gtab, *, min_directions=15):
@@ -54,7 +61,7 @@ def select_shell(gtab, *, min_directions=15):
         if np.sum(rounded[~b0s] == b) >= min_directions
     ]
     if not shells or not b0s.any():
-        raise ValueError(
+        raise CSDUnavailableError(
             "CSD peaks need b = 0 volumes and a shell with at least "
             f"{min_directions} directions; the gradient table has b-values "
             f"{sorted(set(rounded.tolist()))}"
@@ -144,7 +151,7 @@ def _auto_response(gtab, data):
     fa = TensorModel(gtab).fit(data).fa
     mask = np.nan_to_num(fa) > _RESPONSE_FA
     if not mask.any():
-        raise ValueError(
+        raise CSDUnavailableError(
             f"no voxel has FA > {_RESPONSE_FA} to estimate the CSD response; "
             "give response=(evals, S0) (e.g. from "
             "dipy.reconst.csdeconv.auto_response_ssst on the whole volume)"
