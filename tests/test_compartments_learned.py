@@ -137,6 +137,11 @@ def test_learned_bad_input(gtab_shells, gtab_ivim):
         IvimModel(gtab_ivim, snr=0)
     with pytest.raises(ValueError, match="n_train"):
         LearnedOptions.from_dict({"n_train": 1})
+    for hidden in (32, "32"):
+        with pytest.raises(
+            ValueError, match=r"learned_options\['hidden'\].*\(64, 64\)"
+        ):
+            LearnedOptions.from_dict({"hidden": hidden})
     with pytest.raises(ValueError, match="fibres='auto'"):
         NoddiModel(gtab_shells, fibres="auto", fit_method="learned")
     with pytest.raises(ValueError, match=r"learned_options\['device'\].*'cpu'"):

@@ -109,6 +109,11 @@ class LearnedOptions:
             check_device(out.device)
         except ValueError as err:
             raise ValueError(f"learned_options['device']: {err}") from None
+        if isinstance(out.hidden, str) or not np.iterable(out.hidden):
+            raise ValueError(
+                "learned_options['hidden'] must be a sequence of layer widths, "
+                f"e.g. (64, 64), got {out.hidden!r}"
+            )
         hidden = tuple(out.hidden)
         for width in hidden:
             check_int(width, "learned_options['hidden']", 1)
