@@ -647,6 +647,15 @@ def test_bad_inputs(gtab_axon, gtab_ivim):
         ZcdModel(gtab_axon, diameter_bounds=(5.0, 1.0))
     with pytest.raises(ValueError, match="gtab"):
         NoddiModel(np.zeros(3))
+    # Models without timing check the b-values as those with timing do:
+    # b in ms/um^2 or no weighted volume would be fitted silently.
+    in_ms = gradient_table(gtab_ivim.bvals / 1000, bvecs=gtab_ivim.bvecs)
+    only_b0 = gradient_table(np.zeros(4), bvecs=np.zeros((4, 3)))
+    for cls in (NoddiModel, IvimModel):
+        with pytest.raises(ValueError, match=r"gtab.bvals .*ms/um\^2"):
+            cls(in_ms)
+        with pytest.raises(ValueError, match="no diffusion-weighted volume"):
+            cls(only_b0)
 
 
 # --------------------------------------------------------------------------

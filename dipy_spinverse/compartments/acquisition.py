@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from dipy.core.gradients import GradientTable
 
-from ..sequences import Protocol
+from ..sequences import Protocol, check_bvals
 
 __all__ = ["Acquisition"]
 
@@ -97,7 +97,9 @@ class Acquisition:
             Require the timing (through :meth:`Protocol.from_gtab`, which maps
             b <= ``gtab.b0_threshold`` to 0). If False the table's b-values are
             used as they are and only b-value blocks (ball, stick, zeppelin,
-            Watson) can be evaluated.
+            Watson) can be evaluated. Either way the b-values are checked as
+            :func:`~dipy_spinverse.sequences.check_bvals` does (in s/mm^2,
+            with a diffusion-weighted shell).
         dtype : torch.dtype, optional
 
         Returns
@@ -112,7 +114,10 @@ class Acquisition:
             )
         if timing:
             return cls.from_protocol(Protocol.from_gtab(gtab), dtype=dtype)
-        bvals = np.asarray(gtab.bvals, dtype=np.float64)
+        # As Protocol.from_gtab: b-values in another unit (ms/um^2) or no
+        # weighted volume would otherwise be fitted silently.
+        threshold = 0.0 if gtab.b0_threshold is None else gtab.b0_threshold
+        bvals = check_bvals(gtab.bvals, b0_threshold=threshold)
         bvecs = np.asarray(gtab.bvecs, dtype=np.float64)
         norms = np.linalg.norm(bvecs, axis=1, keepdims=True)
         bvecs = np.divide(bvecs, norms, out=np.zeros_like(bvecs), where=norms > 0)
