@@ -553,6 +553,8 @@ def test_single_voxel_round_trip(activeax_case):
     assert_allclose(fit.predict(), signal, rtol=1e-8)
     assert_allclose(fit.predict(model.gtab, S0=1.0), signal / S0, rtol=1e-8)
     assert_allclose(fit.diameter, 6.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="S0 has shape"):
+        fit.predict(S0=np.ones(2))
 
 
 def test_volume_mask_and_nan(activeax_case):

@@ -1133,7 +1133,14 @@ class CompartmentModel(ReconstModel):
         if S0 is not None:
             # The fitted S0 is replaced: divide it out, multiply by the new one.
             fitted = params[..., 0]
-            new = np.broadcast_to(np.asarray(S0, dtype=np.float64), shape)
+            S0 = np.asarray(S0, dtype=np.float64)
+            try:
+                new = np.broadcast_to(S0, shape)
+            except ValueError:
+                raise ValueError(
+                    f"S0 has shape {S0.shape}, but the fit has shape {shape}; "
+                    "give a scalar or one S0 per voxel"
+                ) from None
             with np.errstate(invalid="ignore", divide="ignore"):
                 scaled = signal / fitted[..., None] * new[..., None]
             signal = np.where(todo[..., None], scaled, signal)
