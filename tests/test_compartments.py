@@ -579,6 +579,20 @@ def test_volume_mask_and_nan(activeax_case):
     assert fit[1, 2].shape == (2,)
 
 
+def test_voxel_with_a_vanishing_b0_does_not_stop_the_fit(gtab_noddi):
+    # A positive b = 0 signal so small (denormal) that the normalised signals
+    # overflow: that voxel gets NaN, as a non-finite one does; it used to
+    # stop NODDI's whole fit (its tensor starts cannot take infinities).
+    model = NoddiModel(gtab_noddi)
+    params = np.array([[S0, 0.1, 1.0, 0.6, 0.1, 0.0, 0.0, 1.0]] * 3)
+    data = _simulate(model, params)
+    data[1, model.gtab.b0s_mask] = 1e-320
+    fit = model.fit(data)
+    assert np.all(np.isnan(fit.model_params[1]))
+    assert_allclose(fit.model_params[[0, 2]], params[[0, 2]], atol=1e-6)
+    assert_array_equal(fit.n_fibres, [1, 0, 1])
+
+
 def test_exchange_predict_masked_and_nan_voxels(gtab_exchange):
     model = ExchangeModel(gtab_exchange, n_starts=1)
     params = np.array(

@@ -614,7 +614,8 @@ class CompartmentModel(ReconstModel):
         -------
         fit : CompartmentFit subclass
             Voxels whose signals are not finite, or whose b = 0 signal is not
-            positive, get NaN parameters; the others are fitted regardless.
+            positive (or so small that the signals divided by it overflow),
+            get NaN parameters; the others are fitted regardless.
         """
         data, mask = self._check_data(data, mask)
         counts = self._check_fibres(fibres, mask)
@@ -623,6 +624,10 @@ class CompartmentModel(ReconstModel):
         signals = data[mask]  # (V, N)
         s0 = self._s0_estimate(signals)
         ok = np.isfinite(signals).all(-1) & np.isfinite(s0) & (s0 > 0)
+        with np.errstate(over="ignore"):
+            # A b = 0 signal so small (e.g. denormal) that the normalised
+            # signals overflow is no signal either: NaN for that voxel alone.
+            ok &= np.isfinite(signals / np.where(ok, s0, 1.0)[:, None]).all(-1)
         out = np.full((signals.shape[0], n_params), np.nan)
         y_ok = signals[ok] / s0[ok, None]
         s0_ok = s0[ok]
