@@ -861,6 +861,11 @@ def test_fibre_count_bad_input(gtab_noddi):
         auto.fit(data, fibres=np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="fibres"):
         NoddiModel(gtab_noddi, fibres="all")
+    good = ((1.7e-3, 3e-4, 3e-4), 100.0)
+    assert NoddiModel(gtab_noddi, fibres="auto", response=good).response is good
+    for response in ((1, 2, 3), ((1.7e-3, 3e-4), 100.0), ((1.7e-3, 3e-4, 0), 1)):
+        with pytest.raises(ValueError, match=r"response must be \(evals, S0\)"):
+            NoddiModel(gtab_noddi, fibres="auto", response=response)
     # n_fibres caps the count: layout and accepted map follow it.
     two = NoddiModel(gtab_noddi, fibres="auto", n_fibres=2)
     assert len(two.param_names) == 2 + 6 * 2

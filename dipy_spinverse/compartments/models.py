@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 import torch
+from dipy.reconst.csdeconv import AxSymShResponse
 from dipy.testing.decorators import warning_for_keywords
 
 from ..checks import check_choice, check_positive
@@ -85,6 +86,28 @@ def _check_bounds(bounds, name, *, lower=0.0):
             f"{name} must satisfy {lower} <= lower < upper < inf, got {bounds!r}"
         )
     return lo, hi
+
+
+def _check_response(response):
+    """The CSD response of ``fibres="auto"`` as given (None, DIPY's
+    ``AxSymShResponse`` or an ``(evals, S0)`` pair), refused here rather
+    than by DIPY in the middle of a fit."""
+    if response is None or isinstance(response, AxSymShResponse):
+        return response
+    message = (
+        "response must be (evals, S0): the three eigenvalues (mm^2/s, > 0) "
+        "of the single-fibre tensor and its b = 0 signal (> 0), e.g. "
+        f"((1.7e-3, 3e-4, 3e-4), 100.0), got {response!r}"
+    )
+    try:
+        evals, s0 = response
+        evals, s0 = np.asarray(evals, dtype=np.float64), float(s0)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    good = evals.shape == (3,) and np.all(np.isfinite(evals) & (evals > 0))
+    if not (good and math.isfinite(s0) and s0 > 0):
+        raise ValueError(message)
+    return response
 
 
 def _fractions(c):
@@ -225,7 +248,7 @@ class NoddiModel(CompartmentModel):
         cache_dir=None,
     ):
         self.n_fibres, self.fibres = _fibre_options(n_fibres, fibres)
-        self.response = response
+        self.response = _check_response(response)
         self._n_starts_given = n_starts
         if n_starts is None:
             # One fibre: the grid start is already in the right basin (extra
@@ -605,7 +628,7 @@ class ActiveAxModel(CompartmentModel):
         cache_dir=None,
     ):
         self.n_fibres, self.fibres = _fibre_options(n_fibres, fibres)
-        self.response = response
+        self.response = _check_response(response)
         self.d_par = check_positive(d_par, "d_par")
         self.d_iso = check_positive(d_iso, "d_iso")
         self.dot = bool(dot)
@@ -914,7 +937,7 @@ class ZcdModel(CompartmentModel):
         cache_dir=None,
     ):
         self.n_fibres, self.fibres = _fibre_options(n_fibres, fibres)
-        self.response = response
+        self.response = _check_response(response)
         self.diameter_bounds = _check_bounds(
             diameter_bounds, "diameter_bounds", lower=1e-3
         )
