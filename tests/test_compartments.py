@@ -857,8 +857,10 @@ def test_fibre_count_bad_input(gtab_noddi):
         auto.fit(data, fibres=np.array([1, 2, 1]))
     with pytest.raises(ValueError, match="0..3"):
         auto.fit(data, fibres=np.array([1, 4]))
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(ValueError, match="integers.*astype"):
         auto.fit(data, fibres=np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="Invalid fibres 'AUTO'"):
+        auto.fit(data, fibres="AUTO")
     with pytest.raises(ValueError, match="fibres"):
         NoddiModel(gtab_noddi, fibres="all")
     good = ((1.7e-3, 3e-4, 3e-4), 100.0)

@@ -649,6 +649,8 @@ class CompartmentModel(ReconstModel):
     fit_method = "varpro"
 
     def _check_fibres(self, fibres, mask):
+        if isinstance(fibres, str):
+            check_choice(fibres, "fibres", ("auto",))
         if fibres is None or (isinstance(fibres, str) and fibres == "auto"):
             if fibres is not None and self.fibres != "auto":
                 raise ValueError("fibres='auto' needs a model built with fibres='auto'")
@@ -665,7 +667,10 @@ class CompartmentModel(ReconstModel):
                 f"{mask.shape}; give one count per voxel"
             )
         if not np.issubdtype(counts.dtype, np.integer):
-            raise ValueError(f"fibres must hold integers, got dtype {counts.dtype}")
+            raise ValueError(
+                f"fibres must hold integers, got dtype {counts.dtype}; convert a "
+                "count map read as floats with np.rint(counts).astype(int)"
+            )
         inside = counts[mask]
         if inside.size and (inside.min() < 0 or inside.max() > self.n_fibres):
             raise ValueError(
