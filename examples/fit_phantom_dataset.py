@@ -35,7 +35,7 @@ def main(argv=None):
     parser.add_argument("--max_iter", type=int, default=300, help="iterations")
     parser.add_argument("--engine", default="serial", help="serial or joblib")
     parser.add_argument(
-        "--sigma", type=float, default=0.03, help="noise / b=0 signal (0: unknown)"
+        "--sigma", type=float, default=0.015, help="noise / b=0 signal (0: unknown)"
     )
     args = parser.parse_args(argv)
 
