@@ -423,35 +423,3 @@ def test_kicked_descents_never_worsen_and_repeat():
         ),
         start,
     )
-
-
-@pytest.mark.slow
-def test_demo_leaky_cylinder_is_recovered(tmp_path):
-    """The README demo's leaky cylinder (1e-4 m/s, voxel (1, 1, 0), SNR 100,
-    noise seed 0) comes back exact.
-
-    Its shape is in the generic dictionary; screened only at 1e-5 and 5e-5
-    m/s (the smallest and the middle of ``search_kappas``) it ranked below
-    other shapes and the search ended at IoU 0.59, chi-square 137 against
-    the truth's 108. Screening every shape at its best of ``search_kappas``
-    keeps it. About 2 minutes on one core.
-    """
-    from dipy.core.gradients import gradient_table
-    from dipy.io import read_bvals_bvecs
-    from dipy.io.image import load_nifti_data
-
-    from dipy_spinverse.data import make_phantom_dataset
-    from dipy_spinverse.metrics import volume_overlap
-    from dipy_spinverse.reconst import SpinverseModel
-    from dipy_spinverse.workflows import read_timing
-
-    paths = make_phantom_dataset(tmp_path)
-    data = load_nifti_data(paths["data"])[1:2, 1:2]
-    bvals, bvecs = read_bvals_bvecs(paths["bvals"], paths["bvecs"])
-    small, big = read_timing(paths["timing"])
-    gtab = gradient_table(bvals, bvecs=bvecs, big_delta=big, small_delta=small)
-    model = SpinverseModel(gtab, sigma=0.015)
-    fit = model.fit(data)
-    truth = np.load(paths["truth"])
-    inside = truth["labels"][1, 1, 0] > 0
-    assert volume_overlap(model.grid, fit.barrier[0, 0, 0], inside)["iou"] == 1.0

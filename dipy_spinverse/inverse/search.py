@@ -679,21 +679,19 @@ def _best_kappa(kind, candidates, kappas):
 def _screened_shapes(grid, config, spread):
     """The ``search_starts`` generic shapes that best fit a voxel (generator).
 
-    Shapes are screened on ``SCREEN_DIRECTIONS`` directions, each at its
-    best of ``search_kappas`` (the permeabilities the descent chooses from:
-    a shape screened only at a permeability far from its cell's can rank
-    below worse shapes, as the README demo's 1e-4 m/s cylinder did when the
-    screen used the smallest and the middle value). With
+    Shapes are screened on ``SCREEN_DIRECTIONS`` directions at two
+    permeabilities (the smallest and the middle of ``search_kappas``). With
     noise, the few screening directions cannot rank shapes whose losses
     differ by less than the screen's own ``spread``: those are ranked again
     on the search directions.
     """
     kappas = np.asarray(config.search_kappas)
+    pair = kappas[[0, len(kappas) // 2]]
     steps = shape_search_steps(grid, RESCREEN_MAX)
     try:
         request = next(steps)
         while True:
-            losses = (yield from _best_kappa("screen", request, kappas))[2].min(1)
+            losses = (yield from _best_kappa("screen", request, pair))[2].min(1)
             request = steps.send(losses)
     except StopIteration as stop:
         shapes, quick_losses = stop.value
@@ -701,7 +699,7 @@ def _screened_shapes(grid, config, spread):
     n_close = np.searchsorted(quick_losses, best + spread, "right")
     shapes = shapes[: max(config.search_starts, n_close)]
     if len(shapes) > config.search_starts:
-        losses = (yield from _best_kappa("search", shapes, kappas))[2].min(1)
+        losses = (yield from _best_kappa("search", shapes, pair))[2].min(1)
         shapes = shapes[np.argsort(losses, kind="stable")]
     return shapes[: config.search_starts]
 
