@@ -14,7 +14,11 @@ from dipy_spinverse.meshfit.fit import (
     surface_chamfer,
 )
 from dipy_spinverse.meshfit.mesh import ball_mesh, tube_mesh
-from dipy_spinverse.meshfit.shape import spectral_shape, surface_laplacian
+from dipy_spinverse.meshfit.shape import (
+    _canonical_modes,
+    spectral_shape,
+    surface_laplacian,
+)
 from dipy_spinverse.sequences import Protocol, fibonacci_sphere
 
 
@@ -36,6 +40,29 @@ def test_surface_laplacian_of_a_sphere():
     stiffness, mass = surface_laplacian(mesh.vertices, mesh.boundary_faces)
     assert_allclose(stiffness @ np.ones(mesh.n_vertices), 0.0, atol=1e-10)
     assert mass.sum() == pytest.approx(mesh.surface_area, rel=1e-12)
+
+
+def test_modes_do_not_depend_on_the_eigensolvers_basis():
+    # Any orthonormal basis of a repeated eigenvalue's eigenspace, and any
+    # sign of a simple one, give the same canonical modes (to rounding): the
+    # shape code is the same whatever LAPACK returns. Synthetic
+    # mass-orthonormal modes, eigenvalues 0, 1, 1, 1, 2 (a threefold one).
+    rng = np.random.default_rng(3)
+    mass = rng.uniform(0.5, 1.5, 40)
+    q, _ = np.linalg.qr(rng.standard_normal((40, 5)))
+    modes = q / np.sqrt(mass)[:, None]  # modes^T diag(mass) modes = I
+    values = np.array([0.0, 1.0, 1.0, 1.0, 2.0])
+    mix, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    other = modes.copy()
+    other[:, 1:4] = modes[:, 1:4] @ mix
+    other[:, [0, 4]] *= -1.0
+    a = _canonical_modes(values, modes, mass)
+    b = _canonical_modes(values, other, mass)
+    assert_allclose(a, b, atol=1e-12)
+    # Still mass-orthonormal, still spanning each eigenspace.
+    assert_allclose(a.T @ (mass[:, None] * a), np.eye(5), atol=1e-12)
+    projector = modes[:, 1:4] @ modes[:, 1:4].T @ np.diag(mass)
+    assert_allclose(projector @ a[:, 1:4], a[:, 1:4], atol=1e-12)
 
 
 def test_code_is_linear_and_mode_zero_swells():

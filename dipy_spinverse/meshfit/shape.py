@@ -162,7 +162,7 @@ def spectral_shape(template, *, n_modes=16, directions="normal"):
     )
     # Unit rms over the surface: sum(mass * phi^2) = area; mode 0 positive, so
     # that a positive first coefficient swells the cell.
-    modes = modes * np.sqrt(mass.sum())
+    modes = _canonical_modes(values, modes, mass) * np.sqrt(mass.sum())
     modes[:, 0] *= np.sign(modes[:, 0].sum())
     normals = _vertex_normals(template.vertices[surface], local[faces])
     if directions == "normal":
@@ -179,6 +179,33 @@ def spectral_shape(template, *, n_modes=16, directions="normal"):
         eigenvalues=np.maximum(values, 0.0),
         directions=directions,
     )
+
+
+def _canonical_modes(values, modes, mass, *, rtol=1e-6):
+    """Eigenfunctions made independent of the eigensolver's choices.
+
+    Within an eigenvalue of multiplicity k (a tube's or a ball's symmetric
+    modes) LAPACK returns any orthonormal basis of the eigenspace, and any
+    sign for a simple one; which one depends on the LAPACK build, and with
+    it the shape code and what an autoencoder learns over it. Each
+    eigenspace's basis is rotated to the orthogonal factor of its
+    mass-weighted projection onto fixed reference functions (seeded), so
+    the same template gives the same modes everywhere.
+    """
+    modes = modes.copy()
+    reference = np.random.default_rng(0).standard_normal((len(mass), modes.shape[1]))
+    start = 0
+    while start < len(values):
+        stop = start + 1
+        scale = max(abs(values[start]), 1.0)
+        while stop < len(values) and values[stop] - values[start] < rtol * scale:
+            stop += 1
+        block = modes[:, start:stop]
+        overlap = block.T @ (mass[:, None] * reference[:, start:stop])  # (k, k)
+        u, _, vt = np.linalg.svd(overlap)
+        modes[:, start:stop] = block @ (u @ vt)
+        start = stop
+    return modes
 
 
 def _vertex_normals(vertices, triangles):
