@@ -18,6 +18,8 @@ first diffraction minimum; the slow exchange through a membrane of 1e-5 m/s
 is left out of the mixture).
 """
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -26,7 +28,7 @@ from ..forward import simulate
 from ..interface import barrier_mesh
 from ..sequences import as_protocol
 from ..signals import normalise_b0
-from .fit import MeshFit, fit_mesh, fit_surface
+from .fit import AXON_START_PERIODS, MeshFit, _check_periods, fit_mesh, fit_surface
 from .mesh import ball_mesh, tube_mesh
 from .shape import DIRECTIONS
 
@@ -43,6 +45,10 @@ __all__ = [
 #: Templates of the refinement: a ball, or a closed tube along the label's
 #: principal axis (an axon crossing a reflecting box is a closed tube).
 REFINE_TEMPLATES = ("ball", "tube")
+#: Shape codes of the refinement: the template's Laplace-Beltrami
+#: coefficients, or (tube only) the axon family's eight parameters (radius,
+#: bend, beads, swelling, fanning; ``fit_mesh(code="axon")``).
+REFINE_CODES = ("spectral", "axon")
 
 #: Options of :func:`refine_cell` and their defaults: small enough for a
 #: voxel in about a minute on one core (a resolution-3 ball has 1,200
@@ -59,6 +65,8 @@ REFINE_DEFAULTS = dict(
     penalty=1e-4,
     length_scale=2.0,
     basis_every=5,
+    code="spectral",
+    axon_periods=AXON_START_PERIODS,
 )
 
 
@@ -94,6 +102,13 @@ def check_refine_options(options=None):
     out["learning_rate"] = check_positive(out["learning_rate"], "learning_rate", "um")
     out["penalty"] = check_number(out["penalty"], "penalty", minimum=0.0)
     out["length_scale"] = check_positive(out["length_scale"], "length_scale", "um")
+    out["code"] = check_choice(out["code"], "code", REFINE_CODES)
+    if out["code"] == "axon" and out["template"] != "tube":
+        raise ValueError(
+            "mesh_options code='axon' fits the axon family of a tube; add "
+            "template='tube'."
+        )
+    out["axon_periods"] = tuple(_check_periods(out["axon_periods"]).tolist())
     return out
 
 
@@ -144,19 +159,34 @@ def refine_template(kind, points, volume, *, resolution=3, layers=10):
         principal axis, as long as its extent along it, of its volume.
     """
     kind = check_choice(kind, "kind", REFINE_TEMPLATES)
-    centre = points.mean(0)
     if kind == "ball":
         radius = (3.0 * volume / (4.0 * np.pi)) ** (1.0 / 3.0)
-        return ball_mesh(radius, resolution=resolution, centre=centre)
-    _, _, vt = np.linalg.svd(points - centre, full_matrices=False)
-    along = (points - centre) @ vt[0]
-    length = float(along.max() - along.min())
+        return ball_mesh(radius, resolution=resolution, centre=points.mean(0))
+    rotation, middle, length = _principal_frame(points)
     radius = np.sqrt(volume / (np.pi * length))
     tube = tube_mesh(radius, length, resolution=resolution, layers=layers)
-    # Rows of vt are orthonormal: z of the tube onto the principal axis.
+    return tube.moved(tube.vertices @ rotation + middle)
+
+
+def _principal_frame(points):
+    """Frame of a label surface along its principal axis.
+
+    Returns
+    -------
+    rotation : ndarray (3, 3)
+        Orthonormal rows, the last the principal axis: a point ``v`` of a
+        frame along z is ``v @ rotation + middle`` in the grid.
+    middle : ndarray (3,)
+        The middle of the points' extent along the axis.
+    length : float
+        That extent (um).
+    """
+    centre = points.mean(0)
+    _, _, vt = np.linalg.svd(points - centre, full_matrices=False)
+    along = (points - centre) @ vt[0]
     rotation = np.stack([vt[1], np.cross(vt[0], vt[1]), vt[0]])
     middle = centre + 0.5 * (along.max() + along.min()) * vt[0]
-    return tube.moved(tube.vertices @ rotation + middle)
+    return rotation, middle, float(along.max() - along.min())
 
 
 def refine_cell(
@@ -222,6 +252,29 @@ def refine_cell(
     )
     points = surface.vertices
     volume = float(grid.cell_volumes[cell].sum())
+    rest = ~cell
+    background = None
+    if rest.any():
+        with torch.no_grad():
+            outside = simulate(
+                grid,
+                np.asarray(permeability, dtype=np.float64),
+                protocol,
+                diffusivity=diffusivity,
+                initial=rest,
+            ).numpy()
+        background = normalise_b0(outside, protocol)
+    settings = dict(
+        diffusivity=diffusivity,
+        sigma=sigma,
+        noise=noise,
+        max_iter=options["max_iter"],
+        length_scale=options["length_scale"],
+        background=background,
+        box_volume=grid.volume,
+    )
+    if options["code"] == "axon":
+        return _refine_axon(points, volume, signal, protocol, options, settings)
     template = refine_template(
         options["template"],
         points,
@@ -237,33 +290,15 @@ def refine_cell(
         directions=options["directions"],
         max_iter=options["surface_iter"],
     )
-    rest = ~cell
-    background = None
-    if rest.any():
-        with torch.no_grad():
-            outside = simulate(
-                grid,
-                np.asarray(permeability, dtype=np.float64),
-                protocol,
-                diffusivity=diffusivity,
-                initial=rest,
-            ).numpy()
-        background = normalise_b0(outside, protocol)
     fit = fit_mesh(
         signal,
         protocol,
         template=shape,
         start=start,
-        diffusivity=diffusivity,
-        sigma=sigma,
-        noise=noise,
-        max_iter=options["max_iter"],
         learning_rate=options["learning_rate"],
         penalty=options["penalty"],
-        length_scale=options["length_scale"],
         basis_every=options["basis_every"],
-        background=background,
-        box_volume=grid.volume,
+        **settings,
     )
     return MeshFit(
         mesh=fit.mesh,
@@ -273,4 +308,37 @@ def refine_cell(
         kind=options["template"],
         n_inverted=fit.n_inverted,
         shape=fit.shape,
+    )
+
+
+def _refine_axon(points, volume, signal, protocol, options, settings):
+    """:func:`refine_cell` with ``code="axon"``.
+
+    The axon code describes a tube along z centred at the origin, so the
+    fit runs in the label's principal frame (:func:`_principal_frame`): a
+    straight tube of the label's length and volume, and the protocol's
+    gradient directions rotated into that frame (the magnitude signal of a
+    cell moved by ``v @ rotation + middle`` under direction ``g`` is that of
+    the unmoved cell under ``rotation @ g``). The fitted mesh is moved back
+    into the grid.
+    """
+    rotation, middle, length = _principal_frame(points)
+    radius = np.sqrt(volume / (np.pi * length))
+    tube = tube_mesh(
+        radius, length, resolution=options["resolution"], layers=options["layers"]
+    )
+    in_frame = dataclasses.replace(protocol, bvecs=protocol.bvecs @ rotation.T)
+    fit = fit_mesh(
+        signal,
+        in_frame,
+        template=tube,
+        code="axon",
+        axon_periods=options["axon_periods"],
+        **settings,
+    )
+    return dataclasses.replace(
+        fit,
+        mesh=fit.mesh.moved(fit.mesh.vertices @ rotation + middle),
+        kind="tube",
+        shape=None,  # the AxonShape lives in the label's frame
     )

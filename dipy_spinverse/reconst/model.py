@@ -95,7 +95,8 @@ class SpinverseModel(ReconstModel):
         Options of the refinement
         (:data:`dipy_spinverse.meshfit.refine.REFINE_DEFAULTS`: ``template``
         ``"ball"`` or ``"tube"``, ``resolution``, ``n_modes``, ``max_iter``,
-        ...); only with ``refine_mesh=True``.
+        ``code`` (``"spectral"``, or ``"axon"`` with a tube: the axon
+        family's parameters), ...); only with ``refine_mesh=True``.
     **options
         Fields of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
         (``continuity``, ``manifold``, ``binarise``, ``area``), curriculum
