@@ -45,6 +45,7 @@ __all__ = [
     "CODES",
     "AXON_START_PERIODS",
     "AXON_TUBE",
+    "check_axon_periods",
 ]
 
 #: Built-in templates: a ball (radius 4 um) and a closed tube (radius 3 um,
@@ -339,7 +340,7 @@ def fit_mesh(
             target,
             protocol,
             start=start,
-            periods=_check_periods(axon_periods),
+            periods=check_axon_periods(axon_periods),
             max_iter=max_iter,
             length_scale=length_scale,
             loss=dict(loss_scale=loss_scale, sigma=sigma, noise=noise),
@@ -455,7 +456,9 @@ def _axon_template(template):
     return axon_shape(template)
 
 
-def _check_periods(periods):
+def check_axon_periods(periods):
+    """``axon_periods`` as a float array: positive, finite beading periods
+    (um); a ValueError naming the argument otherwise."""
     periods = np.asarray(periods, dtype=np.float64).ravel()
     if not np.all(np.isfinite(periods)) or np.any(periods <= 0):
         raise ValueError(

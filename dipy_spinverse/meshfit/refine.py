@@ -28,7 +28,7 @@ from ..forward import simulate
 from ..interface import barrier_mesh
 from ..sequences import as_protocol
 from ..signals import normalise_b0
-from .fit import AXON_START_PERIODS, MeshFit, _check_periods, fit_mesh, fit_surface
+from .fit import AXON_START_PERIODS, MeshFit, check_axon_periods, fit_mesh, fit_surface
 from .mesh import ball_mesh, tube_mesh
 from .shape import DIRECTIONS
 
@@ -108,7 +108,7 @@ def check_refine_options(options=None):
             "mesh_options code='axon' fits the axon family of a tube; add "
             "template='tube'."
         )
-    out["axon_periods"] = tuple(_check_periods(out["axon_periods"]).tolist())
+    out["axon_periods"] = tuple(check_axon_periods(out["axon_periods"]).tolist())
     return out
 
 
