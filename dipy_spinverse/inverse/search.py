@@ -11,7 +11,9 @@ one membrane permeability, and which fits the data best:
    noise makes the screen unable to tell them apart).
 2. **Descent**: a lazy greedy descent over label moves (:func:`greedy_labels`)
    from the best starts, while a move lowers the data loss by more than the
-   noise explains (``search_min_gain`` chi-square units).
+   noise explains (``search_min_gain`` chi-square units). The generic
+   shapes screened at every permeability are a reserve: descended from
+   only when one of them beats the answer (:func:`_screen_reserve`).
 3. **Permeability**: chosen from ``search_kappas`` with the labels, then
    refined between those values by a 1-D search (:func:`refine_kappa`).
 
