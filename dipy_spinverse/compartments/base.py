@@ -625,11 +625,12 @@ class CompartmentModel(ReconstModel):
         s0 = self._s0_estimate(signals)
         ok = np.isfinite(signals).all(-1) & np.isfinite(s0) & (s0 > 0)
         with np.errstate(over="ignore"):
-            # A b = 0 signal so small (e.g. denormal) that the normalised
-            # signals overflow is no signal either: NaN for that voxel alone.
-            ok &= np.isfinite(signals / np.where(ok, s0, 1.0)[:, None]).all(-1)
+            y = signals / np.where(ok, s0, 1.0)[:, None]
+        # A b = 0 signal so small (e.g. denormal) that the normalised signals
+        # overflow is no signal either: NaN for that voxel alone.
+        ok &= np.isfinite(y).all(-1)
         out = np.full((signals.shape[0], n_params), np.nan)
-        y_ok = signals[ok] / s0[ok, None]
+        y_ok = y[ok]
         s0_ok = s0[ok]
         if ok.any():
             if self.fit_method == "learned":
@@ -651,7 +652,7 @@ class CompartmentModel(ReconstModel):
     def _check_fibres(self, fibres, mask):
         if isinstance(fibres, str):
             check_choice(fibres, "fibres", ("auto",))
-        if fibres is None or (isinstance(fibres, str) and fibres == "auto"):
+        if fibres is None or isinstance(fibres, str):
             if fibres is not None and self.fibres != "auto":
                 raise ValueError("fibres='auto' needs a model built with fibres='auto'")
             return None

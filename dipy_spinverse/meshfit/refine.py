@@ -162,10 +162,18 @@ def refine_template(kind, points, volume, *, resolution=3, layers=10):
     if kind == "ball":
         radius = (3.0 * volume / (4.0 * np.pi)) ** (1.0 / 3.0)
         return ball_mesh(radius, resolution=resolution, centre=points.mean(0))
+    tube, rotation, middle = _label_tube(points, volume, resolution, layers)
+    return tube.moved(tube.vertices @ rotation + middle)
+
+
+def _label_tube(points, volume, resolution, layers):
+    """A straight tube along z, centred at the origin, as long as the label's
+    extent along its principal axis and of its volume, with the frame
+    (:func:`_principal_frame`) that places it on the label."""
     rotation, middle, length = _principal_frame(points)
     radius = np.sqrt(volume / (np.pi * length))
     tube = tube_mesh(radius, length, resolution=resolution, layers=layers)
-    return tube.moved(tube.vertices @ rotation + middle)
+    return tube, rotation, middle
 
 
 def _principal_frame(points):
@@ -322,10 +330,8 @@ def _refine_axon(points, volume, signal, protocol, options, settings):
     the unmoved cell under ``rotation @ g``). The fitted mesh is moved back
     into the grid.
     """
-    rotation, middle, length = _principal_frame(points)
-    radius = np.sqrt(volume / (np.pi * length))
-    tube = tube_mesh(
-        radius, length, resolution=options["resolution"], layers=options["layers"]
+    tube, rotation, middle = _label_tube(
+        points, volume, options["resolution"], options["layers"]
     )
     in_frame = dataclasses.replace(protocol, bvecs=protocol.bvecs @ rotation.T)
     fit = fit_mesh(
