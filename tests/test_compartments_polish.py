@@ -257,10 +257,9 @@ def test_polish_option_is_checked_and_not_in_the_key():
     assert LearnedOptions().polish is None
     assert LearnedOptions.from_dict({"polish": None}).polish is None
     assert NoddiModel.default_polish == 1 and ExchangeModel.default_polish == 0
-    # The training description is the repr of the training fields, as the
-    # cache key has always used: networks cached before the polish existed
-    # stay valid.
-    assert LearnedOptions(polish=5).training_description() == (
+    # The training description is the repr of the training fields (the
+    # cache key's text): the polish and the device are not among them.
+    assert LearnedOptions(polish=5, device="cpu").training_description() == (
         "LearnedOptions(n_train=100000, epochs=30, hidden=(256, 256, 256), "
-        "batch_size=512, lr=0.002, seed=0)"
+        "batch_size=512, lr=0.002, seed=0, frame=True)"
     )

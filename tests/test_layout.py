@@ -25,6 +25,7 @@ LAYERS = [
     "compartments.fitting",
     "compartments.blocks",
     "compartments.peaks",
+    "compartments.frames",
     "compartments.learned",
     "compartments.base",
     "compartments.models",

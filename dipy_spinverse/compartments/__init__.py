@@ -10,6 +10,8 @@ Three layers, data flowing one way:
 - :mod:`.fitting`: batched NNLS and variable-projection Levenberg-Marquardt;
 - :mod:`.peaks`: fibre directions per voxel from DIPY's CSD (starts and
   fibre counts of ``fibres="auto"``);
+- :mod:`.frames`: each voxel's signals resampled in its own frame (the
+  learned estimators' inputs);
 - :mod:`.learned`: MLP estimators trained on simulated signals
   (``fit_method="learned"``), cached on disk;
 - :mod:`.models`: DIPY ``ReconstModel`` / ``ReconstFit`` pairs.

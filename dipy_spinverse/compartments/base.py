@@ -32,6 +32,7 @@ from .fitting import (
     nnls_gram,
     projected,
 )
+from .frames import SignalFrame, rotate_outer
 from .learned import TRAINER_VERSION, LearnedOptions, fingerprint, load_or_train
 from .peaks import CSDUnavailableError, csd_peaks
 
@@ -846,6 +847,38 @@ class CompartmentModel(ReconstModel):
                 targets.append(self._to_targets(params)[0])
         return np.concatenate(inputs), np.concatenate(targets)
 
+    @functools.cached_property
+    def _signal_frame(self):
+        """The :class:`~.frames.SignalFrame` of the learned estimator's
+        inputs, or None (a model without fibre directions, a protocol
+        without a shell of 12 directions, ``learned_options["frame"]``
+        False)."""
+        if not (self.learned_options.frame and self._direction_slots()):
+            return None
+        return SignalFrame.from_gtab(self.gtab, b0s_mask=self._b0s)
+
+    def _direction_target_columns(self):
+        """The 6 target columns of each direction's outer product."""
+        _, keep = self._to_targets(np.zeros((1, len(self.param_names))))
+        n = len(self._direction_slots())
+        first = len(keep)
+        return [list(range(first + 6 * j, first + 6 * j + 6)) for j in range(n)]
+
+    def _network_inputs(self, y, targets=None):
+        """Normalised signals (B, M) -> the network's inputs, and targets
+        (lab frame) -> the targets it is trained on: in each voxel's frame
+        where the model has one (:attr:`_signal_frame`). Also returns the
+        frames (None without), to rotate predictions back."""
+        frame = self._signal_frame
+        if frame is None:
+            return y, targets, None
+        inputs, frames = frame.features(y)
+        if targets is not None:
+            targets = targets.clone()
+            for cols in self._direction_target_columns():
+                targets[:, cols] = rotate_outer(targets[:, cols], frames, to_frame=True)
+        return inputs, targets, frames
+
     def _noisy_batch(self, clean, targets, generator):
         """Rician noise at ``snr`` on noiseless signals (B, M) (S0 = 1), then
         the normalisation of :meth:`fit`: inputs divided by their b = 0 mean,
@@ -863,6 +896,14 @@ class CompartmentModel(ReconstModel):
         targets[:, 0] = targets[:, 0] / s0
         return noisy / s0[:, None], targets
 
+    def _training_batch(self, clean, targets, generator):
+        """A training batch as the network sees it: :meth:`_noisy_batch`,
+        then the voxels' frames (:meth:`_network_inputs`)."""
+        inputs, targets, _ = self._network_inputs(
+            *self._noisy_batch(clean, targets, generator)
+        )
+        return inputs, targets
+
     @functools.cached_property
     def regressor(self):
         """The trained network of ``fit_method="learned"`` (loaded from the
@@ -874,7 +915,7 @@ class CompartmentModel(ReconstModel):
             directory=self.cache_dir,
             label=type(self).__name__,
             groups=self._fibre_target_groups(),
-            augment=self._noisy_batch,
+            augment=self._training_batch,
         )
         return net
 
@@ -898,7 +939,14 @@ class CompartmentModel(ReconstModel):
         return np.array(groups)
 
     def _fit_learned(self, y, s0):
-        targets = self.regressor.predict(y.astype(np.float32)).astype(np.float64)
+        inputs, _, frames = self._network_inputs(torch.as_tensor(y, dtype=DTYPE))
+        targets = self.regressor.predict(inputs.to(torch.float32).numpy())
+        targets = torch.as_tensor(targets, dtype=DTYPE)
+        if frames is not None:
+            for cols in self._direction_target_columns():
+                lab = rotate_outer(targets[:, cols], frames, to_frame=False)
+                targets[:, cols] = lab
+        targets = targets.numpy()
         groups = self._fibre_target_groups()
         if groups is not None:
             # Outputs come in no particular fibre order: sort by weight.

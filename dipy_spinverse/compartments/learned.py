@@ -37,7 +37,7 @@ __all__ = [
 
 #: Version of the training procedure, part of every cache key: networks
 #: trained by an earlier procedure are not loaded.
-TRAINER_VERSION = 4
+TRAINER_VERSION = 5
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ class LearnedOptions:
         are). None (default): the model's ``default_polish``, 1 (0 for
         :class:`~.models.ExchangeModel`). Applied to the estimates, not in
         training: not part of the cache key (:meth:`training_description`).
+    frame : bool
+        For models with fibre directions: the network sees each voxel's
+        signals resampled in the voxel's own frame and predicts directions
+        in it (:mod:`.frames`; default True). False: the lab-frame signals.
+        Protocols without a shell of 12 or more directions have no frame.
     device : str
         Torch device the network is trained on (``"cpu"``, default, or
         ``"cuda"``); it is then used on the CPU. Not part of the cache key:
@@ -80,6 +85,7 @@ class LearnedOptions:
     lr: float = 2e-3
     seed: int = 0
     polish: int | None = None
+    frame: bool = True
     device: str = "cpu"
 
     #: Fields that change how or where, not what, is trained or applied
@@ -105,6 +111,10 @@ class LearnedOptions:
         if out.polish is not None:
             check_int(out.polish, "learned_options['polish']", 0)
         check_positive(out.lr, "learned_options['lr']")
+        if not isinstance(out.frame, (bool, np.bool_)):
+            raise ValueError(
+                f"learned_options['frame'] must be True or False, got {out.frame!r}"
+            )
         try:
             check_device(out.device)
         except ValueError as err:
@@ -241,8 +251,10 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
 
     if groups is not None:
         groups = torch.as_tensor(groups, dtype=torch.long, device=device)
-    net = Regressor(x.shape[1], y.shape[1], options.hidden).to(device)
     x_seen, y_seen = augment(x, y, gen)
+    # The network's widths are those of the augmented batches (an augment
+    # may turn signals into other features).
+    net = Regressor(x_seen.shape[1], y_seen.shape[1], options.hidden).to(device)
     net.x_mean.copy_(x_seen.mean(0))
     net.x_std.copy_(x_seen.std(0).clamp_min(1e-6))
     net.y_mean.copy_(_pool_groups(y_seen.mean(0), groups, lambda v: v.mean(0)))
@@ -340,8 +352,8 @@ def load_or_train(
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
-            "n_in": inputs.shape[1],
-            "n_out": targets.shape[1],
+            "n_in": net.x_mean.numel(),
+            "n_out": net.y_mean.numel(),
             "hidden": list(options.hidden),
             "weights": net.state_dict(),
             "train_seconds": seconds,
