@@ -247,7 +247,7 @@ def test_polished_learned_fit_never_fits_worse(gtab_shells, tmp_path, n_fibres):
     assert np.median(rss[1]) < np.median(rss[0])
 
 
-def test_polish_option_is_checked_and_not_in_the_key():
+def test_polish_option_is_checked_and_not_in_the_key(gtab_shells):
     for bad in (-1, 1.5, "3", True):
         with pytest.raises(ValueError, match=r"learned_options\['polish'\]"):
             LearnedOptions.from_dict({"polish": bad})
@@ -256,7 +256,13 @@ def test_polish_option_is_checked_and_not_in_the_key():
     # model, whose network alone is within 1.5x of the fit).
     assert LearnedOptions().polish is None
     assert LearnedOptions.from_dict({"polish": None}).polish is None
-    assert NoddiModel.default_polish == 1 and ExchangeModel.default_polish == 0
+    assert ExchangeModel.default_polish == 0
+    # NODDI's network in the voxels' frames needs no iteration; in the lab
+    # frame it does.
+    assert NoddiModel(gtab_shells, fit_method="learned").default_polish == 0
+    off = {"frame": False}
+    lab = NoddiModel(gtab_shells, fit_method="learned", learned_options=off)
+    assert lab.default_polish == 1
     # The training description is the repr of the training fields (the
     # cache key's text): the polish and the device are not among them.
     assert LearnedOptions(polish=5, device="cpu").training_description() == (

@@ -162,9 +162,9 @@ class CompartmentModel(ReconstModel):
     _direction_starts = "grid"
     #: Polish iterations of learned estimates when ``learned_options`` leaves
     #: ``polish`` unset. One iteration brings the network's errors within
-    #: 1.5x of the fitted ones (NODDI ODI 1.55x -> 1.11x, ActiveAx diameter
-    #: 1.83x -> 1.13x, ZCD 2.92x -> 1.22x) at >= 10,000 voxels/s on 2 cores
-    #: (doc/compartments.md, measured).
+    #: 1.5x of the fitted ones (ActiveAx diameter 1.60x -> 1.14x, ZCD 2.13x
+    #: -> 1.15x) at >= 10,000 voxels/s on 2 cores (doc/compartments.md,
+    #: measured).
     default_polish = 1
     _fit_class = None
     param_names = ()

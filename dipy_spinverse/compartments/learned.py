@@ -63,7 +63,9 @@ class LearnedOptions:
         Levenberg-Marquardt iterations of variable projection on the model's
         own signal after the network (0: the network's estimates as they
         are). None (default): the model's ``default_polish``, 1 (0 for
-        :class:`~.models.ExchangeModel`). Applied to the estimates, not in
+        :class:`~.models.ExchangeModel`, and for
+        :class:`~.models.NoddiModel` when it has a signal frame). Applied to
+        the estimates, not in
         training: not part of the cache key (:meth:`training_description`).
     frame : bool
         For models with fibre directions: the network sees each voxel's
