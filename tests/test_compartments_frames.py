@@ -147,3 +147,15 @@ def test_models_without_directions_have_no_frame(gtab_shells, gtab_ivim):
     assert NoddiModel(gtab_shells, fit_method="learned")._signal_frame is not None
     with pytest.raises(ValueError, match=r"learned_options\['frame'\]"):
         NoddiModel(gtab_shells, learned_options={"frame": "yes"})
+
+
+def test_frame_constants_follow_the_signals_device(gtab_shells):
+    # A network trained on a GPU gets its batches' features there: every
+    # constant tensor of the frame is moved to the signals' device, once.
+    frame = SignalFrame.from_gtab(gtab_shells)
+    meta = torch.device("meta")
+    shells, raw = frame._constants(meta)
+    assert raw.device == meta
+    assert all(t.device == meta for s in shells for t in vars(s).values())
+    assert frame._constants(meta)[0] is shells
+    assert all(t.device.type == "cpu" for t in vars(frame.shells[0]).values())

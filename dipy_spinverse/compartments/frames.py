@@ -112,6 +112,11 @@ class _Shell:
     moment4: torch.Tensor  # (K, 81): coefficients -> fourth moment
     points: torch.Tensor  # (K, 3) resampling points in the voxel's frame
 
+    def to(self, device):
+        """The same shell with its tensors on ``device``."""
+        moved = {k: v.to(device) for k, v in vars(self).items()}
+        return type(self)(**moved)
+
     @classmethod
     def build(cls, index, directions):
         exponents = _exponents(_degree(len(index)))
@@ -152,6 +157,15 @@ class SignalFrame:
     def __init__(self, shells, raw):
         self.shells = shells
         self.raw = torch.as_tensor(raw)
+        self._on_device = {torch.device("cpu"): (self.shells, self.raw)}
+
+    def _constants(self, device):
+        """Shells and raw indices on ``device`` (a network trained on a GPU
+        gets its batches' features there), moved once."""
+        if device not in self._on_device:
+            shells = [s.to(device) for s in self.shells]
+            self._on_device[device] = (shells, self.raw.to(device))
+        return self._on_device[device]
 
     @classmethod
     def from_gtab(cls, gtab, *, b0s_mask=None):
@@ -206,10 +220,11 @@ class SignalFrame:
         return torch.cat(out), torch.cat(frames)
 
     def _features(self, y):
-        coefficients = [y[:, s.index] @ s.fit.T for s in self.shells]  # (V, K)
-        eigenvalues, frame = self._frames(coefficients)
-        parts = [y[:, self.raw]]
-        for shell, c in zip(self.shells, coefficients, strict=True):
+        shells, raw = self._constants(y.device)
+        coefficients = [y[:, s.index] @ s.fit.T for s in shells]  # (V, K)
+        eigenvalues, frame = self._frames(shells, coefficients)
+        parts = [y[:, raw]]
+        for shell, c in zip(shells, coefficients, strict=True):
             lab = shell.points @ frame.mT  # (V, K, 3): frame points in the lab
             monomials = _monomials(lab, shell.exponents)  # (K, V, K)
             parts.append((monomials * c.T[..., None]).sum(0))
@@ -217,13 +232,13 @@ class SignalFrame:
         parts.append(eigenvalues / torch.where(total.abs() > 0, total, 1.0))
         return torch.cat(parts, dim=1), frame
 
-    def _frames(self, coefficients):
+    def _frames(self, shells, coefficients):
         """Eigenvalues (V, 3) and frames (V, 3, 3) of the second moment of
         the shells' fits, each divided by its mean (a shell counts by its
         shape, not its signal level), with the axes' signs of
         :meth:`_axis_signs`."""
         second = fourth = 0.0
-        for shell, c in zip(self.shells, coefficients, strict=True):
+        for shell, c in zip(shells, coefficients, strict=True):
             scale = (c @ shell.mean).abs().clamp_min(1e-12)[:, None]
             second = second + (c @ shell.moment2) / scale
             fourth = fourth + (c @ shell.moment4) / scale
