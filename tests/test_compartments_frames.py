@@ -159,3 +159,16 @@ def test_frame_constants_follow_the_signals_device(gtab_shells):
     assert all(t.device == meta for s in shells for t in vars(s).values())
     assert frame._constants(meta)[0] is shells
     assert all(t.device.type == "cpu" for t in vars(frame.shells[0]).values())
+
+
+def test_frame_definition_is_in_the_cache_key(gtab_shells, monkeypatch):
+    # A network trained on other inputs (another degree, frame off) is
+    # never loaded for these.
+    from dipy_spinverse.compartments import frames
+
+    key = NoddiModel(gtab_shells, fit_method="learned")._learned_key()
+    off = {"frame": False}
+    assert NoddiModel(gtab_shells, learned_options=off)._learned_key() != key
+    monkeypatch.setattr(frames, "MIN_SHELL_DIRECTIONS", 10)
+    monkeypatch.setattr(frames, "MAX_DEGREE", 2)
+    assert NoddiModel(gtab_shells, fit_method="learned")._learned_key() != key

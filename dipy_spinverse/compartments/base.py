@@ -729,6 +729,8 @@ class CompartmentModel(ReconstModel):
             options=self.learned_options.training_description(),
             trainer=TRAINER_VERSION,
         )
+        if self._signal_frame is not None:
+            described["frame"] = self._signal_frame.description()
         acq = self._acq
         arrays = [acq.bvals, acq.bvecs]
         if acq.has_timing:

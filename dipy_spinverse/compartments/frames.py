@@ -198,6 +198,19 @@ class SignalFrame:
             return None
         return cls(shells, np.nonzero(~used)[0])
 
+    def description(self):
+        """What defines the inputs (part of the learned networks' cache
+        key): each shell's size and degree, the raw measurements and the
+        module's constants."""
+        return {
+            "shells": [[len(s.index), int(s.exponents.sum(1)[0])] for s in self.shells],
+            "raw": len(self.raw),
+            "ridge": RIDGE,
+            "tolerance": SHELL_TOLERANCE,
+            "min_directions": MIN_SHELL_DIRECTIONS,
+            "max_degree": MAX_DEGREE,
+        }
+
     @property
     def n_features(self):
         return len(self.raw) + sum(len(s.points) for s in self.shells) + 3
