@@ -26,3 +26,26 @@ def test_compare_tutorial_runs(tmp_path):
         assert f"| {voxel} | face F1 | 1 |" in table
     # Held-out substrates: the touching pair has one permeability per cell.
     assert "| two touching cells | permeability, cell 2 (m/s) |" in table
+
+
+def test_learned_noddi_example_runs(tmp_path):
+    script = os.path.join(EXAMPLES, "learned_noddi.py")
+    run = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| fitted |" in run.stdout and "| learned |" in run.stdout
+    assert (tmp_path / "learned_noddi.png").stat().st_size > 0
+    for name in ("odi_fitted.nii.gz", "odi_learned.nii.gz"):
+        assert (tmp_path / name).stat().st_size > 0
