@@ -41,11 +41,15 @@ def test_shells_are_split_by_b_value_and_diffusion_time(gtab_shells, gtab_ivim):
     # Five (b, timing) shells of 20 directions; the 6 b = 0 volumes raw.
     assert [len(s.index) for s in frame.shells] == [20] * 5
     assert len(frame.raw) == int(gtab_shells.b0s_mask.sum()) == 6
-    assert frame.n_features == 6 + 5 * 6 + 3  # degree 2 from 20 directions
+    assert frame.n_features == 6 + 5 * 15 + 3  # degree 4 from 20 directions
     shells = np.concatenate([s.index.numpy() for s in frame.shells])
     assert len(set(shells)) == len(shells) == 100
-    # One direction per b-value: no shell, no frame.
+    # One direction per b-value: no shell, no frame. Shells of 15
+    # directions would be fitted at degree 2, which cannot hold a crossing:
+    # they stay raw, and with no other shell there is no frame.
     assert SignalFrame.from_gtab(gtab_ivim) is None
+    sparse = shells_gtab([(0.01, 0.03, (1000, 2000))], n_dirs=15, n_b0=2)
+    assert SignalFrame.from_gtab(sparse) is None
 
 
 def test_shell_fit_is_exact_for_an_even_polynomial(gtab_dense):

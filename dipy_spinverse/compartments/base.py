@@ -853,7 +853,7 @@ class CompartmentModel(ReconstModel):
     def _signal_frame(self):
         """The :class:`~.frames.SignalFrame` of the learned estimator's
         inputs, or None (a model without fibre directions, a protocol
-        without a shell of 12 directions, ``learned_options["frame"]``
+        without a shell of 20 directions, ``learned_options["frame"]``
         False)."""
         if not (self.learned_options.frame and self._direction_slots()):
             return None

@@ -71,7 +71,7 @@ class LearnedOptions:
         For models with fibre directions: the network sees each voxel's
         signals resampled in the voxel's own frame and predicts directions
         in it (:mod:`.frames`; default True). False: the lab-frame signals.
-        Protocols without a shell of 12 or more directions have no frame.
+        Protocols without a shell of 20 or more directions have no frame.
     device : str
         Torch device the network is trained on (``"cpu"``, default, or
         ``"cuda"``); it is then used on the CPU. Not part of the cache key:
