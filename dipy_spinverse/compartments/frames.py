@@ -38,7 +38,9 @@ __all__ = ["SignalFrame", "rotate_outer"]
 #: (fit: 5.1; measured). Smaller shells stay raw.
 MIN_SHELL_DIRECTIONS = 20
 #: Highest polynomial degree (28 coefficients): enough to place fibres
-#: crossing at 45 degrees or more; the fit's own polish does the rest.
+#: crossing at 45 degrees or more. Degree 8 on 90-direction shells made the
+#: 2-fibre NODDI network worse (ODI 1.91x the fitted error against 1.73x,
+#: half the speed; measured).
 MAX_DEGREE = 6
 #: b-values closer than this (s/mm^2) belong to one shell, as in DIPY.
 SHELL_TOLERANCE = 20
