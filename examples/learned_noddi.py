@@ -117,10 +117,10 @@ def main():
         cache_dir=args.cache,
     )
     learned.regressor  # noqa: B018 (trains once, or loads from the cache)
-    fits, rows = {}, []
+    rows = []
     for name, model in (("fitted", fitted), ("learned", learned)):
         start = time.perf_counter()
-        fits[name] = fit = model.fit(data)
+        fit = model.fit(data)
         seconds = time.perf_counter() - start
         angle, odi = errors(fit, params)
         rows.append((name, data[..., 0].size / seconds, angle, odi))
@@ -143,14 +143,8 @@ def main():
         ax.set_title(f"{name}: direction error (deg)")
         ax.set_xlabel("crossing angle 45 -> 90 degrees")
         fig.colorbar(image, ax=ax, shrink=0.8)
-    for name, marker in (("fitted", "o"), ("learned", "x")):
-        axes[2].scatter(
-            np.ravel(errors(fits[name], params)[0]),
-            np.ravel(errors(fits[name], params)[1]),
-            s=10,
-            marker=marker,
-            label=name,
-        )
+    for (name, _, angle, odi), marker in zip(rows, ("o", "x"), strict=True):
+        axes[2].scatter(angle.ravel(), odi.ravel(), s=10, marker=marker, label=name)
     axes[2].set_xlabel("direction error (deg)")
     axes[2].set_ylabel("ODI error")
     axes[2].set_title("per voxel")

@@ -876,10 +876,17 @@ class CompartmentModel(ReconstModel):
             return y, targets, None
         inputs, frames = frame.features(y)
         if targets is not None:
-            targets = targets.clone()
-            for cols in self._direction_target_columns():
-                targets[:, cols] = rotate_outer(targets[:, cols], frames, to_frame=True)
+            targets = self._rotated_targets(targets, frames, to_frame=True)
         return inputs, targets, frames
+
+    def _rotated_targets(self, targets, frames, *, to_frame):
+        """A copy of targets (B, n_out) with every direction's outer product
+        written in the voxels' frames (``to_frame``) or back in the lab
+        (:func:`~.frames.rotate_outer`)."""
+        targets = targets.clone()
+        for cols in self._direction_target_columns():
+            targets[:, cols] = rotate_outer(targets[:, cols], frames, to_frame=to_frame)
+        return targets
 
     def _noisy_batch(self, clean, targets, generator):
         """Rician noise at ``snr`` on noiseless signals (B, M) (S0 = 1), then
@@ -945,9 +952,7 @@ class CompartmentModel(ReconstModel):
         targets = self.regressor.predict(inputs.to(torch.float32).numpy())
         targets = torch.as_tensor(targets, dtype=DTYPE)
         if frames is not None:
-            for cols in self._direction_target_columns():
-                lab = rotate_outer(targets[:, cols], frames, to_frame=False)
-                targets[:, cols] = lab
+            targets = self._rotated_targets(targets, frames, to_frame=False)
         targets = targets.numpy()
         groups = self._fibre_target_groups()
         if groups is not None:
