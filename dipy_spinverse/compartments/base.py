@@ -113,6 +113,23 @@ def _atom_gains(atoms, r):
     return torch.cat(gains)
 
 
+def _separated(dirs, rng, min_deg=_MIN_CROSSING_DEG):
+    """Unit vectors (n, k, 3) with every pair at least ``min_deg`` degrees
+    apart (as axes: n and -n are one), each vector closer than that to an
+    earlier one redrawn uniformly on the sphere until none is."""
+    dirs = dirs.copy()
+    cos_max = math.cos(math.radians(min_deg))
+    for j in range(1, dirs.shape[1]):
+        while True:
+            cos = np.abs(np.einsum("nkc,nc->nk", dirs[:, :j], dirs[:, j]))
+            close = cos.max(-1) > cos_max
+            if not close.any():
+                break
+            v = rng.standard_normal((int(close.sum()), 3))
+            dirs[close, j] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return dirs
+
+
 def _min_separation_deg(params, model):
     """Smallest angle (degrees) between the fibre directions of each voxel
     (V,), from parameters (V, n_params) of ``model``; 180 with one fibre."""
@@ -742,31 +759,48 @@ class CompartmentModel(ReconstModel):
         names = self.param_names
         return [i for i, n in enumerate(names) if n == "x" or n.startswith("x_")]
 
+    #: Fibre parameters that the learned estimator's prior draws
+    #: log-uniformly although the fit bounds them on a linear scale
+    #: (:meth:`_sample_training`).
+    _log_prior = ()
+
     def _sample_training(self, n, rng):
         """Unconstrained parameters (n, P) and linear weights (n, K) drawn
         from the prior of the learned estimator: every bounded parameter
-        uniform in its range (log-uniform on a log scale), directions uniform
-        on the sphere, the compartment weights from a flat Dirichlet (volume
-        fractions summing to 1)."""
+        uniform in its range (log-uniform on a log scale or if named in
+        ``_log_prior``), directions uniform on the sphere and, with several
+        fibres, pairwise at least ``_MIN_CROSSING_DEG`` apart (closer ones
+        are one population, as in the fibre count), the weights from
+        :meth:`_sample_weights`."""
         F = self.n_fibres
 
         def draw(bound, size):
             lo, hi = bound.lower, bound.upper
-            if bound.log:
+            if bound.log or bound.name in self._log_prior:
                 v = np.exp(rng.uniform(math.log(lo), math.log(hi), size))
             else:
                 v = rng.uniform(lo, hi, size)
             return bound.unconstrained(torch.tensor(v, dtype=DTYPE))
 
         cols = [draw(b, n)[:, None] for b in self._shared]
+        dirs = []
         for _ in range(F):
             cols += [draw(b, n)[:, None] for b in self._fibre]
             v = rng.standard_normal((n, 3))
+            dirs.append(len(cols))
             cols.append(torch.tensor(v / np.linalg.norm(v, axis=1, keepdims=True)))
+        if F > 1:
+            v = _separated(torch.stack([cols[i] for i in dirs], 1).numpy(), rng)
+            for k, i in enumerate(dirs):
+                cols[i] = torch.tensor(v[:, k])
         x = torch.cat(cols, dim=1) if cols else torch.zeros(n, 0, dtype=DTYPE)
         K = self._columns_x(x[:1]).shape[-1]
-        c = torch.tensor(rng.dirichlet(np.ones(K), n), dtype=DTYPE)
-        return x, c
+        return x, torch.tensor(self._sample_weights(n, K, rng), dtype=DTYPE)
+
+    def _sample_weights(self, n, K, rng):
+        """Linear weights (n, K) of the learned prior: a flat Dirichlet
+        (volume fractions summing to 1)."""
+        return rng.dirichlet(np.ones(K), n)
 
     #: Public parameters the learned estimator regresses on a log scale
     #: (:meth:`_log_target_columns`).
