@@ -197,9 +197,9 @@ class NoddiModel(CompartmentModel):
 
     @property
     def default_polish(self):
-        # In the voxels' frames the network alone is within 1.2x of the
-        # fitted errors at 1 and 2 fibres, at 37,000-48,000 voxels/s against
-        # 9,300-18,800 with one iteration (doc/compartments.md, measured); a
+        # In the voxels' frames the network alone is within 1.1x of the
+        # fitted errors at 1 and 2 fibres, at 35,000-43,000 voxels/s against
+        # 10,300-13,500 with one iteration (doc/compartments.md, measured); a
         # lab-frame network (no shell of 20 directions, or frame=False)
         # still needs the iteration (one-fibre ODI 1.55x -> 1.11x).
         return 0 if self._signal_frame is not None else 1
