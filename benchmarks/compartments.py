@@ -595,14 +595,7 @@ def run_learned_crossings(quick, cache, seed=2):
 
         rows = [("fit", NoddiModel(gtab, n_fibres=2))]
         for polish in (0, 1):
-            learned = NoddiModel(
-                gtab,
-                n_fibres=2,
-                fit_method="learned",
-                snr=SNR,
-                learned_options={**LEARNED_OPTIONS, "polish": polish},
-                cache_dir=cache,
-            )
+            learned = learned_twin(rows[0][1], cache, polish)
             learned.regressor  # noqa: B018 (trains, or loads from the cache)
             rows.append((f"learned, polish {polish}", learned))
         fitted = None

@@ -783,17 +783,15 @@ class CompartmentModel(ReconstModel):
             return bound.unconstrained(torch.tensor(v, dtype=DTYPE))
 
         cols = [draw(b, n)[:, None] for b in self._shared]
-        dirs = []
         for _ in range(F):
             cols += [draw(b, n)[:, None] for b in self._fibre]
             v = rng.standard_normal((n, 3))
-            dirs.append(len(cols))
             cols.append(torch.tensor(v / np.linalg.norm(v, axis=1, keepdims=True)))
-        if F > 1:
-            v = _separated(torch.stack([cols[i] for i in dirs], 1).numpy(), rng)
-            for k, i in enumerate(dirs):
-                cols[i] = torch.tensor(v[:, k])
         x = torch.cat(cols, dim=1) if cols else torch.zeros(n, 0, dtype=DTYPE)
+        if F > 1:
+            # Each fibre's direction is its last 3 columns (:meth:`_unpack`).
+            dirs = x[:, self._n_shared :].view(n, F, -1)[..., -3:]
+            dirs.copy_(torch.from_numpy(_separated(dirs.numpy(), rng)))
         K = self._columns_x(x[:1]).shape[-1]
         return x, torch.tensor(self._sample_weights(n, K, rng), dtype=DTYPE)
 

@@ -179,7 +179,7 @@ class NoddiModel(CompartmentModel):
     # directions undefined; with three fibres such voxels dominated the loss
     # and the network split one tight population into dispersed ones
     # (doc/compartments.md, "Learned estimators": 3-fibre directions 22.5
-    # -> 15.0 degrees on 45-degree crossings with the weights below).
+    # -> 15.8 degrees on 45-degree crossings with the weights below).
     _log_prior = ("odi",)
 
     def _sample_weights(self, n, K, rng):
