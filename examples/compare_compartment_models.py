@@ -18,9 +18,8 @@ permeability and exchange rate, plus the face F1 and IoU of the recovered
 interface against the substrate carried to the fit's grid.
 
 Run ``python examples/compare_compartment_models.py --out compare_output``
-(simulating the targets on the fine grid alone took 376 s on 2 CPU cores
-shared with other jobs, under ``nice``; the whole run is not yet timed to the
-end, see the doc);
+(250 s on 2 CPU cores, of which 48 s estimating the fit grid's approximation
+error the first time, cached on disk afterwards);
 ``--quick`` runs a tiny version in seconds whose numbers mean nothing (a smoke
 test). The measured table and its discussion are in
 ``doc/compare_compartment_models.md``.
@@ -470,6 +469,14 @@ table = "\n".join(lines)
 print(table)
 with open(os.path.join(args.out, "table.md"), "w") as handle:
     handle.write(table + "\n")
+# The labels on the fit's grid (0 outside, k in cell k), recovered and true
+# (carried from the fine grid), for any further scoring.
+np.savez_compressed(
+    os.path.join(args.out, "labels.npz"),
+    cell_centroids=grid.cell_centroids,
+    **{f"found {name}": found_labels(i) for i, name in enumerate(names)},
+    **{f"true {name}": carried[name] for name in names},
+)
 
 # %%
 # Figures
@@ -559,6 +566,7 @@ np.atleast_1d(axes)[0].legend(fontsize=8, markerscale=3)
 fig.tight_layout()
 fig.savefig(os.path.join(args.out, "signal_fits.png"), dpi=120)
 print(
-    f"saved estimates_vs_truth.png, interfaces.png, signal_fits.png and table.md "
-    f"in {args.out}; total wall time {time.perf_counter() - wall_start:.0f} s"
+    "saved estimates_vs_truth.png, interfaces.png, signal_fits.png, table.md and "
+    f"labels.npz in {args.out}; "
+    f"total wall time {time.perf_counter() - wall_start:.0f} s"
 )
