@@ -91,6 +91,10 @@ def test_cache_key(gtab_shells, gtab_ivim, tmp_path):
     noddi = NoddiModel(gtab_shells, learned_options=TINY)
     signal = NoddiModel(gtab_shells, learned_options=TINY, extra_average="signal")
     assert noddi._learned_key() != signal._learned_key()
+    # How the outputs are read back does too.
+    linear = IvimModel(gtab_ivim, learned_options=TINY)
+    linear._log_targets = ("f",)
+    assert linear._learned_key() != key
 
 
 def test_cache_folder(monkeypatch, tmp_path):
@@ -245,6 +249,17 @@ def test_exchange_time_targets_are_logarithms(gtab_shells):
     assert_allclose(back, params, rtol=1e-14)
     # Diameters stay linear (their error is judged in um).
     assert ActiveAxModel(gtab_shells)._log_target_columns() == []
+    # 3-fibre NODDI's ODI of every fibre (suffixed names), and nothing else;
+    # with fewer fibres none.
+    assert NoddiModel(gtab_shells, n_fibres=2)._log_target_columns() == []
+    noddi = NoddiModel(gtab_shells, n_fibres=3)
+    logs = noddi._log_target_columns()
+    assert [noddi.param_names[i] for i in logs] == ["odi_0", "odi_1", "odi_2"]
+    fibres = [[0.3, 0.6, 0.03, 1, 0, 0], [0.3, 0.7, 0.4, 0, 1, 0]]
+    params = np.array([[1.0, 0.1, *fibres[0], *fibres[1], 0.3, 0.5, 0.2, 0, 0, 1]])
+    targets, keep = noddi._to_targets(params)
+    assert_allclose(targets[:, keep.index(logs[0])], np.log(0.03), rtol=1e-14)
+    assert_allclose(noddi._from_targets(targets, np.ones(1)), params, atol=1e-12)
 
 
 def test_training_prior_of_several_fibres(gtab_shells):

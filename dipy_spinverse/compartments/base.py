@@ -770,6 +770,9 @@ class CompartmentModel(ReconstModel):
             bounds=[repr(b) for b in self._shared + self._fibre],
             options=self.learned_options.training_description(),
             trainer=TRAINER_VERSION,
+            # How the outputs are read back (a network trained on log targets
+            # must not be loaded by a model that reads them linearly).
+            log_targets=sorted(self._log_targets),
         )
         if self._signal_frame is not None:
             described["frame"] = self._signal_frame.description()

@@ -37,7 +37,7 @@ __all__ = [
 
 #: Version of the training procedure, part of every cache key: networks
 #: trained by an earlier procedure are not loaded.
-TRAINER_VERSION = 7
+TRAINER_VERSION = 8
 
 logger = logging.getLogger(__name__)
 

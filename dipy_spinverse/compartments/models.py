@@ -182,6 +182,18 @@ class NoddiModel(CompartmentModel):
     # -> 15.8 degrees on 45-degree crossings with the weights below).
     _log_prior = ("odi",)
 
+    @property
+    def _log_targets(self):
+        # With three fibres the network regresses log ODI: over a prior of two
+        # decades a squared error on ODI itself is mostly about the widest
+        # populations, and the estimate of a weak, poorly determined one is
+        # pulled towards them (3 mutually perpendicular fibres: the two weaker
+        # overestimated by 0.14-0.23, ODI 1.55x the fitted error; 0.77x with
+        # log targets). With one or two, ODI is well determined and the linear
+        # target is the better one (1.07x and 0.61x against 1.18x and 0.94x;
+        # doc/compartments.md).
+        return ("odi",) if self.n_fibres >= 3 else ()
+
     def _sample_weights(self, n, K, rng):
         """Free water as in a flat Dirichlet over the K = F + 1 columns (a
         Beta(1, F) fraction); with several fibres the tissue is shared by
