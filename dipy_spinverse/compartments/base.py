@@ -80,7 +80,7 @@ _MIN_CROSSING_DEG = 30.0
 # learn their rotations from examples, yet uniform draws put only 0.5 % of
 # separated triples within 10 degrees of perpendicular: trained on those
 # alone, the network merged two perpendicular fibres (direction error 29.8
-# degrees against the fit's 12.9; with the mixture 7.7; doc/compartments.md).
+# degrees against the fit's 12.9; with the mixture 8.1; doc/compartments.md).
 _ORTHOGONAL_SHARE = 0.5
 _ORTHOGONAL_TILT_DEG = 20.0
 # Voxels polished together at least (the model's chunk_size if larger). The
@@ -822,9 +822,10 @@ class CompartmentModel(ReconstModel):
             # Each fibre's direction is its last 3 columns (:meth:`_unpack`).
             dirs = x[:, self._n_shared :].view(n, F, -1)[..., -3:]
             dirs.copy_(torch.from_numpy(_separated(dirs.numpy(), rng)))
-        if F == 3:
-            rows = torch.from_numpy(np.flatnonzero(rng.random(n) < _ORTHOGONAL_SHARE))
-            dirs[rows] = torch.from_numpy(_near_orthogonal(len(rows), rng))
+            if F == 3:
+                share = rng.random(n) < _ORTHOGONAL_SHARE
+                rows = torch.from_numpy(np.flatnonzero(share))
+                dirs[rows] = torch.from_numpy(_near_orthogonal(len(rows), rng))
         K = self._columns_x(x[:1]).shape[-1]
         return x, torch.tensor(self._sample_weights(n, K, rng), dtype=DTYPE)
 
