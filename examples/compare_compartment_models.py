@@ -293,9 +293,8 @@ tau_at_bound = karger.exchange_time >= 0.99 * TAU_BOUNDS[1]
 # that error once over 32 random substrates (cached on disk, minutes the first
 # time) and takes it into the fit: its mean is removed from the data, its
 # spread added to each acquisition's noise (doc/generalisation.md).
-overrides = {"approximation_error": 32}
+overrides = {"approximation_error": 0 if args.quick else 32}
 if args.quick:
-    overrides["approximation_error"] = 0
     overrides["stages"] = (
         dict(iterations=2, sequences=(0,)),
         dict(iterations=2, sequences="all"),
