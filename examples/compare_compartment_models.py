@@ -282,9 +282,10 @@ tau_at_bound = karger.exchange_time >= 0.99 * TAU_BOUNDS[1]
 # its curriculum and the number of label-search steps) and the known noise
 # level ``sigma``, all three voxels in one batched call. The label search that
 # ends the default preset returns integer labels (touching cells stay separate
-# compartments) and one membrane permeability per cell, picked from the
-# preset's grid ``search_kappas`` (1e-5 to 2e-4 m/s) and refined between grid
-# values; :func:`~dipy_spinverse.interface.cell_table` reads each cell's
+# compartments) and one membrane permeability per cell, started from the
+# preset's grid ``search_kappas`` (1e-5 to 2e-4 m/s), moved cell by cell with
+# the labels (down to 1e-7 m/s) and refined at the end;
+# :func:`~dipy_spinverse.interface.cell_table` reads each cell's
 # volume, membrane area and permeability off them.
 #
 # The targets come from a grid twice as fine, as tissue does not come from the

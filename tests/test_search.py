@@ -13,8 +13,11 @@ from dipy_spinverse.inverse.search import (
     BatchScorer,
     SignalCache,
     _screen_reserve,
+    cell_labels,
     direction_subset,
     greedy_labels,
+    label_field,
+    membrane_rows,
     search_labels,
 )
 from dipy_spinverse.inverse.shapes import shape_search
@@ -130,6 +133,42 @@ def test_shape_search_finds_rings_and_bent_tubes(kind, params):
     assert loss[0] == 0
 
 
+def test_true_cells_of_different_permeability_are_a_fixed_point(problem):
+    """Two touching cells, 2e-6 and 3e-5 m/s (the lower one below every
+    ``search_kappas`` value), started at the true labels with label moves on.
+
+    The descent starts with one grid permeability for both cells; judged
+    there, label moves that mimic the right permeabilities win (held-out
+    voxels left their true labels, IoU 0.64-0.87, before the permeability
+    moves were taken first). Now the labels stay and each cell's
+    permeability is found within 2 % (the final 1-D/joint refinement's
+    tolerance, ~1 %). Noise-free, float64; 15 directions at two b-values and
+    two diffusion times (the fixture's 4 weighted volumes do not determine
+    two cells' shapes: other labellings fit them as well).
+    """
+    grid = problem[0]
+    dirs = fibonacci_sphere(15)
+    bvals = np.r_[0, np.full(15, 1000.0), np.full(15, 3000.0)]
+    bvecs = np.vstack([[1, 0, 0], dirs, dirs])
+    prot = Protocol.pgse(bvals, bvecs, small_delta=0.005, big_delta=0.04)
+    prot = prot + Protocol.pgse(bvals, bvecs, small_delta=0.005, big_delta=0.01)
+    ball = np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5
+    left = grid.cell_centroids[:, 0] < 4.0
+    truth = np.where(ball & left, 1, np.where(ball, 2, 0))
+    truth = cell_labels(grid, truth)  # numbered by volume, as returned
+    kappas = np.array([2e-6, 3e-5])
+    field = label_field(grid, truth, kappas, 0.1)
+    signal = simulate(grid, field, prot, dtype=torch.float64).numpy()
+    data = normalise_b0(torch.as_tensor(signal[None]), prot)
+    config = resolve_config("default", search_directions=None)
+    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
+    labels, found, *_ = search_labels(
+        grid, data, prot, config, sim=sim, face_kappa=None, labels=truth[None]
+    )
+    assert_array_equal(labels[0], truth)
+    assert_allclose(found[0], field, rtol=0.02)
+
+
 def test_direction_subset_keeps_b0_and_whole_shells():
     dirs = fibonacci_sphere(30)
     bvals = np.r_[0, np.full(30, 1000.0), np.full(30, 3000.0), 0]
@@ -197,7 +236,11 @@ def test_default_preset_recovers_the_published_shapes(name, snr):
     Paper physics (absorbing wall), noise-free, and realistic physics
     (reflecting wall, Rician noise at SNR 100 relative to each sequence's
     b = 0 signal, ``sigma`` given). Measured: F1 = IoU = 1, closed and
-    manifold, 40-75 s each (doc/inversion_results.md). These shapes are in
+    manifold, 40-75 s each (doc/inversion_results.md). The permeability is
+    exact to the refinement's 2 % without noise; at SNR 100 its Cramer-Rao
+    bound on the 540 volumes is 6.1 % (torus) and 5.7 % (bent axon) of
+    1e-5 m/s (measured -3.0 % and -2.6 %), so 15 % (about 2.5 standard
+    deviations) is the tolerance there. These shapes are in
     the search's dictionary of generic starts or one bend from it (the bent
     axon), so this guards the whole pipeline (face fit, screening, noise-aware
     ranking and moves, greedy descent, refit), not the search's reach.
@@ -226,7 +269,8 @@ def test_default_preset_recovers_the_published_shapes(name, snr):
     scores = all_metrics(grid, result.barrier, phantom)
     assert scores["f1"] == 1.0 and scores["iou"] == 1.0
     assert scores["is_closed"] and scores["is_manifold"]
-    assert_allclose(result.permeability[result.barrier], 1e-5, rtol=0.02)
+    rtol = 0.02 if snr is None else 0.15
+    assert_allclose(result.permeability[result.barrier], 1e-5, rtol=rtol)
 
 
 def test_voxels_searched_together_match_one_at_a_time(problem):
@@ -409,9 +453,11 @@ def test_kicked_descents_never_worsen_and_repeat():
         search_steps=20, search_batch=4, search_kicks=5, search_ranking="lazy"
     )
 
+    membrane = np.array([1e-5])
+
     def kicked():
-        steps = _kicked_descents(grid, start, config, None, 0.0, 1e-5)
-        return run_steps(steps, lambda request: rugged(request[1]))
+        steps = _kicked_descents(grid, start, config, None, 0.0, membrane)
+        return run_steps(steps, lambda request: rugged(request[1]))[0]
 
     found = kicked()
     assert rugged(found[None])[0] <= rugged(start[None])[0]
@@ -419,9 +465,9 @@ def test_kicked_descents_never_worsen_and_repeat():
     off = dataclasses.replace(config, search_kicks=0)
     assert_array_equal(
         run_steps(
-            _kicked_descents(grid, start, off, None, 0.0, 1e-5),
+            _kicked_descents(grid, start, off, None, 0.0, membrane),
             lambda request: rugged(request[1]),
-        ),
+        )[0],
         start,
     )
 
@@ -452,21 +498,22 @@ def test_screen_reserve_replaces_only_a_worse_answer(problem):
 
     def loss(rows, values):
         mismatch = ((rows > 0).astype(int) != target).sum(1)
-        return mismatch + 20.0 * np.abs(np.log10(values) + 4.0)
+        kappa = membrane_rows(rows, values)[:, 0]  # one cell: label 1's
+        return mismatch + 20.0 * np.abs(np.log10(kappa) + 4.0)
 
-    wrong = (np.zeros(grid.n_cells, int), 1e-5)
-    before = loss(wrong[0][None], np.array([wrong[1]]))[0]
+    wrong = (np.zeros(grid.n_cells, int), np.array([1e-5]))
+    before = loss(wrong[0][None], wrong[1][None])[0]
     labels, kappa = _run_search_step(
         _screen_reserve(grid, wrong, config, 0.0, 1.0, lambda *a: None), loss
     )
-    assert loss(labels[None], np.array([kappa]))[0] < before - 1.0
-    assert kappa == 1e-4
+    assert loss(labels[None], kappa[None])[0] < before - 1.0
+    assert_allclose(kappa[0], 1e-4, rtol=1e-12)
+    right = (target, np.array([1e-4]))
     same = _run_search_step(
-        _screen_reserve(grid, (target, 1e-4), config, 0.0, 1.0, lambda *a: None),
-        loss,
+        _screen_reserve(grid, right, config, 0.0, 1.0, lambda *a: None), loss
     )
     assert_array_equal(same[0], target)
-    assert same[1] == 1e-4
+    assert same[1][0] == 1e-4
 
 
 @pytest.mark.slow
