@@ -57,6 +57,8 @@ __all__ = [
     "LabelSearch",
     "learned_proposal",
     "label_field",
+    "membrane_rows",
+    "membrane_fields",
     "cell_labels",
     "BatchScorer",
     "SignalCache",
