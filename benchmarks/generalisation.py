@@ -140,6 +140,8 @@ def run(physics, args):
         search_restarts=args.restarts,
         search_kicks=args.kicks,
     )
+    if args.search_batch:
+        options.update(search_batch=args.search_batch)
     if args.starts != "dictionary":
         options.update(search_proposal=args.proposal)
     if sigma:
@@ -261,6 +263,13 @@ def main(argv=None):
     )
     parser.add_argument(
         "--kicks", type=int, default=0, help="search_kicks (iterated local search)"
+    )
+    parser.add_argument(
+        "--search-batch",
+        type=int,
+        default=0,
+        help="search_batch: label moves scored per step (0: the preset's; a "
+        "large value scores every move, a steepest descent)",
     )
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--batch", type=int, default=8, help="voxels per call")
