@@ -187,7 +187,7 @@ def search_labels(
     -------
     LabelSearch
     """
-    lo, hi = config.log_kappa_bounds
+    hi = config.log_kappa_bounds[1]
     search = direction_subset(protocol, config.search_directions)
     screen = direction_subset(protocol, SCREEN_DIRECTIONS)
     # The data term of the truth under noise: loss_scale * sigma^2 (mean
@@ -316,11 +316,8 @@ def label_field(grid, labels, kappas, open_kappa):
         :mod:`dipy_spinverse.substrates` builds them), ``open_kappa``
         elsewhere.
     """
-    kappa = np.concatenate([[np.inf], np.asarray(kappas, float)])
-    a, b = labels[grid.face_cells[:, 0]], labels[grid.face_cells[:, 1]]
-    with np.errstate(divide="ignore"):  # outside-outside faces: masked below
-        series = 1 / (1 / kappa[a] + 1 / kappa[b])
-    return np.where(a != b, series, open_kappa)
+    rows = np.asarray(kappas, float).reshape(1, -1)
+    return membrane_fields(grid, np.asarray(labels)[None], rows, open_kappa)[0]
 
 
 def cell_labels(grid, labels):
@@ -622,6 +619,11 @@ def _stack_rows(candidates, membranes):
     if all(np.ndim(m) < 2 for m in membranes):
         return np.concatenate([np.atleast_1d(m) for m in membranes])
     rows = [membrane_rows(c, m) for c, m in zip(candidates, membranes, strict=True)]
+    return _padded(rows)
+
+
+def _padded(rows):
+    """2-D membrane rows of different widths, stacked and padded with NaN."""
     width = max(r.shape[1] for r in rows)
     return np.concatenate(
         [
@@ -1031,7 +1033,7 @@ def _kappa_moves(labels, membrane, bounds):
 def _apply_move(labels, membrane, move):
     """The labels and membrane row after one label or permeability move."""
     labels, membrane = labels.copy(), np.asarray(membrane, float).copy()
-    if len(move) == 3:  # ((), k, sign): a permeability step
+    if len(move) == 3:  # ((), k, delta): a permeability step
         _, k, delta = move
         step = math.log10(membrane[k - 1]) + delta
         # Rounded, so that the same permeability reached along different
@@ -1055,7 +1057,7 @@ def _apply_moves(labels, membrane, moves):
     """Labels (n, n_cells) and membrane rows (n, width) after each move."""
     applied = [_apply_move(labels, membrane, move) for move in moves]
     candidates = np.array([a for a, _ in applied])
-    return candidates, _stack_rows(candidates[:, None], [m[None] for _, m in applied])
+    return candidates, _padded([m[None] for _, m in applied])
 
 
 def _first_order_gains(grid, labels, moves, membrane):
