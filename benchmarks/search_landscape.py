@@ -25,8 +25,8 @@ IoU and loss, and for each method the IoU (the better of the truth and its
 point inversion) and loss reached. Loss: mean squared residual of the
 b0-normalised signals on the search's 10 directions per shell.
 
-    python benchmarks/search_landscape.py --n 8             # walks only, ~2 min
-    python benchmarks/search_landscape.py --n 8 --descent   # + ~150 s per voxel
+    python benchmarks/search_landscape.py --n 8             # walks only, ~10 min
+    python benchmarks/search_landscape.py --n 8 --descent   # + ~190 s per voxel
 """
 
 import argparse
