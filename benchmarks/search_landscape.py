@@ -21,9 +21,10 @@ For scale, ``shift`` is the truth moved whole by the lattice translation
 IoU a small displacement costs cells this size, and how little loss.
 
 Prints one row per voxel: the truth's cell count and grid cells, the start's
-IoU and loss, and for each method the IoU (the better of the truth and its
-point inversion) and loss reached. Loss: mean squared residual of the
-b0-normalised signals on the search's 10 directions per shell.
+IoU and loss, and for each method the enclosed-volume IoU and loss reached.
+IoU is scored as in ``generalisation.py``: against the truth or its point
+inversion, whichever has the higher face F1. Loss: mean squared residual of
+the b0-normalised signals on the search's 10 directions per shell.
 
     python benchmarks/search_landscape.py --n 8             # walks only, ~10 min
     python benchmarks/search_landscape.py --n 8 --descent   # + ~190 s per voxel
@@ -46,7 +47,7 @@ from dipy_spinverse.inverse.search import (
     membrane_fields,
     search_labels,
 )
-from dipy_spinverse.metrics import cell_inversion
+from dipy_spinverse.metrics import all_metrics
 from dipy_spinverse.signals import normalise_b0
 
 OPEN_KAPPA = 1.0  # m/s: faces without a membrane
@@ -127,14 +128,15 @@ def main():
     grid, protocol, truth, kappas, signal, _, _ = targets("paper", args.n, args.seed)
     data = normalise_b0(torch.as_tensor(signal), protocol)
     subset = direction_subset(protocol, resolve_config("default").search_directions)
-    inversion = cell_inversion(grid)
+    a, b = grid.face_cells.T
 
     def iou(found, true):
-        def one(t):
-            union = np.sum((found > 0) | (t > 0))
-            return np.sum((found > 0) & (t > 0)) / max(union, 1)
-
-        return max(one(true), one(true[inversion]))
+        """Enclosed-volume IoU, twin-aware, as ``generalisation.score`` scores."""
+        barrier, true_barrier = found[a] != found[b], true[a] != true[b]
+        metrics = all_metrics(
+            grid, barrier, true_barrier=true_barrier, true_labels=true, twin=True
+        )
+        return metrics["iou"]
 
     starts = np.array([oracle_start(grid, t) for t in truth])
     descended, seconds = None, float("nan")
