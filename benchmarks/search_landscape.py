@@ -85,9 +85,10 @@ def shifted_truth(grid, truth, loss):
     steps = [sign * h * axis for axis in np.eye(3) for sign in (1, -1)]
     steps += [h / 2 * np.array(signs) for signs in product((1, -1), repeat=3)]
     x = grid.cell_centroids
+    tree = cKDTree(x)
     shifted = []
     for step in steps:
-        distance, source = cKDTree(x).query(x - step)
+        distance, source = tree.query(x - step)
         # Cells whose source lies outside the box (no centroid there) are outside.
         shifted.append(np.where(distance < 1e-6 * h, truth[source], 0))
     losses = loss(np.array(shifted))
@@ -96,9 +97,9 @@ def shifted_truth(grid, truth, loss):
 
 
 def walk(grid, truth, start, loss, *, pairs):
-    """Greedy walk by flips towards the truth; (labels, loss, flips)."""
+    """Greedy walk by flips towards the truth; (labels, loss) where it stalls."""
     a, b = grid.face_cells.T
-    current, value, flips = start.copy(), loss(start)[0], 0
+    current, value = start.copy(), loss(start)[0]
     while True:
         wrong = current != truth
         groups = [[c] for c in np.flatnonzero(wrong)]
@@ -106,15 +107,15 @@ def walk(grid, truth, start, loss, *, pairs):
             both = wrong[a] & wrong[b]
             groups += [[i, j] for i, j in zip(a[both], b[both], strict=True)]
         if not groups:
-            return current, value, flips
+            return current, value
         candidates = np.repeat(current[None], len(groups), 0)
         for row, group in zip(candidates, groups, strict=True):
             row[group] = truth[group]
         losses = loss(candidates)
         best = int(np.argmin(losses))
         if not losses[best] < value:
-            return current, value, flips
-        current, value, flips = candidates[best], losses[best], flips + 1
+            return current, value
+        current, value = candidates[best], losses[best]
 
 
 def main():
@@ -127,7 +128,8 @@ def main():
     args = parser.parse_args()
     grid, protocol, truth, kappas, signal, _, _ = targets("paper", args.n, args.seed)
     data = normalise_b0(torch.as_tensor(signal), protocol)
-    subset = direction_subset(protocol, resolve_config("default").search_directions)
+    config = resolve_config("default")
+    subset = direction_subset(protocol, config.search_directions)
     a, b = grid.face_cells.T
 
     def iou(found, true):
@@ -147,7 +149,7 @@ def main():
             grid,
             data,
             protocol,
-            resolve_config("default"),
+            config,
             sim=sim,
             face_kappa=None,
             labels=starts,
