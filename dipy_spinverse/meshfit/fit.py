@@ -97,6 +97,14 @@ _BEADING_EVIDENCE = 20.0
 # axon at SNR 100 (published protocol, a second noise draw) came out with
 # swelling -0.17, its radius 3.7% low and a loss below the truth's.
 _PROFILE_EVIDENCE = 14.0
+# A bend (curvature and azimuth, 2 degrees of freedom) is kept only when it
+# lowers chi^2 by more than this, the same 99.9% quantile. The fit starts
+# bent (a straight tube is a stationary point of the bend) and never tested
+# it: at SNR 100 a straight beaded axon (held out, published protocol) came
+# out bent (curvature 0.023-0.029 1/um) for a chi^2 decrease of ~7, and the
+# bend took a tenth of the beads' amplitude (-9 to -11 % in three noise
+# draws; -9 to +6 % in four refitted straight).
+_BEND_EVIDENCE = 14.0
 # Screened periods refined (the best phase of each, best first): the best
 # start alone can be a local minimum (a 6 um bead screened at 4, 5.5, 7.5
 # and 10 um: the 4 um start ranked first and stayed there; 5.5 um, second,
@@ -105,6 +113,10 @@ _AXON_REFINED_PERIODS = 3
 # Coefficients freed in turn (indices into AXON_CODE): radius and bend; then
 # the beads too; then swelling and fanning too.
 _AXON_STAGES = (np.arange(3), np.arange(6), np.arange(8))
+# Indices into AXON_CODE of the bend (bend_x, bend_y) and of the profile
+# (swelling, fanning).
+_BEND = np.array([1, 2])
+_PROFILE = np.array([6, 7])
 
 
 @dataclass(frozen=True, eq=False)
@@ -624,8 +636,11 @@ def _fit_axon(
        periods are refined (radius, bend and beads free); the best is kept
        if it is better by more than the noise explains (``sigma > 0``:
        chi^2 lower by ``_BEADING_EVIDENCE``).
-    3. Swelling and fanning are freed too, kept under the same rule
-       (``_PROFILE_EVIDENCE``). Noise free, any decrease is kept.
+    3. Swelling and fanning are freed too (the beads only if kept), kept
+       under the same rule (``_PROFILE_EVIDENCE``).
+    4. The result is refitted straight (bend 0 and held); the bend is kept
+       only under the same rule (``_BEND_EVIDENCE``). Noise free, any
+       decrease is kept.
     """
     model = _AxonModel(
         shape, target, protocol, loss, diffusivity, length_scale, background, box_volume
@@ -676,11 +691,21 @@ def _fit_axon(
             unbeaded[1] - beaded[1], len(target), loss, _BEADING_EVIDENCE
         ):
             best = beaded
-    profiled = _levenberg_marquardt(
-        model, best[0], _AXON_STAGES[2], max_iter, history, verbose
-    )
+    # Beads the rule dropped stay dropped: freeing them here would let them
+    # in by the profile's rule (2 degrees of freedom for 5).
+    stage = _AXON_STAGES[1] if best is not unbeaded else _AXON_STAGES[0]
+    profile = np.union1d(stage, _PROFILE)
+    profiled = _levenberg_marquardt(model, best[0], profile, max_iter, history, verbose)
     if _significant(best[1] - profiled[1], len(target), loss, _PROFILE_EVIDENCE):
-        best = profiled
+        best, stage = profiled, profile
+    straight = best[0].copy()
+    straight[_BEND] = 0.0
+    if model.valid(straight):
+        straight = _levenberg_marquardt(
+            model, straight, np.setdiff1d(stage, _BEND), max_iter, history, verbose
+        )
+        if not _significant(straight[1] - best[1], len(target), loss, _BEND_EVIDENCE):
+            best = straight
     code, _, predicted = best
     return MeshFit(
         mesh=shape.mesh(code),
