@@ -218,3 +218,21 @@ def test_axon_code_refines_a_tilted_label_in_its_frame():
     fraction = fit.volume / grid.volume
     mixed = fraction * cell + (1.0 - fraction) * normalise_b0(rest, protocol)
     assert_allclose(fit.predicted_signal, mixed, atol=1e-6)
+
+
+def test_a_tangled_start_is_halved_towards_the_template():
+    # A label's surface can ask for more displacement than the template's
+    # tetrahedra take; the refinement then starts part of the way there
+    # instead of failing (fit_mesh refuses an inverting start).
+    from dipy_spinverse.meshfit import spectral_shape
+    from dipy_spinverse.meshfit.refine import _untangled_start
+
+    shape = spectral_shape(ball_mesh(4.0, resolution=2), n_modes=4)
+    wild = np.r_[40.0, -35.0, 30.0, 25.0]
+    assert shape.n_inverted(wild) > 0
+    start = _untangled_start(shape, wild)
+    assert shape.n_inverted(start) == 0
+    ratio = start / wild
+    assert np.all(ratio == ratio[0]) and 0 < ratio[0] < 1
+    # A start that inverts nothing is kept as it is.
+    assert_allclose(_untangled_start(shape, start), start)

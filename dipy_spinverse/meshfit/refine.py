@@ -302,7 +302,7 @@ def refine_cell(
         signal,
         protocol,
         template=shape,
-        start=start,
+        start=_untangled_start(shape, start),
         learning_rate=options["learning_rate"],
         penalty=options["penalty"],
         basis_every=options["basis_every"],
@@ -317,6 +317,24 @@ def refine_cell(
         n_inverted=fit.n_inverted,
         shape=fit.shape,
     )
+
+
+def _untangled_start(shape, code, *, halvings=20):
+    """``code`` halved towards the template (code 0) until no tetrahedron
+    of ``shape.mesh(code)`` is inverted.
+
+    A label found by the search can be a ragged staircase whose surface
+    asks for more displacement than the template's tetrahedra take (a
+    cylinder's label at SNR 100 did: ``fit_mesh`` refused the start). The
+    template itself is placed and sized on the label already, so a smaller
+    step towards the label's surface is still a start on it.
+    """
+    code = np.asarray(code, dtype=np.float64)
+    for _ in range(halvings):
+        if not shape.n_inverted(code):
+            return code
+        code = code / 2
+    return np.zeros_like(code)
 
 
 def _refine_axon(points, volume, signal, protocol, options, settings):
