@@ -183,6 +183,34 @@ def test_axon_fit_keeps_noise_out_of_the_bend(short_tube, protocol):
     assert fit.axon_parameters["curvature"] == pytest.approx(0.1, rel=0.15)
 
 
+def test_beads_longer_than_the_axon_face_a_taper(short_tube, protocol, monkeypatch):
+    # Beads of 20 um on a 12 um axon at SNR 200: the fit finds beads of
+    # 14 um, longer than the template, so it also refits them as a taper
+    # (beads 0, swelling and fanning free). Here the beads fit far better
+    # (chi^2 lower by ~290 against the rule's 2) and stay. Made to prefer
+    # the taper, the same fit comes back as one: no beads, a profile.
+    sigma = 1 / 200
+    noise = np.random.default_rng(5).normal(0.0, sigma, len(protocol))
+    signal = _family_signal(
+        short_tube, protocol, radius=2.2, beading_amplitude=0.25, beading_period=20.0
+    )
+    options = dict(
+        template=short_tube,
+        code="axon",
+        max_iter=6,
+        axon_periods=(20.0,),
+        sigma=sigma,
+    )
+    fit = fit_mesh(signal + noise, protocol, **options)
+    assert fit.axon_parameters["beading_amplitude"] > 0.1
+    assert fit.axon_parameters["beading_period"] > 12.0
+    monkeypatch.setattr("dipy_spinverse.meshfit.fit._TAPER_EVIDENCE", np.inf)
+    taper = fit_mesh(signal + noise, protocol, **options)
+    assert taper.axon_parameters["beading_amplitude"] == 0.0
+    profile = [taper.axon_parameters[k] for k in ("swelling", "fanning")]
+    assert np.any(np.abs(profile) > 0.01)
+
+
 def test_axon_fit_keeps_noise_out_of_the_beads(short_tube, protocol):
     # An unbeaded, unswollen axon at SNR 30 (Gaussian noise, the loss told
     # so): beads found by the screen, and swelling and fanning, only fit
