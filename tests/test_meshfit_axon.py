@@ -164,7 +164,7 @@ def test_axon_fit_keeps_noise_out_of_the_bend(short_tube, protocol):
     # A straight axon at SNR 200 (Gaussian noise, the loss told so): the fit
     # starts bent (a straight tube is a stationary point of the bend), and
     # the bend it keeps fits noise only, so the chi-square rule straightens
-    # it (curvature exactly 0; without the rule 0.05 / um). A bent axon
+    # it (curvature exactly 0; without the rule 0.05-0.08 / um). A bent axon
     # (0.1 / um) under the same noise keeps its bend: 0.092-0.097 in three
     # noise draws, so within 15% (three times that scatter). (At SNR 30 this
     # 26-acquisition protocol cannot tell a 0.1 / um bend from noise: chi^2
