@@ -4,9 +4,11 @@ A cell is a tetrahedral mesh (:mod:`.mesh`: built-in ball, tube and axon
 templates); :mod:`.fem` simulates its diffusion signal with P1 finite
 elements and the matrix formalism, differentiable with respect to the vertex
 positions (ReMiDi's approach, with this package's protocols and noise model);
-:mod:`.shape` is the shape code (Laplace-Beltrami modes of the template's
-surface; :mod:`.autoencoder` compresses it further, trained on axon
-families), :mod:`.fit` optimises it (:func:`fit_mesh`) and :mod:`.refine`
+:mod:`.permeable` adds the water around the cell behind a permeable
+membrane (differentiable in the permeability too); :mod:`.shape` is the
+shape code (Laplace-Beltrami modes of the template's surface;
+:mod:`.autoencoder` compresses it further, trained on axon families),
+:mod:`.fit` optimises it (:func:`fit_mesh`) and :mod:`.refine`
 starts it from a Spinverse label surface (:func:`refine_cell`, behind
 ``SpinverseModel(..., refine_mesh=True)``).
 """
@@ -27,6 +29,7 @@ from .mesh import (
     surface_tet_mesh,
     tube_mesh,
 )
+from .permeable import SplitMesh, permeable_signal, split_regions
 from .refine import check_refine_options, refine_cell
 from .shape import AxonShape, SpectralShape, axon_shape, spectral_shape
 
@@ -40,6 +43,9 @@ __all__ = [
     "MeshBasis",
     "mesh_basis",
     "mesh_signal",
+    "SplitMesh",
+    "split_regions",
+    "permeable_signal",
     "SpectralShape",
     "spectral_shape",
     "AxonShape",

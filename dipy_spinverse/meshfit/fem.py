@@ -55,6 +55,7 @@ __all__ = [
     "MeshBasis",
     "assemble",
     "mesh_basis",
+    "laplace_modes",
     "reduced_operators",
     "mesh_signal",
     "DEFAULT_LENGTH_SCALE",
@@ -160,12 +161,22 @@ def mesh_basis(mesh, *, length_scale=DEFAULT_LENGTH_SCALE, max_modes=None):
     """
     if not isinstance(mesh, TetMesh):
         raise TypeError(f"mesh must be a TetMesh, got {type(mesh).__name__}.")
-    length_scale = check_positive(length_scale, "length_scale", "um", 1.0)
-    max_modes = DEFAULT_MAX_MODES if max_modes is None else max_modes
-    max_modes = min(check_int(max_modes, "max_modes", 1), mesh.n_vertices)
-    cutoff = (np.pi / length_scale) ** 2
     stiffness, mass = assemble(mesh)
-    if mesh.n_vertices <= _DENSE_MAX_VERTICES:
+    return laplace_modes(
+        stiffness, mass, length_scale=length_scale, max_modes=max_modes
+    )
+
+
+def laplace_modes(stiffness, mass, *, length_scale, max_modes=None):
+    """Modes ``K v = lambda M v`` below ``(pi / length_scale)^2`` of sparse
+    stiffness and mass matrices (:func:`mesh_basis`'s solver; also for an
+    operator with a membrane term, :mod:`.permeable`)."""
+    length_scale = check_positive(length_scale, "length_scale", "um", 1.0)
+    n_vertices = stiffness.shape[0]
+    max_modes = DEFAULT_MAX_MODES if max_modes is None else max_modes
+    max_modes = min(check_int(max_modes, "max_modes", 1), n_vertices)
+    cutoff = (np.pi / length_scale) ** 2
+    if n_vertices <= _DENSE_MAX_VERTICES:
         values, vectors = scipy.linalg.eigh(
             stiffness.toarray(), mass.toarray(), subset_by_value=(-np.inf, cutoff)
         )
@@ -338,10 +349,16 @@ def mesh_signal(
     tets = torch.tensor(mesh.tets)
     stiffness, mass, moments, load = reduced_operators(vertices, tets, modes)
     system = _orthonormal_system(stiffness, mass, moments, load)
+    return reduced_signal(system, protocol, diffusivity, basis, vertices, tol)
+
+
+def reduced_signal(system, protocol, diffusivity, basis, vertices, tol):
+    """Signals (n_acquisitions,) of a reduced system (``_orthonormal_system``)
+    whose modes are ``basis`` on a mesh with these ``vertices``."""
     reach = float((vertices.detach() - vertices.detach().mean(0)).norm(dim=1).max())
     bounds = (float(basis.eigenvalues[-1]) * _BOUND_MARGIN, reach * _BOUND_MARGIN)
-    rates = torch.tensor(protocol.gradient_rate, dtype=dtype)
-    out = torch.empty(len(protocol), dtype=dtype)
+    rates = torch.tensor(protocol.gradient_rate, dtype=vertices.dtype)
+    out = torch.empty(len(protocol), dtype=vertices.dtype)
     for waveform, idx in protocol.groups():
         unique, inverse = torch.unique(rates[idx], dim=0, return_inverse=True)
         signal = _waveform_signal(system, diffusivity, waveform, unique, bounds, tol)
