@@ -27,6 +27,8 @@ the grid simulator on the same tetrahedra agrees within its discretisation.
 Units: um, us; ``kappa`` in m/s (= um/us), ``D`` in mm^2/s (= um^2/us).
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse
 import torch
@@ -47,6 +49,7 @@ from .mesh import TetMesh
 __all__ = ["SplitMesh", "split_regions", "membrane_matrix", "permeable_signal"]
 
 
+@dataclass(frozen=True, eq=False)
 class SplitMesh:
     """A mesh whose membrane vertices are duplicated, one copy per region.
 
@@ -62,9 +65,10 @@ class SplitMesh:
     regions : ndarray of int (T,)
     """
 
-    def __init__(self, mesh, source, membrane, regions):
-        self.mesh, self.source = mesh, source
-        self.membrane, self.regions = membrane, regions
+    mesh: TetMesh
+    source: np.ndarray
+    membrane: np.ndarray
+    regions: np.ndarray
 
     def vertices(self, vertices):
         """Split vertex positions (V', 3) from the original (V, 3) ones."""
