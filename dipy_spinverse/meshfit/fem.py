@@ -340,16 +340,22 @@ def mesh_signal(
     if basis.modes.shape[0] != mesh.n_vertices:
         raise ValueError("basis was computed for a mesh with another vertex count.")
     dtype = vertices.dtype
-    diffusivity = torch.as_tensor(diffusivity, dtype=dtype)
-    if diffusivity.ndim or not diffusivity > 0:
-        raise ValueError(
-            f"diffusivity must be a scalar > 0 (mm^2/s), got {diffusivity}."
-        )
+    diffusivity = scalar_diffusivity(diffusivity, dtype)
     modes = torch.tensor(basis.modes, dtype=dtype)
     tets = torch.tensor(mesh.tets)
     stiffness, mass, moments, load = reduced_operators(vertices, tets, modes)
     system = _orthonormal_system(stiffness, mass, moments, load)
     return reduced_signal(system, protocol, diffusivity, basis, vertices, tol)
+
+
+def scalar_diffusivity(diffusivity, dtype):
+    """``diffusivity`` as a checked scalar tensor (> 0, mm^2/s)."""
+    diffusivity = torch.as_tensor(diffusivity, dtype=dtype)
+    if diffusivity.ndim or not diffusivity > 0:
+        raise ValueError(
+            f"diffusivity must be a scalar > 0 (mm^2/s), got {diffusivity}."
+        )
+    return diffusivity
 
 
 def reduced_signal(system, protocol, diffusivity, basis, vertices, tol):

@@ -43,6 +43,7 @@ from .fem import (
     laplace_modes,
     reduced_operators,
     reduced_signal,
+    scalar_diffusivity,
 )
 from .mesh import TetMesh
 
@@ -227,14 +228,10 @@ def permeable_signal(
         vertices = split.vertices(vertices)
     dtype = vertices.dtype
     kappa = torch.as_tensor(permeability, dtype=dtype)
-    diffusivity = torch.as_tensor(diffusivity, dtype=dtype)
+    diffusivity = scalar_diffusivity(diffusivity, dtype)
     if kappa.ndim or not torch.isfinite(kappa) or kappa < 0:
         raise ValueError(
             f"permeability must be a finite scalar >= 0 (m/s), got {permeability}."
-        )
-    if diffusivity.ndim or not diffusivity > 0:
-        raise ValueError(
-            f"diffusivity must be a scalar > 0 (mm^2/s), got {diffusivity}."
         )
     if basis is None:
         basis = _basis(split, vertices, kappa, diffusivity, length_scale)
