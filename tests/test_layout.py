@@ -37,6 +37,7 @@ LAYERS = [
     "data",
     "meshfit.mesh",
     "meshfit.fem",
+    "meshfit.permeable",
     "meshfit.shape",
     "meshfit.autoencoder",
     "meshfit.fit",

@@ -57,6 +57,10 @@ __all__ = [
     "mesh_basis",
     "laplace_modes",
     "reduced_operators",
+    "orthonormal_system",
+    "reduced_signal",
+    "scalar_diffusivity",
+    "CHEBYSHEV_TOL",
     "mesh_signal",
     "DEFAULT_LENGTH_SCALE",
 ]
@@ -73,7 +77,7 @@ DEFAULT_MAX_MODES = 500
 _DENSE_MAX_VERTICES = 1500
 # Chebyshev truncation tolerance of one propagator, relative to |v|. The bound
 # holds on the field of values up to a factor 1 + sqrt(2) (Crouzeix), kept in.
-_CHEB_TOL = 1e-10
+CHEBYSHEV_TOL = 1e-10
 # Safety margin on the spectral bounds of the reduced operator: the basis is
 # orthonormal only at the vertices it was computed for.
 _BOUND_MARGIN = 1.05
@@ -295,7 +299,7 @@ def mesh_signal(
     diffusivity=2e-3,
     basis=None,
     length_scale=DEFAULT_LENGTH_SCALE,
-    tol=_CHEB_TOL,
+    tol=CHEBYSHEV_TOL,
 ):
     """Normalised signal of a cell with an impermeable membrane.
 
@@ -344,7 +348,7 @@ def mesh_signal(
     modes = torch.tensor(basis.modes, dtype=dtype)
     tets = torch.tensor(mesh.tets)
     stiffness, mass, moments, load = reduced_operators(vertices, tets, modes)
-    system = _orthonormal_system(stiffness, mass, moments, load)
+    system = orthonormal_system(stiffness, mass, moments, load)
     return reduced_signal(system, protocol, diffusivity, basis, vertices, tol)
 
 
@@ -359,7 +363,7 @@ def scalar_diffusivity(diffusivity, dtype):
 
 
 def reduced_signal(system, protocol, diffusivity, basis, vertices, tol):
-    """Signals (n_acquisitions,) of a reduced system (``_orthonormal_system``)
+    """Signals (n_acquisitions,) of a reduced system (``orthonormal_system``)
     whose modes are ``basis`` on a mesh with these ``vertices``."""
     reach = float((vertices.detach() - vertices.detach().mean(0)).norm(dim=1).max())
     bounds = (float(basis.eigenvalues[-1]) * _BOUND_MARGIN, reach * _BOUND_MARGIN)
@@ -382,7 +386,7 @@ class _System:
     norm: torch.Tensor  # y^T y: the volume
 
 
-def _orthonormal_system(stiffness, mass, moments, load):
+def orthonormal_system(stiffness, mass, moments, load):
     """Whiten with the Cholesky factor of the projected mass (I at the base point)."""
     chol = torch.linalg.cholesky(mass)
 

@@ -36,11 +36,11 @@ import torch
 from ..checks import check_number
 from ..sequences import as_protocol
 from .fem import (
-    _CHEB_TOL,
+    CHEBYSHEV_TOL,
     DEFAULT_LENGTH_SCALE,
-    _orthonormal_system,
     assemble,
     laplace_modes,
+    orthonormal_system,
     reduced_operators,
     reduced_signal,
     scalar_diffusivity,
@@ -180,7 +180,7 @@ def permeable_signal(
     diffusivity=2e-3,
     basis=None,
     length_scale=DEFAULT_LENGTH_SCALE,
-    tol=_CHEB_TOL,
+    tol=CHEBYSHEV_TOL,
 ):
     """Normalised signal of regions joined by a permeable membrane.
 
@@ -241,7 +241,7 @@ def permeable_signal(
     tets = torch.tensor(split.mesh.tets)
     stiffness, mass, moments, load = reduced_operators(vertices, tets, modes)
     membrane = _reduced_membrane(vertices, split.membrane, modes)
-    system = _orthonormal_system(
+    system = orthonormal_system(
         stiffness + (kappa / diffusivity) * membrane, mass, moments, load
     )
     return reduced_signal(system, protocol, diffusivity, basis, vertices, tol)
