@@ -64,12 +64,15 @@ class SplitMesh:
         Each membrane triangle's three vertices on either side (split
         indices; the same original vertex in each column).
     regions : ndarray of int (T,)
+    n_source : int
+        Vertices of the original mesh.
     """
 
     mesh: TetMesh
     source: np.ndarray
     membrane: np.ndarray
     regions: np.ndarray
+    n_source: int
 
     def vertices(self, vertices):
         """Split vertex positions (V', 3) from the original (V, 3) ones."""
@@ -116,7 +119,7 @@ def split_regions(mesh, regions):
     sides = np.stack([region[a[across]], region[b[across]]], axis=1)
     lookup = np.searchsorted(keys, triangles[:, None, :] * n_regions + sides[..., None])
     split = TetMesh(vertices=mesh.vertices[source], tets=split_tets)
-    return SplitMesh(split, source, lookup, np.asarray(regions))
+    return SplitMesh(split, source, lookup, regions, mesh.n_vertices)
 
 
 # The four faces of a tetrahedron (vertex positions in it).
@@ -216,7 +219,7 @@ def permeable_signal(
         )
     protocol = as_protocol(protocol)
     tol = check_number(tol, "tol", minimum=1e-15, maximum=1e-2)
-    n_original = int(split.source.max()) + 1
+    n_original = split.n_source
     if vertices is None:
         vertices = torch.tensor(split.mesh.vertices, dtype=torch.float64)
     else:
