@@ -188,3 +188,25 @@ def test_bad_inputs(box):
         permeable_signal(split, protocol, permeability=1e-5, vertices=torch.zeros(3, 3))
     with pytest.raises(TypeError, match="split_regions"):
         permeable_signal(mesh, protocol, permeability=1e-5)
+
+
+def test_three_regions_touching(box):
+    # Two touching cells (the sphere cut in half) in the water: a vertex on
+    # the line where all three meet gets three copies. The limits hold as
+    # for two regions.
+    grid, mesh, regions, _ = box
+    centroids = mesh.vertices[mesh.tets].mean(1)
+    three = np.where(regions == 1, np.where(centroids[:, 0] < grid.size / 2, 1, 2), 0)
+    split = split_regions(mesh, three)
+    assert len(split.membrane) == grid.interface_faces(three).sum()
+    protocol = _protocol()
+    parts = [_part(mesh, three == r) for r in range(3)]
+    volumes = np.array([p.volume for p in parts])
+    separate = sum(
+        v * mesh_signal(p, protocol).numpy()
+        for v, p in zip(volumes, parts, strict=True)
+    )
+    closed = permeable_signal(split, protocol, permeability=0.0).numpy()
+    assert_allclose(closed, separate / volumes.sum(), atol=1e-10)
+    open_ = permeable_signal(split, protocol, permeability=100.0).numpy()
+    assert_allclose(open_, mesh_signal(mesh, protocol).numpy(), atol=1e-5)
