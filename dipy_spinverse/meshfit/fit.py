@@ -118,8 +118,9 @@ _TAPER_EVIDENCE = 2.0
 # refines to the truth).
 _AXON_REFINED_PERIODS = 3
 # Coefficients freed in turn (indices into AXON_CODE): radius and bend; then
-# the beads too; then swelling and fanning too.
-_AXON_STAGES = (np.arange(3), np.arange(6), np.arange(8))
+# the beads too. Swelling and fanning (_PROFILE) are added to whichever of
+# the two the fit ends in.
+_AXON_STAGES = (np.arange(3), np.arange(6))
 # Indices into AXON_CODE of the bend (bend_x, bend_y), the beads
 # (beading_cos, beading_sin, beading_period) and the profile (swelling,
 # fanning).
@@ -713,7 +714,7 @@ def _fit_axon(
     best, stage = _simpler(
         model, best, stage, _BEND, _BEND_EVIDENCE, max_iter, history, verbose
     )
-    if best[0][5] > shape.length and np.any(best[0][_BEADS[:2]]):
+    if best[0][_BEADS[2]] > shape.length and np.any(best[0][_BEADS[:2]]):
         # Less than one bead on the axon: a taper, which swelling and
         # fanning describe with one coefficient fewer.
         best, stage = _simpler(

@@ -63,7 +63,6 @@ class SplitMesh:
     membrane : ndarray of int (F, 2, 3)
         Each membrane triangle's three vertices on either side (split
         indices; the same original vertex in each column).
-    regions : ndarray of int (T,)
     n_source : int
         Vertices of the original mesh.
     """
@@ -71,7 +70,6 @@ class SplitMesh:
     mesh: TetMesh
     source: np.ndarray
     membrane: np.ndarray
-    regions: np.ndarray
     n_source: int
 
     def vertices(self, vertices):
@@ -119,7 +117,7 @@ def split_regions(mesh, regions):
     sides = np.stack([region[a[across]], region[b[across]]], axis=1)
     lookup = np.searchsorted(keys, triangles[:, None, :] * n_regions + sides[..., None])
     split = TetMesh(vertices=mesh.vertices[source], tets=split_tets)
-    return SplitMesh(split, source, lookup, regions, mesh.n_vertices)
+    return SplitMesh(split, source, lookup, mesh.n_vertices)
 
 
 # The four faces of a tetrahedron (vertex positions in it).
@@ -149,7 +147,7 @@ def membrane_matrix(split, vertices=None):
 def _basis(split, vertices, kappa, diffusivity, length_scale):
     """Modes of ``K + (kappa / D) J`` of the split mesh at these split
     vertex positions (V', 3)."""
-    moved = split.mesh.moved(np.asarray(torch.as_tensor(vertices).detach()))
+    moved = split.mesh.moved(vertices.detach().numpy())
     stiffness, mass = assemble(moved)
     ratio = float(kappa) / float(diffusivity)
     stiffness = stiffness + ratio * membrane_matrix(split, moved.vertices)
