@@ -37,7 +37,6 @@ from dipy.sims.voxel import add_noise
 from mesh_experiments import reduced_protocol
 
 from dipy_spinverse import TetGrid, simulate
-from dipy_spinverse.interface import barrier_mesh
 from dipy_spinverse.inverse import reconstruct
 from dipy_spinverse.meshfit import (
     ball_mesh,
@@ -46,7 +45,12 @@ from dipy_spinverse.meshfit import (
     tube_mesh,
 )
 from dipy_spinverse.meshfit.fit import axis_radius, fit_surface
-from dipy_spinverse.meshfit.refine import largest_cell, refine_cell, refine_template
+from dipy_spinverse.meshfit.refine import (
+    label_surface,
+    largest_cell,
+    refine_cell,
+    refine_template,
+)
 from dipy_spinverse.phantoms import cylinder, sphere
 from dipy_spinverse.signals import normalise_b0
 
@@ -87,9 +91,7 @@ def main():
     clean = voxel_signal(grid, phantom, truth, protocol)
     tv, tf = truth.vertices, truth.boundary_faces
     inside = phantom.labels > 0
-    label = barrier_mesh(
-        grid, grid.interface_faces(inside), labels=inside.astype(int), cap_wall=True
-    )
+    label = label_surface(grid, inside)
     options = dict(n_modes=args.n_modes, max_iter=args.max_iter, template=kind)
     start_template = refine_template(
         kind, label.vertices, grid.cell_volumes[inside].sum()
@@ -141,12 +143,7 @@ def main():
             )
             labels, permeability = found.labels, found.permeability
             cell = labels == largest_cell(grid, labels)
-            surface = barrier_mesh(
-                grid,
-                grid.interface_faces(cell),
-                labels=cell.astype(int),
-                cap_wall=True,
-            )
+            surface = label_surface(grid, cell)
             rows.append(
                 (
                     f"label search, SNR {snr or 'inf'} ({labels.max()} cells)",

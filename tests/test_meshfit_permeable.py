@@ -15,8 +15,8 @@ import torch
 from numpy.testing import assert_allclose
 
 from dipy_spinverse import TetGrid, simulate
-from dipy_spinverse.meshfit import TetMesh, mesh_signal
-from dipy_spinverse.meshfit.mesh import signed_volumes
+from dipy_spinverse.meshfit import mesh_signal
+from dipy_spinverse.meshfit.mesh import _compact, signed_volumes
 from dipy_spinverse.meshfit.permeable import (
     membrane_matrix,
     permeable_signal,
@@ -33,20 +33,13 @@ def _box(n, radius=9.0):
     tets = grid.tets.copy()
     negative = signed_volumes(grid.vertices, tets) < 0
     tets[negative] = tets[negative][:, [0, 2, 1, 3]]
-    used = np.unique(tets)
-    renumber = np.full(len(grid.vertices), -1)
-    renumber[used] = np.arange(len(used))
-    mesh = TetMesh(grid.vertices[used], renumber[tets])
+    mesh = _compact(grid.vertices, tets)
     inside = sphere(grid, radius=radius, kappa=1e-5).inside
     return grid, mesh, inside.astype(int)
 
 
 def _part(mesh, keep):
-    tets = mesh.tets[keep]
-    used = np.unique(tets)
-    renumber = np.full(mesh.n_vertices, -1)
-    renumber[used] = np.arange(len(used))
-    return TetMesh(mesh.vertices[used], renumber[tets])
+    return _compact(mesh.vertices, mesh.tets[keep])
 
 
 def _protocol():

@@ -40,6 +40,7 @@ __all__ = [
     "refine_topology",
     "refine_cell",
     "largest_cell",
+    "label_surface",
 ]
 
 #: Templates of the refinement: a ball, or a closed tube along the label's
@@ -110,6 +111,14 @@ def check_refine_options(options=None):
         )
     out["axon_periods"] = tuple(check_axon_periods(out["axon_periods"]).tolist())
     return out
+
+
+def label_surface(grid, cell):
+    """The surface of the grid cells ``cell`` (bool, n_cells), capped where
+    it meets the voxel's wall: the surface a refinement starts from."""
+    return barrier_mesh(
+        grid, grid.interface_faces(cell), labels=cell.astype(int), cap_wall=True
+    )
 
 
 def largest_cell(grid, labels):
@@ -255,9 +264,7 @@ def refine_cell(
     cell = labels == label
     if label < 1 or not cell.any():
         raise ValueError(f"no cell with label {label} to refine.")
-    surface = barrier_mesh(
-        grid, grid.interface_faces(cell), labels=cell.astype(int), cap_wall=True
-    )
+    surface = label_surface(grid, cell)
     points = surface.vertices
     volume = float(grid.cell_volumes[cell].sum())
     rest = ~cell
