@@ -26,10 +26,10 @@ def cache_root(path=None):
     shape autoencoders live in subfolders or under their own hashes there.
     """
     if path is not None:
-        return pathlib.Path(path)
+        return pathlib.Path(path).expanduser()
     root = os.environ.get(CACHE_ENV)
     if root:
-        return pathlib.Path(root)
+        return pathlib.Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     return pathlib.Path(xdg) / "dipy_spinverse"
 

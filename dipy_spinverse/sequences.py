@@ -31,6 +31,8 @@ __all__ = [
     "Protocol",
     "as_protocol",
     "check_bvals",
+    "check_linear_encoding",
+    "unit_rows",
     "BVALUE_RANGE",
     "fibonacci_sphere",
     "published_protocol",
@@ -545,8 +547,16 @@ def _broadcast_waveforms(waveforms, n):
     return waveforms
 
 
-def _check_linear_encoding(btens, bvals):
-    """Reject b-tensors that a single gradient direction cannot produce."""
+def check_linear_encoding(btens, bvals):
+    """Reject b-tensors that a single gradient direction cannot produce.
+
+    Parameters
+    ----------
+    btens : ndarray, shape (N, 3, 3) or None
+        ``gtab.btens``; None (DIPY's default, linear encoding) passes.
+    bvals : ndarray, shape (N,)
+        b-values, 0 for the b = 0 volumes (their b-tensor is not checked).
+    """
     if btens is None:
         return
     btens = np.asarray(btens, dtype=np.float64)
@@ -554,14 +564,19 @@ def _check_linear_encoding(btens, bvals):
     # A linear (rank-1) b-tensor has a single non-zero eigenvalue.
     if np.any(eigvals[:, 1] > 1e-3 * eigvals[:, 2]):
         raise ValueError(
-            "gtab has planar or spherical b-tensors (btens); Protocol.from_gtab "
-            "supports linear encoding only. Pass waveform= with a suitable "
-            "waveform per volume, or use a linear-encoding table"
+            "gtab has planar or spherical b-tensors (btens); only linear "
+            "encoding is supported (gradient_table(..., btens=None or 'LTE')). "
+            "Protocol.from_gtab also takes waveform= with a suitable waveform "
+            "per volume"
         )
 
 
-def _unit_rows(bvecs):
-    """Normalise the non-zero rows of bvecs."""
+def unit_rows(bvecs):
+    """``bvecs`` (N, 3) with its non-zero rows normalised to unit length.
+
+    DIPY accepts gradient directions within ``atol`` of unit length, as
+    scanners write them; the simulator and the fits need unit vectors.
+    """
     bvecs = np.array(bvecs, dtype=np.float64)
     norms = np.linalg.norm(bvecs, axis=1, keepdims=True)
     return np.divide(bvecs, norms, out=np.zeros_like(bvecs), where=norms > 0)
@@ -816,7 +831,7 @@ class Protocol:
         threshold = 0.0 if gtab.b0_threshold is None else gtab.b0_threshold
         bvals = check_bvals(gtab.bvals, b0_threshold=threshold)
         bvals = np.where(bvals <= threshold, 0.0, bvals)
-        _check_linear_encoding(gtab.btens, bvals)
+        check_linear_encoding(gtab.btens, bvals)
         n = bvals.size
         if waveform is None:
             for name in ("big_delta", "small_delta"):
@@ -837,7 +852,7 @@ class Protocol:
                 f"{first}, whose b-value {bvals[first]:g} s/mm^2 is above "
                 f"b0_threshold {threshold:g}; fix the b-vectors or the b-values."
             )
-        bvecs = _unit_rows(gtab.bvecs)
+        bvecs = unit_rows(gtab.bvecs)
         return cls(waveforms=waveforms, bvals=bvals, bvecs=bvecs)
 
     @classmethod

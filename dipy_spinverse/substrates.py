@@ -356,7 +356,7 @@ min_extracellular_fraction, touching, max_tries
 class _Options:
     n_range: tuple
     kinds: tuple
-    log_kappa: tuple
+    permeability_range: tuple
     min_cell_volume: float
     min_outside: float
     touching: object
@@ -381,7 +381,7 @@ def _options(
         )
     n_range = _n_range(n_cells)
     kinds = _kinds(kinds)
-    log_kappa = _permeability_range(permeability_range)
+    permeability_range = _permeability_range(permeability_range)
     min_outside = check_number(
         min_extracellular_fraction,
         "min_extracellular_fraction",
@@ -420,7 +420,13 @@ def _options(
         )
     max_tries = check_int(max_tries, "max_tries", 1)
     return _Options(
-        n_range, kinds, log_kappa, min_cell_volume, min_outside, touching, max_tries
+        n_range,
+        kinds,
+        permeability_range,
+        min_cell_volume,
+        min_outside,
+        touching,
+        max_tries,
     )
 
 
@@ -478,7 +484,7 @@ def _permeability_range(permeability_range):
             "permeability_range must be (low, high) with 0 < low <= high m/s, "
             f"e.g. (1e-6, 1e-4), got {permeability_range!r}."
         )
-    return math.log10(low), math.log10(high)
+    return float(low), float(high)
 
 
 def _seed(seed, name):
@@ -521,7 +527,10 @@ def _draw(grid, rng, options):
         if problem is not None:
             failures[problem] += 1
             continue
-        kappa = 10.0 ** rng.uniform(*options.log_kappa, size=n)
+        # Log-uniform, written so that low == high gives low exactly and no
+        # rounding leaves the range.
+        low, high = options.permeability_range
+        kappa = np.clip(low * (high / low) ** rng.uniform(size=n), low, high)
         return _substrate(grid, labels, kappa, kinds, params)
     worst = failures.most_common(1)[0][0]
     counts = ", ".join(f"{_REASONS[k]}: {v}" for k, v in failures.most_common())

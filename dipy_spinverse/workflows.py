@@ -603,7 +603,12 @@ def _gradients(
             "'small_delta big_delta' row per volume) or --scheme_file (Camino)."
         )
     if scheme_file is not None:
-        protocol = Protocol.from_camino(scheme_file)
+        try:
+            protocol = Protocol.from_camino(scheme_file)
+        except OSError as err:
+            raise ValueError(
+                f"cannot read the scheme file {scheme_file}: {err}"
+            ) from err
         if len(protocol) != n_volumes:
             raise ValueError(
                 f"{scheme_file} has {len(protocol)} acquisitions but the data have "

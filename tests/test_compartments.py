@@ -672,6 +672,23 @@ def test_bad_inputs(gtab_axon, gtab_ivim):
             cls(in_ms)
         with pytest.raises(ValueError, match="no diffusion-weighted volume"):
             cls(only_b0)
+    # ... and the encoding: a spherical b-tensor is not one direction.
+    spherical = gradient_table(gtab_ivim.bvals, bvecs=gtab_ivim.bvecs, btens="STE")
+    with pytest.raises(ValueError, match="linear encoding"):
+        NoddiModel(spherical)
+    # Diffusivities in another unit name the unit they look like.
+    with pytest.raises(ValueError, match="d_par.*um\\^2/ms"):
+        NoddiModel(gtab_ivim, d_par=1.7)
+    with pytest.raises(ValueError, match="d_iso.*m\\^2/s"):
+        ActiveAxModel(gtab_axon, d_iso=3e-9)
+    with pytest.raises(ValueError, match="d_par_bounds.*um\\^2/ms"):
+        ZcdModel(gtab_axon, d_par_bounds=(0.1, 3.0))
+    with pytest.raises(ValueError, match="d_bounds.*um\\^2/ms"):
+        IvimModel(gtab_ivim, d_bounds=(0.0, 3.0), d_star_bounds=(4.0, 300.0))
+    with pytest.raises(ValueError, match="exchange_time_bounds.*seconds"):
+        ExchangeModel(gtab_axon, exchange_time_bounds=(2.0, 2000.0))
+    with pytest.raises(ValueError, match="dot must be True or False"):
+        ActiveAxModel(gtab_axon, dot="no")
 
 
 # --------------------------------------------------------------------------

@@ -277,3 +277,45 @@ def test_count_map_needs_no_csd():
         warnings.simplefilter("error")
         fit = model.fit(free_water, fibres=np.array([0]))
     assert_array_equal(fit.n_fibres, 0)
+
+
+def test_per_fibre_layout_of_every_model(gtab):
+    # fibres="auto" has the per-fibre layout whatever its largest count, and
+    # n_fibres=0 has empty fibre axes: NODDI as ActiveAx and ZCD.
+    from dipy_spinverse.compartments import NoddiModel
+
+    data = np.full((2, len(gtab.bvals)), S0)
+    for cls in (NoddiModel, ActiveAxModel, ZcdModel):
+        one = cls(gtab, fibres="auto", n_fibres=1, **FAST)
+        fit = one.fit(data, fibres=np.array([0, 0]))
+        assert fit.direction.shape == (2, 1, 3)
+        assert fit.directions.shape == (2, 1, 3)
+    fit = NoddiModel(gtab, fibres="auto", n_fibres=1).fit(data, fibres=np.zeros(2, int))
+    assert fit.odi.shape == fit.ndi.shape == fit.fibre_fractions.shape == (2, 1)
+    none = NoddiModel(gtab, n_fibres=0).fit(data)
+    for name in ("odi", "ndi", "fibre_fractions"):
+        assert getattr(none, name).shape == (2, 0)
+    assert none.direction.shape == none.directions.shape == (2, 0, 3)
+    single = NoddiModel(gtab).fit(data[:1])
+    assert single.odi.shape == (1,) and single.direction.shape == (1, 3)
+
+
+def test_csd_accepts_what_the_fits_accept(gtab):
+    # DIPY builds tables with b-vectors a few per cent off unit length when
+    # asked (atol); the fits normalise them, and so must the CSD starts.
+    from dipy.core.gradients import gradient_table
+
+    rng = np.random.default_rng(3)
+    counts = np.array([1, 2])
+    model = ActiveAxModel(gtab, fibres="auto", **FAST)
+    data = _simulate(model, _activeax_params(counts, _crossing_dirs(rng, 2)))
+    loose = gtab.bvecs * np.where(gtab.b0s_mask, 1.0, 1.05)[:, None]
+    table = gradient_table(
+        gtab.bvals,
+        bvecs=loose,
+        big_delta=gtab.big_delta,
+        small_delta=gtab.small_delta,
+        atol=0.1,
+    )
+    fit = ActiveAxModel(table, fibres="auto", **FAST).fit(data)
+    assert_array_equal(fit.n_fibres, counts)

@@ -88,6 +88,10 @@ def test_cache_key(gtab_shells, gtab_ivim, tmp_path):
     b[-1] = 900.0
     g2 = gradient_table(b, bvecs=gtab_ivim.bvecs, b0_threshold=0)
     assert IvimModel(g2, learned_options=TINY)._learned_key() != key
+    # The b = 0 mask normalises the inputs and the S0 target: the same
+    # b-values with another b0_threshold are another network.
+    g3 = gradient_table(gtab_ivim.bvals, bvecs=gtab_ivim.bvecs, b0_threshold=50)
+    assert IvimModel(g3, learned_options=TINY)._learned_key() != key
     noddi = NoddiModel(gtab_shells, learned_options=TINY)
     signal = NoddiModel(gtab_shells, learned_options=TINY, extra_average="signal")
     assert noddi._learned_key() != signal._learned_key()
@@ -101,6 +105,9 @@ def test_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
     assert cache_dir() == tmp_path / "env"
     assert cache_dir(tmp_path / "given") == tmp_path / "given"
+    # "~" is the user's home, not a folder named "~" (as for every path).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir("~/given") == tmp_path / "given"
     monkeypatch.delenv(CACHE_ENV)
     assert cache_dir().parts[-2:] == (".cache", "dipy_spinverse")
 
@@ -350,3 +357,31 @@ def test_separation_redraws_only_close_directions():
         cos = np.abs(v @ v.T)[~np.eye(3, dtype=bool)]
         assert cos.max() <= np.cos(np.radians(30.0))
         assert_allclose(np.linalg.norm(v, axis=1), 1.0)
+
+
+def test_concurrent_writers_of_one_key_both_succeed(tmp_path, monkeypatch):
+    # Two processes training the same key (two subjects, one protocol): the
+    # second one saves and renames between the first one's save and rename.
+    # With one shared temporary name the first rename then found no file
+    # (FileNotFoundError in 2 of 4 real trials); each writer now has its own.
+    from dipy_spinverse.compartments import learned
+
+    x = np.random.default_rng(0).normal(size=(64, 3))
+    options = LearnedOptions(**{**TINY, "n_train": 64, "epochs": 1})
+    save = torch.save
+    other = []
+
+    def save_then_let_the_other_finish(obj, f):
+        save(obj, f)
+        if not other:
+            other.append(1)
+            learned.load_or_train(
+                "k", lambda: (x, x[:, :2]), options, directory=tmp_path
+            )
+
+    monkeypatch.setattr(learned.torch, "save", save_then_let_the_other_finish)
+    net, path = learned.load_or_train(
+        "k", lambda: (x, x[:, :2]), options, directory=tmp_path
+    )
+    assert other and path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

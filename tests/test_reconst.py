@@ -193,6 +193,10 @@ def test_slicing_a_volume_fit(volume_fit):
     assert_array_equal(voxel.permeability, fit.permeability[1, 0, 0])
     assert voxel.S0 == fit.S0[1, 0, 0]
     assert fit[1, 1, 0] is None  # masked, as DIPY's MultiVoxelFit
+    # Negative indices count from the end, as numpy's; outside is IndexError.
+    assert_array_equal(fit[-1, 0, -1].permeability, fit.permeability[1, 0, 0])
+    with pytest.raises(IndexError, match="out of bounds for axis 0"):
+        fit[2, 0, 0]
     column = fit[:, 0]
     assert isinstance(column, SpinverseFit) and column.shape == (2, 1)
     assert_array_equal(column.status, fit.status[:, 0])
@@ -297,13 +301,18 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
     [
         (dict(preset="nope"), "Invalid preset"),
         (dict(contnuity=1.0), "Unknown option"),
-        (dict(max_iter=1), "fewer than the 2 curriculum stages"),
+        (
+            dict(max_iter=1, stages=(dict(iterations=3, sequences=(0,)),) * 2),
+            "fewer than the 2 curriculum stages given",
+        ),
         (dict(max_iter=2.5), "max_iter must be an integer"),
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(diffusivity=-1.0), "diffusivity must be finite and > 0"),
         (dict(dtype="int8"), "dtype must be one of"),
         (dict(boundary="sticky"), "Invalid boundary"),
         (dict(grid_resolution=0), "grid_resolution must be an integer"),
+        (dict(grid_resolution=1), "grid_resolution must be an integer >= 2"),
+        (dict(wall_permeability=0.5), "wall_permeability applies to.*absorbing"),
         (dict(grid_size=float("nan")), "grid_size must be finite"),
         (dict(stages=(dict(iterations=3, sequences=(2,)),)), "sequence rank 2"),
         (dict(noise="poisson"), "Invalid noise"),
@@ -346,6 +355,10 @@ def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
     assert np.all((one.inside_probability >= 0) & (one.inside_probability <= 1))
     assert 0 <= one.uncertainty <= 1 and volume.uncertainty.shape == (2,)
     assert one.proposal_probability is None  # no learned proposal asked for
+    # A masked voxel has no cells: empty tables of the same rank.
+    masked = model.fit(signal * 1000.0, mask=False)
+    for name in ("cell_volumes", "cell_surface_areas", "cell_permeability"):
+        assert getattr(masked, name).shape == (0,)
 
 
 def test_one_diffusion_time(grid, signal):
@@ -466,6 +479,8 @@ def test_bad_fit_input(model, volume):
         model.fit(data, engine="joblib", n_jobs=0)
     with pytest.raises(ValueError, match="numeric array"):
         model.fit(np.array(["a"] * 6))
+    with pytest.raises(ValueError, match="complex.*np.abs"):
+        model.fit(data.astype(complex))
     with pytest.raises(ValueError, match="vox_per_chunk"):
         model.fit(data, vox_per_chunk=0)
 
@@ -497,6 +512,10 @@ def test_max_iter_scales_the_curriculum(gtab):
     assert [s.iterations for s in custom.config.stages] == [7, 3]
     assert custom.config.warmup == 3
     assert SpinverseModel(gtab, grid_resolution=2).n_iterations == 200
+    # Fewer iterations than the preset's stages: one stage over everything,
+    # as on a protocol of one diffusion time.
+    one = SpinverseModel(gtab, grid_resolution=2, max_iter=1)
+    assert [(s.iterations, s.sequences) for s in one.config.stages] == [(1, "all")]
     paper = SpinverseModel(gtab, grid_resolution=2, preset="paper")
     assert paper.n_iterations == 400
 

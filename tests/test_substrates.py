@@ -191,8 +191,13 @@ def test_permeability_is_log_uniform(small_grid):
     assert abs(logs.std() - 2 / math.sqrt(12)) < 0.07
     # Both halves of the log range are populated about equally.
     assert 0.4 < np.mean(logs < -5) < 0.6
-    fixed = random_substrate(small_grid, rng=0, permeability_range=(3e-5, 3e-5))
-    assert_allclose(fixed.permeability, 3e-5, rtol=1e-12)
+    # low == high fixes the permeability exactly, and no draw leaves the
+    # range by rounding (4.4e-5 came back as 4.399999999999995e-05 once).
+    for value in (3e-5, 4.4e-5):
+        fixed = random_substrate(small_grid, rng=0, permeability_range=(value,) * 2)
+        assert np.all(fixed.permeability == value)
+    kappa = np.concatenate([sub.permeability for sub in subs])
+    assert kappa.min() >= 1e-6 and kappa.max() <= 1e-4
 
 
 def test_simulate_runs(small_grid):

@@ -160,6 +160,7 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(timing_file="BAD_ROWS"), "one 'small_delta big_delta' row per volume"),
         (dict(timing_file=None, scheme_file="SHORT"), "acquisitions but the data"),
         (dict(timing_file=None, scheme_file="WRONG_B"), "disagree"),
+        (dict(timing_file=None, scheme_file="no.scheme"), "cannot read the scheme"),
         (dict(engine="spark"), "Invalid engine"),
         (dict(boundary="sticky"), "Invalid boundary"),
         (dict(sigma=-0.02), "sigma must be a finite number and >= 0"),

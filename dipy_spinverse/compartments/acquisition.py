@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from dipy.core.gradients import GradientTable
 
-from ..sequences import Protocol, check_bvals
+from ..sequences import Protocol, check_bvals, check_linear_encoding, unit_rows
 
 __all__ = ["Acquisition"]
 
@@ -118,9 +118,10 @@ class Acquisition:
         # weighted volume would otherwise be fitted silently.
         threshold = 0.0 if gtab.b0_threshold is None else gtab.b0_threshold
         bvals = check_bvals(gtab.bvals, b0_threshold=threshold)
-        bvecs = np.asarray(gtab.bvecs, dtype=np.float64)
-        norms = np.linalg.norm(bvecs, axis=1, keepdims=True)
-        bvecs = np.divide(bvecs, norms, out=np.zeros_like(bvecs), where=norms > 0)
+        # The b-value blocks assume linear encoding too (a spherical b-tensor
+        # would be fitted as if it were one direction).
+        check_linear_encoding(gtab.btens, np.where(bvals <= threshold, 0.0, bvals))
+        bvecs = unit_rows(gtab.bvecs)
         return cls(
             bvals=torch.as_tensor(bvals, dtype=dtype),
             bvecs=torch.as_tensor(bvecs, dtype=dtype),

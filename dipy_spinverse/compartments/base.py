@@ -777,7 +777,9 @@ class CompartmentModel(ReconstModel):
         if self._signal_frame is not None:
             described["frame"] = self._signal_frame.description()
         acq = self._acq
-        arrays = [acq.bvals, acq.bvecs]
+        # The b = 0 mask (the table's b0_threshold) sets how the network's
+        # inputs and S0 target are normalised: part of the trained map.
+        arrays = [acq.bvals, acq.bvecs, torch.as_tensor(self._b0s)]
         if acq.has_timing:
             arrays += [acq.g2, acq.waveform_index, acq.durations, acq.amplitudes]
         return fingerprint(described, [a.numpy() for a in arrays])

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..checks import check_device, check_int, check_positive
-from ..files import cache_root
+from ..files import atomic_write, cache_root
 
 __all__ = [
     "LearnedOptions",
@@ -350,18 +350,18 @@ def load_or_train(
         groups=groups,
         augment=augment,
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "n_in": net.x_mean.numel(),
-            "n_out": net.y_mean.numel(),
-            "hidden": list(options.hidden),
-            "weights": net.state_dict(),
-            "train_seconds": seconds,
-        },
-        tmp,
-    )
-    # Atomic: a concurrent reader never sees half a file.
-    tmp.replace(path)
+    # A temporary file of its own, then a rename: a concurrent reader never
+    # sees half a file, and two processes training the same key at once
+    # (two subjects, one protocol) each write whole and the last one wins.
+    with atomic_write(path) as tmp:
+        torch.save(
+            {
+                "n_in": net.x_mean.numel(),
+                "n_out": net.y_mean.numel(),
+                "hidden": list(options.hidden),
+                "weights": net.state_dict(),
+                "train_seconds": seconds,
+            },
+            tmp,
+        )
     return net, path

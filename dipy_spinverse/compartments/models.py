@@ -18,7 +18,7 @@ import torch
 from dipy.reconst.csdeconv import AxSymShResponse
 from dipy.testing.decorators import warning_for_keywords
 
-from ..checks import check_choice, check_positive
+from ..checks import check_choice, check_diffusivity
 from . import blocks
 from .base import CompartmentFit, CompartmentModel, canonical_directions
 from .fitting import Bound
@@ -86,6 +86,20 @@ def _check_bounds(bounds, name, *, lower=0.0):
             f"{name} must satisfy {lower} <= lower < upper < inf, got {bounds!r}"
         )
     return lo, hi
+
+
+def _check_diffusivity_bounds(bounds, name, *, lower=0.0):
+    """``_check_bounds`` of a diffusivity range in mm^2/s: its upper end is
+    checked for the unit too (2 um^2/ms given as 2 would fit every voxel as
+    free water without a word)."""
+    lo, hi = _check_bounds(bounds, name, lower=lower)
+    check_diffusivity(hi, f"the upper end of {name}")
+    return lo, hi
+
+
+# Longest plausible residence time (s): far beyond T1, so nothing of it is
+# left to measure; a larger bound is a time in ms given as s.
+_MAX_EXCHANGE_TIME = 60.0
 
 
 def _check_response(response):
@@ -297,8 +311,8 @@ class NoddiModel(CompartmentModel):
             # starts changed no fit in tests at SNR 50); several fibres: the
             # matching-pursuit completions of different first atoms differ.
             n_starts = 1 if self.n_fibres <= 1 else 3
-        self.d_par = check_positive(d_par, "d_par")
-        self.d_iso = check_positive(d_iso, "d_iso")
+        self.d_par = check_diffusivity(d_par, "d_par")
+        self.d_iso = check_diffusivity(d_iso, "d_iso")
         self.extra_average = check_choice(
             extra_average, "extra_average", ("tensor", "signal")
         )
@@ -473,14 +487,18 @@ class NoddiModel(CompartmentModel):
 
 class NoddiFit(CompartmentFit):
     """NODDI parameter maps. Per-fibre maps have a trailing fibre axis when
-    the model has ``n_fibres > 1`` (fibres sorted by weight)."""
+    the model has ``n_fibres != 1`` or ``fibres="auto"`` (fibres sorted by
+    weight, NaN beyond each voxel's count), as ActiveAx's and ZCD's."""
+
+    @property
+    def _single(self):
+        """One fibre and no count selection: maps without a fibre axis."""
+        return self.model.fibres is None and self.model.n_fibres == 1
 
     def _per_fibre(self, name):
-        F = self.model.n_fibres
-        maps = [self._param(f"{name}_{k}") for k in range(F)]
-        if F == 0:
-            return np.zeros(self.shape + (0,))
-        return maps[0] if F == 1 else np.stack(maps, axis=-1)
+        if self._single:
+            return self._param(f"{name}_0")
+        return super()._per_fibre(name)
 
     @property
     def fiso(self):
@@ -505,22 +523,13 @@ class NoddiFit(CompartmentFit):
     @property
     def fibre_fractions(self):
         """Weight of each fibre population in the tissue part, (..., F)."""
-        return np.stack(
-            [self._param(f"w_{k}") for k in range(self.model.n_fibres)], axis=-1
-        )
+        return super()._per_fibre("w")
 
     @property
     def direction(self):
-        """Mean fibre direction(s): (..., 3), or (..., F, 3) for F > 1."""
-        F = self.model.n_fibres
-        dirs = np.stack(
-            [
-                np.stack([self._param(f"{a}_{k}") for a in "xyz"], axis=-1)
-                for k in range(F)
-            ],
-            axis=-2,
-        )
-        return dirs[..., 0, :] if F == 1 else dirs
+        """Mean fibre direction(s): (..., 3) for one fibre, else (..., F, 3)."""
+        dirs = self._direction_stack()
+        return dirs[..., 0, :] if self._single else dirs
 
 
 NoddiModel._fit_class = NoddiFit
@@ -671,8 +680,10 @@ class ActiveAxModel(CompartmentModel):
     ):
         self.n_fibres, self.fibres = _fibre_options(n_fibres, fibres)
         self.response = _check_response(response)
-        self.d_par = check_positive(d_par, "d_par")
-        self.d_iso = check_positive(d_iso, "d_iso")
+        self.d_par = check_diffusivity(d_par, "d_par")
+        self.d_iso = check_diffusivity(d_iso, "d_iso")
+        if not isinstance(dot, (bool, np.bool_)):
+            raise ValueError(f"dot must be True or False, got {dot!r}")
         self.dot = bool(dot)
         self.diameter_bounds = _check_bounds(
             diameter_bounds, "diameter_bounds", lower=1e-3
@@ -983,7 +994,9 @@ class ZcdModel(CompartmentModel):
         self.diameter_bounds = _check_bounds(
             diameter_bounds, "diameter_bounds", lower=1e-3
         )
-        self.d_par_bounds = _check_bounds(d_par_bounds, "d_par_bounds", lower=1e-9)
+        self.d_par_bounds = _check_diffusivity_bounds(
+            d_par_bounds, "d_par_bounds", lower=1e-9
+        )
         lo, hi = self.diameter_bounds
         dlo, dhi = self.d_par_bounds
         self._shared = ()
@@ -1258,7 +1271,7 @@ class IvimModel(CompartmentModel):
         cache_dir=None,
     ):
         self.n_fibres = 0
-        lo, hi = _check_bounds(d_bounds, "d_bounds")
+        lo, hi = _check_diffusivity_bounds(d_bounds, "d_bounds")
         slo, shi = _check_bounds(d_star_bounds, "d_star_bounds", lower=1e-9)
         if slo < hi:
             raise ValueError(
@@ -1399,7 +1412,13 @@ class ExchangeModel(CompartmentModel):
         tlo, thi = _check_bounds(
             exchange_time_bounds, "exchange_time_bounds", lower=1e-9
         )
-        dlo, dhi = _check_bounds(d_bounds, "d_bounds", lower=1e-9)
+        if thi > _MAX_EXCHANGE_TIME:
+            raise ValueError(
+                f"exchange_time_bounds={exchange_time_bounds!r} reaches "
+                f"{thi:g} s; the bounds are in seconds (e.g. (2e-3, 2.0)): "
+                f"divide times in ms by 1000"
+            )
+        dlo, dhi = _check_diffusivity_bounds(d_bounds, "d_bounds", lower=1e-9)
         flo, fhi = _check_bounds(f_bounds, "f_bounds")
         if fhi >= 1.0:
             raise ValueError(f"f_bounds must end below 1, got {f_bounds!r}")

@@ -24,6 +24,8 @@ from dipy.reconst.csdeconv import (
 from dipy.reconst.dti import TensorModel
 from dipy.reconst.shm import descoteaux07_legacy_msg
 
+from ..sequences import unit_rows
+
 __all__ = ["CSDUnavailableError", "csd_peaks", "select_shell"]
 
 # Shells are told apart to this precision (s/mm^2).
@@ -112,9 +114,12 @@ def csd_peaks(
     """
     signals = np.asarray(signals, dtype=np.float64)
     index, _ = select_shell(gtab)
+    # The fits accept a table built with a loose ``atol`` (b-vectors a few
+    # per cent off unit length, as scanners write them) and normalise it;
+    # DIPY's default check here would refuse what the fits accepted.
     sub = gradient_table(
         np.asarray(gtab.bvals)[index],
-        bvecs=np.asarray(gtab.bvecs)[index],
+        bvecs=unit_rows(gtab.bvecs)[index],
         b0_threshold=gtab.b0_threshold,
     )
     data = signals[:, index][:, None, None, :]

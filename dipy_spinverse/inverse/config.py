@@ -467,7 +467,10 @@ def resolve_config(preset="default", *, max_iter=None, **options):
     max_iter : int, optional
         Total face-fit iterations: the stages are scaled to this total (each
         keeps at least one iteration), and so is the warm-up unless
-        ``warmup`` is among ``options``.
+        ``warmup`` is among ``options``. Fewer iterations than a preset's
+        stages make its curriculum one stage over all acquisitions (as a
+        protocol of one diffusion time does); stages given in ``options``
+        need at least one iteration each.
     **options
         Fields of :class:`InversionConfig`.
 
@@ -521,10 +524,15 @@ def resolve_config(preset="default", *, max_iter=None, **options):
 def _scale_iterations(base, options, max_iter):
     stages = list(_stages(options.get("stages", base.stages)))
     if max_iter < len(stages):
-        raise ValueError(
-            f"max_iter={max_iter} is fewer than the {len(stages)} curriculum stages; "
-            f"use max_iter >= {len(stages)} or fewer stages."
-        )
+        if not options.get("adapt_stages", base.adapt_stages):
+            raise ValueError(
+                f"max_iter={max_iter} is fewer than the {len(stages)} curriculum "
+                f"stages given; use max_iter >= {len(stages)} or give fewer stages."
+            )
+        # Too few iterations for a preset's curriculum: one stage over all
+        # acquisitions, as on a protocol of one diffusion time
+        # (InversionConfig.for_protocol).
+        stages = [Stage(1, "all")]
     counts = [s.iterations for s in stages]
     options = dict(options)
     options["stages"] = tuple(

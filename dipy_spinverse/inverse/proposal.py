@@ -19,9 +19,7 @@ so the network commits to one of the two instead of averaging them.
 import hashlib
 import json
 import math
-import os
 import pathlib
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -30,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_number
-from ..files import cache_root
+from ..files import atomic_write, cache_root
 from ..forward import simulate, update_digest
 from ..interface import graph_components
 from ..metrics import cell_inversion
@@ -232,7 +230,7 @@ def load_or_train_proposal(
     """
     settings = ProposalSettings() if settings is None else settings
     key = proposal_key(grid, protocol, diffusivity, settings)
-    folder = pathlib.Path(cache_dir) if cache_dir else proposal_cache_dir()
+    folder = pathlib.Path(cache_dir).expanduser() if cache_dir else proposal_cache_dir()
     path = folder / f"{key}.pt"
     if path.exists():
         try:
@@ -254,15 +252,12 @@ def load_or_train_proposal(
         device=device,
         progress=progress,
     )
-    folder.mkdir(parents=True, exist_ok=True)
     state = dict(
         state=proposal.net.state_dict(), metadata=json.dumps(proposal.metadata)
     )
-    # Written to a temporary file and renamed: a killed run leaves no
-    # half-written cache entry.
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
-        torch.save(state, f)
-    os.replace(f.name, path)
+    # A killed run leaves no half-written cache entry.
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
     return proposal
 
 

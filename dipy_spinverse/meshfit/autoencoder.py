@@ -24,7 +24,6 @@ of the template, its fields and the settings (:func:`autoencoder_key`).
 """
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_int, check_positive
 from ..compartments.learned import cache_dir, fingerprint
+from ..files import atomic_write
 from .mesh import axon_deformation
 from .shape import SpectralShape, surface_laplacian
 
@@ -480,16 +480,14 @@ def load_or_train_autoencoder(shape, settings=None, *, directory=None, progress=
         net.eval()
         return ShapeAutoencoder(settings, key, json.loads(saved["metadata"]), net)
     autoencoder = train_autoencoder(shape, settings, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     autoencoder.net.to(torch.float32)
-    torch.save(
-        dict(
-            state=autoencoder.net.state_dict(),
-            metadata=json.dumps(autoencoder.metadata),
-        ),
-        tmp,
-    )
     # Atomic: a concurrent reader never sees half a file.
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        torch.save(
+            dict(
+                state=autoencoder.net.state_dict(),
+                metadata=json.dumps(autoencoder.metadata),
+            ),
+            tmp,
+        )
     return autoencoder

@@ -343,7 +343,9 @@ class SpinverseFit(ReconstFit):
             return None
         rows = self._cell_tables[name]
         if self.shape == ():
-            return rows[0] if self.mask else rows[:0]
+            # A masked voxel has no cells: an empty table, (0,) as a fitted
+            # voxel's is (k,).
+            return rows[0] if self.mask else np.zeros(0)
         return self._volume(rows, np.nan)
 
     @property
@@ -722,7 +724,9 @@ class SpinverseFit(ReconstFit):
         if self.shape == ():
             raise IndexError("a single-voxel fit cannot be indexed.")
         if _is_voxel(index, self.shape):
-            row = self._rank[np.ravel_multi_index(index, self.shape)]
+            row = self._rank[
+                np.ravel_multi_index(_wrapped(index, self.shape), self.shape)
+            ]
             if row < 0:
                 return None
             params = {k: None if v is None else v[row] for k, v in self.params.items()}
@@ -764,6 +768,17 @@ def _is_voxel(index, shape):
         and len(index) == len(shape)
         and all(isinstance(i, (int, np.integer)) for i in index)
     )
+
+
+def _wrapped(index, shape):
+    """A voxel's integer index with negative entries counted from the end, as
+    numpy does; IndexError (numpy's message) outside the volume."""
+    for axis, (i, n) in enumerate(zip(index, shape, strict=True)):
+        if not -n <= i < n:
+            raise IndexError(
+                f"index {i} is out of bounds for axis {axis} with size {n}"
+            )
+    return tuple(int(i) % n for i, n in zip(index, shape, strict=True))
 
 
 def _scalar(values):

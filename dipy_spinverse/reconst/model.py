@@ -58,7 +58,7 @@ class SpinverseModel(ReconstModel):
     grid_size : float, optional
         Side of the simulated box in um (default 80/3, the published grid).
     grid_resolution : int, optional
-        BCC cubes per side (default 4: 576 tetrahedra, 1,008 faces).
+        BCC cubes per side, at least 2 (default 4: 576 tetrahedra, 1,008 faces).
     boundary : {"reflecting", "periodic", "absorbing"}, optional
         Outer boundary of the box (default ``"reflecting"``).
     wall_permeability : float, optional
@@ -424,6 +424,11 @@ class SpinverseModel(ReconstModel):
         volume is never copied whole.
         """
         data = np.asarray(data)
+        if data.dtype.kind == "c":
+            raise ValueError(
+                "data is complex; the fit takes magnitude signals: pass "
+                "np.abs(data) (or the real part, if the phase is corrected)."
+            )
         if data.dtype.kind not in "biuf":
             try:
                 data = np.asarray(data, dtype=np.float64)
@@ -503,11 +508,17 @@ def _make_grid(grid, size, resolution, boundary, wall_permeability):
     size = check_positive(
         DEFAULT_GRID["size"] if size is None else size, "grid_size", "um", 26.7
     )
+    # A BCC grid needs two cubes per side (TetGrid.bcc).
     resolution = check_int(
-        DEFAULT_GRID["n"] if resolution is None else resolution, "grid_resolution", 1
+        DEFAULT_GRID["n"] if resolution is None else resolution, "grid_resolution", 2
     )
     if wall_permeability is None:
         wall_permeability = DEFAULT_GRID["wall_permeability"]
+    elif boundary != "absorbing":
+        raise ValueError(
+            f"wall_permeability applies to boundary='absorbing' only, and the "
+            f"boundary is {boundary!r}; remove it or set boundary='absorbing'."
+        )
     wall_permeability = check_positive(
         wall_permeability, "wall_permeability", "m/s", 0.1
     )
