@@ -151,8 +151,12 @@ def test_search_fits_one_permeability_per_cell():
     assert_allclose(got, [2e-5, 6e-5], rtol=0.03)
 
 
-def test_recorder_weighs_labellings_by_likelihood():
-    """Two labellings 2 ln 3 apart in chi-square: weights 3 : 1."""
+@pytest.mark.parametrize("misfit", [0.8, 2.0])
+def test_recorder_weighs_labellings_by_likelihood(misfit):
+    """Two labellings 2 ln 3 apart in chi-square: weights 3 : 1 where the
+    best fit is within the noise (chi-square per acquisition ``misfit``
+    0.8); where it is not (2.0), the variance is scaled by the misfit and
+    the same gap weighs 3 ** (1 / 2) : 1."""
     grid = TetGrid.bcc(8.0, 2)
     a = np.zeros(grid.n_cells, int)
     a[:10] = 1
@@ -162,8 +166,9 @@ def test_recorder_weighs_labellings_by_likelihood():
     far[20:30] = 1
 
     n, noise = 100, 0.5  # loss per unit chi-square: noise / n
-    losses = {a.tobytes(): 1.0, b.tobytes(): 1.0 + 2 * np.log(3) * noise / n}
-    losses[far.tobytes()] = 1.0 + 40 * noise / n  # beyond KEEP_CHI2
+    best = misfit * noise
+    losses = {a.tobytes(): best, b.tobytes(): best + 2 * np.log(3) * noise / n}
+    losses[far.tobytes()] = best + 40 * best / n  # beyond KEEP_CHI2 either way
 
     def scorer(owners, candidates, membranes):
         return np.array([losses[c.tobytes()] for c in candidates])
@@ -172,13 +177,15 @@ def test_recorder_weighs_labellings_by_likelihood():
     recorder(np.zeros(3, int), np.stack([a, b, far]), np.full(3, 1e-5))
     assert len(recorder.kept[0]) == 2
     inside, spread = recorder.posterior(grid, a[None])
+    ratio = 3.0 ** (1 / max(misfit, 1.0))
+    weight_b = 1 / (1 + ratio)
     assert_allclose(inside[0, :10], 1.0)
-    assert_allclose(inside[0, 10:15], 0.25)
+    assert_allclose(inside[0, 10:15], weight_b)
     assert_allclose(inside[0, 15:], 0.0)
     # IoU of b against a is 10 / 15 (its inversion overlaps a less here).
     twin = cell_inversion(grid)
     iou_twin = np.sum((b[twin] > 0) & (a > 0)) / np.sum((b[twin] > 0) | (a > 0))
-    assert_allclose(spread[0], 0.25 * (1 - max(10 / 15, iou_twin)))
+    assert_allclose(spread[0], weight_b * (1 - max(10 / 15, iou_twin)))
 
 
 def test_proposal_is_trained_once_then_read_from_the_cache(

@@ -690,8 +690,10 @@ class Recorder:
     (labelling, permeability) whose chi-square is within ``KEEP_CHI2`` of
     the best seen, to weigh them afterwards (:meth:`posterior`). Chi-square
     is ``n * loss / noise`` with ``noise`` the loss of pure noise
-    (``loss_scale * sigma^2``), or, when ``sigma`` is unknown, the voxel's
-    best loss (a fit that explains the data leaves only noise).
+    (``loss_scale * sigma^2``), or the voxel's best loss where that is
+    larger or ``sigma`` is unknown (a fit that explains the data leaves only
+    noise; one that does not, a misfit that spreads the answer as noise
+    would: :meth:`_scale`).
     """
 
     def __init__(self, scorer, n_voxels, noise, n_acquisitions):
@@ -718,9 +720,17 @@ class Recorder:
         return losses
 
     def _scale(self, v):
-        """Loss per unit chi-square of voxel ``v``."""
-        noise = self.noise if self.noise > 0 else self.best[v]
-        return max(noise, 1e-12) / self.n
+        """Loss per unit chi-square of voxel ``v``.
+
+        The noise's, or the voxel's best loss where that is larger: a best
+        fit that the noise cannot explain leaves a model error (a grid too
+        coarse for the data, a search stuck in a local minimum), and weighing
+        the labellings by the noise alone would call the one it stopped at
+        certain. Scaling the variance by the best fit's chi-square per
+        acquisition (the Birge ratio) weighs them by the misfit that is
+        actually there; without ``sigma`` the best loss is the only scale.
+        """
+        return max(self.noise, self.best[v], 1e-12) / self.n
 
     def posterior(self, grid, labels):
         """Inside probability per grid cell, and expected ``1 - IoU``.

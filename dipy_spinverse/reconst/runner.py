@@ -56,6 +56,7 @@ __all__ = [
     "check_resume",
     "fingerprint",
     "poor_fit_bound",
+    "misfit",
 ]
 
 #: Ways to spread a volume fit: one device, joblib processes (DIPY's
@@ -180,13 +181,45 @@ def refine_meshes(model, data, result, rows):
         result["mesh_status"][row] = MESH_OK
 
 
-def _precision(model, data, rec):
-    """Noise precisions of the loss and ``POOR_FIT``: each sequence's own
-    (:func:`~dipy_spinverse.signals.noise_precision`), or those the fit used
-    when they hold the grid's approximation error."""
-    if model.config.approximation_error:
-        return np.asarray(rec.precision, dtype=np.float64)
-    return noise_precision(data, model.protocol)
+def misfit(data, result, protocol):
+    """Per-voxel data loss of a :func:`reconstruct` result, and whether it is
+    a poor fit (status ``POOR_FIT``, :func:`poor_fit_bound`).
+
+    The loss is the fit's own data term: b0-normalised ``data`` against
+    ``result.predicted`` with each sequence's noise precision
+    (:func:`~dipy_spinverse.signals.noise_precision`), or the precisions
+    the fit used when they hold the grid's approximation error.
+
+    Parameters
+    ----------
+    data : ndarray (n, n_acquisitions)
+        The raw signals the result was fitted to.
+    result : Reconstruction
+    protocol : Protocol
+
+    Returns
+    -------
+    loss : ndarray (n,)
+        In units of ``config.loss_scale``: ``sigma^2`` where the model
+        explains the data.
+    poor : ndarray of bool (n,)
+    """
+    config = result.config
+    precision = (
+        result.precision
+        if config.approximation_error
+        else noise_precision(data, protocol)
+    )
+    loss = data_loss(
+        torch.as_tensor(np.asarray(result.predicted, dtype=np.float64)),
+        torch.from_numpy(normalise_b0(data, protocol)),
+        loss_scale=config.loss_scale,
+        sigma=config.sigma,
+        noise=config.noise,
+        precision=torch.as_tensor(np.asarray(precision, dtype=np.float64)),
+    ).numpy()
+    bound = poor_fit_bound(data.shape[-1], config.sigma)
+    return loss, np.isfinite(loss) & (loss / config.loss_scale > bound)
 
 
 def _reconstruct(model, data, callback=None):
@@ -220,22 +253,13 @@ def _reconstruct(model, data, callback=None):
         return part, None
     permeability = np.asarray(rec.permeability, dtype=np.float64)
     predicted = np.asarray(rec.predicted, dtype=np.float64)
-    config = model.config
-    loss = data_loss(
-        torch.from_numpy(predicted),
-        torch.from_numpy(normalise_b0(data, model.protocol)),
-        loss_scale=config.loss_scale,
-        sigma=config.sigma,
-        noise=config.noise,
-        precision=torch.from_numpy(_precision(model, data, rec)),
-    ).numpy()
+    loss, poor = misfit(data, rec, model.protocol)
     good = (
         np.isfinite(permeability).all(-1)
         & np.isfinite(predicted).all(-1)
         & np.isfinite(loss)
     )
-    bound = poor_fit_bound(data.shape[-1], config.sigma)
-    poor = good & (loss / config.loss_scale > bound)
+    poor &= good
     part = empty_params(model, n)
     part["status"][:] = np.where(good, np.where(poor, POOR_FIT, OK), DIVERGED)
     part["permeability"][good] = permeability[good]
