@@ -105,6 +105,19 @@ def check_device(device):
     return device
 
 
+def check_seconds(value, name, example, maximum):
+    """A time in seconds, > 0 and at most ``maximum`` (s), a bound far above
+    the MR times of tissue: a larger value is refused as milliseconds given
+    as seconds, with the conversion."""
+    value = check_positive(value, name, "seconds", example)
+    if value > maximum:
+        raise ValueError(
+            f"{name}={value:g} s is longer than any plausible value ({maximum:g} s); "
+            f"it looks like ms: pass {name}={value / 1000:g} (seconds)."
+        )
+    return value
+
+
 def check_diffusivity(value, name="diffusivity"):
     """A diffusivity in mm^2/s within :data:`DIFFUSIVITY_RANGE`, as a float.
 

@@ -584,7 +584,8 @@ def write_mesh(
         The vertices are scanner coordinates (mm): GIFTI's coordinate system
         says so (``NIFTI_XFORM_SCANNER_ANAT``), else it is unknown.
     comment : str
-        A line of description (PLY comment, VTK and GIFTI metadata).
+        One line of description, at most 255 characters (PLY comment, VTK
+        and GIFTI metadata; in VTK XML ``--`` is written ``- -``).
 
     Returns
     -------
@@ -608,6 +609,7 @@ def write_mesh(
             f"the mesh for {path} has no triangles; no file is written (an empty "
             "mesh file breaks meshio and VTK)."
         )
+    comment = _check_comment(comment)
     data = _columns(face_data, len(triangles), "face_data", "triangle")
     points = _columns(vertex_data, len(vertices), "vertex_data", "vertex")
     with atomic_write(path) as tmp:
@@ -765,6 +767,18 @@ def _vtk_array(parent, values, *, name=None, components=1):
     return array
 
 
+def _check_comment(comment):
+    """One line of at most 255 characters: a PLY comment and the legacy VTK
+    title are one header line (VTK reads 256 bytes of it)."""
+    comment = str(comment)
+    if "\n" in comment or "\r" in comment or len(comment) > 255:
+        raise ValueError(
+            "comment must be one line of at most 255 characters (a PLY comment "
+            f"and the VTK title are one header line), got {comment[:40]!r}..."
+        )
+    return comment
+
+
 def _write_vtp(path, vertices, triangles, *, data=None, points=None, comment=""):
     root = ET.Element(
         "VTKFile",
@@ -773,6 +787,9 @@ def _write_vtp(path, vertices, triangles, *, data=None, points=None, comment="")
         byte_order="LittleEndian",
         header_type="UInt64",
     )
+    # "--" may not appear inside an XML comment.
+    while "--" in comment:
+        comment = comment.replace("--", "- -")
     root.append(ET.Comment(f" {comment} "))
     piece = ET.SubElement(
         ET.SubElement(root, "PolyData"),

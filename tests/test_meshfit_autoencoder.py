@@ -157,3 +157,11 @@ def test_latent_code_options_are_checked(shape, trained):
         )
     with pytest.raises(ValueError, match="unknown families"):
         ae.AutoencoderSettings(families=("twisting",))
+
+
+def test_a_ball_is_not_a_tube(cache):
+    # Its length equals its width to rounding; it used to pass the tube test
+    # (a strict <) and, once cached, was never tested again.
+    ball = spectral_shape(ball_mesh(4.0, resolution=2), n_modes=4)
+    with pytest.raises(ValueError, match="tube longer than it is wide"):
+        ae.load_or_train_autoencoder(ball, directory=cache)

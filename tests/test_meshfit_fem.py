@@ -185,3 +185,31 @@ def test_input_checks():
         mesh_basis(mesh, length_scale=0.0)
     with pytest.raises(ValueError, match="curvature"):
         axon_mesh(4.0, 20.0, curvature=0.2)
+
+
+def test_mesh_arrays_must_have_their_shapes():
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1.0]])
+    with pytest.raises(ValueError, match=r"vertices must be an array \(V, 3\)"):
+        TetMesh(v.reshape(6, 2), [[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match=r"tets must be an array \(T, 4\)"):
+        TetMesh(v, [[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="integer vertex indices"):
+        TetMesh(v, [[0, 1.7, 2, 3]])
+
+
+def test_phase_beyond_the_spectrum_and_diffusivity_units():
+    # A coarse length scale keeps the constant mode alone (spectrum 0) and
+    # slow diffusion a small one: the series is sized by the phase extent,
+    # not refused. With the constant mode only, the moment matrices still
+    # dephase, and the signal must lie in (0, 1].
+    ball = ball_mesh(4.0, resolution=2)
+    protocol = _protocol([0.0, 5000.0], 0.005, 0.006)
+    coarse = mesh_signal(ball, protocol, basis=mesh_basis(ball, length_scale=8.0))
+    assert coarse[0] == pytest.approx(1.0) and 0 < float(coarse[1]) <= 1.0
+    # Slow diffusion in a 4 um ball at b = 5000 (PGSE 5/6 ms): the signal
+    # tends to 1 - b D (Gaussian phase, free-like at short times) as D -> 0;
+    # 1e-5 mm^2/s: 1 - 0.05 within 0.01.
+    slow = mesh_signal(ball, protocol, diffusivity=1e-5)
+    assert float(slow[1]) == pytest.approx(1 - 5000 * 1e-5, abs=0.01)
+    with pytest.raises(ValueError, match="um\\^2/ms"):
+        mesh_signal(ball, protocol, diffusivity=2.0)

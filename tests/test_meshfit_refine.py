@@ -236,3 +236,45 @@ def test_a_tangled_start_is_halved_towards_the_template():
     assert np.all(ratio == ratio[0]) and 0 < ratio[0] < 1
     # A start that inverts nothing is kept as it is.
     assert_allclose(_untangled_start(shape, start), start)
+
+
+def test_a_cell_filling_the_box_is_refined_alone():
+    # Every grid cell in the one cell: there is no background to mix with,
+    # and the fit runs on the cell alone (it raised before: "background and
+    # box_volume go together").
+    from dipy.core.gradients import gradient_table
+
+    from dipy_spinverse import TetGrid, simulate
+
+    bvals = np.array([0, 1000, 3000, 0, 1000, 3000], float)
+    bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]] * 2, float)
+    gtab = gradient_table(
+        bvals,
+        bvecs=bvecs,
+        big_delta=np.array([0.04] * 3 + [0.01] * 3),
+        small_delta=0.005,
+    )
+    grid = TetGrid.bcc(8.0, 2)
+    permeability = np.full(grid.n_faces, 1e-5)
+    signal = simulate(grid, permeability, gtab).numpy() * 1000
+    options = dict(resolution=2, n_modes=1, max_iter=2, surface_iter=10)
+    fit = refine_cell(
+        grid, np.ones(grid.n_cells, int), permeability, signal, gtab, options=options
+    )
+    assert 0 < fit.volume <= 1.1 * grid.volume
+
+
+def test_the_box_must_hold_the_cell():
+    from dipy_spinverse.sequences import Protocol
+
+    protocol = Protocol.pgse(
+        [0.0, 2000.0], [[0, 0, 0], [1, 0, 0]], small_delta=0.01, big_delta=0.03
+    )
+    with pytest.raises(ValueError, match="box_volume=10 um\\^3 is not larger"):
+        fit_mesh(
+            [1.0, 0.9],
+            protocol,
+            template=ball_mesh(3.0, resolution=2),
+            background=[1.0, 0.5],
+            box_volume=10.0,
+        )

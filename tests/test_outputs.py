@@ -84,6 +84,18 @@ def test_mesh_formats_round_trip(tmp_path, mesh, name, binary):
     assert os.listdir(tmp_path) == [name]
 
 
+@pytest.mark.parametrize("name", ["m.vtp", "m.vtk", "m.ply"])
+def test_mesh_comments_keep_the_file_readable(tmp_path, mesh, name):
+    # "--" cannot stand in an XML comment (it is written "- -" in .vtp), and
+    # a PLY comment or a VTK title is one header line.
+    path = write_mesh(
+        tmp_path / name, mesh.vertices, mesh.triangles, comment="run --sigma 0.01"
+    )
+    assert_array_equal(load_mesh(path).triangles, mesh.triangles)
+    with pytest.raises(ValueError, match="comment must be one line"):
+        write_mesh(tmp_path / name, mesh.vertices, mesh.triangles, comment="a\nb")
+
+
 def test_gifti_is_a_surface_in_scanner_space(tmp_path, mesh):
     nib = pytest.importorskip("nibabel")
     write_mesh(tmp_path / "s.gii", mesh.vertices, mesh.triangles, scanner=True)

@@ -202,6 +202,9 @@ def test_inversion_signal_is_signed():
         (lambda: sequence_from_string("Flash tr=0.02 te=0.004"), "flip_angle"),
         (lambda: sequence_from_string("Flash tr=0.02 te=x flip_angle=3"), "te"),
         (lambda: sequence_from_string("SpinEcho tr=3 te=0.1 ti=1"), "ti"),
+        # Timings in ms are refused with the conversion.
+        (lambda: Flash(tr=20, te=0.004, flip_angle=30), "tr=20 s .* looks like ms"),
+        (lambda: InversionRecovery(ti=2500, tr=9, te=0.1), "ti=2500 s"),
     ],
 )
 def test_bad_sequences_name_the_argument(make, name):
@@ -457,6 +460,13 @@ def test_one_contrast_warns():
             "t1",
         ),
         (dict(sequences=PROTOCOL[:2], gain="voxel"), "gain='voxel'"),
+        # Relaxation times in ms are refused with the conversion.
+        (
+            dict(
+                tissues={"a": dict(t1=1820, t2=0.1, pd=1), "b": dict(t1=1, t2=1, pd=1)}
+            ),
+            r"\['t1'\]=1820 s .* looks like ms",
+        ),
     ],
 )
 def test_bad_model_options_name_the_argument(kwargs, name):
@@ -479,6 +489,12 @@ def test_bad_images_name_the_argument():
         model.fit(np.ones((4, 4, 3)), mask=np.ones((4, 3), bool))
     with pytest.raises(ValueError, match="mask"):
         model.fit(np.ones((4, 4, 3)), mask=np.zeros((4, 4), bool))
+    # An image that is zero throughout the mask has nothing to fit (it
+    # raised a bare "math domain error" from the gain search).
+    empty = np.ones((4, 4, 3))
+    empty[..., 0] = 0.0
+    with pytest.raises(ValueError, match=r"image\(s\) \[0\] of data are zero"):
+        model.fit(empty)
 
 
 # -- workflow and the MNI152 evaluation data ------------------------------------

@@ -219,11 +219,12 @@ def _tube_frame(template):
     along = (points - centre) @ vt[0]
     across = np.linalg.norm((points - centre) @ vt[1:].T, axis=1)
     length = float(along.max() - along.min())
-    if length < 2.0 * across.max():
+    # A ball's length equals its width to rounding: it must not pass.
+    if length <= 2.0 * across.max() * (1.0 + 1e-6):
         raise ValueError(
             "the shape autoencoder's families are axons: the template must be "
-            "a tube at least twice as long as it is wide (template='tube'), got "
-            f"length {length:.3g} um and half-width {across.max():.3g} um."
+            "a tube longer than it is wide (template='tube'), got length "
+            f"{length:.3g} um and width {2 * across.max():.3g} um."
         )
     centre = centre + 0.5 * (along.max() + along.min()) * vt[0]
     # A frame fixed by the axis alone (the section's own principal
@@ -464,6 +465,7 @@ def load_or_train_autoencoder(shape, settings=None, *, directory=None, progress=
     ShapeAutoencoder
     """
     settings = AutoencoderSettings() if settings is None else settings
+    _tube_frame(shape.template)  # refuses a non-tube before the cache is read
     key = autoencoder_key(shape, settings)
     folder = cache_dir(directory)
     path = folder / f"shape-autoencoder-{key}.pt"

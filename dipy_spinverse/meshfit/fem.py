@@ -38,6 +38,7 @@ Units: um, us, diffusivity in um^2/us (= mm^2/s), gradient rate ``gamma G``
 in rad/(um us) (:attr:`Protocol.gradient_rate`).
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,7 @@ import scipy.sparse.linalg
 import torch
 from scipy import special
 
-from ..checks import check_int, check_number, check_positive
+from ..checks import check_diffusivity, check_int, check_number, check_positive
 from ..sequences import PGSE, as_protocol
 from .mesh import TetMesh
 
@@ -82,6 +83,9 @@ CHEBYSHEV_TOL = 1e-10
 # orthonormal only at the vertices it was computed for.
 _BOUND_MARGIN = 1.05
 _MAX_TERMS = 2000
+# Largest radius r of one Chebyshev step (about r + 40 sqrt(r) terms);
+# longer steps are split.
+_MAX_RADIUS = 200.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -353,12 +357,16 @@ def mesh_signal(
 
 
 def scalar_diffusivity(diffusivity, dtype):
-    """``diffusivity`` as a checked scalar tensor (> 0, mm^2/s)."""
+    """``diffusivity`` as a checked scalar tensor (mm^2/s, within
+    :data:`~dipy_spinverse.checks.DIFFUSIVITY_RANGE`; a tensor keeps its
+    graph, for gradients)."""
     diffusivity = torch.as_tensor(diffusivity, dtype=dtype)
     if diffusivity.ndim or not diffusivity > 0:
         raise ValueError(
             f"diffusivity must be a scalar > 0 (mm^2/s), got {diffusivity}."
         )
+    # Another unit (um^2/ms, m^2/s) is refused with the conversion.
+    check_diffusivity(float(diffusivity.detach()))
     return diffusivity
 
 
@@ -434,7 +442,18 @@ def _propagate(system, diffusivity, rates, tau, f, bounds, tol, re, im):
     lam_max, reach = bounds
     hi = tau * float(diffusivity.detach()) * lam_max
     b = tau * abs(f) * float(rates.norm(dim=1).max()) * reach
-    r = max(hi / 2.0, 1e-12)
+    # The radius holds the phase extent too (z's imaginary part within
+    # [-1, 1]): with few modes (a coarse length scale) or slow diffusion the
+    # real extent alone is tiny, and no ellipse around it holds the phase.
+    r = max(hi / 2.0, b, 1e-12)
+    if r > _MAX_RADIUS:
+        # exp(-tau A) = exp(-tau A / n)^n: sub-steps keep the series short.
+        n_sub = math.ceil(r / _MAX_RADIUS)
+        for _ in range(n_sub):
+            re, im = _propagate(
+                system, diffusivity, rates, tau / n_sub, f, bounds, tol / n_sub, re, im
+            )
+        return re, im
     n_terms = _chebyshev_terms(r, b / r, tol)
     coeffs = 2.0 * special.ive(np.arange(n_terms), r) * (-1.0) ** np.arange(n_terms)
     coeffs[0] /= 2.0

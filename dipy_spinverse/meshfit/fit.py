@@ -379,6 +379,7 @@ def fit_mesh(
         )
     if shape.n_inverted(code0):
         raise ValueError("start inverts tetrahedra of the template; shrink it.")
+    _check_box(shape.mesh(code0).volume, box_volume)
     autoencoder = _autoencoder(code, autoencoder, shape)
     if autoencoder is None:
         decode, variable0 = None, code0
@@ -672,6 +673,7 @@ def _fit_axon(
         raise ValueError(
             "start is outside the axon code's bounds or inverts tetrahedra."
         )
+    _check_box(shape.mesh(start).volume, box_volume)
     history = []
     best = _levenberg_marquardt(
         model, start, _AXON_STAGES[0], max_iter, history, verbose
@@ -810,6 +812,17 @@ def _check_background(background, box_volume, n_acquisitions):
             f"got shape {background.shape}."
         )
     return torch.tensor(background), box_volume
+
+
+def _check_box(cell_volume, box_volume):
+    """The voxel (``box_volume``) must hold the start's cell: the background
+    weighs ``1 - cell / box``, which would turn negative."""
+    if box_volume is not None and not cell_volume < box_volume:
+        raise ValueError(
+            f"box_volume={box_volume:g} um^3 is not larger than the start's cell "
+            f"({cell_volume:g} um^3); box_volume is the whole voxel's volume, "
+            "cell and background together."
+        )
 
 
 def _volume(vertices, tets):

@@ -63,8 +63,21 @@ class TetMesh:
     tets: np.ndarray
 
     def __post_init__(self):
-        vertices = np.array(self.vertices, dtype=np.float64).reshape(-1, 3)
-        tets = np.array(self.tets, dtype=np.int64).reshape(-1, 4)
+        vertices = np.array(self.vertices, dtype=np.float64)
+        if vertices.ndim != 2 or vertices.shape[1] != 3:
+            raise ValueError(
+                f"vertices must be an array (V, 3) of positions in um, got shape "
+                f"{vertices.shape}."
+            )
+        raw = np.asarray(self.tets)
+        if raw.ndim != 2 or raw.shape[1] != 4:
+            raise ValueError(
+                f"tets must be an array (T, 4) of vertex indices, got shape "
+                f"{raw.shape}."
+            )
+        tets = raw.astype(np.int64)
+        if not np.array_equal(tets, raw):
+            raise ValueError("tets must hold integer vertex indices.")
         if len(tets) == 0:
             raise ValueError("a TetMesh needs at least one tetrahedron.")
         if tets.min() < 0 or tets.max() >= len(vertices):

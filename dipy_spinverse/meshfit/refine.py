@@ -286,7 +286,8 @@ def refine_cell(
         max_iter=options["max_iter"],
         length_scale=options["length_scale"],
         background=background,
-        box_volume=grid.volume,
+        # A cell that fills the whole box has no background to mix with.
+        box_volume=None if background is None else grid.volume,
     )
     if options["code"] == "axon":
         return _refine_axon(points, volume, signal, protocol, options, settings)

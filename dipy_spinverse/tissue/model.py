@@ -29,7 +29,14 @@ import warnings
 import numpy as np
 import torch
 
-from ..checks import check_choice, check_device, check_int, check_number, check_positive
+from ..checks import (
+    check_choice,
+    check_device,
+    check_int,
+    check_number,
+    check_positive,
+    check_seconds,
+)
 from .simplex import MAX_TISSUES, SimplexLstsq, nonneg_lstsq, project_simplex
 
 __all__ = ["TISSUE_DEFAULTS", "TissueMapModel", "TissueMapFit", "GAINS", "MIXINGS"]
@@ -68,6 +75,11 @@ GAINS = ("global", "voxel")
 _PROPERTIES = ("t1", "t2", "pd")
 
 
+# Longest plausible relaxation times (s): CSF's T1 is about 4 s and its T2
+# about 2 s, at any field strength.
+_MAX_RELAXATION = {"t1": 15.0, "t2": 5.0}
+
+
 def _check_tissues(tissues):
     if not isinstance(tissues, dict) or not 2 <= len(tissues) <= MAX_TISSUES:
         raise ValueError(
@@ -82,10 +94,10 @@ def _check_tissues(tissues):
                 f"got {values!r}."
             )
         table[str(name)] = {
-            key: check_positive(
-                values[key],
-                f"tissues[{name!r}][{key!r}]",
-                "seconds" if key != "pd" else "",
+            key: check_positive(values[key], f"tissues[{name!r}][{key!r}]")
+            if key == "pd"
+            else check_seconds(
+                values[key], f"tissues[{name!r}][{key!r}]", 1.0, _MAX_RELAXATION[key]
             )
             for key in _PROPERTIES
         }
@@ -380,6 +392,13 @@ class TissueMapModel:
         image, for the first guess."""
         sample = data[:: max(1, data.shape[0] // 10000)]
         top = torch.quantile(sample, 0.99, dim=0)
+        empty = torch.nonzero(top <= 0).flatten().tolist()
+        if empty:
+            # No scale to start from (log 0), and nothing to fit there.
+            raise ValueError(
+                f"image(s) {empty} of data are zero in at least 99 % of the "
+                "mask's voxels: check the mask, or leave those contrasts out."
+            )
         guess = torch.median(top / peak.clamp_min(1e-300)).item()
 
         def misfit(log_gain):

@@ -24,7 +24,12 @@ import math
 
 import torch
 
-from ..checks import check_choice, check_int, check_number, check_positive
+from ..checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_seconds,
+)
 
 __all__ = [
     "Flash",
@@ -52,8 +57,14 @@ def _recovery(t, t1):
     return torch.exp(-t / t1)
 
 
+# Longest plausible timings (s): echo times stay well below a second,
+# repetition and inversion times below 15 s (CSF's T1 is about 4 s).
+_MAX_SECONDS = {"te": 1.0}
+_MAX_TIMING = 15.0
+
+
 def _timing(value, name, example):
-    return check_positive(value, name, "seconds", example)
+    return check_seconds(value, name, example, _MAX_SECONDS.get(name, _MAX_TIMING))
 
 
 def _angle(value, name):
