@@ -181,6 +181,10 @@ def test_input_checks():
         mesh_signal(mesh, protocol, vertices=torch.zeros(3, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="TetMesh"):
         mesh_signal(mesh.vertices, protocol)
+    with pytest.raises(ValueError, match="centre must be a point"):
+        ball_mesh(3.0, resolution=2, centre=(0.0, 0.0))
+    with pytest.raises(ValueError, match="vertices must be a torch Tensor"):
+        mesh_signal(mesh, protocol, vertices=mesh.vertices)
     with pytest.raises(ValueError, match="length_scale"):
         mesh_basis(mesh, length_scale=0.0)
     with pytest.raises(ValueError, match="curvature"):

@@ -173,8 +173,9 @@ def test_gradients_match_finite_differences(box):
 def test_bad_inputs(box):
     _, mesh, regions, split = box
     protocol = _protocol()
-    with pytest.raises(ValueError, match="permeability"):
-        permeable_signal(split, protocol, permeability=-1e-5)
+    for bad in (-1e-5, "1e-5", [1e-5, 2e-5]):
+        with pytest.raises(ValueError, match="permeability must be a finite scalar"):
+            permeable_signal(split, protocol, permeability=bad)
     with pytest.raises(ValueError, match="regions"):
         split_regions(mesh, regions[:-1])
     with pytest.raises(ValueError, match="original"):

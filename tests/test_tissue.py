@@ -202,6 +202,7 @@ def test_inversion_signal_is_signed():
         (lambda: sequence_from_string("Flash tr=0.02 te=0.004"), "flip_angle"),
         (lambda: sequence_from_string("Flash tr=0.02 te=x flip_angle=3"), "te"),
         (lambda: sequence_from_string("SpinEcho tr=3 te=0.1 ti=1"), "ti"),
+        (lambda: sequence_from_string("SpinEcho tr=3 te=0.1 te=0.2"), "twice"),
         # Timings in ms are refused with the conversion.
         (lambda: Flash(tr=20, te=0.004, flip_angle=30), "tr=20 s .* looks like ms"),
         (lambda: InversionRecovery(ti=2500, tr=9, te=0.1), "ti=2500 s"),

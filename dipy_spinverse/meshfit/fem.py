@@ -336,6 +336,11 @@ def mesh_signal(
     tol = check_number(tol, "tol", minimum=1e-15, maximum=1e-2)
     if vertices is None:
         vertices = torch.tensor(mesh.vertices, dtype=torch.float64)
+    elif not isinstance(vertices, torch.Tensor):
+        raise ValueError(
+            "vertices must be a torch Tensor (V, 3) (for gradients); for fixed "
+            "positions use mesh.moved(positions) instead."
+        )
     elif tuple(vertices.shape) != (mesh.n_vertices, 3):
         raise ValueError(
             f"vertices must have shape ({mesh.n_vertices}, 3), got "

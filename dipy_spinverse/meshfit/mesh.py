@@ -212,7 +212,10 @@ def ball_mesh(radius=5.0, *, resolution=5, centre=(0.0, 0.0, 0.0), match_volume=
     if match_volume:
         ratio = 4.0 / 3.0 * np.pi / signed_volumes(unit, tets).sum()
         unit = unit * ratio ** (1.0 / 3.0)
-    return _compact(unit * radius + np.asarray(centre, dtype=float), tets)
+    centre = np.asarray(centre, dtype=float)
+    if centre.shape != (3,):
+        raise ValueError(f"centre must be a point (x, y, z) in um, got {centre!r}.")
+    return _compact(unit * radius + centre, tets)
 
 
 def tube_mesh(radius=4.0, length=20.0, *, resolution=4, layers=None, match_volume=True):

@@ -228,12 +228,15 @@ def permeable_signal(
             )
         vertices = split.vertices(vertices)
     dtype = vertices.dtype
-    kappa = torch.as_tensor(permeability, dtype=dtype)
-    diffusivity = scalar_diffusivity(diffusivity, dtype)
-    if kappa.ndim or not torch.isfinite(kappa) or kappa < 0:
+    try:
+        kappa = torch.as_tensor(permeability, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):
+        kappa = None  # e.g. a string
+    if kappa is None or kappa.ndim or not torch.isfinite(kappa) or kappa < 0:
         raise ValueError(
-            f"permeability must be a finite scalar >= 0 (m/s), got {permeability}."
+            f"permeability must be a finite scalar >= 0 (m/s), got {permeability!r}."
         )
+    diffusivity = scalar_diffusivity(diffusivity, dtype)
     if basis is None:
         basis = _basis(split, vertices, kappa, diffusivity, length_scale)
     if basis.modes.shape[0] != split.mesh.n_vertices:

@@ -312,6 +312,8 @@ def sequence_from_string(text):
             raise ValueError(
                 f"sequence parameter {word!r} in {text!r} must be name=value."
             )
+        if name in options:
+            raise ValueError(f"sequence parameter {name!r} is given twice in {text!r}.")
         try:
             options[name] = float(value)
         except ValueError as err:
