@@ -200,8 +200,8 @@ def misfit(data, result, protocol):
     Returns
     -------
     loss : ndarray (n,)
-        In units of ``config.loss_scale``: ``sigma^2`` where the model
-        explains the data.
+        ``config.loss_scale`` times the weighted mean squared misfit (about
+        ``loss_scale * sigma^2`` where the model explains the data).
     poor : ndarray of bool (n,)
     """
     config = result.config
