@@ -406,7 +406,9 @@ def fit_volume(
                 )
         else:
             chunk = vox_per_chunk or _share(model, len(todo), n_workers)
-            size = chunk * n_workers if hook is not None else len(todo)
+            # max(1, ...): with nothing left to fit (empty mask, finished
+            # resume) range() must not get a step of 0.
+            size = max(1, chunk * n_workers if hook is not None else len(todo))
             for rows in _chunks(todo, size):
                 result = _fit_parallel(
                     model, load(rows), engine=engine, n_jobs=n_workers, chunk=chunk
