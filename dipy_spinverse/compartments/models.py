@@ -18,7 +18,7 @@ import torch
 from dipy.reconst.csdeconv import AxSymShResponse
 from dipy.testing.decorators import warning_for_keywords
 
-from ..checks import check_choice, check_diffusivity
+from ..checks import check_choice, check_diffusivity, check_seconds
 from . import blocks
 from .base import CompartmentFit, CompartmentModel, canonical_directions
 from .fitting import Bound
@@ -1412,12 +1412,9 @@ class ExchangeModel(CompartmentModel):
         tlo, thi = _check_bounds(
             exchange_time_bounds, "exchange_time_bounds", lower=1e-9
         )
-        if thi > _MAX_EXCHANGE_TIME:
-            raise ValueError(
-                f"exchange_time_bounds={exchange_time_bounds!r} reaches "
-                f"{thi:g} s; the bounds are in seconds (e.g. (2e-3, 2.0)): "
-                f"divide times in ms by 1000"
-            )
+        check_seconds(
+            thi, "the upper end of exchange_time_bounds", 2.0, _MAX_EXCHANGE_TIME
+        )
         dlo, dhi = _check_diffusivity_bounds(d_bounds, "d_bounds", lower=1e-9)
         flo, fhi = _check_bounds(f_bounds, "f_bounds")
         if fhi >= 1.0:

@@ -19,7 +19,6 @@ so the network commits to one of the two instead of averaging them.
 import hashlib
 import json
 import math
-import pathlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -230,7 +229,7 @@ def load_or_train_proposal(
     """
     settings = ProposalSettings() if settings is None else settings
     key = proposal_key(grid, protocol, diffusivity, settings)
-    folder = pathlib.Path(cache_dir).expanduser() if cache_dir else proposal_cache_dir()
+    folder = cache_root(cache_dir) if cache_dir else proposal_cache_dir()
     path = folder / f"{key}.pt"
     if path.exists():
         try:

@@ -58,13 +58,13 @@ def _recovery(t, t1):
 
 
 # Longest plausible timings (s): echo times stay well below a second,
-# repetition and inversion times below 15 s (CSF's T1 is about 4 s).
-_MAX_SECONDS = {"te": 1.0}
-_MAX_TIMING = 15.0
+# repetition, inversion times and echo spacings below 15 s (CSF's T1 is
+# about 4 s).
+_MAX_TIMING = {"te": 1.0, "tr": 15.0, "ti": 15.0, "echo_spacing": 15.0}
 
 
 def _timing(value, name, example):
-    return check_seconds(value, name, example, _MAX_SECONDS.get(name, _MAX_TIMING))
+    return check_seconds(value, name, example, _MAX_TIMING[name])
 
 
 def _angle(value, name):
