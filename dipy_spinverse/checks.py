@@ -19,6 +19,7 @@ __all__ = [
     "check_device",
     "check_dtype",
     "check_diffusivity",
+    "check_affine",
     "DTYPES",
     "DIFFUSIVITY_RANGE",
 ]
@@ -168,3 +169,35 @@ def check_dtype(dtype):
             f"{dtype!r}."
         )
     return DTYPES[dtype]
+
+
+def check_affine(affine):
+    """A voxel-to-world ``affine`` as a finite (4, 4) array (identity if None).
+
+    Raises
+    ------
+    ValueError
+        Naming ``affine``: another shape, values that are not finite
+        numbers, or a singular matrix (no voxel size).
+    """
+    if affine is None:
+        return np.eye(4)
+    try:
+        out = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"affine must be a (4, 4) array of numbers, got {affine!r}; pass "
+            "the image's affine (nib.load(path).affine) or None for identity."
+        ) from err
+    if out.shape != (4, 4):
+        raise ValueError(
+            f"affine has shape {out.shape}; pass the (4, 4) voxel-to-world "
+            "matrix of the image (nib.load(path).affine), or None for identity."
+        )
+    if not np.isfinite(out).all() or abs(np.linalg.det(out[:3, :3])) == 0:
+        raise ValueError(
+            "affine has non-finite values or a singular 3 x 3 part (no voxel "
+            "size); pass the image's affine (nib.load(path).affine), or None "
+            "for identity."
+        )
+    return out

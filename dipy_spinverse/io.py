@@ -26,7 +26,7 @@ from dipy.core.gradients import gradient_table
 from dipy.io.image import save_nifti
 
 from . import sequences
-from .checks import check_device
+from .checks import check_affine, check_device
 from .files import atomic_write
 from .grid import TetGrid
 from .inverse import InversionConfig
@@ -228,15 +228,9 @@ def model_spec(model):
     The acquisitions are saved as the model's protocol (waveforms, b-values,
     directions), which is all a fit depends on.
     """
-    grid = model.grid
     configured = not isinstance(model.preset, str)
     spec = dict(
-        grid=dict(
-            size=grid.size,
-            n=int(round(grid.size / grid.spacing)),
-            boundary=grid.boundary,
-            wall_permeability=grid.wall_permeability,
-        ),
+        grid=_grid_spec(model.grid),
         diffusivity=model.diffusivity,
         # A preset given as a configuration is saved whole, as options.
         preset=None if configured else model.preset,
@@ -280,12 +274,7 @@ def model_from_spec(spec):
             small_delta=_array_or_scalar(g["small_delta"]),
             b0_threshold=g["b0_threshold"],
         )
-    grid = TetGrid.bcc(
-        spec["grid"]["size"],
-        spec["grid"]["n"],
-        boundary=spec["grid"]["boundary"],
-        wall_permeability=spec["grid"]["wall_permeability"],
-    )
+    grid = _grid_from_spec(spec["grid"])
     device = spec["device"]
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         device = "cpu"
@@ -304,6 +293,59 @@ def model_from_spec(spec):
         refine_mesh=spec.get("refine_mesh", False),
         mesh_options=spec.get("mesh_options"),
         **options,
+    )
+
+
+def _grid_spec(grid):
+    """A grid's description: the BCC grid's parameters, and the geometry
+    itself (vertices, tetrahedra, unwrapped corners) when ``grid`` is not
+    the BCC grid of those parameters (a grid built by hand)."""
+    spec = dict(
+        size=grid.size,
+        n=int(round(grid.size / grid.spacing)),
+        boundary=grid.boundary,
+        wall_permeability=grid.wall_permeability,
+    )
+    try:
+        bcc = TetGrid.bcc(
+            grid.size,
+            spec["n"],
+            boundary=grid.boundary,
+            wall_permeability=grid.wall_permeability,
+        )
+    except ValueError:  # parameters no BCC grid has
+        bcc = None
+    same = bcc is not None and all(
+        np.array_equal(getattr(bcc, name), getattr(grid, name))
+        for name in ("vertices", "tets", "tet_coords")
+    )
+    if not same:
+        spec.update(
+            spacing=grid.spacing,
+            vertices=grid.vertices,
+            tets=grid.tets,
+            tet_coords=grid.tet_coords,
+        )
+    return spec
+
+
+def _grid_from_spec(spec):
+    """The grid :func:`_grid_spec` described."""
+    if "vertices" not in spec:
+        return TetGrid.bcc(
+            spec["size"],
+            spec["n"],
+            boundary=spec["boundary"],
+            wall_permeability=spec["wall_permeability"],
+        )
+    return TetGrid(
+        vertices=np.asarray(spec["vertices"], float).reshape(-1, 3),
+        tets=np.asarray(spec["tets"], np.int64).reshape(-1, 4),
+        size=float(spec["size"]),
+        boundary=spec["boundary"],
+        wall_permeability=float(spec["wall_permeability"]),
+        spacing=float(spec["spacing"]),
+        tet_coords=np.asarray(spec["tet_coords"], float).reshape(-1, 4, 3),
     )
 
 
@@ -635,12 +677,18 @@ def save_map(fit, name, path, *, affine=None):
             f"this fit has no {name} map: build the model with refine_mesh=True."
         )
     values = np.asarray(values).astype(dtypes[name])
-    return _save_nifti(path, values, affine)
+    return _save_nifti(path, _image(fit, values), affine)
+
+
+def _image(fit, values):
+    """``values`` of ``fit`` as an image: a fit of one voxel is a volume of
+    1 x 1 x 1 voxels (its values on the fourth axis), not a 1-D image."""
+    return values.reshape((1, 1, 1) + values.shape) if fit.shape == () else values
 
 
 def _save_nifti(path, data, affine):
     """``save_nifti`` through a temporary file beside ``path``, then a rename."""
-    affine = np.eye(4) if affine is None else np.asarray(affine)
+    affine = check_affine(affine)
     with atomic_write(path) as tmp:
         save_nifti(tmp, data, affine)
     return os.fspath(path)
@@ -665,7 +713,7 @@ def save_permeability(fit, path, *, affine=None):
     """
     if fit.shape == ():
         data = np.where(fit.fitted, fit.permeability, np.nan)
-        return _save_nifti(path, data.astype(np.float32), affine)
+        return _save_nifti(path, _image(fit, data.astype(np.float32)), affine)
     # Filled row by row in float32: no whole-volume float64 copy.
     data = np.full(fit.shape + (fit.model.grid.n_faces,), np.nan, np.float32)
     rows = fit.params["permeability"]
@@ -690,7 +738,8 @@ def save_predicted(fit, path, *, affine=None, gtab=None):
     -------
     str
     """
-    return _save_nifti(path, fit.predict(gtab).astype(np.float32), affine)
+    predicted = fit.predict(gtab).astype(np.float32)
+    return _save_nifti(path, _image(fit, predicted), affine)
 
 
 def describe_status(status):

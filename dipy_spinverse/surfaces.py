@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .checks import check_affine
 from .interface import MESH_FORMATS, barrier_regions, write_mesh
 
 __all__ = [
@@ -60,7 +61,7 @@ def place_in_voxel(vertices, index, *, size, affine=None):
         (``index -/+ 1/2`` in voxel coordinates), its centre to the voxel
         centre.
     """
-    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+    affine = check_affine(affine)
     index = np.zeros(3) + np.pad(np.asarray(index, float), (0, 3 - len(index)))
     voxel = index - 0.5 + np.asarray(vertices, dtype=float) / size
     return voxel @ affine[:3, :3].T + affine[:3, 3]
@@ -166,9 +167,7 @@ def volume_surface(fit, *, affine=None):
             f"volume_surface needs a volume fit of 1 to 3 dimensions, got shape "
             f"{fit.shape}; for one voxel use fit.interface_mesh."
         )
-    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
-    if affine.shape != (4, 4):
-        raise ValueError(f"affine must be a 4 x 4 matrix, got shape {affine.shape}.")
+    affine = check_affine(affine)
     size = fit.model.grid.size
     pieces, n_vertices = [], 0
     for index, piece in _voxel_pieces(fit):

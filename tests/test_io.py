@@ -6,10 +6,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, jittered_grid  # noqa: E402
 from numpy.testing import assert_allclose, assert_array_equal
 
 import dipy_spinverse.reconst.runner as runner
-from dipy_spinverse import SpinverseModel
+from dipy_spinverse import SpinverseModel, TetGrid
 from dipy_spinverse.io import (
     Checkpoint,
     load_fit,
@@ -83,6 +84,23 @@ def test_save_maps_and_images(volume_fit, tmp_path):
         save_map(volume_fit, "mesh_volume", tmp_path / "v.nii.gz")
     with pytest.raises(ValueError, match="volume fits"):
         save_fit(volume_fit[0, 0, 0], tmp_path / "one.npz")
+    for bad in (np.eye(3), [[1, 2], [3]], np.diag([1.0, 0, 1, 1]), "eye"):
+        with pytest.raises(ValueError, match="affine"):
+            save_map(volume_fit, "S0", tmp_path / "bad.nii.gz", affine=bad)
+
+
+def test_images_of_one_voxel(volume_fit, tmp_path):
+    """A fit of one voxel is written as a 1 x 1 x 1 volume, its values kept."""
+    import nibabel as nib
+
+    one = volume_fit[0, 0, 0]
+    image = nib.load(save_map(one, "S0", tmp_path / "s0.nii.gz"))
+    assert image.shape == (1, 1, 1)
+    assert_allclose(np.asanyarray(image.dataobj)[0, 0, 0], one.S0, rtol=1e-6)
+    perm = nib.load(save_permeability(one, tmp_path / "perm.nii.gz"))
+    assert perm.shape == (1, 1, 1, one.model.grid.n_faces)
+    pred = nib.load(save_predicted(one, tmp_path / "pred.nii.gz"))
+    assert_allclose(pred.get_fdata()[0, 0, 0], one.predict(), rtol=1e-6)
 
 
 def test_load_rejects_other_files(tmp_path):
@@ -209,6 +227,29 @@ def test_resume_checks(model, volume, volume_fit, gtab, grid):
         other.fit(data, resume=volume_fit)
     with pytest.raises(ValueError, match="resume must be"):
         model.fit(data, resume=42)
+    # A part of a fit has no fingerprint of its own data: it is not resumed
+    # on data that cannot be checked.
+    part = volume_fit[:1]
+    assert part.fingerprint is None
+    with pytest.raises(ValueError, match="no record of the data"):
+        model.fit(data[:1], resume=part)
+
+
+def test_a_grid_built_by_hand_is_saved_whole(gtab, volume, tmp_path):
+    """A grid that is not the BCC grid of its size (jittered vertices) is
+    saved with its geometry and compared whole between models."""
+    grid = jittered_grid()
+    bcc = TetGrid.bcc(grid.size, 2, boundary=grid.boundary, wall_permeability=0.05)
+    model = SpinverseModel(gtab, grid=grid, dtype="float64", **FAST)
+    assert model.differences(SpinverseModel(gtab, grid=bcc, dtype="float64", **FAST))
+    fit = model.fit(volume[0][:1, :1])
+    loaded = load_fit(save_fit(fit, tmp_path / "jittered.npz"))
+    assert loaded.model.differences(model) == []
+    assert_array_equal(loaded.model.grid.vertices, grid.vertices)
+    assert_array_equal(loaded.model.grid.tet_coords, grid.tet_coords)
+    assert_allclose(loaded.predict(), fit.predict(), rtol=1e-12)
+    # The BCC grid is saved as its parameters alone.
+    assert "vertices" not in model_spec(SpinverseModel(gtab, grid=bcc))["grid"]
 
 
 # -- damaged files, devices ------------------------------------------------------------

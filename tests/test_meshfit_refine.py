@@ -157,6 +157,24 @@ def test_smooth_meshes_are_saved_and_loaded(refined, tmp_path):
     assert_allclose(loaded.mesh_vertices, fit.mesh_vertices)
     assert_allclose(loaded.mesh_volume, fit.mesh_volume)
     assert np.array_equal(loaded.mesh_status, fit.mesh_status)
+    # The refinement is a setting of the model: a fit started without it is
+    # not continued with it (the voxels left would have meshes, the others
+    # not), nor with other mesh options.
+    assert loaded.model.differences(model) == []
+    plain = SpinverseModel(
+        model.gtab, grid=model.grid, max_iter=4, search_steps=3, search_starts=2
+    )
+    assert plain.differences(model) == ["refine_mesh", "mesh_options"]
+    other = SpinverseModel(
+        model.gtab,
+        grid=model.grid,
+        max_iter=4,
+        search_steps=3,
+        search_starts=2,
+        refine_mesh=True,
+        mesh_options={**TINY, "n_modes": TINY["n_modes"] + 1},
+    )
+    assert other.differences(model) == ["mesh_options"]
 
 
 def test_a_failing_refinement_flags_the_mesh_only(refined, signal, monkeypatch):

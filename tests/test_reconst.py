@@ -485,6 +485,47 @@ def test_bad_fit_input(model, volume):
         model.fit(data, vox_per_chunk=0)
 
 
+def test_one_voxel_checks_the_volume_options(model, volume, capsys):
+    """Options of a volume fit are checked for one voxel too (not ignored),
+    and a checkpoint or resume, which need a volume, is refused."""
+    voxel = volume[0][0, 0, 0]
+    with pytest.raises(ValueError, match="Invalid engine"):
+        model.fit(voxel, engine="spark")
+    with pytest.raises(ValueError, match="n_jobs must be"):
+        model.fit(voxel, engine="joblib", n_jobs=0)
+    with pytest.raises(ValueError, match="vox_per_chunk"):
+        model.fit(voxel, vox_per_chunk=-3)
+    with pytest.raises(ValueError, match="address.*engine='ray'"):
+        model.fit(voxel, address="auto")
+    with pytest.raises(ValueError, match=r"volume fits.*data\[None\]"):
+        model.fit(voxel, checkpoint=lambda fit: None)
+    with pytest.raises(ValueError, match="volume fits"):
+        model.fit(voxel, resume=object())
+    fit = model.fit(voxel, verbose=True)
+    assert fit.status == OK
+    assert "Fitting Spinverse" in capsys.readouterr().err
+
+
+def test_joblib_moves_the_bar_one_round_of_workers_at_a_time(
+    model, volume, monkeypatch
+):
+    """Without a checkpoint too, the joblib engine fits one chunk per worker
+    per call, so that the progress bar moves while the volume is fitted."""
+    pytest.importorskip("joblib")
+    data, mask = volume
+    sizes = []
+    real = runner._fit_parallel
+
+    def counted(model, data, **kwargs):
+        sizes.append(len(data))
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(runner, "_fit_parallel", counted)
+    fit = model.fit(data, mask=mask, engine="joblib", n_jobs=1, vox_per_chunk=1)
+    assert sizes == [1, 1, 1]
+    assert fit.n_pending == 0
+
+
 def test_missing_engine_package(model, volume, monkeypatch):
     import importlib.util
 

@@ -9,6 +9,7 @@ Each voxel is normalised by its own b = 0 signal and handed to
 """
 
 import copy
+import hashlib
 import os
 import warnings
 
@@ -252,7 +253,8 @@ class SpinverseModel(ReconstModel):
             has GPUs and the model is on ``cuda``. Dask without the
             ``distributed`` package (and no ``address``) runs on local threads
             through DIPY. Install both with
-            ``pip install "dipy_spinverse[parallel]"``.
+            ``pip install "dipy_spinverse[parallel]"``. One voxel (1-D data)
+            is fitted in this process; the engine options are still checked.
         address : str or distributed.Client, optional
             The cluster of ``engine="ray"`` (a running cluster's address,
             ``"auto"`` for the one on this machine, ``"local"`` for a new
@@ -266,7 +268,7 @@ class SpinverseModel(ReconstModel):
         verbose : bool
             Show a progress bar over voxels: it moves through a chunk as the
             face fit iterates and as voxels end their label search, and over
-            all workers of a cluster as their chunks finish.
+            the workers of a parallel engine as their chunks finish.
         vox_per_chunk : int, optional
             Voxels per batched call (default ``batch_size``; for parallel
             engines at most an equal share per worker).
@@ -275,7 +277,7 @@ class SpinverseModel(ReconstModel):
             and after every chunk, with the rows of ``partial_fit.params``
             that chunk fitted (a callable of one argument gets the partial
             fit alone): :class:`dipy_spinverse.io.Checkpoint` writes each
-            chunk once to an HDF5 store.
+            chunk once to an HDF5 store. Volume fits only.
         resume : SpinverseFit, optional
             A partly finished volume fit of the same data and model: only its
             voxels with status ``PENDING`` are fitted
@@ -288,12 +290,18 @@ class SpinverseModel(ReconstModel):
         """
         data = self._check_data(data)
         if data.ndim == 1:
+            runner.check_engine_options(engine, address, n_jobs, vox_per_chunk)
+            if checkpoint is not None or resume is not None:
+                raise ValueError(
+                    "checkpoint and resume are for volume fits and data is one "
+                    "voxel (1-D); fit data[None], a volume of one voxel, to save "
+                    "or resume it."
+                )
             if mask is not None and not runner.check_mask(mask, ()):
                 params = runner.empty_params(self, ())
                 params["status"][...] = MASKED
                 return SpinverseFit(self, params, False)
-            params, history = runner.fit_voxels(self, data[None])
-            params = {k: None if v is None else v[0] for k, v in params.items()}
+            params, history = runner.fit_one(self, data, verbose=verbose)
             return SpinverseFit(self, params, history=history)
         self._prepare()
         return runner.fit_volume(
@@ -357,7 +365,10 @@ class SpinverseModel(ReconstModel):
         """Names of the settings that make ``other``'s fits differ from ours.
 
         ``batch_size`` and ``device`` are left out: they change how voxels
-        are fitted, not the result.
+        are fitted, not the result. The grid is compared whole (its
+        vertices and tetrahedra, not only its size), and the smooth-mesh
+        refinement (``refine_mesh``, ``mesh_options``) is a setting: a fit
+        resumed without it would miss the meshes of the voxels still to fit.
         """
         pairs = dict(
             grid=(_grid_key(self.grid), _grid_key(other.grid)),
@@ -365,6 +376,8 @@ class SpinverseModel(ReconstModel):
             config=(self.config, other.config),
             dtype=(self.dtype, other.dtype),
             protocol=(_protocol_key(self.protocol), _protocol_key(other.protocol)),
+            refine_mesh=(self.refine_mesh, other.refine_mesh),
+            mesh_options=(self.mesh_options, other.mesh_options),
         )
         return [name for name, (a, b) in pairs.items() if a != b]
 
@@ -528,7 +541,11 @@ def _make_grid(grid, size, resolution, boundary, wall_permeability):
 
 
 def _grid_key(grid):
-    return (grid.size, grid.n_cells, grid.boundary, grid.wall_permeability)
+    """What a grid's fits depend on: its geometry, boundary and wall."""
+    geometry = hashlib.sha1()
+    for array in (grid.vertices, grid.tets, grid.tet_coords):
+        geometry.update(np.ascontiguousarray(array).data)
+    return (grid.size, grid.boundary, grid.wall_permeability, geometry.hexdigest())
 
 
 def _protocol_key(protocol):

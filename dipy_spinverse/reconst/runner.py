@@ -331,15 +331,10 @@ def fit_volume(
     (any numeric dtype, never copied whole) and converted to float64 when it
     is fitted.
     """
-    if engine not in PARALLEL_ENGINES:
-        raise ValueError(
-            f"Invalid engine {engine!r}. Must be one of {PARALLEL_ENGINES}."
-        )
-    on_cluster = _check_engine_installed(engine, address)
+    on_cluster, n_workers, vox_per_chunk = check_engine_options(
+        engine, address, n_jobs, vox_per_chunk
+    )
     hook = _checkpoint_hook(checkpoint)
-    n_workers = _n_workers(n_jobs)
-    if vox_per_chunk is not None:
-        vox_per_chunk = check_int(vox_per_chunk, "vox_per_chunk", 1)
     shape = data.shape[:-1]
     digest = fingerprint(data)
     if resume is not None:
@@ -356,14 +351,7 @@ def fit_volume(
     todo = np.flatnonzero(params["status"] == PENDING)
     if hook is not None:
         hook(partial, None)
-    bar = tqdm(
-        total=len(todo),
-        disable=not verbose,
-        desc="Fitting Spinverse",
-        unit="voxel",
-        # Fractions of a voxel: a chunk moves on as its voxels are fitted.
-        bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]",
-    )
+    bar = _bar(len(todo), verbose)
 
     def load(rows):
         """The raw signal of ``rows`` of params, (len(rows), n_volumes)."""
@@ -406,9 +394,10 @@ def fit_volume(
                 )
         else:
             chunk = vox_per_chunk or _share(model, len(todo), n_workers)
-            # max(1, ...): with nothing left to fit (empty mask, finished
-            # resume) range() must not get a step of 0.
-            size = max(1, chunk * n_workers if hook is not None else len(todo))
+            # One chunk per worker at a time, so that the bar and the
+            # checkpoint move as the workers finish (the pool of processes
+            # is reused between calls).
+            size = chunk * n_workers
             for rows in _chunks(todo, size):
                 result = _fit_parallel(
                     model, load(rows), engine=engine, n_jobs=n_workers, chunk=chunk
@@ -417,6 +406,49 @@ def fit_volume(
     finally:
         bar.close()
     return partial
+
+
+def fit_one(model, data, *, verbose=False):
+    """Fit one raw voxel (n_volumes,); returns ``(params, history)``."""
+    with _bar(1, verbose) as bar:
+        progress = _progress(bar, model, 1, [0.0]) if verbose else None
+        params, history = fit_voxels(model, data[None], callback=progress)
+        bar.n = 1
+    return {k: None if v is None else v[0] for k, v in params.items()}, history
+
+
+def check_engine_options(engine, address, n_jobs, vox_per_chunk):
+    """Check the options that spread a fit (see :meth:`SpinverseModel.fit`).
+
+    Returns
+    -------
+    on_cluster : bool
+        Whether ``engine`` runs on a Ray or Dask cluster.
+    n_workers : int
+        The workers ``n_jobs`` asks for.
+    vox_per_chunk : int or None
+    """
+    if engine not in PARALLEL_ENGINES:
+        raise ValueError(
+            f"Invalid engine {engine!r}. Must be one of {PARALLEL_ENGINES}."
+        )
+    on_cluster = _check_engine_installed(engine, address)
+    n_workers = _n_workers(n_jobs)
+    if vox_per_chunk is not None:
+        vox_per_chunk = check_int(vox_per_chunk, "vox_per_chunk", 1)
+    return on_cluster, n_workers, vox_per_chunk
+
+
+def _bar(total, verbose):
+    """The progress bar over ``total`` voxels (hidden unless ``verbose``)."""
+    return tqdm(
+        total=total,
+        disable=not verbose,
+        desc="Fitting Spinverse",
+        unit="voxel",
+        # Fractions of a voxel: a chunk moves on as its voxels are fitted.
+        bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]",
+    )
 
 
 def fit_chunk(model, data, *, device=None):
@@ -562,7 +594,14 @@ def check_resume(model, resume, data, mask=None, *, digest=None):
             f"resume is a fit of shape {resume.shape} but data has {shape} "
             "voxels; resume with the same data the fit was started on."
         )
-    if resume.fingerprint is not None and resume.fingerprint != digest:
+    if resume.fingerprint is None:
+        raise ValueError(
+            "resume holds no record of the data it was fitted on (a part of a "
+            "fit, fit[...], or a SpinverseFit built without fingerprint), so "
+            "its data cannot be checked; resume the whole fit that "
+            "dipy_spinverse.io.load_fit reads, or fit these voxels afresh."
+        )
+    if resume.fingerprint != digest:
         raise ValueError(
             "data differ from the data the fit being resumed was started on; "
             "resume with the same data (same values, same order)."
