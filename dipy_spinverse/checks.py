@@ -20,6 +20,7 @@ __all__ = [
     "check_dtype",
     "check_diffusivity",
     "check_affine",
+    "check_mask_values",
     "DTYPES",
     "DIFFUSIVITY_RANGE",
 ]
@@ -201,3 +202,34 @@ def check_affine(affine):
             "for identity."
         )
     return out
+
+
+def check_mask_values(mask, name="mask"):
+    """``mask`` as booleans, nonzero inside (DIPY's rule for label images).
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``: values that are not numbers, NaN or inf (not a
+        mask value), or fractions (a probability map, whose threshold is the
+        user's choice).
+    """
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask
+    if mask.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{name} must hold booleans or numbers (nonzero inside), got {mask.dtype}."
+        )
+    if mask.dtype.kind == "f":
+        if not np.isfinite(mask).all():
+            raise ValueError(
+                f"{name} holds NaN or inf, which is neither inside nor outside; "
+                "set those voxels to 0 or 1."
+            )
+        if (mask != np.round(mask)).any():
+            raise ValueError(
+                f"{name} holds fractions (a probability map?); threshold it into "
+                "a binary mask first, e.g. mask > 0.5."
+            )
+    return mask != 0

@@ -9,21 +9,18 @@ As every DIPY workflow, the ``run`` docstring defines the command-line
 options; positional inputs may contain wildcards to process several datasets.
 """
 
-import importlib.metadata
 import json
 import os
-import sys
 
-import dipy
 import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.io.gradients import read_bvals_bvecs
 from dipy.io.image import load_nifti, load_nifti_data
 from dipy.utils.logging import logger
-from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.workflow import Workflow
 
-from .checks import check_choice
+from .checks import check_choice, check_int, check_mask_values
+from .cli import run_command
 from .files import atomic_write
 from .io import (
     MESH_MAPS,
@@ -313,6 +310,7 @@ class SpinverseFlow(Workflow):
         if resume:
             self._force_overwrite = True
         metrics = _check_metrics(save_metrics)
+        n_report = check_int(n_report, "n_report", 0)
         mesh_options = parse_mesh_options(mesh_options, refine_mesh=refine_mesh)
         smooth_mesh_format = check_choice(
             smooth_mesh_format, "smooth_mesh_format", SMOOTH_MESH_FORMATS
@@ -324,7 +322,17 @@ class SpinverseFlow(Workflow):
             ostate = out["out_state"]
             logger.info(f"Spinverse fit of {dwi}")
             data, affine = load_nifti(dwi)
-            mask = load_nifti_data(maskfile).astype(bool)
+            if data.ndim != 4:
+                raise ValueError(
+                    f"{dwi} has {data.ndim} dimensions (shape {data.shape}); "
+                    "input_files must be 4-D diffusion images (x, y, z, volumes)."
+                )
+            mask = check_mask_values(load_nifti_data(maskfile), f"mask file {maskfile}")
+            if not mask.any():
+                raise ValueError(
+                    f"mask file {maskfile} selects no voxel (all zero); pass the "
+                    "mask of this dataset."
+                )
             table = _gradients(
                 bval,
                 bvec,
@@ -376,6 +384,7 @@ class SpinverseFlow(Workflow):
             if n_report:
                 report = write_report(fit, data, out["out_report"], n_voxels=n_report)
                 written += [report] if report else []
+            _remove_stale_outputs(out, written)
             # Last: the state's presence tells manage_output_overwrite that
             # this run finished.
             save_fit(fit, state)
@@ -409,6 +418,34 @@ class SpinverseFlow(Workflow):
                 )
                 return True
         return super().manage_output_overwrite()
+
+
+def _remove_stale_outputs(out, written):
+    """Delete output files of an earlier run that this run did not write.
+
+    With --force or --resume and fewer --save_metrics (or no report), an
+    earlier run's maps would stay beside the new state and describe
+    another fit. The state and the mesh folders are left to the run.
+    """
+    kept = {os.path.abspath(path) for path in written}
+    stale = [
+        path
+        for key, path in out.items()
+        if key not in _FOLDERS_AND_STATE
+        and os.path.isfile(path)
+        and os.path.abspath(path) not in kept
+    ]
+    for path in stale:
+        os.remove(path)
+    if stale:
+        logger.info(
+            f"Removed {len(stale)} output files of an earlier run that this run "
+            f"does not write: {', '.join(map(os.path.basename, stale))}."
+        )
+
+
+#: Outputs that are not one file written by the run's savers.
+_FOLDERS_AND_STATE = ("out_state", "out_voxel_meshes", "out_smooth_meshes")
 
 
 def _npz(path):
@@ -588,7 +625,14 @@ def _gradients(
     bvecs_tol,
 ):
     """GradientTable (or Protocol) with timing from exactly one source."""
-    bvals, bvecs = read_bvals_bvecs(os.fspath(bval), os.fspath(bvec))
+    try:
+        bvals, bvecs = read_bvals_bvecs(os.fspath(bval), os.fspath(bvec))
+    except OSError as err:
+        raise ValueError(
+            f"cannot read the gradient files {bval} and {bvec} ({err}); pass "
+            "the .bval and .bvec files of this dataset, one value and one "
+            "direction per volume."
+        ) from err
     if len(bvals) != n_volumes:
         raise ValueError(
             f"{bval} lists {len(bvals)} b-values but the data have {n_volumes} "
@@ -623,6 +667,7 @@ def _gradients(
                 f"{bvals[worst]:.1f} in the b-values file; pass files of the same "
                 "acquisition."
             )
+        _check_scheme_directions(protocol, bvecs, scheme_file, bvec)
         return protocol
     if pulses:
         if big_delta is None or small_delta is None:
@@ -640,6 +685,30 @@ def _gradients(
         b0_threshold=b0_threshold,
         atol=bvecs_tol,
     )
+
+
+#: Largest angle (degrees) between a scheme's direction and the b-vector
+#: file's: schemes are written with 4-6 decimals (0.01 degree).
+_SCHEME_ANGLE_TOL = 2.0
+
+
+def _check_scheme_directions(protocol, bvecs, scheme_file, bvec):
+    """Refuse a scheme whose directions are not the b-vector file's."""
+    weighted = protocol.bvals > 0
+    ours = np.asarray(protocol.bvecs, float)[weighted]
+    theirs = np.asarray(bvecs, float)[weighted]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.abs(np.sum(ours * theirs, axis=1)) / (
+            np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
+        )
+    angle = np.degrees(np.arccos(np.clip(np.nan_to_num(cosine, nan=0.0), 0, 1)))
+    if angle.size and angle.max() > _SCHEME_ANGLE_TOL:
+        worst = int(np.flatnonzero(weighted)[np.argmax(angle)])
+        raise ValueError(
+            f"{scheme_file} and {bvec} disagree: volume {worst}'s direction "
+            f"differs by {angle.max():.1f} degrees; pass files of the same "
+            "acquisition (the fit uses the scheme's directions)."
+        )
 
 
 def read_timing(path, *, n_volumes=None):
@@ -834,16 +903,9 @@ def _waveform_label(waveform):
 
 
 def main():
-    """Console-script entry point of ``dipy_fit_spinverse``.
-
-    ``--version`` prints this package's version (DIPY's parser alone would
-    print DIPY's).
-    """
-    if "--version" in sys.argv[1:]:
-        version = importlib.metadata.version("dipy_spinverse")
-        print(f"dipy_spinverse {version} (DIPY {dipy.__version__})")
-        return 0
-    return run_flow(SpinverseFlow())
+    """Console-script entry point of ``dipy_fit_spinverse``
+    (:func:`dipy_spinverse.cli.run_command`)."""
+    return run_command(SpinverseFlow())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dipy_spinverse"
 LAYERS = [
     "checks",
     "files",
+    "cli",
     "grid",
     "sequences",
     "operators",

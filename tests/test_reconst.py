@@ -483,6 +483,12 @@ def test_bad_fit_input(model, volume):
         model.fit(data.astype(complex))
     with pytest.raises(ValueError, match="vox_per_chunk"):
         model.fit(data, vox_per_chunk=0)
+    with pytest.raises(ValueError, match="n_jobs=2 is for the parallel engines"):
+        model.fit(data, n_jobs=2)
+    with pytest.raises(ValueError, match="mask holds NaN"):
+        model.fit(data, mask=np.where(mask, 1.0, np.nan))
+    with pytest.raises(ValueError, match="mask holds fractions"):
+        model.fit(data, mask=np.where(mask, 1.0, 0.4))
 
 
 def test_one_voxel_checks_the_volume_options(model, volume, capsys):

@@ -1,6 +1,7 @@
 """Tissue probability maps (dipy_spinverse.tissue): signals against a Bloch
 simulation, the exact simplex solver, the model, the workflow."""
 
+import sys
 import warnings
 
 import nibabel as nib
@@ -482,14 +483,18 @@ def test_bad_images_name_the_argument():
     model = TissueMapModel(PROTOCOL[:3])
     with pytest.raises(ValueError, match="images"):
         model.fit(np.ones((4, 4, 2)))
-    with pytest.raises(ValueError, match="images"):
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="images"):
         model.fit(-np.ones((4, 4, 3)))
-    with pytest.raises(ValueError, match="images"):
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="images"):
         model.fit(np.full((4, 4, 3), np.nan))
     with pytest.raises(ValueError, match="mask"):
         model.fit(np.ones((4, 4, 3)), mask=np.ones((4, 3), bool))
     with pytest.raises(ValueError, match="mask"):
         model.fit(np.ones((4, 4, 3)), mask=np.zeros((4, 4), bool))
+    with pytest.raises(ValueError, match="mask holds NaN"):
+        model.fit(np.ones((4, 4, 3)), mask=np.full((4, 4), np.nan))
+    with pytest.raises(ValueError, match="mask holds fractions"):
+        model.fit(np.ones((4, 4, 3)), mask=np.full((4, 4), 0.3))
     # An image that is zero throughout the mask has nothing to fit (it
     # raised a bare "math domain error" from the gain search).
     empty = np.ones((4, 4, 3))
@@ -498,7 +503,80 @@ def test_bad_images_name_the_argument():
         model.fit(empty)
 
 
+def test_a_bad_voxel_is_left_out_and_the_rest_fitted():
+    """NaN, inf or negative values in a voxel flag that voxel (NaN maps,
+    ``fit.excluded``); the others are fitted as without it."""
+    model = TissueMapModel(PROTOCOL[:3])
+    truth = _phantom(shape=(6, 5, 4))
+    mask = np.ones(truth.shape[:-1], bool)
+    images = simulate_scans(model, truth, mask, snr=np.inf, gain=250.0)
+    bad = images.copy()
+    bad[1, 1, 1, 0] = np.nan
+    bad[2, 2, 2, 1] = -3.0
+    with pytest.warns(RuntimeWarning, match="2 voxel"):
+        fit = model.fit(bad)
+    excluded = np.zeros(mask.shape, bool)
+    excluded[1, 1, 1] = excluded[2, 2, 2] = True
+    assert_array_equal(fit.excluded, excluded)
+    assert np.isnan(fit.probabilities[excluded]).all()
+    assert_array_equal(fit.labels[excluded], 0)
+    assert np.isnan(fit.predict()[excluded]).all()
+    assert_allclose(fit.probabilities[~excluded], truth[~excluded], atol=1e-6)
+
+
 # -- workflow and the MNI152 evaluation data ------------------------------------
+
+
+def test_command_version(monkeypatch, capsys):
+    from dipy_spinverse.tissue.workflow import main
+
+    monkeypatch.setattr(sys, "argv", ["dipy_fit_tissue_maps", "--version"])
+    assert main() == 0
+    assert capsys.readouterr().out.startswith("dipy_spinverse ")
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("tissues_json", "tissues_file .* is not valid JSON"),
+        ("tissues_binary", "cannot read the tissues_file file"),
+        ("sequences_binary", "cannot read the sequences file"),
+        ("image_5d", "must be 4-D"),
+        ("mask_nan", "mask file .* holds NaN"),
+        ("out_dir_file", "cannot write the outputs"),
+    ],
+)
+def test_workflow_bad_files_name_the_file(tmp_path, case, match):
+    images = np.ones((3, 2, 2, 3), np.float32)
+    image_file = tmp_path / "images.nii.gz"
+    nib.save(
+        nib.Nifti1Image(images[..., None, :] if case == "image_5d" else images,
+                        np.eye(4)),
+        image_file,
+    )  # fmt: skip
+    sequences = tmp_path / "sequences.txt"
+    sequences.write_text(
+        "Mprage ti=0.9 tr=2.3 te=0.003\nInversionRecovery ti=2.5 tr=9.0 te=0.1\n"
+        "Flash tr=0.02 te=0.004 flip_angle=30\n"
+    )
+    options = dict(out_dir=str(tmp_path / "out"))
+    if case == "tissues_json":
+        (tmp_path / "t.json").write_text('{"wm": {"t1": 0.8\n')
+        options["tissues_file"] = str(tmp_path / "t.json")
+    elif case == "tissues_binary":
+        options["tissues_file"] = str(image_file)
+    elif case == "sequences_binary":
+        sequences = image_file
+    elif case == "mask_nan":
+        mask = np.ones(images.shape[:3], np.float32)
+        mask[0, 0, 0] = np.nan
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "mask.nii.gz")
+        options["mask_files"] = str(tmp_path / "mask.nii.gz")
+    elif case == "out_dir_file":
+        (tmp_path / "afile").write_text("")
+        options["out_dir"] = str(tmp_path / "afile")
+    with pytest.raises(ValueError, match=match):
+        TissueMapsFlow(force=True).run(str(image_file), str(sequences), **options)
 
 
 def test_workflow_writes_maps(tmp_path):

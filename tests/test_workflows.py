@@ -164,9 +164,22 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(engine="spark"), "Invalid engine"),
         (dict(boundary="sticky"), "Invalid boundary"),
         (dict(sigma=-0.02), "sigma must be a finite number and >= 0"),
+        (dict(timing_file=None, scheme_file="TURNED"), "direction differs"),
+        (dict(n_report=-1), "n_report must be an integer >= 0"),
+        (dict(n_jobs=4), "n_jobs=4 is for the parallel engines"),
     ],
 )
 def test_workflow_bad_input(demo, tmp_path, kwargs, match):
+    if kwargs.get("scheme_file") == "TURNED":
+        # The scheme's directions permuted: its b-values still match the
+        # .bval file, its directions not the .bvec file's.
+        protocol = Protocol.from_camino(demo["scheme"])
+        Protocol(
+            waveforms=protocol.waveforms,
+            bvals=protocol.bvals,
+            bvecs=protocol.bvecs[:, [2, 0, 1]],
+        ).to_camino(tmp_path / "s.scheme")
+        kwargs["scheme_file"] = str(tmp_path / "s.scheme")
     if kwargs.get("timing_file") == "BAD_ROWS":
         np.savetxt(tmp_path / "t.txt", np.full((N_VOLUMES - 1, 2), 0.01))
         kwargs["timing_file"] = str(tmp_path / "t.txt")
@@ -184,6 +197,73 @@ def test_workflow_bad_input(demo, tmp_path, kwargs, match):
         kwargs["scheme_file"] = str(tmp_path / "s.scheme")
     with pytest.raises(ValueError, match=match):
         _run(demo, tmp_path / "out", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        ("NAN_MASK", "NaN or inf"),
+        ("FRACTION_MASK", "fractions"),
+        ("EMPTY_MASK", "selects no voxel"),
+        ("DWI_3D", "must be 4-D"),
+        ("DWI_5D", "must be 4-D"),
+        ("SHORT_BVEC", "cannot read the gradient files"),
+    ],
+)
+def test_workflow_bad_files(demo, tmp_path, image, match):
+    """Masks that are not masks, images that are not 4-D and gradient files
+    of different lengths are refused naming the file."""
+    data, mask = demo["data"], demo["mask"]
+    bvecs = demo["bvecs"]
+    reference = nib.load(data)
+    values = np.ones(reference.shape[:3])
+    if image.endswith("_MASK"):
+        values[0, 0, 0] = dict(NAN_MASK=np.nan, FRACTION_MASK=0.3, EMPTY_MASK=0)[image]
+        if image == "EMPTY_MASK":
+            values[:] = 0
+        mask = str(tmp_path / "mask.nii.gz")
+        nib.save(nib.Nifti1Image(values.astype(np.float32), reference.affine), mask)
+    elif image.startswith("DWI"):
+        dwi = reference.get_fdata()
+        dwi = dwi[..., 0] if image == "DWI_3D" else dwi[..., None, :]
+        data = str(tmp_path / "dwi.nii.gz")
+        nib.save(nib.Nifti1Image(dwi, reference.affine), data)
+    else:
+        np.savetxt(tmp_path / "b.bvec", np.loadtxt(bvecs)[:, :-1])
+        bvecs = str(tmp_path / "b.bvec")
+    with pytest.raises(ValueError, match=match):
+        SpinverseFlow(force=True).run(
+            data, demo["bvals"], bvecs, mask,
+            timing_file=demo["timing"], out_dir=str(tmp_path / "out"),
+        )  # fmt: skip
+
+
+def test_a_user_error_ends_the_command_without_a_traceback(
+    demo, tmp_path, monkeypatch, capsys
+):
+    argv = ["dipy_fit_spinverse", demo["data"], demo["bvals"], demo["bvecs"],
+            demo["mask"], "--out_dir", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "dipy_fit_spinverse: error: the gradient timing is needed" in err
+    assert "Traceback" not in err
+
+
+def test_a_rerun_removes_the_outputs_it_does_not_write(demo, tmp_path):
+    """--force with fewer --save_metrics (and no report): the earlier run's
+    other maps would describe another fit; they are removed."""
+    first = _run(demo, tmp_path, n_report=1).last_generated_outputs
+    assert os.path.isfile(first["out_residual"])
+    second = _run(demo, tmp_path, n_report=0, save_metrics=["status"])
+    outputs = second.last_generated_outputs
+    assert os.path.isfile(outputs["out_status"])
+    assert os.path.isfile(outputs["out_state"])
+    for name in ("out_residual", "out_s0", "out_predicted", "out_report",
+                 "out_mesh_gifti"):  # fmt: skip
+        assert not os.path.exists(outputs[name]), name
 
 
 def test_bval_count_mismatch(demo, tmp_path):

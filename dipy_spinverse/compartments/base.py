@@ -20,7 +20,7 @@ from dipy.reconst.base import ReconstFit, ReconstModel
 from dipy.testing.decorators import warning_for_keywords
 from scipy.spatial.transform import Rotation
 
-from ..checks import check_choice, check_int, check_positive
+from ..checks import check_choice, check_int, check_mask_values, check_positive
 from ..sequences import fibonacci_sphere
 from .acquisition import Acquisition
 from .fitting import (
@@ -629,7 +629,7 @@ class CompartmentModel(ReconstModel):
                 f"mask has shape {mask.shape}, but data has spatial shape "
                 f"{spatial}; give one mask value per voxel (data.shape[:-1])"
             )
-        return data, mask.astype(bool)
+        return data, check_mask_values(mask)
 
     def _s0_estimate(self, signals):
         """Mean b = 0 signal per voxel (the largest signal without b = 0)."""

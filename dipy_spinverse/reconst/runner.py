@@ -25,7 +25,7 @@ import torch
 from scipy.stats import chi2
 from tqdm import tqdm
 
-from ..checks import check_int
+from ..checks import check_int, check_mask_values
 from ..inverse import reconstruct
 from ..meshfit.refine import refine_cell
 from ..signals import b0_scale, data_loss, noise_precision, normalise_b0
@@ -433,6 +433,12 @@ def check_engine_options(engine, address, n_jobs, vox_per_chunk):
             f"Invalid engine {engine!r}. Must be one of {PARALLEL_ENGINES}."
         )
     on_cluster = _check_engine_installed(engine, address)
+    if engine == "serial" and n_jobs is not None:
+        raise ValueError(
+            f"n_jobs={n_jobs!r} is for the parallel engines (joblib, dask, ray); "
+            "engine='serial' fits batch_size voxels at a time on one device. "
+            "Pass a parallel engine, or leave n_jobs out."
+        )
     n_workers = _n_workers(n_jobs)
     if vox_per_chunk is not None:
         vox_per_chunk = check_int(vox_per_chunk, "vox_per_chunk", 1)
@@ -561,7 +567,7 @@ def check_mask(mask, shape):
             f"mask has shape {mask.shape} but data has {shape} voxels; pass a mask "
             f"of shape data.shape[:-1]{one}."
         )
-    return mask.astype(bool)
+    return check_mask_values(mask)
 
 
 def check_resume(model, resume, data, mask=None, *, digest=None):

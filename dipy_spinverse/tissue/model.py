@@ -33,6 +33,7 @@ from ..checks import (
     check_choice,
     check_device,
     check_int,
+    check_mask_values,
     check_number,
     check_positive,
     check_seconds,
@@ -316,20 +317,28 @@ class TissueMapModel:
                     f"mask must have the images' spatial shape {images.shape[:-1]}, "
                     f"got {mask.shape}."
                 )
-            mask = mask.astype(bool)
-        values = images[mask]
-        if not np.isfinite(values).all():
-            raise ValueError(
-                "images must be finite inside the mask (NaN or inf found)."
-            )
-        if (values < 0).any():
-            raise ValueError(
-                "images must be magnitudes (>= 0) inside the mask; found negative "
-                "values."
-            )
+            mask = check_mask_values(mask)
         if not mask.any():
             raise ValueError("mask selects no voxel.")
-        return images, mask, values
+        # One bad voxel must not stop the fit: voxels whose images are not
+        # finite magnitudes are left out, flagged, and the rest is fitted.
+        with np.errstate(invalid="ignore"):
+            bad = mask & ~(np.isfinite(images) & (images >= 0)).all(axis=-1)
+        if bad.any():
+            warnings.warn(
+                f"{int(bad.sum())} voxel(s) of the mask have NaN, inf or negative "
+                "image values (images are magnitudes >= 0): they are left out of "
+                "the fit, NaN in the maps and listed in fit.excluded.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            mask = mask & ~bad
+            if not mask.any():
+                raise ValueError(
+                    "images have NaN, inf or negative values in every voxel of the "
+                    "mask; pass magnitude images (>= 0)."
+                )
+        return images, mask, images[mask], bad
 
     def _designs(self):
         """Row-signed copies of the design: magnitudes of every sign choice
@@ -645,7 +654,7 @@ class TissueMapModel:
         -------
         TissueMapFit
         """
-        images, mask, values = self._check_images(images, mask)
+        images, mask, values, excluded = self._check_images(images, mask)
         # Work in units of the 99th percentile so that tolerances and
         # step sizes do not depend on the scanner's intensity scale.
         unit = float(np.quantile(values, 0.99)) or 1.0
@@ -671,12 +680,14 @@ class TissueMapModel:
         if torch.is_tensor(gain):
             gain_map = np.zeros(mask.shape)
             gain_map[mask] = gain.cpu().numpy() * unit
+            gain_map[excluded] = np.nan
             gain = gain_map
         else:
             gain = float(gain) * unit
         probabilities = np.zeros(mask.shape + (len(self.tissues),))
         probabilities[mask] = p.cpu().numpy()
-        return TissueMapFit(self, probabilities, gain, mask)
+        probabilities[excluded] = np.nan
+        return TissueMapFit(self, probabilities, gain, mask, excluded=excluded)
 
 
 class TissueMapFit:
@@ -685,17 +696,23 @@ class TissueMapFit:
     Attributes
     ----------
     probabilities : array, (..., n_tissues)
-        Non-negative, summing to one inside the mask; zero outside.
+        Non-negative, summing to one inside the mask; zero outside; NaN in
+        the ``excluded`` voxels.
     gain : float or array
         The fitted receive gain (a map for ``gain="voxel"``).
     mask : array of bool
+        The fitted voxels.
+    excluded : array of bool
+        Voxels of the given mask left out of the fit because their images
+        hold NaN, inf or negative values (NaN in every map, label 0).
     """
 
-    def __init__(self, model, probabilities, gain, mask):
+    def __init__(self, model, probabilities, gain, mask, *, excluded=None):
         self.model = model
         self.probabilities = probabilities
         self.gain = gain
         self.mask = mask
+        self.excluded = np.zeros_like(mask) if excluded is None else excluded
 
     def _weighted(self, key):
         values = np.array([self.model.tissues[n][key] for n in self.model.tissues])
@@ -719,14 +736,16 @@ class TissueMapFit:
     @property
     def labels(self):
         """Most probable tissue, 1..n_tissues in the order of
-        ``model.tissue_names``, 0 outside the mask (DIPY's HMRF convention)."""
+        ``model.tissue_names``, 0 outside the mask (DIPY's HMRF convention)
+        and in the ``excluded`` voxels."""
         return np.where(self.mask, self.probabilities.argmax(axis=-1) + 1, 0)
 
     def predict(self):
         """Predicted magnitude images (..., n_sequences), gain included; 0
-        outside the mask."""
+        outside the mask, NaN in the ``excluded`` voxels."""
         p = torch.as_tensor(self.probabilities[self.mask], device=self.model.device)
         gain = self.gain[self.mask] if np.ndim(self.gain) else self.gain
         out = np.zeros(self.mask.shape + (len(self.model.sequences),))
         out[self.mask] = self.model.forward(p, gain).cpu().numpy()
+        out[self.excluded] = np.nan
         return out

@@ -12,13 +12,15 @@ degrees; lines starting with # are ignored).
 """
 
 import json
+import os
 
 import numpy as np
 from dipy.io.image import load_nifti, load_nifti_data, save_nifti
 from dipy.utils.logging import logger
-from dipy.workflows.flow_runner import run_flow
 from dipy.workflows.workflow import Workflow
 
+from ..checks import check_mask_values
+from ..cli import run_command
 from .model import TissueMapModel
 from .sequences import sequence_from_string
 
@@ -27,8 +29,7 @@ __all__ = ["TissueMapsFlow", "read_sequences", "main"]
 
 def read_sequences(path):
     """The sequences of a text file, one ``Name key=value ...`` per line."""
-    with open(path) as handle:
-        lines = [line.split("#")[0].strip() for line in handle]
+    lines = [line.split("#")[0].strip() for line in _read_text(path, "sequences")]
     sequences = [sequence_from_string(line) for line in lines if line]
     if not sequences:
         raise ValueError(f"sequences file {path} lists no sequence.")
@@ -36,10 +37,41 @@ def read_sequences(path):
 
 
 def _read_tissues(path):
+    """The ``--tissues_file`` JSON object (None when not given)."""
     if not path:
         return None
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        return json.loads("".join(_read_text(path, "tissues_file")))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"tissues_file {path} is not valid JSON ({err}); write one object "
+            'of tissues, e.g. {"wm": {"t1": 0.83, "t2": 0.08, "pd": 0.7}}.'
+        ) from err
+
+
+def _check_out_dir(path):
+    """Create the folder of ``path`` before fitting, so that an ``out_dir``
+    that cannot hold the outputs is refused before the fit, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot write the outputs to {folder} ({err}); pass an --out_dir "
+            "that is a folder you can write to."
+        ) from err
+
+
+def _read_text(path, what):
+    """The lines of the text file ``path`` given as ``what``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.readlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"cannot read the {what} file {path} as text ({type(err).__name__}: "
+            f"{err}); pass the text file the option describes."
+        ) from err
 
 
 class TissueMapsFlow(Workflow):
@@ -148,7 +180,17 @@ class TissueMapsFlow(Workflow):
             images, affine = load_nifti(image_file)
             if images.ndim == 3:
                 images = images[..., None]
-            mask = load_nifti_data(mask_file).astype(bool) if mask_file else None
+            if images.ndim != 4:
+                raise ValueError(
+                    f"{image_file} has {images.ndim} dimensions (shape "
+                    f"{images.shape}); input_files must be 4-D, one 3-D image "
+                    "per sequence on the last axis."
+                )
+            mask = None
+            if mask_file:
+                mask = check_mask_values(
+                    load_nifti_data(mask_file), f"mask file {mask_file}"
+                )
             model = TissueMapModel(
                 read_sequences(sequence_file),
                 tissues=_read_tissues(tissues_file),
@@ -161,6 +203,7 @@ class TissueMapsFlow(Workflow):
                 device=device,
             )
             logger.info(f"{model}")
+            _check_out_dir(oprob)
             fit = model.fit(images, mask=mask)
             logger.info(f"Fitted gain {np.median(fit.gain):.4g}")
             save_nifti(oprob, fit.probabilities.astype(np.float32), affine)
@@ -172,8 +215,9 @@ class TissueMapsFlow(Workflow):
 
 
 def main():
-    """Console-script entry point of ``dipy_fit_tissue_maps``."""
-    return run_flow(TissueMapsFlow())
+    """Console-script entry point of ``dipy_fit_tissue_maps``
+    (:func:`dipy_spinverse.cli.run_command`)."""
+    return run_command(TissueMapsFlow())
 
 
 if __name__ == "__main__":

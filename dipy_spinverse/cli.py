@@ -1,0 +1,39 @@
+"""Running the package's DIPY workflows as console scripts."""
+
+import importlib.metadata
+import os
+import sys
+
+import dipy
+from dipy.workflows.flow_runner import run_flow
+
+__all__ = ["run_command"]
+
+
+def run_command(flow):
+    """Run a DIPY workflow from the command line, as ``run_flow`` does.
+
+    Two differences: ``--version`` prints this package's version (DIPY's
+    parser alone would print DIPY's), and a user's mistake -- a
+    ``ValueError``, whose message names the argument and the fix -- ends
+    the command with that message and exit status 2, as argparse does,
+    instead of a traceback.
+
+    Parameters
+    ----------
+    flow : dipy.workflows.workflow.Workflow
+
+    Returns
+    -------
+    int or None
+        0 after ``--version``, else what ``run_flow`` returns.
+    """
+    if "--version" in sys.argv[1:]:
+        version = importlib.metadata.version("dipy_spinverse")
+        print(f"dipy_spinverse {version} (DIPY {dipy.__version__})")
+        return 0
+    try:
+        return run_flow(flow)
+    except ValueError as err:
+        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        sys.exit(2)
