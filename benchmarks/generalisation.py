@@ -236,14 +236,20 @@ def table(physics, rows, per_voxel):
             if len(errors)
             else "- | -"
         )
+        # Without noise (paper physics) chi-square and POOR_FIT are undefined:
+        # "-", not a NaN median and a fraction of NaN comparisons.
+        noise = (
+            f"{np.median(gap):.1f} | {np.mean(gap <= 0):.2f} | "
+            f"{np.mean(poor):.2f} | {trusted}"
+            if not np.isnan(gap).all()
+            else "- | - | - | -"
+        )
         print(
             f"| {name} | {len(group)} | {np.median(iou):.2f} | "
             f"{np.percentile(iou, 10):.2f} | "
             f"{np.median([r['f1'] for r in group]):.2f} | "
             f"{np.nanmedian([r['chamfer'] for r in group]):.2f} | {err} | "
-            f"{np.median([r['uncertainty'] for r in group]):.2f} | "
-            f"{np.median(gap):.1f} | {np.mean(gap <= 0):.2f} | "
-            f"{np.mean(poor):.2f} | {trusted} |"
+            f"{np.median([r['uncertainty'] for r in group]):.2f} | {noise} |"
         )
 
 

@@ -184,8 +184,8 @@ def run(args):
     grid = TetGrid.bcc(80 / 3, 4, boundary=boundary, wall_permeability=0.1)
     targets = phantoms(grid)
     shapes = args.shapes or list(targets)[:5]  # published four and the bent axon
-    os.makedirs(RESULTS, exist_ok=True)
-    log = os.path.join(RESULTS, f"{args.experiment}.jsonl")
+    os.makedirs(args.results, exist_ok=True)
+    log = os.path.join(args.results, f"{args.experiment}.jsonl")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(_header(), flush=True)
     for arm, preset, overrides, snr in runs(args.experiment, args.snr):
@@ -200,17 +200,18 @@ def run(args):
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
             name = f"{args.experiment}_{shape}_{arm.replace('/', '_')}_{snr}.npy"
-            np.save(os.path.join(RESULTS, name), barrier)
+            np.save(os.path.join(args.results, name), barrier)
 
 
-def report():
-    """Tables from the JSON-lines results, and the surface figure."""
+def report(results=RESULTS, doc=DOC):
+    """Tables from the JSON-lines results in ``results``, and the surface
+    figure, written to ``doc``."""
     sections = []
     for experiment, title in (
         ("paper", "Paper physics, noise-free (published ablation)"),
         ("realistic", "Realistic physics: reflecting voxel, Rician noise"),
     ):
-        path = os.path.join(RESULTS, f"{experiment}.jsonl")
+        path = os.path.join(results, f"{experiment}.jsonl")
         if not os.path.exists(path):
             continue
         with open(path) as f:
@@ -232,8 +233,8 @@ def report():
             cells += [f"{r['data_loss']:.2e}", f"{r['time_s']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         sections.append(f"## {title}\n\n" + "\n".join(lines) + "\n")
-    figure = _figure()
-    with open(os.path.join(DOC, "inversion_tables.md"), "w") as f:
+    figure = _figure(results, doc)
+    with open(os.path.join(doc, "inversion_tables.md"), "w") as f:
         f.write(
             "# Inversion experiments (generated)\n\n"
             "`python benchmarks/inversion_experiments.py --report`; "
@@ -245,7 +246,7 @@ def report():
     print("\n".join(sections))
 
 
-def _figure():
+def _figure(results, doc):
     """Face centroids of the true and recovered barriers, per shape."""
     import matplotlib
 
@@ -265,7 +266,7 @@ def _figure():
         panels = [(0, "truth", phantom.barrier)]
         for row, (experiment, arm, snr) in enumerate(arms, start=1):
             name = f"{experiment}_{shape}_{arm.replace('/', '_')}_{snr}.npy"
-            path = os.path.join(RESULTS, name)
+            path = os.path.join(results, name)
             if os.path.exists(path):  # a missing run leaves its panel blank
                 panels.append((row, f"{experiment} {arm}", np.load(path)))
                 found = True
@@ -282,7 +283,7 @@ def _figure():
     if not found:
         plt.close(fig)
         return None
-    path = os.path.join(DOC, "inversion_surfaces.png")
+    path = os.path.join(doc, "inversion_surfaces.png")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -293,16 +294,32 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", nargs="?", choices=("paper", "realistic"))
     parser.add_argument("--shapes", nargs="+", default=None)
-    parser.add_argument("--arms", nargs="+", default=None)
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help=f"prior arms to run: {', '.join(ARMS)} or default (the label "
+        "search); each runs with the staged and the joint curriculum",
+    )
     parser.add_argument("--snr", nargs="+", type=float, default=(100.0, 30.0))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument(
+        "--results", default=RESULTS, help="folder of the JSON-lines results"
+    )
+    parser.add_argument(
+        "--doc",
+        default=DOC,
+        help="folder of the --report tables and figure (default doc/, what the "
+        "docs quote; another folder for trial runs)",
+    )
     args = parser.parse_args()
     if args.experiment:
         run(args)
     if args.report:
-        report()
+        os.makedirs(args.doc, exist_ok=True)
+        report(args.results, args.doc)
 
 
 if __name__ == "__main__":

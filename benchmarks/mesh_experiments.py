@@ -266,6 +266,7 @@ def run(
     seed=0,
     code="spectral",
     protocol_name="reduced",
+    out_dir=DOC,
 ):
     protocol = PROTOCOLS[protocol_name]()
     rows = []
@@ -341,7 +342,7 @@ def run(
             )
             suffix = "" if code == "spectral" else f"_{code}"
             suffix += "" if protocol_name == "reduced" else f"_{protocol_name}"
-            np.save(DOC / f"mesh_inversion_{name}_{snr}{suffix}.npy", fv)
+            np.save(out_dir / f"mesh_inversion_{name}_{snr}{suffix}.npy", fv)
     return rows
 
 
@@ -460,15 +461,23 @@ def main():
     parser.add_argument(
         "--seed", type=int, default=0, help="noise draws (0: the doc's tables)"
     )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=DOC,
+        help="folder of the results, surfaces and figure (default: doc/, the "
+        "tables the docs quote; another folder for trial runs)",
+    )
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     snrs = [None if s == "inf" else float(s) for s in args.snrs]
     default = args.code == "spectral" and args.protocol == "reduced"
     if default:
-        out = DOC / "mesh_inversion_results.json"
+        out = args.out / "mesh_inversion_results.json"
     elif args.code == "latent" and args.protocol == "reduced":
-        out = DOC / "mesh_inversion_latent_results.json"
+        out = args.out / "mesh_inversion_latent_results.json"
     else:
-        out = DOC / f"mesh_inversion_{args.code}_{args.protocol}_results.json"
+        out = args.out / f"mesh_inversion_{args.code}_{args.protocol}_results.json"
     if args.tag:
         out = out.with_name(out.stem + f"_{args.tag}.json")
     rows = json.loads(out.read_text()) if out.exists() else []
@@ -482,6 +491,7 @@ def main():
             code=args.code,
             protocol_name=args.protocol,
             seed=args.seed,
+            out_dir=args.out,
         )
 
         def key(r):
@@ -496,7 +506,7 @@ def main():
         out.write_text(json.dumps(rows, indent=1))
     print(table(rows))
     if default:
-        figure(rows, DOC / "mesh_inversion.png")
+        figure(rows, args.out / "mesh_inversion.png")
 
 
 if __name__ == "__main__":
