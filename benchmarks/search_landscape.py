@@ -26,8 +26,12 @@ IoU is scored as in ``generalisation.py``: against the truth or its point
 inversion, whichever has the higher face F1. Loss: mean squared residual of
 the b0-normalised signals on the search's 10 directions per shell.
 
-    python benchmarks/search_landscape.py --n 8             # walks only, ~10 min
+    python benchmarks/search_landscape.py --n 8             # walks only
     python benchmarks/search_landscape.py --n 8 --descent   # + ~190 s per voxel
+
+The walks take minutes per voxel, growing with its grid cells: 274 s for
+the first held-out voxel (129 grid cells in 2 cells; 2-core x86_64, torch
+2.13 CPU, 2026-11-24), so ``--n 8`` takes about half an hour.
 """
 
 import argparse
