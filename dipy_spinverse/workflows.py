@@ -19,7 +19,7 @@ from dipy.io.image import load_nifti, load_nifti_data
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
-from .checks import check_choice, check_int, check_mask_values
+from .checks import check_choice, check_int, check_mask_values, check_number
 from .cli import run_command
 from .files import atomic_write
 from .io import (
@@ -36,7 +36,7 @@ from .io import (
 from .meshfit.refine import check_refine_options
 from .reconst import OK, STATUS_CODES, SpinverseModel
 from .reconst.runner import check_resume
-from .sequences import Protocol
+from .sequences import Protocol, check_bvals
 from .signals import sequence_index
 from .surfaces import remove_voxel_meshes, save_voxel_meshes, volume_surface
 
@@ -633,6 +633,9 @@ def _gradients(
             "the .bval and .bvec files of this dataset, one value and one "
             "direction per volume."
         ) from err
+    b0_threshold = check_number(b0_threshold, "b0_threshold", minimum=0.0)
+    # Checked here to name the file; the model checks them again as gtab.bvals.
+    check_bvals(bvals, b0_threshold=b0_threshold, name=f"the b-values file {bval}")
     if len(bvals) != n_volumes:
         raise ValueError(
             f"{bval} lists {len(bvals)} b-values but the data have {n_volumes} "

@@ -51,8 +51,9 @@ def _run(demo, out_dir, **kwargs):
         out_dir=str(out_dir),
     )
     options.update(kwargs)
+    bvals = options.pop("bvals", demo["bvals"])
     flow = SpinverseFlow(force=True)
-    flow.run(demo["data"], demo["bvals"], demo["bvecs"], demo["mask"], **options)
+    flow.run(demo["data"], bvals, demo["bvecs"], demo["mask"], **options)
     return flow
 
 
@@ -167,9 +168,14 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(timing_file=None, scheme_file="TURNED"), "direction differs"),
         (dict(n_report=-1), "n_report must be an integer >= 0"),
         (dict(n_jobs=4), "n_jobs=4 is for the parallel engines"),
+        (dict(b0_threshold=-5), "b0_threshold must be"),
+        (dict(bvals="MS_UM2"), "the b-values file .*b.bval.* multiply"),
     ],
 )
 def test_workflow_bad_input(demo, tmp_path, kwargs, match):
+    if kwargs.get("bvals") == "MS_UM2":  # b-values in ms/um^2
+        np.savetxt(tmp_path / "b.bval", np.loadtxt(demo["bvals"])[None] / 1000)
+        kwargs["bvals"] = str(tmp_path / "b.bval")
     if kwargs.get("scheme_file") == "TURNED":
         # The scheme's directions permuted: its b-values still match the
         # .bval file, its directions not the .bvec file's.
