@@ -36,7 +36,7 @@ from .io import (
 from .meshfit.refine import check_refine_options
 from .reconst import OK, STATUS_CODES, SpinverseModel
 from .reconst.runner import check_resume
-from .sequences import Protocol, check_bvals
+from .sequences import PGSE, Protocol, check_bvals
 from .signals import sequence_index
 from .surfaces import remove_voxel_meshes, save_voxel_meshes, volume_surface
 
@@ -742,6 +742,11 @@ def read_timing(path, *, n_volumes=None):
             f"{path} must hold one 'small_delta big_delta' row per volume "
             f"({expected} rows of 2 values, seconds), got shape {table.shape}."
         )
+    for small_delta, big_delta in np.unique(table, axis=0):
+        try:  # the waveform's own checks (seconds, Delta >= delta), named here
+            PGSE(small_delta=small_delta, big_delta=big_delta)
+        except ValueError as err:
+            raise ValueError(f"timing file {path}: {err}") from err
     return table[:, 0], table[:, 1]
 
 

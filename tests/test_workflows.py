@@ -159,6 +159,7 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(big_delta=0.02), "from exactly one source"),
         (dict(timing_file=None, big_delta=0.02), "both --big_delta and --small_delta"),
         (dict(timing_file="BAD_ROWS"), "one 'small_delta big_delta' row per volume"),
+        (dict(timing_file="MS"), "timing file .*t.txt: .*milliseconds"),
         (dict(timing_file=None, scheme_file="SHORT"), "acquisitions but the data"),
         (dict(timing_file=None, scheme_file="WRONG_B"), "disagree"),
         (dict(timing_file=None, scheme_file="no.scheme"), "cannot read the scheme"),
@@ -188,6 +189,9 @@ def test_workflow_bad_input(demo, tmp_path, kwargs, match):
         kwargs["scheme_file"] = str(tmp_path / "s.scheme")
     if kwargs.get("timing_file") == "BAD_ROWS":
         np.savetxt(tmp_path / "t.txt", np.full((N_VOLUMES - 1, 2), 0.01))
+        kwargs["timing_file"] = str(tmp_path / "t.txt")
+    if kwargs.get("timing_file") == "MS":  # the demo's timing in milliseconds
+        np.savetxt(tmp_path / "t.txt", np.loadtxt(demo["timing"]) * 1000)
         kwargs["timing_file"] = str(tmp_path / "t.txt")
     if kwargs.get("scheme_file") in ("SHORT", "WRONG_B"):
         protocol = Protocol.from_camino(demo["scheme"])
