@@ -61,7 +61,12 @@ def place_in_voxel(vertices, index, *, size, affine=None):
         (``index -/+ 1/2`` in voxel coordinates), its centre to the voxel
         centre.
     """
-    affine = check_affine(affine)
+    return _to_scanner(vertices, index, size, check_affine(affine))
+
+
+def _to_scanner(vertices, index, size, affine):
+    """:func:`place_in_voxel` with ``affine`` already checked (once per
+    volume, not once per voxel)."""
     index = np.zeros(3) + np.pad(np.asarray(index, float), (0, 3 - len(index)))
     voxel = index - 0.5 + np.asarray(vertices, dtype=float) / size
     return voxel @ affine[:3, :3].T + affine[:3, 3]
@@ -172,7 +177,7 @@ def volume_surface(fit, *, affine=None):
     pieces, n_vertices = [], 0
     for index, piece in _voxel_pieces(fit):
         voxel = np.ravel_multi_index(index, fit.shape)
-        vertices = place_in_voxel(piece.vertices, index, size=size, affine=affine)
+        vertices = _to_scanner(piece.vertices, index, size, affine)
         pieces.append((vertices, piece.triangles + n_vertices, piece, voxel))
         n_vertices += len(vertices)
     if not pieces:

@@ -36,7 +36,7 @@ from .io import (
 from .meshfit.refine import check_refine_options
 from .reconst import OK, STATUS_CODES, SpinverseModel
 from .reconst.runner import check_resume
-from .sequences import PGSE, Protocol, check_bvals
+from .sequences import PGSE, Protocol, check_bvals, unit_rows
 from .signals import sequence_index
 from .surfaces import remove_voxel_meshes, save_voxel_meshes, volume_surface
 
@@ -698,13 +698,11 @@ _SCHEME_ANGLE_TOL = 2.0
 def _check_scheme_directions(protocol, bvecs, scheme_file, bvec):
     """Refuse a scheme whose directions are not the b-vector file's."""
     weighted = protocol.bvals > 0
-    ours = np.asarray(protocol.bvecs, float)[weighted]
-    theirs = np.asarray(bvecs, float)[weighted]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = np.abs(np.sum(ours * theirs, axis=1)) / (
-            np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
-        )
-    angle = np.degrees(np.arccos(np.clip(np.nan_to_num(cosine, nan=0.0), 0, 1)))
+    # A zero direction (unit_rows leaves it zero) counts as 90 degrees off.
+    cosine = np.abs(
+        np.sum(unit_rows(protocol.bvecs[weighted]) * unit_rows(bvecs[weighted]), 1)
+    )
+    angle = np.degrees(np.arccos(np.clip(cosine, 0, 1)))
     if angle.size and angle.max() > _SCHEME_ANGLE_TOL:
         worst = int(np.flatnonzero(weighted)[np.argmax(angle)])
         raise ValueError(
