@@ -92,16 +92,17 @@ def check_device(device):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}.") from err
     if device.type not in ("cpu", "cuda"):
         raise ValueError(
-            f"device={str(device)!r} is not supported; use device='cpu' or 'cuda'."
+            f"device {str(device)!r} is not supported; use device 'cpu' or 'cuda'."
         )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"device={str(device)!r} but no CUDA device is available; use device='cpu'."
+            f"device {str(device)!r} cannot be used: no CUDA device is available "
+            "here; use device 'cpu'."
         )
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(
-            f"device={str(device)!r} but this machine has "
-            f"{torch.cuda.device_count()} CUDA device(s); use device='cuda' (the "
+            f"device {str(device)!r} cannot be used: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s); use device 'cuda' (the "
             f"first) or 'cuda:<i>' with i < {torch.cuda.device_count()}."
         )
     return device

@@ -22,6 +22,7 @@ from dipy.workflows.workflow import Workflow
 from .checks import check_choice, check_int, check_mask_values, check_number
 from .cli import run_command
 from .files import atomic_write
+from .inverse import PRESETS
 from .io import (
     MESH_MAPS,
     Checkpoint,
@@ -312,6 +313,13 @@ class SpinverseFlow(Workflow):
         metrics = _check_metrics(save_metrics)
         n_report = check_int(n_report, "n_report", 0)
         mesh_options = parse_mesh_options(mesh_options, refine_mesh=refine_mesh)
+        if refine_mesh and preset in PRESETS and not PRESETS[preset].search_steps:
+            # The model would suggest its parametrisation='cell', which has no
+            # flag: name the flag that turns the label search on.
+            raise ValueError(
+                f"--refine_mesh starts from the label search, which --preset "
+                f"{preset} does not run; use --preset default."
+            )
         smooth_mesh_format = check_choice(
             smooth_mesh_format, "smooth_mesh_format", SMOOTH_MESH_FORMATS
         )

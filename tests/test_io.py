@@ -308,7 +308,7 @@ def test_resume_on_cuda_without_cuda_is_refused(model, volume, tmp_path, monkeyp
     # ... but a fit is not continued on the CPU unless asked for.
     with pytest.raises(ValueError, match="saved with device='cuda'.*device='cpu'"):
         resume_fit(path, data)
-    with pytest.raises(ValueError, match="no CUDA device.*use device='cpu'"):
+    with pytest.raises(ValueError, match="no CUDA device.*use device 'cpu'"):
         resume_fit(path, data, device="cuda")
     done = resume_fit(path, data, device="cpu")
     assert done.n_pending == 0 and done.model.device.type == "cpu"

@@ -5,6 +5,8 @@ tests check the DIPY layer, which must be right whatever the inversion
 returns, not the quality of the recovery.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -144,7 +146,34 @@ def test_single_voxel_problems_do_not_raise(model, signal):
     assert np.all(np.isnan(fit.permeability)) and np.isnan(fit.S0)
     assert np.all(np.isnan(fit.predict()))
     assert np.isnan(fit.restricted_fraction) and fit.interface_mesh is None
-    assert model.fit(-signal).status == BAD_B0
+    with pytest.warns(UserWarning, match="1 of 1 voxels have negative samples"):
+        assert model.fit(-signal).status == BAD_B0
+
+
+def test_negative_samples_are_fitted_as_given_with_a_warning(gtab, grid, signal):
+    """Denoised data can dip below 0: counted, named, never clipped."""
+    data = np.stack([signal, signal, signal])
+    data[1, 1] = -0.01  # one diffusion-weighted sample of one voxel
+    model = SpinverseModel(gtab, grid=grid, **FAST)
+    with pytest.warns(UserWarning, match="1 of 3 voxels have negative") as caught:
+        fit = model.fit(data)
+    assert caught[0].filename == __file__  # points at the user's fit call
+    assert np.all(fit.status == OK)
+    # The Rician floor describes magnitude data: said where it is used.
+    rician = SpinverseModel(
+        gtab,
+        grid=grid,
+        preset="default",
+        sigma=0.01,
+        max_iter=2,
+        search_steps=1,
+        search_starts=1,
+    )
+    with pytest.warns(UserWarning, match="noise='gaussian'"):
+        rician.fit(data[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(signal)
 
 
 # -- volumes -------------------------------------------------------------------------
@@ -328,6 +357,13 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
 def test_bad_model_options(gtab, kwargs, match):
     with pytest.raises(ValueError, match=match):
         SpinverseModel(gtab, grid_resolution=kwargs.pop("grid_resolution", 2), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_says_so_in_words_a_flag_also_fits(gtab):
+    # The same message reaches the command line's --device: no "device='cpu'".
+    with pytest.raises(ValueError, match="no CUDA device is available here; use "):
+        SpinverseModel(gtab, grid_resolution=2, device="cuda")
 
 
 def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
@@ -617,8 +653,8 @@ def test_protocol_bvals_in_the_wrong_unit_fail_when_the_model_is_built():
     "kwargs, match",
     [
         # A device torch cannot use.
-        (dict(device="mps"), "device='mps' is not supported; use device='cpu'"),
-        (dict(device="xpu"), "device='xpu' is not supported; use device='cpu'"),
+        (dict(device="mps"), "device 'mps' is not supported; use device 'cpu'"),
+        (dict(device="xpu"), "device 'xpu' is not supported; use device 'cpu'"),
         # The optimiser: negative or non-numeric.
         (dict(lr=-0.1), "lr must be a finite number and >= 0, got -0.1"),
         (dict(lr=0.0), "lr must be > 0, got 0"),

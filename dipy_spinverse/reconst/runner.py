@@ -355,9 +355,13 @@ def fit_volume(
         hook(partial, None)
     bar = _bar(len(todo), verbose)
 
+    negative = [0]  # voxels of this call with a negative sample
+
     def load(rows):
         """The raw signal of ``rows`` of params, (len(rows), n_volumes)."""
-        return data[np.unravel_index(voxels[rows], shape)]
+        chunk = data[np.unravel_index(voxels[rows], shape)]
+        negative[0] += count_negative(chunk)
+        return chunk
 
     def done(rows, result):
         for key, value in result.items():
@@ -407,6 +411,7 @@ def fit_volume(
                 done(rows, result)
     finally:
         bar.close()
+    warn_negative(model, negative[0], len(todo))
     return partial
 
 
@@ -416,7 +421,39 @@ def fit_one(model, data, *, verbose=False):
         progress = _progress(bar, model, 1, [0.0]) if verbose else None
         params, history = fit_voxels(model, data[None], callback=progress)
         bar.n = 1
+    warn_negative(model, count_negative(data[None]), 1)
     return {k: None if v is None else v[0] for k, v in params.items()}, history
+
+
+def count_negative(data):
+    """How many voxels of (n, n_volumes) ``data`` have a sample below 0."""
+    with np.errstate(invalid="ignore"):  # NaN voxels are counted elsewhere
+        return int(np.count_nonzero((np.asarray(data) < 0).any(axis=-1)))
+
+
+def warn_negative(model, n_negative, n_voxels):
+    """Warn that ``n_negative`` of ``n_voxels`` fitted voxels hold values < 0.
+
+    Magnitude images cannot be negative; denoised or real-valued
+    (phase-corrected) data can. Such voxels are fitted as given, neither
+    clipped nor flagged; the warning says so, and that the Rician noise
+    floor (``noise="rician"``) describes magnitude data only.
+    """
+    if not n_negative:
+        return
+    floor = ""
+    if model.config.noise == "rician" and model.config.sigma > 0:
+        floor = (
+            "; the Rician noise floor of noise='rician' describes magnitude "
+            "data: for real-valued data use noise='gaussian'"
+        )
+    warnings.warn(
+        f"{n_negative} of {n_voxels} voxels have negative samples (magnitude "
+        f"images cannot be negative: denoised or real-valued data?). Negative "
+        f"samples are fitted as given, not clipped{floor}.",
+        UserWarning,
+        stacklevel=4,  # the user's model.fit call
+    )
 
 
 def check_engine_options(engine, address, n_jobs, vox_per_chunk):
