@@ -43,6 +43,7 @@ from .reconst import (
 
 __all__ = [
     "MAPS",
+    "SEARCH_MAPS",
     "MESH_MAPS",
     "Checkpoint",
     "checkpoint_for",
@@ -106,6 +107,19 @@ MESH_MAPS = {
     "mesh_volume": np.float32,
     "mesh_surface_to_volume": np.float32,
     "mesh_radius": np.float32,
+}
+
+#: Maps of the label search (preset ``"default"``): written for fits that
+#: have them.
+SEARCH_MAPS = {"uncertainty": np.float32}
+
+#: What a fit without one of these maps lacks, and how to get it.
+_MISSING = {
+    **{name: "build the model with refine_mesh=True" for name in MESH_MAPS},
+    **{
+        name: "it comes from the label search (preset='default', search_steps > 0)"
+        for name in SEARCH_MAPS
+    },
 }
 
 
@@ -625,8 +639,9 @@ def save_maps(fit, out_dir, *, affine=None, names=None, prefix="", suffix=".nii.
     affine : ndarray (4, 4), optional
         Voxel-to-world affine (default identity).
     names : dict or sequence of str, optional
-        Maps to write (keys of :data:`MAPS`), or ``{map: file name}``.
-        Default: all, named ``<prefix><map><suffix>``.
+        Maps to write (keys of :data:`MAPS`, and of :data:`SEARCH_MAPS` and
+        :data:`MESH_MAPS` for a fit that has them), or ``{map: file name}``.
+        Default: every map the fit has, named ``<prefix><map><suffix>``.
     prefix, suffix : str
 
     Returns
@@ -635,12 +650,11 @@ def save_maps(fit, out_dir, *, affine=None, names=None, prefix="", suffix=".nii.
         ``{map: path}``.
     """
     if names is None:
-        names = list(MAPS)
+        extra = {**SEARCH_MAPS, **MESH_MAPS}
+        names = list(MAPS) + [n for n in extra if getattr(fit, n) is not None]
     if not isinstance(names, dict):
         names = {name: f"{prefix}{name}{suffix}" for name in names}
-    unknown = sorted(set(names) - set(MAPS))
-    if unknown:
-        raise ValueError(f"Unknown map(s) {unknown}; choose from {sorted(MAPS)}.")
+    _check_map_names(names)
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for name, fname in names.items():
@@ -657,7 +671,8 @@ def save_map(fit, name, path, *, affine=None):
     fit : SpinverseFit
     name : str
         A key of :data:`MAPS` (``"restricted_fraction"``, ``"S0"``, ...) or,
-        for a fit with smooth meshes, of :data:`MESH_MAPS`.
+        for a fit that has them, of :data:`SEARCH_MAPS` (``"uncertainty"``)
+        and :data:`MESH_MAPS` (smooth meshes).
     path : str or os.PathLike
         The image (its folder is created if needed).
     affine : ndarray (4, 4), optional
@@ -668,16 +683,21 @@ def save_map(fit, name, path, *, affine=None):
     str
         The path written.
     """
-    dtypes = {**MAPS, **MESH_MAPS}
-    if name not in dtypes:
-        raise ValueError(f"Unknown map {name!r}; choose from {sorted(dtypes)}.")
+    _check_map_names([name])
     values = getattr(fit, name)
     if values is None:
-        raise ValueError(
-            f"this fit has no {name} map: build the model with refine_mesh=True."
-        )
-    values = np.asarray(values).astype(dtypes[name])
+        raise ValueError(f"this fit has no {name} map: {_MISSING[name]}.")
+    values = np.asarray(values).astype(_MAP_TYPES[name])
     return _save_nifti(path, _image(fit, values), affine)
+
+
+_MAP_TYPES = {**MAPS, **SEARCH_MAPS, **MESH_MAPS}
+
+
+def _check_map_names(names):
+    unknown = sorted(set(names) - set(_MAP_TYPES))
+    if unknown:
+        raise ValueError(f"Unknown map(s) {unknown}; choose from {sorted(_MAP_TYPES)}.")
 
 
 def _image(fit, values):

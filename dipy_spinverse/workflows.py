@@ -61,6 +61,7 @@ METRICS = (
     "membrane_permeability",
     "n_compartments",
     "residual",
+    "uncertainty",
     "status",
     "s0",
     "predicted",
@@ -101,6 +102,7 @@ class SpinverseFlow(Workflow):
         sigma=0.0,
         preset="default",
         max_iter=None,
+        search_bootstrap=0,
         batch_size=32,
         engine="serial",
         address=None,
@@ -120,6 +122,7 @@ class SpinverseFlow(Workflow):
         out_membrane_permeability="membrane_permeability.nii.gz",
         out_n_compartments="n_compartments.nii.gz",
         out_residual="residual.nii.gz",
+        out_uncertainty="uncertainty.nii.gz",
         out_status="status.nii.gz",
         out_s0="s0.nii.gz",
         out_predicted="predicted.nii.gz",
@@ -197,6 +200,14 @@ class SpinverseFlow(Workflow):
         max_iter : int, optional
             Total iterations per voxel; the preset's curriculum is scaled to
             it (default: the preset's, 200 for default and 400 for paper).
+        search_bootstrap : int, optional
+            Repeat the label search on this many wild-bootstrap replicates
+            of each voxel (its fit plus its residuals with random signs) and
+            fold how far their answers move into the uncertainty map: an
+            answer that fits only by the accident of one noise draw, or one
+            local minimum among many, then reads as uncertain. Each
+            replicate costs about one more search (0: off; 3 was measured,
+            doc/generalisation.md).
         batch_size : int, optional
             Voxels fitted together in one batched call.
         engine : string, optional
@@ -221,8 +232,9 @@ class SpinverseFlow(Workflow):
         save_metrics : variable string, optional
             List of outputs to save (default all). Possible values:
             restricted_fraction, surface_to_volume, membrane_permeability,
-            n_compartments, residual, status, s0, predicted, permeability,
-            mesh (the barrier surfaces, GIFTI and PLY).
+            n_compartments, residual, uncertainty (label search only), status,
+            s0, predicted, permeability, mesh (the barrier surfaces, GIFTI
+            and PLY).
         voxel_meshes : bool, optional
             Also write each voxel's barrier surface in micrometres, one .vtp
             file (VTK XML PolyData) per voxel with a barrier, in
@@ -262,6 +274,10 @@ class SpinverseFlow(Workflow):
             Name of the map of the number of enclosed compartments.
         out_residual : string, optional
             Name of the RMS misfit map (fraction of S0).
+        out_uncertainty : string, optional
+            Name of the label search's uncertainty map: expected 1 - IoU of
+            the surfaces the data allow against the one fitted (0: no other
+            surface fits; near 1: a guess). Not written with --preset paper.
         out_status : string, optional
             Name of the per-voxel status map (0 = ok).
         out_s0 : string, optional
@@ -313,13 +329,20 @@ class SpinverseFlow(Workflow):
         metrics = _check_metrics(save_metrics)
         n_report = check_int(n_report, "n_report", 0)
         mesh_options = parse_mesh_options(mesh_options, refine_mesh=refine_mesh)
-        if refine_mesh and preset in PRESETS and not PRESETS[preset].search_steps:
-            # The model would suggest its parametrisation='cell', which has no
-            # flag: name the flag that turns the label search on.
-            raise ValueError(
-                f"--refine_mesh starts from the label search, which --preset "
-                f"{preset} does not run; use --preset default."
-            )
+        searched = preset not in PRESETS or PRESETS[preset].search_steps > 0
+        # The model would suggest its parametrisation='cell', which has no
+        # flag: name the flag that turns the label search on.
+        uncertainty = bool(save_metrics) and "uncertainty" in metrics
+        for asked, what in (
+            (refine_mesh, "--refine_mesh starts from"),
+            (search_bootstrap, "--search_bootstrap repeats"),
+            (uncertainty, "--save_metrics uncertainty comes from"),
+        ):
+            if asked and not searched:
+                raise ValueError(
+                    f"{what} the label search, which --preset {preset} does not "
+                    "run; use --preset default."
+                )
         smooth_mesh_format = check_choice(
             smooth_mesh_format, "smooth_mesh_format", SMOOTH_MESH_FORMATS
         )
@@ -365,9 +388,10 @@ class SpinverseFlow(Workflow):
                 dtype=dtype,
                 refine_mesh=bool(refine_mesh),
                 mesh_options=mesh_options,
-                # 0 means unknown: left out, so that presets without a noise
-                # model accept the default.
+                # 0 means unknown / off: left out, so that presets without a
+                # noise model or a label search accept the defaults.
                 **({"sigma": sigma} if sigma else {}),
+                **({"search_bootstrap": search_bootstrap} if search_bootstrap else {}),
             )
             logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
             state = _npz(ostate)
@@ -576,6 +600,8 @@ def _save_outputs(fit, out, *, affine, metrics, voxel_meshes):
     """Write the chosen outputs, each to its own out_* path; the paths written."""
     written = []
     for metric in metrics:
+        if metric == "uncertainty" and fit.uncertainty is None:
+            continue  # no label search (refused above when asked for)
         if metric in _MAPS:
             path = out[f"out_{metric}"]
             written.append(save_map(fit, _MAPS[metric], path, affine=affine))

@@ -3,6 +3,7 @@
 import json
 import re
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import SpinverseModel, TetGrid
 from dipy_spinverse.io import (
+    MAPS,
     Checkpoint,
     load_fit,
     model_spec,
@@ -55,6 +57,10 @@ def test_search_outputs_survive_save_load_and_the_store(gtab, grid, volume, tmp_
         assert loaded.params["proposal_probability"] is None
         assert_array_equal(loaded.n_cells, fit.n_cells)
         assert_array_equal(loaded.cell_volumes, fit.cell_volumes)
+    # The uncertainty is a map among the fit's maps.
+    paths = save_maps(fit, tmp_path / "maps")
+    assert set(paths) == set(MAPS) | {"uncertainty"}
+    assert_allclose(nib.load(paths["uncertainty"]).get_fdata(), fit.uncertainty)
 
 
 def test_save_maps_and_images(volume_fit, tmp_path):
@@ -82,6 +88,10 @@ def test_save_maps_and_images(volume_fit, tmp_path):
         save_maps(volume_fit, tmp_path, names=["fa"])
     with pytest.raises(ValueError, match="no mesh_volume map.*refine_mesh=True"):
         save_map(volume_fit, "mesh_volume", tmp_path / "v.nii.gz")
+    with pytest.raises(ValueError, match="no uncertainty map: .*label search"):
+        save_map(volume_fit, "uncertainty", tmp_path / "u.nii.gz")
+    with pytest.raises(ValueError, match="no mesh_radius map"):
+        save_maps(volume_fit, tmp_path, names=["mesh_radius"])
     with pytest.raises(ValueError, match="volume fits"):
         save_fit(volume_fit[0, 0, 0], tmp_path / "one.npz")
     for bad in (np.eye(3), [[1, 2], [3]], np.diag([1.0, 0, 1, 1]), "eye"):

@@ -348,6 +348,8 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
         # Options the configuration would ignore are refused, not dropped.
         (dict(preset="paper", sigma=0.5), "sigma.*no effect"),
         (dict(preset="paper", search_starts=4), "search_starts.*no effect"),
+        (dict(preset="paper", search_bootstrap=2), "search_bootstrap.*no effect"),
+        (dict(search_bootstrap=-1), "search_bootstrap must be an integer >= 0"),
         (dict(seed=1), "seed is now init_seed"),
         (dict(preset="paper", init_seed=1), "init_seed.*no effect"),
         (dict(device="mps"), "device"),

@@ -13,6 +13,7 @@ from dipy_spinverse.inverse.search import (
     BatchScorer,
     SignalCache,
     _screen_reserve,
+    bootstrap_search,
     cell_labels,
     direction_subset,
     greedy_labels,
@@ -545,3 +546,80 @@ def test_demo_leaky_cylinder_is_recovered(tmp_path):
     fit = model.fit(data)
     inside = np.load(paths["truth"])["labels"][1, 1, 0] > 0
     assert volume_overlap(model.grid, fit.barrier[0, 0, 0], inside)["iou"] == 1.0
+
+
+def _bootstrap_problem(problem, k=2):
+    grid, prot, signal = problem
+    data = normalise_b0(torch.as_tensor(signal[None]), prot)
+    config = resolve_config(
+        "default", search_directions=None, search_steps=10, search_bootstrap=k
+    )
+    sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
+    search = dict(sim=sim, face_kappa=np.full((1, grid.n_faces), 0.1))
+    found = search_labels(grid, data, prot, config, **search)
+    return grid, prot, data, config, search, found
+
+
+def test_bootstrap_of_an_exact_answer_changes_nothing(problem):
+    """Noise-free data of the ball: the search's answer predicts them to
+    rounding, so every wild-bootstrap replicate is the data again (to 1e-12)
+    and comes back with the same labels: inside probability and uncertainty
+    are the search's own."""
+    grid, prot, data, config, search, found = _bootstrap_problem(problem)
+    inside = np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5
+    assert_array_equal(found.labels[0] > 0, inside)
+    assert_allclose(found.predicted, data, atol=1e-6)
+    probability, uncertainty = bootstrap_search(
+        grid, data, found, prot, config, **search
+    )
+    assert_allclose(probability, found.inside_probability, atol=1e-9)
+    assert_allclose(uncertainty, found.uncertainty, atol=1e-9)
+
+
+def test_bootstrap_flags_an_answer_the_data_do_not_hold(problem):
+    """An answer that leaves the ball in its residuals (no cell at all) is
+    not returned by the replicates that carry the ball's signal: its
+    uncertainty is at least 1 / k of such replicates (1 - IoU = 1 each)."""
+    grid, prot, data, config, search, found = _bootstrap_problem(problem, k=4)
+    empty = normalise_b0(simulate(grid, np.full((1, grid.n_faces), 0.1), prot), prot)
+    wrong = found._replace(
+        labels=np.zeros_like(found.labels),
+        predicted=empty,
+        uncertainty=np.zeros(1),
+        inside_probability=np.zeros_like(found.inside_probability),
+    )
+    probability, uncertainty = bootstrap_search(
+        grid, data, wrong, prot, config, **search
+    )
+    assert uncertainty[0] >= 0.25
+    assert probability.max() > 0  # the replicates' cells are weighed in
+
+
+def test_bootstrap_replicates_do_not_depend_on_other_voxels(problem):
+    """Replicates are seeded by each voxel's own data: a voxel fitted with
+    another gets the same uncertainty as alone (the shared Chebyshev plan
+    moves losses by its tolerance only)."""
+    grid, prot, signal = problem
+    other = simulate(
+        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, 0.1), prot
+    ).numpy()
+    options = dict(
+        preset="default", search_directions=None, search_steps=8, search_bootstrap=2
+    )
+    options.update(dtype=torch.float64, stages=[dict(iterations=2)], sigma=0.01)
+    noisy = signal + 0.01 * np.random.default_rng(3).standard_normal(signal.shape)
+    alone = reconstruct(grid, noisy, prot, **options)
+    events = []
+    together = reconstruct(
+        grid,
+        np.stack([noisy, other]),
+        prot,
+        callback=lambda step, field, losses: events.append(losses),
+        **options,
+    )
+    assert_allclose(together.uncertainty[0], alone.uncertainty, atol=1e-9)
+    assert_allclose(together.inside_probability[0], alone.inside_probability)
+    # Progress: each voxel is reported done once, after its replicates.
+    done = [e["voxel_done"] for e in events if "voxel_done" in e]
+    assert sorted(done) == [0, 1]
+    assert {e["voxel"] for e in events if "search" in e} == {0, 1}

@@ -171,6 +171,9 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(n_jobs=4), "n_jobs=4 is for the parallel engines"),
         (dict(b0_threshold=-5), "b0_threshold must be"),
         (dict(bvals="MS_UM2"), "the b-values file .*b.bval.* multiply"),
+        # The label search's outputs and options, with a preset without it.
+        (dict(search_bootstrap=2), "--search_bootstrap repeats the label search"),
+        (dict(save_metrics=["uncertainty"]), "--save_metrics uncertainty comes"),
     ],
 )
 def test_workflow_bad_input(demo, tmp_path, kwargs, match):
@@ -454,3 +457,24 @@ def test_refine_mesh_bad_options(demo, tmp_path, kwargs, match):
     kwargs = dict(dict(refine_mesh=True, preset="default"), **kwargs)
     with pytest.raises(ValueError, match=match):
         _run(demo, tmp_path, **kwargs)
+
+
+def test_uncertainty_map_with_bootstrap_from_the_command_line(demo, tmp_path):
+    """The label search's uncertainty is written as a map; --search_bootstrap
+    reaches the model (one voxel, a short search)."""
+    reference = nib.load(demo["mask"])
+    one = np.zeros(reference.shape, np.uint8)
+    one[1, 0, 0] = 1
+    nib.save(nib.Nifti1Image(one, reference.affine), tmp_path / "one.nii.gz")
+    demo = dict(demo, mask=str(tmp_path / "one.nii.gz"))
+    flow = _run(demo, tmp_path / "out", preset="default", search_bootstrap=1)
+    outputs = flow.last_generated_outputs
+    fit = load_fit(outputs["out_state"])
+    assert fit.model.config.search_bootstrap == 1
+    uncertainty = _load(outputs["out_uncertainty"])
+    assert uncertainty.shape == (3, 2, 1)
+    assert_allclose(uncertainty[1, 0, 0], fit.uncertainty[1, 0, 0], rtol=1e-6)
+    assert 0 <= uncertainty[1, 0, 0] <= 1
+    # A face-fit-only run writes no uncertainty map, and removes this one.
+    _run(demo, tmp_path / "out")
+    assert not os.path.exists(outputs["out_uncertainty"])

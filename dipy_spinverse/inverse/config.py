@@ -118,7 +118,12 @@ class InversionConfig:
         dictionary (``search_dictionary``) and, when ``search_proposal`` > 0,
         ``search_proposal_samples`` labellings drawn from a learned proposal
         trained on that many random substrates (cached on disk; see
-        :mod:`dipy_spinverse.inverse.proposal`). See
+        :mod:`dipy_spinverse.inverse.proposal`). With ``search_bootstrap``
+        > 0 the search is repeated on that many wild-bootstrap replicates of
+        each voxel (the fit's prediction plus its residuals with random
+        signs), and the uncertainty and inside probability take in how far
+        their answers move (:func:`~dipy_spinverse.inverse.search.
+        bootstrap_search`; each replicate costs about one more search). See
         :mod:`dipy_spinverse.inverse.search`.
     The grid's approximation error (off when ``approximation_error`` is 0)
         The data are compared with the grid's signals after removing the
@@ -164,6 +169,7 @@ class InversionConfig:
     search_dictionary: bool = True
     search_proposal: int = 0
     search_proposal_samples: int = 16
+    search_bootstrap: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -232,7 +238,8 @@ class InversionConfig:
         check_choice(self.search_ranking, "search_ranking", ("gradient", "lazy"))
         for name in ("search_batch", "search_starts", "search_restarts"):
             set_(self, name, check_int(getattr(self, name), name, 1))
-        set_(self, "search_kicks", check_int(self.search_kicks, "search_kicks", 0))
+        for name in ("search_kicks", "search_bootstrap"):
+            set_(self, name, check_int(getattr(self, name), name, 0))
         if self.search_directions is not None:
             set_(
                 self,

@@ -18,7 +18,7 @@ from ..signals import noise_precision, normalise_b0
 from .approximation import approximation_error
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
-from .search import search_labels
+from .search import bootstrap_search, search_labels
 
 __all__ = ["Reconstruction", "reconstruct"]
 
@@ -163,21 +163,18 @@ def reconstruct(
     kappa, labels = faces.permeability.cpu().numpy(), faces.labels
     extras = {}
     if config.search_steps:
-        found = search_labels(
-            grid,
-            data,
-            protocol,
-            config,
-            sim=sim,
-            face_kappa=kappa,
-            labels=labels,
-            precision=precision,
-            callback=callback,
-        )
+        search = dict(sim=sim, face_kappa=kappa, labels=labels, precision=precision)
+        first, replicates = _search_progress(callback, len(data), config)
+        found = search_labels(grid, data, protocol, config, callback=first, **search)
+        inside, uncertainty = found.inside_probability, found.uncertainty
+        if config.search_bootstrap:
+            inside, uncertainty = bootstrap_search(
+                grid, data, found, protocol, config, callback=replicates, **search
+            )
         labels, kappa, predicted = found.labels, found.permeability, found.predicted
         extras = dict(
-            inside_probability=found.inside_probability,
-            uncertainty=found.uncertainty,
+            inside_probability=inside,
+            uncertainty=uncertainty,
             proposal_probability=found.proposal_probability,
         )
         extras = {
@@ -205,3 +202,30 @@ def reconstruct(
         precision=precision.cpu().numpy().reshape(*batch_shape, len(protocol)),
         **extras,
     )
+
+
+def _search_progress(callback, n_voxels, config):
+    """The callbacks of the search and of its bootstrap replicates.
+
+    A voxel is reported done (``{"voxel_done": v}``) once, when its last
+    search ends: the first one without replicates, else its last replicate.
+    The replicates' steps are reported with their voxel's index.
+    """
+    if callback is None or not config.search_bootstrap:
+        return callback, None
+    left = np.full(n_voxels, config.search_bootstrap)
+
+    def first(step, field, losses):
+        if "voxel_done" not in losses:
+            callback(step, field, losses)
+
+    def replicate(step, field, losses):
+        if "voxel_done" in losses:
+            v = losses["voxel_done"] % n_voxels
+            left[v] -= 1
+            if left[v] == 0:
+                callback(step, field, {"voxel_done": v})
+            return
+        callback(step, field, dict(losses, voxel=losses["voxel"] % n_voxels))
+
+    return first, replicate
