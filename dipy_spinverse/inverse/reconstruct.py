@@ -51,10 +51,13 @@ class Reconstruction:
         The configuration used.
     inside_probability : ndarray (..., n_cells) or None
         Label search: probability that each grid cell is inside a cell,
-        over the labellings found within the noise.
+        over the labellings found within the noise (and those of the
+        wild-bootstrap replicates with ``search_bootstrap > 0``).
     uncertainty : ndarray (...) or None
         Label search: expected ``1 - IoU`` of those labellings against
-        ``labels`` (0: the data allow no other surface).
+        ``labels`` (0: the data allow no other surface); with
+        ``search_bootstrap > 0`` at least the replicates' mean ``1 - IoU``
+        (:func:`~dipy_spinverse.inverse.search.bootstrap_search`).
     proposal_probability : ndarray (..., n_cells) or None
         The learned proposal's occupancy, when the search used one.
     precision : ndarray (..., n_acquisitions) or None

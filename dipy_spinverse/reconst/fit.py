@@ -353,7 +353,9 @@ class SpinverseFit(ReconstFit):
         """Probability that each grid cell is inside a cell (..., n_cells).
 
         Over the labellings the label search scored within the noise of its
-        result (likelihood weights); None without the label search.
+        result (likelihood weights), averaged with the same for each
+        wild-bootstrap replicate when ``search_bootstrap > 0``; None without
+        the label search.
         """
         return self._per_voxel("inside_probability")
 
@@ -362,7 +364,11 @@ class SpinverseFit(ReconstFit):
         """Expected ``1 - IoU`` of the labellings within the noise (map).
 
         0: the data allow no other surface; near 1: the surface is a guess.
-        None without the label search.
+        Alone it weighs only labellings near the answer (a lower bound); with
+        ``search_bootstrap=k`` it is at least the mean ``1 - IoU`` of the
+        answers of k wild-bootstrap replicates of the search
+        (:func:`~dipy_spinverse.inverse.search.bootstrap_search`), which
+        also sees answers in other basins. None without the label search.
         """
         if self.params["uncertainty"] is None:
             return None
