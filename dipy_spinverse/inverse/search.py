@@ -337,10 +337,10 @@ def bootstrap_search(
     """
     k, n = config.search_bootstrap, len(data)
     predicted = found.predicted.to(data)
-    residual = (data - predicted).cpu().numpy()
+    voxels = data.cpu().numpy()
+    residual = voxels - predicted.cpu().numpy()
     # Seeded by each voxel's data: a voxel's replicates do not depend on
     # which other voxels share the call.
-    voxels = data.cpu().numpy()
     rngs = [np.random.default_rng(zlib.crc32(row.tobytes())) for row in voxels]
     signs = np.stack([rng.choice([-1.0, 1.0], (k, data.shape[1])) for rng in rngs], 1)
     replicates = predicted + torch.as_tensor(signs * residual).to(data)
