@@ -11,6 +11,7 @@ from dipy_spinverse import Protocol, TetGrid, simulate
 from dipy_spinverse.inverse import PRESETS, InversionConfig, reconstruct, resolve_config
 from dipy_spinverse.inverse.search import (
     BatchScorer,
+    Recorder,
     SignalCache,
     _screen_reserve,
     bootstrap_search,
@@ -623,3 +624,29 @@ def test_bootstrap_replicates_do_not_depend_on_other_voxels(problem):
     done = [e["voxel_done"] for e in events if "voxel_done" in e]
     assert sorted(done) == [0, 1]
     assert {e["voxel"] for e in events if "search" in e} == {0, 1}
+
+
+def test_recorder_keys_a_field_whatever_the_batch_padding():
+    """The same labelling and membranes scored alone (a row per label, or
+    one value for all cells) and beside a voxel with more labels (its row
+    NaN-padded to the batch's width, other values at labels it lacks) is
+    one labelling: counted twice, it would weigh twice in the posterior and
+    make a voxel's uncertainty depend on the voxels fitted with it."""
+    labels = np.array([0, 1, 1, 2, 0], dtype=np.int16)
+    wider = np.array([3, 1, 1, 2, 0], dtype=np.int16)
+    recorder = Recorder(
+        lambda owners, c, m: np.zeros(len(owners)),
+        n_voxels=2,
+        noise=1.0,
+        n_acquisitions=10,
+    )
+    recorder(np.array([0]), labels[None], np.array([[1e-5, 2e-5]]))
+    recorder(np.array([0]), np.stack([labels, labels]), np.array([1e-5, 1e-5]))
+    recorder(
+        np.array([0, 1]),
+        np.stack([labels, wider]),
+        np.array([[1e-5, 2e-5, np.nan], [1e-5, 2e-5, 3e-5]]),
+    )
+    recorder(np.array([0]), labels[None], np.array([[1e-5, 2e-5, 7e-5]]))
+    assert len(recorder.kept[0]) == 2  # (1e-5, 2e-5) and (1e-5, 1e-5)
+    assert len(recorder.kept[1]) == 1

@@ -797,17 +797,14 @@ class Recorder:
 
     def __call__(self, owners, candidates, membranes):
         losses = self.scorer(owners, candidates, membranes)
+        per_label = membrane_rows(candidates, membranes)
         for v in np.unique(owners):
             rows = np.flatnonzero(owners == v)
             self.best[v] = min(self.best[v], losses[rows].min())
             margin = KEEP_CHI2 * self._scale(v)
             kept = self.kept[v]
             for r in rows[losses[rows] <= self.best[v] + margin]:
-                key = (
-                    candidates[r].astype(np.int8).tobytes(),
-                    np.asarray(membranes[r], float).tobytes(),
-                )
-                kept[key] = float(losses[r])
+                kept[_field_key(candidates[r], per_label[r])] = float(losses[r])
             for key in [k for k, loss in kept.items() if loss > self.best[v] + margin]:
                 del kept[key]
         return losses
@@ -848,6 +845,15 @@ class Recorder:
             iou = np.maximum(_iou(cells, best), _iou(cells[:, twin], best))
             spread[v] = weights @ (1 - iou)
         return inside, spread
+
+
+def _field_key(labels, membranes):
+    """A key of the permeability field of ``labels`` with per-label
+    ``membranes``: only the entries of the labels present, so that rows
+    padded to the batch's widest labelling (which depends on the voxels
+    scored with it) give the same key."""
+    present = np.unique(labels[labels > 0]) - 1
+    return labels.astype(np.int8).tobytes(), membranes[present].tobytes()
 
 
 def _iou(cells, best):
