@@ -19,6 +19,8 @@ from functools import cached_property
 
 import numpy as np
 
+from .checks import check_choice, check_int, check_number, check_positive
+
 __all__ = ["TetGrid", "BOUNDARIES", "signed_volumes"]
 
 BOUNDARIES = ("reflecting", "periodic", "absorbing")
@@ -165,12 +167,12 @@ class TetGrid:
         >>> grid.n_cells, grid.n_faces
         (576, 1008)
         """
-        size = float(size)
-        if not np.isfinite(size) or size <= 0:
-            raise ValueError(f"size must be a positive length in um, got {size!r}.")
-        if int(n) != n or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}.")
-        n = int(n)
+        size = check_positive(size, "size", "um", example="80 / 3")
+        n = check_int(n, "n", 1)
+        check_choice(boundary, "boundary", BOUNDARIES)
+        wall_permeability = check_number(
+            wall_permeability, "wall_permeability", minimum=0.0, hint=" m/s"
+        )
         periodic = boundary == "periodic"
         if n < 2:
             # Periodic: a cube would meet its own image. With a wall only
@@ -189,7 +191,7 @@ class TetGrid:
             tets=tets,
             size=size,
             boundary=boundary,
-            wall_permeability=float(wall_permeability),
+            wall_permeability=wall_permeability,
             spacing=size / n,
             tet_coords=coords,
         )

@@ -84,9 +84,14 @@ def _check_seconds(value, name, *, allow_zero=False, max_s=_MAX_TIME_S):
         )
     if (flat > max_s).any():
         big = float(flat[flat > max_s][0])
+        for unit, symbol, factor in (("milli", "ms", 1e-3), ("micro", "us", 1e-6)):
+            if big * factor <= max_s:
+                raise ValueError(
+                    f"{name}={big:g} looks like {unit}seconds; times are in "
+                    f"seconds (e.g. {name}={big * factor:g} for {big:g} {symbol})"
+                )
         raise ValueError(
-            f"{name}={big:g} looks like milliseconds; times are in seconds "
-            f"(e.g. {name}={big * 1e-3:g} for {big:g} ms)"
+            f"{name}={big:g} is not a time in seconds (at most {max_s:g} s here)"
         )
     return float(arr) if arr.ndim == 0 else arr
 

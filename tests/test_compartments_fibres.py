@@ -251,6 +251,27 @@ def test_noddi_counts_with_a_constant_column():
     assert_allclose(fit.model_params, again.model_params, rtol=1e-12)
 
 
+@pytest.mark.parametrize("model_class", ["NoddiModel", "ActiveAxModel"])
+def test_noise_and_free_water_have_no_fibre(model_class):
+    # Background (Rician noise alone) and free water at SNR 5 are counted
+    # as 0 fibres. NODDI's counting fits used to count the constant
+    # column's fraction as tissue, and a fibre fitted to pure noise can hold
+    # more than _MIN_TISSUE of it: 20 of 20 background and 19 of 20
+    # free-water voxels had a fibre that tractography would follow. The
+    # first fibre now passes the same criterion as every further one.
+    from dipy_spinverse.compartments import models
+
+    gtab = shells_gtab([(0.01, 0.03, (1000, 2000, 3000))], n_b0=3)
+    model = getattr(models, model_class)(
+        gtab, fibres="auto", response=((1.7e-3, 2e-4, 2e-4), S0), **FAST
+    )
+    rng = np.random.default_rng(5)
+    free = np.exp(-gtab.bvals * 3e-3) * S0
+    water = _rician(np.tile(free, (10, 1)), rng, 5.0)
+    noise = np.abs(rng.normal(0, 20, water.shape) + 1j * rng.normal(0, 20, water.shape))
+    assert_array_equal(model.fit(np.concatenate([water, noise])).n_fibres, 0)
+
+
 def test_count_map_needs_no_csd():
     # With a count map the CSD peaks are only one extra start per fit: a
     # table CSD cannot use (no b = 0 volume, 10 directions per shell) fits

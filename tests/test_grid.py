@@ -93,6 +93,16 @@ def test_interface_faces():
         (dict(size=10, n=1), "n >= 2"),
         (dict(size=10, n=2, boundary="open"), "boundary"),
         (dict(size=10, n=2, boundary="absorbing", wall_permeability=0), "wall"),
+        (dict(size="abc", n=2), "size must be a number in um"),
+        (dict(size=10, n=np.nan), "n must be an integer"),
+        (dict(size=10, n=None), "n must be an integer"),
+        (dict(size=10, n=True), "n must be an integer"),
+        (dict(size=10, n=1, boundary="bogus"), "Invalid boundary"),
+        (dict(size=10, n=2, wall_permeability=np.nan), "wall_permeability"),
+        (
+            dict(size=10, n=2, boundary="absorbing", wall_permeability=np.inf),
+            "wall_permeability must be a finite number",
+        ),
     ],
 )
 def test_bad_grid_arguments(kwargs, match):

@@ -386,6 +386,13 @@ def test_from_gtab_milliseconds():
     gtab = gradient_table(bvals, bvecs=bvecs, big_delta=60.0, small_delta=10.0)
     with pytest.raises(ValueError, match="milliseconds"):
         Protocol.from_gtab(gtab)
+    # Microseconds: the hint must not suggest milliseconds, which are refused
+    # too; it names the value in seconds.
+    gtab = gradient_table(bvals, bvecs=bvecs, big_delta=3e4, small_delta=1e4)
+    with pytest.raises(ValueError, match=r"microseconds.*small_delta=0\.01 for"):
+        Protocol.from_gtab(gtab)
+    with pytest.raises(ValueError, match="not a time in seconds"):
+        PGSE(small_delta=1e9, big_delta=2e9)
 
 
 def test_from_gtab_wrong_timing_length():

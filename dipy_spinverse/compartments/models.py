@@ -471,7 +471,12 @@ class NoddiModel(CompartmentModel):
             [sort(w), sort(fibre["ndi"]), sort(fibre["odi"])], dim=-1
         )  # (B, F, 3)
         per = torch.cat([per, dirs], dim=-1).reshape(c.shape[0], -1)
-        head = torch.stack([scale * total, fractions[:, F]], dim=-1)
+        # The counting fits' parameters are internal: their "fiso" holds every
+        # fraction that is not tissue, the noise floor's too, so that the
+        # count's tissue test (_tissue_fraction) does not take the floor of
+        # background or free-water voxels for a fibre.
+        not_tissue = fractions[:, F:].sum(-1)
+        head = torch.stack([scale * total, not_tissue], dim=-1)
         return torch.cat([head, per], dim=-1)
 
     def _from_params(self, params):
@@ -572,6 +577,12 @@ def _submodel(model, n_fibres, build):
     return _built_once(model, "_submodels", n_fibres, per_fibre)
 
 
+def _fic_plus_fee(model, targets, groups):
+    """Each fibre's weight ``fic_k + fee_k`` (V, F) from regression outputs
+    (its first two targets): ActiveAx's and ZCD's learned fibre order."""
+    return targets[:, groups[:, 0]] + targets[:, groups[:, 1]]
+
+
 def _sorted_fibres(per, dirs, weight):
     """Per-fibre scalars (B, F, W) and directions (B, F, 3), fibres sorted by
     decreasing ``weight`` (B, F), flattened to (B, F (W + 3))."""
@@ -656,6 +667,7 @@ class ActiveAxModel(CompartmentModel):
 
     __doc__ += _COMMON_DOC
     _per_fibre_params = 6
+    _fibre_weights = _fic_plus_fee
 
     @warning_for_keywords()
     def __init__(
@@ -969,6 +981,7 @@ class ZcdModel(CompartmentModel):
 
     __doc__ += _COMMON_DOC
     _per_fibre_params = 8
+    _fibre_weights = _fic_plus_fee
 
     @warning_for_keywords()
     def __init__(
@@ -1061,10 +1074,9 @@ class ZcdModel(CompartmentModel):
         # two direction angles.
         return 1 + 7 * n_fibres
 
-    def _tissue_fraction(self, params):
-        # No free-water compartment: "no fibre" is never chosen (an
-        # isotropic zeppelin is a fibre of this model).
-        return np.ones(len(params))
+    # No free-water compartment: "no fibre" is never chosen (an isotropic
+    # zeppelin is a fibre of this model).
+    _may_be_empty = False
 
     def _fill_padding(self, params):
         absent = (0.0, 0.0, 1.0, 1.0e-3, 0.5e-3, 0.0, 0.0, 1.0)
