@@ -397,6 +397,14 @@ def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
     masked = model.fit(signal * 1000.0, mask=False)
     for name in ("cell_volumes", "cell_surface_areas", "cell_permeability"):
         assert getattr(masked, name).shape == (0,)
+    # Cell counts are integers: 0 outside the mask, -1 where not fitted.
+    assert isinstance(one.n_cells, int) and masked.n_cells == 0
+    assert volume.n_cells.dtype.kind == "i"
+    partial = model.fit(np.stack([signal * 1000.0, np.nan * signal]))
+    assert_array_equal(partial.n_cells, [one.n_cells, -1])
+    # Per-cell maps of a masked voxel are NaN, in a volume or alone.
+    assert np.isnan(masked.inside_probability).all()
+    assert masked.inside_probability.shape == (grid.n_cells,)
 
 
 def test_one_diffusion_time(grid, signal):

@@ -301,11 +301,17 @@ class SpinverseFit(ReconstFit):
 
     @property
     def n_cells(self):
-        """Number of cells per voxel (labels 1 .. n); None without labels."""
+        """Number of cells per voxel (labels 1 .. n): an integer map, 0 outside
+        the mask and -1 where the voxel was not fitted (as :attr:`labels`;
+        :attr:`status` says why); None without labels."""
         labels = self._rows("labels")
         if labels is None:
             return None
-        return self._map(np.max(labels, axis=-1, initial=0))
+        counts = np.max(labels, axis=-1, initial=0).astype(np.int64)
+        counts = np.where(self._fitted_rows, counts, -1)
+        if self.shape == ():
+            return int(counts[0]) if self.mask else 0
+        return self._volume(counts, 0)
 
     @property
     def cell_volumes(self):
@@ -385,7 +391,8 @@ class SpinverseFit(ReconstFit):
             return None
         rows = np.where(self._fitted_rows[:, None], rows, np.nan)
         if self.shape == ():
-            return rows[0] if len(rows) else None
+            # A masked voxel: NaN, as a masked voxel of a volume.
+            return rows[0] if len(rows) else np.full(rows.shape[1:], np.nan)
         return self._volume(rows, np.nan)
 
     @property
