@@ -70,6 +70,7 @@ grid's (``grid.boundary``), not a membrane of the substrate.
 import math
 import numbers
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -415,8 +416,9 @@ def _options(
     if n_range[0] * min_cell_volume > room:
         raise ValueError(
             f"{n_range[0]} cell(s) of at least min_cell_volume={min_cell_volume:g} "
-            f"um^3 do not fit in the {room:g} um^3 the grid leaves inside cells; "
-            "lower min_cell_volume or n_cells."
+            f"um^3 do not fit in the {room:g} um^3 the grid leaves inside cells "
+            f"with min_extracellular_fraction={min_outside:g}; lower "
+            "min_cell_volume, n_cells or min_extracellular_fraction."
         )
     max_tries = check_int(max_tries, "max_tries", 1)
     return _Options(
@@ -452,9 +454,14 @@ def _n_range(n_cells):
 def _kinds(kinds):
     if kinds is None:
         return KINDS
+    if isinstance(kinds, Mapping):
+        raise ValueError(
+            f"kinds must be a kind or a sequence of kinds from {KINDS} (list a "
+            f"kind twice to draw it twice as often), not a mapping: {kinds!r}."
+        )
     names = (kinds,) if isinstance(kinds, str) else kinds
     try:
-        names = tuple(names)
+        names = tuple(str(n) if isinstance(n, str) else n for n in names)
     except TypeError as err:
         raise ValueError(
             f"kinds must be None, a kind or a sequence of kinds from {KINDS}, got "

@@ -230,6 +230,7 @@ def test_simulate_runs(small_grid):
         (dict(kinds="cube"), "kinds"),
         (dict(kinds=()), "kinds"),
         (dict(kinds=5), "kinds"),
+        (dict(kinds={"torus": 1}), "kinds.*not a mapping"),
         (dict(permeability_range=(1e-4, 1e-6)), "permeability_range"),
         (dict(permeability_range=(0, 1e-4)), "permeability_range"),
         (dict(permeability_range=(1e-6, np.inf)), "permeability_range"),
@@ -239,6 +240,7 @@ def test_simulate_runs(small_grid):
         (dict(min_cell_volume=1e9), "min_cell_volume"),
         (dict(min_extracellular_fraction=0), "min_extracellular_fraction"),
         (dict(min_extracellular_fraction=1.5), "min_extracellular_fraction"),
+        (dict(min_extracellular_fraction=0.999), "or min_extracellular_fraction"),
         (dict(touching="yes"), "touching"),
         (dict(touching=1), "touching"),
         (dict(touching=True, n_cells=1), "n_cells"),
@@ -269,3 +271,9 @@ def test_impossible_draw_names_the_fix(small_grid):
     big = 0.2 * small_grid.volume
     with pytest.raises(ValueError, match="max_tries=3.*min_cell_volume"):
         random_substrate(small_grid, rng=0, n_cells=4, min_cell_volume=big, max_tries=3)
+
+
+def test_kinds_are_plain_strings(small_grid):
+    """Kinds given as a numpy array come back as plain str, as listed."""
+    sub = random_substrate(small_grid, rng=0, n_cells=1, kinds=np.array(["ellipsoid"]))
+    assert sub.kinds == ("ellipsoid",) and type(sub.kinds[0]) is str
