@@ -9,6 +9,8 @@ contract (single voxel, masks, NaN voxels, bad input). Tolerances are stated
 next to each check; the recovery ones are about twice the medians measured.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -577,6 +579,13 @@ def test_volume_mask_and_nan(activeax_case):
     assert pred.shape == data.shape
     assert_allclose(pred[good], data[good], rtol=1e-6)
     assert fit[1, 2].shape == (2,)
+    # Ellipsis, slices and boolean masks index voxels, never parameters.
+    assert fit[..., 0].shape == (2, 3)
+    assert_allclose(fit[..., 0].diameter, fit.diameter[..., 0])
+    assert fit[:, ::2].shape == (2, 2, 2) and fit[good].shape == (int(good.sum()),)
+    assert_allclose(fit[good].S0, fit.S0[good])
+    with pytest.raises(IndexError):
+        fit[0, 0, 0, 0]
 
 
 def test_voxel_with_a_vanishing_b0_does_not_stop_the_fit(gtab_noddi):
@@ -892,3 +901,16 @@ def test_fibre_count_bad_input(gtab_noddi):
         two.fit(data, fibres=np.array([1, 3]))
     with pytest.raises(ValueError, match="largest count"):
         NoddiModel(gtab_noddi, fibres="auto", n_fibres=0)
+
+
+def test_noddi_kappa_map_outside_the_mask(gtab_noddi):
+    """Watson kappa is 0 outside the mask as every map, not inf with a
+    divide-by-zero warning; inside it is 1 / tan(pi ODI / 2)."""
+    model = NoddiModel(gtab_noddi)
+    params = np.array([[100.0, 0.1, 1.0, 0.6, 0.2, 0.0, 0.0, 1.0]] * 2)
+    params[1] = 0.0
+    fit = model._fit_class(model, params, mask=np.array([True, False]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kappa = fit.kappa
+    assert_allclose(kappa, [1 / np.tan(np.pi * 0.1), 0.0])

@@ -204,13 +204,19 @@ def test_fibre_count_bad_input(gtab):
             auto.fit(data, fibres=np.array([1.0, 2.0]))
         with pytest.raises(ValueError, match="fibres"):
             cls(gtab, fibres="all")
-        with pytest.raises(ValueError, match="n_fibres must be"):
-            cls(gtab, n_fibres=4)
+        for bad in (4, True):
+            with pytest.raises(ValueError, match="n_fibres must be"):
+                cls(gtab, n_fibres=bad)
         with pytest.raises(ValueError, match="largest count"):
             cls(gtab, fibres="auto", n_fibres=0)
     two = ZcdModel(gtab, fibres="auto", n_fibres=2)
     with pytest.raises(ValueError, match="0..2"):
         two.fit(data, fibres=np.array([1, 3]))
+    with pytest.raises(ValueError, match="data must be real"):
+        fixed.fit(data + 0j)
+    fit = fixed._fit_class(fixed, np.zeros((2, len(fixed.param_names))))
+    with pytest.raises(ValueError, match="S0 must be >= 0"):
+        fit.predict(S0=-1.0)
 
 
 def test_noddi_counts_with_a_constant_column():

@@ -99,6 +99,35 @@ def test_cache_key(gtab_shells, gtab_ivim, tmp_path):
     linear = IvimModel(gtab_ivim, learned_options=TINY)
     linear._log_targets = ("f",)
     assert linear._learned_key() != key
+    # The signals depend on each gradient axis, not its sign, nor on a b = 0
+    # volume's vector: such tables reuse the network; another axis does not.
+    bvecs = gtab_shells.bvecs.copy()
+    bvecs[1::2] *= -1
+    bvecs[gtab_shells.b0s_mask] = [0.0, 0.0, 1.0]
+    timing = dict(big_delta=gtab_shells.big_delta, small_delta=gtab_shells.small_delta)
+    flipped = gradient_table(gtab_shells.bvals, bvecs=bvecs, **timing)
+    same = NoddiModel(flipped, learned_options=TINY)
+    assert same._learned_key() == noddi._learned_key()
+    moved = bvecs.copy()
+    moved[np.flatnonzero(~gtab_shells.b0s_mask)[0]] = [0.0, 0.6, 0.8]
+    moved_gtab = gradient_table(gtab_shells.bvals, bvecs=moved, **timing)
+    other_axis = NoddiModel(moved_gtab, learned_options=TINY)
+    assert other_axis._learned_key() != noddi._learned_key()
+
+
+def test_unreadable_cache_file_is_trained_again(gtab_ivim, tmp_path):
+    model = IvimModel(
+        gtab_ivim, fit_method="learned", learned_options=TINY, cache_dir=tmp_path
+    )
+    path = tmp_path / f"IvimModel-{model._learned_key()}.pt"
+    path.write_bytes(b"cut short")
+    with pytest.warns(UserWarning, match="cannot be read.*training it again"):
+        assert model.regressor is not None
+    fresh = IvimModel(
+        gtab_ivim, fit_method="learned", learned_options=TINY, cache_dir=tmp_path
+    )
+    assert fresh.regressor is not None  # the file was replaced by a whole one
+    assert path.stat().st_size > 1000
 
 
 def test_cache_folder(monkeypatch, tmp_path):

@@ -107,6 +107,17 @@ def canonical_directions(dirs):
     return dirs * sign
 
 
+def _axes(bvecs, b0s):
+    """Gradient directions (M, 3) as the signals see them: axes, each with
+    its first non-zero coordinate positive, and none for b = 0 volumes (the
+    models' signals and the frames' even harmonics do not depend on either,
+    so a table differing only there reuses a cached network)."""
+    axes = torch.where(torch.as_tensor(b0s)[:, None], 0.0, bvecs.to(DTYPE))
+    first = axes.gather(1, (axes != 0).to(torch.int64).argmax(1, keepdim=True))
+    # + 0.0 turns -0.0 into 0.0, whose bytes (hashed) differ.
+    return axes * torch.where(first < 0, -1.0, 1.0).to(DTYPE) + 0.0
+
+
 def _atom_gains(atoms, r):
     """Decrease of |r|^2 (B, N) when each atom's columns (N, M, Kf) are
     added to the residuals r (B, M) with non-negative weights."""
@@ -613,7 +624,13 @@ class CompartmentModel(ReconstModel):
         return x, c
 
     def _check_data(self, data, mask):
-        data = np.asarray(data, dtype=np.float64)
+        data = np.asarray(data)
+        if np.iscomplexobj(data):
+            raise ValueError(
+                "data must be real: magnitude signals (np.abs(data)), or the real "
+                "part of phase-corrected data with noise='gaussian'-like models"
+            )
+        data = data.astype(np.float64, copy=False)
         n = len(self._acq)
         if data.ndim < 1 or data.shape[-1] != n:
             raise ValueError(
@@ -779,7 +796,7 @@ class CompartmentModel(ReconstModel):
         acq = self._acq
         # The b = 0 mask (the table's b0_threshold) sets how the network's
         # inputs and S0 target are normalised: part of the trained map.
-        arrays = [acq.bvals, acq.bvecs, torch.as_tensor(self._b0s)]
+        arrays = [acq.bvals, _axes(acq.bvecs, self._b0s), torch.as_tensor(self._b0s)]
         if acq.has_timing:
             arrays += [acq.g2, acq.waveform_index, acq.durations, acq.amplitudes]
         return fingerprint(described, [a.numpy() for a in arrays])
@@ -1301,6 +1318,11 @@ class CompartmentModel(ReconstModel):
                     f"S0 has shape {S0.shape}, but the fit has shape {shape}; "
                     "give a scalar or one S0 per voxel"
                 ) from None
+            if np.any(new < 0):
+                raise ValueError(
+                    f"S0 must be >= 0 (a signal without diffusion weighting), got "
+                    f"{S0.min():g}"
+                )
             with np.errstate(invalid="ignore", divide="ignore"):
                 scaled = signal / fitted[..., None] * new[..., None]
             signal = np.where(todo[..., None], scaled, signal)
@@ -1332,11 +1354,12 @@ class CompartmentFit(ReconstFit):
         return self.model_params.shape[:-1]
 
     def __getitem__(self, index):
-        if not isinstance(index, tuple):
-            index = (index,)
-        if len(index) > self.model_params.ndim - 1:
-            raise IndexError("too many indices for this fit")
-        return type(self)(self.model, self.model_params[index], mask=self.mask[index])
+        # Index the voxels' positions, then take their rows: the parameter
+        # axis is never indexed (``fit[..., 0]`` is the first slice of the
+        # last spatial axis, as for DIPY's TensorFit).
+        voxels = np.arange(self.mask.size).reshape(self.mask.shape)[index]
+        rows = self.model_params.reshape(self.mask.size, -1)[voxels]
+        return type(self)(self.model, rows, mask=self.mask.reshape(-1)[voxels])
 
     def _param(self, name):
         return self.model_params[..., self.model.param_names.index(name)]

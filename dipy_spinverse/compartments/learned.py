@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -301,6 +302,14 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
     return net, seconds
 
 
+def _load(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net = Regressor(state["n_in"], state["n_out"], tuple(state["hidden"]))
+    net.load_state_dict(state["weights"])
+    net.eval()
+    return net
+
+
 def load_or_train(
     key,
     make_training_set,
@@ -336,11 +345,18 @@ def load_or_train(
     folder = cache_dir(directory)
     path = folder / f"{label or 'regressor'}-{key}.pt"
     if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net = Regressor(state["n_in"], state["n_out"], tuple(state["hidden"]))
-        net.load_state_dict(state["weights"])
-        net.eval()
-        return net, path
+        try:
+            return _load(path), path
+        except Exception as err:  # noqa: BLE001 - any unreadable file
+            # A truncated or foreign file (a copy cut short, a disk full
+            # during another package's write) is replaced, not fatal.
+            warnings.warn(
+                # Not torch's own message: it suggests weights_only=False,
+                # which would run code from a file that is not ours.
+                f"the cached network {path} cannot be read "
+                f"({type(err).__name__}); training it again",
+                stacklevel=2,
+            )
     inputs, targets = make_training_set()
     net, seconds = train(
         inputs,

@@ -522,8 +522,11 @@ class NoddiFit(CompartmentFit):
 
     @property
     def kappa(self):
-        """Watson concentration."""
-        return 1.0 / np.tan(math.pi * self.odi / 2.0)
+        """Watson concentration (0 outside the mask, as the other maps)."""
+        odi = self.odi
+        with np.errstate(divide="ignore"):
+            kappa = 1.0 / np.tan(math.pi * odi / 2.0)
+        return np.where(odi == 0, 0.0, kappa)
 
     @property
     def fibre_fractions(self):
@@ -548,7 +551,7 @@ def _fibre_options(n_fibres, fibres, *, default=1):
         check_choice(fibres, "fibres", ("auto",))
     if n_fibres is None:
         n_fibres = default if fibres is None else MAX_FIBRES
-    if n_fibres not in (0, 1, 2, 3):
+    if isinstance(n_fibres, bool) or n_fibres not in (0, 1, 2, 3):
         raise ValueError(f"n_fibres must be 0, 1, 2 or 3, got {n_fibres!r}")
     if fibres is not None and n_fibres < 1:
         raise ValueError("fibres='auto' needs n_fibres (the largest count) >= 1")
