@@ -397,6 +397,11 @@ def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
     masked = model.fit(signal * 1000.0, mask=False)
     for name in ("cell_volumes", "cell_surface_areas", "cell_permeability"):
         assert getattr(masked, name).shape == (0,)
+    # With labels, the compartment maps are the labelled cells'.
+    assert one.n_compartments == one.n_cells
+    assert_allclose(
+        one.restricted_fraction, grid.cell_volumes[labels > 0].sum() / grid.volume
+    )
     # Cell counts are integers: 0 outside the mask, -1 where not fitted.
     assert isinstance(one.n_cells, int) and masked.n_cells == 0
     assert volume.n_cells.dtype.kind == "i"

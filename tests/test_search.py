@@ -650,3 +650,25 @@ def test_recorder_keys_a_field_whatever_the_batch_padding():
     recorder(np.array([0]), labels[None], np.array([[1e-5, 2e-5, 7e-5]]))
     assert len(recorder.kept[0]) == 2  # (1e-5, 2e-5) and (1e-5, 1e-5)
     assert len(recorder.kept[1]) == 1
+
+
+def test_posterior_counts_a_mirrored_labelling_as_the_answer():
+    """A labelling and its point inversion fit magnitude data alike: kept
+    side by side, the uncertainty is 0 and the inside probability is the
+    answer's cells, not half of them and half of the mirror image's."""
+    from dipy_spinverse.metrics import cell_inversion
+
+    grid = TetGrid.bcc(8.0, 2)
+    corner = (grid.cell_centroids[:, :2] < 4.0).all(1).astype(np.int16)
+    mirrored = corner[cell_inversion(grid, exact=False)]
+    assert not np.array_equal(corner, mirrored)
+    recorder = Recorder(
+        lambda owners, c, m: np.zeros(len(owners)),
+        n_voxels=1,
+        noise=1.0,
+        n_acquisitions=10,
+    )
+    recorder(np.array([0, 0]), np.stack([corner, mirrored]), np.array([1e-5, 1e-5]))
+    inside, spread = recorder.posterior(grid, corner[None])
+    assert_allclose(spread, 0.0, atol=1e-12)
+    assert_allclose(inside[0], corner, atol=1e-12)

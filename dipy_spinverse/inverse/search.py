@@ -827,7 +827,8 @@ class Recorder:
 
         Weights ``exp(-delta chi2 / 2)`` over the kept labellings; the IoU
         of a labelling against ``labels[v]`` is the better of it and its
-        point inversion's (magnitude data cannot tell them apart).
+        point inversion's (magnitude data cannot tell them apart), and the
+        inside probability counts whichever of the two is nearer the answer.
         """
         twin = cell_inversion(grid, exact=False)
         inside = np.zeros((len(self.kept), grid.n_cells))
@@ -840,10 +841,13 @@ class Recorder:
             loss = np.array(list(kept.values()))
             weights = np.exp(-(loss - loss.min()) / (2 * self._scale(v)))
             weights /= weights.sum()
-            inside[v] = weights @ cells
             best = labels[v] > 0
-            iou = np.maximum(_iou(cells, best), _iou(cells[:, twin], best))
-            spread[v] = weights @ (1 - iou)
+            direct, mirrored = _iou(cells, best), _iou(cells[:, twin], best)
+            # Each labelling as the one of it and its twin nearer the answer,
+            # as the bootstrap's replicates are: the data weigh both alike.
+            aligned = np.where((mirrored > direct)[:, None], cells[:, twin], cells)
+            inside[v] = weights @ aligned
+            spread[v] = weights @ (1 - np.maximum(direct, mirrored))
         return inside, spread
 
 

@@ -438,9 +438,20 @@ class SpinverseFit(ReconstFit):
     def _compartments(self):
         """(restricted fraction, enclosed compartments) per voxel of the mask."""
         permeability = self._rows("permeability")
+        labels = self._rows("labels")
         out = np.full((len(permeability), 2), np.nan)
         grid = self.model.grid
         for row in np.flatnonzero(self._fitted_rows):
+            if labels is not None:
+                # The labels say which side is inside; the regions below
+                # guess it (the largest region at the wall is the outside,
+                # wrong for a cell larger than its extracellular space).
+                inside = labels[row] > 0
+                out[row] = (
+                    grid.cell_volumes[inside].sum() / grid.volume,
+                    labels[row].max(initial=0),
+                )
+                continue
             barrier = self._barrier_of(permeability[row])
             region, outside = barrier_regions(grid, barrier)
             enclosed = region != outside
@@ -452,12 +463,15 @@ class SpinverseFit(ReconstFit):
 
     @property
     def restricted_fraction(self):
-        """Volume fraction of the cells enclosed by barriers."""
+        """Volume fraction of the cells enclosed by barriers (of the labelled
+        cells where the fit has labels)."""
         return self._map(self._compartments[:, 0])
 
     @property
     def n_compartments(self):
-        """Number of enclosed compartments."""
+        """Number of enclosed compartments (:attr:`n_cells` where the fit has
+        labels; otherwise the regions the barriers close off from the
+        largest region at the wall, extracellular pockets included)."""
         return self._map(self._compartments[:, 1])
 
     # -- meshes --------------------------------------------------------------------
