@@ -868,9 +868,11 @@ def test_fibre_count_auto(gtab_noddi):
     # SNR 200, 90-degree crossings, weights 0.6/0.4: every count is found.
     assert_array_equal(fit.n_fibres, counts)
     single = NoddiModel(gtab_noddi, fibres="auto", response=None)
-    with pytest.raises(ValueError, match="FA > 0.7"):
-        # Free water alone: no voxel to estimate a CSD response from.
-        single.fit(data[counts == 0])
+    with pytest.warns(UserWarning, match="FA > 0.7.*generic"):
+        # No voxel to estimate a CSD response from (free water, crossings):
+        # the peaks only start the fits, so a generic response serves.
+        few = single.fit(data[counts != 1])
+    assert_array_equal(few.n_fibres, counts[counts != 1])
 
 
 def test_fibre_count_bad_input(gtab_noddi):

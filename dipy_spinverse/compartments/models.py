@@ -160,7 +160,8 @@ class NoddiModel(CompartmentModel):
         counts).
     response : tuple, optional
         CSD single-fibre response (``(evals, S0)``, for the highest shell)
-        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7.
+        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7
+        (a generic fibre's where there is none, with a warning).
     d_par : float, optional
         Intrinsic parallel diffusivity in mm^2/s (1.7e-3 in vivo).
     d_iso : float, optional
@@ -648,7 +649,8 @@ class ActiveAxModel(CompartmentModel):
         (see :class:`NoddiModel`).
     response : tuple, optional
         CSD single-fibre response (``(evals, S0)``, for the highest shell)
-        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7.
+        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7
+        (a generic fibre's where there is none, with a warning).
     d_par : float, optional
         Intrinsic diffusivity in mm^2/s (1.7e-3 in vivo; ~0.6e-3 fixed tissue).
     d_iso : float, optional
@@ -966,7 +968,8 @@ class ZcdModel(CompartmentModel):
         to :meth:`fit`). See :class:`NoddiModel`.
     response : tuple, optional
         CSD single-fibre response (``(evals, S0)``, for the highest shell)
-        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7.
+        for ``fibres="auto"``; default estimated from the voxels of FA > 0.7
+        (a generic fibre's where there is none, with a warning).
     d_par_bounds : (float, float), optional
         Range of d_par in mm^2/s.
     diameter_bounds : (float, float), optional

@@ -3,7 +3,8 @@ deconvolution (CSD), the starts of the multi-fibre compartment fits.
 
 CSD needs one shell: the highest shell with enough directions is used
 (with the b = 0 volumes). The response is DIPY's single-fibre response from
-the voxels of highest FA unless one is given.
+the voxels of highest FA unless one is given (a generic fibre's, with a
+warning, where no voxel is anisotropic enough).
 
 References
 ----------
@@ -35,6 +36,10 @@ _SHELL_ROUNDING = 100.0
 _MAX_SH_ORDER = 8
 # Voxels used for the automatic response: FA above this (DIPY's default).
 _RESPONSE_FA = 0.7
+# Response eigenvalues (mm^2/s) where no voxel is that anisotropic (a few
+# crossing or free-water voxels): a coherent white-matter fibre's. The peaks
+# only start the fits, which choose the count, so a generic response serves.
+_DEFAULT_RESPONSE_EVALS = (1.7e-3, 0.2e-3, 0.2e-3)
 
 
 class CSDUnavailableError(ValueError):
@@ -98,7 +103,9 @@ def csd_peaks(
     response : tuple or AxSymShResponse, optional
         Single-fibre response for :class:`ConstrainedSphericalDeconvModel`
         (e.g. ``(evals, S0)``), for the selected shell. Default: estimated
-        from the voxels of FA > 0.7 (``response_from_mask_ssst``).
+        from the voxels of FA > 0.7 (``response_from_mask_ssst``); without
+        any, a generic fibre's (evals 1.7e-3, 0.2e-3, 0.2e-3 mm^2/s, S0 the
+        median b = 0 signal), with a warning.
     max_peaks : int, optional
     relative_peak_threshold : float, optional
         Peaks below this fraction of the largest are dropped.
@@ -155,11 +162,21 @@ def csd_peaks(
 def _auto_response(gtab, data):
     fa = TensorModel(gtab).fit(data).fa
     mask = np.nan_to_num(fa) > _RESPONSE_FA
-    if not mask.any():
+    if mask.any():
+        response, _ = response_from_mask_ssst(gtab, data, mask)
+        return response
+    b0 = data[..., gtab.b0s_mask].mean(-1).ravel()
+    b0 = b0[np.isfinite(b0) & (b0 > 0)]
+    if not b0.size:
         raise CSDUnavailableError(
-            f"no voxel has FA > {_RESPONSE_FA} to estimate the CSD response; "
-            "give response=(evals, S0) (e.g. from "
-            "dipy.reconst.csdeconv.auto_response_ssst on the whole volume)"
+            "no voxel has a positive b = 0 signal to scale a CSD response; "
+            "give response=(evals, S0)"
         )
-    response, _ = response_from_mask_ssst(gtab, data, mask)
-    return response
+    warnings.warn(
+        f"no voxel has FA > {_RESPONSE_FA} to estimate the CSD response from; "
+        f"the peaks (starts of the fits) use a generic fibre's, evals "
+        f"{_DEFAULT_RESPONSE_EVALS} mm^2/s. Give response=(evals, S0) (e.g. from "
+        "dipy.reconst.csdeconv.auto_response_ssst on the whole volume) to choose",
+        stacklevel=8,  # the caller of CompartmentModel.fit
+    )
+    return np.array(_DEFAULT_RESPONSE_EVALS), float(np.median(b0))
