@@ -260,11 +260,10 @@ def test_noddi_counts_with_a_constant_column():
 @pytest.mark.parametrize("model_class", ["NoddiModel", "ActiveAxModel"])
 def test_noise_and_free_water_have_no_fibre(model_class):
     # Background (Rician noise alone) and free water at SNR 5 are counted
-    # as 0 fibres. NODDI's counting fits used to count the constant
-    # column's fraction as tissue, and a fibre fitted to pure noise can hold
-    # more than _MIN_TISSUE of it: 20 of 20 background and 19 of 20
-    # free-water voxels had a fibre that tractography would follow. The
-    # first fibre now passes the same criterion as every further one.
+    # as 0 fibres: the first fibre must lower the criterion, as every
+    # further one. The test it replaced (a tissue fraction >= 0.2 of the
+    # one-fibre fit, NODDI's counting the constant column as tissue) gave
+    # a fibre to 20 of 20 background and 19 of 20 free-water voxels.
     from dipy_spinverse.compartments import models
 
     gtab = shells_gtab([(0.01, 0.03, (1000, 2000, 3000))], n_b0=3)

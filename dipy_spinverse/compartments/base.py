@@ -95,10 +95,6 @@ _POLISH_CHUNK = 1024
 # ratio by more than 0.15 and 0 (Gauss-Newton) made one-fibre ODI 1.4x the
 # fitted error and broke 2-fibre fits (measured, doc/compartments.md).
 _POLISH_DAMPING = 1e-2
-# A one-fibre fit whose tissue (non-free-water) fraction is below this is a
-# voxel without fibres. Pure free water at SNR 30 fits 0.05-0.07 of tissue
-# (the Rician floor of the high shells), voxels with fibres >= 0.6 (measured).
-_MIN_TISSUE = 0.2
 
 
 def canonical_directions(dirs):
@@ -1163,11 +1159,10 @@ class CompartmentModel(ReconstModel):
         Every fit with k >= 1 fibres gets one extra start: the voxel's CSD
         peaks. Given counts, each voxel is fitted with its own. Otherwise
         (``counts`` None) the count is chosen by forward selection: one
-        fibre first (none if the fitted tissue fraction is below
-        ``_MIN_TISSUE`` or the fit without fibres has the lower information
-        criterion, :meth:`_criterion`), then k + 1 fibres replace k while the
-        criterion decreases and the k + 1 populations are at least
-        ``_MIN_CROSSING_DEG`` apart.
+        fibre first (none where the fit without fibres has the lower
+        information criterion, :meth:`_criterion`), then k + 1 fibres
+        replace k while the criterion decreases and the k + 1 populations are
+        at least ``_MIN_CROSSING_DEG`` apart.
         """
         directions = self._csd_directions(signals, counts)
         if counts is not None:
@@ -1180,13 +1175,13 @@ class CompartmentModel(ReconstModel):
         best = self._criterion(cost, 1, M)
         out[:] = self._padded(params, 1)
         if self._may_be_empty:
-            # The tissue fraction alone takes noise for a fibre: in 13 of 20
-            # background voxels (Rician noise only) a fibre fitted to the
-            # noise held more than _MIN_TISSUE of the signal (measured). The
-            # same test as for every further fibre decides on the first.
+            # The same test as for every further fibre. It replaced a test
+            # of the one-fibre fit's tissue fraction (>= 0.2), which took
+            # pure noise for a fibre (20 of 20 background voxels) and could
+            # take a crossing whose one-fibre fit failed for none; the count
+            # tables were the same voxel for voxel (doc/compartments.md).
             zero, cost0 = self._counting_model(0)._fit_fixed(y, s0, with_cost=True)
-            empty = self._tissue_fraction(params) < _MIN_TISSUE
-            empty |= self._criterion(cost0, 0, M) <= best
+            empty = self._criterion(cost0, 0, M) <= best
             out[empty] = self._padded(zero[empty], 0)
             chosen[empty] = 0
         for k in range(2, self.n_fibres + 1):

@@ -362,9 +362,6 @@ class NoddiModel(CompartmentModel):
         # (the tissue weights sum to 1 - fiso: one of them is not free).
         return 1 + 5 * n_fibres
 
-    def _tissue_fraction(self, params):
-        return 1.0 - params[:, 1]
-
     def _fill_padding(self, params):
         params = params.copy()
         fitted = np.isfinite(params[..., 0])
@@ -472,12 +469,7 @@ class NoddiModel(CompartmentModel):
             [sort(w), sort(fibre["ndi"]), sort(fibre["odi"])], dim=-1
         )  # (B, F, 3)
         per = torch.cat([per, dirs], dim=-1).reshape(c.shape[0], -1)
-        # The counting fits' parameters are internal: their "fiso" holds every
-        # fraction that is not tissue, the noise floor's too, so that the
-        # count's tissue test (_tissue_fraction) does not take the floor of
-        # background or free-water voxels for a fibre.
-        not_tissue = fractions[:, F:].sum(-1)
-        head = torch.stack([scale * total, not_tissue], dim=-1)
+        head = torch.stack([scale * total, fractions[:, F]], dim=-1)
         return torch.cat([head, per], dim=-1)
 
     def _from_params(self, params):
@@ -773,9 +765,6 @@ class ActiveAxModel(CompartmentModel):
         # fiso (and fdot), then per fibre: weight, icvf, diameter and two
         # direction angles.
         return 1 + self.dot + 5 * n_fibres
-
-    def _tissue_fraction(self, params):
-        return 1.0 - params[:, 1] - params[:, 2]
 
     def _fill_padding(self, params):
         return _fill_absent(params, self, 3, (0.0, 0.0, 1.0, 0.0, 0.0, 1.0))
