@@ -10,8 +10,9 @@ import contextlib
 import os
 import pathlib
 import secrets
+import tempfile
 
-__all__ = ["atomic_write", "cache_root", "CACHE_ENV"]
+__all__ = ["atomic_write", "cache_root", "writable_folder", "CACHE_ENV"]
 
 #: Environment variable naming the cache folder.
 CACHE_ENV = "DIPY_SPINVERSE_CACHE"
@@ -32,6 +33,29 @@ def cache_root(path=None):
         return pathlib.Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     return pathlib.Path(xdg) / "dipy_spinverse"
+
+
+def writable_folder(folder, what):
+    """``folder`` as a Path, created if needed, after checking that a file
+    can be written there: a cache that cannot be written is reported before
+    minutes of training, not after (``what`` names the product).
+
+    Raises
+    ------
+    ValueError
+        Naming the folder and how to choose another.
+    """
+    folder = pathlib.Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"cannot write the {what} to {folder} ({err.strerror or err}); give "
+            f"a writable cache_dir, or set {CACHE_ENV} to a writable folder"
+        ) from err
+    return folder
 
 
 @contextlib.contextmanager

@@ -128,6 +128,14 @@ def test_unreadable_cache_file_is_trained_again(gtab_ivim, tmp_path):
     )
     assert fresh.regressor is not None  # the file was replaced by a whole one
     assert path.stat().st_size > 1000
+    # A cache folder that cannot be written is refused before training.
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    model = IvimModel(
+        gtab_ivim, fit_method="learned", learned_options=TINY, cache_dir=blocked
+    )
+    with pytest.raises(ValueError, match="cannot write the learned estimator"):
+        model.regressor  # noqa: B018
 
 
 def test_cache_folder(monkeypatch, tmp_path):

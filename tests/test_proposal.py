@@ -219,6 +219,15 @@ def test_proposal_is_trained_once_then_read_from_the_cache(
     path.write_bytes(b"truncated")
     with pytest.raises(ValueError, match=str(path.name)):
         load_or_train_proposal(grid, prot, settings=TINY, cache_dir=tmp_path)
+    # A readable file of the wrong content: the same error.
+    torch.save({"foo": 1}, path)
+    with pytest.raises(ValueError, match="KeyError.*delete it"):
+        load_or_train_proposal(grid, prot, settings=TINY, cache_dir=tmp_path)
+    # A cache that cannot be written is refused before training, not after.
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    with pytest.raises(ValueError, match="cannot write the learned proposal.*"):
+        load_or_train_proposal(grid, prot, settings=TINY, cache_dir=blocked / "sub")
 
 
 def test_proposal_starts_are_closed_separate_cells():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..checks import check_device, check_int, check_positive
-from ..files import atomic_write, cache_root
+from ..files import atomic_write, cache_root, writable_folder
 
 __all__ = [
     "LearnedOptions",
@@ -357,6 +357,7 @@ def load_or_train(
                 f"({type(err).__name__}); training it again",
                 stacklevel=2,
             )
+    writable_folder(folder, "learned estimator")
     inputs, targets = make_training_set()
     net, seconds = train(
         inputs,

@@ -38,7 +38,7 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from ..checks import check_int
-from ..files import cache_root
+from ..files import cache_root, writable_folder
 from ..forward import simulate, update_digest
 from ..grid import TetGrid
 from ..signals import normalise_b0
@@ -183,6 +183,7 @@ def approximation_error(
     if path.exists():
         saved = np.load(path)
         return ApproximationError(saved["mean"], saved["std"], n_substrates, key)
+    writable_folder(folder, "approximation-error estimate")
     start = time.perf_counter()
     errors = _errors(
         grid, fine, protocol, n_substrates, diffusivity, open_kappa, device, progress

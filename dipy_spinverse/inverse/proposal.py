@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_number
-from ..files import atomic_write, cache_root
+from ..files import atomic_write, cache_root, writable_folder
 from ..forward import simulate, update_digest
 from ..interface import graph_components
 from ..metrics import cell_inversion
@@ -234,14 +234,15 @@ def load_or_train_proposal(
     if path.exists():
         try:
             saved = torch.load(path, weights_only=True)
-        except Exception as err:  # a truncated file from a killed run
+            net = ProposalNet(len(protocol), grid.n_cells, settings.hidden)
+            net.load_state_dict(saved["state"])
+            return Proposal(net, key, json.loads(saved["metadata"]))
+        except Exception as err:  # a truncated or foreign file
             raise ValueError(
-                f"the cached proposal {path} cannot be read ({err}); delete it "
-                "to train it again."
+                f"the cached proposal {path} cannot be read "
+                f"({type(err).__name__}); delete it to train it again."
             ) from err
-        net = ProposalNet(len(protocol), grid.n_cells, settings.hidden)
-        net.load_state_dict(saved["state"])
-        return Proposal(net, key, json.loads(saved["metadata"]))
+    writable_folder(folder, "learned proposal")
     proposal = train_proposal(
         grid,
         protocol,

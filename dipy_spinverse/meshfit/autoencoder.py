@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_int, check_positive
 from ..compartments.learned import cache_dir, fingerprint
-from ..files import atomic_write
+from ..files import atomic_write, writable_folder
 from .mesh import axon_deformation
 from .shape import SpectralShape, surface_laplacian
 
@@ -472,15 +472,16 @@ def load_or_train_autoencoder(shape, settings=None, *, directory=None, progress=
     if path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated file from a killed run
+            net = _Net(shape.n_code, settings.n_latent, settings.hidden)
+            net.load_state_dict(saved["state"])
+            net.eval()
+            return ShapeAutoencoder(settings, key, json.loads(saved["metadata"]), net)
+        except Exception as err:  # a truncated or foreign file
             raise ValueError(
-                f"the cached autoencoder {path} cannot be read ({err}); delete it "
-                "to train it again."
+                f"the cached autoencoder {path} cannot be read "
+                f"({type(err).__name__}); delete it to train it again."
             ) from err
-        net = _Net(shape.n_code, settings.n_latent, settings.hidden)
-        net.load_state_dict(saved["state"])
-        net.eval()
-        return ShapeAutoencoder(settings, key, json.loads(saved["metadata"]), net)
+    writable_folder(folder, "shape autoencoder")
     autoencoder = train_autoencoder(shape, settings, progress=progress)
     autoencoder.net.to(torch.float32)
     # Atomic: a concurrent reader never sees half a file.
