@@ -254,6 +254,10 @@ def test_settings_and_options_are_checked():
         resolve_config("default", search_proposal_samples=4)
     with pytest.raises(ValueError, match="search_dictionary"):
         resolve_config("default", search_dictionary="yes")
+    # The cell parametrisation starts the search from its own labels.
+    for option in (dict(search_proposal=64), dict(search_dictionary=False)):
+        with pytest.raises(ValueError, match="starts the label search from its"):
+            resolve_config("default", parametrisation="cell", **option)
 
 
 def test_reconstruct_reports_the_proposal_and_the_uncertainty(

@@ -672,3 +672,23 @@ def test_posterior_counts_a_mirrored_labelling_as_the_answer():
     inside, spread = recorder.posterior(grid, corner[None])
     assert_allclose(spread, 0.0, atol=1e-12)
     assert_allclose(inside[0], corner, atol=1e-12)
+
+
+def test_search_without_any_start_answers_no_cell(problem):
+    """Free water: the face field closes no region, and without the
+    dictionary or a proposal there is no start. The answer is no cell (a
+    labelling like any other), not a crash that failed the whole batch."""
+    grid, prot, _ = problem
+    free = simulate(grid, np.full(grid.n_faces, 0.1), prot).numpy()
+    found = reconstruct(
+        grid,
+        free,
+        prot,
+        preset="default",
+        search_steps=3,
+        search_directions=None,
+        search_dictionary=False,
+        max_iter=4,
+    )
+    assert_array_equal(found.labels, 0)
+    assert_allclose(found.uncertainty, 0.0)

@@ -420,6 +420,10 @@ def _ignored_options(config):
         )
     if config.parametrisation != "face":
         ignored["init_log_kappa"] = "parametrisation='cell' starts from occupancy 0.5"
+        for name in ("search_dictionary", "search_proposal", "search_proposal_samples"):
+            ignored.setdefault(
+                name, "parametrisation='cell' starts the label search from its labels"
+            )
     if config.init_noise == 0:
         ignored["init_seed"] = "there is no initial noise (init_noise=0)"
     if config.continuity == 0:

@@ -233,6 +233,11 @@ def search_labels(
                     )
                 )
             starts = np.unique(np.concatenate(starts), axis=0)
+            if not len(starts):
+                # No closed region in the face field, no dictionary and no
+                # proposal sample: the answer is no cell at all (free water;
+                # no label move starts from it), scored like any labelling.
+                starts = np.zeros((1, grid.n_cells), dtype=int)
         else:
             starts = labels[v][None]
 
