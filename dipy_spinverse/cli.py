@@ -6,6 +6,7 @@ import sys
 
 import dipy
 from dipy.workflows.flow_runner import run_flow
+from nibabel.filebasedimages import ImageFileError
 
 __all__ = ["run_command"]
 
@@ -15,9 +16,10 @@ def run_command(flow):
 
     Two differences: ``--version`` prints this package's version (DIPY's
     parser alone would print DIPY's), and a user's mistake -- a
-    ``ValueError``, whose message names the argument and the fix -- ends
-    the command with that message and exit status 2, as argparse does,
-    instead of a traceback.
+    ``ValueError``, whose message names the argument and the fix, a file
+    that is missing or cannot be read (``OSError``), or one that is not an
+    image nibabel reads -- ends the command with that message and exit
+    status 2, as argparse does, instead of a traceback.
 
     Parameters
     ----------
@@ -34,6 +36,6 @@ def run_command(flow):
         return 0
     try:
         return run_flow(flow)
-    except ValueError as err:
+    except (ValueError, OSError, ImageFileError) as err:
         print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
         sys.exit(2)

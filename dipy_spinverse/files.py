@@ -35,16 +35,19 @@ def cache_root(path=None):
     return pathlib.Path(xdg) / "dipy_spinverse"
 
 
-def writable_folder(folder, what):
+def writable_folder(folder, what, fix=None):
     """``folder`` as a Path, created if needed, after checking that a file
-    can be written there: a cache that cannot be written is reported before
-    minutes of training, not after (``what`` names the product).
+    can be written there: a cache or output folder that cannot be written is
+    reported before minutes of work, not after (``what`` names the product,
+    ``fix`` says how to choose another folder; default: the cache's way).
 
     Raises
     ------
     ValueError
         Naming the folder and how to choose another.
     """
+    if fix is None:
+        fix = f"give a writable cache_dir, or set {CACHE_ENV} to a writable folder"
     folder = pathlib.Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -52,8 +55,7 @@ def writable_folder(folder, what):
             pass
     except OSError as err:
         raise ValueError(
-            f"cannot write the {what} to {folder} ({err.strerror or err}); give "
-            f"a writable cache_dir, or set {CACHE_ENV} to a writable folder"
+            f"cannot write the {what} to {folder} ({err.strerror or err}); {fix}"
         ) from err
     return folder
 

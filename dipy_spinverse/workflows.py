@@ -21,7 +21,7 @@ from dipy.workflows.workflow import Workflow
 
 from .checks import check_choice, check_int, check_mask_values, check_number
 from .cli import run_command
-from .files import atomic_write
+from .files import atomic_write, writable_folder
 from .inverse import PRESETS
 from .io import (
     MESH_MAPS,
@@ -351,6 +351,13 @@ class SpinverseFlow(Workflow):
             # Outputs by name: every one has its own path (out_dir joined).
             out = dict(zip(io_it.out_keys, outputs, strict=True))
             ostate = out["out_state"]
+            # Before the fit: a checkpoint write would fail after the first
+            # batch of voxels, their work lost.
+            writable_folder(
+                os.path.dirname(os.path.abspath(ostate)),
+                "outputs",
+                fix="give a writable --out_dir",
+            )
             logger.info(f"Spinverse fit of {dwi}")
             data, affine = load_nifti(dwi)
             if data.ndim != 4:
@@ -661,7 +668,7 @@ def _gradients(
     """GradientTable (or Protocol) with timing from exactly one source."""
     try:
         bvals, bvecs = read_bvals_bvecs(os.fspath(bval), os.fspath(bvec))
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ValueError(
             f"cannot read the gradient files {bval} and {bvec} ({err}); pass "
             "the .bval and .bvec files of this dataset, one value and one "

@@ -265,6 +265,41 @@ def test_a_user_error_ends_the_command_without_a_traceback(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("mistake", ["missing data", "not an image", "out_dir a file"])
+def test_file_mistakes_end_the_command_without_a_traceback(
+    demo, tmp_path, monkeypatch, capsys, mistake
+):
+    data, out_dir = demo["data"], str(tmp_path / "out")
+    if mistake == "missing data":
+        data = str(tmp_path / "nowhere.nii.gz")
+    elif mistake == "not an image":
+        data = str(tmp_path / "text.nii.gz")
+        (tmp_path / "text.nii.gz").write_text("not an image")
+    else:
+        out_dir = str(tmp_path / "a file")
+        (tmp_path / "a file").write_text("")
+    argv = ["dipy_fit_spinverse", data, demo["bvals"], demo["bvecs"], demo["mask"],
+            "--timing_file", demo["timing"], "--out_dir", out_dir]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "dipy_fit_spinverse: error:" in err and "Traceback" not in err
+    if mistake == "out_dir a file":
+        # Refused before any voxel is fitted.
+        assert "give a writable --out_dir" in err
+
+
+def test_unreadable_bvals_name_the_file(demo, tmp_path):
+    (tmp_path / "b.bval").write_text("0 a 1000")
+    with pytest.raises(ValueError, match="cannot read the gradient files .*b.bval"):
+        SpinverseFlow(force=True).run(
+            demo["data"], str(tmp_path / "b.bval"), demo["bvecs"], demo["mask"],
+            timing_file=demo["timing"], out_dir=str(tmp_path / "out"),
+        )  # fmt: skip
+
+
 def test_a_rerun_removes_the_outputs_it_does_not_write(demo, tmp_path):
     """--force with fewer --save_metrics (and no report): the earlier run's
     other maps would describe another fit; they are removed."""
