@@ -103,6 +103,7 @@ class SpinverseFlow(Workflow):
         preset="default",
         max_iter=None,
         search_bootstrap=0,
+        search_proposal=0,
         batch_size=32,
         engine="serial",
         address=None,
@@ -207,6 +208,12 @@ class SpinverseFlow(Workflow):
             answer that fits only by the accident of one noise draw, or one
             local minimum among many, then reads as uncertain. Each
             replicate costs about one more search (0: off; 3 was measured,
+            doc/generalisation.md).
+        search_proposal : int, optional
+            Start the label search also from samples of a learned proposal
+            trained on this many random substrates simulated for this grid,
+            protocol and diffusivity (0: off; 4000 was measured, about 30
+            minutes on 2 CPU cores the first time, then read from the cache,
             doc/generalisation.md).
         batch_size : int, optional
             Voxels fitted together in one batched call.
@@ -336,6 +343,7 @@ class SpinverseFlow(Workflow):
         for asked, what in (
             (refine_mesh, "--refine_mesh starts from"),
             (search_bootstrap, "--search_bootstrap repeats"),
+            (search_proposal, "--search_proposal seeds"),
             (uncertainty, "--save_metrics uncertainty comes from"),
         ):
             if asked and not searched:
@@ -399,6 +407,7 @@ class SpinverseFlow(Workflow):
                 # noise model or a label search accept the defaults.
                 **({"sigma": sigma} if sigma else {}),
                 **({"search_bootstrap": search_bootstrap} if search_bootstrap else {}),
+                **({"search_proposal": search_proposal} if search_proposal else {}),
             )
             logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
             state = _npz(ostate)

@@ -481,3 +481,18 @@ def test_learned_voxel_beyond_float32_is_nan_alone(gtab_shells):
     fit = model.fit(data)
     assert np.isfinite(fit.odi[0]) and np.isnan(fit.odi[1])
     assert_allclose(fit.odi[0], 0.1, rtol=1e-5)
+
+
+def test_training_leaves_the_global_torch_generator_alone(gtab_ivim, tmp_path):
+    """The network's weights are seeded (the same training, the same net)
+    without reseeding the user's torch generator."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first, second = (
+        IvimModel(gtab_ivim, learned_options=TINY, cache_dir=tmp_path / name).regressor
+        for name in "ab"
+    )
+    assert torch.equal(torch.rand(3), expected)
+    for a, b in zip(*(n.state_dict().values() for n in (first, second)), strict=True):
+        assert torch.equal(a, b)

@@ -128,6 +128,9 @@ def test_bad_signal(problem):
     bad[2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         reconstruct(grid, bad, prot)
+    # m^2/s instead of mm^2/s: refused, as SpinverseModel refuses it.
+    with pytest.raises(ValueError, match="diffusivity"):
+        reconstruct(grid, signal, prot, diffusivity=2e-9)
 
 
 def test_result_does_not_depend_on_batch(problem):

@@ -248,6 +248,8 @@ def test_settings_and_options_are_checked():
         ProposalSettings(snr_range=(100, 20))
     with pytest.raises(ValueError, match="n_substrates"):
         ProposalSettings(n_substrates=3)
+    with pytest.raises(ValueError, match="high < inf"):
+        ProposalSettings(snr_range=(20, np.inf))
     with pytest.raises(ValueError, match="search_proposal"):
         resolve_config("default", search_proposal=5)
     with pytest.raises(ValueError, match="search_proposal_samples"):

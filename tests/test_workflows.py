@@ -173,6 +173,7 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(bvals="MS_UM2"), "the b-values file .*b.bval.* multiply"),
         # The label search's outputs and options, with a preset without it.
         (dict(search_bootstrap=2), "--search_bootstrap repeats the label search"),
+        (dict(search_proposal=4000), "--search_proposal seeds the label search"),
         (dict(save_metrics=["uncertainty"]), "--save_metrics uncertainty comes"),
     ],
 )
@@ -513,3 +514,23 @@ def test_uncertainty_map_with_bootstrap_from_the_command_line(demo, tmp_path):
     # A face-fit-only run writes no uncertainty map, and removes this one.
     _run(demo, tmp_path / "out")
     assert not os.path.exists(outputs["out_uncertainty"])
+
+
+def test_search_proposal_reaches_the_model(demo, tmp_path, monkeypatch):
+    """--search_proposal N is the model's search_proposal (training a
+    proposal is measured elsewhere: tests/test_proposal.py)."""
+    import dipy_spinverse.workflows as workflows
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def model(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(workflows, "SpinverseModel", model)
+    with pytest.raises(Stop):
+        _run(demo, tmp_path, preset="default", search_proposal=64)
+    assert seen["search_proposal"] == 64

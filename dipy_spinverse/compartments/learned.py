@@ -242,7 +242,6 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
     """
     from tqdm.auto import tqdm
 
-    torch.manual_seed(options.seed)
     device = check_device(options.device)
     x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
     y = torch.as_tensor(targets, dtype=torch.float32, device=device)
@@ -257,7 +256,11 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
     x_seen, y_seen = augment(x, y, gen)
     # The network's widths are those of the augmented batches (an augment
     # may turn signals into other features).
-    net = Regressor(x_seen.shape[1], y_seen.shape[1], options.hidden).to(device)
+    # Seeded weights without reseeding the user's global generator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        net = Regressor(x_seen.shape[1], y_seen.shape[1], options.hidden)
+    net = net.to(device)
     net.x_mean.copy_(x_seen.mean(0))
     net.x_std.copy_(x_seen.std(0).clamp_min(1e-6))
     net.y_mean.copy_(_pool_groups(y_seen.mean(0), groups, lambda v: v.mean(0)))

@@ -101,9 +101,11 @@ class ProposalSettings:
         check_int(self.hidden, "hidden", minimum=1)
         check_int(self.seed, "seed", minimum=0)
         low, high = _pair(self.snr_range, "snr_range")
-        if not 0 < low <= high:
+        if not 0 < low <= high < math.inf:
+            # A quarter of the samples are noise-free already; an infinite
+            # SNR would make the rest silently noise-free too.
             raise ValueError(
-                f"snr_range must be (low, high) with 0 < low <= high, got "
+                f"snr_range must be (low, high) with 0 < low <= high < inf, got "
                 f"{self.snr_range}; e.g. snr_range=(20, 200)."
             )
         object.__setattr__(self, "snr_range", (low, high))
@@ -146,8 +148,9 @@ class Proposal:
     key : str
         The cache key (:func:`proposal_key`).
     metadata : dict
-        Settings, training time (s), validation scores (``val_iou``: median
-        twin-aware IoU of the occupancy cut at 0.5; ``val_log_kappa_mae``).
+        Settings, training time (s), validation scores per noise level
+        (``val_iou_clean``, ``val_iou_snr50``: median twin-aware IoU of the
+        occupancy cut at 0.5; ``val_log_kappa_mae_clean``, ...).
     """
 
     net: ProposalNet
@@ -338,13 +341,15 @@ def _training_set(grid, protocol, diffusivity, settings, dtype, device, progress
 def _fit_network(grid, protocol, signals, occupancy, log_kappa, settings, progress):
     """Adam on the twin-aware occupancy loss; returns the net and its scores."""
     generator = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
     n = len(signals)
     order = torch.randperm(n, generator=generator)
     n_val = max(1, int(VALIDATION_SHARE * n))
     val, train = order[:n_val], order[n_val:]
     twin = torch.as_tensor(cell_inversion(grid))
-    net = ProposalNet(signals.shape[1], grid.n_cells, settings.hidden)
+    # Seeded weights without reseeding the user's global generator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        net = ProposalNet(signals.shape[1], grid.n_cells, settings.hidden)
     clean = normalise_b0(signals[train], protocol)
     net.mean.copy_(clean.mean(0))
     net.scale.copy_(clean.std(0).clamp_min(1e-3))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..checks import check_diffusivity
 from ..forward import simulate
 from ..sequences import as_protocol
 from ..signals import noise_precision, normalise_b0
@@ -127,6 +128,7 @@ def reconstruct(
     """
     start = time.perf_counter()
     config = resolve_config(preset, **options)
+    diffusivity = check_diffusivity(diffusivity)
     protocol = as_protocol(protocol)
     data = torch.as_tensor(np.asarray(signal, dtype=float), dtype=dtype, device=device)
     if data.ndim == 0 or data.shape[-1] != len(protocol):

@@ -376,11 +376,13 @@ def bootstrap_search(
     return inside / (k + 1), np.maximum(found.uncertainty, spread / k)
 
 
-def learned_proposal(grid, protocol, config, *, diffusivity, dtype, device):
+def learned_proposal(
+    grid, protocol, config, *, diffusivity, dtype, device, progress=True
+):
     """The label search's learned proposal (read from the cache or trained).
 
     Trained on ``config.search_proposal`` random substrates for this grid,
-    protocol and diffusivity; see
+    protocol and diffusivity, with progress bars if ``progress``; see
     :func:`~dipy_spinverse.inverse.proposal.load_or_train_proposal`.
     """
     return load_or_train_proposal(
@@ -390,6 +392,7 @@ def learned_proposal(grid, protocol, config, *, diffusivity, dtype, device):
         settings=ProposalSettings(n_substrates=config.search_proposal),
         dtype=dtype,
         device=device,
+        progress=progress,
     )
 
 

@@ -402,8 +402,10 @@ def train_autoencoder(shape, settings=None, *, progress=True):
         torch.tensor(codes[n_val:], dtype=torch.float32),
         torch.tensor(codes[:n_val], dtype=torch.float32),
     )
-    torch.manual_seed(settings.seed)
-    net = _Net(shape.n_code, settings.n_latent, settings.hidden)
+    # Seeded weights without reseeding the user's global generator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        net = _Net(shape.n_code, settings.n_latent, settings.hidden)
     net.code_mean.copy_(train.mean(0))
     net.code_std.copy_(train.std(0).clamp_min(1e-6))
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate)

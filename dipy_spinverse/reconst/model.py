@@ -303,7 +303,7 @@ class SpinverseModel(ReconstModel):
                 return SpinverseFit(self, params, False)
             params, history = runner.fit_one(self, data, verbose=verbose)
             return SpinverseFit(self, params, history=history)
-        self._prepare()
+        self._prepare(progress=verbose)
         return runner.fit_volume(
             self,
             data,
@@ -317,10 +317,10 @@ class SpinverseModel(ReconstModel):
             resume=resume,
         )
 
-    def _prepare(self):
+    def _prepare(self, *, progress):
         """Train (or read from the cache) the learned proposal before voxels
         are sent to workers, so that they read it instead of each training
-        it."""
+        it (with progress bars if ``progress``)."""
         if self.config.uses_proposal:
             learned_proposal(
                 self.grid,
@@ -329,6 +329,7 @@ class SpinverseModel(ReconstModel):
                 diffusivity=self.diffusivity,
                 dtype=self.dtype,
                 device=self.device,
+                progress=progress,
             )
 
     @multi_voxel_fit(batched=True)
