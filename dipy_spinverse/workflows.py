@@ -351,6 +351,15 @@ class SpinverseFlow(Workflow):
                     f"{what} the label search, which --preset {preset} does not "
                     "run; use --preset default."
                 )
+        sigma = check_number(sigma, "sigma", minimum=0.0)
+        if sigma and not searched and PRESETS[preset].noise != "rician":
+            # The model would suggest its noise='rician', which has no flag.
+            raise ValueError(
+                f"--sigma sets the noise of the Rician loss and of the label "
+                f"search, neither of which --preset {preset} uses; use --preset "
+                "default, or leave --sigma out."
+            )
+        check_number(bvecs_tol, "bvecs_tol", minimum=0.0)
         smooth_mesh_format = check_choice(
             smooth_mesh_format, "smooth_mesh_format", SMOOTH_MESH_FORMATS
         )

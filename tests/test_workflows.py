@@ -174,6 +174,8 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         # The label search's outputs and options, with a preset without it.
         (dict(search_bootstrap=2), "--search_bootstrap repeats the label search"),
         (dict(search_proposal=4000), "--search_proposal seeds the label search"),
+        (dict(sigma=0.02), "--sigma sets the noise .* --preset paper uses"),
+        (dict(bvecs_tol=-1), "bvecs_tol must be"),
         (dict(save_metrics=["uncertainty"]), "--save_metrics uncertainty comes"),
     ],
 )
