@@ -1103,6 +1103,13 @@ def main():
         "then holds only these rows)",
     )
     args = parser.parse_args()
+    if args.models:
+        # A typo would give an empty table (and, with --write-doc, an empty
+        # doc block).
+        names = [name for name, *_ in cases(args.quick)[0]]
+        unknown = sorted(set(args.models) - set(names))
+        if unknown:
+            parser.error(f"unknown --models {unknown}; choose from {names}")
     torch.set_num_threads(args.threads)
     sections = []
     if not args.no_fits:
