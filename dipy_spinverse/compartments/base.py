@@ -624,7 +624,7 @@ class CompartmentModel(ReconstModel):
         if np.iscomplexobj(data):
             raise ValueError(
                 "data must be real: magnitude signals (np.abs(data)), or the real "
-                "part of phase-corrected data with noise='gaussian'-like models"
+                "part of phase-corrected data (data.real)"
             )
         data = data.astype(np.float64, copy=False)
         n = len(self._acq)
