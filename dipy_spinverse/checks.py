@@ -67,6 +67,9 @@ def check_number(value, name, *, minimum=None, maximum=None, hint=""):
 def check_positive(value, name, unit="", example=None):
     """``value`` as a finite float > 0 (in ``unit``, e.g. ``example``)."""
     where = f" in {unit}" if unit else ""
+    if isinstance(value, str | bytes | bool | np.bool_):
+        # float() would read "10" and True as numbers.
+        raise ValueError(f"{name} must be a number{where}, got {value!r}.")
     try:
         value = float(value)
     except (TypeError, ValueError) as err:
@@ -160,6 +163,8 @@ def check_dtype(dtype):
     """A torch floating dtype from a name, a numpy dtype or a torch dtype."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).replace("torch.", "")
+    if dtype is None:  # numpy would read it as float64
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got None.")
     if not isinstance(dtype, str):
         try:
             dtype = np.dtype(dtype).name

@@ -112,6 +112,19 @@ def test_cell_parametrisation_returns_labels(problem):
         (dict(lr=0.0), "lr must be > 0, got 0.0"),
         (dict(sigma=-0.01), "sigma"),
         (dict(search_min_gain=float("nan")), "search_min_gain"),
+        # A Huber width of 0 failed every voxel at fit time.
+        (dict(continuity_delta=0.0), "continuity_delta must be > 0"),
+        (dict(blend="yes"), "blend must be True or False"),
+        (dict(adapt_stages="no"), "adapt_stages must be True or False"),
+        (dict(manifold_ramp=None), "manifold_ramp must be True or False"),
+        (
+            dict(preset="default", search_kappas="1e-5"),
+            "search_kappas must be a flat sequence",
+        ),
+        (
+            dict(preset="default", search_kappas=[[1e-5, 2e-5]]),
+            "search_kappas must be a flat sequence",
+        ),
     ],
 )
 def test_bad_options(problem, kwargs, match):
@@ -202,6 +215,8 @@ def test_config_is_frozen_validated_and_scaled():
         ("paper", dict(continuity=0.0, continuity_delta=2.0), "continuity_delta"),
         ("paper", dict(manifold=0.0, manifold_ramp=False), "manifold_ramp"),
         ("paper", dict(parametrisation="cell", init_log_kappa=-2.0), "init_log_kappa"),
+        # In units of the noise: without sigma it is 0 whatever its value.
+        ("default", dict(search_min_gain=4.0), "search_min_gain.*give sigma"),
     ],
 )
 def test_options_without_effect_are_errors(preset, options, match):

@@ -343,6 +343,11 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
         (dict(grid_resolution=1), "grid_resolution must be an integer >= 2"),
         (dict(wall_permeability=0.5), "wall_permeability applies to.*absorbing"),
         (dict(grid_size=float("nan")), "grid_size must be finite"),
+        # float() would read these as numbers.
+        (dict(grid_size="10"), "grid_size must be a number"),
+        (dict(grid_size=True), "grid_size must be a number"),
+        (dict(dtype=None), "dtype must be one of"),
+        (dict(refine_mesh=True, mesh_options="ball"), "mesh_options must be a dict"),
         (dict(stages=(dict(iterations=3, sequences=(2,)),)), "sequence rank 2"),
         (dict(noise="poisson"), "Invalid noise"),
         # Options the configuration would ignore are refused, not dropped.
@@ -407,6 +412,8 @@ def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
     assert volume.n_cells.dtype.kind == "i"
     partial = model.fit(np.stack([signal * 1000.0, np.nan * signal]))
     assert_array_equal(partial.n_cells, [one.n_cells, -1])
+    # numpy's reading of a bool index (a new axis), not voxel (1, ...).
+    assert volume[True, 0].shape == (1,)
     # Per-cell maps of a masked voxel are NaN, in a volume or alone.
     assert np.isnan(masked.inside_probability).all()
     assert masked.inside_probability.shape == (grid.n_cells,)
@@ -762,3 +769,21 @@ def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):
     # Without a noise level (sigma 0: unknown) there is no bound to exceed.
     blind = SpinverseModel(gtab, grid=grid, preset="paper", max_iter=4)
     assert_array_equal(blind.fit(data).status, [OK, OK])
+
+
+def test_cell_parametrisation_keeps_the_search_uncertainty(gtab, grid, signal):
+    """The label search runs from the cell fit's labels: its uncertainty and
+    inside probability are kept, as with the face fit's starts."""
+    model = SpinverseModel(
+        gtab,
+        grid=grid,
+        parametrisation="cell",
+        max_iter=3,
+        search_steps=2,
+        search_starts=1,
+        sigma=0.01,
+    )
+    fit = model.fit(np.stack([signal * 1000.0] * 2))
+    assert fit.uncertainty is not None and fit.uncertainty.shape == (2,)
+    assert np.all((fit.uncertainty >= 0) & (fit.uncertainty <= 1))
+    assert fit.inside_probability.shape == (2, grid.n_cells)

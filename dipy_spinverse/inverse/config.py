@@ -7,6 +7,7 @@ the curriculum to a total number of iterations.
 """
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,7 +197,14 @@ class InversionConfig:
             set_(self, name, check_number(getattr(self, name), name, minimum=0))
         for name in ("continuity", "continuity_delta", "manifold", "binarise", "area"):
             set_(self, name, check_number(getattr(self, name), name, minimum=0))
-        for name in ("lr", "loss_scale"):
+        for name in ("adapt_stages", "blend", "manifold_ramp", "search_dictionary"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise ValueError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}."
+                )
+            set_(self, name, bool(getattr(self, name)))
+        # A Huber width of 0 is no loss at all (torch refuses it at fit time).
+        for name in ("lr", "loss_scale", "continuity_delta"):
             if getattr(self, name) <= 0:
                 raise ValueError(
                     f"{name} must be > 0, got {getattr(self, name)!r} (the "
@@ -246,7 +254,15 @@ class InversionConfig:
                 "search_directions",
                 check_int(self.search_directions, "search_directions", 1),
             )
-        kappas = np.asarray(self.search_kappas, dtype=float).ravel()
+        given = self.search_kappas
+        if np.ndim(given) != 1 or not all(
+            isinstance(k, numbers.Real) and not isinstance(k, bool) for k in given
+        ):
+            raise ValueError(
+                "search_kappas must be a flat sequence of membrane permeabilities "
+                f"(m/s), e.g. (1e-5, 5e-5), got {given!r}."
+            )
+        kappas = np.asarray(given, dtype=float)
         if kappas.size == 0 or np.any(
             ~np.isfinite(kappas) | (kappas < 10.0**lo) | (kappas >= threshold)
         ):
@@ -266,12 +282,6 @@ class InversionConfig:
             ),
         )
 
-        if not isinstance(self.search_dictionary, bool | np.bool_):
-            raise ValueError(
-                f"search_dictionary must be True or False, got "
-                f"{self.search_dictionary!r}."
-            )
-        set_(self, "search_dictionary", bool(self.search_dictionary))
         proposal = check_int(self.search_proposal, "search_proposal", 0)
         if 0 < proposal < MIN_PROPOSAL_SUBSTRATES:
             raise ValueError(
@@ -417,6 +427,11 @@ def _ignored_options(config):
         ignored.setdefault(
             "search_proposal_samples",
             "there is no learned proposal (search_proposal=0)",
+        )
+    if config.sigma == 0:
+        ignored.setdefault(
+            "search_min_gain",
+            "it is in units of the noise, and sigma is not given; give sigma",
         )
     if config.parametrisation != "face":
         ignored["init_log_kappa"] = "parametrisation='cell' starts from occupancy 0.5"

@@ -19,6 +19,7 @@ is left out of the mixture).
 """
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -88,6 +89,11 @@ def check_refine_options(options=None):
     ValueError
         An unknown key (naming the known ones) or a value out of range.
     """
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(
+            f"mesh_options must be a dict of {sorted(REFINE_DEFAULTS)}, got "
+            f"{options!r}."
+        )
     options = {} if options is None else dict(options)
     unknown = sorted(set(options) - set(REFINE_DEFAULTS))
     if unknown:

@@ -793,7 +793,10 @@ def _is_voxel(index, shape):
     return (
         isinstance(index, tuple)
         and len(index) == len(shape)
-        and all(isinstance(i, (int, np.integer)) for i in index)
+        # bool is an int, but numpy reads fit[True, 0, 0] as a new axis.
+        and all(
+            isinstance(i, int | np.integer) and not isinstance(i, bool) for i in index
+        )
     )
 
 

@@ -280,7 +280,7 @@ def empty_params(model, shape):
     labels = None
     if model.has_labels:
         labels = np.full(shape + (model.grid.n_cells,), -1, dtype=np.int16)
-    searched = model.config.search_steps > 0 and model.config.parametrisation == "face"
+    searched = model.config.search_steps > 0
     n_cells = model.grid.n_cells
     return dict(
         permeability=np.full(shape + (model.grid.n_faces,), np.nan),
