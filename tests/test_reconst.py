@@ -787,3 +787,16 @@ def test_cell_parametrisation_keeps_the_search_uncertainty(gtab, grid, signal):
     assert fit.uncertainty is not None and fit.uncertainty.shape == (2,)
     assert np.all((fit.uncertainty >= 0) & (fit.uncertainty <= 1))
     assert fit.inside_probability.shape == (2, grid.n_cells)
+
+
+def test_float32_fit_does_not_depend_on_the_raw_scale(gtab, grid, signal):
+    """The signals are normalised in float64 and then cast: raw scales that
+    float32 cannot hold (b = 0 of 1e-100 or 1e40; they failed the voxel)
+    are fitted as the unit scale is."""
+    model = SpinverseModel(
+        gtab, grid=grid, max_iter=3, search_steps=2, search_starts=1, dtype="float32"
+    )
+    fit = model.fit(np.stack([signal * s for s in (1e-100, 1.0, 1e40)]))
+    assert_array_equal(fit.status, OK)
+    assert_array_equal(fit.labels[0], fit.labels[1])
+    assert_array_equal(fit.labels[2], fit.labels[1])

@@ -130,7 +130,10 @@ def reconstruct(
     config = resolve_config(preset, **options)
     diffusivity = check_diffusivity(diffusivity)
     protocol = as_protocol(protocol)
-    data = torch.as_tensor(np.asarray(signal, dtype=float), dtype=dtype, device=device)
+    # Normalised in float64 on the CPU, then cast: float32 holds every
+    # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
+    # 1e39 failed the voxel in float32; the fit is scale-free).
+    data = torch.as_tensor(np.asarray(signal, dtype=float))
     if data.ndim == 0 or data.shape[-1] != len(protocol):
         raise ValueError(
             f"signal must have len(protocol) = {len(protocol)} values in its last "
@@ -148,7 +151,8 @@ def reconstruct(
         precision = noise_precision(data, protocol)
     else:
         precision = torch.ones_like(data)
-    data = normalise_b0(data, protocol)
+    data = normalise_b0(data, protocol).to(dtype=dtype, device=device)
+    precision = precision.to(dtype=dtype, device=device)
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
     bias = 0.0
     if config.approximation_error:
