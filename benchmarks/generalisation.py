@@ -54,10 +54,9 @@ import torch
 
 from dipy_spinverse import TetGrid, published_protocol, simulate
 from dipy_spinverse.interface import cell_table
-from dipy_spinverse.inverse import reconstruct, resolve_config
-from dipy_spinverse.inverse.approximation import approximation_error
+from dipy_spinverse.inverse import prepare, reconstruct, resolve_config
 from dipy_spinverse.inverse.proposal import TRAINING_SEED
-from dipy_spinverse.inverse.search import label_field, learned_proposal
+from dipy_spinverse.inverse.search import label_field
 from dipy_spinverse.metrics import all_metrics, cell_inversion
 from dipy_spinverse.reconst.runner import misfit
 from dipy_spinverse.signals import data_loss, noise_precision, normalise_b0
@@ -150,28 +149,19 @@ def _warm_caches(grid, protocol, options, device):
     """Train the proposal and estimate the approximation error (or read them
     from the cache) before the timer starts: one-off costs, not per voxel."""
     config = resolve_config("default", **options)
+    if not (config.uses_proposal or config.approximation_error):
+        return
     start = time.perf_counter()
-    if config.uses_proposal:
-        learned_proposal(
-            grid,
-            protocol,
-            config,
-            diffusivity=DIFFUSIVITY,
-            dtype=torch.float32,
-            device=device,
-        )
-    if config.approximation_error:
-        approximation_error(
-            grid,
-            protocol,
-            n_substrates=config.approximation_error,
-            diffusivity=DIFFUSIVITY,
-            open_kappa=10.0 ** config.log_kappa_bounds[1],
-            device=device,
-        )
-    if config.uses_proposal or config.approximation_error:
-        seconds = time.perf_counter() - start
-        print(f"  caches ready in {seconds:.1f} s (not in the time per voxel)")
+    prepare(
+        grid,
+        protocol,
+        config,
+        diffusivity=DIFFUSIVITY,
+        dtype=torch.float32,
+        device=device,
+    )
+    seconds = time.perf_counter() - start
+    print(f"  caches ready in {seconds:.1f} s (not in the time per voxel)")
 
 
 def run(physics, args):

@@ -24,11 +24,12 @@ layer (:mod:`dipy_spinverse.reconst`) calls :func:`reconstruct`.
 from .config import PRESETS, InversionConfig, Stage, resolve_config
 from .facefit import barrier_probability
 from .proposal import ProposalSettings, load_or_train_proposal
-from .reconstruct import Reconstruction, reconstruct
+from .reconstruct import Reconstruction, prepare, reconstruct
 from .search import learned_proposal
 
 __all__ = [
     "reconstruct",
+    "prepare",
     "Reconstruction",
     "InversionConfig",
     "Stage",

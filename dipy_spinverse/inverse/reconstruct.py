@@ -19,7 +19,7 @@ from ..signals import noise_precision, normalise_b0
 from .approximation import approximation_error
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
-from .search import bootstrap_search, search_labels
+from .search import bootstrap_search, learned_proposal, search_labels
 
 __all__ = ["Reconstruction", "reconstruct"]
 
@@ -156,14 +156,7 @@ def reconstruct(
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
     bias = 0.0
     if config.approximation_error:
-        error = approximation_error(
-            grid,
-            protocol,
-            n_substrates=config.approximation_error,
-            diffusivity=diffusivity,
-            open_kappa=10.0 ** config.log_kappa_bounds[1],
-            device=device,
-        )
+        error = _grid_error(grid, protocol, config, diffusivity, device, True)
         data, precision = error.apply(data, precision, config.sigma)
         bias = error.mean
     faces = fit_faces(
@@ -210,6 +203,42 @@ def reconstruct(
         config=config,
         precision=precision.cpu().numpy().reshape(*batch_shape, len(protocol)),
         **extras,
+    )
+
+
+def prepare(grid, protocol, config, *, diffusivity, dtype, device, progress=True):
+    """Train (or read from the cache) what ``config`` needs once per grid and
+    protocol: the learned proposal and the grid's approximation error.
+
+    :func:`reconstruct` does it on first use; calling it first keeps these
+    one-off costs out of timings, and lets a volume fit do them once before
+    its voxels go to parallel workers (which would otherwise each do them).
+    """
+    protocol = as_protocol(protocol)
+    if config.uses_proposal:
+        learned_proposal(
+            grid,
+            protocol,
+            config,
+            diffusivity=diffusivity,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+        )
+    if config.approximation_error:
+        _grid_error(grid, protocol, config, diffusivity, device, progress)
+
+
+def _grid_error(grid, protocol, config, diffusivity, device, progress):
+    """The :func:`approximation_error` that ``config`` asks for."""
+    return approximation_error(
+        grid,
+        protocol,
+        n_substrates=config.approximation_error,
+        diffusivity=diffusivity,
+        open_kappa=10.0 ** config.log_kappa_bounds[1],
+        device=device,
+        progress=progress,
     )
 
 

@@ -29,7 +29,7 @@ from ..checks import (
 )
 from ..forward import simulate
 from ..grid import BOUNDARIES, TetGrid
-from ..inverse import learned_proposal, resolve_config
+from ..inverse import prepare, resolve_config
 from ..meshfit.refine import check_refine_options, refine_topology
 from ..sequences import PGSE, Protocol, check_bvals
 from ..signals import normalise_b0
@@ -318,19 +318,19 @@ class SpinverseModel(ReconstModel):
         )
 
     def _prepare(self, *, progress):
-        """Train (or read from the cache) the learned proposal before voxels
-        are sent to workers, so that they read it instead of each training
-        it (with progress bars if ``progress``)."""
-        if self.config.uses_proposal:
-            learned_proposal(
-                self.grid,
-                self.protocol,
-                self.config,
-                diffusivity=self.diffusivity,
-                dtype=self.dtype,
-                device=self.device,
-                progress=progress,
-            )
+        """Train (or read from the cache) the learned proposal and the grid's
+        approximation error before voxels are sent to workers, so that they
+        read them instead of each computing them (with progress bars if
+        ``progress``; :func:`~dipy_spinverse.inverse.prepare`)."""
+        prepare(
+            self.grid,
+            self.protocol,
+            self.config,
+            diffusivity=self.diffusivity,
+            dtype=self.dtype,
+            device=self.device,
+            progress=progress,
+        )
 
     @multi_voxel_fit(batched=True)
     def fit_chunk(self, data, **kwargs):
