@@ -1040,12 +1040,12 @@ class CompartmentModel(ReconstModel):
         # overflow it (a b = 0 mean near 1e-37 against signals near 1) gets
         # NaN, as fit gives one that overflows float64, and the rest are kept.
         usable = torch.isfinite(inputs).all(-1)
-        if not usable.all():
-            params = np.full((len(y), len(self.param_names)), np.nan)
-            keep = usable.numpy()
-            if keep.any():
-                params[keep] = self._fit_learned(y[keep], s0[keep])
-            return params
+        out = np.full((len(y), len(self.param_names)), np.nan)
+        if not usable.any():
+            return out
+        keep = usable.numpy()
+        y, s0, inputs = y[keep], s0[keep], inputs[usable]
+        frames = None if frames is None else frames[usable]
         targets = self.regressor.predict(inputs.numpy())
         targets = torch.as_tensor(targets, dtype=DTYPE)
         if frames is not None:
@@ -1065,7 +1065,8 @@ class CompartmentModel(ReconstModel):
             n_polish = self.default_polish
         if n_polish:
             params = self._polished(y, s0, params, n_polish)
-        return params
+        out[keep] = params
+        return out
 
     def _pack(self, shared, fibre, dirs):
         """Inverse of :meth:`_unpack`: unconstrained parameters (B, P) from
