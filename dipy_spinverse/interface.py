@@ -55,9 +55,9 @@ __all__ = [
 ]
 
 #: Mesh file types :func:`write_mesh` writes and :func:`load_mesh` reads.
-#: ``.vtp`` (VTK XML) is read by VTK, ParaView, meshio and PyVista; legacy
-#: ``.vtk`` is kept for old files only (meshio and trimesh do not read the
-#: legacy POLYDATA files).
+#: ``.vtp`` (VTK XML) is read by VTK, ParaView and PyVista; meshio 5 reads
+#: neither it nor legacy POLYDATA ``.vtk`` (kept for old files only; trimesh
+#: does not read it either): for meshio or trimesh, write ``.ply``.
 MESH_FORMATS = (".ply", ".vtp", ".gii", ".vtk")
 
 _PLY_TYPES = {
