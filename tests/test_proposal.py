@@ -214,6 +214,15 @@ def test_proposal_is_trained_once_then_read_from_the_cache(
     assert proposal_key(grid, prot[:-1], 2e-3, TINY) != first.key
     other = dataclasses.replace(TINY, seed=1)
     assert proposal_key(grid, prot, 2e-3, other) != first.key
+    # ... and nothing else does: a reflecting wall's unused permeability.
+    unused = TetGrid.bcc(grid.size, 2, wall_permeability=0.5)
+    assert unused.boundary == grid.boundary == "reflecting"
+    assert proposal_key(unused, prot, 2e-3, TINY) == first.key
+    absorbing = [
+        TetGrid.bcc(grid.size, 2, boundary="absorbing", wall_permeability=w)
+        for w in (0.1, 0.5)
+    ]
+    assert len({proposal_key(g, prot, 2e-3, TINY) for g in absorbing}) == 2
     # A corrupted cache entry: an error naming the file, not a crash deep in torch.
     path = tmp_path / f"{first.key}.pt"
     path.write_bytes(b"truncated")
