@@ -73,12 +73,18 @@ def test_bias_removal_brings_unseen_substrates_closer(estimate):
     assert_allclose(error.mean[b0], 0, atol=1e-12)  # b0-normalised: no error
 
 
-def test_estimate_is_cached_under_its_settings(estimate):
+def test_estimate_is_cached_under_its_settings(estimate, monkeypatch):
     error, folder = estimate
     again = approximation_error(
         GRID, _protocol(), n_substrates=16, cache_dir=folder, progress=False
     )
     assert again.key == error.key and again.seconds == 0
+    # "~" is the user's home, as for every other cache folder.
+    monkeypatch.setenv("HOME", str(folder.parent))
+    home = approximation_error(
+        GRID, _protocol(), n_substrates=16, cache_dir=f"~/{folder.name}"
+    )
+    assert home.key == error.key and home.seconds == 0
     assert_array_equal(again.mean, error.mean)
     assert_array_equal(again.std, error.std)
     other = approximation_error(

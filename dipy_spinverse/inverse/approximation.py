@@ -27,7 +27,6 @@ the learned proposal is).
 import hashlib
 import json
 import os
-import pathlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -178,7 +177,7 @@ def approximation_error(
         n_substrates=n_substrates,
         refine=refine,
     )
-    folder = pathlib.Path(cache_dir) if cache_dir else cache_root() / "approximation"
+    folder = cache_root(cache_dir) if cache_dir else cache_root() / "approximation"
     path = folder / f"{key}.npz"
     if path.exists():
         saved = np.load(path)
