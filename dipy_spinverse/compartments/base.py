@@ -185,18 +185,14 @@ class CompartmentModel(ReconstModel):
     x and c -> public parameters) and ``_from_params`` (the inverse, for
     prediction).
 
+    The options every model shares (``n_starts``, ``max_iter``,
+    ``n_grid_directions``, ``chunk_size``, ``fit_method``, ``snr``,
+    ``learned_options``, ``cache_dir``) are keywords of :meth:`_setup` and
+    documented on each model.
+
     Parameters
     ----------
     gtab : dipy.core.gradients.GradientTable
-    n_starts : int
-        Starting points per voxel for Levenberg-Marquardt: the best grid atoms
-        of the ``n_starts`` best combinations of scalar grid values.
-    max_iter : int
-        Levenberg-Marquardt iterations.
-    n_grid_directions : int
-        Directions (on a half sphere) of the initialisation grid.
-    chunk_size : int
-        Voxels fitted together (memory grows linearly with it).
     """
 
     #: Whether the model needs gradient timing (restricted or exchange blocks).

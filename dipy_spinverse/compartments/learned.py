@@ -334,6 +334,8 @@ def load_or_train(
     options : LearnedOptions
     directory : path-like, optional
         Cache folder (default :func:`cache_dir`).
+    label : str, optional
+        Prefix of the cache file's name (default ``"regressor"``).
     groups : array_like of int, shape (F, W), optional
         Exchangeable groups of target columns (:func:`set_loss`).
     augment : callable, optional

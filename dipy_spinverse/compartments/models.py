@@ -54,8 +54,6 @@ _COMMON_DOC = """
         ``n_starts`` best combinations of scalar grid values.
     max_iter : int, optional
         Levenberg-Marquardt iterations per voxel.
-    n_grid_directions : int, optional
-        Directions on a half sphere in the initialisation grid.
     chunk_size : int, optional
         Voxels fitted together; memory grows linearly with it.
     fit_method : {"varpro", "learned"}, optional
@@ -68,10 +66,22 @@ _COMMON_DOC = """
         training signals.
     learned_options : dict, optional
         Training options (:class:`~.learned.LearnedOptions`: n_train,
-        epochs, hidden, batch_size, lr, seed).
+        epochs, hidden, batch_size, lr, seed, polish, frame, device).
     cache_dir : path-like, optional
         Folder of the trained networks; default ``$DIPY_SPINVERSE_CACHE`` or
         ``~/.cache/dipy_spinverse``."""
+_GRID_DIRECTIONS_DOC = """
+    n_grid_directions : int, optional
+        Directions on a half sphere in the initialisation grid."""
+
+
+def _with_common_parameters(doc, *, grid_directions=True):
+    """``doc`` with the options every compartment model shares added at the
+    end of its Parameters section (before Notes, where numpydoc reads them).
+    """
+    common = (_GRID_DIRECTIONS_DOC if grid_directions else "") + _COMMON_DOC
+    parameters, notes, rest = doc.partition("\n\n    Notes\n    -----\n")
+    return parameters.rstrip() + common + (notes + rest if notes else "\n    ")
 
 
 def _check_bounds(bounds, name, *, lower=0.0):
@@ -186,7 +196,7 @@ class NoddiModel(CompartmentModel):
     ``n_starts`` defaults to 1 for one fibre and 3 for several.
     """
 
-    __doc__ += _COMMON_DOC
+    __doc__ = _with_common_parameters(__doc__)
     _needs_timing = False
 
     # The learned prior draws ODI log-uniformly: a uniform ODI puts half the
@@ -662,7 +672,7 @@ class ActiveAxModel(CompartmentModel):
     (``fic``, ``fee``, ``diameter``, ``direction``) get a fibre axis.
     """
 
-    __doc__ += _COMMON_DOC
+    __doc__ = _with_common_parameters(__doc__)
     _per_fibre_params = 6
     _fibre_weights = _fic_plus_fee
 
@@ -974,7 +984,7 @@ class ZcdModel(CompartmentModel):
     per-fibre maps get a fibre axis.
     """
 
-    __doc__ += _COMMON_DOC
+    __doc__ = _with_common_parameters(__doc__)
     _per_fibre_params = 8
     _fibre_weights = _fic_plus_fee
 
@@ -1258,7 +1268,7 @@ class IvimModel(CompartmentModel):
         cannot swap.
     """
 
-    __doc__ += _COMMON_DOC
+    __doc__ = _with_common_parameters(__doc__, grid_directions=False)
     _needs_timing = False
     param_names = ("S0", "f", "D_star", "D")
 
@@ -1388,7 +1398,7 @@ class ExchangeModel(CompartmentModel):
     exchange.
     """
 
-    __doc__ += _COMMON_DOC
+    __doc__ = _with_common_parameters(__doc__, grid_directions=False)
     _needs_timing = True
     # The network alone is within 1.5x of the fitted errors here (exchange
     # time 1.5x with log targets), and the polish's Jacobian would be forward

@@ -11,8 +11,9 @@ linear in ``p`` (up to the magnitude a scanner takes), and each voxel's fit
 is a least-squares problem over the simplex, solved exactly for all voxels
 at once (:mod:`.simplex`). ``mixing="parameters"``: BMapEst's choice, the
 voxel's T1, T2 and PD are the proportion-weighted means of the tissues',
-and the proportions are fitted by back-propagation through the signal
-formulas (Adam on softmax logits, started from the signal-mixing fit).
+the signal is nonlinear in ``p``, and the proportions are fitted from the
+best point of a simplex lattice by projected Levenberg-Marquardt (Adam
+through the signal formulas when ``smoothness > 0``).
 
 References
 ----------
@@ -159,7 +160,8 @@ class TissueMapModel:
     mixing : str
         "signal" (partial volumes: signals add, exact per-voxel solve) or
         "parameters" (BMapEst: T1, T2, PD are probability-weighted means;
-        fitted by back-propagation).
+        a lattice search, then projected Levenberg-Marquardt, or Adam
+        through the formulas when ``smoothness > 0``).
     gain : str or float
         The receive gain, the unknown scale between the model's signals
         (proton density 1 = CSF) and the image intensities. "global": one

@@ -127,7 +127,8 @@ class TissueMapsFlow(Workflow):
             1.5 or 3 (tesla), for the literature tissue values.
         mixing : string, optional
             signal (partial volumes add; exact) or parameters (BMapEst:
-            T1, T2, PD are mixed; fitted by back-propagation).
+            T1, T2, PD are mixed; lattice search, then Levenberg-Marquardt,
+            or back-propagation with --smoothness).
         gain : string, optional
             global (one unknown intensity scale), voxel (one per voxel;
             needs as many sequences as tissues) or a number (known).
