@@ -12,7 +12,7 @@ is kept). Physics:
     same grid, noise-free.
 ``snr100``, ``snr30``
     A reflecting voxel with extracellular water; targets drawn and simulated
-    on a grid twice as fine (4,608 cells) and carried to the fit's grid by
+    on a grid twice as fine (5,376 cells) and carried to the fit's grid by
     the fine cell at each coarse centroid; Rician noise at that SNR
     (relative to each sequence's b = 0 signal), ``sigma`` given.
 

@@ -258,8 +258,8 @@ class SpinverseFlow(Workflow):
             Options of the refinement as a JSON object, e.g.
             '{"template": "tube", "n_modes": 8, "max_iter": 30}' (keys:
             template, resolution, layers, n_modes, directions, surface_iter,
-            max_iter, learning_rate, penalty, length_scale, basis_every);
-            only with --refine_mesh.
+            max_iter, learning_rate, penalty, length_scale, basis_every,
+            code, axon_periods); only with --refine_mesh.
         smooth_mesh_format : string, optional
             File format of the smooth meshes: vtp (VTK XML PolyData), ply,
             vtk (legacy VTK) or gii (GIFTI).

@@ -6,7 +6,7 @@ with the per-volume timing, fits ``SpinverseModel`` to the whole volume,
 compares the maps with the ground truth, and saves the maps, the meshes and
 the resumable fit state::
 
-    python examples/fit_phantom_dataset.py --out out/phantom --max_iter 300
+    python examples/fit_phantom_dataset.py --out out/phantom
 
 The same fit from the command line is ``dipy_fit_spinverse`` (see README).
 """
@@ -32,7 +32,9 @@ MAPS = ("restricted_fraction", "surface_to_volume", "n_compartments")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/phantom", help="output folder")
-    parser.add_argument("--max_iter", type=int, default=300, help="iterations")
+    parser.add_argument(
+        "--max_iter", type=int, default=None, help="iterations (default: the preset's)"
+    )
     parser.add_argument("--engine", default="serial", help="serial or joblib")
     parser.add_argument(
         "--sigma", type=float, default=0.015, help="noise / b=0 signal (0: unknown)"

@@ -7,6 +7,7 @@ with ``_`` from another module. doc/layout.md describes the layers.
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -107,3 +108,35 @@ def test_imports_flow_one_way(name):
         assert LAYERS.index(target) < rank, f"{name} imports {target} (upward)"
         if target != name and target in LAYERS and not imported.startswith("__"):
             assert not imported.startswith("_"), f"{name} imports {target}.{imported}"
+
+
+def _documented_layout():
+    """(module, imports) rows of doc/layout.md's table, in the page's order."""
+    text = (PACKAGE.parent / "doc" / "layout.md").read_text()
+    rows = re.findall(r"^\| `([\w.]+)` \| .* \| (.*) \|$", text, re.M)
+    return [(name, set(imports.split(", ")) - {"--"}) for name, imports in rows]
+
+
+def _imported_by(row):
+    """What a documented row imports; the compartments row is its package."""
+    modules = _modules()
+    members = [m for m in modules if m == row or m.startswith(row + ".")]
+    members = members if row == "compartments" else [row]
+    package = row.rsplit(".", 1)[0] + "." if "." in row else None
+    found = set()
+    for name in members:
+        for target, _ in _imports(name, modules[name]):
+            if target in members or target == row or target.startswith(row + "."):
+                continue
+            # doc/layout.md names a sibling in the same package by its short name
+            short = target.removeprefix(package) if package else target
+            found.add(short)
+    return found
+
+
+def test_doc_layout_lists_the_layers_and_their_imports():
+    rows = _documented_layout()
+    names = [name for name, _ in rows]
+    assert names == [name for name in LAYERS if name in names]
+    for name, imports in rows:
+        assert imports == _imported_by(name), name

@@ -536,3 +536,11 @@ def test_search_proposal_reaches_the_model(demo, tmp_path, monkeypatch):
     with pytest.raises(Stop):
         _run(demo, tmp_path, preset="default", search_proposal=64)
     assert seen["search_proposal"] == 64
+
+
+def test_mesh_options_help_names_every_key():
+    from dipy_spinverse.meshfit.refine import REFINE_DEFAULTS
+
+    help_text = " ".join(SpinverseFlow.run.__doc__.split("mesh_options :")[1].split())
+    keys = help_text.split("(keys:")[1].split(")")[0]
+    assert {k.strip(" ;") for k in keys.split(",")} == set(REFINE_DEFAULTS)
