@@ -27,6 +27,11 @@ def cache_root(path=None):
     shape autoencoders live in subfolders or under their own hashes there.
     """
     if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(
+                f"cache_dir must be a folder (a str or path), got {path!r}; "
+                f"or leave it out to use {CACHE_ENV} or ~/.cache/dipy_spinverse"
+            )
         return pathlib.Path(path).expanduser()
     root = os.environ.get(CACHE_ENV)
     if root:

@@ -600,6 +600,13 @@ def test_voxel_with_a_vanishing_b0_does_not_stop_the_fit(gtab_noddi):
     assert np.all(np.isnan(fit.model_params[1]))
     assert_allclose(fit.model_params[[0, 2]], params[[0, 2]], atol=1e-6)
     assert_array_equal(fit.n_fibres, [1, 0, 1])
+    # Smaller than 1 but normal (signals near 1e160, finite; their squares,
+    # the tensor starts' weights, were not): the voxel is fitted, the others
+    # are unchanged.
+    data[1, model.gtab.b0s_mask] = 1e-160
+    fit = model.fit(data)
+    assert np.all(np.isfinite(fit.model_params[1]))
+    assert_allclose(fit.model_params[[0, 2]], params[[0, 2]], atol=1e-6)
 
 
 def test_exchange_predict_masked_and_nan_voxels(gtab_exchange):
@@ -698,6 +705,14 @@ def test_bad_inputs(gtab_axon, gtab_ivim):
         ExchangeModel(gtab_axon, exchange_time_bounds=(2.0, 2000.0))
     with pytest.raises(ValueError, match="dot must be True or False"):
         ActiveAxModel(gtab_axon, dot="no")
+    # Data that are not numbers, options of the wrong kind.
+    for bad in (np.full((2, n), "a"), np.ones((2, n), bool)):
+        with pytest.raises(ValueError, match="data must hold numbers"):
+            model.fit(bad)
+    with pytest.raises(ValueError, match="learned_options must be a dict"):
+        IvimModel(gtab_ivim, learned_options="fast")
+    with pytest.raises(ValueError, match="cache_dir must be a folder"):
+        IvimModel(gtab_ivim, cache_dir=12)
 
 
 # --------------------------------------------------------------------------

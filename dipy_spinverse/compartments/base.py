@@ -21,6 +21,7 @@ from dipy.testing.decorators import warning_for_keywords
 from scipy.spatial.transform import Rotation
 
 from ..checks import check_choice, check_int, check_mask_values, check_positive
+from ..files import cache_root
 from ..sequences import fibonacci_sphere
 from .acquisition import Acquisition
 from .fitting import (
@@ -237,6 +238,7 @@ class CompartmentModel(ReconstModel):
         self.fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
         self.snr = check_positive(snr, "snr")
         self.learned_options = LearnedOptions.from_dict(learned_options)
+        cache_root(cache_dir)  # a folder or None, checked before any fit
         self.cache_dir = cache_dir
         if self.fit_method == "learned" and self.fibres == "auto":
             raise ValueError(
@@ -462,8 +464,11 @@ class CompartmentModel(ReconstModel):
         the normalised signals y (B, M). The weights y^2 undo the log's noise
         amplification at low signal (Salvador et al. 2005, as DIPY's WLS)."""
         X = self._tensor_design
-        w = y.clamp_min(1e-3) ** 2
-        logy = torch.log(y.clamp_min(1e-3))
+        y = y.clamp_min(1e-3)
+        # Each voxel's weights scaled to a maximum of 1 (the solution does not
+        # change): signals whose squares overflow (b = 0 near 1e-160) stay finite.
+        w = (y / y.amax(-1, keepdim=True)) ** 2
+        logy = torch.log(y)
         A = torch.einsum("mi,bm,mj->bij", X, w, X)
         rhs = torch.einsum("mi,bm->bi", X, w * logy)
         ridge = 1e-12 * torch.diagonal(A, dim1=-2, dim2=-1).amax(-1)
@@ -621,6 +626,11 @@ class CompartmentModel(ReconstModel):
             raise ValueError(
                 "data must be real: magnitude signals (np.abs(data)), or the real "
                 "part of phase-corrected data (data.real)"
+            )
+        if data.dtype.kind not in "iuf":
+            raise ValueError(
+                f"data must hold numbers (signal magnitudes), got dtype "
+                f"{data.dtype}; convert it, e.g. np.asarray(data, dtype=float)"
             )
         data = data.astype(np.float64, copy=False)
         n = len(self._acq)

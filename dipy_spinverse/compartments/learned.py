@@ -19,6 +19,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -98,6 +99,11 @@ class LearnedOptions:
     @classmethod
     def from_dict(cls, options):
         """Options from a dict (None: defaults); unknown keys are refused."""
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(
+                f"learned_options must be a dict of training options, got "
+                f"{options!r}; e.g. learned_options={{'n_train': 20000}}"
+            )
         options = dict(options or {})
         known = set(cls.__dataclass_fields__)
         unknown = set(options) - known
