@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from dipy.core.gradients import gradient_table
 from numpy.testing import assert_allclose, assert_array_equal
 from scipy.spatial import cKDTree
 
@@ -16,6 +17,7 @@ from dipy_spinverse.inverse.approximation import (
     approximation_error,
 )
 from dipy_spinverse.inverse.search import label_field
+from dipy_spinverse.reconst import SpinverseModel
 from dipy_spinverse.sequences import fibonacci_sphere
 from dipy_spinverse.signals import normalise_b0
 from dipy_spinverse.substrates import random_substrates
@@ -137,6 +139,25 @@ def test_reconstruct_uses_the_estimate(estimate, monkeypatch):
             protocol,
         ).numpy()
     assert_allclose(corrected.predicted, grid_signal + error.mean, atol=1e-9)
+
+
+def test_model_predicts_in_the_data_terms_on_any_table(estimate, monkeypatch):
+    """fit.predict() and fit.predict(gtab) of the same acquisitions agree: both
+    add the grid's mean error to the grid's signal."""
+    error, _ = estimate
+    module = sys.modules["dipy_spinverse.inverse.reconstruct"]
+    monkeypatch.setattr(module, "approximation_error", lambda *a, **k: error)
+    protocol = _protocol()
+    table = gradient_table(
+        protocol.bvals, bvecs=protocol.bvecs, small_delta=0.01, big_delta=0.03
+    )
+    inside = np.linalg.norm(GRID.cell_centroids - GRID.size / 2, axis=1) < 7
+    signal = simulate(GRID, np.where(GRID.interface_faces(inside), 1e-5, 0.1), protocol)
+    model = SpinverseModel(
+        table, grid=GRID, preset="paper", max_iter=2, approximation_error=16
+    )
+    fit = model.fit(100 * signal.numpy())
+    assert_allclose(fit.predict(table), fit.predict(), rtol=1e-6)
 
 
 def test_bad_settings():

@@ -24,12 +24,13 @@ layer (:mod:`dipy_spinverse.reconst`) calls :func:`reconstruct`.
 from .config import PRESETS, InversionConfig, Stage, resolve_config
 from .facefit import barrier_probability
 from .proposal import ProposalSettings, load_or_train_proposal
-from .reconstruct import Reconstruction, prepare, reconstruct
+from .reconstruct import Reconstruction, grid_error, prepare, reconstruct
 from .search import learned_proposal
 
 __all__ = [
     "reconstruct",
     "prepare",
+    "grid_error",
     "Reconstruction",
     "InversionConfig",
     "Stage",

@@ -156,7 +156,9 @@ def reconstruct(
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
     bias = 0.0
     if config.approximation_error:
-        error = _grid_error(grid, protocol, config, diffusivity, device, True)
+        error = grid_error(
+            grid, protocol, config, diffusivity=diffusivity, device=device
+        )
         data, precision = error.apply(data, precision, config.sigma)
         bias = error.mean
     faces = fit_faces(
@@ -225,12 +227,26 @@ def prepare(grid, protocol, config, *, diffusivity, dtype, device, progress=True
             device=device,
             progress=progress,
         )
-    if config.approximation_error:
-        _grid_error(grid, protocol, config, diffusivity, device, progress)
+    grid_error(
+        grid,
+        protocol,
+        config,
+        diffusivity=diffusivity,
+        device=device,
+        progress=progress,
+    )
 
 
-def _grid_error(grid, protocol, config, diffusivity, device, progress):
-    """The :func:`approximation_error` that ``config`` asks for."""
+def grid_error(grid, protocol, config, *, diffusivity, device="cpu", progress=True):
+    """The grid's approximation error for ``protocol`` that ``config`` asks
+    for (:func:`~.approximation.approximation_error`, cached on disk), or
+    None where ``config.approximation_error`` is 0.
+
+    A fit's prediction is in the data's terms: the grid's signal plus this
+    error's mean, for whatever protocol is predicted.
+    """
+    if not config.approximation_error:
+        return None
     return approximation_error(
         grid,
         protocol,

@@ -708,7 +708,10 @@ class SpinverseFit(ReconstFit):
         ----------
         gtab : GradientTable or Protocol, optional
             Acquisitions to predict (default: the fitted ones). A gradient
-            table needs ``big_delta`` and ``small_delta``.
+            table needs ``big_delta`` and ``small_delta``. A model with
+            ``approximation_error`` adds the grid's mean error for these
+            acquisitions, as for the fitted ones (estimated on first use of
+            a new table, then cached).
         S0 : float or array_like (shape), optional
             Unweighted signal. Default: each voxel's FITTED S0 -- for
             acquisitions sharing a waveform with a fitted sequence that

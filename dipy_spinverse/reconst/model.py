@@ -29,7 +29,7 @@ from ..checks import (
 )
 from ..forward import simulate
 from ..grid import BOUNDARIES, TetGrid
-from ..inverse import prepare, resolve_config
+from ..inverse import grid_error, prepare, resolve_config
 from ..meshfit.refine import check_refine_options, refine_topology
 from ..sequences import PGSE, Protocol, check_bvals
 from ..signals import normalise_b0
@@ -405,7 +405,10 @@ class SpinverseModel(ReconstModel):
 
         One simulated b = 0 acquisition per sequence is added so that every
         sequence is normalised by its own simulated b = 0 signal (below 1
-        with absorbing walls).
+        with absorbing walls). With ``approximation_error``, the grid's mean
+        error for ``protocol`` is added (estimated on first use, then read
+        from the cache), as the fit's own prediction has it: predictions are
+        in the data's terms whatever the acquisitions.
         """
         waveforms = tuple(w for w, _ in protocol.groups())
         b0 = Protocol(
@@ -428,7 +431,15 @@ class SpinverseModel(ReconstModel):
                 out.append(signal.cpu().numpy().astype(np.float64))
         if not out:
             return np.zeros((0, len(protocol)))
-        return normalise_b0(np.concatenate(out), full)[:, : len(protocol)]
+        normalised = normalise_b0(np.concatenate(out), full)[:, : len(protocol)]
+        error = grid_error(
+            self.grid,
+            protocol,
+            self.config,
+            diffusivity=self.diffusivity,
+            device=self.device,
+        )
+        return normalised if error is None else normalised + error.mean
 
     # -- input checks ----------------------------------------------------------
     def _check_data(self, data):
