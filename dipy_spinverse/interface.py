@@ -1204,11 +1204,22 @@ def cell_table(grid, labels, permeability=None):
             outside = cut & (((a == k) & (b == 0)) | ((b == k) & (a == 0)))
             if outside.any():
                 kappa[k - 1] = np.median(field[outside])
-        for k in np.flatnonzero(np.isnan(kappa)) + 1:
-            for j in np.flatnonzero(~np.isnan(kappa)) + 1:
-                shared = ((a == k) & (b == j)) | ((a == j) & (b == k))
-                if shared.any():
-                    inverse = 1 / np.median(field[shared]) - 1 / kappa[j - 1]
-                    kappa[k - 1] = 1 / inverse if inverse > 0 else np.nan
-                    break
+        # Outward from the cells that touch the outside, whatever their
+        # numbering: a pass per layer of cells nested in known ones.
+        tried = set()
+        while True:
+            known = np.flatnonzero(~np.isnan(kappa)) + 1
+            reached = {}
+            for k in set(np.flatnonzero(np.isnan(kappa)) + 1) - tried:
+                for j in known:
+                    shared = ((a == k) & (b == j)) | ((a == j) & (b == k))
+                    if shared.any():
+                        inverse = 1 / np.median(field[shared]) - 1 / kappa[j - 1]
+                        reached[k] = 1 / inverse if inverse > 0 else np.nan
+                        break
+            if not reached:
+                break
+            for k, value in reached.items():
+                kappa[k - 1] = value
+            tried.update(reached)
     return dict(volume=volume, surface_area=area[1:], permeability=kappa)

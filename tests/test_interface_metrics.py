@@ -9,6 +9,7 @@ from dipy_spinverse import phantoms as ph
 from dipy_spinverse.interface import (
     InterfaceMesh,
     barrier_mesh,
+    cell_table,
     enclosed_cells,
     load_mesh,
 )
@@ -345,3 +346,19 @@ def test_metric_validation(grid, published):
         face_scores(p.permeability, p.barrier)
     with pytest.raises(ValueError, match="shape"):
         face_scores(p.barrier[:10], p.barrier)
+
+
+def test_cell_table_reads_nested_membranes_whatever_the_numbering():
+    """Slabs along x: wall | cell 2 | cell 3 | cell 1 | outside. Cell 2 touches
+    only cell 3, which is numbered after it; the series rule still gives each
+    cell its own membrane (it gave NaN for cell 2 before).
+    """
+    from dipy_spinverse.inverse.search import label_field
+
+    grid = TetGrid.bcc(16.0, 4)
+    x = grid.cell_centroids[:, 0]
+    labels = np.select([x < 4, x < 6, x < 12], [2, 3, 1], 0)
+    kappa = np.array([1e-5, 3e-5, 5e-5])
+    table = cell_table(grid, labels, label_field(grid, labels, kappa, 0.1))
+    assert_allclose(table["permeability"], kappa, rtol=1e-12)
+    assert_allclose(table["volume"], np.bincount(labels, grid.cell_volumes)[1:])
