@@ -76,6 +76,31 @@ def test_cell_parametrisation_returns_labels(problem):
     assert set(np.unique(result.labels)) <= {0, 1}
 
 
+def test_cell_parametrisation_numbers_each_piece(problem, monkeypatch):
+    """Two separate pieces of the fit's inside are two cells, as the label
+    search numbers them (the largest first)."""
+    import dataclasses
+    import sys
+
+    from dipy_spinverse.inverse import facefit
+
+    grid, prot, signal = problem
+    x = grid.cell_centroids[:, 0]
+    inside = ((x < 3) | (x > 5)).astype(int)  # two slabs apart
+    fitted = facefit.fit_faces
+
+    def two_pieces(*args, **kwargs):
+        return dataclasses.replace(fitted(*args, **kwargs), labels=inside[None])
+
+    module = sys.modules["dipy_spinverse.inverse.reconstruct"]  # not the function
+    monkeypatch.setattr(module, "fit_faces", two_pieces)
+    result = reconstruct(
+        grid, signal, prot, parametrisation="cell", stages=STAGES, search_steps=0
+    )
+    assert set(np.unique(result.labels)) == {0, 1, 2}
+    assert_array_equal(result.labels > 0, inside > 0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -19,9 +19,9 @@ from ..signals import noise_precision, normalise_b0
 from .approximation import approximation_error
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
-from .search import bootstrap_search, learned_proposal, search_labels
+from .search import bootstrap_search, cell_labels, learned_proposal, search_labels
 
-__all__ = ["Reconstruction", "reconstruct"]
+__all__ = ["Reconstruction", "reconstruct", "prepare", "grid_error"]
 
 
 @dataclass
@@ -189,6 +189,8 @@ def reconstruct(
         with torch.no_grad():
             predicted = simulate(grid, faces.permeability, protocol, **sim)
         predicted = normalise_b0(predicted, protocol)
+        if labels is not None:  # the cell parametrisation's 0/1: a cell per piece
+            labels = np.array([cell_labels(grid, one) for one in labels])
     if labels is None:
         barrier = kappa < config.threshold
     else:  # the interface of the labels: closed by construction

@@ -289,7 +289,7 @@ class SpinverseFit(ReconstFit):
     @property
     def labels(self):
         """Cell labels (..., n_cells): 0 outside, ``k`` in cell ``k``; -1 where
-        not fitted (the cell parametrisation gives 0 and 1 only).
+        not fitted.
 
         Kept whenever the inversion produces labels (the label search, or the
         cell parametrisation); None otherwise.
