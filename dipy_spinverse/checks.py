@@ -21,6 +21,7 @@ __all__ = [
     "check_diffusivity",
     "check_affine",
     "check_mask_values",
+    "check_s0",
     "DTYPES",
     "DIFFUSIVITY_RANGE",
 ]
@@ -239,3 +240,25 @@ def check_mask_values(mask, name="mask"):
                 "a binary mask first, e.g. mask > 0.5."
             )
     return mask != 0
+
+
+def check_s0(S0, shape):
+    """A prediction's unweighted signal ``S0`` broadcast to the fit's ``shape``:
+    finite numbers >= 0, a scalar or one per voxel."""
+    S0 = np.asarray(S0)
+    if S0.dtype.kind not in "iuf":
+        raise ValueError(f"S0 must be numbers, got {S0!r}; give a float or an array")
+    try:
+        out = np.broadcast_to(S0.astype(np.float64), shape)
+    except ValueError:
+        raise ValueError(
+            f"S0 has shape {S0.shape}, but the fit has shape {shape}; give a "
+            "scalar or one S0 per voxel"
+        ) from None
+    if not np.all(np.isfinite(out) & (out >= 0)):
+        bad = out[~(np.isfinite(out) & (out >= 0))].flat[0]
+        raise ValueError(
+            f"S0 must be finite and >= 0 (a signal without diffusion weighting), "
+            f"got {bad:g}"
+        )
+    return out

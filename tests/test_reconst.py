@@ -206,6 +206,9 @@ def test_volume_with_mask(volume_fit, volume, grid):
     s0_map = np.full((2, 2, 1), 3.0)
     assert_allclose(fit.predict(S0=s0_map)[mask][:, 0], 3.0)
     assert_allclose(fit.predict(fit.model.gtab), predicted, rtol=1e-8, atol=1e-12)
+    for bad, match in ((np.ones(3), "S0 has shape"), (-5.0, "S0 must be finite")):
+        with pytest.raises(ValueError, match=match):
+            fit.predict(S0=bad)
 
 
 def test_volume_matches_single_voxel_fits(model, volume_fit, volume):
@@ -412,6 +415,12 @@ def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
     assert volume.n_cells.dtype.kind == "i"
     partial = model.fit(np.stack([signal * 1000.0, np.nan * signal]))
     assert_array_equal(partial.n_cells, [one.n_cells, -1])
+    # ... and so are the labels: all 0 outside the mask, -1 where not fitted.
+    assert np.all(partial.labels[1] == -1)
+    outside = model.fit(np.stack([signal, signal]) * 1000.0, mask=[True, False])
+    assert_array_equal(outside.n_cells, [one.n_cells, 0])
+    assert np.all(outside.labels[1] == 0)
+    assert_array_equal(outside.labels.max(-1), outside.n_cells)
     # numpy's reading of a bool index (a new axis), not voxel (1, ...).
     assert volume[True, 0].shape == (1,)
     # Per-cell maps of a masked voxel are NaN, in a volume or alone.

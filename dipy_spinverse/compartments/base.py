@@ -20,7 +20,13 @@ from dipy.reconst.base import ReconstFit, ReconstModel
 from dipy.testing.decorators import warning_for_keywords
 from scipy.spatial.transform import Rotation
 
-from ..checks import check_choice, check_int, check_mask_values, check_positive
+from ..checks import (
+    check_choice,
+    check_int,
+    check_mask_values,
+    check_positive,
+    check_s0,
+)
 from ..files import cache_root
 from ..sequences import fibonacci_sphere
 from .acquisition import Acquisition
@@ -1312,19 +1318,7 @@ class CompartmentModel(ReconstModel):
         if S0 is not None:
             # The fitted S0 is replaced: divide it out, multiply by the new one.
             fitted = params[..., 0]
-            S0 = np.asarray(S0, dtype=np.float64)
-            try:
-                new = np.broadcast_to(S0, shape)
-            except ValueError:
-                raise ValueError(
-                    f"S0 has shape {S0.shape}, but the fit has shape {shape}; "
-                    "give a scalar or one S0 per voxel"
-                ) from None
-            if np.any(new < 0):
-                raise ValueError(
-                    f"S0 must be >= 0 (a signal without diffusion weighting), got "
-                    f"{S0.min():g}"
-                )
+            new = check_s0(S0, shape)
             with np.errstate(invalid="ignore", divide="ignore"):
                 scaled = signal / fitted[..., None] * new[..., None]
             signal = np.where(todo[..., None], scaled, signal)

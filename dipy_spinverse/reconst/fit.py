@@ -38,6 +38,7 @@ from functools import cached_property
 import numpy as np
 from dipy.reconst.base import ReconstFit
 
+from ..checks import check_s0
 from ..interface import barrier_mesh, barrier_regions, cell_table, write_mesh
 from ..meshfit.fit import axis_radius
 from ..meshfit.mesh import TetMesh, boundary_triangles, signed_volumes, triangle_areas
@@ -288,8 +289,9 @@ class SpinverseFit(ReconstFit):
 
     @property
     def labels(self):
-        """Cell labels (..., n_cells): 0 outside, ``k`` in cell ``k``; -1 where
-        not fitted.
+        """Cell labels (..., n_cells): 0 outside, ``k`` in cell ``k``; all 0
+        outside the mask and -1 where the voxel was not fitted (as
+        :attr:`n_cells`).
 
         Kept whenever the inversion produces labels (the label search, or the
         cell parametrisation); None otherwise.
@@ -297,7 +299,7 @@ class SpinverseFit(ReconstFit):
         labels = self.params["labels"]
         if labels is None or self.shape == ():
             return labels
-        return self._volume(labels, -1)
+        return self._volume(labels, 0)
 
     @property
     def n_cells(self):
@@ -744,8 +746,7 @@ class SpinverseFit(ReconstFit):
                 protocol, self._rows("S0")[rows], self._rows("S0_sequences")[rows]
             )
         else:
-            scale = np.broadcast_to(np.asarray(S0, dtype=float), self.shape)[ok]
-            scale = scale[:, None]
+            scale = check_s0(S0, self.shape)[ok][:, None]
         out[ok] = normalised * scale
         return out
 
