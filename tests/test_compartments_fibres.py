@@ -215,7 +215,7 @@ def test_fibre_count_bad_input(gtab):
     with pytest.raises(ValueError, match="data must be real"):
         fixed.fit(data + 0j)
     fit = fixed._fit_class(fixed, np.zeros((2, len(fixed.param_names))))
-    with pytest.raises(ValueError, match="S0 must be >= 0"):
+    with pytest.raises(ValueError, match="S0 must be finite and >= 0"):
         fit.predict(S0=-1.0)
 
 
