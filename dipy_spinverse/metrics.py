@@ -38,6 +38,7 @@ from .interface import barrier_mesh, check_barrier, enclosed_cells
 __all__ = [
     "face_scores",
     "volume_overlap",
+    "cell_overlap",
     "surface_points",
     "chamfer_distance",
     "hausdorff_distance",
@@ -101,13 +102,27 @@ def volume_overlap(grid, recovered, true_inside):
         ``iou`` and ``dice``, weighted by cell volume; both 1 when neither
         encloses anything.
     """
-    inside = enclosed_cells(grid, recovered)
-    true_inside = np.asarray(true_inside, dtype=bool)
-    if true_inside.shape != (grid.n_cells,):
-        raise ValueError(
-            f"true_inside must have one value per cell ({grid.n_cells},), got "
-            f"shape {true_inside.shape}."
-        )
+    return cell_overlap(grid, enclosed_cells(grid, recovered), true_inside)
+
+
+def cell_overlap(grid, inside, true_inside):
+    """IoU and Dice of two sets of cells (e.g. two labellings' ``labels > 0``).
+
+    Parameters
+    ----------
+    grid : TetGrid
+    inside, true_inside : array_like of bool (n_cells,)
+
+    Returns
+    -------
+    dict
+        ``iou`` and ``dice``, weighted by cell volume; both 1 when both are
+        empty.
+    """
+    inside, true_inside = (
+        _cells(grid, inside, "inside"),
+        _cells(grid, true_inside, "true_inside"),
+    )
     v = grid.cell_volumes
     both = v[inside & true_inside].sum()
     either = v[inside | true_inside].sum()
@@ -115,6 +130,16 @@ def volume_overlap(grid, recovered, true_inside):
     if either == 0:
         return dict(iou=1.0, dice=1.0)
     return dict(iou=float(both / either), dice=float(2 * both / total))
+
+
+def _cells(grid, values, name):
+    values = np.asarray(values, dtype=bool)
+    if values.shape != (grid.n_cells,):
+        raise ValueError(
+            f"{name} must have one value per cell ({grid.n_cells},), got shape "
+            f"{values.shape}."
+        )
+    return values
 
 
 def surface_points(grid, barrier):
