@@ -25,7 +25,7 @@ from .forward import simulate  # noqa: E402
 from .grid import TetGrid  # noqa: E402
 from .interface import InterfaceMesh, barrier_mesh, load_mesh  # noqa: E402
 from .inverse import Reconstruction, reconstruct  # noqa: E402
-from .metrics import all_metrics  # noqa: E402
+from .metrics import all_metrics, cell_overlap  # noqa: E402
 from .phantoms import Phantom, published_phantoms  # noqa: E402
 from .reconst import SpinverseFit, SpinverseModel  # noqa: E402
 from .sequences import (  # noqa: E402
@@ -58,6 +58,7 @@ __all__ = [
     "barrier_mesh",
     "load_mesh",
     "all_metrics",
+    "cell_overlap",
     "SpinverseModel",
     "SpinverseFit",
     "NoddiModel",
