@@ -242,9 +242,11 @@ def check_mask_values(mask, name="mask"):
     return mask != 0
 
 
-def check_s0(S0, shape):
+def check_s0(S0, shape, where=None):
     """A prediction's unweighted signal ``S0`` broadcast to the fit's ``shape``:
-    finite numbers >= 0, a scalar or one per voxel."""
+    a scalar or one per voxel, finite and >= 0 wherever ``where`` (the voxels
+    predicted; default all) is true. Elsewhere (masked or failed voxels, which
+    are not predicted) anything goes, e.g. the NaN of a fitted S0 map."""
     S0 = np.asarray(S0)
     if S0.dtype.kind not in "iuf":
         raise ValueError(f"S0 must be numbers, got {S0!r}; give a float or an array")
@@ -255,10 +257,13 @@ def check_s0(S0, shape):
             f"S0 has shape {S0.shape}, but the fit has shape {shape}; give a "
             "scalar or one S0 per voxel"
         ) from None
-    if not np.all(np.isfinite(out) & (out >= 0)):
-        bad = out[~(np.isfinite(out) & (out >= 0))].flat[0]
+    used = np.ones(shape, dtype=bool) if where is None else np.asarray(where)
+    bad = used & ~(np.isfinite(out) & (out >= 0))
+    if bad.any():
+        first = np.argwhere(bad)[0]
+        voxel = f" at voxel {tuple(int(i) for i in first)}" if len(shape) else ""
         raise ValueError(
-            f"S0 must be finite and >= 0 (a signal without diffusion weighting), "
-            f"got {bad:g}"
+            f"S0 must be finite and >= 0 (a signal without diffusion weighting) "
+            f"where a voxel is predicted, got {out[tuple(first)]:g}{voxel}"
         )
     return out

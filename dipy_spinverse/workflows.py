@@ -739,6 +739,7 @@ def _gradients(
             )
     else:
         small_delta, big_delta = read_timing(timing_file, n_volumes=n_volumes)
+    _check_unit_bvecs(bvals, bvecs, bvec, b0_threshold, bvecs_tol)
     return gradient_table(
         bvals,
         bvecs=bvecs,
@@ -746,6 +747,31 @@ def _gradients(
         small_delta=small_delta,
         b0_threshold=b0_threshold,
         atol=bvecs_tol,
+    )
+
+
+def _check_unit_bvecs(bvals, bvecs, bvec, b0_threshold, bvecs_tol):
+    """Refuse, naming the file and the volumes, the b-vectors of diffusion-
+    weighted volumes that are not unit within ``bvecs_tol`` (DIPY's check,
+    which names neither)."""
+    weighted = np.flatnonzero(np.asarray(bvals) > b0_threshold)
+    norms = np.linalg.norm(np.asarray(bvecs, dtype=float)[weighted], axis=1)
+    off = ~(np.abs(norms - 1) <= bvecs_tol)
+    if not off.any():
+        return
+    first = int(np.argmax(off))
+    volume, length = int(weighted[first]), float(norms[first])
+    hint = (
+        " A zero vector on a volume above --b0_threshold is a b = 0 volume "
+        f"stored as b = {bvals[volume]:g}: raise --b0_threshold above it."
+        if length < bvecs_tol
+        else " Renormalise the vectors, or raise --bvecs_tol if they are known "
+        "to be this far off."
+    )
+    raise ValueError(
+        f"{bvec}: {int(off.sum())} diffusion-weighted volume(s) have a b-vector "
+        f"that is not unit within --bvecs_tol {bvecs_tol:g} (volume {volume}: "
+        f"length {length:.4f}, b = {bvals[volume]:g} s/mm^2).{hint}"
     )
 
 

@@ -607,6 +607,12 @@ def test_voxel_with_a_vanishing_b0_does_not_stop_the_fit(gtab_noddi):
     fit = model.fit(data)
     assert np.all(np.isfinite(fit.model_params[1]))
     assert_allclose(fit.model_params[[0, 2]], params[[0, 2]], atol=1e-6)
+    # predict(S0=...) checks the voxels it predicts only: the NaN S0 of a
+    # voxel without parameters is no error.
+    data[1] = np.nan
+    fit = model.fit(data)
+    assert np.isnan(fit.S0[1])
+    assert_allclose(fit.predict(S0=fit.S0)[[0, 2]], fit.predict()[[0, 2]])
 
 
 def test_exchange_predict_masked_and_nan_voxels(gtab_exchange):

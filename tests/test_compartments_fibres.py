@@ -214,7 +214,7 @@ def test_fibre_count_bad_input(gtab):
         two.fit(data, fibres=np.array([1, 3]))
     with pytest.raises(ValueError, match="data must be real"):
         fixed.fit(data + 0j)
-    fit = fixed._fit_class(fixed, np.zeros((2, len(fixed.param_names))))
+    fit = fixed._fit_class(fixed, np.ones((2, len(fixed.param_names))))
     with pytest.raises(ValueError, match="S0 must be finite and >= 0"):
         fit.predict(S0=-1.0)
 

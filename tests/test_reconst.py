@@ -209,6 +209,13 @@ def test_volume_with_mask(volume_fit, volume, grid):
     for bad, match in ((np.ones(3), "S0 has shape"), (-5.0, "S0 must be finite")):
         with pytest.raises(ValueError, match=match):
             fit.predict(S0=bad)
+    # Only the predicted voxels' S0 matter: a map NaN outside the mask (the
+    # fit's own S0 map, or another model's) is taken.
+    s0_map[~mask] = np.nan
+    assert_allclose(fit.predict(S0=s0_map)[mask][:, 0], 3.0)
+    s0_map[mask.nonzero()[0][0], mask.nonzero()[1][0], 0] = np.nan
+    with pytest.raises(ValueError, match=r"got nan at voxel \("):
+        fit.predict(S0=s0_map)
 
 
 def test_volume_matches_single_voxel_fits(model, volume_fit, volume):

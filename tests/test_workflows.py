@@ -52,8 +52,9 @@ def _run(demo, out_dir, **kwargs):
     )
     options.update(kwargs)
     bvals = options.pop("bvals", demo["bvals"])
+    bvecs = options.pop("bvecs", demo["bvecs"])
     flow = SpinverseFlow(force=True)
-    flow.run(demo["data"], bvals, demo["bvecs"], demo["mask"], **options)
+    flow.run(demo["data"], bvals, bvecs, demo["mask"], **options)
     return flow
 
 
@@ -177,9 +178,22 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(sigma=0.02), "--sigma sets the noise .* --preset paper uses"),
         (dict(bvecs_tol=-1), "bvecs_tol must be"),
         (dict(save_metrics=["uncertainty"]), "--save_metrics uncertainty comes"),
+        (dict(bvecs="LONG"), r"b.bvec: \d+ diffusion-weighted .* Renormalise"),
+        (dict(bvecs="B0_ABOVE", b0_threshold=0), "raise --b0_threshold above it"),
     ],
 )
 def test_workflow_bad_input(demo, tmp_path, kwargs, match):
+    if kwargs.get("bvecs") in ("LONG", "B0_ABOVE"):
+        bvecs = np.loadtxt(demo["bvecs"])
+        bvals = np.loadtxt(demo["bvals"])
+        if kwargs["bvecs"] == "LONG":  # 5 % too long
+            bvecs = bvecs * 1.05
+        else:  # b = 0 volumes stored as b = 5 with zero vectors
+            bvals = np.where(bvals == 0, 5.0, bvals)
+            np.savetxt(tmp_path / "b.bval", bvals[None])
+            kwargs["bvals"] = str(tmp_path / "b.bval")
+        np.savetxt(tmp_path / "b.bvec", bvecs)
+        kwargs["bvecs"] = str(tmp_path / "b.bvec")
     if kwargs.get("bvals") == "MS_UM2":  # b-values in ms/um^2
         np.savetxt(tmp_path / "b.bval", np.loadtxt(demo["bvals"])[None] / 1000)
         kwargs["bvals"] = str(tmp_path / "b.bval")

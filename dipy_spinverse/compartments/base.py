@@ -1318,7 +1318,7 @@ class CompartmentModel(ReconstModel):
         if S0 is not None:
             # The fitted S0 is replaced: divide it out, multiply by the new one.
             fitted = params[..., 0]
-            new = check_s0(S0, shape)
+            new = check_s0(S0, shape, where=todo)
             with np.errstate(invalid="ignore", divide="ignore"):
                 scaled = signal / fitted[..., None] * new[..., None]
             signal = np.where(todo[..., None], scaled, signal)

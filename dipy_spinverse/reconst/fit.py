@@ -746,7 +746,7 @@ class SpinverseFit(ReconstFit):
                 protocol, self._rows("S0")[rows], self._rows("S0_sequences")[rows]
             )
         else:
-            scale = check_s0(S0, self.shape)[ok][:, None]
+            scale = check_s0(S0, self.shape, where=ok)[ok][:, None]
         out[ok] = normalised * scale
         return out
 
