@@ -12,10 +12,11 @@ options; positional inputs may contain wildcards to process several datasets.
 import json
 import os
 
+import nibabel as nib
 import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.io.gradients import read_bvals_bvecs
-from dipy.io.image import load_nifti, load_nifti_data
+from dipy.io.image import load_nifti
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
@@ -382,7 +383,17 @@ class SpinverseFlow(Workflow):
                     f"{dwi} has {data.ndim} dimensions (shape {data.shape}); "
                     "input_files must be 4-D diffusion images (x, y, z, volumes)."
                 )
-            mask = check_mask_values(load_nifti_data(maskfile), f"mask file {maskfile}")
+            mask_image = nib.load(maskfile)
+            _check_same_space(mask_image.affine, affine, maskfile, dwi)
+            mask = check_mask_values(
+                np.asanyarray(mask_image.dataobj), f"mask file {maskfile}"
+            )
+            if mask.shape != data.shape[:-1]:
+                raise ValueError(
+                    f"mask file {maskfile} has shape {mask.shape}, but {dwi} has "
+                    f"{data.shape[:-1]} voxels; pass the mask of this dataset "
+                    "(one value per voxel, 3-D)."
+                )
             if not mask.any():
                 raise ValueError(
                     f"mask file {maskfile} selects no voxel (all zero); pass the "
@@ -748,6 +759,18 @@ def _gradients(
         b0_threshold=b0_threshold,
         atol=bvecs_tol,
     )
+
+
+def _check_same_space(mask_affine, affine, maskfile, dwi):
+    """Warn where the mask's voxel-to-scanner affine is not the data's (a
+    mask of another session or space): it is used voxel for voxel."""
+    if not np.allclose(mask_affine, affine, atol=1e-3):
+        logger.warning(
+            f"mask file {maskfile} has another affine than {dwi} (largest "
+            f"difference {np.abs(mask_affine - affine).max():.3g} mm); it is used "
+            "voxel for voxel. Resample the mask to the data if they are not "
+            "already aligned."
+        )
 
 
 def _check_unit_bvecs(bvals, bvecs, bvec, b0_threshold, bvecs_tol):

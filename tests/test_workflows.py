@@ -238,6 +238,7 @@ def test_workflow_bad_input(demo, tmp_path, kwargs, match):
         ("DWI_3D", "must be 4-D"),
         ("DWI_5D", "must be 4-D"),
         ("SHORT_BVEC", "cannot read the gradient files"),
+        ("4D_MASK", r"mask file .*mask.nii.gz has shape \(3, 2, 1, 1\)"),
     ],
 )
 def test_workflow_bad_files(demo, tmp_path, image, match):
@@ -248,9 +249,13 @@ def test_workflow_bad_files(demo, tmp_path, image, match):
     reference = nib.load(data)
     values = np.ones(reference.shape[:3])
     if image.endswith("_MASK"):
-        values[0, 0, 0] = dict(NAN_MASK=np.nan, FRACTION_MASK=0.3, EMPTY_MASK=0)[image]
+        values[0, 0, 0] = dict(
+            NAN_MASK=np.nan, FRACTION_MASK=0.3, EMPTY_MASK=0, **{"4D_MASK": 1}
+        )[image]
         if image == "EMPTY_MASK":
             values[:] = 0
+        if image == "4D_MASK":
+            values = values[..., None]
         mask = str(tmp_path / "mask.nii.gz")
         nib.save(nib.Nifti1Image(values.astype(np.float32), reference.affine), mask)
     elif image.startswith("DWI"):
@@ -558,3 +563,21 @@ def test_mesh_options_help_names_every_key():
     help_text = " ".join(SpinverseFlow.run.__doc__.split("mesh_options :")[1].split())
     keys = help_text.split("(keys:")[1].split(")")[0]
     assert {k.strip(" ;") for k in keys.split(",")} == set(REFINE_DEFAULTS)
+
+
+def test_a_mask_of_another_space_is_named(demo, tmp_path, caplog):
+    """A mask whose affine is not the data's (another session or space) is
+    used voxel for voxel, with a warning naming it."""
+    reference = nib.load(demo["data"])
+    moved = reference.affine.copy()
+    moved[:3, 3] += 30.0
+    mask = str(tmp_path / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones(reference.shape[:3], np.uint8), moved), mask)
+    with caplog.at_level("WARNING"):
+        SpinverseFlow(force=True).run(
+            demo["data"], demo["bvals"], demo["bvecs"], mask,
+            timing_file=demo["timing"], out_dir=str(tmp_path / "out"),
+            preset="paper", max_iter=2, **{k: SMALL_DEMO[k] for k in ("grid_size",
+            "grid_resolution")},
+        )  # fmt: skip
+    assert "has another affine than" in caplog.text and "30 mm" in caplog.text
