@@ -379,9 +379,15 @@ class SpinverseFlow(Workflow):
             logger.info(f"Spinverse fit of {dwi}")
             data, affine = load_nifti(dwi)
             if data.ndim != 4:
+                squeeze = (
+                    " Save it without the axis of length 1 after x, y, z."
+                    if data.ndim == 5 and 1 in data.shape[3:]
+                    else ""
+                )
                 raise ValueError(
                     f"{dwi} has {data.ndim} dimensions (shape {data.shape}); "
                     "input_files must be 4-D diffusion images (x, y, z, volumes)."
+                    + squeeze
                 )
             mask_image = nib.load(maskfile)
             _check_same_space(mask_image.affine, affine, maskfile, dwi)
@@ -537,7 +543,16 @@ def _previous_fit(model, data, mask, state, *, resume):
             logger.info(f"No saved state at {state}; starting a new fit.")
             return None
         logger.info(f"Resuming the fit saved in {saved[0]}.")
-        return load_fit(saved[0])
+        previous = load_fit(saved[0])
+        try:
+            check_resume(model, previous, data, mask)
+        except ValueError as err:
+            raise ValueError(
+                f"--resume: {saved[0]} cannot be continued with these inputs "
+                f"({err}). Rerun with the files and options it was started with, "
+                "or without --resume (and with --force) to fit afresh."
+            ) from err
+        return previous
     if not os.path.isfile(checkpoint):
         return None
     try:

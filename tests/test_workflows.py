@@ -151,6 +151,10 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
     assert_array_equal(done.status, OK)
     assert np.all(np.isfinite(done.permeability))
     assert_array_equal(_load(flow.last_generated_outputs["out_status"]), OK)
+    # Other options: the command names the file and what to do on the command
+    # line, not the Python API.
+    with pytest.raises(ValueError, match="--resume: .* without --resume"):
+        _run(demo, tmp_path, n_report=0, resume=True, max_iter=3)
 
 
 @pytest.mark.parametrize(
@@ -236,7 +240,7 @@ def test_workflow_bad_input(demo, tmp_path, kwargs, match):
         ("FRACTION_MASK", "fractions"),
         ("EMPTY_MASK", "selects no voxel"),
         ("DWI_3D", "must be 4-D"),
-        ("DWI_5D", "must be 4-D"),
+        ("DWI_5D", "must be 4-D.* without the axis of length 1 after x, y, z"),
         ("SHORT_BVEC", "cannot read the gradient files"),
         ("4D_MASK", r"mask file .*mask.nii.gz has shape \(3, 2, 1, 1\)"),
     ],
