@@ -257,6 +257,7 @@ def test_polish_option_is_checked_and_not_in_the_key(gtab_shells):
     assert LearnedOptions().polish is None
     assert LearnedOptions.from_dict({"polish": None}).polish is None
     assert ExchangeModel.default_polish == 0
+    assert ZcdModel.default_polish == 2  # one left the diameter 1.85x the fit's
     # NODDI's network in the voxels' frames needs no iteration; in the lab
     # frame it does.
     assert NoddiModel(gtab_shells, fit_method="learned").default_polish == 0

@@ -214,9 +214,8 @@ class CompartmentModel(ReconstModel):
     _direction_starts = "grid"
     #: Polish iterations of learned estimates when ``learned_options`` leaves
     #: ``polish`` unset. One iteration brings the network's errors within
-    #: 1.5x of the fitted ones (ActiveAx diameter 1.60x -> 1.14x, ZCD 2.13x
-    #: -> 1.15x) at >= 10,000 voxels/s on 2 cores (doc/compartments.md,
-    #: measured).
+    #: 1.5x of the fitted ones (ActiveAx diameter 1.86x -> 1.26x) at >= 10,000
+    #: voxels/s on 2 cores (doc/compartments.md, measured); ZCD takes 2.
     default_polish = 1
     _fit_class = None
     param_names = ()

@@ -64,9 +64,10 @@ class LearnedOptions:
     polish : int or None
         Levenberg-Marquardt iterations of variable projection on the model's
         own signal after the network (0: the network's estimates as they
-        are). None (default): the model's ``default_polish``, 1 (0 for
-        :class:`~.models.ExchangeModel`, and for
-        :class:`~.models.NoddiModel` when it has a signal frame). Applied to
+        are). None (default): the model's ``default_polish``, 1 (2 for
+        :class:`~.models.ZcdModel`; 0 for :class:`~.models.ExchangeModel`,
+        and for :class:`~.models.NoddiModel` when it has a signal frame).
+        Applied to
         the estimates, not in
         training: not part of the cache key (:meth:`training_description`).
     frame : bool

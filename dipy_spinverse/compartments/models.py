@@ -987,6 +987,11 @@ class ZcdModel(CompartmentModel):
     __doc__ = _with_common_parameters(__doc__)
     _per_fibre_params = 8
     _fibre_weights = _fic_plus_fee
+    # Two polish iterations: with one, the network's diameter stayed 1.85x
+    # the fitted error (fic 1.42x); with two 1.43x (fic 1.33x, every other
+    # parameter within 1.25x) at 12,200 voxels/s on 2 cores
+    # (benchmarks/compartments.py --learned, doc/compartments.md).
+    default_polish = 2
 
     @warning_for_keywords()
     def __init__(
