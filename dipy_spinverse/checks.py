@@ -7,6 +7,7 @@ fit later.
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "check_affine",
     "check_mask_values",
     "check_s0",
+    "check_options",
     "DTYPES",
     "DIFFUSIVITY_RANGE",
 ]
@@ -267,3 +269,13 @@ def check_s0(S0, shape, where=None):
             f"where a voxel is predicted, got {out[tuple(first)]:g}{voxel}"
         )
     return out
+
+
+def check_options(options, name, hint):
+    """A mapping of options (or None: none) as a new dict; anything else is
+    refused naming ``name``, with ``hint`` (how to write it)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{name} must be a dict, got {options!r}; {hint}")
+    return dict(options)

@@ -19,13 +19,12 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from ..checks import check_device, check_int, check_positive
+from ..checks import check_device, check_int, check_options, check_positive
 from ..files import atomic_write, cache_root, writable_folder
 
 __all__ = [
@@ -67,9 +66,8 @@ class LearnedOptions:
         are). None (default): the model's ``default_polish``, 1 (2 for
         :class:`~.models.ZcdModel`; 0 for :class:`~.models.ExchangeModel`,
         and for :class:`~.models.NoddiModel` when it has a signal frame).
-        Applied to
-        the estimates, not in
-        training: not part of the cache key (:meth:`training_description`).
+        Applied to the estimates, not in training: not part of the cache key
+        (:meth:`training_description`).
     frame : bool
         For models with fibre directions: the network sees each voxel's
         signals resampled in the voxel's own frame and predicts directions
@@ -100,12 +98,9 @@ class LearnedOptions:
     @classmethod
     def from_dict(cls, options):
         """Options from a dict (None: defaults); unknown keys are refused."""
-        if options is not None and not isinstance(options, Mapping):
-            raise ValueError(
-                f"learned_options must be a dict of training options, got "
-                f"{options!r}; e.g. learned_options={{'n_train': 20000}}"
-            )
-        options = dict(options or {})
+        options = check_options(
+            options, "learned_options", "e.g. learned_options={'n_train': 20000}"
+        )
         known = set(cls.__dataclass_fields__)
         unknown = set(options) - known
         if unknown:

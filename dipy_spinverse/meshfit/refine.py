@@ -19,12 +19,17 @@ is left out of the mixture).
 """
 
 import dataclasses
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from ..checks import check_choice, check_int, check_number, check_positive
+from ..checks import (
+    check_choice,
+    check_int,
+    check_number,
+    check_options,
+    check_positive,
+)
 from ..forward import simulate
 from ..interface import barrier_mesh
 from ..sequences import as_protocol
@@ -89,12 +94,9 @@ def check_refine_options(options=None):
     ValueError
         An unknown key (naming the known ones) or a value out of range.
     """
-    if options is not None and not isinstance(options, Mapping):
-        raise ValueError(
-            f"mesh_options must be a dict of {sorted(REFINE_DEFAULTS)}, got "
-            f"{options!r}."
-        )
-    options = {} if options is None else dict(options)
+    options = check_options(
+        options, "mesh_options", f"its keys: {sorted(REFINE_DEFAULTS)}"
+    )
     unknown = sorted(set(options) - set(REFINE_DEFAULTS))
     if unknown:
         raise ValueError(
