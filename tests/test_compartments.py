@@ -660,6 +660,48 @@ def test_exchange_does_not_depend_on_chunking(gtab_exchange):
         assert_allclose(other, fits[0], rtol=1e-12, atol=0)
 
 
+def test_chunks_on_threads_give_the_same_fit(gtab_noddi):
+    # Chunks are fitted on torch.get_num_threads() threads; each voxel's fit
+    # is its own, so neither the chunking nor the thread count changes it
+    # beyond rounding (batched BLAS sums in another order: 1e-13 measured).
+    # The exact kernels take torch's forward mode, whose first use
+    # filters a torch warning: threads must not leave that filter (or drop
+    # the user's) in the process's filter list.
+    from dipy_spinverse.compartments import fitting
+
+    rng = np.random.default_rng(5)
+    V = 8
+    params = np.column_stack(
+        [
+            np.full(V, S0),
+            rng.uniform(0.0, 0.3, V),
+            np.ones(V),
+            rng.uniform(0.3, 0.8, V),
+            rng.uniform(0.05, 0.6, V),
+            _unit(rng, V),
+        ]
+    )
+    data = _rician(_simulate(NoddiModel(gtab_noddi), params), rng)
+    threads = torch.get_num_threads()
+    fits = []
+    try:
+        for n_threads, chunk_size in ((1, V), (2, 1), (2, 3)):
+            torch.set_num_threads(n_threads)
+            fitting._FORWARD_MODE_READY.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)
+                before = list(warnings.filters)
+                model = NoddiModel(
+                    gtab_noddi, kernels="exact", n_starts=1, chunk_size=chunk_size
+                )
+                fits.append(model.fit(data).model_params)
+                assert warnings.filters == before
+    finally:
+        torch.set_num_threads(threads)
+    for other in fits[1:]:
+        assert_allclose(other, fits[0], rtol=1e-10, atol=1e-12)
+
+
 def test_predict_outside_the_mask_is_zero(activeax_case):
     model, params = activeax_case
     volume = np.stack([params, np.zeros_like(params), np.full_like(params, np.nan)])

@@ -27,6 +27,7 @@ Lawson and Hanson, Solving Least Squares Problems (1974) (NNLS).
 
 import functools
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -238,6 +239,16 @@ def forward_differences(columns, x, Phi, c):
     return dmodel.mT
 
 
+# Set once torch's forward mode has been set up in this process (see
+# forward_mode); the lock serialises its calls.
+_FORWARD_MODE_READY = threading.Event()
+_FORWARD_MODE_LOCK = threading.Lock()
+
+
+def _tangents(model, x, basis):
+    return torch.func.vmap(lambda v: torch.func.jvp(model, (x,), (v,))[1])(basis)
+
+
 def forward_mode(columns, x, Phi, c):
     """``d(Phi c)/dx`` with c fixed, by forward-mode autodiff, shape (B, M, P).
 
@@ -254,14 +265,23 @@ def forward_mode(columns, x, Phi, c):
         return (columns(x) @ c)[..., 0]
 
     basis = torch.eye(P, dtype=x.dtype)[:, None, :].expand(P, B, P)
-    with warnings.catch_warnings():
-        # torch's forward-mode setup calls its own deprecated torch.jit.script
-        # on first use; nothing the caller can act on.
-        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")
-        tangents = torch.func.vmap(lambda v: torch.func.jvp(model, (x,), (v,))[1])(
-            basis
-        )
-    return tangents.permute(1, 2, 0)
+
+    # torch's forward-mode levels are process-wide: two threads (the chunks
+    # of one fit) inside jvp at once fail ("invalid forward AD level"), so
+    # one at a time; the rest of their iterations still overlaps.
+    with _FORWARD_MODE_LOCK:
+        if _FORWARD_MODE_READY.is_set():
+            out = _tangents(model, x, basis)
+        else:
+            with warnings.catch_warnings():
+                # torch's forward-mode setup calls its own deprecated
+                # torch.jit.script on first use; nothing the caller can act
+                # on. Only the first call filters (under the lock):
+                # catch_warnings swaps the process's filter list.
+                warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated")
+                out = _tangents(model, x, basis)
+            _FORWARD_MODE_READY.set()
+    return out.permute(1, 2, 0)
 
 
 def fd_steps(x):
