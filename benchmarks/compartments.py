@@ -994,7 +994,7 @@ def run_amico(quick, threads):
         "|---:|---:|---:|---:|---:|---:|:---|",
     ]
     kernel_times = []
-    for k, n in ((1, 1000), (2, 100), (3, 40)):
+    for k, n in ((1, 10000), (2, 100), (3, 40)):
         n = max(8, int(n * (0.25 if quick else 1.0)))
         rng = np.random.default_rng(SEED)
         model, params, errors = noddi_case(gtab, n, rng, k)

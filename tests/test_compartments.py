@@ -660,15 +660,16 @@ def test_exchange_does_not_depend_on_chunking(gtab_exchange):
         assert_allclose(other, fits[0], rtol=1e-12, atol=0)
 
 
-def test_chunks_on_threads_give_the_same_fit(gtab_noddi):
+def test_chunks_on_threads_give_the_same_fit(gtab_noddi, monkeypatch):
     # Chunks are fitted on torch.get_num_threads() threads; each voxel's fit
     # is its own, so neither the chunking nor the thread count changes it
     # beyond rounding (batched BLAS sums in another order: 1e-13 measured).
     # The exact kernels take torch's forward mode, whose first use
     # filters a torch warning: threads must not leave that filter (or drop
     # the user's) in the process's filter list.
-    from dipy_spinverse.compartments import fitting
+    from dipy_spinverse.compartments import base, fitting
 
+    monkeypatch.setattr(base, "_MIN_THREADED_CHUNK", 1)  # small chunks threaded
     rng = np.random.default_rng(5)
     V = 8
     params = np.column_stack(

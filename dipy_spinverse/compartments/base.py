@@ -183,22 +183,30 @@ def _min_separation_deg(params, model):
     return smallest
 
 
+# Smallest chunk fitted beside others on threads (see _map_chunks). Below
+# it the iterations' Python work dominates and threads contend for the GIL:
+# 2-fibre NODDI on 100 voxels in two threads of 50 ran at 40-44 voxels/s
+# against 68-75 in one, and on 512 voxels (threads of 256) at 109-156
+# against 167-176; on 2,048 (1,024 each) threads won, 297 against 210.
+_MIN_THREADED_CHUNK = 512
+
+
 def _map_chunks(fit_chunk, n, step, *, desc):
     """``[fit_chunk(start, stop), ...]`` over consecutive chunks of at most
-    ``step`` of ``n`` voxels, in order, on ``torch.get_num_threads()``
-    threads, with a progress bar in voxels (shown on a terminal only).
+    ``step`` of ``n`` voxels, in order, with a progress bar in voxels (shown
+    on a terminal only).
 
-    Why threads: a Levenberg-Marquardt iteration is many small torch calls
-    with Python between them, during which torch's own threads wait. NODDI
-    fitting 10,000 voxels in one chunk at a time kept 1.4 of 2 cores busy
-    (4,000 voxels/s); two chunks at a time keep 1.8 busy (5,500-6,000
-    voxels/s, same estimates: each voxel's fit does not depend on the
-    others). Chunks shrink so that every thread has one. Grad mode is
-    per thread, so ``fit_chunk`` sets its own.
+    Several chunks of at least ``_MIN_THREADED_CHUNK`` voxels are fitted on
+    ``torch.get_num_threads()`` threads. Why: a Levenberg-Marquardt
+    iteration is many torch calls with Python between them, during which
+    torch's own threads wait. One-fibre NODDI on 10,000 voxels, one chunk
+    at a time, kept 1.4 of 2 cores busy (4,000 voxels/s); two at a time
+    keep 1.8 busy (5,700-6,000 voxels/s), with the same estimates (each
+    voxel's fit is its own). Grad mode is per thread, so ``fit_chunk`` sets
+    its own.
     """
-    workers = max(1, min(torch.get_num_threads(), n))
-    step = max(1, min(step, -(-n // workers)))
     bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
+    workers = min(torch.get_num_threads(), len(bounds))
     with tqdm(total=n, desc=desc, unit="voxel", disable=None, leave=False) as bar:
 
         def one(bound):
@@ -206,7 +214,7 @@ def _map_chunks(fit_chunk, n, step, *, desc):
             bar.update(bound[1] - bound[0])
             return out
 
-        if workers == 1 or len(bounds) == 1:
+        if workers < 2 or step < _MIN_THREADED_CHUNK:
             return [one(b) for b in bounds]
         with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(one, bounds))
