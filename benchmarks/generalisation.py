@@ -46,7 +46,10 @@ With ``--approximation N`` the realistic fits take the fit grid's
 approximation error (:mod:`dipy_spinverse.inverse.approximation`) over N
 substrates into account. ``--json`` writes the settings, each physics'
 summaries (per family and "all") and its per-voxel rows, infinities and NaN
-as null.
+as null. ``--rows FILE`` appends each batch's voxels to a JSON-lines file as
+they are scored and reads the voxels already there (same physics and
+settings) instead of fitting them again: a long evaluation can be stopped
+and resumed, e.g. over several sessions of a 2-core machine.
 
 The realistic substrates are drawn on the fine grid, whose size floor
 follows its spacing: their cells are smaller than the paper draws' (median
@@ -203,46 +206,101 @@ def run(physics, args):
     if args.approximation and physics != "paper":
         options["approximation_error"] = args.approximation
     _warm_caches(grid, protocol, options, args.device)
-    rows = []
-    start = time.perf_counter()
-    for i in range(0, args.n, args.batch):
-        part = slice(i, i + args.batch)
+    key = _settings(physics, args)
+    done = _stored_rows(args.rows, key, args.n)
+    todo = [i for i in range(args.n) if i not in done]
+    if done:
+        print(f"  {physics}: {len(done)} voxels read from {args.rows}", flush=True)
+    for batch in (todo[i : i + args.batch] for i in range(0, len(todo), args.batch)):
+        start = time.perf_counter()
         result = reconstruct(
             grid,
-            signal[part],
+            signal[batch],
             protocol,
             preset="default",
             diffusivity=DIFFUSIVITY,
             device=args.device,
             **options,
         )
-        truth = [
-            label_field(grid, labels[i + v], kappas[i + v], 0.1)
-            for v in range(len(result.labels))
-        ]
+        truth = [label_field(grid, labels[i], kappas[i], 0.1) for i in batch]
         # As SpinverseModel flags it: a misfit the noise cannot explain.
-        _, poor = misfit(signal[part], result, protocol)
-        gaps = chi_square(grid, protocol, signal[part], result.permeability, sigma)
-        gaps -= chi_square(grid, protocol, signal[part], np.array(truth), sigma)
-        for v, found in enumerate(result.labels):
-            rows.append(
+        _, poor = misfit(signal[batch], result, protocol)
+        gaps = chi_square(grid, protocol, signal[batch], result.permeability, sigma)
+        gaps -= chi_square(grid, protocol, signal[batch], np.array(truth), sigma)
+        seconds = (time.perf_counter() - start) / len(batch)
+        new = []
+        for v, i in enumerate(batch):
+            new.append(
                 score(
-                    grid,
-                    labels[part][v],
-                    kappas[i + v],
-                    found,
-                    result.permeability[v],
+                    grid, labels[i], kappas[i], result.labels[v], result.permeability[v]
                 )
                 | dict(
-                    kind=kinds[i + v],
+                    kind=kinds[i],
                     uncertainty=float(result.uncertainty[v]),
                     chi2_gap=float(gaps[v]),
                     poor_fit=bool(poor[v]),
+                    index=i,
+                    seconds=seconds,
                 )
             )
-        print(f"  {physics}: {len(rows)}/{args.n} voxels", flush=True)
-    per_voxel = (time.perf_counter() - start) / args.n
-    return rows, per_voxel
+        done.update((row["index"], row) for row in new)
+        _append_rows(args.rows, key, new)
+        print(f"  {physics}: {len(done)}/{args.n} voxels", flush=True)
+    rows = [done[i] for i in range(args.n)]
+    # Time per voxel: the mean over the voxels' batches (rows read from
+    # --rows keep the time of the run that fitted them).
+    return rows, float(np.mean([row["seconds"] for row in rows]))
+
+
+def _settings(physics, args):
+    """What a row's numbers depend on (rows of other settings are not mixed)."""
+    names = ("seed", "starts", "ranking", "restarts", "kicks", "bootstrap")
+    key = {name: getattr(args, name) for name in names}
+    key.update(physics=physics, search_batch=args.search_batch, batch=args.batch)
+    if args.starts != "dictionary":
+        key["proposal"] = args.proposal
+    if physics != "paper":
+        key["approximation"] = args.approximation
+    return key
+
+
+def _stored_rows(path, key, n):
+    """{index: row} of the rows in the JSON-lines file ``path`` fitted with
+    the settings ``key`` (substrates below ``n``); none without a file.
+    Rows of the same physics with other settings are refused: their numbers
+    are not comparable."""
+    if path is None or not os.path.exists(path):
+        return {}
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            stored = json.loads(line)
+            if stored["settings"]["physics"] != key["physics"]:
+                continue
+            if stored["settings"] != key:
+                raise SystemExit(
+                    f"--rows {path} holds {key['physics']} rows fitted with "
+                    f"{stored['settings']}, not {key}; give another file."
+                )
+            row = stored["row"]
+            if row["chamfer"] is None:
+                row["chamfer"] = float("inf")  # stored as null
+            if row["chi2_gap"] is None:
+                row["chi2_gap"] = float("nan")
+            if row["index"] < n:
+                rows[row["index"]] = row
+    return rows
+
+
+def _append_rows(path, key, rows):
+    """Append ``rows`` to the JSON-lines file ``path`` (if any), one line each,
+    so that an interrupted run keeps its voxels."""
+    if path is None:
+        return
+    with open(path, "a") as f:
+        for row in rows:
+            line = dict(settings=key, row=row)
+            f.write(json.dumps(_finite_or_none(line), allow_nan=False) + "\n")
 
 
 def chi_square(grid, protocol, signals, fields, sigma):
@@ -413,6 +471,13 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="torch device of the fits")
     parser.add_argument(
         "--json", default=None, help="write the settings, summaries and rows here"
+    )
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="JSON-lines file: each batch's voxels are appended to it as they are "
+        "scored, and voxels already in it (same physics and settings) are read, "
+        "not fitted again, so an interrupted run resumes",
     )
     args = parser.parse_args(argv)
     if args.seed in (TRAINING_SEED, APPROXIMATION_SEED):

@@ -71,3 +71,49 @@ def test_summaries_survive_a_voxel_without_cells(bench, tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(bench._finite_or_none(rows), allow_nan=False))
     assert json.loads(path.read_text())[1]["chamfer"] is None
+
+
+def test_rows_file_resumes_and_refuses_other_settings(bench, tmp_path):
+    """--rows: voxels appended per batch are read back as they were scored
+    (infinite Chamfer and NaN chi-square included), voxels beyond --n are
+    left out, and rows of other settings for the same physics are refused."""
+    args = bench.argparse.Namespace(
+        seed=7,
+        starts="dictionary",
+        ranking="lazy",
+        restarts=1,
+        kicks=0,
+        bootstrap=0,
+        search_batch=0,
+        batch=8,
+        proposal=4000,
+        approximation=0,
+    )
+    key = bench._settings("paper", args)
+    path = str(tmp_path / "rows.jsonl")
+    assert bench._stored_rows(path, key, 10) == {}  # no file yet
+    rows = [
+        dict(
+            iou=0.5,
+            f1=0.4,
+            chamfer=np.inf,
+            kappa_errors=[],
+            kind="multi",
+            uncertainty=0.1,
+            chi2_gap=np.nan,
+            poor_fit=False,
+            index=i,
+            seconds=60.0,
+        )
+        for i in (0, 1, 5)
+    ]
+    bench._append_rows(path, key, rows[:2])
+    bench._append_rows(path, key, rows[2:])
+    back = bench._stored_rows(path, key, 3)
+    assert sorted(back) == [0, 1]  # index 5 is beyond n = 3
+    assert back[1]["chamfer"] == np.inf and np.isnan(back[1]["chi2_gap"])
+    other = bench._settings("snr100", args)  # another physics: ignored
+    assert bench._stored_rows(path, other, 10) == {}
+    args.restarts = 8
+    with pytest.raises(SystemExit, match="give another file"):
+        bench._stored_rows(path, bench._settings("paper", args), 10)
