@@ -55,7 +55,9 @@ _COMMON_DOC = """
     max_iter : int, optional
         Levenberg-Marquardt iterations per voxel.
     chunk_size : int, optional
-        Voxels fitted together; memory grows linearly with it.
+        Voxels fitted together; memory grows linearly with it. Chunks of at
+        least 512 voxels are fitted ``torch.get_num_threads()`` at a time,
+        one per thread (the memory of that many chunks).
     fit_method : {"varpro", "learned"}, optional
         "varpro": variable-projection fitting (the default); "learned": a
         small MLP trained on signals simulated from this model for ``gtab``
