@@ -661,7 +661,7 @@ def test_exchange_does_not_depend_on_chunking(gtab_exchange):
 
 
 def test_chunks_on_threads_give_the_same_fit(gtab_noddi, monkeypatch):
-    # Chunks are fitted on torch.get_num_threads() threads; each voxel's fit
+    # Chunks are fitted two at a time on threads; each voxel's fit
     # is its own, so neither the chunking nor the thread count changes it
     # beyond rounding (batched BLAS sums in another order: 1e-13 measured).
     # The exact kernels take torch's forward mode, whose first use

@@ -189,6 +189,13 @@ def _min_separation_deg(params, model):
 # against 68-75 in one, and on 512 voxels (threads of 256) at 109-156
 # against 167-176; on 2,048 (1,024 each) threads won, 297 against 210.
 _MIN_THREADED_CHUNK = 512
+# Chunks in flight at once (with at least 2 torch threads). Two fill the
+# gaps that one chunk's Python leaves; each chunk's torch calls use all of
+# torch's intra-op threads, so more would multiply the threads on the
+# cores (64 x 64 on a 64-core node) rather than fill them. Setting
+# torch's thread count inside the workers is not an option: it changes
+# the process-wide default that later threads start with.
+_CHUNKS_IN_FLIGHT = 2
 
 
 def _map_chunks(fit_chunk, n, step, *, desc):
@@ -196,8 +203,9 @@ def _map_chunks(fit_chunk, n, step, *, desc):
     ``step`` of ``n`` voxels, in order, with a progress bar in voxels (shown
     on a terminal only).
 
-    Several chunks of at least ``_MIN_THREADED_CHUNK`` voxels are fitted on
-    ``torch.get_num_threads()`` threads. Why: a Levenberg-Marquardt
+    Several chunks of at least ``_MIN_THREADED_CHUNK`` voxels are fitted
+    ``_CHUNKS_IN_FLIGHT`` at a time on threads (if torch has more than one
+    thread). Why: a Levenberg-Marquardt
     iteration is many torch calls with Python between them, during which
     torch's own threads wait. One-fibre NODDI on 10,000 voxels, one chunk
     at a time, kept 1.4 of 2 cores busy (4,000 voxels/s); two at a time
@@ -206,7 +214,7 @@ def _map_chunks(fit_chunk, n, step, *, desc):
     its own.
     """
     bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
-    workers = min(torch.get_num_threads(), len(bounds))
+    workers = min(_CHUNKS_IN_FLIGHT, torch.get_num_threads(), len(bounds))
     with tqdm(total=n, desc=desc, unit="voxel", disable=None, leave=False) as bar:
 
         def one(bound):

@@ -56,8 +56,8 @@ _COMMON_DOC = """
         Levenberg-Marquardt iterations per voxel.
     chunk_size : int, optional
         Voxels fitted together; memory grows linearly with it. Chunks of at
-        least 512 voxels are fitted ``torch.get_num_threads()`` at a time,
-        one per thread (the memory of that many chunks).
+        least 512 voxels are fitted two at a time, on two threads, when
+        torch has more than one (the memory of two chunks).
     fit_method : {"varpro", "learned"}, optional
         "varpro": variable-projection fitting (the default); "learned": a
         small MLP trained on signals simulated from this model for ``gtab``
