@@ -201,7 +201,7 @@ _CHUNKS_IN_FLIGHT = 2
 def _map_chunks(fit_chunk, n, step, *, desc):
     """``[fit_chunk(start, stop), ...]`` over consecutive chunks of at most
     ``step`` of ``n`` voxels, in order, with a progress bar in voxels (shown
-    on a terminal only).
+    on a terminal, for several chunks).
 
     Several chunks of at least ``_MIN_THREADED_CHUNK`` voxels are fitted
     ``_CHUNKS_IN_FLIGHT`` at a time on threads (if torch has more than one
@@ -215,7 +215,10 @@ def _map_chunks(fit_chunk, n, step, *, desc):
     """
     bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
     workers = min(_CHUNKS_IN_FLIGHT, torch.get_num_threads(), len(bounds))
-    with tqdm(total=n, desc=desc, unit="voxel", disable=None, leave=False) as bar:
+    # A bar only for several chunks (a fit long enough to watch), and only
+    # on a terminal (disable=None).
+    quiet = True if len(bounds) < 2 else None
+    with tqdm(total=n, desc=desc, unit="voxel", disable=quiet, leave=False) as bar:
 
         def one(bound):
             out = fit_chunk(*bound)
