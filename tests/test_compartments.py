@@ -101,6 +101,21 @@ def _simulate(model, params):
     return model._fit_class(model, params).predict()
 
 
+def _one_fibre_noddi(rng, V):
+    """One-fibre NODDI parameters of V voxels: S0, fiso 0-0.3, weight 1, NDI
+    0.3-0.8, ODI 0.05-0.6, a uniform direction."""
+    return np.column_stack(
+        [
+            np.full(V, S0),
+            rng.uniform(0, 0.3, V),
+            np.ones(V),
+            rng.uniform(0.3, 0.8, V),
+            rng.uniform(0.05, 0.6, V),
+            _unit(rng, V),
+        ]
+    )
+
+
 def _angle_deg(a, b):
     return np.degrees(np.arccos(np.clip(np.abs(np.sum(a * b, -1)), 0, 1)))
 
@@ -274,16 +289,7 @@ def test_noddi_table_and_exact_kernels_agree(gtab_noddi):
     V = 40
     exact = NoddiModel(gtab_noddi, kernels="exact")
     table = NoddiModel(gtab_noddi)
-    params = np.column_stack(
-        [
-            np.full(V, S0),
-            rng.uniform(0, 0.3, V),
-            np.ones(V),
-            rng.uniform(0.3, 0.8, V),
-            rng.uniform(0.05, 0.6, V),
-            _unit(rng, V),
-        ]
-    )
+    params = _one_fibre_noddi(rng, V)
     signal = _simulate(exact, params)
     # Predictions: within 5e-6 of S0 (3.5e-6 measured for b <= 3000, above).
     assert np.abs(_simulate(table, params) - signal).max() < 5e-6 * S0
@@ -672,16 +678,7 @@ def test_chunks_on_threads_give_the_same_fit(gtab_noddi, monkeypatch):
     monkeypatch.setattr(base, "_MIN_THREADED_CHUNK", 1)  # small chunks threaded
     rng = np.random.default_rng(5)
     V = 8
-    params = np.column_stack(
-        [
-            np.full(V, S0),
-            rng.uniform(0.0, 0.3, V),
-            np.ones(V),
-            rng.uniform(0.3, 0.8, V),
-            rng.uniform(0.05, 0.6, V),
-            _unit(rng, V),
-        ]
-    )
+    params = _one_fibre_noddi(rng, V)
     data = _rician(_simulate(NoddiModel(gtab_noddi), params), rng)
     threads = torch.get_num_threads()
     fits = []

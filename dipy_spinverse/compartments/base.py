@@ -205,13 +205,12 @@ def _map_chunks(fit_chunk, n, step, *, desc):
 
     Several chunks of at least ``_MIN_THREADED_CHUNK`` voxels are fitted
     ``_CHUNKS_IN_FLIGHT`` at a time on threads (if torch has more than one
-    thread). Why: a Levenberg-Marquardt
-    iteration is many torch calls with Python between them, during which
-    torch's own threads wait. One-fibre NODDI on 10,000 voxels, one chunk
-    at a time, kept 1.4 of 2 cores busy (4,000 voxels/s); two at a time
-    keep 1.8 busy (5,700-6,000 voxels/s), with the same estimates (each
-    voxel's fit is its own). Grad mode is per thread, so ``fit_chunk`` sets
-    its own.
+    thread). Why: a Levenberg-Marquardt iteration is many torch calls with
+    Python between them, during which torch's own threads wait. One-fibre
+    NODDI on 10,000 voxels, one chunk at a time, kept 1.4 of 2 cores busy
+    (4,000 voxels/s); two at a time keep 1.8 busy (5,700-6,000 voxels/s),
+    with the same estimates (each voxel's fit is its own). Grad mode is per
+    thread, so ``fit_chunk`` sets its own.
     """
     bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
     workers = min(_CHUNKS_IN_FLIGHT, torch.get_num_threads(), len(bounds))
