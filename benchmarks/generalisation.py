@@ -70,6 +70,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+import dipy_spinverse
 from dipy_spinverse import TetGrid, published_protocol, simulate
 from dipy_spinverse.files import atomic_write, cache_root, writable_folder
 from dipy_spinverse.forward import update_digest
@@ -82,6 +83,11 @@ from dipy_spinverse.metrics import all_metrics, cell_inversion, cell_overlap
 from dipy_spinverse.reconst.runner import misfit
 from dipy_spinverse.signals import data_loss, noise_precision, normalise_b0
 from dipy_spinverse.substrates import random_substrates
+
+#: Part of the cache key of the targets' signals (:func:`simulated`), as the
+#: package's own caches have one: bump it when the forward model's results
+#: change, or the cached targets of the old model would be read back.
+TARGETS_VERSION = 1
 
 #: Intrinsic diffusivity of the targets and the fits (mm^2/s; the package's
 #: default).
@@ -132,7 +138,12 @@ def simulated(grid, field, protocol):
     take about 18 minutes on 2 CPU cores, which every resumed ``--rows`` run
     paid again."""
     field = np.ascontiguousarray(field, dtype=np.float64)
-    meta = dict(diffusivity=DIFFUSIVITY, torch=torch.__version__)
+    meta = dict(
+        version=TARGETS_VERSION,
+        package=dipy_spinverse.__version__,
+        diffusivity=DIFFUSIVITY,
+        torch=torch.__version__,
+    )
     key = update_digest(hashlib.sha256(), grid, protocol, **meta)
     key.update(field.tobytes())
     path = cache_root() / "generalisation" / f"targets-{key.hexdigest()[:32]}.npy"
