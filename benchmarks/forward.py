@@ -104,9 +104,21 @@ def main(argv=None):
     print()
     print("\n".join(notes))
     if args.write_doc:
-        DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
-        DOC_PATH.write_text(format_markdown(header, rows, notes, argv))
+        write_doc(DOC_PATH, format_markdown(header, rows, notes, argv))
         print(f"\nwrote {DOC_PATH}")
+
+
+def write_doc(path, generated):
+    """Write ``generated`` (a document without ``## `` sections) to ``path``,
+    keeping the hand-written sections of the file there: everything from
+    its first ``## `` heading on (the engine comparison, measured apart)."""
+    kept = ""
+    if path.is_file():
+        old = path.read_text()
+        at = old.find("\n## ")
+        kept = old[at:] if at >= 0 else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(generated + kept)
 
 
 def _parse(argv):

@@ -377,8 +377,9 @@ class _LabZ:
         return self._finish(self.diag[adjoint] * v, v, -1.0)
 
     def recur(self, t, t_prev, adjoint=False):
-        """``2 Z t - t_prev`` in two kernels."""
-        partial = torch.addcmul(-t_prev, self.diag2[adjoint], t)
+        """``2 Z t - t_prev`` in three kernels and one new array (negating
+        ``t_prev`` first for one ``addcmul`` made two: 15-25 % slower)."""
+        partial = torch.mul(self.diag2[adjoint], t).sub_(t_prev)
         return self._finish(partial, t, -2.0)
 
     def start_gradients(self):
@@ -429,22 +430,59 @@ def _chebyshev_plan(tau, lo, radius, imag_extent, tol, max_peak):
     while True:
         x = x_total / n_sub  # (B,)
         growth = np.exp(-tau / n_sub * lo)  # e^{-tau lo}, > 1 if lo < 0
-        k_max = int(min(4000, 60 + 3 * x.max() * rho + 40 * math.sqrt(x.max())))
-        k = np.arange(k_max + 1)
-        terms = special.ive(k[:, None], x[None]) * growth  # (K, B)
-        weighted = 2.0 * terms * rho ** k[:, None]
-        peak = weighted.max()
-        if peak <= max_peak or n_sub >= 4096:
+        allowed = tol / n_sub / crouzeix
+        terms, remainder = _bessel_terms(x, growth, rho, 1e-3 * allowed)
+        k = np.arange(len(terms))
+        weighted = _weights(terms, k, rho)
+        if weighted.max() <= max_peak or n_sub >= 4096:
             break
         n_sub *= 2
-    tail = np.cumsum(weighted[::-1], axis=0)[::-1]  # tail[k] = sum_{j>=k}
-    allowed = tol / n_sub / crouzeix
+    # tail[k] = sum_{j >= k} of the weights, the uncomputed remainder included.
+    tail = np.cumsum(weighted[::-1], axis=0)[::-1] + remainder
     ok = np.all(tail <= allowed, axis=1)
-    degree = int(np.argmax(ok)) if ok.any() else k_max
+    degree = int(np.argmax(ok)) if ok.any() else len(terms) - 1
     degree = max(degree - 1, 1)  # last kept index: terms beyond are below tol
     sign = (-1.0) ** k[: degree + 1, None]
     coeffs = sign * terms[: degree + 1] * np.where(k[: degree + 1, None] > 0, 2.0, 1.0)
     return n_sub, coeffs
+
+
+def _bessel_terms(x, growth, rho, negligible):
+    """``I_k(x) e^{-x} growth`` (K, B) for k = 0 .. K - 1 and a bound (B,) on
+    the rest of the plan's weights, ``sum_{k >= K} 2 I_k(x) e^{-x} growth
+    rho^k``, with K just large enough for that bound to be below
+    ``negligible`` (or 4000 terms).
+
+    The bound is rigorous: ``I_{k+1}(x) / I_k(x) < x / (2 (k + 1))`` (from
+    ``I_k - I_{k+2} = 2 (k + 1) I_{k+1} / x`` and ``I_{k+2} > 0``), so beyond
+    K the weights fall faster than a geometric series of ratio
+    ``q = rho x / (2 K)``. Bessel functions of high order are the plan's
+    cost (``scipy.special.ive``, about 0.5 us each); the fixed order
+    ``60 + 3 rho x + 40 sqrt(x)`` used before was about three times more
+    than the steps of a label search need, and the plan took 11 % of the
+    search's time (profiled).
+    """
+    x_max = float(x.max())
+    count = int(30 + rho * x_max + 10 * math.sqrt(x_max))
+    parts, start = [], 0
+    while True:
+        k = np.arange(start, count)
+        parts.append(special.ive(k[:, None], x[None]) * growth)
+        q = rho * x / (2.0 * count)
+        last = _weights(parts[-1][-1:], np.array([count - 1]), rho)[0]
+        with np.errstate(divide="ignore"):
+            remainder = np.where(q < 1, last * q / (1 - q), np.inf)
+        if np.all(remainder <= negligible) or count >= 4000:
+            return np.concatenate(parts), remainder
+        start, count = count, min(4000, count + count // 2)
+
+
+def _weights(terms, k, rho):
+    """``2 terms rho^k`` (K, B) for orders ``k`` (K,), in logarithms: rho^k
+    overflows at k of a few hundred where the terms have underflowed to 0
+    (0 x inf would be NaN)."""
+    with np.errstate(divide="ignore"):
+        return 2.0 * np.exp(np.log(terms) + k[:, None] * math.log(rho))
 
 
 def _bernstein_rho(b):

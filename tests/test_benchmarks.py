@@ -1,4 +1,5 @@
-"""The scoring of benchmarks/generalisation.py (no fits: its functions only)."""
+"""The scoring of benchmarks/generalisation.py (no fits: its functions only)
+and the document writing of benchmarks/forward.py."""
 
 import importlib.util
 import json
@@ -144,3 +145,18 @@ def test_simulated_targets_are_read_back_from_the_cache(bench, tmp_path, monkeyp
     other = bench.simulated(grid, field[::-1], protocol)
     assert len(calls) == 2
     assert_allclose(other, first[::-1], rtol=1e-12)
+
+
+def test_forward_doc_keeps_its_hand_written_sections(tmp_path):
+    """--write-doc replaced the whole file, losing the engine comparison."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "forward.py"
+    spec = importlib.util.spec_from_file_location("forward_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = tmp_path / "doc" / "benchmarks_forward.md"
+    module.write_doc(doc, "# Table\n\nold rows\n")
+    assert doc.read_text() == "# Table\n\nold rows\n"
+    section = "\n## Which engine\n\nmeasured apart\n"
+    doc.write_text(doc.read_text() + section)
+    module.write_doc(doc, "# Table\n\nnew rows\n")
+    assert doc.read_text() == "# Table\n\nnew rows\n" + section

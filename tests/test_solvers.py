@@ -16,12 +16,21 @@ import pytest
 import torch
 from conftest import jittered_grid  # noqa: E402
 from numpy.testing import assert_allclose
+from scipy import special
 from scipy.integrate import solve_ivp
 from scipy.linalg import expm
 
 from dipy_spinverse.grid import TetGrid
 from dipy_spinverse.operators import diffusion_operator
-from dipy_spinverse.solvers import ENGINES, Step, propagate, time_plan
+from dipy_spinverse.solvers import (
+    ENGINES,
+    Step,
+    _bernstein_rho,
+    _bessel_terms,
+    _chebyshev_plan,
+    propagate,
+    time_plan,
+)
 
 D_WATER = 2e-3  # um^2/us
 # A PGSE-like waveform: delta 1 ms, Delta 3 ms. With |rate| 3e-4 rad/(um us)
@@ -314,6 +323,72 @@ def test_chebyshev_honours_its_tolerance(tol):
     err = np.linalg.norm((cheb - exact).numpy(), axis=1)
     bound = len(steps) * tol * np.linalg.norm(u0.numpy(), axis=1)
     assert np.all(err <= bound)
+
+
+def _exhaustive_plan(tau, lo, radius, imag_extent, tol, max_peak):
+    """The Chebyshev plan with every Bessel term up to the a-priori order
+    ``60 + 3 rho x + 40 sqrt(x)`` (the engine's first implementation, but
+    for rho^k taken in logarithms: it overflowed to 0 x inf = NaN)."""
+    b_rel = float(np.max(imag_extent / radius))
+    rho = _bernstein_rho(b_rel)
+    crouzeix = 1.0 if b_rel == 0 else 1.0 + math.sqrt(2.0)
+    x_total = tau * radius
+    n_sub = max(1, math.ceil(float(x_total.max()) / 200.0))
+    while True:
+        x = x_total / n_sub
+        growth = np.exp(-tau / n_sub * lo)
+        k_max = int(min(4000, 60 + 3 * x.max() * rho + 40 * math.sqrt(x.max())))
+        k = np.arange(k_max + 1)
+        terms = special.ive(k[:, None], x[None]) * growth
+        with np.errstate(divide="ignore"):  # rho^k alone would overflow
+            weighted = 2.0 * np.exp(np.log(terms) + k[:, None] * np.log(rho))
+        if weighted.max() <= max_peak or n_sub >= 4096:
+            break
+        n_sub *= 2
+    tail = np.cumsum(weighted[::-1], axis=0)[::-1]
+    ok = np.all(tail <= tol / n_sub / crouzeix, axis=1)
+    degree = max((int(np.argmax(ok)) if ok.any() else k_max) - 1, 1)
+    sign = (-1.0) ** k[: degree + 1, None]
+    return n_sub, sign * terms[: degree + 1] * np.where(k[: degree + 1] > 0, 2, 1)[
+        :, None
+    ]
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-9, 1e-13])
+@pytest.mark.parametrize("imag", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("x_max", [1e-3, 0.7, 12.0, 180.0, 900.0])
+def test_chebyshev_plan_equals_the_exhaustive_one(x_max, imag, tol):
+    """Truncating the Bessel series where its rigorous tail bound is
+    negligible gives the plan of the full series: same sub-steps, same
+    degree, the same coefficients bit for bit (the same ``ive`` values)."""
+    rng = np.random.default_rng(int(x_max * 1000) + int(imag * 10))
+    tau = 100.0
+    radius = x_max / tau * rng.uniform(0.2, 1.0, size=6)
+    radius[0] = x_max / tau
+    lo = rng.uniform(-1e-4, 1e-3, size=6) * radius
+    for max_peak in (10.0, 1e4):
+        # As the engine sets it: the radius covers the gradient's extent.
+        extent = imag * radius.min()
+        n_sub, coeffs = _chebyshev_plan(tau, lo, radius, extent, tol, max_peak)
+        ref_sub, ref = _exhaustive_plan(tau, lo, radius, extent, tol, max_peak)
+        assert n_sub == ref_sub
+        assert coeffs.shape == ref.shape
+        assert np.array_equal(coeffs, ref)
+
+
+@pytest.mark.parametrize("rho", [1.0, 1.4, 3.0])
+def test_bessel_tail_bound_is_an_upper_bound(rho):
+    """The bound on the Bessel weights left out lies above their sum
+    (the sum taken to order 4000, where the terms underflow)."""
+    x = np.array([1e-2, 0.5, 5.0, 40.0, 200.0])
+    growth = np.ones_like(x)
+    terms, remainder = _bessel_terms(x, growth, rho, 1e-12)
+    k = np.arange(len(terms), 4001)
+    with np.errstate(divide="ignore"):  # log of the terms that underflow to 0
+        log_terms = np.log(special.ive(k[:, None], x[None])) + k[:, None] * np.log(rho)
+    rest = 2.0 * np.exp(log_terms).sum(0)
+    assert np.all(rest <= remainder)
+    assert np.all(remainder <= 1e-12)
 
 
 # --------------------------------------------------------------------------
