@@ -470,7 +470,7 @@ def _bessel_terms(x, growth, rho, negligible):
         parts.append(special.ive(k[:, None], x[None]) * growth)
         q = rho * x / (2.0 * count)
         last = _weights(parts[-1][-1:], np.array([count - 1]), rho)[0]
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # q >= 1: no bound
             remainder = np.where(q < 1, last * q / (1 - q), np.inf)
         if np.all(remainder <= negligible) or count >= 4000:
             return np.concatenate(parts), remainder
