@@ -20,10 +20,10 @@ import zipfile
 import zlib
 from dataclasses import asdict
 
+import nibabel as nib
 import numpy as np
 import torch
 from dipy.core.gradients import gradient_table
-from dipy.io.image import save_nifti
 
 from . import sequences
 from .checks import check_affine, check_device
@@ -628,7 +628,16 @@ def resume_fit(path, data, *, mask=None, device=None, checkpoint=True, **fit_opt
     )
 
 
-def save_maps(fit, out_dir, *, affine=None, names=None, prefix="", suffix=".nii.gz"):
+def save_maps(
+    fit,
+    out_dir,
+    *,
+    affine=None,
+    reference=None,
+    names=None,
+    prefix="",
+    suffix=".nii.gz",
+):
     """Write scalar maps of a volume fit as NIfTI images.
 
     Parameters
@@ -638,6 +647,10 @@ def save_maps(fit, out_dir, *, affine=None, names=None, prefix="", suffix=".nii.
         Created if needed.
     affine : ndarray (4, 4), optional
         Voxel-to-world affine (default identity).
+    reference : nibabel image or Nifti1Header, optional
+        The image the data came from: the output keeps its qform and sform
+        codes and its spatial unit (default: sform code 2, "aligned", no
+        qform, mm).
     names : dict or sequence of str, optional
         Maps to write (keys of :data:`MAPS`, and of :data:`SEARCH_MAPS` and
         :data:`MESH_MAPS` for a fit that has them), or ``{map: file name}``.
@@ -659,11 +672,11 @@ def save_maps(fit, out_dir, *, affine=None, names=None, prefix="", suffix=".nii.
     paths = {}
     for name, fname in names.items():
         path = os.path.join(os.fspath(out_dir), os.fspath(fname))
-        paths[name] = save_map(fit, name, path, affine=affine)
+        paths[name] = save_map(fit, name, path, affine=affine, reference=reference)
     return paths
 
 
-def save_map(fit, name, path, *, affine=None):
+def save_map(fit, name, path, *, affine=None, reference=None):
     """Write one scalar map of a volume fit as a NIfTI image, atomically.
 
     Parameters
@@ -677,6 +690,10 @@ def save_map(fit, name, path, *, affine=None):
         The image (its folder is created if needed).
     affine : ndarray (4, 4), optional
         Voxel-to-world affine (default identity).
+    reference : nibabel image or Nifti1Header, optional
+        The image the data came from: the output keeps its qform and sform
+        codes and its spatial unit (default: sform code 2, "aligned", no
+        qform, mm).
 
     Returns
     -------
@@ -688,7 +705,7 @@ def save_map(fit, name, path, *, affine=None):
     if values is None:
         raise ValueError(f"this fit has no {name} map: {_MISSING[name]}.")
     values = np.asarray(values).astype(_MAP_TYPES[name])
-    return _save_nifti(path, _image(fit, values), affine)
+    return _save_nifti(path, _image(fit, values), affine, reference)
 
 
 _MAP_TYPES = {**MAPS, **SEARCH_MAPS, **MESH_MAPS}
@@ -706,15 +723,43 @@ def _image(fit, values):
     return values.reshape((1, 1, 1) + values.shape) if fit.shape == () else values
 
 
-def _save_nifti(path, data, affine):
-    """``save_nifti`` through a temporary file beside ``path``, then a rename."""
+def _save_nifti(path, data, affine, reference=None):
+    """``data`` as a NIfTI image through a temporary file beside ``path``,
+    then a rename; its header's space codes and units from ``reference``."""
     affine = check_affine(affine)
+    image = nib.Nifti1Image(data, affine)
+    qform, sform, units = _space_of(reference)
+    # The codes say what the affine maps to (1 scanner, 2 aligned, ...):
+    # a map of the DWI lives where the DWI does, so it keeps the input's
+    # codes (registration tools that read the qform need it set).
+    image.set_qform(affine, code=qform)
+    image.set_sform(affine, code=sform)
+    image.header.set_xyzt_units(xyz=units)
     with atomic_write(path) as tmp:
-        save_nifti(tmp, data, affine)
+        image.to_filename(tmp)
     return os.fspath(path)
 
 
-def save_permeability(fit, path, *, affine=None):
+def _space_of(reference):
+    """(qform code, sform code, spatial unit) of a reference image or header:
+    the reference's, or nibabel's default codes (0, 2) and mm (the unit of
+    the affines this package writes) where it has none."""
+    if reference is None:
+        return 0, 2, "mm"
+    header = getattr(reference, "header", reference)
+    if not isinstance(header, nib.Nifti1Header):
+        raise TypeError(
+            "reference must be a NIfTI image or header (nibabel), got "
+            f"{type(reference).__name__}; pass the image the data came from."
+        )
+    qform, sform = int(header["qform_code"]), int(header["sform_code"])
+    if qform == 0 and sform == 0:  # no code to keep: the affine is aligned
+        qform, sform = 0, 2
+    unit = header.get_xyzt_units()[0]
+    return qform, sform, "mm" if unit == "unknown" else unit
+
+
+def save_permeability(fit, path, *, affine=None, reference=None):
     """Write the per-face permeability (..., n_faces) as a 4-D NIfTI image.
 
     Values are m/s; NaN where the voxel has no outputs (status other than
@@ -726,6 +771,10 @@ def save_permeability(fit, path, *, affine=None):
     fit : SpinverseFit
     path : str or os.PathLike
     affine : ndarray (4, 4), optional
+    reference : nibabel image or Nifti1Header, optional
+        The image the data came from: the output keeps its qform and sform
+        codes and its spatial unit (default: sform code 2, "aligned", no
+        qform, mm).
 
     Returns
     -------
@@ -733,17 +782,19 @@ def save_permeability(fit, path, *, affine=None):
     """
     if fit.shape == ():
         data = np.where(fit.fitted, fit.permeability, np.nan)
-        return _save_nifti(path, _image(fit, data.astype(np.float32)), affine)
+        return _save_nifti(
+            path, _image(fit, data.astype(np.float32)), affine, reference
+        )
     # Filled row by row in float32: no whole-volume float64 copy.
     data = np.full(fit.shape + (fit.model.grid.n_faces,), np.nan, np.float32)
     rows = fit.params["permeability"]
     data[fit.mask] = np.where(
         np.isin(fit.params["status"], FITTED)[:, None], rows, np.nan
     )
-    return _save_nifti(path, data, affine)
+    return _save_nifti(path, data, affine, reference)
 
 
-def save_predicted(fit, path, *, affine=None, gtab=None):
+def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
     """Write the predicted signal (fitted S0) as a 4-D NIfTI image.
 
     Parameters
@@ -751,6 +802,10 @@ def save_predicted(fit, path, *, affine=None, gtab=None):
     fit : SpinverseFit
     path : str or os.PathLike
     affine : ndarray (4, 4), optional
+    reference : nibabel image or Nifti1Header, optional
+        The image the data came from: the output keeps its qform and sform
+        codes and its spatial unit (default: sform code 2, "aligned", no
+        qform, mm).
     gtab : GradientTable or Protocol, optional
         Acquisitions to predict (default: the fitted ones).
 
@@ -759,7 +814,7 @@ def save_predicted(fit, path, *, affine=None, gtab=None):
     str
     """
     predicted = fit.predict(gtab).astype(np.float32)
-    return _save_nifti(path, _image(fit, predicted), affine)
+    return _save_nifti(path, _image(fit, predicted), affine, reference)
 
 
 def describe_status(status):

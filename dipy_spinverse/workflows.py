@@ -377,7 +377,7 @@ class SpinverseFlow(Workflow):
                 fix="give a writable --out_dir",
             )
             logger.info(f"Spinverse fit of {dwi}")
-            data, affine = load_nifti(dwi)
+            data, affine, image = load_nifti(dwi, return_img=True)
             if data.ndim != 4:
                 squeeze = (
                     " Save it without the axis of length 1 after x, y, z."
@@ -449,11 +449,13 @@ class SpinverseFlow(Workflow):
                 checkpoint=Checkpoint(checkpoint),
                 resume=previous,
             )
+            # The maps keep the DWI's space codes and units (image.header).
+            space = dict(affine=affine, reference=image)
             written = _save_outputs(
-                fit, out, affine=affine, metrics=metrics, voxel_meshes=voxel_meshes
+                fit, out, space=space, metrics=metrics, voxel_meshes=voxel_meshes
             )
             written += _save_smooth_meshes(
-                fit, out, affine=affine, ext="." + smooth_mesh_format
+                fit, out, space=space, ext="." + smooth_mesh_format
             )
             if n_report:
                 report = write_report(fit, data, out["out_report"], n_voxels=n_report)
@@ -622,7 +624,7 @@ def parse_mesh_options(mesh_options, *, refine_mesh=True):
     return mesh_options
 
 
-def _save_smooth_meshes(fit, out, *, affine, ext):
+def _save_smooth_meshes(fit, out, *, space, ext):
     """Mesh maps and per-voxel smooth surfaces (``--refine_mesh``); paths."""
     folder = out["out_smooth_meshes"]
     stale = remove_voxel_meshes(folder)
@@ -630,9 +632,7 @@ def _save_smooth_meshes(fit, out, *, affine, ext):
         logger.info(f"Removed {len(stale)} smooth meshes of an old run from {folder}.")
     if not fit.model.refine_mesh:
         return []
-    written = [
-        save_map(fit, name, out[f"out_{name}"], affine=affine) for name in MESH_MAPS
-    ]
+    written = [save_map(fit, name, out[f"out_{name}"], **space) for name in MESH_MAPS]
     paths = fit.save_smooth_mesh(folder, ext=ext)
     logger.info(f"{len(paths)} smooth cell meshes (um) in {folder}.")
     return written + list(paths.values())
@@ -647,7 +647,7 @@ def _check_metrics(save_metrics):
     return [check_choice(name, "save_metrics entry", METRICS) for name in save_metrics]
 
 
-def _save_outputs(fit, out, *, affine, metrics, voxel_meshes):
+def _save_outputs(fit, out, *, space, metrics, voxel_meshes):
     """Write the chosen outputs, each to its own out_* path; the paths written."""
     written = []
     for metric in metrics:
@@ -655,17 +655,17 @@ def _save_outputs(fit, out, *, affine, metrics, voxel_meshes):
             continue  # no label search (refused above when asked for)
         if metric in _MAPS:
             path = out[f"out_{metric}"]
-            written.append(save_map(fit, _MAPS[metric], path, affine=affine))
+            written.append(save_map(fit, _MAPS[metric], path, **space))
     if "predicted" in metrics:
-        written.append(save_predicted(fit, out["out_predicted"], affine=affine))
+        written.append(save_predicted(fit, out["out_predicted"], **space))
     if "permeability" in metrics:
-        written.append(save_permeability(fit, out["out_permeability"], affine=affine))
+        written.append(save_permeability(fit, out["out_permeability"], **space))
     folder = out["out_voxel_meshes"]
     stale = remove_voxel_meshes(folder)
     if stale:
         logger.info(f"Removed {len(stale)} mesh files of a previous run from {folder}.")
     if "mesh" in metrics:
-        written += _save_surface(fit, out, affine=affine)
+        written += _save_surface(fit, out, affine=space["affine"])
     if voxel_meshes:
         paths = save_voxel_meshes(fit, folder)
         logger.info(f"{len(paths)} voxel meshes (um) in {folder}.")

@@ -99,6 +99,40 @@ def test_save_maps_and_images(volume_fit, tmp_path):
             save_map(volume_fit, "S0", tmp_path / "bad.nii.gz", affine=bad)
 
 
+def test_images_keep_the_space_of_their_reference(volume_fit, tmp_path):
+    """Maps carry the input image's qform and sform codes and spatial unit
+    (a registration tool reading the qform needs it); without a reference,
+    sform "aligned" (2), no qform, mm."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-90.0, -126.0, -72.0]
+    dwi = nib.Nifti1Image(np.zeros(volume_fit.shape + (6,), np.int16), affine)
+    dwi.set_qform(affine, code=1)
+    dwi.set_sform(affine, code=4)
+    dwi.header.set_xyzt_units("micron", "sec")
+    savers = {
+        "map": lambda path, **kw: save_map(volume_fit, "S0", path, **kw),
+        "permeability": lambda path, **kw: save_permeability(volume_fit, path, **kw),
+        "predicted": lambda path, **kw: save_predicted(volume_fit, path, **kw),
+    }
+    for name, save in savers.items():
+        for reference in (dwi, dwi.header):
+            image = nib.load(
+                save(tmp_path / f"{name}.nii.gz", affine=affine, reference=reference)
+            )
+            assert int(image.header["qform_code"]) == 1
+            assert int(image.header["sform_code"]) == 4
+            assert image.header.get_xyzt_units()[0] == "micron"
+            assert_allclose(image.affine, affine)
+        image = nib.load(save(tmp_path / f"{name}_plain.nii.gz", affine=affine))
+        assert int(image.header["qform_code"]) == 0
+        assert int(image.header["sform_code"]) == 2
+        assert image.header.get_xyzt_units()[0] == "mm"
+    paths = save_maps(volume_fit, tmp_path / "maps", affine=affine, reference=dwi)
+    assert {int(nib.load(p).header["sform_code"]) for p in paths.values()} == {4}
+    with pytest.raises(TypeError, match="reference must be a NIfTI image"):
+        save_map(volume_fit, "S0", tmp_path / "bad.nii.gz", reference=affine)
+
+
 def test_images_of_one_voxel(volume_fit, tmp_path):
     """A fit of one voxel is written as a 1 x 1 x 1 volume, its values kept."""
     import nibabel as nib

@@ -109,6 +109,28 @@ def test_workflow_on_demo_data(demo, tmp_path):
     assert fit.model.n_iterations == 2
 
 
+def test_maps_keep_the_space_codes_of_the_input(demo, tmp_path):
+    """A scanner's image (qform and sform codes 1, mm) gives maps with the
+    same codes: nibabel's defaults (no qform, sform "aligned") would not."""
+    source = nib.load(demo["data"])
+    dwi = nib.Nifti1Image(np.asanyarray(source.dataobj), source.affine)
+    dwi.set_qform(source.affine, code=1)
+    dwi.set_sform(source.affine, code=1)
+    dwi.header.set_xyzt_units("mm", "sec")
+    scanner = tmp_path / "scanner.nii.gz"
+    nib.save(dwi, scanner)
+    outputs = _run(
+        dict(demo, data=str(scanner)),
+        tmp_path / "out",
+        save_metrics=["status", "permeability", "predicted"],
+    ).last_generated_outputs
+    for name in ("out_status", "out_permeability", "out_predicted"):
+        header = nib.load(outputs[name]).header
+        assert int(header["qform_code"]) == int(header["sform_code"]) == 1, name
+        assert header.get_xyzt_units()[0] == "mm", name
+        assert_allclose(nib.load(outputs[name]).affine, source.affine)
+
+
 def test_command_line_with_camino_scheme(demo, tmp_path, monkeypatch):
     argv = [
         "dipy_fit_spinverse",
