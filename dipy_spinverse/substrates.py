@@ -71,6 +71,7 @@ import math
 import numbers
 from collections import Counter
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,6 +174,7 @@ class Substrate:
                     f"{name} must have one value per cell ({n},), got shape "
                     f"{np.shape(getattr(self, name))}."
                 )
+        _check_contents(self, n)
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             if isinstance(value, np.ndarray):
@@ -220,6 +222,41 @@ class Substrate:
             f"permeability=[{kappas}] m/s, "
             f"inside_cells={int(self.inside.sum())})"
         )
+
+
+def _check_contents(substrate, n):
+    """What a :class:`Substrate` promises: labels 0 .. n with every cell
+    present, kinds of :data:`KINDS`, membranes > 0 m/s, no face without a
+    permeability, cells of positive volume."""
+    labels = np.asarray(substrate.labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(
+            "labels must be a 1-D integer array (one label per grid cell), got "
+            f"dtype {labels.dtype} and shape {labels.shape}."
+        )
+    present = np.unique(labels)
+    if present.min(initial=0) < 0 or not np.array_equal(
+        present[present > 0], np.arange(1, n + 1)
+    ):
+        raise ValueError(
+            f"labels must be 0 outside and 1 .. {n} (one per kind, every one "
+            f"present), got the labels {present.tolist()[:10]}."
+        )
+    unknown = [k for k in substrate.kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"kinds: {unknown} are not kinds; use some of {KINDS}.")
+    checks = (
+        ("permeability", substrate.permeability, "finite and > 0 m/s", np.isfinite),
+        ("face_permeability", substrate.face_permeability, "> 0 m/s or inf", None),
+        ("volumes", substrate.volumes, "finite and > 0 um^3", np.isfinite),
+    )
+    for name, values, what, finite in checks:
+        values = np.asarray(values, dtype=float)
+        good = values > 0
+        if finite is not None:
+            good &= finite(values)
+        if not np.all(good):
+            raise ValueError(f"{name} must be {what}, got {values[~good][:5]}.")
 
 
 def random_substrate(
@@ -433,6 +470,11 @@ def _options(
 
 
 def _n_range(n_cells):
+    if isinstance(n_cells, (str, bytes)):
+        raise ValueError(
+            "n_cells must be an integer >= 1 or a range (low, high) of them, "
+            f"got the string {n_cells!r}."
+        )
     if isinstance(n_cells, numbers.Real) and not isinstance(n_cells, bool):
         n = check_int(n_cells, "n_cells", 1)
         return n, n
@@ -459,7 +501,13 @@ def _kinds(kinds):
             f"kinds must be a kind or a sequence of kinds from {KINDS} (list a "
             f"kind twice to draw it twice as often), not a mapping: {kinds!r}."
         )
+    if isinstance(kinds, (bytes, bytearray)):
+        raise ValueError(f"kinds must be str, not bytes: {kinds!r}; decode it first.")
     names = (kinds,) if isinstance(kinds, str) else kinds
+    if isinstance(names, AbstractSet):
+        # The draw picks kinds by position, and a set's order changes with
+        # the interpreter's string hashing: sorted, a seed reproduces.
+        names = sorted(names, key=str)
     try:
         names = tuple(str(n) if isinstance(n, str) else n for n in names)
     except TypeError as err:
@@ -536,8 +584,7 @@ def _draw(grid, rng, options):
             continue
         # Log-uniform, written so that low == high gives low exactly and no
         # rounding leaves the range.
-        low, high = options.permeability_range
-        kappa = np.clip(low * (high / low) ** rng.uniform(size=n), low, high)
+        kappa = _log_uniform(rng, options.permeability_range, n)
         return _substrate(grid, labels, kappa, kinds, params)
     worst = failures.most_common(1)[0][0]
     counts = ", ".join(f"{_REASONS[k]}: {v}" for k, v in failures.most_common())
@@ -546,6 +593,21 @@ def _draw(grid, rng, options):
         f"max_tries={options.max_tries} draws on {grid!r} (rejected: {counts}); "
         f"increase max_tries, or {_ADVICE[worst]}."
     )
+
+
+def _log_uniform(rng, bounds, n):
+    """``n`` values log-uniform in ``bounds``, exactly ``low`` where ``low ==
+    high`` and never outside them. ``high / low`` overflows beyond about
+    1e308 (bounds of 1e-300 and 1e10): the draw is then taken in
+    logarithms, which would change the last bit of the other draws."""
+    low, high = bounds
+    u = rng.uniform(size=n)
+    ratio = high / low
+    if np.isfinite(ratio):
+        values = low * ratio**u
+    else:
+        values = np.exp(np.log(low) + u * (np.log(high) - np.log(low)))
+    return np.clip(values, low, high)
 
 
 def _place(grid, rng, kinds, wants):

@@ -18,6 +18,7 @@ from scipy.stats import chi2
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import Protocol, TetGrid
 from dipy_spinverse.interface import InterfaceMesh, load_mesh
+from dipy_spinverse.inverse import reconstruct
 from dipy_spinverse.io import (
     describe_status,
     load_fit,
@@ -148,6 +149,22 @@ def test_single_voxel_problems_do_not_raise(model, signal):
     assert np.isnan(fit.restricted_fraction) and fit.interface_mesh is None
     with pytest.warns(UserWarning, match="1 of 1 voxels have negative samples"):
         assert model.fit(-signal).status == BAD_B0
+
+
+def test_a_signal_that_overflows_once_normalised_is_flagged(gtab, grid, signal):
+    """b = 0 of 1e-310 (or 1e-40 with float32 fits) against diffusion-weighted
+    values of 1: finite data whose normalised signal is not; flagged
+    NONFINITE before the inversion, without a retry or a warning naming the
+    permeability, and the other voxels fitted."""
+    model = SpinverseModel(gtab, grid=grid, **FAST)  # float32
+    b0 = model.protocol.bvals == 0
+    tiny = [np.where(b0, scale, 1.0) for scale in (1e-310, 1e-40)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no retry of the batch, no warning
+        fit = model.fit(np.stack([signal, *tiny, signal]))
+    assert_array_equal(fit.status, [OK, NONFINITE, NONFINITE, OK])
+    with pytest.raises(ValueError, match=r"voxel\(s\) \[0\] overflows .*b = 0"):
+        reconstruct(model.grid, tiny[0][None], model.protocol)
 
 
 def test_negative_samples_are_fitted_as_given_with_a_warning(gtab, grid, signal):
@@ -755,6 +772,19 @@ def test_mask_of_one_voxel_is_honoured(model, signal):
     assert model.fit(raw, mask=np.bool_(True)).status == OK
     with pytest.raises(ValueError, match=r"mask has shape \(1,\).*a single bool"):
         model.fit(raw, mask=[True])
+
+
+def test_a_masked_voxel_has_the_labels_of_a_masked_voxel_of_a_volume(
+    gtab, grid, signal
+):
+    """0 outside the mask, one voxel or a volume; -1 means "not fitted"."""
+    model = SpinverseModel(gtab, grid=grid, max_iter=2, search_steps=2, search_starts=2)
+    raw = 700.0 * T2_WEIGHT * signal
+    one = model.fit(raw, mask=False)
+    volume = model.fit(np.stack([raw, raw]), mask=[False, False])
+    assert one.n_cells == volume.n_cells[0] == 0
+    assert_array_equal(one.labels, volume.labels[0])
+    assert_array_equal(one.labels, np.zeros(grid.n_cells))
 
 
 def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):

@@ -198,6 +198,20 @@ def test_permeability_is_log_uniform(small_grid):
         assert np.all(fixed.permeability == value)
     kappa = np.concatenate([sub.permeability for sub in subs])
     assert kappa.min() >= 1e-6 and kappa.max() <= 1e-4
+    # Bounds whose ratio overflows (above about 1e308) are still drawn
+    # log-uniformly, not all at high.
+    for bounds in ((1e-300, 1e10), (5e-324, 1e-4)):
+        wide = random_substrates(
+            small_grid,
+            8,
+            seed=3,
+            n_cells=1,
+            kinds="ellipsoid",
+            permeability_range=bounds,
+        )
+        logs = np.log10([sub.permeability[0] for sub in wide])
+        assert np.all((logs >= np.log10(bounds[0])) & (logs <= np.log10(bounds[1])))
+        assert len(np.unique(logs)) == 8 and np.ptp(logs) > 50
 
 
 def test_simulate_runs(small_grid):
@@ -231,6 +245,8 @@ def test_simulate_runs(small_grid):
         (dict(kinds=()), "kinds"),
         (dict(kinds=5), "kinds"),
         (dict(kinds={"torus": 1}), "kinds.*not a mapping"),
+        (dict(kinds=b"torus"), "kinds must be str, not bytes"),
+        (dict(n_cells="12"), "n_cells.*string '12'"),
         (dict(permeability_range=(1e-4, 1e-6)), "permeability_range"),
         (dict(permeability_range=(0, 1e-4)), "permeability_range"),
         (dict(permeability_range=(1e-6, np.inf)), "permeability_range"),
@@ -277,3 +293,41 @@ def test_kinds_are_plain_strings(small_grid):
     """Kinds given as a numpy array come back as plain str, as listed."""
     sub = random_substrate(small_grid, rng=0, n_cells=1, kinds=np.array(["ellipsoid"]))
     assert sub.kinds == ("ellipsoid",) and type(sub.kinds[0]) is str
+
+
+def test_a_set_of_kinds_draws_as_its_sorted_list(small_grid):
+    """A set has no order (its iteration order changes with string hashing
+    between runs): it is sorted, so a seed gives the same substrate."""
+    kinds = {"torus", "blob", "capsule", "ellipsoid"}
+    as_set = random_substrate(small_grid, rng=0, n_cells=2, kinds=kinds)
+    as_list = random_substrate(small_grid, rng=0, n_cells=2, kinds=sorted(kinds))
+    assert as_set.kinds == as_list.kinds
+    assert_array_equal(as_set.labels, as_list.labels)
+
+
+def test_substrate_contents_are_checked(small_grid):
+    """The constructor refuses what a Substrate promises not to hold."""
+    good = random_substrate(small_grid, rng=0, n_cells=2)
+    fields = dict(
+        labels=good.labels,
+        permeability=good.permeability,
+        face_permeability=good.face_permeability,
+        volumes=good.volumes,
+        surface_areas=good.surface_areas,
+        kinds=good.kinds,
+        params=good.params,
+    )
+    assert_array_equal(Substrate(**fields).labels, good.labels)
+    gapped = np.where(good.labels == 2, 3, good.labels)
+    for change, match in (
+        (dict(labels=good.labels.astype(float)), "integer array"),
+        (dict(labels=gapped), r"1 \.\. 2"),
+        (dict(labels=np.where(good.labels == 1, -1, good.labels)), r"1 \.\. 2"),
+        (dict(kinds=("cube", good.kinds[1])), "not kinds"),
+        (dict(permeability=np.array([-1.0, 1e-5])), "permeability must be finite"),
+        (dict(permeability=np.array([np.nan, 1e-5])), "permeability must be finite"),
+        (dict(face_permeability=np.full(small_grid.n_faces, np.nan)), "face_perm"),
+        (dict(volumes=np.array([-2.0, 1.0])), "volumes"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            Substrate(**{**fields, **change})

@@ -151,7 +151,14 @@ def reconstruct(
         precision = noise_precision(data, protocol)
     else:
         precision = torch.ones_like(data)
-    data = normalise_b0(data, protocol).to(dtype=dtype, device=device)
+    data = normalise_b0(data, protocol).to(dtype=dtype)
+    if not torch.all(torch.isfinite(data)):
+        bad = torch.nonzero(~torch.isfinite(data).all(-1)).flatten().tolist()
+        raise ValueError(
+            f"signal of voxel(s) {bad[:5]} overflows {dtype} once divided by its "
+            "b = 0 signal (a b = 0 signal of 0 or near it); mask or drop such voxels."
+        )
+    data = data.to(device=device)
     precision = precision.to(dtype=dtype, device=device)
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
     bias = 0.0

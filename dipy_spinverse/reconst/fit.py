@@ -9,7 +9,8 @@ the scalar maps are Python numbers.
 name         code  meaning
 ===========  ====  ==========================================================
 OK           0     fitted
-NONFINITE    1     the voxel's data contain NaN or inf
+NONFINITE    1     the voxel's data contain NaN or inf, or overflow (in the
+                   model's dtype) once divided by their b = 0 signal
 BAD_B0       2     the mean b = 0 signal (of some sequence) is <= 0
 FAILED       3     the inversion raised an error for this voxel
 DIVERGED     4     the fit returned non-finite permeabilities or signals
@@ -74,7 +75,7 @@ FITTED = (OK, POOR_FIT)
 #: Per-voxel status codes of a fit and their meaning.
 STATUS_CODES = {
     OK: "ok",
-    NONFINITE: "data contain NaN or inf",
+    NONFINITE: "data contain NaN or inf, or overflow once b0-normalised",
     BAD_B0: "mean b=0 signal <= 0",
     FAILED: "the inversion raised an error",
     DIVERGED: "the fit returned non-finite values",
@@ -297,8 +298,10 @@ class SpinverseFit(ReconstFit):
         cell parametrisation); None otherwise.
         """
         labels = self.params["labels"]
-        if labels is None or self.shape == ():
-            return labels
+        if labels is None:
+            return None
+        if self.shape == ():  # a voxel outside the mask is all 0, as in a volume
+            return labels if self.mask else np.zeros_like(labels)
         return self._volume(labels, 0)
 
     @property

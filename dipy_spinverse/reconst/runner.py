@@ -125,6 +125,8 @@ def fit_voxels(model, data, *, callback=None):
         s0_seq[finite] = b0_scale(data[finite], model.protocol)
     bad_b0 = finite & ~((s0 > 0) & (s0_seq > 0).all(axis=1))
     result["status"][bad_b0] = BAD_B0
+    pending = result["status"] == PENDING
+    result["status"][pending & _overflows(model, data)] = NONFINITE
     valid = np.flatnonzero(result["status"] == PENDING)
     history = None
     if len(valid):
@@ -138,6 +140,20 @@ def fit_voxels(model, data, *, callback=None):
         if model.refine_mesh:
             refine_meshes(model, data, result, ok)
     return result, history
+
+
+def _overflows(model, data):
+    """Voxels of finite data whose b0-normalised signal is not finite in the
+    model's dtype (a b = 0 of 1e-310 against
+    diffusion-weighted values of 1): the inversion could not use them, and
+    one such voxel would fail the batch it is in."""
+    out = np.zeros(len(data), dtype=bool)
+    usable = np.isfinite(data).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        scaled = normalise_b0(data[usable], model.protocol)
+    largest = torch.finfo(model.dtype).max
+    out[usable] = ~(np.abs(scaled) <= largest).all(axis=1)
+    return out
 
 
 def refine_meshes(model, data, result, rows):
