@@ -520,8 +520,37 @@ def _watson_nodes(n_nodes):
     return (t + 1.0) / 2.0, w / 2.0
 
 
+#: Concentration above which the Watson rules are laid on a window at the
+#: pole instead of the whole of t in [0, 1]: a density ``exp(-c (1 - t^2))``
+#: has a peak of width about ``1 / (2 c)`` at t = 1, which 32 nodes on [0, 1]
+#: resolve to 1e-13 up to c = 32 but not beyond (the Watson mean tau was off
+#: by 2.7e-3 at kappa = 1e5 and NaN at kappa = inf). On ``1 - t in [0, 32 /
+#: c]`` the density falls to ``exp(-64) = 1.6e-28`` of its peak at the far
+#: end and looks like the c = 32 density on [0, 1] to the rule.
+WATSON_WINDOW = 32.0
+
+
+def _watson_rule(c, n_nodes):
+    """Nodes ``s = 1 - t^2`` (..., n_nodes) and weights (n_nodes,) of
+    ``int_0^1 f(t) dt`` for integrands peaked like ``exp(-c (1 - t^2))``,
+    and the window's length ``h`` (...): the integral is ``h sum w f``.
+
+    Up to :data:`WATSON_WINDOW` the Gauss-Legendre rule on [0, 1] (the same
+    nodes, bit for bit, as before the window existed); beyond it the rule on
+    ``1 - t`` in ``[0, WATSON_WINDOW / c]``, with ``s = u (2 - u)`` for
+    ``u = 1 - t`` (no cancellation at the pole).
+    """
+    t, w = (_as(a, c) for a in _watson_nodes(n_nodes))
+    c = c.detach()
+    h = (WATSON_WINDOW / c.clamp_min(WATSON_WINDOW))[..., None]
+    u = h * (1.0 - t)
+    s = torch.where(h < 1.0, u * (2.0 - u), 1.0 - t**2)
+    return s, w, h[..., 0]
+
+
 def _bingham_integral(lam_plus, lam_minus, n_nodes):
-    """``int_0^1 exp(lam_plus (t^2 - 1)) i0e(lam_minus (1 - t^2) / 2) dt``.
+    """``int_0^1 exp(lam_plus (t^2 - 1)) i0e(lam_minus (1 - t^2) / 2) dt``
+    divided by the length of its rule's window (:func:`_watson_rule`).
 
     ``exp(lam_plus) * this`` is the uniform average over the sphere of
     ``exp(n^T A n)`` for a symmetric A with eigenvalues (lam_plus, lam_minus,
@@ -536,8 +565,10 @@ def _bingham_integral(lam_plus, lam_minus, n_nodes):
 
 
 def _bingham_terms(lam_plus, lam_minus, n_nodes):
-    t, w = (_as(a, lam_plus) for a in _watson_nodes(n_nodes))
-    s = 1.0 - t**2
+    # The integrand is at most exp(-lam_plus s): the window follows lam_plus.
+    # Its length is the caller's (:func:`_bingham_integral`); here the sums
+    # are over the window's nodes only.
+    s, w, _ = _watson_rule(lam_plus, n_nodes)
     decay = torch.exp(-lam_plus[..., None] * s)
     return decay, lam_minus[..., None] * (s / 2.0), s, w
 
@@ -607,17 +638,42 @@ def _watson_stick_from_beta(beta, c, kappa, n_nodes):
     lam_plus = torch.where(tr >= 0, big, other)
     lam_minus = torch.where(tr >= 0, other, big)
     numerator = _bingham_integral(lam_plus, lam_minus, n_nodes)
-    # lam_plus <= kappa, so exp(lam_plus - kappa) <= 1: nothing overflows.
-    return torch.exp(lam_plus - kappa) * numerator / _watson_norm(kappa, n_nodes)
+    norm, window = _watson_norm(kappa, n_nodes)
+    # Each integral is its window's length times its sum: their ratio.
+    _, _, numerator_window = _watson_rule(lam_plus, n_nodes)
+    windows = numerator_window / window
+    # lam_plus - kappa <= 0, so nothing overflows; where tr >= 0 it is
+    # (disc - kappa - beta) / 2, written without the cancellation that left
+    # 3e-6 errors at kappa = 1e12: disc^2 - (kappa + beta)^2 = -4 kappa beta c^2.
+    excess = torch.where(
+        tr >= 0,
+        -2.0 * kappa * beta * (1.0 - s2) / (disc + kappa + beta),
+        lam_plus - kappa,
+    )
+    return torch.exp(excess) * windows * numerator / norm
 
 
 def _watson_norm(kappa, n_nodes):
-    """``int_0^1 exp(kappa (t^2 - 1)) dt``, the Watson normalisation / e^kappa.
+    """``int_0^1 exp(kappa (t^2 - 1)) dt``, the Watson normalisation / e^kappa,
+    divided by the length of its rule's window, and that length.
 
-    The same rule as the numerator, so that the signal is exactly 1 at b = 0.
+    The same rule as the numerator's at b = 0 (where ``lam_plus = kappa``),
+    so that the signal is exactly 1 there.
     """
-    t, w = (_as(a, kappa) for a in _watson_nodes(n_nodes))
-    return torch.exp(kappa[..., None] * (t**2 - 1.0)) @ w
+    s, w, h = _watson_rule(kappa, n_nodes)
+    return torch.exp(-kappa[..., None] * s) @ w, h
+
+
+def _without_dispersion(kappa, value, limit):
+    """``value(kappa)``, and ``limit`` where kappa is infinite (ODI = 0,
+    no dispersion): the quadrature's window shrinks to nothing there. The
+    infinite entries are evaluated at kappa = 1 and discarded, so that no
+    NaN reaches the gradients."""
+    infinite = torch.isinf(kappa)
+    if not infinite.any():
+        return value(kappa)
+    finite = torch.where(infinite, torch.ones_like(kappa), kappa)
+    return torch.where(infinite, limit, value(finite))
 
 
 def watson_stick(acq, *, direction, kappa, d_par, n_nodes=N_WATSON_NODES):
@@ -633,7 +689,8 @@ def watson_stick(acq, *, direction, kappa, d_par, n_nodes=N_WATSON_NODES):
     direction : array_like, shape (..., 3)
         Mean axis mu (unit).
     kappa : float or array_like, shape (...)
-        Watson concentration (>= 0); see :func:`odi_to_kappa`.
+        Watson concentration (>= 0, inf for no dispersion: the sticks along
+        mu); see :func:`odi_to_kappa`.
     d_par : float or array_like, shape (...)
         Diffusivity along each stick in um^2/us.
     n_nodes : int, optional
@@ -646,11 +703,19 @@ def watson_stick(acq, *, direction, kappa, d_par, n_nodes=N_WATSON_NODES):
     the coordinate along the lam+ eigenvector the azimuthal integral is
     ``exp(lam- (1 - t^2) / 2) I0(lam- (1 - t^2) / 2)``, leaving a smooth 1-D
     integral over t. Exact (to quadrature accuracy) at every b, unlike the
-    truncated spherical-harmonic series of the NODDI toolbox.
+    truncated spherical-harmonic series of the NODDI toolbox, and at every
+    concentration: above :data:`WATSON_WINDOW` the rule is laid on the
+    window at the pole where the density lives (1e-12 against an independent
+    quadrature up to kappa = 1e8, ``tests/test_compartments.py``).
     """
     beta = acq.bvals * _col(d_par, acq.bvals)
     c = cosines(acq, direction)
-    return _watson_stick_from_beta(beta, c, _col(kappa, acq.bvals), n_nodes)
+    kappa = _col(kappa, acq.bvals).expand_as(c)
+    return _without_dispersion(
+        kappa,
+        lambda k: _watson_stick_from_beta(beta, c, k, n_nodes),
+        torch.exp(-beta * c * c),  # sticks along mu
+    )
 
 
 # Coefficients of the Catmull-Rom weights (rows) and of their slopes in the
@@ -752,9 +817,7 @@ class WatsonStickTable:
     n_odi, n_t : int
         Grid nodes in ODI and in t (ghost nodes are added at both ends).
     n_nodes : int
-        Quadrature nodes of the exact signal at the grid nodes (more than
-        :data:`N_WATSON_NODES`: the ghost nodes just below the lower ODI
-        bound have kappa up to ~100).
+        Quadrature nodes of the exact signal at the grid nodes.
     """
 
     def __init__(
@@ -873,20 +936,28 @@ def watson_tau(kappa, *, n_nodes=N_WATSON_NODES):
     smooth in kappa (including 0).
     """
     kappa = torch.as_tensor(kappa, dtype=torch.float64)
-    t, w = (_as(a, kappa) for a in _watson_nodes(n_nodes))
-    density = torch.exp(kappa[..., None] * (t**2 - 1.0))
-    return torch.sum(w * t**2 * density, -1) / torch.sum(w * density, -1)
+    return _without_dispersion(
+        kappa, lambda k: _watson_moments(k, n_nodes)[0], torch.ones_like(kappa)
+    )
+
+
+def _watson_moments(kappa, n_nodes):
+    """``<(mu . n)^2>`` and ``<(mu . n)^4> - <(mu . n)^2>^2`` (finite kappa)."""
+    s, w, _ = _watson_rule(kappa, n_nodes)
+    density = w * torch.exp(-kappa[..., None] * s)
+    norm = density.sum(-1)
+    t2 = 1.0 - s
+    tau = (density * t2).sum(-1) / norm
+    return tau, (density * t2 * t2).sum(-1) / norm - tau**2
 
 
 def watson_tau_slope(kappa, *, n_nodes=N_WATSON_NODES):
     """``d tau / d kappa`` of :func:`watson_tau`, on the same quadrature:
     the Watson variance of ``(mu . n)^2``, ``<(mu . n)^4> - tau^2``."""
     kappa = torch.as_tensor(kappa, dtype=torch.float64)
-    t, w = (_as(a, kappa) for a in _watson_nodes(n_nodes))
-    density = w * torch.exp(kappa[..., None] * (t**2 - 1.0))
-    norm = density.sum(-1)
-    tau = (density * t**2).sum(-1) / norm
-    return (density * t**4).sum(-1) / norm - tau**2
+    return _without_dispersion(
+        kappa, lambda k: _watson_moments(k, n_nodes)[1], torch.zeros_like(kappa)
+    )
 
 
 def noddi_neurite_derivatives(acq, table, *, direction, odi, ndi, d_par):

@@ -384,7 +384,7 @@ class NoddiModel(CompartmentModel):
         return params
 
     def _fibre_columns(self, acq, shared, fibre, dirs):
-        if self.kernels == "table" and acq is self._acq:
+        if self.kernels == "table" and acq is self._acq and self._tabulated(fibre):
             intra = self._stick_table(dirs, fibre["odi"])
         else:
             kappa = blocks.odi_to_kappa(fibre["odi"])
@@ -430,6 +430,15 @@ class NoddiModel(CompartmentModel):
         )
         ndi = ndi[..., None]
         return (ndi * intra + (1.0 - ndi) * extra)[..., None]  # (B, F, M, 1)
+
+    def _tabulated(self, fibre):
+        """Whether the table holds every ODI of ``fibre``: fits stay within
+        its range (the model's bounds), but parameters given to ``predict``
+        (another tool's maps, ODI = 0) need not, and the table clamps."""
+        odi = fibre["odi"]
+        odi = odi[~torch.isnan(odi)]
+        low, high = _ODI_BOUNDS
+        return bool(((odi >= low) & (odi <= high)).all())
 
     @functools.cached_property
     def _stick_table(self):
