@@ -85,7 +85,11 @@ def check_positive(value, name, unit="", example=None):
 
 def check_choice(value, name, choices):
     """``value``, which must be one of ``choices``."""
-    if value not in choices:
+    try:
+        known = bool(value in choices)
+    except (TypeError, ValueError):  # an array: its == has no single truth
+        known = False
+    if not known:
         raise ValueError(f"Invalid {name} {value!r}. Must be one of {tuple(choices)}.")
     return value
 

@@ -594,6 +594,11 @@ def unit_rows(bvecs):
 #: below.
 BVALUE_RANGE = (50.0, 30_000.0)
 
+#: Above this no b-value is in s/mm^2 (the strongest ex vivo gradients reach
+#: about 1e5): a table with such volumes among plausible ones mixes units
+#: (two acquisitions joined, one of them in s/m^2).
+BVALUE_MAX = 1e6
+
 
 def check_bvals(bvals, *, b0_threshold=0.0, name="gtab.bvals"):
     """b-values (s/mm^2) that can be fitted, as a float64 array.
@@ -615,8 +620,10 @@ def check_bvals(bvals, *, b0_threshold=0.0, name="gtab.bvals"):
     ------
     ValueError
         A negative or non-finite b-value, no diffusion-weighted volume
-        (b > ``b0_threshold``), or no diffusion-weighted shell within
-        :data:`BVALUE_RANGE` (b-values in s/m^2 or ms/um^2), with the fix.
+        (b > ``b0_threshold``), no diffusion-weighted shell within
+        :data:`BVALUE_RANGE` (b-values in s/m^2 or ms/um^2), or b-values
+        above :data:`BVALUE_MAX` beside plausible ones (mixed units), with
+        the fix.
     """
     try:
         bvals = np.asarray(bvals, dtype=np.float64).ravel()
@@ -663,6 +670,14 @@ def check_bvals(bvals, *, b0_threshold=0.0, name="gtab.bvals"):
             f"{name} has no diffusion-weighted shell between {low:g} and {high:g} "
             f"s/mm^2 (weighted b-values {weighted.min():g} to {weighted.max():g}); "
             f"b-values must be in s/mm^2: {unit}."
+        )
+    if weighted.max() > BVALUE_MAX:
+        i = int(np.argmax(bvals))
+        raise ValueError(
+            f"{name} has b-values above {BVALUE_MAX:g} s/mm^2, which no scanner "
+            f"reaches ({bvals[i]:g} at volume {i}), beside plausible ones: the "
+            "table mixes units. Volumes in s/m^2 must be divided by 1e6 "
+            f"(e.g. {bvals[i]:g} s/m^2 = {bvals[i] * 1e-6:g} s/mm^2)."
         )
     return bvals
 

@@ -204,9 +204,13 @@ def test_fibre_count_bad_input(gtab):
             auto.fit(data, fibres=np.array([1.0, 2.0]))
         with pytest.raises(ValueError, match="fibres"):
             cls(gtab, fibres="all")
-        for bad in (4, True):
+        for bad in (4, True, np.array([2, 3])):
             with pytest.raises(ValueError, match="n_fibres must be"):
                 cls(gtab, n_fibres=bad)
+        # A count map belongs in fit, not in the model (it was "The truth
+        # value of an array ... is ambiguous").
+        with pytest.raises(ValueError, match=r"model.fit\(data, fibres=counts\)"):
+            cls(gtab, fibres=np.array([[0, 1], [2, 1]]))
         with pytest.raises(ValueError, match="largest count"):
             cls(gtab, fibres="auto", n_fibres=0)
     two = ZcdModel(gtab, fibres="auto", n_fibres=2)
@@ -296,7 +300,12 @@ def test_count_map_needs_no_csd():
         assert_array_equal(fit.n_fibres, counts)
         # Noiseless: the data to the optimiser's precision (as with CSD).
         assert_allclose(fit.predict(), data, rtol=1e-6)
-        with pytest.raises(ValueError, match="CSD peaks need"):
+        shells = ", ".join(f"b = {b}: {n_dirs} directions" for b in (1000, 2500, 4000))
+        with pytest.raises(
+            ValueError,
+            match=rf"CSD peaks, which need .*{n_b0} b = 0 volumes and the shells "
+            rf"{shells}\. Give the fibre counts instead: model\.fit\(data, fibres",
+        ):
             model.fit(data)
     free_water = data[:1]
     with warnings.catch_warnings():

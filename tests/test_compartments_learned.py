@@ -206,6 +206,36 @@ def test_training_device_is_not_in_the_cache_key(gtab_ivim):
     assert "device" not in on_cpu.learned_options.training_description()
 
 
+def test_whole_number_options_are_kept_as_ints(gtab_ivim):
+    """1e5, 64.0, np.int64(0), (8.0,): accepted as the integers they are and
+    stored as such (torch refused them at training time), with the cache key
+    of the plain values (np.int64(64) trained a second network before)."""
+    plain = LearnedOptions.from_dict(
+        {"n_train": 100000, "epochs": 2, "batch_size": 64, "hidden": (8,), "seed": 0}
+    )
+    written = LearnedOptions.from_dict(
+        {
+            "n_train": 1e5,
+            "epochs": 2.0,
+            "batch_size": np.int64(64),
+            "hidden": (8.0,),
+            "seed": np.int64(0),
+            "lr": np.float64(2e-3),
+            "frame": np.bool_(True),
+        }
+    )
+    assert written == plain
+    for name in ("n_train", "epochs", "batch_size", "seed"):
+        assert type(getattr(written, name)) is int
+    assert type(written.hidden[0]) is int and type(written.lr) is float
+    assert written.training_description() == plain.training_description()
+    keys = [
+        IvimModel(gtab_ivim, learned_options={**TINY, "n_train": n})._learned_key()
+        for n in (64, np.int64(64), 64.0)
+    ]
+    assert len(set(keys)) == 1
+
+
 @pytest.mark.gpu
 def test_network_trained_on_cuda_serves_cpu_fits(gtab_shells, tmp_path):
     """Trained on the GPU, the network is saved and used on the CPU; its

@@ -414,6 +414,8 @@ def test_from_gtab_wrong_timing_length():
         # ... or, without a threshold, no shell above 50 s/mm^2.
         ([0, 1, 3], 0, "no diffusion-weighted shell.*ms/um\\^2.*3000 s/mm\\^2"),
         ([0, 0, 0], 50, "no diffusion-weighted volume.*at least one"),
+        # Mixed units: a shell in s/mm^2 beside one in s/m^2.
+        ([0, 1000, 3e9], 50, "above 1e\\+06 s/mm\\^2.*3e\\+09 at volume 2.*mixes"),
     ],
 )
 def test_from_gtab_refuses_bvals_in_the_wrong_unit(bvals, threshold, match):
@@ -431,7 +433,7 @@ def test_from_gtab_refuses_bvals_in_the_wrong_unit(bvals, threshold, match):
 
 def test_check_bvals_accepts_plausible_tables():
     # Small tables (tests), IVIM's low b beside a normal shell, ex vivo b.
-    for bvals in ([0, 1000, 3000], [0, 10, 20, 800], [0, 5, 25_000]):
+    for bvals in ([0, 1000, 3000], [0, 10, 20, 800], [0, 5, 25_000], [0, 1e3, 1e5]):
         npt.assert_array_equal(check_bvals(bvals, b0_threshold=0), bvals)
 
 

@@ -109,13 +109,18 @@ class LearnedOptions:
                 f"{sorted(known)}"
             )
         out = cls(**options)
-        check_int(out.n_train, "learned_options['n_train']", 16)
-        check_int(out.epochs, "learned_options['epochs']", 1)
-        check_int(out.batch_size, "learned_options['batch_size']", 1)
-        check_int(out.seed, "learned_options['seed']", 0)
+        # The checked values are kept as plain Python numbers: torch refuses
+        # a float epoch count or layer width (2.0), and the cache key is their
+        # repr (np.int64(64) and 64 must name the same network).
+        plain = dict(
+            n_train=check_int(out.n_train, "learned_options['n_train']", 16),
+            epochs=check_int(out.epochs, "learned_options['epochs']", 1),
+            batch_size=check_int(out.batch_size, "learned_options['batch_size']", 1),
+            seed=check_int(out.seed, "learned_options['seed']", 0),
+            lr=float(check_positive(out.lr, "learned_options['lr']")),
+        )
         if out.polish is not None:
-            check_int(out.polish, "learned_options['polish']", 0)
-        check_positive(out.lr, "learned_options['lr']")
+            plain["polish"] = check_int(out.polish, "learned_options['polish']", 0)
         if not isinstance(out.frame, (bool, np.bool_)):
             raise ValueError(
                 f"learned_options['frame'] must be True or False, got {out.frame!r}"
@@ -129,10 +134,12 @@ class LearnedOptions:
                 "learned_options['hidden'] must be a sequence of layer widths, "
                 f"e.g. (64, 64), got {out.hidden!r}"
             )
-        hidden = tuple(out.hidden)
-        for width in hidden:
-            check_int(width, "learned_options['hidden']", 1)
-        return cls(**{**asdict(out), "hidden": hidden})
+        hidden = tuple(
+            check_int(width, "learned_options['hidden']", 1) for width in out.hidden
+        )
+        return cls(
+            **{**asdict(out), **plain, "hidden": hidden, "frame": bool(out.frame)}
+        )
 
     def training_description(self):
         """The options that define a trained network, as the dataclass repr

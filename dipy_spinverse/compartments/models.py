@@ -561,11 +561,16 @@ def _fibre_options(n_fibres, fibres, *, default=1):
     """Checked ``(n_fibres, fibres)`` of a multi-fibre model: ``fibres`` None
     or "auto"; ``n_fibres`` 0-3, default ``default`` (``MAX_FIBRES`` with
     ``fibres="auto"``, where it is the largest count and must be >= 1)."""
+    if fibres is not None and np.ndim(fibres) > 0:
+        raise ValueError(
+            "fibres of the model must be None or 'auto'; a per-voxel count map "
+            "is given to fit: model.fit(data, fibres=counts)."
+        )
     if fibres is not None:
         check_choice(fibres, "fibres", ("auto",))
     if n_fibres is None:
         n_fibres = default if fibres is None else MAX_FIBRES
-    if isinstance(n_fibres, bool) or n_fibres not in (0, 1, 2, 3):
+    if isinstance(n_fibres, bool) or np.ndim(n_fibres) or n_fibres not in (0, 1, 2, 3):
         raise ValueError(f"n_fibres must be 0, 1, 2 or 3, got {n_fibres!r}")
     if fibres is not None and n_fibres < 1:
         raise ValueError("fibres='auto' needs n_fibres (the largest count) >= 1")

@@ -69,12 +69,22 @@ def select_shell(gtab, *, min_directions=15):
     ]
     if not shells or not b0s.any():
         raise CSDUnavailableError(
-            "CSD peaks need b = 0 volumes and a shell with at least "
-            f"{min_directions} directions; the gradient table has b-values "
-            f"{sorted(set(rounded.tolist()))}"
+            "fibres='auto' counts fibres from CSD peaks, which need b = 0 "
+            f"volumes and a shell with at least {min_directions} directions; "
+            f"the gradient table has {int(b0s.sum())} b = 0 volumes and the "
+            f"shells {_shell_counts(rounded[~b0s])}. Give the fibre counts "
+            "instead: model.fit(data, fibres=counts)."
         )
     shell = max(shells)
     return np.flatnonzero(b0s | (rounded == shell)), float(shell)
+
+
+def _shell_counts(rounded):
+    """``"b = 1000: 14 directions, ..."`` for the rounded weighted b-values."""
+    values, counts = np.unique(rounded, return_counts=True)
+    return ", ".join(
+        f"b = {b:g}: {n} directions" for b, n in zip(values, counts, strict=True)
+    )
 
 
 def _sh_order(n_directions):
