@@ -397,7 +397,7 @@ class SpinverseFit(ReconstFit):
         rows = np.where(self._fitted_rows[:, None], rows, np.nan)
         if self.shape == ():
             # A masked voxel: NaN, as a masked voxel of a volume.
-            return rows[0] if len(rows) else np.full(rows.shape[1:], np.nan)
+            return rows[0] if len(rows) else np.full(rows.shape[1:], np.nan, rows.dtype)
         return self._volume(rows, np.nan)
 
     @property
