@@ -83,8 +83,11 @@ def loss_function(grid, protocol, target, kappas):
     return loss
 
 
-def shifted_truth(grid, truth, loss):
-    """The truth moved by the best-fitting lattice translation; (labels, loss)."""
+def lattice_translations(grid, labels):
+    """``labels`` moved whole by each of the 14 shortest translations of the
+    BCC lattice (one cube side along an axis, half a cube diagonal), which
+    map the grid's cells onto cells: (14, n_cells). Cells whose source lies
+    outside the box are outside every cell (0)."""
     h = grid.spacing
     steps = [sign * h * axis for axis in np.eye(3) for sign in (1, -1)]
     steps += [h / 2 * np.array(signs) for signs in product((1, -1), repeat=3)]
@@ -93,9 +96,14 @@ def shifted_truth(grid, truth, loss):
     shifted = []
     for step in steps:
         distance, source = tree.query(x - step)
-        # Cells whose source lies outside the box (no centroid there) are outside.
-        shifted.append(np.where(distance < 1e-6 * h, truth[source], 0))
-    losses = loss(np.array(shifted))
+        shifted.append(np.where(distance < 1e-6 * h, labels[source], 0))
+    return np.array(shifted)
+
+
+def shifted_truth(grid, truth, loss):
+    """The truth moved by the best-fitting lattice translation; (labels, loss)."""
+    shifted = lattice_translations(grid, truth)
+    losses = loss(shifted)
     best = int(np.argmin(losses))
     return shifted[best], losses[best]
 

@@ -710,7 +710,7 @@ def watson_stick(acq, *, direction, kappa, d_par, n_nodes=N_WATSON_NODES):
     """
     beta = acq.bvals * _col(d_par, acq.bvals)
     c = cosines(acq, direction)
-    kappa = _col(kappa, acq.bvals).expand_as(c)
+    kappa, c = torch.broadcast_tensors(_col(kappa, acq.bvals), c)
     return _without_dispersion(
         kappa,
         lambda k: _watson_stick_from_beta(beta, c, k, n_nodes),
