@@ -190,8 +190,11 @@ def score(grid, labels, kappa_true, found, permeability):
     errors = []
     for k, kappa in enumerate(kappa_true, start=1):
         cell = truth == k
+        # A true cell too small for the fit's grid, or a label the answer
+        # skips, has an empty union: no overlap (it was 0 / 0 = NaN, which
+        # max() then ranked by its position in the list).
         overlaps = [
-            np.sum(cell & (found == j)) / np.sum(cell | (found == j))
+            np.sum(cell & (found == j)) / max(np.sum(cell | (found == j)), 1)
             for j in range(1, int(found.max()) + 1)
         ]
         if overlaps and max(overlaps) >= 0.9:
