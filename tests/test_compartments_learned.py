@@ -116,6 +116,24 @@ def test_cache_key(gtab_shells, gtab_ivim, tmp_path):
     assert other_axis._learned_key() != noddi._learned_key()
 
 
+def test_another_models_cache_file_is_trained_again(gtab_ivim, tmp_path):
+    """A readable network of other widths under this model's key (a file
+    copied by hand) is trained again with a warning; it failed the fit with
+    "The size of tensor a (13) must match ..."."""
+    options = dict(fit_method="learned", cache_dir=tmp_path)
+    wide = IvimModel(gtab_ivim, learned_options={**TINY, "hidden": (16,)}, **options)
+    model = IvimModel(gtab_ivim, learned_options=TINY, **options)
+    assert wide.regressor is not None
+    foreign = tmp_path / f"IvimModel-{wide._learned_key()}.pt"
+    path = tmp_path / f"IvimModel-{model._learned_key()}.pt"
+    path.write_bytes(foreign.read_bytes())
+    with pytest.warns(UserWarning, match=r"is not this model's.*training it again"):
+        net = model.regressor
+    assert net.x_mean.numel() == model._n_network_inputs()
+    data = 100 * np.exp(-gtab_ivim.bvals * 1e-3)[None]
+    assert np.isfinite(model.fit(data).model_params).all()
+
+
 def test_unreadable_cache_file_is_trained_again(gtab_ivim, tmp_path):
     model = IvimModel(
         gtab_ivim, fit_method="learned", learned_options=TINY, cache_dir=tmp_path

@@ -1071,8 +1071,15 @@ class CompartmentModel(ReconstModel):
             label=type(self).__name__,
             groups=self._fibre_target_groups(),
             augment=self._training_batch,
+            n_inputs=self._n_network_inputs(),
         )
         return net
+
+    def _n_network_inputs(self):
+        """The width of the network's inputs (one voxel of ones through
+        :meth:`_network_inputs`)."""
+        ones = torch.ones((1, len(self._acq.bvals)), dtype=DTYPE)
+        return int(self._network_inputs(ones)[0].shape[1])
 
     def _fibre_weights(self, targets, groups):
         """Each fibre's signal weight (V, F) from regression outputs, which

@@ -331,6 +331,7 @@ def load_or_train(
     label="",
     groups=None,
     augment=None,
+    n_inputs=None,
 ):
     """The cached regressor for ``key``, trained (and saved) if absent.
 
@@ -349,6 +350,10 @@ def load_or_train(
         Exchangeable groups of target columns (:func:`set_loss`).
     augment : callable, optional
         Applied to every training batch (:func:`train`).
+    n_inputs : int, optional
+        The network's input width: a cached file of another width or other
+        hidden layers than ``options`` (a file copied in by hand) is trained
+        again, as an unreadable one is.
 
     Returns
     -------
@@ -360,7 +365,7 @@ def load_or_train(
     path = folder / f"{label or 'regressor'}-{key}.pt"
     if path.exists():
         try:
-            return _load(path), path
+            net = _load(path)
         except Exception as err:  # noqa: BLE001 - any unreadable file
             # A truncated or foreign file (a copy cut short, a disk full
             # during another package's write) is replaced, not fatal.
@@ -369,6 +374,17 @@ def load_or_train(
                 # which would run code from a file that is not ours.
                 f"the cached network {path} cannot be read "
                 f"({type(err).__name__}); training it again",
+                stacklevel=2,
+            )
+        else:
+            widths = [m.out_features for m in net.net if hasattr(m, "out_features")]
+            n_in = net.x_mean.numel()
+            if tuple(widths[:-1]) == tuple(options.hidden) and n_inputs in (None, n_in):
+                return net, path
+            warnings.warn(
+                f"the cached network {path} is not this model's ({n_in} inputs, "
+                f"hidden layers {tuple(widths[:-1])}; expected {n_inputs} and "
+                f"{tuple(options.hidden)}); training it again",
                 stacklevel=2,
             )
     writable_folder(folder, "learned estimator")
