@@ -79,6 +79,37 @@ def test_predict_new_gtab_uses_matching_sequence_s0(model, signal):
     assert 0 < predicted[1] < raw[3]
 
 
+def test_model_predict_is_dipys_predict_of_permeability_fields(model, signal):
+    """model.predict(params, S0) as DIPY's models have it: the fit's own
+    prediction from its permeability, any batch shape, S0 per field."""
+    raw = 700.0 * T2_WEIGHT * signal
+    fit = model.fit(np.stack([raw, raw]))
+    normalised = model.predict(fit.permeability)
+    assert normalised.shape == (2, len(BVALS))
+    assert_allclose(normalised, fit.predict(S0=1.0), rtol=1e-10)
+    one = model.predict(fit.permeability[0], S0=700.0)
+    assert_allclose(one, 700.0 * normalised[0], rtol=1e-12)
+    batch = np.broadcast_to(fit.permeability[0], (3, 1, model.grid.n_faces))
+    scaled = model.predict(batch, S0=np.array([1.0, 2.0, 3.0])[:, None])
+    assert scaled.shape == (3, 1, len(BVALS))
+    assert_allclose(scaled[2, 0], 3.0 * normalised[0], rtol=1e-12)
+    other = gradient_table(
+        np.array([0, 2000]),
+        bvecs=np.array([[0, 0, 0], [0, 0, 1.0]]),
+        big_delta=0.03,
+        small_delta=SMALL,
+    )
+    assert model.predict(fit.permeability, other).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"grid's \d+ faces in its last axis"):
+        model.predict(fit.permeability[:, :-1])
+    with pytest.raises(ValueError, match="S0 must be a number or one per field"):
+        model.predict(fit.permeability, S0=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="S0 must be finite"):
+        model.predict(fit.permeability, S0=-1.0)
+    with pytest.raises(ValueError, match="permeability must be in"):
+        model.predict(-fit.permeability)
+
+
 @pytest.fixture(scope="module")
 def sphere_fit(gtab):
     """A fit holding a known field: a sphere on the published 576-cell grid."""

@@ -400,6 +400,50 @@ class SpinverseModel(ReconstModel):
                 out[:, idx] = s0_sequences[:, fitted[waveform], None]
         return out
 
+    def predict(self, permeability, gtab=None, *, S0=1.0):
+        """Signals of permeability fields on the model's grid, as DIPY's
+        ``model.predict(params, S0)``.
+
+        Parameters
+        ----------
+        permeability : array_like (..., n_faces)
+            Per-face membrane permeability in m/s (inf: no membrane), e.g.
+            ``fit.permeability`` or a substrate's ``face_permeability`` on
+            this model's grid.
+        gtab : GradientTable or Protocol, optional
+            Acquisitions (default: the model's). A gradient table needs
+            ``big_delta`` and ``small_delta``.
+        S0 : float or array_like (...), optional
+            Unweighted signal (default 1: b0-normalised signals).
+
+        Returns
+        -------
+        ndarray (..., n_volumes)
+            With ``approximation_error``, in the data's terms (the grid's
+            mean error added), as :meth:`SpinverseFit.predict`.
+        """
+        protocol = self.protocol if gtab is None else self.protocol_for(gtab)
+        kappa = np.asarray(permeability, dtype=float)
+        n_faces = self.grid.n_faces
+        if kappa.ndim == 0 or kappa.shape[-1] != n_faces:
+            raise ValueError(
+                f"permeability must have the grid's {n_faces} faces in its last "
+                f"axis (as fit.permeability), got shape {kappa.shape}."
+            )
+        batch = kappa.shape[:-1]
+        scale = np.asarray(S0, dtype=float)
+        if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+            raise ValueError(f"S0 must be finite and >= 0, got {S0!r}.")
+        try:
+            scale = np.broadcast_to(scale, batch)
+        except ValueError:
+            raise ValueError(
+                f"S0 must be a number or one per field {batch}, got shape "
+                f"{scale.shape}."
+            ) from None
+        normalised = self.predict_normalised(kappa.reshape(-1, n_faces), protocol)
+        return normalised.reshape(batch + (len(protocol),)) * scale[..., None]
+
     def predict_normalised(self, permeability, protocol):
         """b0-normalised signals (n, n_acq) of ``permeability`` (n, n_faces).
 
