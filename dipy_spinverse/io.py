@@ -57,6 +57,7 @@ __all__ = [
     "save_maps",
     "save_permeability",
     "save_predicted",
+    "save_image",
     "describe_status",
 ]
 
@@ -705,7 +706,7 @@ def save_map(fit, name, path, *, affine=None, reference=None):
     if values is None:
         raise ValueError(f"this fit has no {name} map: {_MISSING[name]}.")
     values = np.asarray(values).astype(_MAP_TYPES[name])
-    return _save_nifti(path, _image(fit, values), affine, reference)
+    return save_image(path, _image(fit, values), affine, reference)
 
 
 _MAP_TYPES = {**MAPS, **SEARCH_MAPS, **MESH_MAPS}
@@ -723,9 +724,28 @@ def _image(fit, values):
     return values.reshape((1, 1, 1) + values.shape) if fit.shape == () else values
 
 
-def _save_nifti(path, data, affine, reference=None):
-    """``data`` as a NIfTI image through a temporary file beside ``path``,
-    then a rename; its header's space codes and units from ``reference``."""
+def save_image(path, data, affine=None, reference=None):
+    """Write ``data`` as a NIfTI image, atomically.
+
+    Through a temporary file beside ``path``, then a rename: an interrupted
+    run never leaves a half-written image.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    data : ndarray
+    affine : ndarray (4, 4), optional
+        Voxel-to-world affine (default identity).
+    reference : nibabel image or Nifti1Header, optional
+        The image the data came from: the output keeps its qform and sform
+        codes and its spatial unit (default: sform code 2, "aligned", no
+        qform, mm).
+
+    Returns
+    -------
+    str
+        The path written.
+    """
     affine = check_affine(affine)
     image = nib.Nifti1Image(data, affine)
     qform, sform, units = _space_of(reference)
@@ -782,16 +802,14 @@ def save_permeability(fit, path, *, affine=None, reference=None):
     """
     if fit.shape == ():
         data = np.where(fit.fitted, fit.permeability, np.nan)
-        return _save_nifti(
-            path, _image(fit, data.astype(np.float32)), affine, reference
-        )
+        return save_image(path, _image(fit, data.astype(np.float32)), affine, reference)
     # Filled row by row in float32: no whole-volume float64 copy.
     data = np.full(fit.shape + (fit.model.grid.n_faces,), np.nan, np.float32)
     rows = fit.params["permeability"]
     data[fit.mask] = np.where(
         np.isin(fit.params["status"], FITTED)[:, None], rows, np.nan
     )
-    return _save_nifti(path, data, affine, reference)
+    return save_image(path, data, affine, reference)
 
 
 def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
@@ -814,7 +832,7 @@ def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
     str
     """
     predicted = fit.predict(gtab).astype(np.float32)
-    return _save_nifti(path, _image(fit, predicted), affine, reference)
+    return save_image(path, _image(fit, predicted), affine, reference)
 
 
 def describe_status(status):

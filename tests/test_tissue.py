@@ -583,10 +583,10 @@ def test_workflow_writes_maps(tmp_path):
     model = TissueMapModel(PROTOCOL[:3])
     truth = _phantom(shape=(6, 5, 4))
     images = simulate_scans(model, truth, np.ones((6, 5, 4), bool), snr=np.inf)
-    nib.save(
-        nib.Nifti1Image(images.astype(np.float32), np.eye(4)),
-        tmp_path / "images.nii.gz",
-    )
+    scanner = nib.Nifti1Image(images.astype(np.float32), np.eye(4))
+    scanner.set_qform(np.eye(4), code=1)
+    scanner.set_sform(np.eye(4), code=1)
+    nib.save(scanner, tmp_path / "images.nii.gz")
     mask = np.ones((6, 5, 4), np.uint8)
     mask[0] = 0
     nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "mask.nii.gz")
@@ -610,6 +610,10 @@ def test_workflow_writes_maps(tmp_path):
     assert_array_equal(labels[1:], truth[1:].argmax(axis=-1) + 1)
     for name in ("t1", "t2", "pd", "predicted"):
         assert (out / f"{name}.nii.gz").exists()
+    # Every map in the scanner space of its input (qform and sform codes 1).
+    for path in out.glob("*.nii.gz"):
+        header = nib.load(path).header
+        assert int(header["qform_code"]) == int(header["sform_code"]) == 1, path
 
 
 @pytest.mark.slow  # importing nilearn takes ~15 s

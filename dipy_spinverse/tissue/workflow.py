@@ -15,12 +15,13 @@ import json
 import os
 
 import numpy as np
-from dipy.io.image import load_nifti, load_nifti_data, save_nifti
+from dipy.io.image import load_nifti, load_nifti_data
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
 from ..checks import check_mask_values
 from ..cli import run_command
+from ..io import save_image
 from .model import TissueMapModel
 from .sequences import sequence_from_string
 
@@ -178,7 +179,7 @@ class TissueMapsFlow(Workflow):
             mask_file = mask_files
             oprob, olab, ot1, ot2, opd, opred = inputs[-6:]
             logger.info(f"Tissue maps of {image_file}")
-            images, affine = load_nifti(image_file)
+            images, affine, image = load_nifti(image_file, return_img=True)
             if images.ndim == 3:
                 images = images[..., None]
             if images.ndim != 4:
@@ -207,11 +208,13 @@ class TissueMapsFlow(Workflow):
             _check_out_dir(oprob)
             fit = model.fit(images, mask=mask)
             logger.info(f"Fitted gain {np.median(fit.gain):.4g}")
-            save_nifti(oprob, fit.probabilities.astype(np.float32), affine)
-            save_nifti(olab, fit.labels.astype(np.uint8), affine)
+            # Written atomically, in the input's space (its header's codes).
+            space = dict(affine=affine, reference=image)
+            save_image(oprob, fit.probabilities.astype(np.float32), **space)
+            save_image(olab, fit.labels.astype(np.uint8), **space)
             for path, values in ((ot1, fit.t1), (ot2, fit.t2), (opd, fit.pd)):
-                save_nifti(path, values.astype(np.float32), affine)
-            save_nifti(opred, fit.predict().astype(np.float32), affine)
+                save_image(path, values.astype(np.float32), **space)
+            save_image(opred, fit.predict().astype(np.float32), **space)
             logger.info(f"Tissue maps saved to {oprob}")
 
 
