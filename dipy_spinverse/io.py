@@ -649,9 +649,8 @@ def save_maps(
     affine : ndarray (4, 4), optional
         Voxel-to-world affine (default identity).
     reference : nibabel image or Nifti1Header, optional
-        The image the data came from: the output keeps its qform and sform
-        codes and its spatial unit (default: sform code 2, "aligned", no
-        qform, mm).
+        The image the data came from, whose space the output keeps
+        (:func:`save_image`).
     names : dict or sequence of str, optional
         Maps to write (keys of :data:`MAPS`, and of :data:`SEARCH_MAPS` and
         :data:`MESH_MAPS` for a fit that has them), or ``{map: file name}``.
@@ -692,9 +691,8 @@ def save_map(fit, name, path, *, affine=None, reference=None):
     affine : ndarray (4, 4), optional
         Voxel-to-world affine (default identity).
     reference : nibabel image or Nifti1Header, optional
-        The image the data came from: the output keeps its qform and sform
-        codes and its spatial unit (default: sform code 2, "aligned", no
-        qform, mm).
+        The image the data came from, whose space the output keeps
+        (:func:`save_image`).
 
     Returns
     -------
@@ -792,9 +790,8 @@ def save_permeability(fit, path, *, affine=None, reference=None):
     path : str or os.PathLike
     affine : ndarray (4, 4), optional
     reference : nibabel image or Nifti1Header, optional
-        The image the data came from: the output keeps its qform and sform
-        codes and its spatial unit (default: sform code 2, "aligned", no
-        qform, mm).
+        The image the data came from, whose space the output keeps
+        (:func:`save_image`).
 
     Returns
     -------
@@ -821,9 +818,8 @@ def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
     path : str or os.PathLike
     affine : ndarray (4, 4), optional
     reference : nibabel image or Nifti1Header, optional
-        The image the data came from: the output keeps its qform and sform
-        codes and its spatial unit (default: sform code 2, "aligned", no
-        qform, mm).
+        The image the data came from, whose space the output keeps
+        (:func:`save_image`).
     gtab : GradientTable or Protocol, optional
         Acquisitions to predict (default: the fitted ones).
 

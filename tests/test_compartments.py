@@ -202,20 +202,23 @@ def _watson_average_by_quadrature(beta, c, kappa, n_theta=300, n_phi=120):
     return np.sum(density * np.exp(-beta * gn**2)) / (np.sum(density) * n_phi)
 
 
-def test_watson_stick_against_sphere_quadrature():
-    cases = [
-        (k, bd, c)
-        for k in (0.0, 1.0, 10.0, 64.0)
-        for bd in (0.5, 3.0, 10.0)
-        for c in (0.0, 0.5, 0.9, 1.0)
-    ]
+def _watson_stick_cases(kappas, betas):
+    """Every (kappa, beta, c) of ``kappas`` x ``betas`` x four cosines, one
+    acquisition each (b = beta with d_par = 1, g at angle acos(c) from mu =
+    z), and the sticks' signal of each case: (cases, kappa, beta, c, got)."""
+    cases = [(k, bd, c) for k in kappas for bd in betas for c in (0.0, 0.5, 0.9, 1.0)]
     kappa, beta, c = (np.array(v) for v in zip(*cases, strict=True))
-    # One acquisition per case: b = beta with d_par = 1, g at angle acos(c).
     bvecs = np.column_stack([np.sqrt(1 - c**2), np.zeros_like(c), c])
     acq = Acquisition(bvals=torch.tensor(beta), bvecs=torch.tensor(bvecs))
-    mu = torch.tensor([[0.0, 0.0, 1.0]] * len(cases))
+    mu = torch.tensor([[0.0, 0.0, 1.0]] * len(cases), dtype=torch.float64)
     got = blocks.watson_stick(acq, direction=mu, kappa=kappa, d_par=1.0).numpy()
-    got = np.diagonal(got)
+    return cases, kappa, beta, c, np.diagonal(got)
+
+
+def test_watson_stick_against_sphere_quadrature():
+    cases, kappa, beta, c, got = _watson_stick_cases(
+        (0.0, 1.0, 10.0, 64.0), (0.5, 3.0, 10.0)
+    )
     ref = np.array([_watson_average_by_quadrature(bd, cc, k) for k, bd, cc in cases])
     # 32 nodes: 2e-9 at kappa = 64 (measured), 1e-13 below.
     assert_allclose(got, ref, atol=3e-8, rtol=0)
@@ -282,19 +285,12 @@ def test_watson_blocks_without_much_dispersion():
     none (kappa = inf, ODI = 0): the quadrature's window at the pole keeps
     1e-12 (the whole-interval rule had tau 2.7e-3 off at kappa = 1e5 and
     NaN at inf), and kappa = inf is the stick along mu."""
-    cases = [
-        (k, bd, c)
-        for k in (100.0, 1e3, 1e5, 1e8)
-        for bd in (0.5, 5.0, 20.0)
-        for c in (0.0, 0.5, 0.9, 1.0)
-    ]
-    kappa, beta, c = (np.array(v) for v in zip(*cases, strict=True))
+    cases, kappa, beta, c, got = _watson_stick_cases(
+        (100.0, 1e3, 1e5, 1e8), (0.5, 5.0, 20.0)
+    )
     bvecs = np.column_stack([np.sqrt(1 - c**2), np.zeros_like(c), c])
     acq = Acquisition(bvals=torch.tensor(beta), bvecs=torch.tensor(bvecs))
     mu = torch.tensor([[0.0, 0.0, 1.0]] * len(cases), dtype=torch.float64)
-    got = np.diagonal(
-        blocks.watson_stick(acq, direction=mu, kappa=kappa, d_par=1.0).numpy()
-    )
     ref = np.array([_watson_average_at_the_pole(bd, cc, k) for k, bd, cc in cases])
     # The reference's own error is ~1e-14 (its panels resolve exp(-2 v)).
     assert_allclose(got, ref, atol=1e-12, rtol=0)

@@ -304,12 +304,10 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
             running = running + loss.detach() * idx.numel()
         bar.set_postfix(loss=f"{float(running) / x.shape[0]:.4f}")
     seconds = time.perf_counter() - start
-    message = (
-        f"dipy_spinverse: trained the {label} on {x.shape[0]} simulated voxels "
-        f"in {seconds:.1f} s on {device}"
+    _report(
+        f"trained the {label} on {x.shape[0]} simulated voxels in {seconds:.1f} s "
+        f"on {device}"
     )
-    logger.info(message)
-    print(message)
     net.cpu().eval()
     return net, seconds
 
@@ -320,6 +318,14 @@ def _load(path):
     net.load_state_dict(state["weights"])
     net.eval()
     return net
+
+
+def _report(message):
+    """Logged and printed: training happens once per protocol, and a user
+    waiting on it should see why without configuring logging."""
+    message = f"dipy_spinverse: {message}"
+    logger.info(message)
+    print(message)
 
 
 def load_or_train(
@@ -391,14 +397,12 @@ def load_or_train(
     start = time.perf_counter()
     inputs, targets = make_training_set()
     simulated = time.perf_counter() - start
-    # Printed apart from the training's own line: the simulation can take
+    # Reported apart from the training's own line: the simulation can take
     # longer than the training (ActiveAx, 2 fibres: 1.7 s against 0.1 s).
-    message = (
-        f"dipy_spinverse: simulated {len(inputs)} training voxels for the "
-        f"{label or 'regressor'} in {simulated:.1f} s"
+    _report(
+        f"simulated {len(inputs)} training voxels for the {label or 'regressor'} "
+        f"in {simulated:.1f} s"
     )
-    logger.info(message)
-    print(message)
     net, seconds = train(
         inputs,
         targets,
