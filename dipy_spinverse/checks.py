@@ -240,7 +240,11 @@ def check_mask_values(mask, name="mask"):
                 f"{name} holds NaN or inf, which is neither inside nor outside; "
                 "set those voxels to 0 or 1."
             )
-        if (mask != np.round(mask)).any():
+        # Whole numbers up to float rounding: a 0/255 mask stored with a
+        # scale factor of 1/255 reads back as 1.00000006, a resampled one as
+        # 0.99999994; a probability map holds real fractions.
+        rounded = np.round(mask)
+        if (np.abs(mask - rounded) > 1e-5 * np.maximum(1.0, np.abs(rounded))).any():
             raise ValueError(
                 f"{name} holds fractions (a probability map?); threshold it into "
                 "a binary mask first, e.g. mask > 0.5."

@@ -19,7 +19,9 @@ def run_command(flow):
     ``ValueError``, whose message names the argument and the fix, a file
     that is missing or cannot be read (``OSError``), or one that is not an
     image nibabel reads -- ends the command with that message and exit
-    status 2, as argparse does, instead of a traceback.
+    status 2, as argparse does, instead of a traceback. Ctrl-C ends it with
+    one line (and the flow's ``on_interrupt`` text, if it has one) and exit
+    status 130.
 
     Parameters
     ----------
@@ -34,8 +36,15 @@ def run_command(flow):
         version = importlib.metadata.version("dipy_spinverse")
         print(f"dipy_spinverse {version} (DIPY {dipy.__version__})")
         return 0
+    name = os.path.basename(sys.argv[0])
     try:
         return run_flow(flow)
     except (ValueError, OSError, ImageFileError) as err:
-        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a failure to debug: one line
+        # (the flow's ``on_interrupt`` says what was kept), the shell's 130.
+        hint = getattr(flow, "on_interrupt", "")
+        print(f"{name}: interrupted{'; ' + hint if hint else ''}.", file=sys.stderr)
+        sys.exit(130)

@@ -79,8 +79,9 @@ def _check_seconds(value, name, *, allow_zero=False, max_s=_MAX_TIME_S):
     bad = ~np.isfinite(flat) | ((flat < 0) if allow_zero else (flat <= 0))
     if bad.any():
         need = "non-negative" if allow_zero else "positive"
+        value = float(flat[bad][0])  # 0.0, not np.float64(0.0)
         raise ValueError(
-            f"{name} must be finite and {need} (in seconds), got {flat[bad][0]!r}"
+            f"{name} must be finite and {need} (in seconds), got {value!r}"
         )
     if (flat > max_s).any():
         big = float(flat[flat > max_s][0])

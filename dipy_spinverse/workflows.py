@@ -79,6 +79,13 @@ _BVAL_RTOL, _BVAL_ATOL = 0.01, 5.0
 
 
 class SpinverseFlow(Workflow):
+    #: What ``cli.run_command`` says after Ctrl-C: the checkpoint keeps every
+    #: finished chunk, and the same command continues from it.
+    on_interrupt = (
+        "the voxels fitted so far are kept in <out_state>.partial.h5; run the "
+        "same command again to continue"
+    )
+
     @classmethod
     def get_short_name(cls):
         return "spinverse"
@@ -149,11 +156,11 @@ class SpinverseFlow(Workflow):
         permeability, the barrier surfaces of the whole volume in scanner
         coordinates (GIFTI and PLY; per-voxel micrometre meshes with
         --voxel_meshes), the full fit state (.npz, resumable with --resume)
-        and a PNG report (with matplotlib): mid slices of the maps and a few
-        voxels. Each output goes to its own out_* path, written atomically
-        (a temporary file, then a rename). The fit state is written last: the
-        outputs of a run that failed before it are overwritten by the next
-        run, not skipped.
+        and a PNG report (with matplotlib): the slice of the maps with the
+        most fitted voxels and a few voxels. Each output goes to its own
+        out_* path, written atomically (a temporary file, then a rename).
+        The fit state is written last: the outputs of a run that failed
+        before it are overwritten by the next run, not skipped.
 
         Parameters
         ----------
@@ -859,24 +866,39 @@ def read_timing(path, *, n_volumes=None):
         table = table.T
     if table.shape[1] != 2 or (n_volumes is not None and len(table) != n_volumes):
         expected = n_volumes if n_volumes is not None else "n"
+        one = (
+            " For one diffusion time, give --small_delta and --big_delta "
+            "instead of a file."
+            if len(table) == 1
+            else ""
+        )
         raise ValueError(
             f"{path} must hold one 'small_delta big_delta' row per volume "
-            f"({expected} rows of 2 values, seconds), got shape {table.shape}."
+            f"({expected} rows of 2 values, seconds), got shape {table.shape}.{one}"
         )
     for small_delta, big_delta in np.unique(table, axis=0):
+        rows = np.flatnonzero((table == (small_delta, big_delta)).all(axis=1))
         try:  # the waveform's own checks (seconds, Delta >= delta), named here
-            PGSE(small_delta=small_delta, big_delta=big_delta)
+            PGSE(small_delta=float(small_delta), big_delta=float(big_delta))
         except ValueError as err:
-            raise ValueError(f"timing file {path}: {err}") from err
+            where = ", ".join(str(r) for r in rows[:8]) + (
+                ", ..." if len(rows) > 8 else ""
+            )
+            raise ValueError(
+                f"timing file {path}: volume(s) {where}: {err}. Every volume, "
+                "b = 0 ones included, needs the timing of the sequence it "
+                "belongs to."
+            ) from err
     return table[:, 0], table[:, 1]
 
 
 def write_report(fit, data, path, *, n_voxels=4):
-    """PNG: the maps' mid slices, then the signals and meshes of a few voxels.
+    """PNG: a slice of the maps, then the signals and meshes of a few voxels.
 
-    The top row shows the middle slice (along the last spatial axis) of the
-    restricted fraction, surface-to-volume, membrane permeability and
-    residual maps and of the status map; below, for each of the first
+    The top row shows the slice (along the last spatial axis) with the most
+    fitted voxels of the restricted fraction, surface-to-volume, membrane
+    permeability and residual maps and of the status map (whose legend
+    names the codes in that slice); below, for each of the first
     ``n_voxels`` fitted voxels, the measured and predicted signals and the
     barrier mesh.
 
@@ -932,34 +954,50 @@ _REPORT_MAPS = (
 )
 
 
-def _mid_slice(volume):
-    """The middle slice along the last axes down to 2-D (1-D as a column)."""
+def _shown_slice(fit):
+    """Indices along the axes after the second (the last first) of the slice
+    the report shows: the one with the most fitted voxels (a mid slice of a
+    whole-brain mask can hold none), the middle one where none is fitted."""
+    fitted = np.asarray(fit.fitted, dtype=bool)
+    picks = []
+    while fitted.ndim > 2:
+        counts = fitted.reshape(-1, fitted.shape[-1]).sum(0)
+        pick = int(np.argmax(counts)) if counts.any() else fitted.shape[-1] // 2
+        picks.append(pick)
+        fitted = fitted[..., pick]
+    return picks
+
+
+def _slice(volume, picks):
+    """``volume`` at :func:`_shown_slice`'s indices, 2-D (1-D as a column)."""
     volume = np.asarray(volume, dtype=float)
-    while volume.ndim > 2:
-        volume = volume[..., volume.shape[-1] // 2]
+    for pick in picks:
+        volume = volume[..., pick]
     return volume[:, None] if volume.ndim == 1 else volume
 
 
 def _plot_maps(fig, layout, fit):
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
+    picks = _shown_slice(fit)
+    inside = _slice(fit.mask, picks)
     for col, (name, title) in enumerate(_REPORT_MAPS):
         ax = fig.add_subplot(layout[0, 2 * col : 2 * col + 2])
-        values = np.where(_mid_slice(fit.mask), _mid_slice(getattr(fit, name)), np.nan)
+        values = np.where(inside, _slice(getattr(fit, name), picks), np.nan)
         image = ax.imshow(values.T, origin="lower", cmap="viridis")
         fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=6)
-        if col == 0 and len(fit.shape) > 2:
-            ax.set_ylabel(f"slice {fit.shape[2] // 2}", fontsize=7)
+        if col == 0 and picks:
+            ax.set_ylabel(f"slice {picks[-1]}", fontsize=7)
     # Status: one colour per code, only those present named.
     codes = sorted(STATUS_CODES)
     colours = ListedColormap([f"C{i}" for i in range(len(codes))])
     norm = BoundaryNorm(np.arange(len(codes) + 1) - 0.5, len(codes))
-    status = _mid_slice(fit.status).astype(int)
+    status = _slice(fit.status, picks).astype(int)
     ax = fig.add_subplot(layout[0, 8:10])
     ax.imshow(np.searchsorted(codes, status).T, origin="lower", cmap=colours, norm=norm)
-    present = [c for c in codes if np.any(np.asarray(fit.status) == c)]
+    present = [c for c in codes if np.any(status == c)]
     for code in present:
         ax.plot([], [], "s", color=f"C{codes.index(code)}", label=STATUS_CODES[code])
     ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.0, 1.0))

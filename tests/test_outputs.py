@@ -342,6 +342,23 @@ def test_report_shows_the_maps(barrier_fit, tmp_path):
     assert os.listdir(tmp_path) == ["report.png"]
 
 
+def test_report_shows_the_slice_with_the_most_fitted_voxels():
+    """A whole-brain mask's middle slice can hold no fitted voxel (the
+    report's maps were blank): the slice shown is the fullest one."""
+    from types import SimpleNamespace
+
+    from dipy_spinverse.workflows import _shown_slice, _slice
+
+    fitted = np.zeros((4, 3, 5), bool)
+    fitted[1:3, :, 1] = True
+    fitted[0, 0, 4] = True
+    picks = _shown_slice(SimpleNamespace(fitted=fitted))
+    assert picks == [1]
+    np.testing.assert_array_equal(_slice(fitted, picks), fitted[:, :, 1])
+    assert _shown_slice(SimpleNamespace(fitted=np.zeros((2, 2, 5), bool))) == [2]
+    assert _shown_slice(SimpleNamespace(fitted=np.ones((2, 3), bool))) == []
+
+
 # -- the workflow's outputs ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

@@ -193,3 +193,20 @@ def test_periodic_membranes_long_time_diffusivity(kappa):
     d_inf = (times[1] * adcs[1] - times[0] * adcs[0]) / (times[1] - times[0])
     reference = an.periodic_membrane_diffusivity(D, kappa * area_ratio, size / 2)
     assert_allclose(d_inf, reference, rtol=1e-5)
+
+
+def test_whole_number_masks_up_to_float_rounding_are_masks():
+    """A 0/255 mask stored with a scale factor of 1/255 reads back as
+    1.00000006, a resampled one as 0.99999994: both are binary masks. A
+    probability map is refused."""
+    from dipy_spinverse.checks import check_mask_values
+
+    scaled = np.array([0.0, 255.0]) * float(np.float32(1 / 255))  # nibabel's
+    assert scaled[1] != 1.0  # the float32 slope's rounding
+    np.testing.assert_array_equal(check_mask_values(scaled), [False, True])
+    resampled = np.array([0.0, np.nextafter(np.float32(1), np.float32(0))])
+    np.testing.assert_array_equal(check_mask_values(resampled), [False, True])
+    np.testing.assert_array_equal(check_mask_values([0.0, 255.0]), [False, True])
+    for fractions in ([0.0, 0.4], [0.0, 0.99], [1.0, 1.001]):
+        with pytest.raises(ValueError, match="mask holds fractions"):
+            check_mask_values(np.array(fractions))

@@ -13,7 +13,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from dipy_spinverse.data import PHANTOM_VOXELS, make_phantom_dataset
 from dipy_spinverse.interface import load_mesh
 from dipy_spinverse.io import load_fit, save_fit
-from dipy_spinverse.reconst import OK, PENDING
+from dipy_spinverse.reconst import OK, PENDING, SpinverseModel
 from dipy_spinverse.sequences import Protocol
 from dipy_spinverse.workflows import SpinverseFlow, main, read_timing
 
@@ -311,6 +311,47 @@ def test_a_user_error_ends_the_command_without_a_traceback(
     err = capsys.readouterr().err
     assert "dipy_fit_spinverse: error: the gradient timing is needed" in err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_ends_the_command_in_one_line(demo, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the fit: no traceback, the exit status a shell gives an
+    interrupt (130), and where the finished voxels are."""
+    argv = ["dipy_fit_spinverse", demo["data"], demo["bvals"], demo["bvecs"],
+            demo["mask"], "--timing_file", demo["timing"], "--grid_size",
+            str(SMALL_DEMO["grid_size"]), "--grid_resolution",
+            str(SMALL_DEMO["grid_resolution"]), "--out_dir", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SpinverseModel, "fit", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "dipy_fit_spinverse: interrupted; the voxels fitted so far" in err
+    assert "run the same command again to continue" in err
+    assert "Traceback" not in err
+
+
+def test_timing_file_mistakes_name_the_volumes_and_the_fix(demo, tmp_path):
+    """b = 0 rows of a converter's 0 0 name their volumes; a single row for
+    one diffusion time names the options that take it."""
+    bvals = np.loadtxt(demo["bvals"])
+    timing = np.loadtxt(demo["timing"])
+    timing[bvals == 0] = 0.0
+    zeros = tmp_path / "zeros.txt"
+    np.savetxt(zeros, timing)
+    b0 = ", ".join(str(i) for i in np.flatnonzero(bvals == 0))
+    with pytest.raises(
+        ValueError, match=rf"volume\(s\) {b0}: .*got 0\.0\b.*b = 0 ones included"
+    ):
+        read_timing(zeros, n_volumes=N_VOLUMES)
+    one = tmp_path / "one.txt"
+    np.savetxt(one, [[0.01, 0.06]])
+    with pytest.raises(ValueError, match="give --small_delta and --big_delta"):
+        read_timing(one, n_volumes=N_VOLUMES)
 
 
 @pytest.mark.parametrize("mistake", ["missing data", "not an image", "out_dir a file"])
