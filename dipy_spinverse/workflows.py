@@ -444,6 +444,8 @@ class SpinverseFlow(Workflow):
             )
             logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
             state = _npz(ostate)
+            if state != os.fspath(ostate):
+                logger.info(f"The fit state is an .npz archive: writing {state}.")
             checkpoint = checkpoint_for(state)
             previous = _previous_fit(model, data, mask, state, resume=resume)
             fit = model.fit(

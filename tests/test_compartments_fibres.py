@@ -354,3 +354,19 @@ def test_csd_accepts_what_the_fits_accept(gtab):
     )
     fit = ActiveAxModel(table, fibres="auto", **FAST).fit(data)
     assert_array_equal(fit.n_fibres, counts)
+
+
+def test_one_representative_per_fibre_axis():
+    """z >= 0, and on the equator y >= 0, then x >= 0: (-1, 0, 0) and
+    (0, -1, 0) came back as they were from noiseless fits along them."""
+    import torch
+
+    from dipy_spinverse.compartments.base import canonical_directions
+
+    dirs = torch.tensor(
+        [[-1.0, 0, 0], [0, -1.0, 0], [0.6, -0.8, 0], [0, 0.6, -0.8], [0.0, 0, -1]],
+        dtype=torch.float64,
+    )
+    expected = [[1.0, 0, 0], [0, 1.0, 0], [-0.6, 0.8, 0], [0, -0.6, 0.8], [0, 0, 1]]
+    assert_allclose(canonical_directions(dirs).numpy(), expected)
+    assert_allclose(canonical_directions(-dirs).numpy(), expected)

@@ -107,9 +107,12 @@ _POLISH_DAMPING = 1e-2
 
 
 def canonical_directions(dirs):
-    """Flip unit vectors (..., 3) into the z >= 0 hemisphere (axes are +-)."""
-    sign = torch.where(dirs[..., 2:3] < 0, -1.0, 1.0).to(dirs.dtype)
-    return dirs * sign
+    """Flip unit vectors (..., 3) into the z >= 0 hemisphere (axes are +-);
+    on its rim (z = 0) into y >= 0, and (1, 0, 0) on the x axis: one
+    representative per axis, as noiseless fits along the equator need."""
+    z, y, x = dirs[..., 2:3], dirs[..., 1:2], dirs[..., 0:1]
+    first = torch.where(z != 0, z, torch.where(y != 0, y, x))
+    return dirs * torch.where(first < 0, -1.0, 1.0).to(dirs.dtype)
 
 
 def _axes(bvecs, b0s):
