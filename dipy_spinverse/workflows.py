@@ -879,10 +879,10 @@ def read_timing(path, *, n_volumes=None):
             f"({expected} rows of 2 values, seconds), got shape {table.shape}.{one}"
         )
     for small_delta, big_delta in np.unique(table, axis=0):
-        rows = np.flatnonzero((table == (small_delta, big_delta)).all(axis=1))
         try:  # the waveform's own checks (seconds, Delta >= delta), named here
             PGSE(small_delta=float(small_delta), big_delta=float(big_delta))
         except ValueError as err:
+            rows = np.flatnonzero((table == (small_delta, big_delta)).all(axis=1))
             where = ", ".join(str(r) for r in rows[:8]) + (
                 ", ..." if len(rows) > 8 else ""
             )

@@ -299,16 +299,21 @@ def test_workflow_bad_files(demo, tmp_path, image, match):
         )  # fmt: skip
 
 
+def _command_exit(monkeypatch, capsys, argv):
+    """Run ``dipy_fit_spinverse`` with ``argv``; its exit status and stderr."""
+    monkeypatch.setattr(sys, "argv", ["dipy_fit_spinverse", *argv])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    return stop.value.code, capsys.readouterr().err
+
+
 def test_a_user_error_ends_the_command_without_a_traceback(
     demo, tmp_path, monkeypatch, capsys
 ):
-    argv = ["dipy_fit_spinverse", demo["data"], demo["bvals"], demo["bvecs"],
-            demo["mask"], "--out_dir", str(tmp_path)]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as stop:
-        main()
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
+    argv = [demo["data"], demo["bvals"], demo["bvecs"], demo["mask"],
+            "--out_dir", str(tmp_path)]  # fmt: skip
+    code, err = _command_exit(monkeypatch, capsys, argv)
+    assert code == 2
     assert "dipy_fit_spinverse: error: the gradient timing is needed" in err
     assert "Traceback" not in err
 
@@ -316,20 +321,17 @@ def test_a_user_error_ends_the_command_without_a_traceback(
 def test_ctrl_c_ends_the_command_in_one_line(demo, tmp_path, monkeypatch, capsys):
     """Ctrl-C during the fit: no traceback, the exit status a shell gives an
     interrupt (130), and where the finished voxels are."""
-    argv = ["dipy_fit_spinverse", demo["data"], demo["bvals"], demo["bvecs"],
-            demo["mask"], "--timing_file", demo["timing"], "--grid_size",
+    argv = [demo["data"], demo["bvals"], demo["bvecs"], demo["mask"],
+            "--timing_file", demo["timing"], "--grid_size",
             str(SMALL_DEMO["grid_size"]), "--grid_resolution",
             str(SMALL_DEMO["grid_resolution"]), "--out_dir", str(tmp_path)]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(SpinverseModel, "fit", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        main()
-    assert stop.value.code == 130
-    err = capsys.readouterr().err
+    code, err = _command_exit(monkeypatch, capsys, argv)
+    assert code == 130
     assert "dipy_fit_spinverse: interrupted; the voxels fitted so far" in err
     assert "run the same command again to continue" in err
     assert "Traceback" not in err
@@ -367,13 +369,10 @@ def test_file_mistakes_end_the_command_without_a_traceback(
     else:
         out_dir = str(tmp_path / "a file")
         (tmp_path / "a file").write_text("")
-    argv = ["dipy_fit_spinverse", data, demo["bvals"], demo["bvecs"], demo["mask"],
+    argv = [data, demo["bvals"], demo["bvecs"], demo["mask"],
             "--timing_file", demo["timing"], "--out_dir", out_dir]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as stop:
-        main()
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
+    code, err = _command_exit(monkeypatch, capsys, argv)
+    assert code == 2
     assert "dipy_fit_spinverse: error:" in err and "Traceback" not in err
     if mistake == "out_dir a file":
         # Refused before any voxel is fitted.

@@ -541,11 +541,15 @@ def _watson_rule(c, n_nodes):
     ``u = 1 - t`` (no cancellation at the pole).
     """
     t, w = (_as(a, c) for a in _watson_nodes(n_nodes))
-    c = c.detach()
-    h = (WATSON_WINDOW / c.clamp_min(WATSON_WINDOW))[..., None]
-    u = h * (1.0 - t)
-    s = torch.where(h < 1.0, u * (2.0 - u), 1.0 - t**2)
-    return s, w, h[..., 0]
+    h = _window(c)
+    u = h[..., None] * (1.0 - t)
+    s = torch.where(h[..., None] < 1.0, u * (2.0 - u), 1.0 - t**2)
+    return s, w, h
+
+
+def _window(c):
+    """Length of :func:`_watson_rule`'s window for concentration ``c``."""
+    return WATSON_WINDOW / c.detach().clamp_min(WATSON_WINDOW)
 
 
 def _bingham_integral(lam_plus, lam_minus, n_nodes):
@@ -640,8 +644,7 @@ def _watson_stick_from_beta(beta, c, kappa, n_nodes):
     numerator = _bingham_integral(lam_plus, lam_minus, n_nodes)
     norm, window = _watson_norm(kappa, n_nodes)
     # Each integral is its window's length times its sum: their ratio.
-    _, _, numerator_window = _watson_rule(lam_plus, n_nodes)
-    windows = numerator_window / window
+    windows = _window(lam_plus) / window
     # lam_plus - kappa <= 0, so nothing overflows; where tr >= 0 it is
     # (disc - kappa - beta) / 2, written without the cancellation that left
     # 3e-6 errors at kappa = 1e12: disc^2 - (kappa + beta)^2 = -4 kappa beta c^2.
