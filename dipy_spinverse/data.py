@@ -14,8 +14,8 @@ import json
 import os
 
 import numpy as np
-from dipy.io.image import save_nifti
 
+from .files import save_image
 from .forward import simulate
 from .grid import TetGrid
 from .interface import barrier_mesh
@@ -156,8 +156,8 @@ def make_phantom_dataset(
         truth_json=os.path.join(out_dir, "truth.json"),
         truth_meshes=os.path.join(out_dir, "truth_meshes"),
     )
-    save_nifti(paths["data"], volume, affine)
-    save_nifti(paths["mask"], np.ones(_SHAPE, dtype=np.uint8), affine)
+    save_image(paths["data"], volume, affine)
+    save_image(paths["mask"], np.ones(_SHAPE, dtype=np.uint8), affine)
     np.savetxt(paths["bvals"], protocol.bvals[None], fmt="%.6g")
     np.savetxt(paths["bvecs"], protocol.bvecs.T, fmt="%.8f")
     timing = np.array([[w.small_delta, w.big_delta] for w in protocol.waveforms])

@@ -1,4 +1,4 @@
-"""Files: atomic output, and the package's one cache folder.
+"""Files: atomic output, NIfTI images, and the package's one cache folder.
 
 Atomic output: write a temporary file beside the target, then rename. A
 reader (or a later run) then sees either the previous file or the complete
@@ -12,7 +12,11 @@ import pathlib
 import secrets
 import tempfile
 
-__all__ = ["atomic_write", "cache_root", "writable_folder", "CACHE_ENV"]
+import nibabel as nib
+
+from .checks import check_affine
+
+__all__ = ["atomic_write", "cache_root", "save_image", "writable_folder", "CACHE_ENV"]
 
 #: Environment variable naming the cache folder.
 CACHE_ENV = "DIPY_SPINVERSE_CACHE"
@@ -107,3 +111,58 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_image(path, data, affine=None, reference=None):
+    """Write ``data`` as a NIfTI image, atomically.
+
+    Through a temporary file beside ``path``, then a rename: an interrupted
+    run never leaves a half-written image.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    data : ndarray
+    affine : ndarray (4, 4), optional
+        Voxel-to-world affine (default identity).
+    reference : nibabel image or Nifti1Header, optional
+        The image the data came from: the output keeps its qform and sform
+        codes and its spatial unit (default: sform code 2, "aligned", no
+        qform, mm).
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    affine = check_affine(affine)
+    image = nib.Nifti1Image(data, affine)
+    qform, sform, units = _space_of(reference)
+    # The codes say what the affine maps to (1 scanner, 2 aligned, ...):
+    # a map of the DWI lives where the DWI does, so it keeps the input's
+    # codes (registration tools that read the qform need it set).
+    image.set_qform(affine, code=qform)
+    image.set_sform(affine, code=sform)
+    image.header.set_xyzt_units(xyz=units)
+    with atomic_write(path) as tmp:
+        image.to_filename(tmp)
+    return os.fspath(path)
+
+
+def _space_of(reference):
+    """(qform code, sform code, spatial unit) of a reference image or header:
+    the reference's, or nibabel's default codes (0, 2) and mm (the unit of
+    the affines this package writes) where it has none."""
+    if reference is None:
+        return 0, 2, "mm"
+    header = getattr(reference, "header", reference)
+    if not isinstance(header, nib.Nifti1Header):
+        raise TypeError(
+            "reference must be a NIfTI image or header (nibabel), got "
+            f"{type(reference).__name__}; pass the image the data came from."
+        )
+    qform, sform = int(header["qform_code"]), int(header["sform_code"])
+    if qform == 0 and sform == 0:  # no code to keep: the affine is aligned
+        qform, sform = 0, 2
+    unit = header.get_xyzt_units()[0]
+    return qform, sform, "mm" if unit == "unknown" else unit

@@ -20,14 +20,13 @@ import zipfile
 import zlib
 from dataclasses import asdict
 
-import nibabel as nib
 import numpy as np
 import torch
 from dipy.core.gradients import gradient_table
 
 from . import sequences
-from .checks import check_affine, check_device
-from .files import atomic_write
+from .checks import check_device
+from .files import save_image
 from .grid import TetGrid
 from .inverse import InversionConfig
 from .reconst import (
@@ -720,61 +719,6 @@ def _image(fit, values):
     """``values`` of ``fit`` as an image: a fit of one voxel is a volume of
     1 x 1 x 1 voxels (its values on the fourth axis), not a 1-D image."""
     return values.reshape((1, 1, 1) + values.shape) if fit.shape == () else values
-
-
-def save_image(path, data, affine=None, reference=None):
-    """Write ``data`` as a NIfTI image, atomically.
-
-    Through a temporary file beside ``path``, then a rename: an interrupted
-    run never leaves a half-written image.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-    data : ndarray
-    affine : ndarray (4, 4), optional
-        Voxel-to-world affine (default identity).
-    reference : nibabel image or Nifti1Header, optional
-        The image the data came from: the output keeps its qform and sform
-        codes and its spatial unit (default: sform code 2, "aligned", no
-        qform, mm).
-
-    Returns
-    -------
-    str
-        The path written.
-    """
-    affine = check_affine(affine)
-    image = nib.Nifti1Image(data, affine)
-    qform, sform, units = _space_of(reference)
-    # The codes say what the affine maps to (1 scanner, 2 aligned, ...):
-    # a map of the DWI lives where the DWI does, so it keeps the input's
-    # codes (registration tools that read the qform need it set).
-    image.set_qform(affine, code=qform)
-    image.set_sform(affine, code=sform)
-    image.header.set_xyzt_units(xyz=units)
-    with atomic_write(path) as tmp:
-        image.to_filename(tmp)
-    return os.fspath(path)
-
-
-def _space_of(reference):
-    """(qform code, sform code, spatial unit) of a reference image or header:
-    the reference's, or nibabel's default codes (0, 2) and mm (the unit of
-    the affines this package writes) where it has none."""
-    if reference is None:
-        return 0, 2, "mm"
-    header = getattr(reference, "header", reference)
-    if not isinstance(header, nib.Nifti1Header):
-        raise TypeError(
-            "reference must be a NIfTI image or header (nibabel), got "
-            f"{type(reference).__name__}; pass the image the data came from."
-        )
-    qform, sform = int(header["qform_code"]), int(header["sform_code"])
-    if qform == 0 and sform == 0:  # no code to keep: the affine is aligned
-        qform, sform = 0, 2
-    unit = header.get_xyzt_units()[0]
-    return qform, sform, "mm" if unit == "unknown" else unit
 
 
 def save_permeability(fit, path, *, affine=None, reference=None):

@@ -65,6 +65,12 @@ def test_phantom_dataset_is_deterministic(demo, tmp_path):
     assert data.shape == (3, 2, 1, N_VOLUMES)
     assert np.all(data > 0)
     assert_array_equal(_load(demo["mask"]), 1)
+    # The images say what their affine is in (mm, "aligned"), as the maps
+    # written from them do: DIPY's save_nifti left the unit unknown.
+    for name in ("data", "mask"):
+        header = nib.load(demo[name]).header
+        assert header.get_xyzt_units()[0] == "mm", name
+        assert int(header["sform_code"]) == 2, name
     bvals = np.loadtxt(demo["bvals"])
     assert bvals.shape == (N_VOLUMES,) and np.sum(bvals == 0) == 2
     assert np.loadtxt(demo["bvecs"]).shape == (3, N_VOLUMES)
