@@ -78,13 +78,16 @@ SMOOTH_MESH_FORMATS = ("vtp", "ply", "vtk", "gii")
 _BVAL_RTOL, _BVAL_ATOL = 0.01, 5.0
 
 
+_KEPT_AFTER_INTERRUPT = (
+    "the voxels fitted so far are kept in {}; run the same command again to continue"
+)
+
+
 class SpinverseFlow(Workflow):
     #: What ``cli.run_command`` says after Ctrl-C: the checkpoint keeps every
-    #: finished chunk, and the same command continues from it.
-    on_interrupt = (
-        "the voxels fitted so far are kept in <out_state>.partial.h5; run the "
-        "same command again to continue"
-    )
+    #: finished chunk, and the same command continues from it. Once the fit
+    #: starts, :meth:`run` names the checkpoint file itself.
+    on_interrupt = _KEPT_AFTER_INTERRUPT.format("<out_state>.partial.h5")
 
     @classmethod
     def get_short_name(cls):
@@ -448,6 +451,7 @@ class SpinverseFlow(Workflow):
                 logger.info(f"The fit state is an .npz archive: writing {state}.")
             checkpoint = checkpoint_for(state)
             previous = _previous_fit(model, data, mask, state, resume=resume)
+            self.on_interrupt = _KEPT_AFTER_INTERRUPT.format(checkpoint)
             fit = model.fit(
                 data,
                 mask=mask,
