@@ -19,6 +19,7 @@ rule's tuning and report seeds) and 2.
 
     PYTHONPATH=. python benchmarks/count_bound.py                  # 93 vol
     PYTHONPATH=. python benchmarks/count_bound.py --protocol hcp   # 276 vol
+    PYTHONPATH=. python benchmarks/count_bound.py --protocol multishell  # 366
 """
 
 import argparse
@@ -36,8 +37,7 @@ from compartments import (  # noqa: E402
     count_table,
     crossing_voxels,
     describe,
-    hcp_like,
-    protocols,
+    fibre_protocol,
 )
 
 from dipy_spinverse.compartments import NoddiModel  # noqa: E402
@@ -124,14 +124,16 @@ class Classifier:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--protocol", choices=("noddi", "hcp"), default="noddi")
+    parser.add_argument(
+        "--protocol", choices=("noddi", "hcp", "multishell"), default="noddi"
+    )
     parser.add_argument("--n-train", type=int, default=60_000, help="per count")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    gtab = protocols()["noddi"] if args.protocol == "noddi" else hcp_like()
+    gtab = fibre_protocol(args.protocol)
     start = time.perf_counter()
     signals, counts = training_signals(gtab, args.n_train, seed=10)
     simulated = time.perf_counter() - start

@@ -550,6 +550,7 @@ def test_noddi_two_fibres_noiseless_and_noisy(gtab_noddi):
     assert_allclose(fit.odi, odi[:8], atol=1e-6)
     assert_allclose(fit.ndi, ndi[:8], atol=1e-6)
     assert_allclose(fit.fibre_fractions, w[:8], atol=1e-6)
+    assert_allclose(fit.tissue_ndi, np.sum(w * ndi, axis=1)[:8], atol=1e-6)
     assert np.all(_angle_deg(fit.direction[:, 0], mu0[:8]) < 1e-4)
     assert np.all(_angle_deg(fit.direction[:, 1], mu1[:8]) < 1e-4)
     fit = model.fit(_rician(clean, rng))
@@ -557,6 +558,12 @@ def test_noddi_two_fibres_noiseless_and_noisy(gtab_noddi):
     assert np.median(_angle_deg(fit.direction[:, 0], mu0)) < 4.0
     assert np.median(_angle_deg(fit.direction[:, 1], mu1)) < 6.0
     assert np.median(np.abs(fit.odi - odi)) < 0.06
+    # The tissue's NDI (sum of w_k ndi_k) is far better determined than each
+    # population's: measured medians 0.012-0.016 against 0.08-0.09 per fibre
+    # (seeds 2, 5, 7 of this design).
+    tissue_error = np.median(np.abs(fit.tissue_ndi - np.sum(w * ndi, axis=1)))
+    assert tissue_error < 0.03
+    assert tissue_error < np.median(np.abs(fit.ndi - ndi)) / 3
 
 
 def test_activeax_recovery(gtab_axon):

@@ -333,6 +333,10 @@ def test_per_fibre_layout_of_every_model(gtab):
     assert none.direction.shape == none.directions.shape == (2, 0, 3)
     single = NoddiModel(gtab).fit(data[:1])
     assert single.odi.shape == (1,) and single.direction.shape == (1, 3)
+    # One tissue NDI per voxel in every layout; no fibre holds no neurites.
+    assert fit.tissue_ndi.shape == none.tissue_ndi.shape == (2,)
+    assert_array_equal(none.tissue_ndi, 0.0)
+    assert_array_equal(single.tissue_ndi, single.ndi)
 
 
 def test_csd_accepts_what_the_fits_accept(gtab):

@@ -535,6 +535,19 @@ class NoddiFit(CompartmentFit):
         return self._per_fibre("odi")
 
     @property
+    def tissue_ndi(self):
+        """Neurite density of the tissue part as a whole, ``sum_k w_k ndi_k``
+        (``w`` the fibre fractions): the one NDI that single-population NODDI
+        (and AMICO) reports, (...) in every layout; 0 where there is no fibre.
+        In crossings it is much better determined than each population's NDI
+        (``doc/compartments.md``, AMICO section)."""
+        if self._single:
+            return self.ndi
+        terms = self.fibre_fractions * self.ndi
+        # Absent fibres are NaN in both maps; they hold no neurites.
+        return np.where(np.isnan(terms), 0.0, terms).sum(axis=-1)
+
+    @property
     def kappa(self):
         """Watson concentration (0 outside the mask, as the other maps)."""
         odi = self.odi
