@@ -192,3 +192,22 @@ def test_lattice_translations_move_the_cells_whole(monkeypatch):
         if k >= 6:  # diagonal steps: the sign pattern negated
             opposite = 6 + (7 - (k - 6))
         np.testing.assert_array_equal(back[opposite], labels)
+
+
+def test_every_fibre_protocol_has_its_doc_blocks(monkeypatch):
+    """benchmarks/compartments.py --fibres --write-doc on each protocol
+    writes the block named for it; the protocols have the stated volumes."""
+    folder = _PATH.parent
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(
+        "compartments_bench", folder / "compartments.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = module.DOC.read_text()
+    volumes = {"noddi": (93, 3000), "hcp": (276, 3000), "multishell": (366, 5000)}
+    for name, (n, b_max) in volumes.items():
+        gtab = module.fibre_protocol(name)
+        assert len(gtab.bvals) == n and gtab.bvals.max() == b_max
+        block = "fibres" + ("" if name == "noddi" else f"-{name}")
+        assert f"<!-- {block}:start -->" in doc and f"<!-- {block}:end -->" in doc
