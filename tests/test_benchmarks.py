@@ -16,12 +16,22 @@ from dipy_spinverse.substrates import random_substrates
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "generalisation.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("generalisation", _PATH)
+def _load_benchmark(name, monkeypatch=None):
+    """The script benchmarks/<name>.py as a module (with benchmarks/ on the
+    path when ``monkeypatch`` is given, for scripts that import each other)."""
+    if monkeypatch is not None:
+        monkeypatch.syspath_prepend(str(_PATH.parent))
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_bench", _PATH.parent / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_benchmark("generalisation")
 
 
 @pytest.mark.parametrize("boundary", ["absorbing", "reflecting"])
@@ -149,10 +159,7 @@ def test_simulated_targets_are_read_back_from_the_cache(bench, tmp_path, monkeyp
 
 def test_forward_doc_keeps_its_hand_written_sections(tmp_path):
     """--write-doc replaced the whole file, losing the engine comparison."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "forward.py"
-    spec = importlib.util.spec_from_file_location("forward_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_benchmark("forward")
     doc = tmp_path / "doc" / "benchmarks_forward.md"
     module.write_doc(doc, "# Table\n\nold rows\n")
     assert doc.read_text() == "# Table\n\nold rows\n"
@@ -166,13 +173,7 @@ def test_lattice_translations_move_the_cells_whole(monkeypatch):
     """benchmarks/ambiguity.py's alternatives: each of the 14 translations
     moves a ball inside the box whole (same grid cells, centroid moved by
     one cube side or half a cube diagonal); the opposite one moves it back."""
-    folder = _PATH.parent
-    monkeypatch.syspath_prepend(str(folder))
-    spec = importlib.util.spec_from_file_location(
-        "search_landscape", folder / "search_landscape.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_benchmark("search_landscape", monkeypatch)
     grid = TetGrid.bcc(80 / 3, 4)
     x = grid.cell_centroids
     centre = x.mean(0)
@@ -197,13 +198,7 @@ def test_lattice_translations_move_the_cells_whole(monkeypatch):
 def test_every_fibre_protocol_has_its_doc_blocks(monkeypatch):
     """benchmarks/compartments.py --fibres --write-doc on each protocol
     writes the block named for it; the protocols have the stated volumes."""
-    folder = _PATH.parent
-    monkeypatch.syspath_prepend(str(folder))
-    spec = importlib.util.spec_from_file_location(
-        "compartments_bench", folder / "compartments.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_benchmark("compartments", monkeypatch)
     doc = module.DOC.read_text()
     volumes = {"noddi": (93, 3000), "hcp": (276, 3000), "multishell": (366, 5000)}
     for name, (n, b_max) in volumes.items():
