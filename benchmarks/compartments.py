@@ -542,13 +542,16 @@ def fibre_protocol(name):
 
 def count_table(label, gtab, counts, found, wall, seed):
     """Markdown lines: overall accuracy and the confusion matrix (rows: true
-    count, columns: count found, last column: correct per true count)."""
+    count, columns: count found, last column: correct per true count) of
+    the voxels of ``seed`` (one, or several pooled)."""
+    seeds = np.atleast_1d(seed)
     confusion = np.zeros((4, 4), dtype=int)
     np.add.at(confusion, (counts, found), 1)
     per = len(counts) // len(np.unique(counts))
     lines = [
         f"{label}, {describe(gtab)}, SNR 30, "
-        f"{'seeds' if ',' in str(seed) else 'seed'} {seed}, {len(counts)} voxels "
+        f"{'seeds' if seeds.size > 1 else 'seed'} {', '.join(map(str, seeds))}, "
+        f"{len(counts)} voxels "
         f"({per} per count), crossings >= {MIN_CROSSING_DEG:g} degrees: "
         f"**{np.mean(found == counts):.1%} correct** ({len(counts) / wall:.2f} "
         "voxels/s). Rows: true count, columns: count found.",
@@ -580,11 +583,11 @@ def run_fibres(quick, protocol="noddi", seeds=(1,)):
         found.append(fit.n_fibres)
         correct.append(f"{np.mean(fit.n_fibres == truth):.1%}")
     label = f"NoddiModel(fibres='auto'), protocol {protocol}"
-    seed_text = ", ".join(str(s) for s in seeds)
     lines = count_table(
-        label, gtab, np.concatenate(counts), np.concatenate(found), wall, seed_text
+        label, gtab, np.concatenate(counts), np.concatenate(found), wall, seeds
     )
     if len(seeds) > 1:
+        seed_text = ", ".join(map(str, seeds))
         lines += ["", f"Per seed ({seed_text}): {', '.join(correct)} correct."]
     if protocol != "noddi":
         return "\n".join(lines)
@@ -1198,10 +1201,11 @@ def main():
                 + run_learned(args.quick, args.cache, args.polish, args.models),
             )
         )
+    # Doc blocks: "fibres" for the NODDI protocol, "fibres-hcp" for hcp, ...
+    protocol = args.fibre_protocol
+    protocol_suffix = "" if protocol == "noddi" else f"-{protocol}"
     if args.fibres:
-        block = "fibres" + (
-            "" if args.fibre_protocol == "noddi" else f"-{args.fibre_protocol}"
-        )
+        block = "fibres" + protocol_suffix
         sections.append(
             (
                 block,
@@ -1211,9 +1215,7 @@ def main():
             )
         )
     if args.third_fibre:
-        block = "third-fibre" + (
-            "" if args.fibre_protocol == "noddi" else f"-{args.fibre_protocol}"
-        )
+        block = "third-fibre" + protocol_suffix
         text = run_third_fibre(args.quick, args.fibre_protocol, args.fibre_seed[0])
         sections.append((block, header(args.threads) + "\n\n" + text))
     if args.axon_fibres:
