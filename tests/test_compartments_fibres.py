@@ -339,6 +339,21 @@ def test_per_fibre_layout_of_every_model(gtab):
     assert_array_equal(single.tissue_ndi, single.ndi)
 
 
+def test_tissue_ndi_of_unfitted_and_masked_voxels(gtab):
+    # As the other maps: NaN where the voxel could not be fitted (it was 0,
+    # read as "no neurites"), 0 outside the mask.
+    from dipy_spinverse.compartments import NoddiModel
+
+    data = np.full((3, len(gtab.bvals)), S0) * np.exp(-gtab.bvals * 1e-3)
+    data[1] = np.nan
+    mask = np.array([True, True, False])
+    for model in (NoddiModel(gtab, n_fibres=2), NoddiModel(gtab)):
+        fit = model.fit(data, mask=mask)
+        assert np.isfinite(fit.tissue_ndi[0]) and fit.tissue_ndi[0] > 0
+        assert np.isnan(fit.tissue_ndi[1])
+        assert fit.tissue_ndi[2] == 0
+
+
 def test_csd_accepts_what_the_fits_accept(gtab):
     # DIPY builds tables with b-vectors a few per cent off unit length when
     # asked (atol); the fits normalise them, and so must the CSD starts.

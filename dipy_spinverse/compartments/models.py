@@ -538,14 +538,16 @@ class NoddiFit(CompartmentFit):
     def tissue_ndi(self):
         """Neurite density of the tissue part as a whole, ``sum_k w_k ndi_k``
         (``w`` the fibre fractions): the one NDI that single-population NODDI
-        (and AMICO) reports, (...) in every layout; 0 where there is no fibre.
-        In crossings it is much better determined than each population's NDI
+        (and AMICO) reports, (...) in every layout; 0 where there is no fibre,
+        NaN where the voxel could not be fitted (as the other maps). In
+        crossings it is much better determined than each population's NDI
         (``doc/compartments.md``, AMICO section)."""
         if self._single:
             return self.ndi
         terms = self.fibre_fractions * self.ndi
         # Absent fibres are NaN in both maps; they hold no neurites.
-        return np.where(np.isnan(terms), 0.0, terms).sum(axis=-1)
+        total = np.where(np.isnan(terms), 0.0, terms).sum(axis=-1)
+        return np.where(np.isnan(self.S0), np.nan, total)
 
     @property
     def kappa(self):
