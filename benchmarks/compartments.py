@@ -565,30 +565,39 @@ def count_table(label, gtab, counts, found, wall, seed):
     return lines
 
 
-def run_fibres(quick, protocol="noddi", seeds=(1,)):
-    gtab = fibre_protocol(protocol)
-    n = 40 if quick else 200
-    # One fit per seed (its own CSD response, as a run of that seed alone),
-    # the confusion matrix pooled over the seeds.
-    counts, found, wall, correct = [], [], 0.0, []
+def pooled_counts(label, gtab, make_model, draw, counts, seeds):
+    """Count table of ``fibres="auto"`` over the voxels of several seeds
+    pooled (markdown lines): one model and one fit per seed, as a run of
+    that seed alone (its own CSD response). ``draw(model, counts, rng)``
+    returns the seed's signals."""
+    found, wall, correct = [], 0.0, []
     for seed in seeds:
-        rng = np.random.default_rng(seed)
-        truth = np.repeat(np.arange(4), n // 4)
-        data, _, _ = crossing_voxels(gtab, truth, rng, 30.0)
-        model = NoddiModel(gtab, fibres="auto")
+        model = make_model()
+        data = draw(model, counts, np.random.default_rng(seed))
         start = time.perf_counter()
         fit = model.fit(data)
         wall += time.perf_counter() - start
-        counts.append(truth)
         found.append(fit.n_fibres)
-        correct.append(f"{np.mean(fit.n_fibres == truth):.1%}")
-    label = f"NoddiModel(fibres='auto'), protocol {protocol}"
-    lines = count_table(
-        label, gtab, np.concatenate(counts), np.concatenate(found), wall, seeds
-    )
+        correct.append(f"{np.mean(fit.n_fibres == counts):.1%}")
+    truth = np.tile(counts, len(seeds))
+    lines = count_table(label, gtab, truth, np.concatenate(found), wall, seeds)
     if len(seeds) > 1:
         seed_text = ", ".join(map(str, seeds))
         lines += ["", f"Per seed ({seed_text}): {', '.join(correct)} correct."]
+    return lines
+
+
+def run_fibres(quick, protocol="noddi", seeds=(1,)):
+    gtab = fibre_protocol(protocol)
+    n = 40 if quick else 200
+    lines = pooled_counts(
+        f"NoddiModel(fibres='auto'), protocol {protocol}",
+        gtab,
+        lambda: NoddiModel(gtab, fibres="auto"),
+        lambda _, counts, rng: crossing_voxels(gtab, counts, rng, 30.0)[0],
+        np.repeat(np.arange(4), n // 4),
+        seeds,
+    )
     if protocol != "noddi":
         return "\n".join(lines)
     # Two fibres at SNR 50, crossings 45-90 degrees: fixed n_fibres=2 and
@@ -866,20 +875,22 @@ def run_third_fibre(quick, protocol="noddi", seed=1):
     return "\n".join(lines)
 
 
-def run_axon_fibres(quick, seed=1):
+def run_axon_fibres(quick, seeds=(1,)):
     gtab = protocols()["axon"]
     lines = []
+    n = 12 if quick else 25
     for cls, first in ((ActiveAxModel, 0), (ZcdModel, 1)):
-        model = cls(gtab, fibres="auto")
-        n = 12 if quick else 25
-        rng = np.random.default_rng(seed)
-        counts = np.repeat(np.arange(first, 4), n)
-        data, _, _ = axon_crossing_voxels(model, counts, rng, 30.0)
-        start = time.perf_counter()
-        fit = model.fit(data)
-        wall = time.perf_counter() - start
-        label = f"{cls.__name__}(fibres='auto')"
-        lines += count_table(label, gtab, counts, fit.n_fibres, wall, seed) + [""]
+        lines += pooled_counts(
+            f"{cls.__name__}(fibres='auto')",
+            gtab,
+            lambda cls=cls: cls(gtab, fibres="auto"),
+            lambda model, counts, rng: axon_crossing_voxels(model, counts, rng, 30.0)[
+                0
+            ],
+            np.repeat(np.arange(first, 4), n),
+            seeds,
+        ) + [""]
+    seed = seeds[0]
     m = 10 if quick else 50
     lines += [
         f"Two fibres at SNR 50, crossings >= {MIN_CROSSING_DEG:g} degrees, {m} "
@@ -1125,8 +1136,8 @@ def main():
         type=int,
         nargs="+",
         default=[1, 2, 3],
-        help="seeds of the --fibres voxels, pooled (the count rule was tuned on "
-        "0); --third-fibre and --axon-fibres use the first",
+        help="seeds of the --fibres and --axon-fibres counts, pooled (the count "
+        "rule was tuned on 0); --third-fibre and the 2-fibre tables use the first",
     )
     parser.add_argument(
         "--third-fibre",
@@ -1224,7 +1235,7 @@ def main():
                 "axon-fibres",
                 header(args.threads)
                 + "\n\n"
-                + run_axon_fibres(args.quick, args.fibre_seed[0]),
+                + run_axon_fibres(args.quick, args.fibre_seed),
             )
         )
     if args.learned_crossings:
