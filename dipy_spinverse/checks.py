@@ -252,11 +252,12 @@ def check_mask_values(mask, name="mask"):
     return mask != 0
 
 
-def check_s0(S0, shape, where=None):
-    """A prediction's unweighted signal ``S0`` broadcast to the fit's ``shape``:
-    a scalar or one per voxel, finite and >= 0 wherever ``where`` (the voxels
-    predicted; default all) is true. Elsewhere (masked or failed voxels, which
-    are not predicted) anything goes, e.g. the NaN of a fitted S0 map."""
+def check_s0(S0, shape, where=None, *, per="voxel"):
+    """A prediction's unweighted signal ``S0`` broadcast to ``shape`` (the
+    fit's, or the batch of predicted fields'): a scalar or one per ``per``,
+    finite and >= 0 wherever ``where`` (the voxels predicted; default all) is
+    true. Elsewhere (masked or failed voxels, which are not predicted)
+    anything goes, e.g. the NaN of a fitted S0 map."""
     S0 = np.asarray(S0)
     if S0.dtype.kind not in "iuf":
         raise ValueError(f"S0 must be numbers, got {S0!r}; give a float or an array")
@@ -264,8 +265,8 @@ def check_s0(S0, shape, where=None):
         out = np.broadcast_to(S0.astype(np.float64), shape)
     except ValueError:
         raise ValueError(
-            f"S0 has shape {S0.shape}, but the fit has shape {shape}; give a "
-            "scalar or one S0 per voxel"
+            f"S0 has shape {S0.shape}, but the {per}s have shape {shape}: S0 must "
+            f"be a number or one per {per}"
         ) from None
     used = np.ones(shape, dtype=bool) if where is None else np.asarray(where)
     bad = used & ~(np.isfinite(out) & (out >= 0))

@@ -26,6 +26,7 @@ from ..checks import (
     check_dtype,
     check_int,
     check_positive,
+    check_s0,
 )
 from ..forward import simulate
 from ..grid import BOUNDARIES, TetGrid
@@ -431,16 +432,7 @@ class SpinverseModel(ReconstModel):
                 f"axis (as fit.permeability), got shape {kappa.shape}."
             )
         batch = kappa.shape[:-1]
-        scale = np.asarray(S0, dtype=float)
-        if not np.all(np.isfinite(scale)) or np.any(scale < 0):
-            raise ValueError(f"S0 must be finite and >= 0, got {S0!r}.")
-        try:
-            scale = np.broadcast_to(scale, batch)
-        except ValueError:
-            raise ValueError(
-                f"S0 must be a number or one per field {batch}, got shape "
-                f"{scale.shape}."
-            ) from None
+        scale = check_s0(S0, batch, per="field")
         normalised = self.predict_normalised(kappa.reshape(-1, n_faces), protocol)
         return normalised.reshape(batch + (len(protocol),)) * scale[..., None]
 
