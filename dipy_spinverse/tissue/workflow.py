@@ -21,7 +21,7 @@ from dipy.workflows.workflow import Workflow
 
 from ..checks import check_mask_values
 from ..cli import run_command
-from ..io import save_image
+from ..files import save_image
 from .model import TissueMapModel
 from .sequences import sequence_from_string
 
