@@ -11,12 +11,24 @@ import os
 import pathlib
 import secrets
 import tempfile
+import zlib
 
 import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
 
 from .checks import check_affine
 
-__all__ = ["atomic_write", "cache_root", "save_image", "writable_folder", "CACHE_ENV"]
+__all__ = [
+    "atomic_write",
+    "cache_root",
+    "load_image",
+    "read_voxels",
+    "save_image",
+    "save_voxels",
+    "writable_folder",
+    "CACHE_ENV",
+]
 
 #: Environment variable naming the cache folder.
 CACHE_ENV = "DIPY_SPINVERSE_CACHE"
@@ -166,3 +178,149 @@ def _space_of(reference):
         qform, sform = 0, 2
     unit = header.get_xyzt_units()[0]
     return qform, sform, "mm" if unit == "unknown" else unit
+
+
+#: What a damaged or truncated image raises while nibabel reads it.
+_DAMAGED = (EOFError, zlib.error, OSError, ImageFileError, ValueError)
+
+
+def load_image(path, what="image"):
+    """The NIfTI image at ``path``, its data not read yet (nibabel's proxy).
+
+    The file is kept open, so that reading it volume by volume
+    (:func:`read_voxels`) decompresses a ``.nii.gz`` once, front to back.
+
+    Raises
+    ------
+    ValueError
+        Naming ``what`` and the file when it is missing, not an image, or
+        damaged, instead of nibabel's ``FileNotFoundError`` or "Cannot work
+        out file type".
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path} does not exist; check the path.")
+    try:
+        return nib.load(path, keep_file_open=True)
+    except _DAMAGED as err:
+        raise ValueError(
+            f"{what} {path} cannot be read as a NIfTI image ({err}); pass a "
+            ".nii or .nii.gz file, and write it again if it is damaged."
+        ) from err
+
+
+def read_voxels(image, mask, what="image"):
+    """The voxels of ``mask`` of a 4-D image, read one volume at a time.
+
+    Memory grows with the mask, not with the image: at most one 3-D volume
+    is held besides the result, so a few voxels of a brain-sized
+    ``.nii.gz`` cost megabytes, where loading the image whole costs
+    gigabytes.
+
+    Parameters
+    ----------
+    image : nibabel image or str or os.PathLike
+        4-D (x, y, z, volumes); a path is opened with :func:`load_image`.
+    mask : ndarray of bool (x, y, z)
+    what : str
+        The image's role in error messages (e.g. ``"input_files"``).
+
+    Returns
+    -------
+    ndarray (n_mask, n_volumes)
+        ``data[mask]`` in C order of the mask, in the image's own data type
+        (or float64 when the header scales the values).
+
+    Raises
+    ------
+    ValueError
+        Naming the file when it ends early or is damaged.
+    """
+    if not isinstance(image, nib.spatialimages.SpatialImage):
+        image = load_image(image, what)
+    mask = np.asarray(mask, dtype=bool)
+    shape = image.shape
+    if len(shape) != 4 or shape[:3] != mask.shape:
+        raise ValueError(
+            f"{what} {image.get_filename()} has shape {shape}; read_voxels needs "
+            f"a 4-D image whose first three axes are the mask's {mask.shape}."
+        )
+    out = None
+    try:
+        for volume in range(shape[3]):
+            values = np.asanyarray(image.dataobj[..., volume])[mask]
+            if out is None:
+                out = np.empty((values.size, shape[3]), dtype=values.dtype)
+            out[:, volume] = values
+    except _DAMAGED as err:
+        raise ValueError(
+            f"{what} {image.get_filename()} is damaged or truncated: reading "
+            f"volume {volume} of {shape[3]} failed ({type(err).__name__}: "
+            f"{err}); copy or write the file again."
+        ) from err
+    return out
+
+
+def save_voxels(path, rows, mask, affine=None, reference=None, *, fill=0.0):
+    """Write per-voxel values of a mask as a NIfTI image, atomically.
+
+    The image is written one volume at a time from ``rows``, so memory grows
+    with the mask (plus one 3-D volume), never with the volume times the
+    values per voxel: per-voxel vectors of a brain-sized mask (predicted
+    signals, per-face permeabilities) would take gigabytes as one array.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    rows : ndarray (n_mask,) or (n_mask, n_values)
+        The values of the voxels of ``mask``, in C order (``volume[mask]``).
+    mask : ndarray of bool, 3-D
+    affine : ndarray (4, 4), optional
+    reference : nibabel image or Nifti1Header, optional
+        As in :func:`save_image`.
+    fill : float
+        The value outside the mask.
+
+    Returns
+    -------
+    str
+        The path written.
+    """
+    rows = np.asarray(rows)
+    mask = np.asarray(mask, dtype=bool)
+    if rows.shape[:1] != (int(mask.sum()),):
+        raise ValueError(
+            f"rows has {rows.shape[:1]} voxels but mask selects {int(mask.sum())}; "
+            "pass volume[mask]."
+        )
+    extra = rows.shape[1:]
+    columns = rows.reshape(len(rows), -1)
+    header = _header(affine, reference, mask.shape + extra, rows.dtype)
+    with atomic_write(path) as tmp:
+        with nib.openers.ImageOpener(tmp, "wb") as stream:
+            header.write_to(stream)
+            stream.write(b"\0" * (int(header["vox_offset"]) - stream.tell()))
+            volume = np.full(mask.shape, fill, dtype=rows.dtype)
+            # NIfTI is Fortran-ordered: the last axes vary slowest, so each
+            # column of values is one contiguous 3-D volume of the file.
+            columns_c = np.arange(columns.shape[1]).reshape(extra or (1,))
+            for column in columns_c.reshape(-1, order="F"):
+                volume[mask] = columns[:, column]
+                stream.write(volume.tobytes(order="F"))
+    return os.fspath(path)
+
+
+def _header(affine, reference, shape, dtype):
+    """A single-file NIfTI-1 header of an image of ``shape`` and ``dtype`` in
+    the space of :func:`save_image`."""
+    affine = check_affine(affine)
+    image = nib.Nifti1Image(np.zeros((1,) * len(shape), dtype), affine)
+    qform, sform, units = _space_of(reference)
+    image.set_qform(affine, code=qform)
+    image.set_sform(affine, code=sform)
+    image.header.set_xyzt_units(xyz=units)
+    header = image.header
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    return header

@@ -26,7 +26,7 @@ from dipy.core.gradients import gradient_table
 
 from . import sequences
 from .checks import check_device
-from .files import save_image
+from .files import save_image, save_voxels
 from .grid import TetGrid
 from .inverse import InversionConfig
 from .reconst import (
@@ -744,13 +744,11 @@ def save_permeability(fit, path, *, affine=None, reference=None):
     if fit.shape == ():
         data = np.where(fit.fitted, fit.permeability, np.nan)
         return save_image(path, _image(fit, data.astype(np.float32)), affine, reference)
-    # Filled row by row in float32: no whole-volume float64 copy.
-    data = np.full(fit.shape + (fit.model.grid.n_faces,), np.nan, np.float32)
-    rows = fit.params["permeability"]
-    data[fit.mask] = np.where(
-        np.isin(fit.params["status"], FITTED)[:, None], rows, np.nan
-    )
-    return save_image(path, data, affine, reference)
+    # Written a face at a time from the mask's rows: never the volume times
+    # the faces in memory (15 GB for a brain-sized volume).
+    fitted = np.isin(fit.params["status"], FITTED)[:, None]
+    rows = np.where(fitted, fit.params["permeability"], np.nan).astype(np.float32)
+    return save_voxels(path, rows, fit.mask, affine, reference, fill=np.nan)
 
 
 def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
@@ -771,8 +769,11 @@ def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
     -------
     str
     """
-    predicted = fit.predict(gtab).astype(np.float32)
-    return save_image(path, _image(fit, predicted), affine, reference)
+    if fit.shape == ():
+        predicted = fit.predict(gtab).astype(np.float32)
+        return save_image(path, _image(fit, predicted), affine, reference)
+    rows = fit.predict_mask(gtab, dtype=np.float32)
+    return save_voxels(path, rows, fit.mask, affine, reference)
 
 
 def describe_status(status):

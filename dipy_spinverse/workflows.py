@@ -12,17 +12,15 @@ options; positional inputs may contain wildcards to process several datasets.
 import json
 import os
 
-import nibabel as nib
 import numpy as np
 from dipy.core.gradients import gradient_table
 from dipy.io.gradients import read_bvals_bvecs
-from dipy.io.image import load_nifti
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
 from .checks import check_choice, check_int, check_mask_values, check_number
 from .cli import run_command
-from .files import atomic_write, writable_folder
+from .files import atomic_write, load_image, read_voxels, writable_folder
 from .inverse import PRESETS
 from .io import (
     MESH_MAPS,
@@ -49,13 +47,15 @@ __all__ = [
     "write_report",
     "parse_mesh_options",
     "METRICS",
+    "DEFAULT_METRICS",
     "SMOOTH_MESH_FORMATS",
 ]
 
-#: What ``--save_metrics`` chooses from (default: all): the scalar maps
-#: (named as the ``SpinverseFit`` attributes, ``s0`` as in DIPY's workflows),
-#: the predicted signal, the per-face permeability and the barrier surfaces
-#: (``mesh``: GIFTI and PLY).
+#: What ``--save_metrics`` chooses from: the scalar maps (named as the
+#: ``SpinverseFit`` attributes, ``s0`` as in DIPY's workflows), the predicted
+#: signal, the per-face permeability and the barrier surfaces (``mesh``: GIFTI
+#: and PLY). All but ``permeability`` are written by default
+#: (:data:`DEFAULT_METRICS`).
 METRICS = (
     "restricted_fraction",
     "surface_to_volume",
@@ -69,6 +69,12 @@ METRICS = (
     "permeability",
     "mesh",
 )
+
+#: The outputs written without ``--save_metrics``. The per-face
+#: permeability (1,008 values a voxel on the default grid) is kept per mask
+#: voxel in the fit state (``out_state``; ``load_fit(path).permeability``)
+#: and written as a 4-D image only when asked for.
+DEFAULT_METRICS = tuple(name for name in METRICS if name != "permeability")
 
 #: File formats of the smooth meshes (``--refine_mesh``), one file per voxel.
 SMOOTH_MESH_FORMATS = ("vtp", "ply", "vtk", "gii")
@@ -248,11 +254,13 @@ class SpinverseFlow(Workflow):
         n_report : int, optional
             Voxels shown in the PNG report beside the maps (0 for no report).
         save_metrics : variable string, optional
-            List of outputs to save (default all). Possible values:
-            restricted_fraction, surface_to_volume, membrane_permeability,
-            n_compartments, residual, uncertainty (label search only), status,
-            s0, predicted, permeability, mesh (the barrier surfaces, GIFTI
-            and PLY).
+            List of outputs to save (default all but permeability). Possible
+            values: restricted_fraction, surface_to_volume,
+            membrane_permeability, n_compartments, residual, uncertainty
+            (label search only), status, s0, predicted, permeability (the
+            per-face permeability as a 4-D image, one volume per grid face;
+            always kept per mask voxel in out_state), mesh (the barrier
+            surfaces, GIFTI and PLY).
         voxel_meshes : bool, optional
             Also write each voxel's barrier surface in micrometres, one .vtp
             file (VTK XML PolyData) per voxel with a barrier, in
@@ -387,27 +395,33 @@ class SpinverseFlow(Workflow):
                 fix="give a writable --out_dir",
             )
             logger.info(f"Spinverse fit of {dwi}")
-            data, affine, image = load_nifti(dwi, return_img=True)
-            if data.ndim != 4:
+            image = load_image(dwi, "input_files")
+            affine = image.affine
+            if image.ndim != 4:
                 squeeze = (
                     " Save it without the axis of length 1 after x, y, z."
-                    if data.ndim == 5 and 1 in data.shape[3:]
+                    if image.ndim == 5 and 1 in image.shape[3:]
                     else ""
                 )
                 raise ValueError(
-                    f"{dwi} has {data.ndim} dimensions (shape {data.shape}); "
+                    f"{dwi} has {image.ndim} dimensions (shape {image.shape}); "
                     "input_files must be 4-D diffusion images (x, y, z, volumes)."
                     + squeeze
                 )
-            mask_image = nib.load(maskfile)
+            mask_image = load_image(maskfile, "mask file")
             _check_same_space(mask_image.affine, affine, maskfile, dwi)
-            mask = check_mask_values(
-                np.asanyarray(mask_image.dataobj), f"mask file {maskfile}"
-            )
-            if mask.shape != data.shape[:-1]:
+            try:
+                mask_values = np.asanyarray(mask_image.dataobj)
+            except (EOFError, OSError, ValueError) as err:
+                raise ValueError(
+                    f"mask file {maskfile} is damaged or truncated ({err}); "
+                    "write it again."
+                ) from err
+            mask = check_mask_values(mask_values, f"mask file {maskfile}")
+            if mask.shape != image.shape[:-1]:
                 raise ValueError(
                     f"mask file {maskfile} has shape {mask.shape}, but {dwi} has "
-                    f"{data.shape[:-1]} voxels; pass the mask of this dataset "
+                    f"{image.shape[:-1]} voxels; pass the mask of this dataset "
                     "(one value per voxel, 3-D)."
                 )
             if not mask.any():
@@ -415,6 +429,9 @@ class SpinverseFlow(Workflow):
                     f"mask file {maskfile} selects no voxel (all zero); pass the "
                     "mask of this dataset."
                 )
+            # The mask's voxels only, one volume at a time: memory grows
+            # with the mask, not with the image.
+            data = read_voxels(image, mask, "input_files")
             table = _gradients(
                 bval,
                 bvec,
@@ -652,9 +669,9 @@ def _save_smooth_meshes(fit, out, *, space, ext):
 
 
 def _check_metrics(save_metrics):
-    """The outputs ``--save_metrics`` asks for (all of :data:`METRICS` if none)."""
+    """The outputs ``--save_metrics`` asks for (:data:`DEFAULT_METRICS` if none)."""
     if not save_metrics:
-        return list(METRICS)
+        return list(DEFAULT_METRICS)
     if isinstance(save_metrics, str):
         save_metrics = [save_metrics]
     return [check_choice(name, "save_metrics entry", METRICS) for name in save_metrics]
@@ -911,8 +928,9 @@ def write_report(fit, data, path, *, n_voxels=4):
     Parameters
     ----------
     fit : SpinverseFit
-    data : ndarray (..., n_volumes)
-        The fitted data.
+    data : ndarray (..., n_volumes) or (n_mask, n_volumes)
+        The fitted data: the volume, or the voxels of the fit's mask
+        (``volume[fit.mask]``).
     path : str or os.PathLike
         Written atomically (a temporary file, then a rename).
     n_voxels : int
@@ -1018,7 +1036,7 @@ def _plot_voxel(fig, layout, row, fit, data, index, *, last):
     protocol = model.protocol
     voxel = fit[index]
     scale = voxel.params["S0_sequences"][sequence_index(protocol)]
-    measured = data[index] / scale
+    measured = fit.voxel_data(data, index) / scale
     predicted = voxel.predict() / scale
     ax = fig.add_subplot(layout[row, 0:5])
     for g, (waveform, idx) in enumerate(model.sequences):

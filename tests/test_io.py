@@ -206,7 +206,7 @@ def test_store_writes_each_chunk_once(model, volume, volume_fit, tmp_path, monke
     stored = load_fit(path)
     assert_array_equal(stored.status, volume_fit.status)
     assert_array_equal(stored.permeability, fit.permeability)
-    assert stored.fingerprint == runner.fingerprint(data)
+    assert stored.fingerprint == runner.fingerprint(data, mask)
 
 
 def test_store_chunks_do_not_grow_with_the_volume(model, volume, tmp_path):
@@ -256,6 +256,42 @@ def test_fingerprint_hashes_in_slabs(volume, monkeypatch):
     assert runner.fingerprint(data.astype(np.float32)) != whole.hexdigest()
     transposed = np.asfortranarray(data)
     assert runner.fingerprint(transposed) == whole.hexdigest()
+
+
+def test_fingerprint_is_that_of_the_mask_voxels(volume, monkeypatch):
+    """A volume and the rows of its mask hash alike (so a fit started on one
+    resumes on the other); other voxels do not count; the mask does."""
+    import hashlib
+
+    data, mask = volume
+    rows = data[mask]
+    expected = hashlib.sha1(np.ascontiguousarray(rows, dtype=np.float64).tobytes())
+    expected.update(str(data.shape).encode())
+    monkeypatch.setattr(runner, "FINGERPRINT_BYTES", 8)  # one row at a time
+    assert runner.fingerprint(data, mask) == expected.hexdigest()
+    assert runner.fingerprint(rows, mask) == expected.hexdigest()
+    changed = data.copy()
+    changed[~mask] += 1.0
+    assert runner.fingerprint(changed, mask) == expected.hexdigest()
+    changed[mask] += 1.0
+    assert runner.fingerprint(changed, mask) != expected.hexdigest()
+    # With every voxel in the mask it is the digest of the whole array.
+    everything = np.ones(mask.shape, bool)
+    assert runner.fingerprint(data, everything) == runner.fingerprint(data)
+
+
+def test_fit_of_the_mask_rows_equals_the_volume_fit(model, volume, volume_fit):
+    data, mask = volume
+    fit = model.fit(data[mask], mask=mask)
+    assert fit.shape == mask.shape
+    assert fit.fingerprint == volume_fit.fingerprint
+    assert_array_equal(fit.status, volume_fit.status)
+    assert_allclose(fit.permeability, volume_fit.permeability, rtol=1e-6)
+    assert_allclose(fit.predict(), volume_fit.predict(), rtol=1e-6)
+    assert_allclose(fit.predict_mask(), volume_fit.predict()[mask], rtol=1e-6)
+    index = tuple(int(i) for i in np.argwhere(mask)[-1])
+    assert_array_equal(fit.voxel_data(data[mask], index), data[index])
+    assert_array_equal(volume_fit.voxel_data(data, index), data[index])
 
 
 def test_resume_checks(model, volume, volume_fit, gtab, grid):
@@ -341,7 +377,8 @@ def test_resume_on_cuda_without_cuda_is_refused(model, volume, tmp_path, monkeyp
     data, mask = volume
     params = runner.empty_params(model, mask.shape)
     params["status"][~mask] = MASKED
-    partial = SpinverseFit(model, params, mask, fingerprint=runner.fingerprint(data))
+    digest = runner.fingerprint(data, mask)
+    partial = SpinverseFit(model, params, mask, fingerprint=digest)
     path = save_fit(partial, tmp_path / "state.npz")
     _saved_on(path, "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -322,7 +322,14 @@ def test_nifti_images_are_written_atomically(barrier_fit, tmp_path, monkeypatch)
             f.truncate(100)
         raise KeyboardInterrupt
 
+    real_header = nib.Nifti1Header.write_to
+
+    def header_then_interrupted(header, fileobj):
+        real_header(header, fileobj)  # images streamed a volume at a time
+        raise KeyboardInterrupt
+
     monkeypatch.setattr(nib.Nifti1Image, "to_filename", interrupted)
+    monkeypatch.setattr(nib.Nifti1Header, "write_to", header_then_interrupted)
     for save in (
         lambda: save_map(barrier_fit, "status", path),
         lambda: save_predicted(barrier_fit, path),

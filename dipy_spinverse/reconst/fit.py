@@ -728,30 +728,76 @@ class SpinverseFit(ReconstFit):
         -------
         ndarray (..., n_volumes)
             0 outside the mask, NaN where the voxel has no outputs (status
-            other than ``OK`` or ``POOR_FIT``).
+            other than ``OK`` or ``POOR_FIT``). :meth:`predict_mask` gives
+            the voxels of the mask alone, without the whole volume.
+        """
+        rows = self.predict_mask(gtab, S0=S0)
+        if self.shape == ():
+            return rows[0] if self.mask else np.zeros(rows.shape[1:])
+        return self._volume(rows, 0.0)
+
+    def predict_mask(self, gtab=None, *, S0=None, dtype=np.float64):
+        """Predicted signal of the voxels of the mask, ``(n_mask, n_volumes)``.
+
+        As :meth:`predict`, in the C order of the mask (``volume[mask]``):
+        memory grows with the mask, not with the volume.
+
+        Parameters
+        ----------
+        gtab, S0
+            As in :meth:`predict`.
+        dtype : data type
+            Of the result (float32 halves it for writing images).
+
+        Returns
+        -------
+        ndarray (n_mask, n_volumes)
+            NaN where the voxel has no outputs.
         """
         model = self.model
         protocol = model.protocol if gtab is None else model.protocol_for(gtab)
-        out = np.zeros(self.shape + (len(protocol),))
-        ok = self.fitted
-        out[self.mask & ~ok] = np.nan
-        if not ok.any():
+        fitted = self._fitted_rows
+        out = np.full((len(fitted), len(protocol)), np.nan, dtype=dtype)
+        if not fitted.any():
             return out
-        rows = self._fitted_rows
         if gtab is None:
-            normalised = self._rows("predicted")[rows]
+            normalised = self._rows("predicted")[fitted]
         else:
             normalised = model.predict_normalised(
-                self._rows("permeability")[rows], protocol
+                self._rows("permeability")[fitted], protocol
             )
         if S0 is None:
             scale = model.s0_for(
-                protocol, self._rows("S0")[rows], self._rows("S0_sequences")[rows]
+                protocol, self._rows("S0")[fitted], self._rows("S0_sequences")[fitted]
             )
         else:
-            scale = check_s0(S0, self.shape, where=ok)[ok][:, None]
-        out[ok] = normalised * scale
+            # A broadcast view of the volume: only the mask's rows are read.
+            scale = check_s0(S0, self.shape, where=self.fitted)[self.mask]
+            scale = scale[fitted][:, None]
+        out[fitted] = normalised * scale
         return out
+
+    def voxel_data(self, data, index):
+        """The signal of voxel ``index`` in ``data``, the fitted data.
+
+        Parameters
+        ----------
+        data : ndarray (..., n_volumes) or (n_mask, n_volumes)
+            The volume, or the voxels of the mask (``volume[mask]``), as
+            :meth:`SpinverseModel.fit` takes them.
+        index : tuple of int
+            A voxel of the mask.
+
+        Returns
+        -------
+        ndarray (n_volumes,)
+        """
+        if np.shape(data)[:-1] == self.shape:
+            return np.asarray(data[index])
+        row = self._rank[np.ravel_multi_index(_wrapped(index, self.shape), self.shape)]
+        if row < 0:
+            raise IndexError(f"voxel {index} is outside the fit's mask.")
+        return np.asarray(data[row])
 
     # -- indexing ------------------------------------------------------------------
     def __getitem__(self, index):

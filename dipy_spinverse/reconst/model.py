@@ -239,8 +239,12 @@ class SpinverseModel(ReconstModel):
 
         Parameters
         ----------
-        data : array_like (..., n_volumes)
-            One voxel (1-D) or a volume, raw signal in the order of ``gtab``.
+        data : array_like (..., n_volumes) or (n_mask, n_volumes)
+            One voxel (1-D) or a volume, raw signal in the order of ``gtab``;
+            or, with ``mask``, the voxels of the mask only (``volume[mask]``,
+            in C order), so that a few voxels of a large volume need not be
+            loaded with the rest (:func:`dipy_spinverse.files.read_voxels`
+            reads them from a NIfTI file; the fit is of ``mask.shape``).
         mask : array_like of bool (data.shape[:-1]), optional
             Voxels to fit (default: all). For one voxel a single bool:
             ``False`` returns an unfitted fit with status ``MASKED``.
@@ -287,7 +291,8 @@ class SpinverseModel(ReconstModel):
         Returns
         -------
         SpinverseFit
-            Of shape ``data.shape[:-1]`` (``()`` for one voxel).
+            Of shape ``data.shape[:-1]`` (``mask.shape`` for the mask's
+            voxels; ``()`` for one voxel).
         """
         data = self._check_data(data)
         if data.ndim == 1:

@@ -57,6 +57,8 @@ __all__ = [
     "fit_chunk",
     "check_resume",
     "fingerprint",
+    "is_mask_rows",
+    "volume_shape",
     "poor_fit_bound",
     "misfit",
 ]
@@ -347,25 +349,28 @@ def fit_volume(
     Only the voxels of the mask are held: the parameters of the fit are
     ``(n_mask, ...)`` arrays, and each chunk of voxels is read from ``data``
     (any numeric dtype, never copied whole) and converted to float64 when it
-    is fitted.
+    is fitted. ``data`` is the volume (``shape + (n_volumes,)``) or the rows
+    of the mask only (``data[mask]``, :func:`is_mask_rows`).
     """
     on_cluster, n_workers, vox_per_chunk = check_engine_options(
         engine, address, n_jobs, vox_per_chunk
     )
     hook = _checkpoint_hook(checkpoint)
-    shape = data.shape[:-1]
-    digest = fingerprint(data)
     if resume is not None:
-        check_resume(model, resume, data, mask, digest=digest)
+        check_resume(model, resume, data, mask)
         mask = resume.mask
         params = {
             k: (None if v is None else v.copy()) for k, v in resume.params.items()
         }
     else:
-        mask = check_mask(mask, shape)
+        mask = check_mask(mask, volume_shape(data, mask))
         params = empty_params(model, int(mask.sum()))
+    digest = fingerprint(data, mask)
+    shape = mask.shape
     partial = SpinverseFit(model, params, mask, fingerprint=digest)
-    voxels = np.flatnonzero(mask)  # the volume index of each row of params
+    # The volume index of each row of params, or None for data given as
+    # the rows of the mask already.
+    voxels = None if is_mask_rows(data, mask) else np.flatnonzero(mask)
     todo = np.flatnonzero(params["status"] == PENDING)
     if hook is not None:
         hook(partial, None)
@@ -375,7 +380,10 @@ def fit_volume(
 
     def load(rows):
         """The raw signal of ``rows`` of params, (len(rows), n_volumes)."""
-        chunk = data[np.unravel_index(voxels[rows], shape)]
+        if voxels is None:
+            chunk = data[rows]
+        else:
+            chunk = data[np.unravel_index(voxels[rows], shape)]
         negative[0] += count_negative(chunk)
         return chunk
 
@@ -589,25 +597,57 @@ def share_cores(n_workers, main_pid):
     torch.set_num_threads(max(1, _cores() // int(n_workers)))
 
 
-def fingerprint(data):
-    """SHA-1 of the data (float64, C order) and their shape.
+def is_mask_rows(data, mask):
+    """Whether ``data`` holds the voxels of ``mask`` only, ``(n_mask, n_volumes)``
+    (``volume[mask]``), rather than a volume of ``mask.shape``.
 
+    Never ambiguous: when both readings fit, the mask selects every voxel of
+    a 1-D volume and the two are the same array.
+    """
+    if mask is None or np.ndim(mask) == 0:
+        return False
+    mask_shape = np.shape(mask)
+    return (
+        np.ndim(data) == 2
+        and np.shape(data)[:-1] != mask_shape
+        and len(data) == int(np.count_nonzero(mask))
+    )
+
+
+def volume_shape(data, mask=None):
+    """The voxel shape of the volume ``data`` stands for (see :func:`is_mask_rows`)."""
+    return np.shape(mask) if is_mask_rows(data, mask) else np.shape(data)[:-1]
+
+
+def fingerprint(data, mask=None):
+    """SHA-1 of the voxels of ``mask`` (float64, C order) and the volume's shape.
+
+    ``data`` is a volume or the rows of the mask (:func:`is_mask_rows`);
+    both give the same digest, which is that of ``data[mask]``'s bytes, so
+    a fit started on a volume resumes on the mask's rows read from its file.
+    Without a mask every voxel counts (the digest of the whole array).
     Hashed a slab of the first axis at a time (about ``FINGERPRINT_BYTES``
-    as float64), so that the whole volume is never copied to float64; the
-    digest is that of the whole array's bytes.
+    as float64), so that the data are never copied whole to float64.
     """
     data = np.asarray(data)
     digest = hashlib.sha1()
     if data.ndim == 0:
         digest.update(np.float64(data).tobytes())
-    else:
-        per_row = max(1, data[:1].size * 8)
-        step = max(1, FINGERPRINT_BYTES // per_row)
-        for start in range(0, len(data), step):
-            slab = data[start : start + step]
-            # The array's own buffer: no second copy of the slab as bytes.
-            digest.update(np.ascontiguousarray(slab, dtype=np.float64).data)
-    digest.update(str(data.shape).encode())
+        return digest.hexdigest()
+    rows = is_mask_rows(data, mask)
+    shape = tuple(np.shape(mask)) + data.shape[-1:] if rows else data.shape
+    whole = rows or mask is None
+    if not whole:
+        mask = np.asarray(mask, dtype=bool)
+    per_row = max(1, data[:1].size * 8)
+    step = max(1, FINGERPRINT_BYTES // per_row)
+    for start in range(0, len(data), step):
+        slab = data[start : start + step]
+        if not whole:
+            slab = slab[mask[start : start + step]]
+        # The array's own buffer: no second copy of the slab as bytes.
+        digest.update(np.ascontiguousarray(slab, dtype=np.float64).data)
+    digest.update(str(shape).encode())
     return digest.hexdigest()
 
 
@@ -636,20 +676,19 @@ def check_resume(model, resume, data, mask=None, *, digest=None):
     ----------
     model : SpinverseModel
     resume : SpinverseFit
-    data : ndarray (..., n_volumes)
+    data : ndarray (..., n_volumes) or (n_mask, n_volumes)
+        The volume, or the rows of its mask (:func:`is_mask_rows`).
     mask : array_like of bool, optional
     digest : str, optional
-        ``fingerprint(data)`` when already known.
+        ``fingerprint(data, resume.mask)`` when already known.
     """
-    shape = np.shape(data)[:-1]
-    if digest is None:
-        digest = fingerprint(data)
     if not isinstance(resume, SpinverseFit) or resume.shape == ():
         raise ValueError(
             "resume must be a partly finished volume SpinverseFit (load a saved "
             "one with dipy_spinverse.io.load_fit, or use dipy_spinverse.io."
             f"resume_fit), got {type(resume).__name__}."
         )
+    shape = volume_shape(data, resume.mask if mask is None else mask)
     if resume.shape != shape:
         raise ValueError(
             f"resume is a fit of shape {resume.shape} but data has {shape} "
@@ -662,6 +701,8 @@ def check_resume(model, resume, data, mask=None, *, digest=None):
             "its data cannot be checked; resume the whole fit that "
             "dipy_spinverse.io.load_fit reads, or fit these voxels afresh."
         )
+    if digest is None:
+        digest = fingerprint(data, resume.mask)
     if resume.fingerprint != digest:
         raise ValueError(
             "data differ from the data the fit being resumed was started on; "

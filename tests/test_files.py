@@ -1,0 +1,98 @@
+"""NIfTI images read and written voxel by voxel (dipy_spinverse.files)."""
+
+import gzip
+import tracemalloc
+
+import nibabel as nib
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from dipy_spinverse.files import load_image, read_voxels, save_image, save_voxels
+
+AFFINE = np.diag([2.0, 2.5, 3.0, 1.0])
+
+
+@pytest.mark.parametrize("extra", [(), (3,), (2, 3)])
+def test_save_voxels_writes_the_image_save_image_would(tmp_path, extra):
+    """Same values, shape, affine and space codes as the whole array written
+    by save_image, with ``fill`` outside the mask; extra axes in NIfTI's
+    (Fortran) order."""
+    rng = np.random.default_rng(1)
+    shape = (4, 5, 6)
+    volume = rng.random(shape + extra).astype(np.float32)
+    mask = rng.random(shape) > 0.6
+    volume[~mask] = np.nan
+    reference = nib.Nifti1Image(np.zeros(shape, np.float32), AFFINE)
+    reference.set_qform(AFFINE, code=1)
+    reference.set_sform(AFFINE, code=1)
+    streamed = save_voxels(
+        tmp_path / "a.nii.gz", volume[mask], mask, AFFINE, reference, fill=np.nan
+    )
+    whole = save_image(tmp_path / "b.nii.gz", volume, AFFINE, reference)
+    a, b = nib.load(streamed), nib.load(whole)
+    assert a.shape == shape + extra
+    assert_array_equal(a.get_fdata(dtype=np.float32), volume)
+    assert_array_equal(a.affine, b.affine)
+    for key in ("qform_code", "sform_code", "xyzt_units", "datatype"):
+        assert a.header[key] == b.header[key], key
+
+
+def test_save_voxels_memory_grows_with_the_mask(tmp_path):
+    """Two voxels of 64 values in a 100^3 volume: the 4-D volume (256 MB as
+    float32) is never built; one 3-D volume (4 MB) is."""
+    shape = (100, 100, 100)
+    mask = np.zeros(shape, bool)
+    mask[3, 4, 5] = mask[90, 10, 50] = True
+    rows = np.ones((2, 64), np.float32)
+    tracemalloc.start()
+    save_voxels(tmp_path / "big.nii.gz", rows, mask)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 40e6, peak  # 4 MB volume + its bytes + gzip buffers
+    back = nib.load(tmp_path / "big.nii.gz")
+    assert back.shape == shape + (64,)
+    assert_array_equal(np.asarray(back.dataobj[3, 4, 5]), 1.0)
+
+
+def test_save_voxels_checks_the_rows_against_the_mask(tmp_path):
+    mask = np.zeros((2, 2, 2), bool)
+    mask[0, 0, 0] = True
+    with pytest.raises(ValueError, match="mask selects 1"):
+        save_voxels(tmp_path / "x.nii.gz", np.zeros((2, 3)), mask)
+
+
+def test_read_voxels_reads_the_mask_of_a_scaled_image(tmp_path):
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 1000, size=(5, 4, 3, 7)).astype(np.int16)
+    mask = rng.random(data.shape[:3]) > 0.5
+    image = nib.Nifti1Image(data, AFFINE)
+    image.header.set_slope_inter(0.5, 10.0)
+    nib.save(image, tmp_path / "dwi.nii.gz")
+    rows = read_voxels(tmp_path / "dwi.nii.gz", mask)
+    assert_array_equal(rows, 0.5 * data[mask] + 10.0)
+    plain = tmp_path / "plain.nii"
+    nib.save(nib.Nifti1Image(data, AFFINE), plain)
+    rows = read_voxels(plain, mask)
+    assert rows.dtype == np.int16
+    assert_array_equal(rows, data[mask])
+
+
+def test_damaged_images_get_a_clean_error(tmp_path):
+    data = np.random.default_rng(3).random((6, 6, 6, 8)).astype(np.float32)
+    path = tmp_path / "dwi.nii.gz"
+    nib.save(nib.Nifti1Image(data, AFFINE), path)
+    blob = path.read_bytes()
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    mask = np.ones((6, 6, 6), bool)
+    with pytest.raises(ValueError, match="truncated.nii.gz is damaged or truncated"):
+        read_voxels(truncated, mask, "input_files")
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(b"not an image" * 10))
+    with pytest.raises(ValueError, match="garbage.nii.gz cannot be read as a NIfTI"):
+        load_image(garbage, "mask file")
+    with pytest.raises(ValueError, match="missing.nii.gz does not exist"):
+        load_image(tmp_path / "missing.nii.gz", "input_files")
+    with pytest.raises(ValueError, match="first three axes"):
+        read_voxels(path, np.ones((6, 6, 5), bool))
