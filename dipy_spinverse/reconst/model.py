@@ -10,6 +10,7 @@ Each voxel is normalised by its own b = 0 signal and handed to
 
 import copy
 import hashlib
+import logging
 import os
 import warnings
 
@@ -32,12 +33,20 @@ from ..forward import simulate
 from ..grid import BOUNDARIES, TetGrid
 from ..inverse import grid_error, prepare, resolve_config
 from ..meshfit.refine import check_refine_options, refine_topology
+from ..posterior import TissuePrior, TrainingOptions, load_or_train
 from ..sequences import PGSE, Protocol, check_bvals
 from ..signals import normalise_b0
 from . import runner
 from .fit import MASKED, SpinverseFit
+from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
 
-__all__ = ["SpinverseModel", "DEFAULT_GRID"]
+__all__ = ["SpinverseModel", "DEFAULT_GRID", "FIT_METHODS"]
+
+logger = logging.getLogger("dipy_spinverse")
+
+#: How :meth:`SpinverseModel.fit` estimates: the label search and face fit
+#: (membranes, meshes) or the amortised posterior (calibrated maps).
+FIT_METHODS = ("search", "posterior")
 
 #: The default grid: the published BCC grid of 576 tetrahedra, 26.7 um across.
 DEFAULT_GRID = dict(size=80 / 3, n=4, boundary="reflecting", wall_permeability=0.1)
@@ -99,6 +108,24 @@ class SpinverseModel(ReconstModel):
         ``"ball"`` or ``"tube"``, ``resolution``, ``n_modes``, ``max_iter``,
         ``code`` (``"spectral"``, or ``"axon"`` with a tube: the axon
         family's parameters), ...); only with ``refine_mesh=True``.
+    fit_method : {"search", "posterior"}
+        ``"search"``: the face fit and label search (membranes, meshes and
+        per-face permeabilities; :class:`SpinverseFit`). ``"posterior"``:
+        the amortised posterior of the tissue descriptors
+        (:data:`~dipy_spinverse.geometry.DESCRIPTORS`), with credible
+        intervals and an ``OUT_OF_PRIOR`` status
+        (:class:`~dipy_spinverse.reconst.posterior.PosteriorFit`); it needs
+        ``sigma`` (noise over the b = 0 signal) and trains, once per protocol
+        and prior, a network cached on disk.
+    prior : TissuePrior, optional
+        The posterior's prior (default ``TissuePrior(diffusivity=diffusivity)``).
+    posterior_options : TrainingOptions, optional
+        How the posterior is trained (simulations, network, epochs).
+    n_posterior_samples : int
+        Posterior draws per voxel for the maps and stored intervals.
+    cache_dir : path-like, optional
+        Where the trained posterior is kept (default
+        :func:`dipy_spinverse.files.cache_root`).
     **options
         Fields of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
         (``continuity``, ``manifold``, ``binarise``, ``area``), curriculum
@@ -157,9 +184,16 @@ class SpinverseModel(ReconstModel):
         dtype="float32",
         refine_mesh=False,
         mesh_options=None,
+        fit_method="search",
+        prior=None,
+        posterior_options=None,
+        n_posterior_samples=500,
+        cache_dir=None,
         **options,
     ):
         self.gtab, self.protocol = gradient_tables(gtab)
+        #: ``"search"`` (the inversion) or ``"posterior"`` (amortised maps).
+        self.fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
         self.grid = _make_grid(
             grid, grid_size, grid_resolution, boundary, wall_permeability
         )
@@ -193,7 +227,70 @@ class SpinverseModel(ReconstModel):
                 stacklevel=2,
             )
         self._set_refinement(refine_mesh, mesh_options)
+        self._set_posterior(prior, posterior_options, n_posterior_samples, cache_dir)
         self._pid = os.getpid()
+
+    def _set_posterior(self, prior, options, n_samples, cache_dir):
+        """Check and keep the posterior's settings (``fit_method="posterior"``)."""
+        posterior = self.fit_method == "posterior"
+        given = [
+            name
+            for name, value in (("prior", prior), ("posterior_options", options))
+            if value is not None
+        ]
+        if given and not posterior:
+            raise ValueError(
+                f"{', '.join(given)} set the amortised posterior; pass "
+                "fit_method='posterior' with them, or leave them out."
+            )
+        self.cache_dir = cache_dir
+        if not posterior:
+            return
+        if self.refine_mesh:
+            raise ValueError(
+                "refine_mesh refines the label search's cells; use "
+                "fit_method='search' for meshes."
+            )
+        prior = TissuePrior(diffusivity=self.diffusivity) if prior is None else prior
+        if not isinstance(prior, TissuePrior):
+            raise ValueError(
+                "prior must be a dipy_spinverse.posterior.TissuePrior, got "
+                f"{type(prior).__name__}."
+            )
+        options = TrainingOptions() if options is None else options
+        if not isinstance(options, TrainingOptions):
+            raise ValueError(
+                "posterior_options must be a dipy_spinverse.posterior."
+                f"TrainingOptions, got {type(options).__name__}."
+            )
+        sigma = self.options.get("sigma")
+        if not sigma:
+            raise ValueError(
+                "fit_method='posterior' needs the noise level: pass sigma, the "
+                "noise standard deviation over the b=0 signal (1/SNR, e.g. 0.02), "
+                "estimated e.g. with dipy.denoise.noise_estimate.estimate_sigma "
+                "divided by the mean b=0 signal."
+            )
+        #: The noise level of the posterior's input, relative to S0.
+        self.posterior_sigma = float(sigma)
+        #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
+        self.prior = prior.simulator(self.protocol)
+        self.posterior_options = options
+        self.n_posterior_samples = check_int(n_samples, "n_posterior_samples", 10)
+
+    @property
+    def estimator(self):
+        """The trained posterior (trained on first use, then cached on disk)."""
+        if self.fit_method != "posterior":
+            raise AttributeError("estimator: only fit_method='posterior' has one.")
+        if getattr(self, "_estimator", None) is None:
+            self._estimator, self.estimator_path = load_or_train(
+                self.prior.prior,
+                self.protocol,
+                self.posterior_options,
+                cache_dir=self.cache_dir,
+            )
+        return self._estimator
 
     def _set_refinement(self, refine_mesh, mesh_options):
         """Check and keep the smooth-mesh refinement's settings."""
@@ -295,6 +392,8 @@ class SpinverseModel(ReconstModel):
             voxels; ``()`` for one voxel).
         """
         data = self._check_data(data)
+        if self.fit_method == "posterior":
+            return self._fit_posterior(data, mask)
         if data.ndim == 1:
             runner.check_engine_options(engine, address, n_jobs, vox_per_chunk)
             if checkpoint is not None or resume is not None:
@@ -322,6 +421,25 @@ class SpinverseModel(ReconstModel):
             checkpoint=checkpoint,
             resume=resume,
         )
+
+    def _fit_posterior(self, data, mask):
+        """The posterior fit of one voxel or a volume (or the mask's rows)."""
+        if data.ndim == 1:
+            mask = np.asarray(True if mask is None else mask, dtype=bool)
+            rows = data[None] if mask else data[None][:0]
+        else:
+            mask = runner.check_mask(mask, runner.volume_shape(data, mask))
+            rows = data if runner.is_mask_rows(data, mask) else data[mask]
+        params = fit_posterior(self, rows, n_samples=self.n_posterior_samples)
+        bad = params["status"] == OUT_OF_PRIOR
+        if bad.any():
+            logger.warning(
+                f"{int(bad.sum())} of {len(bad)} voxels are OUT_OF_PRIOR: no "
+                "simulation of the prior explains their signal within the noise "
+                f"(prior {self.prior.prior!r}); their maps are NaN. Check the "
+                "diffusivity, sigma and timing, or widen the prior."
+            )
+        return PosteriorFit(self, params, mask)
 
     def _prepare(self, *, progress):
         """Train (or read from the cache) the learned proposal and the grid's

@@ -1,0 +1,132 @@
+"""Amortised posteriors of tissue descriptors (``fit_method="posterior"``).
+
+:class:`TissuePrior` (what tissue a voxel may hold) and its
+:class:`PriorSimulator` (signals simulated by the package and their true
+descriptors), the flow that maps a voxel's signal to the posterior of its
+descriptors (:class:`PosteriorEstimator`), and :func:`load_or_train`, which
+trains it once per protocol, prior and options and caches it.
+"""
+
+import hashlib
+import logging
+import time
+
+import numpy as np
+import torch
+
+from ..files import atomic_write, cache_root, writable_folder
+from ..forward import update_digest
+from ..grid import TetGrid
+from .estimator import PosteriorEstimator, TrainingOptions, train_estimator
+from .prior import FAMILIES, PriorSimulator, TissuePrior
+from .targets import TARGETS, decode, encode, shape_descriptors
+
+__all__ = [
+    "FAMILIES",
+    "TARGETS",
+    "PosteriorEstimator",
+    "PriorSimulator",
+    "TissuePrior",
+    "TrainingOptions",
+    "decode",
+    "encode",
+    "estimator_key",
+    "load_or_train",
+    "shape_descriptors",
+    "train_estimator",
+]
+
+logger = logging.getLogger("dipy_spinverse")
+
+#: Bumped when the simulation, the descriptors or the network change in a way
+#: that makes cached estimators stale.
+ESTIMATOR_VERSION = 1
+
+# Simulations timed to estimate the training set's cost before it starts.
+_PROBE = 16
+
+
+def estimator_key(prior, protocol, options):
+    """Hash of everything a trained estimator depends on.
+
+    The prior, the protocol's b-values, directions and waveforms, every
+    training option (hyperparameters included) and :data:`ESTIMATOR_VERSION`.
+    """
+    digest = hashlib.sha256()
+    probe = TetGrid.bcc(1.0, 2, boundary="periodic")
+    update_digest(
+        digest,
+        probe,
+        protocol,
+        prior=prior.description(),
+        options=options.description(),
+        version=ESTIMATOR_VERSION,
+    )
+    return digest.hexdigest()[:20]
+
+
+def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=True):
+    """The posterior estimator of ``prior`` on ``protocol``, trained if absent.
+
+    Before training it logs how long the simulations will take (measured on
+    a few draws) and shows progress bars; the result is saved under
+    ``<cache>/posterior-<key>.pt`` (:func:`estimator_key`) and read from
+    there on later calls.
+
+    Parameters
+    ----------
+    prior : TissuePrior
+    protocol : Protocol
+    options : TrainingOptions, optional
+    cache_dir : path-like, optional
+        Default :func:`dipy_spinverse.files.cache_root`.
+    progress : bool
+
+    Returns
+    -------
+    estimator : PosteriorEstimator
+    path : pathlib.Path
+        The cache file.
+    """
+    options = TrainingOptions() if options is None else options
+    key = estimator_key(prior, protocol, options)
+    folder = cache_root(cache_dir)
+    path = folder / f"posterior-{key}.pt"
+    if path.exists():
+        try:
+            return _load(path, len(protocol), options), path
+        except Exception as err:  # noqa: BLE001 - any unreadable file is retrained
+            logger.warning(
+                f"The cached posterior {path} cannot be read ({err}); training "
+                "it again."
+            )
+    writable_folder(folder, "posterior estimator")
+    simulator = prior.simulator(protocol)
+    start = time.perf_counter()
+    simulator.sample(_PROBE, seed=options.seed + 10**6)
+    per_draw = (time.perf_counter() - start) / _PROBE
+    logger.info(
+        f"Training the Spinverse posterior for this protocol and prior (once; "
+        f"cached in {path}): {options.n_simulations} simulations, about "
+        f"{per_draw * options.n_simulations / 60:.1f} min at {per_draw * 1e3:.0f} ms "
+        f"each, then {options.epochs} training epochs."
+    )
+    signals, truth = simulator.sample(
+        options.n_simulations, seed=options.seed, progress=progress
+    )
+    coordinates = encode(truth, rng=np.random.default_rng(options.seed))
+    net = train_estimator(signals, coordinates, protocol, options, progress=progress)
+    with atomic_write(path) as tmp:
+        torch.save({"state": net.state_dict(), "key": key}, tmp)
+    return net, path
+
+
+def _load(path, n_inputs, options):
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state = saved["state"]
+    net = PosteriorEstimator(n_inputs, options)
+    for name in ("support_signals", "support_log_sigma", "support_threshold"):
+        setattr(net, name, torch.empty_like(state[name]))
+    net.load_state_dict(state)
+    net.eval()
+    return net

@@ -1,0 +1,397 @@
+"""The prior of the amortised posterior: random tissue, simulated by the package.
+
+A :class:`TissuePrior` says what tissue a voxel may hold (cell sizes, counts,
+restricted fractions, membrane permeabilities, diffusivities, cell shapes);
+:meth:`TissuePrior.simulator` binds it to an acquisition protocol, and the
+:class:`PriorSimulator` draws substrates from it, simulates their noise-free
+signals with :func:`dipy_spinverse.simulate` and describes them with
+:func:`dipy_spinverse.geometry.describe`: the training set of the posterior
+and anyone's calibration check.
+
+One draw
+--------
+1. A family, uniformly from ``families``: ``"packed"`` and ``"fibre"``
+   (:func:`~dipy_spinverse.substrates.packed_substrate`: cells packed to a
+   chosen fraction, finite or running through the box as axons do), or one
+   of :data:`~dipy_spinverse.substrates.KINDS` (single shapes of
+   :func:`~dipy_spinverse.substrates.random_substrate`: ellipsoids, tori,
+   fanning tubes, ...; their fraction stays below about 0.3).
+2. A cell count uniform in ``n_cells``, a target restricted fraction uniform
+   in ``restricted_fraction`` and a target cell diameter log-uniform in
+   ``cell_diameter``.
+3. The box: the simulated piece of tissue is not the MRI voxel but a
+   representative periodic patch whose side follows the cells (the box in
+   which ``n`` cells of that diameter fill that fraction), rounded to the
+   nearest of ``n_box_sizes`` sides spaced geometrically between the
+   smallest and largest the ranges allow, so that substrates on the same
+   grid are simulated together. The grid is ``TetGrid.bcc(side,
+   resolution, boundary="periodic")``: extracellular water continues past
+   the box, as tissue does.
+4. The substrate, with one membrane permeability per cell, log-uniform in
+   ``permeability``, and a diffusivity log-uniform in ``diffusivity`` (or
+   fixed).
+5. Rejection: a draw whose cells are not at least ``min_spacings`` grid
+   spacings across (the equivalent ellipsoid's shortest axis), or whose
+   realised cell diameter or restricted fraction falls outside the ranges,
+   is drawn again. The prior is the distribution of the accepted draws.
+"""
+
+import functools
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checks import check_diffusivity, check_int, check_number
+from ..forward import simulate
+from ..geometry.descriptors import DESCRIPTORS, cell_covariances, describe
+from ..grid import TetGrid
+from ..sequences import as_protocol
+from ..substrates import (
+    FIBRE_DIRECTIONS,
+    KINDS,
+    PACKED_KINDS,
+    packed_substrate,
+    random_substrate,
+)
+
+__all__ = ["TissuePrior", "PriorSimulator", "FAMILIES"]
+
+#: Every family a prior can draw from.
+FAMILIES = PACKED_KINDS + KINDS
+
+# A shape of random_substrate is about half the box across (its radii are
+# 0.1-0.35 box sides): the box side per unit of target diameter.
+_SHAPE_BOX = 2.0
+# Draws tried per accepted sample before the prior is declared unsatisfiable.
+_MAX_TRIES = 200
+
+
+@dataclass(frozen=True)
+class TissuePrior:
+    """What tissue a voxel may hold: the prior of the amortised posterior.
+
+    See the module documentation for how one voxel is drawn.
+
+    Parameters
+    ----------
+    cell_diameter : (float, float)
+        Range of the cells' equivalent-sphere diameter, um (log-uniform).
+    n_cells : (int, int)
+        Inclusive range of the number of cells in the simulated patch.
+    restricted_fraction : (float, float)
+        Range of the fraction of water in cells.
+    permeability : (float, float)
+        Range of the membrane permeability, m/s (log-uniform).
+    diffusivity : float or (float, float)
+        Intrinsic diffusivity, mm^2/s: fixed, or a range (log-uniform).
+    families : tuple of str
+        Cell families drawn (uniformly), from :data:`FAMILIES`.
+    resolution : int
+        BCC cubes per side of the simulated patch (``12 resolution^3``
+        tetrahedra on the periodic grid).
+    min_spacings : float
+        Smallest cell width, in grid spacings.
+    n_box_sizes : int
+        Number of patch sides (see the module documentation).
+    """
+
+    cell_diameter: tuple = (1.0, 25.0)
+    n_cells: tuple = (1, 4)
+    restricted_fraction: tuple = (0.05, 0.85)
+    permeability: tuple = (1e-6, 1e-3)
+    diffusivity: object = 2e-3
+    families: tuple = FAMILIES
+    resolution: int = 6
+    min_spacings: float = 3.0
+    n_box_sizes: int = 12
+    _boxes: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "cell_diameter", _range(self.cell_diameter, "cell_diameter", 0.0))
+        low, high = _range(self.n_cells, "n_cells", 1.0)
+        if low != int(low) or high != int(high):
+            raise ValueError(f"n_cells must be whole numbers, got {self.n_cells!r}.")
+        set_(self, "n_cells", (int(low), int(high)))
+        fraction = _range(self.restricted_fraction, "restricted_fraction", 0.0)
+        if fraction[1] >= 1.0:
+            raise ValueError(
+                "restricted_fraction must lie in (0, 1), e.g. (0.05, 0.85), got "
+                f"{self.restricted_fraction!r}."
+            )
+        set_(self, "restricted_fraction", fraction)
+        set_(self, "permeability", _range(self.permeability, "permeability", 0.0))
+        if np.ndim(self.diffusivity) == 0:
+            set_(self, "diffusivity", check_diffusivity(self.diffusivity))
+        else:
+            low, high = _range(self.diffusivity, "diffusivity", 0.0)
+            set_(self, "diffusivity", (check_diffusivity(low), check_diffusivity(high)))
+        families = (self.families,) if isinstance(self.families, str) else self.families
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown or not families:
+            raise ValueError(
+                f"families: {unknown or 'none'} given; choose some of {FAMILIES}."
+            )
+        set_(self, "families", tuple(families))
+        set_(self, "resolution", check_int(self.resolution, "resolution", 2))
+        set_(
+            self,
+            "min_spacings",
+            check_number(self.min_spacings, "min_spacings", minimum=0.0),
+        )
+        set_(self, "n_box_sizes", check_int(self.n_box_sizes, "n_box_sizes", 1))
+        set_(self, "_boxes", self._box_ladder())
+
+    # -- the patch ---------------------------------------------------------------
+    def _box_side(self, family, diameter, n, fraction, axis=None):
+        """The patch side in which ``n`` cells of ``diameter`` fill ``fraction``."""
+        if family == "packed":
+            return diameter * (math.pi * n / (6 * fraction)) ** (1 / 3)
+        if family == "fibre":
+            # n cylinders of length |axis| L in a box of volume L^3.
+            return diameter * math.sqrt(
+                math.pi * n * np.linalg.norm(axis) / (4 * fraction)
+            )
+        return _SHAPE_BOX * diameter
+
+    def _box_ladder(self):
+        """The patch sides, geometric between the extremes of the ranges."""
+        (d_lo, d_hi), (n_lo, n_hi) = self.cell_diameter, self.n_cells
+        f_lo, f_hi = self.restricted_fraction
+        sides = []
+        for family in self.families:
+            for d, n, f in ((d_lo, n_lo, f_hi), (d_hi, n_hi, f_lo)):
+                for axis in ((1, 0, 0), (1, 1, 1)) if family == "fibre" else (None,):
+                    sides.append(self._box_side(family, d, n, f, axis))
+        return tuple(np.geomspace(min(sides), max(sides), self.n_box_sizes))
+
+    def grid(self, side):
+        """The periodic grid of a patch of ``side`` um."""
+        return _periodic_grid(float(side), self.resolution)
+
+    # -- drawing -------------------------------------------------------------------
+    def draw(self, rng):
+        """One accepted draw: ``(side, substrate, diffusivity, descriptors)``.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+
+        Raises
+        ------
+        ValueError
+            When no draw is accepted in a few hundred tries (ranges that the
+            resolution cannot hold), naming what to change.
+        """
+        for _ in range(_MAX_TRIES):
+            family = self.families[rng.integers(len(self.families))]
+            n = int(rng.integers(self.n_cells[0], self.n_cells[1] + 1))
+            fraction = rng.uniform(*self.restricted_fraction)
+            diameter = math.exp(rng.uniform(*np.log(self.cell_diameter)))
+            axis = None
+            if family == "fibre":
+                axis = np.asarray(FIBRE_DIRECTIONS[rng.integers(len(FIBRE_DIRECTIONS))])
+            wanted = self._box_side(family, diameter, n, fraction, axis)
+            side = self._boxes[
+                int(np.argmin(np.abs(np.log(self._boxes) - math.log(wanted))))
+            ]
+            grid = self._grid(side)
+            try:
+                substrate = self._substrate(grid, family, n, fraction, axis, rng)
+            except ValueError:
+                continue  # an empty cell on this grid: draw again
+            truth = _described(grid, substrate)
+            if self._accepted(grid, truth):
+                return side, substrate, self._diffusivity(rng), truth
+        raise ValueError(
+            f"no draw of {self!r} was accepted in {_MAX_TRIES} tries: its cells "
+            f"are not {self.min_spacings} grid spacings across at resolution "
+            f"{self.resolution}, or miss the ranges; raise resolution, lower "
+            "min_spacings, or widen cell_diameter / restricted_fraction."
+        )
+
+    def _grid(self, side):
+        return _periodic_grid(float(side), self.resolution)
+
+    def _substrate(self, grid, family, n, fraction, axis, rng):
+        if family in PACKED_KINDS:
+            fibres = family == "fibre"
+            return packed_substrate(
+                grid,
+                rng=rng,
+                n_cells=n,
+                fraction=fraction,
+                fibres=fibres,
+                axis=axis,
+                elongation=1.0 if fibres else math.exp(rng.uniform(0, math.log(3))),
+                size_spread=1.5,
+                permeability_range=self.permeability,
+            )
+        return random_substrate(
+            grid,
+            rng=rng,
+            n_cells=n,
+            kinds=(family,),
+            permeability_range=self.permeability,
+        )
+
+    def _accepted(self, grid, truth):
+        if truth["n_cells"] == 0:
+            return False
+        width = truth["min_width"] / grid.spacing
+        inside = [
+            _within(truth["cell_diameter"], self.cell_diameter),
+            _within(truth["restricted_fraction"], self.restricted_fraction),
+        ]
+        return width >= self.min_spacings and all(inside)
+
+    def _diffusivity(self, rng):
+        if np.ndim(self.diffusivity) == 0:
+            return self.diffusivity
+        return math.exp(rng.uniform(*np.log(self.diffusivity)))
+
+    def simulator(self, protocol, **options):
+        """This prior bound to an acquisition protocol (:class:`PriorSimulator`)."""
+        return PriorSimulator(self, protocol, **options)
+
+    def description(self):
+        """The prior's fields as a dict of plain values (cache keys, reports)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.init}
+
+
+class PriorSimulator:
+    """Signals and descriptors of tissue drawn from a :class:`TissuePrior`.
+
+    Parameters
+    ----------
+    prior : TissuePrior
+    protocol : Protocol or GradientTable
+        The acquisitions (with timing), in the order of the data.
+    dtype : torch.dtype
+        Of the simulation (float64 default).
+    method : str
+        The simulator's engine (:func:`dipy_spinverse.simulate`).
+    batch_size : int
+        Substrates simulated in one call.
+    """
+
+    def __init__(
+        self, prior, protocol, *, dtype=torch.float64, method="auto", batch_size=64
+    ):
+        if not isinstance(prior, TissuePrior):
+            raise TypeError(f"prior must be a TissuePrior, got {type(prior).__name__}.")
+        self.prior = prior
+        self.protocol = as_protocol(protocol)
+        self.dtype = dtype
+        self.method = method
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+
+    def sample(self, n, *, seed, progress=False):
+        """``n`` noise-free signals and their true descriptors.
+
+        Draw ``i`` depends only on ``seed`` and ``i`` (the ``i``-th child of
+        ``numpy.random.SeedSequence(seed)``), not on ``n``.
+
+        Parameters
+        ----------
+        n : int
+        seed : int
+        progress : bool
+            A progress bar over the draws and the simulations.
+
+        Returns
+        -------
+        signals : ndarray (n, n_acquisitions)
+            Normalised to the signal at time 0 (1 at b = 0), in protocol
+            order.
+        truth : dict of ndarray
+            Each of :data:`~dipy_spinverse.geometry.DESCRIPTORS` (length
+            ``n``; ``orientation`` (n, 3)), ``shape_tensor`` (n, 3, 3),
+            ``diffusivity`` (mm^2/s), ``box_size`` (um) and ``family``.
+        """
+        n = check_int(n, "n", 1)
+        children = np.random.SeedSequence(int(seed)).spawn(n)
+        draws = [
+            self.prior.draw(np.random.default_rng(child))
+            for child in tqdm(children, desc="Drawing substrates", disable=not progress)
+        ]
+        signals = np.empty((n, len(self.protocol)))
+        by_side = {}
+        for i, (side, *_rest) in enumerate(draws):
+            by_side.setdefault(side, []).append(i)
+        bar = tqdm(total=n, desc="Simulating", disable=not progress)
+        for side, rows in by_side.items():
+            grid = self.prior._grid(side)
+            for start in range(0, len(rows), self.batch_size):
+                part = rows[start : start + self.batch_size]
+                kappa = np.stack([draws[i][1].face_permeability for i in part])
+                diffusivity = np.array([draws[i][2] for i in part])[:, None]
+                with torch.no_grad():
+                    out = simulate(
+                        grid,
+                        kappa,
+                        self.protocol,
+                        diffusivity=np.broadcast_to(
+                            diffusivity, (len(part), grid.n_cells)
+                        ),
+                        dtype=self.dtype,
+                        method=self.method,
+                    )
+                signals[part] = out.cpu().numpy()
+                bar.update(len(part))
+        bar.close()
+        truth = _stack([d[3] for d in draws])
+        truth["diffusivity"] = np.array([d[2] for d in draws])
+        truth["box_size"] = np.array([d[0] for d in draws])
+        truth["family"] = np.array([d[1].kinds[0] for d in draws])
+        return signals, truth
+
+    def __repr__(self):
+        return f"PriorSimulator({self.prior!r}, n_acquisitions={len(self.protocol)})"
+
+
+def _described(grid, substrate):
+    """:func:`describe` of a substrate, with the voxel's shape tensor (the
+    volume-weighted mean of its cells' second moments, um^2) and the width
+    of its thinnest cell (the equivalent ellipsoid's shortest axis, um)."""
+    truth = describe(grid, substrate.labels, cell_permeability=substrate.permeability)
+    volumes, _, covariances = cell_covariances(grid, substrate.labels)
+    truth["shape_tensor"] = np.einsum("k,kij->ij", volumes, covariances) / volumes.sum()
+    smallest = np.linalg.eigvalsh(covariances)[:, 0]
+    truth["min_width"] = float(2 * np.sqrt(5 * np.clip(smallest, 0, None)).min())
+    return truth
+
+
+@functools.lru_cache(maxsize=64)
+def _periodic_grid(side, resolution):
+    return TetGrid.bcc(side, resolution, boundary="periodic")
+
+
+def _stack(rows):
+    keys = [k for k in rows[0] if k in DESCRIPTORS or k == "shape_tensor"]
+    return {k: np.array([r[k] for r in rows]) for k in keys}
+
+
+def _range(value, name, minimum):
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a (low, high) range, got {value!r}.") from err
+    if not (minimum <= low <= high) or not math.isfinite(high) or low <= 0:
+        raise ValueError(
+            f"{name} must be a range (low, high) with 0 < low <= high, got {value!r}."
+        )
+    return low, high
+
+
+def _within(value, bounds):
+    return bounds[0] * (1 - 1e-9) <= value <= bounds[1] * (1 + 1e-9)
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,259 @@
+"""``SpinverseModel(gtab, fit_method="posterior")``: calibrated descriptor maps.
+
+Each voxel's b0-normalised signal and its noise level go through the
+amortised posterior (:mod:`dipy_spinverse.posterior`); the fit holds, per
+voxel of the mask, the posterior median and the 50 % and 90 % central
+credible intervals of every descriptor, and draws more samples on demand.
+
+===========  ====  ==========================================================
+name         code  meaning
+===========  ====  ==========================================================
+OK           0     posterior computed
+NONFINITE    1     the data contain NaN or inf
+BAD_B0       2     the mean b = 0 signal (of some sequence) is <= 0
+OUT_OF_PRIOR 6     no simulation of the prior explains the signal within the
+                   noise (:meth:`PosteriorEstimator.support_statistic` above
+                   its 99.9 % in-prior level): the tissue, the diffusivity
+                   or the protocol lies outside what the posterior was
+                   trained on. Maps are NaN: a posterior there would be a
+                   confident guess.
+MASKED       -2    outside the mask
+===========  ====  ==========================================================
+"""
+
+import logging
+
+import numpy as np
+import torch
+from dipy.reconst.base import ReconstFit
+
+from ..geometry.descriptors import DESCRIPTORS
+from ..posterior import decode
+from ..signals import b0_scale, normalise_b0
+from .fit import BAD_B0, MASKED, NONFINITE, OK
+
+__all__ = ["PosteriorFit", "fit_posterior", "OUT_OF_PRIOR", "POSTERIOR_STATUS_CODES"]
+
+logger = logging.getLogger("dipy_spinverse")
+
+OUT_OF_PRIOR = 6
+
+#: Status codes of a posterior fit and their meaning.
+POSTERIOR_STATUS_CODES = {
+    OK: "ok",
+    NONFINITE: "data contain NaN or inf",
+    BAD_B0: "mean b=0 signal <= 0",
+    OUT_OF_PRIOR: "signal outside the prior's support",
+    MASKED: "outside the mask",
+}
+
+#: Quantiles kept per voxel and descriptor: the median and the bounds of the
+#: 50 % and 90 % central credible intervals.
+_KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
+# Scalar descriptors (orientation is a unit vector, summarised apart).
+_SCALARS = tuple(name for name in DESCRIPTORS if name != "orientation")
+# Voxels sent through the flow together.
+_CHUNK = 256
+
+
+def fit_posterior(model, rows, *, n_samples, seed=0):
+    """Posterior summaries of the voxels ``rows`` (n, n_volumes) of ``model``.
+
+    Returns
+    -------
+    dict
+        ``status`` (n,), ``inputs`` (n, n_volumes) b0-normalised signals,
+        ``sigma`` (n,), ``S0`` (n,), per scalar descriptor its quantiles
+        (n, 5) at :data:`_KEPT`, and ``orientation`` (n, 3).
+    """
+    protocol = model.protocol
+    rows = np.asarray(rows, dtype=np.float64)
+    n = len(rows)
+    status = np.full(n, OK, dtype=np.int8)
+    finite = np.isfinite(rows).all(-1)
+    status[~finite] = NONFINITE
+    scale = np.full((n, len(protocol.sequences())), np.nan)
+    scale[finite] = b0_scale(rows[finite], protocol)
+    status[finite & ~(scale > 0).all(-1)] = BAD_B0
+    good = status == OK
+    inputs = np.full(rows.shape, np.nan, dtype=np.float32)
+    inputs[good] = normalise_b0(rows[good], protocol)
+    sigma = np.full(n, model.posterior_sigma, dtype=np.float32)
+    summary = {name: np.full((n, len(_KEPT)), np.nan) for name in _SCALARS}
+    summary["orientation"] = np.full((n, 3), np.nan)
+    estimator = model.estimator
+    for start in range(0, n, _CHUNK):
+        part = np.flatnonzero(good[start : start + _CHUNK]) + start
+        if not len(part):
+            continue
+        x = torch.as_tensor(inputs[part])
+        s = torch.as_tensor(sigma[part])
+        support = estimator.support_statistic(x, s) > estimator.support_limit(s)
+        status[part[support.numpy()]] = OUT_OF_PRIOR
+        keep = part[~support.numpy()]
+        if not len(keep):
+            continue
+        draws = estimator.sample(
+            torch.as_tensor(inputs[keep]),
+            torch.as_tensor(sigma[keep]),
+            n_samples,
+            generator_seed=seed + start,
+        )
+        values = decode(draws.numpy())
+        for name in _SCALARS:
+            summary[name][keep] = np.quantile(values[name], _KEPT, axis=0).T
+        summary["orientation"][keep] = _mean_axis(values["orientation"])
+    S0 = np.full(n, np.nan)
+    S0[good] = scale[good].mean(-1)
+    return dict(status=status, inputs=inputs, sigma=sigma, S0=S0, **summary)
+
+
+def _mean_axis(axes):
+    """The principal axis of the mean dyadic of sampled axes (n_samples, n, 3)."""
+    dyadic = np.einsum("svi,svj->vij", axes, axes) / len(axes)
+    axis = np.linalg.eigh(dyadic)[1][..., :, -1]
+    sign = np.where(axis[:, [0]] < 0, -1.0, 1.0)
+    return axis * sign
+
+
+class PosteriorFit(ReconstFit):
+    """Posterior of the tissue descriptors of one voxel or a volume.
+
+    Maps (the posterior median of each descriptor; ``orientation`` is the
+    mean axis, ``(..., 3)``) are attributes named as
+    :data:`~dipy_spinverse.geometry.DESCRIPTORS`. Outside the mask they are
+    0; inside, NaN where the status is not ``OK``
+    (:data:`POSTERIOR_STATUS_CODES`).
+
+    Parameters
+    ----------
+    model : SpinverseModel
+    params : dict
+        As :func:`fit_posterior` returns, for the voxels of ``mask`` in C
+        order.
+    mask : ndarray of bool
+    """
+
+    def __init__(self, model, params, mask):
+        self.model = model
+        self.params = params
+        self.mask = np.asarray(mask, dtype=bool)
+
+    # -- the volume --------------------------------------------------------------
+    @property
+    def shape(self):
+        """Shape of the fitted volume, ``()`` for one voxel."""
+        return self.mask.shape
+
+    def _volume(self, rows, fill):
+        rows = np.asarray(rows)
+        if self.shape == ():
+            return rows[0] if self.mask else np.full(rows.shape[1:], fill)
+        out = np.full(self.shape + rows.shape[1:], fill, dtype=rows.dtype)
+        out[self.mask] = rows
+        return out
+
+    @property
+    def status(self):
+        """Status map (:data:`POSTERIOR_STATUS_CODES`)."""
+        return self._volume(self.params["status"], MASKED)
+
+    @property
+    def S0(self):
+        """Mean b = 0 signal of each voxel."""
+        return self._volume(self.params["S0"], 0.0)
+
+    def __getattr__(self, name):
+        if name in _SCALARS:
+            return self._volume(self._quantile(name, 0.5), 0.0)
+        if name == "orientation":
+            return self._volume(self.params["orientation"], 0.0)
+        raise AttributeError(name)
+
+    def _quantile(self, name, q):
+        return self.params[name][:, _KEPT.index(q)]
+
+    # -- intervals and samples -------------------------------------------------------
+    def credible_interval(self, name, level=0.9):
+        """The central credible interval of a descriptor: (low, high) maps.
+
+        Parameters
+        ----------
+        name : str
+            One of :data:`~dipy_spinverse.geometry.DESCRIPTORS` but
+            ``orientation`` (units: :data:`~dipy_spinverse.geometry.UNITS`).
+        level : float
+            Probability mass inside, in (0, 1). 0.5 and 0.9 are stored; other
+            levels draw samples again (seeded, so repeatable).
+
+        Returns
+        -------
+        low, high : ndarray
+            Maps of the fit's shape (0 outside the mask, NaN where the status
+            is not ``OK``).
+        """
+        _check_scalar(name)
+        level = float(level)
+        if not 0 < level < 1:
+            raise ValueError(f"level must be in (0, 1), e.g. 0.9, got {level!r}.")
+        lo, hi = (1 - level) / 2, (1 + level) / 2
+        if round(lo, 12) in _KEPT and round(hi, 12) in _KEPT:
+            low, high = (
+                self._quantile(name, round(lo, 12)),
+                self._quantile(name, round(hi, 12)),
+            )
+        else:
+            draws = self._draws(name, 1000)
+            low, high = np.quantile(draws, [lo, hi], axis=0)
+        return self._volume(low, 0.0), self._volume(high, 0.0)
+
+    def posterior_samples(self, name, n=100, *, seed=0):
+        """``n`` posterior draws of a descriptor per voxel.
+
+        Returns
+        -------
+        ndarray (n,) + shape (+ (3,) for ``orientation``)
+            NaN where the status is not ``OK``, 0 outside the mask.
+        """
+        if name not in DESCRIPTORS:
+            raise ValueError(f"Unknown descriptor {name!r}; choose from {DESCRIPTORS}.")
+        draws = self._draws(name, int(n), seed=seed)
+        return np.moveaxis(
+            self._volume(np.moveaxis(draws, 0, 1), 0.0), self.mask.ndim, 0
+        )
+
+    def _draws(self, name, n, *, seed=1):
+        rows = self.params["inputs"]
+        tail = (3,) if name == "orientation" else ()
+        out = np.full((n, len(rows)) + tail, np.nan)
+        ok = np.flatnonzero(self.params["status"] == OK)
+        for start in range(0, len(ok), _CHUNK):
+            part = ok[start : start + _CHUNK]
+            draws = self.model.estimator.sample(
+                torch.as_tensor(rows[part]),
+                torch.as_tensor(self.params["sigma"][part]),
+                n,
+                generator_seed=seed + start,
+            )
+            out[:, part] = decode(draws.numpy())[name]
+        return out
+
+    def __repr__(self):
+        counts = {
+            POSTERIOR_STATUS_CODES[int(c)]: int(np.sum(self.params["status"] == c))
+            for c in np.unique(self.params["status"])
+        }
+        return (
+            f"PosteriorFit(shape={self.shape}, status={counts}, "
+            f"prior={self.model.prior.prior!r})"
+        )
+
+
+def _check_scalar(name):
+    if name not in _SCALARS:
+        extra = " (orientation is a unit vector: see posterior_samples)"
+        raise ValueError(
+            f"credible_interval takes one of {_SCALARS}, got {name!r}"
+            + (extra if name == "orientation" else "")
+            + "."
+        )
