@@ -261,7 +261,9 @@ def read_voxels(image, mask, what="image"):
     return out
 
 
-def save_voxels(path, rows, mask, affine=None, reference=None, *, fill=0.0):
+def save_voxels(
+    path, rows, mask, affine=None, reference=None, *, fill=0.0, description=None
+):
     """Write per-voxel values of a mask as a NIfTI image, atomically.
 
     The image is written one volume at a time from ``rows``, so memory grows
@@ -280,6 +282,9 @@ def save_voxels(path, rows, mask, affine=None, reference=None, *, fill=0.0):
         As in :func:`save_image`.
     fill : float
         The value outside the mask.
+    description : str, optional
+        The header's ``descrip`` field (at most 80 characters): what the
+        values are and their unit, which viewers show.
 
     Returns
     -------
@@ -296,6 +301,8 @@ def save_voxels(path, rows, mask, affine=None, reference=None, *, fill=0.0):
     extra = rows.shape[1:]
     columns = rows.reshape(len(rows), -1)
     header = _header(affine, reference, mask.shape + extra, rows.dtype)
+    if description is not None:
+        header["descrip"] = _description(description)
     with atomic_write(path) as tmp:
         with nib.openers.ImageOpener(tmp, "wb") as stream:
             header.write_to(stream)
@@ -308,6 +315,13 @@ def save_voxels(path, rows, mask, affine=None, reference=None, *, fill=0.0):
                 volume[mask] = columns[:, column]
                 stream.write(volume.tobytes(order="F"))
     return os.fspath(path)
+
+
+def _description(text):
+    text = str(text)
+    if len(text.encode()) > 80:
+        raise ValueError(f"description must fit in 80 bytes (NIfTI descrip): {text!r}")
+    return text
 
 
 def _header(affine, reference, shape, dtype):

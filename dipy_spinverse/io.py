@@ -27,6 +27,7 @@ from dipy.core.gradients import gradient_table
 from . import sequences
 from .checks import check_device
 from .files import save_image, save_voxels
+from .geometry import DESCRIPTORS, UNITS
 from .grid import TetGrid
 from .inverse import InversionConfig
 from .reconst import (
@@ -58,6 +59,7 @@ __all__ = [
     "save_predicted",
     "save_image",
     "describe_status",
+    "save_posterior",
 ]
 
 _FORMAT = "dipy_spinverse.SpinverseFit"
@@ -774,6 +776,69 @@ def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
         return save_image(path, _image(fit, predicted), affine, reference)
     rows = fit.predict_mask(gtab, dtype=np.float32)
     return save_voxels(path, rows, fit.mask, affine, reference)
+
+
+def save_posterior(fit, folder, *, affine=None, reference=None):
+    """Write a posterior fit's maps as NIfTI images, one per file, in ``folder``.
+
+    For each scalar descriptor ``<name>.nii.gz`` (the posterior median) and
+    ``<name>_ci50.nii.gz`` / ``<name>_ci90.nii.gz`` (4-D, the low and high
+    bounds of the 50 % and 90 % central credible intervals), then
+    ``orientation.nii.gz`` (4-D, the mean principal axis) and
+    ``posterior_status.nii.gz``. Each header's ``descrip`` names the
+    quantity and its unit (:data:`dipy_spinverse.geometry.UNITS`); values are
+    0 outside the mask and NaN where the status is not ``OK``. Written a
+    volume at a time from the mask's voxels.
+
+    Parameters
+    ----------
+    fit : PosteriorFit
+    folder : str or os.PathLike
+    affine : ndarray (4, 4), optional
+    reference : nibabel image or Nifti1Header, optional
+        As in :func:`save_image`.
+
+    Returns
+    -------
+    dict
+        ``{name: path}`` of the files written.
+    """
+    os.makedirs(folder, exist_ok=True)
+    mask = fit.mask if fit.shape else np.ones((1, 1, 1), bool)
+    params = fit.params
+    space = dict(affine=affine, reference=reference)
+    paths = {}
+
+    def write(name, rows, what):
+        path = os.path.join(os.fspath(folder), f"{name}.nii.gz")
+        paths[name] = save_voxels(
+            path, np.asarray(rows, np.float32), mask, description=what, **space
+        )
+
+    quantiles = {"": (2,), "_ci50": (1, 3), "_ci90": (0, 4)}
+    for name in DESCRIPTORS:
+        unit = f" ({UNITS[name]})" if UNITS[name] else ""
+        if name == "orientation":
+            write(name, params[name], "posterior mean principal axis (unit vector)")
+            continue
+        for suffix, columns in quantiles.items():
+            what = {"": "median", "_ci50": "50% interval", "_ci90": "90% interval"}
+            rows = params[name][:, columns]
+            write(
+                name + suffix,
+                rows[:, 0] if len(columns) == 1 else rows,
+                f"{name} posterior {what[suffix]}{unit}",
+            )
+    path = os.path.join(os.fspath(folder), "posterior_status.nii.gz")
+    paths["posterior_status"] = save_voxels(
+        path,
+        params["status"].astype(np.int16),
+        mask,
+        fill=-2,
+        description="posterior status (0 ok, 6 out of prior, -2 masked)",
+        **space,
+    )
+    return paths
 
 
 def describe_status(status):

@@ -20,7 +20,14 @@ from dipy.workflows.workflow import Workflow
 
 from .checks import check_choice, check_int, check_mask_values, check_number
 from .cli import run_command
-from .files import atomic_write, load_image, read_voxels, writable_folder
+from .files import (
+    atomic_write,
+    load_image,
+    read_voxels,
+    save_image,
+    writable_folder,
+)
+from .geometry import DESCRIPTORS, UNITS
 from .inverse import PRESETS
 from .io import (
     MESH_MAPS,
@@ -31,10 +38,14 @@ from .io import (
     save_fit,
     save_map,
     save_permeability,
+    save_posterior,
     save_predicted,
 )
 from .meshfit.refine import check_refine_options
+from .posterior import TissuePrior, TrainingOptions
 from .reconst import OK, STATUS_CODES, SpinverseModel
+from .reconst.model import FIT_METHODS
+from .reconst.posterior import POSTERIOR_STATUS_CODES
 from .reconst.runner import check_resume
 from .sequences import PGSE, Protocol, check_bvals, unit_rows
 from .signals import sequence_index
@@ -134,6 +145,8 @@ class SpinverseFlow(Workflow):
         mesh_options=None,
         smooth_mesh_format="vtp",
         resume=False,
+        fit_method="search",
+        posterior_options=None,
         out_dir="",
         out_restricted_fraction="restricted_fraction.nii.gz",
         out_surface_to_volume="surface_to_volume.nii.gz",
@@ -154,6 +167,7 @@ class SpinverseFlow(Workflow):
         out_mesh_radius="mesh_radius.nii.gz",
         out_smooth_meshes="smooth_meshes",
         out_report="report.png",
+        out_posterior="posterior",
     ):
         """Fit Spinverse membranes and permeabilities voxel by voxel.
 
@@ -288,6 +302,21 @@ class SpinverseFlow(Workflow):
             out_state; implies overwriting the other outputs. Without it a
             rerun also continues an interrupted fit of the same data, mask and
             settings (delete name.partial.h5 to start over).
+        fit_method : string, optional
+            search (default): the face fit and label search, with membranes
+            and meshes. posterior: the amortised posterior of the tissue
+            descriptors (restricted fraction, cell count, volume and
+            diameter, surface-to-volume, permeability, exchange time,
+            anisotropy, orientation), with 50 % and 90 % credible intervals
+            and an out-of-prior status, in out_posterior; needs --sigma and
+            trains once per protocol (cached). Writes out_posterior,
+            out_status, out_report and out_state only.
+        posterior_options : string, optional
+            JSON object with the posterior's settings: "prior" (fields of
+            dipy_spinverse.posterior.TissuePrior, e.g. {"cell_diameter": [1,
+            5], "families": ["fibre"]}), "training" (fields of
+            TrainingOptions, e.g. {"n_simulations": 5000}) and "n_samples"
+            (posterior draws per voxel).
         out_dir : string or Path, optional
             Output directory.
         out_restricted_fraction : string, optional
@@ -343,6 +372,10 @@ class SpinverseFlow(Workflow):
         out_report : string, optional
             Name of the PNG report (needs matplotlib: without it the report is
             skipped with a warning).
+        out_posterior : string, optional
+            Folder of the posterior's maps (--fit_method posterior): per
+            descriptor the median and the 50 % and 90 % interval bounds,
+            units in each header's description.
 
         References
         ----------
@@ -371,7 +404,24 @@ class SpinverseFlow(Workflow):
                     "run; use --preset default."
                 )
         sigma = check_number(sigma, "sigma", minimum=0.0)
-        if sigma and not searched and PRESETS[preset].noise != "rician":
+        fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
+        posterior = parse_posterior_options(posterior_options, diffusivity)
+        if posterior and fit_method != "posterior":
+            raise ValueError(
+                "--posterior_options set the posterior; pass --fit_method "
+                "posterior with them, or leave them out."
+            )
+        if fit_method == "posterior" and not sigma:
+            raise ValueError(
+                "--fit_method posterior needs --sigma, the noise standard "
+                "deviation over the b=0 signal (1/SNR, e.g. 0.02)."
+            )
+        if (
+            sigma
+            and fit_method == "search"
+            and not searched
+            and PRESETS[preset].noise != "rician"
+        ):
             # The model would suggest its noise='rician', which has no flag.
             raise ValueError(
                 f"--sigma sets the noise of the Rician loss and of the label "
@@ -443,6 +493,20 @@ class SpinverseFlow(Workflow):
                 b0_threshold=b0_threshold,
                 bvecs_tol=bvecs_tol,
             )
+            space = dict(affine=affine, reference=image)
+            if fit_method == "posterior":
+                _run_posterior(
+                    table,
+                    data,
+                    mask,
+                    out,
+                    space=space,
+                    sigma=sigma,
+                    diffusivity=diffusivity,
+                    n_report=n_report,
+                    options=posterior,
+                )
+                continue
             model = SpinverseModel(
                 table,
                 grid_size=grid_size,
@@ -479,8 +543,6 @@ class SpinverseFlow(Workflow):
                 checkpoint=Checkpoint(checkpoint),
                 resume=previous,
             )
-            # The maps keep the DWI's space codes and units (image.header).
-            space = dict(affine=affine, reference=image)
             written = _save_outputs(
                 fit, out, space=space, metrics=metrics, voxel_meshes=voxel_meshes
             )
@@ -524,6 +586,126 @@ class SpinverseFlow(Workflow):
                 )
                 return True
         return super().manage_output_overwrite()
+
+
+def parse_posterior_options(text, diffusivity):
+    """``--posterior_options`` (JSON) as SpinverseModel keywords (dict)."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--posterior_options is not valid JSON ({err}); e.g. "
+            '\'{"prior": {"cell_diameter": [1, 5]}, "training": '
+            '{"n_simulations": 5000}}\'.'
+        ) from err
+    known = {"prior", "training", "n_samples"}
+    if not isinstance(options, dict) or set(options) - known:
+        raise ValueError(
+            f"--posterior_options must be a JSON object with keys among "
+            f"{sorted(known)}, got {text!r}."
+        )
+    out = {}
+    try:
+        if "prior" in options:
+            prior = {"diffusivity": diffusivity, **options["prior"]}
+            out["prior"] = TissuePrior(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in prior.items()}
+            )
+        if "training" in options:
+            training = options["training"]
+            out["posterior_options"] = TrainingOptions(
+                **{
+                    k: tuple(v) if isinstance(v, list) else v
+                    for k, v in training.items()
+                }
+            )
+    except TypeError as err:
+        raise ValueError(f"--posterior_options: {err}.") from err
+    if "n_samples" in options:
+        out["n_posterior_samples"] = options["n_samples"]
+    return out
+
+
+def _run_posterior(
+    table, data, mask, out, *, space, sigma, diffusivity, n_report, options
+):
+    """``--fit_method posterior``: fit, maps, status, report and state."""
+    model = SpinverseModel(
+        table, fit_method="posterior", diffusivity=diffusivity, sigma=sigma, **options
+    )
+    logger.info(f"Posterior of {model.prior.prior!r}; {int(mask.sum())} voxels")
+    fit = model.fit(data, mask=mask)
+    written = list(save_posterior(fit, out["out_posterior"], **space).values())
+    written.append(save_map_values(fit.status, out["out_status"], **space))
+    if n_report:
+        report = write_posterior_report(fit, out["out_report"], n_voxels=n_report)
+        written += [report] if report else []
+    counts = {
+        POSTERIOR_STATUS_CODES[int(c)]: int(np.sum(fit.params["status"] == c))
+        for c in np.unique(fit.params["status"])
+    }
+    logger.info(f"Voxel status: {counts}")
+    with atomic_write(_npz(out["out_state"])) as tmp:
+        np.savez(tmp, mask=fit.mask, **fit.params)
+    logger.info(f"Spinverse posterior: {len(written)} files in {out['out_posterior']}")
+
+
+def save_map_values(values, path, *, affine, reference):
+    """A status map (int16) of the whole volume, atomically."""
+    return save_image(path, np.asarray(values, np.int16), affine, reference)
+
+
+def write_posterior_report(fit, path, *, n_voxels=8):
+    """PNG: each descriptor's median and 50 % / 90 % intervals, voxel by voxel.
+
+    Parameters
+    ----------
+    fit : PosteriorFit
+    path : str or os.PathLike
+    n_voxels : int
+        The first voxels of the mask with status ok (in index order).
+
+    Returns
+    -------
+    str or None
+        The path, or None without matplotlib (with a warning).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning(
+            f"matplotlib is not installed: no PNG report {os.fspath(path)}; "
+            'install it with pip install "dipy_spinverse[plot]".'
+        )
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in DESCRIPTORS if n != "orientation"]
+    rows = np.flatnonzero(fit.params["status"] == OK)[:n_voxels]
+    fig, axes = plt.subplots(1, len(names), figsize=(2.1 * len(names), 2.8), dpi=80)
+    for ax, name in zip(axes, names, strict=True):
+        q = fit.params[name][rows]
+        y = np.arange(len(rows))
+        ax.hlines(y, q[:, 0], q[:, 4], color="C0", lw=1, label="90 %")
+        ax.hlines(y, q[:, 1], q[:, 3], color="C0", lw=3, label="50 %")
+        ax.plot(q[:, 2], y, "k|", ms=8, label="median")
+        if name in ("permeability", "exchange_time", "cell_volume"):
+            ax.set_xscale("log")
+        unit = f" ({UNITS[name]})" if UNITS[name] else ""
+        ax.set_title(name.replace("_", " ") + unit, fontsize=7)
+        ax.set_yticks(y)
+        ax.set_yticklabels([str(int(r)) for r in rows] if ax is axes[0] else [])
+        ax.tick_params(labelsize=6)
+    axes[0].set_ylabel("voxel (mask order)", fontsize=7)
+    axes[-1].legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return os.fspath(path)
 
 
 def _remove_stale_outputs(out, written):

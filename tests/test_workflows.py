@@ -706,3 +706,68 @@ def test_workflow_memory_grows_with_the_mask_not_the_volume(demo, tmp_path):
             np.asarray(predicted.dataobj[place]), fit[place].predict(), rtol=1e-5
         )
     assert_array_equal(np.asarray(predicted.dataobj[1, 1, 1]), 0.0)
+
+
+def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
+    """--fit_method posterior: the median and interval maps (units in each
+    header), the status map, the report; a tiny prior trained into a
+    temporary cache (DIPY_SPINVERSE_CACHE)."""
+    options = json.dumps(
+        {
+            "prior": {
+                "resolution": 2,
+                "cell_diameter": [8, 25],
+                "n_cells": [1, 2],
+                "families": ["packed", "fibre"],
+                "min_spacings": 1,
+            },
+            "training": {
+                "n_simulations": 64,
+                "epochs": 3,
+                "hidden": 16,
+                "embedding": 8,
+                "transforms": 1,
+                "batch_size": 16,
+            },
+            "n_samples": 50,
+        }
+    )
+    os.environ["DIPY_SPINVERSE_CACHE"] = str(tmp_path / "cache")
+    try:
+        flow = _run(
+            demo,
+            tmp_path / "out",
+            fit_method="posterior",
+            sigma=0.01,
+            posterior_options=options,
+            n_report=3,
+        )
+    finally:
+        del os.environ["DIPY_SPINVERSE_CACHE"]
+    outputs = flow.last_generated_outputs
+    folder = outputs["out_posterior"]
+    median = nib.load(os.path.join(folder, "cell_diameter.nii.gz"))
+    assert median.shape == (3, 2, 1)
+    assert b"(um)" in median.header["descrip"].tobytes()
+    bounds = _load(os.path.join(folder, "cell_diameter_ci90.nii.gz"))
+    assert bounds.shape == (3, 2, 1, 2)
+    values = np.asanyarray(median.dataobj)
+    status = _load(outputs["out_status"])
+    ok = status == 0
+    assert np.all(bounds[ok][:, 0] <= values[ok]) and np.all(
+        values[ok] <= bounds[ok][:, 1]
+    )
+    assert _load(os.path.join(folder, "orientation.nii.gz")).shape == (3, 2, 1, 3)
+    assert os.path.getsize(outputs["out_report"]) > 1000
+    state = np.load(outputs["out_state"])
+    assert state["status"].shape == (6,)
+    with pytest.raises(ValueError, match="needs --sigma"):
+        _run(demo, tmp_path / "again", fit_method="posterior")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        _run(
+            demo,
+            tmp_path / "again",
+            fit_method="posterior",
+            sigma=0.01,
+            posterior_options="{prior",
+        )

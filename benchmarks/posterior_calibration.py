@@ -1,0 +1,189 @@
+"""Calibration of the amortised posterior (``fit_method="posterior"``).
+
+Trains (or reads from the cache) the posterior of a prior on a protocol,
+then draws held-out substrates from the same prior with a seed never used in
+training (``model.prior.sample(n, seed=...)``), adds Rician noise at each
+SNR, fits them through the public API and prints, per descriptor and SNR,
+how often the 50 % and 90 % central credible intervals contain the truth
+(target: 45-55 % and 85-95 %), the median absolute error of the posterior
+median, and the fraction of voxels flagged ``OUT_OF_PRIOR``.
+
+``--left_out`` trains without some families and scores the held-out voxels
+of those families apart: how much coverage falls off the training prior.
+``--figure`` writes expected-coverage curves and rank histograms.
+
+Run (small, a few minutes on 2 CPU cores)::
+
+    python benchmarks/posterior_calibration.py --resolution 2 \
+        --n_train 2000 --n_test 400 --epochs 30
+
+The full default prior on the README demo's protocol needs the periodic
+simulations of ``benchmarks/periodic_speed.py`` at the prior's resolution.
+"""
+
+import argparse
+import logging
+import time
+import warnings
+
+import numpy as np
+
+from dipy_spinverse import SpinverseModel
+from dipy_spinverse.data import _protocol
+from dipy_spinverse.geometry import DESCRIPTORS
+from dipy_spinverse.posterior import FAMILIES, TissuePrior, TrainingOptions
+
+SNRS = (20, 50, 100, 200)
+LEVELS = (0.5, 0.9)
+SCALARS = tuple(name for name in DESCRIPTORS if name != "orientation")
+# Held-out draws use seeds far from the training seed and its probe.
+TEST_SEED = 987_654
+
+
+def demo_protocol(n_directions):
+    """The README demo's three PGSE timings and shells."""
+    return _protocol(
+        ((0.005, 0.006), (0.010, 0.020), (0.010, 0.060)),
+        (1000.0, 2500.0, 4000.0),
+        n_directions,
+        3,
+    )
+
+
+def rician(signals, snr, rng):
+    sigma = 1.0 / snr
+    noise = rng.standard_normal((2,) + signals.shape) * sigma
+    return np.sqrt((signals + noise[0]) ** 2 + noise[1] ** 2)
+
+
+def score(make_model, signals, truth, snr, rng):
+    """Coverage, error and out-of-prior rate of one SNR; the fit."""
+    fit = make_model(1.0 / snr).fit(rician(signals, snr, rng))
+    ok = fit.status == 0
+    rows = {}
+    for name in SCALARS:
+        true = np.asarray(truth[name], dtype=float)
+        cover = []
+        for level in LEVELS:
+            low, high = fit.credible_interval(name, level=level)
+            cover.append(np.mean((true[ok] >= low[ok]) & (true[ok] <= high[ok])))
+        error = np.median(np.abs(getattr(fit, name)[ok] - true[ok]))
+        rows[name] = (*cover, error)
+    return rows, 1 - ok.mean(), fit
+
+
+def print_table(title, table, flagged):
+    print(f"\n{title}")
+    print(f"{'descriptor':>20} {'SNR':>4} {'50 %':>6} {'90 %':>6} {'median |err|':>13}")
+    for snr, rows in table.items():
+        for name, (c50, c90, err) in rows.items():
+            print(f"{name:>20} {snr:>4} {c50:>6.1%} {c90:>6.1%} {err:>13.4g}")
+        print(f"{'OUT_OF_PRIOR':>20} {snr:>4} {flagged[snr]:>6.1%}")
+
+
+def figure(path, fits, truth):
+    """Expected-coverage curves and rank histograms at the highest SNR."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = np.linspace(0.05, 0.95, 19)
+    fig, axes = plt.subplots(2, len(SCALARS), figsize=(2.2 * len(SCALARS), 4.6))
+    for col, name in enumerate(SCALARS):
+        true = np.asarray(truth[name], dtype=float)
+        for snr, fit in fits.items():
+            ok = fit.status == 0
+            cover = []
+            for level in levels:
+                low, high = fit.credible_interval(name, level=level)
+                cover.append(np.mean((true[ok] >= low[ok]) & (true[ok] <= high[ok])))
+            axes[0, col].plot(levels, cover, label=f"SNR {snr}")
+        axes[0, col].plot([0, 1], [0, 1], "k:", lw=0.8)
+        axes[0, col].set_title(name.replace("_", " "), fontsize=8)
+        fit = fits[max(fits)]
+        ok = fit.status == 0
+        draws = fit.posterior_samples(name, 99)
+        ranks = np.sum(draws[:, ok] < true[ok], axis=0)
+        axes[1, col].hist(ranks, bins=10, range=(0, 99), color="C0")
+        axes[1, col].set_xlabel("rank of the truth", fontsize=7)
+    axes[0, 0].set_ylabel("coverage", fontsize=8)
+    axes[1, 0].set_ylabel(f"voxels (SNR {max(fits)})", fontsize=8)
+    axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, default=4)
+    parser.add_argument("--cell_diameter", type=float, nargs=2, default=(1.0, 25.0))
+    parser.add_argument("--min_spacings", type=float, default=3.0)
+    parser.add_argument("--n_directions", type=int, default=10)
+    parser.add_argument("--n_train", type=int, default=20_000)
+    parser.add_argument("--n_test", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--left_out", nargs="*", default=(), choices=FAMILIES)
+    parser.add_argument("--figure", default=None, help="PNG of the calibration")
+    parser.add_argument("--cache_dir", default=None)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore", UserWarning)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    protocol = demo_protocol(args.n_directions)
+    common = dict(
+        resolution=args.resolution,
+        cell_diameter=tuple(args.cell_diameter),
+        min_spacings=args.min_spacings,
+    )
+    trained = tuple(f for f in FAMILIES if f not in args.left_out)
+    options = TrainingOptions(n_simulations=args.n_train, epochs=args.epochs)
+
+    def make_model(sigma):
+        # One model per noise level; all share the cached estimator.
+        return SpinverseModel(
+            protocol,
+            fit_method="posterior",
+            prior=TissuePrior(families=trained, **common),
+            posterior_options=options,
+            sigma=sigma,
+            cache_dir=args.cache_dir,
+        )
+
+    model = make_model(0.01)
+    start = time.perf_counter()
+    estimator = model.estimator  # trained here, or read from the cache
+    print(
+        f"training (or cache): {time.perf_counter() - start:.0f} s; "
+        f"{sum(p.numel() for p in estimator.parameters()):,} parameters, "
+        f"{model.estimator_path}"
+    )
+    rng = np.random.default_rng(TEST_SEED)
+    start = time.perf_counter()
+    signals, truth = model.prior.sample(args.n_test, seed=TEST_SEED)
+    simulate = time.perf_counter() - start
+    print(f"held-out simulations: {simulate / args.n_test * 1e3:.0f} ms each")
+    table, flagged, fits = {}, {}, {}
+    for snr in SNRS:
+        start = time.perf_counter()
+        table[snr], flagged[snr], fits[snr] = score(
+            make_model, signals, truth, snr, rng
+        )
+        per_minute = args.n_test / (time.perf_counter() - start) * 60
+        print(f"SNR {snr}: {per_minute:,.0f} voxels a minute (fit and intervals)")
+    print_table(
+        f"held-out draws of the training prior ({len(signals)})", table, flagged
+    )
+    if args.left_out:
+        other = TissuePrior(families=tuple(args.left_out), **common).simulator(protocol)
+        signals, left = other.sample(args.n_test, seed=TEST_SEED + 1)
+        table, flagged = {}, {}
+        for snr in SNRS:
+            table[snr], flagged[snr], _ = score(make_model, signals, left, snr, rng)
+        print_table(f"families left out of training: {args.left_out}", table, flagged)
+    if args.figure:
+        figure(args.figure, fits, truth)
+        print(f"figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    main()
