@@ -247,6 +247,14 @@ def train_estimator(signals, coordinates, protocol, options, *, progress=True):
     PosteriorEstimator
         In evaluation mode, with the support thresholds set.
     """
+    bad = ~(np.isfinite(signals).all(-1) & np.isfinite(coordinates).all(-1))
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} of {len(bad)} training simulations have non-finite "
+            "signals or descriptors (rows "
+            f"{np.flatnonzero(bad)[:5].tolist()}); the prior must give finite "
+            "values: check its ranges."
+        )
     generator = torch.Generator().manual_seed(options.seed)
     x = torch.as_tensor(signals, dtype=torch.float32)
     y = torch.as_tensor(coordinates, dtype=torch.float32)
@@ -289,6 +297,11 @@ def train_estimator(signals, coordinates, protocol, options, *, progress=True):
             best = score
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
         bar.set_postfix_str(f"validation -log p {score:.3f}")
+    if best_state is None:
+        raise RuntimeError(
+            "the posterior's training diverged (no finite validation loss); "
+            "lower learning_rate in TrainingOptions."
+        )
     net.load_state_dict(best_state)
     net.eval()
     _set_support(net, x[train], x[val], protocol, options, generator)

@@ -31,8 +31,9 @@ One draw
    ``permeability``, and a diffusivity log-uniform in ``diffusivity`` (or
    fixed).
 5. Rejection: a draw whose cells are not at least ``min_spacings`` grid
-   spacings across (the equivalent ellipsoid's shortest axis), or whose
+   spacings across (the equivalent ellipsoid's shortest axis), whose
    realised cell diameter or restricted fraction falls outside the ranges,
+   or whose descriptors are not all finite (a cell without a membrane face),
    is drawn again. The prior is the distribution of the accepted draws.
 """
 
@@ -65,6 +66,14 @@ FAMILIES = PACKED_KINDS + KINDS
 # A shape of random_substrate is about half the box across (its radii are
 # 0.1-0.35 box sides): the box side per unit of target diameter.
 _SHAPE_BOX = 2.0
+# Descriptors every accepted draw has, finite and > 0.
+_POSITIVE = (
+    "cell_volume",
+    "cell_diameter",
+    "surface_to_volume",
+    "permeability",
+    "exchange_time",
+)
 # Draws tried per accepted sample before the prior is declared unsatisfiable.
 _MAX_TRIES = 200
 
@@ -241,6 +250,9 @@ class TissuePrior:
     def _accepted(self, grid, truth):
         if truth["n_cells"] == 0:
             return False
+        positive = [truth[name] for name in _POSITIVE]
+        if not all(math.isfinite(v) and v > 0 for v in positive):
+            return False  # e.g. a cell without membrane: nothing to describe
         width = truth["min_width"] / grid.spacing
         inside = [
             _within(truth["cell_diameter"], self.cell_diameter),
