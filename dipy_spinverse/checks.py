@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from dipy.utils.logging import logger
 
 __all__ = [
     "check_int",
@@ -24,6 +25,7 @@ __all__ = [
     "check_mask_values",
     "check_s0",
     "check_options",
+    "check_same_space",
     "DTYPES",
     "DIFFUSIVITY_RANGE",
 ]
@@ -288,3 +290,17 @@ def check_options(options, name, hint):
     if not isinstance(options, Mapping):
         raise ValueError(f"{name} must be a dict, got {options!r}; {hint}")
     return dict(options)
+
+
+def check_same_space(mask_affine, affine, maskfile, image_file):
+    """Warn (log) where the mask's voxel-to-scanner affine is not the
+    image's (a mask of another session or space): it is used voxel for
+    voxel."""
+    mask_affine, affine = np.asarray(mask_affine), np.asarray(affine)
+    if not np.allclose(mask_affine, affine, atol=1e-3):
+        logger.warning(
+            f"mask file {maskfile} has another affine than {image_file} (largest "
+            f"difference {np.abs(mask_affine - affine).max():.3g} mm); it is used "
+            "voxel for voxel. Resample the mask to the data if they are not "
+            "already aligned."
+        )

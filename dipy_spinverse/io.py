@@ -14,6 +14,7 @@ image); barrier meshes are written by :mod:`dipy_spinverse.surfaces`.
 """
 
 import copy
+import errno
 import json
 import os
 import zipfile
@@ -92,6 +93,13 @@ _SAVED_IF_PRESENT = OPTIONAL_PARAMETERS + MESH_PARAMETERS
 #: Bytes of one chunk of a checkpoint store's datasets (at most 4096 voxels).
 STORE_CHUNK_BYTES = 1 << 20
 
+#: A store's checksums (its header's ``checksum``): the CRC32 of each row
+#: (mask voxel) of each parameter, in the dataset ``crc32.<parameter>``,
+#: written with the row and verified when the store is read. Stores written
+#: before have no ``checksum`` and are read unverified.
+_CHECKSUM = "crc32 of each row of each parameter"
+_CRC_PREFIX = "crc32."
+
 #: Scalar maps of a volume fit and their NIfTI data types.
 MAPS = {
     "restricted_fraction": np.float32,
@@ -137,6 +145,12 @@ class Checkpoint:
     any moment keeps every chunk written before: :func:`load_fit` reads the
     store (the voxels still ``PENDING`` included) and :func:`resume_fit`
     continues it.
+
+    Each row of each parameter is stored with its CRC32, checked when the
+    store is read: values overwritten or corrupted on disk are refused
+    (a ValueError naming the file, the parameter and the voxels), not
+    resumed. A write that fails (a full disk) raises an ``OSError`` naming
+    the store; the chunks written before stay in it.
 
     Parameters
     ----------
@@ -189,6 +203,30 @@ def _store_chunks(n_rows, tail, itemsize):
     return (min(rows, n_rows),) + tuple(tail)
 
 
+def _row_crcs(values):
+    """CRC32 of the bytes of each row of ``values`` (uint32, one per row)."""
+    values = np.ascontiguousarray(values)
+    if not len(values):
+        return np.zeros(0, dtype=np.uint32)
+    rows = values.reshape(len(values), -1).view(np.uint8)
+    return np.fromiter(
+        (zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(values)
+    )
+
+
+def _store_error(path, err, what):
+    """The OSError of a failed store write, naming the file and the fix."""
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    cause = "the disk is full" if full else f"{type(err).__name__}: {err}"
+    return OSError(
+        getattr(err, "errno", None) or errno.EIO,
+        f"cannot write the checkpoint {path} ({what}): {cause}. The voxels "
+        "stored before are kept in it: free space (or pass another --out_dir) "
+        "and run again to resume the fit from them.",
+        os.fspath(path),
+    )
+
+
 def _create_store(fit, path):
     """Write a new store for ``fit`` (a temporary file, then renamed)."""
     import h5py
@@ -199,29 +237,62 @@ def _create_store(fit, path):
     tmp = path + ".part"
     n_rows = int(fit.mask.sum())
     pending = fit.params["status"] == PENDING
-    with h5py.File(tmp, "w") as store:
-        store.attrs["header"] = json.dumps(_header(fit))
+    header = dict(_header(fit), checksum=_CHECKSUM)
+    header["mask_crc32"] = zlib.crc32(np.ascontiguousarray(fit.mask, bool))
+    failure = None
+    try:
+        store = h5py.File(tmp, "w")
+    except OSError as err:
+        raise _store_error(path, err, "creating it") from None
+    try:
+        store.attrs["header"] = json.dumps(header)
         store.create_dataset("mask", data=fit.mask, compression="gzip")
         for name, fill in _FILL.items():
             values = fit.params.get(name)
             if values is None:
                 continue
+            tail = values.shape[1:]
             dataset = store.create_dataset(
                 name,
                 shape=values.shape,
                 dtype=values.dtype,
-                chunks=_store_chunks(n_rows, values.shape[1:], values.itemsize)
-                if n_rows
-                else None,
+                chunks=_store_chunks(n_rows, tail, values.itemsize) if n_rows else None,
                 fillvalue=fill,
+            )
+            # A row not written yet holds the fill values: its CRC is theirs.
+            blank = _row_crcs(np.full((1, *tail), fill, dtype=values.dtype))[0]
+            crcs = store.create_dataset(
+                _CRC_PREFIX + name,
+                shape=(len(values),),
+                dtype=np.uint32,
+                chunks=(min(4096, n_rows),) if n_rows else None,
+                fillvalue=blank,
             )
             if not pending.all():  # resuming: the voxels already fitted
                 dataset[...] = values
+                crcs[...] = _row_crcs(values)
+    except OSError as err:
+        failure = err
+    finally:
+        try:
+            store.close()
+        except OSError as err:
+            failure = failure or err
+    if failure is not None:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise _store_error(path, failure.with_traceback(None), "creating it")
     os.replace(tmp, path)
 
 
 def _write_rows(fit, path, rows):
-    """Write the ``rows`` of ``fit.params`` (increasing) to the store."""
+    """Write the ``rows`` of ``fit.params`` (increasing) to the store, each
+    row with its CRC32.
+
+    A write that fails (a full disk) raises an OSError naming the store;
+    the file is closed first, and the rows written before are intact: a
+    voxel's status is written last, so a voxel whose write failed stays
+    ``PENDING`` (and its checksums are not checked)."""
     import h5py
 
     if not len(rows):
@@ -230,12 +301,82 @@ def _write_rows(fit, path, rows):
     where = rows
     if rows[-1] - rows[0] + 1 == len(rows):
         where = slice(int(rows[0]), int(rows[-1]) + 1)
-    with h5py.File(path, "r+") as store:
-        # Status last: a voxel is marked fitted only once its outputs are in.
+    span = f"rows {int(rows[0])}-{int(rows[-1])} of the mask's voxels"
+    try:
+        store = h5py.File(path, "r+")
+    except OSError as err:
+        raise _store_error(path, err, span) from None
+    failure = None
+    try:
+        checksums = _CRC_PREFIX + "status" in store
+        # Status last: a voxel is marked fitted only once its outputs are
+        # in (its checksum just before: a voxel still PENDING is not
+        # checked).
         for name in [*_FILL][:-1] + ["status"]:
-            if fit.params.get(name) is not None:
-                store[name][where] = fit.params[name][rows]
+            values = fit.params.get(name)
+            if values is None:
+                continue
+            values = values[rows]
+            if name != "status":
+                store[name][where] = values
+            if checksums:
+                store[_CRC_PREFIX + name][where] = _row_crcs(values)
+            if name == "status":
+                store[name][where] = values
             store.flush()
+    except OSError as err:
+        failure = err
+    finally:
+        try:
+            store.close()
+        except OSError as err:
+            failure = failure or err
+    if failure is not None:
+        # Raised outside the except clause and without h5py's frames: the
+        # traceback keeps no h5py object alive until interpreter teardown.
+        raise _store_error(path, failure.with_traceback(None), span)
+
+
+def _verify_store(path, header, arrays):
+    """Refuse a store whose rows do not match their checksums (values
+    overwritten or corrupted on disk); stores without checksums pass."""
+    if header.get("checksum") != _CHECKSUM:
+        return
+    fix = (
+        "Delete the checkpoint (or run again with --force) to fit those voxels "
+        "again, or restore an intact copy."
+    )
+    mask = np.asarray(arrays["mask"], dtype=bool)
+    if zlib.crc32(np.ascontiguousarray(mask)) != header.get("mask_crc32"):
+        raise ValueError(
+            f"checkpoint {path}: its mask does not match its checksum: the file "
+            f"was modified or corrupted after it was written. {fix}"
+        )
+    # Voxels still PENDING are fitted again, whatever they hold.
+    written = np.flatnonzero(np.asarray(arrays["status"]) != PENDING)
+    for name in [*_FILL][::-1]:
+        crcs = arrays.get(_CRC_PREFIX + name)
+        if crcs is None or name not in arrays:
+            continue
+        bad = written[_row_crcs(arrays[name][written]) != crcs[written]]
+        if not bad.size:
+            continue
+        voxel = tuple(int(i) for i in np.argwhere(mask)[bad[0]])
+        ranges = _row_ranges(bad)
+        raise ValueError(
+            f"checkpoint {path}: {name} of {bad.size} stored voxel(s) does not "
+            f"match its checksum (rows {ranges} of the mask's voxels; the first "
+            f"is voxel {voxel}): the file was modified or corrupted after it was "
+            f"written, and resuming would carry those values to the outputs. {fix}"
+        )
+
+
+def _row_ranges(rows, limit=4):
+    """``"3-7, 12, ..."``: the first ``limit`` runs of consecutive rows."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    runs = np.split(rows, breaks)
+    text = [f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs[:limit]]
+    return ", ".join(text) + (", ..." if len(runs) > limit else "")
 
 
 def model_spec(model):
@@ -535,6 +676,7 @@ def _read_fit(path):
     if missing or not isinstance(header.get("model"), dict):
         what = f"the arrays {missing}" if missing else "the model description"
         raise ValueError(f"{path} lacks {what}; the file is damaged.")
+    _verify_store(path, header, arrays)
     return header, arrays
 
 

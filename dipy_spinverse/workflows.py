@@ -18,7 +18,13 @@ from dipy.io.gradients import read_bvals_bvecs
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
-from .checks import check_choice, check_int, check_mask_values, check_number
+from .checks import (
+    check_choice,
+    check_int,
+    check_mask_values,
+    check_number,
+    check_same_space,
+)
 from .cli import run_command
 from .files import (
     atomic_write,
@@ -239,13 +245,13 @@ class SpinverseFlow(Workflow):
             answer that fits only by the accident of one noise draw, or one
             local minimum among many, then reads as uncertain. Each
             replicate costs about one more search (0: off; 3 was measured,
-            doc/generalisation.md).
+            doc/validation/generalisation.md).
         search_proposal : int, optional
             Start the label search also from samples of a learned proposal
             trained on this many random substrates simulated for this grid,
             protocol and diffusivity (0: off; 4000 was measured, about 30
             minutes on 2 CPU cores the first time, then read from the cache,
-            doc/generalisation.md).
+            doc/validation/generalisation.md).
         batch_size : int, optional
             Voxels fitted together in one batched call.
         engine : string, optional
@@ -492,6 +498,7 @@ class SpinverseFlow(Workflow):
                 scheme_file=scheme_file,
                 b0_threshold=b0_threshold,
                 bvecs_tol=bvecs_tol,
+                data=data,
             )
             space = dict(affine=affine, reference=image)
             if fit_method == "posterior":
@@ -920,8 +927,13 @@ def _gradients(
     scheme_file,
     b0_threshold,
     bvecs_tol,
+    data=None,
 ):
-    """GradientTable (or Protocol) with timing from exactly one source."""
+    """GradientTable (or Protocol) with timing from exactly one source.
+
+    ``data`` (n_voxels, n_volumes), when given with one timing
+    (``big_delta``, ``small_delta``), is checked for b = 0 volumes of
+    several levels: the mark of several echo or diffusion times."""
     try:
         bvals, bvecs = read_bvals_bvecs(os.fspath(bval), os.fspath(bvec))
     except (OSError, ValueError) as err:
@@ -975,6 +987,8 @@ def _gradients(
                 "pass both --big_delta and --small_delta (seconds), e.g. "
                 "--big_delta 0.02 --small_delta 0.01."
             )
+        if data is not None:
+            _check_one_b0_level(data, bvals <= b0_threshold)
     else:
         small_delta, big_delta = read_timing(timing_file, n_volumes=n_volumes)
     _check_unit_bvecs(bvals, bvecs, bvec, b0_threshold, bvecs_tol)
@@ -988,16 +1002,50 @@ def _gradients(
     )
 
 
-def _check_same_space(mask_affine, affine, maskfile, dwi):
-    """Warn where the mask's voxel-to-scanner affine is not the data's (a
-    mask of another session or space): it is used voxel for voxel."""
-    if not np.allclose(mask_affine, affine, atol=1e-3):
-        logger.warning(
-            f"mask file {maskfile} has another affine than {dwi} (largest "
-            f"difference {np.abs(mask_affine - affine).max():.3g} mm); it is used "
-            "voxel for voxel. Resample the mask to the data if they are not "
-            "already aligned."
+#: Ratio between the b = 0 levels of two groups of volumes (medians over
+#: the mask) above which one timing is doubted: noise moves a median over
+#: the mask by far less, a longer echo time by far more (2x at TE 80 ms
+#: -> 130 ms, T2 70 ms).
+_B0_LEVEL_RATIO = 1.2
+
+
+def _check_one_b0_level(data, b0s):
+    """Warn (log) where the b = 0 volumes fall into groups whose levels
+    differ by more than ``_B0_LEVEL_RATIO``: data of several echo or
+    diffusion times, fitted with one timing."""
+    b0s = np.flatnonzero(b0s)
+    if b0s.size < 2:
+        return
+    levels = np.array([np.median(data[:, v]) for v in b0s], dtype=float)
+    if not (np.isfinite(levels).all() and levels.min() > 0):
+        return
+    order = np.argsort(levels)
+    jumps = levels[order][1:] / levels[order][:-1]
+    cut = int(np.argmax(jumps))
+    if jumps[cut] <= _B0_LEVEL_RATIO:
+        return
+    low, high = np.sort(b0s[order[: cut + 1]]), np.sort(b0s[order[cut + 1 :]])
+
+    def named(volumes):
+        return ", ".join(str(v) for v in volumes[:8]) + (
+            ", ..." if len(volumes) > 8 else ""
         )
+
+    logger.warning(
+        f"the b = 0 volumes fall into groups of different levels: volume(s) "
+        f"{named(low)} at a median of {np.median(levels[order[: cut + 1]]):.4g}, "
+        f"volume(s) {named(high)} at {np.median(levels[order[cut + 1 :]]):.4g} "
+        f"({jumps[cut]:.2f}x). The data look acquired with several echo or "
+        "diffusion times, but one timing (--big_delta, --small_delta) is given: "
+        "give each volume its timing with --timing_file (one 'small_delta "
+        "big_delta' row per volume), or fit each acquisition on its own."
+    )
+
+
+def _check_same_space(mask_affine, affine, maskfile, dwi):
+    """:func:`~dipy_spinverse.checks.check_same_space` (kept for callers of
+    this name)."""
+    check_same_space(mask_affine, affine, maskfile, dwi)
 
 
 def _check_unit_bvecs(bvals, bvecs, bvec, b0_threshold, bvecs_tol):
@@ -1080,6 +1128,14 @@ def read_timing(path, *, n_volumes=None):
         raise ValueError(
             f"{path} must hold one 'small_delta big_delta' row per volume "
             f"({expected} rows of 2 values, seconds), got shape {table.shape}.{one}"
+        )
+    bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if bad.size:
+        where = ", ".join(str(r) for r in bad[:8]) + (", ..." if bad.size > 8 else "")
+        raise ValueError(
+            f"timing file {path}: volume(s) {where} (rows, from 0) hold NaN or "
+            "inf; give every volume, b = 0 ones included, the small_delta and "
+            "big_delta (seconds) of the sequence it belongs to."
         )
     for small_delta, big_delta in np.unique(table, axis=0):
         try:  # the waveform's own checks (seconds, Delta >= delta), named here

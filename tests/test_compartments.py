@@ -1087,3 +1087,40 @@ def test_noddi_kappa_map_outside_the_mask(gtab_noddi):
         warnings.simplefilter("error")
         kappa = fit.kappa
     assert_allclose(kappa, [1 / np.tan(np.pi * 0.1), 0.0])
+
+
+@pytest.mark.parametrize("model_class", [NoddiModel, ActiveAxModel, ZcdModel])
+def test_a_table_without_b0_is_refused(model_class):
+    """Without a b = 0 volume S0 is extrapolated and trades off against the
+    fast compartments (ActiveAx diameters at their bound, NODDI's ndi a third
+    low): the models refuse the table, naming gtab and the fixes."""
+    timings = [(0.008, 0.02, (1000, 2500)), (0.008, 0.05, (3000,))]
+    gtab = shells_gtab(timings, n_b0=0)
+    with pytest.raises(ValueError, match=r"gtab has no b = 0 volume.*b0_threshold"):
+        model_class(gtab)
+    # A b = 0 volume stored as b = 5 is one once the threshold says so.
+    bvals = gtab.bvals.copy()
+    bvecs = gtab.bvecs.copy()
+    bvals[0] = 5.0
+    with pytest.raises(ValueError, match=r"b0_threshold=5"):
+        model_class(
+            gradient_table(
+                bvals,
+                bvecs=bvecs,
+                big_delta=gtab.big_delta,
+                small_delta=gtab.small_delta,
+                b0_threshold=0,
+            )
+        )
+    assert (
+        model_class(
+            gradient_table(
+                bvals,
+                bvecs=bvecs,
+                big_delta=gtab.big_delta,
+                small_delta=gtab.small_delta,
+                b0_threshold=5,
+            )
+        )._b0s.sum()
+        == 1
+    )

@@ -394,3 +394,60 @@ def test_resume_on_cuda_without_cuda_is_refused(model, volume, tmp_path, monkeyp
     done = resume_fit(path, data, device="cpu")
     assert done.n_pending == 0 and done.model.device.type == "cpu"
     assert_array_equal(done.status[mask], OK)
+
+
+def test_a_tampered_checkpoint_is_refused(model, volume, tmp_path):
+    """Values overwritten in a store that stays valid HDF5 (12345 m/s
+    permeabilities) reached the outputs of a resumed fit: each row is
+    checked against its CRC32."""
+    import h5py
+
+    data, mask = volume
+    path = tmp_path / "state.h5"
+    model.fit(data, mask=mask, vox_per_chunk=2, checkpoint=Checkpoint(path))
+    assert load_fit(path).n_pending == 0  # an intact store reads
+    with h5py.File(path, "r+") as store:
+        assert json.loads(store.attrs["header"])["checksum"]
+        store["permeability"][1, :5] = 12345.0
+    message = (
+        r"state\.h5: permeability of 1 stored voxel\(s\) does not match its "
+        r"checksum \(rows 1 of the mask's voxels.*--force"
+    )
+    with pytest.raises(ValueError, match=message):
+        load_fit(path)
+    with pytest.raises(ValueError, match=message):
+        resume_fit(path, data)
+    # A voxel still PENDING is fitted again, whatever it holds.
+    with h5py.File(path, "r+") as store:
+        store["status"][1] = PENDING
+    assert load_fit(path).n_pending == 1
+
+
+def test_a_full_disk_while_checkpointing_is_a_clean_error(
+    model, volume, tmp_path, monkeypatch
+):
+    """A full disk ended in a segmentation fault after an h5py traceback:
+    an OSError names the store, which keeps the chunks written before."""
+    import errno
+
+    import h5py
+
+    data, mask = volume
+    path = tmp_path / "state.h5"
+    real = h5py.Dataset.__setitem__
+    calls = []
+
+    def full_after_the_first_chunk(self, key, value):
+        calls.append(self.name)
+        if "/status" in calls[:-1]:  # the first chunk is in
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full_after_the_first_chunk)
+    with pytest.raises(OSError, match=r"state\.h5 \(rows 1-1 .*the disk is full"):
+        model.fit(data, mask=mask, vox_per_chunk=1, checkpoint=Checkpoint(path))
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
+    partial = load_fit(path)
+    assert_array_equal(partial.params["status"], [OK, PENDING, PENDING])
+    done = resume_fit(path, data)
+    assert done.n_pending == 0

@@ -646,3 +646,134 @@ def test_example_runs(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "mean absolute probability error" in run.stdout
     assert (tmp_path / "tissue_maps.png").stat().st_size > 0
+
+
+# -- bad input is refused or flagged (issue 45) ---------------------------------
+
+
+def test_poor_fits_are_flagged_and_counted():
+    """Images the model cannot explain get status POOR_FIT and a warning
+    counting them, instead of confident labels."""
+    from dipy_spinverse.tissue.model import MASKED, OK, POOR_FIT, STATUS_CODES
+
+    model = TissueMapModel(PROTOCOL[:3])
+    truth = _phantom(shape=(6, 5, 4))
+    mask = np.ones(truth.shape[:-1], bool)
+    images = simulate_scans(model, truth, mask, snr=np.inf, gain=250.0)
+    mask[0] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = model.fit(images, mask=mask)
+    assert_array_equal(fit.status[mask], OK)
+    assert_array_equal(fit.status[~mask], MASKED)
+    assert fit.misfit[mask].max() < 1e-6
+    # A voxel whose images no mixture of the tissues gives.
+    images[1, 1, 1] = images[mask].max(axis=0) * [1.0, 0.02, 1.0]
+    with pytest.warns(RuntimeWarning, match="1 of 100 voxel.*POOR_FIT"):
+        fit = model.fit(images, mask=mask)
+    poor = np.zeros(mask.shape, bool)
+    poor[1, 1, 1] = True
+    assert_array_equal(fit.status == POOR_FIT, poor)
+    assert (fit.misfit[poor] > model.misfit_threshold).all()
+    assert POOR_FIT in STATUS_CODES
+
+
+def test_images_in_another_order_than_the_sequences_are_refused():
+    """Images listed in another order than their sequences gave a 98 %
+    misfit and every voxel one label, silently: the order that fits is
+    named."""
+    model = TissueMapModel(PROTOCOL[:3])
+    truth = _phantom(shape=(6, 5, 4))
+    mask = np.ones(truth.shape[:-1], bool)
+    images = simulate_scans(
+        model, truth, mask, snr=30.0, gain=250.0, rng=np.random.default_rng(1)
+    )
+    # image j of the data holds sequence order[j]
+    with pytest.raises(ValueError, match=r"order \[1, 2, 0\] of the sequences"):
+        model.fit(images[..., [1, 2, 0]])
+    # Identical sequences have no other order: the voxels are flagged.
+    same = TissueMapModel([PROTOCOL[2]] * 3)
+    with pytest.warns(RuntimeWarning, match="POOR_FIT"):
+        same.fit(images)
+
+
+@pytest.mark.parametrize(
+    "tissues, match",
+    [
+        (
+            {"a": dict(t1=1.0, t2=1.5, pd=1.0), "b": dict(t1=2, t2=0.1, pd=1)},
+            r"tissues\['a'\] has t2=1.5 s longer than t1=1 s",
+        ),
+        (
+            {
+                "gm": dict(t1=1.8, t2=0.1, pd=0.8),
+                "wm": dict(t1=1.0, t2=0.07, pd=0.7),
+                "gm2": dict(t1=1.8, t2=0.1, pd=0.8),
+            },
+            "tissues 'gm' and 'gm2' have the same",
+        ),
+    ],
+)
+def test_impossible_or_duplicate_tissues_are_refused(tissues, match):
+    with pytest.raises(ValueError, match=match):
+        TissueMapModel(PROTOCOL[:3], tissues=tissues)
+
+
+def _write_workflow_inputs(tmp_path, order=(0, 1, 2)):
+    model = TissueMapModel(PROTOCOL[:3])
+    truth = _phantom(shape=(6, 5, 4))
+    images = simulate_scans(model, truth, np.ones((6, 5, 4), bool), snr=np.inf)
+    nib.save(
+        nib.Nifti1Image(images.astype(np.float32), np.eye(4)),
+        tmp_path / "images.nii.gz",
+    )
+    lines = [
+        "Mprage ti=0.9 tr=2.3 te=0.003",
+        "InversionRecovery ti=2.5 tr=9.0 te=0.1",
+        "Flash tr=0.02 te=0.004 flip_angle=30",
+    ]
+    (tmp_path / "sequences.txt").write_text("\n".join(lines[i] for i in order))
+    return str(tmp_path / "images.nii.gz"), str(tmp_path / "sequences.txt")
+
+
+def test_workflow_refuses_sequences_in_another_order(tmp_path):
+    image_file, sequences = _write_workflow_inputs(tmp_path, order=(2, 0, 1))
+    with pytest.raises(ValueError, match="do not follow the order of the sequences"):
+        TissueMapsFlow().run(image_file, sequences, out_dir=str(tmp_path / "out"))
+
+
+def test_workflow_writes_the_status_and_checks_the_mask_space(tmp_path, caplog):
+    image_file, sequences = _write_workflow_inputs(tmp_path)
+    shifted = np.eye(4)
+    shifted[0, 3] = 12.0
+    mask = np.ones((6, 5, 4), np.uint8)
+    nib.save(nib.Nifti1Image(mask, shifted), tmp_path / "mask.nii.gz")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        TissueMapsFlow().run(
+            image_file,
+            sequences,
+            mask_files=str(tmp_path / "mask.nii.gz"),
+            out_dir=str(out),
+        )
+    assert "has another affine than" in caplog.text and "12 mm" in caplog.text
+    status = nib.load(out / "tissue_status.nii.gz").get_fdata()
+    assert_array_equal(status, 0)
+
+
+@pytest.mark.parametrize("which", ["images", "mask"])
+def test_workflow_names_a_truncated_file(tmp_path, which):
+    """A truncated .nii.gz gave a raw EOFError traceback."""
+    image_file, sequences = _write_workflow_inputs(tmp_path)
+    mask_file = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 4), np.float32), np.eye(4)), mask_file)
+    damaged = tmp_path / f"{which}.nii.gz"
+    content = damaged.read_bytes()
+    damaged.write_bytes(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=rf"{damaged}.*(damaged|cannot be read)"):
+        TissueMapsFlow().run(
+            image_file,
+            sequences,
+            mask_files=str(mask_file),
+            out_dir=str(tmp_path / "out"),
+        )

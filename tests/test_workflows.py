@@ -771,3 +771,46 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
             sigma=0.01,
             posterior_options="{prior",
         )
+
+
+def test_a_nan_in_the_timing_file_names_its_volumes(tmp_path):
+    """A NaN row named an empty list of volumes."""
+    timing = np.tile([0.01, 0.03], (6, 1))
+    timing[2, 1] = np.nan
+    timing[4, 0] = np.nan
+    path = tmp_path / "timing.txt"
+    np.savetxt(path, timing)
+    with pytest.raises(ValueError, match=r"volume\(s\) 2, 4 \(rows, from 0\)"):
+        read_timing(path, n_volumes=6)
+
+
+def test_one_timing_for_b0_levels_of_several_acquisitions_warns(tmp_path, caplog):
+    """b = 0 volumes at two levels (2x) fitted with one timing: a warning
+    names the groups and --timing_file; one level: no warning."""
+    from dipy_spinverse.workflows import _gradients
+
+    bvals = np.array([0, 1000, 1000, 0, 2000, 2000, 0, 1000])
+    bvecs = np.zeros((len(bvals), 3))
+    bvecs[bvals > 0] = [1.0, 0.0, 0.0]
+    np.savetxt(tmp_path / "b.bval", bvals[None])
+    np.savetxt(tmp_path / "b.bvec", bvecs.T)
+    rng = np.random.default_rng(0)
+    data = rng.normal(1000.0, 30.0, (50, len(bvals)))
+    options = dict(
+        n_volumes=len(bvals),
+        big_delta=0.03,
+        small_delta=0.01,
+        timing_file=None,
+        scheme_file=None,
+        b0_threshold=50.0,
+        bvecs_tol=0.01,
+    )
+    files = (tmp_path / "b.bval", tmp_path / "b.bvec")
+    with caplog.at_level("WARNING"):
+        _gradients(*files, data=data, **options)
+    assert "b = 0 volumes fall into groups" not in caplog.text
+    data[:, 6] *= 0.5  # a second echo time
+    with caplog.at_level("WARNING"):
+        _gradients(*files, data=data, **options)
+    assert "volume(s) 6 at a median" in caplog.text
+    assert "volume(s) 0, 3 at" in caplog.text and "--timing_file" in caplog.text

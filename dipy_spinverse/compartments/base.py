@@ -233,6 +233,24 @@ def _map_chunks(fit_chunk, n, step, *, desc):
             return list(pool.map(one, bounds))
 
 
+def _no_b0_message(model, gtab):
+    """Why ``model`` refuses the table ``gtab`` without b = 0 volume, and the
+    fixes."""
+    threshold = 0.0 if gtab.b0_threshold is None else float(gtab.b0_threshold)
+    lowest = float(np.min(gtab.bvals))
+    return (
+        f"gtab has no b = 0 volume (no b-value <= gtab.b0_threshold = "
+        f"{threshold:g} s/mm^2; the lowest is {lowest:g}): {model} takes S0 "
+        "from the b = 0 volumes, and extrapolated from the weighted shells it "
+        "trades off against the fast-decaying compartments (ActiveAx "
+        "diameters go to their lower bound with S0 about doubled, NODDI's ndi "
+        "drops). Include the b = 0 volumes of the acquisition in data and "
+        "gtab; if the lowest shell is the b = 0 one stored as b = "
+        f"{lowest:g}, build gtab with gradient_table(..., b0_threshold="
+        f"{lowest:g})."
+    )
+
+
 class CompartmentModel(ReconstModel):
     """Base class: a multi-compartment model fitted by variable projection.
 
@@ -256,6 +274,12 @@ class CompartmentModel(ReconstModel):
 
     #: Whether the model needs gradient timing (restricted or exchange blocks).
     _needs_timing = True
+    #: Whether the model needs b = 0 volumes: its S0 is the sum of the
+    #: fitted fractions times the mean b = 0 signal, and without a b = 0
+    #: volume it is extrapolated from the weighted shells, where it trades
+    #: off against the fast-decaying compartments (free water, small
+    #: diameters): the fit converges, to the wrong tissue.
+    _needs_b0 = False
     #: Columns per fibre population (Kf).
     _fibre_width = 1
     #: Jacobians by forward-mode autodiff instead of forward differences.
@@ -292,6 +316,8 @@ class CompartmentModel(ReconstModel):
         self.n_grid_directions = check_int(n_grid_directions, "n_grid_directions", 1)
         self.chunk_size = check_int(chunk_size, "chunk_size", 1)
         self._b0s = np.asarray(gtab.b0s_mask, dtype=bool)
+        if self._needs_b0 and not self._b0s.any():
+            raise ValueError(_no_b0_message(type(self).__name__, gtab))
         self.fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
         self.snr = check_positive(snr, "snr")
         self.learned_options = LearnedOptions.from_dict(learned_options)

@@ -295,6 +295,8 @@ class NoddiModel(CompartmentModel):
     # grid to 3 digits at half the time (measured).
     _direction_starts = "tensor"
 
+    _needs_b0 = True
+
     @warning_for_keywords()
     def __init__(
         self,
@@ -707,6 +709,8 @@ class ActiveAxModel(CompartmentModel):
     _per_fibre_params = 6
     _fibre_weights = _fic_plus_fee
 
+    _needs_b0 = True
+
     @warning_for_keywords()
     def __init__(
         self,
@@ -1023,6 +1027,8 @@ class ZcdModel(CompartmentModel):
     # parameter within 1.25x) at 12,200 voxels/s on 2 cores
     # (benchmarks/compartments.py --learned, doc/compartments.md).
     default_polish = 2
+
+    _needs_b0 = True
 
     @warning_for_keywords()
     def __init__(

@@ -13,16 +13,16 @@ degrees; lines starting with # are ignored).
 
 import json
 import os
+import zlib
 
 import numpy as np
-from dipy.io.image import load_nifti, load_nifti_data
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
-from ..checks import check_mask_values
+from ..checks import check_mask_values, check_same_space
 from ..cli import run_command
-from ..files import save_image
-from .model import TissueMapModel
+from ..files import load_image, save_image
+from .model import POOR_FIT, TissueMapModel
 from .sequences import sequence_from_string
 
 __all__ = ["TissueMapsFlow", "read_sequences", "main"]
@@ -47,6 +47,23 @@ def _read_tissues(path):
         raise ValueError(
             f"tissues_file {path} is not valid JSON ({err}); write one object "
             'of tissues, e.g. {"wm": {"t1": 0.83, "t2": 0.08, "pd": 0.7}}.'
+        ) from err
+
+
+#: What a damaged or truncated image raises while its data are read.
+_DAMAGED = (EOFError, OSError, ValueError, zlib.error)
+
+
+def _read_data(image, what):
+    """The data of a nibabel ``image`` (float64), a ValueError naming the
+    file where it is damaged or truncated."""
+    try:
+        return np.asarray(image.get_fdata(dtype=np.float64))
+    except _DAMAGED as err:
+        raise ValueError(
+            f"{what} {image.get_filename()} is damaged or truncated: reading its "
+            f"data failed ({type(err).__name__}: {err}); copy or write the file "
+            "again."
         ) from err
 
 
@@ -101,6 +118,7 @@ class TissueMapsFlow(Workflow):
         out_t2="t2.nii.gz",
         out_pd="pd.nii.gz",
         out_predicted="predicted.nii.gz",
+        out_status="tissue_status.nii.gz",
     ):
         """Fit grey matter, white matter and CSF probability maps.
 
@@ -157,6 +175,10 @@ class TissueMapsFlow(Workflow):
             Name of the probability-weighted proton density map.
         out_predicted : string, optional
             Name of the predicted images (4-D).
+        out_status : string, optional
+            Name of the status map: 0 fitted, 5 poorly fitted (the images
+            miss the prediction by more than 25 %), 1 not fitted (NaN, inf
+            or negative images), -2 outside the mask.
 
         References
         ----------
@@ -177,9 +199,11 @@ class TissueMapsFlow(Workflow):
         for inputs in io_it:
             image_file, sequence_file = inputs[0], inputs[1]
             mask_file = mask_files
-            oprob, olab, ot1, ot2, opd, opred = inputs[-6:]
+            oprob, olab, ot1, ot2, opd, opred, ostatus = inputs[-7:]
             logger.info(f"Tissue maps of {image_file}")
-            images, affine, image = load_nifti(image_file, return_img=True)
+            image = load_image(image_file, "input_files")
+            affine = image.affine
+            images = _read_data(image, "input_files")
             if images.ndim == 3:
                 images = images[..., None]
             if images.ndim != 4:
@@ -190,8 +214,10 @@ class TissueMapsFlow(Workflow):
                 )
             mask = None
             if mask_file:
+                mask_image = load_image(mask_file, "mask file")
+                check_same_space(mask_image.affine, affine, mask_file, image_file)
                 mask = check_mask_values(
-                    load_nifti_data(mask_file), f"mask file {mask_file}"
+                    _read_data(mask_image, "mask file"), f"mask file {mask_file}"
                 )
             model = TissueMapModel(
                 read_sequences(sequence_file),
@@ -215,6 +241,16 @@ class TissueMapsFlow(Workflow):
             for path, values in ((ot1, fit.t1), (ot2, fit.t2), (opd, fit.pd)):
                 save_image(path, values.astype(np.float32), **space)
             save_image(opred, fit.predict().astype(np.float32), **space)
+            save_image(ostatus, fit.status, **space)
+            poor = int((fit.status == POOR_FIT).sum())
+            if poor:
+                logger.warning(
+                    f"{poor} of {int(fit.mask.sum())} voxel(s) are fitted poorly "
+                    f"(status {POOR_FIT} in {ostatus}): the images miss the "
+                    "prediction by more than "
+                    f"{model.misfit_threshold:.0%}; check the sequences file "
+                    "(order, timings) and the tissue values."
+                )
             logger.info(f"Tissue maps saved to {oprob}")
 
 
