@@ -22,6 +22,7 @@ what held-out simulations of the prior give at that noise level
 (:meth:`PosteriorEstimator.support_statistic`).
 """
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -172,7 +173,8 @@ class PosteriorEstimator(torch.nn.Module):
         """
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        y = self.flow(self._context(signal, sigma)).sample((n,))
+        with _flushed_denormals():
+            y = self.flow(self._context(signal, sigma)).sample((n,))
         return y * self.y_std + self.y_mean
 
     @torch.no_grad()
@@ -206,6 +208,19 @@ class PosteriorEstimator(torch.nn.Module):
         return torch.as_tensor(
             np.interp(np.log(sigma.cpu().numpy()), grid, limit), dtype=sigma.dtype
         )
+
+
+@contextlib.contextmanager
+def _flushed_denormals():
+    """Denormal floats flushed to zero inside the block (torch's default, off,
+    restored after). A trained flow's spline inverse meets denormals that
+    make sampling 5-8x slower on x86 CPUs (measured: 5.3 against 0.70 s for
+    5,000 draws on one core); values below 1e-38 do not change a sample."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def add_noise(signal, sigma, generator=None):

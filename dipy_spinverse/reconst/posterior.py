@@ -5,20 +5,20 @@ amortised posterior (:mod:`dipy_spinverse.posterior`); the fit holds, per
 voxel of the mask, the posterior median and the 50 % and 90 % central
 credible intervals of every descriptor, and draws more samples on demand.
 
-===========  ====  ==========================================================
-name         code  meaning
-===========  ====  ==========================================================
-OK           0     posterior computed
-NONFINITE    1     the data contain NaN or inf
-BAD_B0       2     the mean b = 0 signal (of some sequence) is <= 0
-OUT_OF_PRIOR 6     no simulation of the prior explains the signal within the
-                   noise (:meth:`PosteriorEstimator.support_statistic` above
-                   its 99.9 % in-prior level): the tissue, the diffusivity
-                   or the protocol lies outside what the posterior was
-                   trained on. Maps are NaN: a posterior there would be a
-                   confident guess.
-MASKED       -2    outside the mask
-===========  ====  ==========================================================
+============  ====  ==========================================================
+name          code  meaning
+============  ====  ==========================================================
+OK            0     posterior computed
+NONFINITE     1     the data contain NaN or inf
+BAD_B0        2     the mean b = 0 signal (of some sequence) is <= 0
+OUT_OF_PRIOR  6     no simulation of the prior explains the signal within the
+                    noise (:meth:`PosteriorEstimator.support_statistic` above
+                    its 99.9 % in-prior level): the tissue, the diffusivity
+                    or the protocol lies outside what the posterior was
+                    trained on. Maps are NaN: a posterior there would be a
+                    confident guess.
+MASKED        -2    outside the mask
+============  ====  ==========================================================
 """
 
 import logging
@@ -52,8 +52,13 @@ POSTERIOR_STATUS_CODES = {
 _KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
 # Scalar descriptors (orientation is a unit vector, summarised apart).
 _SCALARS = tuple(name for name in DESCRIPTORS if name != "orientation")
-# Voxels sent through the flow together.
-_CHUNK = 256
+# Flow draws made together (voxels x samples): bounds the memory of a batch
+# (about 50 MB of activations at the default network's width).
+_DRAWS_PER_BATCH = 1 << 16
+
+
+def _voxels_per_batch(n_samples):
+    return max(1, _DRAWS_PER_BATCH // int(n_samples))
 
 
 def fit_posterior(model, rows, *, n_samples, seed=0):
@@ -82,8 +87,9 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     summary = {name: np.full((n, len(_KEPT)), np.nan) for name in _SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
     estimator = model.estimator
-    for start in range(0, n, _CHUNK):
-        part = np.flatnonzero(good[start : start + _CHUNK]) + start
+    chunk = _voxels_per_batch(n_samples)
+    for start in range(0, n, chunk):
+        part = np.flatnonzero(good[start : start + chunk]) + start
         if not len(part):
             continue
         x = torch.as_tensor(inputs[part])
@@ -227,8 +233,9 @@ class PosteriorFit(ReconstFit):
         tail = (3,) if name == "orientation" else ()
         out = np.full((n, len(rows)) + tail, np.nan)
         ok = np.flatnonzero(self.params["status"] == OK)
-        for start in range(0, len(ok), _CHUNK):
-            part = ok[start : start + _CHUNK]
+        chunk = _voxels_per_batch(n)
+        for start in range(0, len(ok), chunk):
+            part = ok[start : start + chunk]
             draws = self.model.estimator.sample(
                 torch.as_tensor(rows[part]),
                 torch.as_tensor(self.params["sigma"][part]),
