@@ -5,65 +5,51 @@ Bloch-Torrey operators) -> ``solvers`` (time integration) -> ``forward``
 (:func:`simulate`), with ``sequences`` describing the acquisitions.
 """
 
-import os
-
-# Spin-waiting OpenMP threads (torch's default) starve when another thread
-# pool shares the cores -- numpy/scipy's OpenBLAS, or DIPY's joblib/dask/ray
-# workers -- and every small torch kernel then costs ~20 ms. Passive waiting
-# costs nothing measurable alone and avoids that. Only effective when set
-# before torch is first imported; set it yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .compartments import (  # noqa: E402
-    ActiveAxModel,
-    ExchangeModel,
-    IvimModel,
-    NoddiModel,
-    ZcdModel,
-)
-from .forward import simulate  # noqa: E402
-from .grid import TetGrid  # noqa: E402
-from .interface import InterfaceMesh, barrier_mesh, load_mesh  # noqa: E402
-from .inverse import Reconstruction, reconstruct  # noqa: E402
-from .metrics import all_metrics, cell_overlap  # noqa: E402
-from .phantoms import Phantom, published_phantoms  # noqa: E402
-from .reconst import SpinverseFit, SpinverseModel  # noqa: E402
-from .sequences import (  # noqa: E402
-    PGSE,
-    CosineOGSE,
-    DoublePGSE,
-    PiecewiseConstant,
-    Protocol,
-    SineOGSE,
-    published_protocol,
-)
+import importlib
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "TetGrid",
-    "simulate",
-    "Protocol",
-    "PGSE",
-    "DoublePGSE",
-    "CosineOGSE",
-    "SineOGSE",
-    "PiecewiseConstant",
-    "published_protocol",
-    "reconstruct",
-    "Reconstruction",
-    "Phantom",
-    "published_phantoms",
-    "InterfaceMesh",
-    "barrier_mesh",
-    "load_mesh",
-    "all_metrics",
-    "cell_overlap",
-    "SpinverseModel",
-    "SpinverseFit",
-    "NoddiModel",
-    "ActiveAxModel",
-    "ZcdModel",
-    "IvimModel",
-    "ExchangeModel",
-]
+# Public names and the module that defines each. They are imported on first
+# use (PEP 562), so that ``import dipy_spinverse`` loads neither torch nor
+# the compartment models nor the tissue maps until they are asked for.
+_NAMES = {
+    "TetGrid": "grid",
+    "simulate": "forward",
+    "Protocol": "sequences",
+    "PGSE": "sequences",
+    "DoublePGSE": "sequences",
+    "CosineOGSE": "sequences",
+    "SineOGSE": "sequences",
+    "PiecewiseConstant": "sequences",
+    "published_protocol": "sequences",
+    "reconstruct": "inverse",
+    "Reconstruction": "inverse",
+    "Phantom": "phantoms",
+    "published_phantoms": "phantoms",
+    "InterfaceMesh": "interface",
+    "barrier_mesh": "interface",
+    "load_mesh": "interface",
+    "all_metrics": "metrics",
+    "cell_overlap": "metrics",
+    "SpinverseModel": "reconst",
+    "SpinverseFit": "reconst",
+    "NoddiModel": "compartments",
+    "ActiveAxModel": "compartments",
+    "ZcdModel": "compartments",
+    "IvimModel": "compartments",
+    "ExchangeModel": "compartments",
+}
+
+__all__ = list(_NAMES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES))

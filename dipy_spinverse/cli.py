@@ -1,5 +1,6 @@
 """Running the package's DIPY workflows as console scripts."""
 
+import importlib
 import importlib.metadata
 import os
 import sys
@@ -8,7 +9,43 @@ import dipy
 from dipy.workflows.flow_runner import run_flow
 from nibabel.filebasedimages import ImageFileError
 
-__all__ = ["run_command"]
+__all__ = ["run_command", "dipy_fit_spinverse", "dipy_fit_tissue_maps"]
+
+
+def _passive_threads():
+    """Passive OpenMP waiting for the commands (set before torch loads).
+
+    Spin-waiting OpenMP threads (torch's default) starve when another thread
+    pool shares the cores -- numpy/scipy's OpenBLAS, or DIPY's joblib/dask/ray
+    workers -- and every small torch kernel then costs ~20 ms. Passive
+    waiting costs nothing measurable alone. Set for the package's commands
+    only, never on ``import dipy_spinverse``; export the variable yourself
+    to choose otherwise.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _command(path):
+    """Run the workflow class ``"module:Class"`` as this process's command.
+
+    The module is loaded by name after :func:`_passive_threads`, so that the
+    setting precedes torch's first import (this module sits below the
+    workflows and never imports them itself).
+    """
+    _passive_threads()
+    module, name = path.split(":")
+    flow = getattr(importlib.import_module(module), name)
+    return run_command(flow())
+
+
+def dipy_fit_spinverse():
+    """Console script ``dipy_fit_spinverse``."""
+    return _command("dipy_spinverse.workflows:SpinverseFlow")
+
+
+def dipy_fit_tissue_maps():
+    """Console script ``dipy_fit_tissue_maps``."""
+    return _command("dipy_spinverse.tissue.workflow:TissueMapsFlow")
 
 
 def run_command(flow):

@@ -7,6 +7,8 @@ atomic on POSIX and Windows.
 """
 
 import contextlib
+import hashlib
+import json
 import os
 import pathlib
 import secrets
@@ -22,6 +24,7 @@ from .checks import check_affine
 __all__ = [
     "atomic_write",
     "cache_root",
+    "fingerprint",
     "load_image",
     "read_voxels",
     "save_image",
@@ -54,6 +57,21 @@ def cache_root(path=None):
         return pathlib.Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
     return pathlib.Path(xdg) / "dipy_spinverse"
+
+
+def fingerprint(description, arrays):
+    """SHA-256 (20 hex digits) of a JSON-able description and some arrays.
+
+    The cache key of everything trained or estimated once and kept under
+    :func:`cache_root`: the description holds every setting the product
+    depends on, the arrays their data (hashed as float64 with their shape).
+    """
+    h = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
 
 
 def writable_folder(folder, what, fix=None):

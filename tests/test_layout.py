@@ -147,3 +147,26 @@ def test_doc_layout_lists_the_layers_and_their_imports():
     assert names == [name for name in LAYERS if name in names]
     for name, imports in rows:
         assert imports == _imported_by(name), name
+
+
+def test_import_loads_neither_compartments_nor_tissue_nor_sets_the_environment():
+    """``import dipy_spinverse`` is light and has no side effect; the names
+    it exports load their module on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; os.environ.pop('OMP_WAIT_POLICY', None)\n"
+        "import dipy_spinverse\n"
+        "loaded = [m for m in sys.modules if m.startswith('dipy_spinverse.')]\n"
+        "assert not loaded, loaded\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert 'OMP_WAIT_POLICY' not in os.environ\n"
+        "from dipy_spinverse import SpinverseModel, TetGrid\n"
+        "assert 'dipy_spinverse.compartments' not in sys.modules\n"
+        "assert 'dipy_spinverse.tissue' not in sys.modules\n"
+        "from dipy_spinverse import NoddiModel\n"
+        "assert NoddiModel.__module__.startswith('dipy_spinverse.compartments')\n"
+        "assert set(dipy_spinverse.__all__) <= set(dir(dipy_spinverse))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

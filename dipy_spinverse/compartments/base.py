@@ -29,7 +29,7 @@ from ..checks import (
     check_positive,
     check_s0,
 )
-from ..files import cache_root
+from ..files import cache_root, fingerprint
 from ..sequences import fibonacci_sphere
 from .acquisition import Acquisition
 from .fitting import (
@@ -43,7 +43,7 @@ from .fitting import (
     projected,
 )
 from .frames import SignalFrame, rotate_outer
-from .learned import TRAINER_VERSION, LearnedOptions, fingerprint, load_or_train
+from .learned import TRAINER_VERSION, LearnedOptions, load_or_train
 from .peaks import CSDUnavailableError, csd_peaks
 
 __all__ = ["CompartmentModel", "CompartmentFit", "FIT_METHODS"]

@@ -12,9 +12,7 @@ outputs into public parameters) live in the models; this module only knows
 arrays: a training set, a network, the cache.
 """
 
-import hashlib
 import itertools
-import json
 import logging
 import math
 import time
@@ -156,16 +154,6 @@ class LearnedOptions:
 def cache_dir(path=None):
     """The cache folder (:func:`dipy_spinverse.files.cache_root`)."""
     return cache_root(path)
-
-
-def fingerprint(description, arrays):
-    """SHA-256 of a JSON-able description and some arrays (their bytes)."""
-    h = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a, dtype=np.float64))
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:20]
 
 
 class Regressor(torch.nn.Module):

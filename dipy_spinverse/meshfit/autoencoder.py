@@ -19,7 +19,7 @@ spread per coordinate), so that a fit's step size means the same in every
 coordinate (:func:`dipy_spinverse.meshfit.fit_mesh` with ``code="latent"``).
 
 Networks are trained on demand and cached on disk (the package's cache
-folder, :func:`dipy_spinverse.compartments.learned.cache_dir`) under a hash
+folder, :func:`dipy_spinverse.files.cache_root`) under a hash
 of the template, its fields and the settings (:func:`autoencoder_key`).
 """
 
@@ -32,8 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_positive
-from ..compartments.learned import cache_dir, fingerprint
-from ..files import atomic_write, writable_folder
+from ..files import atomic_write, cache_root, fingerprint, writable_folder
 from .mesh import axon_deformation
 from .shape import SpectralShape, surface_laplacian
 
@@ -459,7 +458,7 @@ def load_or_train_autoencoder(shape, settings=None, *, directory=None, progress=
     settings : AutoencoderSettings, optional
     directory : path-like, optional
         Cache folder (default: the package's,
-        :func:`dipy_spinverse.compartments.learned.cache_dir`).
+        :func:`dipy_spinverse.files.cache_root`).
     progress : bool
 
     Returns
@@ -469,7 +468,7 @@ def load_or_train_autoencoder(shape, settings=None, *, directory=None, progress=
     settings = AutoencoderSettings() if settings is None else settings
     _tube_frame(shape.template)  # refuses a non-tube before the cache is read
     key = autoencoder_key(shape, settings)
-    folder = cache_dir(directory)
+    folder = cache_root(directory)
     path = folder / f"shape-autoencoder-{key}.pt"
     if path.exists():
         try:
