@@ -877,3 +877,14 @@ def test_float32_fit_does_not_depend_on_the_raw_scale(gtab, grid, signal):
     assert_array_equal(fit.status, OK)
     assert_array_equal(fit.labels[0], fit.labels[1])
     assert_array_equal(fit.labels[2], fit.labels[1])
+
+
+def test_model_params_are_the_permeabilities_predict_takes(volume_fit):
+    """DIPY's ``fit.model_params``: the per-face permeability field, which
+    ``model.predict`` turns back into the fitted signal."""
+    params = volume_fit.model_params
+    assert params.shape == volume_fit.shape + (volume_fit.model.grid.n_faces,)
+    index = tuple(int(i) for i in np.argwhere(volume_fit.fitted)[0])
+    # b0-normalised (each sequence's own S0 is the fit's, not a parameter).
+    predicted = volume_fit.model.predict(params[index], S0=1.0)
+    assert np.allclose(predicted, volume_fit[index].params["predicted"], rtol=1e-5)

@@ -277,6 +277,14 @@ class SpinverseFit(ReconstFit):
         return self._volume(self.params["permeability"], np.nan)
 
     @property
+    def model_params(self):
+        """The fitted parameters, as DIPY's fits name them: the per-face
+        permeability (..., n_faces), m/s, that
+        :meth:`SpinverseModel.predict` takes back. A volume of them; the
+        voxels of the mask alone are ``fit.params["permeability"]``."""
+        return self.permeability
+
+    @property
     def barrier(self):
         """Faces below the barrier threshold (..., n_faces): the membranes."""
         if self.shape == ():
