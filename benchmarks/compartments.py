@@ -11,7 +11,7 @@ root::
     PYTHONPATH=. python benchmarks/compartments.py --write-doc
 
 The table is printed as markdown; ``--write-doc`` also replaces the block
-between the benchmark markers in ``doc/compartments.md``. Further sections,
+between the benchmark markers in ``doc/validation/compartments.md``. Further sections,
 each with its own block in the doc:
 
     --learned   fit_method="learned" beside the fitted estimates (training
@@ -65,7 +65,7 @@ from dipy_spinverse.sequences import Protocol, fibonacci_sphere  # noqa: E402
 SNR = 50.0
 S0 = 100.0
 SEED = 0
-DOC = Path(__file__).resolve().parents[1] / "doc" / "compartments.md"
+DOC = Path(__file__).resolve().parents[1] / "doc" / "validation" / "compartments.md"
 MARK_START = "<!-- benchmark:start -->"
 MARK_END = "<!-- benchmark:end -->"
 
@@ -1120,7 +1120,7 @@ def main():
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
-        "--write-doc", action="store_true", help=f"update {DOC.name} in doc/"
+        "--write-doc", action="store_true", help=f"update {DOC.name} in doc/validation/"
     )
     parser.add_argument("--learned", action="store_true", help="learned estimators")
     parser.add_argument("--fibres", action="store_true", help="fibre counts")

@@ -20,7 +20,7 @@ without the other configurations' allocations. Run from the repository root::
     PYTHONPATH=. python benchmarks/forward.py --write-doc
 
 The table is printed as plain text and, with ``--write-doc``, written as
-markdown to ``doc/benchmarks_forward.md``.
+markdown to ``doc/validation/benchmarks_forward.md``.
 """
 
 import argparse
@@ -58,7 +58,9 @@ STRIDE = {4: 1, 6: 1, 10: 6, 15: 18}
 DENSE_ACQUISITIONS = [180 * timing + 5 * 30 for timing in range(3)]
 SEED = 0
 LOG10_KAPPA_RANGE = (-5.0, -1.0)  # permeability 10**U(-5, -1) m/s
-DOC_PATH = Path(__file__).resolve().parents[1] / "doc" / "benchmarks_forward.md"
+DOC_PATH = (
+    Path(__file__).resolve().parents[1] / "doc" / "validation" / "benchmarks_forward.md"
+)
 
 COLUMNS = (
     ("cells", "n_cells", "d"),
@@ -150,7 +152,7 @@ def _parse(argv):
     parser.add_argument(
         "--write-doc",
         action="store_true",
-        help=f"also write the table as markdown to {DOC_PATH.name} in doc/",
+        help=f"also write the table as markdown to {DOC_PATH.name} in doc/validation/",
     )
     parser.add_argument(
         "--devices",

@@ -15,7 +15,8 @@ acquisitions), with the published targets plus a bent axon:
 
 Every finished reconstruction is appended to a JSON-lines file, so several
 processes can share the work; ``--report`` turns the file into the tables of
-``doc/inversion_results.md`` and a figure of true vs recovered surfaces.
+``doc/validation/inversion_tables.md`` (quoted by
+``doc/validation/inversion_results.md``) and a figure of true vs recovered surfaces.
 
 Usage::
 
@@ -48,7 +49,7 @@ from dipy_spinverse.phantoms import (  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-DOC = os.path.join(HERE, "..", "doc")
+DOC = os.path.join(HERE, "..", "doc", "validation")
 ARMS = {
     "baseline": dict(continuity=0.0, manifold=0.0),
     "continuity": dict(manifold=0.0),
@@ -311,8 +312,8 @@ def main():
     parser.add_argument(
         "--doc",
         default=DOC,
-        help="folder of the --report tables and figure (default doc/, what the "
-        "docs quote; another folder for trial runs)",
+        help="folder of the --report tables and figure (default doc/validation/, "
+        "what the docs quote; another folder for trial runs)",
     )
     args = parser.parse_args()
     if args.experiment:

@@ -23,14 +23,16 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/mesh_experiments.py --code axon \
         --protocol published --max-iter 20 --cache /tmp/cache
 
-Writes ``doc/mesh_inversion_results.json`` and ``doc/mesh_inversion.png``;
+Writes ``benchmarks/results/mesh_inversion_results.json`` and
+``doc/validation/mesh_inversion.png``;
 with ``--code latent`` (the fit in the latent code of the shape autoencoder,
 :mod:`dipy_spinverse.meshfit.autoencoder`, trained on demand and cached)
-``doc/mesh_inversion_latent_results.json`` and no figure; with ``--code
+``benchmarks/results/mesh_inversion_latent_results.json`` and no figure; with ``--code
 axon`` (the axon family's eight parameters, Levenberg-Marquardt with a
 screen of beading periods; tube cases only) or ``--protocol published``
 (the 540 acquisitions of :func:`dipy_spinverse.sequences.published_protocol`
-instead of the reduced 50) ``doc/mesh_inversion_<code>_<protocol>_results.json``
+instead of the reduced 50)
+``benchmarks/results/mesh_inversion_<code>_<protocol>_results.json``
 and no figure.
 """
 
@@ -57,7 +59,9 @@ from dipy_spinverse.meshfit import (
 )
 from dipy_spinverse.sequences import published_protocol
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "doc"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURE = ROOT / "doc" / "validation" / "mesh_inversion.png"
 LENGTH = 20.0
 
 #: name, truth parameters (axon_mesh keywords, or a ball radius), template.
@@ -164,7 +168,7 @@ def _radius_profile(s, radii):
     true meshes of the experiments (nominal parameters known) the sequential
     estimate read beaded-3 (r 3.0 um, a 0.25, p 14 um) as r 3.061, a 0.244,
     p 14.28 and fanning -0.099; this one as 3.012, 0.250, 14.01 and 0.001
-    (doc/mesh_inversion.md).
+    (doc/validation/mesh_inversion.md).
     """
     window = s.max() - s.min()
 
@@ -266,7 +270,7 @@ def run(
     seed=0,
     code="spectral",
     protocol_name="reduced",
-    out_dir=DOC,
+    out_dir=RESULTS,
 ):
     protocol = PROTOCOLS[protocol_name]()
     rows = []
@@ -464,9 +468,10 @@ def main():
     parser.add_argument(
         "--out",
         type=pathlib.Path,
-        default=DOC,
-        help="folder of the results, surfaces and figure (default: doc/, the "
-        "tables the docs quote; another folder for trial runs)",
+        default=RESULTS,
+        help="folder of the results and surfaces (default: benchmarks/results/, "
+        "the tables the docs quote; another folder for trial runs); the figure "
+        "goes to doc/validation/ by default, else beside the results",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -506,7 +511,8 @@ def main():
         out.write_text(json.dumps(rows, indent=1))
     print(table(rows))
     if default:
-        figure(rows, args.out / "mesh_inversion.png")
+        path = FIGURE if args.out == RESULTS else args.out / "mesh_inversion.png"
+        figure(rows, path)
 
 
 if __name__ == "__main__":

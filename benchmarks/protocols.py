@@ -4,7 +4,7 @@ Simulates published shapes on the published grid (reflecting wall, membrane
 1e-5 m/s, open faces 0.1 m/s), adds Rician noise at SNR 100 relative to each
 sequence's b = 0 signal, and reconstructs each with the ``"default"`` preset
 (``sigma`` given) on subsets of the published protocol. Prints a markdown
-table (and writes it with ``--out``; the table in doc/protocols.md was
+table (and writes it with ``--out``; the table in doc/validation/protocols.md was
 pasted from its output).
 
     python benchmarks/protocols.py --out protocols_table.md

@@ -12,8 +12,8 @@ noise-free pure-tissue signals. Scores inside the brain mask: mean
 absolute probability error, Dice of the arg-max labels per tissue, PSNR
 and SSIM (scikit-image, data range 1) of each probability map.
 
-    python benchmarks/tissue_maps.py --out doc/tissue_maps_table.md \\
-        --figure doc/tissue_maps.png
+    python benchmarks/tissue_maps.py --out doc/validation/tissue_maps_table.md \\
+        --figure doc/validation/tissue_maps.png
 """
 
 import argparse

@@ -11,7 +11,7 @@ Lengths are in micrometres. The body-centred-cubic (BCC) lattice built by
 its tetrahedron and the segment joining two neighbouring circumcentres is
 normal to their shared face, which makes the two-point flux through
 circumcentres a consistent (and, for the homogenised diffusivity, exact)
-discretisation of the diffusion operator. See ``doc/discretisation.md``.
+discretisation of the diffusion operator. See ``doc/validation/discretisation.md``.
 """
 
 from dataclasses import dataclass, field

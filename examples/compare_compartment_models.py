@@ -22,7 +22,7 @@ Run ``python examples/compare_compartment_models.py --out compare_output``
 error the first time, cached on disk afterwards);
 ``--quick`` runs a tiny version in seconds whose numbers mean nothing (a smoke
 test). The measured table and its discussion are in
-``doc/compare_compartment_models.md``.
+``doc/validation/compare_compartment_models.md``.
 """
 
 import argparse

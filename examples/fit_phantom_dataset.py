@@ -1,4 +1,5 @@
-"""Fit the built-in phantom dataset from Python, the way DIPY models are used.
+"""Fit the built-in phantom dataset from Python, the way DIPY models are used
+==============================================================================
 
 Writes the demo dataset (six voxels: cylinders of different radii,
 orientations and permeabilities, and a sphere), builds a DIPY gradient table

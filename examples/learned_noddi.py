@@ -21,7 +21,7 @@ run trains the network (131 s on 2 cores, a progress bar), later runs load
 it. Measured (2026-11-23, 2-core machine, 192 voxels): fitted 65 voxels/s,
 median direction error 5.61 degrees, ODI error 0.042; learned 9,754
 voxels/s (on so few voxels the fixed cost of a call dominates; 37,000-48,000
-on 20,000, doc/compartments.md), 5.94 degrees, 0.034. ``--quick`` uses a
+on 20,000, doc/validation/compartments.md), 5.94 degrees, 0.034. ``--quick`` uses a
 small slab and a tiny network (seconds; its accuracy is not the default
 one's).
 """

@@ -23,7 +23,7 @@ from dipy_spinverse import Protocol, TetGrid, simulate  # noqa: E402
 
 # %%
 # A reflecting 24 um voxel on an 8^3 BCC lattice (5,376 tetrahedra).
-parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+parser = argparse.ArgumentParser(description=__doc__.strip().partition("\n")[0])
 parser.add_argument("--out", default=".", help="output directory")
 args, _ = parser.parse_known_args()
 

@@ -15,7 +15,7 @@ Rician noise at SNR 50 and an unknown receive gain, then fitted with
 
 Run ``python examples/tissue_maps.py --out tissue_output`` (a few seconds);
 the figure ``tissue_maps.png`` shows the true and fitted maps. The full
-evaluation is ``benchmarks/tissue_maps.py`` (doc/tissue_maps.md).
+evaluation is ``benchmarks/tissue_maps.py`` (doc/validation/tissue_maps.md).
 """
 
 import argparse

@@ -2,7 +2,7 @@
 
 Tiny settings throughout (48-cell grid, 6 volumes, resolution-2 meshes, a
 few iterations): these tests check the plumbing and the physics of the
-mixture, not the accuracy of a converged fit (doc/mesh_inversion.md).
+mixture, not the accuracy of a converged fit (doc/validation/mesh_inversion.md).
 """
 
 import numpy as np

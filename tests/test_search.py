@@ -238,7 +238,7 @@ def test_default_preset_recovers_the_published_shapes(name, snr):
     Paper physics (absorbing wall), noise-free, and realistic physics
     (reflecting wall, Rician noise at SNR 100 relative to each sequence's
     b = 0 signal, ``sigma`` given). Measured: F1 = IoU = 1, closed and
-    manifold, 40-75 s each (doc/inversion_results.md). The permeability is
+    manifold, 40-75 s each (doc/validation/inversion_results.md). The permeability is
     exact to the refinement's 2 % without noise; at SNR 100 its Cramer-Rao
     bound on the 540 volumes is 6.1 % (torus) and 5.7 % (bent axon) of
     1e-5 m/s (measured -3.0 % and -2.6 %), so 15 % (about 2.5 standard

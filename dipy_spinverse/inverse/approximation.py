@@ -4,7 +4,7 @@ Measured signals come from tissue, not from the fit's grid. On the published
 grid (6.7 um spacing) the finite-volume signal of a voxel differs from that
 of the same voxel on a grid twice as fine by 0.02-0.04 of the b = 0 signal
 (the gradient turns the phase by about 1 rad per spacing at b = 1000 s/mm^2
-and Delta = 60 ms; doc/generalisation.md), several times the noise at
+and Delta = 60 ms; doc/validation/generalisation.md), several times the noise at
 SNR 100. A fit that ignores it chases the grid's error instead of the cells.
 
 Following the Bayesian approximation error approach (Kaipio and Somersalo,

@@ -306,7 +306,7 @@ def bootstrap_search(
     The uncertainty of :func:`search_labels` weighs only labellings near
     its answer, so it cannot see a better basin that the descent never
     visited, and on held-out substrates it called wrong answers certain
-    (``doc/generalisation.md``). Here the whole search runs again on
+    (``doc/validation/generalisation.md``). Here the whole search runs again on
     ``config.search_bootstrap`` replicates of each voxel: its prediction
     plus its residuals with random signs (the wild bootstrap, as used for
     the uncertainty of diffusion tensor fits; Whitcher et al. 2008, Jones
