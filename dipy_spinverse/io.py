@@ -227,6 +227,30 @@ def _store_error(path, err, what):
     )
 
 
+class _Closing:
+    """Context manager: an h5py store closed whatever happens, the first
+    OSError of the block or of the close kept in ``failure`` (without h5py's
+    frames) instead of raised. The caller raises a clean error outside any
+    except clause, so that the traceback keeps no h5py object alive until
+    interpreter teardown (where a full disk once ended in a segfault)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.failure = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, OSError):
+            self.failure = error.with_traceback(None)
+        try:
+            self.store.close()
+        except OSError as err:
+            self.failure = self.failure or err.with_traceback(None)
+        return isinstance(error, OSError)
+
+
 def _create_store(fit, path):
     """Write a new store for ``fit`` (a temporary file, then renamed)."""
     import h5py
@@ -239,12 +263,11 @@ def _create_store(fit, path):
     pending = fit.params["status"] == PENDING
     header = dict(_header(fit), checksum=_CHECKSUM)
     header["mask_crc32"] = zlib.crc32(np.ascontiguousarray(fit.mask, bool))
-    failure = None
     try:
         store = h5py.File(tmp, "w")
     except OSError as err:
         raise _store_error(path, err, "creating it") from None
-    try:
+    with _Closing(store) as guard:
         store.attrs["header"] = json.dumps(header)
         store.create_dataset("mask", data=fit.mask, compression="gzip")
         for name, fill in _FILL.items():
@@ -271,17 +294,10 @@ def _create_store(fit, path):
             if not pending.all():  # resuming: the voxels already fitted
                 dataset[...] = values
                 crcs[...] = _row_crcs(values)
-    except OSError as err:
-        failure = err
-    finally:
-        try:
-            store.close()
-        except OSError as err:
-            failure = failure or err
-    if failure is not None:
+    if guard.failure is not None:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise _store_error(path, failure.with_traceback(None), "creating it")
+        raise _store_error(path, guard.failure, "creating it")
     os.replace(tmp, path)
 
 
@@ -306,8 +322,7 @@ def _write_rows(fit, path, rows):
         store = h5py.File(path, "r+")
     except OSError as err:
         raise _store_error(path, err, span) from None
-    failure = None
-    try:
+    with _Closing(store) as guard:
         checksums = _CRC_PREFIX + "status" in store
         # Status last: a voxel is marked fitted only once its outputs are
         # in (its checksum just before: a voxel still PENDING is not
@@ -324,17 +339,8 @@ def _write_rows(fit, path, rows):
             if name == "status":
                 store[name][where] = values
             store.flush()
-    except OSError as err:
-        failure = err
-    finally:
-        try:
-            store.close()
-        except OSError as err:
-            failure = failure or err
-    if failure is not None:
-        # Raised outside the except clause and without h5py's frames: the
-        # traceback keeps no h5py object alive until interpreter teardown.
-        raise _store_error(path, failure.with_traceback(None), span)
+    if guard.failure is not None:
+        raise _store_error(path, guard.failure, span)
 
 
 def _verify_store(path, header, arrays):
