@@ -31,6 +31,7 @@ __all__ = [
     "VolumeSurface",
     "place_in_voxel",
     "volume_surface",
+    "surface_slabs",
     "save_voxel_meshes",
     "remove_voxel_meshes",
 ]
@@ -150,7 +151,7 @@ class VolumeSurface:
         )
 
 
-def volume_surface(fit, *, affine=None):
+def volume_surface(fit, *, affine=None, within=None):
     """One surface for every voxel of a volume fit, in scanner coordinates.
 
     Parameters
@@ -160,6 +161,8 @@ def volume_surface(fit, *, affine=None):
     affine : ndarray (4, 4), optional
         The image's voxel-to-scanner affine (default identity: voxel
         coordinates).
+    within : ndarray of bool (fit.shape), optional
+        Only these voxels (e.g. a slab: :func:`surface_slabs`).
 
     Returns
     -------
@@ -175,7 +178,7 @@ def volume_surface(fit, *, affine=None):
     affine = check_affine(affine)
     size = fit.model.grid.size
     pieces, n_vertices = [], 0
-    for index, piece in _voxel_pieces(fit):
+    for index, piece in _voxel_pieces(fit, within):
         voxel = np.ravel_multi_index(index, fit.shape)
         vertices = _to_scanner(piece.vertices, index, size, affine)
         pieces.append((vertices, piece.triangles + n_vertices, piece, voxel))
@@ -205,6 +208,42 @@ def volume_surface(fit, *, affine=None):
             wall=joined("face_data", "wall"),
         ),
     )
+
+
+def surface_slabs(fit, max_voxels):
+    """Slabs of whole slices (along the last axis) of at most ``max_voxels``
+    fitted voxels each, so that a brain's barriers are written in pieces.
+
+    A slice that alone holds more than ``max_voxels`` fitted voxels is a
+    slab of its own.
+
+    Parameters
+    ----------
+    fit : SpinverseFit
+        A volume fit.
+    max_voxels : int
+
+    Returns
+    -------
+    list of (int, int)
+        ``(first, last)`` slice of each slab (inclusive), in order; slabs
+        with no fitted voxel are left out.
+    """
+    fitted = np.asarray(fit.fitted, bool)
+    if fitted.ndim < 3:
+        fitted = fitted.reshape(fitted.shape + (1,) * (3 - fitted.ndim))
+    counts = fitted.reshape(-1, fitted.shape[-1]).sum(0)
+    slabs, first, held = [], None, 0
+    for k, count in enumerate(counts):
+        if first is not None and held + count > max_voxels:
+            slabs.append((first, k - 1))
+            first, held = None, 0
+        if count and first is None:
+            first = k
+        held += count
+    if first is not None:
+        slabs.append((first, len(counts) - 1))
+    return [(a, b) for a, b in slabs if counts[a : b + 1].any()]
 
 
 def save_voxel_meshes(fit, folder, *, ext=".vtp"):
@@ -265,11 +304,13 @@ def remove_voxel_meshes(folder):
     return removed
 
 
-def _voxel_pieces(fit):
-    """(index, VolumeSurface in um) of every fitted voxel with a barrier."""
+def _voxel_pieces(fit, within=None):
+    """(index, VolumeSurface in um) of every fitted voxel with a barrier
+    (of those ``within``, when given)."""
     grid = fit.model.grid
     wall_cells = _wall_cell_lookup(grid)
-    for index in zip(*np.nonzero(fit.fitted), strict=True):
+    chosen = fit.fitted if within is None else fit.fitted & np.asarray(within, bool)
+    for index in zip(*np.nonzero(chosen), strict=True):
         index = tuple(int(i) for i in index)
         voxel = fit[index]
         mesh = voxel.interface_mesh

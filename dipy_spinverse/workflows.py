@@ -11,6 +11,7 @@ options; positional inputs may contain wildcards to process several datasets.
 
 import json
 import os
+import re
 
 import numpy as np
 from dipy.core.gradients import gradient_table
@@ -55,7 +56,12 @@ from .reconst.posterior import POSTERIOR_STATUS_CODES
 from .reconst.runner import check_resume
 from .sequences import PGSE, Protocol, check_bvals, unit_rows
 from .signals import sequence_index
-from .surfaces import remove_voxel_meshes, save_voxel_meshes, volume_surface
+from .surfaces import (
+    remove_voxel_meshes,
+    save_voxel_meshes,
+    surface_slabs,
+    volume_surface,
+)
 
 __all__ = [
     "SpinverseFlow",
@@ -900,20 +906,83 @@ _MAPS = {
 }
 
 
-def _save_surface(fit, out, *, affine):
-    """The barrier surfaces in scanner coordinates, GIFTI and PLY, if any."""
+#: Fitted voxels per mesh file at most: beyond, the barrier surfaces are
+#: written in slabs of whole slices, with an index (a brain's barriers in
+#: one file would take gigabytes and no viewer opens them).
+MESH_SLAB_VOXELS = 2000
+
+
+def _save_surface(fit, out, *, affine, max_voxels=MESH_SLAB_VOXELS):
+    """The barrier surfaces in scanner coordinates, GIFTI and PLY, if any.
+
+    One file each when the fitted voxels fit in one slab of ``max_voxels``;
+    otherwise one file per slab of slices, ``<name>_z<first>-<last>.<ext>``,
+    listed in ``<gifti name>.json``.
+    """
     paths = [out["out_mesh_gifti"], out["out_mesh_ply"]]
+    index_path = os.path.splitext(paths[0])[0] + ".json"
+    stale = [index_path, *paths] + [p for path in paths for p in _slab_files(path)]
+    for path in stale:  # a previous run's surfaces are not this run's
+        if os.path.isfile(path):
+            os.remove(path)
+    slabs = surface_slabs(fit, max_voxels)
+    if len(slabs) > 1:
+        return _save_surface_slabs(fit, paths, index_path, slabs, affine=affine)
     surface = volume_surface(fit, affine=affine)
     if surface.n_triangles:
         return [surface.save(path) for path in paths]
-    for path in paths:  # a previous run's surfaces are not this run's
-        if os.path.isfile(path):
-            os.remove(path)
     logger.info(
         "No fitted voxel has a barrier: no mesh file written (an empty mesh "
         "file would break mesh readers)."
     )
     return []
+
+
+def _slab_name(path, first, last):
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_z{first:03d}-{last:03d}{ext}"
+
+
+def _slab_files(path):
+    """Slab files of ``path`` left by an earlier run."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    pattern = re.compile(re.escape(stem) + r"_z\d{3,}-\d{3,}" + re.escape(ext))
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, f) for f in os.listdir(folder) if pattern.fullmatch(f)]
+
+
+def _save_surface_slabs(fit, paths, index_path, slabs, *, affine):
+    """One surface file per slab and format, and the JSON index of them."""
+    along = np.arange(fit.shape[-1]) if len(fit.shape) == 3 else np.zeros(1, int)
+    written, entries = [], []
+    for first, last in slabs:
+        within = np.broadcast_to((along >= first) & (along <= last), fit.shape)
+        surface = volume_surface(fit, affine=affine, within=within)
+        if not surface.n_triangles:
+            continue
+        files = [surface.save(_slab_name(path, first, last)) for path in paths]
+        written += files
+        entries.append(
+            dict(
+                slices=[int(first), int(last)],
+                files=[os.path.basename(f) for f in files],
+                voxels=int(np.sum(fit.fitted & within)),
+                triangles=int(surface.n_triangles),
+            )
+        )
+    if not entries:
+        return []
+    index = dict(
+        description="dipy_spinverse barrier surfaces in slabs of slices along "
+        "the last voxel axis, scanner coordinates (mm)",
+        slabs=entries,
+    )
+    with atomic_write(index_path) as tmp, open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+    logger.info(f"Barrier surfaces in {len(entries)} slabs, listed in {index_path}.")
+    return written + [index_path]
 
 
 def _gradients(

@@ -469,3 +469,48 @@ def test_save_interface_writes_no_empty_file(barrier_fit, tmp_path):
     ]
     assert barrier_fit[0, 1, 0].save_interface(tmp_path / "none.ply") is None
     assert not os.path.exists(tmp_path / "none.ply")
+
+
+def test_barriers_of_many_voxels_are_written_in_slabs(model, truth, tmp_path):
+    """Beyond ``max_voxels`` fitted voxels the barrier surfaces go to one file
+    per slab of slices, listed in a JSON index; together they hold every
+    triangle of the single surface, and a rerun with one slab removes them."""
+    import json
+
+    from dipy_spinverse.surfaces import surface_slabs
+
+    save_surface = workflows._save_surface  # the command's mesh output
+    grid = model.grid
+    n = len(truth[1])
+    permeability = np.broadcast_to(truth[1], (1, 1, 3, n)).copy()
+    status = np.full((1, 1, 3), OK)
+    params = dict(
+        permeability=permeability,
+        labels=None,
+        predicted=np.ones((1, 1, 3, 6)),
+        S0=np.ones((1, 1, 3)),
+        S0_sequences=np.ones((1, 1, 3, 2)),
+        loss=np.zeros((1, 1, 3)),
+        status=status,
+    )
+    fit = SpinverseFit(model, params, np.ones((1, 1, 3), bool))
+    assert surface_slabs(fit, 2) == [(0, 1), (2, 2)]
+    assert surface_slabs(fit, 5) == [(0, 2)]
+    out = {
+        "out_mesh_gifti": str(tmp_path / "barriers.gii"),
+        "out_mesh_ply": str(tmp_path / "barriers.ply"),
+    }
+    written = save_surface(fit, out, affine=np.eye(4), max_voxels=2)
+    index = json.loads((tmp_path / "barriers.json").read_text())
+    assert [s["slices"] for s in index["slabs"]] == [[0, 1], [2, 2]]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["barriers.json"]
+        + [f"barriers_z{a}.{e}" for a in ("000-001", "002-002") for e in ("gii", "ply")]
+    )
+    whole = volume_surface(fit, affine=np.eye(4))
+    parts = [load_mesh(tmp_path / f"barriers_z{a}.ply") for a in ("000-001", "002-002")]
+    assert sum(p.n_triangles for p in parts) == whole.n_triangles
+    assert len(written) == 5
+    save_surface(fit, out, affine=np.eye(4), max_voxels=10)
+    assert sorted(os.listdir(tmp_path)) == ["barriers.gii", "barriers.ply"]
+    assert grid.n_faces == n
