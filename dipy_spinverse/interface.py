@@ -569,9 +569,11 @@ def write_mesh(
     vertices : array_like (V, 3)
     triangles : array_like of int (T, 3)
     vertex_data : dict of array_like (V,), optional
-        Per-vertex values, written as PLY vertex properties and VTK
+        Per-vertex values, written as PLY vertex properties, VTK
         ``PointData`` (integers as 32-bit ints, booleans as bytes, the rest
-        as doubles); left out of GIFTI and legacy ``.vtk``.
+        as doubles) and GIFTI data arrays (``NIFTI_INTENT_NONE``, named by
+        their ``Name`` metadata; int32 or float32); left out of legacy
+        ``.vtk``.
     face_data : dict of array_like (T,), optional
         Per-triangle values, written as PLY face properties and VTK
         ``CellData``; left out of GIFTI and legacy ``.vtk``. meshio 5 reads
@@ -628,7 +630,14 @@ def write_mesh(
                 tmp, vertices, triangles, data=data, points=points, comment=comment
             )
         elif ext == ".gii":
-            _write_gifti(tmp, vertices, triangles, scanner=scanner, comment=comment)
+            _write_gifti(
+                tmp,
+                vertices,
+                triangles,
+                scanner=scanner,
+                comment=comment,
+                points=points,
+            )
         else:
             _write_vtk(tmp, vertices, triangles, comment=comment)
     return path
@@ -848,7 +857,7 @@ def _read_vtp(path):
     return vertices, connectivity.reshape(-1, 3)
 
 
-def _write_gifti(path, vertices, triangles, *, scanner, comment=""):
+def _write_gifti(path, vertices, triangles, *, scanner, comment="", points=None):
     import nibabel as nib
     from nibabel.gifti import GiftiCoordSystem, GiftiDataArray, GiftiImage
 
@@ -864,7 +873,20 @@ def _write_gifti(path, vertices, triangles, *, scanner, comment=""):
         intent="NIFTI_INTENT_TRIANGLE",
         datatype="NIFTI_TYPE_INT32",
     )
-    image = GiftiImage(darrays=[coords, faces])
+    # Per-vertex values: one data array each after the geometry, named in its
+    # metadata (readers of the surface take the pointset and triangle
+    # arrays by intent and ignore these).
+    extra = []
+    for name, values in (points or {}).items():
+        integer = values.dtype.kind in "iub"
+        array = GiftiDataArray(
+            values.astype(np.int32 if integer else np.float32),
+            intent="NIFTI_INTENT_NONE",
+            datatype="NIFTI_TYPE_INT32" if integer else "NIFTI_TYPE_FLOAT32",
+        )
+        array.meta["Name"] = name
+        extra.append(array)
+    image = GiftiImage(darrays=[coords, faces, *extra])
     image.meta["Description"] = comment
     nib.save(image, path)
 

@@ -116,7 +116,8 @@ class VolumeSurface:
         ----------
         path : str or os.PathLike
             ``.gii`` (GIFTI surface: the geometry, coordinates marked as
-            scanner space), ``.ply`` (with ``vertex_data``; with
+            scanner space, and ``vertex_data`` as named data arrays),
+            ``.ply`` (with ``vertex_data``; with
             ``face_data`` too when ASCII, which meshio reads from ASCII only)
             or ``.vtp`` (both). Written atomically.
         binary : bool
@@ -141,7 +142,9 @@ class VolumeSurface:
             face_data=None if ply_binary else self.face_data,
             binary=binary,
             scanner=True,
-            comment="dipy_spinverse barrier surfaces, scanner coordinates (mm)",
+            # SPACE=RAS: Slicer reads meshes without it as LPS (mirrored).
+            comment="dipy_spinverse barrier surfaces, scanner coordinates (mm), "
+            "SPACE=RAS",
         )
 
     def __repr__(self):

@@ -514,3 +514,23 @@ def test_barriers_of_many_voxels_are_written_in_slabs(model, truth, tmp_path):
     save_surface(fit, out, affine=np.eye(4), max_voxels=10)
     assert sorted(os.listdir(tmp_path)) == ["barriers.gii", "barriers.ply"]
     assert grid.n_faces == n
+
+
+def test_volume_surface_files_carry_vertex_data_and_ras(barrier_fit, tmp_path):
+    """The GIFTI holds the per-vertex voxel index and permeability as named
+    data arrays beside the geometry (read back with nibabel); the PLY and
+    VTP headers say SPACE=RAS, which Slicer needs to place them unmirrored."""
+    import nibabel as nib
+
+    surface = volume_surface(barrier_fit, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    gifti = nib.load(surface.save(tmp_path / "b.gii"))
+    named = {a.meta.get("Name"): a.data for a in gifti.darrays if a.meta.get("Name")}
+    assert_array_equal(named["voxel"], surface.vertex_data["voxel"])
+    assert_allclose(
+        named["permeability"], surface.vertex_data["permeability"], rtol=1e-6
+    )
+    back = load_mesh(tmp_path / "b.gii")  # the geometry by intent, as before
+    assert back.n_triangles == surface.n_triangles
+    for ext in (".ply", ".vtp"):
+        head = open(surface.save(tmp_path / f"b{ext}"), "rb").read(2000)
+        assert b"SPACE=RAS" in head, ext
