@@ -143,7 +143,7 @@ def atomic_write(path):
             os.remove(tmp)
 
 
-def save_image(path, data, affine=None, reference=None):
+def save_image(path, data, affine=None, reference=None, *, description=None):
     """Write ``data`` as a NIfTI image, atomically.
 
     Through a temporary file beside ``path``, then a rename: an interrupted
@@ -160,6 +160,10 @@ def save_image(path, data, affine=None, reference=None):
         codes and its spatial unit (default: sform code 2, "aligned", no
         qform, mm).
 
+    description : str, optional
+        The header's ``descrip`` field (at most 80 characters): what the
+        values are and their unit, which viewers show.
+
     Returns
     -------
     str
@@ -174,6 +178,8 @@ def save_image(path, data, affine=None, reference=None):
     image.set_qform(affine, code=qform)
     image.set_sform(affine, code=sform)
     image.header.set_xyzt_units(xyz=units)
+    if description is not None:
+        image.header["descrip"] = _description(description)
     with atomic_write(path) as tmp:
         image.to_filename(tmp)
     return os.fspath(path)

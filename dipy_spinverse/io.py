@@ -61,6 +61,7 @@ __all__ = [
     "save_image",
     "describe_status",
     "save_posterior",
+    "MAP_UNITS",
 ]
 
 _FORMAT = "dipy_spinverse.SpinverseFit"
@@ -853,10 +854,27 @@ def save_map(fit, name, path, *, affine=None, reference=None):
     if values is None:
         raise ValueError(f"this fit has no {name} map: {_MISSING[name]}.")
     values = np.asarray(values).astype(_MAP_TYPES[name])
-    return save_image(path, _image(fit, values), affine, reference)
+    return save_image(
+        path, _image(fit, values), affine, reference, description=MAP_UNITS[name]
+    )
 
 
 _MAP_TYPES = {**MAPS, **SEARCH_MAPS, **MESH_MAPS}
+
+#: What each map holds and its unit: the images' ``descrip`` header field.
+MAP_UNITS = {
+    "restricted_fraction": "restricted fraction (volume in cells / water)",
+    "surface_to_volume": "membrane surface / cell volume (1/um)",
+    "membrane_permeability": "mean membrane permeability (m/s)",
+    "n_compartments": "number of compartments",
+    "residual": "RMS misfit / mean b=0 signal",
+    "status": "fit status (0 ok; dipy_spinverse.reconst.STATUS_CODES)",
+    "S0": "mean b=0 signal (data units)",
+    "uncertainty": "expected 1 - IoU of the labellings within the noise",
+    "mesh_volume": "smooth mesh volume (um^3)",
+    "mesh_surface_to_volume": "smooth mesh surface / volume (1/um)",
+    "mesh_radius": "smooth mesh radius (um)",
+}
 
 
 def _check_map_names(names):

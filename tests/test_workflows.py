@@ -97,6 +97,8 @@ def test_workflow_on_demo_data(demo, tmp_path):
     for name in MAPS:
         image = nib.load(outputs[f"out_{name}"])
         assert image.shape == (3, 2, 1), name
+        # What the map holds and its unit, in the header viewers show.
+        assert image.header["descrip"].tobytes().strip(b"\0"), name
         assert_allclose(image.affine, nib.load(demo["data"]).affine)
     status = _load(outputs["out_status"])
     assert_array_equal(status, OK)
