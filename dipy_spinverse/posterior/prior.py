@@ -346,9 +346,7 @@ class PriorSimulator:
                         grid,
                         kappa,
                         self.protocol,
-                        diffusivity=np.broadcast_to(
-                            diffusivity, (len(part), grid.n_cells)
-                        ),
+                        diffusivity=np.repeat(diffusivity, grid.n_cells, axis=1),
                         dtype=self.dtype,
                         method=self.method,
                     )
