@@ -175,8 +175,13 @@ def test_posterior_fit_of_a_volume(posterior_model, caplog):
     dark = data[0] * (PROTOCOL.bvals > 0)
     volume = np.stack([*data, rising, broken, dark]).reshape(11, 1, 1, -1)
     mask = np.ones((11, 1, 1), bool)
-    with caplog.at_level(logging.WARNING, logger="dipy_spinverse"):
+    # DIPY's logger (the package logs through it) does not propagate.
+    dipy_logger = logging.getLogger("dipy")
+    dipy_logger.addHandler(caplog.handler)
+    try:
         fit = posterior_model.fit(volume, mask=mask)
+    finally:
+        dipy_logger.removeHandler(caplog.handler)
     assert isinstance(fit, PosteriorFit)
     assert fit.status[8, 0, 0] == OUT_OF_PRIOR
     assert fit.status[9, 0, 0] == 1 and fit.status[10, 0, 0] == 2

@@ -8,11 +8,11 @@ trains it once per protocol, prior and options and caches it.
 """
 
 import hashlib
-import logging
 import time
 
 import numpy as np
 import torch
+from dipy.utils.logging import logger
 
 from ..files import atomic_write, cache_root, writable_folder
 from ..forward import update_digest
@@ -36,7 +36,6 @@ __all__ = [
     "train_estimator",
 ]
 
-logger = logging.getLogger("dipy_spinverse")
 
 #: Bumped when the simulation, the descriptors or the network change in a way
 #: that makes cached estimators stale.

@@ -10,7 +10,6 @@ Each voxel is normalised by its own b = 0 signal and handed to
 
 import copy
 import hashlib
-import logging
 import os
 import warnings
 
@@ -19,6 +18,7 @@ import torch
 from dipy.core.gradients import GradientTable, gradient_table
 from dipy.reconst.base import ReconstModel
 from dipy.reconst.multi_voxel import multi_voxel_fit
+from dipy.utils.logging import logger
 
 from ..checks import (
     check_choice,
@@ -42,7 +42,6 @@ from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
 
 __all__ = ["SpinverseModel", "DEFAULT_GRID", "FIT_METHODS"]
 
-logger = logging.getLogger("dipy_spinverse")
 
 #: How :meth:`SpinverseModel.fit` estimates: the label search and face fit
 #: (membranes, meshes) or the amortised posterior (calibrated maps).

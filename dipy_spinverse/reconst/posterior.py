@@ -21,8 +21,6 @@ MASKED        -2    outside the mask
 ============  ====  ==========================================================
 """
 
-import logging
-
 import numpy as np
 import torch
 from dipy.reconst.base import ReconstFit
@@ -34,7 +32,6 @@ from .fit import BAD_B0, MASKED, NONFINITE, OK
 
 __all__ = ["PosteriorFit", "fit_posterior", "OUT_OF_PRIOR", "POSTERIOR_STATUS_CODES"]
 
-logger = logging.getLogger("dipy_spinverse")
 
 OUT_OF_PRIOR = 6
 
