@@ -169,17 +169,7 @@ def save_image(path, data, affine=None, reference=None, *, description=None):
     str
         The path written.
     """
-    affine = check_affine(affine)
-    image = nib.Nifti1Image(data, affine)
-    qform, sform, units = _space_of(reference)
-    # The codes say what the affine maps to (1 scanner, 2 aligned, ...):
-    # a map of the DWI lives where the DWI does, so it keeps the input's
-    # codes (registration tools that read the qform need it set).
-    image.set_qform(affine, code=qform)
-    image.set_sform(affine, code=sform)
-    image.header.set_xyzt_units(xyz=units)
-    if description is not None:
-        image.header["descrip"] = _description(description)
+    image = _image_in_space(data, affine, reference, description)
     with atomic_write(path) as tmp:
         image.to_filename(tmp)
     return os.fspath(path)
@@ -324,9 +314,7 @@ def save_voxels(
         )
     extra = rows.shape[1:]
     columns = rows.reshape(len(rows), -1)
-    header = _header(affine, reference, mask.shape + extra, rows.dtype)
-    if description is not None:
-        header["descrip"] = _description(description)
+    header = _header(affine, reference, mask.shape + extra, rows.dtype, description)
     with atomic_write(path) as tmp:
         with nib.openers.ImageOpener(tmp, "wb") as stream:
             header.write_to(stream)
@@ -348,16 +336,29 @@ def _description(text):
     return text
 
 
-def _header(affine, reference, shape, dtype):
-    """A single-file NIfTI-1 header of an image of ``shape`` and ``dtype`` in
-    the space of :func:`save_image`."""
+def _image_in_space(data, affine, reference, description=None):
+    """``data`` as a NIfTI image in the space of ``reference`` (its qform and
+    sform codes and spatial unit, :func:`_space_of`), with ``description``
+    in its ``descrip`` field."""
     affine = check_affine(affine)
-    image = nib.Nifti1Image(np.zeros((1,) * len(shape), dtype), affine)
+    image = nib.Nifti1Image(data, affine)
     qform, sform, units = _space_of(reference)
+    # The codes say what the affine maps to (1 scanner, 2 aligned, ...):
+    # a map of the DWI lives where the DWI does, so it keeps the input's
+    # codes (registration tools that read the qform need it set).
     image.set_qform(affine, code=qform)
     image.set_sform(affine, code=sform)
     image.header.set_xyzt_units(xyz=units)
-    header = image.header
+    if description is not None:
+        image.header["descrip"] = _description(description)
+    return image
+
+
+def _header(affine, reference, shape, dtype, description=None):
+    """A single-file NIfTI-1 header of an image of ``shape`` and ``dtype`` in
+    the space of :func:`save_image`."""
+    empty = np.zeros((1,) * len(shape), dtype)
+    header = _image_in_space(empty, affine, reference, description).header
     header.set_data_shape(shape)
     header.set_data_dtype(dtype)
     header["vox_offset"] = 352

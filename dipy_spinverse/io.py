@@ -981,19 +981,23 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
             path, np.asarray(rows, np.float32), mask, description=what, **space
         )
 
-    quantiles = {"": (2,), "_ci50": (1, 3), "_ci90": (0, 4)}
+    # File suffix: the columns of the stored quantiles (0.05, 0.25, 0.5,
+    # 0.75, 0.95) it holds, and what they are.
+    summaries = {
+        "": (2, "median"),
+        "_ci50": ([1, 3], "50% interval"),
+        "_ci90": ([0, 4], "90% interval"),
+    }
     for name in DESCRIPTORS:
         unit = f" ({UNITS[name]})" if UNITS[name] else ""
         if name == "orientation":
             write(name, params[name], "posterior mean principal axis (unit vector)")
             continue
-        for suffix, columns in quantiles.items():
-            what = {"": "median", "_ci50": "50% interval", "_ci90": "90% interval"}
-            rows = params[name][:, columns]
+        for suffix, (columns, what) in summaries.items():
             write(
                 name + suffix,
-                rows[:, 0] if len(columns) == 1 else rows,
-                f"{name} posterior {what[suffix]}{unit}",
+                params[name][:, columns],
+                f"{name} posterior {what}{unit}",
             )
     path = os.path.join(os.fspath(folder), "posterior_status.nii.gz")
     paths["posterior_status"] = save_voxels(

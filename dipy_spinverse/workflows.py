@@ -52,7 +52,6 @@ from .meshfit.refine import check_refine_options
 from .posterior import TissuePrior, TrainingOptions
 from .reconst import OK, STATUS_CODES, SpinverseModel
 from .reconst.model import FIT_METHODS
-from .reconst.posterior import POSTERIOR_STATUS_CODES
 from .reconst.runner import check_resume
 from .sequences import PGSE, Protocol, check_bvals, unit_rows
 from .signals import sequence_index
@@ -655,11 +654,7 @@ def _run_posterior(
     if n_report:
         report = write_posterior_report(fit, out["out_report"], n_voxels=n_report)
         written += [report] if report else []
-    counts = {
-        POSTERIOR_STATUS_CODES[int(c)]: int(np.sum(fit.params["status"] == c))
-        for c in np.unique(fit.params["status"])
-    }
-    logger.info(f"Voxel status: {counts}")
+    logger.info(f"Voxel status: {fit.status_counts()}")
     with atomic_write(_npz(out["out_state"])) as tmp:
         np.savez(tmp, mask=fit.mask, **fit.params)
     logger.info(f"Spinverse posterior: {len(written)} files in {out['out_posterior']}")

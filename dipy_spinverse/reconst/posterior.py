@@ -242,11 +242,17 @@ class PosteriorFit(ReconstFit):
             out[:, part] = decode(draws.numpy())[name]
         return out
 
-    def __repr__(self):
-        counts = {
-            POSTERIOR_STATUS_CODES[int(c)]: int(np.sum(self.params["status"] == c))
-            for c in np.unique(self.params["status"])
+    def status_counts(self):
+        """Voxels of the mask per status, ``{meaning: count}``
+        (:data:`POSTERIOR_STATUS_CODES`)."""
+        status = self.params["status"]
+        return {
+            POSTERIOR_STATUS_CODES[int(c)]: int(np.sum(status == c))
+            for c in np.unique(status)
         }
+
+    def __repr__(self):
+        counts = self.status_counts()
         return (
             f"PosteriorFit(shape={self.shape}, status={counts}, "
             f"prior={self.model.prior.prior!r})"
