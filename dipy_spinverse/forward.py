@@ -20,7 +20,10 @@ METHODS = ("auto",) + ENGINES
 # the README demo protocol (768-cell grid, 4 random substrates, against 0.0125
 # rad). Not raised: at 0.2 rad the error was 6.5e-6 on that demo but 3.3e-4 on
 # the 96-cell 8 um grid of tests/test_forward.py (it grows with the diffusion
-# rate across a cell times the sub-step length, not with the phase alone).
+# rate across a cell times the sub-step length, not with the phase alone). On
+# stiff grids (spacing below ~1 um) a weak pulse needs more sub-steps than the
+# phase asks for: ``substeps`` multiplies them, and PriorSimulator measures how
+# many a patch needs.
 _PHASE_STEP = 0.05
 # Memory budget (bytes) of the backward pass of one Chebyshev step; acquisitions are
 # processed in chunks that fit.

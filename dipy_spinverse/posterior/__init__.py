@@ -38,8 +38,9 @@ __all__ = [
 
 
 #: Bumped when the simulation, the descriptors or the network change in a way
-#: that makes cached estimators stale.
-ESTIMATOR_VERSION = 1
+#: that makes cached estimators stale (2: periodic time steps chosen by their
+#: measured error, ``PriorSimulator(time_tolerance=)``).
+ESTIMATOR_VERSION = 2
 
 # Simulations timed to estimate the training set's cost before it starts.
 _PROBE = 16
