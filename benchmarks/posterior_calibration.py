@@ -11,6 +11,11 @@ median, and the fraction of voxels flagged ``OUT_OF_PRIOR``.
 ``--left_out`` trains without some families and scores the held-out voxels
 of those families apart: how much coverage falls off the training prior.
 ``--figure`` writes expected-coverage curves and rank histograms.
+``--fixed_permeability K`` also fits held-out draws whose membranes all have
+permeability ``K`` (m/s; e.g. 1e-6, whose exchange time is far beyond the
+longest diffusion time): where the signal cannot tell, the 90 % interval of
+the permeability and the exchange time should be about as wide as the
+prior's, which it prints beside them (in decades).
 
 Run (small, a few minutes on 2 CPU cores)::
 
@@ -125,6 +130,7 @@ def main(argv=None):
     parser.add_argument("--left_out", nargs="*", default=(), choices=FAMILIES)
     parser.add_argument("--figure", default=None, help="PNG of the calibration")
     parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--fixed_permeability", type=float, default=None)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -179,9 +185,38 @@ def main(argv=None):
         for snr in SNRS:
             table[snr], flagged[snr], _ = score(make_model, signals, left, snr, rng)
         print_table(f"families left out of training: {args.left_out}", table, flagged)
+    if args.fixed_permeability is not None:
+        kappa = (args.fixed_permeability,) * 2
+        fixed = TissuePrior(families=trained, permeability=kappa, **common)
+        signals, _ = fixed.simulator(protocol).sample(args.n_test, seed=TEST_SEED + 2)
+        print_widths(make_model, model.prior, signals, args.fixed_permeability, rng)
     if args.figure:
         figure(args.figure, fits, truth)
         print(f"figure: {args.figure}")
+
+
+def print_widths(make_model, prior, signals, kappa, rng):
+    """Median width (decades) of the 90 % intervals of permeability and
+    exchange time on voxels of one permeability, beside the prior's."""
+    _, prior_truth = prior.sample(len(signals), seed=TEST_SEED + 3)
+    print(f"\nmembranes of {kappa:g} m/s: 90 % interval width, decades")
+    print(
+        f"{'descriptor':>16} {'SNR':>4} {'posterior':>10} {'prior':>6} {'contains':>9}"
+    )
+    for snr in (100, 30):
+        fit = make_model(1.0 / snr).fit(rician(signals, snr, rng))
+        ok = fit.status == 0
+        for name in ("permeability", "exchange_time"):
+            low, high = fit.credible_interval(name, level=0.9)
+            width = np.median(np.log10(high[ok] / low[ok]))
+            spread = np.log10(np.quantile(prior_truth[name], [0.05, 0.95]))
+            contains = np.mean((low[ok] <= kappa) & (high[ok] >= kappa))
+            if name != "permeability":
+                contains = float("nan")
+            print(
+                f"{name:>16} {snr:>4} {width:>10.2f} {np.ptp(spread):>6.2f} "
+                f"{contains:>9.0%}"
+            )
 
 
 if __name__ == "__main__":

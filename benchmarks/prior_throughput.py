@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--cell_diameter", type=float, nargs=2, default=(1.0, 25.0))
     parser.add_argument("--min_spacings", type=float, default=3.0)
     parser.add_argument("--time_tolerance", type=float, default=1e-3)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--n_train", type=int, default=3000)
     args = parser.parse_args()
     protocol = _protocol(TIMINGS, BVALS, args.n_directions, 3)
