@@ -138,7 +138,8 @@ class SpinverseFlow(Workflow):
         grid_resolution=4,
         boundary="reflecting",
         diffusivity=0.002,
-        sigma=0.0,
+        sigma=None,
+        snr=None,
         preset="default",
         max_iter=None,
         search_bootstrap=0,
@@ -234,10 +235,15 @@ class SpinverseFlow(Workflow):
             Outer boundary of the box: reflecting, periodic or absorbing.
         diffusivity : float, optional
             Intrinsic diffusivity in mm^2/s.
-        sigma : float, optional
-            Noise standard deviation relative to the mean b=0 signal (1/SNR);
-            0 if unknown. With it the loss is Rician-aware, and the label
-            search ranks shapes and accepts moves only beyond the noise.
+        sigma : string, optional
+            Noise standard deviation in the units of the data, as in DIPY's
+            workflows, or ``auto`` to estimate it from the b=0 volumes with
+            DIPY's ``estimate_sigma``. The fit uses it over the median b=0
+            signal of the mask (1/SNR; logged). Leave it and --snr out if
+            unknown. With it the loss is Rician-aware, and the label search
+            ranks shapes and accepts moves only beyond the noise.
+        snr : float, optional
+            Signal-to-noise ratio of the b=0 signal, instead of --sigma.
         preset : string, optional
             Inversion configuration (default or paper).
         max_iter : int, optional
@@ -319,8 +325,8 @@ class SpinverseFlow(Workflow):
             descriptors (restricted fraction, cell count, volume and
             diameter, surface-to-volume, permeability, exchange time,
             anisotropy, orientation), with 50 % and 90 % credible intervals
-            and an out-of-prior status, in out_posterior; needs --sigma and
-            trains once per protocol (cached). Writes out_posterior,
+            and an out-of-prior status, in out_posterior; needs --snr or
+            --sigma and trains once per protocol (cached). Writes out_posterior,
             out_status, out_report and out_state only.
         posterior_options : string, optional
             JSON object with the posterior's settings: "prior" (fields of
@@ -414,7 +420,7 @@ class SpinverseFlow(Workflow):
                     f"{what} the label search, which --preset {preset} does not "
                     "run; use --preset default."
                 )
-        sigma = check_number(sigma, "sigma", minimum=0.0)
+        noise = _noise_option(sigma, snr)
         fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
         posterior = parse_posterior_options(posterior_options, diffusivity)
         if posterior and fit_method != "posterior":
@@ -422,13 +428,13 @@ class SpinverseFlow(Workflow):
                 "--posterior_options set the posterior; pass --fit_method "
                 "posterior with them, or leave them out."
             )
-        if fit_method == "posterior" and not sigma:
+        if fit_method == "posterior" and noise is None:
             raise ValueError(
-                "--fit_method posterior needs --sigma, the noise standard "
-                "deviation over the b=0 signal (1/SNR, e.g. 0.02)."
+                "--fit_method posterior needs the noise: --snr (of the b=0 "
+                "signal, e.g. 50), --sigma (in the data's units) or --sigma auto."
             )
         if (
-            sigma
+            noise is not None
             and fit_method == "search"
             and not searched
             and PRESETS[preset].noise != "rician"
@@ -506,6 +512,7 @@ class SpinverseFlow(Workflow):
                 data=data,
             )
             space = dict(affine=affine, reference=image)
+            sigma = relative_sigma(noise, image, data, table)
             if fit_method == "posterior":
                 _run_posterior(
                     table,
@@ -638,6 +645,92 @@ def parse_posterior_options(text, diffusivity):
     if "n_samples" in options:
         out["n_posterior_samples"] = options["n_samples"]
     return out
+
+
+def _noise_option(sigma, snr):
+    """The noise options as ``None`` (unknown), ``("snr", value)``,
+    ``("sigma", value)`` or ``("auto", None)``; 0 means unknown."""
+    if sigma is not None and snr is not None:
+        raise ValueError("Give the noise once: --sigma or --snr, not both.")
+    if snr is not None:
+        snr = check_number(snr, "snr", minimum=0.0)
+        if snr == 0:
+            return None
+        return "snr", snr
+    if sigma is None:
+        return None
+    if isinstance(sigma, str) and sigma.strip().lower() == "auto":
+        return "auto", None
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"--sigma must be a noise standard deviation in the data's units "
+            f"(e.g. 20) or 'auto', got {sigma!r}."
+        ) from err
+    value = check_number(value, "sigma", minimum=0.0)
+    return None if value == 0 else ("sigma", value)
+
+
+def relative_sigma(noise, image, data, table):
+    """The noise over the median b=0 signal of the mask (1/SNR), as the model
+    takes it; 0 when unknown.
+
+    Parameters
+    ----------
+    noise : tuple or None
+        From the options: ``("snr", snr)``, ``("sigma", sigma)`` in the data's
+        units, or ``("auto", None)``: DIPY's
+        :func:`~dipy.denoise.noise_estimate.estimate_sigma` on the b=0
+        volumes (read one at a time), the median over them.
+    image : nibabel image
+        The diffusion image (for ``auto``).
+    data : ndarray (n_mask, n_volumes)
+        The mask's voxels.
+    table : GradientTable
+    """
+    if noise is None:
+        return 0.0
+    kind, value = noise
+    if kind == "snr":
+        return 1.0 / value
+    b0 = np.asarray(table.b0s_mask)
+    if not b0.any():
+        raise ValueError(
+            "--sigma needs b=0 volumes to scale the noise by; these data have "
+            "none: pass --snr instead."
+        )
+    s0 = float(np.median(data[:, b0].astype(np.float64).mean(-1)))
+    if not s0 > 0:
+        raise ValueError(
+            f"The median b=0 signal of the mask is {s0:g}; --sigma cannot be "
+            "scaled by it. Check the mask, or pass --snr."
+        )
+    if kind == "auto":
+        from dipy.denoise.noise_estimate import estimate_sigma
+
+        volumes = [
+            estimate_sigma(np.asarray(image.dataobj[..., i], dtype=np.float32))
+            for i in np.flatnonzero(b0)
+        ]
+        value = float(np.median(volumes))
+        logger.info(
+            f"--sigma auto: {value:.4g} (DIPY estimate_sigma, median of "
+            f"{int(b0.sum())} b=0 volumes)"
+        )
+    relative = value / s0
+    logger.info(
+        f"Noise: sigma {value:.4g} over the median b=0 signal {s0:.4g} of the "
+        f"mask = 1/SNR {relative:.4g} (SNR {1 / relative:.3g})"
+        if relative > 0
+        else "Noise: sigma 0"
+    )
+    if relative >= 1:
+        raise ValueError(
+            f"--sigma {value:.4g} is above the median b=0 signal {s0:.4g}: give "
+            "the noise standard deviation in the data's units (or --snr)."
+        )
+    return relative
 
 
 def _run_posterior(

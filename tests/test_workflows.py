@@ -15,7 +15,13 @@ from dipy_spinverse.interface import load_mesh
 from dipy_spinverse.io import load_fit, save_fit
 from dipy_spinverse.reconst import OK, PENDING, SpinverseModel
 from dipy_spinverse.sequences import Protocol
-from dipy_spinverse.workflows import SpinverseFlow, main, read_timing
+from dipy_spinverse.workflows import (
+    SpinverseFlow,
+    _noise_option,
+    main,
+    read_timing,
+    relative_sigma,
+)
 
 # A 48-cell grid and 3 directions per shell: 2 x (1 + 2 x 3) = 14 volumes.
 N_VOLUMES = 14
@@ -742,7 +748,7 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
             demo,
             tmp_path / "out",
             fit_method="posterior",
-            sigma=0.01,
+            snr=100,
             posterior_options=options,
             n_report=3,
         )
@@ -765,14 +771,14 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
     assert os.path.getsize(outputs["out_report"]) > 1000
     state = np.load(outputs["out_state"])
     assert state["status"].shape == (6,)
-    with pytest.raises(ValueError, match="needs --sigma"):
+    with pytest.raises(ValueError, match="needs the noise"):
         _run(demo, tmp_path / "again", fit_method="posterior")
     with pytest.raises(ValueError, match="not valid JSON"):
         _run(
             demo,
             tmp_path / "again",
             fit_method="posterior",
-            sigma=0.01,
+            snr=100,
             posterior_options="{prior",
         )
 
@@ -818,3 +824,36 @@ def test_one_timing_for_b0_levels_of_several_acquisitions_warns(tmp_path, caplog
         _gradients(*files, data=data, **options)
     assert "volume(s) 6 at a median" in caplog.text
     assert "volume(s) 0, 3 at" in caplog.text and "--timing_file" in caplog.text
+
+
+def test_noise_options_take_dipys_meaning(demo):
+    """--sigma is in the data's units (as in DIPY's workflows) and is divided
+    by the mask's median b=0 signal; --snr is 1/that; --sigma auto runs
+    DIPY's estimate_sigma on the b=0 volumes."""
+    from dipy.core.gradients import gradient_table
+    from dipy.io.gradients import read_bvals_bvecs
+
+    from dipy_spinverse.files import read_voxels
+
+    image = nib.load(demo["data"])
+    mask = _load(demo["mask"]).astype(bool)
+    data = read_voxels(image, mask)
+    bvals, bvecs = read_bvals_bvecs(demo["bvals"], demo["bvecs"])
+    table = gradient_table(bvals, bvecs=bvecs)
+    s0 = np.median(data[:, table.b0s_mask].mean(-1))
+    assert s0 > 100  # the demo is in scanner-like units, not normalised
+    noise = _noise_option("15", None)
+    assert noise == ("sigma", 15.0)
+    assert relative_sigma(noise, image, data, table) == pytest.approx(15 / s0)
+    assert relative_sigma(_noise_option(None, 50), image, data, table) == 0.02
+    assert relative_sigma(None, image, data, table) == 0.0
+    auto = relative_sigma(_noise_option("auto", None), image, data, table)
+    assert 0 < auto < 1
+    assert _noise_option(None, None) is None
+    assert _noise_option("0", None) is None
+    with pytest.raises(ValueError, match="not both"):
+        _noise_option("15", 50)
+    with pytest.raises(ValueError, match="'auto'"):
+        _noise_option("loud", None)
+    with pytest.raises(ValueError, match="above the median b=0 signal"):
+        relative_sigma(("sigma", 10 * s0), image, data, table)
