@@ -14,10 +14,13 @@ from dipy_spinverse.interface import (
     load_mesh,
 )
 from dipy_spinverse.metrics import (
+    aligned_overlap,
     all_metrics,
+    cell_overlap,
     chamfer_distance,
     edge_degree_fraction,
     face_scores,
+    grid_symmetries,
     hausdorff_distance,
     inversion_twin,
     n_components,
@@ -362,3 +365,39 @@ def test_cell_table_reads_nested_membranes_whatever_the_numbering():
     table = cell_table(grid, labels, label_field(grid, labels, kappa, 0.1))
     assert_allclose(table["permeability"], kappa, rtol=1e-12)
     assert_allclose(table["volume"], np.bincount(labels, grid.cell_volumes)[1:])
+
+
+def _ball(grid, centre, radius):
+    d = grid.displacement(grid.cell_centroids, np.asarray(centre, dtype=float))
+    return np.linalg.norm(d, axis=1) < radius
+
+
+def test_aligned_overlap_forgives_lattice_translations_and_inversion():
+    """On a periodic BCC grid a cell moved by a lattice vector (here the half
+    body diagonal plus a cube edge) and inverted scores aligned IoU 1 while
+    its plain IoU is near 0; a shift that is not a lattice vector is not
+    forgiven. 2 x 4^3 translations x 2 (inversion) maps."""
+    grid = TetGrid.bcc(16.0, 4, boundary="periodic")
+    maps, names = grid_symmetries(grid)
+    assert len(maps) == 2 * 2 * 4**3 and names[0] == "identity"
+    assert np.all(np.sort(maps, axis=1) == np.arange(grid.n_cells))  # bijections
+    h = grid.spacing
+    truth = _ball(grid, (3.0, 5.0, 6.0), 3.5)
+    moved_centre = np.array([3.0, 5.0, 6.0]) + h / 2 + np.array([h, 0, 0])
+    found = _ball(grid, grid.wrap(16.0 - moved_centre), 3.5)
+    assert cell_overlap(grid, found, truth)["iou"] < 0.2
+    aligned = aligned_overlap(grid, found, truth)
+    assert aligned["iou"] == pytest.approx(1.0)
+    assert "inversion" in aligned["symmetry"]
+    off_lattice = _ball(grid, (3.0 + h / 3, 5.0, 6.0), 3.5)
+    assert aligned_overlap(grid, off_lattice, truth)["iou"] < 0.95
+
+
+def test_aligned_overlap_on_a_walled_grid_forgives_inversion_only():
+    grid = TetGrid.bcc(16.0, 4)
+    maps, names = grid_symmetries(grid)
+    assert names == ["identity", "inversion"]
+    truth = _ball(grid, (5.0, 6.0, 7.0), 3.0)
+    assert aligned_overlap(grid, truth[maps[1]], truth)["iou"] == pytest.approx(1.0)
+    shifted = _ball(grid, (5.0 + grid.spacing, 6.0, 7.0), 3.0)
+    assert aligned_overlap(grid, shifted, truth)["iou"] < 1.0

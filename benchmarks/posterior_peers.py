@@ -1,0 +1,409 @@
+"""The amortised posterior against the compartment models, on the same voxels.
+
+Draws held-out voxels from the posterior's prior with a seed never used in
+training (``model.prior.sample(n, seed=123_457)``), adds Rician noise at
+SNR 100 and 30, and estimates each voxel's tissue descriptors with the
+posterior median (``SpinverseModel(..., fit_method="posterior")``) and with
+every peer that estimates the same quantity from the same noisy signals:
+
+=====================  =====================================================
+descriptor             peers
+=====================  =====================================================
+restricted_fraction    ActiveAx and ZCD ``fic`` (cylinder signal fraction),
+                       NODDI ``(1 - fiso) ndi``, Karger ``f_intra``
+cell_diameter (um)     ActiveAx and ZCD ``diameter`` (cylinder diameter)
+exchange_time (s)      Karger ``exchange_time`` (and NEXI ``t_ex`` when the
+                       ``nexi`` package is installed)
+surface_to_volume,     the label search only (``--search``)
+permeability
+=====================  =====================================================
+
+It prints, per descriptor and SNR, the median absolute error of each method
+and, in brackets, the median of ``|error| / truth``, over the voxels whose
+posterior status is 0 (``OUT_OF_PRIOR`` voxels are excluded and counted).
+A peer's count is added to its cell where it has fewer finite estimates.
+
+``--search N`` also fits the first N voxels with the label search
+(``SpinverseModel(..., fit_method="search")``, the package's default preset
+and grid; about 30 s a voxel on 2 cores) and describes its labelled cells
+and membranes with :func:`dipy_spinverse.geometry.describe`, the definition
+of the prior's truth. ``--left_out`` has the meaning it has in
+``benchmarks/posterior_calibration.py`` (those families are left out of
+training) and also scores held-out draws of the left-out families apart.
+
+The prior, protocol and training options are those of
+``benchmarks/posterior_calibration.py`` for the same options, so the
+estimator it trained is read from the same cache. Run (from the repository
+root, after the calibration run of ``doc/validation/posterior.md``)::
+
+    python benchmarks/posterior_peers.py --resolution 2 --cell_diameter 8 25 \
+        --min_spacings 1 --n_directions 6 --n_train 1500 --epochs 40 \
+        --left_out torus fanning_tube --n_test 100
+
+The compartment models assume what the prior's tissue is not: ActiveAx and
+ZCD impermeable straight cylinders (the prior's diameter is the
+equivalent-sphere diameter of closed, permeable cells of many shapes),
+NODDI sticks and a tortuous zeppelin, Karger two well-mixed Gaussian
+compartments. They are given the prior's diffusivity where they fix one
+(ActiveAx and NODDI ``d_par``) and bounds wide enough for the prior's
+diameters (up to 30 um) and exchange times (up to 10 s).
+"""
+
+import argparse
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from posterior_calibration import demo_protocol, rician
+
+from dipy_spinverse import SpinverseModel
+from dipy_spinverse.compartments import (
+    ActiveAxModel,
+    ExchangeModel,
+    NoddiModel,
+    ZcdModel,
+)
+from dipy_spinverse.geometry import describe
+from dipy_spinverse.posterior import FAMILIES, TissuePrior, TrainingOptions
+from dipy_spinverse.reconst.fit import FITTED
+from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
+
+SNRS = (100, 30)
+# Never used in training (seed 0, probe 10**6) nor by posterior_calibration.
+TEST_SEED = 123_457
+#: Descriptors with at least one peer, and their units.
+SCORED = {
+    "restricted_fraction": "",
+    "cell_diameter": "um",
+    "surface_to_volume": "1/um",
+    "permeability": "m/s",
+    "exchange_time": "s",
+}
+# Fit bounds of the peers, wide enough for the prior's truths (cells up to
+# 25 um; exchange times of 2 ms to 3.3 s in the 8-25 um prior).
+DIAMETER_BOUNDS = (0.2, 30.0)
+EXCHANGE_TIME_BOUNDS = (1e-3, 10.0)
+POSTERIOR = "posterior"
+SEARCH = "search"
+
+
+def compartment_peers(gtab, diffusivity):
+    """``{name: (build, read)}``: each compartment model and how its maps
+    become descriptors (``read(fit) -> {descriptor: (n,) array}``)."""
+    fixed = {} if diffusivity is None else {"d_par": diffusivity}
+
+    def activeax():
+        return ActiveAxModel(gtab, diameter_bounds=DIAMETER_BOUNDS, **fixed)
+
+    def zcd():
+        return ZcdModel(gtab, diameter_bounds=DIAMETER_BOUNDS)
+
+    def noddi():
+        return NoddiModel(gtab, **fixed)
+
+    def karger():
+        return ExchangeModel(gtab, exchange_time_bounds=EXCHANGE_TIME_BOUNDS)
+
+    def cylinders(fit):
+        return {"restricted_fraction": fit.fic, "cell_diameter": fit.diameter}
+
+    def neurites(fit):
+        return {"restricted_fraction": (1.0 - fit.fiso) * fit.ndi}
+
+    def exchange(fit):
+        return {
+            "restricted_fraction": fit.f_intra,
+            "exchange_time": fit.exchange_time,
+        }
+
+    return {
+        "ActiveAx": (activeax, cylinders),
+        "ZCD": (zcd, cylinders),
+        "NODDI": (noddi, neurites),
+        "Karger": (karger, exchange),
+    }
+
+
+def search_estimates(protocol, noisy, snr, n, diffusivity):
+    """Descriptors of the label search's fit of the first ``n`` voxels
+    (NaN for the others and where the search has no output)."""
+    options = {} if diffusivity is None else {"diffusivity": diffusivity}
+    model = SpinverseModel(protocol, fit_method="search", sigma=1.0 / snr, **options)
+    fit = model.fit(noisy[:n])
+    out = {name: np.full(len(noisy), np.nan) for name in SCORED}
+    labels, kappa = fit.labels, fit.permeability
+    for i in np.flatnonzero(np.isin(fit.status, FITTED)):
+        if labels is None:  # a face fit without labels: its enclosed regions
+            out["restricted_fraction"][i] = fit.restricted_fraction[i]
+            continue
+        found = describe(model.grid, labels[i], kappa[i])
+        for name in SCORED:
+            out[name][i] = found[name]
+    return out
+
+
+def nexi_estimates(nexi, gtab, noisy, snr):
+    """NEXI's exchange time (s) and neurite fraction through its public,
+    file-based ``estimate_nexi`` (b in ms/um^2, diffusion times in ms)."""
+    import nibabel as nib
+
+    n = len(noisy)
+    eye = np.eye(4)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder)
+        files = {k: str(path / f"{k}.nii.gz") for k in ("dwi", "sigma", "mask")}
+        volume = noisy[:, None, None, :].astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, eye), files["dwi"])
+        noise = np.full((n, 1, 1), 1.0 / snr, dtype=np.float32)
+        nib.save(nib.Nifti1Image(noise, eye), files["sigma"])
+        nib.save(nib.Nifti1Image(np.ones((n, 1, 1), np.uint8), eye), files["mask"])
+        np.savetxt(path / "dwi.bval", gtab.bvals[None] / 1000.0)
+        big_delta = np.broadcast_to(gtab.big_delta, gtab.bvals.shape)
+        np.savetxt(path / "dwi.td", big_delta[None] * 1e3)
+        nexi.estimate_nexi(
+            dwi_path=files["dwi"],
+            bvals_path=str(path / "dwi.bval"),
+            td_path=str(path / "dwi.td"),
+            lowb_noisemap_path=files["sigma"],
+            out_path=str(path / "out"),
+            mask_path=files["mask"],
+        )
+
+        def read(suffix):
+            found = sorted((path / "out").glob(f"*{suffix}.nii.gz"))
+            if not found:
+                raise FileNotFoundError(f"no *{suffix}.nii.gz written by nexi")
+            return np.asarray(nib.load(found[0]).get_fdata()).reshape(n)
+
+        return {
+            "exchange_time": read("_t_ex") * 1e-3,  # ms -> s
+            "restricted_fraction": read("_f"),
+        }
+
+
+class Record:
+    """Every method's estimates at one SNR, the time each took (all SNRs
+    together) and why any failed."""
+
+    def __init__(self):
+        self.seconds, self.failures = {}, {}
+
+    def run(self, name, snr, estimates, function, *args):
+        """``function(*args)`` into ``estimates[name]``, timed; a method
+        that raises is reported, not fatal."""
+        start = time.perf_counter()
+        try:
+            estimates[name] = function(*args)
+        except Exception as err:
+            self.failures.setdefault(name, f"SNR {snr}: {type(err).__name__}: {err}")
+            return
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def peer_estimates(models, name, build, read, noisy):
+    """A compartment model's descriptors (the model built once, reused)."""
+    if name not in models:
+        models[name] = build()
+    return read(models[name].fit(noisy))
+
+
+def compare(make_model, protocol, gtab, signals, args, rng, nexi, diffusivity):
+    """Every method's estimates at each SNR, on the same noisy voxels.
+
+    Returns ``(results, record)``: ``results[snr]`` is ``(status, {method:
+    {descriptor: (n,) array}})``, ``status`` the posterior's.
+    """
+    peers = compartment_peers(gtab, diffusivity)
+    models, results, record = {}, {}, Record()
+    for snr in SNRS:
+        noisy = rician(signals, snr, rng)
+        start = time.perf_counter()
+        fit = make_model(1.0 / snr).fit(noisy)
+        seconds = record.seconds.get(POSTERIOR, 0.0) + time.perf_counter() - start
+        record.seconds[POSTERIOR] = seconds
+        status = np.asarray(fit.status)
+        estimates = {POSTERIOR: {k: np.asarray(getattr(fit, k)) for k in SCORED}}
+        for name, (build, read) in peers.items():
+            record.run(
+                name, snr, estimates, peer_estimates, models, name, build, read, noisy
+            )
+        if nexi is not None:
+            record.run("NEXI", snr, estimates, nexi_estimates, nexi, gtab, noisy, snr)
+        if args.search:
+            record.run(
+                SEARCH,
+                snr,
+                estimates,
+                search_estimates,
+                protocol,
+                noisy,
+                snr,
+                args.search,
+                diffusivity,
+            )
+        results[snr] = status, estimates
+    return results, record
+
+
+def errors(estimated, true):
+    """(median |error|, median |error| / |truth|, voxels) over finite pairs."""
+    estimated = np.asarray(estimated, dtype=float)
+    finite = np.isfinite(estimated) & np.isfinite(true)
+    if not finite.any():
+        return None
+    error = np.abs(estimated[finite] - true[finite])
+    with np.errstate(divide="ignore"):
+        relative = error / np.abs(true[finite])
+    return float(np.median(error)), float(np.median(relative)), int(finite.sum())
+
+
+def print_table(title, results, truth, methods, record):
+    """The errors of every method per descriptor and SNR; '-' where a
+    method has no estimate of a descriptor."""
+    width = 22
+    print(f"\n{title}")
+    flagged = {
+        snr: int(np.sum(status == OUT_OF_PRIOR)) for snr, (status, _) in results.items()
+    }
+    for snr, (status, _) in results.items():
+        print(
+            f"  SNR {snr}: {int(np.sum(status == 0))} of {len(status)} voxels scored "
+            f"(posterior status 0); {flagged[snr]} OUT_OF_PRIOR excluded, "
+            f"{int(np.sum((status != 0) & (status != OUT_OF_PRIOR)))} other"
+        )
+    header = f"{'descriptor':>26} {'SNR':>4} {'n':>4} "
+    header += " ".join(f"{m:>{width}}" for m in methods)
+    print(header)
+    for name, unit in SCORED.items():
+        label = f"{name} ({unit})" if unit else name
+        true = np.asarray(truth[name], dtype=float)
+        for snr, (status, estimates) in results.items():
+            ok = status == 0
+            cells = []
+            for method in methods:
+                values = estimates.get(method, {}).get(name)
+                got = None if values is None else errors(values[ok], true[ok])
+                if got is None:
+                    cells.append(f"{'-':>{width}}")
+                    continue
+                error, relative, count = got
+                text = f"{error:.3g} ({relative:.0%})"
+                if count != ok.sum():
+                    text += f" n={count}"
+                cells.append(f"{text:>{width}}")
+            print(f"{label:>26} {snr:>4} {int(ok.sum()):>4} " + " ".join(cells))
+    print(
+        "fit time, all SNRs: "
+        + ", ".join(
+            f"{m} {record.seconds[m]:.1f} s" for m in methods if m in record.seconds
+        )
+    )
+    for method, reason in record.failures.items():
+        print(f"{method} failed ({reason}); its column is '-'")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The prior, protocol and training options of posterior_calibration.py,
+    # with its defaults: the same options give the same cached estimator.
+    parser.add_argument("--resolution", type=int, default=4)
+    parser.add_argument("--cell_diameter", type=float, nargs=2, default=(1.0, 25.0))
+    parser.add_argument("--min_spacings", type=float, default=3.0)
+    parser.add_argument("--n_directions", type=int, default=10)
+    parser.add_argument("--n_train", type=int, default=20_000)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--left_out", nargs="*", default=(), choices=FAMILIES)
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--n_test", type=int, default=100)
+    parser.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also fit the first N voxels with the label search (~30 s each)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore", UserWarning)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    print("command: python benchmarks/posterior_peers.py " + shlex.join(argv))
+    print(
+        f"machine: {platform.machine()}, {platform.platform()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} on "
+        f"{torch.get_num_threads()} threads; {date.today()}"
+    )
+    protocol = demo_protocol(args.n_directions)
+    common = dict(
+        resolution=args.resolution,
+        cell_diameter=tuple(args.cell_diameter),
+        min_spacings=args.min_spacings,
+    )
+    trained = tuple(f for f in FAMILIES if f not in args.left_out)
+    options = TrainingOptions(n_simulations=args.n_train, epochs=args.epochs)
+
+    def make_model(sigma):
+        return SpinverseModel(
+            protocol,
+            fit_method="posterior",
+            prior=TissuePrior(families=trained, **common),
+            posterior_options=options,
+            sigma=sigma,
+            cache_dir=args.cache_dir,
+        )
+
+    model = make_model(0.01)
+    start = time.perf_counter()
+    estimator = model.estimator  # trained here, or read from the cache
+    print(
+        f"training (or cache): {time.perf_counter() - start:.0f} s; "
+        f"{sum(p.numel() for p in estimator.parameters()):,} parameters, "
+        f"{model.estimator_path}"
+    )
+    prior = model.prior.prior
+    diffusivity = prior.diffusivity if np.ndim(prior.diffusivity) == 0 else None
+    try:
+        import nexi
+    except ImportError:
+        nexi = None
+        print("nexi is not installed: no NEXI column (exchange time)")
+    methods = [POSTERIOR, "ActiveAx", "ZCD", "NODDI", "Karger"]
+    methods += ["NEXI"] * (nexi is not None) + [SEARCH] * (args.search > 0)
+    sets = [("held-out draws of the training prior", model.prior, TEST_SEED)]
+    if args.left_out:
+        left = TissuePrior(families=tuple(args.left_out), **common)
+        title = f"families left out of training: {list(args.left_out)}"
+        sets.append((title, left.simulator(protocol), TEST_SEED + 1))
+    for title, simulator, seed in sets:
+        start = time.perf_counter()
+        signals, truth = simulator.sample(args.n_test, seed=seed)
+        print(
+            f"\n{title}: {args.n_test} simulations in "
+            f"{time.perf_counter() - start:.0f} s"
+        )
+        rng = np.random.default_rng(seed)
+        results, record = compare(
+            make_model, protocol, model.gtab, signals, args, rng, nexi, diffusivity
+        )
+        print_table(
+            f"{title}: median |error| (median |error| / truth)",
+            results,
+            truth,
+            methods,
+            record,
+        )
+
+
+if __name__ == "__main__":
+    main()
