@@ -10,24 +10,34 @@ every peer that estimates the same quantity from the same noisy signals:
 descriptor             peers
 =====================  =====================================================
 restricted_fraction    ActiveAx and ZCD ``fic`` (cylinder signal fraction),
-                       NODDI ``(1 - fiso) ndi``, Karger ``f_intra``
+                       NODDI ``(1 - fiso) ndi``, Karger ``f_intra`` (NEXI
+                       ``f``)
 cell_diameter (um)     ActiveAx and ZCD ``diameter`` (cylinder diameter)
-exchange_time (s)      Karger ``exchange_time`` (and NEXI ``t_ex`` when the
-                       ``nexi`` package is installed)
-surface_to_volume,     the label search only (``--search``)
-permeability
+surface_to_volume      ActiveAx and ZCD ``4 / diameter`` (a cylinder's)
+(1/um)
+exchange_time (s)      Karger ``exchange_time`` (NEXI ``t_ex``)
+all five, with         the label search (``--search``)
+permeability (m/s)
 =====================  =====================================================
+
+NEXI is used only where the independent ``nexi`` package can be imported
+(never installed by this script), through its file-based ``estimate_nexi``.
 
 It prints, per descriptor and SNR, the median absolute error of each method
 and, in brackets, the median of ``|error| / truth``, over the voxels whose
-posterior status is 0 (``OUT_OF_PRIOR`` voxels are excluded and counted).
-A peer's count is added to its cell where it has fewer finite estimates.
+posterior status is 0 (``OUT_OF_PRIOR`` voxels are excluded and counted);
+``-`` where a method has no counterpart of the descriptor (or failed, with
+the reason below the table). A method's voxel count is added to its cell
+where it has fewer finite estimates.
 
 ``--search N`` also fits the first N voxels with the label search
-(``SpinverseModel(..., fit_method="search")``, the package's default preset
-and grid; about 30 s a voxel on 2 cores) and describes its labelled cells
-and membranes with :func:`dipy_spinverse.geometry.describe`, the definition
-of the prior's truth. ``--left_out`` has the meaning it has in
+(``SpinverseModel(..., fit_method="search")``: the package's default
+preset and grid, the prior's diffusivity, ``sigma = 1 / SNR``) and
+describes its labelled cells and membranes with
+:func:`dipy_spinverse.geometry.describe`, the definition of the prior's
+truth. It is slow (about a minute or more a voxel and SNR on 2 idle cores);
+``--search_steps`` and ``--search_max_iter`` cut it short for a smoke test.
+``--left_out`` has the meaning it has in
 ``benchmarks/posterior_calibration.py`` (those families are left out of
 training) and also scores held-out draws of the left-out families apart.
 
@@ -42,11 +52,14 @@ root, after the calibration run of ``doc/validation/posterior.md``)::
 
 The compartment models assume what the prior's tissue is not: ActiveAx and
 ZCD impermeable straight cylinders (the prior's diameter is the
-equivalent-sphere diameter of closed, permeable cells of many shapes),
-NODDI sticks and a tortuous zeppelin, Karger two well-mixed Gaussian
-compartments. They are given the prior's diffusivity where they fix one
-(ActiveAx and NODDI ``d_par``) and bounds wide enough for the prior's
-diameters (up to 30 um) and exchange times (up to 10 s).
+equivalent-sphere diameter of closed, permeable cells of many shapes, and a
+cylinder's ``4 / d`` is not a sphere's ``6 / d``), NODDI sticks and a
+tortuous zeppelin, Karger two well-mixed Gaussian compartments. As in
+``examples/compare_compartment_models.py`` they are given the prior's
+diffusivity where they fix one (ActiveAx and NODDI ``d_par`` and ``d_iso``),
+and bounds wide enough for the prior's diameters (up to 30 um) and exchange
+times (up to 10 s; the number of Karger estimates at that bound, "no
+exchange seen", is printed).
 """
 
 import argparse
@@ -99,7 +112,9 @@ SEARCH = "search"
 def compartment_peers(gtab, diffusivity):
     """``{name: (build, read)}``: each compartment model and how its maps
     become descriptors (``read(fit) -> {descriptor: (n,) array}``)."""
-    fixed = {} if diffusivity is None else {"d_par": diffusivity}
+    # All of the prior's water diffuses with one D: the models that fix
+    # their diffusivities get it (as examples/compare_compartment_models.py).
+    fixed = {} if diffusivity is None else {"d_par": diffusivity, "d_iso": diffusivity}
 
     def activeax():
         return ActiveAxModel(gtab, diameter_bounds=DIAMETER_BOUNDS, **fixed)
@@ -114,7 +129,11 @@ def compartment_peers(gtab, diffusivity):
         return ExchangeModel(gtab, exchange_time_bounds=EXCHANGE_TIME_BOUNDS)
 
     def cylinders(fit):
-        return {"restricted_fraction": fit.fic, "cell_diameter": fit.diameter}
+        return {
+            "restricted_fraction": fit.fic,
+            "cell_diameter": fit.diameter,
+            "surface_to_volume": 4.0 / fit.diameter,  # a cylinder's
+        }
 
     def neurites(fit):
         return {"restricted_fraction": (1.0 - fit.fiso) * fit.ndi}
@@ -133,10 +152,10 @@ def compartment_peers(gtab, diffusivity):
     }
 
 
-def search_estimates(protocol, noisy, snr, n, diffusivity):
+def search_estimates(protocol, noisy, snr, n, options):
     """Descriptors of the label search's fit of the first ``n`` voxels
-    (NaN for the others and where the search has no output)."""
-    options = {} if diffusivity is None else {"diffusivity": diffusivity}
+    (NaN for the others and where the search has no output); ``options`` go
+    to :class:`~dipy_spinverse.SpinverseModel`."""
     model = SpinverseModel(protocol, fit_method="search", sigma=1.0 / snr, **options)
     fit = model.fit(noisy[:n])
     out = {name: np.full(len(noisy), np.nan) for name in SCORED}
@@ -248,10 +267,21 @@ def compare(make_model, protocol, gtab, signals, args, rng, nexi, diffusivity):
                 noisy,
                 snr,
                 args.search,
-                diffusivity,
+                search_options(args, diffusivity),
             )
         results[snr] = status, estimates
     return results, record
+
+
+def search_options(args, diffusivity):
+    """The label search's options: the package's default preset and grid,
+    the prior's diffusivity, and the limits given on the command line."""
+    options = {} if diffusivity is None else {"diffusivity": diffusivity}
+    if args.search_steps is not None:
+        options["search_steps"] = args.search_steps
+    if args.search_max_iter is not None:
+        options["max_iter"] = args.search_max_iter
+    return options
 
 
 def errors(estimated, true):
@@ -307,6 +337,15 @@ def print_table(title, results, truth, methods, record):
             f"{m} {record.seconds[m]:.1f} s" for m in methods if m in record.seconds
         )
     )
+    for snr, (status, estimates) in results.items():
+        tau = estimates.get("Karger", {}).get("exchange_time")
+        if tau is not None:
+            top = np.sum(tau[status == 0] >= 0.99 * EXCHANGE_TIME_BOUNDS[1])
+            print(
+                f"Karger, SNR {snr}: {top} of {int(np.sum(status == 0))} exchange "
+                f"times at the upper bound ({EXCHANGE_TIME_BOUNDS[1]:g} s: no "
+                "exchange seen)"
+            )
     for method, reason in record.failures.items():
         print(f"{method} failed ({reason}); its column is '-'")
 
@@ -330,6 +369,18 @@ def main(argv=None):
         default=0,
         metavar="N",
         help="also fit the first N voxels with the label search (~30 s each)",
+    )
+    parser.add_argument(
+        "--search_steps",
+        type=int,
+        default=None,
+        help="label-search moves (default: the default preset's)",
+    )
+    parser.add_argument(
+        "--search_max_iter",
+        type=int,
+        default=None,
+        help="face-fit iterations before the search (default: the preset's)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
