@@ -28,7 +28,7 @@ and, in brackets, the median of ``|error| / truth``, over the voxels whose
 posterior status is 0 (``OUT_OF_PRIOR`` voxels are excluded and counted);
 ``-`` where a method has no counterpart of the descriptor (or failed, with
 the reason below the table). A method's voxel count is added to its cell
-where it has fewer finite estimates.
+where it has fewer finite estimates (``n=0``: none).
 
 ``--search N`` also fits the first N voxels with the label search
 (``SpinverseModel(..., fit_method="search")``: the package's default
@@ -36,7 +36,9 @@ preset and grid, the prior's diffusivity, ``sigma = 1 / SNR``) and
 describes its labelled cells and membranes with
 :func:`dipy_spinverse.geometry.describe`, the definition of the prior's
 truth. It is slow (about a minute or more a voxel and SNR on 2 idle cores);
-``--search_steps`` and ``--search_max_iter`` cut it short for a smoke test.
+``--search_option NAME=VALUE`` (repeatable) passes any other option of the
+search's model, e.g. ``--search_option grid_resolution=2 --search_option
+search_steps=2 --search_option max_iter=4`` for a smoke test.
 ``--left_out`` has the meaning it has in
 ``benchmarks/posterior_calibration.py`` (those families are left out of
 training) and also scores held-out draws of the left-out families apart.
@@ -63,6 +65,7 @@ exchange seen", is printed).
 """
 
 import argparse
+import ast
 import logging
 import os
 import platform
@@ -210,8 +213,7 @@ def nexi_estimates(nexi, gtab, noisy, snr):
 
 
 class Record:
-    """Every method's estimates at one SNR, the time each took (all SNRs
-    together) and why any failed."""
+    """The time each method took (all SNRs together) and why any failed."""
 
     def __init__(self):
         self.seconds, self.failures = {}, {}
@@ -275,12 +277,16 @@ def compare(make_model, protocol, gtab, signals, args, rng, nexi, diffusivity):
 
 def search_options(args, diffusivity):
     """The label search's options: the package's default preset and grid,
-    the prior's diffusivity, and the limits given on the command line."""
+    the prior's diffusivity, and the ``--search_option`` values."""
     options = {} if diffusivity is None else {"diffusivity": diffusivity}
-    if args.search_steps is not None:
-        options["search_steps"] = args.search_steps
-    if args.search_max_iter is not None:
-        options["max_iter"] = args.search_max_iter
+    for item in args.search_option:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--search_option takes NAME=VALUE, got {item!r}")
+        try:
+            options[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[name] = value  # a bare string, e.g. boundary=periodic
     return options
 
 
@@ -291,7 +297,7 @@ def errors(estimated, true):
     if not finite.any():
         return None
     error = np.abs(estimated[finite] - true[finite])
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
         relative = error / np.abs(true[finite])
     return float(np.median(error)), float(np.median(relative)), int(finite.sum())
 
@@ -321,9 +327,12 @@ def print_table(title, results, truth, methods, record):
             cells = []
             for method in methods:
                 values = estimates.get(method, {}).get(name)
-                got = None if values is None else errors(values[ok], true[ok])
-                if got is None:
+                if values is None:  # no counterpart (or the method failed)
                     cells.append(f"{'-':>{width}}")
+                    continue
+                got = errors(values[ok], true[ok])
+                if got is None:  # no finite estimate on the scored voxels
+                    cells.append(f"{'n=0':>{width}}")
                     continue
                 error, relative, count = got
                 text = f"{error:.3g} ({relative:.0%})"
@@ -368,19 +377,16 @@ def main(argv=None):
         type=int,
         default=0,
         metavar="N",
-        help="also fit the first N voxels with the label search (~30 s each)",
+        help="also fit the first N voxels with the label search (slow: a "
+        "minute or more a voxel and SNR)",
     )
     parser.add_argument(
-        "--search_steps",
-        type=int,
-        default=None,
-        help="label-search moves (default: the default preset's)",
-    )
-    parser.add_argument(
-        "--search_max_iter",
-        type=int,
-        default=None,
-        help="face-fit iterations before the search (default: the preset's)",
+        "--search_option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a SpinverseModel option of the label search (repeatable), e.g. "
+        "grid_resolution=2 search_steps=2 max_iter=4 for a smoke test",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
@@ -426,9 +432,9 @@ def main(argv=None):
     diffusivity = prior.diffusivity if np.ndim(prior.diffusivity) == 0 else None
     try:
         import nexi
-    except ImportError:
+    except ImportError as err:
         nexi = None
-        print("nexi is not installed: no NEXI column (exchange time)")
+        print(f"nexi is not installed ({err}): no NEXI column (exchange time)")
     methods = [POSTERIOR, "ActiveAx", "ZCD", "NODDI", "Karger"]
     methods += ["NEXI"] * (nexi is not None) + [SEARCH] * (args.search > 0)
     sets = [("held-out draws of the training prior", model.prior, TEST_SEED)]
