@@ -258,7 +258,7 @@ def fit_mesh(
     code="spectral",
     autoencoder=None,
     axon_periods=AXON_START_PERIODS,
-    size="screen",
+    size="auto",
     verbose=False,
 ):
     """Fit a smooth cell mesh to a b0-normalisable signal.
@@ -325,18 +325,20 @@ def fit_mesh(
     axon_periods : sequence of float
         With ``code="axon"``: beading periods (um) screened at four phases
         on the unbeaded fit (:data:`AXON_START_PERIODS`); empty: no screen.
-    size : "screen", float or None
+    size : "auto", "screen", float or None
         Radius (um) the template is scaled to before the shape is fitted
         (``code="spectral"``; a ball scaled about its centre, a tube across
         its axis only, a user's TetMesh about its centroid; the radius as
         :attr:`MeshFit.radius` reports it). Adam moves the surface by
         about ``learning_rate`` a step, so a fit started at the template's
         4 um stalled near it whatever the cell (8 um came out 4.6 um).
-        ``"screen"`` (default): the radius whose signal fits best among
+        ``"screen"``: the radius whose signal fits best among
         :data:`SCREEN_RADII`, refined by a golden-section search in the log
         of the radius (:func:`screen_size`); a float: a size estimate of
         one's own (e.g. the posterior's ``cell_diameter / 2``); ``None``: the
-        template as given.
+        template as given. ``"auto"`` (default): ``"screen"`` for the
+        built-in templates (``"ball"``, ``"tube"``), ``None`` for a mesh or
+        shape of one's own (its size is taken as meant).
     verbose : bool
         Print the loss every 10 iterations.
 
@@ -391,6 +393,8 @@ def fit_mesh(
         raise ValueError(
             f"start must be a shape code of shape ({shape.n_code},), got {code0.shape}."
         )
+    if isinstance(size, str) and size == "auto":
+        size = "screen" if isinstance(template, str) else None
     if (
         size is not None
         and code == "spectral"
@@ -943,6 +947,16 @@ def screen_size(
     protocol : Protocol
     kind : {"ball", "tube", "mesh"}
         How the mesh is scaled (:func:`scaled_template`).
+    diffusivity : float
+        Intrinsic diffusivity, mm^2/s.
+    length_scale : float
+        Cut-off of the mesh eigenbasis (um), as in :func:`fit_mesh`.
+    background : array_like (n_acquisitions,), optional
+        b0-normalised signal of the rest of a voxel of ``box_volume``.
+    box_volume : float, optional
+        Volume of that voxel (um^3); larger radii are skipped.
+    radii : sequence of float
+        The scanned radii (um).
 
     Returns
     -------
