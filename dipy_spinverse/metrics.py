@@ -354,8 +354,8 @@ def aligned_overlap(grid, inside, true_inside):
 
     The truth is moved by each map of :func:`grid_symmetries` (lattice
     translations on periodic grids, inversion through the centre) and the
-    best overlap is kept: what magnitude data can tell, a fit should not be
-    blamed for.
+    best overlap is kept: a fit is not blamed for what magnitude data cannot
+    tell apart.
 
     Parameters
     ----------
