@@ -118,37 +118,54 @@ def figure(path, fits, truth, *, n_draws=200):
     fig.savefig(path, dpi=90)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_estimator_arguments(parser):
+    """The options that name a cached estimator: its prior, protocol and
+    training (``posterior_peers.py`` takes them too, so that the same options
+    reuse the same estimator)."""
     parser.add_argument("--resolution", type=int, default=4)
     parser.add_argument("--cell_diameter", type=float, nargs=2, default=(1.0, 25.0))
     parser.add_argument("--min_spacings", type=float, default=3.0)
     parser.add_argument("--n_directions", type=int, default=10)
     parser.add_argument("--n_train", type=int, default=20_000)
-    parser.add_argument("--n_test", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--left_out", nargs="*", default=(), choices=FAMILIES)
-    parser.add_argument("--figure", default=None, help="PNG of the calibration")
     parser.add_argument("--cache_dir", default=None)
-    parser.add_argument("--fixed_permeability", type=float, default=None)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore", UserWarning)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def trained_model(args):
+    """The estimator the options name, trained here or read from the cache.
+
+    Returns
+    -------
+    protocol : Protocol
+    prior : callable
+        ``prior(families=None, **fields)``: a TissuePrior of these options
+        (the trained families by default), e.g. for left-out families.
+    make_model : callable
+        ``make_model(sigma)``: one model per noise level, all sharing the
+        cached estimator.
+    model : SpinverseModel
+        ``make_model(0.01)``, its estimator loaded.
+    """
     protocol = demo_protocol(args.n_directions)
-    common = dict(
-        resolution=args.resolution,
-        cell_diameter=tuple(args.cell_diameter),
-        min_spacings=args.min_spacings,
-    )
     trained = tuple(f for f in FAMILIES if f not in args.left_out)
+
+    def prior(families=None, **fields):
+        return TissuePrior(
+            families=trained if families is None else tuple(families),
+            resolution=args.resolution,
+            cell_diameter=tuple(args.cell_diameter),
+            min_spacings=args.min_spacings,
+            **fields,
+        )
+
     options = TrainingOptions(n_simulations=args.n_train, epochs=args.epochs)
 
     def make_model(sigma):
-        # One model per noise level; all share the cached estimator.
         return SpinverseModel(
             protocol,
             fit_method="posterior",
-            prior=TissuePrior(families=trained, **common),
+            prior=prior(),
             posterior_options=options,
             sigma=sigma,
             cache_dir=args.cache_dir,
@@ -162,6 +179,19 @@ def main(argv=None):
         f"{sum(p.numel() for p in estimator.parameters()):,} parameters, "
         f"{model.estimator_path}"
     )
+    return protocol, prior, make_model, model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_estimator_arguments(parser)
+    parser.add_argument("--n_test", type=int, default=1000)
+    parser.add_argument("--figure", default=None, help="PNG of the calibration")
+    parser.add_argument("--fixed_permeability", type=float, default=None)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore", UserWarning)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    protocol, prior, make_model, model = trained_model(args)
     rng = np.random.default_rng(TEST_SEED)
     start = time.perf_counter()
     signals, truth = model.prior.sample(args.n_test, seed=TEST_SEED)
@@ -179,7 +209,7 @@ def main(argv=None):
         f"held-out draws of the training prior ({len(signals)})", table, flagged
     )
     if args.left_out:
-        other = TissuePrior(families=tuple(args.left_out), **common).simulator(protocol)
+        other = prior(args.left_out).simulator(protocol)
         signals, left = other.sample(args.n_test, seed=TEST_SEED + 1)
         table, flagged = {}, {}
         for snr in SNRS:
@@ -187,18 +217,19 @@ def main(argv=None):
         print_table(f"families left out of training: {args.left_out}", table, flagged)
     if args.fixed_permeability is not None:
         kappa = (args.fixed_permeability,) * 2
-        fixed = TissuePrior(families=trained, permeability=kappa, **common)
+        fixed = prior(permeability=kappa)
         signals, _ = fixed.simulator(protocol).sample(args.n_test, seed=TEST_SEED + 2)
-        print_widths(make_model, model.prior, signals, args.fixed_permeability, rng)
+        # The prior's spread from its held-out draws above (no new simulation).
+        print_widths(make_model, truth, signals, args.fixed_permeability, rng)
     if args.figure:
         figure(args.figure, fits, truth)
         print(f"figure: {args.figure}")
 
 
-def print_widths(make_model, prior, signals, kappa, rng):
+def print_widths(make_model, prior_truth, signals, kappa, rng):
     """Median width (decades) of the 90 % intervals of permeability and
-    exchange time on voxels of one permeability, beside the prior's."""
-    _, prior_truth = prior.sample(len(signals), seed=TEST_SEED + 3)
+    exchange time on voxels of one permeability, beside the prior's (the 5-95 %
+    range of ``prior_truth``, descriptors of draws of the prior)."""
     print(f"\nmembranes of {kappa:g} m/s: 90 % interval width, decades")
     print(
         f"{'descriptor':>16} {'SNR':>4} {'posterior':>10} {'prior':>6} {'contains':>9}"

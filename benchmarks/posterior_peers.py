@@ -79,7 +79,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from posterior_calibration import demo_protocol, rician
+from posterior_calibration import add_estimator_arguments, rician, trained_model
 
 from dipy_spinverse import SpinverseModel
 from dipy_spinverse.compartments import (
@@ -89,7 +89,6 @@ from dipy_spinverse.compartments import (
     ZcdModel,
 )
 from dipy_spinverse.geometry import describe
-from dipy_spinverse.posterior import FAMILIES, TissuePrior, TrainingOptions
 from dipy_spinverse.reconst.fit import FITTED
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
 
@@ -361,16 +360,7 @@ def print_table(title, results, truth, methods, record):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # The prior, protocol and training options of posterior_calibration.py,
-    # with its defaults: the same options give the same cached estimator.
-    parser.add_argument("--resolution", type=int, default=4)
-    parser.add_argument("--cell_diameter", type=float, nargs=2, default=(1.0, 25.0))
-    parser.add_argument("--min_spacings", type=float, default=3.0)
-    parser.add_argument("--n_directions", type=int, default=10)
-    parser.add_argument("--n_train", type=int, default=20_000)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--left_out", nargs="*", default=(), choices=FAMILIES)
-    parser.add_argument("--cache_dir", default=None)
+    add_estimator_arguments(parser)
     parser.add_argument("--n_test", type=int, default=100)
     parser.add_argument(
         "--search",
@@ -401,33 +391,7 @@ def main(argv=None):
         f"{os.cpu_count()} CPUs, torch {torch.__version__} on "
         f"{torch.get_num_threads()} threads; {date.today()}"
     )
-    protocol = demo_protocol(args.n_directions)
-    common = dict(
-        resolution=args.resolution,
-        cell_diameter=tuple(args.cell_diameter),
-        min_spacings=args.min_spacings,
-    )
-    trained = tuple(f for f in FAMILIES if f not in args.left_out)
-    options = TrainingOptions(n_simulations=args.n_train, epochs=args.epochs)
-
-    def make_model(sigma):
-        return SpinverseModel(
-            protocol,
-            fit_method="posterior",
-            prior=TissuePrior(families=trained, **common),
-            posterior_options=options,
-            sigma=sigma,
-            cache_dir=args.cache_dir,
-        )
-
-    model = make_model(0.01)
-    start = time.perf_counter()
-    estimator = model.estimator  # trained here, or read from the cache
-    print(
-        f"training (or cache): {time.perf_counter() - start:.0f} s; "
-        f"{sum(p.numel() for p in estimator.parameters()):,} parameters, "
-        f"{model.estimator_path}"
-    )
+    protocol, prior_of, make_model, model = trained_model(args)
     prior = model.prior.prior
     diffusivity = prior.diffusivity if np.ndim(prior.diffusivity) == 0 else None
     try:
@@ -439,7 +403,7 @@ def main(argv=None):
     methods += ["NEXI"] * (nexi is not None) + [SEARCH] * (args.search > 0)
     sets = [("held-out draws of the training prior", model.prior, TEST_SEED)]
     if args.left_out:
-        left = TissuePrior(families=tuple(args.left_out), **common)
+        left = prior_of(args.left_out)
         title = f"families left out of training: {list(args.left_out)}"
         sets.append((title, left.simulator(protocol), TEST_SEED + 1))
     for title, simulator, seed in sets:
