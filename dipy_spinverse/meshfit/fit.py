@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import optimize
 from scipy.spatial import cKDTree
 
 from ..checks import (
@@ -333,7 +334,7 @@ def fit_mesh(
         about ``learning_rate`` a step, so a fit started at the template's
         4 um stalled near it whatever the cell (8 um came out 4.6 um).
         ``"screen"``: the radius whose signal fits best among
-        :data:`SCREEN_RADII`, refined by a golden-section search in the log
+        :data:`SCREEN_RADII`, refined by a bounded Brent search in the log
         of the radius (:func:`screen_size`); a float: a size estimate of
         one's own (e.g. the posterior's ``cell_diameter / 2``); ``None``: the
         template as given. ``"auto"`` (default): ``"screen"`` for the
@@ -893,9 +894,8 @@ def _template_mesh(template):
 
 #: Radii (um) of the size screen of :func:`fit_mesh` (ratio 1.26).
 SCREEN_RADII = tuple(np.geomspace(1.0, 16.0, 13))
-# Golden-section steps of the screen: the bracket of two screen ratios
-# (1.59) shrinks 0.618x a step, to 0.5 % of the radius after 10.
-_GOLDEN_STEPS = 10
+# Tolerance of the screen's refinement in log r: 0.2 % of the radius.
+_LOG_TOL = 2e-3
 
 
 def template_radius(mesh, kind):
@@ -934,9 +934,9 @@ def screen_size(
 ):
     """The template radius (um) whose simulated signal best fits ``signal``.
 
-    Scans ``radii``, then refines the best by a golden-section search in
-    ``log r`` between its neighbours (unimodal there for the cells tried;
-    23 simulations in all). The loss is the squared misfit of the
+    Scans ``radii``, then refines the best by Brent's bounded search in
+    ``log r`` between its neighbours (``scipy.optimize.minimize_scalar``;
+    unimodal there for the cells tried). The loss is the squared misfit of the
     b0-normalised signals (with ``background``, of the voxel's).
 
     Parameters
@@ -986,20 +986,12 @@ def screen_size(
     losses = [misfit(x) for x in logs]
     best = int(np.argmin(losses))
     low, high = logs[max(best - 1, 0)], logs[min(best + 1, len(logs) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = high - ratio * (high - low), low + ratio * (high - low)
-    fa, fb = misfit(a), misfit(b)
-    for _ in range(_GOLDEN_STEPS):
-        if fa <= fb:
-            high, b, fb = b, a, fa
-            a = high - ratio * (high - low)
-            fa = misfit(a)
-        else:
-            low, a, fa = a, b, fb
-            b = low + ratio * (high - low)
-            fb = misfit(b)
-    candidates = [(losses[best], logs[best]), (fa, a), (fb, b)]
-    return float(math.exp(min(candidates)[1]))
+    refined = optimize.minimize_scalar(
+        misfit, bounds=(low, high), method="bounded", options={"xatol": _LOG_TOL}
+    )
+    if refined.fun < losses[best]:
+        return float(math.exp(refined.x))
+    return float(math.exp(logs[best]))
 
 
 def _penalty_weights(shape):
