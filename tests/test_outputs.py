@@ -185,13 +185,20 @@ def barrier_fit(model, truth):
     permeability[1, 0, 0] = np.where(grid.interface_faces(slab), 2e-5, 0.1)
     status = np.full((2, 2, 1), OK)
     status[1, 1, 0] = MASKED
+    return _fit_of(model, permeability, status)
+
+
+def _fit_of(model, permeability, status):
+    """A SpinverseFit of given face fields and status (6 volumes, 2
+    sequences; MASKED voxels outside the mask), without fitting."""
+    shape = status.shape
     params = dict(
         permeability=permeability,
         labels=None,
-        predicted=np.ones((2, 2, 1, 6)),
-        S0=np.ones((2, 2, 1)),
-        S0_sequences=np.ones((2, 2, 1, 2)),
-        loss=np.zeros((2, 2, 1)),
+        predicted=np.ones(shape + (6,)),
+        S0=np.ones(shape),
+        S0_sequences=np.ones(shape + (2,)),
+        loss=np.zeros(shape),
         status=status,
     )
     return SpinverseFit(model, params, status != MASKED)
@@ -483,17 +490,7 @@ def test_barriers_of_many_voxels_are_written_in_slabs(model, truth, tmp_path):
     grid = model.grid
     n = len(truth[1])
     permeability = np.broadcast_to(truth[1], (1, 1, 3, n)).copy()
-    status = np.full((1, 1, 3), OK)
-    params = dict(
-        permeability=permeability,
-        labels=None,
-        predicted=np.ones((1, 1, 3, 6)),
-        S0=np.ones((1, 1, 3)),
-        S0_sequences=np.ones((1, 1, 3, 2)),
-        loss=np.zeros((1, 1, 3)),
-        status=status,
-    )
-    fit = SpinverseFit(model, params, np.ones((1, 1, 3), bool))
+    fit = _fit_of(model, permeability, np.full((1, 1, 3), OK))
     assert surface_slabs(fit, 2) == [(0, 1), (2, 2)]
     assert surface_slabs(fit, 5) == [(0, 2)]
     out = {
