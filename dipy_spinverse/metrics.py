@@ -334,18 +334,20 @@ def grid_symmetries(grid):
         steps = steps.reshape(-1, 3) * grid.spacing
         vectors = list(steps) + list(steps + grid.spacing / 2)
     maps, names = [], []
-    for inverted in (False, True):
-        for t in vectors:
-            # The map sends cell i to the cell at its moved position.
-            moved = (grid.size - centroids if inverted else centroids) + t
-            distance, index = tree.query(grid.wrap(moved))
-            if np.all(distance <= tolerance):
-                maps.append(index)
-                name = "inversion" if inverted else ""
-                if np.any(t):
-                    shift = ", ".join(f"{v:.3g}" for v in t)
-                    name = f"{name} + translation ({shift}) um".lstrip(" +")
-                names.append(name or "identity")
+    for t in vectors:
+        # The map sends cell i to the cell at its moved position.
+        distance, index = tree.query(grid.wrap(centroids + t))
+        if np.all(distance <= tolerance):
+            maps.append(index)
+            shift = ", ".join(f"{v:.3g}" for v in t)
+            names.append(f"translation ({shift}) um" if np.any(t) else "identity")
+    try:
+        inversion = cell_inversion(grid)
+    except ValueError:  # not symmetric under inversion: translations only
+        return np.array(maps), names
+    # Translating the inverted cell i: the cell at (size - x_i) + t.
+    maps += [m[inversion] for m in maps]
+    names += [("inversion + " + n).replace(" + identity", "") for n in names]
     return np.array(maps), names
 
 
@@ -367,21 +369,11 @@ def aligned_overlap(grid, inside, true_inside):
     dict
         ``iou``, ``dice`` (volume weighted) and ``symmetry`` (its name).
     """
-    inside = _cells(grid, inside, "inside")
     true_inside = _cells(grid, true_inside, "true_inside")
     maps, names = grid_symmetries(grid)
-    v = grid.cell_volumes
-    moved = true_inside[maps]  # (n_maps, n_cells)
-    both = (v * (moved & inside)).sum(-1)
-    either = (v * (moved | inside)).sum(-1)
-    if either.max() == 0:
-        return dict(iou=1.0, dice=1.0, symmetry="identity")
-    iou = np.where(either > 0, both / np.where(either > 0, either, 1), 1.0)
-    best = int(np.argmax(iou))
-    total = v[inside].sum() + v[true_inside].sum()
-    return dict(
-        iou=float(iou[best]), dice=float(2 * both[best] / total), symmetry=names[best]
-    )
+    overlaps = [cell_overlap(grid, inside, true_inside[m]) for m in maps]
+    best = max(range(len(maps)), key=lambda k: overlaps[k]["iou"])
+    return dict(overlaps[best], symmetry=names[best])
 
 
 def all_metrics(
