@@ -215,30 +215,22 @@ _MAX_PEAK = {torch.float64: 1e4, torch.float32: 10.0}
 
 
 def _chebyshev_step(op, step, imag, factor, u, tol, spread=0.0, plans=None):
-    lo, hi, radius, centre, n_sub, coeffs = _cached_plan(
+    n_sub, r_t, zdiag, zweights, coeffs = _cached_plan(
         op, step, imag, u, tol, spread, {} if plans is None else plans
     )
-    rdt = op.diag.dtype
-    r_t = torch.as_tensor(radius, dtype=rdt, device=u.device)[:, None]
-    c_t = torch.as_tensor(centre, dtype=rdt, device=u.device)[:, None]
-    zdiag = (op.diag - c_t) / r_t  # (B, N)
-    zweights = op.weights / r_t[..., None]  # (B, N, K)
     if imag is not None:
         z = _LabZ(imag[None] / r_t[..., None], op.neighbours)
     else:
         z = _PhaseZ(factor, op.neighbours)
-    coeffs = tuple(
-        torch.as_tensor(c, dtype=u.dtype, device=u.device)[:, None, None]
-        for c in coeffs
-    )
     for _ in range(n_sub):
         u = _ChebyshevExp.apply(u, zdiag, zweights, z, coeffs)
     return u
 
 
 def _cached_plan(op, step, imag, u, tol, spread, plans):
-    """Bounds, centre and Chebyshev plan of a step, reused by the sub-steps of
-    one piece (same length, weights and node spread: the same plan)."""
+    """Sub-steps, radius (B, 1), scaled generator parts and Chebyshev
+    coefficients of a step; the sub-steps of one piece (same length, weights
+    and node spread) share them, built once."""
     grad = torch.is_grad_enabled() and (
         u.requires_grad or op.weights.requires_grad or op.diag.requires_grad
     )
@@ -264,7 +256,15 @@ def _cached_plan(op, step, imag, u, tol, spread, plans):
         _MAX_PEAK[op.diag.dtype],
         max_x=_MAX_X if grad else _MAX_X_FORWARD,
     )
-    plan = (lo, hi, radius, centre, n_sub, coeffs)
+    rdt = op.diag.dtype
+    r_t = torch.as_tensor(radius, dtype=rdt, device=u.device)[:, None]
+    c_t = torch.as_tensor(centre, dtype=rdt, device=u.device)[:, None]
+    coeffs = tuple(
+        torch.as_tensor(c, dtype=u.dtype, device=u.device)[:, None, None]
+        for c in coeffs
+    )
+    # zdiag (B, N) and zweights (B, N, K): the generator scaled to [-1, 1].
+    plan = (n_sub, r_t, (op.diag - c_t) / r_t, op.weights / r_t[..., None], coeffs)
     if imag is None:
         plans[key] = plan
     return plan
