@@ -63,8 +63,8 @@ def main():
         f"{'s/substrate':>12} {'pilot s':>8}"
     )
     mean = 0.0
-    for side in sorted(simulator.phase_steps):
-        count, error = simulator.phase_steps[side]
+    for side in sorted(simulator.measured_substeps):
+        count, error = simulator.measured_substeps[side]
         spent, rows = regular.get(side, (0.0, 0))
         p_spent, p_rows = pilot[side]
         # A side drawn only for its pilot: its cost is about half the pilot's
@@ -87,7 +87,7 @@ def _timed(simulator):
     """Seconds and rows per patch side of the simulations after each side's
     pilot, and of the pilots."""
     regular, pilot = {}, {}
-    simulate, choose = simulator._simulate, simulator._choose_phase_step
+    simulate, choose = simulator._simulate, simulator._measure_substeps
 
     def run(grid, draws, rows, side=None, **kwargs):
         start = time.perf_counter()
@@ -104,7 +104,7 @@ def _timed(simulator):
         pilot[side] = (time.perf_counter() - start, len(rows))
         return out
 
-    simulator._simulate, simulator._choose_phase_step = run, measure
+    simulator._simulate, simulator._measure_substeps = run, measure
     return regular, pilot
 
 

@@ -264,12 +264,12 @@ def test_prior_simulator_measures_its_time_error():
     tolerance = 1e-3
     fast = prior.simulator(PROTOCOL, time_tolerance=tolerance)
     signals, _ = fast.sample(4, seed=3)
-    assert fast.phase_steps
-    assert all(err <= tolerance for _, err in fast.phase_steps.values())
-    assert max(count for count, _ in fast.phase_steps.values()) > 1
+    assert fast.measured_substeps
+    assert all(err <= tolerance for _, err in fast.measured_substeps.values())
+    assert max(count for count, _ in fast.measured_substeps.values()) > 1
     reference = prior.simulator(PROTOCOL, time_tolerance=tolerance)
-    reference.phase_steps = {
-        side: (4 * count, None) for side, (count, _) in fast.phase_steps.items()
+    reference.measured_substeps = {
+        side: (4 * count, None) for side, (count, _) in fast.measured_substeps.items()
     }
     exact, _ = reference.sample(4, seed=3)
     assert np.abs(signals - exact).max() <= 1.2 * tolerance

@@ -330,7 +330,7 @@ class PriorSimulator:
             time_tolerance = check_number(time_tolerance, "time_tolerance", minimum=0.0)
         self.time_tolerance = time_tolerance
         #: Per patch side: (Magnus sub-step multiplier, measured time error).
-        self.phase_steps = {}
+        self.measured_substeps = {}
 
     def sample(self, n, *, seed, progress=False):
         """``n`` noise-free signals and their true descriptors.
@@ -339,7 +339,7 @@ class PriorSimulator:
         ``numpy.random.SeedSequence(seed)``), not on ``n``. Its signal does
         too, to within ``time_tolerance``: the sub-steps of a patch side are
         measured on the first draws of that side and then kept by this
-        simulator (``phase_steps``).
+        simulator (``measured_substeps``).
 
         Parameters
         ----------
@@ -371,9 +371,9 @@ class PriorSimulator:
         bar = tqdm(total=n, desc="Simulating", disable=not progress)
         for side, rows in by_side.items():
             grid = self.prior._grid(side)
-            if side not in self.phase_steps:
+            if self.time_tolerance is not None and side not in self.measured_substeps:
                 pilot = rows[: self._PILOT]
-                signals[pilot] = self._choose_phase_step(side, grid, draws, pilot)
+                signals[pilot] = self._measure_substeps(side, grid, draws, pilot)
                 bar.update(len(pilot))
                 rows = rows[len(pilot) :]
             for start in range(0, len(rows), self.batch_size):
@@ -389,7 +389,7 @@ class PriorSimulator:
 
     def _simulate(self, grid, draws, rows, side=None, *, substeps=None):
         if substeps is None:
-            substeps = self.phase_steps[side][0] if side in self.phase_steps else 1
+            substeps = self.measured_substeps.get(side, (1, None))[0]
         kappa = np.stack([draws[i][1].face_permeability for i in rows])
         diffusivity = np.array([draws[i][2] for i in rows])[:, None]
         with torch.no_grad():
@@ -405,20 +405,17 @@ class PriorSimulator:
             )
         return out.cpu().numpy()
 
-    def _choose_phase_step(self, side, grid, draws, rows):
+    def _measure_substeps(self, side, grid, draws, rows):
         """Double the Magnus sub-steps of ``rows`` until their signals change
         by less than ``time_tolerance``; keep that count for the side and
         return the rows' signals at it (as every other row of the side)."""
-        if self.time_tolerance is None:
-            self.phase_steps[side] = (1, None)
-            return self._simulate(grid, draws, rows, substeps=1)
         substeps = 1
         coarse = self._simulate(grid, draws, rows, substeps=substeps)
         while True:
             fine = self._simulate(grid, draws, rows, substeps=2 * substeps)
             error = float(np.abs(coarse - fine).max())
             if error <= self.time_tolerance or 2 * substeps >= self.MAX_SUBSTEPS:
-                self.phase_steps[side] = (substeps, error)
+                self.measured_substeps[side] = (substeps, error)
                 if error > self.time_tolerance:
                     logger.warning(
                         "Prior patches of side %.3g um: time error %.2g after %d "
