@@ -39,7 +39,7 @@ from search_landscape import lattice_translations
 
 from dipy_spinverse import simulate
 from dipy_spinverse.inverse.search import label_field
-from dipy_spinverse.signals import normalise_b0
+from dipy_spinverse.sim.signals import normalise_b0
 
 OPEN_KAPPA = 0.1  # m/s: faces without a membrane, as generalisation.py's truth
 SNRS = (100.0, 30.0)

@@ -60,7 +60,7 @@ from dipy_spinverse.compartments import (  # noqa: E402
     NoddiModel,
     ZcdModel,
 )
-from dipy_spinverse.sequences import Protocol, fibonacci_sphere  # noqa: E402
+from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere  # noqa: E402
 
 SNR = 50.0
 S0 = 100.0

@@ -1,6 +1,6 @@
 """Recovery of held-out random substrates: does the inversion generalise?
 
-Draws ``--n`` random substrates (:mod:`dipy_spinverse.substrates`; 1-4 cells
+Draws ``--n`` random substrates (:mod:`dipy_spinverse.geometry.substrates`; 1-4 cells
 of seven kinds) from ``--seed`` (never the proposal's training seed), simulates
 their signals on the published protocol, inverts them with the default
 preset and scores every voxel against the truth and its point inversion
@@ -73,21 +73,21 @@ import torch
 import dipy_spinverse
 from dipy_spinverse import TetGrid, published_protocol, simulate
 from dipy_spinverse.files import atomic_write, cache_root, writable_folder
-from dipy_spinverse.forward import update_digest
-from dipy_spinverse.interface import cell_table
-from dipy_spinverse.inverse import prepare, reconstruct, resolve_config
-from dipy_spinverse.inverse.approximation import APPROXIMATION_SEED
-from dipy_spinverse.inverse.proposal import TRAINING_SEED
-from dipy_spinverse.inverse.search import SIGNAL_CACHE, label_field
-from dipy_spinverse.metrics import (
+from dipy_spinverse.geometry.metrics import (
     aligned_overlap,
     all_metrics,
     cell_inversion,
     cell_overlap,
 )
+from dipy_spinverse.geometry.substrates import random_substrates
+from dipy_spinverse.geometry.topology import cell_table
+from dipy_spinverse.inverse import prepare, reconstruct, resolve_config
+from dipy_spinverse.inverse.approximation import APPROXIMATION_SEED
+from dipy_spinverse.inverse.proposal import TRAINING_SEED
+from dipy_spinverse.inverse.search import SIGNAL_CACHE, label_field
 from dipy_spinverse.reconst.runner import misfit
-from dipy_spinverse.signals import data_loss, noise_precision, normalise_b0
-from dipy_spinverse.substrates import random_substrates
+from dipy_spinverse.sim.forward import update_digest
+from dipy_spinverse.sim.signals import data_loss, noise_precision, normalise_b0
 
 #: Part of the cache key of the targets' signals (:func:`simulated`), as the
 #: package's own caches have one: bump it when the forward model's results
@@ -177,7 +177,7 @@ def score(grid, labels, kappa_true, found, permeability):
     """IoU, face F1, Chamfer (um) and per-cell permeability errors.
 
     Twin-aware: the truth or its point inversion, whichever fits better
-    (:func:`~dipy_spinverse.metrics.all_metrics` with ``twin=True``).
+    (:func:`~dipy_spinverse.geometry.metrics.all_metrics` with ``twin=True``).
     """
     faces = grid.face_cells
     true_barrier = labels[faces[:, 0]] != labels[faces[:, 1]]

@@ -36,9 +36,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dipy_spinverse import TetGrid, published_protocol, simulate  # noqa: E402
-from dipy_spinverse.inverse import reconstruct  # noqa: E402
-from dipy_spinverse.metrics import all_metrics  # noqa: E402
-from dipy_spinverse.phantoms import (  # noqa: E402
+from dipy_spinverse.geometry.metrics import all_metrics  # noqa: E402
+from dipy_spinverse.geometry.phantoms import (
     beaded_axon,
     bent_axon,
     cylinder,
@@ -46,6 +45,7 @@ from dipy_spinverse.phantoms import (  # noqa: E402
     sphere,
     torus,
 )
+from dipy_spinverse.inverse import reconstruct  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

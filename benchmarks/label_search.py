@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from dipy_spinverse import TetGrid, published_protocol, simulate
+from dipy_spinverse.geometry.phantoms import published_phantoms
 from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.inverse.search import SIGNAL_CACHE, search_labels
-from dipy_spinverse.phantoms import published_phantoms
-from dipy_spinverse.signals import normalise_b0
+from dipy_spinverse.sim.signals import normalise_b0
 
 
 def main(argv=None):

@@ -4,7 +4,7 @@ The smallest standard deviation an unbiased estimator of the axon's radius,
 beading amplitude and beading period can reach at a given SNR: the inverse
 Fisher information of the fit's own forward model (``meshfit``'s axon code
 on its tube template, eigenbasis cut at 2 um, the 540 acquisitions of
-:func:`~dipy_spinverse.sequences.published_protocol`), Gaussian noise of
+:func:`~dipy_spinverse.sim.sequences.published_protocol`), Gaussian noise of
 ``1 / snr`` of the b = 0 signal, its Jacobian by the fit's own forward
 differences. Free: radius, the beading's two components and its period
 (bend, swelling and fanning held at the truth's 0, as the fit holds them
@@ -23,7 +23,7 @@ import torch
 
 # The fit's own residual model (private: this script measures the fit).
 from dipy_spinverse.meshfit.fit import _axon_template, _AxonModel
-from dipy_spinverse.sequences import published_protocol
+from dipy_spinverse.sim.sequences import published_protocol
 
 CASES = {
     "beaded": dict(radius=3.4, beading_amplitude=0.2, beading_period=10.0),

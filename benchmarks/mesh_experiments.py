@@ -13,7 +13,7 @@ estimator as on the true surface, :func:`tube_profile`), and the Chamfer
 distance to the true surface after centring (the signal does not depend on
 the cell's position) and taking the better of the surface and its point
 reflection (nor on a point reflection). The staircase of the true shape on
-the published grid (6.7 um spacing, :func:`dipy_spinverse.phantoms`,
+the published grid (6.7 um spacing, :func:`dipy_spinverse.geometry.phantoms`,
 membership by centroid) gives the grid surface's Chamfer for comparison: the
 best a grid surface can do, before any fit.
 
@@ -30,7 +30,7 @@ with ``--code latent`` (the fit in the latent code of the shape autoencoder,
 ``benchmarks/results/mesh_inversion_latent_results.json`` and no figure; with ``--code
 axon`` (the axon family's eight parameters, Levenberg-Marquardt with a
 screen of beading periods; tube cases only) or ``--protocol published``
-(the 540 acquisitions of :func:`dipy_spinverse.sequences.published_protocol`
+(the 540 acquisitions of :func:`dipy_spinverse.sim.sequences.published_protocol`
 instead of the reduced 50)
 ``benchmarks/results/mesh_inversion_<code>_<protocol>_results.json``
 and no figure.
@@ -48,8 +48,7 @@ from meshfit import reduced_protocol  # benchmarks/meshfit.py: the same subset
 from scipy.optimize import OptimizeWarning, curve_fit
 from tqdm import tqdm
 
-from dipy_spinverse.grid import TetGrid
-from dipy_spinverse.interface import barrier_mesh
+from dipy_spinverse.geometry.topology import barrier_mesh
 from dipy_spinverse.meshfit import (
     axon_mesh,
     ball_mesh,
@@ -57,7 +56,8 @@ from dipy_spinverse.meshfit import (
     mesh_signal,
     surface_chamfer,
 )
-from dipy_spinverse.sequences import published_protocol
+from dipy_spinverse.sim.grid import TetGrid
+from dipy_spinverse.sim.sequences import published_protocol
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -4,7 +4,7 @@ A sphere (or, ``--shape cylinder``, a cylinder along z running through the
 reflecting box: a closed tube as long as the box) in a voxel of the
 published grid (26.7 um box, 6.7 um spacing): its label is the staircase
 of grid cells whose centroid is inside
-(:func:`dipy_spinverse.phantoms.sphere`), the labelling a perfect label
+(:func:`dipy_spinverse.geometry.phantoms.sphere`), the labelling a perfect label
 search would return. :func:`dipy_spinverse.meshfit.refine_cell` starts a
 ball from that label's surface and fits it to the voxel's signal.
 
@@ -37,6 +37,7 @@ from dipy.sims.voxel import add_noise
 from mesh_experiments import reduced_protocol
 
 from dipy_spinverse import TetGrid, simulate
+from dipy_spinverse.geometry.phantoms import cylinder, sphere
 from dipy_spinverse.inverse import reconstruct
 from dipy_spinverse.meshfit import (
     ball_mesh,
@@ -51,8 +52,7 @@ from dipy_spinverse.meshfit.refine import (
     refine_cell,
     refine_template,
 )
-from dipy_spinverse.phantoms import cylinder, sphere
-from dipy_spinverse.signals import normalise_b0
+from dipy_spinverse.sim.signals import normalise_b0
 
 
 def voxel_signal(grid, phantom, truth, protocol):

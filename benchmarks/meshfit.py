@@ -27,7 +27,7 @@ from dipy_spinverse.meshfit import (
     mesh_basis,
     mesh_signal,
 )
-from dipy_spinverse.sequences import Protocol, fibonacci_sphere, published_protocol
+from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere, published_protocol
 
 
 def time_forward(resolution, length_scale, repeats):

@@ -1,7 +1,7 @@
 """Speed and time-stepping accuracy of ``simulate`` on periodic grids.
 
 Times ``simulate`` batched over random substrates
-(:func:`dipy_spinverse.substrates.random_substrates`) on the README demo's
+(:func:`dipy_spinverse.geometry.substrates.random_substrates`) on the README demo's
 protocol (``make_phantom_dataset`` defaults: PGSE (delta, Delta) = (5, 6),
 (10, 20), (10, 60) ms; b = 0, 1000, 2500, 4000 s/mm^2; 10 directions and
 3 b = 0 per timing; 99 volumes) and prints one row per configuration: grid,
@@ -25,9 +25,10 @@ import time
 import numpy as np
 import torch
 
-from dipy_spinverse import TetGrid, forward, simulate, solvers
+from dipy_spinverse import TetGrid, simulate
 from dipy_spinverse.data import _protocol
-from dipy_spinverse.substrates import random_substrates
+from dipy_spinverse.geometry.substrates import random_substrates
+from dipy_spinverse.sim import forward, solvers
 
 TIMINGS = ((0.005, 0.006), (0.010, 0.020), (0.010, 0.060))
 BVALS = (1000.0, 2500.0, 4000.0)

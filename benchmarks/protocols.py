@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from dipy_spinverse import TetGrid, published_protocol, reconstruct, simulate
-from dipy_spinverse.metrics import all_metrics
-from dipy_spinverse.phantoms import published_phantoms
-from dipy_spinverse.sequences import fibonacci_sphere
+from dipy_spinverse.geometry.metrics import all_metrics
+from dipy_spinverse.geometry.phantoms import published_phantoms
+from dipy_spinverse.sim.sequences import fibonacci_sphere
 
 SNR = 100.0
 

@@ -1,11 +1,14 @@
 """dipy_spinverse: permeability-aware microstructure imaging for DIPY.
 
-Data flows one way: ``grid`` (geometry) -> ``operators`` (finite-volume
-Bloch-Torrey operators) -> ``solvers`` (time integration) -> ``forward``
-(:func:`simulate`), with ``sequences`` describing the acquisitions.
+The packages are the layers, and data flows one way: ``sim`` (grid ->
+operators -> solvers -> :func:`simulate`, with the acquisitions in
+``sim.sequences``) -> ``geometry`` (cells on a grid, their surfaces and
+descriptors) -> the estimators (``inverse``, ``meshfit``, ``posterior``,
+``compartments``, ``tissue``) -> ``reconst`` (the DIPY layer) -> ``io`` (the
+fit store and mesh files) -> ``workflows`` (the commands).
 """
 
-import importlib
+from .lazy import alias_moved_modules, attach
 
 __version__ = "0.1.0.dev0"
 
@@ -13,24 +16,24 @@ __version__ = "0.1.0.dev0"
 # use (PEP 562), so that ``import dipy_spinverse`` loads neither torch nor
 # the compartment models nor the tissue maps until they are asked for.
 _NAMES = {
-    "TetGrid": "grid",
-    "simulate": "forward",
-    "Protocol": "sequences",
-    "PGSE": "sequences",
-    "DoublePGSE": "sequences",
-    "CosineOGSE": "sequences",
-    "SineOGSE": "sequences",
-    "PiecewiseConstant": "sequences",
-    "published_protocol": "sequences",
+    "TetGrid": "sim.grid",
+    "simulate": "sim.forward",
+    "Protocol": "sim.sequences",
+    "PGSE": "sim.sequences",
+    "DoublePGSE": "sim.sequences",
+    "CosineOGSE": "sim.sequences",
+    "SineOGSE": "sim.sequences",
+    "PiecewiseConstant": "sim.sequences",
+    "published_protocol": "sim.sequences",
     "reconstruct": "inverse",
     "Reconstruction": "inverse",
-    "Phantom": "phantoms",
-    "published_phantoms": "phantoms",
-    "InterfaceMesh": "interface",
-    "barrier_mesh": "interface",
-    "load_mesh": "interface",
-    "all_metrics": "metrics",
-    "cell_overlap": "metrics",
+    "Phantom": "geometry.phantoms",
+    "published_phantoms": "geometry.phantoms",
+    "InterfaceMesh": "geometry.topology",
+    "barrier_mesh": "geometry.topology",
+    "load_mesh": "geometry.topology",
+    "all_metrics": "geometry.metrics",
+    "cell_overlap": "geometry.metrics",
     "SpinverseModel": "reconst",
     "SpinverseFit": "reconst",
     "NoddiModel": "compartments",
@@ -41,15 +44,27 @@ _NAMES = {
 }
 
 __all__ = list(_NAMES)
+__getattr__, __dir__ = attach(__name__, _NAMES)
 
-
-def __getattr__(name):
-    if name in _NAMES:
-        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_NAMES))
+# Modules that moved into the layer packages in 0.1 (CHANGELOG.md): their
+# old paths still import, with a DeprecationWarning.
+alias_moved_modules(
+    {
+        f"{__name__}.{old}": f"{__name__}.{new}"
+        for old, new in {
+            "grid": "sim.grid",
+            "operators": "sim.operators",
+            "solvers": "sim.solvers",
+            "forward": "sim.forward",
+            "sequences": "sim.sequences",
+            "signals": "sim.signals",
+            "analytic": "sim.analytic",
+            "phantoms": "geometry.phantoms",
+            "substrates": "geometry.substrates",
+            "metrics": "geometry.metrics",
+            "interface": "geometry.topology",
+            "surfaces": "io.surfaces",
+            "cli": "workflows.cli",
+        }.items()
+    }
+)

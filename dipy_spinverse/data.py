@@ -2,7 +2,7 @@
 
 :func:`make_phantom_dataset` writes a deterministic 3 x 2 x 1 voxel diffusion
 dataset (no download): each voxel is one substrate from
-:mod:`dipy_spinverse.phantoms` on the default grid of
+:mod:`dipy_spinverse.geometry.phantoms` on the default grid of
 :class:`~dipy_spinverse.reconst.SpinverseModel` -- cylinders of different
 radii, orientations and permeabilities and a sphere -- simulated with
 :func:`dipy_spinverse.simulate` for a two-diffusion-time PGSE protocol, with
@@ -16,11 +16,11 @@ import os
 import numpy as np
 
 from .files import save_image
-from .forward import simulate
-from .grid import TetGrid
-from .interface import barrier_mesh
-from .phantoms import cylinder, sphere
-from .sequences import Protocol, fibonacci_sphere
+from .geometry.phantoms import cylinder, sphere
+from .geometry.topology import barrier_mesh
+from .sim.forward import simulate
+from .sim.grid import TetGrid
+from .sim.sequences import Protocol, fibonacci_sphere
 
 __all__ = ["make_phantom_dataset", "PHANTOM_VOXELS"]
 

@@ -3,7 +3,7 @@ Compartment models versus Spinverse on the same simulated voxels
 ================================================================
 
 Three synthetic voxels the inversion has never seen -- held-out random
-substrates (:mod:`dipy_spinverse.substrates`): a capsule, a bent tube and
+substrates (:mod:`dipy_spinverse.geometry.substrates`): a capsule, a bent tube and
 two touching cells, each cell with its own membrane permeability -- are drawn
 and simulated with the package's own Bloch-Torrey solver
 (:func:`dipy_spinverse.simulate`) on a grid twice as fine as the fit's, inside
@@ -49,11 +49,11 @@ from dipy_spinverse import (  # noqa: E402
     reconstruct,
     simulate,
 )
-from dipy_spinverse.analytic import exchange_rates  # noqa: E402
-from dipy_spinverse.interface import cell_table, enclosed_cells  # noqa: E402
+from dipy_spinverse.geometry.metrics import cell_inversion, inversion_twin  # noqa: E402
+from dipy_spinverse.geometry.substrates import random_substrate  # noqa: E402
+from dipy_spinverse.geometry.topology import cell_table, enclosed_cells  # noqa: E402
 from dipy_spinverse.inverse.proposal import TRAINING_SEED  # noqa: E402
-from dipy_spinverse.metrics import cell_inversion, inversion_twin  # noqa: E402
-from dipy_spinverse.substrates import random_substrate  # noqa: E402
+from dipy_spinverse.sim.analytic import exchange_rates  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
 parser.add_argument("--out", default="compare_output", help="output directory")
@@ -89,7 +89,7 @@ wall_start = time.perf_counter()
 # fit's grid cannot draw exactly -- as in a real voxel, where no membrane
 # follows the fit's grid.
 #
-# :func:`~dipy_spinverse.substrates.random_substrate` draws cells of a given
+# :func:`~dipy_spinverse.geometry.substrates.random_substrate` draws cells of a given
 # kind at random size, orientation and position, one seed per call
 # (``--substrate-seed``, 1 by default, the same for all three voxels). The
 # learned proposal is trained on substrates drawn from ``TRAINING_SEED``
@@ -152,7 +152,7 @@ def exchange_rate(on_grid, labels, permeability):
     """Barrier-limited intra -> extracellular exchange rate, 1/s.
 
     ``k_ie = sum(kappa A) / V_in`` over the faces between a cell and the
-    extracellular space (:func:`~dipy_spinverse.analytic.exchange_rates` with
+    extracellular space (:func:`~dipy_spinverse.sim.analytic.exchange_rates` with
     the area-weighted mean permeability of those faces); faces between two
     touching cells do not reach the extracellular water and do not count.
     """
@@ -286,7 +286,7 @@ tau_at_bound = karger.exchange_time >= 0.99 * TAU_BOUNDS[1]
 # compartments) and one membrane permeability per cell, started from the
 # preset's grid ``search_kappas`` (1e-5 to 2e-4 m/s), moved cell by cell with
 # the labels (down to 1e-7 m/s) and refined at the end;
-# :func:`~dipy_spinverse.interface.cell_table` reads each cell's
+# :func:`~dipy_spinverse.geometry.topology.cell_table` reads each cell's
 # volume, membrane area and permeability off them.
 #
 # The targets come from a grid twice as fine, as tissue does not come from the

@@ -22,10 +22,10 @@ from dipy.io.gradients import read_bvals_bvecs
 from dipy.io.image import load_nifti, load_nifti_data
 
 from dipy_spinverse.data import make_phantom_dataset
-from dipy_spinverse.io import save_fit, save_maps
+from dipy_spinverse.io.gradients import read_timing
+from dipy_spinverse.io.store import save_fit, save_maps
+from dipy_spinverse.io.surfaces import volume_surface
 from dipy_spinverse.reconst import SpinverseModel
-from dipy_spinverse.surfaces import volume_surface
-from dipy_spinverse.workflows import read_timing
 
 MAPS = ("restricted_fraction", "surface_to_volume", "n_compartments")
 

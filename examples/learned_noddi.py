@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from dipy.core.gradients import gradient_table  # noqa: E402
 
 from dipy_spinverse.compartments import NoddiModel  # noqa: E402
-from dipy_spinverse.sequences import fibonacci_sphere  # noqa: E402
+from dipy_spinverse.sim.sequences import fibonacci_sphere  # noqa: E402
 
 SNR = 30.0
 QUICK_TRAINING = {"n_train": 4000, "epochs": 3, "hidden": (64, 64)}

@@ -128,7 +128,7 @@ def shells_gtab(timings, *, n_dirs=30, n_b0=3):
     For each ``(small_delta, big_delta, shells)``: ``n_b0`` b = 0 volumes,
     then ``n_dirs`` Fibonacci directions per shell (s/mm^2).
     """
-    from dipy_spinverse.sequences import fibonacci_sphere
+    from dipy_spinverse.sim.sequences import fibonacci_sphere
 
     dirs = fibonacci_sphere(n_dirs)
     bvals, bvecs, small, big = [], [], [], []

@@ -10,8 +10,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 from dipy_spinverse import TetGrid
-from dipy_spinverse.metrics import cell_inversion
-from dipy_spinverse.substrates import random_substrates
+from dipy_spinverse.geometry.metrics import cell_inversion
+from dipy_spinverse.geometry.substrates import random_substrates
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "generalisation.py"
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from dipy.core.gradients import GradientTable
 
-from ..sequences import Protocol, check_bvals, check_linear_encoding, unit_rows
+from ..sim.sequences import Protocol, check_bvals, check_linear_encoding, unit_rows
 
 __all__ = ["Acquisition"]
 
@@ -58,7 +58,7 @@ class Acquisition:
 
     @classmethod
     def from_protocol(cls, protocol, *, dtype=DTYPE):
-        """Build from a :class:`~dipy_spinverse.sequences.Protocol`."""
+        """Build from a :class:`~dipy_spinverse.sim.sequences.Protocol`."""
         groups = protocol.groups()
         n_pieces = max(len(w.segments[0]) for w, _ in groups)
         durations = np.zeros((len(groups), n_pieces))
@@ -98,7 +98,7 @@ class Acquisition:
             b <= ``gtab.b0_threshold`` to 0). If False the table's b-values are
             used as they are and only b-value blocks (ball, stick, zeppelin,
             Watson) can be evaluated. Either way the b-values are checked as
-            :func:`~dipy_spinverse.sequences.check_bvals` does (in s/mm^2,
+            :func:`~dipy_spinverse.sim.sequences.check_bvals` does (in s/mm^2,
             with a diffusion-weighted shell).
         dtype : torch.dtype, optional
 

@@ -30,7 +30,7 @@ from ..checks import (
     check_s0,
 )
 from ..files import cache_root, fingerprint
-from ..sequences import fibonacci_sphere
+from ..sim.sequences import fibonacci_sphere
 from .acquisition import Acquisition
 from .fitting import (
     fd_steps,

@@ -9,8 +9,8 @@ Units (internal, as everywhere in ``dipy_spinverse``): lengths in um, times in
 us, diffusivities in um^2/us (numerically mm^2/s), b in us/um^2 (numerically
 s/mm^2), exchange rates in 1/us. The restricted blocks use the Gaussian phase
 approximation (GPA) and accept any piecewise-constant waveform; they are the
-torch versions of :func:`dipy_spinverse.analytic.cylinder_gpa` and
-:func:`~dipy_spinverse.analytic.sphere_gpa` (same roots, same kernel).
+torch versions of :func:`dipy_spinverse.sim.analytic.cylinder_gpa` and
+:func:`~dipy_spinverse.sim.analytic.sphere_gpa` (same roots, same kernel).
 
 References
 ----------
@@ -28,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-from .. import analytic
+from ..sim import analytic
 
 __all__ = [
     "ball",
@@ -1098,7 +1098,7 @@ def karger(acq, *, d1, d2, f1, k12, n_steps=None):
     ``bdot(t) = g^2 F(t)^2``, ``K = [[k12, -k21], [-k12, k21]]``,
     ``k21 = k12 f1 / (1 - f1)`` (detailed balance), and returns
     ``M1 + M2`` at the echo. The torch form of
-    :func:`dipy_spinverse.analytic.karger_signal`, for isotropic compartments.
+    :func:`dipy_spinverse.sim.analytic.karger_signal`, for isotropic compartments.
 
     Parameters
     ----------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from dipy.core.gradients import get_bval_indices, unique_bvals_tolerance
 
-from ..sequences import fibonacci_sphere
+from ..sim.sequences import fibonacci_sphere
 
 __all__ = ["SignalFrame", "rotate_outer"]
 

@@ -25,7 +25,7 @@ from dipy.reconst.csdeconv import (
 from dipy.reconst.dti import TensorModel
 from dipy.reconst.shm import descoteaux07_legacy_msg
 
-from ..sequences import unit_rows
+from ..sim.sequences import unit_rows
 
 __all__ = ["CSDUnavailableError", "csd_peaks", "select_shell"]
 

@@ -1,6 +1,6 @@
 """Per-voxel tissue descriptors of a labelled grid: the single definition.
 
-:func:`describe` turns a labelling of a :class:`~dipy_spinverse.grid.TetGrid`
+:func:`describe` turns a labelling of a :class:`~dipy_spinverse.sim.grid.TetGrid`
 (0 outside, ``k`` inside cell ``k``) and its membrane permeabilities into the
 nine numbers of :data:`DESCRIPTORS` that fits, benchmarks, tests and the
 amortised posterior all share. Lengths in um, volumes in um^3, permeability in
@@ -82,7 +82,7 @@ Permeability of a cell
 From ``cell_permeability`` when given. Otherwise from ``face_permeability``:
 the median over the faces between cell ``k`` and the extracellular space
 (label 0). A cell that only touches other cells is recovered from the series
-rule of :class:`~dipy_spinverse.substrates.Substrate` (touching cells ``a``,
+rule of :class:`~dipy_spinverse.geometry.substrates.Substrate` (touching cells ``a``,
 ``b`` share ``1 / (1 / kappa_a + 1 / kappa_b)``): ``kappa_k = 1 / (1 / f -
 1 / kappa_j)`` with ``f`` the median over the faces it shares with a
 neighbour ``j`` of known permeability, layer by layer inwards; NaN where
@@ -94,7 +94,7 @@ import math
 import numpy as np
 from scipy.spatial import cKDTree
 
-from ..grid import TetGrid
+from ..sim.grid import TetGrid
 
 __all__ = [
     "DESCRIPTORS",
@@ -174,8 +174,8 @@ def describe(grid, labels, face_permeability=None, *, cell_permeability=None):
 
     Examples
     --------
-    >>> from dipy_spinverse.grid import TetGrid
-    >>> from dipy_spinverse.phantoms import sphere
+    >>> from dipy_spinverse.sim.grid import TetGrid
+    >>> from dipy_spinverse.geometry.phantoms import sphere
     >>> grid = TetGrid.bcc(40.0, 8, boundary="periodic")
     >>> ball = sphere(grid, radius=12.0, kappa=1e-5)
     >>> d = describe(grid, ball.labels, ball.permeability)
@@ -216,7 +216,7 @@ def describe(grid, labels, face_permeability=None, *, cell_permeability=None):
 
 
 def describe_substrate(grid, substrate):
-    """:func:`describe` of a :class:`~dipy_spinverse.substrates.Substrate`.
+    """:func:`describe` of a :class:`~dipy_spinverse.geometry.substrates.Substrate`.
 
     Parameters
     ----------

@@ -10,7 +10,7 @@ SNR 100. A fit that ignores it chases the grid's error instead of the cells.
 Following the Bayesian approximation error approach (Kaipio and Somersalo,
 *Statistical and Computational Inverse Problems*, 2005; J. Comput. Appl.
 Math. 198, 2007), the error ``e = S_fine - S_grid`` is drawn over the prior:
-random substrates (:mod:`dipy_spinverse.substrates`) are simulated on a grid
+random substrates (:mod:`dipy_spinverse.geometry.substrates`) are simulated on a grid
 ``refine`` times finer and on the fit's grid (the fine labels carried to the
 fit's cells), per acquisition. Its mean is a bias, subtracted from the data;
 its spread is noise the grid adds, added to the measurement noise in each
@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from ..checks import check_int
 from ..files import cache_root, writable_folder
-from ..forward import simulate, update_digest
-from ..grid import TetGrid
-from ..signals import normalise_b0
-from ..substrates import random_substrates
+from ..geometry.substrates import random_substrates
+from ..sim.forward import simulate, update_digest
+from ..sim.grid import TetGrid
+from ..sim.signals import normalise_b0
 from .search import label_field
 
 __all__ = [
@@ -98,7 +98,7 @@ class ApproximationError:
         data, precision : torch.Tensor
             ``data - mean``; ``p / (1 + p std^2 / sigma^2)``: the variance
             of each acquisition becomes ``sigma^2 / p + std^2``. (The Rician
-            floor of :func:`~dipy_spinverse.signals.data_loss` is then
+            floor of :func:`~dipy_spinverse.sim.signals.data_loss` is then
             computed with that variance too, which overstates it by
             ``std^2``: at most 0.2 sigma in the signal at SNR 100.)
         """

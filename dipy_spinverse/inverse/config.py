@@ -100,8 +100,8 @@ class InversionConfig:
         ``loss_scale`` x mean squared misfit, with a Rician floor when
         ``noise="rician"`` and ``sigma`` (noise relative to the voxel's mean
         b = 0 signal) > 0; sequences of different echo times are weighted by
-        their own noise (:func:`dipy_spinverse.signals.noise_precision`).
-        See :func:`dipy_spinverse.signals.data_loss`.
+        their own noise (:func:`dipy_spinverse.sim.signals.noise_precision`).
+        See :func:`dipy_spinverse.sim.signals.data_loss`.
     The label search (off when ``search_steps`` is 0)
         At most ``search_steps`` greedy moves over closed cell labellings,
         scored ``search_batch`` at a time on ``search_directions`` directions

@@ -3,7 +3,7 @@
 The permeability field of a fixed grid is parametrised (per-face logits, as
 published, or a per-cell occupancy whose jumps set the faces), the simulator
 predicts the b0-normalised signals, and Adam minimises the data loss
-(:func:`dipy_spinverse.signals.data_loss`) plus geometric priors through a
+(:func:`dipy_spinverse.sim.signals.data_loss`) plus geometric priors through a
 staged multi-sequence curriculum.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..forward import simulate
-from ..signals import data_loss, normalise_b0
+from ..sim.forward import simulate
+from ..sim.signals import data_loss, normalise_b0
 
 __all__ = ["FaceFit", "fit_faces", "barrier_probability", "schedule", "TERMS"]
 
@@ -63,7 +63,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
         ``diffusivity``, ``dtype``, ``device`` for :func:`simulate`.
     precision : torch.Tensor (n_voxels, n_acquisitions), optional
         Noise precision of each acquisition relative to ``1 / sigma^2``
-        (:func:`~dipy_spinverse.signals.noise_precision`; default 1).
+        (:func:`~dipy_spinverse.sim.signals.noise_precision`; default 1).
     callback : callable, optional
         ``callback(iteration, permeability_tensor, losses_dict)`` every step.
 

@@ -3,7 +3,7 @@
 A small network (:class:`ProposalNet`) maps a voxel's b0-normalised signals
 to the probability that each grid cell lies inside some cell (occupancy)
 and to the membrane permeability. It is trained on random substrates
-(:mod:`dipy_spinverse.substrates`) simulated for the user's grid, protocol
+(:mod:`dipy_spinverse.geometry.substrates`) simulated for the user's grid, protocol
 and diffusivity, with Rician noise over a range of SNR, the first time that
 combination is met; the trained weights are cached on disk under a hash of
 everything they depend on (as AMICO caches its kernels) and reused
@@ -11,7 +11,7 @@ afterwards (:func:`load_or_train_proposal`). The label search starts from
 labellings drawn from the proposal (:func:`proposal_starts`).
 
 Magnitude data cannot tell a shape from its point inversion through the box
-centre (:func:`~dipy_spinverse.metrics.cell_inversion`): the training loss
+centre (:func:`~dipy_spinverse.geometry.metrics.cell_inversion`): the training loss
 is the smaller of the losses against the truth and against its inversion,
 so the network commits to one of the two instead of averaging them.
 """
@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 
 from ..checks import check_int, check_number
 from ..files import atomic_write, cache_root, writable_folder
-from ..forward import simulate, update_digest
-from ..interface import graph_components
-from ..metrics import cell_inversion
-from ..signals import normalise_b0
-from ..substrates import random_substrates
+from ..geometry.metrics import cell_inversion
+from ..geometry.substrates import random_substrates
+from ..geometry.topology import graph_components
+from ..sim.forward import simulate, update_digest
+from ..sim.signals import normalise_b0
 
 __all__ = [
     "ProposalSettings",

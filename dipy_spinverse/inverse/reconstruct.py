@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from ..checks import check_diffusivity
-from ..forward import simulate
-from ..sequences import as_protocol
-from ..signals import noise_precision, normalise_b0
+from ..sim.forward import simulate
+from ..sim.sequences import as_protocol
+from ..sim.signals import VoxelSignals, data_loss, normalise_b0
 from .approximation import approximation_error
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
@@ -64,6 +64,11 @@ class Reconstruction:
     precision : ndarray (..., n_acquisitions) or None
         The noise precision each acquisition was weighed with, relative to
         ``1 / sigma^2`` (with the grid's approximation error, when used).
+    loss : ndarray (...) or None
+        Each voxel's data term (:func:`~dipy_spinverse.sim.signals.data_loss`)
+        at the answer: the one the fit minimised, with its data, noise model
+        and precisions (about ``loss_scale * sigma^2`` where the model
+        explains the data).
     """
 
     permeability: np.ndarray
@@ -77,6 +82,7 @@ class Reconstruction:
     uncertainty: np.ndarray | None = field(default=None, repr=False)
     proposal_probability: np.ndarray | None = field(default=None, repr=False)
     precision: np.ndarray | None = field(default=None, repr=False)
+    loss: np.ndarray | None = field(default=None, repr=False)
 
 
 def reconstruct(
@@ -96,12 +102,14 @@ def reconstruct(
     Parameters
     ----------
     grid : TetGrid
-    signal : array_like (..., n_acquisitions)
+    signal : array_like (..., n_acquisitions) or VoxelSignals
         Measurements in protocol order: raw (with b = 0 volumes) or already
-        b0-normalised; see :func:`dipy_spinverse.signals.normalise_b0`. Pass
+        b0-normalised; see :func:`dipy_spinverse.sim.signals.normalise_b0`. Pass
         raw data when the sequences' echo times differ: their b = 0 scales
         set each sequence's noise precision
-        (:func:`~dipy_spinverse.signals.noise_precision`).
+        (:func:`~dipy_spinverse.sim.signals.noise_precision`). Or voxels
+        normalised once by the caller
+        (:class:`~dipy_spinverse.sim.signals.VoxelSignals`, (n,) results).
     protocol : Protocol or GradientTable
     preset : str or InversionConfig
         Starting configuration: ``"default"``, ``"paper"`` (see
@@ -130,28 +138,18 @@ def reconstruct(
     config = resolve_config(preset, **options)
     diffusivity = check_diffusivity(diffusivity)
     protocol = as_protocol(protocol)
-    # Normalised in float64 on the CPU, then cast: float32 holds every
-    # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
-    # 1e39 failed the voxel in float32; the fit is scale-free).
-    data = torch.as_tensor(np.asarray(signal, dtype=float))
-    if data.ndim == 0 or data.shape[-1] != len(protocol):
-        raise ValueError(
-            f"signal must have len(protocol) = {len(protocol)} values in its last "
-            f"axis, got shape {tuple(data.shape)}."
-        )
-    if not torch.all(torch.isfinite(data)):
-        raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
-    batch_shape = data.shape[:-1]
-    data = data.reshape(-1, len(protocol))
+    signals, batch_shape = _voxel_signals(signal, protocol)
     # Per-sequence noise weights belong to the noise model: with sigma unknown
     # (0) the loss stays the published unweighted misfit, whose search paths
     # the presets were validated on (weighting noise-free paper-physics data
     # by the absorbing wall's b = 0 decay lost the bent axon's exact shape).
-    if config.sigma > 0:
-        precision = noise_precision(data, protocol)
-    else:
-        precision = torch.ones_like(data)
-    data = normalise_b0(data, protocol).to(dtype=dtype)
+    precision = torch.as_tensor(signals.precision)
+    if not config.sigma > 0:
+        precision = torch.ones_like(precision)
+    # Normalised in float64 on the CPU, then cast: float32 holds every
+    # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
+    # 1e39 failed the voxel in float32; the fit is scale-free).
+    data = torch.as_tensor(signals.normalised).to(dtype=dtype)
     if not torch.all(torch.isfinite(data)):
         bad = torch.nonzero(~torch.isfinite(data).all(-1)).flatten().tolist()
         raise ValueError(
@@ -198,6 +196,16 @@ def reconstruct(
         predicted = normalise_b0(predicted, protocol)
         if labels is not None:  # the cell parametrisation's 0/1: a cell per piece
             labels = np.array([cell_labels(grid, one) for one in labels])
+    # The fit's own data term at its answer, with the data and precisions it
+    # was fitted to (bias-corrected, approximation error included).
+    loss = data_loss(
+        predicted.detach().double(),
+        data.double(),
+        loss_scale=config.loss_scale,
+        sigma=config.sigma,
+        noise=config.noise,
+        precision=precision.double(),
+    )
     if labels is None:
         barrier = kappa < config.threshold
     else:  # the interface of the labels: closed by construction
@@ -213,8 +221,30 @@ def reconstruct(
         time_s=time.perf_counter() - start,
         config=config,
         precision=precision.cpu().numpy().reshape(*batch_shape, len(protocol)),
+        loss=loss.cpu().numpy().reshape(batch_shape),
         **extras,
     )
+
+
+def _voxel_signals(signal, protocol):
+    """The voxels of ``signal`` normalised once, and the batch shape."""
+    if isinstance(signal, VoxelSignals):
+        if signal.normalised.shape[-1] != len(protocol):
+            raise ValueError(
+                f"signal holds {signal.normalised.shape[-1]} acquisitions; the "
+                f"protocol has {len(protocol)}."
+            )
+        return signal, (len(signal),)
+    data = np.asarray(signal, dtype=float)
+    if data.ndim == 0 or data.shape[-1] != len(protocol):
+        raise ValueError(
+            f"signal must have len(protocol) = {len(protocol)} values in its last "
+            f"axis, got shape {tuple(data.shape)}."
+        )
+    if not np.all(np.isfinite(data)):
+        raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
+    voxels = data.reshape(-1, len(protocol))
+    return VoxelSignals.from_raw(voxels, protocol), data.shape[:-1]
 
 
 def prepare(grid, protocol, config, *, diffusivity, dtype, device, progress=True):

@@ -25,7 +25,7 @@ the data best:
    (:func:`bootstrap_search`), which also sees answers in other basins.
 
 Every candidate is scored by the simulator through the one data loss of the
-package (:func:`dipy_spinverse.signals.data_loss`). Each voxel's search is a
+package (:func:`dipy_spinverse.sim.signals.data_loss`). Each voxel's search is a
 generator of score requests; :func:`search_labels` drives the searches of
 all voxels together and scores their pending requests in shared, batched
 simulator calls (:class:`BatchScorer`), so a volume keeps the simulator busy
@@ -43,16 +43,16 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from ..forward import simulate, update_digest
-from ..interface import (
+from ..geometry.metrics import cell_inversion
+from ..geometry.topology import (
     barrier_regions,
     enclosed_cells,
     graph_components,
     odd_depth_cells,
 )
-from ..metrics import cell_inversion
-from ..operators import face_conductance
-from ..signals import data_loss, normalise_b0
+from ..sim.forward import simulate, update_digest
+from ..sim.operators import face_conductance
+from ..sim.signals import data_loss, normalise_b0
 from .proposal import ProposalSettings, load_or_train_proposal, proposal_starts
 from .shapes import run_steps, shape_search_steps
 
@@ -182,7 +182,7 @@ def search_labels(
         Start from these labels alone (the cell parametrisation's).
     precision : torch.Tensor (n_voxels, n_acquisitions), optional
         Noise precision of each acquisition relative to ``1 / sigma^2``
-        (:func:`~dipy_spinverse.signals.noise_precision`; default 1).
+        (:func:`~dipy_spinverse.sim.signals.noise_precision`; default 1).
     callback : callable, optional
         ``callback(step, None, {"search": loss, "voxel": index})`` after every
         descent step, and ``callback(-1, None, {"voxel_done": index})`` when
@@ -414,7 +414,7 @@ def label_field(grid, labels, kappas, open_kappa):
     ndarray (n_faces,)
         ``kappas[k - 1]`` between cell ``k`` and the outside, the two
         membranes in series between touching cells (as
-        :mod:`dipy_spinverse.substrates` builds them), ``open_kappa``
+        :mod:`dipy_spinverse.geometry.substrates` builds them), ``open_kappa``
         elsewhere.
     """
     rows = np.asarray(kappas, float).reshape(1, -1)
@@ -605,7 +605,7 @@ class BatchScorer:
 
         ``dL/dw_f * (w_open - w_membrane)``: the gradient of the loss with
         respect to each face's conductance ``w_f`` (the diffusion operator
-        is linear in it, :func:`~dipy_spinverse.operators.face_conductance`,
+        is linear in it, :func:`~dipy_spinverse.sim.operators.face_conductance`,
         so this linearisation follows the physics across the decades between
         a membrane and an open face, where one in log permeability saturates
         at both ends), at the field of each row, times the conductance that
@@ -704,7 +704,7 @@ def membrane_fields(grid, candidates, membranes, open_kappa):
 
     A face between cell ``k`` and the outside carries cell ``k``'s membrane,
     one between touching cells ``j`` and ``k`` both membranes in series (as
-    :mod:`dipy_spinverse.substrates` builds them), every other face
+    :mod:`dipy_spinverse.geometry.substrates` builds them), every other face
     ``open_kappa``. ``membranes`` as in :func:`membrane_rows`.
     """
     rows = membrane_rows(candidates, membranes)

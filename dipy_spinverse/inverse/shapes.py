@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..phantoms import axial_coordinates
+from ..geometry.phantoms import axial_coordinates
 
 __all__ = ["shape_search", "shape_search_steps", "run_steps", "shape_families", "Core"]
 
@@ -189,7 +189,7 @@ def shape_families(grid):
     (bent tubes) of curvature radius ``ARC_RADII`` spacings bending towards
     each lattice direction normal to a tube's axis (up to sign: an arc and
     its point inversion give the same signal, see
-    :func:`~dipy_spinverse.metrics.inversion_twin`).
+    :func:`~dipy_spinverse.geometry.metrics.inversion_twin`).
 
     Returns the list of cores and ``{tube index: [arc indices]}``; arcs are
     reached from their tube in the beam search, not in the dictionary.

@@ -49,7 +49,7 @@ import torch
 from scipy import special
 
 from ..checks import check_diffusivity, check_int, check_number, check_positive
-from ..sequences import PGSE, as_protocol
+from ..sim.sequences import PGSE, as_protocol
 from .mesh import TetMesh
 
 __all__ = [

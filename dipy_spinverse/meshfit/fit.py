@@ -2,7 +2,7 @@
 
 The shape code of a template (:mod:`.shape`) is optimised by
 back-propagation through the finite-element simulator (:mod:`.fem`), with
-the package's one data loss (:func:`dipy_spinverse.signals.data_loss`:
+the package's one data loss (:func:`dipy_spinverse.sim.signals.data_loss`:
 Gaussian or Rician, noise level ``sigma``). The eigenbasis is recomputed
 every ``basis_every`` iterations at the current vertices and held fixed in
 between (its derivative is not taken, see :mod:`.fem`).
@@ -23,9 +23,9 @@ from ..checks import (
     check_number,
     check_positive,
 )
-from ..interface import write_mesh
-from ..sequences import as_protocol
-from ..signals import data_loss, normalise_b0
+from ..io.meshes import write_mesh
+from ..sim.sequences import as_protocol
+from ..sim.signals import data_loss, normalise_b0
 from .autoencoder import ShapeAutoencoder, load_or_train_autoencoder
 from .fem import mesh_basis, mesh_signal
 from .mesh import TetMesh, ball_mesh, tube_mesh
@@ -268,7 +268,7 @@ def fit_mesh(
     ----------
     signal : array_like (n_acquisitions,)
         One cell's signal in protocol order (normalised here by its b = 0
-        volumes, :func:`dipy_spinverse.signals.normalise_b0`).
+        volumes, :func:`dipy_spinverse.sim.signals.normalise_b0`).
     protocol : Protocol or dipy.core.gradients.GradientTable
     template : {"ball", "tube"}, TetMesh or SpectralShape
         Starting shape (built-in: :data:`TEMPLATES`; with ``code="axon"``,
@@ -1028,7 +1028,7 @@ def fit_surface(
     The template is moved to the surface's centroid, then its code fitted by
     Adam to a one-sided-each-way Chamfer loss (nearest points recomputed each
     iteration): the refinement start from a Spinverse label surface
-    (:func:`dipy_spinverse.interface.barrier_mesh` of a fitted labelling).
+    (:func:`dipy_spinverse.geometry.topology.barrier_mesh` of a fitted labelling).
 
     Parameters
     ----------

@@ -23,7 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from ..checks import check_int, check_number, check_positive
-from ..grid import signed_volumes as tet_signed_volumes
+from ..sim.grid import signed_volumes as tet_signed_volumes
 
 __all__ = [
     "TetMesh",

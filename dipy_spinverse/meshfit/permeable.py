@@ -34,7 +34,7 @@ import scipy.sparse
 import torch
 
 from ..checks import check_number
-from ..sequences import as_protocol
+from ..sim.sequences import as_protocol
 from .fem import (
     CHEBYSHEV_TOL,
     DEFAULT_LENGTH_SCALE,

@@ -9,7 +9,7 @@ then fits the shape code to the voxel's signal
 
 The voxel holds more than the cell: the rest of the box (extracellular
 water, other cells) is the grid simulator's signal of the fitted
-permeability started outside the cell (:func:`dipy_spinverse.forward.simulate`
+permeability started outside the cell (:func:`dipy_spinverse.sim.forward.simulate`
 with ``initial``), held fixed, and the voxel signal is ``f S_mesh + (1 - f)
 S_rest`` with ``f`` the mesh's volume over the box's: the cell's volume is
 fitted through the signal's weights too. Both signals are magnitudes, added
@@ -30,10 +30,10 @@ from ..checks import (
     check_options,
     check_positive,
 )
-from ..forward import simulate
-from ..interface import barrier_mesh
-from ..sequences import as_protocol
-from ..signals import normalise_b0
+from ..geometry.topology import barrier_mesh
+from ..sim.forward import simulate
+from ..sim.sequences import as_protocol
+from ..sim.signals import normalise_b0
 from .fit import AXON_START_PERIODS, MeshFit, check_axon_periods, fit_mesh, fit_surface
 from .mesh import ball_mesh, tube_mesh
 from .shape import DIRECTIONS

@@ -15,8 +15,8 @@ import torch
 from dipy.utils.logging import logger
 
 from ..files import atomic_write, cache_root, writable_folder
-from ..forward import update_digest
-from ..grid import TetGrid
+from ..sim.forward import update_digest
+from ..sim.grid import TetGrid
 from .estimator import PosteriorEstimator, TrainingOptions, train_estimator
 from .prior import FAMILIES, PriorSimulator, TissuePrior
 from .targets import TARGETS, decode, encode, shape_descriptors

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_number
-from ..signals import normalise_b0
+from ..sim.signals import normalise_b0
 from . import targets
 
 __all__ = ["TrainingOptions", "PosteriorEstimator", "train_estimator"]

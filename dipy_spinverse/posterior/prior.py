@@ -11,10 +11,10 @@ and anyone's calibration check.
 One draw
 --------
 1. A family, uniformly from ``families``: ``"packed"`` and ``"fibre"``
-   (:func:`~dipy_spinverse.substrates.packed_substrate`: cells packed to a
+   (:func:`~dipy_spinverse.geometry.substrates.packed_substrate`: cells packed to a
    chosen fraction, finite or running through the box as axons do), or one
-   of :data:`~dipy_spinverse.substrates.KINDS` (single shapes of
-   :func:`~dipy_spinverse.substrates.random_substrate`: ellipsoids, tori,
+   of :data:`~dipy_spinverse.geometry.substrates.KINDS` (single shapes of
+   :func:`~dipy_spinverse.geometry.substrates.random_substrate`: ellipsoids, tori,
    fanning tubes, ...; their fraction stays below about 0.3).
 2. A cell count uniform in ``n_cells``, a target restricted fraction uniform
    in ``restricted_fraction`` and a target cell diameter log-uniform in
@@ -47,17 +47,17 @@ from dipy.utils.logging import logger
 from tqdm.auto import tqdm
 
 from ..checks import check_diffusivity, check_int, check_number
-from ..forward import simulate
 from ..geometry.descriptors import DESCRIPTORS, cell_covariances, describe
-from ..grid import TetGrid
-from ..sequences import as_protocol
-from ..substrates import (
+from ..geometry.substrates import (
     FIBRE_DIRECTIONS,
     KINDS,
     PACKED_KINDS,
     packed_substrate,
     random_substrate,
 )
+from ..sim.forward import simulate
+from ..sim.grid import TetGrid
+from ..sim.sequences import as_protocol
 
 __all__ = ["TissuePrior", "PriorSimulator", "FAMILIES"]
 

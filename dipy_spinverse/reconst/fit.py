@@ -40,7 +40,8 @@ import numpy as np
 from dipy.reconst.base import ReconstFit
 
 from ..checks import check_s0
-from ..interface import barrier_mesh, barrier_regions, cell_table, write_mesh
+from ..geometry.topology import barrier_mesh, barrier_regions, cell_table
+from ..io.meshes import write_mesh
 from ..meshfit.fit import axis_radius
 from ..meshfit.mesh import TetMesh, boundary_triangles, signed_volumes, triangle_areas
 
@@ -117,7 +118,7 @@ PARAMETERS = (
     *MESH_PARAMETERS,
 )
 
-#: The per-cell columns of :func:`~dipy_spinverse.interface.cell_table`.
+#: The per-cell columns of :func:`~dipy_spinverse.geometry.topology.cell_table`.
 CELL_COLUMNS = ("volume", "surface_area", "permeability")
 
 #: Parameters only some fits hold (None otherwise): labels from the label
@@ -330,7 +331,7 @@ class SpinverseFit(ReconstFit):
     def cell_volumes(self):
         """Volume of each cell (..., max cells), um^3; NaN past a voxel's cells.
 
-        None without labels. See :func:`~dipy_spinverse.interface.cell_table`.
+        None without labels. See :func:`~dipy_spinverse.geometry.topology.cell_table`.
         """
         return self._cell_table("volume")
 
@@ -415,17 +416,19 @@ class SpinverseFit(ReconstFit):
 
     @property
     def loss(self):
-        """Final data loss (:func:`dipy_spinverse.signals.data_loss`)."""
+        """Final data loss (:func:`dipy_spinverse.sim.signals.data_loss`)."""
         return self._map(self._rows("loss"))
 
     @property
     def residual(self):
-        """RMS misfit as a fraction of the mean b = 0 signal.
+        """RMS of the misfit the fit minimised, ``sqrt(loss / loss_scale)``.
 
-        Of the b0-normalised signal when the sequences share one echo time;
-        otherwise each sequence's misfit is weighted by its noise
-        (:func:`dipy_spinverse.signals.noise_precision`), which makes it the
-        misfit of the raw signal over the voxel's mean b = 0 signal.
+        The misfit of the b0-normalised signal (each sequence over its own
+        b = 0 signal). With ``sigma`` given and echo times that differ, each
+        sequence is weighted by its noise precision
+        (:func:`dipy_spinverse.sim.signals.noise_precision`), which makes it
+        the misfit of the raw signal over the voxel's mean b = 0 signal;
+        about ``sigma`` where the model explains the data.
         """
         return self._map(np.sqrt(self._rows("loss") / self.model.config.loss_scale))
 
@@ -516,7 +519,7 @@ class SpinverseFit(ReconstFit):
 
         No file is written for a voxel without a barrier (an empty mesh file
         breaks meshio and VTK). For the meshes of a volume in scanner
-        coordinates, see :func:`dipy_spinverse.surfaces.volume_surface`.
+        coordinates, see :func:`dipy_spinverse.io.surfaces.volume_surface`.
 
         Parameters
         ----------

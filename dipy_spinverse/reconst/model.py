@@ -29,13 +29,13 @@ from ..checks import (
     check_positive,
     check_s0,
 )
-from ..forward import simulate
-from ..grid import BOUNDARIES, TetGrid
 from ..inverse import grid_error, prepare, resolve_config
 from ..meshfit.refine import check_refine_options, refine_topology
 from ..posterior import TissuePrior, TrainingOptions, load_or_train
-from ..sequences import PGSE, Protocol, check_bvals
-from ..signals import normalise_b0
+from ..sim.forward import simulate
+from ..sim.grid import BOUNDARIES, TetGrid
+from ..sim.sequences import PGSE, Protocol, check_bvals
+from ..sim.signals import normalise_b0
 from . import runner
 from .fit import MASKED, SpinverseFit
 from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
@@ -60,7 +60,7 @@ class SpinverseModel(ReconstModel):
         Gradient table whose ``big_delta`` and ``small_delta`` hold the pulse
         timing in seconds (scalars or one value per volume; several
         diffusion times are the normal case), or an explicit
-        :class:`~dipy_spinverse.sequences.Protocol`. It needs at least one
+        :class:`~dipy_spinverse.sim.sequences.Protocol`. It needs at least one
         b = 0 volume (``b <= gtab.b0_threshold``).
     grid : TetGrid, optional
         The grid of one voxel. Default: ``TetGrid.bcc(grid_size,
@@ -138,7 +138,7 @@ class SpinverseModel(ReconstModel):
     ValueError
         Missing gradient timing, negative b-values, no b = 0 or no
         diffusion-weighted volume, b-values in another unit than s/mm^2
-        (:func:`~dipy_spinverse.sequences.check_bvals`), unknown options,
+        (:func:`~dipy_spinverse.sim.sequences.check_bvals`), unknown options,
         options the configuration ignores, or out-of-range values (a device
         torch cannot use, a diffusivity in another unit than mm^2/s).
 
@@ -146,7 +146,7 @@ class SpinverseModel(ReconstModel):
     -----
     Each voxel is divided by its own b = 0 signal, sequence by sequence (a
     sequence's own mean b = 0 signal when it has b = 0 volumes, else the mean
-    of all b = 0 volumes; :func:`dipy_spinverse.signals.b0_scale`), so that
+    of all b = 0 volumes; :func:`dipy_spinverse.sim.signals.b0_scale`), so that
     T2 weighting that differs between echo times cancels.
 
     Examples
@@ -645,7 +645,7 @@ def gradient_tables(gtab):
     The one gatekeeper of gradient tables: DIPY has checked the b-vectors
     against the table's own tolerance when it built the table, and
     :meth:`Protocol.from_gtab` checks the timing and the b-values
-    (:func:`~dipy_spinverse.sequences.check_bvals`; a protocol's b-values
+    (:func:`~dipy_spinverse.sim.sequences.check_bvals`; a protocol's b-values
     are checked by the same function).
     """
     if isinstance(gtab, Protocol):

@@ -27,7 +27,7 @@ from dipy.reconst.base import ReconstFit
 
 from ..geometry.descriptors import DESCRIPTORS
 from ..posterior import decode
-from ..signals import b0_scale, normalise_b0
+from ..sim.signals import VoxelSignals
 from .fit import BAD_B0, MASKED, NONFINITE, OK
 
 __all__ = ["PosteriorFit", "fit_posterior", "OUT_OF_PRIOR", "POSTERIOR_STATUS_CODES"]
@@ -74,12 +74,12 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     status = np.full(n, OK, dtype=np.int8)
     finite = np.isfinite(rows).all(-1)
     status[~finite] = NONFINITE
-    scale = np.full((n, len(protocol.sequences())), np.nan)
-    scale[finite] = b0_scale(rows[finite], protocol)
+    signals = VoxelSignals.from_raw(rows, protocol)
+    scale = signals.scale
     status[finite & ~(scale > 0).all(-1)] = BAD_B0
     good = status == OK
     inputs = np.full(rows.shape, np.nan, dtype=np.float32)
-    inputs[good] = normalise_b0(rows[good], protocol)
+    inputs[good] = signals.normalised[good]
     sigma = np.full(n, model.posterior_sigma, dtype=np.float32)
     summary = {name: np.full((n, len(_KEPT)), np.nan) for name in _SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)

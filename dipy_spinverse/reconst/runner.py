@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..checks import check_int, check_mask_values
 from ..inverse import reconstruct
 from ..meshfit.refine import refine_cell
-from ..signals import b0_scale, data_loss, noise_precision, normalise_b0
+from ..sim.signals import VoxelSignals
 from . import engines
 from .fit import (
     BAD_B0,
@@ -60,7 +60,7 @@ __all__ = [
     "is_mask_rows",
     "volume_shape",
     "poor_fit_bound",
-    "misfit",
+    "poor_fits",
 ]
 
 #: Ways to spread a volume fit: one device, joblib processes (DIPY's
@@ -118,21 +118,22 @@ def fit_voxels(model, data, *, callback=None):
     data = np.asarray(data, dtype=np.float64)
     n = len(data)
     result = empty_params(model, n)
+    signals = VoxelSignals.from_raw(data, model.protocol)
     finite = np.isfinite(data).all(axis=1)
     result["status"][~finite] = NONFINITE
-    s0 = np.full(n, np.nan)
-    s0_seq = np.full((n, len(model.sequences)), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        s0[finite] = data[finite][:, model.protocol.bvals == 0].mean(axis=1)
-        s0_seq[finite] = b0_scale(data[finite], model.protocol)
+    s0, s0_seq = signals.s0, signals.scale
     bad_b0 = finite & ~((s0 > 0) & (s0_seq > 0).all(axis=1))
     result["status"][bad_b0] = BAD_B0
-    pending = result["status"] == PENDING
-    result["status"][pending & _overflows(model, data)] = NONFINITE
+    # A b = 0 of 1e-310 against diffusion-weighted values of 1: the
+    # normalised signal is not finite in the model's dtype, the inversion
+    # could not use it, and one such voxel would fail the batch it is in.
+    largest = torch.finfo(model.dtype).max
+    overflows = ~(np.abs(signals.normalised) <= largest).all(axis=1)
+    result["status"][(result["status"] == PENDING) & overflows] = NONFINITE
     valid = np.flatnonzero(result["status"] == PENDING)
     history = None
     if len(valid):
-        part, history = _reconstruct(model, data[valid], callback)
+        part, history = _reconstruct(model, signals[valid], callback)
         for key, value in part.items():
             if value is not None:
                 result[key][valid] = value
@@ -140,25 +141,11 @@ def fit_voxels(model, data, *, callback=None):
         result["S0"][ok] = s0[ok]
         result["S0_sequences"][ok] = s0_seq[ok]
         if model.refine_mesh:
-            refine_meshes(model, data, result, ok)
+            refine_meshes(model, signals, result, ok)
     return result, history
 
 
-def _overflows(model, data):
-    """Voxels of finite data whose b0-normalised signal is not finite in the
-    model's dtype (a b = 0 of 1e-310 against
-    diffusion-weighted values of 1): the inversion could not use them, and
-    one such voxel would fail the batch it is in."""
-    out = np.zeros(len(data), dtype=bool)
-    usable = np.isfinite(data).all(axis=1)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        scaled = normalise_b0(data[usable], model.protocol)
-    largest = torch.finfo(model.dtype).max
-    out[usable] = ~(np.abs(scaled) <= largest).all(axis=1)
-    return out
-
-
-def refine_meshes(model, data, result, rows):
+def refine_meshes(model, signals, result, rows):
     """Smooth meshes of the largest cell of ``rows`` (``refine_mesh=True``).
 
     Fills ``result``'s mesh parameters in place. A voxel without a labelled
@@ -176,7 +163,7 @@ def refine_meshes(model, data, result, rows):
                 model.grid,
                 labels,
                 result["permeability"][row],
-                data[row],
+                signals.normalised[row],
                 model.protocol,
                 diffusivity=model.diffusivity,
                 sigma=config.sigma,
@@ -201,54 +188,32 @@ def refine_meshes(model, data, result, rows):
         result["mesh_status"][row] = MESH_OK
 
 
-def misfit(data, result, protocol):
-    """Per-voxel data loss of a :func:`reconstruct` result, and whether it is
-    a poor fit (status ``POOR_FIT``, :func:`poor_fit_bound`).
-
-    The loss is the fit's own data term: b0-normalised ``data`` against
-    ``result.predicted`` with each sequence's noise precision
-    (:func:`~dipy_spinverse.signals.noise_precision`), or the precisions
-    the fit used when they hold the grid's approximation error.
+def poor_fits(loss, config, n_acquisitions):
+    """Whether each fit's data loss is beyond the noise (status ``POOR_FIT``).
 
     Parameters
     ----------
-    data : ndarray (n, n_acquisitions)
-        The raw signals the result was fitted to.
-    result : Reconstruction
-    protocol : Protocol
+    loss : ndarray (n,)
+        The fits' data terms (:attr:`Reconstruction.loss`).
+    config : InversionConfig
+    n_acquisitions : int
 
     Returns
     -------
-    loss : ndarray (n,)
-        ``config.loss_scale`` times the weighted mean squared misfit (about
-        ``loss_scale * sigma^2`` where the model explains the data).
-    poor : ndarray of bool (n,)
+    ndarray of bool (n,)
+        ``loss / loss_scale`` above :func:`poor_fit_bound`.
     """
-    config = result.config
-    precision = (
-        result.precision
-        if config.approximation_error
-        else noise_precision(data, protocol)
-    )
-    loss = data_loss(
-        torch.as_tensor(np.asarray(result.predicted, dtype=np.float64)),
-        torch.from_numpy(normalise_b0(data, protocol)),
-        loss_scale=config.loss_scale,
-        sigma=config.sigma,
-        noise=config.noise,
-        precision=torch.as_tensor(np.asarray(precision, dtype=np.float64)),
-    ).numpy()
-    bound = poor_fit_bound(data.shape[-1], config.sigma)
-    return loss, np.isfinite(loss) & (loss / config.loss_scale > bound)
+    bound = poor_fit_bound(n_acquisitions, config.sigma)
+    return np.isfinite(loss) & (loss / config.loss_scale > bound)
 
 
-def _reconstruct(model, data, callback=None):
+def _reconstruct(model, signals, callback=None):
     """Run the inversion on valid voxels; retry one by one if it raises."""
-    n = len(data)
+    n = len(signals)
     try:
         rec = reconstruct(
             model.grid,
-            data,
+            signals,
             model.protocol,
             preset=model.config,
             diffusivity=model.diffusivity,
@@ -259,7 +224,8 @@ def _reconstruct(model, data, callback=None):
     except Exception as err:  # a voxel must never stop the volume
         if n > 1:
             parts = [
-                _reconstruct(model, data[i : i + 1], callback)[0] for i in range(n)
+                _reconstruct(model, signals[i : i + 1], callback)[0]
+                for i in range(n)
             ]
             return _merge(parts, np.concatenate), None
         warnings.warn(
@@ -273,7 +239,8 @@ def _reconstruct(model, data, callback=None):
         return part, None
     permeability = np.asarray(rec.permeability, dtype=np.float64)
     predicted = np.asarray(rec.predicted, dtype=np.float64)
-    loss, poor = misfit(data, rec, model.protocol)
+    loss = np.asarray(rec.loss, dtype=np.float64)
+    poor = poor_fits(loss, model.config, len(model.protocol))
     good = (
         np.isfinite(permeability).all(-1)
         & np.isfinite(predicted).all(-1)

@@ -20,8 +20,8 @@ from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
 from ..checks import check_mask_values, check_same_space
-from ..cli import run_command
 from ..files import load_image, save_image
+from ..workflows.cli import run_command
 from .model import POOR_FIT, TissueMapModel
 from .sequences import sequence_from_string
 
@@ -256,7 +256,7 @@ class TissueMapsFlow(Workflow):
 
 def main():
     """Console-script entry point of ``dipy_fit_tissue_maps``
-    (:func:`dipy_spinverse.cli.run_command`)."""
+    (:func:`dipy_spinverse.workflows.cli.run_command`)."""
     return run_command(TissueMapsFlow())
 
 

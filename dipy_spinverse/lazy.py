@@ -1,0 +1,88 @@
+"""Names imported on first use, and module paths that moved.
+
+Packages re-export their public names lazily (PEP 562), so that
+``import dipy_spinverse`` loads neither torch nor the compartment models nor
+the tissue maps until they are asked for, and so that a low layer (for
+example :mod:`dipy_spinverse.io.meshes`) can be imported without importing
+the high layers its package also holds.
+"""
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+__all__ = ["attach", "alias_moved_modules"]
+
+
+def attach(package, names):
+    """Module ``__getattr__`` and ``__dir__`` that import public names lazily.
+
+    Parameters
+    ----------
+    package : str
+        The package's ``__name__``.
+    names : dict of str to str
+        Each public name and the module, relative to ``package``, that
+        defines it.
+
+    Returns
+    -------
+    __getattr__, __dir__ : callable
+        To be assigned to the package's module globals.
+    """
+    module = sys.modules[package]
+
+    def __getattr__(name):
+        if name in names:
+            value = getattr(importlib.import_module(f".{names[name]}", package), name)
+            setattr(module, name, value)  # later look-ups skip this function
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__():
+        return sorted(set(vars(module)) | set(names))
+
+    return __getattr__, __dir__
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``old`` as the module now at ``moved[old]``, with a warning."""
+
+    def __init__(self, moved):
+        self.moved = moved
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.moved:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        new = self.moved[spec.name]
+        warnings.warn(
+            f"{spec.name} moved to {new}; import it from there (the old path "
+            "will be removed in a future release).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module(new)
+
+    def exec_module(self, module):
+        # The module was executed under its new name; importing it again
+        # under the old one must not run its code twice.
+        pass
+
+
+def alias_moved_modules(moved):
+    """Keep old module paths importable after a move (with a deprecation).
+
+    Parameters
+    ----------
+    moved : dict of str to str
+        Old absolute module name -> new absolute module name. ``import old``
+        returns the new module object itself, so attributes set on one (as
+        monkeypatching does) are seen through both names.
+    """
+    if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+        sys.meta_path.append(_MovedModuleFinder(dict(moved)))

@@ -1,0 +1,337 @@
+"""The differentiable forward model: permeability field -> diffusion signals."""
+
+import json
+
+import numpy as np
+import torch
+
+from .grid import TetGrid
+from .operators import diffusion_operator
+from .sequences import as_protocol
+from .solvers import ENGINES, propagate, time_plan
+
+__all__ = ["simulate", "update_digest", "METHODS"]
+
+METHODS = ("auto",) + ENGINES
+
+# Phase change (rad) across one cell allowed per Magnus sub-step on periodic
+# grids. Measured time error of the 4th-order scheme at this step: ~2e-8 for
+# PGSE, ~5e-6 for OGSE-like waveforms with many short pieces (tests/); 7e-8 on
+# the README demo protocol (768-cell grid, 4 random substrates, against 0.0125
+# rad). Not raised: at 0.2 rad the error was 6.5e-6 on that demo but 3.3e-4 on
+# the 96-cell 8 um grid of tests/test_forward.py (it grows with the diffusion
+# rate across a cell times the sub-step length, not with the phase alone). On
+# stiff grids (spacing below ~1 um) a weak pulse needs more sub-steps than the
+# phase asks for: ``substeps`` multiplies them, and PriorSimulator measures how
+# many a patch needs.
+_PHASE_STEP = 0.05
+# Memory budget (bytes) of the backward pass of one Chebyshev step; acquisitions are
+# processed in chunks that fit.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def simulate(
+    grid,
+    permeability,
+    protocol,
+    *,
+    diffusivity=2e-3,
+    initial=None,
+    method="auto",
+    dtype=torch.float64,
+    device="cpu",
+    t2=None,
+    tol=None,
+    phase_step=None,
+    substeps=1,
+):
+    """Simulate normalised diffusion signals of a permeability field.
+
+    Solves the Bloch-Torrey equation with a membrane of the given
+    permeability on every interior face of ``grid`` (the outer wall is set by
+    ``grid.boundary``) and returns ``S(TE) / S(0)``, the voxel signal at the
+    echo time normalised by the initial magnetisation.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    permeability : array_like or Tensor (..., grid.n_faces)
+        Membrane permeability of every interior face in m/s (= um/us), in
+        ``[0, inf]``; ``inf`` means no membrane. Leading dimensions are a
+        batch (voxels or candidate fields) evaluated in one call. A tensor
+        that requires grad yields a differentiable result.
+    protocol : Protocol or dipy.core.gradients.GradientTable
+        Acquisitions. A gradient table needs ``big_delta`` and
+        ``small_delta`` (seconds).
+    diffusivity : float, array_like or Tensor
+        Intrinsic diffusivity in mm^2/s (= um^2/us): a scalar, or one value
+        per cell (..., n_cells). May require grad.
+    initial : array_like of bool (n_cells,) or (..., n_cells), optional
+        Cells where the magnetisation starts (compartment-resolved signal);
+        the signal is then normalised by their volume. Default: all cells.
+    method : {"auto", "dense", "chebyshev"}
+        ``"dense"``: dense matrix exponentials (exact reference, O(N^3)).
+        ``"chebyshev"``: Chebyshev propagation with sparse products (linear
+        in the number of cells per product). ``"auto"``: Chebyshev, on every
+        grid (on 48 cells with the published protocol it is 13-70x faster
+        than the dense reference, forward and gradient; the dense engine
+        wins only below about 4 acquisitions, by milliseconds).
+    dtype : torch.float64 or torch.float32
+    device : str or torch.device
+    t2 : float or array_like, optional
+        Transverse relaxation time in seconds, scalar or per cell. The b = 0
+        signal is then ``exp(-TE / T2)`` for a uniform T2.
+    tol : float, optional
+        Truncation tolerance of the Chebyshev engine per step (default 1e-11
+        in float64, 1e-6 in float32).
+    phase_step : float, optional
+        Periodic grids: the largest phase change (rad) across one cell within
+        a fourth-order Magnus sub-step (default 0.05; time error ~1e-7 for
+        PGSE on the README demo). Larger steps are cheaper; their error falls
+        as about the fourth power of the step, so measure it against a
+        smaller one (``posterior.PriorSimulator`` does, per patch size).
+    substeps : int
+        Periodic grids: multiplies the Magnus sub-steps of every gradient
+        piece. The phase criterion alone does not see stiffness: on grids
+        finer than ~1 um the default errs by up to ~1e-2 in the signal
+        (cells of 1-2 um, the README demo's PGSE), and the error falls ~8x
+        per doubling of ``substeps``.
+
+    Returns
+    -------
+    Tensor (..., n_acquisitions)
+        Normalised signal magnitude, in protocol order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dipy_spinverse import TetGrid, simulate
+    >>> from dipy_spinverse.sim.sequences import Protocol
+    >>> grid = TetGrid.bcc(10.0, 2, boundary="periodic")
+    >>> prot = Protocol.pgse([0, 1000], [[1, 0, 0], [1, 0, 0]],
+    ...                      small_delta=0.002, big_delta=0.01)
+    >>> s = simulate(grid, np.full(grid.n_faces, np.inf), prot)
+    >>> float(s[0])  # b = 0
+    1.0
+    """
+    if not isinstance(grid, TetGrid):
+        raise TypeError(f"grid must be a TetGrid, got {type(grid).__name__}.")
+    if method not in METHODS:
+        raise ValueError(f"Invalid method {method!r}. Must be one of {METHODS}.")
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, not {dtype}.")
+    protocol = as_protocol(protocol)
+    device = torch.device(device)
+    kappa = _permeability(grid, permeability, dtype, device)
+    batch_shape = kappa.shape[:-1]
+    kappa = kappa.reshape(-1, grid.n_faces)
+    n_batch = kappa.shape[0]
+    diff = _per_cell(grid, diffusivity, "diffusivity", n_batch, batch_shape, kappa)
+    if torch.any(~torch.isfinite(diff)) or torch.any(diff <= 0):
+        raise ValueError("diffusivity must be finite and > 0 (mm^2/s, e.g. 2e-3).")
+    relaxation = None
+    if t2 is not None:
+        t2_us = _per_cell(grid, t2, "t2", n_batch, batch_shape, kappa) * 1e6
+        if torch.any(t2_us <= 0) or torch.any(torch.isnan(t2_us)):
+            raise ValueError("t2 must be > 0 seconds (inf for no relaxation).")
+        relaxation = 1.0 / t2_us
+    start = _initial(grid, initial, n_batch, batch_shape, kappa)
+    op = diffusion_operator(grid, kappa, diff, relaxation)
+    engine = _engine(method)
+    if tol is None:
+        tol = 1e-11 if dtype == torch.float64 else 1e-6
+    if phase_step is None:
+        phase_step = _PHASE_STEP
+    elif not (np.isfinite(phase_step) and phase_step > 0):
+        raise ValueError(f"phase_step must be > 0 rad (e.g. 0.05), got {phase_step!r}.")
+    if int(substeps) != substeps or substeps < 1:
+        raise ValueError(f"substeps must be a whole number >= 1, got {substeps!r}.")
+
+    u0 = op.sqrt_volumes * start  # (B, N): u = sqrt(V) M
+    norm = (u0 * u0).sum(-1)  # initial magnetisation = its volume
+    out = torch.empty(n_batch, len(protocol), dtype=dtype, device=device)
+    rates = torch.tensor(protocol.gradient_rate, dtype=dtype, device=device)
+    frame = "phase" if grid.periodic else "lab"
+    for waveform, idx in protocol.groups():
+        # Repeated acquisitions (e.g. one b = 0 per direction) are solved once;
+        # sorting by gradient strength keeps each chunk's Chebyshev degree low.
+        unique, inverse = torch.unique(rates[idx], dim=0, return_inverse=True)
+        order = torch.argsort(unique.norm(dim=-1))
+        signal = _group_signal(
+            op,
+            waveform,
+            unique[order],
+            u0,
+            frame=frame,
+            engine=engine,
+            tol=tol,
+            phase_step=phase_step,
+            substeps=int(substeps),
+        )
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=device)
+        signal = signal[:, rank[inverse]]
+        out = out.index_copy(1, torch.as_tensor(idx, device=device), signal)
+    out = out / norm[:, None]
+    return out.reshape(*batch_shape, len(protocol))
+
+
+def _group_signal(op, waveform, rate, u0, *, frame, engine, tol, phase_step, substeps):
+    """Signals (B, A) of acquisitions that share one waveform."""
+    durations, amplitudes = waveform.segments
+    half = waveform.is_antisymmetric
+    if half:
+        # For f(TE - t) = -f(t) the second half-propagator is the adjoint of
+        # the first in both frames, so S = ||U(TE/2) u0||^2 when the
+        # magnetisation starts everywhere: half the work.
+        durations, amplitudes = _first_half(durations, amplitudes)
+    dmax = float(op.displacement.norm(dim=-1).max())
+    kwargs = dict(frame=frame, engine=engine, tol=tol)
+    n_batch, n_cells = u0.shape
+    partial = bool(torch.any(u0 == 0))
+    n_states = len(rate) * (1 + partial)
+    chunk = _chunk_size(n_batch, n_cells, n_states, u0.element_size(), engine)
+    ctype = torch.complex128 if u0.dtype == torch.float64 else torch.complex64
+    signals = []
+    for lo in range(0, len(rate), chunk):
+        r = rate[lo : lo + chunk]
+        n_acq = len(r)
+        start = u0.to(ctype)[..., None].expand(n_batch, n_cells, n_acq)
+        if half and partial:
+            # S = a^T U^H U w with a = sqrt(V) (integrate everywhere) and w the
+            # initial magnetisation: propagate both to TE/2, S = <U a, U w>.
+            whole = op.sqrt_volumes.to(ctype)[None, :, None]
+            start = torch.cat([whole.expand_as(start), start], dim=-1)
+            r = torch.cat([r, r])
+        # One plan per chunk: in the phase frame the Magnus sub-steps follow
+        # the chunk's strongest gradient (acquisitions are sorted by it), so
+        # b = 0 and weak-gradient chunks are not stepped at the strongest
+        # gradient's pace.
+        steps = time_plan(
+            durations,
+            amplitudes,
+            frame=frame,
+            phase_step=phase_step,
+            substeps=substeps,
+            dmax=dmax,
+            rate=float(r.norm(dim=-1).max()),
+        )
+        u = propagate(op, steps, start.contiguous(), r, **kwargs)
+        if half and partial:
+            s = (u[..., :n_acq].conj() * u[..., n_acq:]).sum(1).abs()
+        elif half:
+            s = (u.real**2 + u.imag**2).sum(1)
+        else:
+            s = _full_echo(op, u, r, waveform, frame).abs()
+        signals.append(s)
+    return torch.cat(signals, dim=1)
+
+
+def _full_echo(op, u, rate, waveform, frame):
+    weights = op.sqrt_volumes.to(u.dtype)[None, :, None]
+    if frame == "phase":
+        # Back to the laboratory frame: M = m exp(-i k(TE) . x).
+        k_te = rate * float(waveform.F_at(np.array([waveform.echo_time_us]))[0])
+        phase = -(op.positions @ k_te.T)  # polar: complex exp is slow on CPU
+        weights = weights * torch.polar(torch.ones_like(phase), phase)[None]
+    return (weights * u).sum(1)
+
+
+def _first_half(durations, amplitudes):
+    ends = np.cumsum(durations)
+    mid = 0.5 * ends[-1]
+    keep = ends - durations < mid
+    d = durations[keep].copy()
+    d[-1] = mid - (ends[keep][-1] - d[-1])
+    return d, amplitudes[keep]
+
+
+def _chunk_size(n_batch, n_cells, n_acq, itemsize, engine):
+    if engine == "dense":
+        # Generator, propagator and matrix_exp workspace: ~4 dense complex
+        # (N, N) matrices per acquisition and batch element.
+        per_acq = n_batch * n_cells**2 * 2 * itemsize * 4
+    else:
+        # The backward pass of one Chebyshev step holds its ~100 terms of
+        # (B, N, chunk) complex states.
+        per_acq = n_batch * n_cells * 2 * itemsize * 100
+    return max(1, min(n_acq, _CHUNK_BYTES // max(per_acq, 1)))
+
+
+def _engine(method):
+    # "auto" once chose the dense reference up to 48 cells, thinking its
+    # O(N^3) exponentials cheaper there; per acquisition they are not (48
+    # cells, 540 acquisitions, float32: forward 0.50 s against 0.037 s,
+    # gradient 1.56 s against 0.021 s; doc/benchmarks_forward.md).
+    return "chebyshev" if method == "auto" else method
+
+
+def _permeability(grid, permeability, dtype, device):
+    if isinstance(permeability, np.ndarray) and not permeability.flags.writeable:
+        # Phantoms' read-only arrays: torch cannot wrap them without a copy.
+        permeability = permeability.copy()
+    kappa = torch.as_tensor(permeability, dtype=dtype, device=device)
+    if kappa.ndim == 0 or kappa.shape[-1] != grid.n_faces:
+        raise ValueError(
+            f"permeability must have grid.n_faces = {grid.n_faces} values in its "
+            f"last axis (one per interior face), got shape {tuple(kappa.shape)}."
+        )
+    if torch.any(torch.isnan(kappa)) or torch.any(kappa < 0):
+        raise ValueError(
+            "permeability must be in [0, inf] m/s (inf = no membrane); found "
+            "negative or NaN values."
+        )
+    return kappa
+
+
+def _per_cell(grid, value, name, n_batch, batch_shape, like):
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        return t.expand(n_batch, grid.n_cells)
+    if t.shape[-1] != grid.n_cells:
+        raise ValueError(
+            f"{name} must be a scalar or have grid.n_cells = {grid.n_cells} values "
+            f"in its last axis, got shape {tuple(t.shape)}."
+        )
+    try:
+        t = t.expand(*batch_shape, grid.n_cells)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not broadcast against the "
+            f"permeability batch shape {tuple(batch_shape)}."
+        ) from err
+    return t.reshape(n_batch, grid.n_cells)
+
+
+def _initial(grid, initial, n_batch, batch_shape, like):
+    if initial is None:
+        return torch.ones(n_batch, grid.n_cells, dtype=like.dtype, device=like.device)
+    mask = np.asarray(initial)
+    if mask.dtype != bool:
+        raise ValueError("initial must be a boolean mask over the cells.")
+    start = _per_cell(grid, mask.astype(float), "initial", n_batch, batch_shape, like)
+    if torch.any(start.sum(-1) == 0):
+        raise ValueError("initial selects no cell; the signal would be undefined.")
+    return start
+
+
+def update_digest(digest, grid, protocol, **meta):
+    """Feed everything a simulation of ``grid`` and ``protocol`` depends on.
+
+    Updates the ``hashlib`` object ``digest`` with the grid's geometry, the
+    protocol's b-values, directions and waveforms, then ``meta`` (JSON, with
+    the grid's size and wall). Cache keys of simulated results (the learned
+    proposal, the label search's signals) are built on it.
+    """
+    for array in (grid.vertices, grid.tets, protocol.bvals, protocol.bvecs):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    for waveform in protocol.waveforms:
+        digest.update(repr(waveform).encode())
+        for part in waveform.segments:
+            digest.update(np.asarray(part, dtype=np.float64).tobytes())
+    # Only an absorbing wall's permeability enters the operators: on another
+    # wall it would make two identical simulations look different.
+    wall = grid.wall_permeability if grid.boundary == "absorbing" else None
+    meta = dict(meta, size=grid.size, boundary=grid.boundary, wall=wall)
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest

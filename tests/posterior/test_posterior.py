@@ -1,0 +1,278 @@
+"""The amortised posterior: packed substrates, the prior, the flow, the DIPY fit."""
+
+import logging
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from dipy_spinverse import SpinverseModel, TetGrid
+from dipy_spinverse.data import _protocol
+from dipy_spinverse.geometry.substrates import FIBRE_DIRECTIONS, packed_substrate
+from dipy_spinverse.posterior import (
+    TissuePrior,
+    TrainingOptions,
+    decode,
+    encode,
+    shape_descriptors,
+)
+from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR, PosteriorFit
+
+# Two diffusion times, 2 b = 0 and 6 directions on 2 shells each: 28 volumes.
+PROTOCOL = _protocol(((0.010, 0.020), (0.010, 0.060)), (1000.0, 2500.0), 6, 2)
+# Large cells on a coarse periodic grid: 60 ms a simulation here, so that the
+# tests train a (poor, small) posterior in seconds. Calibration at scale is
+# benchmarks/posterior_calibration.py's.
+SMALL_PRIOR = TissuePrior(
+    resolution=2,
+    cell_diameter=(8.0, 25.0),
+    n_cells=(1, 2),
+    families=("packed", "fibre"),
+    min_spacings=1.0,
+)
+SMALL_OPTIONS = TrainingOptions(
+    n_simulations=160, epochs=15, hidden=32, embedding=16, transforms=2, batch_size=32
+)
+SIGMA = 0.02
+
+
+# -- packed substrates -------------------------------------------------------------
+@pytest.mark.parametrize("fibres", [False, True])
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.85])
+def test_packed_substrate_reaches_the_fraction(fibres, fraction):
+    """The radius is the volume quantile of the seed distances, so the
+    fraction is met to one grid cell (1/2592 of the volume) unless a piece
+    cut off a cell is given to the outside: 0.01 allows that."""
+    grid = TetGrid.bcc(20.0, 6, boundary="periodic")
+    sub = packed_substrate(
+        grid, rng=3, n_cells=3, fraction=fraction, fibres=fibres, size_spread=1.5
+    )
+    assert sub.n_cells == 3
+    assert set(sub.kinds) == {"fibre" if fibres else "packed"}
+    assert abs(sub.volumes.sum() / grid.volume - fraction) < 0.01
+    assert np.all((sub.permeability >= 1e-6) & (sub.permeability <= 1e-4))
+
+
+def test_packed_fibres_run_through_the_box():
+    """A fibre along x has the same cross-section in every slab along x."""
+    grid = TetGrid.bcc(20.0, 6, boundary="periodic")
+    sub = packed_substrate(
+        grid, rng=0, n_cells=1, fraction=0.3, fibres=True, axis=(1, 0, 0)
+    )
+    x = grid.cell_centroids[:, 0]
+    inside = sub.labels > 0
+    per_slab = [
+        inside[(x >= a) & (x < a + 20 / 6)].mean() for a in np.arange(0, 20, 20 / 6)
+    ]
+    assert_allclose(per_slab, 0.3, atol=0.02)
+
+
+def test_packed_substrate_refuses_bad_arguments():
+    walled = TetGrid.bcc(20.0, 4)
+    with pytest.raises(ValueError, match="fibres=True needs a periodic grid"):
+        packed_substrate(walled, fibres=True)
+    grid = TetGrid.bcc(20.0, 4, boundary="periodic")
+    with pytest.raises(ValueError, match="fraction"):
+        packed_substrate(grid, fraction=1.0)
+    with pytest.raises(ValueError, match="elongation"):
+        packed_substrate(grid, elongation=0.5)
+    with pytest.raises(ValueError, match="empty"):
+        packed_substrate(
+            TetGrid.bcc(20.0, 2, boundary="periodic"), n_cells=40, fraction=0.05
+        )
+    assert len(FIBRE_DIRECTIONS) == 13
+
+
+# -- the flow's coordinates ------------------------------------------------------
+def test_encode_decode_round_trip():
+    rng = np.random.default_rng(0)
+    axes = rng.standard_normal((5, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    tensor = 0.2 * np.eye(3) + 3 * np.einsum("ni,nj->nij", axes, axes)
+    truth = dict(
+        restricted_fraction=rng.uniform(0.05, 0.85, 5),
+        n_cells=rng.integers(1, 5, 5),
+        cell_volume=rng.uniform(10, 1000, 5),
+        cell_diameter=rng.uniform(1, 25, 5),
+        surface_to_volume=rng.uniform(0.1, 3, 5),
+        permeability=10 ** rng.uniform(-6, -3, 5),
+        exchange_time=10 ** rng.uniform(-3, 1, 5),
+        shape_tensor=tensor,
+    )
+    back = decode(encode(truth))
+    for name in ("restricted_fraction", "cell_volume", "permeability", "exchange_time"):
+        assert_allclose(back[name], truth[name], rtol=1e-12)
+    assert_array_equal(back["n_cells"], truth["n_cells"])
+    # Dequantised counts round back to themselves.
+    jittered = decode(encode(truth, rng=rng))
+    assert_array_equal(jittered["n_cells"], truth["n_cells"])
+    # A prolate tensor: its axis (up to sign) and the closed-form FA.
+    assert_allclose(np.abs(np.sum(back["orientation"] * axes, -1)), 1, atol=1e-12)
+    lam = np.array([3.2, 0.2, 0.2])
+    fa = np.sqrt(1.5 * ((lam - lam.mean()) ** 2).sum() / (lam**2).sum())
+    assert_allclose(back["anisotropy"], fa, rtol=1e-10)
+    assert_allclose(shape_descriptors(np.eye(3))["anisotropy"], 0.0, atol=1e-12)
+
+
+# -- the prior -------------------------------------------------------------------------
+def test_prior_draws_are_reproducible_and_in_range():
+    simulator = SMALL_PRIOR.simulator(PROTOCOL)
+    signals, truth = simulator.sample(6, seed=7)
+    again, truth_again = simulator.sample(3, seed=7)
+    assert_array_equal(again, signals[:3])
+    assert_array_equal(truth_again["cell_diameter"], truth["cell_diameter"][:3])
+    assert signals.shape == (6, len(PROTOCOL))
+    assert_allclose(signals[:, PROTOCOL.bvals == 0], 1.0, atol=1e-9)
+    assert np.all((signals > 0) & (signals <= 1 + 1e-9))
+    low, high = SMALL_PRIOR.cell_diameter
+    assert np.all((truth["cell_diameter"] >= low) & (truth["cell_diameter"] <= high))
+    low, high = SMALL_PRIOR.restricted_fraction
+    f = truth["restricted_fraction"]
+    assert np.all((f >= low) & (f <= high))
+    assert set(truth["family"]) <= {"packed", "fibre"}
+    assert "TissuePrior(" in repr(simulator)
+
+
+def test_prior_refuses_bad_settings():
+    with pytest.raises(ValueError, match="families"):
+        TissuePrior(families=("cube",))
+    with pytest.raises(ValueError, match="restricted_fraction"):
+        TissuePrior(restricted_fraction=(0.1, 1.0))
+    with pytest.raises(ValueError, match="cell_diameter"):
+        TissuePrior(cell_diameter=(5.0, 1.0))
+    with pytest.raises(ValueError, match="diffusivity"):
+        TissuePrior(diffusivity=2e-9)
+
+
+# -- the DIPY fit ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def posterior_model(tmp_path_factory):
+    return SpinverseModel(
+        PROTOCOL,
+        fit_method="posterior",
+        prior=SMALL_PRIOR,
+        posterior_options=SMALL_OPTIONS,
+        sigma=SIGMA,
+        n_posterior_samples=200,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    )
+
+
+def _noisy(signals, seed):
+    rng = np.random.default_rng(seed)
+    noise = SIGMA * (
+        rng.standard_normal(signals.shape) + 1j * rng.standard_normal(signals.shape)
+    )
+    return np.abs(signals + noise)
+
+
+def test_posterior_fit_of_a_volume(posterior_model, caplog):
+    signals, truth = posterior_model.prior.sample(8, seed=11)
+    data = 1000 * _noisy(signals, 0)
+    # A signal that grows with b (nothing in the prior does), a NaN, b0 = 0.
+    rising = 1000 * np.linspace(1, 2, len(PROTOCOL))
+    broken = np.full(len(PROTOCOL), np.nan)
+    dark = data[0] * (PROTOCOL.bvals > 0)
+    volume = np.stack([*data, rising, broken, dark]).reshape(11, 1, 1, -1)
+    mask = np.ones((11, 1, 1), bool)
+    # DIPY's logger (the package logs through it) does not propagate.
+    dipy_logger = logging.getLogger("dipy")
+    dipy_logger.addHandler(caplog.handler)
+    try:
+        fit = posterior_model.fit(volume, mask=mask)
+    finally:
+        dipy_logger.removeHandler(caplog.handler)
+    assert isinstance(fit, PosteriorFit)
+    assert fit.status[8, 0, 0] == OUT_OF_PRIOR
+    assert fit.status[9, 0, 0] == 1 and fit.status[10, 0, 0] == 2
+    assert "OUT_OF_PRIOR" in caplog.text
+    for name in ("restricted_fraction", "cell_diameter", "exchange_time", "anisotropy"):
+        median = getattr(fit, name)
+        assert median.shape == (11, 1, 1)
+        assert np.all(np.isnan(median[8:]))
+        low, high = fit.credible_interval(name, level=0.9)
+        inner_low, inner_high = fit.credible_interval(name, level=0.5)
+        ok = fit.status == 0
+        assert np.all(low[ok] <= inner_low[ok]) and np.all(inner_low[ok] <= median[ok])
+        assert np.all(median[ok] <= inner_high[ok]) and np.all(
+            inner_high[ok] <= high[ok]
+        )
+        other = fit.credible_interval(name, level=0.8)  # drawn again
+        assert np.all(other[0][ok] >= low[ok] * 0.8)
+    samples = fit.posterior_samples("cell_diameter", 7)
+    assert samples.shape == (7, 11, 1, 1)
+    assert fit.posterior_samples("orientation", 3).shape == (3, 11, 1, 1, 3)
+    assert_allclose(np.linalg.norm(fit.orientation[:8], axis=-1), 1.0, atol=1e-9)
+    with pytest.raises(ValueError, match="orientation is a unit vector"):
+        fit.credible_interval("orientation")
+    with pytest.raises(ValueError, match="level"):
+        fit.credible_interval("cell_diameter", level=1.5)
+    # The mask's rows alone give the same fit; a voxel alone too.
+    rows = posterior_model.fit(volume[mask], mask=mask)
+    assert_array_equal(rows.status, fit.status)
+    one = posterior_model.fit(volume[0, 0, 0])
+    assert one.status == fit.status[0, 0, 0]
+    # The same posterior, other Monte Carlo draws (the batch differs): the
+    # medians of 200 draws agree to a fraction of the interval's width.
+    low, high = fit.credible_interval("cell_diameter", level=0.9)
+    width = high[0, 0, 0] - low[0, 0, 0]
+    assert abs(one.cell_diameter - fit.cell_diameter[0, 0, 0]) < 0.3 * width
+
+
+def test_posterior_is_cached(posterior_model, monkeypatch):
+    import dipy_spinverse.posterior as posterior
+
+    path = posterior_model.estimator_path
+    assert path.exists()
+    monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
+    again = SpinverseModel(
+        PROTOCOL,
+        fit_method="posterior",
+        prior=SMALL_PRIOR,
+        posterior_options=SMALL_OPTIONS,
+        sigma=SIGMA,
+        cache_dir=path.parent,
+    )
+    assert again.estimator is not None and again.estimator_path == path
+    # Another training option is another network.
+    other = TrainingOptions(**{**SMALL_OPTIONS.description(), "epochs": 14})
+    assert posterior.estimator_key(SMALL_PRIOR, PROTOCOL, other) not in path.name
+
+
+def test_posterior_model_options_are_checked():
+    with pytest.raises(ValueError, match="needs the noise level"):
+        SpinverseModel(PROTOCOL, fit_method="posterior")
+    with pytest.raises(ValueError, match="fit_method='posterior'"):
+        SpinverseModel(PROTOCOL, prior=SMALL_PRIOR)
+    with pytest.raises(ValueError, match="fit_method"):
+        SpinverseModel(PROTOCOL, fit_method="bayes")
+
+
+def test_prior_simulator_measures_its_time_error():
+    """With ``time_tolerance`` the Magnus sub-steps of each patch side are
+    doubled until the signals move by less than it; the kept signals then lie
+    within about that tolerance of a 4x finer simulation (the error falls ~8x
+    per doubling: 1.2x the tolerance allows the pilot's few substrates to
+    under-represent the rest). Fine 3 um cells make the time steps matter."""
+    prior = TissuePrior(
+        resolution=3,
+        cell_diameter=(2.0, 4.0),
+        n_cells=(1, 1),
+        families=("packed",),
+        min_spacings=1.0,
+    )
+    tolerance = 1e-3
+    fast = prior.simulator(PROTOCOL, time_tolerance=tolerance)
+    signals, _ = fast.sample(4, seed=3)
+    assert fast.measured_substeps
+    assert all(err <= tolerance for _, err in fast.measured_substeps.values())
+    assert max(count for count, _ in fast.measured_substeps.values()) > 1
+    reference = prior.simulator(PROTOCOL, time_tolerance=tolerance)
+    reference.measured_substeps = {
+        side: (4 * count, None) for side, (count, _) in fast.measured_substeps.items()
+    }
+    exact, _ = reference.sample(4, seed=3)
+    assert np.abs(signals - exact).max() <= 1.2 * tolerance
+    assert np.abs(signals - exact).max() > 0  # the steps differ
+    with pytest.raises(ValueError, match="time_tolerance"):
+        prior.simulator(PROTOCOL, time_tolerance=-1)

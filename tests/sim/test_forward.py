@@ -1,0 +1,292 @@
+"""simulate(): solver agreement, gradients, batching, options and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from dipy.core.gradients import gradient_table
+from numpy.testing import assert_allclose
+
+import dipy_spinverse.sim.forward as forward
+from dipy_spinverse import (
+    PGSE,
+    CosineOGSE,
+    DoublePGSE,
+    PiecewiseConstant,
+    Protocol,
+    SineOGSE,
+    TetGrid,
+    simulate,
+)
+
+BOUNDARIES = ["reflecting", "periodic", "absorbing"]
+
+
+def _protocol(seed=0):
+    rng = np.random.default_rng(seed)
+    dirs = rng.normal(size=(5, 3))
+    dirs /= np.linalg.norm(dirs, axis=1)[:, None]
+    bvals = np.array([0, 1000, 3000, 5000, 2000])
+    waves = [
+        PGSE(0.005, 0.02),
+        DoublePGSE(0.004, 0.01, 0.002),
+        CosineOGSE(0.01, 0.012, 2, steps_per_period=8),
+        SineOGSE(0.01, 0.012, 1, steps_per_period=8),
+        PiecewiseConstant([0.003, 0.002, 0.004, 0.001], [1.0, 0.0, -0.5, -1.0]),
+    ]
+    return Protocol.from_arrays(bvals, dirs, waves)
+
+
+def _random_field(grid, batch=(), seed=0):
+    rng = np.random.default_rng(seed)
+    kappa = 10 ** rng.uniform(-5, -1, (*batch, grid.n_faces))
+    kappa[..., ::7] = np.inf
+    kappa[..., 3::11] = 0.0
+    return kappa
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_solvers_agree(boundary):
+    """Dense matrix exponentials vs Chebyshev: same semi-discrete system.
+
+    The Chebyshev truncation bound is 1e-11 per step, so 1e-8 leaves room for
+    rounding; the issue asks for 1e-6.
+    """
+    grid = TetGrid.bcc(8.0, 2, boundary=boundary)
+    prot = _protocol()
+    kappa = _random_field(grid, batch=(2,))
+    dense = simulate(grid, kappa, prot, method="dense")
+    cheb = simulate(grid, kappa, prot, method="chebyshev")
+    assert dense.shape == (2, len(prot))
+    assert_allclose(cheb.numpy(), dense.numpy(), rtol=0, atol=1e-8)
+
+
+def test_auto_is_chebyshev_on_small_grids_too(monkeypatch):
+    """``method="auto"`` takes the Chebyshev engine on a 48-cell grid: the
+    dense reference was the automatic choice there and is 13-70x slower
+    with many acquisitions (docstring of forward._engine). Checked by
+    making the dense engine unusable: auto must not call it."""
+    from dipy_spinverse.sim import solvers
+
+    grid = TetGrid.bcc(8.0, 2)
+    prot = _protocol()
+    kappa = _random_field(grid)
+    cheb = simulate(grid, kappa, prot, method="chebyshev")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("method='auto' used the dense engine")
+
+    monkeypatch.setattr(solvers, "_dense_step", refuse)
+    assert torch.equal(simulate(grid, kappa, prot), cheb)
+
+
+def test_periodic_magnus_steps_converged(monkeypatch):
+    """The 4th-order Magnus sub-steps of periodic cells are converged.
+
+    Quartering the phase step changes the signal by < 1e-5 on a protocol
+    with OGSE and short pieces (measured ~5e-6; ~2e-8 for PGSE alone); the
+    error falls ~10-16x per halving (order between 3 and 4 pre-asymptotically).
+    """
+    grid = TetGrid.bcc(8.0, 2, boundary="periodic")
+    prot = _protocol()
+    kappa = _random_field(grid)
+    default = simulate(grid, kappa, prot, method="chebyshev")
+    monkeypatch.setattr(forward, "_PHASE_STEP", forward._PHASE_STEP / 4)
+    fine = simulate(grid, kappa, prot, method="chebyshev")
+    assert_allclose(default.numpy(), fine.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+@pytest.mark.parametrize("method", ["dense", "chebyshev"])
+def test_gradients_match_finite_differences(boundary, method):
+    """Autograd vs central differences (float64), permeability and diffusivity.
+
+    Relative step 1e-5: truncation ~1e-10, rounding ~1e-11 / 1e-5 ~ 1e-6 of
+    the gradient scale, hence rtol 1e-4 on the largest component.
+    """
+    grid = TetGrid.bcc(8.0, 2, boundary=boundary)
+    prot = _protocol()
+    weights = torch.linspace(0.5, 1.5, len(prot), dtype=torch.float64)
+    rng = np.random.default_rng(1)
+    kappa = torch.tensor(10 ** rng.uniform(-4, -1, grid.n_faces), requires_grad=True)
+    diff = torch.tensor(2e-3, dtype=torch.float64, requires_grad=True)
+
+    def loss(k, d):
+        return (simulate(grid, k, prot, diffusivity=d, method=method) * weights).sum()
+
+    grad_k, grad_d = torch.autograd.grad(loss(kappa, diff), (kappa, diff))
+    scale = grad_k.abs().max().item()
+    for i in rng.choice(grid.n_faces, 4, replace=False):
+        h = 1e-5 * kappa[i].item()
+        up, down = kappa.detach().clone(), kappa.detach().clone()
+        up[i] += h
+        down[i] -= h
+        fd = (loss(up, diff) - loss(down, diff)).item() / (2 * h)
+        assert abs(fd - grad_k[i].item()) <= 1e-4 * scale
+    h = 1e-8
+    fd = (loss(kappa, diff + h) - loss(kappa, diff - h)).item() / (2 * h)
+    assert_allclose(grad_d.item(), fd, rtol=1e-5)
+
+
+def test_gradient_with_respect_to_per_cell_diffusivity():
+    grid = TetGrid.bcc(8.0, 2)
+    prot = _protocol()[:3]
+    diff = torch.full((grid.n_cells,), 2e-3, dtype=torch.float64, requires_grad=True)
+    kappa = _random_field(grid)
+    (grad,) = torch.autograd.grad(
+        simulate(grid, kappa, prot, diffusivity=diff).sum(), diff
+    )
+    i, h = 5, 1e-9
+    up, down = diff.detach().clone(), diff.detach().clone()
+    up[i] += h
+    down[i] -= h
+    fd = (
+        simulate(grid, kappa, prot, diffusivity=up).sum()
+        - simulate(grid, kappa, prot, diffusivity=down).sum()
+    ).item() / (2 * h)
+    assert_allclose(grad[i].item(), fd, rtol=1e-5)
+
+
+def test_batch_equals_loop_and_float32():
+    grid = TetGrid.bcc(8.0, 3)
+    prot = _protocol()
+    kappa = _random_field(grid, batch=(2, 3))
+    batched = simulate(grid, kappa, prot)
+    assert batched.shape == (2, 3, len(prot))
+    single = simulate(grid, kappa[1, 2], prot)
+    assert_allclose(batched[1, 2].numpy(), single.numpy(), atol=1e-12)
+    # float32: ~1e-7 rounding per product over ~100 products.
+    low = simulate(grid, kappa, prot, dtype=torch.float32)
+    assert low.dtype == torch.float32
+    assert_allclose(low.numpy(), batched.numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("boundary", ["reflecting", "periodic"])
+def test_b0_is_one_and_open_equals_free_faces(boundary):
+    grid = TetGrid.bcc(8.0, 2, boundary=boundary)
+    prot = Protocol.pgse([0, 0], [[1, 0, 0]] * 2, small_delta=0.01, big_delta=0.05)
+    kappa = _random_field(grid)
+    assert_allclose(simulate(grid, kappa, prot).numpy(), 1.0, atol=1e-10)
+
+
+def test_uniform_t2_factorises():
+    """With a uniform T2, S = S(no T2) exp(-TE/T2) exactly."""
+    grid = TetGrid.bcc(8.0, 2)
+    prot = _protocol()
+    kappa = _random_field(grid)
+    plain = simulate(grid, kappa, prot)
+    relaxed = simulate(grid, kappa, prot, t2=0.05)
+    expected = plain * torch.tensor(np.exp(-prot.echo_times / 0.05))
+    assert_allclose(relaxed.numpy(), expected.numpy(), rtol=1e-9)
+
+
+def test_compartment_signals_add_up():
+    """Signals started inside and outside, volume-weighted, give the whole.
+
+    Holds for any permeability since the equation is linear; a centred sphere
+    keeps every compartment signal real so magnitudes add too.
+    """
+    grid = TetGrid.bcc(12.0, 4)
+    inside = np.linalg.norm(grid.cell_centroids - 6.0, axis=1) < 5.0
+    prot = Protocol.pgse(
+        [0, 500, 2000], [[1, 0, 0]] * 3, small_delta=0.005, big_delta=0.03
+    )
+    v_in = grid.cell_volumes[inside].sum()
+    v_out = grid.volume - v_in
+    for kappa in (0.0, 1e-4, 1e-2):
+        field = np.where(grid.interface_faces(inside), kappa, np.inf)
+        s_in = simulate(grid, field, prot, initial=inside)
+        s_out = simulate(grid, field, prot, initial=~inside)
+        whole = simulate(grid, field, prot)
+        assert_allclose(s_in[0].item(), 1.0, atol=1e-10)  # b = 0 conserves spins
+        assert_allclose(
+            ((s_in * v_in + s_out * v_out) / grid.volume).numpy(),
+            whole.numpy(),
+            atol=1e-10,
+        )
+
+
+def test_accepts_dipy_gradient_table():
+    grid = TetGrid.bcc(8.0, 2, boundary="periodic")
+    bvals = np.array([0, 1000, 1000, 2000])
+    bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], float)
+    gtab = gradient_table(
+        bvals, bvecs=bvecs, big_delta=[0.02, 0.02, 0.04, 0.04], small_delta=0.005
+    )
+    out = simulate(grid, np.full(grid.n_faces, np.inf), gtab)
+    direct = simulate(grid, np.full(grid.n_faces, np.inf), Protocol.from_gtab(gtab))
+    assert_allclose(out.numpy(), direct.numpy())
+    with pytest.raises(ValueError, match="big_delta"):
+        simulate(
+            grid, np.full(grid.n_faces, np.inf), gradient_table(bvals, bvecs=bvecs)
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(permeability=np.ones(5)), ValueError, "n_faces"),
+        (dict(permeability=-1.0), ValueError, r"\[0, inf\]"),
+        (dict(permeability=np.nan), ValueError, r"\[0, inf\]"),
+        (dict(method="exact"), ValueError, "method"),
+        (dict(diffusivity=-2e-3), ValueError, "diffusivity"),
+        (dict(diffusivity=np.ones(3)), ValueError, "diffusivity"),
+        (dict(t2=0.0), ValueError, "t2"),
+        (dict(initial=np.zeros(48, bool)), ValueError, "initial"),
+        (dict(initial=np.ones(48)), ValueError, "boolean"),
+        (dict(dtype=torch.int64), ValueError, "dtype"),
+        (dict(grid="grid"), TypeError, "TetGrid"),
+        (dict(protocol=[0, 1000]), TypeError, "protocol"),
+    ],
+)
+def test_bad_input_is_named(kwargs, error, match):
+    grid = TetGrid.bcc(8.0, 2)
+    args = dict(
+        grid=grid,
+        permeability=np.full(grid.n_faces, 1e-3),
+        protocol=_protocol()[:2],
+    )
+    args.update(kwargs)
+    if np.ndim(args["permeability"]) == 0:
+        args["permeability"] = np.full(grid.n_faces, args["permeability"])
+    grid, perm, prot = args.pop("grid"), args.pop("permeability"), args.pop("protocol")
+    with pytest.raises(error, match=match):
+        simulate(grid, perm, prot, **args)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    grid = TetGrid.bcc(8.0, 3)
+    prot = _protocol()
+    kappa = _random_field(grid, batch=(2,))
+    cpu = simulate(grid, kappa, prot)
+    gpu = simulate(grid, kappa, prot, device="cuda")
+    assert gpu.device.type == "cuda"
+    assert_allclose(gpu.cpu().numpy(), cpu.numpy(), atol=1e-10)
+
+
+def test_periodic_substeps_converge_on_stiff_grids():
+    """On a fine periodic grid (0.4 um spacing, 1 um cells: the diffusion
+    rate across a cell times a pulse is ~1e3) the phase criterion alone takes
+    one Magnus sub-step per weak pulse, and the signal errs by 1.1e-3 here
+    (against 64x the sub-steps); ``substeps`` multiplies the sub-steps and
+    the error falls 4.6x and 5.1x per doubling (measured; asserted: > 3x)."""
+    grid = TetGrid.bcc(2.4, 6, boundary="periodic")
+    prot = Protocol.pgse(
+        [1000.0, 2500.0],
+        [[1, 0, 0], [0, 0.6, 0.8]],
+        small_delta=0.010,
+        big_delta=0.020,
+    )
+    labels = np.linalg.norm(grid.cell_centroids - 1.2, axis=1) < 0.7
+    kappa = np.where(
+        labels[grid.face_cells[:, 0]] != labels[grid.face_cells[:, 1]], 1e-5, np.inf
+    )
+    with torch.no_grad():
+        runs = {m: simulate(grid, kappa, prot, substeps=m).numpy() for m in (1, 2, 16)}
+    errors = [np.abs(runs[m] - runs[16]).max() for m in (1, 2)]
+    assert errors[0] > 1e-4  # the default is not converged here
+    assert errors[1] < errors[0] / 3
+    with pytest.raises(ValueError, match="substeps"):
+        simulate(grid, kappa, prot, substeps=0)
+    with pytest.raises(ValueError, match="phase_step"):
+        simulate(grid, kappa, prot, phase_step=-0.1)
