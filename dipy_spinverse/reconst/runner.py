@@ -224,8 +224,7 @@ def _reconstruct(model, signals, callback=None):
     except Exception as err:  # a voxel must never stop the volume
         if n > 1:
             parts = [
-                _reconstruct(model, signals[i : i + 1], callback)[0]
-                for i in range(n)
+                _reconstruct(model, signals[i : i + 1], callback)[0] for i in range(n)
             ]
             return _merge(parts, np.concatenate), None
         warnings.warn(
