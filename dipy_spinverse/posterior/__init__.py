@@ -112,10 +112,33 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
         f"each, then {options.epochs} training epochs."
     )
     signals, truth = simulator.sample(
-        options.n_simulations, seed=options.seed, progress=progress
+        options.n_simulations,
+        seed=options.seed,
+        progress=progress,
+        reference_resolution=options.reference_resolution,
     )
     coordinates = encode(truth, rng=np.random.default_rng(options.seed))
-    net = train_estimator(signals, coordinates, protocol, options, progress=progress)
+    model_error = None
+    if options.reference_resolution is not None:
+        logger.info(
+            f"Measuring the prior grid's discretisation error: {options.n_reference} "
+            f"draws also simulated at resolution {options.reference_resolution}."
+        )
+        coarse, fine, _ = simulator.sample_pairs(
+            options.n_reference,
+            reference_resolution=options.reference_resolution,
+            seed=options.seed + 2 * 10**6,
+            progress=progress,
+        )
+        model_error = fine - coarse
+    net = train_estimator(
+        signals,
+        coordinates,
+        protocol,
+        options,
+        model_error=model_error,
+        progress=progress,
+    )
     with atomic_write(path) as tmp:
         torch.save({"state": net.state_dict(), "key": key}, tmp)
     return net, path

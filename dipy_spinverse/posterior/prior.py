@@ -39,7 +39,7 @@ One draw
 
 import functools
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -196,6 +196,29 @@ class TissuePrior:
             When no draw is accepted in a few hundred tries (ranges that the
             resolution cannot hold), naming what to change.
         """
+        return self.draw_pair(rng)[0]
+
+    def draw_pair(self, rng, reference_resolution=None):
+        """One accepted draw, and the same tissue on a finer grid.
+
+        The cells are drawn in um, so the same random state rasterises the
+        same tissue on the patch's grid and on a grid of
+        ``reference_resolution`` cubes per side: what the two grids' signals
+        differ by is the discretisation error of the prior's grid.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+        reference_resolution : int, optional
+
+        Returns
+        -------
+        draw : tuple
+            As :meth:`draw`.
+        reference : tuple or None
+            ``(side, substrate, diffusivity, descriptors)`` on the finer grid
+            (None without ``reference_resolution``).
+        """
         for _ in range(_MAX_TRIES):
             family = self.families[rng.integers(len(self.families))]
             n = int(rng.integers(self.n_cells[0], self.n_cells[1] + 1))
@@ -208,20 +231,44 @@ class TissuePrior:
             side = self._boxes[
                 int(np.argmin(np.abs(np.log(self._boxes) - math.log(wanted))))
             ]
-            grid = self._grid(side)
-            try:
-                substrate = self._substrate(grid, family, n, fraction, axis, rng)
-            except ValueError:
-                continue  # an empty cell on this grid: draw again
-            truth = _described(grid, substrate)
-            if self._accepted(grid, truth):
-                return side, substrate, self._diffusivity(rng), truth
+            state = rng.bit_generator.state
+            draw = self._tissue(side, self.resolution, family, n, fraction, axis, rng)
+            if draw is None or not self._accepted(self._grid(side), draw[1]):
+                continue
+            diffusivity = self._diffusivity(rng)
+            if reference_resolution is None:
+                return (side, draw[0], diffusivity, draw[1]), None
+            after = rng.bit_generator.state
+            rng.bit_generator.state = state
+            fine = self._tissue(
+                side, reference_resolution, family, n, fraction, axis, rng
+            )
+            rng.bit_generator.state = after
+            if fine is not None and all(
+                math.isfinite(fine[1][name]) and fine[1][name] > 0 for name in _POSITIVE
+            ):
+                return (side, draw[0], diffusivity, draw[1]), (
+                    side,
+                    fine[0],
+                    diffusivity,
+                    fine[1],
+                )
         raise ValueError(
             f"no draw of {self!r} was accepted in {_MAX_TRIES} tries: its cells "
             f"are not {self.min_spacings} grid spacings across at resolution "
             f"{self.resolution}, or miss the ranges; raise resolution, lower "
             "min_spacings, or widen cell_diameter / restricted_fraction."
         )
+
+    def _tissue(self, side, resolution, family, n, fraction, axis, rng):
+        """(substrate, descriptors) on the patch grid of ``resolution``, or
+        None when a cell is empty on that grid."""
+        grid = _periodic_grid(float(side), resolution)
+        try:
+            substrate = self._substrate(grid, family, n, fraction, axis, rng)
+        except ValueError:
+            return None  # an empty cell on this grid: draw again
+        return substrate, _described(grid, substrate)
 
     def _grid(self, side):
         return _periodic_grid(float(side), self.resolution)
@@ -332,7 +379,7 @@ class PriorSimulator:
         #: Per patch side: (Magnus sub-step multiplier, measured time error).
         self.measured_substeps = {}
 
-    def sample(self, n, *, seed, progress=False):
+    def sample(self, n, *, seed, progress=False, reference_resolution=None):
         """``n`` noise-free signals and their true descriptors.
 
         Draw ``i`` depends only on ``seed`` and ``i`` (the ``i``-th child of
@@ -347,6 +394,11 @@ class PriorSimulator:
         seed : int
         progress : bool
             A progress bar over the draws and the simulations.
+        reference_resolution : int, optional
+            Describe the tissue as a grid of this many cubes per side
+            rasterises it (:meth:`TissuePrior.draw_pair`), closer to the
+            tissue the cells were drawn as than the prior's own grid; the
+            signals stay the prior grid's.
 
         Returns
         -------
@@ -358,12 +410,75 @@ class PriorSimulator:
             ``n``; ``orientation`` (n, 3)), ``shape_tensor`` (n, 3, 3),
             ``diffusivity`` (mm^2/s), ``box_size`` (um) and ``family``.
         """
+        draws, references = self._draws(n, seed, reference_resolution, progress)
+        signals = self.simulate_draws(draws, progress=progress)
+        return signals, _truth(draws if references is None else references)
+
+    def sample_pairs(self, n, *, reference_resolution, seed, progress=False):
+        """Draws simulated on the prior's grid and on a finer one.
+
+        Each draw is rasterised on its patch's grid and on a grid of
+        ``reference_resolution`` cubes per side
+        (:meth:`TissuePrior.draw_pair`) and simulated on both (each grid
+        with its own measured time steps). The difference of the signals is
+        the prior grid's approximation error (Kaipio and Somersalo), which
+        :class:`~dipy_spinverse.posterior.TrainingOptions` can model; the
+        finer signals are held-out data closer to tissue than the training
+        set's.
+
+        Parameters
+        ----------
+        n : int
+        reference_resolution : int
+            Cubes per side of the reference grid, above the prior's.
+        seed : int
+        progress : bool
+
+        Returns
+        -------
+        signals : ndarray (n, n_acquisitions)
+            On the prior's grid.
+        reference_signals : ndarray (n, n_acquisitions)
+            The same tissue on the reference grid.
+        reference_truth : dict of ndarray
+            Its descriptors on the reference grid (as :meth:`sample`).
+        """
+        draws, references = self._draws(n, seed, reference_resolution, progress)
+        reference = PriorSimulator(
+            replace(self.prior, resolution=reference_resolution),
+            self.protocol,
+            dtype=self.dtype,
+            method=self.method,
+            batch_size=self.batch_size,
+            time_tolerance=self.time_tolerance,
+        )
+        signals = self.simulate_draws(draws, progress=progress)
+        fine = reference.simulate_draws(references, progress=progress)
+        return signals, fine, _truth(references)
+
+    def _draws(self, n, seed, reference_resolution, progress):
+        """Draws of the prior, and of the same tissue at a finer resolution."""
         n = check_int(n, "n", 1)
+        if reference_resolution is not None:
+            reference_resolution = check_int(
+                reference_resolution,
+                "reference_resolution",
+                self.prior.resolution + 1,
+            )
         children = np.random.SeedSequence(int(seed)).spawn(n)
-        draws = [
-            self.prior.draw(np.random.default_rng(child))
+        pairs = [
+            self.prior.draw_pair(np.random.default_rng(child), reference_resolution)
             for child in tqdm(children, desc="Drawing substrates", disable=not progress)
         ]
+        draws = [p[0] for p in pairs]
+        if reference_resolution is None:
+            return draws, None
+        return draws, [p[1] for p in pairs]
+
+    def simulate_draws(self, draws, *, progress=False):
+        """Noise-free signals (n, n_acquisitions) of draws of the prior
+        (:meth:`TissuePrior.draw`), patch side by patch side."""
+        n = len(draws)
         signals = np.empty((n, len(self.protocol)))
         by_side = {}
         for i, (side, *_rest) in enumerate(draws):
@@ -381,11 +496,7 @@ class PriorSimulator:
                 signals[part] = self._simulate(grid, draws, part, side)
                 bar.update(len(part))
         bar.close()
-        truth = _stack([d[3] for d in draws])
-        truth["diffusivity"] = np.array([d[2] for d in draws])
-        truth["box_size"] = np.array([d[0] for d in draws])
-        truth["family"] = np.array([d[1].kinds[0] for d in draws])
-        return signals, truth
+        return signals
 
     def _simulate(self, grid, draws, rows, side=None, *, substeps=None):
         if substeps is None:
@@ -431,6 +542,15 @@ class PriorSimulator:
 
     def __repr__(self):
         return f"PriorSimulator({self.prior!r}, n_acquisitions={len(self.protocol)})"
+
+
+def _truth(draws):
+    """The descriptors of draws, stacked, with what else a draw holds."""
+    truth = _stack([d[3] for d in draws])
+    truth["diffusivity"] = np.array([d[2] for d in draws])
+    truth["box_size"] = np.array([d[0] for d in draws])
+    truth["family"] = np.array([d[1].kinds[0] for d in draws])
+    return truth
 
 
 def _described(grid, substrate):

@@ -276,3 +276,105 @@ def test_prior_simulator_measures_its_time_error():
     assert np.abs(signals - exact).max() > 0  # the steps differ
     with pytest.raises(ValueError, match="time_tolerance"):
         prior.simulator(PROTOCOL, time_tolerance=-1)
+
+
+# -- the prior grid's discretisation error ----------------------------------------
+def test_draw_pairs_hold_the_same_tissue_on_a_finer_grid():
+    """A pair leaves the prior's own draw unchanged (same random stream) and
+    rasterises the same cells (drawn in um) on the finer grid: the same
+    family, patch and diffusivity, and descriptors close to the coarse
+    grid's (restricted fraction within 0.1: one coarse tetrahedron of a
+    96-tetrahedron patch is 0.01 of it, and a 1-spacing cell's boundary
+    layer a few of them)."""
+    for seed in range(4):
+        draw = SMALL_PRIOR.draw(np.random.default_rng(seed))
+        (same, fine) = SMALL_PRIOR.draw_pair(np.random.default_rng(seed), 4)
+        assert same[0] == draw[0] and same[2] == draw[2]
+        assert_array_equal(same[1].labels, draw[1].labels)
+        assert fine[0] == draw[0] and fine[2] == draw[2]
+        assert fine[1].kinds == draw[1].kinds
+        assert len(fine[1].labels) == 12 * 4**3 and len(draw[1].labels) == 12 * 2**3
+        assert (
+            abs(fine[3]["restricted_fraction"] - draw[3]["restricted_fraction"]) < 0.1
+        )
+    with pytest.raises(ValueError, match="reference_resolution"):
+        SMALL_PRIOR.simulator(PROTOCOL).sample(2, seed=0, reference_resolution=2)
+
+
+def test_sample_pairs_measure_the_grid_error():
+    """The same draws as ``sample`` on the prior's grid; the finer grid's
+    signals differ by the discretisation error (0 at b = 0, nonzero at
+    b > 0), and ``sample(reference_resolution=)`` labels the coarse signals
+    with the finer grid's descriptors."""
+    simulator = SMALL_PRIOR.simulator(PROTOCOL)
+    coarse, fine, truth = simulator.sample_pairs(3, reference_resolution=3, seed=5)
+    plain, plain_truth = simulator.sample(3, seed=5)
+    assert_allclose(coarse, plain, atol=2e-3)  # time steps measured again: 1e-3
+    b0 = PROTOCOL.bvals == 0
+    assert_allclose(fine[:, b0], 1.0, atol=1e-9)
+    assert np.abs(fine - coarse)[:, ~b0].max() > 1e-3
+    labelled, described = simulator.sample(3, seed=5, reference_resolution=3)
+    assert_allclose(labelled, plain, atol=2e-3)
+    for name in ("restricted_fraction", "cell_volume", "surface_to_volume"):
+        assert_allclose(described[name], truth[name], rtol=1e-12)
+        assert not np.allclose(described[name], plain_truth[name], rtol=1e-6)
+
+
+def test_model_error_draws_have_the_errors_mean_and_covariance():
+    """add_model_error draws mean + z @ centred / sqrt(m - 1): over 40,000
+    draws the sample mean is within 4 standard errors of the errors' mean
+    and the covariance within 5 % (relative, on its largest entries)."""
+    import torch
+
+    from dipy_spinverse.posterior.estimator import add_model_error
+
+    rng = np.random.default_rng(0)
+    errors = rng.standard_normal((12, 5)) @ rng.standard_normal((5, 5)) * 0.01 + 0.02
+    errors = torch.as_tensor(errors)
+    n = 40_000
+    draws = add_model_error(
+        torch.zeros(n, 5, dtype=torch.float64), errors, torch.Generator().manual_seed(1)
+    ).numpy()
+    mean, cov = errors.numpy().mean(0), np.cov(errors.numpy().T)
+    se = np.sqrt(np.diag(cov) / n)
+    assert np.all(np.abs(draws.mean(0) - mean) < 4 * se)
+    assert_allclose(np.cov(draws.T), cov, atol=0.05 * np.abs(cov).max())
+    assert add_model_error(torch.ones(2, 5), None) is not None
+
+
+def test_training_with_a_reference_grid_models_its_error(tmp_path, monkeypatch):
+    """``TrainingOptions(reference_resolution=)``: the training descriptors
+    are the reference grid's, and the network is trained with the measured
+    errors (reference minus prior-grid signals of ``n_reference`` pairs)."""
+    import dipy_spinverse.posterior as posterior
+
+    options = TrainingOptions(
+        **{
+            **SMALL_OPTIONS.description(),
+            "n_simulations": 24,
+            "epochs": 1,
+            "reference_resolution": 3,
+            "n_reference": 4,
+        }
+    )
+    seen = {}
+
+    def capture(signals, coordinates, protocol, options, **kwargs):
+        seen.update(signals=signals, coordinates=coordinates, **kwargs)
+        return 1 / 0  # stop before saving
+
+    monkeypatch.setattr(posterior, "train_estimator", capture)
+    with pytest.raises(ZeroDivisionError):
+        posterior.load_or_train(
+            SMALL_PRIOR, PROTOCOL, options, cache_dir=tmp_path, progress=False
+        )
+    simulator = SMALL_PRIOR.simulator(PROTOCOL)
+    coarse, fine, _ = simulator.sample_pairs(
+        4, reference_resolution=3, seed=options.seed + 2 * 10**6
+    )
+    assert_allclose(seen["model_error"], fine - coarse, atol=4e-3)
+    _, truth = simulator.sample(24, seed=options.seed, reference_resolution=3)
+    expected = encode(truth, rng=np.random.default_rng(options.seed))
+    assert_allclose(seen["coordinates"], expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="reference_resolution"):
+        TrainingOptions(reference_resolution=1)
