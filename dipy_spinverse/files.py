@@ -13,6 +13,7 @@ import os
 import pathlib
 import secrets
 import tempfile
+import warnings
 import zlib
 
 import nibabel as nib
@@ -22,6 +23,8 @@ from nibabel.filebasedimages import ImageFileError
 from .checks import check_affine
 
 __all__ = [
+    "load_or_build",
+    "StaleCacheError",
     "atomic_write",
     "cache_root",
     "fingerprint",
@@ -72,6 +75,63 @@ def fingerprint(description, arrays):
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()[:20]
+
+
+class StaleCacheError(ValueError):
+    """A cache file that reads but is not the artefact asked for."""
+
+
+def load_or_build(path, *, load, build, save, what):
+    """An artefact made once and kept: read from ``path``, or built and saved.
+
+    Every load-or-train product of the package (learned proposals,
+    approximation-error estimates, learned compartment networks, shape
+    autoencoders, posterior estimators) goes through here, under a name that
+    holds the hash of everything it depends on (:func:`fingerprint`, or the
+    grid and protocol digests of :func:`dipy_spinverse.sim.forward.update_digest`).
+
+    Parameters
+    ----------
+    path : path-like
+        The cache file.
+    load : callable
+        ``load(path) -> artefact``. It may raise on a file that is damaged,
+        foreign or of another version: that file is then built again, with a
+        warning naming it (never a crash deep in torch, never silent reuse).
+        Raise :class:`StaleCacheError` to say why in the warning.
+    build : callable
+        ``build() -> artefact``: minutes of simulation and training.
+    save : callable
+        ``save(artefact, tmp_path)``. Written to a temporary file beside
+        ``path``, then renamed: a reader never sees half a file, and two
+        processes building the same key each write whole.
+    what : str
+        Names the artefact in messages ("learned proposal", ...).
+
+    Returns
+    -------
+    artefact
+    """
+    path = pathlib.Path(path)
+    if path.exists():
+        try:
+            return load(path)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
+            # Not torch's own message: it suggests weights_only=False, which
+            # would run code from a file that is not ours.
+            reason = str(err) if isinstance(err, StaleCacheError) else ""
+            warnings.warn(
+                f"the cached {what} {path} cannot be read "
+                f"({type(err).__name__}{': ' * bool(reason)}{reason}); training "
+                "it again",
+                stacklevel=3,
+            )
+    # Checked before the minutes of work, not after.
+    writable_folder(path.parent, what)
+    artefact = build()
+    with atomic_write(path) as tmp:
+        save(artefact, tmp)
+    return artefact
 
 
 def writable_folder(folder, what, fix=None):

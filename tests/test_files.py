@@ -1,6 +1,7 @@
 """NIfTI images read and written voxel by voxel (dipy_spinverse.files)."""
 
 import gzip
+import pathlib
 import tracemalloc
 
 import nibabel as nib
@@ -96,3 +97,47 @@ def test_damaged_images_get_a_clean_error(tmp_path):
         load_image(tmp_path / "missing.nii.gz", "input_files")
     with pytest.raises(ValueError, match="first three axes"):
         read_voxels(path, np.ones((6, 6, 5), bool))
+
+
+def test_load_or_build_reads_rebuilds_and_refuses_unwritable(tmp_path):
+    """The one cache path: built once and read after; a damaged or stale file
+    is built again with a warning that names it (the reason only when the
+    loader gives one); an unwritable folder is refused before any work."""
+    from dipy_spinverse.files import StaleCacheError, load_or_build
+
+    built = []
+
+    def build():
+        built.append(1)
+        return {"value": len(built)}
+
+    def load(path):
+        text = path.read_text()
+        if text == "stale":
+            raise StaleCacheError("made for another protocol")
+        return {"value": int(text)}
+
+    kwargs = dict(
+        load=load,
+        build=build,
+        save=lambda a, tmp: pathlib.Path(tmp).write_text(str(a["value"])),
+    )
+    path = tmp_path / "thing-key.txt"
+    assert load_or_build(path, what="thing", **kwargs) == {"value": 1}
+    assert load_or_build(path, what="thing", **kwargs) == {"value": 1}
+    assert len(built) == 1 and path.read_text() == "1"
+    path.write_text("garbage")
+    with pytest.warns(
+        UserWarning,
+        match=r"thing .*thing-key.txt cannot be read "
+        r"\(ValueError\); training it again",
+    ):
+        assert load_or_build(path, what="thing", **kwargs) == {"value": 2}
+    path.write_text("stale")
+    with pytest.warns(UserWarning, match="StaleCacheError: made for another"):
+        load_or_build(path, what="thing", **kwargs)
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    with pytest.raises(ValueError, match="cannot write the thing"):
+        load_or_build(blocked / "sub" / "x.txt", what="thing", **kwargs)
+    assert len(built) == 3

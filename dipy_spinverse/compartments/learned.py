@@ -16,14 +16,13 @@ import itertools
 import logging
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from ..checks import check_device, check_int, check_options, check_positive
-from ..files import atomic_write, cache_root, writable_folder
+from ..files import StaleCacheError, cache_root, load_or_build
 
 __all__ = [
     "LearnedOptions",
@@ -355,63 +354,54 @@ def load_or_train(
     path : Path
         The cache file.
     """
-    folder = cache_dir(directory)
-    path = folder / f"{label or 'regressor'}-{key}.pt"
-    if path.exists():
-        try:
-            net = _load(path)
-        except Exception as err:  # noqa: BLE001 - any unreadable file
-            # A truncated or foreign file (a copy cut short, a disk full
-            # during another package's write) is replaced, not fatal.
-            warnings.warn(
-                # Not torch's own message: it suggests weights_only=False,
-                # which would run code from a file that is not ours.
-                f"the cached network {path} cannot be read "
-                f"({type(err).__name__}); training it again",
-                stacklevel=2,
+    path = cache_dir(directory) / f"{label or 'regressor'}-{key}.pt"
+
+    def load(path):
+        net = _load(path)
+        widths = [m.out_features for m in net.net if hasattr(m, "out_features")]
+        n_in = net.x_mean.numel()
+        if tuple(widths[:-1]) != tuple(options.hidden) or n_inputs not in (None, n_in):
+            raise StaleCacheError(
+                f"it is not this model's ({n_in} inputs, hidden layers "
+                f"{tuple(widths[:-1])}; expected {n_inputs} and "
+                f"{tuple(options.hidden)})"
             )
-        else:
-            widths = [m.out_features for m in net.net if hasattr(m, "out_features")]
-            n_in = net.x_mean.numel()
-            if tuple(widths[:-1]) == tuple(options.hidden) and n_inputs in (None, n_in):
-                return net, path
-            warnings.warn(
-                f"the cached network {path} is not this model's ({n_in} inputs, "
-                f"hidden layers {tuple(widths[:-1])}; expected {n_inputs} and "
-                f"{tuple(options.hidden)}); training it again",
-                stacklevel=2,
-            )
-    writable_folder(folder, "learned estimator")
-    start = time.perf_counter()
-    inputs, targets = make_training_set()
-    simulated = time.perf_counter() - start
-    # Reported apart from the training's own line: the simulation can take
-    # longer than the training (ActiveAx, 2 fibres: 1.7 s against 0.1 s).
-    _report(
-        f"simulated {len(inputs)} training voxels for the {label or 'regressor'} "
-        f"in {simulated:.1f} s"
-    )
-    net, seconds = train(
-        inputs,
-        targets,
-        options,
-        label=label or "regressor",
-        groups=groups,
-        augment=augment,
-    )
-    # A temporary file of its own, then a rename: a concurrent reader never
-    # sees half a file, and two processes training the same key at once
-    # (two subjects, one protocol) each write whole and the last one wins.
-    with atomic_write(path) as tmp:
+        return net
+
+    def build():
+        start = time.perf_counter()
+        inputs, targets = make_training_set()
+        simulated = time.perf_counter() - start
+        # Reported apart from the training's own line: the simulation can take
+        # longer than the training (ActiveAx, 2 fibres: 1.7 s against 0.1 s).
+        _report(
+            f"simulated {len(inputs)} training voxels for the "
+            f"{label or 'regressor'} in {simulated:.1f} s"
+        )
+        net, seconds = train(
+            inputs,
+            targets,
+            options,
+            label=label or "regressor",
+            groups=groups,
+            augment=augment,
+        )
+        net.timings = dict(train_seconds=seconds, simulate_seconds=simulated)
+        return net
+
+    def save(net, tmp):
         torch.save(
             {
                 "n_in": net.x_mean.numel(),
                 "n_out": net.y_mean.numel(),
                 "hidden": list(options.hidden),
                 "weights": net.state_dict(),
-                "train_seconds": seconds,
-                "simulate_seconds": simulated,
+                **net.timings,
             },
             tmp,
         )
+
+    net = load_or_build(
+        path, load=load, build=build, save=save, what="learned estimator"
+    )
     return net, path

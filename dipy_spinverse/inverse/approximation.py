@@ -25,9 +25,6 @@ the learned proposal is).
 """
 
 import hashlib
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -37,7 +34,7 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from ..checks import check_int
-from ..files import cache_root, writable_folder
+from ..files import cache_root, load_or_build
 from ..geometry.substrates import random_substrates
 from ..sim.forward import simulate, update_digest
 from ..sim.grid import TetGrid
@@ -72,7 +69,7 @@ class ApproximationError:
     key : str
         The cache key it was stored under.
     seconds : float
-        Wall time of the estimate (0 when read from the cache).
+        Wall time of the estimate (also when read from the cache).
     """
 
     mean: np.ndarray
@@ -178,23 +175,40 @@ def approximation_error(
         refine=refine,
     )
     folder = cache_root(cache_dir) if cache_dir else cache_root() / "approximation"
-    path = folder / f"{key}.npz"
-    if path.exists():
-        saved = np.load(path)
-        return ApproximationError(saved["mean"], saved["std"], n_substrates, key)
-    writable_folder(folder, "approximation-error estimate")
-    start = time.perf_counter()
-    errors = _errors(
-        grid, fine, protocol, n_substrates, diffusivity, open_kappa, device, progress
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
-        np.savez(f, mean=errors.mean(0), std=errors.std(0, ddof=1))
-    os.replace(f.name, path)
-    meta = dict(seconds=round(time.perf_counter() - start, 1))
-    path.with_suffix(".json").write_text(json.dumps(meta))
-    return ApproximationError(
-        errors.mean(0), errors.std(0, ddof=1), n_substrates, key, meta["seconds"]
+
+    def load(path):
+        with np.load(path) as saved:
+            seconds = float(saved["seconds"]) if "seconds" in saved else 0.0
+            return ApproximationError(
+                saved["mean"], saved["std"], n_substrates, key, seconds
+            )
+
+    def build():
+        start = time.perf_counter()
+        errors = _errors(
+            grid,
+            fine,
+            protocol,
+            n_substrates,
+            diffusivity,
+            open_kappa,
+            device,
+            progress,
+        )
+        seconds = round(time.perf_counter() - start, 1)
+        return ApproximationError(
+            errors.mean(0), errors.std(0, ddof=1), n_substrates, key, seconds
+        )
+
+    def save(error, tmp):
+        np.savez(tmp, mean=error.mean, std=error.std, seconds=error.seconds)
+
+    return load_or_build(
+        folder / f"{key}.npz",
+        load=load,
+        build=build,
+        save=save,
+        what="approximation-error estimate",
     )
 
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_number
-from ..files import atomic_write, cache_root, writable_folder
+from ..files import cache_root, load_or_build
 from ..geometry.metrics import cell_inversion
 from ..geometry.substrates import random_substrates
 from ..geometry.topology import graph_components
@@ -233,35 +233,34 @@ def load_or_train_proposal(
     settings = ProposalSettings() if settings is None else settings
     key = proposal_key(grid, protocol, diffusivity, settings)
     folder = cache_root(cache_dir) if cache_dir else proposal_cache_dir()
-    path = folder / f"{key}.pt"
-    if path.exists():
-        try:
-            saved = torch.load(path, weights_only=True)
-            net = ProposalNet(len(protocol), grid.n_cells, settings.hidden)
-            net.load_state_dict(saved["state"])
-            return Proposal(net, key, json.loads(saved["metadata"]))
-        except Exception as err:  # a truncated or foreign file
-            raise ValueError(
-                f"the cached proposal {path} cannot be read "
-                f"({type(err).__name__}); delete it to train it again."
-            ) from err
-    writable_folder(folder, "learned proposal")
-    proposal = train_proposal(
-        grid,
-        protocol,
-        diffusivity=diffusivity,
-        settings=settings,
-        dtype=dtype,
-        device=device,
-        progress=progress,
-    )
-    state = dict(
-        state=proposal.net.state_dict(), metadata=json.dumps(proposal.metadata)
-    )
-    # A killed run leaves no half-written cache entry.
-    with atomic_write(path) as tmp:
+
+    def load(path):
+        saved = torch.load(path, weights_only=True)
+        net = ProposalNet(len(protocol), grid.n_cells, settings.hidden)
+        net.load_state_dict(saved["state"])
+        return Proposal(net, key, json.loads(saved["metadata"]))
+
+    def save(proposal, tmp):
+        state = dict(
+            state=proposal.net.state_dict(), metadata=json.dumps(proposal.metadata)
+        )
         torch.save(state, tmp)
-    return proposal
+
+    return load_or_build(
+        folder / f"{key}.pt",
+        load=load,
+        build=lambda: train_proposal(
+            grid,
+            protocol,
+            diffusivity=diffusivity,
+            settings=settings,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+        ),
+        save=save,
+        what="learned proposal",
+    )
 
 
 def train_proposal(

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_positive
-from ..files import atomic_write, cache_root, fingerprint, writable_folder
+from ..files import cache_root, fingerprint, load_or_build
 from .mesh import axon_deformation
 from .shape import SpectralShape, surface_laplacian
 
@@ -468,30 +468,27 @@ def load_or_train_autoencoder(shape, settings=None, *, directory=None, progress=
     settings = AutoencoderSettings() if settings is None else settings
     _tube_frame(shape.template)  # refuses a non-tube before the cache is read
     key = autoencoder_key(shape, settings)
-    folder = cache_root(directory)
-    path = folder / f"shape-autoencoder-{key}.pt"
-    if path.exists():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            net = _Net(shape.n_code, settings.n_latent, settings.hidden)
-            net.load_state_dict(saved["state"])
-            net.eval()
-            return ShapeAutoencoder(settings, key, json.loads(saved["metadata"]), net)
-        except Exception as err:  # a truncated or foreign file
-            raise ValueError(
-                f"the cached autoencoder {path} cannot be read "
-                f"({type(err).__name__}); delete it to train it again."
-            ) from err
-    writable_folder(folder, "shape autoencoder")
-    autoencoder = train_autoencoder(shape, settings, progress=progress)
-    autoencoder.net.to(torch.float32)
-    # Atomic: a concurrent reader never sees half a file.
-    with atomic_write(path) as tmp:
-        torch.save(
-            dict(
-                state=autoencoder.net.state_dict(),
-                metadata=json.dumps(autoencoder.metadata),
-            ),
-            tmp,
-        )
-    return autoencoder
+
+    def load(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = _Net(shape.n_code, settings.n_latent, settings.hidden)
+        net.load_state_dict(saved["state"])
+        net.eval()
+        return ShapeAutoencoder(settings, key, json.loads(saved["metadata"]), net)
+
+    def build():
+        autoencoder = train_autoencoder(shape, settings, progress=progress)
+        autoencoder.net.to(torch.float32)
+        return autoencoder
+
+    def save(autoencoder, tmp):
+        state = autoencoder.net.state_dict()
+        torch.save(dict(state=state, metadata=json.dumps(autoencoder.metadata)), tmp)
+
+    return load_or_build(
+        cache_root(directory) / f"shape-autoencoder-{key}.pt",
+        load=load,
+        build=build,
+        save=save,
+        what="shape autoencoder",
+    )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from dipy.utils.logging import logger
 
-from ..files import atomic_write, cache_root, writable_folder
+from ..files import cache_root, load_or_build
 from ..sim.forward import update_digest
 from ..sim.grid import TetGrid
 from .estimator import PosteriorEstimator, TrainingOptions, train_estimator
@@ -90,17 +90,20 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
     """
     options = TrainingOptions() if options is None else options
     key = estimator_key(prior, protocol, options)
-    folder = cache_root(cache_dir)
-    path = folder / f"posterior-{key}.pt"
-    if path.exists():
-        try:
-            return _load(path, len(protocol), options), path
-        except Exception as err:  # noqa: BLE001 - any unreadable file is retrained
-            logger.warning(
-                f"The cached posterior {path} cannot be read ({err}); training "
-                "it again."
-            )
-    writable_folder(folder, "posterior estimator")
+    path = cache_root(cache_dir) / f"posterior-{key}.pt"
+    net = load_or_build(
+        path,
+        load=lambda path: _load(path, len(protocol), options),
+        build=lambda: _train(prior, protocol, options, path, progress),
+        save=lambda net, tmp: torch.save({"state": net.state_dict(), "key": key}, tmp),
+        what="posterior estimator",
+    )
+    return net, path
+
+
+def _train(prior, protocol, options, path, progress):
+    """Simulate the training set (after logging how long it will take) and
+    train the estimator on it."""
     simulator = prior.simulator(protocol)
     start = time.perf_counter()
     simulator.sample(_PROBE, seed=options.seed + 10**6)
@@ -131,7 +134,7 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
             progress=progress,
         )
         model_error = fine - coarse
-    net = train_estimator(
+    return train_estimator(
         signals,
         coordinates,
         protocol,
@@ -139,9 +142,6 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
         model_error=model_error,
         progress=progress,
     )
-    with atomic_write(path) as tmp:
-        torch.save({"state": net.state_dict(), "key": key}, tmp)
-    return net, path
 
 
 def _load(path, n_inputs, options):
