@@ -1,14 +1,49 @@
 """Triangle-mesh files: PLY, VTK XML PolyData, GIFTI and legacy VTK.
 
 :func:`write_mesh` writes a mesh atomically (never an empty one), with
-optional per-vertex and per-face data; :func:`read_mesh` reads its vertices
-and triangles back. The geometry that gives them meaning (barrier surfaces of
-a grid, :class:`~dipy_spinverse.geometry.topology.InterfaceMesh`) lives in
+optional per-vertex and per-face data and, for coordinates in a scanner's
+RAS+ space (``space="RAS"``), the tag with which 3D Slicer places the mesh;
+:func:`read_mesh` reads its vertices and triangles back. The geometry that
+gives them meaning (barrier surfaces of a grid,
+:class:`~dipy_spinverse.geometry.topology.InterfaceMesh`) lives in
 :mod:`dipy_spinverse.geometry`; this module knows only files, so the layers
 below the DIPY layer can write meshes without importing it.
+
+What each format keeps:
+
+========  ===========  =================  =============  ==========================
+format    written by   ``vertex_data``    ``face_data``  ``space="RAS"`` states it
+========  ===========  =================  =============  ==========================
+``.ply``  meshio       vertex properties  left out       ``comment SPACE=RAS``
+``.vtp``  this module  ``PointData``      ``CellData``   ``SPACE`` field data array
+``.gii``  nibabel      named data arrays  left out       (``scanner``: see below)
+``.vtk``  this module  left out           left out       ``SPACE=RAS`` in the title
+========  ===========  =================  =============  ==========================
+
+The space tags are where Slicer's model reader looks for them (its
+``vtkMRMLModelStorageNode``: the PLY comments, the legacy VTK title line,
+and a string array named ``SPACE`` in the field data of VTK XML files); a
+mesh without one is read there as LPS, mirrored left-right and
+front-back. FURY, ParaView, meshio, trimesh and nibabel take the
+coordinates as written, which for scanner coordinates are RAS+ (NIfTI's and
+DIPY's convention), so they need no tag. GIFTI states it with
+``scanner=True``: its coordinate system is then
+``NIFTI_XFORM_SCANNER_ANAT``, whose axes NIfTI defines as RAS+.
+
+PLY goes through meshio (read and write), GIFTI through nibabel. meshio 5
+writes neither VTK XML PolyData nor legacy ``POLYDATA`` (its legacy writer
+makes ``UNSTRUCTURED_GRID`` files, which VTK's ``vtkPolyDataReader``, as
+used by FURY 0.x and :mod:`dipy.io.surface`, does not read, and it reads no
+``POLYDATA``), and
+the ``vtk`` package is a 140 MB optional dependency, so ``.vtp`` and ``.vtk``
+are written here: ``.vtp`` with inline base64 arrays and the ``SPACE`` field
+array laid out as VTK's own writer lays them out, ``.vtk`` as ASCII.
+meshio's PLY writer has no face properties, so ``face_data`` goes to
+``.vtp`` only.
 """
 
 import base64
+import io
 import os
 import xml.etree.ElementTree as ET
 
@@ -19,29 +54,14 @@ from ..files import atomic_write
 __all__ = ["MESH_FORMATS", "read_mesh", "write_mesh"]
 
 #: Mesh file types :func:`write_mesh` writes and :func:`read_mesh` reads.
-#: ``.vtp`` (VTK XML) is read by VTK, ParaView and PyVista; meshio 5 reads
-#: neither it nor legacy POLYDATA ``.vtk`` (kept for old files only; trimesh
-#: does not read it either): for meshio or trimesh, write ``.ply``.
+#: ``.vtp`` (VTK XML) is read by VTK, ParaView, Slicer and PyVista; meshio 5
+#: reads neither it nor legacy POLYDATA ``.vtk`` (trimesh does not read them
+#: either): for meshio or trimesh, write ``.ply``.
 MESH_FORMATS = (".ply", ".vtp", ".gii", ".vtk")
 
-_PLY_TYPES = {
-    "char": "i1",
-    "int8": "i1",
-    "uchar": "u1",
-    "uint8": "u1",
-    "short": "i2",
-    "int16": "i2",
-    "ushort": "u2",
-    "uint16": "u2",
-    "int": "i4",
-    "int32": "i4",
-    "uint": "u4",
-    "uint32": "u4",
-    "float": "f4",
-    "float32": "f4",
-    "double": "f8",
-    "float64": "f8",
-}
+#: The spaces :func:`write_mesh` can state (Slicer also knows ``"LPS"``, the
+#: space it assumes for a mesh that states none).
+_SPACES = ("RAS",)
 
 
 def write_mesh(
@@ -53,6 +73,7 @@ def write_mesh(
     face_data=None,
     binary=True,
     scanner=False,
+    space=None,
     comment="dipy_spinverse mesh",
 ):
     """Write a triangle mesh atomically; the extension picks the format.
@@ -60,32 +81,42 @@ def write_mesh(
     Parameters
     ----------
     path : str or os.PathLike
-        ``.ply`` (binary little-endian or ASCII), ``.vtp`` (VTK XML PolyData,
-        base64 binary), ``.gii`` (GIFTI surface: a ``NIFTI_INTENT_POINTSET``
-        and a ``NIFTI_INTENT_TRIANGLE`` array) or legacy ASCII ``.vtk``.
-        Written to a temporary file in the same folder, then renamed.
+        ``.ply`` (binary or ASCII, through meshio), ``.vtp`` (VTK XML
+        PolyData, base64 binary), ``.gii`` (GIFTI surface through nibabel: a
+        ``NIFTI_INTENT_POINTSET`` and a ``NIFTI_INTENT_TRIANGLE`` array) or
+        legacy ASCII ``.vtk`` (``POLYDATA``). Written to a temporary file in
+        the same folder, then renamed.
     vertices : array_like (V, 3)
     triangles : array_like of int (T, 3)
+        Indices into ``vertices``.
     vertex_data : dict of array_like (V,), optional
-        Per-vertex values, written as PLY vertex properties, VTK
-        ``PointData`` (integers as 32-bit ints, booleans as bytes, the rest
-        as doubles) and GIFTI data arrays (``NIFTI_INTENT_NONE``, named by
-        their ``Name`` metadata; int32 or float32); left out of legacy
-        ``.vtk``.
+        Per-vertex values, written as PLY vertex properties (int32, uint8 or
+        double), VTK ``PointData`` (integers as 32-bit ints, booleans as
+        bytes, the rest as doubles) and GIFTI data arrays
+        (``NIFTI_INTENT_NONE``, named by their ``Name`` metadata; int32 or
+        float32); left out of legacy ``.vtk``.
     face_data : dict of array_like (T,), optional
-        Per-triangle values, written as PLY face properties and VTK
-        ``CellData``; left out of GIFTI and legacy ``.vtk``. meshio 5 reads
-        PLY face properties from ASCII files only (its binary reader fails on
-        them; trimesh reads both): put data meant for meshio in
-        ``vertex_data`` of a binary PLY.
+        Per-triangle values, written as VTK ``CellData`` in ``.vtp``; left
+        out of PLY (meshio 5 writes no face properties), GIFTI (its data
+        arrays are per vertex) and legacy ``.vtk``.
     binary : bool
         Binary PLY (the other formats ignore it).
     scanner : bool
-        The vertices are scanner coordinates (mm): GIFTI's coordinate system
-        says so (``NIFTI_XFORM_SCANNER_ANAT``), else it is unknown.
+        The vertices are scanner coordinates (mm, RAS+): GIFTI's coordinate
+        system says so (``NIFTI_XFORM_SCANNER_ANAT``, else it is unknown),
+        and ``space`` defaults to ``"RAS"``.
+    space : {None, "RAS"}
+        The axes the vertices are given in, stated where 3D Slicer reads it
+        (PLY comment ``SPACE=RAS``, ``SPACE`` string array in the ``.vtp``
+        field data, legacy VTK title), so that Slicer places the mesh
+        unmirrored (it reads a mesh that states no space as LPS). None (the
+        default unless ``scanner``): no tag, for meshes in a local box (um).
     comment : str
-        One line of description, at most 255 characters (PLY comment, VTK
-        and GIFTI metadata; in VTK XML ``--`` is written ``- -``).
+        One line of description, at most 255 ASCII characters (245 with a
+        ``space``, which joins it in the legacy VTK title): a PLY comment,
+        an XML comment in ``.vtp`` (``--`` is written ``- -``), GIFTI
+        ``Description`` metadata, the legacy VTK title. The space goes in
+        ``space``, not here.
 
     Returns
     -------
@@ -96,7 +127,9 @@ def write_mesh(
     ------
     ValueError
         No triangles (an empty mesh file breaks meshio and VTK, so none is
-        written), an unknown extension, or face data of the wrong length.
+        written), an unknown extension, a triangle index out of range, data
+        of the wrong length, an unknown space or a comment that is not one
+        short ASCII line.
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
@@ -109,7 +142,16 @@ def write_mesh(
             f"the mesh for {path} has no triangles; no file is written (an empty "
             "mesh file breaks meshio and VTK)."
         )
-    comment = _check_comment(comment)
+    if triangles.min() < 0 or triangles.max() >= len(vertices):
+        raise ValueError(
+            f"the triangles of {path} index vertices {triangles.min()} to "
+            f"{triangles.max()}, but there are {len(vertices)} vertices."
+        )
+    if space is None and scanner:
+        space = "RAS"
+    if space is not None and space not in _SPACES:
+        raise ValueError(f"space must be one of {_SPACES} or None, got {space!r}.")
+    comment = _check_comment(comment, space)
     data = _columns(face_data, len(triangles), "face_data", "triangle")
     points = _columns(vertex_data, len(vertices), "vertex_data", "vertex")
     with atomic_write(path) as tmp:
@@ -119,13 +161,19 @@ def write_mesh(
                 vertices,
                 triangles,
                 binary=binary,
-                data=data,
                 points=points,
                 comment=comment,
+                space=space,
             )
         elif ext == ".vtp":
             _write_vtp(
-                tmp, vertices, triangles, data=data, points=points, comment=comment
+                tmp,
+                vertices,
+                triangles,
+                data=data,
+                points=points,
+                comment=comment,
+                space=space,
             )
         elif ext == ".gii":
             _write_gifti(
@@ -137,7 +185,7 @@ def write_mesh(
                 points=points,
             )
         else:
-            _write_vtk(tmp, vertices, triangles, comment=comment)
+            _write_vtk(tmp, vertices, triangles, comment=comment, space=space)
     return path
 
 
@@ -159,11 +207,42 @@ def _columns(data, n, argument, element):
         if values.dtype == bool:
             values = values.astype(np.uint8)
         elif np.issubdtype(values.dtype, np.integer):
+            info = np.iinfo(np.int32)
+            if values.size and (values.min() < info.min or values.max() > info.max):
+                raise ValueError(
+                    f"{argument}[{name!r}] does not fit 32-bit integers, the "
+                    "widest that PLY, VTK and GIFTI readers share."
+                )
             values = values.astype(np.int32)
         else:
             values = values.astype(np.float64)
         columns[str(name)] = values
     return columns
+
+
+def _check_comment(comment, space):
+    """One ASCII line that leaves room for the space in the legacy VTK title
+    (VTK reads 255 characters of it) and states no space of its own."""
+    comment = str(comment)
+    limit = 255 - (len(f" SPACE={space}") if space else 0)
+    if (
+        "\n" in comment
+        or "\r" in comment
+        or len(comment) > limit
+        or not comment.isascii()
+    ):
+        raise ValueError(
+            f"comment must be one line of at most {limit} ASCII characters (a PLY "
+            f"comment and the VTK title are one header line), got {comment[:40]!r}..."
+        )
+    if "SPACE=" in comment:
+        # A tag in the comment could contradict the one write_mesh writes, and
+        # would reach the PLY and legacy VTK headers but not the .vtp field
+        # data.
+        raise ValueError(
+            f"state the space with space='RAS', not in the comment; got {comment!r}."
+        )
+    return comment
 
 
 def read_mesh(path):
@@ -178,6 +257,12 @@ def read_mesh(path):
     vertices : ndarray (V, 3)
     triangles : ndarray of int64 (T, 3)
         Per-vertex and per-face data are not read.
+
+    Raises
+    ------
+    ValueError
+        An unknown extension, a file that is not of its extension's format,
+        or one whose faces are not all triangles.
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
@@ -192,63 +277,57 @@ def read_mesh(path):
     return readers[ext](path)
 
 
-_PLY_NAMES = {np.dtype(np.int32): "int", np.dtype(np.uint8): "uchar"}
+# -- PLY (meshio) ------------------------------------------------------------------
+def _write_ply(path, vertices, triangles, *, binary, points, comment, space):
+    import meshio
 
-
-def _write_ply(
-    path, vertices, triangles, *, binary, data=None, points=None, comment=""
-):
-    data, points = data or {}, points or {}
-
-    def props(columns):
-        return "".join(
-            f"property {_PLY_NAMES.get(v.dtype, 'double')} {k}\n"
-            for k, v in columns.items()
-        )
-
-    fmt = "binary_little_endian" if binary else "ascii"
-    header = (
-        f"ply\nformat {fmt} 1.0\ncomment {comment}\n"
-        f"element vertex {len(vertices)}\nproperty double x\nproperty double y\n"
-        f"property double z\n{props(points)}element face {len(triangles)}\n"
-        f"property list uchar int vertex_indices\n{props(data)}end_header\n"
+    mesh = meshio.Mesh(
+        vertices,
+        # int32 indices: meshio casts int64 down itself, with a warning.
+        [("triangle", triangles.astype(np.int32))],
+        point_data=points,
     )
-    vertex_columns = [*vertices.T, *points.values()]
-    face_columns = [np.full(len(triangles), 3), *triangles.T, *data.values()]
+    buffer = io.BytesIO()
+    meshio.write(buffer, mesh, file_format="ply", binary=binary)
+    raw = buffer.getvalue()
+    end = raw.index(b"end_header\n")
+    lines = raw[:end].decode("ascii").splitlines()
+    # meshio writes one comment of its own ("Created by meshio v..., <time>")
+    # and takes none: its line is replaced by the caller's comment and the
+    # space tag (Slicer reads the first comment holding SPACE=RAS or
+    # SPACE=LPS; vtkPLYWriter writes it as a comment of its own as here).
+    # Without meshio's time stamp the same mesh gives the same bytes.
+    ours = [f"comment {comment}"] if comment else []
+    if space:
+        ours.append(f"comment SPACE={space}")
+    kept = [line for line in lines[2:] if not line.startswith("comment Created by")]
+    header = "\n".join([*lines[:2], *ours, *kept, ""]).encode("ascii")
     with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        if binary:
-            fields = [(k, "<f8") for k in "xyz"]
-            fields += [(k, v.dtype.newbyteorder("<")) for k, v in points.items()]
-            f.write(_records(fields, vertex_columns).tobytes())
-            fields = [("n", "u1"), *((f"v{i}", "<i4") for i in range(3))]
-            fields += [(k, v.dtype.newbyteorder("<")) for k, v in data.items()]
-            f.write(_records(fields, face_columns).tobytes())
-        else:
-            _write_rows(f, vertex_columns, ["%.17g"] * 3)
-            _write_rows(f, face_columns, ["%d"] * 4)
+        f.write(header)
+        f.write(memoryview(raw)[end:])
 
 
-def _records(fields, columns):
-    """A packed record array (the PLY binary layout) of the given columns."""
-    rec = np.zeros(len(columns[0]), dtype=fields)
-    for (name, _), column in zip(fields, columns, strict=True):
-        rec[name] = column
-    return rec
+def _read_ply(path):
+    import meshio
+
+    try:
+        # The format's own reader: meshio.read prints the error and calls
+        # sys.exit on a file it cannot parse.
+        mesh = meshio.ply.read(path)
+    except Exception as err:  # meshio raises many kinds on a file it cannot parse
+        raise ValueError(
+            f"{path}: not a PLY file that meshio reads ({type(err).__name__}: "
+            f"{err}; meshio 5 reads no face properties in binary PLY)."
+        ) from err
+    kinds = sorted({block.type for block in mesh.cells} - {"triangle"})
+    if kinds:
+        raise ValueError(f"{path}: only triangle meshes are supported, found {kinds}.")
+    triangles = [block.data for block in mesh.cells]
+    triangles = np.concatenate(triangles) if triangles else np.zeros((0, 3))
+    return mesh.points.astype(float), triangles.astype(np.int64).reshape(-1, 3)
 
 
-def _write_rows(f, columns, fmts):
-    """ASCII rows: the leading columns with ``fmts``, then the data columns
-    (integers as integers, floats to full precision)."""
-    fmts = fmts + [
-        "%.17g" if c.dtype == np.float64 else "%d" for c in columns[len(fmts) :]
-    ]
-    rows = np.empty((len(columns[0]), len(columns)), dtype=object)
-    for i, column in enumerate(columns):
-        rows[:, i] = column
-    np.savetxt(f, rows, fmt=fmts)
-
-
+# -- VTK XML PolyData ----------------------------------------------------------------
 _VTK_TYPES = {
     np.dtype(np.float64): "Float64",
     np.dtype(np.int64): "Int64",
@@ -269,23 +348,11 @@ def _vtk_array(parent, values, *, name=None, components=1):
         attrs["NumberOfComponents"] = str(components)
     raw = values.tobytes()
     array = ET.SubElement(parent, "DataArray", attrs)
-    array.text = base64.b64encode(np.uint64(len(raw)).tobytes() + raw).decode()
+    array.text = base64.b64encode(np.array(len(raw), "<u8").tobytes() + raw).decode()
     return array
 
 
-def _check_comment(comment):
-    """One line of at most 255 characters: a PLY comment and the legacy VTK
-    title are one header line (VTK reads 256 bytes of it)."""
-    comment = str(comment)
-    if "\n" in comment or "\r" in comment or len(comment) > 255:
-        raise ValueError(
-            "comment must be one line of at most 255 characters (a PLY comment "
-            f"and the VTK title are one header line), got {comment[:40]!r}..."
-        )
-    return comment
-
-
-def _write_vtp(path, vertices, triangles, *, data=None, points=None, comment=""):
+def _write_vtp(path, vertices, triangles, *, data, points, comment, space):
     root = ET.Element(
         "VTKFile",
         type="PolyData",
@@ -297,8 +364,23 @@ def _write_vtp(path, vertices, triangles, *, data=None, points=None, comment="")
     while "--" in comment:
         comment = comment.replace("--", "- -")
     root.append(ET.Comment(f" {comment} "))
+    polydata = ET.SubElement(root, "PolyData")
+    if space:
+        # Slicer reads the space of a .vtp from a string array named SPACE in
+        # the field data, not from a comment. VTK's XML writer puts field data
+        # first in the dataset element, and writes a string in ASCII as its
+        # character codes ended by 0 (Slicer writes "RAS" as "82 65 83 0").
+        array = ET.SubElement(
+            ET.SubElement(polydata, "FieldData"),
+            "Array",
+            type="String",
+            Name="SPACE",
+            NumberOfTuples="1",
+            format="ascii",
+        )
+        array.text = " ".join(str(c) for c in space.encode("ascii") + b"\0")
     piece = ET.SubElement(
-        ET.SubElement(root, "PolyData"),
+        polydata,
         "Piece",
         NumberOfPoints=str(len(vertices)),
         NumberOfVerts="0",
@@ -314,8 +396,12 @@ def _write_vtp(path, vertices, triangles, *, data=None, points=None, comment="")
         cells = ET.SubElement(piece, "CellData")
         for name, values in data.items():
             _vtk_array(cells, values, name=name)
-    points = ET.SubElement(piece, "Points")
-    _vtk_array(points, vertices.astype(np.float64), name="Points", components=3)
+    _vtk_array(
+        ET.SubElement(piece, "Points"),
+        vertices.astype(np.float64),
+        name="Points",
+        components=3,
+    )
     polys = ET.SubElement(piece, "Polys")
     _vtk_array(polys, triangles.reshape(-1), name="connectivity")
     offsets = 3 * np.arange(1, len(triangles) + 1, dtype=np.int64)
@@ -347,6 +433,8 @@ def _read_vtp(path):
 
     vertices = read(piece.find("Points/DataArray")).astype(float).reshape(-1, 3)
     polys = {a.get("Name"): a for a in piece.findall("Polys/DataArray")}
+    if not polys:
+        return vertices, np.zeros((0, 3), dtype=np.int64)
     connectivity = read(polys["connectivity"]).astype(np.int64)
     offsets = read(polys["offsets"]).astype(np.int64)
     if np.any(np.diff(np.r_[0, offsets]) != 3):
@@ -354,10 +442,13 @@ def _read_vtp(path):
     return vertices, connectivity.reshape(-1, 3)
 
 
-def _write_gifti(path, vertices, triangles, *, scanner, comment="", points=None):
+# -- GIFTI (nibabel) -----------------------------------------------------------------
+def _write_gifti(path, vertices, triangles, *, scanner, comment, points):
     import nibabel as nib
     from nibabel.gifti import GiftiCoordSystem, GiftiDataArray, GiftiImage
 
+    # NIfTI's spaces are RAS+, so scanner space also says what space="RAS"
+    # says; GIFTI has no field for RAS axes in an unknown frame.
     space = "NIFTI_XFORM_SCANNER_ANAT" if scanner else "NIFTI_XFORM_UNKNOWN"
     coords = GiftiDataArray(
         vertices.astype(np.float32),
@@ -374,7 +465,7 @@ def _write_gifti(path, vertices, triangles, *, scanner, comment="", points=None)
     # metadata (readers of the surface take the pointset and triangle
     # arrays by intent and ignore these).
     extra = []
-    for name, values in (points or {}).items():
+    for name, values in points.items():
         integer = values.dtype.kind in "iub"
         array = GiftiDataArray(
             values.astype(np.int32 if integer else np.float32),
@@ -402,97 +493,14 @@ def _read_gifti(path):
     return points[0].data.astype(float), faces[0].data.astype(np.int64)
 
 
-def _read_ply(path):
-    with open(path, "rb") as f:
-        if f.readline().strip() != b"ply":
-            raise ValueError(f"{path} is not a PLY file.")
-        fmt, elements = None, []
-        while True:
-            line = f.readline()
-            if not line:
-                raise ValueError(f"{path}: PLY header has no end_header.")
-            words = line.decode("ascii", "replace").split()
-            if not words or words[0] in ("comment", "obj_info"):
-                continue
-            if words[0] == "end_header":
-                break
-            if words[0] == "format":
-                fmt = words[1]
-            elif words[0] == "element":
-                elements.append((words[1], int(words[2]), []))
-            elif words[0] == "property":
-                elements[-1][2].append(words[1:])
-        body = f.read()
-    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
-        raise ValueError(f"{path}: unsupported PLY format {fmt!r}.")
-    data = {}
-    if fmt == "ascii":
-        lines = iter(body.decode("ascii").splitlines())
-        for name, count, props in elements:
-            rows = [next(lines).split() for _ in range(count)]
-            data[name] = (props, rows)
-        vertices, triangles = _ply_ascii_arrays(path, data)
-    else:
-        order = "<" if fmt == "binary_little_endian" else ">"
-        offset = 0
-        for name, count, props in elements:
-            dtype = _ply_dtype(path, props, order)
-            rec = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
-            offset += count * dtype.itemsize
-            data[name] = rec
-        vertices = np.stack(
-            [data["vertex"][k].astype(float) for k in ("x", "y", "z")], axis=1
-        )
-        faces = data.get("face")
-        if faces is None:
-            triangles = np.zeros((0, 3), dtype=np.int64)
-        else:
-            if np.any(faces["n"] != 3):
-                raise ValueError(f"{path}: only triangle meshes are supported.")
-            triangles = faces["v"].astype(np.int64)
-    return vertices, triangles
-
-
-def _ply_dtype(path, props, order):
-    """Structured dtype of one binary PLY element; lists must hold triangles."""
-    fields = []
-    for prop in props:
-        if prop[0] == "list":
-            # Every list is read as a triangle: count then three indices; the
-            # counts are checked afterwards.
-            fields += [("n", order + _PLY_TYPES[prop[1]])]
-            fields += [("v", order + _PLY_TYPES[prop[2]], (3,))]
-        else:
-            if prop[0] not in _PLY_TYPES:
-                raise ValueError(f"{path}: unknown PLY type {prop[0]!r}.")
-            fields.append((prop[1], order + _PLY_TYPES[prop[0]]))
-    return np.dtype(fields)
-
-
-def _ply_ascii_arrays(path, data):
-    props, rows = data["vertex"]
-    names = [p[-1] for p in props]
-    cols = [names.index(k) for k in ("x", "y", "z")]
-    vertices = np.array([[float(r[c]) for c in cols] for r in rows]).reshape(-1, 3)
-    triangles = []
-    if "face" in data:
-        props, rows = data["face"]
-        # Scalar properties take one column each, so the list starts at its
-        # property index.
-        start = next((i for i, p in enumerate(props) if p[0] == "list"), None)
-        if start is None:
-            raise ValueError(f"{path}: PLY faces have no vertex list.")
-        for r in rows:
-            if int(r[start]) != 3:
-                raise ValueError(f"{path}: only triangle meshes are supported.")
-            triangles.append([int(v) for v in r[start + 1 : start + 4]])
-    return vertices, np.array(triangles, dtype=np.int64).reshape(-1, 3)
-
-
-def _write_vtk(path, vertices, triangles, *, comment=""):
+# -- legacy VTK ------------------------------------------------------------------------
+def _write_vtk(path, vertices, triangles, *, comment, space):
+    # Slicer reads the space of a legacy .vtk from its title line (the second
+    # line, of which VTK reads 255 characters), as Slicer writes it.
+    title = " ".join(filter(None, [comment, space and f"SPACE={space}"]))
     with open(path, "w") as f:
         f.write(
-            f"# vtk DataFile Version 3.0\n{comment}\nASCII\n"
+            f"# vtk DataFile Version 3.0\n{title}\nASCII\n"
             f"DATASET POLYDATA\nPOINTS {len(vertices)} double\n"
         )
         np.savetxt(f, vertices, fmt="%.17g")

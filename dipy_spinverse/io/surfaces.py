@@ -118,9 +118,9 @@ class VolumeSurface:
         path : str or os.PathLike
             ``.gii`` (GIFTI surface: the geometry, coordinates marked as
             scanner space, and ``vertex_data`` as named data arrays),
-            ``.ply`` (with ``vertex_data``; with
-            ``face_data`` too when ASCII, which meshio reads from ASCII only)
-            or ``.vtp`` (both). Written atomically.
+            ``.ply`` (with ``vertex_data``) or ``.vtp`` (with ``vertex_data``
+            and ``face_data``), each stating the space as RAS where Slicer
+            reads it. Written atomically.
         binary : bool
             Binary PLY.
 
@@ -133,19 +133,17 @@ class VolumeSurface:
         ValueError
             The surface is empty: no file is written.
         """
-        path = os.fspath(path)
-        ply_binary = path.lower().endswith(".ply") and binary
         return write_mesh(
             path,
             self.vertices,
             self.triangles,
             vertex_data=self.vertex_data,
-            face_data=None if ply_binary else self.face_data,
+            face_data=self.face_data,
             binary=binary,
+            # Scanner RAS+: GIFTI's scanner space, and the SPACE=RAS tag
+            # without which Slicer reads the mesh as LPS (mirrored).
             scanner=True,
-            # SPACE=RAS: Slicer reads meshes without it as LPS (mirrored).
-            comment="dipy_spinverse barrier surfaces, scanner coordinates (mm), "
-            "SPACE=RAS",
+            comment="dipy_spinverse barrier surfaces, scanner coordinates (mm)",
         )
 
     def __repr__(self):
