@@ -276,7 +276,8 @@ class InterfaceMesh:
             Binary PLY (``.ply`` only; ``.vtp`` and ``.gii`` are always
             base64-encoded binary, legacy ``.vtk`` always ASCII).
         face_data : dict of array_like, optional
-            Per-triangle values (PLY and ``.vtp``), e.g. ``{"face":
+            Per-triangle values, kept by ``.vtp`` only (VTK ``CellData``;
+            meshio's PLY writer has no face properties), e.g. ``{"face":
             self.face_ids}``.
 
         Raises
