@@ -1,0 +1,190 @@
+"""
+What the signal says about tissue: posterior intervals, and where they widen
+===========================================================================
+
+``SpinverseModel(gtab, fit_method="posterior")`` returns, for every voxel,
+the posterior of its tissue descriptors: a median and credible intervals from
+a normalising flow trained on the package's own simulations of a
+:class:`~dipy_spinverse.posterior.TissuePrior`.
+
+1. Voxels no dictionary holds -- an ellipsoid, two touching cells, a blob
+   and a packed patch -- on the README demo's protocol (three diffusion
+   times). They are simulated and described on a grid of resolution 6, twice
+   as fine as the training grid (resolution 3), and the estimator models the
+   training grid's error (``TrainingOptions(reference_resolution=6)``): the
+   table gives the truth against the median [90 % interval].
+2. A real brain: DIPY's bundled ``small_101D`` (6 x 10 x 10 voxels, 102
+   volumes, one diffusion time). Its timing is not in the files: this
+   example assumes ``small_delta = 30 ms`` and ``big_delta = 45 ms`` (a
+   diffusion-spectrum acquisition on a clinical scanner); say yours with
+   ``--small_delta`` / ``--big_delta``. The prior holds cells of 8-25 um,
+   far larger than axons, so white-matter voxels should come out
+   ``OUT_OF_PRIOR`` rather than with a confident wrong number.
+
+Training takes about 7 minutes for each protocol on 2 CPU cores (cached
+afterwards); ``--quick`` trains a tiny, uncalibrated network in seconds to
+check that the script runs.
+"""
+
+import argparse
+import os
+
+import numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.data import get_fnames
+from dipy.denoise.noise_estimate import estimate_sigma
+from dipy.io.gradients import read_bvals_bvecs
+from dipy.io.image import load_nifti
+
+from dipy_spinverse import SpinverseModel
+from dipy_spinverse.data import make_phantom_dataset
+from dipy_spinverse.posterior import TissuePrior, TrainingOptions
+from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
+
+parser = argparse.ArgumentParser(description="Posterior intervals of tissue.")
+parser.add_argument("--out", default=".", help="output directory")
+parser.add_argument("--cache", default=None, help="cache folder of the estimators")
+parser.add_argument("--quick", action="store_true", help="tiny smoke test")
+parser.add_argument("--small_delta", type=float, default=0.030, help="s")
+parser.add_argument("--big_delta", type=float, default=0.045, help="s")
+args = parser.parse_args()
+os.makedirs(args.out, exist_ok=True)
+
+SNR = 100.0
+DESCRIBED = ("restricted_fraction", "cell_diameter", "exchange_time", "anisotropy")
+prior = TissuePrior(cell_diameter=(8.0, 25.0), resolution=3, min_spacings=1.0)
+if args.quick:
+    options = TrainingOptions(
+        n_simulations=96,
+        epochs=2,
+        hidden=16,
+        embedding=8,
+        transforms=1,
+        reference_resolution=4,
+        n_reference=4,
+    )
+else:
+    options = TrainingOptions(n_simulations=4000, epochs=40, reference_resolution=6)
+
+
+def model_for(gtab):
+    return SpinverseModel(
+        gtab,
+        fit_method="posterior",
+        prior=prior,
+        posterior_options=options,
+        sigma=1.0 / SNR,
+        cache_dir=args.cache,
+    )
+
+
+###############################################################################
+# Voxels that no dictionary holds
+# -------------------------------
+# The demo's protocol, read from the files the demo writes, as a user would.
+demo = make_phantom_dataset(os.path.join(args.out, "demo"), n_directions=10)
+bvals, bvecs = read_bvals_bvecs(demo["bvals"], demo["bvecs"])
+small_delta, big_delta = np.loadtxt(demo["timing"]).T
+gtab = gradient_table(bvals, bvecs=bvecs, small_delta=small_delta, big_delta=big_delta)
+model = model_for(gtab)
+
+# Each tissue drawn from a prior of one family, rasterised and simulated at
+# resolution 6 (sample_pairs: the same cells on the training grid and on
+# the finer one); the finer grid's signal and descriptors are the voxel.
+tissues = {
+    "ellipsoid": dict(families=("ellipsoid",), n_cells=(1, 1)),
+    "two touching cells": dict(
+        families=("packed",), n_cells=(2, 2), restricted_fraction=(0.6, 0.85)
+    ),
+    "blob": dict(families=("blob",), n_cells=(1, 1)),
+    "packed cells": dict(families=("packed",), n_cells=(3, 4)),
+}
+reference = 4 if args.quick else 6
+signals, truth = [], []
+for seed, fields in enumerate(tissues.values()):
+    tissue = TissuePrior(
+        cell_diameter=prior.cell_diameter,
+        resolution=prior.resolution,
+        min_spacings=prior.min_spacings,
+        **fields,
+    ).simulator(gtab)
+    _, fine, described = tissue.sample_pairs(
+        1, reference_resolution=reference, seed=seed
+    )
+    signals.append(fine[0])
+    truth.append({name: described[name][0] for name in DESCRIBED})
+rng = np.random.default_rng(0)
+clean = np.array(signals)
+noisy = np.abs(
+    clean
+    + rng.standard_normal(clean.shape) / SNR
+    + 1j * rng.standard_normal(clean.shape) / SNR
+)
+fit = model.fit(noisy)
+
+rows = [
+    "| voxel | descriptor | truth | median [90 % interval] |",
+    "| --- | --- | --- | --- |",
+]
+for i, name in enumerate(tissues):
+    for descriptor in DESCRIBED:
+        low, high = fit.credible_interval(descriptor, level=0.9)
+        median = getattr(fit, descriptor)
+        if fit.status[i] == OUT_OF_PRIOR:
+            shown = "OUT_OF_PRIOR"
+        else:
+            shown = f"{median[i]:.3g} [{low[i]:.3g}, {high[i]:.3g}]"
+        rows.append(f"| {name} | {descriptor} | {truth[i][descriptor]:.3g} | {shown} |")
+table = "\n".join(rows)
+print(table)
+
+###############################################################################
+# A brain: DIPY's small_101D
+# --------------------------
+# One diffusion time, assumed (the files hold none).
+data_file, bval_file, bvec_file = get_fnames(name="small_101D")
+data, affine = load_nifti(data_file)
+bvals, bvecs = read_bvals_bvecs(str(bval_file), str(bvec_file))
+brain = gradient_table(
+    bvals, bvecs=bvecs, small_delta=args.small_delta, big_delta=args.big_delta
+)
+mask = data[..., bvals < 50].mean(-1) > 0.5 * np.percentile(data[..., bvals < 50], 90)
+if args.quick:
+    mask[:, :, 3:] = False
+# The noise level: DIPY's estimator, the median over the volumes (the b = 0
+# volume alone has the most anatomical contrast, which it reads as noise),
+# relative to the median b = 0 signal in the mask.
+b0 = data[..., bvals < 50].mean(-1)
+noise = float(np.median(estimate_sigma(data, N=1)))
+sigma = noise / float(np.median(b0[mask]))
+print(f"small_101D: sigma {noise:.1f} (data units), {sigma:.3f} of b = 0")
+brain_model = SpinverseModel(
+    brain,
+    fit_method="posterior",
+    prior=prior,
+    posterior_options=options,
+    sigma=sigma,
+    cache_dir=args.cache,
+)
+brain_fit = brain_model.fit(data, mask=mask)
+status = brain_fit.status[mask]
+counts = {
+    name: int(np.sum(status == code))
+    for name, code in (("ok", 0), ("OUT_OF_PRIOR", OUT_OF_PRIOR))
+}
+ok = status == 0
+low, high = brain_fit.credible_interval("restricted_fraction", level=0.9)
+brain_lines = [
+    f"small_101D: {int(mask.sum())} voxels in the mask; status ok "
+    f"{counts['ok']}, OUT_OF_PRIOR {counts['OUT_OF_PRIOR']}",
+]
+if ok.any():
+    width = (high - low)[mask][ok]
+    brain_lines.append(
+        f"restricted fraction where ok: median "
+        f"{np.median(brain_fit.restricted_fraction[mask][ok]):.2f}, "
+        f"median 90 % interval width {np.median(width):.2f}"
+    )
+print("\n".join(brain_lines))
+with open(os.path.join(args.out, "posterior_tissue.md"), "w") as f:
+    f.write(table + "\n\n" + "\n".join(brain_lines) + "\n")
