@@ -49,3 +49,28 @@ def test_learned_noddi_example_runs(tmp_path):
     assert (tmp_path / "learned_noddi.png").stat().st_size > 0
     for name in ("odi_fitted.nii.gz", "odi_learned.nii.gz"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_posterior_tissue_example_runs(tmp_path):
+    """Posterior intervals of voxels no dictionary holds and of small_101D
+    (a tiny, uncalibrated network: the script's path, not its numbers)."""
+    script = os.path.join(EXAMPLES, "posterior_tissue.py")
+    run = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for voxel in ("ellipsoid", "two touching cells", "blob"):
+        assert f"| {voxel} | cell_diameter |" in run.stdout
+    assert "small_101D:" in run.stdout and "voxels in the mask" in run.stdout
+    assert (tmp_path / "posterior_tissue.md").stat().st_size > 0
