@@ -25,7 +25,7 @@ from ..checks import (
     check_same_space,
 )
 from ..files import atomic_write, load_image, read_voxels, save_image, writable_folder
-from ..inverse import PRESETS
+from ..inverse import resolve_config
 from ..io.gradients import read_gradients
 from ..io.store import (
     MESH_MAPS,
@@ -390,14 +390,24 @@ class SpinverseFlow(Workflow):
         metrics = _check_metrics(save_metrics)
         n_report = check_int(n_report, "n_report", 0)
         mesh_options = parse_mesh_options(mesh_options, refine_mesh=refine_mesh)
-        searched = preset not in PRESETS or PRESETS[preset].search_steps > 0
-        # The model would suggest its parametrisation='cell', which has no
-        # flag: name the flag that turns the label search on.
+        noise = _noise_option(sigma, snr)
+        fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
+        # The inversion's options go through as given and are checked by the
+        # inversion itself (resolve_config, as SpinverseModel does), before
+        # any data is read; only its messages are put in flag names.
+        searched = True
+        if fit_method == "search":
+            search_options = dict(
+                sigma=0.01 if noise is not None else 0,  # the value comes later
+                search_bootstrap=search_bootstrap,
+                search_proposal=search_proposal,
+            )
+            config = _checked_config(preset, max_iter, search_options)
+            searched = config.search_steps > 0
+        # Outputs of the label search (not options of the inversion).
         uncertainty = bool(save_metrics) and "uncertainty" in metrics
         for asked, what in (
             (refine_mesh, "--refine_mesh starts from"),
-            (search_bootstrap, "--search_bootstrap repeats"),
-            (search_proposal, "--search_proposal seeds"),
             (uncertainty, "--save_metrics uncertainty comes from"),
         ):
             if asked and not searched:
@@ -405,8 +415,6 @@ class SpinverseFlow(Workflow):
                     f"{what} the label search, which --preset {preset} does not "
                     "run; use --preset default."
                 )
-        noise = _noise_option(sigma, snr)
-        fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
         posterior = parse_posterior_options(posterior_options, diffusivity)
         if posterior and fit_method != "posterior":
             raise ValueError(
@@ -417,18 +425,6 @@ class SpinverseFlow(Workflow):
             raise ValueError(
                 "--fit_method posterior needs the noise: --snr (of the b=0 "
                 "signal, e.g. 50), --sigma (in the data's units) or --sigma auto."
-            )
-        if (
-            noise is not None
-            and fit_method == "search"
-            and not searched
-            and PRESETS[preset].noise != "rician"
-        ):
-            # The model would suggest its noise='rician', which has no flag.
-            raise ValueError(
-                f"--sigma sets the noise of the Rician loss and of the label "
-                f"search, neither of which --preset {preset} uses; use --preset "
-                "default, or leave --sigma out."
             )
         check_number(bvecs_tol, "bvecs_tol", minimum=0.0)
         smooth_mesh_format = check_choice(
@@ -524,11 +520,11 @@ class SpinverseFlow(Workflow):
                 dtype=dtype,
                 refine_mesh=bool(refine_mesh),
                 mesh_options=mesh_options,
-                # 0 means unknown / off: left out, so that presets without a
-                # noise model or a label search accept the defaults.
-                **({"sigma": sigma} if sigma else {}),
-                **({"search_bootstrap": search_bootstrap} if search_bootstrap else {}),
-                **({"search_proposal": search_proposal} if search_proposal else {}),
+                **_given(
+                    sigma=sigma,
+                    search_bootstrap=search_bootstrap,
+                    search_proposal=search_proposal,
+                ),
             )
             logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
             state = _npz(ostate)
@@ -590,6 +586,36 @@ class SpinverseFlow(Workflow):
                 )
                 return True
         return super().manage_output_overwrite()
+
+
+#: The inversion's options the command passes through, and their flags.
+_FLAGS = {
+    "sigma": "--sigma/--snr",
+    "search_bootstrap": "--search_bootstrap",
+    "search_proposal": "--search_proposal",
+    "max_iter": "--max_iter",
+    "preset='default'": "--preset default",
+    "preset": "--preset",
+}
+
+
+def _given(**options):
+    """The options set (0 means unknown or off: left out, so that presets
+    without a noise model or a label search accept the defaults)."""
+    return {name: value for name, value in options.items() if value}
+
+
+def _checked_config(preset, max_iter, options):
+    """The inversion's configuration of these flags, checked by the
+    inversion (:func:`~dipy_spinverse.inverse.resolve_config`); its message,
+    if it refuses them, names the flags."""
+    try:
+        return resolve_config(preset, max_iter=max_iter, **_given(**options))
+    except ValueError as err:
+        message = str(err)
+        for option, flag in _FLAGS.items():
+            message = re.sub(rf"(?<![\w-]){re.escape(option)}(?![\w])", flag, message)
+        raise ValueError(message) from err
 
 
 def parse_posterior_options(text, diffusivity):
