@@ -1,6 +1,6 @@
 """
 What the signal says about tissue: posterior intervals, and where they widen
-===========================================================================
+============================================================================
 
 ``SpinverseModel(gtab, fit_method="posterior")`` returns, for every voxel,
 the posterior of its tissue descriptors: a median and credible intervals from

@@ -87,7 +87,7 @@ def time_plan(
     dmax : float
         Phase frame only: longest circumcentre displacement (um).
     rate : float
-        Phase frame only: largest gradient rate |gamma G| (rad/(um us)).
+        Phase frame only: largest gradient rate ``|gamma G|`` (rad/(um us)).
     substeps : int
         Phase frame only: multiplies every gradient piece's sub-step count.
         The phase criterion alone misses stiffness: on fine grids (cells
