@@ -85,7 +85,7 @@ from dipy_spinverse.inverse import prepare, reconstruct, resolve_config
 from dipy_spinverse.inverse.approximation import APPROXIMATION_SEED
 from dipy_spinverse.inverse.proposal import TRAINING_SEED
 from dipy_spinverse.inverse.search import SIGNAL_CACHE, label_field
-from dipy_spinverse.reconst.runner import misfit
+from dipy_spinverse.reconst.runner import poor_fits
 from dipy_spinverse.sim.forward import update_digest
 from dipy_spinverse.sim.signals import data_loss, noise_precision, normalise_b0
 
@@ -277,7 +277,7 @@ def run(physics, args):
         )
         truth = [label_field(grid, labels[i], kappas[i], 0.1) for i in batch]
         # As SpinverseModel flags it: a misfit the noise cannot explain.
-        _, poor = misfit(signal[batch], result, protocol)
+        poor = poor_fits(result.loss, result.config, len(protocol))
         gaps = chi_square(grid, protocol, signal[batch], result.permeability, sigma)
         gaps -= chi_square(grid, protocol, signal[batch], np.array(truth), sigma)
         seconds = (time.perf_counter() - start) / len(batch)
