@@ -185,6 +185,12 @@ if ok.any():
         f"{np.median(brain_fit.restricted_fraction[mask][ok]):.2f}, "
         f"median 90 % interval width {np.median(width):.2f}"
     )
+    low, high = brain_fit.credible_interval("cell_diameter", level=0.9)
+    brain_lines.append(
+        f"cell diameter where ok: median 90 % interval "
+        f"[{np.median(low[mask][ok]):.1f}, {np.median(high[mask][ok]):.1f}] um "
+        f"(the prior's cells: {prior.cell_diameter[0]:g}-{prior.cell_diameter[1]:g} um)"
+    )
 print("\n".join(brain_lines))
 with open(os.path.join(args.out, "posterior_tissue.md"), "w") as f:
     f.write(table + "\n\n" + "\n".join(brain_lines) + "\n")
