@@ -28,23 +28,18 @@ def test_compare_tutorial_runs(tmp_path):
     assert "| two touching cells | permeability, cell 2 (m/s) |" in table
 
 
-def test_learned_noddi_example_runs(tmp_path):
-    script = os.path.join(EXAMPLES, "learned_noddi.py")
-    run = subprocess.run(
-        [
-            sys.executable,
-            script,
-            "--quick",
-            "--out",
-            str(tmp_path),
-            "--cache",
-            str(tmp_path / "cache"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _run_cached(name, tmp_path):
+    """Run an example that trains a network: --quick, its cache in tmp_path."""
+    script = os.path.join(EXAMPLES, name)
+    out, cache = str(tmp_path), str(tmp_path / "cache")
+    command = [sys.executable, script, "--quick", "--out", out, "--cache", cache]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_learned_noddi_example_runs(tmp_path):
+    run = _run_cached("learned_noddi.py", tmp_path)
     assert "| fitted |" in run.stdout and "| learned |" in run.stdout
     assert (tmp_path / "learned_noddi.png").stat().st_size > 0
     for name in ("odi_fitted.nii.gz", "odi_learned.nii.gz"):
@@ -54,22 +49,7 @@ def test_learned_noddi_example_runs(tmp_path):
 def test_posterior_tissue_example_runs(tmp_path):
     """Posterior intervals of voxels no dictionary holds and of small_101D
     (a tiny, uncalibrated network: the script's path, not its numbers)."""
-    script = os.path.join(EXAMPLES, "posterior_tissue.py")
-    run = subprocess.run(
-        [
-            sys.executable,
-            script,
-            "--quick",
-            "--out",
-            str(tmp_path),
-            "--cache",
-            str(tmp_path / "cache"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _run_cached("posterior_tissue.py", tmp_path)
     for voxel in ("ellipsoid", "two touching cells", "blob"):
         assert f"| {voxel} | cell_diameter |" in run.stdout
     assert "small_101D:" in run.stdout and "voxels in the mask" in run.stdout
