@@ -98,14 +98,20 @@ def noise_precision(signal, protocol):
         then differ by noise only, not by T2 decay) or there is no b = 0
         volume.
     """
-    ones = (torch.ones_like if isinstance(signal, torch.Tensor) else np.ones_like)(
-        signal
-    )
-    b0 = protocol.bvals == 0
-    if not b0.any() or np.ptp(protocol.echo_times) == 0:
-        return ones
-    overall = signal[..., np.flatnonzero(b0)].mean(-1, keepdims=True)
+    b0 = np.flatnonzero(protocol.bvals == 0)
+    overall = signal[..., b0].mean(-1, keepdims=True) if len(b0) else None
     scale = b0_scale(signal, protocol)[..., sequence_index(protocol)]
+    return _precision(scale, overall, protocol)
+
+
+def _precision(scale, overall, protocol):
+    """:func:`noise_precision` from each acquisition's b = 0 scale (..., n)
+    and the mean b = 0 signal (..., 1; unused without b = 0 volumes),
+    computed once by the caller."""
+    if not (protocol.bvals == 0).any() or np.ptp(protocol.echo_times) == 0:
+        return (torch.ones_like if isinstance(scale, torch.Tensor) else np.ones_like)(
+            scale
+        )
     return (scale / overall) ** 2
 
 
@@ -213,10 +219,16 @@ class VoxelSignals:
         b0 = protocol.bvals == 0
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             scale = b0_scale(signal, protocol)
-            normalised = signal / scale[:, sequence_index(protocol)]
-            s0 = signal[:, b0].mean(axis=1) if b0.any() else np.ones(len(signal))
-            precision = noise_precision(signal, protocol)
-        return cls(normalised, scale, s0, precision)
+            per_volume = scale[:, sequence_index(protocol)]
+            # Mean of all b = 0 volumes; 1 without any (b0_scale's choice).
+            overall = (
+                signal[:, b0].mean(axis=1, keepdims=True)
+                if b0.any()
+                else np.ones((len(signal), 1))
+            )
+            normalised = signal / per_volume
+            precision = _precision(per_volume, overall, protocol)
+        return cls(normalised, scale, overall[:, 0], precision)
 
     def __len__(self):
         return len(self.normalised)
