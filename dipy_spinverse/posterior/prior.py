@@ -232,27 +232,23 @@ class TissuePrior:
                 int(np.argmin(np.abs(np.log(self._boxes) - math.log(wanted))))
             ]
             state = rng.bit_generator.state
-            draw = self._tissue(side, self.resolution, family, n, fraction, axis, rng)
-            if draw is None or not self._accepted(self._grid(side), draw[1]):
+            tissue = self._tissue(side, self.resolution, family, n, fraction, axis, rng)
+            if tissue is None:
                 continue
-            diffusivity = self._diffusivity(rng)
+            grid, substrate, truth = tissue
+            if not self._accepted(grid, truth):
+                continue
+            draw = (side, substrate, self._diffusivity(rng), truth)
             if reference_resolution is None:
-                return (side, draw[0], diffusivity, draw[1]), None
+                return draw, None
             after = rng.bit_generator.state
             rng.bit_generator.state = state
             fine = self._tissue(
                 side, reference_resolution, family, n, fraction, axis, rng
             )
             rng.bit_generator.state = after
-            if fine is not None and all(
-                math.isfinite(fine[1][name]) and fine[1][name] > 0 for name in _POSITIVE
-            ):
-                return (side, draw[0], diffusivity, draw[1]), (
-                    side,
-                    fine[0],
-                    diffusivity,
-                    fine[1],
-                )
+            if fine is not None and _described_fully(fine[2]):
+                return draw, (side, fine[1], draw[2], fine[2])
         raise ValueError(
             f"no draw of {self!r} was accepted in {_MAX_TRIES} tries: its cells "
             f"are not {self.min_spacings} grid spacings across at resolution "
@@ -261,17 +257,14 @@ class TissuePrior:
         )
 
     def _tissue(self, side, resolution, family, n, fraction, axis, rng):
-        """(substrate, descriptors) on the patch grid of ``resolution``, or
-        None when a cell is empty on that grid."""
+        """(grid, substrate, descriptors) on the patch grid of
+        ``resolution``, or None when a cell is empty on that grid."""
         grid = _periodic_grid(float(side), resolution)
         try:
             substrate = self._substrate(grid, family, n, fraction, axis, rng)
         except ValueError:
             return None  # an empty cell on this grid: draw again
-        return substrate, _described(grid, substrate)
-
-    def _grid(self, side):
-        return _periodic_grid(float(side), self.resolution)
+        return grid, substrate, _described(grid, substrate)
 
     def _substrate(self, grid, family, n, fraction, axis, rng):
         if family in PACKED_KINDS:
@@ -296,10 +289,7 @@ class TissuePrior:
         )
 
     def _accepted(self, grid, truth):
-        if truth["n_cells"] == 0:
-            return False
-        positive = [truth[name] for name in _POSITIVE]
-        if not all(math.isfinite(v) and v > 0 for v in positive):
+        if truth["n_cells"] == 0 or not _described_fully(truth):
             return False  # e.g. a cell without membrane: nothing to describe
         width = truth["min_width"] / grid.spacing
         inside = [
@@ -485,7 +475,7 @@ class PriorSimulator:
             by_side.setdefault(side, []).append(i)
         bar = tqdm(total=n, desc="Simulating", disable=not progress)
         for side, rows in by_side.items():
-            grid = self.prior._grid(side)
+            grid = self.prior.grid(side)
             if self.time_tolerance is not None and side not in self.measured_substeps:
                 pilot = rows[: self._PILOT]
                 signals[pilot] = self._measure_substeps(side, grid, draws, pilot)
@@ -542,6 +532,11 @@ class PriorSimulator:
 
     def __repr__(self):
         return f"PriorSimulator({self.prior!r}, n_acquisitions={len(self.protocol)})"
+
+
+def _described_fully(truth):
+    """Whether every descriptor of :data:`_POSITIVE` is finite and > 0."""
+    return all(math.isfinite(truth[name]) and truth[name] > 0 for name in _POSITIVE)
 
 
 def _truth(draws):
