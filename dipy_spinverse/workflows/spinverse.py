@@ -25,7 +25,7 @@ from ..checks import (
     check_same_space,
 )
 from ..files import atomic_write, load_image, read_voxels, save_image, writable_folder
-from ..inverse import resolve_config
+from ..inverse import PRESETS, resolve_config
 from ..io.gradients import read_gradients
 from ..io.store import (
     MESH_MAPS,
@@ -395,15 +395,14 @@ class SpinverseFlow(Workflow):
         # The inversion's options go through as given and are checked by the
         # inversion itself (resolve_config, as SpinverseModel does), before
         # any data is read; only its messages are put in flag names.
-        searched = True
         if fit_method == "search":
             search_options = dict(
                 sigma=0.01 if noise is not None else 0,  # the value comes later
                 search_bootstrap=search_bootstrap,
                 search_proposal=search_proposal,
             )
-            config = _checked_config(preset, max_iter, search_options)
-            searched = config.search_steps > 0
+            _checked_config(preset, max_iter, search_options)
+        searched = preset not in PRESETS or PRESETS[preset].search_steps > 0
         # Outputs of the label search (not options of the inversion).
         uncertainty = bool(save_metrics) and "uncertainty" in metrics
         for asked, what in (
@@ -606,11 +605,11 @@ def _given(**options):
 
 
 def _checked_config(preset, max_iter, options):
-    """The inversion's configuration of these flags, checked by the
-    inversion (:func:`~dipy_spinverse.inverse.resolve_config`); its message,
-    if it refuses them, names the flags."""
+    """Check these flags with the inversion's own check
+    (:func:`~dipy_spinverse.inverse.resolve_config`); its message, if it
+    refuses them, names the flags."""
     try:
-        return resolve_config(preset, max_iter=max_iter, **_given(**options))
+        resolve_config(preset, max_iter=max_iter, **_given(**options))
     except ValueError as err:
         message = str(err)
         for option, flag in _FLAGS.items():
