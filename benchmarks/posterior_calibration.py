@@ -145,6 +145,29 @@ def add_estimator_arguments(parser):
     parser.add_argument("--cache_dir", default=None)
 
 
+def add_test_arguments(parser):
+    """``--test_resolution``: where the held-out tissue is simulated
+    (``posterior_peers.py`` takes it too)."""
+    parser.add_argument(
+        "--test_resolution",
+        type=int,
+        default=None,
+        help="simulate and describe the held-out tissue on this finer grid",
+    )
+
+
+def held_out(simulator, n, *, seed, resolution=None):
+    """Held-out signals and truth of a prior: on its own grid, or with
+    ``resolution`` the same tissue simulated and described on a finer grid
+    (then also the training grid's signals of it; else None)."""
+    if resolution is None:
+        return (*simulator.sample(n, seed=seed), None)
+    coarse, signals, truth = simulator.sample_pairs(
+        n, reference_resolution=resolution, seed=seed
+    )
+    return signals, truth, coarse
+
+
 def trained_model(args):
     """The estimator the options name, trained here or read from the cache.
 
@@ -206,24 +229,17 @@ def main(argv=None):
     parser.add_argument("--n_test", type=int, default=1000)
     parser.add_argument("--figure", default=None, help="PNG of the calibration")
     parser.add_argument("--fixed_permeability", type=float, default=None)
-    parser.add_argument(
-        "--test_resolution",
-        type=int,
-        default=None,
-        help="simulate and describe the held-out tissue on this finer grid",
-    )
+    add_test_arguments(parser)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     protocol, prior, make_model, model = trained_model(args)
     rng = np.random.default_rng(TEST_SEED)
     start = time.perf_counter()
-    if args.test_resolution is None:
-        signals, truth = model.prior.sample(args.n_test, seed=TEST_SEED)
-    else:
-        coarse, signals, truth = model.prior.sample_pairs(
-            args.n_test, reference_resolution=args.test_resolution, seed=TEST_SEED
-        )
+    signals, truth, coarse = held_out(
+        model.prior, args.n_test, seed=TEST_SEED, resolution=args.test_resolution
+    )
+    if coarse is not None:
         error = signals - coarse
         print(
             f"held-out tissue on resolution {args.test_resolution}: its signals "

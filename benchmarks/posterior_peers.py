@@ -83,7 +83,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from posterior_calibration import add_estimator_arguments, rician, trained_model
+from posterior_calibration import (
+    add_estimator_arguments,
+    add_test_arguments,
+    held_out,
+    rician,
+    trained_model,
+)
 
 from dipy_spinverse import SpinverseModel
 from dipy_spinverse.compartments import (
@@ -383,12 +389,7 @@ def main(argv=None):
         "grid_resolution=2 search_steps=2 max_iter=4 for a smoke test",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument(
-        "--test_resolution",
-        type=int,
-        default=None,
-        help="simulate and describe the held-out tissue on this finer grid",
-    )
+    add_test_arguments(parser)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -418,12 +419,9 @@ def main(argv=None):
         sets.append((title, left.simulator(protocol), TEST_SEED + 1))
     for title, simulator, seed in sets:
         start = time.perf_counter()
-        if args.test_resolution is None:
-            signals, truth = simulator.sample(args.n_test, seed=seed)
-        else:  # tissue closer to the continuum than the training grid's
-            _, signals, truth = simulator.sample_pairs(
-                args.n_test, reference_resolution=args.test_resolution, seed=seed
-            )
+        signals, truth, _ = held_out(
+            simulator, args.n_test, seed=seed, resolution=args.test_resolution
+        )
         print(
             f"\n{title}: {args.n_test} simulations in "
             f"{time.perf_counter() - start:.0f} s"
