@@ -67,13 +67,14 @@ else:
     options = TrainingOptions(n_simulations=4000, epochs=40, reference_resolution=6)
 
 
-def model_for(gtab):
+def model_for(gtab, sigma):
+    """The posterior of ``prior`` for this protocol (trained once, cached)."""
     return SpinverseModel(
         gtab,
         fit_method="posterior",
         prior=prior,
         posterior_options=options,
-        sigma=1.0 / SNR,
+        sigma=sigma,
         cache_dir=args.cache,
     )
 
@@ -86,7 +87,7 @@ demo = make_phantom_dataset(os.path.join(args.out, "demo"), n_directions=10)
 bvals, bvecs = read_bvals_bvecs(demo["bvals"], demo["bvecs"])
 small_delta, big_delta = np.loadtxt(demo["timing"]).T
 gtab = gradient_table(bvals, bvecs=bvecs, small_delta=small_delta, big_delta=big_delta)
-model = model_for(gtab)
+model = model_for(gtab, 1.0 / SNR)
 
 # Each tissue drawn from a prior of one family, rasterised and simulated at
 # resolution 6 (sample_pairs: the same cells on the training grid and on
@@ -158,15 +159,7 @@ b0 = data[..., bvals < 50].mean(-1)
 noise = float(np.median(estimate_sigma(data, N=1)))
 sigma = noise / float(np.median(b0[mask]))
 print(f"small_101D: sigma {noise:.1f} (data units), {sigma:.3f} of b = 0")
-brain_model = SpinverseModel(
-    brain,
-    fit_method="posterior",
-    prior=prior,
-    posterior_options=options,
-    sigma=sigma,
-    cache_dir=args.cache,
-)
-brain_fit = brain_model.fit(data, mask=mask)
+brain_fit = model_for(brain, sigma).fit(data, mask=mask)
 status = brain_fit.status[mask]
 counts = {
     name: int(np.sum(status == code))
