@@ -39,8 +39,9 @@ __all__ = [
 
 #: Bumped when the simulation, the descriptors or the network change in a way
 #: that makes cached estimators stale (2: periodic time steps chosen by their
-#: measured error, ``PriorSimulator(time_tolerance=)``).
-ESTIMATOR_VERSION = 2
+#: measured error, ``PriorSimulator(time_tolerance=)``; 3: the prior holds
+#: tissue as the reference grid describes it, credible bounds recalibrated).
+ESTIMATOR_VERSION = 3
 
 # Simulations timed to estimate the training set's cost before it starts.
 _PROBE = 16

@@ -20,6 +20,11 @@ A voxel whose signal no simulation of the prior explains gets the status
 signal, in units of the noise variance, is above the 99.9th percentile of
 what held-out simulations of the prior give at that noise level
 (:meth:`PosteriorEstimator.support_statistic`).
+
+The credible bounds are recalibrated per descriptor on the held-out
+simulations (:mod:`.calibration`): a bound of level ``p`` is the flow's
+quantile at the level where held-out truths fell below it a fraction ``p``
+of the time.
 """
 
 import contextlib
@@ -34,6 +39,7 @@ from tqdm.auto import tqdm
 from ..checks import check_int, check_number
 from ..sim.signals import normalise_b0
 from . import targets
+from .calibration import LEVELS, SCALARS, calibrated_levels, measure_level_tables
 
 __all__ = ["TrainingOptions", "PosteriorEstimator", "train_estimator"]
 
@@ -163,6 +169,11 @@ class PosteriorEstimator(torch.nn.Module):
         self.register_buffer("support_signals", torch.zeros(0, n_inputs))
         self.register_buffer("support_log_sigma", torch.zeros(0))
         self.register_buffer("support_threshold", torch.zeros(0))
+        # The recalibration (identity until measured after training).
+        self.register_buffer(
+            "level_tables",
+            torch.as_tensor(np.tile(LEVELS, (len(SCALARS), 1)), dtype=torch.float32),
+        )
 
     def _context(self, signal, sigma):
         x = torch.cat([signal, torch.log(sigma)[:, None]], dim=-1)
@@ -195,6 +206,12 @@ class PosteriorEstimator(torch.nn.Module):
         with _flushed_denormals():
             y = self.flow(self._context(signal, sigma)).sample((n,))
         return y * self.y_std + self.y_mean
+
+    def quantile_levels(self, name, levels):
+        """The flow's quantile levels that give ``name``'s credible bounds at
+        ``levels`` (:func:`.calibration.calibrated_levels`)."""
+        table = self.level_tables[SCALARS.index(name)].cpu().numpy()
+        return calibrated_levels(levels, table)
 
     @torch.no_grad()
     def support_statistic(self, signal, sigma, *, chunk=256):
@@ -305,7 +322,8 @@ def train_estimator(
     Returns
     -------
     PosteriorEstimator
-        In evaluation mode, with the support thresholds set.
+        In evaluation mode, with the support thresholds and the credible
+        bounds' recalibration set.
     """
     bad = ~(np.isfinite(signals).all(-1) & np.isfinite(coordinates).all(-1))
     if bad.any():
@@ -373,6 +391,10 @@ def train_estimator(
         )
     net.load_state_dict(best_state)
     net.eval()
+    net.level_tables = torch.as_tensor(
+        measure_level_tables(net, x[val], y[val], noisy, seed=options.seed),
+        dtype=torch.float32,
+    )
     held_out = add_model_error(x[val], model_error, generator)
     _set_support(net, x[train], held_out, protocol, options, generator)
     return net

@@ -247,7 +247,9 @@ class TissuePrior:
                 side, reference_resolution, family, n, fraction, axis, rng
             )
             rng.bit_generator.state = after
-            if fine is not None and _described_fully(fine[2]):
+            # The prior holds the tissue as the finer grid describes it: a
+            # cell that only the coarse grid makes large enough is not in it.
+            if fine is not None and self._in_ranges(fine[2]):
                 return draw, (side, fine[1], draw[2], fine[2])
         raise ValueError(
             f"no draw of {self!r} was accepted in {_MAX_TRIES} tries: its cells "
@@ -289,14 +291,17 @@ class TissuePrior:
         )
 
     def _accepted(self, grid, truth):
+        width = truth["min_width"] / grid.spacing
+        return self._in_ranges(truth) and width >= self.min_spacings
+
+    def _in_ranges(self, truth):
+        """Whether a tissue is fully described and its cell diameter and
+        restricted fraction lie in the prior's ranges."""
         if truth["n_cells"] == 0 or not _described_fully(truth):
             return False  # e.g. a cell without membrane: nothing to describe
-        width = truth["min_width"] / grid.spacing
-        inside = [
-            _within(truth["cell_diameter"], self.cell_diameter),
-            _within(truth["restricted_fraction"], self.restricted_fraction),
-        ]
-        return width >= self.min_spacings and all(inside)
+        return _within(truth["cell_diameter"], self.cell_diameter) and _within(
+            truth["restricted_fraction"], self.restricted_fraction
+        )
 
     def _diffusivity(self, rng):
         if np.ndim(self.diffusivity) == 0:

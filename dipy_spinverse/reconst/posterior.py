@@ -27,6 +27,7 @@ from dipy.reconst.base import ReconstFit
 
 from ..geometry.descriptors import DESCRIPTORS
 from ..posterior import decode
+from ..posterior.calibration import SCALARS, calibrated_draws
 from ..sim.signals import VoxelSignals
 from .fit import BAD_B0, MASKED, NONFINITE, OK
 
@@ -47,8 +48,6 @@ POSTERIOR_STATUS_CODES = {
 #: Quantiles kept per voxel and descriptor: the median and the bounds of the
 #: 50 % and 90 % central credible intervals.
 _KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
-# Scalar descriptors (orientation is a unit vector, summarised apart).
-_SCALARS = tuple(name for name in DESCRIPTORS if name != "orientation")
 # Flow draws made together (voxels x samples): bounds the memory of a batch
 # (about 50 MB of activations at the default network's width).
 _DRAWS_PER_BATCH = 1 << 16
@@ -81,7 +80,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     inputs = np.full(rows.shape, np.nan, dtype=np.float32)
     inputs[good] = signals.normalised[good]
     sigma = np.full(n, model.posterior_sigma, dtype=np.float32)
-    summary = {name: np.full((n, len(_KEPT)), np.nan) for name in _SCALARS}
+    summary = {name: np.full((n, len(_KEPT)), np.nan) for name in SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
     estimator = model.estimator
     chunk = _voxels_per_batch(n_samples)
@@ -103,8 +102,9 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
             generator_seed=seed + start,
         )
         values = decode(draws.numpy())
-        for name in _SCALARS:
-            summary[name][keep] = np.quantile(values[name], _KEPT, axis=0).T
+        for name in SCALARS:
+            levels = estimator.quantile_levels(name, _KEPT)
+            summary[name][keep] = np.quantile(values[name], levels, axis=0).T
         summary["orientation"][keep] = _mean_axis(values["orientation"])
     S0 = np.full(n, np.nan)
     S0[good] = scale[good].mean(-1)
@@ -167,7 +167,7 @@ class PosteriorFit(ReconstFit):
         return self._volume(self.params["S0"], 0.0)
 
     def __getattr__(self, name):
-        if name in _SCALARS:
+        if name in SCALARS:
             return self._volume(self._quantile(name, 0.5), 0.0)
         if name == "orientation":
             return self._volume(self.params["orientation"], 0.0)
@@ -206,12 +206,17 @@ class PosteriorFit(ReconstFit):
                 self._quantile(name, round(hi, 12)),
             )
         else:
-            draws = self._draws(name, 1000)
-            low, high = np.quantile(draws, [lo, hi], axis=0)
+            levels = self.model.estimator.quantile_levels(name, [lo, hi])
+            low, high = np.quantile(self._draws(name, 1000), levels, axis=0)
         return self._volume(low, 0.0), self._volume(high, 0.0)
 
     def posterior_samples(self, name, n=100, *, seed=0):
         """``n`` posterior draws of a descriptor per voxel.
+
+        Scalar descriptors are drawn from the recalibrated posterior whose
+        quantiles :meth:`credible_interval` gives
+        (:mod:`dipy_spinverse.posterior.calibration`); ``orientation`` from
+        the flow.
 
         Returns
         -------
@@ -221,6 +226,12 @@ class PosteriorFit(ReconstFit):
         if name not in DESCRIPTORS:
             raise ValueError(f"Unknown descriptor {name!r}; choose from {DESCRIPTORS}.")
         draws = self._draws(name, int(n), seed=seed)
+        if name in SCALARS:
+            # The recalibrated posterior (the intervals' own), per voxel.
+            table = self.model.estimator.level_tables[SCALARS.index(name)]
+            draws = calibrated_draws(
+                draws, table.cpu().numpy(), np.random.default_rng(seed)
+            )
         return np.moveaxis(
             self._volume(np.moveaxis(draws, 0, 1), 0.0), self.mask.ndim, 0
         )
@@ -260,10 +271,10 @@ class PosteriorFit(ReconstFit):
 
 
 def _check_scalar(name):
-    if name not in _SCALARS:
+    if name not in SCALARS:
         extra = " (orientation is a unit vector: see posterior_samples)"
         raise ValueError(
-            f"credible_interval takes one of {_SCALARS}, got {name!r}"
+            f"credible_interval takes one of {SCALARS}, got {name!r}"
             + (extra if name == "orientation" else "")
             + "."
         )
