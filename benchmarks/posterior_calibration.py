@@ -142,6 +142,12 @@ def add_estimator_arguments(parser):
         help="model the training grid's error against this finer grid",
     )
     parser.add_argument("--n_reference", type=int, default=64)
+    parser.add_argument(
+        "--n_calibration",
+        type=int,
+        default=1000,
+        help="simulations the credible bounds are recalibrated on",
+    )
     parser.add_argument("--cache_dir", default=None)
 
 
@@ -200,6 +206,7 @@ def trained_model(args):
         epochs=args.epochs,
         reference_resolution=args.reference_resolution,
         n_reference=args.n_reference,
+        n_calibration=args.n_calibration,
     )
 
     def make_model(sigma):

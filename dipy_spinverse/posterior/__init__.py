@@ -8,6 +8,7 @@ trains it once per protocol, prior and options and caches it.
 """
 
 import hashlib
+import pathlib
 import time
 
 import numpy as np
@@ -46,6 +47,12 @@ ESTIMATOR_VERSION = 3
 # Simulations timed to estimate the training set's cost before it starts.
 _PROBE = 16
 
+#: Estimators shipped with the package, found by their key before the cache:
+#: the README demo's (``dipy_spinverse.data.DEMO_PRIOR`` and
+#: ``DEMO_TRAINING`` on the demo's protocol), made by the command in
+#: ``doc/validation/posterior.md`` and retrained by a slow test.
+SHIPPED = pathlib.Path(__file__).resolve().parent / "trained"
+
 
 def estimator_key(prior, protocol, options):
     """Hash of everything a trained estimator depends on.
@@ -72,7 +79,8 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
     Before training it logs how long the simulations will take (measured on
     a few draws) and shows progress bars; the result is saved under
     ``<cache>/posterior-<key>.pt`` (:func:`estimator_key`) and read from
-    there on later calls.
+    there on later calls. An estimator of the same key shipped with the
+    package (:data:`SHIPPED`) is read instead of training.
 
     Parameters
     ----------
@@ -91,7 +99,10 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
     """
     options = TrainingOptions() if options is None else options
     key = estimator_key(prior, protocol, options)
-    path = cache_root(cache_dir) / f"posterior-{key}.pt"
+    name = f"posterior-{key}.pt"
+    path = SHIPPED / name
+    if not path.exists():
+        path = cache_root(cache_dir) / name
     net = load_or_build(
         path,
         load=lambda path: _load(path, len(protocol), options),
@@ -109,10 +120,11 @@ def _train(prior, protocol, options, path, progress):
     start = time.perf_counter()
     simulator.sample(_PROBE, seed=options.seed + 10**6)
     per_draw = (time.perf_counter() - start) / _PROBE
+    n_draws = options.n_simulations + options.n_calibration
     logger.info(
         f"Training the Spinverse posterior for this protocol and prior (once; "
-        f"cached in {path}): {options.n_simulations} simulations, about "
-        f"{per_draw * options.n_simulations / 60:.1f} min at {per_draw * 1e3:.0f} ms "
+        f"cached in {path}): {n_draws} simulations, about "
+        f"{per_draw * n_draws / 60:.1f} min at {per_draw * 1e3:.0f} ms "
         f"each, then {options.epochs} training epochs."
     )
     signals, truth = simulator.sample(
@@ -122,6 +134,19 @@ def _train(prior, protocol, options, path, progress):
         reference_resolution=options.reference_resolution,
     )
     coordinates = encode(truth, rng=np.random.default_rng(options.seed))
+    calibration = None
+    if options.n_calibration:
+        logger.info(
+            f"Simulating {options.n_calibration} more draws to calibrate the "
+            "credible intervals on."
+        )
+        held_signals, held_truth = simulator.sample(
+            options.n_calibration,
+            seed=options.seed + 3 * 10**6,
+            progress=progress,
+            reference_resolution=options.reference_resolution,
+        )
+        calibration = (held_signals, encode(held_truth))
     model_error = None
     if options.reference_resolution is not None:
         logger.info(
@@ -141,6 +166,7 @@ def _train(prior, protocol, options, path, progress):
         protocol,
         options,
         model_error=model_error,
+        calibration=calibration,
         progress=progress,
     )
 

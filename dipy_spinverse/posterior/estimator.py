@@ -88,6 +88,12 @@ class TrainingOptions:
         for signals of the prior's own grid only).
     n_reference : int
         Draws simulated on both grids (with ``reference_resolution``).
+    n_calibration : int
+        Simulations, besides the validation part, on which the credible
+        bounds are recalibrated (:mod:`.calibration`). A level's table
+        entry is a quantile over the tissues: its standard error is about
+        ``sqrt(p (1 - p) / n)``, 0.013 at the 25 % level with the default
+        and the validation part of 2,000.
     """
 
     n_simulations: int = 20_000
@@ -102,6 +108,7 @@ class TrainingOptions:
     seed: int = 0
     reference_resolution: int | None = None
     n_reference: int = 64
+    n_calibration: int = 1000
 
     def __post_init__(self):
         check_int(self.n_simulations, "n_simulations", 16)
@@ -118,6 +125,7 @@ class TrainingOptions:
         if self.reference_resolution is not None:
             check_int(self.reference_resolution, "reference_resolution", 2)
         check_int(self.n_reference, "n_reference", 2)
+        check_int(self.n_calibration, "n_calibration", 0)
         if not 0 < self.validation < 0.5:
             raise ValueError(
                 f"validation must be in (0, 0.5), got {self.validation!r}."
@@ -301,7 +309,14 @@ def noisy_inputs(signal, protocol, snr_range, generator, model_error=None):
 
 
 def train_estimator(
-    signals, coordinates, protocol, options, *, model_error=None, progress=True
+    signals,
+    coordinates,
+    protocol,
+    options,
+    *,
+    model_error=None,
+    calibration=None,
+    progress=True,
 ):
     """Train a :class:`PosteriorEstimator` on simulations.
 
@@ -317,6 +332,9 @@ def train_estimator(
         Samples of the simulator's approximation error (reference minus
         prior-grid signals, :meth:`PriorSimulator.sample_pairs`), drawn from
         into every training and validation input (:func:`add_model_error`).
+    calibration : (ndarray, ndarray), optional
+        More held-out ``(signals, coordinates)``, not trained on, on which
+        the credible bounds are recalibrated with the validation part.
     progress : bool
 
     Returns
@@ -391,8 +409,12 @@ def train_estimator(
         )
     net.load_state_dict(best_state)
     net.eval()
+    held_x, held_y = x[val], y[val]
+    if calibration is not None:
+        more_x, more_y = (torch.as_tensor(a, dtype=torch.float32) for a in calibration)
+        held_x, held_y = torch.cat([held_x, more_x]), torch.cat([held_y, more_y])
     net.level_tables = torch.as_tensor(
-        measure_level_tables(net, x[val], y[val], noisy, seed=options.seed),
+        measure_level_tables(net, held_x, held_y, noisy, seed=options.seed),
         dtype=torch.float32,
     )
     held_out = add_model_error(x[val], model_error, generator)

@@ -11,6 +11,7 @@ options; positional inputs may contain wildcards to process several datasets.
 
 import json
 import os
+import pathlib
 import re
 
 import numpy as np
@@ -314,7 +315,8 @@ class SpinverseFlow(Workflow):
             --sigma and trains once per protocol (cached). Writes out_posterior,
             out_status, out_report and out_state only.
         posterior_options : string, optional
-            JSON object with the posterior's settings: "prior" (fields of
+            JSON object with the posterior's settings, or a file holding one
+            (the demo writes demo/posterior.json): "prior" (fields of
             dipy_spinverse.posterior.TissuePrior, e.g. {"cell_diameter": [1,
             5], "families": ["fibre"]}), "training" (fields of
             TrainingOptions, e.g. {"n_simulations": 5000}) and "n_samples"
@@ -395,6 +397,19 @@ class SpinverseFlow(Workflow):
         # The inversion's options go through as given and are checked by the
         # inversion itself (resolve_config, as SpinverseModel does), before
         # any data is read; only its messages are put in flag names.
+        if fit_method == "posterior":
+            # Options of the label search, which the posterior does not run.
+            given = {
+                "--search_bootstrap": search_bootstrap,
+                "--search_proposal": search_proposal,
+            }
+            ignored = [flag for flag, value in given.items() if value]
+            if ignored:
+                raise ValueError(
+                    f"{' and '.join(ignored)} set the label search, which "
+                    "--fit_method posterior does not run; leave them out or use "
+                    "--fit_method search."
+                )
         if fit_method == "search":
             search_options = dict(
                 sigma=0.01 if noise is not None else 0,  # the value comes later
@@ -618,9 +633,19 @@ def _checked_config(preset, max_iter, options):
 
 
 def parse_posterior_options(text, diffusivity):
-    """``--posterior_options`` (JSON) as SpinverseModel keywords (dict)."""
+    """``--posterior_options`` (a JSON object, or a file holding one) as
+    SpinverseModel keywords (dict)."""
     if not text:
         return {}
+    if not text.lstrip().startswith("{"):
+        try:
+            text = pathlib.Path(text).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"--posterior_options {text!r} is neither a JSON object nor a "
+                f"readable JSON file ({err}); pass e.g. "
+                '\'{"prior": {"cell_diameter": [1, 5]}}\' or demo/posterior.json.'
+            ) from err
     try:
         options = json.loads(text)
     except json.JSONDecodeError as err:

@@ -34,7 +34,13 @@ SMALL_PRIOR = TissuePrior(
     min_spacings=1.0,
 )
 SMALL_OPTIONS = TrainingOptions(
-    n_simulations=160, epochs=15, hidden=32, embedding=16, transforms=2, batch_size=32
+    n_simulations=160,
+    epochs=15,
+    hidden=32,
+    embedding=16,
+    transforms=2,
+    batch_size=32,
+    n_calibration=32,
 )
 SIGMA = 0.02
 
