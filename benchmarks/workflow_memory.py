@@ -37,7 +37,7 @@ def make_volume(folder, shape, n_mask, *, seed=0):
     """
     from dipy_spinverse.data import make_phantom_dataset
 
-    demo = make_phantom_dataset(os.path.join(folder, "demo"))
+    demo = make_phantom_dataset(os.path.join(folder, "demo"), tissue_voxels=False)
     image = nib.load(demo["data"])
     voxels = np.asarray(image.dataobj, dtype=np.float32).reshape(-1, image.shape[-1])
     rng = np.random.default_rng(seed)

@@ -1,28 +1,49 @@
 """Built-in demo data: a small multi-voxel phantom dataset, made on the fly.
 
-:func:`make_phantom_dataset` writes a deterministic 3 x 2 x 1 voxel diffusion
-dataset (no download): each voxel is one substrate from
-:mod:`dipy_spinverse.geometry.phantoms` on the default grid of
-:class:`~dipy_spinverse.reconst.SpinverseModel` -- cylinders of different
-radii, orientations and permeabilities and a sphere -- simulated with
-:func:`dipy_spinverse.simulate` for a two-diffusion-time PGSE protocol, with
-T2 weighting that differs between the echo times, a different S0 per voxel
-and Rician noise.
+:func:`make_phantom_dataset` writes a deterministic 3 x 3 x 1 voxel diffusion
+dataset (no download) for a PGSE protocol of three diffusion times, with T2
+weighting that differs between the echo times, a different S0 per voxel and
+Rician noise.
+
+The first two rows (:data:`PHANTOM_VOXELS`) are the label search's demo: each
+voxel is one substrate from :mod:`dipy_spinverse.geometry.phantoms` on the
+default grid of :class:`~dipy_spinverse.reconst.SpinverseModel` -- cylinders
+of different radii, orientations and permeabilities and a sphere --
+simulated with :func:`dipy_spinverse.simulate`.
+
+The third row (:data:`TISSUE_VOXELS`) is the posterior's demo (issue 44):
+tissue that no dictionary holds -- an ellipsoid, two touching cells, a blob.
+Each is drawn from one family of :data:`DEMO_PRIOR` (cells of 8-25 um) and
+simulated for the dataset's own protocol on a periodic patch of resolution 6,
+twice as fine as the prior's training grid
+(:meth:`~dipy_spinverse.posterior.PriorSimulator.sample_pairs`): neither the
+label search's grid nor the posterior's training grid holds them, so a
+posterior fit (``posterior.json``: :data:`DEMO_PRIOR` trained with
+:data:`DEMO_TRAINING`) shows its intervals widen where the data cannot tell.
 """
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 
 from .files import save_image
+from .geometry.descriptors import DESCRIPTORS
 from .geometry.phantoms import cylinder, sphere
 from .geometry.topology import barrier_mesh
+from .posterior import TissuePrior, TrainingOptions
 from .sim.forward import simulate
 from .sim.grid import TetGrid
 from .sim.sequences import Protocol, fibonacci_sphere
 
-__all__ = ["make_phantom_dataset", "PHANTOM_VOXELS"]
+__all__ = [
+    "make_phantom_dataset",
+    "PHANTOM_VOXELS",
+    "TISSUE_VOXELS",
+    "DEMO_PRIOR",
+    "DEMO_TRAINING",
+]
 
 #: Substrate of each voxel: (index, shape, parameters, membrane kappa in m/s).
 #: Radii are fractions of the box side (26.7 um on the default grid).
@@ -34,8 +55,30 @@ PHANTOM_VOXELS = (
     ((1, 1, 0), "cylinder", dict(radius=0.30, axis=(0, 0, 1)), 1e-4),
     ((2, 1, 0), "cylinder", dict(radius=0.26, axis=(1, 0, 1)), 2e-5),
 )
-_SHAPE = (3, 2, 1)
 _S0 = (1000.0, 900.0, 1100.0, 950.0, 1050.0, 1000.0)
+
+#: The posterior prior the demo is made for: cells of 8-25 um on patches of
+#: resolution 3 (``fit_method="posterior"``; the README's trained posterior).
+DEMO_PRIOR = TissuePrior(cell_diameter=(8.0, 25.0), resolution=3, min_spacings=1.0)
+#: How that posterior is trained: its grid's error is modelled against
+#: resolution 6, the grid of the tissue voxels.
+DEMO_TRAINING = TrainingOptions(n_simulations=4000, epochs=40, reference_resolution=6)
+
+#: Tissue of one family of :data:`DEMO_PRIOR` each: (index, name,
+#: :class:`~dipy_spinverse.posterior.TissuePrior` fields replaced, seed of
+#: the draw).
+TISSUE_VOXELS = (
+    ((0, 2, 0), "ellipsoid", dict(families=("ellipsoid",), n_cells=(1, 1)), 0),
+    (
+        (1, 2, 0),
+        "two touching cells",
+        dict(families=("packed",), n_cells=(2, 2), restricted_fraction=(0.6, 0.85)),
+        1,
+    ),
+    ((2, 2, 0), "blob", dict(families=("blob",), n_cells=(1, 1)), 2),
+)
+# Their mean is the phantom voxels' (1000): one sigma gives both the same SNR.
+_TISSUE_S0 = (1000.0, 950.0, 1050.0)
 _VOXEL_MM = 2.0
 
 
@@ -53,14 +96,23 @@ def make_phantom_dataset(
     grid_resolution=4,
     boundary="reflecting",
     seed=0,
+    tissue_voxels=True,
+    tissue_resolution=DEMO_TRAINING.reference_resolution,
 ):
     """Write a small phantom diffusion dataset and return its paths.
 
-    Six voxels (3 x 2 x 1, all inside the mask), each one substrate of
-    :data:`PHANTOM_VOXELS` on ``TetGrid.bcc(grid_size, grid_resolution)``:
-    cylinders of radius 0.30, 0.20 and 0.26 box sides along z, x and
-    (1, 0, 1), a sphere, and a leakier (1e-4 m/s) copy of the first
-    cylinder. The data are deterministic given ``seed``.
+    Nine voxels (3 x 3 x 1, all inside the mask). The first two rows, six
+    voxels, are each one substrate of :data:`PHANTOM_VOXELS` on
+    ``TetGrid.bcc(grid_size, grid_resolution)``: cylinders of radius 0.30,
+    0.20 and 0.26 box sides along z, x and (1, 0, 1), a sphere, and a leakier
+    (1e-4 m/s) copy of the first cylinder. The third row holds the tissue of
+    :data:`TISSUE_VOXELS` (an ellipsoid, two touching cells, a blob), for
+    the posterior's demo: each drawn from one family of :data:`DEMO_PRIOR`
+    (cells of 8-25 um) and simulated on a periodic patch of
+    ``tissue_resolution`` cubes per side (6: twice as fine as the prior's
+    training grid), with the same protocol, diffusivity, T2 weighting and
+    noise level as the others; ``posterior.json`` says how to fit it. The
+    data are deterministic given ``seed``.
 
     The default protocol (99 volumes) is the published one thinned: its three
     PGSE timings (5/6, 10/20 and 10/60 ms: the curriculum's three stages and
@@ -95,9 +147,18 @@ def make_phantom_dataset(
     diffusivity : float
         Intrinsic diffusivity, mm^2/s.
     grid_size, grid_resolution, boundary
-        The grid (pass the same to ``SpinverseModel``).
+        The grid of the first six voxels (pass the same to
+        ``SpinverseModel``).
     seed : int
-        Seed of the noise.
+        Seed of the noise. The tissue voxels draw theirs from a stream of
+        their own: the first six voxels do not depend on ``tissue_voxels``.
+    tissue_voxels : bool
+        Write the tissue voxels (about 20 s on 2 CPU cores with the default
+        protocol). False: the 3 x 2 x 1 volume of the first six alone.
+    tissue_resolution : int
+        Cubes per side of the tissue voxels' patches, above
+        ``DEMO_PRIOR.resolution`` (3); also the reference resolution of
+        the training options in ``posterior.json``.
 
     Returns
     -------
@@ -106,15 +167,23 @@ def make_phantom_dataset(
         ``timing`` (text: one ``small_delta big_delta`` row per volume, in
         seconds), ``scheme`` (the same protocol as a Camino scheme file),
         ``mask`` (NIfTI), ``truth`` (.npz: per-voxel ``permeability``
-        (3, 2, 1, n_faces), ``labels`` (3, 2, 1, n_cells), ``S0``),
-        ``truth_json`` (substrate and true maps per voxel) and
-        ``truth_meshes`` (a folder of per-voxel .ply surfaces).
+        (3, 3, 1, n_faces) and ``labels`` (3, 3, 1, n_cells) on the grid
+        of the first six voxels -- NaN and 0 at the tissue voxels, whose
+        patches are other grids -- and ``S0``), ``truth_json``
+        (the settings; substrate and true maps of each of the first six
+        voxels in ``voxels``; family, prior fields, seed and true
+        descriptors of each tissue voxel in ``tissue_voxels``; the
+        ``posterior`` options), ``truth_meshes`` (a folder of the first six
+        voxels' .ply surfaces) and ``posterior`` (JSON: what
+        ``dipy_fit_spinverse --posterior_options`` takes, :data:`DEMO_PRIOR`
+        and :data:`DEMO_TRAINING`).
 
     Examples
     --------
     >>> import tempfile
     >>> paths = make_phantom_dataset(tempfile.mkdtemp(), grid_size=12.0,
-    ...                              grid_resolution=2, n_directions=3)
+    ...                              grid_resolution=2, n_directions=3,
+    ...                              tissue_voxels=False)
     >>> sorted(paths)[:3]
     ['bvals', 'bvecs', 'data']
     """
@@ -130,20 +199,23 @@ def make_phantom_dataset(
     ]
     permeability = np.stack([p.permeability for p in phantoms])
     signal = simulate(grid, permeability, protocol, diffusivity=diffusivity).numpy()
-    echo = protocol.echo_times
+    decay = np.exp(-protocol.echo_times / t2)
     s0 = np.asarray(_S0)
-    clean = s0[:, None] * np.exp(-echo / t2)[None] * signal
-    rng = np.random.default_rng(seed)
     sigma = 0.0 if np.isinf(snr) else float(np.mean(s0)) / snr
-    noisy = np.abs(
-        clean
-        + sigma
-        * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
-    )
+    rows = _rician(s0[:, None] * decay * signal, sigma, np.random.default_rng(seed))
+    indexes = [index for index, *_ in PHANTOM_VOXELS]
+    tissue = []
+    if tissue_voxels:
+        fine, tissue = _tissue(protocol, diffusivity, tissue_resolution)
+        clean = np.asarray(_TISSUE_S0)[:, None] * decay * fine
+        noise = np.random.default_rng([seed, 1])
+        rows = np.concatenate([rows, _rician(clean, sigma, noise)])
+        indexes += [index for index, *_ in TISSUE_VOXELS]
+    shape = tuple(int(n) + 1 for n in np.max(indexes, axis=0))
 
     affine = np.diag([_VOXEL_MM] * 3 + [1.0])
-    volume = np.zeros(_SHAPE + (len(protocol),), dtype=np.float32)
-    for (index, *_), row in zip(PHANTOM_VOXELS, noisy, strict=True):
+    volume = np.zeros(shape + (len(protocol),), dtype=np.float32)
+    for index, row in zip(indexes, rows, strict=True):
         volume[index] = row
     paths = dict(
         data=os.path.join(out_dir, "dwi.nii.gz"),
@@ -155,9 +227,10 @@ def make_phantom_dataset(
         truth=os.path.join(out_dir, "truth.npz"),
         truth_json=os.path.join(out_dir, "truth.json"),
         truth_meshes=os.path.join(out_dir, "truth_meshes"),
+        posterior=os.path.join(out_dir, "posterior.json"),
     )
     save_image(paths["data"], volume, affine)
-    save_image(paths["mask"], np.ones(_SHAPE, dtype=np.uint8), affine)
+    save_image(paths["mask"], np.ones(shape, dtype=np.uint8), affine)
     np.savetxt(paths["bvals"], protocol.bvals[None], fmt="%.6g")
     np.savetxt(paths["bvecs"], protocol.bvecs.T, fmt="%.8f")
     timing = np.array([[w.small_delta, w.big_delta] for w in protocol.waveforms])
@@ -168,11 +241,15 @@ def make_phantom_dataset(
         header="small_delta big_delta (seconds), one row per volume",
     )
     protocol.to_camino(paths["scheme"])
+    posterior = _posterior_options(diffusivity, tissue_resolution)
+    with open(paths["posterior"], "w") as f:
+        json.dump(posterior, f, indent=1)
     _write_truth(
         paths,
         grid,
         phantoms,
-        s0,
+        shape,
+        tissue,
         dict(
             grid_size=grid.size,
             grid_resolution=int(grid_resolution),
@@ -182,9 +259,63 @@ def make_phantom_dataset(
             snr=snr,
             sigma=sigma,
             seed=seed,
+            posterior=posterior,
         ),
     )
     return paths
+
+
+def _rician(clean, sigma, rng):
+    """``clean`` with Rician noise of ``sigma`` (real, then imaginary part)."""
+    return np.abs(
+        clean
+        + sigma
+        * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
+    )
+
+
+def _tissue(protocol, diffusivity, resolution):
+    """The tissue voxels' b0-normalised signals (n, n_volumes), on patch grids
+    of ``resolution``, and their truth (truth.json's ``tissue_voxels``)."""
+    signals, truth = [], []
+    for (index, name, fields, seed), s0 in zip(TISSUE_VOXELS, _TISSUE_S0, strict=True):
+        prior = replace(DEMO_PRIOR, diffusivity=diffusivity, **fields)
+        # The tissue of a draw on the prior's grid, rasterised finer: tissue of
+        # the prior that its training grid does not resolve.
+        _, fine, described = prior.simulator(protocol).sample_pairs(
+            1, reference_resolution=resolution, seed=seed
+        )
+        signals.append(fine[0])
+        truth.append(
+            dict(
+                index=list(index),
+                name=name,
+                family=str(described["family"][0]),
+                prior=prior.description(),
+                seed=seed,
+                resolution=int(resolution),
+                box_size=float(described["box_size"][0]),
+                S0=s0,
+                **{k: described[k][0].tolist() for k in DESCRIPTORS},
+            )
+        )
+    return np.stack(signals), truth
+
+
+def _changed(options, defaults):
+    """The fields of ``options`` that differ from ``defaults``, as JSON."""
+    given, default = options.description(), defaults.description()
+    return {name: value for name, value in given.items() if value != default[name]}
+
+
+def _posterior_options(diffusivity, resolution):
+    """``dipy_fit_spinverse --posterior_options`` of the demo's posterior."""
+    prior = replace(DEMO_PRIOR, diffusivity=diffusivity)
+    training = replace(DEMO_TRAINING, reference_resolution=resolution)
+    return dict(
+        prior=_changed(prior, TissuePrior()),
+        training=_changed(training, TrainingOptions()),
+    )
 
 
 def _protocol(timings, bvals, n_directions, n_b0):
@@ -211,14 +342,15 @@ def _phantom(grid, shape, params, kappa):
     return make(grid, kappa=kappa, **params)
 
 
-def _write_truth(paths, grid, phantoms, s0, settings):
-    permeability = np.full(_SHAPE + (grid.n_faces,), np.nan)
-    labels = np.zeros(_SHAPE + (grid.n_cells,), dtype=np.int16)
-    s0_map = np.zeros(_SHAPE)
+def _write_truth(paths, grid, phantoms, shape, tissue, settings):
+    # The tissue voxels' patches are other grids: no per-face truth there.
+    permeability = np.full(shape + (grid.n_faces,), np.nan)
+    labels = np.zeros(shape + (grid.n_cells,), dtype=np.int16)
+    s0_map = np.zeros(shape)
     voxels = []
     os.makedirs(paths["truth_meshes"], exist_ok=True)
-    for (index, shape, _, kappa), phantom, s in zip(
-        PHANTOM_VOXELS, phantoms, s0, strict=True
+    for (index, kind, _, kappa), phantom, s in zip(
+        PHANTOM_VOXELS, phantoms, _S0, strict=True
     ):
         permeability[index] = phantom.permeability
         labels[index] = phantom.labels
@@ -231,7 +363,7 @@ def _write_truth(paths, grid, phantoms, s0, settings):
         voxels.append(
             dict(
                 index=list(index),
-                shape=shape,
+                shape=kind,
                 params={
                     k: list(v) if isinstance(v, tuple) else v
                     for k, v in phantom.params.items()
@@ -247,11 +379,17 @@ def _write_truth(paths, grid, phantoms, s0, settings):
                 mesh=os.path.join("truth_meshes", name),
             )
         )
+    for voxel in tissue:
+        s0_map[tuple(voxel["index"])] = voxel["S0"]
     np.savez_compressed(
         paths["truth"], permeability=permeability, labels=labels, S0=s0_map
     )
     with open(paths["truth_json"], "w") as f:
-        json.dump(dict(settings, shape=list(_SHAPE), voxels=voxels), f, indent=1)
+        json.dump(
+            dict(settings, shape=list(shape), voxels=voxels, tissue_voxels=tissue),
+            f,
+            indent=1,
+        )
 
 
 def main(argv=None):

@@ -42,7 +42,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    paths = make_phantom_dataset(os.path.join(args.out, "data"))
+    paths = make_phantom_dataset(os.path.join(args.out, "data"), tissue_voxels=False)
     data, affine = load_nifti(paths["data"])
     mask = load_nifti_data(paths["mask"]).astype(bool)
     bvals, bvecs = read_bvals_bvecs(paths["bvals"], paths["bvecs"])

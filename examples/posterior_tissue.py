@@ -62,6 +62,7 @@ if args.quick:
         transforms=1,
         reference_resolution=4,
         n_reference=4,
+        n_calibration=16,
     )
 else:
     options = TrainingOptions(n_simulations=4000, epochs=40, reference_resolution=6)
@@ -82,8 +83,10 @@ def model_for(gtab, sigma):
 ###############################################################################
 # Voxels that no dictionary holds
 # -------------------------------
-# The demo's protocol, read from the files the demo writes, as a user would.
-demo = make_phantom_dataset(os.path.join(args.out, "demo"), n_directions=10)
+# The demo's protocol, read from the files the demo writes, as a user would;
+# not its tissue voxels: this example simulates its own, one more than the
+# demo's three.
+demo = make_phantom_dataset(os.path.join(args.out, "demo"), tissue_voxels=False)
 bvals, bvecs = read_bvals_bvecs(demo["bvals"], demo["bvecs"])
 small_delta, big_delta = np.loadtxt(demo["timing"]).T
 gtab = gradient_table(bvals, bvecs=bvecs, small_delta=small_delta, big_delta=big_delta)

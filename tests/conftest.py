@@ -42,7 +42,8 @@ SMALL = 0.005
 # Longer echo time, more T2 decay: the two sequences have different b=0.
 T2_WEIGHT = np.array([0.6] * 3 + [0.9] * 3)
 #: make_phantom_dataset options of a tiny demo: a 2-cube grid and the old
-#: small protocol (2 timings, 2 shells, one b = 0 each; 14 volumes), fast.
+#: small protocol (2 timings, 2 shells, one b = 0 each; 14 volumes), fast;
+#: without the tissue voxels (3 x 2 x 1), whose finer patches cost seconds.
 SMALL_DEMO = dict(
     grid_size=12.0,
     grid_resolution=2,
@@ -50,6 +51,7 @@ SMALL_DEMO = dict(
     timings=((0.010, 0.060), (0.010, 0.020)),
     bvals=(1000.0, 2500.0),
     n_b0=1,
+    tissue_voxels=False,
 )
 # The published face fit, 4 iterations: the DIPY layer is tested fast; the
 # label search has a smoke test in test_reconst.py (and tests/test_search.py).

@@ -538,7 +538,7 @@ def test_demo_leaky_cylinder_is_recovered(tmp_path):
     from dipy_spinverse.io.gradients import read_timing
     from dipy_spinverse.reconst import SpinverseModel
 
-    paths = make_phantom_dataset(tmp_path)
+    paths = make_phantom_dataset(tmp_path, tissue_voxels=False)
     data = load_nifti_data(paths["data"])[1:2, 1:2]
     bvals, bvecs = read_bvals_bvecs(paths["bvals"], paths["bvecs"])
     small, big = read_timing(paths["timing"])

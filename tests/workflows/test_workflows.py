@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +11,14 @@ import pytest
 from conftest import SMALL_DEMO
 from numpy.testing import assert_allclose, assert_array_equal
 
-from dipy_spinverse.data import PHANTOM_VOXELS, make_phantom_dataset
+from dipy_spinverse.data import (
+    DEMO_PRIOR,
+    DEMO_TRAINING,
+    PHANTOM_VOXELS,
+    TISSUE_VOXELS,
+    make_phantom_dataset,
+)
+from dipy_spinverse.geometry.descriptors import DESCRIPTORS
 from dipy_spinverse.geometry.topology import load_mesh
 from dipy_spinverse.io.gradients import read_timing
 from dipy_spinverse.io.store import load_fit, save_fit
@@ -20,6 +28,7 @@ from dipy_spinverse.workflows.spinverse import (
     SpinverseFlow,
     _noise_option,
     main,
+    parse_posterior_options,
     relative_sigma,
 )
 
@@ -95,6 +104,59 @@ def test_phantom_dataset_is_deterministic(demo, tmp_path):
     assert np.all(b0[..., 0] < b0[..., 1])
     other_seed = make_phantom_dataset(tmp_path / "seed1", seed=1, **SMALL_DEMO)
     assert not np.array_equal(_load(other_seed["data"]), data)
+
+
+def test_phantom_dataset_tissue_voxels(tmp_path):
+    """The third row holds tissue of one family of DEMO_PRIOR each: its
+    noise-free signal is S0 exp(-TE / T2) times the finer patch's
+    simulation, its truth is in truth.json (none per face: another grid),
+    and the first six voxels are those of the dataset without it."""
+    # A coarser patch than the default 6 keeps this to seconds.
+    resolution = 4
+    options = dict(SMALL_DEMO, snr=np.inf)
+    paths = make_phantom_dataset(
+        tmp_path, **dict(options, tissue_voxels=True, tissue_resolution=resolution)
+    )
+    without = make_phantom_dataset(tmp_path / "without", **options)
+    data = _load(paths["data"])
+    assert data.shape == (3, 3, 1, N_VOLUMES)
+    assert np.all(np.isfinite(data)) and np.all(data > 0)
+    assert_array_equal(data[:, :2], _load(without["data"]))
+    assert_array_equal(_load(paths["mask"]), 1)
+    with open(paths["truth_json"]) as f:
+        truth = json.load(f)
+    assert truth["shape"] == [3, 3, 1] and len(truth["voxels"]) == 6
+    npz = np.load(paths["truth"])
+    protocol = Protocol.from_camino(paths["scheme"])
+    decay = np.exp(-protocol.echo_times / truth["t2"])
+    entries = truth["tissue_voxels"]
+    for (index, name, fields, seed), voxel in zip(TISSUE_VOXELS, entries, strict=True):
+        prior = replace(DEMO_PRIOR, **fields)
+        _, fine, described = prior.simulator(protocol).sample_pairs(
+            1, reference_resolution=resolution, seed=seed
+        )
+        assert_allclose(data[index], voxel["S0"] * decay * fine[0], rtol=1e-6)
+        assert voxel["index"] == list(index) and voxel["name"] == name
+        assert voxel["family"] == fields["families"][0] == described["family"][0]
+        assert voxel["prior"] == prior.description() and voxel["seed"] == seed
+        assert voxel["resolution"] == resolution
+        for descriptor in DESCRIPTORS:
+            assert_allclose(voxel[descriptor], described[descriptor][0])
+        assert np.all(np.isnan(npz["permeability"][index]))
+        assert not npz["labels"][index].any() and npz["S0"][index] == voxel["S0"]
+
+
+def test_phantom_dataset_says_its_posterior(tmp_path):
+    """posterior.json (also truth.json's "posterior") is what the command's
+    --posterior_options takes: DEMO_PRIOR trained with DEMO_TRAINING."""
+    paths = make_phantom_dataset(tmp_path, **SMALL_DEMO)
+    with open(paths["posterior"]) as f:
+        text = f.read()
+    parsed = parse_posterior_options(text, 2e-3)
+    assert parsed["prior"] == DEMO_PRIOR
+    assert parsed["posterior_options"] == DEMO_TRAINING
+    with open(paths["truth_json"]) as f:
+        assert json.load(f)["posterior"] == json.loads(text)
 
 
 def test_workflow_on_demo_data(demo, tmp_path):
@@ -744,10 +806,14 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
                 "embedding": 8,
                 "transforms": 1,
                 "batch_size": 16,
+                "n_calibration": 16,
             },
             "n_samples": 50,
         }
     )
+    # The options from a file (as the demo writes them).
+    options_file = tmp_path / "posterior.json"
+    options_file.write_text(options)
     os.environ["DIPY_SPINVERSE_CACHE"] = str(tmp_path / "cache")
     try:
         flow = _run(
@@ -755,7 +821,7 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
             tmp_path / "out",
             fit_method="posterior",
             snr=100,
-            posterior_options=options,
+            posterior_options=str(options_file),
             n_report=3,
         )
     finally:
@@ -786,6 +852,23 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
             fit_method="posterior",
             snr=100,
             posterior_options="{prior",
+        )
+    with pytest.raises(ValueError, match="neither a JSON object nor a readable"):
+        _run(
+            demo,
+            tmp_path / "again",
+            fit_method="posterior",
+            snr=100,
+            posterior_options=str(tmp_path / "missing.json"),
+        )
+    # The label search's options with the posterior: refused, not ignored.
+    with pytest.raises(ValueError, match="--search_bootstrap set the label search"):
+        _run(
+            demo,
+            tmp_path / "again",
+            fit_method="posterior",
+            snr=100,
+            search_bootstrap=2,
         )
 
 
