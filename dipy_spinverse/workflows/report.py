@@ -39,6 +39,7 @@ def write_posterior_report(fit, path, *, n_voxels=8):
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     names = [n for n in DESCRIPTORS if n != "orientation"]
     rows = np.flatnonzero(fit.params["status"] == OK)[:n_voxels]
@@ -51,6 +52,8 @@ def write_posterior_report(fit, path, *, n_voxels=8):
         ax.plot(q[:, 2], y, "k|", ms=8, label="median")
         if name in ("permeability", "exchange_time", "cell_volume"):
             ax.set_xscale("log")
+            # Decades only: labelled minor ticks overlap within one decade.
+            ax.xaxis.set_minor_formatter(NullFormatter())
         unit = f" ({UNITS[name]})" if UNITS[name] else ""
         ax.set_title(name.replace("_", " ") + unit, fontsize=7)
         ax.set_yticks(y)
