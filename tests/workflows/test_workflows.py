@@ -845,31 +845,17 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
     assert state["status"].shape == (6,)
     with pytest.raises(ValueError, match="needs the noise"):
         _run(demo, tmp_path / "again", fit_method="posterior")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        _run(
-            demo,
-            tmp_path / "again",
-            fit_method="posterior",
-            snr=100,
-            posterior_options="{prior",
-        )
-    with pytest.raises(ValueError, match="neither a JSON object nor a readable"):
-        _run(
-            demo,
-            tmp_path / "again",
-            fit_method="posterior",
-            snr=100,
-            posterior_options=str(tmp_path / "missing.json"),
-        )
-    # The label search's options with the posterior: refused, not ignored.
-    with pytest.raises(ValueError, match="--search_bootstrap set the label search"):
-        _run(
-            demo,
-            tmp_path / "again",
-            fit_method="posterior",
-            snr=100,
-            search_bootstrap=2,
-        )
+    for bad, match in (
+        (dict(posterior_options="{prior"), "not valid JSON"),
+        (
+            dict(posterior_options=str(tmp_path / "missing.json")),
+            "neither a JSON object nor a readable",
+        ),
+        # The label search's options with the posterior: refused, not ignored.
+        (dict(search_bootstrap=2), "--search_bootstrap set the label search"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            _run(demo, tmp_path / "again", fit_method="posterior", snr=100, **bad)
 
 
 def test_a_nan_in_the_timing_file_names_its_volumes(tmp_path):
