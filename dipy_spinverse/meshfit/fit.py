@@ -25,7 +25,7 @@ from ..checks import (
 )
 from ..io.meshes import write_mesh
 from ..sim.sequences import as_protocol
-from ..sim.signals import data_loss, normalise_b0
+from ..sim.signals import VoxelSignals, data_loss, normalise_b0
 from .autoencoder import ShapeAutoencoder, load_or_train_autoencoder
 from .fem import mesh_basis, mesh_signal
 from .mesh import TetMesh, ball_mesh, tube_mesh
@@ -237,6 +237,34 @@ def axis_radius(mesh):
     return float(np.linalg.norm(radial[side], axis=1).mean())
 
 
+def _normalised_signal(signal, protocol):
+    """One voxel's b0-normalised signal: a raw signal normalised here, or the
+    row of a one-voxel :class:`~dipy_spinverse.sim.signals.VoxelSignals`
+    (normalised once, upstream)."""
+    if isinstance(signal, VoxelSignals):
+        if len(signal) != 1 or signal.normalised.shape[1] != len(protocol):
+            raise ValueError(
+                f"signal: a VoxelSignals of one voxel and {len(protocol)} "
+                f"acquisitions, got shape {signal.normalised.shape}; pass "
+                "signals[[row]]."
+            )
+        measured = signal.normalised[0]
+    else:
+        measured = np.asarray(signal, dtype=np.float64)
+        if measured.shape != (len(protocol),):
+            raise ValueError(
+                f"signal must have shape ({len(protocol)},) (one cell, protocol "
+                f"order), got {measured.shape}; fit voxels one at a time."
+            )
+        if protocol.bvals.min() == 0 and np.any(measured[protocol.bvals == 0] <= 0):
+            raise ValueError("the b = 0 signal must be > 0 to normalise by it.")
+    if not np.all(np.isfinite(measured)):
+        raise ValueError("signal must be finite.")
+    if isinstance(signal, VoxelSignals):
+        return measured
+    return normalise_b0(measured, protocol)
+
+
 def fit_mesh(
     signal,
     protocol,
@@ -266,9 +294,11 @@ def fit_mesh(
 
     Parameters
     ----------
-    signal : array_like (n_acquisitions,)
+    signal : array_like (n_acquisitions,) or VoxelSignals
         One cell's signal in protocol order (normalised here by its b = 0
-        volumes, :func:`dipy_spinverse.sim.signals.normalise_b0`).
+        volumes, :func:`dipy_spinverse.sim.signals.normalise_b0`), or a
+        one-voxel :class:`~dipy_spinverse.sim.signals.VoxelSignals`, already
+        normalised.
     protocol : Protocol or dipy.core.gradients.GradientTable
     template : {"ball", "tube"}, TetMesh or SpectralShape
         Starting shape (built-in: :data:`TEMPLATES`; with ``code="axon"``,
@@ -348,16 +378,7 @@ def fit_mesh(
     MeshFit
     """
     protocol = as_protocol(protocol)
-    measured = np.asarray(signal, dtype=np.float64)
-    if measured.shape != (len(protocol),):
-        raise ValueError(
-            f"signal must have shape ({len(protocol)},) (one cell, protocol order), "
-            f"got {measured.shape}; fit voxels one at a time."
-        )
-    if not np.all(np.isfinite(measured)):
-        raise ValueError("signal must be finite.")
-    if protocol.bvals.min() == 0 and np.any(measured[protocol.bvals == 0] <= 0):
-        raise ValueError("the b = 0 signal must be > 0 to normalise by it.")
+    normalised = _normalised_signal(signal, protocol)
     diffusivity = check_diffusivity(diffusivity)
     sigma = check_number(sigma, "sigma", minimum=0.0, maximum=1.0)
     noise = check_choice(noise, "noise", NOISE_MODELS)
@@ -370,7 +391,7 @@ def fit_mesh(
     check_choice(directions, "directions", DIRECTIONS)
     background, box_volume = _check_background(background, box_volume, len(protocol))
     code = check_choice(code, "code", CODES)
-    target = torch.tensor(normalise_b0(measured, protocol))
+    target = torch.tensor(normalised)
     if code == "axon":
         if autoencoder is not None:
             raise ValueError("autoencoder is used with code='latent' only.")

@@ -239,9 +239,11 @@ def refine_cell(
     permeability : array_like (n_faces,)
         The fitted permeability (m/s): the rest of the box is simulated with
         it.
-    signal : array_like (n_acquisitions,)
-        The voxel's raw signal in protocol order (normalised here by its
-        b = 0 volumes).
+    signal : array_like (n_acquisitions,) or VoxelSignals
+        The voxel's raw signal in protocol order (normalised by its b = 0
+        volumes in :func:`fit_mesh`), or a one-voxel
+        :class:`~dipy_spinverse.sim.signals.VoxelSignals`, normalised once
+        upstream.
     protocol : Protocol or GradientTable
     label : int, optional
         The cell to refine (default: the largest, :func:`largest_cell`).

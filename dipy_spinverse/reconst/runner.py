@@ -163,7 +163,7 @@ def refine_meshes(model, signals, result, rows):
                 model.grid,
                 labels,
                 result["permeability"][row],
-                signals.normalised[row],
+                signals[[row]],
                 model.protocol,
                 diffusivity=model.diffusivity,
                 sigma=config.sigma,

@@ -24,6 +24,7 @@ from dipy_spinverse.meshfit.shape import (
     surface_laplacian,
 )
 from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
+from dipy_spinverse.sim.signals import VoxelSignals
 
 
 def _protocol():
@@ -189,6 +190,26 @@ def test_fit_input_checks():
         fit_mesh(good, protocol, diffusivity=2e-9)
     with pytest.raises(ValueError, match="size"):
         fit_mesh(good, protocol, template=ball_mesh(3.0, resolution=2), size=-1.0)
+
+
+def test_fit_takes_signals_normalised_once():
+    """A one-voxel VoxelSignals (what the runner passes) is the same fit as
+    its raw signal, normalised once upstream instead of again here; more
+    voxels, or NaN, are refused."""
+    protocol = _protocol()
+    raw = 800.0 * np.exp(-protocol.bvals * 1e-3)
+    signals = VoxelSignals.from_raw(raw[None], protocol)
+    settings = dict(template=ball_mesh(3.0, resolution=2), n_modes=1, max_iter=2)
+    from_raw = fit_mesh(raw, protocol, **settings)
+    once = fit_mesh(signals, protocol, **settings)
+    assert_allclose(once.shape_code, from_raw.shape_code, rtol=1e-12)
+    assert_allclose(once.predicted_signal, from_raw.predicted_signal, rtol=1e-12)
+    with pytest.raises(ValueError, match="VoxelSignals of one voxel"):
+        fit_mesh(VoxelSignals.from_raw(np.stack([raw, raw]), protocol), protocol)
+    broken = raw.copy()
+    broken[0] = 0.0
+    with pytest.raises(ValueError, match="signal must be finite"):
+        fit_mesh(VoxelSignals.from_raw(broken[None], protocol), protocol)
 
 
 def test_fit_saves_its_surface(tmp_path):
