@@ -22,9 +22,9 @@ a normalising flow trained on the package's own simulations of a
    far larger than axons, so white-matter voxels should come out
    ``OUT_OF_PRIOR`` rather than with a confident wrong number.
 
-The brain's protocol needs its own estimator: about 10 minutes of training
-on 2 CPU cores (cached afterwards); ``--quick`` trains tiny, uncalibrated
-networks in seconds to check that the script runs.
+The brain's protocol needs its own estimator: about half an hour of
+training on 2 CPU cores (cached afterwards); ``--quick`` trains tiny,
+uncalibrated networks in seconds to check that the script runs.
 """
 
 import argparse
