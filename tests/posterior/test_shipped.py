@@ -89,9 +89,11 @@ def test_retraining_reproduces_the_shipped_estimators_calibration(
     voxels at 0.9 are 6 points; the networks differ by their thread
     scheduling), and within 80-97 %."""
     shipped = _demo_model(tmp_path)
+    assert shipped.estimator is not None  # loaded on first use
     assert shipped.estimator_path.parent == posterior.SHIPPED
     monkeypatch.setattr(posterior, "SHIPPED", tmp_path / "nothing_shipped")
     retrained = _demo_model(tmp_path, cache_dir=tmp_path / "cache")
+    assert retrained.estimator is not None  # trained here
     assert retrained.estimator_path.parent == tmp_path / "cache"
     _, signals, truth = shipped.prior.sample_pairs(
         200, reference_resolution=DEMO_TRAINING.reference_resolution, seed=123_456
