@@ -215,11 +215,15 @@ class PosteriorEstimator(torch.nn.Module):
             y = self.flow(self._context(signal, sigma)).sample((n,))
         return y * self.y_std + self.y_mean
 
+    def level_table(self, name):
+        """``name``'s recalibration: the flow's level at each of
+        :data:`.calibration.LEVELS` (ndarray)."""
+        return self.level_tables[SCALARS.index(name)].cpu().numpy()
+
     def quantile_levels(self, name, levels):
         """The flow's quantile levels that give ``name``'s credible bounds at
         ``levels`` (:func:`.calibration.calibrated_levels`)."""
-        table = self.level_tables[SCALARS.index(name)].cpu().numpy()
-        return calibrated_levels(levels, table)
+        return calibrated_levels(levels, self.level_table(name))
 
     @torch.no_grad()
     def support_statistic(self, signal, sigma, *, chunk=256):

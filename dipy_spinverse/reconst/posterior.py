@@ -228,10 +228,8 @@ class PosteriorFit(ReconstFit):
         draws = self._draws(name, int(n), seed=seed)
         if name in SCALARS:
             # The recalibrated posterior (the intervals' own), per voxel.
-            table = self.model.estimator.level_tables[SCALARS.index(name)]
-            draws = calibrated_draws(
-                draws, table.cpu().numpy(), np.random.default_rng(seed)
-            )
+            table = self.model.estimator.level_table(name)
+            draws = calibrated_draws(draws, table, np.random.default_rng(seed))
         return np.moveaxis(
             self._volume(np.moveaxis(draws, 0, 1), 0.0), self.mask.ndim, 0
         )
