@@ -57,25 +57,45 @@ PHANTOM_VOXELS = (
 )
 _S0 = (1000.0, 900.0, 1100.0, 950.0, 1050.0, 1000.0)
 
-#: The posterior prior the demo is made for: cells of 8-25 um on patches of
-#: resolution 3 (``fit_method="posterior"``; the README's trained posterior).
-DEMO_PRIOR = TissuePrior(cell_diameter=(8.0, 25.0), resolution=3, min_spacings=1.0)
+#: The posterior prior the demo is made for: cells of 8-25 um at resolution 3
+#: (``fit_method="posterior"``; the README's trained posterior), half in
+#: periodic tissue and half in the closed 26.7 um box of the first two rows
+#: (``boundary="either"``): the demo holds both physics, and a posterior of
+#: one alone reads the other's voxels wrong with confidence.
+DEMO_PRIOR = TissuePrior(
+    cell_diameter=(8.0, 25.0),
+    resolution=3,
+    min_spacings=1.0,
+    boundary="either",
+    box_side=80 / 3,
+)
 #: How that posterior is trained: its grid's error is modelled against
 #: resolution 6, the grid of the tissue voxels.
 DEMO_TRAINING = TrainingOptions(n_simulations=4000, epochs=40, reference_resolution=6)
 
-#: Tissue of one family of :data:`DEMO_PRIOR` each: (index, name,
+#: Periodic tissue of one family of :data:`DEMO_PRIOR` each: (index, name,
 #: :class:`~dipy_spinverse.posterior.TissuePrior` fields replaced, seed of
 #: the draw).
+_PERIODIC = dict(boundary="periodic", box_side=None)
 TISSUE_VOXELS = (
-    ((0, 2, 0), "ellipsoid", dict(families=("ellipsoid",), n_cells=(1, 1)), 0),
+    (
+        (0, 2, 0),
+        "ellipsoid",
+        dict(families=("ellipsoid",), n_cells=(1, 1), **_PERIODIC),
+        0,
+    ),
     (
         (1, 2, 0),
         "two touching cells",
-        dict(families=("packed",), n_cells=(2, 2), restricted_fraction=(0.6, 0.85)),
+        dict(
+            families=("packed",),
+            n_cells=(2, 2),
+            restricted_fraction=(0.6, 0.85),
+            **_PERIODIC,
+        ),
         1,
     ),
-    ((2, 2, 0), "blob", dict(families=("blob",), n_cells=(1, 1)), 2),
+    ((2, 2, 0), "blob", dict(families=("blob",), n_cells=(1, 1), **_PERIODIC), 2),
 )
 # Their mean is the phantom voxels' (1000): one sigma gives both the same SNR.
 _TISSUE_S0 = (1000.0, 950.0, 1050.0)
@@ -241,7 +261,7 @@ def make_phantom_dataset(
         header="small_delta big_delta (seconds), one row per volume",
     )
     protocol.to_camino(paths["scheme"])
-    posterior = _posterior_options(diffusivity, tissue_resolution)
+    posterior = _posterior_options(diffusivity, tissue_resolution, grid)
     with open(paths["posterior"], "w") as f:
         json.dump(posterior, f, indent=1)
     _write_truth(
@@ -308,9 +328,14 @@ def _changed(options, defaults):
     return {name: value for name, value in given.items() if value != default[name]}
 
 
-def _posterior_options(diffusivity, resolution):
-    """``dipy_fit_spinverse --posterior_options`` of the demo's posterior."""
-    prior = replace(DEMO_PRIOR, diffusivity=diffusivity)
+def _posterior_options(diffusivity, resolution, grid):
+    """``dipy_fit_spinverse --posterior_options`` of the demo's posterior: its
+    closed box is the first six voxels' (the prior models reflecting walls
+    only; on other walls it keeps to periodic tissue)."""
+    box = dict(box_side=grid.size)
+    if grid.boundary != "reflecting":
+        box = dict(boundary="periodic", box_side=None)
+    prior = replace(DEMO_PRIOR, diffusivity=diffusivity, **box)
     training = replace(DEMO_TRAINING, reference_resolution=resolution)
     return dict(
         prior=_changed(prior, TissuePrior()),

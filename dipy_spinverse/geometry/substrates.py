@@ -450,9 +450,11 @@ def packed_substrate(
         by pieces cut off cells (given to the extracellular space).
     fibres : bool
         Cells are fibres along ``axis`` (distances measured across it):
-        straight cylinders that run through the box and meet their own
-        periodic images, as axons do. Needs a periodic grid; ``axis`` is
-        one of :data:`FIBRE_DIRECTIONS` (default: drawn from them).
+        straight cylinders that run through the box: on a periodic grid
+        they meet their own periodic images, as axons do, and ``axis`` is
+        one of :data:`FIBRE_DIRECTIONS`; in a walled box they run from wall
+        to wall (the published phantoms' cylinders), along any axis.
+        Default axis: drawn from :data:`FIBRE_DIRECTIONS`.
     elongation : float
         For finite cells, the ratio of the cells' length along ``axis`` to
         their width (>= 1; 1 gives round cells).
@@ -485,11 +487,6 @@ def packed_substrate(
     elongation = check_number(elongation, "elongation", minimum=1.0)
     size_spread = check_number(size_spread, "size_spread", minimum=1.0)
     low, high = _permeability_range(permeability_range)
-    if fibres and not grid.periodic:
-        raise ValueError(
-            "fibres=True needs a periodic grid (a fibre meets its own periodic "
-            "image); use TetGrid.bcc(..., boundary='periodic') or fibres=False."
-        )
     if axis is None:
         axis = (
             np.asarray(FIBRE_DIRECTIONS[rng.integers(len(FIBRE_DIRECTIONS))], float)

@@ -19,14 +19,22 @@ One draw
 2. A cell count uniform in ``n_cells``, a target restricted fraction uniform
    in ``restricted_fraction`` and a target cell diameter log-uniform in
    ``cell_diameter``.
-3. The box: the simulated piece of tissue is not the MRI voxel but a
-   representative periodic patch whose side follows the cells (the box in
-   which ``n`` cells of that diameter fill that fraction), rounded to the
-   nearest of ``n_box_sizes`` sides spaced geometrically between the
-   smallest and largest the ranges allow, so that substrates on the same
-   grid are simulated together. The grid is ``TetGrid.bcc(side,
-   resolution, boundary="periodic")``: extracellular water continues past
-   the box, as tissue does.
+3. The box. With ``boundary="periodic"`` (the default) the simulated piece
+   of tissue is not the MRI voxel but a representative periodic patch whose
+   side follows the cells (the box in which ``n`` cells of that diameter
+   fill that fraction), rounded to the nearest of ``n_box_sizes`` sides
+   spaced geometrically between the smallest and largest the ranges allow,
+   so that substrates on the same grid are simulated together. The grid is
+   ``TetGrid.bcc(side, resolution, boundary="periodic")``: extracellular
+   water continues past the box, as tissue does. With
+   ``boundary="reflecting"`` the box is a closed one of ``box_side`` um
+   whose impermeable walls restrict the extracellular water too: the
+   physics of the published phantoms and of the label search's default
+   grid, where the cells' size follows from the count and fraction drawn
+   (fibres then run from wall to wall). ``"either"`` draws each voxel's box
+   from the two, half and half: for data whose physics is not known, the
+   posterior then shows what the signal cannot tell apart (a closed box
+   holding a small cell signals much like tissue of large cells).
 4. The substrate, with one membrane permeability per cell, log-uniform in
    ``permeability``, and a diffusivity log-uniform in ``diffusivity`` (or
    fixed).
@@ -40,6 +48,7 @@ One draw
 import functools
 import math
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,10 +68,12 @@ from ..sim.forward import simulate
 from ..sim.grid import TetGrid
 from ..sim.sequences import as_protocol
 
-__all__ = ["TissuePrior", "PriorSimulator", "FAMILIES"]
+__all__ = ["TissuePrior", "PriorSimulator", "Draw", "FAMILIES", "BOUNDARIES"]
 
 #: Every family a prior can draw from.
 FAMILIES = PACKED_KINDS + KINDS
+#: The boxes a prior can simulate its tissue in (see the module documentation).
+BOUNDARIES = ("periodic", "reflecting", "either")
 
 # A shape of random_substrate is about half the box across (its radii are
 # 0.1-0.35 box sides): the box side per unit of target diameter.
@@ -77,6 +88,31 @@ _POSITIVE = (
 )
 # Draws tried per accepted sample before the prior is declared unsatisfiable.
 _MAX_TRIES = 200
+
+
+class Draw(NamedTuple):
+    """One accepted draw of a :class:`TissuePrior`.
+
+    Attributes
+    ----------
+    side : float
+        Side of the simulated box, um.
+    substrate : Substrate
+        The cells, on the box's grid.
+    diffusivity : float
+        mm^2/s.
+    descriptors : dict
+        :func:`~dipy_spinverse.geometry.describe` of the substrate, with
+        ``shape_tensor`` and ``min_width``.
+    boundary : str
+        ``"periodic"`` or ``"reflecting"``: the box's walls.
+    """
+
+    side: float
+    substrate: object
+    diffusivity: float
+    descriptors: dict
+    boundary: str = "periodic"
 
 
 @dataclass(frozen=True)
@@ -106,6 +142,13 @@ class TissuePrior:
         Smallest cell width, in grid spacings.
     n_box_sizes : int
         Number of patch sides (see the module documentation).
+    boundary : {"periodic", "reflecting", "either"}
+        The box the tissue is simulated in (see the module documentation):
+        a periodic patch of tissue, a closed box of ``box_side`` um (the
+        published phantoms' physics), or either, half and half.
+    box_side : float, optional
+        Side of the closed box, um; needed by ``"reflecting"`` and
+        ``"either"``, e.g. the label search's grid size (80 / 3).
     """
 
     cell_diameter: tuple = (1.0, 25.0)
@@ -117,6 +160,8 @@ class TissuePrior:
     resolution: int = 6
     min_spacings: float = 3.0
     n_box_sizes: int = 12
+    boundary: str = "periodic"
+    box_side: float | None = None
     _boxes: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -153,7 +198,31 @@ class TissuePrior:
             check_number(self.min_spacings, "min_spacings", minimum=0.0),
         )
         set_(self, "n_box_sizes", check_int(self.n_box_sizes, "n_box_sizes", 1))
+        self._check_box()
         set_(self, "_boxes", self._box_ladder())
+
+    def _check_box(self):
+        if self.boundary not in BOUNDARIES:
+            raise ValueError(
+                f"boundary must be one of {BOUNDARIES}, got {self.boundary!r}."
+            )
+        if self.boundary == "periodic":
+            if self.box_side is not None:
+                raise ValueError(
+                    "box_side is the side of a closed box: it applies to "
+                    "boundary='reflecting' or 'either', and the boundary is "
+                    "'periodic' (whose patch sides follow the cells); remove it."
+                )
+            return
+        if self.box_side is None:
+            raise ValueError(
+                f"boundary={self.boundary!r} needs box_side, the closed box's side "
+                "in um (e.g. 80 / 3, the label search's default grid)."
+            )
+        side = check_number(self.box_side, "box_side", minimum=0.0)
+        if not side > 0:
+            raise ValueError(f"box_side must be > 0 um, got {self.box_side!r}.")
+        object.__setattr__(self, "box_side", side)
 
     # -- the patch ---------------------------------------------------------------
     def _box_side(self, family, diameter, n, fraction, axis=None):
@@ -169,6 +238,8 @@ class TissuePrior:
 
     def _box_ladder(self):
         """The patch sides, geometric between the extremes of the ranges."""
+        if self.boundary == "reflecting":
+            return ()
         (d_lo, d_hi), (n_lo, n_hi) = self.cell_diameter, self.n_cells
         f_lo, f_hi = self.restricted_fraction
         sides = []
@@ -178,13 +249,13 @@ class TissuePrior:
                     sides.append(self._box_side(family, d, n, f, axis))
         return tuple(np.geomspace(min(sides), max(sides), self.n_box_sizes))
 
-    def grid(self, side):
-        """The periodic grid of a patch of ``side`` um."""
-        return _periodic_grid(float(side), self.resolution)
+    def grid(self, side, boundary="periodic"):
+        """The grid of a box of ``side`` um (``boundary``: of a draw)."""
+        return _box_grid(float(side), self.resolution, boundary)
 
     # -- drawing -------------------------------------------------------------------
     def draw(self, rng):
-        """One accepted draw: ``(side, substrate, diffusivity, descriptors)``.
+        """One accepted draw (:class:`Draw`).
 
         Parameters
         ----------
@@ -213,13 +284,16 @@ class TissuePrior:
 
         Returns
         -------
-        draw : tuple
+        draw : Draw
             As :meth:`draw`.
-        reference : tuple or None
-            ``(side, substrate, diffusivity, descriptors)`` on the finer grid
-            (None without ``reference_resolution``).
+        reference : Draw or None
+            The same tissue on the finer grid (None without
+            ``reference_resolution``).
         """
         for _ in range(_MAX_TRIES):
+            boundary = self.boundary
+            if boundary == "either":
+                boundary = ("periodic", "reflecting")[int(rng.integers(2))]
             family = self.families[rng.integers(len(self.families))]
             n = int(rng.integers(self.n_cells[0], self.n_cells[1] + 1))
             fraction = rng.uniform(*self.restricted_fraction)
@@ -227,30 +301,32 @@ class TissuePrior:
             axis = None
             if family == "fibre":
                 axis = np.asarray(FIBRE_DIRECTIONS[rng.integers(len(FIBRE_DIRECTIONS))])
-            wanted = self._box_side(family, diameter, n, fraction, axis)
-            side = self._boxes[
-                int(np.argmin(np.abs(np.log(self._boxes) - math.log(wanted))))
-            ]
+            if boundary == "reflecting":
+                side = self.box_side
+            else:
+                wanted = self._box_side(family, diameter, n, fraction, axis)
+                side = self._boxes[
+                    int(np.argmin(np.abs(np.log(self._boxes) - math.log(wanted))))
+                ]
+            box = (side, family, n, fraction, axis, boundary)
             state = rng.bit_generator.state
-            tissue = self._tissue(side, self.resolution, family, n, fraction, axis, rng)
+            tissue = self._tissue(self.resolution, *box, rng)
             if tissue is None:
                 continue
             grid, substrate, truth = tissue
             if not self._accepted(grid, truth):
                 continue
-            draw = (side, substrate, self._diffusivity(rng), truth)
+            draw = Draw(side, substrate, self._diffusivity(rng), truth, boundary)
             if reference_resolution is None:
                 return draw, None
             after = rng.bit_generator.state
             rng.bit_generator.state = state
-            fine = self._tissue(
-                side, reference_resolution, family, n, fraction, axis, rng
-            )
+            fine = self._tissue(reference_resolution, *box, rng)
             rng.bit_generator.state = after
             # The prior holds the tissue as the finer grid describes it: a
             # cell that only the coarse grid makes large enough is not in it.
             if fine is not None and self._in_ranges(fine[2]):
-                return draw, (side, fine[1], draw[2], fine[2])
+                return draw, draw._replace(substrate=fine[1], descriptors=fine[2])
         raise ValueError(
             f"no draw of {self!r} was accepted in {_MAX_TRIES} tries: its cells "
             f"are not {self.min_spacings} grid spacings across at resolution "
@@ -258,10 +334,10 @@ class TissuePrior:
             "min_spacings, or widen cell_diameter / restricted_fraction."
         )
 
-    def _tissue(self, side, resolution, family, n, fraction, axis, rng):
-        """(grid, substrate, descriptors) on the patch grid of
+    def _tissue(self, resolution, side, family, n, fraction, axis, boundary, rng):
+        """(grid, substrate, descriptors) on the box's grid of
         ``resolution``, or None when a cell is empty on that grid."""
-        grid = _periodic_grid(float(side), resolution)
+        grid = _box_grid(float(side), resolution, boundary)
         try:
             substrate = self._substrate(grid, family, n, fraction, axis, rng)
         except ValueError:
@@ -371,7 +447,8 @@ class PriorSimulator:
         if time_tolerance is not None:
             time_tolerance = check_number(time_tolerance, "time_tolerance", minimum=0.0)
         self.time_tolerance = time_tolerance
-        #: Per patch side: (Magnus sub-step multiplier, measured time error).
+        #: Per box (side, boundary): (Magnus sub-step multiplier, measured
+        #: time error).
         self.measured_substeps = {}
 
     def sample(self, n, *, seed, progress=False, reference_resolution=None):
@@ -403,7 +480,8 @@ class PriorSimulator:
         truth : dict of ndarray
             Each of :data:`~dipy_spinverse.geometry.DESCRIPTORS` (length
             ``n``; ``orientation`` (n, 3)), ``shape_tensor`` (n, 3, 3),
-            ``diffusivity`` (mm^2/s), ``box_size`` (um) and ``family``.
+            ``diffusivity`` (mm^2/s), ``box_size`` (um), ``boundary`` and
+            ``family``.
         """
         draws, references = self._draws(n, seed, reference_resolution, progress)
         signals = self.simulate_draws(draws, progress=progress)
@@ -475,29 +553,29 @@ class PriorSimulator:
         (:meth:`TissuePrior.draw`), patch side by patch side."""
         n = len(draws)
         signals = np.empty((n, len(self.protocol)))
-        by_side = {}
-        for i, (side, *_rest) in enumerate(draws):
-            by_side.setdefault(side, []).append(i)
+        by_box = {}
+        for i, draw in enumerate(draws):
+            by_box.setdefault((draw.side, draw.boundary), []).append(i)
         bar = tqdm(total=n, desc="Simulating", disable=not progress)
-        for side, rows in by_side.items():
-            grid = self.prior.grid(side)
-            if self.time_tolerance is not None and side not in self.measured_substeps:
+        for box, rows in by_box.items():
+            grid = self.prior.grid(*box)
+            if self.time_tolerance is not None and box not in self.measured_substeps:
                 pilot = rows[: self._PILOT]
-                signals[pilot] = self._measure_substeps(side, grid, draws, pilot)
+                signals[pilot] = self._measure_substeps(box, grid, draws, pilot)
                 bar.update(len(pilot))
                 rows = rows[len(pilot) :]
             for start in range(0, len(rows), self.batch_size):
                 part = rows[start : start + self.batch_size]
-                signals[part] = self._simulate(grid, draws, part, side)
+                signals[part] = self._simulate(grid, draws, part, box)
                 bar.update(len(part))
         bar.close()
         return signals
 
-    def _simulate(self, grid, draws, rows, side=None, *, substeps=None):
+    def _simulate(self, grid, draws, rows, box=None, *, substeps=None):
         if substeps is None:
-            substeps = self.measured_substeps.get(side, (1, None))[0]
-        kappa = np.stack([draws[i][1].face_permeability for i in rows])
-        diffusivity = np.array([draws[i][2] for i in rows])[:, None]
+            substeps = self.measured_substeps.get(box, (1, None))[0]
+        kappa = np.stack([draws[i].substrate.face_permeability for i in rows])
+        diffusivity = np.array([draws[i].diffusivity for i in rows])[:, None]
         with torch.no_grad():
             out = simulate(
                 grid,
@@ -511,23 +589,24 @@ class PriorSimulator:
             )
         return out.cpu().numpy()
 
-    def _measure_substeps(self, side, grid, draws, rows):
+    def _measure_substeps(self, box, grid, draws, rows):
         """Double the Magnus sub-steps of ``rows`` until their signals change
-        by less than ``time_tolerance``; keep that count for the side and
-        return the rows' signals at it (as every other row of the side)."""
+        by less than ``time_tolerance``; keep that count for the box
+        (side, boundary) and return the rows' signals at it (as every other
+        row of the box)."""
         substeps = 1
         coarse = self._simulate(grid, draws, rows, substeps=substeps)
         while True:
             fine = self._simulate(grid, draws, rows, substeps=2 * substeps)
             error = float(np.abs(coarse - fine).max())
             if error <= self.time_tolerance or 2 * substeps >= self.MAX_SUBSTEPS:
-                self.measured_substeps[side] = (substeps, error)
+                self.measured_substeps[box] = (substeps, error)
                 if error > self.time_tolerance:
                     logger.warning(
-                        "Prior patches of side %.3g um: time error %.2g after %d "
+                        "Prior boxes of side %.3g um (%s): time error %.2g after %d "
                         "Magnus sub-steps, above time_tolerance %.2g; simulate in "
                         "float64 or raise cell_diameter's lower bound.",
-                        side,
+                        *box,
                         error,
                         substeps,
                         self.time_tolerance,
@@ -546,10 +625,11 @@ def _described_fully(truth):
 
 def _truth(draws):
     """The descriptors of draws, stacked, with what else a draw holds."""
-    truth = _stack([d[3] for d in draws])
-    truth["diffusivity"] = np.array([d[2] for d in draws])
-    truth["box_size"] = np.array([d[0] for d in draws])
-    truth["family"] = np.array([d[1].kinds[0] for d in draws])
+    truth = _stack([d.descriptors for d in draws])
+    truth["diffusivity"] = np.array([d.diffusivity for d in draws])
+    truth["box_size"] = np.array([d.side for d in draws])
+    truth["boundary"] = np.array([d.boundary for d in draws])
+    truth["family"] = np.array([d.substrate.kinds[0] for d in draws])
     return truth
 
 
@@ -566,8 +646,8 @@ def _described(grid, substrate):
 
 
 @functools.lru_cache(maxsize=64)
-def _periodic_grid(side, resolution):
-    return TetGrid.bcc(side, resolution, boundary="periodic")
+def _box_grid(side, resolution, boundary):
+    return TetGrid.bcc(side, resolution, boundary=boundary)
 
 
 def _stack(rows):

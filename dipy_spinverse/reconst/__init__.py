@@ -12,7 +12,8 @@
 Problems of single voxels never stop a volume: the voxel gets a status code
 (:data:`STATUS_CODES`) and NaN outputs, and the rest of the volume is kept.
 A fit whose residual is far above the noise is kept, with the warning status
-``POOR_FIT``. A smooth mesh refinement (``refine_mesh=True``) that fails
+``POOR_FIT``; one whose surface the data do not determine, with
+``UNCERTAIN_SURFACE``. A smooth mesh refinement (``refine_mesh=True``) that fails
 flags the voxel's mesh (:data:`MESH_STATUS_CODES`), not its fit.
 """
 
@@ -34,6 +35,8 @@ from .fit import (
     PENDING,
     POOR_FIT,
     STATUS_CODES,
+    UNCERTAIN_SURFACE,
+    UNCERTAIN_SURFACE_LEVEL,
     SpinverseFit,
 )
 from .model import SpinverseModel
@@ -50,6 +53,8 @@ __all__ = [
     "FAILED",
     "DIVERGED",
     "POOR_FIT",
+    "UNCERTAIN_SURFACE",
+    "UNCERTAIN_SURFACE_LEVEL",
     "PENDING",
     "MASKED",
     "FITTED",

@@ -18,13 +18,19 @@ POOR_FIT     5     fitted, but the residual is far above the noise ``sigma``
                    (:data:`~dipy_spinverse.reconst.runner.POOR_FIT_FALSE_ALARM`):
                    the data are not what the model can produce. A warning:
                    the voxel keeps its outputs and every map is filled
+UNCERTAIN_   7     fitted within the noise, but the surface is not
+SURFACE            determined: ``uncertainty`` (expected 1 - IoU of the
+                   answer's cells against the truth's) is at least
+                   :data:`UNCERTAIN_SURFACE_LEVEL`. A warning: the voxel
+                   keeps its outputs; the workflow writes its barriers apart
+                   from the trusted ones
 PENDING      -1    inside the mask but not fitted yet (partial fits)
 MASKED       -2    outside the mask
 ===========  ====  ==========================================================
 
 The voxels with outputs (:attr:`SpinverseFit.fitted`) are those with status
-``OK`` or ``POOR_FIT`` (:data:`FITTED`); maps, meshes and predictions are
-NaN or None for the others inside the mask.
+``OK``, ``POOR_FIT`` or ``UNCERTAIN_SURFACE`` (:data:`FITTED`); maps, meshes
+and predictions are NaN or None for the others inside the mask.
 
 With ``SpinverseModel(..., refine_mesh=True)`` each fitted voxel's largest
 cell is also refined into a smooth mesh
@@ -54,6 +60,8 @@ __all__ = [
     "FAILED",
     "DIVERGED",
     "POOR_FIT",
+    "UNCERTAIN_SURFACE",
+    "UNCERTAIN_SURFACE_LEVEL",
     "PENDING",
     "MASKED",
     "FITTED",
@@ -68,10 +76,17 @@ __all__ = [
 ]
 
 OK, NONFINITE, BAD_B0, FAILED, DIVERGED, POOR_FIT = 0, 1, 2, 3, 4, 5
+# 6 is the posterior's OUT_OF_PRIOR (reconst.posterior): one code, one meaning.
+UNCERTAIN_SURFACE = 7
 PENDING, MASKED = -1, -2
 
 #: Statuses of the voxels that have outputs (maps, meshes, predictions).
-FITTED = (OK, POOR_FIT)
+FITTED = (OK, POOR_FIT, UNCERTAIN_SURFACE)
+
+#: A surface whose ``uncertainty`` (expected 1 - IoU) reaches this is not
+#: trusted (status ``UNCERTAIN_SURFACE``): below it, the targets of issue 46
+#: ask that nine in ten answers overlap the truth by IoU 0.8 or more.
+UNCERTAIN_SURFACE_LEVEL = 0.1
 
 #: Per-voxel status codes of a fit and their meaning.
 STATUS_CODES = {
@@ -81,6 +96,7 @@ STATUS_CODES = {
     FAILED: "the inversion raised an error",
     DIVERGED: "the fit returned non-finite values",
     POOR_FIT: "residual far above the noise",
+    UNCERTAIN_SURFACE: "surface not determined by the data (uncertainty >= 0.1)",
     PENDING: "not fitted yet",
     MASKED: "outside the mask",
 }
@@ -262,7 +278,8 @@ class SpinverseFit(ReconstFit):
 
     @property
     def fitted(self):
-        """Voxels with outputs: status ``OK`` or ``POOR_FIT`` (:data:`FITTED`)."""
+        """Voxels with outputs: status ``OK``, ``POOR_FIT`` or
+        ``UNCERTAIN_SURFACE`` (:data:`FITTED`)."""
         return np.isin(np.asarray(self.status), FITTED)
 
     @property
@@ -388,7 +405,13 @@ class SpinverseFit(ReconstFit):
         ``search_bootstrap=k`` it is at least the mean ``1 - IoU`` of the
         answers of k wild-bootstrap replicates of the search
         (:func:`~dipy_spinverse.inverse.search.bootstrap_search`), which
-        also sees answers in other basins. None without the label search.
+        also sees answers in other basins. With a surface check
+        (``SpinverseModel(..., fit_method="search", prior=...)``) it is at
+        least the posterior's bound from the restricted volume
+        (:func:`~dipy_spinverse.reconst.posterior.volume_iou_bound`), and 1
+        where the signal lies outside that prior. At
+        :data:`UNCERTAIN_SURFACE_LEVEL` or more a fitted voxel has status
+        ``UNCERTAIN_SURFACE``. None without the label search.
         """
         if self.params["uncertainty"] is None:
             return None

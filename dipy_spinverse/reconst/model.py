@@ -118,6 +118,14 @@ class SpinverseModel(ReconstModel):
         and prior, a network cached on disk.
     prior : TissuePrior, optional
         The posterior's prior (default ``TissuePrior(diffusivity=diffusivity)``).
+        With ``fit_method="search"`` it turns on the surface check: each
+        voxel's answer is held against the posterior of this prior, and its
+        ``uncertainty`` is at least the expected ``1 - IoU`` that the
+        posterior of the restricted volume implies
+        (:func:`~dipy_spinverse.reconst.posterior.volume_iou_bound`). The
+        prior must simulate the search's box: ``boundary="periodic"`` on a
+        periodic grid, ``"reflecting"`` or ``"either"`` with ``box_side``
+        the grid's size on a reflecting one. Needs ``sigma``.
     posterior_options : TrainingOptions, optional
         How the posterior is trained (simulations, network, epochs).
     n_posterior_samples : int
@@ -230,22 +238,21 @@ class SpinverseModel(ReconstModel):
         self._pid = os.getpid()
 
     def _set_posterior(self, prior, options, n_samples, cache_dir):
-        """Check and keep the posterior's settings (``fit_method="posterior"``)."""
+        """Check and keep the posterior's settings (``fit_method="posterior"``,
+        or the search's surface check)."""
         posterior = self.fit_method == "posterior"
-        given = [
-            name
-            for name, value in (("prior", prior), ("posterior_options", options))
-            if value is not None
-        ]
-        if given and not posterior:
-            raise ValueError(
-                f"{', '.join(given)} set the amortised posterior; pass "
-                "fit_method='posterior' with them, or leave them out."
-            )
         self.cache_dir = cache_dir
-        if not posterior:
+        #: Whether the search's surfaces are checked against a posterior.
+        self.surface_check = not posterior and prior is not None
+        if options is not None and not (posterior or self.surface_check):
+            raise ValueError(
+                "posterior_options set how the amortised posterior is trained; "
+                "pass fit_method='posterior' or a prior (the search's surface "
+                "check) with them, or leave them out."
+            )
+        if not (posterior or self.surface_check):
             return
-        if self.refine_mesh:
+        if posterior and self.refine_mesh:
             raise ValueError(
                 "refine_mesh refines the label search's cells; use "
                 "fit_method='search' for meshes."
@@ -256,6 +263,8 @@ class SpinverseModel(ReconstModel):
                 "prior must be a dipy_spinverse.posterior.TissuePrior, got "
                 f"{type(prior).__name__}."
             )
+        if self.surface_check:
+            self._check_surface_prior(prior)
         options = TrainingOptions() if options is None else options
         if not isinstance(options, TrainingOptions):
             raise ValueError(
@@ -264,8 +273,9 @@ class SpinverseModel(ReconstModel):
             )
         sigma = self.options.get("sigma")
         if not sigma:
+            what = "fit_method='posterior'" if posterior else "The surface check"
             raise ValueError(
-                "fit_method='posterior' needs the noise level: pass sigma, the "
+                f"{what} needs the noise level: pass sigma, the "
                 "noise standard deviation over the b=0 signal (1/SNR, e.g. 0.02), "
                 "estimated e.g. with dipy.denoise.noise_estimate.estimate_sigma "
                 "divided by the mean b=0 signal."
@@ -277,11 +287,43 @@ class SpinverseModel(ReconstModel):
         self.posterior_options = options
         self.n_posterior_samples = check_int(n_samples, "n_posterior_samples", 10)
 
+    def _check_surface_prior(self, prior):
+        """The surface check's prior must simulate the search's own box."""
+        if not self.has_labels or not self.config.search_steps:
+            raise ValueError(
+                "prior turns on the surface check of the label search's "
+                "answers; turn the search on (search_steps > 0, e.g. "
+                "preset='default') or leave prior out."
+            )
+        grid = self.grid
+        if grid.boundary == "periodic":
+            same = prior.boundary == "periodic"
+            want = "boundary='periodic'"
+        else:
+            same = prior.boundary in ("reflecting", "either") and np.isclose(
+                prior.box_side, grid.size, rtol=1e-9
+            )
+            want = (
+                f"boundary='reflecting' (or 'either') and box_side={grid.size!r}, "
+                "the grid's size"
+            )
+        if grid.boundary == "absorbing":
+            want = "no absorbing walls: the prior models reflecting ones"
+        if grid.boundary == "absorbing" or not same:
+            raise ValueError(
+                "prior of the surface check must simulate the search's box "
+                f"({grid.boundary} walls of {grid.size:.4g} um): give a "
+                f"TissuePrior with {want}."
+            )
+
     @property
     def estimator(self):
         """The trained posterior (trained on first use, then cached on disk)."""
-        if self.fit_method != "posterior":
-            raise AttributeError("estimator: only fit_method='posterior' has one.")
+        if self.fit_method != "posterior" and not self.surface_check:
+            raise AttributeError(
+                "estimator: only fit_method='posterior' and the search's surface "
+                "check (prior=) have one."
+            )
         if getattr(self, "_estimator", None) is None:
             self._estimator, self.estimator_path = load_or_train(
                 self.prior.prior,
@@ -454,6 +496,8 @@ class SpinverseModel(ReconstModel):
             device=self.device,
             progress=progress,
         )
+        if self.surface_check:
+            self.estimator  # noqa: B018 -- trained or read once, here
 
     @multi_voxel_fit(batched=True)
     def fit_chunk(self, data, **kwargs):

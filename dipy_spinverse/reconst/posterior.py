@@ -31,7 +31,14 @@ from ..posterior.calibration import SCALARS, calibrated_draws
 from ..sim.signals import VoxelSignals
 from .fit import BAD_B0, MASKED, NONFINITE, OK
 
-__all__ = ["PosteriorFit", "fit_posterior", "OUT_OF_PRIOR", "POSTERIOR_STATUS_CODES"]
+__all__ = [
+    "PosteriorFit",
+    "fit_posterior",
+    "volume_iou_bound",
+    "surface_volume_bound",
+    "OUT_OF_PRIOR",
+    "POSTERIOR_STATUS_CODES",
+]
 
 
 OUT_OF_PRIOR = 6
@@ -83,25 +90,11 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     summary = {name: np.full((n, len(_KEPT)), np.nan) for name in SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
     estimator = model.estimator
-    chunk = _voxels_per_batch(n_samples)
-    for start in range(0, n, chunk):
-        part = np.flatnonzero(good[start : start + chunk]) + start
-        if not len(part):
-            continue
-        x = torch.as_tensor(inputs[part])
-        s = torch.as_tensor(sigma[part])
-        support = estimator.support_statistic(x, s) > estimator.support_limit(s)
-        status[part[support.numpy()]] = OUT_OF_PRIOR
-        keep = part[~support.numpy()]
-        if not len(keep):
-            continue
-        draws = estimator.sample(
-            torch.as_tensor(inputs[keep]),
-            torch.as_tensor(sigma[keep]),
-            n_samples,
-            generator_seed=seed + start,
-        )
-        values = decode(draws.numpy())
+    batches = _posterior_draws(
+        estimator, inputs, sigma, np.flatnonzero(good), n_samples, seed
+    )
+    for outside, keep, values in batches:
+        status[outside] = OUT_OF_PRIOR
         for name in SCALARS:
             levels = estimator.quantile_levels(name, _KEPT)
             summary[name][keep] = np.quantile(values[name], levels, axis=0).T
@@ -109,6 +102,101 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     S0 = np.full(n, np.nan)
     S0[good] = scale[good].mean(-1)
     return dict(status=status, inputs=inputs, sigma=sigma, S0=S0, **summary)
+
+
+def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed):
+    """Batches of ``rows``: ``(rows outside the prior's support, rows inside,
+    their decoded flow draws (n_samples, len(inside)))``."""
+    chunk = _voxels_per_batch(n_samples)
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        x = torch.as_tensor(inputs[part])
+        s = torch.as_tensor(sigma[part])
+        statistic = estimator.support_statistic(x, s)
+        outside = (statistic > estimator.support_limit(s)).numpy()
+        keep = part[~outside]
+        if not len(keep):
+            yield part[outside], keep, {}
+            continue
+        draws = estimator.sample(
+            x[~outside], s[~outside], n_samples, generator_seed=seed + start
+        )
+        yield part[outside], keep, decode(draws.numpy())
+
+
+def volume_iou_bound(fraction_draws, fraction):
+    """Expected ``1 - IoU`` that the restricted volume alone implies.
+
+    Two sets of volumes ``a <= b`` overlap by at most ``a`` and join to at
+    least ``b``, so ``IoU <= a / b`` whatever their shapes and positions
+    (translations and point inversions of the truth included). Averaged over
+    posterior draws of the true restricted fraction, ``1 - min / max`` is a
+    lower bound on the answer's expected ``1 - IoU``: an answer whose volume
+    the posterior does not support cannot be trusted, however well its
+    search converged.
+
+    Parameters
+    ----------
+    fraction_draws : ndarray (n_samples, n)
+        Posterior draws of each voxel's restricted fraction.
+    fraction : ndarray (n,)
+        The answer's restricted fraction (its cells' volume over the box's).
+
+    Returns
+    -------
+    ndarray (n,)
+        In [0, 1]: 0 only when every draw equals the answer's volume; 1 for
+        an answer without cells.
+    """
+    draws = np.asarray(fraction_draws, dtype=np.float64)
+    fraction = np.asarray(fraction, dtype=np.float64)
+    low, high = np.minimum(draws, fraction), np.maximum(draws, fraction)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(high > 0, low / high, 1.0)
+    return 1.0 - ratio.mean(axis=0)
+
+
+def surface_volume_bound(model, signals, fractions, *, n_samples, seed=0):
+    """The surface check of the label search's answers (``prior=`` with
+    ``fit_method="search"``).
+
+    Parameters
+    ----------
+    model : SpinverseModel
+        With ``surface_check``.
+    signals : VoxelSignals
+        The voxels, normalised once upstream.
+    fractions : ndarray (n,)
+        Each answer's restricted fraction.
+    n_samples : int
+        Posterior draws per voxel.
+    seed : int
+
+    Returns
+    -------
+    bound : ndarray (n,)
+        :func:`volume_iou_bound` under the recalibrated posterior of the
+        restricted fraction; 1 where the signal lies outside the prior's
+        support (nothing vouches for the surface there).
+    outside : ndarray of bool (n,)
+        Those voxels.
+    """
+    estimator = model.estimator
+    inputs = np.asarray(signals.normalised, dtype=np.float32)
+    sigma = np.full(len(inputs), model.posterior_sigma, dtype=np.float32)
+    bound = np.ones(len(inputs))
+    outside = np.zeros(len(inputs), dtype=bool)
+    table = estimator.level_table("restricted_fraction")
+    rng = np.random.default_rng(seed)
+    rows = np.arange(len(inputs))
+    for out, keep, values in _posterior_draws(
+        estimator, inputs, sigma, rows, n_samples, seed
+    ):
+        outside[out] = True
+        if len(keep):
+            draws = calibrated_draws(values["restricted_fraction"], table, rng)
+            bound[keep] = volume_iou_bound(draws, fractions[keep])
+    return bound, outside
 
 
 def _mean_axis(axes):

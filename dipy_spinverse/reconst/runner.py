@@ -7,7 +7,10 @@ Voxels are fitted ``batch_size`` at a time through the batched inversion
 (:data:`~dipy_spinverse.reconst.fit.STATUS_CODES`) and NaN outputs; when the
 inversion raises on a batch, its voxels are retried one by one. With a known
 noise level (``sigma > 0``) a fit whose residual is far above the noise keeps
-its outputs with the warning status ``POOR_FIT`` (:func:`poor_fit_bound`).
+its outputs with the warning status ``POOR_FIT`` (:func:`poor_fit_bound`),
+and one whose surface the data do not determine (``uncertainty`` of
+:data:`~dipy_spinverse.reconst.fit.UNCERTAIN_SURFACE_LEVEL` or more, after
+the surface check when the model has one) with ``UNCERTAIN_SURFACE``.
 After every chunk an optional ``checkpoint(partial_fit)`` hook sees the fit
 so far.
 """
@@ -22,6 +25,7 @@ import warnings
 
 import numpy as np
 import torch
+from dipy.utils.logging import logger
 from scipy.stats import chi2
 from tqdm import tqdm
 
@@ -44,8 +48,11 @@ from .fit import (
     OPTIONAL_PARAMETERS,
     PENDING,
     POOR_FIT,
+    UNCERTAIN_SURFACE,
+    UNCERTAIN_SURFACE_LEVEL,
     SpinverseFit,
 )
+from .posterior import surface_volume_bound
 
 __all__ = [
     "PARALLEL_ENGINES",
@@ -140,9 +147,42 @@ def fit_voxels(model, data, *, callback=None):
         ok = valid[np.isin(part["status"], FITTED)]
         result["S0"][ok] = s0[ok]
         result["S0_sequences"][ok] = s0_seq[ok]
+        if model.surface_check and len(ok):
+            check_surfaces(model, signals[ok], result, ok)
+        flag_uncertain_surfaces(result, ok)
         if model.refine_mesh:
             refine_meshes(model, signals, result, ok)
     return result, history
+
+
+def check_surfaces(model, signals, result, rows):
+    """The surface check (``prior=`` with the search): raise each answer's
+    ``uncertainty`` to the posterior's volume bound
+    (:func:`~dipy_spinverse.reconst.posterior.surface_volume_bound`), in
+    place; 1 where the signal lies outside the check's prior."""
+    grid = model.grid
+    inside = result["labels"][rows] > 0
+    fractions = inside @ grid.cell_volumes / grid.volume
+    bound, outside = surface_volume_bound(
+        model, signals, fractions, n_samples=model.n_posterior_samples
+    )
+    result["uncertainty"][rows] = np.fmax(result["uncertainty"][rows], bound)
+    if outside.any():
+        logger.warning(
+            f"{int(outside.sum())} of {len(rows)} voxels lie outside the surface "
+            f"check's prior ({model.prior.prior!r}): nothing vouches for their "
+            "surfaces, whose uncertainty is set to 1."
+        )
+
+
+def flag_uncertain_surfaces(result, rows):
+    """Status ``UNCERTAIN_SURFACE`` for the ``OK`` voxels of ``rows`` whose
+    uncertainty reaches :data:`UNCERTAIN_SURFACE_LEVEL` (in place)."""
+    if result["uncertainty"] is None or not len(rows):
+        return
+    ok = result["status"][rows] == OK
+    uncertain = ok & (result["uncertainty"][rows] >= UNCERTAIN_SURFACE_LEVEL)
+    result["status"][rows[uncertain]] = UNCERTAIN_SURFACE
 
 
 def refine_meshes(model, signals, result, rows):

@@ -48,7 +48,7 @@ from ..io.surfaces import (
 )
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
-from ..reconst import SpinverseModel
+from ..reconst import UNCERTAIN_SURFACE, SpinverseModel
 from ..reconst.model import FIT_METHODS
 from ..reconst.runner import check_resume
 from .cli import run_command
@@ -320,7 +320,14 @@ class SpinverseFlow(Workflow):
             dipy_spinverse.posterior.TissuePrior, e.g. {"cell_diameter": [1,
             5], "families": ["fibre"]}), "training" (fields of
             TrainingOptions, e.g. {"n_simulations": 5000}) and "n_samples"
-            (posterior draws per voxel).
+            (posterior draws per voxel). With --fit_method search a "prior"
+            turns on the surface check: each voxel's surface is held against
+            the posterior of that prior (its box must be the grid's: e.g.
+            {"boundary": "reflecting", "box_side": 26.67} or the demo's
+            "either"), its uncertainty raised to the bound the restricted
+            volume implies, and voxels of uncertainty 0.1 or more get status
+            7 (UNCERTAIN_SURFACE), their barriers written apart
+            (*_uncertain.gii, *_uncertain.ply). Needs --snr or --sigma.
         out_dir : string or Path, optional
             Output directory.
         out_restricted_fraction : string, optional
@@ -430,14 +437,21 @@ class SpinverseFlow(Workflow):
                     "run; use --preset default."
                 )
         posterior = parse_posterior_options(posterior_options, diffusivity)
-        if posterior and fit_method != "posterior":
+        if posterior and fit_method != "posterior" and "prior" not in posterior:
             raise ValueError(
-                "--posterior_options set the posterior; pass --fit_method "
-                "posterior with them, or leave them out."
+                "--posterior_options with --fit_method search turn on the surface "
+                'check, which needs a "prior" whose box is the grid\'s (e.g. '
+                '{"prior": {"boundary": "reflecting", "box_side": 26.67}}); give '
+                "one, or pass --fit_method posterior."
             )
-        if fit_method == "posterior" and noise is None:
+        if (fit_method == "posterior" or posterior) and noise is None:
+            what = (
+                "--fit_method posterior"
+                if fit_method == "posterior"
+                else ("The surface check (--posterior_options)")
+            )
             raise ValueError(
-                "--fit_method posterior needs the noise: --snr (of the b=0 "
+                f"{what} needs the noise: --snr (of the b=0 "
                 "signal, e.g. 50), --sigma (in the data's units) or --sigma auto."
             )
         check_number(bvecs_tol, "bvecs_tol", minimum=0.0)
@@ -534,6 +548,7 @@ class SpinverseFlow(Workflow):
                 dtype=dtype,
                 refine_mesh=bool(refine_mesh),
                 mesh_options=mesh_options,
+                **posterior,
                 **_given(
                     sigma=sigma,
                     search_bootstrap=search_bootstrap,
@@ -987,11 +1002,41 @@ MESH_SLAB_VOXELS = 2000
 def _save_surface(fit, out, *, affine, max_voxels=MESH_SLAB_VOXELS):
     """The barrier surfaces in scanner coordinates, GIFTI and PLY, if any.
 
-    One file each when the fitted voxels fit in one slab of ``max_voxels``;
-    otherwise one file per slab of slices, ``<name>_z<first>-<last>.<ext>``,
-    listed in ``<gifti name>.json``.
+    The trusted voxels' barriers go to out_mesh_gifti and out_mesh_ply; those
+    of voxels with status ``UNCERTAIN_SURFACE`` to ``<name>_uncertain.<ext>``
+    beside them, so that a viewer opening the main files shows only
+    surfaces the data determine. One file each when the fitted voxels fit
+    in one slab of ``max_voxels``; otherwise one file per slab of slices,
+    ``<name>_z<first>-<last>.<ext>``, listed in ``<gifti name>.json``.
     """
-    paths = [out["out_mesh_gifti"], out["out_mesh_ply"]]
+    uncertain = np.asarray(fit.status) == UNCERTAIN_SURFACE
+    written = []
+    for suffix, voxels in (("", ~uncertain), (UNCERTAIN_SUFFIX, uncertain)):
+        paths = [
+            _suffixed(out["out_mesh_gifti"], suffix),
+            _suffixed(out["out_mesh_ply"], suffix),
+        ]
+        written += _save_barriers(fit, paths, voxels, affine, max_voxels)
+    if uncertain.any():
+        logger.warning(
+            f"{int(uncertain.sum())} voxels have status {UNCERTAIN_SURFACE} "
+            "(UNCERTAIN_SURFACE): the data do not determine their surfaces; "
+            f"their barriers are in the *{UNCERTAIN_SUFFIX} mesh files only."
+        )
+    return written
+
+
+#: Suffix of the barrier files of the voxels whose surface is uncertain.
+UNCERTAIN_SUFFIX = "_uncertain"
+
+
+def _suffixed(path, suffix):
+    stem, ext = os.path.splitext(path)
+    return stem + suffix + ext
+
+
+def _save_barriers(fit, paths, voxels, affine, max_voxels):
+    """The barriers of ``voxels`` (a mask of the fit's shape) to ``paths``."""
     index_path = os.path.splitext(paths[0])[0] + ".json"
     stale = [index_path, *paths] + [p for path in paths for p in _slab_files(path)]
     for path in stale:  # a previous run's surfaces are not this run's
@@ -999,13 +1044,15 @@ def _save_surface(fit, out, *, affine, max_voxels=MESH_SLAB_VOXELS):
             os.remove(path)
     slabs = surface_slabs(fit, max_voxels)
     if len(slabs) > 1:
-        return _save_surface_slabs(fit, paths, index_path, slabs, affine=affine)
-    surface = volume_surface(fit, affine=affine)
+        return _save_surface_slabs(
+            fit, paths, index_path, slabs, affine=affine, voxels=voxels
+        )
+    surface = volume_surface(fit, affine=affine, within=voxels)
     if surface.n_triangles:
         return [surface.save(path) for path in paths]
     logger.info(
-        "No fitted voxel has a barrier: no mesh file written (an empty mesh "
-        "file would break mesh readers)."
+        f"No voxel for {os.path.basename(paths[0])} has a barrier: not written "
+        "(an empty mesh file would break mesh readers)."
     )
     return []
 
@@ -1025,12 +1072,12 @@ def _slab_files(path):
     return [os.path.join(folder, f) for f in os.listdir(folder) if pattern.fullmatch(f)]
 
 
-def _save_surface_slabs(fit, paths, index_path, slabs, *, affine):
+def _save_surface_slabs(fit, paths, index_path, slabs, *, affine, voxels):
     """One surface file per slab and format, and the JSON index of them."""
     along = np.arange(fit.shape[-1]) if len(fit.shape) == 3 else np.zeros(1, int)
     written, entries = [], []
     for first, last in slabs:
-        within = np.broadcast_to((along >= first) & (along <= last), fit.shape)
+        within = voxels & np.broadcast_to((along >= first) & (along <= last), fit.shape)
         surface = volume_surface(fit, affine=affine, within=within)
         if not surface.n_triangles:
             continue

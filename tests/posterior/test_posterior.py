@@ -8,7 +8,7 @@ import pytest
 import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
-from dipy_spinverse import SpinverseModel, TetGrid
+from dipy_spinverse import SpinverseModel, TetGrid, simulate
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.geometry.substrates import FIBRE_DIRECTIONS, packed_substrate
 from dipy_spinverse.posterior import (
@@ -76,10 +76,28 @@ def test_packed_fibres_run_through_the_box():
     assert_allclose(per_slab, 0.3, atol=0.02)
 
 
+def test_packed_fibres_in_a_walled_box_run_from_wall_to_wall():
+    """In a closed box a fibre needs no periodic image: along a body
+    diagonal (not a lattice axis of the box's faces) it has the same
+    cross-section in every slab across the box's middle, as the published
+    phantoms' cylinders. The slabs are 2 spacings thick and cut obliquely:
+    0.03 allows their staircase."""
+    grid = TetGrid.bcc(20.0, 8)
+    axis = np.array([1.0, 1.0, 1.0]) / np.sqrt(3)
+    sub = packed_substrate(grid, rng=0, n_cells=1, fraction=0.2, fibres=True, axis=axis)
+    assert sub.kinds == ("fibre",)
+    centred = grid.cell_centroids - 10.0
+    along = centred @ axis
+    # The part of the fibre within 4 um of the box centre, in 2 um slabs.
+    near = np.linalg.norm(centred - np.outer(along, axis), axis=1) < 6.0
+    inside = sub.labels > 0
+    per_slab = [
+        inside[near & (along >= a) & (along < a + 2)].mean() for a in (-4, -2, 0, 2)
+    ]
+    assert_allclose(per_slab, np.mean(per_slab), atol=0.03)
+
+
 def test_packed_substrate_refuses_bad_arguments():
-    walled = TetGrid.bcc(20.0, 4)
-    with pytest.raises(ValueError, match="fibres=True needs a periodic grid"):
-        packed_substrate(walled, fibres=True)
     grid = TetGrid.bcc(20.0, 4, boundary="periodic")
     with pytest.raises(ValueError, match="fraction"):
         packed_substrate(grid, fraction=1.0)
@@ -151,6 +169,57 @@ def test_prior_refuses_bad_settings():
         TissuePrior(cell_diameter=(5.0, 1.0))
     with pytest.raises(ValueError, match="diffusivity"):
         TissuePrior(diffusivity=2e-9)
+    with pytest.raises(ValueError, match="boundary must be one of"):
+        TissuePrior(boundary="absorbing", box_side=20.0)
+    with pytest.raises(ValueError, match="needs box_side"):
+        TissuePrior(boundary="reflecting")
+    with pytest.raises(ValueError, match="box_side is the side of a closed box"):
+        TissuePrior(box_side=20.0)
+    with pytest.raises(ValueError, match="box_side must be > 0"):
+        TissuePrior(boundary="either", box_side=0.0)
+
+
+WALLED_PRIOR = replace(SMALL_PRIOR, boundary="reflecting", box_side=80 / 3)
+
+
+def test_walled_prior_simulates_a_closed_box():
+    """Draws of a walled prior live in the closed box of ``box_side`` (their
+    fraction is of the box's volume) and their signals are those of
+    :func:`simulate` on that reflecting grid (same time steps: equal to
+    rounding). The walled grid's physics is the simulator's, validated in
+    tests/sim against closed forms."""
+    simulator = WALLED_PRIOR.simulator(PROTOCOL, time_tolerance=None)
+    draws = [WALLED_PRIOR.draw(np.random.default_rng(seed)) for seed in range(4)]
+    signals = simulator.simulate_draws(draws)
+    walled = TetGrid.bcc(80 / 3, 2)
+    for draw, signal in zip(draws, signals, strict=True):
+        assert draw.boundary == "reflecting" and draw.side == 80 / 3
+        labels = draw.substrate.labels
+        assert_allclose(
+            draw.descriptors["restricted_fraction"],
+            walled.cell_volumes[labels > 0].sum() / walled.volume,
+            rtol=1e-12,
+        )
+        kappa = draw.substrate.face_permeability
+        direct = simulate(walled, kappa, PROTOCOL, diffusivity=2e-3)
+        assert_allclose(signal, direct.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_either_prior_draws_both_boxes():
+    """``boundary="either"`` draws closed boxes and periodic patches half and
+    half (40 draws: 20 expected, 12-28 holds with probability 0.98), says
+    which in the truth, and leaves a periodic prior's random stream as it
+    was (the same draws as a prior without the new fields)."""
+    prior = replace(SMALL_PRIOR, boundary="either", box_side=80 / 3)
+    _, truth = prior.simulator(PROTOCOL).sample(40, seed=2)
+    walled = truth["boundary"] == "reflecting"
+    assert 12 <= walled.sum() <= 28
+    assert set(truth["boundary"]) == {"periodic", "reflecting"}
+    assert_allclose(truth["box_size"][walled], 80 / 3)
+    for seed in range(3):
+        draw = SMALL_PRIOR.draw(np.random.default_rng(seed))
+        assert draw.boundary == "periodic"
+        assert draw.side in SMALL_PRIOR._boxes
 
 
 # -- the DIPY fit ------------------------------------------------------------------
