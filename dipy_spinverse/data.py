@@ -42,6 +42,7 @@ __all__ = [
     "PHANTOM_VOXELS",
     "TISSUE_VOXELS",
     "DEMO_PRIOR",
+    "DEMO_SURFACE_PRIOR",
     "DEMO_TRAINING",
 ]
 
@@ -69,7 +70,21 @@ DEMO_PRIOR = TissuePrior(
     boundary="either",
     box_side=80 / 3,
 )
-#: How that posterior is trained: its grid's error is modelled against
+#: The prior of the label search's surface check on the demo
+#: (``dipy_fit_spinverse --posterior_options surface_check.json`` with the
+#: search): the search's own physics, cells of 8-25 um in the closed box of
+#: its grid (26.7 um, resolution 4). A check must not weigh physics the
+#: search does not model: with :data:`DEMO_PRIOR`'s periodic half, the
+#: posterior of a closed box's restricted fraction is wide and would call
+#: exact answers uncertain.
+DEMO_SURFACE_PRIOR = TissuePrior(
+    cell_diameter=(8.0, 25.0),
+    resolution=4,
+    min_spacings=1.0,
+    boundary="reflecting",
+    box_side=80 / 3,
+)
+#: How those posteriors are trained: the grid's error is modelled against
 #: resolution 6, the grid of the tissue voxels.
 DEMO_TRAINING = TrainingOptions(n_simulations=4000, epochs=40, reference_resolution=6)
 
@@ -194,9 +209,11 @@ def make_phantom_dataset(
         voxels in ``voxels``; family, prior fields, seed and true
         descriptors of each tissue voxel in ``tissue_voxels``; the
         ``posterior`` options), ``truth_meshes`` (a folder of the first six
-        voxels' .ply surfaces) and ``posterior`` (JSON: what
+        voxels' .ply surfaces), ``posterior`` (JSON: what
         ``dipy_fit_spinverse --posterior_options`` takes, :data:`DEMO_PRIOR`
-        and :data:`DEMO_TRAINING`).
+        and :data:`DEMO_TRAINING`) and ``surface_check`` (the same for the
+        label search's surface check: :data:`DEMO_SURFACE_PRIOR` on the
+        grid of the first six voxels).
 
     Examples
     --------
@@ -248,6 +265,7 @@ def make_phantom_dataset(
         truth_json=os.path.join(out_dir, "truth.json"),
         truth_meshes=os.path.join(out_dir, "truth_meshes"),
         posterior=os.path.join(out_dir, "posterior.json"),
+        surface_check=os.path.join(out_dir, "surface_check.json"),
     )
     save_image(paths["data"], volume, affine)
     save_image(paths["mask"], np.ones(shape, dtype=np.uint8), affine)
@@ -264,6 +282,11 @@ def make_phantom_dataset(
     posterior = _posterior_options(diffusivity, tissue_resolution, grid)
     with open(paths["posterior"], "w") as f:
         json.dump(posterior, f, indent=1)
+    surface_check = _surface_check_options(
+        diffusivity, tissue_resolution, grid, grid_resolution
+    )
+    with open(paths["surface_check"], "w") as f:
+        json.dump(surface_check, f, indent=1)
     _write_truth(
         paths,
         grid,
@@ -337,6 +360,27 @@ def _posterior_options(diffusivity, resolution, grid):
         box = dict(boundary="periodic", box_side=None)
     prior = replace(DEMO_PRIOR, diffusivity=diffusivity, **box)
     training = replace(DEMO_TRAINING, reference_resolution=resolution)
+    return dict(
+        prior=_changed(prior, TissuePrior()),
+        training=_changed(training, TrainingOptions()),
+    )
+
+
+def _surface_check_options(diffusivity, reference, grid, resolution):
+    """``--posterior_options`` of the label search's surface check on the
+    demo: :data:`DEMO_SURFACE_PRIOR` on the first six voxels' grid (its
+    box, walls and resolution); the grid's error modelled against the
+    tissue voxels' resolution when that is finer."""
+    box = dict(box_side=grid.size, boundary=grid.boundary)
+    if grid.boundary != "reflecting":
+        box = dict(boundary="periodic", box_side=None)
+    prior = replace(
+        DEMO_SURFACE_PRIOR, diffusivity=diffusivity, resolution=resolution, **box
+    )
+    training = replace(
+        DEMO_TRAINING,
+        reference_resolution=reference if reference > resolution else None,
+    )
     return dict(
         prior=_changed(prior, TissuePrior()),
         training=_changed(training, TrainingOptions()),

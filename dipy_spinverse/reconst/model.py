@@ -123,9 +123,9 @@ class SpinverseModel(ReconstModel):
         ``uncertainty`` is at least the expected ``1 - IoU`` that the
         posterior of the restricted volume implies
         (:func:`~dipy_spinverse.reconst.posterior.volume_iou_bound`). The
-        prior must simulate the search's box: ``boundary="periodic"`` on a
-        periodic grid, ``"reflecting"`` or ``"either"`` with ``box_side``
-        the grid's size on a reflecting one. Needs ``sigma``.
+        prior must simulate the search's own box: ``boundary="periodic"`` on
+        a periodic grid, ``"reflecting"`` with ``box_side`` the grid's size
+        on a reflecting one. Needs ``sigma``.
     posterior_options : TrainingOptions, optional
         How the posterior is trained (simulations, network, epochs).
     n_posterior_samples : int
@@ -296,17 +296,17 @@ class SpinverseModel(ReconstModel):
                 "preset='default') or leave prior out."
             )
         grid = self.grid
+        # The search's own physics only: a prior that also holds other boxes
+        # ("either") widens the posterior with answers the search cannot
+        # give, and exact answers would be called uncertain.
         if grid.boundary == "periodic":
             same = prior.boundary == "periodic"
             want = "boundary='periodic'"
         else:
-            same = prior.boundary in ("reflecting", "either") and np.isclose(
+            same = prior.boundary == "reflecting" and np.isclose(
                 prior.box_side, grid.size, rtol=1e-9
             )
-            want = (
-                f"boundary='reflecting' (or 'either') and box_side={grid.size!r}, "
-                "the grid's size"
-            )
+            want = f"boundary='reflecting' and box_side={grid.size!r}, the grid's size"
         if grid.boundary == "absorbing":
             want = "no absorbing walls: the prior models reflecting ones"
         if grid.boundary == "absorbing" or not same:
@@ -679,7 +679,9 @@ class SpinverseModel(ReconstModel):
         return (
             f"SpinverseModel(n_volumes={len(self.protocol)}, "
             f"n_sequences={len(self.sequences)}, grid={self.grid!r}, "
-            f"preset={self.preset!r}, iterations={self.n_iterations})"
+            f"preset={self.preset!r}, iterations={self.n_iterations}"
+            + (f", surface check: {self.prior.prior!r}" if self.surface_check else "")
+            + ")"
         )
 
 

@@ -323,8 +323,8 @@ class SpinverseFlow(Workflow):
             (posterior draws per voxel). With --fit_method search a "prior"
             turns on the surface check: each voxel's surface is held against
             the posterior of that prior (its box must be the grid's: e.g.
-            {"boundary": "reflecting", "box_side": 26.67} or the demo's
-            "either"), its uncertainty raised to the bound the restricted
+            {"boundary": "reflecting", "box_side": 26.67}, or the demo's
+            surface_check.json), its uncertainty raised to the bound the restricted
             volume implies, and voxels of uncertainty 0.1 or more get status
             7 (UNCERTAIN_SURFACE), their barriers written apart
             (*_uncertain.gii, *_uncertain.ply). Needs --snr or --sigma.

@@ -1,4 +1,6 @@
-"""The posterior that ships with the package: the README demo's.
+"""The posteriors that ship with the package: the README demo's.
+
+One for the posterior fit, one for the label search's surface check.
 
 The fast test checks that the demo's command finds it (its key: prior,
 protocol read from the demo's files, training options, estimator version);
@@ -13,7 +15,12 @@ from numpy.testing import assert_allclose
 
 import dipy_spinverse.posterior as posterior
 from dipy_spinverse import SpinverseModel
-from dipy_spinverse.data import DEMO_PRIOR, DEMO_TRAINING, make_phantom_dataset
+from dipy_spinverse.data import (
+    DEMO_PRIOR,
+    DEMO_SURFACE_PRIOR,
+    DEMO_TRAINING,
+    make_phantom_dataset,
+)
 from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.workflows.spinverse import parse_posterior_options
 
@@ -21,9 +28,11 @@ DESCRIBED = ("restricted_fraction", "cell_diameter", "exchange_time", "anisotrop
 SNR = 100.0
 
 
-def _demo_model(tmp_path, *, cache_dir=None):
+def _demo_model(tmp_path, *, cache_dir=None, check=False):
     """The model ``dipy_fit_spinverse --fit_method posterior
-    --posterior_options demo/posterior.json`` builds on the demo."""
+    --posterior_options demo/posterior.json`` builds on the demo; with
+    ``check``, the search's of ``--posterior_options
+    demo/surface_check.json``."""
     paths = make_phantom_dataset(tmp_path / "demo", tissue_voxels=False)
     table = read_gradients(
         paths["bvals"],
@@ -36,13 +45,13 @@ def _demo_model(tmp_path, *, cache_dir=None):
         b0_threshold=50.0,
         bvecs_tol=0.01,
     )
-    with open(paths["posterior"]) as f:
+    with open(paths["surface_check" if check else "posterior"]) as f:
         options = parse_posterior_options(f.read(), 2e-3)
-    assert options["prior"] == DEMO_PRIOR
+    assert options["prior"] == (DEMO_SURFACE_PRIOR if check else DEMO_PRIOR)
     assert options["posterior_options"] == DEMO_TRAINING
     return SpinverseModel(
         table,
-        fit_method="posterior",
+        fit_method="search" if check else "posterior",
         diffusivity=2e-3,
         sigma=1 / SNR,
         cache_dir=cache_dir,
@@ -50,10 +59,12 @@ def _demo_model(tmp_path, *, cache_dir=None):
     )
 
 
-def test_the_demo_finds_the_shipped_estimator(tmp_path, monkeypatch):
-    """Read from the package, never trained (training would fail here)."""
+@pytest.mark.parametrize("check", [False, True], ids=["posterior", "surface_check"])
+def test_the_demo_finds_the_shipped_estimator(tmp_path, monkeypatch, check):
+    """Read from the package, never trained (training would fail here): the
+    posterior fit's and the search's surface check's."""
     monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
-    model = _demo_model(tmp_path, cache_dir=tmp_path / "empty_cache")
+    model = _demo_model(tmp_path, cache_dir=tmp_path / "empty_cache", check=check)
     assert model.estimator is not None
     assert model.estimator_path.parent == posterior.SHIPPED
     assert not (tmp_path / "empty_cache").exists() or not any(

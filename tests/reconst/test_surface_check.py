@@ -142,6 +142,7 @@ def test_uncertain_surfaces_get_their_status(checked):
     assert np.all(np.isfinite(np.asarray(fit.restricted_fraction)))
     assert np.all(fit.fitted)
     assert "surface not determined" in STATUS_CODES[UNCERTAIN_SURFACE]
+    assert "surface check: TissuePrior(" in repr(fit.model)
     # Without the check the search's own uncertainty sets the status too.
     own = np.asarray(plain.uncertainty)[:, 0, 0]
     flagged = (before == UNCERTAIN_SURFACE) | (before == POOR_FIT)
@@ -191,6 +192,10 @@ def _voxel_ids(path):
         (
             dict(prior=TissuePrior(boundary="reflecting", box_side=20.0), sigma=SIGMA),
             "box_side=26.6",
+        ),
+        (
+            dict(prior=TissuePrior(boundary="either", box_side=BOX), sigma=SIGMA),
+            "boundary='reflecting'",
         ),
         (dict(posterior_options=OPTIONS, sigma=SIGMA), "pass fit_method='posterior'"),
         (dict(prior="walled", sigma=SIGMA), "prior must be a"),

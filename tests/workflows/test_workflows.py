@@ -13,6 +13,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse.data import (
     DEMO_PRIOR,
+    DEMO_SURFACE_PRIOR,
     DEMO_TRAINING,
     PHANTOM_VOXELS,
     TISSUE_VOXELS,
@@ -148,15 +149,34 @@ def test_phantom_dataset_tissue_voxels(tmp_path):
 
 def test_phantom_dataset_says_its_posterior(tmp_path):
     """posterior.json (also truth.json's "posterior") is what the command's
-    --posterior_options takes: DEMO_PRIOR trained with DEMO_TRAINING."""
+    --posterior_options takes: DEMO_PRIOR, its closed box the dataset's
+    grid, trained with DEMO_TRAINING; surface_check.json the same for the
+    search's surface check: DEMO_SURFACE_PRIOR on the dataset's grid."""
     paths = make_phantom_dataset(tmp_path, **SMALL_DEMO)
     with open(paths["posterior"]) as f:
         text = f.read()
     parsed = parse_posterior_options(text, 2e-3)
-    assert parsed["prior"] == DEMO_PRIOR
+    assert parsed["prior"] == replace(DEMO_PRIOR, box_side=SMALL_DEMO["grid_size"])
     assert parsed["posterior_options"] == DEMO_TRAINING
     with open(paths["truth_json"]) as f:
         assert json.load(f)["posterior"] == json.loads(text)
+    with open(paths["surface_check"]) as f:
+        check = parse_posterior_options(f.read(), 2e-3)
+    assert check["prior"] == replace(
+        DEMO_SURFACE_PRIOR,
+        box_side=SMALL_DEMO["grid_size"],
+        resolution=SMALL_DEMO["grid_resolution"],
+    )
+    assert check["posterior_options"] == DEMO_TRAINING
+    # The search takes it: the prior's box is the grid's.
+    model = SpinverseModel(
+        Protocol.from_camino(paths["scheme"]),
+        grid_size=SMALL_DEMO["grid_size"],
+        grid_resolution=SMALL_DEMO["grid_resolution"],
+        sigma=0.01,
+        **check,
+    )
+    assert model.surface_check
 
 
 def test_workflow_on_demo_data(demo, tmp_path):

@@ -1,0 +1,226 @@
+"""Does the label search's uncertainty predict its error? (issue 46, item 2)
+
+Draws ``--n`` held-out substrates in the label search's own closed box (the
+default grid, 26.7 um, reflecting walls): random cells of
+:func:`~dipy_spinverse.geometry.substrates.random_substrates` (1-4 cells of
+seven kinds, touching or not, 1e-6 to 1e-4 m/s) from ``--seed``, which no
+training used. Simulates them on the demo's protocol (99 volumes,
+``make_phantom_dataset``'s), noise-free and with Rician noise at ``--snr``,
+and fits each through ``SpinverseModel(fit_method="search")``. Two
+uncertainties are scored:
+
+- ``own``: the search's own (labellings near its answer);
+- ``checked``: with the surface check of the demo's
+  (``surface_check.json``: ``data.DEMO_SURFACE_PRIOR``, the search's own
+  closed box, and its shipped posterior): at least the posterior's volume
+  bound, 1 outside its support. It is computed from the same answers as
+  ``SpinverseModel(..., prior=)`` computes it
+  (:func:`~dipy_spinverse.reconst.posterior.surface_volume_bound`, tested
+  equal in tests/reconst/test_surface_check.py), so each voxel is searched
+  once.
+
+Each answer is scored by the aligned IoU of its cells against the truth
+(:func:`~dipy_spinverse.geometry.metrics.aligned_overlap`: the best over the
+grid's signal symmetries). Prints, per noise level and uncertainty, the
+calibration table of issue 46 (uncertainty bins against aligned IoU) and its
+targets:
+
+- of the voxels with uncertainty < 0.1, the share with aligned IoU >= 0.8
+  (target >= 90 %);
+- of the voxels with aligned IoU < 0.5, the share with uncertainty >= 0.25
+  (target >= 90 %);
+- confident wrong answers: aligned IoU < 0.5 with uncertainty < 0.1 and
+  status OK (target: none).
+
+    python benchmarks/surface_check.py --n 16 --snr 100 --json out.json
+"""
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from dipy_spinverse import SpinverseModel, simulate
+from dipy_spinverse.data import make_phantom_dataset
+from dipy_spinverse.geometry.metrics import aligned_overlap
+from dipy_spinverse.geometry.substrates import random_substrates
+from dipy_spinverse.io.gradients import read_gradients
+from dipy_spinverse.reconst import OK, UNCERTAIN_SURFACE, UNCERTAIN_SURFACE_LEVEL
+from dipy_spinverse.reconst.posterior import surface_volume_bound
+from dipy_spinverse.sim.signals import VoxelSignals
+from dipy_spinverse.workflows.spinverse import parse_posterior_options
+
+BINS = (0.0, 0.1, 0.25, 0.5, 1.0 + 1e-9)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=4601)
+    parser.add_argument("--snr", type=float, default=100.0)
+    parser.add_argument(
+        "--noise_free_sigma",
+        type=float,
+        default=0.005,
+        help="sigma given to the models for the noise-free data (the check's "
+        "posterior needs one; 0.005 is SNR 200)",
+    )
+    parser.add_argument("--json", help="write the rows and summaries here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    protocol, posterior = _demo_protocol()
+    grid = SpinverseModel(protocol).grid
+    substrates = random_substrates(grid, args.n, seed=args.seed)
+    kappa = np.stack([s.face_permeability for s in substrates])
+    clean = simulate(grid, kappa, protocol, diffusivity=2e-3).numpy()
+    rng = np.random.default_rng(args.seed)
+    sigma = 1.0 / args.snr
+    noise = sigma * (
+        rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)
+    )
+    cases = {
+        "noise-free": (clean, args.noise_free_sigma),
+        f"SNR {args.snr:g}": (np.abs(clean + noise), sigma),
+    }
+    results = {}
+    for name, (signals, given) in cases.items():
+        model = SpinverseModel(protocol, sigma=given)
+        start = time.perf_counter()
+        fit = model.fit(1000 * signals[:, None, None], verbose=False)
+        seconds = (time.perf_counter() - start) / len(substrates)
+        own = _score(grid, substrates, fit)
+        checked = _checked(
+            SpinverseModel(protocol, sigma=given, **posterior), signals, own
+        )
+        results[name] = dict(own=own, checked=checked, seconds_per_voxel=seconds)
+        _print(name, "own", own, seconds)
+        _print(name, "checked", checked, seconds)
+    if args.json:
+        meta = dict(
+            machine=f"{platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}",
+            args=vars(args),
+        )
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+
+
+def _demo_protocol():
+    """The demo's gradient table and surface-check options, read from its
+    files as ``dipy_fit_spinverse`` reads them (the shipped posterior's
+    key)."""
+    with tempfile.TemporaryDirectory() as folder:
+        paths = make_phantom_dataset(folder, tissue_voxels=False)
+        table = read_gradients(
+            paths["bvals"],
+            paths["bvecs"],
+            n_volumes=99,
+            big_delta=None,
+            small_delta=None,
+            timing_file=paths["timing"],
+            scheme_file=None,
+            b0_threshold=50.0,
+            bvecs_tol=0.01,
+        )
+        with open(paths["surface_check"]) as f:
+            posterior = parse_posterior_options(f.read(), 2e-3)
+    return table, posterior
+
+
+def _checked(model, signals, rows):
+    """The rows with the surface check's uncertainty and status."""
+    fractions = np.array([r["found_fraction"] for r in rows])
+    bound, outside = surface_volume_bound(
+        model,
+        VoxelSignals.from_raw(signals, model.protocol),
+        fractions,
+        n_samples=model.n_posterior_samples,
+    )
+    out = []
+    for row, b, o in zip(rows, bound, outside, strict=True):
+        u = max(row["uncertainty"], b)
+        status = row["status"]
+        if status == OK and u >= UNCERTAIN_SURFACE_LEVEL:
+            status = UNCERTAIN_SURFACE
+        out.append(dict(row, uncertainty=u, status=status, bound=b, outside=bool(o)))
+    return out
+
+
+def _score(grid, substrates, fit):
+    labels = np.asarray(fit.labels)[:, 0, 0]
+    uncertainty = np.asarray(fit.uncertainty)[:, 0, 0]
+    status = np.asarray(fit.status)[:, 0, 0]
+    rows = []
+    for i, sub in enumerate(substrates):
+        iou = aligned_overlap(grid, labels[i] > 0, sub.labels > 0)["iou"]
+        rows.append(
+            dict(
+                iou=float(iou),
+                uncertainty=float(uncertainty[i]),
+                status=int(status[i]),
+                n_cells=int(sub.n_cells),
+                kind=sub.kinds[0] if sub.n_cells == 1 else "multi",
+                true_fraction=float(sub.volumes.sum() / grid.volume),
+                found_fraction=float(
+                    grid.cell_volumes[labels[i] > 0].sum() / grid.volume
+                ),
+            )
+        )
+    return rows
+
+
+def summary(rows):
+    iou = np.array([r["iou"] for r in rows])
+    u = np.array([r["uncertainty"] for r in rows])
+    ok = np.array([r["status"] == OK for r in rows])
+    sure, wrong = u < 0.1, iou < 0.5
+    return dict(
+        n=len(rows),
+        iou_median=float(np.median(iou)),
+        sure=int(sure.sum()),
+        sure_right=float(np.mean(iou[sure] >= 0.8)) if sure.any() else float("nan"),
+        wrong=int(wrong.sum()),
+        wrong_flagged=float(np.mean(u[wrong] >= 0.25)) if wrong.any() else float("nan"),
+        confident_wrong=int(np.sum(wrong & sure & ok)),
+        bins=[
+            dict(
+                low=lo,
+                high=min(hi, 1.0),
+                n=int(np.sum((u >= lo) & (u < hi))),
+                iou_median=float(np.median(iou[(u >= lo) & (u < hi)]))
+                if np.any((u >= lo) & (u < hi))
+                else float("nan"),
+                expected=float(np.mean(1 - iou[(u >= lo) & (u < hi)]))
+                if np.any((u >= lo) & (u < hi))
+                else float("nan"),
+            )
+            for lo, hi in zip(BINS[:-1], BINS[1:], strict=True)
+        ],
+    )
+
+
+def _print(name, check, rows, seconds):
+    s = summary(rows)
+    print(f"\n{name}, {check} uncertainty ({s['n']} voxels, {seconds:.1f} s a voxel)")
+    print("| uncertainty | voxels | median aligned IoU | mean 1 - IoU |")
+    print("| --- | ---: | ---: | ---: |")
+    for b in s["bins"]:
+        print(
+            f"| {b['low']:.2f}-{b['high']:.2f} | {b['n']} | {b['iou_median']:.2f} "
+            f"| {b['expected']:.2f} |"
+        )
+    print(
+        f"uncertainty < 0.1: {s['sure']} voxels, {100 * s['sure_right']:.0f} % with "
+        f"IoU >= 0.8 (target 90 %); IoU < 0.5: {s['wrong']} voxels, "
+        f"{100 * s['wrong_flagged']:.0f} % with uncertainty >= 0.25 (target 90 %); "
+        f"confident wrong (IoU < 0.5, uncertainty < 0.1, status ok): "
+        f"{s['confident_wrong']}; median aligned IoU {s['iou_median']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
