@@ -168,3 +168,17 @@ def gtab_ivim():
     """Thirteen b-values up to 1000 s/mm^2 along x (IVIM)."""
     b = np.array([0, 10, 20, 40, 60, 80, 100, 150, 200, 300, 500, 700, 1000], float)
     return gradient_table(b, bvecs=np.tile([1.0, 0, 0], (b.size, 1)), b0_threshold=0)
+
+
+#: A poor, small posterior trained in seconds (tests/posterior,
+#: tests/reconst/test_surface_check.py): plumbing, not calibration, which
+#: benchmarks/posterior_calibration.py measures at scale.
+SMALL_TRAINING = dict(
+    n_simulations=160,
+    epochs=15,
+    hidden=32,
+    embedding=16,
+    transforms=2,
+    batch_size=32,
+    n_calibration=32,
+)

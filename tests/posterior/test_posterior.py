@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_TRAINING
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import SpinverseModel, TetGrid, simulate
@@ -33,15 +34,7 @@ SMALL_PRIOR = TissuePrior(
     families=("packed", "fibre"),
     min_spacings=1.0,
 )
-SMALL_OPTIONS = TrainingOptions(
-    n_simulations=160,
-    epochs=15,
-    hidden=32,
-    embedding=16,
-    transforms=2,
-    batch_size=32,
-    n_calibration=32,
-)
+SMALL_OPTIONS = TrainingOptions(**SMALL_TRAINING)
 SIGMA = 0.02
 
 

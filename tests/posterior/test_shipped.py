@@ -18,6 +18,7 @@ from dipy_spinverse import SpinverseModel
 from dipy_spinverse.data import (
     DEMO_PRIOR,
     DEMO_SURFACE_PRIOR,
+    DEMO_SURFACE_TRAINING,
     DEMO_TRAINING,
     make_phantom_dataset,
 )
@@ -48,7 +49,8 @@ def _demo_model(tmp_path, *, cache_dir=None, check=False):
     with open(paths["surface_check" if check else "posterior"]) as f:
         options = parse_posterior_options(f.read(), 2e-3)
     assert options["prior"] == (DEMO_SURFACE_PRIOR if check else DEMO_PRIOR)
-    assert options["posterior_options"] == DEMO_TRAINING
+    training = DEMO_SURFACE_TRAINING if check else DEMO_TRAINING
+    assert options["posterior_options"] == training
     return SpinverseModel(
         table,
         fit_method="search" if check else "posterior",

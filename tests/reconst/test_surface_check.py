@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SMALL_TRAINING
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import SpinverseModel, TetGrid
@@ -38,15 +39,7 @@ WALLED = TissuePrior(
 )
 # A poor, small posterior trained in seconds: the check's plumbing, not its
 # calibration (benchmarks/surface_check.py measures that).
-OPTIONS = TrainingOptions(
-    n_simulations=160,
-    epochs=15,
-    hidden=32,
-    embedding=16,
-    transforms=2,
-    batch_size=32,
-    n_calibration=32,
-)
+OPTIONS = TrainingOptions(**SMALL_TRAINING)
 SIGMA = 0.02
 SEARCH = dict(grid=GRID, max_iter=4, search_steps=2, search_starts=1)
 

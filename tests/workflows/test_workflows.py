@@ -14,6 +14,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from dipy_spinverse.data import (
     DEMO_PRIOR,
     DEMO_SURFACE_PRIOR,
+    DEMO_SURFACE_TRAINING,
     DEMO_TRAINING,
     PHANTOM_VOXELS,
     TISSUE_VOXELS,
@@ -151,7 +152,8 @@ def test_phantom_dataset_says_its_posterior(tmp_path):
     """posterior.json (also truth.json's "posterior") is what the command's
     --posterior_options takes: DEMO_PRIOR, its closed box the dataset's
     grid, trained with DEMO_TRAINING; surface_check.json the same for the
-    search's surface check: DEMO_SURFACE_PRIOR on the dataset's grid."""
+    search's surface check: DEMO_SURFACE_PRIOR on the dataset's grid,
+    without the grid error model."""
     paths = make_phantom_dataset(tmp_path, **SMALL_DEMO)
     with open(paths["posterior"]) as f:
         text = f.read()
@@ -167,7 +169,8 @@ def test_phantom_dataset_says_its_posterior(tmp_path):
         box_side=SMALL_DEMO["grid_size"],
         resolution=SMALL_DEMO["grid_resolution"],
     )
-    assert check["posterior_options"] == DEMO_TRAINING
+    # The search's own noise model: no grid error.
+    assert check["posterior_options"] == DEMO_SURFACE_TRAINING
     # The search takes it: the prior's box is the grid's.
     model = SpinverseModel(
         Protocol.from_camino(paths["scheme"]),
