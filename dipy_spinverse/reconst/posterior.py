@@ -95,6 +95,8 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     )
     for outside, keep, values in batches:
         status[outside] = OUT_OF_PRIOR
+        if not len(keep):
+            continue
         for name in SCALARS:
             levels = estimator.quantile_levels(name, _KEPT)
             summary[name][keep] = np.quantile(values[name], levels, axis=0).T

@@ -1051,8 +1051,8 @@ def _save_barriers(fit, paths, voxels, affine, max_voxels):
     if surface.n_triangles:
         return [surface.save(path) for path in paths]
     logger.info(
-        f"No voxel for {os.path.basename(paths[0])} has a barrier: not written "
-        "(an empty mesh file would break mesh readers)."
+        f"No voxel for {os.path.basename(paths[0])} has a barrier: no mesh file "
+        "written (an empty mesh file would break mesh readers)."
     )
     return []
 

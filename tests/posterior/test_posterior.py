@@ -341,8 +341,9 @@ def test_posterior_is_cached(posterior_model, monkeypatch):
 def test_posterior_model_options_are_checked():
     with pytest.raises(ValueError, match="needs the noise level"):
         SpinverseModel(PROTOCOL, fit_method="posterior")
-    with pytest.raises(ValueError, match="fit_method='posterior'"):
-        SpinverseModel(PROTOCOL, prior=SMALL_PRIOR)
+    # With the search a prior is the surface check's: of the search's box.
+    with pytest.raises(ValueError, match="must simulate the search's box"):
+        SpinverseModel(PROTOCOL, prior=SMALL_PRIOR, sigma=SIGMA)
     with pytest.raises(ValueError, match="fit_method"):
         SpinverseModel(PROTOCOL, fit_method="bayes")
 
