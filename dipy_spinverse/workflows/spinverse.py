@@ -48,7 +48,7 @@ from ..io.surfaces import (
 )
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
-from ..reconst import UNCERTAIN_SURFACE, SpinverseModel
+from ..reconst import POOR_FIT, UNCERTAIN_SURFACE, SpinverseModel
 from ..reconst.model import FIT_METHODS
 from ..reconst.runner import check_resume
 from .cli import run_command
@@ -326,8 +326,9 @@ class SpinverseFlow(Workflow):
             {"boundary": "reflecting", "box_side": 26.67}, or the demo's
             surface_check.json), its uncertainty raised to the bound the restricted
             volume implies, and voxels of uncertainty 0.1 or more get status
-            7 (UNCERTAIN_SURFACE), their barriers written apart
-            (*_uncertain.gii, *_uncertain.ply). Needs --snr or --sigma.
+            7 (UNCERTAIN_SURFACE); the barriers of voxels of status 5 or 7
+            are written apart (*_uncertain.gii, *_uncertain.ply). Needs --snr
+            or --sigma.
         out_dir : string or Path, optional
             Output directory.
         out_restricted_fraction : string, optional
@@ -1002,14 +1003,15 @@ MESH_SLAB_VOXELS = 2000
 def _save_surface(fit, out, *, affine, max_voxels=MESH_SLAB_VOXELS):
     """The barrier surfaces in scanner coordinates, GIFTI and PLY, if any.
 
-    The trusted voxels' barriers go to out_mesh_gifti and out_mesh_ply; those
-    of voxels with status ``UNCERTAIN_SURFACE`` to ``<name>_uncertain.<ext>``
-    beside them, so that a viewer opening the main files shows only
-    surfaces the data determine. One file each when the fitted voxels fit
-    in one slab of ``max_voxels``; otherwise one file per slab of slices,
+    The trusted voxels' barriers (status ``OK``) go to out_mesh_gifti and
+    out_mesh_ply; those of voxels with status ``UNCERTAIN_SURFACE`` or
+    ``POOR_FIT`` to ``<name>_uncertain.<ext>`` beside them, so that a viewer
+    opening the main files shows only surfaces the data determine. One file
+    each when the fitted voxels fit in one slab of ``max_voxels``; otherwise
+    one file per slab of slices,
     ``<name>_z<first>-<last>.<ext>``, listed in ``<gifti name>.json``.
     """
-    uncertain = np.asarray(fit.status) == UNCERTAIN_SURFACE
+    uncertain = np.isin(np.asarray(fit.status), (UNCERTAIN_SURFACE, POOR_FIT))
     written = []
     for suffix, voxels in (("", ~uncertain), (UNCERTAIN_SUFFIX, uncertain)):
         paths = [
@@ -1020,7 +1022,8 @@ def _save_surface(fit, out, *, affine, max_voxels=MESH_SLAB_VOXELS):
     if uncertain.any():
         logger.warning(
             f"{int(uncertain.sum())} voxels have status {UNCERTAIN_SURFACE} "
-            "(UNCERTAIN_SURFACE): the data do not determine their surfaces; "
+            f"(UNCERTAIN_SURFACE) or {POOR_FIT} (POOR_FIT): the data do not "
+            "determine their surfaces, or the model does not explain the data; "
             f"their barriers are in the *{UNCERTAIN_SUFFIX} mesh files only."
         )
     return written

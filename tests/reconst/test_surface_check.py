@@ -143,13 +143,13 @@ def test_uncertain_surfaces_get_their_status(checked):
 
 
 def test_uncertain_barriers_are_written_apart(checked, tmp_path):
-    """The trusted voxels' barriers go to the main mesh files, the uncertain
-    ones' to ``*_uncertain`` beside them: together they hold every
-    fitted voxel's barrier, once."""
+    """The trusted voxels' barriers (status ok) go to the main mesh files,
+    the uncertain and poorly fitted ones' to ``*_uncertain`` beside them:
+    together they hold every fitted voxel's barrier, once."""
     model, _, fit, _ = checked
     params = {k: None if v is None else v.copy() for k, v in fit.params.items()}
     params["status"][:] = OK
-    params["status"][[1, 2]] = UNCERTAIN_SURFACE
+    params["status"][[1, 2]] = UNCERTAIN_SURFACE, POOR_FIT
     split = SpinverseFit(model, params, fit.mask)
     out = dict(
         out_mesh_gifti=str(tmp_path / "barriers.gii"),
