@@ -327,8 +327,8 @@ class SpinverseFlow(Workflow):
             surface_check.json), its uncertainty raised to the bound the restricted
             volume implies, and voxels of uncertainty 0.1 or more get status
             7 (UNCERTAIN_SURFACE); the barriers of voxels of status 5 or 7
-            are written apart (*_uncertain.gii, *_uncertain.ply). Needs --snr
-            or --sigma.
+            are written apart (to out_mesh_gifti and out_mesh_ply with
+            _uncertain before the extension). Needs --snr or --sigma.
         out_dir : string or Path, optional
             Output directory.
         out_restricted_fraction : string, optional
