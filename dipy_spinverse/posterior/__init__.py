@@ -10,6 +10,7 @@ trains it once per protocol, prior and options and caches it.
 import hashlib
 import pathlib
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -80,7 +81,9 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
     a few draws) and shows progress bars; the result is saved under
     ``<cache>/posterior-<key>.pt`` (:func:`estimator_key`) and read from
     there on later calls. An estimator of the same key shipped with the
-    package (:data:`SHIPPED`) is read instead of training.
+    package (:data:`SHIPPED`) is read instead of training; a shipped file that
+    cannot be read is never used nor rebuilt there (a warning; the cache
+    serves).
 
     Parameters
     ----------
@@ -100,9 +103,20 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
     options = TrainingOptions() if options is None else options
     key = estimator_key(prior, protocol, options)
     name = f"posterior-{key}.pt"
-    path = SHIPPED / name
-    if not path.exists():
-        path = cache_root(cache_dir) / name
+    shipped = SHIPPED / name
+    if shipped.exists():
+        try:
+            return _load(shipped, len(protocol), options), shipped
+        except Exception as err:  # noqa: BLE001 - a damaged file is never used
+            # Never rebuilt in the package's folder (often read-only): the
+            # user's cache takes the new one.
+            warnings.warn(
+                f"the shipped posterior estimator {shipped} cannot be read "
+                f"({type(err).__name__}); reinstall dipy_spinverse. Until then "
+                "it is trained into the cache.",
+                stacklevel=2,
+            )
+    path = cache_root(cache_dir) / name
     net = load_or_build(
         path,
         load=lambda path: _load(path, len(protocol), options),

@@ -321,6 +321,7 @@ def test_fit_bounds_use_the_estimators_level_tables(posterior_model, name):
 def test_posterior_is_cached(posterior_model, monkeypatch):
     import dipy_spinverse.posterior as posterior
 
+    assert posterior_model.estimator is not None  # trained on first use
     path = posterior_model.estimator_path
     assert path.exists()
     monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
@@ -336,6 +337,29 @@ def test_posterior_is_cached(posterior_model, monkeypatch):
     # Another training option is another network.
     other = TrainingOptions(**{**SMALL_OPTIONS.description(), "epochs": 14})
     assert posterior.estimator_key(SMALL_PRIOR, PROTOCOL, other) not in path.name
+
+
+def test_a_damaged_shipped_estimator_is_never_used(
+    posterior_model, tmp_path, monkeypatch
+):
+    """A shipped file of the key that cannot be read is left alone (the
+    package's folder is often read-only) and the user's cache serves: here
+    it already holds the estimator, so nothing is trained either."""
+    import dipy_spinverse.posterior as posterior
+
+    assert posterior_model.estimator is not None  # trained on first use
+    path = posterior_model.estimator_path
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / path.name).write_bytes(b"not an estimator")
+    monkeypatch.setattr(posterior, "SHIPPED", shipped)
+    monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
+    with pytest.warns(UserWarning, match="shipped posterior estimator .* cannot"):
+        net, used = posterior.load_or_train(
+            SMALL_PRIOR, PROTOCOL, SMALL_OPTIONS, cache_dir=path.parent
+        )
+    assert used == path and net is not None
+    assert (shipped / path.name).read_bytes() == b"not an estimator"
 
 
 def test_posterior_model_options_are_checked():
