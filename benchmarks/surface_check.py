@@ -49,8 +49,9 @@ from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.geometry.metrics import aligned_overlap
 from dipy_spinverse.geometry.substrates import random_substrates
 from dipy_spinverse.io.gradients import read_gradients
-from dipy_spinverse.reconst import OK, UNCERTAIN_SURFACE, UNCERTAIN_SURFACE_LEVEL
+from dipy_spinverse.reconst import OK
 from dipy_spinverse.reconst.posterior import surface_volume_bound
+from dipy_spinverse.reconst.runner import flag_uncertain_surfaces
 from dipy_spinverse.sim.signals import VoxelSignals
 from dipy_spinverse.workflows.spinverse import parse_posterior_options
 
@@ -140,14 +141,18 @@ def _checked(model, signals, rows):
         fractions,
         n_samples=model.n_posterior_samples,
     )
-    out = []
-    for row, b, o in zip(rows, bound, outside, strict=True):
-        u = max(row["uncertainty"], b)
-        status = row["status"]
-        if status == OK and u >= UNCERTAIN_SURFACE_LEVEL:
-            status = UNCERTAIN_SURFACE
-        out.append(dict(row, uncertainty=u, status=status, bound=b, outside=bool(o)))
-    return out
+    # The model's own rule (reconst.runner), on the search's answers.
+    result = dict(
+        status=np.array([r["status"] for r in rows]),
+        uncertainty=np.fmax([r["uncertainty"] for r in rows], bound),
+    )
+    flag_uncertain_surfaces(result, np.arange(len(rows)))
+    return [
+        dict(row, uncertainty=float(u), status=int(s), bound=float(b), outside=bool(o))
+        for row, u, s, b, o in zip(
+            rows, result["uncertainty"], result["status"], bound, outside, strict=True
+        )
+    ]
 
 
 def _score(grid, substrates, fit):

@@ -9,6 +9,7 @@ import torch  # noqa: E402
 from dipy.core.gradients import gradient_table  # noqa: E402
 
 from dipy_spinverse import Protocol, SpinverseModel, TetGrid, simulate  # noqa: E402
+from dipy_spinverse.posterior import TissuePrior  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -170,6 +171,16 @@ def gtab_ivim():
     return gradient_table(b, bvecs=np.tile([1.0, 0, 0], (b.size, 1)), b0_threshold=0)
 
 
+#: Large cells on a coarse periodic grid: 60 ms a simulation, so that the
+#: tests train a (poor, small) posterior in seconds (tests/posterior,
+#: tests/reconst/test_surface_check.py with a closed box).
+SMALL_PRIOR = TissuePrior(
+    resolution=2,
+    cell_diameter=(8.0, 25.0),
+    n_cells=(1, 2),
+    families=("packed", "fibre"),
+    min_spacings=1.0,
+)
 #: A poor, small posterior trained in seconds (tests/posterior,
 #: tests/reconst/test_surface_check.py): plumbing, not calibration, which
 #: benchmarks/posterior_calibration.py measures at scale.

@@ -446,11 +446,9 @@ class SpinverseFlow(Workflow):
                 "one, or pass --fit_method posterior."
             )
         if (fit_method == "posterior" or posterior) and noise is None:
-            what = (
-                "--fit_method posterior"
-                if fit_method == "posterior"
-                else ("The surface check (--posterior_options)")
-            )
+            what = "--fit_method posterior"
+            if fit_method != "posterior":
+                what = "The surface check (--posterior_options)"
             raise ValueError(
                 f"{what} needs the noise: --snr (of the b=0 "
                 "signal, e.g. 50), --sigma (in the data's units) or --sigma auto."

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_TRAINING
+from conftest import SMALL_PRIOR, SMALL_TRAINING
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import SpinverseModel, TetGrid, simulate
@@ -24,16 +24,8 @@ from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR, PosteriorFit
 
 # Two diffusion times, 2 b = 0 and 6 directions on 2 shells each: 28 volumes.
 PROTOCOL = _protocol(((0.010, 0.020), (0.010, 0.060)), (1000.0, 2500.0), 6, 2)
-# Large cells on a coarse periodic grid: 60 ms a simulation here, so that the
-# tests train a (poor, small) posterior in seconds. Calibration at scale is
-# benchmarks/posterior_calibration.py's.
-SMALL_PRIOR = TissuePrior(
-    resolution=2,
-    cell_diameter=(8.0, 25.0),
-    n_cells=(1, 2),
-    families=("packed", "fibre"),
-    min_spacings=1.0,
-)
+# The small prior (tests/conftest.py) and its poor, small posterior, trained
+# in seconds. Calibration at scale is benchmarks/posterior_calibration.py's.
 SMALL_OPTIONS = TrainingOptions(**SMALL_TRAINING)
 SIGMA = 0.02
 

@@ -1,10 +1,11 @@
 """The label search's surface check: posterior volume bound and UNCERTAIN_SURFACE."""
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import SMALL_TRAINING
+from conftest import SMALL_PRIOR, SMALL_TRAINING
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import SpinverseModel, TetGrid
@@ -28,15 +29,7 @@ PROTOCOL = _protocol(((0.010, 0.020), (0.010, 0.060)), (1000.0, 2500.0), 6, 2)
 BOX = 80 / 3
 GRID = TetGrid.bcc(BOX, 2)
 # The search's own physics: cells in the closed box of the grid.
-WALLED = TissuePrior(
-    resolution=2,
-    cell_diameter=(8.0, 25.0),
-    n_cells=(1, 2),
-    families=("packed", "fibre"),
-    min_spacings=1.0,
-    boundary="reflecting",
-    box_side=BOX,
-)
+WALLED = replace(SMALL_PRIOR, boundary="reflecting", box_side=BOX)
 # A poor, small posterior trained in seconds: the check's plumbing, not its
 # calibration (benchmarks/surface_check.py measures that).
 OPTIONS = TrainingOptions(**SMALL_TRAINING)
