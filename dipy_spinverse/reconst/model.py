@@ -40,12 +40,112 @@ from . import runner
 from .fit import MASKED, SpinverseFit
 from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
 
-__all__ = ["SpinverseModel", "DEFAULT_GRID", "FIT_METHODS"]
+__all__ = ["SpinverseModel", "DEFAULT_GRID", "FIT_METHODS", "check_model_options"]
 
 
 #: How :meth:`SpinverseModel.fit` estimates: the label search and face fit
 #: (membranes, meshes) or the amortised posterior (calibrated maps).
 FIT_METHODS = ("search", "posterior")
+
+#: What the noise level ``sigma`` of the model is (in its error messages; the
+#: workflow, whose flags mean other units, puts its own words here).
+NOISE_HINT = (
+    "(the noise standard deviation over the b=0 signal, 1/SNR, e.g. 0.02; "
+    "estimate it e.g. with dipy.denoise.noise_estimate.estimate_sigma divided "
+    "by the mean b=0 signal)"
+)
+
+
+def check_model_options(
+    *,
+    fit_method="search",
+    preset="default",
+    max_iter=None,
+    refine_mesh=False,
+    prior=None,
+    posterior_options=None,
+    **options,
+):
+    """Check the options of :class:`SpinverseModel` that need neither data
+    nor a gradient table.
+
+    The model calls it first; a command can call it before reading any
+    data (``dipy_fit_spinverse`` does, its flags named in the messages).
+
+    Parameters
+    ----------
+    fit_method, preset, max_iter, refine_mesh, prior, posterior_options
+        As in :class:`SpinverseModel`.
+    **options
+        The inversion's options (:class:`~dipy_spinverse.inverse.InversionConfig`
+        fields).
+
+    Returns
+    -------
+    config : InversionConfig
+        The inversion's configuration (before it is fitted to a protocol).
+
+    Raises
+    ------
+    ValueError
+        An option out of range, or one that the fit would ignore: the label
+        search's options with ``fit_method="posterior"``, ``posterior_options``
+        with neither the posterior nor a prior, a posterior or a surface check
+        without ``sigma``, a surface check or ``refine_mesh`` without a label
+        search.
+    """
+    fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
+    posterior = fit_method == "posterior"
+    if posterior:
+        # The posterior uses sigma alone of the inversion's options.
+        unused = sorted(set(options) - {"sigma"})
+        unused += ["max_iter"] if max_iter is not None else []
+        unused += ["refine_mesh"] if refine_mesh else []
+        if unused:
+            raise ValueError(
+                f"option(s) {unused} set the label search, which "
+                "fit_method='posterior' does not run; leave them out or use "
+                "fit_method='search'."
+            )
+    # The posterior's sigma is its own: the search's configuration is the
+    # preset's.
+    config = resolve_config(preset, **({} if posterior else options), max_iter=max_iter)
+    if refine_mesh and not (config.search_steps or config.parametrisation == "cell"):
+        raise ValueError(
+            "refine_mesh=True starts each mesh from a labelled cell: turn the "
+            "label search on (search_steps > 0, e.g. preset='default') or use "
+            "parametrisation='cell'."
+        )
+    surface_check = not posterior and prior is not None
+    if posterior_options is not None and not (posterior or surface_check):
+        raise ValueError(
+            "posterior_options set how the amortised posterior is trained; "
+            "pass fit_method='posterior', or with fit_method='search' a prior "
+            "(the surface check), or leave them out."
+        )
+    if surface_check and not config.search_steps:
+        raise ValueError(
+            "prior turns on the surface check of the label search's "
+            "answers; turn the search on (search_steps > 0, e.g. "
+            "preset='default') or leave prior out."
+        )
+    if (posterior or surface_check) and not options.get("sigma"):
+        what = "fit_method='posterior'" if posterior else "The surface check"
+        raise ValueError(f"{what} needs the noise level: pass sigma {NOISE_HINT}.")
+    if prior is not None and not isinstance(prior, TissuePrior):
+        raise ValueError(
+            "prior must be a dipy_spinverse.posterior.TissuePrior, got "
+            f"{type(prior).__name__}."
+        )
+    if posterior_options is not None and not isinstance(
+        posterior_options, TrainingOptions
+    ):
+        raise ValueError(
+            "posterior_options must be a dipy_spinverse.posterior."
+            f"TrainingOptions, got {type(posterior_options).__name__}."
+        )
+    return config
+
 
 #: The default grid: the published BCC grid of 576 tetrahedra, 26.7 um across.
 DEFAULT_GRID = dict(size=80 / 3, n=4, boundary="reflecting", wall_permeability=0.1)
@@ -199,8 +299,17 @@ class SpinverseModel(ReconstModel):
         **options,
     ):
         self.gtab, self.protocol = gradient_tables(gtab)
+        config = check_model_options(
+            fit_method=fit_method,
+            preset=preset,
+            max_iter=max_iter,
+            refine_mesh=refine_mesh,
+            prior=prior,
+            posterior_options=posterior_options,
+            **options,
+        )
         #: ``"search"`` (the inversion) or ``"posterior"`` (amortised maps).
-        self.fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
+        self.fit_method = fit_method
         self.grid = _make_grid(
             grid, grid_size, grid_resolution, boundary, wall_permeability
         )
@@ -213,7 +322,6 @@ class SpinverseModel(ReconstModel):
         self.options = copy.deepcopy(options)
         #: The protocol's sequences in rank order (:meth:`Protocol.sequences`).
         self.sequences = self.protocol.sequences()
-        config = resolve_config(preset, max_iter=self.max_iter, **options)
         #: The inversion's configuration on this protocol (stages adapted).
         self.config = config.for_protocol(len(self.sequences))
         b0 = self.protocol.bvals == 0
@@ -244,42 +352,13 @@ class SpinverseModel(ReconstModel):
         self.cache_dir = cache_dir
         #: Whether the search's surfaces are checked against a posterior.
         self.surface_check = not posterior and prior is not None
-        if options is not None and not (posterior or self.surface_check):
-            raise ValueError(
-                "posterior_options set how the amortised posterior is trained; "
-                "pass fit_method='posterior' or a prior (the search's surface "
-                "check) with them, or leave them out."
-            )
         if not (posterior or self.surface_check):
             return
-        if posterior and self.refine_mesh:
-            raise ValueError(
-                "refine_mesh refines the label search's cells; use "
-                "fit_method='search' for meshes."
-            )
-        prior = TissuePrior(diffusivity=self.diffusivity) if prior is None else prior
-        if not isinstance(prior, TissuePrior):
-            raise ValueError(
-                "prior must be a dipy_spinverse.posterior.TissuePrior, got "
-                f"{type(prior).__name__}."
-            )
         if self.surface_check:
             self._check_surface_prior(prior)
+        prior = TissuePrior(diffusivity=self.diffusivity) if prior is None else prior
         options = TrainingOptions() if options is None else options
-        if not isinstance(options, TrainingOptions):
-            raise ValueError(
-                "posterior_options must be a dipy_spinverse.posterior."
-                f"TrainingOptions, got {type(options).__name__}."
-            )
-        sigma = self.options.get("sigma")
-        if not sigma:
-            what = "fit_method='posterior'" if posterior else "The surface check"
-            raise ValueError(
-                f"{what} needs the noise level: pass sigma, the "
-                "noise standard deviation over the b=0 signal (1/SNR, e.g. 0.02), "
-                "estimated e.g. with dipy.denoise.noise_estimate.estimate_sigma "
-                "divided by the mean b=0 signal."
-            )
+        sigma = self.options["sigma"]
         #: The noise level of the posterior's input, relative to S0.
         self.posterior_sigma = float(sigma)
         #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
@@ -289,12 +368,6 @@ class SpinverseModel(ReconstModel):
 
     def _check_surface_prior(self, prior):
         """The surface check's prior must simulate the search's own box."""
-        if not self.has_labels or not self.config.search_steps:
-            raise ValueError(
-                "prior turns on the surface check of the label search's "
-                "answers; turn the search on (search_steps > 0, e.g. "
-                "preset='default') or leave prior out."
-            )
         grid = self.grid
         # The search's own physics only: a prior that also holds other boxes
         # ("either") widens the posterior with answers the search cannot
@@ -343,12 +416,6 @@ class SpinverseModel(ReconstModel):
             raise ValueError(
                 "mesh_options are the options of the smooth-mesh refinement; "
                 "pass refine_mesh=True with them, or leave them out."
-            )
-        if self.refine_mesh and not self.has_labels:
-            raise ValueError(
-                "refine_mesh=True starts each mesh from a labelled cell: turn the "
-                "label search on (search_steps > 0, e.g. preset='default') or use "
-                "parametrisation='cell'."
             )
         #: The refinement's options (None without refine_mesh).
         self.mesh_options = (

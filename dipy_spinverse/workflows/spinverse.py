@@ -26,7 +26,7 @@ from ..checks import (
     check_same_space,
 )
 from ..files import atomic_write, load_image, read_voxels, save_image, writable_folder
-from ..inverse import PRESETS, resolve_config
+from ..inverse import PRESETS
 from ..io.gradients import read_gradients
 from ..io.store import (
     MESH_MAPS,
@@ -49,7 +49,7 @@ from ..io.surfaces import (
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
 from ..reconst import POOR_FIT, UNCERTAIN_SURFACE, SpinverseModel
-from ..reconst.model import FIT_METHODS
+from ..reconst.model import FIT_METHODS, NOISE_HINT, check_model_options
 from ..reconst.runner import check_resume
 from .cli import run_command
 from .report import write_posterior_report, write_report
@@ -402,56 +402,28 @@ class SpinverseFlow(Workflow):
         mesh_options = parse_mesh_options(mesh_options, refine_mesh=refine_mesh)
         noise = _noise_option(sigma, snr)
         fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
-        # The inversion's options go through as given and are checked by the
-        # inversion itself (resolve_config, as SpinverseModel does), before
+        posterior = parse_posterior_options(posterior_options, diffusivity)
+        # The model's options go through as given and are checked by the
+        # model itself (check_model_options, as SpinverseModel does), before
         # any data is read; only its messages are put in flag names.
-        if fit_method == "posterior":
-            # Options of the label search, which the posterior does not run.
-            given = {
-                "--search_bootstrap": search_bootstrap,
-                "--search_proposal": search_proposal,
-            }
-            ignored = [flag for flag, value in given.items() if value]
-            if ignored:
-                raise ValueError(
-                    f"{' and '.join(ignored)} set the label search, which "
-                    "--fit_method posterior does not run; leave them out or use "
-                    "--fit_method search."
-                )
-        if fit_method == "search":
-            search_options = dict(
+        _checked_options(
+            fit_method=fit_method,
+            preset=preset,
+            max_iter=max_iter,
+            refine_mesh=bool(refine_mesh),
+            prior=posterior.get("prior"),
+            posterior_options=posterior.get("posterior_options"),
+            **_given(
                 sigma=0.01 if noise is not None else 0,  # the value comes later
                 search_bootstrap=search_bootstrap,
                 search_proposal=search_proposal,
-            )
-            _checked_config(preset, max_iter, search_options)
+            ),
+        )
         searched = preset not in PRESETS or PRESETS[preset].search_steps > 0
-        # Outputs of the label search (not options of the inversion).
-        uncertainty = bool(save_metrics) and "uncertainty" in metrics
-        for asked, what in (
-            (refine_mesh, "--refine_mesh starts from"),
-            (uncertainty, "--save_metrics uncertainty comes from"),
-        ):
-            if asked and not searched:
-                raise ValueError(
-                    f"{what} the label search, which --preset {preset} does not "
-                    "run; use --preset default."
-                )
-        posterior = parse_posterior_options(posterior_options, diffusivity)
-        if posterior and fit_method != "posterior" and "prior" not in posterior:
+        if bool(save_metrics) and "uncertainty" in metrics and not searched:
             raise ValueError(
-                "--posterior_options with --fit_method search turn on the surface "
-                'check, which needs a "prior" whose box is the grid\'s (e.g. '
-                '{"prior": {"boundary": "reflecting", "box_side": 26.67}}); give '
-                "one, or pass --fit_method posterior."
-            )
-        if (fit_method == "posterior" or posterior) and noise is None:
-            what = "--fit_method posterior"
-            if fit_method != "posterior":
-                what = "The surface check (--posterior_options)"
-            raise ValueError(
-                f"{what} needs the noise: --snr (of the b=0 "
-                "signal, e.g. 50), --sigma (in the data's units) or --sigma auto."
+                "--save_metrics uncertainty comes from the label search, which "
+                f"--preset {preset} does not run; use --preset default."
             )
         check_number(bvecs_tol, "bvecs_tol", minimum=0.0)
         smooth_mesh_format = check_choice(
@@ -616,14 +588,25 @@ class SpinverseFlow(Workflow):
         return super().manage_output_overwrite()
 
 
-#: The inversion's options the command passes through, and their flags.
+#: The model's words for its options, and the command's flags for them, in
+#: the order they are put in (a phrase before the words inside it).
 _FLAGS = {
+    NOISE_HINT: "(--snr: of the b=0 signal, e.g. 50; --sigma: in the data's "
+    "units, or auto)",
     "sigma": "--sigma/--snr",
     "search_bootstrap": "--search_bootstrap",
     "search_proposal": "--search_proposal",
     "max_iter": "--max_iter",
     "preset='default'": "--preset default",
     "preset": "--preset",
+    "fit_method='posterior'": "--fit_method posterior",
+    "fit_method='search'": "--fit_method search",
+    "posterior_options": "--posterior_options",
+    "a prior": 'a "prior" in --posterior_options',
+    "leave prior out": 'leave "prior" out',
+    "refine_mesh=True": "--refine_mesh",
+    "refine_mesh": "--refine_mesh",
+    " or use parametrisation='cell'": "",
 }
 
 
@@ -633,12 +616,12 @@ def _given(**options):
     return {name: value for name, value in options.items() if value}
 
 
-def _checked_config(preset, max_iter, options):
-    """Check these flags with the inversion's own check
-    (:func:`~dipy_spinverse.inverse.resolve_config`); its message, if it
-    refuses them, names the flags."""
+def _checked_options(**options):
+    """Check these flags with the model's own check
+    (:func:`~dipy_spinverse.reconst.model.check_model_options`); its message,
+    if it refuses them, names the flags."""
     try:
-        resolve_config(preset, max_iter=max_iter, **_given(**options))
+        check_model_options(**options)
     except ValueError as err:
         message = str(err)
         for option, flag in _FLAGS.items():

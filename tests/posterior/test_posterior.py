@@ -362,6 +362,28 @@ def test_posterior_model_options_are_checked():
         SpinverseModel(PROTOCOL, prior=SMALL_PRIOR, sigma=SIGMA)
     with pytest.raises(ValueError, match="fit_method"):
         SpinverseModel(PROTOCOL, fit_method="bayes")
+    # The label search's options with the posterior are refused, not ignored.
+    for search in (dict(search_bootstrap=2), dict(max_iter=5), dict(refine_mesh=True)):
+        name = next(iter(search))
+        with pytest.raises(ValueError, match=rf"\['{name}'\] set the label search"):
+            SpinverseModel(PROTOCOL, fit_method="posterior", sigma=SIGMA, **search)
+
+
+def test_model_options_are_checked_without_a_gradient_table():
+    """check_model_options is the model's own check (a command calls it
+    before reading data): what it refuses, the model refuses."""
+    from dipy_spinverse.reconst.model import check_model_options
+
+    assert check_model_options(sigma=SIGMA).sigma == SIGMA
+    for options, message in (
+        (dict(fit_method="posterior"), "needs the noise level"),
+        (dict(posterior_options=SMALL_OPTIONS), "pass fit_method='posterior'"),
+        (dict(preset="paper", refine_mesh=True), "starts each mesh from a labelled"),
+        (dict(preset="paper", prior=SMALL_PRIOR), "turn the search on"),
+    ):
+        for check in (check_model_options, lambda **o: SpinverseModel(PROTOCOL, **o)):
+            with pytest.raises(ValueError, match=message):
+                check(**options)
 
 
 def test_prior_simulator_measures_its_time_error():

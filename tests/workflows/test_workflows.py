@@ -312,6 +312,14 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(max_iter=0), "--max_iter must be an integer >= 1"),
         (dict(bvecs_tol=-1), "bvecs_tol must be"),
         (dict(save_metrics=["uncertainty"]), "--save_metrics uncertainty comes"),
+        (
+            dict(preset="default", posterior_options='{"training": {"epochs": 5}}'),
+            'pass --fit_method posterior, or with --fit_method search a "prior" in',
+        ),
+        (
+            dict(preset="default", posterior_options='{"prior": {}}'),
+            r"surface check needs the noise level: pass --sigma/--snr \(--snr: of",
+        ),
         (dict(bvecs="LONG"), r"b.bvec: \d+ diffusion-weighted .* Renormalise"),
         (dict(bvecs="B0_ABOVE", b0_threshold=0), "raise --b0_threshold above it"),
     ],
@@ -683,7 +691,7 @@ def test_refine_mesh_from_the_command_line(demo, tmp_path, monkeypatch):
         (dict(mesh_options="[3]"), "--mesh_options must be a JSON object"),
         (dict(mesh_options='{"n_modes": 3}', refine_mesh=False), "add --refine_mesh"),
         (dict(smooth_mesh_format="stl"), "Invalid smooth_mesh_format"),
-        (dict(preset="paper"), "--preset paper does not run; use --preset default"),
+        (dict(preset="paper"), "--refine_mesh starts each mesh .*--preset default"),
     ],
 )
 def test_refine_mesh_bad_options(demo, tmp_path, kwargs, match):
@@ -843,6 +851,7 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
             demo,
             tmp_path / "out",
             fit_method="posterior",
+            max_iter=None,
             snr=100,
             posterior_options=str(options_file),
             n_report=3,
@@ -867,7 +876,7 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
     state = np.load(outputs["out_state"])
     assert state["status"].shape == (6,)
     with pytest.raises(ValueError, match="needs the noise"):
-        _run(demo, tmp_path / "again", fit_method="posterior")
+        _run(demo, tmp_path / "again", fit_method="posterior", max_iter=None)
     for bad, match in (
         (dict(posterior_options="{prior"), "not valid JSON"),
         (
@@ -875,10 +884,17 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
             "neither a JSON object nor a readable",
         ),
         # The label search's options with the posterior: refused, not ignored.
-        (dict(search_bootstrap=2), "--search_bootstrap set the label search"),
+        (dict(search_bootstrap=2), r"\['--search_bootstrap'\] set the label search"),
     ):
         with pytest.raises(ValueError, match=match):
-            _run(demo, tmp_path / "again", fit_method="posterior", snr=100, **bad)
+            _run(
+                demo,
+                tmp_path / "again",
+                fit_method="posterior",
+                max_iter=None,
+                snr=100,
+                **bad,
+            )
 
 
 def test_a_nan_in_the_timing_file_names_its_volumes(tmp_path):
