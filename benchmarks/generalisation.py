@@ -220,7 +220,7 @@ def _warm_caches(grid, protocol, options, device):
     """Train the proposal and estimate the approximation error (or read them
     from the cache) before the timer starts: one-off costs, not per voxel."""
     config = resolve_config("default", **options)
-    if not (config.uses_proposal or config.approximation_error):
+    if not (config.uses_proposal or config.approximation.n_substrates):
         return
     start = time.perf_counter()
     prepare(

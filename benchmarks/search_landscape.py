@@ -141,7 +141,7 @@ def main():
     grid, protocol, truth, kappas, signal, _, _ = targets("paper", args.n, args.seed)
     data = normalise_b0(torch.as_tensor(signal), protocol)
     config = resolve_config("default")
-    subset = direction_subset(protocol, config.search_directions)
+    subset = direction_subset(protocol, config.search.directions)
     a, b = grid.face_cells.T
 
     def iou(found, true):

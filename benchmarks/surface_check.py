@@ -117,15 +117,7 @@ def _demo_protocol():
     with tempfile.TemporaryDirectory() as folder:
         paths = make_phantom_dataset(folder, tissue_voxels=False)
         table = read_gradients(
-            paths["bvals"],
-            paths["bvecs"],
-            n_volumes=99,
-            big_delta=None,
-            small_delta=None,
-            timing_file=paths["timing"],
-            scheme_file=None,
-            b0_threshold=50.0,
-            bvecs_tol=0.01,
+            paths["bvals"], paths["bvecs"], n_volumes=99, timing_file=paths["timing"]
         )
         with open(paths["surface_check"]) as f:
             posterior = parse_posterior_options(f.read(), 2e-3)

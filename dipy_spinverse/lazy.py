@@ -7,13 +7,14 @@ example :mod:`dipy_spinverse.io.meshes`) can be imported without importing
 the high layers its package also holds.
 """
 
+import ast
 import importlib
 import importlib.abc
 import importlib.util
 import sys
 import warnings
 
-__all__ = ["attach", "alias_moved_modules"]
+__all__ = ["attach", "attach_all", "alias_moved_modules"]
 
 
 def attach(package, names):
@@ -45,6 +46,46 @@ def attach(package, names):
         return sorted(set(vars(module)) | set(names))
 
     return __getattr__, __dir__
+
+
+def attach_all(package, submodules):
+    """Lazy re-export of every public name of some submodules.
+
+    Each submodule's ``__all__`` is read from its source, without importing
+    it, so that the package lists no name twice.
+
+    Parameters
+    ----------
+    package : str
+        The package's ``__name__``.
+    submodules : sequence of str
+        Modules of the package (relative names) whose ``__all__`` the
+        package re-exports.
+
+    Returns
+    -------
+    names : list of str
+        The re-exported names (the package's ``__all__``).
+    __getattr__, __dir__ : callable
+        As :func:`attach` returns them.
+    """
+    names = {
+        name: sub for sub in submodules for name in _static_all(f"{package}.{sub}")
+    }
+    return (list(names), *attach(package, names))
+
+
+def _static_all(module):
+    """The literal ``__all__`` of ``module``, from its source file."""
+    path = importlib.util.find_spec(module).origin
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise ImportError(f"{module} has no literal __all__ to re-export.")
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

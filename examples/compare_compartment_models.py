@@ -316,9 +316,9 @@ seconds["Spinverse"] = result.time_s
 config = result.config
 print(
     "Spinverse: stages",
-    [(s.iterations, s.sequences) for s in config.stages],
+    [(s.iterations, s.sequences) for s in config.face.stages],
     "label-search steps",
-    config.search_steps,
+    config.search.steps,
 )
 
 

@@ -100,7 +100,9 @@ for i, (title, mesh) in enumerate(
     ax.set_title(title)
 ax = fig.add_subplot(1, 3, 3)
 ax.hist(np.log10(result.permeability), bins=40)
-ax.axvline(np.log10(result.config.threshold), color="r", ls="--", label="threshold")
+ax.axvline(
+    np.log10(result.config.face.threshold), color="r", ls="--", label="threshold"
+)
 ax.set_xlabel("log10 permeability (m/s)")
 ax.set_ylabel("faces")
 ax.set_title(f"F1 = {scores['f1']:.2f}, IoU = {scores['iou']:.2f}")

@@ -188,3 +188,26 @@ def test_tests_mirror_the_packages():
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert folders <= packages, folders - packages
     assert all(any((tests / f).glob("test_*.py")) for f in folders)
+
+
+def test_packages_reexport_their_modules_public_names_lazily():
+    """``dipy_spinverse.io`` and ``.workflows`` re-export each listed
+    module's ``__all__`` (read from its source: no name list repeated) and
+    import a module only when one of its names is asked for."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib\n"
+        "import dipy_spinverse.io as io\n"
+        "assert 'dipy_spinverse.io.store' not in sys.modules\n"
+        "for pkg, subs in ((io, ('store', 'surfaces', 'meshes', 'gradients')),\n"
+        "        (importlib.import_module('dipy_spinverse.workflows'),\n"
+        "         ('spinverse', 'report', 'cli'))):\n"
+        "    names = []\n"
+        "    for sub in subs:\n"
+        "        names += importlib.import_module(pkg.__name__ + '.' + sub).__all__\n"
+        "    assert pkg.__all__ == names, (pkg.__all__, names)\n"
+        "    assert all(getattr(pkg, n) is not None for n in names)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,8 @@
 Modules, in the order a reconstruction uses them:
 
 ``config``
-    :class:`InversionConfig` (frozen, validated once) and the :data:`PRESETS`.
+    :class:`InversionConfig` (frozen, validated once) in four parts -- face
+    fit, loss, label search, approximation error -- and the :data:`PRESETS`.
 ``facefit``
     The published face fit: parametrisations, priors, curriculum, Adam.
 ``shapes``
@@ -21,7 +22,16 @@ Data flow: this package calls :func:`dipy_spinverse.simulate`; the DIPY
 layer (:mod:`dipy_spinverse.reconst`) calls :func:`reconstruct`.
 """
 
-from .config import PRESETS, InversionConfig, Stage, resolve_config
+from .config import (
+    PRESETS,
+    ApproximationConfig,
+    FaceFitConfig,
+    InversionConfig,
+    LossConfig,
+    SearchConfig,
+    Stage,
+    resolve_config,
+)
 from .facefit import barrier_probability
 from .proposal import ProposalSettings, load_or_train_proposal
 from .reconstruct import Reconstruction, grid_error, prepare, reconstruct
@@ -33,6 +43,10 @@ __all__ = [
     "grid_error",
     "Reconstruction",
     "InversionConfig",
+    "FaceFitConfig",
+    "LossConfig",
+    "SearchConfig",
+    "ApproximationConfig",
     "Stage",
     "PRESETS",
     "resolve_config",

@@ -1,9 +1,14 @@
 """Configuration of the inversion: presets as frozen, validated dataclasses.
 
-An :class:`InversionConfig` is checked once, when it is built; everything
-downstream trusts it. :func:`resolve_config` builds one from a preset and the
-user's options, refuses options the configuration would ignore, and scales
-the curriculum to a total number of iterations.
+An :class:`InversionConfig` has four parts, each a dataclass that checks
+its own values: the face fit (:class:`FaceFitConfig`), the data loss
+(:class:`LossConfig`), the label search (:class:`SearchConfig`) and the
+grid's approximation error (:class:`ApproximationConfig`). It is checked
+once, when it is built; everything downstream trusts it. Users name the
+options flat (:data:`OPTIONS`; the label search's with a ``search_`` prefix):
+:func:`resolve_config` builds a configuration from a preset and those
+options, refuses options the configuration would ignore, and scales the
+curriculum to a total number of iterations.
 """
 
 import dataclasses
@@ -14,7 +19,17 @@ import numpy as np
 
 from ..checks import check_choice, check_int, check_number
 
-__all__ = ["Stage", "InversionConfig", "PRESETS", "resolve_config"]
+__all__ = [
+    "Stage",
+    "InversionConfig",
+    "FaceFitConfig",
+    "LossConfig",
+    "SearchConfig",
+    "ApproximationConfig",
+    "OPTIONS",
+    "PRESETS",
+    "resolve_config",
+]
 
 # A learned proposal needs some variety to learn from (ProposalSettings
 # refuses fewer).
@@ -81,310 +96,6 @@ class Stage:
         return cls(**stage)
 
 
-@dataclass(frozen=True)
-class InversionConfig:
-    """Everything that sets the result of :func:`reconstruct`.
-
-    The face fit (the published method)
-        ``parametrisation`` ("face": per-face logits; "cell": per-cell
-        occupancy whose jumps set the faces), ``log_kappa_bounds`` (log10
-        m/s), ``init_log_kappa``, ``init_noise`` and its ``init_seed``,
-        ``threshold`` (m/s; faces below it are membranes), Adam's ``lr``
-        with a linear ``warmup`` and cosine decay to ``lr_final`` restarted
-        per stage, per-voxel gradient-norm ``clip`` (0: none), the curriculum
-        ``stages`` (optionally ``blend``-ed, with ``sequence_weights``;
-        ``adapt_stages``: see :meth:`for_protocol`), and
-        the priors ``continuity`` (Huber width ``continuity_delta``),
-        ``manifold`` (``manifold_ramp``-ed in), ``binarise`` and ``area``.
-    The data loss (face fit and label search alike)
-        ``loss_scale`` x mean squared misfit, with a Rician floor when
-        ``noise="rician"`` and ``sigma`` (noise relative to the voxel's mean
-        b = 0 signal) > 0; sequences of different echo times are weighted by
-        their own noise (:func:`dipy_spinverse.sim.signals.noise_precision`).
-        See :func:`dipy_spinverse.sim.signals.data_loss`.
-    The label search (off when ``search_steps`` is 0)
-        At most ``search_steps`` greedy moves over closed cell labellings,
-        scored ``search_batch`` at a time on ``search_directions`` directions
-        per sequence (None: all), in the order of their last known loss
-        (``search_ranking="lazy"``) or half of each batch by their
-        first-order gain from one gradient of the loss per step
-        (``"gradient"``), each cell's membrane moved with them (from the
-        best of ``search_kappas``, m/s, in steps of 0.25 and 0.05 decades
-        within ``log_kappa_bounds``) and refined at the end;
-        ``search_starts`` generic shapes kept after
-        screening, ``search_restarts`` descents, each kicked out of its
-        local minimum ``search_kicks`` times (iterated local search);
-        a move must lower chi-square by ``search_min_gain`` (needs
-        ``sigma``). Starts: the face field's regions, the generic-shape
-        dictionary (``search_dictionary``) and, when ``search_proposal`` > 0,
-        ``search_proposal_samples`` labellings drawn from a learned proposal
-        trained on that many random substrates (cached on disk; see
-        :mod:`dipy_spinverse.inverse.proposal`). With ``search_bootstrap``
-        > 0 the search is repeated on that many wild-bootstrap replicates of
-        each voxel (the fit's prediction plus its residuals with random
-        signs), and the uncertainty and inside probability take in how far
-        their answers move (:func:`~dipy_spinverse.inverse.search.
-        bootstrap_search`; each replicate costs about one more search). See
-        :mod:`dipy_spinverse.inverse.search`.
-    The grid's approximation error (off when ``approximation_error`` is 0)
-        The data are compared with the grid's signals after removing the
-        mean difference between a grid twice as fine and the fit's grid,
-        and each acquisition's noise grows by its spread; both drawn over
-        ``approximation_error`` random substrates (cached on disk; see
-        :mod:`dipy_spinverse.inverse.approximation`).
-    """
-
-    parametrisation: str = "face"
-    log_kappa_bounds: tuple = (-5.0, -1.0)
-    init_log_kappa: float = -3.0
-    init_noise: float = 0.0
-    init_seed: int = 0
-    threshold: float = 1e-3
-    lr: float = 0.6
-    lr_final: float = 0.06
-    warmup: int = 50
-    clip: float = 1.0
-    loss_scale: float = 100.0
-    noise: str = "gaussian"
-    sigma: float = 0.0
-    stages: tuple = (Stage(200, (0,)), Stage(200, (1,)))
-    adapt_stages: bool = True
-    blend: bool = False
-    sequence_weights: tuple | None = None
-    continuity: float = 2.0
-    continuity_delta: float = 5.0
-    manifold: float = 2.0
-    manifold_ramp: bool = True
-    binarise: float = 0.0
-    area: float = 0.0
-    search_steps: int = 0
-    search_batch: int = 16
-    search_ranking: str = "lazy"
-    search_directions: int | None = None
-    search_kappas: tuple = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4)
-    search_starts: int = 16
-    search_restarts: int = 1
-    search_kicks: int = 0
-    search_min_gain: float = 0.0
-    approximation_error: int = 0
-    search_dictionary: bool = True
-    search_proposal: int = 0
-    search_proposal_samples: int = 16
-    search_bootstrap: int = 0
-
-    def __post_init__(self):
-        set_ = object.__setattr__
-        check_choice(self.parametrisation, "parametrisation", ("face", "cell"))
-        check_choice(self.noise, "noise", ("gaussian", "rician"))
-        bounds = tuple(
-            check_number(b, "log_kappa_bounds") for b in _pair(self.log_kappa_bounds)
-        )
-        lo, hi = bounds
-        if not lo < hi:
-            raise ValueError("log_kappa_bounds must be (low, high) with low < high.")
-        set_(self, "log_kappa_bounds", bounds)
-        set_(
-            self,
-            "init_log_kappa",
-            check_number(self.init_log_kappa, "init_log_kappa", hint=" (log10 m/s)"),
-        )
-        if self.parametrisation == "face" and not lo < self.init_log_kappa < hi:
-            raise ValueError(
-                f"init_log_kappa must lie strictly inside log_kappa_bounds {bounds}, "
-                f"got {self.init_log_kappa!r}."
-            )
-        for name in ("init_noise", "lr", "lr_final", "clip", "loss_scale"):
-            set_(self, name, check_number(getattr(self, name), name, minimum=0))
-        for name in ("continuity", "continuity_delta", "manifold", "binarise", "area"):
-            set_(self, name, check_number(getattr(self, name), name, minimum=0))
-        for name in ("adapt_stages", "blend", "manifold_ramp", "search_dictionary"):
-            if not isinstance(getattr(self, name), bool | np.bool_):
-                raise ValueError(
-                    f"{name} must be True or False, got {getattr(self, name)!r}."
-                )
-            set_(self, name, bool(getattr(self, name)))
-        # A Huber width of 0 is no loss at all (torch refuses it at fit time).
-        for name in ("lr", "loss_scale", "continuity_delta"):
-            if getattr(self, name) <= 0:
-                raise ValueError(
-                    f"{name} must be > 0, got {getattr(self, name)!r} (the "
-                    f"paper preset uses {getattr(InversionConfig, name)!r})."
-                )
-        set_(self, "init_seed", check_int(self.init_seed, "init_seed", 0))
-        set_(self, "warmup", check_int(self.warmup, "warmup", 0))
-        threshold = check_number(self.threshold, "threshold", hint=" (m/s)")
-        if not 10.0**lo < threshold < 10.0**hi:
-            raise ValueError(
-                f"threshold must lie between the permeability bounds {10.0**lo:g} "
-                f"and {10.0**hi:g} m/s, got {threshold!r}."
-            )
-        set_(self, "threshold", threshold)
-        set_(
-            self,
-            "sigma",
-            check_number(
-                self.sigma,
-                "sigma",
-                minimum=0,
-                maximum=1,
-                hint=" (noise relative to the b = 0 signal, 1/SNR; 0 if unknown)",
-            ),
-        )
-        set_(self, "stages", _stages(self.stages))
-        if self.sequence_weights is not None:
-            if np.ndim(self.sequence_weights) != 1:
-                raise ValueError(
-                    "sequence_weights must be one weight per sequence (a flat "
-                    f"sequence, rank order), got {self.sequence_weights!r}."
-                )
-            weights = tuple(
-                check_number(w, "sequence_weights", minimum=0)
-                for w in self.sequence_weights
-            )
-            set_(self, "sequence_weights", weights)
-        set_(self, "search_steps", check_int(self.search_steps, "search_steps", 0))
-        check_choice(self.search_ranking, "search_ranking", ("gradient", "lazy"))
-        for name in ("search_batch", "search_starts", "search_restarts"):
-            set_(self, name, check_int(getattr(self, name), name, 1))
-        for name in ("search_kicks", "search_bootstrap"):
-            set_(self, name, check_int(getattr(self, name), name, 0))
-        if self.search_directions is not None:
-            set_(
-                self,
-                "search_directions",
-                check_int(self.search_directions, "search_directions", 1),
-            )
-        given = self.search_kappas
-        if np.ndim(given) != 1 or not all(
-            isinstance(k, numbers.Real) and not isinstance(k, bool) for k in given
-        ):
-            raise ValueError(
-                "search_kappas must be a flat sequence of membrane permeabilities "
-                f"(m/s), e.g. (1e-5, 5e-5), got {given!r}."
-            )
-        kappas = np.asarray(given, dtype=float)
-        if kappas.size == 0 or np.any(
-            ~np.isfinite(kappas) | (kappas < 10.0**lo) | (kappas >= threshold)
-        ):
-            raise ValueError(
-                "search_kappas must list membrane permeabilities (m/s) between the "
-                f"lower bound {10.0**lo:g} and the threshold {threshold:g}."
-            )
-        set_(self, "search_kappas", tuple(float(k) for k in kappas))
-        set_(
-            self,
-            "search_min_gain",
-            check_number(
-                self.search_min_gain,
-                "search_min_gain",
-                minimum=0,
-                hint=" (chi-square units; 0 accepts every move that lowers the loss)",
-            ),
-        )
-
-        proposal = check_int(self.search_proposal, "search_proposal", 0)
-        if 0 < proposal < MIN_PROPOSAL_SUBSTRATES:
-            raise ValueError(
-                f"search_proposal is the number of training substrates of the "
-                f"learned proposal: 0 (off) or at least {MIN_PROPOSAL_SUBSTRATES}, "
-                f"got {proposal}; e.g. search_proposal=4000."
-            )
-        set_(self, "search_proposal", proposal)
-        approximation = check_int(self.approximation_error, "approximation_error", 0)
-        if approximation == 1:
-            raise ValueError(
-                "approximation_error is the number of random substrates its mean "
-                "and spread are drawn over: 0 (off) or at least 2, got 1; e.g. "
-                "approximation_error=32."
-            )
-        set_(self, "approximation_error", approximation)
-        set_(
-            self,
-            "search_proposal_samples",
-            check_int(self.search_proposal_samples, "search_proposal_samples", 1),
-        )
-
-    @property
-    def n_iterations(self):
-        """Total iterations of the face fit."""
-        return sum(stage.iterations for stage in self.stages)
-
-    @property
-    def uses_proposal(self):
-        """Whether the label search starts from the learned proposal: the
-        search runs, a proposal is asked for, and the search starts from the
-        face field (the cell parametrisation starts from its own labels)."""
-        return bool(
-            self.search_steps
-            and self.search_proposal
-            and self.parametrisation == "face"
-        )
-
-    def for_protocol(self, n_sequences):
-        """This configuration on a protocol of ``n_sequences`` sequences.
-
-        The curriculum's stages name sequences by rank (0 = the longest
-        diffusion time). With ``adapt_stages`` (the presets' curricula) and
-        fewer sequences than the stages name -- one diffusion time, as most
-        DIPY datasets have -- the stages merge into a single stage over all
-        acquisitions with the same total iterations. Stages you give are
-        used as given (``adapt_stages`` is then off), and ranks the protocol
-        lacks are an error.
-
-        Returns
-        -------
-        InversionConfig
-
-        Raises
-        ------
-        ValueError
-            Stages or ``sequence_weights`` that the protocol cannot meet.
-        """
-        needed = max(max(stage.ranks(n_sequences)) for stage in self.stages)
-        config = self
-        if self.adapt_stages and needed >= n_sequences:
-            config = dataclasses.replace(
-                self, stages=(Stage(self.n_iterations, "all"),), adapt_stages=False
-            )
-        config._check_protocol(n_sequences)
-        return config
-
-    def _check_protocol(self, n_sequences):
-        for s, stage in enumerate(self.stages):
-            ranks = stage.ranks(n_sequences)
-            if max(ranks) >= n_sequences:
-                raise ValueError(
-                    f"curriculum stage {s} uses sequence rank {max(ranks)}, but the "
-                    f"protocol has only {n_sequences} sequence(s) (distinct timings; "
-                    "rank 0 = the longest diffusion time). Pass stages= that use "
-                    f"ranks < {n_sequences}, stages=[dict(iterations=..., "
-                    "sequences='all')], or acquire more diffusion times."
-                )
-        weights = self.sequence_weights
-        if weights is not None and len(weights) == n_sequences:
-            for s, stage in enumerate(self.stages):
-                if not any(weights[r] > 0 for r in stage.ranks(n_sequences)):
-                    raise ValueError(
-                        f"curriculum stage {s} fits only sequences whose "
-                        "sequence_weights are 0, so it has no data term; give "
-                        "them a weight > 0."
-                    )
-        if self.sequence_weights is not None and len(self.sequence_weights) != (
-            n_sequences
-        ):
-            raise ValueError(
-                f"sequence_weights has {len(self.sequence_weights)} values but the "
-                f"protocol has {n_sequences} sequence(s); give one weight per "
-                "sequence, in rank order (0 = the longest diffusion time)."
-            )
-
-    def as_dict(self):
-        """The options as plain Python values (stages as dicts)."""
-        out = {f.name: getattr(self, f.name) for f in _fields()}
-        out["stages"] = tuple(dataclasses.asdict(s) for s in self.stages)
-        return out
-
-
 def _stages(stages):
     """A non-empty tuple of :class:`Stage` from Stages or dicts."""
     if isinstance(stages, Stage | dict) or not isinstance(stages, tuple | list):
@@ -407,43 +118,500 @@ def _pair(value):
     return low, high
 
 
-def _fields():
-    return dataclasses.fields(InversionConfig)
+def _flag(value, name):
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def _positive(part, name):
+    value = getattr(part, name)
+    if value <= 0:
+        raise ValueError(
+            f"{name} must be > 0, got {value!r} (the paper preset uses "
+            f"{getattr(type(part), name)!r})."
+        )
+
+
+@dataclass(frozen=True)
+class FaceFitConfig:
+    """The face fit (the published method).
+
+    Parameters
+    ----------
+    parametrisation : {"face", "cell"}
+        ``"face"``: per-face logits; ``"cell"``: per-cell occupancy whose
+        jumps set the faces.
+    log_kappa_bounds : tuple of float
+        (low, high) permeability bounds, log10 m/s.
+    init_log_kappa : float
+        Initial permeability (log10 m/s), strictly inside the bounds.
+    init_noise, init_seed
+        Gaussian noise added to the initial logits, and its seed.
+    threshold : float
+        Faces below it (m/s) are membranes.
+    lr, lr_final, warmup, clip
+        Adam's rate with a linear ``warmup`` and cosine decay to ``lr_final``
+        restarted per stage; per-voxel gradient-norm clip (0: none).
+    stages, adapt_stages, blend, sequence_weights
+        The curriculum (:class:`Stage`), optionally ``blend``-ed, with
+        ``sequence_weights``; ``adapt_stages``: see
+        :meth:`InversionConfig.for_protocol`.
+    continuity, continuity_delta, manifold, manifold_ramp, binarise, area
+        The priors' weights: continuity (Huber width ``continuity_delta``),
+        manifold (``manifold_ramp``-ed in), binarisation and area.
+    """
+
+    parametrisation: str = "face"
+    log_kappa_bounds: tuple = (-5.0, -1.0)
+    init_log_kappa: float = -3.0
+    init_noise: float = 0.0
+    init_seed: int = 0
+    threshold: float = 1e-3
+    lr: float = 0.6
+    lr_final: float = 0.06
+    warmup: int = 50
+    clip: float = 1.0
+    stages: tuple = (Stage(200, (0,)), Stage(200, (1,)))
+    adapt_stages: bool = True
+    blend: bool = False
+    sequence_weights: tuple | None = None
+    continuity: float = 2.0
+    continuity_delta: float = 5.0
+    manifold: float = 2.0
+    manifold_ramp: bool = True
+    binarise: float = 0.0
+    area: float = 0.0
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        check_choice(self.parametrisation, "parametrisation", ("face", "cell"))
+        bounds = tuple(
+            check_number(b, "log_kappa_bounds") for b in _pair(self.log_kappa_bounds)
+        )
+        lo, hi = bounds
+        if not lo < hi:
+            raise ValueError("log_kappa_bounds must be (low, high) with low < high.")
+        set_(self, "log_kappa_bounds", bounds)
+        set_(
+            self,
+            "init_log_kappa",
+            check_number(self.init_log_kappa, "init_log_kappa", hint=" (log10 m/s)"),
+        )
+        if self.parametrisation == "face" and not lo < self.init_log_kappa < hi:
+            raise ValueError(
+                f"init_log_kappa must lie strictly inside log_kappa_bounds {bounds}, "
+                f"got {self.init_log_kappa!r}."
+            )
+        for name in ("init_noise", "lr", "lr_final", "clip", "continuity"):
+            set_(self, name, check_number(getattr(self, name), name, minimum=0))
+        for name in ("continuity_delta", "manifold", "binarise", "area"):
+            set_(self, name, check_number(getattr(self, name), name, minimum=0))
+        for name in ("adapt_stages", "blend", "manifold_ramp"):
+            set_(self, name, _flag(getattr(self, name), name))
+        # A Huber width of 0 is no loss at all (torch refuses it at fit time).
+        for name in ("lr", "continuity_delta"):
+            _positive(self, name)
+        set_(self, "init_seed", check_int(self.init_seed, "init_seed", 0))
+        set_(self, "warmup", check_int(self.warmup, "warmup", 0))
+        threshold = check_number(self.threshold, "threshold", hint=" (m/s)")
+        if not 10.0**lo < threshold < 10.0**hi:
+            raise ValueError(
+                f"threshold must lie between the permeability bounds {10.0**lo:g} "
+                f"and {10.0**hi:g} m/s, got {threshold!r}."
+            )
+        set_(self, "threshold", threshold)
+        set_(self, "stages", _stages(self.stages))
+        if self.sequence_weights is not None:
+            if np.ndim(self.sequence_weights) != 1:
+                raise ValueError(
+                    "sequence_weights must be one weight per sequence (a flat "
+                    f"sequence, rank order), got {self.sequence_weights!r}."
+                )
+            weights = tuple(
+                check_number(w, "sequence_weights", minimum=0)
+                for w in self.sequence_weights
+            )
+            set_(self, "sequence_weights", weights)
+
+    @property
+    def n_iterations(self):
+        """Total iterations of the face fit."""
+        return sum(stage.iterations for stage in self.stages)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The data loss, of the face fit and the label search alike.
+
+    ``loss_scale`` x mean squared misfit, with a Rician floor when
+    ``noise="rician"`` and ``sigma`` (noise relative to the voxel's mean
+    b = 0 signal) > 0; sequences of different echo times are weighted by
+    their own noise (:func:`dipy_spinverse.sim.signals.noise_precision`).
+    See :func:`dipy_spinverse.sim.signals.data_loss`.
+    """
+
+    loss_scale: float = 100.0
+    noise: str = "gaussian"
+    sigma: float = 0.0
+
+    def __post_init__(self):
+        check_choice(self.noise, "noise", ("gaussian", "rician"))
+        object.__setattr__(
+            self,
+            "loss_scale",
+            check_number(self.loss_scale, "loss_scale", minimum=0),
+        )
+        _positive(self, "loss_scale")
+        object.__setattr__(
+            self,
+            "sigma",
+            check_number(
+                self.sigma,
+                "sigma",
+                minimum=0,
+                maximum=1,
+                hint=" (noise relative to the b = 0 signal, 1/SNR; 0 if unknown)",
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The label search (off when ``steps`` is 0).
+
+    Options are given with a ``search_`` prefix (``search_steps=300``).
+
+    At most ``steps`` greedy moves over closed cell labellings, scored
+    ``batch`` at a time on ``directions`` directions per sequence (None:
+    all), in the order of their last known loss (``ranking="lazy"``) or half
+    of each batch by their first-order gain from one gradient of the loss
+    per step (``"gradient"``), each cell's membrane moved with them (from the
+    best of ``kappas``, m/s, in steps of 0.25 and 0.05 decades within the
+    face fit's ``log_kappa_bounds``) and refined at the end; ``starts``
+    generic shapes kept after screening, ``restarts`` descents, each kicked
+    out of its local minimum ``kicks`` times (iterated local search); a move
+    must lower chi-square by ``min_gain`` (needs ``sigma``). Starts: the face
+    field's regions, the generic-shape dictionary (``dictionary``) and, when
+    ``proposal`` > 0, ``proposal_samples`` labellings drawn from a learned
+    proposal trained on that many random substrates (cached on disk; see
+    :mod:`dipy_spinverse.inverse.proposal`). With ``bootstrap`` > 0 the
+    search is repeated on that many wild-bootstrap replicates of each voxel
+    (the fit's prediction plus its residuals with random signs), and the
+    uncertainty and inside probability take in how far their answers move
+    (:func:`~dipy_spinverse.inverse.search.bootstrap_search`; each replicate
+    costs about one more search). See :mod:`dipy_spinverse.inverse.search`.
+    """
+
+    steps: int = 0
+    batch: int = 16
+    ranking: str = "lazy"
+    directions: int | None = None
+    kappas: tuple = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4)
+    starts: int = 16
+    restarts: int = 1
+    kicks: int = 0
+    min_gain: float = 0.0
+    dictionary: bool = True
+    proposal: int = 0
+    proposal_samples: int = 16
+    bootstrap: int = 0
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        set_(self, "steps", check_int(self.steps, "search_steps", 0))
+        check_choice(self.ranking, "search_ranking", ("gradient", "lazy"))
+        for name in ("batch", "starts", "restarts", "proposal_samples"):
+            set_(self, name, check_int(getattr(self, name), f"search_{name}", 1))
+        for name in ("kicks", "bootstrap"):
+            set_(self, name, check_int(getattr(self, name), f"search_{name}", 0))
+        if self.directions is not None:
+            set_(
+                self,
+                "directions",
+                check_int(self.directions, "search_directions", 1),
+            )
+        set_(self, "dictionary", _flag(self.dictionary, "search_dictionary"))
+        given = self.kappas
+        if np.ndim(given) != 1 or not all(
+            isinstance(k, numbers.Real) and not isinstance(k, bool) for k in given
+        ):
+            raise ValueError(
+                "search_kappas must be a flat sequence of membrane permeabilities "
+                f"(m/s), e.g. (1e-5, 5e-5), got {given!r}."
+            )
+        set_(self, "kappas", tuple(float(k) for k in given))
+        set_(
+            self,
+            "min_gain",
+            check_number(
+                self.min_gain,
+                "search_min_gain",
+                minimum=0,
+                hint=" (chi-square units; 0 accepts every move that lowers the loss)",
+            ),
+        )
+        proposal = check_int(self.proposal, "search_proposal", 0)
+        if 0 < proposal < MIN_PROPOSAL_SUBSTRATES:
+            raise ValueError(
+                f"search_proposal is the number of training substrates of the "
+                f"learned proposal: 0 (off) or at least {MIN_PROPOSAL_SUBSTRATES}, "
+                f"got {proposal}; e.g. search_proposal=4000."
+            )
+        set_(self, "proposal", proposal)
+
+
+@dataclass(frozen=True)
+class ApproximationConfig:
+    """The grid's approximation error (off when ``n_substrates`` is 0).
+
+    Given as the option ``approximation_error``. The data are compared with
+    the grid's signals after removing the mean difference between a grid
+    twice as fine and the fit's grid, and each acquisition's noise grows by
+    its spread; both drawn over ``n_substrates`` random substrates (cached
+    on disk; see :mod:`dipy_spinverse.inverse.approximation`).
+    """
+
+    n_substrates: int = 0
+
+    def __post_init__(self):
+        n = check_int(self.n_substrates, "approximation_error", 0)
+        if n == 1:
+            raise ValueError(
+                "approximation_error is the number of random substrates its mean "
+                "and spread are drawn over: 0 (off) or at least 2, got 1; e.g. "
+                "approximation_error=32."
+            )
+        object.__setattr__(self, "n_substrates", n)
+
+
+#: The parts of an :class:`InversionConfig`, and the prefix of their options.
+_PARTS = {
+    "face": (FaceFitConfig, ""),
+    "loss": (LossConfig, ""),
+    "search": (SearchConfig, "search_"),
+    "approximation": (ApproximationConfig, None),
+}
+
+
+def _option_name(part, field_name):
+    """The option (keyword of :func:`resolve_config`) of a part's field."""
+    prefix = _PARTS[part][1]
+    return "approximation_error" if prefix is None else prefix + field_name
+
+
+#: Each option, as (part, field).
+OPTIONS = {
+    _option_name(part, f.name): (part, f.name)
+    for part, (cls, _) in _PARTS.items()
+    for f in dataclasses.fields(cls)
+}
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Everything that sets the result of :func:`reconstruct`, in four parts.
+
+    Parameters
+    ----------
+    face : FaceFitConfig
+        The face fit (the published method).
+    loss : LossConfig
+        The data loss (face fit and label search alike).
+    search : SearchConfig
+        The label search.
+    approximation : ApproximationConfig
+        The grid's approximation error.
+
+    Notes
+    -----
+    Users give the options flat, by name (:data:`OPTIONS`: ``lr``,
+    ``sigma``, ``search_steps``, ``approximation_error``, ...), to
+    :func:`resolve_config`, :meth:`replace` or :class:`SpinverseModel`;
+    :meth:`as_dict` gives them back flat. Each part checks its own values;
+    this class checks what spans parts (the search's permeabilities within
+    the face fit's bounds).
+    """
+
+    face: FaceFitConfig = FaceFitConfig()
+    loss: LossConfig = LossConfig()
+    search: SearchConfig = SearchConfig()
+    approximation: ApproximationConfig = ApproximationConfig()
+
+    def __post_init__(self):
+        for part, (cls, _) in _PARTS.items():
+            if not isinstance(getattr(self, part), cls):
+                raise ValueError(
+                    f"InversionConfig.{part} must be a {cls.__name__}, got "
+                    f"{type(getattr(self, part)).__name__}; give options by "
+                    "name with InversionConfig.from_options(...)."
+                )
+        lo, _ = self.face.log_kappa_bounds
+        threshold = self.face.threshold
+        kappas = np.asarray(self.search.kappas)
+        if kappas.size == 0 or np.any(
+            ~np.isfinite(kappas) | (kappas < 10.0**lo) | (kappas >= threshold)
+        ):
+            raise ValueError(
+                "search_kappas must list membrane permeabilities (m/s) between the "
+                f"lower bound {10.0**lo:g} and the threshold {threshold:g}."
+            )
+
+    @classmethod
+    def from_options(cls, **options):
+        """A configuration from options by name (the defaults elsewhere)."""
+        return cls().replace(**options)
+
+    def replace(self, **options):
+        """This configuration with options (by name, :data:`OPTIONS`) changed.
+
+        Raises
+        ------
+        ValueError
+            An unknown option, or a value out of range.
+        """
+        _check_names(options)
+        changes = {}
+        for name, value in options.items():
+            part, field_name = OPTIONS[name]
+            changes.setdefault(part, {})[field_name] = value
+        return dataclasses.replace(
+            self,
+            **{
+                part: dataclasses.replace(getattr(self, part), **fields)
+                for part, fields in changes.items()
+            },
+        )
+
+    @property
+    def uses_proposal(self):
+        """Whether the label search starts from the learned proposal: the
+        search runs, a proposal is asked for, and the search starts from the
+        face field (the cell parametrisation starts from its own labels)."""
+        return bool(
+            self.search.steps
+            and self.search.proposal
+            and self.face.parametrisation == "face"
+        )
+
+    def for_protocol(self, n_sequences):
+        """This configuration on a protocol of ``n_sequences`` sequences.
+
+        The curriculum's stages name sequences by rank (0 = the longest
+        diffusion time). With ``adapt_stages`` (the presets' curricula) and
+        fewer sequences than the stages name -- one diffusion time, as most
+        DIPY datasets have -- the stages merge into a single stage over all
+        acquisitions with the same total iterations. Stages you give are
+        used as given (``adapt_stages`` is then off), and ranks the protocol
+        lacks are an error.
+
+        Returns
+        -------
+        InversionConfig
+
+        Raises
+        ------
+        ValueError
+            Stages or ``sequence_weights`` that the protocol cannot meet.
+        """
+        face = self.face
+        needed = max(max(stage.ranks(n_sequences)) for stage in face.stages)
+        config = self
+        if face.adapt_stages and needed >= n_sequences:
+            config = self.replace(
+                stages=(Stage(face.n_iterations, "all"),), adapt_stages=False
+            )
+        _check_protocol(config.face, n_sequences)
+        return config
+
+    def as_dict(self):
+        """The options by name as plain Python values (stages as dicts)."""
+        out = {
+            name: getattr(getattr(self, part), field_name)
+            for name, (part, field_name) in OPTIONS.items()
+        }
+        out["stages"] = tuple(dataclasses.asdict(s) for s in self.face.stages)
+        return out
+
+
+def _check_protocol(face, n_sequences):
+    for s, stage in enumerate(face.stages):
+        ranks = stage.ranks(n_sequences)
+        if max(ranks) >= n_sequences:
+            raise ValueError(
+                f"curriculum stage {s} uses sequence rank {max(ranks)}, but the "
+                f"protocol has only {n_sequences} sequence(s) (distinct timings; "
+                "rank 0 = the longest diffusion time). Pass stages= that use "
+                f"ranks < {n_sequences}, stages=[dict(iterations=..., "
+                "sequences='all')], or acquire more diffusion times."
+            )
+    weights = face.sequence_weights
+    if weights is None:
+        return
+    if len(weights) != n_sequences:
+        raise ValueError(
+            f"sequence_weights has {len(weights)} values but the "
+            f"protocol has {n_sequences} sequence(s); give one weight per "
+            "sequence, in rank order (0 = the longest diffusion time)."
+        )
+    for s, stage in enumerate(face.stages):
+        if not any(weights[r] > 0 for r in stage.ranks(n_sequences)):
+            raise ValueError(
+                f"curriculum stage {s} fits only sequences whose "
+                "sequence_weights are 0, so it has no data term; give "
+                "them a weight > 0."
+            )
+
+
+def _check_names(options):
+    """Refuse unknown options, with a hint for those of older versions."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if not unknown:
+        return
+    hint = ""
+    if any(k.startswith("polish") for k in unknown):
+        hint = " (the polish_* options are now search_*, e.g. search_steps)"
+    if "seed" in unknown:
+        hint = " (seed is now init_seed, used with init_noise > 0)"
+    raise ValueError(
+        f"Unknown option(s) {unknown}{hint}; valid options are {sorted(OPTIONS)}."
+    )
 
 
 def _ignored_options(config):
     """Options that have no effect in ``config``, with the reason."""
+    face, loss, search = config.face, config.loss, config.search
     ignored = {}
-    if config.search_steps == 0:
-        for f in _fields():
-            if f.name.startswith("search_") and f.name != "search_steps":
-                ignored[f.name] = "the label search is off (search_steps=0)"
-    if config.noise != "rician" and config.search_steps == 0:
+    if search.steps == 0:
+        for name, (part, _) in OPTIONS.items():
+            if part == "search" and name != "search_steps":
+                ignored[name] = "the label search is off (search_steps=0)"
+    if loss.noise != "rician" and search.steps == 0:
         ignored["sigma"] = (
             "the loss is Gaussian (noise='gaussian') and the label search is off "
             "(search_steps=0); use preset='default' or noise='rician'"
         )
-    if config.search_proposal == 0:
+    if search.proposal == 0:
         ignored.setdefault(
             "search_proposal_samples",
             "there is no learned proposal (search_proposal=0)",
         )
-    if config.sigma == 0:
+    if loss.sigma == 0:
         ignored.setdefault(
             "search_min_gain",
             "it is in units of the noise, and sigma is not given; give sigma",
         )
-    if config.parametrisation != "face":
+    if face.parametrisation != "face":
         ignored["init_log_kappa"] = "parametrisation='cell' starts from occupancy 0.5"
         for name in ("search_dictionary", "search_proposal", "search_proposal_samples"):
             ignored.setdefault(
                 name, "parametrisation='cell' starts the label search from its labels"
             )
-    if config.init_noise == 0:
+    if face.init_noise == 0:
         ignored["init_seed"] = "there is no initial noise (init_noise=0)"
-    if config.continuity == 0:
+    if face.continuity == 0:
         ignored["continuity_delta"] = "the continuity prior is off (continuity=0)"
-    if config.manifold == 0:
+    if face.manifold == 0:
         ignored["manifold_ramp"] = "the manifold prior is off (manifold=0)"
     return ignored
 
@@ -459,8 +627,7 @@ def _ignored_options(config):
 #: Rician-aware loss proposes starts for the label search, which gives closed
 #: surfaces and one membrane permeability per cell.
 PRESETS = {"paper": InversionConfig()}
-PRESETS["default"] = dataclasses.replace(
-    PRESETS["paper"],
+PRESETS["default"] = PRESETS["paper"].replace(
     noise="rician",
     # The face fit only proposes starts here, and its regions rarely win
     # against the shape search (same result on 9 of 9 realistic shapes with
@@ -498,7 +665,9 @@ def resolve_config(preset="default", *, max_iter=None, **options):
         protocol of one diffusion time does); stages given in ``options``
         need at least one iteration each.
     **options
-        Fields of :class:`InversionConfig`.
+        Options by name (:data:`OPTIONS`: the fields of the parts of
+        :class:`InversionConfig`, the label search's with a ``search_``
+        prefix).
 
     Returns
     -------
@@ -520,22 +689,12 @@ def resolve_config(preset="default", *, max_iter=None, **options):
                 "InversionConfig."
             )
         base = PRESETS[preset]
-    names = {f.name for f in _fields()}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        hint = ""
-        if any(k.startswith("polish") for k in unknown):
-            hint = " (the polish_* options are now search_*, e.g. search_steps)"
-        if "seed" in unknown:
-            hint = " (seed is now init_seed, used with init_noise > 0)"
-        raise ValueError(
-            f"Unknown option(s) {unknown}{hint}; valid options are {sorted(names)}."
-        )
+    _check_names(options)
     if "stages" in options:  # stages given are used as given
         options = {"adapt_stages": False, **options}
     if max_iter is not None:
         options = _scale_iterations(base, options, check_int(max_iter, "max_iter", 1))
-    config = dataclasses.replace(base, **options)
+    config = base.replace(**options)
     ignored = _ignored_options(config)
     useless = sorted(set(options) & set(ignored))
     if useless:
@@ -548,9 +707,10 @@ def resolve_config(preset="default", *, max_iter=None, **options):
 
 
 def _scale_iterations(base, options, max_iter):
-    stages = list(_stages(options.get("stages", base.stages)))
+    face = base.face
+    stages = list(_stages(options.get("stages", face.stages)))
     if max_iter < len(stages):
-        if not options.get("adapt_stages", base.adapt_stages):
+        if not options.get("adapt_stages", face.adapt_stages):
             raise ValueError(
                 f"max_iter={max_iter} is fewer than the {len(stages)} curriculum "
                 f"stages given; use max_iter >= {len(stages)} or give fewer stages."
@@ -566,7 +726,7 @@ def _scale_iterations(base, options, max_iter):
         for s, k in zip(stages, _split(max_iter, counts), strict=True)
     )
     if "warmup" not in options:
-        options["warmup"] = max(1, round(base.warmup * max_iter / sum(counts)))
+        options["warmup"] = max(1, round(face.warmup * max_iter / sum(counts)))
     return options
 
 

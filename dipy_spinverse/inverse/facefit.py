@@ -75,7 +75,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
     geometry = _Geometry(grid, dtype, device)
     param = _initial_parameters(grid, config, len(data), dtype, device)
     history = {k: [] for k in (*TERMS, "total", "lr")}
-    optimiser = torch.optim.Adam([param], lr=config.lr)
+    optimiser = torch.optim.Adam([param], lr=config.face.lr)
     for n, step in enumerate(schedule(config, protocol)):
         for group in optimiser.param_groups:
             group["lr"] = step.lr
@@ -94,7 +94,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
         )
         total = sum(losses.values())
         total.sum().backward()
-        _clip_per_voxel(param, config.clip)
+        _clip_per_voxel(param, config.face.clip)
         optimiser.step()
         means = {k: float(v.detach().mean()) for k, v in losses.items()}
         for key, value in means.items():
@@ -106,7 +106,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
     with torch.no_grad():
         kappa = 10.0 ** _log_kappa(param, config, geometry)
     labels = None
-    if config.parametrisation == "cell":
+    if config.face.parametrisation == "cell":
         labels = (param.detach() > 0).cpu().numpy().astype(int)
     return FaceFit(kappa, labels, history)
 
@@ -134,16 +134,16 @@ def schedule(config, protocol):
     n_seq = len(sequences)
     config = config.for_protocol(n_seq)
     per_iteration = []
-    for s, stage in enumerate(config.stages):
+    for s, stage in enumerate(config.face.stages):
         ranks = stage.ranks(n_seq)
         n_iter = stage.iterations
         for i in range(n_iter):
             weights = np.zeros(n_seq)
             weights[list(ranks)] = 1.0
-            if config.blend and s > 0:
+            if config.face.blend and s > 0:
                 # Fade the previous stage out instead of switching abruptly.
                 fade = 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(n_iter / 2, 1))))
-                for r in config.stages[s - 1].ranks(n_seq):
+                for r in config.face.stages[s - 1].ranks(n_seq):
                     weights[r] = max(weights[r], fade)
             per_iteration.append((_learning_rate(config, i, n_iter), weights))
     steps = []
@@ -151,23 +151,23 @@ def schedule(config, protocol):
         used = [r for r in range(n_seq) if weights[r] > 0]
         index = np.concatenate([sequences[r][1] for r in used])
         per_acq = weights
-        if config.sequence_weights is not None:
-            per_acq = weights * np.asarray(config.sequence_weights, float)
+        if config.face.sequence_weights is not None:
+            per_acq = weights * np.asarray(config.face.sequence_weights, float)
         per_acq = np.concatenate(
             [np.full(len(sequences[r][1]), per_acq[r]) for r in used]
         )
-        ramp = (n + 1) / len(per_iteration) if config.manifold_ramp else 1.0
+        ramp = (n + 1) / len(per_iteration) if config.face.manifold_ramp else 1.0
         steps.append(Step(lr, ramp, index, protocol[index], per_acq))
     return steps
 
 
 def _learning_rate(config, i, n_iter):
     """Linear warm-up to ``lr``, then cosine decay ending at ``lr_final``."""
-    warm = config.warmup
+    warm = config.face.warmup
     if i < warm:
-        return config.lr * (i + 1) / warm
+        return config.face.lr * (i + 1) / warm
     progress = (i - warm) / max(n_iter - warm - 1, 1)
-    low, high = config.lr_final, config.lr
+    low, high = config.face.lr_final, config.face.lr
     return low + 0.5 * (high - low) * (1 + math.cos(math.pi * progress))
 
 
@@ -189,15 +189,15 @@ class _Geometry:
 
 
 def _initial_parameters(grid, config, n_batch, dtype, device):
-    size = grid.n_faces if config.parametrisation == "face" else grid.n_cells
+    size = grid.n_faces if config.face.parametrisation == "face" else grid.n_cells
     # One draw shared by every voxel: a voxel's result must not depend on the
     # batch it is fitted in (serial, chunked or parallel engines agree).
-    generator = torch.Generator().manual_seed(config.init_seed)
-    noise = config.init_noise * torch.randn(size, generator=generator, dtype=dtype)
+    generator = torch.Generator().manual_seed(config.face.init_seed)
+    noise = config.face.init_noise * torch.randn(size, generator=generator, dtype=dtype)
     noise = noise.expand(n_batch, size)
-    if config.parametrisation == "face":
-        lo, hi = config.log_kappa_bounds
-        frac = (config.init_log_kappa - lo) / (hi - lo)
+    if config.face.parametrisation == "face":
+        lo, hi = config.face.log_kappa_bounds
+        frac = (config.face.init_log_kappa - lo) / (hi - lo)
         param = math.log(frac / (1 - frac)) + noise
     else:
         param = noise.clone()  # occupancy 0.5 everywhere: undecided
@@ -205,8 +205,8 @@ def _initial_parameters(grid, config, n_batch, dtype, device):
 
 
 def _log_kappa(param, config, geometry):
-    lo, hi = config.log_kappa_bounds
-    if config.parametrisation == "face":
+    lo, hi = config.face.log_kappa_bounds
+    if config.face.parametrisation == "face":
         return lo + (hi - lo) * torch.sigmoid(param)
     # Cell occupancy o in (0, 1): a face is a barrier where o jumps, so the
     # recovered barriers are level sets of o -- closed by construction.
@@ -221,9 +221,9 @@ def _losses(pred, data, precision, step, log_kappa, geometry, config):
     data_term = data_loss(
         pred,
         data,
-        loss_scale=config.loss_scale,
-        sigma=config.sigma,
-        noise=config.noise,
+        loss_scale=config.loss.loss_scale,
+        sigma=config.loss.sigma,
+        noise=config.loss.noise,
         weights=weights,
         precision=precision,
     )
@@ -236,11 +236,11 @@ def _losses(pred, data, precision, step, log_kappa, geometry, config):
     return dict(
         data=data_term,
         continuity=term(
-            config.continuity, lambda: _continuity(log_kappa, p, geometry, config)
+            config.face.continuity, lambda: _continuity(log_kappa, p, geometry, config)
         ),
-        manifold=term(config.manifold * step.ramp, lambda: _manifold(p, geometry)),
-        binarise=term(config.binarise, lambda: (p * (1 - p)).mean(-1)),
-        area=term(config.area, lambda: (p * geometry.area_fraction).sum(-1)),
+        manifold=term(config.face.manifold * step.ramp, lambda: _manifold(p, geometry)),
+        binarise=term(config.face.binarise, lambda: (p * (1 - p)).mean(-1)),
+        area=term(config.face.area, lambda: (p * geometry.area_fraction).sum(-1)),
     )
 
 
@@ -253,7 +253,10 @@ def _continuity(log_kappa, p, geometry, config):
     i, j = geometry.pairs[:, 0], geometry.pairs[:, 1]
     diff = log_kappa[:, i] - log_kappa[:, j]
     huber = torch.nn.functional.huber_loss(
-        diff, torch.zeros_like(diff), reduction="none", delta=config.continuity_delta
+        diff,
+        torch.zeros_like(diff),
+        reduction="none",
+        delta=config.face.continuity_delta,
     )
     weight = (1 - (p[:, i] - p[:, j]).abs()).detach()
     return (weight * huber).mean(-1)

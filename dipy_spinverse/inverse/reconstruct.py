@@ -125,7 +125,7 @@ def reconstruct(
         of the face fit; during the label search, after every step,
         ``callback(step, None, {"search": loss, "voxel": index})``.
     **options
-        Fields of :class:`~dipy_spinverse.inverse.InversionConfig`, e.g.
+        Options by name (:data:`dipy_spinverse.inverse.config.OPTIONS`), e.g.
         ``stages``, ``continuity``, ``parametrisation="cell"``, ``sigma``,
         ``search_steps``, and ``max_iter`` (see
         :func:`~dipy_spinverse.inverse.resolve_config`).
@@ -144,7 +144,7 @@ def reconstruct(
     # the presets were validated on (weighting noise-free paper-physics data
     # by the absorbing wall's b = 0 decay lost the bent axon's exact shape).
     precision = torch.as_tensor(signals.precision)
-    if not config.sigma > 0:
+    if not config.loss.sigma > 0:
         precision = torch.ones_like(precision)
     # Normalised in float64 on the CPU, then cast: float32 holds every
     # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
@@ -160,23 +160,23 @@ def reconstruct(
     precision = precision.to(dtype=dtype, device=device)
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
     bias = 0.0
-    if config.approximation_error:
+    if config.approximation.n_substrates:
         error = grid_error(
             grid, protocol, config, diffusivity=diffusivity, device=device
         )
-        data, precision = error.apply(data, precision, config.sigma)
+        data, precision = error.apply(data, precision, config.loss.sigma)
         bias = error.mean
     faces = fit_faces(
         grid, data, protocol, config, sim=sim, precision=precision, callback=callback
     )
     kappa, labels = faces.permeability.cpu().numpy(), faces.labels
     extras = {}
-    if config.search_steps:
+    if config.search.steps:
         search = dict(sim=sim, face_kappa=kappa, labels=labels, precision=precision)
         first, replicates = _search_progress(callback, len(data), config)
         found = search_labels(grid, data, protocol, config, callback=first, **search)
         inside, uncertainty = found.inside_probability, found.uncertainty
-        if config.search_bootstrap:
+        if config.search.bootstrap:
             inside, uncertainty = bootstrap_search(
                 grid, data, found, protocol, config, callback=replicates, **search
             )
@@ -201,13 +201,13 @@ def reconstruct(
     loss = data_loss(
         predicted.detach().double(),
         data.double(),
-        loss_scale=config.loss_scale,
-        sigma=config.sigma,
-        noise=config.noise,
+        loss_scale=config.loss.loss_scale,
+        sigma=config.loss.sigma,
+        noise=config.loss.noise,
         precision=precision.double(),
     )
     if labels is None:
-        barrier = kappa < config.threshold
+        barrier = kappa < config.face.threshold
     else:  # the interface of the labels: closed by construction
         barrier = labels[:, grid.face_cells[:, 0]] != labels[:, grid.face_cells[:, 1]]
         labels = labels.reshape(*batch_shape, grid.n_cells)
@@ -279,19 +279,19 @@ def prepare(grid, protocol, config, *, diffusivity, dtype, device, progress=True
 def grid_error(grid, protocol, config, *, diffusivity, device="cpu", progress=True):
     """The grid's approximation error for ``protocol`` that ``config`` asks
     for (:func:`~.approximation.approximation_error`, cached on disk), or
-    None where ``config.approximation_error`` is 0.
+    None where ``config.approximation.n_substrates`` is 0.
 
     A fit's prediction is in the data's terms: the grid's signal plus this
     error's mean, for whatever protocol is predicted.
     """
-    if not config.approximation_error:
+    if not config.approximation.n_substrates:
         return None
     return approximation_error(
         grid,
         protocol,
-        n_substrates=config.approximation_error,
+        n_substrates=config.approximation.n_substrates,
         diffusivity=diffusivity,
-        open_kappa=10.0 ** config.log_kappa_bounds[1],
+        open_kappa=10.0 ** config.face.log_kappa_bounds[1],
         device=device,
         progress=progress,
     )
@@ -304,9 +304,9 @@ def _search_progress(callback, n_voxels, config):
     search ends: the first one without replicates, else its last replicate.
     The replicates' steps are reported with their voxel's index.
     """
-    if callback is None or not config.search_bootstrap:
+    if callback is None or not config.search.bootstrap:
         return callback, None
-    left = np.full(n_voxels, config.search_bootstrap)
+    left = np.full(n_voxels, config.search.bootstrap)
 
     def first(step, field, losses):
         if "voxel_done" not in losses:

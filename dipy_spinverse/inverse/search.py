@@ -192,14 +192,14 @@ def search_labels(
     -------
     LabelSearch
     """
-    hi = config.log_kappa_bounds[1]
-    search = direction_subset(protocol, config.search_directions)
+    hi = config.face.log_kappa_bounds[1]
+    search = direction_subset(protocol, config.search.directions)
     screen = direction_subset(protocol, SCREEN_DIRECTIONS)
     # The data term of the truth under noise: loss_scale * sigma^2 (mean
     # squared residual). A move must lower chi-square by search_min_gain, and
     # the screened loss spreads by sqrt(2 / n) of it over n acquisitions.
-    noise = config.loss_scale * config.sigma**2
-    min_gain = config.search_min_gain * noise / len(search)
+    noise = config.loss.loss_scale * config.loss.sigma**2
+    min_gain = config.search.min_gain * noise / len(search)
     spread = noise * math.sqrt(2 / len(screen))
     recorder = Recorder(
         BatchScorer(grid, data, protocol, search, config, sim, precision),
@@ -219,9 +219,9 @@ def search_labels(
 
     def voxel(v):
         if labels is None:
-            barrier = face_kappa[v] < config.threshold
+            barrier = face_kappa[v] < config.face.threshold
             starts = [face_field_starts(grid, barrier)]
-            if config.search_dictionary:
+            if config.search.dictionary:
                 starts.append((yield from _screened_shapes(grid, config, spread)))
             if occupancy is not None:
                 # Seeded by the voxel's own proposal: the samples do not
@@ -229,7 +229,7 @@ def search_labels(
                 rng = np.random.default_rng(zlib.crc32(occupancy[v].tobytes()))
                 starts.append(
                     proposal_starts(
-                        grid, occupancy[v], config.search_proposal_samples, rng
+                        grid, occupancy[v], config.search.proposal_samples, rng
                     )
                 )
             starts = np.unique(np.concatenate(starts), axis=0)
@@ -246,7 +246,7 @@ def search_labels(
                 callback(step, None, {"search": float(loss), "voxel": v})
 
         found = yield from _descend(grid, starts, config, min_gain, report)
-        if labels is None and config.search_dictionary:
+        if labels is None and config.search.dictionary:
             found = yield from _screen_reserve(
                 grid, found, config, spread, min_gain, report
             )
@@ -307,7 +307,7 @@ def bootstrap_search(
     its answer, so it cannot see a better basin that the descent never
     visited, and on held-out substrates it called wrong answers certain
     (``doc/validation/generalisation.md``). Here the whole search runs again on
-    ``config.search_bootstrap`` replicates of each voxel: its prediction
+    ``config.search.bootstrap`` replicates of each voxel: its prediction
     plus its residuals with random signs (the wild bootstrap, as used for
     the uncertainty of diffusion tensor fits; Whitcher et al. 2008, Jones
     2008). The residuals hold the noise and whatever of the data the answer
@@ -340,7 +340,7 @@ def bootstrap_search(
         The larger of the answer's own uncertainty and the mean ``1 - IoU``
         of the replicates' labellings against it.
     """
-    k, n = config.search_bootstrap, len(data)
+    k, n = config.search.bootstrap, len(data)
     predicted = found.predicted.to(data)
     voxels = data.cpu().numpy()
     residual = voxels - predicted.cpu().numpy()
@@ -381,7 +381,7 @@ def learned_proposal(
 ):
     """The label search's learned proposal (read from the cache or trained).
 
-    Trained on ``config.search_proposal`` random substrates for this grid,
+    Trained on ``config.search.proposal`` random substrates for this grid,
     protocol and diffusivity, with progress bars if ``progress``; see
     :func:`~dipy_spinverse.inverse.proposal.load_or_train_proposal`.
     """
@@ -389,7 +389,7 @@ def learned_proposal(
         grid,
         protocol,
         diffusivity=diffusivity,
-        settings=ProposalSettings(n_substrates=config.search_proposal),
+        settings=ProposalSettings(n_substrates=config.search.proposal),
         dtype=dtype,
         device=device,
         progress=progress,
@@ -551,7 +551,7 @@ class BatchScorer:
         if precision is None:
             precision = torch.ones_like(data)
         self.precision = precision[:, subset]
-        self.open_kappa = 10.0 ** config.log_kappa_bounds[1]
+        self.open_kappa = 10.0 ** config.face.log_kappa_bounds[1]
         self.cache = SIGNAL_CACHE if cache is None else cache
         self.context = update_digest(
             hashlib.sha256(),
@@ -670,9 +670,9 @@ class BatchScorer:
         return data_loss(
             pred,
             self.target[owners],
-            loss_scale=self.config.loss_scale,
-            sigma=self.config.sigma,
-            noise=self.config.noise,
+            loss_scale=self.config.loss.loss_scale,
+            sigma=self.config.loss.sigma,
+            noise=self.config.loss.noise,
             precision=self.precision[owners],
         )
 
@@ -896,7 +896,7 @@ def _screened_shapes(grid, config, spread, kappas=None):
     on the search directions. ``kappas``: screen at these instead.
     """
     if kappas is None:
-        kappas = np.asarray(config.search_kappas)
+        kappas = np.asarray(config.search.kappas)
         pair = kappas[[0, len(kappas) // 2]]
     else:
         pair = np.asarray(kappas, dtype=float)
@@ -910,11 +910,11 @@ def _screened_shapes(grid, config, spread, kappas=None):
         shapes, quick_losses = stop.value
     best = quick_losses[0] if len(quick_losses) else np.inf
     n_close = np.searchsorted(quick_losses, best + spread, "right")
-    shapes = shapes[: max(config.search_starts, n_close)]
-    if len(shapes) > config.search_starts:
+    shapes = shapes[: max(config.search.starts, n_close)]
+    if len(shapes) > config.search.starts:
         losses = (yield from _best_kappa("search", shapes, pair))[2].min(1)
         shapes = shapes[np.argsort(losses, kind="stable")]
-    return shapes[: config.search_starts]
+    return shapes[: config.search.starts]
 
 
 def _screen_reserve(grid, found, config, spread, min_gain, report):
@@ -933,7 +933,7 @@ def _screen_reserve(grid, found, config, spread, min_gain, report):
     answers is kept. A descended answer that is right is rarely beaten by
     an undescended shape, so the reserve is seldom descended from.
     """
-    kappas = np.asarray(config.search_kappas)
+    kappas = np.asarray(config.search.kappas)
     labels, membrane = found
     reserve = yield from _screened_shapes(grid, config, spread, kappas=kappas)
     answer = (yield "search", labels[None], membrane[None])[0]
@@ -956,10 +956,10 @@ def _descend(grid, starts, config, min_gain, report):
     (:func:`_kicked_descents`). Returns the labels with the lowest final loss
     and their membrane row (:func:`membrane_rows`).
     """
-    kappas = np.asarray(config.search_kappas)
+    kappas = np.asarray(config.search.kappas)
     _, _, losses = yield from _best_kappa("search", starts, kappas)
     found = []
-    for i in np.argsort(losses.min(1))[: config.search_restarts]:
+    for i in np.argsort(losses.min(1))[: config.search.restarts]:
         current = starts[i]
         membrane = membrane_rows(current[None], kappas[np.argmin(losses[i])])[0]
         for _ in range(2):
@@ -991,11 +991,11 @@ def _kicked_descents(grid, labels, config, report, min_gain, membrane):
     labels, so a voxel's result does not depend on the other voxels.
     Returns the labels and their membrane row.
     """
-    if not config.search_kicks:
+    if not config.search.kicks:
         return labels, membrane
     best = (yield "search", labels[None], membrane[None])[0]
     rng = np.random.default_rng(zlib.crc32(labels.astype(np.int8).tobytes()))
-    for _ in range(config.search_kicks):
+    for _ in range(config.search.kicks):
         moves = label_moves(grid, labels)
         kicked, row = labels, membrane
         for i in rng.choice(len(moves), min(KICK_MOVES, len(moves)), False):
@@ -1087,10 +1087,10 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
     def score(candidates, rows):
         return (yield "search", candidates, rows)
 
-    ranked = kappa_bounds is not None and config.search_ranking == "gradient"
+    ranked = kappa_bounds is not None and config.search.ranking == "gradient"
     current = (yield from score(labels[None], membrane[None]))[0]
     known, fresh, gains = {}, set(), None
-    for step in range(config.search_steps):
+    for step in range(config.search.steps):
         moves = label_moves(grid, labels)
         if ranked and gains is None:
             gains = yield from _first_order_gains(grid, labels, moves, membrane)
@@ -1107,10 +1107,10 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
             # linearisation spans decades of permeability and misjudges big
             # group moves, so it may pick moves but not hide any.
             chosen = sorted(pending, key=gains.__getitem__)
-            chosen = chosen[: config.search_batch // 2]
+            chosen = chosen[: config.search.batch // 2]
             taken = set(chosen)
             pending = chosen + [m for m in pending if m not in taken]
-        batch = permeability + pending[: config.search_batch]
+        batch = permeability + pending[: config.search.batch]
         candidates, rows = _apply_moves(labels, membrane, batch)
         losses = yield from score(candidates, rows)
         known.update(zip(batch, losses, strict=True))
@@ -1137,7 +1137,7 @@ def _greedy_steps(grid, labels, config, report, min_gain, membrane):
 
 def _kappa_bounds(config):
     """log10 bounds of a cell's membrane: the lower bound up to the threshold."""
-    return config.log_kappa_bounds[0], math.log10(config.threshold) - 1e-3
+    return config.face.log_kappa_bounds[0], math.log10(config.face.threshold) - 1e-3
 
 
 def _kappa_moves(labels, membrane, bounds):

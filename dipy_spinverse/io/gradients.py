@@ -37,19 +37,43 @@ def read_gradients(
     bvec,
     *,
     n_volumes,
-    big_delta,
-    small_delta,
-    timing_file,
-    scheme_file,
-    b0_threshold,
-    bvecs_tol,
+    big_delta=None,
+    small_delta=None,
+    timing_file=None,
+    scheme_file=None,
+    b0_threshold=50.0,
+    bvecs_tol=0.01,
     data=None,
 ):
     """GradientTable (or Protocol) with timing from exactly one source.
 
-    ``data`` (n_voxels, n_volumes), when given with one timing
-    (``big_delta``, ``small_delta``), is checked for b = 0 volumes of
-    several levels: the mark of several echo or diffusion times."""
+    Parameters
+    ----------
+    bval, bvec : str or path
+        FSL-style b-values (s/mm^2) and b-vectors files.
+    n_volumes : int
+        Volumes of the data: the files must list as many.
+    big_delta, small_delta : float, optional
+        One pulse timing (s) for every volume.
+    timing_file : str or path, optional
+        One "small_delta big_delta" row (s) per volume.
+    scheme_file : str or path, optional
+        A Camino scheme file (its b-values and directions must match).
+    b0_threshold : float
+        b-values up to it are b = 0 volumes (DIPY's default, 50).
+    bvecs_tol : float
+        Tolerance of the b-vectors' unit norm (DIPY's default, 0.01).
+    data : ndarray (n_voxels, n_volumes), optional
+        With one timing (``big_delta``, ``small_delta``), checked for b = 0
+        volumes of several levels: the mark of several echo or diffusion
+        times.
+
+    Returns
+    -------
+    GradientTable or Protocol
+        The table with ``big_delta`` and ``small_delta`` per volume (a
+        :class:`~dipy_spinverse.sim.sequences.Protocol` from a scheme file).
+    """
     try:
         bvals, bvecs = read_bvals_bvecs(os.fspath(bval), os.fspath(bvec))
     except (OSError, ValueError) as err:

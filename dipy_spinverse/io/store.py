@@ -444,7 +444,7 @@ def model_from_spec(spec):
         device = "cpu"
     options, preset = spec["options"], spec["preset"]
     if preset is None:  # a whole configuration was saved
-        preset, options = InversionConfig(**options), {}
+        preset, options = InversionConfig.from_options(**options), {}
     return SpinverseModel(
         table,
         grid=grid,

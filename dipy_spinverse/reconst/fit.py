@@ -312,7 +312,7 @@ class SpinverseFit(ReconstFit):
     def _barrier_of(self, permeability):
         with np.errstate(invalid="ignore"):
             permeability = np.nan_to_num(permeability, nan=np.inf)
-            return permeability < self.model.config.threshold
+            return permeability < self.model.config.face.threshold
 
     @property
     def labels(self):
@@ -453,7 +453,9 @@ class SpinverseFit(ReconstFit):
         the misfit of the raw signal over the voxel's mean b = 0 signal;
         about ``sigma`` where the model explains the data.
         """
-        return self._map(np.sqrt(self._rows("loss") / self.model.config.loss_scale))
+        return self._map(
+            np.sqrt(self._rows("loss") / self.model.config.loss.loss_scale)
+        )
 
     # -- derived maps --------------------------------------------------------------
     @property

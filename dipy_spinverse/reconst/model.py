@@ -77,8 +77,8 @@ def check_model_options(
     fit_method, preset, max_iter, refine_mesh, prior, posterior_options
         As in :class:`SpinverseModel`.
     **options
-        The inversion's options (:class:`~dipy_spinverse.inverse.InversionConfig`
-        fields).
+        The inversion's options by name
+        (:data:`dipy_spinverse.inverse.config.OPTIONS`).
 
     Returns
     -------
@@ -110,7 +110,9 @@ def check_model_options(
     # The posterior's sigma is its own: the search's configuration is the
     # preset's.
     config = resolve_config(preset, **({} if posterior else options), max_iter=max_iter)
-    if refine_mesh and not (config.search_steps or config.parametrisation == "cell"):
+    if refine_mesh and not (
+        config.search.steps or config.face.parametrisation == "cell"
+    ):
         raise ValueError(
             "refine_mesh=True starts each mesh from a labelled cell: turn the "
             "label search on (search_steps > 0, e.g. preset='default') or use "
@@ -123,7 +125,7 @@ def check_model_options(
             "pass fit_method='posterior', or with fit_method='search' a prior "
             "(the surface check), or leave them out."
         )
-    if surface_check and not config.search_steps:
+    if surface_check and not config.search.steps:
         raise ValueError(
             "prior turns on the surface check of the label search's "
             "answers; turn the search on (search_steps > 0, e.g. "
@@ -234,7 +236,9 @@ class SpinverseModel(ReconstModel):
         Where the trained posterior is kept (default
         :func:`dipy_spinverse.files.cache_root`).
     **options
-        Fields of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
+        The inversion's options by name
+        (:data:`dipy_spinverse.inverse.config.OPTIONS`), the fields of the
+        parts of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
         (``continuity``, ``manifold``, ``binarise``, ``area``), curriculum
         (``stages``, ``blend``, ``sequence_weights``), optimiser (``lr``,
         ``lr_final``, ``warmup``, ``clip``), ``threshold``,
@@ -589,12 +593,14 @@ class SpinverseModel(ReconstModel):
     @property
     def has_labels(self):
         """Whether the inversion returns cell labels (search or cell occupancy)."""
-        return self.config.search_steps > 0 or self.config.parametrisation == "cell"
+        return (
+            self.config.search.steps > 0 or self.config.face.parametrisation == "cell"
+        )
 
     @property
     def n_iterations(self):
         """Total iterations of the face fit per voxel."""
-        return self.config.n_iterations
+        return self.config.face.n_iterations
 
     def differences(self, other):
         """Names of the settings that make ``other``'s fits differ from ours.

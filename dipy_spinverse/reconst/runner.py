@@ -206,8 +206,8 @@ def refine_meshes(model, signals, result, rows):
                 signals[[row]],
                 model.protocol,
                 diffusivity=model.diffusivity,
-                sigma=config.sigma,
-                noise=config.noise,
+                sigma=config.loss.sigma,
+                noise=config.loss.noise,
                 options=model.mesh_options,
             )
             vertices, loss = fit.vertices, float(np.min(fit.loss_history))
@@ -243,8 +243,8 @@ def poor_fits(loss, config, n_acquisitions):
     ndarray of bool (n,)
         ``loss / loss_scale`` above :func:`poor_fit_bound`.
     """
-    bound = poor_fit_bound(n_acquisitions, config.sigma)
-    return np.isfinite(loss) & (loss / config.loss_scale > bound)
+    bound = poor_fit_bound(n_acquisitions, config.loss.sigma)
+    return np.isfinite(loss) & (loss / config.loss.loss_scale > bound)
 
 
 def _reconstruct(model, signals, callback=None):
@@ -304,7 +304,7 @@ def empty_params(model, shape):
     labels = None
     if model.has_labels:
         labels = np.full(shape + (model.grid.n_cells,), -1, dtype=np.int16)
-    searched = model.config.search_steps > 0
+    searched = model.config.search.steps > 0
     n_cells = model.grid.n_cells
     return dict(
         permeability=np.full(shape + (model.grid.n_faces,), np.nan),
@@ -472,7 +472,7 @@ def warn_negative(model, n_negative, n_voxels):
     if not n_negative:
         return
     floor = ""
-    if model.config.noise == "rician" and model.config.sigma > 0:
+    if model.config.loss.noise == "rician" and model.config.loss.sigma > 0:
         floor = (
             "; the Rician noise floor of noise='rician' describes magnitude "
             "data: for real-valued data use noise='gaussian'"
@@ -739,7 +739,7 @@ def _progress(bar, model, n_rows, shown):
     runner completes the chunk when it is stored.
     """
     config = model.config
-    face_share = 0.5 if config.search_steps > 0 else 1.0
+    face_share = 0.5 if config.search.steps > 0 else 1.0
     steps = [0, set()]  # search steps so far, voxels whose search ended
 
     base = bar.n  # voxels stored before this chunk
@@ -766,11 +766,11 @@ def _progress(bar, model, n_rows, shown):
             bar.set_postfix_str(text, refresh=steps[0] % 10 == 0)
             return
         text = (
-            f"face fit: iteration {iteration + 1}/{config.n_iterations}, "
+            f"face fit: iteration {iteration + 1}/{config.face.n_iterations}, "
             f"data loss {losses.get('data', float('nan')):.3g}"
         )
         bar.set_postfix_str(text, refresh=False)
-        move(n_rows * face_share * min(1.0, (iteration + 1) / config.n_iterations))
+        move(n_rows * face_share * min(1.0, (iteration + 1) / config.face.n_iterations))
 
     return callback
 

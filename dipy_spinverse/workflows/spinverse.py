@@ -419,7 +419,7 @@ class SpinverseFlow(Workflow):
                 search_proposal=search_proposal,
             ),
         )
-        searched = preset not in PRESETS or PRESETS[preset].search_steps > 0
+        searched = preset not in PRESETS or PRESETS[preset].search.steps > 0
         if bool(save_metrics) and "uncertainty" in metrics and not searched:
             raise ValueError(
                 "--save_metrics uncertainty comes from the label search, which "

@@ -31,7 +31,7 @@ def test_shapes_history_and_determinism(problem):
     for key in ("data", "continuity", "manifold", "binarise", "area", "total", "lr"):
         assert len(a.history[key]) == 12
     assert_array_equal(a.permeability, b.permeability)
-    lo, hi = PRESETS["paper"].log_kappa_bounds
+    lo, hi = PRESETS["paper"].face.log_kappa_bounds
     assert np.all((a.permeability >= 10**lo) & (a.permeability <= 10**hi))
 
 
@@ -64,9 +64,9 @@ def test_loss_is_the_data_term_the_fit_minimised(problem, sigma):
     expected = data_loss(
         torch.as_tensor(rec.predicted),
         torch.as_tensor(VoxelSignals.from_raw(raw, prot).normalised),
-        loss_scale=rec.config.loss_scale,
+        loss_scale=rec.config.loss.loss_scale,
         sigma=sigma,
-        noise=rec.config.noise,
+        noise=rec.config.loss.noise,
         precision=torch.as_tensor(precision),
     ).numpy()
     assert rec.loss.shape == (2,)
@@ -235,7 +235,7 @@ def test_label_search_returns_closed_surfaces(problem):
     labels = result.labels
     assert labels.shape == (grid.n_cells,) and set(np.unique(labels)) <= {0, 1}
     assert_array_equal(result.barrier, grid.interface_faces(labels > 0))
-    lo, hi = PRESETS["default"].log_kappa_bounds
+    lo, hi = PRESETS["default"].face.log_kappa_bounds
     membrane = result.permeability[result.barrier]
     assert np.all(membrane == membrane[0]) and 10.0**lo <= membrane[0] < 1e-3
     assert np.all(result.permeability[~result.barrier] == 10.0**hi)
@@ -252,17 +252,48 @@ def test_init_seed_has_a_meaning(problem):
         resolve_config("paper", init_seed=1)
 
 
+def test_config_parts_take_options_by_name():
+    """The four parts hold every option once; options by name go to their
+    part and come back flat (the keys that fit stores and caches hold)."""
+    from dipy_spinverse.inverse.config import OPTIONS
+
+    config = InversionConfig.from_options(
+        lr=0.3, sigma=0.02, search_steps=5, approximation_error=4
+    )
+    assert config.face.lr == 0.3 and config.loss.sigma == 0.02
+    assert config.search.steps == 5 and config.approximation.n_substrates == 4
+    flat = config.as_dict()
+    assert set(flat) == set(OPTIONS) and len(OPTIONS) == 37
+    assert InversionConfig.from_options(**flat) == config
+    assert PRESETS["default"].replace() == PRESETS["default"]
+    # Each part checks its own values, under the option's name.
+    for options, match in (
+        (dict(search_batch=0), "search_batch must be an integer >= 1"),
+        (dict(approximation_error=1), "approximation_error .* 0 .off. or at least 2"),
+        (dict(noise="poisson"), "noise"),
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(search_steps=1, search_bots=2), r"Unknown option\(s\) \['search_bots'\]"),
+        # Across parts: the search's membranes within the face fit's bounds.
+        (dict(search_kappas=(1e-6,)), "search_kappas must list .* lower bound 1e-05"),
+        (dict(threshold=1.5e-5), "between the lower bound 1e-05 and the threshold"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            InversionConfig.from_options(**options)
+    with pytest.raises(ValueError, match="must be a SearchConfig"):
+        InversionConfig(search=dict(steps=3))
+
+
 def test_config_is_frozen_validated_and_scaled():
     config = resolve_config("default", max_iter=31, sigma=0.02)
     assert isinstance(config, InversionConfig)
-    assert [s.iterations for s in config.stages] == [16, 15]
-    assert config.warmup == 4 and config.sigma == 0.02
+    assert [s.iterations for s in config.face.stages] == [16, 15]
+    assert config.face.warmup == 4 and config.loss.sigma == 0.02
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.sigma = 0.5
+        config.loss.sigma = 0.5
     # Dicts become Stages; a configuration can itself be the preset.
     custom = resolve_config(config, stages=[dict(iterations=3, sequences="all")])
-    assert custom.stages == (Stage(3, "all"),) and custom.sigma == 0.02
-    assert PRESETS["paper"].search_steps == 0 and PRESETS["default"].search_steps > 0
+    assert custom.face.stages == (Stage(3, "all"),) and custom.loss.sigma == 0.02
+    assert PRESETS["paper"].search.steps == 0 and PRESETS["default"].search.steps > 0
 
 
 @pytest.mark.parametrize(
@@ -285,7 +316,7 @@ def test_options_without_effect_are_errors(preset, options, match):
 
 def test_sigma_with_a_rician_paper_fit_is_used():
     config = resolve_config("paper", noise="rician", sigma=0.05)
-    assert config.sigma == 0.05
+    assert config.loss.sigma == 0.05
 
 
 def test_presets_adapt_to_one_diffusion_time():
@@ -293,11 +324,11 @@ def test_presets_adapt_to_one_diffusion_time():
     for preset in ("paper", "default"):
         config = resolve_config(preset)
         adapted = config.for_protocol(1)
-        assert adapted.stages == (Stage(config.n_iterations, "all"),)
+        assert adapted.face.stages == (Stage(config.face.n_iterations, "all"),)
         assert config.for_protocol(2) == config  # enough sequences: unchanged
     # Stages you give are used as given: missing ranks are an error.
     mine = resolve_config("paper", stages=[dict(iterations=5, sequences=(1,))])
-    assert not mine.adapt_stages
+    assert not mine.face.adapt_stages
     with pytest.raises(ValueError, match="rank 1.*only 1 sequence.*sequences='all'"):
         mine.for_protocol(1)
 

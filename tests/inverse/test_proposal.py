@@ -131,9 +131,7 @@ def test_search_fits_one_permeability_per_cell():
     labels = _two_cells(grid)
     truth = label_field(grid, labels, [2e-5, 6e-5], 0.1)
     data = normalise_b0(simulate(grid, truth, prot, dtype=torch.float64)[None], prot)
-    config = dataclasses.replace(
-        resolve_config("default", search_directions=None), search_steps=0
-    )
+    config = resolve_config("default", search_directions=None).replace(search_steps=0)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
     found = search_labels(
         grid, data, prot, config, sim=sim, face_kappa=None, labels=labels[None]

@@ -1,7 +1,5 @@
 """The label search and its generic shapes (inverse.search, inverse.shapes)."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -39,7 +37,7 @@ def test_greedy_label_search_reaches_the_minimum():
     def hamming(candidates):
         return (candidates != target).sum(-1).astype(float)
 
-    config = InversionConfig(search_steps=100, search_batch=4)
+    config = InversionConfig.from_options(search_steps=100, search_batch=4)
     assert_array_equal(greedy_labels(grid, start, hamming, config), target)
     # A flat score is a local minimum everywhere: nothing moves.
     flat = greedy_labels(grid, start, lambda c: np.ones(len(c)), config)
@@ -206,9 +204,9 @@ def test_label_search_finds_the_truth_from_a_nearby_start(
     if start == "near":
         first[np.flatnonzero(inside)[0]] = 0
     data = normalise_b0(torch.as_tensor(signal[None]), prot)
-    steps = PRESETS["default"].search_steps if start == "near" else 0
+    steps = PRESETS["default"].search.steps if start == "near" else 0
     config = resolve_config("default", search_directions=None, search_ranking=ranking)
-    config = dataclasses.replace(config, search_steps=steps)
+    config = config.replace(search_steps=steps)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
     labels, field, predicted, *_ = search_labels(
         grid, data, prot, config, sim=sim, face_kappa=None, labels=first[None]
@@ -451,7 +449,7 @@ def test_kicked_descents_never_worsen_and_repeat():
         rows = candidates.astype(np.int8)
         return np.array([zlib.crc32(r.tobytes()) / 2**32 for r in rows])
 
-    config = InversionConfig(
+    config = InversionConfig.from_options(
         search_steps=20, search_batch=4, search_kicks=5, search_ranking="lazy"
     )
 
@@ -464,7 +462,7 @@ def test_kicked_descents_never_worsen_and_repeat():
     found = kicked()
     assert rugged(found[None])[0] <= rugged(start[None])[0]
     assert_array_equal(kicked(), found)
-    off = dataclasses.replace(config, search_kicks=0)
+    off = config.replace(search_kicks=0)
     assert_array_equal(
         run_steps(
             _kicked_descents(grid, start, off, None, 0.0, membrane),

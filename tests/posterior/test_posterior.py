@@ -374,7 +374,7 @@ def test_model_options_are_checked_without_a_gradient_table():
     before reading data): what it refuses, the model refuses."""
     from dipy_spinverse.reconst.model import check_model_options
 
-    assert check_model_options(sigma=SIGMA).sigma == SIGMA
+    assert check_model_options(sigma=SIGMA).loss.sigma == SIGMA
     for options, message in (
         (dict(fit_method="posterior"), "needs the noise level"),
         (dict(posterior_options=SMALL_OPTIONS), "pass fit_method='posterior'"),

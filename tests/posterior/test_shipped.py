@@ -36,15 +36,7 @@ def _demo_model(tmp_path, *, cache_dir=None, check=False):
     demo/surface_check.json``."""
     paths = make_phantom_dataset(tmp_path / "demo", tissue_voxels=False)
     table = read_gradients(
-        paths["bvals"],
-        paths["bvecs"],
-        n_volumes=99,
-        big_delta=None,
-        small_delta=None,
-        timing_file=paths["timing"],
-        scheme_file=None,
-        b0_threshold=50.0,
-        bvecs_tol=0.01,
+        paths["bvals"], paths["bvecs"], n_volumes=99, timing_file=paths["timing"]
     )
     with open(paths["surface_check" if check else "posterior"]) as f:
         options = parse_posterior_options(f.read(), 2e-3)

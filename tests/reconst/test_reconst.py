@@ -125,7 +125,7 @@ def sphere_fit(gtab):
         predicted=np.ones(6),
         S0=100.0,
         S0_sequences=np.array([60.0, 90.0]),
-        loss=0.25 * model.config.loss_scale,
+        loss=0.25 * model.config.loss.loss_scale,
         status=OK,
     )
     return SpinverseFit(model, params), phantom
@@ -494,7 +494,7 @@ def test_one_diffusion_time(grid, signal):
     )
     for preset in ("paper", "default"):
         model = SpinverseModel(table, grid=grid, preset=preset, max_iter=4)
-        assert len(model.sequences) == 1 and len(model.config.stages) == 1
+        assert len(model.sequences) == 1 and len(model.config.face.stages) == 1
     fit = SpinverseModel(table, grid=grid, **FAST).fit(500.0 * signal[:3])
     assert fit.status == OK and fit.predict().shape == (3,)
 
@@ -674,21 +674,21 @@ def test_missing_engine_package(model, volume, monkeypatch):
 # -- options ------------------------------------------------------------------------
 def test_max_iter_scales_the_curriculum(gtab):
     model = SpinverseModel(gtab, grid_resolution=2, max_iter=31)
-    stages = model.config.stages
+    stages = model.config.face.stages
     assert sum(s.iterations for s in stages) == 31 == model.n_iterations
     assert [s.iterations for s in stages] == [16, 15]
-    assert model.config.warmup == 4  # 25 of 200 iterations, scaled
+    assert model.config.face.warmup == 4  # 25 of 200 iterations, scaled
     stages = (dict(iterations=30, sequences=(0,)), dict(iterations=10, sequences="all"))
     custom = SpinverseModel(
         gtab, grid_resolution=2, max_iter=10, warmup=3, stages=stages
     )
-    assert [s.iterations for s in custom.config.stages] == [7, 3]
-    assert custom.config.warmup == 3
+    assert [s.iterations for s in custom.config.face.stages] == [7, 3]
+    assert custom.config.face.warmup == 3
     assert SpinverseModel(gtab, grid_resolution=2).n_iterations == 200
     # Fewer iterations than the preset's stages: one stage over everything,
     # as on a protocol of one diffusion time.
     one = SpinverseModel(gtab, grid_resolution=2, max_iter=1)
-    assert [(s.iterations, s.sequences) for s in one.config.stages] == [(1, "all")]
+    assert [(s.iterations, s.sequences) for s in one.config.face.stages] == [(1, "all")]
     paper = SpinverseModel(gtab, grid_resolution=2, preset="paper")
     assert paper.n_iterations == 400
 

@@ -711,7 +711,7 @@ def test_uncertainty_map_with_bootstrap_from_the_command_line(demo, tmp_path):
     flow = _run(demo, tmp_path / "out", preset="default", search_bootstrap=1)
     outputs = flow.last_generated_outputs
     fit = load_fit(outputs["out_state"])
-    assert fit.model.config.search_bootstrap == 1
+    assert fit.model.config.search.bootstrap == 1
     uncertainty = _load(outputs["out_uncertainty"])
     assert uncertainty.shape == (3, 2, 1)
     assert_allclose(uncertainty[1, 0, 0], fit.uncertainty[1, 0, 0], rtol=1e-6)
