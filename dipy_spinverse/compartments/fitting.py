@@ -42,6 +42,9 @@ __all__ = [
     "joint_levenberg_marquardt",
 ]
 
+#: The precision of every compartment fit (the solvers, starts and learned
+#: polish): variable projection's normal equations need double precision.
+DTYPE = torch.float64
 # Supports are enumerated, so the number of linear columns is capped.
 MAX_COLUMNS = 8
 # Relative ridge on the normal equations: columns of a model can coincide

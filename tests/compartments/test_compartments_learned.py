@@ -385,7 +385,7 @@ def _smallest_angle_deg(dirs):
 
 
 def test_near_orthogonal_triples():
-    from dipy_spinverse.compartments.base import _near_orthogonal
+    from dipy_spinverse.compartments.amortised import _near_orthogonal
 
     # Axes of random frames, each tilted by at most 20 degrees: unit
     # vectors, pairwise at least 90 - 2 x 20 = 50 degrees apart; the frame
@@ -412,7 +412,7 @@ def test_three_fibre_prior_holds_perpendicular_triples(gtab_shells):
     # pair >= 50 degrees apart), the rest separated uniform draws, of which
     # a share q is that wide too; q is measured here on _separated's own
     # draws. 20,000 draws: within 4 standard errors (0.014) of 1/2 + q/2.
-    from dipy_spinverse.compartments.base import _separated
+    from dipy_spinverse.compartments.amortised import _separated
 
     rng = np.random.default_rng(3)
     model = NoddiModel(gtab_shells, n_fibres=3)
@@ -429,7 +429,7 @@ def test_three_fibre_prior_holds_perpendicular_triples(gtab_shells):
 
 
 def test_separation_redraws_only_close_directions():
-    from dipy_spinverse.compartments.base import _separated
+    from dipy_spinverse.compartments.amortised import _separated
 
     rng = np.random.default_rng(1)
     dirs = np.array([[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]] * 3)
