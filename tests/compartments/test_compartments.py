@@ -783,9 +783,9 @@ def test_chunks_on_threads_give_the_same_fit(gtab_noddi, monkeypatch):
     # The exact kernels take torch's forward mode, whose first use
     # filters a torch warning: threads must not leave that filter (or drop
     # the user's) in the process's filter list.
-    from dipy_spinverse.compartments import base, fitting
+    from dipy_spinverse.compartments import chunks, fitting
 
-    monkeypatch.setattr(base, "_MIN_THREADED_CHUNK", 1)  # small chunks threaded
+    monkeypatch.setattr(chunks, "_MIN_THREADED_CHUNK", 1)  # small chunks threaded
     rng = np.random.default_rng(5)
     V = 8
     params = _one_fibre_noddi(rng, V)
