@@ -95,6 +95,7 @@ def reconstruct(
     dtype=torch.float32,
     device="cpu",
     callback=None,
+    seeds=None,
     **options,
 ):
     """Recover the membrane permeability field of one voxel or a batch.
@@ -124,6 +125,11 @@ def reconstruct(
         ``callback(iteration, permeability_tensor, losses_dict)`` each step
         of the face fit; during the label search, after every step,
         ``callback(step, None, {"search": loss, "voxel": index})``.
+    seeds : sequence of ndarray, optional
+        More starts of the label search, one array of labellings (m_i,
+        n_cells) per voxel (e.g. :func:`~dipy_spinverse.inverse.shapes.
+        descriptor_starts` of the voxel's posterior draws), beside the face
+        field's, the dictionary's and the proposal's.
     **options
         Options by name (:data:`dipy_spinverse.inverse.config.OPTIONS`), e.g.
         ``stages``, ``continuity``, ``parametrisation="cell"``, ``sigma``,
@@ -172,7 +178,9 @@ def reconstruct(
     kappa, labels = faces.permeability.cpu().numpy(), faces.labels
     extras = {}
     if config.search.steps:
-        search = dict(sim=sim, face_kappa=kappa, labels=labels, precision=precision)
+        search = dict(
+            sim=sim, face_kappa=kappa, labels=labels, precision=precision, seeds=seeds
+        )
         first, replicates = _search_progress(callback, len(data), config)
         found = search_labels(grid, data, protocol, config, callback=first, **search)
         inside, uncertainty = found.inside_probability, found.uncertainty

@@ -164,6 +164,7 @@ def search_labels(
     labels=None,
     precision=None,
     callback=None,
+    seeds=None,
 ):
     """Search cell labels and membrane permeabilities per voxel.
 
@@ -187,6 +188,9 @@ def search_labels(
         ``callback(step, None, {"search": loss, "voxel": index})`` after every
         descent step, and ``callback(-1, None, {"voxel_done": index})`` when
         a voxel's descent ends.
+    seeds : sequence of ndarray, optional
+        More starts, labellings (m_i, n_cells) for each voxel (not with
+        ``labels``).
 
     Returns
     -------
@@ -232,6 +236,8 @@ def search_labels(
                         grid, occupancy[v], config.search.proposal_samples, rng
                     )
                 )
+            if seeds is not None and len(seeds[v]):
+                starts.append(np.asarray(seeds[v], dtype=int))
             starts = np.unique(np.concatenate(starts), axis=0)
             if not len(starts):
                 # No closed region in the face field, no dictionary and no
@@ -300,6 +306,7 @@ def bootstrap_search(
     labels=None,
     precision=None,
     callback=None,
+    seeds=None,
 ):
     """Repeat the search on wild-bootstrap replicates: how far does it move?
 
@@ -323,9 +330,9 @@ def bootstrap_search(
         The b0-normalised signals the search was run on.
     found : LabelSearch
         Its result on ``data``.
-    protocol, config, sim, face_kappa, labels, precision
+    protocol, config, sim, face_kappa, labels, precision, seeds
         As given to :func:`search_labels` (the replicates start from the
-        same face field; they are searched in one driven call).
+        same face field and seeds; they are searched in one driven call).
     callback : callable, optional
         As in :func:`search_labels`, with the voxel index of the replicate
         ``r * n_voxels + v``.
@@ -359,6 +366,7 @@ def bootstrap_search(
         labels=None if labels is None else np.tile(labels, (k, 1)),
         precision=None if precision is None else precision.repeat(k, 1),
         callback=callback,
+        seeds=None if seeds is None else list(seeds) * k,
     )
     twin = cell_inversion(grid, exact=False)
     answer = found.labels > 0

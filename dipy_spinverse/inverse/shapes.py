@@ -17,7 +17,14 @@ import numpy as np
 
 from ..geometry.phantoms import axial_coordinates
 
-__all__ = ["shape_search", "shape_search_steps", "run_steps", "shape_families", "Core"]
+__all__ = [
+    "shape_search",
+    "shape_search_steps",
+    "run_steps",
+    "shape_families",
+    "Core",
+    "descriptor_starts",
+]
 
 # Largest radius of a generic shape, 1.6 spacings: the published cells (radius
 # 10 um = 1.5 spacings of the 26.7 um grid) fit, and a larger cell would leave
@@ -251,3 +258,132 @@ def _neighbours(values, value, n=1):
         for k in range(i - n, j + n)
         if 0 <= k < len(values) and (k < i or k >= j)
     ]
+
+
+# -- starts from tissue descriptors ---------------------------------------------
+# The anisotropy at most taken from a draw: 0.95 is a spheroid 4.9 times as
+# long as wide, already a tube through the box for most cells.
+MAX_ANISOTROPY = 0.95
+# Scales of a cell's semi-axes tried to meet its volume on the grid's cells
+# (a labelling is whole tetrahedra, so the nominal ellipsoid's is not).
+VOLUME_SCALES = np.linspace(0.6, 1.6, 21)
+
+
+def descriptor_starts(grid, draws, *, n_positions=4, seed=0):
+    """Start labellings consistent with tissue descriptors.
+
+    Each draw (one posterior sample, say) becomes ``n_cells`` prolate
+    spheroids of equal volume holding its restricted fraction of the box,
+    whose second moments have its anisotropy (the fractional anisotropy of
+    a spheroid of axis ratio ``r`` is ``(r^2 - 1) / sqrt(r^4 + 2)``), their
+    long axes along its orientation. A cell is the tetrahedra whose
+    centroids lie inside its spheroid, scaled to the volume it should hold
+    on this grid. One cell is placed at the box centre and ``n_positions -
+    1`` random centres within a spacing of it; several cells at
+    ``n_positions`` random places that keep them apart.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    draws : dict of ndarray
+        ``restricted_fraction``, ``n_cells``, ``anisotropy`` (n,) and
+        ``orientation`` (n, 3) (:data:`~dipy_spinverse.geometry.DESCRIPTORS`).
+    n_positions : int
+        Placements per draw.
+    seed : int
+        Seed of the placements.
+
+    Returns
+    -------
+    ndarray of int (m, n_cells)
+        Distinct labellings, cells numbered 1, 2, ...; empty and full ones
+        dropped.
+    """
+    rng = np.random.default_rng(seed)
+    fractions = np.asarray(draws["restricted_fraction"], dtype=float)
+    counts = np.rint(np.asarray(draws["n_cells"], dtype=float))
+    anisotropy = np.clip(np.asarray(draws["anisotropy"], float), 0, MAX_ANISOTROPY)
+    axes = np.asarray(draws["orientation"], dtype=float)
+    starts = []
+    for fraction, count, fa, axis in zip(
+        fractions, counts, anisotropy, axes, strict=True
+    ):
+        if not (fraction > 0 and count >= 1 and np.all(np.isfinite(axis))):
+            continue
+        count = int(count)
+        volume = fraction * grid.volume / count
+        semi = _spheroid_axes(volume, _axis_ratio(fa))
+        frame = _frame(axis / np.linalg.norm(axis))
+        for _ in range(n_positions):
+            centres = _centres(grid, count, semi.max(), rng, first=not starts)
+            labels = np.zeros(grid.n_cells, int)
+            for k, centre in enumerate(centres, start=1):
+                free = labels == 0
+                labels[_spheroid_cells(grid, centre, frame, semi, volume, free)] = k
+            starts.append(labels)
+    if not starts:
+        return np.zeros((0, grid.n_cells), int)
+    starts = np.unique(np.array(starts), axis=0)
+    filled = (starts > 0).sum(1)
+    return starts[(filled > 0) & (filled < grid.n_cells)]
+
+
+def _axis_ratio(anisotropy):
+    """Long over short axis of the spheroid of this fractional anisotropy:
+    the root >= 1 of ``(q - 1)^2 = FA^2 (q^2 + 2)`` in ``q = r^2``."""
+    f2 = anisotropy**2
+    q = (1 + np.sqrt(1 - (f2 - 1) * (2 * f2 - 1))) / (1 - f2)
+    return float(np.sqrt(q))
+
+
+def _spheroid_axes(volume, ratio):
+    """Semi-axes (long, short, short) of a prolate spheroid of ``volume``."""
+    short = np.cbrt(3 * volume / (4 * np.pi * ratio))
+    return np.array([ratio * short, short, short])
+
+
+def _frame(axis):
+    """Rows: ``axis`` and two unit vectors perpendicular to it and each other."""
+    helper = np.eye(3)[np.argmin(np.abs(axis))]
+    second = np.cross(axis, helper)
+    second /= np.linalg.norm(second)
+    return np.array([axis, second, np.cross(axis, second)])
+
+
+def _centres(grid, count, radius, rng, *, first):
+    """``count`` cell centres: the box centre first (one cell, first
+    placement), else random; several cells ``2 radius`` apart and, in a
+    walled box, ``radius`` from its walls, where the box allows."""
+    middle = np.full(3, grid.size / 2)
+    if count == 1:
+        if first:
+            return middle[None]
+        return (middle + rng.uniform(-grid.spacing, grid.spacing, 3))[None]
+    margin = 0.0 if grid.periodic else min(radius, grid.size / 2)
+    centres = []
+    for _ in range(50 * count):
+        point = rng.uniform(margin, grid.size - margin, 3)
+        apart = all(
+            np.linalg.norm(grid.displacement(point, c)) >= 2 * radius for c in centres
+        )
+        if apart:
+            centres.append(point)
+        if len(centres) == count:
+            break
+    while len(centres) < count:  # no room: the rest anywhere
+        centres.append(rng.uniform(0, grid.size, 3))
+    return np.array(centres)
+
+
+def _spheroid_cells(grid, centre, frame, semi, volume, free):
+    """The ``free`` cells whose centroids lie in the spheroid about
+    ``centre``, scaled so that their volume is nearest ``volume``."""
+    local = grid.displacement(grid.cell_centroids, centre) @ frame.T
+    radius = np.linalg.norm(local / semi, axis=1)
+    best, best_gap = None, np.inf
+    for scale in VOLUME_SCALES:
+        inside = free & (radius <= scale)
+        gap = abs(grid.cell_volumes[inside].sum() - volume)
+        if gap < best_gap:
+            best, best_gap = inside, gap
+    return best
