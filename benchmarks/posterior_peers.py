@@ -189,14 +189,23 @@ def nexi_estimates(nexi, gtab, noisy, snr):
 
     n = len(noisy)
     eye = np.eye(4)
+    # nexi squeezes the mask: a volume with axes of length 1 loses them
+    # there and not in the image, so the voxels go in (m, 2, 2), padded.
+    m = max(2, -(-n // 4))
+    shape = (m, 2, 2)
+    padded = np.zeros((4 * m, noisy.shape[1]), dtype=np.float32)
+    padded[:n] = noisy
+    padded[n:] = noisy[0]  # fitted and dropped: the mask is 0 there
+    inside = np.arange(4 * m) < n
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder)
         files = {k: str(path / f"{k}.nii.gz") for k in ("dwi", "sigma", "mask")}
-        volume = noisy[:, None, None, :].astype(np.float32)
+        volume = padded.reshape(shape + (noisy.shape[1],))
         nib.save(nib.Nifti1Image(volume, eye), files["dwi"])
-        noise = np.full((n, 1, 1), 1.0 / snr, dtype=np.float32)
+        noise = np.full(shape, 1.0 / snr, dtype=np.float32)
         nib.save(nib.Nifti1Image(noise, eye), files["sigma"])
-        nib.save(nib.Nifti1Image(np.ones((n, 1, 1), np.uint8), eye), files["mask"])
+        mask = inside.reshape(shape).astype(np.uint8)
+        nib.save(nib.Nifti1Image(mask, eye), files["mask"])
         np.savetxt(path / "dwi.bval", gtab.bvals[None] / 1000.0)
         big_delta = np.broadcast_to(gtab.big_delta, gtab.bvals.shape)
         np.savetxt(path / "dwi.td", big_delta[None] * 1e3)
@@ -213,7 +222,7 @@ def nexi_estimates(nexi, gtab, noisy, snr):
             found = sorted((path / "out").glob(f"*{suffix}.nii.gz"))
             if not found:
                 raise FileNotFoundError(f"no *{suffix}.nii.gz written by nexi")
-            return np.asarray(nib.load(found[0]).get_fdata()).reshape(n)
+            return np.asarray(nib.load(found[0]).get_fdata()).reshape(-1)[:n]
 
         return {
             "exchange_time": read("_t_ex") * 1e-3,  # ms -> s
