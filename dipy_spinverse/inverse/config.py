@@ -385,25 +385,29 @@ class ApproximationConfig:
         object.__setattr__(self, "n_substrates", n)
 
 
-#: The parts of an :class:`InversionConfig`, and the prefix of their options.
+#: The parts of an :class:`InversionConfig`.
 _PARTS = {
-    "face": (FaceFitConfig, ""),
-    "loss": (LossConfig, ""),
-    "search": (SearchConfig, "search_"),
-    "approximation": (ApproximationConfig, None),
+    "face": FaceFitConfig,
+    "loss": LossConfig,
+    "search": SearchConfig,
+    "approximation": ApproximationConfig,
 }
 
 
 def _option_name(part, field_name):
-    """The option (keyword of :func:`resolve_config`) of a part's field."""
-    prefix = _PARTS[part][1]
-    return "approximation_error" if prefix is None else prefix + field_name
+    """The option (keyword of :func:`resolve_config`) of a part's field: the
+    names options had before the grouping."""
+    if part == "search":
+        return "search_" + field_name
+    if part == "approximation":  # its one field
+        return "approximation_error"
+    return field_name
 
 
 #: Each option, as (part, field).
 OPTIONS = {
     _option_name(part, f.name): (part, f.name)
-    for part, (cls, _) in _PARTS.items()
+    for part, cls in _PARTS.items()
     for f in dataclasses.fields(cls)
 }
 
@@ -439,7 +443,7 @@ class InversionConfig:
     approximation: ApproximationConfig = ApproximationConfig()
 
     def __post_init__(self):
-        for part, (cls, _) in _PARTS.items():
+        for part, cls in _PARTS.items():
             if not isinstance(getattr(self, part), cls):
                 raise ValueError(
                     f"InversionConfig.{part} must be a {cls.__name__}, got "
