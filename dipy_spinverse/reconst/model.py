@@ -107,9 +107,9 @@ def check_model_options(
                 "fit_method='posterior' does not run; leave them out or use "
                 "fit_method='search'."
             )
-    # The posterior's sigma is its own: the search's configuration is the
-    # preset's.
     config = resolve_config(preset, **({} if posterior else options), max_iter=max_iter)
+    if posterior:  # the noise is checked as the search's is
+        config = config.replace(sigma=options.get("sigma", 0.0))
     if refine_mesh and not (
         config.search.steps or config.face.parametrisation == "cell"
     ):

@@ -362,6 +362,9 @@ def test_posterior_model_options_are_checked():
         SpinverseModel(PROTOCOL, prior=SMALL_PRIOR, sigma=SIGMA)
     with pytest.raises(ValueError, match="fit_method"):
         SpinverseModel(PROTOCOL, fit_method="bayes")
+    for sigma in (-0.02, 2.0, np.nan):
+        with pytest.raises(ValueError, match="sigma must be"):
+            SpinverseModel(PROTOCOL, fit_method="posterior", sigma=sigma)
     # The label search's options with the posterior are refused, not ignored.
     for search in (dict(search_bootstrap=2), dict(max_iter=5), dict(refine_mesh=True)):
         name = next(iter(search))
