@@ -488,6 +488,12 @@ class InversionConfig:
         )
 
     @property
+    def returns_labels(self):
+        """Whether the inversion returns cell labels: the label search's, or
+        the cell parametrisation's occupancy."""
+        return self.search.steps > 0 or self.face.parametrisation == "cell"
+
+    @property
     def uses_proposal(self):
         """Whether the label search starts from the learned proposal: the
         search runs, a proposal is asked for, and the search starts from the

@@ -110,9 +110,7 @@ def check_model_options(
     config = resolve_config(preset, **({} if posterior else options), max_iter=max_iter)
     if posterior:  # the noise is checked as the search's is
         config = config.replace(sigma=options.get("sigma", 0.0))
-    if refine_mesh and not (
-        config.search.steps or config.face.parametrisation == "cell"
-    ):
+    if refine_mesh and not config.returns_labels:
         raise ValueError(
             "refine_mesh=True starts each mesh from a labelled cell: turn the "
             "label search on (search_steps > 0, e.g. preset='default') or use "
@@ -362,9 +360,8 @@ class SpinverseModel(ReconstModel):
             self._check_surface_prior(prior)
         prior = TissuePrior(diffusivity=self.diffusivity) if prior is None else prior
         options = TrainingOptions() if options is None else options
-        sigma = self.options["sigma"]
         #: The noise level of the posterior's input, relative to S0.
-        self.posterior_sigma = float(sigma)
+        self.posterior_sigma = self.config.loss.sigma
         #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
         self.prior = prior.simulator(self.protocol)
         self.posterior_options = options
@@ -593,9 +590,7 @@ class SpinverseModel(ReconstModel):
     @property
     def has_labels(self):
         """Whether the inversion returns cell labels (search or cell occupancy)."""
-        return (
-            self.config.search.steps > 0 or self.config.face.parametrisation == "cell"
-        )
+        return self.config.returns_labels
 
     @property
     def n_iterations(self):
