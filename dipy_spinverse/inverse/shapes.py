@@ -314,8 +314,8 @@ def descriptor_starts(grid, draws, *, n_positions=4, seed=0):
         volume = fraction * grid.volume / count
         semi = _spheroid_axes(volume, _axis_ratio(fa))
         frame = _frame(axis / np.linalg.norm(axis))
-        for _ in range(n_positions):
-            centres = _centres(grid, count, semi.max(), rng, first=not starts)
+        for position in range(n_positions):
+            centres = _centres(grid, count, semi.max(), rng, first=position == 0)
             labels = np.zeros(grid.n_cells, int)
             for k, centre in enumerate(centres, start=1):
                 free = labels == 0

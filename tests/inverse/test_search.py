@@ -700,7 +700,7 @@ def test_descriptor_starts_hold_the_drawn_descriptors():
     two); one cell also its anisotropy and orientation (a spheroid's second
     moments, exact up to the tetrahedra at its surface: within 0.05 and 5
     degrees, measured 0.011 and 0.6 degrees)."""
-    from dipy_spinverse.geometry.descriptors import describe
+    from dipy_spinverse.geometry.descriptors import cell_covariances, describe
     from dipy_spinverse.inverse.shapes import _axis_ratio, descriptor_starts
 
     for fa in (0.0, 0.3, 0.7, 0.9):
@@ -719,6 +719,13 @@ def test_descriptor_starts_hold_the_drawn_descriptors():
     counts = np.array([d["n_cells"] for d in described])
     # Empty (fraction 0) and undefined (NaN orientation) draws give none.
     assert len(starts) == 6 and sorted(counts) == [1, 1, 1, 2, 2, 2]
+    # Each draw's first placement of one cell is the box centre (two draws
+    # of other sizes: two centred cells).
+    sizes = {k: v[[0, 0]] for k, v in draws.items()}
+    sizes["restricted_fraction"] = np.array([0.12, 0.06])
+    again = descriptor_starts(grid, sizes, n_positions=3, seed=1)
+    centres = [cell_covariances(grid, s)[1][0] for s in again]
+    assert sum(np.allclose(c, grid.size / 2, atol=0.2) for c in centres) == 2
     for d in described:
         want = 0.12 if d["n_cells"] == 1 else 0.2
         assert_allclose(d["restricted_fraction"], want, rtol=0.06)
