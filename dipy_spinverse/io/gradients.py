@@ -19,7 +19,12 @@ from ..checks import (
 )
 from ..sim.sequences import PGSE, Protocol, check_bvals, unit_rows
 
-__all__ = ["read_gradients", "read_timing"]
+__all__ = ["read_gradients", "read_timing", "B0_THRESHOLD", "BVECS_TOL"]
+
+#: DIPY's defaults (``gradient_table``): b-values at or below this are b = 0
+#: volumes (s/mm^2), and the b-vectors' unit norm is checked to this.
+B0_THRESHOLD = 50.0
+BVECS_TOL = 0.01
 
 # Camino b-values are recomputed from G and the timing; allow this much
 # disagreement with the bval file (relative, plus an absolute s/mm^2 slack).
@@ -41,8 +46,8 @@ def read_gradients(
     small_delta=None,
     timing_file=None,
     scheme_file=None,
-    b0_threshold=50.0,
-    bvecs_tol=0.01,
+    b0_threshold=B0_THRESHOLD,
+    bvecs_tol=BVECS_TOL,
     data=None,
 ):
     """GradientTable (or Protocol) with timing from exactly one source.
@@ -60,9 +65,9 @@ def read_gradients(
     scheme_file : str or path, optional
         A Camino scheme file (its b-values and directions must match).
     b0_threshold : float
-        b-values up to it are b = 0 volumes (DIPY's default, 50).
+        b-values up to it are b = 0 volumes (:data:`B0_THRESHOLD`).
     bvecs_tol : float
-        Tolerance of the b-vectors' unit norm (DIPY's default, 0.01).
+        Tolerance of the b-vectors' unit norm (:data:`BVECS_TOL`).
     data : ndarray (n_voxels, n_volumes), optional
         With one timing (``big_delta``, ``small_delta``), checked for b = 0
         volumes of several levels: the mark of several echo or diffusion

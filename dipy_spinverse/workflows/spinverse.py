@@ -27,7 +27,7 @@ from ..checks import (
 )
 from ..files import atomic_write, load_image, read_voxels, save_image, writable_folder
 from ..inverse import PRESETS
-from ..io.gradients import read_gradients
+from ..io.gradients import B0_THRESHOLD, BVECS_TOL, read_gradients
 from ..io.store import (
     MESH_MAPS,
     Checkpoint,
@@ -118,8 +118,8 @@ class SpinverseFlow(Workflow):
         small_delta=None,
         timing_file=None,
         scheme_file=None,
-        b0_threshold=50.0,
-        bvecs_tol=0.01,
+        b0_threshold=B0_THRESHOLD,
+        bvecs_tol=BVECS_TOL,
         grid_size=None,
         grid_resolution=4,
         boundary="reflecting",
