@@ -26,7 +26,6 @@ from ..checks import (
     check_same_space,
 )
 from ..files import atomic_write, load_image, read_voxels, save_image, writable_folder
-from ..inverse import PRESETS
 from ..io.gradients import B0_THRESHOLD, BVECS_TOL, read_gradients
 from ..io.store import (
     MESH_MAPS,
@@ -406,7 +405,7 @@ class SpinverseFlow(Workflow):
         # The model's options go through as given and are checked by the
         # model itself (check_model_options, as SpinverseModel does), before
         # any data is read; only its messages are put in flag names.
-        _checked_options(
+        config = _checked_options(
             fit_method=fit_method,
             preset=preset,
             max_iter=max_iter,
@@ -419,8 +418,7 @@ class SpinverseFlow(Workflow):
                 search_proposal=search_proposal,
             ),
         )
-        searched = preset not in PRESETS or PRESETS[preset].search.steps > 0
-        if bool(save_metrics) and "uncertainty" in metrics and not searched:
+        if bool(save_metrics) and "uncertainty" in metrics and not config.search.steps:
             raise ValueError(
                 "--save_metrics uncertainty comes from the label search, which "
                 f"--preset {preset} does not run; use --preset default."
@@ -618,10 +616,11 @@ def _given(**options):
 
 def _checked_options(**options):
     """Check these flags with the model's own check
-    (:func:`~dipy_spinverse.reconst.model.check_model_options`); its message,
-    if it refuses them, names the flags."""
+    (:func:`~dipy_spinverse.reconst.model.check_model_options`), which returns
+    the inversion's configuration; its message, if it refuses them, names the
+    flags."""
     try:
-        check_model_options(**options)
+        return check_model_options(**options)
     except ValueError as err:
         message = str(err)
         for option, flag in _FLAGS.items():
