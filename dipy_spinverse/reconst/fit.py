@@ -18,12 +18,14 @@ POOR_FIT     5     fitted, but the residual is far above the noise ``sigma``
                    (:data:`~dipy_spinverse.reconst.runner.POOR_FIT_FALSE_ALARM`):
                    the data are not what the model can produce. A warning:
                    the voxel keeps its outputs and every map is filled
-UNCERTAIN_   7     fitted within the noise, but the surface is not
-SURFACE            determined: ``uncertainty`` (expected 1 - IoU of the
-                   answer's cells against the truth's) is at least
-                   :data:`UNCERTAIN_SURFACE_LEVEL`. A warning: the voxel
-                   keeps its outputs; the workflow writes its barriers apart
-                   from the trusted ones
+UNCERTAIN_   7     fitted, but the surface is not determined:
+SURFACE            ``uncertainty`` (expected 1 - IoU of the answer's cells
+                   against the truth's) is at least
+                   :data:`UNCERTAIN_SURFACE_LEVEL`; it is 1 where the answer
+                   misfits the data beyond the noise or ``sigma`` is not
+                   given (``reconst.runner.vouch_for_surfaces``). A warning:
+                   the voxel keeps its outputs; the workflow writes its
+                   barriers apart from the trusted ones
 PENDING      -1    inside the mask but not fitted yet (partial fits)
 MASKED       -2    outside the mask
 ===========  ====  ==========================================================
@@ -96,7 +98,10 @@ STATUS_CODES = {
     FAILED: "the inversion raised an error",
     DIVERGED: "the fit returned non-finite values",
     POOR_FIT: "residual far above the noise",
-    UNCERTAIN_SURFACE: "surface not determined by the data (uncertainty >= 0.1)",
+    UNCERTAIN_SURFACE: (
+        "surface not determined by the data (uncertainty >= 0.1, 1 where the "
+        "answer misfits beyond the noise)"
+    ),
     PENDING: "not fitted yet",
     MASKED: "outside the mask",
 }

@@ -343,6 +343,16 @@ class SpinverseModel(ReconstModel):
                 UserWarning,
                 stacklevel=2,
             )
+        searches = self.fit_method == "search" and self.config.search.steps > 0
+        if searches and not self.config.loss.sigma > 0:
+            warnings.warn(
+                "sigma is not given: the label search cannot test whether its "
+                "answers fit the data within the noise, so it vouches for no "
+                "surface (uncertainty 1, status UNCERTAIN_SURFACE; "
+                f"reconst.runner.vouch_for_surfaces). Pass sigma {NOISE_HINT}.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._set_refinement(refine_mesh, mesh_options)
         self._set_posterior(prior, posterior_options, n_posterior_samples, cache_dir)
         self._pid = os.getpid()

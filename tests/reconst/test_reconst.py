@@ -30,6 +30,7 @@ from dipy_spinverse.reconst import (
     OK,
     POOR_FIT,
     STATUS_CODES,
+    UNCERTAIN_SURFACE,
     SpinverseFit,
     SpinverseModel,
 )
@@ -852,6 +853,61 @@ def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):
     assert_array_equal(blind.fit(data).status, [OK, OK])
 
 
+def test_the_misfit_test_is_the_noises_chi_square_quantile():
+    """An answer is rejected when its mean squared misfit is above sigma^2
+    chi2.isf(0.05, n) / n: of fits that explain the data (Gaussian noise of
+    sigma on every acquisition) 5 % are, within sampling error (50,000
+    draws: standard error 0.1 %, asserted within 0.4 %)."""
+    n, sigma = 40, 0.02
+    bound = runner.poor_fit_bound(
+        n, sigma, false_alarm=runner.SURFACE_MISFIT_FALSE_ALARM
+    )
+    assert_allclose(bound, sigma**2 * chi2.isf(0.05, n) / n, rtol=1e-12)
+    residual = sigma * np.random.default_rng(5).standard_normal((50_000, n))
+    rejected = np.mean((residual**2).mean(1) > bound)
+    assert abs(rejected - 0.05) < 0.004
+
+
+def test_answers_the_data_reject_are_not_vouched_for(gtab, grid):
+    """An answer whose misfit is beyond the noise gets uncertainty 1 (the
+    labelling that made the data was not found), POOR_FIT ones included
+    (they keep their status); within the noise the search's own stays."""
+    sigma = 0.02
+    model = SpinverseModel(gtab, grid=grid, max_iter=2, search_steps=2, sigma=sigma)
+    bound = runner.poor_fit_bound(
+        len(BVALS), sigma, false_alarm=runner.SURFACE_MISFIT_FALSE_ALARM
+    )
+    loss = model.config.loss.loss_scale * bound * np.array([0.5, 0.99, 1.01, 3, 3])
+    result = dict(
+        uncertainty=np.array([0.02, 0.3, 0.02, 0.05, 0.05]),
+        loss=loss,
+        status=np.array([OK, OK, OK, OK, POOR_FIT]),
+    )
+    runner.vouch_for_surfaces(model, result, np.arange(5))
+    assert_array_equal(result["uncertainty"], [0.02, 0.3, 1.0, 1.0, 1.0])
+    runner.flag_uncertain_surfaces(result, np.arange(5))
+    assert_array_equal(
+        result["status"],
+        [OK, UNCERTAIN_SURFACE, UNCERTAIN_SURFACE, UNCERTAIN_SURFACE, POOR_FIT],
+    )
+
+
+def test_without_sigma_the_search_vouches_for_no_surface(gtab, grid, signal):
+    """Without a noise level no misfit can be tested: the model says so when
+    it is made, and every answer has uncertainty 1 and status
+    UNCERTAIN_SURFACE (its maps kept)."""
+    with pytest.warns(UserWarning, match="vouches for no surface.*Pass sigma"):
+        model = SpinverseModel(gtab, grid=grid, max_iter=2, search_steps=2)
+    fit = model.fit(700.0 * T2_WEIGHT * np.stack([signal, signal]))
+    assert_array_equal(fit.uncertainty, [1.0, 1.0])
+    assert_array_equal(fit.status, [UNCERTAIN_SURFACE, UNCERTAIN_SURFACE])
+    assert fit.fitted.all() and np.isfinite(fit.restricted_fraction).all()
+    # No label search, no surface to vouch for: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SpinverseModel(gtab, grid=grid, preset="paper", max_iter=2)
+
+
 def test_cell_parametrisation_keeps_the_search_uncertainty(gtab, grid, signal):
     """The label search runs from the cell fit's labels: its uncertainty and
     inside probability are kept, as with the face fit's starts."""
@@ -878,7 +934,8 @@ def test_float32_fit_does_not_depend_on_the_raw_scale(gtab, grid, signal):
         gtab, grid=grid, max_iter=3, search_steps=2, search_starts=1, dtype="float32"
     )
     fit = model.fit(np.stack([signal * s for s in (1e-100, 1.0, 1e40)]))
-    assert_array_equal(fit.status, OK)
+    assert fit.fitted.all()
+    assert_array_equal(fit.status, fit.status[1])
     assert_array_equal(fit.labels[0], fit.labels[1])
     assert_array_equal(fit.labels[2], fit.labels[1])
 
