@@ -39,7 +39,7 @@ from ..geometry.substrates import random_substrates
 from ..sim.forward import simulate, update_digest
 from ..sim.grid import TetGrid
 from ..sim.signals import normalise_b0
-from .search import label_field
+from .search import OPEN_KAPPA, label_field
 
 __all__ = [
     "ApproximationError",
@@ -129,7 +129,7 @@ def approximation_error(
     *,
     n_substrates,
     diffusivity=2e-3,
-    open_kappa=0.1,
+    open_kappa=OPEN_KAPPA,
     refine=2,
     cache_dir=None,
     device="cpu",

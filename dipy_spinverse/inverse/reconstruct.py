@@ -19,7 +19,13 @@ from ..sim.signals import VoxelSignals, data_loss, normalise_b0
 from .approximation import approximation_error
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
-from .search import bootstrap_search, cell_labels, learned_proposal, search_labels
+from .search import (
+    OPEN_KAPPA,
+    bootstrap_search,
+    cell_labels,
+    learned_proposal,
+    search_labels,
+)
 
 __all__ = ["Reconstruction", "reconstruct", "prepare", "grid_error"]
 
@@ -299,7 +305,7 @@ def grid_error(grid, protocol, config, *, diffusivity, device="cpu", progress=Tr
         protocol,
         n_substrates=config.approximation.n_substrates,
         diffusivity=diffusivity,
-        open_kappa=10.0 ** config.face.log_kappa_bounds[1],
+        open_kappa=OPEN_KAPPA,
         device=device,
         progress=progress,
     )

@@ -17,7 +17,7 @@ from dipy_spinverse.inverse.approximation import (
     ApproximationError,
     approximation_error,
 )
-from dipy_spinverse.inverse.search import label_field
+from dipy_spinverse.inverse.search import OPEN_KAPPA, label_field
 from dipy_spinverse.reconst import SpinverseModel
 from dipy_spinverse.sim.sequences import fibonacci_sphere
 from dipy_spinverse.sim.signals import normalise_b0
@@ -58,7 +58,7 @@ def test_bias_removal_brings_unseen_substrates_closer(estimate):
     subs = random_substrates(fine, 8, seed=APPROXIMATION_SEED + 1)
     _, nearest = cKDTree(fine.cell_centroids).query(GRID.cell_centroids)
     coarse = [
-        label_field(GRID, s.labels[nearest], np.asarray(s.permeability), 0.1)
+        label_field(GRID, s.labels[nearest], np.asarray(s.permeability), OPEN_KAPPA)
         for s in subs
     ]
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_reconstruct_uses_the_estimate(estimate, monkeypatch):
     )
     protocol = _protocol()
     inside = np.linalg.norm(GRID.cell_centroids - GRID.size / 2, axis=1) < 7
-    field = np.where(GRID.interface_faces(inside), 1e-5, 0.1)
+    field = np.where(GRID.interface_faces(inside), 1e-5, OPEN_KAPPA)
     signal = simulate(GRID, field, protocol).numpy()
     options = dict(preset="paper", max_iter=2, dtype=torch.float64)
     plain = reconstruct(GRID, signal, protocol, **options)
@@ -153,7 +153,9 @@ def test_model_predicts_in_the_data_terms_on_any_table(estimate, monkeypatch):
         protocol.bvals, bvecs=protocol.bvecs, small_delta=0.01, big_delta=0.03
     )
     inside = np.linalg.norm(GRID.cell_centroids - GRID.size / 2, axis=1) < 7
-    signal = simulate(GRID, np.where(GRID.interface_faces(inside), 1e-5, 0.1), protocol)
+    signal = simulate(
+        GRID, np.where(GRID.interface_faces(inside), 1e-5, OPEN_KAPPA), protocol
+    )
     model = SpinverseModel(
         table, grid=GRID, preset="paper", max_iter=2, approximation_error=16
     )

@@ -20,6 +20,7 @@ from dipy_spinverse.inverse.proposal import (
     proposal_starts,
 )
 from dipy_spinverse.inverse.search import (
+    OPEN_KAPPA,
     Recorder,
     cell_labels,
     label_field,
@@ -110,7 +111,8 @@ def test_inversion_twin_gives_the_same_signal(problem):
     )
     assert not np.array_equal(labels, labels[twin])
     fields = [
-        np.where(grid.interface_faces(lab), 2e-5, 0.1) for lab in (labels, labels[twin])
+        np.where(grid.interface_faces(lab), 2e-5, OPEN_KAPPA)
+        for lab in (labels, labels[twin])
     ]
     signal = simulate(grid, np.stack(fields), prot, dtype=torch.float64).numpy()
     assert_allclose(signal[0], signal[1], rtol=1e-9, atol=1e-12)
@@ -129,7 +131,7 @@ def test_search_fits_one_permeability_per_cell():
     for big in (0.03, 0.06):
         prot = prot + Protocol.pgse(bvals, dirs, small_delta=0.005, big_delta=big)
     labels = _two_cells(grid)
-    truth = label_field(grid, labels, [2e-5, 6e-5], 0.1)
+    truth = label_field(grid, labels, [2e-5, 6e-5], OPEN_KAPPA)
     data = normalise_b0(simulate(grid, truth, prot, dtype=torch.float64)[None], prot)
     config = resolve_config("default", search_directions=None).replace(search_steps=0)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")

@@ -6,8 +6,10 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import Protocol, TetGrid, simulate
+from dipy_spinverse.geometry.phantoms import cylinder
 from dipy_spinverse.inverse import PRESETS, InversionConfig, reconstruct, resolve_config
 from dipy_spinverse.inverse.search import (
+    OPEN_KAPPA,
     BatchScorer,
     Recorder,
     SignalCache,
@@ -157,7 +159,7 @@ def test_true_cells_of_different_permeability_are_a_fixed_point(problem):
     truth = np.where(ball & left, 1, np.where(ball, 2, 0))
     truth = cell_labels(grid, truth)  # numbered by volume, as returned
     kappas = np.array([2e-6, 3e-5])
-    field = label_field(grid, truth, kappas, 0.1)
+    field = label_field(grid, truth, kappas, OPEN_KAPPA)
     signal = simulate(grid, field, prot, dtype=torch.float64).numpy()
     data = normalise_b0(torch.as_tensor(signal[None]), prot)
     config = resolve_config("default", search_directions=None)
@@ -167,6 +169,27 @@ def test_true_cells_of_different_permeability_are_a_fixed_point(problem):
     )
     assert_array_equal(labels[0], truth)
     assert_allclose(found[0], field, rtol=0.02)
+
+
+def test_open_faces_of_the_search_conduct_as_free_water():
+    """The search's field of an exact labelling (open faces at OPEN_KAPPA)
+    gives the signal of the substrate itself (open faces without membrane,
+    the simulator's kappa = inf branch): within 1e-6 of S0 on the default
+    grid (1 / (kappa R) <= 1.3e-6 there). The face fit's upper bound of
+    0.1 m/s misses it by about 1e-3."""
+    grid = TetGrid.bcc(80 / 3, 4)
+    bvals = np.repeat([0.0, 1000.0, 3000.0], 6)
+    bvecs = np.tile(fibonacci_sphere(6), (3, 1))
+    prot = Protocol.pgse(bvals, bvecs, small_delta=0.01, big_delta=0.04)
+    truth = cylinder(grid, radius=8.0, axis=(1, 0, 1), kappa=2e-5)
+    assert np.isinf(truth.permeability).any()
+    field = label_field(grid, truth.labels, [2e-5], OPEN_KAPPA)
+    faint = label_field(grid, truth.labels, [2e-5], 0.1)
+    kappa = np.stack([truth.permeability, field, faint])
+    signal = simulate(grid, kappa, prot, diffusivity=3e-3, dtype=torch.float64)
+    signal = signal.abs().numpy()
+    assert np.abs(signal[1] - signal[0]).max() < 1e-6
+    assert np.abs(signal[2] - signal[0]).max() > 1e-4
 
 
 def test_direction_subset_keeps_b0_and_whole_shells():
@@ -198,7 +221,7 @@ def test_label_search_finds_the_truth_from_a_nearby_start(
     """
     grid, prot, _ = problem
     inside = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
-    truth = np.where(grid.interface_faces(inside), kappa, 0.1)
+    truth = np.where(grid.interface_faces(inside), kappa, OPEN_KAPPA)
     signal = simulate(grid, truth, prot).numpy()
     first = inside.copy()
     if start == "near":
@@ -255,7 +278,7 @@ def test_default_preset_recovers_the_published_shapes(name, snr):
     phantoms["bent_axon"] = bent_axon(grid, radius=4.5, curvature_radius=20.0)
     phantom = phantoms[name]
     prot = published_protocol()
-    signal = simulate(grid, np.where(phantom.barrier, 1e-5, 0.1), prot).numpy()
+    signal = simulate(grid, np.where(phantom.barrier, 1e-5, OPEN_KAPPA), prot).numpy()
     options = {}
     if snr is not None:
         rng = np.random.default_rng(0)
@@ -282,12 +305,12 @@ def test_voxels_searched_together_match_one_at_a_time(problem):
     """
     grid, prot, signal = problem
     other = simulate(
-        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, 0.1), prot
+        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, OPEN_KAPPA), prot
     ).numpy()
     data = normalise_b0(torch.as_tensor(np.stack([signal, other])), prot)
     config = resolve_config("default", search_directions=None, search_steps=10)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
-    face = np.full((2, grid.n_faces), 0.1)
+    face = np.full((2, grid.n_faces), OPEN_KAPPA)
     together = search_labels(grid, data, prot, config, sim=sim, face_kappa=face)
     for v in range(2):
         alone = search_labels(
@@ -331,7 +354,7 @@ def test_scorer_simulates_each_field_once(problem, monkeypatch):
     assert len(scorer.cache) == 3
     fields = np.array(
         [
-            np.where(grid.interface_faces(c), m, 0.1)
+            np.where(grid.interface_faces(c), m, OPEN_KAPPA)
             for c, m in zip(candidates, membranes, strict=True)
         ]
     )
@@ -355,7 +378,10 @@ def test_opening_gains_match_finite_differences(problem):
     of order 1e-6 relative, and rounding of the loss (about 1e-16 of it)
     over a step of 1e-3 of a small derivative reaches 2e-5 relative on open
     faces whose gain is 1e-6 of the largest (measured); hence rtol 1e-4 and
-    an absolute floor of 1e-7 of the largest gain.
+    an absolute floor of 1e-7 of the largest gain. Open faces at
+    ``OPEN_KAPPA`` sit where w(kappa) has saturated (within 1e-6 of A / R,
+    which w cannot pass): their conductance is moved down by 1e-3 and 2e-3
+    of itself, a one-sided three-point rule (truncation of order 1e-6).
     """
     from dipy_spinverse.sim.operators import face_conductance
 
@@ -369,24 +395,38 @@ def test_opening_gains_match_finite_differences(problem):
     half = (np.arange(grid.n_cells) < 24).astype(int)
     membrane = 3e-5
     gains = scorer.opening_gains(np.array([1]), half[None], np.array([membrane]))[0]
-    kappa = np.where(grid.interface_faces(half), membrane, 0.1)
+    kappa = np.where(grid.interface_faces(half), membrane, OPEN_KAPPA)
     diffusivity = torch.full((1, grid.n_cells), 2e-3, dtype=torch.float64)
 
     def conductance(field):
         return face_conductance(grid, torch.as_tensor(field)[None], diffusivity)[0]
 
-    opened = conductance(np.full(grid.n_faces, 0.1)) - conductance(
+    opened = conductance(np.full(grid.n_faces, OPEN_KAPPA)) - conductance(
         np.full(grid.n_faces, membrane)
     )
     floor = 1e-7 * np.abs(gains).max()
     faces = np.flatnonzero(np.abs(gains) > 0)[::5]
-    assert len(faces) > 5
+    assert len(faces) > 5 and (kappa[faces] == OPEN_KAPPA).any()
+    w = conductance(kappa).numpy()
+    # w = A kappa / (kappa R + 1): the kappa of a conductance w is w / (A - w R).
+    area, resistance = grid.face_areas, grid.face_distances.sum(1) / 2e-3
     for f in faces:
-        up, down = kappa.copy(), kappa.copy()
-        up[f] *= 1 + 1e-3
-        down[f] *= 1 - 1e-3
-        d_loss = scorer.score_field(1, up) - scorer.score_field(1, down)
-        d_w = float(conductance(up)[f] - conductance(down)[f])
+        if kappa[f] < OPEN_KAPPA:  # a membrane: central differences in kappa
+            up, down = kappa.copy(), kappa.copy()
+            up[f] *= 1 + 1e-3
+            down[f] *= 1 - 1e-3
+            d_loss = scorer.score_field(1, up) - scorer.score_field(1, down)
+            d_w = float(conductance(up)[f] - conductance(down)[f])
+        else:  # saturated: w cannot grow, so a one-sided three-point rule in w
+            h = 1e-3 * w[f]
+            steps = []
+            for k in (1, 2):
+                moved = kappa.copy()
+                target = w[f] - k * h
+                moved[f] = target / (area[f] - target * resistance[f])
+                steps.append(scorer.score_field(1, moved))
+            base = scorer.score_field(1, kappa)
+            d_loss, d_w = 3 * base - 4 * steps[0] + steps[1], 2 * h
         expected = d_loss / d_w * float(opened[f])
         assert_allclose(gains[f], expected, rtol=1e-4, atol=floor)
 
@@ -580,7 +620,9 @@ def test_bootstrap_flags_an_answer_the_data_do_not_hold(problem):
     not returned by the replicates that carry the ball's signal: its
     uncertainty is at least 1 / k of such replicates (1 - IoU = 1 each)."""
     grid, prot, data, config, search, found = _bootstrap_problem(problem, k=4)
-    empty = normalise_b0(simulate(grid, np.full((1, grid.n_faces), 0.1), prot), prot)
+    empty = normalise_b0(
+        simulate(grid, np.full((1, grid.n_faces), OPEN_KAPPA), prot), prot
+    )
     wrong = found._replace(
         labels=np.zeros_like(found.labels),
         predicted=empty,
@@ -600,7 +642,7 @@ def test_bootstrap_replicates_do_not_depend_on_other_voxels(problem):
     moves losses by its tolerance only)."""
     grid, prot, signal = problem
     other = simulate(
-        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, 0.1), prot
+        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, OPEN_KAPPA), prot
     ).numpy()
     options = dict(
         preset="default", search_directions=None, search_steps=8, search_bootstrap=2
@@ -677,7 +719,7 @@ def test_search_without_any_start_answers_no_cell(problem):
     dictionary or a proposal there is no start. The answer is no cell (a
     labelling like any other), not a crash that failed the whole batch."""
     grid, prot, _ = problem
-    free = simulate(grid, np.full(grid.n_faces, 0.1), prot).numpy()
+    free = simulate(grid, np.full(grid.n_faces, OPEN_KAPPA), prot).numpy()
     found = reconstruct(
         grid,
         free,
@@ -745,7 +787,7 @@ def test_seeds_are_starts_of_the_search():
     )
     truth = np.zeros(grid.n_cells, int)
     truth[np.linalg.norm(grid.cell_centroids - grid.size / 2, axis=1) < 9] = 1
-    field = np.full(grid.n_faces, 0.1)
+    field = np.full(grid.n_faces, OPEN_KAPPA)
     field[truth[grid.face_cells[:, 0]] != truth[grid.face_cells[:, 1]]] = 1e-5
     signal = simulate(grid, field[None], protocol, diffusivity=2e-3).numpy()
     options = dict(
