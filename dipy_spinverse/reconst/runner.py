@@ -95,10 +95,12 @@ POOR_FIT_FALSE_ALARM = 1e-6
 #: search's surface (:func:`vouch_for_surfaces`). An answer whose misfit the
 #: noise explains at this level is not rejected; one beyond it is not the
 #: labelling that made the data, and the search did not find that one. On
-#: held-out random cells at SNR 100 (``benchmarks/surface_check.py``) the
-#: wrong answers' chi-square over 99 acquisitions ran from 90 to 300 and the
-#: exact answers' from 81 to 116; the conventional 5 % level (123 for 99
-#: acquisitions) is strict where a confident wrong surface costs most.
+#: the held-out random cells and published shapes of
+#: ``benchmarks/surface_check.py`` at SNR 100 (before the search's open faces
+#: were made free water), wrong answers' chi-square over 99 acquisitions ran
+#: from 90 to 300 and exact answers' from 81 to 116; the conventional 5 %
+#: level (123 for 99 acquisitions) is strict where a confident wrong surface
+#: costs most.
 SURFACE_MISFIT_FALSE_ALARM = 0.05
 
 
