@@ -126,7 +126,7 @@ def test_reconstruct_uses_the_estimate(estimate, monkeypatch):
     )
     protocol = _protocol()
     inside = np.linalg.norm(GRID.cell_centroids - GRID.size / 2, axis=1) < 7
-    field = np.where(GRID.interface_faces(inside), 1e-5, OPEN_KAPPA)
+    field = np.where(GRID.interface_faces(inside), 1e-5, np.inf)
     signal = simulate(GRID, field, protocol).numpy()
     options = dict(preset="paper", max_iter=2, dtype=torch.float64)
     plain = reconstruct(GRID, signal, protocol, **options)
@@ -154,7 +154,7 @@ def test_model_predicts_in_the_data_terms_on_any_table(estimate, monkeypatch):
     )
     inside = np.linalg.norm(GRID.cell_centroids - GRID.size / 2, axis=1) < 7
     signal = simulate(
-        GRID, np.where(GRID.interface_faces(inside), 1e-5, OPEN_KAPPA), protocol
+        GRID, np.where(GRID.interface_faces(inside), 1e-5, np.inf), protocol
     )
     model = SpinverseModel(
         table, grid=GRID, preset="paper", max_iter=2, approximation_error=16

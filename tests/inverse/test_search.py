@@ -278,7 +278,7 @@ def test_default_preset_recovers_the_published_shapes(name, snr):
     phantoms["bent_axon"] = bent_axon(grid, radius=4.5, curvature_radius=20.0)
     phantom = phantoms[name]
     prot = published_protocol()
-    signal = simulate(grid, np.where(phantom.barrier, 1e-5, OPEN_KAPPA), prot).numpy()
+    signal = simulate(grid, np.where(phantom.barrier, 1e-5, np.inf), prot).numpy()
     options = {}
     if snr is not None:
         rng = np.random.default_rng(0)
@@ -305,12 +305,12 @@ def test_voxels_searched_together_match_one_at_a_time(problem):
     """
     grid, prot, signal = problem
     other = simulate(
-        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, OPEN_KAPPA), prot
+        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, np.inf), prot
     ).numpy()
     data = normalise_b0(torch.as_tensor(np.stack([signal, other])), prot)
     config = resolve_config("default", search_directions=None, search_steps=10)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
-    face = np.full((2, grid.n_faces), OPEN_KAPPA)
+    face = np.full((2, grid.n_faces), 0.1)
     together = search_labels(grid, data, prot, config, sim=sim, face_kappa=face)
     for v in range(2):
         alone = search_labels(
@@ -642,7 +642,7 @@ def test_bootstrap_replicates_do_not_depend_on_other_voxels(problem):
     moves losses by its tolerance only)."""
     grid, prot, signal = problem
     other = simulate(
-        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, OPEN_KAPPA), prot
+        grid, np.where(grid.interface_faces(np.arange(48) < 24), 2e-5, np.inf), prot
     ).numpy()
     options = dict(
         preset="default", search_directions=None, search_steps=8, search_bootstrap=2
@@ -719,7 +719,7 @@ def test_search_without_any_start_answers_no_cell(problem):
     dictionary or a proposal there is no start. The answer is no cell (a
     labelling like any other), not a crash that failed the whole batch."""
     grid, prot, _ = problem
-    free = simulate(grid, np.full(grid.n_faces, OPEN_KAPPA), prot).numpy()
+    free = simulate(grid, np.full(grid.n_faces, np.inf), prot).numpy()
     found = reconstruct(
         grid,
         free,
@@ -787,7 +787,7 @@ def test_seeds_are_starts_of_the_search():
     )
     truth = np.zeros(grid.n_cells, int)
     truth[np.linalg.norm(grid.cell_centroids - grid.size / 2, axis=1) < 9] = 1
-    field = np.full(grid.n_faces, OPEN_KAPPA)
+    field = np.full(grid.n_faces, np.inf)
     field[truth[grid.face_cells[:, 0]] != truth[grid.face_cells[:, 1]]] = 1e-5
     signal = simulate(grid, field[None], protocol, diffusivity=2e-3).numpy()
     options = dict(
