@@ -20,7 +20,9 @@ the data best:
 3. **Permeability**: each cell's refined from the descent's, by a 1-D
    search for one cell (:func:`refine_kappa`), jointly for several.
 4. **Uncertainty**: the labellings scored within the noise of the answer
-   are weighed by their likelihood (:meth:`Recorder.posterior`); optionally
+   are weighed by their likelihood (:meth:`Recorder.posterior`), and the
+   answer is no surer than half its disagreement with any of them
+   (:meth:`Recorder.ambiguity`); optionally
    the whole search is repeated on wild-bootstrap replicates of the data
    (:func:`bootstrap_search`), which also sees answers in other basins.
 
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from ..geometry.metrics import cell_inversion
+from ..geometry.metrics import cell_inversion, grid_symmetries
 from ..geometry.topology import (
     barrier_regions,
     enclosed_cells,
@@ -148,8 +150,9 @@ class LabelSearch(NamedTuple):
         (likelihood weights ``exp(-delta chi2 / 2)``).
     uncertainty : ndarray (n_voxels,)
         Expected ``1 - IoU`` of those labellings against the result (the
-        better of a labelling and its point inversion): 0 when every
-        labelling the data allow agrees with it.
+        better of a labelling and its point inversion), and at least half
+        the largest ``1 - IoU`` among them (:meth:`Recorder.ambiguity`): 0
+        when every labelling the data allow agrees with it.
     proposal_probability : ndarray (n_voxels, n_cells) or None
         The learned proposal's occupancy (None without a proposal).
     """
@@ -298,7 +301,8 @@ def search_labels(
     field = np.array(fields).reshape(len(data), grid.n_faces)
     with torch.no_grad():
         predicted = normalise_b0(simulate(grid, field, protocol, **sim), protocol)
-    inside, uncertainty = recorder.posterior(grid, out_labels)
+    inside, spread = recorder.posterior(grid, out_labels)
+    uncertainty = np.maximum(spread, recorder.ambiguity(grid, out_labels))
     return LabelSearch(out_labels, field, predicted, inside, uncertainty, occupancy)
 
 
@@ -873,6 +877,34 @@ class Recorder:
             inside[v] = weights @ aligned
             spread[v] = weights @ (1 - np.maximum(direct, mirrored))
         return inside, spread
+
+    def ambiguity(self, grid, labels):
+        """Half the largest ``1 - IoU`` between the answer and a kept labelling.
+
+        The kept labellings are those the data do not set apart from the
+        best by more than ``KEEP_CHI2``. Their likelihood weights trust the
+        differences within that margin, but the scorer's own model errs by
+        several chi-square units between labellings (the grid's
+        discretisation, the search's subset of directions), so the order of
+        labellings this close is not the data's. Where one of them is a
+        different surface, the answer is at best one of two the data cannot
+        tell apart: at even odds its expected ``1 - IoU`` is half their
+        disagreement. This sees a rival the likelihood weights drown among
+        the many neighbours of the answer (held-out substrates,
+        ``doc/validation/surface_check.md``). IoU after the grid's signal
+        symmetries (:func:`~dipy_spinverse.geometry.metrics.grid_symmetries`):
+        a translated or inverted copy of the answer is the answer.
+        """
+        maps, _ = grid_symmetries(grid)
+        out = np.zeros(len(self.kept))
+        for v, kept in enumerate(self.kept):
+            if not kept:
+                continue
+            cells = np.array([np.frombuffer(k, np.int8) for k, _ in kept]) > 0
+            best = labels[v] > 0
+            aligned = np.max([_iou(cells[:, m], best) for m in maps], axis=0)
+            out[v] = (1 - aligned.min()) / 2
+        return out
 
 
 def _field_key(labels, membranes):

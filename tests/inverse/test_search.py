@@ -6,6 +6,7 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import Protocol, TetGrid, simulate
+from dipy_spinverse.geometry.metrics import grid_symmetries
 from dipy_spinverse.geometry.phantoms import cylinder
 from dipy_spinverse.inverse import PRESETS, InversionConfig, reconstruct, resolve_config
 from dipy_spinverse.inverse.search import (
@@ -674,12 +675,7 @@ def test_recorder_keys_a_field_whatever_the_batch_padding():
     make a voxel's uncertainty depend on the voxels fitted with it."""
     labels = np.array([0, 1, 1, 2, 0], dtype=np.int16)
     wider = np.array([3, 1, 1, 2, 0], dtype=np.int16)
-    recorder = Recorder(
-        lambda owners, c, m: np.zeros(len(owners)),
-        n_voxels=2,
-        noise=1.0,
-        n_acquisitions=10,
-    )
+    recorder = _zero_loss_recorder(n_voxels=2)
     recorder(np.array([0]), labels[None], np.array([[1e-5, 2e-5]]))
     recorder(np.array([0]), np.stack([labels, labels]), np.array([1e-5, 1e-5]))
     recorder(
@@ -702,16 +698,71 @@ def test_posterior_counts_a_mirrored_labelling_as_the_answer():
     corner = (grid.cell_centroids[:, :2] < 4.0).all(1).astype(np.int16)
     mirrored = corner[cell_inversion(grid, exact=False)]
     assert not np.array_equal(corner, mirrored)
-    recorder = Recorder(
-        lambda owners, c, m: np.zeros(len(owners)),
-        n_voxels=1,
-        noise=1.0,
-        n_acquisitions=10,
-    )
+    recorder = _zero_loss_recorder()
     recorder(np.array([0, 0]), np.stack([corner, mirrored]), np.array([1e-5, 1e-5]))
     inside, spread = recorder.posterior(grid, corner[None])
     assert_allclose(spread, 0.0, atol=1e-12)
     assert_allclose(inside[0], corner, atol=1e-12)
+
+
+def _zero_loss_recorder(n_voxels=1):
+    return Recorder(
+        lambda owners, c, m: np.zeros(len(owners)),
+        n_voxels=n_voxels,
+        noise=1.0,
+        n_acquisitions=10,
+    )
+
+
+def test_ambiguity_is_half_the_largest_disagreement_kept():
+    """A rival kept within KEEP_CHI2 that differs from the answer sets the
+    answer's uncertainty to at least half their 1 - IoU, however small its
+    likelihood weight (10 chi-square units behind: weight e^-5, which the
+    likelihood-weighted spread hardly sees)."""
+    grid = TetGrid.bcc(8.0, 2)
+    answer = np.zeros(grid.n_cells, np.int16)
+    answer[:20] = 1
+    rival = np.zeros(grid.n_cells, np.int16)
+    rival[16:36] = 1  # IoU 4 / 36 with the answer, before symmetries
+    n, noise = 100, 0.5
+    losses = {answer.tobytes(): noise, rival.tobytes(): noise + 10 * noise / n}
+    recorder = Recorder(
+        lambda owners, c, m: np.array([losses[x.tobytes()] for x in c]), 1, noise, n
+    )
+    recorder(np.zeros(2, int), np.stack([answer, rival]), np.full(2, 1e-5))
+    _, spread = recorder.posterior(grid, answer[None])
+    ambiguity = recorder.ambiguity(grid, answer[None])
+    maps, _ = grid_symmetries(grid)
+    best_iou = max(
+        np.sum((rival[m] > 0) & (answer > 0)) / np.sum((rival[m] > 0) | (answer > 0))
+        for m in maps
+    )
+    assert best_iou < 0.5
+    assert_allclose(ambiguity, [(1 - best_iou) / 2], rtol=1e-12)
+    assert spread[0] < 0.01 < ambiguity[0]
+    # Only the answer kept: nothing to disagree with.
+    alone = _zero_loss_recorder()
+    alone(np.array([0]), answer[None], np.array([1e-5]))
+    assert_allclose(alone.ambiguity(grid, answer[None]), [0.0], atol=1e-12)
+
+
+def test_ambiguity_forgives_the_grids_signal_symmetries():
+    """On a periodic grid a labelling moved by a lattice vector, or inverted,
+    has the answer's signal: kept beside it, it is the answer, not a rival."""
+    grid = TetGrid.bcc(8.0, 2, boundary="periodic")
+    corner = (grid.cell_centroids < 4.0).all(1).astype(np.int16)
+    maps, names = grid_symmetries(grid)
+    assert len(maps) > 2  # translations and inversions
+    moved = np.stack([corner[m] for m in maps[1:]])
+    assert any(np.any(m != corner) for m in moved)
+    recorder = _zero_loss_recorder()
+    recorder(
+        np.zeros(len(maps), int),
+        np.concatenate([corner[None], moved]),
+        np.full(len(maps), 1e-5),
+    )
+    assert len(recorder.kept[0]) > 1
+    assert_allclose(recorder.ambiguity(grid, corner[None]), [0.0], atol=1e-12)
 
 
 def test_search_without_any_start_answers_no_cell(problem):
