@@ -51,7 +51,11 @@ import numpy as np
 import torch
 
 from dipy_spinverse import SpinverseModel, simulate
-from dipy_spinverse.data import PHANTOM_VOXELS, _phantom, make_phantom_dataset
+from dipy_spinverse.data import (
+    PHANTOM_VOXELS,
+    make_phantom_dataset,
+    published_phantoms,
+)
 from dipy_spinverse.geometry.metrics import aligned_overlap
 from dipy_spinverse.geometry.substrates import random_substrates
 from dipy_spinverse.io.gradients import read_gradients
@@ -141,19 +145,18 @@ def _demo_protocol():
 
 def _published(grid):
     """The demo's closed boxes, as substrates of one cell."""
-    phantoms = []
-    for _, shape, params, kappa in PHANTOM_VOXELS:
-        phantom = _phantom(grid, shape, params, kappa)
-        phantoms.append(
-            SimpleNamespace(
-                labels=phantom.labels,
-                face_permeability=phantom.permeability,
-                n_cells=1,
-                kinds=(f"published {shape}",),
-                volumes=np.array([grid.cell_volumes[phantom.inside].sum()]),
-            )
+    return [
+        SimpleNamespace(
+            labels=phantom.labels,
+            face_permeability=phantom.permeability,
+            n_cells=1,
+            kinds=(f"published {shape}",),
+            volumes=np.array([grid.cell_volumes[phantom.inside].sum()]),
         )
-    return phantoms
+        for (_, shape, _, _), phantom in zip(
+            PHANTOM_VOXELS, published_phantoms(grid), strict=True
+        )
+    ]
 
 
 def _checked(model, signals, rows):

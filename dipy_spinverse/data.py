@@ -39,6 +39,7 @@ from .sim.sequences import Protocol, fibonacci_sphere
 
 __all__ = [
     "make_phantom_dataset",
+    "published_phantoms",
     "PHANTOM_VOXELS",
     "TISSUE_VOXELS",
     "DEMO_PRIOR",
@@ -228,10 +229,7 @@ def make_phantom_dataset(
     os.makedirs(out_dir, exist_ok=True)
     grid = TetGrid.bcc(grid_size, grid_resolution, boundary=boundary)
     protocol = _protocol(timings, bvals, n_directions, n_b0)
-    phantoms = [
-        _phantom(grid, shape, params, kappa)
-        for _, shape, params, kappa in PHANTOM_VOXELS
-    ]
+    phantoms = published_phantoms(grid)
     permeability = np.stack([p.permeability for p in phantoms])
     signal = simulate(grid, permeability, protocol, diffusivity=diffusivity).numpy()
     decay = np.exp(-protocol.echo_times / t2)
@@ -399,11 +397,25 @@ def _protocol(timings, bvals, n_directions, n_b0):
     return Protocol.concatenate(*parts)
 
 
-def _phantom(grid, shape, params, kappa):
-    params = dict(params)
-    params["radius"] = params["radius"] * grid.size
-    make = {"cylinder": cylinder, "sphere": sphere}[shape]
-    return make(grid, kappa=kappa, **params)
+def published_phantoms(grid):
+    """The demo's closed boxes (:data:`PHANTOM_VOXELS`) on ``grid``.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        Radii are fractions of its side.
+
+    Returns
+    -------
+    list of Phantom
+        One per entry of :data:`PHANTOM_VOXELS`, in its order.
+    """
+    phantoms = []
+    for _, shape, params, kappa in PHANTOM_VOXELS:
+        params = dict(params, radius=params["radius"] * grid.size)
+        make = {"cylinder": cylinder, "sphere": sphere}[shape]
+        phantoms.append(make(grid, kappa=kappa, **params))
+    return phantoms
 
 
 def _write_truth(paths, grid, phantoms, shape, tissue, settings):

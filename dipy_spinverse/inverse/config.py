@@ -488,10 +488,15 @@ class InversionConfig:
         )
 
     @property
+    def searches_labels(self):
+        """Whether the label search runs (``search_steps > 0``)."""
+        return self.search.steps > 0
+
+    @property
     def returns_labels(self):
         """Whether the inversion returns cell labels: the label search's, or
         the cell parametrisation's occupancy."""
-        return self.search.steps > 0 or self.face.parametrisation == "cell"
+        return self.searches_labels or self.face.parametrisation == "cell"
 
     @property
     def uses_proposal(self):
@@ -499,7 +504,7 @@ class InversionConfig:
         search runs, a proposal is asked for, and the search starts from the
         face field (the cell parametrisation starts from its own labels)."""
         return bool(
-            self.search.steps
+            self.searches_labels
             and self.search.proposal
             and self.face.parametrisation == "face"
         )

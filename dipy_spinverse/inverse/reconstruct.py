@@ -183,7 +183,7 @@ def reconstruct(
     )
     kappa, labels = faces.permeability.cpu().numpy(), faces.labels
     extras = {}
-    if config.search.steps:
+    if config.searches_labels:
         search = dict(
             sim=sim, face_kappa=kappa, labels=labels, precision=precision, seeds=seeds
         )

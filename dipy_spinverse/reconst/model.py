@@ -123,7 +123,7 @@ def check_model_options(
             "pass fit_method='posterior', or with fit_method='search' a prior "
             "(the surface check), or leave them out."
         )
-    if surface_check and not config.search.steps:
+    if surface_check and not config.searches_labels:
         raise ValueError(
             "prior turns on the surface check of the label search's "
             "answers; turn the search on (search_steps > 0, e.g. "
@@ -343,7 +343,7 @@ class SpinverseModel(ReconstModel):
                 UserWarning,
                 stacklevel=2,
             )
-        searches = self.fit_method == "search" and self.config.search.steps > 0
+        searches = self.fit_method == "search" and self.config.searches_labels
         if searches and not self.config.loss.sigma > 0:
             warnings.warn(
                 "sigma is not given: the label search cannot test whether its "

@@ -362,7 +362,7 @@ def empty_params(model, shape):
     labels = None
     if model.has_labels:
         labels = np.full(shape + (model.grid.n_cells,), -1, dtype=np.int16)
-    searched = model.config.search.steps > 0
+    searched = model.config.searches_labels
     n_cells = model.grid.n_cells
     return dict(
         permeability=np.full(shape + (model.grid.n_faces,), np.nan),
@@ -797,7 +797,7 @@ def _progress(bar, model, n_rows, shown):
     runner completes the chunk when it is stored.
     """
     config = model.config
-    face_share = 0.5 if config.search.steps > 0 else 1.0
+    face_share = 0.5 if config.searches_labels else 1.0
     steps = [0, set()]  # search steps so far, voxels whose search ended
 
     base = bar.n  # voxels stored before this chunk

@@ -418,7 +418,11 @@ class SpinverseFlow(Workflow):
                 search_proposal=search_proposal,
             ),
         )
-        if bool(save_metrics) and "uncertainty" in metrics and not config.search.steps:
+        if (
+            bool(save_metrics)
+            and "uncertainty" in metrics
+            and not config.searches_labels
+        ):
             raise ValueError(
                 "--save_metrics uncertainty comes from the label search, which "
                 f"--preset {preset} does not run; use --preset default."

@@ -19,12 +19,14 @@ from dipy_spinverse.data import (
     PHANTOM_VOXELS,
     TISSUE_VOXELS,
     make_phantom_dataset,
+    published_phantoms,
 )
 from dipy_spinverse.geometry.descriptors import DESCRIPTORS
 from dipy_spinverse.geometry.topology import load_mesh
 from dipy_spinverse.io.gradients import read_timing
 from dipy_spinverse.io.store import load_fit, save_fit
 from dipy_spinverse.reconst import OK, PENDING, SpinverseModel
+from dipy_spinverse.sim.grid import TetGrid
 from dipy_spinverse.sim.sequences import Protocol
 from dipy_spinverse.workflows.spinverse import (
     SpinverseFlow,
@@ -97,6 +99,14 @@ def test_phantom_dataset_is_deterministic(demo, tmp_path):
     assert_allclose(scheme.bvals, bvals, rtol=1e-6, atol=1e-6)
     truth = np.load(demo["truth"])
     assert truth["permeability"].shape[:3] == (3, 2, 1)
+    # Its closed boxes are the published shapes, as published_phantoms
+    # builds them on the dataset's grid.
+    grid = TetGrid.bcc(SMALL_DEMO["grid_size"], SMALL_DEMO["grid_resolution"])
+    for (index, *_), phantom in zip(
+        PHANTOM_VOXELS, published_phantoms(grid), strict=True
+    ):
+        assert_array_equal(truth["labels"][index], phantom.labels)
+        assert_array_equal(truth["permeability"][index], phantom.permeability)
     with open(demo["truth_json"]) as f:
         description = json.load(f)
     assert len(description["voxels"]) == len(PHANTOM_VOXELS) == 6
