@@ -30,6 +30,14 @@ posterior status is 0 (``OUT_OF_PRIOR`` voxels are excluded and counted);
 the reason below the table). A method's voxel count is added to its cell
 where it has fewer finite estimates (``n=0``: none).
 
+A last table gives each method's mean |error| beside the posterior's Bayes
+risk: the mean over voxels of its own expected |error| (``E |theta -
+median|`` over 400 recalibrated draws a voxel). The posterior median is the
+Bayes estimator under absolute loss, so where the posterior is calibrated
+no estimator's mean |error| over draws of the prior is below that risk: a
+peer whose error is within twice the risk cannot be halved by any method,
+the posterior included.
+
 ``--test_resolution R`` simulates and describes the held-out tissue on a
 grid of ``R`` cubes per side (:meth:`PriorSimulator.sample_pairs`), finer
 than the training grid, so that the posterior has no home advantage.
@@ -119,6 +127,22 @@ DIAMETER_BOUNDS = (0.2, 30.0)
 EXCHANGE_TIME_BOUNDS = (1e-3, 10.0)
 POSTERIOR = "posterior"
 SEARCH = "search"
+# The posterior's own expected |error| of its median, per voxel: averaged
+# over draws of the prior, the least mean |error| any estimator can reach
+# (the posterior median is the Bayes estimator under absolute loss), where
+# the posterior is calibrated.
+BAYES_RISK = "Bayes risk"
+RISK_DRAWS = 400
+
+
+def expected_errors(fit):
+    """Per voxel and descriptor, E|theta - median| under the fit's posterior
+    (its recalibrated draws, those its intervals are quantiles of)."""
+    out = {}
+    for name in SCORED:
+        draws = fit.posterior_samples(name, RISK_DRAWS, seed=7)
+        out[name] = np.mean(np.abs(draws - np.median(draws, axis=0)), axis=0)
+    return out
 
 
 def compartment_peers(gtab, diffusivity):
@@ -271,6 +295,7 @@ def compare(make_model, protocol, gtab, signals, args, rng, nexi, diffusivity):
         record.seconds[POSTERIOR] = seconds
         status = np.asarray(fit.status)
         estimates = {POSTERIOR: {k: np.asarray(getattr(fit, k)) for k in SCORED}}
+        estimates[BAYES_RISK] = expected_errors(fit)
         for name, (build, read) in peers.items():
             record.run(
                 name, snr, estimates, peer_estimates, models, name, build, read, noisy
@@ -318,6 +343,38 @@ def errors(estimated, true):
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = error / np.abs(true[finite])
     return float(np.median(error)), float(np.median(relative)), int(finite.sum())
+
+
+def print_risk_table(title, results, truth, methods, *, voxels):
+    """Mean |error| of every method against the posterior's Bayes risk, per
+    descriptor and SNR, on the scored voxels: no estimator's mean |error|
+    on draws of the prior is below that risk, so a peer within twice it
+    cannot be halved."""
+    width = 14
+    print(f"\n{title}")
+    print(
+        f"{'descriptor':>26} {'SNR':>4} {'n':>4} {BAYES_RISK:>{width}} "
+        + " ".join(f"{m:>{width}}" for m in methods)
+    )
+    for name, unit in SCORED.items():
+        label = f"{name} ({unit})" if unit else name
+        true = np.asarray(truth[name], dtype=float)
+        for snr, (status, estimates) in results.items():
+            ok = (status == 0) & voxels
+            risk = float(np.mean(estimates[BAYES_RISK][name][ok]))
+            cells = [f"{risk:>{width}.3g}"]
+            for method in methods:
+                values = estimates.get(method, {}).get(name)
+                finite = ok & np.isfinite(np.asarray(values, dtype=float))
+                if values is None or not finite.any():
+                    cells.append(f"{'-':>{width}}")
+                    continue
+                error = np.mean(np.abs(values[finite] - true[finite]))
+                text = f"{error:.3g}" + (
+                    f" n={finite.sum()}" if finite.sum() < ok.sum() else ""
+                )
+                cells.append(f"{text:>{width}}")
+            print(f"{label:>26} {snr:>4} {int(ok.sum()):>4} " + " ".join(cells))
 
 
 def print_table(title, results, truth, methods, record, *, voxels=None):
@@ -466,6 +523,29 @@ def main(argv=None):
                 methods,
                 record,
                 voxels=other,
+            )
+        if args.search:  # the search's voxels alone: the same voxels for all
+            searched = np.arange(args.n_test) < args.search
+            print_table(
+                f"{title}, the {args.search} voxels the label search fitted: "
+                "median |error| (median |error| / truth)",
+                results,
+                truth,
+                methods,
+                record,
+                voxels=searched,
+            )
+        subsets = [("all voxels", np.ones(args.n_test, bool))]
+        if other.any() and not other.all():
+            subsets.append(("non-cylindrical voxels", other))
+        for name, voxels in subsets:
+            print_risk_table(
+                f"{title}, {name}: mean |error| against the posterior's Bayes "
+                f"risk (its expected |error|, {RISK_DRAWS} draws a voxel)",
+                results,
+                truth,
+                methods,
+                voxels=voxels,
             )
 
 
