@@ -21,7 +21,8 @@ the data best:
    search for one cell (:func:`refine_kappa`), jointly for several.
 4. **Uncertainty**: the labellings scored within the noise of the answer
    are weighed by their likelihood (:meth:`Recorder.posterior`), and the
-   answer is no surer than half its disagreement with any of them
+   answer is no surer than half its disagreement with any of them that is
+   another surface
    (:meth:`Recorder.ambiguity`); optionally
    the whole search is repeated on wild-bootstrap replicates of the data
    (:func:`bootstrap_search`), which also sees answers in other basins.
@@ -129,6 +130,13 @@ OPEN_KAPPA = 1e3
 # its uncertainty: their likelihood weight exp(-chi2 / 2) is then above
 # 3e-4, so dropping the rest changes no probability by more than that.
 KEEP_CHI2 = 16.0
+# A kept labelling sharing less than this IoU with the answer is another
+# surface (the issue's line between a wrong and a right answer): it sets the
+# answer's ambiguity floor (Recorder.ambiguity). Nearer ones differ by a
+# layer of boundary tetrahedra, which the likelihood weights already count;
+# on the README demo's cylinders at SNR 67 such one-layer variants (IoU
+# 0.76-0.79) would have floored exact answers at 0.10-0.12.
+RIVAL_IOU = 0.5
 
 
 class LabelSearch(NamedTuple):
@@ -151,7 +159,8 @@ class LabelSearch(NamedTuple):
     uncertainty : ndarray (n_voxels,)
         Expected ``1 - IoU`` of those labellings against the result (the
         better of a labelling and its point inversion), and at least half
-        the largest ``1 - IoU`` among them (:meth:`Recorder.ambiguity`): 0
+        the largest ``1 - IoU`` of another surface among them
+        (:meth:`Recorder.ambiguity`): 0
         when every labelling the data allow agrees with it.
     proposal_probability : ndarray (n_voxels, n_cells) or None
         The learned proposal's occupancy (None without a proposal).
@@ -879,14 +888,16 @@ class Recorder:
         return inside, spread
 
     def ambiguity(self, grid, labels):
-        """Half the largest ``1 - IoU`` between the answer and a kept labelling.
+        """Half the largest ``1 - IoU`` between the answer and a kept rival.
 
-        The kept labellings are those the data do not set apart from the
-        best by more than ``KEEP_CHI2``. Their likelihood weights trust the
-        differences within that margin, but the scorer's own model errs by
-        several chi-square units between labellings (the grid's
-        discretisation, the search's subset of directions), so the order of
-        labellings this close is not the data's. Where one of them is a
+        A rival is a kept labelling whose IoU with the answer is below
+        ``RIVAL_IOU``: another surface. The kept labellings are those the
+        data do not set apart from the best by more than ``KEEP_CHI2``.
+        Their likelihood weights trust the differences within that margin,
+        but the scorer's own model errs by several chi-square units between
+        labellings (the grid's discretisation, the search's subset of
+        directions), so the order of labellings this close is not the
+        data's. Where one of them is a
         different surface, the answer is at best one of two the data cannot
         tell apart: at even odds its expected ``1 - IoU`` is half their
         disagreement. This sees a rival the likelihood weights drown among
@@ -903,7 +914,8 @@ class Recorder:
             cells = np.array([np.frombuffer(k, np.int8) for k, _ in kept]) > 0
             best = labels[v] > 0
             aligned = np.max([_iou(cells[:, m], best) for m in maps], axis=0)
-            out[v] = (1 - aligned.min()) / 2
+            if aligned.min() < RIVAL_IOU:
+                out[v] = (1 - aligned.min()) / 2
         return out
 
 

@@ -11,6 +11,7 @@ from dipy_spinverse.geometry.phantoms import cylinder
 from dipy_spinverse.inverse import PRESETS, InversionConfig, reconstruct, resolve_config
 from dipy_spinverse.inverse.search import (
     OPEN_KAPPA,
+    RIVAL_IOU,
     BatchScorer,
     Recorder,
     SignalCache,
@@ -740,6 +741,13 @@ def test_ambiguity_is_half_the_largest_disagreement_kept():
     assert best_iou < 0.5
     assert_allclose(ambiguity, [(1 - best_iou) / 2], rtol=1e-12)
     assert spread[0] < 0.01 < ambiguity[0]
+    # A one-layer variant (IoU >= RIVAL_IOU) is the same surface: no floor.
+    near = answer.copy()
+    near[20:24] = 1
+    assert 20 / 24 >= RIVAL_IOU
+    close = _zero_loss_recorder()
+    close(np.zeros(2, int), np.stack([answer, near]), np.full(2, 1e-5))
+    assert_allclose(close.ambiguity(grid, answer[None]), [0.0], atol=1e-12)
     # Only the answer kept: nothing to disagree with.
     alone = _zero_loss_recorder()
     alone(np.array([0]), answer[None], np.array([1e-5]))
