@@ -874,7 +874,7 @@ class Recorder:
             if not kept:  # nothing scored (e.g. start labels given)
                 inside[v] = labels[v] > 0
                 continue
-            cells = np.array([np.frombuffer(k, np.int8) for k, _ in kept]) > 0
+            cells = _kept_cells(kept)
             loss = np.array(list(kept.values()))
             weights = np.exp(-(loss - loss.min()) / (2 * self._scale(v)))
             weights /= weights.sum()
@@ -897,11 +897,11 @@ class Recorder:
         but the scorer's own model errs by several chi-square units between
         labellings (the grid's discretisation, the search's subset of
         directions), so the order of labellings this close is not the
-        data's. Where one of them is a
-        different surface, the answer is at best one of two the data cannot
-        tell apart: at even odds its expected ``1 - IoU`` is half their
-        disagreement. This sees a rival the likelihood weights drown among
-        the many neighbours of the answer (held-out substrates,
+        data's. Where one of them is a different surface, the answer is at
+        best one of two the data cannot tell apart: at even odds its
+        expected ``1 - IoU`` is half their disagreement. This sees a rival
+        the likelihood weights drown among the many neighbours of the
+        answer (held-out substrates,
         ``doc/validation/surface_check.md``). IoU after the grid's signal
         symmetries (:func:`~dipy_spinverse.geometry.metrics.grid_symmetries`):
         a translated or inverted copy of the answer is the answer.
@@ -911,12 +911,18 @@ class Recorder:
         for v, kept in enumerate(self.kept):
             if not kept:
                 continue
-            cells = np.array([np.frombuffer(k, np.int8) for k, _ in kept]) > 0
+            cells = _kept_cells(kept)
             best = labels[v] > 0
             aligned = np.max([_iou(cells[:, m], best) for m in maps], axis=0)
             if aligned.min() < RIVAL_IOU:
                 out[v] = (1 - aligned.min()) / 2
         return out
+
+
+def _kept_cells(kept):
+    """Inside masks (n_kept, n_cells) of a voxel's kept labellings, from
+    their :func:`_field_key` keys."""
+    return np.array([np.frombuffer(k, np.int8) for k, _ in kept]) > 0
 
 
 def _field_key(labels, membranes):
