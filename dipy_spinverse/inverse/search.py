@@ -45,6 +45,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
+from scipy.stats import chi2
 
 from ..geometry.metrics import cell_inversion, grid_symmetries
 from ..geometry.topology import (
@@ -137,6 +138,12 @@ KEEP_CHI2 = 16.0
 # on the README demo's cylinders at SNR 67 such one-layer variants (IoU
 # 0.76-0.79) would have floored exact answers at 0.10-0.12.
 RIVAL_IOU = 0.5
+# Labellings whose own chi-square is below the noise's (1 - this) quantile
+# fit the data within the noise: the misfit test's level
+# (reconst.runner.SURFACE_MISFIT_FALSE_ALARM), which an answer must pass to
+# be vouched for. They are kept too, however far behind the best, so that a
+# rival the data do not reject sets the ambiguity floor (Recorder.ambiguity).
+WITHIN_NOISE_FALSE_ALARM = 0.05
 
 
 class LabelSearch(NamedTuple):
@@ -818,7 +825,11 @@ class Recorder:
 
     Wraps a :class:`BatchScorer`; for each voxel it keeps every distinct
     (labelling, permeability) whose chi-square is within ``KEEP_CHI2`` of
-    the best seen, to weigh them afterwards (:meth:`posterior`). Chi-square
+    the best seen, to weigh them afterwards (:meth:`posterior`), and every
+    one that fits the data within the noise (chi-square below the
+    ``1 - WITHIN_NOISE_FALSE_ALARM`` quantile of ``n`` degrees of freedom),
+    which the data do not reject however far behind the best
+    (:meth:`ambiguity`). Chi-square
     is ``n * loss / noise`` with ``noise`` the loss of pure noise
     (``loss_scale * sigma^2``), or the voxel's best loss where that is
     larger or ``sigma`` is unknown (a fit that explains the data leaves only
@@ -831,6 +842,10 @@ class Recorder:
         self.noise, self.n = noise, n_acquisitions
         self.kept = [dict() for _ in range(n_voxels)]
         self.best = np.full(n_voxels, np.inf)
+        # The largest loss of a fit within the noise (0 without sigma: then
+        # only the margin around the best keeps labellings).
+        self.within_noise = noise * chi2.isf(WITHIN_NOISE_FALSE_ALARM, n_acquisitions)
+        self.within_noise /= n_acquisitions
 
     def __call__(self, owners, candidates, membranes):
         losses = self.scorer(owners, candidates, membranes)
@@ -838,11 +853,11 @@ class Recorder:
         for v in np.unique(owners):
             rows = np.flatnonzero(owners == v)
             self.best[v] = min(self.best[v], losses[rows].min())
-            margin = KEEP_CHI2 * self._scale(v)
+            limit = max(self.best[v] + KEEP_CHI2 * self._scale(v), self.within_noise)
             kept = self.kept[v]
-            for r in rows[losses[rows] <= self.best[v] + margin]:
+            for r in rows[losses[rows] <= limit]:
                 kept[_field_key(candidates[r], per_label[r])] = float(losses[r])
-            for key in [k for k, loss in kept.items() if loss > self.best[v] + margin]:
+            for key in [k for k, loss in kept.items() if loss > limit]:
                 del kept[key]
         return losses
 
@@ -891,18 +906,27 @@ class Recorder:
         """Half the largest ``1 - IoU`` between the answer and a kept rival.
 
         A rival is a kept labelling whose IoU with the answer is below
-        ``RIVAL_IOU``: another surface. The kept labellings are those the
-        data do not set apart from the best by more than ``KEEP_CHI2``.
-        Their likelihood weights trust the differences within that margin,
-        but the scorer's own model errs by several chi-square units between
-        labellings (the grid's discretisation, the search's subset of
-        directions), so the order of labellings this close is not the
-        data's. Where one of them is a different surface, the answer is at
-        best one of two the data cannot tell apart: at even odds its
-        expected ``1 - IoU`` is half their disagreement. This sees a rival
-        the likelihood weights drown among the many neighbours of the
-        answer (held-out substrates,
-        ``doc/validation/surface_check.md``). IoU after the grid's signal
+        ``RIVAL_IOU``: another surface. Two kinds of labelling are kept, and
+        neither is set apart from the answer by the data:
+
+        - those within ``KEEP_CHI2`` of the best. Their likelihood weights
+          trust the differences within that margin, but the scorer's own
+          model errs by several chi-square units between labellings (the
+          grid's discretisation, the search's subset of directions), so the
+          order of labellings this close is not the data's;
+        - those that fit within the noise (``WITHIN_NOISE_FALSE_ALARM``):
+          the goodness-of-fit test that vouches for the answer
+          (:func:`~dipy_spinverse.reconst.runner.vouch_for_surfaces`) passes
+          them too, so they lie in the same confidence set of labellings.
+          Where the stated noise exceeds the data's, the best fits far
+          better than the noise and the margin alone would call it certain.
+
+        Where one of them is a different surface, the answer is at best one
+        of two the data cannot tell apart: at even odds its expected
+        ``1 - IoU`` is half their disagreement. This sees a rival the
+        likelihood weights drown among the many neighbours of the answer
+        (held-out substrates, ``doc/validation/surface_check.md``). IoU
+        after the grid's signal
         symmetries (:func:`~dipy_spinverse.geometry.metrics.grid_symmetries`):
         a translated or inverted copy of the answer is the answer.
         """

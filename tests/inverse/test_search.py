@@ -754,6 +754,48 @@ def test_ambiguity_is_half_the_largest_disagreement_kept():
     assert_allclose(alone.ambiguity(grid, answer[None]), [0.0], atol=1e-12)
 
 
+def test_a_rival_within_the_noise_floors_the_answer_however_far_behind():
+    """A rival that fits the data within the noise (chi-square below the
+    noise's 95 % quantile) is not rejected by the data, however far behind
+    the best: it is kept and sets the floor. One beyond both that quantile
+    and KEEP_CHI2 is rejected and dropped; without sigma (noise 0) only the
+    margin around the best keeps labellings."""
+    from scipy.stats import chi2 as chi2_dist
+
+    grid = TetGrid.bcc(8.0, 2)
+    answer = np.zeros(grid.n_cells, np.int16)
+    answer[:20] = 1
+    rival = np.zeros(grid.n_cells, np.int16)
+    rival[16:36] = 1
+    n, noise = 100, 0.5
+    bound = chi2_dist.isf(0.05, n)  # 124.3 for 100 acquisitions
+    maps, _ = grid_symmetries(grid)
+    best_iou = max(
+        np.sum((rival[m] > 0) & (answer > 0)) / np.sum((rival[m] > 0) | (answer > 0))
+        for m in maps
+    )
+
+    def floor(answer_chi2, rival_chi2, noise=noise):
+        chi2s = {answer.tobytes(): answer_chi2, rival.tobytes(): rival_chi2}
+        recorder = Recorder(
+            lambda owners, c, m: np.array([chi2s[x.tobytes()] * 0.5 / n for x in c]),
+            1,
+            noise,
+            n,
+        )
+        recorder(np.zeros(2, int), np.stack([answer, rival]), np.full(2, 1e-5))
+        return recorder.ambiguity(grid, answer[None])[0]
+
+    # Noise-free data at a stated noise: the answer far below the bound, the
+    # rival 90 units behind (likelihood weight e^-45) yet within the noise.
+    assert 2.0 + 90 < bound
+    assert_allclose(floor(2.0, 92.0), (1 - best_iou) / 2, rtol=1e-12)
+    # Just beyond the bound and 30 units behind: rejected by the data.
+    assert_allclose(floor(100.0, bound * 1.01), 0.0, atol=1e-12)
+    # Without sigma there is no bound: 90 units behind is dropped.
+    assert_allclose(floor(2.0, 92.0, noise=0.0), 0.0, atol=1e-12)
+
+
 def test_ambiguity_forgives_the_grids_signal_symmetries():
     """On a periodic grid a labelling moved by a lattice vector, or inverted,
     has the answer's signal: kept beside it, it is the answer, not a rival."""
