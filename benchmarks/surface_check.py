@@ -87,6 +87,12 @@ def main():
         action="store_true",
         help="also fit the six closed boxes of the README demo",
     )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=None,
+        help="descents of the label search (search_restarts; default the preset's)",
+    )
     parser.add_argument("--json", help="write the rows and summaries here")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -107,8 +113,9 @@ def main():
         f"SNR {args.snr:g}": (np.abs(clean + noise), sigma),
     }
     results = {}
+    search = {} if args.restarts is None else dict(search_restarts=args.restarts)
     for name, (signals, given) in cases.items():
-        model = SpinverseModel(protocol, sigma=given)
+        model = SpinverseModel(protocol, sigma=given, **search)
         start = time.perf_counter()
         fit = model.fit(1000 * signals[:, None, None], verbose=False)
         seconds = (time.perf_counter() - start) / len(substrates)
