@@ -82,6 +82,7 @@ exchange seen", is printed).
 
 import argparse
 import ast
+import json
 import logging
 import os
 import platform
@@ -325,6 +326,25 @@ def compare(
     return results, record
 
 
+def write_estimates(path, truth, results):
+    """The truth and every method's estimates (NaN: none), per voxel, as
+    JSON: ``{"truth": {descriptor: [...]}, "snr": {snr: {"status": [...],
+    method: {descriptor: [...]}}}}``."""
+    out = {
+        "truth": {k: np.asarray(truth[k]).tolist() for k in [*SCORED, "family"]},
+        "snr": {},
+    }
+    for snr, (status, estimates) in results.items():
+        row = {"status": np.asarray(status).tolist()}
+        for method, values in estimates.items():
+            row[method] = {
+                k: np.asarray(v, dtype=float).tolist() for k, v in values.items()
+            }
+        out["snr"][str(snr)] = row
+    with open(path, "w") as f:
+        json.dump(out, f)
+
+
 def search_options(args, diffusivity):
     """The label search's options: the package's default preset and grid,
     the prior's diffusivity, and the ``--search_option`` values."""
@@ -352,11 +372,23 @@ def errors(estimated, true):
     return float(np.median(error)), float(np.median(relative)), int(finite.sum())
 
 
-def print_risk_table(title, results, truth, methods, *, voxels):
+def scored_voxels(status, estimates, name, voxels, common):
+    """The voxels a descriptor is scored on: the posterior's status 0 among
+    ``voxels``, and where ``common`` (a method) has a finite estimate of it,
+    so that every method is scored on the same ones (the label search has
+    no cell size, membrane or exchange time where it found no cell)."""
+    ok = (status == 0) & voxels
+    if common is not None:
+        picked = estimates.get(common, {}).get(name, np.nan)
+        ok &= np.isfinite(np.asarray(picked, dtype=float))
+    return ok
+
+
+def print_risk_table(title, results, truth, methods, *, voxels, common=None):
     """Mean |error| of every method against the posterior's Bayes risk, per
-    descriptor and SNR, on the scored voxels: no estimator's mean |error|
-    on draws of the prior is below that risk, so a peer within twice it
-    cannot be halved."""
+    descriptor and SNR, on the scored voxels (:func:`scored_voxels`): no
+    estimator's mean |error| on draws of the prior is below that risk, so a
+    peer within twice it cannot be halved."""
     width = 14
     print(f"\n{title}")
     print(
@@ -367,7 +399,7 @@ def print_risk_table(title, results, truth, methods, *, voxels):
         label = f"{name} ({unit})" if unit else name
         true = np.asarray(truth[name], dtype=float)
         for snr, (status, estimates) in results.items():
-            ok = (status == 0) & voxels
+            ok = scored_voxels(status, estimates, name, voxels, common)
             risk = float(np.mean(estimates[BAYES_RISK][name][ok]))
             cells = [f"{risk:>{width}.3g}"]
             for method in methods:
@@ -387,10 +419,7 @@ def print_risk_table(title, results, truth, methods, *, voxels):
 def print_table(title, results, truth, methods, record, *, voxels=None, common=None):
     """The errors of every method per descriptor and SNR; '-' where a
     method has no estimate of a descriptor. ``voxels``: a boolean mask of
-    the voxels scored (default all). ``common``: a method whose finite
-    estimates of a descriptor pick its voxels, so that every method is
-    scored on the same ones (the label search has no cell size, membrane or
-    exchange time where it found no cell)."""
+    the voxels scored (default all); ``common``: see :func:`scored_voxels`."""
     width = 22
     print(f"\n{title}")
     flagged = {
@@ -413,10 +442,7 @@ def print_table(title, results, truth, methods, record, *, voxels=None, common=N
         label = f"{name} ({unit})" if unit else name
         true = np.asarray(truth[name], dtype=float)
         for snr, (status, estimates) in results.items():
-            ok = (status == 0) & voxels
-            if common is not None:
-                picked = estimates.get(common, {}).get(name, np.nan)
-                ok &= np.isfinite(np.asarray(picked, dtype=float))
+            ok = scored_voxels(status, estimates, name, voxels, common)
             cells = []
             for method in methods:
                 values = estimates.get(method, {}).get(name)
@@ -475,6 +501,12 @@ def main(argv=None):
         "grid_resolution=2 search_steps=2 max_iter=4 for a smoke test",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="write the first set's truth and every method's estimates, per "
+        "voxel and SNR, here",
+    )
     add_test_arguments(parser)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
@@ -527,6 +559,8 @@ def main(argv=None):
             search=search,
         )
         shown = methods if search else [m for m in methods if m != SEARCH]
+        if args.json and search == args.search:  # the first set
+            write_estimates(args.json, truth, results)
         print_table(
             f"{title}: median |error| (median |error| / truth)",
             results,
@@ -567,6 +601,15 @@ def main(argv=None):
                 truth,
                 shown,
                 record,
+                voxels=searched,
+                common=SEARCH,
+            )
+            print_risk_table(
+                f"{title}, the same voxels: mean |error| against the posterior's "
+                f"Bayes risk (its expected |error|, {RISK_DRAWS} draws a voxel)",
+                results,
+                truth,
+                shown,
                 voxels=searched,
                 common=SEARCH,
             )
