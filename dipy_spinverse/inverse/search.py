@@ -926,9 +926,9 @@ class Recorder:
         ``1 - IoU`` is half their disagreement. This sees a rival the
         likelihood weights drown among the many neighbours of the answer
         (held-out substrates, ``doc/validation/surface_check.md``). IoU
-        after the grid's signal
-        symmetries (:func:`~dipy_spinverse.geometry.metrics.grid_symmetries`):
-        a translated or inverted copy of the answer is the answer.
+        after the grid's signal symmetries
+        (:func:`~dipy_spinverse.geometry.metrics.grid_symmetries`): a
+        translated or inverted copy of the answer is the answer.
         """
         maps, _ = grid_symmetries(grid)
         out = np.zeros(len(self.kept))
