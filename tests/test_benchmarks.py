@@ -206,3 +206,20 @@ def test_every_fibre_protocol_has_its_doc_blocks(monkeypatch):
         assert len(gtab.bvals) == n and gtab.bvals.max() == b_max
         block = "fibres" + ("" if name == "noddi" else f"-{name}")
         assert f"<!-- {block}:start -->" in doc and f"<!-- {block}:end -->" in doc
+
+
+def test_peers_score_every_method_on_the_searchs_voxels(monkeypatch):
+    """benchmarks/posterior_peers.py: with ``common`` a descriptor is scored
+    only where that method has a finite estimate and the posterior's status
+    is 0, so every method meets the same voxels; a method that failed (no
+    estimates) leaves none."""
+    module = _load_benchmark("posterior_peers", monkeypatch)
+    status = np.array([0, 0, 0, 5])
+    estimates = {"search": {"exchange_time": np.array([0.1, np.nan, 0.2, 0.3])}}
+    voxels = np.array([True, True, True, True])
+    picked = module.scored_voxels(status, estimates, "exchange_time", voxels, "search")
+    np.testing.assert_array_equal(picked, [True, False, True, False])
+    every = module.scored_voxels(status, estimates, "exchange_time", voxels, None)
+    np.testing.assert_array_equal(every, [True, True, True, False])
+    failed = module.scored_voxels(status, {}, "exchange_time", voxels, "search")
+    assert not failed.any()
