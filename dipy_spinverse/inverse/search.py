@@ -139,10 +139,10 @@ KEEP_CHI2 = 16.0
 # 0.76-0.79) would have floored exact answers at 0.10-0.12.
 RIVAL_IOU = 0.5
 # Labellings whose own chi-square is below the noise's (1 - this) quantile
-# fit the data within the noise: the misfit test's level
-# (reconst.runner.SURFACE_MISFIT_FALSE_ALARM), which an answer must pass to
-# be vouched for. They are kept too, however far behind the best, so that a
-# rival the data do not reject sets the ambiguity floor (Recorder.ambiguity).
+# fit the data within the noise: the level of the misfit test that an answer
+# must pass to be vouched for (reconst.runner.SURFACE_MISFIT_FALSE_ALARM is
+# this). They are kept too, however far behind the best, so that a rival
+# the data do not reject sets the ambiguity floor (Recorder.ambiguity).
 WITHIN_NOISE_FALSE_ALARM = 0.05
 
 
@@ -844,8 +844,8 @@ class Recorder:
         self.best = np.full(n_voxels, np.inf)
         # The largest loss of a fit within the noise (0 without sigma: then
         # only the margin around the best keeps labellings).
-        self.within_noise = noise * chi2.isf(WITHIN_NOISE_FALSE_ALARM, n_acquisitions)
-        self.within_noise /= n_acquisitions
+        quantile = chi2.isf(WITHIN_NOISE_FALSE_ALARM, n_acquisitions)
+        self.within_noise = noise * quantile / n_acquisitions
 
     def __call__(self, owners, candidates, membranes):
         losses = self.scorer(owners, candidates, membranes)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..checks import check_int, check_mask_values
 from ..inverse import reconstruct
+from ..inverse.search import WITHIN_NOISE_FALSE_ALARM
 from ..meshfit.refine import refine_cell
 from ..sim.signals import VoxelSignals
 from . import engines
@@ -100,8 +101,9 @@ POOR_FIT_FALSE_ALARM = 1e-6
 #: were made free water), wrong answers' chi-square over 99 acquisitions ran
 #: from 90 to 300 and exact answers' from 81 to 116; the conventional 5 %
 #: level (123 for 99 acquisitions) is strict where a confident wrong surface
-#: costs most.
-SURFACE_MISFIT_FALSE_ALARM = 0.05
+#: costs most. The label search keeps rivals that fit within the noise at
+#: the same level (:data:`~dipy_spinverse.inverse.search.WITHIN_NOISE_FALSE_ALARM`).
+SURFACE_MISFIT_FALSE_ALARM = WITHIN_NOISE_FALSE_ALARM
 
 
 def poor_fit_bound(n_acquisitions, sigma, *, false_alarm=POOR_FIT_FALSE_ALARM):

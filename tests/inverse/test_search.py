@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from numpy.testing import assert_allclose, assert_array_equal
+from scipy.stats import chi2
 
 from dipy_spinverse import Protocol, TetGrid, simulate
 from dipy_spinverse.geometry.metrics import grid_symmetries
@@ -715,16 +716,29 @@ def _zero_loss_recorder(n_voxels=1):
     )
 
 
+def _answer_and_rival(grid):
+    """Two labellings that are different surfaces, and their IoU after the
+    grid's signal symmetries (below RIVAL_IOU)."""
+    answer = np.zeros(grid.n_cells, np.int16)
+    answer[:20] = 1
+    rival = np.zeros(grid.n_cells, np.int16)
+    rival[16:36] = 1  # IoU 4 / 36 with the answer, before symmetries
+    maps, _ = grid_symmetries(grid)
+    best_iou = max(
+        np.sum((rival[m] > 0) & (answer > 0)) / np.sum((rival[m] > 0) | (answer > 0))
+        for m in maps
+    )
+    assert best_iou < RIVAL_IOU
+    return answer, rival, best_iou
+
+
 def test_ambiguity_is_half_the_largest_disagreement_kept():
     """A rival kept within KEEP_CHI2 that differs from the answer sets the
     answer's uncertainty to at least half their 1 - IoU, however small its
     likelihood weight (10 chi-square units behind: weight e^-5, which the
     likelihood-weighted spread hardly sees)."""
     grid = TetGrid.bcc(8.0, 2)
-    answer = np.zeros(grid.n_cells, np.int16)
-    answer[:20] = 1
-    rival = np.zeros(grid.n_cells, np.int16)
-    rival[16:36] = 1  # IoU 4 / 36 with the answer, before symmetries
+    answer, rival, best_iou = _answer_and_rival(grid)
     n, noise = 100, 0.5
     losses = {answer.tobytes(): noise, rival.tobytes(): noise + 10 * noise / n}
     recorder = Recorder(
@@ -733,11 +747,6 @@ def test_ambiguity_is_half_the_largest_disagreement_kept():
     recorder(np.zeros(2, int), np.stack([answer, rival]), np.full(2, 1e-5))
     _, spread = recorder.posterior(grid, answer[None])
     ambiguity = recorder.ambiguity(grid, answer[None])
-    maps, _ = grid_symmetries(grid)
-    best_iou = max(
-        np.sum((rival[m] > 0) & (answer > 0)) / np.sum((rival[m] > 0) | (answer > 0))
-        for m in maps
-    )
     assert best_iou < 0.5
     assert_allclose(ambiguity, [(1 - best_iou) / 2], rtol=1e-12)
     assert spread[0] < 0.01 < ambiguity[0]
@@ -760,27 +769,19 @@ def test_a_rival_within_the_noise_floors_the_answer_however_far_behind():
     the best: it is kept and sets the floor. One beyond both that quantile
     and KEEP_CHI2 is rejected and dropped; without sigma (noise 0) only the
     margin around the best keeps labellings."""
-    from scipy.stats import chi2 as chi2_dist
-
     grid = TetGrid.bcc(8.0, 2)
-    answer = np.zeros(grid.n_cells, np.int16)
-    answer[:20] = 1
-    rival = np.zeros(grid.n_cells, np.int16)
-    rival[16:36] = 1
+    answer, rival, best_iou = _answer_and_rival(grid)
     n, noise = 100, 0.5
-    bound = chi2_dist.isf(0.05, n)  # 124.3 for 100 acquisitions
-    maps, _ = grid_symmetries(grid)
-    best_iou = max(
-        np.sum((rival[m] > 0) & (answer > 0)) / np.sum((rival[m] > 0) | (answer > 0))
-        for m in maps
-    )
+    bound = chi2.isf(0.05, n)  # 124.3 for 100 acquisitions
 
-    def floor(answer_chi2, rival_chi2, noise=noise):
-        chi2s = {answer.tobytes(): answer_chi2, rival.tobytes(): rival_chi2}
+    def floor(answer_chi2, rival_chi2, stated_noise=noise):
+        # Losses are chi-square in units of the true noise; the recorder is
+        # told ``stated_noise`` (0: sigma unknown).
+        losses = {answer.tobytes(): answer_chi2, rival.tobytes(): rival_chi2}
         recorder = Recorder(
-            lambda owners, c, m: np.array([chi2s[x.tobytes()] * 0.5 / n for x in c]),
+            lambda owners, c, m: np.array([losses[x.tobytes()] * noise / n for x in c]),
             1,
-            noise,
+            stated_noise,
             n,
         )
         recorder(np.zeros(2, int), np.stack([answer, rival]), np.full(2, 1e-5))
@@ -793,7 +794,7 @@ def test_a_rival_within_the_noise_floors_the_answer_however_far_behind():
     # Just beyond the bound and 30 units behind: rejected by the data.
     assert_allclose(floor(100.0, bound * 1.01), 0.0, atol=1e-12)
     # Without sigma there is no bound: 90 units behind is dropped.
-    assert_allclose(floor(2.0, 92.0, noise=0.0), 0.0, atol=1e-12)
+    assert_allclose(floor(2.0, 92.0, stated_noise=0.0), 0.0, atol=1e-12)
 
 
 def test_ambiguity_forgives_the_grids_signal_symmetries():
