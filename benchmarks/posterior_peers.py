@@ -537,7 +537,10 @@ def main(argv=None):
         sets.append((title, left.simulator(protocol), TEST_SEED + 1))
     # The label search fits the first set's voxels only: a minute or more a
     # voxel and SNR.
-    for (title, simulator, seed), search in zip(sets, [args.search, 0], strict=False):
+    searches = [args.search, 0]
+    for index, ((title, simulator, seed), search) in enumerate(
+        zip(sets, searches, strict=False)
+    ):
         start = time.perf_counter()
         signals, truth, _ = held_out(
             simulator, args.n_test, seed=seed, resolution=args.test_resolution
@@ -559,7 +562,7 @@ def main(argv=None):
             search=search,
         )
         shown = methods if search else [m for m in methods if m != SEARCH]
-        if args.json and search == args.search:  # the first set
+        if args.json and index == 0:  # the held-out draws of the training prior
             write_estimates(args.json, truth, results)
         print_table(
             f"{title}: median |error| (median |error| / truth)",

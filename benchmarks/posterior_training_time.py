@@ -31,9 +31,9 @@ from dataclasses import replace
 
 import torch
 from dipy.utils.logging import logger
+from surface_check import _demo_protocol
 
-from dipy_spinverse.data import DEMO_PRIOR, DEMO_TRAINING, make_phantom_dataset
-from dipy_spinverse.io.gradients import read_gradients
+from dipy_spinverse.data import DEMO_PRIOR, DEMO_TRAINING
 from dipy_spinverse.posterior import load_or_train
 from dipy_spinverse.sim.sequences import published_protocol
 
@@ -53,15 +53,6 @@ class Announced(logging.Handler):
             self.messages.append(message)
 
 
-def demo_protocol():
-    """The demo's protocol, read from its files as the workflow reads it."""
-    with tempfile.TemporaryDirectory() as folder:
-        paths = make_phantom_dataset(folder, tissue_voxels=False)
-        return read_gradients(
-            paths["bvals"], paths["bvecs"], n_volumes=99, timing_file=paths["timing"]
-        )
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -75,7 +66,8 @@ def main():
     options = replace(DEMO_TRAINING, seed=DEMO_TRAINING.seed + 1)
     rows = []
     for name in args.protocol:
-        protocol = demo_protocol() if name == "demo" else published_protocol()
+        # The demo's protocol as the workflow reads it from its files.
+        protocol = _demo_protocol()[0] if name == "demo" else published_protocol()
         with tempfile.TemporaryDirectory() as cache:
             start = time.perf_counter()
             load_or_train(DEMO_PRIOR, protocol, options, cache_dir=cache)
