@@ -32,12 +32,11 @@ import time
 import numpy as np
 import torch
 from scipy.stats import chi2
-from surface_check import _demo_protocol, _published
+from surface_check import _demo_protocol, held_out_voxels
 
-from dipy_spinverse import SpinverseModel, simulate
+from dipy_spinverse import SpinverseModel
 from dipy_spinverse.geometry.descriptors import describe
 from dipy_spinverse.geometry.metrics import aligned_overlap
-from dipy_spinverse.geometry.substrates import random_substrates
 from dipy_spinverse.inverse.search import KEEP_CHI2, RIVAL_IOU, search_labels
 from dipy_spinverse.inverse.shapes import descriptor_starts
 from dipy_spinverse.sim.signals import VoxelSignals
@@ -55,16 +54,13 @@ def main():
     torch.set_num_threads(2)
     protocol, _ = _demo_protocol()
     grid = SpinverseModel(protocol, preset="paper").grid
-    truths = random_substrates(grid, args.n, seed=args.seed) + _published(grid)
-    kappa = np.stack([s.face_permeability for s in truths])
-    clean = simulate(grid, kappa, protocol, diffusivity=2e-3).numpy()
+    truths, clean, noisy = held_out_voxels(
+        grid, protocol, args.n, seed=args.seed, snr=args.snr, published=True
+    )
     if args.case == "noise-free":
         signals, sigma = clean, 0.005
     else:  # the same noise draw as benchmarks/surface_check.py
-        rng = np.random.default_rng(args.seed)
-        sigma = 1.0 / args.snr
-        noise = rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)
-        signals = np.abs(clean + sigma * noise)
+        signals, sigma = noisy, 1.0 / args.snr
     model = SpinverseModel(protocol, sigma=sigma)
     start = time.perf_counter()
     fit = model.fit(1000 * signals[:, None, None], verbose=False)

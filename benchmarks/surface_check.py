@@ -98,19 +98,12 @@ def main():
     torch.set_num_threads(2)
     protocol, posterior = _demo_protocol()
     grid = SpinverseModel(protocol, preset="paper").grid
-    substrates = random_substrates(grid, args.n, seed=args.seed) if args.n else []
-    if args.published:
-        substrates += _published(grid)
-    kappa = np.stack([s.face_permeability for s in substrates])
-    clean = simulate(grid, kappa, protocol, diffusivity=2e-3).numpy()
-    rng = np.random.default_rng(args.seed)
-    sigma = 1.0 / args.snr
-    noise = sigma * (
-        rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)
+    substrates, clean, noisy = held_out_voxels(
+        grid, protocol, args.n, seed=args.seed, snr=args.snr, published=args.published
     )
     cases = {
         "noise-free": (clean, args.noise_free_sigma),
-        f"SNR {args.snr:g}": (np.abs(clean + noise), sigma),
+        f"SNR {args.snr:g}": (noisy, 1.0 / args.snr),
     }
     results = {}
     search = {} if args.restarts is None else dict(search_restarts=args.restarts)
@@ -134,6 +127,24 @@ def main():
         )
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=results), f, indent=1)
+
+
+def held_out_voxels(grid, protocol, n, *, seed, snr, published):
+    """The benchmark's voxels: ``n`` held-out substrates drawn from ``seed``
+    (and the demo's six closed boxes if ``published``), their noise-free
+    b0-normalised signals and one Rician draw at ``snr`` (seeded by ``seed``
+    too, so other benchmarks fit the same noisy voxels)."""
+    substrates = random_substrates(grid, n, seed=seed) if n else []
+    if published:
+        substrates += _published(grid)
+    kappa = np.stack([s.face_permeability for s in substrates])
+    clean = simulate(grid, kappa, protocol, diffusivity=2e-3).numpy()
+    rng = np.random.default_rng(seed)
+    sigma = 1.0 / snr
+    noise = sigma * (
+        rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)
+    )
+    return substrates, clean, np.abs(clean + noise)
 
 
 def _demo_protocol():
