@@ -25,12 +25,11 @@ import time
 
 import numpy as np
 import torch
-from surface_check import _demo_protocol
+from surface_check import _demo_protocol, held_out_voxels
 
-from dipy_spinverse import SpinverseModel, simulate
+from dipy_spinverse import SpinverseModel
 from dipy_spinverse.geometry.descriptors import describe_substrate
 from dipy_spinverse.geometry.metrics import aligned_overlap
-from dipy_spinverse.geometry.substrates import random_substrates
 from dipy_spinverse.inverse import reconstruct
 from dipy_spinverse.inverse.shapes import descriptor_starts
 from dipy_spinverse.posterior.targets import decode
@@ -51,9 +50,9 @@ def main():
     protocol, posterior = _demo_protocol()
     model = SpinverseModel(protocol, sigma=0.005, **posterior)
     grid = model.grid
-    substrates = random_substrates(grid, args.n, seed=args.seed)
-    kappa = np.stack([s.face_permeability for s in substrates])
-    clean = simulate(grid, kappa, protocol, diffusivity=2e-3).numpy()
+    substrates, clean, _ = held_out_voxels(
+        grid, protocol, args.n, seed=args.seed, snr=100.0, published=False
+    )
     signals = VoxelSignals.from_raw(1000 * clean, model.protocol)
     seeds = None
     if args.starts == "truth":
