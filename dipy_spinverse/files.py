@@ -7,6 +7,8 @@ atomic on POSIX and Windows.
 """
 
 import contextlib
+import errno
+import gzip
 import hashlib
 import json
 import os
@@ -29,10 +31,13 @@ __all__ = [
     "cache_root",
     "fingerprint",
     "load_image",
+    "verify_gzip",
+    "describe_cause",
     "read_voxels",
     "save_image",
     "save_voxels",
     "writable_folder",
+    "WriteError",
     "CACHE_ENV",
 ]
 
@@ -154,9 +159,56 @@ def writable_folder(folder, what, fix=None):
             pass
     except OSError as err:
         raise ValueError(
-            f"cannot write the {what} to {folder} ({err.strerror or err}); {fix}"
+            f"cannot write the {what} to {folder} ({describe_cause(err)}); {fix}"
         ) from err
     return folder
+
+
+class WriteError(OSError):
+    """A file that could not be written, with one message that names it, the
+    cause in words (a full disk, a permission) and what was kept.
+
+    An ``OSError`` (its ``errno`` and ``filename`` are the cause's and the
+    file's), so that callers catching ``OSError`` still catch it; the
+    command-line tools print it as one line and exit with status 2.
+    """
+
+    @classmethod
+    def of(cls, path, err, *, what="", during="", fix=""):
+        """The WriteError of writing ``path`` (``what`` names it, ``during``
+        says at which step) that failed with ``err``; ``fix`` says what the
+        user can do."""
+        path = os.fspath(path)
+        code = getattr(err, "errno", None)
+        subject = f"{what} {path}" if what else path
+        subject += f" ({during})" if during else ""
+        text = f"cannot write {subject}: {describe_cause(err)}."
+        return cls(code or errno.EIO, text + (" " + fix if fix else ""), path)
+
+    def __str__(self):
+        return self.strerror
+
+
+#: Causes of failed writes in words.
+_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder",
+}
+
+
+def describe_cause(err):
+    """Why a write failed, in words: the errno's meaning when it is a usual
+    one (a full disk, a permission), else the error's type and message."""
+    code = getattr(err, "errno", None)
+    if code in _CAUSES:
+        return f"{_CAUSES[code]} ({errno.errorcode.get(code, code)})"
+    detail = getattr(err, "strerror", None) or str(err) or "no detail"
+    return f"{type(err).__name__}: {detail}"
 
 
 @contextlib.contextmanager
@@ -190,17 +242,30 @@ def atomic_write(path):
     """
     path = os.fspath(path)
     folder, name = os.path.split(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{secrets.token_hex(4)}-{name}")
     try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
         yield tmp
         if not os.path.isfile(tmp):
-            raise OSError(f"nothing was written for {path}.")
+            raise OSError(errno.EIO, f"nothing was written for {path}")
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as err:
+        # One message naming the output and the cause, the file that was
+        # there before left as it was.
+        raise WriteError.of(path, err, fix=_KEPT_OUTPUT) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.lexists(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+_KEPT_OUTPUT = (
+    "The file that was there before (if any) is unchanged; free space or "
+    "choose another folder, and run again."
+)
 
 
 def save_image(path, data, affine=None, reference=None, *, description=None):
@@ -264,6 +329,10 @@ def load_image(path, what="image"):
     The file is kept open, so that reading it volume by volume
     (:func:`read_voxels`) decompresses a ``.nii.gz`` once, front to back.
 
+    A gzipped file is checked whole first (:func:`verify_gzip`): nibabel
+    stops reading before the gzip trailer, so a damaged ``.nii.gz`` would
+    otherwise be read as data.
+
     Raises
     ------
     ValueError
@@ -274,12 +343,57 @@ def load_image(path, what="image"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path} does not exist; check the path.")
+    verify_gzip(path, what)
     try:
         return nib.load(path, keep_file_open=True)
     except _DAMAGED as err:
         raise ValueError(
             f"{what} {path} cannot be read as a NIfTI image ({err}); pass a "
             ".nii or .nii.gz file, and write it again if it is damaged."
+        ) from err
+
+
+#: The first bytes of a gzip stream.
+_GZIP_MAGIC = b"\x1f\x8b"
+
+#: Bytes decompressed at a time by :func:`verify_gzip`.
+_VERIFY_BYTES = 1 << 24
+
+
+def verify_gzip(path, what="file"):
+    """Check a gzip file's CRC-32 and length by reading it to its end once.
+
+    gzip stores both in the trailer of each stream, which a reader that
+    stops after the bytes it needs (nibabel reading an image's volumes)
+    never reaches: flipped bytes inside a ``.nii.gz`` would be fitted as
+    data. This costs one decompression of the file (about a second per
+    300 MB of image on one core). Files that are not gzip pass untouched.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        The file's role in the message (e.g. ``"input_files"``).
+
+    Raises
+    ------
+    ValueError
+        Naming ``what`` and the file when its checksum or length does not
+        match, or it ends early.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        if f.read(2) != _GZIP_MAGIC:
+            return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(_VERIFY_BYTES):
+                pass
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(
+            f"{what} {path} is damaged: reading its gzip stream to the end "
+            f"failed ({type(err).__name__}: {err}), so its values cannot be "
+            "trusted; copy or write the file again."
         ) from err
 
 

@@ -65,7 +65,9 @@ def read_gradients(
     scheme_file : str or path, optional
         A Camino scheme file (its b-values and directions must match).
     b0_threshold : float
-        b-values up to it are b = 0 volumes (:data:`B0_THRESHOLD`).
+        b-values up to it are b = 0 volumes (:data:`B0_THRESHOLD`); the
+        table must have one at least, since each voxel is normalised by its
+        b = 0 signal.
     bvecs_tol : float
         Tolerance of the b-vectors' unit norm (:data:`BVECS_TOL`).
     data : ndarray (n_voxels, n_volumes), optional
@@ -78,6 +80,14 @@ def read_gradients(
     GradientTable or Protocol
         The table with ``big_delta`` and ``small_delta`` per volume (a
         :class:`~dipy_spinverse.sim.sequences.Protocol` from a scheme file).
+
+    Raises
+    ------
+    ValueError
+        Naming the file or the option at fault (as the argument and the
+        command-line flag, e.g. ``b0_threshold (--b0_threshold)``), with the
+        fix: among others b-values in another unit than s/mm^2, times in
+        milliseconds, no b = 0 volume.
     """
     try:
         bvals, bvecs = read_bvals_bvecs(os.fspath(bval), os.fspath(bvec))
@@ -124,6 +134,7 @@ def read_gradients(
                 f"{bvals[worst]:.1f} in the b-values file; pass files of the same "
                 "acquisition."
             )
+        _check_scheme_b0(protocol, scheme_file)
         _check_scheme_directions(protocol, bvecs, scheme_file, bvec)
         return protocol
     if pulses:
@@ -132,11 +143,13 @@ def read_gradients(
                 "pass both --big_delta and --small_delta (seconds), e.g. "
                 "--big_delta 0.02 --small_delta 0.01."
             )
+        _check_pulse_timing(small_delta, big_delta)
         if data is not None:
             _check_one_b0_level(data, bvals <= b0_threshold)
     else:
         small_delta, big_delta = read_timing(timing_file, n_volumes=n_volumes)
     _check_unit_bvecs(bvals, bvecs, bvec, b0_threshold, bvecs_tol)
+    _check_b0(bvals, bval, b0_threshold)
     return gradient_table(
         bvals,
         bvecs=bvecs,
@@ -144,6 +157,94 @@ def read_gradients(
         small_delta=small_delta,
         b0_threshold=b0_threshold,
         atol=bvecs_tol,
+    )
+
+
+def _check_pulse_timing(small_delta, big_delta):
+    """Refuse, naming the flags, a ``small_delta``/``big_delta`` pair that
+    the model would refuse later under the arguments' names only (the
+    checks of :class:`~dipy_spinverse.sim.sequences.PGSE`: seconds,
+    ``big_delta >= small_delta``)."""
+    try:
+        pairs = np.unique(
+            np.column_stack(
+                np.broadcast_arrays(
+                    np.ravel(np.asarray(small_delta, dtype=float)),
+                    np.ravel(np.asarray(big_delta, dtype=float)),
+                )
+            ),
+            axis=0,
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"small_delta (--small_delta) {small_delta!r} and big_delta "
+            f"(--big_delta) {big_delta!r} must be numbers in seconds, e.g. "
+            "--small_delta 0.01 --big_delta 0.02."
+        ) from err
+    for small, big in pairs:
+        try:
+            PGSE(small_delta=float(small), big_delta=float(big))
+        except ValueError as err:
+            fix = ""
+            if "milliseconds" in str(err):
+                # One of the two is refused as milliseconds: the other was
+                # most likely typed in the same unit, unless it is below 1
+                # (lobes and separations are ms to tens of ms: under 1 in
+                # seconds, rarely under 1 in milliseconds).
+                small_s, big_s = (v / 1000 if v >= 1 else v for v in (small, big))
+                fix = (
+                    f" Pass both in seconds: --small_delta {small_s:g} "
+                    f"--big_delta {big_s:g}."
+                )
+            raise ValueError(
+                f"small_delta (--small_delta) {small:g} and big_delta "
+                f"(--big_delta) {big:g}: {err}.{fix}"
+            ) from err
+
+
+def _check_b0(bvals, bval, b0_threshold):
+    """Refuse, naming ``b0_threshold`` (``--b0_threshold``), a table without
+    b = 0 volume: every voxel is normalised by its b = 0 signal, and the
+    model's own refusal speaks of ``gradient_table``, which a user of the
+    command line never called."""
+    lowest = float(np.min(bvals))
+    if lowest <= b0_threshold:
+        return
+    if lowest <= B0_THRESHOLD:
+        # Scanners store b = 0 volumes with a small nominal b (5 or 10
+        # s/mm^2); DIPY's default threshold is set above those, so the
+        # volumes at the lowest b are likely the b = 0 ones.
+        fix = (
+            f"If the volumes at b = {lowest:g} are the b = 0 ones (stored with "
+            f"a small nominal b-value), pass b0_threshold={lowest:g} "
+            f"(--b0_threshold {lowest:g}); otherwise add the b = 0 volumes of "
+            "the acquisition."
+        )
+    else:
+        fix = (
+            f"b = {lowest:g} s/mm^2 is a diffusion-weighted shell (above DIPY's "
+            f"default b0_threshold of {B0_THRESHOLD:g}), not b = 0 volumes: add "
+            "the b = 0 volumes of the acquisition to the data and the gradient "
+            "files."
+        )
+    raise ValueError(
+        f"{bval} has no b = 0 volume: its smallest b-value is {lowest:g} s/mm^2, "
+        f"above b0_threshold (--b0_threshold) {b0_threshold:g} s/mm^2, and each "
+        f"voxel is normalised by its b = 0 signal. {fix}"
+    )
+
+
+def _check_scheme_b0(protocol, scheme_file):
+    """Refuse a scheme without b = 0 row (``|G| = 0``): the b = 0 volumes of
+    a scheme are its rows without gradient, whatever ``b0_threshold``."""
+    if (protocol.bvals == 0).any():
+        return
+    raise ValueError(
+        f"{scheme_file} has no b = 0 row (|G| = 0 or a zero direction): its "
+        f"smallest b-value is {protocol.bvals.min():g} s/mm^2, and each voxel is "
+        "normalised by its b = 0 signal. Write the b = 0 rows of the acquisition "
+        "with |G| = 0 (b0_threshold, --b0_threshold, applies to the b-values "
+        "file, not to a scheme's rows)."
     )
 
 

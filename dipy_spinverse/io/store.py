@@ -17,6 +17,8 @@ import copy
 import errno
 import json
 import os
+import secrets
+import shutil
 import zipfile
 import zlib
 from dataclasses import asdict
@@ -26,7 +28,7 @@ import torch
 from dipy.core.gradients import gradient_table
 
 from ..checks import check_device
-from ..files import save_image, save_voxels
+from ..files import WriteError, atomic_write, save_image, save_voxels
 from ..geometry import DESCRIPTORS, UNITS
 from ..inverse import InversionConfig
 from ..reconst import (
@@ -91,9 +93,6 @@ _FILL = dict(
 #: optional parameters and the smooth meshes of ``refine_mesh=True``.
 _SAVED_IF_PRESENT = OPTIONAL_PARAMETERS + MESH_PARAMETERS
 
-#: Bytes of one chunk of a checkpoint store's datasets (at most 4096 voxels).
-STORE_CHUNK_BYTES = 1 << 20
-
 #: A store's checksums (its header's ``checksum``): the CRC32 of each row
 #: (mask voxel) of each parameter, in the dataset ``crc32.<parameter>``,
 #: written with the row and verified when the store is read. Stores written
@@ -135,23 +134,34 @@ _MISSING = {
 
 
 class Checkpoint:
-    """``checkpoint`` hook of :meth:`SpinverseModel.fit`: a chunked HDF5 store.
+    """``checkpoint`` hook of :meth:`SpinverseModel.fit`: an HDF5 store.
 
     The first call (``rows`` None) creates the store: the model, the mask,
     the data's fingerprint, and one dataset per parameter over the voxels of
-    the mask, chunked on disk and filled with the values of a voxel not yet
-    fitted (status ``PENDING``) -- nothing is written for those. Each later
+    the mask, holding the values of a voxel not yet fitted (status
+    ``PENDING``) -- or, when a fit is resumed, the voxels it has. Each later
     call writes only the rows of the chunk just fitted, status last, so its
     cost does not depend on the size of the volume and a fit interrupted at
     any moment keeps every chunk written before: :func:`load_fit` reads the
     store (the voxels still ``PENDING`` included) and :func:`resume_fit`
     continues it.
 
+    Why a failed write cannot corrupt it: the store is created whole, at its
+    full size, in a temporary file renamed into place, after checking that
+    the disk has room for it; afterwards HDF5 never writes to it again. The
+    datasets are contiguous, so a row lies at a fixed byte offset, and each
+    chunk's rows are written there with plain file writes, their bytes and
+    checksums first, then (after ``fsync``) their status. HDF5's own
+    metadata is never touched after creation, so a full disk, a quota or a
+    lost mount (which once left h5py's metadata cache broken, a traceback
+    and a segmentation fault) can only fail the chunk being written: the
+    voxels written before stay readable and a rerun continues from them.
+
     Each row of each parameter is stored with its CRC32, checked when the
     store is read: values overwritten or corrupted on disk are refused
     (a ValueError naming the file, the parameter and the voxels), not
-    resumed. A write that fails (a full disk) raises an ``OSError`` naming
-    the store; the chunks written before stay in it.
+    resumed. A write that fails raises a :class:`~dipy_spinverse.files.
+    WriteError` (an ``OSError``) naming the store and the cause.
 
     Parameters
     ----------
@@ -161,12 +171,15 @@ class Checkpoint:
 
     def __init__(self, path):
         self.path = store_path(path)
+        self._layout = None
 
     def __call__(self, fit, rows=None):
         if rows is None:
-            _create_store(fit, self.path)
+            self._layout = _create_store(fit, self.path)
         else:
-            _write_rows(fit, self.path, np.asarray(rows))
+            if self._layout is None:
+                self._layout = _store_layout(self.path)
+            _write_rows(fit, self.path, np.asarray(rows), self._layout)
 
 
 def checkpoint_for(path):
@@ -197,13 +210,6 @@ def _header(fit):
     )
 
 
-def _store_chunks(n_rows, tail, itemsize):
-    """Rows per HDF5 chunk: about ``STORE_CHUNK_BYTES``, at most 4096."""
-    row = max(1, int(np.prod(tail, dtype=np.int64)) * itemsize)
-    rows = int(np.clip(STORE_CHUNK_BYTES // row, 1, 4096))
-    return (min(rows, n_rows),) + tuple(tail)
-
-
 def _row_crcs(values):
     """CRC32 of the bytes of each row of ``values`` (uint32, one per row)."""
     values = np.ascontiguousarray(values)
@@ -215,133 +221,212 @@ def _row_crcs(values):
     )
 
 
-def _store_error(path, err, what):
-    """The OSError of a failed store write, naming the file and the fix."""
-    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-    cause = "the disk is full" if full else f"{type(err).__name__}: {err}"
-    return OSError(
-        getattr(err, "errno", None) or errno.EIO,
-        f"cannot write the checkpoint {path} ({what}): {cause}. The voxels "
-        "stored before are kept in it: free space (or pass another --out_dir) "
-        "and run again to resume the fit from them.",
-        os.fspath(path),
+def _store_error(path, err, what, *, created=True):
+    """The WriteError of a failed store write, naming the file and the fix
+    (``created``: whether the store at ``path`` is this fit's)."""
+    kept = (
+        "The voxels stored before are kept in it"
+        if created
+        else "A checkpoint there before (if any) is unchanged"
+    )
+    return WriteError.of(
+        path,
+        err,
+        what="the checkpoint",
+        during=what,
+        fix=f"{kept}: free space (or pass another --out_dir) and run again to "
+        "resume the fit from them.",
     )
 
 
-class _Closing:
-    """Context manager: an h5py store closed whatever happens, the first
-    OSError of the block or of the close kept in ``failure`` (without h5py's
-    frames) instead of raised. The caller raises a clean error outside any
-    except clause, so that the traceback keeps no h5py object alive until
-    interpreter teardown (where a full disk once ended in a segfault)."""
+#: Bytes written at a time when a store is created (a volume's parameters
+#: are never copied whole to bytes).
+_WRITE_BYTES = 1 << 26
 
-    def __init__(self, store):
-        self.store = store
-        self.failure = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, OSError):
-            self.failure = error.with_traceback(None)
-        try:
-            self.store.close()
-        except OSError as err:
-            self.failure = self.failure or err.with_traceback(None)
-        return isinstance(error, OSError)
+def _store_contents(fit):
+    """The datasets of ``fit``'s store (the mask apart): each parameter and
+    the CRC32 of each of its rows, status last."""
+    contents = {}
+    for name in _FILL:
+        values = fit.params.get(name)
+        if values is None:
+            continue
+        contents[_CRC_PREFIX + name] = _row_crcs(values)
+        contents[name] = np.ascontiguousarray(values)
+    return contents
 
 
 def _create_store(fit, path):
-    """Write a new store for ``fit`` (a temporary file, then renamed)."""
-    import h5py
-
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    tmp = path + ".part"
-    n_rows = int(fit.mask.sum())
-    pending = fit.params["status"] == PENDING
-    header = dict(_header(fit), checksum=_CHECKSUM)
-    header["mask_crc32"] = zlib.crc32(np.ascontiguousarray(fit.mask, bool))
+    """A store for ``fit`` at ``path``: the existing one when it holds this
+    very fit (a resumed run writes on where it stopped), else a new one
+    written whole to a temporary file and renamed. Returns its layout."""
+    header = dict(_header(fit), checksum=_CHECKSUM, layout=_LAYOUT)
+    mask = np.ascontiguousarray(fit.mask, dtype=bool)
+    header["mask_crc32"] = zlib.crc32(mask)
+    reused = _same_store(path, header, fit)
+    if reused is not None:
+        return reused
+    contents = _store_contents(fit)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    # HDF5's metadata: the header, about 2 KiB a dataset, with margin.
+    metadata = len(json.dumps(header)) + 4096 * (len(contents) + 1) + (1 << 16)
+    _check_room(path, mask.nbytes + sum(a.nbytes for a in contents.values()) + metadata)
+    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(4)}-{os.path.basename(path)}")
+    failure = None
     try:
-        store = h5py.File(tmp, "w")
-    except OSError as err:
-        raise _store_error(path, err, "creating it") from None
-    with _Closing(store) as guard:
-        store.attrs["header"] = json.dumps(header)
-        store.create_dataset("mask", data=fit.mask, compression="gzip")
-        for name, fill in _FILL.items():
-            values = fit.params.get(name)
-            if values is None:
-                continue
-            tail = values.shape[1:]
-            dataset = store.create_dataset(
-                name,
-                shape=values.shape,
-                dtype=values.dtype,
-                chunks=_store_chunks(n_rows, tail, values.itemsize) if n_rows else None,
-                fillvalue=fill,
-            )
-            # A row not written yet holds the fill values: its CRC is theirs.
-            blank = _row_crcs(np.full((1, *tail), fill, dtype=values.dtype))[0]
-            crcs = store.create_dataset(
-                _CRC_PREFIX + name,
-                shape=(len(values),),
-                dtype=np.uint32,
-                chunks=(min(4096, n_rows),) if n_rows else None,
-                fillvalue=blank,
-            )
-            if not pending.all():  # resuming: the voxels already fitted
-                dataset[...] = values
-                crcs[...] = _row_crcs(values)
-    if guard.failure is not None:
+        layout = _allocate(tmp, header, mask, contents)
+        with open(tmp, "r+b") as f:
+            for name, values in contents.items():
+                _write_block(f, layout[name], 0, values)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as err:  # noqa: BLE001 - h5py raises RuntimeError too
+        failure = err.with_traceback(None)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise _store_error(path, guard.failure, "creating it")
-    os.replace(tmp, path)
+    if failure is not None:
+        # Raised outside the except clause: the traceback keeps no h5py
+        # object alive until interpreter teardown.
+        raise _store_error(path, failure, "creating it", created=False)
+    return layout
 
 
-def _write_rows(fit, path, rows):
-    """Write the ``rows`` of ``fit.params`` (increasing) to the store, each
-    row with its CRC32.
+#: How a store's datasets lie in its file (its header's ``layout``): each
+#: contiguous at a fixed offset, written by plain file writes after creation.
+#: Stores without it (chunked, written through HDF5) are read, never written.
+_LAYOUT = "contiguous"
 
-    A write that fails (a full disk) raises an OSError naming the store;
-    the file is closed first, and the rows written before are intact: a
-    voxel's status is written last, so a voxel whose write failed stays
-    ``PENDING`` (and its checksums are not checked)."""
+
+def _allocate(path, header, mask, contents):
+    """Create the HDF5 file: header, mask, and every dataset of ``contents``
+    contiguous and allocated (not written). Returns the layout
+    ``{name: (offset, dtype, shape)}``."""
     import h5py
 
+    plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    # Space at creation, at a fixed offset; the values are ours to write.
+    plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    layout = {}
+    with h5py.File(path, "w") as store:
+        store.attrs["header"] = json.dumps(header)
+        store.create_dataset("mask", data=mask, compression="gzip")
+        for name, values in contents.items():
+            dataset = store.create_dataset(
+                name, shape=values.shape, dtype=values.dtype, dcpl=plist
+            )
+            layout[name] = (dataset.id.get_offset(), values.dtype, values.shape)
+    return layout
+
+
+def _store_layout(path):
+    """The layout of an existing store (as :func:`_allocate` returns it)."""
+    import h5py
+
+    with h5py.File(path, "r") as store:
+        header = json.loads(store.attrs["header"])
+        if header.get("layout") != _LAYOUT:
+            raise ValueError(
+                f"checkpoint {path} was written by an earlier dipy_spinverse and "
+                "is read-only: resume it (dipy_spinverse.io.resume_fit), which "
+                "writes a new store."
+            )
+        return {
+            name: (store[name].id.get_offset(), store[name].dtype, store[name].shape)
+            for name in store
+            if name != "mask"
+        }
+
+
+def _same_store(path, header, fit):
+    """The layout of the store at ``path`` if it holds ``fit`` as it stands
+    (same header and statuses, values intact), else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        stored, arrays = _read_fit(path)
+        layout = _store_layout(path)
+    except Exception:  # noqa: BLE001 - any store not readable is not this fit's
+        return None
+    same = (
+        json.dumps(stored, sort_keys=True) == json.dumps(header, sort_keys=True)
+        and np.array_equal(arrays["mask"], fit.mask)
+        and np.array_equal(arrays["status"], fit.params["status"])
+        and set(layout) == set(_store_contents(fit))
+    )
+    return layout if same else None
+
+
+def _check_room(path, n_bytes):
+    """Refuse to create a store the disk has no room for, before HDF5
+    writes anything (HDF5 left with a full disk mid-write can crash)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    need = int(n_bytes)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise _store_error(
+            path,
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+            f"creating it needs {need / 1e6:.2f} MB, {folder} has "
+            f"{free / 1e6:.2f} MB free",
+            created=False,
+        )
+
+
+def _write_block(f, entry, first, values):
+    """Write ``values`` as rows ``first, first + 1, ...`` of the dataset
+    ``entry`` (offset, dtype, shape) of the open store file ``f``."""
+    offset, dtype, shape = entry
+    values = np.ascontiguousarray(values, dtype=dtype)
+    if not values.size:
+        return
+    row_bytes = values[:1].nbytes
+    step = max(1, _WRITE_BYTES // max(1, row_bytes))
+    for start in range(0, len(values), step):
+        f.seek(offset + (first + start) * row_bytes)
+        f.write(values[start : start + step].data)
+
+
+def _write_rows(fit, path, rows, layout):
+    """Write the ``rows`` of ``fit.params`` to the store, each row with its
+    CRC32, by plain file writes at the rows' offsets (``layout``).
+
+    A write that fails (a full disk) raises a WriteError naming the store;
+    the rows written before are intact: a voxel's values and checksums are
+    on disk (``fsync``) before its status is written, so a voxel whose write
+    failed stays ``PENDING``."""
     if not len(rows):
         return
     rows = np.sort(rows)
-    where = rows
-    if rows[-1] - rows[0] + 1 == len(rows):
-        where = slice(int(rows[0]), int(rows[-1]) + 1)
     span = f"rows {int(rows[0])}-{int(rows[-1])} of the mask's voxels"
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    names = [name for name in _FILL if fit.params.get(name) is not None]
+    failure = None
     try:
-        store = h5py.File(path, "r+")
+        with open(path, "r+b") as f:
+            # Status last: a voxel is marked fitted only once its outputs
+            # are in (its checksum just before: a voxel still PENDING is not
+            # checked).
+            for final in (False, True):
+                for name in names:
+                    if (name == "status") != final:
+                        continue
+                    for run in runs:
+                        block = fit.params[name][run[0] : run[-1] + 1]
+                        first = int(run[0])
+                        crcs = _row_crcs(block)
+                        _write_block(f, layout[_CRC_PREFIX + name], first, crcs)
+                        _write_block(f, layout[name], first, block)
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as err:
-        raise _store_error(path, err, span) from None
-    with _Closing(store) as guard:
-        checksums = _CRC_PREFIX + "status" in store
-        # Status last: a voxel is marked fitted only once its outputs are
-        # in (its checksum just before: a voxel still PENDING is not
-        # checked).
-        for name in [*_FILL][:-1] + ["status"]:
-            values = fit.params.get(name)
-            if values is None:
-                continue
-            values = values[rows]
-            if name != "status":
-                store[name][where] = values
-            if checksums:
-                store[_CRC_PREFIX + name][where] = _row_crcs(values)
-            if name == "status":
-                store[name][where] = values
-            store.flush()
-    if guard.failure is not None:
-        raise _store_error(path, guard.failure, span)
+        failure = err.with_traceback(None)
+    if failure is not None:
+        raise _store_error(path, failure, span)
 
 
 def _verify_store(path, header, arrays):
@@ -573,13 +658,8 @@ def save_fit(fit, path):
         if fit.params.get(name) is not None:
             arrays[name] = fit.params[name]
     arrays["header"] = np.array(json.dumps(_header(fit)))
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    tmp = path + ".part"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
     return path
 
 
@@ -636,9 +716,11 @@ def load_fit(path):
 
 #: What a damaged ``.npz`` raises while it is read: zipfile's errors for a
 #: truncated or overwritten archive, zlib's and EOFError for a broken
-#: compressed member, ValueError and OSError from numpy and json.
+#: compressed member, ValueError and OSError from numpy and json,
+#: RuntimeError from h5py on a damaged HDF5 file.
 _READ_ERRORS = (
     OSError,
+    RuntimeError,
     ValueError,
     KeyError,
     EOFError,

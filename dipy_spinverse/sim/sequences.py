@@ -49,6 +49,10 @@ _ANTISYMMETRY_RTOL = 1e-12
 _REFOCUS_RTOL = 1e-9
 _UNIT_ATOL = 1e-3
 _CAMINO_VERSION = "STEJSKALTANNER"
+# Camino's older, numbered name of this format (fsl2scheme's -version: 0
+# wrote q-vectors with one diffusion time, 2 the b-vectors of BVECTOR).
+_CAMINO_VERSION_ALIASES = ("1",)
+_CAMINO_BVECTOR = ("BVECTOR", "2")
 _CAMINO_COLUMNS = ("x", "y", "z", "|G|", "DELTA", "delta", "TE")
 
 
@@ -670,7 +674,7 @@ def check_bvals(bvals, *, b0_threshold=0.0, name="gtab.bvals"):
         raise ValueError(
             f"{name} has no diffusion-weighted shell between {low:g} and {high:g} "
             f"s/mm^2 (weighted b-values {weighted.min():g} to {weighted.max():g}); "
-            f"b-values must be in s/mm^2: {unit}."
+            f"b-values must be in s/mm^2 (DIPY's unit): {unit}."
         )
     if weighted.max() > BVALUE_MAX:
         i = int(np.argmax(bvals))
@@ -880,10 +884,14 @@ class Protocol:
     def from_camino(cls, path):
         """Read a Camino scheme file in STEJSKALTANNER format.
 
-        The file starts with a ``VERSION: STEJSKALTANNER`` line (comment lines
-        starting with ``#`` and blank lines are skipped anywhere), followed by
-        one row ``x y z |G| DELTA delta TE`` per acquisition, with G in T/m and
-        times in seconds.
+        The file starts with a ``VERSION: STEJSKALTANNER`` (or ``VERSION:
+        1``) line (comment lines starting with ``#`` and blank lines are
+        skipped anywhere), followed by one row ``x y z |G| DELTA delta TE``
+        per acquisition, with G in T/m and times in seconds. A b = 0 row
+        (zero gradient) may have ``DELTA = delta = 0``, as Camino writes
+        them: it has no timing of its own and takes the scheme's one timing
+        (a scheme of several timings must give each b = 0 row that of its
+        sequence).
 
         Parameters
         ----------
@@ -912,6 +920,21 @@ class Protocol:
             waveforms.append(waveform)
             bvals.append(bval)
             bvecs.append(bvec)
+        untimed = [i for i, w in enumerate(waveforms) if w is None]
+        if untimed:
+            timings = set(waveforms) - {None}
+            if len(timings) != 1:
+                lines = ", ".join(str(rows[i][0]) for i in untimed[:8])
+                raise ValueError(
+                    f"{path}, line(s) {lines}: b = 0 row(s) with DELTA = delta = "
+                    f"0 (no timing), but the scheme has {len(timings)} timings "
+                    "of weighted rows to take it from: give each b = 0 row the "
+                    "DELTA, delta and TE of the sequence it belongs to (its echo "
+                    "time weights the b = 0 signal by which that sequence is "
+                    "normalised)"
+                )
+            (timing,) = timings
+            waveforms = [timing if w is None else w for w in waveforms]
         return cls(waveforms=tuple(waveforms), bvals=bvals, bvecs=bvecs)
 
     def to_camino(self, path):
@@ -1099,20 +1122,49 @@ def _camino_rows(path):
 def _check_camino_version(line, path, lineno):
     key, sep, version = line.partition(":")
     if not sep or key.strip().upper() != "VERSION":
+        fix = (
+            "a line of column names must be a comment (start it with #)"
+            if not _any_number(line.split())
+            else f"add the line 'VERSION: {_CAMINO_VERSION}' before the rows"
+        )
         raise ValueError(
             f"{path}, line {lineno}: expected a 'VERSION: {_CAMINO_VERSION}' "
-            f"header before the data, got {line!r}"
+            f"header before the data, got {line!r}; {fix}"
         )
-    if version.strip().upper() != _CAMINO_VERSION:
+    version = version.strip()
+    if version.upper() not in (_CAMINO_VERSION, *_CAMINO_VERSION_ALIASES):
+        bvector = (
+            ". A BVECTOR scheme has b-values but no gradient timing: give its "
+            "b-values and directions as .bval/.bvec files and the timing on its "
+            "own"
+            if version.upper() in _CAMINO_BVECTOR
+            else ""
+        )
         raise ValueError(
             f"{path}, line {lineno}: unsupported scheme version "
-            f"{version.strip()!r}; only VERSION: {_CAMINO_VERSION} is supported "
-            "(columns x y z |G| DELTA delta TE, G in T/m, times in s)"
+            f"{version!r}; only VERSION: {_CAMINO_VERSION} is supported "
+            f"(columns x y z |G| DELTA delta TE, G in T/m, times in s){bvector}"
         )
+
+
+def _any_number(fields):
+    """Whether any of the text ``fields`` reads as a number."""
+    for field in fields:
+        try:
+            float(field)
+        except ValueError:
+            continue
+        return True
+    return False
 
 
 def _camino_values(line, path, lineno):
     fields = line.split()
+    if not _any_number(fields):
+        raise ValueError(
+            f"{path}, line {lineno}: {line!r} is not a row of numbers; a line of "
+            "column names must be a comment (start it with #)"
+        )
     if len(fields) != len(_CAMINO_COLUMNS):
         raise ValueError(
             f"{path}, line {lineno}: expected {len(_CAMINO_COLUMNS)} columns "
@@ -1127,11 +1179,24 @@ def _camino_values(line, path, lineno):
 
 
 def _camino_acquisition(direction, strength, big_delta, small_delta, echo, *, where):
-    """Turn one STEJSKALTANNER row into (waveform, b in s/mm^2, direction)."""
+    """Turn one STEJSKALTANNER row into (waveform, b in s/mm^2, direction);
+    the waveform is None for a b = 0 row without timing."""
+    no_gradient = (
+        np.isfinite(strength) and strength >= 0 and not (strength and np.any(direction))
+    )
+    if no_gradient and big_delta == 0 and small_delta == 0:
+        # Camino's convention for b = 0 rows: without gradient the timing
+        # changes nothing in the signal; from_camino gives them one.
+        return None, 0.0, np.zeros(3)
     try:
         waveform = PGSE(small_delta=small_delta, big_delta=big_delta)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
+        hint = (
+            " (a b = 0 row: give it DELTA = delta = 0, or the timing of its sequence)"
+            if no_gradient
+            else ""
+        )
+        raise ValueError(f"{where}: {err}{hint}") from err
     if not echo >= waveform.echo_time * (1.0 - 1e-9):
         raise ValueError(
             f"{where}: TE ({echo:g} s) is shorter than DELTA + delta "

@@ -9,10 +9,12 @@ As every DIPY workflow, the ``run`` docstring defines the command-line
 options; positional inputs may contain wildcards to process several datasets.
 """
 
+import contextlib
 import json
 import os
 import pathlib
 import re
+import time
 
 import numpy as np
 from dipy.utils.logging import logger
@@ -25,7 +27,14 @@ from ..checks import (
     check_number,
     check_same_space,
 )
-from ..files import atomic_write, load_image, read_voxels, save_image, writable_folder
+from ..files import (
+    atomic_write,
+    describe_cause,
+    load_image,
+    read_voxels,
+    save_image,
+    writable_folder,
+)
 from ..io.gradients import B0_THRESHOLD, BVECS_TOL, read_gradients
 from ..io.store import (
     MESH_MAPS,
@@ -60,6 +69,8 @@ __all__ = [
     "METRICS",
     "DEFAULT_METRICS",
     "SMOOTH_MESH_FORMATS",
+    "check_outputs",
+    "output_lock",
 ]
 
 #: What ``--save_metrics`` chooses from: the scalar maps (named as the
@@ -89,6 +100,15 @@ DEFAULT_METRICS = tuple(name for name in METRICS if name != "permeability")
 
 #: File formats of the smooth meshes (``--refine_mesh``), one file per voxel.
 SMOOTH_MESH_FORMATS = ("vtp", "ply", "vtk", "gii")
+
+
+#: Voxels of an image below which ``--sigma auto`` warns. DIPY's
+#: ``estimate_sigma`` averages local variances over 3x3x3 neighbourhoods;
+#: with N of them the estimate's relative standard error is of order
+#: 1/sqrt(N) only where the image is mostly background or uniform tissue,
+#: which a small field of view is not: a 3 x 3 x 1 phantom gave SNR 23.5
+#: for data at 67-100. A 10 x 10 x 10 image holds a thousand neighbourhoods.
+SIGMA_AUTO_MIN_VOXELS = 1000
 
 
 _KEPT_AFTER_INTERRUPT = (
@@ -431,141 +451,155 @@ class SpinverseFlow(Workflow):
         smooth_mesh_format = check_choice(
             smooth_mesh_format, "smooth_mesh_format", SMOOTH_MESH_FORMATS
         )
-        io_it = self.get_io_iterator()
+        writable_folder(out_dir or ".", "outputs", fix="give a writable --out_dir")
+        try:
+            io_it = self.get_io_iterator()  # DIPY creates the output folders
+        except OSError as err:
+            raise ValueError(
+                f"cannot create the output folders under --out_dir "
+                f"{out_dir or '.'} ({describe_cause(err)}: {err.filename}); give a "
+                "writable --out_dir and out_* names that are file names."
+            ) from err
         for dwi, bval, bvec, maskfile, *outputs in io_it:
             # Outputs by name: every one has its own path (out_dir joined).
             out = dict(zip(io_it.out_keys, outputs, strict=True))
             ostate = out["out_state"]
-            # Before the fit: a checkpoint write would fail after the first
-            # batch of voxels, their work lost.
-            writable_folder(
+            # Before the fit: an output that clashes or cannot be written
+            # would fail after the voxels' work, or overwrite another.
+            check_outputs(out)
+            folder = writable_folder(
                 os.path.dirname(os.path.abspath(ostate)),
                 "outputs",
                 fix="give a writable --out_dir",
             )
-            logger.info(f"Spinverse fit of {dwi}")
-            image = load_image(dwi, "input_files")
-            affine = image.affine
-            if image.ndim != 4:
-                squeeze = (
-                    " Save it without the axis of length 1 after x, y, z."
-                    if image.ndim == 5 and 1 in image.shape[3:]
-                    else ""
+            with output_lock(folder):
+                logger.info(f"Spinverse fit of {dwi}")
+                image = load_image(dwi, "input_files")
+                affine = image.affine
+                if image.ndim != 4:
+                    squeeze = (
+                        " Save it without the axis of length 1 after x, y, z."
+                        if image.ndim == 5 and 1 in image.shape[3:]
+                        else ""
+                    )
+                    raise ValueError(
+                        f"{dwi} has {image.ndim} dimensions (shape {image.shape}); "
+                        "input_files must be 4-D diffusion images (x, y, z, volumes)."
+                        + squeeze
+                    )
+                mask_image = load_image(maskfile, "mask file")
+                _check_same_space(mask_image.affine, affine, maskfile, dwi)
+                try:
+                    mask_values = np.asanyarray(mask_image.dataobj)
+                except (EOFError, OSError, ValueError) as err:
+                    raise ValueError(
+                        f"mask file {maskfile} is damaged or truncated ({err}); "
+                        "write it again."
+                    ) from err
+                mask = check_mask_values(mask_values, f"mask file {maskfile}")
+                if mask.shape != image.shape[:-1]:
+                    raise ValueError(
+                        f"mask file {maskfile} has shape {mask.shape}, but {dwi} has "
+                        f"{image.shape[:-1]} voxels; pass the mask of this dataset "
+                        "(one value per voxel, 3-D)."
+                    )
+                if not mask.any():
+                    raise ValueError(
+                        f"mask file {maskfile} selects no voxel (all zero); pass the "
+                        "mask of this dataset."
+                    )
+                # The mask's voxels only, one volume at a time: memory grows
+                # with the mask, not with the image.
+                data = read_voxels(image, mask, "input_files")
+                table = read_gradients(
+                    bval,
+                    bvec,
+                    n_volumes=data.shape[-1],
+                    big_delta=big_delta,
+                    small_delta=small_delta,
+                    timing_file=timing_file,
+                    scheme_file=scheme_file,
+                    b0_threshold=b0_threshold,
+                    bvecs_tol=bvecs_tol,
+                    data=data,
                 )
-                raise ValueError(
-                    f"{dwi} has {image.ndim} dimensions (shape {image.shape}); "
-                    "input_files must be 4-D diffusion images (x, y, z, volumes)."
-                    + squeeze
-                )
-            mask_image = load_image(maskfile, "mask file")
-            _check_same_space(mask_image.affine, affine, maskfile, dwi)
-            try:
-                mask_values = np.asanyarray(mask_image.dataobj)
-            except (EOFError, OSError, ValueError) as err:
-                raise ValueError(
-                    f"mask file {maskfile} is damaged or truncated ({err}); "
-                    "write it again."
-                ) from err
-            mask = check_mask_values(mask_values, f"mask file {maskfile}")
-            if mask.shape != image.shape[:-1]:
-                raise ValueError(
-                    f"mask file {maskfile} has shape {mask.shape}, but {dwi} has "
-                    f"{image.shape[:-1]} voxels; pass the mask of this dataset "
-                    "(one value per voxel, 3-D)."
-                )
-            if not mask.any():
-                raise ValueError(
-                    f"mask file {maskfile} selects no voxel (all zero); pass the "
-                    "mask of this dataset."
-                )
-            # The mask's voxels only, one volume at a time: memory grows
-            # with the mask, not with the image.
-            data = read_voxels(image, mask, "input_files")
-            table = read_gradients(
-                bval,
-                bvec,
-                n_volumes=data.shape[-1],
-                big_delta=big_delta,
-                small_delta=small_delta,
-                timing_file=timing_file,
-                scheme_file=scheme_file,
-                b0_threshold=b0_threshold,
-                bvecs_tol=bvecs_tol,
-                data=data,
-            )
-            space = dict(affine=affine, reference=image)
-            sigma = relative_sigma(noise, image, data, table)
-            if fit_method == "posterior":
-                _run_posterior(
+                space = dict(affine=affine, reference=image)
+                sigma = relative_sigma(noise, image, data, table)
+                if fit_method == "posterior":
+                    _run_posterior(
+                        table,
+                        data,
+                        mask,
+                        out,
+                        space=space,
+                        sigma=sigma,
+                        diffusivity=diffusivity,
+                        n_report=n_report,
+                        options=posterior,
+                    )
+                    continue
+                model = SpinverseModel(
                     table,
-                    data,
-                    mask,
-                    out,
-                    space=space,
-                    sigma=sigma,
+                    grid_size=grid_size,
+                    grid_resolution=grid_resolution,
+                    boundary=boundary,
                     diffusivity=diffusivity,
-                    n_report=n_report,
-                    options=posterior,
+                    preset=preset,
+                    max_iter=max_iter,
+                    batch_size=batch_size,
+                    device=device,
+                    dtype=dtype,
+                    refine_mesh=bool(refine_mesh),
+                    mesh_options=mesh_options,
+                    **posterior,
+                    **_given(
+                        sigma=sigma,
+                        search_bootstrap=search_bootstrap,
+                        search_proposal=search_proposal,
+                    ),
                 )
-                continue
-            model = SpinverseModel(
-                table,
-                grid_size=grid_size,
-                grid_resolution=grid_resolution,
-                boundary=boundary,
-                diffusivity=diffusivity,
-                preset=preset,
-                max_iter=max_iter,
-                batch_size=batch_size,
-                device=device,
-                dtype=dtype,
-                refine_mesh=bool(refine_mesh),
-                mesh_options=mesh_options,
-                **posterior,
-                **_given(
-                    sigma=sigma,
-                    search_bootstrap=search_bootstrap,
-                    search_proposal=search_proposal,
-                ),
-            )
-            logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
-            state = _npz(ostate)
-            if state != os.fspath(ostate):
-                logger.info(f"The fit state is an .npz archive: writing {state}.")
-            checkpoint = checkpoint_for(state)
-            previous = _previous_fit(model, data, mask, state, resume=resume)
-            self.on_interrupt = _KEPT_AFTER_INTERRUPT.format(checkpoint)
-            fit = model.fit(
-                data,
-                mask=mask,
-                engine=engine,
-                address=address,
-                n_jobs=n_jobs,
-                verbose=True,
-                checkpoint=Checkpoint(checkpoint),
-                resume=previous,
-            )
-            written = _save_outputs(
-                fit, out, space=space, metrics=metrics, voxel_meshes=voxel_meshes
-            )
-            written += _save_smooth_meshes(
-                fit, out, space=space, ext="." + smooth_mesh_format
-            )
-            if n_report:
-                report = write_report(fit, data, out["out_report"], n_voxels=n_report)
-                written += [report] if report else []
-            _remove_stale_outputs(out, written)
-            # Last: the state's presence tells manage_output_overwrite that
-            # this run finished.
-            save_fit(fit, state)
-            if os.path.isfile(checkpoint):
-                os.remove(checkpoint)
-            logger.info(f"Voxel status: {describe_status(fit.status[fit.mask])}")
-            folder = os.path.commonpath([os.path.abspath(p) for p in written + [state]])
-            logger.info(
-                f"Spinverse outputs: {len(written)} files and the fit state "
-                f"{state}, in {folder}"
-            )
+                logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
+                state = _npz(ostate)
+                if state != os.fspath(ostate):
+                    logger.info(f"The fit state is an .npz archive: writing {state}.")
+                checkpoint = checkpoint_for(state)
+                previous = _previous_fit(model, data, mask, state, resume=resume)
+                self.on_interrupt = _KEPT_AFTER_INTERRUPT.format(checkpoint)
+                fit = model.fit(
+                    data,
+                    mask=mask,
+                    engine=engine,
+                    address=address,
+                    n_jobs=n_jobs,
+                    verbose=True,
+                    checkpoint=Checkpoint(checkpoint),
+                    resume=previous,
+                )
+                written = _save_outputs(
+                    fit, out, space=space, metrics=metrics, voxel_meshes=voxel_meshes
+                )
+                written += _save_smooth_meshes(
+                    fit, out, space=space, ext="." + smooth_mesh_format
+                )
+                if n_report:
+                    report = write_report(
+                        fit, data, out["out_report"], n_voxels=n_report
+                    )
+                    written += [report] if report else []
+                _remove_stale_outputs(out, written)
+                # Last: the state's presence tells manage_output_overwrite that
+                # this run finished.
+                save_fit(fit, state)
+                if os.path.isfile(checkpoint):
+                    os.remove(checkpoint)
+                logger.info(f"Voxel status: {describe_status(fit.status[fit.mask])}")
+                folder = os.path.commonpath(
+                    [os.path.abspath(p) for p in written + [state]]
+                )
+                logger.info(
+                    f"Spinverse outputs: {len(written)} files and the fit state "
+                    f"{state}, in {folder}"
+                )
 
     def manage_output_overwrite(self):
         """DIPY's check, except that an unfinished run's outputs are redone.
@@ -691,6 +725,12 @@ def _noise_option(sigma, snr):
         snr = check_number(snr, "snr", minimum=0.0)
         if snr == 0:
             return None
+        if snr <= 1:
+            raise ValueError(
+                f"--snr {snr:g}: the SNR is the b=0 signal over the noise, and at "
+                "or below 1 the noise is as large as the signal; pass the SNR of "
+                "the b=0 images (e.g. 20 to 100), or leave --snr out if unknown."
+            )
         return "snr", snr
     if sigma is None:
         return None
@@ -753,6 +793,16 @@ def relative_sigma(noise, image, data, table):
             f"--sigma auto: {value:.4g} (DIPY estimate_sigma, median of "
             f"{int(b0.sum())} b=0 volumes)"
         )
+        n_voxels = int(np.prod(image.shape[:3]))
+        if n_voxels < SIGMA_AUTO_MIN_VOXELS:
+            logger.warning(
+                f"--sigma auto estimated the noise from an image of {n_voxels} "
+                f"voxels (fewer than {SIGMA_AUTO_MIN_VOXELS}): DIPY's estimate_sigma "
+                "takes the local variance in 3x3x3 neighbourhoods, and so few "
+                "cannot separate noise from tissue contrast; the SNR it gives may "
+                "be far off. Pass --snr (the b=0 images' SNR, e.g. from a larger "
+                "field of view or the scanner's protocol) instead."
+            )
     relative = value / s0
     logger.info(
         f"Noise: sigma {value:.4g} over the median b=0 signal {s0:.4g} of the "
@@ -827,6 +877,110 @@ def _npz(path):
     return path if path.endswith(".npz") else path + ".npz"
 
 
+#: Outputs that are folders; the other ``out_*`` are files.
+FOLDER_OUTPUTS = ("out_voxel_meshes", "out_smooth_meshes", "out_posterior")
+
+
+def check_outputs(out):
+    """Refuse outputs that would overwrite each other or cannot be files.
+
+    Checked before any data is read: two outputs that resolve to the same
+    path (``--out_s0 status.nii.gz``: one map written over the other), a
+    file output that is a folder, or a folder output that is a file.
+
+    Parameters
+    ----------
+    out : dict
+        ``{"out_<name>": path}``, as DIPY's io iterator joins them with
+        ``--out_dir``.
+
+    Raises
+    ------
+    ValueError
+        Naming both flags and the path, or the flag and what it must be.
+    """
+    owners = {}
+    for key, path in _written_paths(out):
+        real = os.path.realpath(path)
+        if real in owners and owners[real] != key:
+            raise ValueError(
+                f"--{owners[real]} and --{key} both write {path}: one output "
+                "would overwrite the other; give each its own name."
+            )
+        owners[real] = key
+        if key in FOLDER_OUTPUTS and os.path.isfile(path):
+            raise ValueError(
+                f"--{key} {path} is a file, but it names the folder of "
+                f"{key[4:].replace('_', ' ')}; give a folder name."
+            )
+        if key not in FOLDER_OUTPUTS and os.path.isdir(path):
+            raise ValueError(
+                f"--{key} {path} is a folder, but it names an output file; give "
+                "a file name (or remove the folder)."
+            )
+
+
+def _written_paths(out):
+    """``(flag, path)`` of every file or folder a run may write: the outputs
+    as given, the state as ``save_fit`` names it, its checkpoint store and
+    the ``_uncertain`` barrier files."""
+    for key, path in out.items():
+        path = os.fspath(path)
+        if key == "out_state":
+            yield key, _npz(path)
+            yield key, checkpoint_for(_npz(path))
+            continue
+        yield key, path
+        if key in ("out_mesh_gifti", "out_mesh_ply"):
+            yield key, _suffixed(path, UNCERTAIN_SUFFIX)
+
+
+#: The lock file of an output folder (:func:`output_lock`).
+LOCK_NAME = ".dipy_fit_spinverse.lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder):
+    """Hold the output folder for this run: a second run writing there is
+    refused at once, with a message, instead of the two overwriting each
+    other's checkpoint and maps.
+
+    An advisory lock on ``folder/.dipy_fit_spinverse.lock`` (``filelock``:
+    ``flock`` on POSIX, ``msvcrt`` on Windows), released by the system when
+    the process ends, so a killed run leaves no stale lock behind.
+    """
+    from filelock import FileLock, Timeout
+
+    path = os.path.join(os.fspath(folder), LOCK_NAME)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ValueError(
+            f"another dipy_fit_spinverse run is writing to {folder} (it holds "
+            f"{path}); wait for it to finish, or give this run another "
+            "--out_dir."
+        ) from None
+    except OSError as err:
+        raise ValueError(
+            f"cannot lock the output folder {folder} ({describe_cause(err)}); "
+            "give a writable --out_dir."
+        ) from err
+    try:
+        yield path
+    finally:
+        lock.release()
+
+
+def _set_aside(checkpoint):
+    """Rename a checkpoint that this run cannot continue, so that starting a
+    new fit does not destroy the voxels it holds; the new name."""
+    stem = checkpoint[: -len(".h5")] if checkpoint.endswith(".h5") else checkpoint
+    kept = f"{stem}.{time.strftime('%Y%m%d-%H%M%S')}.h5"
+    os.replace(checkpoint, kept)
+    return kept
+
+
 def _previous_fit(model, data, mask, state, *, resume):
     """The fit to continue: an interrupted one, or with --resume the state.
 
@@ -858,9 +1012,11 @@ def _previous_fit(model, data, mask, state, *, resume):
         previous = load_fit(checkpoint)
         check_resume(model, previous, data, mask)
     except ValueError as err:
+        kept = _set_aside(checkpoint)
         logger.warning(
             f"{checkpoint} holds an interrupted fit that cannot be continued "
-            f"here ({err}); starting a new fit over it."
+            f"here ({err}); it is kept as {kept} (delete it if not needed), and "
+            "a new fit starts."
         )
         return None
     logger.info(
