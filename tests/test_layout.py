@@ -68,6 +68,7 @@ LAYERS = [
     "posterior",
     "data",
     "reconst.fit",
+    "reconst.plausibility",
     "reconst.posterior",
     "reconst.engines",
     "reconst.runner",

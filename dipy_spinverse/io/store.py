@@ -974,8 +974,8 @@ def _image(fit, values):
 def save_permeability(fit, path, *, affine=None, reference=None):
     """Write the per-face permeability (..., n_faces) as a 4-D NIfTI image.
 
-    Values are m/s; NaN where the voxel has no outputs (status other than
-    ``OK`` or ``POOR_FIT``) and outside the mask.
+    Values are m/s; NaN where the voxel has no outputs (status not in
+    :data:`~dipy_spinverse.reconst.FITTED`) and outside the mask.
     The faces are those of ``fit.model.grid`` in order.
 
     Parameters
@@ -1097,11 +1097,11 @@ def describe_status(status):
     """Count voxels per status code, e.g. ``{"ok": 5, "outside the mask": 1}``.
 
     The codes are :data:`~dipy_spinverse.reconst.STATUS_CODES`.
-    ``"residual far above the noise"`` (``POOR_FIT``, 5) is a warning: those
-    voxels are fitted and their maps are filled, but the data are not what
-    the model can produce (a residual above the noise ``sigma`` at a
-    one-in-a-million false-alarm rate). Every other code but ``"ok"`` (0)
-    leaves the voxel's maps NaN.
+    The warning codes (:data:`~dipy_spinverse.reconst.FLAGGED`: a residual
+    far above the noise, an undetermined surface, impossible data, a
+    protocol that cannot determine the membranes) keep the voxel's outputs
+    and fill its maps, but say they are not to be trusted. Every other code
+    but ``"ok"`` (0) leaves the voxel's maps NaN.
 
     Parameters
     ----------

@@ -8,13 +8,20 @@
     checkpoint hook.
 ``fit``
     :class:`SpinverseFit`, one voxel or a volume, and the status codes.
+``plausibility``
+    Data no tissue produces (``IMPOSSIBLE_SIGNAL``) and protocols that
+    cannot determine the membranes (``UNDERDETERMINED``).
 
 Problems of single voxels never stop a volume: the voxel gets a status code
 (:data:`STATUS_CODES`) and NaN outputs, and the rest of the volume is kept.
 A fit whose residual is far above the noise is kept, with the warning status
 ``POOR_FIT``; one whose surface the data do not determine, with
-``UNCERTAIN_SURFACE``. A smooth mesh refinement (``refine_mesh=True``) that fails
-flags the voxel's mesh (:data:`MESH_STATUS_CODES`), not its fit.
+``UNCERTAIN_SURFACE``; one whose attenuation is above 1 beyond the noise,
+with ``IMPOSSIBLE_SIGNAL``; with a protocol that cannot determine the
+membranes (one diffusion time, directions that do not span 3-D), every
+fitted voxel of the label search has ``UNDERDETERMINED``. A smooth mesh
+refinement (``refine_mesh=True``) that fails flags the voxel's mesh
+(:data:`MESH_STATUS_CODES`), not its fit.
 """
 
 from .fit import (
@@ -22,6 +29,8 @@ from .fit import (
     DIVERGED,
     FAILED,
     FITTED,
+    FLAGGED,
+    IMPOSSIBLE_SIGNAL,
     MASKED,
     MESH_FAILED,
     MESH_NO_CELL,
@@ -37,6 +46,7 @@ from .fit import (
     STATUS_CODES,
     UNCERTAIN_SURFACE,
     UNCERTAIN_SURFACE_LEVEL,
+    UNDERDETERMINED,
     SpinverseFit,
 )
 from .model import SpinverseModel
@@ -55,9 +65,12 @@ __all__ = [
     "POOR_FIT",
     "UNCERTAIN_SURFACE",
     "UNCERTAIN_SURFACE_LEVEL",
+    "IMPOSSIBLE_SIGNAL",
+    "UNDERDETERMINED",
     "PENDING",
     "MASKED",
     "FITTED",
+    "FLAGGED",
     "OPTIONAL_PARAMETERS",
     "MESH_STATUS_CODES",
     "MESH_PARAMETERS",

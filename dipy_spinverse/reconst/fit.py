@@ -15,9 +15,9 @@ BAD_B0       2     the mean b = 0 signal (of some sequence) is <= 0
 FAILED       3     the inversion raised an error for this voxel
 DIVERGED     4     the fit returned non-finite permeabilities or signals
 POOR_FIT     5     fitted, but the residual is far above the noise ``sigma``
-                   (:data:`~dipy_spinverse.reconst.runner.POOR_FIT_FALSE_ALARM`):
-                   the data are not what the model can produce. A warning:
-                   the voxel keeps its outputs and every map is filled
+                   (:data:`POOR_FIT_FALSE_ALARM`): the data are not what the
+                   model can produce. A warning: the voxel keeps its outputs
+                   and every map is filled
 UNCERTAIN_   7     fitted, but the surface is not determined:
 SURFACE            ``uncertainty`` (expected 1 - IoU of the answer's cells
                    against the truth's) is at least
@@ -26,13 +26,37 @@ SURFACE            ``uncertainty`` (expected 1 - IoU of the answer's cells
                    given (``reconst.runner.vouch_for_surfaces``). A warning:
                    the voxel keeps its outputs; the workflow writes its
                    barriers apart from the trusted ones
+IMPOSSIBLE_  8     fitted, but the attenuation of some sequence is above 1
+SIGNAL             beyond the noise, with or without ``sigma``
+                   (:func:`~dipy_spinverse.reconst.plausibility.impossible_signal`,
+                   at :data:`POOR_FIT_FALSE_ALARM`): no tissue produces it
+                   (mislabelled b = 0 volumes, volumes out of order, ...).
+                   A warning: the voxel keeps its outputs, which fit data
+                   that no membranes made
+UNDER-       9     fitted, but the protocol cannot determine the membranes
+DETERMINED         (``fit_method="search"``): its diffusion-weighted
+                   directions do not span 3-D, or it has one diffusion time
+                   (:func:`~dipy_spinverse.reconst.plausibility.protocol_problems`).
+                   Every fitted voxel of such a protocol has it; a warning:
+                   the voxel keeps its outputs, one of many answers the data
+                   allow
 PENDING      -1    inside the mask but not fitted yet (partial fits)
 MASKED       -2    outside the mask
 ===========  ====  ==========================================================
 
+A voxel has one status; where several apply, the first of this order wins:
+``NONFINITE`` and ``BAD_B0`` (the voxel is not fitted), ``FAILED`` and
+``DIVERGED`` (no outputs), ``IMPOSSIBLE_SIGNAL`` (the data, not the fit, are
+wrong: a misfit or an uncertain surface follows from it),
+``UNDERDETERMINED`` (the protocol, whatever the voxel: a misfit or a surface
+test means little where many answers fit), ``POOR_FIT``,
+``UNCERTAIN_SURFACE``, ``OK``. The statuses with outputs come after those
+without, so that a status always says whether the voxel has outputs.
+
 The voxels with outputs (:attr:`SpinverseFit.fitted`) are those with status
-``OK``, ``POOR_FIT`` or ``UNCERTAIN_SURFACE`` (:data:`FITTED`); maps, meshes
-and predictions are NaN or None for the others inside the mask.
+``OK``, ``POOR_FIT``, ``UNCERTAIN_SURFACE``, ``IMPOSSIBLE_SIGNAL`` or
+``UNDERDETERMINED`` (:data:`FITTED`); maps, meshes and predictions are NaN or
+None for the others inside the mask.
 
 With ``SpinverseModel(..., refine_mesh=True)`` each fitted voxel's largest
 cell is also refined into a smooth mesh
@@ -64,9 +88,13 @@ __all__ = [
     "POOR_FIT",
     "UNCERTAIN_SURFACE",
     "UNCERTAIN_SURFACE_LEVEL",
+    "IMPOSSIBLE_SIGNAL",
+    "UNDERDETERMINED",
+    "POOR_FIT_FALSE_ALARM",
     "PENDING",
     "MASKED",
     "FITTED",
+    "FLAGGED",
     "PARAMETERS",
     "OPTIONAL_PARAMETERS",
     "MESH_PARAMETERS",
@@ -79,11 +107,28 @@ __all__ = [
 
 OK, NONFINITE, BAD_B0, FAILED, DIVERGED, POOR_FIT = 0, 1, 2, 3, 4, 5
 # 6 is the posterior's OUT_OF_PRIOR (reconst.posterior): one code, one meaning.
-UNCERTAIN_SURFACE = 7
+UNCERTAIN_SURFACE, IMPOSSIBLE_SIGNAL, UNDERDETERMINED = 7, 8, 9
 PENDING, MASKED = -1, -2
 
 #: Statuses of the voxels that have outputs (maps, meshes, predictions).
-FITTED = (OK, POOR_FIT, UNCERTAIN_SURFACE)
+FITTED = (OK, POOR_FIT, UNCERTAIN_SURFACE, IMPOSSIBLE_SIGNAL, UNDERDETERMINED)
+
+#: The warning statuses: fitted, outputs kept, but not to be trusted (the
+#: model does not explain the data, the surface is not determined, the data
+#: are impossible, or the protocol cannot determine the membranes). Their
+#: barriers are written apart from the trusted ones.
+FLAGGED = tuple(code for code in FITTED if code != OK)
+
+#: False-alarm rate of the ``POOR_FIT`` status, and of ``IMPOSSIBLE_SIGNAL``'s
+#: test. Where the model explains a voxel, its n b0-normalised acquisitions
+#: differ from the fit by noise of standard deviation sigma, so
+#: n * mse / sigma^2 (mse: the mean squared misfit, ``loss / loss_scale``)
+#: follows a chi-square distribution with at most n degrees of freedom
+#: (fewer, as the fit absorbs part of the noise; the Rician magnitude varies
+#: less than sigma): the chi-square(n) quantile at this rate flags one voxel
+#: in a million that the model does explain. A fit above it is not noise
+#: around a signal the model can produce.
+POOR_FIT_FALSE_ALARM = 1e-6
 
 #: A surface whose ``uncertainty`` (expected 1 - IoU) reaches this is not
 #: trusted (status ``UNCERTAIN_SURFACE``): below it, the targets of issue 46
@@ -101,6 +146,11 @@ STATUS_CODES = {
     UNCERTAIN_SURFACE: (
         "surface not determined by the data (uncertainty >= 0.1, 1 where the "
         "answer misfits beyond the noise)"
+    ),
+    IMPOSSIBLE_SIGNAL: "attenuation above 1 beyond the noise: no tissue produces it",
+    UNDERDETERMINED: (
+        "the protocol cannot determine the membranes: diffusion-weighted "
+        "directions not spanning 3-D, or one diffusion time"
     ),
     PENDING: "not fitted yet",
     MASKED: "outside the mask",
@@ -157,8 +207,8 @@ class SpinverseFit(ReconstFit):
     """Spinverse fit of one voxel or a volume.
 
     Index a volume fit like an array: an index of one voxel gives that
-    voxel's fit (None outside the mask, as DIPY's ``MultiVoxelFit``), any
-    other index a smaller volume fit.
+    voxel's fit (of status ``MASKED`` outside the mask: :meth:`__getitem__`),
+    any other index a smaller volume fit.
 
     A volume fit holds the parameters of the voxels in its mask only, so its
     memory grows with the mask, not with the volume; the maps and arrays of
@@ -776,7 +826,7 @@ class SpinverseFit(ReconstFit):
         -------
         ndarray (..., n_volumes)
             0 outside the mask, NaN where the voxel has no outputs (status
-            other than ``OK`` or ``POOR_FIT``). :meth:`predict_mask` gives
+            not in :data:`FITTED`). :meth:`predict_mask` gives
             the voxels of the mask alone, without the whole volume.
         """
         rows = self.predict_mask(gtab, S0=S0)
@@ -849,20 +899,50 @@ class SpinverseFit(ReconstFit):
 
     # -- indexing ------------------------------------------------------------------
     def __getitem__(self, index):
+        """The fit of one voxel, or of a part of the volume, indexed as numpy.
+
+        Integers naming one voxel, ``fit[i, j, k]`` (negative ones count from
+        the end), give that voxel's single-voxel fit. A voxel outside the
+        mask gives a fit of status ``MASKED`` that reads as the volume's maps
+        there, as ``model.fit(data, mask=False)`` does: scalar maps 0,
+        ``permeability`` and ``inside_probability`` NaN, labels 0 and no
+        cells, no interface mesh, a prediction of 0. Any other index
+        (slices, ``...``, a boolean mask) gives a smaller volume fit.
+
+        Raises
+        ------
+        IndexError
+            For an index outside the fit's shape or with too many entries
+            (the message gives the shape), and for any index of a
+            single-voxel fit.
+        """
         if self.shape == ():
-            raise IndexError("a single-voxel fit cannot be indexed.")
+            raise IndexError(
+                "a single-voxel fit (shape ()) cannot be indexed; index the "
+                "volume's fit, e.g. fit[i, j, k]."
+            )
+        try:
+            return self._part(index)
+        except IndexError as err:
+            # numpy's messages name the axis, not the array indexed.
+            raise IndexError(f"{err} (the fit has shape {self.shape})") from None
+
+    def _part(self, index):
+        """:meth:`__getitem__` without its checks."""
         if _is_voxel(index, self.shape):
             row = self._rank[
                 np.ravel_multi_index(_wrapped(index, self.shape), self.shape)
             ]
             if row < 0:
-                return None
+                # Not None (DIPY's MultiVoxelFit): ``fit[i, j, k].S0`` reads
+                # the volume's map there, and ``status`` says why it is 0.
+                return SpinverseFit(self.model, _masked_voxel(self.params), False)
             params = {k: None if v is None else v[row] for k, v in self.params.items()}
             return SpinverseFit(self.model, params, True)
         ids = np.arange(self.mask.size).reshape(self.shape)[index]
         inside = self.mask.reshape(-1)[ids]
         if np.ndim(ids) == 0:
-            return self[np.unravel_index(int(ids), self.shape)]
+            return self._part(np.unravel_index(int(ids), self.shape))
         rows = self._rank[ids[inside]]
         params = {k: None if v is None else v[rows] for k, v in self.params.items()}
         return SpinverseFit(self.model, params, inside)
@@ -887,6 +967,18 @@ class SpinverseFit(ReconstFit):
             if c != MASKED and np.any(status == c)
         }
         return f"SpinverseFit(shape={self.shape}, status={counts})"
+
+
+def _masked_voxel(params):
+    """One voxel's parameters outside the mask, shaped as a row of ``params``
+    (the voxels of a mask): status ``MASKED``, the rest as an unfitted
+    voxel's (NaN, labels -1, mesh not refined), as ``model.fit(data,
+    mask=False)`` holds them; the fit's maps read 0 there."""
+    fills = {"status": MASKED, "labels": -1, "mesh_status": MESH_NOT_REFINED}
+    return {
+        k: None if v is None else np.full(v.shape[1:], fills.get(k, np.nan), v.dtype)
+        for k, v in params.items()
+    }
 
 
 def _is_voxel(index, shape):

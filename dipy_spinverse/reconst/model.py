@@ -37,7 +37,8 @@ from ..sim.grid import BOUNDARIES, TetGrid
 from ..sim.sequences import PGSE, Protocol, check_bvals
 from ..sim.signals import normalise_b0
 from . import runner
-from .fit import MASKED, SpinverseFit
+from .fit import MASKED, UNDERDETERMINED, SpinverseFit
+from .plausibility import protocol_problems
 from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
 
 __all__ = ["SpinverseModel", "DEFAULT_GRID", "FIT_METHODS", "check_model_options"]
@@ -159,9 +160,12 @@ class SpinverseModel(ReconstModel):
     gtab : dipy.core.gradients.GradientTable or Protocol
         Gradient table whose ``big_delta`` and ``small_delta`` hold the pulse
         timing in seconds (scalars or one value per volume; several
-        diffusion times are the normal case), or an explicit
-        :class:`~dipy_spinverse.sim.sequences.Protocol`. It needs at least one
-        b = 0 volume (``b <= gtab.b0_threshold``).
+        diffusion times are the normal case: with one, or with
+        diffusion-weighted directions that do not span 3-D, the label
+        search warns and its voxels have status ``UNDERDETERMINED``,
+        :func:`~dipy_spinverse.reconst.plausibility.protocol_problems`), or
+        an explicit :class:`~dipy_spinverse.sim.sequences.Protocol`. It
+        needs at least one b = 0 volume (``b <= gtab.b0_threshold``).
     grid : TetGrid, optional
         The grid of one voxel. Default: ``TetGrid.bcc(grid_size,
         grid_resolution, boundary=boundary)``. Exclusive with the next four.
@@ -261,19 +265,22 @@ class SpinverseModel(ReconstModel):
 
     Examples
     --------
+    Two diffusion times, gradients along three axes (fewer leave the
+    membranes undetermined: status ``UNDERDETERMINED``):
+
     >>> import numpy as np
     >>> from dipy.core.gradients import gradient_table
-    >>> bvals = np.array([0, 1000, 1000, 1000])
-    >>> bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
-    >>> gtab = gradient_table(bvals, bvecs=bvecs, big_delta=0.03,
-    ...                       small_delta=0.01)
+    >>> bvals = np.array([0, 1000, 1000, 1000] * 2)
+    >>> bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]] * 2)
+    >>> gtab = gradient_table(bvals, bvecs=bvecs, small_delta=0.01,
+    ...                       big_delta=np.repeat([0.03, 0.015], 4))
     >>> model = SpinverseModel(gtab, grid_resolution=2, preset="paper",
     ...                        stages=[dict(iterations=5)])
     >>> model.grid.n_cells
     48
-    >>> fit = model.fit(np.array([1000.0, 600.0, 610.0, 590.0]))
+    >>> fit = model.fit(np.array([1000.0, 600, 610, 590, 1000, 800, 810, 790]))
     >>> fit.status, fit.permeability.shape, fit.predict().shape
-    (0, (72,), (4,))
+    (0, (72,), (8,))
     """
 
     def __init__(
@@ -350,6 +357,18 @@ class SpinverseModel(ReconstModel):
                 "answers fit the data within the noise, so it vouches for no "
                 "surface (uncertainty 1, status UNCERTAIN_SURFACE; "
                 f"reconst.runner.vouch_for_surfaces). Pass sigma {NOISE_HINT}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        # Known from the protocol alone: said before any voxel is fitted
+        # (each fit says it again, with its voxels' status).
+        problems = protocol_problems(self.protocol)
+        if self.fit_method == "search" and problems:
+            warnings.warn(
+                "the protocol cannot determine the membranes: "
+                + "; ".join(problems)
+                + f". Every fitted voxel will have status {UNDERDETERMINED} "
+                "(UNDERDETERMINED).",
                 UserWarning,
                 stacklevel=2,
             )
@@ -558,6 +577,7 @@ class SpinverseModel(ReconstModel):
                 f"(prior {self.prior.prior!r}); their maps are NaN. Check the "
                 "diffusivity, sigma and timing, or widen the prior."
             )
+        runner.warn_implausible(self, params["status"])
         return PosteriorFit(self, params, mask)
 
     def _prepare(self, *, progress):

@@ -17,9 +17,23 @@ OUT_OF_PRIOR  6     no simulation of the prior explains the signal within the
                     or the protocol lies outside what the posterior was
                     trained on. Maps are NaN: a posterior there would be a
                     confident guess.
+IMPOSSIBLE_   8     the attenuation of some sequence is above 1 beyond the
+SIGNAL              noise
+                    (:func:`~dipy_spinverse.reconst.plausibility.impossible_signal`):
+                    no tissue produces it. Maps are NaN, as outside the
+                    prior, which holds tissue only. It outranks
+                    ``OUT_OF_PRIOR``: it says why the signal is out of reach.
 MASKED        -2    outside the mask
 ============  ====  ==========================================================
+
+A protocol that cannot determine the membranes (one diffusion time,
+directions that do not span 3-D; ``UNDERDETERMINED`` of the label search) is
+no status here: the posterior's calibrated intervals widen to what the
+protocol leaves open.
 """
+
+import numbers
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -29,7 +43,8 @@ from ..geometry.descriptors import DESCRIPTORS
 from ..posterior import decode
 from ..posterior.calibration import SCALARS, calibrated_draws
 from ..sim.signals import VoxelSignals
-from .fit import BAD_B0, MASKED, NONFINITE, OK
+from .fit import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK, SpinverseFit
+from .plausibility import impossible_signal
 
 __all__ = [
     "PosteriorFit",
@@ -49,6 +64,7 @@ POSTERIOR_STATUS_CODES = {
     NONFINITE: "data contain NaN or inf",
     BAD_B0: "mean b=0 signal <= 0",
     OUT_OF_PRIOR: "signal outside the prior's support",
+    IMPOSSIBLE_SIGNAL: "attenuation above 1 beyond the noise: no tissue produces it",
     MASKED: "outside the mask",
 }
 
@@ -83,6 +99,11 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     signals = VoxelSignals.from_raw(rows, protocol)
     scale = signals.scale
     status[finite & ~(scale > 0).all(-1)] = BAD_B0
+    measured = status == OK
+    impossible = impossible_signal(
+        signals[measured], protocol, sigma=model.posterior_sigma
+    )
+    status[np.flatnonzero(measured)[impossible]] = IMPOSSIBLE_SIGNAL
     good = status == OK
     inputs = np.full(rows.shape, np.nan, dtype=np.float32)
     inputs[good] = signals.normalised[good]
@@ -102,7 +123,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
             summary[name][keep] = np.quantile(values[name], levels, axis=0).T
         summary["orientation"][keep] = _mean_axis(values["orientation"])
     S0 = np.full(n, np.nan)
-    S0[good] = scale[good].mean(-1)
+    S0[measured] = scale[measured].mean(-1)
     return dict(status=status, inputs=inputs, sigma=sigma, S0=S0, **summary)
 
 
@@ -218,6 +239,16 @@ class PosteriorFit(ReconstFit):
     0; inside, NaN where the status is not ``OK``
     (:data:`POSTERIOR_STATUS_CODES`).
 
+    Index a volume fit like an array, as a
+    :class:`~dipy_spinverse.reconst.fit.SpinverseFit`: ``fit[i, j, k]`` is
+    the fit of that voxel (shape ``()``; status ``MASKED`` and the volume's
+    0 maps outside the mask), any other index a smaller volume fit. Their
+    medians and 50 % and 90 % intervals are the volume's; samples, and
+    intervals at other levels, are new draws of the same posterior.
+
+    A posterior of descriptors predicts no signal (:meth:`predict` says what
+    does).
+
     Parameters
     ----------
     model : SpinverseModel
@@ -239,12 +270,24 @@ class PosteriorFit(ReconstFit):
         return self.mask.shape
 
     def _volume(self, rows, fill):
+        """Per-voxel ``rows`` (n_mask, ...) spread over the volume, ``fill``
+        outside the mask; one voxel's values for a fit of shape ``()``."""
         rows = np.asarray(rows)
         if self.shape == ():
-            return rows[0] if self.mask else np.full(rows.shape[1:], fill)
+            if self.mask:
+                return rows[0]
+            # [()]: a number for a scalar map, as rows[0] of a voxel inside.
+            return np.full(rows.shape[1:], fill, dtype=rows.dtype)[()]
         out = np.full(self.shape + rows.shape[1:], fill, dtype=rows.dtype)
         out[self.mask] = rows
         return out
+
+    @cached_property
+    def _rank(self):
+        """Row of each voxel of the volume in :attr:`params` (-1 outside)."""
+        rank = np.full(self.mask.size, -1, dtype=np.int64)
+        rank[self.mask.reshape(-1)] = np.arange(int(self.mask.sum()))
+        return rank
 
     @property
     def status(self):
@@ -257,14 +300,64 @@ class PosteriorFit(ReconstFit):
         return self._volume(self.params["S0"], 0.0)
 
     def __getattr__(self, name):
-        if name in SCALARS:
-            return self._volume(self._quantile(name, 0.5), 0.0)
-        if name == "orientation":
-            return self._volume(self.params["orientation"], 0.0)
-        raise AttributeError(name)
+        # Reached only when normal lookup fails. Private and special names
+        # (copy, pickle and hasattr probe them, maybe before __init__ has
+        # run) get the plain error without reading self.params.
+        if not name.startswith("_"):
+            if name in SCALARS:
+                return self._volume(self._quantile(name, 0.5), 0.0)
+            if name == "orientation":
+                return self._volume(self.params["orientation"], 0.0)
+        raise AttributeError(
+            _no_attribute(type(self).__name__, name), name=name, obj=self
+        )
 
     def _quantile(self, name, q):
         return self.params[name][:, _KEPT.index(q)]
+
+    # -- indexing ------------------------------------------------------------------
+    def __getitem__(self, index):
+        """The fit of one voxel, or of a part of the volume, indexed as numpy.
+
+        Integers naming one voxel, ``fit[i, j, k]`` (negative ones count from
+        the end), give that voxel's fit, of shape ``()``: outside the mask
+        its status is ``MASKED`` and its maps, intervals and samples are 0,
+        as the volume's are there. Any other index (slices, ``...``, a
+        boolean mask) gives a smaller volume fit.
+
+        Raises
+        ------
+        IndexError
+            For an index outside the fit's shape or with too many entries
+            (the message gives the shape), and for any index of a
+            single-voxel fit.
+        """
+        if self.shape == ():
+            raise IndexError(
+                "a single-voxel fit (shape ()) cannot be indexed; index the "
+                "volume's fit, e.g. fit[i, j, k]."
+            )
+        try:
+            return self._part(index)
+        except IndexError as err:
+            # numpy's messages name the axis, not the array indexed.
+            raise IndexError(f"{err} (the fit has shape {self.shape})") from None
+
+    def _part(self, index):
+        """:meth:`__getitem__` without its checks."""
+        # numpy indexes the map of rows: its rules (negative indices, bounds,
+        # slices, boolean masks) and no copy of the volume per voxel.
+        rows = self._rank.reshape(self.shape)[index]
+        if np.ndim(rows) == 0:
+            row = int(rows)
+            # One row, or none outside the mask: params stay per mask voxel.
+            take = slice(row, row + 1) if row >= 0 else slice(0, 0)
+            params = {k: v[take] for k, v in self.params.items()}
+            return PosteriorFit(self.model, params, row >= 0)
+        inside = rows >= 0
+        # rows[inside] runs over the part's mask in C order, as params must.
+        params = {k: v[rows[inside]] for k, v in self.params.items()}
+        return PosteriorFit(self.model, params, inside)
 
     # -- intervals and samples -------------------------------------------------------
     def credible_interval(self, name, level=0.9):
@@ -276,8 +369,9 @@ class PosteriorFit(ReconstFit):
             One of :data:`~dipy_spinverse.geometry.DESCRIPTORS` but
             ``orientation`` (units: :data:`~dipy_spinverse.geometry.UNITS`).
         level : float
-            Probability mass inside, in (0, 1). 0.5 and 0.9 are stored; other
-            levels draw samples again (seeded, so repeatable).
+            Probability mass inside, in (0, 1), e.g. 0.9 for the central
+            90 % interval. 0.5 and 0.9 are stored; other levels draw samples
+            again (seeded, so repeatable).
 
         Returns
         -------
@@ -286,9 +380,7 @@ class PosteriorFit(ReconstFit):
             is not ``OK``).
         """
         _check_scalar(name)
-        level = float(level)
-        if not 0 < level < 1:
-            raise ValueError(f"level must be in (0, 1), e.g. 0.9, got {level!r}.")
+        level = _check_level(level)
         lo, hi = (1 - level) / 2, (1 + level) / 2
         if round(lo, 12) in _KEPT and round(hi, 12) in _KEPT:
             low, high = (
@@ -308,6 +400,15 @@ class PosteriorFit(ReconstFit):
         (:mod:`dipy_spinverse.posterior.calibration`); ``orientation`` from
         the flow.
 
+        Parameters
+        ----------
+        name : str
+            One of :data:`~dipy_spinverse.geometry.DESCRIPTORS`.
+        n : int
+            Draws per voxel, at least 1.
+        seed : int
+            Seeds the draws (non-negative), so that they repeat.
+
         Returns
         -------
         ndarray (n,) + shape (+ (3,) for ``orientation``)
@@ -315,7 +416,9 @@ class PosteriorFit(ReconstFit):
         """
         if name not in DESCRIPTORS:
             raise ValueError(f"Unknown descriptor {name!r}; choose from {DESCRIPTORS}.")
-        draws = self._draws(name, int(n), seed=seed)
+        n = _check_integer(n, "n", 1, "the draws per voxel", 100)
+        seed = _check_integer(seed, "seed", 0, "it seeds the draws", 0)
+        draws = self._draws(name, n, seed=seed)
         if name in SCALARS:
             # The recalibrated posterior (the intervals' own), per voxel.
             table = self.model.estimator.level_table(name)
@@ -341,6 +444,39 @@ class PosteriorFit(ReconstFit):
             out[:, part] = decode(draws.numpy())[name]
         return out
 
+    # -- prediction ------------------------------------------------------------------
+    def predict(self, gtab=None, *, S0=None):
+        """Not available: a posterior of descriptors has no signal to predict.
+
+        The fit holds the posterior of each voxel's tissue descriptors (its
+        medians are the maps), not a tissue: many substrates share any set of
+        descriptors, and the estimator draws descriptors, never substrates,
+        so there is nothing to simulate.
+
+        Parameters
+        ----------
+        gtab : GradientTable or Protocol, optional
+            As :meth:`SpinverseFit.predict
+            <dipy_spinverse.reconst.fit.SpinverseFit.predict>`'s.
+        S0 : float or array_like, optional
+            As :meth:`SpinverseFit.predict
+            <dipy_spinverse.reconst.fit.SpinverseFit.predict>`'s.
+
+        Raises
+        ------
+        NotImplementedError
+            Always, saying what to use instead.
+        """
+        raise NotImplementedError(
+            "PosteriorFit.predict: a posterior fit holds the posterior of the "
+            "tissue descriptors (medians, credible intervals), not a tissue, "
+            "so it has no signal to predict. For predicted signals fit with "
+            'SpinverseModel(gtab, fit_method="search"): SpinverseFit.predict '
+            "simulates the fitted membranes. For the spread of a descriptor "
+            "use fit.credible_interval(name, level) or "
+            "fit.posterior_samples(name, n)."
+        )
+
     def status_counts(self):
         """Voxels of the mask per status, ``{meaning: count}``
         (:data:`POSTERIOR_STATUS_CODES`)."""
@@ -351,11 +487,40 @@ class PosteriorFit(ReconstFit):
         }
 
     def __repr__(self):
+        prior = self.model.prior.prior
+        if self.shape == ():
+            status = int(self.status)
+            return (
+                f"PosteriorFit(status={status} ({POSTERIOR_STATUS_CODES[status]}), "
+                f"prior={prior!r})"
+            )
         counts = self.status_counts()
-        return (
-            f"PosteriorFit(shape={self.shape}, status={counts}, "
-            f"prior={self.model.prior.prior!r})"
+        return f"PosteriorFit(shape={self.shape}, status={counts}, prior={prior!r})"
+
+
+#: What a :class:`PosteriorFit` has, for the message of a name it has not.
+_ATTRIBUTES = (
+    "the posterior median maps "
+    + ", ".join(SCALARS)
+    + " and orientation (the mean axis); status, S0, shape, mask, params, "
+    "model; credible_interval(name, level), posterior_samples(name, n, "
+    "seed=0), status_counts(); fit[i, j, k] for one voxel"
+)
+
+
+def _no_attribute(owner, name):
+    """The message of ``AttributeError`` for ``name`` on a fit of class
+    ``owner``: what it has, and where a search fit's attribute lives."""
+    message = f"{owner!r} object has no attribute {name!r}"
+    if name.startswith("_"):
+        return message
+    message += f". It has {_ATTRIBUTES}."
+    if hasattr(SpinverseFit, name):
+        message += (
+            f" {name!r} belongs to the search's fits (SpinverseFit): fit with "
+            'SpinverseModel(gtab, fit_method="search").'
         )
+    return message
 
 
 def _check_scalar(name):
@@ -366,3 +531,28 @@ def _check_scalar(name):
             + (extra if name == "orientation" else "")
             + "."
         )
+
+
+def _check_level(level):
+    """``level`` as a float in (0, 1), or ValueError naming it."""
+    # Strings and sequences are refused before float() reads "0.9" as a
+    # number or fails on "high" with a message that names no argument.
+    number = isinstance(level, numbers.Real) and not isinstance(level, bool)
+    if not (number and 0 < float(level) < 1):
+        raise ValueError(
+            "level must be a number in (0, 1), the probability inside the "
+            f"interval: e.g. level=0.9 for the central 90 % interval; got {level!r}."
+        )
+    return float(level)
+
+
+def _check_integer(value, name, minimum, what, example):
+    """``value`` as an int of at least ``minimum``, or ValueError naming it."""
+    # bool is an int, but n=True is a mistake, not one draw.
+    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not (integer and value >= minimum):
+        raise ValueError(
+            f"{name} must be an integer >= {minimum} ({what}), e.g. "
+            f"{name}={example}; got {value!r}."
+        )
+    return int(value)

@@ -12,8 +12,12 @@ and one whose surface the data do not determine (``uncertainty`` of
 :data:`~dipy_spinverse.reconst.fit.UNCERTAIN_SURFACE_LEVEL` or more, after
 the surface check when the model has one; 1 for an answer that misfits
 beyond the noise, :func:`vouch_for_surfaces`) with ``UNCERTAIN_SURFACE``.
-After every chunk an optional ``checkpoint(partial_fit)`` hook sees the fit
-so far.
+With or without ``sigma``, a voxel whose attenuation is above 1 beyond the
+noise keeps its outputs with the warning status ``IMPOSSIBLE_SIGNAL``, and
+every fitted voxel of a protocol that cannot determine the membranes with
+``UNDERDETERMINED`` (:func:`flag_implausible`; one warning per fit,
+:func:`warn_implausible`). After every chunk an optional
+``checkpoint(partial_fit)`` hook sees the fit so far.
 """
 
 import copy
@@ -41,6 +45,7 @@ from .fit import (
     DIVERGED,
     FAILED,
     FITTED,
+    IMPOSSIBLE_SIGNAL,
     MESH_FAILED,
     MESH_NO_CELL,
     MESH_NOT_REFINED,
@@ -50,10 +55,13 @@ from .fit import (
     OPTIONAL_PARAMETERS,
     PENDING,
     POOR_FIT,
+    POOR_FIT_FALSE_ALARM,
     UNCERTAIN_SURFACE,
     UNCERTAIN_SURFACE_LEVEL,
+    UNDERDETERMINED,
     SpinverseFit,
 )
+from .plausibility import impossible_signal, protocol_problems
 from .posterior import surface_volume_bound
 
 __all__ = [
@@ -73,6 +81,8 @@ __all__ = [
     "poor_fits",
     "vouch_for_surfaces",
     "flag_uncertain_surfaces",
+    "flag_implausible",
+    "warn_implausible",
 ]
 
 #: Ways to spread a volume fit: one device, joblib processes (DIPY's
@@ -81,16 +91,6 @@ PARALLEL_ENGINES = ("serial", "joblib", "dask", "ray")
 
 #: Bytes of float64 hashed at a time by :func:`fingerprint`.
 FINGERPRINT_BYTES = 1 << 24
-
-#: False-alarm rate of the ``POOR_FIT`` status. Where the model explains a
-#: voxel, its n b0-normalised acquisitions differ from the fit by noise of
-#: standard deviation sigma, so n * mse / sigma^2 (mse: the mean squared
-#: misfit, ``loss / loss_scale``) follows a chi-square distribution with at
-#: most n degrees of freedom (fewer, as the fit absorbs part of the noise;
-#: the Rician magnitude varies less than sigma): the chi-square(n) quantile
-#: at this rate flags one voxel in a million that the model does explain.
-#: A fit above it is not noise around a signal the model can produce.
-POOR_FIT_FALSE_ALARM = 1e-6
 
 #: False-alarm rate of the misfit test that withholds trust from a label
 #: search's surface (:func:`vouch_for_surfaces`). An answer whose misfit the
@@ -171,6 +171,7 @@ def fit_voxels(model, data, *, callback=None):
             check_surfaces(model, signals[ok], result, ok)
         vouch_for_surfaces(model, result, ok)
         flag_uncertain_surfaces(result, ok)
+        flag_implausible(model, signals[ok], result, ok)
         if model.refine_mesh:
             refine_meshes(model, signals, result, ok)
     return result, history
@@ -231,7 +232,8 @@ def vouch_for_surfaces(model, result, rows):
             "misfits the data beyond the noise (chi-square above its "
             f"{1 - SURFACE_MISFIT_FALSE_ALARM:.0%} quantile), so a better labelling "
             "exists that the search did not find; their surfaces are not vouched "
-            f"for (uncertainty 1; status {UNCERTAIN_SURFACE} unless {POOR_FIT})."
+            f"for (uncertainty 1; status {UNCERTAIN_SURFACE} unless another "
+            "warning status applies)."
         )
 
 
@@ -243,6 +245,67 @@ def flag_uncertain_surfaces(result, rows):
     ok = result["status"][rows] == OK
     uncertain = ok & (result["uncertainty"][rows] >= UNCERTAIN_SURFACE_LEVEL)
     result["status"][rows[uncertain]] = UNCERTAIN_SURFACE
+
+
+def flag_implausible(model, signals, result, rows):
+    """Statuses ``IMPOSSIBLE_SIGNAL`` and ``UNDERDETERMINED`` of the fitted
+    voxels ``rows`` (in place), over the fit's own warning statuses.
+
+    ``signals``: those voxels'. A voxel whose attenuation exceeds 1 beyond
+    the noise (:func:`~dipy_spinverse.reconst.plausibility.impossible_signal`,
+    with the model's ``sigma`` or, without it, the voxel's own spread) gets
+    ``IMPOSSIBLE_SIGNAL``; where the protocol cannot determine the membranes
+    (:func:`~dipy_spinverse.reconst.plausibility.protocol_problems`), every
+    other fitted voxel gets ``UNDERDETERMINED``. Both outrank ``POOR_FIT``
+    and ``UNCERTAIN_SURFACE``, which follow from them (the precedence of
+    :mod:`~dipy_spinverse.reconst.fit`); the voxels keep their outputs.
+    """
+    if not len(rows):
+        return
+    status = result["status"]
+    if protocol_problems(model.protocol):
+        status[rows] = UNDERDETERMINED
+    impossible = impossible_signal(
+        signals,
+        model.protocol,
+        sigma=model.config.loss.sigma,
+        false_alarm=POOR_FIT_FALSE_ALARM,
+    )
+    status[rows[impossible]] = IMPOSSIBLE_SIGNAL
+
+
+def warn_implausible(model, status):
+    """Warn once per fit of its ``IMPOSSIBLE_SIGNAL`` and ``UNDERDETERMINED``
+    voxels (``status``: the statuses of the voxels the fit ran on), naming
+    the cause and the fix."""
+    status = np.asarray(status)
+    impossible = int(np.count_nonzero(status == IMPOSSIBLE_SIGNAL))
+    if impossible:
+        kept = (
+            "their maps are NaN, as outside the prior"
+            if model.fit_method == "posterior"
+            else "their outputs are kept, fitted to data no membranes made"
+        )
+        warnings.warn(
+            f"{impossible} of {status.size} voxels have an attenuation above 1 "
+            "beyond the noise, which no tissue produces; they have status "
+            f"{IMPOSSIBLE_SIGNAL} (IMPOSSIBLE_SIGNAL) and {kept}. Check that the "
+            "data's volumes are in the order of the gradient table and that its "
+            "b = 0 volumes are the data's (b-values, b0_threshold).",
+            RuntimeWarning,
+            stacklevel=4,  # the user's model.fit call
+        )
+    underdetermined = int(np.count_nonzero(status == UNDERDETERMINED))
+    if underdetermined:
+        warnings.warn(
+            "the protocol cannot determine the membranes: "
+            + "; ".join(protocol_problems(model.protocol))
+            + f". {underdetermined} of {status.size} voxels have status "
+            f"{UNDERDETERMINED} (UNDERDETERMINED): their outputs are one of many "
+            "answers that fit the data.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def refine_meshes(model, signals, result, rows):
@@ -502,6 +565,7 @@ def fit_volume(
     finally:
         bar.close()
     warn_negative(model, negative[0], len(todo))
+    warn_implausible(model, params["status"][todo])
     return partial
 
 
@@ -512,6 +576,7 @@ def fit_one(model, data, *, verbose=False):
         params, history = fit_voxels(model, data[None], callback=progress)
         bar.n = 1
     warn_negative(model, count_negative(data[None]), 1)
+    warn_implausible(model, params["status"])
     return {k: None if v is None else v[0] for k, v in params.items()}, history
 
 
@@ -767,17 +832,26 @@ def check_resume(model, resume, data, mask=None, *, digest=None):
             "its data cannot be checked; resume the whole fit that "
             "dipy_spinverse.io.load_fit reads, or fit these voxels afresh."
         )
+    # The mask first: data given as the rows of another mask cannot even be
+    # hashed as the saved mask's voxels.
+    if mask is not None and not np.array_equal(check_mask(mask, shape), resume.mask):
+        raise ValueError(
+            "mask differs from the mask of the fit being resumed; pass the "
+            "same mask, or mask=None to reuse the saved one."
+        )
+    if np.ndim(data) == 2 and np.shape(data)[:-1] != shape:
+        if not is_mask_rows(data, resume.mask):
+            raise ValueError(
+                f"data hold {len(data)} voxels, but the mask of the fit being "
+                f"resumed selects {int(resume.mask.sum())}; resume with the same "
+                "data and mask the fit was started on."
+            )
     if digest is None:
         digest = fingerprint(data, resume.mask)
     if resume.fingerprint != digest:
         raise ValueError(
             "data differ from the data the fit being resumed was started on; "
             "resume with the same data (same values, same order)."
-        )
-    if mask is not None and not np.array_equal(check_mask(mask, shape), resume.mask):
-        raise ValueError(
-            "mask differs from the mask of the fit being resumed; pass the "
-            "same mask, or mask=None to reuse the saved one."
         )
     differ = model.differences(resume.model)
     if differ:

@@ -154,6 +154,7 @@ def _slice(volume, picks):
 
 
 def _plot_maps(fig, layout, fit):
+    from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     picks = _shown_slice(fit)
@@ -169,14 +170,16 @@ def _plot_maps(fig, layout, fit):
             ax.set_ylabel(f"slice {picks[-1]}", fontsize=7)
     # Status: one colour per code, only those present named.
     codes = sorted(STATUS_CODES)
-    colours = ListedColormap([f"C{i}" for i in range(len(codes))])
+    # tab20: a colour per code (the 10 of the default cycle would repeat).
+    palette = [colormaps["tab20"](i) for i in range(len(codes))]
+    colours = ListedColormap(palette)
     norm = BoundaryNorm(np.arange(len(codes) + 1) - 0.5, len(codes))
     status = _slice(fit.status, picks).astype(int)
     ax = fig.add_subplot(layout[0, 8:10])
     ax.imshow(np.searchsorted(codes, status).T, origin="lower", cmap=colours, norm=norm)
     present = [c for c in codes if np.any(status == c)]
     for code in present:
-        ax.plot([], [], "s", color=f"C{codes.index(code)}", label=STATUS_CODES[code])
+        ax.plot([], [], "s", color=palette[codes.index(code)], label=STATUS_CODES[code])
     ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("status", fontsize=8)
     ax.tick_params(labelsize=6)

@@ -56,7 +56,7 @@ from ..io.surfaces import (
 )
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
-from ..reconst import POOR_FIT, UNCERTAIN_SURFACE, SpinverseModel
+from ..reconst import FLAGGED, STATUS_CODES, SpinverseModel
 from ..reconst.model import FIT_METHODS, NOISE_HINT, check_model_options
 from ..reconst.runner import check_resume
 from .cli import run_command
@@ -345,9 +345,10 @@ class SpinverseFlow(Workflow):
             {"boundary": "reflecting", "box_side": 26.67}, or the demo's
             surface_check.json), its uncertainty raised to the bound the restricted
             volume implies, and voxels of uncertainty 0.1 or more get status
-            7 (UNCERTAIN_SURFACE); the barriers of voxels of status 5 or 7
-            are written apart (to out_mesh_gifti and out_mesh_ply with
-            _uncertain before the extension). Needs --snr or --sigma.
+            7 (UNCERTAIN_SURFACE); the barriers of voxels of a warning
+            status (5, 7, 8 or 9) are written apart (to out_mesh_gifti and
+            out_mesh_ply with _uncertain before the extension). Needs --snr
+            or --sigma.
         out_dir : string or Path, optional
             Output directory.
         out_restricted_fraction : string, optional
@@ -618,7 +619,8 @@ class SpinverseFlow(Workflow):
                 logger.warning(
                     f"No fit state at {', '.join(map(_npz, unfinished))}: the "
                     f"{len(left)} output files there are from a run that did not "
-                    "finish; fitting again and overwriting them."
+                    "finish; running again (from its checkpoint, if it left one) "
+                    "and overwriting them."
                 )
                 return True
         return super().manage_output_overwrite()
@@ -1144,14 +1146,17 @@ def _save_surface(fit, out, *, affine, max_voxels=MESH_SLAB_VOXELS):
     """The barrier surfaces in scanner coordinates, GIFTI and PLY, if any.
 
     The trusted voxels' barriers (status ``OK``) go to out_mesh_gifti and
-    out_mesh_ply; those of voxels with status ``UNCERTAIN_SURFACE`` or
-    ``POOR_FIT`` to ``<name>_uncertain.<ext>`` beside them, so that a viewer
+    out_mesh_ply; those of voxels with a warning status
+    (:data:`~dipy_spinverse.reconst.FLAGGED`: ``POOR_FIT``,
+    ``UNCERTAIN_SURFACE``, ``IMPOSSIBLE_SIGNAL``, ``UNDERDETERMINED``) to
+    ``<name>_uncertain.<ext>`` beside them, so that a viewer
     opening the main files shows only surfaces the data determine. One file
     each when the fitted voxels fit in one slab of ``max_voxels``; otherwise
     one file per slab of slices,
     ``<name>_z<first>-<last>.<ext>``, listed in ``<gifti name>.json``.
     """
-    uncertain = np.isin(np.asarray(fit.status), (UNCERTAIN_SURFACE, POOR_FIT))
+    status = np.asarray(fit.status)
+    uncertain = np.isin(status, FLAGGED)
     written = []
     for suffix, voxels in (("", ~uncertain), (UNCERTAIN_SUFFIX, uncertain)):
         paths = [
@@ -1160,10 +1165,13 @@ def _save_surface(fit, out, *, affine, max_voxels=MESH_SLAB_VOXELS):
         ]
         written += _save_barriers(fit, paths, voxels, affine, max_voxels)
     if uncertain.any():
+        codes = ", ".join(
+            f"{int(np.sum(status == code))} {code} ({STATUS_CODES[code]})"
+            for code in FLAGGED
+            if np.any(status == code)
+        )
         logger.warning(
-            f"{int(uncertain.sum())} voxels have status {UNCERTAIN_SURFACE} "
-            f"(UNCERTAIN_SURFACE) or {POOR_FIT} (POOR_FIT): the data do not "
-            "determine their surfaces, or the model does not explain the data; "
+            f"{int(uncertain.sum())} voxels have a warning status ({codes}); "
             f"their barriers are in the *{UNCERTAIN_SUFFIX} mesh files only."
         )
     return written

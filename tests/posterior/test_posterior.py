@@ -20,6 +20,7 @@ from dipy_spinverse.posterior import (
     shape_descriptors,
 )
 from dipy_spinverse.posterior.calibration import LEVELS, SCALARS
+from dipy_spinverse.reconst import IMPOSSIBLE_SIGNAL
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR, PosteriorFit
 
 # Two diffusion times, 2 b = 0 and 6 directions on 2 shells each: 28 volumes.
@@ -232,12 +233,14 @@ def _noisy(signals, seed):
 def test_posterior_fit_of_a_volume(posterior_model, caplog):
     signals, truth = posterior_model.prior.sample(8, seed=11)
     data = 1000 * _noisy(signals, 0)
-    # A signal that grows with b (nothing in the prior does), a NaN, b0 = 0.
-    rising = 1000 * np.linspace(1, 2, len(PROTOCOL))
+    # No attenuation at any b (nothing in the prior), a NaN, b0 = 0, and a
+    # signal that grows with b (no tissue: attenuation above 1).
+    flat = np.full(len(PROTOCOL), 1000.0)
     broken = np.full(len(PROTOCOL), np.nan)
     dark = data[0] * (PROTOCOL.bvals > 0)
-    volume = np.stack([*data, rising, broken, dark]).reshape(11, 1, 1, -1)
-    mask = np.ones((11, 1, 1), bool)
+    rising = 1000 * np.linspace(1, 2, len(PROTOCOL))
+    volume = np.stack([*data, flat, broken, dark, rising]).reshape(12, 1, 1, -1)
+    mask = np.ones((12, 1, 1), bool)
     # DIPY's logger (the package logs through it) does not propagate.
     dipy_logger = logging.getLogger("dipy")
     dipy_logger.addHandler(caplog.handler)
@@ -248,10 +251,11 @@ def test_posterior_fit_of_a_volume(posterior_model, caplog):
     assert isinstance(fit, PosteriorFit)
     assert fit.status[8, 0, 0] == OUT_OF_PRIOR
     assert fit.status[9, 0, 0] == 1 and fit.status[10, 0, 0] == 2
+    assert fit.status[11, 0, 0] == IMPOSSIBLE_SIGNAL
     assert "OUT_OF_PRIOR" in caplog.text
     for name in ("restricted_fraction", "cell_diameter", "exchange_time", "anisotropy"):
         median = getattr(fit, name)
-        assert median.shape == (11, 1, 1)
+        assert median.shape == (12, 1, 1)
         assert np.all(np.isnan(median[8:]))
         low, high = fit.credible_interval(name, level=0.9)
         inner_low, inner_high = fit.credible_interval(name, level=0.5)
@@ -263,8 +267,8 @@ def test_posterior_fit_of_a_volume(posterior_model, caplog):
         other = fit.credible_interval(name, level=0.8)  # drawn again
         assert np.all(other[0][ok] >= low[ok] * 0.8)
     samples = fit.posterior_samples("cell_diameter", 7)
-    assert samples.shape == (7, 11, 1, 1)
-    assert fit.posterior_samples("orientation", 3).shape == (3, 11, 1, 1, 3)
+    assert samples.shape == (7, 12, 1, 1)
+    assert fit.posterior_samples("orientation", 3).shape == (3, 12, 1, 1, 3)
     assert_allclose(np.linalg.norm(fit.orientation[:8], axis=-1), 1.0, atol=1e-9)
     with pytest.raises(ValueError, match="orientation is a unit vector"):
         fit.credible_interval("orientation")

@@ -25,12 +25,14 @@ from dipy_spinverse.reconst import (
     BAD_B0,
     DIVERGED,
     FAILED,
+    IMPOSSIBLE_SIGNAL,
     MASKED,
     NONFINITE,
     OK,
     POOR_FIT,
     STATUS_CODES,
     UNCERTAIN_SURFACE,
+    UNDERDETERMINED,
     SpinverseFit,
     SpinverseModel,
 )
@@ -283,7 +285,7 @@ def test_slicing_a_volume_fit(volume_fit):
     assert isinstance(voxel, SpinverseFit)
     assert_array_equal(voxel.permeability, fit.permeability[1, 0, 0])
     assert voxel.S0 == fit.S0[1, 0, 0]
-    assert fit[1, 1, 0] is None  # masked, as DIPY's MultiVoxelFit
+    assert fit[1, 1, 0].status == MASKED  # masked, as DIPY's MultiVoxelFit
     # Negative indices count from the end, as numpy's; outside is IndexError.
     assert_array_equal(fit[-1, 0, -1].permeability, fit.permeability[1, 0, 0])
     with pytest.raises(IndexError, match="out of bounds for axis 0"):
@@ -497,7 +499,8 @@ def test_one_diffusion_time(grid, signal):
         model = SpinverseModel(table, grid=grid, preset=preset, max_iter=4)
         assert len(model.sequences) == 1 and len(model.config.face.stages) == 1
     fit = SpinverseModel(table, grid=grid, **FAST).fit(500.0 * signal[:3])
-    assert fit.status == OK and fit.predict().shape == (3,)
+    # Fitted, and flagged: one diffusion time cannot determine the membranes.
+    assert fit.status == UNDERDETERMINED and fit.predict().shape == (3,)
 
 
 def test_grid_and_grid_options_are_exclusive(gtab, grid):
@@ -824,12 +827,12 @@ def test_a_masked_voxel_has_the_labels_of_a_masked_voxel_of_a_volume(
 
 
 def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):
-    """A voxel the model cannot produce: diffusion weighting raises the signal."""
+    """A voxel the model cannot produce: no attenuation at the long
+    diffusion time, none left at the short one."""
     sigma = 0.1
     options = dict(preset="paper", noise="rician", max_iter=4, dtype="float64")
     model = SpinverseModel(gtab, grid=grid, sigma=sigma, **options)
-    absurd = signal.copy()
-    absurd[BVALS > 0] = 2.5
+    absurd = np.where(BVALS > 0, np.where(gtab.big_delta > 0.02, 1.0, 0.0), 1.0)
     data = 700.0 * np.stack([signal, absurd])
     fit = model.fit(data)
     assert_array_equal(fit.status, [OK, POOR_FIT])
@@ -851,6 +854,12 @@ def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):
     # Without a noise level (sigma 0: unknown) there is no bound to exceed.
     blind = SpinverseModel(gtab, grid=grid, preset="paper", max_iter=4)
     assert_array_equal(blind.fit(data).status, [OK, OK])
+    # Diffusion weighting that raises the signal is impossible, with or
+    # without a noise level: flagged, the outputs kept.
+    rising = np.where(BVALS > 0, 2.5, signal)
+    for sigma_given in (model, blind):
+        fit = sigma_given.fit(700.0 * rising)
+        assert fit.status == IMPOSSIBLE_SIGNAL and np.isfinite(fit.residual)
 
 
 def test_the_misfit_test_is_the_noises_chi_square_quantile():

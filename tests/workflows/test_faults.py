@@ -24,6 +24,7 @@ from numpy.testing import assert_array_equal
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.io.store import load_fit
+from dipy_spinverse.reconst import IMPOSSIBLE_SIGNAL, UNDERDETERMINED
 from dipy_spinverse.workflows.spinverse import LOCK_NAME, main, output_lock
 
 
@@ -411,6 +412,39 @@ def test_a_read_only_out_dir_is_refused_before_the_fit(
         out.chmod(0o700)
     assert code == 2
     assert "--out_dir" in _one_error_line(err)
+
+
+# -- impossible data -----------------------------------------------------------
+
+
+def test_impossible_data_is_flagged_without_a_noise_model(
+    demo, tmp_path, monkeypatch, capsys, recwarn
+):
+    """With the paper preset (no noise model) these had status 0, exit 0."""
+    image = nib.load(demo["data"])
+    data = np.asanyarray(image.dataobj).astype(np.float64)
+    bvals = np.loadtxt(demo["bvals"])
+    doubled = data.copy()
+    doubled[..., bvals > 0] = 2 * data[..., bvals == 0].mean(-1, keepdims=True)
+    path = tmp_path / "doubled.nii.gz"
+    nib.save(nib.Nifti1Image(doubled, image.affine, image.header), path)
+    code, err = _command(monkeypatch, capsys, _argv(demo, tmp_path / "a", data=path))
+    assert code == 0, err
+    status = np.asanyarray(nib.load(tmp_path / "a" / "status.nii.gz").dataobj)
+    assert_array_equal(status, IMPOSSIBLE_SIGNAL)
+    assert any("attenuation above 1" in str(w.message) for w in recwarn)
+    # Every direction the same: the protocol cannot determine the membranes.
+    bvecs = np.loadtxt(demo["bvecs"])
+    bvecs[:, bvals > 0] = [[1.0], [0.0], [0.0]]
+    same = tmp_path / "same.bvec"
+    np.savetxt(same, bvecs)
+    argv = _argv(demo, tmp_path / "b")
+    argv[2] = str(same)
+    code, err = _command(monkeypatch, capsys, argv)
+    assert code == 0, err
+    status = np.asanyarray(nib.load(tmp_path / "b" / "status.nii.gz").dataobj)
+    assert_array_equal(status, UNDERDETERMINED)
+    assert any("lie along one axis" in str(w.message) for w in recwarn)
 
 
 # -- noise options in the user's words ----------------------------------------
