@@ -25,6 +25,7 @@ _NAMES = {
     "SineOGSE": "sim.sequences",
     "PiecewiseConstant": "sim.sequences",
     "published_protocol": "sim.sequences",
+    "hcp_protocol": "sim.sequences",
     "reconstruct": "inverse",
     "Reconstruction": "inverse",
     "Phantom": "geometry.phantoms",

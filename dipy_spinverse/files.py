@@ -391,8 +391,8 @@ def verify_gzip(path, what="file"):
                 pass
     except (OSError, EOFError, zlib.error) as err:
         raise ValueError(
-            f"{what} {path} is damaged: reading its gzip stream to the end "
-            f"failed ({type(err).__name__}: {err}), so its values cannot be "
+            f"{what} {path} is damaged or truncated: reading its gzip stream to "
+            f"the end failed ({type(err).__name__}: {err}), so its values cannot be "
             "trusted; copy or write the file again."
         ) from err
 
