@@ -21,6 +21,7 @@ LAYERS = [
     "sim.sequences",
     "sim.operators",
     "sim.solvers",
+    "sim.modes",
     "sim.forward",
     "sim.signals",
     "sim.analytic",
