@@ -1,18 +1,21 @@
 """How many Laplace modes a signal needs, in each frame (issue 58).
 
-Prints, for a permeable sphere and for draws of the default prior's
-reflecting variant, the largest signal error of the matrix formalism with K
-modes against the Chebyshev engine on the same grid, and the time of each:
+Prints the largest signal error of the matrix formalism with K modes
+against the Chebyshev engine on the same grid, and the time of each, for a
+permeable sphere and for draws of the default prior's reflecting variant:
 
 * laboratory frame (reflecting boxes), ``simulate(..., method="modes")``'s
   basis: the operator's K lowest modes and the projected positions;
-* phase-unwrapped frame (periodic patches): the K lowest modes of the k = 0
-  operator, the wavevector's coupling projected onto them exactly (the BCC
-  grid's 12 circumcentre displacements: ``G_K(k) = Lambda + sum_c (1 -
-  exp(-i k . d_c)) Phi^T W_c Phi``), fourth-order Magnus in time.
+* periodic patches, the K lowest modes of the k = 0 operator, with the
+  wavevector's coupling projected onto them exactly (the couplings' phases
+  take a few values: 12 circumcentre displacements on the BCC grid) and
+  fourth-order Magnus in time, in two frames: the phase-unwrapped one
+  (``M = m exp(-i k . x)``) and a frame per compartment (the laboratory
+  frame inside the cell, the phase frame outside), with the water inside
+  and outside an impermeable cell apart.
 
-Usage: ``python benchmarks/modes_probe.py [--draws 3]`` (a few minutes on 2
-cores). Results: doc/validation/modes.md.
+Usage: ``python benchmarks/modes_probe.py [--draws 3]`` (about ten minutes
+on 2 cores). Results: doc/validation/modes.md.
 """
 
 import argparse
@@ -20,14 +23,13 @@ import math
 import time
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.posterior.prior import TissuePrior
 from dipy_spinverse.sim.forward import simulate
 from dipy_spinverse.sim.grid import TetGrid
-from dipy_spinverse.sim.modes import _signals, _sparse_operator, lowest_modes
+from dipy_spinverse.sim.modes import _signals, lowest_modes
 from dipy_spinverse.sim.operators import diffusion_operator
 
 #: The README demo's protocol (99 volumes).
@@ -66,30 +68,55 @@ def lab_errors(grid, permeability, diffusivity, protocol, ks):
     return seconds, rows
 
 
-def phase_errors(grid, permeability, diffusivity, protocol, ks, phase_step=0.05):
-    """As :func:`lab_errors`, in the phase frame of a periodic patch."""
+def frame_errors(
+    grid,
+    permeability,
+    diffusivity,
+    protocol,
+    ks,
+    *,
+    offsets=None,
+    initial=None,
+    phase_step=0.05,
+):
+    """As :func:`lab_errors`, on a periodic patch, in the frame ``M = m
+    exp(-i k . (x - offsets))``: the phase-unwrapped frame (offsets 0), or
+    a frame per compartment (offsets ``x - centre`` in a cell: the
+    laboratory frame there)."""
     start = time.perf_counter()
-    reference = simulate(grid, permeability, protocol, diffusivity=diffusivity)
+    reference = simulate(
+        grid, permeability, protocol, diffusivity=diffusivity, initial=initial
+    )
     seconds = time.perf_counter() - start
     op = _operator(grid, permeability, diffusivity)
+    offsets = np.zeros((grid.n_cells, 3)) if offsets is None else offsets
+    u0 = op.sqrt_volumes.numpy() * (1.0 if initial is None else initial)
     values, vectors = lowest_modes(op, 0, max(ks))
     rows = []
     for k in ks:
         start = time.perf_counter()
-        signal = _phase_signals(op, values[:k], vectors[:, :k], protocol, phase_step)
-        rows.append(
-            (k, np.abs(signal - reference.numpy()).max(), time.perf_counter() - start)
+        signal = _frame_signals(
+            op, values[:k], vectors[:, :k], offsets, u0, protocol, phase_step
         )
+        error = np.abs(signal - reference.numpy()).max()
+        rows.append((k, error, time.perf_counter() - start))
     return seconds, rows
 
 
-def _phase_signals(op, values, vectors, protocol, phase_step):
-    coupling = _sparse_operator(op, 0)
-    coupling = sp.diags(coupling.diagonal()) - coupling  # the weights W
-    rows, cols = coupling.nonzero()
-    weights = np.asarray(coupling[rows, cols]).ravel()
-    disp = _displacements(op, rows, cols)
-    classes, which = np.unique(np.round(disp, 7), axis=0, return_inverse=True)
+def _frame_signals(op, values, vectors, offsets, u0, protocol, phase_step):
+    """Signals in the frame of :func:`frame_errors`: the couplings carry the
+    phases ``exp(-i k . s)``, ``s = d + r_i - r_j`` (grouped by value, each
+    group projected once), and the offsets add ``i k'(t) . r``."""
+    n, slots = op.weights.shape[1:]
+    rows = np.repeat(np.arange(n), slots)
+    cols = op.neighbours.numpy().ravel()
+    weights = op.weights[0].numpy().ravel()
+    keep = weights != 0
+    rows, cols, weights = rows[keep], cols[keep], weights[keep]
+    shift = op.displacement.numpy().reshape(-1, 3)[keep]
+    shift = shift + offsets[rows] - offsets[cols]
+    classes, which = np.unique(np.round(shift, 7), axis=0, return_inverse=True)
+    which = which.ravel()
     projected = np.stack(
         [
             vectors[rows[which == c]].T
@@ -97,65 +124,51 @@ def _phase_signals(op, values, vectors, protocol, phase_step):
             for c in range(len(classes))
         ]
     )
-    lam = torch.as_tensor(values, dtype=torch.complex128)
-    mats = torch.as_tensor(projected, dtype=torch.complex128)
+    as_complex = dict(dtype=torch.complex128)
+    lam = torch.as_tensor(values, **as_complex)
+    mats = torch.as_tensor(projected, **as_complex)
+    moved = torch.as_tensor(
+        np.einsum("nk,nd,nl->dkl", vectors, offsets, vectors), **as_complex
+    )
     d = torch.as_tensor(classes)
-    dmax = float(np.linalg.norm(classes, axis=1).max())
-    u0 = op.sqrt_volumes.numpy()
-    c0 = torch.as_tensor(vectors.T @ u0, dtype=torch.complex128)
+    reach = float(np.linalg.norm(classes, axis=1).max())
+    c0 = torch.as_tensor(vectors.T @ u0, **as_complex)
+    read = torch.as_tensor(vectors.T @ op.sqrt_volumes.numpy(), **as_complex)
     out = np.empty(len(protocol))
+    nodes = (0.5 - math.sqrt(3) / 6, 0.5 + math.sqrt(3) / 6)
+    a, b = 0.5 + math.sqrt(3) / 3, 0.5 - math.sqrt(3) / 3
     for waveform, idx in protocol.groups():
-        durations, amplitudes = _first_half(*waveform.segments)
-        rate = torch.as_tensor(protocol.gradient_rate[idx])
+        rate = torch.as_tensor(np.array(protocol.gradient_rate[idx]))
         proj = rate @ d.T
+        drift = torch.einsum("ad,dkl->akl", rate.to(torch.complex128), moved)
 
-        def generator(F, proj=proj):
+        def generator(F, f, proj=proj, drift=drift):
             phase = torch.polar(torch.ones_like(proj), -F * proj)
-            return torch.diag(lam) + torch.einsum("ac,ckl->akl", 1 - phase, mats)
+            coupled = torch.einsum("ac,ckl->akl", 1 - phase, mats)
+            return torch.diag(lam) + coupled + 1j * f * drift
 
         c, F = c0.expand(len(idx), -1), 0.0
-        for tau, f in zip(durations, amplitudes, strict=True):
-            if f == 0:
-                c = torch.einsum(
-                    "akl,al->ak", torch.linalg.matrix_exp(-tau * generator(F)), c
-                )
+        for tau, f in zip(*waveform.segments, strict=True):
+            if tau <= 0:
                 continue
-            n = max(
-                1,
-                math.ceil(
-                    abs(f) * tau * float(rate.norm(dim=1).max()) * dmax / phase_step
-                ),
-            )
-            h = tau / n
-            nodes = (0.5 - math.sqrt(3) / 6, 0.5 + math.sqrt(3) / 6)
-            a, b = 0.5 + math.sqrt(3) / 3, 0.5 - math.sqrt(3) / 3
-            for s in range(n):
-                g1, g2 = (generator(F + f * h * (s + x)) for x in nodes)
+            rise = abs(f) * tau * float(rate.norm(dim=1).max()) * reach
+            n_sub = 1 if f == 0 else max(1, math.ceil(rise / phase_step))
+            h = tau / n_sub
+            for s in range(n_sub):
+                g1, g2 = (generator(F + f * h * (s + x), f) for x in nodes)
                 for w1, w2 in ((a, b), (b, a)):
                     step = torch.linalg.matrix_exp(-h / 2 * (w1 * g1 + w2 * g2))
                     c = torch.einsum("akl,al->ak", step, c)
             F += f * tau
-        out[idx] = (c.abs() ** 2).sum(1).numpy() / float(u0 @ u0)
+        # k(TE) = 0: the frame is the laboratory's at the echo.
+        out[idx] = (c @ read).abs().numpy() / float(u0 @ op.sqrt_volumes.numpy())
     return out
 
 
-def _displacements(op, rows, cols):
-    """Circumcentre displacement of each (row, col) coupling."""
-    slots = {}
-    neighbours = op.neighbours.numpy()
-    disp = op.displacement.numpy()
-    for i in range(neighbours.shape[0]):
-        for s, j in enumerate(neighbours[i]):
-            slots[(i, int(j))] = disp[i, s]
-    return np.array([slots[(int(i), int(j))] for i, j in zip(rows, cols, strict=True)])
-
-
-def _first_half(durations, amplitudes):
-    ends = np.cumsum(durations)
-    keep = ends - durations < ends[-1] / 2
-    d = durations[keep].copy()
-    d[-1] = ends[-1] / 2 - (ends[keep][-1] - d[-1])
-    return d, amplitudes[keep]
+def _sphere(grid, radius=2.5, kappa=1e-5):
+    """A permeable sphere at the centre of ``grid``: (inside, permeability)."""
+    inside = np.linalg.norm(grid.cell_centroids - grid.size / 2, axis=1) < radius
+    return inside, np.where(grid.interface_faces(inside), kappa, np.inf)
 
 
 def _print(title, seconds, rows):
@@ -170,15 +183,37 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     protocol = _protocol(**DEMO)
-    for boundary in ("reflecting", "periodic"):
-        grid = TetGrid.bcc(8.0, 4, boundary=boundary)
-        inside = np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5
-        kappa = np.where(grid.interface_faces(inside), 1e-5, np.inf)
-        probe = lab_errors if boundary == "reflecting" else phase_errors
-        ks = (16, 32, 64, 128) if boundary == "reflecting" else (32, 128, 400)
+    grid = TetGrid.bcc(8.0, 4)
+    inside, kappa = _sphere(grid)
+    _print(
+        "sphere R 2.5 um, 8 um reflecting box, 768 cells",
+        *lab_errors(grid, kappa, 2e-3, protocol, (16, 32, 64, 128)),
+    )
+    grid = TetGrid.bcc(8.0, 4, boundary="periodic")
+    inside, kappa = _sphere(grid)
+    _print(
+        "the same sphere in an 8 um periodic patch, phase frame",
+        *frame_errors(grid, kappa, 2e-3, protocol, (32, 128, 400)),
+    )
+    centred = grid.cell_circumcentres - 4.0
+    offsets = np.where(inside[:, None], centred, 0.0)
+    _print(
+        "the same, a frame per compartment",
+        *frame_errors(grid, kappa, 2e-3, protocol, (16, 32, 64), offsets=offsets),
+    )
+    impermeable = np.where(grid.interface_faces(inside), 0.0, np.inf)
+    for name, initial in (("inside", inside), ("outside", ~inside)):
         _print(
-            f"sphere R 2.5 um, 8 um {boundary} box, 768 cells",
-            *probe(grid, kappa, 2e-3, protocol, ks),
+            f"impermeable, a frame per compartment, the water {name} only",
+            *frame_errors(
+                grid,
+                impermeable,
+                2e-3,
+                protocol,
+                (16, 32, 64),
+                offsets=offsets,
+                initial=initial.astype(float),
+            ),
         )
     prior = TissuePrior(boundary="reflecting", box_side=80 / 3)
     rng = np.random.default_rng(5)

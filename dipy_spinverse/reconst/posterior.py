@@ -5,26 +5,27 @@ amortised posterior (:mod:`dipy_spinverse.posterior`); the fit holds, per
 voxel of the mask, the posterior median and the 50 % and 90 % central
 credible intervals of every descriptor, and draws more samples on demand.
 
-============  ====  ==========================================================
-name          code  meaning
-============  ====  ==========================================================
-OK            0     posterior computed
-NONFINITE     1     the data contain NaN or inf
-BAD_B0        2     the mean b = 0 signal (of some sequence) is <= 0
-OUT_OF_PRIOR  6     no simulation of the prior explains the signal within the
-                    noise (:meth:`PosteriorEstimator.support_statistic` above
-                    its 99.9 % in-prior level): the tissue, the diffusivity
-                    or the protocol lies outside what the posterior was
-                    trained on. Maps are NaN: a posterior there would be a
-                    confident guess.
-IMPOSSIBLE_   8     the attenuation of some sequence is above 1 beyond the
-SIGNAL              noise
-                    (:func:`~dipy_spinverse.reconst.plausibility.impossible_signal`):
-                    no tissue produces it. Maps are NaN, as outside the
-                    prior, which holds tissue only. It outranks
-                    ``OUT_OF_PRIOR``: it says why the signal is out of reach.
-MASKED        -2    outside the mask
-============  ====  ==========================================================
+=================  ====  =====================================================
+name               code  meaning
+=================  ====  =====================================================
+OK                 0     posterior computed
+NONFINITE          1     the data contain NaN or inf
+BAD_B0             2     the mean b = 0 signal (of some sequence) is <= 0
+OUT_OF_PRIOR       6     no simulation of the prior explains the signal
+                         within the noise
+                         (:meth:`PosteriorEstimator.support_statistic` above
+                         its 99.9 % in-prior level): the tissue, the
+                         diffusivity or the protocol lies outside what the
+                         posterior was trained on. Maps are NaN: a posterior
+                         there would be a confident guess.
+IMPOSSIBLE_SIGNAL  8     the attenuation of some sequence is above 1 beyond
+                         the noise (``reconst.plausibility.impossible_signal``):
+                         no tissue produces it. Maps are NaN, as outside the
+                         prior, which holds tissue only. It outranks
+                         ``OUT_OF_PRIOR``: it says why the signal is out of
+                         reach.
+MASKED             -2    outside the mask
+=================  ====  =====================================================
 
 A protocol that cannot determine the membranes (one diffusion time,
 directions that do not span 3-D; ``UNDERDETERMINED`` of the label search) is
