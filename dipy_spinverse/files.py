@@ -38,6 +38,9 @@ __all__ = [
     "save_voxels",
     "writable_folder",
     "WriteError",
+    "check_outputs",
+    "output_lock",
+    "LOCK_NAME",
     "CACHE_ENV",
 ]
 
@@ -266,6 +269,98 @@ _KEPT_OUTPUT = (
     "The file that was there before (if any) is unchanged; free space or "
     "choose another folder, and run again."
 )
+
+
+def check_outputs(outputs, *, folders=()):
+    """Refuse outputs that would overwrite each other or cannot be written.
+
+    Checked by the command-line tools before any data is read: two outputs
+    that resolve to the same path (``--out_s0 status.nii.gz``: one map
+    written over the other), a file output that is a folder, or a folder
+    output that is a file.
+
+    Parameters
+    ----------
+    outputs : iterable of (str, path)
+        ``(name, path)`` of every output, named as its flag without the
+        dashes (``"out_s0"``); a name may come more than once (an output
+        written as several files).
+    folders : container of str
+        The names of the outputs that are folders.
+
+    Raises
+    ------
+    ValueError
+        Naming both flags and the path, or the flag and what it must be.
+    """
+    owners = {}
+    for key, path in outputs:
+        path = os.fspath(path)
+        real = os.path.realpath(path)
+        if real in owners and owners[real] != key:
+            raise ValueError(
+                f"--{owners[real]} and --{key} both write {path}: one output "
+                "would overwrite the other; give each its own name."
+            )
+        owners[real] = key
+        if key in folders and os.path.isfile(path):
+            raise ValueError(
+                f"--{key} {path} is a file, but it names a folder of outputs; "
+                "give a folder name."
+            )
+        if key not in folders and os.path.isdir(path):
+            raise ValueError(
+                f"--{key} {path} is a folder, but it names an output file; give "
+                "a file name (or remove the folder)."
+            )
+
+
+#: The lock file of an output folder (:func:`output_lock`).
+LOCK_NAME = ".dipy_spinverse.lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder, *, command):
+    """Hold an output folder while a command writes to it: a second run
+    writing there is refused at once, with a message, instead of the two
+    overwriting each other's checkpoint and maps.
+
+    An advisory lock on ``folder/.dipy_spinverse.lock`` (``filelock``:
+    ``flock`` on POSIX, ``msvcrt`` on Windows), released by the system when
+    the process ends, so a killed run leaves no stale lock behind.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+    command : str
+        The command's name, for the message.
+
+    Raises
+    ------
+    ValueError
+        When another process holds the folder, or it cannot be locked.
+    """
+    from filelock import FileLock, Timeout
+
+    path = os.path.join(os.fspath(folder), LOCK_NAME)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ValueError(
+            f"another dipy_spinverse run is writing to {folder} (it holds "
+            f"{path}); wait for it to finish, or give this {command} run "
+            "another --out_dir."
+        ) from None
+    except OSError as err:
+        raise ValueError(
+            f"cannot lock the output folder {folder} ({describe_cause(err)}); "
+            "give a writable --out_dir."
+        ) from err
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 def save_image(path, data, affine=None, reference=None, *, description=None):

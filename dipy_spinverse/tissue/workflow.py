@@ -20,7 +20,7 @@ from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
 from ..checks import check_mask_values, check_same_space
-from ..files import load_image, save_image
+from ..files import check_outputs, load_image, output_lock, save_image
 from ..workflows.cli import run_command
 from .model import POOR_FIT, TissueMapModel
 from .sequences import sequence_from_string
@@ -69,7 +69,8 @@ def _read_data(image, what):
 
 def _check_out_dir(path):
     """Create the folder of ``path`` before fitting, so that an ``out_dir``
-    that cannot hold the outputs is refused before the fit, not after it."""
+    that cannot hold the outputs is refused before the fit, not after it;
+    the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -78,6 +79,7 @@ def _check_out_dir(path):
             f"cannot write the outputs to {folder} ({err}); pass an --out_dir "
             "that is a folder you can write to."
         ) from err
+    return folder
 
 
 def _read_text(path, what):
@@ -195,63 +197,73 @@ class TissueMapsFlow(Workflow):
             raise ValueError(
                 f"noise_weighting must be auto, on or off, got {noise_weighting!r}."
             )
+        options = dict(
+            tissues=_read_tissues(tissues_file),
+            field_strength=field_strength,
+            mixing=mixing,
+            gain=gain,
+            smoothness=smoothness,
+            max_iter=max_iter,
+            noise_weighting=weighting[noise_weighting],
+            device=device,
+        )
         io_it = self.get_io_iterator()
         for inputs in io_it:
             image_file, sequence_file = inputs[0], inputs[1]
-            mask_file = mask_files
-            oprob, olab, ot1, ot2, opd, opred, ostatus = inputs[-7:]
-            logger.info(f"Tissue maps of {image_file}")
-            image = load_image(image_file, "input_files")
-            affine = image.affine
-            images = _read_data(image, "input_files")
-            if images.ndim == 3:
-                images = images[..., None]
-            if images.ndim != 4:
-                raise ValueError(
-                    f"{image_file} has {images.ndim} dimensions (shape "
-                    f"{images.shape}); input_files must be 4-D, one 3-D image "
-                    "per sequence on the last axis."
+            outputs = inputs[-7:]
+            # Before the fit: outputs that clash, or a folder that cannot
+            # hold them, are refused before the work, not after it.
+            check_outputs(zip(io_it.out_keys, outputs, strict=True))
+            folder = _check_out_dir(outputs[0])
+            with output_lock(folder, command="dipy_fit_tissue_maps"):
+                self._fit_and_save(
+                    image_file, sequence_file, mask_files, outputs, options
                 )
-            mask = None
-            if mask_file:
-                mask_image = load_image(mask_file, "mask file")
-                check_same_space(mask_image.affine, affine, mask_file, image_file)
-                mask = check_mask_values(
-                    _read_data(mask_image, "mask file"), f"mask file {mask_file}"
-                )
-            model = TissueMapModel(
-                read_sequences(sequence_file),
-                tissues=_read_tissues(tissues_file),
-                field_strength=field_strength,
-                mixing=mixing,
-                gain=gain,
-                smoothness=smoothness,
-                max_iter=max_iter,
-                noise_weighting=weighting[noise_weighting],
-                device=device,
+
+    def _fit_and_save(self, image_file, sequence_file, mask_file, outputs, options):
+        """Fit one dataset and write its maps (the output folder is held)."""
+        oprob, olab, ot1, ot2, opd, opred, ostatus = outputs
+        logger.info(f"Tissue maps of {image_file}")
+        image = load_image(image_file, "input_files")
+        affine = image.affine
+        images = _read_data(image, "input_files")
+        if images.ndim == 3:
+            images = images[..., None]
+        if images.ndim != 4:
+            raise ValueError(
+                f"{image_file} has {images.ndim} dimensions (shape "
+                f"{images.shape}); input_files must be 4-D, one 3-D image "
+                "per sequence on the last axis."
             )
-            logger.info(f"{model}")
-            _check_out_dir(oprob)
-            fit = model.fit(images, mask=mask)
-            logger.info(f"Fitted gain {np.median(fit.gain):.4g}")
-            # Written atomically, in the input's space (its header's codes).
-            space = dict(affine=affine, reference=image)
-            save_image(oprob, fit.probabilities.astype(np.float32), **space)
-            save_image(olab, fit.labels.astype(np.uint8), **space)
-            for path, values in ((ot1, fit.t1), (ot2, fit.t2), (opd, fit.pd)):
-                save_image(path, values.astype(np.float32), **space)
-            save_image(opred, fit.predict().astype(np.float32), **space)
-            save_image(ostatus, fit.status, **space)
-            poor = int((fit.status == POOR_FIT).sum())
-            if poor:
-                logger.warning(
-                    f"{poor} of {int(fit.mask.sum())} voxel(s) are fitted poorly "
-                    f"(status {POOR_FIT} in {ostatus}): the images miss the "
-                    "prediction by more than "
-                    f"{model.misfit_threshold:.0%}; check the sequences file "
-                    "(order, timings) and the tissue values."
-                )
-            logger.info(f"Tissue maps saved to {oprob}")
+        mask = None
+        if mask_file:
+            mask_image = load_image(mask_file, "mask file")
+            check_same_space(mask_image.affine, affine, mask_file, image_file)
+            mask = check_mask_values(
+                _read_data(mask_image, "mask file"), f"mask file {mask_file}"
+            )
+        model = TissueMapModel(read_sequences(sequence_file), **options)
+        logger.info(f"{model}")
+        fit = model.fit(images, mask=mask)
+        logger.info(f"Fitted gain {np.median(fit.gain):.4g}")
+        # Written atomically, in the input's space (its header's codes).
+        space = dict(affine=affine, reference=image)
+        save_image(oprob, fit.probabilities.astype(np.float32), **space)
+        save_image(olab, fit.labels.astype(np.uint8), **space)
+        for path, values in ((ot1, fit.t1), (ot2, fit.t2), (opd, fit.pd)):
+            save_image(path, values.astype(np.float32), **space)
+        save_image(opred, fit.predict().astype(np.float32), **space)
+        save_image(ostatus, fit.status, **space)
+        poor = int((fit.status == POOR_FIT).sum())
+        if poor:
+            logger.warning(
+                f"{poor} of {int(fit.mask.sum())} voxel(s) are fitted poorly "
+                f"(status {POOR_FIT} in {ostatus}): the images miss the "
+                "prediction by more than "
+                f"{model.misfit_threshold:.0%}; check the sequences file "
+                "(order, timings) and the tissue values."
+            )
+        logger.info(f"Tissue maps saved to {oprob}")
 
 
 def main():

@@ -9,7 +9,6 @@ As every DIPY workflow, the ``run`` docstring defines the command-line
 options; positional inputs may contain wildcards to process several datasets.
 """
 
-import contextlib
 import json
 import os
 import pathlib
@@ -29,8 +28,10 @@ from ..checks import (
 )
 from ..files import (
     atomic_write,
+    check_outputs,
     describe_cause,
     load_image,
+    output_lock,
     read_voxels,
     save_image,
     writable_folder,
@@ -69,8 +70,6 @@ __all__ = [
     "METRICS",
     "DEFAULT_METRICS",
     "SMOOTH_MESH_FORMATS",
-    "check_outputs",
-    "output_lock",
 ]
 
 #: What ``--save_metrics`` chooses from: the scalar maps (named as the
@@ -467,13 +466,13 @@ class SpinverseFlow(Workflow):
             ostate = out["out_state"]
             # Before the fit: an output that clashes or cannot be written
             # would fail after the voxels' work, or overwrite another.
-            check_outputs(out)
+            check_outputs(_written_paths(out), folders=FOLDER_OUTPUTS)
             folder = writable_folder(
                 os.path.dirname(os.path.abspath(ostate)),
                 "outputs",
                 fix="give a writable --out_dir",
             )
-            with output_lock(folder):
+            with output_lock(folder, command="dipy_fit_spinverse"):
                 logger.info(f"Spinverse fit of {dwi}")
                 image = load_image(dwi, "input_files")
                 affine = image.affine
@@ -883,45 +882,6 @@ def _npz(path):
 FOLDER_OUTPUTS = ("out_voxel_meshes", "out_smooth_meshes", "out_posterior")
 
 
-def check_outputs(out):
-    """Refuse outputs that would overwrite each other or cannot be files.
-
-    Checked before any data is read: two outputs that resolve to the same
-    path (``--out_s0 status.nii.gz``: one map written over the other), a
-    file output that is a folder, or a folder output that is a file.
-
-    Parameters
-    ----------
-    out : dict
-        ``{"out_<name>": path}``, as DIPY's io iterator joins them with
-        ``--out_dir``.
-
-    Raises
-    ------
-    ValueError
-        Naming both flags and the path, or the flag and what it must be.
-    """
-    owners = {}
-    for key, path in _written_paths(out):
-        real = os.path.realpath(path)
-        if real in owners and owners[real] != key:
-            raise ValueError(
-                f"--{owners[real]} and --{key} both write {path}: one output "
-                "would overwrite the other; give each its own name."
-            )
-        owners[real] = key
-        if key in FOLDER_OUTPUTS and os.path.isfile(path):
-            raise ValueError(
-                f"--{key} {path} is a file, but it names the folder of "
-                f"{key[4:].replace('_', ' ')}; give a folder name."
-            )
-        if key not in FOLDER_OUTPUTS and os.path.isdir(path):
-            raise ValueError(
-                f"--{key} {path} is a folder, but it names an output file; give "
-                "a file name (or remove the folder)."
-            )
-
-
 def _written_paths(out):
     """``(flag, path)`` of every file or folder a run may write: the outputs
     as given, the state as ``save_fit`` names it, its checkpoint store and
@@ -935,43 +895,6 @@ def _written_paths(out):
         yield key, path
         if key in ("out_mesh_gifti", "out_mesh_ply"):
             yield key, _suffixed(path, UNCERTAIN_SUFFIX)
-
-
-#: The lock file of an output folder (:func:`output_lock`).
-LOCK_NAME = ".dipy_fit_spinverse.lock"
-
-
-@contextlib.contextmanager
-def output_lock(folder):
-    """Hold the output folder for this run: a second run writing there is
-    refused at once, with a message, instead of the two overwriting each
-    other's checkpoint and maps.
-
-    An advisory lock on ``folder/.dipy_fit_spinverse.lock`` (``filelock``:
-    ``flock`` on POSIX, ``msvcrt`` on Windows), released by the system when
-    the process ends, so a killed run leaves no stale lock behind.
-    """
-    from filelock import FileLock, Timeout
-
-    path = os.path.join(os.fspath(folder), LOCK_NAME)
-    lock = FileLock(path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ValueError(
-            f"another dipy_fit_spinverse run is writing to {folder} (it holds "
-            f"{path}); wait for it to finish, or give this run another "
-            "--out_dir."
-        ) from None
-    except OSError as err:
-        raise ValueError(
-            f"cannot lock the output folder {folder} ({describe_cause(err)}); "
-            "give a writable --out_dir."
-        ) from err
-    try:
-        yield path
-    finally:
-        lock.release()
 
 
 def _set_aside(checkpoint):

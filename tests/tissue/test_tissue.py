@@ -777,3 +777,33 @@ def test_workflow_names_a_truncated_file(tmp_path, which):
             mask_files=str(mask_file),
             out_dir=str(tmp_path / "out"),
         )
+
+
+def test_workflow_refuses_clashing_outputs_and_a_folder_in_use(tmp_path):
+    """The faults of dipy_fit_spinverse's outputs (issue 59) in this
+    command too: two outputs on one path, a second run into a folder in
+    use; both refused before the fit."""
+    from dipy_spinverse.files import output_lock
+
+    model = TissueMapModel(PROTOCOL[:3])
+    truth = _phantom(shape=(6, 5, 4))
+    images = simulate_scans(model, truth, np.ones((6, 5, 4), bool), snr=np.inf)
+    nib.save(nib.Nifti1Image(images.astype(np.float32), np.eye(4)), tmp_path / "i.nii")
+    (tmp_path / "s.txt").write_text(
+        "Mprage ti=0.9 tr=2.3 te=0.003\n"
+        "InversionRecovery ti=2.5 tr=9.0 te=0.1\n"
+        "Flash tr=0.02 te=0.004 flip_angle=30\n"
+    )
+    inputs = (str(tmp_path / "i.nii"), str(tmp_path / "s.txt"))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--out_labels and --out_t1 both write"):
+        TissueMapsFlow(force=True).run(
+            *inputs, out_dir=str(out), out_t1="tissue_labels.nii.gz"
+        )
+    out.mkdir(exist_ok=True)
+    with output_lock(out, command="test"):
+        with pytest.raises(ValueError, match="another dipy_spinverse run"):
+            TissueMapsFlow(force=True).run(*inputs, out_dir=str(out))
+    assert not (out / "tissue_labels.nii.gz").exists()
+    TissueMapsFlow(force=True).run(*inputs, out_dir=str(out))
+    assert (out / "tissue_labels.nii.gz").exists()

@@ -23,9 +23,10 @@ from numpy.testing import assert_array_equal
 
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse.data import make_phantom_dataset
+from dipy_spinverse.files import LOCK_NAME, output_lock
 from dipy_spinverse.io.store import load_fit
 from dipy_spinverse.reconst import IMPOSSIBLE_SIGNAL, UNDERDETERMINED
-from dipy_spinverse.workflows.spinverse import LOCK_NAME, main, output_lock
+from dipy_spinverse.workflows.spinverse import main
 
 
 @pytest.fixture(scope="module")
@@ -332,11 +333,11 @@ def test_a_truncated_image_is_refused(demo, tmp_path, monkeypatch, capsys):
 def test_a_second_run_into_a_folder_in_use_is_refused(
     demo, tmp_path, monkeypatch, capsys
 ):
-    with output_lock(tmp_path):
+    with output_lock(tmp_path, command="test"):
         code, err = _command(monkeypatch, capsys, _argv(demo, tmp_path))
     assert code == 2
     line = _one_error_line(err)
-    assert "another dipy_fit_spinverse run is writing to" in line
+    assert "another dipy_spinverse run is writing to" in line
     assert not (tmp_path / "spinverse_fit.partial.h5").exists()
     # Released (as when the other run ends or is killed): this one runs.
     code, err = _command(monkeypatch, capsys, _argv(demo, tmp_path))
@@ -349,20 +350,20 @@ def test_the_lock_is_held_across_processes(demo, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from dipy_spinverse.workflows.spinverse import output_lock\n"
-         f"with output_lock({str(tmp_path)!r}):\n"
+         "from dipy_spinverse.files import output_lock\n"
+         f"with output_lock({str(tmp_path)!r}, command='x'):\n"
          "    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ValueError, match="another dipy_fit_spinverse run"):
-            with output_lock(tmp_path):
+        with pytest.raises(ValueError, match="another dipy_spinverse run"):
+            with output_lock(tmp_path, command="test"):
                 pass
     finally:
         holder.kill()
         holder.wait()
-    with output_lock(tmp_path):  # released by the system when it died
+    with output_lock(tmp_path, command="test"):  # released when it died
         pass
 
 
