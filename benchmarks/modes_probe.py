@@ -90,7 +90,7 @@ def frame_errors(
     seconds = time.perf_counter() - start
     op = _operator(grid, permeability, diffusivity)
     offsets = np.zeros((grid.n_cells, 3)) if offsets is None else offsets
-    u0 = op.sqrt_volumes.numpy() * (1.0 if initial is None else initial)
+    u0 = op.sqrt_volumes.numpy() * (1.0 if initial is None else initial.astype(float))
     values, vectors = lowest_modes(op, 0, max(ks))
     rows = []
     for k in ks:
@@ -193,7 +193,7 @@ def main(argv=None):
     inside, kappa = _sphere(grid)
     _print(
         "the same sphere in an 8 um periodic patch, phase frame",
-        *frame_errors(grid, kappa, 2e-3, protocol, (32, 128, 400)),
+        *frame_errors(grid, kappa, 2e-3, protocol, (32, 64, 128)),
     )
     centred = grid.cell_circumcentres - 4.0
     offsets = np.where(inside[:, None], centred, 0.0)
@@ -212,7 +212,7 @@ def main(argv=None):
                 protocol,
                 (16, 32, 64),
                 offsets=offsets,
-                initial=initial.astype(float),
+                initial=initial,
             ),
         )
     prior = TissuePrior(boundary="reflecting", box_side=80 / 3)
