@@ -203,6 +203,28 @@ OPTIONAL_PARAMETERS = (
 )
 
 
+def index_volume_fit(fit, index):
+    """``fit[index]`` for the volume fits of both methods: ``fit._part``
+    with the checks a user of DIPY's fits expects.
+
+    Raises
+    ------
+    IndexError
+        For any index of a single-voxel fit, and for an index outside the
+        fit's shape or with too many entries (numpy's message, with the
+        fit's shape: numpy names the axis, not the array indexed).
+    """
+    if fit.shape == ():
+        raise IndexError(
+            "a single-voxel fit (shape ()) cannot be indexed; index the "
+            "volume's fit, e.g. fit[i, j, k]."
+        )
+    try:
+        return fit._part(index)
+    except IndexError as err:
+        raise IndexError(f"{err} (the fit has shape {fit.shape})") from None
+
+
 class SpinverseFit(ReconstFit):
     """Spinverse fit of one voxel or a volume.
 
@@ -916,16 +938,7 @@ class SpinverseFit(ReconstFit):
             (the message gives the shape), and for any index of a
             single-voxel fit.
         """
-        if self.shape == ():
-            raise IndexError(
-                "a single-voxel fit (shape ()) cannot be indexed; index the "
-                "volume's fit, e.g. fit[i, j, k]."
-            )
-        try:
-            return self._part(index)
-        except IndexError as err:
-            # numpy's messages name the axis, not the array indexed.
-            raise IndexError(f"{err} (the fit has shape {self.shape})") from None
+        return index_volume_fit(self, index)
 
     def _part(self, index):
         """:meth:`__getitem__` without its checks."""

@@ -44,7 +44,15 @@ from ..geometry.descriptors import DESCRIPTORS
 from ..posterior import decode
 from ..posterior.calibration import SCALARS, calibrated_draws
 from ..sim.signals import VoxelSignals
-from .fit import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK, SpinverseFit
+from .fit import (
+    BAD_B0,
+    IMPOSSIBLE_SIGNAL,
+    MASKED,
+    NONFINITE,
+    OK,
+    SpinverseFit,
+    index_volume_fit,
+)
 from .plausibility import impossible_signal
 
 __all__ = [
@@ -333,16 +341,7 @@ class PosteriorFit(ReconstFit):
             (the message gives the shape), and for any index of a
             single-voxel fit.
         """
-        if self.shape == ():
-            raise IndexError(
-                "a single-voxel fit (shape ()) cannot be indexed; index the "
-                "volume's fit, e.g. fit[i, j, k]."
-            )
-        try:
-            return self._part(index)
-        except IndexError as err:
-            # numpy's messages name the axis, not the array indexed.
-            raise IndexError(f"{err} (the fit has shape {self.shape})") from None
+        return index_volume_fit(self, index)
 
     def _part(self, index):
         """:meth:`__getitem__` without its checks."""
