@@ -258,7 +258,7 @@ def atomic_write(path):
     except OSError as err:
         # One message naming the output and the cause, the file that was
         # there before left as it was.
-        raise WriteError.of(path, err, fix=_KEPT_OUTPUT) from None
+        raise WriteError.of(path, err, fix=_KEPT_OUTPUT) from err
     finally:
         if os.path.lexists(tmp):
             with contextlib.suppress(OSError):

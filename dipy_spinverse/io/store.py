@@ -17,7 +17,6 @@ import copy
 import errno
 import json
 import os
-import secrets
 import shutil
 import zipfile
 import zlib
@@ -244,14 +243,17 @@ def _store_error(path, err, what, *, created=True):
 _WRITE_BYTES = 1 << 26
 
 
+def _stored(fit):
+    """The parameters ``fit``'s store holds, status last."""
+    return [name for name in _FILL if fit.params.get(name) is not None]
+
+
 def _store_contents(fit):
     """The datasets of ``fit``'s store (the mask apart): each parameter and
     the CRC32 of each of its rows, status last."""
     contents = {}
-    for name in _FILL:
-        values = fit.params.get(name)
-        if values is None:
-            continue
+    for name in _stored(fit):
+        values = fit.params[name]
         contents[_CRC_PREFIX + name] = _row_crcs(values)
         contents[name] = np.ascontiguousarray(values)
     return contents
@@ -268,26 +270,23 @@ def _create_store(fit, path):
     if reused is not None:
         return reused
     contents = _store_contents(fit)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # HDF5's metadata: the header, about 2 KiB a dataset, with margin.
     metadata = len(json.dumps(header)) + 4096 * (len(contents) + 1) + (1 << 16)
     _check_room(path, mask.nbytes + sum(a.nbytes for a in contents.values()) + metadata)
-    tmp = os.path.join(folder, f".tmp-{secrets.token_hex(4)}-{os.path.basename(path)}")
     failure = None
     try:
-        layout = _allocate(tmp, header, mask, contents)
-        with open(tmp, "r+b") as f:
-            for name, values in contents.items():
-                _write_block(f, layout[name], 0, values)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            layout = _allocate(tmp, header, mask, contents)
+            with open(tmp, "r+b") as f:
+                for name, values in contents.items():
+                    _write_block(f, layout[name], 0, values)
+                f.flush()
+                os.fsync(f.fileno())
     except Exception as err:  # noqa: BLE001 - h5py raises RuntimeError too
-        failure = err.with_traceback(None)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        # The store's own message, with the cause atomic_write wrapped.
+        cause = err.__cause__ if isinstance(err, WriteError) else None
+        failure = (cause or err).with_traceback(None)
     if failure is not None:
         # Raised outside the except clause: the traceback keeps no h5py
         # object alive until interpreter teardown.
@@ -352,11 +351,12 @@ def _same_store(path, header, fit):
         layout = _store_layout(path)
     except Exception:  # noqa: BLE001 - any store not readable is not this fit's
         return None
+    names = _stored(fit)
     same = (
         json.dumps(stored, sort_keys=True) == json.dumps(header, sort_keys=True)
         and np.array_equal(arrays["mask"], fit.mask)
         and np.array_equal(arrays["status"], fit.params["status"])
-        and set(layout) == set(_store_contents(fit))
+        and set(layout) == {*names, *(_CRC_PREFIX + name for name in names)}
     )
     return layout if same else None
 
@@ -404,7 +404,7 @@ def _write_rows(fit, path, rows, layout):
     rows = np.sort(rows)
     span = f"rows {int(rows[0])}-{int(rows[-1])} of the mask's voxels"
     runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
-    names = [name for name in _FILL if fit.params.get(name) is not None]
+    names = _stored(fit)
     failure = None
     try:
         with open(path, "r+b") as f:
