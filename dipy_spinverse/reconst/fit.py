@@ -203,6 +203,15 @@ OPTIONAL_PARAMETERS = (
 )
 
 
+def mask_rows(mask):
+    """Row of each voxel of ``mask``'s volume (flat, C order) among the
+    mask's voxels, -1 outside: where a fit's per-voxel ``params`` hold it."""
+    mask = np.asarray(mask, dtype=bool)
+    rank = np.full(mask.size, -1, dtype=np.int64)
+    rank[mask.reshape(-1)] = np.arange(int(mask.sum()))
+    return rank
+
+
 def index_volume_fit(fit, index):
     """``fit[index]`` for the volume fits of both methods: ``fit._part``
     with the checks a user of DIPY's fits expects.
@@ -327,9 +336,7 @@ class SpinverseFit(ReconstFit):
     @cached_property
     def _rank(self):
         """Row of each voxel of the volume in :attr:`params` (-1 outside)."""
-        rank = np.full(self.mask.size, -1, dtype=np.int64)
-        rank[self.mask.reshape(-1)] = np.arange(int(self.mask.sum()))
-        return rank
+        return mask_rows(self.mask)
 
     @property
     def _fitted_rows(self):

@@ -362,11 +362,13 @@ class SpinverseModel(ReconstModel):
             )
         # Known from the protocol alone: said before any voxel is fitted
         # (each fit says it again, with its voxels' status).
-        problems = protocol_problems(self.protocol)
-        if self.fit_method == "search" and problems:
+        #: Why the protocol cannot determine the membranes (one sentence a
+        #: problem; empty when none): found once, reused by every fit.
+        self.protocol_problems = protocol_problems(self.protocol)
+        if self.fit_method == "search" and self.protocol_problems:
             warnings.warn(
                 "the protocol cannot determine the membranes: "
-                + "; ".join(problems)
+                + "; ".join(self.protocol_problems)
                 + f". Every fitted voxel will have status {UNDERDETERMINED} "
                 "(UNDERDETERMINED).",
                 UserWarning,

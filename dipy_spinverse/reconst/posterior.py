@@ -52,6 +52,7 @@ from .fit import (
     OK,
     SpinverseFit,
     index_volume_fit,
+    mask_rows,
 )
 from .plausibility import impossible_signal
 
@@ -294,9 +295,7 @@ class PosteriorFit(ReconstFit):
     @cached_property
     def _rank(self):
         """Row of each voxel of the volume in :attr:`params` (-1 outside)."""
-        rank = np.full(self.mask.size, -1, dtype=np.int64)
-        rank[self.mask.reshape(-1)] = np.arange(int(self.mask.sum()))
-        return rank
+        return mask_rows(self.mask)
 
     @property
     def status(self):

@@ -61,7 +61,7 @@ from .fit import (
     UNDERDETERMINED,
     SpinverseFit,
 )
-from .plausibility import impossible_signal, protocol_problems
+from .plausibility import impossible_signal
 from .posterior import surface_volume_bound
 
 __all__ = [
@@ -255,7 +255,7 @@ def flag_implausible(model, signals, result, rows):
     the noise (:func:`~dipy_spinverse.reconst.plausibility.impossible_signal`,
     with the model's ``sigma`` or, without it, the voxel's own spread) gets
     ``IMPOSSIBLE_SIGNAL``; where the protocol cannot determine the membranes
-    (:func:`~dipy_spinverse.reconst.plausibility.protocol_problems`), every
+    (``model.protocol_problems``), every
     other fitted voxel gets ``UNDERDETERMINED``. Both outrank ``POOR_FIT``
     and ``UNCERTAIN_SURFACE``, which follow from them (the precedence of
     :mod:`~dipy_spinverse.reconst.fit`); the voxels keep their outputs.
@@ -263,7 +263,7 @@ def flag_implausible(model, signals, result, rows):
     if not len(rows):
         return
     status = result["status"]
-    if protocol_problems(model.protocol):
+    if model.protocol_problems:
         status[rows] = UNDERDETERMINED
     impossible = impossible_signal(
         signals,
@@ -299,7 +299,7 @@ def warn_implausible(model, status):
     if underdetermined:
         warnings.warn(
             "the protocol cannot determine the membranes: "
-            + "; ".join(protocol_problems(model.protocol))
+            + "; ".join(model.protocol_problems)
             + f". {underdetermined} of {status.size} voxels have status "
             f"{UNDERDETERMINED} (UNDERDETERMINED): their outputs are one of many "
             "answers that fit the data.",

@@ -20,7 +20,13 @@ from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
 from ..checks import check_mask_values, check_same_space
-from ..files import check_outputs, load_image, output_lock, save_image
+from ..files import (
+    check_outputs,
+    load_image,
+    output_lock,
+    save_image,
+    writable_folder,
+)
 from ..workflows.cli import run_command
 from .model import POOR_FIT, TissueMapModel
 from .sequences import sequence_from_string
@@ -65,21 +71,6 @@ def _read_data(image, what):
             f"data failed ({type(err).__name__}: {err}); copy or write the file "
             "again."
         ) from err
-
-
-def _check_out_dir(path):
-    """Create the folder of ``path`` before fitting, so that an ``out_dir``
-    that cannot hold the outputs is refused before the fit, not after it;
-    the folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise ValueError(
-            f"cannot write the outputs to {folder} ({err}); pass an --out_dir "
-            "that is a folder you can write to."
-        ) from err
-    return folder
 
 
 def _read_text(path, what):
@@ -214,7 +205,11 @@ class TissueMapsFlow(Workflow):
             # Before the fit: outputs that clash, or a folder that cannot
             # hold them, are refused before the work, not after it.
             check_outputs(zip(io_it.out_keys, outputs, strict=True))
-            folder = _check_out_dir(outputs[0])
+            folder = writable_folder(
+                os.path.dirname(os.path.abspath(outputs[0])),
+                "outputs",
+                fix="pass an --out_dir that is a folder you can write to.",
+            )
             with output_lock(folder, command="dipy_fit_tissue_maps"):
                 self._fit_and_save(
                     image_file, sequence_file, mask_files, outputs, options
