@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
-__all__ = ["modal_signals", "lowest_modes", "MODES_START", "DENSE_BELOW"]
+__all__ = ["modal_signals", "lowest_modes", "project", "MODES_START", "DENSE_BELOW"]
 
 #: Modes of the first estimate (then doubled until converged).
 MODES_START = 32
@@ -125,28 +125,38 @@ def modal_signals(op, protocol, start, *, tol, modes=MODES_START):
 def _converged(op, index, protocol, u0, tol, n_modes):
     """Signals of batch element ``index`` with modes doubled until stable."""
     n_cells = len(u0)
-    values, vectors = lowest_modes(op, index, min(2 * n_modes, n_cells))
     positions = op.positions.detach().cpu().double().numpy()
     weights = op.sqrt_volumes.detach().cpu().double().numpy()
-    previous = _signals(
-        values[:n_modes], vectors[:, :n_modes], positions, weights, u0, protocol
-    )
+    norm = float(u0 @ weights)
+    previous = None
     while True:
-        current = _signals(values, vectors, positions, weights, u0, protocol)
+        values, vectors = lowest_modes(op, index, min(2 * n_modes, n_cells))
+        # The K modes' projections are the 2K modes' leading block.
+        projected = project(vectors, positions, weights, u0)
+        if previous is None:
+            previous = _signals(values, projected, norm, protocol, n_modes)
+        current = _signals(values, projected, norm, protocol, len(values))
         if np.max(np.abs(current - previous)) <= tol or len(values) >= n_cells:
             return current
         n_modes = len(values)
         previous = current
-        values, vectors = lowest_modes(op, index, min(2 * n_modes, n_cells))
 
 
-def _signals(values, vectors, positions, weights, u0, protocol):
-    """Signals of one voxel in the basis ``vectors`` (N, K)."""
+def project(vectors, positions, weights, u0):
+    """The voxel's quantities in the basis ``vectors`` (N, K): the positions
+    ``X_d = Phi^T diag(x_d) Phi`` (3, K, K), the initial state and the read
+    weights (K,). Those of the first k modes are the leading blocks."""
     coupling = np.einsum("nk,nd,nl->dkl", vectors, positions, vectors)
-    c0 = vectors.T @ u0
-    read = vectors.T @ weights
-    norm = float(u0 @ weights)
-    lam = torch.as_tensor(values, dtype=torch.complex128)
+    return coupling, vectors.T @ u0, vectors.T @ weights
+
+
+def _signals(values, projected, norm, protocol, n_modes):
+    """Signals of one voxel from its first ``n_modes`` modes (eigenvalues
+    ``values``, projections :func:`project`)."""
+    coupling, c0, read = projected
+    coupling = coupling[:, :n_modes, :n_modes]
+    c0, read = c0[:n_modes], read[:n_modes]
+    lam = torch.as_tensor(values[:n_modes], dtype=torch.complex128)
     xs = torch.as_tensor(coupling, dtype=torch.complex128)
     rates = torch.as_tensor(np.array(protocol.gradient_rate), dtype=torch.complex128)
     out = np.empty(len(protocol))
