@@ -8,6 +8,7 @@ import torch
 from .grid import TetGrid
 from .modes import modal_signals
 from .operators import diffusion_operator
+from .sections import SectionGrid
 from .sequences import as_protocol
 from .solvers import ENGINES, propagate, time_plan
 
@@ -59,7 +60,12 @@ def simulate(
 
     Parameters
     ----------
-    grid : TetGrid
+    grid : TetGrid or SectionGrid
+        A :class:`~dipy_spinverse.sim.sections.SectionGrid` is the
+        cross-section of straight fibres along ``grid.axis``: the signal is
+        the section's, for the gradient's component in its plane, times
+        free diffusion along the axis (exact for a diffusivity the same in
+        every cell, which it then must be).
     permeability : array_like or Tensor (..., grid.n_faces)
         Membrane permeability of every interior face in m/s (= um/us), in
         ``[0, inf]``; ``inf`` means no membrane. Leading dimensions are a
@@ -126,8 +132,10 @@ def simulate(
     >>> float(s[0])  # b = 0
     1.0
     """
-    if not isinstance(grid, TetGrid):
-        raise TypeError(f"grid must be a TetGrid, got {type(grid).__name__}.")
+    if not isinstance(grid, (TetGrid, SectionGrid)):
+        raise TypeError(
+            f"grid must be a TetGrid or a SectionGrid, got {type(grid).__name__}."
+        )
     if method not in METHODS:
         raise ValueError(f"Invalid method {method!r}. Must be one of {METHODS}.")
     if dtype not in (torch.float64, torch.float32):
@@ -190,7 +198,24 @@ def simulate(
         signal = signal[:, rank[inverse]]
         out = out.index_copy(1, torch.as_tensor(idx, device=device), signal)
     out = out / norm[:, None]
+    if isinstance(grid, SectionGrid):
+        out = out * _along_axis(grid, protocol, diff)
     return out.reshape(*batch_shape, len(protocol))
+
+
+def _along_axis(grid, protocol, diffusivity):
+    """Free diffusion along a section's fibres, ``exp(-D b (g . a)^2)``
+    (B, A); ``b`` (s/mm^2 = us/um^2) is the simulated waveform's own."""
+    uniform = diffusivity[:, :1]
+    if torch.any(diffusivity != uniform):
+        raise ValueError(
+            "diffusivity must be the same in every cell of a SectionGrid: the "
+            "signal factorises into the section's and free diffusion along the "
+            "fibres only then; give one value per batch element, or use a TetGrid."
+        )
+    b_axis = protocol.bvals * (protocol.bvecs @ grid.axis) ** 2
+    b_axis = torch.as_tensor(b_axis, dtype=uniform.dtype, device=uniform.device)
+    return torch.exp(-uniform * b_axis[None])
 
 
 def _group_signal(op, waveform, rate, u0, *, frame, engine, tol, phase_step, substeps):
