@@ -95,6 +95,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..sim.grid import TetGrid
+from ..sim.sections import SectionGrid
 
 __all__ = [
     "DESCRIPTORS",
@@ -196,7 +197,7 @@ def describe(grid, labels, face_permeability=None, *, cell_permeability=None):
     areas = membrane_areas(grid, labels)
     v_in = volumes.sum()
     weights = volumes / v_in
-    out["restricted_fraction"] = float(v_in / grid.volume)
+    out["restricted_fraction"] = float(v_in / _tissue_volume(grid))
     out["cell_volume"] = float(v_in / n)
     diameters = np.cbrt(6 * volumes / np.pi)
     out["cell_diameter"] = float(weights @ diameters)
@@ -264,7 +265,7 @@ def membrane_areas(grid, labels, *, smooth=True):
     """
     labels, n = _check_labels(grid, labels)
     face, cell, normal = _membrane_sides(grid, labels)
-    area = grid.face_areas[face]
+    area = grid.face_areas[face] * _segment(grid)
     if smooth and len(face):
         area = area * _projection(grid, face, cell, normal)
     return np.bincount(cell, weights=area, minlength=n + 1)[1:]
@@ -300,6 +301,8 @@ def cell_covariances(grid, labels):
         semi-axes ``sqrt(5 * eigvalsh(C_k))``.
     """
     labels, n = _check_labels(grid, labels)
+    if isinstance(grid, SectionGrid):
+        return _section_covariances(grid, labels, n)
     inside = np.flatnonzero(labels > 0)
     k = labels[inside] - 1
     vol = grid.cell_volumes[inside]
@@ -335,11 +338,61 @@ def cell_covariances(grid, labels):
 
 
 # -- internals ---------------------------------------------------------------
+def _section_covariances(grid, labels, n):
+    """:func:`cell_covariances` of a section's fibres, as the segments of
+    length ``grid.size`` of the cube of tissue the section represents:
+    exact in the plane (a triangle of centroid ``c`` adds its own second
+    moment ``(A / 12) sum_i (v_i - c)(v_i - c)^T``), ``L^2 / 12`` along the
+    axis, as a 3-D periodic fibre through a box of side ``L`` has."""
+    inside = np.flatnonzero(labels > 0)
+    k = labels[inside] - 1
+    area = grid.cell_volumes[inside]
+    coords = grid.tri_coords[inside]
+    centroids = coords.mean(axis=1)
+    local = coords - centroids[:, None]
+    own = np.einsum("tia,tib->tab", local, local) / 12.0
+    areas = np.bincount(k, weights=area, minlength=n)
+    angle = 2 * np.pi * centroids / grid.extent
+    sums = [
+        np.stack(
+            [
+                np.bincount(k, weights=area * f(angle[:, a]), minlength=n)
+                for a in (0, 1)
+            ],
+            axis=1,
+        )
+        for f in (np.sin, np.cos)
+    ]
+    ref = np.mod(np.arctan2(*sums) * grid.extent / (2 * np.pi), grid.extent)
+    d = grid.displacement2(centroids, ref[k])
+    first = np.zeros((n, 2))
+    np.add.at(first, k, area[:, None] * d)
+    second = np.zeros((n, 2, 2))
+    np.add.at(second, k, area[:, None, None] * (own + d[:, :, None] * d[:, None, :]))
+    mean = first / areas[:, None]
+    planar = second / areas[:, None, None] - mean[:, :, None] * mean[:, None]
+    plane, axis, length = grid.plane, grid.axis, grid.size
+    covariances = np.einsum("ai,kab,bj->kij", plane, planar, plane)
+    covariances += length**2 / 12 * np.outer(axis, axis)
+    centres = grid.wrap2(ref + mean) @ plane
+    return areas * length, centres, covariances
+
+
+def _segment(grid):
+    """Length (um) of the fibres a grid's cells stand for: a section's
+    cells are per um of fibre, described as segments of its width."""
+    return grid.size if isinstance(grid, SectionGrid) else 1.0
+
+
+def _tissue_volume(grid):
+    return grid.volume * _segment(grid)
+
+
 def _check_labels(grid, labels):
-    if not isinstance(grid, TetGrid):
+    if not isinstance(grid, (TetGrid, SectionGrid)):
         raise ValueError(
-            f"grid must be a TetGrid (e.g. TetGrid.bcc(size, n)), got "
-            f"{type(grid).__name__}."
+            f"grid must be a TetGrid (e.g. TetGrid.bcc(size, n)) or a "
+            f"SectionGrid, got {type(grid).__name__}."
         )
     labels = np.asarray(labels)
     if labels.dtype == bool:
@@ -414,21 +467,26 @@ def _projection(grid, face, cell, normal):
     """``n_f . s(x_f)`` for every membrane side (see the module docstring)."""
     sigma = SMOOTHING * grid.spacing
     points = grid.face_centroids[face]
+    box = grid.size
+    if isinstance(grid, SectionGrid):
+        # In the plane's own coordinates, where the periodic box is the
+        # rectangle (the normals lie in the plane).
+        points, normal, box = points @ grid.plane.T, normal @ grid.plane.T, grid.extent
     if grid.periodic:
-        points = np.mod(points, grid.size)
-        points[points >= grid.size] = 0.0  # mod can round up to the size
-        tree = cKDTree(points, boxsize=grid.size)
+        points = np.mod(points, box)
+        points[points >= box] = 0.0  # mod can round up to the size
+        tree = cKDTree(points, boxsize=box)
     else:
         tree = cKDTree(points)
     pairs = tree.query_pairs(_CUTOFF * sigma, output_type="ndarray")
     i, j = pairs[cell[pairs[:, 0]] == cell[pairs[:, 1]]].T
     gap = points[j] - points[i]
     if grid.periodic:
-        gap -= grid.size * np.round(gap / grid.size)
+        gap -= box * np.round(gap / box)
     kernel = np.exp(np.einsum("pa,pa->p", gap, gap) / (-2 * sigma**2))
     weighted = grid.face_areas[face][:, None] * normal  # A_g n_g
     vector = weighted.copy()  # each face's own term
-    for axis in range(3):
+    for axis in range(points.shape[1]):
         vector[:, axis] += np.bincount(
             i, weights=kernel * weighted[j, axis], minlength=len(face)
         ) + np.bincount(j, weights=kernel * weighted[i, axis], minlength=len(face))

@@ -79,6 +79,7 @@ from scipy import ndimage
 
 from ..checks import check_int, check_number
 from ..sim.grid import TetGrid
+from ..sim.sections import SectionGrid
 from .phantoms import Phantom, axial_coordinates
 from .topology import graph_components
 
@@ -438,9 +439,14 @@ def packed_substrate(
     :func:`random_substrate`). On periodic grids distances are to the
     nearest of the 27 periodic images of each seed.
 
+    On a :class:`~dipy_spinverse.sim.sections.SectionGrid` the cells are
+    fibres along the grid's axis (``fibres=True``), packed in its periodic
+    rectangle: straight at any orientation, and simulated as the 2-D
+    problem they are.
+
     Parameters
     ----------
-    grid : TetGrid
+    grid : TetGrid or SectionGrid
     rng : None, int or numpy.random.Generator
     n_cells : int
         Number of seeds (cells), >= 1.
@@ -487,6 +493,10 @@ def packed_substrate(
     elongation = check_number(elongation, "elongation", minimum=1.0)
     size_spread = check_number(size_spread, "size_spread", minimum=1.0)
     low, high = _permeability_range(permeability_range)
+    if isinstance(grid, SectionGrid):
+        return _packed_section(
+            grid, rng, n, fraction, fibres, axis, size_spread, low, high
+        )
     if axis is None:
         axis = (
             np.asarray(FIBRE_DIRECTIONS[rng.integers(len(FIBRE_DIRECTIONS))], float)
@@ -503,18 +513,7 @@ def packed_substrate(
     seeds = _spread_seeds(grid, rng, n, metric)
     factors = np.exp(rng.uniform(-0.5, 0.5, n) * np.log(size_spread))
     distance = _seed_distances(grid, seeds, metric) / factors[:, None]
-    nearest = distance.min(axis=0)
-    order = np.argsort(nearest)
-    filled = np.cumsum(grid.cell_volumes[order]) / grid.volume
-    radius = nearest[order[min(np.searchsorted(filled, fraction), len(order) - 1)]]
-    levels = distance - radius * (1 + 1e-9)
-    labels = _partition(grid, levels, apart=False)
-    present = np.unique(labels[labels > 0])
-    if len(present) < n:
-        raise ValueError(
-            f"{n - len(present)} of the {n} packed cells are empty on {grid!r}; "
-            "use fewer cells (n_cells), a larger fraction or a finer grid."
-        )
+    labels = _fill(grid, distance, fraction, n)
     kind = "fibre" if fibres else "packed"
     params = [
         dict(
@@ -529,21 +528,81 @@ def packed_substrate(
     return _substrate(grid, labels, kappa, [kind] * n, params)
 
 
+def _packed_section(grid, rng, n, fraction, fibres, axis, size_spread, low, high):
+    """:func:`packed_substrate` on a section: the weighted Voronoi partition
+    in the plane, fibres along the grid's axis."""
+    if not fibres:
+        raise ValueError(
+            "a SectionGrid holds fibres along its axis: use fibres=True, or a "
+            "TetGrid for finite cells."
+        )
+    if axis is not None:
+        axis = np.asarray(axis, dtype=float)
+        if axis.shape != (3,) or abs(abs(axis @ grid.axis) - np.linalg.norm(axis)) > (
+            1e-9 * max(np.linalg.norm(axis), 1.0)
+        ):
+            raise ValueError(
+                f"axis {axis!r} is not the section's axis {grid.axis}: a "
+                "SectionGrid's fibres run along grid.axis; leave axis out."
+            )
+    seeds = _spread_seeds(grid, rng, n, np.eye(2))
+    factors = np.exp(rng.uniform(-0.5, 0.5, n) * np.log(size_spread))
+    images = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)]) * grid.extent
+    points = grid.section_positions
+    distance = np.stack(
+        [
+            np.linalg.norm(points[None] - (seed + images)[:, None], axis=-1).min(0)
+            for seed in seeds
+        ]
+    )
+    labels = _fill(grid, distance / factors[:, None], fraction, n)
+    params = [
+        dict(
+            seed=_floats(seed @ grid.plane),
+            size=float(f),
+            axis=_floats(grid.axis),
+            elongation=float(np.inf),
+        )
+        for seed, f in zip(seeds, factors, strict=True)
+    ]
+    kappa = _log_uniform(rng, (low, high), n)
+    return _substrate(grid, labels, kappa, ["fibre"] * n, params)
+
+
+def _fill(grid, distance, fraction, n):
+    """Labels of the cells within the radius that fills ``fraction``."""
+    nearest = distance.min(axis=0)
+    order = np.argsort(nearest)
+    filled = np.cumsum(grid.cell_volumes[order]) / grid.volume
+    radius = nearest[order[min(np.searchsorted(filled, fraction), len(order) - 1)]]
+    labels = _partition(grid, distance - radius * (1 + 1e-9), apart=False)
+    present = np.unique(labels[labels > 0])
+    if len(present) < n:
+        raise ValueError(
+            f"{n - len(present)} of the {n} packed cells are empty on {grid!r}; "
+            "use fewer cells (n_cells), a larger fraction or a finer grid."
+        )
+    return labels
+
+
 def _spread_seeds(grid, rng, n, metric):
     """``n`` seed points in the box, each at least half the mean seed spacing
-    (in the metric) from the others where a few hundred proposals allow."""
-    spacing = 0.5 * grid.size / n ** (1 / 3)
+    (in the metric) from the others where a few hundred proposals allow;
+    in the plane's coordinates on a section (``metric`` 2 x 2)."""
+    dim = len(metric)
+    box = grid.extent if dim == 2 else grid.size
+    offset = grid.displacement2 if dim == 2 else grid.displacement
+    side = float(np.sqrt(np.prod(box))) if dim == 2 else grid.size
+    spacing = 0.5 * side / n ** (1 / dim)
     seeds = []
     for _ in range(n):
         best, best_gap = None, -1.0
         for _ in range(200):
-            point = rng.uniform(0, grid.size, 3)
+            point = rng.uniform(0, box, dim)
             if not seeds:
                 best = point
                 break
-            gap = np.min(
-                _metric_norm(grid.displacement(np.array(seeds), point), metric)
-            )
+            gap = np.min(_metric_norm(offset(np.array(seeds), point), metric))
             if gap > best_gap:
                 best, best_gap = point, gap
             if gap >= spacing:
