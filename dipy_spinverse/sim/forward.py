@@ -1,6 +1,7 @@
 """The differentiable forward model: permeability field -> diffusion signals."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -8,7 +9,7 @@ import torch
 from .grid import TetGrid
 from .modes import modal_signals
 from .operators import diffusion_operator
-from .sections import SectionGrid
+from .sections import SectionGrid, fibre_frame
 from .sequences import as_protocol
 from .solvers import ENGINES, propagate, time_plan
 
@@ -50,6 +51,7 @@ def simulate(
     tol=None,
     phase_step=None,
     substeps=1,
+    axes=None,
 ):
     """Simulate normalised diffusion signals of a permeability field.
 
@@ -108,6 +110,11 @@ def simulate(
         PGSE on the README demo). Larger steps are cheaper; their error falls
         as about the fourth power of the step, so measure it against a
         smaller one (``posterior.PriorSimulator`` does, per patch size).
+    axes : array_like (..., 3), optional
+        :class:`~dipy_spinverse.sim.sections.SectionGrid` only: the fibres'
+        direction for each batch element (broadcast against the
+        permeability's batch shape), instead of ``grid.axis``: sections of
+        one lattice at many orientations, simulated together.
     substeps : int
         Periodic grids: multiplies the Magnus sub-steps of every gradient
         piece. The phase criterion alone does not see stiffness: on grids
@@ -157,6 +164,15 @@ def simulate(
         relaxation = 1.0 / t2_us
     start = _initial(grid, initial, n_batch, batch_shape, kappa)
     op = diffusion_operator(grid, kappa, diff, relaxation)
+    planes = None
+    if isinstance(grid, SectionGrid):
+        planes = _section_planes(grid, axes, n_batch, batch_shape, kappa)
+        op = _oriented(op, grid, planes)
+    elif axes is not None:
+        raise ValueError(
+            "axes is the fibres' direction of a SectionGrid; a TetGrid holds "
+            "its cells in 3-D: remove axes."
+        )
     engine = _engine(method)
     if tol is None and method != "modes":
         tol = 1e-11 if dtype == torch.float64 else 1e-6
@@ -198,12 +214,50 @@ def simulate(
         signal = signal[:, rank[inverse]]
         out = out.index_copy(1, torch.as_tensor(idx, device=device), signal)
     out = out / norm[:, None]
-    if isinstance(grid, SectionGrid):
-        out = out * _along_axis(grid, protocol, diff)
+    if planes is not None:
+        out = out * _along_axis(planes, protocol, diff)
     return out.reshape(*batch_shape, len(protocol))
 
 
-def _along_axis(grid, protocol, diffusivity):
+def _section_planes(grid, axes, n_batch, batch_shape, like):
+    """Each batch element's fibre frame (B, 3, 3): the two in-plane axes
+    and the fibres' direction (``grid``'s, or ``axes``)."""
+    frame = np.concatenate([grid.plane, grid.axis[None]])
+    if axes is None:
+        frames = np.broadcast_to(frame, (n_batch, 3, 3))
+    else:
+        axes = np.asarray(axes, dtype=float)
+        try:
+            axes = np.broadcast_to(axes, (*batch_shape, 3)).reshape(n_batch, 3)
+        except ValueError as err:
+            raise ValueError(
+                f"axes must be (..., 3) fibre directions broadcasting against the "
+                f"permeability batch shape {tuple(batch_shape)}, got shape "
+                f"{axes.shape}."
+            ) from err
+        norms = np.linalg.norm(axes, axis=1)
+        if not np.all(np.isfinite(norms) & (norms > 0)):
+            raise ValueError("axes must be nonzero, finite 3-vectors.")
+        frames = np.stack(
+            [fibre_frame(a / n) for a, n in zip(axes, norms, strict=True)]
+        )
+    return torch.tensor(np.array(frames), dtype=like.dtype, device=like.device)
+
+
+def _oriented(op, grid, planes):
+    """``op`` with the section's displacements and positions in each batch
+    element's plane (B, N, K, 3) and (B, N, 3)."""
+    plane = torch.tensor(grid.plane, dtype=op.diag.dtype, device=op.diag.device)
+    local = op.displacement @ plane.T  # (N, K, 2) in the lattice's plane
+    where = op.positions @ plane.T
+    return replace(
+        op,
+        displacement=torch.einsum("nkp,bpd->bnkd", local, planes[:, :2]),
+        positions=torch.einsum("np,bpd->bnd", where, planes[:, :2]),
+    )
+
+
+def _along_axis(planes, protocol, diffusivity):
     """Free diffusion along a section's fibres, ``exp(-D b (g . a)^2)``
     (B, A); ``b`` (s/mm^2 = us/um^2) is the simulated waveform's own."""
     uniform = diffusivity[:, :1]
@@ -213,9 +267,10 @@ def _along_axis(grid, protocol, diffusivity):
             "signal factorises into the section's and free diffusion along the "
             "fibres only then; give one value per batch element, or use a TetGrid."
         )
-    b_axis = protocol.bvals * (protocol.bvecs @ grid.axis) ** 2
-    b_axis = torch.as_tensor(b_axis, dtype=uniform.dtype, device=uniform.device)
-    return torch.exp(-uniform * b_axis[None])
+    bvecs = torch.tensor(protocol.bvecs, dtype=uniform.dtype, device=uniform.device)
+    bvals = torch.tensor(protocol.bvals, dtype=uniform.dtype, device=uniform.device)
+    b_axis = bvals * (bvecs @ planes[:, 2].T).T ** 2  # (B, A)
+    return torch.exp(-uniform * b_axis)
 
 
 def _group_signal(op, waveform, rate, u0, *, frame, engine, tol, phase_step, substeps):
@@ -275,7 +330,8 @@ def _full_echo(op, u, rate, waveform, frame):
         # Back to the laboratory frame: M = m exp(-i k(TE) . x).
         k_te = rate * float(waveform.F_at(np.array([waveform.echo_time_us]))[0])
         phase = -(op.positions @ k_te.T)  # polar: complex exp is slow on CPU
-        weights = weights * torch.polar(torch.ones_like(phase), phase)[None]
+        turn = torch.polar(torch.ones_like(phase), phase)
+        weights = weights * (turn if turn.dim() == 3 else turn[None])
     return (weights * u).sum(1)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..checks import check_int, check_positive
 
-__all__ = ["SectionGrid"]
+__all__ = ["SectionGrid", "fibre_frame"]
 
 # Edge midpoints of the lattice sit on multiples of a / 4 along x and of
 # h / 2 along y (h the row height): scaled and rounded, they identify the
@@ -160,7 +160,7 @@ class SectionGrid:
             triangles=triangles,
             extent=extent,
             axis=axis,
-            plane=_plane(axis),
+            plane=fibre_frame(axis)[:2],
             spacing=size / n,
             tri_coords=coords,
         )
@@ -297,12 +297,13 @@ def _circumcentres(coords):
     return p0 + np.linalg.solve(e, rhs[..., None])[..., 0]
 
 
-def _plane(axis):
-    """Two unit vectors completing ``axis`` to a right-handed frame."""
+def fibre_frame(axis):
+    """The right-handed frame (3, 3) of a unit fibre direction: two unit
+    vectors spanning the section's plane, then ``axis``."""
     helper = np.eye(3)[int(np.argmin(np.abs(axis)))]
     first = np.cross(axis, helper)
     first /= np.linalg.norm(first)
-    return np.stack([first, np.cross(axis, first)])
+    return np.stack([first, np.cross(axis, first), axis])
 
 
 def _triangular_lattice(size, n):

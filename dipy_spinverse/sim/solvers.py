@@ -140,7 +140,8 @@ def propagate(op, steps, u, rate, *, frame, engine, tol):
     if frame == "lab":
         phase_rate = op.positions @ rate.T  # (N, A)
     else:
-        proj = torch.einsum("nkd,ad->nka", op.displacement, rate)  # (N, K, A)
+        # (N, K, A), or (B, N, K, A) for sections at several orientations.
+        proj = torch.einsum("...nkd,ad->...nka", op.displacement, rate)
         ones = torch.ones_like(proj)
         largest_proj = float(proj.abs().max()) if proj.numel() else 0.0
     plans = {}  # sub-steps of one piece share their Chebyshev plan
