@@ -11,6 +11,7 @@ training set of ``--n_train`` substrates would take on this machine. Run::
 
     python benchmarks/prior_throughput.py --n 64
     python benchmarks/prior_throughput.py --n 64 --cell_diameter 3 25
+    python benchmarks/prior_throughput.py --n 64 --families axon
 """
 
 import argparse
@@ -37,12 +38,17 @@ def main():
     parser.add_argument("--time_tolerance", type=float, default=1e-3)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--n_train", type=int, default=3000)
+    parser.add_argument(
+        "--families", nargs="+", default=None, help="default: the prior's default"
+    )
     args = parser.parse_args()
     protocol = _protocol(TIMINGS, BVALS, args.n_directions, 3)
+    families = {} if args.families is None else dict(families=tuple(args.families))
     prior = TissuePrior(
         resolution=args.resolution,
         cell_diameter=args.cell_diameter,
         min_spacings=args.min_spacings,
+        **families,
     )
     simulator = prior.simulator(
         protocol,
@@ -59,21 +65,23 @@ def main():
         f"time_tolerance {args.time_tolerance}"
     )
     print(
-        f"{'side um':>9} {'h um':>7} {'draws':>6} {'substeps':>9} {'time err':>9} "
-        f"{'s/substrate':>12} {'pilot s':>8}"
+        f"{'grid':>8} {'side um':>9} {'h um':>7} {'draws':>6} {'substeps':>9} "
+        f"{'time err':>9} {'s/substrate':>12} {'pilot s':>8}"
     )
     mean = 0.0
-    for side in sorted(simulator.measured_substeps):
-        count, error = simulator.measured_substeps[side]
-        spent, rows = regular.get(side, (0.0, 0))
-        p_spent, p_rows = pilot[side]
+    for box in sorted(simulator.measured_substeps):
+        side, _, section = box
+        count, error = simulator.measured_substeps[box]
+        spent, rows = regular.get(box, (0.0, 0))
+        p_spent, p_rows = pilot[box]
         # A side drawn only for its pilot: its cost is about half the pilot's
         # (two counts simulated, the second twice the first's sub-steps).
         per = spent / rows if rows else p_spent / (3 * p_rows)
         mean += (rows + p_rows) / args.n * per
         error = float("nan") if error is None else error
         print(
-            f"{side:9.2f} {side / args.resolution:7.3f} {rows + p_rows:6d} "
+            f"{'section' if section else 'bcc':>8} {side:9.2f} "
+            f"{side / args.resolution:7.3f} {rows + p_rows:6d} "
             f"{count:9d} {error:9.1e} {per:12.2f} {p_spent:8.1f}"
         )
     print(

@@ -15,7 +15,13 @@ One draw
    chosen fraction, finite or running through the box as axons do), or one
    of :data:`~dipy_spinverse.geometry.substrates.KINDS` (single shapes of
    :func:`~dipy_spinverse.geometry.substrates.random_substrate`: ellipsoids, tori,
-   fanning tubes, ...; their fraction stays below about 0.3).
+   fanning tubes, ...; their fraction stays below about 0.3). ``"axon"``
+   (opt-in, :data:`ALL_FAMILIES`): straight fibres packed as ``"fibre"``'s,
+   along a direction uniform on the sphere, simulated as the periodic
+   cross-section they are (:class:`~dipy_spinverse.sim.sections.SectionGrid`,
+   ``resolution`` triangle edges across the patch): exact along the
+   fibres and a tenth of the cost of the tetrahedral patch or less
+   (``benchmarks/prior_throughput.py``); always in a periodic patch.
 2. A cell count uniform in ``n_cells``, a target restricted fraction uniform
    in ``restricted_fraction`` and a target cell diameter log-uniform in
    ``cell_diameter``.
@@ -66,12 +72,23 @@ from ..geometry.substrates import (
 )
 from ..sim.forward import simulate
 from ..sim.grid import TetGrid
+from ..sim.sections import SectionGrid
 from ..sim.sequences import as_protocol
 
-__all__ = ["TissuePrior", "PriorSimulator", "Draw", "FAMILIES", "BOUNDARIES"]
+__all__ = [
+    "TissuePrior",
+    "PriorSimulator",
+    "Draw",
+    "FAMILIES",
+    "ALL_FAMILIES",
+    "BOUNDARIES",
+]
 
-#: Every family a prior can draw from.
+#: The families a prior draws from by default.
 FAMILIES = PACKED_KINDS + KINDS
+#: Every family a prior can draw from: :data:`FAMILIES` and ``"axon"``
+#: (straight fibres at any orientation, simulated as periodic sections).
+ALL_FAMILIES = FAMILIES + ("axon",)
 #: The boxes a prior can simulate its tissue in (see the module documentation).
 BOUNDARIES = ("periodic", "reflecting", "either")
 
@@ -106,6 +123,9 @@ class Draw(NamedTuple):
         ``shape_tensor`` and ``min_width``.
     boundary : str
         ``"periodic"`` or ``"reflecting"``: the box's walls.
+    axis : ndarray (3,) or None
+        The fibres' direction of an ``"axon"`` draw (simulated on a
+        :class:`~dipy_spinverse.sim.sections.SectionGrid`); None otherwise.
     """
 
     side: float
@@ -113,6 +133,7 @@ class Draw(NamedTuple):
     diffusivity: float
     descriptors: dict
     boundary: str = "periodic"
+    axis: object = None
 
 
 @dataclass(frozen=True)
@@ -134,10 +155,12 @@ class TissuePrior:
     diffusivity : float or (float, float)
         Intrinsic diffusivity, mm^2/s: fixed, or a range (log-uniform).
     families : tuple of str
-        Cell families drawn (uniformly), from :data:`FAMILIES`.
+        Cell families drawn (uniformly), from :data:`ALL_FAMILIES`.
     resolution : int
         BCC cubes per side of the simulated patch (``12 resolution^3``
-        tetrahedra on the periodic grid).
+        tetrahedra on the periodic grid); for ``"axon"`` draws, triangle
+        edges across the section (about ``4 resolution^2 / sqrt 3``
+        triangles).
     min_spacings : float
         Smallest cell width, in grid spacings.
     n_box_sizes : int
@@ -185,13 +208,24 @@ class TissuePrior:
             low, high = _range(self.diffusivity, "diffusivity", 0.0)
             set_(self, "diffusivity", (check_diffusivity(low), check_diffusivity(high)))
         families = (self.families,) if isinstance(self.families, str) else self.families
-        unknown = [f for f in families if f not in FAMILIES]
+        unknown = [f for f in families if f not in ALL_FAMILIES]
         if unknown or not families:
             raise ValueError(
-                f"families: {unknown or 'none'} given; choose some of {FAMILIES}."
+                f"families: {unknown or 'none'} given; choose some of {ALL_FAMILIES}."
             )
         set_(self, "families", tuple(families))
         set_(self, "resolution", check_int(self.resolution, "resolution", 2))
+        if "axon" in self.families and self.resolution < 3:
+            raise ValueError(
+                f"resolution must be >= 3 with the 'axon' family (triangle edges "
+                f"across its section), got {self.resolution}."
+            )
+        if "axon" in self.families and self.boundary == "reflecting":
+            raise ValueError(
+                "families: 'axon' fibres are simulated as periodic sections; use "
+                "boundary='periodic' or 'either' (where they are periodic), or "
+                "the 'fibre' family in a closed box."
+            )
         set_(
             self,
             "min_spacings",
@@ -229,11 +263,11 @@ class TissuePrior:
         """The patch side in which ``n`` cells of ``diameter`` fill ``fraction``."""
         if family == "packed":
             return diameter * (math.pi * n / (6 * fraction)) ** (1 / 3)
-        if family == "fibre":
-            # n cylinders of length |axis| L in a box of volume L^3.
-            return diameter * math.sqrt(
-                math.pi * n * np.linalg.norm(axis) / (4 * fraction)
-            )
+        if family in ("fibre", "axon"):
+            # n cylinders of length |axis| L in a box of volume L^3 (a
+            # section's fibres run along its own axis: length L).
+            length = 1.0 if family == "axon" else np.linalg.norm(axis)
+            return diameter * math.sqrt(math.pi * n * length / (4 * fraction))
         return _SHAPE_BOX * diameter
 
     def _box_ladder(self):
@@ -249,8 +283,13 @@ class TissuePrior:
                     sides.append(self._box_side(family, d, n, f, axis))
         return tuple(np.geomspace(min(sides), max(sides), self.n_box_sizes))
 
-    def grid(self, side, boundary="periodic"):
-        """The grid of a box of ``side`` um (``boundary``: of a draw)."""
+    def grid(self, side, boundary="periodic", *, section=False):
+        """The grid of a box of ``side`` um (``boundary``: of a draw); with
+        ``section``, the triangular lattice of an ``"axon"`` draw (its fibres
+        along z; :meth:`PriorSimulator.simulate_draws` turns it to each
+        draw's axis)."""
+        if section:
+            return _section_grid(float(side), self.resolution)
         return _box_grid(float(side), self.resolution, boundary)
 
     # -- drawing -------------------------------------------------------------------
@@ -295,12 +334,17 @@ class TissuePrior:
             if boundary == "either":
                 boundary = ("periodic", "reflecting")[int(rng.integers(2))]
             family = self.families[rng.integers(len(self.families))]
+            if family == "axon":
+                boundary = "periodic"
             n = int(rng.integers(self.n_cells[0], self.n_cells[1] + 1))
             fraction = rng.uniform(*self.restricted_fraction)
             diameter = math.exp(rng.uniform(*np.log(self.cell_diameter)))
             axis = None
             if family == "fibre":
                 axis = np.asarray(FIBRE_DIRECTIONS[rng.integers(len(FIBRE_DIRECTIONS))])
+            elif family == "axon":
+                axis = rng.standard_normal(3)
+                axis /= np.linalg.norm(axis)
             if boundary == "reflecting":
                 side = self.box_side
             else:
@@ -316,7 +360,14 @@ class TissuePrior:
             grid, substrate, truth = tissue
             if not self._accepted(grid, truth):
                 continue
-            draw = Draw(side, substrate, self._diffusivity(rng), truth, boundary)
+            draw = Draw(
+                side,
+                substrate,
+                self._diffusivity(rng),
+                truth,
+                boundary,
+                axis if family == "axon" else None,
+            )
             if reference_resolution is None:
                 return draw, None
             after = rng.bit_generator.state
@@ -337,7 +388,12 @@ class TissuePrior:
     def _tissue(self, resolution, side, family, n, fraction, axis, boundary, rng):
         """(grid, substrate, descriptors) on the box's grid of
         ``resolution``, or None when a cell is empty on that grid."""
-        grid = _box_grid(float(side), resolution, boundary)
+        if family == "axon":
+            # Built along the draw's axis, so that the descriptors'
+            # orientation is the fibres'; its lattice is the prior's section.
+            grid = SectionGrid.triangular(float(side), resolution, axis=axis)
+        else:
+            grid = _box_grid(float(side), resolution, boundary)
         try:
             substrate = self._substrate(grid, family, n, fraction, axis, rng)
         except ValueError:
@@ -345,6 +401,16 @@ class TissuePrior:
         return grid, substrate, _described(grid, substrate)
 
     def _substrate(self, grid, family, n, fraction, axis, rng):
+        if family == "axon":
+            return packed_substrate(
+                grid,
+                rng=rng,
+                n_cells=n,
+                fraction=fraction,
+                fibres=True,
+                size_spread=1.5,
+                permeability_range=self.permeability,
+            )
         if family in PACKED_KINDS:
             fibres = family == "fibre"
             return packed_substrate(
@@ -447,8 +513,8 @@ class PriorSimulator:
         if time_tolerance is not None:
             time_tolerance = check_number(time_tolerance, "time_tolerance", minimum=0.0)
         self.time_tolerance = time_tolerance
-        #: Per box (side, boundary): (Magnus sub-step multiplier, measured
-        #: time error).
+        #: Per box (side, boundary, section): (Magnus sub-step multiplier,
+        #: measured time error).
         self.measured_substeps = {}
 
     def sample(self, n, *, seed, progress=False, reference_resolution=None):
@@ -555,10 +621,11 @@ class PriorSimulator:
         signals = np.empty((n, len(self.protocol)))
         by_box = {}
         for i, draw in enumerate(draws):
-            by_box.setdefault((draw.side, draw.boundary), []).append(i)
+            box = (draw.side, draw.boundary, draw.axis is not None)
+            by_box.setdefault(box, []).append(i)
         bar = tqdm(total=n, desc="Simulating", disable=not progress)
         for box, rows in by_box.items():
-            grid = self.prior.grid(*box)
+            grid = self.prior.grid(box[0], box[1], section=box[2])
             if self.time_tolerance is not None and box not in self.measured_substeps:
                 pilot = rows[: self._PILOT]
                 signals[pilot] = self._measure_substeps(box, grid, draws, pilot)
@@ -576,6 +643,9 @@ class PriorSimulator:
             substeps = self.measured_substeps.get(box, (1, None))[0]
         kappa = np.stack([draws[i].substrate.face_permeability for i in rows])
         diffusivity = np.array([draws[i].diffusivity for i in rows])[:, None]
+        axes = None
+        if isinstance(grid, SectionGrid):
+            axes = np.stack([draws[i].axis for i in rows])
         with torch.no_grad():
             out = simulate(
                 grid,
@@ -586,6 +656,7 @@ class PriorSimulator:
                 method=self.method,
                 phase_step=None if self.time_tolerance is None else self.PHASE_STEP,
                 substeps=substeps,
+                axes=axes,
             )
         return out.cpu().numpy()
 
@@ -606,7 +677,8 @@ class PriorSimulator:
                         "Prior boxes of side %.3g um (%s): time error %.2g after %d "
                         "Magnus sub-steps, above time_tolerance %.2g; simulate in "
                         "float64 or raise cell_diameter's lower bound.",
-                        *box,
+                        box[0],
+                        box[1],
                         error,
                         substeps,
                         self.time_tolerance,
@@ -629,7 +701,9 @@ def _truth(draws):
     truth["diffusivity"] = np.array([d.diffusivity for d in draws])
     truth["box_size"] = np.array([d.side for d in draws])
     truth["boundary"] = np.array([d.boundary for d in draws])
-    truth["family"] = np.array([d.substrate.kinds[0] for d in draws])
+    truth["family"] = np.array(
+        ["axon" if d.axis is not None else d.substrate.kinds[0] for d in draws]
+    )
     return truth
 
 
@@ -648,6 +722,11 @@ def _described(grid, substrate):
 @functools.lru_cache(maxsize=64)
 def _box_grid(side, resolution, boundary):
     return TetGrid.bcc(side, resolution, boundary=boundary)
+
+
+@functools.lru_cache(maxsize=64)
+def _section_grid(side, resolution):
+    return SectionGrid.triangular(side, resolution)
 
 
 def _stack(rows):

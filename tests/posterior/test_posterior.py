@@ -544,3 +544,55 @@ def test_training_with_a_reference_grid_models_its_error(tmp_path, monkeypatch):
     assert_allclose(seen["coordinates"], expected, rtol=1e-10)
     with pytest.raises(ValueError, match="reference_resolution"):
         TrainingOptions(reference_resolution=1)
+
+
+# -- the "axon" family: straight fibres simulated as sections -----------------------
+AXON_PRIOR = replace(SMALL_PRIOR, families=("axon",), resolution=4)
+
+
+def test_axon_draws_are_fibres_along_their_own_axis():
+    """An axon draw's tissue lies on the section lattice of its patch, along
+    a direction of its own (not a lattice one), and its signal is the
+    section's at that axis (simulate on the SectionGrid built along it;
+    same time steps: equal to rounding)."""
+    from dipy_spinverse.sim.sections import SectionGrid
+
+    simulator = AXON_PRIOR.simulator(PROTOCOL, time_tolerance=None)
+    draws = [AXON_PRIOR.draw(np.random.default_rng(seed)) for seed in range(4)]
+    signals = simulator.simulate_draws(draws)
+    for draw, signal in zip(draws, signals, strict=True):
+        assert draw.boundary == "periodic" and draw.axis is not None
+        assert_allclose(np.linalg.norm(draw.axis), 1.0)
+        assert not any(
+            abs(abs(draw.axis @ d) / np.linalg.norm(d) - 1) < 1e-6
+            for d in FIBRE_DIRECTIONS
+        )
+        assert_allclose(
+            abs(draw.descriptors["orientation"] @ draw.axis), 1.0, atol=1e-9
+        )
+        grid = SectionGrid.triangular(draw.side, AXON_PRIOR.resolution, axis=draw.axis)
+        kappa = draw.substrate.face_permeability
+        direct = simulate(grid, kappa, PROTOCOL, diffusivity=draw.diffusivity)
+        assert_allclose(signal, direct.numpy(), rtol=1e-9, atol=1e-11)
+    _, truth = simulator.sample(3, seed=1)
+    assert set(truth["family"]) == {"axon"}
+
+
+def test_axon_family_needs_a_periodic_patch():
+    with pytest.raises(ValueError, match="resolution must be >= 3"):
+        TissuePrior(families=("axon",), resolution=2)
+    with pytest.raises(ValueError, match="'axon' fibres are simulated as periodic"):
+        TissuePrior(families=("axon",), boundary="reflecting", box_side=20.0)
+    prior = replace(AXON_PRIOR, boundary="either", box_side=20.0)
+    draws = [prior.draw(np.random.default_rng(seed)) for seed in range(6)]
+    assert {d.boundary for d in draws} == {"periodic"}
+
+
+def test_default_families_are_unchanged_by_the_axon_family():
+    """``"axon"`` is opt-in: a prior's default families (and so the shipped
+    estimators' priors) do not include it."""
+    from dipy_spinverse.posterior.prior import ALL_FAMILIES, FAMILIES
+
+    assert "axon" not in TissuePrior().families
+    assert TissuePrior().families == FAMILIES
+    assert ALL_FAMILIES == FAMILIES + ("axon",)
