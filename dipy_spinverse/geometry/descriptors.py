@@ -18,7 +18,21 @@ Definitions
     Mean cell volume ``sum_k V_k / n`` (um^3).
 ``cell_diameter``
     Equivalent-sphere diameter ``(6 V_k / pi)^(1/3)`` of each cell, averaged
-    with weights ``V_k`` (um).
+    with weights ``V_k`` (um). On a
+    :class:`~dipy_spinverse.sim.sections.SectionGrid` (straight fibres), the
+    fibres' own diameter, ``sqrt(4 A_k / pi)`` of each cross-section of area
+    ``A_k``, averaged with weights ``A_k``: the axon diameter that AxCaliber
+    and ActiveAx estimate. (A fibre of a periodic TetGrid keeps the
+    equivalent sphere of its piece in the box.)
+
+Sections
+    A section's fibres are described as the segments of length ``grid.size``
+    of the cube of tissue the section stands for: ``cell_volume`` is the
+    segment's volume, the membrane area its side's, the position covariance
+    along the axis ``L^2 / 12`` (as a 3-D periodic fibre's), so that the
+    fractions, ``surface_to_volume`` (perimeter over area), the exchange
+    time (``d / (4 kappa)`` for a round fibre) and the orientation (the
+    axis) mean what they mean for any cell.
 ``surface_to_volume``
     ``sum_k A_k / sum_k V_k`` (1/um), ``A_k`` the area of the *smooth*
     membrane of cell ``k`` (:func:`membrane_areas`).
@@ -199,8 +213,7 @@ def describe(grid, labels, face_permeability=None, *, cell_permeability=None):
     weights = volumes / v_in
     out["restricted_fraction"] = float(v_in / _tissue_volume(grid))
     out["cell_volume"] = float(v_in / n)
-    diameters = np.cbrt(6 * volumes / np.pi)
-    out["cell_diameter"] = float(weights @ diameters)
+    out["cell_diameter"] = float(weights @ _diameters(grid, volumes))
     out["surface_to_volume"] = float(areas.sum() / v_in)
     if kappa_cells is None and kappa_faces is not None:
         kappa_cells = _cell_permeability(grid, labels, n, kappa_faces)
@@ -376,6 +389,14 @@ def _section_covariances(grid, labels, n):
     covariances += length**2 / 12 * np.outer(axis, axis)
     centres = grid.wrap2(ref + mean) @ plane
     return areas * length, centres, covariances
+
+
+def _diameters(grid, volumes):
+    """Equivalent-sphere diameters of closed cells; on a section, the
+    fibres' own diameters (the circle of each cross-section's area)."""
+    if isinstance(grid, SectionGrid):
+        return np.sqrt(4 * volumes / (np.pi * _segment(grid)))
+    return np.cbrt(6 * volumes / np.pi)
 
 
 def _segment(grid):
