@@ -33,6 +33,7 @@ from .geometry.descriptors import DESCRIPTORS
 from .geometry.phantoms import cylinder, sphere
 from .geometry.topology import barrier_mesh
 from .posterior import TissuePrior, TrainingOptions
+from .posterior.prior import FAMILIES
 from .sim.forward import simulate
 from .sim.grid import TetGrid
 from .sim.sequences import Protocol, fibonacci_sphere
@@ -67,6 +68,7 @@ _S0 = (1000.0, 900.0, 1100.0, 950.0, 1050.0, 1000.0)
 #: one alone reads the other's voxels wrong with confidence.
 DEMO_PRIOR = TissuePrior(
     cell_diameter=(8.0, 25.0),
+    families=FAMILIES,
     resolution=3,
     min_spacings=1.0,
     boundary="either",

@@ -491,7 +491,7 @@ def _projection(grid, face, cell, normal):
     box = grid.size
     if isinstance(grid, SectionGrid):
         # In the plane's own coordinates, where the periodic box is the
-        # rectangle (the normals lie in the plane).
+        # square (the normals lie in the plane).
         points, normal, box = points @ grid.plane.T, normal @ grid.plane.T, grid.extent
     if grid.periodic:
         points = np.mod(points, box)

@@ -441,7 +441,7 @@ def packed_substrate(
 
     On a :class:`~dipy_spinverse.sim.sections.SectionGrid` the cells are
     fibres along the grid's axis (``fibres=True``), packed in its periodic
-    rectangle: straight at any orientation, and simulated as the 2-D
+    square: straight at any orientation, and simulated as the 2-D
     problem they are.
 
     Parameters

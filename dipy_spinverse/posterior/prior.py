@@ -81,6 +81,7 @@ __all__ = [
     "Draw",
     "FAMILIES",
     "ALL_FAMILIES",
+    "WHITE_MATTER",
     "BOUNDARIES",
 ]
 
@@ -89,6 +90,16 @@ FAMILIES = PACKED_KINDS + KINDS
 #: Every family a prior can draw from: :data:`FAMILIES` and ``"axon"``
 #: (straight fibres at any orientation, simulated as periodic sections).
 ALL_FAMILIES = FAMILIES + ("axon",)
+#: The default families of a periodic prior: white matter's straight axons.
+#: White matter is the tissue most DIPY users image, and bundles of axons
+#: are what its membranes are; a straight fibre's signal is a 2-D section's
+#: times free diffusion along it, exactly, so a patch of axons of 1-5 um
+#: costs 0.1-0.2 s to simulate where the tetrahedral patch of the same
+#: cells took 4-60 s (``benchmarks/prior_throughput.py``, doc/validation/
+#: posterior.md): the default posterior can be trained on a laptop. Cells
+#: of other shapes (:data:`FAMILIES`: packed cells, ellipsoids, tori, ...)
+#: are a choice, ``TissuePrior(families=FAMILIES)``, at their cost.
+WHITE_MATTER = ("axon",)
 #: The boxes a prior can simulate its tissue in (see the module documentation).
 BOUNDARIES = ("periodic", "reflecting", "either")
 
@@ -154,8 +165,11 @@ class TissuePrior:
         Range of the membrane permeability, m/s (log-uniform).
     diffusivity : float or (float, float)
         Intrinsic diffusivity, mm^2/s: fixed, or a range (log-uniform).
-    families : tuple of str
-        Cell families drawn (uniformly), from :data:`ALL_FAMILIES`.
+    families : tuple of str, optional
+        Cell families drawn (uniformly), from :data:`ALL_FAMILIES`. Default:
+        :data:`WHITE_MATTER` (straight axons) in a periodic patch, and
+        :data:`FAMILIES` in a closed box or ``"either"`` (a closed box holds
+        no periodic section). Why axons: see :data:`WHITE_MATTER`.
     resolution : int
         BCC cubes per side of the simulated patch (``12 resolution^3``
         tetrahedra on the periodic grid); for ``"axon"`` draws, triangle
@@ -179,7 +193,7 @@ class TissuePrior:
     restricted_fraction: tuple = (0.05, 0.85)
     permeability: tuple = (1e-6, 1e-3)
     diffusivity: object = 2e-3
-    families: tuple = FAMILIES
+    families: tuple | None = None
     resolution: int = 6
     min_spacings: float = 3.0
     n_box_sizes: int = 12
@@ -207,7 +221,10 @@ class TissuePrior:
         else:
             low, high = _range(self.diffusivity, "diffusivity", 0.0)
             set_(self, "diffusivity", (check_diffusivity(low), check_diffusivity(high)))
-        families = (self.families,) if isinstance(self.families, str) else self.families
+        families = self.families
+        if families is None:
+            families = WHITE_MATTER if self.boundary == "periodic" else FAMILIES
+        families = (families,) if isinstance(families, str) else families
         unknown = [f for f in families if f not in ALL_FAMILIES]
         if unknown or not families:
             raise ValueError(

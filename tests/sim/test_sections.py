@@ -40,19 +40,33 @@ def _in_plane(grid, along):
 
 
 # -- the grid ------------------------------------------------------------------
-@pytest.mark.parametrize("n", [3, 7, 12])
-def test_lattice_is_equilateral_periodic_and_well_centred(n):
+@pytest.mark.parametrize("n", [3, 6, 7, 12])
+def test_lattice_is_square_periodic_and_well_centred(n):
     grid = SectionGrid.triangular(5.0, n, axis=AXIS)
-    a = grid.spacing
+    a, h = grid.spacing, grid.row_height
     rows = 2 * max(1, round(n / np.sqrt(3)))
     assert grid.n_cells == 2 * n * rows
     assert grid.n_faces == 3 * grid.n_cells // 2  # every edge has two triangles
-    assert_allclose(grid.extent, [5.0, rows * a * np.sqrt(3) / 2])
-    assert_allclose(grid.cell_volumes, np.sqrt(3) / 4 * a**2)
-    assert_allclose(grid.volume, np.prod(grid.extent))
-    assert_allclose(grid.face_areas, a)
-    # Circumcentre to edge: the inradius a / (2 sqrt 3) on both sides.
-    assert_allclose(grid.face_distances, a / (2 * np.sqrt(3)))
+    assert_allclose(grid.extent, [5.0, 5.0])
+    assert_allclose(h * rows, 5.0)
+    assert_allclose(h / (a * np.sqrt(3) / 2), n / (np.sqrt(3) * rows / 2))
+    assert_allclose(grid.cell_volumes, a * h / 2)
+    assert_allclose(grid.volume, 25.0)
+    # Isosceles triangles of base a and height h: every angle acute, so the
+    # circumcentre lies strictly inside (both distances to each edge > 0).
+    base_angle = np.degrees(np.arctan(2 * h / a))
+    assert 45 < base_angle < 90 and 180 - 2 * base_angle < 90
+    assert np.all(grid.face_distances > 0.2 * a)
+    # The two-point flux is consistent: per triangle the divergence theorem
+    # gives sum_e |e| d_e n_e n_e^T = |T| I (d_e the circumcentre's distance
+    # to edge e, normal to it), so over the patch it is the area times I.
+    flux = np.einsum(
+        "f,fi,fj->ij",
+        grid.face_areas * grid.face_distances.sum(1),
+        grid.face_normals,
+        grid.face_normals,
+    )
+    assert_allclose(grid.plane @ flux @ grid.plane.T, 25.0 * np.eye(2), atol=1e-12)
     assert np.all(
         np.sort(grid.cell_neighbours, axis=1) != np.arange(grid.n_cells)[:, None]
     )
@@ -86,7 +100,7 @@ def test_free_water_along_the_axis_exact_and_across_second_order():
     truncation, 1e-11 a step). Across them
     the error is the dispersion of the discrete Laplacian in the phase frame,
     O((q a)^2): measured largest |ADC/D - 1| over 15 directions at b = 3000
-    3.2e-3 (a = 1 um), 7.9e-4 (a = 0.5 um), 2.0e-4 (a = 0.25 um): ratio 4.
+    3.2e-3 (a = 1 um), 8.1e-4 (a = 0.5 um), 2.0e-4 (a = 0.25 um): ratio 4.
     Tolerances 4e-3 and 1e-3, and an observed order above 1.8.
     """
     dirs = fibonacci_sphere(15)
@@ -130,14 +144,15 @@ def test_impermeable_fibre_against_the_cylinder():
     Gaussian phase ADC (b ADC ~ 2e-3: exact to ~1e-4); along, free.
 
     The reference uses the radius of the area the triangles hold, so what
-    remains is the staircase's shape. Measured ADC errors at a = 0.5, 0.25,
-    0.125 um: +0.80 %, +1.03 %, +1.07 % (R = 2 um); +2.4 %, +1.8 %, +0.7 %
-    (R = 2.5 um): within 2.5 %, as the BCC grid's cylinder (+1.3 to 1.5 %).
-    Tolerance 2 % at a = 0.5 and 0.25 um; along the axis exact.
+    remains is the staircase's shape. Measured ADC errors at a = 0.67, 0.33,
+    0.17 um: +2.4 %, +0.01 %, +0.85 % (R = 2 um); -9.4 %, -0.6 %, +0.3 %
+    (R = 2.5 um): first order and irregular, as the BCC grid's cylinder
+    (-1.3 %, +1.3 %, +1.5 %). Tolerances 5 % at a = 0.67 um and 2 % at 0.33
+    um (R = 2 um); along the axis exact.
     """
-    for n in (12, 24):
+    for n, tolerance in ((12, 0.05), (24, 0.02)):
         across, along = _disc_adc(n)
-        assert abs(across) < 0.02
+        assert abs(across) < tolerance
         assert_allclose(along, D, rtol=1e-9)
 
 
@@ -175,8 +190,8 @@ def test_flat_membranes_long_time_diffusivity(kappa):
 
     The membranes are rows of edges, flat and of the true length (no
     staircase factor, unlike the BCC grid). D_inf is extrapolated from two
-    long diffusion times (ADC(t) = D_inf + c/t). Measured agreement 5.5e-7,
-    4.8e-8, 3.2e-9 (kappa 1e-4, 1e-3, 1e-2 m/s); tolerance 1e-5.
+    long diffusion times (ADC(t) = D_inf + c/t). Measured agreement 4.1e-7,
+    4.0e-8, 2.2e-9 (kappa 1e-4, 1e-3, 1e-2 m/s); tolerance 1e-5.
     """
     grid = SectionGrid.triangular(8.0, 8, axis=AXIS)
     layer = _layers(grid)
@@ -201,7 +216,7 @@ def test_exchange_rate_through_the_fibre_membrane(kappa):
     regime the signal is the two-site Karger / Bloch-McConnell 2x2
     exponential with k12 = kappa P / A (P the membrane's length, A the
     fibre's area, per um of fibre). Tolerance 2 % of the exchange effect
-    (measured 0.25 % and 0.66 % at 3e-6 and 1e-5 m/s, growing with
+    (measured 0.28 % and 0.74 % at 3e-6 and 1e-5 m/s, growing with
     k12 R^2 / D as in 3-D)."""
     grid = SectionGrid.triangular(8.0, 16, axis=AXIS)
     inside = _disc(grid, 2.5)
