@@ -32,8 +32,7 @@ from .files import save_image
 from .geometry.descriptors import DESCRIPTORS
 from .geometry.phantoms import cylinder, sphere
 from .geometry.topology import barrier_mesh
-from .posterior import TissuePrior, TrainingOptions
-from .posterior.prior import FAMILIES
+from .posterior import FAMILIES, TissuePrior, TrainingOptions
 from .sim.forward import simulate
 from .sim.grid import TetGrid
 from .sim.sequences import Protocol, fibonacci_sphere

@@ -18,6 +18,7 @@ LAYERS = [
     "files",
     "io.meshes",
     "sim.grid",
+    "sim.sections",
     "sim.sequences",
     "sim.operators",
     "sim.solvers",

@@ -20,11 +20,13 @@ from ..files import cache_root, load_or_build
 from ..sim.forward import update_digest
 from ..sim.grid import TetGrid
 from .estimator import PosteriorEstimator, TrainingOptions, train_estimator
-from .prior import FAMILIES, PriorSimulator, TissuePrior
+from .prior import ALL_FAMILIES, FAMILIES, WHITE_MATTER, PriorSimulator, TissuePrior
 from .targets import TARGETS, decode, encode, shape_descriptors
 
 __all__ = [
+    "ALL_FAMILIES",
     "FAMILIES",
+    "WHITE_MATTER",
     "TARGETS",
     "PosteriorEstimator",
     "PriorSimulator",

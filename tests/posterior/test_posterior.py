@@ -588,11 +588,16 @@ def test_axon_family_needs_a_periodic_patch():
     assert {d.boundary for d in draws} == {"periodic"}
 
 
-def test_default_families_are_unchanged_by_the_axon_family():
-    """``"axon"`` is opt-in: a prior's default families (and so the shipped
-    estimators' priors) do not include it."""
-    from dipy_spinverse.posterior.prior import ALL_FAMILIES, FAMILIES
+def test_default_families_follow_the_box():
+    """A periodic prior defaults to white matter's axons; a closed box (or
+    "either", whose closed half holds no section) to the 3-D families, and
+    the demo's prior names its own (its shipped estimator's key)."""
+    from dipy_spinverse.data import DEMO_PRIOR
+    from dipy_spinverse.posterior.prior import ALL_FAMILIES, FAMILIES, WHITE_MATTER
 
-    assert "axon" not in TissuePrior().families
-    assert TissuePrior().families == FAMILIES
+    assert TissuePrior().families == WHITE_MATTER == ("axon",)
+    closed = TissuePrior(boundary="reflecting", box_side=20.0)
+    assert closed.families == FAMILIES
+    assert TissuePrior(boundary="either", box_side=20.0).families == FAMILIES
+    assert DEMO_PRIOR.families == FAMILIES
     assert ALL_FAMILIES == FAMILIES + ("axon",)
