@@ -1,10 +1,13 @@
-"""How long the posterior estimator takes to train, per protocol (issue 44).
+"""How long the posterior estimator takes to train, per protocol (issues 44, 58).
 
-Trains the README demo's estimator (``data.DEMO_PRIOR``, cells of 8-25 um,
-periodic tissue or a closed box, with ``data.DEMO_TRAINING``: 4,000
-simulations at resolution 3, 1,000 more to calibrate on, 64 pairs at
-resolution 6 for the grid-error model, 40 epochs) from scratch on each
-protocol asked for:
+Trains, with ``--prior demo``, the README demo's estimator
+(``data.DEMO_PRIOR``, cells of 8-25 um, periodic tissue or a closed box,
+with ``data.DEMO_TRAINING``: 4,000 simulations at resolution 3, 1,000 more
+to calibrate on, 64 pairs at resolution 6 for the grid-error model, 40
+epochs), or with ``--prior default`` the default one (``TissuePrior()``,
+white matter's axons of 1-25 um, with
+``posterior.default_training``: 10,000 simulations, 1,000 to calibrate
+on, 64 pairs at resolution 12), from scratch on each protocol asked for:
 
 ``demo``
     the demo's 99 volumes (three PGSE timings, as ``dipy_fit_spinverse``
@@ -12,7 +15,10 @@ protocol asked for:
 ``published``
     the Spinverse paper's 540 volumes
     (:func:`~dipy_spinverse.sim.sequences.published_protocol`); target 90
-    minutes on 2 CPU cores.
+    minutes on 2 CPU cores;
+``hcp``
+    the HCP-style 288 volumes (:func:`~dipy_spinverse.sim.sequences.hcp_protocol`);
+    target 90 minutes on 2 CPU cores.
 
 The training seed is moved by one so that the key differs from the shipped
 estimator's (which would be read instead of trained) at the same cost.
@@ -20,6 +26,7 @@ Prints, per protocol, the time the package announced before it started and
 the time it took. Run::
 
     python benchmarks/posterior_training_time.py --protocol published
+    python benchmarks/posterior_training_time.py --prior default --protocol demo
 """
 
 import argparse
@@ -34,10 +41,16 @@ from dipy.utils.logging import logger
 from surface_check import _demo_protocol
 
 from dipy_spinverse.data import DEMO_PRIOR, DEMO_TRAINING
-from dipy_spinverse.posterior import load_or_train
-from dipy_spinverse.sim.sequences import published_protocol
+from dipy_spinverse.posterior import TissuePrior, default_training, load_or_train
+from dipy_spinverse.sim.sequences import as_protocol, hcp_protocol, published_protocol
 
-TARGET_MINUTES = {"demo": 30, "published": 90}
+TARGET_MINUTES = {"demo": 30, "published": 90, "hcp": 90}
+PROTOCOLS = {
+    # The demo's protocol as the workflow reads it from its files.
+    "demo": lambda: _demo_protocol()[0],
+    "published": published_protocol,
+    "hcp": hcp_protocol,
+}
 
 
 class Announced(logging.Handler):
@@ -59,24 +72,29 @@ def main():
         "--protocol", nargs="+", choices=tuple(TARGET_MINUTES), default=["published"]
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prior", choices=("demo", "default"), default="demo")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     handler = Announced()
     logger.addHandler(handler)  # the package logs through DIPY's logger
-    options = replace(DEMO_TRAINING, seed=DEMO_TRAINING.seed + 1)
+    if args.prior == "demo":
+        prior = DEMO_PRIOR
+        options = replace(DEMO_TRAINING, seed=DEMO_TRAINING.seed + 1)
+    else:
+        prior = TissuePrior()
+        options = default_training(prior)
     rows = []
     for name in args.protocol:
-        # The demo's protocol as the workflow reads it from its files.
-        protocol = _demo_protocol()[0] if name == "demo" else published_protocol()
+        protocol = as_protocol(PROTOCOLS[name]())
         with tempfile.TemporaryDirectory() as cache:
             start = time.perf_counter()
-            load_or_train(DEMO_PRIOR, protocol, options, cache_dir=cache)
+            load_or_train(prior, protocol, options, cache_dir=cache)
             minutes = (time.perf_counter() - start) / 60
         rows.append((name, len(protocol), minutes))
         print(handler.messages[-1] if handler.messages else "(no announcement)")
     print(
         f"\n{platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}; prior {DEMO_PRIOR!r}; {options!r}"
+        f"{torch.__version__}; prior {prior!r}; {options!r}"
     )
     print("| protocol | volumes | training (min) | target (min) |")
     print("| --- | ---: | ---: | ---: |")

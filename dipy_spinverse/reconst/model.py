@@ -31,7 +31,7 @@ from ..checks import (
 )
 from ..inverse import grid_error, prepare, resolve_config
 from ..meshfit.refine import check_refine_options, refine_topology
-from ..posterior import TissuePrior, TrainingOptions, load_or_train
+from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
 from ..sim.forward import simulate
 from ..sim.grid import BOUNDARIES, TetGrid
 from ..sim.sequences import PGSE, Protocol, check_bvals
@@ -231,7 +231,10 @@ class SpinverseModel(ReconstModel):
         a periodic grid, ``"reflecting"`` with ``box_side`` the grid's size
         on a reflecting one. Needs ``sigma``.
     posterior_options : TrainingOptions, optional
-        How the posterior is trained (simulations, network, epochs).
+        How the posterior is trained (simulations, network, epochs);
+        default :func:`~dipy_spinverse.posterior.default_training` of the
+        prior (the default prior's: 10,000 simulations, its grid error
+        modelled).
     n_posterior_samples : int
         Posterior draws per voxel for the maps and stored intervals.
     cache_dir : path-like, optional
@@ -390,7 +393,7 @@ class SpinverseModel(ReconstModel):
         if self.surface_check:
             self._check_surface_prior(prior)
         prior = TissuePrior(diffusivity=self.diffusivity) if prior is None else prior
-        options = TrainingOptions() if options is None else options
+        options = default_training(prior) if options is None else options
         #: The noise level of the posterior's input, relative to S0.
         self.posterior_sigma = self.config.loss.sigma
         #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.

@@ -601,3 +601,20 @@ def test_default_families_follow_the_box():
     assert TissuePrior(boundary="either", box_side=20.0).families == FAMILIES
     assert DEMO_PRIOR.families == FAMILIES
     assert ALL_FAMILIES == FAMILIES + ("axon",)
+
+
+def test_the_default_prior_is_trained_with_its_grid_error_modelled():
+    """A prior of axons alone trains with WHITE_MATTER_TRAINING (its finer
+    reference grid is affordable on sections), any other prior with
+    TrainingOptions(); the model picks the same when none are given."""
+    from dipy_spinverse.data import DEMO_PRIOR
+    from dipy_spinverse.posterior import WHITE_MATTER_TRAINING, default_training
+
+    assert default_training(TissuePrior()) is WHITE_MATTER_TRAINING
+    assert WHITE_MATTER_TRAINING.reference_resolution == 12
+    assert default_training(DEMO_PRIOR) == TrainingOptions()
+    model = SpinverseModel(PROTOCOL, fit_method="posterior", sigma=SIGMA)
+    assert model.posterior_options is WHITE_MATTER_TRAINING
+    closed = TissuePrior(boundary="reflecting", box_side=20.0)
+    model = SpinverseModel(PROTOCOL, fit_method="posterior", sigma=SIGMA, prior=closed)
+    assert model.posterior_options == TrainingOptions()
