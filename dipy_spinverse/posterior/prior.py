@@ -408,7 +408,7 @@ class TissuePrior:
         if family == "axon":
             # Built along the draw's axis, so that the descriptors'
             # orientation is the fibres'; its lattice is the prior's section.
-            grid = SectionGrid.triangular(float(side), resolution, axis=axis)
+            grid = _section_grid(float(side), resolution).oriented(axis)
         else:
             grid = _box_grid(float(side), resolution, boundary)
         try:

@@ -29,6 +29,7 @@ length times 1 um, and positions are 3-D, in the plane normal to ``axis``;
 :mod:`~dipy_spinverse.sim.operators` and the solvers then apply unchanged.
 """
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -38,6 +39,8 @@ from ..checks import check_int, check_positive
 
 __all__ = ["SectionGrid", "fibre_frame"]
 
+# The arrays that hold 3-D points or directions in the section's plane.
+_EMBEDDED = ("cell_centroids", "cell_circumcentres", "face_centroids", "face_normals")
 # Edge midpoints of the lattice sit on multiples of a / 4 along x and of
 # h / 2 along y (h the row height): scaled and rounded, they identify the
 # edges shared by two triangles, across periodic wraps too.
@@ -154,14 +157,7 @@ class SectionGrid:
         """
         size = check_positive(size, "size", "um", example="4.0")
         n = check_int(n, "n", 3)
-        axis = np.asarray(axis, dtype=float)
-        norm = np.linalg.norm(axis) if axis.shape == (3,) else 0.0
-        if not (np.isfinite(norm) and norm > 0):
-            raise ValueError(
-                "axis must be a nonzero 3-vector (the fibres' direction), got "
-                f"{axis!r}."
-            )
-        axis = axis / norm
+        axis = _unit_axis(axis)
         vertices, triangles, coords, rows = _triangular_lattice(size, n)
         return cls(
             vertices=vertices,
@@ -204,6 +200,32 @@ class SectionGrid:
     def section_positions(self):
         """Circumcentres in the plane's coordinates ``(u, v)`` (n_cells, 2)."""
         return self.cell_circumcentres @ self.plane.T
+
+    def oriented(self, axis):
+        """The same lattice with its fibres along ``axis``: only the
+        embedding of the in-plane points and normals changes (cheaper than
+        building the lattice again).
+
+        Parameters
+        ----------
+        axis : array_like (3,)
+
+        Returns
+        -------
+        SectionGrid
+        """
+        axis = _unit_axis(axis)
+        frame = fibre_frame(axis)
+        turn = self.plane.T @ frame[:2]  # old 3-D -> in-plane -> new 3-D
+        out = copy.copy(self)
+        out.__dict__.pop("section_positions", None)
+        object.__setattr__(out, "axis", axis)
+        object.__setattr__(out, "plane", frame[:2])
+        for name in _EMBEDDED:
+            value = np.ascontiguousarray(getattr(self, name) @ turn)
+            value.setflags(write=False)
+            object.__setattr__(out, name, value)
+        return out
 
     def interface_faces(self, labels):
         """Edges whose two triangles carry different labels (bool (n_faces,))."""
@@ -288,6 +310,16 @@ class SectionGrid:
         cells, faces, across = cells[order], faces[order], across[order]
         _set(self, "cell_faces", faces.reshape(-1, 3))
         _set(self, "cell_neighbours", across.reshape(-1, 3))
+
+
+def _unit_axis(axis):
+    axis = np.asarray(axis, dtype=float)
+    norm = np.linalg.norm(axis) if axis.shape == (3,) else 0.0
+    if not (np.isfinite(norm) and norm > 0):
+        raise ValueError(
+            f"axis must be a nonzero 3-vector (the fibres' direction), got {axis!r}."
+        )
+    return axis / norm
 
 
 def _set(obj, name, value):

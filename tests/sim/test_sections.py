@@ -347,3 +347,22 @@ def test_axes_are_checked():
     cube = TetGrid.bcc(4.0, 2, boundary="periodic")
     with pytest.raises(ValueError, match="remove axes"):
         simulate(cube, _open(cube), prot, axes=[0, 0, 1])
+
+
+def test_oriented_lattice_equals_the_lattice_built_along_the_axis():
+    lattice = SectionGrid.triangular(3.0, 7)
+    turned = lattice.oriented(AXIS)
+    built = SectionGrid.triangular(3.0, 7, axis=AXIS)
+    for name in (
+        "axis",
+        "plane",
+        "cell_centroids",
+        "cell_circumcentres",
+        "face_centroids",
+        "face_normals",
+        "face_distances",
+        "cell_volumes",
+    ):
+        assert_allclose(getattr(turned, name), getattr(built, name), atol=1e-12)
+    assert_allclose(turned.section_positions, built.section_positions, atol=1e-12)
+    assert_allclose(lattice.axis, [0, 0, 1])  # the lattice itself is unchanged
