@@ -16,11 +16,12 @@ One draw
    of :data:`~dipy_spinverse.geometry.substrates.KINDS` (single shapes of
    :func:`~dipy_spinverse.geometry.substrates.random_substrate`: ellipsoids, tori,
    fanning tubes, ...; their fraction stays below about 0.3). ``"axon"``
-   (opt-in, :data:`ALL_FAMILIES`): straight fibres packed as ``"fibre"``'s,
-   along a direction uniform on the sphere, simulated as the periodic
-   cross-section they are (:class:`~dipy_spinverse.sim.sections.SectionGrid`,
-   ``resolution`` triangle edges across the patch): exact along the
-   fibres and a tenth of the cost of the tetrahedral patch or less
+   (the default of a periodic prior, :data:`WHITE_MATTER`): straight fibres
+   packed as ``"fibre"``'s, along a direction uniform on the sphere,
+   simulated as the periodic cross-section they are
+   (:class:`~dipy_spinverse.sim.sections.SectionGrid`, ``resolution``
+   triangle edges across the patch): exact along the fibres and a tenth of
+   the cost of the tetrahedral patch or less
    (``benchmarks/prior_throughput.py``); always in a periodic patch.
 2. A cell count uniform in ``n_cells``, a target restricted fraction uniform
    in ``restricted_fraction`` and a target cell diameter log-uniform in
@@ -85,7 +86,8 @@ __all__ = [
     "BOUNDARIES",
 ]
 
-#: The families a prior draws from by default.
+#: The 3-D families, simulated on tetrahedral patches (the default of a
+#: closed box and of ``"either"``).
 FAMILIES = PACKED_KINDS + KINDS
 #: Every family a prior can draw from: :data:`FAMILIES` and ``"axon"``
 #: (straight fibres at any orientation, simulated as periodic sections).

@@ -167,7 +167,8 @@ def simulate(
     planes = None
     if isinstance(grid, SectionGrid):
         planes = _section_planes(grid, axes, n_batch, batch_shape, kappa)
-        op = _oriented(op, grid, planes)
+        if axes is not None:
+            op = _oriented(op, grid, planes)
     elif axes is not None:
         raise ValueError(
             "axes is the fibres' direction of a SectionGrid; a TetGrid holds "
