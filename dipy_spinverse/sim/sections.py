@@ -93,7 +93,6 @@ class SectionGrid:
     row_height: float
     tri_coords: np.ndarray = field(repr=False)
     boundary: str = "periodic"
-    wall_permeability: float = 0.0
     cell_volumes: np.ndarray = field(init=False)
     cell_centroids: np.ndarray = field(init=False)
     cell_circumcentres: np.ndarray = field(init=False)
@@ -281,7 +280,7 @@ class SectionGrid:
         _set(self, "face_cells", cells)
         ends = coords[cells[:, 0, None], pairs[local[:, 0]]]  # (n_faces, 2, 2)
         _set(self, "face_areas", np.linalg.norm(ends[:, 1] - ends[:, 0], axis=1))
-        centre = mid.reshape(-1, 2)[first[np.unique(inverse)]]
+        centre = mid.reshape(-1, 2)[first]  # in key order, as the edges
         _set(self, "face_centroids", self._embed(centre))
         # From circumcentre 0 to circumcentre 1 through the edge: the two
         # segments are normal to it on a well-centred grid.
