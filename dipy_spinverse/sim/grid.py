@@ -21,7 +21,7 @@ import numpy as np
 
 from ..checks import check_choice, check_int, check_number, check_positive
 
-__all__ = ["TetGrid", "BOUNDARIES", "signed_volumes"]
+__all__ = ["TetGrid", "CellGrid", "BOUNDARIES", "signed_volumes", "cell_adjacency"]
 
 BOUNDARIES = ("reflecting", "periodic", "absorbing")
 
@@ -33,8 +33,44 @@ _FACE_KEY_SCALE = 6
 _EDGE_KEY_SCALE = 4
 
 
+class CellGrid:
+    """What every grid of cells and faces offers (:class:`TetGrid`, and the
+    sections of :mod:`~dipy_spinverse.sim.sections`): sizes and the faces
+    between differently labelled cells."""
+
+    @property
+    def n_faces(self):
+        """Number of interior faces (length of a permeability field)."""
+        return len(self.faces)
+
+    @property
+    def volume(self):
+        """Total volume of the cells (um^3)."""
+        return float(self.cell_volumes.sum())
+
+    def interface_faces(self, labels):
+        """Interior faces whose two cells carry different labels.
+
+        Parameters
+        ----------
+        labels : array_like (n_cells,)
+            Any per-cell labels (bool or int), e.g. inside/outside a shape.
+
+        Returns
+        -------
+        ndarray of bool (n_faces,)
+        """
+        labels = np.asarray(labels)
+        if labels.shape != (self.n_cells,):
+            raise ValueError(
+                f"labels must have one value per cell ({self.n_cells},), got "
+                f"shape {labels.shape}."
+            )
+        return labels[self.face_cells[:, 0]] != labels[self.face_cells[:, 1]]
+
+
 @dataclass(frozen=True, repr=False, eq=False)
-class TetGrid:
+class TetGrid(CellGrid):
     """A fixed tetrahedral grid with per-face membrane permeabilities.
 
     Build one with :meth:`TetGrid.bcc`. All arrays are read-only numpy arrays;
@@ -203,19 +239,9 @@ class TetGrid:
         return len(self.tets)
 
     @property
-    def n_faces(self):
-        """Number of interior faces (length of a permeability field)."""
-        return len(self.faces)
-
-    @property
     def periodic(self):
         """True for a periodic unit cell."""
         return self.boundary == "periodic"
-
-    @property
-    def volume(self):
-        """Total volume of the cells (um^3)."""
-        return float(self.cell_volumes.sum())
 
     @cached_property
     def face_pairs(self):
@@ -228,26 +254,6 @@ class TetGrid:
                 pairs.append(self.edge_faces[both][:, [i, j]])
         pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=int)
         return np.unique(np.sort(pairs, axis=1), axis=0)
-
-    def interface_faces(self, labels):
-        """Interior faces whose two cells carry different labels.
-
-        Parameters
-        ----------
-        labels : array_like (n_cells,)
-            Any per-cell labels (bool or int), e.g. inside/outside a shape.
-
-        Returns
-        -------
-        ndarray of bool (n_faces,)
-        """
-        labels = np.asarray(labels)
-        if labels.shape != (self.n_cells,):
-            raise ValueError(
-                f"labels must have one value per cell ({self.n_cells},), got "
-                f"shape {labels.shape}."
-            )
-        return labels[self.face_cells[:, 0]] != labels[self.face_cells[:, 1]]
 
     def __repr__(self):
         return (
@@ -356,21 +362,41 @@ class TetGrid:
         _set(self, "edge_face_counts", counts)
 
     def _build_cell_adjacency(self):
-        cells = self.face_cells.ravel()
-        faces = np.repeat(np.arange(self.n_faces), 2)
-        across = self.face_cells[:, ::-1].ravel()
-        order = np.argsort(cells, kind="stable")
-        cells, faces, across = cells[order], faces[order], across[order]
-        counts = np.bincount(cells, minlength=self.n_cells)
-        rank = (
-            np.arange(len(cells)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[cells]
-        )
-        cell_faces = np.full((self.n_cells, 4), -1)
-        neighbours = np.tile(np.arange(self.n_cells)[:, None], (1, 4))
-        cell_faces[cells, rank] = faces
-        neighbours[cells, rank] = across
-        _set(self, "cell_faces", cell_faces)
+        faces, neighbours = cell_adjacency(self.face_cells, self.n_cells, 4)
+        _set(self, "cell_faces", faces)
         _set(self, "cell_neighbours", neighbours)
+
+
+def cell_adjacency(face_cells, n_cells, width):
+    """The interior faces of each cell and the cell across each.
+
+    Parameters
+    ----------
+    face_cells : ndarray (n_faces, 2)
+    n_cells : int
+    width : int
+        Faces of a cell (4 for a tetrahedron, 3 for a triangle).
+
+    Returns
+    -------
+    cell_faces : ndarray (n_cells, width)
+        Padded with -1 where a side is on the outer wall.
+    cell_neighbours : ndarray (n_cells, width)
+        The cell itself on padding.
+    """
+    n_faces = len(face_cells)
+    cells = face_cells.ravel()
+    faces = np.repeat(np.arange(n_faces), 2)
+    across = face_cells[:, ::-1].ravel()
+    order = np.argsort(cells, kind="stable")
+    cells, faces, across = cells[order], faces[order], across[order]
+    counts = np.bincount(cells, minlength=n_cells)
+    rank = np.arange(len(cells)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[cells]
+    cell_faces = np.full((n_cells, width), -1)
+    neighbours = np.tile(np.arange(n_cells)[:, None], (1, width))
+    cell_faces[cells, rank] = faces
+    neighbours[cells, rank] = across
+    return cell_faces, neighbours
 
 
 def _set(obj, name, value):

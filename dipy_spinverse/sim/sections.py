@@ -36,6 +36,7 @@ from functools import cached_property
 import numpy as np
 
 from ..checks import check_int, check_positive
+from .grid import CellGrid, cell_adjacency
 
 __all__ = ["SectionGrid", "fibre_frame"]
 
@@ -48,11 +49,12 @@ _X_KEYS, _Y_KEYS = 4, 2
 
 
 @dataclass(frozen=True, repr=False, eq=False)
-class SectionGrid:
+class SectionGrid(CellGrid):
     """A periodic triangular grid of the cross-section of straight fibres.
 
     Build one with :meth:`SectionGrid.triangular`. Lengths in um; "volumes"
-    and "areas" are per um of fibre (um^2 and um).
+    and "areas" are per um of fibre (um^2 and um): ``volume`` is the
+    patch's area, ``n_faces`` its edges.
 
     Attributes
     ----------
@@ -176,11 +178,6 @@ class SectionGrid:
         return len(self.triangles)
 
     @property
-    def n_faces(self):
-        """Number of edges (length of a permeability field)."""
-        return len(self.faces)
-
-    @property
     def size(self):
         """Side of the square patch (um)."""
         return float(self.extent[0])
@@ -189,11 +186,6 @@ class SectionGrid:
     def periodic(self):
         """Always True: the section is a periodic patch."""
         return True
-
-    @property
-    def volume(self):
-        """Area of the patch (um^3 per um of fibre)."""
-        return float(self.cell_volumes.sum())
 
     @cached_property
     def section_positions(self):
@@ -225,16 +217,6 @@ class SectionGrid:
             value.setflags(write=False)
             object.__setattr__(out, name, value)
         return out
-
-    def interface_faces(self, labels):
-        """Edges whose two triangles carry different labels (bool (n_faces,))."""
-        labels = np.asarray(labels)
-        if labels.shape != (self.n_cells,):
-            raise ValueError(
-                f"labels must have one value per cell ({self.n_cells},), got "
-                f"shape {labels.shape}."
-            )
-        return labels[self.face_cells[:, 0]] != labels[self.face_cells[:, 1]]
 
     def __repr__(self):
         return (
@@ -302,13 +284,9 @@ class SectionGrid:
         _set(self, "face_distances", distances)
 
     def _build_adjacency(self):
-        cells = self.face_cells.ravel()
-        faces = np.repeat(np.arange(self.n_faces), 2)
-        across = self.face_cells[:, ::-1].ravel()
-        order = np.argsort(cells, kind="stable")
-        cells, faces, across = cells[order], faces[order], across[order]
-        _set(self, "cell_faces", faces.reshape(-1, 3))
-        _set(self, "cell_neighbours", across.reshape(-1, 3))
+        faces, neighbours = cell_adjacency(self.face_cells, self.n_cells, 3)
+        _set(self, "cell_faces", faces)
+        _set(self, "cell_neighbours", neighbours)
 
 
 def _unit_axis(axis):
