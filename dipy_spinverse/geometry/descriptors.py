@@ -323,31 +323,11 @@ def cell_covariances(grid, labels):
     local = coords - coords.mean(axis=1, keepdims=True)
     own = np.einsum("tia,tib->tab", local, local) / 20.0
     centroids = grid.cell_centroids[inside]
-    volumes = np.bincount(k, weights=vol, minlength=n)
-    if grid.periodic:
-        angle = 2 * np.pi * centroids / grid.size
-        sums = [
-            np.stack(
-                [
-                    np.bincount(k, weights=vol * f(angle[:, a]), minlength=n)
-                    for a in range(3)
-                ],
-                axis=1,
-            )
-            for f in (np.sin, np.cos)
-        ]
-        ref = np.mod(np.arctan2(*sums) * grid.size / (2 * np.pi), grid.size)
-    else:
-        ref = np.zeros((n, 3))
-    d = grid.displacement(centroids, ref[k])
-    first = np.zeros((n, 3))
-    np.add.at(first, k, vol[:, None] * d)
-    second = np.zeros((n, 3, 3))
-    np.add.at(second, k, vol[:, None, None] * (own + d[:, :, None] * d[:, None, :]))
-    mean = first / volumes[:, None]
-    covariances = second / volumes[:, None, None] - mean[:, :, None] * mean[:, None]
-    centres = grid.wrap(ref + mean)
-    return volumes, centres, covariances
+    box = grid.size if grid.periodic else None
+    volumes, centres, covariances = _moments(
+        k, n, vol, centroids, own, box, grid.displacement
+    )
+    return volumes, grid.wrap(centres), covariances
 
 
 # -- internals ---------------------------------------------------------------
@@ -364,31 +344,46 @@ def _section_covariances(grid, labels, n):
     centroids = coords.mean(axis=1)
     local = coords - centroids[:, None]
     own = np.einsum("tia,tib->tab", local, local) / 12.0
-    areas = np.bincount(k, weights=area, minlength=n)
-    angle = 2 * np.pi * centroids / grid.extent
-    sums = [
-        np.stack(
-            [
-                np.bincount(k, weights=area * f(angle[:, a]), minlength=n)
-                for a in (0, 1)
-            ],
-            axis=1,
-        )
-        for f in (np.sin, np.cos)
-    ]
-    ref = np.mod(np.arctan2(*sums) * grid.extent / (2 * np.pi), grid.extent)
-    d = grid.displacement2(centroids, ref[k])
-    first = np.zeros((n, 2))
-    np.add.at(first, k, area[:, None] * d)
-    second = np.zeros((n, 2, 2))
-    np.add.at(second, k, area[:, None, None] * (own + d[:, :, None] * d[:, None, :]))
-    mean = first / areas[:, None]
-    planar = second / areas[:, None, None] - mean[:, :, None] * mean[:, None]
+    areas, centres, planar = _moments(
+        k, n, area, centroids, own, grid.extent, grid.displacement2
+    )
     plane, axis, length = grid.plane, grid.axis, grid.size
     covariances = np.einsum("ai,kab,bj->kij", plane, planar, plane)
     covariances += length**2 / 12 * np.outer(axis, axis)
-    centres = grid.wrap2(ref + mean) @ plane
-    return areas * length, centres, covariances
+    return areas * length, grid.wrap2(centres) @ plane, covariances
+
+
+def _moments(k, n, weight, centroids, own, box, displacement):
+    """Total weight, centre and position covariance of each of ``n`` cells
+    made of pieces (cell ``k``, ``weight``, centroid, own second moment
+    about it). On a periodic box (``box``: its side or sides) each cell is
+    unwrapped around its circular mean per axis, weighted, with
+    ``displacement``; the centre is returned unwrapped."""
+    dim = centroids.shape[1]
+    totals = np.bincount(k, weights=weight, minlength=n)
+    if box is None:
+        ref = np.zeros((n, dim))
+    else:
+        angle = 2 * np.pi * centroids / box
+        sums = [
+            np.stack(
+                [
+                    np.bincount(k, weights=weight * f(angle[:, a]), minlength=n)
+                    for a in range(dim)
+                ],
+                axis=1,
+            )
+            for f in (np.sin, np.cos)
+        ]
+        ref = np.mod(np.arctan2(*sums) * box / (2 * np.pi), box)
+    d = displacement(centroids, ref[k])
+    first = np.zeros((n, dim))
+    np.add.at(first, k, weight[:, None] * d)
+    second = np.zeros((n, dim, dim))
+    np.add.at(second, k, weight[:, None, None] * (own + d[:, :, None] * d[:, None, :]))
+    mean = first / totals[:, None]
+    covariances = second / totals[:, None, None] - mean[:, :, None] * mean[:, None]
+    return totals, ref + mean, covariances
 
 
 def _diameters(grid, volumes):
