@@ -420,18 +420,9 @@ class TissuePrior:
         return grid, substrate, _described(grid, substrate)
 
     def _substrate(self, grid, family, n, fraction, axis, rng):
-        if family == "axon":
-            return packed_substrate(
-                grid,
-                rng=rng,
-                n_cells=n,
-                fraction=fraction,
-                fibres=True,
-                size_spread=1.5,
-                permeability_range=self.permeability,
-            )
-        if family in PACKED_KINDS:
-            fibres = family == "fibre"
+        if family in PACKED_KINDS or family == "axon":
+            # An axon's grid is its section, which packs fibres along axis.
+            fibres = family != "packed"
             return packed_substrate(
                 grid,
                 rng=rng,
