@@ -20,6 +20,13 @@ twice as fine as the prior's training grid
 label search's grid nor the posterior's training grid holds them, so a
 posterior fit (``posterior.json``: :data:`DEMO_PRIOR` trained with
 :data:`DEMO_TRAINING`) shows its intervals widen where the data cannot tell.
+
+The fourth row (:data:`AXON_VOXELS`) is white matter: packed axons of 1.5-2.5,
+3-4 and 4.5-5.5 um, each drawn from the default prior (``TissuePrior()``)
+and simulated as a section on a patch of resolution 12 (its training's
+reference grid), for the default posterior (``dipy_fit_spinverse
+--fit_method posterior`` without options; its estimator ships with the
+package).
 """
 
 import json
@@ -32,7 +39,12 @@ from .files import save_image
 from .geometry.descriptors import DESCRIPTORS
 from .geometry.phantoms import cylinder, sphere
 from .geometry.topology import barrier_mesh
-from .posterior import FAMILIES, TissuePrior, TrainingOptions
+from .posterior import (
+    FAMILIES,
+    WHITE_MATTER_TRAINING,
+    TissuePrior,
+    TrainingOptions,
+)
 from .sim.forward import simulate
 from .sim.grid import TetGrid
 from .sim.sequences import Protocol, fibonacci_sphere
@@ -42,6 +54,7 @@ __all__ = [
     "published_phantoms",
     "PHANTOM_VOXELS",
     "TISSUE_VOXELS",
+    "AXON_VOXELS",
     "DEMO_PRIOR",
     "DEMO_SURFACE_PRIOR",
     "DEMO_TRAINING",
@@ -114,6 +127,27 @@ TISSUE_VOXELS = (
 )
 # Their mean is the phantom voxels' (1000): one sigma gives both the same SNR.
 _TISSUE_S0 = (1000.0, 950.0, 1050.0)
+
+#: White matter of the default prior (``TissuePrior()``), one size class each:
+#: (index, name, fields replaced, seed of the draw). Packing fractions of
+#: 0.45-0.75, as in histology of the corpus callosum (Aboitiz et al. 1992).
+_PACKED_AXONS = dict(restricted_fraction=(0.45, 0.75))
+AXON_VOXELS = (
+    (
+        (0, 3, 0),
+        "axons of 1.5-2.5 um",
+        dict(cell_diameter=(1.5, 2.5), **_PACKED_AXONS),
+        0,
+    ),
+    ((1, 3, 0), "axons of 3-4 um", dict(cell_diameter=(3.0, 4.0), **_PACKED_AXONS), 1),
+    (
+        (2, 3, 0),
+        "axons of 4.5-5.5 um",
+        dict(cell_diameter=(4.5, 5.5), **_PACKED_AXONS),
+        2,
+    ),
+)
+_AXON_S0 = (1000.0, 1050.0, 950.0)
 _VOXEL_MM = 2.0
 
 
@@ -133,10 +167,12 @@ def make_phantom_dataset(
     seed=0,
     tissue_voxels=True,
     tissue_resolution=DEMO_TRAINING.reference_resolution,
+    axon_voxels=None,
+    axon_resolution=WHITE_MATTER_TRAINING.reference_resolution,
 ):
     """Write a small phantom diffusion dataset and return its paths.
 
-    Nine voxels (3 x 3 x 1, all inside the mask). The first two rows, six
+    Twelve voxels (3 x 4 x 1, all inside the mask). The first two rows, six
     voxels, are each one substrate of :data:`PHANTOM_VOXELS` on
     ``TetGrid.bcc(grid_size, grid_resolution)``: cylinders of radius 0.30,
     0.20 and 0.26 box sides along z, x and (1, 0, 1), a sphere, and a leakier
@@ -147,7 +183,11 @@ def make_phantom_dataset(
     ``tissue_resolution`` cubes per side (6: twice as fine as the prior's
     training grid), with the same protocol, diffusivity, T2 weighting and
     noise level as the others; ``posterior.json`` says how to fit it. The
-    data are deterministic given ``seed``.
+    fourth row holds the white matter of :data:`AXON_VOXELS` (packed axons
+    of three size classes, along drawn directions), drawn from the default
+    prior and simulated on sections of ``axon_resolution`` edges across
+    (12: its training's reference), for the default posterior. The data
+    are deterministic given ``seed``.
 
     The default protocol (99 volumes) is the published one thinned: its three
     PGSE timings (5/6, 10/20 and 10/60 ms: the curriculum's three stages and
@@ -194,6 +234,12 @@ def make_phantom_dataset(
         Cubes per side of the tissue voxels' patches, above
         ``DEMO_PRIOR.resolution`` (3); also the reference resolution of
         the training options in ``posterior.json``.
+    axon_voxels : bool, optional
+        Write the axon voxels (a few seconds); default ``tissue_voxels``.
+        They need the tissue voxels' row before them.
+    axon_resolution : int
+        Edges across the axon voxels' sections, above the default prior's
+        resolution (6).
 
     Returns
     -------
@@ -226,6 +272,12 @@ def make_phantom_dataset(
     """
     if not snr > 0:
         raise ValueError(f"snr must be > 0 (inf for no noise), got {snr!r}.")
+    axon_voxels = tissue_voxels if axon_voxels is None else axon_voxels
+    if axon_voxels and not tissue_voxels:
+        raise ValueError(
+            "axon_voxels=True needs tissue_voxels=True (the axons are the fourth "
+            "row, after the tissue voxels'); pass axon_voxels=False."
+        )
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     grid = TetGrid.bcc(grid_size, grid_resolution, boundary=boundary)
@@ -238,13 +290,35 @@ def make_phantom_dataset(
     sigma = 0.0 if np.isinf(snr) else float(np.mean(s0)) / snr
     rows = _rician(s0[:, None] * decay * signal, sigma, np.random.default_rng(seed))
     indexes = [index for index, *_ in PHANTOM_VOXELS]
-    tissue = []
-    if tissue_voxels:
-        fine, tissue = _tissue(protocol, diffusivity, tissue_resolution)
-        clean = np.asarray(_TISSUE_S0)[:, None] * decay * fine
-        noise = np.random.default_rng([seed, 1])
+    rows_of = {
+        "tissue_voxels": (
+            tissue_voxels,
+            TISSUE_VOXELS,
+            DEMO_PRIOR,
+            _TISSUE_S0,
+            tissue_resolution,
+        ),
+        "axon_voxels": (
+            axon_voxels,
+            AXON_VOXELS,
+            TissuePrior(),
+            _AXON_S0,
+            axon_resolution,
+        ),
+    }
+    tissue = {key: [] for key in rows_of}
+    for stream, (key, row) in enumerate(rows_of.items(), start=1):
+        wanted, entries, base, s0s, resolution = row
+        if not wanted:
+            continue
+        fine, tissue[key] = _tissue(
+            entries, base, s0s, protocol, diffusivity, resolution
+        )
+        clean = np.asarray(s0s)[:, None] * decay * fine
+        # A noise stream per row: the rows before do not depend on it.
+        noise = np.random.default_rng([seed, stream])
         rows = np.concatenate([rows, _rician(clean, sigma, noise)])
-        indexes += [index for index, *_ in TISSUE_VOXELS]
+        indexes += [index for index, *_ in entries]
     shape = tuple(int(n) + 1 for n in np.max(indexes, axis=0))
 
     affine = np.diag([_VOXEL_MM] * 3 + [1.0])
@@ -312,12 +386,13 @@ def _rician(clean, sigma, rng):
     )
 
 
-def _tissue(protocol, diffusivity, resolution):
-    """The tissue voxels' b0-normalised signals (n, n_volumes), on patch grids
-    of ``resolution``, and their truth (truth.json's ``tissue_voxels``)."""
+def _tissue(entries, base, s0s, protocol, diffusivity, resolution):
+    """The b0-normalised signals (n, n_volumes) of ``entries`` (as
+    :data:`TISSUE_VOXELS`, fields of the prior ``base``), on patch grids of
+    ``resolution``, and their truth (truth.json's ``tissue_voxels``)."""
     signals, truth = [], []
-    for (index, name, fields, seed), s0 in zip(TISSUE_VOXELS, _TISSUE_S0, strict=True):
-        prior = replace(DEMO_PRIOR, diffusivity=diffusivity, **fields)
+    for (index, name, fields, seed), s0 in zip(entries, s0s, strict=True):
+        prior = replace(base, diffusivity=diffusivity, **fields)
         # The tissue of a draw on the prior's grid, rasterised finer: tissue of
         # the prior that its training grid does not resolve.
         _, fine, described = prior.simulator(protocol).sample_pairs(
@@ -456,14 +531,14 @@ def _write_truth(paths, grid, phantoms, shape, tissue, settings):
                 mesh=os.path.join("truth_meshes", name),
             )
         )
-    for voxel in tissue:
+    for voxel in (v for voxels in tissue.values() for v in voxels):
         s0_map[tuple(voxel["index"])] = voxel["S0"]
     np.savez_compressed(
         paths["truth"], permeability=permeability, labels=labels, S0=s0_map
     )
     with open(paths["truth_json"], "w") as f:
         json.dump(
-            dict(settings, shape=list(shape), voxels=voxels, tissue_voxels=tissue),
+            dict(settings, shape=list(shape), voxels=voxels, **tissue),
             f,
             indent=1,
         )

@@ -26,6 +26,7 @@ LAYERS = [
     "sim.forward",
     "sim.signals",
     "sim.analytic",
+    "sim.limits",
     "sim",
     "io.gradients",
     "compartments.acquisition",

@@ -228,7 +228,9 @@ def _train(prior, protocol, options, path, progress):
 def _load(path, n_inputs, options):
     saved = torch.load(path, map_location="cpu", weights_only=True)
     state = saved["state"]
-    net = PosteriorEstimator(n_inputs, options)
+    # The inverse-autoregressive flow's parameters sit one level deeper.
+    fast = any(key.startswith("flow.transform.transform.") for key in state)
+    net = PosteriorEstimator(n_inputs, options, fast_sampling=fast)
     for name in ("support_signals", "support_log_sigma", "support_threshold"):
         setattr(net, name, torch.empty_like(state[name]))
     net.load_state_dict(state)

@@ -12,6 +12,7 @@ from conftest import SMALL_DEMO
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse.data import (
+    AXON_VOXELS,
     DEMO_PRIOR,
     DEMO_SURFACE_PRIOR,
     DEMO_SURFACE_TRAINING,
@@ -25,6 +26,7 @@ from dipy_spinverse.geometry.descriptors import DESCRIPTORS
 from dipy_spinverse.geometry.topology import load_mesh
 from dipy_spinverse.io.gradients import read_timing
 from dipy_spinverse.io.store import load_fit, save_fit
+from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.reconst import OK, PENDING, UNDERDETERMINED, SpinverseModel
 from dipy_spinverse.sim.grid import TetGrid
 from dipy_spinverse.sim.sequences import Protocol
@@ -119,43 +121,69 @@ def test_phantom_dataset_is_deterministic(demo, tmp_path):
 
 
 def test_phantom_dataset_tissue_voxels(tmp_path):
-    """The third row holds tissue of one family of DEMO_PRIOR each: its
-    noise-free signal is S0 exp(-TE / T2) times the finer patch's
-    simulation, its truth is in truth.json (none per face: another grid),
-    and the first six voxels are those of the dataset without it."""
-    # A coarser patch than the default 6 keeps this to seconds.
-    resolution = 4
-    options = dict(SMALL_DEMO, snr=np.inf)
+    """The third row holds tissue of one family of DEMO_PRIOR each, the
+    fourth packed axons of the default prior: a voxel's noise-free signal is
+    S0 exp(-TE / T2) times the finer patch's simulation, its truth is in
+    truth.json (none per face: another grid), and the rows before a row are
+    those of the dataset without it."""
+    # Coarser patches than the defaults (6 and 12) keep this to seconds.
+    resolution, axon_resolution = 4, 7
+    options = dict(SMALL_DEMO, snr=np.inf, tissue_voxels=True)
     paths = make_phantom_dataset(
-        tmp_path, **dict(options, tissue_voxels=True, tissue_resolution=resolution)
+        tmp_path,
+        **options,
+        tissue_resolution=resolution,
+        axon_resolution=axon_resolution,
     )
-    without = make_phantom_dataset(tmp_path / "without", **options)
+    without_axons = make_phantom_dataset(
+        tmp_path / "no_axons",
+        **options,
+        tissue_resolution=resolution,
+        axon_voxels=False,
+    )
+    without = make_phantom_dataset(
+        tmp_path / "without", **dict(options, tissue_voxels=False)
+    )
     data = _load(paths["data"])
-    assert data.shape == (3, 3, 1, N_VOLUMES)
+    assert data.shape == (3, 4, 1, N_VOLUMES)
     assert np.all(np.isfinite(data)) and np.all(data > 0)
     assert_array_equal(data[:, :2], _load(without["data"]))
+    assert_array_equal(data[:, :3], _load(without_axons["data"]))
     assert_array_equal(_load(paths["mask"]), 1)
     with open(paths["truth_json"]) as f:
         truth = json.load(f)
-    assert truth["shape"] == [3, 3, 1] and len(truth["voxels"]) == 6
+    assert truth["shape"] == [3, 4, 1] and len(truth["voxels"]) == 6
     npz = np.load(paths["truth"])
     protocol = Protocol.from_camino(paths["scheme"])
     decay = np.exp(-protocol.echo_times / truth["t2"])
-    entries = truth["tissue_voxels"]
-    for (index, name, fields, seed), voxel in zip(TISSUE_VOXELS, entries, strict=True):
-        prior = replace(DEMO_PRIOR, **fields)
-        _, fine, described = prior.simulator(protocol).sample_pairs(
-            1, reference_resolution=resolution, seed=seed
+    rows = (
+        ("tissue_voxels", TISSUE_VOXELS, DEMO_PRIOR, resolution),
+        ("axon_voxels", AXON_VOXELS, TissuePrior(), axon_resolution),
+    )
+    for key, entries, base, fine_resolution in rows:
+        for (index, name, fields, seed), voxel in zip(entries, truth[key], strict=True):
+            prior = replace(base, **fields)
+            _, fine, described = prior.simulator(protocol).sample_pairs(
+                1, reference_resolution=fine_resolution, seed=seed
+            )
+            assert_allclose(data[index], voxel["S0"] * decay * fine[0], rtol=1e-6)
+            assert voxel["index"] == list(index) and voxel["name"] == name
+            assert voxel["family"] == prior.families[0] == described["family"][0]
+            assert voxel["prior"] == prior.description() and voxel["seed"] == seed
+            assert voxel["resolution"] == fine_resolution
+            for descriptor in DESCRIPTORS:
+                assert_allclose(voxel[descriptor], described[descriptor][0])
+            assert np.all(np.isnan(npz["permeability"][index]))
+            assert not npz["labels"][index].any()
+            assert npz["S0"][index] == voxel["S0"]
+    # The axons are of the size their names say.
+    for (_, _, fields, _), voxel in zip(AXON_VOXELS, truth["axon_voxels"], strict=True):
+        low, high = fields["cell_diameter"]
+        assert low <= voxel["cell_diameter"] <= high
+    with pytest.raises(ValueError, match="axon_voxels=True needs tissue_voxels"):
+        make_phantom_dataset(
+            tmp_path / "bad", **dict(options, tissue_voxels=False), axon_voxels=True
         )
-        assert_allclose(data[index], voxel["S0"] * decay * fine[0], rtol=1e-6)
-        assert voxel["index"] == list(index) and voxel["name"] == name
-        assert voxel["family"] == fields["families"][0] == described["family"][0]
-        assert voxel["prior"] == prior.description() and voxel["seed"] == seed
-        assert voxel["resolution"] == resolution
-        for descriptor in DESCRIPTORS:
-            assert_allclose(voxel[descriptor], described[descriptor][0])
-        assert np.all(np.isnan(npz["permeability"][index]))
-        assert not npz["labels"][index].any() and npz["S0"][index] == voxel["S0"]
 
 
 def test_phantom_dataset_says_its_posterior(tmp_path):
