@@ -54,3 +54,13 @@ def test_posterior_tissue_example_runs(tmp_path):
         assert f"| {voxel} | cell_diameter |" in run.stdout
     assert "small_101D:" in run.stdout and "voxels in the mask" in run.stdout
     assert (tmp_path / "posterior_tissue.md").stat().st_size > 0
+
+
+def test_white_matter_example_runs(tmp_path):
+    """The HCP white-matter slice: maps, the determination table and the
+    resolution limit (a tiny network: the script's path, not its numbers)."""
+    run = _run_cached("white_matter_hcp.py", tmp_path)
+    assert "| cell_diameter | single |" in run.stdout
+    assert "resolution limit (Nilsson et al. 2017)" in run.stdout
+    for name in ("white_matter_hcp.png", "cell_diameter_ci90_width.nii.gz"):
+        assert (tmp_path / name).stat().st_size > 0

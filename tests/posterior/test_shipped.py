@@ -1,12 +1,15 @@
 """The posteriors that ship with the package: the README demo's.
 
-One for the posterior fit, one for the label search's surface check.
+One for the demo's posterior fit (``DEMO_PRIOR``), one for the label search's
+surface check, and the default posterior (``TissuePrior()``, white matter)
+for the demo's protocol.
 
-The fast test checks that the demo's command finds it (its key: prior,
+The fast test checks that the demo's command finds each (its key: prior,
 protocol read from the demo's files, training options, estimator version);
 a change to any of those needs the estimator made again with the command in
-doc/validation/posterior.md. The slow test makes it again and checks that
-the new one is calibrated as the shipped one is.
+doc/validation/posterior.md (the default's: doc/validation/sections.md).
+The slow tests make them again and check that the new one is calibrated as
+the shipped one is.
 """
 
 import numpy as np
@@ -23,29 +26,34 @@ from dipy_spinverse.data import (
     make_phantom_dataset,
 )
 from dipy_spinverse.io.gradients import read_gradients
+from dipy_spinverse.posterior import TissuePrior, default_training
 from dipy_spinverse.workflows.spinverse import parse_posterior_options
 
 DESCRIBED = ("restricted_fraction", "cell_diameter", "exchange_time", "anisotropy")
 SNR = 100.0
 
 
-def _demo_model(tmp_path, *, cache_dir=None, check=False):
-    """The model ``dipy_fit_spinverse --fit_method posterior
-    --posterior_options demo/posterior.json`` builds on the demo; with
-    ``check``, the search's of ``--posterior_options
-    demo/surface_check.json``."""
+def _demo_model(tmp_path, which, *, cache_dir=None):
+    """The model the demo's command builds: ``which`` "posterior"
+    (``dipy_fit_spinverse --fit_method posterior --posterior_options
+    demo/posterior.json``), "surface_check" (the search's of
+    ``--posterior_options demo/surface_check.json``) or "default"
+    (``--fit_method posterior`` without options)."""
     paths = make_phantom_dataset(tmp_path / "demo", tissue_voxels=False)
     table = read_gradients(
         paths["bvals"], paths["bvecs"], n_volumes=99, timing_file=paths["timing"]
     )
-    with open(paths["surface_check" if check else "posterior"]) as f:
-        options = parse_posterior_options(f.read(), 2e-3)
-    assert options["prior"] == (DEMO_SURFACE_PRIOR if check else DEMO_PRIOR)
-    training = DEMO_SURFACE_TRAINING if check else DEMO_TRAINING
-    assert options["posterior_options"] == training
+    options = {}
+    if which != "default":
+        with open(paths[which]) as f:
+            options = parse_posterior_options(f.read(), 2e-3)
+        check = which == "surface_check"
+        assert options["prior"] == (DEMO_SURFACE_PRIOR if check else DEMO_PRIOR)
+        training = DEMO_SURFACE_TRAINING if check else DEMO_TRAINING
+        assert options["posterior_options"] == training
     return SpinverseModel(
         table,
-        fit_method="search" if check else "posterior",
+        fit_method="search" if which == "surface_check" else "posterior",
         diffusivity=2e-3,
         sigma=1 / SNR,
         cache_dir=cache_dir,
@@ -53,12 +61,12 @@ def _demo_model(tmp_path, *, cache_dir=None, check=False):
     )
 
 
-@pytest.mark.parametrize("check", [False, True], ids=["posterior", "surface_check"])
-def test_the_demo_finds_the_shipped_estimator(tmp_path, monkeypatch, check):
+@pytest.mark.parametrize("which", ["posterior", "surface_check", "default"])
+def test_the_demo_finds_the_shipped_estimator(tmp_path, monkeypatch, which):
     """Read from the package, never trained (training would fail here): the
-    posterior fit's and the search's surface check's."""
+    posterior fit's, the search's surface check's and the default's."""
     monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
-    model = _demo_model(tmp_path, cache_dir=tmp_path / "empty_cache", check=check)
+    model = _demo_model(tmp_path, which, cache_dir=tmp_path / "empty_cache")
     assert model.estimator is not None
     assert model.estimator_path.parent == posterior.SHIPPED
     assert not (tmp_path / "empty_cache").exists() or not any(
@@ -67,6 +75,9 @@ def test_the_demo_finds_the_shipped_estimator(tmp_path, monkeypatch, check):
     # Recalibrated bounds: measured tables, not the identity.
     tables = model.estimator.level_tables.numpy()
     assert np.all(np.diff(tables, axis=1) >= 0)
+    if which == "default":
+        assert model.prior.prior == TissuePrior()
+        assert model.posterior_options == default_training(TissuePrior())
 
 
 def _coverage(model, signals, truth, level=0.9):
@@ -83,25 +94,28 @@ def _coverage(model, signals, truth, level=0.9):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("which", ["posterior", "default"])
 def test_retraining_reproduces_the_shipped_estimators_calibration(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, which
 ):
-    """The documented training made again (about 20 min on 2 CPU cores):
-    on 200 held-out tissues of the prior simulated and described at the
-    reference resolution (seed never trained on, SNR 100), its 90 %
-    intervals cover the truth as often as the shipped estimator's, within 7
-    points (two standard errors of a difference of two coverages of 200
-    voxels at 0.9 are 6 points; the networks differ by their thread
-    scheduling), and within 80-97 %."""
-    shipped = _demo_model(tmp_path)
+    """The documented training made again (about 20 min on 2 CPU cores for
+    the demo's, 25 for the default): on 200 held-out tissues of the prior
+    simulated and described at the reference resolution (seed never trained
+    on, SNR 100), its 90 % intervals cover the truth as often as the shipped
+    estimator's, within 7 points (two standard errors of a difference of two
+    coverages of 200 voxels at 0.9 are 6 points; the networks differ by
+    their thread scheduling), and within 80-97 %."""
+    shipped = _demo_model(tmp_path, which)
     assert shipped.estimator is not None  # loaded on first use
     assert shipped.estimator_path.parent == posterior.SHIPPED
     monkeypatch.setattr(posterior, "SHIPPED", tmp_path / "nothing_shipped")
-    retrained = _demo_model(tmp_path, cache_dir=tmp_path / "cache")
+    retrained = _demo_model(tmp_path, which, cache_dir=tmp_path / "cache")
     assert retrained.estimator is not None  # trained here
     assert retrained.estimator_path.parent == tmp_path / "cache"
     _, signals, truth = shipped.prior.sample_pairs(
-        200, reference_resolution=DEMO_TRAINING.reference_resolution, seed=123_456
+        200,
+        reference_resolution=shipped.posterior_options.reference_resolution,
+        seed=123_456,
     )
     before = _coverage(shipped, signals, truth)
     after = _coverage(retrained, signals, truth)
