@@ -40,11 +40,15 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DIFFUSIVITY_RANGE = (1e-5, 1e-1)
 
 
-def check_int(value, name, minimum):
-    """``value`` as an int, which must be an integer ``>= minimum``."""
+def check_int(value, name, minimum, *, hint=""):
+    """``value`` as an int, which must be an integer ``>= minimum``; ``hint``
+    follows the requirement in the error (what it is, an example)."""
+    # bool is an int, but n=True is a mistake, not one.
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}{hint}, got {value!r}."
+        )
     return int(value)
 
 

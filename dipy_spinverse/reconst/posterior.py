@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from dipy.reconst.base import ReconstFit
 
+from ..checks import check_int
 from ..geometry.descriptors import DESCRIPTORS
 from ..posterior import decode
 from ..posterior.calibration import SCALARS, calibrated_draws
@@ -415,8 +416,8 @@ class PosteriorFit(ReconstFit):
         """
         if name not in DESCRIPTORS:
             raise ValueError(f"Unknown descriptor {name!r}; choose from {DESCRIPTORS}.")
-        n = _check_integer(n, "n", 1, "the draws per voxel", 100)
-        seed = _check_integer(seed, "seed", 0, "it seeds the draws", 0)
+        n = check_int(n, "n", 1, hint=" (the draws per voxel), e.g. n=100")
+        seed = check_int(seed, "seed", 0, hint=" (it seeds the draws), e.g. seed=0")
         draws = self._draws(name, n, seed=seed)
         if name in SCALARS:
             # The recalibrated posterior (the intervals' own), per voxel.
@@ -543,15 +544,3 @@ def _check_level(level):
             f"interval: e.g. level=0.9 for the central 90 % interval; got {level!r}."
         )
     return float(level)
-
-
-def _check_integer(value, name, minimum, what, example):
-    """``value`` as an int of at least ``minimum``, or ValueError naming it."""
-    # bool is an int, but n=True is a mistake, not one draw.
-    integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not (integer and value >= minimum):
-        raise ValueError(
-            f"{name} must be an integer >= {minimum} ({what}), e.g. "
-            f"{name}={example}; got {value!r}."
-        )
-    return int(value)

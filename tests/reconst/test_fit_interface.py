@@ -297,11 +297,11 @@ def test_credible_interval_names_are_checked(posterior_fit):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(n=0), r"^n must be an integer >= 1 .*e\.g\. n=100; got 0"),
+        (dict(n=0), r"^n must be an integer >= 1 .*e\.g\. n=100, got 0"),
         (dict(n=2.5), r"^n must be an integer >= 1"),
         (dict(n="10"), r"^n must be an integer >= 1"),
         (dict(n=True), r"^n must be an integer >= 1"),
-        (dict(seed=-1), r"^seed must be an integer >= 0 .*e\.g\. seed=0; got -1"),
+        (dict(seed=-1), r"^seed must be an integer >= 0 .*e\.g\. seed=0, got -1"),
         (dict(seed=0.5), r"^seed must be an integer >= 0"),
         (dict(seed=None), r"^seed must be an integer >= 0"),
     ],
