@@ -47,6 +47,7 @@ from dipy_spinverse import SpinverseModel
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.geometry import DESCRIPTORS
 from dipy_spinverse.posterior import FAMILIES, TissuePrior, TrainingOptions
+from dipy_spinverse.sim.limits import diameter_resolution_limit
 
 SNRS = (20, 50, 100, 200)
 LEVELS = (0.5, 0.9)
@@ -311,6 +312,7 @@ def main(argv=None):
             {snr: rows for snr, (rows, _) in parts.items()},
             {snr: out for snr, (_, out) in parts.items()},
         )
+    print_resolution_limit(fits, truth, protocol)
     if args.left_out:
         other = prior(args.left_out).simulator(protocol)
         signals, left = other.sample(args.n_test, seed=TEST_SEED + 1)
@@ -327,6 +329,32 @@ def main(argv=None):
     if args.figure:
         figure(args.figure, fits, truth)
         print(f"figure: {args.figure}")
+
+
+def print_resolution_limit(fits, truth, protocol):
+    """The diameter intervals of fibres below and above the protocol's
+    resolution limit (Nilsson et al. 2017) at each SNR: below it the data
+    cannot tell a fibre from a line, and the 90 % interval should reach
+    from the prior's floor to about the limit."""
+    diameter = np.asarray(truth["cell_diameter"])
+    print("\ncell diameter against the resolution limit (Nilsson et al. 2017)")
+    print(
+        "| SNR | d_min (um) | fibres below: n, median 90 % interval (um) "
+        "| fibres of d_min-2 d_min: n, median interval / truth |"
+    )
+    print("| --- | --- | --- | --- |")
+    for snr, fit in fits.items():
+        d_min = diameter_resolution_limit(protocol, snr=snr)
+        low, high = fit.credible_interval("cell_diameter", level=0.9)
+        ok = fit.status == 0
+        below = ok & (diameter < d_min)
+        above = ok & (diameter >= d_min) & (diameter < 2 * d_min)
+        print(
+            f"| {snr} | {d_min:.2f} | {below.sum()}, [{np.median(low[below]):.2f}, "
+            f"{np.median(high[below]):.2f}] | {above.sum()}, "
+            f"[{np.median(low[above] / diameter[above]):.2f}, "
+            f"{np.median(high[above] / diameter[above]):.2f}] |"
+        )
 
 
 def print_widths(make_model, prior_truth, signals, kappa, rng):
