@@ -1,6 +1,6 @@
 """Built-in demo data: a small multi-voxel phantom dataset, made on the fly.
 
-:func:`make_phantom_dataset` writes a deterministic 3 x 3 x 1 voxel diffusion
+:func:`make_phantom_dataset` writes a deterministic 3 x 4 x 1 voxel diffusion
 dataset (no download) for a PGSE protocol of three diffusion times, with T2
 weighting that differs between the echo times, a different S0 per voxel and
 Rician noise.

@@ -54,6 +54,7 @@ One draw
 
 import functools
 import math
+import time
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
@@ -624,15 +625,42 @@ class PriorSimulator:
             return draws, None
         return draws, [p[1] for p in pairs]
 
+    def seconds_per_draw(self, *, seed, n_draws=200, per_box=2):
+        """The mean simulation time of a draw of the prior, in seconds.
+
+        A draw's cost depends on its patch (small patches are stiff: up to
+        ~50x a large one's), so a few timed draws say little. ``n_draws``
+        draws (no simulation) count how often each patch comes; each patch
+        is timed on ``per_box`` of its draws, after its sub-steps are
+        measured (kept by this simulator, as a training would measure them
+        on its first draws).
+
+        Parameters
+        ----------
+        seed : int
+        n_draws, per_box : int
+
+        Returns
+        -------
+        float
+        """
+        draws, _ = self._draws(n_draws, seed, None, False)
+        total = 0.0
+        for rows in _boxes(draws).values():
+            timed = [draws[i] for i in rows[:per_box]]
+            if self.time_tolerance is not None:
+                self.simulate_draws(timed)  # measures the box's sub-steps
+            start = time.perf_counter()
+            self.simulate_draws(timed)
+            total += (time.perf_counter() - start) / len(timed) * len(rows)
+        return total / len(draws)
+
     def simulate_draws(self, draws, *, progress=False):
         """Noise-free signals (n, n_acquisitions) of draws of the prior
         (:meth:`TissuePrior.draw`), patch side by patch side."""
         n = len(draws)
         signals = np.empty((n, len(self.protocol)))
-        by_box = {}
-        for i, draw in enumerate(draws):
-            box = (draw.side, draw.boundary, draw.axis is not None)
-            by_box.setdefault(box, []).append(i)
+        by_box = _boxes(draws)
         bar = tqdm(total=n, desc="Simulating", disable=not progress)
         for box, rows in by_box.items():
             grid = self.prior.grid(box[0], box[1], section=box[2])
@@ -703,6 +731,17 @@ class PriorSimulator:
 def _described_fully(truth):
     """Whether every descriptor of :data:`_POSITIVE` is finite and > 0."""
     return all(math.isfinite(truth[name]) and truth[name] > 0 for name in _POSITIVE)
+
+
+def _boxes(draws):
+    """Indices of ``draws`` by patch (side, boundary, section): the draws one
+    grid simulates."""
+    by_box = {}
+    for i, draw in enumerate(draws):
+        by_box.setdefault((draw.side, draw.boundary, draw.axis is not None), []).append(
+            i
+        )
+    return by_box
 
 
 def _truth(draws):

@@ -9,6 +9,7 @@ import torch
 from conftest import SMALL_PRIOR, SMALL_TRAINING
 from numpy.testing import assert_allclose, assert_array_equal
 
+import dipy_spinverse.posterior.prior as prior_module
 from dipy_spinverse import SpinverseModel, TetGrid, simulate
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.geometry.substrates import FIBRE_DIRECTIONS, packed_substrate
@@ -618,3 +619,27 @@ def test_the_default_prior_is_trained_with_its_grid_error_modelled():
     closed = TissuePrior(boundary="reflecting", box_side=20.0)
     model = SpinverseModel(PROTOCOL, fit_method="posterior", sigma=SIGMA, prior=closed)
     assert model.posterior_options == TrainingOptions()
+
+
+def test_the_time_per_draw_weighs_every_patch(monkeypatch):
+    """The training's announcement: each patch size timed on a few of its
+    draws (after its sub-steps are measured) and weighted by how often the
+    prior draws it. With a clock that charges each draw 1 / side seconds,
+    the estimate is the mean of 1 / side over the counted draws, exactly."""
+    simulator = SMALL_PRIOR.simulator(_protocol(((0.005, 0.01),), (1000.0,), 3, 1))
+    clock = [0.0]
+    measured = []
+
+    def fake(draws, *, progress=False):
+        clock[0] += sum(1.0 / d.side for d in draws)
+        measured.append(len(draws))
+        return np.zeros((len(draws), len(simulator.protocol)))
+
+    monkeypatch.setattr(simulator, "simulate_draws", fake)
+    monkeypatch.setattr(prior_module.time, "perf_counter", lambda: clock[0])
+    estimate = simulator.seconds_per_draw(seed=5, n_draws=40, per_box=2)
+    draws, _ = simulator._draws(40, 5, None, False)
+    assert_allclose(estimate, np.mean([1.0 / d.side for d in draws]), rtol=1e-12)
+    sides = {d.side for d in draws}
+    # Two calls a patch (the sub-steps, then the timing), on two draws or fewer.
+    assert len(measured) == 2 * len(sides) and max(measured) <= 2
