@@ -28,10 +28,13 @@ diameter, simulated on a section twice as fine as the training grid
 (resolution 12, the grid the training's error model refers to); the
 populations of a voxel share the draw, turned to their directions.
 
-The first run trains the estimator for this protocol (measured 60-70 minutes
-on 2 CPU cores, cached afterwards); the slice's simulation takes about five
-minutes. ``--quick`` trains a tiny, uncalibrated network on a thinned
-protocol in about a minute to check that the script runs.
+The first run trains the estimator for this protocol, once (cached
+afterwards; it announces its time before it starts): about two hours on 2
+CPU cores, projected from a partial run (3,561 of its 11,000 simulations in
+35 minutes on shared cores), longer than the 90 minutes aimed at. The slice
+itself is 248 simulations of sections at resolution 12. ``--quick`` trains
+a tiny, uncalibrated network on a thinned protocol in about a minute to
+check that the script runs.
 """
 
 import argparse
