@@ -12,6 +12,11 @@ training set of ``--n_train`` substrates would take on this machine. Run::
     python benchmarks/prior_throughput.py --n 64
     python benchmarks/prior_throughput.py --n 64 --cell_diameter 3 25
     python benchmarks/prior_throughput.py --n 64 --families axon
+    python benchmarks/prior_throughput.py --n 48 --families axon --protocol hcp
+
+``--protocol``: ``demo`` (the README demo's 99 volumes, ``--n_directions``
+per shell), ``published`` (the Spinverse paper's 540) or ``hcp`` (the
+HCP-style 288, :func:`~dipy_spinverse.sim.sequences.hcp_protocol`).
 """
 
 import argparse
@@ -22,6 +27,7 @@ import torch
 
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.posterior import TissuePrior
+from dipy_spinverse.sim.sequences import hcp_protocol, published_protocol
 
 TIMINGS = ((0.005, 0.006), (0.010, 0.020), (0.010, 0.060))
 BVALS = (1000.0, 2500.0, 4000.0)
@@ -41,8 +47,15 @@ def main():
     parser.add_argument(
         "--families", nargs="+", default=None, help="default: the prior's default"
     )
+    parser.add_argument(
+        "--protocol", choices=("demo", "published", "hcp"), default="demo"
+    )
     args = parser.parse_args()
-    protocol = _protocol(TIMINGS, BVALS, args.n_directions, 3)
+    protocol = {
+        "demo": lambda: _protocol(TIMINGS, BVALS, args.n_directions, 3),
+        "published": published_protocol,
+        "hcp": hcp_protocol,
+    }[args.protocol]()
     families = {} if args.families is None else dict(families=tuple(args.families))
     prior = TissuePrior(
         resolution=args.resolution,
