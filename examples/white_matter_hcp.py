@@ -29,10 +29,11 @@ diameter, simulated on a section twice as fine as the training grid
 populations of a voxel share the draw, turned to their directions.
 
 The first run trains the estimator for this protocol, once (cached
-afterwards; it announces its time before it starts): about two hours on 2
-CPU cores, projected from a partial run (3,561 of its 11,000 simulations in
-35 minutes on shared cores), longer than the 90 minutes aimed at. The slice
-itself is 248 simulations of sections at resolution 12. ``--quick`` trains
+afterwards; it announces its time before it starts): its 11,000
+simulations take about 25 minutes on 2 idle CPU cores (0.13 s a section,
+``benchmarks/prior_throughput.py --protocol hcp``), then the calibration
+pairs and 60 epochs; on shared cores several times that. The slice itself
+is 248 simulations of sections at resolution 12. ``--quick`` trains
 a tiny, uncalibrated network on a thinned protocol in about a minute to
 check that the script runs.
 """
