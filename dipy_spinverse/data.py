@@ -389,7 +389,8 @@ def _rician(clean, sigma, rng):
 def _tissue(entries, base, s0s, protocol, diffusivity, resolution):
     """The b0-normalised signals (n, n_volumes) of ``entries`` (as
     :data:`TISSUE_VOXELS`, fields of the prior ``base``), on patch grids of
-    ``resolution``, and their truth (truth.json's ``tissue_voxels``)."""
+    ``resolution``, and their truth (truth.json's ``tissue_voxels`` or
+    ``axon_voxels``)."""
     signals, truth = [], []
     for (index, name, fields, seed), s0 in zip(entries, s0s, strict=True):
         prior = replace(base, diffusivity=diffusivity, **fields)
