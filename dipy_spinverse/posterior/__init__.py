@@ -9,6 +9,7 @@ trains it once per protocol, prior and options and caches it.
 
 import hashlib
 import pathlib
+import shutil
 import time
 import warnings
 
@@ -155,12 +156,39 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
         save=lambda net, tmp: torch.save({"state": net.state_dict(), "key": key}, tmp),
         what="posterior estimator",
     )
+    # The estimator is saved: its simulations are no longer needed.
+    shutil.rmtree(_partial_folder(path), ignore_errors=True)
     return net, path
+
+
+def _partial_folder(path):
+    """The folder beside an estimator's cache file ``path`` that keeps its
+    training simulations while it trains (``posterior-<key>.partial``);
+    removed once the estimator is saved.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    return path.with_suffix(".partial")
 
 
 def _train(prior, protocol, options, path, progress):
     """Simulate the training set (after logging how long it will take) and
-    train the estimator on it."""
+    train the estimator on it; the simulations are kept as they are made in
+    ``posterior-<key>.partial``, so that an interrupted training resumes."""
+    n_draws = options.n_simulations + options.n_calibration
+    partial = _partial_folder(path)
+    logger.info(
+        f"Training the Spinverse posterior for this protocol and prior (once; "
+        f"cached in {path}): {n_draws} simulations, then {options.epochs} "
+        f"training epochs; simulations are kept in {partial} as they are made, "
+        "so an interrupted run resumes. Timing the patch sizes first."
+    )
     simulator = prior.simulator(protocol)
     # Every patch size timed and weighted by how often the prior draws it
     # (the time steps measured first, once per simulator): 16 timed draws
@@ -169,19 +197,16 @@ def _train(prior, protocol, options, path, progress):
     start = time.perf_counter()
     per_draw = simulator.seconds_per_draw(seed=options.seed + 10**6)
     setup = time.perf_counter() - start
-    n_draws = options.n_simulations + options.n_calibration
     logger.info(
-        f"Training the Spinverse posterior for this protocol and prior (once; "
-        f"cached in {path}): {n_draws} simulations, about "
-        f"{per_draw * n_draws / 60:.1f} min at {per_draw * 1e3:.0f} ms "
-        f"each (every patch size timed, in {setup:.0f} s), then "
-        f"{options.epochs} training epochs."
+        f"About {per_draw * n_draws / 60:.1f} min of simulation at "
+        f"{per_draw * 1e3:.0f} ms a draw (every patch size timed, in {setup:.0f} s)."
     )
     signals, truth = simulator.sample(
         options.n_simulations,
         seed=options.seed,
         progress=progress,
         reference_resolution=options.reference_resolution,
+        checkpoint=partial / "training.npz",
     )
     coordinates = encode(truth, rng=np.random.default_rng(options.seed))
     calibration = None
@@ -195,6 +220,7 @@ def _train(prior, protocol, options, path, progress):
             seed=options.seed + 3 * 10**6,
             progress=progress,
             reference_resolution=options.reference_resolution,
+            checkpoint=partial / "calibration.npz",
         )
         calibration = (held_signals, encode(held_truth))
     model_error = None
@@ -208,6 +234,7 @@ def _train(prior, protocol, options, path, progress):
             reference_resolution=options.reference_resolution,
             seed=options.seed + 2 * 10**6,
             progress=progress,
+            checkpoint=partial / "grid-error.npz",
         )
         model_error = fine - coarse
     return train_estimator(

@@ -54,6 +54,7 @@ One draw
 
 import functools
 import math
+import pathlib
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
@@ -76,6 +77,7 @@ from ..sim.forward import simulate
 from ..sim.grid import TetGrid
 from ..sim.sections import SectionGrid
 from ..sim.sequences import as_protocol
+from .checkpoint import SimulationCheckpoint
 
 __all__ = [
     "TissuePrior",
@@ -528,7 +530,9 @@ class PriorSimulator:
         #: measured time error).
         self.measured_substeps = {}
 
-    def sample(self, n, *, seed, progress=False, reference_resolution=None):
+    def sample(
+        self, n, *, seed, progress=False, reference_resolution=None, checkpoint=None
+    ):
         """``n`` noise-free signals and their true descriptors.
 
         Draw ``i`` depends only on ``seed`` and ``i`` (the ``i``-th child of
@@ -548,6 +552,9 @@ class PriorSimulator:
             rasterises it (:meth:`TissuePrior.draw_pair`), closer to the
             tissue the cells were drawn as than the prior's own grid; the
             signals stay the prior grid's.
+        checkpoint : path-like, optional
+            Keep the signals in this ``.npz`` file as they are simulated, and
+            resume from it (:meth:`simulate_draws`).
 
         Returns
         -------
@@ -561,10 +568,12 @@ class PriorSimulator:
             ``family``.
         """
         draws, references = self._draws(n, seed, reference_resolution, progress)
-        signals = self.simulate_draws(draws, progress=progress)
+        signals = self.simulate_draws(draws, progress=progress, checkpoint=checkpoint)
         return signals, _truth(draws if references is None else references)
 
-    def sample_pairs(self, n, *, reference_resolution, seed, progress=False):
+    def sample_pairs(
+        self, n, *, reference_resolution, seed, progress=False, checkpoint=None
+    ):
         """Draws simulated on the prior's grid and on a finer one.
 
         Each draw is rasterised on its patch's grid and on a grid of
@@ -583,6 +592,10 @@ class PriorSimulator:
             Cubes per side of the reference grid, above the prior's.
         seed : int
         progress : bool
+        checkpoint : path-like, optional
+            Keep the prior grid's signals in this ``.npz`` file as they are
+            simulated (the reference grid's beside it, ``<stem>-reference.npz``),
+            and resume from them (:meth:`simulate_draws`).
 
         Returns
         -------
@@ -602,8 +615,14 @@ class PriorSimulator:
             batch_size=self.batch_size,
             time_tolerance=self.time_tolerance,
         )
-        signals = self.simulate_draws(draws, progress=progress)
-        fine = reference.simulate_draws(references, progress=progress)
+        fine_checkpoint = None
+        if checkpoint is not None:
+            checkpoint = pathlib.Path(checkpoint)
+            fine_checkpoint = checkpoint.with_name(f"{checkpoint.stem}-reference.npz")
+        signals = self.simulate_draws(draws, progress=progress, checkpoint=checkpoint)
+        fine = reference.simulate_draws(
+            references, progress=progress, checkpoint=fine_checkpoint
+        )
         return signals, fine, _truth(references)
 
     def _draws(self, n, seed, reference_resolution, progress):
@@ -655,25 +674,56 @@ class PriorSimulator:
             total += (time.perf_counter() - start) / len(timed) * len(rows)
         return total / len(draws)
 
-    def simulate_draws(self, draws, *, progress=False):
+    def simulate_draws(self, draws, *, progress=False, checkpoint=None):
         """Noise-free signals (n, n_acquisitions) of draws of the prior
-        (:meth:`TissuePrior.draw`), patch side by patch side."""
+        (:meth:`TissuePrior.draw`), patch side by patch side.
+
+        Parameters
+        ----------
+        draws : sequence of Draw
+        progress : bool
+        checkpoint : path-like, optional
+            An ``.npz`` file that keeps the signals as they are simulated
+            (:class:`~dipy_spinverse.posterior.checkpoint.SimulationCheckpoint`,
+            written every minute and when interrupted); a later call on the
+            same draws resumes from it.
+        """
         n = len(draws)
         signals = np.empty((n, len(self.protocol)))
-        by_box = _boxes(draws)
-        bar = tqdm(total=n, desc="Simulating", disable=not progress)
-        for box, rows in by_box.items():
-            grid = self.prior.grid(box[0], box[1], section=box[2])
-            if self.time_tolerance is not None and box not in self.measured_substeps:
-                pilot = rows[: self._PILOT]
-                signals[pilot] = self._measure_substeps(box, grid, draws, pilot)
-                bar.update(len(pilot))
-                rows = rows[len(pilot) :]
-            for start in range(0, len(rows), self.batch_size):
-                part = rows[start : start + self.batch_size]
-                signals[part] = self._simulate(grid, draws, part, box)
-                bar.update(len(part))
-        bar.close()
+        done = np.zeros(n, dtype=bool)
+        kept, n_restored = None, 0
+        if checkpoint is not None:
+            kept = SimulationCheckpoint(checkpoint, draws, len(self.protocol))
+            n_restored = kept.restore(signals, done, self.measured_substeps)
+        bar = tqdm(total=n, initial=n_restored, desc="Simulating", disable=not progress)
+        try:
+            for box, rows in _boxes(draws).items():
+                rows = [i for i in rows if not done[i]]
+                if not rows:
+                    continue
+                grid = self.prior.grid(box[0], box[1], section=box[2])
+                if (
+                    self.time_tolerance is not None
+                    and box not in self.measured_substeps
+                ):
+                    pilot = rows[: self._PILOT]
+                    signals[pilot] = self._measure_substeps(box, grid, draws, pilot)
+                    done[pilot] = True
+                    bar.update(len(pilot))
+                    rows = rows[len(pilot) :]
+                for start in range(0, len(rows), self.batch_size):
+                    part = rows[start : start + self.batch_size]
+                    signals[part] = self._simulate(grid, draws, part, box)
+                    done[part] = True
+                    bar.update(len(part))
+                    if kept is not None:
+                        kept.save(signals, done, self.measured_substeps)
+        finally:
+            bar.close()
+            if kept is not None and n_restored < n:
+                # Also when complete: a training that fails after its
+                # simulations reruns without them.
+                kept.save(signals, done, self.measured_substeps, force=True)
         return signals
 
     def _simulate(self, grid, draws, rows, box=None, *, substeps=None):

@@ -321,6 +321,8 @@ def test_posterior_is_cached(posterior_model, monkeypatch):
     assert posterior_model.estimator is not None  # trained on first use
     path = posterior_model.estimator_path
     assert path.exists()
+    # Its simulations, kept while it trained, are gone with the estimator saved.
+    assert not posterior._partial_folder(path).exists()
     monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
     again = SpinverseModel(
         PROTOCOL,
@@ -509,7 +511,7 @@ def test_model_error_draws_have_the_errors_mean_and_covariance():
     assert add_model_error(torch.ones(2, 5), None) is not None
 
 
-def test_training_with_a_reference_grid_models_its_error(tmp_path, monkeypatch):
+def test_training_with_a_reference_grid_models_its_error(tmp_path, monkeypatch, caplog):
     """``TrainingOptions(reference_resolution=)``: the training descriptors
     are the reference grid's, and the network is trained with the measured
     errors (reference minus prior-grid signals of ``n_reference`` pairs)."""
@@ -531,10 +533,30 @@ def test_training_with_a_reference_grid_models_its_error(tmp_path, monkeypatch):
         return 1 / 0  # stop before saving
 
     monkeypatch.setattr(posterior, "train_estimator", capture)
+    with caplog.at_level(logging.INFO, logger="dipy"):
+        with pytest.raises(ZeroDivisionError):
+            posterior.load_or_train(
+                SMALL_PRIOR, PROTOCOL, options, cache_dir=tmp_path, progress=False
+            )
+    # The plan is logged before the patches are timed, the estimate after.
+    messages = [r.getMessage() for r in caplog.records]
+    plan = next(i for i, m in enumerate(messages) if m.startswith("Training the"))
+    estimate = next(i for i, m in enumerate(messages) if "min of simulation" in m)
+    assert plan < estimate and ".partial" in messages[plan]
+    # The simulations were kept: the rerun simulates nothing and trains on
+    # the same set.
+    first = dict(seen)
+    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(
+        prior_module.PriorSimulator, "seconds_per_draw", lambda *a, **k: 0.1
+    )
     with pytest.raises(ZeroDivisionError):
         posterior.load_or_train(
             SMALL_PRIOR, PROTOCOL, options, cache_dir=tmp_path, progress=False
         )
+    assert_array_equal(seen["signals"], first["signals"])
+    assert_array_equal(seen["model_error"], first["model_error"])
+    monkeypatch.undo()
     simulator = SMALL_PRIOR.simulator(PROTOCOL)
     coarse, fine, _ = simulator.sample_pairs(
         4, reference_resolution=3, seed=options.seed + 2 * 10**6
@@ -643,3 +665,56 @@ def test_the_time_per_draw_weighs_every_patch(monkeypatch):
     sides = {d.side for d in draws}
     # Two calls a patch (the sub-steps, then the timing), on two draws or fewer.
     assert len(measured) == 2 * len(sides) and max(measured) <= 2
+
+
+def test_an_interrupted_simulation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Signals are kept as they are made: a simulation stopped half-way
+    (here by an error after two batches) leaves a checkpoint, and the rerun
+    on the same draws simulates only the missing ones and returns the
+    uninterrupted run's signals exactly (the measured time steps are kept
+    with them). Other draws never read it."""
+    draws = [AXON_PRIOR.draw(np.random.default_rng(seed)) for seed in range(10)]
+    simulator = AXON_PRIOR.simulator(PROTOCOL, batch_size=2)
+    expected = simulator.simulate_draws(draws)
+
+    checkpoint = tmp_path / "partial" / "training.npz"
+    interrupted = AXON_PRIOR.simulator(PROTOCOL, batch_size=2)
+    calls = []
+    real = prior_module.PriorSimulator._simulate
+
+    def failing(self, grid, draws_, rows, box=None, **kw):
+        calls.append(len(rows))
+        if len(calls) > 6:
+            raise KeyboardInterrupt
+        return real(self, grid, draws_, rows, box, **kw)
+
+    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", failing)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.simulate_draws(draws, checkpoint=checkpoint)
+    assert checkpoint.exists()
+    saved = np.load(checkpoint)
+    n_done = int(saved["done"].sum())
+    assert 0 < n_done < len(draws)
+
+    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", real)
+    resumed = AXON_PRIOR.simulator(PROTOCOL, batch_size=2)
+    simulated = []
+
+    def counting(self, grid, draws_, rows, box=None, **kw):
+        simulated.extend(rows)
+        return real(self, grid, draws_, rows, box, **kw)
+
+    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", counting)
+    signals = resumed.simulate_draws(draws, checkpoint=checkpoint)
+    assert_array_equal(signals, expected)
+    assert len(set(simulated)) == len(draws) - n_done
+    assert resumed.measured_substeps == simulator.measured_substeps
+
+    # Other draws: the file is ignored, all of them simulated (their own
+    # pilots measure the time steps: equal to the time tolerance).
+    simulated.clear()
+    others = draws[::-1]
+    fresh = AXON_PRIOR.simulator(PROTOCOL, batch_size=2)
+    again = fresh.simulate_draws(others, checkpoint=checkpoint)
+    assert_allclose(again, expected[::-1], atol=fresh.time_tolerance)
+    assert len(set(simulated)) == len(others)
