@@ -886,13 +886,17 @@ class Protocol:
         """Read a Camino scheme file in STEJSKALTANNER format.
 
         The file starts with a ``VERSION: STEJSKALTANNER`` (or ``VERSION:
-        1``) line (comment lines starting with ``#`` and blank lines are
-        skipped anywhere), followed by one row ``x y z |G| DELTA delta TE``
-        per acquisition, with G in T/m and times in seconds. A b = 0 row
-        (zero gradient) may have ``DELTA = delta = 0``, as Camino writes
-        them: it has no timing of its own and takes the scheme's one timing
-        (a scheme of several timings must give each b = 0 row that of its
-        sequence).
+        1``) line, followed by one row ``x y z |G| DELTA delta TE`` per
+        acquisition, with G in T/m and times in seconds. Comment lines
+        (starting with ``#`` or ``%``, as in the ISBI 2015 challenge's file)
+        and blank lines are skipped anywhere; a file without the VERSION line
+        whose first row has these seven numbers is read as STEJSKALTANNER.
+        A b = 0 row (zero gradient) may have ``DELTA = delta = 0``, as
+        Camino writes them: it has no timing of its own and takes that of
+        the weighted rows of its echo time (TE column), the sequence whose
+        b = 0 signal it measures; or the scheme's one timing. Where its echo
+        time is shared by several timings, or by none of several, the file
+        must give the row its timing, and the error names the rows.
 
         Parameters
         ----------
@@ -921,21 +925,8 @@ class Protocol:
             waveforms.append(waveform)
             bvals.append(bval)
             bvecs.append(bvec)
-        untimed = [i for i, w in enumerate(waveforms) if w is None]
-        if untimed:
-            timings = set(waveforms) - {None}
-            if len(timings) != 1:
-                lines = ", ".join(str(rows[i][0]) for i in untimed[:8])
-                raise ValueError(
-                    f"{path}, line(s) {lines}: b = 0 row(s) with DELTA = delta = "
-                    f"0 (no timing), but the scheme has {len(timings)} timings "
-                    "of weighted rows to take it from: give each b = 0 row the "
-                    "DELTA, delta and TE of the sequence it belongs to (its echo "
-                    "time weights the b = 0 signal by which that sequence is "
-                    "normalised)"
-                )
-            (timing,) = timings
-            waveforms = [timing if w is None else w for w in waveforms]
+        echoes = np.array([values[6] for _, values in rows])
+        waveforms = _time_untimed_b0(waveforms, echoes, [r[0] for r in rows], path)
         return cls(waveforms=tuple(waveforms), bvals=bvals, bvecs=bvecs)
 
     def to_camino(self, path):
@@ -1100,17 +1091,55 @@ class Protocol:
         return np.array([w.echo_time for w in self.waveforms], dtype=np.float64)
 
 
+def _time_untimed_b0(waveforms, echoes, linenos, path):
+    """The waveforms of a scheme with its untimed b = 0 rows (None) given
+    the timing of the weighted rows of their echo time (or the scheme's one
+    timing); an error naming the rows where neither identifies one."""
+    untimed = [i for i, w in enumerate(waveforms) if w is None]
+    if not untimed:
+        return waveforms
+    timings = set(waveforms) - {None}
+    unresolved = []
+    waveforms = list(waveforms)
+    for i in untimed:
+        # Echo times written to the microsecond.
+        same_echo = {
+            w
+            for w, te in zip(waveforms, echoes, strict=True)
+            if w is not None and abs(te - echoes[i]) < 1e-6
+        }
+        candidates = same_echo if same_echo else timings
+        if len(candidates) == 1:
+            waveforms[i] = next(iter(candidates))
+        else:
+            unresolved.append(i)
+    if unresolved:
+        lines = ", ".join(str(linenos[i]) for i in unresolved[:8])
+        raise ValueError(
+            f"{path}, line(s) {lines}: b = 0 row(s) with DELTA = delta = 0 (no "
+            f"timing) whose echo time (TE column) picks no single one of the "
+            f"{len(timings)} timings of the "
+            "weighted rows: give each b = 0 row the DELTA, delta and TE of the "
+            "sequence it belongs to (its echo time weights the b = 0 signal by "
+            "which that sequence is normalised)"
+        )
+    return waveforms
+
+
 def _camino_rows(path):
     """Yield ``(lineno, values)`` for the data rows of a Camino scheme file."""
     version_seen = False
     with open(os.fspath(path)) as f:
         for lineno, raw in enumerate(f, start=1):
             line = raw.strip()
-            if not line or line.startswith("#"):
+            if not line or line.startswith(("#", "%")):
                 continue
             if not version_seen:
-                _check_camino_version(line, path, lineno)
                 version_seen = True
+                if _headerless_row(line):
+                    yield lineno, _camino_values(line, path, lineno)
+                else:
+                    _check_camino_version(line, path, lineno)
                 continue
             yield lineno, _camino_values(line, path, lineno)
     if not version_seen:
@@ -1118,6 +1147,19 @@ def _camino_rows(path):
             f"{path}: no 'VERSION: {_CAMINO_VERSION}' header line; the first "
             "non-comment line of a Camino scheme file names its format"
         )
+
+
+def _headerless_row(line):
+    """Whether a scheme's first line is already a STEJSKALTANNER row (seven
+    numbers), as in files written without the VERSION line."""
+    fields = line.split()
+    if len(fields) != len(_CAMINO_COLUMNS):
+        return False
+    try:
+        [float(v) for v in fields]
+    except ValueError:
+        return False
+    return True
 
 
 def _check_camino_version(line, path, lineno):

@@ -478,7 +478,8 @@ def test_from_camino_formula(tmp_path):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("0 0 1 0.05 0.03 0.01 0.05\n", "line 1.*VERSION"),
+        ("0 0 1 1000\n", "line 1.*VERSION"),
+        ("% x y z\n0 0 1 0.05 0.03 0.01\n", "line 2.*VERSION"),
         ("# only a comment\n", "VERSION"),
         ("VERSION: BVECTOR\n0 0 1 1000\n", "line 1.*unsupported.*BVECTOR"),
         ("VERSION: STEJSKALTANNER\n0 0 1 0.05 0.03 0.01\n", "line 2.*7 columns"),
@@ -492,6 +493,35 @@ def test_from_camino_malformed(tmp_path, text, match):
     path = tmp_path / "bad.scheme"
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
+        Protocol.from_camino(path)
+
+
+def test_from_camino_reads_the_isbi_layout(tmp_path):
+    """The ISBI 2015 challenge's scheme: a ``%`` header line, no VERSION line,
+    and b = 0 rows at DELTA = delta = 0 carrying only their echo time. Each
+    b = 0 row takes the timing of the weighted rows of its TE, so that every
+    sequence keeps its own b = 0 (its T2 weighting)."""
+    path = tmp_path / "isbi.txt"
+    path.write_text(
+        "%--dir-x---dir-y----dir-z-----|G|-----DELTA---delta-----TE---\n"
+        "0 0 0 0 0 0 0.049\n"
+        "0 0 0 0 0 0 0.058\n"
+        "1 0 0 0.061 0.022 0.003 0.049\n"
+        "0 1 0 0.061 0.022 0.008 0.058\n"
+        "0 0 1 0.030 0.022 0.008 0.058\n"
+    )
+    protocol = Protocol.from_camino(path)
+    assert protocol.waveforms[0] == PGSE(0.003, 0.022)
+    assert protocol.waveforms[1] == PGSE(0.008, 0.022)
+    npt.assert_array_equal(protocol.bvals[:2], 0.0)
+    assert len(protocol.groups()) == 2
+    # A b = 0 row whose TE no weighted row has, with two timings: refused,
+    # naming the line and the fix.
+    path.write_text(
+        "VERSION: STEJSKALTANNER\n0 0 0 0 0 0 0.070\n"
+        "1 0 0 0.061 0.022 0.003 0.049\n0 1 0 0.061 0.022 0.008 0.058\n"
+    )
+    with pytest.raises(ValueError, match="line.* 2:.*give each b = 0 row"):
         Protocol.from_camino(path)
 
 
