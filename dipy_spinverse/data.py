@@ -27,6 +27,11 @@ and simulated as a section on a patch of resolution 12 (its training's
 reference grid), for the default posterior (``dipy_fit_spinverse
 --fit_method posterior`` without options; its estimator ships with the
 package).
+
+Real tissue: :func:`read_cat_spinal_cord` (a slice with per-voxel histology)
+and :func:`read_isbi2015` (the ISBI 2015 challenge's voxels) read public
+datasets from the files of the dmipy 1.0.5 distribution
+(:mod:`dipy_spinverse.io.datasets`; never downloaded by the package).
 """
 
 import json
@@ -39,6 +44,7 @@ from .files import save_image
 from .geometry.descriptors import DESCRIPTORS
 from .geometry.phantoms import cylinder, sphere
 from .geometry.topology import barrier_mesh
+from .io.datasets import RealDataset, read_cat_spinal_cord, read_isbi2015
 from .posterior import (
     FAMILIES,
     WHITE_MATTER_TRAINING,
@@ -52,6 +58,9 @@ from .sim.sequences import Protocol, fibonacci_sphere
 __all__ = [
     "make_phantom_dataset",
     "published_phantoms",
+    "read_cat_spinal_cord",
+    "read_isbi2015",
+    "RealDataset",
     "PHANTOM_VOXELS",
     "TISSUE_VOXELS",
     "AXON_VOXELS",

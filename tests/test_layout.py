@@ -29,6 +29,7 @@ LAYERS = [
     "sim.limits",
     "sim",
     "io.gradients",
+    "io.datasets",
     "compartments.acquisition",
     "compartments.fitting",
     "compartments.blocks",
@@ -65,6 +66,7 @@ LAYERS = [
     "inverse.reconstruct",
     "inverse",
     "posterior.targets",
+    "posterior.checkpoint",
     "posterior.prior",
     "posterior.calibration",
     "posterior.estimator",
@@ -209,7 +211,7 @@ def test_packages_reexport_their_modules_public_names_lazily():
         "import sys, importlib\n"
         "import dipy_spinverse.io as io\n"
         "assert 'dipy_spinverse.io.store' not in sys.modules\n"
-        "for pkg, subs in ((io, ('store', 'surfaces', 'meshes', 'gradients')),\n"
+        "for pkg, subs in ((io, ('store', 'surfaces', 'meshes', 'gradients', 'datasets')),\n"
         "        (importlib.import_module('dipy_spinverse.workflows'),\n"
         "         ('spinverse', 'report', 'cli'))):\n"
         "    names = []\n"
