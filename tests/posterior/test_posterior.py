@@ -718,3 +718,28 @@ def test_an_interrupted_simulation_resumes_from_its_checkpoint(tmp_path, monkeyp
     again = fresh.simulate_draws(others, checkpoint=checkpoint)
     assert_allclose(again, expected[::-1], atol=fresh.time_tolerance)
     assert len(set(simulated)) == len(others)
+
+
+def test_a_fixed_fibre_axis_orients_every_axon_draw():
+    """``fibre_axis`` (normalised) is every axon draw's direction and its
+    fibres' orientation; it enters the estimator's key only when set (the
+    shipped keys stand); bad values are refused with the fix."""
+    from dipy_spinverse.posterior import estimator_key
+
+    prior = replace(AXON_PRIOR, fibre_axis=(0, 0, 2))
+    assert prior.fibre_axis == (0.0, 0.0, 1.0)
+    for seed in range(3):
+        draw = prior.draw(np.random.default_rng(seed))
+        assert_allclose(draw.axis, [0, 0, 1])
+        assert_allclose(abs(draw.descriptors["orientation"][2]), 1.0, atol=1e-9)
+    assert "fibre_axis" not in AXON_PRIOR.description()
+    options = TrainingOptions()
+    assert estimator_key(prior, PROTOCOL, options) != estimator_key(
+        AXON_PRIOR, PROTOCOL, options
+    )
+    with pytest.raises(ValueError, match="fibre_axis must be a finite, non-zero"):
+        replace(AXON_PRIOR, fibre_axis=(0, 0, 0))
+    with pytest.raises(ValueError, match=r"fibre_axis must be a direction \(x, y, z\)"):
+        replace(AXON_PRIOR, fibre_axis=(1, 0))
+    with pytest.raises(ValueError, match="add 'axon' or remove fibre_axis"):
+        replace(SMALL_PRIOR, fibre_axis=(0, 0, 1))
