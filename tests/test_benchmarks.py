@@ -223,3 +223,28 @@ def test_peers_score_every_method_on_the_searchs_voxels(monkeypatch):
     np.testing.assert_array_equal(every, [True, True, True, False])
     failed = module.scored_voxels(status, {}, "exchange_time", voxels, "search")
     assert not failed.any()
+
+
+def test_the_cord_posteriors_subset_keeps_timings_q_range_and_b0(monkeypatch):
+    """benchmarks/cord_histology.py fits its posterior on a subset of the
+    AxCaliber set: every b = 0, and per timing and direction axis every 5th
+    strength from the strongest down (one sign), so the q range and the
+    nine timings stay; the noise comes from the repeated b = 0 volumes."""
+    from dipy_spinverse.data import read_cat_spinal_cord
+
+    try:
+        cord = read_cat_spinal_cord()
+    except FileNotFoundError:
+        pytest.skip("the dmipy 1.0.5 files are not here")
+    bench = _load_benchmark("cord_histology")
+    rows, gtab = bench.subset(cord, 5)
+    assert gtab.b0s_mask.sum() == cord.gtab.b0s_mask.sum() == 36
+    strength = cord.protocol.gradient_strength
+    for waveform, group in cord.protocol.groups():
+        kept = np.intersect1d(rows, group)
+        assert strength[kept].max() == strength[group].max()
+        assert 18 <= (cord.protocol.bvals[kept] > 0).sum() <= 22
+    assert 200 < len(rows) < 260
+    sigma, s0 = bench.noise_level(cord)
+    assert sigma.shape == s0.shape == (968,)
+    assert 100 < np.median(s0 / sigma) < 1000
