@@ -240,7 +240,7 @@ def test_the_cord_posteriors_subset_keeps_timings_q_range_and_b0(monkeypatch):
     rows, gtab = bench.subset(cord, 5)
     assert gtab.b0s_mask.sum() == cord.gtab.b0s_mask.sum() == 36
     strength = cord.protocol.gradient_strength
-    for waveform, group in cord.protocol.groups():
+    for _, group in cord.protocol.groups():
         kept = np.intersect1d(rows, group)
         assert strength[kept].max() == strength[group].max()
         assert 18 <= (cord.protocol.bvals[kept] > 0).sum() <= 22
