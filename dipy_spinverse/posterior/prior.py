@@ -73,7 +73,7 @@ from ..geometry.substrates import (
     packed_substrate,
     random_substrate,
 )
-from ..sim.forward import simulate
+from ..sim.forward import converged_substeps, simulate
 from ..sim.grid import TetGrid
 from ..sim.sections import SectionGrid
 from ..sim.sequences import as_protocol
@@ -770,29 +770,27 @@ class PriorSimulator:
 
     def _measure_substeps(self, box, grid, draws, rows):
         """Double the Magnus sub-steps of ``rows`` until their signals change
-        by less than ``time_tolerance``; keep that count for the box
-        (side, boundary) and return the rows' signals at it (as every other
-        row of the box)."""
-        substeps = 1
-        coarse = self._simulate(grid, draws, rows, substeps=substeps)
-        while True:
-            fine = self._simulate(grid, draws, rows, substeps=2 * substeps)
-            error = float(np.abs(coarse - fine).max())
-            if error <= self.time_tolerance or 2 * substeps >= self.MAX_SUBSTEPS:
-                self.measured_substeps[box] = (substeps, error)
-                if error > self.time_tolerance:
-                    logger.warning(
-                        "Prior boxes of side %.3g um (%s): time error %.2g after %d "
-                        "Magnus sub-steps, above time_tolerance %.2g; simulate in "
-                        "float64 or raise cell_diameter's lower bound.",
-                        box[0],
-                        box[1],
-                        error,
-                        substeps,
-                        self.time_tolerance,
-                    )
-                return coarse
-            coarse, substeps = fine, 2 * substeps
+        by less than ``time_tolerance`` (:func:`~dipy_spinverse.sim.forward.
+        converged_substeps`); keep that count for the box (side, boundary)
+        and return the rows' signals at it (as every other row of the box)."""
+        substeps, signals, error = converged_substeps(
+            lambda n: self._simulate(grid, draws, rows, substeps=n),
+            self.time_tolerance,
+            max_substeps=self.MAX_SUBSTEPS,
+        )
+        self.measured_substeps[box] = (substeps, error)
+        if error > self.time_tolerance:
+            logger.warning(
+                "Prior boxes of side %.3g um (%s): time steps still change the "
+                "signals by %.2g at %d Magnus sub-steps, above time_tolerance "
+                "%.2g; simulate in float64 or raise cell_diameter's lower bound.",
+                box[0],
+                box[1],
+                error,
+                substeps,
+                self.time_tolerance,
+            )
+        return signals
 
     def __repr__(self):
         return f"PriorSimulator({self.prior!r}, n_acquisitions={len(self.protocol)})"

@@ -14,7 +14,7 @@ from .sections import SectionGrid, fibre_frame
 from .sequences import as_protocol
 from .solvers import ENGINES, propagate, time_plan
 
-__all__ = ["simulate", "update_digest", "METHODS", "TIME_TOL"]
+__all__ = ["simulate", "converged_substeps", "update_digest", "METHODS", "TIME_TOL"]
 
 METHODS = ("auto",) + ENGINES + ("modes",)
 
@@ -253,8 +253,17 @@ def simulate(
                 )
                 if axes is not None:
                     pilot_op = _oriented(pilot_op, grid, planes[pilot])
-                substeps, coarse = _converged_substeps(
+                substeps, coarse, change = converged_substeps(
                     lambda n: signals(pilot_op, start[pilot], n), time_tol
+                )
+            if change > time_tol:
+                warnings.warn(
+                    f"simulate: the signals still change by {change:.2g} (above "
+                    f"time_tol {time_tol:.2g}) at {_MAX_SUBSTEPS} Magnus sub-step "
+                    "multiples; returned at that multiple. Pass a smaller "
+                    "phase_step, or a coarser grid.",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
             if len(_MEASURED) >= _MEASURED_MAX:
                 _MEASURED.clear()
@@ -293,25 +302,43 @@ def _signals(op, protocol, u0, *, frame, **options):
     return out
 
 
-def _converged_substeps(signals, time_tol):
-    """The sub-step multiple ``n`` (1, 2, 4, ...) whose signals change by at
-    most ``time_tol`` when it is doubled, and ``signals(n)``."""
+def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS):
+    """Double a Magnus sub-step multiple until the signals stop moving.
+
+    The fourth-order scheme's error falls ~16x per doubling, so the change
+    between ``n`` and ``2n`` sub-steps bounds the error at ``n``. Shared by
+    :func:`simulate` (``substeps=None`` on periodic grids) and the prior's
+    simulator, which measures once per patch size.
+
+    Parameters
+    ----------
+    signals : callable
+        ``signals(n)``: the signals (array or tensor) at multiple ``n``.
+    time_tol : float
+        Largest change accepted.
+    max_substeps : int
+        The largest multiple tried.
+
+    Returns
+    -------
+    multiple : int
+        The first ``n`` (1, 2, 4, ...) whose signals change by at most
+        ``time_tol`` when doubled; where none does up to ``max_substeps``,
+        ``max_substeps`` (the finest tried).
+    signals : array or tensor
+        ``signals(multiple)``.
+    change : float
+        The last change measured: above ``time_tol`` only when the doubling
+        did not converge (the caller says so).
+    """
     substeps, coarse = 1, signals(1)
     while True:
         fine = signals(2 * substeps)
-        change = float((coarse - fine).abs().max())
+        change = float(abs(coarse - fine).max())
         if change <= time_tol:
-            return substeps, coarse
-        if 2 * substeps >= _MAX_SUBSTEPS:
-            warnings.warn(
-                f"simulate: the signals still change by {change:.2g} (above "
-                f"time_tol {time_tol:.2g}) at {_MAX_SUBSTEPS} Magnus sub-step "
-                "multiples; returned at that multiple. Pass a smaller "
-                "phase_step, or a coarser grid.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return 2 * substeps, fine
+            return substeps, coarse, change
+        if 2 * substeps >= max_substeps:
+            return 2 * substeps, fine, change
         substeps, coarse = 2 * substeps, fine
 
 

@@ -127,7 +127,7 @@ def test_periodic_substeps_are_measured_on_stiff_grids(monkeypatch):
     def measure_again(*args):
         raise AssertionError("measured twice")
 
-    monkeypatch.setattr(forward, "_converged_substeps", measure_again)
+    monkeypatch.setattr(forward, "converged_substeps", measure_again)
     field = torch.tensor(kappa, requires_grad=True)
     again = simulate(grid, field, prot)
     again.sum().backward()
@@ -334,3 +334,26 @@ def test_periodic_substeps_converge_on_stiff_grids():
         simulate(grid, kappa, prot, substeps=0)
     with pytest.raises(ValueError, match="phase_step"):
         simulate(grid, kappa, prot, phase_step=-0.1)
+
+
+def test_converged_substeps_doubles_until_the_change_is_below_tolerance():
+    """A signal whose error at n sub-steps is 16^-log2(n) (fourth order):
+    the first multiple whose doubling moves it by <= tol is returned with
+    its signal and that change; past ``max_substeps`` the finest is
+    returned with the last change (above tol: the caller warns)."""
+    from dipy_spinverse.sim.forward import converged_substeps
+
+    calls = []
+
+    def signals(n):
+        calls.append(n)
+        return np.array([1.0 + 0.1 * n**-4.0])
+
+    multiple, value, change = converged_substeps(signals, 1e-4)
+    # Change between n and 2n: 0.1 n^-4 (15/16) <= 1e-4 first at n = 8.
+    assert multiple == 8 and calls == [1, 2, 4, 8, 16]
+    assert_allclose(value, signals(8))
+    assert_allclose(change, 0.1 * 8.0**-4 * 15 / 16)
+    multiple, value, change = converged_substeps(signals, 1e-9, max_substeps=16)
+    assert multiple == 16 and change > 1e-9
+    assert_allclose(value, signals(16))
