@@ -399,6 +399,7 @@ class SpinverseModel(ReconstModel):
         options = default_training(prior) if options is None else options
         #: The noise level of the posterior's input, relative to S0.
         self.posterior_sigma = self.config.loss.sigma
+        _warn_outside_training_noise(self.posterior_sigma, options)
         #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
         self.prior = prior.simulator(self.protocol)
         self.posterior_options = options
@@ -816,6 +817,27 @@ def gradient_tables(gtab):
             f"seconds) or a dipy_spinverse Protocol, got {type(gtab).__name__}."
         )
     return gtab, Protocol.from_gtab(gtab)
+
+
+def _warn_outside_training_noise(sigma, options):
+    """Warn when ``sigma`` lies outside the noise levels the estimator was
+    trained on (``options.snr_range``): the network then extrapolates, and
+    its intervals are not calibrated there."""
+    if not sigma > 0:
+        return
+    low, high = options.snr_range
+    snr = 1.0 / sigma
+    if low <= snr <= high:
+        return
+    edge = "above" if snr > high else "below"
+    warnings.warn(
+        f"sigma {sigma:.3g} (SNR {snr:.0f}) is {edge} the noise levels the "
+        f"posterior is trained on (SNR {low:g}-{high:g}): its intervals are "
+        "not calibrated there. On real data whose SNR is higher, pass the "
+        "largest noise the model's own errors allow (e.g. sigma = 1 / "
+        f"{high:g}); or train with posterior_options=dict(snr_range=...).",
+        stacklevel=3,
+    )
 
 
 def _make_grid(grid, size, resolution, boundary, wall_permeability):

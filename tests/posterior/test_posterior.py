@@ -743,3 +743,23 @@ def test_a_fixed_fibre_axis_orients_every_axon_draw():
         replace(AXON_PRIOR, fibre_axis=(1, 0))
     with pytest.raises(ValueError, match="add 'axon' or remove fibre_axis"):
         replace(SMALL_PRIOR, fibre_axis=(0, 0, 1))
+
+
+def test_a_noise_level_outside_the_training_range_is_warned(posterior_model):
+    """The estimator is trained on SNR in ``snr_range``; a sigma outside it
+    (real data at SNR 377, say) would make it extrapolate: warned, naming
+    the fix. Inside the range: silent."""
+    low, high = SMALL_OPTIONS.snr_range
+    assert posterior_model.estimator is not None  # trained (cached) on first use
+    common = dict(
+        fit_method="posterior",
+        prior=SMALL_PRIOR,
+        posterior_options=SMALL_OPTIONS,
+        cache_dir=posterior_model.estimator_path.parent,
+    )
+    with pytest.warns(
+        UserWarning, match=rf"above the noise levels .*SNR {low:g}-{high:g}"
+    ):
+        SpinverseModel(PROTOCOL, sigma=0.5 / high, **common)
+    with pytest.warns(UserWarning, match="below the noise levels"):
+        SpinverseModel(PROTOCOL, sigma=2.0 / low, **common)
