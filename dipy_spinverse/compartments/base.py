@@ -721,7 +721,12 @@ class CompartmentFit(ReconstFit):
             Acquisitions to predict (with timing where the model needs it);
             default the model's own table.
         S0 : float or array_like of shape ``self.shape``, optional
-            Signal without diffusion weighting; default the fitted S0.
+            Signal without diffusion weighting; default the fitted S0 (from
+            the mean of all b = 0 volumes). Where the fit normalised each
+            pulse timing by its own b = 0 (echo times that differ), the
+            prediction has one S0 for every timing: multiply each timing's
+            volumes by its b = 0 level to compare with the data (its T2
+            weighting, which the models do not describe).
 
         Returns
         -------
