@@ -109,8 +109,8 @@ def main():
         f"{np.median(levels[:, isbi.gtab.b0s_mask].mean(-1) / sigma):.0f}. "
         f"Machine: {platform.machine()}"
     )
-    print("\n| model | genu | fornix | all | fit (s) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| model | genu | fornix | all | fit (s) | diameter genu / fornix (um) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, build in MODELS.items():
         model = build(train_table)
         start = time.perf_counter()
@@ -122,8 +122,13 @@ def main():
         expected = np.sqrt(predicted**2 + sigma[:, None] ** 2)
         score = ((expected - data[:, test]) ** 2).mean(-1) / sigma**2
         cells = [f"{np.median(score[region == r]):.1f}" for r in (0, 1)]
+        diameter = "--"
+        if hasattr(fit, "diameter"):
+            d = np.asarray(fit.diameter).ravel()
+            diameter = " / ".join(f"{np.median(d[region == r]):.1f}" for r in (0, 1))
         print(
-            f"| {name} | {' | '.join(cells)} | {np.median(score):.1f} | {seconds:.1f} |"
+            f"| {name} | {' | '.join(cells)} | {np.median(score):.1f} | "
+            f"{seconds:.1f} | {diameter} |"
         )
     print(
         "\nMedian over the voxels of the mean squared prediction error over "
