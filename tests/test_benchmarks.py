@@ -248,3 +248,30 @@ def test_the_cord_posteriors_subset_keeps_timings_q_range_and_b0(monkeypatch):
     sigma, s0 = bench.noise_level(cord)
     assert sigma.shape == s0.shape == (968,)
     assert 100 < np.median(s0 / sigma) < 1000
+
+
+@pytest.mark.parametrize("held_out", ["middle", "strongest"])
+def test_the_isbi_split_holds_out_one_strength_per_timing(held_out):
+    """benchmarks/isbi_prediction.py holds out, per timing, its middle (or
+    strongest) gradient strength; every b = 0 stays in the fit, and each
+    voxel's noise comes from its b = 0 spread within each echo time."""
+    from dipy_spinverse.data import read_isbi2015
+
+    try:
+        isbi = read_isbi2015()
+    except FileNotFoundError:
+        pytest.skip("the dmipy 1.0.5 files are not here")
+    bench = _load_benchmark("isbi_prediction")
+    test = bench.split(isbi, held_out)
+    assert not (test & isbi.gtab.b0s_mask).any()
+    strength = np.round(isbi.protocol.gradient_strength, 4)
+    for _, rows in isbi.protocol.groups():
+        held = np.unique(strength[rows][test[rows]])
+        weighted = np.unique(strength[rows][strength[rows] > 0])
+        assert len(held) == 1
+        expected = weighted[-1] if held_out == "strongest" else weighted[1]
+        assert held[0] == expected
+    sigma, levels = bench.noise_and_levels(isbi)
+    assert sigma.shape == (12,) and levels.shape == isbi.data.reshape(12, -1).shape
+    snr = levels[:, isbi.gtab.b0s_mask].mean(-1) / sigma
+    assert np.all((5 < snr) & (snr < 200))
