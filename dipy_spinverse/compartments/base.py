@@ -443,7 +443,9 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
         return signals.max(-1)
 
     def _b0_scales(self, signals, s0):
-        """The signal each volume is divided by (V, N).
+        """The signal each volume is divided by (V, N), and each voxel's
+        b = 0 level per pulse timing over ``s0`` (V, n_timings; None where
+        one b = 0 serves every timing).
 
         Sequences (pulse timings) at different echo times have different
         b = 0 levels (T2 decay); each is then divided by the mean b = 0 of
@@ -451,30 +453,28 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
         b = 0 made ActiveAx read 0.2 um there). Where the b = 0 levels agree
         (the median over the voxels of each sequence's level is within
         :data:`B0_LEVEL_TOL` of the pooled one), the pooled mean ``s0`` is
-        used: the same normalisation, less noisy. Volumes of a sequence
-        without b = 0 (warned at construction) take ``s0``.
+        used: the same normalisation, less noisy. A sequence without b = 0
+        (warned at construction) takes ``s0``.
         """
         scales = np.repeat(s0[:, None], signals.shape[-1], axis=1)
         if self._sequences is None or not self._b0s.any():
-            return scales
-        own = {}
-        for sequence in np.unique(self._sequences):
-            b0 = (self._sequences == sequence) & self._b0s
-            if b0.any():
-                own[sequence] = signals[:, b0].mean(-1)
+            return scales, None
+        levels = np.ones((len(signals), self._sequences.max() + 1))
         with np.errstate(divide="ignore", invalid="ignore"):
-            levels = [np.nanmedian(level / s0) for level in own.values()]
-        if not np.any(np.abs(np.asarray(levels) - 1.0) > B0_LEVEL_TOL):
-            return scales
+            for sequence in np.unique(self._sequences):
+                b0 = (self._sequences == sequence) & self._b0s
+                if b0.any():
+                    levels[:, sequence] = signals[:, b0].mean(-1) / s0
+            medians = np.nanmedian(levels, axis=0)
+        if not np.any(np.abs(medians - 1.0) > B0_LEVEL_TOL):
+            return scales, None
         logger.info(
             f"{type(self).__name__}: b = 0 levels differ between pulse timings "
             f"(median ratios to the pooled b = 0: "
-            f"{', '.join(f'{v:.3f}' for v in levels)}); each timing is "
+            f"{', '.join(f'{v:.3f}' for v in medians)}); each timing is "
             "normalised by its own b = 0."
         )
-        for sequence, level in own.items():
-            scales[:, self._sequences == sequence] = level[:, None]
-        return scales
+        return scales * levels[:, self._sequences], levels
 
     @warning_for_keywords()
     def fit(self, data, *, mask=None, fibres=None):
@@ -505,7 +505,7 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
         params = np.zeros(mask.shape + (n_params,))
         signals = data[mask]  # (V, N)
         s0 = self._s0_estimate(signals)
-        scales = self._b0_scales(signals, s0)
+        scales, levels = self._b0_scales(signals, s0)
         ok = np.isfinite(signals).all(-1) & np.isfinite(scales).all(-1)
         ok &= np.isfinite(s0) & (s0 > 0) & (scales > 0).all(-1)
         with np.errstate(over="ignore"):
@@ -525,7 +525,11 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
             else:
                 out[ok] = self._fit_fixed(y_ok, s0_ok)
         params[mask] = out
-        return self._fit_class(self, params, mask=mask)
+        sequence_levels = None
+        if levels is not None:
+            sequence_levels = np.ones(mask.shape + levels.shape[-1:])
+            sequence_levels[mask] = np.where(ok[:, None], levels, np.nan)
+        return self._fit_class(self, params, mask=mask, sequence_levels=sequence_levels)
 
     #: "auto" for models whose fibre count varies per voxel (set by
     #: subclasses that support it), else None.
@@ -646,14 +650,19 @@ class CompartmentFit(ReconstFit):
         All zeros outside the mask, NaN where a voxel could not be fitted.
     mask : array_like of bool, shape (...), optional
         Voxels of the fit (default: those with any non-zero parameter).
+    sequence_levels : ndarray, shape (..., n_timings), optional
+        Each voxel's b = 0 level per pulse timing over its S0, where the fit
+        normalised each timing by its own b = 0 (echo times that differ);
+        :meth:`predict` on the model's own table applies it.
     """
 
-    def __init__(self, model, model_params, *, mask=None):
+    def __init__(self, model, model_params, *, mask=None, sequence_levels=None):
         ReconstFit.__init__(self, model, None)
         self.model_params = model_params
         if mask is None:
             mask = np.any(np.asarray(model_params) != 0, axis=-1)
         self.mask = np.broadcast_to(np.asarray(mask, dtype=bool), self.shape)
+        self.sequence_levels = sequence_levels
 
     @property
     def shape(self):
@@ -665,7 +674,12 @@ class CompartmentFit(ReconstFit):
         # last spatial axis, as for DIPY's TensorFit).
         voxels = np.arange(self.mask.size).reshape(self.mask.shape)[index]
         rows = self.model_params.reshape(self.mask.size, -1)[voxels]
-        return type(self)(self.model, rows, mask=self.mask.reshape(-1)[voxels])
+        levels = self.sequence_levels
+        if levels is not None:
+            levels = levels.reshape(self.mask.size, -1)[voxels]
+        return type(self)(
+            self.model, rows, mask=self.mask.reshape(-1)[voxels], sequence_levels=levels
+        )
 
     def _param(self, name):
         return self.model_params[..., self.model.param_names.index(name)]
@@ -724,9 +738,11 @@ class CompartmentFit(ReconstFit):
             Signal without diffusion weighting; default the fitted S0 (from
             the mean of all b = 0 volumes). Where the fit normalised each
             pulse timing by its own b = 0 (echo times that differ), the
-            prediction has one S0 for every timing: multiply each timing's
-            volumes by its b = 0 level to compare with the data (its T2
-            weighting, which the models do not describe).
+            prediction of the model's own table (``gtab`` and ``S0`` not
+            given) scales each timing by its b = 0 level
+            (``sequence_levels``), as the data are; with another table or
+            an ``S0`` one S0 serves every timing (the models do not describe
+            T2 weighting).
 
         Returns
         -------
@@ -740,4 +756,7 @@ class CompartmentFit(ReconstFit):
             if gtab is None
             else Acquisition.from_gtab(gtab, timing=model._needs_timing)
         )
-        return model._predict_params(self.model_params, acq, S0, self.mask)
+        signal = model._predict_params(self.model_params, acq, S0, self.mask)
+        if gtab is None and S0 is None and self.sequence_levels is not None:
+            signal = signal * self.sequence_levels[..., model._sequences]
+        return signal
