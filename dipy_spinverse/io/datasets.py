@@ -205,9 +205,10 @@ def read_isbi2015(*, path=None):
     """The ISBI 2015 white-matter challenge's genu and fornix voxels.
 
     Twelve voxels of one in vivo brain (six in the genu of the corpus
-    callosum, six in the fornix), 3,612 measurements each: 48 shells
-    (gradient strengths up to 292 mT/m, DELTA 22-120 ms, delta 3 or 8 ms, b up to 45,800
-    s/mm^2) at twelve echo times, each with its own b = 0 volumes.
+    callosum, six in the fornix), 3,612 measurements each: 36 shells
+    (gradient strengths up to 292 mT/m, DELTA 22-120 ms, delta 3 or 8 ms,
+    b up to 45,800 s/mm^2) at twelve echo times, each with its own b = 0
+    volumes.
 
     Parameters
     ----------
