@@ -4,7 +4,8 @@ A posterior's training set takes minutes to hours of simulation. A
 :class:`SimulationCheckpoint` holds the signals simulated so far (and the
 time steps measured per patch, on which the remaining signals depend) in one
 ``.npz`` file, rewritten every :data:`SAVE_SECONDS` and when the simulation
-stops for any reason (Ctrl-C included). A rerun on the same draws reads it
+stops on an exception (Ctrl-C included; a killed process loses at most the
+last :data:`SAVE_SECONDS`). A rerun on the same draws reads it
 and simulates only what is missing; a file of other draws is ignored with a
 log line, never mixed in.
 """
