@@ -231,7 +231,8 @@ def test_b0_rows_without_timing_take_the_scheme_timing(tmp_path):
 
 
 def test_b0_rows_without_timing_among_several_timings_are_refused(tmp_path):
-    """Which sequence's echo time weights them cannot be told."""
+    """Which sequence's echo time weights them cannot be told (their TE is
+    none of the weighted rows')."""
     _, rows = _one_timing_rows()
     longer = rows.copy()
     longer[:, [4, 6]] = np.where(longer[:, 3:4] > 0, [0.05, 0.07], 0.0)
@@ -239,8 +240,9 @@ def test_b0_rows_without_timing_among_several_timings_are_refused(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"s\.scheme, line\(s\) 2, 3, 10, 11: b = 0 row\(s\) with DELTA = "
-        r"delta = 0 \(no timing\), but the scheme has 2 timings.*give each b = 0 "
-        "row the DELTA, delta and TE of the sequence",
+        r"delta = 0 \(no timing\) whose echo time \(TE column\) picks no single "
+        r"one of the 2 timings.*give each b = 0 row the DELTA, delta and TE of the "
+        "sequence",
     ):
         Protocol.from_camino(path)
 
@@ -277,9 +279,10 @@ def test_version_1_is_the_stejskal_tanner_format(tmp_path):
             r"s\.scheme, line 2: 'g_x .* TE' is not a row of numbers; a line of "
             "column names must be a comment",
         ),
-        # No header at all.
+        # No header, and rows that are not STEJSKALTANNER's seven columns
+        # (a headerless file of seven is read: the ISBI 2015 scheme).
         (
-            "1 0 0 0.05 0.02 0.01 0.03\n",
+            "1 0 0 1000\n",
             r"s\.scheme, line 1: .*add the line 'VERSION: STEJSKALTANNER' before",
         ),
         # Another format, without timing.
