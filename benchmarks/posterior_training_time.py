@@ -43,7 +43,9 @@ import tempfile
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
+from dipy.core.gradients import gradient_table
 from dipy.utils.logging import logger
 from surface_check import _demo_protocol
 
@@ -55,14 +57,34 @@ from dipy_spinverse.posterior import (
     estimator_key,
     load_or_train,
 )
-from dipy_spinverse.sim.sequences import as_protocol, hcp_protocol, published_protocol
+from dipy_spinverse.sim.sequences import (
+    Protocol,
+    as_protocol,
+    hcp_protocol,
+    published_protocol,
+)
 
 TARGET_MINUTES = {"demo": 30, "published": 90, "hcp": 90}
+
+
+def _as_a_users_table(protocol):
+    """``protocol`` as ``SpinverseModel`` reads it from a DIPY gradient
+    table: the estimator's key hashes the directions' bytes, and the table
+    renormalises them (1e-16 apart), so a Protocol's own key would not be
+    the one a user's table looks up."""
+    small = np.array([w.small_delta for w in protocol.waveforms])
+    big = np.array([w.big_delta for w in protocol.waveforms])
+    table = gradient_table(
+        protocol.bvals, bvecs=protocol.bvecs, small_delta=small, big_delta=big
+    )
+    return Protocol.from_gtab(table)
+
+
 PROTOCOLS = {
     # The demo's protocol as the workflow reads it from its files.
     "demo": lambda: _demo_protocol()[0],
-    "published": published_protocol,
-    "hcp": hcp_protocol,
+    "published": lambda: _as_a_users_table(published_protocol()),
+    "hcp": lambda: _as_a_users_table(hcp_protocol()),
 }
 
 
