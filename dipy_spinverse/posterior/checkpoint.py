@@ -104,9 +104,7 @@ class SimulationCheckpoint:
                 box_boundary=np.array([box[1] for box, _ in boxes], dtype=str),
                 box_section=np.array([box[2] for box, _ in boxes], dtype=bool),
                 substeps=np.array([m for _, (m, _) in boxes], dtype=np.int64),
-                substep_error=np.array(
-                    [np.nan if e is None else e for _, (_, e) in boxes], dtype=float
-                ),
+                substep_error=np.array([e for _, (_, e) in boxes], dtype=float),
             )
         self._last_save = time.monotonic()
 

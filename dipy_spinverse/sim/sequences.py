@@ -1099,16 +1099,16 @@ def _time_untimed_b0(waveforms, echoes, linenos, path):
     if not untimed:
         return waveforms
     timings = set(waveforms) - {None}
+    # The timings of the weighted rows per echo time, written to the
+    # microsecond.
+    by_echo = {}
+    for waveform, echo in zip(waveforms, echoes, strict=True):
+        if waveform is not None:
+            by_echo.setdefault(round(float(echo), 6), set()).add(waveform)
     unresolved = []
     waveforms = list(waveforms)
     for i in untimed:
-        # Echo times written to the microsecond.
-        same_echo = {
-            w
-            for w, te in zip(waveforms, echoes, strict=True)
-            if w is not None and abs(te - echoes[i]) < 1e-6
-        }
-        candidates = same_echo if same_echo else timings
+        candidates = by_echo.get(round(float(echoes[i]), 6)) or timings
         if len(candidates) == 1:
             waveforms[i] = next(iter(candidates))
         else:
