@@ -1,8 +1,14 @@
 """The DIPY reconstruction layer: :class:`SpinverseModel` and :class:`SpinverseFit`.
 
 ``model``
-    :class:`SpinverseModel`: options checked once, the gradient-table
-    gatekeeper, prediction helpers.
+    :func:`SpinverseModel`, the selector: ``fit_method="search"`` returns a
+    :class:`SpinverseSearchModel` (``search_model``: options checked once,
+    prediction helpers), ``fit_method="posterior"`` a
+    :class:`SpinversePosteriorModel` (``posterior_model``).
+``gate``
+    The one gate of the data: gradient tables to protocols, and each
+    voxel's signal checked, cast, normalised and given its status once,
+    for both methods.
 ``runner``
     The voxel runner: batches, parallel engines, statuses, retries and the
     checkpoint hook.
@@ -50,10 +56,16 @@ from .fit import (
     SpinverseFit,
 )
 from .model import SpinverseModel
+from .posterior import PosteriorFit
+from .posterior_model import SpinversePosteriorModel
 from .runner import PARALLEL_ENGINES
+from .search_model import SpinverseSearchModel
 
 __all__ = [
     "SpinverseModel",
+    "SpinverseSearchModel",
+    "SpinversePosteriorModel",
+    "PosteriorFit",
     "SpinverseFit",
     "STATUS_CODES",
     "PARALLEL_ENGINES",

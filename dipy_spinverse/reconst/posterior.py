@@ -44,7 +44,6 @@ from ..checks import check_int
 from ..geometry.descriptors import DESCRIPTORS
 from ..posterior import decode
 from ..posterior.calibration import SCALARS, calibrated_draws
-from ..sim.signals import VoxelSignals
 from .fit import (
     BAD_B0,
     IMPOSSIBLE_SIGNAL,
@@ -55,7 +54,7 @@ from .fit import (
     index_volume_fit,
     mask_rows,
 )
-from .plausibility import impossible_signal
+from .gate import admit
 
 __all__ = [
     "PosteriorFit",
@@ -101,23 +100,14 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
         ``sigma`` (n,), ``S0`` (n,), per scalar descriptor its quantiles
         (n, 5) at :data:`_KEPT`, and ``orientation`` (n, 3).
     """
-    protocol = model.protocol
-    rows = np.asarray(rows, dtype=np.float64)
-    n = len(rows)
-    status = np.full(n, OK, dtype=np.int8)
-    finite = np.isfinite(rows).all(-1)
-    status[~finite] = NONFINITE
-    signals = VoxelSignals.from_raw(rows, protocol)
-    scale = signals.scale
-    status[finite & ~(scale > 0).all(-1)] = BAD_B0
-    measured = status == OK
-    impossible = impossible_signal(
-        signals[measured], protocol, sigma=model.posterior_sigma
-    )
-    status[np.flatnonzero(measured)[impossible]] = IMPOSSIBLE_SIGNAL
+    gate = admit(rows, model.protocol, sigma=model.posterior_sigma)
+    n = len(gate.status)
+    status = gate.status.copy()
+    # Outside every prior: no tissue attenuates above its b = 0 signal.
+    status[gate.impossible] = IMPOSSIBLE_SIGNAL
     good = status == OK
-    inputs = np.full(rows.shape, np.nan, dtype=np.float32)
-    inputs[good] = signals.normalised[good]
+    inputs = np.full((n, len(model.protocol)), np.nan, dtype=np.float32)
+    inputs[good] = gate.signals.normalised[good]
     sigma = np.full(n, model.posterior_sigma, dtype=np.float32)
     summary = {name: np.full((n, len(_KEPT)), np.nan) for name in SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
@@ -133,9 +123,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
             levels = estimator.quantile_levels(name, _KEPT)
             summary[name][keep] = np.quantile(values[name], levels, axis=0).T
         summary["orientation"][keep] = _mean_axis(values["orientation"])
-    S0 = np.full(n, np.nan)
-    S0[measured] = scale[measured].mean(-1)
-    return dict(status=status, inputs=inputs, sigma=sigma, S0=S0, **summary)
+    return dict(status=status, inputs=inputs, sigma=sigma, S0=gate.S0, **summary)
 
 
 def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed):

@@ -38,10 +38,8 @@ from ..checks import check_int, check_mask_values
 from ..inverse import reconstruct
 from ..inverse.search import WITHIN_NOISE_FALSE_ALARM
 from ..meshfit.refine import refine_cell
-from ..sim.signals import VoxelSignals
 from . import engines
 from .fit import (
-    BAD_B0,
     DIVERGED,
     FAILED,
     FITTED,
@@ -50,7 +48,6 @@ from .fit import (
     MESH_NO_CELL,
     MESH_NOT_REFINED,
     MESH_OK,
-    NONFINITE,
     OK,
     OPTIONAL_PARAMETERS,
     PENDING,
@@ -61,7 +58,7 @@ from .fit import (
     UNDERDETERMINED,
     SpinverseFit,
 )
-from .plausibility import impossible_signal
+from .gate import admit
 from .posterior import surface_volume_bound
 
 __all__ = [
@@ -142,22 +139,12 @@ def fit_voxels(model, data, *, callback=None):
     history : dict or None
         The inversion's loss curves, when it ran once over all voxels.
     """
-    data = np.asarray(data, dtype=np.float64)
-    n = len(data)
-    result = empty_params(model, n)
-    signals = VoxelSignals.from_raw(data, model.protocol)
-    finite = np.isfinite(data).all(axis=1)
-    result["status"][~finite] = NONFINITE
-    s0, s0_seq = signals.s0, signals.scale
-    bad_b0 = finite & ~((s0 > 0) & (s0_seq > 0).all(axis=1))
-    result["status"][bad_b0] = BAD_B0
-    # A b = 0 of 1e-310 against diffusion-weighted values of 1: the
-    # normalised signal is not finite in the model's dtype, the inversion
-    # could not use it, and one such voxel would fail the batch it is in.
-    largest = torch.finfo(model.dtype).max
-    overflows = ~(np.abs(signals.normalised) <= largest).all(axis=1)
-    result["status"][(result["status"] == PENDING) & overflows] = NONFINITE
-    valid = np.flatnonzero(result["status"] == PENDING)
+    gate = admit(data, model.protocol, sigma=model.config.loss.sigma, dtype=model.dtype)
+    result = empty_params(model, len(gate.status))
+    failed = ~gate.ok
+    result["status"][failed] = gate.status[failed]
+    valid = np.flatnonzero(gate.ok)
+    signals = gate.signals
     history = None
     if len(valid):
         part, history = _reconstruct(model, signals[valid], callback)
@@ -165,13 +152,13 @@ def fit_voxels(model, data, *, callback=None):
             if value is not None:
                 result[key][valid] = value
         ok = valid[np.isin(part["status"], FITTED)]
-        result["S0"][ok] = s0[ok]
-        result["S0_sequences"][ok] = s0_seq[ok]
+        result["S0"][ok] = gate.S0[ok]
+        result["S0_sequences"][ok] = gate.S0_sequences[ok]
         if model.surface_check and len(ok):
             check_surfaces(model, signals[ok], result, ok)
         vouch_for_surfaces(model, result, ok)
         flag_uncertain_surfaces(result, ok)
-        flag_implausible(model, signals[ok], result, ok)
+        flag_implausible(model, gate.impossible[ok], result, ok)
         if model.refine_mesh:
             refine_meshes(model, signals, result, ok)
     return result, history
@@ -247,17 +234,18 @@ def flag_uncertain_surfaces(result, rows):
     result["status"][rows[uncertain]] = UNCERTAIN_SURFACE
 
 
-def flag_implausible(model, signals, result, rows):
+def flag_implausible(model, impossible, result, rows):
     """Statuses ``IMPOSSIBLE_SIGNAL`` and ``UNDERDETERMINED`` of the fitted
     voxels ``rows`` (in place), over the fit's own warning statuses.
 
-    ``signals``: those voxels'. A voxel whose attenuation exceeds 1 beyond
-    the noise (:func:`~dipy_spinverse.reconst.plausibility.impossible_signal`,
-    with the model's ``sigma`` or, without it, the voxel's own spread) gets
-    ``IMPOSSIBLE_SIGNAL``; where the protocol cannot determine the membranes
-    (``model.protocol_problems``), every
-    other fitted voxel gets ``UNDERDETERMINED``. Both outrank ``POOR_FIT``
-    and ``UNCERTAIN_SURFACE``, which follow from them (the precedence of
+    ``impossible``: whether each of those voxels' attenuation exceeds 1
+    beyond the noise (the gate's test,
+    :func:`~dipy_spinverse.reconst.plausibility.impossible_signal`, with the
+    model's ``sigma`` or, without it, the voxel's own spread); they get
+    ``IMPOSSIBLE_SIGNAL``. Where the protocol cannot determine the membranes
+    (``model.protocol_problems``), every other fitted voxel gets
+    ``UNDERDETERMINED``. Both outrank ``POOR_FIT`` and ``UNCERTAIN_SURFACE``,
+    which follow from them (the precedence of
     :mod:`~dipy_spinverse.reconst.fit`); the voxels keep their outputs.
     """
     if not len(rows):
@@ -265,12 +253,6 @@ def flag_implausible(model, signals, result, rows):
     status = result["status"]
     if model.protocol_problems:
         status[rows] = UNDERDETERMINED
-    impossible = impossible_signal(
-        signals,
-        model.protocol,
-        sigma=model.config.loss.sigma,
-        false_alarm=POOR_FIT_FALSE_ALARM,
-    )
     status[rows[impossible]] = IMPOSSIBLE_SIGNAL
 
 

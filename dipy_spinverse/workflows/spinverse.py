@@ -58,8 +58,10 @@ from ..io.surfaces import (
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
 from ..reconst import FLAGGED, STATUS_CODES, SpinverseModel
-from ..reconst.model import FIT_METHODS, NOISE_HINT, check_model_options
+from ..reconst.model import FIT_METHODS
+from ..reconst.posterior_model import NOISE_HINT
 from ..reconst.runner import check_resume
+from ..reconst.search_model import check_search_options
 from .cli import run_command
 from .report import write_posterior_report, write_report
 
@@ -424,28 +426,42 @@ class SpinverseFlow(Workflow):
         n_report = check_int(n_report, "n_report", 0)
         mesh_options = parse_mesh_options(mesh_options, refine_mesh=refine_mesh)
         noise = _noise_option(sigma, snr)
-        fit_method = check_choice(fit_method, "fit_method", FIT_METHODS)
+        fit_method = check_choice(fit_method, "fit_method", tuple(FIT_METHODS))
         posterior = parse_posterior_options(posterior_options, diffusivity)
-        # The model's options go through as given and are checked by the
-        # model itself (check_model_options, as SpinverseModel does), before
-        # any data is read; only its messages are put in flag names.
-        config = _checked_options(
-            fit_method=fit_method,
-            preset=preset,
-            max_iter=max_iter,
-            refine_mesh=bool(refine_mesh),
-            prior=posterior.get("prior"),
-            posterior_options=posterior.get("posterior_options"),
-            **_given(
-                sigma=0.01 if noise is not None else 0,  # the value comes later
+        # The chosen model's options are checked by the model's own check
+        # before any data is read; only its messages are put in flag names.
+        if fit_method == "posterior":
+            _refuse_search_flags(
+                max_iter=max_iter,
+                refine_mesh=refine_mesh,
                 search_bootstrap=search_bootstrap,
                 search_proposal=search_proposal,
-            ),
-        )
+            )
+            config = None
+        else:
+            config = _checked_options(
+                preset=preset,
+                max_iter=max_iter,
+                refine_mesh=bool(refine_mesh),
+                prior=posterior.get("prior"),
+                posterior_options=posterior.get("posterior_options"),
+                **_given(
+                    search_bootstrap=search_bootstrap,
+                    search_proposal=search_proposal,
+                ),
+            )
+        needs_noise = fit_method == "posterior" or "prior" in posterior
+        if needs_noise and noise is None:
+            what = (
+                "--fit_method posterior"
+                if fit_method == "posterior"
+                else 'The surface check (a "prior" in --posterior_options)'
+            )
+            raise ValueError(f"{what} needs the noise level: {_FLAGS[NOISE_HINT]}.")
         if (
             bool(save_metrics)
             and "uncertainty" in metrics
-            and not config.searches_labels
+            and not (config and config.searches_labels)
         ):
             raise ValueError(
                 "--save_metrics uncertainty comes from the label search, which "
@@ -640,8 +656,6 @@ _FLAGS = {
     "max_iter": "--max_iter",
     "preset='default'": "--preset default",
     "preset": "--preset",
-    "fit_method='posterior'": "--fit_method posterior",
-    "fit_method='search'": "--fit_method search",
     "posterior_options": "--posterior_options",
     "a prior": 'a "prior" in --posterior_options',
     "leave prior out": 'leave "prior" out',
@@ -657,13 +671,23 @@ def _given(**options):
     return {name: value for name, value in options.items() if value}
 
 
+def _refuse_search_flags(**flags):
+    """Refuse the label search's flags with ``--fit_method posterior``."""
+    given = [f"--{name}" for name, value in flags.items() if value]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} set the label search, which --fit_method "
+            "posterior does not run; leave them out or use --fit_method search."
+        )
+
+
 def _checked_options(**options):
-    """Check these flags with the model's own check
-    (:func:`~dipy_spinverse.reconst.model.check_model_options`), which returns
-    the inversion's configuration; its message, if it refuses them, names the
-    flags."""
+    """Check these flags with the search model's own check
+    (:func:`~dipy_spinverse.reconst.search_model.check_search_options`), which
+    returns the inversion's configuration; its message, if it refuses them,
+    names the flags."""
     try:
-        return check_model_options(**options)
+        return check_search_options(**options)
     except ValueError as err:
         message = str(err)
         for option, flag in _FLAGS.items():

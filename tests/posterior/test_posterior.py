@@ -380,20 +380,26 @@ def test_posterior_model_options_are_checked():
 
 
 def test_model_options_are_checked_without_a_gradient_table():
-    """check_model_options is the model's own check (a command calls it
-    before reading data): what it refuses, the model refuses."""
-    from dipy_spinverse.reconst.model import check_model_options
+    """check_search_options is the search model's own check (a command calls
+    it before reading data): what it refuses, the model refuses; each
+    method's model refuses the other's options by name."""
+    from dipy_spinverse.reconst.search_model import check_search_options
 
-    assert check_model_options(sigma=SIGMA).loss.sigma == SIGMA
+    assert check_search_options(sigma=SIGMA).loss.sigma == SIGMA
     for options, message in (
-        (dict(fit_method="posterior"), "needs the noise level"),
-        (dict(posterior_options=SMALL_OPTIONS), "pass fit_method='posterior'"),
+        (dict(posterior_options=SMALL_OPTIONS), "pass a prior with them"),
         (dict(preset="paper", refine_mesh=True), "starts each mesh from a labelled"),
         (dict(preset="paper", prior=SMALL_PRIOR), "turn the search on"),
     ):
-        for check in (check_model_options, lambda **o: SpinverseModel(PROTOCOL, **o)):
+        for check in (check_search_options, lambda **o: SpinverseModel(PROTOCOL, **o)):
             with pytest.raises(ValueError, match=message):
                 check(**options)
+    with pytest.raises(ValueError, match="needs the noise level"):
+        SpinverseModel(PROTOCOL, fit_method="posterior")
+    with pytest.raises(ValueError, match="needs the noise level"):
+        SpinverseModel(PROTOCOL, prior=SMALL_PRIOR)
+    with pytest.raises(ValueError, match=r"\['max_iter'\] are not options of"):
+        SpinverseModel(PROTOCOL, fit_method="posterior", sigma=SIGMA, max_iter=3)
 
 
 def test_prior_simulator_measures_its_time_error():

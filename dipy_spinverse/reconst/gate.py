@@ -1,0 +1,207 @@
+"""The one gate a voxel's data pass on their way to either fit method.
+
+Gradient tables are turned into protocols (:func:`gradient_tables`), data
+arrays checked for shape and type (:func:`check_data`), and each chunk of
+voxels cast to float64, normalised by its b = 0 signal and given its
+statuses once (:func:`admit`). Below the gate the inversion and the
+posterior trust their inputs: finite, normalised signals with a positive
+b = 0 in every sequence.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from dipy.core.gradients import GradientTable, gradient_table
+
+from ..sim.sequences import PGSE, Protocol, check_bvals
+from ..sim.signals import VoxelSignals
+from .fit import BAD_B0, NONFINITE, OK, POOR_FIT_FALSE_ALARM
+from .plausibility import impossible_signal
+
+__all__ = ["Admitted", "admit", "check_data", "gradient_tables", "require_b0"]
+
+
+def gradient_tables(gtab):
+    """(GradientTable, Protocol) from a gradient table or a protocol.
+
+    The one gatekeeper of gradient tables: DIPY has checked the b-vectors
+    against the table's own tolerance when it built the table, and
+    :meth:`Protocol.from_gtab` checks the timing and the b-values
+    (:func:`~dipy_spinverse.sim.sequences.check_bvals`; a protocol's b-values
+    are checked by the same function).
+
+    Parameters
+    ----------
+    gtab : GradientTable or Protocol
+        With the pulse timing (``big_delta``, ``small_delta`` in seconds).
+
+    Returns
+    -------
+    GradientTable, Protocol
+    """
+    if isinstance(gtab, Protocol):
+        timing = {}
+        if all(type(w) is PGSE for w in gtab.waveforms):
+            timing = dict(
+                big_delta=np.array([w.big_delta for w in gtab.waveforms]),
+                small_delta=np.array([w.small_delta for w in gtab.waveforms]),
+            )
+        check_bvals(gtab.bvals)
+        table = gradient_table(gtab.bvals, bvecs=gtab.bvecs, b0_threshold=0, **timing)
+        return table, gtab
+    if not isinstance(gtab, GradientTable):
+        raise ValueError(
+            "gtab must be a dipy GradientTable (with big_delta and small_delta in "
+            f"seconds) or a dipy_spinverse Protocol, got {type(gtab).__name__}."
+        )
+    return gtab, Protocol.from_gtab(gtab)
+
+
+def require_b0(protocol):
+    """Refuse a protocol without b = 0 volumes; warn of sequences without
+    their own (normalised by the mean of all, which assumes one echo time).
+
+    Parameters
+    ----------
+    protocol : Protocol
+        The model's acquisitions.
+    """
+    b0 = protocol.bvals == 0
+    if not b0.any():
+        raise ValueError(
+            "gtab has no b=0 volume (b <= gtab.b0_threshold); Spinverse "
+            "normalises each voxel by its b=0 signal. Acquire at least one "
+            "b=0 volume, or raise b0_threshold in gradient_table(...) if your "
+            "b=0 volumes have small nominal b-values."
+        )
+    sequences = protocol.sequences()
+    missing = [r for r, (_, idx) in enumerate(sequences) if not b0[idx].any()]
+    if missing:
+        warnings.warn(
+            f"sequence(s) of rank {missing} (0 = longest diffusion time) have "
+            "no b=0 volume of their own; they are normalised by the mean of all "
+            "b=0 volumes, which assumes the same T2 weighting (echo time).",
+            UserWarning,
+            stacklevel=4,  # the user's model constructor
+        )
+
+
+def check_data(data, n_volumes):
+    """``data`` as an array of its own numeric dtype, its last axis checked.
+
+    A volume is not copied to float64 here: :func:`admit` casts each chunk
+    of voxels as it is fitted. One voxel (1-D) is cast at once.
+
+    Parameters
+    ----------
+    data : array_like (..., n_volumes)
+        Raw magnitude signals.
+    n_volumes : int
+        Volumes of the model's gradient table.
+
+    Returns
+    -------
+    ndarray
+    """
+    data = np.asarray(data)
+    if data.dtype.kind == "c":
+        raise ValueError(
+            "data is complex; the fit takes magnitude signals: pass "
+            "np.abs(data) (or the real part, if the phase is corrected)."
+        )
+    if data.dtype.kind not in "biuf":
+        try:
+            data = np.asarray(data, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"data must be a numeric array (..., {n_volumes}), "
+                f"got {type(data).__name__} of {data.dtype}."
+            ) from err
+    if data.ndim == 0 or data.shape[-1] != n_volumes:
+        raise ValueError(
+            f"data has shape {data.shape} but the gradient table has "
+            f"{n_volumes} volumes; the last axis of data must hold "
+            f"one value per volume, in the order of gtab (shape (..., "
+            f"{n_volumes}))."
+        )
+    if data.ndim == 1:
+        data = data.astype(np.float64)
+    return data
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """Voxels past the gate.
+
+    Attributes
+    ----------
+    signals : VoxelSignals
+        Each sequence divided by its own b = 0 signal (float64).
+    status : ndarray of int8 (n,)
+        ``OK``, ``NONFINITE`` (NaN or inf, or a normalised signal beyond the
+        model's floating-point range) or ``BAD_B0`` (a sequence's b = 0
+        signal at most 0).
+    impossible : ndarray of bool (n,)
+        Admitted voxels whose attenuation exceeds 1 beyond the noise
+        (:func:`~dipy_spinverse.reconst.plausibility.impossible_signal`);
+        each method decides what that costs them.
+    S0 : ndarray (n,)
+        The mean b = 0 signal (NaN where the voxel is not admitted): the one
+        S0 of both methods.
+    S0_sequences : ndarray (n, n_sequences)
+        Each sequence's b = 0 scale (NaN where not admitted).
+    """
+
+    signals: VoxelSignals
+    status: np.ndarray
+    impossible: np.ndarray
+    S0: np.ndarray
+    S0_sequences: np.ndarray
+
+    @property
+    def ok(self):
+        """Whether each voxel is admitted (status ``OK``)."""
+        return self.status == OK
+
+
+def admit(data, protocol, *, sigma=0.0, dtype=torch.float32):
+    """Cast, normalise and give statuses to raw voxels, once.
+
+    Parameters
+    ----------
+    data : array_like (n, n_volumes)
+        Raw signals, any real dtype.
+    protocol : Protocol
+        Their acquisitions.
+    sigma : float
+        Noise over the b = 0 signal (0: unknown; the impossible-signal test
+        then uses each voxel's own spread).
+    dtype : torch.dtype
+        The precision the signals are fitted in: a normalised signal beyond
+        its range (a b = 0 of 1e-310) is ``NONFINITE``.
+
+    Returns
+    -------
+    Admitted
+    """
+    data = np.asarray(data, dtype=np.float64)
+    signals = VoxelSignals.from_raw(data, protocol)
+    status = np.full(len(data), OK, dtype=np.int8)
+    finite = np.isfinite(data).all(axis=1)
+    status[~finite] = NONFINITE
+    positive = (signals.s0 > 0) & (signals.scale > 0).all(axis=1)
+    status[finite & ~positive] = BAD_B0
+    # One such voxel would make its whole batch's loss non-finite.
+    largest = torch.finfo(dtype).max
+    overflows = ~(np.abs(signals.normalised) <= largest).all(axis=1)
+    status[(status == OK) & overflows] = NONFINITE
+    ok = status == OK
+    impossible = np.zeros(len(data), dtype=bool)
+    impossible[ok] = impossible_signal(
+        signals[ok], protocol, sigma=sigma, false_alarm=POOR_FIT_FALSE_ALARM
+    )
+    S0 = np.where(ok, signals.s0, np.nan)
+    S0_sequences = np.where(ok[:, None], signals.scale, np.nan)
+    return Admitted(signals, status, impossible, S0, S0_sequences)

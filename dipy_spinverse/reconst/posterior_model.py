@@ -1,0 +1,228 @@
+"""The amortised posterior's DIPY model :class:`SpinversePosteriorModel`.
+
+``SpinverseModel(gtab, fit_method="posterior", sigma=s)`` returns it
+(:func:`~dipy_spinverse.reconst.model.SpinverseModel`): calibrated maps of
+tissue descriptors with credible intervals, from a network trained once per
+protocol and prior and cached on disk.
+"""
+
+import warnings
+
+import numpy as np
+from dipy.reconst.base import ReconstModel
+from dipy.utils.logging import logger
+
+from ..checks import check_diffusivity, check_int
+from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
+from . import runner
+from .gate import check_data, gradient_tables, require_b0
+from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
+
+__all__ = [
+    "NOISE_HINT",
+    "SpinversePosteriorModel",
+    "check_prior",
+    "warn_outside_training_noise",
+]
+
+#: What the noise level ``sigma`` of a model is (in its error messages; the
+#: workflow, whose flags mean other units, puts its own words here).
+NOISE_HINT = (
+    "(the noise standard deviation over the b=0 signal, 1/SNR, e.g. 0.02; "
+    "estimate it e.g. with dipy.denoise.noise_estimate.estimate_sigma divided "
+    "by the mean b=0 signal)"
+)
+
+#: Posterior draws per voxel for the maps and stored intervals.
+N_POSTERIOR_SAMPLES = 128
+
+
+class SpinversePosteriorModel(ReconstModel):
+    """The amortised posterior of tissue descriptors, as a DIPY model.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable or Protocol
+        Gradient table whose ``big_delta`` and ``small_delta`` hold the pulse
+        timing in seconds (scalars or one value per volume), or an explicit
+        :class:`~dipy_spinverse.sim.sequences.Protocol`. It needs at least
+        one b = 0 volume (``b <= gtab.b0_threshold``).
+    sigma : float
+        Noise standard deviation over the b = 0 signal (1/SNR).
+    prior : TissuePrior, optional
+        The tissue the posterior is trained on (default
+        ``TissuePrior(diffusivity=diffusivity)``: white matter, straight
+        permeable axons of 1-25 um).
+    diffusivity : float
+        Intrinsic diffusivity in mm^2/s of the default prior, within
+        :data:`~dipy_spinverse.checks.DIFFUSIVITY_RANGE`; ignored when
+        ``prior`` is given (it holds its own).
+    posterior_options : TrainingOptions, optional
+        How the posterior is trained (simulations, network, epochs);
+        default :func:`~dipy_spinverse.posterior.default_training` of the
+        prior (the default prior's: 10,000 simulations, its grid error
+        modelled).
+    n_posterior_samples : int
+        Posterior draws per voxel for the maps and stored intervals. They
+        are quasi-random
+        (:func:`~dipy_spinverse.posterior.estimator.normal_points`): the
+        default 128 place a median as accurately as 500 independent draws
+        would.
+    cache_dir : path-like, optional
+        Where the trained posterior is kept (default
+        :func:`dipy_spinverse.files.cache_root`).
+
+    Notes
+    -----
+    Each voxel is divided by its own b = 0 signal, sequence by sequence
+    (:func:`dipy_spinverse.sim.signals.b0_scale`), by the gate
+    (:func:`~dipy_spinverse.reconst.gate.admit`) the label search's voxels
+    pass too. The estimator is trained on first use (its time announced
+    before it starts) and read from ``cache_dir`` afterwards.
+    """
+
+    #: How the model estimates (the selector's ``fit_method``).
+    fit_method = "posterior"
+
+    def __init__(
+        self,
+        gtab,
+        *,
+        sigma=None,
+        prior=None,
+        diffusivity=2e-3,
+        posterior_options=None,
+        n_posterior_samples=N_POSTERIOR_SAMPLES,
+        cache_dir=None,
+    ):
+        if sigma is None or not sigma > 0:
+            raise ValueError(
+                f"fit_method='posterior' needs the noise level: pass sigma "
+                f"{NOISE_HINT}."
+            )
+        check_prior(prior, posterior_options)
+        self.gtab, self.protocol = gradient_tables(gtab)
+        require_b0(self.protocol)
+        #: The protocol's sequences in rank order (:meth:`Protocol.sequences`).
+        self.sequences = self.protocol.sequences()
+        self.diffusivity = check_diffusivity(diffusivity)
+        prior = TissuePrior(diffusivity=self.diffusivity) if prior is None else prior
+        options = (
+            default_training(prior)
+            if posterior_options is None
+            else (posterior_options)
+        )
+        #: The noise level of the posterior's input, relative to S0.
+        self.posterior_sigma = float(sigma)
+        warn_outside_training_noise(self.posterior_sigma, options)
+        #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
+        self.prior = prior.simulator(self.protocol)
+        self.posterior_options = options
+        self.n_posterior_samples = check_int(
+            n_posterior_samples, "n_posterior_samples", 10
+        )
+        self.cache_dir = cache_dir
+        #: A posterior model does not determine membranes: no protocol
+        #: problem makes its intervals wrong, only wide.
+        self.protocol_problems = []
+        self._estimator = None
+
+    @property
+    def estimator(self):
+        """The trained posterior (trained on first use, then cached on disk)."""
+        if self._estimator is None:
+            self._estimator, self.estimator_path = load_or_train(
+                self.prior.prior,
+                self.protocol,
+                self.posterior_options,
+                cache_dir=self.cache_dir,
+            )
+        return self._estimator
+
+    def fit(self, data, *, mask=None):
+        """Posterior maps of one voxel or a volume.
+
+        Parameters
+        ----------
+        data : array_like (..., n_volumes) or (n_mask, n_volumes)
+            One voxel (1-D) or a volume, raw signal in the order of ``gtab``;
+            or, with ``mask``, the voxels of the mask only
+            (``volume[mask]``, in C order).
+        mask : array_like of bool (data.shape[:-1]), optional
+            Voxels to fit (default: all). For one voxel a single bool.
+
+        Returns
+        -------
+        PosteriorFit
+            Of shape ``data.shape[:-1]`` (``mask.shape`` for the mask's
+            voxels; ``()`` for one voxel).
+        """
+        data = check_data(data, len(self.protocol))
+        if data.ndim == 1:
+            mask = np.asarray(True if mask is None else mask, dtype=bool)
+            rows = data[None] if mask else data[None][:0]
+        else:
+            mask = runner.check_mask(mask, runner.volume_shape(data, mask))
+            rows = data if runner.is_mask_rows(data, mask) else data[mask]
+        params = fit_posterior(self, rows, n_samples=self.n_posterior_samples)
+        bad = params["status"] == OUT_OF_PRIOR
+        if bad.any():
+            logger.warning(
+                f"{int(bad.sum())} of {len(bad)} voxels are OUT_OF_PRIOR: no "
+                "simulation of the prior explains their signal within the noise "
+                f"(prior {self.prior.prior!r}); their maps are NaN. Check the "
+                "diffusivity, sigma and timing, or widen the prior."
+            )
+        runner.warn_implausible(self, params["status"])
+        return PosteriorFit(self, params, mask)
+
+    def __repr__(self):
+        return (
+            f"SpinversePosteriorModel(n_volumes={len(self.protocol)}, "
+            f"sigma={self.posterior_sigma:.3g}, prior={self.prior.prior!r})"
+        )
+
+
+def check_prior(prior, posterior_options):
+    """Refuse a prior or training options of another type, naming it."""
+    if prior is not None and not isinstance(prior, TissuePrior):
+        raise ValueError(
+            "prior must be a dipy_spinverse.posterior.TissuePrior, got "
+            f"{type(prior).__name__}."
+        )
+    if posterior_options is not None and not isinstance(
+        posterior_options, TrainingOptions
+    ):
+        raise ValueError(
+            "posterior_options must be a dipy_spinverse.posterior."
+            f"TrainingOptions, got {type(posterior_options).__name__}."
+        )
+
+
+def warn_outside_training_noise(sigma, options):
+    """Warn when ``sigma`` lies outside the noise levels the estimator was
+    trained on (``options.snr_range``): the network then extrapolates, and
+    its intervals are not calibrated there.
+
+    Parameters
+    ----------
+    sigma : float
+        Noise over the b = 0 signal.
+    options : TrainingOptions
+        The estimator's training.
+    """
+    if not sigma > 0:
+        return
+    low, high = options.snr_range
+    snr = 1.0 / sigma
+    if low <= snr <= high:
+        return
+    edge = "above" if snr > high else "below"
+    warnings.warn(
+        f"sigma {sigma:.3g} (SNR {snr:.0f}) is {edge} the noise levels the "
+        f"posterior is trained on (SNR {low:g}-{high:g}): its intervals are "
+        "not calibrated there. On real data whose SNR is higher, pass the "
+        "largest noise the model's own errors allow (e.g. sigma = 1 / "
+        f"{high:g}); or train with posterior_options=dict(snr_range=...).",
+        stacklevel=4,  # the user's model constructor
+    )

@@ -1,0 +1,726 @@
+"""The label search's DIPY model :class:`SpinverseSearchModel`.
+
+``SpinverseModel(gtab, fit_method="search", ...)`` returns it
+(:func:`~dipy_spinverse.reconst.model.SpinverseModel`). It is used like
+DIPY's ``TensorModel``: build it once from a gradient table (with the
+gradient timing in ``gtab.big_delta`` / ``gtab.small_delta``), then call
+``fit`` on one voxel or a whole volume. Every option is checked once, when
+the model is built; each voxel passes the gate (:mod:`.gate`) once and is
+handed to :func:`dipy_spinverse.inverse.reconstruct`.
+"""
+
+import copy
+import hashlib
+import os
+import warnings
+
+import numpy as np
+import torch
+from dipy.reconst.base import ReconstModel
+from dipy.reconst.multi_voxel import multi_voxel_fit
+
+from ..checks import (
+    check_choice,
+    check_device,
+    check_diffusivity,
+    check_dtype,
+    check_int,
+    check_positive,
+    check_s0,
+)
+from ..inverse import grid_error, prepare, resolve_config
+from ..meshfit.refine import check_refine_options, refine_topology
+from ..posterior import default_training, load_or_train
+from ..sim.forward import simulate
+from ..sim.grid import BOUNDARIES, TetGrid
+from ..sim.sequences import Protocol
+from ..sim.signals import normalise_b0
+from . import runner
+from .fit import MASKED, UNDERDETERMINED, SpinverseFit
+from .gate import check_data, gradient_tables, require_b0
+from .plausibility import protocol_problems
+from .posterior_model import (
+    N_POSTERIOR_SAMPLES,
+    NOISE_HINT,
+    check_prior,
+    warn_outside_training_noise,
+)
+
+__all__ = ["SpinverseSearchModel", "DEFAULT_GRID", "check_search_options"]
+
+
+def check_search_options(
+    *,
+    preset="default",
+    max_iter=None,
+    refine_mesh=False,
+    prior=None,
+    posterior_options=None,
+    **options,
+):
+    """Check the options of :class:`SpinverseSearchModel` that need neither
+    data nor a gradient table.
+
+    The model calls it first; a command can call it before reading any
+    data (``dipy_fit_spinverse`` does, its flags named in the messages).
+
+    Parameters
+    ----------
+    preset, max_iter, refine_mesh, prior, posterior_options
+        As in :class:`SpinverseSearchModel`.
+    **options
+        The inversion's options by name
+        (:data:`dipy_spinverse.inverse.config.OPTIONS`).
+
+    Returns
+    -------
+    config : InversionConfig
+        The inversion's configuration (before it is fitted to a protocol).
+
+    Raises
+    ------
+    ValueError
+        An option out of range, or one that the fit would ignore:
+        ``posterior_options`` without a prior, a surface check without a
+        label search, ``refine_mesh`` without cell labels. (The surface
+        check's need of ``sigma`` is checked by the model, which has it.)
+    """
+    config = resolve_config(preset, **options, max_iter=max_iter)
+    if refine_mesh and not config.returns_labels:
+        raise ValueError(
+            "refine_mesh=True starts each mesh from a labelled cell: turn the "
+            "label search on (search_steps > 0, e.g. preset='default') or use "
+            "parametrisation='cell'."
+        )
+    if posterior_options is not None and prior is None:
+        raise ValueError(
+            "posterior_options set how the surface check's posterior is "
+            "trained; pass a prior with them (the surface check), or leave "
+            "them out."
+        )
+    if prior is None:
+        return config
+    if not config.searches_labels:
+        raise ValueError(
+            "prior turns on the surface check of the label search's "
+            "answers; turn the search on (search_steps > 0, e.g. "
+            "preset='default') or leave prior out."
+        )
+    check_prior(prior, posterior_options)
+    return config
+
+
+#: The default grid: the published BCC grid of 576 tetrahedra, 26.7 um across.
+DEFAULT_GRID = dict(size=80 / 3, n=4, boundary="reflecting", wall_permeability=0.1)
+
+
+class SpinverseSearchModel(ReconstModel):
+    """Spinverse's label search: membranes and their permeability from
+    diffusion MRI.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable or Protocol
+        Gradient table whose ``big_delta`` and ``small_delta`` hold the pulse
+        timing in seconds (scalars or one value per volume; several
+        diffusion times are the normal case: with one, or with
+        diffusion-weighted directions that do not span 3-D, the label
+        search warns and its voxels have status ``UNDERDETERMINED``,
+        :func:`~dipy_spinverse.reconst.plausibility.protocol_problems`), or
+        an explicit :class:`~dipy_spinverse.sim.sequences.Protocol`. It
+        needs at least one b = 0 volume (``b <= gtab.b0_threshold``).
+    grid : TetGrid, optional
+        The grid of one voxel. Default: ``TetGrid.bcc(grid_size,
+        grid_resolution, boundary=boundary)``. Exclusive with the next four.
+    grid_size : float, optional
+        Side of the simulated box in um (default 80/3, the published grid).
+    grid_resolution : int, optional
+        BCC cubes per side, at least 2 (default 4: 576 tetrahedra, 1,008 faces).
+    boundary : {"reflecting", "periodic", "absorbing"}, optional
+        Outer boundary of the box (default ``"reflecting"``).
+    wall_permeability : float, optional
+        Wall permeability in m/s for ``boundary="absorbing"`` (default 0.1).
+    diffusivity : float
+        Intrinsic diffusivity in mm^2/s, within
+        :data:`~dipy_spinverse.checks.DIFFUSIVITY_RANGE` (1e-5 to 0.1; a
+        value outside is refused as another unit: 2e-9 m^2/s = 2e-3 mm^2/s).
+    preset : str or InversionConfig
+        Inversion configuration, a key of
+        :data:`dipy_spinverse.inverse.PRESETS` or a configuration.
+    max_iter : int, optional
+        Total face-fit iterations: the preset's curriculum stages (and its
+        learning-rate warm-up, unless ``warmup`` is given) are scaled to this
+        total, each stage keeping at least one iteration. Default: the
+        preset's own total.
+    batch_size : int
+        Voxels fitted together in one batched call (memory grows linearly).
+    device : str or torch.device
+        ``"cpu"`` or ``"cuda"`` (``"cuda:1"``, ...).
+    dtype : {"float32", "float64"} or torch.dtype
+        Floating-point precision of the simulator (float32, the published
+        precision, is 3-4 times faster).
+    refine_mesh : bool
+        After the label search, refine each fitted voxel's largest cell into
+        a smooth mesh fitted to the voxel's signal
+        (:func:`dipy_spinverse.meshfit.refine_cell`): the fit then has
+        ``smooth_mesh``, ``mesh_vertices``, ``mesh_volume``,
+        ``mesh_surface_to_volume``, ``mesh_radius``, ``mesh_status`` and
+        ``save_smooth_mesh``. Needs cell labels (the label search,
+        ``search_steps > 0``, or ``parametrisation="cell"``). About a minute
+        per voxel on one core with the default ``mesh_options``.
+    mesh_options : dict, optional
+        Options of the refinement
+        (:data:`dipy_spinverse.meshfit.refine.REFINE_DEFAULTS`: ``template``
+        ``"ball"`` or ``"tube"``, ``resolution``, ``n_modes``, ``max_iter``,
+        ``code`` (``"spectral"``, or ``"axon"`` with a tube: the axon
+        family's parameters), ...); only with ``refine_mesh=True``.
+    prior : TissuePrior, optional
+        Turns on the surface check: each voxel's answer is held against the
+        amortised posterior of this prior, and its ``uncertainty`` is at
+        least the expected ``1 - IoU`` that the posterior of the restricted
+        volume implies
+        (:func:`~dipy_spinverse.reconst.posterior.volume_iou_bound`). The
+        prior must simulate the search's own box: ``boundary="periodic"`` on
+        a periodic grid, ``"reflecting"`` with ``box_side`` the grid's size
+        on a reflecting one. Needs ``sigma``.
+    posterior_options : TrainingOptions, optional
+        How the surface check's posterior is trained; default
+        :func:`~dipy_spinverse.posterior.default_training` of the prior.
+    cache_dir : path-like, optional
+        Where the trained posterior is kept (default
+        :func:`dipy_spinverse.files.cache_root`).
+    **options
+        The inversion's options by name
+        (:data:`dipy_spinverse.inverse.config.OPTIONS`), the fields of the
+        parts of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
+        (``continuity``, ``manifold``, ``binarise``, ``area``), curriculum
+        (``stages``, ``blend``, ``sequence_weights``), optimiser (``lr``,
+        ``lr_final``, ``warmup``, ``clip``), ``threshold``,
+        ``parametrisation``, ``noise``, ``sigma``, the label search's
+        ``search_*``. An option the configuration would ignore is an error.
+
+    Raises
+    ------
+    ValueError
+        Missing gradient timing, negative b-values, no b = 0 or no
+        diffusion-weighted volume, b-values in another unit than s/mm^2
+        (:func:`~dipy_spinverse.sim.sequences.check_bvals`), unknown options,
+        options the configuration ignores, or out-of-range values (a device
+        torch cannot use, a diffusivity in another unit than mm^2/s).
+
+    Notes
+    -----
+    Each voxel is divided by its own b = 0 signal, sequence by sequence (a
+    sequence's own mean b = 0 signal when it has b = 0 volumes, else the mean
+    of all b = 0 volumes; :func:`dipy_spinverse.sim.signals.b0_scale`), so that
+    T2 weighting that differs between echo times cancels.
+
+    Examples
+    --------
+    Two diffusion times, gradients along three axes (fewer leave the
+    membranes undetermined: status ``UNDERDETERMINED``):
+
+    >>> import numpy as np
+    >>> from dipy.core.gradients import gradient_table
+    >>> bvals = np.array([0, 1000, 1000, 1000] * 2)
+    >>> bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]] * 2)
+    >>> gtab = gradient_table(bvals, bvecs=bvecs, small_delta=0.01,
+    ...                       big_delta=np.repeat([0.03, 0.015], 4))
+    >>> model = SpinverseModel(gtab, grid_resolution=2, preset="paper",
+    ...                        stages=[dict(iterations=5)])
+    >>> model.grid.n_cells
+    48
+    >>> fit = model.fit(np.array([1000.0, 600, 610, 590, 1000, 800, 810, 790]))
+    >>> fit.status, fit.permeability.shape, fit.predict().shape
+    (0, (72,), (8,))
+    """
+
+    #: How the model estimates (the selector's ``fit_method``).
+    fit_method = "search"
+
+    def __init__(
+        self,
+        gtab,
+        *,
+        grid=None,
+        grid_size=None,
+        grid_resolution=None,
+        boundary=None,
+        wall_permeability=None,
+        diffusivity=2e-3,
+        preset="default",
+        max_iter=None,
+        batch_size=32,
+        device="cpu",
+        dtype="float32",
+        refine_mesh=False,
+        mesh_options=None,
+        prior=None,
+        posterior_options=None,
+        cache_dir=None,
+        **options,
+    ):
+        self.gtab, self.protocol = gradient_tables(gtab)
+        config = check_search_options(
+            preset=preset,
+            max_iter=max_iter,
+            refine_mesh=refine_mesh,
+            prior=prior,
+            posterior_options=posterior_options,
+            **options,
+        )
+        self.grid = _make_grid(
+            grid, grid_size, grid_resolution, boundary, wall_permeability
+        )
+        self.diffusivity = check_diffusivity(diffusivity)
+        self.preset = preset
+        self.max_iter = None if max_iter is None else check_int(max_iter, "max_iter", 1)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.device = check_device(device)
+        self.dtype = check_dtype(dtype)
+        self.options = copy.deepcopy(options)
+        #: The protocol's sequences in rank order (:meth:`Protocol.sequences`).
+        self.sequences = self.protocol.sequences()
+        #: The inversion's configuration on this protocol (stages adapted).
+        self.config = config.for_protocol(len(self.sequences))
+        require_b0(self.protocol)
+        searches = self.config.searches_labels
+        if searches and not self.config.loss.sigma > 0:
+            warnings.warn(
+                "sigma is not given: the label search cannot test whether its "
+                "answers fit the data within the noise, so it vouches for no "
+                "surface (uncertainty 1, status UNCERTAIN_SURFACE; "
+                f"reconst.runner.vouch_for_surfaces). Pass sigma {NOISE_HINT}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        # Known from the protocol alone: said before any voxel is fitted
+        # (each fit says it again, with its voxels' status).
+        #: Why the protocol cannot determine the membranes (one sentence a
+        #: problem; empty when none): found once, reused by every fit.
+        self.protocol_problems = protocol_problems(self.protocol)
+        if self.protocol_problems:
+            warnings.warn(
+                "the protocol cannot determine the membranes: "
+                + "; ".join(self.protocol_problems)
+                + f". Every fitted voxel will have status {UNDERDETERMINED} "
+                "(UNDERDETERMINED).",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._set_refinement(refine_mesh, mesh_options)
+        self._set_surface_check(prior, posterior_options, cache_dir)
+        self._pid = os.getpid()
+
+    def _set_surface_check(self, prior, options, cache_dir):
+        """Check and keep the surface check's posterior (with ``prior``)."""
+        self.cache_dir = cache_dir
+        #: Whether the search's surfaces are checked against a posterior.
+        self.surface_check = prior is not None
+        if not self.surface_check:
+            return
+        self._check_surface_prior(prior)
+        if not self.config.loss.sigma > 0:
+            raise ValueError(
+                f"The surface check needs the noise level: pass sigma {NOISE_HINT}."
+            )
+        options = default_training(prior) if options is None else options
+        #: The noise level of the posterior's input, relative to S0.
+        self.posterior_sigma = self.config.loss.sigma
+        warn_outside_training_noise(self.posterior_sigma, options)
+        #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
+        self.prior = prior.simulator(self.protocol)
+        self.posterior_options = options
+        self.n_posterior_samples = N_POSTERIOR_SAMPLES
+
+    def _check_surface_prior(self, prior):
+        """The surface check's prior must simulate the search's own box."""
+        grid = self.grid
+        # The search's own physics only: a prior that also holds other boxes
+        # ("either") widens the posterior with answers the search cannot
+        # give, and exact answers would be called uncertain.
+        if grid.boundary == "periodic":
+            same = prior.boundary == "periodic"
+            want = "boundary='periodic'"
+        else:
+            same = prior.boundary == "reflecting" and np.isclose(
+                prior.box_side, grid.size, rtol=1e-9
+            )
+            want = f"boundary='reflecting' and box_side={grid.size!r}, the grid's size"
+        if grid.boundary == "absorbing":
+            want = "no absorbing walls: the prior models reflecting ones"
+        if grid.boundary == "absorbing" or not same:
+            raise ValueError(
+                "prior of the surface check must simulate the search's box "
+                f"({grid.boundary} walls of {grid.size:.4g} um): give a "
+                f"TissuePrior with {want}."
+            )
+
+    @property
+    def estimator(self):
+        """The trained posterior (trained on first use, then cached on disk)."""
+        if not self.surface_check:
+            raise AttributeError(
+                "estimator: only the surface check (prior=) has one; the "
+                "posterior's is fit_method='posterior'."
+            )
+        if getattr(self, "_estimator", None) is None:
+            self._estimator, self.estimator_path = load_or_train(
+                self.prior.prior,
+                self.protocol,
+                self.posterior_options,
+                cache_dir=self.cache_dir,
+            )
+        return self._estimator
+
+    def _set_refinement(self, refine_mesh, mesh_options):
+        """Check and keep the smooth-mesh refinement's settings."""
+        if not isinstance(refine_mesh, (bool, np.bool_)):
+            raise ValueError(f"refine_mesh must be True or False, got {refine_mesh!r}.")
+        #: Whether each fitted voxel's largest cell is refined into a smooth mesh.
+        self.refine_mesh = bool(refine_mesh)
+        if mesh_options is not None and not self.refine_mesh:
+            raise ValueError(
+                "mesh_options are the options of the smooth-mesh refinement; "
+                "pass refine_mesh=True with them, or leave them out."
+            )
+        #: The refinement's options (None without refine_mesh).
+        self.mesh_options = (
+            check_refine_options(mesh_options) if self.refine_mesh else None
+        )
+        #: Tetrahedra shared by every voxel's smooth mesh (None without it).
+        self.mesh_tets = (
+            refine_topology(self.mesh_options) if self.refine_mesh else None
+        )
+
+    # -- fitting ---------------------------------------------------------------
+    def fit(
+        self,
+        data,
+        *,
+        mask=None,
+        engine="serial",
+        address=None,
+        n_jobs=None,
+        verbose=False,
+        vox_per_chunk=None,
+        checkpoint=None,
+        resume=None,
+    ):
+        """Fit one voxel or a volume.
+
+        Parameters
+        ----------
+        data : array_like (..., n_volumes) or (n_mask, n_volumes)
+            One voxel (1-D) or a volume, raw signal in the order of ``gtab``;
+            or, with ``mask``, the voxels of the mask only (``volume[mask]``,
+            in C order), so that a few voxels of a large volume need not be
+            loaded with the rest (:func:`dipy_spinverse.files.read_voxels`
+            reads them from a NIfTI file; the fit is of ``mask.shape``).
+        mask : array_like of bool (data.shape[:-1]), optional
+            Voxels to fit (default: all). For one voxel a single bool:
+            ``False`` returns an unfitted fit with status ``MASKED``.
+        engine : {"serial", "joblib", "dask", "ray"}
+            ``"serial"`` fits ``batch_size`` voxels at a time through the
+            batched simulator on ``device``; ``"joblib"`` spreads chunks of
+            ``vox_per_chunk`` voxels over ``n_jobs`` local processes (DIPY's
+            ``multi_voxel_fit``); ``"ray"`` and ``"dask"`` run one task per
+            chunk on a cluster (``address``; by default a local one of
+            ``n_jobs`` workers), each worker on its own GPU when the cluster
+            has GPUs and the model is on ``cuda``. Dask without the
+            ``distributed`` package (and no ``address``) runs on local threads
+            through DIPY. Install both with
+            ``pip install "dipy_spinverse[parallel]"``. One voxel (1-D data)
+            is fitted in this process; the engine options are still checked.
+        address : str or distributed.Client, optional
+            The cluster of ``engine="ray"`` (a running cluster's address,
+            ``"auto"`` for the one on this machine, ``"local"`` for a new
+            local instance; default: the ``ray.init`` of this process, else
+            ``RAY_ADDRESS``, else a local instance) or ``engine="dask"`` (a
+            scheduler address ``"tcp://host:port"`` or a ``Client``; default:
+            the current client, else a local cluster of processes).
+        n_jobs : int, optional
+            Workers of a parallel engine started here (default: all cores;
+            negative values count back from all cores, as in DIPY).
+        verbose : bool
+            Show a progress bar over voxels: it moves through a chunk as the
+            face fit iterates and as voxels end their label search, and over
+            the workers of a parallel engine as their chunks finish.
+        vox_per_chunk : int, optional
+            Voxels per batched call (default ``batch_size``; for parallel
+            engines at most an equal share per worker).
+        checkpoint : callable, optional
+            ``checkpoint(partial_fit, rows)`` at the start (``rows`` None)
+            and after every chunk, with the rows of ``partial_fit.params``
+            that chunk fitted (a callable of one argument gets the partial
+            fit alone): :class:`dipy_spinverse.io.Checkpoint` writes each
+            chunk once to an HDF5 store. Volume fits only.
+        resume : SpinverseFit, optional
+            A partly finished volume fit of the same data and model: only its
+            voxels with status ``PENDING`` are fitted
+            (:func:`dipy_spinverse.io.resume_fit` resumes a saved file).
+
+        Returns
+        -------
+        SpinverseFit
+            Of shape ``data.shape[:-1]`` (``mask.shape`` for the mask's
+            voxels; ``()`` for one voxel).
+        """
+        data = check_data(data, len(self.protocol))
+        if data.ndim == 1:
+            runner.check_engine_options(engine, address, n_jobs, vox_per_chunk)
+            if checkpoint is not None or resume is not None:
+                raise ValueError(
+                    "checkpoint and resume are for volume fits and data is one "
+                    "voxel (1-D); fit data[None], a volume of one voxel, to save "
+                    "or resume it."
+                )
+            if mask is not None and not runner.check_mask(mask, ()):
+                params = runner.empty_params(self, ())
+                params["status"][...] = MASKED
+                return SpinverseFit(self, params, False)
+            params, history = runner.fit_one(self, data, verbose=verbose)
+            return SpinverseFit(self, params, history=history)
+        self._prepare(progress=verbose)
+        return runner.fit_volume(
+            self,
+            data,
+            mask=mask,
+            engine=engine,
+            address=address,
+            n_jobs=n_jobs,
+            verbose=verbose,
+            vox_per_chunk=vox_per_chunk,
+            checkpoint=checkpoint,
+            resume=resume,
+        )
+
+    def _prepare(self, *, progress):
+        """Train (or read from the cache) the learned proposal and the grid's
+        approximation error before voxels are sent to workers, so that they
+        read them instead of each computing them (with progress bars if
+        ``progress``; :func:`~dipy_spinverse.inverse.prepare`)."""
+        prepare(
+            self.grid,
+            self.protocol,
+            self.config,
+            diffusivity=self.diffusivity,
+            dtype=self.dtype,
+            device=self.device,
+            progress=progress,
+        )
+        if self.surface_check:
+            self.estimator  # noqa: B018 -- trained or read once, here
+
+    @multi_voxel_fit(batched=True)
+    def fit_chunk(self, data, **kwargs):
+        """Fit a (n_vox, n_volumes) chunk inside a DIPY ``multi_voxel_fit`` worker.
+
+        The parallel engines' entry point (:func:`runner.fit_volume` calls
+        it); use :meth:`fit` instead. DIPY 1.12.1 also passes its engine
+        keywords (``engine``, ``n_jobs``, ``vox_per_chunk``, ``verbose``,
+        ``_batched``) into this call; only ``n_jobs`` is used, to share the
+        cores between worker processes.
+        """
+        runner.share_cores(kwargs.get("n_jobs"), self._pid)
+        params, _ = runner.fit_voxels(self, np.atleast_2d(data))
+        fits = np.empty(len(params["status"]), dtype=object)
+        for i in range(len(fits)):
+            fits[i] = SpinverseFit(
+                self, {k: None if v is None else v[i] for k, v in params.items()}
+            )
+        return fits
+
+    # -- what the model holds ------------------------------------------------------
+    @property
+    def has_labels(self):
+        """Whether the inversion returns cell labels (search or cell occupancy)."""
+        return self.config.returns_labels
+
+    @property
+    def n_iterations(self):
+        """Total iterations of the face fit per voxel."""
+        return self.config.face.n_iterations
+
+    def differences(self, other):
+        """Names of the settings that make ``other``'s fits differ from ours.
+
+        ``batch_size`` and ``device`` are left out: they change how voxels
+        are fitted, not the result. The grid is compared whole (its
+        vertices and tetrahedra, not only its size), and the smooth-mesh
+        refinement (``refine_mesh``, ``mesh_options``) is a setting: a fit
+        resumed without it would miss the meshes of the voxels still to fit.
+        """
+        pairs = dict(
+            grid=(_grid_key(self.grid), _grid_key(other.grid)),
+            diffusivity=(self.diffusivity, other.diffusivity),
+            config=(self.config, other.config),
+            dtype=(self.dtype, other.dtype),
+            protocol=(_protocol_key(self.protocol), _protocol_key(other.protocol)),
+            refine_mesh=(self.refine_mesh, other.refine_mesh),
+            mesh_options=(self.mesh_options, other.mesh_options),
+        )
+        return [name for name, (a, b) in pairs.items() if a != b]
+
+    # -- prediction ----------------------------------------------------------------
+    def protocol_for(self, gtab):
+        """The :class:`Protocol` of ``gtab`` (checked as ``gtab`` at build)."""
+        return gradient_tables(gtab)[1]
+
+    def s0_for(self, protocol, s0, s0_sequences):
+        """Fitted S0 per acquisition of ``protocol``, shape (n, n_acq).
+
+        Sequences with the same waveform as a fitted one use that sequence's
+        S0 (its T2 weighting); other waveforms use the mean b = 0 signal.
+        """
+        out = np.repeat(np.asarray(s0, float)[:, None], len(protocol), axis=1)
+        fitted = {w: rank for rank, (w, _) in enumerate(self.sequences)}
+        for waveform, idx in protocol.groups():
+            if waveform in fitted:
+                out[:, idx] = s0_sequences[:, fitted[waveform], None]
+        return out
+
+    def predict(self, permeability, gtab=None, *, S0=1.0):
+        """Signals of permeability fields on the model's grid, as DIPY's
+        ``model.predict(params, S0)``.
+
+        Parameters
+        ----------
+        permeability : array_like (..., n_faces)
+            Per-face membrane permeability in m/s (inf: no membrane), e.g.
+            ``fit.permeability`` or a substrate's ``face_permeability`` on
+            this model's grid.
+        gtab : GradientTable or Protocol, optional
+            Acquisitions (default: the model's). A gradient table needs
+            ``big_delta`` and ``small_delta``.
+        S0 : float or array_like (...), optional
+            Unweighted signal (default 1: b0-normalised signals).
+
+        Returns
+        -------
+        ndarray (..., n_volumes)
+            With ``approximation_error``, in the data's terms (the grid's
+            mean error added), as :meth:`SpinverseFit.predict`.
+        """
+        protocol = self.protocol if gtab is None else self.protocol_for(gtab)
+        kappa = np.asarray(permeability, dtype=float)
+        n_faces = self.grid.n_faces
+        if kappa.ndim == 0 or kappa.shape[-1] != n_faces:
+            raise ValueError(
+                f"permeability must have the grid's {n_faces} faces in its last "
+                f"axis (as fit.permeability), got shape {kappa.shape}."
+            )
+        batch = kappa.shape[:-1]
+        scale = check_s0(S0, batch, per="field")
+        normalised = self.predict_normalised(kappa.reshape(-1, n_faces), protocol)
+        return normalised.reshape(batch + (len(protocol),)) * scale[..., None]
+
+    def predict_normalised(self, permeability, protocol):
+        """b0-normalised signals (n, n_acq) of ``permeability`` (n, n_faces).
+
+        One simulated b = 0 acquisition per sequence is added so that every
+        sequence is normalised by its own simulated b = 0 signal (below 1
+        with absorbing walls). With ``approximation_error``, the grid's mean
+        error for ``protocol`` is added (estimated on first use, then read
+        from the cache), as the fit's own prediction has it: predictions are
+        in the data's terms whatever the acquisitions.
+        """
+        waveforms = tuple(w for w, _ in protocol.groups())
+        b0 = Protocol(
+            waveforms=waveforms,
+            bvals=np.zeros(len(waveforms)),
+            bvecs=np.zeros((len(waveforms), 3)),
+        )
+        full = protocol + b0
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(permeability), self.batch_size):
+                signal = simulate(
+                    self.grid,
+                    permeability[i : i + self.batch_size],
+                    full,
+                    diffusivity=self.diffusivity,
+                    dtype=self.dtype,
+                    device=self.device,
+                )
+                out.append(signal.cpu().numpy().astype(np.float64))
+        if not out:
+            return np.zeros((0, len(protocol)))
+        normalised = normalise_b0(np.concatenate(out), full)[:, : len(protocol)]
+        error = grid_error(
+            self.grid,
+            protocol,
+            self.config,
+            diffusivity=self.diffusivity,
+            device=self.device,
+        )
+        return normalised if error is None else normalised + error.mean
+
+    def __repr__(self):
+        return (
+            f"SpinverseSearchModel(n_volumes={len(self.protocol)}, "
+            f"n_sequences={len(self.sequences)}, grid={self.grid!r}, "
+            f"preset={self.preset!r}, iterations={self.n_iterations}"
+            + (f", surface check: {self.prior.prior!r}" if self.surface_check else "")
+            + ")"
+        )
+
+
+def _make_grid(grid, size, resolution, boundary, wall_permeability):
+    given = dict(
+        grid_size=size,
+        grid_resolution=resolution,
+        boundary=boundary,
+        wall_permeability=wall_permeability,
+    )
+    if grid is not None:
+        clash = [k for k, v in given.items() if v is not None]
+        if clash:
+            raise ValueError(
+                f"grid and {', '.join(clash)} are mutually exclusive: pass a TetGrid "
+                "or the options to build one, not both."
+            )
+        if not isinstance(grid, TetGrid):
+            raise ValueError(f"grid must be a TetGrid, got {type(grid).__name__}.")
+        return grid
+    boundary = check_choice(
+        DEFAULT_GRID["boundary"] if boundary is None else boundary,
+        "boundary",
+        BOUNDARIES,
+    )
+    size = check_positive(
+        DEFAULT_GRID["size"] if size is None else size, "grid_size", "um", 26.7
+    )
+    # A BCC grid needs two cubes per side (TetGrid.bcc).
+    resolution = check_int(
+        DEFAULT_GRID["n"] if resolution is None else resolution, "grid_resolution", 2
+    )
+    if wall_permeability is None:
+        wall_permeability = DEFAULT_GRID["wall_permeability"]
+    elif boundary != "absorbing":
+        raise ValueError(
+            f"wall_permeability applies to boundary='absorbing' only, and the "
+            f"boundary is {boundary!r}; remove it or set boundary='absorbing'."
+        )
+    wall_permeability = check_positive(
+        wall_permeability, "wall_permeability", "m/s", 0.1
+    )
+    return TetGrid.bcc(
+        size, resolution, boundary=boundary, wall_permeability=wall_permeability
+    )
+
+
+def _grid_key(grid):
+    """What a grid's fits depend on: its geometry, boundary and wall."""
+    geometry = hashlib.sha1()
+    for array in (grid.vertices, grid.tets, grid.tet_coords):
+        geometry.update(np.ascontiguousarray(array).data)
+    return (grid.size, grid.boundary, grid.wall_permeability, geometry.hexdigest())
+
+
+def _protocol_key(protocol):
+    return (
+        tuple(protocol.waveforms),
+        protocol.bvals.tobytes(),
+        protocol.bvecs.tobytes(),
+    )
