@@ -44,6 +44,7 @@ from .files import save_image
 from .geometry.descriptors import DESCRIPTORS
 from .geometry.phantoms import cylinder, sphere
 from .geometry.topology import barrier_mesh
+from .io.camino import write_scheme
 from .io.datasets import RealDataset, read_cat_spinal_cord, read_isbi2015
 from .posterior import (
     FAMILIES,
@@ -358,7 +359,7 @@ def make_phantom_dataset(
         fmt="%.6g",
         header="small_delta big_delta (seconds), one row per volume",
     )
-    protocol.to_camino(paths["scheme"])
+    write_scheme(protocol, paths["scheme"])
     posterior = _posterior_options(diffusivity, tissue_resolution, grid)
     with open(paths["posterior"], "w") as f:
         json.dump(posterior, f, indent=1)

@@ -28,6 +28,7 @@ LAYERS = [
     "sim.analytic",
     "sim.limits",
     "sim",
+    "io.camino",
     "io.gradients",
     "io.datasets",
     "compartments.acquisition",
