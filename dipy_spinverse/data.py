@@ -46,6 +46,7 @@ from .geometry.phantoms import cylinder, sphere
 from .geometry.topology import barrier_mesh
 from .io.camino import write_scheme
 from .io.datasets import RealDataset, read_cat_spinal_cord, read_isbi2015
+from .io.meshes import save_mesh
 from .posterior import (
     FAMILIES,
     WHITE_MATTER_TRAINING,
@@ -522,7 +523,7 @@ def _write_truth(paths, grid, phantoms, shape, tissue, settings):
         inside = phantom.inside
         mesh = barrier_mesh(grid, barrier, labels=phantom.labels, cap_wall=True)
         name = "voxel_" + "_".join(map(str, index)) + ".ply"
-        mesh.save(os.path.join(paths["truth_meshes"], name))
+        save_mesh(mesh, os.path.join(paths["truth_meshes"], name))
         voxels.append(
             dict(
                 index=list(index),

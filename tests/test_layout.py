@@ -2,7 +2,12 @@
 
 Every module imports only modules above it in ``LAYERS`` (a package's
 ``__init__`` may re-export its own submodules), and never a name starting
-with ``_`` from another module. doc/layout.md describes the layers.
+with ``_`` from another module. Folders are layers too: each folder's
+modules are one block of ``LAYERS``, in the order of ``FOLDERS``, and a
+folder imports only the folders before it, so that no two folders import
+each other (a module-level order alone allows ``io.meshes`` low and
+``io.store`` high, the folder then both below and above ``reconst``).
+doc/layout.md describes the layers.
 """
 
 import ast
@@ -16,7 +21,6 @@ LAYERS = [
     "lazy",
     "checks",
     "files",
-    "io.meshes",
     "sim.grid",
     "sim.sections",
     "sim.sequences",
@@ -28,9 +32,6 @@ LAYERS = [
     "sim.analytic",
     "sim.limits",
     "sim",
-    "io.camino",
-    "io.gradients",
-    "io.datasets",
     "compartments.acquisition",
     "compartments.fitting",
     "compartments.blocks",
@@ -44,6 +45,11 @@ LAYERS = [
     "compartments.base",
     "compartments.models",
     "compartments",
+    "tissue.sequences",
+    "tissue.simplex",
+    "tissue.model",
+    "tissue.data",
+    "tissue",
     "geometry.phantoms",
     "geometry.topology",
     "geometry.substrates",
@@ -72,7 +78,6 @@ LAYERS = [
     "posterior.calibration",
     "posterior.estimator",
     "posterior",
-    "data",
     "reconst.fit",
     "reconst.plausibility",
     "reconst.posterior",
@@ -80,20 +85,45 @@ LAYERS = [
     "reconst.runner",
     "reconst.model",
     "reconst",
+    "io.camino",
+    "io.gradients",
+    "io.datasets",
+    "io.meshes",
     "io.surfaces",
     "io.store",
     "io",
+    "data",
     "workflows.cli",
     "workflows.report",
     "workflows.spinverse",
+    "workflows.tissue",
     "workflows",
-    "tissue.sequences",
-    "tissue.simplex",
-    "tissue.model",
-    "tissue.data",
-    "tissue.workflow",
-    "tissue",
 ]
+
+
+#: The folders (packages, and the top-level modules, each its own) in the
+#: order their imports put them: each imports only folders before it.
+FOLDERS = [
+    "lazy",
+    "checks",
+    "files",
+    "sim",
+    "compartments",
+    "tissue",
+    "geometry",
+    "meshfit",
+    "inverse",
+    "posterior",
+    "reconst",
+    "io",
+    "data",
+    "workflows",
+]
+
+
+def _folder(module):
+    """The folder (top package, or top-level module) of a module name."""
+    return module.split(".")[0]
 
 
 def _modules():
@@ -105,16 +135,32 @@ def _modules():
 
 
 def _imports(name, path):
-    """(imported module, imported name) pairs of the package's own modules."""
+    """(imported module, imported name) pairs of the package's own modules.
+
+    Every import statement counts, those inside functions too, relative
+    (``from ..io import x``) or absolute (``from dipy_spinverse.io import
+    x``, ``import dipy_spinverse.io``).
+    """
     modules = _modules()
     is_package = path.name == "__init__.py"
     here = name.split(".") if name else []
+    top = PACKAGE.name
     for node in ast.walk(ast.parse(path.read_text())):
-        if not isinstance(node, ast.ImportFrom) or node.level == 0:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith(top + "."):
+                    yield alias.name.removeprefix(top + "."), ""
             continue
-        base = here if is_package else here[:-1]
-        base = base[: len(base) - (node.level - 1)]
-        target = ".".join(base + (node.module.split(".") if node.module else []))
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if not (node.module or "").startswith(top + "."):
+                continue
+            target = node.module.removeprefix(top + ".")
+        else:
+            base = here if is_package else here[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            target = ".".join(base + (node.module.split(".") if node.module else []))
         for alias in node.names:
             full = f"{target}.{alias.name}" if target else alias.name
             yield (full if full in modules else target), alias.name
@@ -134,6 +180,55 @@ def test_imports_flow_one_way(name):
         assert LAYERS.index(target) < rank, f"{name} imports {target} (upward)"
         if target != name and target in LAYERS and not imported.startswith("__"):
             assert not imported.startswith("_"), f"{name} imports {target}.{imported}"
+
+
+def test_folders_are_blocks_of_the_layers_in_their_order():
+    """Each folder's modules are consecutive in ``LAYERS``, folders in the
+    order of ``FOLDERS``."""
+    blocks = [_folder(name) for name in LAYERS]
+    order = [f for i, f in enumerate(blocks) if i == 0 or blocks[i - 1] != f]
+    assert order == FOLDERS, "a folder split in LAYERS, or FOLDERS out of order"
+
+
+def _folder_imports():
+    """{folder: {folder it imports: a module import that does it}}."""
+    found = {}
+    for name, path in _modules().items():
+        if not name:
+            continue  # the package's own __init__: names imported on first use
+        for target, _ in _imports(name, path):
+            if _folder(target) != _folder(name):
+                found.setdefault(_folder(name), {}).setdefault(
+                    _folder(target), f"{name} -> {target}"
+                )
+    return found
+
+
+def test_no_import_cycle_between_folders():
+    """The folder graph is acyclic: every folder imports only folders before
+    it in ``FOLDERS`` (a cycle is reported with the imports that make it)."""
+    graph = _folder_imports()
+    assert set(graph) <= set(FOLDERS), set(graph) - set(FOLDERS)
+
+    def cycle(start, path):
+        for nxt in graph.get(path[-1], {}):
+            if nxt == start:
+                return path + [nxt]
+            if nxt not in path:
+                found = cycle(start, path + [nxt])
+                if found:
+                    return found
+        return None
+
+    for folder in graph:
+        loop = cycle(folder, [folder]) or []
+        edges = [graph[a][b] for a, b in zip(loop[:-1], loop[1:], strict=True)]
+        assert not loop, f"folders import each other: {edges}"
+    for folder, targets in graph.items():
+        for target, example in targets.items():
+            assert FOLDERS.index(target) < FOLDERS.index(folder), (
+                f"{folder} imports {target}, a folder after it ({example})"
+            )
 
 
 def _documented_layout():

@@ -51,6 +51,7 @@ from ..io.store import (
 )
 from ..io.surfaces import (
     remove_voxel_meshes,
+    save_smooth_mesh,
     save_voxel_meshes,
     surface_slabs,
     volume_surface,
@@ -1025,7 +1026,7 @@ def _save_smooth_meshes(fit, out, *, space, ext):
     if not fit.model.refine_mesh:
         return []
     written = [save_map(fit, name, out[f"out_{name}"], **space) for name in MESH_MAPS]
-    paths = fit.save_smooth_mesh(folder, ext=ext)
+    paths = save_smooth_mesh(fit, folder, ext=ext)
     logger.info(f"{len(paths)} smooth cell meshes (um) in {folder}.")
     return written + list(paths.values())
 

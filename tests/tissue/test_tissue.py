@@ -26,7 +26,7 @@ from dipy_spinverse.tissue import (
     simplex_lstsq,
 )
 from dipy_spinverse.tissue.data import simulate_scans
-from dipy_spinverse.tissue.workflow import TissueMapsFlow
+from dipy_spinverse.workflows.tissue import TissueMapsFlow
 
 TISSUES_3T = TISSUE_DEFAULTS[3.0]
 PROTOCOL = [
@@ -528,7 +528,7 @@ def test_a_bad_voxel_is_left_out_and_the_rest_fitted():
 
 
 def test_command_version(monkeypatch, capsys):
-    from dipy_spinverse.tissue.workflow import main
+    from dipy_spinverse.workflows.tissue import main
 
     monkeypatch.setattr(sys, "argv", ["dipy_fit_tissue_maps", "--version"])
     assert main() == 0
