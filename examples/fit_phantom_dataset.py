@@ -22,8 +22,9 @@ from dipy.io.gradients import read_bvals_bvecs
 from dipy.io.image import load_nifti, load_nifti_data
 
 from dipy_spinverse.data import make_phantom_dataset
+from dipy_spinverse.io.fits import save_fit
 from dipy_spinverse.io.gradients import read_timing
-from dipy_spinverse.io.store import save_fit, save_maps
+from dipy_spinverse.io.maps import save_maps
 from dipy_spinverse.io.surfaces import save_interface, volume_surface
 from dipy_spinverse.reconst import SpinverseModel
 

@@ -36,14 +36,12 @@ from ..files import (
     save_image,
     writable_folder,
 )
+from ..io.checkpoint import Checkpoint, checkpoint_for
+from ..io.fits import load_fit, save_fit
 from ..io.gradients import B0_THRESHOLD, BVECS_TOL, read_gradients
-from ..io.store import (
+from ..io.maps import (
     MESH_MAPS,
-    Checkpoint,
-    checkpoint_for,
     describe_status,
-    load_fit,
-    save_fit,
     save_map,
     save_permeability,
     save_posterior,

@@ -151,7 +151,7 @@ def test_spinverse_fit_exposes_the_smooth_mesh(refined, tmp_path):
 
 
 def test_smooth_meshes_are_saved_and_loaded(refined, tmp_path):
-    from dipy_spinverse.io.store import load_fit, save_fit
+    from dipy_spinverse.io.fits import load_fit, save_fit
 
     model, fit = refined
     loaded = load_fit(save_fit(fit, tmp_path / "fit.npz"))

@@ -20,8 +20,9 @@ from dipy_spinverse import Protocol, TetGrid
 from dipy_spinverse.geometry.phantoms import sphere
 from dipy_spinverse.geometry.topology import InterfaceMesh
 from dipy_spinverse.inverse import reconstruct
+from dipy_spinverse.io.fits import load_fit, save_fit
+from dipy_spinverse.io.maps import describe_status
 from dipy_spinverse.io.meshes import load_mesh
-from dipy_spinverse.io.store import describe_status, load_fit, save_fit
 from dipy_spinverse.io.surfaces import save_interface
 from dipy_spinverse.reconst import (
     BAD_B0,

@@ -16,8 +16,8 @@ from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.files import atomic_write
 from dipy_spinverse.geometry.phantoms import sphere
 from dipy_spinverse.geometry.topology import InterfaceMesh, barrier_mesh
+from dipy_spinverse.io.maps import save_map, save_permeability, save_predicted
 from dipy_spinverse.io.meshes import load_mesh, write_mesh
-from dipy_spinverse.io.store import save_map, save_permeability, save_predicted
 from dipy_spinverse.io.surfaces import (
     place_in_voxel,
     remove_voxel_meshes,

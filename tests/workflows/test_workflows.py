@@ -24,9 +24,9 @@ from dipy_spinverse.data import (
 )
 from dipy_spinverse.geometry.descriptors import DESCRIPTORS
 from dipy_spinverse.io.camino import read_scheme, write_scheme
+from dipy_spinverse.io.fits import load_fit, save_fit
 from dipy_spinverse.io.gradients import read_timing
 from dipy_spinverse.io.meshes import load_mesh
-from dipy_spinverse.io.store import load_fit, save_fit
 from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.reconst import OK, PENDING, UNDERDETERMINED, SpinverseModel
 from dipy_spinverse.sim.grid import TetGrid
