@@ -6,7 +6,7 @@ with ``_`` from another module. Folders are layers too: each folder's
 modules are one block of ``LAYERS``, in the order of ``FOLDERS``, and a
 folder imports only the folders before it, so that no two folders import
 each other (a module-level order alone allows ``io.meshes`` low and
-``io.store`` high, the folder then both below and above ``reconst``).
+``io.surfaces`` high, the folder then both below and above ``reconst``).
 doc/layout.md describes the layers.
 """
 
