@@ -286,10 +286,11 @@ def save_mesh(mesh, path, *, binary=False, face_data=None):
     Parameters
     ----------
     mesh : InterfaceMesh or TetMesh
-        A barrier surface (:class:`~dipy_spinverse.geometry.topology.
-        InterfaceMesh`, e.g. ``fit.interface_mesh``), or a cell's
-        tetrahedral mesh (:class:`~dipy_spinverse.meshfit.mesh.TetMesh`, e.g.
-        ``fit.smooth_mesh`` or ``MeshFit.mesh``), of which its boundary
+        A barrier surface
+        (:class:`~dipy_spinverse.geometry.topology.InterfaceMesh`, e.g.
+        ``fit.interface_mesh``), or a cell's tetrahedral mesh
+        (:class:`~dipy_spinverse.meshfit.mesh.TetMesh`, e.g.
+        ``fit.smooth_mesh`` or ``MeshFit.mesh``), of which the boundary
         surface is written, with only the surface's vertices.
     path : str or os.PathLike
         The extension picks the format (:data:`MESH_FORMATS`): ``.ply``,

@@ -347,7 +347,7 @@ def save_smooth_mesh(fit, path, *, ext=".vtp", binary=True):
     """Write a fit's smooth cell surfaces (um, in the voxel's local box).
 
     The surfaces of ``SpinverseModel(..., refine_mesh=True)``'s meshes
-    (:attr:`SpinverseFit.smooth_mesh`).
+    (:attr:`~dipy_spinverse.reconst.SpinverseFit.smooth_mesh`).
 
     Parameters
     ----------
