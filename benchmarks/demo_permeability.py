@@ -27,7 +27,7 @@ import numpy as np
 from scipy.stats import norm
 
 from dipy_spinverse.geometry.metrics import cell_inversion, cell_overlap
-from dipy_spinverse.io.store import load_fit
+from dipy_spinverse.io.fits import load_fit
 
 #: Permeabilities below this (m/s) are membranes; the rest are open faces.
 MEMBRANE_BELOW = 1e-3

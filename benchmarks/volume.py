@@ -38,7 +38,8 @@ import torch
 from dipy.core.gradients import gradient_table
 
 from dipy_spinverse import SpinverseModel
-from dipy_spinverse.io.store import Checkpoint, save_fit
+from dipy_spinverse.io.checkpoint import Checkpoint
+from dipy_spinverse.io.fits import save_fit
 from dipy_spinverse.reconst import SpinverseFit
 from dipy_spinverse.reconst.runner import empty_params
 

@@ -4,8 +4,9 @@ The packages are the layers, and data flows one way: ``sim`` (grid ->
 operators -> solvers -> :func:`simulate`, with the acquisitions in
 ``sim.sequences``) -> ``geometry`` (cells on a grid, their surfaces and
 descriptors) -> the estimators (``inverse``, ``meshfit``, ``posterior``,
-``compartments``, ``tissue``) -> ``reconst`` (the DIPY layer) -> ``io`` (the
-fit store and mesh files) -> ``workflows`` (the commands).
+``compartments``, ``tissue``) -> ``reconst`` (the DIPY layer) -> ``io`` (every
+file format: meshes, Camino schemes, fits and checkpoints, NIfTI maps) ->
+``workflows`` (the commands).
 """
 
 from .lazy import alias_moved_modules, attach
@@ -32,7 +33,8 @@ _NAMES = {
     "published_phantoms": "geometry.phantoms",
     "InterfaceMesh": "geometry.topology",
     "barrier_mesh": "geometry.topology",
-    "load_mesh": "geometry.topology",
+    "load_mesh": "io.meshes",
+    "save_mesh": "io.meshes",
     "all_metrics": "geometry.metrics",
     "cell_overlap": "geometry.metrics",
     "SpinverseModel": "reconst",

@@ -44,7 +44,9 @@ from .files import save_image
 from .geometry.descriptors import DESCRIPTORS
 from .geometry.phantoms import cylinder, sphere
 from .geometry.topology import barrier_mesh
+from .io.camino import write_scheme
 from .io.datasets import RealDataset, read_cat_spinal_cord, read_isbi2015
+from .io.meshes import save_mesh
 from .posterior import (
     FAMILIES,
     WHITE_MATTER_TRAINING,
@@ -358,7 +360,7 @@ def make_phantom_dataset(
         fmt="%.6g",
         header="small_delta big_delta (seconds), one row per volume",
     )
-    protocol.to_camino(paths["scheme"])
+    write_scheme(protocol, paths["scheme"])
     posterior = _posterior_options(diffusivity, tissue_resolution, grid)
     with open(paths["posterior"], "w") as f:
         json.dump(posterior, f, indent=1)
@@ -521,7 +523,7 @@ def _write_truth(paths, grid, phantoms, shape, tissue, settings):
         inside = phantom.inside
         mesh = barrier_mesh(grid, barrier, labels=phantom.labels, cap_wall=True)
         name = "voxel_" + "_".join(map(str, index)) + ".ply"
-        mesh.save(os.path.join(paths["truth_meshes"], name))
+        save_mesh(mesh, os.path.join(paths["truth_meshes"], name))
         voxels.append(
             dict(
                 index=list(index),

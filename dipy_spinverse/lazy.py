@@ -2,9 +2,7 @@
 
 Packages re-export their public names lazily (PEP 562), so that
 ``import dipy_spinverse`` loads neither torch nor the compartment models nor
-the tissue maps until they are asked for, and so that a low layer (for
-example :mod:`dipy_spinverse.io.meshes`) can be imported without importing
-the high layers its package also holds.
+the tissue maps until they are asked for.
 """
 
 import ast

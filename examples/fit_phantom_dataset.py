@@ -22,9 +22,10 @@ from dipy.io.gradients import read_bvals_bvecs
 from dipy.io.image import load_nifti, load_nifti_data
 
 from dipy_spinverse.data import make_phantom_dataset
+from dipy_spinverse.io.fits import save_fit
 from dipy_spinverse.io.gradients import read_timing
-from dipy_spinverse.io.store import save_fit, save_maps
-from dipy_spinverse.io.surfaces import volume_surface
+from dipy_spinverse.io.maps import save_maps
+from dipy_spinverse.io.surfaces import save_interface, volume_surface
 from dipy_spinverse.reconst import SpinverseModel
 
 MAPS = ("restricted_fraction", "surface_to_volume", "n_compartments")
@@ -72,7 +73,7 @@ def main(argv=None):
 
     fit_dir = os.path.join(args.out, "fit")
     maps = save_maps(fit, fit_dir, affine=affine)
-    meshes = fit.save_interface(os.path.join(fit_dir, "meshes"))  # um, .vtp
+    meshes = save_interface(fit, os.path.join(fit_dir, "meshes"))  # um, .vtp
     # All voxels' membranes as one surface in scanner coordinates (mm).
     surface = volume_surface(fit, affine=affine)
     if surface.n_triangles:

@@ -32,6 +32,7 @@ from dipy_spinverse import (  # noqa: E402
     published_phantoms,
     published_protocol,
     reconstruct,
+    save_mesh,
     simulate,
 )
 
@@ -66,7 +67,7 @@ for name, mesh in (("true", true_mesh), ("recovered", recovered_mesh)):
         print(f"no {name} membrane: no mesh file")
         continue
     for ext in ("ply", "vtp"):
-        mesh.save(os.path.join(args.out, f"{name}_{args.shape}.{ext}"))
+        save_mesh(mesh, os.path.join(args.out, f"{name}_{args.shape}.{ext}"))
 
 # %%
 # Loss curves: the data term and each prior, per iteration.

@@ -2,7 +2,12 @@
 
 Every module imports only modules above it in ``LAYERS`` (a package's
 ``__init__`` may re-export its own submodules), and never a name starting
-with ``_`` from another module. doc/layout.md describes the layers.
+with ``_`` from another module. Folders are layers too: each folder's
+modules are one block of ``LAYERS``, in the order of ``FOLDERS``, and a
+folder imports only the folders before it, so that no two folders import
+each other (a module-level order alone allows ``io.meshes`` low and
+``io.surfaces`` high, the folder then both below and above ``reconst``).
+doc/layout.md describes the layers.
 """
 
 import ast
@@ -16,7 +21,6 @@ LAYERS = [
     "lazy",
     "checks",
     "files",
-    "io.meshes",
     "sim.grid",
     "sim.sections",
     "sim.sequences",
@@ -28,8 +32,6 @@ LAYERS = [
     "sim.analytic",
     "sim.limits",
     "sim",
-    "io.gradients",
-    "io.datasets",
     "compartments.acquisition",
     "compartments.fitting",
     "compartments.blocks",
@@ -43,6 +45,11 @@ LAYERS = [
     "compartments.base",
     "compartments.models",
     "compartments",
+    "tissue.sequences",
+    "tissue.simplex",
+    "tissue.model",
+    "tissue.data",
+    "tissue",
     "geometry.phantoms",
     "geometry.topology",
     "geometry.substrates",
@@ -71,7 +78,6 @@ LAYERS = [
     "posterior.calibration",
     "posterior.estimator",
     "posterior",
-    "data",
     "reconst.fit",
     "reconst.plausibility",
     "reconst.gate",
@@ -82,20 +88,48 @@ LAYERS = [
     "reconst.search_model",
     "reconst.model",
     "reconst",
+    "io.camino",
+    "io.gradients",
+    "io.datasets",
+    "io.meshes",
     "io.surfaces",
-    "io.store",
+    "io.specs",
+    "io.fits",
+    "io.checkpoint",
+    "io.maps",
     "io",
+    "data",
     "workflows.cli",
     "workflows.report",
     "workflows.spinverse",
+    "workflows.tissue",
     "workflows",
-    "tissue.sequences",
-    "tissue.simplex",
-    "tissue.model",
-    "tissue.data",
-    "tissue.workflow",
-    "tissue",
 ]
+
+
+#: The folders (packages, and the top-level modules, each its own) in the
+#: order their imports put them: each imports only folders before it.
+FOLDERS = [
+    "lazy",
+    "checks",
+    "files",
+    "sim",
+    "compartments",
+    "tissue",
+    "geometry",
+    "meshfit",
+    "inverse",
+    "posterior",
+    "reconst",
+    "io",
+    "data",
+    "workflows",
+]
+
+
+def _folder(module):
+    """The folder (top package, or top-level module) of a module name."""
+    return module.split(".")[0]
 
 
 def _modules():
@@ -107,16 +141,32 @@ def _modules():
 
 
 def _imports(name, path):
-    """(imported module, imported name) pairs of the package's own modules."""
+    """(imported module, imported name) pairs of the package's own modules.
+
+    Every import statement counts, those inside functions too, relative
+    (``from ..io import x``) or absolute (``from dipy_spinverse.io import
+    x``, ``import dipy_spinverse.io``).
+    """
     modules = _modules()
     is_package = path.name == "__init__.py"
     here = name.split(".") if name else []
+    top = PACKAGE.name
     for node in ast.walk(ast.parse(path.read_text())):
-        if not isinstance(node, ast.ImportFrom) or node.level == 0:
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith(top + "."):
+                    yield alias.name.removeprefix(top + "."), ""
             continue
-        base = here if is_package else here[:-1]
-        base = base[: len(base) - (node.level - 1)]
-        target = ".".join(base + (node.module.split(".") if node.module else []))
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if not (node.module or "").startswith(top + "."):
+                continue
+            target = node.module.removeprefix(top + ".")
+        else:
+            base = here if is_package else here[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            target = ".".join(base + (node.module.split(".") if node.module else []))
         for alias in node.names:
             full = f"{target}.{alias.name}" if target else alias.name
             yield (full if full in modules else target), alias.name
@@ -136,6 +186,55 @@ def test_imports_flow_one_way(name):
         assert LAYERS.index(target) < rank, f"{name} imports {target} (upward)"
         if target != name and target in LAYERS and not imported.startswith("__"):
             assert not imported.startswith("_"), f"{name} imports {target}.{imported}"
+
+
+def test_folders_are_blocks_of_the_layers_in_their_order():
+    """Each folder's modules are consecutive in ``LAYERS``, folders in the
+    order of ``FOLDERS``."""
+    blocks = [_folder(name) for name in LAYERS]
+    order = [f for i, f in enumerate(blocks) if i == 0 or blocks[i - 1] != f]
+    assert order == FOLDERS, "a folder split in LAYERS, or FOLDERS out of order"
+
+
+def _folder_imports():
+    """{folder: {folder it imports: a module import that does it}}."""
+    found = {}
+    for name, path in _modules().items():
+        if not name:
+            continue  # the package's own __init__: names imported on first use
+        for target, _ in _imports(name, path):
+            if _folder(target) != _folder(name):
+                found.setdefault(_folder(name), {}).setdefault(
+                    _folder(target), f"{name} -> {target}"
+                )
+    return found
+
+
+def test_no_import_cycle_between_folders():
+    """The folder graph is acyclic: every folder imports only folders before
+    it in ``FOLDERS`` (a cycle is reported with the imports that make it)."""
+    graph = _folder_imports()
+    assert set(graph) <= set(FOLDERS), set(graph) - set(FOLDERS)
+
+    def cycle(start, path):
+        for nxt in graph.get(path[-1], {}):
+            if nxt == start:
+                return path + [nxt]
+            if nxt not in path:
+                found = cycle(start, path + [nxt])
+                if found:
+                    return found
+        return None
+
+    for folder in graph:
+        loop = cycle(folder, [folder]) or []
+        edges = [graph[a][b] for a, b in zip(loop[:-1], loop[1:], strict=True)]
+        assert not loop, f"folders import each other: {edges}"
+    for folder, targets in graph.items():
+        for target, example in targets.items():
+            assert FOLDERS.index(target) < FOLDERS.index(folder), (
+                f"{folder} imports {target}, a folder after it ({example})"
+            )
 
 
 def _documented_layout():
@@ -203,25 +302,40 @@ def test_tests_mirror_the_packages():
     assert all(any((tests / f).glob("test_*.py")) for f in folders)
 
 
-def test_packages_reexport_their_modules_public_names_lazily():
-    """``dipy_spinverse.io`` and ``.workflows`` re-export each listed
-    module's ``__all__`` (read from its source: no name list repeated) and
-    import a module only when one of its names is asked for."""
+def test_io_reexports_its_modules_public_names():
+    """``dipy_spinverse.io`` re-exports each of its modules' ``__all__``,
+    imported plainly (nothing below io imports it, so nothing needs hiding)."""
+    import importlib
+
+    io = importlib.import_module("dipy_spinverse.io")
+    subs = sorted(m for m in _modules() if m.startswith("io."))
+    names = []
+    for sub in subs:
+        module = importlib.import_module(f"dipy_spinverse.{sub}")
+        names += module.__all__
+        for name in module.__all__:
+            assert getattr(io, name) is getattr(module, name), f"io.{name}"
+    assert sorted(io.__all__) == sorted(names)
+    assert len(names) == len(set(names)), "two io modules export one name"
+    assert "__getattr__" not in vars(io), "io re-exports lazily"
+
+
+def test_workflows_reexport_their_modules_public_names_lazily():
+    """``dipy_spinverse.workflows`` re-exports each listed module's
+    ``__all__`` (read from its source: no name list repeated) and imports a
+    module only when one of its names is asked for: the console scripts
+    import :mod:`.cli` first, to set the thread policy before torch loads."""
     import subprocess
     import sys
 
     code = (
         "import sys, importlib\n"
-        "import dipy_spinverse.io as io\n"
-        "assert 'dipy_spinverse.io.store' not in sys.modules\n"
-        "io_subs = ('store', 'surfaces', 'meshes', 'gradients', 'datasets')\n"
-        "for pkg, subs in ((io, io_subs),\n"
-        "        (importlib.import_module('dipy_spinverse.workflows'),\n"
-        "         ('spinverse', 'report', 'cli'))):\n"
-        "    names = []\n"
-        "    for sub in subs:\n"
-        "        names += importlib.import_module(pkg.__name__ + '.' + sub).__all__\n"
-        "    assert pkg.__all__ == names, (pkg.__all__, names)\n"
-        "    assert all(getattr(pkg, n) is not None for n in names)\n"
+        "import dipy_spinverse.workflows as pkg\n"
+        "assert 'dipy_spinverse.workflows.spinverse' not in sys.modules\n"
+        "names = []\n"
+        "for sub in ('spinverse', 'report', 'cli'):\n"
+        "    names += importlib.import_module(pkg.__name__ + '.' + sub).__all__\n"
+        "assert pkg.__all__ == names, (pkg.__all__, names)\n"
+        "assert all(getattr(pkg, n) is not None for n in names)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,10 +5,9 @@
 permeability) into an :class:`InterfaceMesh`: de-duplicated vertices,
 consistently oriented triangles, and the topological checks the inversion is
 judged by (closed, manifold, connected components). :func:`enclosed_cells`
-finds the cells a barrier encloses. Meshes are written by
-:meth:`InterfaceMesh.save` (:func:`dipy_spinverse.io.meshes.write_mesh`:
-PLY, VTK XML PolyData, GIFTI or legacy ``.vtk``) and read back with
-:func:`load_mesh`.
+finds the cells a barrier encloses. The meshes are data: the files they are
+written to are :mod:`dipy_spinverse.io.meshes`' (``save_mesh``,
+``load_mesh``: PLY, VTK XML PolyData, GIFTI or legacy ``.vtk``).
 
 Topology is that of the grid: two triangles share a vertex or an edge when
 they share grid vertices, whatever their coordinates. On periodic grids each
@@ -23,7 +22,6 @@ of the surface in the periodic box. Grid edges are identified by their two
 vertex ids, which is unique on periodic grids of 3 or more cubes per side.
 """
 
-import os
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,8 +34,6 @@ from scipy.sparse.csgraph import (
     shortest_path,
 )
 
-from ..io.meshes import MESH_FORMATS, read_mesh, write_mesh
-
 __all__ = [
     "InterfaceMesh",
     "barrier_mesh",
@@ -45,11 +41,8 @@ __all__ = [
     "graph_components",
     "barrier_regions",
     "enclosed_cells",
-    "load_mesh",
     "odd_depth_cells",
     "cell_table",
-    "write_mesh",
-    "MESH_FORMATS",
 ]
 
 
@@ -263,40 +256,6 @@ class InterfaceMesh:
             for lam in steps:
                 x = x + lam * np.where(degree[:, None] > 0, adj @ x / safe - x, 0.0)
         return InterfaceMesh(x, self.triangles, self.vertex_ids, self.face_ids)
-
-    def save(self, path, *, binary=False, face_data=None):
-        """Write the mesh (um) with :func:`write_mesh`.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            The extension picks the format (:data:`MESH_FORMATS`): ``.ply``,
-            ``.vtp`` (VTK XML PolyData), ``.gii`` (GIFTI) or legacy ``.vtk``.
-        binary : bool
-            Binary PLY (``.ply`` only; ``.vtp`` and ``.gii`` are always
-            base64-encoded binary, legacy ``.vtk`` always ASCII).
-        face_data : dict of array_like, optional
-            Per-triangle values, kept by ``.vtp`` only (VTK ``CellData``;
-            meshio's PLY writer has no face properties), e.g. ``{"face":
-            self.face_ids}``.
-
-        Raises
-        ------
-        ValueError
-            The mesh has no triangles: no file is written (an empty mesh file
-            breaks meshio and VTK).
-        """
-        path = os.fspath(path)
-        if os.path.splitext(path)[1].lower() == ".vtk" and binary:
-            raise ValueError("only ASCII legacy .vtk is written; use binary .ply.")
-        write_mesh(
-            path,
-            self.vertices,
-            self.triangles,
-            face_data=face_data,
-            binary=binary,
-            comment="dipy_spinverse interface mesh (um)",
-        )
 
     def __repr__(self):
         return (
@@ -517,25 +476,6 @@ def odd_depth_cells(grid, barrier):
     odd = ~np.isfinite(depth)
     odd[np.isfinite(depth)] = depth[np.isfinite(depth)].astype(int) % 2 == 1
     return odd[region]
-
-
-# -- input and output --------------------------------------------------------
-def load_mesh(path):
-    """Read a triangle mesh file into an :class:`InterfaceMesh`.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        ``.ply`` (ASCII or binary), ``.vtp``, ``.gii`` or legacy ``.vtk``
-        (:data:`~dipy_spinverse.io.meshes.MESH_FORMATS`).
-
-    Returns
-    -------
-    InterfaceMesh
-        Without grid ids (every vertex is its own); per-face data are not
-        read.
-    """
-    return InterfaceMesh(*read_mesh(path))
 
 
 # -- internals ----------------------------------------------------------------

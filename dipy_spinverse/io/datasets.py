@@ -34,6 +34,7 @@ from dipy.core.gradients import gradient_table
 
 from ..files import atomic_write, cache_root
 from ..sim.sequences import Protocol
+from .camino import read_scheme
 
 __all__ = [
     "RealDataset",
@@ -362,9 +363,7 @@ def _extracted(wheel):
 
 def _read_scheme(path):
     """(Protocol, echo times, GradientTable) of a Camino scheme file."""
-    protocol = Protocol.from_camino(path)
-    rows = np.loadtxt(path, comments=("#", "%", "VERSION"), ndmin=2)
-    echo_times = rows[:, 6]
+    protocol, echo_times = read_scheme(path)
     small = np.array([w.small_delta for w in protocol.waveforms])
     big = np.array([w.big_delta for w in protocol.waveforms])
     gtab = gradient_table(
@@ -374,6 +373,4 @@ def _read_scheme(path):
         big_delta=big,
         b0_threshold=0,
     )
-    if len(echo_times) != len(protocol):
-        raise ValueError(f"{path}: the TE column does not have one row per volume.")
     return protocol, echo_times, gtab

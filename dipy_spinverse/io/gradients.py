@@ -17,7 +17,8 @@ from dipy.utils.logging import logger
 from ..checks import (
     check_number,
 )
-from ..sim.sequences import PGSE, Protocol, check_bvals, unit_rows
+from ..sim.sequences import PGSE, check_bvals, unit_rows
+from .camino import read_scheme
 
 __all__ = ["read_gradients", "read_timing", "B0_THRESHOLD", "BVECS_TOL"]
 
@@ -115,7 +116,7 @@ def read_gradients(
         )
     if scheme_file is not None:
         try:
-            protocol = Protocol.from_camino(scheme_file)
+            protocol, _ = read_scheme(scheme_file)
         except OSError as err:
             raise ValueError(
                 f"cannot read the scheme file {scheme_file}: {err}"

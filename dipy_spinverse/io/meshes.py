@@ -3,11 +3,12 @@
 :func:`write_mesh` writes a mesh atomically (never an empty one), with
 optional per-vertex and per-face data and, for coordinates in a scanner's
 RAS+ space (``space="RAS"``), the tag with which 3D Slicer places the mesh;
-:func:`read_mesh` reads its vertices and triangles back. The geometry that
-gives them meaning (barrier surfaces of a grid,
-:class:`~dipy_spinverse.geometry.topology.InterfaceMesh`) lives in
-:mod:`dipy_spinverse.geometry`; this module knows only files, so the layers
-below the DIPY layer can write meshes without importing it.
+:func:`read_mesh` reads its vertices and triangles back. The meshes of the
+package (barrier surfaces of a grid,
+:class:`~dipy_spinverse.geometry.topology.InterfaceMesh`, and the boundary of
+a cell's tetrahedral mesh, :class:`~dipy_spinverse.meshfit.mesh.TetMesh`) are
+written by :func:`save_mesh` and read back by :func:`load_mesh`: the layers
+that make them return data and this module writes them.
 
 What each format keeps:
 
@@ -50,8 +51,10 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from ..files import atomic_write
+from ..geometry.topology import InterfaceMesh
+from ..meshfit.mesh import TetMesh
 
-__all__ = ["MESH_FORMATS", "read_mesh", "write_mesh"]
+__all__ = ["MESH_FORMATS", "read_mesh", "write_mesh", "save_mesh", "load_mesh"]
 
 #: Mesh file types :func:`write_mesh` writes and :func:`read_mesh` reads.
 #: ``.vtp`` (VTK XML) is read by VTK, ParaView, Slicer and PyVista; meshio 5
@@ -275,6 +278,82 @@ def read_mesh(path):
     if ext not in readers:
         raise ValueError(f"unknown mesh format {ext!r}; use one of {MESH_FORMATS}.")
     return readers[ext](path)
+
+
+def save_mesh(mesh, path, *, binary=False, face_data=None):
+    """Write a mesh of the package (um) with :func:`write_mesh`.
+
+    Parameters
+    ----------
+    mesh : InterfaceMesh or TetMesh
+        A barrier surface
+        (:class:`~dipy_spinverse.geometry.topology.InterfaceMesh`, e.g.
+        ``fit.interface_mesh``), or a cell's tetrahedral mesh
+        (:class:`~dipy_spinverse.meshfit.mesh.TetMesh`, e.g.
+        ``fit.smooth_mesh`` or ``MeshFit.mesh``), of which the boundary
+        surface is written, with only the surface's vertices.
+    path : str or os.PathLike
+        The extension picks the format (:data:`MESH_FORMATS`): ``.ply``,
+        ``.vtp`` (VTK XML PolyData), ``.gii`` (GIFTI) or legacy ``.vtk``.
+    binary : bool
+        Binary PLY (``.ply`` only; ``.vtp`` and ``.gii`` are always
+        base64-encoded binary, legacy ``.vtk`` always ASCII).
+    face_data : dict of array_like, optional
+        Per-triangle values, kept by ``.vtp`` only (VTK ``CellData``;
+        meshio's PLY writer has no face properties), e.g. ``{"face":
+        mesh.face_ids}``.
+
+    Returns
+    -------
+    str
+        The path written.
+
+    Raises
+    ------
+    ValueError
+        The mesh has no triangles: no file is written (an empty mesh file
+        breaks meshio and VTK).
+    """
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() == ".vtk" and binary:
+        raise ValueError("only ASCII legacy .vtk is written; use binary .ply.")
+    if isinstance(mesh, TetMesh):
+        # The surface alone: interior vertices would be points of no
+        # triangle in the file.
+        used = mesh.boundary_vertices
+        renumber = np.full(mesh.n_vertices, -1, dtype=np.int64)
+        renumber[used] = np.arange(len(used))
+        vertices, triangles = mesh.vertices[used], renumber[mesh.boundary_faces]
+        comment = "dipy_spinverse cell surface (um)"
+    else:
+        vertices, triangles = mesh.vertices, mesh.triangles
+        comment = "dipy_spinverse interface mesh (um)"
+    return write_mesh(
+        path,
+        vertices,
+        triangles,
+        face_data=face_data,
+        binary=binary,
+        comment=comment,
+    )
+
+
+def load_mesh(path):
+    """Read a triangle mesh file into an :class:`InterfaceMesh`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.ply`` (ASCII or binary), ``.vtp``, ``.gii`` or legacy ``.vtk``
+        (:data:`MESH_FORMATS`).
+
+    Returns
+    -------
+    InterfaceMesh
+        Without grid ids (every vertex is its own); per-face data are not
+        read.
+    """
+    return InterfaceMesh(*read_mesh(path))
 
 
 # -- PLY (meshio) ------------------------------------------------------------------

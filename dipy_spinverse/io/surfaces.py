@@ -1,4 +1,8 @@
-"""Barrier surfaces of a volume fit, placed in the scanner's space.
+"""The meshes of a fit: in each voxel's box, or placed in the scanner's space.
+
+:func:`save_interface` and :func:`save_smooth_mesh` write a fit's barrier
+surfaces and smooth cell surfaces as its voxels' boxes hold them (um); the
+fit computes the meshes, this module writes them.
 
 Each voxel's inversion recovers its barrier surface in a local box of side
 ``size`` um (the simulated grid, corners at 0 and ``size``).
@@ -26,7 +30,8 @@ import numpy as np
 
 from ..checks import check_affine
 from ..geometry.topology import barrier_regions
-from .meshes import MESH_FORMATS, write_mesh
+from ..reconst import MESH_OK, MESH_STATUS_CODES, STATUS_CODES
+from .meshes import MESH_FORMATS, save_mesh, write_mesh
 
 __all__ = [
     "VolumeSurface",
@@ -34,6 +39,8 @@ __all__ = [
     "volume_surface",
     "surface_slabs",
     "save_voxel_meshes",
+    "save_interface",
+    "save_smooth_mesh",
     "remove_voxel_meshes",
 ]
 
@@ -281,6 +288,104 @@ def save_voxel_meshes(fit, folder, *, ext=".vtp"):
             comment=f"dipy_spinverse barrier surface of voxel {index} (um)",
         )
         paths[index] = os.path.join(os.fspath(folder), name)
+    return paths
+
+
+def save_interface(fit, path, *, ext=".vtp", binary=True):
+    """Write a fit's interface meshes (um, in the voxel's local box).
+
+    No file is written for a voxel without a barrier (an empty mesh file
+    breaks meshio and VTK). For the meshes of a volume in scanner
+    coordinates, see :func:`volume_surface`.
+
+    Parameters
+    ----------
+    fit : SpinverseFit
+        One voxel or a volume.
+    path : str or os.PathLike
+        One voxel: the mesh file; its extension picks the format
+        (``.vtp``, ``.ply``, ``.gii`` or legacy ``.vtk``). A volume: a
+        folder (created if needed) that receives
+        ``voxel_<i>_<j>_<k><ext>`` per fitted voxel with a barrier.
+    ext : {".vtp", ".ply", ".gii", ".vtk"}
+        File type of a volume's meshes (``.vtp``: VTK XML PolyData, read
+        by VTK, ParaView and PyVista; legacy ``.vtk`` is not read by
+        meshio or trimesh).
+    binary : bool
+        Binary PLY (``.ply`` only).
+
+    Returns
+    -------
+    str, None or dict
+        The path (None when the voxel has no barrier), or ``{voxel index:
+        path}`` for a volume's voxels with a barrier.
+    """
+    if fit.shape == ():
+        mesh = fit.interface_mesh
+        if mesh is None:
+            raise ValueError(
+                f"this voxel has no fitted interface (status {fit.status}: "
+                f"{STATUS_CODES[fit.status]})."
+            )
+        if mesh.n_triangles == 0:
+            return None
+        return save_mesh(mesh, path, binary=binary and str(path).endswith(".ply"))
+    os.makedirs(path, exist_ok=True)
+    paths = {}
+    for index in zip(*np.nonzero(fit.fitted), strict=True):
+        index = tuple(int(i) for i in index)
+        name = "voxel_" + "_".join(map(str, index)) + ext
+        written = save_interface(
+            fit[index], os.path.join(os.fspath(path), name), binary=binary
+        )
+        if written is not None:
+            paths[index] = written
+    return paths
+
+
+def save_smooth_mesh(fit, path, *, ext=".vtp", binary=True):
+    """Write a fit's smooth cell surfaces (um, in the voxel's local box).
+
+    The surfaces of ``SpinverseModel(..., refine_mesh=True)``'s meshes
+    (:attr:`~dipy_spinverse.reconst.SpinverseFit.smooth_mesh`).
+
+    Parameters
+    ----------
+    fit : SpinverseFit
+        One voxel or a volume, of a model with ``refine_mesh=True``.
+    path : str or os.PathLike
+        As in :func:`save_interface`: one voxel, the file; a volume, a
+        folder receiving ``voxel_<i>_<j>_<k><ext>`` per refined voxel.
+    ext : {".vtp", ".ply", ".gii", ".vtk"}
+        File type of a volume's meshes.
+    binary : bool
+        Binary PLY (``.ply`` only).
+
+    Returns
+    -------
+    str or dict
+        The path, or ``{voxel index: path}`` for a volume.
+    """
+    if fit.mesh_vertices is None:
+        raise ValueError(
+            "this fit has no smooth meshes: build the model with refine_mesh=True."
+        )
+    if fit.shape == ():
+        mesh = fit.smooth_mesh
+        if mesh is None:
+            raise ValueError(
+                f"this voxel has no smooth mesh (mesh status {fit.mesh_status}: "
+                f"{MESH_STATUS_CODES[fit.mesh_status]})."
+            )
+        return save_mesh(mesh, path, binary=binary and str(path).endswith(".ply"))
+    os.makedirs(path, exist_ok=True)
+    paths = {}
+    for index in zip(*np.nonzero(fit.mesh_status == MESH_OK), strict=True):
+        index = tuple(int(i) for i in index)
+        name = "voxel_" + "_".join(map(str, index)) + ext
+        paths[index] = save_smooth_mesh(
+            fit[index], os.path.join(os.fspath(path), name), binary=binary
+        )
     return paths
 
 

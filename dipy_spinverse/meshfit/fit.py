@@ -23,7 +23,6 @@ from ..checks import (
     check_number,
     check_positive,
 )
-from ..io.meshes import write_mesh
 from ..sim.sequences import as_protocol
 from ..sim.signals import VoxelSignals, data_loss, normalise_b0
 from .autoencoder import ShapeAutoencoder, load_or_train_autoencoder
@@ -213,11 +212,6 @@ class MeshFit:
         the mean distance of the side vertices from the mesh's principal axis
         for a tube, ``3 V / A`` otherwise."""
         return template_radius(self.mesh, self.kind)
-
-    def save(self, path, **kwargs):
-        """Write the surface like the other interface meshes (.ply, .vtp, ...)."""
-        vertices, triangles = self.surface_vertices
-        return write_mesh(path, vertices, triangles, **kwargs)
 
 
 def axis_radius(mesh):

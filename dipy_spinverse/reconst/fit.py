@@ -65,7 +65,6 @@ cell is also refined into a smooth mesh
 never the voxel's fit.
 """
 
-import os
 from functools import cached_property
 
 import numpy as np
@@ -73,7 +72,6 @@ from dipy.reconst.base import ReconstFit
 
 from ..checks import check_s0
 from ..geometry.topology import barrier_mesh, barrier_regions, cell_table
-from ..io.meshes import write_mesh
 from ..meshfit.fit import axis_radius
 from ..meshfit.mesh import TetMesh, boundary_triangles, signed_volumes, triangle_areas
 
@@ -170,8 +168,8 @@ MESH_STATUS_CODES = {
 #: Per-voxel parameters of the smooth mesh (None unless ``refine_mesh``):
 #: vertex positions (V, 3) in um (the faces are the model's,
 #: ``model.mesh_tets``), final loss and status. Saved and checkpointed by
-#: :mod:`dipy_spinverse.io`; :meth:`SpinverseFit.save_smooth_mesh` writes
-#: the surfaces.
+#: :mod:`dipy_spinverse.io`; :func:`dipy_spinverse.io.surfaces.save_smooth_mesh`
+#: writes the surfaces.
 MESH_PARAMETERS = ("mesh_vertices", "mesh_loss", "mesh_status")
 
 #: The per-voxel parameters a fit holds (``labels`` may be None).
@@ -630,55 +628,6 @@ class SpinverseFit(ReconstFit):
             labels = None
         return barrier_mesh(self.model.grid, self.barrier, labels=labels, cap_wall=True)
 
-    def save_interface(self, path, *, ext=".vtp", binary=True):
-        """Write the interface meshes (um, in the voxel's local box).
-
-        No file is written for a voxel without a barrier (an empty mesh file
-        breaks meshio and VTK). For the meshes of a volume in scanner
-        coordinates, see :func:`dipy_spinverse.io.surfaces.volume_surface`.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            One voxel: the mesh file; its extension picks the format
-            (``.vtp``, ``.ply``, ``.gii`` or legacy ``.vtk``). A volume: a
-            folder (created if needed) that receives
-            ``voxel_<i>_<j>_<k><ext>`` per fitted voxel with a barrier.
-        ext : {".vtp", ".ply", ".gii", ".vtk"}
-            File type of a volume's meshes (``.vtp``: VTK XML PolyData, read
-            by VTK, ParaView and PyVista; legacy ``.vtk`` is not read by
-            meshio or trimesh).
-        binary : bool
-            Binary PLY (``.ply`` only).
-
-        Returns
-        -------
-        str, None or dict
-            The path (None when the voxel has no barrier), or ``{voxel index:
-            path}`` for a volume's voxels with a barrier.
-        """
-        if self.shape == ():
-            if self._mesh is None:
-                raise ValueError(
-                    f"this voxel has no fitted interface (status {self.status}: "
-                    f"{STATUS_CODES[self.status]})."
-                )
-            if self._mesh.n_triangles == 0:
-                return None
-            self._mesh.save(path, binary=binary and str(path).endswith(".ply"))
-            return os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        paths = {}
-        for index in zip(*np.nonzero(self.fitted), strict=True):
-            index = tuple(int(i) for i in index)
-            name = "voxel_" + "_".join(map(str, index)) + ext
-            written = self[index].save_interface(
-                os.path.join(os.fspath(path), name), binary=binary
-            )
-            if written is not None:
-                paths[index] = written
-        return paths
-
     # -- smooth meshes (refine_mesh=True) ----------------------------------------
     @property
     def mesh_status(self):
@@ -789,48 +738,6 @@ class SpinverseFit(ReconstFit):
         (``template="ball"``), or the mean distance of the side from the
         principal axis (``"tube"``)."""
         return self._mesh_map(2)
-
-    def save_smooth_mesh(self, path, *, ext=".vtp", binary=True):
-        """Write the smooth cell surfaces (um, in the voxel's local box).
-
-        As :meth:`save_interface`: one voxel, the file ``path``; a volume, a
-        folder receiving ``voxel_<i>_<j>_<k><ext>`` per refined voxel.
-
-        Returns
-        -------
-        str or dict
-            The path, or ``{voxel index: path}`` for a volume.
-        """
-        if self.params["mesh_vertices"] is None:
-            raise ValueError(
-                "this fit has no smooth meshes: build the model with refine_mesh=True."
-            )
-        if self.shape == ():
-            mesh = self.smooth_mesh
-            if mesh is None:
-                raise ValueError(
-                    f"this voxel has no smooth mesh (mesh status {self.mesh_status}: "
-                    f"{MESH_STATUS_CODES[self.mesh_status]})."
-                )
-            used = mesh.boundary_vertices
-            renumber = np.full(mesh.n_vertices, -1, dtype=np.int64)
-            renumber[used] = np.arange(len(used))
-            write_mesh(
-                path,
-                mesh.vertices[used],
-                renumber[mesh.boundary_faces],
-                binary=binary and str(path).endswith(".ply"),
-            )
-            return os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        paths = {}
-        for index in zip(*np.nonzero(self.mesh_status == MESH_OK), strict=True):
-            index = tuple(int(i) for i in index)
-            name = "voxel_" + "_".join(map(str, index)) + ext
-            paths[index] = self[index].save_smooth_mesh(
-                os.path.join(os.fspath(path), name), binary=binary
-            )
-        return paths
 
     # -- prediction ----------------------------------------------------------------
     def predict(self, gtab=None, *, S0=None):

@@ -12,7 +12,6 @@ unit direction g. With F(t) = int_0^t f, the waveform's b-factor is
 """
 
 import abc
-import os
 from dataclasses import KW_ONLY, dataclass
 from functools import cached_property
 
@@ -34,13 +33,15 @@ __all__ = [
     "check_linear_encoding",
     "unit_rows",
     "BVALUE_RANGE",
+    "GAMMA_UM_US",
+    "UNIT_ATOL",
     "fibonacci_sphere",
     "published_protocol",
     "hcp_protocol",
 ]
 
 #: gamma in rad/(T um us): rad/(s T) x 1e-6 (per us) x 1e-6 (per um).
-_GAMMA_UM_US = WATER_GYROMAGNETIC_RATIO * 1e-12
+GAMMA_UM_US = WATER_GYROMAGNETIC_RATIO * 1e-12
 _S_TO_US = 1e6
 # Gradient pulses longer than 1 s or sequence times longer than 10 s do not
 # occur in diffusion MRI; such values are almost surely milliseconds.
@@ -48,13 +49,8 @@ _MAX_PULSE_S = 1.0
 _MAX_TIME_S = 10.0
 _ANTISYMMETRY_RTOL = 1e-12
 _REFOCUS_RTOL = 1e-9
-_UNIT_ATOL = 1e-3
-_CAMINO_VERSION = "STEJSKALTANNER"
-# Camino's older, numbered name of this format (fsl2scheme's -version: 0
-# wrote q-vectors with one diffusion time, 2 the b-vectors of BVECTOR).
-_CAMINO_VERSION_ALIASES = ("1",)
-_CAMINO_BVECTOR = ("BVECTOR", "2")
-_CAMINO_COLUMNS = ("x", "y", "z", "|G|", "DELTA", "delta", "TE")
+#: How far from unit length a direction with b > 0 may be (then normalised).
+UNIT_ATOL = 1e-3
 
 
 def _check_seconds(value, name, *, allow_zero=False, max_s=_MAX_TIME_S):
@@ -767,7 +763,7 @@ class Protocol:
             raise ValueError(f"bvecs must have shape ({n}, 3), got {bvecs.shape}{hint}")
         weighted = bvals > 0
         norms = np.linalg.norm(bvecs[weighted], axis=1)
-        bad = ~(np.abs(norms - 1.0) <= _UNIT_ATOL)
+        bad = ~(np.abs(norms - 1.0) <= UNIT_ATOL)
         if bad.any():
             i = int(np.flatnonzero(weighted)[bad][0])
             raise ValueError(
@@ -880,83 +876,6 @@ class Protocol:
             )
         bvecs = unit_rows(gtab.bvecs)
         return cls(waveforms=waveforms, bvals=bvals, bvecs=bvecs)
-
-    @classmethod
-    def from_camino(cls, path):
-        """Read a Camino scheme file in STEJSKALTANNER format.
-
-        The file starts with a ``VERSION: STEJSKALTANNER`` (or ``VERSION:
-        1``) line, followed by one row ``x y z |G| DELTA delta TE`` per
-        acquisition, with G in T/m and times in seconds. Comment lines
-        (starting with ``#`` or ``%``, as in the ISBI 2015 challenge's file)
-        and blank lines are skipped anywhere; a file without the VERSION line
-        whose first row has these seven numbers is read as STEJSKALTANNER.
-        A b = 0 row (zero gradient) may have ``DELTA = delta = 0``, as
-        Camino writes them: it has no timing of its own and takes that of
-        the weighted rows of its echo time (TE column), the sequence whose
-        b = 0 signal it measures; or the scheme's one timing. Where its echo
-        time is shared by several timings, or by none of several, the file
-        must give the row its timing, and the error names the rows.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            Scheme file.
-
-        Returns
-        -------
-        protocol : Protocol
-            PGSE acquisitions with b = gamma^2 G^2 delta^2 (DELTA - delta / 3)
-            in s/mm^2; rows with a zero gradient are b = 0.
-
-        Notes
-        -----
-        The TE column must be at least DELTA + delta but is otherwise not
-        used: the waveforms end at DELTA + delta.
-        """
-        rows = list(_camino_rows(path))
-        if not rows:
-            raise ValueError(f"{path}: no acquisitions after the VERSION line")
-        waveforms, bvals, bvecs = [], [], []
-        for lineno, (x, y, z, strength, big_d, d, echo) in rows:
-            waveform, bval, bvec = _camino_acquisition(
-                (x, y, z), strength, big_d, d, echo, where=f"{path}, line {lineno}"
-            )
-            waveforms.append(waveform)
-            bvals.append(bval)
-            bvecs.append(bvec)
-        echoes = np.array([values[6] for _, values in rows])
-        waveforms = _time_untimed_b0(waveforms, echoes, [r[0] for r in rows], path)
-        return cls(waveforms=tuple(waveforms), bvals=bvals, bvecs=bvecs)
-
-    def to_camino(self, path):
-        """Write a PGSE-only protocol as a Camino STEJSKALTANNER scheme file.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            Output file; :meth:`from_camino` reads it back.
-        """
-        others = {type(w).__name__ for w in self.waveforms if type(w) is not PGSE}
-        if others:
-            raise ValueError(
-                "to_camino writes PGSE protocols only (STEJSKALTANNER format); "
-                f"this protocol also has {sorted(others)}"
-            )
-        lines = ["# written by dipy_spinverse", f"VERSION: {_CAMINO_VERSION}"]
-        for waveform, bvec, strength in zip(
-            self.waveforms, self.bvecs, self.gradient_strength, strict=True
-        ):
-            values = (
-                *bvec,
-                strength,
-                waveform.big_delta,
-                waveform.small_delta,
-                waveform.echo_time,
-            )
-            lines.append(" ".join(f"{v:.17g}" for v in values))
-        with open(os.fspath(path), "w") as f:
-            f.write("\n".join(lines) + "\n")
 
     @classmethod
     def concatenate(cls, *protocols):
@@ -1083,183 +1002,12 @@ class Protocol:
     @property
     def gradient_strength(self):
         """Gradient amplitude G in T/m, shape (n,)."""
-        return np.linalg.norm(self.gradient_rate, axis=1) / _GAMMA_UM_US
+        return np.linalg.norm(self.gradient_rate, axis=1) / GAMMA_UM_US
 
     @property
     def echo_times(self):
         """Echo time of each acquisition in seconds, shape (n,)."""
         return np.array([w.echo_time for w in self.waveforms], dtype=np.float64)
-
-
-def _time_untimed_b0(waveforms, echoes, linenos, path):
-    """The waveforms of a scheme with its untimed b = 0 rows (None) given
-    the timing of the weighted rows of their echo time (or the scheme's one
-    timing); an error naming the rows where neither identifies one."""
-    untimed = [i for i, w in enumerate(waveforms) if w is None]
-    if not untimed:
-        return waveforms
-    timings = set(waveforms) - {None}
-    # The timings of the weighted rows per echo time, written to the
-    # microsecond.
-    by_echo = {}
-    for waveform, echo in zip(waveforms, echoes, strict=True):
-        if waveform is not None:
-            by_echo.setdefault(round(float(echo), 6), set()).add(waveform)
-    unresolved = []
-    waveforms = list(waveforms)
-    for i in untimed:
-        candidates = by_echo.get(round(float(echoes[i]), 6)) or timings
-        if len(candidates) == 1:
-            waveforms[i] = next(iter(candidates))
-        else:
-            unresolved.append(i)
-    if unresolved:
-        lines = ", ".join(str(linenos[i]) for i in unresolved[:8])
-        raise ValueError(
-            f"{path}, line(s) {lines}: b = 0 row(s) with DELTA = delta = 0 (no "
-            f"timing) whose echo time (TE column) picks no single one of the "
-            f"{len(timings)} timings of the "
-            "weighted rows: give each b = 0 row the DELTA, delta and TE of the "
-            "sequence it belongs to (its echo time weights the b = 0 signal by "
-            "which that sequence is normalised)"
-        )
-    return waveforms
-
-
-def _camino_rows(path):
-    """Yield ``(lineno, values)`` for the data rows of a Camino scheme file."""
-    version_seen = False
-    with open(os.fspath(path)) as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith(("#", "%")):
-                continue
-            if not version_seen:
-                version_seen = True
-                if _headerless_row(line):
-                    yield lineno, _camino_values(line, path, lineno)
-                else:
-                    _check_camino_version(line, path, lineno)
-                continue
-            yield lineno, _camino_values(line, path, lineno)
-    if not version_seen:
-        raise ValueError(
-            f"{path}: no 'VERSION: {_CAMINO_VERSION}' header line; the first "
-            "non-comment line of a Camino scheme file names its format"
-        )
-
-
-def _headerless_row(line):
-    """Whether a scheme's first line is already a STEJSKALTANNER row (seven
-    numbers), as in files written without the VERSION line."""
-    fields = line.split()
-    if len(fields) != len(_CAMINO_COLUMNS):
-        return False
-    try:
-        [float(v) for v in fields]
-    except ValueError:
-        return False
-    return True
-
-
-def _check_camino_version(line, path, lineno):
-    key, sep, version = line.partition(":")
-    if not sep or key.strip().upper() != "VERSION":
-        fix = (
-            "a line of column names must be a comment (start it with #)"
-            if not _any_number(line.split())
-            else f"add the line 'VERSION: {_CAMINO_VERSION}' before the rows"
-        )
-        raise ValueError(
-            f"{path}, line {lineno}: expected a 'VERSION: {_CAMINO_VERSION}' "
-            f"header before the data, got {line!r}; {fix}"
-        )
-    version = version.strip()
-    if version.upper() not in (_CAMINO_VERSION, *_CAMINO_VERSION_ALIASES):
-        bvector = (
-            ". A BVECTOR scheme has b-values but no gradient timing: give its "
-            "b-values and directions as .bval/.bvec files and the timing on its "
-            "own"
-            if version.upper() in _CAMINO_BVECTOR
-            else ""
-        )
-        raise ValueError(
-            f"{path}, line {lineno}: unsupported scheme version "
-            f"{version!r}; only VERSION: {_CAMINO_VERSION} is supported "
-            f"(columns x y z |G| DELTA delta TE, G in T/m, times in s){bvector}"
-        )
-
-
-def _any_number(fields):
-    """Whether any of the text ``fields`` reads as a number."""
-    for field in fields:
-        try:
-            float(field)
-        except ValueError:
-            continue
-        return True
-    return False
-
-
-def _camino_values(line, path, lineno):
-    fields = line.split()
-    if not _any_number(fields):
-        raise ValueError(
-            f"{path}, line {lineno}: {line!r} is not a row of numbers; a line of "
-            "column names must be a comment (start it with #)"
-        )
-    if len(fields) != len(_CAMINO_COLUMNS):
-        raise ValueError(
-            f"{path}, line {lineno}: expected {len(_CAMINO_COLUMNS)} columns "
-            f"({' '.join(_CAMINO_COLUMNS)}), got {len(fields)}"
-        )
-    try:
-        return tuple(float(v) for v in fields)
-    except ValueError as err:
-        raise ValueError(
-            f"{path}, line {lineno}: non-numeric value in {line!r}"
-        ) from err
-
-
-def _camino_acquisition(direction, strength, big_delta, small_delta, echo, *, where):
-    """Turn one STEJSKALTANNER row into (waveform, b in s/mm^2, direction);
-    the waveform is None for a b = 0 row without timing."""
-    no_gradient = (
-        np.isfinite(strength) and strength >= 0 and not (strength and np.any(direction))
-    )
-    if no_gradient and big_delta == 0 and small_delta == 0:
-        # Camino's convention for b = 0 rows: without gradient the timing
-        # changes nothing in the signal; from_camino gives them one.
-        return None, 0.0, np.zeros(3)
-    try:
-        waveform = PGSE(small_delta=small_delta, big_delta=big_delta)
-    except ValueError as err:
-        hint = (
-            " (a b = 0 row: give it DELTA = delta = 0, or the timing of its sequence)"
-            if no_gradient
-            else ""
-        )
-        raise ValueError(f"{where}: {err}{hint}") from err
-    if not echo >= waveform.echo_time * (1.0 - 1e-9):
-        raise ValueError(
-            f"{where}: TE ({echo:g} s) is shorter than DELTA + delta "
-            f"({waveform.echo_time:g} s)"
-        )
-    direction = np.asarray(direction, dtype=np.float64)
-    norm = float(np.linalg.norm(direction))
-    if not np.isfinite(strength) or strength < 0:
-        raise ValueError(f"{where}: |G| must be finite and >= 0, got {strength!r}")
-    if strength == 0 or norm == 0:
-        return waveform, 0.0, np.zeros(3)
-    if abs(norm - 1.0) > _UNIT_ATOL:
-        raise ValueError(
-            f"{where}: direction (x, y, z) has length {norm:.6g}; it must be a "
-            "unit vector"
-        )
-    # b = gamma^2 G^2 bfactor; with gamma in rad/(T um us) and bfactor in us^3
-    # this is us/um^2, numerically s/mm^2.
-    bval = (_GAMMA_UM_US * strength) ** 2 * waveform.bfactor_us3
-    return waveform, bval, direction / norm
 
 
 def as_protocol(protocol):

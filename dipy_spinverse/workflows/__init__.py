@@ -1,7 +1,7 @@
 """The command-line workflows: ``dipy_fit_spinverse`` (:mod:`.spinverse`)
 its report figures (:mod:`.report`) and the console-script runner
-(:mod:`.cli`). ``dipy_fit_tissue_maps`` is
-:mod:`dipy_spinverse.tissue.workflow`.
+(:mod:`.cli`). ``dipy_fit_tissue_maps`` is :mod:`.tissue` (imported by its
+module path: its ``main`` is not this package's).
 
 Their public names (each module's ``__all__``) are imported on first use:
 the console scripts import :mod:`.cli` first, so that it sets the thread

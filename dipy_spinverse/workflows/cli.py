@@ -45,7 +45,7 @@ def dipy_fit_spinverse():
 
 def dipy_fit_tissue_maps():
     """Console script ``dipy_fit_tissue_maps``."""
-    return _command("dipy_spinverse.tissue.workflow:TissueMapsFlow")
+    return _command("dipy_spinverse.workflows.tissue:TissueMapsFlow")
 
 
 def run_command(flow):

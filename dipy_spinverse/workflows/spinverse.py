@@ -36,14 +36,12 @@ from ..files import (
     save_image,
     writable_folder,
 )
+from ..io.checkpoint import Checkpoint, checkpoint_for
+from ..io.fits import load_fit, save_fit
 from ..io.gradients import B0_THRESHOLD, BVECS_TOL, read_gradients
-from ..io.store import (
+from ..io.maps import (
     MESH_MAPS,
-    Checkpoint,
-    checkpoint_for,
     describe_status,
-    load_fit,
-    save_fit,
     save_map,
     save_permeability,
     save_posterior,
@@ -51,6 +49,7 @@ from ..io.store import (
 )
 from ..io.surfaces import (
     remove_voxel_meshes,
+    save_smooth_mesh,
     save_voxel_meshes,
     surface_slabs,
     volume_surface,
@@ -1049,7 +1048,7 @@ def _save_smooth_meshes(fit, out, *, space, ext):
     if not fit.model.refine_mesh:
         return []
     written = [save_map(fit, name, out[f"out_{name}"], **space) for name in MESH_MAPS]
-    paths = fit.save_smooth_mesh(folder, ext=ext)
+    paths = save_smooth_mesh(fit, folder, ext=ext)
     logger.info(f"{len(paths)} smooth cell meshes (um) in {folder}.")
     return written + list(paths.values())
 

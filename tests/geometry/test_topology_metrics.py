@@ -24,7 +24,6 @@ from dipy_spinverse.geometry.topology import (
     barrier_mesh,
     cell_table,
     enclosed_cells,
-    load_mesh,
 )
 
 
@@ -140,37 +139,6 @@ def test_empty_mesh(grid):
     assert mesh.n_triangles == 0 and mesh.n_vertices == 0
     assert not mesh.is_closed and not mesh.is_manifold
     assert mesh.n_components == 0 and mesh.area == 0 and mesh.volume == 0
-
-
-@pytest.mark.parametrize("name, binary", [("m.ply", False), ("m.ply", True)])
-def test_ply_round_trip(tmp_path, grid, published, name, binary):
-    mesh = barrier_mesh(grid, published["sphere"].barrier)
-    mesh.save(tmp_path / name, binary=binary)
-    back = load_mesh(tmp_path / name)
-    assert_array_equal(back.vertices, mesh.vertices)
-    assert_array_equal(back.triangles, mesh.triangles)
-    assert back.is_closed and back.is_manifold
-
-
-def test_vtk_round_trip(tmp_path, grid, published):
-    mesh = barrier_mesh(grid, published["torus"].barrier, cap_wall=True)
-    mesh.save(tmp_path / "m.vtk")
-    text = (tmp_path / "m.vtk").read_text()
-    assert "DATASET POLYDATA" in text and "POLYGONS" in text
-    back = load_mesh(tmp_path / "m.vtk")
-    assert_array_equal(back.vertices, mesh.vertices)
-    assert_array_equal(back.triangles, mesh.triangles)
-
-
-def test_io_errors(tmp_path, grid, published):
-    mesh = barrier_mesh(grid, published["sphere"].barrier)
-    with pytest.raises(ValueError, match="format"):
-        mesh.save(tmp_path / "m.stl")
-    with pytest.raises(ValueError, match="binary"):
-        mesh.save(tmp_path / "m.vtk", binary=True)
-    (tmp_path / "bad.ply").write_text("not a mesh\n")
-    with pytest.raises(ValueError, match="PLY"):
-        load_mesh(tmp_path / "bad.ply")
 
 
 def test_smoothing_is_for_display_only(grid, published):

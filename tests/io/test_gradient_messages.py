@@ -13,6 +13,7 @@ from dipy.core.gradients import gradient_table
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse.data import make_phantom_dataset
+from dipy_spinverse.io.camino import read_scheme
 from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
 
@@ -189,7 +190,7 @@ def test_scheme_file_in_ms_names_the_line(tmp_path):
     with pytest.raises(
         ValueError, match=r"s\.scheme, line 2: small_delta=10 looks like milliseconds"
     ):
-        Protocol.from_camino(_scheme(tmp_path, rows))
+        read_scheme(_scheme(tmp_path, rows))
 
 
 def test_gradient_table_in_ms_says_seconds():
@@ -222,7 +223,8 @@ def _one_timing_rows():
 
 def test_b0_rows_without_timing_take_the_scheme_timing(tmp_path):
     protocol, rows = _one_timing_rows()
-    back = Protocol.from_camino(_scheme(tmp_path, rows))
+    back, echo_times = read_scheme(_scheme(tmp_path, rows))
+    assert_array_equal(echo_times, rows[:, 6])
     assert back.waveforms == protocol.waveforms
     assert_allclose(back.bvals, BVALS, rtol=1e-9)
     files, options = _files(tmp_path, BVALS)
@@ -244,7 +246,7 @@ def test_b0_rows_without_timing_among_several_timings_are_refused(tmp_path):
         r"one of the 2 timings.*give each b = 0 row the DELTA, delta and TE of the "
         "sequence",
     ):
-        Protocol.from_camino(path)
+        read_scheme(path)
 
 
 def test_a_b0_row_with_half_a_timing_says_how_to_write_it(tmp_path):
@@ -255,12 +257,12 @@ def test_a_b0_row_with_half_a_timing_says_how_to_write_it(tmp_path):
         match=r"line 2: small_delta must be finite and positive.*a b = 0 row: "
         "give it DELTA = delta = 0, or the timing of its sequence",
     ):
-        Protocol.from_camino(_scheme(tmp_path, rows))
+        read_scheme(_scheme(tmp_path, rows))
 
 
 def test_version_1_is_the_stejskal_tanner_format(tmp_path):
     protocol, rows = _one_timing_rows()
-    back = Protocol.from_camino(_scheme(tmp_path, rows, header="VERSION: 1"))
+    back, _ = read_scheme(_scheme(tmp_path, rows, header="VERSION: 1"))
     assert back.waveforms == protocol.waveforms
     assert_allclose(back.bvals, BVALS, rtol=1e-9)
 
@@ -301,7 +303,7 @@ def test_scheme_headers_name_the_file_and_line(tmp_path, text, match):
     path = tmp_path / "s.scheme"
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
-        Protocol.from_camino(path)
+        read_scheme(path)
     files, options = _files(tmp_path, BVALS)
     with pytest.raises(ValueError, match=match):
         read_gradients(*files, **options, scheme_file=path)
@@ -312,7 +314,7 @@ def test_comment_header_lines_are_skipped(tmp_path):
     path = _scheme(
         tmp_path, rows, header="#x y z |G| DELTA delta TE\nVERSION: STEJSKALTANNER"
     )
-    assert Protocol.from_camino(path).waveforms == protocol.waveforms
+    assert read_scheme(path)[0].waveforms == protocol.waveforms
 
 
 # -- The demo still reads -----------------------------------------------------

@@ -14,18 +14,16 @@ from numpy.testing import assert_allclose, assert_array_equal
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import SpinverseModel, TetGrid
 from dipy_spinverse.files import WriteError
-from dipy_spinverse.io.store import (
+from dipy_spinverse.io.checkpoint import Checkpoint, resume_fit
+from dipy_spinverse.io.fits import load_fit, save_fit
+from dipy_spinverse.io.maps import (
     MAPS,
-    Checkpoint,
-    load_fit,
-    model_spec,
-    resume_fit,
-    save_fit,
     save_map,
     save_maps,
     save_permeability,
     save_predicted,
 )
+from dipy_spinverse.io.specs import model_spec
 from dipy_spinverse.reconst import MASKED, OK, PENDING, SpinverseFit
 
 
@@ -188,7 +186,7 @@ def test_checkpoint_and_resume(model, volume, volume_fit, tmp_path, monkeypatch)
 
 
 def test_store_writes_each_chunk_once(model, volume, volume_fit, tmp_path, monkeypatch):
-    import dipy_spinverse.io.store as io
+    import dipy_spinverse.io.checkpoint as io
 
     data, mask = volume
     written = []
@@ -433,7 +431,7 @@ def test_a_full_disk_while_checkpointing_is_a_clean_error(
     keeps the chunks written before, and the rerun continues them."""
     import errno
 
-    import dipy_spinverse.io.store as io
+    import dipy_spinverse.io.checkpoint as io
 
     data, mask = volume
     path = tmp_path / "state.h5"

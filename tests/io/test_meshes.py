@@ -17,7 +17,16 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from dipy_spinverse.io.meshes import MESH_FORMATS, read_mesh, write_mesh
+from dipy_spinverse.geometry.phantoms import published_phantoms
+from dipy_spinverse.geometry.topology import barrier_mesh
+from dipy_spinverse.io.meshes import (
+    MESH_FORMATS,
+    load_mesh,
+    read_mesh,
+    save_mesh,
+    write_mesh,
+)
+from dipy_spinverse.sim.grid import TetGrid
 
 FORMATS = [("m.ply", True), ("m.ply", False), ("m.vtp", True), ("m.gii", True)]
 FORMATS += [("m.vtk", True)]
@@ -341,3 +350,47 @@ def test_read_mesh_rejects_what_is_not_a_triangle_mesh(tmp_path):
     meshio.write(tmp_path / "quad.ply", quad, binary=False)
     with pytest.raises(ValueError, match=r"only triangle meshes.*\['quad'\]"):
         read_mesh(tmp_path / "quad.ply")
+
+
+# -- the package's meshes: save_mesh and load_mesh ---------------------------
+
+
+@pytest.fixture(scope="module")
+def barrier_grid():
+    return TetGrid.bcc(80 / 3, 4)
+
+
+@pytest.fixture(scope="module")
+def published(barrier_grid):
+    return published_phantoms(barrier_grid)
+
+
+@pytest.mark.parametrize("name, binary", [("m.ply", False), ("m.ply", True)])
+def test_save_mesh_ply_round_trip(tmp_path, barrier_grid, published, name, binary):
+    mesh = barrier_mesh(barrier_grid, published["sphere"].barrier)
+    save_mesh(mesh, tmp_path / name, binary=binary)
+    back = load_mesh(tmp_path / name)
+    assert_array_equal(back.vertices, mesh.vertices)
+    assert_array_equal(back.triangles, mesh.triangles)
+    assert back.is_closed and back.is_manifold
+
+
+def test_save_mesh_vtk_round_trip(tmp_path, barrier_grid, published):
+    mesh = barrier_mesh(barrier_grid, published["torus"].barrier, cap_wall=True)
+    save_mesh(mesh, tmp_path / "m.vtk")
+    text = (tmp_path / "m.vtk").read_text()
+    assert "DATASET POLYDATA" in text and "POLYGONS" in text
+    back = load_mesh(tmp_path / "m.vtk")
+    assert_array_equal(back.vertices, mesh.vertices)
+    assert_array_equal(back.triangles, mesh.triangles)
+
+
+def test_save_and_load_mesh_errors(tmp_path, barrier_grid, published):
+    mesh = barrier_mesh(barrier_grid, published["sphere"].barrier)
+    with pytest.raises(ValueError, match="format"):
+        save_mesh(mesh, tmp_path / "m.stl")
+    with pytest.raises(ValueError, match="binary"):
+        save_mesh(mesh, tmp_path / "m.vtk", binary=True)
+    (tmp_path / "bad.ply").write_text("not a mesh\n")
+    with pytest.raises(ValueError, match="PLY"):
+        load_mesh(tmp_path / "bad.ply")

@@ -140,16 +140,18 @@ def test_spinverse_fit_exposes_the_smooth_mesh(refined, tmp_path):
     radius = (3 * mesh.volume / (4 * np.pi)) ** (1 / 3)
     assert one.mesh_radius == pytest.approx(radius)
     assert_allclose(fit.mesh_volume[:, 0, 0], one.mesh_volume)
-    paths = fit.save_smooth_mesh(tmp_path / "meshes", ext=".ply")
+    from dipy_spinverse.io.meshes import load_mesh
+    from dipy_spinverse.io.surfaces import save_smooth_mesh
+
+    paths = save_smooth_mesh(fit, tmp_path / "meshes", ext=".ply")
     assert sorted(paths) == [(0, 0, 0), (1, 0, 0)]
-    from dipy_spinverse.geometry.topology import load_mesh
 
     loaded = load_mesh(paths[(0, 0, 0)])
     assert len(loaded.triangles) == len(one.mesh_faces)
 
 
 def test_smooth_meshes_are_saved_and_loaded(refined, tmp_path):
-    from dipy_spinverse.io.store import load_fit, save_fit
+    from dipy_spinverse.io.fits import load_fit, save_fit
 
     model, fit = refined
     loaded = load_fit(save_fit(fit, tmp_path / "fit.npz"))

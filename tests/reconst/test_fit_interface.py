@@ -19,6 +19,7 @@ import dipy_spinverse.posterior as posterior
 from dipy_spinverse import SpinverseModel
 from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.io.gradients import read_gradients
+from dipy_spinverse.io.surfaces import save_interface
 from dipy_spinverse.posterior.calibration import SCALARS
 from dipy_spinverse.reconst import MASKED, NONFINITE, OK, SpinverseFit
 from dipy_spinverse.reconst.posterior import PosteriorFit
@@ -75,7 +76,7 @@ def test_a_voxel_outside_the_mask_reads_as_the_volume_there(search_fit):
     assert_array_equal(voxel.predict(), fit.predict()[1, 1, 0])
     assert_array_equal(voxel.predict(), 0)
     with pytest.raises(ValueError, match=r"status -2: outside the mask"):
-        voxel.save_interface("never.vtp")
+        save_interface(voxel, "never.vtp")
     # Negative indices name the same voxel.
     assert fit[-1, -1, -1].status == MASKED
 

@@ -18,9 +18,12 @@ from scipy.stats import chi2
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import Protocol, TetGrid
 from dipy_spinverse.geometry.phantoms import sphere
-from dipy_spinverse.geometry.topology import InterfaceMesh, load_mesh
+from dipy_spinverse.geometry.topology import InterfaceMesh
 from dipy_spinverse.inverse import reconstruct
-from dipy_spinverse.io.store import describe_status, load_fit, save_fit
+from dipy_spinverse.io.fits import load_fit, save_fit
+from dipy_spinverse.io.maps import describe_status
+from dipy_spinverse.io.meshes import load_mesh
+from dipy_spinverse.io.surfaces import save_interface
 from dipy_spinverse.reconst import (
     BAD_B0,
     DIVERGED,
@@ -157,7 +160,7 @@ def test_maps_of_known_permeability(sphere_fit):
 def test_save_interface(sphere_fit, tmp_path):
     fit, _ = sphere_fit
     for ext in (".ply", ".vtk"):
-        fit.save_interface(tmp_path / f"mesh{ext}")
+        save_interface(fit, tmp_path / f"mesh{ext}")
         loaded = load_mesh(tmp_path / f"mesh{ext}")
         assert loaded.n_triangles == fit.interface_mesh.n_triangles
     failed = SpinverseFit(
@@ -173,7 +176,7 @@ def test_save_interface(sphere_fit, tmp_path):
     )
     assert failed.interface_mesh is None
     with pytest.raises(ValueError, match="no fitted interface"):
-        failed.save_interface(tmp_path / "x.ply")
+        save_interface(failed, tmp_path / "x.ply")
 
 
 def test_single_voxel_problems_do_not_raise(model, signal):

@@ -71,7 +71,7 @@ def test_a_killed_run_keeps_every_chunk_written(tmp_path):
     import sys
     import time
 
-    from dipy_spinverse.io.store import load_fit
+    from dipy_spinverse.io.fits import load_fit
 
     path = tmp_path / "killed.h5"
     writer = subprocess.Popen(

@@ -24,7 +24,7 @@ from numpy.testing import assert_array_equal
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.files import LOCK_NAME, output_lock
-from dipy_spinverse.io.store import load_fit
+from dipy_spinverse.io.fits import load_fit
 from dipy_spinverse.reconst import IMPOSSIBLE_SIGNAL, UNDERDETERMINED
 from dipy_spinverse.workflows.spinverse import main
 
@@ -163,7 +163,7 @@ def test_resume_with_another_mask_starts_anew_and_keeps_the_old_store(
 def test_a_full_disk_while_checkpointing_keeps_the_voxels_before(
     demo, reference, tmp_path, monkeypatch, capsys
 ):
-    import dipy_spinverse.io.store as store
+    import dipy_spinverse.io.checkpoint as store
 
     real = store._write_block
 

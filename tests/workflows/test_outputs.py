@@ -15,12 +15,13 @@ from dipy_spinverse import TetGrid
 from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.files import atomic_write
 from dipy_spinverse.geometry.phantoms import sphere
-from dipy_spinverse.geometry.topology import InterfaceMesh, barrier_mesh, load_mesh
-from dipy_spinverse.io.meshes import write_mesh
-from dipy_spinverse.io.store import save_map, save_permeability, save_predicted
+from dipy_spinverse.geometry.topology import InterfaceMesh, barrier_mesh
+from dipy_spinverse.io.maps import save_map, save_permeability, save_predicted
+from dipy_spinverse.io.meshes import load_mesh, write_mesh
 from dipy_spinverse.io.surfaces import (
     place_in_voxel,
     remove_voxel_meshes,
+    save_interface,
     save_voxel_meshes,
     volume_surface,
 )
@@ -470,13 +471,13 @@ def test_voxel_meshes_and_stale_meshes(demo, tmp_path, monkeypatch, caplog):
 
 
 def test_save_interface_writes_no_empty_file(barrier_fit, tmp_path):
-    paths = barrier_fit.save_interface(tmp_path / "meshes")
+    paths = save_interface(barrier_fit, tmp_path / "meshes")
     assert sorted(paths) == [(0, 0, 0), (1, 0, 0)]
     assert sorted(os.listdir(tmp_path / "meshes")) == [
         "voxel_0_0_0.vtp",
         "voxel_1_0_0.vtp",
     ]
-    assert barrier_fit[0, 1, 0].save_interface(tmp_path / "none.ply") is None
+    assert save_interface(barrier_fit[0, 1, 0], tmp_path / "none.ply") is None
     assert not os.path.exists(tmp_path / "none.ply")
 
 

@@ -23,9 +23,10 @@ from dipy_spinverse.data import (
     published_phantoms,
 )
 from dipy_spinverse.geometry.descriptors import DESCRIPTORS
-from dipy_spinverse.geometry.topology import load_mesh
+from dipy_spinverse.io.camino import read_scheme, write_scheme
+from dipy_spinverse.io.fits import load_fit, save_fit
 from dipy_spinverse.io.gradients import read_timing
-from dipy_spinverse.io.store import load_fit, save_fit
+from dipy_spinverse.io.meshes import load_mesh
 from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.reconst import OK, PENDING, UNDERDETERMINED, SpinverseModel
 from dipy_spinverse.sim.grid import TetGrid
@@ -97,7 +98,7 @@ def test_phantom_dataset_is_deterministic(demo, tmp_path):
     assert np.loadtxt(demo["bvecs"]).shape == (3, N_VOLUMES)
     small_delta, big_delta = read_timing(demo["timing"], n_volumes=N_VOLUMES)
     assert set(big_delta) == {0.06, 0.02} and set(small_delta) == {0.01}
-    scheme = Protocol.from_camino(demo["scheme"])
+    scheme = read_scheme(demo["scheme"])[0]
     assert_allclose(scheme.bvals, bvals, rtol=1e-6, atol=1e-6)
     truth = np.load(demo["truth"])
     assert truth["permeability"].shape[:3] == (3, 2, 1)
@@ -154,7 +155,7 @@ def test_phantom_dataset_tissue_voxels(tmp_path):
         truth = json.load(f)
     assert truth["shape"] == [3, 4, 1] and len(truth["voxels"]) == 6
     npz = np.load(paths["truth"])
-    protocol = Protocol.from_camino(paths["scheme"])
+    protocol = read_scheme(paths["scheme"])[0]
     decay = np.exp(-protocol.echo_times / truth["t2"])
     rows = (
         ("tissue_voxels", TISSUE_VOXELS, DEMO_PRIOR, resolution),
@@ -211,7 +212,7 @@ def test_phantom_dataset_says_its_posterior(tmp_path):
     assert check["posterior_options"] == DEMO_SURFACE_TRAINING
     # The search takes it: the prior's box is the grid's.
     model = SpinverseModel(
-        Protocol.from_camino(paths["scheme"]),
+        read_scheme(paths["scheme"])[0],
         grid_size=SMALL_DEMO["grid_size"],
         grid_resolution=SMALL_DEMO["grid_resolution"],
         sigma=0.01,
@@ -380,12 +381,13 @@ def test_workflow_bad_input(demo, tmp_path, kwargs, match):
     if kwargs.get("scheme_file") == "TURNED":
         # The scheme's directions permuted: its b-values still match the
         # .bval file, its directions not the .bvec file's.
-        protocol = Protocol.from_camino(demo["scheme"])
-        Protocol(
+        protocol = read_scheme(demo["scheme"])[0]
+        turned = Protocol(
             waveforms=protocol.waveforms,
             bvals=protocol.bvals,
             bvecs=protocol.bvecs[:, [2, 0, 1]],
-        ).to_camino(tmp_path / "s.scheme")
+        )
+        write_scheme(turned, tmp_path / "s.scheme")
         kwargs["scheme_file"] = str(tmp_path / "s.scheme")
     if kwargs.get("timing_file") == "BAD_ROWS":
         np.savetxt(tmp_path / "t.txt", np.full((N_VOLUMES - 1, 2), 0.01))
@@ -394,7 +396,7 @@ def test_workflow_bad_input(demo, tmp_path, kwargs, match):
         np.savetxt(tmp_path / "t.txt", np.loadtxt(demo["timing"]) * 1000)
         kwargs["timing_file"] = str(tmp_path / "t.txt")
     if kwargs.get("scheme_file") in ("SHORT", "WRONG_B"):
-        protocol = Protocol.from_camino(demo["scheme"])
+        protocol = read_scheme(demo["scheme"])[0]
         if kwargs["scheme_file"] == "SHORT":
             protocol = protocol[:-1]
         else:
@@ -403,7 +405,7 @@ def test_workflow_bad_input(demo, tmp_path, kwargs, match):
                 bvals=protocol.bvals * 1.2,
                 bvecs=protocol.bvecs,
             )
-        protocol.to_camino(tmp_path / "s.scheme")
+        write_scheme(protocol, tmp_path / "s.scheme")
         kwargs["scheme_file"] = str(tmp_path / "s.scheme")
     with pytest.raises(ValueError, match=match):
         _run(demo, tmp_path / "out", **kwargs)

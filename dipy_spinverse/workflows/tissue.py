@@ -27,9 +27,9 @@ from ..files import (
     save_image,
     writable_folder,
 )
-from ..workflows.cli import run_command
-from .model import POOR_FIT, TissueMapModel
-from .sequences import sequence_from_string
+from ..tissue.model import POOR_FIT, TissueMapModel
+from ..tissue.sequences import sequence_from_string
+from .cli import run_command
 
 __all__ = ["TissueMapsFlow", "read_sequences", "main"]
 

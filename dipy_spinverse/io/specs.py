@@ -1,0 +1,177 @@
+"""Models as JSON: the description a fit file keeps of its model.
+
+:func:`model_spec` describes a :class:`~dipy_spinverse.reconst.SpinverseModel`
+(its grid, protocol waveforms and options) in JSON-ready values, no pickles;
+:func:`model_from_spec` rebuilds the model from it. The grid is kept as the
+BCC grid's parameters, or as its geometry when it was built by hand.
+"""
+
+import copy
+import json
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from dipy.core.gradients import gradient_table
+
+from ..inverse import InversionConfig
+from ..reconst import SpinverseModel
+from ..sim import sequences
+from ..sim.grid import TetGrid
+
+__all__ = ["model_spec", "model_from_spec"]
+
+
+def model_spec(model):
+    """JSON-ready description of ``model``; :func:`model_from_spec` rebuilds it.
+
+    The acquisitions are saved as the model's protocol (waveforms, b-values,
+    directions), which is all a fit depends on.
+    """
+    configured = not isinstance(model.preset, str)
+    spec = dict(
+        grid=_grid_spec(model.grid),
+        diffusivity=model.diffusivity,
+        # A preset given as a configuration is saved whole, as options.
+        preset=None if configured else model.preset,
+        max_iter=None if configured else model.max_iter,
+        batch_size=model.batch_size,
+        device=str(model.device),
+        dtype=str(model.dtype).replace("torch.", ""),
+        options=model.config.as_dict() if configured else model.options,
+        refine_mesh=model.refine_mesh,
+        mesh_options=model.mesh_options,
+        protocol=dict(
+            bvals=model.protocol.bvals,
+            bvecs=model.protocol.bvecs,
+            waveforms=[_waveform_spec(w) for w in model.protocol.waveforms],
+        ),
+    )
+    return json.loads(json.dumps(spec, default=_jsonable))
+
+
+def model_from_spec(spec):
+    """Rebuild the model that :func:`model_spec` described.
+
+    A model saved on ``cuda`` is rebuilt on ``cpu`` when CUDA is absent (to
+    inspect a fit; :func:`resume_fit` refuses to continue it there unless
+    told ``device="cpu"``).
+    """
+    spec = copy.deepcopy(spec)
+    if "protocol" in spec:
+        p = spec["protocol"]
+        table = sequences.Protocol(
+            waveforms=tuple(_waveform_from_spec(w) for w in p["waveforms"]),
+            bvals=np.asarray(p["bvals"], float),
+            bvecs=np.asarray(p["bvecs"], float).reshape(-1, 3),
+        )
+    else:  # version 1 files of models built from a gradient table
+        g = spec["gtab"]
+        table = gradient_table(
+            np.asarray(g["bvals"], float),
+            bvecs=np.asarray(g["bvecs"], float).reshape(-1, 3),
+            big_delta=_array_or_scalar(g["big_delta"]),
+            small_delta=_array_or_scalar(g["small_delta"]),
+            b0_threshold=g["b0_threshold"],
+        )
+    grid = _grid_from_spec(spec["grid"])
+    device = spec["device"]
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    options, preset = spec["options"], spec["preset"]
+    if preset is None:  # a whole configuration was saved
+        preset, options = InversionConfig.from_options(**options), {}
+    return SpinverseModel(
+        table,
+        grid=grid,
+        diffusivity=spec["diffusivity"],
+        preset=preset,
+        max_iter=spec["max_iter"],
+        batch_size=spec["batch_size"],
+        device=device,
+        dtype=spec["dtype"],
+        refine_mesh=spec.get("refine_mesh", False),
+        mesh_options=spec.get("mesh_options"),
+        **options,
+    )
+
+
+def _grid_spec(grid):
+    """A grid's description: the BCC grid's parameters, and the geometry
+    itself (vertices, tetrahedra, unwrapped corners) when ``grid`` is not
+    the BCC grid of those parameters (a grid built by hand)."""
+    spec = dict(
+        size=grid.size,
+        n=int(round(grid.size / grid.spacing)),
+        boundary=grid.boundary,
+        wall_permeability=grid.wall_permeability,
+    )
+    try:
+        bcc = TetGrid.bcc(
+            grid.size,
+            spec["n"],
+            boundary=grid.boundary,
+            wall_permeability=grid.wall_permeability,
+        )
+    except ValueError:  # parameters no BCC grid has
+        bcc = None
+    same = bcc is not None and all(
+        np.array_equal(getattr(bcc, name), getattr(grid, name))
+        for name in ("vertices", "tets", "tet_coords")
+    )
+    if not same:
+        spec.update(
+            spacing=grid.spacing,
+            vertices=grid.vertices,
+            tets=grid.tets,
+            tet_coords=grid.tet_coords,
+        )
+    return spec
+
+
+def _grid_from_spec(spec):
+    """The grid :func:`_grid_spec` described."""
+    if "vertices" not in spec:
+        return TetGrid.bcc(
+            spec["size"],
+            spec["n"],
+            boundary=spec["boundary"],
+            wall_permeability=spec["wall_permeability"],
+        )
+    return TetGrid(
+        vertices=np.asarray(spec["vertices"], float).reshape(-1, 3),
+        tets=np.asarray(spec["tets"], np.int64).reshape(-1, 4),
+        size=float(spec["size"]),
+        boundary=spec["boundary"],
+        wall_permeability=float(spec["wall_permeability"]),
+        spacing=float(spec["spacing"]),
+        tet_coords=np.asarray(spec["tet_coords"], float).reshape(-1, 4, 3),
+    )
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if hasattr(value, "__dataclass_fields__"):  # a curriculum Stage
+        return asdict(value)
+    raise TypeError(f"cannot describe {type(value).__name__} in JSON")
+
+
+def _array_or_scalar(value):
+    if value is None:
+        return None
+    return np.asarray(value, float) if isinstance(value, list) else float(value)
+
+
+def _waveform_spec(waveform):
+    return dict(type=type(waveform).__name__, **asdict(waveform))
+
+
+def _waveform_from_spec(spec):
+    spec = dict(spec)
+    cls = getattr(sequences, spec.pop("type"))
+    return cls(**spec)
