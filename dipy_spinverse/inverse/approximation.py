@@ -39,7 +39,7 @@ from ..geometry.substrates import random_substrates
 from ..sim.forward import simulate, update_digest
 from ..sim.grid import TetGrid
 from ..sim.signals import normalise_b0
-from .search import OPEN_KAPPA, label_field
+from .fields import OPEN_KAPPA, label_field
 
 __all__ = [
     "ApproximationError",

@@ -299,7 +299,7 @@ class SearchConfig:
     search is repeated on that many wild-bootstrap replicates of each voxel
     (the fit's prediction plus its residuals with random signs), and the
     uncertainty and inside probability take in how far their answers move
-    (:func:`~dipy_spinverse.inverse.search.bootstrap_search`; each replicate
+    (:func:`~dipy_spinverse.inverse.bootstrap.bootstrap_search`; each replicate
     costs about one more search). See :mod:`dipy_spinverse.inverse.search`.
     """
 

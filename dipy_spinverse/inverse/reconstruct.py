@@ -17,15 +17,11 @@ from ..sim.forward import simulate
 from ..sim.sequences import as_protocol
 from ..sim.signals import VoxelSignals, data_loss, normalise_b0
 from .approximation import approximation_error
+from .bootstrap import bootstrap_search
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
-from .search import (
-    OPEN_KAPPA,
-    bootstrap_search,
-    cell_labels,
-    learned_proposal,
-    search_labels,
-)
+from .fields import OPEN_KAPPA, cell_labels
+from .search import learned_proposal, search_labels
 
 __all__ = ["Reconstruction", "reconstruct", "prepare", "grid_error"]
 
@@ -64,7 +60,7 @@ class Reconstruction:
         Label search: expected ``1 - IoU`` of those labellings against
         ``labels`` (0: the data allow no other surface); with
         ``search_bootstrap > 0`` at least the replicates' mean ``1 - IoU``
-        (:func:`~dipy_spinverse.inverse.search.bootstrap_search`).
+        (:func:`~dipy_spinverse.inverse.bootstrap.bootstrap_search`).
     proposal_probability : ndarray (..., n_cells) or None
         The learned proposal's occupancy, when the search used one.
     precision : ndarray (..., n_acquisitions) or None

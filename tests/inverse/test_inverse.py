@@ -14,7 +14,7 @@ from dipy_spinverse.inverse import (
     reconstruct,
     resolve_config,
 )
-from dipy_spinverse.inverse.search import OPEN_KAPPA
+from dipy_spinverse.inverse.fields import OPEN_KAPPA
 
 STAGES = (dict(iterations=6, sequences=(0,)), dict(iterations=6, sequences=(1,)))
 

@@ -13,20 +13,16 @@ from dipy_spinverse.geometry.substrates import random_substrate
 from dipy_spinverse.inverse import proposal as proposal_module
 from dipy_spinverse.inverse import reconstruct, resolve_config
 from dipy_spinverse.inverse import search as search_module
+from dipy_spinverse.inverse.fields import OPEN_KAPPA, cell_labels, label_field
+from dipy_spinverse.inverse.moves import label_moves
 from dipy_spinverse.inverse.proposal import (
     ProposalSettings,
     load_or_train_proposal,
     proposal_key,
     proposal_starts,
 )
-from dipy_spinverse.inverse.search import (
-    OPEN_KAPPA,
-    Recorder,
-    cell_labels,
-    label_field,
-    label_moves,
-    search_labels,
-)
+from dipy_spinverse.inverse.search import search_labels
+from dipy_spinverse.inverse.uncertainty import Recorder
 from dipy_spinverse.sim.signals import normalise_b0
 
 # A tiny proposal: enough to exercise training, caching and sampling on the
