@@ -58,6 +58,7 @@ LAYERS = [
     "meshfit.refine",
     "meshfit",
     "inverse.config",
+    "inverse.prediction",
     "inverse.facefit",
     "inverse.shapes",
     "inverse.proposal",

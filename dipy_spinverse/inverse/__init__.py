@@ -5,6 +5,9 @@ Modules, in the order a reconstruction uses them:
 ``config``
     :class:`InversionConfig` (frozen, validated once) in four parts -- face
     fit, loss, label search, approximation error -- and the :data:`PRESETS`.
+``prediction``
+    A field's signal in the data's terms (each sequence over its own
+    simulated b = 0).
 ``facefit``
     The published face fit: parametrisations, priors, curriculum, Adam.
 ``shapes``

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..sim.forward import simulate
-from ..sim.signals import data_loss, normalise_b0
+from ..sim.signals import data_loss
+from .prediction import predict_signal
 
 __all__ = ["FaceFit", "fit_faces", "barrier_probability", "schedule", "TERMS"]
 
@@ -60,7 +60,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
     protocol : Protocol
     config : InversionConfig
     sim : dict
-        ``diffusivity``, ``dtype``, ``device`` for :func:`simulate`.
+        ``diffusivity``, ``dtype``, ``device`` for :func:`predict_signal`.
     precision : torch.Tensor (n_voxels, n_acquisitions), optional
         Noise precision of each acquisition relative to ``1 / sigma^2``
         (:func:`~dipy_spinverse.sim.signals.noise_precision`; default 1).
@@ -82,7 +82,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
         optimiser.zero_grad()
         log_kappa = _log_kappa(param, config, geometry)
         kappa = 10.0**log_kappa
-        pred = normalise_b0(simulate(grid, kappa, step.protocol, **sim), step.protocol)
+        pred = predict_signal(grid, kappa, step.protocol, **sim)
         losses = _losses(
             pred,
             data[:, step.index],

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 
 from ..checks import check_diffusivity
-from ..sim.forward import simulate
 from ..sim.sequences import as_protocol
-from ..sim.signals import VoxelSignals, data_loss, normalise_b0
+from ..sim.signals import VoxelSignals, data_loss
 from .approximation import approximation_error
 from .bootstrap import bootstrap_search
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
 from .fields import OPEN_KAPPA, cell_labels
+from .prediction import predict_signal
 from .search import learned_proposal, search_labels
 
 __all__ = ["Reconstruction", "reconstruct", "prepare", "grid_error"]
@@ -120,9 +120,9 @@ def reconstruct(
     diffusivity : float
         Intrinsic diffusivity, mm^2/s.
     dtype, device
-        Passed to :func:`simulate`. float32 (the published precision) is 3-4
-        times faster than float64 here; its simulator error (~1e-6) is far
-        below any measurement noise.
+        Passed to :func:`~dipy_spinverse.sim.forward.simulate`. float32 (the published
+        precision) is 3-4 times faster than float64 here; its simulator error (~1e-6) is
+        far below any measurement noise.
     callback : callable, optional
         ``callback(iteration, permeability_tensor, losses_dict)`` each step
         of the face fit; during the label search, after every step,
@@ -202,8 +202,7 @@ def reconstruct(
         }
     else:
         with torch.no_grad():
-            predicted = simulate(grid, faces.permeability, protocol, **sim)
-        predicted = normalise_b0(predicted, protocol)
+            predicted = predict_signal(grid, faces.permeability, protocol, **sim)
         if labels is not None:  # the cell parametrisation's 0/1: a cell per piece
             labels = np.array([cell_labels(grid, one) for one in labels])
     # The fit's own data term at its answer, with the data and precisions it

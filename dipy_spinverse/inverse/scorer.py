@@ -13,9 +13,9 @@ import hashlib
 import numpy as np
 import torch
 
-from ..sim.forward import simulate, update_digest
+from ..sim.forward import update_digest
 from ..sim.operators import face_conductance
-from ..sim.signals import data_loss, normalise_b0
+from ..sim.signals import data_loss
 from .cache import SIGNAL_CACHE
 from .fields import (
     OPEN_KAPPA,
@@ -24,6 +24,7 @@ from .fields import (
     membrane_rows,
     padded_rows,
 )
+from .prediction import predict_signal
 
 __all__ = ["SCORE_BATCH", "drive", "BatchScorer"]
 
@@ -140,8 +141,9 @@ class BatchScorer:
             batch = missing[i : i + SCORE_BATCH]
             rows = [first[k] for k in batch]
             with torch.no_grad():
-                pred = simulate(self.grid, fields[rows], self.protocol, **self.sim)
-                pred = normalise_b0(pred, self.protocol)
+                pred = predict_signal(
+                    self.grid, fields[rows], self.protocol, **self.sim
+                )
             found.update(zip(batch, pred, strict=True))
             self.cache.put_many(zip(batch, pred, strict=True))
         return torch.stack([found[k] for k in keys])
@@ -177,10 +179,10 @@ class BatchScorer:
             closing = np.where(barrier, field, typical[:, None])
             kappa = torch.as_tensor(field, dtype=dtype, device=device)
             kappa.requires_grad_(True)
-            pred = simulate(self.grid, kappa, self.protocol, **self.sim)
+            pred = predict_signal(self.grid, kappa, self.protocol, **self.sim)
             # Each row's loss depends on its own field only: one backward
             # pass of the sum gives every row's gradient.
-            self._loss(normalise_b0(pred, self.protocol), owner[rows]).sum().backward()
+            self._loss(pred, owner[rows]).sum().backward()
             with torch.no_grad():
                 w = face_conductance(self.grid, kappa, diffusivity)
                 w_open = face_conductance(
@@ -209,8 +211,8 @@ class BatchScorer:
 
     def field_loss(self, v, field):
         """Differentiable data loss of a field tensor (n_faces,) for voxel ``v``."""
-        pred = simulate(self.grid, field[None], self.protocol, **self.sim)
-        return self._loss(normalise_b0(pred, self.protocol), slice(v, v + 1))[0]
+        pred = predict_signal(self.grid, field[None], self.protocol, **self.sim)
+        return self._loss(pred, slice(v, v + 1))[0]
 
     def _loss(self, pred, owners):
         return data_loss(

@@ -33,10 +33,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..sim.forward import simulate
-from ..sim.signals import normalise_b0
 from .fields import OPEN_KAPPA, cell_labels, label_field
 from .moves import descend, kappa_bounds
+from .prediction import predict_signal
 from .proposal import ProposalSettings, load_or_train_proposal, proposal_starts
 from .refine import refine_cells
 from .scorer import BatchScorer, drive
@@ -116,7 +115,7 @@ def search_labels(
     config : InversionConfig
     sim : dict
         ``diffusivity``, ``dtype``, ``device`` for
-        :func:`~dipy_spinverse.sim.forward.simulate`.
+        :func:`~dipy_spinverse.inverse.prediction.predict_signal`.
     face_kappa : ndarray (n_voxels, n_faces)
         The face fit's permeabilities (their regions are starts).
     labels : ndarray of int (n_voxels, n_cells), optional
@@ -228,7 +227,7 @@ def search_labels(
         fields.append(label_field(grid, out_labels[v], kappas, OPEN_KAPPA))
     field = np.array(fields).reshape(len(data), grid.n_faces)
     with torch.no_grad():
-        predicted = normalise_b0(simulate(grid, field, protocol, **sim), protocol)
+        predicted = predict_signal(grid, field, protocol, **sim)
     inside, spread = recorder.posterior(grid, out_labels)
     uncertainty = np.maximum(spread, recorder.ambiguity(grid, out_labels))
     return LabelSearch(out_labels, field, predicted, inside, uncertainty, occupancy)
