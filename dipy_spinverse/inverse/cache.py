@@ -21,10 +21,15 @@ class SignalCache:
 
     Keys are bytes (:meth:`~dipy_spinverse.inverse.scorer.BatchScorer.signals` builds
     them from a digest of the grid, protocol and simulation settings, the barrier faces
-    and the membrane), values tensors. Holds at most ``max_bytes`` of tensors.
+    and the membrane), values tensors.
+
+    Parameters
+    ----------
+    max_bytes : int
+        The most bytes of tensors held.
     """
 
-    def __init__(self, max_bytes=SIGNAL_CACHE_BYTES):
+    def __init__(self, *, max_bytes=SIGNAL_CACHE_BYTES):
         self.max_bytes = max_bytes
         self.n_bytes = 0
         self._store = OrderedDict()

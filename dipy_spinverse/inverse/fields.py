@@ -62,6 +62,16 @@ def cell_labels(grid, labels):
 
     Pieces (connected through faces with the same label) are numbered 1, 2,
     ... by decreasing volume; 0 stays outside.
+
+      Parameters
+      ----------
+      grid : TetGrid
+      labels : ndarray of int (n_cells,)
+          Any labelling (0 outside).
+
+      Returns
+      -------
+      ndarray of int (n_cells,)
     """
     a, b = grid.face_cells.T
     same = (labels[a] == labels[b]) & (labels[a] > 0)
@@ -82,6 +92,17 @@ def membrane_rows(candidates, membranes):
     shares it) or already a row per candidate: entry ``k - 1`` is cell
     ``k``'s permeability (m/s); entries of labels a labelling does not use
     are ignored (NaN where rows of different widths are stacked).
+
+      Parameters
+      ----------
+      candidates : ndarray of int (n, n_cells)
+          Labellings.
+      membranes : float, array_like (n,) or ndarray (n, width)
+          One permeability per labelling, or a row per labelling.
+
+      Returns
+      -------
+      ndarray (n, width)
     """
     membranes = np.asarray(membranes, dtype=float)
     if membranes.ndim == 2:
@@ -98,6 +119,20 @@ def membrane_fields(grid, candidates, membranes, open_kappa):
     one between touching cells ``j`` and ``k`` both membranes in series (as
     :mod:`dipy_spinverse.geometry.substrates` builds them), every other face
     ``open_kappa``. ``membranes`` as in :func:`membrane_rows`.
+
+      Parameters
+      ----------
+      grid : TetGrid
+      candidates : ndarray of int (n, n_cells)
+          Labellings.
+      membranes : float, array_like (n,) or ndarray (n, width)
+          As in :func:`membrane_rows`.
+      open_kappa : float
+          Permeability of faces without a membrane, m/s.
+
+      Returns
+      -------
+      ndarray (n, n_faces)
     """
     rows = membrane_rows(candidates, membranes)
     resistance = np.concatenate([np.zeros((len(rows), 1)), 1 / rows], axis=1)
@@ -108,7 +143,16 @@ def membrane_fields(grid, candidates, membranes, open_kappa):
 
 
 def padded_rows(rows):
-    """2-D membrane rows of different widths, stacked and padded with NaN."""
+    """2-D membrane rows of different widths, stacked and padded with NaN.
+
+    Parameters
+    ----------
+    rows : sequence of ndarray (n_i, width_i)
+
+    Returns
+    -------
+    ndarray (sum n_i, max width_i)
+    """
     width = max(r.shape[1] for r in rows)
     return np.concatenate(
         [
@@ -119,6 +163,16 @@ def padded_rows(rows):
 
 
 def barrier_faces(grid, labels):
-    """Faces between different labels, (n, n_faces) bool."""
+    """Faces between different labels, (n, n_faces) bool.
+
+    Parameters
+    ----------
+    grid : TetGrid
+    labels : ndarray of int (n, n_cells)
+
+    Returns
+    -------
+    ndarray of bool (n, n_faces)
+    """
     a, b = grid.face_cells.T
     return labels[:, a] != labels[:, b]

@@ -50,6 +50,25 @@ def greedy_labels(grid, labels, score, config, report=None, *, min_gain=0.0):
 
     See :func:`_greedy_steps`, which it runs (label moves only: ``score``
     sees no permeabilities).
+
+      Parameters
+      ----------
+      grid : TetGrid
+      labels : ndarray of int (n_cells,)
+          The start.
+      score : callable
+          ``score(candidates) -> losses`` for labellings (n, n_cells).
+      config : InversionConfig
+          ``search_steps`` and ``search_batch`` bound the descent.
+      report : callable, optional
+          ``report(step, loss)`` after every step.
+      min_gain : float
+          A move must lower the loss by more than this.
+
+      Returns
+      -------
+      ndarray of int (n_cells,)
+          The labels where the descent stopped.
     """
     steps = _greedy_steps(grid, labels, config, report, min_gain, membrane=None)
     return run_steps(steps, lambda request: score(request[1]))[0]
@@ -143,6 +162,16 @@ def label_moves(grid, labels):
     of its pieces when it has several; and with several cells, delete cell
     ``k`` or merge it into a cell it touches; and split cell ``k`` in two
     across each of its principal axes (:func:`_split_moves`).
+
+      Parameters
+      ----------
+      grid : TetGrid
+      labels : ndarray of int (n_cells,)
+
+      Returns
+      -------
+      list of tuple
+          ``((cells...), new_label)``, sorted.
     """
     a, b = grid.face_cells.T
     cut = labels[a] != labels[b]
@@ -198,7 +227,18 @@ def _split_moves(grid, labels, k):
 
 
 def kappa_bounds(config):
-    """log10 bounds of a cell's membrane: the lower bound up to the threshold."""
+    """log10 bounds of a cell's membrane: the lower bound up to the threshold.
+
+    Parameters
+    ----------
+    config : InversionConfig
+
+    Returns
+    -------
+    tuple of float
+        (low, high), log10 m/s; ``high`` just below the barrier threshold, so
+        that a membrane stays a barrier.
+    """
     return config.face.log_kappa_bounds[0], math.log10(config.face.threshold) - 1e-3
 
 
@@ -264,6 +304,22 @@ def best_kappa(kind, candidates, kappas):
     """Best (candidate, membrane permeability) over ``kappas``, and all losses.
 
     A generator step: yields one ``(kind, labels, membranes)`` request.
+
+      Parameters
+      ----------
+      kind : str
+          The scorer asked (``"search"`` or ``"screen"``).
+      candidates : ndarray of int (n, n_cells)
+      kappas : ndarray (m,)
+          Permeabilities shared by every cell of a candidate, m/s.
+
+      Returns
+      -------
+      labels : ndarray of int (n_cells,)
+          The best candidate.
+      kappa : float
+          Its best permeability.
+      losses : ndarray (n, m)
     """
     rows = np.repeat(candidates, len(kappas), axis=0)
     values = np.tile(kappas, len(candidates))
@@ -272,7 +328,7 @@ def best_kappa(kind, candidates, kappas):
     return rows[best], values[best], losses.reshape(len(candidates), -1)
 
 
-def descend(grid, starts, config, min_gain, report):
+def descend(grid, starts, config, *, min_gain, report):
     """Greedy descent from the best ``search_restarts`` starts (generator).
 
     Every start is scored at each of ``search_kappas``; from the best ones the
@@ -280,8 +336,25 @@ def descend(grid, starts, config, min_gain, report):
     own moves then change cell by cell. If one shared grid value beats the
     descended cells' permeabilities, the descent is repeated once from it.
     Each descent is then kicked ``search_kicks`` times
-    (:func:`_kicked_descents`). Returns the labels with the lowest final loss
-    and their membrane row (:func:`~dipy_spinverse.inverse.fields.membrane_rows`).
+    (:func:`_kicked_descents`).
+
+      Parameters
+      ----------
+      grid : TetGrid
+      starts : ndarray of int (n, n_cells)
+          Start labellings.
+      config : InversionConfig
+      min_gain : float
+          A move must lower the loss by more than this.
+      report : callable
+          ``report(step, loss)`` after every step.
+
+      Returns
+      -------
+      labels : ndarray of int (n_cells,)
+          The labels with the lowest final loss.
+      membrane : ndarray (width,)
+          Their membrane row (:func:`~dipy_spinverse.inverse.fields.membrane_rows`).
     """
     kappas = np.asarray(config.search.kappas)
     _, _, losses = yield from best_kappa("search", starts, kappas)

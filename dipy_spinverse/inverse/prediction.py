@@ -18,7 +18,7 @@ from ..sim.signals import normalise_b0
 __all__ = ["predict_signal"]
 
 
-def predict_signal(grid, permeability, protocol, *, diffusivity, dtype, device):
+def predict_signal(grid, permeability, protocol, **sim):
     """b0-normalised signals of permeability fields, as the data are normalised.
 
     Parameters
@@ -29,22 +29,13 @@ def predict_signal(grid, permeability, protocol, *, diffusivity, dtype, device):
         requires grad gives a differentiable result.
     protocol : Protocol
         The data's acquisitions, in their order.
-    diffusivity : float
-        Intrinsic diffusivity, mm^2/s.
-    dtype : torch.dtype
-    device : str or torch.device
+    **sim
+        Keywords of :func:`~dipy_spinverse.sim.forward.simulate`
+        (``diffusivity``, ``dtype``, ``device``, ...).
 
     Returns
     -------
     torch.Tensor (..., n_acquisitions)
         Each sequence divided by its own simulated b = 0 signal.
     """
-    signal = simulate(
-        grid,
-        permeability,
-        protocol,
-        diffusivity=diffusivity,
-        dtype=dtype,
-        device=device,
-    )
-    return normalise_b0(signal, protocol)
+    return normalise_b0(simulate(grid, permeability, protocol, **sim), protocol)

@@ -46,8 +46,8 @@ class Reconstruction:
         b0-normalised signal of the fitted field, protocol order.
     history : dict of ndarray
         Loss per term per iteration of the face fit (mean over voxels):
-        ``"data"``, ``"continuity"``, ``"manifold"``, ``"binarise"``,
-        ``"area"``, ``"total"``, and ``"lr"``.
+        ``"data"``, ``"continuity"``, ``"manifold"``, ``"total"``, and
+        ``"lr"``.
     time_s : float
         Wall time of the fit.
     config : InversionConfig

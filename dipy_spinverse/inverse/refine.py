@@ -41,6 +41,22 @@ def refine_kappa(loss, start, bounds, *, span=REFINE_SPAN):
     ``REFINE_TOLERANCE`` decades), and keeps ``start`` unless the search finds
     a lower loss. The labels were searched at the grid value, so a
     permeability far from every grid value can still bias them.
+
+      Parameters
+      ----------
+      loss : callable
+          ``loss(kappa) -> float``, kappa in m/s.
+      start : float
+          The grid pick, m/s.
+      bounds : tuple of float
+          (low, high), log10 m/s.
+      span : float
+          Decades searched either side of ``start``.
+
+      Returns
+      -------
+      float
+          The refined permeability, m/s.
     """
     centre = math.log10(start)
     low, high = max(centre - span, bounds[0]), min(centre + span, bounds[1])
@@ -53,7 +69,7 @@ def refine_kappa(loss, start, bounds, *, span=REFINE_SPAN):
     return 10.0**found.x if found.fun < loss(start) else start
 
 
-def refine_cells(grid, scorer, v, labels, kappas, bounds):
+def refine_cells(grid, scorer, v, labels, kappas, *, bounds):
     """Each cell's membrane permeability, refined from the descent's.
 
     One cell: a 1-D search (:func:`refine_kappa`) near its value. Several:
@@ -61,6 +77,25 @@ def refine_cells(grid, scorer, v, labels, kappas, bounds):
     kappa mapped into ``bounds`` by a sigmoid): touching cells trade
     permeability along a curved valley of the loss, which one cell at a time
     crosses slowly. The joint result is kept only if it lowers the loss.
+
+      Parameters
+      ----------
+      grid : TetGrid
+      scorer : BatchScorer
+          Scores voxel ``v`` on every acquisition.
+      v : int
+          The voxel.
+      labels : ndarray of int (n_cells,)
+          Canonical cell labels (:func:`~dipy_spinverse.inverse.fields.cell_labels`).
+      kappas : ndarray (n_labels,)
+          Each cell's permeability from the descent, m/s.
+      bounds : tuple of float
+          (low, high), log10 m/s.
+
+      Returns
+      -------
+      ndarray (n_labels,)
+          Each cell's permeability, m/s.
     """
     n = int(labels.max())
     if n == 0:

@@ -41,6 +41,16 @@ def drive(searches, scorers):
     membranes)`` scores the pending requests of all searches of one kind at
     once (``owners``: the search each row belongs to). Returns the searches'
     return values, in order.
+
+      Parameters
+      ----------
+      searches : list of generator
+      scorers : dict of callable
+          A scorer per request kind.
+
+      Returns
+      -------
+      list
     """
     results = [None] * len(searches)
     pending = {}
@@ -87,10 +97,27 @@ class BatchScorer:
     different labels, the upper bound elsewhere) scored against voxel
     ``owners[r]`` on the acquisitions ``subset`` (with each acquisition's
     noise ``precision``, default 1).
+
+    Parameters
+    ----------
+    grid : TetGrid
+    data : torch.Tensor (n_voxels, n_acquisitions)
+        b0-normalised signals.
+    protocol : Protocol
+    subset : ndarray of int
+        The acquisitions scored.
+    config : InversionConfig
+    sim : dict
+        Keywords of :func:`~dipy_spinverse.inverse.prediction.predict_signal`.
+    precision : torch.Tensor (n_voxels, n_acquisitions), optional
+        Noise precision of each acquisition relative to ``1 / sigma^2``.
+    cache : SignalCache, optional
+        Where simulated signals are kept (default the process's
+        :data:`~dipy_spinverse.inverse.cache.SIGNAL_CACHE`).
     """
 
     def __init__(
-        self, grid, data, protocol, subset, config, sim, precision=None, cache=None
+        self, grid, data, protocol, subset, config, *, sim, precision=None, cache=None
     ):
         self.grid, self.config, self.sim = grid, config, sim
         self.protocol = protocol[subset]

@@ -44,6 +44,7 @@ from .uncertainty import Recorder
 
 __all__ = [
     "SCREEN_DIRECTIONS",
+    "PROPOSAL_SAMPLES",
     "LabelSearch",
     "search_labels",
     "learned_proposal",
@@ -54,6 +55,10 @@ __all__ = [
 # that see anisotropy along every axis) keeps the screen of ~1,000 shapes
 # cheap; the survivors are scored on ``search_directions``.
 SCREEN_DIRECTIONS = 3
+# Labellings drawn from a voxel's learned proposal as starts (at most; as
+# many as the generic shapes kept by default). Every validation run used 16
+# and none varied it, so it is no option.
+PROPOSAL_SAMPLES = 16
 
 
 class LabelSearch(NamedTuple):
@@ -144,7 +149,7 @@ def search_labels(
     min_gain = config.search.min_gain * noise / len(search)
     spread = noise * math.sqrt(2 / len(screen))
     recorder = Recorder(
-        BatchScorer(grid, data, protocol, search, config, sim, precision),
+        BatchScorer(grid, data, protocol, search, config, sim=sim, precision=precision),
         len(data),
         noise,
         len(search),
@@ -152,7 +157,9 @@ def search_labels(
     scorers = {
         "search": recorder,
         "gradient": recorder.scorer.opening_gains,
-        "screen": BatchScorer(grid, data, protocol, screen, config, sim, precision),
+        "screen": BatchScorer(
+            grid, data, protocol, screen, config, sim=sim, precision=precision
+        ),
     }
     occupancy = None
     if config.uses_proposal and labels is None:
@@ -164,15 +171,13 @@ def search_labels(
             barrier = face_kappa[v] < config.face.threshold
             starts = [face_field_starts(grid, barrier)]
             if config.search.dictionary:
-                starts.append((yield from screened_shapes(grid, config, spread)))
+                starts.append((yield from screened_shapes(grid, config, spread=spread)))
             if occupancy is not None:
                 # Seeded by the voxel's own proposal: the samples do not
                 # depend on which other voxels share the call.
                 rng = np.random.default_rng(zlib.crc32(occupancy[v].tobytes()))
                 starts.append(
-                    proposal_starts(
-                        grid, occupancy[v], config.search.proposal_samples, rng
-                    )
+                    proposal_starts(grid, occupancy[v], PROPOSAL_SAMPLES, rng)
                 )
             if seeds is not None and len(seeds[v]):
                 starts.append(np.asarray(seeds[v], dtype=int))
@@ -189,10 +194,12 @@ def search_labels(
             if callback is not None:
                 callback(step, None, {"search": float(loss), "voxel": v})
 
-        found = yield from descend(grid, starts, config, min_gain, report)
+        found = yield from descend(
+            grid, starts, config, min_gain=min_gain, report=report
+        )
         if labels is None and config.search.dictionary:
             found = yield from screen_reserve(
-                grid, found, config, spread, min_gain, report
+                grid, found, config, spread=spread, min_gain=min_gain, report=report
             )
         if callback is not None:  # the runner's progress bar counts voxels
             callback(-1, None, {"voxel_done": v})
@@ -207,7 +214,13 @@ def search_labels(
     # subset of directions: their error at the Cramer-Rao bound halves (the
     # published bent axon at SNR 100: 10 % on 10 directions, 5.7 % on all).
     everything = BatchScorer(
-        grid, data, protocol, np.arange(len(protocol)), config, sim, precision
+        grid,
+        data,
+        protocol,
+        np.arange(len(protocol)),
+        config,
+        sim=sim,
+        precision=precision,
     )
     fields = []
     for v, (labels, membrane) in enumerate(found):
@@ -222,7 +235,7 @@ def search_labels(
             v,
             out_labels[v],
             membrane[np.array(pieces, int) - 1],
-            bounds,
+            bounds=bounds,
         )
         fields.append(label_field(grid, out_labels[v], kappas, OPEN_KAPPA))
     field = np.array(fields).reshape(len(data), grid.n_faces)
@@ -241,6 +254,22 @@ def learned_proposal(
     Trained on ``config.search.proposal`` random substrates for this grid,
     protocol and diffusivity, with progress bars if ``progress``; see
     :func:`~dipy_spinverse.inverse.proposal.load_or_train_proposal`.
+
+      Parameters
+      ----------
+      grid : TetGrid
+      protocol : Protocol
+      config : InversionConfig
+      diffusivity : float
+          Intrinsic diffusivity, mm^2/s.
+      dtype : torch.dtype
+      device : str or torch.device
+      progress : bool
+          Show progress bars while training.
+
+      Returns
+      -------
+      LearnedProposal
     """
     return load_or_train_proposal(
         grid,
@@ -258,6 +287,16 @@ def direction_subset(protocol, n_directions):
 
     Keeps every b = 0 volume and every b-value of the chosen directions
     (evenly spaced in order of first appearance); None keeps everything.
+
+      Parameters
+      ----------
+      protocol : Protocol
+      n_directions : int or None
+
+      Returns
+      -------
+      ndarray of int
+          Acquisition indices, sorted.
     """
     if n_directions is None:
         return np.arange(len(protocol))

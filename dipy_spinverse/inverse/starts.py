@@ -33,11 +33,24 @@ FACE_FIELD_REGIONS = 8
 RESCREEN_MAX = 256
 
 
-def face_field_starts(grid, barrier, n_regions=FACE_FIELD_REGIONS):
+def face_field_starts(grid, barrier, *, n_regions=FACE_FIELD_REGIONS):
     """Closed labellings the thresholded face field suggests.
 
     The cells it encloses, the cells at odd barrier depth, and each of its
     ``n_regions`` largest regions alone.
+
+      Parameters
+      ----------
+      grid : TetGrid
+      barrier : ndarray of bool (n_faces,)
+          The thresholded face field.
+      n_regions : int
+          Largest regions offered alone.
+
+      Returns
+      -------
+      ndarray of int (n, n_cells)
+          Distinct 0/1 labellings, neither empty nor full.
     """
     region, outside = barrier_regions(grid, barrier)
     volume = np.bincount(region, weights=grid.cell_volumes)
@@ -49,7 +62,7 @@ def face_field_starts(grid, barrier, n_regions=FACE_FIELD_REGIONS):
     return candidates[(candidates.sum(1) > 0) & (candidates.sum(1) < grid.n_cells)]
 
 
-def screened_shapes(grid, config, spread, kappas=None):
+def screened_shapes(grid, config, *, spread, kappas=None):
     """The ``search_starts`` generic shapes that best fit a voxel (generator).
 
     Shapes are screened on a few directions (the "screen" requests; see
@@ -58,6 +71,20 @@ def screened_shapes(grid, config, spread, kappas=None):
     noise, the few screening directions cannot rank shapes whose losses
     differ by less than the screen's own ``spread``: those are ranked again
     on the search directions. ``kappas``: screen at these instead.
+
+      Parameters
+      ----------
+      grid : TetGrid
+      config : InversionConfig
+      spread : float
+          The screen's own loss spread under the noise.
+      kappas : array_like, optional
+          Permeabilities to screen at (m/s).
+
+      Returns
+      -------
+      ndarray of int (search_starts, n_cells)
+          The best shapes, best first.
     """
     if kappas is None:
         kappas = np.asarray(config.search.kappas)
@@ -81,7 +108,7 @@ def screened_shapes(grid, config, spread, kappas=None):
     return shapes[: config.search.starts]
 
 
-def screen_reserve(grid, found, config, spread, min_gain, report):
+def screen_reserve(grid, found, config, *, spread, min_gain, report):
     """The descent's answer, or a better one from a wider screen (generator).
 
     The screen that picks the descent's starts (:func:`screened_shapes`)
@@ -96,14 +123,32 @@ def screen_reserve(grid, found, config, spread, min_gain, report):
     descent's answer by more than ``min_gain``, and the better of the two
     answers is kept. A descended answer that is right is rarely beaten by
     an undescended shape, so the reserve is seldom descended from.
+
+      Parameters
+      ----------
+      grid : TetGrid
+      found : tuple
+          The descent's (labels, membrane row).
+      config : InversionConfig
+      spread : float
+          The screen's own loss spread under the noise.
+      min_gain : float
+          A move, and the reserve, must lower the loss by more than this.
+      report : callable
+          ``report(step, loss)`` after every descent step.
+
+      Returns
+      -------
+      tuple
+          (labels, membrane row): the better answer.
     """
     kappas = np.asarray(config.search.kappas)
     labels, membrane = found
-    reserve = yield from screened_shapes(grid, config, spread, kappas=kappas)
+    reserve = yield from screened_shapes(grid, config, spread=spread, kappas=kappas)
     answer = (yield "search", labels[None], membrane[None])[0]
     _, _, losses = yield from best_kappa("search", reserve, kappas)
     if not losses.min() < answer - min_gain:
         return found
-    other = yield from descend(grid, reserve, config, min_gain, report)
+    other = yield from descend(grid, reserve, config, min_gain=min_gain, report=report)
     other_loss = (yield "search", other[0][None], other[1][None])[0]
     return other if other_loss < answer else found

@@ -49,6 +49,16 @@ class Recorder:
     loss where that is larger or ``sigma`` is unknown (a fit that explains the data
     leaves only noise; one that does not, a misfit that spreads the answer as noise
     would: :meth:`_scale`).
+
+    Parameters
+    ----------
+    scorer : BatchScorer
+        Scores the requests.
+    n_voxels : int
+    noise : float
+        The loss of pure noise, ``loss_scale * sigma^2`` (0 without sigma).
+    n_acquisitions : int
+        Acquisitions the scorer scores (the chi-square's degrees of freedom).
     """
 
     def __init__(self, scorer, n_voxels, noise, n_acquisitions):
@@ -173,6 +183,17 @@ def _field_key(labels, membranes):
 
 
 def iou(cells, best):
-    """IoU of each row of ``cells`` with ``best`` (one row, or one per row)."""
+    """IoU of each row of ``cells`` with ``best`` (one row, or one per row).
+
+    Parameters
+    ----------
+    cells : ndarray of bool (n, n_cells)
+    best : ndarray of bool (n_cells,) or (n, n_cells)
+
+    Returns
+    -------
+    ndarray (n,)
+        1 where both are empty.
+    """
     union = (cells | best).sum(1)
     return np.where(union > 0, (cells & best).sum(1) / np.maximum(union, 1), 1.0)

@@ -263,8 +263,6 @@ def test_settings_and_options_are_checked():
         ProposalSettings(snr_range=(20, np.inf))
     with pytest.raises(ValueError, match="search_proposal"):
         resolve_config("default", search_proposal=5)
-    with pytest.raises(ValueError, match="search_proposal_samples"):
-        resolve_config("default", search_proposal_samples=4)
     with pytest.raises(ValueError, match="search_dictionary"):
         resolve_config("default", search_dictionary="yes")
     # The cell parametrisation starts the search from its own labels.
@@ -296,7 +294,6 @@ def test_reconstruct_reports_the_proposal_and_the_uncertainty(
         search_directions=None,
         search_dictionary=False,
         search_proposal=32,
-        search_proposal_samples=4,
         callback=progress,
     )
     assert sorted(done) == [0, 1]  # each voxel's end reaches progress bars

@@ -329,14 +329,14 @@ def test_scorer_simulates_each_field_once(problem, monkeypatch):
     labellings with the same barrier (labels swapped) cost one simulation
     each; the losses equal those of an uncached simulation of each row.
     """
-    import dipy_spinverse.inverse.scorer as scorer_module
+    import dipy_spinverse.inverse.prediction as prediction
 
     grid, prot, signal = problem
     data = normalise_b0(torch.as_tensor(np.stack([signal, 0.9 * signal])), prot)
     config = resolve_config("default", search_directions=None)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
     scorer = BatchScorer(
-        grid, data, prot, np.arange(len(prot)), config, sim, cache=SignalCache()
+        grid, data, prot, np.arange(len(prot)), config, sim=sim, cache=SignalCache()
     )
     ball = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
     half = (np.arange(grid.n_cells) < 24).astype(int)
@@ -344,13 +344,13 @@ def test_scorer_simulates_each_field_once(problem, monkeypatch):
     owners = np.array([0, 0, 1, 1, 1, 0])
     membranes = np.array([1e-5, 1e-5, 1e-5, 1e-5, 2e-5, 1e-5])
     simulated = []
-    real = scorer_module.simulate
+    real = prediction.simulate
 
     def counting(grid, field, protocol, **kw):
         simulated.append(len(field))
         return real(grid, field, protocol, **kw)
 
-    monkeypatch.setattr(scorer_module, "simulate", counting)
+    monkeypatch.setattr(prediction, "simulate", counting)
     losses = scorer(owners, candidates, membranes)
     assert sum(simulated) == 3  # ball, half at 1e-5; half at 2e-5
     assert len(scorer.cache) == 3
@@ -392,7 +392,7 @@ def test_opening_gains_match_finite_differences(problem):
     config = resolve_config("default", search_directions=None)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu", method="dense")
     scorer = BatchScorer(
-        grid, data, prot, np.arange(len(prot)), config, sim, cache=SignalCache()
+        grid, data, prot, np.arange(len(prot)), config, sim=sim, cache=SignalCache()
     )
     half = (np.arange(grid.n_cells) < 24).astype(int)
     membrane = 3e-5
@@ -546,13 +546,19 @@ def test_screen_reserve_replaces_only_a_worse_answer(problem):
     wrong = (np.zeros(grid.n_cells, int), np.array([1e-5]))
     before = loss(wrong[0][None], wrong[1][None])[0]
     labels, kappa = _run_search_step(
-        screen_reserve(grid, wrong, config, 0.0, 1.0, lambda *a: None), loss
+        screen_reserve(
+            grid, wrong, config, spread=0.0, min_gain=1.0, report=lambda *a: None
+        ),
+        loss,
     )
     assert loss(labels[None], kappa[None])[0] < before - 1.0
     assert_allclose(kappa[0], 1e-4, rtol=1e-12)
     right = (target, np.array([1e-4]))
     same = _run_search_step(
-        screen_reserve(grid, right, config, 0.0, 1.0, lambda *a: None), loss
+        screen_reserve(
+            grid, right, config, spread=0.0, min_gain=1.0, report=lambda *a: None
+        ),
+        loss,
     )
     assert_array_equal(same[0], target)
     assert same[1][0] == 1e-4
