@@ -146,7 +146,7 @@ def reconstruct(
     config = resolve_config(preset, **options)
     diffusivity = check_diffusivity(diffusivity)
     protocol = as_protocol(protocol)
-    signals, batch_shape = _voxel_signals(signal, protocol)
+    signals, data, batch_shape = _voxel_signals(signal, protocol, dtype=dtype)
     # Per-sequence noise weights belong to the noise model: with sigma unknown
     # (0) the loss stays the published unweighted misfit, whose search paths
     # the presets were validated on (weighting noise-free paper-physics data
@@ -154,16 +154,6 @@ def reconstruct(
     precision = torch.as_tensor(signals.precision)
     if not config.loss.sigma > 0:
         precision = torch.ones_like(precision)
-    # Normalised in float64 on the CPU, then cast: float32 holds every
-    # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
-    # 1e39 failed the voxel in float32; the fit is scale-free).
-    data = torch.as_tensor(signals.normalised).to(dtype=dtype)
-    if not torch.all(torch.isfinite(data)):
-        bad = torch.nonzero(~torch.isfinite(data).all(-1)).flatten().tolist()
-        raise ValueError(
-            f"signal of voxel(s) {bad[:5]} overflows {dtype} once divided by its "
-            "b = 0 signal (a b = 0 signal of 0 or near it); mask or drop such voxels."
-        )
     data = data.to(device=device)
     precision = precision.to(dtype=dtype, device=device)
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
@@ -235,25 +225,43 @@ def reconstruct(
     )
 
 
-def _voxel_signals(signal, protocol):
-    """The voxels of ``signal`` normalised once, and the batch shape."""
+def _voxel_signals(signal, protocol, *, dtype):
+    """Every check and cast of the voxels' signal, once: below this the fits
+    trust their data.
+
+    Returns the voxels normalised (:class:`VoxelSignals`, float64), the
+    normalised signals as a tensor of ``dtype`` (n_voxels, n_acquisitions),
+    and the batch shape.
+    """
     if isinstance(signal, VoxelSignals):
         if signal.normalised.shape[-1] != len(protocol):
             raise ValueError(
                 f"signal holds {signal.normalised.shape[-1]} acquisitions; the "
                 f"protocol has {len(protocol)}."
             )
-        return signal, (len(signal),)
-    data = np.asarray(signal, dtype=float)
-    if data.ndim == 0 or data.shape[-1] != len(protocol):
+        signals, batch_shape = signal, (len(signal),)
+    else:
+        raw = np.asarray(signal, dtype=float)
+        if raw.ndim == 0 or raw.shape[-1] != len(protocol):
+            raise ValueError(
+                f"signal must have len(protocol) = {len(protocol)} values in its "
+                f"last axis, got shape {tuple(raw.shape)}."
+            )
+        if not np.all(np.isfinite(raw)):
+            raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
+        voxels = raw.reshape(-1, len(protocol))
+        signals, batch_shape = VoxelSignals.from_raw(voxels, protocol), raw.shape[:-1]
+    # Normalised in float64 on the CPU, then cast: float32 holds every
+    # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
+    # 1e39 failed the voxel in float32; the fit is scale-free).
+    data = torch.as_tensor(signals.normalised).to(dtype=dtype)
+    if not torch.all(torch.isfinite(data)):
+        bad = torch.nonzero(~torch.isfinite(data).all(-1)).flatten().tolist()
         raise ValueError(
-            f"signal must have len(protocol) = {len(protocol)} values in its last "
-            f"axis, got shape {tuple(data.shape)}."
+            f"signal of voxel(s) {bad[:5]} overflows {dtype} once divided by its "
+            "b = 0 signal (a b = 0 signal of 0 or near it); mask or drop such voxels."
         )
-    if not np.all(np.isfinite(data)):
-        raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
-    voxels = data.reshape(-1, len(protocol))
-    return VoxelSignals.from_raw(voxels, protocol), data.shape[:-1]
+    return signals, data, batch_shape
 
 
 def prepare(grid, protocol, config, *, diffusivity, dtype, device, progress=True):
