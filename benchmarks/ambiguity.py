@@ -38,7 +38,7 @@ from generalisation import DIFFUSIVITY, HELD_OUT_SEED, score, targets
 from search_landscape import lattice_translations
 
 from dipy_spinverse import simulate
-from dipy_spinverse.inverse.search import label_field
+from dipy_spinverse.inverse.fields import label_field
 from dipy_spinverse.sim.signals import normalise_b0
 
 OPEN_KAPPA = 0.1  # m/s: faces without a membrane, as generalisation.py's truth

@@ -37,8 +37,9 @@ from surface_check import _demo_protocol, held_out_voxels
 from dipy_spinverse import SpinverseModel
 from dipy_spinverse.geometry.descriptors import describe
 from dipy_spinverse.geometry.metrics import aligned_overlap
-from dipy_spinverse.inverse.search import KEEP_CHI2, RIVAL_IOU, search_labels
+from dipy_spinverse.inverse.search import search_labels
 from dipy_spinverse.inverse.shapes import descriptor_starts
+from dipy_spinverse.inverse.uncertainty import KEEP_CHI2, RIVAL_IOU
 from dipy_spinverse.sim.signals import VoxelSignals
 
 

@@ -24,7 +24,8 @@ import torch
 from dipy_spinverse import TetGrid, published_protocol, simulate
 from dipy_spinverse.geometry.phantoms import published_phantoms
 from dipy_spinverse.inverse import resolve_config
-from dipy_spinverse.inverse.search import SIGNAL_CACHE, search_labels
+from dipy_spinverse.inverse.cache import SIGNAL_CACHE
+from dipy_spinverse.inverse.search import search_labels
 from dipy_spinverse.sim.signals import normalise_b0
 
 

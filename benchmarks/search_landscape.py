@@ -47,11 +47,8 @@ from scipy.spatial import cKDTree
 from dipy_spinverse import simulate
 from dipy_spinverse.geometry.metrics import all_metrics
 from dipy_spinverse.inverse import resolve_config
-from dipy_spinverse.inverse.search import (
-    direction_subset,
-    membrane_fields,
-    search_labels,
-)
+from dipy_spinverse.inverse.fields import membrane_fields
+from dipy_spinverse.inverse.search import direction_subset, search_labels
 from dipy_spinverse.sim.signals import normalise_b0
 
 OPEN_KAPPA = 1.0  # m/s: faces without a membrane

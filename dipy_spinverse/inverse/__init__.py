@@ -5,6 +5,9 @@ Modules, in the order a reconstruction uses them:
 ``config``
     :class:`InversionConfig` (frozen, validated once) in four parts -- face
     fit, loss, label search, approximation error -- and the :data:`PRESETS`.
+``prediction``
+    A field's signal in the data's terms (each sequence over its own
+    simulated b = 0).
 ``facefit``
     The published face fit: parametrisations, priors, curriculum, Adam.
 ``shapes``
@@ -12,9 +15,28 @@ Modules, in the order a reconstruction uses them:
 ``proposal``
     The learned proposal: a network trained on simulated random
     substrates, cached on disk, whose occupancy seeds the label search.
+``fields``
+    Labellings and their permeability fields (per-cell membranes).
+``cache``
+    The process-wide store of simulated signals the searches share.
+``scorer``
+    Data loss of labellings, batched across voxels; the driver of the
+    voxels' searches.
+``uncertainty``
+    The labellings scored within the noise: inside probability, spread,
+    ambiguity.
+``moves``
+    The descent: label and permeability moves, greedy steps, kicks.
+``refine``
+    Each cell's membrane permeability refined on every acquisition.
+``starts``
+    The descent's starts: face-field regions, screened generic shapes.
 ``search``
-    The label search: scorer, greedy moves, per-cell permeabilities, the
-    uncertainty of the labellings within the noise.
+    :func:`search_labels`, the label search's orchestration.
+``bootstrap``
+    The label search repeated on wild-bootstrap replicates.
+``approximation``
+    The fit grid's approximation error (bias and spread of its signals).
 ``reconstruct``
     :func:`reconstruct`, which only orchestrates the above.
 

@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 from ..checks import check_int
 from ..files import cache_root, load_or_build
 from ..geometry.substrates import random_substrates
-from ..sim.forward import simulate, update_digest
+from ..sim.forward import update_digest
 from ..sim.grid import TetGrid
-from ..sim.signals import normalise_b0
-from .search import OPEN_KAPPA, label_field
+from .fields import OPEN_KAPPA, label_field
+from .prediction import predict_signal
 
 __all__ = [
     "ApproximationError",
@@ -258,10 +258,8 @@ def _errors(grid, fine, protocol, n, diffusivity, open_kappa, device, progress):
             ]
         )
         with torch.no_grad():
-            truth = normalise_b0(simulate(fine, fine_field, protocol, **sim), protocol)
-            model = normalise_b0(
-                simulate(grid, coarse_field, protocol, **sim), protocol
-            )
+            truth = predict_signal(fine, fine_field, protocol, **sim)
+            model = predict_signal(grid, coarse_field, protocol, **sim)
         errors.append((truth - model).cpu().numpy())
         bar.update(len(batch))
     bar.close()

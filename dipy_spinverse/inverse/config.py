@@ -146,42 +146,32 @@ class FaceFitConfig:
         (low, high) permeability bounds, log10 m/s.
     init_log_kappa : float
         Initial permeability (log10 m/s), strictly inside the bounds.
-    init_noise, init_seed
-        Gaussian noise added to the initial logits, and its seed.
     threshold : float
         Faces below it (m/s) are membranes.
-    lr, lr_final, warmup, clip
-        Adam's rate with a linear ``warmup`` and cosine decay to ``lr_final``
-        restarted per stage; per-voxel gradient-norm clip (0: none).
-    stages, adapt_stages, blend, sequence_weights
-        The curriculum (:class:`Stage`), optionally ``blend``-ed, with
-        ``sequence_weights``; ``adapt_stages``: see
+    lr, warmup
+        Adam's rate with a linear ``warmup`` and cosine decay to the
+        published final rate, restarted per stage
+        (:func:`~dipy_spinverse.inverse.facefit.schedule`).
+    stages, adapt_stages
+        The curriculum (:class:`Stage`); ``adapt_stages``: see
         :meth:`InversionConfig.for_protocol`.
-    continuity, continuity_delta, manifold, manifold_ramp, binarise, area
-        The priors' weights: continuity (Huber width ``continuity_delta``),
-        manifold (``manifold_ramp``-ed in), binarisation and area.
+    continuity, continuity_delta, manifold, manifold_ramp
+        The priors' weights: continuity (Huber width ``continuity_delta``)
+        and manifold (``manifold_ramp``-ed in).
     """
 
     parametrisation: str = "face"
     log_kappa_bounds: tuple = (-5.0, -1.0)
     init_log_kappa: float = -3.0
-    init_noise: float = 0.0
-    init_seed: int = 0
     threshold: float = 1e-3
     lr: float = 0.6
-    lr_final: float = 0.06
     warmup: int = 50
-    clip: float = 1.0
     stages: tuple = (Stage(200, (0,)), Stage(200, (1,)))
     adapt_stages: bool = True
-    blend: bool = False
-    sequence_weights: tuple | None = None
     continuity: float = 2.0
     continuity_delta: float = 5.0
     manifold: float = 2.0
     manifold_ramp: bool = True
-    binarise: float = 0.0
-    area: float = 0.0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -203,16 +193,13 @@ class FaceFitConfig:
                 f"init_log_kappa must lie strictly inside log_kappa_bounds {bounds}, "
                 f"got {self.init_log_kappa!r}."
             )
-        for name in ("init_noise", "lr", "lr_final", "clip", "continuity"):
+        for name in ("lr", "continuity", "continuity_delta", "manifold"):
             set_(self, name, check_number(getattr(self, name), name, minimum=0))
-        for name in ("continuity_delta", "manifold", "binarise", "area"):
-            set_(self, name, check_number(getattr(self, name), name, minimum=0))
-        for name in ("adapt_stages", "blend", "manifold_ramp"):
+        for name in ("adapt_stages", "manifold_ramp"):
             set_(self, name, _flag(getattr(self, name), name))
         # A Huber width of 0 is no loss at all (torch refuses it at fit time).
         for name in ("lr", "continuity_delta"):
             _positive(self, name)
-        set_(self, "init_seed", check_int(self.init_seed, "init_seed", 0))
         set_(self, "warmup", check_int(self.warmup, "warmup", 0))
         threshold = check_number(self.threshold, "threshold", hint=" (m/s)")
         if not 10.0**lo < threshold < 10.0**hi:
@@ -222,17 +209,6 @@ class FaceFitConfig:
             )
         set_(self, "threshold", threshold)
         set_(self, "stages", _stages(self.stages))
-        if self.sequence_weights is not None:
-            if np.ndim(self.sequence_weights) != 1:
-                raise ValueError(
-                    "sequence_weights must be one weight per sequence (a flat "
-                    f"sequence, rank order), got {self.sequence_weights!r}."
-                )
-            weights = tuple(
-                check_number(w, "sequence_weights", minimum=0)
-                for w in self.sequence_weights
-            )
-            set_(self, "sequence_weights", weights)
 
     @property
     def n_iterations(self):
@@ -293,13 +269,13 @@ class SearchConfig:
     out of its local minimum ``kicks`` times (iterated local search); a move
     must lower chi-square by ``min_gain`` (needs ``sigma``). Starts: the face
     field's regions, the generic-shape dictionary (``dictionary``) and, when
-    ``proposal`` > 0, ``proposal_samples`` labellings drawn from a learned
-    proposal trained on that many random substrates (cached on disk; see
+    ``proposal`` > 0, labellings drawn from a learned proposal trained on
+    that many random substrates (cached on disk; see
     :mod:`dipy_spinverse.inverse.proposal`). With ``bootstrap`` > 0 the
     search is repeated on that many wild-bootstrap replicates of each voxel
     (the fit's prediction plus its residuals with random signs), and the
     uncertainty and inside probability take in how far their answers move
-    (:func:`~dipy_spinverse.inverse.search.bootstrap_search`; each replicate
+    (:func:`~dipy_spinverse.inverse.bootstrap.bootstrap_search`; each replicate
     costs about one more search). See :mod:`dipy_spinverse.inverse.search`.
     """
 
@@ -314,14 +290,13 @@ class SearchConfig:
     min_gain: float = 0.0
     dictionary: bool = True
     proposal: int = 0
-    proposal_samples: int = 16
     bootstrap: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "steps", check_int(self.steps, "search_steps", 0))
         check_choice(self.ranking, "search_ranking", ("gradient", "lazy"))
-        for name in ("batch", "starts", "restarts", "proposal_samples"):
+        for name in ("batch", "starts", "restarts"):
             set_(self, name, check_int(getattr(self, name), f"search_{name}", 1))
         for name in ("kicks", "bootstrap"):
             set_(self, name, check_int(getattr(self, name), f"search_{name}", 0))
@@ -527,7 +502,7 @@ class InversionConfig:
         Raises
         ------
         ValueError
-            Stages or ``sequence_weights`` that the protocol cannot meet.
+            Stages that the protocol cannot meet.
         """
         face = self.face
         needed = max(max(stage.ranks(n_sequences)) for stage in face.stages)
@@ -560,22 +535,6 @@ def _check_protocol(face, n_sequences):
                 f"ranks < {n_sequences}, stages=[dict(iterations=..., "
                 "sequences='all')], or acquire more diffusion times."
             )
-    weights = face.sequence_weights
-    if weights is None:
-        return
-    if len(weights) != n_sequences:
-        raise ValueError(
-            f"sequence_weights has {len(weights)} values but the "
-            f"protocol has {n_sequences} sequence(s); give one weight per "
-            "sequence, in rank order (0 = the longest diffusion time)."
-        )
-    for s, stage in enumerate(face.stages):
-        if not any(weights[r] > 0 for r in stage.ranks(n_sequences)):
-            raise ValueError(
-                f"curriculum stage {s} fits only sequences whose "
-                "sequence_weights are 0, so it has no data term; give "
-                "them a weight > 0."
-            )
 
 
 def _check_names(options):
@@ -586,8 +545,6 @@ def _check_names(options):
     hint = ""
     if any(k.startswith("polish") for k in unknown):
         hint = " (the polish_* options are now search_*, e.g. search_steps)"
-    if "seed" in unknown:
-        hint = " (seed is now init_seed, used with init_noise > 0)"
     raise ValueError(
         f"Unknown option(s) {unknown}{hint}; valid options are {sorted(OPTIONS)}."
     )
@@ -606,11 +563,6 @@ def _ignored_options(config):
             "the loss is Gaussian (noise='gaussian') and the label search is off "
             "(search_steps=0); use preset='default' or noise='rician'"
         )
-    if search.proposal == 0:
-        ignored.setdefault(
-            "search_proposal_samples",
-            "there is no learned proposal (search_proposal=0)",
-        )
     if loss.sigma == 0:
         ignored.setdefault(
             "search_min_gain",
@@ -618,12 +570,10 @@ def _ignored_options(config):
         )
     if face.parametrisation != "face":
         ignored["init_log_kappa"] = "parametrisation='cell' starts from occupancy 0.5"
-        for name in ("search_dictionary", "search_proposal", "search_proposal_samples"):
+        for name in ("search_dictionary", "search_proposal"):
             ignored.setdefault(
                 name, "parametrisation='cell' starts the label search from its labels"
             )
-    if face.init_noise == 0:
-        ignored["init_seed"] = "there is no initial noise (init_noise=0)"
     if face.continuity == 0:
         ignored["continuity_delta"] = "the continuity prior is off (continuity=0)"
     if face.manifold == 0:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..sim.forward import simulate
-from ..sim.signals import data_loss, normalise_b0
+from ..sim.signals import data_loss
+from .prediction import predict_signal
 
 __all__ = ["FaceFit", "fit_faces", "barrier_probability", "schedule", "TERMS"]
 
@@ -23,7 +23,11 @@ _P_CENTRE, _P_WIDTH = -3.0, 0.5
 # Softness of the manifold prior's min(k^2, (k - 2)^2) (barrier faces per edge).
 _MANIFOLD_TEMPERATURE = 0.25
 # Loss terms, in the order the history records them.
-TERMS = ("data", "continuity", "manifold", "binarise", "area")
+TERMS = ("data", "continuity", "manifold")
+# The published optimiser's cosine decay ends at a tenth of its rate (0.6),
+# and its gradient norm is clipped to 1 per voxel; no validation varied them.
+_LR_FINAL = 0.06
+_CLIP = 1.0
 
 
 @dataclass
@@ -46,7 +50,18 @@ class FaceFit:
 
 
 def barrier_probability(log_kappa):
-    """Soft barrier indicator ``sigmoid((-3 - log10 kappa) / 0.5)``."""
+    """Soft barrier indicator ``sigmoid((-3 - log10 kappa) / 0.5)``.
+
+    Parameters
+    ----------
+    log_kappa : torch.Tensor
+        log10 permeability, m/s.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape, in (0, 1): 0.5 at 1e-3 m/s.
+    """
     return torch.sigmoid((_P_CENTRE - log_kappa) / _P_WIDTH)
 
 
@@ -60,7 +75,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
     protocol : Protocol
     config : InversionConfig
     sim : dict
-        ``diffusivity``, ``dtype``, ``device`` for :func:`simulate`.
+        ``diffusivity``, ``dtype``, ``device`` for :func:`predict_signal`.
     precision : torch.Tensor (n_voxels, n_acquisitions), optional
         Noise precision of each acquisition relative to ``1 / sigma^2``
         (:func:`~dipy_spinverse.sim.signals.noise_precision`; default 1).
@@ -82,7 +97,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
         optimiser.zero_grad()
         log_kappa = _log_kappa(param, config, geometry)
         kappa = 10.0**log_kappa
-        pred = normalise_b0(simulate(grid, kappa, step.protocol, **sim), step.protocol)
+        pred = predict_signal(grid, kappa, step.protocol, **sim)
         losses = _losses(
             pred,
             data[:, step.index],
@@ -94,7 +109,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
         )
         total = sum(losses.values())
         total.sum().backward()
-        _clip_per_voxel(param, config.face.clip)
+        _clip_per_voxel(param, _CLIP)
         optimiser.step()
         means = {k: float(v.detach().mean()) for k, v in losses.items()}
         for key, value in means.items():
@@ -120,54 +135,47 @@ class Step:
     ramp: float
     index: np.ndarray
     protocol: object
-    weights: np.ndarray
 
 
 def schedule(config, protocol):
     """The curriculum of ``config`` on ``protocol``: one :class:`Step` per iteration.
 
     Stages name sequence ranks (:meth:`Protocol.sequences`); a step fits the
-    acquisitions of the sequences with non-zero weight, each weighted by its
-    stage weight (faded in and out when ``blend``) times ``sequence_weights``.
+    acquisitions of its stage's sequences, each with weight 1.
+
+    Parameters
+    ----------
+    config : InversionConfig
+    protocol : Protocol
+
+    Returns
+    -------
+    list of Step
     """
     sequences = protocol.sequences()
     n_seq = len(sequences)
     config = config.for_protocol(n_seq)
     per_iteration = []
-    for s, stage in enumerate(config.face.stages):
-        ranks = stage.ranks(n_seq)
-        n_iter = stage.iterations
-        for i in range(n_iter):
-            weights = np.zeros(n_seq)
-            weights[list(ranks)] = 1.0
-            if config.face.blend and s > 0:
-                # Fade the previous stage out instead of switching abruptly.
-                fade = 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(n_iter / 2, 1))))
-                for r in config.face.stages[s - 1].ranks(n_seq):
-                    weights[r] = max(weights[r], fade)
-            per_iteration.append((_learning_rate(config, i, n_iter), weights))
-    steps = []
-    for n, (lr, weights) in enumerate(per_iteration):
-        used = [r for r in range(n_seq) if weights[r] > 0]
+    for stage in config.face.stages:
+        used = sorted(set(stage.ranks(n_seq)))
         index = np.concatenate([sequences[r][1] for r in used])
-        per_acq = weights
-        if config.face.sequence_weights is not None:
-            per_acq = weights * np.asarray(config.face.sequence_weights, float)
-        per_acq = np.concatenate(
-            [np.full(len(sequences[r][1]), per_acq[r]) for r in used]
-        )
+        for i in range(stage.iterations):
+            lr = _learning_rate(config, i, stage.iterations)
+            per_iteration.append((lr, index))
+    steps = []
+    for n, (lr, index) in enumerate(per_iteration):
         ramp = (n + 1) / len(per_iteration) if config.face.manifold_ramp else 1.0
-        steps.append(Step(lr, ramp, index, protocol[index], per_acq))
+        steps.append(Step(lr, ramp, index, protocol[index]))
     return steps
 
 
 def _learning_rate(config, i, n_iter):
-    """Linear warm-up to ``lr``, then cosine decay ending at ``lr_final``."""
+    """Linear warm-up to ``lr``, then cosine decay ending at ``_LR_FINAL``."""
     warm = config.face.warmup
     if i < warm:
         return config.face.lr * (i + 1) / warm
     progress = (i - warm) / max(n_iter - warm - 1, 1)
-    low, high = config.face.lr_final, config.face.lr
+    low, high = _LR_FINAL, config.face.lr
     return low + 0.5 * (high - low) * (1 + math.cos(math.pi * progress))
 
 
@@ -184,23 +192,18 @@ class _Geometry:
         self.edge_degree = torch.tensor(
             grid.edge_face_counts, dtype=dtype, device=device
         ).clamp(min=1)
-        area = torch.tensor(grid.face_areas, dtype=dtype, device=device)
-        self.area_fraction = area / area.sum()
 
 
 def _initial_parameters(grid, config, n_batch, dtype, device):
-    size = grid.n_faces if config.face.parametrisation == "face" else grid.n_cells
-    # One draw shared by every voxel: a voxel's result must not depend on the
+    # The same start for every voxel: a voxel's result must not depend on the
     # batch it is fitted in (serial, chunked or parallel engines agree).
-    generator = torch.Generator().manual_seed(config.face.init_seed)
-    noise = config.face.init_noise * torch.randn(size, generator=generator, dtype=dtype)
-    noise = noise.expand(n_batch, size)
     if config.face.parametrisation == "face":
         lo, hi = config.face.log_kappa_bounds
         frac = (config.face.init_log_kappa - lo) / (hi - lo)
-        param = math.log(frac / (1 - frac)) + noise
+        logit = math.log(frac / (1 - frac))
+        param = torch.full((n_batch, grid.n_faces), logit, dtype=dtype)
     else:
-        param = noise.clone()  # occupancy 0.5 everywhere: undecided
+        param = torch.zeros(n_batch, grid.n_cells, dtype=dtype)  # occupancy 0.5
     return param.to(device).requires_grad_(True)
 
 
@@ -217,14 +220,12 @@ def _log_kappa(param, config, geometry):
 
 # -- losses and priors -------------------------------------------------------------
 def _losses(pred, data, precision, step, log_kappa, geometry, config):
-    weights = torch.as_tensor(step.weights, dtype=pred.dtype, device=pred.device)
     data_term = data_loss(
         pred,
         data,
         loss_scale=config.loss.loss_scale,
         sigma=config.loss.sigma,
         noise=config.loss.noise,
-        weights=weights,
         precision=precision,
     )
     p = barrier_probability(log_kappa)
@@ -239,8 +240,6 @@ def _losses(pred, data, precision, step, log_kappa, geometry, config):
             config.face.continuity, lambda: _continuity(log_kappa, p, geometry, config)
         ),
         manifold=term(config.face.manifold * step.ramp, lambda: _manifold(p, geometry)),
-        binarise=term(config.face.binarise, lambda: (p * (1 - p)).mean(-1)),
-        area=term(config.face.area, lambda: (p * geometry.area_fraction).sum(-1)),
     )
 
 
@@ -273,8 +272,6 @@ def _manifold(p, geometry):
 
 def _clip_per_voxel(param, max_norm):
     """Gradient-norm clipping per voxel (each row is an independent fit)."""
-    if not max_norm:
-        return
     grad = param.grad
     norm = grad.norm(dim=-1, keepdim=True)
     grad.mul_(torch.clamp(max_norm / (norm + 1e-12), max=1.0))

@@ -13,19 +13,15 @@ import numpy as np
 import torch
 
 from ..checks import check_diffusivity
-from ..sim.forward import simulate
 from ..sim.sequences import as_protocol
-from ..sim.signals import VoxelSignals, data_loss, normalise_b0
+from ..sim.signals import VoxelSignals, data_loss
 from .approximation import approximation_error
+from .bootstrap import bootstrap_search
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
-from .search import (
-    OPEN_KAPPA,
-    bootstrap_search,
-    cell_labels,
-    learned_proposal,
-    search_labels,
-)
+from .fields import OPEN_KAPPA, cell_labels
+from .prediction import predict_signal
+from .search import learned_proposal, search_labels
 
 __all__ = ["Reconstruction", "reconstruct", "prepare", "grid_error"]
 
@@ -50,8 +46,8 @@ class Reconstruction:
         b0-normalised signal of the fitted field, protocol order.
     history : dict of ndarray
         Loss per term per iteration of the face fit (mean over voxels):
-        ``"data"``, ``"continuity"``, ``"manifold"``, ``"binarise"``,
-        ``"area"``, ``"total"``, and ``"lr"``.
+        ``"data"``, ``"continuity"``, ``"manifold"``, ``"total"``, and
+        ``"lr"``.
     time_s : float
         Wall time of the fit.
     config : InversionConfig
@@ -64,7 +60,7 @@ class Reconstruction:
         Label search: expected ``1 - IoU`` of those labellings against
         ``labels`` (0: the data allow no other surface); with
         ``search_bootstrap > 0`` at least the replicates' mean ``1 - IoU``
-        (:func:`~dipy_spinverse.inverse.search.bootstrap_search`).
+        (:func:`~dipy_spinverse.inverse.bootstrap.bootstrap_search`).
     proposal_probability : ndarray (..., n_cells) or None
         The learned proposal's occupancy, when the search used one.
     precision : ndarray (..., n_acquisitions) or None
@@ -124,9 +120,9 @@ def reconstruct(
     diffusivity : float
         Intrinsic diffusivity, mm^2/s.
     dtype, device
-        Passed to :func:`simulate`. float32 (the published precision) is 3-4
-        times faster than float64 here; its simulator error (~1e-6) is far
-        below any measurement noise.
+        Passed to :func:`~dipy_spinverse.sim.forward.simulate`. float32 (the published
+        precision) is 3-4 times faster than float64 here; its simulator error (~1e-6) is
+        far below any measurement noise.
     callback : callable, optional
         ``callback(iteration, permeability_tensor, losses_dict)`` each step
         of the face fit; during the label search, after every step,
@@ -150,7 +146,7 @@ def reconstruct(
     config = resolve_config(preset, **options)
     diffusivity = check_diffusivity(diffusivity)
     protocol = as_protocol(protocol)
-    signals, batch_shape = _voxel_signals(signal, protocol)
+    signals, data, batch_shape = _voxel_signals(signal, protocol, dtype=dtype)
     # Per-sequence noise weights belong to the noise model: with sigma unknown
     # (0) the loss stays the published unweighted misfit, whose search paths
     # the presets were validated on (weighting noise-free paper-physics data
@@ -158,16 +154,6 @@ def reconstruct(
     precision = torch.as_tensor(signals.precision)
     if not config.loss.sigma > 0:
         precision = torch.ones_like(precision)
-    # Normalised in float64 on the CPU, then cast: float32 holds every
-    # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
-    # 1e39 failed the voxel in float32; the fit is scale-free).
-    data = torch.as_tensor(signals.normalised).to(dtype=dtype)
-    if not torch.all(torch.isfinite(data)):
-        bad = torch.nonzero(~torch.isfinite(data).all(-1)).flatten().tolist()
-        raise ValueError(
-            f"signal of voxel(s) {bad[:5]} overflows {dtype} once divided by its "
-            "b = 0 signal (a b = 0 signal of 0 or near it); mask or drop such voxels."
-        )
     data = data.to(device=device)
     precision = precision.to(dtype=dtype, device=device)
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
@@ -206,8 +192,7 @@ def reconstruct(
         }
     else:
         with torch.no_grad():
-            predicted = simulate(grid, faces.permeability, protocol, **sim)
-        predicted = normalise_b0(predicted, protocol)
+            predicted = predict_signal(grid, faces.permeability, protocol, **sim)
         if labels is not None:  # the cell parametrisation's 0/1: a cell per piece
             labels = np.array([cell_labels(grid, one) for one in labels])
     # The fit's own data term at its answer, with the data and precisions it
@@ -240,25 +225,43 @@ def reconstruct(
     )
 
 
-def _voxel_signals(signal, protocol):
-    """The voxels of ``signal`` normalised once, and the batch shape."""
+def _voxel_signals(signal, protocol, *, dtype):
+    """Every check and cast of the voxels' signal, once: below this the fits
+    trust their data.
+
+    Returns the voxels normalised (:class:`VoxelSignals`, float64), the
+    normalised signals as a tensor of ``dtype`` (n_voxels, n_acquisitions),
+    and the batch shape.
+    """
     if isinstance(signal, VoxelSignals):
         if signal.normalised.shape[-1] != len(protocol):
             raise ValueError(
                 f"signal holds {signal.normalised.shape[-1]} acquisitions; the "
                 f"protocol has {len(protocol)}."
             )
-        return signal, (len(signal),)
-    data = np.asarray(signal, dtype=float)
-    if data.ndim == 0 or data.shape[-1] != len(protocol):
+        signals, batch_shape = signal, (len(signal),)
+    else:
+        raw = np.asarray(signal, dtype=float)
+        if raw.ndim == 0 or raw.shape[-1] != len(protocol):
+            raise ValueError(
+                f"signal must have len(protocol) = {len(protocol)} values in its "
+                f"last axis, got shape {tuple(raw.shape)}."
+            )
+        if not np.all(np.isfinite(raw)):
+            raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
+        voxels = raw.reshape(-1, len(protocol))
+        signals, batch_shape = VoxelSignals.from_raw(voxels, protocol), raw.shape[:-1]
+    # Normalised in float64 on the CPU, then cast: float32 holds every
+    # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
+    # 1e39 failed the voxel in float32; the fit is scale-free).
+    data = torch.as_tensor(signals.normalised).to(dtype=dtype)
+    if not torch.all(torch.isfinite(data)):
+        bad = torch.nonzero(~torch.isfinite(data).all(-1)).flatten().tolist()
         raise ValueError(
-            f"signal must have len(protocol) = {len(protocol)} values in its last "
-            f"axis, got shape {tuple(data.shape)}."
+            f"signal of voxel(s) {bad[:5]} overflows {dtype} once divided by its "
+            "b = 0 signal (a b = 0 signal of 0 or near it); mask or drop such voxels."
         )
-    if not np.all(np.isfinite(data)):
-        raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
-    voxels = data.reshape(-1, len(protocol))
-    return VoxelSignals.from_raw(voxels, protocol), data.shape[:-1]
+    return signals, data, batch_shape
 
 
 def prepare(grid, protocol, config, *, diffusivity, dtype, device, progress=True):

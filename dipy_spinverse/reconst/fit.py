@@ -485,7 +485,7 @@ class SpinverseFit(ReconstFit):
         0: the data allow no other surface; near 1: the surface is a guess.
         Alone it weighs the labellings near the answer by their likelihood,
         and is at least half the largest ``1 - IoU`` between the answer and
-        any of them (:meth:`~dipy_spinverse.inverse.search.Recorder.ambiguity`):
+        any of them (:meth:`~dipy_spinverse.inverse.uncertainty.Recorder.ambiguity`):
         a lower bound, blind to surfaces the search never visited. It is 1
         where the answer misfits the data beyond the noise (chi-square above
         its 95 % quantile,
@@ -493,7 +493,7 @@ class SpinverseFit(ReconstFit):
         without ``sigma``, everywhere. With ``search_bootstrap=k`` it is at
         least the mean ``1 - IoU`` of the answers of k wild-bootstrap
         replicates of the search
-        (:func:`~dipy_spinverse.inverse.search.bootstrap_search`), which
+        (:func:`~dipy_spinverse.inverse.bootstrap.bootstrap_search`), which
         also sees answers in other basins. With a surface check
         (``SpinverseModel(..., fit_method="search", prior=...)``) it is at
         least the posterior's bound from the restricted volume

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ..checks import check_int, check_mask_values
 from ..inverse import reconstruct
-from ..inverse.search import WITHIN_NOISE_FALSE_ALARM
+from ..inverse.uncertainty import WITHIN_NOISE_FALSE_ALARM
 from ..meshfit.refine import refine_cell
 from . import engines
 from .fit import (
@@ -99,7 +99,8 @@ FINGERPRINT_BYTES = 1 << 24
 #: from 90 to 300 and exact answers' from 81 to 116; the conventional 5 %
 #: level (123 for 99 acquisitions) is strict where a confident wrong surface
 #: costs most. The label search keeps rivals that fit within the noise at
-#: the same level (:data:`~dipy_spinverse.inverse.search.WITHIN_NOISE_FALSE_ALARM`).
+#: the same level
+#: (:data:`~dipy_spinverse.inverse.uncertainty.WITHIN_NOISE_FALSE_ALARM`).
 SURFACE_MISFIT_FALSE_ALARM = WITHIN_NOISE_FALSE_ALARM
 
 

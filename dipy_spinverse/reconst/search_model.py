@@ -29,12 +29,11 @@ from ..checks import (
     check_s0,
 )
 from ..inverse import grid_error, prepare, resolve_config
+from ..inverse.prediction import predict_signal
 from ..meshfit.refine import check_refine_options, refine_topology
 from ..posterior import default_training, load_or_train
-from ..sim.forward import simulate
 from ..sim.grid import BOUNDARIES, TetGrid
 from ..sim.sequences import Protocol
-from ..sim.signals import normalise_b0
 from . import runner
 from .fit import MASKED, UNDERDETERMINED, SpinverseFit
 from .gate import check_data, gradient_tables, require_b0
@@ -193,11 +192,9 @@ class SpinverseSearchModel(ReconstModel):
         The inversion's options by name
         (:data:`dipy_spinverse.inverse.config.OPTIONS`), the fields of the
         parts of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
-        (``continuity``, ``manifold``, ``binarise``, ``area``), curriculum
-        (``stages``, ``blend``, ``sequence_weights``), optimiser (``lr``,
-        ``lr_final``, ``warmup``, ``clip``), ``threshold``,
-        ``parametrisation``, ``noise``, ``sigma``, the label search's
-        ``search_*``. An option the configuration would ignore is an error.
+        (``continuity``, ``manifold``), curriculum (``stages``), optimiser
+        (``lr``, ``warmup``), ``threshold``, ``parametrisation``, ``noise``,
+        ``sigma``, the label search's ``search_*``. An option the configuration would ignore is an error.
 
     Raises
     ------
@@ -635,7 +632,7 @@ class SpinverseSearchModel(ReconstModel):
         out = []
         with torch.no_grad():
             for i in range(0, len(permeability), self.batch_size):
-                signal = simulate(
+                signal = predict_signal(
                     self.grid,
                     permeability[i : i + self.batch_size],
                     full,
@@ -646,7 +643,7 @@ class SpinverseSearchModel(ReconstModel):
                 out.append(signal.cpu().numpy().astype(np.float64))
         if not out:
             return np.zeros((0, len(protocol)))
-        normalised = normalise_b0(np.concatenate(out), full)[:, : len(protocol)]
+        normalised = np.concatenate(out)[:, : len(protocol)]
         error = grid_error(
             self.grid,
             protocol,

@@ -324,7 +324,7 @@ def test_cell_table_reads_nested_membranes_whatever_the_numbering():
     only cell 3, which is numbered after it; the series rule still gives each
     cell its own membrane (it gave NaN for cell 2 before).
     """
-    from dipy_spinverse.inverse.search import label_field
+    from dipy_spinverse.inverse.fields import label_field
 
     grid = TetGrid.bcc(16.0, 4)
     x = grid.cell_centroids[:, 0]

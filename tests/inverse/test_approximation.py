@@ -17,7 +17,7 @@ from dipy_spinverse.inverse.approximation import (
     ApproximationError,
     approximation_error,
 )
-from dipy_spinverse.inverse.search import OPEN_KAPPA, label_field
+from dipy_spinverse.inverse.fields import OPEN_KAPPA, label_field
 from dipy_spinverse.reconst import SpinverseModel
 from dipy_spinverse.sim.sequences import fibonacci_sphere
 from dipy_spinverse.sim.signals import normalise_b0

@@ -14,7 +14,7 @@ from dipy_spinverse.inverse import (
     reconstruct,
     resolve_config,
 )
-from dipy_spinverse.inverse.search import OPEN_KAPPA
+from dipy_spinverse.inverse.fields import OPEN_KAPPA
 
 STAGES = (dict(iterations=6, sequences=(0,)), dict(iterations=6, sequences=(1,)))
 
@@ -22,14 +22,14 @@ STAGES = (dict(iterations=6, sequences=(0,)), dict(iterations=6, sequences=(1,))
 def test_shapes_history_and_determinism(problem):
     grid, prot, signal = problem
     batch = np.stack([signal, signal])
-    kwargs = dict(preset="paper", stages=STAGES, init_noise=0.1, init_seed=3)
+    kwargs = dict(preset="paper", stages=STAGES)
     a = reconstruct(grid, batch, prot, **kwargs)
     b = reconstruct(grid, batch, prot, **kwargs)
     assert a.permeability.shape == (2, grid.n_faces)
     assert a.barrier.dtype == bool and a.barrier.shape == (2, grid.n_faces)
     assert a.predicted.shape == (2, len(prot))
     assert a.labels is None and a.time_s > 0
-    for key in ("data", "continuity", "manifold", "binarise", "area", "total", "lr"):
+    for key in ("data", "continuity", "manifold", "total", "lr"):
         assert len(a.history[key]) == 12
     assert_array_equal(a.permeability, b.permeability)
     lo, hi = PRESETS["paper"].face.log_kappa_bounds
@@ -152,29 +152,23 @@ def test_cell_parametrisation_numbers_each_piece(problem, monkeypatch):
         (dict(search_restarts=0), "search_restarts"),
         (dict(search_min_gain=-1.0), "search_min_gain"),
         (dict(polish=5), "search_"),
-        (dict(seed=1), "init_seed"),
         (dict(lr=-0.1), "lr"),
         (dict(lr="fast"), "lr"),
-        (dict(clip=float("nan")), "clip"),
         (dict(warmup=2.5), "warmup"),
         (dict(stages=(dict(iterations=0),)), "iterations"),
         (dict(stages=(dict(iters=3),)), "iterations"),
         (dict(stages=()), "stages"),
-        (dict(sequence_weights=(1.0, 1.0, 1.0)), "sequence_weights"),
         (dict(init_log_kappa=0.0), "init_log_kappa"),
         (dict(sigma=30.0), "sigma"),
         (dict(sigma="0.1"), "sigma"),
         (dict(threshold=1.0), "threshold"),
         (dict(stages=5), "stages must be a list"),
         (dict(stages=[], max_iter=4), "at least one stage"),
-        (dict(sequence_weights=(0.0, 0.0)), "no data term"),
-        (dict(sequence_weights=[[1.0, 2.0]]), "one weight per sequence"),
         (dict(lr=0.0), "lr must be > 0, got 0.0"),
         (dict(sigma=-0.01), "sigma"),
         (dict(search_min_gain=float("nan")), "search_min_gain"),
         # A Huber width of 0 failed every voxel at fit time.
         (dict(continuity_delta=0.0), "continuity_delta must be > 0"),
-        (dict(blend="yes"), "blend must be True or False"),
         (dict(adapt_stages="no"), "adapt_stages must be True or False"),
         (dict(manifold_ramp=None), "manifold_ramp must be True or False"),
         (
@@ -210,9 +204,7 @@ def test_result_does_not_depend_on_batch(problem):
     """Serial, chunked and parallel fits must agree voxel by voxel."""
     grid, prot, signal = problem
     other = 0.9 * signal + 0.1
-    kwargs = dict(
-        preset="paper", stages=STAGES, init_noise=0.1, init_seed=1, dtype=torch.float64
-    )
+    kwargs = dict(preset="paper", stages=STAGES, dtype=torch.float64)
     alone = reconstruct(grid, signal, prot, **kwargs)
     batch = reconstruct(grid, np.stack([other, signal]), prot, **kwargs)
     assert_allclose(batch.permeability[1], alone.permeability, rtol=1e-10)
@@ -243,17 +235,6 @@ def test_label_search_returns_closed_surfaces(problem):
     assert np.all(result.permeability[~result.barrier] == OPEN_KAPPA)
 
 
-def test_init_seed_has_a_meaning(problem):
-    """With initial noise the seed picks the draw; without it there is none."""
-    grid, prot, signal = problem
-    kwargs = dict(preset="paper", stages=STAGES, init_noise=0.5)
-    a = reconstruct(grid, signal, prot, init_seed=1, **kwargs)
-    b = reconstruct(grid, signal, prot, init_seed=2, **kwargs)
-    assert not np.array_equal(a.permeability, b.permeability)
-    with pytest.raises(ValueError, match="init_seed.*no initial noise"):
-        resolve_config("paper", init_seed=1)
-
-
 def test_config_parts_take_options_by_name():
     """The four parts hold every option once; options by name go to their
     part and come back flat (the keys that fit stores and caches hold)."""
@@ -265,7 +246,7 @@ def test_config_parts_take_options_by_name():
     assert config.face.lr == 0.3 and config.loss.sigma == 0.02
     assert config.search.steps == 5 and config.approximation.n_substrates == 4
     flat = config.as_dict()
-    assert set(flat) == set(OPTIONS) and len(OPTIONS) == 37
+    assert set(flat) == set(OPTIONS) and len(OPTIONS) == 28
     assert InversionConfig.from_options(**flat) == config
     assert PRESETS["default"].replace() == PRESETS["default"]
     # Each part checks its own values, under the option's name.

@@ -13,20 +13,16 @@ from dipy_spinverse.geometry.substrates import random_substrate
 from dipy_spinverse.inverse import proposal as proposal_module
 from dipy_spinverse.inverse import reconstruct, resolve_config
 from dipy_spinverse.inverse import search as search_module
+from dipy_spinverse.inverse.fields import OPEN_KAPPA, cell_labels, label_field
+from dipy_spinverse.inverse.moves import label_moves
 from dipy_spinverse.inverse.proposal import (
     ProposalSettings,
     load_or_train_proposal,
     proposal_key,
     proposal_starts,
 )
-from dipy_spinverse.inverse.search import (
-    OPEN_KAPPA,
-    Recorder,
-    cell_labels,
-    label_field,
-    label_moves,
-    search_labels,
-)
+from dipy_spinverse.inverse.search import search_labels
+from dipy_spinverse.inverse.uncertainty import Recorder
 from dipy_spinverse.sim.signals import normalise_b0
 
 # A tiny proposal: enough to exercise training, caching and sampling on the
@@ -267,8 +263,6 @@ def test_settings_and_options_are_checked():
         ProposalSettings(snr_range=(20, np.inf))
     with pytest.raises(ValueError, match="search_proposal"):
         resolve_config("default", search_proposal=5)
-    with pytest.raises(ValueError, match="search_proposal_samples"):
-        resolve_config("default", search_proposal_samples=4)
     with pytest.raises(ValueError, match="search_dictionary"):
         resolve_config("default", search_dictionary="yes")
     # The cell parametrisation starts the search from its own labels.
@@ -300,7 +294,6 @@ def test_reconstruct_reports_the_proposal_and_the_uncertainty(
         search_directions=None,
         search_dictionary=False,
         search_proposal=32,
-        search_proposal_samples=4,
         callback=progress,
     )
     assert sorted(done) == [0, 1]  # each voxel's end reaches progress bars

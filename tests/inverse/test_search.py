@@ -1,4 +1,5 @@
-"""The label search and its generic shapes (inverse.search, inverse.shapes)."""
+"""The label search and its generic shapes (inverse.search and the modules
+of its steps, inverse.shapes)."""
 
 import numpy as np
 import pytest
@@ -10,22 +11,20 @@ from dipy_spinverse import Protocol, TetGrid, simulate
 from dipy_spinverse.geometry.metrics import grid_symmetries
 from dipy_spinverse.geometry.phantoms import cylinder
 from dipy_spinverse.inverse import PRESETS, InversionConfig, reconstruct, resolve_config
-from dipy_spinverse.inverse.search import (
+from dipy_spinverse.inverse.bootstrap import bootstrap_search
+from dipy_spinverse.inverse.cache import SignalCache
+from dipy_spinverse.inverse.fields import (
     OPEN_KAPPA,
-    RIVAL_IOU,
-    BatchScorer,
-    Recorder,
-    SignalCache,
-    _screen_reserve,
-    bootstrap_search,
     cell_labels,
-    direction_subset,
-    greedy_labels,
     label_field,
     membrane_rows,
-    search_labels,
 )
+from dipy_spinverse.inverse.moves import greedy_labels
+from dipy_spinverse.inverse.scorer import BatchScorer
+from dipy_spinverse.inverse.search import direction_subset, search_labels
 from dipy_spinverse.inverse.shapes import shape_search
+from dipy_spinverse.inverse.starts import screen_reserve
+from dipy_spinverse.inverse.uncertainty import RIVAL_IOU, Recorder
 from dipy_spinverse.sim.sequences import fibonacci_sphere
 from dipy_spinverse.sim.signals import normalise_b0
 
@@ -330,14 +329,14 @@ def test_scorer_simulates_each_field_once(problem, monkeypatch):
     labellings with the same barrier (labels swapped) cost one simulation
     each; the losses equal those of an uncached simulation of each row.
     """
-    import dipy_spinverse.inverse.search as search
+    import dipy_spinverse.inverse.prediction as prediction
 
     grid, prot, signal = problem
     data = normalise_b0(torch.as_tensor(np.stack([signal, 0.9 * signal])), prot)
     config = resolve_config("default", search_directions=None)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu")
     scorer = BatchScorer(
-        grid, data, prot, np.arange(len(prot)), config, sim, cache=SignalCache()
+        grid, data, prot, np.arange(len(prot)), config, sim=sim, cache=SignalCache()
     )
     ball = (np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 2.5).astype(int)
     half = (np.arange(grid.n_cells) < 24).astype(int)
@@ -345,13 +344,13 @@ def test_scorer_simulates_each_field_once(problem, monkeypatch):
     owners = np.array([0, 0, 1, 1, 1, 0])
     membranes = np.array([1e-5, 1e-5, 1e-5, 1e-5, 2e-5, 1e-5])
     simulated = []
-    real = search.simulate
+    real = prediction.simulate
 
     def counting(grid, field, protocol, **kw):
         simulated.append(len(field))
         return real(grid, field, protocol, **kw)
 
-    monkeypatch.setattr(search, "simulate", counting)
+    monkeypatch.setattr(prediction, "simulate", counting)
     losses = scorer(owners, candidates, membranes)
     assert sum(simulated) == 3  # ball, half at 1e-5; half at 2e-5
     assert len(scorer.cache) == 3
@@ -393,7 +392,7 @@ def test_opening_gains_match_finite_differences(problem):
     config = resolve_config("default", search_directions=None)
     sim = dict(diffusivity=2e-3, dtype=torch.float64, device="cpu", method="dense")
     scorer = BatchScorer(
-        grid, data, prot, np.arange(len(prot)), config, sim, cache=SignalCache()
+        grid, data, prot, np.arange(len(prot)), config, sim=sim, cache=SignalCache()
     )
     half = (np.arange(grid.n_cells) < 24).astype(int)
     membrane = 3e-5
@@ -459,7 +458,7 @@ def test_drive_answers_each_search_in_turn():
         calls.append(owners.tolist())
         return candidates[:, 0].astype(float) * 10
 
-    from dipy_spinverse.inverse.search import drive
+    from dipy_spinverse.inverse.scorer import drive
 
     assert drive([search(0), search(5)], {"k": scorer}) == [
         (0.0, [10.0, 20.0]),
@@ -482,7 +481,7 @@ def test_kicked_descents_never_worsen_and_repeat():
     """
     import zlib
 
-    from dipy_spinverse.inverse.search import _kicked_descents
+    from dipy_spinverse.inverse.moves import _kicked_descents
     from dipy_spinverse.inverse.shapes import run_steps
 
     grid = TetGrid.bcc(8.0, 2)
@@ -547,13 +546,19 @@ def test_screen_reserve_replaces_only_a_worse_answer(problem):
     wrong = (np.zeros(grid.n_cells, int), np.array([1e-5]))
     before = loss(wrong[0][None], wrong[1][None])[0]
     labels, kappa = _run_search_step(
-        _screen_reserve(grid, wrong, config, 0.0, 1.0, lambda *a: None), loss
+        screen_reserve(
+            grid, wrong, config, spread=0.0, min_gain=1.0, report=lambda *a: None
+        ),
+        loss,
     )
     assert loss(labels[None], kappa[None])[0] < before - 1.0
     assert_allclose(kappa[0], 1e-4, rtol=1e-12)
     right = (target, np.array([1e-4]))
     same = _run_search_step(
-        _screen_reserve(grid, right, config, 0.0, 1.0, lambda *a: None), loss
+        screen_reserve(
+            grid, right, config, spread=0.0, min_gain=1.0, report=lambda *a: None
+        ),
+        loss,
     )
     assert_array_equal(same[0], target)
     assert same[1][0] == 1e-4
