@@ -6,13 +6,14 @@ tissue descriptors with credible intervals, from a network trained once per
 protocol and prior and cached on disk.
 """
 
+import numbers
 import warnings
 
 import numpy as np
 from dipy.reconst.base import ReconstModel
 from dipy.utils.logging import logger
 
-from ..checks import check_diffusivity, check_int
+from ..checks import check_diffusivity, check_int, check_number
 from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
 from . import runner
 from .gate import check_data, gradient_tables, require_b0
@@ -32,6 +33,9 @@ NOISE_HINT = (
     "estimate it e.g. with dipy.denoise.noise_estimate.estimate_sigma divided "
     "by the mean b=0 signal)"
 )
+
+#: What ``sigma`` is, in its range error.
+SIGMA_HINT = " (noise relative to the b = 0 signal, 1/SNR)"
 
 #: Posterior draws per voxel for the maps and stored intervals.
 N_POSTERIOR_SAMPLES = 128
@@ -95,11 +99,12 @@ class SpinversePosteriorModel(ReconstModel):
         n_posterior_samples=N_POSTERIOR_SAMPLES,
         cache_dir=None,
     ):
-        if sigma is None or not sigma > 0:
+        if sigma is None or (isinstance(sigma, numbers.Real) and sigma == 0):
             raise ValueError(
                 f"fit_method='posterior' needs the noise level: pass sigma "
                 f"{NOISE_HINT}."
             )
+        sigma = check_number(sigma, "sigma", minimum=0, maximum=1, hint=SIGMA_HINT)
         check_prior(prior, posterior_options)
         self.gtab, self.protocol = gradient_tables(gtab)
         require_b0(self.protocol)

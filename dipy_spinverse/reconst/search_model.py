@@ -163,8 +163,9 @@ class SpinverseSearchModel(ReconstModel):
         a smooth mesh fitted to the voxel's signal
         (:func:`dipy_spinverse.meshfit.refine_cell`): the fit then has
         ``smooth_mesh``, ``mesh_vertices``, ``mesh_volume``,
-        ``mesh_surface_to_volume``, ``mesh_radius``, ``mesh_status`` and
-        ``save_smooth_mesh``. Needs cell labels (the label search,
+        ``mesh_surface_to_volume``, ``mesh_radius`` and ``mesh_status``
+        (:func:`dipy_spinverse.io.surfaces.save_smooth_mesh` writes them).
+        Needs cell labels (the label search,
         ``search_steps > 0``, or ``parametrisation="cell"``). About a minute
         per voxel on one core with the default ``mesh_options``.
     mesh_options : dict, optional
@@ -194,7 +195,8 @@ class SpinverseSearchModel(ReconstModel):
         parts of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
         (``continuity``, ``manifold``), curriculum (``stages``), optimiser
         (``lr``, ``warmup``), ``threshold``, ``parametrisation``, ``noise``,
-        ``sigma``, the label search's ``search_*``. An option the configuration would ignore is an error.
+        ``sigma``, the label search's ``search_*``. An option the
+        configuration would ignore is an error.
 
     Raises
     ------

@@ -375,7 +375,7 @@ def test_posterior_model_options_are_checked():
     # The label search's options with the posterior are refused, not ignored.
     for search in (dict(search_bootstrap=2), dict(max_iter=5), dict(refine_mesh=True)):
         name = next(iter(search))
-        with pytest.raises(ValueError, match=rf"\['{name}'\] set the label search"):
+        with pytest.raises(ValueError, match=rf"\['{name}'\] are not options of"):
             SpinverseModel(PROTOCOL, fit_method="posterior", sigma=SIGMA, **search)
 
 
