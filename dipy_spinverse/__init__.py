@@ -40,7 +40,7 @@ _NAMES = {
     "NoddiModel": "compartments",
     "ActiveAxModel": "compartments",
     "ZcdModel": "compartments",
-    "IvimModel": "compartments",
+    "IvimCompartmentModel": "compartments",
     "ExchangeModel": "compartments",
 }
 

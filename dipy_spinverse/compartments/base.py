@@ -73,6 +73,26 @@ def canonical_directions(dirs):
 B0_LEVEL_TOL = 0.02
 
 
+def nnls_fractions(c):
+    """Normalise NNLS coefficients to volume fractions and their sum.
+
+    Parameters
+    ----------
+    c : torch.Tensor
+        Non-negative coefficients (B, K).
+
+    Returns
+    -------
+    fractions : torch.Tensor
+        (B, K), summing to 1 (all 0 where ``c`` is).
+    total : torch.Tensor
+        (B,) the coefficients' sum.
+    """
+    total = c.sum(-1)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return c / safe[:, None], total
+
+
 def _sequence_ids(gtab):
     """Which sequence (pulse timing) each volume of ``gtab`` belongs to.
 
