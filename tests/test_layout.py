@@ -54,6 +54,7 @@ LAYERS = [
     "compartments.ivim",
     "compartments.exchange",
     "compartments",
+    "geometry.phantoms.inputs",
     "geometry.phantoms.phantom",
     "geometry.phantoms.solids",
     "geometry.phantoms.axons",

@@ -31,21 +31,17 @@ the two sides of the surface largely cancel (a few per cent once a shape is
 several cells across); ``"vertices"`` keeps only cells entirely inside and
 always underestimates the volume.
 
-One module per idea, re-exported here: :mod:`.phantom` (the
-:class:`Phantom`, membership and the staircase bound), :mod:`.solids`
+One module per idea, re-exported here: :mod:`.inputs` (the shape builders'
+checked inputs and coordinates), :mod:`.phantom` (the :class:`Phantom`,
+membership and the staircase bound), :mod:`.solids`
 (cylinder, sphere, torus, the published targets), :mod:`.axons` (bent and
 beaded tubes), :mod:`.packings` (several cells).
 """
 
 from .axons import beaded_axon, bent_axon, circular_arc
+from .inputs import axial_coordinates
 from .packings import cells_of_sizes, packed_cylinders
-from .phantom import (
-    MEMBERSHIPS,
-    Phantom,
-    axial_coordinates,
-    from_function,
-    staircase_bound,
-)
+from .phantom import MEMBERSHIPS, Phantom, from_function, staircase_bound
 from .solids import cylinder, published_phantoms, sphere, torus
 
 __all__ = [

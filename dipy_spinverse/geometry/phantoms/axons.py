@@ -7,14 +7,16 @@ import math
 import numpy as np
 
 from ...checks import check_positive
-from .phantom import (
+from .inputs import (
     as_floats,
     axial_coordinates,
     capped,
     normal_frame,
     shape_centre,
-    single_cell,
     unit_vector,
+)
+from .phantom import (
+    single_cell,
 )
 
 __all__ = [

@@ -5,15 +5,17 @@
 import numpy as np
 
 from ...checks import check_positive
-from .phantom import (
+from .inputs import (
     as_floats,
     axial_coordinates,
     capped,
     check_points,
     check_radii,
-    multi_cell,
     normal_frame,
     unit_vector,
+)
+from .phantom import (
+    multi_cell,
 )
 
 __all__ = [

@@ -8,13 +8,15 @@ from dataclasses import replace
 import numpy as np
 
 from ...checks import check_positive
-from .phantom import (
+from .inputs import (
     as_floats,
     axial_coordinates,
     capped,
     shape_centre,
-    single_cell,
     unit_vector,
+)
+from .phantom import (
+    single_cell,
 )
 
 __all__ = [

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..phantoms import axial_coordinates
-from ..phantoms.phantom import as_floats
+from ..phantoms.inputs import as_floats
 from .substrate import (
     random_unit,
 )

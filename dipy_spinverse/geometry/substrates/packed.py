@@ -7,7 +7,7 @@ import numpy as np
 
 from ...checks import check_int, check_number
 from ...sim.sections import SectionGrid
-from ..phantoms.phantom import as_floats
+from ..phantoms.inputs import as_floats
 from .substrate import (
     check_permeability_range,
     check_rng,
