@@ -56,7 +56,7 @@ import dipy_spinverse  # noqa: E402
 from dipy_spinverse.compartments import (  # noqa: E402
     ActiveAxModel,
     ExchangeModel,
-    IvimModel,
+    IvimCompartmentModel,
     NoddiModel,
     ZcdModel,
 )
@@ -260,7 +260,7 @@ def zcd_case(gtab, n, rng):
 
 
 def ivim_case(gtab, n, rng):
-    model = IvimModel(gtab)
+    model = IvimCompartmentModel(gtab)
     f = rng.uniform(0.05, 0.2, n)
     d_star = rng.uniform(0.01, 0.05, n)
     D = rng.uniform(0.5e-3, 1.5e-3, n)
@@ -308,7 +308,7 @@ def cases(quick):
         ("NoddiModel(n_fibres=3)", "noddi", lambda g, n, r: noddi_case(g, n, r, 3), 40),
         ("ActiveAxModel", "axon", activeax_case, 1000),
         ("ZcdModel", "axon", zcd_case, 500),
-        ("IvimModel", "ivim", ivim_case, 10000),
+        ("IvimCompartmentModel", "ivim", ivim_case, 10000),
         ("ExchangeModel", "exchange", exchange_case, 300),
     ], scale
 

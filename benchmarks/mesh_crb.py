@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 # The fit's own residual model (private: this script measures the fit).
-from dipy_spinverse.meshfit.fit import _axon_template, _AxonModel
+from dipy_spinverse.meshfit.axonfit import _AxonModel
+from dipy_spinverse.meshfit.templates import axon_template
 from dipy_spinverse.sim.sequences import published_protocol
 
 CASES = {
@@ -72,7 +73,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--snr", type=float, default=100.0)
     args = parser.parse_args()
-    protocol, shape = published_protocol(), _axon_template("tube")
+    protocol, shape = published_protocol(), axon_template("tube")
     print(f"One-sigma Cramer-Rao bounds at SNR {args.snr:g}, relative to the value:")
     print("| case | radius | beading amplitude | beading period |")
     print("| --- | --- | --- | --- |")

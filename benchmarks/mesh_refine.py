@@ -45,13 +45,14 @@ from dipy_spinverse.meshfit import (
     surface_chamfer,
     tube_mesh,
 )
-from dipy_spinverse.meshfit.fit import axis_radius, fit_surface
 from dipy_spinverse.meshfit.refine import (
     label_surface,
     largest_cell,
     refine_cell,
     refine_template,
 )
+from dipy_spinverse.meshfit.surface import fit_surface
+from dipy_spinverse.meshfit.templates import axis_radius
 from dipy_spinverse.sim.signals import normalise_b0
 
 

@@ -20,7 +20,7 @@ tubes uniform in 1-8 um, seeded by ``--seed``):
    exact signal with S0 = 1, ``sigma = 1 / snr`` of the b = 0 signal; the
    mean, bias and standard deviation of the fitted radii.
 4. The Cramer-Rao bound of the radius, from the fit's own forward model
-   (:func:`~dipy_spinverse.meshfit.fit.scaled_template` of the built-in
+   (:func:`~dipy_spinverse.meshfit.templates.scaled_template` of the built-in
    template at the true radius, eigenbasis cut at 2 um and held fixed, as
    the fit holds it between recomputations), ``J = dS/dr`` by central
    differences (step 0.1 % of r). The headline bound (``CRB sigma``) has the
@@ -77,7 +77,7 @@ from dipy_spinverse.meshfit import (
     spectral_shape,
     tube_mesh,
 )
-from dipy_spinverse.meshfit.fit import TEMPLATES, scaled_template, template_radius
+from dipy_spinverse.meshfit.templates import TEMPLATES, scaled_template, template_radius
 from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
 
 #: Radius ranges (um) of the issue, per template.

@@ -53,8 +53,8 @@ import torch
 from dipy_spinverse import SpinverseModel, simulate
 from dipy_spinverse.data import (
     PHANTOM_VOXELS,
+    demo_phantoms,
     make_phantom_dataset,
-    published_phantoms,
 )
 from dipy_spinverse.geometry.metrics import aligned_overlap
 from dipy_spinverse.geometry.substrates import random_substrates
@@ -172,7 +172,7 @@ def _published(grid):
             volumes=np.array([grid.cell_volumes[phantom.inside].sum()]),
         )
         for (_, shape, _, _), phantom in zip(
-            PHANTOM_VOXELS, published_phantoms(grid), strict=True
+            PHANTOM_VOXELS, demo_phantoms(grid), strict=True
         )
     ]
 

@@ -42,7 +42,7 @@ _NAMES = {
     "NoddiModel": "compartments",
     "ActiveAxModel": "compartments",
     "ZcdModel": "compartments",
-    "IvimModel": "compartments",
+    "IvimCompartmentModel": "compartments",
     "ExchangeModel": "compartments",
 }
 

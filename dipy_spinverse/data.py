@@ -59,7 +59,7 @@ from .sim.sequences import Protocol, fibonacci_sphere
 
 __all__ = [
     "make_phantom_dataset",
-    "published_phantoms",
+    "demo_phantoms",
     "read_cat_spinal_cord",
     "read_isbi2015",
     "RealDataset",
@@ -293,7 +293,7 @@ def make_phantom_dataset(
     os.makedirs(out_dir, exist_ok=True)
     grid = TetGrid.bcc(grid_size, grid_resolution, boundary=boundary)
     protocol = _protocol(timings, bvals, n_directions, n_b0)
-    phantoms = published_phantoms(grid)
+    phantoms = demo_phantoms(grid)
     permeability = np.stack([p.permeability for p in phantoms])
     signal = simulate(grid, permeability, protocol, diffusivity=diffusivity).numpy()
     decay = np.exp(-protocol.echo_times / t2)
@@ -485,7 +485,7 @@ def _protocol(timings, bvals, n_directions, n_b0):
     return Protocol.concatenate(*parts)
 
 
-def published_phantoms(grid):
+def demo_phantoms(grid):
     """The demo's closed boxes (:data:`PHANTOM_VOXELS`) on ``grid``.
 
     Parameters

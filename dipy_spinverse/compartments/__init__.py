@@ -14,7 +14,14 @@ Three layers, data flowing one way:
   learned estimators' inputs);
 - :mod:`.learned`: MLP estimators trained on simulated signals
   (``fit_method="learned"``), cached on disk;
-- :mod:`.models`: DIPY ``ReconstModel`` / ``ReconstFit`` pairs.
+- :mod:`.base`: the DIPY ``ReconstModel`` / ``ReconstFit`` contract every
+  model shares, fitted by variable projection (volume fractions by exact
+  NNLS, the rest by multi-start, grid-initialised, bounded
+  Levenberg-Marquardt, for all voxels of a chunk at once), with
+  :mod:`.options` (the shared constructor options) and :mod:`.fibres` (the
+  fibre populations of the multi-fibre models);
+- one module per model: :mod:`.noddi`, :mod:`.activeax`, :mod:`.zcd`,
+  :mod:`.ivim`, :mod:`.exchange`.
 
 Units: public API as DIPY (mm^2/s, s, s/mm^2; diameters in um); internally
 um and us, where diffusivities and b-values keep their numbers.
@@ -22,22 +29,15 @@ um and us, where diffusivities and b-values keep their numbers.
 
 from . import blocks, learned, peaks
 from .acquisition import Acquisition
+from .activeax import ActiveAxFit, ActiveAxModel
 from .base import FIT_METHODS, CompartmentFit, CompartmentModel
+from .exchange import ExchangeFit, ExchangeModel
 from .fitting import Bound, levenberg_marquardt, nnls
+from .ivim import IvimCompartmentFit, IvimCompartmentModel
 from .learned import LearnedOptions
-from .models import (
-    ActiveAxFit,
-    ActiveAxModel,
-    ExchangeFit,
-    ExchangeModel,
-    IvimFit,
-    IvimModel,
-    NoddiFit,
-    NoddiModel,
-    ZcdFit,
-    ZcdModel,
-)
+from .noddi import NoddiFit, NoddiModel
 from .peaks import csd_peaks
+from .zcd import ZcdFit, ZcdModel
 
 __all__ = [
     "blocks",
@@ -58,8 +58,8 @@ __all__ = [
     "ActiveAxFit",
     "ZcdModel",
     "ZcdFit",
-    "IvimModel",
-    "IvimFit",
+    "IvimCompartmentModel",
+    "IvimCompartmentFit",
     "ExchangeModel",
     "ExchangeFit",
 ]

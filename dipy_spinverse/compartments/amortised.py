@@ -479,6 +479,6 @@ class LearnedMixin:
 
         step = max(self.chunk_size, _POLISH_CHUNK)
         parts = map_chunks(
-            polish_chunk, y.shape[0], step, desc=f"{type(self).__name__} polish"
+            polish_chunk, y.shape[0], step=step, desc=f"{type(self).__name__} polish"
         )
         return np.concatenate(parts)

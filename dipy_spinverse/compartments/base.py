@@ -73,6 +73,26 @@ def canonical_directions(dirs):
 B0_LEVEL_TOL = 0.02
 
 
+def nnls_fractions(c):
+    """Normalise NNLS coefficients to volume fractions and their sum.
+
+    Parameters
+    ----------
+    c : torch.Tensor
+        Non-negative coefficients (B, K).
+
+    Returns
+    -------
+    fractions : torch.Tensor
+        (B, K), summing to 1 (all 0 where ``c`` is).
+    total : torch.Tensor
+        (B,) the coefficients' sum.
+    """
+    total = c.sum(-1)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return c / safe[:, None], total
+
+
 def _sequence_ids(gtab):
     """Which sequence (pulse timing) each volume of ``gtab`` belongs to.
 
@@ -573,7 +593,9 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
         with S0 ``s0`` (V,), at most ``chunk_size`` voxels at a time; with
         ``with_cost`` also the residual sums of squares (V,)."""
 
-        def fit_chunk(start, stop):
+        # Not reconst's fit_chunk (a model's fit of a chunk of voxels): the
+        # rows start:stop of this fit's own arrays.
+        def fit_rows(start, stop):
             with torch.no_grad():
                 yi = torch.tensor(y[start:stop], dtype=DTYPE)
                 scale = torch.tensor(s0[start:stop], dtype=DTYPE)
@@ -589,7 +611,10 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
                 return params, (r**2).sum(-1).numpy()
 
         parts = map_chunks(
-            fit_chunk, y.shape[0], self.chunk_size, desc=f"{type(self).__name__} fit"
+            fit_rows,
+            y.shape[0],
+            step=self.chunk_size,
+            desc=f"{type(self).__name__} fit",
         )
         params = np.concatenate([p for p, _ in parts])
         return (params, np.concatenate([c for _, c in parts])) if with_cost else params

@@ -23,8 +23,8 @@ _MIN_THREADED_CHUNK = 512
 _CHUNKS_IN_FLIGHT = 2
 
 
-def map_chunks(fit_chunk, n, step, *, desc):
-    """``[fit_chunk(start, stop), ...]`` over consecutive chunks of at most
+def map_chunks(work, n, *, step, desc):
+    """``[work(start, stop), ...]`` over consecutive chunks of at most
     ``step`` of ``n`` voxels, in order, with a progress bar in voxels (shown
     on a terminal, for several chunks).
 
@@ -35,7 +35,23 @@ def map_chunks(fit_chunk, n, step, *, desc):
     NODDI on 10,000 voxels, one chunk at a time, kept 1.4 of 2 cores busy
     (4,000 voxels/s); two at a time keep 1.8 busy (5,700-6,000 voxels/s),
     with the same estimates (each voxel's fit is its own). Grad mode is per
-    thread, so ``fit_chunk`` sets its own.
+    thread, so ``work`` sets its own.
+
+    Parameters
+    ----------
+    work : callable
+        ``work(start, stop)`` fits the voxels ``start:stop``.
+    n : int
+        Number of voxels.
+    step : int
+        Most voxels in a chunk.
+    desc : str
+        The progress bar's label.
+
+    Returns
+    -------
+    list
+        ``work``'s results, in the chunks' order.
     """
     bounds = [(i, min(i + step, n)) for i in range(0, n, step)]
     workers = min(_CHUNKS_IN_FLIGHT, torch.get_num_threads(), len(bounds))
@@ -45,7 +61,7 @@ def map_chunks(fit_chunk, n, step, *, desc):
     with tqdm(total=n, desc=desc, unit="voxel", disable=quiet, leave=False) as bar:
 
         def one(bound):
-            out = fit_chunk(*bound)
+            out = work(*bound)
             bar.update(bound[1] - bound[0])
             return out
 

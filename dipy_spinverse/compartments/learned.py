@@ -61,8 +61,8 @@ class LearnedOptions:
         Levenberg-Marquardt iterations of variable projection on the model's
         own signal after the network (0: the network's estimates as they
         are). None (default): the model's ``default_polish``, 1 (2 for
-        :class:`~.models.ZcdModel`; 0 for :class:`~.models.ExchangeModel`,
-        and for :class:`~.models.NoddiModel` when it has a signal frame).
+        :class:`~.zcd.ZcdModel`; 0 for :class:`~.exchange.ExchangeModel`,
+        and for :class:`~.noddi.NoddiModel` when it has a signal frame).
         Applied to the estimates, not in training: not part of the cache key
         (:meth:`training_description`).
     frame : bool

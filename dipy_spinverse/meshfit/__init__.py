@@ -8,7 +8,10 @@ positions (ReMiDi's approach, with this package's protocols and noise model);
 membrane (differentiable in the permeability too); :mod:`.shape` is the
 shape code (Laplace-Beltrami modes of the template's surface;
 :mod:`.autoencoder` compresses it further, trained on axon families),
-:mod:`.fit` optimises it (:func:`fit_mesh`) and :mod:`.refine`
+:mod:`.fit` optimises it (:func:`fit_mesh`; the axon family's own fit in
+:mod:`.axonfit`, templates and their sizes in :mod:`.templates`, the result
+in :mod:`.result`, a template fitted to a surface in :mod:`.surface`) and
+:mod:`.refine`
 starts it from a Spinverse label surface (:func:`refine_cell`, behind
 ``SpinverseModel(..., refine_mesh=True)``).
 """
@@ -20,7 +23,7 @@ from .autoencoder import (
     train_autoencoder,
 )
 from .fem import MeshBasis, mesh_basis, mesh_signal
-from .fit import MeshFit, fit_mesh, fit_surface, surface_chamfer
+from .fit import fit_mesh
 from .mesh import (
     TetMesh,
     axon_deformation,
@@ -31,7 +34,9 @@ from .mesh import (
 )
 from .permeable import SplitMesh, permeable_signal, split_regions
 from .refine import check_refine_options, refine_cell
+from .result import MeshFit
 from .shape import AxonShape, SpectralShape, axon_shape, spectral_shape
+from .surface import fit_surface, surface_chamfer
 
 __all__ = [
     "TetMesh",

@@ -2,7 +2,7 @@
 
 The label search gives each cell as a set of grid cells: a staircase with
 the grid's spacing. :func:`refine_cell` starts a template mesh from that
-surface (:func:`~dipy_spinverse.meshfit.fit.fit_surface`: sized and placed
+surface (:func:`~dipy_spinverse.meshfit.surface.fit_surface`: sized and placed
 from the label's volume and principal axis, then matched to its surface),
 then fits the shape code to the voxel's signal
 (:func:`~dipy_spinverse.meshfit.fit.fit_mesh`).
@@ -34,9 +34,12 @@ from ..geometry.topology import barrier_mesh
 from ..sim.forward import simulate
 from ..sim.sequences import as_protocol
 from ..sim.signals import normalise_b0
-from .fit import AXON_START_PERIODS, MeshFit, check_axon_periods, fit_mesh, fit_surface
+from .axonfit import AXON_START_PERIODS, check_axon_periods
+from .fit import fit_mesh
 from .mesh import ball_mesh, tube_mesh
+from .result import MeshFit
 from .shape import DIRECTIONS
+from .surface import fit_surface
 
 __all__ = [
     "REFINE_TEMPLATES",

@@ -72,8 +72,8 @@ from dipy.reconst.base import ReconstFit
 
 from ..checks import check_s0
 from ..geometry.topology import barrier_mesh, barrier_regions, cell_table
-from ..meshfit.fit import axis_radius
 from ..meshfit.mesh import TetMesh, boundary_triangles, signed_volumes, triangle_areas
+from ..meshfit.templates import axis_radius
 
 __all__ = [
     "SpinverseFit",

@@ -25,7 +25,7 @@ from dipy_spinverse.compartments import (
     Acquisition,
     ActiveAxModel,
     ExchangeModel,
-    IvimModel,
+    IvimCompartmentModel,
     NoddiModel,
     ZcdModel,
     blocks,
@@ -663,7 +663,7 @@ def test_zcd_recovery(gtab_axon):
 def test_ivim_recovery_and_dipy_agreement(gtab_ivim):
     rng = np.random.default_rng(5)
     V = 300
-    model = IvimModel(gtab_ivim)
+    model = IvimCompartmentModel(gtab_ivim)
     f = rng.uniform(0.05, 0.2, V)
     d_star = rng.uniform(0.01, 0.05, V)
     D = rng.uniform(0.5e-3, 1.5e-3, V)
@@ -881,7 +881,7 @@ def test_bad_inputs(gtab_axon, gtab_ivim):
     with pytest.raises(ValueError, match="n_fibres"):
         NoddiModel(gtab_ivim, n_fibres=4)
     with pytest.raises(ValueError, match="d_star_bounds"):
-        IvimModel(gtab_ivim, d_bounds=(0, 5e-3), d_star_bounds=(4e-3, 0.3))
+        IvimCompartmentModel(gtab_ivim, d_bounds=(0, 5e-3), d_star_bounds=(4e-3, 0.3))
     with pytest.raises(ValueError, match="diameter_bounds"):
         ZcdModel(gtab_axon, diameter_bounds=(5.0, 1.0))
     with pytest.raises(ValueError, match="gtab"):
@@ -890,7 +890,7 @@ def test_bad_inputs(gtab_axon, gtab_ivim):
     # b in ms/um^2 or no weighted volume would be fitted silently.
     in_ms = gradient_table(gtab_ivim.bvals / 1000, bvecs=gtab_ivim.bvecs)
     only_b0 = gradient_table(np.zeros(4), bvecs=np.zeros((4, 3)))
-    for cls in (NoddiModel, IvimModel):
+    for cls in (NoddiModel, IvimCompartmentModel):
         with pytest.raises(ValueError, match=r"gtab.bvals .*ms/um\^2"):
             cls(in_ms)
         with pytest.raises(ValueError, match="no diffusion-weighted volume"):
@@ -907,7 +907,7 @@ def test_bad_inputs(gtab_axon, gtab_ivim):
     with pytest.raises(ValueError, match="d_par_bounds.*um\\^2/ms"):
         ZcdModel(gtab_axon, d_par_bounds=(0.1, 3.0))
     with pytest.raises(ValueError, match="d_bounds.*um\\^2/ms"):
-        IvimModel(gtab_ivim, d_bounds=(0.0, 3.0), d_star_bounds=(4.0, 300.0))
+        IvimCompartmentModel(gtab_ivim, d_bounds=(0.0, 3.0), d_star_bounds=(4.0, 300.0))
     with pytest.raises(ValueError, match="exchange_time_bounds.*seconds"):
         ExchangeModel(gtab_axon, exchange_time_bounds=(2.0, 2000.0))
     with pytest.raises(ValueError, match="dot must be True or False"):
@@ -917,9 +917,9 @@ def test_bad_inputs(gtab_axon, gtab_ivim):
         with pytest.raises(ValueError, match="data must hold numbers"):
             model.fit(bad)
     with pytest.raises(ValueError, match="learned_options must be a dict"):
-        IvimModel(gtab_ivim, learned_options="fast")
+        IvimCompartmentModel(gtab_ivim, learned_options="fast")
     with pytest.raises(ValueError, match="cache_dir must be a folder"):
-        IvimModel(gtab_ivim, cache_dir=12)
+        IvimCompartmentModel(gtab_ivim, cache_dir=12)
 
 
 # --------------------------------------------------------------------------

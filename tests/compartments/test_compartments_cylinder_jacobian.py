@@ -23,6 +23,7 @@ from numpy.testing import assert_allclose
 from dipy_spinverse.compartments import ActiveAxModel, ZcdModel, blocks
 from dipy_spinverse.compartments.acquisition import Acquisition
 from dipy_spinverse.compartments.base import CompartmentModel
+from dipy_spinverse.compartments.blocks import restricted
 from dipy_spinverse.sim.sequences import fibonacci_sphere
 
 STEP = 1e-6
@@ -75,9 +76,13 @@ def test_kernel_slope_matches_central_differences(acq):
     # Taylor branch of phi) to large (x >> 1) arguments, on both waveforms
     # (the cylinder's slowest mode, R = 10 um and D = 1e-4 mm^2/s, has 3e-6).
     lam = torch.logspace(-7, 1, 40, dtype=torch.float64)[:, None, None]
-    kernel, slope = blocks._waveform_kernel_slope(lam, acq.durations, acq.amplitudes)
+    kernel, slope = restricted._waveform_kernel_slope(
+        lam, acq.durations, acq.amplitudes
+    )
     assert_allclose(
-        kernel, blocks._waveform_kernel(lam, acq.durations, acq.amplitudes), rtol=1e-14
+        kernel,
+        restricted._waveform_kernel(lam, acq.durations, acq.amplitudes),
+        rtol=1e-14,
     )
 
     # At small lam the kernel's pieces (size tau^2) cancel to ~lam tau^3, so
@@ -89,7 +94,9 @@ def test_kernel_slope_matches_central_differences(acq):
         h = step * lam
 
         def at(s):
-            return blocks._waveform_kernel(lam + s * h, acq.durations, acq.amplitudes)
+            return restricted._waveform_kernel(
+                lam + s * h, acq.durations, acq.amplitudes
+            )
 
         return (at(1.0) - at(-1.0)) / (2 * h)
 
@@ -154,7 +161,7 @@ def test_gpa_table_matches_the_exact_sum(acq):
     diff = torch.tensor(np.r_[10 ** rng.uniform(-5, np.log10(4e-3), 200), 3e-3, 3e-3])
     table = blocks.GpaTable(acq)
     factor, f_r, f_d = table.with_derivatives(radius, diff)
-    exact = blocks._gpa_factor_slopes(acq, radius, diff, "cylinder", blocks.N_ROOTS)
+    exact = restricted._gpa_factor_slopes(acq, radius, diff, "cylinder", blocks.N_ROOTS)
     # Hermite interpolation on nodes 0.01 apart in ln(D / R^2): the value to
     # ~h^4 / 384 (3e-11, measured below 1e-10) relative, its derivatives to
     # ~h^3 = 1e-6 relative to G. In the scaled forms R dF/dR = 2 F - 2 R^2

@@ -268,10 +268,10 @@ def test_noise_and_free_water_have_no_fibre(model_class):
     # further one. The test it replaced (a tissue fraction >= 0.2 of the
     # one-fibre fit, NODDI's counting the constant column as tissue) gave
     # a fibre to 20 of 20 background and 19 of 20 free-water voxels.
-    from dipy_spinverse.compartments import models
+    from dipy_spinverse import compartments
 
     gtab = shells_gtab([(0.01, 0.03, (1000, 2000, 3000))], n_b0=3)
-    model = getattr(models, model_class)(
+    model = getattr(compartments, model_class)(
         gtab, fibres="auto", response=((1.7e-3, 2e-4, 2e-4), S0), **FAST
     )
     rng = np.random.default_rng(5)

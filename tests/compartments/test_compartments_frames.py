@@ -8,7 +8,7 @@ from conftest import shells_gtab
 from numpy.testing import assert_allclose
 from scipy.spatial.transform import Rotation
 
-from dipy_spinverse.compartments import ExchangeModel, IvimModel, NoddiModel
+from dipy_spinverse.compartments import ExchangeModel, IvimCompartmentModel, NoddiModel
 from dipy_spinverse.compartments.frames import SignalFrame, rotate_outer
 
 
@@ -142,7 +142,7 @@ def test_rotate_outer_round_trip():
 
 
 def test_models_without_directions_have_no_frame(gtab_shells, gtab_ivim):
-    assert IvimModel(gtab_ivim, fit_method="learned")._signal_frame is None
+    assert IvimCompartmentModel(gtab_ivim, fit_method="learned")._signal_frame is None
     assert ExchangeModel(gtab_shells, fit_method="learned")._signal_frame is None
     off = NoddiModel(
         gtab_shells, fit_method="learned", learned_options={"frame": False}

@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose
 from dipy_spinverse.compartments import (
     ActiveAxModel,
     ExchangeModel,
-    IvimModel,
+    IvimCompartmentModel,
     NoddiModel,
     ZcdModel,
 )
@@ -76,28 +76,34 @@ def test_every_model_learns_and_caches(gtab_shells, tmp_path, capsys, cls, kwarg
 
 
 def test_cache_key(gtab_shells, gtab_ivim, tmp_path):
-    base = IvimModel(gtab_ivim, fit_method="learned", learned_options=TINY)
+    base = IvimCompartmentModel(gtab_ivim, fit_method="learned", learned_options=TINY)
     key = base._learned_key()
-    assert IvimModel(gtab_ivim, learned_options=TINY)._learned_key() == key
+    assert IvimCompartmentModel(gtab_ivim, learned_options=TINY)._learned_key() == key
     # Fitting options do not change what is learned.
-    assert IvimModel(gtab_ivim, learned_options=TINY, max_iter=7)._learned_key() == key
+    assert (
+        IvimCompartmentModel(gtab_ivim, learned_options=TINY, max_iter=7)._learned_key()
+        == key
+    )
     # Noise, training options, the table and the model all do.
-    assert IvimModel(gtab_ivim, learned_options=TINY, snr=20)._learned_key() != key
+    assert (
+        IvimCompartmentModel(gtab_ivim, learned_options=TINY, snr=20)._learned_key()
+        != key
+    )
     other = {**TINY, "seed": 1}
-    assert IvimModel(gtab_ivim, learned_options=other)._learned_key() != key
+    assert IvimCompartmentModel(gtab_ivim, learned_options=other)._learned_key() != key
     b = gtab_ivim.bvals.copy()
     b[-1] = 900.0
     g2 = gradient_table(b, bvecs=gtab_ivim.bvecs, b0_threshold=0)
-    assert IvimModel(g2, learned_options=TINY)._learned_key() != key
+    assert IvimCompartmentModel(g2, learned_options=TINY)._learned_key() != key
     # The b = 0 mask normalises the inputs and the S0 target: the same
     # b-values with another b0_threshold are another network.
     g3 = gradient_table(gtab_ivim.bvals, bvecs=gtab_ivim.bvecs, b0_threshold=50)
-    assert IvimModel(g3, learned_options=TINY)._learned_key() != key
+    assert IvimCompartmentModel(g3, learned_options=TINY)._learned_key() != key
     noddi = NoddiModel(gtab_shells, learned_options=TINY)
     signal = NoddiModel(gtab_shells, learned_options=TINY, extra_average="signal")
     assert noddi._learned_key() != signal._learned_key()
     # How the outputs are read back does too.
-    linear = IvimModel(gtab_ivim, learned_options=TINY)
+    linear = IvimCompartmentModel(gtab_ivim, learned_options=TINY)
     linear._log_targets = ("f",)
     assert linear._learned_key() != key
     # The signals depend on each gradient axis, not its sign, nor on a b = 0
@@ -121,11 +127,13 @@ def test_another_models_cache_file_is_trained_again(gtab_ivim, tmp_path):
     copied by hand) is trained again with a warning; it failed the fit with
     "The size of tensor a (13) must match ..."."""
     options = dict(fit_method="learned", cache_dir=tmp_path)
-    wide = IvimModel(gtab_ivim, learned_options={**TINY, "hidden": (16,)}, **options)
-    model = IvimModel(gtab_ivim, learned_options=TINY, **options)
+    wide = IvimCompartmentModel(
+        gtab_ivim, learned_options={**TINY, "hidden": (16,)}, **options
+    )
+    model = IvimCompartmentModel(gtab_ivim, learned_options=TINY, **options)
     assert wide.regressor is not None
-    foreign = tmp_path / f"IvimModel-{wide._learned_key()}.pt"
-    path = tmp_path / f"IvimModel-{model._learned_key()}.pt"
+    foreign = tmp_path / f"IvimCompartmentModel-{wide._learned_key()}.pt"
+    path = tmp_path / f"IvimCompartmentModel-{model._learned_key()}.pt"
     path.write_bytes(foreign.read_bytes())
     with pytest.warns(UserWarning, match=r"is not this model's.*training it again"):
         net = model.regressor
@@ -135,14 +143,14 @@ def test_another_models_cache_file_is_trained_again(gtab_ivim, tmp_path):
 
 
 def test_unreadable_cache_file_is_trained_again(gtab_ivim, tmp_path):
-    model = IvimModel(
+    model = IvimCompartmentModel(
         gtab_ivim, fit_method="learned", learned_options=TINY, cache_dir=tmp_path
     )
-    path = tmp_path / f"IvimModel-{model._learned_key()}.pt"
+    path = tmp_path / f"IvimCompartmentModel-{model._learned_key()}.pt"
     path.write_bytes(b"cut short")
     with pytest.warns(UserWarning, match="cannot be read.*training it again"):
         assert model.regressor is not None
-    fresh = IvimModel(
+    fresh = IvimCompartmentModel(
         gtab_ivim, fit_method="learned", learned_options=TINY, cache_dir=tmp_path
     )
     assert fresh.regressor is not None  # the file was replaced by a whole one
@@ -150,7 +158,7 @@ def test_unreadable_cache_file_is_trained_again(gtab_ivim, tmp_path):
     # A cache folder that cannot be written is refused before training.
     blocked = tmp_path / "a file"
     blocked.write_text("")
-    model = IvimModel(
+    model = IvimCompartmentModel(
         gtab_ivim, fit_method="learned", learned_options=TINY, cache_dir=blocked
     )
     with pytest.raises(ValueError, match="cannot write the learned estimator"):
@@ -170,7 +178,7 @@ def test_cache_folder(monkeypatch, tmp_path):
 
 def test_learned_ivim_recovers_far_better_than_chance(gtab_ivim, tmp_path):
     options = {"n_train": 20000, "epochs": 8, "hidden": (64, 64), "seed": 3}
-    model = IvimModel(
+    model = IvimCompartmentModel(
         gtab_ivim,
         fit_method="learned",
         snr=50,
@@ -197,11 +205,11 @@ def test_learned_ivim_recovers_far_better_than_chance(gtab_ivim, tmp_path):
 
 def test_learned_bad_input(gtab_shells, gtab_ivim):
     with pytest.raises(ValueError, match="fit_method"):
-        IvimModel(gtab_ivim, fit_method="nn")
+        IvimCompartmentModel(gtab_ivim, fit_method="nn")
     with pytest.raises(ValueError, match="unknown learned_options"):
-        IvimModel(gtab_ivim, learned_options={"layers": 3})
+        IvimCompartmentModel(gtab_ivim, learned_options={"layers": 3})
     with pytest.raises(ValueError, match="snr"):
-        IvimModel(gtab_ivim, snr=0)
+        IvimCompartmentModel(gtab_ivim, snr=0)
     with pytest.raises(ValueError, match="n_train"):
         LearnedOptions.from_dict({"n_train": 1})
     for hidden in (32, "32"):
@@ -213,14 +221,14 @@ def test_learned_bad_input(gtab_shells, gtab_ivim):
         NoddiModel(gtab_shells, fibres="auto", fit_method="learned")
     with pytest.raises(ValueError, match=r"learned_options\['device'\].*'cpu'"):
         LearnedOptions.from_dict({"device": "tpu"})
-    assert IvimModel(gtab_ivim).fit_method == "varpro"
+    assert IvimCompartmentModel(gtab_ivim).fit_method == "varpro"
 
 
 def test_training_device_is_not_in_the_cache_key(gtab_ivim):
-    on_cpu = IvimModel(gtab_ivim, learned_options={**TINY, "device": "cpu"})
+    on_cpu = IvimCompartmentModel(gtab_ivim, learned_options={**TINY, "device": "cpu"})
     assert (
         on_cpu._learned_key()
-        == IvimModel(gtab_ivim, learned_options=TINY)._learned_key()
+        == IvimCompartmentModel(gtab_ivim, learned_options=TINY)._learned_key()
     )
     assert "device" not in on_cpu.learned_options.training_description()
 
@@ -249,7 +257,9 @@ def test_whole_number_options_are_kept_as_ints(gtab_ivim):
     assert type(written.hidden[0]) is int and type(written.lr) is float
     assert written.training_description() == plain.training_description()
     keys = [
-        IvimModel(gtab_ivim, learned_options={**TINY, "n_train": n})._learned_key()
+        IvimCompartmentModel(
+            gtab_ivim, learned_options={**TINY, "n_train": n}
+        )._learned_key()
         for n in (64, np.int64(64), 64.0)
     ]
     assert len(set(keys)) == 1
@@ -539,7 +549,9 @@ def test_training_leaves_the_global_torch_generator_alone(gtab_ivim, tmp_path):
     expected = torch.rand(3)
     torch.manual_seed(5)
     first, second = (
-        IvimModel(gtab_ivim, learned_options=TINY, cache_dir=tmp_path / name).regressor
+        IvimCompartmentModel(
+            gtab_ivim, learned_options=TINY, cache_dir=tmp_path / name
+        ).regressor
         for name in "ab"
     )
     assert torch.equal(torch.rand(3), expected)

@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose
 from dipy_spinverse.compartments import (
     ActiveAxModel,
     ExchangeModel,
-    IvimModel,
+    IvimCompartmentModel,
     NoddiModel,
     ZcdModel,
 )
@@ -137,7 +137,7 @@ CASES = {
     ),
     "activeax": (lambda g, gi: ActiveAxModel(g), activeax_truth),
     "zcd": (lambda g, gi: ZcdModel(g), zcd_truth),
-    "ivim": (lambda g, gi: IvimModel(gi), ivim_truth),
+    "ivim": (lambda g, gi: IvimCompartmentModel(gi), ivim_truth),
 }
 
 

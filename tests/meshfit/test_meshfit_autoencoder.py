@@ -11,9 +11,10 @@ from numpy.testing import assert_allclose
 
 from dipy_spinverse.meshfit import autoencoder as ae
 from dipy_spinverse.meshfit.fem import mesh_signal
-from dipy_spinverse.meshfit.fit import axis_radius, fit_mesh
+from dipy_spinverse.meshfit.fit import fit_mesh
 from dipy_spinverse.meshfit.mesh import axon_mesh, ball_mesh, tube_mesh
 from dipy_spinverse.meshfit.shape import spectral_shape
+from dipy_spinverse.meshfit.templates import axis_radius
 from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
 
 TINY = ae.AutoencoderSettings(

@@ -204,7 +204,7 @@ def test_beads_longer_than_the_axon_face_a_taper(short_tube, protocol, monkeypat
     fit = fit_mesh(signal + noise, protocol, **options)
     assert fit.axon_parameters["beading_amplitude"] > 0.1
     assert fit.axon_parameters["beading_period"] > 12.0
-    monkeypatch.setattr("dipy_spinverse.meshfit.fit._TAPER_EVIDENCE", np.inf)
+    monkeypatch.setattr("dipy_spinverse.meshfit.axonfit._TAPER_EVIDENCE", np.inf)
     taper = fit_mesh(signal + noise, protocol, **options)
     assert taper.axon_parameters["beading_amplitude"] == 0.0
     profile = [taper.axon_parameters[k] for k in ("swelling", "fanning")]

@@ -6,22 +6,21 @@ import torch
 from numpy.testing import assert_allclose
 
 from dipy_spinverse.meshfit.fem import mesh_signal
-from dipy_spinverse.meshfit.fit import (
-    TEMPLATES,
-    MeshFit,
-    axis_radius,
-    fit_mesh,
-    fit_surface,
-    scaled_template,
-    screen_size,
-    surface_chamfer,
-    template_radius,
-)
+from dipy_spinverse.meshfit.fit import fit_mesh
 from dipy_spinverse.meshfit.mesh import ball_mesh, tube_mesh
+from dipy_spinverse.meshfit.result import MeshFit
 from dipy_spinverse.meshfit.shape import (
     _canonical_modes,
     spectral_shape,
     surface_laplacian,
+)
+from dipy_spinverse.meshfit.surface import fit_surface, surface_chamfer
+from dipy_spinverse.meshfit.templates import (
+    TEMPLATES,
+    axis_radius,
+    scaled_template,
+    screen_size,
+    template_radius,
 )
 from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
 from dipy_spinverse.sim.signals import VoxelSignals

@@ -19,8 +19,8 @@ from dipy_spinverse.data import (
     DEMO_TRAINING,
     PHANTOM_VOXELS,
     TISSUE_VOXELS,
+    demo_phantoms,
     make_phantom_dataset,
-    published_phantoms,
 )
 from dipy_spinverse.geometry.descriptors import DESCRIPTORS
 from dipy_spinverse.io.camino import read_scheme, write_scheme
@@ -102,12 +102,10 @@ def test_phantom_dataset_is_deterministic(demo, tmp_path):
     assert_allclose(scheme.bvals, bvals, rtol=1e-6, atol=1e-6)
     truth = np.load(demo["truth"])
     assert truth["permeability"].shape[:3] == (3, 2, 1)
-    # Its closed boxes are the published shapes, as published_phantoms
+    # Its closed boxes are the published shapes, as demo_phantoms
     # builds them on the dataset's grid.
     grid = TetGrid.bcc(SMALL_DEMO["grid_size"], SMALL_DEMO["grid_resolution"])
-    for (index, *_), phantom in zip(
-        PHANTOM_VOXELS, published_phantoms(grid), strict=True
-    ):
+    for (index, *_), phantom in zip(PHANTOM_VOXELS, demo_phantoms(grid), strict=True):
         assert_array_equal(truth["labels"][index], phantom.labels)
         assert_array_equal(truth["permeability"][index], phantom.permeability)
     with open(demo["truth_json"]) as f:
