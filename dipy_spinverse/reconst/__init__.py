@@ -56,9 +56,9 @@ from .fit import (
     SpinverseFit,
 )
 from .model import SpinverseModel
+from .parallel import PARALLEL_ENGINES
 from .posterior import PosteriorFit
 from .posterior_model import SpinversePosteriorModel
-from .runner import PARALLEL_ENGINES
 from .search_model import SpinverseSearchModel
 
 __all__ = [

@@ -23,7 +23,7 @@ SURFACE            ``uncertainty`` (expected 1 - IoU of the answer's cells
                    against the truth's) is at least
                    :data:`UNCERTAIN_SURFACE_LEVEL`; it is 1 where the answer
                    misfits the data beyond the noise or ``sigma`` is not
-                   given (``reconst.runner.vouch_for_surfaces``). A warning:
+                   given (``reconst.surfaces.vouch_for_surfaces``). A warning:
                    the voxel keeps its outputs; the workflow writes its
                    barriers apart from the trusted ones
 IMPOSSIBLE_  8     fitted, but the attenuation of some sequence is above 1
@@ -489,7 +489,7 @@ class SpinverseFit(ReconstFit):
         a lower bound, blind to surfaces the search never visited. It is 1
         where the answer misfits the data beyond the noise (chi-square above
         its 95 % quantile,
-        :func:`~dipy_spinverse.reconst.runner.vouch_for_surfaces`) and,
+        :func:`~dipy_spinverse.reconst.surfaces.vouch_for_surfaces`) and,
         without ``sigma``, everywhere. With ``search_bootstrap=k`` it is at
         least the mean ``1 - IoU`` of the answers of k wild-bootstrap
         replicates of the search
