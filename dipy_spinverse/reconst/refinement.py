@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 
 from ..meshfit.refine import refine_cell
-from .fit import MESH_FAILED, MESH_NO_CELL, MESH_OK
+from .codes import MESH_FAILED, MESH_NO_CELL, MESH_OK
 
 __all__ = ["refine_meshes"]
 

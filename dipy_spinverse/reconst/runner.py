@@ -22,17 +22,8 @@ import torch
 
 from ..inverse import reconstruct
 from . import engines
-from .fit import (
-    DIVERGED,
-    FAILED,
-    FITTED,
-    MESH_NOT_REFINED,
-    OK,
-    OPTIONAL_PARAMETERS,
-    PENDING,
-    POOR_FIT,
-    SpinverseFit,
-)
+from .codes import DIVERGED, FAILED, FITTED, MESH_NOT_REFINED, OK, PENDING, POOR_FIT
+from .fit import SpinverseFit
 from .gate import admit
 from .parallel import check_engine_options, chunk_share, chunks
 from .progress import chunk_progress, progress_bar
@@ -46,6 +37,7 @@ from .status import (
     warn_negative,
 )
 from .surfaces import check_surfaces, flag_uncertain_surfaces, vouch_for_surfaces
+from .voxels import OPTIONAL_PARAMETERS
 
 __all__ = [
     "fit_voxels",

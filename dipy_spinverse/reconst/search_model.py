@@ -35,7 +35,8 @@ from ..posterior import default_training, load_or_train
 from ..sim.grid import BOUNDARIES, TetGrid
 from ..sim.sequences import Protocol
 from . import runner
-from .fit import MASKED, UNDERDETERMINED, SpinverseFit
+from .codes import MASKED, UNDERDETERMINED
+from .fit import SpinverseFit
 from .gate import check_data, gradient_tables, require_b0
 from .parallel import check_engine_options, share_cores
 from .plausibility import protocol_problems

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.stats import chi2
 
 from ..checks import check_int
-from .fit import IMPOSSIBLE_SIGNAL, POOR_FIT_FALSE_ALARM, UNDERDETERMINED
+from .codes import IMPOSSIBLE_SIGNAL, POOR_FIT_FALSE_ALARM, UNDERDETERMINED
 
 __all__ = [
     "poor_fit_bound",

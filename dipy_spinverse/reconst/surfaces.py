@@ -11,7 +11,7 @@ import numpy as np
 from dipy.utils.logging import logger
 
 from ..inverse.uncertainty import WITHIN_NOISE_FALSE_ALARM
-from .fit import OK, UNCERTAIN_SURFACE, UNCERTAIN_SURFACE_LEVEL
+from .codes import OK, UNCERTAIN_SURFACE, UNCERTAIN_SURFACE_LEVEL
 from .posterior import surface_volume_bound
 from .status import poor_fit_bound
 
