@@ -956,3 +956,47 @@ def test_model_params_are_the_permeabilities_predict_takes(volume_fit):
     # b0-normalised (each sequence's own S0 is the fit's, not a parameter).
     predicted = volume_fit.model.predict(params[index], S0=1.0)
     assert np.allclose(predicted, volume_fit[index].params["predicted"], rtol=1e-5)
+
+
+def test_mesh_refinement_gets_the_fits_noise_weights(monkeypatch):
+    """refine_meshes hands each voxel's VoxelSignals, noise precisions
+    included, to the mesh fit (whose loss weighs them: tests/meshfit)."""
+    from types import SimpleNamespace
+
+    import dipy_spinverse.reconst.refinement as refinement
+    from dipy_spinverse.sim.signals import VoxelSignals
+
+    prot = Protocol.pgse(
+        np.r_[0.0, 0.0, 1000.0, 1000.0],
+        np.r_[[[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]]],
+        small_delta=0.01,
+        big_delta=0.03,
+    )
+    signals = VoxelSignals.from_raw([[900.0, 800.0, 500.0, 400.0]] * 2, prot)
+    signals = VoxelSignals(
+        signals.normalised, signals.scale, signals.s0, np.array([[1, 2, 3, 4.0]] * 2)
+    )
+    seen = []
+
+    def refine_cell(grid, labels, permeability, signal, protocol, **kwargs):
+        seen.append(signal)
+        raise ValueError("seen")
+
+    monkeypatch.setattr(refinement, "refine_cell", refine_cell)
+    model = SimpleNamespace(
+        grid=None,
+        protocol=prot,
+        diffusivity=2e-3,
+        mesh_options={},
+        config=SimpleNamespace(loss=SimpleNamespace(sigma=0.02, noise="gaussian")),
+    )
+    result = dict(
+        labels=np.array([[0, 1], [1, 1]]),
+        permeability=np.zeros((2, 3)),
+        mesh_status=np.zeros(2, np.int16),
+    )
+    with pytest.warns(RuntimeWarning, match="seen"):
+        refinement.refine_meshes(model, signals, result, np.array([1]))
+    (signal,) = seen
+    assert isinstance(signal, VoxelSignals)
+    assert_array_equal(signal.precision, signals.precision[[1]])
