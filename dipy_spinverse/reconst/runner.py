@@ -4,7 +4,7 @@ Voxels are fitted ``batch_size`` at a time through the batched inversion
 (``engine="serial"``), or in chunks spread over processes or a cluster
 (:mod:`.parallel`). Each chunk passes the gate once (:func:`.gate.admit`).
 A voxel's problem never stops the volume: it gets a status code
-(:data:`~dipy_spinverse.reconst.fit.STATUS_CODES`) and NaN outputs; when the
+(:data:`~dipy_spinverse.reconst.codes.STATUS_CODES`) and NaN outputs; when the
 inversion raises on a batch, its voxels are retried one by one. The fitted
 voxels then get their warning statuses (:mod:`.status`, :mod:`.surfaces`)
 and, with ``refine_mesh=True``, their smooth meshes (:mod:`.refinement`).
@@ -54,7 +54,7 @@ def fit_voxels(model, data, *, callback=None):
     Returns
     -------
     params : dict of ndarray
-        The per-voxel parameters (:data:`~dipy_spinverse.reconst.fit.PARAMETERS`)
+        The per-voxel parameters (:data:`~dipy_spinverse.reconst.voxels.PARAMETERS`)
         of shape (n, ...).
     history : dict or None
         The inversion's loss curves, when it ran once over all voxels.

@@ -9,7 +9,7 @@ above 1 beyond the noise keeps its outputs with the warning status
 determine the membranes with ``UNDERDETERMINED`` (:func:`flag_implausible`;
 one warning per fit, :func:`warn_implausible`). Negative samples are fitted
 as given, with one warning (:func:`warn_negative`). The codes themselves are
-:mod:`~dipy_spinverse.reconst.fit`'s.
+:mod:`~dipy_spinverse.reconst.codes`'s.
 """
 
 import math
@@ -87,7 +87,7 @@ def flag_implausible(model, impossible, result, rows):
     (``model.protocol_problems``), every other fitted voxel gets
     ``UNDERDETERMINED``. Both outrank ``POOR_FIT`` and ``UNCERTAIN_SURFACE``,
     which follow from them (the precedence of
-    :mod:`~dipy_spinverse.reconst.fit`); the voxels keep their outputs.
+    :mod:`~dipy_spinverse.reconst.codes`); the voxels keep their outputs.
     """
     if not len(rows):
         return

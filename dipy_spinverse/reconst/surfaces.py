@@ -1,7 +1,7 @@
 """Surface trust: whether the data vouch for a label search's surface.
 
 A fitted voxel whose surface the data do not determine (``uncertainty`` of
-:data:`~dipy_spinverse.reconst.fit.UNCERTAIN_SURFACE_LEVEL` or more, after
+:data:`~dipy_spinverse.reconst.codes.UNCERTAIN_SURFACE_LEVEL` or more, after
 the surface check when the model has one, :func:`check_surfaces`; 1 for an
 answer that misfits beyond the noise, :func:`vouch_for_surfaces`) gets the
 warning status ``UNCERTAIN_SURFACE`` (:func:`flag_uncertain_surfaces`).
