@@ -86,7 +86,7 @@ from dipy_spinverse.inverse.approximation import APPROXIMATION_SEED
 from dipy_spinverse.inverse.cache import SIGNAL_CACHE
 from dipy_spinverse.inverse.fields import label_field
 from dipy_spinverse.inverse.proposal import TRAINING_SEED
-from dipy_spinverse.reconst.runner import poor_fits
+from dipy_spinverse.reconst.status import poor_fits
 from dipy_spinverse.sim.forward import update_digest
 from dipy_spinverse.sim.signals import data_loss, noise_precision, normalise_b0
 

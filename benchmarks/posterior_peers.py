@@ -112,7 +112,7 @@ from dipy_spinverse.compartments import (
     ZcdModel,
 )
 from dipy_spinverse.geometry import describe
-from dipy_spinverse.reconst.fit import FITTED
+from dipy_spinverse.reconst.codes import FITTED
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
 
 SNRS = (100, 30)

@@ -61,7 +61,7 @@ from dipy_spinverse.geometry.substrates import random_substrates
 from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.reconst import OK
 from dipy_spinverse.reconst.posterior import surface_volume_bound
-from dipy_spinverse.reconst.runner import flag_uncertain_surfaces
+from dipy_spinverse.reconst.surfaces import flag_uncertain_surfaces
 from dipy_spinverse.sim.signals import VoxelSignals
 from dipy_spinverse.workflows.spinverse import parse_posterior_options
 
@@ -186,7 +186,7 @@ def _checked(model, signals, rows):
         fractions,
         n_samples=model.n_posterior_samples,
     )
-    # The model's own rule (reconst.runner), on the search's answers.
+    # The model's own rule (reconst.surfaces), on the search's answers.
     result = dict(
         status=np.array([r["status"] for r in rows]),
         uncertainty=np.fmax([r["uncertainty"] for r in rows], bound),

@@ -30,7 +30,7 @@ RIVAL_IOU = 0.5
 
 # Labellings whose own chi-square is below the noise's (1 - this) quantile
 # fit the data within the noise: the level of the misfit test that an answer
-# must pass to be vouched for (reconst.runner.SURFACE_MISFIT_FALSE_ALARM is
+# must pass to be vouched for (reconst.surfaces.SURFACE_MISFIT_FALSE_ALARM is
 # this). They are kept too, however far behind the best, so that a rival
 # the data do not reject sets the ambiguity floor (Recorder.ambiguity).
 WITHIN_NOISE_FALSE_ALARM = 0.05
@@ -140,7 +140,7 @@ class Recorder:
           order of labellings this close is not the data's;
         - those that fit within the noise (``WITHIN_NOISE_FALSE_ALARM``):
           the goodness-of-fit test that vouches for the answer
-          (:func:`~dipy_spinverse.reconst.runner.vouch_for_surfaces`) passes
+          (:func:`~dipy_spinverse.reconst.surfaces.vouch_for_surfaces`) passes
           them too, so they lie in the same confidence set of labellings.
           Where the stated noise exceeds the data's, the best fits far
           better than the noise and the margin alone would call it certain.

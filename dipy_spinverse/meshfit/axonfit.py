@@ -192,14 +192,20 @@ class _AxonModel:
         return out
 
     def residuals(self, code, basis):
-        """Residuals r with ``r @ r`` the data loss, and the prediction."""
+        """Residuals r with ``r @ r`` the data loss (each acquisition weighted
+        by its noise precision, as
+        :func:`~dipy_spinverse.sim.signals.data_loss`), and the prediction."""
         predicted = self.predicted(code, basis)
         expected = predicted
-        sigma = self.loss["sigma"]
+        sigma, precision = self.loss["sigma"], self.loss.get("precision")
         if self.loss["noise"] == "rician" and sigma > 0:
-            expected = torch.sqrt(predicted**2 + sigma**2)
+            floor = sigma**2 if precision is None else sigma**2 / precision
+            expected = torch.sqrt(predicted**2 + floor)
         scale = np.sqrt(self.loss["loss_scale"] / len(self.target))
-        return (scale * (expected - self.target)).numpy(), predicted
+        residuals = expected - self.target
+        if precision is not None:
+            residuals = residuals * torch.sqrt(precision)
+        return (scale * residuals).numpy(), predicted
 
     def jacobian(self, code, basis, residuals, free):
         """Forward differences in the ``free`` coefficients, on the basis of

@@ -19,7 +19,7 @@ from ..checks import (
     check_positive,
 )
 from ..sim.sequences import as_protocol
-from ..sim.signals import VoxelSignals, data_loss, normalise_b0
+from ..sim.signals import VoxelSignals, data_loss, noise_precision, normalise_b0
 from .autoencoder import ShapeAutoencoder, load_or_train_autoencoder
 from .axonfit import (
     AXON_START_PERIODS,
@@ -61,9 +61,11 @@ CODES = ("spectral", "latent", "axon")
 
 
 def _normalised_signal(signal, protocol):
-    """One voxel's b0-normalised signal: a raw signal normalised here, or the
-    row of a one-voxel :class:`~dipy_spinverse.sim.signals.VoxelSignals`
-    (normalised once, upstream)."""
+    """One voxel's b0-normalised signal and its noise precisions
+    (:func:`~dipy_spinverse.sim.signals.noise_precision`): a raw signal's,
+    computed here, or the row of a one-voxel
+    :class:`~dipy_spinverse.sim.signals.VoxelSignals` (normalised once,
+    upstream: the weights the face fit used)."""
     if isinstance(signal, VoxelSignals):
         if len(signal) != 1 or signal.normalised.shape[1] != len(protocol):
             raise ValueError(
@@ -84,8 +86,8 @@ def _normalised_signal(signal, protocol):
     if not np.all(np.isfinite(measured)):
         raise ValueError("signal must be finite.")
     if isinstance(signal, VoxelSignals):
-        return measured
-    return normalise_b0(measured, protocol)
+        return measured, signal.precision[0]
+    return normalise_b0(measured, protocol), noise_precision(measured, protocol)
 
 
 def fit_mesh(
@@ -121,7 +123,11 @@ def fit_mesh(
         One cell's signal in protocol order (normalised here by its b = 0
         volumes, :func:`dipy_spinverse.sim.signals.normalise_b0`), or a
         one-voxel :class:`~dipy_spinverse.sim.signals.VoxelSignals`, already
-        normalised.
+        normalised. With ``sigma > 0`` each acquisition's misfit is weighted
+        by its noise precision (the signal's
+        :func:`~dipy_spinverse.sim.signals.noise_precision`, or the
+        VoxelSignals' ``precision``), as the face fit weighs it; with
+        ``sigma`` unknown the misfit is unweighted, as there.
     protocol : Protocol or dipy.core.gradients.GradientTable
     template : {"ball", "tube"}, TetMesh or SpectralShape
         Starting shape (built-in: :data:`TEMPLATES`; with ``code="axon"``,
@@ -201,9 +207,12 @@ def fit_mesh(
     MeshFit
     """
     protocol = as_protocol(protocol)
-    normalised = _normalised_signal(signal, protocol)
+    normalised, precision = _normalised_signal(signal, protocol)
     diffusivity = check_diffusivity(diffusivity)
     sigma = check_number(sigma, "sigma", minimum=0.0, maximum=1.0)
+    # The face fit's rule (inverse.reconstruct): per-acquisition noise
+    # weights belong to the noise model, so none without sigma.
+    precision = torch.as_tensor(precision) if sigma > 0 else None
     noise = check_choice(noise, "noise", NOISE_MODELS)
     loss_scale = check_positive(loss_scale, "loss_scale")
     max_iter = check_int(max_iter, "max_iter", 1)
@@ -226,7 +235,9 @@ def fit_mesh(
             periods=check_axon_periods(axon_periods),
             max_iter=max_iter,
             length_scale=length_scale,
-            loss=dict(loss_scale=loss_scale, sigma=sigma, noise=noise),
+            loss=dict(
+                loss_scale=loss_scale, sigma=sigma, noise=noise, precision=precision
+            ),
             diffusivity=diffusivity,
             background=background,
             box_volume=box_volume,
@@ -307,7 +318,12 @@ def fit_mesh(
             predicted = fraction * predicted + (1.0 - fraction) * background
         loss = (
             data_loss(
-                predicted, target, loss_scale=loss_scale, sigma=sigma, noise=noise
+                predicted,
+                target,
+                loss_scale=loss_scale,
+                sigma=sigma,
+                noise=noise,
+                precision=precision,
             )
             + penalty * (weights * coefficients**2).sum()
         )

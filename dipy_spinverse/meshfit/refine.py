@@ -246,7 +246,8 @@ def refine_cell(
         The voxel's raw signal in protocol order (normalised by its b = 0
         volumes in :func:`fit_mesh`), or a one-voxel
         :class:`~dipy_spinverse.sim.signals.VoxelSignals`, normalised once
-        upstream.
+        upstream; with ``sigma`` its noise precisions weigh the mesh fit's
+        misfit as they weigh the face fit's.
     protocol : Protocol or GradientTable
     label : int, optional
         The cell to refine (default: the largest, :func:`largest_cell`).

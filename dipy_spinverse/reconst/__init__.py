@@ -10,10 +10,20 @@
     voxel's signal checked, cast, normalised and given its status once,
     for both methods.
 ``runner``
-    The voxel runner: batches, parallel engines, statuses, retries and the
-    checkpoint hook.
+    The voxel loop: each chunk through the gate and the inversion, retries,
+    the checkpoint hook; spread by ``parallel`` (engine options) over
+    ``engines`` (Ray and Dask clusters), shown by ``progress``.
+``status``, ``surfaces``, ``refinement``
+    The fitted voxels' warning statuses, the trust in their surfaces, and
+    their smooth meshes.
+``resume``
+    The data's fingerprint and the checks that a partial fit resumes.
 ``fit``
-    :class:`SpinverseFit`, one voxel or a volume, and the status codes.
+    :class:`SpinverseFit`, one voxel or a volume: a thin view over its
+    per-voxel parameters (``voxels``), whose maps, meshes and predictions
+    ``fit_metrics``, ``fit_meshes`` and ``fit_prediction`` compute.
+``codes``
+    The status codes.
 ``plausibility``
     Data no tissue produces (``IMPOSSIBLE_SIGNAL``) and protocols that
     cannot determine the membranes (``UNDERDETERMINED``).
@@ -30,7 +40,7 @@ refinement (``refine_mesh=True``) that fails flags the voxel's mesh
 (:data:`MESH_STATUS_CODES`), not its fit.
 """
 
-from .fit import (
+from .codes import (
     BAD_B0,
     DIVERGED,
     FAILED,
@@ -42,24 +52,23 @@ from .fit import (
     MESH_NO_CELL,
     MESH_NOT_REFINED,
     MESH_OK,
-    MESH_PARAMETERS,
     MESH_STATUS_CODES,
     NONFINITE,
     OK,
-    OPTIONAL_PARAMETERS,
     PENDING,
     POOR_FIT,
     STATUS_CODES,
     UNCERTAIN_SURFACE,
     UNCERTAIN_SURFACE_LEVEL,
     UNDERDETERMINED,
-    SpinverseFit,
 )
+from .fit import SpinverseFit
 from .model import SpinverseModel
+from .parallel import PARALLEL_ENGINES
 from .posterior import PosteriorFit
 from .posterior_model import SpinversePosteriorModel
-from .runner import PARALLEL_ENGINES
 from .search_model import SpinverseSearchModel
+from .voxels import MESH_PARAMETERS, OPTIONAL_PARAMETERS
 
 __all__ = [
     "SpinverseModel",

@@ -17,7 +17,7 @@ from dipy.core.gradients import GradientTable, gradient_table
 
 from ..sim.sequences import PGSE, Protocol, check_bvals
 from ..sim.signals import VoxelSignals
-from .fit import BAD_B0, NONFINITE, OK, POOR_FIT_FALSE_ALARM
+from .codes import BAD_B0, NONFINITE, OK, POOR_FIT_FALSE_ALARM
 from .plausibility import impossible_signal
 
 __all__ = ["Admitted", "admit", "check_data", "gradient_tables", "require_b0"]

@@ -17,7 +17,7 @@ underdetermined protocol allows passes as ``OK``:
 import numpy as np
 from scipy.stats import norm, t
 
-from .fit import POOR_FIT_FALSE_ALARM
+from .codes import POOR_FIT_FALSE_ALARM
 
 __all__ = [
     "DIRECTION_TOLERANCE",

@@ -44,17 +44,10 @@ from ..checks import check_int
 from ..geometry.descriptors import DESCRIPTORS
 from ..posterior import decode
 from ..posterior.calibration import SCALARS, calibrated_draws
-from .fit import (
-    BAD_B0,
-    IMPOSSIBLE_SIGNAL,
-    MASKED,
-    NONFINITE,
-    OK,
-    SpinverseFit,
-    index_volume_fit,
-    mask_rows,
-)
+from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
+from .fit import SpinverseFit
 from .gate import admit
+from .voxels import index_volume_fit, mask_rows
 
 __all__ = [
     "PosteriorFit",

@@ -15,9 +15,10 @@ from dipy.utils.logging import logger
 
 from ..checks import check_diffusivity, check_int, check_number
 from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
-from . import runner
 from .gate import check_data, gradient_tables, require_b0
 from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
+from .resume import check_mask, is_mask_rows, volume_shape
+from .status import warn_implausible
 
 __all__ = [
     "NOISE_HINT",
@@ -167,8 +168,8 @@ class SpinversePosteriorModel(ReconstModel):
             mask = np.asarray(True if mask is None else mask, dtype=bool)
             rows = data[None] if mask else data[None][:0]
         else:
-            mask = runner.check_mask(mask, runner.volume_shape(data, mask))
-            rows = data if runner.is_mask_rows(data, mask) else data[mask]
+            mask = check_mask(mask, volume_shape(data, mask))
+            rows = data if is_mask_rows(data, mask) else data[mask]
         params = fit_posterior(self, rows, n_samples=self.n_posterior_samples)
         bad = params["status"] == OUT_OF_PRIOR
         if bad.any():
@@ -178,7 +179,7 @@ class SpinversePosteriorModel(ReconstModel):
                 f"(prior {self.prior.prior!r}); their maps are NaN. Check the "
                 "diffusivity, sigma and timing, or widen the prior."
             )
-        runner.warn_implausible(self, params["status"])
+        warn_implausible(self, params["status"])
         return PosteriorFit(self, params, mask)
 
     def __repr__(self):

@@ -35,8 +35,10 @@ from ..posterior import default_training, load_or_train
 from ..sim.grid import BOUNDARIES, TetGrid
 from ..sim.sequences import Protocol
 from . import runner
-from .fit import MASKED, UNDERDETERMINED, SpinverseFit
+from .codes import MASKED, UNDERDETERMINED
+from .fit import SpinverseFit
 from .gate import check_data, gradient_tables, require_b0
+from .parallel import check_engine_options, share_cores
 from .plausibility import protocol_problems
 from .posterior_model import (
     N_POSTERIOR_SAMPLES,
@@ -44,6 +46,7 @@ from .posterior_model import (
     check_prior,
     warn_outside_training_noise,
 )
+from .resume import check_mask
 
 __all__ = ["SpinverseSearchModel", "DEFAULT_GRID", "check_search_options"]
 
@@ -289,7 +292,7 @@ class SpinverseSearchModel(ReconstModel):
                 "sigma is not given: the label search cannot test whether its "
                 "answers fit the data within the noise, so it vouches for no "
                 "surface (uncertainty 1, status UNCERTAIN_SURFACE; "
-                f"reconst.runner.vouch_for_surfaces). Pass sigma {NOISE_HINT}.",
+                f"reconst.surfaces.vouch_for_surfaces). Pass sigma {NOISE_HINT}.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -467,14 +470,14 @@ class SpinverseSearchModel(ReconstModel):
         """
         data = check_data(data, len(self.protocol))
         if data.ndim == 1:
-            runner.check_engine_options(engine, address, n_jobs, vox_per_chunk)
+            check_engine_options(engine, address, n_jobs, vox_per_chunk)
             if checkpoint is not None or resume is not None:
                 raise ValueError(
                     "checkpoint and resume are for volume fits and data is one "
                     "voxel (1-D); fit data[None], a volume of one voxel, to save "
                     "or resume it."
                 )
-            if mask is not None and not runner.check_mask(mask, ()):
+            if mask is not None and not check_mask(mask, ()):
                 params = runner.empty_params(self, ())
                 params["status"][...] = MASKED
                 return SpinverseFit(self, params, False)
@@ -521,7 +524,7 @@ class SpinverseSearchModel(ReconstModel):
         ``_batched``) into this call; only ``n_jobs`` is used, to share the
         cores between worker processes.
         """
-        runner.share_cores(kwargs.get("n_jobs"), self._pid)
+        share_cores(kwargs.get("n_jobs"), self._pid)
         params, _ = runner.fit_voxels(self, np.atleast_2d(data))
         fits = np.empty(len(params["status"]), dtype=object)
         for i in range(len(fits)):

@@ -59,7 +59,7 @@ from ..posterior import TissuePrior, TrainingOptions
 from ..reconst import FLAGGED, STATUS_CODES, SpinverseModel
 from ..reconst.model import FIT_METHODS
 from ..reconst.posterior_model import NOISE_HINT
-from ..reconst.runner import check_resume
+from ..reconst.resume import check_resume
 from ..reconst.search_model import check_search_options
 from .cli import run_command
 from .report import write_posterior_report, write_report

@@ -11,6 +11,7 @@ import torch
 from conftest import FAST, jittered_grid  # noqa: E402
 from numpy.testing import assert_allclose, assert_array_equal
 
+import dipy_spinverse.reconst.resume as resume
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import SpinverseModel, TetGrid
 from dipy_spinverse.files import WriteError
@@ -206,7 +207,7 @@ def test_store_writes_each_chunk_once(model, volume, volume_fit, tmp_path, monke
     stored = load_fit(path)
     assert_array_equal(stored.status, volume_fit.status)
     assert_array_equal(stored.permeability, fit.permeability)
-    assert stored.fingerprint == runner.fingerprint(data, mask)
+    assert stored.fingerprint == resume.fingerprint(data, mask)
 
 
 def test_store_does_not_grow_with_the_volume(model, volume, tmp_path):
@@ -251,11 +252,11 @@ def test_fingerprint_hashes_in_slabs(volume, monkeypatch):
     data, _ = volume
     whole = hashlib.sha1(np.ascontiguousarray(data, dtype=np.float64).tobytes())
     whole.update(str(data.shape).encode())
-    monkeypatch.setattr(runner, "FINGERPRINT_BYTES", 8)  # one row at a time
-    assert runner.fingerprint(data) == whole.hexdigest()
-    assert runner.fingerprint(data.astype(np.float32)) != whole.hexdigest()
+    monkeypatch.setattr(resume, "FINGERPRINT_BYTES", 8)  # one row at a time
+    assert resume.fingerprint(data) == whole.hexdigest()
+    assert resume.fingerprint(data.astype(np.float32)) != whole.hexdigest()
     transposed = np.asfortranarray(data)
-    assert runner.fingerprint(transposed) == whole.hexdigest()
+    assert resume.fingerprint(transposed) == whole.hexdigest()
 
 
 def test_fingerprint_is_that_of_the_mask_voxels(volume, monkeypatch):
@@ -267,17 +268,17 @@ def test_fingerprint_is_that_of_the_mask_voxels(volume, monkeypatch):
     rows = data[mask]
     expected = hashlib.sha1(np.ascontiguousarray(rows, dtype=np.float64).tobytes())
     expected.update(str(data.shape).encode())
-    monkeypatch.setattr(runner, "FINGERPRINT_BYTES", 8)  # one row at a time
-    assert runner.fingerprint(data, mask) == expected.hexdigest()
-    assert runner.fingerprint(rows, mask) == expected.hexdigest()
+    monkeypatch.setattr(resume, "FINGERPRINT_BYTES", 8)  # one row at a time
+    assert resume.fingerprint(data, mask) == expected.hexdigest()
+    assert resume.fingerprint(rows, mask) == expected.hexdigest()
     changed = data.copy()
     changed[~mask] += 1.0
-    assert runner.fingerprint(changed, mask) == expected.hexdigest()
+    assert resume.fingerprint(changed, mask) == expected.hexdigest()
     changed[mask] += 1.0
-    assert runner.fingerprint(changed, mask) != expected.hexdigest()
+    assert resume.fingerprint(changed, mask) != expected.hexdigest()
     # With every voxel in the mask it is the digest of the whole array.
     everything = np.ones(mask.shape, bool)
-    assert runner.fingerprint(data, everything) == runner.fingerprint(data)
+    assert resume.fingerprint(data, everything) == resume.fingerprint(data)
 
 
 def test_fit_of_the_mask_rows_equals_the_volume_fit(model, volume, volume_fit):
@@ -377,7 +378,7 @@ def test_resume_on_cuda_without_cuda_is_refused(model, volume, tmp_path, monkeyp
     data, mask = volume
     params = runner.empty_params(model, mask.shape)
     params["status"][~mask] = MASKED
-    digest = runner.fingerprint(data, mask)
+    digest = resume.fingerprint(data, mask)
     partial = SpinverseFit(model, params, mask, fingerprint=digest)
     path = save_fit(partial, tmp_path / "state.npz")
     _saved_on(path, "cuda")

@@ -211,6 +211,38 @@ def test_fit_takes_signals_normalised_once():
         fit_mesh(VoxelSignals.from_raw(broken[None], protocol), protocol)
 
 
+def test_the_mesh_fits_loss_weighs_acquisitions_as_the_face_fit():
+    """With sigma given, each acquisition's misfit is weighted by the noise
+    precision the fit used (the VoxelSignals' ``precision``, which the runner
+    passes on): the loss is ``loss_scale * mean(p (S - y)^2)``; without
+    sigma, unweighted, as the face fit's (inverse.reconstruct)."""
+    from dipy_spinverse.sim.signals import data_loss
+
+    protocol = _protocol()
+    raw = 800.0 * np.exp(-protocol.bvals * 1e-3)
+    plain = VoxelSignals.from_raw(raw[None], protocol)
+    weights = np.linspace(0.25, 4.0, len(protocol))[None]
+    weighted = VoxelSignals(plain.normalised, plain.scale, plain.s0, weights)
+    settings = dict(template=ball_mesh(3.0, resolution=2), n_modes=1, max_iter=1)
+    for sigma, expected in ((0.02, weights[0]), (0.0, np.ones(len(protocol)))):
+        fit = fit_mesh(weighted, protocol, sigma=sigma, **settings)
+        # One iteration: the loss and the prediction of the start.
+        misfit = (fit.predicted_signal - plain.normalised[0]) ** 2
+        assert fit.loss_history[0] == pytest.approx(100.0 * np.mean(expected * misfit))
+        loss = data_loss(
+            torch.as_tensor(fit.predicted_signal),
+            torch.as_tensor(plain.normalised[0]),
+            loss_scale=100.0,
+            sigma=sigma,
+            precision=torch.as_tensor(expected),
+        )
+        assert fit.loss_history[0] == pytest.approx(float(loss))
+    unweighted = fit_mesh(plain, protocol, sigma=0.02, **settings)
+    assert unweighted.loss_history[0] != pytest.approx(
+        fit_mesh(weighted, protocol, sigma=0.02, **settings).loss_history[0]
+    )
+
+
 def test_fit_surface_is_written_by_io(tmp_path):
     from dipy_spinverse.io.meshes import load_mesh, save_mesh
 

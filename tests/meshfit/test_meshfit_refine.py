@@ -17,7 +17,7 @@ from dipy_spinverse.meshfit.refine import (
     refine_cell,
     refine_template,
 )
-from dipy_spinverse.reconst import MESH_FAILED, MESH_OK, runner
+from dipy_spinverse.reconst import MESH_FAILED, MESH_OK, refinement
 
 TINY = dict(resolution=2, n_modes=1, max_iter=3, surface_iter=20)
 
@@ -185,7 +185,7 @@ def test_a_failing_refinement_flags_the_mesh_only(refined, signal, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("mesh blew up")
 
-    monkeypatch.setattr(runner, "refine_cell", broken)
+    monkeypatch.setattr(refinement, "refine_cell", broken)
     with pytest.warns(RuntimeWarning, match="mesh blew up"):
         fit = model.fit(signal * 1000.0)
     # The voxel keeps its fit (its status is the search's: without sigma,

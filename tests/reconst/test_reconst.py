@@ -39,6 +39,13 @@ from dipy_spinverse.reconst import (
     SpinverseFit,
     SpinverseModel,
 )
+from dipy_spinverse.reconst.progress import chunk_progress
+from dipy_spinverse.reconst.status import poor_fit_bound
+from dipy_spinverse.reconst.surfaces import (
+    SURFACE_MISFIT_FALSE_ALARM,
+    flag_uncertain_surfaces,
+    vouch_for_surfaces,
+)
 
 
 # -- single voxel ------------------------------------------------------------------
@@ -346,7 +353,7 @@ def test_progress_moves_within_a_chunk(gtab, grid):
     for model, after_face in ((face_only, 6.0), (searching, 3.0)):
         bar = tqdm(total=6, file=io.StringIO())
         shown = [0.0]
-        callback = runner._progress(bar, model, 6, shown)
+        callback = chunk_progress(bar, model, 6, shown)
         callback(0, None, {"data": 0.1})
         assert_allclose(bar.n, after_face / model.n_iterations)
         for i in range(1, model.n_iterations):
@@ -832,7 +839,7 @@ def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):
     fit = model.fit(data)
     assert_array_equal(fit.status, [OK, POOR_FIT])
     # chi-square with one degree of freedom per acquisition, false alarm 1e-6.
-    bound = runner.poor_fit_bound(len(BVALS), sigma)
+    bound = poor_fit_bound(len(BVALS), sigma)
     assert_allclose(bound, sigma**2 * chi2.isf(1e-6, len(BVALS)) / len(BVALS))
     assert fit.residual[0] ** 2 < bound < fit.residual[1] ** 2
     # A warning: the voxel keeps its outputs, and its maps are filled.
@@ -863,9 +870,7 @@ def test_the_misfit_test_is_the_noises_chi_square_quantile():
     sigma on every acquisition) 5 % are, within sampling error (50,000
     draws: standard error 0.1 %, asserted within 0.4 %)."""
     n, sigma = 40, 0.02
-    bound = runner.poor_fit_bound(
-        n, sigma, false_alarm=runner.SURFACE_MISFIT_FALSE_ALARM
-    )
+    bound = poor_fit_bound(n, sigma, false_alarm=SURFACE_MISFIT_FALSE_ALARM)
     assert_allclose(bound, sigma**2 * chi2.isf(0.05, n) / n, rtol=1e-12)
     residual = sigma * np.random.default_rng(5).standard_normal((50_000, n))
     rejected = np.mean((residual**2).mean(1) > bound)
@@ -878,18 +883,16 @@ def test_answers_the_data_reject_are_not_vouched_for(gtab, grid):
     (they keep their status); within the noise the search's own stays."""
     sigma = 0.02
     model = SpinverseModel(gtab, grid=grid, max_iter=2, search_steps=2, sigma=sigma)
-    bound = runner.poor_fit_bound(
-        len(BVALS), sigma, false_alarm=runner.SURFACE_MISFIT_FALSE_ALARM
-    )
+    bound = poor_fit_bound(len(BVALS), sigma, false_alarm=SURFACE_MISFIT_FALSE_ALARM)
     loss = model.config.loss.loss_scale * bound * np.array([0.5, 0.99, 1.01, 3, 3])
     result = dict(
         uncertainty=np.array([0.02, 0.3, 0.02, 0.05, 0.05]),
         loss=loss,
         status=np.array([OK, OK, OK, OK, POOR_FIT]),
     )
-    runner.vouch_for_surfaces(model, result, np.arange(5))
+    vouch_for_surfaces(model, result, np.arange(5))
     assert_array_equal(result["uncertainty"], [0.02, 0.3, 1.0, 1.0, 1.0])
-    runner.flag_uncertain_surfaces(result, np.arange(5))
+    flag_uncertain_surfaces(result, np.arange(5))
     assert_array_equal(
         result["status"],
         [OK, UNCERTAIN_SURFACE, UNCERTAIN_SURFACE, UNCERTAIN_SURFACE, POOR_FIT],
@@ -953,3 +956,47 @@ def test_model_params_are_the_permeabilities_predict_takes(volume_fit):
     # b0-normalised (each sequence's own S0 is the fit's, not a parameter).
     predicted = volume_fit.model.predict(params[index], S0=1.0)
     assert np.allclose(predicted, volume_fit[index].params["predicted"], rtol=1e-5)
+
+
+def test_mesh_refinement_gets_the_fits_noise_weights(monkeypatch):
+    """refine_meshes hands each voxel's VoxelSignals, noise precisions
+    included, to the mesh fit (whose loss weighs them: tests/meshfit)."""
+    from types import SimpleNamespace
+
+    import dipy_spinverse.reconst.refinement as refinement
+    from dipy_spinverse.sim.signals import VoxelSignals
+
+    prot = Protocol.pgse(
+        np.r_[0.0, 0.0, 1000.0, 1000.0],
+        np.r_[[[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]]],
+        small_delta=0.01,
+        big_delta=0.03,
+    )
+    signals = VoxelSignals.from_raw([[900.0, 800.0, 500.0, 400.0]] * 2, prot)
+    signals = VoxelSignals(
+        signals.normalised, signals.scale, signals.s0, np.array([[1, 2, 3, 4.0]] * 2)
+    )
+    seen = []
+
+    def refine_cell(grid, labels, permeability, signal, protocol, **kwargs):
+        seen.append(signal)
+        raise ValueError("seen")
+
+    monkeypatch.setattr(refinement, "refine_cell", refine_cell)
+    model = SimpleNamespace(
+        grid=None,
+        protocol=prot,
+        diffusivity=2e-3,
+        mesh_options={},
+        config=SimpleNamespace(loss=SimpleNamespace(sigma=0.02, noise="gaussian")),
+    )
+    result = dict(
+        labels=np.array([[0, 1], [1, 1]]),
+        permeability=np.zeros((2, 3)),
+        mesh_status=np.zeros(2, np.int16),
+    )
+    with pytest.warns(RuntimeWarning, match="seen"):
+        refinement.refine_meshes(model, signals, result, np.array([1]))
+    (signal,) = seen
+    assert isinstance(signal, VoxelSignals)
+    assert_array_equal(signal.precision, signals.precision[[1]])

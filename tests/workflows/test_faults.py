@@ -132,7 +132,7 @@ def test_an_interrupted_fit_continues_to_the_same_outputs(
 def test_resume_with_another_mask_starts_anew_and_keeps_the_old_store(
     demo, tmp_path, monkeypatch, capsys, caplog
 ):
-    """It ended in an IndexError from runner.fingerprint."""
+    """It ended in an IndexError from resume.fingerprint."""
     _interrupt_after(monkeypatch, 1)
     _command(monkeypatch, capsys, _argv(demo, tmp_path))
     mask = nib.load(demo["mask"])

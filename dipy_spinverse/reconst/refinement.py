@@ -1,0 +1,57 @@
+"""Smooth mesh refinement of a volume fit's voxels (``refine_mesh=True``):
+each fitted voxel's largest cell refined into a smooth mesh fitted to its
+signal, with the same noise weights as the fit (the voxel's
+:class:`~dipy_spinverse.sim.signals.VoxelSignals`). A refinement that fails
+flags the voxel's mesh, never its fit."""
+
+import warnings
+
+import numpy as np
+
+from ..meshfit.refine import refine_cell
+from .codes import MESH_FAILED, MESH_NO_CELL, MESH_OK
+
+__all__ = ["refine_meshes"]
+
+
+def refine_meshes(model, signals, result, rows):
+    """Smooth meshes of the largest cell of ``rows`` (``refine_mesh=True``).
+
+    Fills ``result``'s mesh parameters in place. A voxel without a labelled
+    cell gets ``MESH_NO_CELL``; a refinement that raises gets
+    ``MESH_FAILED`` and a warning, and the voxel's fit is kept.
+    """
+    config = model.config
+    for row in rows:
+        labels = result["labels"][row]
+        if labels.max(initial=0) < 1:
+            result["mesh_status"][row] = MESH_NO_CELL
+            continue
+        try:
+            fit = refine_cell(
+                model.grid,
+                labels,
+                result["permeability"][row],
+                signals[[row]],
+                model.protocol,
+                diffusivity=model.diffusivity,
+                sigma=config.loss.sigma,
+                noise=config.loss.noise,
+                options=model.mesh_options,
+            )
+            vertices, loss = fit.vertices, float(np.min(fit.loss_history))
+            if not np.all(np.isfinite(vertices)) or fit.n_inverted:
+                raise ValueError("the fitted mesh is not a valid mesh")
+        except Exception as err:  # one mesh must never stop the volume
+            warnings.warn(
+                f"smooth mesh refinement of a voxel failed ({type(err).__name__}: "
+                f"{err}); its mesh status is {MESH_FAILED} (MESH_FAILED), its "
+                "Spinverse fit is kept.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            result["mesh_status"][row] = MESH_FAILED
+            continue
+        result["mesh_vertices"][row] = vertices
+        result["mesh_loss"][row] = loss
+        result["mesh_status"][row] = MESH_OK

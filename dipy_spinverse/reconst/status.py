@@ -1,0 +1,162 @@
+"""The status policy of the label search's fits: which fitted voxels get a
+warning status, and the warnings a fit gives once.
+
+A fit whose residual is far above a known noise level (``sigma > 0``) keeps
+its outputs with the warning status ``POOR_FIT`` (:func:`poor_fit_bound`,
+:func:`poor_fits`). With or without ``sigma``, a voxel whose attenuation is
+above 1 beyond the noise keeps its outputs with the warning status
+``IMPOSSIBLE_SIGNAL``, and every fitted voxel of a protocol that cannot
+determine the membranes with ``UNDERDETERMINED`` (:func:`flag_implausible`;
+one warning per fit, :func:`warn_implausible`). Negative samples are fitted
+as given, with one warning (:func:`warn_negative`). The codes themselves are
+:mod:`~dipy_spinverse.reconst.codes`'s.
+"""
+
+import math
+import warnings
+
+import numpy as np
+from scipy.stats import chi2
+
+from ..checks import check_int
+from .codes import IMPOSSIBLE_SIGNAL, POOR_FIT_FALSE_ALARM, UNDERDETERMINED
+
+__all__ = [
+    "poor_fit_bound",
+    "poor_fits",
+    "flag_implausible",
+    "warn_implausible",
+    "count_negative",
+    "warn_negative",
+]
+
+
+def poor_fit_bound(n_acquisitions, sigma, *, false_alarm=POOR_FIT_FALSE_ALARM):
+    """Largest mean squared misfit of a fit consistent with the noise.
+
+    ``sigma^2 * chi2.isf(false_alarm, n) / n``, see
+    :data:`POOR_FIT_FALSE_ALARM`; ``inf`` when ``sigma`` is 0 (unknown).
+
+    Parameters
+    ----------
+    n_acquisitions : int
+        Acquisitions in the misfit (n).
+    sigma : float
+        Noise relative to the b = 0 signal (1/SNR).
+    false_alarm : float
+        Share of the fits that explain the data which lie above the bound.
+
+    Returns
+    -------
+    float
+    """
+    if not sigma > 0:
+        return math.inf
+    n = check_int(n_acquisitions, "n_acquisitions", 1)
+    return float(sigma**2 * chi2.isf(false_alarm, n) / n)
+
+
+def poor_fits(loss, config, n_acquisitions):
+    """Whether each fit's data loss is beyond the noise (status ``POOR_FIT``).
+
+    Parameters
+    ----------
+    loss : ndarray (n,)
+        The fits' data terms (:attr:`Reconstruction.loss`).
+    config : InversionConfig
+    n_acquisitions : int
+
+    Returns
+    -------
+    ndarray of bool (n,)
+        ``loss / loss_scale`` above :func:`poor_fit_bound`.
+    """
+    bound = poor_fit_bound(n_acquisitions, config.loss.sigma)
+    return np.isfinite(loss) & (loss / config.loss.loss_scale > bound)
+
+
+def flag_implausible(model, impossible, result, rows):
+    """Statuses ``IMPOSSIBLE_SIGNAL`` and ``UNDERDETERMINED`` of the fitted
+    voxels ``rows`` (in place), over the fit's own warning statuses.
+
+    ``impossible``: whether each of those voxels' attenuation exceeds 1
+    beyond the noise (the gate's test,
+    :func:`~dipy_spinverse.reconst.plausibility.impossible_signal`, with the
+    model's ``sigma`` or, without it, the voxel's own spread); they get
+    ``IMPOSSIBLE_SIGNAL``. Where the protocol cannot determine the membranes
+    (``model.protocol_problems``), every other fitted voxel gets
+    ``UNDERDETERMINED``. Both outrank ``POOR_FIT`` and ``UNCERTAIN_SURFACE``,
+    which follow from them (the precedence of
+    :mod:`~dipy_spinverse.reconst.codes`); the voxels keep their outputs.
+    """
+    if not len(rows):
+        return
+    status = result["status"]
+    if model.protocol_problems:
+        status[rows] = UNDERDETERMINED
+    status[rows[impossible]] = IMPOSSIBLE_SIGNAL
+
+
+def warn_implausible(model, status):
+    """Warn once per fit of its ``IMPOSSIBLE_SIGNAL`` and ``UNDERDETERMINED``
+    voxels (``status``: the statuses of the voxels the fit ran on), naming
+    the cause and the fix."""
+    status = np.asarray(status)
+    impossible = int(np.count_nonzero(status == IMPOSSIBLE_SIGNAL))
+    if impossible:
+        kept = (
+            "their maps are NaN, as outside the prior"
+            if model.fit_method == "posterior"
+            else "their outputs are kept, fitted to data no membranes made"
+        )
+        warnings.warn(
+            f"{impossible} of {status.size} voxels have an attenuation above 1 "
+            "beyond the noise, which no tissue produces; they have status "
+            f"{IMPOSSIBLE_SIGNAL} (IMPOSSIBLE_SIGNAL) and {kept}. Check that the "
+            "data's volumes are in the order of the gradient table and that its "
+            "b = 0 volumes are the data's (b-values, b0_threshold).",
+            RuntimeWarning,
+            stacklevel=4,  # the user's model.fit call
+        )
+    underdetermined = int(np.count_nonzero(status == UNDERDETERMINED))
+    if underdetermined:
+        warnings.warn(
+            "the protocol cannot determine the membranes: "
+            + "; ".join(model.protocol_problems)
+            + f". {underdetermined} of {status.size} voxels have status "
+            f"{UNDERDETERMINED} (UNDERDETERMINED): their outputs are one of many "
+            "answers that fit the data.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def count_negative(data):
+    """How many voxels of (n, n_volumes) ``data`` have a sample below 0."""
+    with np.errstate(invalid="ignore"):  # NaN voxels are counted elsewhere
+        return int(np.count_nonzero((np.asarray(data) < 0).any(axis=-1)))
+
+
+def warn_negative(model, n_negative, n_voxels):
+    """Warn that ``n_negative`` of ``n_voxels`` fitted voxels hold values < 0.
+
+    Magnitude images cannot be negative; denoised or real-valued
+    (phase-corrected) data can. Such voxels are fitted as given, neither
+    clipped nor flagged; the warning says so, and that the Rician noise
+    floor (``noise="rician"``) describes magnitude data only.
+    """
+    if not n_negative:
+        return
+    floor = ""
+    if model.config.loss.noise == "rician" and model.config.loss.sigma > 0:
+        floor = (
+            "; the Rician noise floor of noise='rician' describes magnitude "
+            "data: for real-valued data use noise='gaussian'"
+        )
+    warnings.warn(
+        f"{n_negative} of {n_voxels} voxels have negative samples (magnitude "
+        f"images cannot be negative: denoised or real-valued data?). Negative "
+        f"samples are fitted as given, not clipped{floor}.",
+        UserWarning,
+        stacklevel=4,  # the user's model.fit call
+    )
