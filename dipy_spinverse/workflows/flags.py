@@ -146,7 +146,7 @@ def check_flags(arguments):
         what = (
             "--fit_method posterior"
             if fit_method == "posterior"
-            else 'The surface check (a "prior" in --posterior_options)'
+            else 'With a "prior" in --posterior_options, the surface check'
         )
         raise ValueError(f"{what} needs the noise level: pass {NOISE_FLAGS}.")
     if a["save_metrics"] and "uncertainty" in metrics and not searches_labels:

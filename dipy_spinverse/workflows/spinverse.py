@@ -365,7 +365,13 @@ class SpinverseFlow(Workflow):
         flags = check_flags(dict(locals()))
         if flags.resume:
             self._force_overwrite = True
-        io_it = self._io_iterator(out_dir)
+        writable_folder(out_dir or ".", "outputs", fix="give a writable --out_dir")
+        try:
+            # DIPY reads run's arguments from this frame, and creates the
+            # output folders.
+            io_it = self.get_io_iterator()
+        except OSError as err:
+            raise _folder_error(out_dir, err) from err
         for dwi, bval, bvec, maskfile, *paths in io_it:
             # Outputs by name: every one has its own path (out_dir joined).
             out = dict(zip(io_it.out_keys, paths, strict=True))
@@ -386,19 +392,6 @@ class SpinverseFlow(Workflow):
                     fit_posterior(dataset, out, flags)
                 else:
                     self._fit_search(dataset, out, flags)
-
-    def _io_iterator(self, out_dir):
-        """DIPY's iterator over the datasets and their outputs, which
-        creates the output folders (a folder that cannot be is named)."""
-        writable_folder(out_dir or ".", "outputs", fix="give a writable --out_dir")
-        try:
-            return self.get_io_iterator()
-        except OSError as err:
-            raise ValueError(
-                f"cannot create the output folders under --out_dir "
-                f"{out_dir or '.'} ({describe_cause(err)}: {err.filename}); give a "
-                "writable --out_dir and out_* names that are file names."
-            ) from err
 
     def _fit_search(self, dataset, out, flags):
         """:func:`fit_search`, naming its checkpoint if interrupted."""
@@ -430,6 +423,15 @@ class SpinverseFlow(Workflow):
                 )
                 return True
         return super().manage_output_overwrite()
+
+
+def _folder_error(out_dir, err):
+    """The error of output folders that cannot be created."""
+    return ValueError(
+        f"cannot create the output folders under --out_dir "
+        f"{out_dir or '.'} ({describe_cause(err)}: {err.filename}); give a "
+        "writable --out_dir and out_* names that are file names."
+    )
 
 
 def fit_search(dataset, out, flags):
