@@ -117,28 +117,30 @@ def check_flags(arguments):
         A flag out of range, or one that the run would ignore, named as
         given on the command line.
     """
-    a = arguments  # by flag name
-    metrics = check_metrics(a["save_metrics"])
-    n_report = check_int(a["n_report"], "n_report", 0)
-    refine_mesh = bool(a["refine_mesh"])
-    mesh_options = parse_mesh_options(a["mesh_options"], refine_mesh=refine_mesh)
-    noise = parse_noise(a["sigma"], a["snr"])
+    args = arguments  # by flag name
+    metrics = check_metrics(args["save_metrics"])
+    n_report = check_int(args["n_report"], "n_report", 0)
+    refine_mesh = bool(args["refine_mesh"])
+    mesh_options = parse_mesh_options(args["mesh_options"], refine_mesh=refine_mesh)
+    noise = parse_noise(args["sigma"], args["snr"])
     # The label search's own flags, where given (0 means off, and so does
     # None, max_iter's default: left out, as the models' defaults).
     search = _given(
-        max_iter=a["max_iter"],
+        max_iter=args["max_iter"],
         refine_mesh=refine_mesh,
-        search_bootstrap=a["search_bootstrap"],
-        search_proposal=a["search_proposal"],
+        search_bootstrap=args["search_bootstrap"],
+        search_proposal=args["search_proposal"],
     )
-    fit_method = a["fit_method"]
+    fit_method = args["fit_method"]
     check_fit_method(fit_method, search, names=FLAGS)
-    posterior = parse_posterior_options(a["posterior_options"], a["diffusivity"])
+    posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
     if fit_method == "posterior":
-        model = dict(fit_method="posterior", diffusivity=a["diffusivity"], **posterior)
+        model = dict(
+            fit_method="posterior", diffusivity=args["diffusivity"], **posterior
+        )
         searches_labels = False
     else:
-        model = _search_keywords(a, search, posterior, mesh_options)
+        model = _search_keywords(args, search, posterior, mesh_options)
         searches_labels = check_search_options(
             names=FLAGS, **search_options(model)
         ).searches_labels
@@ -149,24 +151,24 @@ def check_flags(arguments):
             else 'With a "prior" in --posterior_options, the surface check'
         )
         raise ValueError(f"{what} needs the noise level: pass {NOISE_FLAGS}.")
-    if a["save_metrics"] and "uncertainty" in metrics and not searches_labels:
+    if args["save_metrics"] and "uncertainty" in metrics and not searches_labels:
         raise ValueError(
             "--save_metrics uncertainty comes from the label search, which "
-            f"--preset {a['preset']} does not run; use --preset default."
+            f"--preset {args['preset']} does not run; use --preset default."
         )
-    check_number(a["bvecs_tol"], "bvecs_tol", minimum=0.0)
+    check_number(args["bvecs_tol"], "bvecs_tol", minimum=0.0)
     ext = check_choice(
-        a["smooth_mesh_format"], "smooth_mesh_format", SMOOTH_MESH_FORMATS
+        args["smooth_mesh_format"], "smooth_mesh_format", SMOOTH_MESH_FORMATS
     )
     return Flags(
         fit_method=fit_method,
         model=model,
-        gradients={k: a[k] for k in _GRADIENT_FLAGS},
+        gradients={k: args[k] for k in _GRADIENT_FLAGS},
         noise=noise,
-        engine={k: a[k] for k in ("engine", "address", "n_jobs")},
-        resume=bool(a["resume"]),
+        engine={k: args[k] for k in ("engine", "address", "n_jobs")},
+        resume=bool(args["resume"]),
         metrics=metrics,
-        voxel_meshes=bool(a["voxel_meshes"]),
+        voxel_meshes=bool(args["voxel_meshes"]),
         mesh_ext="." + ext,
         n_report=n_report,
     )
@@ -216,7 +218,7 @@ def search_options(model):
     return {k: v for k, v in model.items() if k not in _NOT_CHECKED}
 
 
-def _search_keywords(a, search, posterior, mesh_options):
+def _search_keywords(args, search, posterior, mesh_options):
     """The label search's model keywords from the flags (``a``)."""
     if "search_bootstrap" in search:
         check_int(search["search_bootstrap"], FLAGS["search_bootstrap"], 0)
@@ -237,21 +239,21 @@ def _search_keywords(a, search, posterior, mesh_options):
             '"training" out.'
         )
     return dict(
-        grid_size=a["grid_size"],
-        grid_resolution=a["grid_resolution"],
-        boundary=a["boundary"],
-        diffusivity=a["diffusivity"],
-        preset=a["preset"],
-        max_iter=a["max_iter"],
-        batch_size=a["batch_size"],
-        device=a["device"],
-        dtype=a["dtype"],
-        refine_mesh=bool(a["refine_mesh"]),
+        grid_size=args["grid_size"],
+        grid_resolution=args["grid_resolution"],
+        boundary=args["boundary"],
+        diffusivity=args["diffusivity"],
+        preset=args["preset"],
+        max_iter=args["max_iter"],
+        batch_size=args["batch_size"],
+        device=args["device"],
+        dtype=args["dtype"],
+        refine_mesh=bool(args["refine_mesh"]),
         mesh_options=mesh_options,
         **posterior,
         **_given(
-            search_bootstrap=a["search_bootstrap"],
-            search_proposal=a["search_proposal"],
+            search_bootstrap=args["search_bootstrap"],
+            search_proposal=args["search_proposal"],
         ),
     )
 

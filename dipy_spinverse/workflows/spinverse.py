@@ -61,6 +61,8 @@ _KEPT_AFTER_INTERRUPT = (
 
 
 class SpinverseFlow(Workflow):
+    """The ``dipy_fit_spinverse`` command (:meth:`run`)."""
+
     #: What ``cli.run_command`` says after Ctrl-C: the checkpoint keeps every
     #: finished chunk, and the same command continues from it. Once the fit
     #: starts, :meth:`run` names the checkpoint file itself.
