@@ -336,11 +336,11 @@ class SpinverseSearchModel(ReconstModel):
         self.surface_check = prior is not None
         if not self.surface_check:
             return
-        self._check_surface_prior(prior)
         if not self.config.loss.sigma > 0:
             raise ValueError(
                 f"The surface check needs the noise level: pass sigma {NOISE_HINT}."
             )
+        self._check_surface_prior(prior)
         options = default_training(prior) if options is None else options
         #: The noise level of the posterior's input, relative to S0.
         self.posterior_sigma = self.config.loss.sigma
