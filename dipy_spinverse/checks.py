@@ -2,7 +2,9 @@
 
 Each raises a ``ValueError`` that names the argument, what it must be and the
 value it got, so a bad option is reported where it is given, not as a failed
-fit later.
+fit later. A check that a command also calls takes ``names``, the caller's
+name of each option (``{"max_iter": "--max_iter"}``), and words its messages
+with :func:`option_name`, :func:`option_setting` and :func:`can_set`.
 """
 
 import math
@@ -26,6 +28,9 @@ __all__ = [
     "check_s0",
     "check_options",
     "check_same_space",
+    "option_name",
+    "option_setting",
+    "can_set",
     "DTYPES",
     "DIFFUSIVITY_RANGE",
 ]
@@ -38,6 +43,68 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 #: the range leaves a decade either side. Values outside are another unit
 #: (2e-9 m^2/s = 2e-3 mm^2/s = 2 um^2/ms).
 DIFFUSIVITY_RANGE = (1e-5, 1e-1)
+
+
+def option_name(option, names=None):
+    """How the caller calls ``option``.
+
+    Parameters
+    ----------
+    option : str
+        The option's Python keyword, e.g. ``"max_iter"``.
+    names : mapping, optional
+        The caller's name of each option it sets, e.g. a command's
+        ``{"max_iter": "--max_iter", "sigma": "--sigma/--snr"}``.
+
+    Returns
+    -------
+    str
+        ``names[option]``, else the keyword itself.
+    """
+    return names.get(option, option) if names else option
+
+
+def option_setting(option, value, names=None):
+    """``option`` set to ``value``, as the caller writes it.
+
+    Parameters
+    ----------
+    option : str
+        The option's Python keyword.
+    value : object
+        Its value.
+    names : mapping, optional
+        As in :func:`option_name`. A name that starts with ``-`` is a
+        command-line flag.
+
+    Returns
+    -------
+    str
+        ``preset='default'`` for a keyword; ``--preset default`` for a flag,
+        and the flag alone for a switch set to True (``--refine_mesh``).
+    """
+    name = option_name(option, names)
+    if not name.startswith("-"):
+        return f"{name}={value!r}"
+    return name if value is True else f"{name} {value}"
+
+
+def can_set(option, names=None):
+    """Whether a message may suggest ``option`` to the caller.
+
+    Parameters
+    ----------
+    option : str
+        The option's Python keyword.
+    names : mapping, optional
+        As in :func:`option_name`: a caller that gives names sets only the
+        options it names (a command has no flag for the others).
+
+    Returns
+    -------
+    bool
+    """
+    return not names or option in names
 
 
 def check_int(value, name, minimum, *, hint=""):

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checks import check_choice, check_int, check_number
+from ..checks import (
+    can_set,
+    check_choice,
+    check_int,
+    check_number,
+    option_name,
+    option_setting,
+)
 
 __all__ = [
     "Stage",
@@ -29,11 +36,40 @@ __all__ = [
     "OPTIONS",
     "PRESETS",
     "resolve_config",
+    "check_proposal",
 ]
 
-# A learned proposal needs some variety to learn from (ProposalSettings
-# refuses fewer).
+#: A learned proposal needs some variety to learn from (ProposalSettings
+#: refuses fewer).
 MIN_PROPOSAL_SUBSTRATES = 10
+
+
+def check_proposal(value, *, names=None):
+    """The learned proposal's training substrates (``search_proposal``): 0
+    (off) or at least ``MIN_PROPOSAL_SUBSTRATES``.
+
+    Parameters
+    ----------
+    value : int
+        The number of random substrates the proposal is trained on.
+    names : mapping, optional
+        How the caller calls the option, for the message (a command:
+        ``{"search_proposal": "--search_proposal"}``).
+
+    Returns
+    -------
+    int
+    """
+    name = option_name("search_proposal", names)
+    proposal = check_int(value, name, 0)
+    if 0 < proposal < MIN_PROPOSAL_SUBSTRATES:
+        example = option_setting("search_proposal", 4000, names)
+        raise ValueError(
+            f"{name} is the number of training substrates of the learned "
+            f"proposal: 0 (off) or at least {MIN_PROPOSAL_SUBSTRATES}, got "
+            f"{proposal}; e.g. {example}."
+        )
+    return proposal
 
 
 @dataclass(frozen=True)
@@ -326,14 +362,7 @@ class SearchConfig:
                 hint=" (chi-square units; 0 accepts every move that lowers the loss)",
             ),
         )
-        proposal = check_int(self.proposal, "search_proposal", 0)
-        if 0 < proposal < MIN_PROPOSAL_SUBSTRATES:
-            raise ValueError(
-                f"search_proposal is the number of training substrates of the "
-                f"learned proposal: 0 (off) or at least {MIN_PROPOSAL_SUBSTRATES}, "
-                f"got {proposal}; e.g. search_proposal=4000."
-            )
-        set_(self, "proposal", proposal)
+        set_(self, "proposal", check_proposal(self.proposal))
 
 
 @dataclass(frozen=True)
@@ -550,34 +579,49 @@ def _check_names(options):
     )
 
 
-def _ignored_options(config):
-    """Options that have no effect in ``config``, with the reason."""
+def _ignored_options(config, names=None):
+    """Options that have no effect in ``config``, with the reason (options
+    named as the caller calls them, :func:`~dipy_spinverse.checks.option_name`)."""
     face, loss, search = config.face, config.loss, config.search
+
+    def setting(option, value):
+        return option_setting(option, value, names)
+
+    search_off = f"the label search is off ({setting('search_steps', 0)})"
     ignored = {}
     if search.steps == 0:
         for name, (part, _) in OPTIONS.items():
             if part == "search" and name != "search_steps":
-                ignored[name] = "the label search is off (search_steps=0)"
+                ignored[name] = search_off
     if loss.noise != "rician" and search.steps == 0:
+        fixes = [
+            setting(option, value)
+            for option, value in (("preset", "default"), ("noise", "rician"))
+            if can_set(option, names)
+        ]
         ignored["sigma"] = (
-            "the loss is Gaussian (noise='gaussian') and the label search is off "
-            "(search_steps=0); use preset='default' or noise='rician'"
+            f"the loss is Gaussian ({setting('noise', 'gaussian')}) and {search_off}"
+            + (f"; use {' or '.join(fixes)}" if fixes else "")
         )
     if loss.sigma == 0:
+        sigma = option_name("sigma", names)
         ignored.setdefault(
             "search_min_gain",
-            "it is in units of the noise, and sigma is not given; give sigma",
+            f"it is in units of the noise, and {sigma} is not given; give {sigma}",
         )
     if face.parametrisation != "face":
-        ignored["init_log_kappa"] = "parametrisation='cell' starts from occupancy 0.5"
+        cell = setting("parametrisation", "cell")
+        ignored["init_log_kappa"] = f"{cell} starts from occupancy 0.5"
         for name in ("search_dictionary", "search_proposal"):
-            ignored.setdefault(
-                name, "parametrisation='cell' starts the label search from its labels"
-            )
+            ignored.setdefault(name, f"{cell} starts the label search from its labels")
     if face.continuity == 0:
-        ignored["continuity_delta"] = "the continuity prior is off (continuity=0)"
+        ignored["continuity_delta"] = (
+            f"the continuity prior is off ({setting('continuity', 0)})"
+        )
     if face.manifold == 0:
-        ignored["manifold_ramp"] = "the manifold prior is off (manifold=0)"
+        ignored["manifold_ramp"] = (
+            f"the manifold prior is off ({setting('manifold', 0)})"
+        )
     return ignored
 
 
@@ -615,7 +659,7 @@ PRESETS["default"] = PRESETS["paper"].replace(
 )
 
 
-def resolve_config(preset="default", *, max_iter=None, **options):
+def resolve_config(preset="default", *, max_iter=None, names=None, **options):
     """The configuration of ``preset`` with ``options`` applied.
 
     Parameters
@@ -629,6 +673,10 @@ def resolve_config(preset="default", *, max_iter=None, **options):
         stages make its curriculum one stage over all acquisitions (as a
         protocol of one diffusion time does); stages given in ``options``
         need at least one iteration each.
+    names : mapping, optional
+        How the caller calls the options, for the messages (a command's
+        flags, e.g. ``{"preset": "--preset"}``); default the keywords
+        (:func:`~dipy_spinverse.checks.option_name`).
     **options
         Options by name (:data:`OPTIONS`: the fields of the parts of
         :class:`InversionConfig`, the label search's with a ``search_``
@@ -649,23 +697,26 @@ def resolve_config(preset="default", *, max_iter=None, **options):
         base = preset
     else:
         if not isinstance(preset, str) or preset not in PRESETS:
+            what = "" if "preset" in (names or {}) else " or an InversionConfig"
             raise ValueError(
-                f"Invalid preset {preset!r}. Must be one of {tuple(PRESETS)} or an "
-                "InversionConfig."
+                f"Invalid {option_name('preset', names)} {preset!r}. Must be one "
+                f"of {tuple(PRESETS)}{what}."
             )
         base = PRESETS[preset]
     _check_names(options)
     if "stages" in options:  # stages given are used as given
         options = {"adapt_stages": False, **options}
     if max_iter is not None:
-        options = _scale_iterations(base, options, check_int(max_iter, "max_iter", 1))
+        max_iter = check_int(max_iter, option_name("max_iter", names), 1)
+        options = _scale_iterations(base, options, max_iter)
     config = base.replace(**options)
-    ignored = _ignored_options(config)
+    ignored = _ignored_options(config, names)
     useless = sorted(set(options) & set(ignored))
     if useless:
-        reasons = "; ".join(f"{k}: {ignored[k]}" for k in useless)
+        reasons = "; ".join(f"{option_name(k, names)}: {ignored[k]}" for k in useless)
+        named = [option_name(k, names) for k in useless]
         raise ValueError(
-            f"option(s) {useless} have no effect in this configuration ({reasons}). "
+            f"option(s) {named} have no effect in this configuration ({reasons}). "
             "Remove them, or change the options they depend on."
         )
     return config

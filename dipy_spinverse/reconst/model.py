@@ -17,11 +17,11 @@ asked for; each takes only its own keywords:
 
 import inspect
 
-from ..checks import check_choice
+from ..checks import check_choice, option_name, option_setting
 from .posterior_model import SpinversePosteriorModel
 from .search_model import SpinverseSearchModel
 
-__all__ = ["FIT_METHODS", "SpinverseModel"]
+__all__ = ["FIT_METHODS", "SpinverseModel", "check_fit_method"]
 
 #: The fitting methods and the model class of each.
 FIT_METHODS = {"search": SpinverseSearchModel, "posterior": SpinversePosteriorModel}
@@ -70,17 +70,54 @@ def SpinverseModel(gtab, *, fit_method="search", **kwargs):
     >>> fit.status, fit.permeability.shape, fit.predict().shape
     (0, (72,), (8,))
     """
-    fit_method = check_choice(fit_method, "fit_method", tuple(FIT_METHODS))
+    return check_fit_method(fit_method, kwargs)(gtab, **kwargs)
+
+
+def check_fit_method(fit_method, keywords=(), *, names=None):
+    """The model class of ``fit_method``, which must take ``keywords``.
+
+    :func:`SpinverseModel` calls it; a command can call it before reading
+    any data, with its own names for the options.
+
+    Parameters
+    ----------
+    fit_method : str
+        A key of :data:`FIT_METHODS`.
+    keywords : iterable of str
+        The keywords the model is to be built with.
+    names : mapping, optional
+        How the caller calls the options, used in the messages: e.g. a
+        command's ``{"fit_method": "--fit_method", "max_iter": "--max_iter"}``
+        (:func:`~dipy_spinverse.checks.option_name`; default the keywords).
+
+    Returns
+    -------
+    type
+        :class:`~dipy_spinverse.reconst.search_model.SpinverseSearchModel`
+        or :class:`~dipy_spinverse.reconst.posterior_model.SpinversePosteriorModel`.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``fit_method``, or keywords its model does not take
+        (named, with the method that takes them).
+    """
+    fit_method = check_choice(
+        fit_method, option_name("fit_method", names), tuple(FIT_METHODS)
+    )
     model = FIT_METHODS[fit_method]
-    foreign = sorted(set(kwargs) - set(_keywords(model)))
+    foreign = sorted(set(keywords) - set(_keywords(model)))
     if foreign and not _takes_any(model):
-        others = [name for name, other in FIT_METHODS.items() if other is not model]
+        (other,) = (name for name, kind in FIT_METHODS.items() if kind is not model)
+        # A command's flags are not the class's keywords: those only for Python.
+        takes = "" if names else f" ({model.__name__}: {', '.join(_keywords(model))})"
         raise ValueError(
-            f"option(s) {foreign} are not options of fit_method="
-            f"{fit_method!r} ({model.__name__}: {', '.join(_keywords(model))}); "
-            f"leave them out, or use fit_method={others[0]!r} if they are its."
+            f"option(s) {[option_name(k, names) for k in foreign]} are not options "
+            f"of {option_setting('fit_method', fit_method, names)}{takes}; leave "
+            f"them out, or use {option_setting('fit_method', other, names)} if "
+            "they are its."
         )
-    return model(gtab, **kwargs)
+    return model
 
 
 def _keywords(model):

@@ -20,6 +20,7 @@ from dipy.reconst.base import ReconstModel
 from dipy.reconst.multi_voxel import multi_voxel_fit
 
 from ..checks import (
+    can_set,
     check_choice,
     check_device,
     check_diffusivity,
@@ -27,6 +28,8 @@ from ..checks import (
     check_int,
     check_positive,
     check_s0,
+    option_name,
+    option_setting,
 )
 from ..inverse import grid_error, prepare, resolve_config
 from ..inverse.prediction import predict_signal
@@ -58,18 +61,24 @@ def check_search_options(
     refine_mesh=False,
     prior=None,
     posterior_options=None,
+    names=None,
     **options,
 ):
     """Check the options of :class:`SpinverseSearchModel` that need neither
     data nor a gradient table.
 
     The model calls it first; a command can call it before reading any
-    data (``dipy_fit_spinverse`` does, its flags named in the messages).
+    data, with its own names for the options (``dipy_fit_spinverse`` does).
 
     Parameters
     ----------
     preset, max_iter, refine_mesh, prior, posterior_options
         As in :class:`SpinverseSearchModel`.
+    names : mapping, optional
+        How the caller calls the options, used in the messages: e.g. a
+        command's ``{"preset": "--preset", "max_iter": "--max_iter"}``
+        (:func:`~dipy_spinverse.checks.option_name`; default the keywords).
+        A message suggests only the options named here.
     **options
         The inversion's options by name
         (:data:`dipy_spinverse.inverse.config.OPTIONS`).
@@ -87,26 +96,35 @@ def check_search_options(
         label search, ``refine_mesh`` without cell labels. (The surface
         check's need of ``sigma`` is checked by the model, which has it.)
     """
-    config = resolve_config(preset, **options, max_iter=max_iter)
+    config = resolve_config(preset, **options, max_iter=max_iter, names=names)
+
+    def name(option):
+        return option_name(option, names)
+
+    # How to turn the label search on (search_steps is no command's flag).
+    search_on = f"(search_steps > 0, e.g. {option_setting('preset', 'default', names)})"
     if refine_mesh and not config.returns_labels:
+        cell = (
+            f" or use {option_setting('parametrisation', 'cell', names)}"
+            if can_set("parametrisation", names)
+            else ""
+        )
         raise ValueError(
-            "refine_mesh=True starts each mesh from a labelled cell: turn the "
-            "label search on (search_steps > 0, e.g. preset='default') or use "
-            "parametrisation='cell'."
+            f"{option_setting('refine_mesh', True, names)} starts each mesh from "
+            f"a labelled cell: turn the label search on {search_on}{cell}."
         )
     if posterior_options is not None and prior is None:
         raise ValueError(
-            "posterior_options set how the surface check's posterior is "
-            "trained; pass a prior with them (the surface check), or leave "
-            "them out."
+            f"{name('posterior_options')} set how the surface check's posterior "
+            f"is trained; pass a prior with them ({name('prior')}, the surface "
+            "check), or leave them out."
         )
     if prior is None:
         return config
     if not config.searches_labels:
         raise ValueError(
-            "prior turns on the surface check of the label search's "
-            "answers; turn the search on (search_steps > 0, e.g. "
-            "preset='default') or leave prior out."
+            f"{name('prior')} turns on the surface check of the label search's "
+            f"answers; turn the search on {search_on} or leave out {name('prior')}."
         )
     check_prior(prior, posterior_options)
     return config
@@ -321,11 +339,11 @@ class SpinverseSearchModel(ReconstModel):
         self.surface_check = prior is not None
         if not self.surface_check:
             return
-        self._check_surface_prior(prior)
         if not self.config.loss.sigma > 0:
             raise ValueError(
                 f"The surface check needs the noise level: pass sigma {NOISE_HINT}."
             )
+        self._check_surface_prior(prior)
         options = default_training(prior) if options is None else options
         #: The noise level of the posterior's input, relative to S0.
         self.posterior_sigma = self.config.loss.sigma

@@ -7,112 +7,53 @@ Usage (the demo data of :func:`dipy_spinverse.data.make_phantom_dataset`)::
 
 As every DIPY workflow, the ``run`` docstring defines the command-line
 options; positional inputs may contain wildcards to process several datasets.
+A run is four steps a dataset: its flags checked once (:mod:`.flags`), the
+dataset read (:mod:`.dataset`), the fit (here), the outputs written
+(:mod:`.outputs`).
 """
 
-import json
 import os
-import pathlib
-import re
 import time
 
-import numpy as np
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
-from ..checks import (
-    check_choice,
-    check_int,
-    check_mask_values,
-    check_number,
-    check_same_space,
-)
-from ..files import (
-    atomic_write,
-    check_outputs,
-    describe_cause,
-    load_image,
-    output_lock,
-    read_voxels,
-    save_image,
-    writable_folder,
-)
+from ..files import describe_cause, output_lock, writable_folder
 from ..io.checkpoint import Checkpoint, checkpoint_for
-from ..io.fits import load_fit, save_fit
-from ..io.gradients import B0_THRESHOLD, BVECS_TOL, read_gradients
-from ..io.maps import (
-    MESH_MAPS,
-    describe_status,
-    save_map,
-    save_permeability,
-    save_posterior,
-    save_predicted,
-)
-from ..io.surfaces import (
-    remove_voxel_meshes,
-    save_smooth_mesh,
-    save_voxel_meshes,
-    surface_slabs,
-    volume_surface,
-)
-from ..meshfit.refine import check_refine_options
-from ..posterior import TissuePrior, TrainingOptions
-from ..reconst import FLAGGED, STATUS_CODES, SpinverseModel
-from ..reconst.model import FIT_METHODS
-from ..reconst.posterior_model import NOISE_HINT
+from ..io.fits import load_fit
+from ..io.gradients import B0_THRESHOLD, BVECS_TOL
+from ..reconst import SpinverseModel
 from ..reconst.resume import check_resume
 from ..reconst.search_model import check_search_options
 from .cli import run_command
-from .report import write_posterior_report, write_report
+from .dataset import read_dataset
+from .flags import (
+    FLAGS,
+    check_flags,
+    parse_mesh_options,
+    parse_posterior_options,
+    search_options,
+)
+from .outputs import (
+    DEFAULT_METRICS,
+    METRICS,
+    SMOOTH_MESH_FORMATS,
+    check_output_paths,
+    save_search_state,
+    state_path,
+    write_posterior_outputs,
+    write_search_outputs,
+)
 
 __all__ = [
     "SpinverseFlow",
     "main",
     "parse_mesh_options",
+    "parse_posterior_options",
     "METRICS",
     "DEFAULT_METRICS",
     "SMOOTH_MESH_FORMATS",
 ]
-
-#: What ``--save_metrics`` chooses from: the scalar maps (named as the
-#: ``SpinverseFit`` attributes, ``s0`` as in DIPY's workflows), the predicted
-#: signal, the per-face permeability and the barrier surfaces (``mesh``: GIFTI
-#: and PLY). All but ``permeability`` are written by default
-#: (:data:`DEFAULT_METRICS`).
-METRICS = (
-    "restricted_fraction",
-    "surface_to_volume",
-    "membrane_permeability",
-    "n_compartments",
-    "residual",
-    "uncertainty",
-    "status",
-    "s0",
-    "predicted",
-    "permeability",
-    "mesh",
-)
-
-#: The outputs written without ``--save_metrics``. The per-face
-#: permeability (1,008 values a voxel on the default grid) is kept per mask
-#: voxel in the fit state (``out_state``; ``load_fit(path).permeability``)
-#: and written as a 4-D image only when asked for.
-DEFAULT_METRICS = tuple(name for name in METRICS if name != "permeability")
-
-#: File formats of the smooth meshes (``--refine_mesh``), one file per voxel.
-SMOOTH_MESH_FORMATS = ("vtp", "ply", "vtk", "gii")
-
-
-#: Voxels of an image below which ``--sigma auto`` warns. DIPY's
-#: ``estimate_sigma`` averages local variances over 3x3x3 neighbourhoods;
-#: with N of them the estimate's relative standard error is of order
-#: 1/sqrt(N) only where the image is mostly background or uniform tissue,
-#: which a small field of view is not: a 3 x 3 x 1 phantom gave SNR 23.5
-#: for data at 67-100. A 10 x 10 x 10 image holds a thousand neighbourhoods.
-SIGMA_AUTO_MIN_VOXELS = 1000
-#: Volumes ``--sigma auto`` reads at most (evenly spread): the median of
-#: their estimates moves by noise only past a few dozen.
-SIGMA_AUTO_MAX_VOLUMES = 64
-
 
 _KEPT_AFTER_INTERRUPT = (
     "the voxels fitted so far are kept in {}; run the same command again to continue"
@@ -120,6 +61,8 @@ _KEPT_AFTER_INTERRUPT = (
 
 
 class SpinverseFlow(Workflow):
+    """The ``dipy_fit_spinverse`` command (:meth:`run`)."""
+
     #: What ``cli.run_command`` says after Ctrl-C: the checkpoint keeps every
     #: finished chunk, and the same command continues from it. Once the fit
     #: starts, :meth:`run` names the checkpoint file itself.
@@ -419,206 +362,44 @@ class SpinverseFlow(Workflow):
            Physics for Permeability-Aware Microstructure Reconstruction from
            Diffusion MRI.
         """
-        if resume:
+        # run's arguments by name, before any other local: DIPY builds the
+        # command's flags from this signature, check_flags reads them.
+        flags = check_flags(dict(locals()))
+        if flags.resume:
             self._force_overwrite = True
-        metrics = _check_metrics(save_metrics)
-        n_report = check_int(n_report, "n_report", 0)
-        mesh_options = parse_mesh_options(mesh_options, refine_mesh=refine_mesh)
-        noise = _noise_option(sigma, snr)
-        fit_method = check_choice(fit_method, "fit_method", tuple(FIT_METHODS))
-        posterior = parse_posterior_options(posterior_options, diffusivity)
-        # The chosen model's options are checked by the model's own check
-        # before any data is read; only its messages are put in flag names.
-        if fit_method == "posterior":
-            _refuse_search_flags(
-                max_iter=max_iter,
-                refine_mesh=refine_mesh,
-                search_bootstrap=search_bootstrap,
-                search_proposal=search_proposal,
-            )
-            config = None
-        else:
-            config = _checked_options(
-                preset=preset,
-                max_iter=max_iter,
-                refine_mesh=bool(refine_mesh),
-                prior=posterior.get("prior"),
-                posterior_options=posterior.get("posterior_options"),
-                **_given(
-                    search_bootstrap=search_bootstrap,
-                    search_proposal=search_proposal,
-                ),
-            )
-        needs_noise = fit_method == "posterior" or "prior" in posterior
-        if needs_noise and noise is None:
-            what = (
-                "--fit_method posterior"
-                if fit_method == "posterior"
-                else 'The surface check (a "prior" in --posterior_options)'
-            )
-            raise ValueError(f"{what} needs the noise level: {_FLAGS[NOISE_HINT]}.")
-        if (
-            bool(save_metrics)
-            and "uncertainty" in metrics
-            and not (config and config.searches_labels)
-        ):
-            raise ValueError(
-                "--save_metrics uncertainty comes from the label search, which "
-                f"--preset {preset} does not run; use --preset default."
-            )
-        check_number(bvecs_tol, "bvecs_tol", minimum=0.0)
-        smooth_mesh_format = check_choice(
-            smooth_mesh_format, "smooth_mesh_format", SMOOTH_MESH_FORMATS
-        )
         writable_folder(out_dir or ".", "outputs", fix="give a writable --out_dir")
         try:
-            io_it = self.get_io_iterator()  # DIPY creates the output folders
+            # DIPY reads run's arguments from this frame, and creates the
+            # output folders.
+            io_it = self.get_io_iterator()
         except OSError as err:
-            raise ValueError(
-                f"cannot create the output folders under --out_dir "
-                f"{out_dir or '.'} ({describe_cause(err)}: {err.filename}); give a "
-                "writable --out_dir and out_* names that are file names."
-            ) from err
-        for dwi, bval, bvec, maskfile, *outputs in io_it:
+            raise _folder_error(out_dir, err) from err
+        for dwi, bval, bvec, maskfile, *paths in io_it:
             # Outputs by name: every one has its own path (out_dir joined).
-            out = dict(zip(io_it.out_keys, outputs, strict=True))
-            ostate = out["out_state"]
-            # Before the fit: an output that clashes or cannot be written
-            # would fail after the voxels' work, or overwrite another.
-            check_outputs(_written_paths(out), folders=FOLDER_OUTPUTS)
-            folder = writable_folder(
-                os.path.dirname(os.path.abspath(ostate)),
-                "outputs",
-                fix="give a writable --out_dir",
-            )
+            out = dict(zip(io_it.out_keys, paths, strict=True))
+            # Checked before the fit: an output that clashes or cannot be
+            # written would fail after the voxels' work, or overwrite another.
+            folder = check_output_paths(out)
             with output_lock(folder, command="dipy_fit_spinverse"):
                 logger.info(f"Spinverse fit of {dwi}")
-                image = load_image(dwi, "input_files")
-                affine = image.affine
-                if image.ndim != 4:
-                    squeeze = (
-                        " Save it without the axis of length 1 after x, y, z."
-                        if image.ndim == 5 and 1 in image.shape[3:]
-                        else ""
-                    )
-                    raise ValueError(
-                        f"{dwi} has {image.ndim} dimensions (shape {image.shape}); "
-                        "input_files must be 4-D diffusion images (x, y, z, volumes)."
-                        + squeeze
-                    )
-                mask_image = load_image(maskfile, "mask file")
-                _check_same_space(mask_image.affine, affine, maskfile, dwi)
-                try:
-                    mask_values = np.asanyarray(mask_image.dataobj)
-                except (EOFError, OSError, ValueError) as err:
-                    raise ValueError(
-                        f"mask file {maskfile} is damaged or truncated ({err}); "
-                        "write it again."
-                    ) from err
-                mask = check_mask_values(mask_values, f"mask file {maskfile}")
-                if mask.shape != image.shape[:-1]:
-                    raise ValueError(
-                        f"mask file {maskfile} has shape {mask.shape}, but {dwi} has "
-                        f"{image.shape[:-1]} voxels; pass the mask of this dataset "
-                        "(one value per voxel, 3-D)."
-                    )
-                if not mask.any():
-                    raise ValueError(
-                        f"mask file {maskfile} selects no voxel (all zero); pass the "
-                        "mask of this dataset."
-                    )
-                # The mask's voxels only, one volume at a time: memory grows
-                # with the mask, not with the image.
-                data = read_voxels(image, mask, "input_files")
-                table = read_gradients(
+                dataset = read_dataset(
+                    dwi,
                     bval,
                     bvec,
-                    n_volumes=data.shape[-1],
-                    big_delta=big_delta,
-                    small_delta=small_delta,
-                    timing_file=timing_file,
-                    scheme_file=scheme_file,
-                    b0_threshold=b0_threshold,
-                    bvecs_tol=bvecs_tol,
-                    data=data,
+                    maskfile,
+                    gradients=flags.gradients,
+                    noise=flags.noise,
                 )
-                space = dict(affine=affine, reference=image)
-                sigma = relative_sigma(noise, image, data, table)
-                if fit_method == "posterior":
-                    _run_posterior(
-                        table,
-                        data,
-                        mask,
-                        out,
-                        space=space,
-                        sigma=sigma,
-                        diffusivity=diffusivity,
-                        n_report=n_report,
-                        options=posterior,
-                    )
-                    continue
-                model = SpinverseModel(
-                    table,
-                    grid_size=grid_size,
-                    grid_resolution=grid_resolution,
-                    boundary=boundary,
-                    diffusivity=diffusivity,
-                    preset=preset,
-                    max_iter=max_iter,
-                    batch_size=batch_size,
-                    device=device,
-                    dtype=dtype,
-                    refine_mesh=bool(refine_mesh),
-                    mesh_options=mesh_options,
-                    **posterior,
-                    **_given(
-                        sigma=sigma,
-                        search_bootstrap=search_bootstrap,
-                        search_proposal=search_proposal,
-                    ),
-                )
-                logger.info(f"{model}; {int(mask.sum())} voxels in the mask")
-                state = _npz(ostate)
-                if state != os.fspath(ostate):
-                    logger.info(f"The fit state is an .npz archive: writing {state}.")
-                checkpoint = checkpoint_for(state)
-                previous = _previous_fit(model, data, mask, state, resume=resume)
-                self.on_interrupt = _KEPT_AFTER_INTERRUPT.format(checkpoint)
-                fit = model.fit(
-                    data,
-                    mask=mask,
-                    engine=engine,
-                    address=address,
-                    n_jobs=n_jobs,
-                    verbose=True,
-                    checkpoint=Checkpoint(checkpoint),
-                    resume=previous,
-                )
-                written = _save_outputs(
-                    fit, out, space=space, metrics=metrics, voxel_meshes=voxel_meshes
-                )
-                written += _save_smooth_meshes(
-                    fit, out, space=space, ext="." + smooth_mesh_format
-                )
-                if n_report:
-                    report = write_report(
-                        fit, data, out["out_report"], n_voxels=n_report
-                    )
-                    written += [report] if report else []
-                _remove_stale_outputs(out, written)
-                # Last: the state's presence tells manage_output_overwrite that
-                # this run finished.
-                save_fit(fit, state)
-                if os.path.isfile(checkpoint):
-                    os.remove(checkpoint)
-                logger.info(f"Voxel status: {describe_status(fit.status[fit.mask])}")
-                folder = os.path.commonpath(
-                    [os.path.abspath(p) for p in written + [state]]
-                )
-                logger.info(
-                    f"Spinverse outputs: {len(written)} files and the fit state "
-                    f"{state}, in {folder}"
-                )
+                if flags.fit_method == "posterior":
+                    fit_posterior(dataset, out, flags)
+                else:
+                    self._fit_search(dataset, out, flags)
+
+    def _fit_search(self, dataset, out, flags):
+        """:func:`fit_search`, naming its checkpoint if interrupted."""
+        checkpoint = checkpoint_for(state_path(out["out_state"]))
+        self.on_interrupt = _KEPT_AFTER_INTERRUPT.format(checkpoint)
+        fit_search(dataset, out, flags)
 
     def manage_output_overwrite(self):
         """DIPY's check, except that an unfinished run's outputs are redone.
@@ -631,11 +412,13 @@ class SpinverseFlow(Workflow):
         if not self._force_overwrite:
             keys = list(self.last_generated_outputs)
             states = self.flat_outputs[keys.index("out_state") :: len(keys)]
-            unfinished = [path for path in states if not os.path.isfile(_npz(path))]
+            unfinished = [
+                path for path in states if not os.path.isfile(state_path(path))
+            ]
             left = [path for path in self.flat_outputs if os.path.isfile(path)]
             if unfinished and left:
                 logger.warning(
-                    f"No fit state at {', '.join(map(_npz, unfinished))}: the "
+                    f"No fit state at {', '.join(map(state_path, unfinished))}: the "
                     f"{len(left)} output files there are from a run that did not "
                     "finish; running again (from its checkpoint, if it left one) "
                     "and overwriting them."
@@ -644,294 +427,101 @@ class SpinverseFlow(Workflow):
         return super().manage_output_overwrite()
 
 
-#: The model's words for its options, and the command's flags for them, in
-#: the order they are put in (a phrase before the words inside it).
-_FLAGS = {
-    NOISE_HINT: "(--snr: of the b=0 signal, e.g. 50; --sigma: in the data's "
-    "units, or auto)",
-    "sigma": "--sigma/--snr",
-    "search_bootstrap": "--search_bootstrap",
-    "search_proposal": "--search_proposal",
-    "max_iter": "--max_iter",
-    "preset='default'": "--preset default",
-    "preset": "--preset",
-    "posterior_options": "--posterior_options",
-    "a prior": 'a "prior" in --posterior_options',
-    "leave prior out": 'leave "prior" out',
-    "refine_mesh=True": "--refine_mesh",
-    "refine_mesh": "--refine_mesh",
-    " or use parametrisation='cell'": "",
-}
+def _folder_error(out_dir, err):
+    """The error of output folders that cannot be created."""
+    return ValueError(
+        f"cannot create the output folders under --out_dir "
+        f"{out_dir or '.'} ({describe_cause(err)}: {err.filename}); give a "
+        "writable --out_dir and out_* names that are file names."
+    )
 
 
-def _given(**options):
-    """The options set (0 means unknown or off: left out, so that presets
-    without a noise model or a label search accept the defaults)."""
-    return {name: value for name, value in options.items() if value}
-
-
-def _refuse_search_flags(**flags):
-    """Refuse the label search's flags with ``--fit_method posterior``."""
-    given = [f"--{name}" for name, value in flags.items() if value]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} set the label search, which --fit_method "
-            "posterior does not run; leave them out or use --fit_method search."
-        )
-
-
-def _checked_options(**options):
-    """Check these flags with the search model's own check
-    (:func:`~dipy_spinverse.reconst.search_model.check_search_options`), which
-    returns the inversion's configuration; its message, if it refuses them,
-    names the flags."""
-    try:
-        return check_search_options(**options)
-    except ValueError as err:
-        message = str(err)
-        for option, flag in _FLAGS.items():
-            message = re.sub(rf"(?<![\w-]){re.escape(option)}(?![\w])", flag, message)
-        raise ValueError(message) from err
-
-
-def parse_posterior_options(text, diffusivity):
-    """``--posterior_options`` (a JSON object, or a file holding one) as
-    SpinverseModel keywords (dict)."""
-    if not text:
-        return {}
-    if not text.lstrip().startswith("{"):
-        try:
-            text = pathlib.Path(text).read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(
-                f"--posterior_options {text!r} is neither a JSON object nor a "
-                f"readable JSON file ({err}); pass e.g. "
-                '\'{"prior": {"cell_diameter": [1, 5]}}\' or demo/posterior.json.'
-            ) from err
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"--posterior_options is not valid JSON ({err}); e.g. "
-            '\'{"prior": {"cell_diameter": [1, 5]}, "training": '
-            '{"n_simulations": 5000}}\'.'
-        ) from err
-    known = {"prior", "training", "n_samples"}
-    if not isinstance(options, dict) or set(options) - known:
-        raise ValueError(
-            f"--posterior_options must be a JSON object with keys among "
-            f"{sorted(known)}, got {text!r}."
-        )
-    out = {}
-    try:
-        if "prior" in options:
-            prior = {"diffusivity": diffusivity, **options["prior"]}
-            out["prior"] = TissuePrior(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in prior.items()}
-            )
-        if "training" in options:
-            training = options["training"]
-            out["posterior_options"] = TrainingOptions(
-                **{
-                    k: tuple(v) if isinstance(v, list) else v
-                    for k, v in training.items()
-                }
-            )
-    except TypeError as err:
-        raise ValueError(f"--posterior_options: {err}.") from err
-    if "n_samples" in options:
-        out["n_posterior_samples"] = options["n_samples"]
-    return out
-
-
-def _noise_option(sigma, snr):
-    """The noise options as ``None`` (unknown), ``("snr", value)``,
-    ``("sigma", value)`` or ``("auto", None)``; 0 means unknown."""
-    if sigma is not None and snr is not None:
-        raise ValueError("Give the noise once: --sigma or --snr, not both.")
-    if snr is not None:
-        snr = check_number(snr, "snr", minimum=0.0)
-        if snr == 0:
-            return None
-        if snr <= 1:
-            raise ValueError(
-                f"--snr {snr:g}: the SNR is the b=0 signal over the noise, and at "
-                "or below 1 the noise is as large as the signal; pass the SNR of "
-                "the b=0 images (e.g. 20 to 100), or leave --snr out if unknown."
-            )
-        return "snr", snr
-    if sigma is None:
-        return None
-    if isinstance(sigma, str) and sigma.strip().lower() == "auto":
-        return "auto", None
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"--sigma must be a noise standard deviation in the data's units "
-            f"(e.g. 20) or 'auto', got {sigma!r}."
-        ) from err
-    value = check_number(value, "sigma", minimum=0.0)
-    return None if value == 0 else ("sigma", value)
-
-
-def relative_sigma(noise, image, data, table):
-    """The noise over the median b=0 signal of the mask (1/SNR), as the model
-    takes it; 0 when unknown.
+def fit_search(dataset, out, flags):
+    """``--fit_method search``: the fit (continuing an interrupted one), its
+    outputs, then its state.
 
     Parameters
     ----------
-    noise : tuple or None
-        From the options: ``("snr", snr)``, ``("sigma", sigma)`` in the data's
-        units, or ``("auto", None)``: DIPY's
-        :func:`~dipy.denoise.noise_estimate.estimate_sigma` on the b=0
-        volumes (read one at a time), the median over them.
-    image : nibabel image
-        The diffusion image (for ``auto``).
-    data : ndarray (n_mask, n_volumes)
-        The mask's voxels.
-    table : GradientTable
+    dataset : Dataset
+        The dataset read (:func:`~dipy_spinverse.workflows.dataset.read_dataset`).
+    out : dict
+        The ``out_*`` paths by flag name.
+    flags : Flags
+        The checked flags (:func:`~dipy_spinverse.workflows.flags.check_flags`).
     """
-    if noise is None:
-        return 0.0
-    kind, value = noise
-    if kind == "snr":
-        return 1.0 / value
-    b0 = np.asarray(table.b0s_mask)
-    if not b0.any():
-        raise ValueError(
-            "--sigma needs b=0 volumes to scale the noise by; these data have "
-            "none: pass --snr instead."
-        )
-    s0 = float(np.median(data[:, b0].astype(np.float64).mean(-1)))
-    if not s0 > 0:
-        raise ValueError(
-            f"The median b=0 signal of the mask is {s0:g}; --sigma cannot be "
-            "scaled by it. Check the mask, or pass --snr."
-        )
-    if kind == "auto":
-        from dipy.denoise.noise_estimate import estimate_sigma
-
-        # Every volume (or SIGMA_AUTO_MAX_VOLUMES spread over them), as the
-        # package's examples do: the b = 0 volume has the most anatomical
-        # contrast, which estimate_sigma reads as noise (small_101D: SNR 23.5
-        # from the b = 0 alone, 10.9 from every volume).
-        chosen = np.unique(
-            np.linspace(0, len(b0) - 1, min(len(b0), SIGMA_AUTO_MAX_VOLUMES)).round()
-        ).astype(int)
-        volumes = [
-            float(
-                estimate_sigma(np.asarray(image.dataobj[..., i], dtype=np.float32))[0]
-            )
-            for i in chosen
-        ]
-        value = float(np.median(volumes))
-        logger.info(
-            f"--sigma auto: {value:.4g} in the data's units (DIPY estimate_sigma "
-            f"on {len(chosen)} of the {len(b0)} volumes, their median; "
-            f"{np.min(volumes):.4g}-{np.max(volumes):.4g} across them)"
-        )
-        n_voxels = int(np.prod(image.shape[:3]))
-        if n_voxels < SIGMA_AUTO_MIN_VOXELS:
-            logger.warning(
-                f"--sigma auto estimated the noise from an image of {n_voxels} "
-                f"voxels (fewer than {SIGMA_AUTO_MIN_VOXELS}): DIPY's estimate_sigma "
-                "takes the local variance in 3x3x3 neighbourhoods, and so few "
-                "cannot separate noise from tissue contrast; the SNR it gives may "
-                "be far off. Pass --snr (the b=0 images' SNR, e.g. from a larger "
-                "field of view or the scanner's protocol) instead."
-            )
-    relative = value / s0
-    logger.info(
-        f"Noise: sigma {value:.4g} over the median b=0 signal {s0:.4g} of the "
-        f"mask = 1/SNR {relative:.4g} (SNR {1 / relative:.3g})"
-        if relative > 0
-        else "Noise: sigma 0"
+    model = search_model(dataset, flags)
+    logger.info(f"{model}; {int(dataset.mask.sum())} voxels in the mask")
+    state = state_path(out["out_state"])
+    if state != os.fspath(out["out_state"]):
+        logger.info(f"The fit state is an .npz archive: writing {state}.")
+    previous = previous_fit(
+        model, dataset.data, dataset.mask, state, resume=flags.resume
     )
-    if relative >= 1:
-        raise ValueError(
-            f"--sigma {value:.4g} is above the median b=0 signal {s0:.4g}: give "
-            "the noise standard deviation in the data's units (or --snr)."
-        )
-    return relative
-
-
-def _run_posterior(
-    table, data, mask, out, *, space, sigma, diffusivity, n_report, options
-):
-    """``--fit_method posterior``: fit, maps, status, report and state."""
-    model = SpinverseModel(
-        table, fit_method="posterior", diffusivity=diffusivity, sigma=sigma, **options
+    fit = model.fit(
+        dataset.data,
+        mask=dataset.mask,
+        **flags.engine,
+        verbose=True,
+        checkpoint=Checkpoint(checkpoint_for(state)),
+        resume=previous,
     )
-    logger.info(f"Posterior of {model.prior.prior!r}; {int(mask.sum())} voxels")
-    fit = model.fit(data, mask=mask)
-    written = list(save_posterior(fit, out["out_posterior"], **space).values())
-    written.append(save_map_values(fit.status, out["out_status"], **space))
-    if n_report:
-        report = write_posterior_report(fit, out["out_report"], n_voxels=n_report)
-        written += [report] if report else []
-    logger.info(f"Voxel status: {fit.status_counts()}")
-    with atomic_write(_npz(out["out_state"])) as tmp:
-        np.savez(tmp, mask=fit.mask, **fit.params)
-    logger.info(f"Spinverse posterior: {len(written)} files in {out['out_posterior']}")
+    written = write_search_outputs(
+        fit,
+        dataset.data,
+        out,
+        space=dataset.space,
+        metrics=flags.metrics,
+        voxel_meshes=flags.voxel_meshes,
+        mesh_ext=flags.mesh_ext,
+        n_report=flags.n_report,
+    )
+    save_search_state(fit, state, written)
 
 
-def save_map_values(values, path, *, affine, reference):
-    """A status map (int16) of the whole volume, atomically."""
-    return save_image(path, np.asarray(values, np.int16), affine, reference)
+def search_model(dataset, flags):
+    """The label search's model of one dataset.
 
+    Parameters
+    ----------
+    dataset : Dataset
+        The dataset read, with its noise level.
+    flags : Flags
+        The checked flags.
 
-def _remove_stale_outputs(out, written):
-    """Delete output files of an earlier run that this run did not write.
+    Returns
+    -------
+    SpinverseSearchModel
 
-    With --force or --resume and fewer --save_metrics (or no report), an
-    earlier run's maps would stay beside the new state and describe
-    another fit. The state and the mesh folders are left to the run.
+    Raises
+    ------
+    ValueError
+        A noise level the configuration would ignore (``--sigma`` with
+        ``--preset paper``), named as the flags: the one option check that
+        needs the data.
     """
-    kept = {os.path.abspath(path) for path in written}
-    stale = [
-        path
-        for key, path in out.items()
-        if key not in _FOLDERS_AND_STATE
-        and os.path.isfile(path)
-        and os.path.abspath(path) not in kept
-    ]
-    for path in stale:
-        os.remove(path)
-    if stale:
-        logger.info(
-            f"Removed {len(stale)} output files of an earlier run that this run "
-            f"does not write: {', '.join(map(os.path.basename, stale))}."
-        )
+    options = dict(flags.model)
+    if dataset.sigma:  # 0: unknown, left out (a preset without noise takes none)
+        options["sigma"] = dataset.sigma
+    check_search_options(names=FLAGS, **search_options(options))
+    return SpinverseModel(dataset.table, **options)
 
 
-#: Outputs that are not one file written by the run's savers.
-_FOLDERS_AND_STATE = ("out_state", "out_voxel_meshes", "out_smooth_meshes")
+def fit_posterior(dataset, out, flags):
+    """``--fit_method posterior``: the fit, its maps, status, report and state.
 
-
-def _npz(path):
-    """The state file's path, as save_fit writes it."""
-    path = os.fspath(path)
-    return path if path.endswith(".npz") else path + ".npz"
-
-
-#: Outputs that are folders; the other ``out_*`` are files.
-FOLDER_OUTPUTS = ("out_voxel_meshes", "out_smooth_meshes", "out_posterior")
-
-
-def _written_paths(out):
-    """``(flag, path)`` of every file or folder a run may write: the outputs
-    as given, the state as ``save_fit`` names it, its checkpoint store and
-    the ``_uncertain`` barrier files."""
-    for key, path in out.items():
-        path = os.fspath(path)
-        if key == "out_state":
-            yield key, _npz(path)
-            yield key, checkpoint_for(_npz(path))
-            continue
-        yield key, path
-        if key in ("out_mesh_gifti", "out_mesh_ply"):
-            yield key, _suffixed(path, UNCERTAIN_SUFFIX)
+    Parameters
+    ----------
+    dataset : Dataset
+        The dataset read, with its noise level.
+    out : dict
+        The ``out_*`` paths by flag name.
+    flags : Flags
+        The checked flags.
+    """
+    model = SpinverseModel(dataset.table, **flags.model, sigma=dataset.sigma)
+    logger.info(f"Posterior of {model.prior.prior!r}; {int(dataset.mask.sum())} voxels")
+    fit = model.fit(dataset.data, mask=dataset.mask)
+    write_posterior_outputs(fit, out, space=dataset.space, n_report=flags.n_report)
 
 
 def _set_aside(checkpoint):
@@ -943,13 +533,32 @@ def _set_aside(checkpoint):
     return kept
 
 
-def _previous_fit(model, data, mask, state, *, resume):
+def previous_fit(model, data, mask, state, *, resume):
     """The fit to continue: an interrupted one, or with --resume the state.
 
     With --resume: the checkpoint store, else the finished state, else none
     (a new fit). Without: the checkpoint store when it holds a fit of the
     same data, mask and settings, so that rerunning an interrupted command
-    continues it; otherwise a new fit over it, with a warning.
+    continues it; otherwise a new fit over it, with a warning (the store is
+    kept under another name).
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model of this run.
+    data : ndarray (n_mask, n_volumes)
+        The mask's voxels.
+    mask : ndarray of bool
+        The mask.
+    state : str
+        The fit state's path (its checkpoint store beside it).
+    resume : bool
+        Whether ``--resume`` was given.
+
+    Returns
+    -------
+    SpinverseFit or None
+        The partial (or finished) fit to continue, or None: a new fit.
     """
     checkpoint = checkpoint_for(state)
     if resume:
@@ -986,239 +595,6 @@ def _previous_fit(model, data, mask, state, *, resume):
         f"{int(previous.mask.sum())} voxels left (delete it to start over)."
     )
     return previous
-
-
-def parse_mesh_options(mesh_options, *, refine_mesh=True):
-    """The ``--mesh_options`` JSON object as checked refinement options.
-
-    Parameters
-    ----------
-    mesh_options : str, dict or None
-        A JSON object (or a dict) of
-        :data:`dipy_spinverse.meshfit.refine.REFINE_DEFAULTS` keys.
-    refine_mesh : bool
-        Whether ``--refine_mesh`` was given: options without it are refused.
-
-    Returns
-    -------
-    dict or None
-        The options as given (the model fills in and keeps the defaults), or
-        None when there are none.
-
-    Raises
-    ------
-    ValueError
-        Naming ``--mesh_options``: not JSON, not an object, an unknown key or
-        a value out of range.
-    """
-    if mesh_options is None or mesh_options == "":
-        return None
-    if not refine_mesh:
-        raise ValueError(
-            "--mesh_options are the options of the smooth-mesh refinement; add "
-            "--refine_mesh, or leave --mesh_options out."
-        )
-    example = "'{\"n_modes\": 8}'"
-    if isinstance(mesh_options, str):
-        try:
-            mesh_options = json.loads(mesh_options)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"--mesh_options must be a JSON object such as {example}, got "
-                f"{mesh_options!r} ({err})."
-            ) from err
-    if not isinstance(mesh_options, dict):
-        raise ValueError(
-            f"--mesh_options must be a JSON object such as {example}, got "
-            f"{mesh_options!r}."
-        )
-    try:
-        check_refine_options(mesh_options)
-    except ValueError as err:
-        raise ValueError(f"--mesh_options: {err}") from err
-    return mesh_options
-
-
-def _save_smooth_meshes(fit, out, *, space, ext):
-    """Mesh maps and per-voxel smooth surfaces (``--refine_mesh``); paths."""
-    folder = out["out_smooth_meshes"]
-    stale = remove_voxel_meshes(folder)
-    if stale:
-        logger.info(f"Removed {len(stale)} smooth meshes of an old run from {folder}.")
-    if not fit.model.refine_mesh:
-        return []
-    written = [save_map(fit, name, out[f"out_{name}"], **space) for name in MESH_MAPS]
-    paths = save_smooth_mesh(fit, folder, ext=ext)
-    logger.info(f"{len(paths)} smooth cell meshes (um) in {folder}.")
-    return written + list(paths.values())
-
-
-def _check_metrics(save_metrics):
-    """The outputs ``--save_metrics`` asks for (:data:`DEFAULT_METRICS` if none)."""
-    if not save_metrics:
-        return list(DEFAULT_METRICS)
-    if isinstance(save_metrics, str):
-        save_metrics = [save_metrics]
-    return [check_choice(name, "save_metrics entry", METRICS) for name in save_metrics]
-
-
-def _save_outputs(fit, out, *, space, metrics, voxel_meshes):
-    """Write the chosen outputs, each to its own out_* path; the paths written."""
-    written = []
-    for metric in metrics:
-        if metric == "uncertainty" and fit.uncertainty is None:
-            continue  # no label search (refused above when asked for)
-        if metric in _MAPS:
-            path = out[f"out_{metric}"]
-            written.append(save_map(fit, _MAPS[metric], path, **space))
-    if "predicted" in metrics:
-        written.append(save_predicted(fit, out["out_predicted"], **space))
-    if "permeability" in metrics:
-        written.append(save_permeability(fit, out["out_permeability"], **space))
-    folder = out["out_voxel_meshes"]
-    stale = remove_voxel_meshes(folder)
-    if stale:
-        logger.info(f"Removed {len(stale)} mesh files of a previous run from {folder}.")
-    if "mesh" in metrics:
-        written += _save_surface(fit, out, affine=space["affine"])
-    if voxel_meshes:
-        paths = save_voxel_meshes(fit, folder)
-        logger.info(f"{len(paths)} voxel meshes (um) in {folder}.")
-        written += list(paths.values())
-    return written
-
-
-#: Scalar maps: the --save_metrics name and the io.MAPS name (DIPY's ``s0``).
-_MAPS = {
-    name: "S0" if name == "s0" else name
-    for name in METRICS
-    if name not in ("predicted", "permeability", "mesh")
-}
-
-
-#: Fitted voxels per mesh file at most: beyond, the barrier surfaces are
-#: written in slabs of whole slices, with an index (a brain's barriers in
-#: one file would take gigabytes and no viewer opens them).
-MESH_SLAB_VOXELS = 2000
-
-
-def _save_surface(fit, out, *, affine, max_voxels=MESH_SLAB_VOXELS):
-    """The barrier surfaces in scanner coordinates, GIFTI and PLY, if any.
-
-    The trusted voxels' barriers (status ``OK``) go to out_mesh_gifti and
-    out_mesh_ply; those of voxels with a warning status
-    (:data:`~dipy_spinverse.reconst.FLAGGED`: ``POOR_FIT``,
-    ``UNCERTAIN_SURFACE``, ``IMPOSSIBLE_SIGNAL``, ``UNDERDETERMINED``) to
-    ``<name>_uncertain.<ext>`` beside them, so that a viewer
-    opening the main files shows only surfaces the data determine. One file
-    each when the fitted voxels fit in one slab of ``max_voxels``; otherwise
-    one file per slab of slices,
-    ``<name>_z<first>-<last>.<ext>``, listed in ``<gifti name>.json``.
-    """
-    status = np.asarray(fit.status)
-    uncertain = np.isin(status, FLAGGED)
-    written = []
-    for suffix, voxels in (("", ~uncertain), (UNCERTAIN_SUFFIX, uncertain)):
-        paths = [
-            _suffixed(out["out_mesh_gifti"], suffix),
-            _suffixed(out["out_mesh_ply"], suffix),
-        ]
-        written += _save_barriers(fit, paths, voxels, affine, max_voxels)
-    if uncertain.any():
-        codes = ", ".join(
-            f"{int(np.sum(status == code))} {code} ({STATUS_CODES[code]})"
-            for code in FLAGGED
-            if np.any(status == code)
-        )
-        logger.warning(
-            f"{int(uncertain.sum())} voxels have a warning status ({codes}); "
-            f"their barriers are in the *{UNCERTAIN_SUFFIX} mesh files only."
-        )
-    return written
-
-
-#: Suffix of the barrier files of the voxels whose surface is uncertain.
-UNCERTAIN_SUFFIX = "_uncertain"
-
-
-def _suffixed(path, suffix):
-    stem, ext = os.path.splitext(path)
-    return stem + suffix + ext
-
-
-def _save_barriers(fit, paths, voxels, affine, max_voxels):
-    """The barriers of ``voxels`` (a mask of the fit's shape) to ``paths``."""
-    index_path = os.path.splitext(paths[0])[0] + ".json"
-    stale = [index_path, *paths] + [p for path in paths for p in _slab_files(path)]
-    for path in stale:  # a previous run's surfaces are not this run's
-        if os.path.isfile(path):
-            os.remove(path)
-    slabs = surface_slabs(fit, max_voxels)
-    if len(slabs) > 1:
-        return _save_surface_slabs(
-            fit, paths, index_path, slabs, affine=affine, voxels=voxels
-        )
-    surface = volume_surface(fit, affine=affine, within=voxels)
-    if surface.n_triangles:
-        return [surface.save(path) for path in paths]
-    logger.info(
-        f"No voxel for {os.path.basename(paths[0])} has a barrier: no mesh file "
-        "written (an empty mesh file would break mesh readers)."
-    )
-    return []
-
-
-def _slab_name(path, first, last):
-    stem, ext = os.path.splitext(path)
-    return f"{stem}_z{first:03d}-{last:03d}{ext}"
-
-
-def _slab_files(path):
-    """Slab files of ``path`` left by an earlier run."""
-    folder, name = os.path.split(os.path.abspath(path))
-    stem, ext = os.path.splitext(name)
-    pattern = re.compile(re.escape(stem) + r"_z\d{3,}-\d{3,}" + re.escape(ext))
-    if not os.path.isdir(folder):
-        return []
-    return [os.path.join(folder, f) for f in os.listdir(folder) if pattern.fullmatch(f)]
-
-
-def _save_surface_slabs(fit, paths, index_path, slabs, *, affine, voxels):
-    """One surface file per slab and format, and the JSON index of them."""
-    along = np.arange(fit.shape[-1]) if len(fit.shape) == 3 else np.zeros(1, int)
-    written, entries = [], []
-    for first, last in slabs:
-        within = voxels & np.broadcast_to((along >= first) & (along <= last), fit.shape)
-        surface = volume_surface(fit, affine=affine, within=within)
-        if not surface.n_triangles:
-            continue
-        files = [surface.save(_slab_name(path, first, last)) for path in paths]
-        written += files
-        entries.append(
-            dict(
-                slices=[int(first), int(last)],
-                files=[os.path.basename(f) for f in files],
-                voxels=int(np.sum(fit.fitted & within)),
-                triangles=int(surface.n_triangles),
-            )
-        )
-    if not entries:
-        return []
-    index = dict(
-        description="dipy_spinverse barrier surfaces in slabs of slices along "
-        "the last voxel axis, scanner coordinates (mm)",
-        slabs=entries,
-    )
-    with atomic_write(index_path) as tmp, open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    logger.info(f"Barrier surfaces in {len(entries)} slabs, listed in {index_path}.")
-    return written + [index_path]
-
-
-def _check_same_space(mask_affine, affine, maskfile, dwi):
-    """:func:`~dipy_spinverse.checks.check_same_space` (kept for callers of
-    this name)."""
-    check_same_space(mask_affine, affine, maskfile, dwi)
 
 
 def main():

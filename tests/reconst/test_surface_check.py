@@ -22,7 +22,7 @@ from dipy_spinverse.reconst import (
 )
 from dipy_spinverse.reconst.posterior import surface_volume_bound, volume_iou_bound
 from dipy_spinverse.sim.signals import VoxelSignals
-from dipy_spinverse.workflows.spinverse import _save_surface
+from dipy_spinverse.workflows.outputs import save_surface
 
 # Two diffusion times, 2 b = 0 and 6 directions on 2 shells each: 28 volumes.
 PROTOCOL = _protocol(((0.010, 0.020), (0.010, 0.060)), (1000.0, 2500.0), 6, 2)
@@ -148,7 +148,7 @@ def test_uncertain_barriers_are_written_apart(checked, tmp_path):
         out_mesh_gifti=str(tmp_path / "barriers.gii"),
         out_mesh_ply=str(tmp_path / "barriers.ply"),
     )
-    written = _save_surface(split, out, affine=np.eye(4))
+    written = save_surface(split, out, affine=np.eye(4))
     names = sorted(os.path.basename(p) for p in written)
     assert "barriers_uncertain.gii" in names and "barriers_uncertain.ply" in names
     trusted = _voxel_ids(str(tmp_path / "barriers.gii"))

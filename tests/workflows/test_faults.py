@@ -464,7 +464,7 @@ def test_sigma_auto_on_a_few_voxels_warns(demo, caplog):
     from dipy.io.gradients import read_bvals_bvecs
 
     from dipy_spinverse.files import read_voxels
-    from dipy_spinverse.workflows.spinverse import relative_sigma
+    from dipy_spinverse.workflows.dataset import relative_sigma
 
     image = nib.load(demo["data"])
     mask = np.asanyarray(nib.load(demo["mask"]).dataobj).astype(bool)

@@ -10,7 +10,6 @@ import pytest
 from conftest import SMALL_DEMO
 from numpy.testing import assert_allclose, assert_array_equal
 
-import dipy_spinverse.workflows.spinverse as workflows
 from dipy_spinverse import TetGrid
 from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.files import atomic_write
@@ -26,6 +25,8 @@ from dipy_spinverse.io.surfaces import (
     volume_surface,
 )
 from dipy_spinverse.reconst import MASKED, OK, SpinverseFit
+from dipy_spinverse.reconst.search_model import SpinverseSearchModel
+from dipy_spinverse.workflows import outputs
 from dipy_spinverse.workflows.report import write_report
 from dipy_spinverse.workflows.spinverse import SpinverseFlow
 
@@ -454,14 +455,14 @@ def test_voxel_meshes_and_stale_meshes(demo, tmp_path, monkeypatch, caplog):
     assert os.path.isfile(outputs["out_mesh_gifti"])
     # A rerun where no voxel has a barrier: no mesh file at all, and the
     # previous run's meshes are gone.
-    real = workflows.SpinverseModel.fit
+    real = SpinverseSearchModel.fit
 
     def without_barriers(self, *args, **kwargs):
         fit = real(self, *args, **kwargs)
         fit.params["permeability"][...] = 1.0  # far above any barrier
         return fit
 
-    monkeypatch.setattr(workflows.SpinverseModel, "fit", without_barriers)
+    monkeypatch.setattr(SpinverseSearchModel, "fit", without_barriers)
     caplog.set_level("INFO", logger="dipy")
     outputs = _run(demo, tmp_path, voxel_meshes=True, save_metrics=["mesh"])
     assert os.listdir(folder) == []
@@ -489,7 +490,7 @@ def test_barriers_of_many_voxels_are_written_in_slabs(model, truth, tmp_path):
 
     from dipy_spinverse.io.surfaces import surface_slabs
 
-    save_surface = workflows._save_surface  # the command's mesh output
+    save_surface = outputs.save_surface  # the command's mesh output
     grid = model.grid
     n = len(truth[1])
     permeability = np.broadcast_to(truth[1], (1, 1, 3, n)).copy()

@@ -29,14 +29,15 @@ from dipy_spinverse.io.gradients import read_timing
 from dipy_spinverse.io.meshes import load_mesh
 from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.reconst import OK, PENDING, UNDERDETERMINED, SpinverseModel
+from dipy_spinverse.reconst.search_model import SpinverseSearchModel
 from dipy_spinverse.sim.grid import TetGrid
 from dipy_spinverse.sim.sequences import Protocol
+from dipy_spinverse.workflows.dataset import relative_sigma
+from dipy_spinverse.workflows.flags import parse_noise
 from dipy_spinverse.workflows.spinverse import (
     SpinverseFlow,
-    _noise_option,
     main,
     parse_posterior_options,
-    relative_sigma,
 )
 
 # A 48-cell grid and 3 directions per shell: 2 x (1 + 2 x 3) = 14 volumes.
@@ -483,7 +484,7 @@ def test_ctrl_c_ends_the_command_in_one_line(demo, tmp_path, monkeypatch, capsys
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(SpinverseModel, "fit", interrupted)
+    monkeypatch.setattr(SpinverseSearchModel, "fit", interrupted)
     code, err = _command_exit(monkeypatch, capsys, argv)
     assert code == 130
     # The checkpoint file itself is named, not a pattern.
@@ -924,7 +925,10 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
             "neither a JSON object nor a readable",
         ),
         # The label search's options with the posterior: refused, not ignored.
-        (dict(search_bootstrap=2), r"\['--search_bootstrap'\] set the label search"),
+        (
+            dict(search_bootstrap=2),
+            r"\['--search_bootstrap'\] are not options of --fit_method posterior",
+        ),
     ):
         with pytest.raises(ValueError, match=match):
             _run(
@@ -999,22 +1003,22 @@ def test_noise_options_take_dipys_meaning(demo):
     table = gradient_table(bvals, bvecs=bvecs)
     s0 = np.median(data[:, table.b0s_mask].mean(-1))
     assert s0 > 100  # the demo is in scanner-like units, not normalised
-    noise = _noise_option("15", None)
+    noise = parse_noise("15", None)
     assert noise == ("sigma", 15.0)
     assert relative_sigma(noise, image, data, table) == pytest.approx(15 / s0)
-    assert relative_sigma(_noise_option(None, 50), image, data, table) == 0.02
+    assert relative_sigma(parse_noise(None, 50), image, data, table) == 0.02
     assert relative_sigma(None, image, data, table) == 0.0
-    auto = relative_sigma(_noise_option("auto", None), image, data, table)
+    auto = relative_sigma(parse_noise("auto", None), image, data, table)
     volumes = np.unique(np.linspace(0, len(bvals) - 1, 64).round()).astype(int)
     expected = np.median(
         [estimate_sigma(np.asarray(image.dataobj[..., i], np.float32)) for i in volumes]
     )
     assert auto == pytest.approx(expected / s0, rel=1e-6)
-    assert _noise_option(None, None) is None
-    assert _noise_option("0", None) is None
+    assert parse_noise(None, None) is None
+    assert parse_noise("0", None) is None
     with pytest.raises(ValueError, match="not both"):
-        _noise_option("15", 50)
+        parse_noise("15", 50)
     with pytest.raises(ValueError, match="'auto'"):
-        _noise_option("loud", None)
+        parse_noise("loud", None)
     with pytest.raises(ValueError, match="above the median b=0 signal"):
         relative_sigma(("sigma", 10 * s0), image, data, table)

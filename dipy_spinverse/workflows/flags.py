@@ -1,0 +1,444 @@
+"""The flags of ``dipy_fit_spinverse``, checked before any data is read.
+
+The chosen model's options are checked by the model's own checks
+(:func:`~dipy_spinverse.reconst.model.check_fit_method`,
+:func:`~dipy_spinverse.reconst.search_model.check_search_options`), given
+:data:`FLAGS`: the command's name of each option, which they use in their
+messages. The rest is the command's own: its JSON flags, the noise flags,
+the outputs.
+"""
+
+import json
+import pathlib
+from dataclasses import dataclass
+
+from ..checks import check_choice, check_int, check_number
+from ..inverse.config import check_proposal
+from ..meshfit.refine import check_refine_options
+from ..posterior import TissuePrior, TrainingOptions
+from ..reconst.model import check_fit_method
+from ..reconst.search_model import check_search_options
+from .outputs import DEFAULT_METRICS, METRICS, SMOOTH_MESH_FORMATS
+
+__all__ = [
+    "FLAGS",
+    "NOISE_FLAGS",
+    "Flags",
+    "check_flags",
+    "check_metrics",
+    "parse_mesh_options",
+    "parse_posterior_options",
+    "parse_noise",
+]
+
+#: The command's flag for each model option it sets: the ``names`` the
+#: models' checks word their messages with
+#: (:func:`~dipy_spinverse.checks.option_name`). The posterior's options
+#: are keys of the one JSON flag ``--posterior_options``.
+FLAGS = {
+    "fit_method": "--fit_method",
+    "preset": "--preset",
+    "max_iter": "--max_iter",
+    "sigma": "--sigma/--snr",
+    "search_bootstrap": "--search_bootstrap",
+    "search_proposal": "--search_proposal",
+    "refine_mesh": "--refine_mesh",
+    "mesh_options": "--mesh_options",
+    "prior": '"prior" in --posterior_options',
+    "posterior_options": '"training" in --posterior_options',
+    "n_posterior_samples": '"n_samples" in --posterior_options',
+}
+
+#: How to give the noise level on the command line.
+NOISE_FLAGS = (
+    "--sigma/--snr (--snr: of the b=0 signal, e.g. 50; --sigma: in the data's "
+    "units, or auto)"
+)
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The command's flags, checked: what each step of a run reads.
+
+    Parameters
+    ----------
+    fit_method : str
+        ``"search"`` or ``"posterior"``.
+    model : dict
+        The keywords of the chosen model
+        (:func:`~dipy_spinverse.reconst.model.SpinverseModel`) but ``sigma``,
+        known only with the data.
+    gradients : dict
+        The keywords of :func:`~dipy_spinverse.io.gradients.read_gradients`.
+    noise : tuple or None
+        The noise flags (:func:`parse_noise`).
+    engine : dict
+        The search fit's ``engine``, ``address`` and ``n_jobs``.
+    resume : bool
+        Whether ``--resume`` was given.
+    metrics : list of str
+        The outputs of ``--save_metrics``.
+    voxel_meshes : bool
+        Whether each voxel's mesh is written.
+    mesh_ext : str
+        The smooth meshes' file extension (``".vtp"``, ...).
+    n_report : int
+        Voxels in the PNG report (0: none).
+    """
+
+    fit_method: str
+    model: dict
+    gradients: dict
+    noise: tuple | None
+    engine: dict
+    resume: bool
+    metrics: list
+    voxel_meshes: bool
+    mesh_ext: str
+    n_report: int
+
+
+def check_flags(arguments):
+    """Check the flags of a run before any data is read.
+
+    Parameters
+    ----------
+    arguments : dict
+        :meth:`~dipy_spinverse.workflows.spinverse.SpinverseFlow.run`'s
+        arguments by name.
+
+    Returns
+    -------
+    Flags
+
+    Raises
+    ------
+    ValueError
+        A flag out of range, or one that the run would ignore, named as
+        given on the command line.
+    """
+    args = arguments  # by flag name
+    metrics = check_metrics(args["save_metrics"])
+    n_report = check_int(args["n_report"], "n_report", 0)
+    refine_mesh = bool(args["refine_mesh"])
+    mesh_options = parse_mesh_options(args["mesh_options"], refine_mesh=refine_mesh)
+    noise = parse_noise(args["sigma"], args["snr"])
+    # The label search's own flags, where given (0 means off, and so does
+    # None, max_iter's default: left out, as the models' defaults).
+    search = _given(
+        max_iter=args["max_iter"],
+        refine_mesh=refine_mesh,
+        search_bootstrap=args["search_bootstrap"],
+        search_proposal=args["search_proposal"],
+    )
+    fit_method = args["fit_method"]
+    check_fit_method(fit_method, search, names=FLAGS)
+    posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
+    if fit_method == "posterior":
+        model = dict(
+            fit_method="posterior", diffusivity=args["diffusivity"], **posterior
+        )
+        searches_labels = False
+    else:
+        model = _search_keywords(args, search, posterior, mesh_options)
+        searches_labels = check_search_options(
+            names=FLAGS, **search_options(model)
+        ).searches_labels
+    if (fit_method == "posterior" or "prior" in posterior) and noise is None:
+        what = (
+            "--fit_method posterior"
+            if fit_method == "posterior"
+            else 'With a "prior" in --posterior_options, the surface check'
+        )
+        raise ValueError(f"{what} needs the noise level: pass {NOISE_FLAGS}.")
+    if args["save_metrics"] and "uncertainty" in metrics and not searches_labels:
+        raise ValueError(
+            "--save_metrics uncertainty comes from the label search, which "
+            f"--preset {args['preset']} does not run; use --preset default."
+        )
+    check_number(args["bvecs_tol"], "bvecs_tol", minimum=0.0)
+    ext = check_choice(
+        args["smooth_mesh_format"], "smooth_mesh_format", SMOOTH_MESH_FORMATS
+    )
+    return Flags(
+        fit_method=fit_method,
+        model=model,
+        gradients={k: args[k] for k in _GRADIENT_FLAGS},
+        noise=noise,
+        engine={k: args[k] for k in ("engine", "address", "n_jobs")},
+        resume=bool(args["resume"]),
+        metrics=metrics,
+        voxel_meshes=bool(args["voxel_meshes"]),
+        mesh_ext="." + ext,
+        n_report=n_report,
+    )
+
+
+#: The flags of the gradient table: keywords of
+#: :func:`~dipy_spinverse.io.gradients.read_gradients`.
+_GRADIENT_FLAGS = (
+    "big_delta",
+    "small_delta",
+    "timing_file",
+    "scheme_file",
+    "b0_threshold",
+    "bvecs_tol",
+)
+
+#: The search model's keywords that its option check does not take: those
+#: of the grid, the simulator and the refinement
+#: (:func:`~dipy_spinverse.reconst.search_model.check_search_options` takes
+#: the rest).
+_NOT_CHECKED = (
+    "grid_size",
+    "grid_resolution",
+    "boundary",
+    "diffusivity",
+    "batch_size",
+    "device",
+    "dtype",
+    "mesh_options",
+)
+
+
+def search_options(model):
+    """The keywords of the search model that its option check takes.
+
+    Parameters
+    ----------
+    model : dict
+        The search model's keywords (:attr:`Flags.model`).
+
+    Returns
+    -------
+    dict
+        Those of
+        :func:`~dipy_spinverse.reconst.search_model.check_search_options`.
+    """
+    return {k: v for k, v in model.items() if k not in _NOT_CHECKED}
+
+
+def _search_keywords(args, search, posterior, mesh_options):
+    """The label search's model keywords from the flags (``a``)."""
+    if "search_bootstrap" in search:
+        check_int(search["search_bootstrap"], FLAGS["search_bootstrap"], 0)
+    if "search_proposal" in search:
+        check_proposal(search["search_proposal"], names=FLAGS)
+    # One JSON flag holds the options of both methods; with the search it is
+    # the surface check's.
+    if "n_posterior_samples" in posterior:
+        raise ValueError(
+            f"{FLAGS['n_posterior_samples']} is the number of draws of "
+            "--fit_method posterior; leave it out with --fit_method search."
+        )
+    if "posterior_options" in posterior and "prior" not in posterior:
+        raise ValueError(
+            f"{FLAGS['posterior_options']} sets how a posterior is trained: "
+            "pass --fit_method posterior, or with --fit_method search a "
+            '"prior" in --posterior_options (the surface check), or leave '
+            '"training" out.'
+        )
+    return dict(
+        grid_size=args["grid_size"],
+        grid_resolution=args["grid_resolution"],
+        boundary=args["boundary"],
+        diffusivity=args["diffusivity"],
+        preset=args["preset"],
+        max_iter=args["max_iter"],
+        batch_size=args["batch_size"],
+        device=args["device"],
+        dtype=args["dtype"],
+        refine_mesh=bool(args["refine_mesh"]),
+        mesh_options=mesh_options,
+        **posterior,
+        **_given(
+            search_bootstrap=args["search_bootstrap"],
+            search_proposal=args["search_proposal"],
+        ),
+    )
+
+
+def _given(**options):
+    """The options set (0 means unknown or off: left out, so that presets
+    without a noise model or a label search accept the defaults)."""
+    return {name: value for name, value in options.items() if value}
+
+
+def check_metrics(save_metrics):
+    """The outputs ``--save_metrics`` asks for.
+
+    Parameters
+    ----------
+    save_metrics : str, list of str or None
+        Names among :data:`~dipy_spinverse.workflows.outputs.METRICS`.
+
+    Returns
+    -------
+    list of str
+        Those names (:data:`~dipy_spinverse.workflows.outputs.DEFAULT_METRICS`
+        if none).
+    """
+    if not save_metrics:
+        return list(DEFAULT_METRICS)
+    if isinstance(save_metrics, str):
+        save_metrics = [save_metrics]
+    return [check_choice(name, "save_metrics entry", METRICS) for name in save_metrics]
+
+
+def parse_mesh_options(mesh_options, *, refine_mesh=True):
+    """The ``--mesh_options`` JSON object as checked refinement options.
+
+    Parameters
+    ----------
+    mesh_options : str, dict or None
+        A JSON object (or a dict) of
+        :data:`dipy_spinverse.meshfit.refine.REFINE_DEFAULTS` keys.
+    refine_mesh : bool
+        Whether ``--refine_mesh`` was given: options without it are refused.
+
+    Returns
+    -------
+    dict or None
+        The options as given (the model fills in and keeps the defaults), or
+        None when there are none.
+
+    Raises
+    ------
+    ValueError
+        Naming ``--mesh_options``: not JSON, not an object, an unknown key or
+        a value out of range.
+    """
+    if mesh_options is None or mesh_options == "":
+        return None
+    if not refine_mesh:
+        raise ValueError(
+            "--mesh_options are the options of the smooth-mesh refinement; add "
+            "--refine_mesh, or leave --mesh_options out."
+        )
+    example = "'{\"n_modes\": 8}'"
+    if isinstance(mesh_options, str):
+        try:
+            mesh_options = json.loads(mesh_options)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"--mesh_options must be a JSON object such as {example}, got "
+                f"{mesh_options!r} ({err})."
+            ) from err
+    if not isinstance(mesh_options, dict):
+        raise ValueError(
+            f"--mesh_options must be a JSON object such as {example}, got "
+            f"{mesh_options!r}."
+        )
+    try:
+        check_refine_options(mesh_options)
+    except ValueError as err:
+        raise ValueError(f"--mesh_options: {err}") from err
+    return mesh_options
+
+
+def parse_posterior_options(text, diffusivity):
+    """``--posterior_options`` as model keywords.
+
+    Parameters
+    ----------
+    text : str or None
+        A JSON object, or the path of a file holding one, with keys among
+        ``"prior"`` (fields of :class:`~dipy_spinverse.posterior.TissuePrior`),
+        ``"training"`` (fields of
+        :class:`~dipy_spinverse.posterior.TrainingOptions`) and
+        ``"n_samples"``.
+    diffusivity : float
+        The prior's diffusivity unless it gives its own (mm^2/s).
+
+    Returns
+    -------
+    dict
+        ``prior``, ``posterior_options`` and ``n_posterior_samples``, those
+        given.
+    """
+    if not text:
+        return {}
+    if not text.lstrip().startswith("{"):
+        try:
+            text = pathlib.Path(text).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"--posterior_options {text!r} is neither a JSON object nor a "
+                f"readable JSON file ({err}); pass e.g. "
+                '\'{"prior": {"cell_diameter": [1, 5]}}\' or demo/posterior.json.'
+            ) from err
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--posterior_options is not valid JSON ({err}); e.g. "
+            '\'{"prior": {"cell_diameter": [1, 5]}, "training": '
+            '{"n_simulations": 5000}}\'.'
+        ) from err
+    known = {"prior", "training", "n_samples"}
+    if not isinstance(options, dict) or set(options) - known:
+        raise ValueError(
+            f"--posterior_options must be a JSON object with keys among "
+            f"{sorted(known)}, got {text!r}."
+        )
+    out = {}
+    try:
+        if "prior" in options:
+            prior = {"diffusivity": diffusivity, **options["prior"]}
+            out["prior"] = TissuePrior(**_tuples(prior))
+        if "training" in options:
+            out["posterior_options"] = TrainingOptions(**_tuples(options["training"]))
+    except TypeError as err:
+        raise ValueError(f"--posterior_options: {err}.") from err
+    if "n_samples" in options:
+        out["n_posterior_samples"] = options["n_samples"]
+    return out
+
+
+def _tuples(fields):
+    """JSON lists as tuples (the dataclasses' ranges)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def parse_noise(sigma, snr):
+    """The noise flags.
+
+    Parameters
+    ----------
+    sigma : str, float or None
+        ``--sigma``: in the data's units, or ``"auto"``.
+    snr : float or None
+        ``--snr``: of the b = 0 signal.
+
+    Returns
+    -------
+    tuple or None
+        ``None`` (unknown; 0 means unknown too), ``("snr", value)``,
+        ``("sigma", value)`` or ``("auto", None)``.
+    """
+    if sigma is not None and snr is not None:
+        raise ValueError("Give the noise once: --sigma or --snr, not both.")
+    if snr is not None:
+        snr = check_number(snr, "snr", minimum=0.0)
+        if snr == 0:
+            return None
+        if snr <= 1:
+            raise ValueError(
+                f"--snr {snr:g}: the SNR is the b=0 signal over the noise, and at "
+                "or below 1 the noise is as large as the signal; pass the SNR of "
+                "the b=0 images (e.g. 20 to 100), or leave --snr out if unknown."
+            )
+        return "snr", snr
+    if sigma is None:
+        return None
+    if isinstance(sigma, str) and sigma.strip().lower() == "auto":
+        return "auto", None
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"--sigma must be a noise standard deviation in the data's units "
+            f"(e.g. 20) or 'auto', got {sigma!r}."
+        ) from err
+    value = check_number(value, "sigma", minimum=0.0)
+    return None if value == 0 else ("sigma", value)
