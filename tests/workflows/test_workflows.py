@@ -331,7 +331,7 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(timing_file=None, scheme_file="WRONG_B"), "disagree"),
         (dict(timing_file=None, scheme_file="no.scheme"), "cannot read the scheme"),
         (dict(engine="spark"), "Invalid engine"),
-        (dict(boundary="sticky"), "Invalid boundary"),
+        (dict(boundary="sticky"), "Invalid --boundary"),
         (dict(sigma=-0.02), "sigma must be a finite number and >= 0"),
         (dict(timing_file=None, scheme_file="TURNED"), "direction differs"),
         (dict(n_report=-1), "n_report must be an integer >= 0"),
