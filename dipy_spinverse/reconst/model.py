@@ -154,7 +154,7 @@ def _refuse_python_keywords(model, fit_method, foreign):
     if rest:
         hints.append(f"leave {rest} out, or use fit_method={other!r} if they are its")
     raise ValueError(
-        f"option(s) {foreign} are not keywords of fit_method={fit_method!r} "
+        f"option(s) {foreign} are not options of fit_method={fit_method!r} "
         f"({takes}); " + "; ".join(hints) + "."
     )
 

@@ -15,6 +15,7 @@ import dipy_spinverse.reconst.resume as resume
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import SpinverseModel, TetGrid
 from dipy_spinverse.files import WriteError
+from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.io.checkpoint import Checkpoint, resume_fit
 from dipy_spinverse.io.fits import load_fit, save_fit
 from dipy_spinverse.io.maps import (
@@ -46,7 +47,12 @@ def test_search_outputs_survive_save_load_and_the_store(gtab, grid, volume, tmp_
     """Labels, inside probability and uncertainty of the label search are
     saved (npz) and checkpointed (HDF5 store) like the other parameters."""
     data, mask = volume
-    model = SpinverseModel(gtab, grid=grid, max_iter=4, search_steps=2, search_starts=2)
+    model = SpinverseModel(
+        gtab,
+        grid=grid,
+        max_iter=4,
+        preset=resolve_config("default", search_steps=2, search_starts=2),
+    )
     fit = model.fit(data, mask=mask, checkpoint=Checkpoint(tmp_path / "state.h5"))
     assert fit.inside_probability.shape == mask.shape + (grid.n_cells,)
     for loaded in (

@@ -212,8 +212,9 @@ def test_phantom_dataset_says_its_posterior(tmp_path):
     # The search takes it: the prior's box is the grid's.
     model = SpinverseModel(
         read_scheme(paths["scheme"])[0],
-        grid_size=SMALL_DEMO["grid_size"],
-        grid_resolution=SMALL_DEMO["grid_resolution"],
+        grid=dict(
+            size=SMALL_DEMO["grid_size"], resolution=SMALL_DEMO["grid_resolution"]
+        ),
         sigma=0.01,
         **check,
     )
