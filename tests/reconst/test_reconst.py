@@ -734,14 +734,16 @@ def test_max_iter_scales_the_curriculum(gtab):
     assert [s.iterations for s in stages] == [16, 15]
     assert model.config.face.warmup == 4  # 25 of 200 iterations, scaled
     stages = (dict(iterations=30, sequences=(0,)), dict(iterations=10, sequences="all"))
-    custom = SpinverseModel(
-        gtab,
-        grid=dict(resolution=2),
-        preset=resolve_config("default", warmup=3, stages=stages),
-        max_iter=10,
-    )
+    # A warm-up of its own is kept when the configuration is scaled with it;
+    # the model's max_iter scales the configuration's whole curriculum.
+    config = resolve_config("default", warmup=3, stages=stages, max_iter=10)
+    custom = SpinverseModel(gtab, grid=dict(resolution=2), preset=config)
     assert [s.iterations for s in custom.config.face.stages] == [7, 3]
     assert custom.config.face.warmup == 3
+    config = resolve_config("default", warmup=8, stages=stages)
+    scaled = SpinverseModel(gtab, grid=dict(resolution=2), preset=config, max_iter=10)
+    assert [s.iterations for s in scaled.config.face.stages] == [7, 3]
+    assert scaled.config.face.warmup == 2  # 8 of 40 iterations, scaled
     assert SpinverseModel(gtab, grid=dict(resolution=2)).n_iterations == 200
     # Fewer iterations than the preset's stages: one stage over everything,
     # as on a protocol of one diffusion time.
