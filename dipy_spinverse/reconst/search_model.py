@@ -184,7 +184,8 @@ class SpinverseSearchModel(ReconstModel):
         Total face-fit iterations: the configuration's curriculum stages (and
         its learning-rate warm-up) are scaled to this total, each stage
         keeping at least one iteration. Default: the configuration's own
-        total.
+        total. (To keep a warm-up of your own, give both to the
+        configuration: ``resolve_config("default", max_iter=100, warmup=5)``.)
     batch_size : int
         Voxels fitted together in one batched call (memory grows linearly).
     device : str or torch.device
