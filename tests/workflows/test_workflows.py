@@ -764,8 +764,8 @@ def test_uncertainty_map_with_bootstrap_from_the_command_line(demo, tmp_path):
 
 
 def test_search_proposal_reaches_the_model(demo, tmp_path, monkeypatch):
-    """--search_proposal N is the model's search_proposal (training a
-    proposal is measured elsewhere: tests/test_proposal.py)."""
+    """--search_proposal N is the model's configuration's search_proposal
+    (training a proposal is measured elsewhere: tests/test_proposal.py)."""
     import dipy_spinverse.workflows.spinverse as workflows
 
     seen = {}
@@ -780,7 +780,7 @@ def test_search_proposal_reaches_the_model(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(workflows, "SpinverseModel", model)
     with pytest.raises(Stop):
         _run(demo, tmp_path, preset="default", search_proposal=64)
-    assert seen["search_proposal"] == 64
+    assert seen["preset"].search.proposal == 64
 
 
 def test_mesh_options_help_names_every_key():
