@@ -116,7 +116,8 @@ def check_search_options(
         raise ValueError(
             f"{name('posterior_options')} set how the surface check's posterior "
             f"is trained; pass a prior with them ({name('prior')}, the surface "
-            "check), or leave them out."
+            f"check), or pass {option_setting('fit_method', 'posterior', names)} "
+            "if they are the posterior's own, or leave them out."
         )
     if prior is None:
         return config
