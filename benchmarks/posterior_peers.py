@@ -112,6 +112,8 @@ from dipy_spinverse.compartments import (
     ZcdModel,
 )
 from dipy_spinverse.geometry import describe
+from dipy_spinverse.inverse import resolve_config
+from dipy_spinverse.inverse.config import OPTIONS
 from dipy_spinverse.reconst.codes import FITTED
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
 
@@ -349,15 +351,37 @@ def search_options(args, diffusivity):
     """The label search's options: the package's default preset and grid,
     the prior's diffusivity, and the ``--search_option`` values."""
     options = {} if diffusivity is None else {"diffusivity": diffusivity}
+    grid, inversion = {}, {}
     for item in args.search_option:
         name, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--search_option takes NAME=VALUE, got {item!r}")
         try:
-            options[name] = ast.literal_eval(value)
+            value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            options[name] = value  # a bare string, e.g. boundary=periodic
+            pass  # a bare string, e.g. boundary=periodic
+        if name in GRID_OPTIONS:  # the BCC grid's settings: grid=dict(...)
+            grid[GRID_OPTIONS[name]] = value
+        elif name in OPTIONS:  # the inversion's: in its configuration
+            inversion[name] = value
+        else:
+            options[name] = value
+    if grid:
+        options["grid"] = grid
+    if inversion:
+        options["preset"] = resolve_config(
+            options.get("preset", "default"), **inversion
+        )
     return options
+
+
+#: The ``--search_option`` names of the BCC grid's settings (``grid=dict``).
+GRID_OPTIONS = {
+    "grid_size": "size",
+    "grid_resolution": "resolution",
+    "boundary": "boundary",
+    "wall_permeability": "wall_permeability",
+}
 
 
 def errors(estimated, true):

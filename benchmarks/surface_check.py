@@ -58,6 +58,7 @@ from dipy_spinverse.data import (
 )
 from dipy_spinverse.geometry.metrics import aligned_overlap
 from dipy_spinverse.geometry.substrates import random_substrates
+from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.reconst import OK
 from dipy_spinverse.reconst.posterior import surface_volume_bound
@@ -106,7 +107,11 @@ def main():
         f"SNR {args.snr:g}": (noisy, 1.0 / args.snr),
     }
     results = {}
-    search = {} if args.restarts is None else dict(search_restarts=args.restarts)
+    search = (
+        {}
+        if args.restarts is None
+        else dict(preset=resolve_config("default", search_restarts=args.restarts))
+    )
     for name, (signals, given) in cases.items():
         model = SpinverseModel(protocol, sigma=given, **search)
         start = time.perf_counter()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from dipy.core.gradients import gradient_table
 
-from ..inverse import InversionConfig
+from ..inverse import InversionConfig, resolve_config
 from ..reconst import SpinverseModel
 from ..sim import sequences
 from ..sim.grid import TetGrid
@@ -28,17 +28,17 @@ def model_spec(model):
     The acquisitions are saved as the model's protocol (waveforms, b-values,
     directions), which is all a fit depends on.
     """
-    configured = not isinstance(model.preset, str)
     spec = dict(
         grid=_grid_spec(model.grid),
         diffusivity=model.diffusivity,
-        # A preset given as a configuration is saved whole, as options.
-        preset=None if configured else model.preset,
-        max_iter=None if configured else model.max_iter,
+        # The configuration is saved whole, as options (preset None): the
+        # model reloads with the same one, whatever preset it was built from.
+        preset=None,
+        max_iter=None,
         batch_size=model.batch_size,
         device=str(model.device),
         dtype=str(model.dtype).replace("torch.", ""),
-        options=model.config.as_dict() if configured else model.options,
+        options=model.config.as_dict(),
         refine_mesh=model.refine_mesh,
         mesh_options=model.mesh_options,
         protocol=dict(
@@ -80,19 +80,19 @@ def model_from_spec(spec):
         device = "cpu"
     options, preset = spec["options"], spec["preset"]
     if preset is None:  # a whole configuration was saved
-        preset, options = InversionConfig.from_options(**options), {}
+        config = InversionConfig.from_options(**options)
+    else:  # files of earlier versions: a preset, its options and max_iter
+        config = resolve_config(preset, max_iter=spec["max_iter"], **options)
     return SpinverseModel(
         table,
         grid=grid,
         diffusivity=spec["diffusivity"],
-        preset=preset,
-        max_iter=spec["max_iter"],
+        preset=config,
         batch_size=spec["batch_size"],
         device=device,
         dtype=spec["dtype"],
         refine_mesh=spec.get("refine_mesh", False),
         mesh_options=spec.get("mesh_options"),
-        **options,
     )
 
 

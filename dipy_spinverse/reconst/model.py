@@ -18,6 +18,7 @@ asked for; each takes only its own keywords:
 import inspect
 
 from ..checks import check_choice, option_name, option_setting
+from ..inverse.config import OPTIONS
 from .posterior_model import SpinversePosteriorModel
 from .search_model import SpinverseSearchModel
 
@@ -62,8 +63,9 @@ def SpinverseModel(gtab, *, fit_method="search", **kwargs):
     >>> bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]] * 2)
     >>> gtab = gradient_table(bvals, bvecs=bvecs, small_delta=0.01,
     ...                       big_delta=np.repeat([0.03, 0.015], 4))
-    >>> model = SpinverseModel(gtab, grid_resolution=2, preset="paper",
-    ...                        stages=[dict(iterations=5)])
+    >>> from dipy_spinverse.inverse import resolve_config
+    >>> config = resolve_config("paper", stages=[dict(iterations=5)])
+    >>> model = SpinverseModel(gtab, grid=dict(resolution=2), preset=config)
     >>> type(model).__name__, model.grid.n_cells
     ('SpinverseSearchModel', 48)
     >>> fit = model.fit(np.array([1000.0, 600, 610, 590, 1000, 800, 810, 790]))
@@ -107,17 +109,54 @@ def check_fit_method(fit_method, keywords=(), *, names=None):
     )
     model = FIT_METHODS[fit_method]
     foreign = sorted(set(keywords) - set(_keywords(model)))
-    if foreign and not _takes_any(model):
-        (other,) = (name for name, kind in FIT_METHODS.items() if kind is not model)
-        # A command's flags are not the class's keywords: those only for Python.
-        takes = "" if names else f" ({model.__name__}: {', '.join(_keywords(model))})"
-        raise ValueError(
-            f"option(s) {[option_name(k, names) for k in foreign]} are not options "
-            f"of {option_setting('fit_method', fit_method, names)}{takes}; leave "
-            f"them out, or use {option_setting('fit_method', other, names)} if "
-            "they are its."
+    if not foreign or _takes_any(model):
+        return model
+    named = [option_name(k, names) for k in foreign]
+    if names is None:
+        _refuse_python_keywords(model, fit_method, foreign)
+    (other,) = (name for name, kind in FIT_METHODS.items() if kind is not model)
+    # A command's flags are not the class's keywords: those only for Python.
+    raise ValueError(
+        f"option(s) {named} are not options of "
+        f"{option_setting('fit_method', fit_method, names)}; leave them out, or "
+        f"use {option_setting('fit_method', other, names)} if they are its."
+    )
+
+
+#: The default BCC grid's keywords of earlier versions, now keys of ``grid``.
+_GRID_KEYWORDS = {
+    "grid_size": "size",
+    "grid_resolution": "resolution",
+    "boundary": "boundary",
+    "wall_permeability": "wall_permeability",
+}
+
+
+def _refuse_python_keywords(model, fit_method, foreign):
+    """Refuse keywords ``model`` does not take, saying where each belongs."""
+    takes = f"{model.__name__} takes {', '.join(_keywords(model))}"
+    (other,) = (name for name, kind in FIT_METHODS.items() if kind is not model)
+    hints = []
+    inversion = [k for k in foreign if k in OPTIONS]
+    if inversion:
+        example = ", ".join(f"{k}=..." for k in inversion)
+        where = "" if model is SpinverseSearchModel else "fit_method='search' with "
+        hints.append(
+            f"{inversion} are settings of the label search's configuration: pass "
+            f"{where}preset=resolve_config('default', {example}) "
+            "(dipy_spinverse.inverse.resolve_config)"
         )
-    return model
+    grid = [k for k in foreign if k in _GRID_KEYWORDS]
+    if grid and model is SpinverseSearchModel:
+        example = ", ".join(f"{_GRID_KEYWORDS[k]}=..." for k in grid)
+        hints.append(f"{grid} are settings of the grid: pass grid=dict({example})")
+    rest = [k for k in foreign if k not in inversion and not (grid and k in grid)]
+    if rest:
+        hints.append(f"leave {rest} out, or use fit_method={other!r} if they are its")
+    raise ValueError(
+        f"option(s) {foreign} are not options of fit_method={fit_method!r} "
+        f"({takes}); " + "; ".join(hints) + "."
+    )
 
 
 def _keywords(model):

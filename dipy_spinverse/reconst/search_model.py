@@ -9,7 +9,6 @@ the model is built; each voxel passes the gate (:mod:`.gate`) once and is
 handed to :func:`dipy_spinverse.inverse.reconstruct`.
 """
 
-import copy
 import hashlib
 import os
 import warnings
@@ -51,18 +50,18 @@ from .posterior_model import (
 )
 from .resume import check_mask
 
-__all__ = ["SpinverseSearchModel", "DEFAULT_GRID", "check_search_options"]
+__all__ = ["SpinverseSearchModel", "DEFAULT_GRID", "check_search_options", "make_grid"]
 
 
 def check_search_options(
     *,
     preset="default",
     max_iter=None,
+    sigma=None,
     refine_mesh=False,
     prior=None,
     posterior_options=None,
     names=None,
-    **options,
 ):
     """Check the options of :class:`SpinverseSearchModel` that need neither
     data nor a gradient table.
@@ -72,16 +71,13 @@ def check_search_options(
 
     Parameters
     ----------
-    preset, max_iter, refine_mesh, prior, posterior_options
+    preset, max_iter, sigma, refine_mesh, prior, posterior_options
         As in :class:`SpinverseSearchModel`.
     names : mapping, optional
         How the caller calls the options, used in the messages: e.g. a
         command's ``{"preset": "--preset", "max_iter": "--max_iter"}``
         (:func:`~dipy_spinverse.checks.option_name`; default the keywords).
         A message suggests only the options named here.
-    **options
-        The inversion's options by name
-        (:data:`dipy_spinverse.inverse.config.OPTIONS`).
 
     Returns
     -------
@@ -92,11 +88,14 @@ def check_search_options(
     ------
     ValueError
         An option out of range, or one that the fit would ignore:
+        ``sigma`` with a configuration without a noise model,
         ``posterior_options`` without a prior, a surface check without a
         label search, ``refine_mesh`` without cell labels. (The surface
-        check's need of ``sigma`` is checked by the model, which has it.)
+        check's need of ``sigma`` is checked by the model, which has the
+        configuration's own.)
     """
-    config = resolve_config(preset, **options, max_iter=max_iter, names=names)
+    noise = {} if sigma is None else {"sigma": sigma}
+    config = resolve_config(preset, max_iter=max_iter, names=names, **noise)
 
     def name(option):
         return option_name(option, names)
@@ -117,7 +116,8 @@ def check_search_options(
         raise ValueError(
             f"{name('posterior_options')} set how the surface check's posterior "
             f"is trained; pass a prior with them ({name('prior')}, the surface "
-            "check), or leave them out."
+            f"check), or pass {option_setting('fit_method', 'posterior', names)} "
+            "if they are the posterior's own, or leave them out."
         )
     if prior is None:
         return config
@@ -131,7 +131,9 @@ def check_search_options(
 
 
 #: The default grid: the published BCC grid of 576 tetrahedra, 26.7 um across.
-DEFAULT_GRID = dict(size=80 / 3, n=4, boundary="reflecting", wall_permeability=0.1)
+DEFAULT_GRID = dict(
+    size=80 / 3, resolution=4, boundary="reflecting", wall_permeability=0.1
+)
 
 
 class SpinverseSearchModel(ReconstModel):
@@ -149,29 +151,42 @@ class SpinverseSearchModel(ReconstModel):
         :func:`~dipy_spinverse.reconst.plausibility.protocol_problems`), or
         an explicit :class:`~dipy_spinverse.sim.sequences.Protocol`. It
         needs at least one b = 0 volume (``b <= gtab.b0_threshold``).
-    grid : TetGrid, optional
-        The grid of one voxel. Default: ``TetGrid.bcc(grid_size,
-        grid_resolution, boundary=boundary)``. Exclusive with the next four.
-    grid_size : float, optional
-        Side of the simulated box in um (default 80/3, the published grid).
-    grid_resolution : int, optional
-        BCC cubes per side, at least 2 (default 4: 576 tetrahedra, 1,008 faces).
-    boundary : {"reflecting", "periodic", "absorbing"}, optional
-        Outer boundary of the box (default ``"reflecting"``).
-    wall_permeability : float, optional
-        Wall permeability in m/s for ``boundary="absorbing"`` (default 0.1).
+    grid : TetGrid or dict, optional
+        The grid of one voxel: a :class:`~dipy_spinverse.sim.grid.TetGrid`,
+        or the settings of the BCC grid (``TetGrid.bcc``) by name, those
+        left out from :data:`DEFAULT_GRID`: ``size`` (side of the simulated
+        box in um, default 80/3, the published grid), ``resolution`` (BCC
+        cubes per side, at least 2; default 4: 576 tetrahedra, 1,008 faces),
+        ``boundary`` (``"reflecting"``, ``"periodic"`` or ``"absorbing"``;
+        default ``"reflecting"``) and ``wall_permeability`` (m/s, for
+        ``boundary="absorbing"`` only; default 0.1). Default: the published
+        grid, e.g. ``grid=dict(resolution=2)`` for a coarse one.
     diffusivity : float
         Intrinsic diffusivity in mm^2/s, within
         :data:`~dipy_spinverse.checks.DIFFUSIVITY_RANGE` (1e-5 to 0.1; a
         value outside is refused as another unit: 2e-9 m^2/s = 2e-3 mm^2/s).
+    sigma : float, optional
+        Noise standard deviation over the b = 0 signal (e.g. 1/SNR of the
+        b = 0 images): the label search tests its answers against it, and the
+        surface check (``prior``) needs it. Default: the configuration's own
+        (none in the presets: the search then vouches for no surface).
     preset : str or InversionConfig
-        Inversion configuration, a key of
-        :data:`dipy_spinverse.inverse.PRESETS` or a configuration.
+        The inversion's configuration: a key of
+        :data:`dipy_spinverse.inverse.PRESETS`, or an
+        :class:`~dipy_spinverse.inverse.InversionConfig` holding every
+        advanced setting, built with
+        :func:`~dipy_spinverse.inverse.resolve_config` from a preset and the
+        options by name (:data:`dipy_spinverse.inverse.config.OPTIONS`:
+        priors ``continuity``, ``manifold``; curriculum ``stages``;
+        optimiser ``lr``, ``warmup``; ``threshold``, ``parametrisation``,
+        ``noise``, the label search's ``search_*``), e.g.
+        ``preset=resolve_config("default", search_steps=0)``.
     max_iter : int, optional
-        Total face-fit iterations: the preset's curriculum stages (and its
-        learning-rate warm-up, unless ``warmup`` is given) are scaled to this
-        total, each stage keeping at least one iteration. Default: the
-        preset's own total.
+        Total face-fit iterations: the configuration's curriculum stages (and
+        its learning-rate warm-up) are scaled to this total, each stage
+        keeping at least one iteration. Default: the configuration's own
+        total. (To keep a warm-up of your own, give both to the
+        configuration: ``resolve_config("default", max_iter=100, warmup=5)``.)
     batch_size : int
         Voxels fitted together in one batched call (memory grows linearly).
     device : str or torch.device
@@ -210,14 +225,6 @@ class SpinverseSearchModel(ReconstModel):
     cache_dir : path-like, optional
         Where the trained posterior is kept (default
         :func:`dipy_spinverse.files.cache_root`).
-    **options
-        The inversion's options by name
-        (:data:`dipy_spinverse.inverse.config.OPTIONS`), the fields of the
-        parts of :class:`~dipy_spinverse.inverse.InversionConfig`: priors
-        (``continuity``, ``manifold``), curriculum (``stages``), optimiser
-        (``lr``, ``warmup``), ``threshold``, ``parametrisation``, ``noise``,
-        ``sigma``, the label search's ``search_*``. An option the
-        configuration would ignore is an error.
 
     Raises
     ------
@@ -246,8 +253,9 @@ class SpinverseSearchModel(ReconstModel):
     >>> bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]] * 2)
     >>> gtab = gradient_table(bvals, bvecs=bvecs, small_delta=0.01,
     ...                       big_delta=np.repeat([0.03, 0.015], 4))
-    >>> model = SpinverseModel(gtab, grid_resolution=2, preset="paper",
-    ...                        stages=[dict(iterations=5)])
+    >>> from dipy_spinverse.inverse import resolve_config
+    >>> config = resolve_config("paper", stages=[dict(iterations=5)])
+    >>> model = SpinverseSearchModel(gtab, grid=dict(resolution=2), preset=config)
     >>> model.grid.n_cells
     48
     >>> fit = model.fit(np.array([1000.0, 600, 610, 590, 1000, 800, 810, 790]))
@@ -263,42 +271,36 @@ class SpinverseSearchModel(ReconstModel):
         gtab,
         *,
         grid=None,
-        grid_size=None,
-        grid_resolution=None,
-        boundary=None,
-        wall_permeability=None,
         diffusivity=2e-3,
+        sigma=None,
         preset="default",
         max_iter=None,
-        batch_size=32,
-        device="cpu",
-        dtype="float32",
         refine_mesh=False,
         mesh_options=None,
         prior=None,
         posterior_options=None,
+        batch_size=32,
+        device="cpu",
+        dtype="float32",
         cache_dir=None,
-        **options,
     ):
         self.gtab, self.protocol = gradient_tables(gtab)
         config = check_search_options(
             preset=preset,
             max_iter=max_iter,
+            sigma=sigma,
             refine_mesh=refine_mesh,
             prior=prior,
             posterior_options=posterior_options,
-            **options,
         )
-        self.grid = _make_grid(
-            grid, grid_size, grid_resolution, boundary, wall_permeability
-        )
+        self.grid = make_grid(grid)
         self.diffusivity = check_diffusivity(diffusivity)
+        #: The preset as given: its name, or an InversionConfig.
         self.preset = preset
         self.max_iter = None if max_iter is None else check_int(max_iter, "max_iter", 1)
         self.batch_size = check_int(batch_size, "batch_size", 1)
         self.device = check_device(device)
         self.dtype = check_dtype(dtype)
-        self.options = copy.deepcopy(options)
         #: The protocol's sequences in rank order (:meth:`Protocol.sequences`).
         self.sequences = self.protocol.sequences()
         #: The inversion's configuration on this protocol (stages adapted).
@@ -676,54 +678,93 @@ class SpinverseSearchModel(ReconstModel):
         )
         return normalised if error is None else normalised + error.mean
 
+    def _preset_name(self):
+        """The preset's name, or ``"custom"`` for a configuration."""
+        return self.preset if isinstance(self.preset, str) else "custom"
+
     def __repr__(self):
         return (
             f"SpinverseSearchModel(n_volumes={len(self.protocol)}, "
             f"n_sequences={len(self.sequences)}, grid={self.grid!r}, "
-            f"preset={self.preset!r}, iterations={self.n_iterations}"
+            f"preset={self._preset_name()!r}, iterations={self.n_iterations}"
             + (f", surface check: {self.prior.prior!r}" if self.surface_check else "")
             + ")"
         )
 
 
-def _make_grid(grid, size, resolution, boundary, wall_permeability):
-    given = dict(
-        grid_size=size,
-        grid_resolution=resolution,
-        boundary=boundary,
-        wall_permeability=wall_permeability,
-    )
-    if grid is not None:
-        clash = [k for k, v in given.items() if v is not None]
-        if clash:
-            raise ValueError(
-                f"grid and {', '.join(clash)} are mutually exclusive: pass a TetGrid "
-                "or the options to build one, not both."
-            )
-        if not isinstance(grid, TetGrid):
-            raise ValueError(f"grid must be a TetGrid, got {type(grid).__name__}.")
+#: The name of each grid setting in the messages' ``names``
+#: (:func:`~dipy_spinverse.checks.option_name`): a command's flags.
+_GRID_OPTIONS = dict(
+    size="grid_size",
+    resolution="grid_resolution",
+    boundary="boundary",
+    wall_permeability="wall_permeability",
+)
+
+
+def make_grid(grid=None, *, names=None):
+    """The grid of :class:`SpinverseSearchModel`'s ``grid``.
+
+    Parameters
+    ----------
+    grid : TetGrid, dict or None
+        A grid, or the BCC grid's settings by name (keys of
+        :data:`DEFAULT_GRID`; those left out take its values).
+    names : mapping, optional
+        How the caller calls the settings in the messages (a command's
+        ``{"grid_size": "--grid_size", "grid_resolution": ..., "boundary":
+        ...}``); default ``grid size``, ...
+
+    Returns
+    -------
+    TetGrid
+
+    Raises
+    ------
+    ValueError
+        Not a grid or a dict, unknown keys, values out of range, or a
+        ``wall_permeability`` without ``boundary="absorbing"``.
+    """
+    if isinstance(grid, TetGrid):
         return grid
+    if grid is None:
+        grid = {}
+    if not isinstance(grid, dict):
+        raise ValueError(
+            "grid must be a TetGrid or a dict of the BCC grid's settings "
+            f"({', '.join(DEFAULT_GRID)}), got {type(grid).__name__}."
+        )
+    unknown = sorted(set(grid) - set(DEFAULT_GRID))
+    if unknown:
+        raise ValueError(
+            f"grid: unknown setting(s) {unknown}; the BCC grid's settings are "
+            f"{list(DEFAULT_GRID)} (or pass a TetGrid)."
+        )
+
+    def name(key):
+        return names.get(_GRID_OPTIONS[key], key) if names else f"grid {key}"
+
     boundary = check_choice(
-        DEFAULT_GRID["boundary"] if boundary is None else boundary,
-        "boundary",
-        BOUNDARIES,
+        grid.get("boundary", DEFAULT_GRID["boundary"]), name("boundary"), BOUNDARIES
     )
     size = check_positive(
-        DEFAULT_GRID["size"] if size is None else size, "grid_size", "um", 26.7
+        grid.get("size", DEFAULT_GRID["size"]), name("size"), "um", 26.7
     )
     # A BCC grid needs two cubes per side (TetGrid.bcc).
     resolution = check_int(
-        DEFAULT_GRID["n"] if resolution is None else resolution, "grid_resolution", 2
+        grid.get("resolution", DEFAULT_GRID["resolution"]), name("resolution"), 2
     )
+    wall_permeability = grid.get("wall_permeability")
     if wall_permeability is None:
         wall_permeability = DEFAULT_GRID["wall_permeability"]
     elif boundary != "absorbing":
         raise ValueError(
-            f"wall_permeability applies to boundary='absorbing' only, and the "
-            f"boundary is {boundary!r}; remove it or set boundary='absorbing'."
+            f"{name('wall_permeability')} applies to boundary='absorbing' only, "
+            f"and the boundary is {boundary!r}; remove it or set "
+            "boundary='absorbing'."
         )
     wall_permeability = check_positive(
-        wall_permeability, "wall_permeability", "m/s", 0.1
+        wall_permeability, name("wall_permeability"), "m/s", 0.1
     )
     return TetGrid.bcc(
         size, resolution, boundary=boundary, wall_permeability=wall_permeability

@@ -13,11 +13,11 @@ import pathlib
 from dataclasses import dataclass
 
 from ..checks import check_choice, check_int, check_number
-from ..inverse.config import check_proposal
+from ..inverse.config import check_proposal, resolve_config
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
 from ..reconst.model import check_fit_method
-from ..reconst.search_model import check_search_options
+from ..reconst.search_model import check_search_options, make_grid
 from .outputs import DEFAULT_METRICS, METRICS, SMOOTH_MESH_FORMATS
 
 __all__ = [
@@ -47,6 +47,14 @@ FLAGS = {
     "prior": '"prior" in --posterior_options',
     "posterior_options": '"training" in --posterior_options',
     "n_posterior_samples": '"n_samples" in --posterior_options',
+}
+
+#: The command's flag for each setting of the search's grid
+#: (:func:`~dipy_spinverse.reconst.search_model.make_grid`).
+GRID_FLAGS = {
+    "grid_size": "--grid_size",
+    "grid_resolution": "--grid_resolution",
+    "boundary": "--boundary",
 }
 
 #: How to give the noise level on the command line.
@@ -125,14 +133,19 @@ def check_flags(arguments):
     noise = parse_noise(args["sigma"], args["snr"])
     # The label search's own flags, where given (0 means off, and so does
     # None, max_iter's default: left out, as the models' defaults).
-    search = _given(
-        max_iter=args["max_iter"],
-        refine_mesh=refine_mesh,
+    search = _given(max_iter=args["max_iter"], refine_mesh=refine_mesh)
+    # The label search's configuration flags (the model takes them in its
+    # configuration, ``preset``): refused with the posterior.
+    configured = _given(
         search_bootstrap=args["search_bootstrap"],
         search_proposal=args["search_proposal"],
     )
     fit_method = args["fit_method"]
-    check_fit_method(fit_method, search, names=FLAGS)
+    check_fit_method(
+        fit_method,
+        {**search, **configured} if fit_method == "posterior" else search,
+        names=FLAGS,
+    )
     posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
     if fit_method == "posterior":
         model = dict(
@@ -140,7 +153,7 @@ def check_flags(arguments):
         )
         searches_labels = False
     else:
-        model = _search_keywords(args, search, posterior, mesh_options)
+        model = _search_keywords(args, configured, posterior, mesh_options)
         searches_labels = check_search_options(
             names=FLAGS, **search_options(model)
         ).searches_labels
@@ -190,9 +203,7 @@ _GRADIENT_FLAGS = (
 #: (:func:`~dipy_spinverse.reconst.search_model.check_search_options` takes
 #: the rest).
 _NOT_CHECKED = (
-    "grid_size",
-    "grid_resolution",
-    "boundary",
+    "grid",
     "diffusivity",
     "batch_size",
     "device",
@@ -218,12 +229,13 @@ def search_options(model):
     return {k: v for k, v in model.items() if k not in _NOT_CHECKED}
 
 
-def _search_keywords(args, search, posterior, mesh_options):
-    """The label search's model keywords from the flags (``a``)."""
-    if "search_bootstrap" in search:
-        check_int(search["search_bootstrap"], FLAGS["search_bootstrap"], 0)
-    if "search_proposal" in search:
-        check_proposal(search["search_proposal"], names=FLAGS)
+def _search_keywords(args, configured, posterior, mesh_options):
+    """The label search's model keywords from the flags (``args``), its
+    configuration built from ``--preset`` and the ``configured`` flags."""
+    if "search_bootstrap" in configured:
+        check_int(configured["search_bootstrap"], FLAGS["search_bootstrap"], 0)
+    if "search_proposal" in configured:
+        check_proposal(configured["search_proposal"], names=FLAGS)
     # One JSON flag holds the options of both methods; with the search it is
     # the surface check's.
     if "n_posterior_samples" in posterior:
@@ -238,12 +250,19 @@ def _search_keywords(args, search, posterior, mesh_options):
             '"prior" in --posterior_options (the surface check), or leave '
             '"training" out.'
         )
+    grid = {
+        key: args[flag]
+        for key, flag in (
+            ("size", "grid_size"),
+            ("resolution", "grid_resolution"),
+            ("boundary", "boundary"),
+        )
+        if args[flag] is not None
+    }
     return dict(
-        grid_size=args["grid_size"],
-        grid_resolution=args["grid_resolution"],
-        boundary=args["boundary"],
+        grid=make_grid(grid, names=GRID_FLAGS),
         diffusivity=args["diffusivity"],
-        preset=args["preset"],
+        preset=resolve_config(args["preset"], names=FLAGS, **configured),
         max_iter=args["max_iter"],
         batch_size=args["batch_size"],
         device=args["device"],
@@ -251,10 +270,6 @@ def _search_keywords(args, search, posterior, mesh_options):
         refine_mesh=bool(args["refine_mesh"]),
         mesh_options=mesh_options,
         **posterior,
-        **_given(
-            search_bootstrap=args["search_bootstrap"],
-            search_proposal=args["search_proposal"],
-        ),
     )
 
 

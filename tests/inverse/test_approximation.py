@@ -157,7 +157,10 @@ def test_model_predicts_in_the_data_terms_on_any_table(estimate, monkeypatch):
         GRID, np.where(GRID.interface_faces(inside), 1e-5, np.inf), protocol
     )
     model = SpinverseModel(
-        table, grid=GRID, preset="paper", max_iter=2, approximation_error=16
+        table,
+        grid=GRID,
+        preset=resolve_config("paper", approximation_error=16),
+        max_iter=2,
     )
     fit = model.fit(100 * signal.numpy())
     assert_allclose(fit.predict(table), fit.predict(), rtol=1e-6)

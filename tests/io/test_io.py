@@ -15,6 +15,7 @@ import dipy_spinverse.reconst.resume as resume
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import SpinverseModel, TetGrid
 from dipy_spinverse.files import WriteError
+from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.io.checkpoint import Checkpoint, resume_fit
 from dipy_spinverse.io.fits import load_fit, save_fit
 from dipy_spinverse.io.maps import (
@@ -24,7 +25,7 @@ from dipy_spinverse.io.maps import (
     save_permeability,
     save_predicted,
 )
-from dipy_spinverse.io.specs import model_spec
+from dipy_spinverse.io.specs import model_from_spec, model_spec
 from dipy_spinverse.reconst import MASKED, OK, PENDING, SpinverseFit
 
 
@@ -46,7 +47,12 @@ def test_search_outputs_survive_save_load_and_the_store(gtab, grid, volume, tmp_
     """Labels, inside probability and uncertainty of the label search are
     saved (npz) and checkpointed (HDF5 store) like the other parameters."""
     data, mask = volume
-    model = SpinverseModel(gtab, grid=grid, max_iter=4, search_steps=2, search_starts=2)
+    model = SpinverseModel(
+        gtab,
+        grid=grid,
+        max_iter=4,
+        preset=resolve_config("default", search_steps=2, search_starts=2),
+    )
     fit = model.fit(data, mask=mask, checkpoint=Checkpoint(tmp_path / "state.h5"))
     assert fit.inside_probability.shape == mask.shape + (grid.n_cells,)
     for loaded in (
@@ -314,6 +320,26 @@ def test_resume_checks(model, volume, volume_fit, gtab, grid):
     assert part.fingerprint is None
     with pytest.raises(ValueError, match="no record of the data"):
         model.fit(data[:1], resume=part)
+
+
+def test_the_configuration_is_saved_whole(gtab, grid):
+    """A model reloads with its configuration, whatever preset, options and
+    max_iter built it; files of earlier versions (a preset and its options)
+    still load."""
+    config = resolve_config("default", search_steps=2, search_starts=1, sigma=0.02)
+    model = SpinverseModel(gtab, grid=grid, preset=config, max_iter=5)
+    spec = model_spec(model)
+    assert spec["preset"] is None and spec["max_iter"] is None
+    assert spec["options"]["search_steps"] == 2 and spec["options"]["sigma"] == 0.02
+    reloaded = model_from_spec(spec)
+    assert reloaded.differences(model) == [] and reloaded.n_iterations == 5
+    old = dict(
+        spec,
+        preset="default",
+        max_iter=5,
+        options=dict(search_steps=2, search_starts=1, sigma=0.02),
+    )
+    assert model_from_spec(old).differences(model) == []
 
 
 def test_a_grid_built_by_hand_is_saved_whole(gtab, volume, tmp_path):

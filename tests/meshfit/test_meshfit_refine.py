@@ -10,6 +10,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from dipy_spinverse import SpinverseModel
+from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.meshfit import ball_mesh, fit_mesh, mesh_signal
 from dipy_spinverse.meshfit.refine import (
     check_refine_options,
@@ -44,7 +45,12 @@ def test_model_checks_refine_mesh(gtab, grid):
     with pytest.raises(ValueError, match="refine_mesh=True with them"):
         SpinverseModel(gtab, grid=grid, preset="paper", mesh_options=TINY)
     with pytest.raises(ValueError, match="refine_mesh must be True or False"):
-        SpinverseModel(gtab, grid=grid, search_steps=3, refine_mesh="yes")
+        SpinverseModel(
+            gtab,
+            grid=grid,
+            preset=resolve_config("default", search_steps=3),
+            refine_mesh="yes",
+        )
     plain = SpinverseModel(gtab, grid=grid, preset="paper")
     assert plain.refine_mesh is False and plain.mesh_tets is None
 
@@ -117,8 +123,7 @@ def refined(gtab, grid, signal):
         gtab,
         grid=grid,
         max_iter=4,
-        search_steps=3,
-        search_starts=2,
+        preset=resolve_config("default", search_steps=3, search_starts=2),
         refine_mesh=True,
         mesh_options=TINY,
     )
@@ -164,15 +169,17 @@ def test_smooth_meshes_are_saved_and_loaded(refined, tmp_path):
     # not), nor with other mesh options.
     assert loaded.model.differences(model) == []
     plain = SpinverseModel(
-        model.gtab, grid=model.grid, max_iter=4, search_steps=3, search_starts=2
+        model.gtab,
+        grid=model.grid,
+        max_iter=4,
+        preset=resolve_config("default", search_steps=3, search_starts=2),
     )
     assert plain.differences(model) == ["refine_mesh", "mesh_options"]
     other = SpinverseModel(
         model.gtab,
         grid=model.grid,
         max_iter=4,
-        search_steps=3,
-        search_starts=2,
+        preset=resolve_config("default", search_steps=3, search_starts=2),
         refine_mesh=True,
         mesh_options={**TINY, "n_modes": TINY["n_modes"] + 1},
     )

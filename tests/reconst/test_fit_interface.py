@@ -18,6 +18,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 import dipy_spinverse.posterior as posterior
 from dipy_spinverse import SpinverseModel
 from dipy_spinverse.data import make_phantom_dataset
+from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.io.surfaces import save_interface
 from dipy_spinverse.posterior.calibration import SCALARS
@@ -41,7 +42,10 @@ def search_fit(gtab, grid, signal):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SpinverseModel(
-            gtab, grid=grid, max_iter=2, search_steps=2, search_starts=2
+            gtab,
+            grid=grid,
+            max_iter=2,
+            preset=resolve_config("default", search_steps=2, search_starts=2),
         )
         return model.fit(data, mask=mask)
 

@@ -18,6 +18,7 @@ from dipy.core.gradients import gradient_table
 
 from dipy_spinverse import Protocol, SpinverseModel, TetGrid, simulate
 from dipy_spinverse.data import _protocol, make_phantom_dataset
+from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.posterior import TrainingOptions
 from dipy_spinverse.reconst import (
     FITTED,
@@ -201,7 +202,10 @@ def test_the_direction_tolerance_is_the_least_encoded_axis_share(share, flat):
 GRID = TetGrid.bcc(8.0, 2)
 # The default preset's label search, one short step: the statuses, fast.
 SEARCH = dict(
-    preset="default", max_iter=4, search_steps=1, search_starts=1, search_directions=2
+    preset=resolve_config(
+        "default", search_steps=1, search_starts=1, search_directions=2
+    ),
+    max_iter=4,
 )
 
 

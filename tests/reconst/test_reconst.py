@@ -5,6 +5,7 @@ tests check the DIPY layer, which must be right whatever the inversion
 returns, not the quality of the recovery.
 """
 
+import inspect
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import Protocol, TetGrid
 from dipy_spinverse.geometry.phantoms import sphere
 from dipy_spinverse.geometry.topology import InterfaceMesh
-from dipy_spinverse.inverse import reconstruct
+from dipy_spinverse.inverse import reconstruct, resolve_config
 from dipy_spinverse.io.fits import load_fit, save_fit
 from dipy_spinverse.io.maps import describe_status
 from dipy_spinverse.io.meshes import load_mesh
@@ -38,6 +39,7 @@ from dipy_spinverse.reconst import (
     UNDERDETERMINED,
     SpinverseFit,
     SpinverseModel,
+    SpinverseSearchModel,
 )
 from dipy_spinverse.reconst.progress import chunk_progress
 from dipy_spinverse.reconst.status import poor_fit_bound
@@ -227,11 +229,9 @@ def test_negative_samples_are_fitted_as_given_with_a_warning(gtab, grid, signal)
     rician = SpinverseModel(
         gtab,
         grid=grid,
-        preset="default",
+        preset=resolve_config("default", search_steps=1, search_starts=1),
         sigma=0.01,
         max_iter=2,
-        search_steps=1,
-        search_starts=1,
     )
     with pytest.warns(UserWarning, match="noise='gaussian'"):
         rician.fit(data[1])
@@ -348,7 +348,9 @@ def test_progress_moves_within_a_chunk(gtab, grid):
 
     from tqdm import tqdm
 
-    searching = SpinverseModel(gtab, grid=grid, max_iter=4, search_steps=3)
+    searching = SpinverseModel(
+        gtab, grid=grid, max_iter=4, preset=resolve_config("default", search_steps=3)
+    )
     face_only = SpinverseModel(gtab, grid=grid, **FAST)
     for model, after_face in ((face_only, 6.0), (searching, 3.0)):
         bar = tqdm(total=6, file=io.StringIO())
@@ -404,51 +406,92 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
     "kwargs, match",
     [
         (dict(preset="nope"), "Invalid preset"),
-        (dict(contnuity=1.0), "Unknown option"),
+        (dict(options=dict(contnuity=1.0)), "Unknown option"),
         (
-            dict(max_iter=1, stages=(dict(iterations=3, sequences=(0,)),) * 2),
+            dict(
+                max_iter=1,
+                options=dict(stages=(dict(iterations=3, sequences=(0,)),) * 2),
+            ),
             "fewer than the 2 curriculum stages given",
         ),
         (dict(max_iter=2.5), "max_iter must be an integer"),
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(diffusivity=-1.0), "diffusivity must be finite and > 0"),
         (dict(dtype="int8"), "dtype must be one of"),
-        (dict(boundary="sticky"), "Invalid boundary"),
-        (dict(grid_resolution=0), "grid_resolution must be an integer"),
-        (dict(grid_resolution=1), "grid_resolution must be an integer >= 2"),
-        (dict(wall_permeability=0.5), "wall_permeability applies to.*absorbing"),
-        (dict(grid_size=float("nan")), "grid_size must be finite"),
+        (dict(grid=dict(boundary="sticky")), "Invalid grid boundary"),
+        (dict(grid=dict(resolution=0)), "grid resolution must be an integer"),
+        (dict(grid=dict(resolution=1)), "grid resolution must be an integer >= 2"),
+        (
+            dict(grid=dict(wall_permeability=0.5)),
+            "grid wall_permeability applies to.*absorbing",
+        ),
+        (dict(grid=dict(size=float("nan"))), "grid size must be finite"),
         # float() would read these as numbers.
-        (dict(grid_size="10"), "grid_size must be a number"),
-        (dict(grid_size=True), "grid_size must be a number"),
+        (dict(grid=dict(size="10")), "grid size must be a number"),
+        (dict(grid=dict(size=True)), "grid size must be a number"),
+        (dict(grid=dict(n=4)), r"unknown setting\(s\) \['n'\].*'size', 'resolution'"),
+        (dict(grid="bcc"), "grid must be a TetGrid or a dict"),
         (dict(dtype=None), "dtype must be one of"),
         (dict(refine_mesh=True, mesh_options="ball"), "mesh_options must be a dict"),
-        (dict(stages=(dict(iterations=3, sequences=(2,)),)), "sequence rank 2"),
-        (dict(noise="poisson"), "Invalid noise"),
+        (
+            dict(options=dict(stages=(dict(iterations=3, sequences=(2,)),))),
+            "sequence rank 2",
+        ),
+        (dict(options=dict(noise="poisson")), "Invalid noise"),
         # Options the configuration would ignore are refused, not dropped.
         (dict(preset="paper", sigma=0.5), "sigma.*no effect"),
-        (dict(preset="paper", search_starts=4), "search_starts.*no effect"),
-        (dict(preset="paper", search_bootstrap=2), "search_bootstrap.*no effect"),
-        (dict(search_bootstrap=-1), "search_bootstrap must be an integer >= 0"),
+        (
+            dict(preset="paper", options=dict(search_starts=4)),
+            "search_starts.*no effect",
+        ),
+        (
+            dict(preset="paper", options=dict(search_bootstrap=2)),
+            "search_bootstrap.*no effect",
+        ),
+        (
+            dict(options=dict(search_bootstrap=-1)),
+            "search_bootstrap must be an integer >= 0",
+        ),
+        # The keywords of earlier versions: where each now belongs.
+        (
+            dict(search_steps=0),
+            r"pass preset=resolve_config\('default', search_steps=\.\.\.\)",
+        ),
+        (dict(grid_size=10.0), r"pass grid=dict\(size=\.\.\.\)"),
+        (dict(n_posterior_samples=10), r"use fit_method='posterior' if they are its"),
         (dict(device="mps"), "device"),
         (dict(sigma=30.0), "sigma must be"),
     ],
 )
 def test_bad_model_options(gtab, kwargs, match):
+    # grid: the BCC grid's settings; options: the inversion's, in the
+    # configuration that ``preset`` takes.
+    grid = kwargs.pop("grid", {})
+    grid = {"resolution": 2, **grid} if isinstance(grid, dict) else grid
+    options = kwargs.pop("options", None)
     with pytest.raises(ValueError, match=match):
-        SpinverseModel(gtab, grid_resolution=kwargs.pop("grid_resolution", 2), **kwargs)
+        if options is not None:
+            kwargs["preset"] = resolve_config(
+                kwargs.pop("preset", "default"), **options
+            )
+        SpinverseModel(gtab, grid=grid, **kwargs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_says_so_in_words_a_flag_also_fits(gtab):
     # The same message reaches the command line's --device: no "device='cpu'".
     with pytest.raises(ValueError, match="no CUDA device is available here; use "):
-        SpinverseModel(gtab, grid_resolution=2, device="cuda")
+        SpinverseModel(gtab, grid=dict(resolution=2), device="cuda")
 
 
 def test_default_preset_keeps_the_search_labels(gtab, grid, signal):
     """Smoke test of the label search through the DIPY layer (a few steps)."""
-    model = SpinverseModel(gtab, grid=grid, max_iter=4, search_steps=3, search_starts=2)
+    model = SpinverseModel(
+        gtab,
+        grid=grid,
+        max_iter=4,
+        preset=resolve_config("default", search_steps=3, search_starts=2),
+    )
     assert model.has_labels
     one = model.fit(signal * 1000.0)
     assert one.labels.shape == (grid.n_cells,)
@@ -511,9 +554,10 @@ def test_one_diffusion_time(grid, signal):
     assert fit.status == UNDERDETERMINED and fit.predict().shape == (3,)
 
 
-def test_grid_and_grid_options_are_exclusive(gtab, grid):
-    with pytest.raises(ValueError, match="mutually exclusive"):
-        SpinverseModel(gtab, grid=grid, grid_size=10.0)
+def test_grid_is_a_tetgrid_or_the_bcc_grids_settings(gtab, grid):
+    assert SpinverseModel(gtab, grid=grid).grid is grid
+    coarse = SpinverseModel(gtab, grid=dict(size=10.0, resolution=2)).grid
+    assert coarse.size == 10.0 and coarse.n_cells == 48
     with pytest.raises(ValueError, match="grid must be a TetGrid"):
         SpinverseModel(gtab, grid="bcc")
 
@@ -564,7 +608,7 @@ def test_sequence_without_b0_warns():
     bvecs[3] = [1, 0, 0]
     table = gradient_table(bvals, bvecs=bvecs, big_delta=BIG, small_delta=SMALL)
     with pytest.warns(UserWarning, match="no b=0 volume of their own"):
-        SpinverseModel(table, grid_resolution=2)
+        SpinverseModel(table, grid=dict(resolution=2))
 
 
 def test_not_a_gradient_table():
@@ -575,7 +619,7 @@ def test_not_a_gradient_table():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_device(gtab):
     with pytest.raises(ValueError, match="no CUDA device"):
-        SpinverseModel(gtab, grid_resolution=2, device="cuda")
+        SpinverseModel(gtab, grid=dict(resolution=2), device="cuda")
 
 
 @pytest.mark.gpu
@@ -596,11 +640,10 @@ def test_label_search_on_cuda_matches_cpu(gtab, grid, signal):
     """The label search scores its candidates on the GPU; in float64 every
     loss agrees with the CPU's to ~1e-12, far below the gaps between
     candidates, so the labels found are the same."""
-    options = dict(grid=grid, dtype="float64", max_iter=4, search_steps=3)
-    cpu = SpinverseModel(gtab, search_starts=2, **options).fit(signal * 1000.0)
-    gpu = SpinverseModel(gtab, search_starts=2, device="cuda", **options).fit(
-        signal * 1000.0
-    )
+    config = resolve_config("default", search_steps=3, search_starts=2)
+    options = dict(grid=grid, dtype="float64", max_iter=4, preset=config)
+    cpu = SpinverseModel(gtab, **options).fit(signal * 1000.0)
+    gpu = SpinverseModel(gtab, device="cuda", **options).fit(signal * 1000.0)
     assert_array_equal(gpu.labels, cpu.labels)
     assert_allclose(gpu.cell_permeability, cpu.cell_permeability, rtol=1e-6)
 
@@ -685,23 +728,28 @@ def test_missing_engine_package(model, volume, monkeypatch):
 
 # -- options ------------------------------------------------------------------------
 def test_max_iter_scales_the_curriculum(gtab):
-    model = SpinverseModel(gtab, grid_resolution=2, max_iter=31)
+    model = SpinverseModel(gtab, grid=dict(resolution=2), max_iter=31)
     stages = model.config.face.stages
     assert sum(s.iterations for s in stages) == 31 == model.n_iterations
     assert [s.iterations for s in stages] == [16, 15]
     assert model.config.face.warmup == 4  # 25 of 200 iterations, scaled
     stages = (dict(iterations=30, sequences=(0,)), dict(iterations=10, sequences="all"))
-    custom = SpinverseModel(
-        gtab, grid_resolution=2, max_iter=10, warmup=3, stages=stages
-    )
+    # A warm-up of its own is kept when the configuration is scaled with it;
+    # the model's max_iter scales the configuration's whole curriculum.
+    config = resolve_config("default", warmup=3, stages=stages, max_iter=10)
+    custom = SpinverseModel(gtab, grid=dict(resolution=2), preset=config)
     assert [s.iterations for s in custom.config.face.stages] == [7, 3]
     assert custom.config.face.warmup == 3
-    assert SpinverseModel(gtab, grid_resolution=2).n_iterations == 200
+    config = resolve_config("default", warmup=8, stages=stages)
+    scaled = SpinverseModel(gtab, grid=dict(resolution=2), preset=config, max_iter=10)
+    assert [s.iterations for s in scaled.config.face.stages] == [7, 3]
+    assert scaled.config.face.warmup == 2  # 8 of 40 iterations, scaled
+    assert SpinverseModel(gtab, grid=dict(resolution=2)).n_iterations == 200
     # Fewer iterations than the preset's stages: one stage over everything,
     # as on a protocol of one diffusion time.
-    one = SpinverseModel(gtab, grid_resolution=2, max_iter=1)
+    one = SpinverseModel(gtab, grid=dict(resolution=2), max_iter=1)
     assert [(s.iterations, s.sequences) for s in one.config.face.stages] == [(1, "all")]
-    paper = SpinverseModel(gtab, grid_resolution=2, preset="paper")
+    paper = SpinverseModel(gtab, grid=dict(resolution=2), preset="paper")
     assert paper.n_iterations == 400
 
 
@@ -741,14 +789,14 @@ def test_bvals_in_the_wrong_unit_fail_when_the_model_is_built(bvals, threshold, 
         b0_threshold=threshold,
     )
     with pytest.raises(ValueError, match=r"gtab\.bvals has .*" + match):
-        SpinverseModel(table, grid_resolution=2, **FAST)
+        SpinverseModel(table, grid=dict(resolution=2), **FAST)
 
 
 def test_protocol_bvals_in_the_wrong_unit_fail_when_the_model_is_built():
     for bvals, match in (([0, 1e9, 3e9], r"s/m\^2"), ([0, 0, 0], "no diffusion")):
         protocol = Protocol.pgse(bvals, BVECS[:3], small_delta=SMALL, big_delta=0.04)
         with pytest.raises(ValueError, match=match):
-            SpinverseModel(protocol, grid_resolution=2, **FAST)
+            SpinverseModel(protocol, grid=dict(resolution=2), **FAST)
 
 
 @pytest.mark.parametrize(
@@ -791,15 +839,20 @@ def test_protocol_bvals_in_the_wrong_unit_fail_when_the_model_is_built():
     ],
 )
 def test_options_that_cannot_work_fail_when_the_model_is_built(gtab, kwargs, match):
-    options = {**FAST, **kwargs}
+    # The inversion's options go into the configuration (preset).
+    takes = inspect.signature(SpinverseSearchModel).parameters
+    options = {**FAST, **{k: v for k, v in kwargs.items() if k in takes}}
+    inversion = {k: v for k, v in kwargs.items() if k not in takes}
     with pytest.raises(ValueError, match=match):
-        SpinverseModel(gtab, grid_resolution=2, **options)
+        if inversion:
+            options["preset"] = resolve_config(options["preset"], **inversion)
+        SpinverseModel(gtab, grid=dict(resolution=2), **options)
 
 
 def test_plausible_diffusivities_are_accepted(gtab):
     # Fixed tissue at room temperature and free water at body temperature.
     for diffusivity in (1e-4, 3e-3):
-        model = SpinverseModel(gtab, grid_resolution=2, diffusivity=diffusivity)
+        model = SpinverseModel(gtab, grid=dict(resolution=2), diffusivity=diffusivity)
         assert model.diffusivity == diffusivity
 
 
@@ -819,7 +872,12 @@ def test_a_masked_voxel_has_the_labels_of_a_masked_voxel_of_a_volume(
     gtab, grid, signal
 ):
     """0 outside the mask, one voxel or a volume; -1 means "not fitted"."""
-    model = SpinverseModel(gtab, grid=grid, max_iter=2, search_steps=2, search_starts=2)
+    model = SpinverseModel(
+        gtab,
+        grid=grid,
+        max_iter=2,
+        preset=resolve_config("default", search_steps=2, search_starts=2),
+    )
     raw = 700.0 * T2_WEIGHT * signal
     one = model.fit(raw, mask=False)
     volume = model.fit(np.stack([raw, raw]), mask=[False, False])
@@ -832,7 +890,9 @@ def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):
     """A voxel the model cannot produce: no attenuation at the long
     diffusion time, none left at the short one."""
     sigma = 0.1
-    options = dict(preset="paper", noise="rician", max_iter=4, dtype="float64")
+    options = dict(
+        preset=resolve_config("paper", noise="rician"), max_iter=4, dtype="float64"
+    )
     model = SpinverseModel(gtab, grid=grid, sigma=sigma, **options)
     absurd = np.where(BVALS > 0, np.where(gtab.big_delta > 0.02, 1.0, 0.0), 1.0)
     data = 700.0 * np.stack([signal, absurd])
@@ -882,7 +942,13 @@ def test_answers_the_data_reject_are_not_vouched_for(gtab, grid):
     labelling that made the data was not found), POOR_FIT ones included
     (they keep their status); within the noise the search's own stays."""
     sigma = 0.02
-    model = SpinverseModel(gtab, grid=grid, max_iter=2, search_steps=2, sigma=sigma)
+    model = SpinverseModel(
+        gtab,
+        grid=grid,
+        max_iter=2,
+        preset=resolve_config("default", search_steps=2),
+        sigma=sigma,
+    )
     bound = poor_fit_bound(len(BVALS), sigma, false_alarm=SURFACE_MISFIT_FALSE_ALARM)
     loss = model.config.loss.loss_scale * bound * np.array([0.5, 0.99, 1.01, 3, 3])
     result = dict(
@@ -904,7 +970,12 @@ def test_without_sigma_the_search_vouches_for_no_surface(gtab, grid, signal):
     it is made, and every answer has uncertainty 1 and status
     UNCERTAIN_SURFACE (its maps kept)."""
     with pytest.warns(UserWarning, match="vouches for no surface.*Pass sigma"):
-        model = SpinverseModel(gtab, grid=grid, max_iter=2, search_steps=2)
+        model = SpinverseModel(
+            gtab,
+            grid=grid,
+            max_iter=2,
+            preset=resolve_config("default", search_steps=2),
+        )
     fit = model.fit(700.0 * T2_WEIGHT * np.stack([signal, signal]))
     assert_array_equal(fit.uncertainty, [1.0, 1.0])
     assert_array_equal(fit.status, [UNCERTAIN_SURFACE, UNCERTAIN_SURFACE])
@@ -921,10 +992,10 @@ def test_cell_parametrisation_keeps_the_search_uncertainty(gtab, grid, signal):
     model = SpinverseModel(
         gtab,
         grid=grid,
-        parametrisation="cell",
+        preset=resolve_config(
+            "default", parametrisation="cell", search_steps=2, search_starts=1
+        ),
         max_iter=3,
-        search_steps=2,
-        search_starts=1,
         sigma=0.01,
     )
     fit = model.fit(np.stack([signal * 1000.0] * 2))
@@ -938,7 +1009,11 @@ def test_float32_fit_does_not_depend_on_the_raw_scale(gtab, grid, signal):
     float32 cannot hold (b = 0 of 1e-100 or 1e40; they failed the voxel)
     are fitted as the unit scale is."""
     model = SpinverseModel(
-        gtab, grid=grid, max_iter=3, search_steps=2, search_starts=1, dtype="float32"
+        gtab,
+        grid=grid,
+        max_iter=3,
+        preset=resolve_config("default", search_steps=2, search_starts=1),
+        dtype="float32",
     )
     fit = model.fit(np.stack([signal * s for s in (1e-100, 1.0, 1e40)]))
     assert fit.fitted.all()

@@ -11,6 +11,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from dipy_spinverse import SpinverseModel, TetGrid
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.geometry.metrics import aligned_overlap
+from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.posterior import TissuePrior, TrainingOptions
 from dipy_spinverse.reconst import (
     OK,
@@ -34,7 +35,11 @@ WALLED = replace(SMALL_PRIOR, boundary="reflecting", box_side=BOX)
 # calibration (benchmarks/surface_check.py measures that).
 OPTIONS = TrainingOptions(**SMALL_TRAINING)
 SIGMA = 0.02
-SEARCH = dict(grid=GRID, max_iter=4, search_steps=2, search_starts=1)
+SEARCH = dict(
+    grid=GRID,
+    max_iter=4,
+    preset=resolve_config("default", search_steps=2, search_starts=1),
+)
 
 
 # -- the bound ------------------------------------------------------------------

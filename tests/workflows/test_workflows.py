@@ -212,8 +212,9 @@ def test_phantom_dataset_says_its_posterior(tmp_path):
     # The search takes it: the prior's box is the grid's.
     model = SpinverseModel(
         read_scheme(paths["scheme"])[0],
-        grid_size=SMALL_DEMO["grid_size"],
-        grid_resolution=SMALL_DEMO["grid_resolution"],
+        grid=dict(
+            size=SMALL_DEMO["grid_size"], resolution=SMALL_DEMO["grid_resolution"]
+        ),
         sigma=0.01,
         **check,
     )
@@ -331,7 +332,7 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(timing_file=None, scheme_file="WRONG_B"), "disagree"),
         (dict(timing_file=None, scheme_file="no.scheme"), "cannot read the scheme"),
         (dict(engine="spark"), "Invalid engine"),
-        (dict(boundary="sticky"), "Invalid boundary"),
+        (dict(boundary="sticky"), "Invalid --boundary"),
         (dict(sigma=-0.02), "sigma must be a finite number and >= 0"),
         (dict(timing_file=None, scheme_file="TURNED"), "direction differs"),
         (dict(n_report=-1), "n_report must be an integer >= 0"),
@@ -763,8 +764,8 @@ def test_uncertainty_map_with_bootstrap_from_the_command_line(demo, tmp_path):
 
 
 def test_search_proposal_reaches_the_model(demo, tmp_path, monkeypatch):
-    """--search_proposal N is the model's search_proposal (training a
-    proposal is measured elsewhere: tests/test_proposal.py)."""
+    """--search_proposal N is the model's configuration's search_proposal
+    (training a proposal is measured elsewhere: tests/test_proposal.py)."""
     import dipy_spinverse.workflows.spinverse as workflows
 
     seen = {}
@@ -779,7 +780,7 @@ def test_search_proposal_reaches_the_model(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(workflows, "SpinverseModel", model)
     with pytest.raises(Stop):
         _run(demo, tmp_path, preset="default", search_proposal=64)
-    assert seen["search_proposal"] == 64
+    assert seen["preset"].search.proposal == 64
 
 
 def test_mesh_options_help_names_every_key():
