@@ -317,9 +317,8 @@ def main():
         else:
             results[name] = fit_compartments(name, cord)
         print(f"{name}: fitted in {results[name]['seconds']:.0f} s")
-
-    for name, result in results.items():
-        np.savez(out_dir / f"estimates_{name}.npz", **flatten(result))
+        # Kept as each model ends: a later failure loses none of them.
+        np.savez(out_dir / f"estimates_{name}.npz", **flatten(results[name]))
     for name in MODELS:
         kept = out_dir / f"estimates_{name}.npz"
         if name not in results and kept.exists():
