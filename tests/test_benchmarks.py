@@ -169,32 +169,6 @@ def test_forward_doc_keeps_its_hand_written_sections(tmp_path):
     assert doc.read_text() == "# Table\n\nnew rows\n" + section
 
 
-def test_lattice_translations_move_the_cells_whole(monkeypatch):
-    """benchmarks/ambiguity.py's alternatives: each of the 14 translations
-    moves a ball inside the box whole (same grid cells, centroid moved by
-    one cube side or half a cube diagonal); the opposite one moves it back."""
-    module = _load_benchmark("search_landscape", monkeypatch)
-    grid = TetGrid.bcc(80 / 3, 4)
-    x = grid.cell_centroids
-    centre = x.mean(0)
-    labels = (np.linalg.norm(x - centre, axis=1) < 6.0).astype(int)
-    moved = module.lattice_translations(grid, labels)
-    assert moved.shape == (14, grid.n_cells)
-    h = grid.spacing
-    steps = []
-    for one in moved:
-        assert np.sum(one) == np.sum(labels)
-        steps.append(x[one > 0].mean(0) - x[labels > 0].mean(0))
-    lengths = np.sort(np.linalg.norm(steps, axis=1))
-    assert_allclose(lengths, [h * np.sqrt(3) / 2] * 8 + [h] * 6, rtol=1e-9)
-    for k, one in enumerate(moved):
-        back = module.lattice_translations(grid, one)
-        opposite = k + 1 if k % 2 == 0 else k - 1  # axis steps: +, - pairs
-        if k >= 6:  # diagonal steps: the sign pattern negated
-            opposite = 6 + (7 - (k - 6))
-        np.testing.assert_array_equal(back[opposite], labels)
-
-
 def test_every_fibre_protocol_has_its_doc_blocks(monkeypatch):
     """benchmarks/compartments.py --fibres --write-doc on each protocol
     writes the block named for it; the protocols have the stated volumes."""
