@@ -420,7 +420,7 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
         (dict(preset="paper", search_starts=4), "search_starts.*no effect"),
         (dict(preset="paper", search_bootstrap=2), "search_bootstrap.*no effect"),
         (dict(search_bootstrap=-1), "search_bootstrap must be an integer >= 0"),
-        (dict(seed=1), "seed is now init_seed"),
+        (dict(seed=1), r"Unknown option\(s\) \['seed'\]"),
         (dict(preset="paper", init_seed=1), "init_seed.*no effect"),
         (dict(device="mps"), "device"),
         (dict(sigma=30.0), "sigma must be"),
