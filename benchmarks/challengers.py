@@ -1,4 +1,6 @@
-"""Do descents from the answer's own descriptors find rivals? (issue 46, item 2)
+"""Regenerates the tables of doc/validation/surface_check.md.
+
+Do descents from the answer's own descriptors find rivals? (issue 46, item 2)
 
 A wrong answer that fits the data within the noise stays confident when the
 search visits no other surface that fits as well

@@ -1,4 +1,6 @@
-"""Benchmark the compartment models: fitting speed and parameter recovery.
+"""Regenerates the tables of doc/validation/compartments.md.
+
+Benchmark the compartment models: fitting speed and parameter recovery.
 
 For each model, simulate voxels with known parameters on a fixed protocol, add
 Rician noise at SNR 50 (seed 0), fit them all in one ``model.fit`` call on

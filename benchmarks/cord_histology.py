@@ -1,4 +1,6 @@
-"""Axon diameter and intra-axonal fraction against histology: the cat spinal cord.
+"""Regenerates the tables of doc/validation/real_tissue.md.
+
+Axon diameter and intra-axonal fraction against histology: the cat spinal cord.
 
 The slice of Duval et al. (``dipy_spinverse.data.read_cat_spinal_cord``: 968
 voxels with axons, the 2-D AxCaliber set, gradients across the cord, G up to

@@ -1,4 +1,6 @@
-"""Do starts shaped by tissue descriptors help the label search? (issue 46, item 3)
+"""Regenerates the tables of doc/validation/surface_check.md.
+
+Do starts shaped by tissue descriptors help the label search? (issue 46, item 3)
 
 The held-out substrates of ``benchmarks/surface_check.py`` (``--seed``; 1-4
 random cells in the search's closed 26.7 um box), simulated noise-free on the

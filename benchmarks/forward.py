@@ -1,4 +1,6 @@
-"""Benchmark the forward model: time and memory of ``simulate`` and its gradient.
+"""Regenerates the tables of doc/validation/benchmarks_forward.md.
+
+Benchmark the forward model: time and memory of ``simulate`` and its gradient.
 
 For the published configuration (``TetGrid.bcc(80 / 3, 4)``, 576 cells, and
 the 540 acquisitions of ``published_protocol()``) and for grids with about 4x,

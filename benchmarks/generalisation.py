@@ -1,4 +1,6 @@
-"""Recovery of held-out random substrates: does the inversion generalise?
+"""Regenerates the tables of doc/validation/generalisation.md.
+
+Recovery of held-out random substrates: does the inversion generalise?
 
 Draws ``--n`` random substrates (:mod:`dipy_spinverse.geometry.substrates`; 1-4 cells
 of seven kinds) from ``--seed`` (never the proposal's training seed), simulates

@@ -1,4 +1,6 @@
-"""Spinverse inversion experiments: the published ablation and realistic voxels.
+"""Regenerates the tables of doc/validation/inversion_tables.md.
+
+Spinverse inversion experiments: the published ablation and realistic voxels.
 
 Two experiments on the published grid (576 cells) and protocol (540 PGSE
 acquisitions), with the published targets plus a bent axon:

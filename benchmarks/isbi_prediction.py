@@ -1,4 +1,6 @@
-"""Prediction of held-out measurements: the ISBI 2015 white-matter voxels.
+"""Regenerates the tables of doc/validation/real_tissue.md.
+
+Prediction of held-out measurements: the ISBI 2015 white-matter voxels.
 
 The ISBI 2015 challenge (Ferizi et al., NMR Biomed 2017) gave teams 3,612
 measurements of six genu and six fornix voxels and ranked their models by

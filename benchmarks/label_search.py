@@ -1,4 +1,6 @@
-"""Throughput of the label search: voxels one at a time versus all together.
+"""Regenerates the tables of doc/validation/inversion_results.md.
+
+Throughput of the label search: voxels one at a time versus all together.
 
 The label search of every voxel is a generator of score requests;
 ``search_labels`` drives all voxels together and scores their pending

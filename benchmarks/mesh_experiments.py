@@ -1,4 +1,6 @@
-"""Held-out shape experiments of the mesh-shape inversion (issue 14).
+"""Regenerates the tables of doc/validation/mesh_inversion.md.
+
+Held-out shape experiments of the mesh-shape inversion (issue 14).
 
 Each true cell is a finer mesh (resolution 4) than the fit's template
 (resolution 3), simulated by :func:`dipy_spinverse.meshfit.mesh_signal`

@@ -1,4 +1,6 @@
-"""Size of a cell far from the template, against the Cramer-Rao bound (issue 46).
+"""Regenerates the tables of doc/validation/mesh_inversion.md.
+
+Size of a cell far from the template, against the Cramer-Rao bound (issue 46).
 
 Issue 46: :func:`dipy_spinverse.meshfit.fit_mesh` with the ``"ball"`` or
 ``"tube"`` template (4 um and 3 um) must recover spheres of radius 3-12 um and

@@ -1,4 +1,6 @@
-"""Benchmark of the mesh-shape inversion (issue 14): timing and small fits.
+"""Regenerates the tables of doc/validation/mesh_inversion.md.
+
+Benchmark of the mesh-shape inversion (issue 14): timing and small fits.
 
 Prints two tables:
 

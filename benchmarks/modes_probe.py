@@ -1,4 +1,6 @@
-"""How many Laplace modes a signal needs, in each frame (issue 58).
+"""Regenerates the tables of doc/validation/modes.md.
+
+How many Laplace modes a signal needs, in each frame (issue 58).
 
 Prints the largest signal error of the matrix formalism with K modes
 against the Chebyshev engine on the same grid, and the time of each, for a

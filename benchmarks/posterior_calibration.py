@@ -1,4 +1,6 @@
-"""Calibration of the amortised posterior (``fit_method="posterior"``).
+"""Regenerates the tables of doc/validation/posterior.md.
+
+Calibration of the amortised posterior (``fit_method="posterior"``).
 
 Trains (or reads from the cache) the posterior of a prior on a protocol,
 then draws held-out substrates from the same prior with a seed never used in

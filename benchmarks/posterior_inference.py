@@ -1,4 +1,6 @@
-"""Inference speed of the shipped posterior estimators (issue 58: 10,000 voxels
+"""Regenerates the tables of doc/validation/sections.md.
+
+Inference speed of the shipped posterior estimators (issue 58: 10,000 voxels
 a minute on 2 CPU cores).
 
 Fits ``--n_voxels`` voxels with ``SpinverseModel(..., fit_method="posterior")``

@@ -1,4 +1,6 @@
-"""The amortised posterior against the compartment models, on the same voxels.
+"""Regenerates the tables of doc/validation/posterior.md.
+
+The amortised posterior against the compartment models, on the same voxels.
 
 Draws held-out voxels from the posterior's prior with a seed never used in
 training (``model.prior.sample(n, seed=123_457)``), adds Rician noise at

@@ -1,4 +1,6 @@
-"""How long the posterior estimator takes to train, per protocol (issues 44, 58).
+"""Regenerates the tables of doc/validation/sections.md.
+
+How long the posterior estimator takes to train, per protocol (issues 44, 58).
 
 Trains, with ``--prior demo``, the README demo's estimator
 (``data.DEMO_PRIOR``, cells of 8-25 um, periodic tissue or a closed box,

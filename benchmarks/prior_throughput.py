@@ -1,4 +1,6 @@
-"""Simulation throughput of the posterior's prior (substrates a second).
+"""Regenerates the tables of doc/validation/sections.md.
+
+Simulation throughput of the posterior's prior (substrates a second).
 
 Draws ``--n`` substrates from a :class:`~dipy_spinverse.posterior.TissuePrior`
 (default: the default prior) on the README demo's protocol and simulates them

@@ -1,4 +1,6 @@
-"""Training cost and accuracy of the learned proposal on the published problem.
+"""Regenerates the tables of doc/validation/generalisation.md.
+
+Training cost and accuracy of the learned proposal on the published problem.
 
 Trains the proposal network (:mod:`dipy_spinverse.inverse.proposal`) for the
 published grid (576 cells) and protocol (3 PGSE sequences, 540 volumes), or

@@ -1,4 +1,6 @@
-"""How recovery depends on the protocol: diffusion times, maximum b, directions.
+"""Regenerates the tables of doc/validation/protocols.md.
+
+How recovery depends on the protocol: diffusion times, maximum b, directions.
 
 Simulates published shapes on the published grid (reflecting wall, membrane
 1e-5 m/s, open faces 0.1 m/s), adds Rician noise at SNR 100 relative to each

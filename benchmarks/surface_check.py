@@ -1,4 +1,6 @@
-"""Does the label search's uncertainty predict its error? (issue 46, item 2)
+"""Regenerates the tables of doc/validation/surface_check.md.
+
+Does the label search's uncertainty predict its error? (issue 46, item 2)
 
 Draws ``--n`` held-out substrates in the label search's own closed box (the
 default grid, 26.7 um, reflecting walls): random cells of

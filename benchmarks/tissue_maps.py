@@ -1,4 +1,6 @@
-"""Tissue probability maps on the MNI152 2009a anatomy (issue 15).
+"""Regenerates the tables of doc/validation/tissue_maps.md.
+
+Tissue probability maps on the MNI152 2009a anatomy (issue 15).
 
 Ground truth: nilearn's bundled MNI152 2009a GM and WM probability maps at
 2 mm, CSF the rest of its brain mask (``tissue.data.mni152_tissue_maps``;

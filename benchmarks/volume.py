@@ -1,4 +1,6 @@
-"""Whole volumes: memory, checkpoint cost and throughput of a volume fit.
+"""Regenerates the tables of doc/validation/volumes.md.
+
+Whole volumes: memory, checkpoint cost and throughput of a volume fit.
 
 A 96 x 96 x 60 volume (552,960 voxels, float32, two diffusion times) with a
 10,000-voxel mask, fitted with fast settings (the published face fit, the

@@ -1,4 +1,6 @@
-"""Peak memory of ``dipy_fit_spinverse`` on a large volume with a small mask.
+"""Regenerates the tables of doc/validation/volumes.md.
+
+Peak memory of ``dipy_fit_spinverse`` on a large volume with a small mask.
 
 The demo's six voxels (``python -m dipy_spinverse.data demo``) are placed in a
 volume of brain size (145 x 174 x 145, an HCP-sized grid) whose other voxels
