@@ -35,7 +35,12 @@ def main(argv=None):
     parser.add_argument("--voxels", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=100, help="search_steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 voxels, 3 steps (a smoke test)"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.voxels, args.steps = 2, 3
 
     grid = TetGrid.bcc(80 / 3, 4)
     protocol = published_protocol()

@@ -274,6 +274,9 @@ def main(argv=None):
         help="draws of the default prior (periodic) in per-direction bases "
         "(minutes each)",
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     protocol = _protocol(**DEMO)
@@ -281,8 +284,12 @@ def main(argv=None):
     inside, kappa = _sphere(grid)
     _print(
         "sphere R 2.5 um, 8 um reflecting box, 768 cells",
-        *lab_errors(grid, kappa, 2e-3, protocol, (16, 32, 64, 128)),
+        *lab_errors(
+            grid, kappa, 2e-3, protocol, (16, 32) if args.quick else (16, 32, 64, 128)
+        ),
     )
+    if args.quick:
+        return
     grid = TetGrid.bcc(8.0, 4, boundary="periodic")
     inside, kappa = _sphere(grid)
     _print(

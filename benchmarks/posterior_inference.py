@@ -45,12 +45,19 @@ def voxels(model, n, rng):
     return np.sqrt((clean + noise[0]) ** 2 + noise[1] ** 2)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n_voxels", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, nargs="+", default=[128, 500])
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="100 voxels, 16 draws each (a smoke test)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n_voxels, args.samples = 100, [16]
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", RuntimeWarning)
     protocol = _demo_protocol()[0]

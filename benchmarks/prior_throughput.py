@@ -35,7 +35,7 @@ TIMINGS = ((0.005, 0.006), (0.010, 0.020), (0.010, 0.060))
 BVALS = (1000.0, 2500.0, 4000.0)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
@@ -52,7 +52,14 @@ def main():
     parser.add_argument(
         "--protocol", choices=("demo", "published", "hcp"), default="demo"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 draws at resolution 3 (a smoke test)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.resolution = 4, 3
     protocol = {
         "demo": lambda: _protocol(TIMINGS, BVALS, args.n_directions, 3),
         "published": published_protocol,

@@ -28,7 +28,12 @@ def main(argv=None):
     parser.add_argument("--substrates", type=int, default=4000)
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--cache", default=None, help="cache folder")
+    parser.add_argument(
+        "--quick", action="store_true", help="16 substrates, 2 epochs (a smoke test)"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.substrates, args.epochs = 16, 2
 
     grid = TetGrid.bcc(80 / 3, 4)
     protocol = published_protocol()

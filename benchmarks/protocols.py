@@ -67,7 +67,17 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=["sphere", "cylinder"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="markdown file for the table")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test, not a measurement",
+    )
     args = parser.parse_args(argv)
+    chosen = protocols()
+    options = {}
+    if args.quick:
+        args.shapes, chosen = ["sphere"], chosen[2:3]
+        options = dict(max_iter=2, search_steps=2, search_restarts=1)
 
     grid = TetGrid.bcc(80 / 3, 4)
     phantoms = published_phantoms(grid)
@@ -80,14 +90,14 @@ def main(argv=None):
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     print("\n".join(lines), flush=True)
-    for name, protocol in protocols():
+    for name, protocol in chosen:
         for shape in args.shapes:
             phantom = phantoms[shape]
             truth = np.where(phantom.barrier, 1e-5, 0.1)
             clean = simulate(grid, truth, protocol, dtype=torch.float64).numpy()
             signal = noisy(clean, protocol, np.random.default_rng(args.seed))
             start = time.perf_counter()
-            result = reconstruct(grid, signal, protocol, sigma=1 / SNR)
+            result = reconstruct(grid, signal, protocol, sigma=1 / SNR, **options)
             seconds = time.perf_counter() - start
             scores = all_metrics(grid, result.barrier, phantom)
             membrane = result.permeability[result.barrier]

@@ -70,7 +70,12 @@ from dipy_spinverse.workflows.spinverse import parse_posterior_options
 BINS = (0.0, 0.1, 0.25, 0.5, 1.0 + 1e-9)
 
 
-def main():
+#: The label search's options of a ``--quick`` run: a few iterations, a
+#: few steps (a smoke test of the script, not a measurement).
+QUICK_SEARCH = dict(max_iter=2, search_steps=2, search_restarts=1)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--n", type=int, default=24, help="held-out substrates (0: none)"
@@ -96,7 +101,12 @@ def main():
         help="descents of the label search (search_restarts; default the preset's)",
     )
     parser.add_argument("--json", help="write the rows and summaries here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.published = 1, False
     torch.set_num_threads(2)
     protocol, posterior = _demo_protocol()
     grid = SpinverseModel(protocol, preset="paper").grid
@@ -109,6 +119,8 @@ def main():
     }
     results = {}
     search = {} if args.restarts is None else dict(search_restarts=args.restarts)
+    if args.quick:
+        search.update(QUICK_SEARCH)
     for name, (signals, given) in cases.items():
         model = SpinverseModel(protocol, sigma=given, **search)
         start = time.perf_counter()
