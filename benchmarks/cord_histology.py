@@ -288,14 +288,19 @@ def plot(dataset, results, path):
     plt.close(fig)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--dmipy", default=None, help="dmipy installation or wheel")
     parser.add_argument("--out_dir", default="cord_histology")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:  # ActiveAx alone; the posterior trains for minutes
+        args.models = ["activeax"]
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

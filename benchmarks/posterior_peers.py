@@ -510,7 +510,12 @@ def main(argv=None):
         "voxel and SNR, here",
     )
     add_test_arguments(parser)
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
     args = parser.parse_args(argv)
+    if args.quick:  # the shipped default estimator on 8 held-out draws
+        args.default, args.n_test, args.search = True, 8, 0
     warnings.simplefilter("ignore", UserWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:

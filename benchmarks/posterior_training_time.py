@@ -103,7 +103,7 @@ class Announced(logging.Handler):
             self.messages.append(message)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--protocol", nargs="+", choices=tuple(TARGET_MINUTES), default=["published"]
@@ -111,7 +111,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prior", choices=("demo", "default"), default="demo")
     parser.add_argument("--cache_dir", default=None, help="keep the estimators here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     handler = Announced()
     logger.addHandler(handler)  # the package logs through DIPY's logger
@@ -120,6 +123,11 @@ def main():
     else:
         prior = TissuePrior()
         options = default_training(prior)
+    if args.quick:  # a few simulations and one epoch: times nothing useful
+        args.protocol = ["demo"]
+        options = replace(
+            options, n_simulations=64, epochs=1, n_calibration=16, n_reference=4
+        )
     rows = []
     for name in args.protocol:
         protocol = as_protocol(PROTOCOLS[name]())
