@@ -1113,7 +1113,7 @@ def write_block(name, text):
     print(f"\nwrote the {name} block of {DOC}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick",
@@ -1181,7 +1181,7 @@ def main():
         "'NoddiModel(n_fibres=2)' ActiveAxModel (with --write-doc the block "
         "then holds only these rows)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.models:
         # A typo would give an empty table (and, with --write-doc, an empty
         # doc block).

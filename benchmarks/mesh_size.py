@@ -285,7 +285,7 @@ def print_tables(rows, args):
         print(f"| {row['kind']} | {r:.3f} | {cells} | {std / b['modes_free']:.2f} |")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4, help="radii per template")
     parser.add_argument("--seed", type=int, default=0)
@@ -295,7 +295,7 @@ def main():
     parser.add_argument(
         "--quick", action="store_true", help="one radius per template, 3 draws"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.n, args.noise_draws = 1, 3
     t0 = time.perf_counter()

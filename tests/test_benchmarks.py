@@ -1,5 +1,6 @@
-"""The scoring of benchmarks/generalisation.py (no fits: its functions only)
-and the document writing of benchmarks/forward.py."""
+"""The benchmark suite: every script names its validation page and has a
+``--quick`` smoke run (run here; the long ones with ``-m slow``), and the
+helpers of the scripts that score, split or write."""
 
 import importlib.util
 import json
@@ -14,6 +15,31 @@ from dipy_spinverse.geometry.metrics import cell_inversion
 from dipy_spinverse.geometry.substrates import random_substrates
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "generalisation.py"
+_ROOT = _PATH.parents[1]
+_SCRIPTS = sorted(p.stem for p in _PATH.parent.glob("*.py"))
+
+#: Scripts whose ``--quick`` run takes more than about a minute on 2 shared
+#: cores (a label search, a training or a whole-brain fit): run with -m slow.
+_SLOW = {
+    "challengers",
+    "compartments",
+    "cord_histology",
+    "descriptor_seeds",
+    "generalisation",
+    "inversion_experiments",
+    "label_search",
+    "mesh_experiments",
+    "mesh_size",
+    "posterior_training_time",
+    "proposal_training",
+    "protocols",
+    "surface_check",
+    "tissue_maps",
+    "volume",
+    "workflow_memory",
+}
+#: Scripts that read the dmipy 1.0.5 distribution's files (skipped without).
+_DMIPY = {"cord_histology", "isbi_prediction"}
 
 
 def _load_benchmark(name, monkeypatch=None):
@@ -27,6 +53,45 @@ def _load_benchmark(name, monkeypatch=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_every_script_names_its_page_and_the_index_lists_it():
+    """Each script's docstring opens with the validation page whose tables
+    it regenerates, the page exists, and benchmarks/README.md lists it."""
+    index = (_PATH.parent / "README.md").read_text()
+    for name in _SCRIPTS:
+        text = (_PATH.parent / f"{name}.py").read_text()
+        first = text.splitlines()[0]
+        assert first.startswith('"""Regenerates the tables of doc/validation/'), name
+        page = first.split("of ", 1)[1].rstrip(".")
+        assert (_ROOT / page).exists(), (name, page)
+        assert f"`{name}.py` | `{pathlib.Path(page).name}`" in index, name
+        assert '"--quick"' in text, name
+
+
+def _quick_params():
+    for name in _SCRIPTS:
+        marks = [pytest.mark.slow] if name in _SLOW else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_quick_params()))
+def test_quick_run(name, monkeypatch, tmp_path, capsys):
+    """``python benchmarks/<name>.py --quick`` runs to its table, writing
+    only into the working folder and a fresh cache (shipped estimators
+    serve the posterior's scripts)."""
+    if name in _DMIPY:
+        from dipy_spinverse.data import read_isbi2015
+
+        try:
+            read_isbi2015()
+        except FileNotFoundError:
+            pytest.skip("the dmipy 1.0.5 files are not here")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DIPY_SPINVERSE_CACHE", str(tmp_path / "cache"))
+    module = _load_benchmark(name, monkeypatch)
+    module.main(["--quick"])
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.fixture(scope="module")
