@@ -1,5 +1,9 @@
 """Regenerates the tables of doc/validation/surface_check.md.
 
+``--quick``: one substrate, a short search, one challenger; minutes, not
+seconds: the demo's data are simulated and the search screens its shape
+dictionary (run by the tests with -m slow).
+
 Do descents from the answer's own descriptors find rivals? (issue 46, item 2)
 
 A wrong answer that fits the data within the noise stays confident when the

@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/compartments.md.
 
+``--quick``: a quarter of the voxels of each table (-m slow).
+
 Benchmark the compartment models: fitting speed and parameter recovery.
 
 For each model, simulate voxels with known parameters on a fixed protocol, add

@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/real_tissue.md.
 
+``--quick``: ActiveAx alone (the posterior trains for minutes); needs the dmipy
+1.0.5 files, and the tests skip it without them (-m slow).
+
 Axon diameter and intra-axonal fraction against histology: the cat spinal cord.
 
 The slice of Duval et al. (``dipy_spinverse.data.read_cat_spinal_cord``: 968

@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/surface_check.md.
 
+``--quick``: one substrate, the truth's starts, a short search; minutes, not
+seconds, for the same reasons as surface_check.py (-m slow).
+
 Do starts shaped by tissue descriptors help the label search? (issue 46, item 3)
 
 The held-out substrates of ``benchmarks/surface_check.py`` (``--seed``; 1-4

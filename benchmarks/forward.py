@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/benchmarks_forward.md.
 
+``--quick``: the published 576-cell grid only.
+
 Benchmark the forward model: time and memory of ``simulate`` and its gradient.
 
 For the published configuration (``TetGrid.bcc(80 / 3, 4)``, 576 cells, and

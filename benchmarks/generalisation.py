@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/generalisation.md.
 
+``--quick``: one paper-physics voxel, dictionary starts, a short search;
+minutes, not seconds: the search screens its shape dictionary (-m slow).
+
 Recovery of held-out random substrates: does the inversion generalise?
 
 Draws ``--n`` random substrates (:mod:`dipy_spinverse.geometry.substrates`; 1-4 cells

@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/inversion_tables.md.
 
+``--quick``: one short realistic fit of the sphere, its tables written to a
+temporary folder; minutes, not seconds (-m slow).
+
 Spinverse inversion experiments: the published ablation and realistic voxels.
 
 Two experiments on the published grid (576 cells) and protocol (540 PGSE

@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/real_tissue.md.
 
+``--quick``: ActiveAx alone; needs the dmipy 1.0.5 files, and the tests skip it
+without them.
+
 Prediction of held-out measurements: the ISBI 2015 white-matter voxels.
 
 The ISBI 2015 challenge (Ferizi et al., NMR Biomed 2017) gave teams 3,612

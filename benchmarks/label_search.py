@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/inversion_results.md.
 
+``--quick``: 2 voxels, 3 steps; minutes, not seconds: the search's fixed cost
+(-m slow).
+
 Throughput of the label search: voxels one at a time versus all together.
 
 The label search of every voxel is a generator of score requests;

@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/mesh_inversion.md.
 
+``--quick``: the sphere, noise-free, 2 iterations, results in a temporary
+folder (-m slow).
+
 Held-out shape experiments of the mesh-shape inversion (issue 14).
 
 Each true cell is a finer mesh (resolution 4) than the fit's template

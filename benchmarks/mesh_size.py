@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/mesh_inversion.md.
 
+``--quick``: one radius per template, 3 noise draws (-m slow).
+
 Size of a cell far from the template, against the Cramer-Rao bound (issue 46).
 
 Issue 46: :func:`dipy_spinverse.meshfit.fit_mesh` with the ``"ball"`` or

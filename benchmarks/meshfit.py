@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/mesh_inversion.md.
 
+``--quick``: one coarse mesh, once, no fits.
+
 Benchmark of the mesh-shape inversion (issue 14): timing and small fits.
 
 Prints two tables:

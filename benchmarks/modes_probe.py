@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/modes.md.
 
+``--quick``: the sphere in its box, 16 and 32 modes.
+
 How many Laplace modes a signal needs, in each frame (issue 58).
 
 Prints the largest signal error of the matrix formalism with K modes

@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/posterior.md.
 
+``--quick``: the shipped default estimator on 8 held-out draws.
+
 Calibration of the amortised posterior (``fit_method="posterior"``).
 
 Trains (or reads from the cache) the posterior of a prior on a protocol,

@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/sections.md.
 
+``--quick``: 100 voxels, 16 draws each, with the shipped estimators.
+
 Inference speed of the shipped posterior estimators (issue 58: 10,000 voxels
 a minute on 2 CPU cores).
 

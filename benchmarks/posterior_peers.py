@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/posterior.md.
 
+``--quick``: the shipped default estimator on 8 held-out draws.
+
 The amortised posterior against the compartment models, on the same voxels.
 
 Draws held-out voxels from the posterior's prior with a seed never used in

@@ -1,5 +1,9 @@
 """Regenerates the tables of doc/validation/sections.md.
 
+``--quick``: a training of 64 simulations and one epoch on the demo's protocol;
+its time means nothing, and a real measurement is the training itself (-m
+slow).
+
 How long the posterior estimator takes to train, per protocol (issues 44, 58).
 
 Trains, with ``--prior demo``, the README demo's estimator

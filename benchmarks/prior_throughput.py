@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/sections.md.
 
+``--quick``: 4 draws at resolution 3.
+
 Simulation throughput of the posterior's prior (substrates a second).
 
 Draws ``--n`` substrates from a :class:`~dipy_spinverse.posterior.TissuePrior`

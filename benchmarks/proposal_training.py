@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/generalisation.md.
 
+``--quick``: 16 substrates, 2 epochs; about 1.5 minutes on 2 cores, simulating
+the published protocol (-m slow).
+
 Training cost and accuracy of the learned proposal on the published problem.
 
 Trains the proposal network (:mod:`dipy_spinverse.inverse.proposal`) for the

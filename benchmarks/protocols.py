@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/protocols.md.
 
+``--quick``: the sphere on the 60 ms subset, a short search; minutes, not
+seconds (-m slow).
+
 How recovery depends on the protocol: diffusion times, maximum b, directions.
 
 Simulates published shapes on the published grid (reflecting wall, membrane

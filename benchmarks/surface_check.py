@@ -1,5 +1,9 @@
 """Regenerates the tables of doc/validation/surface_check.md.
 
+``--quick``: one substrate, a short search, the shipped surface-check
+estimator; minutes, not seconds: the demo's data are simulated and the search
+screens its shape dictionary (-m slow).
+
 Does the label search's uncertainty predict its error? (issue 46, item 2)
 
 Draws ``--n`` held-out substrates in the label search's own closed box (the

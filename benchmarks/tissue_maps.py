@@ -1,5 +1,7 @@
 """Regenerates the tables of doc/validation/tissue_maps.md.
 
+``--quick``: one axial slice, SNR 20, no baselines (-m slow).
+
 Tissue probability maps on the MNI152 2009a anatomy (issue 15).
 
 Ground truth: nilearn's bundled MNI152 2009a GM and WM probability maps at

@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/volumes.md.
 
+``--quick``: one chunk of 4 voxels, one iteration (-m slow: the 96 x 96 x 60
+volume is still built).
+
 Whole volumes: memory, checkpoint cost and throughput of a volume fit.
 
 A 96 x 96 x 60 volume (552,960 voxels, float32, two diffusion times) with a

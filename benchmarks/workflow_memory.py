@@ -1,5 +1,8 @@
 """Regenerates the tables of doc/validation/volumes.md.
 
+``--quick``: a 12^3 volume, 6 voxels, one iteration (-m slow: the command runs
+in a child process).
+
 Peak memory of ``dipy_fit_spinverse`` on a large volume with a small mask.
 
 The demo's six voxels (``python -m dipy_spinverse.data demo``) are placed in a
