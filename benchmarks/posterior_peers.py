@@ -1,6 +1,7 @@
 """Regenerates the tables of doc/validation/posterior.md.
 
-``--quick``: the shipped default estimator on 8 held-out draws.
+``--quick``: the shipped default estimator on 8 held-out draws (about a
+minute: every compartment model is fitted too; -m slow).
 
 The amortised posterior against the compartment models, on the same voxels.
 

@@ -30,6 +30,7 @@ _SLOW = {
     "label_search",
     "mesh_experiments",
     "mesh_size",
+    "posterior_peers",
     "posterior_training_time",
     "proposal_training",
     "protocols",
