@@ -1,7 +1,7 @@
 """Regenerates the tables of doc/validation/real_tissue.md.
 
-``--quick``: ActiveAx alone; needs the dmipy 1.0.5 files, and the tests skip it
-without them.
+``--quick``: ActiveAx alone (half a minute); needs the dmipy 1.0.5 files, and
+the tests skip it without them (-m slow).
 
 Prediction of held-out measurements: the ISBI 2015 white-matter voxels.
 
