@@ -1,6 +1,7 @@
 """Regenerates the tables of doc/validation/mesh_inversion.md.
 
-``--quick``: one radius per template, 3 noise draws (-m slow).
+``--quick``: one radius per template, 3 noise draws (minutes: every fit screens
+the size; -m slow).
 
 Size of a cell far from the template, against the Cramer-Rao bound (issue 46).
 

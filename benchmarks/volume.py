@@ -1,7 +1,6 @@
 """Regenerates the tables of doc/validation/volumes.md.
 
-``--quick``: one chunk of 4 voxels, one iteration (-m slow: the 96 x 96 x 60
-volume is still built).
+``--quick``: one chunk of 4 voxels, one iteration.
 
 Whole volumes: memory, checkpoint cost and throughput of a volume fit.
 
