@@ -1,6 +1,7 @@
 """Regenerates the tables of doc/validation/volumes.md.
 
-``--quick``: one chunk of 4 voxels, one iteration.
+``--quick``: one chunk of 4 voxels, one iteration (up to half a minute: the
+96 x 96 x 60 volume is still built; -m slow).
 
 Whole volumes: memory, checkpoint cost and throughput of a volume fit.
 

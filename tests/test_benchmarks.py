@@ -37,6 +37,7 @@ _SLOW = {
     "protocols",
     "surface_check",
     "tissue_maps",
+    "volume",
     "workflow_memory",
 }
 #: Scripts that read the dmipy 1.0.5 distribution's files (skipped without).
