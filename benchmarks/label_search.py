@@ -1,7 +1,8 @@
 """Regenerates the tables of doc/validation/inversion_results.md.
 
-``--quick``: 2 voxels, 3 steps; minutes, not seconds: the search's fixed cost
-(-m slow).
+``--quick``: 2 voxels, 3 steps; still about ten minutes on 2 shared cores: the
+search's fixed cost, its screen of the generic shapes on the 540-volume
+protocol, stays (-m slow).
 
 Throughput of the label search: voxels one at a time versus all together.
 
