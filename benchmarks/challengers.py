@@ -1,4 +1,10 @@
-"""Do descents from the answer's own descriptors find rivals? (issue 46, item 2)
+"""Regenerates the tables of doc/validation/surface_check.md.
+
+``--quick``: one substrate, a short search, one challenger; minutes, not
+seconds: the demo's data are simulated and the search screens its shape
+dictionary (run by the tests with -m slow).
+
+Do descents from the answer's own descriptors find rivals? (issue 46, item 2)
 
 A wrong answer that fits the data within the noise stays confident when the
 search visits no other surface that fits as well
@@ -32,7 +38,7 @@ import time
 import numpy as np
 import torch
 from scipy.stats import chi2
-from surface_check import _demo_protocol, held_out_voxels
+from surface_check import QUICK_SEARCH, _demo_protocol, held_out_voxels
 
 from dipy_spinverse import SpinverseModel
 from dipy_spinverse.geometry.descriptors import describe
@@ -43,7 +49,7 @@ from dipy_spinverse.inverse.uncertainty import KEEP_CHI2, RIVAL_IOU
 from dipy_spinverse.sim.signals import VoxelSignals
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=("noise-free", "snr"), default="noise-free")
     parser.add_argument("--n", type=int, default=12)
@@ -51,18 +57,24 @@ def main():
     parser.add_argument("--snr", type=float, default=100.0)
     parser.add_argument("--positions", type=int, default=3)
     parser.add_argument("--json", help="write the per-voxel rows here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
+    quick = {}
+    if args.quick:
+        args.n, args.positions, quick = 1, 1, QUICK_SEARCH
     torch.set_num_threads(2)
     protocol, _ = _demo_protocol()
     grid = SpinverseModel(protocol, preset="paper").grid
     truths, clean, noisy = held_out_voxels(
-        grid, protocol, args.n, seed=args.seed, snr=args.snr, published=True
+        grid, protocol, args.n, seed=args.seed, snr=args.snr, published=not args.quick
     )
     if args.case == "noise-free":
         signals, sigma = clean, 0.005
     else:  # the same noise draw as benchmarks/surface_check.py
         signals, sigma = noisy, 1.0 / args.snr
-    model = SpinverseModel(protocol, sigma=sigma)
+    model = SpinverseModel(protocol, sigma=sigma, **quick)
     start = time.perf_counter()
     fit = model.fit(1000 * signals[:, None, None], verbose=False)
     fit_seconds = (time.perf_counter() - start) / len(truths)

@@ -1,4 +1,8 @@
-"""Benchmark the compartment models: fitting speed and parameter recovery.
+"""Regenerates the tables of doc/validation/compartments.md.
+
+``--quick``: a quarter of the voxels of each table (-m slow).
+
+Benchmark the compartment models: fitting speed and parameter recovery.
 
 For each model, simulate voxels with known parameters on a fixed protocol, add
 Rician noise at SNR 50 (seed 0), fit them all in one ``model.fit`` call on
@@ -1111,7 +1115,7 @@ def write_block(name, text):
     print(f"\nwrote the {name} block of {DOC}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick",
@@ -1179,7 +1183,7 @@ def main():
         "'NoddiModel(n_fibres=2)' ActiveAxModel (with --write-doc the block "
         "then holds only these rows)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.models:
         # A typo would give an empty table (and, with --write-doc, an empty
         # doc block).

@@ -1,4 +1,9 @@
-"""Do starts shaped by tissue descriptors help the label search? (issue 46, item 3)
+"""Regenerates the tables of doc/validation/surface_check.md.
+
+``--quick``: one substrate, the truth's starts, a short search; minutes, not
+seconds, for the same reasons as surface_check.py (-m slow).
+
+Do starts shaped by tissue descriptors help the label search? (issue 46, item 3)
 
 The held-out substrates of ``benchmarks/surface_check.py`` (``--seed``; 1-4
 random cells in the search's closed 26.7 um box), simulated noise-free on the
@@ -25,7 +30,7 @@ import time
 
 import numpy as np
 import torch
-from surface_check import _demo_protocol, held_out_voxels
+from surface_check import QUICK_SEARCH, _demo_protocol, held_out_voxels
 
 from dipy_spinverse import SpinverseModel
 from dipy_spinverse.geometry.descriptors import describe_substrate
@@ -38,17 +43,24 @@ from dipy_spinverse.sim.signals import VoxelSignals
 DRAWN = ("restricted_fraction", "n_cells", "anisotropy", "orientation")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", choices=("none", "truth", "posterior"))
     parser.add_argument("--n", type=int, default=12)
     parser.add_argument("--seed", type=int, default=4601)
     parser.add_argument("--positions", type=int, default=16)
     parser.add_argument("--json", help="write the per-voxel IoU here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
+    quick = {}
+    if args.quick:
+        args.n, args.positions, args.starts = 1, 2, "truth"
+        quick = QUICK_SEARCH
     torch.set_num_threads(2)
     protocol, posterior = _demo_protocol()
-    model = SpinverseModel(protocol, sigma=0.005, **posterior)
+    model = SpinverseModel(protocol, sigma=0.005, **posterior, **quick)
     grid = model.grid
     substrates, clean, _ = held_out_voxels(
         grid, protocol, args.n, seed=args.seed, snr=100.0, published=False

@@ -1,4 +1,8 @@
-"""Benchmark the forward model: time and memory of ``simulate`` and its gradient.
+"""Regenerates the tables of doc/validation/benchmarks_forward.md.
+
+``--quick``: the published 576-cell grid, Chebyshev in float64, timed once.
+
+Benchmark the forward model: time and memory of ``simulate`` and its gradient.
 
 For the published configuration (``TetGrid.bcc(80 / 3, 4)``, 576 cells, and
 the 540 acquisitions of ``published_protocol()``) and for grids with about 4x,
@@ -84,7 +88,11 @@ def main(argv=None):
         print(json.dumps(run_single(json.loads(args.single))))
         return
     sizes = (4,) if args.quick else tuple(args.sizes)
+    if args.quick:
+        args.repeats = 1
     configs = _configs(sizes, args.threads, args.repeats, args.devices)
+    if args.quick:  # one configuration, timed once
+        configs = configs[:1]
     header = machine_info(args.threads)
     print("\n".join(header), flush=True)
     rows = []

@@ -1,4 +1,9 @@
-"""Recovery of held-out random substrates: does the inversion generalise?
+"""Regenerates the tables of doc/validation/generalisation.md.
+
+``--quick``: one paper-physics voxel, dictionary starts, a short search;
+minutes, not seconds: the search screens its shape dictionary (-m slow).
+
+Recovery of held-out random substrates: does the inversion generalise?
 
 Draws ``--n`` random substrates (:mod:`dipy_spinverse.geometry.substrates`; 1-4 cells
 of seven kinds) from ``--seed`` (never the proposal's training seed), simulates
@@ -259,6 +264,8 @@ def run(physics, args):
         options["sigma"] = sigma
     if args.approximation and physics != "paper":
         options["approximation_error"] = args.approximation
+    if getattr(args, "quick", False):
+        options.update(max_iter=2, search_steps=2)
     _warm_caches(grid, protocol, options, args.device)
     key = _settings(physics, args)
     done = _stored_rows(args.rows, key, args.n)
@@ -535,7 +542,12 @@ def main(argv=None):
         "scored, and voxels already in it (same physics and settings) are read, "
         "not fitted again, so an interrupted run resumes",
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
     args = parser.parse_args(argv)
+    if args.quick:  # one voxel, paper physics, dictionary starts, a short search
+        args.n, args.physics, args.starts, args.batch = 1, ["paper"], "dictionary", 1
     if args.seed in (TRAINING_SEED, APPROXIMATION_SEED):
         parser.error(
             f"--seed {args.seed} trains the proposal or estimates the approximation "

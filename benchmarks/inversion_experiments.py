@@ -1,4 +1,9 @@
-"""Spinverse inversion experiments: the published ablation and realistic voxels.
+"""Regenerates the tables of doc/validation/inversion_tables.md.
+
+``--quick``: one short realistic fit of the sphere, its tables written to a
+temporary folder; minutes, not seconds (-m slow).
+
+Spinverse inversion experiments: the published ablation and realistic voxels.
 
 Two experiments on the published grid (576 cells) and protocol (540 PGSE
 acquisitions), with the published targets plus a bent axon:
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -147,7 +153,9 @@ def measure(experiment, grid, shape, phantom, arm, preset, overrides, snr, seed)
             sigma[idx] = b0 / snr
         noise = rng.normal(size=(2, len(signal))) * sigma
         signal = np.hypot(signal + noise[0], noise[1])
-    result = reconstruct(grid, signal, protocol, preset=preset, **overrides)
+    result = reconstruct(
+        grid, signal, protocol, preset=preset, **overrides, **QUICK_OVERRIDES
+    )
     scores = all_metrics(grid, result.barrier, phantom)
     # Magnitude data cannot tell a surface from its inversion through the
     # voxel centre (metrics.inversion_twin); score the better of the two too.
@@ -291,7 +299,11 @@ def _figure(results, doc):
     return path
 
 
-def main():
+#: Options added to every reconstruction (``--quick``: a short one).
+QUICK_OVERRIDES = {}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiment", nargs="?", choices=("paper", "realistic"))
     parser.add_argument("--shapes", nargs="+", default=None)
@@ -315,7 +327,20 @@ def main():
         help="folder of the --report tables and figure (default doc/validation/, "
         "what the docs quote; another folder for trial runs)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:  # one short realistic fit, results and tables in a temp folder
+        folder = tempfile.mkdtemp()
+        args.experiment, args.shapes, args.snr = "realistic", ["sphere"], (100.0,)
+        args.arms, args.report, args.results, args.doc = (
+            ["default"],
+            True,
+            folder,
+            folder,
+        )
+        QUICK_OVERRIDES.update(max_iter=2, search_steps=2)
     if args.experiment:
         run(args)
     if args.report:

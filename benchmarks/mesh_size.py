@@ -1,4 +1,9 @@
-"""Size of a cell far from the template, against the Cramer-Rao bound (issue 46).
+"""Regenerates the tables of doc/validation/mesh_inversion.md.
+
+``--quick``: one radius per template, 3 noise draws (minutes: every fit screens
+the size; -m slow).
+
+Size of a cell far from the template, against the Cramer-Rao bound (issue 46).
 
 Issue 46: :func:`dipy_spinverse.meshfit.fit_mesh` with the ``"ball"`` or
 ``"tube"`` template (4 um and 3 um) must recover spheres of radius 3-12 um and
@@ -283,7 +288,7 @@ def print_tables(rows, args):
         print(f"| {row['kind']} | {r:.3f} | {cells} | {std / b['modes_free']:.2f} |")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4, help="radii per template")
     parser.add_argument("--seed", type=int, default=0)
@@ -293,7 +298,7 @@ def main():
     parser.add_argument(
         "--quick", action="store_true", help="one radius per template, 3 draws"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.n, args.noise_draws = 1, 3
     t0 = time.perf_counter()

@@ -1,4 +1,8 @@
-"""Benchmark of the mesh-shape inversion (issue 14): timing and small fits.
+"""Regenerates the tables of doc/validation/mesh_inversion.md.
+
+``--quick``: one coarse mesh, once, no fits.
+
+Benchmark of the mesh-shape inversion (issue 14): timing and small fits.
 
 Prints two tables:
 
@@ -89,15 +93,23 @@ def fits(snr_values, seed=0):
     return rows
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fits", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one coarse mesh, once, no fits (a smoke test)",
+    )
+    args = parser.parse_args(argv)
+    sizes = ((5, 2.0), (5, 1.0))
+    if args.quick:
+        args.repeats, args.fits, sizes = 1, False, ((3, 2.0),)
     print(f"torch threads: {torch.get_num_threads()}")
     print("| mesh tets | modes | length scale (um) | basis (s) | forward+grad (s) |")
     print("| --- | --- | --- | --- | --- |")
-    for resolution, length_scale in ((5, 2.0), (5, 1.0)):
+    for resolution, length_scale in sizes:
         n_tets, n_modes, t_basis, t_fb = time_forward(
             resolution, length_scale, args.repeats
         )

@@ -1,4 +1,10 @@
-"""How long the posterior estimator takes to train, per protocol (issues 44, 58).
+"""Regenerates the tables of doc/validation/sections.md.
+
+``--quick``: a training of 64 simulations and one epoch on the demo's protocol;
+its time means nothing, and a real measurement is the training itself (-m
+slow).
+
+How long the posterior estimator takes to train, per protocol (issues 44, 58).
 
 Trains, with ``--prior demo``, the README demo's estimator
 (``data.DEMO_PRIOR``, cells of 8-25 um, periodic tissue or a closed box,
@@ -101,7 +107,7 @@ class Announced(logging.Handler):
             self.messages.append(message)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--protocol", nargs="+", choices=tuple(TARGET_MINUTES), default=["published"]
@@ -109,7 +115,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prior", choices=("demo", "default"), default="demo")
     parser.add_argument("--cache_dir", default=None, help="keep the estimators here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     handler = Announced()
     logger.addHandler(handler)  # the package logs through DIPY's logger
@@ -118,6 +127,11 @@ def main():
     else:
         prior = TissuePrior()
         options = default_training(prior)
+    if args.quick:  # a few simulations and one epoch: times nothing useful
+        args.protocol = ["demo"]
+        options = replace(
+            options, n_simulations=64, epochs=1, n_calibration=16, n_reference=4
+        )
     rows = []
     for name in args.protocol:
         protocol = as_protocol(PROTOCOLS[name]())

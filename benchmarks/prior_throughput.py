@@ -1,4 +1,8 @@
-"""Simulation throughput of the posterior's prior (substrates a second).
+"""Regenerates the tables of doc/validation/sections.md.
+
+``--quick``: 4 draws at resolution 3.
+
+Simulation throughput of the posterior's prior (substrates a second).
 
 Draws ``--n`` substrates from a :class:`~dipy_spinverse.posterior.TissuePrior`
 (default: the default prior) on the README demo's protocol and simulates them
@@ -33,7 +37,7 @@ TIMINGS = ((0.005, 0.006), (0.010, 0.020), (0.010, 0.060))
 BVALS = (1000.0, 2500.0, 4000.0)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
@@ -50,7 +54,14 @@ def main():
     parser.add_argument(
         "--protocol", choices=("demo", "published", "hcp"), default="demo"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 draws at resolution 3 (a smoke test)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.resolution = 4, 3
     protocol = {
         "demo": lambda: _protocol(TIMINGS, BVALS, args.n_directions, 3),
         "published": published_protocol,

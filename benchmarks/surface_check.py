@@ -1,4 +1,10 @@
-"""Does the label search's uncertainty predict its error? (issue 46, item 2)
+"""Regenerates the tables of doc/validation/surface_check.md.
+
+``--quick``: one substrate, a short search, the shipped surface-check
+estimator; minutes, not seconds: the demo's data are simulated and the search
+screens its shape dictionary (-m slow).
+
+Does the label search's uncertainty predict its error? (issue 46, item 2)
 
 Draws ``--n`` held-out substrates in the label search's own closed box (the
 default grid, 26.7 um, reflecting walls): random cells of
@@ -69,7 +75,12 @@ from dipy_spinverse.workflows.spinverse import parse_posterior_options
 BINS = (0.0, 0.1, 0.25, 0.5, 1.0 + 1e-9)
 
 
-def main():
+#: The label search's options of a ``--quick`` run: a few iterations, a
+#: few steps (a smoke test of the script, not a measurement).
+QUICK_SEARCH = dict(max_iter=2, search_steps=2, search_restarts=1)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--n", type=int, default=24, help="held-out substrates (0: none)"
@@ -95,7 +106,12 @@ def main():
         help="descents of the label search (search_restarts; default the preset's)",
     )
     parser.add_argument("--json", help="write the rows and summaries here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.published = 1, False
     torch.set_num_threads(2)
     protocol, posterior = _demo_protocol()
     grid = SpinverseModel(protocol, preset="paper").grid
@@ -107,11 +123,13 @@ def main():
         f"SNR {args.snr:g}": (noisy, 1.0 / args.snr),
     }
     results = {}
-    search = (
-        {}
-        if args.restarts is None
-        else dict(preset=resolve_config("default", search_restarts=args.restarts))
-    )
+    options = {} if args.restarts is None else dict(search_restarts=args.restarts)
+    search = {}
+    if args.quick:
+        search["max_iter"] = QUICK_SEARCH["max_iter"]
+        options.update({k: v for k, v in QUICK_SEARCH.items() if k != "max_iter"})
+    if options:
+        search["preset"] = resolve_config("default", **options)
     for name, (signals, given) in cases.items():
         model = SpinverseModel(protocol, sigma=given, **search)
         start = time.perf_counter()

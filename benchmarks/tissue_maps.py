@@ -1,4 +1,8 @@
-"""Tissue probability maps on the MNI152 2009a anatomy (issue 15).
+"""Regenerates the tables of doc/validation/tissue_maps.md.
+
+``--quick``: one axial slice, SNR 20, no baselines (-m slow).
+
+Tissue probability maps on the MNI152 2009a anatomy (issue 15).
 
 Ground truth: nilearn's bundled MNI152 2009a GM and WM probability maps at
 2 mm, CSF the rest of its brain mask (``tissue.data.mni152_tissue_maps``;
@@ -137,7 +141,7 @@ def figure(path, truth, fits, mask):
     plt.close(fig)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--snr", type=float, nargs="+", default=[20, 50, 100])
     parser.add_argument("--threads", type=int, default=2)
@@ -147,9 +151,17 @@ def main():
     parser.add_argument(
         "--parameters-only", action="store_true", help="only the mixing row"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     truth, mask, _ = mni152_tissue_maps(resolution=2)
+    if args.quick:  # one axial slice, SNR 20, no baselines
+        args.snr, args.no_baselines = [20.0], True
+        slice_ = np.zeros_like(mask)
+        slice_[:, :, mask.shape[2] // 2] = True
+        mask = mask & slice_
     sequences = [seq for _, seq in PROTOCOL]
     simulator = TissueMapModel(sequences)
     lines = [

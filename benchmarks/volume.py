@@ -1,4 +1,9 @@
-"""Whole volumes: memory, checkpoint cost and throughput of a volume fit.
+"""Regenerates the tables of doc/validation/volumes.md.
+
+``--quick``: one chunk of 4 voxels, one iteration (up to half a minute: the
+96 x 96 x 60 volume is still built; -m slow).
+
+Whole volumes: memory, checkpoint cost and throughput of a volume fit.
 
 A 96 x 96 x 60 volume (552,960 voxels, float32, two diffusion times) with a
 10,000-voxel mask, fitted with fast settings (the published face fit, the
@@ -149,13 +154,19 @@ def checkpoint_costs(model, sizes, batch, repeats, folder):
     return rows
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max_iter", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
+    args = parser.parse_args(argv)
+    sizes = (1_000, 10_000, 100_000)
+    if args.quick:
+        args.chunks, args.batch, args.max_iter, sizes = 1, 4, 1, (1_000,)
     gtab = gradients()
     model = SpinverseModel(
         gtab,
@@ -191,9 +202,7 @@ def main():
     )
     folder = tempfile.mkdtemp()
     try:
-        costs = checkpoint_costs(
-            model, (1_000, 10_000, 100_000), args.batch, 20, folder
-        )
+        costs = checkpoint_costs(model, sizes, args.batch, 20, folder)
     finally:
         shutil.rmtree(folder)
     print(

@@ -1,4 +1,9 @@
-"""Peak memory of ``dipy_fit_spinverse`` on a large volume with a small mask.
+"""Regenerates the tables of doc/validation/volumes.md.
+
+``--quick``: a 12^3 volume, 6 voxels, one iteration (-m slow: the command runs
+in a child process).
+
+Peak memory of ``dipy_fit_spinverse`` on a large volume with a small mask.
 
 The demo's six voxels (``python -m dipy_spinverse.data demo``) are placed in a
 volume of brain size (145 x 174 x 145, an HCP-sized grid) whose other voxels
@@ -105,7 +110,12 @@ def main(argv=None):
     parser.add_argument("--shape", type=int, nargs=3, default=(145, 174, 145))
     parser.add_argument("--n_mask", type=int, default=1000)
     parser.add_argument("--max_iter", type=int, default=2)
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test, not a measurement"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.shape, args.n_mask, args.max_iter = (12, 12, 12), 6, 1
     # The same mask in a volume just large enough to hold it, then in the
     # one asked for: what the second costs more grows with the volume.
     side = int(np.ceil(args.n_mask ** (1 / 3))) + 1

@@ -9,7 +9,7 @@ file format: meshes, Camino schemes, fits and checkpoints, NIfTI maps) ->
 ``workflows`` (the commands).
 """
 
-from .lazy import alias_moved_modules, attach
+from .lazy import attach
 
 __version__ = "0.1.0.dev0"
 
@@ -48,26 +48,3 @@ _NAMES = {
 
 __all__ = list(_NAMES)
 __getattr__, __dir__ = attach(__name__, _NAMES)
-
-# Modules that moved into the layer packages in 0.1 (CHANGELOG.md): their
-# old paths still import, with a DeprecationWarning.
-alias_moved_modules(
-    {
-        f"{__name__}.{old}": f"{__name__}.{new}"
-        for old, new in {
-            "grid": "sim.grid",
-            "operators": "sim.operators",
-            "solvers": "sim.solvers",
-            "forward": "sim.forward",
-            "sequences": "sim.sequences",
-            "signals": "sim.signals",
-            "analytic": "sim.analytic",
-            "phantoms": "geometry.phantoms",
-            "substrates": "geometry.substrates",
-            "metrics": "geometry.metrics",
-            "interface": "geometry.topology",
-            "surfaces": "io.surfaces",
-            "cli": "workflows.cli",
-        }.items()
-    }
-)

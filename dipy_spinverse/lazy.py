@@ -1,4 +1,4 @@
-"""Names imported on first use, and module paths that moved.
+"""Names imported on first use.
 
 Packages re-export their public names lazily (PEP 562), so that
 ``import dipy_spinverse`` loads neither torch nor the compartment models nor
@@ -7,12 +7,10 @@ the tissue maps until they are asked for.
 
 import ast
 import importlib
-import importlib.abc
 import importlib.util
 import sys
-import warnings
 
-__all__ = ["attach", "attach_all", "alias_moved_modules"]
+__all__ = ["attach", "attach_all"]
 
 
 def attach(package, names):
@@ -85,43 +83,3 @@ def _static_all(module):
             return ast.literal_eval(node.value)
     raise ImportError(f"{module} has no literal __all__ to re-export.")
 
-
-class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports ``old`` as the module now at ``moved[old]``, with a warning."""
-
-    def __init__(self, moved):
-        self.moved = moved
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.moved:
-            return None
-        return importlib.util.spec_from_loader(fullname, self)
-
-    def create_module(self, spec):
-        new = self.moved[spec.name]
-        warnings.warn(
-            f"{spec.name} moved to {new}; import it from there (the old path "
-            "will be removed in a future release).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module(new)
-
-    def exec_module(self, module):
-        # The module was executed under its new name; importing it again
-        # under the old one must not run its code twice.
-        pass
-
-
-def alias_moved_modules(moved):
-    """Keep old module paths importable after a move (with a deprecation).
-
-    Parameters
-    ----------
-    moved : dict of str to str
-        Old absolute module name -> new absolute module name. ``import old``
-        returns the new module object itself, so attributes set on one (as
-        monkeypatching does) are seen through both names.
-    """
-    if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
-        sys.meta_path.append(_MovedModuleFinder(dict(moved)))

@@ -1,5 +1,6 @@
-"""The scoring of benchmarks/generalisation.py (no fits: its functions only)
-and the document writing of benchmarks/forward.py."""
+"""The benchmark suite: every script names its validation page and has a
+``--quick`` smoke run (run here; the long ones with ``-m slow``), and the
+helpers of the scripts that score, split or write."""
 
 import importlib.util
 import json
@@ -14,6 +15,37 @@ from dipy_spinverse.geometry.metrics import cell_inversion
 from dipy_spinverse.geometry.substrates import random_substrates
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "generalisation.py"
+_ROOT = _PATH.parents[1]
+_SCRIPTS = sorted(p.stem for p in _PATH.parent.glob("*.py"))
+
+#: Scripts whose ``--quick`` run takes more than about a minute on 2 shared
+#: cores (a label search, a training or a whole-brain fit): run with -m slow.
+_SLOW = {
+    "challengers",
+    "compartments",
+    "cord_histology",
+    "descriptor_seeds",
+    "generalisation",
+    "inversion_experiments",
+    "isbi_prediction",
+    "label_search",
+    "mesh_experiments",
+    "mesh_size",
+    "posterior_peers",
+    "posterior_training_time",
+    "proposal_training",
+    "protocols",
+    "surface_check",
+    "tissue_maps",
+    "volume",
+    "workflow_memory",
+}
+#: Scripts that read the dmipy 1.0.5 distribution's files (skipped without).
+_DMIPY = {"cord_histology", "isbi_prediction"}
+#: Packages of the ``benchmark`` and ``tissue`` extras some scripts import.
+_NEEDS = {"tissue_maps": ("skimage", "nilearn", "sklearn")}
+#: Scripts run as a command (their child processes import them by name).
+_COMMAND = {"workflow_memory"}
 
 
 def _load_benchmark(name, monkeypatch=None):
@@ -27,6 +59,62 @@ def _load_benchmark(name, monkeypatch=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_every_script_names_its_page_and_the_index_lists_it():
+    """Each script's docstring opens with the validation page whose tables
+    it regenerates, the page exists, and benchmarks/README.md lists it."""
+    index = (_PATH.parent / "README.md").read_text()
+    for name in _SCRIPTS:
+        text = (_PATH.parent / f"{name}.py").read_text()
+        first = text.splitlines()[0]
+        assert first.startswith('"""Regenerates the tables of doc/validation/'), name
+        page = first.split("of ", 1)[1].rstrip(".")
+        assert (_ROOT / page).exists(), (name, page)
+        assert f"`{name}.py` | `{pathlib.Path(page).name}`" in index, name
+        assert '"--quick"' in text, name
+
+
+def _quick_params():
+    for name in _SCRIPTS:
+        marks = [pytest.mark.slow] if name in _SLOW else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", list(_quick_params()))
+def test_quick_run(name, monkeypatch, tmp_path, capsys):
+    """``python benchmarks/<name>.py --quick`` runs to its table, writing
+    only into the working folder and a fresh cache (shipped estimators
+    serve the posterior's scripts)."""
+    if name in _DMIPY:
+        from dipy_spinverse.data import read_isbi2015
+
+        try:
+            read_isbi2015()
+        except FileNotFoundError:
+            pytest.skip("the dmipy 1.0.5 files are not here")
+    else:  # (the dmipy files are found in the cache folder)
+        monkeypatch.setenv("DIPY_SPINVERSE_CACHE", str(tmp_path / "cache"))
+    for package in _NEEDS.get(name, ()):
+        pytest.importorskip(package)
+    monkeypatch.chdir(tmp_path)
+    if name in _COMMAND:
+        import os
+        import subprocess
+        import sys
+
+        path = os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")])
+        monkeypatch.setenv("PYTHONPATH", path)
+        script = str(_PATH.parent / f"{name}.py")
+        done = subprocess.run(
+            [sys.executable, script, "--quick"], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip()
+        return
+    module = _load_benchmark(name, monkeypatch)
+    module.main(["--quick"])
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.fixture(scope="module")
@@ -167,32 +255,6 @@ def test_forward_doc_keeps_its_hand_written_sections(tmp_path):
     doc.write_text(doc.read_text() + section)
     module.write_doc(doc, "# Table\n\nnew rows\n")
     assert doc.read_text() == "# Table\n\nnew rows\n" + section
-
-
-def test_lattice_translations_move_the_cells_whole(monkeypatch):
-    """benchmarks/ambiguity.py's alternatives: each of the 14 translations
-    moves a ball inside the box whole (same grid cells, centroid moved by
-    one cube side or half a cube diagonal); the opposite one moves it back."""
-    module = _load_benchmark("search_landscape", monkeypatch)
-    grid = TetGrid.bcc(80 / 3, 4)
-    x = grid.cell_centroids
-    centre = x.mean(0)
-    labels = (np.linalg.norm(x - centre, axis=1) < 6.0).astype(int)
-    moved = module.lattice_translations(grid, labels)
-    assert moved.shape == (14, grid.n_cells)
-    h = grid.spacing
-    steps = []
-    for one in moved:
-        assert np.sum(one) == np.sum(labels)
-        steps.append(x[one > 0].mean(0) - x[labels > 0].mean(0))
-    lengths = np.sort(np.linalg.norm(steps, axis=1))
-    assert_allclose(lengths, [h * np.sqrt(3) / 2] * 8 + [h] * 6, rtol=1e-9)
-    for k, one in enumerate(moved):
-        back = module.lattice_translations(grid, one)
-        opposite = k + 1 if k % 2 == 0 else k - 1  # axis steps: +, - pairs
-        if k >= 6:  # diagonal steps: the sign pattern negated
-            opposite = 6 + (7 - (k - 6))
-        np.testing.assert_array_equal(back[opposite], labels)
 
 
 def test_every_fibre_protocol_has_its_doc_blocks(monkeypatch):

@@ -567,15 +567,12 @@ def _check_protocol(face, n_sequences):
 
 
 def _check_names(options):
-    """Refuse unknown options, with a hint for those of older versions."""
+    """Refuse unknown options, naming the valid ones."""
     unknown = sorted(set(options) - set(OPTIONS))
     if not unknown:
         return
-    hint = ""
-    if any(k.startswith("polish") for k in unknown):
-        hint = " (the polish_* options are now search_*, e.g. search_steps)"
     raise ValueError(
-        f"Unknown option(s) {unknown}{hint}; valid options are {sorted(OPTIONS)}."
+        f"Unknown option(s) {unknown}; valid options are {sorted(OPTIONS)}."
     )
 
 
