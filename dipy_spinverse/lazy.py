@@ -82,4 +82,3 @@ def _static_all(module):
         ):
             return ast.literal_eval(node.value)
     raise ImportError(f"{module} has no literal __all__ to re-export.")
-

@@ -23,6 +23,7 @@ LAYERS = [
     "files",
     "sim.grid",
     "sim.sections",
+    "sim.waveforms",
     "sim.sequences",
     "sim.operators",
     "sim.solvers",

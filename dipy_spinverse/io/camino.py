@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 from ..files import atomic_write
-from ..sim.sequences import GAMMA_UM_US, PGSE, UNIT_ATOL, Protocol
+from ..sim.sequences import Protocol
+from ..sim.waveforms import GAMMA_UM_US, PGSE, UNIT_ATOL
 
 __all__ = ["read_scheme", "write_scheme"]
 

@@ -17,7 +17,8 @@ from dipy.utils.logging import logger
 from ..checks import (
     check_number,
 )
-from ..sim.sequences import PGSE, check_bvals, unit_rows
+from ..sim.sequences import check_bvals, unit_rows
+from ..sim.waveforms import PGSE
 from .camino import read_scheme
 
 __all__ = ["read_gradients", "read_timing", "B0_THRESHOLD", "BVECS_TOL"]
@@ -164,7 +165,7 @@ def read_gradients(
 def _check_pulse_timing(small_delta, big_delta):
     """Refuse, naming the flags, a ``small_delta``/``big_delta`` pair that
     the model would refuse later under the arguments' names only (the
-    checks of :class:`~dipy_spinverse.sim.sequences.PGSE`: seconds,
+    checks of :class:`~dipy_spinverse.sim.waveforms.PGSE`: seconds,
     ``big_delta >= small_delta``)."""
     try:
         pairs = np.unique(

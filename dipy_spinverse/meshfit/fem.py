@@ -49,7 +49,8 @@ import torch
 from scipy import special
 
 from ..checks import check_diffusivity, check_int, check_number, check_positive
-from ..sim.sequences import PGSE, as_protocol
+from ..sim.sequences import as_protocol
+from ..sim.waveforms import PGSE
 from .mesh import TetMesh
 
 __all__ = [

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from dipy.core.gradients import GradientTable, gradient_table
 
-from ..sim.sequences import PGSE, Protocol, check_bvals
+from ..sim.sequences import Protocol, check_bvals
 from ..sim.signals import VoxelSignals
+from ..sim.waveforms import PGSE
 from .codes import BAD_B0, NONFINITE, OK, POOR_FIT_FALSE_ALARM
 from .plausibility import impossible_signal
 

@@ -21,7 +21,8 @@ import numpy as np
 from scipy.stats import norm
 
 from ..checks import check_number, check_positive
-from .sequences import PGSE, as_protocol
+from .sequences import as_protocol
+from .waveforms import PGSE
 
 __all__ = ["diameter_resolution_limit"]
 

@@ -32,7 +32,8 @@ from dipy_spinverse.compartments import (
 )
 from dipy_spinverse.compartments.fitting import Bound, nnls
 from dipy_spinverse.sim import analytic as an
-from dipy_spinverse.sim.sequences import CosineOGSE, Protocol, fibonacci_sphere
+from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
+from dipy_spinverse.sim.waveforms import CosineOGSE
 
 T = torch.float64
 SNR = 50.0

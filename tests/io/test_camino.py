@@ -7,7 +7,8 @@ import pytest
 from dipy.core.gradients import WATER_GYROMAGNETIC_RATIO
 
 from dipy_spinverse.io.camino import read_scheme, write_scheme
-from dipy_spinverse.sim.sequences import PGSE, CosineOGSE, Protocol, fibonacci_sphere
+from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
+from dipy_spinverse.sim.waveforms import PGSE, CosineOGSE
 
 GAMMA = WATER_GYROMAGNETIC_RATIO  # rad/(s T)
 

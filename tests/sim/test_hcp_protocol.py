@@ -7,7 +7,8 @@ from dipy.core.gradients import gradient_table
 
 from dipy_spinverse import TetGrid, simulate
 from dipy_spinverse.reconst.plausibility import protocol_problems
-from dipy_spinverse.sim.sequences import PGSE, Protocol, hcp_protocol
+from dipy_spinverse.sim.sequences import Protocol, hcp_protocol
+from dipy_spinverse.sim.waveforms import PGSE
 
 D = 2e-3  # mm^2/s, simulate's default diffusivity
 SHELLS = (1000.0, 2000.0, 3000.0)

@@ -6,16 +6,18 @@ import pytest
 from dipy.core.gradients import WATER_GYROMAGNETIC_RATIO, gradient_table
 
 from dipy_spinverse.sim.sequences import (
-    PGSE,
-    CosineOGSE,
-    DoublePGSE,
-    PiecewiseConstant,
     Protocol,
-    SineOGSE,
     as_protocol,
     check_bvals,
     fibonacci_sphere,
     published_protocol,
+)
+from dipy_spinverse.sim.waveforms import (
+    PGSE,
+    CosineOGSE,
+    DoublePGSE,
+    PiecewiseConstant,
+    SineOGSE,
 )
 
 GAMMA = WATER_GYROMAGNETIC_RATIO  # rad/(s T)
