@@ -229,6 +229,11 @@ def _voxel_signals(signal, protocol, *, dtype):
     """Every check and cast of the voxels' signal, once: below this the fits
     trust their data.
 
+    A raw signal is checked here (shape, finite, normalised by its b = 0,
+    within ``dtype`` once normalised). A :class:`VoxelSignals` comes from a
+    gate that has done so (:func:`dipy_spinverse.reconst.gate.admit`): it is
+    only cast.
+
     Returns the voxels normalised (:class:`VoxelSignals`, float64), the
     normalised signals as a tensor of ``dtype`` (n_voxels, n_acquisitions),
     and the batch shape.
@@ -239,18 +244,21 @@ def _voxel_signals(signal, protocol, *, dtype):
                 f"signal holds {signal.normalised.shape[-1]} acquisitions; the "
                 f"protocol has {len(protocol)}."
             )
-        signals, batch_shape = signal, (len(signal),)
-    else:
-        raw = np.asarray(signal, dtype=float)
-        if raw.ndim == 0 or raw.shape[-1] != len(protocol):
-            raise ValueError(
-                f"signal must have len(protocol) = {len(protocol)} values in its "
-                f"last axis, got shape {tuple(raw.shape)}."
-            )
-        if not np.all(np.isfinite(raw)):
-            raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
-        voxels = raw.reshape(-1, len(protocol))
-        signals, batch_shape = VoxelSignals.from_raw(voxels, protocol), raw.shape[:-1]
+        return (
+            signal,
+            torch.as_tensor(signal.normalised).to(dtype=dtype),
+            (len(signal),),
+        )
+    raw = np.asarray(signal, dtype=float)
+    if raw.ndim == 0 or raw.shape[-1] != len(protocol):
+        raise ValueError(
+            f"signal must have len(protocol) = {len(protocol)} values in its "
+            f"last axis, got shape {tuple(raw.shape)}."
+        )
+    if not np.all(np.isfinite(raw)):
+        raise ValueError("signal contains NaN or inf; mask or drop such voxels.")
+    voxels = raw.reshape(-1, len(protocol))
+    signals, batch_shape = VoxelSignals.from_raw(voxels, protocol), raw.shape[:-1]
     # Normalised in float64 on the CPU, then cast: float32 holds every
     # normalised signal but not every raw scale (b = 0 signals of 1e-100 or
     # 1e39 failed the voxel in float32; the fit is scale-free).
