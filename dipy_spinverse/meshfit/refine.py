@@ -137,7 +137,7 @@ def label_surface(grid, cell):
 
     Returns
     -------
-    Mesh
+    InterfaceMesh
         The barrier surface of ``cell``, capped at the wall.
     """
     return barrier_mesh(
