@@ -109,7 +109,30 @@ def can_set(option, names=None):
 
 def check_int(value, name, minimum, *, hint=""):
     """``value`` as an int, which must be an integer ``>= minimum``; ``hint``
-    follows the requirement in the error (what it is, an example)."""
+    follows the requirement in the error (what it is, an example).
+
+    Parameters
+    ----------
+    value : int or float
+        The value to check; a whole float such as ``3.0`` is accepted.
+    name : str
+        The argument's name, used in the error message.
+    minimum : int
+        The smallest value allowed.
+    hint : str, optional
+        Text put after the requirement in the error (what it is, an example).
+
+    Returns
+    -------
+    int
+        ``value`` as an int.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not a finite whole number ``>= minimum`` (a bool is
+        refused).
+    """
     # bool is an int, but n=True is a mistake, not one.
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or int(value) != value or value < minimum:
@@ -120,7 +143,29 @@ def check_int(value, name, minimum, *, hint=""):
 
 
 def check_number(value, name, *, minimum=None, maximum=None, hint=""):
-    """``value`` as a finite float within ``[minimum, maximum]`` (if given)."""
+    """``value`` as a finite float within ``[minimum, maximum]`` (if given).
+
+    Parameters
+    ----------
+    value : float
+        The value to check (a real number, not a bool).
+    name : str
+        The argument's name, used in the error message.
+    minimum, maximum : float, optional
+        The inclusive bounds; None: unbounded on that side.
+    hint : str, optional
+        Text put after the requirement in the error.
+
+    Returns
+    -------
+    float
+        ``value`` as a float.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not a finite real number within the bounds.
+    """
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok:
         value = float(value)
@@ -141,7 +186,29 @@ def check_number(value, name, *, minimum=None, maximum=None, hint=""):
 
 
 def check_positive(value, name, unit="", example=None):
-    """``value`` as a finite float > 0 (in ``unit``, e.g. ``example``)."""
+    """``value`` as a finite float > 0 (in ``unit``, e.g. ``example``).
+
+    Parameters
+    ----------
+    value : float
+        The value to check (not a string or bool).
+    name : str
+        The argument's name, used in the error message.
+    unit : str, optional
+        The unit ``value`` is in, named in the error; "" names none.
+    example : object, optional
+        An example value shown in the error; None shows none.
+
+    Returns
+    -------
+    float
+        ``value`` as a float.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not a number, or not finite and > 0.
+    """
     where = f" in {unit}" if unit else ""
     if isinstance(value, str | bytes | bool | np.bool_):
         # float() would read "10" and True as numbers.
@@ -157,7 +224,27 @@ def check_positive(value, name, unit="", example=None):
 
 
 def check_choice(value, name, choices):
-    """``value``, which must be one of ``choices``."""
+    """``value``, which must be one of ``choices``.
+
+    Parameters
+    ----------
+    value : object
+        The value to check.
+    name : str
+        What ``value`` is, used in the error message.
+    choices : collection
+        The values allowed.
+
+    Returns
+    -------
+    object
+        ``value`` unchanged.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not in ``choices``.
+    """
     try:
         known = bool(value in choices)
     except (TypeError, ValueError):  # an array: its == has no single truth
@@ -209,6 +296,24 @@ def check_diffusivity(value, name="diffusivity"):
 
     Values outside the range are refused with the conversion from the unit
     they were probably given in (m^2/s, um^2/ms or um^2/s).
+
+    Parameters
+    ----------
+    value : float
+        The diffusivity to check, in mm^2/s.
+    name : str, optional
+        The argument's name, used in the error message.
+
+    Returns
+    -------
+    float
+        ``value`` as a float, in mm^2/s.
+
+    Raises
+    ------
+    ValueError
+        If ``value`` is not a positive finite number, or is outside
+        :data:`DIFFUSIVITY_RANGE` (naming the unit it was probably given in).
     """
     low, high = DIFFUSIVITY_RANGE
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
@@ -293,6 +398,18 @@ def check_affine(affine):
 def check_mask_values(mask, name="mask"):
     """``mask`` as booleans, nonzero inside (DIPY's rule for label images).
 
+    Parameters
+    ----------
+    mask : array_like
+        The mask: booleans, or numbers nonzero inside.
+    name : str, optional
+        What the mask is, used in the error message.
+
+    Returns
+    -------
+    ndarray of bool
+        ``mask`` as booleans, True inside (same shape).
+
     Raises
     ------
     ValueError
@@ -330,7 +447,31 @@ def check_s0(S0, shape, where=None, *, per="voxel"):
     fit's, or the batch of predicted fields'): a scalar or one per ``per``,
     finite and >= 0 wherever ``where`` (the voxels predicted; default all) is
     true. Elsewhere (masked or failed voxels, which are not predicted)
-    anything goes, e.g. the NaN of a fitted S0 map."""
+    anything goes, e.g. the NaN of a fitted S0 map.
+
+    Parameters
+    ----------
+    S0 : float or array_like
+        The unweighted signal (arbitrary units): a scalar or an array that
+        broadcasts to ``shape``.
+    shape : tuple of int
+        The shape to broadcast ``S0`` to.
+    where : array_like of bool, optional
+        Where ``S0`` must be finite and >= 0, of shape ``shape``; None: all.
+    per : str, optional
+        What one element of ``shape`` is (e.g. "voxel"), used in errors.
+
+    Returns
+    -------
+    ndarray
+        ``S0`` as float64, broadcast to ``shape`` (a read-only view).
+
+    Raises
+    ------
+    ValueError
+        If ``S0`` is not numeric, does not broadcast to ``shape``, or is
+        negative or not finite where ``where`` is true.
+    """
     S0 = np.asarray(S0)
     if S0.dtype.kind not in "iuf":
         raise ValueError(f"S0 must be numbers, got {S0!r}; give a float or an array")
@@ -355,7 +496,27 @@ def check_s0(S0, shape, where=None, *, per="voxel"):
 
 def check_options(options, name, hint):
     """A mapping of options (or None: none) as a new dict; anything else is
-    refused naming ``name``, with ``hint`` (how to write it)."""
+    refused naming ``name``, with ``hint`` (how to write it).
+
+    Parameters
+    ----------
+    options : Mapping or None
+        The options; None means none.
+    name : str
+        The argument's name, used in the error message.
+    hint : str
+        How to write the options, appended to the error.
+
+    Returns
+    -------
+    dict
+        A new dict of ``options`` (empty for None).
+
+    Raises
+    ------
+    ValueError
+        If ``options`` is neither None nor a Mapping.
+    """
     if options is None:
         return {}
     if not isinstance(options, Mapping):
@@ -366,7 +527,24 @@ def check_options(options, name, hint):
 def check_same_space(mask_affine, affine, maskfile, image_file):
     """Warn (log) where the mask's voxel-to-scanner affine is not the
     image's (a mask of another session or space): it is used voxel for
-    voxel."""
+    voxel.
+
+    Parameters
+    ----------
+    mask_affine : array_like, shape (4, 4)
+        The mask's voxel-to-scanner affine (mm).
+    affine : array_like, shape (4, 4)
+        The image's voxel-to-scanner affine (mm).
+    maskfile : str or path-like
+        The mask's file, named in the warning.
+    image_file : str or path-like
+        The image's file, named in the warning.
+
+    Returns
+    -------
+    None
+        A warning is logged when the affines differ by more than 1e-3.
+    """
     mask_affine, affine = np.asarray(mask_affine), np.asarray(affine)
     if not np.allclose(mask_affine, affine, atol=1e-3):
         logger.warning(

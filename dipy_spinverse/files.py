@@ -76,6 +76,18 @@ def fingerprint(description, arrays):
     The cache key of everything trained or estimated once and kept under
     :func:`cache_root`: the description holds every setting the product
     depends on, the arrays their data (hashed as float64 with their shape).
+
+    Parameters
+    ----------
+    description : JSON-able object
+        Every setting the product depends on (serialised with sorted keys).
+    arrays : iterable of array_like
+        The data the product depends on, each hashed as float64 with its shape.
+
+    Returns
+    -------
+    str
+        The first 20 hex digits of the SHA-256 digest.
     """
     h = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
     for a in arrays:
@@ -147,6 +159,21 @@ def writable_folder(folder, what, fix=None):
     can be written there: a cache or output folder that cannot be written is
     reported before minutes of work, not after (``what`` names the product,
     ``fix`` says how to choose another folder; default: the cache's way).
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The folder to create and check.
+    what : str
+        What will be written there, named in the error.
+    fix : str, optional
+        How to choose another folder, appended to the error; None: the cache's
+        way (``cache_dir`` or the cache environment variable).
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder``, which exists and can be written.
 
     Raises
     ------
@@ -427,6 +454,18 @@ def load_image(path, what="image"):
     A gzipped file is checked whole first (:func:`verify_gzip`): nibabel
     stops reading before the gzip trailer, so a damaged ``.nii.gz`` would
     otherwise be read as data.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The NIfTI file (``.nii`` or ``.nii.gz``).
+    what : str, optional
+        What the image is, named in errors.
+
+    Returns
+    -------
+    nibabel.spatialimages.SpatialImage
+        The image, with its file kept open and its data not yet read.
 
     Raises
     ------

@@ -72,3 +72,36 @@ def test_parameters_section_matches_the_signature(qualname, obj):
     named, variadic = _signature(obj)
     documented = set(_documented(obj.__doc__)) - variadic
     assert sorted(documented) == sorted(named), qualname
+
+
+def _public_functions():
+    """Module-level public functions: those a module defines and lists in
+    ``__all__`` (every non-underscore one where it has no ``__all__``)."""
+    names = ["dipy_spinverse"] + [
+        m.name
+        for m in pkgutil.walk_packages(dipy_spinverse.__path__, "dipy_spinverse.")
+    ]
+    for name in sorted(names):
+        module = importlib.import_module(name)
+        public = getattr(module, "__all__", None)
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or not inspect.isfunction(obj):
+                continue
+            if obj.__module__ != name or (public is not None and attr not in public):
+                continue
+            yield f"{name}.{attr}", obj
+
+
+def _n_arguments(obj):
+    """Arguments of ``obj``'s signature, ``self`` and ``cls`` aside."""
+    parameters = inspect.signature(obj).parameters
+    return len([p for p in parameters if p not in ("self", "cls")])
+
+
+def test_every_public_function_of_two_arguments_has_a_parameters_section():
+    missing = [
+        qualname
+        for qualname, obj in _public_functions()
+        if _n_arguments(obj) >= 2 and _documented(obj.__doc__) is None
+    ]
+    assert not missing, f"no numpydoc Parameters section: {missing}"

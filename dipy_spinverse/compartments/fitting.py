@@ -218,7 +218,24 @@ def nnls(Phi, y):
 
 def projected(Phi, y):
     """NNLS coefficients, residuals and costs (sums of squares) of the
-    variable projection."""
+    variable projection.
+
+    Parameters
+    ----------
+    Phi : torch.Tensor, shape (..., M, K)
+        The design: K compartment signals at M acquisitions.
+    y : torch.Tensor, shape (..., M)
+        The measured signals.
+
+    Returns
+    -------
+    c : torch.Tensor, shape (..., K)
+        The non-negative coefficients.
+    r : torch.Tensor, shape (..., M)
+        The residuals ``y - Phi c``.
+    cost : torch.Tensor, shape (...)
+        The residual sums of squares.
+    """
     c = nnls(Phi, y)
     r = y - (Phi @ c[..., None])[..., 0]
     return c, r, (r**2).sum(-1)

@@ -289,7 +289,23 @@ class SignalFrame:
 def rotate_outer(entries, frames, *, to_frame):
     """Outer products n n^T given by their 6 upper entries (..., 6) (rows of
     ``numpy.triu_indices(3)``), written in the voxels' frames (``to_frame``:
-    R^T m R) or back in the lab (R m R^T); ``frames`` (..., 3, 3)."""
+    R^T m R) or back in the lab (R m R^T); ``frames`` (..., 3, 3).
+
+    Parameters
+    ----------
+    entries : torch.Tensor, shape (..., 6)
+        The upper-triangle entries of the outer products.
+    frames : torch.Tensor, shape (..., 3, 3)
+        The voxels' rotations R.
+    to_frame : bool
+        True: write in the voxels' frames (R^T m R); False: back in the lab
+        (R m R^T).
+
+    Returns
+    -------
+    torch.Tensor, shape (..., 6)
+        The rotated products' upper-triangle entries.
+    """
     iu = np.triu_indices(3)
     m = entries.new_zeros(entries.shape[:-1] + (3, 3))
     m[..., iu[0], iu[1]] = entries

@@ -208,6 +208,20 @@ def set_loss(z, y, groups):
     assignments of output groups to target groups, so that a network is never
     asked to guess an arbitrary order (label switching), as in set prediction.
     Columns in no group are compared as they are.
+
+    Parameters
+    ----------
+    z : torch.Tensor, shape (B, n_out)
+        The network's outputs.
+    y : torch.Tensor, shape (B, n_out)
+        The targets.
+    groups : torch.Tensor of int, shape (F, W), or None
+        Column indices of the exchangeable groups; None: no groups.
+
+    Returns
+    -------
+    torch.Tensor, shape (B,)
+        The mean squared error of every sample.
     """
     if groups is None:
         return ((z - y) ** 2).mean(-1)
@@ -235,6 +249,29 @@ def train(inputs, targets, options, *, label="regressor", groups=None, augment=N
     standardisation statistics): e.g. ``inputs`` are noiseless signals and
     every epoch sees a new noise draw, so the network never fits one noise
     realisation.
+
+    Parameters
+    ----------
+    inputs : array_like, shape (V, n_in)
+        The training inputs (e.g. simulated signals).
+    targets : array_like, shape (V, n_out)
+        The training targets.
+    options : LearnedOptions
+        Device, seed, width, batch size, epochs and learning rate.
+    label : str, optional
+        What is trained, named in the progress bar and the log.
+    groups : array_like of int, shape (F, W), optional
+        Columns of exchangeable groups (see :func:`set_loss`).
+    augment : callable, optional
+        ``augment(inputs, targets, generator) -> (inputs, targets)`` applied
+        to every batch.
+
+    Returns
+    -------
+    net : Regressor
+        The trained network, on the CPU in eval mode.
+    seconds : float
+        The training time, s.
     """
     from tqdm.auto import tqdm
 

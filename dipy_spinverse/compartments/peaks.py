@@ -53,11 +53,25 @@ def select_shell(gtab, *, min_directions=15):
     """Indices of the b = 0 volumes and of the highest shell with at least
     ``min_directions`` volumes.
 
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+        The acquisition's gradient table.
+    min_directions : int, optional
+        The fewest volumes a shell needs to be chosen.
+
     Returns
     -------
     index : ndarray of int
+        The volumes of the b = 0 images and of the shell, sorted.
     bval : float
         The shell's (rounded) b-value in s/mm^2.
+
+    Raises
+    ------
+    CSDUnavailableError
+        If there is no b = 0 volume or no shell with ``min_directions``
+        volumes.
     """
     bvals = np.asarray(gtab.bvals, dtype=np.float64)
     b0s = np.asarray(gtab.b0s_mask, dtype=bool)

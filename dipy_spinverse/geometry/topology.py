@@ -376,6 +376,20 @@ def graph_components(n, rows, cols):
 
     The one connected-components routine of the package (cell regions,
     surface components, vertex fans).
+
+    Parameters
+    ----------
+    n : int
+        The number of nodes.
+    rows, cols : array_like of int
+        The edges' end nodes.
+
+    Returns
+    -------
+    n_components : int
+        The number of components.
+    labels : ndarray of int (n,)
+        The component of every node.
     """
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     return connected_components(graph, directed=False)
@@ -385,6 +399,23 @@ def check_barrier(grid, barrier):
     """``barrier`` as a boolean array of one value per interior face.
 
     Raises a ValueError naming the fix for a wrong shape or non-boolean values.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The grid whose interior faces ``barrier`` marks.
+    barrier : array_like of bool or 0/1 (n_faces,)
+        True on membrane faces.
+
+    Returns
+    -------
+    ndarray of bool (n_faces,)
+        ``barrier`` as booleans.
+
+    Raises
+    ------
+    ValueError
+        For a wrong shape, or values other than booleans or 0/1 integers.
     """
     barrier = np.asarray(barrier)
     if barrier.shape != (grid.n_faces,):
@@ -466,6 +497,18 @@ def odd_depth_cells(grid, barrier):
     and an extracellular pocket trapped between a cell and the wall at depth
     2, so capping only odd-depth regions at the wall keeps the surface of a
     cell and its pocket manifold. Unreachable regions count as odd.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The grid.
+    barrier : ndarray of bool (n_faces,)
+        True on membrane faces.
+
+    Returns
+    -------
+    ndarray of bool (n_cells,)
+        True on the cells at odd depth.
     """
     region, outside = barrier_regions(grid, barrier)
     pairs = region[grid.face_cells[barrier]]

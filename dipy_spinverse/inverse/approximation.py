@@ -108,7 +108,28 @@ class ApproximationError:
 
 
 def approximation_key(grid, protocol, *, diffusivity, open_kappa, n_substrates, refine):
-    """SHA-256 (32 hex digits) of everything the estimate depends on."""
+    """SHA-256 (32 hex digits) of everything the estimate depends on.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The fit's grid (its geometry enters the key).
+    protocol : Protocol
+        The acquisition (waveforms, b-values, directions).
+    diffusivity : float
+        Intrinsic diffusivity, mm^2/s.
+    open_kappa : float
+        Permeability of faces without a membrane, m/s.
+    n_substrates : int
+        Random substrates the error is drawn over.
+    refine : int
+        Cubes per side of the fine grid per cube of ``grid``.
+
+    Returns
+    -------
+    str
+        The first 32 hex digits of the digest.
+    """
     digest = update_digest(
         hashlib.sha256(),
         grid,

@@ -63,15 +63,15 @@ def cell_labels(grid, labels):
     Pieces (connected through faces with the same label) are numbered 1, 2,
     ... by decreasing volume; 0 stays outside.
 
-      Parameters
-      ----------
-      grid : TetGrid
-      labels : ndarray of int (n_cells,)
-          Any labelling (0 outside).
+    Parameters
+    ----------
+    grid : TetGrid
+    labels : ndarray of int (n_cells,)
+        Any labelling (0 outside).
 
-      Returns
-      -------
-      ndarray of int (n_cells,)
+    Returns
+    -------
+    ndarray of int (n_cells,)
     """
     a, b = grid.face_cells.T
     same = (labels[a] == labels[b]) & (labels[a] > 0)
@@ -93,16 +93,16 @@ def membrane_rows(candidates, membranes):
     ``k``'s permeability (m/s); entries of labels a labelling does not use
     are ignored (NaN where rows of different widths are stacked).
 
-      Parameters
-      ----------
-      candidates : ndarray of int (n, n_cells)
-          Labellings.
-      membranes : float, array_like (n,) or ndarray (n, width)
-          One permeability per labelling, or a row per labelling.
+    Parameters
+    ----------
+    candidates : ndarray of int (n, n_cells)
+        Labellings.
+    membranes : float, array_like (n,) or ndarray (n, width)
+        One permeability per labelling, or a row per labelling.
 
-      Returns
-      -------
-      ndarray (n, width)
+    Returns
+    -------
+    ndarray (n, width)
     """
     membranes = np.asarray(membranes, dtype=float)
     if membranes.ndim == 2:
@@ -120,19 +120,19 @@ def membrane_fields(grid, candidates, membranes, open_kappa):
     :mod:`dipy_spinverse.geometry.substrates` builds them), every other face
     ``open_kappa``. ``membranes`` as in :func:`membrane_rows`.
 
-      Parameters
-      ----------
-      grid : TetGrid
-      candidates : ndarray of int (n, n_cells)
-          Labellings.
-      membranes : float, array_like (n,) or ndarray (n, width)
-          As in :func:`membrane_rows`.
-      open_kappa : float
-          Permeability of faces without a membrane, m/s.
+    Parameters
+    ----------
+    grid : TetGrid
+    candidates : ndarray of int (n, n_cells)
+        Labellings.
+    membranes : float, array_like (n,) or ndarray (n, width)
+        As in :func:`membrane_rows`.
+    open_kappa : float
+        Permeability of faces without a membrane, m/s.
 
-      Returns
-      -------
-      ndarray (n, n_faces)
+    Returns
+    -------
+    ndarray (n, n_faces)
     """
     rows = membrane_rows(candidates, membranes)
     resistance = np.concatenate([np.zeros((len(rows), 1)), 1 / rows], axis=1)

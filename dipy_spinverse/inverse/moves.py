@@ -51,24 +51,24 @@ def greedy_labels(grid, labels, score, config, report=None, *, min_gain=0.0):
     See :func:`_greedy_steps`, which it runs (label moves only: ``score``
     sees no permeabilities).
 
-      Parameters
-      ----------
-      grid : TetGrid
-      labels : ndarray of int (n_cells,)
-          The start.
-      score : callable
-          ``score(candidates) -> losses`` for labellings (n, n_cells).
-      config : InversionConfig
-          ``search_steps`` and ``search_batch`` bound the descent.
-      report : callable, optional
-          ``report(step, loss)`` after every step.
-      min_gain : float
-          A move must lower the loss by more than this.
+    Parameters
+    ----------
+    grid : TetGrid
+    labels : ndarray of int (n_cells,)
+        The start.
+    score : callable
+        ``score(candidates) -> losses`` for labellings (n, n_cells).
+    config : InversionConfig
+        ``search_steps`` and ``search_batch`` bound the descent.
+    report : callable, optional
+        ``report(step, loss)`` after every step.
+    min_gain : float
+        A move must lower the loss by more than this.
 
-      Returns
-      -------
-      ndarray of int (n_cells,)
-          The labels where the descent stopped.
+    Returns
+    -------
+    ndarray of int (n_cells,)
+        The labels where the descent stopped.
     """
     steps = _greedy_steps(grid, labels, config, report, min_gain, membrane=None)
     return run_steps(steps, lambda request: score(request[1]))[0]
@@ -163,15 +163,15 @@ def label_moves(grid, labels):
     ``k`` or merge it into a cell it touches; and split cell ``k`` in two
     across each of its principal axes (:func:`_split_moves`).
 
-      Parameters
-      ----------
-      grid : TetGrid
-      labels : ndarray of int (n_cells,)
+    Parameters
+    ----------
+    grid : TetGrid
+    labels : ndarray of int (n_cells,)
 
-      Returns
-      -------
-      list of tuple
-          ``((cells...), new_label)``, sorted.
+    Returns
+    -------
+    list of tuple
+        ``((cells...), new_label)``, sorted.
     """
     a, b = grid.face_cells.T
     cut = labels[a] != labels[b]
@@ -305,21 +305,21 @@ def best_kappa(kind, candidates, kappas):
 
     A generator step: yields one ``(kind, labels, membranes)`` request.
 
-      Parameters
-      ----------
-      kind : str
-          The scorer asked (``"search"`` or ``"screen"``).
-      candidates : ndarray of int (n, n_cells)
-      kappas : ndarray (m,)
-          Permeabilities shared by every cell of a candidate, m/s.
+    Parameters
+    ----------
+    kind : str
+        The scorer asked (``"search"`` or ``"screen"``).
+    candidates : ndarray of int (n, n_cells)
+    kappas : ndarray (m,)
+        Permeabilities shared by every cell of a candidate, m/s.
 
-      Returns
-      -------
-      labels : ndarray of int (n_cells,)
-          The best candidate.
-      kappa : float
-          Its best permeability.
-      losses : ndarray (n, m)
+    Returns
+    -------
+    labels : ndarray of int (n_cells,)
+        The best candidate.
+    kappa : float
+        Its best permeability.
+    losses : ndarray (n, m)
     """
     rows = np.repeat(candidates, len(kappas), axis=0)
     values = np.tile(kappas, len(candidates))
@@ -338,23 +338,23 @@ def descend(grid, starts, config, *, min_gain, report):
     Each descent is then kicked ``search_kicks`` times
     (:func:`_kicked_descents`).
 
-      Parameters
-      ----------
-      grid : TetGrid
-      starts : ndarray of int (n, n_cells)
-          Start labellings.
-      config : InversionConfig
-      min_gain : float
-          A move must lower the loss by more than this.
-      report : callable
-          ``report(step, loss)`` after every step.
+    Parameters
+    ----------
+    grid : TetGrid
+    starts : ndarray of int (n, n_cells)
+        Start labellings.
+    config : InversionConfig
+    min_gain : float
+        A move must lower the loss by more than this.
+    report : callable
+        ``report(step, loss)`` after every step.
 
-      Returns
-      -------
-      labels : ndarray of int (n_cells,)
-          The labels with the lowest final loss.
-      membrane : ndarray (width,)
-          Their membrane row (:func:`~dipy_spinverse.inverse.fields.membrane_rows`).
+    Returns
+    -------
+    labels : ndarray of int (n_cells,)
+        The labels with the lowest final loss.
+    membrane : ndarray (width,)
+        Their membrane row (:func:`~dipy_spinverse.inverse.fields.membrane_rows`).
     """
     kappas = np.asarray(config.search.kappas)
     _, _, losses = yield from best_kappa("search", starts, kappas)

@@ -177,6 +177,22 @@ def proposal_key(grid, protocol, diffusivity, settings):
     The grid's geometry and wall, the protocol's waveforms, b-values and
     directions, the diffusivity, the training settings and
     ``PROPOSAL_VERSION``.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The grid the proposal labels.
+    protocol : Protocol
+        The acquisition the proposal reads.
+    diffusivity : float
+        Intrinsic diffusivity, mm^2/s.
+    settings : ProposalSettings
+        The training settings.
+
+    Returns
+    -------
+    str
+        The first 32 hex digits of the digest.
     """
     digest = update_digest(
         hashlib.sha256(),
@@ -277,6 +293,28 @@ def train_proposal(
 
     See :func:`load_or_train_proposal` for the parameters; this one always
     trains and never touches the cache.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The grid the proposal labels.
+    protocol : Protocol
+        The acquisition the proposal reads.
+    diffusivity : float, optional
+        Intrinsic diffusivity, mm^2/s.
+    settings : ProposalSettings, optional
+        The training settings; None: the defaults.
+    dtype : torch.dtype, optional
+        Of the training simulations.
+    device : str or torch.device, optional
+        Of the training simulations.
+    progress : bool, optional
+        Show progress bars while training.
+
+    Returns
+    -------
+    Proposal
+        The trained network, its cache key and its training metadata.
     """
     settings = ProposalSettings() if settings is None else settings
     check_number(diffusivity, "diffusivity")

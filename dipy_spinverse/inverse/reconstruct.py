@@ -279,6 +279,29 @@ def prepare(grid, protocol, config, *, diffusivity, dtype, device, progress=True
     :func:`reconstruct` does it on first use; calling it first keeps these
     one-off costs out of timings, and lets a volume fit do them once before
     its voxels go to parallel workers (which would otherwise each do them).
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The fit's grid.
+    protocol : Protocol or object
+        The acquisition, or anything :func:`as_protocol` reads.
+    config : InversionConfig
+        The fit's settings (whether it uses the proposal, the approximation
+        error's substrates).
+    diffusivity : float
+        Intrinsic diffusivity, mm^2/s.
+    dtype : torch.dtype
+        Of the proposal's training simulations.
+    device : str or torch.device
+        Where the simulations run.
+    progress : bool, optional
+        Show progress bars while training or estimating.
+
+    Returns
+    -------
+    None
+        The products are cached on disk.
     """
     protocol = as_protocol(protocol)
     if config.uses_proposal:
@@ -308,6 +331,26 @@ def grid_error(grid, protocol, config, *, diffusivity, device="cpu", progress=Tr
 
     A fit's prediction is in the data's terms: the grid's signal plus this
     error's mean, for whatever protocol is predicted.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The fit's grid.
+    protocol : Protocol
+        The acquisition.
+    config : InversionConfig
+        The fit's settings; ``config.approximation.n_substrates`` is used.
+    diffusivity : float
+        Intrinsic diffusivity, mm^2/s.
+    device : str or torch.device, optional
+        Where the simulations run.
+    progress : bool, optional
+        Show progress bars while estimating.
+
+    Returns
+    -------
+    ApproximationError or None
+        The error, or None where no substrates are asked for.
     """
     if not config.approximation.n_substrates:
         return None

@@ -42,21 +42,21 @@ def refine_kappa(loss, start, bounds, *, span=REFINE_SPAN):
     a lower loss. The labels were searched at the grid value, so a
     permeability far from every grid value can still bias them.
 
-      Parameters
-      ----------
-      loss : callable
-          ``loss(kappa) -> float``, kappa in m/s.
-      start : float
-          The grid pick, m/s.
-      bounds : tuple of float
-          (low, high), log10 m/s.
-      span : float
-          Decades searched either side of ``start``.
+    Parameters
+    ----------
+    loss : callable
+        ``loss(kappa) -> float``, kappa in m/s.
+    start : float
+        The grid pick, m/s.
+    bounds : tuple of float
+        (low, high), log10 m/s.
+    span : float
+        Decades searched either side of ``start``.
 
-      Returns
-      -------
-      float
-          The refined permeability, m/s.
+    Returns
+    -------
+    float
+        The refined permeability, m/s.
     """
     centre = math.log10(start)
     low, high = max(centre - span, bounds[0]), min(centre + span, bounds[1])
@@ -78,24 +78,24 @@ def refine_cells(grid, scorer, v, labels, kappas, *, bounds):
     permeability along a curved valley of the loss, which one cell at a time
     crosses slowly. The joint result is kept only if it lowers the loss.
 
-      Parameters
-      ----------
-      grid : TetGrid
-      scorer : BatchScorer
-          Scores voxel ``v`` on every acquisition.
-      v : int
-          The voxel.
-      labels : ndarray of int (n_cells,)
-          Canonical cell labels (:func:`~dipy_spinverse.inverse.fields.cell_labels`).
-      kappas : ndarray (n_labels,)
-          Each cell's permeability from the descent, m/s.
-      bounds : tuple of float
-          (low, high), log10 m/s.
+    Parameters
+    ----------
+    grid : TetGrid
+    scorer : BatchScorer
+        Scores voxel ``v`` on every acquisition.
+    v : int
+        The voxel.
+    labels : ndarray of int (n_cells,)
+        Canonical cell labels (:func:`~dipy_spinverse.inverse.fields.cell_labels`).
+    kappas : ndarray (n_labels,)
+        Each cell's permeability from the descent, m/s.
+    bounds : tuple of float
+        (low, high), log10 m/s.
 
-      Returns
-      -------
-      ndarray (n_labels,)
-          Each cell's permeability, m/s.
+    Returns
+    -------
+    ndarray (n_labels,)
+        Each cell's permeability, m/s.
     """
     n = int(labels.max())
     if n == 0:

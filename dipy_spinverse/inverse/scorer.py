@@ -42,15 +42,15 @@ def drive(searches, scorers):
     once (``owners``: the search each row belongs to). Returns the searches'
     return values, in order.
 
-      Parameters
-      ----------
-      searches : list of generator
-      scorers : dict of callable
-          A scorer per request kind.
+    Parameters
+    ----------
+    searches : list of generator
+    scorers : dict of callable
+        A scorer per request kind.
 
-      Returns
-      -------
-      list
+    Returns
+    -------
+    list
     """
     results = [None] * len(searches)
     pending = {}

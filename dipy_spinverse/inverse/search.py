@@ -255,21 +255,21 @@ def learned_proposal(
     protocol and diffusivity, with progress bars if ``progress``; see
     :func:`~dipy_spinverse.inverse.proposal.load_or_train_proposal`.
 
-      Parameters
-      ----------
-      grid : TetGrid
-      protocol : Protocol
-      config : InversionConfig
-      diffusivity : float
-          Intrinsic diffusivity, mm^2/s.
-      dtype : torch.dtype
-      device : str or torch.device
-      progress : bool
-          Show progress bars while training.
+    Parameters
+    ----------
+    grid : TetGrid
+    protocol : Protocol
+    config : InversionConfig
+    diffusivity : float
+        Intrinsic diffusivity, mm^2/s.
+    dtype : torch.dtype
+    device : str or torch.device
+    progress : bool
+        Show progress bars while training.
 
-      Returns
-      -------
-      LearnedProposal
+    Returns
+    -------
+    LearnedProposal
     """
     return load_or_train_proposal(
         grid,
@@ -288,15 +288,15 @@ def direction_subset(protocol, n_directions):
     Keeps every b = 0 volume and every b-value of the chosen directions
     (evenly spaced in order of first appearance); None keeps everything.
 
-      Parameters
-      ----------
-      protocol : Protocol
-      n_directions : int or None
+    Parameters
+    ----------
+    protocol : Protocol
+    n_directions : int or None
 
-      Returns
-      -------
-      ndarray of int
-          Acquisition indices, sorted.
+    Returns
+    -------
+    ndarray of int
+        Acquisition indices, sorted.
     """
     if n_directions is None:
         return np.arange(len(protocol))

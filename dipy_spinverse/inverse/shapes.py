@@ -61,6 +61,23 @@ def shape_search(grid, screened, n_best):
     """Generic shapes that fit the data: a dictionary, then a beam search.
 
     Runs :func:`shape_search_steps` with ``screened(labels) -> losses``.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The grid the shapes are drawn on.
+    screened : callable
+        ``screened(labels) -> losses``: losses (n,) of labellings
+        (n, n_cells).
+    n_best : int
+        How many of the best shapes to return.
+
+    Returns
+    -------
+    labels : ndarray of int (n, n_cells)
+        The best shapes seen, best first (n <= ``n_best``).
+    losses : ndarray (n,)
+        Their losses.
     """
     return run_steps(shape_search_steps(grid, n_best), screened)
 
@@ -72,6 +89,18 @@ def run_steps(steps, score):
     answers each request. Returns what the generator returns. (The label
     search drives many voxels' generators at once instead, scoring all their
     requests in shared simulator calls.)
+
+    Parameters
+    ----------
+    steps : generator
+        Yields requests to score and receives their scores.
+    score : callable
+        ``score(request) -> losses``, sent back to ``steps``.
+
+    Returns
+    -------
+    object
+        The generator's return value.
     """
     try:
         request = next(steps)
@@ -97,6 +126,25 @@ def shape_search_steps(grid, n_best):
     leaders change (at most ``ROUNDS`` rounds); this reaches cells off the
     centre and bent axons. Returns the labels (n, n_cells) of the ``n_best``
     best shapes seen, and their losses (n,), best first.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The grid the shapes are drawn on.
+    n_best : int
+        How many of the best shapes to return.
+
+    Yields
+    ------
+    ndarray of int (n, n_cells)
+        Labellings to score; the losses (n,) are sent back.
+
+    Returns
+    -------
+    labels : ndarray of int (n, n_cells)
+        The best shapes seen, best first (n <= ``n_best``).
+    losses : ndarray (n,)
+        Their losses.
     """
     origin = np.full(3, grid.size / 2)  # the phantoms' default centre
     step = CENTRE_STEP * grid.spacing

@@ -39,18 +39,18 @@ def face_field_starts(grid, barrier, *, n_regions=FACE_FIELD_REGIONS):
     The cells it encloses, the cells at odd barrier depth, and each of its
     ``n_regions`` largest regions alone.
 
-      Parameters
-      ----------
-      grid : TetGrid
-      barrier : ndarray of bool (n_faces,)
-          The thresholded face field.
-      n_regions : int
-          Largest regions offered alone.
+    Parameters
+    ----------
+    grid : TetGrid
+    barrier : ndarray of bool (n_faces,)
+        The thresholded face field.
+    n_regions : int
+        Largest regions offered alone.
 
-      Returns
-      -------
-      ndarray of int (n, n_cells)
-          Distinct 0/1 labellings, neither empty nor full.
+    Returns
+    -------
+    ndarray of int (n, n_cells)
+        Distinct 0/1 labellings, neither empty nor full.
     """
     region, outside = barrier_regions(grid, barrier)
     volume = np.bincount(region, weights=grid.cell_volumes)
@@ -72,19 +72,19 @@ def screened_shapes(grid, config, *, spread, kappas=None):
     differ by less than the screen's own ``spread``: those are ranked again
     on the search directions. ``kappas``: screen at these instead.
 
-      Parameters
-      ----------
-      grid : TetGrid
-      config : InversionConfig
-      spread : float
-          The screen's own loss spread under the noise.
-      kappas : array_like, optional
-          Permeabilities to screen at (m/s).
+    Parameters
+    ----------
+    grid : TetGrid
+    config : InversionConfig
+    spread : float
+        The screen's own loss spread under the noise.
+    kappas : array_like, optional
+        Permeabilities to screen at (m/s).
 
-      Returns
-      -------
-      ndarray of int (search_starts, n_cells)
-          The best shapes, best first.
+    Returns
+    -------
+    ndarray of int (search_starts, n_cells)
+        The best shapes, best first.
     """
     if kappas is None:
         kappas = np.asarray(config.search.kappas)
@@ -124,23 +124,23 @@ def screen_reserve(grid, found, config, *, spread, min_gain, report):
     answers is kept. A descended answer that is right is rarely beaten by
     an undescended shape, so the reserve is seldom descended from.
 
-      Parameters
-      ----------
-      grid : TetGrid
-      found : tuple
-          The descent's (labels, membrane row).
-      config : InversionConfig
-      spread : float
-          The screen's own loss spread under the noise.
-      min_gain : float
-          A move, and the reserve, must lower the loss by more than this.
-      report : callable
-          ``report(step, loss)`` after every descent step.
+    Parameters
+    ----------
+    grid : TetGrid
+    found : tuple
+        The descent's (labels, membrane row).
+    config : InversionConfig
+    spread : float
+        The screen's own loss spread under the noise.
+    min_gain : float
+        A move, and the reserve, must lower the loss by more than this.
+    report : callable
+        ``report(step, loss)`` after every descent step.
 
-      Returns
-      -------
-      tuple
-          (labels, membrane row): the better answer.
+    Returns
+    -------
+    tuple
+        (labels, membrane row): the better answer.
     """
     kappas = np.asarray(config.search.kappas)
     labels, membrane = found

@@ -362,7 +362,20 @@ def _shape_fingerprint(shape):
 
 
 def autoencoder_key(shape, settings):
-    """Hash of everything an autoencoder depends on (its cache key)."""
+    """Hash of everything an autoencoder depends on (its cache key).
+
+    Parameters
+    ----------
+    shape : SpectralShape
+        The shape space (its template, fields, directions and code size).
+    settings : AutoencoderSettings
+        The training settings.
+
+    Returns
+    -------
+    str
+        The first 20 hex digits of a SHA-256 digest.
+    """
     description = dict(
         version=AUTOENCODER_VERSION,
         shape=_shape_fingerprint(shape),

@@ -179,7 +179,25 @@ def mesh_basis(mesh, *, length_scale=DEFAULT_LENGTH_SCALE, max_modes=None):
 def laplace_modes(stiffness, mass, *, length_scale, max_modes=None):
     """Modes ``K v = lambda M v`` below ``(pi / length_scale)^2`` of sparse
     stiffness and mass matrices (:func:`mesh_basis`'s solver; also for an
-    operator with a membrane term, :mod:`.permeable`)."""
+    operator with a membrane term, :mod:`.permeable`).
+
+    Parameters
+    ----------
+    stiffness : scipy.sparse matrix (V, V)
+        The stiffness matrix K.
+    mass : scipy.sparse matrix (V, V)
+        The mass matrix M.
+    length_scale : float
+        Keep eigenvalues below ``(pi / length_scale)^2`` (um).
+    max_modes : int, optional
+        At most this many modes (default :data:`DEFAULT_MAX_MODES`).
+
+    Returns
+    -------
+    MeshBasis
+        The modes (V, k), M-orthonormal, the constant one first and positive,
+        their eigenvalues (um^-2) and ``length_scale``.
+    """
     length_scale = check_positive(length_scale, "length_scale", "um", 1.0)
     n_vertices = stiffness.shape[0]
     max_modes = DEFAULT_MAX_MODES if max_modes is None else max_modes
@@ -365,7 +383,25 @@ def mesh_signal(
 def scalar_diffusivity(diffusivity, dtype):
     """``diffusivity`` as a checked scalar tensor (mm^2/s, within
     :data:`~dipy_spinverse.checks.DIFFUSIVITY_RANGE`; a tensor keeps its
-    graph, for gradients)."""
+    graph, for gradients).
+
+    Parameters
+    ----------
+    diffusivity : float or torch.Tensor
+        The diffusivity, mm^2/s (a scalar).
+    dtype : torch.dtype
+        The tensor's dtype.
+
+    Returns
+    -------
+    torch.Tensor
+        A 0-d tensor of ``diffusivity``.
+
+    Raises
+    ------
+    ValueError
+        If it is not a scalar > 0, or is outside the plausible range.
+    """
     diffusivity = torch.as_tensor(diffusivity, dtype=dtype)
     if diffusivity.ndim or not diffusivity > 0:
         raise ValueError(
@@ -378,7 +414,28 @@ def scalar_diffusivity(diffusivity, dtype):
 
 def reduced_signal(system, protocol, diffusivity, basis, vertices, tol):
     """Signals (n_acquisitions,) of a reduced system (``orthonormal_system``)
-    whose modes are ``basis`` on a mesh with these ``vertices``."""
+    whose modes are ``basis`` on a mesh with these ``vertices``.
+
+    Parameters
+    ----------
+    system : _System
+        The reduced operators in the orthonormal basis.
+    protocol : Protocol
+        The acquisition.
+    diffusivity : torch.Tensor
+        The diffusivity, mm^2/s (a scalar, see :func:`scalar_diffusivity`).
+    basis : MeshBasis
+        The modes the system was reduced on.
+    vertices : torch.Tensor (V, 3)
+        The mesh's vertices (um).
+    tol : float
+        Truncation tolerance of each Chebyshev propagator.
+
+    Returns
+    -------
+    torch.Tensor (n_acquisitions,)
+        The signals, in ``vertices``' dtype.
+    """
     reach = float((vertices.detach() - vertices.detach().mean(0)).norm(dim=1).max())
     bounds = (float(basis.eigenvalues[-1]) * _BOUND_MARGIN, reach * _BOUND_MARGIN)
     rates = torch.tensor(protocol.gradient_rate, dtype=vertices.dtype)
@@ -401,7 +458,25 @@ class _System:
 
 
 def orthonormal_system(stiffness, mass, moments, load):
-    """Whiten with the Cholesky factor of the projected mass (I at the base point)."""
+    """Whiten with the Cholesky factor of the projected mass (I at the base point).
+
+    Parameters
+    ----------
+    stiffness : torch.Tensor (m, m)
+        ``Phi^T K Phi``.
+    mass : torch.Tensor (m, m)
+        ``Phi^T M Phi``.
+    moments : torch.Tensor (3, m, m)
+        ``Phi^T W^d Phi``.
+    load : torch.Tensor (m,)
+        ``Phi^T M 1``.
+
+    Returns
+    -------
+    _System
+        The whitened (symmetrised) Laplacian and moments, the start vector
+        and its squared norm (the volume).
+    """
     chol = torch.linalg.cholesky(mass)
 
     def congruence(a):

@@ -144,7 +144,20 @@ class TetMesh:
 
 
 def signed_volumes(vertices, tets):
-    """Signed volumes ``det(b - a, c - a, d - a) / 6`` of tetrahedra (numpy)."""
+    """Signed volumes ``det(b - a, c - a, d - a) / 6`` of tetrahedra (numpy).
+
+    Parameters
+    ----------
+    vertices : array_like (V, 3)
+        Vertex positions.
+    tets : array_like of int (T, 4)
+        Tetrahedra as vertex indices ``(a, b, c, d)``.
+
+    Returns
+    -------
+    ndarray (T,)
+        The signed volumes, in the cube of the vertices' unit.
+    """
     return tet_signed_volumes(np.asarray(vertices)[np.asarray(tets)])
 
 

@@ -125,7 +125,21 @@ _FACES = np.array([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]])
 
 
 def membrane_matrix(split, vertices=None):
-    """Sparse membrane matrix J (V', V') of a split mesh (scipy CSR)."""
+    """Sparse membrane matrix J (V', V') of a split mesh (scipy CSR).
+
+    Parameters
+    ----------
+    split : SplitMesh
+        The mesh split along its membrane (``split.membrane``: (F, 2, 3)
+        vertex indices of each membrane triangle on its two sides).
+    vertices : array_like (V', 3), optional
+        Vertex positions to use; None: ``split.mesh.vertices``.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix (V', V')
+        The membrane matrix J.
+    """
     if vertices is None:
         vertices = split.mesh.vertices
     tri = split.membrane  # (F, 2, 3)

@@ -126,14 +126,40 @@ def check_refine_options(options=None):
 
 def label_surface(grid, cell):
     """The surface of the grid cells ``cell`` (bool, n_cells), capped where
-    it meets the voxel's wall: the surface a refinement starts from."""
+    it meets the voxel's wall: the surface a refinement starts from.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The voxel's grid.
+    cell : ndarray of bool (n_cells,)
+        The grid cells inside.
+
+    Returns
+    -------
+    InterfaceMesh
+        The barrier surface of ``cell``, capped at the wall.
+    """
     return barrier_mesh(
         grid, grid.interface_faces(cell), labels=cell.astype(int), cap_wall=True
     )
 
 
 def largest_cell(grid, labels):
-    """Label (>= 1) of the largest cell, 0 when there is none."""
+    """Label (>= 1) of the largest cell, 0 when there is none.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The grid (its cell volumes).
+    labels : array_like of int (n_cells,)
+        Cell labels, 0 outside.
+
+    Returns
+    -------
+    int
+        The label of largest volume, or 0.
+    """
     labels = np.asarray(labels)
     if labels.max(initial=0) < 1:
         return 0

@@ -27,7 +27,20 @@ __all__ = [
 
 
 def surface_points(vertices, triangles):
-    """Vertices and triangle centroids of a surface: points to compare."""
+    """Vertices and triangle centroids of a surface: points to compare.
+
+    Parameters
+    ----------
+    vertices : array_like (V, 3)
+        The surface's vertices.
+    triangles : array_like of int (F, 3)
+        Its triangles, as vertex indices.
+
+    Returns
+    -------
+    ndarray (V + F, 3)
+        The vertices, then the triangle centroids.
+    """
     vertices = np.asarray(vertices, dtype=np.float64)
     return np.concatenate([vertices, vertices[np.asarray(triangles)].mean(1)])
 
@@ -37,6 +50,22 @@ def surface_chamfer(vertices_a, triangles_a, vertices_b, triangles_b):
 
     Both surfaces are sampled at their vertices and triangle centroids; the
     distance is the mean of the two one-sided means (no centring).
+
+    Parameters
+    ----------
+    vertices_a : array_like (V, 3)
+        The first surface's vertices (um).
+    triangles_a : array_like of int (F, 3)
+        Its triangles.
+    vertices_b : array_like (V', 3)
+        The second surface's vertices (um).
+    triangles_b : array_like of int (F', 3)
+        Its triangles.
+
+    Returns
+    -------
+    float
+        The distance, um.
     """
     a = surface_points(vertices_a, triangles_a)
     b = surface_points(vertices_b, triangles_b)

@@ -174,7 +174,20 @@ def template_radius(mesh, kind):
     """The radius (um) of a cell mesh, as :attr:`MeshFit.radius` reports it:
     the ball of the same volume for ``"ball"``, the mean distance of the side
     vertices from the principal axis for ``"tube"`` (:func:`axis_radius`),
-    ``3 V / A`` otherwise."""
+    ``3 V / A`` otherwise.
+
+    Parameters
+    ----------
+    mesh : Mesh
+        The cell mesh (um).
+    kind : str
+        The template's kind: ``"ball"``, ``"tube"`` or another.
+
+    Returns
+    -------
+    float
+        The radius, um.
+    """
     if kind == "ball":
         return (3.0 * mesh.volume / (4.0 * np.pi)) ** (1.0 / 3.0)
     if kind == "tube":
@@ -184,7 +197,24 @@ def template_radius(mesh, kind):
 
 def scaled_template(mesh, kind, radius):
     """``(mesh, kind)`` with the mesh scaled to ``radius`` (um): across the
-    axis for a tube (its length kept), about the centroid otherwise."""
+    axis for a tube (its length kept), about the centroid otherwise.
+
+    Parameters
+    ----------
+    mesh : Mesh
+        The template mesh (um).
+    kind : str
+        The template's kind: ``"ball"``, ``"tube"`` or another.
+    radius : float
+        The radius wanted, um (as :func:`template_radius` measures it).
+
+    Returns
+    -------
+    mesh : Mesh
+        The scaled mesh.
+    kind : str
+        ``kind`` unchanged.
+    """
     factor = np.full(3, radius / template_radius(mesh, kind))
     if kind == "tube":
         factor[2] = 1.0

@@ -63,6 +63,20 @@ def estimator_key(prior, protocol, options):
 
     The prior, the protocol's b-values, directions and waveforms, every
     training option (hyperparameters included) and :data:`ESTIMATOR_VERSION`.
+
+    Parameters
+    ----------
+    prior : TissuePrior
+        The prior the estimator is trained on.
+    protocol : Protocol
+        The acquisition.
+    options : TrainingOptions
+        Every training option.
+
+    Returns
+    -------
+    str
+        The first 20 hex digits of the SHA-256 digest.
     """
     digest = hashlib.sha256()
     probe = TetGrid.bcc(1.0, 2, boundary="periodic")

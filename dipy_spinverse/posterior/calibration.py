@@ -90,7 +90,20 @@ def level_table(transforms):
 
 
 def calibrated_levels(levels, table):
-    """The flow's quantile levels that give credible bounds at ``levels``."""
+    """The flow's quantile levels that give credible bounds at ``levels``.
+
+    Parameters
+    ----------
+    levels : float or array_like
+        The nominal levels wanted, in [0, 1].
+    table : array_like (len(LEVELS),)
+        The calibrated level at every one of :data:`LEVELS`.
+
+    Returns
+    -------
+    float or ndarray
+        The flow's levels, interpolated linearly (shape of ``levels``).
+    """
     return np.interp(levels, LEVELS, np.asarray(table, dtype=float))
 
 

@@ -41,7 +41,20 @@ def barrier(permeability, threshold):
 
 def surface_to_volume(grid, barriers):
     """Barrier area per box volume (1/um) of each row of ``barriers``
-    (..., n_faces) on ``grid``."""
+    (..., n_faces) on ``grid``.
+
+    Parameters
+    ----------
+    grid : TetGrid
+        The grid (its face areas, um^2, and volume, um^3).
+    barriers : array_like (..., n_faces)
+        Barrier indicators (or weights) per interior face.
+
+    Returns
+    -------
+    ndarray (...)
+        The surface-to-volume ratio of each row, 1/um.
+    """
     return (barriers @ grid.face_areas) / grid.volume
 
 

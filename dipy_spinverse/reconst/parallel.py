@@ -35,6 +35,18 @@ PARALLEL_ENGINES = ("serial", "joblib", "dask", "ray")
 def check_engine_options(engine, address, n_jobs, vox_per_chunk):
     """Check the options that spread a fit (see :meth:`SpinverseModel.fit`).
 
+    Parameters
+    ----------
+    engine : {"serial", "joblib", "dask", "ray"}
+        How the fit is spread.
+    address : str or distributed.Client or None
+        The cluster of the Ray or Dask engine.
+    n_jobs : int or None
+        Workers of a parallel engine (negative counts back from all cores);
+        must be None for ``"serial"``.
+    vox_per_chunk : int or None
+        Voxels per chunk (>= 1), or None for the default.
+
     Returns
     -------
     on_cluster : bool
@@ -42,6 +54,13 @@ def check_engine_options(engine, address, n_jobs, vox_per_chunk):
     n_workers : int
         The workers ``n_jobs`` asks for.
     vox_per_chunk : int or None
+        The checked ``vox_per_chunk``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown engine, ``n_jobs`` with ``"serial"``, or an invalid
+        ``n_jobs`` or ``vox_per_chunk``.
     """
     if engine not in PARALLEL_ENGINES:
         raise ValueError(
@@ -117,17 +136,58 @@ def worker_count(n_jobs):
 
 
 def share_cores(n_workers, main_pid):
-    """In a worker process, use this worker's share of the cores."""
+    """In a worker process, use this worker's share of the cores.
+
+    Parameters
+    ----------
+    n_workers : int or None
+        The number of worker processes; None or 0: leave the threads alone.
+    main_pid : int
+        The main process's id (which keeps all cores).
+
+    Returns
+    -------
+    None
+        Torch's thread count is set in a worker process.
+    """
     if os.getpid() == main_pid or not n_workers:
         return
     torch.set_num_threads(max(1, _cores() // int(n_workers)))
 
 
 def chunks(rows, size):
-    """Consecutive pieces of ``rows`` of at most ``size``."""
+    """Consecutive pieces of ``rows`` of at most ``size``.
+
+    Parameters
+    ----------
+    rows : sequence or ndarray
+        What is split.
+    size : int
+        The largest piece.
+
+    Returns
+    -------
+    generator
+        The pieces, in order.
+    """
     return (rows[start : start + size] for start in range(0, len(rows), size))
 
 
 def chunk_share(model, n_voxels, n_workers):
-    """Voxels per chunk: ``batch_size``, or an equal share of each worker."""
+    """Voxels per chunk: ``batch_size``, or an equal share of each worker.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model (its ``batch_size``).
+    n_voxels : int
+        The voxels to fit.
+    n_workers : int
+        The workers sharing them.
+
+    Returns
+    -------
+    int
+        Voxels per chunk, at least 1.
+    """
     return max(1, min(model.batch_size, math.ceil(n_voxels / n_workers)))

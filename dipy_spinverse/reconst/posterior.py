@@ -86,6 +86,17 @@ def _voxels_per_batch(n_samples):
 def fit_posterior(model, rows, *, n_samples, seed=0):
     """Posterior summaries of the voxels ``rows`` (n, n_volumes) of ``model``.
 
+    Parameters
+    ----------
+    model : SpinversePosteriorModel
+        The model (protocol, ``posterior_sigma``, trained estimator).
+    rows : ndarray (n, n_volumes)
+        The voxels' raw signals.
+    n_samples : int
+        Posterior draws per voxel.
+    seed : int, optional
+        Seed of the draws.
+
     Returns
     -------
     dict

@@ -190,7 +190,24 @@ class SpinversePosteriorModel(ReconstModel):
 
 
 def check_prior(prior, posterior_options):
-    """Refuse a prior or training options of another type, naming it."""
+    """Refuse a prior or training options of another type, naming it.
+
+    Parameters
+    ----------
+    prior : TissuePrior or None
+        The prior given.
+    posterior_options : TrainingOptions or None
+        The training options given.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    ValueError
+        If either is neither None nor of its type.
+    """
     if prior is not None and not isinstance(prior, TissuePrior):
         raise ValueError(
             "prior must be a dipy_spinverse.posterior.TissuePrior, got "

@@ -7,7 +7,20 @@ __all__ = ["progress_bar", "chunk_progress"]
 
 
 def progress_bar(total, verbose):
-    """The progress bar over ``total`` voxels (hidden unless ``verbose``)."""
+    """The progress bar over ``total`` voxels (hidden unless ``verbose``).
+
+    Parameters
+    ----------
+    total : int
+        The voxels to fit.
+    verbose : bool
+        Show the bar.
+
+    Returns
+    -------
+    tqdm.tqdm
+        The bar, counting (fractions of) voxels.
+    """
     return tqdm(
         total=total,
         disable=not verbose,
@@ -27,6 +40,22 @@ def chunk_progress(bar, model, n_rows, shown):
     (when the search reports it, ``{"voxel_done": index}``) and counts its
     steps on the bar. ``shown[0]`` is what the bar shows of this chunk; the
     runner completes the chunk when it is stored.
+
+    Parameters
+    ----------
+    bar : tqdm.tqdm
+        The fit's progress bar (:func:`progress_bar`).
+    model : SpinverseSearchModel
+        The model (its inversion config).
+    n_rows : int
+        The voxels in the chunk.
+    shown : list of float
+        One entry: how much of the chunk the bar shows (updated in place).
+
+    Returns
+    -------
+    callable
+        ``callback(iteration, permeability, losses)`` for the inversion.
     """
     config = model.config
     face_share = 0.5 if config.searches_labels else 1.0

@@ -20,6 +20,21 @@ def refine_meshes(model, signals, result, rows):
     Fills ``result``'s mesh parameters in place. A voxel without a labelled
     cell gets ``MESH_NO_CELL``; a refinement that raises gets
     ``MESH_FAILED`` and a warning, and the voxel's fit is kept.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model (grid, protocol, diffusivity, mesh options).
+    signals : ndarray (n, n_volumes)
+        The voxels' b0-normalised signals.
+    result : dict of ndarray
+        The per-voxel parameters (updated in place).
+    rows : ndarray of int
+        The fitted voxels to refine.
+
+    Returns
+    -------
+    None
     """
     config = model.config
     for row in rows:

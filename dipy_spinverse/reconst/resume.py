@@ -32,6 +32,17 @@ def is_mask_rows(data, mask):
 
     Never ambiguous: when both readings fit, the mask selects every voxel of
     a 1-D volume and the two are the same array.
+
+    Parameters
+    ----------
+    data : array_like
+        A volume (..., n_volumes) or rows (n_mask, n_volumes).
+    mask : array_like of bool or None
+        The mask.
+
+    Returns
+    -------
+    bool
     """
     if mask is None or np.ndim(mask) == 0:
         return False
@@ -44,7 +55,19 @@ def is_mask_rows(data, mask):
 
 
 def volume_shape(data, mask=None):
-    """The voxel shape of the volume ``data`` stands for (see :func:`is_mask_rows`)."""
+    """The voxel shape of the volume ``data`` stands for (see :func:`is_mask_rows`).
+
+    Parameters
+    ----------
+    data : array_like
+        A volume (..., n_volumes) or the mask's rows (n_mask, n_volumes).
+    mask : array_like of bool, optional
+        The mask.
+
+    Returns
+    -------
+    tuple of int
+    """
     return np.shape(mask) if is_mask_rows(data, mask) else np.shape(data)[:-1]
 
 
@@ -57,6 +80,18 @@ def fingerprint(data, mask=None):
     Without a mask every voxel counts (the digest of the whole array).
     Hashed a slab of the first axis at a time (about ``FINGERPRINT_BYTES``
     as float64), so that the data are never copied whole to float64.
+
+    Parameters
+    ----------
+    data : array_like
+        A volume (..., n_volumes) or the mask's rows (n_mask, n_volumes).
+    mask : array_like of bool, optional
+        The voxels that count; None: all.
+
+    Returns
+    -------
+    str
+        The SHA-1 hex digest.
     """
     data = np.asarray(data)
     digest = hashlib.sha1()
@@ -81,7 +116,25 @@ def fingerprint(data, mask=None):
 
 
 def check_mask(mask, shape):
-    """A boolean mask of ``shape`` (all True when None)."""
+    """A boolean mask of ``shape`` (all True when None).
+
+    Parameters
+    ----------
+    mask : array_like or None
+        The mask (booleans, or numbers nonzero inside).
+    shape : tuple of int
+        The volume's voxel shape.
+
+    Returns
+    -------
+    ndarray of bool
+        The mask, of ``shape``.
+
+    Raises
+    ------
+    ValueError
+        If the mask's shape is not ``shape`` or its values are not a mask's.
+    """
     if mask is None:
         return np.ones(shape, dtype=bool)
     mask = np.asarray(mask)

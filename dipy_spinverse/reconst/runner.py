@@ -51,6 +51,15 @@ __all__ = [
 def fit_voxels(model, data, *, callback=None):
     """Fit (n, n_volumes) raw voxels; per-voxel problems become statuses.
 
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model.
+    data : ndarray (n, n_volumes)
+        The voxels' raw signals.
+    callback : callable, optional
+        The inversion's progress callback (:func:`chunk_progress`).
+
     Returns
     -------
     params : dict of ndarray
@@ -136,7 +145,22 @@ def _reconstruct(model, signals, callback=None):
 
 
 def empty_params(model, shape):
-    """Per-voxel parameters of ``shape`` (an int or a tuple), all PENDING."""
+    """Per-voxel parameters of ``shape`` (an int or a tuple), all PENDING.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model (its grid, protocol and options decide which parameters
+        exist).
+    shape : int or tuple of int
+        The voxels' shape.
+
+    Returns
+    -------
+    dict
+        Per parameter an array of ``shape + (...)`` (NaN, -1 labels, status
+        PENDING), or None where the model does not produce it.
+    """
     shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
     labels = None
     if model.has_labels:
@@ -194,6 +218,34 @@ def fit_volume(
     (any numeric dtype, never copied whole) and converted to float64 when it
     is fitted. ``data`` is the volume (``shape + (n_volumes,)``) or the rows
     of the mask only (``data[mask]``, :func:`is_mask_rows`).
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model.
+    data : array_like
+        The volume ``shape + (n_volumes,)``, or the mask's rows.
+    mask : array_like of bool, optional
+        The voxels to fit; default all.
+    engine : {"serial", "joblib", "dask", "ray"}, optional
+        How the fit is spread.
+    address : str or distributed.Client, optional
+        The cluster of the Ray or Dask engine.
+    n_jobs : int, optional
+        Workers of a parallel engine.
+    verbose : bool, optional
+        Show a progress bar.
+    vox_per_chunk : int, optional
+        Voxels per chunk.
+    checkpoint : callable, optional
+        ``checkpoint(partial_fit, rows)`` at the start and after every chunk.
+    resume : SpinverseFit, optional
+        A partly finished fit of the same data and model to continue.
+
+    Returns
+    -------
+    SpinverseFit
+        Of shape ``mask.shape``.
     """
     on_cluster, n_workers, vox_per_chunk = check_engine_options(
         engine, address, n_jobs, vox_per_chunk
@@ -284,7 +336,24 @@ def fit_volume(
 
 
 def fit_one(model, data, *, verbose=False):
-    """Fit one raw voxel (n_volumes,); returns ``(params, history)``."""
+    """Fit one raw voxel (n_volumes,); returns ``(params, history)``.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model.
+    data : ndarray (n_volumes,)
+        The voxel's raw signal.
+    verbose : bool, optional
+        Show a progress bar.
+
+    Returns
+    -------
+    params : dict
+        The voxel's parameters (each without the voxel axis).
+    history : dict or None
+        The inversion's loss curves.
+    """
     with progress_bar(1, verbose) as bar:
         progress = chunk_progress(bar, model, 1, [0.0]) if verbose else None
         params, history = fit_voxels(model, data[None], callback=progress)
@@ -300,6 +369,20 @@ def fit_chunk(model, data, *, device=None):
     The task of the Ray and Dask engines
     (:func:`~dipy_spinverse.reconst.engines.run_chunks`): ``device`` is the
     worker's own GPU, or None to keep the model's.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model.
+    data : ndarray (n, n_volumes)
+        The voxels' raw signals.
+    device : str or torch.device, optional
+        The worker's device; None keeps the model's.
+
+    Returns
+    -------
+    dict of ndarray
+        The per-voxel parameters, of shape (n, ...).
     """
     if device is not None and torch.device(device) != model.device:
         model = copy.copy(model)

@@ -88,6 +88,21 @@ def flag_implausible(model, impossible, result, rows):
     ``UNDERDETERMINED``. Both outrank ``POOR_FIT`` and ``UNCERTAIN_SURFACE``,
     which follow from them (the precedence of
     :mod:`~dipy_spinverse.reconst.codes`); the voxels keep their outputs.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model (its ``protocol_problems``).
+    impossible : ndarray of bool (len(rows),)
+        Whether each voxel of ``rows`` has an impossible signal.
+    result : dict of ndarray
+        The per-voxel parameters (``status`` updated in place).
+    rows : ndarray of int
+        The fitted voxels.
+
+    Returns
+    -------
+    None
     """
     if not len(rows):
         return
@@ -100,7 +115,24 @@ def flag_implausible(model, impossible, result, rows):
 def warn_implausible(model, status):
     """Warn once per fit of its ``IMPOSSIBLE_SIGNAL`` and ``UNDERDETERMINED``
     voxels (``status``: the statuses of the voxels the fit ran on), naming
-    the cause and the fix."""
+    the cause and the fix.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel or SpinversePosteriorModel
+        The model (its ``fit_method`` and ``protocol_problems``).
+    status : array_like of int
+        The statuses of the voxels the fit ran on.
+
+    Returns
+    -------
+    None
+
+    Warns
+    -----
+    RuntimeWarning
+        Where voxels are ``IMPOSSIBLE_SIGNAL`` or ``UNDERDETERMINED``.
+    """
     status = np.asarray(status)
     impossible = int(np.count_nonzero(status == IMPOSSIBLE_SIGNAL))
     if impossible:
@@ -144,6 +176,24 @@ def warn_negative(model, n_negative, n_voxels):
     (phase-corrected) data can. Such voxels are fitted as given, neither
     clipped nor flagged; the warning says so, and that the Rician noise
     floor (``noise="rician"``) describes magnitude data only.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model (its noise model).
+    n_negative : int
+        Voxels holding values < 0.
+    n_voxels : int
+        Voxels fitted.
+
+    Returns
+    -------
+    None
+
+    Warns
+    -----
+    UserWarning
+        Where ``n_negative`` is not 0.
     """
     if not n_negative:
         return

@@ -41,7 +41,23 @@ def check_surfaces(model, signals, result, rows):
     """The surface check (``prior=`` with the search): raise each answer's
     ``uncertainty`` to the posterior's volume bound
     (:func:`~dipy_spinverse.reconst.posterior.surface_volume_bound`), in
-    place; 1 where the signal lies outside the check's prior."""
+    place; 1 where the signal lies outside the check's prior.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model (grid, prior, ``n_posterior_samples``).
+    signals : ndarray (len(rows), n_volumes)
+        The voxels' b0-normalised signals.
+    result : dict of ndarray
+        The per-voxel parameters (``uncertainty`` raised in place).
+    rows : ndarray of int
+        The fitted voxels.
+
+    Returns
+    -------
+    None
+    """
     grid = model.grid
     inside = result["labels"][rows] > 0
     fractions = inside @ grid.cell_volumes / grid.volume
@@ -71,6 +87,19 @@ def vouch_for_surfaces(model, result, rows):
     the one that is was not found. Nothing vouches for such a surface: its
     uncertainty is 1, as outside the surface check's prior. Without
     ``sigma`` no misfit can be tested, and no surface is vouched for.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model (protocol, loss settings).
+    result : dict of ndarray
+        The per-voxel parameters (``uncertainty`` set in place).
+    rows : ndarray of int
+        The fitted voxels.
+
+    Returns
+    -------
+    None
     """
     if result["uncertainty"] is None or not len(rows):
         return
@@ -99,7 +128,19 @@ def vouch_for_surfaces(model, result, rows):
 
 def flag_uncertain_surfaces(result, rows):
     """Status ``UNCERTAIN_SURFACE`` for the ``OK`` voxels of ``rows`` whose
-    uncertainty reaches :data:`UNCERTAIN_SURFACE_LEVEL` (in place)."""
+    uncertainty reaches :data:`UNCERTAIN_SURFACE_LEVEL` (in place).
+
+    Parameters
+    ----------
+    result : dict of ndarray
+        The per-voxel parameters (``status`` set in place).
+    rows : ndarray of int
+        The fitted voxels.
+
+    Returns
+    -------
+    None
+    """
     if result["uncertainty"] is None or not len(rows):
         return
     ok = result["status"][rows] == OK

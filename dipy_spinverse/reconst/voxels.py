@@ -74,7 +74,22 @@ def mask_rows(mask):
 
 def spread(rows, mask, fill):
     """Per-voxel ``rows`` (n_mask, ...) over the volume of ``mask``, ``fill``
-    outside it."""
+    outside it.
+
+    Parameters
+    ----------
+    rows : array_like (n_mask, ...)
+        One entry per voxel of ``mask``.
+    mask : ndarray of bool
+        The volume's mask.
+    fill : scalar
+        The value outside the mask.
+
+    Returns
+    -------
+    ndarray (mask.shape + rows.shape[1:])
+        In ``rows``' dtype.
+    """
     rows = np.asarray(rows)
     out = np.full(mask.shape + rows.shape[1:], fill, dtype=rows.dtype)
     out[mask] = rows
@@ -88,7 +103,20 @@ def scalar(values):
 
 
 def is_voxel(index, shape):
-    """Whether ``index`` names one voxel by integers, e.g. ``(1, 0, 2)``."""
+    """Whether ``index`` names one voxel by integers, e.g. ``(1, 0, 2)``.
+
+    Parameters
+    ----------
+    index : object
+        An index.
+    shape : tuple of int
+        The volume's shape.
+
+    Returns
+    -------
+    bool
+        True for a tuple of ``len(shape)`` integers (no bools).
+    """
     return (
         isinstance(index, tuple)
         and len(index) == len(shape)
@@ -101,7 +129,25 @@ def is_voxel(index, shape):
 
 def wrapped(index, shape):
     """A voxel's integer index with negative entries counted from the end, as
-    numpy does; IndexError (numpy's message) outside the volume."""
+    numpy does; IndexError (numpy's message) outside the volume.
+
+    Parameters
+    ----------
+    index : tuple of int
+        The voxel's index.
+    shape : tuple of int
+        The volume's shape.
+
+    Returns
+    -------
+    tuple of int
+        The index with every entry in ``[0, n)``.
+
+    Raises
+    ------
+    IndexError
+        If an entry is outside its axis.
+    """
     for axis, (i, n) in enumerate(zip(index, shape, strict=True)):
         if not -n <= i < n:
             raise IndexError(
@@ -112,7 +158,22 @@ def wrapped(index, shape):
 
 def voxel_row(rank, index, shape):
     """The row of voxel ``index`` (integers) among a mask's voxels, -1
-    outside the mask (``rank``: :func:`mask_rows`)."""
+    outside the mask (``rank``: :func:`mask_rows`).
+
+    Parameters
+    ----------
+    rank : ndarray of int (mask.size,)
+        Row of each voxel (:func:`mask_rows`).
+    index : tuple of int
+        The voxel's index.
+    shape : tuple of int
+        The volume's shape.
+
+    Returns
+    -------
+    int
+        The row, or -1 outside the mask.
+    """
     return rank[np.ravel_multi_index(wrapped(index, shape), shape)]
 
 
@@ -145,6 +206,18 @@ def voxel_signal(data, index, mask, rank):
 def index_volume_fit(fit, index):
     """``fit[index]`` for the volume fits of both methods: ``fit._part``
     with the checks a user of DIPY's fits expects.
+
+    Parameters
+    ----------
+    fit : SpinverseFit or PosteriorFit
+        A volume fit.
+    index : object
+        Any numpy index of the fit's shape.
+
+    Returns
+    -------
+    object
+        The fit of the voxels indexed (``fit._part(index)``).
 
     Raises
     ------
@@ -219,6 +292,24 @@ def part_params(params, mask, rank, index):
     One voxel named by integers gives its row and mask True, or a masked
     voxel's (:func:`masked_voxel`) and mask False; any other index the rows
     of the part and its mask.
+
+    Parameters
+    ----------
+    params : dict
+        The volume fit's parameters, one row per voxel of ``mask``.
+    mask : ndarray of bool
+        The fit's mask.
+    rank : ndarray of int (mask.size,)
+        Row of each voxel (:func:`mask_rows`).
+    index : object
+        Any numpy index of ``mask.shape``.
+
+    Returns
+    -------
+    params : dict
+        The part's parameters.
+    mask : ndarray of bool or bool
+        The part's mask (a bool for one voxel).
     """
     shape = mask.shape
     if not is_voxel(index, shape):
@@ -237,5 +328,18 @@ def part_params(params, mask, rank, index):
 
 
 def take(params, rows):
-    """The entries ``rows`` of each parameter (None stays None)."""
+    """The entries ``rows`` of each parameter (None stays None).
+
+    Parameters
+    ----------
+    params : dict
+        Per parameter an array (or None).
+    rows : int or array_like of int
+        The entries to take.
+
+    Returns
+    -------
+    dict
+        The same keys, with the entries taken.
+    """
     return {k: None if v is None else v[rows] for k, v in params.items()}

@@ -559,6 +559,22 @@ def update_digest(digest, grid, protocol, **meta):
     protocol's b-values, directions and waveforms, then ``meta`` (JSON, with
     the grid's size and wall). Cache keys of simulated results (the learned
     proposal, the label search's signals) are built on it.
+
+    Parameters
+    ----------
+    digest : hashlib hash object
+        The digest to update (in place).
+    grid : TetGrid
+        The simulation grid.
+    protocol : Protocol
+        The acquisition.
+    **meta
+        Further JSON-able settings hashed with it.
+
+    Returns
+    -------
+    hashlib hash object
+        ``digest``, updated.
     """
     for array in (grid.vertices, grid.tets, protocol.bvals, protocol.bvecs):
         digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())

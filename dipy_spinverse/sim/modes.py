@@ -145,7 +145,28 @@ def _converged(op, index, protocol, u0, tol, n_modes):
 def project(vectors, positions, weights, u0):
     """The voxel's quantities in the basis ``vectors`` (N, K): the positions
     ``X_d = Phi^T diag(x_d) Phi`` (3, K, K), the initial state and the read
-    weights (K,). Those of the first k modes are the leading blocks."""
+    weights (K,). Those of the first k modes are the leading blocks.
+
+    Parameters
+    ----------
+    vectors : ndarray (N, K)
+        The basis: K modes over N cells.
+    positions : ndarray (N, 3)
+        The cells' (centred) positions.
+    weights : ndarray (N,)
+        The read weights (square roots of the cell volumes).
+    u0 : ndarray (N,)
+        The initial state.
+
+    Returns
+    -------
+    coupling : ndarray (3, K, K)
+        The positions ``X_d`` in the basis.
+    start : ndarray (K,)
+        The initial state in the basis.
+    read : ndarray (K,)
+        The read weights in the basis.
+    """
     coupling = np.einsum("nk,nd,nl->dkl", vectors, positions, vectors)
     return coupling, vectors.T @ u0, vectors.T @ weights
 

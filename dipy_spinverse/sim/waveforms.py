@@ -525,7 +525,27 @@ def _broadcast_timing(values, name, n, *, max_s=_MAX_TIME_S):
 
 
 def pgse_waveforms(small_delta, big_delta, n):
-    """One PGSE per acquisition; equal timings share one instance."""
+    """One PGSE per acquisition; equal timings share one instance.
+
+    Parameters
+    ----------
+    small_delta : float or array_like (n,)
+        Pulse duration(s), s.
+    big_delta : float or array_like (n,)
+        Pulse separation(s), s.
+    n : int
+        The number of acquisitions.
+
+    Returns
+    -------
+    tuple of PGSE
+        ``n`` waveforms.
+
+    Raises
+    ------
+    ValueError
+        If a timing is not a valid time or not one value or ``n`` values.
+    """
     small = _broadcast_timing(small_delta, "small_delta", n, max_s=_MAX_PULSE_S)
     big = _broadcast_timing(big_delta, "big_delta", n)
     cache = {}
@@ -536,7 +556,25 @@ def pgse_waveforms(small_delta, big_delta, n):
 
 
 def broadcast_waveforms(waveforms, n):
-    """Return a tuple of n waveforms from one waveform or a sequence of n."""
+    """Return a tuple of n waveforms from one waveform or a sequence of n.
+
+    Parameters
+    ----------
+    waveforms : Waveform or sequence of Waveform
+        One waveform for all acquisitions, or one per acquisition.
+    n : int
+        The number of acquisitions.
+
+    Returns
+    -------
+    tuple of Waveform
+        ``n`` waveforms.
+
+    Raises
+    ------
+    ValueError
+        If a sequence does not hold ``n`` waveforms.
+    """
     if isinstance(waveforms, Waveform):
         return (waveforms,) * n
     waveforms = tuple(waveforms)

@@ -125,6 +125,20 @@ def nonneg_lstsq(design, data):
     Same shapes and returns as :func:`simplex_lstsq`; ``q`` does not sum to
     one (its sum is the voxel's gain when the columns are unit-gain
     signals).
+
+    Parameters
+    ----------
+    design : torch.Tensor (n_sequences, n_tissues)
+        The design's columns.
+    data : torch.Tensor (n_voxels, n_sequences)
+        The signals.
+
+    Returns
+    -------
+    q : torch.Tensor (n_voxels, n_tissues)
+        The non-negative weights.
+    rss : torch.Tensor (n_voxels,)
+        Residual sum of squares at ``q``.
     """
     n = design.shape[1]
     empty = torch.zeros(design.shape[0], 0, dtype=design.dtype, device=design.device)

@@ -78,7 +78,20 @@ def ball(acq, *, diffusivity):
 
 
 def dot(acq, *, shape=()):
-    """Stationary water (a "dot"): signal 1 for every acquisition."""
+    """Stationary water (a "dot"): signal 1 for every acquisition.
+
+    Parameters
+    ----------
+    acq : Acquisition
+        The acquisitions (M of them).
+    shape : tuple of int, optional
+        The batch shape of the signals.
+
+    Returns
+    -------
+    torch.Tensor, shape (*shape, M)
+        Ones, in ``acq``'s dtype.
+    """
     return torch.ones(tuple(shape) + (len(acq),), dtype=acq.dtype)
 
 
@@ -116,6 +129,15 @@ def zeppelin(acq, *, direction, d_par, d_perp):
 
 def zeppelin_derivatives(acq, *, direction, d_par, d_perp):
     """:func:`zeppelin` and its derivatives in d_par, d_perp and ``g . n``.
+
+    Parameters
+    ----------
+    acq : Acquisition
+        The acquisitions (M of them).
+    direction : array_like, shape (..., 3)
+        Unit axis n.
+    d_par, d_perp : float or array_like, shape (...)
+        Diffusivities along and across n in um^2/us.
 
     Returns
     -------

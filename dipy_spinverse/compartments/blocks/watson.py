@@ -298,6 +298,18 @@ def watson_tau(kappa, *, n_nodes=N_WATSON_NODES):
     Equal to ``1 / (2 sqrt(kappa) F(sqrt(kappa))) - 1 / (2 kappa)`` with F
     Dawson's function; evaluated with the Watson quadrature so that it is
     smooth in kappa (including 0).
+
+    Parameters
+    ----------
+    kappa : float or array_like
+        Watson concentration (dimensionless, >= 0).
+    n_nodes : int, optional
+        Nodes of the Watson quadrature.
+
+    Returns
+    -------
+    torch.Tensor
+        ``tau`` per kappa, float64, in [1/3, 1).
     """
     kappa = torch.as_tensor(kappa, dtype=torch.float64)
     return _without_dispersion(
@@ -317,7 +329,20 @@ def _watson_moments(kappa, n_nodes):
 
 def watson_tau_slope(kappa, *, n_nodes=N_WATSON_NODES):
     """``d tau / d kappa`` of :func:`watson_tau`, on the same quadrature:
-    the Watson variance of ``(mu . n)^2``, ``<(mu . n)^4> - tau^2``."""
+    the Watson variance of ``(mu . n)^2``, ``<(mu . n)^4> - tau^2``.
+
+    Parameters
+    ----------
+    kappa : float or array_like
+        Watson concentration (dimensionless, >= 0).
+    n_nodes : int, optional
+        Nodes of the Watson quadrature.
+
+    Returns
+    -------
+    torch.Tensor
+        ``d tau / d kappa`` per kappa, float64.
+    """
     kappa = torch.as_tensor(kappa, dtype=torch.float64)
     return _without_dispersion(
         kappa, lambda k: _watson_moments(k, n_nodes)[1], torch.zeros_like(kappa)
