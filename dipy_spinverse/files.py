@@ -29,7 +29,7 @@ __all__ = [
     "StaleCacheError",
     "atomic_write",
     "cache_root",
-    "fingerprint",
+    "cache_key",
     "load_image",
     "verify_gzip",
     "describe_cause",
@@ -70,7 +70,7 @@ def cache_root(path=None):
     return pathlib.Path(xdg) / "dipy_spinverse"
 
 
-def fingerprint(description, arrays):
+def cache_key(description, arrays):
     """SHA-256 (20 hex digits) of a JSON-able description and some arrays.
 
     The cache key of everything trained or estimated once and kept under
@@ -107,7 +107,7 @@ def load_or_build(path, *, load, build, save, what):
     Every load-or-train product of the package (learned proposals,
     approximation-error estimates, learned compartment networks, shape
     autoencoders, posterior estimators) goes through here, under a name that
-    holds the hash of everything it depends on (:func:`fingerprint`, or the
+    holds the hash of everything it depends on (:func:`cache_key`, or the
     grid and protocol digests of :func:`dipy_spinverse.sim.forward.update_digest`).
 
     Parameters

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from ..files import fingerprint
+from ..files import cache_key
 from .chunks import map_chunks
 from .counts import MIN_CROSSING_DEG
 from .fitting import DTYPE, joint_levenberg_marquardt, levenberg_marquardt, nnls
@@ -126,7 +126,7 @@ class LearnedMixin:
         arrays = [acq.bvals, _axes(acq.bvecs, self._b0s), torch.as_tensor(self._b0s)]
         if acq.has_timing:
             arrays += [acq.g2, acq.waveform_index, acq.durations, acq.amplitudes]
-        return fingerprint(described, [a.numpy() for a in arrays])
+        return cache_key(described, [a.numpy() for a in arrays])
 
     def _direction_slots(self):
         """Indices of the first of every (x, y, z) triple in param_names."""

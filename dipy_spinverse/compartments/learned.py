@@ -368,7 +368,8 @@ def load_or_train(
     Parameters
     ----------
     key : str
-        Hash of everything the network depends on (:func:`fingerprint`).
+        Hash of everything the network depends on
+        (:func:`~dipy_spinverse.files.cache_key`).
     make_training_set : callable
         ``() -> (inputs, targets)`` numpy arrays, called only when training.
     options : LearnedOptions

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_int, check_positive
-from ..files import cache_root, fingerprint, load_or_build
+from ..files import cache_key, cache_root, load_or_build
 from .mesh import axon_deformation
 from .shape import SpectralShape, surface_laplacian
 
@@ -355,7 +355,7 @@ def family_codes(shape, n, *, seed, families=FAMILIES):
 
 
 def _shape_fingerprint(shape):
-    return fingerprint(
+    return cache_key(
         dict(directions=shape.directions, n_code=shape.n_code),
         [shape.template.vertices, shape.template.tets, shape.fields],
     )
@@ -382,7 +382,7 @@ def autoencoder_key(shape, settings):
         settings=asdict(settings),
         ranges=FAMILY_RANGES,
     )
-    return fingerprint(description, [])
+    return cache_key(description, [])
 
 
 def train_autoencoder(shape, settings=None, *, progress=True):
