@@ -314,7 +314,7 @@ class SpinverseSearchModel(ReconstModel):
                 "surface (uncertainty 1, status UNCERTAIN_SURFACE; "
                 f"reconst.surfaces.vouch_for_surfaces). Pass sigma {NOISE_HINT}.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # the user's SpinverseModel(...) call
             )
         # Known from the protocol alone: said before any voxel is fitted
         # (each fit says it again, with its voxels' status).
@@ -328,7 +328,7 @@ class SpinverseSearchModel(ReconstModel):
                 + f". Every fitted voxel will have status {UNDERDETERMINED} "
                 "(UNDERDETERMINED).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # the user's SpinverseModel(...) call
             )
         self._set_refinement(refine_mesh, mesh_options)
         self._set_surface_check(prior, posterior_options, cache_dir)
