@@ -259,10 +259,13 @@ def _search_keywords(args, configured, posterior, mesh_options):
         )
         if args[flag] is not None
     }
+    # Checked in the command's words; the preset's name is kept where no flag
+    # changes it, so that the log names it.
+    config = resolve_config(args["preset"], names=FLAGS, **configured)
     return dict(
         grid=make_grid(grid, names=GRID_FLAGS),
         diffusivity=args["diffusivity"],
-        preset=resolve_config(args["preset"], names=FLAGS, **configured),
+        preset=config if configured else args["preset"],
         max_iter=args["max_iter"],
         batch_size=args["batch_size"],
         device=args["device"],
