@@ -109,12 +109,12 @@ def check_fit_method(fit_method, keywords=(), *, names=None):
     )
     model = FIT_METHODS[fit_method]
     foreign = sorted(set(keywords) - set(_keywords(model)))
-    if not foreign or _takes_any(model):
+    if not foreign:
         return model
     named = [option_name(k, names) for k in foreign]
-    if names is None:
-        _refuse_python_keywords(model, fit_method, foreign)
     (other,) = (name for name, kind in FIT_METHODS.items() if kind is not model)
+    if names is None:
+        _refuse_python_keywords(model, fit_method, other, foreign)
     # A command's flags are not the class's keywords: those only for Python.
     raise ValueError(
         f"option(s) {named} are not options of "
@@ -132,10 +132,10 @@ _GRID_KEYWORDS = {
 }
 
 
-def _refuse_python_keywords(model, fit_method, foreign):
-    """Refuse keywords ``model`` does not take, saying where each belongs."""
+def _refuse_python_keywords(model, fit_method, other, foreign):
+    """Refuse keywords ``model`` does not take, saying where each belongs
+    (``other``: the other fit method)."""
     takes = f"{model.__name__} takes {', '.join(_keywords(model))}"
-    (other,) = (name for name, kind in FIT_METHODS.items() if kind is not model)
     hints = []
     inversion = [k for k in foreign if k in OPTIONS]
     if inversion:
@@ -163,9 +163,3 @@ def _keywords(model):
     """The named keyword arguments of a model class's constructor."""
     parameters = inspect.signature(model.__init__).parameters.values()
     return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
-
-
-def _takes_any(model):
-    """Whether the constructor takes arbitrary keywords (``**options``)."""
-    parameters = inspect.signature(model.__init__).parameters.values()
-    return any(p.kind is p.VAR_KEYWORD for p in parameters)
