@@ -18,7 +18,7 @@ The slice (8 x 8 voxels):
 * rows 0-2: one bundle along x;
 * rows 3-4: two bundles crossing at 90 degrees (x and y, half each);
 * rows 5-7: one bundle along y, dispersed (von Mises-Fisher, kappa 16, 6
-  and 3; eight sub-populations each).
+  and 3; four sub-populations each).
 
 Crossing and dispersed voxels are outside the prior, whose voxels hold one
 straight bundle: the example shows what the posterior then says.
@@ -33,9 +33,10 @@ afterwards; it announces its time before it starts): its 11,000
 simulations take about 25 minutes on 2 idle CPU cores (0.13 s a section,
 ``benchmarks/prior_throughput.py --protocol hcp``), then the calibration
 pairs and 60 epochs; on shared cores several times that. The slice itself
-is 248 simulations of sections at resolution 12. ``--quick`` trains
-a tiny, uncalibrated network on a thinned protocol in about a minute to
-check that the script runs.
+is 152 simulations of sections at resolution 12 (each new patch side
+first measures its time step). ``--quick`` trains a tiny, uncalibrated
+network on a thinned protocol in about a minute to check that the script
+runs.
 """
 
 import argparse
@@ -69,7 +70,7 @@ rng = np.random.default_rng(2026)
 prior = TissuePrior()  # the default: white matter
 options = None  # the default prior's training (posterior.default_training)
 protocol = hcp_protocol()
-n, resolution, n_dispersed, n_prior = 8, 12, 8, 400
+n, resolution, n_dispersed, n_prior = 8, 12, 4, 400
 if args.quick:
     protocol = hcp_protocol(n_directions=6, n_b0=2)
     options = TrainingOptions(
