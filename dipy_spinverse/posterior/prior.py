@@ -73,6 +73,7 @@ from ..geometry.substrates import (
     packed_substrate,
     random_substrate,
 )
+from ..geometry.substrates.substrate import substrate_from_labels
 from ..sim.forward import converged_substeps, simulate
 from ..sim.grid import TetGrid
 from ..sim.sections import SectionGrid
@@ -382,13 +383,7 @@ class TissuePrior:
             elif family == "axon":
                 axis = rng.standard_normal(3)
                 axis /= np.linalg.norm(axis)
-            if boundary == "reflecting":
-                side = self.box_side
-            else:
-                wanted = self._box_side(family, diameter, n, fraction, axis)
-                side = self._boxes[
-                    int(np.argmin(np.abs(np.log(self._boxes) - math.log(wanted))))
-                ]
+            side = self._side(boundary, family, diameter, n, fraction, axis)
             box = (side, family, n, fraction, axis, boundary)
             state = rng.bit_generator.state
             tissue = self._tissue(self.resolution, *box, rng)
@@ -421,6 +416,128 @@ class TissuePrior:
             f"{self.resolution}, or miss the ranges; raise resolution, lower "
             "min_spacings, or widen cell_diameter / restricted_fraction."
         )
+
+    def draw_with(
+        self,
+        rng,
+        *,
+        family,
+        cell_diameter,
+        restricted_fraction,
+        n_cells,
+        permeability,
+        axis=None,
+    ):
+        """A draw whose cells are drawn with the given settings, not the
+        prior's random ones: this prior's tissue conditioned on them.
+
+        The box side, the cells' arrangement and size spread, and the
+        diffusivity are drawn as :meth:`draw` draws them, and the draw is
+        accepted by the same test, so that the realised descriptors scatter
+        about the settings as the prior's own draws do (rasterisation, the
+        snapped patch side).
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+        family : str
+            One of the prior's ``families``.
+        cell_diameter : float
+            Target equivalent diameter, um.
+        restricted_fraction : float
+            Target fraction of water in cells.
+        n_cells : int
+            Cells in the patch.
+        permeability : float
+            The cells' volume-weighted mean membrane permeability (the
+            ``permeability`` descriptor), m/s; each cell's scatters about it
+            as the prior's draws do.
+        axis : (3,) array_like, optional
+            Fibres' direction of an ``"axon"`` or ``"fibre"`` draw (a
+            ``"fibre"`` draw takes the nearest of its directions); default:
+            drawn as :meth:`draw` does.
+
+        Returns
+        -------
+        Draw or None
+            None when no draw is accepted in :data:`_MAX_TRIES` tries (the
+            settings lie outside what the grid can hold).
+        """
+        if family not in self.families:
+            raise ValueError(
+                f"family must be one of the prior's families {self.families}, "
+                f"got {family!r}."
+            )
+        n = int(n_cells)
+        for _ in range(_MAX_TRIES):
+            boundary = self.boundary
+            if boundary == "either":
+                boundary = ("periodic", "reflecting")[int(rng.integers(2))]
+            if family == "axon":
+                boundary = "periodic"
+            direction = self._axis_with(family, axis, rng)
+            side = self._side(
+                boundary, family, cell_diameter, n, restricted_fraction, direction
+            )
+            box = (side, family, n, restricted_fraction, direction, boundary)
+            tissue = self._tissue(self.resolution, *box, rng)
+            if tissue is None:
+                continue
+            grid, substrate = tissue[:2]
+            substrate = self._with_mean_permeability(grid, substrate, permeability)
+            truth = _described(grid, substrate)
+            if not self._accepted(grid, truth):
+                continue
+            axis_kept = direction if family == "axon" else None
+            diffusivity = self._diffusivity(rng)
+            return Draw(side, substrate, diffusivity, truth, boundary, axis_kept)
+        return None
+
+    def _with_mean_permeability(self, grid, substrate, permeability):
+        """``substrate`` with its cells' permeabilities scaled so that their
+        volume-weighted mean (the ``permeability`` descriptor) is
+        ``permeability``, within the prior's range: the cells keep the
+        prior's scatter about the mean, which the signal depends on (one
+        leaky cell among tight ones is not their mean)."""
+        kappa = np.asarray(substrate.permeability, dtype=float)
+        mean = np.average(kappa, weights=substrate.volumes)
+        kappa = np.clip(kappa * (permeability / mean), *self.permeability)
+        return substrate_from_labels(
+            grid,
+            substrate.labels,
+            kappa=kappa,
+            kinds=substrate.kinds,
+            params=substrate.params,
+        )
+
+    def _axis_with(self, family, axis, rng):
+        """The fibres' direction of a :meth:`draw_with` draw."""
+        if family not in ("axon", "fibre"):
+            return None
+        if axis is None:
+            if family == "fibre":
+                return np.asarray(FIBRE_DIRECTIONS[rng.integers(len(FIBRE_DIRECTIONS))])
+            if self.fibre_axis is not None:
+                return np.array(self.fibre_axis)
+            axis = rng.standard_normal(3)
+        axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+        if family == "axon":
+            return axis
+        # A 3-D patch holds its fibres along a few lattice directions only.
+        directions = np.asarray(FIBRE_DIRECTIONS, dtype=float)
+        cosines = np.abs(directions @ axis) / np.linalg.norm(directions, axis=1)
+        return directions[int(np.argmax(cosines))]
+
+    def _side(self, boundary, family, diameter, n, fraction, axis):
+        """The patch side of a draw: the closed box's, or the side in which
+        its cells fill ``fraction``, snapped to the ladder (so that draws
+        share grids)."""
+        if boundary == "reflecting":
+            return self.box_side
+        wanted = self._box_side(family, diameter, n, fraction, axis)
+        return self._boxes[
+            int(np.argmin(np.abs(np.log(self._boxes) - math.log(wanted))))
+        ]
 
     def _tissue(self, resolution, side, family, n, fraction, axis, boundary, rng):
         """(grid, substrate, descriptors) on the box's grid of

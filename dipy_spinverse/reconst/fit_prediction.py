@@ -4,6 +4,8 @@ by each voxel's fitted S0 (or a given one)."""
 
 import numpy as np
 
+from .gate import s0_per_acquisition
+
 __all__ = ["PREDICTION_PARAMETERS", "predict_rows"]
 
 #: The per-voxel parameters a prediction reads.
@@ -26,7 +28,7 @@ def predict_rows(model, rows, fitted, gtab=None, S0=None, dtype=np.float64):
         the fit holds).
     S0 : ndarray (n,), optional
         Unweighted signal of each row, checked; default: each voxel's
-        fitted S0 (:meth:`SpinverseSearchModel.s0_for`).
+        fitted S0 (:func:`.gate.s0_per_acquisition`).
     dtype : data type
 
     Returns
@@ -42,7 +44,9 @@ def predict_rows(model, rows, fitted, gtab=None, S0=None, dtype=np.float64):
     else:
         normalised = model.predict_normalised(rows["permeability"][fitted], protocol)
     if S0 is None:
-        scale = model.s0_for(protocol, rows["S0"][fitted], rows["S0_sequences"][fitted])
+        scale = s0_per_acquisition(
+            model.sequences, protocol, rows["S0"][fitted], rows["S0_sequences"][fitted]
+        )
     else:
         scale = S0[fitted][:, None]
     out[fitted] = normalised * scale

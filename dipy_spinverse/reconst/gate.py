@@ -21,7 +21,14 @@ from ..sim.waveforms import PGSE
 from .codes import BAD_B0, NONFINITE, OK, POOR_FIT_FALSE_ALARM
 from .plausibility import impossible_signal
 
-__all__ = ["Admitted", "admit", "check_data", "gradient_tables", "require_b0"]
+__all__ = [
+    "Admitted",
+    "admit",
+    "check_data",
+    "gradient_tables",
+    "require_b0",
+    "s0_per_acquisition",
+]
 
 
 def gradient_tables(gtab):
@@ -206,3 +213,35 @@ def admit(data, protocol, *, sigma=0.0, dtype=torch.float32):
     S0 = np.where(ok, signals.s0, np.nan)
     S0_sequences = np.where(ok[:, None], signals.scale, np.nan)
     return Admitted(signals, status, impossible, S0, S0_sequences)
+
+
+def s0_per_acquisition(sequences, protocol, s0, s0_sequences):
+    """The fitted S0 of each acquisition of ``protocol``, shape (n, n_acq).
+
+    Acquisitions sharing a waveform with a fitted sequence take that
+    sequence's own b = 0 signal (its echo time's T2 weighting); the others
+    the voxel's mean b = 0 signal, the one S0 both methods report.
+
+    Parameters
+    ----------
+    sequences : list of (Waveform, ndarray)
+        The fitted protocol's sequences in rank order
+        (:meth:`Protocol.sequences`).
+    protocol : Protocol
+        The acquisitions to scale.
+    s0 : array_like (n,)
+        Each voxel's mean b = 0 signal (:attr:`Admitted.S0`).
+    s0_sequences : array_like (n, len(sequences))
+        Each voxel's per-sequence b = 0 signal (:attr:`Admitted.S0_sequences`).
+
+    Returns
+    -------
+    ndarray (n, len(protocol))
+    """
+    out = np.repeat(np.asarray(s0, float)[:, None], len(protocol), axis=1)
+    fitted = {waveform: rank for rank, (waveform, _) in enumerate(sequences)}
+    s0_sequences = np.asarray(s0_sequences, float)
+    for waveform, idx in protocol.groups():
+        if waveform in fitted:
+            out[:, idx] = s0_sequences[:, fitted[waveform], None]
+    return out

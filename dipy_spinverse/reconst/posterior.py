@@ -34,19 +34,22 @@ protocol leaves open.
 """
 
 import numbers
+import warnings
 from functools import cached_property
 
 import numpy as np
 import torch
 from dipy.reconst.base import ReconstFit
+from dipy.utils.logging import logger
 
-from ..checks import check_int
+from ..checks import check_int, check_s0
 from ..geometry.descriptors import DESCRIPTORS
 from ..posterior import decode
 from ..posterior.calibration import SCALARS, calibrated_draws
+from ..posterior.predictive import predictive_signals
 from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
 from .fit import SpinverseFit
-from .gate import admit
+from .gate import admit, gradient_tables, s0_per_acquisition
 from .voxels import index_volume_fit, mask_rows
 
 __all__ = [
@@ -74,6 +77,8 @@ POSTERIOR_STATUS_CODES = {
 #: Quantiles kept per voxel and descriptor: the median and the bounds of the
 #: 50 % and 90 % central credible intervals.
 _KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
+#: Posterior draws simulated per voxel by :meth:`PosteriorFit.predict`.
+N_PREDICTIVE = 16
 # Flow draws made together (voxels x samples): bounds the memory of a batch
 # (about 50 MB of activations at the default network's width).
 _DRAWS_PER_BATCH = 1 << 16
@@ -101,7 +106,8 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     -------
     dict
         ``status`` (n,), ``inputs`` (n, n_volumes) b0-normalised signals,
-        ``sigma`` (n,), ``S0`` (n,), per scalar descriptor its quantiles
+        ``sigma`` (n,), ``S0`` (n,), ``S0_sequences`` (n, n_sequences), per
+        scalar descriptor its quantiles
         (n, 5) at :data:`_KEPT`, and ``orientation`` (n, 3).
     """
     gate = admit(rows, model.protocol, sigma=model.posterior_sigma)
@@ -127,7 +133,14 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
             levels = estimator.quantile_levels(name, _KEPT)
             summary[name][keep] = np.quantile(values[name], levels, axis=0).T
         summary["orientation"][keep] = _mean_axis(values["orientation"])
-    return dict(status=status, inputs=inputs, sigma=sigma, S0=gate.S0, **summary)
+    return dict(
+        status=status,
+        inputs=inputs,
+        sigma=sigma,
+        S0=gate.S0,
+        S0_sequences=gate.S0_sequences,
+        **summary,
+    )
 
 
 def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed):
@@ -225,6 +238,20 @@ def surface_volume_bound(model, signals, fractions, *, n_samples, seed=0):
     return bound, outside
 
 
+def _log_unrealised(signals):
+    """Log the posterior draws that no tissue of the prior realised."""
+    failed = np.isnan(signals).all(axis=-1)
+    if failed.any():
+        logger.warning(
+            "%d of %d posterior draws (%d voxels) are realised by no tissue of "
+            "the prior at its resolution; their voxels' predictions average "
+            "the rest (NaN where none is left).",
+            failed.sum(),
+            failed.size,
+            failed.any(axis=1).sum(),
+        )
+
+
 def _mean_axis(axes):
     """The principal axis of the mean dyadic of sampled axes (n_samples, n, 3)."""
     dyadic = np.einsum("svi,svj->vij", axes, axes) / len(axes)
@@ -249,8 +276,8 @@ class PosteriorFit(ReconstFit):
     medians and 50 % and 90 % intervals are the volume's; samples, and
     intervals at other levels, are new draws of the same posterior.
 
-    A posterior of descriptors predicts no signal (:meth:`predict` says what
-    does).
+    :meth:`predict` gives the posterior predictive signal, simulated from
+    posterior draws realised as the prior's tissue (:meth:`predictive_samples`).
 
     Parameters
     ----------
@@ -437,36 +464,121 @@ class PosteriorFit(ReconstFit):
         return out
 
     # -- prediction ------------------------------------------------------------------
-    def predict(self, gtab=None, *, S0=None):
-        """Not available: a posterior of descriptors has no signal to predict.
+    def predict(self, gtab=None, *, S0=None, n=N_PREDICTIVE, seed=0, progress=False):
+        """The posterior predictive mean of the signal of every voxel.
 
-        The fit holds the posterior of each voxel's tissue descriptors (its
-        medians are the maps), not a tissue: many substrates share any set of
-        descriptors, and the estimator draws descriptors, never substrates,
-        so there is nothing to simulate.
+        The mean over ``n`` posterior draws realised as the prior's tissue
+        and simulated (:meth:`predictive_samples`): the signal the data
+        predict, averaged over what they leave open.
 
         Parameters
         ----------
         gtab : GradientTable or Protocol, optional
-            As :meth:`SpinverseFit.predict
-            <dipy_spinverse.reconst.fit.SpinverseFit.predict>`'s.
-        S0 : float or array_like, optional
-            As :meth:`SpinverseFit.predict
-            <dipy_spinverse.reconst.fit.SpinverseFit.predict>`'s.
+            Acquisitions to predict (default: the fitted ones). A gradient
+            table needs ``big_delta`` and ``small_delta``.
+        S0 : float or array_like (shape), optional
+            Unweighted signal. Default: each voxel's fitted S0, per
+            sequence as :meth:`SpinverseFit.predict
+            <dipy_spinverse.reconst.fit.SpinverseFit.predict>` takes it.
+        n : int
+            Posterior draws simulated per voxel (the mean's Monte Carlo
+            error falls as ``1 / sqrt(n)``).
+        seed : int
+            Seeds the draws and their tissue.
+        progress : bool
+            Progress bars over the simulations.
 
-        Raises
-        ------
-        NotImplementedError
-            Always, saying what to use instead.
+        Returns
+        -------
+        ndarray (..., n_volumes)
+            0 outside the mask, NaN where the status is not ``OK``.
         """
-        raise NotImplementedError(
-            "PosteriorFit.predict: a posterior fit holds the posterior of the "
-            "tissue descriptors (medians, credible intervals), not a tissue, "
-            "so it has no signal to predict. For predicted signals fit with "
-            'SpinverseModel(gtab, fit_method="search"): SpinverseFit.predict '
-            "simulates the fitted membranes. For the spread of a descriptor "
-            "use fit.credible_interval(name, level) or "
-            "fit.posterior_samples(name, n)."
+        samples = self.predictive_samples(gtab, n, S0=S0, seed=seed, progress=progress)
+        with warnings.catch_warnings():
+            # A voxel whose every draw failed is NaN, as a failed voxel is.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(samples, axis=0)
+
+    def predictive_samples(
+        self, gtab=None, n=N_PREDICTIVE, *, S0=None, seed=0, progress=False
+    ):
+        """``n`` draws of the posterior predictive signal of every voxel.
+
+        Each is one joint draw of the flow (every descriptor, the
+        orientation included) realised as the prior's tissue with those
+        settings and simulated on ``gtab``
+        (:mod:`dipy_spinverse.posterior.predictive`): noise-free signals of
+        tissue the data allow, on the prior's grid. Their spread is what the
+        posterior leaves open about the signal; add the measurement noise
+        for the spread of a new measurement. A draw that no tissue of the
+        prior realises (at the prior's resolution) is NaN, with a log line.
+
+        Parameters
+        ----------
+        gtab : GradientTable or Protocol, optional
+            As :meth:`predict`'s.
+        n : int
+            Draws per voxel.
+        S0 : float or array_like (shape), optional
+            As :meth:`predict`'s.
+        seed : int
+            Seeds the draws and their tissue.
+        progress : bool
+            Progress bars over the simulations.
+
+        Returns
+        -------
+        ndarray (n,) + shape + (n_volumes,)
+            0 outside the mask, NaN where the status is not ``OK``.
+        """
+        n = check_int(n, "n", 1, hint=" (the draws per voxel), e.g. n=16")
+        seed = check_int(seed, "seed", 0, hint=" (it seeds the draws), e.g. seed=0")
+        protocol = self.model.protocol if gtab is None else gradient_tables(gtab)[1]
+        ok = np.flatnonzero(self.params["status"] == OK)
+        out = np.full((len(self.params["status"]), n, len(protocol)), np.nan)
+        if len(ok):
+            values = self._flow_values(ok, n, seed)
+            signals = predictive_signals(
+                self.model.prior.prior,
+                protocol,
+                values.reshape(-1, values.shape[-1]),
+                seed=seed,
+                progress=progress,
+            ).reshape(len(ok), n, len(protocol))
+            _log_unrealised(signals)
+            out[ok] = signals * self._scale(protocol, ok, S0)[:, None]
+        return np.moveaxis(self._volume(out, 0.0), self.mask.ndim, 0)
+
+    def _flow_values(self, rows, n, seed):
+        """Joint flow draws (len(rows), n, n_targets) of the voxels ``rows``."""
+        chunks = []
+        chunk = _voxels_per_batch(n)
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            draws = self.model.estimator.sample(
+                torch.as_tensor(self.params["inputs"][part]),
+                torch.as_tensor(self.params["sigma"][part]),
+                n,
+                generator_seed=seed + start,
+            )
+            chunks.append(np.moveaxis(draws.numpy(), 0, 1))
+        return np.concatenate(chunks)
+
+    def _scale(self, protocol, rows, S0):
+        """The S0 (len(rows), n_acquisitions) of each predicted row."""
+        if S0 is not None:
+            ok = self.status == OK
+            S0 = check_s0(S0, self.shape, where=ok)
+            return np.repeat(
+                np.reshape(S0[self.mask], -1)[rows, None], len(protocol), 1
+            )
+        s0 = self.params["S0"][rows]
+        # Fits saved before the per-sequence S0 was kept scale by the mean.
+        per_sequence = self.params.get("S0_sequences")
+        if per_sequence is None:
+            return np.repeat(s0[:, None], len(protocol), axis=1)
+        return s0_per_acquisition(
+            self.model.sequences, protocol, s0, per_sequence[rows]
         )
 
     def status_counts(self):

@@ -589,19 +589,6 @@ class SpinverseSearchModel(ReconstModel):
         """The :class:`Protocol` of ``gtab`` (checked as ``gtab`` at build)."""
         return gradient_tables(gtab)[1]
 
-    def s0_for(self, protocol, s0, s0_sequences):
-        """Fitted S0 per acquisition of ``protocol``, shape (n, n_acq).
-
-        Sequences with the same waveform as a fitted one use that sequence's
-        S0 (its T2 weighting); other waveforms use the mean b = 0 signal.
-        """
-        out = np.repeat(np.asarray(s0, float)[:, None], len(protocol), axis=1)
-        fitted = {w: rank for rank, (w, _) in enumerate(self.sequences)}
-        for waveform, idx in protocol.groups():
-            if waveform in fitted:
-                out[:, idx] = s0_sequences[:, fitted[waveform], None]
-        return out
-
     def predict(self, permeability, gtab=None, *, S0=1.0):
         """Signals of permeability fields on the model's grid, as DIPY's
         ``model.predict(params, S0)``.

@@ -246,13 +246,19 @@ def test_bad_indices_of_a_posterior_fit_name_its_shape(posterior_fit, index, mat
         posterior_fit[0, 0, 0][0]
 
 
-def test_a_posterior_fit_says_what_to_use_instead_of_predict(posterior_fit):
-    for fit in (posterior_fit, posterior_fit[0, 0, 0]):
-        with pytest.raises(NotImplementedError, match="no signal to predict") as err:
-            fit.predict()
-        message = str(err.value)
-        assert 'fit_method="search"' in message and "SpinverseFit.predict" in message
-        assert "credible_interval" in message and "posterior_samples" in message
+def test_a_posterior_fit_predicts_as_the_search_fit_does_outside_its_fitted_voxels(
+    posterior_fit,
+):
+    """Nothing is simulated here: 0 outside the mask, NaN where the data
+    hold a NaN, the shapes of the search fit's predictions (the simulated
+    voxels: tests/reconst/test_posterior_predict.py)."""
+    n_volumes = len(posterior_fit.model.protocol)
+    assert_array_equal(posterior_fit[OUTSIDE].predict(), np.zeros(n_volumes))
+    assert np.isnan(posterior_fit[BROKEN].predict()).all()
+    samples = posterior_fit[OUTSIDE].predictive_samples(n=3)
+    assert samples.shape == (3, n_volumes) and not samples.any()
+    with pytest.raises(ValueError, match="n must"):
+        posterior_fit[OUTSIDE].predict(n=0)
 
 
 def test_unknown_attributes_say_what_a_posterior_fit_has(posterior_fit):
