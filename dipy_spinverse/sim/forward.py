@@ -552,11 +552,28 @@ def _initial(grid, initial, n_batch, batch_shape, like):
     return start
 
 
+#: Decimals of the b-values (s/mm^2) and unit directions a cache key reads:
+#: a gradient table renormalises its directions (changes of ~1e-16), and
+#: the same acquisitions must find the same cache; a change of 1e-9 in a
+#: direction moves a signal by far less than any tolerance here.
+KEY_DECIMALS = 9
+
+
+def _rounded_acquisitions(protocol):
+    """The protocol's b-values and directions as a cache key reads them:
+    rounded to :data:`KEY_DECIMALS`, negative zeros made positive."""
+    return tuple(
+        np.round(np.asarray(a, dtype=np.float64), KEY_DECIMALS) + 0.0
+        for a in (protocol.bvals, protocol.bvecs)
+    )
+
+
 def update_digest(digest, grid, protocol, **meta):
     """Feed everything a simulation of ``grid`` and ``protocol`` depends on.
 
     Updates the ``hashlib`` object ``digest`` with the grid's geometry, the
-    protocol's b-values, directions and waveforms, then ``meta`` (JSON, with
+    protocol's b-values and directions (to :data:`KEY_DECIMALS` decimals)
+    and waveforms, then ``meta`` (JSON, with
     the grid's size and wall). Cache keys of simulated results (the learned
     proposal, the label search's signals) are built on it.
 
@@ -576,7 +593,7 @@ def update_digest(digest, grid, protocol, **meta):
     hashlib hash object
         ``digest``, updated.
     """
-    for array in (grid.vertices, grid.tets, protocol.bvals, protocol.bvecs):
+    for array in (grid.vertices, grid.tets, *_rounded_acquisitions(protocol)):
         digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
     for waveform in protocol.waveforms:
         digest.update(repr(waveform).encode())

@@ -769,3 +769,33 @@ def test_a_noise_level_outside_the_training_range_is_warned(posterior_model):
         SpinverseModel(PROTOCOL, sigma=0.5 / high, **common)
     with pytest.warns(UserWarning, match="below the noise levels"):
         SpinverseModel(PROTOCOL, sigma=2.0 / low, **common)
+
+
+def test_a_gradient_table_of_the_same_acquisitions_finds_the_same_estimator():
+    """DIPY's gradient table renormalises its directions (changes of ~1e-16):
+    the HCP protocol built by the package and read back from its gradient
+    table keys one estimator (else a user retrains for an hour); a change of
+    1e-6 in a direction is another protocol."""
+    from dipy.core.gradients import gradient_table
+
+    from dipy_spinverse.posterior import default_training, estimator_key
+    from dipy_spinverse.reconst.gate import gradient_tables
+    from dipy_spinverse.sim.sequences import Protocol, hcp_protocol
+
+    protocol = hcp_protocol()
+    table = gradient_table(
+        protocol.bvals, bvecs=protocol.bvecs, small_delta=0.0106, big_delta=0.0431
+    )
+    read = gradient_tables(table)[1]
+    assert not np.array_equal(read.bvecs, protocol.bvecs)  # the renormalisation
+    prior = TissuePrior()
+    options = default_training(prior)
+    assert estimator_key(prior, read, options) == estimator_key(
+        prior, protocol, options
+    )
+    moved = read.bvecs.copy()
+    moved[3] = moved[3] + [1e-6, 0, 0]
+    other = Protocol(waveforms=read.waveforms, bvals=read.bvals, bvecs=moved)
+    assert estimator_key(prior, other, options) != estimator_key(
+        prior, protocol, options
+    )

@@ -69,8 +69,9 @@ def test_a_single_axon_realised_from_its_descriptors_gives_its_signal(model):
     settings differ from each other, no more: median RMS over six draws at
     most twice theirs plus 0.01 (the patch side's ladder, ~10 % a step), and
     below 0.1. The scatter itself is the prior grid's (measured medians
-    0.03 to the draw, 0.07 between realisations, single values up to 0.2: a gap under one grid spacing between
-    a cell and its periodic image, open or shut as the raster falls)."""
+    0.03 to the draw, 0.07 between realisations, single values up to 0.2:
+    a gap under one grid spacing between a cell and its periodic image, open
+    or shut as the raster falls)."""
     draws = _draws(model, 6, seed=11, n_cells=(1, 1))
     signals = model.prior.simulate_draws(draws)
     values = encode(_truth(draws))
