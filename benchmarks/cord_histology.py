@@ -69,11 +69,11 @@ import platform
 import time
 
 import numpy as np
-from dipy.core.gradients import gradient_table
 from dipy.segment.threshold import otsu
 from scipy import stats
 
 from dipy_spinverse.data import read_cat_spinal_cord
+from dipy_spinverse.io.datasets import thin_qspace
 from dipy_spinverse.posterior import TrainingOptions
 from dipy_spinverse.sim.limits import diameter_resolution_limit
 
@@ -105,37 +105,6 @@ def white_matter(dataset):
     return myelin >= threshold, float(threshold)
 
 
-def subset(dataset, every):
-    """Volumes the posterior fits: every b = 0, and every ``every``-th
-    gradient strength per timing and direction axis (sign folded)."""
-    protocol = dataset.protocol
-    keep = np.zeros(len(protocol), dtype=bool)
-    keep[dataset.gtab.b0s_mask] = True
-    # The direction axis, sign folded (g and -g give the same magnitude).
-    bvecs = np.round(protocol.bvecs, 3)
-    first = bvecs[np.arange(len(bvecs)), np.argmax(bvecs != 0, axis=1)]
-    axes = (np.where(first < 0, -1, 1)[:, None] * bvecs) @ np.array([1, 10, 100.0])
-    strength = protocol.gradient_strength
-    for _, rows in protocol.groups():
-        for axis in np.unique(axes[rows]):
-            weighted = rows[(axes[rows] == axis) & (protocol.bvals[rows] > 0)]
-            # One sign per strength: -g and g give the same magnitude.
-            _, first = np.unique(np.round(strength[weighted], 5), return_index=True)
-            chosen = weighted[np.sort(first)]
-            # From the strongest down, so that the q range is kept.
-            chosen = chosen[np.argsort(strength[chosen])[::-1]][::every]
-            keep[chosen] = True
-    rows = np.flatnonzero(keep)
-    gtab = gradient_table(
-        dataset.gtab.bvals[rows],
-        bvecs=dataset.gtab.bvecs[rows],
-        small_delta=np.asarray(dataset.gtab.small_delta)[rows],
-        big_delta=np.asarray(dataset.gtab.big_delta)[rows],
-        b0_threshold=0,
-    )
-    return rows, gtab
-
-
 def fit_compartments(name, dataset):
     from dipy_spinverse.compartments import ActiveAxModel, NoddiModel, ZcdModel
 
@@ -162,7 +131,7 @@ def fit_posterior(dataset, relative_sigma, every, cache_dir):
     from dipy_spinverse import SpinverseModel
     from dipy_spinverse.posterior import TissuePrior
 
-    rows, gtab = subset(dataset, every)
+    rows, gtab = thin_qspace(dataset, every)
     prior = TissuePrior(fibre_axis=(0, 0, 1), diffusivity=(0.3e-3, 3e-3))
     start = time.perf_counter()
     model = SpinverseModel(

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
 
@@ -28,12 +30,12 @@ def test_compare_tutorial_runs(tmp_path):
     assert "| two touching cells | permeability, cell 2 (m/s) |" in table
 
 
-def _run_cached(name, tmp_path):
+def _run_cached(name, tmp_path, timeout=300):
     """Run an example that trains a network: --quick, its cache in tmp_path."""
     script = os.path.join(EXAMPLES, name)
     out, cache = str(tmp_path), str(tmp_path / "cache")
     command = [sys.executable, script, "--quick", "--out", out, "--cache", cache]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
 
@@ -64,3 +66,19 @@ def test_white_matter_example_runs(tmp_path):
     assert "resolution limit (Nilsson et al. 2017)" in run.stdout
     for name in ("white_matter_hcp.png", "cell_diameter_ci90_width.nii.gz"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cat_spinal_cord_example_runs(tmp_path):
+    """The cord against histology (a tiny network on a strip of voxels: the
+    script's path, not its numbers); skipped without the dmipy 1.0.5 files."""
+    from dipy_spinverse.io.datasets import dmipy_data_folder
+
+    try:
+        dmipy_data_folder()
+    except FileNotFoundError:
+        pytest.skip("the dmipy 1.0.5 files are not here")
+    run = _run_cached("cat_spinal_cord.py", tmp_path, timeout=900)
+    assert "| posterior median | white matter" in run.stdout
+    assert "inside the posterior's 90 % interval" in run.stdout
+    assert (tmp_path / "cat_spinal_cord.png").stat().st_size > 0

@@ -42,6 +42,7 @@ __all__ = [
     "read_isbi2015",
     "dmipy_data_folder",
     "effective_diameter",
+    "thin_qspace",
     "DMIPY_VERSION",
 ]
 
@@ -275,6 +276,56 @@ def effective_diameter(mean, std):
     scale = std[spread] ** 2 / mean[spread]
     out[spread] = scale * ((k + 2) * (k + 3) * (k + 4) * (k + 5)) ** 0.25
     return out
+
+
+def thin_qspace(dataset, every):
+    """A q-space set thinned along its gradient strengths, for a posterior
+    whose training cost grows with the volumes.
+
+    Keeps every b = 0 volume and, per timing and direction axis (the sign of
+    a direction folded: -g and g attenuate alike), one volume per gradient
+    strength, every ``every``-th from the strongest down: the same timings
+    and q range, a smooth attenuation curve sampled fewer times.
+
+    Parameters
+    ----------
+    dataset : RealDataset
+        E.g. :func:`read_cat_spinal_cord`'s.
+    every : int
+        Keep one strength in ``every``.
+
+    Returns
+    -------
+    rows : ndarray of int
+        The volumes kept, in order.
+    gtab : dipy.core.gradients.GradientTable
+        Their gradient table (with timing).
+    """
+    protocol = dataset.protocol
+    keep = np.zeros(len(protocol), dtype=bool)
+    keep[dataset.gtab.b0s_mask] = True
+    bvecs = np.round(protocol.bvecs, 3)
+    first = bvecs[np.arange(len(bvecs)), np.argmax(bvecs != 0, axis=1)]
+    # One number per direction axis, its sign folded.
+    axes = (np.where(first < 0, -1, 1)[:, None] * bvecs) @ np.array([1, 10, 100.0])
+    strength = protocol.gradient_strength
+    for _, rows in protocol.groups():
+        for axis in np.unique(axes[rows]):
+            weighted = rows[(axes[rows] == axis) & (protocol.bvals[rows] > 0)]
+            _, first_of = np.unique(np.round(strength[weighted], 5), return_index=True)
+            chosen = weighted[np.sort(first_of)]
+            # From the strongest down, so that the q range is kept.
+            chosen = chosen[np.argsort(strength[chosen])[::-1]][::every]
+            keep[chosen] = True
+    rows = np.flatnonzero(keep)
+    gtab = gradient_table(
+        dataset.gtab.bvals[rows],
+        bvecs=dataset.gtab.bvecs[rows],
+        small_delta=np.asarray(dataset.gtab.small_delta)[rows],
+        big_delta=np.asarray(dataset.gtab.big_delta)[rows],
+        b0_threshold=0,
+    )
+    return rows, gtab
 
 
 def dmipy_data_folder(path=None):

@@ -90,3 +90,24 @@ def test_isbi2015(dmipy_data):
         assert (isbi.protocol.bvals[rows] == 0).any()
         assert np.ptp(isbi.echo_times[rows]) == 0
     assert 45_000 < isbi.protocol.bvals.max() < 46_000
+
+
+def test_a_thinned_axcaliber_set_keeps_timings_q_range_and_b0():
+    """Every b = 0, and per timing and direction axis every 5th strength
+    from the strongest down (one sign): the q range and the nine timings
+    stay, about a fifth of the volumes go to the posterior."""
+    from dipy_spinverse.io.datasets import thin_qspace
+
+    try:
+        cord = read_cat_spinal_cord()
+    except FileNotFoundError:
+        pytest.skip("the dmipy 1.0.5 files are not here")
+    rows, gtab = thin_qspace(cord, 5)
+    assert gtab.b0s_mask.sum() == cord.gtab.b0s_mask.sum() == 36
+    strength = cord.protocol.gradient_strength
+    for _, group in cord.protocol.groups():
+        kept = np.intersect1d(rows, group)
+        assert strength[kept].max() == strength[group].max()
+        assert 18 <= (cord.protocol.bvals[kept] > 0).sum() <= 22
+    assert 200 < len(rows) < 260
+    assert_allclose(gtab.bvals, cord.gtab.bvals[rows])
