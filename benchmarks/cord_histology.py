@@ -83,21 +83,6 @@ MODELS = ("activeax", "zcd", "noddi", "posterior")
 D_FIXED = 0.6e-3
 
 
-def noise_level(dataset):
-    """Per-voxel noise (data units) from the repeated b = 0 of each timing."""
-    data = dataset.data[dataset.mask]
-    b0 = dataset.gtab.b0s_mask
-    residuals, dof = [], 0
-    for _, rows in dataset.protocol.groups():
-        own = rows[b0[rows]]
-        residuals.append(data[:, own] - data[:, own].mean(-1, keepdims=True))
-        dof += len(own) - 1
-    residuals = np.concatenate(residuals, axis=1)
-    sigma = np.sqrt((residuals**2).sum(-1) / dof)
-    s0 = data[:, b0].mean(-1)
-    return sigma, s0
-
-
 def white_matter(dataset):
     """Voxels of the mask above Otsu's threshold of the myelin fraction."""
     myelin = dataset.histology["myelin_fraction"][dataset.mask]
@@ -277,7 +262,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     cord = read_cat_spinal_cord("2d", path=args.dmipy)
-    sigma, s0 = noise_level(cord)
+    sigma, levels = cord.repeated_b0_noise(cord.mask)
+    s0 = levels[:, cord.gtab.b0s_mask].mean(-1)
     snr = float(np.median(s0 / sigma))
     limit = diameter_resolution_limit(cord.protocol, snr=snr, diffusivity=D_FIXED)
     print(

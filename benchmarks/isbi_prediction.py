@@ -38,7 +38,6 @@ import platform
 import time
 
 import numpy as np
-from dipy.core.gradients import gradient_table
 
 from dipy_spinverse.compartments import (
     ActiveAxModel,
@@ -47,6 +46,7 @@ from dipy_spinverse.compartments import (
     ZcdModel,
 )
 from dipy_spinverse.data import read_isbi2015
+from dipy_spinverse.io.datasets import held_out_shells, subset_table
 
 MODELS = {
     "ActiveAx": lambda g: ActiveAxModel(g),
@@ -54,46 +54,6 @@ MODELS = {
     "NODDI": lambda g: NoddiModel(g),
     "Exchange": lambda g: ExchangeModel(g),
 }
-
-
-def split(dataset, held_out):
-    """Boolean mask of the held-out volumes: per timing, the middle or the
-    strongest gradient strength."""
-    protocol = dataset.protocol
-    strength = np.round(protocol.gradient_strength, 4)
-    test = np.zeros(len(protocol), dtype=bool)
-    for _, rows in protocol.groups():
-        levels = np.unique(strength[rows][strength[rows] > 0])
-        chosen = levels[len(levels) // 2] if held_out == "middle" else levels[-1]
-        test[rows[strength[rows] == chosen]] = True
-    return test
-
-
-def noise_and_levels(dataset):
-    """Per voxel: the noise (pooled b = 0 spread within each echo time) and
-    each volume's b = 0 level (the mean b = 0 of its timing)."""
-    data = dataset.data.reshape(-1, dataset.data.shape[-1])
-    b0 = dataset.gtab.b0s_mask
-    levels = np.empty_like(data)
-    residuals, dof = [], 0
-    for _, rows in dataset.protocol.groups():
-        own = rows[b0[rows]]
-        mean = data[:, own].mean(-1, keepdims=True)
-        levels[:, rows] = mean
-        residuals.append(data[:, own] - mean)
-        dof += len(own) - 1
-    residuals = np.concatenate(residuals, axis=1)
-    return np.sqrt((residuals**2).sum(-1) / dof), levels
-
-
-def table(gtab, rows):
-    return gradient_table(
-        gtab.bvals[rows],
-        bvecs=gtab.bvecs[rows],
-        small_delta=np.asarray(gtab.small_delta)[rows],
-        big_delta=np.asarray(gtab.big_delta)[rows],
-        b0_threshold=0,
-    )
 
 
 def main(argv=None):
@@ -108,9 +68,10 @@ def main(argv=None):
     isbi = read_isbi2015(path=args.dmipy)
     data = isbi.data.reshape(-1, isbi.data.shape[-1])
     region = isbi.histology["region"].ravel()
-    test = split(isbi, args.held_out)
-    sigma, levels = noise_and_levels(isbi)
-    train_table, test_table = table(isbi.gtab, ~test), table(isbi.gtab, test)
+    test = held_out_shells(isbi, args.held_out)
+    sigma, levels = isbi.repeated_b0_noise()
+    train_table = subset_table(isbi.gtab, ~test)
+    test_table = subset_table(isbi.gtab, test)
     print(
         f"{isbi.name}: {len(data)} voxels; fitted on {int((~test).sum())} "
         f"measurements, {int(test.sum())} held out ({args.held_out} gradient "

@@ -43,6 +43,8 @@ __all__ = [
     "dmipy_data_folder",
     "effective_diameter",
     "thin_qspace",
+    "held_out_shells",
+    "subset_table",
     "DMIPY_VERSION",
 ]
 
@@ -118,6 +120,96 @@ class RealDataset:
     histology: dict
     units: dict
     reference: str
+
+    def repeated_b0_noise(self, mask=None):
+        """Each voxel's noise from its repeated b = 0 volumes, and each
+        volume's b = 0 level.
+
+        Every timing (and echo time) of these sets repeats its b = 0 volume:
+        their spread about their own mean is noise, pooled over the timings
+        (a timing's own T2 weighting and drift are its mean, not noise).
+
+        Parameters
+        ----------
+        mask : ndarray of bool (X, Y, Z), optional
+            The voxels (default: every voxel).
+
+        Returns
+        -------
+        sigma : ndarray (n,)
+            The noise standard deviation per voxel, in the data's units.
+        levels : ndarray (n, N)
+            Each volume's b = 0 level: the mean b = 0 of its timing.
+        """
+        data = self.data.reshape(-1, self.data.shape[-1])
+        if mask is not None:
+            data = self.data[np.asarray(mask, dtype=bool)]
+        data = data.astype(np.float64)
+        b0 = np.asarray(self.gtab.b0s_mask)
+        levels = np.empty_like(data)
+        squares, dof = np.zeros(len(data)), 0
+        for _, rows in self.protocol.groups():
+            own = rows[b0[rows]]
+            mean = data[:, own].mean(-1, keepdims=True)
+            levels[:, rows] = mean
+            squares += ((data[:, own] - mean) ** 2).sum(-1)
+            dof += len(own) - 1
+        if dof < 1:
+            raise ValueError(
+                f"{self.name} repeats no b = 0 volume within a timing: its noise "
+                "cannot be measured from them; estimate it otherwise (e.g. "
+                "dipy.denoise.noise_estimate.estimate_sigma)."
+            )
+        return np.sqrt(squares / dof), levels
+
+
+def held_out_shells(dataset, held_out="middle"):
+    """The volumes the ISBI 2015 comparison holds out: per timing, its middle
+    (interpolation in q) or its strongest (extrapolation) gradient strength.
+
+    Parameters
+    ----------
+    dataset : RealDataset
+        E.g. :func:`read_isbi2015`'s.
+    held_out : {"middle", "strongest"}
+
+    Returns
+    -------
+    ndarray of bool (N,)
+        True where a volume is held out; every b = 0 is kept for the fit.
+    """
+    if held_out not in ("middle", "strongest"):
+        raise ValueError(f"held_out must be 'middle' or 'strongest', got {held_out!r}.")
+    protocol = dataset.protocol
+    strength = np.round(protocol.gradient_strength, 4)
+    test = np.zeros(len(protocol), dtype=bool)
+    for _, rows in protocol.groups():
+        levels = np.unique(strength[rows][strength[rows] > 0])
+        chosen = levels[len(levels) // 2] if held_out == "middle" else levels[-1]
+        test[rows[strength[rows] == chosen]] = True
+    return test
+
+
+def subset_table(gtab, rows):
+    """The gradient table (with timing) of the volumes ``rows`` of ``gtab``.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable
+    rows : array_like of int or bool
+        The volumes kept.
+
+    Returns
+    -------
+    dipy.core.gradients.GradientTable
+    """
+    return gradient_table(
+        gtab.bvals[rows],
+        bvecs=gtab.bvecs[rows],
+        small_delta=np.asarray(gtab.small_delta)[rows],
+        big_delta=np.asarray(gtab.big_delta)[rows],
+        b0_threshold=0,
+    )
 
 
 def read_cat_spinal_cord(acquisition="2d", *, path=None):
@@ -318,14 +410,7 @@ def thin_qspace(dataset, every):
             chosen = chosen[np.argsort(strength[chosen])[::-1]][::every]
             keep[chosen] = True
     rows = np.flatnonzero(keep)
-    gtab = gradient_table(
-        dataset.gtab.bvals[rows],
-        bvecs=dataset.gtab.bvecs[rows],
-        small_delta=np.asarray(dataset.gtab.small_delta)[rows],
-        big_delta=np.asarray(dataset.gtab.big_delta)[rows],
-        b0_threshold=0,
-    )
-    return rows, gtab
+    return rows, subset_table(dataset.gtab, rows)
 
 
 def dmipy_data_folder(path=None):

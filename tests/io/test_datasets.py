@@ -111,3 +111,45 @@ def test_a_thinned_axcaliber_set_keeps_timings_q_range_and_b0():
         assert 18 <= (cord.protocol.bvals[kept] > 0).sum() <= 22
     assert 200 < len(rows) < 260
     assert_allclose(gtab.bvals, cord.gtab.bvals[rows])
+
+
+def test_the_cord_noise_comes_from_the_repeated_b0():
+    """Each voxel's noise from the repeated b = 0 volumes of each timing
+    (SNR a few hundred on the cord)."""
+    try:
+        cord = read_cat_spinal_cord()
+    except FileNotFoundError:
+        pytest.skip("the dmipy 1.0.5 files are not here")
+    sigma, levels = cord.repeated_b0_noise(cord.mask)
+    assert sigma.shape == (968,) and levels.shape == (968, len(cord.protocol))
+    snr = levels[:, cord.gtab.b0s_mask].mean(-1) / sigma
+    assert 100 < np.median(snr) < 1000
+
+
+@pytest.mark.parametrize("held_out", ["middle", "strongest"])
+def test_the_isbi_split_holds_out_one_strength_per_timing(held_out):
+    """Per timing, its middle (or strongest) gradient strength is held out;
+    every b = 0 stays in the fit, and each voxel's noise comes from its
+    b = 0 spread within each echo time."""
+    from dipy_spinverse.io.datasets import held_out_shells, subset_table
+
+    try:
+        isbi = read_isbi2015()
+    except FileNotFoundError:
+        pytest.skip("the dmipy 1.0.5 files are not here")
+    test = held_out_shells(isbi, held_out)
+    assert not (test & isbi.gtab.b0s_mask).any()
+    strength = np.round(isbi.protocol.gradient_strength, 4)
+    for _, rows in isbi.protocol.groups():
+        held = np.unique(strength[rows][test[rows]])
+        weighted = np.unique(strength[rows][strength[rows] > 0])
+        assert len(held) == 1
+        expected = weighted[-1] if held_out == "strongest" else weighted[1]
+        assert held[0] == expected
+    assert len(subset_table(isbi.gtab, test).bvals) == test.sum()
+    sigma, levels = isbi.repeated_b0_noise()
+    assert sigma.shape == (12,) and levels.shape == isbi.data.reshape(12, -1).shape
+    snr = levels[:, isbi.gtab.b0s_mask].mean(-1) / sigma
+    assert np.all((5 < snr) & (snr < 200))
+    with pytest.raises(ValueError, match="held_out must be"):
+        held_out_shells(isbi, "weakest")
