@@ -31,7 +31,6 @@ _SLOW = {
     "mesh_size",
     "posterior_peers",
     "posterior_training_time",
-    "proposal_training",
     "protocols",
     "surface_check",
     "tissue_maps",
