@@ -25,8 +25,6 @@ _SLOW = {
     "cord_histology",
     "generalisation",
     "isbi_prediction",
-    "mesh_experiments",
-    "mesh_size",
     "posterior_peers",
     "posterior_training_time",
     "protocols",
