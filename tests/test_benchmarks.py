@@ -26,7 +26,6 @@ _SLOW = {
     "generalisation",
     "isbi_prediction",
     "posterior_peers",
-    "posterior_training_time",
     "protocols",
     "surface_check",
     "tissue_maps",
