@@ -168,18 +168,7 @@ def test_rows_file_resumes_and_refuses_other_settings(bench, tmp_path):
     """--rows: voxels appended per batch are read back as they were scored
     (infinite Chamfer and NaN chi-square included), voxels beyond --n are
     left out, and rows of other settings for the same physics are refused."""
-    args = bench.argparse.Namespace(
-        seed=7,
-        starts="dictionary",
-        ranking="lazy",
-        restarts=1,
-        kicks=0,
-        bootstrap=0,
-        search_batch=0,
-        batch=8,
-        proposal=4000,
-        approximation=0,
-    )
+    args = bench.argparse.Namespace(seed=7, batch=8, approximation=0)
     key = bench._settings("paper", args)
     path = str(tmp_path / "rows.jsonl")
     assert bench._stored_rows(path, key, 10) == {}  # no file yet
@@ -205,7 +194,7 @@ def test_rows_file_resumes_and_refuses_other_settings(bench, tmp_path):
     assert back[1]["chamfer"] == np.inf and np.isnan(back[1]["chi2_gap"])
     other = bench._settings("snr100", args)  # another physics: ignored
     assert bench._stored_rows(path, other, 10) == {}
-    args.restarts = 8
+    args.seed = 8
     with pytest.raises(SystemExit, match="give another file"):
         bench._stored_rows(path, bench._settings("paper", args), 10)
 
