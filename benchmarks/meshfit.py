@@ -7,7 +7,7 @@ gradient time of :func:`dipy_spinverse.meshfit.mesh_signal` on a ball mesh
 of about 5,000 tetrahedra with the 540-acquisition published protocol
 (target <= 2 s on 2 cores), with the eigenbasis time apart, at the
 published eigenmode length scale (2 um) and at 1 um. Nothing is drawn at
-random; ``--seed`` seeds numpy's and torch's global generators all the same.
+random; ``--seed`` seeds torch's global generator all the same.
 
     OMP_NUM_THREADS=1 python benchmarks/meshfit.py --repeats 3
 """
@@ -48,7 +48,6 @@ def main(argv=None):
         "--quick", action="store_true", help="one coarse mesh, once (a smoke test)"
     )
     args = parser.parse_args(argv)
-    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     sizes = ((5, 2.0), (5, 1.0))
     if args.quick:
