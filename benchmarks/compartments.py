@@ -23,8 +23,6 @@ and median absolute errors of the main parameters are printed as markdown;
     --amico     AMICO's NODDI (pip package dmri-amico, the ``benchmark``
                 extra; skipped when absent) on the same voxels as ours at 1,
                 2 and 3 fibres
-    --learned-crossings  learned 2-fibre NODDI on 45-90 degree crossings,
-                both protocols
 
     PYTHONPATH=. python benchmarks/compartments.py --write-doc
 """
@@ -60,13 +58,9 @@ from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere  # noqa: E40
 SNR = 50.0
 S0 = 100.0
 DOC = Path(__file__).resolve().parents[1] / "doc" / "validation" / "compartments.md"
-MARK_START = "<!-- benchmark:start -->"
-MARK_END = "<!-- benchmark:end -->"
 
 
-# --------------------------------------------------------------------------
 # Protocols
-# --------------------------------------------------------------------------
 def shells(timings, n_dirs=30, n_b0=3):
     """Per-volume timing: for each (delta, Delta, shells) n_b0 b0s + shells."""
     dirs = fibonacci_sphere(n_dirs)
@@ -130,9 +124,7 @@ def describe(gtab):
     return ", ".join(parts)
 
 
-# --------------------------------------------------------------------------
 # Cases: model, true parameters, errors to report
-# --------------------------------------------------------------------------
 def unit(rng, n):
     v = rng.standard_normal((n, 3))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -304,9 +296,7 @@ def cases(quick):
     ], scale
 
 
-# --------------------------------------------------------------------------
 # Run
-# --------------------------------------------------------------------------
 def simulate(model, params):
     """Noiseless signals of the true parameters. NODDI's are computed with
     the exact Watson kernels: the table the fit uses by default is its
@@ -395,9 +385,7 @@ def header(threads, noise=OWN_NOISE):
     )
 
 
-# --------------------------------------------------------------------------
 # Learned estimators beside the fitted ones
-# --------------------------------------------------------------------------
 # Voxels per second of a learned estimator are measured on at least this many
 # voxels (the case's voxels repeated): one network pass has a fixed cost.
 LEARNED_SPEED_VOXELS = 20000
@@ -474,9 +462,7 @@ def run_learned(quick, cache, seed):
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------
 # Fibre count per voxel
-# --------------------------------------------------------------------------
 MIN_CROSSING_DEG = 45.0
 
 
@@ -630,57 +616,6 @@ def run_fibres(quick, protocol, seeds, seed):
     return "\n".join(lines)
 
 
-def run_learned_crossings(quick, cache, seed=2):
-    """Learned 2-fibre NODDI (default options, polish 0 and 1) against the
-    fit on crossings the benchmark's learned table does not hold: 45-90
-    degrees (not only 90), on both protocols, SNR 50."""
-    m = 25 if quick else 100
-    lines = [
-        f"Two fibres at SNR 50, crossings 45-90 degrees, {m} voxels, seed {seed}:",
-        "",
-        "| protocol | estimator | voxels/s | median abs. error (ratio to the fit) |",
-        "|:---|:---|---:|:---|",
-    ]
-    for protocol, gtab in (("noddi", protocols()["noddi"]), ("hcp", hcp_like())):
-        rng = np.random.default_rng(seed)
-        data, params, dirs = crossing_voxels(gtab, np.full(m, 2), rng, SNR)
-
-        def errors(fit, params=params, dirs=dirs):
-            # Each true fibre against the fitted one matched to it one to one.
-            angle, pick = match_fibres(fit.direction.reshape(m, 2, 3), dirs[:, :2])
-            odi = np.take_along_axis(fit.odi.reshape(m, 2), pick, 1)
-            true_odi = params[:, [4, 10]]
-            return {
-                "odi": np.abs(odi - true_odi).mean(1),
-                "fiso": np.abs(fit.fiso - params[:, 1]),
-                "angle (deg)": angle.mean(1),
-            }
-
-        rows = [("fit", NoddiModel(gtab, n_fibres=2))]
-        for polish in (0, 1):
-            learned = learned_twin(rows[0][1], cache, polish)
-            learned.regressor  # noqa: B018 (trains, or loads from the cache)
-            rows.append((f"learned, polish {polish}", learned))
-        fitted = None
-        for label, model in rows:
-            start = time.perf_counter()
-            fit = model.fit(data)
-            wall = time.perf_counter() - start
-            if label != "fit":
-                big = np.tile(data, (max(1, -(-LEARNED_SPEED_VOXELS // m)), 1))
-                start = time.perf_counter()
-                model.fit(big)
-                wall = (time.perf_counter() - start) * m / big.shape[0]
-            got = {k: float(np.median(v)) for k, v in errors(fit).items()}
-            fitted = fitted or got
-            errs = ", ".join(
-                f"{k} {got[k]:.3g} ({ratio(got[k], fitted[k])})" for k in got
-            )
-            lines.append(f"| {protocol} | {label} | {m / wall:.0f} | {errs} |")
-            print(lines[-1], flush=True)
-    return "\n".join(lines)
-
-
 def axon_crossing_voxels(model, counts, rng, snr):
     """Noisy ActiveAx or ZCD voxels in ``model``'s per-fibre layout: weights
     Dirichlet(5) sorted, diameters 2-10 um, intra-axonal fraction of each
@@ -771,9 +706,7 @@ def run_axon_fibres(quick, seeds=(1,)):
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------
 # AMICO's NODDI on the same voxels
-# --------------------------------------------------------------------------
 class _Maps:
     """Attribute view of AMICO's maps for the cases' error functions."""
 
@@ -1004,11 +937,6 @@ def main(argv=None):
     )
     parser.add_argument("--amico", action="store_true", help="AMICO's NODDI")
     parser.add_argument(
-        "--learned-crossings",
-        action="store_true",
-        help="learned 2-fibre NODDI on 45-90 degree crossings, both protocols",
-    )
-    parser.add_argument(
         "--cache", default=None, help="cache folder of the learned estimators"
     )
     args = parser.parse_args(argv)
@@ -1032,8 +960,6 @@ def main(argv=None):
         add("fibres" + ("" if protocol == "noddi" else f"-{protocol}"), text)
     if args.axon_fibres:
         add("axon-fibres", run_axon_fibres(args.quick, args.fibre_seed))
-    if args.learned_crossings:
-        add("learned-crossings", run_learned_crossings(args.quick, args.cache))
     if args.amico:
         text = run_amico(args.quick, args.threads, args.seed)
         if text is None:
