@@ -4,28 +4,19 @@
 
 Benchmark the forward model: time and memory of ``simulate`` and its gradient.
 
-For the published configuration (``TetGrid.bcc(80 / 3, 4)``, 576 cells, and
-the 540 acquisitions of ``published_protocol()``) and for grids with about 4x,
-16x and 64x more cells at the same lattice spacing (20/3 um, so the physical
-resolution is unchanged and the voxel grows), this measures
+For the published configuration (``TetGrid.bcc(80 / 3, 4)``, 576 cells, the
+540 acquisitions of ``published_protocol()``) and for grids of about 4x,
+16x and 64x more cells at the same lattice spacing, this measures the
+forward time of ``simulate``, the forward + gradient time
+(``simulate(...).sum().backward()`` with respect to the permeabilities,
+drawn from ``--seed``), the peak memory of each and the time per cell per
+acquisition (flat if the cost is linear). Each configuration runs in a
+fresh subprocess (this script with ``--single``), so that its peak memory
+can be read from the operating system. The table is printed as markdown
+and, with ``--write-doc``, written to
+``doc/validation/benchmarks_forward.md`` (its hand-written sections kept)::
 
-* the forward time of ``simulate`` (a permeability tensor without grad),
-* the forward + gradient time (``simulate(...).sum().backward()`` with respect
-  to a permeability tensor that requires grad),
-* the peak memory of each, and
-* the time per cell per acquisition, which stays flat if the cost is linear.
-
-Each configuration runs in a fresh subprocess (this script with
-``--single``) so that its peak memory can be read from the operating system
-without the other configurations' allocations. Run from the repository root::
-
-    PYTHONPATH=. python benchmarks/forward.py            # all sizes
-    PYTHONPATH=. python benchmarks/forward.py --quick    # 576 cells only
     PYTHONPATH=. python benchmarks/forward.py --write-doc
-
-The table is printed as markdown and, with ``--write-doc``, written to
-``doc/validation/benchmarks_forward.md`` (its hand-written sections kept).
-``--seed`` draws the faces' permeabilities.
 """
 
 import argparse
