@@ -1,10 +1,11 @@
-"""The benchmark suite: every script names its validation page and has a
-``--quick`` smoke run (run here; the long ones with ``-m slow``), and the
-helpers of the scripts that score, split or write."""
+"""The benchmark suite: every script names its validation page, takes
+``--seed`` and has a ``--quick`` smoke run (run here; the long ones with
+``-m slow``), and the helpers of the scripts that score, split or write."""
 
 import importlib.util
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -55,7 +56,8 @@ def _load_benchmark(name, monkeypatch=None):
 
 def test_every_script_names_its_page_and_the_index_lists_it():
     """Each script's docstring opens with the validation page whose tables
-    it regenerates, the page exists, and benchmarks/README.md lists it."""
+    it regenerates, the page exists, benchmarks/README.md lists it, and it
+    takes --quick and an explicit --seed."""
     index = (_PATH.parent / "README.md").read_text()
     for name in _SCRIPTS:
         text = (_PATH.parent / f"{name}.py").read_text()
@@ -65,6 +67,9 @@ def test_every_script_names_its_page_and_the_index_lists_it():
         assert (_ROOT / page).exists(), (name, page)
         assert f"`{name}.py` | `{pathlib.Path(page).name}`" in index, name
         assert '"--quick"' in text, name
+        assert '"--seed"' in text, name
+    listed = re.findall(r"^\| `(\w+)\.py` \|", index, flags=re.MULTILINE)
+    assert sorted(listed) == _SCRIPTS  # one row per script, none of a dropped one
 
 
 def _quick_params():
