@@ -2,39 +2,29 @@
 
 ``--quick``: a quarter of the voxels of each table (-m slow).
 
-Benchmark the compartment models: fitting speed and parameter recovery.
+The compartment models' fitting speed and parameter recovery. For each
+model, voxels with known parameters are simulated on a fixed protocol,
+Rician noise at SNR 50 is added (``--seed``), all are fitted in one
+``model.fit`` call on ``--threads`` torch threads and the voxels per second
+and median absolute errors of the main parameters are printed as markdown;
+``--write-doc`` replaces the block of each section in the page (between its
+``<!-- name:start -->`` and ``<!-- name:end -->`` markers). Sections:
 
-For each model, simulate voxels with known parameters on a fixed protocol, add
-Rician noise at SNR 50 (seed 0), fit them all in one ``model.fit`` call on
-``--threads`` torch threads (2 by default) and report voxels per second and
-the median absolute error of the main parameters. Run from the repository
-root::
-
-    PYTHONPATH=. python benchmarks/compartments.py            # all models
-    PYTHONPATH=. python benchmarks/compartments.py --quick    # fewer voxels
-    PYTHONPATH=. python benchmarks/compartments.py --write-doc
-
-The table is printed as markdown; ``--write-doc`` also replaces the block
-between the benchmark markers in ``doc/validation/compartments.md``. Further sections,
-each with its own block in the doc:
-
-    --learned   fit_method="learned" beside the fitted estimates (training
-                time, voxels per second, errors and their ratio)
+    (default)   the main table (``--no-fits`` skips it)
+    --learned   fit_method="learned" beside the fitted estimates, polished
+                by 0, 1 and 2 iterations (training time, voxels per second,
+                errors and their ratio)
     --fibres    fibre count per voxel (fibres="auto") at SNR 30, 0-3 fibres
-                crossing at >= 45 degrees; 2-fibre angle errors at SNR 50
-                (NODDI; --fibre-protocol hcp: 90 directions per shell,
-                multishell: also b = 5000;
-                --fibre-seed: the voxels' seeds, pooled, 1 2 3 by default
-                because the count rule was tuned on seed 0)
+                crossing at >= 45 degrees, ``--fibre-seed`` voxels pooled;
+                2-fibre angle errors at SNR 50 (NODDI; ``--fibre-protocol``
+                hcp: 90 directions per shell, multishell: also b = 5000)
     --axon-fibres  the same for ActiveAx (0-3 fibres) and ZCD (1-3) on the
                 axon protocol, and their 2-fibre errors at SNR 50
     --amico     AMICO's NODDI (pip package dmri-amico, the ``benchmark``
                 extra; skipped when absent) on the same voxels as ours at 1,
                 2 and 3 fibres
-    --learned-crossings  learned 2-fibre NODDI on 45-90 degree crossings,
-                both protocols
-    --learned-geometries  learned 3-fibre NODDI on seven configurations of
-                three fibres (perpendicular, tilted, uniform, coplanar)
+
+    PYTHONPATH=. python benchmarks/compartments.py --write-doc
 """
 
 import argparse
@@ -54,7 +44,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from dipy.core.gradients import gradient_table  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
-from scipy.spatial.transform import Rotation  # noqa: E402
 
 import dipy_spinverse  # noqa: E402
 from dipy_spinverse.compartments import (  # noqa: E402
@@ -68,15 +57,10 @@ from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere  # noqa: E40
 
 SNR = 50.0
 S0 = 100.0
-SEED = 0
 DOC = Path(__file__).resolve().parents[1] / "doc" / "validation" / "compartments.md"
-MARK_START = "<!-- benchmark:start -->"
-MARK_END = "<!-- benchmark:end -->"
 
 
-# --------------------------------------------------------------------------
 # Protocols
-# --------------------------------------------------------------------------
 def shells(timings, n_dirs=30, n_b0=3):
     """Per-volume timing: for each (delta, Delta, shells) n_b0 b0s + shells."""
     dirs = fibonacci_sphere(n_dirs)
@@ -140,9 +124,7 @@ def describe(gtab):
     return ", ".join(parts)
 
 
-# --------------------------------------------------------------------------
 # Cases: model, true parameters, errors to report
-# --------------------------------------------------------------------------
 def unit(rng, n):
     v = rng.standard_normal((n, 3))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -172,20 +154,17 @@ def match_fibres(got, true):
     return np.take_along_axis(angles, index[..., None], -1)[..., 0], index
 
 
-def noddi_case(gtab, n, rng, n_fibres=1, directions=None):
+def noddi_case(gtab, n, rng, n_fibres=1):
     """NODDI voxels: weights Dirichlet(5) sorted, ODI 0.05-0.6 (one fibre)
     or 0.05-0.25, NDI 0.3-0.8, fiso 0-0.3; the fibres mutually perpendicular
-    (90-degree crossings) unless ``directions`` (n, n_fibres, 3) are given."""
+    (90-degree crossings)."""
     model = NoddiModel(gtab, n_fibres=n_fibres)
-    if directions is not None:
-        mus = list(np.swapaxes(directions, 0, 1))
-    else:
-        mus = [unit(rng, n)]
-        if n_fibres > 1:
-            v = np.cross(mus[0], unit(rng, n))
-            mus.append(v / np.linalg.norm(v, axis=1, keepdims=True))
-        if n_fibres > 2:
-            mus.append(np.cross(mus[0], mus[1]))
+    mus = [unit(rng, n)]
+    if n_fibres > 1:
+        v = np.cross(mus[0], unit(rng, n))
+        mus.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+    if n_fibres > 2:
+        mus.append(np.cross(mus[0], mus[1]))
     w = -np.sort(-rng.dirichlet(np.full(n_fibres, 5.0), n), axis=1)
     odi = rng.uniform(0.05, 0.6 if n_fibres == 1 else 0.25, (n, n_fibres))
     ndi = rng.uniform(0.3, 0.8, (n, n_fibres))
@@ -317,9 +296,7 @@ def cases(quick):
     ], scale
 
 
-# --------------------------------------------------------------------------
 # Run
-# --------------------------------------------------------------------------
 def simulate(model, params):
     """Noiseless signals of the true parameters. NODDI's are computed with
     the exact Watson kernels: the table the fit uses by default is its
@@ -337,17 +314,21 @@ def rician(signal, rng):
     return np.abs(signal + noise)
 
 
-def run(quick, models=None):
+def noisy_cases(quick, seed):
+    """Per case of :func:`cases`: its name, protocol, voxels, model, noisy
+    signals (from ``seed``) and error function."""
     gtabs = protocols()
-    rows = []
     specs, scale = cases(quick)
     for name, proto, make, n in specs:
-        if models and name not in models:
-            continue
         n = max(8, int(n * scale))
-        rng = np.random.default_rng(SEED)
+        rng = np.random.default_rng(seed)
         model, params, errors = make(gtabs[proto], n, rng)
-        data = rician(simulate(model, params), rng)
+        yield name, proto, n, model, rician(simulate(model, params), rng), errors
+
+
+def run(quick, seed):
+    rows = []
+    for name, proto, n, model, data, errors in noisy_cases(quick, seed):
         start_cpu, start = time.process_time(), time.perf_counter()
         fit = model.fit(data)
         wall = time.perf_counter() - start
@@ -355,7 +336,7 @@ def run(quick, models=None):
         medians = {k: float(np.median(v)) for k, v in errors(fit).items()}
         rows.append((name, proto, n, wall, cpu, medians))
         print(f"{name}: {n} voxels in {wall:.2f} s ({n / wall:.1f} vox/s)", flush=True)
-    return gtabs, rows
+    return protocols(), rows
 
 
 def table(gtabs, rows):
@@ -378,12 +359,15 @@ def table(gtabs, rows):
     return "\n".join(lines)
 
 
-#: The header's noise line of the blocks drawn at SNR 50 from ``SEED``.
-MAIN_NOISE = (
-    f"Rician noise at SNR {SNR:g} (sigma = S0 / {SNR:g}), seed {SEED}; default "
-    "model options; one model.fit call per row"
-)
-#: ... and of the blocks whose tables state their own noise and seeds.
+def main_noise(seed, calls="one model.fit call per row"):
+    """The header's noise line of the blocks drawn at SNR 50 from ``seed``."""
+    return (
+        f"Rician noise at SNR {SNR:g} (sigma = S0 / {SNR:g}), seed {seed}; "
+        f"default model options; {calls}"
+    )
+
+
+#: The header's noise line of the blocks whose tables state their own.
 OWN_NOISE = "noise level, seeds and voxels: as each table below states"
 
 
@@ -401,9 +385,7 @@ def header(threads, noise=OWN_NOISE):
     )
 
 
-# --------------------------------------------------------------------------
 # Learned estimators beside the fitted ones
-# --------------------------------------------------------------------------
 # Voxels per second of a learned estimator are measured on at least this many
 # voxels (the case's voxels repeated): one network pass has a fixed cost.
 LEARNED_SPEED_VOXELS = 20000
@@ -412,6 +394,9 @@ LEARNED_SPEED_VOXELS = 20000
 # cores; the smaller budget of the first version (50,000 x 10) cost 2x in
 # diameter errors.
 LEARNED_OPTIONS = {"n_train": 100_000, "epochs": 30}
+#: The --learned rows: the network alone, then polished by 1 and 2
+#: Levenberg-Marquardt iterations.
+POLISHES = (0, 1, 2)
 
 
 def ratio(a, b):
@@ -433,21 +418,13 @@ def learned_twin(model, cache, polish=0):
     )
 
 
-def run_learned(quick, cache, polishes=(0,), models=None):
-    gtabs = protocols()
+def run_learned(quick, cache, seed):
     rows = []
-    specs, scale = cases(quick)
-    for name, proto, make, n in specs:
-        if models and name not in models:
-            continue
-        n = max(8, int(n * scale))
-        rng = np.random.default_rng(SEED)
-        model, params, errors = make(gtabs[proto], n, rng)
-        data = rician(simulate(model, params), rng)
+    for name, _, n, model, data, errors in noisy_cases(quick, seed):
         fitted = {k: float(np.median(v)) for k, v in errors(model.fit(data)).items()}
         reps = max(1, -(-LEARNED_SPEED_VOXELS // n))
         big = np.tile(data, (reps, 1))
-        for polish in polishes:
+        for polish in POLISHES:
             learned = learned_twin(model, cache, polish)
             start = time.perf_counter()
             learned.regressor  # noqa: B018 (trains, or loads from the cache)
@@ -485,9 +462,7 @@ def run_learned(quick, cache, polishes=(0,), models=None):
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------
 # Fibre count per voxel
-# --------------------------------------------------------------------------
 MIN_CROSSING_DEG = 45.0
 
 
@@ -591,7 +566,7 @@ def pooled_counts(label, gtab, make_model, draw, counts, seeds):
     return lines
 
 
-def run_fibres(quick, protocol="noddi", seeds=(1,)):
+def run_fibres(quick, protocol, seeds, seed):
     gtab = fibre_protocol(protocol)
     n = 40 if quick else 200
     lines = pooled_counts(
@@ -605,11 +580,11 @@ def run_fibres(quick, protocol="noddi", seeds=(1,)):
     if protocol != "noddi":
         return "\n".join(lines)
     # Two fibres at SNR 50, crossings 45-90 degrees: fixed n_fibres=2 and
-    # the count map. Their own seed (not --fibre-seed, which is the count
-    # rule's): the CSD response needs a voxel of FA > 0.7 among these
-    # crossings, which seed 1 has.
+    # the count map. Their own seed, --seed + 1 (not --fibre-seed, which is
+    # the count rule's): the CSD response needs a voxel of FA > 0.7 among
+    # these crossings, which seed 1 has.
     m = 20 if quick else 100
-    rng = np.random.default_rng(SEED + 1)
+    rng = np.random.default_rng(seed + 1)
     two = np.full(m, 2)
     data, params, dirs = crossing_voxels(gtab, two, rng, SNR)
     crossing = angle_deg(dirs[:, 0], dirs[:, 1])
@@ -638,141 +613,6 @@ def run_fibres(quick, protocol="noddi", seeds=(1,)):
             f"| {label} | {np.median(err):.2f} | {np.percentile(err, 90):.2f} "
             f"| {m / wall:.1f} |"
         )
-    return "\n".join(lines)
-
-
-def run_learned_crossings(quick, cache, seed=2):
-    """Learned 2-fibre NODDI (default options, polish 0 and 1) against the
-    fit on crossings the benchmark's learned table does not hold: 45-90
-    degrees (not only 90), on both protocols, SNR 50."""
-    m = 25 if quick else 100
-    lines = [
-        f"Two fibres at SNR 50, crossings 45-90 degrees, {m} voxels, seed {seed}:",
-        "",
-        "| protocol | estimator | voxels/s | median abs. error (ratio to the fit) |",
-        "|:---|:---|---:|:---|",
-    ]
-    for protocol, gtab in (("noddi", protocols()["noddi"]), ("hcp", hcp_like())):
-        rng = np.random.default_rng(seed)
-        data, params, dirs = crossing_voxels(gtab, np.full(m, 2), rng, SNR)
-
-        def errors(fit, params=params, dirs=dirs):
-            # Each true fibre against the fitted one matched to it one to one.
-            angle, pick = match_fibres(fit.direction.reshape(m, 2, 3), dirs[:, :2])
-            odi = np.take_along_axis(fit.odi.reshape(m, 2), pick, 1)
-            true_odi = params[:, [4, 10]]
-            return {
-                "odi": np.abs(odi - true_odi).mean(1),
-                "fiso": np.abs(fit.fiso - params[:, 1]),
-                "angle (deg)": angle.mean(1),
-            }
-
-        rows = [("fit", NoddiModel(gtab, n_fibres=2))]
-        for polish in (0, 1):
-            learned = learned_twin(rows[0][1], cache, polish)
-            learned.regressor  # noqa: B018 (trains, or loads from the cache)
-            rows.append((f"learned, polish {polish}", learned))
-        fitted = None
-        for label, model in rows:
-            start = time.perf_counter()
-            fit = model.fit(data)
-            wall = time.perf_counter() - start
-            if label != "fit":
-                big = np.tile(data, (max(1, -(-LEARNED_SPEED_VOXELS // m)), 1))
-                start = time.perf_counter()
-                model.fit(big)
-                wall = (time.perf_counter() - start) * m / big.shape[0]
-            got = {k: float(np.median(v)) for k, v in errors(fit).items()}
-            fitted = fitted or got
-            errs = ", ".join(
-                f"{k} {got[k]:.3g} ({ratio(got[k], fitted[k])})" for k in got
-            )
-            lines.append(f"| {protocol} | {label} | {m / wall:.0f} | {errs} |")
-            print(lines[-1], flush=True)
-    return "\n".join(lines)
-
-
-def _in_plane(*degrees):
-    """Unit vectors (k, 3) in the xy plane at the given angles from x."""
-    a = np.radians(degrees)
-    return np.stack([np.cos(a), np.sin(a), np.zeros_like(a)], axis=1)
-
-
-def _tilted(axes, degrees, rng):
-    """Each of ``axes`` (n, k, 3) tilted by ``degrees`` towards a random
-    perpendicular direction."""
-    towards = rng.standard_normal(axes.shape)
-    towards -= np.sum(towards * axes, -1, keepdims=True) * axes
-    towards /= np.linalg.norm(towards, axis=-1, keepdims=True)
-    t = np.radians(degrees)
-    return np.cos(t) * axes + np.sin(t) * towards
-
-
-# Three-fibre configurations of the learned-geometries table: a fixed
-# configuration turned by a uniformly random rotation, or uniform directions
-# with every pair at least so far apart.
-GEOMETRIES = {
-    "mutually perpendicular": np.eye(3),
-    "perpendicular frame, each axis tilted by 15 degrees": "tilt15",
-    "uniform, pairwise >= 60 degrees": 60.0,
-    "uniform, pairwise >= 45 degrees": 45.0,
-    "uniform, pairwise >= 30 degrees": 30.0,
-    "coplanar, 60 degrees apart": _in_plane(0, 60, 120),
-    "coplanar, 0 / 45 / 90 degrees": _in_plane(0, 45, 90),
-}
-
-
-def geometry_directions(kind, rng, n):
-    """(n, 3, 3) fibre directions of one ``GEOMETRIES`` entry."""
-    if isinstance(kind, float):
-        return separated_directions(rng, n, 3, kind)
-    turns = Rotation.random(n, random_state=rng).as_matrix()
-    if isinstance(kind, str):  # "tilt15"
-        return _tilted(np.einsum("nij,kj->nki", turns, np.eye(3)), 15.0, rng)
-    return np.einsum("nij,kj->nki", turns, kind)
-
-
-def run_learned_geometries(quick, cache, seed=11):
-    """Learned 3-fibre NODDI (default options, network alone) against the
-    fit on seven configurations of three fibres, SNR 50, the voxels of
-    :func:`noddi_case` otherwise. Median direction error
-    (each true fibre to its closest fitted one) and ODI error of the fibres
-    so matched."""
-    m = 50 if quick else 200
-    gtab = protocols()["noddi"]
-    fit_model = NoddiModel(gtab, n_fibres=3)
-    learned = learned_twin(fit_model, cache, 0)
-    learned.regressor  # noqa: B018 (trains, or loads from the cache)
-    lines = [
-        f"Three fibres at SNR 50, {m} voxels per geometry, seed {seed}; "
-        "median direction error (deg) / median ODI error:",
-        "",
-        "| geometry | fit | learned | learned / fit |",
-        "|:---|---:|---:|:---|",
-    ]
-    for name, kind in GEOMETRIES.items():
-        rng = np.random.default_rng(seed)
-        mus = geometry_directions(kind, rng, m)
-        _, params, _ = noddi_case(gtab, m, rng, 3, directions=mus)
-        odi = params[:, [fit_model.param_names.index(f"odi_{k}") for k in range(3)]]
-        data = rician(simulate(fit_model, params), rng)
-        got = []
-        for model in (fit_model, learned):
-            fit = model.fit(data)
-            angles, pick = match_fibres(fit.direction.reshape(m, 3, 3), mus)
-            fit_odi = np.take_along_axis(fit.odi.reshape(m, 3), pick, 1)
-            got.append(
-                (
-                    float(np.median(angles.mean(1))),
-                    float(np.median(np.abs(fit_odi - odi))),
-                )
-            )
-        (fa, fo), (la, lo) = got
-        lines.append(
-            f"| {name} | {fa:.1f} / {fo:.3f} | {la:.1f} / {lo:.3f} | "
-            f"{ratio(la, fa)} / {ratio(lo, fo)} |"
-        )
-        print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -824,61 +664,6 @@ def matched_fibre_errors(fit, params, dirs, head, width, n_fibres=2):
     return ang.mean(1), d_err, f_err
 
 
-def run_third_fibre(quick, protocol="noddi", seed=1):
-    """Is the third fibre missed by the search or by the data? On the
-    3-fibre voxels of :func:`run_fibres`: the information criterion of the
-    counting fits with 2 and 3 fibres (CSD peaks as the extra start, as in
-    ``fibres="auto"``), and of a 3-fibre fit that also starts from the true
-    directions. If the true start rarely lowers the criterion, the search
-    is not what loses the third fibre."""
-    from dipy_spinverse.compartments.peaks import csd_peaks
-
-    gtab = fibre_protocol(protocol)
-    n = 40 if quick else 200
-    rng = np.random.default_rng(seed)
-    counts = np.repeat(np.arange(4), n // 4)
-    data, _, dirs = crossing_voxels(gtab, counts, rng, 30.0)
-    model = NoddiModel(gtab, fibres="auto")
-    peaks, _ = csd_peaks(gtab, data, response=model.response, max_peaks=3)
-    three = counts == 3
-    s0 = model._s0_estimate(data[three])
-    y = data[three] / s0[:, None]
-    M = y.shape[1]
-
-    def criterion(k, starts):
-        sub = model._counting_model(k)
-        _, cost = sub._fit_fixed(y, s0, directions=starts, with_cost=True)
-        return model._criterion(cost, k, M)
-
-    two = criterion(2, peaks[three])
-    gain = criterion(3, peaks[three]) - two
-    gain_true = criterion(3, dirs[three]) - two
-    pairs = ((0, 1), (0, 2), (1, 2))
-    closest = np.min([angle_deg(dirs[three, i], dirs[three, j]) for i, j in pairs], 0)
-    lines = [
-        f"NoddiModel counting fits, protocol {protocol} ({describe(gtab)}), SNR "
-        f"30, seed {seed}: the {three.sum()} three-fibre voxels of the count "
-        "table. A third fibre is accepted where the criterion with 3 fibres is "
-        "below that with 2.",
-        "",
-        "| closest pair of true fibres (deg) | voxels | accepted, CSD starts "
-        "| accepted, true directions added |",
-        "|:---|---:|---:|---:|",
-    ]
-    for lo, hi in ((45, 55), (55, 65), (65, 90.1)):
-        s = (closest >= lo) & (closest < hi)
-        lines.append(
-            f"| {lo}-{min(hi, 90):g} | {s.sum()} | {(gain[s] < 0).sum()} "
-            f"| {(gain_true[s] < 0).sum()} |"
-        )
-    lines += [
-        "",
-        "The true directions lower the 3-fibre criterion by more than 1 in "
-        f"{(gain_true < gain - 1).sum()} of {three.sum()} voxels.",
-    ]
-    return "\n".join(lines)
-
-
 def run_axon_fibres(quick, seeds=(1,)):
     gtab = protocols()["axon"]
     lines = []
@@ -921,9 +706,7 @@ def run_axon_fibres(quick, seeds=(1,)):
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------
 # AMICO's NODDI on the same voxels
-# --------------------------------------------------------------------------
 class _Maps:
     """Attribute view of AMICO's maps for the cases' error functions."""
 
@@ -1037,7 +820,7 @@ def amico_pooled(gtab, threads, quick, n_fibres=1):
     )
 
 
-def run_amico(quick, threads):
+def run_amico(quick, threads, seed):
     try:
         import amico  # noqa: F401
     except ImportError:
@@ -1053,7 +836,7 @@ def run_amico(quick, threads):
     kernel_times = []
     for k, n in ((1, 10000), (2, 100), (3, 40)):
         n = max(8, int(n * (0.25 if quick else 1.0)))
-        rng = np.random.default_rng(SEED)
+        rng = np.random.default_rng(seed)
         model, params, errors = noddi_case(gtab, n, rng, k)
         data = rician(simulate(model, params), rng)
         # Best of AMICO_REPEATS for both, each of ours with a new model (the
@@ -1122,9 +905,15 @@ def main(argv=None):
         action="store_true",
         help="fewer voxels (a quarter of most tables, 40 of 200 for --fibres)",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the voxels' seed (main, learned, AMICO)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
         "--write-doc", action="store_true", help=f"update {DOC.name} in doc/validation/"
+    )
+    parser.add_argument(
+        "--no-fits", action="store_true", help="skip the main table of fits"
     )
     parser.add_argument("--learned", action="store_true", help="learned estimators")
     parser.add_argument("--fibres", action="store_true", help="fibre counts")
@@ -1132,8 +921,8 @@ def main(argv=None):
         "--fibre-protocol",
         choices=("noddi", "hcp", "multishell"),
         default="noddi",
-        help="protocol of --fibres and --third-fibre (hcp: 90 directions per "
-        "shell; multishell: also b = 5000)",
+        help="protocol of --fibres (hcp: 90 directions per shell; multishell: "
+        "also b = 5000)",
     )
     parser.add_argument(
         "--fibre-seed",
@@ -1141,119 +930,42 @@ def main(argv=None):
         nargs="+",
         default=[1, 2, 3],
         help="seeds of the --fibres and --axon-fibres counts, pooled (the count "
-        "rule was tuned on 0); --third-fibre and the 2-fibre tables use the first",
-    )
-    parser.add_argument(
-        "--third-fibre",
-        action="store_true",
-        help="NODDI's third fibre: counting fits from CSD and from true starts",
+        "rule was tuned on 0); --axon-fibres' 2-fibre table uses the first",
     )
     parser.add_argument(
         "--axon-fibres", action="store_true", help="ActiveAx and ZCD fibre counts"
     )
     parser.add_argument("--amico", action="store_true", help="AMICO's NODDI")
     parser.add_argument(
-        "--learned-crossings",
-        action="store_true",
-        help="learned 2-fibre NODDI on 45-90 degree crossings, both protocols",
-    )
-    parser.add_argument(
-        "--learned-geometries",
-        action="store_true",
-        help="learned 3-fibre NODDI on seven configurations of three fibres",
-    )
-    parser.add_argument(
-        "--no-fits", action="store_true", help="skip the main table of fits"
-    )
-    parser.add_argument(
         "--cache", default=None, help="cache folder of the learned estimators"
     )
-    parser.add_argument(
-        "--polish",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="--learned rows with these learned_options['polish'] (0: network)",
-    )
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=None,
-        help="only these rows of the main and --learned tables, e.g. "
-        "'NoddiModel(n_fibres=2)' ActiveAxModel (with --write-doc the block "
-        "then holds only these rows)",
-    )
     args = parser.parse_args(argv)
-    if args.models:
-        # A typo would give an empty table (and, with --write-doc, an empty
-        # doc block).
-        names = [name for name, *_ in cases(args.quick)[0]]
-        unknown = sorted(set(args.models) - set(names))
-        if unknown:
-            parser.error(f"unknown --models {unknown}; choose from {names}")
     torch.set_num_threads(args.threads)
     sections = []
+
+    def add(name, text, noise=OWN_NOISE):
+        # The header after the run: its load average is the run's.
+        sections.append((name, header(args.threads, noise) + "\n\n" + text))
+
     if not args.no_fits:
-        gtabs, rows = run(args.quick, args.models)
-        sections.append(
-            (
-                "benchmark",
-                header(args.threads, MAIN_NOISE) + "\n\n" + table(gtabs, rows),
-            )
-        )
+        add("benchmark", table(*run(args.quick, args.seed)), main_noise(args.seed))
     if args.learned:
-        sections.append(
-            (
-                "learned",
-                header(
-                    args.threads,
-                    MAIN_NOISE.replace(
-                        "one model.fit call per row",
-                        "speeds: the best of 3 calls on the voxels repeated",
-                    ),
-                )
-                + "\n\n"
-                + run_learned(args.quick, args.cache, args.polish, args.models),
-            )
-        )
-    # Doc blocks: "fibres" for the NODDI protocol, "fibres-hcp" for hcp, ...
-    protocol = args.fibre_protocol
-    protocol_suffix = "" if protocol == "noddi" else f"-{protocol}"
+        calls = "speeds: the best of 3 calls on the voxels repeated"
+        text = run_learned(args.quick, args.cache, args.seed)
+        add("learned", text, main_noise(args.seed, calls))
     if args.fibres:
-        block = "fibres" + protocol_suffix
-        sections.append(
-            (
-                block,
-                header(args.threads)
-                + "\n\n"
-                + run_fibres(args.quick, args.fibre_protocol, args.fibre_seed),
-            )
-        )
-    if args.third_fibre:
-        block = "third-fibre" + protocol_suffix
-        text = run_third_fibre(args.quick, args.fibre_protocol, args.fibre_seed[0])
-        sections.append((block, header(args.threads) + "\n\n" + text))
+        # Doc blocks: "fibres" for the NODDI protocol, "fibres-hcp" for hcp, ...
+        protocol = args.fibre_protocol
+        text = run_fibres(args.quick, protocol, args.fibre_seed, args.seed)
+        add("fibres" + ("" if protocol == "noddi" else f"-{protocol}"), text)
     if args.axon_fibres:
-        sections.append(
-            (
-                "axon-fibres",
-                header(args.threads)
-                + "\n\n"
-                + run_axon_fibres(args.quick, args.fibre_seed),
-            )
-        )
-    if args.learned_crossings:
-        text = run_learned_crossings(args.quick, args.cache)
-        sections.append(("learned-crossings", header(args.threads) + "\n\n" + text))
-    if args.learned_geometries:
-        text = run_learned_geometries(args.quick, args.cache)
-        sections.append(("learned-geometries", header(args.threads) + "\n\n" + text))
+        add("axon-fibres", run_axon_fibres(args.quick, args.fibre_seed))
     if args.amico:
-        text = run_amico(args.quick, args.threads)
+        text = run_amico(args.quick, args.threads, args.seed)
         if text is None:
             print("AMICO (dmri-amico) is not installed: `pip install .[benchmark]`.")
         else:
-            sections.append(("amico", header(args.threads) + "\n\n" + text))
+            add("amico", text)
     for name, text in sections:
         print()
         print(text)

@@ -6,69 +6,39 @@
 Axon diameter and intra-axonal fraction against histology: the cat spinal cord.
 
 The slice of Duval et al. (``dipy_spinverse.data.read_cat_spinal_cord``: 968
-voxels with axons, the 2-D AxCaliber set, gradients across the cord, G up to
-850 mT/m) fitted by the package's compartment models and its posterior, each
-compared with the per-voxel histology (issue 61).
-
-What is compared
-    The diameter MRI measures weighs axons by their volume and by d^4 (the
-    wide-pulse limit): ``d_eff = (<d^6>/<d^2>)^(1/4)`` (Burcaw et al. 2015;
-    Veraart et al. 2020), from the database's mean and standard deviation
-    with gamma-distributed diameters (``io.datasets.effective_diameter``).
-    The restricted (intra-axonal) fraction is compared with the axons' share
-    of the water MRI sees at these echo times, ``fr / (1 - MVF)`` (myelin
-    water, T2 ~ 10-20 ms, has decayed by TE 36-62 ms).
-
-The settings, from the anatomy and the protocol, not from the histology
-    Fixed tissue: intrinsic diffusivity unknown, so the posterior's prior
-    draws it from 0.3-3 um^2/ms (log-uniform); ActiveAx takes the fixed-tissue
-    d_par of its documentation (0.6 um^2/ms) with a dot compartment, ZCD
-    fits its diffusivities, NODDI takes d_par 0.6 um^2/ms. The cord runs along
-    the slice normal (z): the posterior's prior fixes ``fibre_axis=(0, 0,
-    1)``; the compartment models fit their direction (every fit finds z).
-    The noise is measured from the four repeated b = 0 volumes of each
-    timing (pooled residual standard deviation per voxel): SNR ~380. The
-    posterior is given sigma = 1/300, the top of the noise levels its
-    estimator is trained on, where the model's own errors exceed the noise.
-
-The posterior is trained for the protocol it fits. The full set's 1,791
-volumes cost ~4-8 s a simulation (high G, small cells: many time steps), so
-the posterior fits a subset: every b = 0 and every ``--every``-th gradient
-strength of each timing and direction (the same q range and timings; a
-smooth attenuation curve sampled 50 times is sampled 10 times).
-
-Run::
+voxels with axons, the 2-D AxCaliber set) fitted by the package's
+compartment models and its posterior, each compared with the per-voxel
+histology (issue 61): the diameter MRI sees, ``d_eff = (<d^6>/<d^2>)^(1/4)``,
+and the axons' share of the visible water, ``fr / (1 - MVF)``, over all
+voxels and over the white matter (myelin fraction above Otsu's threshold);
+"rho(S0)" is each estimate's Spearman correlation with the b = 0 signal.
+The settings come from the anatomy and the protocol, not the histology
+(the page gives them): ActiveAx and NODDI take fixed tissue's d_par (0.6
+um^2/ms), ZCD fits its diffusivities, and the posterior's prior fixes the
+cord's axis (z) and draws the diffusivity from 0.3-3 um^2/ms. The noise
+comes from the repeated b = 0 volumes of each timing; the posterior is
+given sigma = 1/300, the top of its training noise. It is trained for the
+protocol it fits, a subset of the 1,791 volumes (every b = 0 and every
+``--every``-th gradient strength of each timing and direction, from the
+strongest down: the same q range and timings).
 
     python benchmarks/cord_histology.py --models activeax zcd noddi
     python benchmarks/cord_histology.py --models posterior --cache_dir DIR
 
 Prints one table per quantity, over all 968 voxels and over the white
-matter alone, and writes ``--out_dir/cord_histology.png`` (maps of
-histology, each model's estimate; scatter plots against histology),
-``cord_histology.json`` and each model's per-voxel estimates
-(``estimates_<model>.npz``; a later run with other ``--models`` joins them
-into the same tables).
-
-White matter
-    The slice holds grey matter too: the myelin fraction is bimodal (modes
-    near 0.02 and 0.33). Grey-matter voxels hold a few small axons in
-    neuropil, so their d_eff (median 1.4 um where the b = 0 signal is
-    highest) describes a sparse minority of the water, which no axon model
-    claims to measure. White matter is the voxels whose myelin fraction is
-    above Otsu's threshold of the slice's myelin fractions (DIPY's
-    ``otsu``: the valley between the two modes, 0.20). The column "rho(S0)"
-    is each estimate's Spearman correlation with the b = 0 signal, which
-    rises from white to grey matter (proton density, T2): an estimate that
-    follows S0 more than histology is reading the tissue type.
+matter alone, and keeps each model's per-voxel estimates in ``--out_dir``
+(``estimates_<model>.npz``): a later run with other ``--models`` joins them
+into the same tables. ``--seed`` seeds torch's global generator (the fits
+draw nothing else at random).
 """
 
 import argparse
-import json
 import pathlib
 import platform
 import time
 
 import numpy as np
+import torch
 from dipy.segment.threshold import otsu
 from scipy import stats
 
@@ -204,47 +174,6 @@ def print_table(title, rows):
         )
 
 
-def plot(dataset, results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    truth = dataset.histology["axon_diameter_effective"]
-    with_diameter = [n for n in results if "diameter" in results[n]]
-    fig, axes = plt.subplots(
-        2, len(with_diameter) + 1, figsize=(3.2 * (len(with_diameter) + 1), 6.4)
-    )
-    axes = np.atleast_2d(axes)
-    shown = np.where(dataset.mask, truth, np.nan)[:, :, 0].T
-    axes[0, 0].imshow(shown, origin="lower", vmin=0, vmax=8)
-    axes[0, 0].set_title("histology d_eff (um)")
-    axes[1, 0].imshow(
-        np.where(dataset.mask, dataset.histology["intra_axonal_fraction"], np.nan)[
-            :, :, 0
-        ].T,
-        origin="lower",
-        vmin=0,
-        vmax=1,
-    )
-    axes[1, 0].set_title("histology intra-axonal fraction")
-    for column, name in enumerate(with_diameter, start=1):
-        volume = np.full(dataset.mask.shape, np.nan)
-        volume[dataset.mask] = results[name]["diameter"]
-        axes[0, column].imshow(volume[:, :, 0].T, origin="lower", vmin=0, vmax=8)
-        axes[0, column].set_title(f"{name} diameter (um)")
-        axes[1, column].scatter(truth[dataset.mask], results[name]["diameter"], s=3)
-        axes[1, column].plot([0, 8], [0, 8], "k--", lw=0.8)
-        axes[1, column].set_xlabel("histology d_eff (um)")
-        axes[1, column].set_ylabel(f"{name} (um)")
-    for ax in axes[0]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -252,12 +181,14 @@ def main(argv=None):
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--dmipy", default=None, help="dmipy installation or wheel")
     parser.add_argument("--out_dir", default="cord_histology")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick", action="store_true", help="a smoke test, not a measurement"
     )
     args = parser.parse_args(argv)
     if args.quick:  # ActiveAx alone; the posterior trains for minutes
         args.models = ["activeax"]
+    torch.manual_seed(args.seed)
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -306,7 +237,6 @@ def main(argv=None):
         "diameter_mean": "Axon diameter against the histology's mean diameter (um)",
         "restricted_fraction": "Restricted fraction against fr / (1 - MVF)",
     }
-    tables = {}
     for region, where in (("all", np.ones_like(wm)), ("white_matter", wm)):
         for key, (estimate, truth) in references.items():
             rows = {
@@ -321,25 +251,11 @@ def main(argv=None):
                 for n, r in results.items()
                 if estimate in r
             }
-            tables.setdefault(region, {})[key] = rows
             print_table(f"{titles[key]}: {region.replace('_', ' ')}", rows)
     if "posterior" in results:
         status = results["posterior"]["status"]
         names, counts = np.unique(status, return_counts=True)
         print(f"posterior status counts: {dict(zip(names, counts, strict=True))}")
-    plot(cord, results, out_dir / "cord_histology.png")
-    (out_dir / "cord_histology.json").write_text(
-        json.dumps(
-            {
-                "snr": snr,
-                "resolution_limit_um": limit,
-                "white_matter_threshold": threshold,
-                **tables,
-                "seconds": {n: float(r["seconds"]) for n, r in results.items()},
-            },
-            indent=2,
-        )
-    )
 
 
 if __name__ == "__main__":

@@ -4,27 +4,19 @@
 
 Benchmark the forward model: time and memory of ``simulate`` and its gradient.
 
-For the published configuration (``TetGrid.bcc(80 / 3, 4)``, 576 cells, and
-the 540 acquisitions of ``published_protocol()``) and for grids with about 4x,
-16x and 64x more cells at the same lattice spacing (20/3 um, so the physical
-resolution is unchanged and the voxel grows), this measures
+For the published configuration (``TetGrid.bcc(80 / 3, 4)``, 576 cells, the
+540 acquisitions of ``published_protocol()``) and for grids of about 4x,
+16x and 64x more cells at the same lattice spacing, this measures the
+forward time of ``simulate``, the forward + gradient time
+(``simulate(...).sum().backward()`` with respect to the permeabilities,
+drawn from ``--seed``), the peak memory of each and the time per cell per
+acquisition (flat if the cost is linear). Each configuration runs in a
+fresh subprocess (this script with ``--single``), so that its peak memory
+can be read from the operating system. The table is printed as markdown
+and, with ``--write-doc``, written to
+``doc/validation/benchmarks_forward.md`` (its hand-written sections kept)::
 
-* the forward time of ``simulate`` (a permeability tensor without grad),
-* the forward + gradient time (``simulate(...).sum().backward()`` with respect
-  to a permeability tensor that requires grad),
-* the peak memory of each, and
-* the time per cell per acquisition, which stays flat if the cost is linear.
-
-Each configuration runs in a fresh subprocess (this script with
-``--single``) so that its peak memory can be read from the operating system
-without the other configurations' allocations. Run from the repository root::
-
-    PYTHONPATH=. python benchmarks/forward.py            # all sizes
-    PYTHONPATH=. python benchmarks/forward.py --quick    # 576 cells only
     PYTHONPATH=. python benchmarks/forward.py --write-doc
-
-The table is printed as plain text and, with ``--write-doc``, written as
-markdown to ``doc/validation/benchmarks_forward.md``.
 """
 
 import argparse
@@ -60,7 +52,6 @@ STRIDE = {4: 1, 6: 1, 10: 6, 15: 18}
 # the first direction of the b = 5000 shell of each PGSE timing (the protocol
 # is ordered by timing, 6 b-values, 30 directions).
 DENSE_ACQUISITIONS = [180 * timing + 5 * 30 for timing in range(3)]
-SEED = 0
 LOG10_KAPPA_RANGE = (-5.0, -1.0)  # permeability 10**U(-5, -1) m/s
 DOC_PATH = (
     Path(__file__).resolve().parents[1] / "doc" / "validation" / "benchmarks_forward.md"
@@ -90,7 +81,7 @@ def main(argv=None):
     sizes = (4,) if args.quick else tuple(args.sizes)
     if args.quick:
         args.repeats = 1
-    configs = _configs(sizes, args.threads, args.repeats, args.devices)
+    configs = _configs(sizes, args.threads, args.repeats, args.devices, args.seed)
     if args.quick:  # one configuration, timed once
         configs = configs[:1]
     header = machine_info(args.threads)
@@ -107,14 +98,11 @@ def main(argv=None):
         row = _run_subprocess(config)
         print(f" {time.perf_counter() - t0:.1f} s", flush=True)
         rows.append(row)
-    total = time.perf_counter() - start
-    notes = _notes(rows, args.repeats, total)
-    print()
-    print(format_text(rows))
-    print()
-    print("\n".join(notes))
+    notes = _notes(rows, args.repeats, time.perf_counter() - start, args.seed)
+    document = format_markdown(header, rows, notes, argv)
+    print("\n" + document)
     if args.write_doc:
-        write_doc(DOC_PATH, format_markdown(header, rows, notes, argv))
+        write_doc(DOC_PATH, document)
         print(f"\nwrote {DOC_PATH}")
 
 
@@ -155,6 +143,9 @@ def _parse(argv):
         ),
     )
     parser.add_argument(
+        "--seed", type=int, default=0, help="the faces' permeabilities (default 0)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="only the published 576-cell grid"
     )
     parser.add_argument(
@@ -176,10 +167,10 @@ def _parse(argv):
     return args
 
 
-def _configs(sizes, threads, repeats, devices=None):
+def _configs(sizes, threads, repeats, devices, seed):
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    common = {"threads": threads, "repeats": repeats}
+    common = {"threads": threads, "repeats": repeats, "seed": seed}
     configs = []
     for device in devices:
         for n in sorted(set(sizes)):
@@ -236,7 +227,7 @@ def run_single(config):
     config : dict
         ``n`` (cubes per side), ``select`` (acquisitions: a stride, or a list
         of indices into ``published_protocol()``), ``device``,
-        ``method``, ``dtype`` (name), ``threads``, ``repeats``.
+        ``method``, ``dtype`` (name), ``threads``, ``repeats``, ``seed``.
 
     Returns
     -------
@@ -252,7 +243,7 @@ def run_single(config):
     select = config["select"]
     protocol = published_protocol()
     protocol = protocol[select] if isinstance(select, list) else protocol[::select]
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(config["seed"])
     log_kappa = rng.uniform(*LOG10_KAPPA_RANGE, grid.n_faces)
     kappa = torch.tensor(10.0**log_kappa, dtype=dtype, device=device)
     cuda = device.type == "cuda"
@@ -387,23 +378,6 @@ def _format(value, fmt):
     return format(value, fmt)
 
 
-def format_text(rows):
-    """The result rows as an aligned plain-text table."""
-    table = [[title for title, _, _ in COLUMNS]] + [_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    numeric = [fmt != "s" for _, _, fmt in COLUMNS]
-    out = []
-    for k, line in enumerate(table):
-        cells = [
-            c.rjust(w) if num else c.ljust(w)
-            for c, w, num in zip(line, widths, numeric, strict=True)
-        ]
-        out.append("  ".join(cells).rstrip())
-        if k == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
 def format_markdown(header, rows, notes, argv):
     """The machine description, table and notes as a markdown document."""
     titles = [title for title, _, _ in COLUMNS]
@@ -424,11 +398,11 @@ def format_markdown(header, rows, notes, argv):
     return "\n".join(lines) + "\n"
 
 
-def _notes(rows, repeats, total):
+def _notes(rows, repeats, total, seed):
     notes = [
         f"Grids: TetGrid.bcc(n * {SPACING:.4g}, n), reflecting, fixed cube side "
         f"{SPACING:.4g} um (the published grid is n = 4); permeability "
-        f"10**U{LOG10_KAPPA_RANGE} m/s per face, seed {SEED}; D = 2e-3 mm^2/s.",
+        f"10**U{LOG10_KAPPA_RANGE} m/s per face, seed {seed}; D = 2e-3 mm^2/s.",
         "Protocol: published_protocol() (540 acquisitions, PGSE (delta, Delta) = "
         "(5, 6), (10, 20), (10, 60) ms, b = 0..5000 s/mm^2, 30 directions), "
         "except where 'acq' is smaller (below).",

@@ -1,16 +1,17 @@
 """Regenerates the tables of doc/validation/generalisation.md.
 
-``--quick``: one paper-physics voxel, dictionary starts, a short search;
-minutes, not seconds: the search screens its shape dictionary (-m slow).
+``--quick``: one paper-physics voxel, a short search; minutes, not seconds:
+the search screens its shape dictionary (-m slow).
 
 Recovery of held-out random substrates: does the inversion generalise?
 
-Draws ``--n`` random substrates (:mod:`dipy_spinverse.geometry.substrates`; 1-4 cells
-of seven kinds) from ``--seed`` (never the proposal's training seed), simulates
-their signals on the published protocol, inverts them with the default
-preset and scores every voxel against the truth and its point inversion
-through the voxel centre (magnitude data cannot tell them apart; the better
-is kept). Physics:
+Draws ``--n`` random substrates (:mod:`dipy_spinverse.geometry.substrates`;
+1-4 cells of seven kinds) from ``--seed``, simulates their signals on the
+published protocol, inverts them with the ``"default"`` preset (its
+generic-shape dictionary and face field as the search's starts) and scores
+every voxel against the truth and its point inversion through the voxel
+centre (magnitude data cannot tell them apart; the better is kept).
+Physics:
 
 ``paper``
     The published grid (576 cells, absorbing wall 0.1 m/s), targets on the
@@ -19,49 +20,31 @@ is kept). Physics:
     A reflecting voxel with extracellular water; targets drawn and simulated
     on a grid twice as fine (5,376 cells) and carried to the fit's grid by
     the fine cell at each coarse centroid; Rician noise at that SNR
-    (relative to each sequence's b = 0 signal), ``sigma`` given.
+    (relative to each sequence's b = 0 signal), ``sigma`` given; with
+    ``--approximation N`` the fit takes the fit grid's approximation error
+    (:mod:`dipy_spinverse.inverse.approximation`) over N substrates into
+    account.
 
-Starts of the label search (``--starts``): ``dictionary`` (the generic-shape
-dictionary and the face field), ``proposal`` (the learned proposal and the
-face field) or ``both``. Prints one table per physics: per family (the kind
-of a one-cell voxel; "multi" when there are several cells) and overall, the
-median and 10th percentile of IoU (the answer's cells against the true cells,
-volume-weighted: 1 for a perfect answer), the median face F1 and Chamfer
-distance (um; infinite for a voxel without any cell), the median, 10th and
-90th percentiles of the per-cell permeability error ``|found / true - 1|``
-over the cells whose best-matching found cell has IoU >= 0.9, and the
-fraction of those within 25 %, the time per voxel (voxels per minute; one-off
-caches excluded, each physics from an empty signal cache), and (with noise)
-how the search's
-answer fits against the truth carried to the fit's grid: the median
-chi-square difference (found - truth) and the fraction of voxels where the
-answer fits at least as well as the truth (the data cannot prefer the truth
-there: a wrong answer is then ambiguity, not a failed search), the fraction
-of voxels ``SpinverseModel`` would flag ``POOR_FIT`` (a misfit the noise
-cannot explain: a guess a user can tell from the status map), the median
-IoU of the others, and how many wrong answers (IoU < 0.5) the uncertainty
-map marks (>= 0.25). ``--bootstrap K`` repeats each search on K
-wild-bootstrap replicates (``search_bootstrap``), whose spread enters the
-uncertainty.
+Prints one table per physics: per family (the kind of a one-cell voxel;
+"multi" when there are several cells) and overall, the median and 10th
+percentile of IoU (the answer's cells against the true cells), the median
+face F1 and Chamfer distance (um; infinite for a voxel without any cell),
+the per-cell permeability error ``|found / true - 1|`` over the cells whose
+best-matching found cell has IoU >= 0.9, the time per voxel (one-off caches
+excluded, each physics from an empty signal cache) and, with noise, the
+chi-square of the answer against the truth's, the share flagged
+``POOR_FIT``, and how many wrong answers (IoU < 0.5) the uncertainty map
+marks (>= 0.25).
 
-    python benchmarks/generalisation.py --n 200 --physics paper snr100 snr30 \\
-        --starts both --proposal 4000 --approximation 32 --json results.json
-
-With ``--approximation N`` the realistic fits take the fit grid's
-approximation error (:mod:`dipy_spinverse.inverse.approximation`) over N
-substrates into account. ``--json`` writes the settings, each physics'
-summaries (per family and "all") and its per-voxel rows, infinities and NaN
-as null. ``--rows FILE`` appends each batch's voxels to a JSON-lines file as
-they are scored and reads the voxels already there (same physics and
-settings) instead of fitting them again: a long evaluation can be stopped
-and resumed, e.g. over several sessions of a 2-core machine. The targets'
+``--rows FILE`` appends each batch's voxels to a JSON-lines file as they
+are scored and reads the voxels already there (same physics and settings)
+instead of fitting them again, so a long run resumes. The targets'
 noise-free signals are kept in the package's cache folder
-(``$DIPY_SPINVERSE_CACHE/generalisation``), so a resumed run does not
-simulate them again (18 minutes for the 200 fine-grid targets).
+(``$DIPY_SPINVERSE_CACHE/generalisation``): a resumed run does not simulate
+them again (18 minutes for the 200 fine-grid targets).
 
-The realistic substrates are drawn on the fine grid, whose size floor
-follows its spacing: their cells are smaller than the paper draws' (median
-cell 441 against 667 um^3 over 200 voxels of seed 7).
+    python benchmarks/generalisation.py --n 200 --physics snr100 \\
+        --approximation 32 --batch 8 --rows snr100_rows.jsonl
 """
 
 import argparse
@@ -90,7 +73,6 @@ from dipy_spinverse.inverse import prepare, reconstruct, resolve_config
 from dipy_spinverse.inverse.approximation import APPROXIMATION_SEED
 from dipy_spinverse.inverse.cache import SIGNAL_CACHE
 from dipy_spinverse.inverse.fields import label_field
-from dipy_spinverse.inverse.proposal import TRAINING_SEED
 from dipy_spinverse.reconst.status import poor_fits
 from dipy_spinverse.sim.forward import update_digest
 from dipy_spinverse.sim.signals import data_loss, noise_precision, normalise_b0
@@ -223,10 +205,10 @@ def score(grid, labels, kappa_true, found, permeability):
 
 
 def _warm_caches(grid, protocol, options, device):
-    """Train the proposal and estimate the approximation error (or read them
-    from the cache) before the timer starts: one-off costs, not per voxel."""
+    """Estimate the approximation error (or read it from the cache) before
+    the timer starts: a one-off cost, not per voxel."""
     config = resolve_config("default", **options)
-    if not (config.uses_proposal or config.approximation.n_substrates):
+    if not config.approximation.n_substrates:
         return
     start = time.perf_counter()
     prepare(
@@ -249,17 +231,7 @@ def run(physics, args):
     grid, protocol, labels, kappas, signal, sigma, kinds = targets(
         physics, args.n, args.seed
     )
-    options = dict(
-        search_dictionary=args.starts != "proposal",
-        search_ranking=args.ranking,
-        search_restarts=args.restarts,
-        search_kicks=args.kicks,
-        search_bootstrap=args.bootstrap,
-    )
-    if args.search_batch:
-        options.update(search_batch=args.search_batch)
-    if args.starts != "dictionary":
-        options.update(search_proposal=args.proposal)
+    options = {}
     if sigma:
         options["sigma"] = sigma
     if args.approximation and physics != "paper":
@@ -315,11 +287,7 @@ def run(physics, args):
 
 def _settings(physics, args):
     """What a row's numbers depend on (rows of other settings are not mixed)."""
-    names = ("seed", "starts", "ranking", "restarts", "kicks", "bootstrap")
-    key = {name: getattr(args, name) for name in names}
-    key.update(physics=physics, search_batch=args.search_batch, batch=args.batch)
-    if args.starts != "dictionary":
-        key["proposal"] = args.proposal
+    key = dict(physics=physics, seed=args.seed, batch=args.batch)
     if physics != "paper":
         key["approximation"] = args.approximation
     return key
@@ -481,48 +449,10 @@ def _cell(value, key):
     return f"{value:.1f}" if key == "chi2_gap_median" else f"{value:.2f}"
 
 
-def _device_name(device):
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return str(device)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=200, help="substrates per physics")
     parser.add_argument("--physics", nargs="+", default=list(PHYSICS), choices=PHYSICS)
-    parser.add_argument(
-        "--starts", default="both", choices=("dictionary", "proposal", "both")
-    )
-    parser.add_argument(
-        "--proposal", type=int, default=4000, help="proposal training substrates"
-    )
-    parser.add_argument(
-        "--ranking",
-        default="lazy",
-        choices=("gradient", "lazy"),
-        help="order of the label moves (search_ranking)",
-    )
-    parser.add_argument(
-        "--restarts", type=int, default=1, help="search_restarts (descents)"
-    )
-    parser.add_argument(
-        "--kicks", type=int, default=0, help="search_kicks (iterated local search)"
-    )
-    parser.add_argument(
-        "--bootstrap",
-        type=int,
-        default=0,
-        help="search_bootstrap: wild-bootstrap replicates of the search, whose "
-        "spread enters the uncertainty",
-    )
-    parser.add_argument(
-        "--search-batch",
-        type=int,
-        default=0,
-        help="search_batch: label moves scored per step (0: the preset's; a "
-        "large value scores every move, a steepest descent)",
-    )
     parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--batch", type=int, default=8, help="voxels per call")
     parser.add_argument(
@@ -532,9 +462,6 @@ def main(argv=None):
         help="approximation_error substrates (realistic physics only; 0: off)",
     )
     parser.add_argument("--device", default="cpu", help="torch device of the fits")
-    parser.add_argument(
-        "--json", default=None, help="write the settings, summaries and rows here"
-    )
     parser.add_argument(
         "--rows",
         default=None,
@@ -546,39 +473,25 @@ def main(argv=None):
         "--quick", action="store_true", help="a smoke test, not a measurement"
     )
     args = parser.parse_args(argv)
-    if args.quick:  # one voxel, paper physics, dictionary starts, a short search
-        args.n, args.physics, args.starts, args.batch = 1, ["paper"], "dictionary", 1
-    if args.seed in (TRAINING_SEED, APPROXIMATION_SEED):
+    if args.quick:  # one voxel, paper physics, a short search
+        args.n, args.physics, args.batch = 1, ["paper"], 1
+    if args.seed == APPROXIMATION_SEED:
         parser.error(
-            f"--seed {args.seed} trains the proposal or estimates the approximation "
-            "error; pick a held-out one."
+            f"--seed {args.seed} estimates the approximation error; pick another."
         )
     if args.n < 1 or args.batch < 1:
         parser.error("--n and --batch must be at least 1.")
+    device = args.device
+    if torch.device(device).type == "cuda":
+        device = torch.cuda.get_device_name(torch.device(device))
     print(
-        f"starts {args.starts}, proposal {args.proposal} substrates, seed "
-        f"{args.seed}; {platform.machine()}, {os.cpu_count()} cores, "
+        f"seed {args.seed}; {platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"device {_device_name(args.device)}"
-    )
-    results = dict(
-        settings=vars(args)
-        | dict(machine=platform.machine(), threads=torch.get_num_threads())
+        f"device {device}"
     )
     for physics in args.physics:
         rows, per_voxel = run(physics, args)
-        summaries = families(rows, per_voxel)
-        table(physics, summaries)
-        results[physics] = dict(
-            summary=summaries, rows=rows, seconds_per_voxel=per_voxel
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            # Strict JSON: NaN (no chi-square without noise) and infinity (the
-            # Chamfer distance of a voxel without cells) as null.
-            json.dump(
-                _finite_or_none(results), f, default=float, indent=1, allow_nan=False
-            )
+        table(physics, families(rows, per_voxel))
 
 
 def _finite_or_none(value):

@@ -5,89 +5,39 @@ minute: every compartment model is fitted too; -m slow).
 
 The amortised posterior against the compartment models, on the same voxels.
 
-Draws held-out voxels from the posterior's prior with a seed never used in
-training (``model.prior.sample(n, seed=123_457)``), adds Rician noise at
-SNR 100 and 30, and estimates each voxel's tissue descriptors with the
-posterior median (``SpinverseModel(..., fit_method="posterior")``) and with
-every peer that estimates the same quantity from the same noisy signals:
+Draws ``--n_test`` held-out voxels from the posterior's prior (``--seed``,
+never used in training), adds Rician noise at SNR 100 and 30, and estimates
+each voxel's tissue descriptors with the posterior median
+(``SpinverseModel(..., fit_method="posterior")``) and with every peer that
+estimates the same quantity from the same noisy signals: ActiveAx and ZCD
+(``fic``, ``diameter``, a cylinder's ``4 / diameter``), NODDI
+(``(1 - fiso) ndi``), Karger (``f_intra``, ``exchange_time``) and, where
+the independent ``nexi`` package can be imported, NEXI (``f``, ``t_ex``,
+through its file-based ``estimate_nexi``). The peers get the prior's
+diffusivity where they fix one, and bounds wide enough for its diameters
+and exchange times.
 
-=====================  =====================================================
-descriptor             peers
-=====================  =====================================================
-restricted_fraction    ActiveAx and ZCD ``fic`` (cylinder signal fraction),
-                       NODDI ``(1 - fiso) ndi``, Karger ``f_intra`` (NEXI
-                       ``f``)
-cell_diameter (um)     ActiveAx and ZCD ``diameter`` (cylinder diameter)
-surface_to_volume      ActiveAx and ZCD ``4 / diameter`` (a cylinder's)
-(1/um)
-exchange_time (s)      Karger ``exchange_time`` (NEXI ``t_ex``)
-all five, with         the label search (``--search``)
-permeability (m/s)
-=====================  =====================================================
-
-NEXI is used only where the independent ``nexi`` package can be imported
-(never installed by this script), through its file-based ``estimate_nexi``.
-
-It prints, per descriptor and SNR, the median absolute error of each method
-and, in brackets, the median of ``|error| / truth``, over the voxels whose
-posterior status is 0 (``OUT_OF_PRIOR`` voxels are excluded and counted);
-``-`` where a method has no counterpart of the descriptor (or failed, with
-the reason below the table). A method's voxel count is added to its cell
-where it has fewer finite estimates (``n=0``: none).
-
-A last table gives each method's mean |error| beside the posterior's Bayes
-risk: the mean over voxels of its own expected |error| (``E |theta -
-median|`` over 400 recalibrated draws a voxel). The posterior median is the
-Bayes estimator under absolute loss, so where the posterior is calibrated
-no estimator's mean |error| over draws of the prior is below that risk: a
-peer whose error is within twice the risk cannot be halved by any method,
-the posterior included.
-
-``--test_resolution R`` simulates and describes the held-out tissue on a
-grid of ``R`` cubes per side (:meth:`PriorSimulator.sample_pairs`), finer
-than the training grid, so that the posterior has no home advantage.
-
-``--search N`` also fits the first N held-out draws of the training prior
-(not of the left-out families) with the label search
-(``SpinverseModel(..., fit_method="search")``: the package's default
-preset and grid, the prior's diffusivity, ``sigma = 1 / SNR``) and
-describes its labelled cells and membranes with
+Prints, per descriptor and SNR, each method's median absolute error and, in
+brackets, the median of ``|error| / truth``, over the voxels whose posterior
+status is 0; then each method's mean |error| beside the posterior's Bayes
+risk (its own expected |error| of its median, the least mean |error| any
+estimator can reach where the posterior is calibrated). The options that
+name the estimator are ``benchmarks/posterior_calibration.py``'s (the same
+options read the same cached estimator); ``--left_out`` also scores
+held-out draws of the families left out of training, ``--test_resolution
+R`` simulates and describes the held-out tissue on a finer grid (no home
+advantage), and ``--search N`` also fits the first N voxels with the label
+search (``fit_method="search"``, the default preset and grid; 10-30 s a
+voxel and SNR on 2 cores), its labelled cells described by
 :func:`dipy_spinverse.geometry.describe`, the definition of the prior's
-truth; a table then scores every method on those N voxels alone, and
-another on those of them where the search estimates the descriptor (it has
-no cell size, membrane or exchange time where it found no cell). It is slow
-(10-30 s a voxel and SNR on 2 cores);
-``--search_option NAME=VALUE`` (repeatable) passes any other option of the
-search's model, e.g. ``--search_option grid_resolution=2 --search_option
-search_steps=2 --search_option max_iter=4`` for a smoke test.
-``--left_out`` has the meaning it has in
-``benchmarks/posterior_calibration.py`` (those families are left out of
-training) and also scores held-out draws of the left-out families apart.
+truth.
 
-The prior, protocol and training options are those of
-``benchmarks/posterior_calibration.py`` for the same options, so the
-estimator it trained is read from the same cache. Run (from the repository
-root, after the calibration run of ``doc/validation/posterior.md``)::
-
-    python benchmarks/posterior_peers.py --resolution 2 --cell_diameter 8 25 \
-        --min_spacings 1 --n_directions 6 --n_train 1500 --epochs 40 \
+    python benchmarks/posterior_peers.py --resolution 2 --cell_diameter 8 25 \\
+        --min_spacings 1 --n_directions 6 --n_train 1500 --epochs 40 \\
         --left_out torus fanning_tube --n_test 100
-
-The compartment models assume what the prior's tissue is not: ActiveAx and
-ZCD impermeable straight cylinders (the prior's diameter is the
-equivalent-sphere diameter of closed, permeable cells of many shapes, and a
-cylinder's ``4 / d`` is not a sphere's ``6 / d``), NODDI sticks and a
-tortuous zeppelin, Karger two well-mixed Gaussian compartments. As in
-``examples/compare_compartment_models.py`` they are given the prior's
-diffusivity where they fix one (ActiveAx and NODDI ``d_par`` and ``d_iso``),
-and bounds wide enough for the prior's diameters (up to 30 um) and exchange
-times (up to 10 s; the number of Karger estimates at that bound, "no
-exchange seen", is printed).
 """
 
 import argparse
-import ast
-import json
 import logging
 import os
 import platform
@@ -117,8 +67,6 @@ from dipy_spinverse.compartments import (
     ZcdModel,
 )
 from dipy_spinverse.geometry import describe
-from dipy_spinverse.inverse import resolve_config
-from dipy_spinverse.inverse.config import OPTIONS
 from dipy_spinverse.reconst.codes import FITTED
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
 
@@ -200,10 +148,11 @@ def compartment_peers(gtab, diffusivity):
     }
 
 
-def search_estimates(protocol, noisy, snr, n, options):
-    """Descriptors of the label search's fit of the first ``n`` voxels
-    (NaN for the others and where the search has no output); ``options`` go
-    to :class:`~dipy_spinverse.SpinverseModel`."""
+def search_estimates(protocol, noisy, snr, n, diffusivity):
+    """Descriptors of the label search's fit of the first ``n`` voxels (NaN
+    for the others and where the search has no output): the default preset
+    and grid, the prior's diffusivity."""
+    options = {} if diffusivity is None else {"diffusivity": diffusivity}
     model = SpinverseModel(protocol, fit_method="search", sigma=1.0 / snr, **options)
     fit = model.fit(noisy[:n])
     out = {name: np.full(len(noisy), np.nan) for name in SCORED}
@@ -291,9 +240,7 @@ def peer_estimates(models, name, build, read, noisy):
     return read(models[name].fit(noisy))
 
 
-def compare(
-    make_model, protocol, gtab, signals, args, rng, nexi, diffusivity, *, search
-):
+def compare(make_model, protocol, gtab, signals, rng, nexi, diffusivity, *, search):
     """Every method's estimates at each SNR, on the same noisy voxels; the
     label search's on the first ``search`` voxels.
 
@@ -327,66 +274,10 @@ def compare(
                 noisy,
                 snr,
                 search,
-                search_options(args, diffusivity),
+                diffusivity,
             )
         results[snr] = status, estimates
     return results, record
-
-
-def write_estimates(path, truth, results):
-    """The truth and every method's estimates (NaN: none), per voxel, as
-    JSON: ``{"truth": {descriptor: [...]}, "snr": {snr: {"status": [...],
-    method: {descriptor: [...]}}}}``."""
-    out = {
-        "truth": {k: np.asarray(truth[k]).tolist() for k in [*SCORED, "family"]},
-        "snr": {},
-    }
-    for snr, (status, estimates) in results.items():
-        row = {"status": np.asarray(status).tolist()}
-        for method, values in estimates.items():
-            row[method] = {
-                k: np.asarray(v, dtype=float).tolist() for k, v in values.items()
-            }
-        out["snr"][str(snr)] = row
-    with open(path, "w") as f:
-        json.dump(out, f)
-
-
-def search_options(args, diffusivity):
-    """The label search's options: the package's default preset and grid,
-    the prior's diffusivity, and the ``--search_option`` values."""
-    options = {} if diffusivity is None else {"diffusivity": diffusivity}
-    grid, inversion = {}, {}
-    for item in args.search_option:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--search_option takes NAME=VALUE, got {item!r}")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass  # a bare string, e.g. boundary=periodic
-        if name in GRID_OPTIONS:  # the BCC grid's settings: grid=dict(...)
-            grid[GRID_OPTIONS[name]] = value
-        elif name in OPTIONS:  # the inversion's: in its configuration
-            inversion[name] = value
-        else:
-            options[name] = value
-    if grid:
-        options["grid"] = grid
-    if inversion:
-        options["preset"] = resolve_config(
-            options.get("preset", "default"), **inversion
-        )
-    return options
-
-
-#: The ``--search_option`` names of the BCC grid's settings (``grid=dict``).
-GRID_OPTIONS = {
-    "grid_size": "size",
-    "grid_resolution": "resolution",
-    "boundary": "boundary",
-    "wall_permeability": "wall_permeability",
-}
 
 
 def errors(estimated, true):
@@ -521,20 +412,12 @@ def main(argv=None):
         help="also fit the first N voxels with the label search (slow: a "
         "minute or more a voxel and SNR)",
     )
-    parser.add_argument(
-        "--search_option",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a SpinverseModel option of the label search (repeatable), e.g. "
-        "grid_resolution=2 search_steps=2 max_iter=4 for a smoke test",
-    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument(
-        "--json",
-        default=None,
-        help="write the first set's truth and every method's estimates, per "
-        "voxel and SNR, here",
+        "--seed",
+        type=int,
+        default=TEST_SEED,
+        help="held-out draws (the left-out families' from seed + 1)",
     )
     add_test_arguments(parser)
     parser.add_argument(
@@ -564,17 +447,15 @@ def main(argv=None):
         print(f"nexi is not installed ({err}): no NEXI column (exchange time)")
     methods = [POSTERIOR, "ActiveAx", "ZCD", "NODDI", "Karger"]
     methods += ["NEXI"] * (nexi is not None) + [SEARCH] * (args.search > 0)
-    sets = [("held-out draws of the training prior", model.prior, TEST_SEED)]
+    sets = [("held-out draws of the training prior", model.prior, args.seed)]
     if args.left_out:
         left = prior_of(args.left_out)
         title = f"families left out of training: {list(args.left_out)}"
-        sets.append((title, left.simulator(protocol), TEST_SEED + 1))
+        sets.append((title, left.simulator(protocol), args.seed + 1))
     # The label search fits the first set's voxels only: a minute or more a
     # voxel and SNR.
     searches = [args.search, 0]
-    for index, ((title, simulator, seed), search) in enumerate(
-        zip(sets, searches, strict=False)
-    ):
+    for (title, simulator, seed), search in zip(sets, searches, strict=False):
         start = time.perf_counter()
         signals, truth, _ = held_out(
             simulator, args.n_test, seed=seed, resolution=args.test_resolution
@@ -589,71 +470,46 @@ def main(argv=None):
             protocol,
             model.gtab,
             signals,
-            args,
             rng,
             nexi,
             diffusivity,
             search=search,
         )
         shown = methods if search else [m for m in methods if m != SEARCH]
-        if args.json and index == 0:  # the held-out draws of the training prior
-            write_estimates(args.json, truth, results)
-        print_table(
-            f"{title}: median |error| (median |error| / truth)",
-            results,
-            truth,
-            shown,
-            record,
-        )
         # The issue's peers target is for non-cylindrical tissue: every
         # family but straight fibres, the geometry ActiveAx, ZCD and NODDI's
         # sticks assume.
         other = np.asarray(truth["family"]) != "fibre"
+        medians = [("", None, None)]
+        risks = [("all voxels", np.ones(args.n_test, bool), None)]
         if other.any() and not other.all():
-            print_table(
-                f"{title}, non-cylindrical voxels only (family not 'fibre'): "
-                "median |error| (median |error| / truth)",
-                results,
-                truth,
-                shown,
-                record,
-                voxels=other,
-            )
+            cylinders = ", non-cylindrical voxels only (family not 'fibre')"
+            medians.append((cylinders, other, None))
+            risks.append(("non-cylindrical voxels", other, None))
         if search:  # the search's voxels alone: the same voxels for all
             searched = np.arange(args.n_test) < search
+            medians += [
+                (f", the {search} voxels the label search fitted", searched, None),
+                (
+                    ", of those the voxels where the label search estimates the "
+                    "descriptor (it has no cell size, membrane or exchange time "
+                    "where it found no cell)",
+                    searched,
+                    SEARCH,
+                ),
+            ]
+            risks.insert(0, ("the same voxels", searched, SEARCH))
+        for name, voxels, common in medians:
             print_table(
-                f"{title}, the {search} voxels the label search fitted: "
-                "median |error| (median |error| / truth)",
+                f"{title}{name}: median |error| (median |error| / truth)",
                 results,
                 truth,
                 shown,
                 record,
-                voxels=searched,
+                voxels=voxels,
+                common=common,
             )
-            print_table(
-                f"{title}, of those the voxels where the label search estimates "
-                "the descriptor (it has no cell size, membrane or exchange time "
-                "where it found no cell): median |error| (median |error| / truth)",
-                results,
-                truth,
-                shown,
-                record,
-                voxels=searched,
-                common=SEARCH,
-            )
-            print_risk_table(
-                f"{title}, the same voxels: mean |error| against the posterior's "
-                f"Bayes risk (its expected |error|, {RISK_DRAWS} draws a voxel)",
-                results,
-                truth,
-                shown,
-                voxels=searched,
-                common=SEARCH,
-            )
-        subsets = [("all voxels", np.ones(args.n_test, bool))]
-        if other.any() and not other.all():
-            subsets.append(("non-cylindrical voxels", other))
-        for name, voxels in subsets:
+        for name, voxels, common in risks:
             print_risk_table(
                 f"{title}, {name}: mean |error| against the posterior's Bayes "
                 f"risk (its expected |error|, {RISK_DRAWS} draws a voxel)",
@@ -661,6 +517,7 @@ def main(argv=None):
                 truth,
                 shown,
                 voxels=voxels,
+                common=common,
             )
 
 

@@ -11,16 +11,12 @@ with :class:`~dipy_spinverse.posterior.PriorSimulator` at ``--time_tolerance``
 less than it). Prints one row per patch side: spacing, draws, the sub-step
 multiplier kept and its measured time error, and seconds a substrate (the
 pilot that measured the error apart), then the prior's mean and the time a
-training set of ``--n_train`` substrates would take on this machine. Run::
-
-    python benchmarks/prior_throughput.py --n 64
-    python benchmarks/prior_throughput.py --n 64 --cell_diameter 3 25
-    python benchmarks/prior_throughput.py --n 64 --families axon
-    python benchmarks/prior_throughput.py --n 48 --families axon --protocol hcp
-
+training set of ``--n_train`` substrates would take on this machine.
 ``--protocol``: ``demo`` (the README demo's 99 volumes, ``--n_directions``
 per shell), ``published`` (the Spinverse paper's 540) or ``hcp`` (the
-HCP-style 288, :func:`~dipy_spinverse.sim.sequences.hcp_protocol`).
+HCP-style 288, :func:`~dipy_spinverse.sim.sequences.hcp_protocol`)::
+
+    python benchmarks/prior_throughput.py --n 48 --families axon --protocol hcp
 """
 
 import argparse

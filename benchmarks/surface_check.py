@@ -7,48 +7,30 @@ screens its shape dictionary (-m slow).
 Does the label search's uncertainty predict its error? (issue 46, item 2)
 
 Draws ``--n`` held-out substrates in the label search's own closed box (the
-default grid, 26.7 um, reflecting walls): random cells of
-:func:`~dipy_spinverse.geometry.substrates.random_substrates` (1-4 cells of
-seven kinds, touching or not, 1e-6 to 1e-4 m/s) from ``--seed``, which no
-training used. Simulates them on the demo's protocol (99 volumes,
-``make_phantom_dataset``'s), noise-free and with Rician noise at ``--snr``,
-and fits each through ``SpinverseModel(fit_method="search")``. Two
-uncertainties are scored:
-
-- ``own``: the search's own (labellings near its answer);
-- ``checked``: with the surface check of the demo's
-  (``surface_check.json``: ``data.DEMO_SURFACE_PRIOR``, the search's own
-  closed box, and its shipped posterior): at least the posterior's volume
-  bound, 1 outside its support. It is computed from the same answers as
-  ``SpinverseModel(..., prior=)`` computes it
-  (:func:`~dipy_spinverse.reconst.posterior.surface_volume_bound`, tested
-  equal in tests/reconst/test_surface_check.py), so each voxel is searched
-  once.
-
-``--published`` adds the six closed boxes of the README demo (cylinders and
-a sphere of the published shapes, ``data.PHANTOM_VOXELS``), which the
-search finds exactly: an uncertainty that flags them is a false alarm.
-They are scored with the held-out ones and listed apart.
+default grid, 26.7 um, reflecting walls; 1-4 random cells of
+:func:`~dipy_spinverse.geometry.substrates.random_substrates`) from
+``--seed``, which no training used; ``--published`` adds the six closed
+boxes of the README demo, which the search finds exactly (an uncertainty
+that flags them is a false alarm). Simulates them on the demo's protocol,
+noise-free and with Rician noise at ``--snr``, fits each through
+``SpinverseModel(fit_method="search")`` and scores two uncertainties:
+the search's own (``own``), and with the demo's surface check
+(``checked``: at least the shipped posterior's volume bound,
+:func:`~dipy_spinverse.reconst.posterior.surface_volume_bound`, computed
+from the same answers as ``SpinverseModel(..., prior=)`` computes it).
 
 Each answer is scored by the aligned IoU of its cells against the truth
-(:func:`~dipy_spinverse.geometry.metrics.aligned_overlap`: the best over the
-grid's signal symmetries). Prints, per noise level and uncertainty, the
-calibration table of issue 46 (uncertainty bins against aligned IoU) and its
-targets:
+(:func:`~dipy_spinverse.geometry.metrics.aligned_overlap`). Prints, per
+noise level and uncertainty, the calibration table of issue 46 and its
+targets: of the voxels with uncertainty < 0.1, the share with aligned IoU
+>= 0.8 (target 90 %); of those with aligned IoU < 0.5, the share with
+uncertainty >= 0.25 (target 90 %); confident wrong answers (IoU < 0.5,
+uncertainty < 0.1, status OK; target none).
 
-- of the voxels with uncertainty < 0.1, the share with aligned IoU >= 0.8
-  (target >= 90 %);
-- of the voxels with aligned IoU < 0.5, the share with uncertainty >= 0.25
-  (target >= 90 %);
-- confident wrong answers: aligned IoU < 0.5 with uncertainty < 0.1 and
-  status OK (target: none).
-
-    python benchmarks/surface_check.py --n 16 --snr 100 --json out.json
+    python benchmarks/surface_check.py --n 12 --snr 100 --published
 """
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 from types import SimpleNamespace
@@ -105,7 +87,6 @@ def main(argv=None):
         default=None,
         help="descents of the label search (search_restarts; default the preset's)",
     )
-    parser.add_argument("--json", help="write the rows and summaries here")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke test, not a measurement"
     )
@@ -122,7 +103,6 @@ def main(argv=None):
         "noise-free": (clean, args.noise_free_sigma),
         f"SNR {args.snr:g}": (noisy, 1.0 / args.snr),
     }
-    results = {}
     options = {} if args.restarts is None else dict(search_restarts=args.restarts)
     search = {}
     if args.quick:
@@ -139,24 +119,15 @@ def main(argv=None):
         checked = _checked(
             SpinverseModel(protocol, sigma=given, **posterior), signals, own
         )
-        results[name] = dict(own=own, checked=checked, seconds_per_voxel=seconds)
         _print(name, "own", own, seconds)
         _print(name, "checked", checked, seconds)
-    if args.json:
-        meta = dict(
-            machine=f"{platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}",
-            args=vars(args),
-        )
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=1)
 
 
 def held_out_voxels(grid, protocol, n, *, seed, snr, published):
     """The benchmark's voxels: ``n`` held-out substrates drawn from ``seed``
     (and the demo's six closed boxes if ``published``), their noise-free
     b0-normalised signals and one Rician draw at ``snr`` (seeded by ``seed``
-    too, so other benchmarks fit the same noisy voxels)."""
+    too)."""
     substrates = random_substrates(grid, n, seed=seed) if n else []
     if published:
         substrates += _published(grid)

@@ -63,11 +63,11 @@ def make_volume(folder, shape, n_mask, *, seed=0):
     return {**demo, **paths}
 
 
-def made_volume(folder, shape, n_mask):
+def made_volume(folder, shape, n_mask, seed):
     """:func:`make_volume` in a fresh interpreter; its paths."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(make_volume, (folder, shape, n_mask))
+        return pool.apply(make_volume, (folder, shape, n_mask), dict(seed=seed))
 
 
 def run_workflow(paths, out_dir, *, max_iter):
@@ -110,6 +110,7 @@ def main(argv=None):
     parser.add_argument("--shape", type=int, nargs=3, default=(145, 174, 145))
     parser.add_argument("--n_mask", type=int, default=1000)
     parser.add_argument("--max_iter", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the mask's places")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke test, not a measurement"
     )
@@ -122,7 +123,7 @@ def main(argv=None):
     rows = []
     for shape in ((side,) * 3, tuple(args.shape)):
         with tempfile.TemporaryDirectory() as folder:
-            paths = made_volume(folder, shape, args.n_mask)
+            paths = made_volume(folder, shape, args.n_mask, args.seed)
             n_volumes = nib.load(paths["data"]).shape[-1]
             seconds, peak = run_workflow(
                 paths, os.path.join(folder, "fit"), max_iter=args.max_iter

@@ -1,10 +1,11 @@
-"""The benchmark suite: every script names its validation page and has a
-``--quick`` smoke run (run here; the long ones with ``-m slow``), and the
-helpers of the scripts that score, split or write."""
+"""The benchmark suite: every script names its validation page, takes
+``--seed`` and has a ``--quick`` smoke run (run here; the long ones with
+``-m slow``), and the helpers of the scripts that score, split or write."""
 
 import importlib.util
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -21,19 +22,11 @@ _SCRIPTS = sorted(p.stem for p in _PATH.parent.glob("*.py"))
 #: Scripts whose ``--quick`` run takes more than about a minute on 2 shared
 #: cores (a label search, a training or a whole-brain fit): run with -m slow.
 _SLOW = {
-    "challengers",
     "compartments",
     "cord_histology",
-    "descriptor_seeds",
     "generalisation",
-    "inversion_experiments",
     "isbi_prediction",
-    "label_search",
-    "mesh_experiments",
-    "mesh_size",
     "posterior_peers",
-    "posterior_training_time",
-    "proposal_training",
     "protocols",
     "surface_check",
     "tissue_maps",
@@ -63,7 +56,8 @@ def _load_benchmark(name, monkeypatch=None):
 
 def test_every_script_names_its_page_and_the_index_lists_it():
     """Each script's docstring opens with the validation page whose tables
-    it regenerates, the page exists, and benchmarks/README.md lists it."""
+    it regenerates, the page exists, benchmarks/README.md lists it, and it
+    takes --quick and an explicit --seed."""
     index = (_PATH.parent / "README.md").read_text()
     for name in _SCRIPTS:
         text = (_PATH.parent / f"{name}.py").read_text()
@@ -73,6 +67,9 @@ def test_every_script_names_its_page_and_the_index_lists_it():
         assert (_ROOT / page).exists(), (name, page)
         assert f"`{name}.py` | `{pathlib.Path(page).name}`" in index, name
         assert '"--quick"' in text, name
+        assert '"--seed"' in text, name
+    listed = re.findall(r"^\| `(\w+)\.py` \|", index, flags=re.MULTILINE)
+    assert sorted(listed) == _SCRIPTS  # one row per script, none of a dropped one
 
 
 def _quick_params():
@@ -176,18 +173,7 @@ def test_rows_file_resumes_and_refuses_other_settings(bench, tmp_path):
     """--rows: voxels appended per batch are read back as they were scored
     (infinite Chamfer and NaN chi-square included), voxels beyond --n are
     left out, and rows of other settings for the same physics are refused."""
-    args = bench.argparse.Namespace(
-        seed=7,
-        starts="dictionary",
-        ranking="lazy",
-        restarts=1,
-        kicks=0,
-        bootstrap=0,
-        search_batch=0,
-        batch=8,
-        proposal=4000,
-        approximation=0,
-    )
+    args = bench.argparse.Namespace(seed=7, batch=8, approximation=0)
     key = bench._settings("paper", args)
     path = str(tmp_path / "rows.jsonl")
     assert bench._stored_rows(path, key, 10) == {}  # no file yet
@@ -213,7 +199,7 @@ def test_rows_file_resumes_and_refuses_other_settings(bench, tmp_path):
     assert back[1]["chamfer"] == np.inf and np.isnan(back[1]["chi2_gap"])
     other = bench._settings("snr100", args)  # another physics: ignored
     assert bench._stored_rows(path, other, 10) == {}
-    args.restarts = 8
+    args.seed = 8
     with pytest.raises(SystemExit, match="give another file"):
         bench._stored_rows(path, bench._settings("paper", args), 10)
 

@@ -107,8 +107,8 @@ def test_axon_template_checks(template, protocol):
 def _family_signal(template, protocol, **params):
     # The family member on the fit's own template and eigenbasis cut-off: what
     # is tested is the optimiser (its start, screen and steps), which must
-    # then recover the parameters to a few percent; held-out meshes are the
-    # benchmark's (benchmarks/mesh_experiments.py --code axon).
+    # then recover the parameters to a few percent; held-out meshes were the
+    # benchmark's (doc/validation/mesh_inversion.md, the axon code).
     shape = axon_shape(template)
     mesh = shape.mesh(shape.code(**params))
     return mesh_signal(mesh, protocol, length_scale=2.0).numpy()
