@@ -82,3 +82,21 @@ def test_cat_spinal_cord_example_runs(tmp_path):
     assert "| posterior median | white matter" in run.stdout
     assert "inside the posterior's 90 % interval" in run.stdout
     assert (tmp_path / "cat_spinal_cord.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_isbi_example_runs(tmp_path):
+    """The ISBI voxels' held-out prediction (ActiveAx alone); skipped
+    without the dmipy 1.0.5 files."""
+    from dipy_spinverse.io.datasets import dmipy_data_folder
+
+    try:
+        dmipy_data_folder()
+    except FileNotFoundError:
+        pytest.skip("the dmipy 1.0.5 files are not here")
+    script = os.path.join(EXAMPLES, "isbi_white_matter.py")
+    command = [sys.executable, script, "--quick", "--out", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| ActiveAx |" in run.stdout
+    assert (tmp_path / "isbi_white_matter.png").stat().st_size > 0
