@@ -83,14 +83,8 @@ if args.quick:
 # Each timing repeats its b = 0 volume: the spread of those repeats is the
 # noise, per voxel, in the data's units.
 data = cord.data[mask]
-b0 = cord.gtab.b0s_mask
-residuals = [
-    data[:, rows[b0[rows]]] - data[:, rows[b0[rows]]].mean(-1, keepdims=True)
-    for _, rows in cord.protocol.groups()
-]
-dof = sum(r.shape[1] - 1 for r in residuals)
-noise = np.sqrt(sum((r**2).sum(-1) for r in residuals) / dof)
-snr = float(np.median(data[:, b0].mean(-1) / noise))
+noise, levels = cord.repeated_b0_noise(mask)
+snr = float(np.median(levels[:, cord.gtab.b0s_mask].mean(-1) / noise))
 # The estimator is trained at SNR 10-300: above that the model's own errors,
 # not the scanner's noise, limit what it can say.
 sigma = max(1 / snr, 1 / TrainingOptions().snr_range[1])

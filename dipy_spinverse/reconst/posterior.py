@@ -447,20 +447,12 @@ class PosteriorFit(ReconstFit):
         )
 
     def _draws(self, name, n, *, seed=1):
-        rows = self.params["inputs"]
         tail = (3,) if name == "orientation" else ()
-        out = np.full((n, len(rows)) + tail, np.nan)
+        out = np.full((n, len(self.params["status"])) + tail, np.nan)
         ok = np.flatnonzero(self.params["status"] == OK)
-        chunk = _voxels_per_batch(n)
-        for start in range(0, len(ok), chunk):
-            part = ok[start : start + chunk]
-            draws = self.model.estimator.sample(
-                torch.as_tensor(rows[part]),
-                torch.as_tensor(self.params["sigma"][part]),
-                n,
-                generator_seed=seed + start,
-            )
-            out[:, part] = decode(draws.numpy())[name]
+        if len(ok):
+            values = self._flow_values(ok, n, seed)
+            out[:, ok] = decode(np.moveaxis(values, 0, 1))[name]
         return out
 
     # -- prediction ------------------------------------------------------------------
