@@ -375,14 +375,7 @@ class TissuePrior:
             n = int(rng.integers(self.n_cells[0], self.n_cells[1] + 1))
             fraction = rng.uniform(*self.restricted_fraction)
             diameter = math.exp(rng.uniform(*np.log(self.cell_diameter)))
-            axis = None
-            if family == "fibre":
-                axis = np.asarray(FIBRE_DIRECTIONS[rng.integers(len(FIBRE_DIRECTIONS))])
-            elif family == "axon" and self.fibre_axis is not None:
-                axis = np.array(self.fibre_axis)
-            elif family == "axon":
-                axis = rng.standard_normal(3)
-                axis /= np.linalg.norm(axis)
+            axis = self._axis_with(family, None, rng)
             side = self._side(boundary, family, diameter, n, fraction, axis)
             box = (side, family, n, fraction, axis, boundary)
             state = rng.bit_generator.state
@@ -454,8 +447,9 @@ class TissuePrior:
             as the prior's draws do.
         axis : (3,) array_like, optional
             Fibres' direction of an ``"axon"`` or ``"fibre"`` draw (a
-            ``"fibre"`` draw takes the nearest of its directions); default:
-            drawn as :meth:`draw` does.
+            ``"fibre"`` draw takes the nearest of its directions; a prior
+            with ``fibre_axis`` keeps its own); default: drawn as
+            :meth:`draw` does.
 
         Returns
         -------
@@ -511,14 +505,16 @@ class TissuePrior:
         )
 
     def _axis_with(self, family, axis, rng):
-        """The fibres' direction of a :meth:`draw_with` draw."""
+        """The fibres' direction of a draw: ``axis`` where given (a
+        ``"fibre"`` draw takes the nearest of its lattice directions),
+        otherwise drawn; None for cells that are not fibres."""
         if family not in ("axon", "fibre"):
             return None
+        if family == "axon" and self.fibre_axis is not None:
+            return np.array(self.fibre_axis)  # the prior holds no other
         if axis is None:
             if family == "fibre":
                 return np.asarray(FIBRE_DIRECTIONS[rng.integers(len(FIBRE_DIRECTIONS))])
-            if self.fibre_axis is not None:
-                return np.array(self.fibre_axis)
             axis = rng.standard_normal(3)
         axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
         if family == "axon":
