@@ -19,6 +19,7 @@ __all__ = [
     "check_int",
     "check_number",
     "check_positive",
+    "check_range",
     "check_choice",
     "check_device",
     "check_dtype",
@@ -221,6 +222,38 @@ def check_positive(value, name, unit="", example=None):
         hint = f" (e.g. {example})" if example is not None else ""
         raise ValueError(f"{name} must be finite and > 0{where}{hint}, got {value!r}.")
     return value
+
+
+def check_range(value, name, minimum=0.0):
+    """A ``(low, high)`` range of positive numbers, as floats.
+
+    Parameters
+    ----------
+    value : pair of numbers
+    name : str
+        The argument's name, in errors.
+    minimum : float
+        The smallest ``low`` allowed (``low`` is > 0 in any case).
+
+    Returns
+    -------
+    low, high : float
+
+    Raises
+    ------
+    ValueError
+        Not a pair of numbers, or not ``0 < low <= high`` (finite, ``low``
+        at least ``minimum``).
+    """
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a (low, high) range, got {value!r}.") from err
+    if not (minimum <= low <= high) or not math.isfinite(high) or low <= 0:
+        raise ValueError(
+            f"{name} must be a range (low, high) with 0 < low <= high, got {value!r}."
+        )
+    return low, high
 
 
 def check_choice(value, name, choices):

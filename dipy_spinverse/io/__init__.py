@@ -27,8 +27,11 @@ from .datasets import (
     RealDataset,
     dmipy_data_folder,
     effective_diameter,
+    held_out_shells,
     read_cat_spinal_cord,
     read_isbi2015,
+    subset_table,
+    thin_qspace,
 )
 from .fits import (
     load_fit,
@@ -86,6 +89,9 @@ __all__ = [
     "read_isbi2015",
     "dmipy_data_folder",
     "effective_diameter",
+    "thin_qspace",
+    "held_out_shells",
+    "subset_table",
     "DMIPY_VERSION",
     "MESH_FORMATS",
     "read_mesh",

@@ -64,7 +64,7 @@ import torch
 from dipy.utils.logging import logger
 from tqdm.auto import tqdm
 
-from ..checks import check_diffusivity, check_int, check_number
+from ..checks import check_diffusivity, check_int, check_number, check_range
 from ..geometry.descriptors import DESCRIPTORS, cell_covariances, describe
 from ..geometry.substrates import (
     FIBRE_DIRECTIONS,
@@ -73,7 +73,6 @@ from ..geometry.substrates import (
     packed_substrate,
     random_substrate,
 )
-from ..geometry.substrates.substrate import substrate_from_labels
 from ..sim.forward import converged_substeps, simulate
 from ..sim.grid import TetGrid
 from ..sim.sections import SectionGrid
@@ -220,23 +219,25 @@ class TissuePrior:
 
     def __post_init__(self):
         set_ = object.__setattr__
-        set_(self, "cell_diameter", _range(self.cell_diameter, "cell_diameter", 0.0))
-        low, high = _range(self.n_cells, "n_cells", 1.0)
+        set_(
+            self, "cell_diameter", check_range(self.cell_diameter, "cell_diameter", 0.0)
+        )
+        low, high = check_range(self.n_cells, "n_cells", 1.0)
         if low != int(low) or high != int(high):
             raise ValueError(f"n_cells must be whole numbers, got {self.n_cells!r}.")
         set_(self, "n_cells", (int(low), int(high)))
-        fraction = _range(self.restricted_fraction, "restricted_fraction", 0.0)
+        fraction = check_range(self.restricted_fraction, "restricted_fraction", 0.0)
         if fraction[1] >= 1.0:
             raise ValueError(
                 "restricted_fraction must lie in (0, 1), e.g. (0.05, 0.85), got "
                 f"{self.restricted_fraction!r}."
             )
         set_(self, "restricted_fraction", fraction)
-        set_(self, "permeability", _range(self.permeability, "permeability", 0.0))
+        set_(self, "permeability", check_range(self.permeability, "permeability", 0.0))
         if np.ndim(self.diffusivity) == 0:
             set_(self, "diffusivity", check_diffusivity(self.diffusivity))
         else:
-            low, high = _range(self.diffusivity, "diffusivity", 0.0)
+            low, high = check_range(self.diffusivity, "diffusivity", 0.0)
             set_(self, "diffusivity", (check_diffusivity(low), check_diffusivity(high)))
         families = self.families
         if families is None:
@@ -488,20 +489,15 @@ class TissuePrior:
         return None
 
     def _with_mean_permeability(self, grid, substrate, permeability):
-        """``substrate`` with its cells' permeabilities scaled so that their
-        volume-weighted mean (the ``permeability`` descriptor) is
-        ``permeability``, within the prior's range: the cells keep the
-        prior's scatter about the mean, which the signal depends on (one
-        leaky cell among tight ones is not their mean)."""
+        """``substrate`` with its cells' permeabilities scaled to the
+        volume-weighted mean ``permeability`` (the descriptor), within the
+        prior's range: the cells keep the prior's scatter about the mean,
+        which the signal depends on (one leaky cell among tight ones is not
+        their mean)."""
         kappa = np.asarray(substrate.permeability, dtype=float)
-        mean = np.average(kappa, weights=substrate.volumes)
-        kappa = np.clip(kappa * (permeability / mean), *self.permeability)
-        return substrate_from_labels(
-            grid,
-            substrate.labels,
-            kappa=kappa,
-            kinds=substrate.kinds,
-            params=substrate.params,
+        scale = permeability / np.average(kappa, weights=substrate.volumes)
+        return substrate.with_permeability(
+            grid, np.clip(kappa * scale, *self.permeability)
         )
 
     def _axis_with(self, family, axis, rng):
@@ -984,18 +980,6 @@ def _unit_axis(axis, families):
             f"fibre_axis must be a finite, non-zero direction (x, y, z), got {axis!r}."
         )
     return tuple(float(v) for v in vector / norm)
-
-
-def _range(value, name, minimum):
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a (low, high) range, got {value!r}.") from err
-    if not (minimum <= low <= high) or not math.isfinite(high) or low <= 0:
-        raise ValueError(
-            f"{name} must be a range (low, high) with 0 < low <= high, got {value!r}."
-        )
-    return low, high
 
 
 def _within(value, bounds):

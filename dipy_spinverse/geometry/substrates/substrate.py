@@ -123,6 +123,28 @@ class Substrate:
         """Grid cells inside any cell (``labels > 0``)."""
         return self.labels > 0
 
+    def with_permeability(self, grid, permeability):
+        """The same cells with other membrane permeabilities.
+
+        Parameters
+        ----------
+        grid : TetGrid or SectionGrid
+            The grid the substrate was drawn into.
+        permeability : array_like (n_cells,)
+            Each cell's membrane permeability, m/s.
+
+        Returns
+        -------
+        Substrate
+        """
+        return substrate_from_labels(
+            grid,
+            self.labels,
+            kappa=np.asarray(permeability, dtype=float),
+            kinds=self.kinds,
+            params=self.params,
+        )
+
     def phantom(self, *, name="random_substrate"):
         """The substrate as a :class:`~dipy_spinverse.geometry.phantoms.Phantom`.
 
