@@ -127,7 +127,7 @@ def check_flags(arguments):
     """
     args = arguments  # by flag name
     metrics = check_metrics(args["save_metrics"])
-    n_report = check_int(args["n_report"], "n_report", 0)
+    n_report = check_int(args["n_report"], "--n_report", 0)
     refine_mesh = bool(args["refine_mesh"])
     mesh_options = parse_mesh_options(args["mesh_options"], refine_mesh=refine_mesh)
     noise = parse_noise(args["sigma"], args["snr"])
@@ -169,9 +169,9 @@ def check_flags(arguments):
             "--save_metrics uncertainty comes from the label search, which "
             f"--preset {args['preset']} does not run; use --preset default."
         )
-    check_number(args["bvecs_tol"], "bvecs_tol", minimum=0.0)
+    check_number(args["bvecs_tol"], "--bvecs_tol", minimum=0.0)
     ext = check_choice(
-        args["smooth_mesh_format"], "smooth_mesh_format", SMOOTH_MESH_FORMATS
+        args["smooth_mesh_format"], "--smooth_mesh_format", SMOOTH_MESH_FORMATS
     )
     return Flags(
         fit_method=fit_method,
@@ -300,7 +300,9 @@ def check_metrics(save_metrics):
         return list(DEFAULT_METRICS)
     if isinstance(save_metrics, str):
         save_metrics = [save_metrics]
-    return [check_choice(name, "save_metrics entry", METRICS) for name in save_metrics]
+    return [
+        check_choice(name, "--save_metrics entry", METRICS) for name in save_metrics
+    ]
 
 
 def parse_mesh_options(mesh_options, *, refine_mesh=True):
@@ -437,7 +439,7 @@ def parse_noise(sigma, snr):
     if sigma is not None and snr is not None:
         raise ValueError("Give the noise once: --sigma or --snr, not both.")
     if snr is not None:
-        snr = check_number(snr, "snr", minimum=0.0)
+        snr = check_number(snr, "--snr", minimum=0.0)
         if snr == 0:
             return None
         if snr <= 1:
@@ -458,5 +460,5 @@ def parse_noise(sigma, snr):
             f"--sigma must be a noise standard deviation in the data's units "
             f"(e.g. 20) or 'auto', got {sigma!r}."
         ) from err
-    value = check_number(value, "sigma", minimum=0.0)
+    value = check_number(value, "--sigma", minimum=0.0)
     return None if value == 0 else ("sigma", value)

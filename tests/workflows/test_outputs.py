@@ -436,7 +436,7 @@ def test_save_metrics_chooses_the_outputs(demo, tmp_path):
     assert sorted(outputs_written) == ["s0.nii.gz", "status.nii.gz"]
     assert os.path.isfile(outputs["out_state"])  # always: it marks a finished run
     assert_array_equal(np.asanyarray(nib.load(outputs["out_status"]).dataobj), OK)
-    with pytest.raises(ValueError, match="Invalid save_metrics entry 'fa'"):
+    with pytest.raises(ValueError, match="Invalid --save_metrics entry 'fa'"):
         _run(demo, tmp_path / "bad", save_metrics=["fa"])
     assert not os.path.exists(tmp_path / "bad")  # refused before fitting
 

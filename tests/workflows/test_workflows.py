@@ -732,7 +732,7 @@ def test_refine_mesh_from_the_command_line(demo, tmp_path, monkeypatch):
         (dict(mesh_options="n_modes=3"), "--mesh_options must be a JSON object"),
         (dict(mesh_options="[3]"), "--mesh_options must be a JSON object"),
         (dict(mesh_options='{"n_modes": 3}', refine_mesh=False), "add --refine_mesh"),
-        (dict(smooth_mesh_format="stl"), "Invalid smooth_mesh_format"),
+        (dict(smooth_mesh_format="stl"), "Invalid --smooth_mesh_format"),
         (dict(preset="paper"), "--refine_mesh starts each mesh .*--preset default"),
     ],
 )
