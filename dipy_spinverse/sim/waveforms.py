@@ -319,16 +319,27 @@ class DoublePGSE(Waveform):
         return self.big_delta - self.small_delta / 3.0
 
 
+@dataclass(frozen=True)
 class _OGSE(Waveform):
-    """Shared parts of oscillating-gradient spin echoes.
+    """Shared parts of oscillating-gradient spin echoes: their fields and
+    checks (the subclasses' Parameters).
 
     Lobe 1 is ``p(2 pi n t / delta)`` on [0, delta] and lobe 2 is
     ``-p(2 pi n (t - Delta) / delta)`` on [Delta, Delta + delta], with p = cos or
     sin and n an integer number of periods per lobe.
     """
 
+    small_delta: float
+    big_delta: float
+    n_periods: int
+    _: KW_ONLY
+    steps_per_period: int = 32
+
     _profile = None  # np.cos or np.sin, set by subclasses
     _closed_form_factor = None  # b = factor * delta^3 / (4 pi^2 n^2)
+
+    def __post_init__(self):
+        self._validate()
 
     def _validate(self):
         small_delta, big_delta = _check_lobes(self.small_delta, self.big_delta)
@@ -399,17 +410,8 @@ class CosineOGSE(_OGSE):
         mean of the cosine over the piece.
     """
 
-    small_delta: float
-    big_delta: float
-    n_periods: int
-    _: KW_ONLY
-    steps_per_period: int = 32
-
     _profile = staticmethod(np.cos)
     _closed_form_factor = 1.0
-
-    def __post_init__(self):
-        self._validate()
 
     @property
     def diffusion_time(self):
@@ -439,17 +441,8 @@ class SineOGSE(_OGSE):
         mean of the sine over the piece.
     """
 
-    small_delta: float
-    big_delta: float
-    n_periods: int
-    _: KW_ONLY
-    steps_per_period: int = 32
-
     _profile = staticmethod(np.sin)
     _closed_form_factor = 3.0
-
-    def __post_init__(self):
-        self._validate()
 
 
 @dataclass(frozen=True)
