@@ -17,7 +17,8 @@ The settings come from the anatomy and the protocol, not the histology
 um^2/ms), ZCD fits its diffusivities, and the posterior's prior fixes the
 cord's axis (z) and draws the diffusivity from 0.3-3 um^2/ms. The noise
 comes from the repeated b = 0 volumes of each timing; the posterior is
-given sigma = 1/300, the top of its training noise. It is trained for the
+given sigma = median b = 0 / 300 (in the data's units), the top of its
+training noise. It is trained for the
 protocol it fits, a subset of the 1,791 volumes (every b = 0 and every
 ``--every``-th gradient strength of each timing and direction, from the
 strongest down: the same q range and timings).
@@ -82,7 +83,7 @@ def fit_compartments(name, dataset):
     return out
 
 
-def fit_posterior(dataset, relative_sigma, every, cache_dir):
+def fit_posterior(dataset, sigma, every, cache_dir):
     from dipy_spinverse import SpinverseModel
     from dipy_spinverse.posterior import TissuePrior
 
@@ -93,7 +94,7 @@ def fit_posterior(dataset, relative_sigma, every, cache_dir):
         gtab,
         fit_method="posterior",
         prior=prior,
-        sigma=relative_sigma,
+        sigma=sigma,
         cache_dir=cache_dir,
     )
     trained = time.perf_counter() - start
@@ -207,9 +208,11 @@ def main(argv=None):
     for name in args.models:
         if name == "posterior":
             # The estimator is trained on SNR 10-300: above that the model's
-            # own errors (grid, T2 of the compartments) exceed the noise.
-            sigma = max(1 / snr, 1 / TrainingOptions().snr_range[1])
-            results[name] = fit_posterior(cord, sigma, args.every, args.cache_dir)
+            # own errors (grid, T2 of the compartments) exceed the noise. In
+            # the data's units, as the model takes it.
+            top = TrainingOptions().snr_range[1]
+            noise = max(float(np.median(sigma)), float(np.median(s0)) / top)
+            results[name] = fit_posterior(cord, noise, args.every, args.cache_dir)
         else:
             results[name] = fit_compartments(name, cord)
         print(f"{name}: fitted in {results[name]['seconds']:.0f} s")

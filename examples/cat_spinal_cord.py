@@ -84,11 +84,13 @@ if args.quick:
 # noise, per voxel, in the data's units.
 data = cord.data[mask]
 noise, levels = cord.repeated_b0_noise(mask)
-snr = float(np.median(levels[:, cord.gtab.b0s_mask].mean(-1) / noise))
+s0 = np.median(levels[:, cord.gtab.b0s_mask].mean(-1))
+snr = float(s0 / np.median(noise))
 # The estimator is trained at SNR 10-300: above that the model's own errors,
-# not the scanner's noise, limit what it can say.
-sigma = max(1 / snr, 1 / TrainingOptions().snr_range[1])
-print(f"{mask.sum()} voxels; SNR of the b = 0 signal {snr:.0f}; sigma {sigma:.4f}")
+# not the scanner's noise, limit what it can say. sigma is in the data's
+# units, as DIPY's noise estimates give it.
+sigma = max(float(np.median(noise)), s0 / TrainingOptions().snr_range[1])
+print(f"{mask.sum()} voxels; SNR of the b = 0 signal {snr:.0f}; sigma {sigma:.4g}")
 
 ###############################################################################
 # The fits

@@ -39,7 +39,11 @@ def main(argv=None):
     )
     parser.add_argument("--engine", default="serial", help="serial or joblib")
     parser.add_argument(
-        "--sigma", type=float, default=0.015, help="noise / b=0 signal (0: unknown)"
+        "--sigma",
+        type=float,
+        default=10.0,
+        help="noise standard deviation in the data's units (the demo's: "
+        "S0 1000 / SNR 100; 0: unknown)",
     )
     args = parser.parse_args(argv)
 

@@ -115,6 +115,7 @@ LAYERS = [
     "posterior",
     "reconst.codes",
     "reconst.plausibility",
+    "reconst.noise",
     "reconst.gate",
     "reconst.voxels",
     "reconst.fit_metrics",

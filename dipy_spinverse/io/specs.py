@@ -39,6 +39,8 @@ def model_spec(model):
         device=str(model.device),
         dtype=str(model.dtype).replace("torch.", ""),
         options=model.config.as_dict(),
+        sigma=model.sigma,
+        s0_reference=model.s0_reference,
         refine_mesh=model.refine_mesh,
         mesh_options=model.mesh_options,
         protocol=dict(
@@ -83,8 +85,12 @@ def model_from_spec(spec):
         config = InversionConfig.from_options(**options)
     else:  # files of earlier versions: a preset, its options and max_iter
         config = resolve_config(preset, max_iter=spec["max_iter"], **options)
-    return SpinverseModel(
+    # Files before the noise convention of issue 61 hold the relative noise
+    # in the configuration alone (the model then uses it as it is).
+    sigma = spec.get("sigma") or None
+    model = SpinverseModel(
         table,
+        sigma=sigma,
         grid=grid,
         diffusivity=spec["diffusivity"],
         preset=config,
@@ -94,6 +100,8 @@ def model_from_spec(spec):
         refine_mesh=spec.get("refine_mesh", False),
         mesh_options=spec.get("mesh_options"),
     )
+    reference = spec.get("s0_reference")
+    return model if reference is None else model.referenced_to(reference)
 
 
 def _grid_spec(grid):

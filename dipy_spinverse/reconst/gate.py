@@ -19,6 +19,7 @@ from ..sim.sequences import Protocol, check_bvals
 from ..sim.signals import VoxelSignals
 from ..sim.waveforms import PGSE
 from .codes import BAD_B0, NONFINITE, OK, POOR_FIT_FALSE_ALARM
+from .noise import relative_noise
 from .plausibility import impossible_signal
 
 __all__ = [
@@ -160,6 +161,10 @@ class Admitted:
         S0 of both methods.
     S0_sequences : ndarray (n, n_sequences)
         Each sequence's b = 0 scale (NaN where not admitted).
+    sigma : ndarray (n,)
+        Each voxel's noise over its mean b = 0 signal
+        (:func:`~dipy_spinverse.reconst.noise.relative_noise`; 0 when the
+        noise is not known, NaN where not admitted).
     """
 
     signals: VoxelSignals
@@ -167,6 +172,7 @@ class Admitted:
     impossible: np.ndarray
     S0: np.ndarray
     S0_sequences: np.ndarray
+    sigma: np.ndarray
 
     @property
     def ok(self):
@@ -184,8 +190,8 @@ def admit(data, protocol, *, sigma=0.0, dtype=torch.float32):
     protocol : Protocol
         Their acquisitions.
     sigma : float
-        Noise over the b = 0 signal (0: unknown; the impossible-signal test
-        then uses each voxel's own spread).
+        Noise standard deviation in the data's units (0: unknown; the
+        impossible-signal test then uses each voxel's own spread).
     dtype : torch.dtype
         The precision the signals are fitted in: a normalised signal beyond
         its range (a b = 0 of 1e-310) is ``NONFINITE``.
@@ -206,13 +212,14 @@ def admit(data, protocol, *, sigma=0.0, dtype=torch.float32):
     overflows = ~(np.abs(signals.normalised) <= largest).all(axis=1)
     status[(status == OK) & overflows] = NONFINITE
     ok = status == OK
+    relative = np.where(ok, relative_noise(sigma, signals.s0), np.nan)
     impossible = np.zeros(len(data), dtype=bool)
     impossible[ok] = impossible_signal(
-        signals[ok], protocol, sigma=sigma, false_alarm=POOR_FIT_FALSE_ALARM
+        signals[ok], protocol, sigma=relative[ok], false_alarm=POOR_FIT_FALSE_ALARM
     )
     S0 = np.where(ok, signals.s0, np.nan)
     S0_sequences = np.where(ok[:, None], signals.scale, np.nan)
-    return Admitted(signals, status, impossible, S0, S0_sequences)
+    return Admitted(signals, status, impossible, S0, S0_sequences, relative)
 
 
 def s0_per_acquisition(sequences, protocol, s0, s0_sequences):

@@ -63,9 +63,9 @@ def impossible_signal(
         (:class:`~dipy_spinverse.sim.signals.VoxelSignals`).
     protocol : Protocol
         Their acquisitions.
-    sigma : float
-        Noise relative to the mean b = 0 signal (1/SNR), or 0 when not
-        known.
+    sigma : float or array_like (n,)
+        Each voxel's noise relative to its mean b = 0 signal (1/SNR), or 0
+        when not known.
     false_alarm : float
         Largest share of voxels of true attenuations at most 1 that are
         flagged (Bonferroni: each of the m sequences tested is tested at
@@ -109,7 +109,8 @@ def impossible_signal(
     """
     normalised = np.asarray(signals.normalised, dtype=np.float64)
     flagged = np.zeros(len(normalised), dtype=bool)
-    known = sigma > 0
+    sigma = np.asarray(sigma, dtype=np.float64)
+    known = bool(np.all(sigma > 0))
     tests = [
         (dw, n_b0) for dw, n_b0 in _testable_sequences(protocol) if known or len(dw) > 1
     ]

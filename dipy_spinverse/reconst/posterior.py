@@ -50,6 +50,7 @@ from ..posterior.predictive import predictive_signals
 from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
 from .fit import SpinverseFit
 from .gate import admit, gradient_tables, s0_per_acquisition
+from .noise import relative_noise, warn_noise
 from .voxels import index_volume_fit, mask_rows
 
 __all__ = [
@@ -94,7 +95,8 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     Parameters
     ----------
     model : SpinversePosteriorModel
-        The model (protocol, ``posterior_sigma``, trained estimator).
+        The model (protocol, ``sigma`` in the data's units, trained
+        estimator).
     rows : ndarray (n, n_volumes)
         The voxels' raw signals.
     n_samples : int
@@ -110,7 +112,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
         scalar descriptor its quantiles
         (n, 5) at :data:`_KEPT`, and ``orientation`` (n, 3).
     """
-    gate = admit(rows, model.protocol, sigma=model.posterior_sigma)
+    gate = admit(rows, model.protocol, sigma=model.sigma)
     n = len(gate.status)
     status = gate.status.copy()
     # Outside every prior: no tissue attenuates above its b = 0 signal.
@@ -118,7 +120,8 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     good = status == OK
     inputs = np.full((n, len(model.protocol)), np.nan, dtype=np.float32)
     inputs[good] = gate.signals.normalised[good]
-    sigma = np.full(n, model.posterior_sigma, dtype=np.float32)
+    sigma = gate.sigma.astype(np.float32)
+    warn_noise(sigma[good], snr_range=model.posterior_options.snr_range)
     summary = {name: np.full((n, len(_KEPT)), np.nan) for name in SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
     estimator = model.estimator
@@ -222,7 +225,7 @@ def surface_volume_bound(model, signals, fractions, *, n_samples, seed=0):
     """
     estimator = model.estimator
     inputs = np.asarray(signals.normalised, dtype=np.float32)
-    sigma = np.full(len(inputs), model.posterior_sigma, dtype=np.float32)
+    sigma = relative_noise(model.sigma, signals.s0).astype(np.float32)
     bound = np.ones(len(inputs))
     outside = np.zeros(len(inputs), dtype=bool)
     table = estimator.level_table("restricted_fraction")

@@ -6,37 +6,22 @@ tissue descriptors with credible intervals, from a network trained once per
 protocol and prior and cached on disk.
 """
 
-import numbers
-import warnings
-
 import numpy as np
 from dipy.reconst.base import ReconstModel
 from dipy.utils.logging import logger
 
-from ..checks import check_diffusivity, check_int, check_number
+from ..checks import check_diffusivity, check_int
 from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
 from .gate import check_data, gradient_tables, require_b0
+from .noise import NOISE_HINT, check_sigma
 from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
 from .resume import check_mask, is_mask_rows, volume_shape
 from .status import warn_implausible
 
 __all__ = [
-    "NOISE_HINT",
     "SpinversePosteriorModel",
     "check_prior",
-    "warn_outside_training_noise",
 ]
-
-#: What the noise level ``sigma`` of a model is (in its error messages; the
-#: workflow, whose flags mean other units, puts its own words here).
-NOISE_HINT = (
-    "(the noise standard deviation over the b=0 signal, 1/SNR, e.g. 0.02; "
-    "estimate it e.g. with dipy.denoise.noise_estimate.estimate_sigma divided "
-    "by the mean b=0 signal)"
-)
-
-#: What ``sigma`` is, in its range error.
-SIGMA_HINT = " (noise relative to the b = 0 signal, 1/SNR)"
 
 #: Posterior draws per voxel for the maps and stored intervals.
 N_POSTERIOR_SAMPLES = 128
@@ -52,8 +37,12 @@ class SpinversePosteriorModel(ReconstModel):
         timing in seconds (scalars or one value per volume), or an explicit
         :class:`~dipy_spinverse.sim.sequences.Protocol`. It needs at least
         one b = 0 volume (``b <= gtab.b0_threshold``).
-    sigma : float
-        Noise standard deviation over the b = 0 signal (1/SNR).
+    sigma : float or array_like (n_volumes,)
+        Noise standard deviation in the data's units, as DIPY's noise
+        estimates give it (e.g.
+        ``np.median(dipy.denoise.noise_estimate.estimate_sigma(data))``; one
+        value per volume is taken as their root mean square). Each voxel's
+        relative noise is ``sigma`` over its own mean b = 0 signal.
     prior : TissuePrior, optional
         The tissue the posterior is trained on (default
         ``TissuePrior(diffusivity=diffusivity)``: white matter, straight
@@ -100,12 +89,12 @@ class SpinversePosteriorModel(ReconstModel):
         n_posterior_samples=N_POSTERIOR_SAMPLES,
         cache_dir=None,
     ):
-        if sigma is None or (isinstance(sigma, numbers.Real) and sigma == 0):
+        sigma = check_sigma(sigma)
+        if not sigma > 0:
             raise ValueError(
                 f"fit_method='posterior' needs the noise level: pass sigma "
                 f"{NOISE_HINT}."
             )
-        sigma = check_number(sigma, "sigma", minimum=0, maximum=1, hint=SIGMA_HINT)
         check_prior(prior, posterior_options)
         self.gtab, self.protocol = gradient_tables(gtab)
         require_b0(self.protocol)
@@ -118,9 +107,8 @@ class SpinversePosteriorModel(ReconstModel):
             if posterior_options is None
             else (posterior_options)
         )
-        #: The noise level of the posterior's input, relative to S0.
-        self.posterior_sigma = float(sigma)
-        warn_outside_training_noise(self.posterior_sigma, options)
+        #: The noise standard deviation in the data's units.
+        self.sigma = sigma
         #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
         self.prior = prior.simulator(self.protocol)
         self.posterior_options = options
@@ -185,7 +173,7 @@ class SpinversePosteriorModel(ReconstModel):
     def __repr__(self):
         return (
             f"SpinversePosteriorModel(n_volumes={len(self.protocol)}, "
-            f"sigma={self.posterior_sigma:.3g}, prior={self.prior.prior!r})"
+            f"sigma={self.sigma:.4g}, prior={self.prior.prior!r})"
         )
 
 
@@ -220,32 +208,3 @@ def check_prior(prior, posterior_options):
             "posterior_options must be a dipy_spinverse.posterior."
             f"TrainingOptions, got {type(posterior_options).__name__}."
         )
-
-
-def warn_outside_training_noise(sigma, options):
-    """Warn when ``sigma`` lies outside the noise levels the estimator was
-    trained on (``options.snr_range``): the network then extrapolates, and
-    its intervals are not calibrated there.
-
-    Parameters
-    ----------
-    sigma : float
-        Noise over the b = 0 signal.
-    options : TrainingOptions
-        The estimator's training.
-    """
-    if not sigma > 0:
-        return
-    low, high = options.snr_range
-    snr = 1.0 / sigma
-    if low <= snr <= high:
-        return
-    edge = "above" if snr > high else "below"
-    warnings.warn(
-        f"sigma {sigma:.3g} (SNR {snr:.0f}) is {edge} the noise levels the "
-        f"posterior is trained on (SNR {low:g}-{high:g}): its intervals are "
-        "not calibrated there. On real data whose SNR is higher, pass the "
-        "largest noise the model's own errors allow (e.g. sigma = 1 / "
-        f"{high:g}); or train with posterior_options=dict(snr_range=...).",
-        stacklevel=4,  # the user's model constructor
-    )

@@ -13,6 +13,7 @@ the fit so far; a partial fit resumes on the same data (:mod:`.resume`).
 """
 
 import copy
+import dataclasses
 import inspect
 import numbers
 import warnings
@@ -68,12 +69,14 @@ def fit_voxels(model, data, *, callback=None):
     history : dict or None
         The inversion's loss curves, when it ran once over all voxels.
     """
-    gate = admit(data, model.protocol, sigma=model.config.loss.sigma, dtype=model.dtype)
+    gate = admit(data, model.protocol, sigma=model.sigma, dtype=model.dtype)
+    if model.sigma > 0 and model.s0_reference is None:  # not through model.fit
+        model = model.for_data(np.where(gate.ok[:, None], data, np.nan))
     result = empty_params(model, len(gate.status))
     failed = ~gate.ok
     result["status"][failed] = gate.status[failed]
     valid = np.flatnonzero(gate.ok)
-    signals = gate.signals
+    signals = _weighted_by_noise(model, gate)
     history = None
     if len(valid):
         part, history = _reconstruct(model, signals[valid], callback)
@@ -91,6 +94,25 @@ def fit_voxels(model, data, *, callback=None):
         if model.refine_mesh:
             refine_meshes(model, signals, result, ok)
     return result, history
+
+
+def _weighted_by_noise(model, gate):
+    """The gate's signals, their precisions relative to the model's noise.
+
+    The inversion's noise is one relative level, ``sigma`` over the fit's
+    reference b = 0 signal (:meth:`SpinverseSearchModel.for_data`); a voxel
+    whose own b = 0 signal differs has relative noise ``sigma / S0`` and so
+    precision ``(reference noise / its noise)^2`` times its sequences'
+    own (:func:`~dipy_spinverse.sim.signals.noise_precision`): every
+    chi-square, the misfit test and the Rician floor then use each voxel's
+    own noise.
+    """
+    signals = gate.signals
+    if not model.sigma > 0:
+        return signals
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weight = (model.config.loss.sigma / gate.sigma) ** 2
+    return dataclasses.replace(signals, precision=signals.precision * weight[:, None])
 
 
 def _reconstruct(model, signals, callback=None):
@@ -260,6 +282,7 @@ def fit_volume(
     else:
         mask = check_mask(mask, volume_shape(data, mask))
         params = empty_params(model, int(mask.sum()))
+    model = model.for_data(data, mask=mask)  # the fit's noise, one reference
     digest = fingerprint(data, mask)
     shape = mask.shape
     partial = SpinverseFit(model, params, mask, fingerprint=digest)

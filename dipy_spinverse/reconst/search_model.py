@@ -9,6 +9,7 @@ the model is built; each voxel passes the gate (:mod:`.gate`) once and is
 handed to :func:`dipy_spinverse.inverse.reconstruct`.
 """
 
+import copy
 import hashlib
 import os
 import warnings
@@ -40,17 +41,18 @@ from . import runner
 from .codes import MASKED, UNDERDETERMINED
 from .fit import SpinverseFit
 from .gate import check_data, gradient_tables, require_b0
+from .noise import NOISE_HINT, check_sigma, relative_noise, warn_noise
 from .parallel import check_engine_options, share_cores
 from .plausibility import protocol_problems
-from .posterior_model import (
-    N_POSTERIOR_SAMPLES,
-    NOISE_HINT,
-    check_prior,
-    warn_outside_training_noise,
-)
-from .resume import check_mask
+from .posterior_model import N_POSTERIOR_SAMPLES, check_prior
+from .resume import check_mask, is_mask_rows, volume_shape
 
 __all__ = ["SpinverseSearchModel", "DEFAULT_GRID", "check_search_options", "make_grid"]
+
+#: The relative noise a model's configuration holds from ``sigma`` until a
+#: fit puts the data's own there (:meth:`SpinverseSearchModel.for_data`):
+#: building the configuration needs only to know that the noise is known.
+KNOWN_NOISE = 0.01
 
 
 def check_search_options(
@@ -94,7 +96,8 @@ def check_search_options(
         check's need of ``sigma`` is checked by the model, which has the
         configuration's own.)
     """
-    noise = {} if sigma is None else {"sigma": sigma}
+    sigma = check_sigma(sigma, name=option_name("sigma", names))
+    noise = {"sigma": KNOWN_NOISE} if sigma > 0 else {}
     config = resolve_config(preset, max_iter=max_iter, names=names, **noise)
 
     def name(option):
@@ -165,11 +168,16 @@ class SpinverseSearchModel(ReconstModel):
         Intrinsic diffusivity in mm^2/s, within
         :data:`~dipy_spinverse.checks.DIFFUSIVITY_RANGE` (1e-5 to 0.1; a
         value outside is refused as another unit: 2e-9 m^2/s = 2e-3 mm^2/s).
-    sigma : float, optional
-        Noise standard deviation over the b = 0 signal (e.g. 1/SNR of the
-        b = 0 images): the label search tests its answers against it, and the
-        surface check (``prior``) needs it. Default: the configuration's own
-        (none in the presets: the search then vouches for no surface).
+    sigma : float or array_like (n_volumes,), optional
+        Noise standard deviation in the data's units, as DIPY's noise
+        estimates give it (e.g.
+        ``np.median(dipy.denoise.noise_estimate.estimate_sigma(data))``; one
+        value per volume is taken as their root mean square): the label
+        search tests its answers against it, and the surface check
+        (``prior``) needs it. Each voxel's relative noise is ``sigma`` over
+        its own mean b = 0 signal. Default: none (the search then vouches
+        for no surface), or the configuration's own ``loss.sigma``, which is
+        relative to each voxel's b = 0 signal (the inversion's units).
     preset : str or InversionConfig
         The inversion's configuration: a key of
         :data:`dipy_spinverse.inverse.PRESETS`, or an
@@ -285,6 +293,11 @@ class SpinverseSearchModel(ReconstModel):
         cache_dir=None,
     ):
         self.gtab, self.protocol = gradient_tables(gtab)
+        #: The noise standard deviation in the data's units (0: not given).
+        self.sigma = check_sigma(sigma)
+        #: The b = 0 signal that the configuration's relative noise refers
+        #: to (None until :meth:`for_data`).
+        self.s0_reference = None
         config = check_search_options(
             preset=preset,
             max_iter=max_iter,
@@ -307,7 +320,7 @@ class SpinverseSearchModel(ReconstModel):
         self.config = config.for_protocol(len(self.sequences))
         require_b0(self.protocol)
         searches = self.config.searches_labels
-        if searches and not self.config.loss.sigma > 0:
+        if searches and not self.noise_known:
             warnings.warn(
                 "sigma is not given: the label search cannot test whether its "
                 "answers fit the data within the noise, so it vouches for no "
@@ -341,15 +354,12 @@ class SpinverseSearchModel(ReconstModel):
         self.surface_check = prior is not None
         if not self.surface_check:
             return
-        if not self.config.loss.sigma > 0:
+        if not self.sigma > 0:
             raise ValueError(
                 f"The surface check needs the noise level: pass sigma {NOISE_HINT}."
             )
         self._check_surface_prior(prior)
         options = default_training(prior) if options is None else options
-        #: The noise level of the posterior's input, relative to S0.
-        self.posterior_sigma = self.config.loss.sigma
-        warn_outside_training_noise(self.posterior_sigma, options)
         #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
         self.prior = prior.simulator(self.protocol)
         self.posterior_options = options
@@ -501,8 +511,9 @@ class SpinverseSearchModel(ReconstModel):
                 params = runner.empty_params(self, ())
                 params["status"][...] = MASKED
                 return SpinverseFit(self, params, False)
-            params, history = runner.fit_one(self, data, verbose=verbose)
-            return SpinverseFit(self, params, history=history)
+            model = self.for_data(data[None])
+            params, history = runner.fit_one(model, data, verbose=verbose)
+            return SpinverseFit(model, params, history=history)
         self._prepare(progress=verbose)
         return runner.fit_volume(
             self,
@@ -516,6 +527,82 @@ class SpinverseSearchModel(ReconstModel):
             checkpoint=checkpoint,
             resume=resume,
         )
+
+    @property
+    def noise_known(self):
+        """Whether the fit knows the noise (``sigma``, or the configuration's
+        own relative noise)."""
+        return self.sigma > 0 or self.config.loss.sigma > 0
+
+    def for_data(self, data, *, mask=None):
+        """This model with its configuration's noise in the data's terms.
+
+        The inversion weighs misfits by a relative noise: ``sigma`` over a
+        reference b = 0 signal, the median of the voxels' mean b = 0
+        signals, one for the whole fit (its losses comparable from chunk to
+        chunk); each voxel's precisions then carry its own b = 0 signal
+        (:func:`~dipy_spinverse.reconst.runner.fit_voxels`). The fit's
+        model is this copy; the model itself is left as built.
+
+        Parameters
+        ----------
+        data : array_like
+            The volume ``shape + (n_volumes,)``, or the mask's rows.
+        mask : array_like of bool, optional
+            The voxels to fit (default all).
+
+        Returns
+        -------
+        SpinverseSearchModel
+            ``self`` when ``sigma`` is not given (the configuration's own
+            relative noise, if any, is used as it is).
+
+        Raises
+        ------
+        ValueError
+            No voxel has a positive b = 0 signal, or ``sigma`` is not below
+            the reference b = 0 signal.
+        """
+        if not self.sigma > 0:
+            return self
+        b0 = np.flatnonzero(self.protocol.bvals == 0)
+        rows = np.asarray(data[..., b0], dtype=np.float64)  # b = 0 volumes only
+        if mask is not None:
+            mask = check_mask(mask, volume_shape(data, mask))
+            rows = rows if is_mask_rows(data, mask) else rows[mask]
+        s0 = rows.reshape(-1, len(b0)).mean(axis=-1)
+        s0 = s0[np.isfinite(s0) & (s0 > 0)]
+        if not len(s0):
+            return self  # every voxel is flagged by the gate (BAD_B0)
+        model = self.referenced_to(float(np.median(s0)))
+        snr_range = self.posterior_options.snr_range if self.surface_check else None
+        warn_noise(relative_noise(self.sigma, s0), snr_range=snr_range)
+        return model
+
+    def referenced_to(self, s0_reference):
+        """This model with the relative noise ``sigma / s0_reference`` in its
+        configuration (:meth:`for_data`; a saved fit's model is rebuilt so).
+
+        Parameters
+        ----------
+        s0_reference : float
+            The reference b = 0 signal, in the data's units.
+
+        Returns
+        -------
+        SpinverseSearchModel
+            A copy.
+        """
+        if not self.sigma < s0_reference:
+            raise ValueError(
+                f"sigma {self.sigma:.4g} is not below the median b=0 signal "
+                f"{s0_reference:.4g} of the voxels: pass the noise standard "
+                "deviation in the data's units " + NOISE_HINT[1:-1] + "."
+            )
+        model = copy.copy(self)
+        model.config = self.config.replace(sigma=self.sigma / s0_reference)
+        model.s0_reference = float(s0_reference)
+        return model
 
     def _prepare(self, *, progress):
         """Train (or read from the cache) the learned proposal and the grid's
@@ -576,7 +663,8 @@ class SpinverseSearchModel(ReconstModel):
         pairs = dict(
             grid=(_grid_key(self.grid), _grid_key(other.grid)),
             diffusivity=(self.diffusivity, other.diffusivity),
-            config=(self.config, other.config),
+            sigma=(self.sigma, other.sigma),
+            config=(_without_noise(self), _without_noise(other)),
             dtype=(self.dtype, other.dtype),
             protocol=(_protocol_key(self.protocol), _protocol_key(other.protocol)),
             refine_mesh=(self.refine_mesh, other.refine_mesh),
@@ -687,6 +775,12 @@ _GRID_OPTIONS = dict(
     boundary="boundary",
     wall_permeability="wall_permeability",
 )
+
+
+def _without_noise(model):
+    """``model``'s configuration with the relative noise a fit gave it left
+    out (the model's ``sigma`` holds the noise, compared apart)."""
+    return model.config.replace(sigma=0.0) if model.sigma > 0 else model.config
 
 
 def make_grid(grid=None, *, names=None):

@@ -15,7 +15,7 @@ __all__ = [
     "read_dataset",
     "load_dwi",
     "load_mask",
-    "relative_sigma",
+    "noise_sigma",
     "SIGMA_AUTO_MIN_VOXELS",
     "SIGMA_AUTO_MAX_VOLUMES",
 ]
@@ -47,7 +47,7 @@ class Dataset:
     table : GradientTable
         The gradient table, with the pulse timing.
     sigma : float
-        The noise over the mask's median b = 0 signal (1/SNR; 0: unknown).
+        The noise standard deviation in the data's units (0: unknown).
     """
 
     image: object
@@ -77,7 +77,7 @@ def read_dataset(dwi, bval, bvec, maskfile, *, gradients, noise):
         ``small_delta``, ``timing_file``, ``scheme_file``, ``b0_threshold``,
         ``bvecs_tol``).
     noise : tuple or None
-        The noise flags (:func:`relative_sigma`).
+        The noise flags (:func:`noise_sigma`).
 
     Returns
     -------
@@ -95,7 +95,7 @@ def read_dataset(dwi, bval, bvec, maskfile, *, gradients, noise):
     # mask, not with the image.
     data = read_voxels(image, mask, "input_files")
     table = read_gradients(bval, bvec, n_volumes=data.shape[-1], data=data, **gradients)
-    sigma = relative_sigma(noise, image, data, table)
+    sigma = noise_sigma(noise, image, data, table)
     return Dataset(image=image, mask=mask, data=data, table=table, sigma=sigma)
 
 
@@ -166,55 +166,58 @@ def load_mask(maskfile, image, dwi):
     return mask
 
 
-def relative_sigma(noise, image, data, table):
-    """The noise over the median b=0 signal of the mask (1/SNR), as the model
-    takes it; 0 when unknown.
+def noise_sigma(noise, image, data, table):
+    """The noise standard deviation in the data's units, as the model takes
+    it; 0 when unknown.
 
     Parameters
     ----------
     noise : tuple or None
-        From the options: ``("snr", snr)``, ``("sigma", sigma)`` in the data's
-        units, or ``("auto", None)``: DIPY's
-        :func:`~dipy.denoise.noise_estimate.estimate_sigma` on the b=0
-        volumes (read one at a time), the median over them.
+        From the options: ``("snr", snr)`` (the median b=0 signal of the
+        mask over it), ``("sigma", sigma)`` in the data's units, or
+        ``("auto", None)``: DIPY's
+        :func:`~dipy.denoise.noise_estimate.estimate_sigma` on the volumes
+        (read one at a time), the median over them.
     image : nibabel image
         The diffusion image (for ``auto``).
     data : ndarray (n_mask, n_volumes)
         The mask's voxels.
     table : GradientTable
+
+    Returns
+    -------
+    float
     """
     if noise is None:
         return 0.0
     kind, value = noise
-    if kind == "snr":
-        return 1.0 / value
     b0 = np.asarray(table.b0s_mask)
     if not b0.any():
         raise ValueError(
-            "--sigma needs b=0 volumes to scale the noise by; these data have "
-            "none: pass --snr instead."
+            f"--{kind} needs b=0 volumes to relate the noise to; these data have none."
         )
     s0 = float(np.median(data[:, b0].astype(np.float64).mean(-1)))
     if not s0 > 0:
         raise ValueError(
-            f"The median b=0 signal of the mask is {s0:g}; --sigma cannot be "
-            "scaled by it. Check the mask, or pass --snr."
+            f"The median b=0 signal of the mask is {s0:g}; --{kind} cannot be "
+            "related to it. Check the mask and the b=0 volumes."
         )
-    if kind == "auto":
+    if kind == "snr":
+        value = s0 / value
+    elif kind == "auto":
         value = _estimate_sigma(image, b0)
-    relative = value / s0
     logger.info(
-        f"Noise: sigma {value:.4g} over the median b=0 signal {s0:.4g} of the "
-        f"mask = 1/SNR {relative:.4g} (SNR {1 / relative:.3g})"
-        if relative > 0
+        f"Noise: sigma {value:.4g} in the data's units; the median b=0 signal "
+        f"of the mask is {s0:.4g}, SNR {s0 / value:.3g}"
+        if value > 0
         else "Noise: sigma 0"
     )
-    if relative >= 1:
+    if value >= s0:
         raise ValueError(
-            f"--sigma {value:.4g} is above the median b=0 signal {s0:.4g}: give "
-            "the noise standard deviation in the data's units (or --snr)."
+            f"--sigma {value:.4g} is not below the median b=0 signal {s0:.4g}: "
+            "give the noise standard deviation in the data's units (or --snr)."
         )
-    return relative
+    return value
 
 
 def _estimate_sigma(image, b0):

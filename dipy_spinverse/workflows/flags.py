@@ -59,8 +59,8 @@ GRID_FLAGS = {
 
 #: How to give the noise level on the command line.
 NOISE_FLAGS = (
-    "--sigma/--snr (--snr: of the b=0 signal, e.g. 50; --sigma: in the data's "
-    "units, or auto)"
+    "--sigma/--snr (--sigma: in the data's units, or auto; --snr: of the mask's "
+    "median b=0 signal, e.g. 50)"
 )
 
 

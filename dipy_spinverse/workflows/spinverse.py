@@ -190,12 +190,14 @@ class SpinverseFlow(Workflow):
             Noise standard deviation in the units of the data, as in DIPY's
             workflows, or ``auto`` to estimate it with DIPY's
             ``estimate_sigma``, the median over the volumes (up to 64,
-            evenly spread; logged). The fit uses it over the median b=0
-            signal of the mask (1/SNR; logged). Leave it and --snr out if
-            unknown. With it the loss is Rician-aware, and the label search
-            ranks shapes and accepts moves only beyond the noise.
+            evenly spread; logged). Each voxel's relative noise is it over
+            the voxel's own b=0 signal (the median SNR is logged). Leave it
+            and --snr out if unknown. With it the loss is Rician-aware, and
+            the label search ranks shapes and accepts moves only beyond the
+            noise.
         snr : float, optional
-            Signal-to-noise ratio of the b=0 signal, instead of --sigma.
+            Signal-to-noise ratio of the median b=0 signal of the mask,
+            instead of --sigma (sigma = that signal / snr).
         preset : string, optional
             Inversion configuration (default or paper).
         max_iter : int, optional

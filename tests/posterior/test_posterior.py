@@ -1,6 +1,7 @@
 """The amortised posterior: packed substrates, the prior, the flow, the DIPY fit."""
 
 import logging
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -233,13 +234,13 @@ def _noisy(signals, seed):
 
 def test_posterior_fit_of_a_volume(posterior_model, caplog):
     signals, truth = posterior_model.prior.sample(8, seed=11)
-    data = 1000 * _noisy(signals, 0)
+    data = _noisy(signals, 0)  # b = 0 of 1: sigma is SIGMA in these units
     # No attenuation at any b (nothing in the prior), a NaN, b0 = 0, and a
     # signal that grows with b (no tissue: attenuation above 1).
-    flat = np.full(len(PROTOCOL), 1000.0)
+    flat = np.full(len(PROTOCOL), 1.0)
     broken = np.full(len(PROTOCOL), np.nan)
     dark = data[0] * (PROTOCOL.bvals > 0)
-    rising = 1000 * np.linspace(1, 2, len(PROTOCOL))
+    rising = np.linspace(1, 2, len(PROTOCOL))
     volume = np.stack([*data, flat, broken, dark, rising]).reshape(12, 1, 1, -1)
     mask = np.ones((12, 1, 1), bool)
     # DIPY's logger (the package logs through it) does not propagate.
@@ -369,7 +370,7 @@ def test_posterior_model_options_are_checked():
         SpinverseModel(PROTOCOL, prior=SMALL_PRIOR, sigma=SIGMA)
     with pytest.raises(ValueError, match="fit_method"):
         SpinverseModel(PROTOCOL, fit_method="bayes")
-    for sigma in (-0.02, 2.0, np.nan):
+    for sigma in (-0.02, np.nan, "0.02", [[0.02]]):
         with pytest.raises(ValueError, match="sigma must be"):
             SpinverseModel(PROTOCOL, fit_method="posterior", sigma=sigma)
     # The label search's options with the posterior are refused, not ignored.
@@ -385,7 +386,8 @@ def test_model_options_are_checked_without_a_gradient_table():
     method's model refuses the other's options by name."""
     from dipy_spinverse.reconst.search_model import check_search_options
 
-    assert check_search_options(sigma=SIGMA).loss.sigma == SIGMA
+    # The noise is known; the fit puts the data's relative noise there.
+    assert check_search_options(sigma=SIGMA).loss.sigma > 0
     for options, message in (
         (dict(posterior_options=SMALL_OPTIONS), "pass a prior with them"),
         (dict(preset="paper", refine_mesh=True), "starts each mesh from a labelled"),
@@ -752,23 +754,29 @@ def test_a_fixed_fibre_axis_orients_every_axon_draw():
 
 
 def test_a_noise_level_outside_the_training_range_is_warned(posterior_model):
-    """The estimator is trained on SNR in ``snr_range``; a sigma outside it
-    (real data at SNR 377, say) would make it extrapolate: warned, naming
-    the fix. Inside the range: silent."""
+    """The estimator is trained on SNR in ``snr_range``; voxels whose noise
+    (sigma over their b = 0) lies outside it (real data at SNR 377, say)
+    would make it extrapolate: the fit warns, counting them and naming the
+    fix. Inside the range: silent."""
     low, high = SMALL_OPTIONS.snr_range
     assert posterior_model.estimator is not None  # trained (cached) on first use
+    signals, _ = posterior_model.prior.sample(2, seed=5)
     common = dict(
         fit_method="posterior",
         prior=SMALL_PRIOR,
         posterior_options=SMALL_OPTIONS,
         cache_dir=posterior_model.estimator_path.parent,
     )
-    with pytest.warns(
-        UserWarning, match=rf"above the noise levels .*SNR {low:g}-{high:g}"
-    ):
-        SpinverseModel(PROTOCOL, sigma=0.5 / high, **common)
-    with pytest.warns(UserWarning, match="below the noise levels"):
-        SpinverseModel(PROTOCOL, sigma=2.0 / low, **common)
+    # b = 0 of 1: sigma in these units is the relative noise.
+    with pytest.warns(UserWarning, match=rf"2 voxels above and 0 below .*{high:g}"):
+        SpinverseModel(PROTOCOL, sigma=0.5 / high, **common).fit(signals)
+    with pytest.warns(UserWarning, match="0 voxels above and 1 below"):
+        SpinverseModel(PROTOCOL, sigma=2.0 / low, **common).fit(
+            signals * np.array([[1.0], [4.0]])  # SNR low / 2 and 2 low
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SpinverseModel(PROTOCOL, sigma=2.0 / (low + high), **common).fit(signals)
 
 
 def test_a_gradient_table_of_the_same_acquisitions_finds_the_same_estimator():

@@ -140,7 +140,7 @@ def posterior_fit(tmp_path_factory):
         table,
         fit_method="posterior",
         diffusivity=2e-3,
-        sigma=0.01,
+        sigma=10.0,  # the demo's noise in its units (S0 1000, SNR 100)
         cache_dir=folder / "cache",
         **options,
     )

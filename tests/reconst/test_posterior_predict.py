@@ -30,7 +30,8 @@ from dipy_spinverse.posterior.predictive import predictive_signals, realise_draw
 from dipy_spinverse.posterior.targets import encode
 from dipy_spinverse.reconst import OK
 
-SIGMA = 0.02
+#: The data's b = 0 signal and noise in its units (SNR 50).
+S0, SIGMA = 300.0, 6.0
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +147,10 @@ def test_the_predictive_mean_is_informed_by_the_data(model):
     """
     draws = _draws(model, 4, seed=5)
     clean = model.prior.simulate_draws(draws)
-    scale = np.full(len(model.protocol), 300.0)
+    scale = np.full(len(model.protocol), S0)
     scale[model.sequences[0][1]] *= 0.8
     rng = np.random.default_rng(0)
-    data = (clean + SIGMA * rng.standard_normal(clean.shape)) * scale
+    data = clean * scale + SIGMA * rng.standard_normal(clean.shape)
     fit = model.fit(data)
     assert np.all(fit.status == OK)
     predicted = fit.predict(n=8, seed=1) / scale
@@ -170,7 +171,8 @@ def test_predictive_samples_spread_and_a_new_protocol(model):
     the same draws' signals there; S0 given replaces the fitted one."""
     draws = _draws(model, 1, seed=7, n_cells=(1, 1))
     clean = model.prior.simulate_draws(draws)[0]
-    fit = model.fit(clean + SIGMA * np.random.default_rng(2).standard_normal(99))
+    noise = SIGMA * np.random.default_rng(2).standard_normal(99)
+    fit = model.fit(S0 * clean + noise)
     samples = fit.predictive_samples(n=4, seed=3, S0=1.0)
     assert samples.shape == (4, 99)
     subset = model.protocol[np.arange(0, 99, 3)]

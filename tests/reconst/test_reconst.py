@@ -460,7 +460,7 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
         (dict(grid_size=10.0), r"pass grid=dict\(size=\.\.\.\)"),
         (dict(n_posterior_samples=10), r"use fit_method='posterior' if they are its"),
         (dict(device="mps"), "device"),
-        (dict(sigma=30.0), "sigma must be"),
+        (dict(sigma=-30.0), "sigma must be"),
     ],
 )
 def test_bad_model_options(gtab, kwargs, match):
@@ -827,10 +827,10 @@ def test_protocol_bvals_in_the_wrong_unit_fail_when_the_model_is_built():
         (dict(init_log_kappa=0.0), "init_log_kappa must lie strictly inside"),
         (dict(init_log_kappa=-6.0), "init_log_kappa must lie strictly inside"),
         (dict(init_log_kappa=1e-3), "init_log_kappa must lie strictly inside"),
-        # sigma: of the wrong type, or an SNR by mistake.
+        # sigma: of the wrong type or shape (in the data's units, any size).
         (dict(preset="default", sigma="0.03"), "sigma must be a finite number"),
         (dict(preset="default", sigma=True), "sigma must be a finite number"),
-        (dict(preset="default", sigma=50.0), r"sigma must be .*<= 1.*1/SNR"),
+        (dict(preset="default", sigma=[[5.0]]), r"sigma must be .*data's units"),
         # A diffusivity in another unit than mm^2/s.
         (dict(diffusivity=2e-9), r"diffusivity=2e-09 .*m\^2/s: pass diffusivity=0.002"),
         (dict(diffusivity=2.0), r"um\^2/ms: pass diffusivity=0.002"),
@@ -889,11 +889,11 @@ def test_a_masked_voxel_has_the_labels_of_a_masked_voxel_of_a_volume(
 def test_absurd_fit_is_flagged_and_keeps_its_maps(grid, gtab, signal):
     """A voxel the model cannot produce: no attenuation at the long
     diffusion time, none left at the short one."""
-    sigma = 0.1
+    sigma = 0.1  # relative to the b = 0 signal, 700: 70 in the data's units
     options = dict(
         preset=resolve_config("paper", noise="rician"), max_iter=4, dtype="float64"
     )
-    model = SpinverseModel(gtab, grid=grid, sigma=sigma, **options)
+    model = SpinverseModel(gtab, grid=grid, sigma=700.0 * sigma, **options)
     absurd = np.where(BVALS > 0, np.where(gtab.big_delta > 0.02, 1.0, 0.0), 1.0)
     data = 700.0 * np.stack([signal, absurd])
     fit = model.fit(data)
@@ -948,7 +948,7 @@ def test_answers_the_data_reject_are_not_vouched_for(gtab, grid):
         max_iter=2,
         preset=resolve_config("default", search_steps=2),
         sigma=sigma,
-    )
+    ).referenced_to(1.0)  # as a fit of data of b = 0 signal 1 makes it
     bound = poor_fit_bound(len(BVALS), sigma, false_alarm=SURFACE_MISFIT_FALSE_ALARM)
     loss = model.config.loss.loss_scale * bound * np.array([0.5, 0.99, 1.01, 3, 3])
     result = dict(
@@ -996,7 +996,7 @@ def test_cell_parametrisation_keeps_the_search_uncertainty(gtab, grid, signal):
             "default", parametrisation="cell", search_steps=2, search_starts=1
         ),
         max_iter=3,
-        sigma=0.01,
+        sigma=10.0,  # SNR 100 of the b = 0 signal, 1000
     )
     fit = model.fit(np.stack([signal * 1000.0] * 2))
     assert fit.uncertainty is not None and fit.uncertainty.shape == (2,)

@@ -83,7 +83,7 @@ def checked(tmp_path_factory):
         **SEARCH,
         prior=WALLED,
         posterior_options=OPTIONS,
-        sigma=SIGMA,
+        sigma=1000 * SIGMA,  # in the data's units: b = 0 of 1000
         cache_dir=cache,
     )
     signals, _ = model.prior.sample(4, seed=3)
@@ -92,7 +92,9 @@ def checked(tmp_path_factory):
     flat = np.ones((1, len(PROTOCOL)))
     data = 1000 * np.concatenate([np.abs(signals + noise), flat])
     fit = model.fit(data[:, None, None])
-    plain = SpinverseModel(PROTOCOL, **SEARCH, sigma=SIGMA).fit(data[:, None, None])
+    plain = SpinverseModel(PROTOCOL, **SEARCH, sigma=1000 * SIGMA).fit(
+        data[:, None, None]
+    )
     return model, data, fit, plain
 
 

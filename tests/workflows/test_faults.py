@@ -464,12 +464,12 @@ def test_sigma_auto_on_a_few_voxels_warns(demo, caplog):
     from dipy.io.gradients import read_bvals_bvecs
 
     from dipy_spinverse.files import read_voxels
-    from dipy_spinverse.workflows.dataset import relative_sigma
+    from dipy_spinverse.workflows.dataset import noise_sigma
 
     image = nib.load(demo["data"])
     mask = np.asanyarray(nib.load(demo["mask"]).dataobj).astype(bool)
     bvals, bvecs = read_bvals_bvecs(demo["bvals"], demo["bvecs"])
     table = gradient_table(bvals, bvecs=bvecs)
-    relative_sigma(("auto", None), image, read_voxels(image, mask), table)
+    noise_sigma(("auto", None), image, read_voxels(image, mask), table)
     assert "--sigma auto estimated the noise from an image of 6 voxels" in caplog.text
     assert "Pass --snr" in caplog.text

@@ -32,7 +32,7 @@ from dipy_spinverse.reconst import OK, PENDING, UNDERDETERMINED, SpinverseModel
 from dipy_spinverse.reconst.search_model import SpinverseSearchModel
 from dipy_spinverse.sim.grid import TetGrid
 from dipy_spinverse.sim.sequences import Protocol
-from dipy_spinverse.workflows.dataset import relative_sigma
+from dipy_spinverse.workflows.dataset import noise_sigma
 from dipy_spinverse.workflows.flags import parse_noise
 from dipy_spinverse.workflows.spinverse import (
     SpinverseFlow,
@@ -357,7 +357,7 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         ),
         (
             dict(preset="default", posterior_options='{"prior": {}}'),
-            r"surface check needs the noise level: pass --sigma/--snr \(--snr: of",
+            r"surface check needs the noise level: pass --sigma/--snr \(--sigma: in",
         ),
         (dict(bvecs="LONG"), r"b.bvec: \d+ diffusion-weighted .* Renormalise"),
         (dict(bvecs="B0_ABOVE", b0_threshold=0), "raise --b0_threshold above it"),
@@ -1006,20 +1006,23 @@ def test_noise_options_take_dipys_meaning(demo):
     assert s0 > 100  # the demo is in scanner-like units, not normalised
     noise = parse_noise("15", None)
     assert noise == ("sigma", 15.0)
-    assert relative_sigma(noise, image, data, table) == pytest.approx(15 / s0)
-    assert relative_sigma(parse_noise(None, 50), image, data, table) == 0.02
-    assert relative_sigma(None, image, data, table) == 0.0
-    auto = relative_sigma(parse_noise("auto", None), image, data, table)
+    # One convention, DIPY's: sigma in the data's units, --snr of the median
+    # b=0 signal of the mask.
+    assert noise_sigma(noise, image, data, table) == 15.0
+    snr = noise_sigma(parse_noise(None, 50), image, data, table)
+    assert snr == pytest.approx(s0 / 50)
+    assert noise_sigma(None, image, data, table) == 0.0
+    auto = noise_sigma(parse_noise("auto", None), image, data, table)
     volumes = np.unique(np.linspace(0, len(bvals) - 1, 64).round()).astype(int)
     expected = np.median(
         [estimate_sigma(np.asarray(image.dataobj[..., i], np.float32)) for i in volumes]
     )
-    assert auto == pytest.approx(expected / s0, rel=1e-6)
+    assert auto == pytest.approx(expected, rel=1e-6)
     assert parse_noise(None, None) is None
     assert parse_noise("0", None) is None
     with pytest.raises(ValueError, match="not both"):
         parse_noise("15", 50)
     with pytest.raises(ValueError, match="'auto'"):
         parse_noise("loud", None)
-    with pytest.raises(ValueError, match="above the median b=0 signal"):
-        relative_sigma(("sigma", 10 * s0), image, data, table)
+    with pytest.raises(ValueError, match="not below the median b=0 signal"):
+        noise_sigma(("sigma", 10 * s0), image, data, table)

@@ -1,0 +1,165 @@
+"""The one noise convention of the models: ``sigma`` in the data's units.
+
+DIPY's noise estimates (:func:`~dipy.denoise.noise_estimate.estimate_sigma`,
+:func:`~dipy.denoise.noise_estimate.piesno`) give the noise standard
+deviation in the units of the image, and both fit methods take it so
+(``SpinverseModel(gtab, sigma=s)``). Each voxel's relative noise is then
+``sigma`` over its own mean b = 0 signal (:func:`relative_noise`, computed
+once by the gate): a voxel of bright b = 0 is less noisy, relative to its
+signal, than a dark one. Below the DIPY layer the fits work in relative
+units (the inversion's :class:`~dipy_spinverse.inverse.config.LossConfig`,
+the posterior's input).
+"""
+
+import warnings
+
+import numpy as np
+from dipy.utils.logging import logger
+
+__all__ = [
+    "NOISE_HINT",
+    "SUSPECT_SNR",
+    "check_sigma",
+    "relative_noise",
+    "warn_noise",
+]
+
+#: What ``sigma`` is, in the models' error messages (the workflow, whose
+#: flags are named otherwise, puts its own words here).
+NOISE_HINT = (
+    "(the noise standard deviation in the data's units, as DIPY's noise "
+    "estimates give it: e.g. np.median(dipy.denoise.noise_estimate."
+    "estimate_sigma(data)), or the mean b=0 signal over its SNR)"
+)
+
+#: A median SNR above this (sigma below 1/1000 of the b = 0 signal) is no
+#: MR image's: the likeliest cause is a noise level relative to the b = 0
+#: signal (1/SNR) given as if it were in the data's units, and the fit says
+#: so (the data are fitted as given).
+SUSPECT_SNR = 1000.0
+
+
+def check_sigma(sigma, *, name="sigma", hint=NOISE_HINT):
+    """``sigma`` in the data's units as one float (0 when None: unknown).
+
+    Parameters
+    ----------
+    sigma : float, array_like (n_volumes,) or None
+        The noise standard deviation in the data's units; one per volume
+        (as :func:`~dipy.denoise.noise_estimate.estimate_sigma` returns it
+        for 4-D data) is taken as its root mean square, and the log says so.
+    name : str
+        The argument's name in the messages.
+    hint : str
+        What ``sigma`` is, put after the requirement in the messages.
+
+    Returns
+    -------
+    float
+        At least 0; 0 for None.
+
+    Raises
+    ------
+    ValueError
+        Not a finite, non-negative number (or 1-D array of them).
+    """
+    if sigma is None:
+        return 0.0
+    try:
+        value = np.asarray(sigma, dtype=np.float64)
+    except (TypeError, ValueError):
+        value = None
+    if (
+        value is None
+        or isinstance(sigma, (bool, np.bool_, str, bytes))
+        or value.ndim > 1
+        or value.size == 0
+        or not np.isfinite(value).all()
+        or (value < 0).any()
+    ):
+        raise ValueError(
+            f"{name} must be a finite number >= 0, or one per volume {hint}, "
+            f"got {sigma!r}."
+        )
+    if value.ndim == 1:
+        rms = float(np.sqrt(np.mean(value**2)))
+        logger.info(
+            f"{name}: {value.size} noise levels (one per volume; "
+            f"{value.min():.4g}-{value.max():.4g}) taken as their root mean "
+            f"square, {rms:.4g}, in the data's units."
+        )
+        return rms
+    return float(value)
+
+
+def relative_noise(sigma, s0):
+    """Each voxel's noise over its own mean b = 0 signal.
+
+    Parameters
+    ----------
+    sigma : float
+        The noise in the data's units (0: unknown).
+    s0 : array_like (n,)
+        Each voxel's mean b = 0 signal.
+
+    Returns
+    -------
+    ndarray (n,)
+        ``sigma / s0``; 0 everywhere when ``sigma`` is 0, NaN where ``s0`` is
+        not positive (the gate flags those voxels).
+    """
+    s0 = np.asarray(s0, dtype=np.float64)
+    if not sigma > 0:
+        return np.zeros(s0.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s0 > 0, sigma / s0, np.nan)
+
+
+def warn_noise(relative, *, snr_range=None):
+    """Log the fitted voxels' SNR; warn where ``sigma`` cannot be right.
+
+    Parameters
+    ----------
+    relative : array_like (n,)
+        The fitted voxels' relative noise (:func:`relative_noise`).
+    snr_range : (float, float), optional
+        The SNR an estimator was trained on: voxels outside it are counted
+        in a warning (its intervals are not calibrated there).
+
+    Returns
+    -------
+    None
+    """
+    relative = np.asarray(relative, dtype=np.float64)
+    relative = relative[np.isfinite(relative) & (relative > 0)]
+    if not len(relative):
+        return
+    snr = 1.0 / relative
+    median = float(np.median(snr))
+    logger.info(
+        f"Noise: SNR of the b=0 signal {median:.3g} (median of {len(snr)} "
+        f"voxels; {snr.min():.3g}-{snr.max():.3g})."
+    )
+    if median > SUSPECT_SNR:
+        warnings.warn(
+            f"sigma gives these voxels a median SNR of {median:.3g}: sigma is "
+            "the noise in the data's units (DIPY's convention), not relative to "
+            "the b=0 signal. If you passed 1/SNR, pass sigma = (mean b=0 "
+            "signal) / SNR instead.",
+            UserWarning,
+            stacklevel=4,  # the user's model.fit call
+        )
+    if snr_range is None:
+        return
+    low, high = snr_range
+    above, below = int((snr > high).sum()), int((snr < low).sum())
+    if above or below:
+        warnings.warn(
+            f"{above} voxels above and {below} below the SNR the posterior is "
+            f"trained on ({low:g}-{high:g}; of {len(snr)} fitted): their "
+            "intervals are not calibrated. On data of higher SNR pass the "
+            "largest noise the model's own errors allow (sigma = b=0 signal / "
+            f"{high:g}); or train with posterior_options=dict(snr_range=...).",
+            UserWarning,
+            stacklevel=4,  # the user's model.fit call
+        )
