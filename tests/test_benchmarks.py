@@ -271,3 +271,91 @@ def test_peers_score_every_method_on_the_searchs_voxels(monkeypatch):
     np.testing.assert_array_equal(every, [True, True, True, False])
     failed = module.scored_voxels(status, {}, "exchange_time", voxels, "search")
     assert not failed.any()
+
+
+@pytest.fixture(scope="module")
+def cord_bench():
+    return _load_benchmark("cord_histology")
+
+
+def test_cord_oracle_blocked_folds_keep_neighbours_apart(cord_bench):
+    """benchmarks/cord_histology.py --oracle: every voxel is tested once, and
+    no training voxel lies within ``gap`` rows of a test voxel of its fold."""
+    rows = np.random.default_rng(0).integers(10, 55, size=400)
+    for block, gap in ((5, 2), (4, 1), (9, 0)):
+        folds = cord_bench.blocked_folds(rows, 5, block, gap)
+        tested = np.concatenate([test for _, test in folds])
+        np.testing.assert_array_equal(np.sort(tested), np.arange(len(rows)))
+        for train, test in folds:
+            assert len(train) and not np.intersect1d(train, test).size
+            distance = np.abs(rows[train][:, None] - rows[test][None, :])
+            assert distance.min() > gap
+    folds = cord_bench.random_folds(103, 5, np.random.default_rng(1))
+    tested = np.concatenate([test for _, test in folds])
+    np.testing.assert_array_equal(np.sort(tested), np.arange(103))
+    for train, test in folds:
+        np.testing.assert_array_equal(
+            np.sort(np.concatenate([train, test])), np.arange(103)
+        )
+
+
+def test_cord_oracle_regressors(cord_bench):
+    """The oracle's ridge (dual form) is the primal ridge on standardised
+    features; kNN with one neighbour returns a training label; the partial
+    correlation removes a shared covariate."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 30)) * rng.uniform(0.5, 3, size=30)
+    y = x[:, 0] - 0.5 * x[:, 3] + 0.1 * rng.normal(size=120)
+    x_test = rng.normal(size=(17, 30))
+    guess = cord_bench.ridge_predictions(x, y, x_test, alphas=[0.5, 50.0])
+    mean, std = x.mean(0), x.std(0)
+    z, z_test = (x - mean) / std, (x_test - mean) / std
+    for column, alpha in enumerate((0.5, 50.0)):
+        weights = np.linalg.solve(z.T @ z + alpha * np.eye(30), z.T @ (y - y.mean()))
+        assert_allclose(guess[:, column], y.mean() + z_test @ weights, atol=1e-10)
+    nearest = cord_bench.knn_predictions(x, y, x[:5], neighbours=(1,))
+    assert_allclose(nearest[:, 0], y[:5])
+    shared = rng.normal(size=500)
+    a, b = shared + 0.3 * rng.normal(size=500), shared + 0.3 * rng.normal(size=500)
+    assert abs(cord_bench.partial_spearman(a, b, shared[None])) < 0.15
+
+
+def test_cord_oracle_label_resampling(cord_bench):
+    """The label redrawn from many axons of its own gamma comes back near
+    itself; from two axons it scatters."""
+    from dipy_spinverse.io.datasets import effective_diameter
+
+    mean, std = np.array([3.0, 2.0, 0.0]), np.array([1.2, 0.5, 0.0])
+    label = effective_diameter(mean, std)
+    rng = np.random.default_rng(0)
+    many = cord_bench.label_resampled(mean, std, np.array([2e5, 2e5, 5]), rng)
+    assert_allclose(many, label, rtol=0.02)
+    few = [
+        cord_bench.label_resampled(mean, std, np.array([2, 2, 2]), rng)[0]
+        for _ in range(50)
+    ]
+    assert np.std(few) > 0.1
+    assert_allclose(
+        cord_bench.lognormal_effective_diameter(np.array([3.0]), np.array([1e-6])),
+        [3.0],
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.slow
+def test_cord_oracle_quick_run(cord_bench, tmp_path, monkeypatch, capsys):
+    """``cord_histology.py --oracle --quick`` prints the oracle's tables
+    (about a minute and a half on 2 cores; skipped without the dmipy files)."""
+    from dipy_spinverse.data import read_cat_spinal_cord
+
+    try:
+        read_cat_spinal_cord()
+    except FileNotFoundError:
+        pytest.skip("the dmipy 1.0.5 files are not here")
+    monkeypatch.chdir(tmp_path)
+    cord_bench.main(["--oracle", "--quick"])
+    out = capsys.readouterr().out
+    assert "Supervised oracle" in out and "| white matter | signals | blocked |" in out
+    assert not (tmp_path / "cord_histology").exists() or not any(
+        (tmp_path / "cord_histology").iterdir()
+    )
