@@ -182,8 +182,7 @@ def print_table(title, rows):
         "| model | n | Spearman | Pearson | median abs error | median | "
         "90 % holds truth | 90 % width | rho(S0) |"
     )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    _print_header(header)
     for name, r in rows.items():
         cover = f"{100 * r['coverage_90']:.0f} %" if "coverage_90" in r else "--"
         width = f"{r['width_90']:.2f}" if "width_90" in r else "--"
@@ -579,6 +578,12 @@ def gap_sensitivity(cord, levels, wm, *, n_folds=5, block=5, gaps=range(5)):
     return out
 
 
+def _print_header(header):
+    """A markdown table's header row and its separator."""
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+
+
 def print_oracle(out, seconds):
     """The oracle's tables, as the page gives them."""
     print(
@@ -590,8 +595,7 @@ def print_oracle(out, seconds):
         "| voxels | inputs | folds | regressor | n | Spearman (90 %, bands "
         "resampled) | Pearson | median abs error (um) | partial |"
     )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    _print_header(header)
     for r in out["oracle"]:
         print(
             f"| {r['voxels']} | {r['inputs']} | {r['folds']} | {r['regressor']} | "
@@ -611,8 +615,7 @@ def print_oracle(out, seconds):
         "| voxels | median relative sd | Spearman with a redrawn label | between two "
         "redrawn | log-normal d_eff | volume-corrected diameter | one voxel over |"
     )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    _print_header(header)
     for r in out["label"]:
         print(
             f"| {r['voxels']} | {100 * r['relative_sd']:.1f} % | {r['resampled']:.3f} "
@@ -628,8 +631,7 @@ def print_oracle(out, seconds):
         "| gap (rows) | training voxels a fold (median) | Spearman, nested | "
         "Spearman, best penalty | its penalty |"
     )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    _print_header(header)
     for r in out["gaps"]:
         print(
             f"| {r['gap']} | {r['train']} | {r['nested']:.2f} | {r['best']:.2f} | "
