@@ -268,14 +268,7 @@ def _load(path, n_inputs, options):
     # The inverse-autoregressive flow's parameters sit one level deeper.
     fast = any(key.startswith("flow.transform.transform.") for key in state)
     net = PosteriorEstimator(n_inputs, options, fast_sampling=fast)
-    # Buffers whose shape the training set: the support's signals, the level
-    # tables (one per stratum since the strata; one for all before).
-    for name in (
-        "support_signals",
-        "support_log_sigma",
-        "support_threshold",
-        "level_tables",
-    ):
+    for name in ("support_signals", "support_log_sigma", "support_threshold"):
         setattr(net, name, torch.empty_like(state[name]))
     net.load_state_dict(state)
     net.eval()

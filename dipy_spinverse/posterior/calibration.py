@@ -22,15 +22,6 @@ hold. The bounds stay within the flow's draws: a flow so overconfident
 that truths often fall beyond all its draws (about 2x too narrow, for the
 few hundred draws a fit keeps) is only partly corrected. ``orientation`` (a
 unit vector) is not recalibrated.
-
-The tables are measured per stratum of the flow's own median cell diameter
-(:data:`STRATUM_EDGES`): a flow's miscalibration differs between axon-scale
-cells, whose diameter the data barely resolve, and large ones (pooled, the
-50 % intervals of cells under 5 um held 42-45 % where those of all cells
-held 47-50 %). The stratum is read from each voxel's own draws, never from
-the truth, so a fit applies the table its calibration measured for voxels
-like it. A stratum with fewer than :data:`MIN_STRATUM` held-out transforms
-takes the pooled table.
 """
 
 import math
@@ -49,9 +40,6 @@ __all__ = [
     "calibrated_levels",
     "calibrated_draws",
     "measure_level_tables",
-    "STRATUM_EDGES",
-    "MIN_STRATUM",
-    "strata",
 ]
 
 #: Descriptors with credible intervals (``orientation`` is a unit vector).
@@ -65,32 +53,6 @@ LEVELS = np.linspace(0.0, 1.0, 101)
 # of 0.004, and 64 draws place each transform within 1/65.
 _N_TRANSFORMS = 3000
 _N_DRAWS = 64
-
-#: The flow's median cell diameter (um) that separates the recalibration's
-#: strata: axon-scale cells below it (the diameters most protocols leave
-#: open), larger ones above.
-STRATUM_EDGES = (5.0,)
-
-#: Fewest held-out transforms a stratum's own table needs: its 5 % level's
-#: quantile then has a standard error of about 0.009.
-MIN_STRATUM = 600
-
-
-def strata(diameter_draws):
-    """Each voxel's recalibration stratum from its flow draws.
-
-    Parameters
-    ----------
-    diameter_draws : ndarray (n_draws, n)
-        The flow's draws of ``cell_diameter`` (um), not recalibrated.
-
-    Returns
-    -------
-    ndarray of int (n,)
-        The index of each voxel's median among :data:`STRATUM_EDGES`.
-    """
-    median = np.median(np.asarray(diameter_draws, dtype=float), axis=0)
-    return np.searchsorted(STRATUM_EDGES, median, side="right")
 
 
 def rank_transform(draws, truth, rng):
@@ -185,31 +147,17 @@ def measure_level_tables(net, signals, coordinates, noisy, *, seed):
 
     Returns
     -------
-    ndarray (len(STRATUM_EDGES) + 1, len(SCALARS), len(LEVELS))
-        One table per stratum (:func:`strata`); the pooled one where a
-        stratum has fewer than :data:`MIN_STRATUM` transforms.
+    ndarray (len(SCALARS), len(LEVELS))
     """
     rng = np.random.default_rng(seed)
     truth = decode(coordinates.numpy())
     repeats = max(1, math.ceil(_N_TRANSFORMS / len(signals)))
     transforms = {name: [] for name in SCALARS}
-    stratum = []
     for repeat in range(repeats):
         inputs, sigma = noisy(signals)
         values = decode(
             net.sample(inputs, sigma, _N_DRAWS, generator_seed=seed + repeat).numpy()
         )
-        stratum.append(strata(values["cell_diameter"]))
         for name in SCALARS:
             transforms[name].append(rank_transform(values[name], truth[name], rng))
-    stratum = np.concatenate(stratum)
-    transforms = {name: np.concatenate(t) for name, t in transforms.items()}
-    pooled = np.stack([level_table(transforms[n]) for n in SCALARS])
-    tables = []
-    for s in range(len(STRATUM_EDGES) + 1):
-        rows = stratum == s
-        if rows.sum() < MIN_STRATUM:
-            tables.append(pooled)
-        else:
-            tables.append(np.stack([level_table(transforms[n][rows]) for n in SCALARS]))
-    return np.stack(tables)
+    return np.stack([level_table(np.concatenate(transforms[n])) for n in SCALARS])

@@ -39,13 +39,7 @@ from tqdm.auto import tqdm
 from ..checks import check_int, check_number
 from ..sim.signals import normalise_b0
 from . import targets
-from .calibration import (
-    LEVELS,
-    SCALARS,
-    calibrated_levels,
-    measure_level_tables,
-    strata,
-)
+from .calibration import LEVELS, SCALARS, calibrated_levels, measure_level_tables
 
 __all__ = ["TrainingOptions", "PosteriorEstimator", "train_estimator"]
 
@@ -244,36 +238,15 @@ class PosteriorEstimator(torch.nn.Module):
             y = self.flow(self._context(signal, sigma)).transform.inv(base)
         return y * self.y_std + self.y_mean
 
-    def level_table(self, name, stratum=0):
-        """``name``'s recalibration in ``stratum``: the flow's level at each
-        of :data:`.calibration.LEVELS` (ndarray). Estimators trained before
-        the strata hold one table for all voxels."""
-        tables = self.level_tables
-        if tables.ndim == 3:
-            tables = tables[stratum]
-        return tables[SCALARS.index(name)].cpu().numpy()
+    def level_table(self, name):
+        """``name``'s recalibration: the flow's level at each of
+        :data:`.calibration.LEVELS` (ndarray)."""
+        return self.level_tables[SCALARS.index(name)].cpu().numpy()
 
-    def quantile_levels(self, name, levels, stratum=0):
+    def quantile_levels(self, name, levels):
         """The flow's quantile levels that give ``name``'s credible bounds at
-        ``levels`` in ``stratum`` (:func:`.calibration.calibrated_levels`)."""
-        return calibrated_levels(levels, self.level_table(name, stratum))
-
-    def strata(self, diameter_draws):
-        """Each voxel's recalibration stratum (:func:`.calibration.strata`;
-        0 for an estimator of one table).
-
-        Parameters
-        ----------
-        diameter_draws : ndarray (n_draws, n)
-            The flow's draws of ``cell_diameter``.
-
-        Returns
-        -------
-        ndarray of int (n,)
-        """
-        if self.level_tables.ndim == 2:
-            return np.zeros(np.shape(diameter_draws)[1], dtype=int)
-        return strata(diameter_draws)
+        ``levels`` (:func:`.calibration.calibrated_levels`)."""
+        return calibrated_levels(levels, self.level_table(name))
 
     @torch.no_grad()
     def support_statistic(self, signal, sigma, *, chunk=256):

@@ -108,8 +108,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     -------
     dict
         ``status`` (n,), ``inputs`` (n, n_volumes) b0-normalised signals,
-        ``sigma`` (n,), ``S0`` (n,), ``S0_sequences`` (n, n_sequences),
-        ``stratum`` (n,) (the recalibration's, 0 where not fitted), per
+        ``sigma`` (n,), ``S0`` (n,), ``S0_sequences`` (n, n_sequences), per
         scalar descriptor its quantiles
         (n, 5) at :data:`_KEPT`, and ``orientation`` (n, 3).
     """
@@ -125,7 +124,6 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     warn_noise(sigma[good], snr_range=model.posterior_options.snr_range)
     summary = {name: np.full((n, len(_KEPT)), np.nan) for name in SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
-    stratum = np.zeros(n, dtype=np.int8)
     estimator = model.estimator
     batches = _posterior_draws(
         estimator, inputs, sigma, np.flatnonzero(good), n_samples, seed
@@ -134,11 +132,9 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
         status[outside] = OUT_OF_PRIOR
         if not len(keep):
             continue
-        stratum[keep] = estimator.strata(values["cell_diameter"])
         for name in SCALARS:
-            summary[name][keep] = recalibrated_quantiles(
-                estimator, name, values[name], _KEPT, stratum[keep]
-            ).T
+            levels = estimator.quantile_levels(name, _KEPT)
+            summary[name][keep] = np.quantile(values[name], levels, axis=0).T
         summary["orientation"][keep] = _mean_axis(values["orientation"])
     return dict(
         status=status,
@@ -146,48 +142,8 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
         sigma=sigma,
         S0=gate.S0,
         S0_sequences=gate.S0_sequences,
-        stratum=stratum,
         **summary,
     )
-
-
-def recalibrated_quantiles(estimator, name, values, levels, stratum):
-    """Quantiles of each voxel's draws at its stratum's recalibrated levels.
-
-    Parameters
-    ----------
-    estimator : PosteriorEstimator
-    name : str
-        A scalar descriptor.
-    values : ndarray (n_draws, n)
-        The flow's draws of ``name``.
-    levels : sequence of float
-        The nominal levels.
-    stratum : ndarray of int (n,)
-        Each voxel's recalibration stratum (``estimator.strata``).
-
-    Returns
-    -------
-    ndarray (len(levels), n)
-    """
-    out = np.full((len(levels), values.shape[1]), np.nan)
-    for s in np.unique(stratum):
-        rows = stratum == s
-        wanted = estimator.quantile_levels(name, levels, s)
-        out[:, rows] = np.quantile(values[:, rows], wanted, axis=0)
-    return out
-
-
-def recalibrated_draws(estimator, name, values, stratum, rng):
-    """Draws of each voxel's recalibrated posterior (its stratum's table;
-    :func:`~dipy_spinverse.posterior.calibration.calibrated_draws`), of the
-    shape of ``values`` (n_draws, n)."""
-    out = np.array(values, dtype=float)
-    for s in np.unique(stratum):
-        rows = stratum == s
-        table = estimator.level_table(name, s)
-        out[:, rows] = calibrated_draws(values[:, rows], table, rng)
-    return out
 
 
 def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed):
@@ -272,6 +228,7 @@ def surface_volume_bound(model, signals, fractions, *, n_samples, seed=0):
     sigma = relative_noise(model.sigma, signals.s0).astype(np.float32)
     bound = np.ones(len(inputs))
     outside = np.zeros(len(inputs), dtype=bool)
+    table = estimator.level_table("restricted_fraction")
     rng = np.random.default_rng(seed)
     rows = np.arange(len(inputs))
     for out, keep, values in _posterior_draws(
@@ -279,14 +236,7 @@ def surface_volume_bound(model, signals, fractions, *, n_samples, seed=0):
     ):
         outside[out] = True
         if len(keep):
-            stratum = estimator.strata(values["cell_diameter"])
-            draws = recalibrated_draws(
-                estimator,
-                "restricted_fraction",
-                values["restricted_fraction"],
-                stratum,
-                rng,
-            )
+            draws = calibrated_draws(values["restricted_fraction"], table, rng)
             bound[keep] = volume_iou_bound(draws, fractions[keep])
     return bound, outside
 
@@ -460,13 +410,8 @@ class PosteriorFit(ReconstFit):
                 self._quantile(name, round(hi, 12)),
             )
         else:
-            low, high = recalibrated_quantiles(
-                self.model.estimator,
-                name,
-                self._draws(name, 1000),
-                [lo, hi],
-                self._strata(),
-            )
+            levels = self.model.estimator.quantile_levels(name, [lo, hi])
+            low, high = np.quantile(self._draws(name, 1000), levels, axis=0)
         return self._volume(low, 0.0), self._volume(high, 0.0)
 
     def posterior_samples(self, name, n=100, *, seed=0):
@@ -498,24 +443,11 @@ class PosteriorFit(ReconstFit):
         draws = self._draws(name, n, seed=seed)
         if name in SCALARS:
             # The recalibrated posterior (the intervals' own), per voxel.
-            draws = recalibrated_draws(
-                self.model.estimator,
-                name,
-                draws,
-                self._strata(),
-                np.random.default_rng(seed),
-            )
+            table = self.model.estimator.level_table(name)
+            draws = calibrated_draws(draws, table, np.random.default_rng(seed))
         return np.moveaxis(
             self._volume(np.moveaxis(draws, 0, 1), 0.0), self.mask.ndim, 0
         )
-
-    def _strata(self):
-        """Each voxel's recalibration stratum (0 in fits made before the
-        strata)."""
-        stratum = self.params.get("stratum")
-        if stratum is None:
-            return np.zeros(len(self.params["status"]), dtype=int)
-        return np.asarray(stratum, dtype=int)
 
     def _draws(self, name, n, *, seed=1):
         tail = (3,) if name == "orientation" else ()

@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import SMALL_PRIOR, SMALL_TRAINING
 from numpy.testing import assert_allclose, assert_array_equal
 
-import dipy_spinverse.posterior.calibration as calibration
 import dipy_spinverse.posterior.prior as prior_module
 from dipy_spinverse import SpinverseModel, TetGrid, simulate
 from dipy_spinverse.data import _protocol
@@ -21,7 +21,7 @@ from dipy_spinverse.posterior import (
     encode,
     shape_descriptors,
 )
-from dipy_spinverse.posterior.calibration import LEVELS, SCALARS, STRATUM_EDGES
+from dipy_spinverse.posterior.calibration import LEVELS, SCALARS
 from dipy_spinverse.reconst import IMPOSSIBLE_SIGNAL
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR, PosteriorFit
 
@@ -289,32 +289,22 @@ def test_posterior_fit_of_a_volume(posterior_model, caplog):
 
 
 @pytest.mark.parametrize("name", ["cell_diameter", "restricted_fraction"])
-def test_fit_bounds_use_the_estimators_level_tables(posterior_model, name, monkeypatch):
-    """The trained estimator carries measured, monotone tables, one per
-    stratum of the flow's median diameter, and the fit's stored and redrawn
-    bounds are the flow's quantiles at their stratum's levels: a table that
-    moves every level to 0.5 collapses the intervals of that stratum's
-    voxels onto the flow's median, and only theirs."""
+def test_fit_bounds_use_the_estimators_level_tables(posterior_model, name):
+    """The trained estimator carries measured, monotone tables, and the fit's
+    stored and redrawn bounds are the flow's quantiles at their levels: a
+    table that moves every level to 0.5 collapses every interval onto the
+    flow's median."""
     estimator = posterior_model.estimator
     tables = estimator.level_tables.numpy()
-    assert tables.shape == (len(STRATUM_EDGES) + 1, len(SCALARS), len(LEVELS))
-    assert np.all(np.diff(tables, axis=-1) >= 0)
+    assert tables.shape == (len(SCALARS), len(LEVELS))
+    assert np.all(np.diff(tables, axis=1) >= 0)
     assert not np.allclose(tables, LEVELS, atol=1e-3)  # measured, not identity
-    signals, truth = posterior_model.prior.sample(8, seed=21)
-    # This prior's cells (8-25 um) are all above the strata's edge: split
-    # these voxels between the strata at their median diameter.
-    monkeypatch.setattr(
-        calibration, "STRATUM_EDGES", (float(np.median(truth["cell_diameter"])),)
-    )
+    signals, _ = posterior_model.prior.sample(3, seed=21)
     saved = estimator.level_tables.clone()
     try:
-        estimator.level_tables[0, SCALARS.index(name)] = 0.5
+        estimator.level_tables[SCALARS.index(name)] = torch.full((len(LEVELS),), 0.5)
         fit = posterior_model.fit(signals)
-        stratum = fit.params["stratum"]
-        assert set(stratum[fit.status == 0]) == {0, 1}  # both strata fitted
-        width = np.subtract(*fit.credible_interval(name, level=0.9)[::-1])
-        assert np.all(width[(fit.status == 0) & (stratum == 1)] > 0)
-        ok = (fit.status == 0) & (stratum == 0)
+        ok = fit.status == 0
         assert ok.any()
         for level in (0.9, 0.8):
             low, high = fit.credible_interval(name, level=level)
@@ -817,11 +807,3 @@ def test_a_gradient_table_of_the_same_acquisitions_finds_the_same_estimator():
     assert estimator_key(prior, other, options) != estimator_key(
         prior, protocol, options
     )
-
-
-def test_the_recalibration_stratum_is_the_flows_median_diameter():
-    """Read from the voxel's own draws (never the truth): below the edge
-    (5 um) stratum 0, at or above it 1."""
-    draws = np.array([[1.0, 6.0, 4.9, 5.0], [3.0, 8.0, 5.1, 5.0], [2.0, 7.0, 5.2, 5.0]])
-    assert_array_equal(calibration.strata(draws), [0, 1, 1, 1])
-    assert STRATUM_EDGES == (5.0,)
