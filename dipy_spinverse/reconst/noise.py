@@ -39,7 +39,7 @@ NOISE_HINT = (
 SUSPECT_SNR = 1000.0
 
 
-def check_sigma(sigma, *, name="sigma", hint=NOISE_HINT):
+def check_sigma(sigma, *, name="sigma"):
     """``sigma`` in the data's units as one float (0 when None: unknown).
 
     Parameters
@@ -50,8 +50,6 @@ def check_sigma(sigma, *, name="sigma", hint=NOISE_HINT):
         for 4-D data) is taken as its root mean square, and the log says so.
     name : str
         The argument's name in the messages.
-    hint : str
-        What ``sigma`` is, put after the requirement in the messages.
 
     Returns
     -------
@@ -78,7 +76,7 @@ def check_sigma(sigma, *, name="sigma", hint=NOISE_HINT):
         or (value < 0).any()
     ):
         raise ValueError(
-            f"{name} must be a finite number >= 0, or one per volume {hint}, "
+            f"{name} must be a finite number >= 0, or one per volume {NOISE_HINT}, "
             f"got {sigma!r}."
         )
     if value.ndim == 1:

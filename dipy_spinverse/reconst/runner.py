@@ -71,7 +71,7 @@ def fit_voxels(model, data, *, callback=None):
     """
     gate = admit(data, model.protocol, sigma=model.sigma, dtype=model.dtype)
     if model.sigma > 0 and model.s0_reference is None:  # not through model.fit
-        model = model.for_data(np.where(gate.ok[:, None], data, np.nan))
+        model = model.for_b0_signals(gate.S0)
     result = empty_params(model, len(gate.status))
     failed = ~gate.ok
     result["status"][failed] = gate.status[failed]

@@ -570,7 +570,26 @@ class SpinverseSearchModel(ReconstModel):
         if mask is not None:
             mask = check_mask(mask, volume_shape(data, mask))
             rows = rows if is_mask_rows(data, mask) else rows[mask]
-        s0 = rows.reshape(-1, len(b0)).mean(axis=-1)
+        return self.for_b0_signals(rows.reshape(-1, len(b0)).mean(axis=-1))
+
+    def for_b0_signals(self, s0):
+        """:meth:`for_data` from the voxels' mean b = 0 signals (the gate's
+        ``S0`` when the voxels have passed it), with the log and warnings of
+        their SNR.
+
+        Parameters
+        ----------
+        s0 : array_like (n,)
+            Each voxel's mean b = 0 signal; those not finite and positive
+            (flagged by the gate) are left out.
+
+        Returns
+        -------
+        SpinverseSearchModel
+        """
+        if not self.sigma > 0:
+            return self
+        s0 = np.asarray(s0, dtype=np.float64)
         s0 = s0[np.isfinite(s0) & (s0 > 0)]
         if not len(s0):
             return self  # every voxel is flagged by the gate (BAD_B0)
