@@ -18,6 +18,9 @@ HCP-style 288, :func:`~dipy_spinverse.sim.sequences.hcp_protocol`)::
 
     python benchmarks/prior_throughput.py --n 48 --families axon --protocol hcp
 
+``--device cuda`` (and a larger ``--batch_size``) simulates on a GPU: the
+GPU rows of doc/validation/sections.md.
+
 ``--compare_old N``: the old engine against the new, in the same run, on the
 same draws (issue 58, item 3). The first ``N`` draws of each patch side are
 simulated again, each twice more:
@@ -80,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--time_tolerance", type=float, default=1e-3)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--n_train", type=int, default=3000)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument(
         "--families", nargs="+", default=None, help="default: the prior's default"
     )
@@ -125,6 +130,8 @@ def main(argv=None):
         protocol,
         dtype=getattr(torch, args.dtype),
         time_tolerance=args.time_tolerance,
+        device=args.device,
+        batch_size=args.batch_size,
     )
     plain = simulator._simulate, simulator._measure_substeps
     regular, pilot = _timed(simulator)
@@ -140,9 +147,8 @@ def main(argv=None):
         compared = _compare(simulator, draws, args)
         compare_wall = time.perf_counter() - start
     print(
-        f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, {args.dtype}; {len(protocol)} volumes; {prior!r}; "
-        f"time_tolerance {args.time_tolerance}"
+        f"{machine(simulator.device)}, {args.dtype}, batches of {args.batch_size}; "
+        f"{len(protocol)} volumes; {prior!r}; time_tolerance {args.time_tolerance}"
     )
     print(
         f"{'grid':>8} {'side um':>9} {'h um':>7} {'draws':>6} {'substeps':>9} "
@@ -171,6 +177,16 @@ def main(argv=None):
     )
     if compared is not None:
         _print_comparison(compared, args, compare_wall)
+
+
+def machine(device):
+    """Where a benchmark ran: the processor, its threads, torch, the device."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return (
+        f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, device {device} ({name})"
+    )
 
 
 def _timed(simulator):

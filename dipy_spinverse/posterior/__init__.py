@@ -119,7 +119,9 @@ def default_training(prior):
     return TrainingOptions()
 
 
-def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=True):
+def load_or_train(
+    prior, protocol, options=None, *, cache_dir=None, progress=True, device="cpu"
+):
     """The posterior estimator of ``prior`` on ``protocol``, trained if absent.
 
     Before training it logs how long the simulations will take (measured on
@@ -139,6 +141,9 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
     cache_dir : path-like, optional
         Default :func:`dipy_spinverse.files.cache_root`.
     progress : bool
+    device : str or torch.device
+        Where a training set is simulated (:class:`PriorSimulator`); the
+        network is trained on the CPU and returned there.
 
     Returns
     -------
@@ -166,7 +171,7 @@ def load_or_train(prior, protocol, options=None, *, cache_dir=None, progress=Tru
     net = load_or_build(
         path,
         load=lambda path: _load(path, len(protocol), options),
-        build=lambda: _train(prior, protocol, options, path, progress),
+        build=lambda: _train(prior, protocol, options, path, progress, device),
         save=lambda net, tmp: torch.save({"state": net.state_dict(), "key": key}, tmp),
         what="posterior estimator",
     )
@@ -191,7 +196,7 @@ def _partial_folder(path):
     return path.with_suffix(".partial")
 
 
-def _train(prior, protocol, options, path, progress):
+def _train(prior, protocol, options, path, progress, device):
     """Simulate the training set (after logging how long it will take) and
     train the estimator on it; the simulations are kept as they are made in
     ``posterior-<key>.partial``, so that an interrupted training resumes."""
@@ -203,7 +208,7 @@ def _train(prior, protocol, options, path, progress):
         f"training epochs; simulations are kept in {partial} as they are made, "
         "so an interrupted run resumes. Timing the patch sizes first."
     )
-    simulator = prior.simulator(protocol)
+    simulator = prior.simulator(protocol, device=device)
     # Every patch size timed and weighted by how often the prior draws it
     # (the time steps measured first, once per simulator): 16 timed draws
     # announced 27 min for the default prior on the HCP protocol, whose

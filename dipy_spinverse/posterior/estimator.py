@@ -196,6 +196,11 @@ class PosteriorEstimator(torch.nn.Module):
             torch.as_tensor(np.tile(LEVELS, (len(SCALARS), 1)), dtype=torch.float32),
         )
 
+    @property
+    def device(self):
+        """The device the network runs on (``estimator.to(device)`` moves it)."""
+        return self.x_mean.device
+
     def _context(self, signal, sigma):
         x = torch.cat([signal, torch.log(sigma)[:, None]], dim=-1)
         return self.embed((x - self.x_mean) / self.x_std)
@@ -215,12 +220,15 @@ class PosteriorEstimator(torch.nn.Module):
         Parameters
         ----------
         signal : Tensor (n_voxels, n_inputs)
-            b0-normalised signals.
+            b0-normalised signals, on any device: the draws are made on the
+            estimator's (:attr:`device`) and returned on ``signal``'s.
         sigma : Tensor (n_voxels,)
             Noise standard deviation relative to the b = 0 signal.
         n : int
         generator_seed : int, optional
-            Seeds torch's generator for reproducible draws.
+            Seeds torch's generator for reproducible draws (the base points
+            are drawn on the CPU, so that a seed gives the same draws on
+            every device, to rounding).
 
         Notes
         -----
@@ -233,10 +241,11 @@ class PosteriorEstimator(torch.nn.Module):
         """
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        base = normal_points(n, len(signal), self.y_mean.numel())
+        base = normal_points(n, len(signal), self.y_mean.numel()).to(self.device)
+        context = self._context(signal.to(self.device), sigma.to(self.device))
         with _flushed_denormals():
-            y = self.flow(self._context(signal, sigma)).transform.inv(base)
-        return y * self.y_std + self.y_mean
+            y = self.flow(context).transform.inv(base)
+        return (y * self.y_std + self.y_mean).to(signal.device)
 
     def level_table(self, name):
         """``name``'s recalibration: the flow's level at each of
@@ -255,6 +264,8 @@ class PosteriorEstimator(torch.nn.Module):
         Parameters
         ----------
         signal : Tensor (n_voxels, n_inputs)
+            On any device (computed on the estimator's, returned on
+            ``signal``'s).
         sigma : Tensor (n_voxels,)
 
         Returns
@@ -265,9 +276,9 @@ class PosteriorEstimator(torch.nn.Module):
         ref_sq = (reference**2).sum(-1)
         out = []
         for start in range(0, len(signal), chunk):
-            x = signal[start : start + chunk]
+            x = signal[start : start + chunk].to(self.device)
             d2 = (x**2).sum(-1, keepdim=True) - 2 * x @ reference.T + ref_sq
-            out.append(d2.min(-1).values.clamp_min(0) / x.shape[-1])
+            out.append(d2.min(-1).values.clamp_min(0).to(signal.device) / x.shape[-1])
         d2 = torch.cat(out) if out else signal.new_zeros(0)
         return d2 / sigma**2
 

@@ -10,7 +10,7 @@ import numpy as np
 from dipy.reconst.base import ReconstModel
 from dipy.utils.logging import logger
 
-from ..checks import check_diffusivity, check_int
+from ..checks import check_device, check_diffusivity, check_int
 from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
 from .gate import check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma
@@ -65,6 +65,13 @@ class SpinversePosteriorModel(ReconstModel):
     cache_dir : path-like, optional
         Where the trained posterior is kept (default
         :func:`dipy_spinverse.files.cache_root`).
+    device : str or torch.device
+        Where the network draws from the posterior and, when it must be
+        trained first, where the training set is simulated: ``"cpu"``
+        (default) or ``"cuda"`` (``"cuda:1"``, ...). The network itself is
+        trained on the CPU, with the same seeds on every device (its
+        simulations differ between devices by rounding); the maps of one
+        estimator differ between devices by rounding only.
 
     Notes
     -----
@@ -88,6 +95,7 @@ class SpinversePosteriorModel(ReconstModel):
         posterior_options=None,
         n_posterior_samples=N_POSTERIOR_SAMPLES,
         cache_dir=None,
+        device="cpu",
     ):
         sigma = check_sigma(sigma)
         if not sigma > 0:
@@ -109,8 +117,10 @@ class SpinversePosteriorModel(ReconstModel):
         )
         #: The noise standard deviation in the data's units.
         self.sigma = sigma
-        #: The prior bound to this protocol: ``model.prior.sample(n, seed=s)``.
-        self.prior = prior.simulator(self.protocol)
+        self.device = check_device(device)
+        #: The prior bound to this protocol, simulating on ``device``:
+        #: ``model.prior.sample(n, seed=s)``.
+        self.prior = prior.simulator(self.protocol, device=self.device)
         self.posterior_options = options
         self.n_posterior_samples = check_int(
             n_posterior_samples, "n_posterior_samples", 10
@@ -130,7 +140,9 @@ class SpinversePosteriorModel(ReconstModel):
                 self.protocol,
                 self.posterior_options,
                 cache_dir=self.cache_dir,
+                device=self.device,
             )
+            self._estimator.to(self.device)
         return self._estimator
 
     def fit(self, data, *, mask=None):

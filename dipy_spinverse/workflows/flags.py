@@ -149,7 +149,10 @@ def check_flags(arguments):
     posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
     if fit_method == "posterior":
         model = dict(
-            fit_method="posterior", diffusivity=args["diffusivity"], **posterior
+            fit_method="posterior",
+            diffusivity=args["diffusivity"],
+            device=args["device"],
+            **posterior,
         )
         searches_labels = False
     else:

@@ -233,7 +233,8 @@ class SpinverseFlow(Workflow):
         n_jobs : int, optional
             Workers of a parallel engine started here (default all cores).
         device : string, optional
-            cpu or cuda.
+            cpu or cuda: where the label search simulates, or where the
+            posterior draws (and simulates its training set, when it trains).
         dtype : string, optional
             float32 (default, fast) or float64.
         n_report : int, optional

@@ -673,6 +673,16 @@ def test_the_time_per_draw_weighs_every_patch(monkeypatch):
     sides = {d.side for d in draws}
     # Two calls a patch (the sub-steps, then the timing), on two draws or fewer.
     assert len(measured) == 2 * len(sides) and max(measured) <= 2
+    # On a GPU a batch costs about the same whatever its size: each patch is
+    # timed on all its draws, up to a batch (the fake clock charges per draw,
+    # so the estimate is unchanged).
+    measured.clear()
+    simulator.batch_size = 3
+    monkeypatch.setattr(simulator, "device", torch.device("cuda"))
+    estimate = simulator.seconds_per_draw(seed=5, n_draws=40, per_box=2)
+    assert_allclose(estimate, np.mean([1.0 / d.side for d in draws]), rtol=1e-12)
+    counts = [min(3, sum(d.side == side for d in draws)) for side in sorted(sides)]
+    assert sorted(measured[1::2]) == sorted(counts)
 
 
 def test_an_interrupted_simulation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
@@ -807,3 +817,61 @@ def test_a_gradient_table_of_the_same_acquisitions_finds_the_same_estimator():
     assert estimator_key(prior, other, options) != estimator_key(
         prior, protocol, options
     )
+
+
+# -- devices -----------------------------------------------------------------------
+def test_a_device_that_cannot_be_used_is_refused_by_name():
+    bad = "cuda:64" if torch.cuda.is_available() else "cuda"
+    for device, message in ((bad, "cannot be used"), ("tpu", "device must be")):
+        with pytest.raises(ValueError, match=message):
+            SMALL_PRIOR.simulator(PROTOCOL, device=device)
+        with pytest.raises(ValueError, match=message):
+            SpinverseModel(PROTOCOL, fit_method="posterior", sigma=SIGMA, device=device)
+
+
+def test_the_estimator_returns_draws_on_the_inputs_device(posterior_model):
+    """The network runs on its own device (``estimator.device``); inputs on
+    another are moved there and the draws come back on theirs."""
+    estimator = posterior_model.estimator
+    assert estimator.device == torch.device("cpu")
+    signals, _ = posterior_model.prior.sample(3, seed=5)
+    x = torch.as_tensor(signals, dtype=torch.float32)
+    s = torch.full((3,), SIGMA)
+    draws = estimator.sample(x, s, 16, generator_seed=0)
+    assert draws.shape == (16, 3, len(estimator.y_mean)) and draws.device == x.device
+    assert estimator.support_statistic(x, s).device == x.device
+
+
+@pytest.mark.gpu
+def test_a_gpu_simulates_and_draws_as_the_cpu(posterior_model):
+    """Same draws and seeds on ``cuda`` as on the CPU: the prior's signals to
+    1e-10 in float64 (the same operators and time steps, rounding only: the
+    sub-steps are measured on the CPU and shared), the posterior's quantiles
+    to 1e-4 (float32 network, 200 base points shared through the CPU seed)."""
+    cpu = SMALL_PRIOR.simulator(PROTOCOL)
+    expected, truth = cpu.sample(6, seed=21)
+    gpu = SMALL_PRIOR.simulator(PROTOCOL, device="cuda")
+    gpu.measured_substeps = dict(cpu.measured_substeps)
+    signals, gpu_truth = gpu.sample(6, seed=21)
+    assert_allclose(signals, expected, atol=1e-10)
+    assert_array_equal(gpu_truth["restricted_fraction"], truth["restricted_fraction"])
+    data = _noisy(expected, 3)
+    on_cpu = posterior_model.fit(data)
+    on_gpu = SpinverseModel(
+        PROTOCOL,
+        fit_method="posterior",
+        prior=SMALL_PRIOR,
+        posterior_options=SMALL_OPTIONS,
+        sigma=SIGMA,
+        n_posterior_samples=200,
+        cache_dir=posterior_model.cache_dir,
+        device="cuda",
+    )
+    assert on_gpu.estimator.device.type == "cuda"
+    fit = on_gpu.fit(data)
+    assert_array_equal(fit.status, on_cpu.status)
+    for name in ("restricted_fraction", "cell_diameter"):
+        assert_allclose(getattr(fit, name), getattr(on_cpu, name), atol=1e-4)
+        assert_allclose(
+            fit.credible_interval(name), on_cpu.credible_interval(name), atol=1e-4
+        )
