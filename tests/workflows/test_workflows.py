@@ -8,6 +8,7 @@ from dataclasses import replace
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import SMALL_DEMO
 from numpy.testing import assert_allclose, assert_array_equal
 
@@ -1026,3 +1027,18 @@ def test_noise_options_take_dipys_meaning(demo):
         parse_noise("loud", None)
     with pytest.raises(ValueError, match="not below the median b=0 signal"):
         noise_sigma(("sigma", 10 * s0), image, data, table)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_workflow_posterior_takes_the_device_flag(demo, tmp_path):
+    """--device reaches --fit_method posterior (it was ignored): cuda on a
+    machine without one is refused in words, before any training."""
+    with pytest.raises(ValueError, match="no CUDA device is available here"):
+        _run(
+            demo,
+            tmp_path / "out",
+            fit_method="posterior",
+            max_iter=None,
+            snr=100,
+            device="cuda",
+        )
