@@ -798,7 +798,8 @@ class PriorSimulator:
         its size up to ``batch_size`` (its kernels are launch-bound), so
         there each patch is timed on all its draws up to ``batch_size``:
         timed on 2 draws a patch, the default prior's training set was
-        announced at 23.9 min on an H200 and simulated in 2 min.
+        announced at 23.9 min on an H200 and simulated in 2 min; timed so,
+        11.8 ms a draw are announced for 6.3 measured.
 
         Parameters
         ----------
