@@ -211,8 +211,8 @@ def test_either_prior_draws_both_boxes():
 
 
 # -- the DIPY fit ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def posterior_model(tmp_path_factory):
+def _small_model(cache_dir, **options):
+    """The small prior's posterior model, trained into ``cache_dir``."""
     return SpinverseModel(
         PROTOCOL,
         fit_method="posterior",
@@ -220,8 +220,14 @@ def posterior_model(tmp_path_factory):
         posterior_options=SMALL_OPTIONS,
         sigma=SIGMA,
         n_posterior_samples=200,
-        cache_dir=tmp_path_factory.mktemp("cache"),
+        cache_dir=cache_dir,
+        **options,
     )
+
+
+@pytest.fixture(scope="module")
+def posterior_model(tmp_path_factory):
+    return _small_model(tmp_path_factory.mktemp("cache"))
 
 
 def _noisy(signals, seed):
@@ -857,16 +863,7 @@ def test_a_gpu_simulates_and_draws_as_the_cpu(posterior_model):
     assert_array_equal(gpu_truth["restricted_fraction"], truth["restricted_fraction"])
     data = _noisy(expected, 3)
     on_cpu = posterior_model.fit(data)
-    on_gpu = SpinverseModel(
-        PROTOCOL,
-        fit_method="posterior",
-        prior=SMALL_PRIOR,
-        posterior_options=SMALL_OPTIONS,
-        sigma=SIGMA,
-        n_posterior_samples=200,
-        cache_dir=posterior_model.cache_dir,
-        device="cuda",
-    )
+    on_gpu = _small_model(posterior_model.cache_dir, device="cuda")
     assert on_gpu.estimator.device.type == "cuda"
     fit = on_gpu.fit(data)
     assert_array_equal(fit.status, on_cpu.status)
