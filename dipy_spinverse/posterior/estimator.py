@@ -242,8 +242,8 @@ class PosteriorEstimator(torch.nn.Module):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         base = normal_points(n, len(signal), self.y_mean.numel()).to(self.device)
-        context = self._context(signal.to(self.device), sigma.to(self.device))
         with _flushed_denormals():
+            context = self._context(signal.to(self.device), sigma.to(self.device))
             y = self.flow(context).transform.inv(base)
         return (y * self.y_std + self.y_mean).to(signal.device)
 
