@@ -61,6 +61,7 @@ import torch
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.geometry.substrates.packed import _fill
 from dipy_spinverse.geometry.substrates.substrate import substrate_from_labels
+from dipy_spinverse.io.datasets import read_cat_spinal_cord, read_isbi2015
 from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.posterior.prior import _boxes
 from dipy_spinverse.sim.forward import converged_substeps, simulate
@@ -89,7 +90,9 @@ def main(argv=None):
         "--families", nargs="+", default=None, help="default: the prior's default"
     )
     parser.add_argument(
-        "--protocol", choices=("demo", "published", "hcp"), default="demo"
+        "--protocol",
+        choices=("demo", "published", "hcp", "cord", "isbi"),
+        default="demo",
     )
     parser.add_argument(
         "--compare_old",
@@ -118,6 +121,9 @@ def main(argv=None):
         "demo": lambda: _protocol(TIMINGS, BVALS, args.n_directions, 3),
         "published": published_protocol,
         "hcp": hcp_protocol,
+        # The real datasets' whole schemes (dmipy's files, read by path).
+        "cord": lambda: read_cat_spinal_cord("2d").protocol,
+        "isbi": lambda: read_isbi2015().protocol,
     }[args.protocol]()
     families = {} if args.families is None else dict(families=tuple(args.families))
     prior = TissuePrior(

@@ -12,7 +12,7 @@ from .modes import modal_signals
 from .operators import diffusion_operator
 from .sections import SectionGrid, fibre_frame
 from .sequences import as_protocol
-from .solvers import ENGINES, propagate, time_plan
+from .solvers import ENGINES, Step, propagate, time_plan
 
 __all__ = ["simulate", "converged_substeps", "update_digest", "METHODS", "TIME_TOL"]
 
@@ -286,20 +286,81 @@ def _finish(out, planes, protocol, diffusivity):
 
 
 def _signals(op, protocol, u0, *, frame, **options):
-    """Unnormalised signals (B, n_acquisitions) of ``u0`` (B, N)."""
+    """Unnormalised signals (B, n_acquisitions) of ``u0`` (B, N).
+
+    Work that acquisitions share is done once: waveforms whose echo is
+    computed from its first half (:attr:`~dipy_spinverse.sim.waveforms.
+    Waveform.is_antisymmetric`) are grouped by that half's gradient pieces
+    (:func:`_half_echo_families`), so a PGSE pulse is propagated once for
+    every diffusion time it is played at; repeated and opposite gradients are
+    propagated once (:func:`_canonical_rates`).
+    """
     out = torch.empty(u0.shape[0], len(protocol), dtype=u0.dtype, device=u0.device)
     rates = torch.tensor(protocol.gradient_rate, dtype=u0.dtype, device=u0.device)
-    for waveform, idx in protocol.groups():
-        # Repeated acquisitions (e.g. one b = 0 per direction) are solved once;
-        # sorting by gradient strength keeps each chunk's Chebyshev degree low.
-        unique, inverse = torch.unique(rates[idx], dim=0, return_inverse=True)
-        order = torch.argsort(unique.norm(dim=-1))
-        signal = _group_signal(op, waveform, unique[order], u0, frame=frame, **options)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order), device=u0.device)
-        signal = signal[:, rank[inverse]]
+    families, others = _half_echo_families(protocol)
+    for durations, amplitudes, tails, idx in families:
+        signal = _family_signal(
+            op, durations, amplitudes, tails, rates[idx], u0, frame=frame, **options
+        )
         out = out.index_copy(1, torch.as_tensor(idx, device=u0.device), signal)
+    for waveform, idx in others:
+        unique, inverse = _canonical_rates(rates[idx])
+        signal = _group_signal(op, waveform, unique, u0, frame=frame, **options)
+        out = out.index_copy(
+            1, torch.as_tensor(idx, device=u0.device), signal[:, inverse]
+        )
     return out
+
+
+def _half_echo_families(protocol):
+    """Antisymmetric waveforms grouped by their first half's gradient pieces.
+
+    Returns
+    -------
+    families : list of (durations, amplitudes, tails, idx)
+        The first half's pieces up to its last gradient (us, amplitudes),
+        the gradient-free time that ends each acquisition's half (us, one per
+        acquisition of ``idx``), and the acquisitions' indices.
+    others : list of (Waveform, ndarray of int)
+        Waveforms simulated over their whole echo.
+    """
+    families, others = {}, []
+    for waveform, idx in protocol.groups():
+        if not waveform.is_antisymmetric:
+            others.append((waveform, idx))
+            continue
+        durations, amplitudes = _first_half(*waveform.segments)
+        tail = 0.0
+        if amplitudes[-1] == 0.0 and len(amplitudes) > 1:
+            tail = float(durations[-1])
+            durations, amplitudes = durations[:-1], amplitudes[:-1]
+        key = (durations.round(9).tobytes(), amplitudes.round(12).tobytes())
+        family = families.setdefault(key, (durations, amplitudes, [], []))
+        family[2].append(np.full(len(idx), tail))
+        family[3].append(idx)
+    return [
+        (d, a, np.concatenate(t), np.concatenate(i)) for d, a, t, i in families.values()
+    ], others
+
+
+def _canonical_rates(rates):
+    """Distinct gradient rates (M, 3), sorted by strength, and each given
+    rate's row among them.
+
+    A rate and its opposite are one: the operator is real
+    and the start state real, so ``-g`` propagates the complex conjugate of
+    ``g``'s state, whose signal magnitude is the same; each rate is turned so
+    that its first nonzero component is positive. Sorting by strength keeps
+    each chunk's Chebyshev degree and Magnus sub-steps low.
+    """
+    first = (rates != 0).to(torch.int8).argmax(dim=1, keepdim=True)
+    sign = torch.sign(rates.gather(1, first))
+    rates = rates * torch.where(sign == 0, torch.ones_like(sign), sign)
+    unique, inverse = torch.unique(rates, dim=0, return_inverse=True)
+    order = torch.argsort(unique.norm(dim=-1))
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=rates.device)
+    return unique[order], rank[inverse]
 
 
 def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS):
@@ -396,33 +457,117 @@ def _along_axis(planes, protocol, diffusivity):
     return torch.exp(-uniform * b_axis)
 
 
-def _group_signal(op, waveform, rate, u0, *, frame, engine, tol, phase_step, substeps):
-    """Signals (B, A) of acquisitions that share one waveform."""
-    durations, amplitudes = waveform.segments
-    half = waveform.is_antisymmetric
-    if half:
-        # For f(TE - t) = -f(t) the second half-propagator is the adjoint of
-        # the first in both frames, so S = ||U(TE/2) u0||^2 when the
-        # magnetisation starts everywhere: half the work.
-        durations, amplitudes = _first_half(durations, amplitudes)
+def _family_signal(
+    op,
+    durations,
+    amplitudes,
+    tails,
+    rates,
+    u0,
+    *,
+    frame,
+    engine,
+    tol,
+    phase_step,
+    substeps,
+):
+    """Signals (B, A) of antisymmetric acquisitions that share their first
+    half's gradient pieces and differ in its gradient-free tail ``tails``
+    (A,) and their ``rates`` (A, 3).
+
+    For ``f(TE - t) = -f(t)`` the second half-propagator is the adjoint of
+    the first in both frames, so ``S = ||U(TE/2) u0||^2`` when the
+    magnetisation starts everywhere (``|<U a, U w>|`` otherwise): half the
+    work. Each distinct rate (up to sign) is propagated
+    through the pieces once, then through the gradient-free time in
+    increments, from the shortest tail to the longest its acquisitions need:
+    the generator is constant there, so an increment is one exponential, and
+    every diffusion time of the pulse costs only its own increment.
+    """
+    unique, inverse = _canonical_rates(rates)
+    times, tail_index = np.unique(tails, return_inverse=True)
+    needed = np.zeros((len(unique), len(times)), dtype=bool)
+    needed[inverse.cpu().numpy(), tail_index] = True
     dmax = float(op.displacement.norm(dim=-1).max())
-    kwargs = dict(frame=frame, engine=engine, tol=tol)
     n_batch, n_cells = u0.shape
     partial = bool(torch.any(u0 == 0))
-    n_states = len(rate) * (1 + partial)
-    chunk = _chunk_size(n_batch, n_cells, n_states, u0.element_size(), engine)
+    chunk = _chunk_size(
+        n_batch, n_cells, len(unique) * (1 + partial), u0.element_size(), engine
+    )
     ctype = torch.complex128 if u0.dtype == torch.float64 else torch.complex64
+    F_end = float(np.dot(durations, amplitudes))
+    kwargs = dict(frame=frame, engine=engine, tol=tol)
     signals = []
-    for lo in range(0, len(rate), chunk):
-        r = rate[lo : lo + chunk]
+    for lo in range(0, len(unique), chunk):
+        r = unique[lo : lo + chunk]
+        wanted = needed[lo : lo + chunk]
         n_acq = len(r)
         start = u0.to(ctype)[..., None].expand(n_batch, n_cells, n_acq)
-        if half and partial:
+        if partial:
             # S = a^T U^H U w with a = sqrt(V) (integrate everywhere) and w the
             # initial magnetisation: propagate both to TE/2, S = <U a, U w>.
             whole = op.sqrt_volumes.to(ctype)[None, :, None]
             start = torch.cat([whole.expand_as(start), start], dim=-1)
             r = torch.cat([r, r])
+        steps = time_plan(
+            durations,
+            amplitudes,
+            frame=frame,
+            phase_step=phase_step,
+            substeps=substeps,
+            dmax=dmax,
+            rate=float(r.norm(dim=-1).max()),
+        )
+        u = propagate(op, steps, start.contiguous(), r, **kwargs)
+        # Columns still propagated (the rates that need a longer tail).
+        alive = np.arange(n_acq)
+        out = torch.zeros(n_batch, n_acq, len(times), dtype=u0.dtype, device=u0.device)
+        elapsed = 0.0
+        for j, t in enumerate(times):
+            if t > elapsed:
+                step = _gradient_free_step(t - elapsed, F_end, frame)
+                u = propagate(op, [step], u, r, **kwargs)
+                elapsed = t
+            out[:, alive, j] = _half_echo(u, len(alive), partial)
+            later = wanted[alive, j + 1 :].any(axis=1)
+            if not later.any():
+                break
+            if not later.all():
+                keep = torch.as_tensor(np.flatnonzero(later), device=u0.device)
+                cols = torch.cat([keep, keep + len(alive)]) if partial else keep
+                u, r, alive = u[..., cols], r[cols], alive[later]
+        signals.append(out)
+    full = torch.cat(signals, dim=1)  # (B, unique, times)
+    return full[:, inverse, torch.as_tensor(tail_index, device=u0.device)]
+
+
+def _gradient_free_step(tau, F, frame):
+    """One exponential over ``tau`` us without gradient, at ``F`` (the
+    phase frame's wavevector per unit rate, constant there)."""
+    if frame == "lab":
+        return Step(float(tau), amplitude=0.0)
+    return Step(float(tau), phase_weights=(1.0,), phase_F=(F,))
+
+
+def _half_echo(u, n_acq, partial):
+    """``|<U a, U w>|`` or ``||U u0||^2`` (B, A) of half-echo states."""
+    if partial:
+        return (u[..., :n_acq].conj() * u[..., n_acq:]).sum(1).abs()
+    return (u.real**2 + u.imag**2).sum(1)
+
+
+def _group_signal(op, waveform, rate, u0, *, frame, engine, tol, phase_step, substeps):
+    """Signals (B, A) of acquisitions that share one waveform, propagated
+    over the whole echo (waveforms that are not antisymmetric)."""
+    durations, amplitudes = waveform.segments
+    dmax = float(op.displacement.norm(dim=-1).max())
+    n_batch, n_cells = u0.shape
+    chunk = _chunk_size(n_batch, n_cells, len(rate), u0.element_size(), engine)
+    ctype = torch.complex128 if u0.dtype == torch.float64 else torch.complex64
+    signals = []
+    for lo in range(0, len(rate), chunk):
+        r = rate[lo : lo + chunk]
+        start = u0.to(ctype)[..., None].expand(n_batch, n_cells, len(r))
         # One plan per chunk: in the phase frame the Magnus sub-steps follow
         # the chunk's strongest gradient (acquisitions are sorted by it), so
         # b = 0 and weak-gradient chunks are not stepped at the strongest
@@ -436,14 +581,10 @@ def _group_signal(op, waveform, rate, u0, *, frame, engine, tol, phase_step, sub
             dmax=dmax,
             rate=float(r.norm(dim=-1).max()),
         )
-        u = propagate(op, steps, start.contiguous(), r, **kwargs)
-        if half and partial:
-            s = (u[..., :n_acq].conj() * u[..., n_acq:]).sum(1).abs()
-        elif half:
-            s = (u.real**2 + u.imag**2).sum(1)
-        else:
-            s = _full_echo(op, u, r, waveform, frame).abs()
-        signals.append(s)
+        u = propagate(
+            op, steps, start.contiguous(), r, frame=frame, engine=engine, tol=tol
+        )
+        signals.append(_full_echo(op, u, r, waveform, frame).abs())
     return torch.cat(signals, dim=1)
 
 
