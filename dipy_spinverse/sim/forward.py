@@ -519,26 +519,33 @@ def _family_signal(
             rate=float(r.norm(dim=-1).max()),
         )
         u = propagate(op, steps, start.contiguous(), r, **kwargs)
-        # Columns still propagated (the rates that need a longer tail).
-        alive = np.arange(n_acq)
         out = torch.zeros(n_batch, n_acq, len(times), dtype=u0.dtype, device=u0.device)
-        elapsed = 0.0
-        for j, t in enumerate(times):
-            if t > elapsed:
-                step = _gradient_free_step(t - elapsed, F_end, frame)
-                u = propagate(op, [step], u, r, **kwargs)
-                elapsed = t
-            out[:, alive, j] = _half_echo(u, len(alive), partial)
-            later = wanted[alive, j + 1 :].any(axis=1)
-            if not later.any():
-                break
-            if not later.all():
-                keep = torch.as_tensor(np.flatnonzero(later), device=u0.device)
-                cols = torch.cat([keep, keep + len(alive)]) if partial else keep
-                u, r, alive = u[..., cols], r[cols], alive[later]
+        # Rates that need the same tails go on together, each straight from
+        # one tail it needs to the next: an exponential's cost grows as the
+        # square root of its length, so a rate is not stopped at tails other
+        # rates need.
+        patterns, which = np.unique(wanted, axis=0, return_inverse=True)
+        for pattern, cols in zip(
+            patterns, _members(which.ravel(), len(patterns)), strict=True
+        ):
+            index = torch.as_tensor(cols, device=u0.device)
+            states = torch.cat([index, index + n_acq]) if partial else index
+            v, rv, elapsed = u[..., states], r[states], 0.0
+            for j in np.flatnonzero(pattern):
+                if times[j] > elapsed:
+                    step = _gradient_free_step(times[j] - elapsed, F_end, frame)
+                    v = propagate(op, [step], v, rv, **kwargs)
+                    elapsed = times[j]
+                out[:, index, j] = _half_echo(v, len(cols), partial)
         signals.append(out)
     full = torch.cat(signals, dim=1)  # (B, unique, times)
     return full[:, inverse, torch.as_tensor(tail_index, device=u0.device)]
+
+
+def _members(labels, count):
+    """Indices of each label ``0 .. count - 1`` in ``labels``."""
+    order = np.argsort(labels, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(labels, minlength=count))[:-1])
 
 
 def _gradient_free_step(tau, F, frame):
