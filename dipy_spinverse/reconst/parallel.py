@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..checks import check_int
-from . import engines
+from .. import clusters
 
 __all__ = [
     "PARALLEL_ENGINES",
@@ -107,7 +107,7 @@ def _check_engine_installed(engine, address):
                 "or use engine='serial'."
             )
         return False
-    package = engines.CLUSTER_ENGINES[engine]
+    package = clusters.CLUSTER_ENGINES[engine]
     if importlib.util.find_spec(package) is not None:
         return True
     if engine == "dask" and address is None:
@@ -115,7 +115,7 @@ def _check_engine_installed(engine, address):
             return False
     raise ValueError(
         f"engine={engine!r} needs the {package} package: "
-        f"{engines.INSTALL_HINT} (or pip install {package}), or use "
+        f"{clusters.INSTALL_HINT} (or pip install {package}), or use "
         "engine='serial'."
     )
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..inverse import reconstruct
-from . import engines
+from .. import clusters
 from .codes import DIVERGED, FAILED, FITTED, MESH_NOT_REFINED, OK, PENDING, POOR_FIT
 from .fit import SpinverseFit
 from .gate import admit
@@ -328,10 +328,10 @@ def fit_volume(
                 done(rows, fit_voxels(model, load(rows), callback=progress)[0])
         elif on_cluster:
             chunk = vox_per_chunk or chunk_share(model, len(todo), n_workers)
-            with engines.open_cluster(engine, address, n_workers=n_workers) as cluster:
+            with clusters.open_cluster(engine, address, n_workers=n_workers) as cluster:
                 if vox_per_chunk is None and address is not None:
                     chunk = chunk_share(model, len(todo), cluster.slots)
-                engines.run_chunks(
+                clusters.run_chunks(
                     cluster,
                     fit_chunk,
                     model,
@@ -390,7 +390,7 @@ def fit_chunk(model, data, *, device=None):
     """Fit (n, n_volumes) raw voxels on a cluster worker (its ``device``).
 
     The task of the Ray and Dask engines
-    (:func:`~dipy_spinverse.reconst.engines.run_chunks`): ``device`` is the
+    (:func:`~dipy_spinverse.clusters.run_chunks`): ``device`` is the
     worker's own GPU, or None to keep the model's.
 
     Parameters

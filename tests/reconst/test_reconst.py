@@ -316,7 +316,7 @@ def test_parallel_engines_agree_with_serial(
     model, volume, volume_fit, engine, monkeypatch
 ):
     """DIPY's multi_voxel_fit: joblib, and dask on local threads (without the
-    distributed package; clusters are tested in tests/test_engines.py)."""
+    distributed package; clusters are tested in tests/test_clusters.py)."""
     pytest.importorskip(engine)
     import importlib.util
 

@@ -1,4 +1,5 @@
-"""Ray and Dask clusters for volume fits: one task per chunk of voxels.
+"""Ray and Dask clusters: one task per chunk of work (voxels of a volume
+fit, draws of a posterior's training set).
 
 :func:`open_cluster` connects to a running cluster (a Ray address or
 ``"auto"``, a ``dask.distributed`` scheduler address or ``Client``), or

@@ -19,7 +19,8 @@ from numpy.testing import assert_array_equal
 
 from dipy_spinverse.io.checkpoint import Checkpoint
 from dipy_spinverse.io.fits import load_fit
-from dipy_spinverse.reconst import MASKED, engines
+from dipy_spinverse import clusters
+from dipy_spinverse.reconst import MASKED
 
 CHUNK = 2
 
@@ -98,7 +99,7 @@ def _free_port():
 
 def test_unreachable_dask_scheduler(model, noisy_volume, monkeypatch):
     pytest.importorskip("distributed")
-    monkeypatch.setattr(engines, "CONNECT_TIMEOUT", 1)
+    monkeypatch.setattr(clusters, "CONNECT_TIMEOUT", 1)
     address = f"tcp://127.0.0.1:{_free_port()}"
     with pytest.raises(ValueError, match="cannot connect to the Dask scheduler"):
         model.fit(noisy_volume[0], engine="dask", address=address)
@@ -141,7 +142,7 @@ def test_address_needs_a_cluster_engine(model, noisy_volume):
 def test_worker_device_and_host_ranks(monkeypatch):
     import torch
 
-    ranks = engines._host_ranks(
+    ranks = clusters._host_ranks(
         {
             "tcp://a:2": dict(host="a"),
             "tcp://a:1": dict(host="a"),
@@ -150,10 +151,10 @@ def test_worker_device_and_host_ranks(monkeypatch):
     )
     assert ranks == {"tcp://a:1": 0, "tcp://a:2": 1, "tcp://b:1": 0}
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert engines.worker_device(3) == torch.device("cuda", 1)
+    assert clusters.worker_device(3) == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ValueError, match="sees no CUDA device"):
-        engines.worker_device(0)
+        clusters.worker_device(0)
 
 
 @pytest.mark.slow  # Ray's worker processes import torch: about a minute on 2 cores
