@@ -17,9 +17,9 @@ import pytest
 from conftest import SMALL_DEMO, T2_WEIGHT
 from numpy.testing import assert_array_equal
 
+from dipy_spinverse import clusters
 from dipy_spinverse.io.checkpoint import Checkpoint
 from dipy_spinverse.io.fits import load_fit
-from dipy_spinverse import clusters
 from dipy_spinverse.reconst import MASKED
 
 CHUNK = 2

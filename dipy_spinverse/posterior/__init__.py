@@ -120,7 +120,15 @@ def default_training(prior):
 
 
 def load_or_train(
-    prior, protocol, options=None, *, cache_dir=None, progress=True, device="cpu"
+    prior,
+    protocol,
+    options=None,
+    *,
+    cache_dir=None,
+    progress=True,
+    device="cpu",
+    engine="serial",
+    address=None,
 ):
     """The posterior estimator of ``prior`` on ``protocol``, trained if absent.
 
@@ -144,6 +152,13 @@ def load_or_train(
     device : str or torch.device
         Where a training set is simulated (:class:`PriorSimulator`); the
         network is trained on the CPU and returned there.
+    engine : {"serial", "ray", "dask"}
+        Where a training set's batches of draws are simulated: this process,
+        or the workers of a cluster (:class:`PriorSimulator`); the estimator
+        is the same either way (same key, identical signals).
+    address : str or distributed.Client, optional
+        The cluster of ``engine`` (default: this process's, else
+        ``RAY_ADDRESS``, else a local one of every core).
 
     Returns
     -------
@@ -171,7 +186,14 @@ def load_or_train(
     net = load_or_build(
         path,
         load=lambda path: _load(path, len(protocol), options),
-        build=lambda: _train(prior, protocol, options, path, progress, device),
+        build=lambda: _train(
+            prior,
+            protocol,
+            options,
+            path,
+            progress,
+            prior.simulator(protocol, device=device, engine=engine, address=address),
+        ),
         save=lambda net, tmp: torch.save({"state": net.state_dict(), "key": key}, tmp),
         what="posterior estimator",
     )
@@ -196,7 +218,7 @@ def _partial_folder(path):
     return path.with_suffix(".partial")
 
 
-def _train(prior, protocol, options, path, progress, device):
+def _train(prior, protocol, options, path, progress, simulator):
     """Simulate the training set (after logging how long it will take) and
     train the estimator on it; the simulations are kept as they are made in
     ``posterior-<key>.partial``, so that an interrupted training resumes."""
@@ -208,7 +230,6 @@ def _train(prior, protocol, options, path, progress, device):
         f"training epochs; simulations are kept in {partial} as they are made, "
         "so an interrupted run resumes. Timing the patch sizes first."
     )
-    simulator = prior.simulator(protocol, device=device)
     # Every patch size timed and weighted by how often the prior draws it
     # (the time steps measured first, once per simulator): 16 timed draws
     # announced 27 min for the default prior on the HCP protocol, whose

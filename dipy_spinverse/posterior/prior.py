@@ -52,8 +52,10 @@ One draw
    is drawn again. The prior is the distribution of the accepted draws.
 """
 
+import copy
 import functools
 import math
+import os
 import pathlib
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -71,6 +73,7 @@ from ..checks import (
     check_number,
     check_range,
 )
+from ..clusters import open_cluster, run_chunks
 from ..geometry.descriptors import DESCRIPTORS, cell_covariances, describe
 from ..geometry.substrates import (
     FIBRE_DIRECTIONS,
@@ -93,6 +96,8 @@ __all__ = [
     "ALL_FAMILIES",
     "WHITE_MATTER",
     "BOUNDARIES",
+    "SIMULATION_ENGINES",
+    "simulate_batch",
 ]
 
 #: The 3-D families, simulated on tetrahedral patches (the default of a
@@ -111,6 +116,8 @@ ALL_FAMILIES = FAMILIES + ("axon",)
 #: of other shapes (:data:`FAMILIES`: packed cells, ellipsoids, tori, ...)
 #: are a choice, ``TissuePrior(families=FAMILIES)``, at their cost.
 WHITE_MATTER = ("axon",)
+#: Where a :class:`PriorSimulator` simulates: this process or a cluster.
+SIMULATION_ENGINES = ("serial", "ray", "dask")
 #: The boxes a prior can simulate its tissue in (see the module documentation).
 BOUNDARIES = ("periodic", "reflecting", "either")
 
@@ -637,6 +644,25 @@ class PriorSimulator:
         Where the simulations run: ``"cpu"`` (default) or ``"cuda"``
         (``"cuda:1"``, ...). The signals come back as numpy arrays either
         way, and do not depend on the device beyond rounding.
+    engine : {"serial", "ray", "dask"}
+        ``"serial"`` simulates in this process. ``"ray"`` and ``"dask"``
+        send each batch of ``batch_size`` draws to a worker of a cluster
+        (:func:`~dipy_spinverse.clusters.open_cluster`): the time steps of
+        each patch side are measured here first, on its first draws, then
+        the batches run on the workers, the same batches a serial run
+        simulates, so the signals are identical to a serial run's with the
+        same draws; the checkpoint of :meth:`simulate_draws` takes each batch
+        as it comes back. A training too large for one machine runs so on a
+        multi-node cluster (``ray start --head`` on one node, ``ray start
+        --address=<head>:6379`` on the others, then ``address``).
+    address : str or distributed.Client, optional
+        The cluster of ``engine`` (as
+        :func:`~dipy_spinverse.clusters.open_cluster`: a Ray address,
+        ``"auto"`` or ``"local"``; a Dask scheduler address or ``Client``);
+        default: the one of this process, else ``RAY_ADDRESS`` (Ray), else a
+        local one of ``n_workers``.
+    n_workers : int, optional
+        Workers of a local cluster started here (default: every core).
     """
 
     # The coarse phase step (rad) whose sub-steps are doubled until converged.
@@ -655,6 +681,9 @@ class PriorSimulator:
         batch_size=64,
         time_tolerance=1e-3,
         device="cpu",
+        engine="serial",
+        address=None,
+        n_workers=None,
     ):
         if not isinstance(prior, TissuePrior):
             raise TypeError(f"prior must be a TissuePrior, got {type(prior).__name__}.")
@@ -667,6 +696,20 @@ class PriorSimulator:
             time_tolerance = check_number(time_tolerance, "time_tolerance", minimum=0.0)
         self.time_tolerance = time_tolerance
         self.device = check_device(device)
+        if engine not in SIMULATION_ENGINES:
+            raise ValueError(
+                f"engine must be one of {SIMULATION_ENGINES} (where the draws are "
+                f"simulated), got {engine!r}."
+            )
+        if address is not None and engine == "serial":
+            raise ValueError(
+                f"address={address!r} is the cluster of engine='ray' or 'dask'; "
+                "pass one of those engines, or leave address out."
+            )
+        self.engine, self.address = engine, address
+        self.n_workers = check_int(
+            os.cpu_count() if n_workers is None else n_workers, "n_workers", 1
+        )
         #: Per box (side, boundary, section): (Magnus sub-step multiplier,
         #: measured time error).
         self.measured_substeps = {}
@@ -827,6 +870,10 @@ class PriorSimulator:
         """Noise-free signals (n, n_acquisitions) of draws of the prior
         (:meth:`TissuePrior.draw`), patch side by patch side.
 
+        The time steps of each patch side are measured on its first draws
+        (:attr:`time_tolerance`), then its draws are simulated in batches of
+        ``batch_size``, here or on the workers of ``engine``.
+
         Parameters
         ----------
         draws : sequence of Draw
@@ -834,8 +881,8 @@ class PriorSimulator:
         checkpoint : path-like, optional
             An ``.npz`` file that keeps the signals as they are simulated
             (:class:`~dipy_spinverse.posterior.checkpoint.SimulationCheckpoint`,
-            written every minute and when interrupted); a later call on the
-            same draws resumes from it.
+            written every minute, when interrupted and when done); a later
+            call on the same draws resumes from it.
         """
         n = len(draws)
         signals = np.empty((n, len(self.protocol)))
@@ -845,28 +892,30 @@ class PriorSimulator:
             kept = SimulationCheckpoint(checkpoint, draws, len(self.protocol))
             n_restored = kept.restore(signals, done, self.measured_substeps)
         bar = tqdm(total=n, initial=n_restored, desc="Simulating", disable=not progress)
+
+        def finished(rows, result):
+            signals[rows] = result
+            done[rows] = True
+            bar.update(len(rows))
+            if kept is not None:
+                kept.save(signals, done, self.measured_substeps)
+
         try:
+            batches = []
             for box, rows in _boxes(draws).items():
                 rows = [i for i in rows if not done[i]]
-                if not rows:
-                    continue
-                grid = self.prior.grid(box[0], box[1], section=box[2])
                 if (
-                    self.time_tolerance is not None
+                    rows
+                    and self.time_tolerance is not None
                     and box not in self.measured_substeps
                 ):
+                    grid = self.prior.grid(box[0], box[1], section=box[2])
                     pilot = rows[: self._PILOT]
-                    signals[pilot] = self._measure_substeps(box, grid, draws, pilot)
-                    done[pilot] = True
-                    bar.update(len(pilot))
+                    finished(pilot, self._measure_substeps(box, grid, draws, pilot))
                     rows = rows[len(pilot) :]
                 for start in range(0, len(rows), self.batch_size):
-                    part = rows[start : start + self.batch_size]
-                    signals[part] = self._simulate(grid, draws, part, box)
-                    done[part] = True
-                    bar.update(len(part))
-                    if kept is not None:
-                        kept.save(signals, done, self.measured_substeps)
+                    batches.append((box, rows[start : start + self.batch_size]))
+            self._run(batches, draws, finished)
         finally:
             bar.close()
             if kept is not None and n_restored < n:
@@ -874,6 +923,32 @@ class PriorSimulator:
                 # simulations reruns without them.
                 kept.save(signals, done, self.measured_substeps, force=True)
         return signals
+
+    def _run(self, batches, draws, finished):
+        """Simulate ``batches`` of (box, rows) here or on the cluster,
+        calling ``finished(rows, signals)`` as each comes back."""
+        if self.engine == "serial":
+            for box, rows in batches:
+                finished(rows, simulate_batch(self, self._task(box, draws, rows)))
+            return
+        with open_cluster(
+            self.engine, self.address, n_workers=self.n_workers
+        ) as cluster:
+            run_chunks(
+                cluster,
+                simulate_batch,
+                self,
+                batches,
+                load=lambda batch: self._task(batch[0], draws, batch[1]),
+                done=lambda batch, result: finished(batch[1], result),
+                gpu=self.device.type == "cuda",
+            )
+
+    def _task(self, box, draws, rows):
+        """What a worker needs to simulate ``rows``: the box, their draws
+        and the box's sub-steps."""
+        substeps = self.measured_substeps.get(box, (1, None))[0]
+        return box, [draws[i] for i in rows], substeps
 
     def _simulate(self, grid, draws, rows, box=None, *, substeps=None):
         if substeps is None:
@@ -924,6 +999,31 @@ class PriorSimulator:
 
     def __repr__(self):
         return f"PriorSimulator({self.prior!r}, n_acquisitions={len(self.protocol)})"
+
+
+def simulate_batch(simulator, task, device=None):
+    """Signals of one batch of draws (a task of :meth:`PriorSimulator.
+    simulate_draws`, run in this process or on a cluster's worker).
+
+    Parameters
+    ----------
+    simulator : PriorSimulator
+    task : tuple
+        The patch (side, boundary, section), the draws, and the Magnus
+        sub-step multiple of that patch.
+    device : torch.device, optional
+        A worker's own GPU (Dask); default the simulator's device.
+
+    Returns
+    -------
+    ndarray (len(draws), n_acquisitions)
+    """
+    box, draws, substeps = task
+    if device is not None:
+        simulator = copy.copy(simulator)
+        simulator.device = torch.device(device)
+    grid = simulator.prior.grid(box[0], box[1], section=box[2])
+    return simulator._simulate(grid, draws, range(len(draws)), substeps=substeps)
 
 
 def _described_fully(truth):

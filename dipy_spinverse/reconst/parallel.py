@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from ..checks import check_int
 from .. import clusters
+from ..checks import check_int
 
 __all__ = [
     "PARALLEL_ENGINES",

@@ -72,6 +72,16 @@ class SpinversePosteriorModel(ReconstModel):
         trained on the CPU, with the same seeds on every device (its
         simulations differ between devices by rounding); the maps of one
         estimator differ between devices by rounding only.
+    training_engine : {"serial", "ray", "dask"}
+        Where the training set is simulated, when the estimator must be
+        trained: this process, or the workers of a Ray or Dask cluster, a
+        batch of draws each (:class:`~dipy_spinverse.posterior.PriorSimulator`;
+        the signals, and so the estimator, are identical to a serial run's).
+    training_address : str or distributed.Client, optional
+        The cluster of ``training_engine``: a running Ray cluster's address
+        (``ray start --head`` prints it), ``"auto"`` for the one on this
+        machine, a Dask scheduler address or ``Client``; default: this
+        process's, else ``RAY_ADDRESS``, else a local one of every core.
 
     Notes
     -----
@@ -96,6 +106,8 @@ class SpinversePosteriorModel(ReconstModel):
         n_posterior_samples=N_POSTERIOR_SAMPLES,
         cache_dir=None,
         device="cpu",
+        training_engine="serial",
+        training_address=None,
     ):
         sigma = check_sigma(sigma)
         if not sigma > 0:
@@ -120,7 +132,12 @@ class SpinversePosteriorModel(ReconstModel):
         self.device = check_device(device)
         #: The prior bound to this protocol, simulating on ``device``:
         #: ``model.prior.sample(n, seed=s)``.
-        self.prior = prior.simulator(self.protocol, device=self.device)
+        self.prior = prior.simulator(
+            self.protocol,
+            device=self.device,
+            engine=training_engine,
+            address=training_address,
+        )
         self.posterior_options = options
         self.n_posterior_samples = check_int(
             n_posterior_samples, "n_posterior_samples", 10
@@ -141,6 +158,8 @@ class SpinversePosteriorModel(ReconstModel):
                 self.posterior_options,
                 cache_dir=self.cache_dir,
                 device=self.device,
+                engine=self.prior.engine,
+                address=self.prior.address,
             )
             self._estimator.to(self.device)
         return self._estimator

@@ -21,8 +21,8 @@ import warnings
 import numpy as np
 import torch
 
-from ..inverse import reconstruct
 from .. import clusters
+from ..inverse import reconstruct
 from .codes import DIVERGED, FAILED, FITTED, MESH_NOT_REFINED, OK, PENDING, POOR_FIT
 from .fit import SpinverseFit
 from .gate import admit

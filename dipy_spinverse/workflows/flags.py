@@ -152,6 +152,7 @@ def check_flags(arguments):
             fit_method="posterior",
             diffusivity=args["diffusivity"],
             device=args["device"],
+            **_training_cluster(args),
             **posterior,
         )
         searches_labels = False
@@ -277,6 +278,27 @@ def _search_keywords(args, configured, posterior, mesh_options):
         mesh_options=mesh_options,
         **posterior,
     )
+
+
+def _training_cluster(args):
+    """The posterior model's training engine and address from ``--engine``
+    and ``--address``: a posterior that must be trained simulates its
+    training set on that cluster."""
+    engine = args["engine"]
+    if engine == "joblib":
+        raise ValueError(
+            "--engine joblib spreads a label search's voxels; --fit_method "
+            "posterior trains on a cluster instead: use --engine ray or dask "
+            "(with --address), or leave --engine out."
+        )
+    if args["n_jobs"] is not None and engine != "serial":
+        raise ValueError(
+            "--n_jobs sizes a label search's workers; --fit_method posterior "
+            "trains on the whole local cluster it starts, or on --address: "
+            "start one of the size you want (ray start --head --num-cpus N) and "
+            "pass --address auto, or leave --n_jobs out."
+        )
+    return dict(training_engine=engine, training_address=args["address"])
 
 
 def _given(**options):

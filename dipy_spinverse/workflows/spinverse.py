@@ -222,7 +222,10 @@ class SpinverseFlow(Workflow):
         engine : string, optional
             serial (batched on one device), joblib (local processes), ray or
             dask (a cluster: see --address). ray and dask need
-            pip install "dipy_spinverse[parallel]".
+            pip install "dipy_spinverse[parallel]". With --fit_method
+            posterior, ray or dask simulate the training set on the cluster
+            when the posterior must be trained (the same estimator as a
+            serial training).
         address : string, optional
             The cluster: for ray a running cluster's address (host:port), auto
             (the cluster on this machine) or local (a new local instance;

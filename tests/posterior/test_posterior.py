@@ -691,6 +691,22 @@ def test_the_time_per_draw_weighs_every_patch(monkeypatch):
     assert sorted(measured[1::2]) == sorted(counts)
 
 
+def _interrupting(monkeypatch, after):
+    """Make the simulator's batches raise KeyboardInterrupt after ``after``
+    of them (pilots included), as a Ctrl-C does."""
+    real = prior_module.PriorSimulator._simulate
+    calls = []
+
+    def failing(self, grid, draws_, rows, box=None, **kw):
+        calls.append(len(rows))
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(self, grid, draws_, rows, box, **kw)
+
+    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", failing)
+    return real
+
+
 def test_an_interrupted_simulation_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """Signals are kept as they are made: a simulation stopped half-way
     (here by an error after two batches) leaves a checkpoint, and the rerun
@@ -703,16 +719,7 @@ def test_an_interrupted_simulation_resumes_from_its_checkpoint(tmp_path, monkeyp
 
     checkpoint = tmp_path / "partial" / "training.npz"
     interrupted = AXON_PRIOR.simulator(PROTOCOL, batch_size=2)
-    calls = []
-    real = prior_module.PriorSimulator._simulate
-
-    def failing(self, grid, draws_, rows, box=None, **kw):
-        calls.append(len(rows))
-        if len(calls) > 6:
-            raise KeyboardInterrupt
-        return real(self, grid, draws_, rows, box, **kw)
-
-    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", failing)
+    real = _interrupting(monkeypatch, after=6)
     with pytest.raises(KeyboardInterrupt):
         interrupted.simulate_draws(draws, checkpoint=checkpoint)
     assert checkpoint.exists()
@@ -725,7 +732,8 @@ def test_an_interrupted_simulation_resumes_from_its_checkpoint(tmp_path, monkeyp
     simulated = []
 
     def counting(self, grid, draws_, rows, box=None, **kw):
-        simulated.extend(rows)
+        # The draws themselves: a batch is handed its own list of them.
+        simulated.extend(id(draws_[i]) for i in rows)
         return real(self, grid, draws_, rows, box, **kw)
 
     monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", counting)
@@ -872,3 +880,71 @@ def test_a_gpu_simulates_and_draws_as_the_cpu(posterior_model):
         assert_allclose(
             fit.credible_interval(name), on_cpu.credible_interval(name), atol=1e-4
         )
+
+
+def test_a_dask_cluster_simulates_the_batches_as_a_serial_run(tmp_path, monkeypatch):
+    """engine='dask': the pilots run here, every batch on a worker; the
+    signals are identical to a serial run's on the same draws, the
+    checkpoint takes the batches as they come back, and a run interrupted
+    here resumes on the cluster to the same signals."""
+    distributed = pytest.importorskip("distributed")
+    draws = [AXON_PRIOR.draw(np.random.default_rng(seed)) for seed in range(9)]
+    expected = AXON_PRIOR.simulator(PROTOCOL, batch_size=2).simulate_draws(draws)
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    )
+    try:
+        with distributed.Client(cluster, set_as_default=False) as client:
+            simulator = AXON_PRIOR.simulator(
+                PROTOCOL, batch_size=2, engine="dask", address=client
+            )
+            checkpoint = tmp_path / "training.npz"
+            assert_array_equal(
+                simulator.simulate_draws(draws, checkpoint=checkpoint), expected
+            )
+            saved = np.load(checkpoint)
+            assert saved["done"].all()
+            assert_array_equal(saved["signals"], expected)
+
+            # Interrupted in this process (its pilots), resumed on the cluster.
+            partial = tmp_path / "partial.npz"
+            real = _interrupting(monkeypatch, after=3)
+            with pytest.raises(KeyboardInterrupt):
+                AXON_PRIOR.simulator(PROTOCOL, batch_size=2).simulate_draws(
+                    draws, checkpoint=partial
+                )
+            monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", real)
+            assert 0 < np.load(partial)["done"].sum() < len(draws)
+            resumed = AXON_PRIOR.simulator(
+                PROTOCOL, batch_size=2, engine="dask", address=client
+            )
+            assert_array_equal(
+                resumed.simulate_draws(draws, checkpoint=partial), expected
+            )
+    finally:
+        cluster.close()
+
+
+def test_simulation_engine_options_are_checked():
+    with pytest.raises(ValueError, match="engine must be one of"):
+        AXON_PRIOR.simulator(PROTOCOL, engine="spark")
+    with pytest.raises(ValueError, match="address='auto' is the cluster of"):
+        AXON_PRIOR.simulator(PROTOCOL, address="auto")
+    with pytest.raises(ValueError, match="n_workers"):
+        AXON_PRIOR.simulator(PROTOCOL, engine="ray", n_workers=0)
+
+
+@pytest.mark.slow  # Ray's worker processes import torch: about a minute on 2 cores
+def test_a_local_ray_cluster_simulates_the_batches_as_a_serial_run():
+    """engine='ray' on a local instance of 2 workers (one thread each, as
+    Ray sets them): signals identical to a serial run's on the same draws."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already running in this process")
+    draws = [AXON_PRIOR.draw(np.random.default_rng(seed)) for seed in range(9)]
+    expected = AXON_PRIOR.simulator(PROTOCOL, batch_size=2).simulate_draws(draws)
+    simulator = AXON_PRIOR.simulator(
+        PROTOCOL, batch_size=2, engine="ray", address="local", n_workers=2
+    )
+    assert_array_equal(simulator.simulate_draws(draws), expected)
+    assert not ray.is_initialized()  # the instance started here is stopped

@@ -1042,3 +1042,34 @@ def test_workflow_posterior_takes_the_device_flag(demo, tmp_path):
             snr=100,
             device="cuda",
         )
+
+
+def test_workflow_posterior_takes_the_cluster_flags(demo, tmp_path):
+    """--engine and --address reach --fit_method posterior: the training's
+    simulations run on that cluster (they were ignored); joblib and --n_jobs,
+    a label search's, are refused in words, before any training."""
+    from dipy_spinverse.workflows.flags import _training_cluster
+
+    args = dict(engine="ray", address="auto", n_jobs=None)
+    assert _training_cluster(args) == dict(
+        training_engine="ray", training_address="auto"
+    )
+    with pytest.raises(ValueError, match="--engine joblib spreads"):
+        _run(
+            demo,
+            tmp_path / "a",
+            fit_method="posterior",
+            max_iter=None,
+            snr=100,
+            engine="joblib",
+        )
+    with pytest.raises(ValueError, match="--n_jobs sizes"):
+        _run(
+            demo,
+            tmp_path / "b",
+            fit_method="posterior",
+            max_iter=None,
+            snr=100,
+            engine="dask",
+            n_jobs=2,
+        )
