@@ -82,8 +82,10 @@ def simulate(
         A :class:`~dipy_spinverse.sim.sections.SectionGrid` is the
         cross-section of straight fibres along ``grid.axis``: the signal is
         the section's, for the gradient's component in its plane, times
-        free diffusion along the axis (exact for a diffusivity the same in
-        every cell, which it then must be).
+        free diffusion along the axis, exactly. With a diffusivity per cell
+        (axons, myelin and the space between them apart), each cell also
+        decays along the axis at its own rate, ``D_i k_a(t)^2``, inside the
+        section's generator.
     permeability : array_like or Tensor (..., grid.n_faces)
         Membrane permeability of every interior face in m/s (= um/us), in
         ``[0, inf]``; ``inf`` means no membrane. Leading dimensions are a
@@ -218,7 +220,11 @@ def simulate(
         signals = modal_signals(op, protocol, start, tol=tol or MODES_TOL)
         return signals.reshape(*batch_shape, len(protocol))
 
-    def signals(op, start, substeps):
+    # A section whose cells diffuse at their own rates decays along its
+    # fibres cell by cell: in the generator (exact); otherwise by one factor.
+    per_cell = planes is not None and bool(torch.any(diff != diff[:, :1]))
+
+    def signals(op, start, substeps, rows=slice(None)):
         u0 = op.sqrt_volumes * start  # (B, N): u = sqrt(V) M
         out = _signals(
             op,
@@ -229,8 +235,12 @@ def simulate(
             tol=tol,
             phase_step=phase_step,
             substeps=substeps,
+            along=(diff[rows], planes[rows, 2]) if per_cell else None,
         )
         return out / (u0 * u0).sum(-1)[:, None]  # initial magnetisation: volume
+
+    def finish(out):
+        return out if per_cell else _finish(out, planes, protocol, diff)
 
     shape = (*batch_shape, len(protocol))
     if substeps is None and grid.periodic:
@@ -254,7 +264,7 @@ def simulate(
                 if axes is not None:
                     pilot_op = _oriented(pilot_op, grid, planes[pilot])
                 substeps, coarse, change = converged_substeps(
-                    lambda n: signals(pilot_op, start[pilot], n), time_tol
+                    lambda n: signals(pilot_op, start[pilot], n, pilot), time_tol
                 )
             if change > time_tol:
                 warnings.warn(
@@ -272,10 +282,10 @@ def simulate(
                 t.requires_grad for t in (kappa, diff, relaxation) if t is not None
             )
             if n_batch <= _PILOT and not graph:  # the pilot was the batch
-                return _finish(coarse, planes, protocol, diff).reshape(shape)
+                return finish(coarse).reshape(shape)
     # The laboratory frame has no Magnus steps: one multiple.
     out = signals(op, start, 1 if substeps is None else int(substeps))
-    return _finish(out, planes, protocol, diff).reshape(shape)
+    return finish(out).reshape(shape)
 
 
 def _finish(out, planes, protocol, diffusivity):
@@ -443,14 +453,9 @@ def _oriented(op, grid, planes):
 
 def _along_axis(planes, protocol, diffusivity):
     """Free diffusion along a section's fibres, ``exp(-D b (g . a)^2)``
-    (B, A); ``b`` (s/mm^2 = us/um^2) is the simulated waveform's own."""
+    (B, A), for a diffusivity the same in every cell; ``b`` (s/mm^2 =
+    us/um^2) is the simulated waveform's own."""
     uniform = diffusivity[:, :1]
-    if torch.any(diffusivity != uniform):
-        raise ValueError(
-            "diffusivity must be the same in every cell of a SectionGrid: the "
-            "signal factorises into the section's and free diffusion along the "
-            "fibres only then; give one value per batch element, or use a TetGrid."
-        )
     bvecs = torch.tensor(protocol.bvecs, dtype=uniform.dtype, device=uniform.device)
     bvals = torch.tensor(protocol.bvals, dtype=uniform.dtype, device=uniform.device)
     b_axis = bvals * (bvecs @ planes[:, 2].T).T ** 2  # (B, A)
@@ -470,6 +475,7 @@ def _family_signal(
     tol,
     phase_step,
     substeps,
+    along,
 ):
     """Signals (B, A) of antisymmetric acquisitions that share their first
     half's gradient pieces and differ in its gradient-free tail ``tails``
@@ -496,7 +502,7 @@ def _family_signal(
     )
     ctype = torch.complex128 if u0.dtype == torch.float64 else torch.complex64
     F_end = float(np.dot(durations, amplitudes))
-    kwargs = dict(frame=frame, engine=engine, tol=tol)
+    kwargs = dict(frame=frame, engine=engine, tol=tol, along=along)
     signals = []
     for lo in range(0, len(unique), chunk):
         r = unique[lo : lo + chunk]
@@ -563,7 +569,9 @@ def _half_echo(u, n_acq, partial):
     return (u.real**2 + u.imag**2).sum(1)
 
 
-def _group_signal(op, waveform, rate, u0, *, frame, engine, tol, phase_step, substeps):
+def _group_signal(
+    op, waveform, rate, u0, *, frame, engine, tol, phase_step, substeps, along
+):
     """Signals (B, A) of acquisitions that share one waveform, propagated
     over the whole echo (waveforms that are not antisymmetric)."""
     durations, amplitudes = waveform.segments
@@ -589,7 +597,14 @@ def _group_signal(op, waveform, rate, u0, *, frame, engine, tol, phase_step, sub
             rate=float(r.norm(dim=-1).max()),
         )
         u = propagate(
-            op, steps, start.contiguous(), r, frame=frame, engine=engine, tol=tol
+            op,
+            steps,
+            start.contiguous(),
+            r,
+            frame=frame,
+            engine=engine,
+            tol=tol,
+            along=along,
         )
         signals.append(_full_echo(op, u, r, waveform, frame).abs())
     return torch.cat(signals, dim=1)

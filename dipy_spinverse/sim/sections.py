@@ -10,7 +10,12 @@ and the signal is
 
 exactly, for a diffusivity ``D`` the same in every cell (Callaghan's
 cylinder, SpinDoctor's 2-D cross-sections and MCMRSimulator's straight
-fibres all use it). ``S_section`` is a 2-D problem: on the periodic patch of
+fibres all use it). With a diffusivity per cell ``D(y)`` (intra- and
+extra-axonal water apart, myelin) the factorisation holds cell by cell: the
+section's magnetisation obeys its own equation plus a decay ``D(y)
+k_a(t)^2``, ``k_a = gamma int g . a``, which the simulator integrates with
+the section (:func:`~dipy_spinverse.sim.forward.simulate`). ``S_section`` is
+a 2-D problem: on the periodic patch of
 this module a few hundred triangles, where the tetrahedral patch of the same
 spacing has thousands of cells, and the fibre is straight at any
 orientation, where a tetrahedral grid holds it as a staircase (on the

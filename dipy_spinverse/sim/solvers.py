@@ -122,7 +122,7 @@ def time_plan(
     return steps
 
 
-def propagate(op, steps, u, rate, *, frame, engine, tol):
+def propagate(op, steps, u, rate, *, frame, engine, tol, along=None):
     """Advance states ``u`` (B, N, A) through ``steps``.
 
     Parameters
@@ -136,7 +136,21 @@ def propagate(op, steps, u, rate, *, frame, engine, tol):
     engine : {"dense", "chebyshev"}
     tol : float
         Truncation tolerance of the Chebyshev engine (per unit of ``|u|``).
+    along : (Tensor (B, N), Tensor (B, 3)), optional
+        Phase frame, cross-sections of straight fibres whose cells diffuse
+        at their own rate: each cell's diffusivity (um^2/us) and each batch
+        element's fibre direction. Along the fibres the magnetisation is
+        ``exp(-i k_a(t) s)`` times the section's, so each cell decays at
+        ``D_i k_a(t)^2`` besides its section's generator, ``k_a = (g . a) F``
+        (exact for straight fibres): a diagonal that varies with the
+        acquisition and, while a gradient is on, with time.
     """
+    if along is not None:
+        if frame != "phase":
+            raise ValueError("along: cross-sections are periodic (phase frame).")
+        cells, axes = along
+        # D_i (rate . a)^2 (B, N, A): the decay rate per unit F^2.
+        along = cells[..., None] * ((axes @ rate.T) ** 2)[:, None, :]
     if frame == "lab":
         phase_rate = op.positions @ rate.T  # (N, A)
     else:
@@ -161,10 +175,18 @@ def propagate(op, steps, u, rate, *, frame, engine, tol):
                 w * torch.polar(ones, -F * proj)
                 for w, F in zip(step.phase_weights, step.phase_F, strict=True)
             )
+        extra = None
+        if along is not None:
+            # The step's generator is sum_j w_j G(F_j): its along-axis part
+            # sum_j w_j F_j^2 (Gauss nodes: exact for F^2 over a piece).
+            moment = sum(
+                w * F * F for w, F in zip(step.phase_weights, step.phase_F, strict=True)
+            )
+            extra = (along * moment, along.amax((-2, -1)) * _square_spread(step))
         if engine == "dense":
-            u = _dense_step(op, step.tau, imag, factor, u)
+            u = _dense_step(op, step.tau, imag, factor, u, extra and extra[0])
         else:
-            u = _chebyshev_step(op, step, imag, factor, u, tol, spread, plans)
+            u = _chebyshev_step(op, step, imag, factor, u, tol, spread, plans, extra)
     return u
 
 
@@ -196,8 +218,10 @@ def _dense_generator(op, imag, factor):
     return gen - off
 
 
-def _dense_step(op, tau, imag, factor, u):
+def _dense_step(op, tau, imag, factor, u, extra=None):
     gen = _dense_generator(op, imag, factor)  # (B, A, N, N)
+    if extra is not None:  # (B, N, A): a diagonal per acquisition
+        gen = gen + torch.diag_embed(extra.transpose(1, 2).to(gen.dtype))
     prop = torch.linalg.matrix_exp(-tau * gen)
     return torch.einsum("bamn,bna->bma", prop, u)
 
@@ -215,7 +239,12 @@ _MAX_X_FORWARD = 4000.0
 _MAX_PEAK = {torch.float64: 1e4, torch.float32: 10.0}
 
 
-def _chebyshev_step(op, step, imag, factor, u, tol, spread=0.0, plans=None):
+def _chebyshev_step(op, step, imag, factor, u, tol, spread=0.0, plans=None, extra=None):
+    if extra is not None:
+        # A diagonal per acquisition (B, N, A) moves the field of values by
+        # its range; the plan is this step's own.
+        op = _Diagonal(op, extra)
+        plans = None
     n_sub, r_t, zdiag, zweights, coeffs = _cached_plan(
         op, step, imag, u, tol, spread, {} if plans is None else plans
     )
@@ -226,6 +255,38 @@ def _chebyshev_step(op, step, imag, factor, u, tol, spread=0.0, plans=None):
     for _ in range(n_sub):
         u = _ChebyshevExp.apply(u, zdiag, zweights, z, coeffs)
     return u
+
+
+def _square_spread(step):
+    """``|F_1^2 - F_2^2|`` of a two-node step (0 for one node): how much the
+    along-axis diagonals of its two generators differ per unit rate."""
+    if len(step.phase_F) != 2:
+        return 0.0
+    first, second = step.phase_F
+    return abs(first * first - second * second)
+
+
+class _Diagonal:
+    """``op`` whose diagonal holds a part per acquisition: ``diag`` is
+    (B, N, A); the Gershgorin bounds take its range over the acquisitions.
+    ``spread`` (B,) bounds the difference of that part between a Magnus
+    step's two generators (:func:`_field_of_values`)."""
+
+    def __init__(self, op, extra):
+        extra, spread = extra
+        self.spread = spread.detach()
+        self.op = op
+        self.diag = op.diag[..., None] + extra
+        self.weights = op.weights
+
+    def __getattr__(self, name):  # neighbours, displacement, ...: the op's
+        return getattr(self.op, name)
+
+    def spectral_bounds(self, offdiag_scale=1.0):
+        radius = offdiag_scale * self.weights.abs().sum(-1)[..., None]
+        lo = (self.diag - radius).amin((-2, -1))
+        hi = (self.diag + radius).amax((-2, -1))
+        return lo.detach(), hi.detach()
 
 
 def _cached_plan(op, step, imag, u, tol, spread, plans):
@@ -264,8 +325,12 @@ def _cached_plan(op, step, imag, u, tol, spread, plans):
         torch.as_tensor(c, dtype=u.dtype, device=u.device)[:, None, None]
         for c in coeffs
     )
-    # zdiag (B, N) and zweights (B, N, K): the generator scaled to [-1, 1].
-    plan = (n_sub, r_t, (op.diag - c_t) / r_t, op.weights / r_t[..., None], coeffs)
+    # zdiag (B, N) or (B, N, A) and zweights (B, N, K): the generator scaled
+    # to [-1, 1].
+    scale = r_t if op.diag.dim() == 2 else r_t[..., None]
+    centre_t = c_t if op.diag.dim() == 2 else c_t[..., None]
+    zdiag = (op.diag - centre_t) / scale
+    plan = (n_sub, r_t, zdiag, op.weights / r_t[..., None], coeffs)
     if imag is None:
         plans[key] = plan
     return plan
@@ -293,6 +358,9 @@ def _field_of_values(op, step, imag, spread):
         w1, w2 = step.phase_weights
         rows = op.weights.detach().abs().sum(-1).amax(-1)
         weyl = -0.5 * abs(w1 - w2) * min(2.0, spread) * rows
+        if isinstance(op, _Diagonal):
+            # The along-axis diagonals of G1 and G2 differ too.
+            weyl = weyl - 0.5 * abs(w1 - w2) * op.spread
         lo = torch.maximum(lo, weyl.to(lo.dtype))
     return lo.cpu().numpy().astype(float), hi.cpu().numpy().astype(float)
 
@@ -374,7 +442,11 @@ class _PhaseZ:
         self.slots = [neighbours[:, k].contiguous() for k in range(len(self.factor))]
 
     def bind(self, zdiag, zweights):
-        self.zdiag = zdiag.detach()[..., None]
+        # (B, N) -> (B, N, 1); a diagonal per acquisition stays (B, N, A).
+        self.per_acquisition = zdiag.dim() == 3
+        self.zdiag = (
+            zdiag.detach() if self.per_acquisition else zdiag.detach()[..., None]
+        )
         self.zweights = zweights.detach()
         self.coupling = [
             (self.zweights[..., k, None] * f).contiguous()
@@ -394,14 +466,20 @@ class _PhaseZ:
         return self._combine((2.0 * self.zdiag) * t - t_prev, t, -2.0)
 
     def start_gradients(self):
-        self.grad_d = torch.zeros_like(self.zweights[..., 0])
+        like = self.zdiag if self.per_acquisition else self.zweights[..., 0]
+        self.grad_d = torch.zeros(like.shape, dtype=self.zweights.dtype)
+        self.grad_d = self.grad_d.to(self.zweights.device)
         self.grad_w = torch.zeros_like(self.zweights)
 
     def accumulate(self, beta, t, weight):
         # Re <beta, dZ t>: dZ = d(zdiag) on the diagonal, -d(W) Phi off it.
         b, n, a = t.shape
-        self.grad_d += weight * (_real_rows(beta) * _real_rows(t)).sum(-1).view(b, n)
         conj = beta.conj()
+        if self.per_acquisition:
+            self.grad_d += weight * (conj * t).real
+        else:
+            rows = (_real_rows(beta) * _real_rows(t)).sum(-1)
+            self.grad_d += weight * rows.view(b, n)
         for k, (f, idx) in enumerate(zip(self.factor, self.slots, strict=True)):
             prod = (conj * f * t.index_select(1, idx)).real.sum(-1)
             self.grad_w[..., k] -= weight * prod
