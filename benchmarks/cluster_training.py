@@ -1,17 +1,18 @@
-"""Regenerates the cluster table of doc/validation/sections.md.
+"""Regenerates the tables of doc/validation/sections.md.
 
-A posterior's training simulations on a Ray cluster against this process.
-``--n`` draws of the default :class:`~dipy_spinverse.posterior.TissuePrior`
-on ``--protocol`` (as ``benchmarks/protocol_cost.py`` names them) are
-simulated serially, then by :class:`~dipy_spinverse.posterior.PriorSimulator`
-with ``engine="ray"`` on a local instance of 1 and of 2 workers, started
-before (its start printed apart) and after the patch sides' time steps are
-measured, so that only the batches are timed. Prints the seconds a draw,
-the draws a second, the overhead a batch (the cluster's wall time less the
-serial time of the same batches spread over the workers, over the number of
-batches: shipping the simulator, the draws and the signals, scheduling, and
-the workers' first import of the package) and whether the signals are
-identical to the serial run's::
+Its cluster table: a posterior's training simulations on a Ray cluster
+against this process. ``--n`` draws of the default
+:class:`~dipy_spinverse.posterior.TissuePrior` on ``--protocol`` (as
+``benchmarks/protocol_cost.py`` names them) are simulated serially, then by
+:class:`~dipy_spinverse.posterior.PriorSimulator` with ``engine="ray"`` on a
+local instance of 1 and of 2 workers, started before (its start printed
+apart) and after the patch sides' time steps are measured, so that only the
+batches are timed. Prints the seconds a draw, the draws a second, the
+overhead a batch (the cluster's wall time less the serial time of the same
+batches spread over the workers, over the number of batches: shipping the
+simulator, the draws and the signals, scheduling, and the workers' first
+import of the package) and whether the signals are identical to the serial
+run's::
 
     python benchmarks/cluster_training.py --n 64 --protocol demo
 

@@ -1,8 +1,9 @@
-"""Regenerates the protocol table of doc/validation/sections.md.
+"""Regenerates the tables of doc/validation/sections.md.
 
-What a substrate of the default prior costs to simulate, protocol by
-protocol, with this checkout's engine and, with ``--old REV``, with the
-engine of git revision ``REV`` on the same draws, in one run.
+Its protocol table: what a substrate of the default prior costs to
+simulate, protocol by protocol, with this checkout's engine and, with
+``--old REV``, with the engine of git revision ``REV`` on the same draws,
+in one run.
 
 For each protocol (``demo``: the README demo's 99 volumes; ``hcp``:
 :func:`~dipy_spinverse.sim.sequences.hcp_protocol`'s 288; ``cord``: the cat

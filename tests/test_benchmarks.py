@@ -22,6 +22,7 @@ _SCRIPTS = sorted(p.stem for p in _PATH.parent.glob("*.py"))
 #: Scripts whose ``--quick`` run takes more than about a minute on 2 shared
 #: cores (a label search, a training or a whole-brain fit): run with -m slow.
 _SLOW = {
+    "cluster_training",
     "compartments",
     "cord_histology",
     "generalisation",
