@@ -504,16 +504,28 @@ def _family_signal(
     F_end = float(np.dot(durations, amplitudes))
     kwargs = dict(frame=frame, engine=engine, tol=tol, along=along)
     signals = []
+    # The start (B, N, 1), and with a partial start the read-out vector:
+    # S = a^T U^H U w with a = sqrt(V) (integrate everywhere) and w the
+    # initial magnetisation: propagate both to TE/2, S = <U a, U w>.
+    first = u0.to(ctype)[..., None]
+    if partial:
+        first = torch.cat(
+            [op.sqrt_volumes.to(ctype)[None, :, None].expand_as(first), first], -1
+        )
+    if len(amplitudes) > 1 and amplitudes[0] == 0.0:
+        # Relaxation before the first gradient (a spin echo longer than its
+        # encoding) is the same for every rate: once.
+        still = torch.zeros(first.shape[-1], 3, dtype=u0.dtype, device=u0.device)
+        step = _gradient_free_step(durations[0], 0.0, frame)
+        first = propagate(op, [step], first.contiguous(), still, **kwargs)
+        durations, amplitudes = durations[1:], amplitudes[1:]
     for lo in range(0, len(unique), chunk):
         r = unique[lo : lo + chunk]
         wanted = needed[lo : lo + chunk]
         n_acq = len(r)
-        start = u0.to(ctype)[..., None].expand(n_batch, n_cells, n_acq)
+        start = first[..., :1].expand(n_batch, n_cells, n_acq)
         if partial:
-            # S = a^T U^H U w with a = sqrt(V) (integrate everywhere) and w the
-            # initial magnetisation: propagate both to TE/2, S = <U a, U w>.
-            whole = op.sqrt_volumes.to(ctype)[None, :, None]
-            start = torch.cat([whole.expand_as(start), start], dim=-1)
+            start = torch.cat([start, first[..., 1:].expand_as(start)], dim=-1)
             r = torch.cat([r, r])
         steps = time_plan(
             durations,

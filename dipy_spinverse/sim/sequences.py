@@ -22,6 +22,7 @@ from .waveforms import (
     broadcast_waveforms,
     pgse_waveforms,
     readonly,
+    with_echo_times,
 )
 
 __all__ = [
@@ -308,7 +309,7 @@ class Protocol:
         )
 
     @classmethod
-    def from_gtab(cls, gtab, *, waveform=None):
+    def from_gtab(cls, gtab, *, waveform=None, echo_time=None):
         """Build a protocol from a DIPY gradient table.
 
         Parameters
@@ -319,6 +320,13 @@ class Protocol:
         waveform : Waveform or sequence of Waveform, optional
             Overrides the table's timing: one waveform for all volumes or one
             per volume.
+        echo_time : float or array_like (n_volumes,), optional
+            The echo time in seconds (one, or one per volume, e.g. a Camino
+            scheme's TE column): DIPY's table has none. Each volume's
+            encoding then sits in a spin echo of that time
+            (:class:`~dipy_spinverse.sim.waveforms.SpinEcho`), so that a T2
+            per compartment weighs the compartments as the scanner's echo
+            time does. Default: the echo ends with the encoding.
 
         Returns
         -------
@@ -358,6 +366,7 @@ class Protocol:
                 f"b0_threshold {threshold:g}; fix the b-vectors or the b-values."
             )
         bvecs = unit_rows(gtab.bvecs)
+        waveforms = with_echo_times(waveforms, echo_time)
         return cls(waveforms=waveforms, bvals=bvals, bvecs=bvecs)
 
     @classmethod

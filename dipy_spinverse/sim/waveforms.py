@@ -27,6 +27,8 @@ __all__ = [
     "CosineOGSE",
     "SineOGSE",
     "PiecewiseConstant",
+    "SpinEcho",
+    "with_echo_times",
     "GAMMA_UM_US",
     "UNIT_ATOL",
     "readonly",
@@ -491,6 +493,101 @@ class PiecewiseConstant(Waveform):
 
     def _pieces(self):
         return self.durations, self.amplitudes
+
+
+@dataclass(frozen=True)
+class SpinEcho(Waveform):
+    """A diffusion encoding inside a spin echo of a longer echo time.
+
+    A scanner's echo time is longer than its encoding: the gradients sit
+    symmetrically about the refocusing pulse, and water relaxes before the
+    first lobe and after the last. ``SpinEcho(encoding, echo_time)`` is
+    ``encoding`` with ``(echo_time - encoding.echo_time) / 2`` without
+    gradient before it and after it: the same b-value and diffusion time,
+    and an antisymmetric encoding stays antisymmetric. With one T2 the b = 0
+    signal is ``exp(-echo_time / T2)``; with a T2 per compartment
+    (``simulate(..., t2=per_cell)``) the compartments are weighted by their
+    own decay over the whole echo time, exchange included.
+
+    Parameters
+    ----------
+    encoding : Waveform
+        The gradient waveform (not itself a ``SpinEcho``).
+    echo_time : float
+        Echo time in seconds, at least ``encoding.echo_time``.
+    """
+
+    encoding: Waveform
+    # A field with a default: it then shadows the base class's echo_time
+    # property (a property has no setter for the dataclass to use).
+    echo_time: float = None
+
+    def __post_init__(self):
+        if self.echo_time is None:
+            raise ValueError("SpinEcho needs echo_time, in seconds.")
+        if not isinstance(self.encoding, Waveform) or isinstance(
+            self.encoding, SpinEcho
+        ):
+            raise ValueError(
+                f"encoding must be a gradient waveform (PGSE, ...), not "
+                f"{type(self.encoding).__name__}."
+            )
+        echo_time = _check_seconds(self.echo_time, "echo_time")
+        if echo_time < self.encoding.echo_time * (1 - 1e-9):
+            raise ValueError(
+                f"echo_time ({echo_time:g} s) must be at least the encoding's "
+                f"end, {self.encoding.echo_time:g} s (big_delta + small_delta "
+                "for a PGSE); check its units (seconds) and the timing."
+            )
+        object.__setattr__(self, "echo_time", max(echo_time, self.encoding.echo_time))
+
+    def _pieces(self):
+        pad = 0.5 * (self.echo_time - self.encoding.echo_time)
+        durations, amplitudes = self.encoding._pieces()
+        return (pad, *durations, pad), (0.0, *amplitudes, 0.0)
+
+    @property
+    def closed_form_bfactor_us3(self):
+        """The encoding's (no gradient while F is 0)."""
+        return self.encoding.closed_form_bfactor_us3
+
+    @property
+    def diffusion_time(self):
+        """The encoding's, in seconds."""
+        return self.encoding.diffusion_time
+
+    def __getattr__(self, name):
+        # small_delta, big_delta, ...: the encoding's timing.
+        if name.startswith("_") or name == "encoding":
+            raise AttributeError(name)
+        return getattr(self.encoding, name)
+
+
+def with_echo_times(waveforms, echo_time):
+    """Waveforms in spin echoes of ``echo_time``.
+
+    Parameters
+    ----------
+    waveforms : sequence of Waveform
+    echo_time : float or array_like or None
+        Seconds: one for all, or one per waveform; ``None`` leaves the
+        waveforms as they are.
+
+    Returns
+    -------
+    tuple of Waveform
+    """
+    waveforms = tuple(waveforms)
+    if echo_time is None:
+        return waveforms
+    times = np.atleast_1d(_check_seconds(echo_time, "echo_time"))
+    if times.ndim != 1 or times.size not in (1, len(waveforms)):
+        raise ValueError(
+            f"echo_time has {times.size} values for {len(waveforms)} volumes; "
+            "give one echo time (seconds) or one per volume."
+        )
+    times = np.broadcast_to(times, (len(waveforms),))
+    return tuple(SpinEcho(w, float(t)) for w, t in zip(waveforms, times, strict=True))
 
 
 def _check_refocused(durations, amplitudes):

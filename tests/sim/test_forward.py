@@ -416,3 +416,79 @@ def test_shared_pulses_equal_acquisitions_simulated_alone(kind, partial):
     # Opposite gradients give the same magnitude, and the shared path does
     # not merely copy: diffusion times of one pulse differ.
     assert not np.allclose(together[:, 1].numpy(), together[:, 8].numpy())
+
+
+def test_spin_echo_waveform_keeps_the_encoding_and_pads_the_echo():
+    """SpinEcho: the encoding's b-factor, timing and antisymmetry, the echo
+    time given, half of the extra time on each side; bad input named."""
+    from dipy_spinverse.sim.waveforms import SpinEcho
+
+    pgse = PGSE(0.008, 0.03)
+    echo = SpinEcho(pgse, 0.062)
+    assert echo.echo_time == 0.062 and echo.echo_time_us == pytest.approx(62000.0)
+    assert_allclose(echo.bfactor_us3, pgse.bfactor_us3, rtol=1e-12)
+    assert echo.is_antisymmetric and echo.small_delta == 0.008
+    assert echo.diffusion_time == pgse.diffusion_time
+    durations, amplitudes = echo.segments
+    assert_allclose(durations[[0, -1]], [12000.0, 12000.0])
+    assert amplitudes[0] == amplitudes[-1] == 0.0
+    with pytest.raises(ValueError, match="at least the encoding's end"):
+        SpinEcho(pgse, 0.03)
+    with pytest.raises(ValueError, match="looks like milliseconds"):
+        SpinEcho(pgse, 62.0)
+    with pytest.raises(ValueError, match="encoding must be a gradient waveform"):
+        SpinEcho(echo, 0.1)
+    table = gradient_table(
+        [0, 1000, 1000],
+        bvecs=[[1, 0, 0]] * 3,
+        small_delta=0.008,
+        big_delta=0.03,
+    )
+    prot = Protocol.from_gtab(table, echo_time=[0.05, 0.05, 0.08])
+    assert_allclose(prot.echo_times, [0.05, 0.05, 0.08])
+    with pytest.raises(ValueError, match="echo_time has 2 values for 3 volumes"):
+        Protocol.from_gtab(table, echo_time=[0.05, 0.08])
+
+
+@pytest.mark.parametrize("kind", ["section", "reflecting"])
+def test_t2_per_compartment_without_exchange(kind):
+    """Impermeable cells, a T2 per compartment (myelin-like 15 ms inside,
+    60 ms outside), two echo times per encoding: the voxel's signal is
+    sum_c f_c exp(-TE / T2_c) S_c, S_c each compartment's signal without
+    relaxation (the no-exchange limit). Relaxation is a diagonal constant in
+    time and uniform in each closed compartment, so it factors out exactly:
+    only the Chebyshev truncation differs (1e-9)."""
+    if kind == "section":
+        grid = SectionGrid.triangular(6.0, 8, axis=(0.2, 0.3, 1.0))
+        offset = grid.displacement2(grid.section_positions, grid.extent / 2)
+        inside = np.linalg.norm(offset, axis=1) < 2.0
+    else:
+        grid = TetGrid.bcc(8.0, 2, boundary="reflecting")
+        inside = np.linalg.norm(grid.cell_centroids - 4.0, axis=1) < 3.0
+    field = np.where(grid.interface_faces(inside), 0.0, np.inf)
+    encoding = Protocol.pgse(
+        [0, 1500, 3000],
+        [[1, 0, 0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8]],
+        small_delta=0.006,
+        big_delta=0.02,
+    )
+    table = gradient_table(
+        np.tile(encoding.bvals, 2),
+        bvecs=np.tile(encoding.bvecs, (2, 1)),
+        small_delta=0.006,
+        big_delta=0.02,
+    )
+    echo_times = np.repeat([0.04, 0.09], 3)
+    prot = Protocol.from_gtab(table, echo_time=echo_times)
+    t2 = np.where(inside, 0.015, 0.06)
+    whole = simulate(grid, field, prot, t2=t2, substeps=4).numpy()
+    volume = grid.cell_volumes
+    expected = 0.0
+    for where in (inside, ~inside):
+        fraction = volume[where].sum() / volume.sum()
+        plain = simulate(grid, field, encoding, initial=where, substeps=4).numpy()
+        decay = np.exp(-echo_times / t2[where][0])
+        expected = expected + fraction * decay * np.tile(plain, 2)
+    assert_allclose(whole, expected, rtol=0, atol=1e-9)
+    # The two echo times weigh the compartments differently.
+    assert whole[0] / whole[3] > np.exp(0.05 / 0.06) * 1.05
