@@ -47,6 +47,11 @@ _MAX_SUBSTEPS = 64
 # and protocol, so that an id is not reused while it is cached.
 _MEASURED = {}
 _MEASURED_MAX = 64
+# The fixed cost of one more propagation chain of a family, in cell updates
+# (kernel launches for the ~10^3 Chebyshev terms of a pulse and its tails:
+# on the published 576-cell grid a 1-rate chain cost as much as ~10 rates
+# riding in a wide one).
+_CHAIN_CELLS = 4096
 # Memory budget (bytes) of the backward pass of one Chebyshev step; acquisitions are
 # processed in chunks that fit.
 _CHUNK_BYTES = 256 * 2**20
@@ -484,11 +489,12 @@ def _family_signal(
     For ``f(TE - t) = -f(t)`` the second half-propagator is the adjoint of
     the first in both frames, so ``S = ||U(TE/2) u0||^2`` when the
     magnetisation starts everywhere (``|<U a, U w>|`` otherwise): half the
-    work. Each distinct rate (up to sign) is propagated
-    through the pieces once, then through the gradient-free time in
-    increments, from the shortest tail to the longest its acquisitions need:
-    the generator is constant there, so an increment is one exponential, and
-    every diffusion time of the pulse costs only its own increment.
+    work. Each distinct rate (up to sign) is propagated through the pieces
+    once, then through the gradient-free time in increments, from the
+    shortest tail it needs to the longest: the generator is constant there,
+    so an increment is one exponential, and every diffusion time of the
+    pulse costs only its own increment. Rates that need the same tails are
+    propagated together (:func:`_chains`).
     """
     unique, inverse = _canonical_rates(rates)
     times, tail_index = np.unique(tails, return_inverse=True)
@@ -497,13 +503,9 @@ def _family_signal(
     dmax = float(op.displacement.norm(dim=-1).max())
     n_batch, n_cells = u0.shape
     partial = bool(torch.any(u0 == 0))
-    chunk = _chunk_size(
-        n_batch, n_cells, len(unique) * (1 + partial), u0.element_size(), engine
-    )
     ctype = torch.complex128 if u0.dtype == torch.float64 else torch.complex64
     F_end = float(np.dot(durations, amplitudes))
     kwargs = dict(frame=frame, engine=engine, tol=tol, along=along)
-    signals = []
     # The start (B, N, 1), and with a partial start the read-out vector:
     # S = a^T U^H U w with a = sqrt(V) (integrate everywhere) and w the
     # initial magnetisation: propagate both to TE/2, S = <U a, U w>.
@@ -519,45 +521,74 @@ def _family_signal(
         step = _gradient_free_step(durations[0], 0.0, frame)
         first = propagate(op, [step], first.contiguous(), still, **kwargs)
         durations, amplitudes = durations[1:], amplitudes[1:]
-    for lo in range(0, len(unique), chunk):
-        r = unique[lo : lo + chunk]
-        wanted = needed[lo : lo + chunk]
-        n_acq = len(r)
-        start = first[..., :1].expand(n_batch, n_cells, n_acq)
-        if partial:
-            start = torch.cat([start, first[..., 1:].expand_as(start)], dim=-1)
-            r = torch.cat([r, r])
-        steps = time_plan(
-            durations,
-            amplitudes,
-            frame=frame,
-            phase_step=phase_step,
-            substeps=substeps,
-            dmax=dmax,
-            rate=float(r.norm(dim=-1).max()),
+    full = torch.zeros(
+        n_batch, len(unique), len(times), dtype=u0.dtype, device=u0.device
+    )
+    for pattern, members in _chains(needed, n_cells):
+        chunk = _chunk_size(
+            n_batch, n_cells, len(members) * (1 + partial), u0.element_size(), engine
         )
-        u = propagate(op, steps, start.contiguous(), r, **kwargs)
-        out = torch.zeros(n_batch, n_acq, len(times), dtype=u0.dtype, device=u0.device)
-        # Rates that need the same tails go on together, each straight from
-        # one tail it needs to the next: an exponential's cost grows as the
-        # square root of its length, so a rate is not stopped at tails other
-        # rates need.
-        patterns, which = np.unique(wanted, axis=0, return_inverse=True)
-        for pattern, cols in zip(
-            patterns, _members(which.ravel(), len(patterns)), strict=True
-        ):
-            index = torch.as_tensor(cols, device=u0.device)
-            states = torch.cat([index, index + n_acq]) if partial else index
-            v, rv, elapsed = u[..., states], r[states], 0.0
+        for lo in range(0, len(members), chunk):
+            cols = torch.as_tensor(members[lo : lo + chunk], device=u0.device)
+            r = unique[cols]  # still sorted by strength
+            start = first[..., :1].expand(n_batch, n_cells, len(cols))
+            if partial:
+                start = torch.cat([start, first[..., 1:].expand_as(start)], dim=-1)
+                r = torch.cat([r, r])
+            steps = time_plan(
+                durations,
+                amplitudes,
+                frame=frame,
+                phase_step=phase_step,
+                substeps=substeps,
+                dmax=dmax,
+                rate=float(r.norm(dim=-1).max()),
+            )
+            u = propagate(op, steps, start.contiguous(), r, **kwargs)
+            elapsed = 0.0
             for j in np.flatnonzero(pattern):
                 if times[j] > elapsed:
                     step = _gradient_free_step(times[j] - elapsed, F_end, frame)
-                    v = propagate(op, [step], v, rv, **kwargs)
+                    u = propagate(op, [step], u, r, **kwargs)
                     elapsed = times[j]
-                out[:, index, j] = _half_echo(v, len(cols), partial)
-        signals.append(out)
-    full = torch.cat(signals, dim=1)  # (B, unique, times)
+                full[:, cols, j] = _half_echo(u, len(cols), partial)
     return full[:, inverse, torch.as_tensor(tail_index, device=u0.device)]
+
+
+def _chains(needed, n_cells):
+    """The propagation chains of a family: (tails, rates) pairs.
+
+    ``needed`` (rates, tails) says which tails each rate's acquisitions end
+    with. Rates of the same tails form one chain, propagated through the
+    pulse together and then from tail to tail (an exponential's cost grows
+    as the square root of its length, so a rate is not stopped at tails
+    other rates need). A chain costs its kernels' launches whatever its
+    width; a chain of few rates that share few pulses (e.g. the b = 0 rate
+    shared by every diffusion time) saves less than that, so its rates
+    ride in the chains of each of their tails instead, when those exist
+    (on the published protocol the b = 0 chain alone cost 10 % of forward
+    plus gradient). Each chain records every rate it holds at each of its
+    tails.
+    """
+    patterns, which = np.unique(needed, axis=0, return_inverse=True)
+    groups = [list(m) for m in _members(which.ravel(), len(patterns))]
+    counts = patterns.sum(axis=1)
+    # Cell updates saved by sharing a chain's pulses, against the fixed cost
+    # of one more chain.
+    saved = np.array([len(g) for g in groups]) * n_cells * (counts - 1)
+    small = (counts > 1) & (saved < _CHAIN_CELLS)
+    for p in np.flatnonzero(small):
+        hosts = []
+        for j in np.flatnonzero(patterns[p]):
+            kept = [q for q in range(len(patterns)) if not small[q] and patterns[q, j]]
+            if not kept:
+                break
+            hosts.append(min(kept, key=lambda q: counts[q]))
+        else:
+            for q in hosts:
+                groups[q].extend(groups[p])
+            groups[p] = []
+    return [(patterns[p], np.sort(g)) for p, g in enumerate(groups) if g]
 
 
 def _members(labels, count):
