@@ -228,6 +228,11 @@ def simulate(
     # A section whose cells diffuse at their own rates decays along its
     # fibres cell by cell: in the generator (exact); otherwise by one factor.
     per_cell = planes is not None and bool(torch.any(diff != diff[:, :1]))
+    # Without relaxation or a sink, magnetisation that starts everywhere is
+    # at rest while no gradient is on: a spin echo's time before its first
+    # gradient changes nothing (and diffusion times then share their pulse).
+    stationary = relaxation is None and initial is None
+    stationary = stationary and grid.boundary != "absorbing"
 
     def signals(op, start, substeps, rows=slice(None)):
         u0 = op.sqrt_volumes * start  # (B, N): u = sqrt(V) M
@@ -241,6 +246,7 @@ def simulate(
             phase_step=phase_step,
             substeps=substeps,
             along=(diff[rows], planes[rows, 2]) if per_cell else None,
+            still=stationary,
         )
         return out / (u0 * u0).sum(-1)[:, None]  # initial magnetisation: volume
 
@@ -300,7 +306,7 @@ def _finish(out, planes, protocol, diffusivity):
     return out * _along_axis(planes, protocol, diffusivity)
 
 
-def _signals(op, protocol, u0, *, frame, **options):
+def _signals(op, protocol, u0, *, frame, still=False, **options):
     """Unnormalised signals (B, n_acquisitions) of ``u0`` (B, N).
 
     Work that acquisitions share is done once: waveforms whose echo is
@@ -308,11 +314,13 @@ def _signals(op, protocol, u0, *, frame, **options):
     Waveform.is_antisymmetric`) are grouped by that half's gradient pieces
     (:func:`_half_echo_families`), so a PGSE pulse is propagated once for
     every diffusion time it is played at; repeated and opposite gradients are
-    propagated once (:func:`_canonical_rates`).
+    propagated once (:func:`_canonical_rates`). ``still``: the start is at
+    rest without gradient (no relaxation, no sink, a whole start), so the
+    time before a waveform's first gradient is left out.
     """
     out = torch.empty(u0.shape[0], len(protocol), dtype=u0.dtype, device=u0.device)
     rates = torch.tensor(protocol.gradient_rate, dtype=u0.dtype, device=u0.device)
-    families, others = _half_echo_families(protocol)
+    families, others = _half_echo_families(protocol, still=still)
     for durations, amplitudes, tails, idx in families:
         signal = _family_signal(
             op, durations, amplitudes, tails, rates[idx], u0, frame=frame, **options
@@ -327,8 +335,9 @@ def _signals(op, protocol, u0, *, frame, **options):
     return out
 
 
-def _half_echo_families(protocol):
-    """Antisymmetric waveforms grouped by their first half's gradient pieces.
+def _half_echo_families(protocol, *, still=False):
+    """Antisymmetric waveforms grouped by their first half's gradient pieces
+    (after the time before the first gradient, with ``still``).
 
     Returns
     -------
@@ -345,6 +354,8 @@ def _half_echo_families(protocol):
             others.append((waveform, idx))
             continue
         durations, amplitudes = _first_half(*waveform.segments)
+        if still and len(amplitudes) > 1 and amplitudes[0] == 0.0:
+            durations, amplitudes = durations[1:], amplitudes[1:]
         tail = 0.0
         if amplitudes[-1] == 0.0 and len(amplitudes) > 1:
             tail = float(durations[-1])

@@ -492,3 +492,42 @@ def test_t2_per_compartment_without_exchange(kind):
     assert_allclose(whole, expected, rtol=0, atol=1e-9)
     # The two echo times weigh the compartments differently.
     assert whole[0] / whole[3] > np.exp(0.05 / 0.06) * 1.05
+
+
+@pytest.mark.parametrize("kind", ["section", "reflecting", "absorbing"])
+def test_a_longer_echo_time_without_relaxation_changes_nothing(kind):
+    """Without relaxation water at rest stays at rest while no gradient is
+    on: spin echoes of any echo time give the encoding's signals (the time
+    before the first gradient is then left out, so diffusion times keep
+    sharing their pulse); with one T2 they are exp(-TE / T2) times them;
+    an absorbing wall is no rest (its sink acts before the first gradient:
+    the signal falls with the echo time)."""
+    if kind == "section":
+        grid = SectionGrid.triangular(6.0, 6, axis=(0.2, 0.3, 1.0))
+    else:
+        grid = TetGrid.bcc(8.0, 2, boundary=kind)
+    kappa = _random_field(grid, seed=4)
+    encoding = _shared_pulse_protocol()
+    echo_times = 0.07 + 0.01 * np.arange(len(encoding)) % 0.03
+    table = gradient_table(
+        encoding.bvals,
+        bvecs=encoding.bvecs,
+        small_delta=[w.small_delta for w in encoding.waveforms],
+        big_delta=[w.big_delta for w in encoding.waveforms],
+    )
+    pgse = [i for i, w in enumerate(encoding.waveforms) if isinstance(w, PGSE)]
+    plain = Protocol.from_gtab(table)[np.array(pgse)]
+    echo = Protocol.from_gtab(table, echo_time=echo_times)[np.array(pgse)]
+    options = dict(substeps=2, phase_step=100.0)
+    reference = simulate(grid, kappa, plain, **options).numpy()
+    spun = simulate(grid, kappa, echo, **options).numpy()
+    if kind == "absorbing":
+        assert np.all(spun < 0.5 * reference)
+        return
+    # The same exponentials, in other chunks: Chebyshev truncation (1e-11 a
+    # step) apart.
+    assert_allclose(spun, reference, rtol=0, atol=1e-9)
+    t2 = 0.05
+    relaxed = simulate(grid, kappa, echo, t2=t2, **options).numpy()
+    decay = np.exp(-echo.echo_times / t2)
+    assert_allclose(relaxed, decay * reference, rtol=1e-8, atol=1e-12)
