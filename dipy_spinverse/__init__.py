@@ -25,6 +25,7 @@ _NAMES = {
     "CosineOGSE": "sim.waveforms",
     "SineOGSE": "sim.waveforms",
     "PiecewiseConstant": "sim.waveforms",
+    "SpinEcho": "sim.waveforms",
     "published_protocol": "sim.sequences",
     "hcp_protocol": "sim.sequences",
     "reconstruct": "inverse",
