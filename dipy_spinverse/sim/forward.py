@@ -47,11 +47,6 @@ _MAX_SUBSTEPS = 64
 # and protocol, so that an id is not reused while it is cached.
 _MEASURED = {}
 _MEASURED_MAX = 64
-# The fixed cost of one more propagation chain of a family, in cell updates
-# (kernel launches for the ~10^3 Chebyshev terms of a pulse and its tails:
-# on the published 576-cell grid a 1-rate chain cost as much as ~10 rates
-# riding in a wide one).
-_CHAIN_CELLS = 4096
 # Memory budget (bytes) of the backward pass of one Chebyshev step; acquisitions are
 # processed in chunks that fit.
 _CHUNK_BYTES = 256 * 2**20
@@ -364,9 +359,36 @@ def _half_echo_families(protocol, *, still=False):
         family = families.setdefault(key, (durations, amplitudes, [], []))
         family[2].append(np.full(len(idx), tail))
         family[3].append(idx)
-    return [
-        (d, a, np.concatenate(t), np.concatenate(i)) for d, a, t, i in families.values()
-    ], others
+    out = []
+    rates = np.asarray(protocol.gradient_rate)
+    for durations, amplitudes, tails, groups in families.values():
+        # Waveforms that share no gradient but b = 0 share no pulse: each is
+        # its own family, as cheap as it was alone (a family's b = 0 rate
+        # needs every tail, and its own propagation costs kernel launches).
+        if len(groups) > 1 and not _share_a_gradient(rates, groups):
+            split = zip(tails, groups, strict=True)
+            out += [(durations, amplitudes, t, i) for t, i in split]
+        else:
+            out.append(
+                (durations, amplitudes, np.concatenate(tails), np.concatenate(groups))
+            )
+    return out, others
+
+
+def _share_a_gradient(rates, groups):
+    """Whether two of the acquisition ``groups`` share a nonzero gradient
+    rate (up to sign)."""
+    seen = set()
+    for idx in groups:
+        rows = rates[idx]
+        rows = rows[np.any(rows != 0, axis=1)]
+        first = np.argmax(rows != 0, axis=1)
+        rows = rows * np.sign(rows[np.arange(len(rows)), first])[:, None]
+        own = {row.tobytes() for row in rows}
+        if seen & own:
+            return True
+        seen |= own
+    return False
 
 
 def _canonical_rates(rates):
@@ -504,8 +526,7 @@ def _family_signal(
     once, then through the gradient-free time in increments, from the
     shortest tail it needs to the longest: the generator is constant there,
     so an increment is one exponential, and every diffusion time of the
-    pulse costs only its own increment. Rates that need the same tails are
-    propagated together (:func:`_chains`).
+    pulse costs only its own increment.
     """
     unique, inverse = _canonical_rates(rates)
     times, tail_index = np.unique(tails, return_inverse=True)
@@ -535,71 +556,49 @@ def _family_signal(
     full = torch.zeros(
         n_batch, len(unique), len(times), dtype=u0.dtype, device=u0.device
     )
-    for pattern, members in _chains(needed, n_cells):
-        chunk = _chunk_size(
-            n_batch, n_cells, len(members) * (1 + partial), u0.element_size(), engine
+    # Chunks of rates in order of strength (each chunk's Magnus sub-steps
+    # follow its strongest gradient), of even sizes.
+    most = _chunk_size(
+        n_batch, n_cells, len(unique) * (1 + partial), u0.element_size(), engine
+    )
+    n_chunks = -(-len(unique) // most)
+    for chunk in np.array_split(np.arange(len(unique)), n_chunks):
+        cols = torch.as_tensor(chunk, device=u0.device)
+        r = unique[cols]
+        start = first[..., :1].expand(n_batch, n_cells, len(cols))
+        if partial:
+            start = torch.cat([start, first[..., 1:].expand_as(start)], dim=-1)
+            r = torch.cat([r, r])
+        steps = time_plan(
+            durations,
+            amplitudes,
+            frame=frame,
+            phase_step=phase_step,
+            substeps=substeps,
+            dmax=dmax,
+            rate=float(r.norm(dim=-1).max()),
         )
-        for lo in range(0, len(members), chunk):
-            cols = torch.as_tensor(members[lo : lo + chunk], device=u0.device)
-            r = unique[cols]  # still sorted by strength
-            start = first[..., :1].expand(n_batch, n_cells, len(cols))
-            if partial:
-                start = torch.cat([start, first[..., 1:].expand_as(start)], dim=-1)
-                r = torch.cat([r, r])
-            steps = time_plan(
-                durations,
-                amplitudes,
-                frame=frame,
-                phase_step=phase_step,
-                substeps=substeps,
-                dmax=dmax,
-                rate=float(r.norm(dim=-1).max()),
-            )
-            u = propagate(op, steps, start.contiguous(), r, **kwargs)
-            elapsed = 0.0
+        u = propagate(op, steps, start.contiguous(), r, **kwargs)
+        # Rates that need the same tails go on together, each straight from
+        # one tail it needs to the next: an exponential's cost grows as the
+        # square root of its length, so a rate is not stopped at tails other
+        # rates need.
+        patterns, which = np.unique(needed[chunk], axis=0, return_inverse=True)
+        for pattern, members in zip(
+            patterns, _members(which.ravel(), len(patterns)), strict=True
+        ):
+            index = torch.as_tensor(members, device=u0.device)
+            states = torch.cat([index, index + len(cols)]) if partial else index
+            v, rv, elapsed = u, r, 0.0
+            if len(patterns) > 1:
+                v, rv = u[..., states], r[states]
             for j in np.flatnonzero(pattern):
                 if times[j] > elapsed:
                     step = _gradient_free_step(times[j] - elapsed, F_end, frame)
-                    u = propagate(op, [step], u, r, **kwargs)
+                    v = propagate(op, [step], v, rv, **kwargs)
                     elapsed = times[j]
-                full[:, cols, j] = _half_echo(u, len(cols), partial)
+                full[:, cols[index], j] = _half_echo(v, len(members), partial)
     return full[:, inverse, torch.as_tensor(tail_index, device=u0.device)]
-
-
-def _chains(needed, n_cells):
-    """The propagation chains of a family: (tails, rates) pairs.
-
-    ``needed`` (rates, tails) says which tails each rate's acquisitions end
-    with. Rates of the same tails form one chain, propagated through the
-    pulse together and then from tail to tail (an exponential's cost grows
-    as the square root of its length, so a rate is not stopped at tails
-    other rates need). A chain costs its kernels' launches whatever its
-    width; a chain of few rates that share few pulses (e.g. the b = 0 rate
-    shared by every diffusion time) saves less than that, so its rates
-    ride in the chains of each of their tails instead, when those exist
-    (on the published protocol the b = 0 chain alone cost 10 % of forward
-    plus gradient). Each chain records every rate it holds at each of its
-    tails.
-    """
-    patterns, which = np.unique(needed, axis=0, return_inverse=True)
-    groups = [list(m) for m in _members(which.ravel(), len(patterns))]
-    counts = patterns.sum(axis=1)
-    # Cell updates saved by sharing a chain's pulses, against the fixed cost
-    # of one more chain.
-    saved = np.array([len(g) for g in groups]) * n_cells * (counts - 1)
-    small = (counts > 1) & (saved < _CHAIN_CELLS)
-    for p in np.flatnonzero(small):
-        hosts = []
-        for j in np.flatnonzero(patterns[p]):
-            kept = [q for q in range(len(patterns)) if not small[q] and patterns[q, j]]
-            if not kept:
-                break
-            hosts.append(min(kept, key=lambda q: counts[q]))
-        else:
-            for q in hosts:
-                groups[q].extend(groups[p])
-            groups[p] = []
-    return [(patterns[p], np.sort(g)) for p, g in enumerate(groups) if g]
 
 
 def _members(labels, count):
