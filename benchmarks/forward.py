@@ -69,7 +69,15 @@ COLUMNS = (
     ("peak MB fwd+grad", "grad_mb", ".0f"),
     ("fwd us/cell/acq", "fwd_us", "sig"),
     ("fwd+grad us/cell/acq", "grad_us", "sig"),
+    ("fwd+grad / eigh(2304)", "grad_eigh", "sig"),
 )
+# The unit of the last column: one dense float64 eigendecomposition of the
+# published grid's discontinuous-Galerkin size (576 tetrahedra x 4 nodes),
+# what the published reference pays at every iteration. Timed in the same
+# process and threads, it makes the forward's cost comparable across
+# machines and loads (forward + gradient on the published grid measured
+# 0.47-0.53 of it on 2 cores, 2026-11-28).
+EIGH_SIZE = 2304
 
 
 def main(argv=None):
@@ -279,6 +287,9 @@ def run_single(config):
     grad_s = _median_time(forward_grad, config["repeats"], cuda)
     grad_peak = _memory_peak(cuda, mark)
     work = grid.n_cells * len(protocol)
+    dense = torch.randn(EIGH_SIZE, EIGH_SIZE, dtype=torch.float64, device=device)
+    dense = dense + dense.T
+    eigh_s = _median_time(lambda: torch.linalg.eigh(dense), config["repeats"], cuda)
     return dict(
         config,
         n_cells=grid.n_cells,
@@ -290,6 +301,7 @@ def run_single(config):
         grad_mb=grad_peak / 2**20,
         fwd_us=fwd_s / work * 1e6,
         grad_us=grad_s / work * 1e6,
+        grad_eigh=grad_s / eigh_s,
     )
 
 
