@@ -39,7 +39,7 @@ NOISE_HINT = (
 SUSPECT_SNR = 1000.0
 
 
-def check_sigma(sigma, *, name="sigma"):
+def check_sigma(sigma, *, name="sigma", n_volumes=None):
     """``sigma`` in the data's units as one float (0 when None: unknown).
 
     Parameters
@@ -50,6 +50,9 @@ def check_sigma(sigma, *, name="sigma"):
         for 4-D data) is taken as its root mean square, and the log says so.
     name : str
         The argument's name in the messages.
+    n_volumes : int, optional
+        The volumes of the gradient table: a ``sigma`` per volume must hold
+        that many (one of another length belongs to other data).
 
     Returns
     -------
@@ -78,6 +81,12 @@ def check_sigma(sigma, *, name="sigma"):
         raise ValueError(
             f"{name} must be a finite number >= 0, or one per volume {NOISE_HINT}, "
             f"got {sigma!r}."
+        )
+    if value.ndim == 1 and n_volumes is not None and value.size != n_volumes:
+        raise ValueError(
+            f"{name} holds {value.size} noise levels but the gradient table has "
+            f"{n_volumes} volumes: give one value {NOISE_HINT}, or one per "
+            "volume of these data."
         )
     if value.ndim == 1:
         rms = float(np.sqrt(np.mean(value**2)))

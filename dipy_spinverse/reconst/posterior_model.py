@@ -109,14 +109,14 @@ class SpinversePosteriorModel(ReconstModel):
         training_engine="serial",
         training_address=None,
     ):
-        sigma = check_sigma(sigma)
+        self.gtab, self.protocol = gradient_tables(gtab)
+        sigma = check_sigma(sigma, n_volumes=len(self.protocol))
         if not sigma > 0:
             raise ValueError(
                 f"fit_method='posterior' needs the noise level: pass sigma "
                 f"{NOISE_HINT}."
             )
         check_prior(prior, posterior_options)
-        self.gtab, self.protocol = gradient_tables(gtab)
         require_b0(self.protocol)
         #: The protocol's sequences in rank order (:meth:`Protocol.sequences`).
         self.sequences = self.protocol.sequences()

@@ -294,7 +294,7 @@ class SpinverseSearchModel(ReconstModel):
     ):
         self.gtab, self.protocol = gradient_tables(gtab)
         #: The noise standard deviation in the data's units (0: not given).
-        self.sigma = check_sigma(sigma)
+        self.sigma = check_sigma(sigma, n_volumes=len(self.protocol))
         #: The b = 0 signal that the configuration's relative noise refers
         #: to (None until :meth:`for_data`).
         self.s0_reference = None

@@ -49,6 +49,19 @@ def test_a_bad_sigma_names_the_argument_and_its_units(bad):
         check_sigma(bad)
 
 
+def test_a_sigma_per_volume_of_other_data_is_refused(gtab):
+    """A sigma per volume whose length is not the table's (98 for 99
+    volumes) belongs to other data: refused by both fit methods, naming the
+    counts (it was taken as its RMS)."""
+    n = len(gtab.bvals)
+    with pytest.raises(ValueError, match=f"holds {n - 1} noise levels but the "):
+        check_sigma(np.full(n - 1, 5.0), n_volumes=n)
+    for method in ("search", "posterior"):
+        with pytest.raises(ValueError, match=f"table has {n} volumes"):
+            SpinverseModel(gtab, fit_method=method, sigma=np.full(n - 1, 5.0))
+    assert check_sigma(np.full(n, 5.0), n_volumes=n) == pytest.approx(5.0)
+
+
 def test_each_voxel_has_the_noise_of_its_own_b0():
     assert_allclose(relative_noise(10.0, [1000.0, 500.0]), [0.01, 0.02])
     assert_array_equal(relative_noise(0.0, [1000.0, 500.0]), [0.0, 0.0])
