@@ -344,7 +344,7 @@ class PosteriorFit(ReconstFit):
         )
 
     def _quantile(self, name, q):
-        return self.params[name][:, _KEPT.index(q)]
+        return self.params[name][:, _kept_index(q)]
 
     # -- indexing ------------------------------------------------------------------
     def __getitem__(self, index):
@@ -404,11 +404,9 @@ class PosteriorFit(ReconstFit):
         _check_scalar(name)
         level = _check_level(level)
         lo, hi = (1 - level) / 2, (1 + level) / 2
-        if round(lo, 12) in _KEPT and round(hi, 12) in _KEPT:
-            low, high = (
-                self._quantile(name, round(lo, 12)),
-                self._quantile(name, round(hi, 12)),
-            )
+        stored = [_kept_index(q) for q in (lo, hi)]
+        if None not in stored:
+            low, high = (self.params[name][:, i] for i in stored)
         else:
             levels = self.model.estimator.quantile_levels(name, [lo, hi])
             low, high = np.quantile(self._draws(name, 1000), levels, axis=0)
@@ -630,6 +628,17 @@ def _check_scalar(name):
             + (extra if name == "orientation" else "")
             + "."
         )
+
+
+def _kept_index(q):
+    """The column of the stored quantile ``q`` (:data:`_KEPT`), or None.
+
+    Matched to 1e-6: a level given in float32 (``np.float32(0.9)``, whose
+    bounds are 0.04999999702 and 0.95000000298) is the stored 90 %
+    interval, not another one drawn again; stored levels are 0.05 apart.
+    """
+    close = np.flatnonzero(np.abs(np.asarray(_KEPT) - q) < 1e-6)
+    return int(close[0]) if len(close) else None
 
 
 def _check_level(level):

@@ -274,6 +274,11 @@ def test_posterior_fit_of_a_volume(posterior_model, caplog):
         )
         other = fit.credible_interval(name, level=0.8)  # drawn again
         assert np.all(other[0][ok] >= low[ok] * 0.8)
+        # A level in float32 is the stored interval, not one drawn again
+        # (probe case 6 of issue 73).
+        single = fit.credible_interval(name, level=np.float32(0.9))
+        assert_array_equal(single[0], low)
+        assert_array_equal(single[1], high)
     samples = fit.posterior_samples("cell_diameter", 7)
     assert samples.shape == (7, 12, 1, 1)
     assert fit.posterior_samples("orientation", 3).shape == (3, 12, 1, 1, 3)
