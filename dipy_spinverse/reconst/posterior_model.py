@@ -16,7 +16,7 @@ from .gate import check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma
 from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
 from .resume import check_mask, is_mask_rows, volume_shape
-from .status import warn_implausible
+from .status import count_negative, warn_implausible, warn_negative
 
 __all__ = [
     "SpinversePosteriorModel",
@@ -189,6 +189,8 @@ class SpinversePosteriorModel(ReconstModel):
         else:
             mask = check_mask(mask, volume_shape(data, mask))
             rows = data if is_mask_rows(data, mask) else data[mask]
+        # Magnitudes cannot be negative; denoised data can: fitted as given.
+        warn_negative(self, count_negative(rows), len(rows), stacklevel=3)
         params = fit_posterior(self, rows, n_samples=self.n_posterior_samples)
         bad = params["status"] == OUT_OF_PRIOR
         if bad.any():

@@ -169,7 +169,7 @@ def count_negative(data):
         return int(np.count_nonzero((np.asarray(data) < 0).any(axis=-1)))
 
 
-def warn_negative(model, n_negative, n_voxels):
+def warn_negative(model, n_negative, n_voxels, *, stacklevel=4):
     """Warn that ``n_negative`` of ``n_voxels`` fitted voxels hold values < 0.
 
     Magnitude images cannot be negative; denoised or real-valued
@@ -179,12 +179,14 @@ def warn_negative(model, n_negative, n_voxels):
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model (its noise model).
+    model : SpinverseSearchModel or SpinversePosteriorModel
+        The model (the search's noise model is named where it matters).
     n_negative : int
         Voxels holding values < 0.
     n_voxels : int
         Voxels fitted.
+    stacklevel : int
+        Frames from here to the user's ``fit`` call.
 
     Returns
     -------
@@ -198,7 +200,8 @@ def warn_negative(model, n_negative, n_voxels):
     if not n_negative:
         return
     floor = ""
-    if model.config.loss.noise == "rician" and model.config.loss.sigma > 0:
+    loss = getattr(getattr(model, "config", None), "loss", None)
+    if loss is not None and loss.noise == "rician" and loss.sigma > 0:
         floor = (
             "; the Rician noise floor of noise='rician' describes magnitude "
             "data: for real-valued data use noise='gaussian'"
@@ -208,5 +211,5 @@ def warn_negative(model, n_negative, n_voxels):
         f"images cannot be negative: denoised or real-valued data?). Negative "
         f"samples are fitted as given, not clipped{floor}.",
         UserWarning,
-        stacklevel=4,  # the user's model.fit call
+        stacklevel=stacklevel,
     )

@@ -327,6 +327,19 @@ def test_fit_bounds_use_the_estimators_level_tables(posterior_model, name):
         estimator.level_tables.copy_(saved)
 
 
+def test_negative_samples_are_fitted_as_given_with_a_warning(posterior_model):
+    """Magnitudes cannot be negative; denoised data can: the posterior fits
+    them as given and says so, pointing at the user's call (probe case 5 of
+    issue 73: status 0 and no word)."""
+    signals, _ = posterior_model.prior.sample(3, seed=22)
+    data = 100.0 * signals
+    data[1, -1] = -0.5
+    with pytest.warns(UserWarning, match="1 of 3 voxels have negative") as caught:
+        fit = posterior_model.fit(data)
+    assert caught[0].filename == __file__
+    assert fit.status.shape == (3,)
+
+
 def test_posterior_is_cached(posterior_model, monkeypatch):
     import dipy_spinverse.posterior as posterior
 
