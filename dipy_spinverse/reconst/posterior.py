@@ -530,6 +530,8 @@ class PosteriorFit(ReconstFit):
         ok = np.flatnonzero(self.params["status"] == OK)
         out = np.full((len(self.params["status"]), n, len(protocol)), np.nan)
         if len(ok):
+            # S0 checked before the simulations (which take seconds a voxel).
+            scale = self._scale(protocol, ok, S0)
             values = self._flow_values(ok, n, seed)
             signals = predictive_signals(
                 self.model.prior.prior,
@@ -539,7 +541,7 @@ class PosteriorFit(ReconstFit):
                 progress=progress,
             ).reshape(len(ok), n, len(protocol))
             _log_unrealised(signals)
-            out[ok] = signals * self._scale(protocol, ok, S0)[:, None]
+            out[ok] = signals * scale[:, None]
         return np.moveaxis(self._volume(out, 0.0), self.mask.ndim, 0)
 
     def _flow_values(self, rows, n, seed):

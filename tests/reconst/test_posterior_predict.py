@@ -181,3 +181,19 @@ def test_predictive_samples_spread_and_a_new_protocol(model):
     # tolerance (1e-3 a signal), twice.
     assert_allclose(part, samples[:, ::3], atol=2e-3)
     assert np.all(np.std(samples, axis=0) < 0.2)
+
+
+def test_a_bad_s0_is_refused_before_any_simulation(model, monkeypatch):
+    """predict(S0=bad) names S0 at once: the simulations (seconds a voxel)
+    never start (probe case 12 of issue 73: 16 s, then the error)."""
+    draws = _draws(model, 1, seed=8, n_cells=(1, 1))
+    fit = model.fit(S0 * model.prior.simulate_draws(draws)[0])
+    assert fit.status == OK
+
+    def never(*args, **kwargs):
+        raise AssertionError("simulated before S0 was checked")
+
+    monkeypatch.setattr("dipy_spinverse.reconst.posterior.predictive_signals", never)
+    for bad in (-1.0, np.nan, [1.0, 2.0]):
+        with pytest.raises(ValueError, match="S0"):
+            fit.predict(S0=bad)
