@@ -167,7 +167,17 @@ def check_flags(arguments):
             if fit_method == "posterior"
             else 'With a "prior" in --posterior_options, the surface check'
         )
-        raise ValueError(f"{what} needs the noise level: pass {NOISE_FLAGS}.")
+        # --snr 0 or --sigma 0 say "unknown": named, so that the fix is not
+        # to pass the flag that was passed.
+        zero = next(
+            (f"--{flag} 0" for flag in ("snr", "sigma") if args[flag] is not None),
+            None,
+        )
+        given = f" ({zero} means unknown)" if zero else ""
+        raise ValueError(
+            f"{what} needs the noise level{given}: pass {NOISE_FLAGS} with a "
+            "value above 0."
+        )
     if args["save_metrics"] and "uncertainty" in metrics and not searches_labels:
         raise ValueError(
             "--save_metrics uncertainty comes from the label search, which "

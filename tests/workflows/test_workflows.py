@@ -1073,3 +1073,12 @@ def test_workflow_posterior_takes_the_cluster_flags(demo, tmp_path):
             engine="dask",
             n_jobs=2,
         )
+
+
+@pytest.mark.parametrize("flag", ["snr", "sigma"])
+def test_a_zero_noise_flag_is_named_as_unknown(demo, tmp_path, flag):
+    """--snr 0 (or --sigma 0) means unknown: the posterior's refusal says
+    so, instead of asking for the flag that was given (probe case 11 of
+    issue 73)."""
+    with pytest.raises(ValueError, match=rf"\(--{flag} 0 means unknown\): pass"):
+        _run(demo, tmp_path / "o", fit_method="posterior", max_iter=None, **{flag: 0})
