@@ -12,6 +12,7 @@ dataset read (:mod:`.dataset`), the fit (here), the outputs written
 (:mod:`.outputs`).
 """
 
+import glob
 import os
 import time
 
@@ -373,6 +374,17 @@ class SpinverseFlow(Workflow):
         flags = check_flags(dict(locals()))
         if flags.resume:
             self._force_overwrite = True
+        # Before any output folder is made: a missing input is named as one.
+        check_inputs(
+            {
+                "input_files": input_files,
+                "bvalues_files": bvalues_files,
+                "bvectors_files": bvectors_files,
+                "mask_files": mask_files,
+                "--timing_file": timing_file,
+                "--scheme_file": scheme_file,
+            }
+        )
         writable_folder(out_dir or ".", "outputs", fix="give a writable --out_dir")
         try:
             # DIPY reads run's arguments from this frame, and creates the
@@ -431,6 +443,29 @@ class SpinverseFlow(Workflow):
                 )
                 return True
         return super().manage_output_overwrite()
+
+
+def check_inputs(inputs):
+    """Refuse input paths (or glob patterns) that match no file, naming the
+    argument and the path.
+
+    Parameters
+    ----------
+    inputs : dict of str or None
+        The command's input arguments, by their names in the command
+        (None: not given).
+
+    Raises
+    ------
+    ValueError
+        An input that matches no file.
+    """
+    for name, pattern in inputs.items():
+        if pattern is not None and not glob.glob(os.fspath(pattern)):
+            raise ValueError(
+                f"{name}: no file matches {pattern!r} (from {os.getcwd()}); check "
+                "the path and its spelling."
+            )
 
 
 def _folder_error(out_dir, err):

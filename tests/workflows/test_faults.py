@@ -327,6 +327,25 @@ def test_a_truncated_image_is_refused(demo, tmp_path, monkeypatch, capsys):
         assert str(cut) in _one_error_line(err)
 
 
+def test_a_missing_input_is_named_before_any_folder_is_made(
+    demo, tmp_path, monkeypatch, capsys
+):
+    """A path that matches no file is named with its argument, and no
+    output folder is left behind (probe case 10 of issue 73: it was called
+    an --out_dir problem, with an empty folder made)."""
+    out = tmp_path / "new"
+    for name, flag in (("data", "input_files"), ("mask", "mask_files")):
+        argv = _argv(demo, out, **{name: tmp_path / "absent.nii.gz"})
+        code, err = _command(monkeypatch, capsys, argv)
+        assert code == 2
+        line = _one_error_line(err)
+        assert flag in line and "absent.nii.gz" in line and "out_dir" not in line
+        assert not out.exists()
+    argv = _argv(demo, out, "--timing_file", str(tmp_path / "absent.txt"))
+    code, err = _command(monkeypatch, capsys, argv)
+    assert "--timing_file" in _one_error_line(err) and not out.exists()
+
+
 # -- concurrent runs ---------------------------------------------------------
 
 
