@@ -13,6 +13,7 @@ log line, never mixed in.
 import hashlib
 import pathlib
 import time
+import zipfile
 
 import numpy as np
 from dipy.utils.logging import logger
@@ -77,7 +78,9 @@ class SimulationCheckpoint:
                 ):
                     box = (float(side), str(boundary), bool(section))
                     measured_substeps[box] = (int(multiple), float(error))
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            # A file cut short (a full disk, a killed copy) is a damaged zip
+            # archive: set aside like any unreadable one, never a traceback.
             logger.warning(
                 f"Checkpoint {self.path} cannot be read ({type(err).__name__}); "
                 "simulating from the start."

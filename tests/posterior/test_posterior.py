@@ -966,3 +966,28 @@ def test_a_local_ray_cluster_simulates_the_batches_as_a_serial_run():
     )
     assert_array_equal(simulator.simulate_draws(draws), expected)
     assert not ray.is_initialized()  # the instance started here is stopped
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_a_damaged_checkpoint_is_set_aside_naming_the_file(tmp_path, damage, caplog):
+    """A checkpoint cut short (a full disk, a killed write) or overwritten
+    is named in one warning and the draws are simulated from the start, as
+    a rerun without it would (probe case 7 of issue 73: a truncated file
+    raised BadZipFile with a traceback on every run)."""
+    draws = [AXON_PRIOR.draw(np.random.default_rng(seed)) for seed in range(3)]
+    path = tmp_path / "training.npz"
+    expected = AXON_PRIOR.simulator(PROTOCOL).simulate_draws(draws, checkpoint=path)
+    whole = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(whole[: len(whole) // 2])
+    else:
+        path.write_bytes(np.random.default_rng(0).bytes(len(whole)))
+    caplog.set_level(logging.WARNING, logger="dipy")
+    dipy_logger = logging.getLogger("dipy")
+    dipy_logger.addHandler(caplog.handler)
+    try:
+        again = AXON_PRIOR.simulator(PROTOCOL).simulate_draws(draws, checkpoint=path)
+    finally:
+        dipy_logger.removeHandler(caplog.handler)
+    assert f"Checkpoint {path} cannot be read" in caplog.text
+    assert_allclose(again, expected, atol=1e-12)
