@@ -294,6 +294,34 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
     return paths
 
 
+def remove_posterior_maps(folder):
+    """Remove the maps :func:`save_posterior` writes from ``folder`` (an
+    earlier posterior fit's, before another method writes beside them).
+
+    Only files named as :func:`save_posterior` names them are removed.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+
+    Returns
+    -------
+    list of str
+        The paths removed.
+    """
+    names = ["posterior_status"]
+    for name in DESCRIPTORS:
+        suffixes = ("",) if name == "orientation" else ("", "_ci50", "_ci90")
+        names += [name + suffix for suffix in suffixes]
+    removed = []
+    for name in names:
+        path = os.path.join(os.fspath(folder), f"{name}.nii.gz")
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
 def describe_status(status):
     """Count voxels per status code, e.g. ``{"ok": 5, "outside the mask": 1}``.
 

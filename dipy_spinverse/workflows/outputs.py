@@ -19,6 +19,7 @@ from ..io.fits import save_fit
 from ..io.maps import (
     MESH_MAPS,
     describe_status,
+    remove_posterior_maps,
     save_map,
     save_permeability,
     save_posterior,
@@ -86,6 +87,13 @@ FOLDER_OUTPUTS = ("out_voxel_meshes", "out_smooth_meshes", "out_posterior")
 
 #: Outputs that are not one file written by the run's savers.
 _FOLDERS_AND_STATE = ("out_state", "out_voxel_meshes", "out_smooth_meshes")
+
+#: The output folders, and how an earlier fit's files are removed from each.
+_FOLDER_REMOVERS = {
+    "out_voxel_meshes": remove_voxel_meshes,
+    "out_smooth_meshes": remove_voxel_meshes,
+    "out_posterior": remove_posterior_maps,
+}
 
 #: Suffix of the barrier files of the voxels whose surface is uncertain.
 UNCERTAIN_SUFFIX = "_uncertain"
@@ -250,6 +258,7 @@ def write_posterior_outputs(fit, out, *, space, n_report):
     if n_report:
         report = write_posterior_report(fit, out["out_report"], n_voxels=n_report)
         written += [report] if report else []
+    remove_stale_outputs(out, written)
     logger.info(f"Voxel status: {fit.status_counts()}")
     with atomic_write(state_path(out["out_state"])) as tmp:
         np.savez(tmp, mask=fit.mask, **fit.params)
@@ -281,7 +290,9 @@ def remove_stale_outputs(out, written):
 
     With --force or --resume and fewer --save_metrics (or no report), an
     earlier run's maps would stay beside the new state and describe
-    another fit. The state and the mesh folders are left to the run.
+    another fit. The state is left to the run; the files of the output
+    folders it wrote nothing into (per-voxel and smooth meshes, posterior
+    maps) are removed, so that one folder never holds two fits.
 
     Parameters
     ----------
@@ -293,13 +304,19 @@ def remove_stale_outputs(out, written):
     kept = {os.path.abspath(path) for path in written}
     stale = [
         path
-        for key, path in out.items()
+        for key, path in _written_paths(out)
         if key not in _FOLDERS_AND_STATE
         and os.path.isfile(path)
         and os.path.abspath(path) not in kept
     ]
     for path in stale:
         os.remove(path)
+    # Folders this run wrote nothing into hold an earlier fit's files (the
+    # other method's, or fewer outputs asked for): one folder, one fit.
+    folders = {os.path.dirname(os.path.abspath(path)) for path in written}
+    for key, remove in _FOLDER_REMOVERS.items():
+        if os.path.abspath(out[key]) not in folders:
+            stale += remove(out[key])
     if stale:
         logger.info(
             f"Removed {len(stale)} output files of an earlier run that this run "

@@ -331,7 +331,10 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
         (dict(timing_file="MS"), "timing file .*t.txt: .*milliseconds"),
         (dict(timing_file=None, scheme_file="SHORT"), "acquisitions but the data"),
         (dict(timing_file=None, scheme_file="WRONG_B"), "disagree"),
-        (dict(timing_file=None, scheme_file="no.scheme"), "cannot read the scheme"),
+        (
+            dict(timing_file=None, scheme_file="no.scheme"),
+            r"--scheme_file: no file matches 'no.scheme'",
+        ),
         (dict(engine="spark"), "Invalid engine"),
         (dict(boundary="sticky"), "Invalid --boundary"),
         (dict(sigma=-0.02), "sigma must be a finite number and >= 0"),
@@ -918,6 +921,28 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
     assert os.path.getsize(outputs["out_report"]) > 1000
     state = np.load(outputs["out_state"])
     assert state["status"].shape == (6,)
+    # One folder, one fit (probe cases 2 and 3 of issue 73): the label
+    # search forced into it removes the posterior's maps; the posterior
+    # forced back, without a report, removes the search's maps and report.
+    search = _run(demo, tmp_path / "out").last_generated_outputs
+    assert os.path.isfile(search["out_restricted_fraction"])
+    assert not os.path.exists(os.path.join(folder, "cell_diameter.nii.gz"))
+    os.environ["DIPY_SPINVERSE_CACHE"] = str(tmp_path / "cache")
+    try:
+        _run(
+            demo,
+            tmp_path / "out",
+            fit_method="posterior",
+            max_iter=None,
+            snr=100,
+            posterior_options=str(options_file),
+            n_report=0,
+        )
+    finally:
+        del os.environ["DIPY_SPINVERSE_CACHE"]
+    assert os.path.isfile(os.path.join(folder, "cell_diameter.nii.gz"))
+    for left in ("out_restricted_fraction", "out_predicted", "out_report"):
+        assert not os.path.exists(search[left]), left
     with pytest.raises(ValueError, match="needs the noise"):
         _run(demo, tmp_path / "again", fit_method="posterior", max_iter=None)
     for bad, match in (
