@@ -16,6 +16,7 @@ import glob
 import os
 import time
 
+import numpy as np
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
@@ -392,6 +393,7 @@ class SpinverseFlow(Workflow):
             io_it = self.get_io_iterator()
         except OSError as err:
             raise _folder_error(out_dir, err) from err
+        refuse_shared_outputs(io_it)
         for dwi, bval, bvec, maskfile, *paths in io_it:
             # Outputs by name: every one has its own path (out_dir joined).
             out = dict(zip(io_it.out_keys, paths, strict=True))
@@ -443,6 +445,42 @@ class SpinverseFlow(Workflow):
                 )
                 return True
         return super().manage_output_overwrite()
+
+
+def refuse_shared_outputs(io_it):
+    """Refuse inputs whose outputs would land on the same paths.
+
+    Several data files (a glob such as ``subj*/dwi.nii.gz``) into one
+    ``--out_dir`` get the same output names: the last would overwrite the
+    others, and ``--mix_names`` names them after the inputs' file names,
+    which such subjects share.
+
+    Parameters
+    ----------
+    io_it : dipy.workflows.multi_io.IOIterator or list
+        The command's input-output iterator (an empty list when DIPY skips
+        the run).
+
+    Raises
+    ------
+    ValueError
+        Naming the shared output and two of its inputs.
+    """
+    outputs = getattr(io_it, "outputs", [])
+    inputs = np.array(getattr(io_it, "inputs", [[]])).T  # a row per input set
+    owner = {}
+    for sources, paths in zip(inputs, outputs, strict=False):
+        for path in paths:
+            first = owner.setdefault(os.path.abspath(path), sources[0])
+            if first != sources[0]:
+                raise ValueError(
+                    f"{first} and {sources[0]} would both be written to {path}: "
+                    "their outputs share their names in --out_dir (--mix_names "
+                    "names them after the files, which are named alike). Fit "
+                    "one input per call, each with its own --out_dir, e.g. "
+                    "for s in subj*; do dipy_fit_spinverse $s/dwi.nii.gz ... "
+                    "--out_dir $s/fit; done."
+                )
 
 
 def check_inputs(inputs):

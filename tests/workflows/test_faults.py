@@ -346,6 +346,32 @@ def test_a_missing_input_is_named_before_any_folder_is_made(
     assert "--timing_file" in _one_error_line(err) and not out.exists()
 
 
+@pytest.mark.parametrize("mix", [False, True])
+def test_inputs_written_to_the_same_outputs_are_refused(
+    demo, tmp_path, monkeypatch, capsys, mix
+):
+    """Two subjects' data by one glob into one --out_dir (with or without
+    --mix_names) would share their output names: refused before any fit,
+    naming both inputs and the path (probe case 1 of issue 73: the second
+    overwrote the first, exit 0)."""
+    for subject in ("subjA", "subjB"):
+        (tmp_path / subject).mkdir()
+        shutil.copy(demo["data"], tmp_path / subject / "dwi.nii.gz")
+        shutil.copy(demo["mask"], tmp_path / subject / "mask.nii.gz")
+    argv = _argv(
+        demo,
+        tmp_path / "out",
+        *(["--mix_names"] if mix else []),
+        data=tmp_path / "subj*" / "dwi.nii.gz",
+        mask=tmp_path / "subj*" / "mask.nii.gz",
+    )
+    code, err = _command(monkeypatch, capsys, argv)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "subjA" in line and "subjB" in line and "would both be written" in line
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
 # -- concurrent runs ---------------------------------------------------------
 
 
