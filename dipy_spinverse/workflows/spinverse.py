@@ -20,7 +20,7 @@ import numpy as np
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
-from ..files import describe_cause, output_lock, writable_folder
+from ..files import cache_root, describe_cause, output_lock, writable_folder
 from ..io.checkpoint import Checkpoint, checkpoint_for
 from ..io.fits import load_fit
 from ..io.gradients import B0_THRESHOLD, BVECS_TOL
@@ -57,6 +57,10 @@ __all__ = [
     "SMOOTH_MESH_FORMATS",
 ]
 
+_POSTERIOR_INTERRUPTED = (
+    "no maps were written; a posterior being trained keeps its simulations "
+    "in {} (posterior-<key>.partial) and the same command continues them"
+)
 _KEPT_AFTER_INTERRUPT = (
     "the voxels fitted so far are kept in {}; run the same command again to continue"
 )
@@ -68,7 +72,8 @@ class SpinverseFlow(Workflow):
     #: What ``cli.run_command`` says after Ctrl-C: the checkpoint keeps every
     #: finished chunk, and the same command continues from it. Once the fit
     #: starts, :meth:`run` names the checkpoint file itself.
-    on_interrupt = _KEPT_AFTER_INTERRUPT.format("<out_state>.partial.h5")
+    #: What an interrupted run kept (set when a fit starts: before, nothing).
+    on_interrupt = ""
 
     @classmethod
     def get_short_name(cls):
@@ -411,6 +416,7 @@ class SpinverseFlow(Workflow):
                     noise=flags.noise,
                 )
                 if flags.fit_method == "posterior":
+                    self.on_interrupt = _POSTERIOR_INTERRUPTED.format(cache_root())
                     fit_posterior(dataset, out, flags)
                 else:
                     self._fit_search(dataset, out, flags)

@@ -372,6 +372,29 @@ def test_inputs_written_to_the_same_outputs_are_refused(
     assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
+def test_ctrl_c_in_a_posterior_fit_names_what_is_kept(
+    demo, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C during --fit_method posterior says that no maps were written
+    and where a training's simulations are kept, not a literal
+    <out_state>.partial.h5, a file the posterior never writes (probe case 8
+    of issue 73)."""
+    import dipy_spinverse.workflows.spinverse as workflow
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "fit_posterior", interrupted)
+    monkeypatch.setenv("DIPY_SPINVERSE_CACHE", str(tmp_path / "cache"))
+    argv = _argv(demo, tmp_path / "out", "--fit_method", "posterior", "--snr", "50")
+    at = argv.index("--max_iter")  # the search's flag
+    del argv[at : at + 2]
+    code, err = _command(monkeypatch, capsys, argv)
+    assert code == 130, err
+    assert "no maps were written" in err and str(tmp_path / "cache") in err
+    assert "<out_state>" not in err and ".partial.h5" not in err
+
+
 # -- concurrent runs ---------------------------------------------------------
 
 
