@@ -16,7 +16,7 @@ from dipy.core.gradients import gradient_table
 
 from ..inverse import InversionConfig, resolve_config
 from ..reconst import SpinverseModel
-from ..sim import sequences
+from ..sim import sequences, waveforms
 from ..sim.grid import TetGrid
 
 __all__ = ["model_spec", "model_from_spec"]
@@ -176,10 +176,18 @@ def _array_or_scalar(value):
 
 
 def _waveform_spec(waveform):
+    if isinstance(waveform, waveforms.SpinEcho):  # a waveform inside: its own
+        return dict(
+            type="SpinEcho",
+            encoding=_waveform_spec(waveform.encoding),
+            echo_time=waveform.echo_time,
+        )
     return dict(type=type(waveform).__name__, **asdict(waveform))
 
 
 def _waveform_from_spec(spec):
     spec = dict(spec)
-    cls = getattr(sequences, spec.pop("type"))
+    cls = getattr(waveforms, spec.pop("type"))
+    if cls is waveforms.SpinEcho:
+        spec["encoding"] = _waveform_from_spec(spec["encoding"])
     return cls(**spec)

@@ -342,6 +342,19 @@ def test_the_configuration_is_saved_whole(gtab, grid):
     assert model_from_spec(old).differences(model) == []
 
 
+def test_a_protocol_of_echo_times_is_saved_whole(gtab, grid):
+    """Waveforms in spin echoes (Protocol.from_gtab(..., echo_time=))
+    describe their encoding and echo time, and reload as they were."""
+    from dipy_spinverse.sim.sequences import Protocol
+
+    echo_times = 0.08 + 0.01 * (np.arange(len(gtab.bvals)) % 2)
+    protocol = Protocol.from_gtab(gtab, echo_time=echo_times)
+    model = SpinverseModel(protocol, grid=grid)
+    reloaded = model_from_spec(model_spec(model))
+    assert reloaded.protocol.waveforms == protocol.waveforms
+    np.testing.assert_allclose(reloaded.protocol.echo_times, echo_times)
+
+
 def test_a_grid_built_by_hand_is_saved_whole(gtab, volume, tmp_path):
     """A grid that is not the BCC grid of its size (jittered vertices) is
     saved with its geometry and compared whole between models."""
