@@ -88,7 +88,12 @@ def write_scheme(protocol, path):
     str
         The path written.
     """
-    others = {type(w).__name__ for w in protocol.waveforms if type(w) is not PGSE}
+    # A PGSE in a longer spin echo is a PGSE row with its own TE.
+    others = {
+        type(w).__name__
+        for w in protocol.waveforms
+        if type(getattr(w, "encoding", w)) is not PGSE
+    }
     if others:
         raise ValueError(
             "write_scheme writes PGSE protocols only (STEJSKALTANNER format); "

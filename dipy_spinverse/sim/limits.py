@@ -73,8 +73,8 @@ def diameter_resolution_limit(protocol, *, snr, diffusivity=2e-3, alpha=0.05):
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}.")
     pulses = np.array(
         [
-            w.small_delta * 1e6 if isinstance(w, PGSE) else 0.0
-            for w in protocol.waveforms
+            w.small_delta * 1e6 if isinstance(getattr(w, "encoding", w), PGSE) else 0.0
+            for w in protocol.waveforms  # a PGSE in a longer spin echo too
         ]
     )
     rate = np.linalg.norm(protocol.gradient_rate, axis=1)  # rad / (um us)

@@ -418,7 +418,7 @@ def test_shared_pulses_equal_acquisitions_simulated_alone(kind, partial):
     assert not np.allclose(together[:, 1].numpy(), together[:, 8].numpy())
 
 
-def test_spin_echo_waveform_keeps_the_encoding_and_pads_the_echo():
+def test_spin_echo_waveform_keeps_the_encoding_and_pads_the_echo(tmp_path):
     """SpinEcho: the encoding's b-factor, timing and antisymmetry, the echo
     time given, half of the extra time on each side; bad input named."""
     from dipy_spinverse.sim.waveforms import SpinEcho
@@ -448,6 +448,16 @@ def test_spin_echo_waveform_keeps_the_encoding_and_pads_the_echo():
     assert_allclose(prot.echo_times, [0.05, 0.05, 0.08])
     with pytest.raises(ValueError, match="echo_time has 2 values for 3 volumes"):
         Protocol.from_gtab(table, echo_time=[0.05, 0.08])
+    # A PGSE in a spin echo is a PGSE to what reads its timing.
+    from dipy_spinverse.io.camino import read_scheme, write_scheme
+    from dipy_spinverse.sim.limits import diameter_resolution_limit
+
+    plain = Protocol.from_gtab(table)
+    assert diameter_resolution_limit(prot, snr=40) == pytest.approx(
+        diameter_resolution_limit(plain, snr=40)
+    )
+    path = write_scheme(prot, tmp_path / "echo.scheme")
+    assert_allclose(read_scheme(path)[1], [0.05, 0.05, 0.08])
 
 
 @pytest.mark.parametrize("kind", ["section", "reflecting"])
