@@ -569,15 +569,7 @@ def _family_signal(
         if partial:
             start = torch.cat([start, first[..., 1:].expand_as(start)], dim=-1)
             r = torch.cat([r, r])
-        steps = time_plan(
-            durations,
-            amplitudes,
-            frame=frame,
-            phase_step=phase_step,
-            substeps=substeps,
-            dmax=dmax,
-            rate=float(r.norm(dim=-1).max()),
-        )
+        steps = _chunk_plan(durations, amplitudes, r, frame, phase_step, substeps, dmax)
         u = propagate(op, steps, start.contiguous(), r, **kwargs)
         # Rates that need the same tails go on together, each straight from
         # one tail it needs to the next: an exponential's cost grows as the
@@ -605,6 +597,22 @@ def _members(labels, count):
     """Indices of each label ``0 .. count - 1`` in ``labels``."""
     order = np.argsort(labels, kind="stable")
     return np.split(order, np.cumsum(np.bincount(labels, minlength=count))[:-1])
+
+
+def _chunk_plan(durations, amplitudes, rates, frame, phase_step, substeps, dmax):
+    """The time plan of a chunk of acquisitions' pieces. One plan per chunk:
+    in the phase frame the Magnus sub-steps follow the chunk's strongest
+    gradient (rates are sorted by strength), so b = 0 and weak-gradient
+    chunks are not stepped at the strongest gradient's pace."""
+    return time_plan(
+        durations,
+        amplitudes,
+        frame=frame,
+        phase_step=phase_step,
+        substeps=substeps,
+        dmax=dmax,
+        rate=float(rates.norm(dim=-1).max()),
+    )
 
 
 def _gradient_free_step(tau, F, frame):
@@ -636,19 +644,7 @@ def _group_signal(
     for lo in range(0, len(rate), chunk):
         r = rate[lo : lo + chunk]
         start = u0.to(ctype)[..., None].expand(n_batch, n_cells, len(r))
-        # One plan per chunk: in the phase frame the Magnus sub-steps follow
-        # the chunk's strongest gradient (acquisitions are sorted by it), so
-        # b = 0 and weak-gradient chunks are not stepped at the strongest
-        # gradient's pace.
-        steps = time_plan(
-            durations,
-            amplitudes,
-            frame=frame,
-            phase_step=phase_step,
-            substeps=substeps,
-            dmax=dmax,
-            rate=float(r.norm(dim=-1).max()),
-        )
+        steps = _chunk_plan(durations, amplitudes, r, frame, phase_step, substeps, dmax)
         u = propagate(
             op,
             steps,

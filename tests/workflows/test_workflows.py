@@ -891,20 +891,23 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
     # The options from a file (as the demo writes them).
     options_file = tmp_path / "posterior.json"
     options_file.write_text(options)
-    os.environ["DIPY_SPINVERSE_CACHE"] = str(tmp_path / "cache")
-    try:
-        flow = _run(
-            demo,
-            tmp_path / "out",
-            fit_method="posterior",
-            max_iter=None,
-            snr=100,
-            posterior_options=str(options_file),
-            n_report=3,
-        )
-    finally:
-        del os.environ["DIPY_SPINVERSE_CACHE"]
-    outputs = flow.last_generated_outputs
+
+    def posterior(n_report):
+        os.environ["DIPY_SPINVERSE_CACHE"] = str(tmp_path / "cache")
+        try:
+            return _run(
+                demo,
+                tmp_path / "out",
+                fit_method="posterior",
+                max_iter=None,
+                snr=100,
+                posterior_options=str(options_file),
+                n_report=n_report,
+            )
+        finally:
+            del os.environ["DIPY_SPINVERSE_CACHE"]
+
+    outputs = posterior(n_report=3).last_generated_outputs
     folder = outputs["out_posterior"]
     median = nib.load(os.path.join(folder, "cell_diameter.nii.gz"))
     assert median.shape == (3, 2, 1)
@@ -927,19 +930,7 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
     search = _run(demo, tmp_path / "out").last_generated_outputs
     assert os.path.isfile(search["out_restricted_fraction"])
     assert not os.path.exists(os.path.join(folder, "cell_diameter.nii.gz"))
-    os.environ["DIPY_SPINVERSE_CACHE"] = str(tmp_path / "cache")
-    try:
-        _run(
-            demo,
-            tmp_path / "out",
-            fit_method="posterior",
-            max_iter=None,
-            snr=100,
-            posterior_options=str(options_file),
-            n_report=0,
-        )
-    finally:
-        del os.environ["DIPY_SPINVERSE_CACHE"]
+    posterior(n_report=0)
     assert os.path.isfile(os.path.join(folder, "cell_diameter.nii.gz"))
     for left in ("out_restricted_fraction", "out_predicted", "out_report"):
         assert not os.path.exists(search[left]), left
