@@ -203,7 +203,7 @@ NEIGHBOURS = (3, 5, 10, 20, 40)
 KNN_COMPONENTS = 10
 
 
-def shell_features(dataset, levels):
+def shell_features(dataset, levels, keep=None):
     """Each voxel's direction-averaged signal per timing and gradient strength.
 
     Every volume is divided by its own timing's b = 0 level, and the volumes
@@ -217,6 +217,9 @@ def shell_features(dataset, levels):
     levels : ndarray (n, N)
         Each masked voxel's b = 0 level of each volume
         (``RealDataset.repeated_b0_noise``).
+    keep : ndarray of int, optional
+        The volumes used (default all): e.g. the subset a posterior is
+        trained for (:func:`~dipy_spinverse.io.datasets.thin_qspace`).
 
     Returns
     -------
@@ -226,9 +229,12 @@ def shell_features(dataset, levels):
     signal = dataset.data[dataset.mask] / levels
     strength = np.round(dataset.protocol.gradient_strength, 4)
     b0 = np.asarray(dataset.gtab.b0s_mask)
+    kept = np.ones(len(b0), dtype=bool)
+    if keep is not None:
+        kept = np.isin(np.arange(len(b0)), keep)
     columns = []
     for _, rows in dataset.protocol.groups():
-        rows = rows[~b0[rows]]
+        rows = rows[~b0[rows] & kept[rows]]
         for level in np.unique(strength[rows]):
             columns.append(signal[:, rows[strength[rows] == level]].mean(-1))
     shells = np.stack(columns, axis=-1)
@@ -403,7 +409,9 @@ def lognormal_effective_diameter(mean, std):
     return np.exp(np.log(mean) - s2 / 2 + 4 * s2)
 
 
-def oracle(cord, s0, levels, wm, *, seed, n_folds=5, block=5, gap=2, replicates=20):
+def oracle(
+    cord, s0, levels, wm, *, seed, n_folds=5, block=5, gap=2, replicates=20, every=None
+):
     """The supervised oracle's and the label's tables (see the page).
 
     Parameters
@@ -421,6 +429,10 @@ def oracle(cord, s0, levels, wm, *, seed, n_folds=5, block=5, gap=2, replicates=
         The folds (:func:`blocked_folds`).
     replicates : int
         Resamplings of the label.
+    every : int, optional
+        Also fed the volumes of the posterior's subset
+        (:func:`~dipy_spinverse.io.datasets.thin_qspace` of ``every``): what
+        thinning the protocol costs.
 
     Returns
     -------
@@ -433,8 +445,13 @@ def oracle(cord, s0, levels, wm, *, seed, n_folds=5, block=5, gap=2, replicates=
     signals = shell_features(cord, levels)
     t2 = np.log(np.unique(levels, axis=1))  # the nine timings' b = 0 levels
     covariates = np.stack([h["axon_fraction"], h["myelin_fraction"]])
-    inputs = {
-        "signals": signals,
+    inputs = {"signals": signals}
+    if every is not None:
+        subset = thin_qspace(cord, every)[0]
+        inputs[f"signals of {len(subset)} volumes"] = shell_features(
+            cord, levels, keep=subset
+        )
+    inputs |= {
         "b = 0 levels": t2,
         "histology fr, MVF": np.column_stack(
             [h["axon_fraction"], h["myelin_fraction"]]
@@ -693,6 +710,7 @@ def main(argv=None):
             block=args.block_rows,
             gap=args.gap_rows,
             replicates=4 if args.quick else 20,
+            every=args.every,
         )
         print_oracle(out, time.perf_counter() - start)
         if not args.models:

@@ -25,6 +25,7 @@ from ..reconst import (
     MESH_PARAMETERS,
     OPTIONAL_PARAMETERS,
     PENDING,
+    PosteriorFit,
     SpinverseFit,
 )
 from .specs import model_from_spec, model_spec
@@ -32,6 +33,10 @@ from .specs import model_from_spec, model_spec
 __all__ = ["save_fit", "load_fit"]
 
 _FORMAT = "dipy_spinverse.SpinverseFit"
+#: A posterior fit's file: its maps' arrays and its model's settings.
+_POSTERIOR_FORMAT = "dipy_spinverse.PosteriorFit"
+_POSTERIOR_VERSION = 1
+_POSTERIOR_ARRAYS = ("mask", "status", "inputs", "sigma", "S0")
 # Version 2: one SpinverseFit class, S0_sequences columns in rank order
 # (Protocol.sequences), the label search's options named search_*, no seed.
 # Version 3: the parameters of the voxels in the mask only, (n_mask, ...).
@@ -116,8 +121,10 @@ def save_fit(fit, path):
 
     Parameters
     ----------
-    fit : SpinverseFit
-        A volume fit (``fit.shape != ()``).
+    fit : SpinverseFit or PosteriorFit
+        A volume fit (``fit.shape != ()``) of either method. A posterior
+        fit keeps its maps and its model's settings; its estimator is found
+        again by their key (the cache or the package) when it is needed.
     path : str or os.PathLike
         Output file; ``.npz`` is appended when missing.
 
@@ -126,14 +133,29 @@ def save_fit(fit, path):
     str
         The path written.
     """
-    if not isinstance(fit, SpinverseFit) or fit.shape == ():
+    if not isinstance(fit, (SpinverseFit, PosteriorFit)) or fit.shape == ():
+        got = type(fit).__name__
+        if isinstance(fit, (SpinverseFit, PosteriorFit)):
+            got = f"a {got} of one voxel"
         raise ValueError(
-            "save_fit saves volume fits (a SpinverseFit of a volume), got "
-            f"{type(fit).__name__}; fit a volume, e.g. data[None] for one voxel."
+            "save_fit saves volume fits (a SpinverseFit or PosteriorFit of a "
+            f"volume), got {got}; fit a volume, e.g. data[None] for one voxel."
         )
     path = os.fspath(path)
     if not path.endswith(".npz"):
         path += ".npz"
+    if isinstance(fit, PosteriorFit):
+        arrays = {name: np.asarray(value) for name, value in fit.params.items()}
+        arrays["mask"] = fit.mask
+        header = dict(
+            format=_POSTERIOR_FORMAT,
+            version=_POSTERIOR_VERSION,
+            model=model_spec(fit.model),
+        )
+        arrays["header"] = np.array(json.dumps(header))
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        return path
     arrays = {name: fit.params[name] for name in _ARRAYS if name != "mask"}
     arrays["mask"] = fit.mask
     for name in _SAVED_IF_PRESENT:
@@ -161,8 +183,8 @@ def load_fit(path):
 
     Returns
     -------
-    SpinverseFit
-        ``fit.n_pending > 0`` for a partial fit; continue it with
+    SpinverseFit or PosteriorFit
+        ``fit.n_pending > 0`` for a partial search fit; continue it with
         :func:`resume_fit`.
 
     Raises
@@ -180,6 +202,9 @@ def load_fit(path):
             f"{path}: the saved model cannot be rebuilt ({type(err).__name__}: "
             f"{err}); the file is damaged or was not written by save_fit."
         ) from err
+    if header["format"] == _POSTERIOR_FORMAT:
+        params = {k: v for k, v in arrays.items() if k not in ("mask", "header")}
+        return PosteriorFit(model, params, arrays["mask"].astype(bool))
     params = {name: arrays[name] for name in _ARRAYS if name != "mask"}
     for name in _SAVED_IF_PRESENT:
         params[name] = arrays.get(name)
@@ -253,15 +278,18 @@ def read_fit_file(path):
             f"it is truncated, corrupted or another file ({type(err).__name__}: "
             f"{err}). Fit again, or load an intact copy."
         ) from err
-    if not isinstance(header, dict) or header.get("format") != _FORMAT:
-        found = header.get("format") if isinstance(header, dict) else None
+    formats = {_FORMAT: (_VERSION, _ARRAYS)}
+    formats[_POSTERIOR_FORMAT] = (_POSTERIOR_VERSION, _POSTERIOR_ARRAYS)
+    found = header.get("format") if isinstance(header, dict) else None
+    if found not in formats:
         raise ValueError(f"{path} is not a Spinverse fit (format {found!r}).")
-    if header.get("version", 0) > _VERSION:
+    newest, required = formats[found]
+    if header.get("version", 0) > newest:
         raise ValueError(
             f"{path} was written by a newer dipy_spinverse (format version "
-            f"{header['version']} > {_VERSION}); upgrade dipy_spinverse."
+            f"{header['version']} > {newest}); upgrade dipy_spinverse."
         )
-    missing = [name for name in _ARRAYS if name not in arrays]
+    missing = [name for name in required if name not in arrays]
     if missing or not isinstance(header.get("model"), dict):
         what = f"the arrays {missing}" if missing else "the model description"
         raise ValueError(f"{path} lacks {what}; the file is damaged.")

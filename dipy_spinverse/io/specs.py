@@ -15,19 +15,37 @@ import torch
 from dipy.core.gradients import gradient_table
 
 from ..inverse import InversionConfig, resolve_config
+from ..posterior import TissuePrior, TrainingOptions
 from ..reconst import SpinverseModel
 from ..sim import sequences, waveforms
 from ..sim.grid import TetGrid
 
 __all__ = ["model_spec", "model_from_spec"]
 
+#: The ``kind`` of a posterior model's description.
+POSTERIOR = "posterior"
+
 
 def model_spec(model):
     """JSON-ready description of ``model``; :func:`model_from_spec` rebuilds it.
 
     The acquisitions are saved as the model's protocol (waveforms, b-values,
-    directions), which is all a fit depends on.
+    directions), which is all a fit depends on. A posterior model is saved
+    as its settings (its prior, training options, noise and draws): its
+    estimator is found again by their key, in the cache or the package.
     """
+    if model.fit_method == POSTERIOR:
+        spec = dict(
+            kind=POSTERIOR,
+            sigma=model.sigma,
+            diffusivity=model.diffusivity,
+            prior=model.prior.prior.description(),
+            posterior_options=model.posterior_options.description(),
+            n_posterior_samples=model.n_posterior_samples,
+            device=str(model.device),
+            protocol=_protocol_spec(model.protocol),
+        )
+        return json.loads(json.dumps(spec, default=_jsonable))
     spec = dict(
         grid=_grid_spec(model.grid),
         diffusivity=model.diffusivity,
@@ -43,13 +61,35 @@ def model_spec(model):
         s0_reference=model.s0_reference,
         refine_mesh=model.refine_mesh,
         mesh_options=model.mesh_options,
-        protocol=dict(
-            bvals=model.protocol.bvals,
-            bvecs=model.protocol.bvecs,
-            waveforms=[_waveform_spec(w) for w in model.protocol.waveforms],
-        ),
+        protocol=_protocol_spec(model.protocol),
     )
     return json.loads(json.dumps(spec, default=_jsonable))
+
+
+def _protocol_spec(protocol):
+    return dict(
+        bvals=protocol.bvals,
+        bvecs=protocol.bvecs,
+        waveforms=[_waveform_spec(w) for w in protocol.waveforms],
+    )
+
+
+def _posterior_from_spec(spec, table):
+    """The posterior model :func:`model_spec` described (its estimator is
+    read, or trained, when first needed)."""
+    device = spec["device"]
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    return SpinverseModel(
+        table,
+        fit_method=POSTERIOR,
+        sigma=spec["sigma"],
+        diffusivity=spec["diffusivity"],
+        prior=TissuePrior(**spec["prior"]),
+        posterior_options=TrainingOptions(**spec["posterior_options"]),
+        n_posterior_samples=spec["n_posterior_samples"],
+        device=device,
+    )
 
 
 def model_from_spec(spec):
@@ -76,6 +116,8 @@ def model_from_spec(spec):
             small_delta=_array_or_scalar(g["small_delta"]),
             b0_threshold=g["b0_threshold"],
         )
+    if spec.get("kind") == POSTERIOR:
+        return _posterior_from_spec(spec, table)
     grid = _grid_from_spec(spec["grid"])
     device = spec["device"]
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():

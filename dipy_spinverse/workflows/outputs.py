@@ -260,8 +260,7 @@ def write_posterior_outputs(fit, out, *, space, n_report):
         written += [report] if report else []
     remove_stale_outputs(out, written)
     logger.info(f"Voxel status: {fit.status_counts()}")
-    with atomic_write(state_path(out["out_state"])) as tmp:
-        np.savez(tmp, mask=fit.mask, **fit.params)
+    save_fit(fit, state_path(out["out_state"]))  # load_fit reads it back
     logger.info(f"Spinverse posterior: {len(written)} files in {out['out_posterior']}")
 
 

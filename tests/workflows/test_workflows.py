@@ -924,6 +924,10 @@ def test_workflow_posterior_writes_maps_with_units(demo, tmp_path):
     assert os.path.getsize(outputs["out_report"]) > 1000
     state = np.load(outputs["out_state"])
     assert state["status"].shape == (6,)
+    # The state is a fit file: load_fit reads it, as --help promises.
+    loaded = load_fit(outputs["out_state"])
+    assert_array_equal(loaded.status, status)
+    assert_allclose(loaded.cell_diameter, values, rtol=1e-6)
     # One folder, one fit (probe cases 2 and 3 of issue 73): the label
     # search forced into it removes the posterior's maps; the posterior
     # forced back, without a report, removes the search's maps and report.
