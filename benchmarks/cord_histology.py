@@ -22,7 +22,7 @@ given sigma = median b = 0 / 300 (in the data's units), the top of its
 training noise. It is trained for the
 protocol it fits, a subset of the 1,791 volumes (every b = 0 and every
 ``--every``-th gradient strength of each timing and direction, from the
-strongest down: the same q range and timings).
+strongest down: the same q range and timings; ``--every 0``: all of them).
 
     python benchmarks/cord_histology.py --models activeax zcd noddi
     python benchmarks/cord_histology.py --models posterior --cache_dir DIR
@@ -106,7 +106,10 @@ def fit_posterior(dataset, sigma, every, cache_dir):
     from dipy_spinverse import SpinverseModel
     from dipy_spinverse.posterior import TissuePrior
 
-    rows, gtab = thin_qspace(dataset, every)
+    if every:
+        rows, gtab = thin_qspace(dataset, every)
+    else:  # the whole scheme
+        rows, gtab = np.arange(len(dataset.protocol)), dataset.gtab
     prior = TissuePrior(fibre_axis=(0, 0, 1), diffusivity=(0.3e-3, 3e-3))
     start = time.perf_counter()
     model = SpinverseModel(
@@ -446,7 +449,7 @@ def oracle(
     t2 = np.log(np.unique(levels, axis=1))  # the nine timings' b = 0 levels
     covariates = np.stack([h["axon_fraction"], h["myelin_fraction"]])
     inputs = {"signals": signals}
-    if every is not None:
+    if every:
         subset = thin_qspace(cord, every)[0]
         inputs[f"signals of {len(subset)} volumes"] = shell_features(
             cord, levels, keep=subset
