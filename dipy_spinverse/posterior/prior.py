@@ -1023,7 +1023,7 @@ def simulate_batch(simulator, task, device=None):
         simulator = copy.copy(simulator)
         simulator.device = torch.device(device)
     grid = simulator.prior.grid(box[0], box[1], section=box[2])
-    return simulator._simulate(grid, draws, range(len(draws)), substeps=substeps)
+    return simulator._simulate(grid, draws, range(len(draws)), box, substeps=substeps)
 
 
 def _described_fully(truth):
