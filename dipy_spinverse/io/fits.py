@@ -146,22 +146,19 @@ def save_fit(fit, path):
         path += ".npz"
     if isinstance(fit, PosteriorFit):
         arrays = {name: np.asarray(value) for name, value in fit.params.items()}
-        arrays["mask"] = fit.mask
         header = dict(
             format=_POSTERIOR_FORMAT,
             version=_POSTERIOR_VERSION,
             model=model_spec(fit.model),
         )
-        arrays["header"] = np.array(json.dumps(header))
-        with atomic_write(path) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        return path
-    arrays = {name: fit.params[name] for name in _ARRAYS if name != "mask"}
+    else:
+        arrays = {name: fit.params[name] for name in _ARRAYS if name != "mask"}
+        for name in _SAVED_IF_PRESENT:
+            if fit.params.get(name) is not None:
+                arrays[name] = fit.params[name]
+        header = fit_header(fit)
     arrays["mask"] = fit.mask
-    for name in _SAVED_IF_PRESENT:
-        if fit.params.get(name) is not None:
-            arrays[name] = fit.params[name]
-    arrays["header"] = np.array(json.dumps(fit_header(fit)))
+    arrays["header"] = np.array(json.dumps(header))
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     return path

@@ -227,6 +227,16 @@ def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
     return save_voxels(path, rows, fit.mask, affine, reference)
 
 
+#: The files of a posterior descriptor (but orientation): suffix -> the
+#: columns of the stored quantiles (0.05, 0.25, 0.5, 0.75, 0.95) it holds,
+#: and what they are.
+_SUMMARIES = {
+    "": (2, "median"),
+    "_ci50": ([1, 3], "50% interval"),
+    "_ci90": ([0, 4], "90% interval"),
+}
+
+
 def save_posterior(fit, folder, *, affine=None, reference=None):
     """Write a posterior fit's maps as NIfTI images, one per file, in ``folder``.
 
@@ -264,19 +274,12 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
             path, np.asarray(rows, np.float32), mask, description=what, **space
         )
 
-    # File suffix: the columns of the stored quantiles (0.05, 0.25, 0.5,
-    # 0.75, 0.95) it holds, and what they are.
-    summaries = {
-        "": (2, "median"),
-        "_ci50": ([1, 3], "50% interval"),
-        "_ci90": ([0, 4], "90% interval"),
-    }
     for name in DESCRIPTORS:
         unit = f" ({UNITS[name]})" if UNITS[name] else ""
         if name == "orientation":
             write(name, params[name], "posterior mean principal axis (unit vector)")
             continue
-        for suffix, (columns, what) in summaries.items():
+        for suffix, (columns, what) in _SUMMARIES.items():
             write(
                 name + suffix,
                 params[name][:, columns],
@@ -311,7 +314,7 @@ def remove_posterior_maps(folder):
     """
     names = ["posterior_status"]
     for name in DESCRIPTORS:
-        suffixes = ("",) if name == "orientation" else ("", "_ci50", "_ci90")
+        suffixes = ("",) if name == "orientation" else tuple(_SUMMARIES)
         names += [name + suffix for suffix in suffixes]
     removed = []
     for name in names:

@@ -77,9 +77,6 @@ def _protocol_spec(protocol):
 def _posterior_from_spec(spec, table):
     """The posterior model :func:`model_spec` described (its estimator is
     read, or trained, when first needed)."""
-    device = spec["device"]
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        device = "cpu"
     return SpinverseModel(
         table,
         fit_method=POSTERIOR,
@@ -88,8 +85,16 @@ def _posterior_from_spec(spec, table):
         prior=TissuePrior(**spec["prior"]),
         posterior_options=TrainingOptions(**spec["posterior_options"]),
         n_posterior_samples=spec["n_posterior_samples"],
-        device=device,
+        device=_saved_device(spec),
     )
+
+
+def _saved_device(spec):
+    """The saved model's device, or ``cpu`` when CUDA is absent here."""
+    device = spec["device"]
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return "cpu"
+    return device
 
 
 def model_from_spec(spec):
@@ -119,9 +124,7 @@ def model_from_spec(spec):
     if spec.get("kind") == POSTERIOR:
         return _posterior_from_spec(spec, table)
     grid = _grid_from_spec(spec["grid"])
-    device = spec["device"]
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        device = "cpu"
+    device = _saved_device(spec)
     options, preset = spec["options"], spec["preset"]
     if preset is None:  # a whole configuration was saved
         config = InversionConfig.from_options(**options)

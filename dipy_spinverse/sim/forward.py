@@ -360,7 +360,7 @@ def _half_echo_families(protocol, *, still=False):
         family[2].append(np.full(len(idx), tail))
         family[3].append(idx)
     out = []
-    rates = np.asarray(protocol.gradient_rate)
+    rates = torch.as_tensor(np.asarray(protocol.gradient_rate))
     for durations, amplitudes, tails, groups in families.values():
         # Waveforms that share no gradient but b = 0 share no pulse: each is
         # its own family, as cheap as it was alone (a family's b = 0 rate
@@ -380,11 +380,8 @@ def _share_a_gradient(rates, groups):
     rate (up to sign)."""
     seen = set()
     for idx in groups:
-        rows = rates[idx]
-        rows = rows[np.any(rows != 0, axis=1)]
-        first = np.argmax(rows != 0, axis=1)
-        rows = rows * np.sign(rows[np.arange(len(rows)), first])[:, None]
-        own = {row.tobytes() for row in rows}
+        unique, _ = _canonical_rates(rates[idx])
+        own = {tuple(row) for row in unique.tolist() if any(row)}
         if seen & own:
             return True
         seen |= own

@@ -467,8 +467,7 @@ class _PhaseZ:
 
     def start_gradients(self):
         like = self.zdiag if self.per_acquisition else self.zweights[..., 0]
-        self.grad_d = torch.zeros(like.shape, dtype=self.zweights.dtype)
-        self.grad_d = self.grad_d.to(self.zweights.device)
+        self.grad_d = torch.zeros_like(like)
         self.grad_w = torch.zeros_like(self.zweights)
 
     def accumulate(self, beta, t, weight):
