@@ -68,6 +68,7 @@ def simulate(
     substeps=None,
     time_tol=TIME_TOL,
     axes=None,
+    density=None,
 ):
     """Simulate normalised diffusion signals of a permeability field.
 
@@ -133,6 +134,14 @@ def simulate(
         direction for each batch element (broadcast against the
         permeability's batch shape), instead of ``grid.axis``: sections of
         one lattice at many orientations, simulated together.
+    density : float, array_like or Tensor, optional
+        Water density of each cell relative to free water, > 0: scalar or
+        (..., n_cells), may require grad (default 1 everywhere). Myelin
+        holds about half the water of the axons and the space between them.
+        A cell then holds ``density x volume`` of the initial magnetisation
+        (which is at rest: water crosses membranes down differences of
+        magnetisation per unit of water, :mod:`~dipy_spinverse.sim.
+        operators`), and the signal is normalised by the voxel's water.
     substeps : int, optional
         Periodic grids: multiplies the Magnus sub-steps of every gradient
         piece. The phase criterion alone does not see stiffness: on grids
@@ -188,8 +197,16 @@ def simulate(
         if torch.any(t2_us <= 0) or torch.any(torch.isnan(t2_us)):
             raise ValueError("t2 must be > 0 seconds (inf for no relaxation).")
         relaxation = 1.0 / t2_us
+    water = None
+    if density is not None:
+        water = _per_cell(grid, density, "density", n_batch, batch_shape, kappa)
+        if torch.any(~torch.isfinite(water)) or torch.any(water <= 0):
+            raise ValueError(
+                "density must be finite and > 0 (water per unit volume relative "
+                "to free water, e.g. 0.5 in myelin)."
+            )
     start = _initial(grid, initial, n_batch, batch_shape, kappa)
-    op = diffusion_operator(grid, kappa, diff, relaxation)
+    op = diffusion_operator(grid, kappa, diff, relaxation, density=water)
     planes = None
     if isinstance(grid, SectionGrid):
         planes = _section_planes(grid, axes, n_batch, batch_shape, kappa)
@@ -216,7 +233,7 @@ def simulate(
         raise ValueError(f"time_tol must be > 0 (e.g. 1e-4), got {time_tol!r}.")
 
     if method == "modes":
-        _check_modes(grid, kappa, diff, relaxation)
+        _check_modes(grid, kappa, diff, relaxation, water)
         signals = modal_signals(op, protocol, start, tol=tol or MODES_TOL)
         return signals.reshape(*batch_shape, len(protocol))
 
@@ -230,7 +247,7 @@ def simulate(
     stationary = stationary and grid.boundary != "absorbing"
 
     def signals(op, start, substeps, rows=slice(None)):
-        u0 = op.sqrt_volumes * start  # (B, N): u = sqrt(V) M
+        u0 = op.sqrt_volumes * start  # (B, N): u = sqrt(rho V) m
         out = _signals(
             op,
             protocol,
@@ -266,6 +283,7 @@ def simulate(
                     kappa[pilot],
                     diff[pilot],
                     None if relaxation is None else relaxation[pilot],
+                    density=None if water is None else water[pilot],
                 )
                 if axes is not None:
                     pilot_op = _oriented(pilot_op, grid, planes[pilot])
@@ -285,7 +303,9 @@ def simulate(
                 _MEASURED.clear()
             _MEASURED[key] = (grid, protocol, substeps)
             graph = torch.is_grad_enabled() and any(
-                t.requires_grad for t in (kappa, diff, relaxation) if t is not None
+                t.requires_grad
+                for t in (kappa, diff, relaxation, water)
+                if t is not None
             )
             if n_batch <= _PILOT and not graph:  # the pilot was the batch
                 return finish(coarse).reshape(shape)
@@ -541,7 +561,7 @@ def _family_signal(
     first = u0.to(ctype)[..., None]
     if partial:
         first = torch.cat(
-            [op.sqrt_volumes.to(ctype)[None, :, None].expand_as(first), first], -1
+            [op.sqrt_volumes.to(ctype)[..., None].expand_as(first), first], -1
         )
     if len(amplitudes) > 1 and amplitudes[0] == 0.0:
         # Relaxation before the first gradient (a spin echo longer than its
@@ -657,7 +677,7 @@ def _group_signal(
 
 
 def _full_echo(op, u, rate, waveform, frame):
-    weights = op.sqrt_volumes.to(u.dtype)[None, :, None]
+    weights = op.sqrt_volumes.to(u.dtype)[..., None]
     if frame == "phase":
         # Back to the laboratory frame: M = m exp(-i k(TE) . x).
         k_te = rate * float(waveform.F_at(np.array([waveform.echo_time_us]))[0])

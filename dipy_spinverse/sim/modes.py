@@ -117,7 +117,7 @@ def modal_signals(op, protocol, start, *, tol, modes=MODES_START):
     n_batch, n_cells = start.shape
     out = np.empty((n_batch, len(protocol)))
     for b in range(n_batch):
-        u0 = (op.sqrt_volumes * start[b]).detach().cpu().double().numpy()
+        u0 = (_read_out(op, b) * start[b]).detach().cpu().double().numpy()
         out[b] = _converged(op, b, protocol, u0, tol, min(modes, n_cells))
     return torch.as_tensor(out, dtype=op.diag.dtype, device=op.diag.device)
 
@@ -126,7 +126,7 @@ def _converged(op, index, protocol, u0, tol, n_modes):
     """Signals of batch element ``index`` with modes doubled until stable."""
     n_cells = len(u0)
     positions = op.positions.detach().cpu().double().numpy()
-    weights = op.sqrt_volumes.detach().cpu().double().numpy()
+    weights = _read_out(op, index).detach().cpu().double().numpy()
     norm = float(u0 @ weights)
     previous = None
     while True:
@@ -202,3 +202,9 @@ def _signals(values, projected, norm, protocol, n_modes):
         read_out = torch.as_tensor(read, dtype=torch.complex128)
         out[idx] = (c @ read_out).abs().numpy() / norm
     return out
+
+
+def _read_out(op, index):
+    """Batch element ``index``'s read-out weights ``sqrt(rho V)`` (N,)."""
+    weights = op.sqrt_volumes
+    return weights[index] if weights.ndim == 2 else weights

@@ -11,6 +11,18 @@ the circumcentre segment is normal to the face, so this is consistent; for the
 membrane condition ``D dM/dn = kappa [M]`` it is exact in 1-D. An absorbing
 outer face adds the sink ``A / (d / D + 1 / kappa_wall)`` to its cell.
 
+Water density. Compartments may hold different amounts of water per unit
+volume (myelin holds about half of what the axon and the space between
+axons hold): a density ``rho`` per cell, relative to free water. The unknown
+is then the magnetisation per unit of water, ``m = M / rho``, which is
+uniform at rest: water crosses a membrane down differences of ``m``, not of
+``M`` (detailed balance: at equilibrium the one-way fluxes ``kappa_12
+rho_1`` and ``kappa_21 rho_2`` are equal). A cell's "volume" becomes its
+water, ``rho V``, its conductance ``rho D``, and a membrane's ``kappa`` is
+the one-way permeability of the water-richer side: the flux is ``kappa
+max(rho_a, rho_b) (m_a - m_b)`` (for equal densities the usual ``kappa [M]``).
+With ``rho = 1`` everywhere every formula above is unchanged.
+
 The operators are kept *symmetrised*: with ``u = sqrt(V) M`` the diffusion
 operator ``V^-1/2 L V^-1/2`` is real symmetric positive semi-definite, so
 ``exp(-t A)`` is complex symmetric in the laboratory frame and Hermitian in
@@ -29,7 +41,7 @@ import torch
 __all__ = ["face_conductance", "DiffusionOperator", "diffusion_operator"]
 
 
-def face_conductance(grid, permeability, diffusivity):
+def face_conductance(grid, permeability, diffusivity, density=None):
     """Conductance ``w_f`` (um^3/us) of every interior face.
 
     Parameters
@@ -39,6 +51,9 @@ def face_conductance(grid, permeability, diffusivity):
         Membrane permeability in m/s; ``inf`` is no membrane, 0 impermeable.
     diffusivity : Tensor (B, n_cells)
         Diffusivity of each cell in mm^2/s.
+    density : Tensor (B, n_cells), optional
+        Water density of each cell relative to free water (default 1; see
+        the module documentation).
 
     Returns
     -------
@@ -48,14 +63,19 @@ def face_conductance(grid, permeability, diffusivity):
     area = _const(grid.face_areas, like)
     dist = _const(grid.face_distances, like)
     cells = torch.tensor(grid.face_cells, device=like.device)
-    resistance = dist[:, 0] / diffusivity[:, cells[:, 0]] + (
-        dist[:, 1] / diffusivity[:, cells[:, 1]]
-    )
     # Written as A kappa / (kappa R + 1) so that kappa = 0 is exact with a
     # finite derivative; kappa = inf takes the membrane-free branch. The
     # placeholder keeps the unused branch finite so no NaN leaks into grads.
     open_face = torch.isinf(permeability)
     kappa = torch.where(open_face, torch.zeros_like(permeability), permeability)
+    if density is not None:
+        # Water moves down differences of m = M / rho: a cell conducts rho D,
+        # a membrane passes kappa times its water-richer side's density.
+        diffusivity = diffusivity * density
+        kappa = kappa * torch.maximum(density[:, cells[:, 0]], density[:, cells[:, 1]])
+    resistance = dist[:, 0] / diffusivity[:, cells[:, 0]] + (
+        dist[:, 1] / diffusivity[:, cells[:, 1]]
+    )
     with_membrane = area * kappa / (kappa * resistance + 1.0)
     return torch.where(open_face, area / resistance, with_membrane)
 
@@ -77,7 +97,10 @@ class DiffusionOperator:
         Circumcentre-to-circumcentre vector across each slot (um).
     positions : Tensor (N, 3)
         Circumcentres relative to the mean circumcentre (laboratory frame).
-    sqrt_volumes : Tensor (N,)
+    sqrt_volumes : Tensor (N,) or (B, N)
+        ``sqrt(V)``, or ``sqrt(rho V)`` per batch element with a water
+        density per cell: ``u = sqrt_volumes m``, and the signal of ``u`` is
+        ``sum(sqrt_volumes * u)``.
     """
 
     diag: torch.Tensor
@@ -99,7 +122,9 @@ class DiffusionOperator:
         return lo.detach(), hi.detach()
 
 
-def diffusion_operator(grid, permeability, diffusivity, relaxation=None):
+def diffusion_operator(
+    grid, permeability, diffusivity, relaxation=None, *, density=None
+):
     """Assemble the :class:`DiffusionOperator` of a permeability field.
 
     Parameters
@@ -111,23 +136,29 @@ def diffusion_operator(grid, permeability, diffusivity, relaxation=None):
         mm^2/s.
     relaxation : Tensor (B, n_cells), optional
         Relaxation rate 1/T2 per cell in 1/us.
+    density : Tensor (B, n_cells), optional
+        Water density per cell relative to free water, > 0 (default 1):
+        a cell's water is ``density V`` (module documentation).
 
     Returns
     -------
     DiffusionOperator
     """
     like = permeability
-    w = face_conductance(grid, permeability, diffusivity)
+    w = face_conductance(grid, permeability, diffusivity, density)
     volumes = _const(grid.cell_volumes, like)
+    if density is not None:
+        volumes = volumes * density  # a cell's water: the mass of its m
     slot_face = torch.tensor(grid.cell_faces, device=like.device)
     pad = slot_face < 0
     w_slot = w[:, slot_face.clamp(min=0)].masked_fill(pad, 0.0)
     neighbours = torch.tensor(grid.cell_neighbours, device=like.device)
     sqrt_v = volumes.sqrt()
-    weights = w_slot / (sqrt_v[:, None] * sqrt_v[neighbours])
+    weights = w_slot / (sqrt_v[..., None] * sqrt_v[..., neighbours])
     diag = w_slot.sum(-1) / volumes
     if grid.boundary == "absorbing":
-        diag = diag + _wall_sink(grid, diffusivity) / volumes
+        sink = _wall_sink(grid, diffusivity)
+        diag = diag + (sink if density is None else sink * density) / volumes
     if relaxation is not None:
         diag = diag + relaxation
     return DiffusionOperator(
