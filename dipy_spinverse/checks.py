@@ -2,11 +2,11 @@
 
 Each raises a ``ValueError`` that names the argument, what it must be and the
 value it got, so a bad option is reported where it is given, not as a failed
-fit later. A check that a command also calls takes ``names``, the caller's
-name of each option (``{"max_iter": "--max_iter"}``), and words its messages
-with :func:`option_name`, :func:`option_setting` and :func:`can_set`.
+fit later. Messages name options as Python keywords; a check of options
+raises an :class:`OptionError`, which a command rewords in its flags.
 """
 
+import contextlib
 import math
 import numbers
 from collections.abc import Mapping
@@ -29,9 +29,8 @@ __all__ = [
     "check_s0",
     "check_options",
     "check_same_space",
-    "option_name",
-    "option_setting",
-    "can_set",
+    "OptionError",
+    "about",
     "DTYPES",
     "DIFFUSIVITY_RANGE",
 ]
@@ -46,66 +45,67 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DIFFUSIVITY_RANGE = (1e-5, 1e-1)
 
 
-def option_name(option, names=None):
-    """How the caller calls ``option``.
+class OptionError(ValueError):
+    """A ``ValueError`` about options, its message naming them as keywords.
+
+    A caller that names the options otherwise (a command, by its flags)
+    rewords it from ``message``, ``options`` and ``fixes``; ``str(err)``
+    is the message with every fix.
 
     Parameters
     ----------
-    option : str
-        The option's Python keyword, e.g. ``"max_iter"``.
-    names : mapping, optional
-        The caller's name of each option it sets, e.g. a command's
-        ``{"max_iter": "--max_iter", "sigma": "--sigma/--snr"}``.
-
-    Returns
-    -------
-    str
-        ``names[option]``, else the keyword itself.
+    message : str
+        The cause, each option named as its keyword and a setting written
+        ``keyword=value`` (``max_iter=0``, ``preset='default'``).
+    options : iterable of str
+        The options the message may name, as it names them.
+    fixes : iterable of (str, object), optional
+        Settings that would each fix it, offered after the message
+        (``; e.g. preset='default' or noise='rician'``); their options are
+        added to ``options``.
     """
-    return names.get(option, option) if names else option
+
+    def __init__(self, message, *, options, fixes=()):
+        self.message = message.rstrip(".")
+        self.fixes = tuple(fixes)
+        self.options = tuple(dict.fromkeys([*options, *dict(self.fixes)]))
+        super().__init__(self.wording())
+
+    def wording(self, settable=None):
+        """The message with the fixes whose option is in ``settable``.
+
+        Parameters
+        ----------
+        settable : collection of str, optional
+            The options the caller can set (default all).
+
+        Returns
+        -------
+        str
+        """
+        fixes = [
+            f"{option}={value!r}"
+            for option, value in self.fixes
+            if settable is None or option in settable
+        ]
+        return self.message + (f"; e.g. {' or '.join(fixes)}" if fixes else "") + "."
 
 
-def option_setting(option, value, names=None):
-    """``option`` set to ``value``, as the caller writes it.
+@contextlib.contextmanager
+def about(*options):
+    """Raise a ``ValueError`` of the block as an :class:`OptionError`.
 
     Parameters
     ----------
-    option : str
-        The option's Python keyword.
-    value : object
-        Its value.
-    names : mapping, optional
-        As in :func:`option_name`. A name that starts with ``-`` is a
-        command-line flag.
-
-    Returns
-    -------
-    str
-        ``preset='default'`` for a keyword; ``--preset default`` for a flag,
-        and the flag alone for a switch set to True (``--refine_mesh``).
+    *options : str
+        The options its message may name (an ``OptionError`` passes as is).
     """
-    name = option_name(option, names)
-    if not name.startswith("-"):
-        return f"{name}={value!r}"
-    return name if value is True else f"{name} {value}"
-
-
-def can_set(option, names=None):
-    """Whether a message may suggest ``option`` to the caller.
-
-    Parameters
-    ----------
-    option : str
-        The option's Python keyword.
-    names : mapping, optional
-        As in :func:`option_name`: a caller that gives names sets only the
-        options it names (a command has no flag for the others).
-
-    Returns
-    -------
-    bool
-    """
-    return not names or option in names
+    try:
+        yield
+    except OptionError:
+        raise
+    except ValueError as err:
+        raise OptionError(str(err), options=options) from err
 
 
 def check_int(value, name, minimum, *, hint=""):

@@ -17,14 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checks import (
-    can_set,
-    check_choice,
-    check_int,
-    check_number,
-    option_name,
-    option_setting,
-)
+from ..checks import OptionError, about, check_choice, check_int, check_number
 
 __all__ = [
     "Stage",
@@ -44,7 +37,7 @@ __all__ = [
 MIN_PROPOSAL_SUBSTRATES = 10
 
 
-def check_proposal(value, *, names=None):
+def check_proposal(value):
     """The learned proposal's training substrates (``search_proposal``): 0
     (off) or at least ``MIN_PROPOSAL_SUBSTRATES``.
 
@@ -52,22 +45,25 @@ def check_proposal(value, *, names=None):
     ----------
     value : int
         The number of random substrates the proposal is trained on.
-    names : mapping, optional
-        How the caller calls the option, for the message (a command:
-        ``{"search_proposal": "--search_proposal"}``).
 
     Returns
     -------
     int
+
+    Raises
+    ------
+    OptionError
+        Not 0 or at least ``MIN_PROPOSAL_SUBSTRATES``.
     """
-    name = option_name("search_proposal", names)
-    proposal = check_int(value, name, 0)
+    with about("search_proposal"):
+        proposal = check_int(value, "search_proposal", 0)
     if 0 < proposal < MIN_PROPOSAL_SUBSTRATES:
-        example = option_setting("search_proposal", 4000, names)
-        raise ValueError(
-            f"{name} is the number of training substrates of the learned "
+        raise OptionError(
+            "search_proposal is the number of training substrates of the learned "
             f"proposal: 0 (off) or at least {MIN_PROPOSAL_SUBSTRATES}, got "
-            f"{proposal}; e.g. {example}."
+            f"{proposal}",
+            options=["search_proposal"],
+            fixes=[("search_proposal", 4000)],
         )
     return proposal
 
@@ -475,7 +471,7 @@ class InversionConfig:
 
         Raises
         ------
-        ValueError
+        OptionError
             An unknown option, or a value out of range.
         """
         _check_names(options)
@@ -483,13 +479,14 @@ class InversionConfig:
         for name, value in options.items():
             part, field_name = OPTIONS[name]
             changes.setdefault(part, {})[field_name] = value
-        return dataclasses.replace(
-            self,
-            **{
-                part: dataclasses.replace(getattr(self, part), **fields)
-                for part, fields in changes.items()
-            },
-        )
+        with about(*options):
+            return dataclasses.replace(
+                self,
+                **{
+                    part: dataclasses.replace(getattr(self, part), **fields)
+                    for part, fields in changes.items()
+                },
+            )
 
     @property
     def searches_labels(self):
@@ -571,54 +568,43 @@ def _check_names(options):
     unknown = sorted(set(options) - set(OPTIONS))
     if not unknown:
         return
-    raise ValueError(
-        f"Unknown option(s) {unknown}; valid options are {sorted(OPTIONS)}."
+    raise OptionError(
+        f"Unknown option(s) {unknown}; valid options are {sorted(OPTIONS)}",
+        options=unknown,
     )
 
 
-def _ignored_options(config, names=None):
-    """Options that have no effect in ``config``, with the reason (options
-    named as the caller calls them, :func:`~dipy_spinverse.checks.option_name`)."""
+def _ignored_options(config):
+    """Options that have no effect in ``config``: ``{option: (reason,
+    fixes)}``, the fixes as :class:`~dipy_spinverse.checks.OptionError`'s."""
     face, loss, search = config.face, config.loss, config.search
-
-    def setting(option, value):
-        return option_setting(option, value, names)
-
-    search_off = f"the label search is off ({setting('search_steps', 0)})"
+    search_off = "the label search is off (search_steps=0)"
     ignored = {}
     if search.steps == 0:
         for name, (part, _) in OPTIONS.items():
             if part == "search" and name != "search_steps":
-                ignored[name] = search_off
+                ignored[name] = (search_off, ())
     if loss.noise != "rician" and search.steps == 0:
-        fixes = [
-            setting(option, value)
-            for option, value in (("preset", "default"), ("noise", "rician"))
-            if can_set(option, names)
-        ]
         ignored["sigma"] = (
-            f"the loss is Gaussian ({setting('noise', 'gaussian')}) and {search_off}"
-            + (f"; use {' or '.join(fixes)}" if fixes else "")
+            f"the loss is Gaussian (noise='gaussian') and {search_off}",
+            (("preset", "default"), ("noise", "rician")),
         )
     if loss.sigma == 0:
-        sigma = option_name("sigma", names)
         ignored.setdefault(
             "search_min_gain",
-            f"it is in units of the noise, and {sigma} is not given; give {sigma}",
+            ("it is in units of the noise, and sigma is not given; give sigma", ()),
         )
     if face.parametrisation != "face":
-        cell = setting("parametrisation", "cell")
-        ignored["init_log_kappa"] = f"{cell} starts from occupancy 0.5"
+        cell = "parametrisation='cell'"
+        ignored["init_log_kappa"] = (f"{cell} starts from occupancy 0.5", ())
         for name in ("search_dictionary", "search_proposal"):
-            ignored.setdefault(name, f"{cell} starts the label search from its labels")
+            reason = f"{cell} starts the label search from its labels"
+            ignored.setdefault(name, (reason, ()))
     if face.continuity == 0:
-        ignored["continuity_delta"] = (
-            f"the continuity prior is off ({setting('continuity', 0)})"
-        )
+        reason = "the continuity prior is off (continuity=0)"
+        ignored["continuity_delta"] = (reason, ())
     if face.manifold == 0:
-        ignored["manifold_ramp"] = (
-            f"the manifold prior is off ({setting('manifold', 0)})"
-        )
+        ignored["manifold_ramp"] = ("the manifold prior is off (manifold=0)", ())
     return ignored
 
 
@@ -656,7 +642,7 @@ PRESETS["default"] = PRESETS["paper"].replace(
 )
 
 
-def resolve_config(preset="default", *, max_iter=None, names=None, **options):
+def resolve_config(preset="default", *, max_iter=None, **options):
     """The configuration of ``preset`` with ``options`` applied.
 
     Parameters
@@ -670,10 +656,6 @@ def resolve_config(preset="default", *, max_iter=None, names=None, **options):
         stages make its curriculum one stage over all acquisitions (as a
         protocol of one diffusion time does); stages given in ``options``
         need at least one iteration each.
-    names : mapping, optional
-        How the caller calls the options, for the messages (a command's
-        flags, e.g. ``{"preset": "--preset"}``); default the keywords
-        (:func:`~dipy_spinverse.checks.option_name`).
     **options
         Options by name (:data:`OPTIONS`: the fields of the parts of
         :class:`InversionConfig`, the label search's with a ``search_``
@@ -685,36 +667,40 @@ def resolve_config(preset="default", *, max_iter=None, names=None, **options):
 
     Raises
     ------
-    ValueError
+    OptionError
         An unknown preset or option, a value out of range, or an option that
         the resulting configuration does not use (e.g. ``sigma`` with
-        ``preset="paper"``), which would otherwise be silently ignored.
+        ``preset="paper"``), which would otherwise be silently ignored. The
+        message names the options as keywords
+        (:class:`~dipy_spinverse.checks.OptionError`).
     """
     if isinstance(preset, InversionConfig):
         base = preset
-    else:
-        if not isinstance(preset, str) or preset not in PRESETS:
-            what = "" if "preset" in (names or {}) else " or an InversionConfig"
-            raise ValueError(
-                f"Invalid {option_name('preset', names)} {preset!r}. Must be one "
-                f"of {tuple(PRESETS)}{what}."
-            )
+    elif isinstance(preset, str) and preset in PRESETS:
         base = PRESETS[preset]
+    else:
+        raise OptionError(
+            f"Invalid preset {preset!r}. Must be one of {tuple(PRESETS)} or an "
+            "InversionConfig",
+            options=["preset"],
+        )
     _check_names(options)
     if "stages" in options:  # stages given are used as given
         options = {"adapt_stages": False, **options}
     if max_iter is not None:
-        max_iter = check_int(max_iter, option_name("max_iter", names), 1)
-        options = _scale_iterations(base, options, max_iter)
+        with about("max_iter"):
+            max_iter = check_int(max_iter, "max_iter", 1)
+            options = _scale_iterations(base, options, max_iter)
     config = base.replace(**options)
-    ignored = _ignored_options(config, names)
+    ignored = _ignored_options(config)
     useless = sorted(set(options) & set(ignored))
     if useless:
-        reasons = "; ".join(f"{option_name(k, names)}: {ignored[k]}" for k in useless)
-        named = [option_name(k, names) for k in useless]
-        raise ValueError(
-            f"option(s) {named} have no effect in this configuration ({reasons}). "
-            "Remove them, or change the options they depend on."
+        reasons = "; ".join(f"{k}: {ignored[k][0]}" for k in useless)
+        raise OptionError(
+            f"option(s) {useless} have no effect in this configuration ({reasons}). "
+            "Remove them, or change the options they depend on",
+            options=["preset", *OPTIONS],
+            fixes=[fix for k in useless for fix in ignored[k][1]],
         )
     return config
 

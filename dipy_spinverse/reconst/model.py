@@ -17,10 +17,9 @@ asked for; each takes only its own keywords:
 
 import inspect
 
-from ..checks import check_choice, option_name, option_setting
-from ..inverse.config import OPTIONS
+from ..checks import OptionError, about, check_choice
 from .posterior_model import SpinversePosteriorModel
-from .search_model import SpinverseSearchModel
+from .search_model import SpinverseSearchModel, misplaced_options
 
 __all__ = ["FIT_METHODS", "SpinverseModel", "check_fit_method"]
 
@@ -75,11 +74,10 @@ def SpinverseModel(gtab, *, fit_method="search", **kwargs):
     return check_fit_method(fit_method, kwargs)(gtab, **kwargs)
 
 
-def check_fit_method(fit_method, keywords=(), *, names=None):
+def check_fit_method(fit_method, keywords=()):
     """The model class of ``fit_method``, which must take ``keywords``.
 
-    :func:`SpinverseModel` calls it; a command can call it before reading
-    any data, with its own names for the options.
+    :func:`SpinverseModel` calls it before building the model.
 
     Parameters
     ----------
@@ -87,10 +85,6 @@ def check_fit_method(fit_method, keywords=(), *, names=None):
         A key of :data:`FIT_METHODS`.
     keywords : iterable of str
         The keywords the model is to be built with.
-    names : mapping, optional
-        How the caller calls the options, used in the messages: e.g. a
-        command's ``{"fit_method": "--fit_method", "max_iter": "--max_iter"}``
-        (:func:`~dipy_spinverse.checks.option_name`; default the keywords).
 
     Returns
     -------
@@ -100,62 +94,26 @@ def check_fit_method(fit_method, keywords=(), *, names=None):
 
     Raises
     ------
-    ValueError
-        An unknown ``fit_method``, or keywords its model does not take
-        (named, with the method that takes them).
+    OptionError
+        An unknown ``fit_method``, or keywords its model does not take, each
+        named with where it belongs: the other method, the label search's
+        configuration (``preset=resolve_config(...)``) or its grid
+        (``grid=dict(...)``).
     """
-    fit_method = check_choice(
-        fit_method, option_name("fit_method", names), tuple(FIT_METHODS)
-    )
-    model = FIT_METHODS[fit_method]
-    foreign = sorted(set(keywords) - set(_keywords(model)))
+    with about("fit_method"):
+        model = FIT_METHODS[check_choice(fit_method, "fit_method", FIT_METHODS)]
+    takes = _keywords(model)
+    foreign = sorted(set(keywords) - set(takes))
     if not foreign:
         return model
-    named = [option_name(k, names) for k in foreign]
-    (other,) = (name for name, kind in FIT_METHODS.items() if kind is not model)
-    if names is None:
-        _refuse_python_keywords(model, fit_method, other, foreign)
-    # A command's flags are not the class's keywords: those only for Python.
-    raise ValueError(
-        f"option(s) {named} are not options of "
-        f"{option_setting('fit_method', fit_method, names)}; leave them out, or "
-        f"use {option_setting('fit_method', other, names)} if they are its."
-    )
-
-
-#: The default BCC grid's keywords of earlier versions, now keys of ``grid``.
-_GRID_KEYWORDS = {
-    "grid_size": "size",
-    "grid_resolution": "resolution",
-    "boundary": "boundary",
-    "wall_permeability": "wall_permeability",
-}
-
-
-def _refuse_python_keywords(model, fit_method, other, foreign):
-    """Refuse keywords ``model`` does not take, saying where each belongs
-    (``other``: the other fit method)."""
-    takes = f"{model.__name__} takes {', '.join(_keywords(model))}"
-    hints = []
-    inversion = [k for k in foreign if k in OPTIONS]
-    if inversion:
-        example = ", ".join(f"{k}=..." for k in inversion)
-        where = "" if model is SpinverseSearchModel else "fit_method='search' with "
-        hints.append(
-            f"{inversion} are settings of the label search's configuration: pass "
-            f"{where}preset=resolve_config('default', {example}) "
-            "(dipy_spinverse.inverse.resolve_config)"
-        )
-    grid = [k for k in foreign if k in _GRID_KEYWORDS]
-    if grid and model is SpinverseSearchModel:
-        example = ", ".join(f"{_GRID_KEYWORDS[k]}=..." for k in grid)
-        hints.append(f"{grid} are settings of the grid: pass grid=dict({example})")
-    rest = [k for k in foreign if k not in inversion and not (grid and k in grid)]
+    hints, rest = misplaced_options(foreign, searching=fit_method == "search")
     if rest:
+        (other,) = set(FIT_METHODS) - {fit_method}
         hints.append(f"leave {rest} out, or use fit_method={other!r} if they are its")
-    raise ValueError(
+    raise OptionError(
         f"option(s) {foreign} are not options of fit_method={fit_method!r} "
-        f"({takes}); " + "; ".join(hints) + "."
+        f"({model.__name__} takes {', '.join(takes)}); {'; '.join(hints)}",
+        options=["fit_method", *foreign],
     )
 
 

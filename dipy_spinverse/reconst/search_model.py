@@ -20,7 +20,8 @@ from dipy.reconst.base import ReconstModel
 from dipy.reconst.multi_voxel import multi_voxel_fit
 
 from ..checks import (
-    can_set,
+    OptionError,
+    about,
     check_choice,
     check_device,
     check_diffusivity,
@@ -28,10 +29,9 @@ from ..checks import (
     check_int,
     check_positive,
     check_s0,
-    option_name,
-    option_setting,
 )
 from ..inverse import grid_error, prepare, resolve_config
+from ..inverse.config import OPTIONS
 from ..inverse.prediction import predict_signal
 from ..meshfit.refine import check_refine_options, refine_topology
 from ..posterior import default_training, load_or_train
@@ -47,7 +47,14 @@ from .plausibility import protocol_problems
 from .posterior_model import N_POSTERIOR_SAMPLES, check_prior
 from .resume import check_mask, is_mask_rows, volume_shape
 
-__all__ = ["SpinverseSearchModel", "DEFAULT_GRID", "check_search_options", "make_grid"]
+__all__ = [
+    "SpinverseSearchModel",
+    "DEFAULT_GRID",
+    "GRID_SETTINGS",
+    "check_search_options",
+    "make_grid",
+    "misplaced_options",
+]
 
 #: The relative noise a model's configuration holds from ``sigma`` until a
 #: fit puts the data's own there (:meth:`SpinverseSearchModel.for_data`):
@@ -63,23 +70,17 @@ def check_search_options(
     refine_mesh=False,
     prior=None,
     posterior_options=None,
-    names=None,
 ):
     """Check the options of :class:`SpinverseSearchModel` that need neither
     data nor a gradient table.
 
     The model calls it first; a command can call it before reading any
-    data, with its own names for the options (``dipy_fit_spinverse`` does).
+    data (``dipy_fit_spinverse`` does, and rewords its messages in flags).
 
     Parameters
     ----------
     preset, max_iter, sigma, refine_mesh, prior, posterior_options
         As in :class:`SpinverseSearchModel`.
-    names : mapping, optional
-        How the caller calls the options, used in the messages: e.g. a
-        command's ``{"preset": "--preset", "max_iter": "--max_iter"}``
-        (:func:`~dipy_spinverse.checks.option_name`; default the keywords).
-        A message suggests only the options named here.
 
     Returns
     -------
@@ -88,7 +89,7 @@ def check_search_options(
 
     Raises
     ------
-    ValueError
+    OptionError
         An option out of range, or one that the fit would ignore:
         ``sigma`` with a configuration without a noise model,
         ``posterior_options`` without a prior, a surface check without a
@@ -96,38 +97,34 @@ def check_search_options(
         check's need of ``sigma`` is checked by the model, which has the
         configuration's own.)
     """
-    sigma = check_sigma(sigma, name=option_name("sigma", names))
+    with about("sigma"):
+        sigma = check_sigma(sigma)
     noise = {"sigma": KNOWN_NOISE} if sigma > 0 else {}
-    config = resolve_config(preset, max_iter=max_iter, names=names, **noise)
-
-    def name(option):
-        return option_name(option, names)
-
-    # How to turn the label search on (search_steps is no command's flag).
-    search_on = f"(search_steps > 0, e.g. {option_setting('preset', 'default', names)})"
+    config = resolve_config(preset, max_iter=max_iter, **noise)
     if refine_mesh and not config.returns_labels:
-        cell = (
-            f" or use {option_setting('parametrisation', 'cell', names)}"
-            if can_set("parametrisation", names)
-            else ""
-        )
-        raise ValueError(
-            f"{option_setting('refine_mesh', True, names)} starts each mesh from "
-            f"a labelled cell: turn the label search on {search_on}{cell}."
+        raise OptionError(
+            "refine_mesh=True starts each mesh from a labelled cell, which the "
+            "label search (search_steps > 0) or the cell parametrisation gives",
+            options=["refine_mesh"],
+            fixes=[("preset", "default"), ("parametrisation", "cell")],
         )
     if posterior_options is not None and prior is None:
-        raise ValueError(
-            f"{name('posterior_options')} set how the surface check's posterior "
-            f"is trained; pass a prior with them ({name('prior')}, the surface "
-            f"check), or pass {option_setting('fit_method', 'posterior', names)} "
-            "if they are the posterior's own, or leave them out."
+        raise OptionError(
+            "posterior_options set how the surface check's posterior is trained; "
+            "pass a prior with them (prior, the surface check), or pass "
+            "fit_method='posterior' if they are the posterior's own, or leave "
+            "them out",
+            options=["posterior_options", "prior", "fit_method"],
         )
     if prior is None:
         return config
     if not config.searches_labels:
-        raise ValueError(
-            f"{name('prior')} turns on the surface check of the label search's "
-            f"answers; turn the search on {search_on} or leave out {name('prior')}."
+        raise OptionError(
+            "prior turns on the surface check of the label search's answers, and "
+            "the search is off (search_steps=0): leave out prior, or turn the "
+            "search on",
+            options=["prior"],
+            fixes=[("preset", "default")],
         )
     check_prior(prior, posterior_options)
     return config
@@ -787,13 +784,50 @@ class SpinverseSearchModel(ReconstModel):
 
 
 #: The name of each grid setting in the messages' ``names``
-#: (:func:`~dipy_spinverse.checks.option_name`): a command's flags.
-_GRID_OPTIONS = dict(
-    size="grid_size",
-    resolution="grid_resolution",
-    boundary="boundary",
-    wall_permeability="wall_permeability",
-)
+#: How messages name each of the grid's settings (the options of
+#: :func:`make_grid`'s :class:`~dipy_spinverse.checks.OptionError`).
+GRID_SETTINGS = {key: f"grid {key}" for key in DEFAULT_GRID}
+
+#: The grid's keywords of earlier versions, now keys of ``grid``.
+_GRID_KEYWORDS = {f"grid_{key}": key for key in ("size", "resolution")} | {
+    key: key for key in ("boundary", "wall_permeability")
+}
+
+
+def misplaced_options(keywords, *, searching):
+    """Where keywords that no model takes belong, if the search's: its
+    configuration or its grid.
+
+    Parameters
+    ----------
+    keywords : list of str
+        Keywords the chosen model does not take.
+    searching : bool
+        Whether the chosen model is :class:`SpinverseSearchModel`.
+
+    Returns
+    -------
+    hints : list of str
+        What to pass instead, one sentence for each group.
+    rest : list of str
+        The keywords that are neither.
+    """
+    hints = []
+    inversion = [k for k in keywords if k in OPTIONS]
+    if inversion:
+        example = ", ".join(f"{k}=..." for k in inversion)
+        where = "" if searching else "fit_method='search' with "
+        hints.append(
+            f"{inversion} are settings of the label search's configuration: pass "
+            f"{where}preset=resolve_config('default', {example}) "
+            "(dipy_spinverse.inverse.resolve_config)"
+        )
+    grid = [k for k in keywords if searching and k in _GRID_KEYWORDS]
+    if grid:
+        example = ", ".join(f"{_GRID_KEYWORDS[k]}=..." for k in grid)
+        hints.append(f"{grid} are settings of the grid: pass grid=dict({example})")
+    rest = [k for k in keywords if k not in inversion and k not in grid]
+    return hints, rest
 
 
 def _without_noise(model):
@@ -802,7 +836,7 @@ def _without_noise(model):
     return model.config.replace(sigma=0.0) if model.sigma > 0 else model.config
 
 
-def make_grid(grid=None, *, names=None):
+def make_grid(grid=None):
     """The grid of :class:`SpinverseSearchModel`'s ``grid``.
 
     Parameters
@@ -810,10 +844,6 @@ def make_grid(grid=None, *, names=None):
     grid : TetGrid, dict or None
         A grid, or the BCC grid's settings by name (keys of
         :data:`DEFAULT_GRID`; those left out take its values).
-    names : mapping, optional
-        How the caller calls the settings in the messages (a command's
-        ``{"grid_size": "--grid_size", "grid_resolution": ..., "boundary":
-        ...}``); default ``grid size``, ...
 
     Returns
     -------
@@ -821,9 +851,10 @@ def make_grid(grid=None, *, names=None):
 
     Raises
     ------
-    ValueError
+    OptionError
         Not a grid or a dict, unknown keys, values out of range, or a
-        ``wall_permeability`` without ``boundary="absorbing"``.
+        ``wall_permeability`` without ``boundary="absorbing"``; the messages
+        name each setting as :data:`GRID_SETTINGS` does.
     """
     if isinstance(grid, TetGrid):
         return grid
@@ -840,32 +871,25 @@ def make_grid(grid=None, *, names=None):
             f"grid: unknown setting(s) {unknown}; the BCC grid's settings are "
             f"{list(DEFAULT_GRID)} (or pass a TetGrid)."
         )
-
-    def name(key):
-        return names.get(_GRID_OPTIONS[key], key) if names else f"grid {key}"
-
-    boundary = check_choice(
-        grid.get("boundary", DEFAULT_GRID["boundary"]), name("boundary"), BOUNDARIES
-    )
-    size = check_positive(
-        grid.get("size", DEFAULT_GRID["size"]), name("size"), "um", 26.7
-    )
-    # A BCC grid needs two cubes per side (TetGrid.bcc).
-    resolution = check_int(
-        grid.get("resolution", DEFAULT_GRID["resolution"]), name("resolution"), 2
-    )
-    wall_permeability = grid.get("wall_permeability")
-    if wall_permeability is None:
-        wall_permeability = DEFAULT_GRID["wall_permeability"]
-    elif boundary != "absorbing":
-        raise ValueError(
-            f"{name('wall_permeability')} applies to boundary='absorbing' only, "
-            f"and the boundary is {boundary!r}; remove it or set "
-            "boundary='absorbing'."
+    settings = {**DEFAULT_GRID, **grid}
+    name = GRID_SETTINGS
+    with about(*name.values()):
+        boundary = check_choice(settings["boundary"], name["boundary"], BOUNDARIES)
+        size = check_positive(settings["size"], name["size"], "um", 26.7)
+        # A BCC grid needs two cubes per side (TetGrid.bcc).
+        resolution = check_int(settings["resolution"], name["resolution"], 2)
+        wall_permeability = grid.get("wall_permeability")
+        if wall_permeability is None:
+            wall_permeability = DEFAULT_GRID["wall_permeability"]
+        elif boundary != "absorbing":
+            raise ValueError(
+                f"{name['wall_permeability']} applies to boundary='absorbing' "
+                f"only, and the boundary is {boundary!r}; remove it or set "
+                "boundary='absorbing'."
+            )
+        wall_permeability = check_positive(
+            wall_permeability, name["wall_permeability"], "m/s", 0.1
         )
-    wall_permeability = check_positive(
-        wall_permeability, name("wall_permeability"), "m/s", 0.1
-    )
     return TetGrid.bcc(
         size, resolution, boundary=boundary, wall_permeability=wall_permeability
     )

@@ -2,18 +2,22 @@
 
 The chosen model's options are checked by the model's own checks
 (:func:`~dipy_spinverse.reconst.model.check_fit_method`,
-:func:`~dipy_spinverse.reconst.search_model.check_search_options`), given
-:data:`FLAGS`: the command's name of each option, which they use in their
-messages. The rest is the command's own: its JSON flags, the noise flags,
-the outputs.
+:func:`~dipy_spinverse.reconst.search_model.check_search_options`), which
+speak in Python keywords: :func:`in_flags` rewords their
+:class:`~dipy_spinverse.checks.OptionError` in the command's flags
+(:data:`FLAGS`). The rest is the command's own: the search's flags with the
+posterior, its JSON flags, the noise flags, the outputs.
 """
 
+import ast
+import contextlib
 import json
 import pathlib
+import re
 from dataclasses import dataclass
 
-from ..checks import check_choice, check_int, check_number
-from ..inverse.config import check_proposal, resolve_config
+from ..checks import OptionError, check_choice, check_int, check_number
+from ..inverse.config import PRESETS, resolve_config
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
 from ..reconst.model import check_fit_method
@@ -26,15 +30,17 @@ __all__ = [
     "Flags",
     "check_flags",
     "check_metrics",
+    "in_flags",
+    "reword",
     "parse_mesh_options",
     "parse_posterior_options",
     "parse_noise",
 ]
 
-#: The command's flag for each model option it sets: the ``names`` the
-#: models' checks word their messages with
-#: (:func:`~dipy_spinverse.checks.option_name`). The posterior's options
-#: are keys of the one JSON flag ``--posterior_options``.
+#: The command's flag for each option it sets, by the option's name in the
+#: models' messages (:func:`reword`). The posterior's options are keys of
+#: the one JSON flag ``--posterior_options``; the grid's settings are named
+#: as :data:`~dipy_spinverse.reconst.search_model.GRID_SETTINGS`.
 FLAGS = {
     "fit_method": "--fit_method",
     "preset": "--preset",
@@ -47,15 +53,61 @@ FLAGS = {
     "prior": '"prior" in --posterior_options',
     "posterior_options": '"training" in --posterior_options',
     "n_posterior_samples": '"n_samples" in --posterior_options',
+    "grid size": "--grid_size",
+    "grid resolution": "--grid_resolution",
+    "grid boundary": "--boundary",
 }
 
-#: The command's flag for each setting of the search's grid
-#: (:func:`~dipy_spinverse.reconst.search_model.make_grid`).
-GRID_FLAGS = {
-    "grid_size": "--grid_size",
-    "grid_resolution": "--grid_resolution",
-    "boundary": "--boundary",
-}
+#: A value as the models' messages write it in a setting (``'default'``,
+#: ``0``, ``1e-05``, ``True``).
+_VALUE = r"'[^']*'|[\w.+-]*\w"
+
+
+def reword(err):
+    """The message of ``err`` in the command's flags.
+
+    Parameters
+    ----------
+    err : OptionError
+        An error of the models' checks, naming options as keywords.
+
+    Returns
+    -------
+    str
+        Its message with each option it names that has a flag
+        (:data:`FLAGS`) written as the flag, a setting as the flag and its
+        value (``max_iter=0``: ``--max_iter 0``; ``refine_mesh=True``:
+        ``--refine_mesh``), and only the fixes a flag sets.
+    """
+    flags = {option: FLAGS[option] for option in err.options if option in FLAGS}
+    text = err.wording(settable=flags)
+    if not flags:
+        return text
+    names = "|".join(re.escape(o) for o in sorted(flags, key=len, reverse=True))
+    pattern = rf"(?<![\w-])({names})(?:=({_VALUE}))?(?!\w)"
+    return re.sub(pattern, lambda m: _setting(flags[m[1]], m[2]), text)
+
+
+def _setting(flag, value):
+    """``flag`` set to ``value`` (a Python literal, or None: the flag alone)."""
+    if value is None:
+        return flag
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    return flag if value is True else f"{flag} {value}"
+
+
+@contextlib.contextmanager
+def in_flags():
+    """Raise an :class:`~dipy_spinverse.checks.OptionError` of the block as
+    a ``ValueError`` worded in the command's flags (:func:`reword`)."""
+    try:
+        yield
+    except OptionError as err:
+        raise ValueError(reword(err)) from err
+
 
 #: How to give the noise level on the command line.
 NOISE_FLAGS = (
@@ -131,23 +183,27 @@ def check_flags(arguments):
     refine_mesh = bool(args["refine_mesh"])
     mesh_options = parse_mesh_options(args["mesh_options"], refine_mesh=refine_mesh)
     noise = parse_noise(args["sigma"], args["snr"])
-    # The label search's own flags, where given (0 means off, and so does
-    # None, max_iter's default: left out, as the models' defaults).
-    search = _given(max_iter=args["max_iter"], refine_mesh=refine_mesh)
+    fit_method = args["fit_method"]
+    with in_flags():
+        check_fit_method(fit_method)
     # The label search's configuration flags (the model takes them in its
-    # configuration, ``preset``): refused with the posterior.
+    # configuration, ``preset``), where given (0 means off: left out, as
+    # the models' defaults).
     configured = _given(
         search_bootstrap=args["search_bootstrap"],
         search_proposal=args["search_proposal"],
     )
-    fit_method = args["fit_method"]
-    check_fit_method(
-        fit_method,
-        {**search, **configured} if fit_method == "posterior" else search,
-        names=FLAGS,
-    )
     posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
     if fit_method == "posterior":
+        # The label search's flags (max_iter's default None: left out).
+        search = _given(max_iter=args["max_iter"], refine_mesh=refine_mesh)
+        search = sorted({**search, **configured})
+        if search:
+            raise ValueError(
+                f"{[FLAGS[k] for k in search]} are not options of --fit_method "
+                "posterior; leave them out, or use --fit_method search if they "
+                "are its."
+            )
         model = dict(
             fit_method="posterior",
             diffusivity=args["diffusivity"],
@@ -158,9 +214,9 @@ def check_flags(arguments):
         searches_labels = False
     else:
         model = _search_keywords(args, configured, posterior, mesh_options)
-        searches_labels = check_search_options(
-            names=FLAGS, **search_options(model)
-        ).searches_labels
+        with in_flags():
+            checked = check_search_options(**search_options(model))
+        searches_labels = checked.searches_labels
     if (fit_method == "posterior" or "prior" in posterior) and noise is None:
         what = (
             "--fit_method posterior"
@@ -246,10 +302,7 @@ def search_options(model):
 def _search_keywords(args, configured, posterior, mesh_options):
     """The label search's model keywords from the flags (``args``), its
     configuration built from ``--preset`` and the ``configured`` flags."""
-    if "search_bootstrap" in configured:
-        check_int(configured["search_bootstrap"], FLAGS["search_bootstrap"], 0)
-    if "search_proposal" in configured:
-        check_proposal(configured["search_proposal"], names=FLAGS)
+    check_choice(args["preset"], "--preset", tuple(PRESETS))
     # One JSON flag holds the options of both methods; with the search it is
     # the surface check's.
     if "n_posterior_samples" in posterior:
@@ -273,11 +326,13 @@ def _search_keywords(args, configured, posterior, mesh_options):
         )
         if args[flag] is not None
     }
-    # Checked in the command's words; the preset's name is kept where no flag
-    # changes it, so that the log names it.
-    config = resolve_config(args["preset"], names=FLAGS, **configured)
+    # The preset's name is kept where no flag changes it, so that the log
+    # names it.
+    with in_flags():
+        config = resolve_config(args["preset"], **configured)
+        grid = make_grid(grid)
     return dict(
-        grid=make_grid(grid, names=GRID_FLAGS),
+        grid=grid,
         diffusivity=args["diffusivity"],
         preset=config if configured else args["preset"],
         max_iter=args["max_iter"],

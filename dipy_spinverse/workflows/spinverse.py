@@ -30,8 +30,8 @@ from ..reconst.search_model import check_search_options
 from .cli import run_command
 from .dataset import read_dataset
 from .flags import (
-    FLAGS,
     check_flags,
+    in_flags,
     parse_mesh_options,
     parse_posterior_options,
     search_options,
@@ -587,8 +587,9 @@ def search_model(dataset, flags):
     options = dict(flags.model)
     if dataset.sigma:  # 0: unknown, left out (a preset without noise takes none)
         options["sigma"] = dataset.sigma
-    check_search_options(names=FLAGS, **search_options(options))
-    return SpinverseModel(dataset.table, **options)
+    with in_flags():
+        check_search_options(**search_options(options))
+        return SpinverseModel(dataset.table, **options)
 
 
 def fit_posterior(dataset, out, flags):
@@ -603,7 +604,8 @@ def fit_posterior(dataset, out, flags):
     flags : Flags
         The checked flags.
     """
-    model = SpinverseModel(dataset.table, **flags.model, sigma=dataset.sigma)
+    with in_flags():
+        model = SpinverseModel(dataset.table, **flags.model, sigma=dataset.sigma)
     logger.info(f"Posterior of {model.prior.prior!r}; {int(dataset.mask.sum())} voxels")
     fit = model.fit(dataset.data, mask=dataset.mask)
     write_posterior_outputs(fit, out, space=dataset.space, n_report=flags.n_report)
