@@ -12,6 +12,7 @@ import torch
 from conftest import SMALL_DEMO
 from numpy.testing import assert_allclose, assert_array_equal
 
+from dipy_spinverse.checks import OptionError
 from dipy_spinverse.data import (
     AXON_VOXELS,
     DEMO_PRIOR,
@@ -24,6 +25,7 @@ from dipy_spinverse.data import (
     make_phantom_dataset,
 )
 from dipy_spinverse.geometry.descriptors import DESCRIPTORS
+from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.io.camino import read_scheme, write_scheme
 from dipy_spinverse.io.fits import load_fit, save_fit
 from dipy_spinverse.io.gradients import read_timing
@@ -34,7 +36,7 @@ from dipy_spinverse.reconst.search_model import SpinverseSearchModel
 from dipy_spinverse.sim.grid import TetGrid
 from dipy_spinverse.sim.sequences import Protocol
 from dipy_spinverse.workflows.dataset import noise_sigma
-from dipy_spinverse.workflows.flags import parse_noise
+from dipy_spinverse.workflows.flags import in_flags, parse_noise, reword
 from dipy_spinverse.workflows.spinverse import (
     SpinverseFlow,
     main,
@@ -319,6 +321,28 @@ def test_resume_finishes_a_partial_fit(demo, tmp_path):
     # line, not the Python API.
     with pytest.raises(ValueError, match="--resume: .* without --resume"):
         _run(demo, tmp_path, n_report=0, resume=True, max_iter=3)
+
+
+def test_option_errors_are_reworded_in_the_flags():
+    """The core names options as keywords (issue 73, item 4); the command
+    rewords them: a setting as its flag and value, an option without a flag
+    as written, and only the fixes a flag sets."""
+    err = OptionError(
+        "refine_mesh=True needs labels (search_steps=0); max_iter >= 2, not "
+        "max_iter=1, in ['max_iter']",
+        options=["refine_mesh", "max_iter", "search_steps"],
+        fixes=[("preset", "default"), ("parametrisation", "cell")],
+    )
+    assert str(err).endswith("; e.g. preset='default' or parametrisation='cell'.")
+    assert reword(err) == (
+        "--refine_mesh needs labels (search_steps=0); --max_iter >= 2, not "
+        "--max_iter 1, in ['--max_iter']; e.g. --preset default."
+    )
+    with pytest.raises(ValueError) as raised, in_flags():
+        resolve_config("paper", sigma=0.02)
+    assert not isinstance(raised.value, OptionError)
+    assert "['--sigma/--snr'] have no effect" in str(raised.value)
+    assert "noise='rician'" in str(raised.value.__cause__)
 
 
 @pytest.mark.parametrize(
