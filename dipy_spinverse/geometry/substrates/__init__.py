@@ -69,9 +69,11 @@ grid's (``grid.boundary``), not a membrane of the substrate.
 One module per idea, re-exported here: :mod:`.substrate` (the
 :class:`Substrate` and the partition of the grid cells), :mod:`.kinds` (the
 cell kinds' level functions), :mod:`.random_cells` (random substrates),
-:mod:`.packed` (packed cells and fibres).
+:mod:`.packed` (packed cells and fibres), :mod:`.bundle` (myelinated
+axons of gamma-distributed diameters in a section).
 """
 
+from .bundle import AxonBundle, axon_bundle, bundle_side, effective_diameter
 from .packed import FIBRE_DIRECTIONS, packed_substrate
 from .random_cells import random_substrate, random_substrates
 from .substrate import KINDS, PACKED_KINDS, Substrate
@@ -84,4 +86,8 @@ __all__ = [
     "random_substrate",
     "random_substrates",
     "packed_substrate",
+    "AxonBundle",
+    "axon_bundle",
+    "bundle_side",
+    "effective_diameter",
 ]
