@@ -20,12 +20,14 @@ import zlib
 
 import nibabel as nib
 import numpy as np
+from dipy.utils.logging import logger
 from nibabel.filebasedimages import ImageFileError
 
 from .checks import check_affine
 
 __all__ = [
     "load_or_build",
+    "BUILD_LOCK_SUFFIX",
     "StaleCacheError",
     "atomic_write",
     "cache_root",
@@ -108,7 +110,15 @@ def load_or_build(path, *, load, build, save, what):
     approximation-error estimates, learned compartment networks, shape
     autoencoders, posterior estimators) goes through here, under a name that
     holds the hash of everything it depends on (:func:`cache_key`, or the
-    grid and protocol digests of :func:`dipy_spinverse.sim.forward.update_digest`).
+    grid and protocol digests of :func:`dipy_spinverse.sim.forward.update_digest`,
+    with the code's, :func:`dipy_spinverse.provenance.code_digest`).
+
+    One process builds a key at a time: the builder holds an exclusive lock
+    on ``<path>.lock`` beside the cache file (:data:`BUILD_LOCK_SUFFIX`;
+    ``filelock``, released by the system if the process dies, so no lock is
+    ever stale). A second process that asks for the key meanwhile waits,
+    then reads the first's artefact and logs that it did (two processes
+    training one key end with one artefact, trained once).
 
     Parameters
     ----------
@@ -123,8 +133,7 @@ def load_or_build(path, *, load, build, save, what):
         ``build() -> artefact``: minutes of simulation and training.
     save : callable
         ``save(artefact, tmp_path)``. Written to a temporary file beside
-        ``path``, then renamed: a reader never sees half a file, and two
-        processes building the same key each write whole.
+        ``path``, then renamed: a reader never sees half a file.
     what : str
         Names the artefact in messages ("learned proposal", ...).
 
@@ -133,25 +142,101 @@ def load_or_build(path, *, load, build, save, what):
     artefact
     """
     path = pathlib.Path(path)
-    if path.exists():
-        try:
-            return load(path)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
-            # Not torch's own message: it suggests weights_only=False, which
-            # would run code from a file that is not ours.
-            reason = str(err) if isinstance(err, StaleCacheError) else ""
-            warnings.warn(
-                f"the cached {what} {path} cannot be read "
-                f"({type(err).__name__}{': ' * bool(reason)}{reason}); training "
-                "it again",
-                stacklevel=3,
-            )
+    found = _load_cached(path, load, what)
+    if found is not _MISSING:
+        return found
+    unreadable = _signature(path)
     # Checked before the minutes of work, not after.
     writable_folder(path.parent, what)
-    artefact = build()
-    with atomic_write(path) as tmp:
-        save(artefact, tmp)
+    with _build_lock(path, what):
+        # Another process may have built it while this one waited (or
+        # between the look above and the lock): its file is read, not
+        # built again. The unreadable file seen above is not retried.
+        if path.exists() and _signature(path) != unreadable:
+            found = _load_cached(path, load, what)
+            if found is not _MISSING:
+                logger.info(
+                    f"Using the {what} {path} that another process built while "
+                    "this one waited for it."
+                )
+                return found
+        artefact = build()
+        with atomic_write(path) as tmp:
+            save(artefact, tmp)
     return artefact
+
+
+#: The suffix of the lock file beside a cache file while it is built
+#: (:func:`load_or_build`).
+BUILD_LOCK_SUFFIX = ".lock"
+
+_MISSING = object()
+
+
+def _load_cached(path, load, what):
+    """``load(path)``, or ``_MISSING`` when there is no file or it cannot be
+    read (then with a warning that names it)."""
+    if not path.exists():
+        return _MISSING
+    try:
+        return load(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
+        # Not torch's own message: it suggests weights_only=False, which
+        # would run code from a file that is not ours.
+        reason = str(err) if isinstance(err, StaleCacheError) else ""
+        warnings.warn(
+            f"the cached {what} {path} cannot be read "
+            f"({type(err).__name__}{': ' * bool(reason)}{reason}); training "
+            "it again",
+            stacklevel=4,
+        )
+    return _MISSING
+
+
+def _signature(path):
+    """What tells a file from the one written in its place (or None)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _build_lock(path, what):
+    """Hold ``<path>.lock`` while ``path`` is built; wait (saying so) when
+    another process holds it. Where the file system cannot lock, build
+    without (a warning): two processes may then both build, each writing
+    whole. The lock file stays (removing it would let a third process lock
+    a new file while a second waits on the removed one)."""
+    from filelock import FileLock, Timeout
+
+    lock_path = path.with_name(path.name + BUILD_LOCK_SUFFIX)
+    # One lock object per file in this process: a build that asks for its
+    # own key again in the same thread goes on (no deadlock), another thread
+    # or process waits.
+    lock = FileLock(lock_path, is_singleton=True)
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info(
+                f"Another process is building the {what} {path} (it holds "
+                f"{lock_path}); waiting for it, to use its result."
+            )
+            lock.acquire()
+    except OSError as err:
+        warnings.warn(
+            f"cannot lock {lock_path} ({describe_cause(err)}); building the "
+            f"{what} without a lock (another process may build it too)",
+            stacklevel=5,
+        )
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def writable_folder(folder, what, fix=None):

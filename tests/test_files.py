@@ -141,3 +141,74 @@ def test_load_or_build_reads_rebuilds_and_refuses_unwritable(tmp_path):
     with pytest.raises(ValueError, match="cannot write the thing"):
         load_or_build(blocked / "sub" / "x.txt", what="thing", **kwargs)
     assert len(built) == 3
+
+
+# A process that asks for one artefact through load_or_build: its build
+# notes itself in the counter file, then waits for the test's go-ahead (so
+# that the second process surely asks while the first builds).
+_BUILDER = """
+import os, pathlib, sys, time
+from dipy_spinverse.files import load_or_build
+
+path, counter, go = map(pathlib.Path, sys.argv[1:])
+
+
+def build():
+    with open(counter, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    for _ in range(600):
+        if go.exists():
+            break
+        time.sleep(0.1)
+    return f"built by {os.getpid()}"
+
+
+value = load_or_build(
+    path,
+    load=lambda p: p.read_text(),
+    build=build,
+    save=lambda value, tmp: pathlib.Path(tmp).write_text(value),
+    what="test artefact",
+)
+print("RESULT", value, flush=True)
+"""
+
+
+def test_two_processes_building_one_key_build_it_once(tmp_path):
+    """The second process waits for the first (saying so), then reads its
+    artefact (saying so): one build, one artefact, the same result in both."""
+    import subprocess
+    import sys
+    import time
+
+    path, counter, go = tmp_path / "artefact.txt", tmp_path / "builds", tmp_path / "go"
+    command = [sys.executable, "-c", _BUILDER, str(path), str(counter), str(go)]
+    run = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first, second = subprocess.Popen(command, **run), None
+    try:
+        deadline = time.monotonic() + 120
+        while not counter.exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = subprocess.Popen(command, **run)
+        # Let the second process reach the lock before the first finishes.
+        waiting = ""
+        while "waiting for it" not in waiting:
+            line = second.stdout.readline()
+            assert line, f"the second process ended without waiting: {waiting}"
+            waiting += line
+        go.touch()
+        out_first, _ = first.communicate(timeout=120)
+        out_second, _ = second.communicate(timeout=120)
+    finally:
+        go.touch()
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+    assert first.returncode == 0 and second.returncode == 0, out_first + out_second
+    builders = counter.read_text().split()
+    assert builders == [str(first.pid)]
+    result = f"RESULT built by {first.pid}"
+    assert result in out_first and result in out_second
+    assert "another process built" in out_second
+    assert path.read_text() == f"built by {first.pid}"
