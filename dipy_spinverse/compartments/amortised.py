@@ -12,11 +12,12 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from ..files import cache_key
+from ..provenance import code_digest
 from .chunks import map_chunks
 from .counts import MIN_CROSSING_DEG
 from .fitting import DTYPE, joint_levenberg_marquardt, levenberg_marquardt, nnls
 from .frames import SignalFrame, rotate_outer
-from .learned import TRAINER_VERSION, load_or_train
+from .learned import load_or_train
 
 __all__ = ["LearnedMixin"]
 
@@ -100,7 +101,13 @@ class LearnedMixin:
     )
 
     def _learned_key(self):
-        """Hash of the model, its acquisitions, the noise and the options."""
+        """Hash of the model, its acquisitions, the noise and the options,
+        and of the code that simulates and trains its network: its model's
+        module, this one and :mod:`.learned`, and every module of the
+        package they import (:func:`~dipy_spinverse.provenance.code_digest`;
+        a subclass's own module outside the package is not hashed)."""
+        package = __name__.partition(".")[0] + "."
+        modules = {__name__, load_or_train.__module__, type(self).__module__}
         described = {
             k: v
             for k, v in vars(self).items()
@@ -113,7 +120,7 @@ class LearnedMixin:
             params=list(self.param_names),
             bounds=[repr(b) for b in self._shared + self._fibre],
             options=self.learned_options.training_description(),
-            trainer=TRAINER_VERSION,
+            code=code_digest(*sorted(m for m in modules if m.startswith(package))),
             # How the outputs are read back (a network trained on log targets
             # must not be loaded by a model that reads them linearly).
             log_targets=sorted(self._log_targets),

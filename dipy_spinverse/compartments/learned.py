@@ -5,7 +5,9 @@ regressor from normalised signals to a model's parameters, trained on signals
 simulated from the same model, for the user's gradient table and a noise
 level, then applied to every voxel in one batched forward pass. Trained
 networks are cached on disk under a hash of everything that defines them
-(like AMICO's kernels), so a table is trained for once.
+(like AMICO's kernels), the code that simulates and trains them included
+(:func:`~dipy_spinverse.provenance.code_digest`), so a table is trained for
+once, and again when that code changes.
 
 The model-specific parts (drawing parameters, simulating, turning network
 outputs into public parameters) live in the models; this module only knows
@@ -32,10 +34,6 @@ __all__ = [
     "train",
     "load_or_train",
 ]
-
-#: Version of the training procedure, part of every cache key: networks
-#: trained by an earlier procedure are not loaded.
-TRAINER_VERSION = 8
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ substrates): the bias is 0.041 (mean absolute, b0-normalised), the spread
 10-37 to 1.2-3.7.
 
 The estimate depends on the grid, protocol, diffusivity and the membrane
-permeability of open faces; it is cached on disk under a hash of those (as
-the learned proposal is).
+permeability of open faces, and on the code that simulates it; it is cached
+on disk under a hash of those (as the learned proposal is; the code's by
+:func:`~dipy_spinverse.provenance.code_digest`).
 """
 
 import hashlib
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from ..checks import check_int
 from ..files import cache_root, load_or_build
 from ..geometry.substrates import random_substrates
+from ..provenance import code_digest
 from ..sim.forward import update_digest
 from ..sim.grid import TetGrid
 from .fields import OPEN_KAPPA, label_field
@@ -54,8 +56,6 @@ APPROXIMATION_SEED = 31415
 #: Substrates simulated per call on the fine grid (8 x the cells of the fit's
 #: grid at refine 2: memory, not speed, sets it).
 SIMULATE_BATCH = 8
-# Bump when the estimate changes: old cache entries are then not reused.
-APPROXIMATION_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,11 @@ class ApproximationError:
 def approximation_key(grid, protocol, *, diffusivity, open_kappa, n_substrates, refine):
     """SHA-256 (32 hex digits) of everything the estimate depends on.
 
+    The settings below and the code that makes the estimate (this module and
+    every module of the package it imports,
+    :func:`~dipy_spinverse.provenance.code_digest`): an estimate made by
+    other code is never read.
+
     Parameters
     ----------
     grid : TetGrid
@@ -134,7 +139,7 @@ def approximation_key(grid, protocol, *, diffusivity, open_kappa, n_substrates, 
         hashlib.sha256(),
         grid,
         protocol,
-        version=APPROXIMATION_VERSION,
+        code=code_digest(__name__),
         diffusivity=float(diffusivity),
         open_kappa=float(open_kappa),
         n_substrates=int(n_substrates),

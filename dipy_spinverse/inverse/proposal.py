@@ -31,6 +31,7 @@ from ..files import cache_root, load_or_build
 from ..geometry.metrics import cell_inversion
 from ..geometry.substrates import random_substrates
 from ..geometry.topology import graph_components
+from ..provenance import code_digest
 from ..sim.forward import simulate, update_digest
 from ..sim.signals import normalise_b0
 
@@ -46,9 +47,6 @@ __all__ = [
     "TRAINING_SEED",
 ]
 
-# Bump when training changes what a cached network means: old files are then
-# never reused (the version is part of the cache key).
-PROPOSAL_VERSION = 1
 # Substrates for training are drawn from children of this seed; evaluations
 # draw held-out substrates from any other seed.
 TRAINING_SEED = 20260
@@ -175,8 +173,9 @@ def proposal_key(grid, protocol, diffusivity, settings):
     """SHA-256 of everything a proposal depends on (its cache key).
 
     The grid's geometry and wall, the protocol's waveforms, b-values and
-    directions, the diffusivity, the training settings and
-    ``PROPOSAL_VERSION``.
+    directions, the diffusivity, the training settings and the code that
+    trains it (this module and every module of the package it imports,
+    :func:`~dipy_spinverse.provenance.code_digest`).
 
     Parameters
     ----------
@@ -198,7 +197,7 @@ def proposal_key(grid, protocol, diffusivity, settings):
         hashlib.sha256(),
         grid,
         protocol,
-        version=PROPOSAL_VERSION,
+        code=code_digest(__name__),
         diffusivity=float(diffusivity),
         settings=asdict(settings),
     )

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_int, check_positive
 from ..files import cache_key, cache_root, load_or_build
+from ..provenance import code_digest
 from .mesh import axon_deformation
 from .shape import SpectralShape, surface_laplacian
 
@@ -50,8 +51,6 @@ __all__ = [
     "load_or_train_autoencoder",
 ]
 
-#: Version of the training procedure, part of every cache key.
-AUTOENCODER_VERSION = 1
 #: Training shapes are drawn from this seed; held-out shapes from others.
 TRAINING_SEED = 14014
 #: The axon families a training shape draws from (each one on or off).
@@ -364,6 +363,10 @@ def _shape_fingerprint(shape):
 def autoencoder_key(shape, settings):
     """Hash of everything an autoencoder depends on (its cache key).
 
+    The shape space, the settings, the families' ranges and the code that
+    trains it (this module and every module of the package it imports,
+    :func:`~dipy_spinverse.provenance.code_digest`).
+
     Parameters
     ----------
     shape : SpectralShape
@@ -377,7 +380,7 @@ def autoencoder_key(shape, settings):
         The first 20 hex digits of a SHA-256 digest.
     """
     description = dict(
-        version=AUTOENCODER_VERSION,
+        code=code_digest(__name__),
         shape=_shape_fingerprint(shape),
         settings=asdict(settings),
         ranges=FAMILY_RANGES,

@@ -4,11 +4,11 @@
 :class:`PriorSimulator` (signals simulated by the package and their true
 descriptors), the flow that maps a voxel's signal to the posterior of its
 descriptors (:class:`PosteriorEstimator`), and :func:`load_or_train`, which
-trains it once per protocol, prior and options and caches it.
+trains it once per protocol, prior, options and code and caches it (or reads
+one shipped with the package, :mod:`.shipped`).
 """
 
 import hashlib
-import pathlib
 import shutil
 import time
 import warnings
@@ -17,11 +17,13 @@ import numpy as np
 import torch
 from dipy.utils.logging import logger
 
-from ..files import cache_root, load_or_build
+from ..files import StaleCacheError, cache_root, load_or_build
+from ..provenance import StaleEstimatorWarning
 from ..sim.forward import update_digest
 from ..sim.grid import TetGrid
 from .estimator import PosteriorEstimator, TrainingOptions, train_estimator
 from .prior import ALL_FAMILIES, FAMILIES, WHITE_MATTER, PriorSimulator, TissuePrior
+from .shipped import SHIPPED, estimator_code, refusal, shipped_name
 from .targets import TARGETS, decode, encode, shape_descriptors
 
 __all__ = [
@@ -44,25 +46,17 @@ __all__ = [
 ]
 
 
-#: Bumped when the simulation, the descriptors or the network change in a way
-#: that makes cached estimators stale (2: periodic time steps chosen by their
-#: measured error, ``PriorSimulator(time_tolerance=)``; 3: the prior holds
-#: tissue as the reference grid describes it, credible bounds recalibrated).
-ESTIMATOR_VERSION = 3
-
-
-#: Estimators shipped with the package, found by their key before the cache:
-#: the README demo's (``dipy_spinverse.data.DEMO_PRIOR`` and
-#: ``DEMO_TRAINING`` on the demo's protocol), made by the command in
-#: ``doc/validation/posterior.md`` and retrained by a slow test.
-SHIPPED = pathlib.Path(__file__).resolve().parent / "trained"
+# load_or_train reads the shipped estimators' folder as this module's
+# SHIPPED (from .shipped), which tests and benchmarks point elsewhere.
 
 
 def estimator_key(prior, protocol, options):
     """Hash of everything a trained estimator depends on.
 
     The prior, the protocol's b-values, directions and waveforms, every
-    training option (hyperparameters included) and :data:`ESTIMATOR_VERSION`.
+    training option (hyperparameters included), then the code that simulates
+    and trains it (:func:`.shipped.estimator_code`, computed from its source:
+    no version number to bump by hand).
 
     Parameters
     ----------
@@ -76,8 +70,16 @@ def estimator_key(prior, protocol, options):
     Returns
     -------
     str
-        The first 20 hex digits of the SHA-256 digest.
+        ``<settings>-<code>``: the first 20 hex digits of the SHA-256 digest
+        of the settings (the name of a shipped estimator's file), then the
+        code's digest.
     """
+    return f"{_settings_key(prior, protocol, options)}-{estimator_code()}"
+
+
+def _settings_key(prior, protocol, options):
+    """The first 20 hex digits of the SHA-256 digest of the prior, the
+    protocol and the options (the code apart: :func:`estimator_key`)."""
     digest = hashlib.sha256()
     probe = TetGrid.bcc(1.0, 2, boundary="periodic")
     update_digest(
@@ -86,7 +88,6 @@ def estimator_key(prior, protocol, options):
         protocol,
         prior=prior.description(),
         options=options.description(),
-        version=ESTIMATOR_VERSION,
     )
     return digest.hexdigest()[:20]
 
@@ -134,11 +135,16 @@ def load_or_train(
 
     Before training it logs how long the simulations will take (measured on
     a few draws) and shows progress bars; the result is saved under
-    ``<cache>/posterior-<key>.pt`` (:func:`estimator_key`) and read from
-    there on later calls. An estimator of the same key shipped with the
-    package (:data:`SHIPPED`) is read instead of training; a shipped file that
-    cannot be read is never used nor rebuilt there (a warning; the cache
-    serves).
+    ``<cache>/posterior-<key>.pt`` (:func:`estimator_key`: the settings and
+    the code) and read from there on later calls; a cached file another code
+    wrote is trained again. An estimator of the same settings shipped with
+    the package (:data:`SHIPPED`) is read instead of training when its
+    manifest accepts the current code (:mod:`.shipped`; else a
+    :class:`~dipy_spinverse.provenance.StaleEstimatorWarning`, and the cache
+    serves); a shipped file that cannot be read is never used nor rebuilt
+    there (a warning; the cache serves). Two processes that train one key
+    train it once: the second waits for the first and reads its estimator
+    (:func:`~dipy_spinverse.files.load_or_build`).
 
     Parameters
     ----------
@@ -167,10 +173,18 @@ def load_or_train(
         The cache file.
     """
     options = default_training(prior) if options is None else options
-    key = estimator_key(prior, protocol, options)
-    name = f"posterior-{key}.pt"
-    shipped = SHIPPED / name
-    if shipped.exists():
+    settings, code = _settings_key(prior, protocol, options), estimator_code()
+    key = f"{settings}-{code}"
+    shipped = SHIPPED / shipped_name(settings)
+    refused = shipped.exists() and refusal(shipped.name, code, folder=SHIPPED)
+    if refused:
+        warnings.warn(
+            f"{refused} Until then it is not used: the estimator is trained "
+            "into the cache.",
+            StaleEstimatorWarning,
+            stacklevel=2,
+        )
+    elif shipped.exists():
         try:
             return _load(shipped, len(protocol), options), shipped
         except Exception as err:  # noqa: BLE001 - a damaged file is never used
@@ -182,10 +196,10 @@ def load_or_train(
                 "it is trained into the cache.",
                 stacklevel=2,
             )
-    path = cache_root(cache_dir) / name
+    path = cache_root(cache_dir) / f"posterior-{key}.pt"
     net = load_or_build(
         path,
-        load=lambda path: _load(path, len(protocol), options),
+        load=lambda path: _load(path, len(protocol), options, code=code),
         build=lambda: _train(
             prior,
             protocol,
@@ -194,7 +208,9 @@ def load_or_train(
             progress,
             prior.simulator(protocol, device=device, engine=engine, address=address),
         ),
-        save=lambda net, tmp: torch.save({"state": net.state_dict(), "key": key}, tmp),
+        save=lambda net, tmp: torch.save(
+            {"state": net.state_dict(), "key": key, "code": code}, tmp
+        ),
         what="posterior estimator",
     )
     # The estimator is saved: its simulations are no longer needed.
@@ -288,8 +304,16 @@ def _train(prior, protocol, options, path, progress, simulator):
     )
 
 
-def _load(path, n_inputs, options):
+def _load(path, n_inputs, options, *, code=None):
+    """The estimator saved at ``path``; with ``code``, only if that code
+    trained it (else :class:`~dipy_spinverse.files.StaleCacheError`: a file
+    renamed or copied by hand is trained again, never served)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
+    if code is not None and saved.get("code") != code:
+        raise StaleCacheError(
+            f"it was trained by other code (digest {saved.get('code')}, this "
+            f"code's {code})"
+        )
     state = saved["state"]
     # The inverse-autoregressive flow's parameters sit one level deeper.
     fast = any(key.startswith("flow.transform.transform.") for key in state)

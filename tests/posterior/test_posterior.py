@@ -370,12 +370,14 @@ def test_a_damaged_shipped_estimator_is_never_used(
     package's folder is often read-only) and the user's cache serves: here
     it already holds the estimator, so nothing is trained either."""
     import dipy_spinverse.posterior as posterior
+    from dipy_spinverse.posterior import shipped as shipping
 
     assert posterior_model.estimator is not None  # trained on first use
     path = posterior_model.estimator_path
     shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    (shipped / path.name).write_bytes(b"not an estimator")
+    # Shipped under its settings' name, for this code, but damaged.
+    damaged = shipping.ship(path, about="damaged", folder=shipped)
+    damaged.write_bytes(b"not an estimator")
     monkeypatch.setattr(posterior, "SHIPPED", shipped)
     monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
     with pytest.warns(UserWarning, match="shipped posterior estimator .* cannot"):
@@ -383,7 +385,7 @@ def test_a_damaged_shipped_estimator_is_never_used(
             SMALL_PRIOR, PROTOCOL, SMALL_OPTIONS, cache_dir=path.parent
         )
     assert used == path and net is not None
-    assert (shipped / path.name).read_bytes() == b"not an estimator"
+    assert damaged.read_bytes() == b"not an estimator"
 
 
 def test_posterior_model_options_are_checked():

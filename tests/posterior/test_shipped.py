@@ -4,12 +4,16 @@ One for the demo's posterior fit (``DEMO_PRIOR``), one for the label search's
 surface check, and the default posterior (``TissuePrior()``, white matter)
 for the demo's protocol.
 
-The fast test checks that the demo's command finds each (its key: prior,
-protocol read from the demo's files, training options, estimator version);
-a change to any of those needs the estimator made again with the command in
-doc/validation/posterior.md (the default's: doc/validation/sections.md).
-The slow tests make them again and check that the new one is calibrated as
-the shipped one is.
+The fast tests check that the demo's command finds each (its file is named
+by its settings: prior, protocol read from the demo's files, training
+options), and that its manifest accepts the current code (the code digest
+of dipy_spinverse.posterior.shipped: the simulator, the prior, the
+descriptors, the training). A change of the settings needs the estimator
+made again with the command in doc/validation/posterior.md (the default's:
+doc/validation/sections.md); so does a change of the code, unless it is
+re-keyed on purpose (``python -m dipy_spinverse.posterior rekey
+--reason "..."``). The slow tests make them again and check that the new
+one is calibrated as the shipped one is.
 """
 
 import numpy as np
@@ -26,7 +30,7 @@ from dipy_spinverse.data import (
     make_phantom_dataset,
 )
 from dipy_spinverse.io.gradients import read_gradients
-from dipy_spinverse.posterior import TissuePrior, default_training
+from dipy_spinverse.posterior import TissuePrior, default_training, shipped
 from dipy_spinverse.workflows.spinverse import parse_posterior_options
 
 DESCRIBED = ("restricted_fraction", "cell_diameter", "exchange_time", "anisotropy")
@@ -78,6 +82,23 @@ def test_the_demo_finds_the_shipped_estimator(tmp_path, monkeypatch, which):
     if which == "default":
         assert model.prior.prior == TissuePrior()
         assert model.posterior_options == default_training(TissuePrior())
+
+
+def test_the_shipped_estimators_were_trained_or_rekeyed_for_this_code():
+    """Each shipped file is in the manifest, and the manifest accepts the
+    current code digest for it: the code that trained it, or a later one
+    re-keyed on purpose with its reason. Fails after a change of the code
+    that trains a posterior until it is retrained or re-keyed."""
+    files = sorted(p.name for p in posterior.SHIPPED.glob("*.pt"))
+    manifest = shipped.read_manifest(posterior.SHIPPED)
+    assert sorted(manifest["estimators"]) == files, (
+        "every shipped estimator has one manifest entry "
+        f"({posterior.SHIPPED / shipped.MANIFEST_NAME})"
+    )
+    for entry in manifest["estimators"].values():
+        assert entry["about"] and all(a["reason"] for a in entry["accepted"])
+    refused = [shipped.refusal(name, folder=posterior.SHIPPED) for name in files]
+    assert not any(refused), "\n\n".join(filter(None, refused))
 
 
 def _coverage(model, signals, truth, level=0.9):
