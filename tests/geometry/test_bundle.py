@@ -9,7 +9,7 @@ from dipy_spinverse import Protocol, simulate
 from dipy_spinverse.geometry.substrates.bundle import (
     axon_bundle,
     bundle_side,
-    effective_diameter,
+    effective_diameter_of,
 )
 from dipy_spinverse.sim import analytic as an
 from dipy_spinverse.sim.sections import SectionGrid
@@ -64,8 +64,8 @@ def test_descriptors_follow_their_definitions():
     """d_eff = (<d^6> / <d^2>)^(1/4) above the mean for any spread, the
     aggregate g-ratio sqrt(1 - MVF / FVF) between the axons' own, the
     intra-axonal fraction the axons' share outside myelin."""
-    assert_allclose(effective_diameter([2.0, 2.0]), 2.0)
-    assert_allclose(effective_diameter([1.0, 3.0]), (365 / 5) ** 0.25)
+    assert_allclose(effective_diameter_of([2.0, 2.0]), 2.0)
+    assert_allclose(effective_diameter_of([1.0, 3.0]), (365 / 5) ** 0.25)
     grid, bundle = _bundle(1)
     got = bundle.descriptors(grid.volume)
     assert got["effective_diameter"] > got["mean_diameter"]

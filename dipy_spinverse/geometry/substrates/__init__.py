@@ -73,7 +73,7 @@ cell kinds' level functions), :mod:`.random_cells` (random substrates),
 axons of gamma-distributed diameters in a section).
 """
 
-from .bundle import AxonBundle, axon_bundle, bundle_side, effective_diameter
+from .bundle import AxonBundle, axon_bundle, bundle_side, effective_diameter_of
 from .packed import FIBRE_DIRECTIONS, packed_substrate
 from .random_cells import random_substrate, random_substrates
 from .substrate import KINDS, PACKED_KINDS, Substrate
@@ -89,5 +89,5 @@ __all__ = [
     "AxonBundle",
     "axon_bundle",
     "bundle_side",
-    "effective_diameter",
+    "effective_diameter_of",
 ]

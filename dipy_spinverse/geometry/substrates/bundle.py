@@ -42,7 +42,7 @@ __all__ = [
     "AxonBundle",
     "axon_bundle",
     "bundle_side",
-    "effective_diameter",
+    "effective_diameter_of",
 ]
 
 #: The compartments of a bundle, by their index in :attr:`AxonBundle.compartment`.
@@ -130,7 +130,7 @@ class AxonBundle:
         Returns
         -------
         dict
-            ``effective_diameter`` (:func:`effective_diameter`, um),
+            ``effective_diameter`` (:func:`effective_diameter_of`, um),
             ``mean_diameter`` (um), ``intra_axonal_fraction`` (axons' share
             of the space outside myelin, histology's ``fr / (1 - MVF)``),
             ``myelin_fraction`` (MVF, the sheaths' share of the section),
@@ -141,7 +141,7 @@ class AxonBundle:
         myelin = self.sheath_areas.sum()
         fibre = (inside + myelin) / area
         return dict(
-            effective_diameter=effective_diameter(self.diameters),
+            effective_diameter=effective_diameter_of(self.diameters),
             mean_diameter=float(self.diameters.mean()),
             intra_axonal_fraction=float(inside / (area - myelin)),
             myelin_fraction=float(myelin / area),
@@ -182,7 +182,7 @@ class AxonBundle:
         return 1 / resistance
 
 
-def effective_diameter(diameters):
+def effective_diameter_of(diameters):
     """The MR-effective diameter ``(<d^6> / <d^2>)^(1/4)`` (Burcaw 2015):
     what the diffusion signal of a spread of axon diameters weighs (the
     tail).

@@ -1,0 +1,389 @@
+"""White matter as histology and relaxometry describe it: a prior of
+myelinated axon bundles, with a diffusivity, a T2 and a water density per
+compartment.
+
+A :class:`WhiteMatterPrior` draws one voxel's tissue as a periodic section
+of tens of straight axons (:func:`~dipy_spinverse.geometry.substrates.
+axon_bundle`): inner diameters from a gamma distribution, each axon in a
+myelin sheath of its own g-ratio, membranes on both sides of every sheath,
+packed to a fibre fraction. Each compartment (intra-axonal, extra-axonal,
+myelin) has its own diffusivity, T2 and water density. Every range is from
+the literature, never from a dataset it is scored on; the sources are in
+doc/validation/white_matter.md and the presets :meth:`WhiteMatterPrior.
+in_vivo` and :meth:`WhiteMatterPrior.fixed` differ where in vivo and
+fixed tissue differ (diffusivities, T2s).
+
+One draw: the axon count uniform in ``n_axons``, the mean diameter
+log-uniform in ``mean_diameter``, the gamma shape uniform in
+``diameter_shape``, the g-ratios uniform in a sub-range of ``g_ratio``, the
+fibre fraction uniform in ``fibre_fraction``, the permeability (one per
+voxel, every membrane) log-uniform in ``permeability``, each diffusivity,
+T2 and the myelin water density uniform (T2s and diffusivities
+log-uniform) in their ranges; the section's side is the one in which the
+drawn axons fill the fibre fraction, snapped to a ladder of sides so that
+draws share grids, and its spacing resolves the mean axon's sheath with
+``cells_per_sheath`` triangles (axons the grid cannot hold are drawn
+again).
+
+The descriptors (:data:`DESCRIPTORS`) are the rasterised tissue's, the one
+simulated: ``effective_diameter`` (``(<d^6> / <d^2>)^(1/4)``, what the
+diffusion signal weighs; also ``cell_diameter``, the name the other priors
+use), ``mean_diameter``, ``intra_axonal_fraction`` (the axons' share of the
+space outside myelin: histology's ``fr / (1 - MVF)``; also
+``restricted_fraction``), ``myelin_fraction`` (MVF), ``g_ratio``
+(aggregate, ``sqrt(1 - MVF / FVF)``), ``intra_diffusivity``,
+``extra_diffusivity``, and ``exchange_time``: the intra-axonal water's
+mean residence time, ``sum_k A_k / sum_k G_k`` over the axons (areas
+``A_k``, conductances through the sheath ``G_k``: both membranes and the
+sheath's radial diffusion in series, :meth:`~dipy_spinverse.geometry.
+substrates.AxonBundle.sheath_conductance`).
+"""
+
+import functools
+import math
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..checks import check_int, check_range
+from ..geometry.substrates import axon_bundle, bundle_side
+from ..sim.forward import simulate
+from ..sim.sections import SectionGrid
+from ..sim.sequences import as_protocol
+
+__all__ = ["DESCRIPTORS", "WhiteMatterDraw", "WhiteMatterPrior"]
+
+#: The descriptors of a white-matter draw (module documentation).
+DESCRIPTORS = (
+    "effective_diameter",
+    "mean_diameter",
+    "intra_axonal_fraction",
+    "myelin_fraction",
+    "g_ratio",
+    "intra_diffusivity",
+    "extra_diffusivity",
+    "exchange_time",
+    "cell_diameter",
+    "restricted_fraction",
+)
+
+# Draws tried for one accepted draw (an axon finer than the grid is redrawn).
+_MAX_TRIES = 50
+# The ladder of section sides: this many, geometric between the extremes.
+_N_SIDES = 12
+# A g-ratio sub-range of this width is drawn per voxel (axons of one voxel
+# scatter about its own mean, as histology's do: sd ~0.05).
+_G_SPREAD = 0.1
+
+
+class WhiteMatterDraw(NamedTuple):
+    """One accepted draw of a :class:`WhiteMatterPrior`.
+
+    Attributes
+    ----------
+    side : float
+        The section's side, um.
+    resolution : int
+        Triangle edges across it.
+    bundle : AxonBundle
+    tissue : dict
+        Per compartment (``"extra"``, ``"intra"``, ``"myelin"``): its
+        ``diffusivity`` (mm^2/s), ``t2`` (s) and ``density``.
+    descriptors : dict
+        :data:`DESCRIPTORS`.
+    axis : ndarray (3,)
+        The fibres' direction.
+    """
+
+    side: float
+    resolution: int
+    bundle: object
+    tissue: dict
+    descriptors: dict
+    axis: np.ndarray
+
+
+@dataclass(frozen=True)
+class WhiteMatterPrior:
+    """What white matter a voxel may hold (module documentation).
+
+    Use :meth:`in_vivo` or :meth:`fixed`; the defaults are the in vivo
+    ranges. Diffusivities in mm^2/s, T2s in s, lengths in um, permeability in
+    m/s; ranges are ``(low, high)``.
+
+    Parameters
+    ----------
+    n_axons : (int, int)
+    mean_diameter : (float, float)
+        Mean inner diameter of the voxel's gamma distribution.
+    diameter_shape : (float, float)
+        The gamma distribution's shape ``k`` (coefficient of variation
+        ``1 / sqrt(k)``).
+    g_ratio : (float, float)
+    fibre_fraction : (float, float)
+        Axons and sheaths' share of the section.
+    permeability : (float, float)
+        Of every membrane (both sides of each sheath).
+    intra_diffusivity, extra_diffusivity, myelin_diffusivity : (float, float)
+    intra_t2, extra_t2, myelin_t2 : (float, float)
+    myelin_density : (float, float)
+        Myelin's water per unit volume relative to the axons' and the
+        extra-axonal space's.
+    cells_per_sheath : int
+        Triangles across the mean axon's sheath.
+    fibre_axis : (3,) array_like, optional
+        The fibres' direction in the gradient table's frame; default uniform
+        on the sphere.
+    """
+
+    n_axons: tuple = (8, 24)
+    mean_diameter: tuple = (0.6, 4.0)
+    diameter_shape: tuple = (2.0, 8.0)
+    g_ratio: tuple = (0.6, 0.8)
+    fibre_fraction: tuple = (0.4, 0.8)
+    permeability: tuple = (3e-7, 3e-4)
+    intra_diffusivity: tuple = (1.8e-3, 2.6e-3)
+    extra_diffusivity: tuple = (1.2e-3, 2.2e-3)
+    myelin_diffusivity: tuple = (0.05e-3, 0.5e-3)
+    intra_t2: tuple = (0.06, 0.11)
+    extra_t2: tuple = (0.045, 0.08)
+    myelin_t2: tuple = (0.008, 0.02)
+    myelin_density: tuple = (0.35, 0.55)
+    cells_per_sheath: int = 1
+    fibre_axis: tuple | None = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            if f.name in ("cells_per_sheath", "fibre_axis"):
+                continue
+            value = check_range(getattr(self, f.name), f.name, 0.0)
+            object.__setattr__(self, f.name, value)
+        low, high = self.n_axons
+        if low != int(low) or low < 1:
+            raise ValueError(f"n_axons must be whole numbers >= 1, got {self.n_axons}.")
+        object.__setattr__(self, "n_axons", (int(low), int(high)))
+        for name in ("g_ratio", "fibre_fraction", "myelin_density"):
+            if getattr(self, name)[1] >= (0.86 if name == "fibre_fraction" else 1.0):
+                raise ValueError(
+                    f"{name} must lie below {0.85 if name == 'fibre_fraction' else 1}, "
+                    f"got {getattr(self, name)}."
+                )
+        object.__setattr__(
+            self,
+            "cells_per_sheath",
+            check_int(self.cells_per_sheath, "cells_per_sheath", 1),
+        )
+        if self.fibre_axis is not None:
+            axis = np.asarray(self.fibre_axis, dtype=float).reshape(3)
+            if not (np.all(np.isfinite(axis)) and np.linalg.norm(axis) > 0):
+                raise ValueError(
+                    f"fibre_axis must be a direction, got {self.fibre_axis}."
+                )
+            axis = tuple(float(v) for v in axis / np.linalg.norm(axis))
+            object.__setattr__(self, "fibre_axis", axis)
+
+    @classmethod
+    def in_vivo(cls, **changes):
+        """Human white matter in vivo at 37 C and 3 T (the defaults;
+        doc/validation/white_matter.md gives each range's source)."""
+        return replace(cls(), **changes)
+
+    @classmethod
+    def fixed(cls, **changes):
+        """Fixed tissue (formalin, scanned near room temperature):
+        diffusivities about half those in vivo, shorter T2s, larger axons
+        (spinal cord); doc/validation/white_matter.md."""
+        preset = cls(
+            mean_diameter=(1.0, 6.0),
+            intra_diffusivity=(0.8e-3, 1.6e-3),
+            extra_diffusivity=(0.5e-3, 1.3e-3),
+            myelin_diffusivity=(0.02e-3, 0.3e-3),
+            intra_t2=(0.03, 0.08),
+            extra_t2=(0.02, 0.06),
+            myelin_t2=(0.005, 0.015),
+        )
+        return replace(preset, **changes)
+
+    # -- drawing -----------------------------------------------------------------
+    def draw(self, rng):
+        """One accepted draw (:class:`WhiteMatterDraw`).
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+
+        Raises
+        ------
+        ValueError
+            When no draw is accepted in a few tens of tries.
+        """
+        for _ in range(_MAX_TRIES):
+            n = int(rng.integers(self.n_axons[0], self.n_axons[1] + 1))
+            mean = _log_uniform(rng, self.mean_diameter)
+            shape = rng.uniform(*self.diameter_shape)
+            g_low = rng.uniform(
+                self.g_ratio[0], max(self.g_ratio[1] - _G_SPREAD, self.g_ratio[0])
+            )
+            g = (g_low, min(g_low + _G_SPREAD, self.g_ratio[1]))
+            fibre = rng.uniform(*self.fibre_fraction)
+            kappa = _log_uniform(rng, self.permeability)
+            side = self._snapped_side(bundle_side(n, mean, shape, g, fibre))
+            sheath = mean * (1 / np.mean(g) - 1) / 2
+            resolution = _snapped_resolution(side * self.cells_per_sheath / sheath)
+            grid = _section(side, resolution)
+            try:
+                bundle = axon_bundle(
+                    grid,
+                    rng=rng,
+                    n_axons=n,
+                    mean_diameter=mean,
+                    shape=shape,
+                    g_ratio=g,
+                    fibre_fraction=fibre,
+                    permeability=kappa,
+                )
+            except ValueError:
+                continue
+            tissue = self._tissue(rng)
+            described = self._described(grid, bundle, tissue)
+            return WhiteMatterDraw(
+                side, resolution, bundle, tissue, described, self._axis(rng)
+            )
+        raise ValueError(
+            f"no draw of {self!r} was accepted in {_MAX_TRIES} tries: its axons "
+            "are finer than the grid; raise cells_per_sheath or mean_diameter."
+        )
+
+    def _tissue(self, rng):
+        log = _log_uniform
+        return {
+            "intra": dict(
+                diffusivity=log(rng, self.intra_diffusivity),
+                t2=log(rng, self.intra_t2),
+                density=1.0,
+            ),
+            "extra": dict(
+                diffusivity=log(rng, self.extra_diffusivity),
+                t2=log(rng, self.extra_t2),
+                density=1.0,
+            ),
+            "myelin": dict(
+                diffusivity=log(rng, self.myelin_diffusivity),
+                t2=log(rng, self.myelin_t2),
+                density=rng.uniform(*self.myelin_density),
+            ),
+        }
+
+    def _axis(self, rng):
+        if self.fibre_axis is not None:
+            return np.array(self.fibre_axis)
+        axis = rng.standard_normal(3)
+        return axis / np.linalg.norm(axis)
+
+    def _snapped_side(self, side):
+        """``side`` snapped to the nearest of the prior's ladder of sides."""
+        ladder = self._sides()
+        return float(ladder[int(np.argmin(np.abs(np.log(ladder) - math.log(side))))])
+
+    def _sides(self):
+        (n_lo, n_hi), (d_lo, d_hi) = self.n_axons, self.mean_diameter
+        (k_lo, _), (g_lo, g_hi) = self.diameter_shape, self.g_ratio
+        (f_lo, f_hi) = self.fibre_fraction
+        small = bundle_side(n_lo, d_lo, 1e6, g_hi, f_hi)
+        large = bundle_side(n_hi, d_hi, k_lo, g_lo, f_lo)
+        return np.geomspace(small, large, _N_SIDES)
+
+    @staticmethod
+    def _described(grid, bundle, tissue):
+        described = bundle.descriptors(grid.volume)
+        myelin = tissue["myelin"]
+        conductance = bundle.sheath_conductance(
+            myelin_diffusivity=myelin["diffusivity"],
+            myelin_density=myelin["density"],
+        )
+        exchange = bundle.axon_areas.sum() / conductance.sum()  # us
+        out = {name: described[name] for name in DESCRIPTORS[:5]}
+        out["intra_diffusivity"] = tissue["intra"]["diffusivity"]
+        out["extra_diffusivity"] = tissue["extra"]["diffusivity"]
+        out["exchange_time"] = float(exchange) * 1e-6  # s
+        out["cell_diameter"] = out["effective_diameter"]
+        out["restricted_fraction"] = out["intra_axonal_fraction"]
+        return out
+
+    # -- simulating --------------------------------------------------------------
+    def simulate(self, draws, protocol, *, dtype=torch.float64, substeps=None):
+        """Noise-free signals of ``draws`` (n, n_acquisitions), normalised by
+        the voxel's water at zero echo time (so that b = 0 holds the T2
+        weighting of every compartment).
+
+        Parameters
+        ----------
+        draws : sequence of WhiteMatterDraw
+        protocol : Protocol or GradientTable
+            With echo times where the data have them
+            (:meth:`~dipy_spinverse.sim.sequences.Protocol.from_gtab`).
+        dtype : torch.float64 or torch.float32
+        substeps : int, optional
+            Magnus sub-step multiple (default: measured per section, by
+            :func:`~dipy_spinverse.simulate`).
+
+        Returns
+        -------
+        ndarray (n, n_acquisitions)
+        """
+        protocol = as_protocol(protocol)
+        out = np.empty((len(draws), len(protocol)))
+        by_grid = {}
+        for i, draw in enumerate(draws):
+            by_grid.setdefault((draw.side, draw.resolution), []).append(i)
+        for (side, resolution), rows in by_grid.items():
+            grid = _section(side, resolution)
+            chosen = [draws[i] for i in rows]
+            values = {
+                name: np.stack([_per_cell(d, name) for d in chosen])
+                for name in ("diffusivity", "t2", "density")
+            }
+            with torch.no_grad():
+                signals = simulate(
+                    grid,
+                    np.stack([d.bundle.face_permeability for d in chosen]),
+                    protocol,
+                    axes=np.stack([d.axis for d in chosen]),
+                    dtype=dtype,
+                    substeps=substeps,
+                    **values,
+                )
+            out[rows] = signals.cpu().numpy()
+        return out
+
+    def description(self):
+        """The prior's fields as plain values (cache keys, reports)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _per_cell(draw, name):
+    values = [draw.tissue[c][name] for c in ("extra", "intra", "myelin")]
+    return draw.bundle.per_cell(*values)
+
+
+def _log_uniform(rng, bounds):
+    return math.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1])))
+
+
+def _snapped_resolution(edges):
+    """Triangle edges across a section, rounded up to a multiple of 4 (so
+    that draws of nearby sizes share a grid)."""
+    return int(4 * math.ceil(max(edges, 3) / 4))
+
+
+@functools.lru_cache(maxsize=64)
+def _section(side, resolution):
+    return SectionGrid.triangular(side, resolution)
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
