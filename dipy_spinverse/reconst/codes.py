@@ -66,7 +66,8 @@ cell is also refined into a smooth mesh
 never the voxel's fit.
 """
 
-import numpy as np
+from .. import masked
+from ..masked import BAD_B0, COMMON_CODES, DIVERGED, MASKED, NONFINITE, OK
 
 __all__ = [
     "STATUS_CODES",
@@ -93,10 +94,12 @@ __all__ = [
     "status_counts",
 ]
 
-OK, NONFINITE, BAD_B0, FAILED, DIVERGED, POOR_FIT = 0, 1, 2, 3, 4, 5
-# 6 is the posterior's OUT_OF_PRIOR (reconst.posterior): one code, one meaning.
+# OK (0), NONFINITE (1), BAD_B0 (2), DIVERGED (4) and MASKED (-2) are every
+# fit's (dipy_spinverse.masked); 6 is the posterior's OUT_OF_PRIOR
+# (reconst.posterior): one code, one meaning.
+FAILED, POOR_FIT = 3, 5
 UNCERTAIN_SURFACE, IMPOSSIBLE_SIGNAL, UNDERDETERMINED = 7, 8, 9
-PENDING, MASKED = -1, -2
+PENDING = -1
 
 #: Statuses of the voxels that have outputs (maps, meshes, predictions).
 FITTED = (OK, POOR_FIT, UNCERTAIN_SURFACE, IMPOSSIBLE_SIGNAL, UNDERDETERMINED)
@@ -125,11 +128,11 @@ UNCERTAIN_SURFACE_LEVEL = 0.1
 
 #: Per-voxel status codes of a fit and their meaning.
 STATUS_CODES = {
-    OK: "ok",
-    NONFINITE: "data contain NaN or inf, or overflow once b0-normalised",
-    BAD_B0: "mean b=0 signal <= 0",
+    OK: COMMON_CODES[OK],
+    NONFINITE: COMMON_CODES[NONFINITE],
+    BAD_B0: COMMON_CODES[BAD_B0],
     FAILED: "the inversion raised an error",
-    DIVERGED: "the fit returned non-finite values",
+    DIVERGED: COMMON_CODES[DIVERGED],
     POOR_FIT: "residual far above the noise",
     UNCERTAIN_SURFACE: (
         "surface not determined by the data (uncertainty >= 0.1, 1 where the "
@@ -141,7 +144,7 @@ STATUS_CODES = {
         "directions not spanning 3-D, or one diffusion time"
     ),
     PENDING: "not fitted yet",
-    MASKED: "outside the mask",
+    MASKED: COMMON_CODES[MASKED],
 }
 
 #: Statuses of a voxel's smooth mesh (``refine_mesh=True``).
@@ -168,9 +171,4 @@ def status_counts(status):
     dict
         ``{STATUS_CODES[code]: count}`` of the codes present.
     """
-    status = np.asarray(status)
-    return {
-        STATUS_CODES[c]: int(np.sum(status == c))
-        for c in STATUS_CODES
-        if c != MASKED and np.any(status == c)
-    }
+    return masked.status_counts(status, STATUS_CODES)

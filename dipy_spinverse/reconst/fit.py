@@ -3,33 +3,37 @@ over its per-voxel parameters.
 
 One class serves one voxel and any volume shape, as DIPY's fits do: it
 holds a dict of per-voxel parameter arrays (:data:`.voxels.PARAMETERS`) and
-each map is a property that reads them. What is derived from them is computed by
-functions of their own modules: the maps (:mod:`.fit_metrics`), the meshes
-(:mod:`.fit_meshes`), the voxels of the mask and the volume
-(:mod:`.voxels`); the status codes are :mod:`.codes`'. For a single voxel
-``fit.shape`` is ``()`` and the scalar maps are Python numbers.
+each map is a property that reads them. The volume machinery (shape, mask,
+indexing, status, the maps spread from the rows) is every fit's
+(:class:`~dipy_spinverse.masked.MaskedFit`); what is derived from the
+parameters is computed by functions of their own modules: the maps
+(:mod:`.fit_metrics`), the meshes (:mod:`.fit_meshes`); the status codes are
+:mod:`.codes`'. For a single voxel ``fit.shape`` is ``()`` and the scalar
+maps are Python numbers.
 """
 
 from functools import cached_property
 
 import numpy as np
-from dipy.reconst.base import ReconstFit
 
 from ..checks import check_s0
+from ..masked import MaskedFit, scalar, spread, take
 from ..meshfit.mesh import TetMesh, boundary_triangles
 from . import codes, fit_meshes, fit_metrics, voxels
 from .fit_prediction import PREDICTION_PARAMETERS, predict_rows
-from .voxels import scalar, spread
 
 __all__ = ["SpinverseFit"]
 
 
-class SpinverseFit(ReconstFit):
+class SpinverseFit(MaskedFit):
     """Spinverse fit of one voxel or a volume.
 
-    Index a volume fit like an array (:meth:`__getitem__`). A volume fit
-    holds the parameters of the voxels in its mask only, so its memory grows
-    with the mask; the arrays of the whole volume are built when asked for.
+    Index a volume fit like an array (:meth:`__getitem__`): a voxel
+    outside the mask gives a fit of status ``MASKED`` that reads as the
+    volume's maps there (scalar maps 0, ``permeability`` NaN, labels 0, no
+    interface mesh, a prediction of 0). A volume fit holds the parameters of
+    the voxels in its mask only, so its memory grows with the mask; the
+    arrays of the whole volume are built when asked for.
 
     Parameters
     ----------
@@ -41,7 +45,8 @@ class SpinverseFit(ReconstFit):
         (n_sequences,), ``loss``, ``status`` (:data:`.codes.STATUS_CODES`).
         Of the whole volume, ``mask.shape + (...)``, or of the mask's
         voxels, ``(n_mask, ...)`` in C order (``data[mask]``), which a
-        volume fit keeps (:attr:`params`).
+        volume fit keeps (:attr:`params`). A fit of one voxel holds that
+        voxel's own values (no row axis).
     mask : array_like of bool, optional
         Voxels of the fit (default: all).
     history : dict, optional
@@ -59,6 +64,11 @@ class SpinverseFit(ReconstFit):
     where the voxel has no outputs (status not in :data:`.codes.FITTED`).
     """
 
+    status_codes = codes.STATUS_CODES
+    fitted_codes = codes.FITTED
+    # What a part (fit[index]) does not inherit from its volume.
+    history = fingerprint = saved_device = None
+
     def __init__(
         self,
         model,
@@ -69,31 +79,24 @@ class SpinverseFit(ReconstFit):
         fingerprint=None,
         saved_device=None,
     ):
-        self.model = model
-        self.params, self.mask = voxels.mask_params(params, mask)
+        MaskedFit.__init__(self, model, *voxels.mask_params(params, mask))
         self.history = history
         self.fingerprint = fingerprint
         self.saved_device = saved_device
 
-    # -- the view: rows of the mask, spread over the volume -----------------------
+    # -- one voxel's own values, the rows of a volume's mask --------------------------
     def _rows(self, name):
-        """``params[name]`` of the voxels in the mask, (n_mask, ...)."""
+        """``params[name]`` of the voxels in the mask, (n_mask, ...): a fit of
+        one voxel holds the voxel's own values, a row of them."""
         values = self.params[name]
         if values is None or self.shape != ():
             return values
         return values[None] if self.mask else values[None][:0]
 
-    def _view(self, rows, fill, outside=None):
-        """Per-voxel ``rows`` (n_mask, ...) as the fit's: over the volume,
-        ``fill`` outside the mask; one voxel: its row (``outside`` masked)."""
-        if self.shape == ():
-            return rows[0] if self.mask else outside
-        return spread(rows, self.mask, fill)
-
-    def _map(self, rows):
-        """Map of per-voxel ``rows`` (n_mask,): NaN where not fitted, 0 outside."""
-        values = np.where(self._fitted_rows, rows, np.nan).astype(float)
-        return scalar(self._view(values, 0.0, 0.0))
+    def _voxel_part(self, rows, inside):
+        # One voxel's own values, or a masked voxel's (read as 0 maps).
+        params = take(rows, 0) if inside else voxels.masked_voxel(rows)
+        return self._from_rows(params, np.bool_(inside))
 
     def _array(self, name, fill):
         """A per-voxel array parameter as the volume's (one voxel: its own)."""
@@ -106,17 +109,7 @@ class SpinverseFit(ReconstFit):
         rows = self._rows(name)
         if rows is None:
             return None
-        rows = np.where(self._fitted_rows[:, None], rows, np.nan)
-        return self._view(rows, np.nan, np.full(rows.shape[1:], np.nan, rows.dtype))
-
-    @cached_property
-    def _rank(self):
-        """Row of each voxel of the volume in :attr:`params` (-1 outside)."""
-        return voxels.mask_rows(self.mask)
-
-    @property
-    def _fitted_rows(self):
-        return np.isin(self._rows("status"), codes.FITTED)
+        return self._volume(np.where(self._fitted_rows[:, None], rows, np.nan), np.nan)
 
     @property
     def _barrier_rows(self):
@@ -125,28 +118,6 @@ class SpinverseFit(ReconstFit):
         )
 
     # -- per-voxel parameters ------------------------------------------------------
-    @property
-    def shape(self):
-        """Shape of the fitted volume, ``()`` for one voxel."""
-        return self.mask.shape
-
-    @property
-    def status(self):
-        """Status map (0 = ok; see :data:`.codes.STATUS_CODES`)."""
-        if self.shape == ():
-            return scalar(self.params["status"])
-        return spread(self.params["status"], self.mask, codes.MASKED)
-
-    @property
-    def ok(self):
-        """Voxels fitted without problems (status ``OK``)."""
-        return np.asarray(self.status) == codes.OK
-
-    @property
-    def fitted(self):
-        """Voxels with outputs (:data:`~dipy_spinverse.reconst.codes.FITTED`)."""
-        return np.isin(np.asarray(self.status), codes.FITTED)
-
     @property
     def n_pending(self):
         """Voxels of the mask still to fit (a partial fit to resume)."""
@@ -192,7 +163,7 @@ class SpinverseFit(ReconstFit):
         if labels is None:
             return None
         counts = np.max(labels, axis=-1, initial=0).astype(np.int64)
-        return scalar(self._view(np.where(self._fitted_rows, counts, -1), 0, 0))
+        return scalar(self._volume(np.where(self._fitted_rows, counts, -1), 0))
 
     @property
     def cell_volumes(self):
@@ -226,7 +197,7 @@ class SpinverseFit(ReconstFit):
             return None
         # A masked voxel has no cells: an empty table, (0,) as a fitted
         # voxel's is (k,).
-        return self._view(self._cell_tables[name], np.nan, np.zeros(0))
+        return self._volume(self._cell_tables[name], np.nan, np.zeros(0))
 
     @property
     def inside_probability(self):
@@ -340,9 +311,7 @@ class SpinverseFit(ReconstFit):
         status = self._rows("mesh_status")
         if status is None:
             return None
-        return scalar(
-            self._view(status, codes.MESH_NOT_REFINED, codes.MESH_NOT_REFINED)
-        )
+        return scalar(self._volume(status, codes.MESH_NOT_REFINED))
 
     @property
     def _mesh_rows(self):
@@ -399,7 +368,7 @@ class SpinverseFit(ReconstFit):
         area / volume) as a map: 0 outside, NaN where not refined."""
         if self.params["mesh_status"] is None:
             return None
-        return scalar(self._view(self._mesh_measures[:, column], 0.0, 0.0))
+        return scalar(self._volume(self._mesh_measures[:, column], 0.0))
 
     @property
     def mesh_volume(self):
@@ -446,7 +415,7 @@ class SpinverseFit(ReconstFit):
             :meth:`predict_mask` gives the voxels of the mask alone.
         """
         rows = self.predict_mask(gtab, S0=S0)
-        return self._view(rows, 0.0, np.zeros(rows.shape[1:]))
+        return self._volume(rows, 0.0)
 
     def predict_mask(self, gtab=None, *, S0=None, dtype=np.float64):
         """Predicted signal of the voxels of the mask, ``(n_mask, n_volumes)``
@@ -459,40 +428,7 @@ class SpinverseFit(ReconstFit):
         rows = {k: self._rows(k) for k in PREDICTION_PARAMETERS}
         return predict_rows(self.model, rows, self._fitted_rows, gtab, S0, dtype)
 
-    def voxel_data(self, data, index):
-        """The signal of voxel ``index`` in the fitted ``data``, a volume or
-        the rows of its mask (:func:`.voxels.voxel_signal`)."""
-        return voxels.voxel_signal(data, index, self.mask, self._rank)
-
-    # -- indexing ------------------------------------------------------------------
-    def __getitem__(self, index):
-        """The fit of one voxel (integers, negative ones from the end), or of
-        a part of the volume (slices, ``...``, a boolean mask), as numpy.
-
-        A voxel outside the mask gives a fit of status ``MASKED`` that reads
-        as the volume's maps there: scalar maps 0, ``permeability`` NaN,
-        labels 0, no interface mesh, a prediction of 0.
-
-        Raises
-        ------
-        IndexError
-            Outside the fit's shape, with too many entries, or for any index
-            of a single-voxel fit.
-        """
-        return voxels.index_volume_fit(self, index)
-
-    def _part(self, index):
-        """:meth:`__getitem__` without its checks."""
-        return SpinverseFit(
-            self.model, *voxels.part_params(self.params, self.mask, self._rank, index)
-        )
-
-    def __repr__(self):
-        if self.shape == ():
-            meaning = codes.STATUS_CODES[self.status]
-            return (
-                f"SpinverseFit(status={self.status} ({meaning}), "
-                f"barrier_faces={int(self.barrier.sum())}, loss={self.loss:.3g})"
-            )
-        counts = codes.status_counts(self._rows("status"))
-        return f"SpinverseFit(shape={self.shape}, status={counts})"
+    def _repr_items(self):
+        if self.shape != ():
+            return []
+        return [f"barrier_faces={int(self.barrier.sum())}", f"loss={self.loss:.3g}"]

@@ -46,7 +46,7 @@ def smooth_meshes(vertices, tets, refined, shape, rows):
     shape : tuple
     rows : ndarray of int, ``shape``
         The row of each voxel among the mask's, -1 outside
-        (:func:`~dipy_spinverse.reconst.voxels.mask_rows`).
+        (:func:`~dipy_spinverse.masked.mask_rows`).
 
     Returns
     -------

@@ -9,7 +9,8 @@ credible intervals of every descriptor, and draws more samples on demand.
 name               code  meaning
 =================  ====  =====================================================
 OK                 0     posterior computed
-NONFINITE          1     the data contain NaN or inf
+NONFINITE          1     the data contain NaN or inf, or overflow once
+                         b0-normalised
 BAD_B0             2     the mean b = 0 signal (of some sequence) is <= 0
 OUT_OF_PRIOR       6     no simulation of the prior explains the signal
                          within the noise
@@ -35,15 +36,14 @@ protocol leaves open.
 
 import numbers
 import warnings
-from functools import cached_property
 
 import numpy as np
 import torch
-from dipy.reconst.base import ReconstFit
 from dipy.utils.logging import logger
 
 from ..checks import check_int, check_s0
 from ..geometry.descriptors import DESCRIPTORS
+from ..masked import COMMON_CODES, MaskedFit
 from ..posterior import decode
 from ..posterior.calibration import SCALARS, calibrated_draws
 from ..posterior.predictive import predictive_signals
@@ -51,7 +51,6 @@ from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
 from .fit import SpinverseFit
 from .gate import admit, gradient_tables, s0_per_acquisition
 from .noise import relative_noise, warn_noise
-from .voxels import index_volume_fit, mask_rows
 
 __all__ = [
     "PosteriorFit",
@@ -67,12 +66,12 @@ OUT_OF_PRIOR = 6
 
 #: Status codes of a posterior fit and their meaning.
 POSTERIOR_STATUS_CODES = {
-    OK: "ok",
-    NONFINITE: "data contain NaN or inf",
-    BAD_B0: "mean b=0 signal <= 0",
+    OK: COMMON_CODES[OK],
+    NONFINITE: COMMON_CODES[NONFINITE],
+    BAD_B0: COMMON_CODES[BAD_B0],
     OUT_OF_PRIOR: "signal outside the prior's support",
     IMPOSSIBLE_SIGNAL: "attenuation above 1 beyond the noise: no tissue produces it",
-    MASKED: "outside the mask",
+    MASKED: COMMON_CODES[MASKED],
 }
 
 #: Quantiles kept per voxel and descriptor: the median and the bounds of the
@@ -263,7 +262,7 @@ def _mean_axis(axes):
     return axis * sign
 
 
-class PosteriorFit(ReconstFit):
+class PosteriorFit(MaskedFit):
     """Posterior of the tissue descriptors of one voxel or a volume.
 
     Maps (the posterior median of each descriptor; ``orientation`` is the
@@ -291,39 +290,7 @@ class PosteriorFit(ReconstFit):
     mask : ndarray of bool
     """
 
-    def __init__(self, model, params, mask):
-        self.model = model
-        self.params = params
-        self.mask = np.asarray(mask, dtype=bool)
-
-    # -- the volume --------------------------------------------------------------
-    @property
-    def shape(self):
-        """Shape of the fitted volume, ``()`` for one voxel."""
-        return self.mask.shape
-
-    def _volume(self, rows, fill):
-        """Per-voxel ``rows`` (n_mask, ...) spread over the volume, ``fill``
-        outside the mask; one voxel's values for a fit of shape ``()``."""
-        rows = np.asarray(rows)
-        if self.shape == ():
-            if self.mask:
-                return rows[0]
-            # [()]: a number for a scalar map, as rows[0] of a voxel inside.
-            return np.full(rows.shape[1:], fill, dtype=rows.dtype)[()]
-        out = np.full(self.shape + rows.shape[1:], fill, dtype=rows.dtype)
-        out[self.mask] = rows
-        return out
-
-    @cached_property
-    def _rank(self):
-        """Row of each voxel of the volume in :attr:`params` (-1 outside)."""
-        return mask_rows(self.mask)
-
-    @property
-    def status(self):
-        """Status map (:data:`POSTERIOR_STATUS_CODES`)."""
-        return self._volume(self.params["status"], MASKED)
+    status_codes = POSTERIOR_STATUS_CODES
 
     @property
     def S0(self):
@@ -345,41 +312,6 @@ class PosteriorFit(ReconstFit):
 
     def _quantile(self, name, q):
         return self.params[name][:, _kept_index(q)]
-
-    # -- indexing ------------------------------------------------------------------
-    def __getitem__(self, index):
-        """The fit of one voxel, or of a part of the volume, indexed as numpy.
-
-        Integers naming one voxel, ``fit[i, j, k]`` (negative ones count from
-        the end), give that voxel's fit, of shape ``()``: outside the mask
-        its status is ``MASKED`` and its maps, intervals and samples are 0,
-        as the volume's are there. Any other index (slices, ``...``, a
-        boolean mask) gives a smaller volume fit.
-
-        Raises
-        ------
-        IndexError
-            For an index outside the fit's shape or with too many entries
-            (the message gives the shape), and for any index of a
-            single-voxel fit.
-        """
-        return index_volume_fit(self, index)
-
-    def _part(self, index):
-        """:meth:`__getitem__` without its checks."""
-        # numpy indexes the map of rows: its rules (negative indices, bounds,
-        # slices, boolean masks) and no copy of the volume per voxel.
-        rows = self._rank.reshape(self.shape)[index]
-        if np.ndim(rows) == 0:
-            row = int(rows)
-            # One row, or none outside the mask: params stay per mask voxel.
-            take = slice(row, row + 1) if row >= 0 else slice(0, 0)
-            params = {k: v[take] for k, v in self.params.items()}
-            return PosteriorFit(self.model, params, row >= 0)
-        inside = rows >= 0
-        # rows[inside] runs over the part's mask in C order, as params must.
-        params = {k: v[rows[inside]] for k, v in self.params.items()}
-        return PosteriorFit(self.model, params, inside)
 
     # -- intervals and samples -------------------------------------------------------
     def credible_interval(self, name, level=0.9):
@@ -576,34 +508,18 @@ class PosteriorFit(ReconstFit):
             self.model.sequences, protocol, s0, per_sequence[rows]
         )
 
-    def status_counts(self):
-        """Voxels of the mask per status, ``{meaning: count}``
-        (:data:`POSTERIOR_STATUS_CODES`)."""
-        status = self.params["status"]
-        return {
-            POSTERIOR_STATUS_CODES[int(c)]: int(np.sum(status == c))
-            for c in np.unique(status)
-        }
-
-    def __repr__(self):
-        prior = self.model.prior.prior
-        if self.shape == ():
-            status = int(self.status)
-            return (
-                f"PosteriorFit(status={status} ({POSTERIOR_STATUS_CODES[status]}), "
-                f"prior={prior!r})"
-            )
-        counts = self.status_counts()
-        return f"PosteriorFit(shape={self.shape}, status={counts}, prior={prior!r})"
+    def _repr_items(self):
+        return [f"prior={self.model.prior.prior!r}"]
 
 
 #: What a :class:`PosteriorFit` has, for the message of a name it has not.
 _ATTRIBUTES = (
     "the posterior median maps "
     + ", ".join(SCALARS)
-    + " and orientation (the mean axis); status, S0, shape, mask, params, "
-    "model; credible_interval(name, level), posterior_samples(name, n, "
-    "seed=0), status_counts(); fit[i, j, k] for one voxel"
+    + " and orientation (the mean axis); status, ok, fitted, S0, shape, mask, "
+    "params, model; credible_interval(name, level), posterior_samples(name, "
+    "n, seed=0), status_counts(), voxel_data(data, index); fit[i, j, k] for "
+    "one voxel"
 )
 
 
