@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 import torch
-from dipy.reconst.base import ReconstFit, ReconstModel
+from dipy.reconst.base import ReconstModel
 from dipy.testing.decorators import warning_for_keywords
 from dipy.utils.logging import logger
 
@@ -27,6 +27,7 @@ from ..checks import (
     check_s0,
 )
 from ..files import cache_root
+from ..masked import BAD_B0, DIVERGED, MASKED, NONFINITE, OK, MaskedFit, spread
 from .acquisition import Acquisition
 from .amortised import LearnedMixin
 from .chunks import map_chunks
@@ -517,7 +518,10 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
         fit : CompartmentFit subclass
             Voxels whose signals are not finite, or whose b = 0 signal is not
             positive (or so small that the signals divided by it overflow),
-            get NaN parameters; the others are fitted regardless.
+            get NaN parameters and the status ``NONFINITE`` or ``BAD_B0``
+            (``fit.status``, as the search's and the posterior's fits); the
+            others are fitted regardless (``OK``, or ``DIVERGED`` where the
+            fit returned a non-finite S0).
         """
         data, mask = self._check_data(data, mask)
         counts = self._check_fibres(fibres, mask)
@@ -526,13 +530,18 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
         signals = data[mask]  # (V, N)
         s0 = self._s0_estimate(signals)
         scales, levels = self._b0_scales(signals, s0)
-        ok = np.isfinite(signals).all(-1) & np.isfinite(scales).all(-1)
+        finite = np.isfinite(signals).all(-1)
+        ok = finite & np.isfinite(scales).all(-1)
         ok &= np.isfinite(s0) & (s0 > 0) & (scales > 0).all(-1)
         with np.errstate(over="ignore"):
             y = signals / np.where(ok[:, None], scales, 1.0)
         # A b = 0 signal so small (e.g. denormal) that the normalised signals
         # overflow is no signal either: NaN for that voxel alone.
-        ok &= np.isfinite(y).all(-1)
+        overflow = ok & ~np.isfinite(y).all(-1)
+        ok &= ~overflow
+        # The gate's statuses, as the search's and the posterior's.
+        status = np.where(finite & ~overflow, BAD_B0, NONFINITE)
+        status[ok] = OK
         out = np.full((signals.shape[0], n_params), np.nan)
         y_ok = y[ok]
         s0_ok = s0[ok]
@@ -545,11 +554,18 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
             else:
                 out[ok] = self._fit_fixed(y_ok, s0_ok)
         params[mask] = out
+        status[ok & ~np.isfinite(out[:, 0])] = DIVERGED
         sequence_levels = None
         if levels is not None:
             sequence_levels = np.ones(mask.shape + levels.shape[-1:])
             sequence_levels[mask] = np.where(ok[:, None], levels, np.nan)
-        return self._fit_class(self, params, mask=mask, sequence_levels=sequence_levels)
+        return self._fit_class(
+            self,
+            params,
+            mask=mask,
+            sequence_levels=sequence_levels,
+            status=spread(status, mask, MASKED),
+        )
 
     #: "auto" for models whose fibre count varies per voxel (set by
     #: subclasses that support it), else None.
@@ -664,8 +680,13 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
         return signal
 
 
-class CompartmentFit(ReconstFit):
+class CompartmentFit(MaskedFit):
     """Fit of a :class:`CompartmentModel`: a view over one parameter array.
+
+    The volume machinery (shape, mask, indexing, status) is every fit's
+    (:class:`~dipy_spinverse.masked.MaskedFit`): the fit holds the
+    parameters of the voxels of its mask, and :attr:`model_params` spreads
+    them over the volume.
 
     Parameters
     ----------
@@ -679,40 +700,56 @@ class CompartmentFit(ReconstFit):
         Each voxel's b = 0 level per pulse timing over its S0, where the fit
         normalised each timing by its own b = 0 (echo times that differ);
         :meth:`predict` on the model's own table applies it.
+    status : ndarray of int, shape (...), optional
+        Each voxel's status (:data:`~dipy_spinverse.masked.COMMON_CODES`), as
+        :meth:`CompartmentModel.fit` gives it. Default: ``OK`` where S0 is
+        finite, ``NONFINITE`` where it is not.
     """
 
-    def __init__(self, model, model_params, *, mask=None, sequence_levels=None):
-        ReconstFit.__init__(self, model, None)
-        self.model_params = model_params
+    def __init__(
+        self, model, model_params, *, mask=None, sequence_levels=None, status=None
+    ):
+        model_params = np.asarray(model_params)
         if mask is None:
-            mask = np.any(np.asarray(model_params) != 0, axis=-1)
-        self.mask = np.broadcast_to(np.asarray(mask, dtype=bool), self.shape)
-        self.sequence_levels = sequence_levels
+            mask = np.any(model_params != 0, axis=-1)
+        mask = np.broadcast_to(np.asarray(mask, dtype=bool), model_params.shape[:-1])
+        # A boolean index of one voxel (a 0-d mask) keeps a row axis: one
+        # row, or none outside the mask, as a volume's rows.
+        rows = model_params[mask]
+        if status is None:
+            status = np.where(np.isfinite(rows[:, 0]), OK, NONFINITE)
+        else:
+            status = np.asarray(status)[mask]
+        levels = None if sequence_levels is None else np.asarray(sequence_levels)
+        params = dict(
+            model_params=rows,
+            sequence_levels=None if levels is None else levels[mask],
+            status=status,
+        )
+        MaskedFit.__init__(self, model, params, mask)
 
     @property
-    def shape(self):
-        return self.model_params.shape[:-1]
+    def model_params(self):
+        """The fitted parameters (..., n_params) (``model.param_names``): 0
+        outside the mask, NaN where a voxel could not be fitted."""
+        return self._volume(self.params["model_params"], 0.0)
 
-    def __getitem__(self, index):
-        # Index the voxels' positions, then take their rows: the parameter
-        # axis is never indexed (``fit[..., 0]`` is the first slice of the
-        # last spatial axis, as for DIPY's TensorFit).
-        voxels = np.arange(self.mask.size).reshape(self.mask.shape)[index]
-        rows = self.model_params.reshape(self.mask.size, -1)[voxels]
-        levels = self.sequence_levels
-        if levels is not None:
-            levels = levels.reshape(self.mask.size, -1)[voxels]
-        return type(self)(
-            self.model, rows, mask=self.mask.reshape(-1)[voxels], sequence_levels=levels
-        )
+    @property
+    def sequence_levels(self):
+        """Each voxel's b = 0 level per pulse timing over its S0 (...,
+        n_timings), 1 outside the mask; None where one b = 0 served every
+        timing."""
+        levels = self.params["sequence_levels"]
+        return None if levels is None else self._volume(levels, 1.0)
 
     def _param(self, name):
-        return self.model_params[..., self.model.param_names.index(name)]
+        column = self.model.param_names.index(name)
+        return self._volume(self.params["model_params"][:, column], 0.0)
 
     @property
     def S0(self):
         """Fitted signal without diffusion weighting (same units as data)."""
-        return self.model_params[..., 0]
+        return self._volume(self.params["model_params"][:, 0], 0.0)
 
     def _per_fibre(self, name):
         """Map of ``name``: (...) where the layout has one value per voxel,
@@ -729,7 +766,8 @@ class CompartmentFit(ReconstFit):
         slots = self.model._direction_slots()
         if not slots:
             return np.zeros(self.shape + (0, 3))
-        return np.stack([self.model_params[..., s : s + 3] for s in slots], axis=-2)
+        rows = self.params["model_params"]
+        return self._volume(np.stack([rows[:, s : s + 3] for s in slots], 1), 0.0)
 
     @property
     def n_fibres(self):
@@ -737,8 +775,7 @@ class CompartmentFit(ReconstFit):
         and where the voxel could not be fitted)."""
         dirs = self._direction_stack()
         present = np.isfinite(dirs).all(-1).sum(-1)
-        fitted = self.mask & np.isfinite(self.S0)
-        return np.where(fitted, present, 0).astype(np.int64)
+        return np.where(self.fitted, present, 0).astype(np.int64)
 
     @property
     def directions(self):

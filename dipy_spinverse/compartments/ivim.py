@@ -116,7 +116,7 @@ class IvimCompartmentFit(CompartmentFit):
     @property
     def S0_predicted(self):
         """Fitted S0 (DIPY's name)."""
-        return self.model_params[..., 0]
+        return self.S0
 
     @property
     def perfusion_fraction(self):

@@ -31,6 +31,7 @@ from dipy_spinverse.compartments import (
     blocks,
 )
 from dipy_spinverse.compartments.fitting import Bound, nnls
+from dipy_spinverse.masked import BAD_B0, COMMON_CODES, MASKED, NONFINITE, OK
 from dipy_spinverse.sim import analytic as an
 from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
 from dipy_spinverse.sim.waveforms import CosineOGSE
@@ -781,6 +782,35 @@ def test_voxel_with_a_vanishing_b0_does_not_stop_the_fit(gtab_noddi):
     fit = model.fit(data)
     assert np.isnan(fit.S0[1])
     assert_allclose(fit.predict(S0=fit.S0)[[0, 2]], fit.predict()[[0, 2]])
+
+
+def test_compartment_fits_say_why_a_voxel_has_no_parameters(gtab_noddi):
+    """The status of every fit class (issue 73, item 2): the gate's codes,
+    MASKED outside the mask, kept by the parts of a volume fit."""
+    model = NoddiModel(gtab_noddi)
+    params = np.array([[S0, 0.1, 1.0, 0.6, 0.1, 0.0, 0.0, 1.0]] * 5)
+    data = _simulate(model, params)
+    data[1, 3] = np.nan
+    data[2, model.gtab.b0s_mask] = 0.0
+    data[3, model.gtab.b0s_mask] = 1e-320  # overflows once divided by it
+    mask = np.array([True, True, True, True, False])
+    fit = model.fit(data, mask=mask)
+    assert_array_equal(fit.status, [OK, NONFINITE, BAD_B0, NONFINITE, MASKED])
+    assert_array_equal(fit.ok, [True, False, False, False, False])
+    assert fit.status_counts() == {
+        COMMON_CODES[OK]: 1,
+        COMMON_CODES[NONFINITE]: 2,
+        COMMON_CODES[BAD_B0]: 1,
+    }
+    assert fit[2].status == BAD_B0 and fit[4].status == MASKED
+    assert_array_equal(fit[4].model_params, 0.0)  # as the volume's there
+    assert_array_equal(fit[1:3].status, fit.status[1:3])
+    # The maps say the same: NaN parameters where the status is not OK.
+    assert_array_equal(np.isnan(fit.S0), ~fit.ok & fit.mask)
+    # A fit built from parameters: OK where S0 is finite.
+    built = model._fit_class(model, fit.model_params)
+    assert_array_equal(built.status, [OK, NONFINITE, NONFINITE, NONFINITE, MASKED])
+    assert "status={'ok': 1" in repr(fit)
 
 
 def test_exchange_predict_masked_and_nan_voxels(gtab_exchange):
