@@ -73,17 +73,24 @@ CRC_PREFIX = "crc32."
 
 
 def fit_header(fit):
-    """The header a fit file keeps: format, version, model and fingerprint.
+    """The header a fit file keeps: format, version, model (and, for a
+    search fit, the fitted data's fingerprint).
 
     Parameters
     ----------
-    fit : SpinverseFit
+    fit : SpinverseFit or PosteriorFit
 
     Returns
     -------
     dict
         JSON-ready; :func:`read_fit_file` checks its format and version.
     """
+    if isinstance(fit, PosteriorFit):
+        return dict(
+            format=_POSTERIOR_FORMAT,
+            version=_POSTERIOR_VERSION,
+            model=model_spec(fit.model),
+        )
     return dict(
         format=_FORMAT,
         version=_VERSION,
@@ -144,21 +151,10 @@ def save_fit(fit, path):
     path = os.fspath(path)
     if not path.endswith(".npz"):
         path += ".npz"
-    if isinstance(fit, PosteriorFit):
-        arrays = {name: np.asarray(value) for name, value in fit.params.items()}
-        header = dict(
-            format=_POSTERIOR_FORMAT,
-            version=_POSTERIOR_VERSION,
-            model=model_spec(fit.model),
-        )
-    else:
-        arrays = {name: fit.params[name] for name in _ARRAYS if name != "mask"}
-        for name in _SAVED_IF_PRESENT:
-            if fit.params.get(name) is not None:
-                arrays[name] = fit.params[name]
-        header = fit_header(fit)
-    arrays["mask"] = fit.mask
-    arrays["header"] = np.array(json.dumps(header))
+    # The fit's own arrays (MaskedFit.saved_arrays): the mask and the rows
+    # of every parameter it holds, the same path for both methods.
+    arrays = fit.saved_arrays()
+    arrays["header"] = np.array(json.dumps(fit_header(fit)))
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
     return path
