@@ -252,7 +252,7 @@ def trained_model(args):
     if args.retrain:
         # No shipped file of the key: trained into the cache as a user's
         # would be where the package ships none.
-        posterior.SHIPPED = pathlib.Path(tempfile.mkdtemp())
+        posterior.cache.SHIPPED = pathlib.Path(tempfile.mkdtemp())
     trained = tuple(f for f in FAMILIES if f not in args.left_out)
 
     def prior(families=None, **fields):

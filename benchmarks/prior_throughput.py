@@ -63,7 +63,7 @@ from dipy_spinverse.geometry.substrates.packed import _fill
 from dipy_spinverse.geometry.substrates.substrate import substrate_from_labels
 from dipy_spinverse.io.datasets import read_cat_spinal_cord, read_isbi2015
 from dipy_spinverse.posterior import TissuePrior
-from dipy_spinverse.posterior.prior import _boxes
+from dipy_spinverse.posterior.simulator import _boxes
 from dipy_spinverse.sim.forward import converged_substeps, simulate
 from dipy_spinverse.sim.grid import TetGrid
 from dipy_spinverse.sim.sections import fibre_frame

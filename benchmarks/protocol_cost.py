@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from dipy_spinverse.posterior import TissuePrior
-from dipy_spinverse.posterior.prior import _boxes
+from dipy_spinverse.posterior.simulator import _boxes
 
 PROTOCOLS = ("demo", "hcp", "cord", "isbi")
 _ROOT = pathlib.Path(__file__).resolve().parents[1]

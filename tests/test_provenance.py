@@ -69,17 +69,22 @@ def test_the_digest_changes_with_the_code_it_covers_only(package):
 
 
 def test_the_posterior_covers_the_simulator_prior_descriptors_and_training():
-    """What trains a posterior estimator is hashed; its shipped manifest's
-    code and the checkpoint of simulations are not."""
+    """What trains a posterior estimator is hashed (its prior, simulator,
+    training and cache, and what they import); its shipped manifest's code,
+    the checkpoint of simulations and the posterior predictive are not."""
     from dipy_spinverse.posterior import shipped
 
     files = code_sources(*shipped.TRAINING_ROOTS, exclude=shipped.NOT_FOLLOWED)
     for name in (
-        "posterior/__init__.py",
         "posterior/prior.py",
+        "posterior/simulator.py",
+        "posterior/training.py",
+        "posterior/noise.py",
+        "posterior/cache.py",
         "posterior/targets.py",
         "posterior/estimator.py",
         "posterior/calibration.py",
+        "posterior/support.py",
         "geometry/descriptors.py",
         "geometry/substrates/packed.py",
         "sim/forward.py",
@@ -87,7 +92,12 @@ def test_the_posterior_covers_the_simulator_prior_descriptors_and_training():
         "sim/signals.py",
     ):
         assert name in files, name
-    for name in ("posterior/shipped.py", "posterior/checkpoint.py", "checks.py"):
+    for name in (
+        "posterior/shipped.py",
+        "posterior/checkpoint.py",
+        "posterior/predictive.py",
+        "checks.py",
+    ):
         assert name not in files, name
     assert len(shipped.estimator_code()) == provenance.DIGEST_LENGTH
 
@@ -157,7 +167,7 @@ def test_every_cached_estimator_is_keyed_by_its_code(monkeypatch, gtab_shells):
             # The posterior's digest is its shipped module's (estimator_code).
             first, second = [], []
             for code, out in (("0" * 16, first), ("1" * 16, second)):
-                monkeypatch.setattr(posterior, "estimator_code", lambda c=code: c)
+                monkeypatch.setattr(posterior.cache, "estimator_code", lambda c=code: c)
                 out.append(key())
             assert first != second, name
             assert first[0].endswith("-" + "0" * 16), first

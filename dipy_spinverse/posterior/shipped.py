@@ -3,9 +3,9 @@ r"""The posterior estimators shipped with the package, and the code that trained
 A posterior estimator depends on its prior, protocol and training options
 and on the code that simulates and trains it: the modules
 :func:`estimator_code` hashes (:mod:`dipy_spinverse.provenance`: the
-package's ``__init__`` with its training, the prior and its simulator, the
-descriptors, the flow and its calibration, and everything of ``sim/`` and
-``geometry/`` they import). A cached estimator is named by both
+prior, its simulator, the training and its cache, the flow with its
+calibration and support test, the descriptors, and everything of ``sim/``
+and ``geometry/`` they import). A cached estimator is named by both
 (``posterior-<settings>-<code>.pt``), so other code never reads it.
 
 A shipped estimator (``trained/posterior-<settings>.pt``) is named by its
@@ -72,10 +72,18 @@ SHIPPED = pathlib.Path(__file__).resolve().parent / "trained"
 #: trained under and the later code accepted for it.
 MANIFEST_NAME = "manifest.json"
 
-#: Where a posterior's training starts: the package's ``__init__`` (the
-#: training set and :func:`~dipy_spinverse.posterior.load_or_train`); every
-#: module it imports, of the package, follows.
-TRAINING_ROOTS = ("posterior",)
+#: What makes a posterior estimator, in the order of its steps: the prior,
+#: its simulator, the training and the cache
+#: (:func:`~dipy_spinverse.posterior.load_or_train`); every module of the
+#: package they import follows (the flow, its calibration and support test,
+#: the targets, ``sim/``, ``geometry/``). Not the package's ``__init__``: it
+#: only re-exports them.
+TRAINING_ROOTS = (
+    "posterior.prior",
+    "posterior.simulator",
+    "posterior.training",
+    "posterior.cache",
+)
 
 #: Modules of the posterior that shape no estimator: this one, and the
 #: checkpoint of simulations (it stores them; it does not make them).

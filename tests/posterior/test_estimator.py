@@ -6,11 +6,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 from scipy import stats
 
 from dipy_spinverse import posterior
-from dipy_spinverse.posterior.estimator import (
-    PosteriorEstimator,
-    TrainingOptions,
-    normal_points,
-)
+from dipy_spinverse.posterior.estimator import PosteriorEstimator, normal_points
+from dipy_spinverse.posterior.training import TrainingOptions
 
 TINY = TrainingOptions(n_simulations=16, hidden=16, embedding=8, transforms=2)
 

@@ -10,7 +10,7 @@ import torch
 from conftest import SMALL_PRIOR, SMALL_TRAINING
 from numpy.testing import assert_allclose, assert_array_equal
 
-import dipy_spinverse.posterior.prior as prior_module
+import dipy_spinverse.posterior.simulator as simulator_module
 from dipy_spinverse import SpinverseModel, TetGrid, simulate
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.geometry.substrates import FIBRE_DIRECTIONS, packed_substrate
@@ -348,7 +348,7 @@ def test_posterior_is_cached(posterior_model, monkeypatch):
     assert path.exists()
     # Its simulations, kept while it trained, are gone with the estimator saved.
     assert not posterior._partial_folder(path).exists()
-    monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(posterior.training, "train_estimator", lambda *a, **k: 1 / 0)
     again = SpinverseModel(
         PROTOCOL,
         fit_method="posterior",
@@ -378,8 +378,8 @@ def test_a_damaged_shipped_estimator_is_never_used(
     # Shipped under its settings' name, for this code, but damaged.
     damaged = shipping.ship(path, about="damaged", folder=shipped)
     damaged.write_bytes(b"not an estimator")
-    monkeypatch.setattr(posterior, "SHIPPED", shipped)
-    monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(posterior.cache, "SHIPPED", shipped)
+    monkeypatch.setattr(posterior.training, "train_estimator", lambda *a, **k: 1 / 0)
     with pytest.warns(UserWarning, match="shipped posterior estimator .* cannot"):
         net, used = posterior.load_or_train(
             SMALL_PRIOR, PROTOCOL, SMALL_OPTIONS, cache_dir=path.parent
@@ -529,7 +529,7 @@ def test_model_error_draws_have_the_errors_mean_and_covariance():
     and the covariance within 5 % (relative, on its largest entries)."""
     import torch
 
-    from dipy_spinverse.posterior.estimator import add_model_error
+    from dipy_spinverse.posterior.noise import add_model_error
 
     rng = np.random.default_rng(0)
     errors = rng.standard_normal((12, 5)) @ rng.standard_normal((5, 5)) * 0.01 + 0.02
@@ -566,7 +566,7 @@ def test_training_with_a_reference_grid_models_its_error(tmp_path, monkeypatch, 
         seen.update(signals=signals, coordinates=coordinates, **kwargs)
         return 1 / 0  # stop before saving
 
-    monkeypatch.setattr(posterior, "train_estimator", capture)
+    monkeypatch.setattr(posterior.training, "train_estimator", capture)
     with caplog.at_level(logging.INFO, logger="dipy"):
         with pytest.raises(ZeroDivisionError):
             posterior.load_or_train(
@@ -580,9 +580,11 @@ def test_training_with_a_reference_grid_models_its_error(tmp_path, monkeypatch, 
     # The simulations were kept: the rerun simulates nothing and trains on
     # the same set.
     first = dict(seen)
-    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(
-        prior_module.PriorSimulator, "seconds_per_draw", lambda *a, **k: 0.1
+        simulator_module.PriorSimulator, "_simulate", lambda *a, **k: 1 / 0
+    )
+    monkeypatch.setattr(
+        simulator_module.PriorSimulator, "seconds_per_draw", lambda *a, **k: 0.1
     )
     with pytest.raises(ZeroDivisionError):
         posterior.load_or_train(
@@ -692,7 +694,7 @@ def test_the_time_per_draw_weighs_every_patch(monkeypatch):
         return np.zeros((len(draws), len(simulator.protocol)))
 
     monkeypatch.setattr(simulator, "simulate_draws", fake)
-    monkeypatch.setattr(prior_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(simulator_module.time, "perf_counter", lambda: clock[0])
     estimate = simulator.seconds_per_draw(seed=5, n_draws=40, per_box=2)
     draws, _ = simulator._draws(40, 5, None, False)
     assert_allclose(estimate, np.mean([1.0 / d.side for d in draws]), rtol=1e-12)
@@ -714,7 +716,7 @@ def test_the_time_per_draw_weighs_every_patch(monkeypatch):
 def _interrupting(monkeypatch, after):
     """Make the simulator's batches raise KeyboardInterrupt after ``after``
     of them (pilots included), as a Ctrl-C does."""
-    real = prior_module.PriorSimulator._simulate
+    real = simulator_module.PriorSimulator._simulate
     calls = []
 
     def failing(self, grid, draws_, rows, box=None, **kw):
@@ -723,7 +725,7 @@ def _interrupting(monkeypatch, after):
             raise KeyboardInterrupt
         return real(self, grid, draws_, rows, box, **kw)
 
-    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", failing)
+    monkeypatch.setattr(simulator_module.PriorSimulator, "_simulate", failing)
     return real
 
 
@@ -747,7 +749,7 @@ def test_an_interrupted_simulation_resumes_from_its_checkpoint(tmp_path, monkeyp
     n_done = int(saved["done"].sum())
     assert 0 < n_done < len(draws)
 
-    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", real)
+    monkeypatch.setattr(simulator_module.PriorSimulator, "_simulate", real)
     resumed = AXON_PRIOR.simulator(PROTOCOL, batch_size=2)
     simulated = []
 
@@ -756,7 +758,7 @@ def test_an_interrupted_simulation_resumes_from_its_checkpoint(tmp_path, monkeyp
         simulated.extend(id(draws_[i]) for i in rows)
         return real(self, grid, draws_, rows, box, **kw)
 
-    monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", counting)
+    monkeypatch.setattr(simulator_module.PriorSimulator, "_simulate", counting)
     signals = resumed.simulate_draws(draws, checkpoint=checkpoint)
     assert_array_equal(signals, expected)
     assert len(set(simulated)) == len(draws) - n_done
@@ -933,7 +935,7 @@ def test_a_dask_cluster_simulates_the_batches_as_a_serial_run(tmp_path, monkeypa
                 AXON_PRIOR.simulator(PROTOCOL, batch_size=2).simulate_draws(
                     draws, checkpoint=partial
                 )
-            monkeypatch.setattr(prior_module.PriorSimulator, "_simulate", real)
+            monkeypatch.setattr(simulator_module.PriorSimulator, "_simulate", real)
             assert 0 < np.load(partial)["done"].sum() < len(draws)
             resumed = AXON_PRIOR.simulator(
                 PROTOCOL, batch_size=2, engine="dask", address=client

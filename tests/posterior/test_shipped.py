@@ -69,7 +69,7 @@ def _demo_model(tmp_path, which, *, cache_dir=None):
 def test_the_demo_finds_the_shipped_estimator(tmp_path, monkeypatch, which):
     """Read from the package, never trained (training would fail here): the
     posterior fit's, the search's surface check's and the default's."""
-    monkeypatch.setattr(posterior, "train_estimator", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(posterior.training, "train_estimator", lambda *a, **k: 1 / 0)
     model = _demo_model(tmp_path, which, cache_dir=tmp_path / "empty_cache")
     assert model.estimator is not None
     assert model.estimator_path.parent == posterior.SHIPPED
@@ -129,7 +129,7 @@ def test_retraining_reproduces_the_shipped_estimators_calibration(
     shipped = _demo_model(tmp_path, which)
     assert shipped.estimator is not None  # loaded on first use
     assert shipped.estimator_path.parent == posterior.SHIPPED
-    monkeypatch.setattr(posterior, "SHIPPED", tmp_path / "nothing_shipped")
+    monkeypatch.setattr(posterior.cache, "SHIPPED", tmp_path / "nothing_shipped")
     retrained = _demo_model(tmp_path, which, cache_dir=tmp_path / "cache")
     assert retrained.estimator is not None  # trained here
     assert retrained.estimator_path.parent == tmp_path / "cache"

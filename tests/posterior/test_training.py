@@ -93,7 +93,7 @@ def test_a_cached_estimator_of_other_code_is_trained_again(
     torch.save({**saved, "code": "0" * 16}, foreign)
     with pytest.raises(StaleCacheError, match="trained by other code"):
         posterior._load(foreign, len(PROTOCOL), TINY, code=shipped.estimator_code())
-    monkeypatch.setattr(posterior, "_train", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(posterior.cache, "_train", lambda *a, **k: 1 / 0)
     with pytest.warns(UserWarning, match="trained by other code"):
         with pytest.raises(ZeroDivisionError):
             posterior.load_or_train(SMALL_PRIOR, PROTOCOL, TINY, cache_dir=tmp_path)
@@ -108,8 +108,8 @@ def test_a_shipped_estimator_serves_only_code_its_manifest_accepts(
     re-keyed on purpose, with a reason."""
     _, path = trained
     folder = tmp_path / "trained"
-    monkeypatch.setattr(posterior, "SHIPPED", folder)
-    monkeypatch.setattr(posterior, "_train", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(posterior.cache, "SHIPPED", folder)
+    monkeypatch.setattr(posterior.cache, "_train", lambda *a, **k: 1 / 0)
     code = shipped.estimator_code()
     target = shipped.ship(path, about="the tests' tiny estimator", folder=folder)
     settings = path.name.split("-")[1]
@@ -125,7 +125,7 @@ def test_a_shipped_estimator_serves_only_code_its_manifest_accepts(
 
     assert load()[1] == target
     # The code changes (as an edit of sim/ would change its digest).
-    for module in (posterior, shipped):
+    for module in (posterior.cache, shipped):
         monkeypatch.setattr(module, "estimator_code", lambda: "f" * 16)
     with pytest.warns(StaleEstimatorWarning, match="posterior rekey --reason"):
         with pytest.raises(ZeroDivisionError):  # it would train
