@@ -1,8 +1,9 @@
 """Regenerates the tables of doc/validation/white_matter.md.
 
-"What a bundle costs": seconds to simulate one section of myelinated axons (:func:`~dipy_spinverse.geometry.
-substrates.axon_bundle`) with the white-matter physics (a diffusivity, a T2
-and a water density per compartment), against the default prior's section.
+"What a bundle costs": seconds to simulate one section of myelinated
+axons (:func:`~dipy_spinverse.geometry.substrates.axon_bundle`) with the
+white-matter physics (a diffusivity, a T2 and a water density per
+compartment), against the default prior's section.
 
 For each row: ``n_axons`` axons of gamma-distributed diameters (shape 4,
 the row's mean), g-ratios 0.6-0.8, fibre fraction 0.7, permeability

@@ -20,6 +20,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dipy_spinverse"
 LAYERS = [
     "lazy",
     "checks",
+    "masked",
     "files",
     "provenance",
     "clusters",
@@ -172,6 +173,7 @@ LAYERS = [
 FOLDERS = [
     "lazy",
     "checks",
+    "masked",
     "files",
     "provenance",
     "clusters",
