@@ -36,6 +36,7 @@ __all__ = [
     "code_digest",
     "code_sources",
     "source_digests",
+    "package_imports",
     "StaleEstimatorWarning",
     "NOT_TRAINING",
     "DIGEST_LENGTH",
@@ -177,10 +178,9 @@ def _closure(roots, exclude):
 
 
 def _path(name):
-    """The source file of module ``name`` (relative dotted name), or None."""
-    if not name:
-        return None
-    base = PACKAGE.joinpath(*name.split("."))
+    """The source file of module ``name`` (relative dotted name; ``""`` is
+    the package itself), or None."""
+    base = PACKAGE.joinpath(*name.split(".")) if name else PACKAGE
     for path in (base / "__init__.py", base.with_suffix(".py")):
         if path.is_file():
             return path
@@ -188,18 +188,25 @@ def _path(name):
 
 
 def _imports(name):
-    """The package's modules that module ``name`` imports (as
-    ``tests/test_layout.py`` reads them: ``from .x import y`` is module
-    ``x.y`` where that is a module, else ``x``)."""
+    """The package's modules that module ``name`` imports."""
+    return (module for module, _ in package_imports(name))
+
+
+def package_imports(name):
+    """(module, name) pairs of what module ``name`` (relative dotted name)
+    imports from the package: every import statement, those inside
+    functions too, relative or absolute. ``from .x import y`` is module
+    ``x.y`` where that is a module, else ``x`` (``tests/test_layout.py``
+    reads the layers with it)."""
     path = _path(name)
     is_package = path.name == "__init__.py"
-    here = name.split(".")
+    here = name.split(".") if name else []
     top = PACKAGE.name
     for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith(top + "."):
-                    yield alias.name.removeprefix(top + ".")
+                    yield alias.name.removeprefix(top + "."), ""
             continue
         if not isinstance(node, ast.ImportFrom):
             continue
@@ -213,4 +220,4 @@ def _imports(name):
             target = ".".join(base + (node.module.split(".") if node.module else []))
         for alias in node.names:
             full = f"{target}.{alias.name}" if target else alias.name
-            yield full if _path(full) is not None else target
+            yield (full if _path(full) is not None else target), alias.name

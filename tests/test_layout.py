@@ -10,11 +10,12 @@ each other (a module-level order alone allows ``io.meshes`` low and
 doc/layout.md describes the layers.
 """
 
-import ast
 import pathlib
 import re
 
 import pytest
+
+from dipy_spinverse.provenance import package_imports
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dipy_spinverse"
 LAYERS = [
@@ -204,47 +205,14 @@ def _modules():
     return out
 
 
-def _imports(name, path):
-    """(imported module, imported name) pairs of the package's own modules.
-
-    Every import statement counts, those inside functions too, relative
-    (``from ..io import x``) or absolute (``from dipy_spinverse.io import
-    x``, ``import dipy_spinverse.io``).
-    """
-    modules = _modules()
-    is_package = path.name == "__init__.py"
-    here = name.split(".") if name else []
-    top = PACKAGE.name
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith(top + "."):
-                    yield alias.name.removeprefix(top + "."), ""
-            continue
-        if not isinstance(node, ast.ImportFrom):
-            continue
-        if node.level == 0:
-            if not (node.module or "").startswith(top + "."):
-                continue
-            target = node.module.removeprefix(top + ".")
-        else:
-            base = here if is_package else here[:-1]
-            base = base[: len(base) - (node.level - 1)]
-            target = ".".join(base + (node.module.split(".") if node.module else []))
-        for alias in node.names:
-            full = f"{target}.{alias.name}" if target else alias.name
-            yield (full if full in modules else target), alias.name
-
-
 def test_every_module_has_a_layer():
     assert set(_modules()) - {""} == set(LAYERS)
 
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_imports_flow_one_way(name):
-    path = _modules()[name]
     rank = LAYERS.index(name)
-    for target, imported in _imports(name, path):
+    for target, imported in package_imports(name):
         if target.startswith(name + "."):
             continue  # a package re-exporting its own submodules
         assert LAYERS.index(target) < rank, f"{name} imports {target} (upward)"
@@ -263,10 +231,10 @@ def test_folders_are_blocks_of_the_layers_in_their_order():
 def _folder_imports():
     """{folder: {folder it imports: a module import that does it}}."""
     found = {}
-    for name, path in _modules().items():
+    for name in _modules():
         if not name:
             continue  # the package's own __init__: names imported on first use
-        for target, _ in _imports(name, path):
+        for target, _ in package_imports(name):
             if _folder(target) != _folder(name):
                 found.setdefault(_folder(name), {}).setdefault(
                     _folder(target), f"{name} -> {target}"
@@ -316,7 +284,7 @@ def _imported_by(row):
     package = row.rsplit(".", 1)[0] + "." if "." in row else None
     found = set()
     for name in members:
-        for target, _ in _imports(name, modules[name]):
+        for target, _ in package_imports(name):
             if target in members or target == row or target.startswith(row + "."):
                 continue
             # doc/layout.md names a sibling in the same package by its short name
