@@ -29,6 +29,7 @@ __all__ = [
     "OPTIONS",
     "PRESETS",
     "resolve_config",
+    "refuse_unused",
     "check_proposal",
 ]
 
@@ -256,7 +257,11 @@ class LossConfig:
     ``noise="rician"`` and ``sigma`` (noise relative to the voxel's mean
     b = 0 signal) > 0; sequences of different echo times are weighted by
     their own noise (:func:`dipy_spinverse.sim.signals.noise_precision`).
-    See :func:`dipy_spinverse.sim.signals.data_loss`.
+    See :func:`dipy_spinverse.sim.signals.data_loss`. The noise reaches the
+    loss in one form: ``sigma``, and each acquisition's precision relative
+    to ``1 / sigma^2`` (:attr:`VoxelSignals.precision`; the DIPY model puts
+    its data's noise in both at each fit, ``sigma`` as one level per fit,
+    :func:`dipy_spinverse.reconst.noise.reference_noise`).
     """
 
     loss_scale: float = 100.0
@@ -692,8 +697,30 @@ def resolve_config(preset="default", *, max_iter=None, **options):
             max_iter = check_int(max_iter, "max_iter", 1)
             options = _scale_iterations(base, options, max_iter)
     config = base.replace(**options)
+    refuse_unused(config, options)
+    return config
+
+
+def refuse_unused(config, names):
+    """Refuse options that ``config`` does not use.
+
+    :func:`resolve_config` calls it on the options it is given; a caller
+    that will set an option later calls it first, e.g. the DIPY model,
+    whose fits give the loss their data's ``sigma``.
+
+    Parameters
+    ----------
+    config : InversionConfig
+    names : iterable of str
+        Options by name (:data:`OPTIONS`).
+
+    Raises
+    ------
+    OptionError
+        Some of ``names`` have no effect in ``config``.
+    """
     ignored = _ignored_options(config)
-    useless = sorted(set(options) & set(ignored))
+    useless = sorted(set(names) & set(ignored))
     if useless:
         reasons = "; ".join(f"{k}: {ignored[k][0]}" for k in useless)
         raise OptionError(
@@ -702,7 +729,6 @@ def resolve_config(preset="default", *, max_iter=None, **options):
             options=["preset", *OPTIONS],
             fixes=[fix for k in useless for fix in ignored[k][1]],
         )
-    return config
 
 
 def _scale_iterations(base, options, max_iter):

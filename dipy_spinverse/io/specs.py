@@ -58,7 +58,6 @@ def model_spec(model):
         dtype=str(model.dtype).replace("torch.", ""),
         options=model.config.as_dict(),
         sigma=model.sigma,
-        s0_reference=model.s0_reference,
         refine_mesh=model.refine_mesh,
         mesh_options=model.mesh_options,
         protocol=_protocol_spec(model.protocol),
@@ -131,9 +130,12 @@ def model_from_spec(spec):
     else:  # files of earlier versions: a preset, its options and max_iter
         config = resolve_config(preset, max_iter=spec["max_iter"], **options)
     # Files before the noise convention of issue 61 hold the relative noise
-    # in the configuration alone (the model then uses it as it is).
+    # in the configuration alone (the model then uses it as it is). Their
+    # "s0_reference" (the b = 0 signal a fit's noise referred to) is not
+    # read: each fit takes its noise level from its data
+    # (reconst.runner.fit_noise).
     sigma = spec.get("sigma") or None
-    model = SpinverseModel(
+    return SpinverseModel(
         table,
         sigma=sigma,
         grid=grid,
@@ -145,8 +147,6 @@ def model_from_spec(spec):
         refine_mesh=spec.get("refine_mesh", False),
         mesh_options=spec.get("mesh_options"),
     )
-    reference = spec.get("s0_reference")
-    return model if reference is None else model.referenced_to(reference)
 
 
 def _grid_spec(grid):

@@ -3,13 +3,15 @@
 Gradient tables are turned into protocols (:func:`gradient_tables`), data
 arrays checked for shape and type (:func:`check_data`), and each chunk of
 voxels cast to float64, normalised by its b = 0 signal and given its
-statuses once (:func:`admit`). Below the gate the inversion and the
+statuses and its own noise once (:func:`admit`: the noise in the data's units,
+relative to the voxel's b = 0 signal, and as the precisions of the
+inversion's loss). Below the gate the inversion and the
 posterior trust their inputs: finite, normalised signals with a positive
 b = 0 in every sequence.
 """
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -142,12 +144,13 @@ def check_data(data, n_volumes):
 
 @dataclass(frozen=True)
 class Admitted:
-    """Voxels past the gate.
+    """Voxels past the gate, with their own noise.
 
     Attributes
     ----------
     signals : VoxelSignals
-        Each sequence divided by its own b = 0 signal (float64).
+        Each sequence divided by its own b = 0 signal (float64); its
+        ``precision`` is :attr:`precision`.
     status : ndarray of int8 (n,)
         ``OK``, ``NONFINITE`` (NaN or inf, or a normalised signal beyond the
         model's floating-point range) or ``BAD_B0`` (a sequence's b = 0
@@ -162,9 +165,16 @@ class Admitted:
     S0_sequences : ndarray (n, n_sequences)
         Each sequence's b = 0 scale (NaN where not admitted).
     sigma : ndarray (n,)
+        Each voxel's noise in the data's units (0 when it is not known, NaN
+        where not admitted).
+    relative : ndarray (n,)
         Each voxel's noise over its mean b = 0 signal
         (:func:`~dipy_spinverse.reconst.noise.relative_noise`; 0 when the
-        noise is not known, NaN where not admitted).
+        noise is not known, NaN where not admitted): the posterior's input.
+    noise : float
+        The relative noise the precisions are in units of (the fit's
+        :func:`~dipy_spinverse.reconst.noise.reference_noise`; 0: none, the
+        precisions are the sequences' own).
     """
 
     signals: VoxelSignals
@@ -173,15 +183,25 @@ class Admitted:
     S0: np.ndarray
     S0_sequences: np.ndarray
     sigma: np.ndarray
+    relative: np.ndarray
+    noise: float = 0.0
 
     @property
     def ok(self):
         """Whether each voxel is admitted (status ``OK``)."""
         return self.status == OK
 
+    @property
+    def precision(self):
+        """ndarray (n, n_acquisitions): each acquisition's weight in the
+        inversion's loss, in units of ``1 / noise^2``: its variance is
+        ``noise^2 / precision``, the voxel's own ``relative^2`` over its
+        sequence's :func:`~dipy_spinverse.sim.signals.noise_precision`."""
+        return self.signals.precision
 
-def admit(data, protocol, *, sigma=0.0, dtype=torch.float32):
-    """Cast, normalise and give statuses to raw voxels, once.
+
+def admit(data, protocol, *, sigma=0.0, noise=0.0, dtype=torch.float32):
+    """Cast, normalise and give statuses and noise to raw voxels, once.
 
     Parameters
     ----------
@@ -192,6 +212,14 @@ def admit(data, protocol, *, sigma=0.0, dtype=torch.float32):
     sigma : float
         Noise standard deviation in the data's units (0: unknown; the
         impossible-signal test then uses each voxel's own spread).
+    noise : float
+        The fit's relative noise level
+        (:func:`~dipy_spinverse.reconst.noise.reference_noise`): with
+        ``sigma``, each voxel's precisions are scaled by ``(noise /
+        relative)^2``, so that every chi-square, misfit test and Rician
+        floor of the inversion uses the voxel's own noise. 0 leaves the
+        sequences' own precisions (the posterior, which takes
+        :attr:`Admitted.relative`).
     dtype : torch.dtype
         The precision the signals are fitted in: a normalised signal beyond
         its range (a b = 0 of 1e-310) is ``NONFINITE``.
@@ -219,7 +247,14 @@ def admit(data, protocol, *, sigma=0.0, dtype=torch.float32):
     )
     S0 = np.where(ok, signals.s0, np.nan)
     S0_sequences = np.where(ok[:, None], signals.scale, np.nan)
-    return Admitted(signals, status, impossible, S0, S0_sequences, relative)
+    absolute = np.where(ok, float(sigma), np.nan)
+    if sigma > 0 and noise > 0:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight = (noise / relative) ** 2
+        signals = replace(signals, precision=signals.precision * weight[:, None])
+    return Admitted(
+        signals, status, impossible, S0, S0_sequences, absolute, relative, noise
+    )
 
 
 def s0_per_acquisition(sequences, protocol, s0, s0_sequences):

@@ -7,8 +7,10 @@ deviation in the units of the image, and both fit methods take it so
 ``sigma`` over its own mean b = 0 signal (:func:`relative_noise`, computed
 once by the gate): a voxel of bright b = 0 is less noisy, relative to its
 signal, than a dark one. Below the DIPY layer the fits work in relative
-units (the inversion's :class:`~dipy_spinverse.inverse.config.LossConfig`,
-the posterior's input).
+units: the posterior takes each voxel's relative noise, and the inversion
+one relative level per fit (:func:`reference_noise`, its
+:class:`~dipy_spinverse.inverse.config.LossConfig`'s ``sigma``) with each
+voxel's own noise in its precisions (:func:`~dipy_spinverse.reconst.gate.admit`).
 """
 
 import warnings
@@ -20,6 +22,7 @@ __all__ = [
     "NOISE_HINT",
     "SUSPECT_SNR",
     "check_sigma",
+    "reference_noise",
     "relative_noise",
     "warn_noise",
 ]
@@ -120,6 +123,48 @@ def relative_noise(sigma, s0):
         return np.zeros(s0.shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(s0 > 0, sigma / s0, np.nan)
+
+
+def reference_noise(sigma, s0):
+    """The relative noise one fit's losses are measured in.
+
+    ``sigma`` over the median of the voxels' mean b = 0 signals: one level
+    for the whole fit, so that its losses compare from chunk to chunk; each
+    voxel's own noise enters its precisions
+    (:func:`~dipy_spinverse.reconst.gate.admit`).
+
+    Parameters
+    ----------
+    sigma : float
+        The noise in the data's units (0: unknown).
+    s0 : array_like (n,)
+        The fitted voxels' mean b = 0 signals; those not finite and positive
+        (the gate flags them) are left out.
+
+    Returns
+    -------
+    float
+        0 when ``sigma`` is 0 or no voxel has a positive b = 0 signal.
+
+    Raises
+    ------
+    ValueError
+        ``sigma`` is not below the median b = 0 signal.
+    """
+    if not sigma > 0:
+        return 0.0
+    s0 = np.asarray(s0, dtype=np.float64).ravel()
+    s0 = s0[np.isfinite(s0) & (s0 > 0)]
+    if not len(s0):
+        return 0.0  # every voxel is flagged by the gate (BAD_B0)
+    median = float(np.median(s0))
+    if not sigma < median:
+        raise ValueError(
+            f"sigma {sigma:.4g} is not below the median b=0 signal "
+            f"{median:.4g} of the voxels: pass the noise standard "
+            "deviation in the data's units " + NOISE_HINT[1:-1] + "."
+        )
+    return sigma / median
 
 
 def warn_noise(relative, *, snr_range=None):

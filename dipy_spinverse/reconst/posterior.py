@@ -119,7 +119,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     good = status == OK
     inputs = np.full((n, len(model.protocol)), np.nan, dtype=np.float32)
     inputs[good] = gate.signals.normalised[good]
-    sigma = gate.sigma.astype(np.float32)
+    sigma = gate.relative.astype(np.float32)
     warn_noise(sigma[good], snr_range=model.posterior_options.snr_range)
     summary = {name: np.full((n, len(_KEPT)), np.nan) for name in SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
@@ -197,7 +197,9 @@ def volume_iou_bound(fraction_draws, fraction):
     return 1.0 - ratio.mean(axis=0)
 
 
-def surface_volume_bound(model, signals, fractions, *, n_samples, seed=0):
+def surface_volume_bound(
+    model, signals, fractions, *, n_samples, seed=0, relative=None
+):
     """The surface check of the label search's answers (``prior=`` with
     ``fit_method="search"``).
 
@@ -212,6 +214,10 @@ def surface_volume_bound(model, signals, fractions, *, n_samples, seed=0):
     n_samples : int
         Posterior draws per voxel.
     seed : int
+    relative : ndarray (n,), optional
+        The voxels' relative noise, as the gate gives it
+        (:attr:`~dipy_spinverse.reconst.gate.Admitted.relative`); default
+        ``model.sigma`` over each voxel's ``signals.s0``, the same.
 
     Returns
     -------
@@ -224,7 +230,9 @@ def surface_volume_bound(model, signals, fractions, *, n_samples, seed=0):
     """
     estimator = model.estimator
     inputs = np.asarray(signals.normalised, dtype=np.float32)
-    sigma = relative_noise(model.sigma, signals.s0).astype(np.float32)
+    if relative is None:
+        relative = relative_noise(model.sigma, signals.s0)
+    sigma = np.asarray(relative).astype(np.float32)
     bound = np.ones(len(inputs))
     outside = np.zeros(len(inputs), dtype=bool)
     table = estimator.level_table("restricted_fraction")

@@ -14,7 +14,7 @@ from .codes import MESH_FAILED, MESH_NO_CELL, MESH_OK
 __all__ = ["refine_meshes"]
 
 
-def refine_meshes(model, signals, result, rows):
+def refine_meshes(model, signals, result, rows, *, config=None):
     """Smooth meshes of the largest cell of ``rows`` (``refine_mesh=True``).
 
     Fills ``result``'s mesh parameters in place. A voxel without a labelled
@@ -25,18 +25,23 @@ def refine_meshes(model, signals, result, rows):
     ----------
     model : SpinverseSearchModel
         The model (grid, protocol, diffusivity, mesh options).
-    signals : ndarray (n, n_volumes)
-        The voxels' b0-normalised signals.
+    signals : VoxelSignals
+        The voxels, normalised by the gate (their precisions in units of the
+        loss's ``sigma``).
     result : dict of ndarray
         The per-voxel parameters (updated in place).
     rows : ndarray of int
         The fitted voxels to refine.
+    config : InversionConfig, optional
+        The configuration the voxels were fitted with, the fit's noise in
+        its loss (:func:`~dipy_spinverse.reconst.runner.loss_config`);
+        default the model's.
 
     Returns
     -------
     None
     """
-    config = model.config
+    config = model.config if config is None else config
     for row in rows:
         labels = result["labels"][row]
         if labels.max(initial=0) < 1:

@@ -2,7 +2,9 @@
 
 Voxels are fitted ``batch_size`` at a time through the batched inversion
 (``engine="serial"``), or in chunks spread over processes or a cluster
-(:mod:`.parallel`). Each chunk passes the gate once (:func:`.gate.admit`).
+(:mod:`.parallel`). A fit's noise level is found once from its data
+(:func:`fit_noise`) and handed to every chunk, which passes the gate once
+(:func:`.gate.admit`: each voxel's own noise, as its precisions).
 A voxel's problem never stops the volume: it gets a status code
 (:data:`~dipy_spinverse.reconst.codes.STATUS_CODES`) and NaN outputs; when the
 inversion raises on a batch, its voxels are retried one by one. The fitted
@@ -13,7 +15,7 @@ the fit so far; a partial fit resumes on the same data (:mod:`.resume`).
 """
 
 import copy
-import dataclasses
+import functools
 import inspect
 import numbers
 import warnings
@@ -26,6 +28,7 @@ from ..inverse import reconstruct
 from .codes import DIVERGED, FAILED, FITTED, MESH_NOT_REFINED, OK, PENDING, POOR_FIT
 from .fit import SpinverseFit
 from .gate import admit
+from .noise import reference_noise, relative_noise, warn_noise
 from .parallel import check_engine_options, chunk_share, chunks
 from .progress import chunk_progress, progress_bar
 from .refinement import refine_meshes
@@ -41,6 +44,8 @@ from .surfaces import check_surfaces, flag_uncertain_surfaces, vouch_for_surface
 from .voxels import OPTIONAL_PARAMETERS
 
 __all__ = [
+    "fit_noise",
+    "loss_config",
     "fit_voxels",
     "fit_one",
     "fit_volume",
@@ -49,7 +54,48 @@ __all__ = [
 ]
 
 
-def fit_voxels(model, data, *, callback=None):
+def fit_noise(model, data, *, mask=None):
+    """The relative noise of a fit of ``data``
+    (:func:`~dipy_spinverse.reconst.noise.reference_noise`), its SNR logged.
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+        The model (its ``sigma`` in the data's units).
+    data : array_like
+        The volume ``shape + (n_volumes,)``, the mask's rows, or (n,
+        n_volumes) voxels.
+    mask : array_like of bool, optional
+        The voxels of the fit (default all).
+
+    Returns
+    -------
+    float
+        ``sigma`` over the median of the voxels' mean b = 0 signals; 0 when
+        ``sigma`` is not given (the configuration's own relative noise, if
+        any, is then used as it is).
+
+    Raises
+    ------
+    ValueError
+        ``sigma`` is not below the median b = 0 signal.
+    """
+    if not model.sigma > 0:
+        return 0.0
+    b0 = np.flatnonzero(model.protocol.bvals == 0)
+    rows = np.asarray(data[..., b0], dtype=np.float64)  # b = 0 volumes only
+    if mask is not None:
+        mask = check_mask(mask, volume_shape(data, mask))
+        rows = rows if is_mask_rows(data, mask) else rows[mask]
+    s0 = rows.reshape(-1, len(b0)).mean(axis=-1)
+    noise = reference_noise(model.sigma, s0)
+    if noise > 0:
+        snr_range = model.posterior_options.snr_range if model.surface_check else None
+        warn_noise(relative_noise(model.sigma, s0), snr_range=snr_range)
+    return noise
+
+
+def fit_voxels(model, data, *, noise, callback=None):
     """Fit (n, n_volumes) raw voxels; per-voxel problems become statuses.
 
     Parameters
@@ -58,6 +104,10 @@ def fit_voxels(model, data, *, callback=None):
         The model.
     data : ndarray (n, n_volumes)
         The voxels' raw signals.
+    noise : float
+        The fit's relative noise (:func:`fit_noise`, once per fit): the
+        inversion's loss level, each voxel's own noise in its precisions
+        (:func:`~dipy_spinverse.reconst.gate.admit`).
     callback : callable, optional
         The inversion's progress callback (:func:`chunk_progress`).
 
@@ -69,17 +119,22 @@ def fit_voxels(model, data, *, callback=None):
     history : dict or None
         The inversion's loss curves, when it ran once over all voxels.
     """
-    gate = admit(data, model.protocol, sigma=model.sigma, dtype=model.dtype)
-    if model.sigma > 0 and model.s0_reference is None:  # not through model.fit
-        model = model.for_b0_signals(gate.S0)
+    config = loss_config(model, noise)
+    gate = admit(
+        data,
+        model.protocol,
+        sigma=model.sigma,
+        noise=config.loss.sigma if model.sigma > 0 else 0.0,
+        dtype=model.dtype,
+    )
     result = empty_params(model, len(gate.status))
     failed = ~gate.ok
     result["status"][failed] = gate.status[failed]
     valid = np.flatnonzero(gate.ok)
-    signals = _weighted_by_noise(model, gate)
+    signals = gate.signals
     history = None
     if len(valid):
-        part, history = _reconstruct(model, signals[valid], callback)
+        part, history = _reconstruct(model, config, signals[valid], callback)
         for key, value in part.items():
             if value is not None:
                 result[key][valid] = value
@@ -87,35 +142,39 @@ def fit_voxels(model, data, *, callback=None):
         result["S0"][ok] = gate.S0[ok]
         result["S0_sequences"][ok] = gate.S0_sequences[ok]
         if model.surface_check and len(ok):
-            check_surfaces(model, signals[ok], result, ok)
-        vouch_for_surfaces(model, result, ok)
+            check_surfaces(model, signals[ok], gate.relative[ok], result, ok)
+        vouch_for_surfaces(model, result, ok, config=config)
         flag_uncertain_surfaces(result, ok)
         flag_implausible(model, gate.impossible[ok], result, ok)
         if model.refine_mesh:
-            refine_meshes(model, signals, result, ok)
+            refine_meshes(model, signals, result, ok, config=config)
     return result, history
 
 
-def _weighted_by_noise(model, gate):
-    """The gate's signals, their precisions relative to the model's noise.
+def loss_config(model, noise):
+    """The inversion's configuration for a fit of relative noise ``noise``.
 
-    The inversion's noise is one relative level, ``sigma`` over the fit's
-    reference b = 0 signal (:meth:`SpinverseSearchModel.for_data`); a voxel
-    whose own b = 0 signal differs has relative noise ``sigma / S0`` and so
-    precision ``(reference noise / its noise)^2`` times its sequences'
-    own (:func:`~dipy_spinverse.sim.signals.noise_precision`): every
-    chi-square, the misfit test and the Rician floor then use each voxel's
-    own noise.
+    The model's configuration (its settings) with the fit's noise level as
+    its loss's ``sigma`` (:func:`fit_noise`); the model's own configuration
+    when the noise is not given in the data's units (its relative ``sigma``,
+    if any, is used as it is).
+
+    Parameters
+    ----------
+    model : SpinverseSearchModel
+    noise : float
+        The fit's relative noise (0: ``sigma`` not given).
+
+    Returns
+    -------
+    InversionConfig
     """
-    signals = gate.signals
-    if not model.sigma > 0:
-        return signals
-    with np.errstate(invalid="ignore", divide="ignore"):
-        weight = (model.config.loss.sigma / gate.sigma) ** 2
-    return dataclasses.replace(signals, precision=signals.precision * weight[:, None])
+    if not model.sigma > 0 or not noise > 0:
+        return model.config
+    return model.config.replace(sigma=noise)
 
 
-def _reconstruct(model, signals, callback=None):
+def _reconstruct(model, config, signals, callback=None):
     """Run the inversion on valid voxels; retry one by one if it raises."""
     n = len(signals)
     try:
@@ -123,7 +182,7 @@ def _reconstruct(model, signals, callback=None):
             model.grid,
             signals,
             model.protocol,
-            preset=model.config,
+            preset=config,
             diffusivity=model.diffusivity,
             dtype=model.dtype,
             device=model.device,
@@ -132,7 +191,8 @@ def _reconstruct(model, signals, callback=None):
     except Exception as err:  # a voxel must never stop the volume
         if n > 1:
             parts = [
-                _reconstruct(model, signals[i : i + 1], callback)[0] for i in range(n)
+                _reconstruct(model, config, signals[i : i + 1], callback)[0]
+                for i in range(n)
             ]
             return _merge(parts, np.concatenate), None
         warnings.warn(
@@ -147,7 +207,7 @@ def _reconstruct(model, signals, callback=None):
     permeability = np.asarray(rec.permeability, dtype=np.float64)
     predicted = np.asarray(rec.predicted, dtype=np.float64)
     loss = np.asarray(rec.loss, dtype=np.float64)
-    poor = poor_fits(loss, model.config, len(model.protocol))
+    poor = poor_fits(loss, config, len(model.protocol))
     good = (
         np.isfinite(permeability).all(-1)
         & np.isfinite(predicted).all(-1)
@@ -282,7 +342,7 @@ def fit_volume(
     else:
         mask = check_mask(mask, volume_shape(data, mask))
         params = empty_params(model, int(mask.sum()))
-    model = model.for_data(data, mask=mask)  # the fit's noise, one reference
+    noise = fit_noise(model, data, mask=mask)  # one level for the whole fit
     digest = fingerprint(data, mask)
     shape = mask.shape
     partial = SpinverseFit(model, params, mask, fingerprint=digest)
@@ -325,7 +385,10 @@ def fit_volume(
                 progress = None
                 if verbose:
                     progress = chunk_progress(bar, model, len(rows), bar_share)
-                done(rows, fit_voxels(model, load(rows), callback=progress)[0])
+                done(
+                    rows,
+                    fit_voxels(model, load(rows), noise=noise, callback=progress)[0],
+                )
         elif on_cluster:
             chunk = vox_per_chunk or chunk_share(model, len(todo), n_workers)
             with clusters.open_cluster(engine, address, n_workers=n_workers) as cluster:
@@ -333,7 +396,7 @@ def fit_volume(
                     chunk = chunk_share(model, len(todo), cluster.slots)
                 clusters.run_chunks(
                     cluster,
-                    fit_chunk,
+                    functools.partial(fit_chunk, noise=noise),
                     model,
                     chunks(todo, chunk),
                     load=load,
@@ -348,7 +411,12 @@ def fit_volume(
             size = chunk * n_workers
             for rows in chunks(todo, size):
                 result = _fit_parallel(
-                    model, load(rows), engine=engine, n_jobs=n_workers, chunk=chunk
+                    model,
+                    load(rows),
+                    noise=noise,
+                    engine=engine,
+                    n_jobs=n_workers,
+                    chunk=chunk,
                 )
                 done(rows, result)
     finally:
@@ -379,14 +447,16 @@ def fit_one(model, data, *, verbose=False):
     """
     with progress_bar(1, verbose) as bar:
         progress = chunk_progress(bar, model, 1, [0.0]) if verbose else None
-        params, history = fit_voxels(model, data[None], callback=progress)
+        params, history = fit_voxels(
+            model, data[None], noise=fit_noise(model, data[None]), callback=progress
+        )
         bar.n = 1
     warn_negative(model, count_negative(data[None]), 1)
     warn_implausible(model, params["status"])
     return {k: None if v is None else v[0] for k, v in params.items()}, history
 
 
-def fit_chunk(model, data, *, device=None):
+def fit_chunk(model, data, *, noise, device=None):
     """Fit (n, n_volumes) raw voxels on a cluster worker (its ``device``).
 
     The task of the Ray and Dask engines
@@ -399,6 +469,8 @@ def fit_chunk(model, data, *, device=None):
         The model.
     data : ndarray (n, n_volumes)
         The voxels' raw signals.
+    noise : float
+        The fit's relative noise (:func:`fit_noise`).
     device : str or torch.device, optional
         The worker's device; None keeps the model's.
 
@@ -410,7 +482,7 @@ def fit_chunk(model, data, *, device=None):
     if device is not None and torch.device(device) != model.device:
         model = copy.copy(model)
         model.device = torch.device(device)
-    return fit_voxels(model, data)[0]
+    return fit_voxels(model, data, noise=noise)[0]
 
 
 def _checkpoint_hook(checkpoint):
@@ -440,10 +512,11 @@ def _checkpoint_hook(checkpoint):
     return checkpoint
 
 
-def _fit_parallel(model, data, *, engine, n_jobs, chunk):
+def _fit_parallel(model, data, *, noise, engine, n_jobs, chunk):
     """Fit (n, n_volumes) voxels over DIPY's ``multi_voxel_fit`` (joblib, dask)."""
     fits = model.fit_chunk(
         np.asarray(data, dtype=np.float64),
+        noise=noise,
         engine=engine,
         n_jobs=n_jobs,
         vox_per_chunk=chunk,

@@ -9,7 +9,6 @@ the model is built; each voxel passes the gate (:mod:`.gate`) once and is
 handed to :func:`dipy_spinverse.inverse.reconstruct`.
 """
 
-import copy
 import hashlib
 import os
 import warnings
@@ -31,7 +30,7 @@ from ..checks import (
     check_s0,
 )
 from ..inverse import grid_error, prepare, resolve_config
-from ..inverse.config import OPTIONS
+from ..inverse.config import OPTIONS, refuse_unused
 from ..inverse.prediction import predict_signal
 from ..meshfit.refine import check_refine_options, refine_topology
 from ..posterior import default_training, load_or_train
@@ -41,11 +40,11 @@ from . import runner
 from .codes import MASKED, UNDERDETERMINED
 from .fit import SpinverseFit
 from .gate import check_data, gradient_tables, require_b0
-from .noise import NOISE_HINT, check_sigma, relative_noise, warn_noise
+from .noise import NOISE_HINT, check_sigma
 from .parallel import check_engine_options, share_cores
 from .plausibility import protocol_problems
 from .posterior_model import N_POSTERIOR_SAMPLES, check_prior
-from .resume import check_mask, is_mask_rows, volume_shape
+from .resume import check_mask
 
 __all__ = [
     "SpinverseSearchModel",
@@ -55,11 +54,6 @@ __all__ = [
     "make_grid",
     "misplaced_options",
 ]
-
-#: The relative noise a model's configuration holds from ``sigma`` until a
-#: fit puts the data's own there (:meth:`SpinverseSearchModel.for_data`):
-#: building the configuration needs only to know that the noise is known.
-KNOWN_NOISE = 0.01
 
 
 def check_search_options(
@@ -74,8 +68,9 @@ def check_search_options(
     """Check the options of :class:`SpinverseSearchModel` that need neither
     data nor a gradient table.
 
-    The model calls it first; a command can call it before reading any
-    data (``dipy_fit_spinverse`` does, and rewords its messages in flags).
+    A command can call it before reading any data (``dipy_fit_spinverse``
+    does, and rewords its messages in flags); the model checks ``sigma``
+    once itself and then the rest as this does.
 
     Parameters
     ----------
@@ -99,8 +94,26 @@ def check_search_options(
     """
     with about("sigma"):
         sigma = check_sigma(sigma)
-    noise = {"sigma": KNOWN_NOISE} if sigma > 0 else {}
-    config = resolve_config(preset, max_iter=max_iter, **noise)
+    return _search_config(
+        preset=preset,
+        max_iter=max_iter,
+        noise_known=sigma > 0,
+        refine_mesh=refine_mesh,
+        prior=prior,
+        posterior_options=posterior_options,
+    )
+
+
+def _search_config(
+    *, preset, max_iter, noise_known, refine_mesh, prior, posterior_options
+):
+    """:func:`check_search_options` once ``sigma`` is checked (its
+    ``noise_known``: ``sigma > 0``)."""
+    config = resolve_config(preset, max_iter=max_iter)
+    if noise_known:
+        # Each fit gives the loss its data's noise (runner.fit_voxels): a
+        # configuration whose loss would ignore it is refused now.
+        refuse_unused(config, ["sigma"])
     if refine_mesh and not config.returns_labels:
         raise OptionError(
             "refine_mesh=True starts each mesh from a labelled cell, which the "
@@ -292,13 +305,10 @@ class SpinverseSearchModel(ReconstModel):
         self.gtab, self.protocol = gradient_tables(gtab)
         #: The noise standard deviation in the data's units (0: not given).
         self.sigma = check_sigma(sigma, n_volumes=len(self.protocol))
-        #: The b = 0 signal that the configuration's relative noise refers
-        #: to (None until :meth:`for_data`).
-        self.s0_reference = None
-        config = check_search_options(
+        config = _search_config(
             preset=preset,
             max_iter=max_iter,
-            sigma=sigma,
+            noise_known=self.sigma > 0,
             refine_mesh=refine_mesh,
             prior=prior,
             posterior_options=posterior_options,
@@ -508,9 +518,8 @@ class SpinverseSearchModel(ReconstModel):
                 params = runner.empty_params(self, ())
                 params["status"][...] = MASKED
                 return SpinverseFit(self, params, False)
-            model = self.for_data(data[None])
-            params, history = runner.fit_one(model, data, verbose=verbose)
-            return SpinverseFit(model, params, history=history)
+            params, history = runner.fit_one(self, data, verbose=verbose)
+            return SpinverseFit(self, params, history=history)
         self._prepare(progress=verbose)
         return runner.fit_volume(
             self,
@@ -531,95 +540,6 @@ class SpinverseSearchModel(ReconstModel):
         own relative noise)."""
         return self.sigma > 0 or self.config.loss.sigma > 0
 
-    def for_data(self, data, *, mask=None):
-        """This model with its configuration's noise in the data's terms.
-
-        The inversion weighs misfits by a relative noise: ``sigma`` over a
-        reference b = 0 signal, the median of the voxels' mean b = 0
-        signals, one for the whole fit (its losses comparable from chunk to
-        chunk); each voxel's precisions then carry its own b = 0 signal
-        (:func:`~dipy_spinverse.reconst.runner.fit_voxels`). The fit's
-        model is this copy; the model itself is left as built.
-
-        Parameters
-        ----------
-        data : array_like
-            The volume ``shape + (n_volumes,)``, or the mask's rows.
-        mask : array_like of bool, optional
-            The voxels to fit (default all).
-
-        Returns
-        -------
-        SpinverseSearchModel
-            ``self`` when ``sigma`` is not given (the configuration's own
-            relative noise, if any, is used as it is).
-
-        Raises
-        ------
-        ValueError
-            No voxel has a positive b = 0 signal, or ``sigma`` is not below
-            the reference b = 0 signal.
-        """
-        if not self.sigma > 0:
-            return self
-        b0 = np.flatnonzero(self.protocol.bvals == 0)
-        rows = np.asarray(data[..., b0], dtype=np.float64)  # b = 0 volumes only
-        if mask is not None:
-            mask = check_mask(mask, volume_shape(data, mask))
-            rows = rows if is_mask_rows(data, mask) else rows[mask]
-        return self.for_b0_signals(rows.reshape(-1, len(b0)).mean(axis=-1))
-
-    def for_b0_signals(self, s0):
-        """:meth:`for_data` from the voxels' mean b = 0 signals (the gate's
-        ``S0`` when the voxels have passed it), with the log and warnings of
-        their SNR.
-
-        Parameters
-        ----------
-        s0 : array_like (n,)
-            Each voxel's mean b = 0 signal; those not finite and positive
-            (flagged by the gate) are left out.
-
-        Returns
-        -------
-        SpinverseSearchModel
-        """
-        if not self.sigma > 0:
-            return self
-        s0 = np.asarray(s0, dtype=np.float64)
-        s0 = s0[np.isfinite(s0) & (s0 > 0)]
-        if not len(s0):
-            return self  # every voxel is flagged by the gate (BAD_B0)
-        model = self.referenced_to(float(np.median(s0)))
-        snr_range = self.posterior_options.snr_range if self.surface_check else None
-        warn_noise(relative_noise(self.sigma, s0), snr_range=snr_range)
-        return model
-
-    def referenced_to(self, s0_reference):
-        """This model with the relative noise ``sigma / s0_reference`` in its
-        configuration (:meth:`for_data`; a saved fit's model is rebuilt so).
-
-        Parameters
-        ----------
-        s0_reference : float
-            The reference b = 0 signal, in the data's units.
-
-        Returns
-        -------
-        SpinverseSearchModel
-            A copy.
-        """
-        if not self.sigma < s0_reference:
-            raise ValueError(
-                f"sigma {self.sigma:.4g} is not below the median b=0 signal "
-                f"{s0_reference:.4g} of the voxels: pass the noise standard "
-                "deviation in the data's units " + NOISE_HINT[1:-1] + "."
-            )
-        model = copy.copy(self)
-        model.config = self.config.replace(sigma=self.sigma / s0_reference)
-        model.s0_reference = float(s0_reference)
-        return model
-
     def _prepare(self, *, progress):
         """Train (or read from the cache) the learned proposal and the grid's
         approximation error before voxels are sent to workers, so that they
@@ -638,17 +558,23 @@ class SpinverseSearchModel(ReconstModel):
             self.estimator  # noqa: B018 -- trained or read once, here
 
     @multi_voxel_fit(batched=True)
-    def fit_chunk(self, data, **kwargs):
+    def fit_chunk(self, data, *, noise=None, **kwargs):
         """Fit a (n_vox, n_volumes) chunk inside a DIPY ``multi_voxel_fit`` worker.
 
         The parallel engines' entry point (:func:`runner.fit_volume` calls
-        it); use :meth:`fit` instead. DIPY 1.12.1 also passes its engine
-        keywords (``engine``, ``n_jobs``, ``vox_per_chunk``, ``verbose``,
-        ``_batched``) into this call; only ``n_jobs`` is used, to share the
-        cores between worker processes.
+        it, with the fit's ``noise``,
+        :func:`~dipy_spinverse.reconst.noise.reference_noise`); use
+        :meth:`fit` instead. Without ``noise`` the chunk is a fit of its
+        own (its voxels' median b = 0 signal sets the level). DIPY 1.12.1
+        also passes its engine keywords (``engine``, ``n_jobs``,
+        ``vox_per_chunk``, ``verbose``, ``_batched``) into this call; only
+        ``n_jobs`` is used, to share the cores between worker processes.
         """
         share_cores(kwargs.get("n_jobs"), self._pid)
-        params, _ = runner.fit_voxels(self, np.atleast_2d(data))
+        data = np.atleast_2d(data)
+        if noise is None:
+            noise = runner.fit_noise(self, data)
+        params, _ = runner.fit_voxels(self, data, noise=noise)
         fits = np.empty(len(params["status"]), dtype=object)
         for i in range(len(fits)):
             fits[i] = SpinverseFit(
@@ -831,8 +757,9 @@ def misplaced_options(keywords, *, searching):
 
 
 def _without_noise(model):
-    """``model``'s configuration with the relative noise a fit gave it left
-    out (the model's ``sigma`` holds the noise, compared apart)."""
+    """``model``'s configuration with its relative noise left out when the
+    model's ``sigma`` holds the noise (compared apart); models of earlier
+    fits held their fit's level there."""
     return model.config.replace(sigma=0.0) if model.sigma > 0 else model.config
 
 

@@ -201,7 +201,9 @@ def warn_negative(model, n_negative, n_voxels, *, stacklevel=4):
         return
     floor = ""
     loss = getattr(getattr(model, "config", None), "loss", None)
-    if loss is not None and loss.noise == "rician" and loss.sigma > 0:
+    # The floor is on where the noise is known: the model's sigma, or its
+    # configuration's own relative one.
+    if loss is not None and loss.noise == "rician" and model.noise_known:
         floor = (
             "; the Rician noise floor of noise='rician' describes magnitude "
             "data: for real-valued data use noise='gaussian'"

@@ -37,7 +37,7 @@ __all__ = [
 SURFACE_MISFIT_FALSE_ALARM = WITHIN_NOISE_FALSE_ALARM
 
 
-def check_surfaces(model, signals, result, rows):
+def check_surfaces(model, signals, relative, result, rows):
     """The surface check (``prior=`` with the search): raise each answer's
     ``uncertainty`` to the posterior's volume bound
     (:func:`~dipy_spinverse.reconst.posterior.surface_volume_bound`), in
@@ -47,8 +47,10 @@ def check_surfaces(model, signals, result, rows):
     ----------
     model : SpinverseSearchModel
         The model (grid, prior, ``n_posterior_samples``).
-    signals : ndarray (len(rows), n_volumes)
-        The voxels' b0-normalised signals.
+    signals : VoxelSignals
+        The voxels (len(rows)), normalised by the gate.
+    relative : ndarray (len(rows),)
+        Their relative noise (:attr:`~dipy_spinverse.reconst.gate.Admitted.relative`).
     result : dict of ndarray
         The per-voxel parameters (``uncertainty`` raised in place).
     rows : ndarray of int
@@ -62,7 +64,11 @@ def check_surfaces(model, signals, result, rows):
     inside = result["labels"][rows] > 0
     fractions = inside @ grid.cell_volumes / grid.volume
     bound, outside = surface_volume_bound(
-        model, signals, fractions, n_samples=model.n_posterior_samples
+        model,
+        signals,
+        fractions,
+        n_samples=model.n_posterior_samples,
+        relative=relative,
     )
     result["uncertainty"][rows] = np.fmax(result["uncertainty"][rows], bound)
     if outside.any():
@@ -73,7 +79,7 @@ def check_surfaces(model, signals, result, rows):
         )
 
 
-def vouch_for_surfaces(model, result, rows):
+def vouch_for_surfaces(model, result, rows, *, config=None):
     """Uncertainty 1 for the label search's answers the data reject (in place).
 
     ``rows``: the fitted voxels (status OK or POOR_FIT).
@@ -91,11 +97,15 @@ def vouch_for_surfaces(model, result, rows):
     Parameters
     ----------
     model : SpinverseSearchModel
-        The model (protocol, loss settings).
+        The model (protocol).
     result : dict of ndarray
         The per-voxel parameters (``uncertainty`` set in place).
     rows : ndarray of int
         The fitted voxels.
+    config : InversionConfig, optional
+        The configuration the voxels were fitted with, the fit's noise in
+        its loss (:func:`~dipy_spinverse.reconst.runner.loss_config`);
+        default the model's.
 
     Returns
     -------
@@ -103,7 +113,8 @@ def vouch_for_surfaces(model, result, rows):
     """
     if result["uncertainty"] is None or not len(rows):
         return
-    sigma = model.config.loss.sigma
+    config = model.config if config is None else config
+    sigma = config.loss.sigma
     if not sigma > 0:  # the model warned when it was made
         result["uncertainty"][rows] = 1.0
         return
@@ -112,7 +123,7 @@ def vouch_for_surfaces(model, result, rows):
     )
     # POOR_FIT answers are beyond this bound too: their maps are kept, not
     # their surfaces.
-    mse = result["loss"][rows] / model.config.loss.loss_scale
+    mse = result["loss"][rows] / config.loss.loss_scale
     rejected = rows[mse > bound]
     result["uncertainty"][rejected] = 1.0
     if len(rejected):

@@ -71,8 +71,12 @@ def test_each_voxel_has_the_noise_of_its_own_b0():
 def test_the_gate_gives_each_voxel_its_relative_noise(gtab, signal):
     data = np.stack([1000.0 * signal, 250.0 * signal, 0.0 * signal])
     gate = admit(data, gtab_protocol(gtab), sigma=5.0)
-    assert_allclose(gate.sigma[:2], [0.005, 0.02])
-    assert np.isnan(gate.sigma[2])  # BAD_B0: not admitted
+    assert_allclose(gate.relative[:2], [0.005, 0.02])
+    assert_array_equal(gate.sigma[:2], [5.0, 5.0])  # in the data's units
+    assert np.isnan(gate.relative[2]) and np.isnan(gate.sigma[2])  # BAD_B0
+    # Without the fit's level the precisions are the sequences' own.
+    assert_array_equal(gate.precision, gate.signals.precision)
+    assert gate.noise == 0.0
 
 
 def gtab_protocol(gtab):
@@ -177,25 +181,30 @@ def test_the_search_is_the_same_in_any_units(gtab, grid, signal):
     assert_array_equal(fit.status, scaled.status)
     assert_allclose(fit.loss, scaled.loss, rtol=1e-6)
     assert_allclose(fit.permeability, scaled.permeability, rtol=1e-6)
-    # The fit's noise refers to the median b = 0; the model is left as built.
+    # The fit's noise refers to the median b = 0; the model holds settings
+    # only, and the fit's is the model as built.
     reference = np.median(fit.S0)
-    assert fit.model.s0_reference == pytest.approx(reference)
-    assert fit.model.config.loss.sigma == pytest.approx(7.0 / reference)
-    assert model.s0_reference is None and model.sigma == 7.0
+    assert runner.fit_noise(model, data) == pytest.approx(7.0 / reference)
+    assert fit.model is model and model.sigma == 7.0
+    assert model.config.loss.sigma == 0.0  # no placeholder noise
+    assert not hasattr(model, "s0_reference")
 
 
 def test_the_search_weighs_each_voxel_by_its_own_noise(gtab, grid, signal):
     """Every acquisition's variance, reference noise^2 / precision, is the
     voxel's own: (sigma / its b = 0)^2 over its sequence's precision."""
     data = T2_WEIGHT * signal * np.array([[800.0], [400.0]])
-    model = _search(gtab, grid, 4.0).for_data(data)
-    assert model.s0_reference == pytest.approx(np.median(data[:, [0, 3]].mean(1)))
-    gate = admit(data, model.protocol, sigma=model.sigma)
-    weighted = runner._weighted_by_noise(model, gate)
-    variance = model.config.loss.sigma**2 / weighted.precision
-    own = gate.sigma[:, None] ** 2 / gate.signals.precision
+    model = _search(gtab, grid, 4.0)
+    noise = runner.fit_noise(model, data)
+    assert noise == pytest.approx(4.0 / np.median(data[:, [0, 3]].mean(1)))
+    config = runner.loss_config(model, noise)
+    assert config.loss.sigma == noise and model.config.loss.sigma == 0.0
+    plain = admit(data, model.protocol, sigma=model.sigma)
+    gate = admit(data, model.protocol, sigma=model.sigma, noise=noise)
+    variance = config.loss.sigma**2 / gate.precision
+    own = gate.relative[:, None] ** 2 / plain.precision
     assert_allclose(variance, own, rtol=1e-12)
-    assert_allclose(gate.sigma, 4.0 / data[:, [0, 3]].mean(1), rtol=1e-12)
+    assert_allclose(gate.relative, 4.0 / data[:, [0, 3]].mean(1), rtol=1e-12)
 
 
 def test_sigma_above_the_b0_signal_is_refused(gtab, grid, signal):

@@ -948,15 +948,16 @@ def test_answers_the_data_reject_are_not_vouched_for(gtab, grid):
         max_iter=2,
         preset=resolve_config("default", search_steps=2),
         sigma=sigma,
-    ).referenced_to(1.0)  # as a fit of data of b = 0 signal 1 makes it
+    )
+    config = runner.loss_config(model, sigma)  # a fit of data of b = 0 signal 1
     bound = poor_fit_bound(len(BVALS), sigma, false_alarm=SURFACE_MISFIT_FALSE_ALARM)
-    loss = model.config.loss.loss_scale * bound * np.array([0.5, 0.99, 1.01, 3, 3])
+    loss = config.loss.loss_scale * bound * np.array([0.5, 0.99, 1.01, 3, 3])
     result = dict(
         uncertainty=np.array([0.02, 0.3, 0.02, 0.05, 0.05]),
         loss=loss,
         status=np.array([OK, OK, OK, OK, POOR_FIT]),
     )
-    vouch_for_surfaces(model, result, np.arange(5))
+    vouch_for_surfaces(model, result, np.arange(5), config=config)
     assert_array_equal(result["uncertainty"], [0.02, 0.3, 1.0, 1.0, 1.0])
     flag_uncertain_surfaces(result, np.arange(5))
     assert_array_equal(
