@@ -1,4 +1,4 @@
-"""Files: atomic output, NIfTI images, and the package's one cache folder.
+"""Files: atomic output (a file, or a run's set), images, the one cache folder.
 
 Atomic output: write a temporary file beside the target, then rename. A
 reader (or a later run) then sees either the previous file or the complete
@@ -14,7 +14,10 @@ import json
 import os
 import pathlib
 import secrets
+import shutil
+import signal
 import tempfile
+import threading
 import warnings
 import zlib
 
@@ -43,6 +46,10 @@ __all__ = [
     "check_outputs",
     "output_lock",
     "LOCK_NAME",
+    "StagedOutputs",
+    "recover_staged",
+    "STAGING_PREFIX",
+    "JOURNAL_NAME",
     "CACHE_ENV",
 ]
 
@@ -473,6 +480,239 @@ def output_lock(folder, *, command):
         yield path
     finally:
         lock.release()
+
+
+#: The staging folder of :class:`StagedOutputs`, renamed "done" once its set
+#: is in place, and its journal of the set's renames.
+STAGING_PREFIX = ".spinverse-staging-"
+_DONE_PREFIX = ".spinverse-done-"
+JOURNAL_NAME = "journal.json"
+
+
+class StagedOutputs:
+    """A run's outputs replace the previous run's as one set, never mixed.
+
+    Each file is atomic (:func:`atomic_write`), a set of them is not. So the
+    set is written into ``<folder>/.spinverse-staging-<pid>`` (:meth:`stage`),
+    and :meth:`commit` writes a journal (the commit point), moves the old
+    set into the staging folder's trash and the new one into place (renames;
+    Ctrl-C and SIGTERM wait), then deletes the staging folder. A run killed
+    before the journal leaves the old set, after it a swap the next run
+    finishes (:func:`recover_staged`). An exception before :meth:`commit`
+    deletes what was staged. Use it holding ``folder``'s :func:`output_lock`.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The output folder; its staging folder lies in it.
+    """
+
+    def __init__(self, folder):
+        self.folder = os.path.abspath(os.fspath(folder))
+        self.root = os.path.join(self.folder, f"{STAGING_PREFIX}{os.getpid()}")
+        self.committed = False  # whether the new set is in place
+        self._mirrors = {}  # a target folder -> its mirror in the staging folder
+
+    def __enter__(self):
+        recover_staged(self.folder)  # a killed run's staging folder first
+        os.makedirs(self.root)
+        return self
+
+    def __exit__(self, kind, err, traceback):
+        if self.committed or os.path.exists(os.path.join(self.root, JOURNAL_NAME)):
+            return
+        shutil.rmtree(self.root, ignore_errors=True)  # the old set is whole
+        if isinstance(err, WriteError):  # named as the output, not staged
+            text = err.strerror
+            for parent, mirror in self._mirrors.items():
+                text = text.replace(mirror, parent)
+            raise WriteError(err.errno, text, self.folder) from err
+
+    def stage(self, path):
+        """Where to write the output ``path`` (a file or a folder): what is
+        written beside or inside it goes beside or inside ``path``.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+
+        Returns
+        -------
+        str
+        """
+        parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+        mirror = os.path.join(self.root, "new", str(len(self._mirrors)))
+        return os.path.join(self._mirrors.setdefault(parent, mirror), name)
+
+    def commit(self, replaces=(), discard=()):
+        """Swap the staged files in for the previous set's.
+
+        Parameters
+        ----------
+        replaces : iterable of path
+            The previous set's files: each that exists is removed.
+        discard : iterable of path
+            Files removed once the new set is in place (a checkpoint).
+
+        Returns
+        -------
+        written, removed : list of str
+            The new set's files; the previous set's that none replaced.
+
+        Raises
+        ------
+        WriteError
+            A rename that failed; the previous set is put back.
+        """
+        journal = self._journal(replaces, discard)
+        with _signals_held():
+            with atomic_write(os.path.join(self.root, JOURNAL_NAME)) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(journal, f)
+            try:
+                _swap(self.root, self.folder, journal)
+            except OSError as err:
+                try:
+                    _roll_back(self.root, self.folder, journal)
+                    fix = f"{self.folder} keeps the previous run's outputs."
+                except OSError:
+                    fix = f"The next run into {self.folder} finishes the swap."
+                path = getattr(err, "filename", None) or self.folder
+                raise WriteError.of(path, err, during="swapping", fix=fix) from err
+            except BaseException:  # not held (not the main thread): finished
+                _swap(self.root, self.folder, journal)
+                self.committed = True
+                raise
+            self.committed = True
+        new = [os.path.join(self.folder, target) for _, target in journal["new"]]
+        old = {os.path.join(self.folder, rel) for rel in journal["old"]}
+        return new, sorted(old - set(new))
+
+    def _journal(self, replaces, discard):
+        """The swap's renames, relative to the folder (which may be moved
+        before a next run finishes them)."""
+
+        def relative(path):
+            return os.path.relpath(os.path.abspath(path), self.folder)
+
+        new, dirs = [], []
+        for parent, mirror in self._mirrors.items():
+            for top, folders, files in os.walk(mirror):
+                target = os.path.join(parent, os.path.relpath(top, mirror))
+                dirs += [relative(os.path.join(target, d)) for d in folders]
+                for name in files:
+                    source = os.path.relpath(os.path.join(top, name), self.root)
+                    new.append([source, relative(os.path.join(target, name))])
+        old = [relative(p) for p in replaces if os.path.lexists(p)]
+        return dict(new=new, dirs=dirs, old=old, discard=list(map(relative, discard)))
+
+
+def recover_staged(folder):
+    """Finish or undo what an interrupted run left in an output folder.
+
+    A staging folder of :class:`StagedOutputs` without its journal (an
+    incomplete set) is deleted; with it, its swap is finished. A warning
+    names the folder. Call it holding the folder's :func:`output_lock`.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+
+    Returns
+    -------
+    list of str
+        The staging folders dealt with.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    found = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        root = os.path.join(folder, name)
+        if name.startswith(_DONE_PREFIX):  # its set is in place
+            shutil.rmtree(root, ignore_errors=True)
+        if not name.startswith(STAGING_PREFIX) or not os.path.isdir(root):
+            continue
+        found.append(root)
+        try:
+            with open(os.path.join(root, JOURNAL_NAME)) as f:
+                journal = json.load(f)
+        except (OSError, ValueError):
+            shutil.rmtree(root, ignore_errors=True)
+            logger.warning(
+                f"Removed {root}, the unfinished outputs of an interrupted run: "
+                f"{folder} keeps the outputs it had before that run."
+            )
+            continue
+        try:
+            _swap(root, folder, journal)
+        except OSError as err:
+            fix = "Free space or fix the permission, and run again."
+            raise WriteError.of(root, err, during="finishing", fix=fix) from err
+        logger.warning(
+            f"Finished the swap of outputs that an interrupted run began in "
+            f"{folder} (from {root}): the folder holds that run's outputs."
+        )
+    return found
+
+
+def _swap(root, folder, journal):
+    """The previous set aside, the new one in, the staging folder deleted;
+    run again, it finishes a swap cut short anywhere."""
+    pending = {t for s, t in journal["new"] if os.path.lexists(os.path.join(root, s))}
+    targets = {t for _, t in journal["new"]}
+    os.makedirs(os.path.join(root, "trash"), exist_ok=True)
+    # shutil.move renames, or copies across file systems (an out_* path
+    # elsewhere): a copy cut short is redone, its source is kept until whole.
+    for i, rel in enumerate(journal["old"]):
+        path = os.path.join(folder, rel)
+        # A target that holds its new file already is not the old set's.
+        if (rel in pending or rel not in targets) and os.path.lexists(path):
+            shutil.move(path, os.path.join(root, "trash", str(i)))
+    for rel in journal["dirs"]:
+        os.makedirs(os.path.join(folder, rel), exist_ok=True)
+    for source, target in journal["new"]:
+        if target in pending:
+            path = os.path.join(folder, target)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shutil.move(os.path.join(root, source), path)
+    for rel in journal["discard"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, rel))
+    # Renamed first: half deleted, it would read as an incomplete set.
+    done = os.path.join(folder, _DONE_PREFIX + secrets.token_hex(4))
+    os.replace(root, done)
+    shutil.rmtree(done, ignore_errors=True)
+
+
+def _roll_back(root, folder, journal):
+    """Undo a swap (the old set back in place), delete the staging folder."""
+    for source, target in journal["new"]:
+        staged, path = os.path.join(root, source), os.path.join(folder, target)
+        if not os.path.lexists(staged) and os.path.lexists(path):
+            shutil.move(path, staged)
+    for i, rel in enumerate(journal["old"]):
+        aside = os.path.join(root, "trash", str(i))
+        if os.path.lexists(aside):
+            shutil.move(aside, os.path.join(folder, rel))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C and SIGTERM delivered after the block, not within it (Python
+    handles signals in the main thread only: elsewhere none is held)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught, previous = [], {}
+    for number in signals:
+        previous[number] = signal.signal(number, lambda n, _: caught.append(n))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
 
 
 def save_image(path, data, affine=None, reference=None, *, description=None):
