@@ -297,11 +297,32 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
     return paths
 
 
-def remove_posterior_maps(folder):
-    """Remove the maps :func:`save_posterior` writes from ``folder`` (an
-    earlier posterior fit's, before another method writes beside them).
+def posterior_map_files(folder):
+    """The maps :func:`save_posterior` writes that are in ``folder`` (an
+    earlier posterior fit's, which another fit's outputs replace).
 
-    Only files named as :func:`save_posterior` names them are removed.
+    Only files named as :func:`save_posterior` names them are listed.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+
+    Returns
+    -------
+    list of str
+        Their paths.
+    """
+    names = ["posterior_status"]
+    for name in DESCRIPTORS:
+        suffixes = ("",) if name == "orientation" else tuple(_SUMMARIES)
+        names += [name + suffix for suffix in suffixes]
+    paths = [os.path.join(os.fspath(folder), f"{name}.nii.gz") for name in names]
+    return [path for path in paths if os.path.isfile(path)]
+
+
+def remove_posterior_maps(folder):
+    """Remove the maps :func:`save_posterior` writes from ``folder``
+    (:func:`posterior_map_files`).
 
     Parameters
     ----------
@@ -312,16 +333,9 @@ def remove_posterior_maps(folder):
     list of str
         The paths removed.
     """
-    names = ["posterior_status"]
-    for name in DESCRIPTORS:
-        suffixes = ("",) if name == "orientation" else tuple(_SUMMARIES)
-        names += [name + suffix for suffix in suffixes]
-    removed = []
-    for name in names:
-        path = os.path.join(os.fspath(folder), f"{name}.nii.gz")
-        if os.path.isfile(path):
-            os.remove(path)
-            removed.append(path)
+    removed = posterior_map_files(folder)
+    for path in removed:
+        os.remove(path)
     return removed
 
 
