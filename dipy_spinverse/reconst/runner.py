@@ -15,7 +15,6 @@ the fit so far; a partial fit resumes on the same data (:mod:`.resume`).
 """
 
 import copy
-import functools
 import inspect
 import numbers
 import warnings
@@ -396,8 +395,8 @@ def fit_volume(
                     chunk = chunk_share(model, len(todo), cluster.slots)
                 clusters.run_chunks(
                     cluster,
-                    functools.partial(fit_chunk, noise=noise),
-                    model,
+                    _fit_shared_chunk,
+                    (model, noise),
                     chunks(todo, chunk),
                     load=load,
                     done=done,
@@ -483,6 +482,13 @@ def fit_chunk(model, data, *, noise, device=None):
         model = copy.copy(model)
         model.device = torch.device(device)
     return fit_voxels(model, data, noise=noise)[0]
+
+
+def _fit_shared_chunk(shared, data, *, device=None):
+    """:func:`fit_chunk` of the cluster's shared ``(model, noise)``: a task
+    is a plain module-level function (Ray's ``remote`` takes no partial)."""
+    model, noise = shared
+    return fit_chunk(model, data, noise=noise, device=device)
 
 
 def _checkpoint_hook(checkpoint):

@@ -62,6 +62,24 @@ def test_a_sigma_per_volume_of_other_data_is_refused(gtab):
     assert check_sigma(np.full(n, 5.0), n_volumes=n) == pytest.approx(5.0)
 
 
+def test_sigma_is_checked_once_per_model(gtab, grid, monkeypatch):
+    """The model checks its sigma once (a sigma per volume is logged as its
+    RMS once), and holds it in the data's units only: no relative
+    placeholder in its configuration."""
+    import dipy_spinverse.reconst.search_model as search_model
+
+    calls = []
+
+    def counted(sigma, **kwargs):
+        calls.append(sigma)
+        return check_sigma(sigma, **kwargs)
+
+    monkeypatch.setattr(search_model, "check_sigma", counted)
+    model = _search(gtab, grid, np.full(len(gtab.bvals), 5.0))
+    assert len(calls) == 1 and model.sigma == pytest.approx(5.0)
+    assert model.config.loss.sigma == 0.0
+
+
 def test_each_voxel_has_the_noise_of_its_own_b0():
     assert_allclose(relative_noise(10.0, [1000.0, 500.0]), [0.01, 0.02])
     assert_array_equal(relative_noise(0.0, [1000.0, 500.0]), [0.0, 0.0])
