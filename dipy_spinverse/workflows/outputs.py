@@ -1,9 +1,10 @@
 """The files ``dipy_fit_spinverse`` writes for one dataset.
 
 Every output has its own ``out_*`` path, checked before the fit
-(:func:`check_output_paths`) and written atomically. The fit state is
-written last (:func:`save_search_state`): its presence tells the next run
-that this one finished.
+(:func:`check_output_paths`). A dataset's outputs and its fit state are one
+set (:func:`write_output_set`): written into a staging folder, then swapped
+in for the files an earlier run left there (:func:`existing_outputs`), so
+that an interrupted run leaves the earlier set or the new one, never a mix.
 """
 
 import json
@@ -19,13 +20,14 @@ from ..io.fits import save_fit
 from ..io.maps import (
     MESH_MAPS,
     describe_status,
-    remove_posterior_maps,
+    posterior_map_files,
     save_map,
     save_permeability,
     save_posterior,
     save_predicted,
 )
 from ..io.surfaces import (
+    VOXEL_MESH,
     remove_voxel_meshes,
     save_smooth_mesh,
     save_voxel_meshes,
@@ -44,14 +46,14 @@ __all__ = [
     "MESH_SLAB_VOXELS",
     "state_path",
     "check_output_paths",
+    "write_output_set",
+    "existing_outputs",
     "write_search_outputs",
-    "save_search_state",
     "write_posterior_outputs",
     "save_outputs",
     "save_smooth_meshes",
     "save_surface",
     "save_map_values",
-    "remove_stale_outputs",
 ]
 
 #: What ``--save_metrics`` chooses from: the scalar maps (named as the
@@ -84,16 +86,6 @@ SMOOTH_MESH_FORMATS = ("vtp", "ply", "vtk", "gii")
 
 #: Outputs that are folders; the other ``out_*`` are files.
 FOLDER_OUTPUTS = ("out_voxel_meshes", "out_smooth_meshes", "out_posterior")
-
-#: Outputs that are not one file written by the run's savers.
-_FOLDERS_AND_STATE = ("out_state", "out_voxel_meshes", "out_smooth_meshes")
-
-#: The output folders, and how an earlier fit's files are removed from each.
-_FOLDER_REMOVERS = {
-    "out_voxel_meshes": remove_voxel_meshes,
-    "out_smooth_meshes": remove_voxel_meshes,
-    "out_posterior": remove_posterior_maps,
-}
 
 #: Suffix of the barrier files of the voxels whose surface is uncertain.
 UNCERTAIN_SUFFIX = "_uncertain"
@@ -171,10 +163,87 @@ def _written_paths(out):
             yield key, _suffixed(path, UNCERTAIN_SUFFIX)
 
 
+def write_output_set(out, write, *, staging, discard=()):
+    """Write one dataset's outputs as a set that replaces the earlier one whole.
+
+    ``write(staged)`` writes every output to the ``out_*`` paths of
+    ``staged``, which lie in ``staging``'s folder; the complete set is then
+    swapped in for the output files an earlier run left at the paths of
+    ``out`` (:func:`existing_outputs`: those this run does not write go
+    too, so that one folder never holds two fits). Interrupted anywhere,
+    ``out``'s folder keeps the earlier set or holds the new one
+    (:class:`~dipy_spinverse.files.StagedOutputs`).
+
+    Parameters
+    ----------
+    out : dict
+        The ``out_*`` paths by flag name.
+    write : callable
+        ``write(staged)``, ``staged`` a dict like ``out``.
+    staging : dipy_spinverse.files.StagedOutputs
+        The staging of ``out``'s folder (``staging.committed`` says whether
+        the new set is in place).
+    discard : sequence of path
+        Files removed with the swap (the checkpoint of the fit written).
+
+    Returns
+    -------
+    list of str
+        The files written, in place.
+    """
+    with staging:
+        write({key: staging.stage(path) for key, path in out.items()})
+        written, removed = staging.commit(existing_outputs(out), discard)
+    if removed:
+        logger.info(
+            f"Removed {len(removed)} output files of an earlier run that this run "
+            f"does not write: {', '.join(map(os.path.basename, removed))}."
+        )
+    return written
+
+
+def existing_outputs(out):
+    """The output files at the paths of ``out`` now: an earlier run's set.
+
+    Every file that a run writes there: the ``out_*`` files and the fit
+    state, the barrier files' ``_uncertain``, slab and index files, and in
+    the output folders the per-voxel and smooth meshes and posterior maps
+    (only files named as the package names them: other files stay).
+
+    Parameters
+    ----------
+    out : dict
+        The ``out_*`` paths by flag name.
+
+    Returns
+    -------
+    list of str
+        Their absolute paths.
+    """
+    checkpoint = checkpoint_for(state_path(out["out_state"]))
+    paths = [
+        path
+        for key, path in _written_paths(out)
+        if key not in FOLDER_OUTPUTS and path != checkpoint
+    ]
+    for key in ("out_mesh_gifti", "out_mesh_ply"):
+        for path in (out[key], _suffixed(out[key], UNCERTAIN_SUFFIX)):
+            paths += _slab_files(path) + [os.path.splitext(path)[0] + ".json"]
+    for key in ("out_voxel_meshes", "out_smooth_meshes"):
+        folder = os.fspath(out[key])
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        paths += [os.path.join(folder, n) for n in names if VOXEL_MESH.fullmatch(n)]
+    paths += posterior_map_files(out["out_posterior"])
+    return sorted({os.path.abspath(p) for p in paths if os.path.isfile(p)})
+
+
 def write_search_outputs(
-    fit, data, out, *, space, metrics, voxel_meshes, mesh_ext, n_report
+    fit, data, out, *, staging, space, metrics, voxel_meshes, mesh_ext, n_report
 ):
-    """Every output of a label-search fit but its state.
+    """Every output of a label-search fit and its state, as one set.
+
+    The state (``load_fit`` reads it; ``--resume`` continues it) is part of
+    the set, and the fit's checkpoint store goes when the set is in place.
 
     Parameters
     ----------
@@ -184,6 +253,8 @@ def write_search_outputs(
         The mask's voxels (for the report's signals).
     out : dict
         The ``out_*`` paths by flag name.
+    staging : dipy_spinverse.files.StagedOutputs
+        The staging of the output folder (:func:`write_output_set`).
     space : dict
         ``affine`` and ``reference`` image of the maps
         (:func:`~dipy_spinverse.files.save_image`).
@@ -199,48 +270,35 @@ def write_search_outputs(
     Returns
     -------
     list of str
-        The files written. Output files of an earlier run that this run does
-        not write are removed.
+        The files written, the state last. Output files of an earlier run
+        that this run does not write are removed.
     """
-    written = save_outputs(
-        fit, out, space=space, metrics=metrics, voxel_meshes=voxel_meshes
+
+    def write(staged):
+        save_outputs(
+            fit, staged, space=space, metrics=metrics, voxel_meshes=voxel_meshes
+        )
+        save_smooth_meshes(fit, staged, space=space, ext=mesh_ext)
+        if n_report:
+            write_report(fit, data, staged["out_report"], n_voxels=n_report)
+        save_fit(fit, state_path(staged["out_state"]))
+
+    state = state_path(out["out_state"])
+    written = write_output_set(
+        out, write, staging=staging, discard=[checkpoint_for(state)]
     )
-    written += save_smooth_meshes(fit, out, space=space, ext=mesh_ext)
-    if n_report:
-        report = write_report(fit, data, out["out_report"], n_voxels=n_report)
-        written += [report] if report else []
-    remove_stale_outputs(out, written)
+    logger.info(f"Voxel status: {describe_status(fit.status[fit.mask])}")
+    written = [p for p in written if p != os.path.abspath(state)] + [state]
+    logger.info(
+        f"Spinverse outputs: {len(written) - 1} files and the fit state {state}, "
+        f"in {os.path.commonpath([os.path.abspath(p) for p in written])}"
+    )
     return written
 
 
-def save_search_state(fit, state, written):
-    """Write the fit state last, remove the checkpoint store, and log.
-
-    Parameters
-    ----------
-    fit : SpinverseFit
-        The volume's fit.
-    state : str
-        The state's path (:func:`state_path`).
-    written : list of str
-        The other files this run wrote (logged).
-    """
-    # Last: the state's presence tells manage_output_overwrite that this run
-    # finished.
-    save_fit(fit, state)
-    checkpoint = checkpoint_for(state)
-    if os.path.isfile(checkpoint):
-        os.remove(checkpoint)
-    logger.info(f"Voxel status: {describe_status(fit.status[fit.mask])}")
-    folder = os.path.commonpath([os.path.abspath(p) for p in written + [state]])
-    logger.info(
-        f"Spinverse outputs: {len(written)} files and the fit state "
-        f"{state}, in {folder}"
-    )
-
-
-def write_posterior_outputs(fit, out, *, space, n_report):
-    """Every output of a posterior fit: maps, status, report and state.
+def write_posterior_outputs(fit, out, *, staging, space, n_report):
+    """Every output of a posterior fit: maps, status, report and state, as
+    one set (:func:`write_output_set`).
 
     Parameters
     ----------
@@ -248,20 +306,30 @@ def write_posterior_outputs(fit, out, *, space, n_report):
         The volume's fit.
     out : dict
         The ``out_*`` paths by flag name.
+    staging : dipy_spinverse.files.StagedOutputs
+        The staging of the output folder.
     space : dict
         ``affine`` and ``reference`` image of the maps.
     n_report : int
         Voxels in the PNG report (0: no report).
+
+    Returns
+    -------
+    list of str
+        The files written.
     """
-    written = list(save_posterior(fit, out["out_posterior"], **space).values())
-    written.append(save_map_values(fit.status, out["out_status"], **space))
-    if n_report:
-        report = write_posterior_report(fit, out["out_report"], n_voxels=n_report)
-        written += [report] if report else []
-    remove_stale_outputs(out, written)
+
+    def write(staged):
+        save_posterior(fit, staged["out_posterior"], **space)
+        save_map_values(fit.status, staged["out_status"], **space)
+        if n_report:
+            write_posterior_report(fit, staged["out_report"], n_voxels=n_report)
+        save_fit(fit, state_path(staged["out_state"]))  # load_fit reads it back
+
+    written = write_output_set(out, write, staging=staging)
     logger.info(f"Voxel status: {fit.status_counts()}")
-    save_fit(fit, state_path(out["out_state"]))  # load_fit reads it back
     logger.info(f"Spinverse posterior: {len(written)} files in {out['out_posterior']}")
+    return written
 
 
 def save_map_values(values, path, *, affine, reference):
@@ -282,45 +350,6 @@ def save_map_values(values, path, *, affine, reference):
         The path written.
     """
     return save_image(path, np.asarray(values, np.int16), affine, reference)
-
-
-def remove_stale_outputs(out, written):
-    """Delete output files of an earlier run that this run did not write.
-
-    With --force or --resume and fewer --save_metrics (or no report), an
-    earlier run's maps would stay beside the new state and describe
-    another fit. The state is left to the run; the files of the output
-    folders it wrote nothing into (per-voxel and smooth meshes, posterior
-    maps) are removed, so that one folder never holds two fits.
-
-    Parameters
-    ----------
-    out : dict
-        The ``out_*`` paths by flag name.
-    written : list of str
-        The files this run wrote.
-    """
-    kept = {os.path.abspath(path) for path in written}
-    stale = [
-        path
-        for key, path in _written_paths(out)
-        if key not in _FOLDERS_AND_STATE
-        and os.path.isfile(path)
-        and os.path.abspath(path) not in kept
-    ]
-    for path in stale:
-        os.remove(path)
-    # Folders this run wrote nothing into hold an earlier fit's files (the
-    # other method's, or fewer outputs asked for): one folder, one fit.
-    folders = {os.path.dirname(os.path.abspath(path)) for path in written}
-    for key, remove in _FOLDER_REMOVERS.items():
-        if os.path.abspath(out[key]) not in folders:
-            stale += remove(out[key])
-    if stale:
-        logger.info(
-            f"Removed {len(stale)} output files of an earlier run that this run "
-            f"does not write: {', '.join(map(os.path.basename, stale))}."
-        )
 
 
 def save_smooth_meshes(fit, out, *, space, ext):
@@ -350,7 +379,9 @@ def save_smooth_meshes(fit, out, *, space, ext):
         return []
     written = [save_map(fit, name, out[f"out_{name}"], **space) for name in MESH_MAPS]
     paths = save_smooth_mesh(fit, folder, ext=ext)
-    logger.info(f"{len(paths)} smooth cell meshes (um) in {folder}.")
+    # Named by the folder's name: the command writes it in a staging folder.
+    name = os.path.basename(folder)
+    logger.info(f"{len(paths)} smooth cell meshes (um) in {name}.")
     return written + list(paths.values())
 
 
@@ -393,7 +424,7 @@ def save_outputs(fit, out, *, space, metrics, voxel_meshes):
         written += save_surface(fit, out, affine=space["affine"])
     if voxel_meshes:
         paths = save_voxel_meshes(fit, folder)
-        logger.info(f"{len(paths)} voxel meshes (um) in {folder}.")
+        logger.info(f"{len(paths)} voxel meshes (um) in {os.path.basename(folder)}.")
         written += list(paths.values())
     return written
 
@@ -518,5 +549,6 @@ def _save_surface_slabs(fit, paths, index_path, slabs, *, affine, voxels):
     )
     with atomic_write(index_path) as tmp, open(tmp, "w") as f:
         json.dump(index, f, indent=1)
-    logger.info(f"Barrier surfaces in {len(entries)} slabs, listed in {index_path}.")
+    name = os.path.basename(index_path)  # beside the GIFTI file (staged)
+    logger.info(f"Barrier surfaces in {len(entries)} slabs, listed in {name}.")
     return written + [index_path]

@@ -20,7 +20,16 @@ import numpy as np
 from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
-from ..files import cache_root, describe_cause, output_lock, writable_folder
+from ..files import (
+    STAGING_PREFIX,
+    StagedOutputs,
+    WriteError,
+    cache_root,
+    describe_cause,
+    output_lock,
+    recover_staged,
+    writable_folder,
+)
 from ..io.checkpoint import Checkpoint, checkpoint_for
 from ..io.fits import load_fit
 from ..io.gradients import B0_THRESHOLD, BVECS_TOL
@@ -41,7 +50,6 @@ from .outputs import (
     METRICS,
     SMOOTH_MESH_FORMATS,
     check_output_paths,
-    save_search_state,
     state_path,
     write_posterior_outputs,
     write_search_outputs,
@@ -58,12 +66,15 @@ __all__ = [
 ]
 
 _POSTERIOR_INTERRUPTED = (
-    "no maps were written; a posterior being trained keeps its simulations "
-    "in {} (posterior-<key>.partial) and the same command continues them"
+    "no maps were written ({folder} keeps the previous run's outputs, if any); "
+    "a posterior being trained keeps its simulations in {cache} "
+    "(posterior-<key>.partial) and the same command continues them"
 )
 _KEPT_AFTER_INTERRUPT = (
-    "the voxels fitted so far are kept in {}; run the same command again to continue"
+    "the voxels fitted so far are kept in {checkpoint}; run the same command "
+    "again to continue ({folder} keeps the previous run's outputs, if any)"
 )
+_NEW_OUTPUTS = "{folder} holds this run's new outputs, complete"
 
 
 class SpinverseFlow(Workflow):
@@ -151,9 +162,11 @@ class SpinverseFlow(Workflow):
         --voxel_meshes), the full fit state (.npz, resumable with --resume)
         and a PNG report (with matplotlib): the slice of the maps with the
         most fitted voxels and a few voxels. Each output goes to its own
-        out_* path, written atomically (a temporary file, then a rename).
-        The fit state is written last: the outputs of a run that failed
-        before it are overwritten by the next run, not skipped.
+        out_* path. A dataset's outputs and fit state are one set: written
+        into a staging folder in the output folder (.spinverse-staging-<pid>),
+        then swapped in by renames for the earlier run's, so that Ctrl-C
+        or a failure leaves the earlier outputs or the new ones, never a
+        mix (a run killed during the swap is finished by the next run).
 
         Parameters
         ----------
@@ -335,8 +348,8 @@ class SpinverseFlow(Workflow):
             Name of the per-face permeability (4-D, m/s).
         out_state : string, optional
             Name of the saved fit (.npz), loadable with
-            dipy_spinverse.io.load_fit; written last, when every other output
-            is. During the fit, each finished chunk of voxels is written
+            dipy_spinverse.io.load_fit; swapped in with the other outputs,
+            one set. During the fit, each finished chunk of voxels is written
             once to the checkpoint store name.partial.h5 (HDF5).
         out_mesh_gifti : string, optional
             Name of the barrier surfaces of the volume in scanner coordinates
@@ -415,29 +428,45 @@ class SpinverseFlow(Workflow):
                     gradients=flags.gradients,
                     noise=flags.noise,
                 )
-                if flags.fit_method == "posterior":
-                    self.on_interrupt = _POSTERIOR_INTERRUPTED.format(cache_root())
-                    fit_posterior(dataset, out, flags)
-                else:
-                    self._fit_search(dataset, out, flags)
+                self._fit(dataset, out, flags, StagedOutputs(folder))
 
-    def _fit_search(self, dataset, out, flags):
-        """:func:`fit_search`, naming its checkpoint if interrupted."""
-        checkpoint = checkpoint_for(state_path(out["out_state"]))
-        self.on_interrupt = _KEPT_AFTER_INTERRUPT.format(checkpoint)
-        fit_search(dataset, out, flags)
+    def _fit(self, dataset, out, flags, staging):
+        """The fit of one dataset and its outputs (one set, ``staging``),
+        saying on Ctrl-C what is kept: the checkpoint or the posterior's
+        simulations, and the output folder's set, earlier or new."""
+        folder = staging.folder
+        if flags.fit_method == "posterior":
+            fit = fit_posterior
+            self.on_interrupt = _POSTERIOR_INTERRUPTED.format(
+                folder=folder, cache=cache_root()
+            )
+        else:
+            fit = fit_search
+            checkpoint = checkpoint_for(state_path(out["out_state"]))
+            self.on_interrupt = _KEPT_AFTER_INTERRUPT.format(
+                checkpoint=checkpoint, folder=folder
+            )
+        try:
+            fit(dataset, out, flags, staging=staging)
+        finally:
+            if staging.committed:
+                self.on_interrupt = _NEW_OUTPUTS.format(folder=folder)
 
     def manage_output_overwrite(self):
         """DIPY's check, except that an unfinished run's outputs are redone.
 
         DIPY skips the whole run when any output file exists, unless --force.
-        The fit state is written after every other output, so outputs without
-        it are what a failed or interrupted run left: those are overwritten,
-        with a warning, instead of the rerun silently doing nothing.
+        What a killed run left half swapped in is first finished (or its
+        staged outputs removed), so that the check sees one whole set. The
+        fit state is part of every finished set, so outputs without it are
+        what an older failed run left: those are overwritten, with a
+        warning, instead of the rerun silently doing nothing.
         """
+        keys = list(self.last_generated_outputs)
+        states = self.flat_outputs[keys.index("out_state") :: len(keys)]
+        for folder in {os.path.dirname(os.path.abspath(p)) for p in states}:
+            _recover(folder)
         if not self._force_overwrite:
-            keys = list(self.last_generated_outputs)
-            states = self.flat_outputs[keys.index("out_state") :: len(keys)]
             unfinished = [
                 path for path in states if not os.path.isfile(state_path(path))
             ]
@@ -451,6 +480,21 @@ class SpinverseFlow(Workflow):
                 )
                 return True
         return super().manage_output_overwrite()
+
+
+def _recover(folder):
+    """:func:`~dipy_spinverse.files.recover_staged` in ``folder``, if a killed
+    run left a staging folder there (holding its lock; a folder that another
+    run holds is left to it: this run is refused there later)."""
+    if not glob.glob(os.path.join(glob.escape(folder), STAGING_PREFIX + "*")):
+        return
+    try:
+        with output_lock(folder, command="dipy_fit_spinverse"):
+            recover_staged(folder)
+    except WriteError as err:  # said as it is, not as a folder not made
+        raise ValueError(str(err)) from err
+    except ValueError:
+        pass
 
 
 def refuse_shared_outputs(io_it):
@@ -521,9 +565,9 @@ def _folder_error(out_dir, err):
     )
 
 
-def fit_search(dataset, out, flags):
-    """``--fit_method search``: the fit (continuing an interrupted one), its
-    outputs, then its state.
+def fit_search(dataset, out, flags, *, staging):
+    """``--fit_method search``: the fit (continuing an interrupted one), then
+    its outputs and state, one set.
 
     Parameters
     ----------
@@ -533,6 +577,9 @@ def fit_search(dataset, out, flags):
         The ``out_*`` paths by flag name.
     flags : Flags
         The checked flags (:func:`~dipy_spinverse.workflows.flags.check_flags`).
+    staging : StagedOutputs
+        The staging of the output folder
+        (:func:`~dipy_spinverse.workflows.outputs.write_output_set`).
     """
     model = search_model(dataset, flags)
     logger.info(f"{model}; {int(dataset.mask.sum())} voxels in the mask")
@@ -550,17 +597,17 @@ def fit_search(dataset, out, flags):
         checkpoint=Checkpoint(checkpoint_for(state)),
         resume=previous,
     )
-    written = write_search_outputs(
+    write_search_outputs(
         fit,
         dataset.data,
         out,
+        staging=staging,
         space=dataset.space,
         metrics=flags.metrics,
         voxel_meshes=flags.voxel_meshes,
         mesh_ext=flags.mesh_ext,
         n_report=flags.n_report,
     )
-    save_search_state(fit, state, written)
 
 
 def search_model(dataset, flags):
@@ -592,8 +639,9 @@ def search_model(dataset, flags):
         return SpinverseModel(dataset.table, **options)
 
 
-def fit_posterior(dataset, out, flags):
-    """``--fit_method posterior``: the fit, its maps, status, report and state.
+def fit_posterior(dataset, out, flags, *, staging):
+    """``--fit_method posterior``: the fit, then its maps, status, report and
+    state, one set.
 
     Parameters
     ----------
@@ -603,12 +651,16 @@ def fit_posterior(dataset, out, flags):
         The ``out_*`` paths by flag name.
     flags : Flags
         The checked flags.
+    staging : StagedOutputs
+        The staging of the output folder.
     """
     with in_flags():
         model = SpinverseModel(dataset.table, **flags.model, sigma=dataset.sigma)
     logger.info(f"Posterior of {model.prior.prior!r}; {int(dataset.mask.sum())} voxels")
     fit = model.fit(dataset.data, mask=dataset.mask)
-    write_posterior_outputs(fit, out, space=dataset.space, n_report=flags.n_report)
+    write_posterior_outputs(
+        fit, out, staging=staging, space=dataset.space, n_report=flags.n_report
+    )
 
 
 def _set_aside(checkpoint):

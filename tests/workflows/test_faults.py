@@ -10,8 +10,11 @@ and that nothing fitted before the fault is lost.
 
 import errno
 import gzip
+import hashlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -23,7 +26,12 @@ from numpy.testing import assert_array_equal
 
 import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse.data import make_phantom_dataset
-from dipy_spinverse.files import LOCK_NAME, output_lock
+from dipy_spinverse.files import (
+    JOURNAL_NAME,
+    LOCK_NAME,
+    STAGING_PREFIX,
+    output_lock,
+)
 from dipy_spinverse.io.fits import load_fit
 from dipy_spinverse.reconst import IMPOSSIBLE_SIGNAL, UNDERDETERMINED
 from dipy_spinverse.workflows.spinverse import main
@@ -211,7 +219,11 @@ def test_a_failed_output_write_is_one_line_and_the_rerun_fits_nothing(
     code, err = _command(monkeypatch, capsys, _argv(demo, tmp_path))
     assert code == 2
     line = _one_error_line(err)
-    assert "restricted_fraction.nii.gz" in line
+    # The output is named, not its path in the staging folder (removed).
+    assert str(tmp_path / "restricted_fraction.nii.gz") in line
+    assert STAGING_PREFIX not in line and STAGING_PREFIX not in str(
+        os.listdir(tmp_path)
+    )
     assert ("disk is full" if failure.errno == errno.ENOSPC else "permission") in line
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
     assert load_fit(tmp_path / "spinverse_fit.partial.h5").n_pending == 0
@@ -541,3 +553,374 @@ def test_sigma_auto_on_a_few_voxels_warns(demo, caplog):
     noise_sigma(("auto", None), image, read_voxels(image, mask), table)
     assert "--sigma auto estimated the noise from an image of 6 voxels" in caplog.text
     assert "Pass --snr" in caplog.text
+
+
+# -- interrupted writes: the old set of outputs or the new set ----------------
+
+
+def _digest(path):
+    """What a file holds: a .npz's arrays and a gzip's bytes unpacked (both
+    headers hold the time they were written)."""
+    digest = hashlib.sha256()
+    if path.endswith(".npz"):
+        with np.load(path) as arrays:
+            for name in sorted(arrays.files):
+                digest.update(name.encode() + arrays[name].tobytes())
+    else:
+        data = open(path, "rb").read()
+        digest.update(gzip.decompress(data) if path.endswith(".gz") else data)
+    return digest.hexdigest()
+
+
+def _outputs(folder):
+    """{file: digest} of a folder's files but the lock and the checkpoint
+    (the fit's progress, not an output; a staging folder is counted)."""
+    found = {}
+    for top, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(top, name)
+            if name != LOCK_NAME and not name.endswith(".partial.h5"):
+                found[os.path.relpath(path, folder)] = _digest(path)
+    return found
+
+
+class _Killed(BaseException):
+    """The process died: nothing after it touches the disk."""
+
+
+def _renames_in_staging(monkeypatch, at=None, how="raise"):
+    """Count the renames into, in or out of a staging folder (each staged
+    file, the journal, the swap); at the rename ``at``: Ctrl-C in its place
+    (``"raise"``), a SIGINT before it (``"signal"``, a real Ctrl-C), or
+    the process killed (``"kill"``: that and every later change to the
+    disk fails). The renames seen (None at ``at``)."""
+    calls, dead = [], []
+    real = {name: getattr(os, name) for name in ("replace", "rename")}
+
+    def rename(name):
+        def renamed(src, dst, *args, **kwargs):
+            if dead:
+                raise _Killed
+            if STAGING_PREFIX in os.fspath(src) + os.fspath(dst):
+                if len(calls) == at:
+                    calls.append(None)  # fired once
+                    if how == "signal":
+                        signal.raise_signal(signal.SIGINT)
+                    elif how == "kill":
+                        dead.append(True)
+                        raise _Killed
+                    else:
+                        raise KeyboardInterrupt
+                calls.append((os.fspath(src), os.fspath(dst)))
+            return real[name](src, dst, *args, **kwargs)
+
+        return renamed
+
+    def killed(real_function):
+        def removed(*args, **kwargs):
+            if dead:
+                raise _Killed
+            return real_function(*args, **kwargs)
+
+        return removed
+
+    for name in real:
+        monkeypatch.setattr(os, name, rename(name))
+    for name in ("remove", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, killed(getattr(os, name)))
+    return calls
+
+
+def _sets(demo, tmp_path, monkeypatch, capsys, old_argv, new_argv):
+    """The old set (run into ``old``), the new set (``new_argv`` run into a
+    fresh folder) and the renames of writing the new over the old."""
+    old = tmp_path / "old"
+    code, err = _command(monkeypatch, capsys, old_argv(old))
+    assert code == 0, err
+    code, err = _command(monkeypatch, capsys, new_argv(tmp_path / "new"))
+    assert code == 0, err
+    work = tmp_path / "count"
+    shutil.copytree(old, work)
+    with pytest.MonkeyPatch.context() as patch:
+        renames = _renames_in_staging(patch)
+        code, err = _command(patch, capsys, new_argv(work))
+    assert code == 0, err
+    new = _outputs(tmp_path / "new")
+    assert _outputs(work) == new and _outputs(old) != new
+    commit = next(i for i, (_, dst) in enumerate(renames) if dst.endswith(JOURNAL_NAME))
+    return old, new, renames, commit
+
+
+def _interrupted_at(at, how, old, new_argv, folder, monkeypatch, capsys):
+    """Run ``new_argv`` over a copy of ``old`` into ``folder``, interrupted
+    at the rename ``at``: (exit status, stderr)."""
+    shutil.copytree(old, folder)
+    with pytest.MonkeyPatch.context() as patch:
+        _renames_in_staging(patch, at=at, how=how)
+        return _command(patch, capsys, new_argv(folder))
+
+
+@pytest.mark.parametrize("how", ["raise", "signal"])
+def test_ctrl_c_while_a_forced_rerun_writes_leaves_the_old_set_or_the_new(
+    demo, tmp_path, monkeypatch, capsys, how
+):
+    """Ctrl-C at every file of a --force rerun (maps, state, swap) leaves
+    exactly the earlier run's outputs (other settings, more files: a report
+    and voxel meshes) or exactly the new run's, and says which (probe case
+    8 of issue 73: the folder mixed old and new maps). Before the journal
+    the staging folder is removed; from it on, the swap is finished (a
+    SIGINT waits for it)."""
+
+    def old_argv(out):
+        return _argv(demo, out, "--max_iter", "3", "--n_report", "1", "--voxel_meshes")
+
+    def new_argv(out):
+        return _argv(demo, out, "--force")
+
+    old, new, renames, commit = _sets(
+        demo, tmp_path, monkeypatch, capsys, old_argv, new_argv
+    )
+    before = _outputs(old)
+    # The SIGINT at the journal's rename is held: the swap goes on.
+    last_old = commit - 1 if how == "signal" else commit
+    for at in range(len(renames)):
+        folder = tmp_path / f"at{at}"
+        code, err = _interrupted_at(at, how, old, new_argv, folder, monkeypatch, capsys)
+        assert code == 130, (at, err)
+        assert "Traceback" not in err
+        kept = _outputs(folder)
+        if at <= last_old:
+            assert kept == before, at
+            assert f"{folder} keeps the previous run's outputs" in err
+            assert "the voxels fitted so far are kept in" in err
+        else:
+            assert kept == new, at
+            assert f"{folder} holds this run's new outputs, complete" in err
+            assert not (folder / "spinverse_fit.partial.h5").exists()
+
+
+def test_a_killed_rerun_is_finished_or_undone_by_the_next_run(
+    demo, tmp_path, monkeypatch, capsys, caplog
+):
+    """A run killed at any rename (no handler runs) leaves its staging
+    folder; the next run, a plain rerun, removes it when its set was not
+    complete (the folder keeps the old set), or finishes the swap, and says
+    which in a warning naming the folder."""
+
+    def old_argv(out):
+        return _argv(demo, out, "--max_iter", "3", "--n_report", "1")
+
+    def new_argv(out):
+        return _argv(demo, out, "--force")
+
+    old, new, renames, commit = _sets(
+        demo, tmp_path, monkeypatch, capsys, old_argv, new_argv
+    )
+    before = _outputs(old)
+    for at in range(len(renames)):
+        folder = tmp_path / f"at{at}"
+        with pytest.raises(_Killed):
+            _interrupted_at(at, "kill", old, new_argv, folder, monkeypatch, capsys)
+        assert [p for p in os.listdir(folder) if p.startswith(STAGING_PREFIX)], at
+        caplog.clear()
+        code, err = _command(monkeypatch, capsys, _argv(demo, folder))
+        assert code == 0, err
+        assert not [p for p in os.listdir(folder) if p.startswith(".spinverse-")]
+        if at <= commit:
+            assert _outputs(folder) == before, at
+            assert f"{folder} keeps the outputs it had before that run" in caplog.text
+        else:
+            assert _outputs(folder) == new, at
+            assert f"interrupted run began in {folder}" in caplog.text
+
+
+#: A run of the command that dies (os._exit, as a kill -9) at the rename
+#: ``AT`` into, in or out of its staging folder.
+_KILLED_RUN = """
+import os, sys
+from dipy_spinverse.files import STAGING_PREFIX
+from dipy_spinverse.workflows.spinverse import main
+real, seen = os.replace, []
+def replace(src, dst, *args, **kwargs):
+    if STAGING_PREFIX in os.fspath(src) + os.fspath(dst):
+        if len(seen) == int(os.environ["AT"]):
+            os._exit(137)
+        seen.append(dst)
+    return real(src, dst, *args, **kwargs)
+os.replace = os.rename = replace
+sys.argv[0] = "dipy_fit_spinverse"
+main()
+"""
+
+
+def test_a_run_killed_in_its_swap_is_finished_by_the_next(
+    demo, tmp_path, monkeypatch, capsys, caplog
+):
+    """A real kill (a process of its own ends in the middle of the swap):
+    the next run finishes the swap, with a warning naming the folder."""
+
+    def old_argv(out):
+        return _argv(demo, out, "--max_iter", "3", "--n_report", "1")
+
+    def new_argv(out):
+        return _argv(demo, out, "--force")
+
+    old, new, renames, commit = _sets(
+        demo, tmp_path, monkeypatch, capsys, old_argv, new_argv
+    )
+    folder = tmp_path / "killed"
+    shutil.copytree(old, folder)
+    at = (commit + len(renames)) // 2  # old files in the trash, new ones not all in
+    run = [sys.executable, "-c", _KILLED_RUN, *new_argv(folder)]
+    done = subprocess.run(
+        run, capture_output=True, text=True, env=dict(os.environ, AT=str(at))
+    )
+    assert done.returncode == 137, done.stderr[-2000:]
+    mixed = _outputs(folder)
+    assert mixed != new and mixed != _outputs(old)
+    code, err = _command(monkeypatch, capsys, _argv(demo, folder))
+    assert code == 0, err
+    assert _outputs(folder) == new
+    assert f"interrupted run began in {folder}" in caplog.text
+
+
+def _failing_move(real, path, times):
+    """``real`` (shutil.move) failing with EACCES the first ``times`` times
+    a file is moved to ``path``."""
+    failures = []
+
+    def move(source, target, *args, **kwargs):
+        if target == path and len(failures) < times:
+            failures.append(target)
+            raise PermissionError(errno.EACCES, "Permission denied", target)
+        return real(source, target, *args, **kwargs)
+
+    return move
+
+
+def test_a_rename_that_fails_in_the_swap_puts_the_old_set_back(
+    demo, tmp_path, monkeypatch, capsys, caplog
+):
+    """A failure while the new set is moved in (a permission on one map)
+    puts the old set back, says so in one line naming the file, and keeps
+    the checkpoint: the rerun writes the new set without fitting. A failure
+    that stays (the old map cannot go back either) is named so, and the
+    next run finishes the swap."""
+
+    def old_argv(out):
+        return _argv(demo, out, "--max_iter", "3", "--n_report", "1")
+
+    def new_argv(out):
+        return _argv(demo, out, "--force")
+
+    old, new, _, _ = _sets(demo, tmp_path, monkeypatch, capsys, old_argv, new_argv)
+    real = shutil.move
+    for times in (1, 2):
+        folder = tmp_path / f"failed{times}"
+        shutil.copytree(old, folder)
+        failing = _failing_move(real, str(folder / "status.nii.gz"), times)
+        monkeypatch.setattr(shutil, "move", failing)
+        code, err = _command(monkeypatch, capsys, new_argv(folder))
+        assert code == 2
+        line = _one_error_line(err)
+        assert str(folder / "status.nii.gz") in line and "permission denied" in line
+        if times == 1:
+            assert f"{folder} keeps the previous run's outputs" in line
+            assert _outputs(folder) == _outputs(old)
+        else:
+            assert f"The next run into {folder} finishes the swap" in line
+        monkeypatch.setattr(shutil, "move", real)
+        fitted = _counting_fits(monkeypatch)
+        # The same command, or (after a half swap) a plain rerun.
+        rerun = new_argv(folder) if times == 1 else _argv(demo, folder)
+        code, err = _command(monkeypatch, capsys, rerun)
+        assert code == 0, err
+        assert fitted == [] and _outputs(folder) == new
+    assert f"interrupted run began in {folder}" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def posterior_options(tmp_path_factory):
+    """A tiny prior's options (trained in seconds into a module's cache)."""
+    path = tmp_path_factory.mktemp("posterior") / "posterior.json"
+    prior = dict(resolution=2, cell_diameter=[8, 25], n_cells=[1, 2])
+    prior.update(families=["packed", "fibre"], min_spacings=1)
+    training = dict(n_simulations=64, epochs=3, hidden=16, embedding=8)
+    training.update(transforms=1, batch_size=16, n_calibration=16)
+    path.write_text(json.dumps(dict(prior=prior, training=training, n_samples=50)))
+    return path
+
+
+def test_ctrl_c_while_a_posterior_replaces_a_search_leaves_one_set(
+    demo, tmp_path, monkeypatch, capsys, posterior_options
+):
+    """A posterior --force into a label search's folder, interrupted at
+    some of its files: the search's set whole, or the posterior's whole
+    (none of the search's maps beside the posterior's, probe case 2)."""
+    monkeypatch.setenv("DIPY_SPINVERSE_CACHE", str(tmp_path / "cache"))
+
+    def old_argv(out):
+        return _argv(demo, out)
+
+    def new_argv(out):
+        argv = _argv(demo, out, "--fit_method", "posterior", "--snr", "100")
+        at = argv.index("--max_iter")  # the search's flag
+        del argv[at : at + 2]
+        return argv + ["--posterior_options", str(posterior_options), "--force"]
+
+    old, new, renames, commit = _sets(
+        demo, tmp_path, monkeypatch, capsys, old_argv, new_argv
+    )
+    assert "posterior/cell_diameter.nii.gz" in new and "s0.nii.gz" not in new
+    before = _outputs(old)
+    for at in sorted({0, commit - 1, commit, commit + 1, commit + 5, len(renames) - 1}):
+        folder = tmp_path / f"at{at}"
+        code, err = _interrupted_at(
+            at, "raise", old, new_argv, folder, monkeypatch, capsys
+        )
+        assert code == 130, (at, err)
+        if at <= commit:
+            assert _outputs(folder) == before, at
+            assert "no maps were written" in err
+            assert f"{folder} keeps the previous run's outputs" in err
+        else:
+            assert _outputs(folder) == new, at
+            assert f"{folder} holds this run's new outputs, complete" in err
+
+
+def test_several_inputs_are_each_one_set(demo, tmp_path, monkeypatch, capsys):
+    """Two inputs in one run, each into its own folder (beside it,
+    --out_strat append): Ctrl-C in the second's writes leaves the first's
+    new set whole and the second's old one."""
+    for subject in ("subjA", "subjB"):
+        (tmp_path / subject).mkdir()
+        shutil.copy(demo["data"], tmp_path / subject / "dwi.nii.gz")
+        shutil.copy(demo["mask"], tmp_path / subject / "mask.nii.gz")
+
+    def argv(*extra):
+        data = tmp_path / "subj*" / "dwi.nii.gz"
+        mask = tmp_path / "subj*" / "mask.nii.gz"
+        extra = ("--out_strat", "append", *extra)
+        return _argv(demo, "fit", *extra, data=data, mask=mask)
+
+    code, err = _command(monkeypatch, capsys, argv("--max_iter", "3"))
+    assert code == 0, err
+    folders = [tmp_path / subject / "fit" for subject in ("subjA", "subjB")]
+    assert all((folder / "spinverse_fit.npz").is_file() for folder in folders)
+    before = [_outputs(f) for f in folders]
+    with pytest.MonkeyPatch.context() as patch:
+        renames = _renames_in_staging(patch)
+        code, err = _command(patch, capsys, argv("--force"))
+    assert code == 0, err
+    after = [_outputs(f) for f in folders]
+    first = sum(1 for _, dst in renames if str(folders[0]) in dst)
+    # Back to the old sets, then Ctrl-C at the second input's first file.
+    code, err = _command(monkeypatch, capsys, argv("--max_iter", "3", "--force"))
+    assert code == 0, err
+    assert [_outputs(f) for f in folders] == before
+    with pytest.MonkeyPatch.context() as patch:
+        _renames_in_staging(patch, at=first)
+        code, err = _command(patch, capsys, argv("--force"))
+    assert code == 130, err
+    assert [_outputs(f) for f in folders] == [after[0], before[1]] != before
+    assert f"{folders[1]} keeps the previous run's outputs" in err
