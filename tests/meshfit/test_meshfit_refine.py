@@ -40,7 +40,7 @@ def test_refine_options_are_checked():
 
 
 def test_model_checks_refine_mesh(gtab, grid):
-    with pytest.raises(ValueError, match="turn the label search on"):
+    with pytest.raises(ValueError, match=r"label search \(search_steps > 0\)"):
         SpinverseModel(gtab, grid=grid, preset="paper", refine_mesh=True)
     with pytest.raises(ValueError, match="refine_mesh=True with them"):
         SpinverseModel(gtab, grid=grid, preset="paper", mesh_options=TINY)
