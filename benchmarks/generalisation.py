@@ -257,7 +257,9 @@ def run(physics, args):
         )
         truth = [label_field(grid, labels[i], kappas[i], 0.1) for i in batch]
         # As SpinverseModel flags it: a misfit the noise cannot explain.
-        poor = poor_fits(result.loss, result.config, len(protocol))
+        poor = poor_fits(
+            result.loss, result.config, len(protocol), level=result.noise_level
+        )
         gaps = chi_square(grid, protocol, signal[batch], result.permeability, sigma)
         gaps -= chi_square(grid, protocol, signal[batch], np.array(truth), sigma)
         seconds = (time.perf_counter() - start) / len(batch)

@@ -95,6 +95,7 @@ LAYERS = [
     "meshfit.refine",
     "meshfit",
     "inverse.config",
+    "inverse.noise",
     "inverse.prediction",
     "inverse.facefit",
     "inverse.shapes",

@@ -5,6 +5,9 @@ Modules, in the order a reconstruction uses them:
 ``config``
     :class:`InversionConfig` (frozen, validated once) in four parts -- face
     fit, loss, label search, approximation error -- and the :data:`PRESETS`.
+``noise``
+    :class:`Noise`, the one form the noise reaches every loss in: the
+    relative level and each acquisition's precision.
 ``prediction``
     A field's signal in the data's terms (each sequence over its own
     simulated b = 0).
@@ -55,6 +58,7 @@ from .config import (
     resolve_config,
 )
 from .facefit import barrier_probability
+from .noise import Noise
 from .proposal import ProposalSettings, load_or_train_proposal
 from .reconstruct import Reconstruction, grid_error, prepare, reconstruct
 from .search import learned_proposal
@@ -72,6 +76,7 @@ __all__ = [
     "Stage",
     "PRESETS",
     "resolve_config",
+    "Noise",
     "barrier_probability",
     "learned_proposal",
     "load_or_train_proposal",

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..geometry.metrics import cell_inversion
+from .noise import UNKNOWN
 from .search import search_labels
 from .uncertainty import iou
 
@@ -26,7 +27,7 @@ def bootstrap_search(
     sim,
     face_kappa,
     labels=None,
-    precision=None,
+    noise=UNKNOWN,
     callback=None,
     seeds=None,
 ):
@@ -53,7 +54,7 @@ def bootstrap_search(
         The b0-normalised signals the search was run on.
     found : LabelSearch
         Its result on ``data``.
-    protocol, config, sim, face_kappa, labels, precision, seeds
+    protocol, config, sim, face_kappa, labels, noise, seeds
         As given to :func:`~dipy_spinverse.inverse.search.search_labels`
         (the replicates start from the same face field and seeds; they are
         searched in one driven call).
@@ -88,7 +89,7 @@ def bootstrap_search(
         sim=sim,
         face_kappa=np.tile(face_kappa, (k, 1)),
         labels=None if labels is None else np.tile(labels, (k, 1)),
-        precision=None if precision is None else precision.repeat(k, 1),
+        noise=noise.repeat(k),
         callback=callback,
         seeds=None if seeds is None else list(seeds) * k,
     )

@@ -258,10 +258,11 @@ class LossConfig:
     b = 0 signal) > 0; sequences of different echo times are weighted by
     their own noise (:func:`dipy_spinverse.sim.signals.noise_precision`).
     See :func:`dipy_spinverse.sim.signals.data_loss`. The noise reaches the
-    loss in one form: ``sigma``, and each acquisition's precision relative
-    to ``1 / sigma^2`` (:attr:`VoxelSignals.precision`; the DIPY model puts
-    its data's noise in both at each fit, ``sigma`` as one level per fit,
-    :func:`dipy_spinverse.reconst.noise.reference_noise`).
+    loss in one form, a :class:`~dipy_spinverse.inverse.noise.Noise` (a
+    level and each acquisition's precision relative to it), which
+    :func:`~dipy_spinverse.inverse.reconstruct` is given (the DIPY model
+    gives each fit its data's) or makes from ``sigma``, the setting of a
+    call not given one; nothing below it reads ``sigma``.
     """
 
     loss_scale: float = 100.0

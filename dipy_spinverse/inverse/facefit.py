@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..sim.signals import data_loss
+from .noise import UNKNOWN
 from .prediction import predict_signal
 
 __all__ = ["FaceFit", "fit_faces", "barrier_probability", "schedule", "TERMS"]
@@ -65,7 +65,7 @@ def barrier_probability(log_kappa):
     return torch.sigmoid((_P_CENTRE - log_kappa) / _P_WIDTH)
 
 
-def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=None):
+def fit_faces(grid, data, protocol, config, *, sim, noise=UNKNOWN, callback=None):
     """Run the face fit on b0-normalised ``data`` (n_voxels, n_acquisitions).
 
     Parameters
@@ -76,9 +76,9 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
     config : InversionConfig
     sim : dict
         ``diffusivity``, ``dtype``, ``device`` for :func:`predict_signal`.
-    precision : torch.Tensor (n_voxels, n_acquisitions), optional
-        Noise precision of each acquisition relative to ``1 / sigma^2``
-        (:func:`~dipy_spinverse.sim.signals.noise_precision`; default 1).
+    noise : Noise, optional
+        The voxels' noise (:class:`~dipy_spinverse.inverse.noise.Noise`);
+        default unknown (level 0, every precision 1).
     callback : callable, optional
         ``callback(iteration, permeability_tensor, losses_dict)`` every step.
 
@@ -101,7 +101,7 @@ def fit_faces(grid, data, protocol, config, *, sim, precision=None, callback=Non
         losses = _losses(
             pred,
             data[:, step.index],
-            None if precision is None else precision[:, step.index],
+            noise.columns(step.index),
             step,
             log_kappa,
             geometry,
@@ -219,15 +219,8 @@ def _log_kappa(param, config, geometry):
 
 
 # -- losses and priors -------------------------------------------------------------
-def _losses(pred, data, precision, step, log_kappa, geometry, config):
-    data_term = data_loss(
-        pred,
-        data,
-        loss_scale=config.loss.loss_scale,
-        sigma=config.loss.sigma,
-        noise=config.loss.noise,
-        precision=precision,
-    )
+def _losses(pred, data, noise, step, log_kappa, geometry, config):
+    data_term = noise.data_loss(pred, data, config.loss)
     p = barrier_probability(log_kappa)
     zero = torch.zeros_like(data_term)
 

@@ -7,19 +7,20 @@ configuration asks for it, the label search
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from ..checks import check_diffusivity
 from ..sim.sequences import as_protocol
-from ..sim.signals import VoxelSignals, data_loss
+from ..sim.signals import VoxelSignals
 from .approximation import approximation_error
 from .bootstrap import bootstrap_search
 from .config import InversionConfig, resolve_config
 from .facefit import fit_faces
 from .fields import OPEN_KAPPA, cell_labels
+from .noise import voxel_noise
 from .prediction import predict_signal
 from .search import learned_proposal, search_labels
 
@@ -65,12 +66,16 @@ class Reconstruction:
         The learned proposal's occupancy, when the search used one.
     precision : ndarray (..., n_acquisitions) or None
         The noise precision each acquisition was weighed with, relative to
-        ``1 / sigma^2`` (with the grid's approximation error, when used).
+        ``1 / noise_level^2`` (with the grid's approximation error, when
+        used).
     loss : ndarray (...) or None
         Each voxel's data term (:func:`~dipy_spinverse.sim.signals.data_loss`)
         at the answer: the one the fit minimised, with its data, noise model
-        and precisions (about ``loss_scale * sigma^2`` where the model
+        and precisions (about ``loss_scale * noise_level^2`` where the model
         explains the data).
+    noise_level : float
+        The relative noise the losses are measured in (:attr:`Noise.level
+        <dipy_spinverse.inverse.noise.Noise.level>`; 0: unknown).
     """
 
     permeability: np.ndarray
@@ -85,6 +90,7 @@ class Reconstruction:
     proposal_probability: np.ndarray | None = field(default=None, repr=False)
     precision: np.ndarray | None = field(default=None, repr=False)
     loss: np.ndarray | None = field(default=None, repr=False)
+    noise_level: float = 0.0
 
 
 def reconstruct(
@@ -92,6 +98,7 @@ def reconstruct(
     signal,
     protocol,
     *,
+    data_noise=None,
     preset="default",
     diffusivity=2e-3,
     dtype=torch.float32,
@@ -114,6 +121,14 @@ def reconstruct(
         normalised once by the caller
         (:class:`~dipy_spinverse.sim.signals.VoxelSignals`, (n,) results).
     protocol : Protocol or GradientTable
+    data_noise : Noise or float, optional
+        The voxels' noise (:class:`~dipy_spinverse.inverse.noise.Noise`: the
+        relative level the losses are measured in and each acquisition's
+        precision, (n_voxels, n_acquisitions) with the voxels flattened), or
+        its level alone (the precisions are then the sequences' own). Default
+        the configuration's ``sigma``; given, it is the noise of the fit and
+        the configuration's ``sigma`` is not read. Every loss of the fit reads
+        it, and nothing else of the noise.
     preset : str or InversionConfig
         Starting configuration: ``"default"``, ``"paper"`` (see
         :data:`~dipy_spinverse.inverse.PRESETS`) or a configuration.
@@ -147,31 +162,25 @@ def reconstruct(
     diffusivity = check_diffusivity(diffusivity)
     protocol = as_protocol(protocol)
     signals, data, batch_shape = _voxel_signals(signal, protocol, dtype=dtype)
-    # Per-sequence noise weights belong to the noise model: with sigma unknown
-    # (0) the loss stays the published unweighted misfit, whose search paths
-    # the presets were validated on (weighting noise-free paper-physics data
-    # by the absorbing wall's b = 0 decay lost the bent axon's exact shape).
-    precision = torch.as_tensor(signals.precision)
-    if not config.loss.sigma > 0:
-        precision = torch.ones_like(precision)
+    noise = voxel_noise(data_noise, signals, config, dtype=dtype, device=device)
     data = data.to(device=device)
-    precision = precision.to(dtype=dtype, device=device)
     sim = dict(diffusivity=diffusivity, dtype=dtype, device=device)
     bias = 0.0
     if config.approximation.n_substrates:
         error = grid_error(
             grid, protocol, config, diffusivity=diffusivity, device=device
         )
-        data, precision = error.apply(data, precision, config.loss.sigma)
+        data, precision = error.apply(data, noise.precision, noise.level)
+        noise = replace(noise, precision=precision)
         bias = error.mean
     faces = fit_faces(
-        grid, data, protocol, config, sim=sim, precision=precision, callback=callback
+        grid, data, protocol, config, sim=sim, noise=noise, callback=callback
     )
     kappa, labels = faces.permeability.cpu().numpy(), faces.labels
     extras = {}
     if config.searches_labels:
         search = dict(
-            sim=sim, face_kappa=kappa, labels=labels, precision=precision, seeds=seeds
+            sim=sim, face_kappa=kappa, labels=labels, noise=noise, seeds=seeds
         )
         first, replicates = _search_progress(callback, len(data), config)
         found = search_labels(grid, data, protocol, config, callback=first, **search)
@@ -197,13 +206,8 @@ def reconstruct(
             labels = np.array([cell_labels(grid, one) for one in labels])
     # The fit's own data term at its answer, with the data and precisions it
     # was fitted to (bias-corrected, approximation error included).
-    loss = data_loss(
-        predicted.detach().double(),
-        data.double(),
-        loss_scale=config.loss.loss_scale,
-        sigma=config.loss.sigma,
-        noise=config.loss.noise,
-        precision=precision.double(),
+    loss = replace(noise, precision=noise.precision.double()).data_loss(
+        predicted.detach().double(), data.double(), config.loss
     )
     if labels is None:
         barrier = kappa < config.face.threshold
@@ -219,8 +223,9 @@ def reconstruct(
         history={k: np.asarray(v) for k, v in faces.history.items()},
         time_s=time.perf_counter() - start,
         config=config,
-        precision=precision.cpu().numpy().reshape(*batch_shape, len(protocol)),
+        precision=noise.precision.cpu().numpy().reshape(*batch_shape, len(protocol)),
         loss=loss.cpu().numpy().reshape(batch_shape),
+        noise_level=noise.level,
         **extras,
     )
 

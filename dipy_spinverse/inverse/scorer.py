@@ -15,7 +15,6 @@ import torch
 
 from ..sim.forward import update_digest
 from ..sim.operators import face_conductance
-from ..sim.signals import data_loss
 from .cache import SIGNAL_CACHE
 from .fields import (
     OPEN_KAPPA,
@@ -24,6 +23,7 @@ from .fields import (
     membrane_rows,
     padded_rows,
 )
+from .noise import UNKNOWN, Noise
 from .prediction import predict_signal
 
 __all__ = ["SCORE_BATCH", "drive", "BatchScorer"]
@@ -96,7 +96,7 @@ class BatchScorer:
     field of ``candidates[r]`` (``membranes[r]`` on the faces between
     different labels, the upper bound elsewhere) scored against voxel
     ``owners[r]`` on the acquisitions ``subset`` (with each acquisition's
-    noise ``precision``, default 1).
+    ``noise``, default unknown: every precision 1).
 
     Parameters
     ----------
@@ -109,22 +109,22 @@ class BatchScorer:
     config : InversionConfig
     sim : dict
         Keywords of :func:`~dipy_spinverse.inverse.prediction.predict_signal`.
-    precision : torch.Tensor (n_voxels, n_acquisitions), optional
-        Noise precision of each acquisition relative to ``1 / sigma^2``.
+    noise : Noise, optional
+        The voxels' noise (:class:`~dipy_spinverse.inverse.noise.Noise`).
     cache : SignalCache, optional
         Where simulated signals are kept (default the process's
         :data:`~dipy_spinverse.inverse.cache.SIGNAL_CACHE`).
     """
 
     def __init__(
-        self, grid, data, protocol, subset, config, *, sim, precision=None, cache=None
+        self, grid, data, protocol, subset, config, *, sim, noise=UNKNOWN, cache=None
     ):
         self.grid, self.config, self.sim = grid, config, sim
         self.protocol = protocol[subset]
         self.target = data[:, subset]
-        if precision is None:
-            precision = torch.ones_like(data)
-        self.precision = precision[:, subset]
+        if noise.precision is None:
+            noise = Noise(noise.level, torch.ones_like(data))
+        self.noise = noise.columns(subset)
         self.open_kappa = OPEN_KAPPA
         self.cache = SIGNAL_CACHE if cache is None else cache
         self.context = update_digest(
@@ -242,11 +242,6 @@ class BatchScorer:
         return self._loss(pred, slice(v, v + 1))[0]
 
     def _loss(self, pred, owners):
-        return data_loss(
-            pred,
-            self.target[owners],
-            loss_scale=self.config.loss.loss_scale,
-            sigma=self.config.loss.sigma,
-            noise=self.config.loss.noise,
-            precision=self.precision[owners],
+        return self.noise.data_loss(
+            pred, self.target[owners], self.config.loss, rows=owners
         )

@@ -35,6 +35,7 @@ import torch
 
 from .fields import OPEN_KAPPA, cell_labels, label_field
 from .moves import descend, kappa_bounds
+from .noise import UNKNOWN
 from .prediction import predict_signal
 from .proposal import ProposalSettings, load_or_train_proposal, proposal_starts
 from .refine import refine_cells
@@ -105,7 +106,7 @@ def search_labels(
     sim,
     face_kappa,
     labels=None,
-    precision=None,
+    noise=UNKNOWN,
     callback=None,
     seeds=None,
 ):
@@ -125,9 +126,9 @@ def search_labels(
         The face fit's permeabilities (their regions are starts).
     labels : ndarray of int (n_voxels, n_cells), optional
         Start from these labels alone (the cell parametrisation's).
-    precision : torch.Tensor (n_voxels, n_acquisitions), optional
-        Noise precision of each acquisition relative to ``1 / sigma^2``
-        (:func:`~dipy_spinverse.sim.signals.noise_precision`; default 1).
+    noise : Noise, optional
+        The voxels' noise (:class:`~dipy_spinverse.inverse.noise.Noise`);
+        default unknown (level 0, every precision 1).
     callback : callable, optional
         ``callback(step, None, {"search": loss, "voxel": index})`` after every
         descent step, and ``callback(-1, None, {"voxel_done": index})`` when
@@ -142,23 +143,23 @@ def search_labels(
     """
     search = direction_subset(protocol, config.search.directions)
     screen = direction_subset(protocol, SCREEN_DIRECTIONS)
-    # The data term of the truth under noise: loss_scale * sigma^2 (mean
+    # The data term of the truth under noise: loss_scale * level^2 (mean
     # squared residual). A move must lower chi-square by search_min_gain, and
     # the screened loss spreads by sqrt(2 / n) of it over n acquisitions.
-    noise = config.loss.loss_scale * config.loss.sigma**2
-    min_gain = config.search.min_gain * noise / len(search)
-    spread = noise * math.sqrt(2 / len(screen))
+    pure = noise.pure_noise_loss(config.loss.loss_scale)
+    min_gain = config.search.min_gain * pure / len(search)
+    spread = pure * math.sqrt(2 / len(screen))
     recorder = Recorder(
-        BatchScorer(grid, data, protocol, search, config, sim=sim, precision=precision),
+        BatchScorer(grid, data, protocol, search, config, sim=sim, noise=noise),
         len(data),
-        noise,
+        pure,
         len(search),
     )
     scorers = {
         "search": recorder,
         "gradient": recorder.scorer.opening_gains,
         "screen": BatchScorer(
-            grid, data, protocol, screen, config, sim=sim, precision=precision
+            grid, data, protocol, screen, config, sim=sim, noise=noise
         ),
     }
     occupancy = None
@@ -220,7 +221,7 @@ def search_labels(
         np.arange(len(protocol)),
         config,
         sim=sim,
-        precision=precision,
+        noise=noise,
     )
     fields = []
     for v, (labels, membrane) in enumerate(found):

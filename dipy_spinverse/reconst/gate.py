@@ -4,19 +4,20 @@ Gradient tables are turned into protocols (:func:`gradient_tables`), data
 arrays checked for shape and type (:func:`check_data`), and each chunk of
 voxels cast to float64, normalised by its b = 0 signal and given its
 statuses and its own noise once (:func:`admit`: the noise in the data's units,
-relative to the voxel's b = 0 signal, and as the precisions of the
-inversion's loss). Below the gate the inversion and the
+relative to the voxel's b = 0 signal, and as the inversion's one noise form,
+a :class:`~dipy_spinverse.inverse.noise.Noise`). Below the gate the inversion and the
 posterior trust their inputs: finite, normalised signals with a positive
 b = 0 in every sequence.
 """
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from dipy.core.gradients import GradientTable, gradient_table
 
+from ..inverse.noise import Noise
 from ..sim.sequences import Protocol, check_bvals
 from ..sim.signals import VoxelSignals
 from ..sim.waveforms import PGSE
@@ -149,8 +150,9 @@ class Admitted:
     Attributes
     ----------
     signals : VoxelSignals
-        Each sequence divided by its own b = 0 signal (float64); its
-        ``precision`` is :attr:`precision`.
+        Each sequence divided by its own b = 0 signal (float64), with its
+        sequences' own precisions
+        (:func:`~dipy_spinverse.sim.signals.noise_precision`).
     status : ndarray of int8 (n,)
         ``OK``, ``NONFINITE`` (NaN or inf, or a normalised signal beyond the
         model's floating-point range) or ``BAD_B0`` (a sequence's b = 0
@@ -171,10 +173,14 @@ class Admitted:
         Each voxel's noise over its mean b = 0 signal
         (:func:`~dipy_spinverse.reconst.noise.relative_noise`; 0 when the
         noise is not known, NaN where not admitted): the posterior's input.
-    noise : float
-        The relative noise the precisions are in units of (the fit's
-        :func:`~dipy_spinverse.reconst.noise.reference_noise`; 0: none, the
-        precisions are the sequences' own).
+    noise : Noise
+        The voxels' noise as the inversion reads it: the fit's relative
+        level (:func:`~dipy_spinverse.reconst.runner.fit_noise`; 0: unknown)
+        and each acquisition's precision in units of ``1 / level^2``, its
+        variance ``level^2 / precision`` the voxel's own ``relative^2`` over
+        its sequence's :func:`~dipy_spinverse.sim.signals.noise_precision`
+        (the sequences' own precisions where ``sigma`` or the level is not
+        given).
     """
 
     signals: VoxelSignals
@@ -184,7 +190,7 @@ class Admitted:
     S0_sequences: np.ndarray
     sigma: np.ndarray
     relative: np.ndarray
-    noise: float = 0.0
+    noise: Noise
 
     @property
     def ok(self):
@@ -193,14 +199,12 @@ class Admitted:
 
     @property
     def precision(self):
-        """ndarray (n, n_acquisitions): each acquisition's weight in the
-        inversion's loss, in units of ``1 / noise^2``: its variance is
-        ``noise^2 / precision``, the voxel's own ``relative^2`` over its
-        sequence's :func:`~dipy_spinverse.sim.signals.noise_precision`."""
-        return self.signals.precision
+        """ndarray (n, n_acquisitions): :attr:`noise`'s precisions, each
+        acquisition's weight in the inversion's loss."""
+        return self.noise.precision
 
 
-def admit(data, protocol, *, sigma=0.0, noise=0.0, dtype=torch.float32):
+def admit(data, protocol, *, sigma=0.0, level=0.0, dtype=torch.float32):
     """Cast, normalise and give statuses and noise to raw voxels, once.
 
     Parameters
@@ -212,10 +216,10 @@ def admit(data, protocol, *, sigma=0.0, noise=0.0, dtype=torch.float32):
     sigma : float
         Noise standard deviation in the data's units (0: unknown; the
         impossible-signal test then uses each voxel's own spread).
-    noise : float
+    level : float
         The fit's relative noise level
-        (:func:`~dipy_spinverse.reconst.noise.reference_noise`): with
-        ``sigma``, each voxel's precisions are scaled by ``(noise /
+        (:func:`~dipy_spinverse.reconst.runner.fit_noise`): with
+        ``sigma``, each voxel's precisions are scaled by ``(level /
         relative)^2``, so that every chi-square, misfit test and Rician
         floor of the inversion uses the voxel's own noise. 0 leaves the
         sequences' own precisions (the posterior, which takes
@@ -248,10 +252,12 @@ def admit(data, protocol, *, sigma=0.0, noise=0.0, dtype=torch.float32):
     S0 = np.where(ok, signals.s0, np.nan)
     S0_sequences = np.where(ok[:, None], signals.scale, np.nan)
     absolute = np.where(ok, float(sigma), np.nan)
-    if sigma > 0 and noise > 0:
+    precision = signals.precision
+    if sigma > 0 and level > 0:
         with np.errstate(invalid="ignore", divide="ignore"):
-            weight = (noise / relative) ** 2
-        signals = replace(signals, precision=signals.precision * weight[:, None])
+            weight = (level / relative) ** 2
+        precision = precision * weight[:, None]
+    noise = Noise(level, precision)
     return Admitted(
         signals, status, impossible, S0, S0_sequences, absolute, relative, noise
     )

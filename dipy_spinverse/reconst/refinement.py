@@ -1,10 +1,11 @@
 """Smooth mesh refinement of a volume fit's voxels (``refine_mesh=True``):
 each fitted voxel's largest cell refined into a smooth mesh fitted to its
-signal, with the same noise weights as the fit (the voxel's
-:class:`~dipy_spinverse.sim.signals.VoxelSignals`). A refinement that fails
+signal, with the same noise as the fit (the voxel's
+:class:`~dipy_spinverse.inverse.noise.Noise` from the gate). A refinement that fails
 flags the voxel's mesh, never its fit."""
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from .codes import MESH_FAILED, MESH_NO_CELL, MESH_OK
 __all__ = ["refine_meshes"]
 
 
-def refine_meshes(model, signals, result, rows, *, config=None):
+def refine_meshes(model, signals, noise, result, rows):
     """Smooth meshes of the largest cell of ``rows`` (``refine_mesh=True``).
 
     Fills ``result``'s mesh parameters in place. A voxel without a labelled
@@ -26,22 +27,19 @@ def refine_meshes(model, signals, result, rows, *, config=None):
     model : SpinverseSearchModel
         The model (grid, protocol, diffusivity, mesh options).
     signals : VoxelSignals
-        The voxels, normalised by the gate (their precisions in units of the
-        loss's ``sigma``).
+        The voxels, normalised by the gate.
+    noise : Noise
+        Their noise (:attr:`~dipy_spinverse.reconst.gate.Admitted.noise`):
+        the fit's level and each voxel's precisions in its units.
     result : dict of ndarray
         The per-voxel parameters (updated in place).
     rows : ndarray of int
         The fitted voxels to refine.
-    config : InversionConfig, optional
-        The configuration the voxels were fitted with, the fit's noise in
-        its loss (:func:`~dipy_spinverse.reconst.runner.loss_config`);
-        default the model's.
 
     Returns
     -------
     None
     """
-    config = model.config if config is None else config
     for row in rows:
         labels = result["labels"][row]
         if labels.max(initial=0) < 1:
@@ -52,11 +50,11 @@ def refine_meshes(model, signals, result, rows, *, config=None):
                 model.grid,
                 labels,
                 result["permeability"][row],
-                signals[[row]],
+                replace(signals[[row]], precision=noise.precision[[row]]),
                 model.protocol,
                 diffusivity=model.diffusivity,
-                sigma=config.loss.sigma,
-                noise=config.loss.noise,
+                sigma=noise.level,
+                noise=model.config.loss.noise,
                 options=model.mesh_options,
             )
             vertices, loss = fit.vertices, float(np.min(fit.loss_history))

@@ -4,7 +4,9 @@ Voxels are fitted ``batch_size`` at a time through the batched inversion
 (``engine="serial"``), or in chunks spread over processes or a cluster
 (:mod:`.parallel`). A fit's noise level is found once from its data
 (:func:`fit_noise`) and handed to every chunk, which passes the gate once
-(:func:`.gate.admit`: each voxel's own noise, as its precisions).
+(:func:`.gate.admit`: each voxel's own noise, in the inversion's one form,
+a :class:`~dipy_spinverse.inverse.noise.Noise` of that level and the voxels'
+precisions, which :func:`~dipy_spinverse.inverse.reconstruct` reads).
 A voxel's problem never stops the volume: it gets a status code
 (:data:`~dipy_spinverse.reconst.codes.STATUS_CODES`) and NaN outputs; when the
 inversion raises on a batch, its voxels are retried one by one. The fitted
@@ -44,7 +46,6 @@ from .voxels import OPTIONAL_PARAMETERS
 
 __all__ = [
     "fit_noise",
-    "loss_config",
     "fit_voxels",
     "fit_one",
     "fit_volume",
@@ -54,8 +55,11 @@ __all__ = [
 
 
 def fit_noise(model, data, *, mask=None):
-    """The relative noise of a fit of ``data``
+    """The relative noise level of a fit of ``data``
     (:func:`~dipy_spinverse.reconst.noise.reference_noise`), its SNR logged.
+
+    Every loss of the fit is measured in it (the inversion's, its
+    ``rms_misfit``: :attr:`SpinverseFit.noise_level`).
 
     Parameters
     ----------
@@ -70,9 +74,9 @@ def fit_noise(model, data, *, mask=None):
     Returns
     -------
     float
-        ``sigma`` over the median of the voxels' mean b = 0 signals; 0 when
-        ``sigma`` is not given (the configuration's own relative noise, if
-        any, is then used as it is).
+        ``sigma`` over the median of the voxels' mean b = 0 signals; when
+        ``sigma`` is not given, the configuration's own relative ``sigma``
+        (0: unknown).
 
     Raises
     ------
@@ -80,7 +84,7 @@ def fit_noise(model, data, *, mask=None):
         ``sigma`` is not below the median b = 0 signal.
     """
     if not model.sigma > 0:
-        return 0.0
+        return model.config.loss.sigma
     b0 = np.flatnonzero(model.protocol.bvals == 0)
     rows = np.asarray(data[..., b0], dtype=np.float64)  # b = 0 volumes only
     if mask is not None:
@@ -104,8 +108,8 @@ def fit_voxels(model, data, *, noise, callback=None):
     data : ndarray (n, n_volumes)
         The voxels' raw signals.
     noise : float
-        The fit's relative noise (:func:`fit_noise`, once per fit): the
-        inversion's loss level, each voxel's own noise in its precisions
+        The fit's relative noise level (:func:`fit_noise`, once per fit):
+        the inversion's loss level, each voxel's own noise in its precisions
         (:func:`~dipy_spinverse.reconst.gate.admit`).
     callback : callable, optional
         The inversion's progress callback (:func:`chunk_progress`).
@@ -118,13 +122,8 @@ def fit_voxels(model, data, *, noise, callback=None):
     history : dict or None
         The inversion's loss curves, when it ran once over all voxels.
     """
-    config = loss_config(model, noise)
     gate = admit(
-        data,
-        model.protocol,
-        sigma=model.sigma,
-        noise=config.loss.sigma if model.sigma > 0 else 0.0,
-        dtype=model.dtype,
+        data, model.protocol, sigma=model.sigma, level=noise, dtype=model.dtype
     )
     result = empty_params(model, len(gate.status))
     failed = ~gate.ok
@@ -133,7 +132,9 @@ def fit_voxels(model, data, *, noise, callback=None):
     signals = gate.signals
     history = None
     if len(valid):
-        part, history = _reconstruct(model, config, signals[valid], callback)
+        part, history = _reconstruct(
+            model, signals[valid], gate.noise.voxels(valid), callback
+        )
         for key, value in part.items():
             if value is not None:
                 result[key][valid] = value
@@ -142,46 +143,25 @@ def fit_voxels(model, data, *, noise, callback=None):
         result["S0_sequences"][ok] = gate.S0_sequences[ok]
         if model.surface_check and len(ok):
             check_surfaces(model, signals[ok], gate.relative[ok], result, ok)
-        vouch_for_surfaces(model, result, ok, config=config)
+        vouch_for_surfaces(model, result, ok, level=noise)
         flag_uncertain_surfaces(result, ok)
         flag_implausible(model, gate.impossible[ok], result, ok)
         if model.refine_mesh:
-            refine_meshes(model, signals, result, ok, config=config)
+            refine_meshes(model, signals, gate.noise, result, ok)
     return result, history
 
 
-def loss_config(model, noise):
-    """The inversion's configuration for a fit of relative noise ``noise``.
-
-    The model's configuration (its settings) with the fit's noise level as
-    its loss's ``sigma`` (:func:`fit_noise`); the model's own configuration
-    when the noise is not given in the data's units (its relative ``sigma``,
-    if any, is used as it is).
-
-    Parameters
-    ----------
-    model : SpinverseSearchModel
-    noise : float
-        The fit's relative noise (0: ``sigma`` not given).
-
-    Returns
-    -------
-    InversionConfig
-    """
-    if not model.sigma > 0 or not noise > 0:
-        return model.config
-    return model.config.replace(sigma=noise)
-
-
-def _reconstruct(model, config, signals, callback=None):
-    """Run the inversion on valid voxels; retry one by one if it raises."""
+def _reconstruct(model, signals, noise, callback=None):
+    """Run the inversion on valid voxels (their :class:`Noise`); retry one by
+    one if it raises."""
     n = len(signals)
     try:
         rec = reconstruct(
             model.grid,
             signals,
             model.protocol,
-            preset=config,
+            data_noise=noise,
+            preset=model.config,
             diffusivity=model.diffusivity,
             dtype=model.dtype,
             device=model.device,
@@ -190,7 +170,7 @@ def _reconstruct(model, config, signals, callback=None):
     except Exception as err:  # a voxel must never stop the volume
         if n > 1:
             parts = [
-                _reconstruct(model, config, signals[i : i + 1], callback)[0]
+                _reconstruct(model, signals[i : i + 1], noise.voxels([i]), callback)[0]
                 for i in range(n)
             ]
             return _merge(parts, np.concatenate), None
@@ -206,7 +186,7 @@ def _reconstruct(model, config, signals, callback=None):
     permeability = np.asarray(rec.permeability, dtype=np.float64)
     predicted = np.asarray(rec.predicted, dtype=np.float64)
     loss = np.asarray(rec.loss, dtype=np.float64)
-    poor = poor_fits(loss, config, len(model.protocol))
+    poor = poor_fits(loss, model.config, len(model.protocol), level=rec.noise_level)
     good = (
         np.isfinite(permeability).all(-1)
         & np.isfinite(predicted).all(-1)
@@ -469,7 +449,7 @@ def fit_chunk(model, data, *, noise, device=None):
     data : ndarray (n, n_volumes)
         The voxels' raw signals.
     noise : float
-        The fit's relative noise (:func:`fit_noise`).
+        The fit's relative noise level (:func:`fit_noise`).
     device : str or torch.device, optional
         The worker's device; None keeps the model's.
 

@@ -56,7 +56,7 @@ def poor_fit_bound(n_acquisitions, sigma, *, false_alarm=POOR_FIT_FALSE_ALARM):
     return float(sigma**2 * chi2.isf(false_alarm, n) / n)
 
 
-def poor_fits(loss, config, n_acquisitions):
+def poor_fits(loss, config, n_acquisitions, *, level):
     """Whether each fit's data loss is beyond the noise (status ``POOR_FIT``).
 
     Parameters
@@ -64,14 +64,18 @@ def poor_fits(loss, config, n_acquisitions):
     loss : ndarray (n,)
         The fits' data terms (:attr:`Reconstruction.loss`).
     config : InversionConfig
+        The fit's settings (its ``loss_scale``).
     n_acquisitions : int
+    level : float
+        The relative noise the losses are measured in
+        (:attr:`Reconstruction.noise_level`; 0: unknown, no fit is poor).
 
     Returns
     -------
     ndarray of bool (n,)
         ``loss / loss_scale`` above :func:`poor_fit_bound`.
     """
-    bound = poor_fit_bound(n_acquisitions, config.loss.sigma)
+    bound = poor_fit_bound(n_acquisitions, level)
     return np.isfinite(loss) & (loss / config.loss.loss_scale > bound)
 
 

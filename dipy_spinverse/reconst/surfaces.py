@@ -79,7 +79,7 @@ def check_surfaces(model, signals, relative, result, rows):
         )
 
 
-def vouch_for_surfaces(model, result, rows, *, config=None):
+def vouch_for_surfaces(model, result, rows, *, level):
     """Uncertainty 1 for the label search's answers the data reject (in place).
 
     ``rows``: the fitted voxels (status OK or POOR_FIT).
@@ -97,15 +97,14 @@ def vouch_for_surfaces(model, result, rows, *, config=None):
     Parameters
     ----------
     model : SpinverseSearchModel
-        The model (protocol).
+        The model (protocol, the loss's ``loss_scale``).
     result : dict of ndarray
         The per-voxel parameters (``uncertainty`` set in place).
     rows : ndarray of int
         The fitted voxels.
-    config : InversionConfig, optional
-        The configuration the voxels were fitted with, the fit's noise in
-        its loss (:func:`~dipy_spinverse.reconst.runner.loss_config`);
-        default the model's.
+    level : float
+        The relative noise the fit's losses are measured in
+        (:func:`~dipy_spinverse.reconst.runner.fit_noise`; 0: unknown).
 
     Returns
     -------
@@ -113,17 +112,15 @@ def vouch_for_surfaces(model, result, rows, *, config=None):
     """
     if result["uncertainty"] is None or not len(rows):
         return
-    config = model.config if config is None else config
-    sigma = config.loss.sigma
-    if not sigma > 0:  # the model warned when it was made
+    if not level > 0:  # the model warned when it was made
         result["uncertainty"][rows] = 1.0
         return
     bound = poor_fit_bound(
-        len(model.protocol), sigma, false_alarm=SURFACE_MISFIT_FALSE_ALARM
+        len(model.protocol), level, false_alarm=SURFACE_MISFIT_FALSE_ALARM
     )
     # POOR_FIT answers are beyond this bound too: their maps are kept, not
     # their surfaces.
-    mse = result["loss"][rows] / config.loss.loss_scale
+    mse = result["loss"][rows] / model.config.loss.loss_scale
     rejected = rows[mse > bound]
     result["uncertainty"][rejected] = 1.0
     if len(rejected):

@@ -78,6 +78,32 @@ def test_loss_is_the_data_term_the_fit_minimised(problem, sigma):
     assert_allclose(again.permeability, rec.permeability, rtol=1e-12)
     single = reconstruct(grid, raw[0], prot, **kwargs)
     assert single.loss.shape == ()
+    assert rec.noise_level == sigma
+
+
+def test_the_noise_reaches_the_fit_in_one_form(problem):
+    """``data_noise``, a Noise (level and precisions) or its level alone,
+    is the fit's noise: the same fit as the ``sigma`` option's, and the
+    configuration is not read for it."""
+    from dipy_spinverse.inverse import Noise
+    from dipy_spinverse.sim.signals import noise_precision
+
+    grid, prot, signal = problem
+    raw = np.stack([700.0 * signal * np.repeat([0.6, 0.9], 3)] * 2)
+    kwargs = dict(preset="paper", stages=STAGES, dtype=torch.float64, noise="rician")
+    option = reconstruct(grid, raw, prot, sigma=0.02, **kwargs)
+    level = reconstruct(grid, raw, prot, data_noise=0.02, **kwargs)
+    form = Noise(0.02, noise_precision(raw, prot))
+    given = reconstruct(grid, raw, prot, data_noise=form, **kwargs)
+    for rec in (level, given):
+        assert rec.config.loss.sigma == 0.0 and rec.noise_level == 0.02
+        assert_array_equal(rec.loss, option.loss)
+        assert_array_equal(rec.permeability, option.permeability)
+    # Precisions of other voxels (one row for two) are refused.
+    with pytest.raises(ValueError, match="one value per voxel"):
+        reconstruct(grid, raw, prot, data_noise=form.voxels([0]), **kwargs)
+    with pytest.raises(ValueError, match="noise level"):
+        Noise(-0.1)
 
 
 def test_paper_learning_rate_schedule(problem):

@@ -412,8 +412,8 @@ def test_model_options_are_checked_without_a_gradient_table():
     method's model refuses the other's options by name."""
     from dipy_spinverse.reconst.search_model import check_search_options
 
-    # No placeholder noise: each fit gives its configuration its data's own
-    # (reconst.runner.loss_config); the settings hold the preset's.
+    # No placeholder noise: each fit hands the inversion its data's noise
+    # (inverse.Noise, reconst.gate.admit); the settings hold the preset's.
     assert check_search_options(sigma=SIGMA).loss.sigma == 0.0
     for options, message in (
         (dict(posterior_options=SMALL_OPTIONS), "pass a prior with them"),

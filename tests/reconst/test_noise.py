@@ -94,7 +94,7 @@ def test_the_gate_gives_each_voxel_its_relative_noise(gtab, signal):
     assert np.isnan(gate.relative[2]) and np.isnan(gate.sigma[2])  # BAD_B0
     # Without the fit's level the precisions are the sequences' own.
     assert_array_equal(gate.precision, gate.signals.precision)
-    assert gate.noise == 0.0
+    assert gate.noise.level == 0.0 and gate.noise.precision is gate.precision
 
 
 def gtab_protocol(gtab):
@@ -215,11 +215,12 @@ def test_the_search_weighs_each_voxel_by_its_own_noise(gtab, grid, signal):
     model = _search(gtab, grid, 4.0)
     noise = runner.fit_noise(model, data)
     assert noise == pytest.approx(4.0 / np.median(data[:, [0, 3]].mean(1)))
-    config = runner.loss_config(model, noise)
-    assert config.loss.sigma == noise and model.config.loss.sigma == 0.0
+    assert model.config.loss.sigma == 0.0  # the settings hold no noise
     plain = admit(data, model.protocol, sigma=model.sigma)
-    gate = admit(data, model.protocol, sigma=model.sigma, noise=noise)
-    variance = config.loss.sigma**2 / gate.precision
+    gate = admit(data, model.protocol, sigma=model.sigma, level=noise)
+    # The inversion's one noise form: the fit's level and the precisions.
+    assert gate.noise.level == noise
+    variance = gate.noise.level**2 / gate.noise.precision
     own = gate.relative[:, None] ** 2 / plain.precision
     assert_allclose(variance, own, rtol=1e-12)
     assert_allclose(gate.relative, 4.0 / data[:, [0, 3]].mean(1), rtol=1e-12)

@@ -20,7 +20,7 @@ import dipy_spinverse.reconst.runner as runner
 from dipy_spinverse import Protocol, TetGrid
 from dipy_spinverse.geometry.phantoms import sphere
 from dipy_spinverse.geometry.topology import InterfaceMesh
-from dipy_spinverse.inverse import reconstruct, resolve_config
+from dipy_spinverse.inverse import Noise, reconstruct, resolve_config
 from dipy_spinverse.io.fits import load_fit, save_fit
 from dipy_spinverse.io.maps import describe_status
 from dipy_spinverse.io.meshes import load_mesh
@@ -949,15 +949,15 @@ def test_answers_the_data_reject_are_not_vouched_for(gtab, grid):
         preset=resolve_config("default", search_steps=2),
         sigma=sigma,
     )
-    config = runner.loss_config(model, sigma)  # a fit of data of b = 0 signal 1
+    # A fit of data of b = 0 signal 1: its level is sigma.
     bound = poor_fit_bound(len(BVALS), sigma, false_alarm=SURFACE_MISFIT_FALSE_ALARM)
-    loss = config.loss.loss_scale * bound * np.array([0.5, 0.99, 1.01, 3, 3])
+    loss = model.config.loss.loss_scale * bound * np.array([0.5, 0.99, 1.01, 3, 3])
     result = dict(
         uncertainty=np.array([0.02, 0.3, 0.02, 0.05, 0.05]),
         loss=loss,
         status=np.array([OK, OK, OK, OK, POOR_FIT]),
     )
-    vouch_for_surfaces(model, result, np.arange(5), config=config)
+    vouch_for_surfaces(model, result, np.arange(5), level=sigma)
     assert_array_equal(result["uncertainty"], [0.02, 0.3, 1.0, 1.0, 1.0])
     flag_uncertain_surfaces(result, np.arange(5))
     assert_array_equal(
@@ -1035,8 +1035,9 @@ def test_model_params_are_the_permeabilities_predict_takes(volume_fit):
 
 
 def test_mesh_refinement_gets_the_fits_noise_weights(monkeypatch):
-    """refine_meshes hands each voxel's VoxelSignals, noise precisions
-    included, to the mesh fit (whose loss weighs them: tests/meshfit)."""
+    """refine_meshes hands each voxel's VoxelSignals, with the fit's noise
+    precisions and level, to the mesh fit (whose loss weighs them:
+    tests/meshfit)."""
     from types import SimpleNamespace
 
     import dipy_spinverse.reconst.refinement as refinement
@@ -1049,13 +1050,11 @@ def test_mesh_refinement_gets_the_fits_noise_weights(monkeypatch):
         big_delta=0.03,
     )
     signals = VoxelSignals.from_raw([[900.0, 800.0, 500.0, 400.0]] * 2, prot)
-    signals = VoxelSignals(
-        signals.normalised, signals.scale, signals.s0, np.array([[1, 2, 3, 4.0]] * 2)
-    )
+    noise = Noise(0.02, np.array([[1, 2, 3, 4.0]] * 2))
     seen = []
 
     def refine_cell(grid, labels, permeability, signal, protocol, **kwargs):
-        seen.append(signal)
+        seen.append((signal, kwargs["sigma"]))
         raise ValueError("seen")
 
     monkeypatch.setattr(refinement, "refine_cell", refine_cell)
@@ -1064,7 +1063,7 @@ def test_mesh_refinement_gets_the_fits_noise_weights(monkeypatch):
         protocol=prot,
         diffusivity=2e-3,
         mesh_options={},
-        config=SimpleNamespace(loss=SimpleNamespace(sigma=0.02, noise="gaussian")),
+        config=SimpleNamespace(loss=SimpleNamespace(noise="gaussian")),
     )
     result = dict(
         labels=np.array([[0, 1], [1, 1]]),
@@ -1072,7 +1071,8 @@ def test_mesh_refinement_gets_the_fits_noise_weights(monkeypatch):
         mesh_status=np.zeros(2, np.int16),
     )
     with pytest.warns(RuntimeWarning, match="seen"):
-        refinement.refine_meshes(model, signals, result, np.array([1]))
-    (signal,) = seen
-    assert isinstance(signal, VoxelSignals)
-    assert_array_equal(signal.precision, signals.precision[[1]])
+        refinement.refine_meshes(model, signals, noise, result, np.array([1]))
+    ((signal, level),) = seen
+    assert isinstance(signal, VoxelSignals) and level == 0.02
+    assert_array_equal(signal.precision, noise.precision[[1]])
+    assert_array_equal(signal.normalised, signals.normalised[[1]])
