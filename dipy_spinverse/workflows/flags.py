@@ -21,6 +21,7 @@ from ..inverse.config import PRESETS, resolve_config
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
 from ..reconst.model import check_fit_method
+from ..reconst.noise import check_sigma
 from ..reconst.search_model import check_search_options, make_grid
 from .outputs import DEFAULT_METRICS, METRICS, SMOOTH_MESH_FORMATS
 
@@ -550,5 +551,7 @@ def parse_noise(sigma, snr):
             f"--sigma must be a noise standard deviation in the data's units "
             f"(e.g. 20) or 'auto', got {sigma!r}."
         ) from err
-    value = check_number(value, "--sigma", minimum=0.0)
+    # The models' own check of sigma, early (before any data is read),
+    # named as the flag.
+    value = check_sigma(value, name="--sigma")
     return None if value == 0 else ("sigma", value)

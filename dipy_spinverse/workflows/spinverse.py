@@ -35,7 +35,6 @@ from ..io.fits import load_fit
 from ..io.gradients import B0_THRESHOLD, BVECS_TOL
 from ..reconst import SpinverseModel
 from ..reconst.resume import check_resume
-from ..reconst.search_model import check_search_options
 from .cli import run_command
 from .dataset import read_dataset
 from .flags import (
@@ -43,7 +42,6 @@ from .flags import (
     in_flags,
     parse_mesh_options,
     parse_posterior_options,
-    search_options,
 )
 from .outputs import (
     DEFAULT_METRICS,
@@ -628,14 +626,13 @@ def search_model(dataset, flags):
     ------
     ValueError
         A noise level the configuration would ignore (``--sigma`` with
-        ``--preset paper``), named as the flags: the one option check that
-        needs the data.
+        ``--preset paper``), named as the flags: the model's own check (of
+        ``sigma`` once), the one option check that needs the data.
     """
     options = dict(flags.model)
     if dataset.sigma:  # 0: unknown, left out (a preset without noise takes none)
         options["sigma"] = dataset.sigma
     with in_flags():
-        check_search_options(**search_options(options))
         return SpinverseModel(dataset.table, **options)
 
 

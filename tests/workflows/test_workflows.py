@@ -361,7 +361,7 @@ def test_option_errors_are_reworded_in_the_flags():
         ),
         (dict(engine="spark"), "Invalid engine"),
         (dict(boundary="sticky"), "Invalid --boundary"),
-        (dict(sigma=-0.02), "sigma must be a finite number and >= 0"),
+        (dict(sigma=-0.02), "--sigma must be a finite number >= 0"),
         (dict(timing_file=None, scheme_file="TURNED"), "direction differs"),
         (dict(n_report=-1), "n_report must be an integer >= 0"),
         (dict(n_jobs=4), "n_jobs=4 is for the parallel engines"),
