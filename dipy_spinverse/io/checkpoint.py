@@ -363,6 +363,7 @@ def resume_fit(path, data, *, mask=None, device=None, checkpoint=True, **fit_opt
             state.params,
             state.mask,
             fingerprint=state.fingerprint,
+            noise_level=state.noise_level,
         )
     return state.model.fit(
         data,

@@ -74,7 +74,8 @@ CRC_PREFIX = "crc32."
 
 def fit_header(fit):
     """The header a fit file keeps: format, version, model (and, for a
-    search fit, the fitted data's fingerprint).
+    search fit, the fitted data's fingerprint and the relative noise level
+    its losses are measured in, ``noise_level``).
 
     Parameters
     ----------
@@ -96,6 +97,7 @@ def fit_header(fit):
         version=_VERSION,
         model=model_spec(fit.model),
         fingerprint=fit.fingerprint,
+        noise_level=fit.noise_level,
     )
 
 
@@ -211,6 +213,8 @@ def load_fit(path):
         mask,
         fingerprint=header.get("fingerprint"),
         saved_device=str(header["model"].get("device", model.device)),
+        # Files before it have none: not recorded (None).
+        noise_level=header.get("noise_level"),
     )
 
 

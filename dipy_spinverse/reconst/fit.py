@@ -57,6 +57,11 @@ class SpinverseFit(MaskedFit):
         The device a fit loaded from a file was saved with
         (:func:`dipy_spinverse.io.load_fit`), which may differ from
         ``model.device``.
+    noise_level : float, optional
+        The relative noise (1/SNR) the fit's losses are measured in
+        (:func:`~dipy_spinverse.reconst.runner.fit_noise`; 0: unknown), kept
+        as :attr:`noise_level`; :attr:`residual` is about it where the model
+        explains the data. None: not recorded (a file saved before it was).
 
     Notes
     -----
@@ -68,6 +73,10 @@ class SpinverseFit(MaskedFit):
     fitted_codes = codes.FITTED
     # What a part (fit[index]) does not inherit from its volume.
     history = fingerprint = saved_device = None
+    #: The relative noise level the fit's losses and :attr:`residual` are
+    #: measured in (0: unknown; None: not recorded); a part keeps its
+    #: volume's.
+    noise_level = None
 
     def __init__(
         self,
@@ -78,11 +87,18 @@ class SpinverseFit(MaskedFit):
         history=None,
         fingerprint=None,
         saved_device=None,
+        noise_level=None,
     ):
         MaskedFit.__init__(self, model, *voxels.mask_params(params, mask))
         self.history = history
         self.fingerprint = fingerprint
         self.saved_device = saved_device
+        self.noise_level = None if noise_level is None else float(noise_level)
+
+    def _from_rows(self, params, mask):
+        part = MaskedFit._from_rows(self, params, mask)
+        part.noise_level = self.noise_level  # one level for the whole fit
+        return part
 
     # -- one voxel's own values, the rows of a volume's mask --------------------------
     def _rows(self, name):
@@ -243,7 +259,8 @@ class SpinverseFit(MaskedFit):
         """RMS of the misfit the fit minimised, ``sqrt(loss / loss_scale)``:
         of the b0-normalised signal, each sequence weighted by its noise
         precision (:func:`dipy_spinverse.sim.signals.noise_precision`) when
-        ``sigma`` is given; about ``sigma`` where the model explains the data.
+        the noise is known; about :attr:`noise_level` where the model
+        explains the data.
         """
         scale = self.model.config.loss.loss_scale
         return self._map(np.sqrt(self._rows("loss") / scale))

@@ -59,7 +59,8 @@ def fit_noise(model, data, *, mask=None):
     (:func:`~dipy_spinverse.reconst.noise.reference_noise`), its SNR logged.
 
     Every loss of the fit is measured in it (the inversion's, its
-    ``rms_misfit``: :attr:`SpinverseFit.noise_level`).
+    :attr:`~.fit.SpinverseFit.residual`; kept as
+    :attr:`~.fit.SpinverseFit.noise_level`).
 
     Parameters
     ----------
@@ -324,7 +325,7 @@ def fit_volume(
     noise = fit_noise(model, data, mask=mask)  # one level for the whole fit
     digest = fingerprint(data, mask)
     shape = mask.shape
-    partial = SpinverseFit(model, params, mask, fingerprint=digest)
+    partial = SpinverseFit(model, params, mask, fingerprint=digest, noise_level=noise)
     # The volume index of each row of params, or None for data given as
     # the rows of the mask already.
     voxels = None if is_mask_rows(data, mask) else np.flatnonzero(mask)
@@ -406,7 +407,7 @@ def fit_volume(
 
 
 def fit_one(model, data, *, verbose=False):
-    """Fit one raw voxel (n_volumes,); returns ``(params, history)``.
+    """Fit one raw voxel (n_volumes,); returns ``(params, history, noise)``.
 
     Parameters
     ----------
@@ -423,16 +424,18 @@ def fit_one(model, data, *, verbose=False):
         The voxel's parameters (each without the voxel axis).
     history : dict or None
         The inversion's loss curves.
+    noise : float
+        The fit's relative noise level (:func:`fit_noise`).
     """
+    noise = fit_noise(model, data[None])
     with progress_bar(1, verbose) as bar:
         progress = chunk_progress(bar, model, 1, [0.0]) if verbose else None
-        params, history = fit_voxels(
-            model, data[None], noise=fit_noise(model, data[None]), callback=progress
-        )
+        params, history = fit_voxels(model, data[None], noise=noise, callback=progress)
         bar.n = 1
     warn_negative(model, count_negative(data[None]), 1)
     warn_implausible(model, params["status"])
-    return {k: None if v is None else v[0] for k, v in params.items()}, history
+    params = {k: None if v is None else v[0] for k, v in params.items()}
+    return params, history, noise
 
 
 def fit_chunk(model, data, *, noise, device=None):

@@ -518,8 +518,8 @@ class SpinverseSearchModel(ReconstModel):
                 params = runner.empty_params(self, ())
                 params["status"][...] = MASKED
                 return SpinverseFit(self, params, False)
-            params, history = runner.fit_one(self, data, verbose=verbose)
-            return SpinverseFit(self, params, history=history)
+            params, history, noise = runner.fit_one(self, data, verbose=verbose)
+            return SpinverseFit(self, params, history=history, noise_level=noise)
         self._prepare(progress=verbose)
         return runner.fit_volume(
             self,
@@ -578,7 +578,9 @@ class SpinverseSearchModel(ReconstModel):
         fits = np.empty(len(params["status"]), dtype=object)
         for i in range(len(fits)):
             fits[i] = SpinverseFit(
-                self, {k: None if v is None else v[i] for k, v in params.items()}
+                self,
+                {k: None if v is None else v[i] for k, v in params.items()},
+                noise_level=noise,
             )
         return fits
 

@@ -49,6 +49,39 @@ def test_save_load_round_trip(volume_fit, tmp_path):
     assert loaded.model.config == volume_fit.model.config
     assert_array_equal(loaded.restricted_fraction, volume_fit.restricted_fraction)
     assert_allclose(loaded.predict(), volume_fit.predict())
+    # The level its losses (and residual) are measured in: 0, no sigma.
+    assert volume_fit.noise_level == 0.0 and loaded.noise_level == 0.0
+
+
+def test_the_fits_noise_level_is_kept(gtab, grid, volume, tmp_path):
+    """A search fit records the relative noise its losses are measured in
+    (sigma over the median b = 0), its parts and its saved state too; a file
+    saved before the field loads with the level not recorded (None)."""
+    import json
+
+    from dipy_spinverse import SpinverseModel
+    from dipy_spinverse.reconst import runner
+
+    data, mask = volume
+    preset = resolve_config("default", search_steps=2, search_starts=2)
+    model = SpinverseModel(
+        gtab, grid=grid, sigma=0.01, preset=preset, max_iter=3, dtype="float64"
+    )
+    fit = model.fit(data, mask=mask)
+    level = runner.fit_noise(model, data, mask=mask)
+    assert level > 0 and fit.noise_level == level
+    index = tuple(np.argwhere(mask)[0])
+    assert fit[index].noise_level == level
+    assert model.fit(data[index]).noise_level > 0  # one voxel, its own level
+    loaded = load_fit(save_fit(fit, tmp_path / "fit.npz"))
+    assert loaded.noise_level == level
+    with np.load(tmp_path / "fit.npz") as archive:
+        arrays = dict(archive)
+    header = json.loads(str(arrays["header"]))
+    del header["noise_level"]
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert load_fit(tmp_path / "old.npz").noise_level is None
 
 
 def test_search_outputs_survive_save_load_and_the_store(gtab, grid, volume, tmp_path):
