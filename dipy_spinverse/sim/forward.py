@@ -380,7 +380,8 @@ def _half_echo_families(protocol, *, still=False):
         family[2].append(np.full(len(idx), tail))
         family[3].append(idx)
     out = []
-    rates = torch.as_tensor(np.asarray(protocol.gradient_rate))
+    # A copy: the protocol keeps its arrays read-only, which torch warns of.
+    rates = torch.tensor(protocol.gradient_rate)
     for durations, amplitudes, tails, groups in families.values():
         # Waveforms that share no gradient but b = 0 share no pulse: each is
         # its own family, as cheap as it was alone (a family's b = 0 rate
