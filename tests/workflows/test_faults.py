@@ -662,7 +662,7 @@ def _interrupted_at(at, how, old, new_argv, folder, monkeypatch, capsys):
 
 @pytest.mark.parametrize("how", ["raise", "signal"])
 def test_ctrl_c_while_a_forced_rerun_writes_leaves_the_old_set_or_the_new(
-    demo, tmp_path, monkeypatch, capsys, how
+    demo, tmp_path, monkeypatch, capsys, how, request
 ):
     """Ctrl-C at every file of a --force rerun (maps, state, swap) leaves
     exactly the earlier run's outputs (other settings, more files: a report
@@ -677,6 +677,11 @@ def test_ctrl_c_while_a_forced_rerun_writes_leaves_the_old_set_or_the_new(
     def new_argv(out):
         return _argv(demo, out, "--force")
 
+    if how == "signal":
+        # A shell that starts a job in the background makes it ignore SIGINT
+        # (CI may run so): this test is about Python's Ctrl-C, so restore it.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     old, new, renames, commit = _sets(
         demo, tmp_path, monkeypatch, capsys, old_argv, new_argv
     )

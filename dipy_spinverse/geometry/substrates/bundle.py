@@ -151,8 +151,9 @@ class AxonBundle:
         )
 
     def sheath_conductance(self, *, myelin_diffusivity, myelin_density):
-        """Each axon's water conductance to the extra-axonal space through
-        its sheath, per um of fibre (um^2/us): the inner membrane, the
+        """Each axon's water conductance through its sheath (um^2/us).
+
+        Per um of fibre, to the extra-axonal space: the inner membrane, the
         sheath's radial diffusion and the outer membrane in series, for the
         drawn discs (the exact steady flux through a cylindrical shell)::
 
