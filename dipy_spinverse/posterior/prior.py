@@ -261,7 +261,7 @@ class TissuePrior:
         )
         set_(self, "n_box_sizes", check_int(self.n_box_sizes, "n_box_sizes", 1))
         if self.fibre_axis is not None:
-            set_(self, "fibre_axis", _unit_axis(self.fibre_axis, self.families))
+            set_(self, "fibre_axis", unit_fibre_axis(self.fibre_axis, self.families))
         self._check_box()
         set_(self, "_boxes", self._box_ladder())
 
@@ -319,7 +319,7 @@ class TissuePrior:
         along z; :meth:`PriorSimulator.simulate_draws` turns it to each
         draw's axis)."""
         if section:
-            return _section_grid(float(side), self.resolution)
+            return section_grid(float(side), self.resolution)
         return _box_grid(float(side), self.resolution, boundary)
 
     # -- drawing -------------------------------------------------------------------
@@ -530,7 +530,7 @@ class TissuePrior:
         if family == "axon":
             # Built along the draw's axis, so that the descriptors'
             # orientation is the fibres'; its lattice is the prior's section.
-            grid = _section_grid(float(side), resolution).oriented(axis)
+            grid = section_grid(float(side), resolution).oriented(axis)
         else:
             grid = _box_grid(float(side), resolution, boundary)
         try:
@@ -590,7 +590,7 @@ class TissuePrior:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.init and not (f.name in _KEYED_WHEN_SET and value is None):
-                described[f.name] = _plain(value)
+                described[f.name] = plain_value(value)
         return described
 
 
@@ -617,11 +617,13 @@ def _box_grid(side, resolution, boundary):
 
 
 @functools.lru_cache(maxsize=64)
-def _section_grid(side, resolution):
+def section_grid(side, resolution):
+    """The triangular section of ``side`` um and ``resolution`` edges
+    across, built once (the priors' draws share their grids)."""
     return SectionGrid.triangular(side, resolution)
 
 
-def _unit_axis(axis, families):
+def unit_fibre_axis(axis, families):
     """``fibre_axis`` as a tuple of 3 floats of unit length, or an error
     naming the fix."""
     if "axon" not in families:
@@ -647,7 +649,9 @@ def _within(value, bounds):
     return bounds[0] * (1 - 1e-9) <= value <= bounds[1] * (1 + 1e-9)
 
 
-def _plain(value):
+def plain_value(value):
+    """A setting as a plain value (tuples as lists, numpy scalars as
+    Python's) for descriptions and cache keys."""
     if isinstance(value, tuple):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     return value.item() if isinstance(value, np.generic) else value

@@ -39,7 +39,6 @@ sheath's radial diffusion in series, :meth:`~dipy_spinverse.geometry.
 substrates.AxonBundle.sheath_conductance`).
 """
 
-import functools
 import math
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
@@ -50,8 +49,8 @@ import torch
 from ..checks import check_int, check_range
 from ..geometry.substrates import axon_bundle, bundle_side
 from ..sim.forward import simulate
-from ..sim.sections import SectionGrid
 from ..sim.sequences import as_protocol
+from .prior import plain_value, section_grid, unit_fibre_axis
 
 __all__ = ["DESCRIPTORS", "WhiteMatterDraw", "WhiteMatterPrior"]
 
@@ -176,12 +175,7 @@ class WhiteMatterPrior:
             check_int(self.cells_per_sheath, "cells_per_sheath", 1),
         )
         if self.fibre_axis is not None:
-            axis = np.asarray(self.fibre_axis, dtype=float).reshape(3)
-            if not (np.all(np.isfinite(axis)) and np.linalg.norm(axis) > 0):
-                raise ValueError(
-                    f"fibre_axis must be a direction, got {self.fibre_axis}."
-                )
-            axis = tuple(float(v) for v in axis / np.linalg.norm(axis))
+            axis = unit_fibre_axis(self.fibre_axis, ("axon",))
             object.__setattr__(self, "fibre_axis", axis)
 
     @classmethod
@@ -232,7 +226,7 @@ class WhiteMatterPrior:
             side = self._snapped_side(bundle_side(n, mean, shape, g, fibre))
             sheath = mean * (1 / np.mean(g) - 1) / 2
             resolution = _snapped_resolution(side * self.cells_per_sheath / sheath)
-            grid = _section(side, resolution)
+            grid = section_grid(side, resolution)
             try:
                 bundle = axon_bundle(
                     grid,
@@ -339,7 +333,7 @@ class WhiteMatterPrior:
         for i, draw in enumerate(draws):
             by_grid.setdefault((draw.side, draw.resolution), []).append(i)
         for (side, resolution), rows in by_grid.items():
-            grid = _section(side, resolution)
+            grid = section_grid(side, resolution)
             chosen = [draws[i] for i in rows]
             values = {
                 name: np.stack([_per_cell(d, name) for d in chosen])
@@ -360,7 +354,7 @@ class WhiteMatterPrior:
 
     def description(self):
         """The prior's fields as plain values (cache keys, reports)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: plain_value(getattr(self, f.name)) for f in fields(self)}
 
 
 def _per_cell(draw, name):
@@ -376,14 +370,3 @@ def _snapped_resolution(edges):
     """Triangle edges across a section, rounded up to a multiple of 4 (so
     that draws of nearby sizes share a grid)."""
     return int(4 * math.ceil(max(edges, 3) / 4))
-
-
-@functools.lru_cache(maxsize=64)
-def _section(side, resolution):
-    return SectionGrid.triangular(side, resolution)
-
-
-def _plain(value):
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value

@@ -8,10 +8,10 @@ import pytest
 from numpy.testing import assert_allclose
 
 from dipy_spinverse import Protocol
+from dipy_spinverse.posterior.prior import section_grid
 from dipy_spinverse.posterior.white_matter import (
     DESCRIPTORS,
     WhiteMatterPrior,
-    _section,
 )
 
 #: A coarse, small prior: cheap sections for the tests.
@@ -70,7 +70,7 @@ def test_b0_is_the_relaxation_of_each_compartments_water():
     )
     signal = prior.simulate([draw], prot, substeps=2)[0]
     bundle = draw.bundle
-    volumes = _section(draw.side, draw.resolution).cell_volumes
+    volumes = section_grid(draw.side, draw.resolution).cell_volumes
     expected = []
     for te in prot.echo_times[:2]:
         water = [
