@@ -49,6 +49,7 @@ from dipy_spinverse.geometry.substrates import random_substrates
 from dipy_spinverse.inverse import resolve_config
 from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.reconst import OK
+from dipy_spinverse.reconst.noise import relative_noise
 from dipy_spinverse.reconst.posterior import surface_volume_bound
 from dipy_spinverse.reconst.surfaces import flag_uncertain_surfaces
 from dipy_spinverse.sim.signals import VoxelSignals
@@ -174,10 +175,12 @@ def _published(grid):
 def _checked(model, signals, rows):
     """The rows with the surface check's uncertainty and status."""
     fractions = np.array([r["found_fraction"] for r in rows])
+    voxels = VoxelSignals.from_raw(signals, model.protocol)
     bound, outside = surface_volume_bound(
-        model,
-        VoxelSignals.from_raw(signals, model.protocol),
+        model.estimator,
+        voxels,
         fractions,
+        relative=relative_noise(model.sigma, voxels.s0),
         n_samples=model.n_posterior_samples,
     )
     # The model's own rule (reconst.surfaces), on the search's answers.

@@ -110,7 +110,7 @@ def memory_and_throughput(model, data, mask, n_chunks):
 
 def volume_layout_bytes(model, n_voxels):
     """Bytes of the per-voxel arrays for ``n_voxels`` voxels."""
-    params = empty_params(model, 1)
+    params = empty_params(model.search_settings(), 1)
     return n_voxels * sum(v.nbytes for v in params.values() if v is not None)
 
 
@@ -118,7 +118,7 @@ def checkpoint_costs(model, sizes, batch, repeats, folder, seed):
     """Seconds per chunk: the HDF5 store against rewriting the whole .npz."""
     rows = []
     for n_mask in sizes:
-        params = empty_params(model, n_mask)
+        params = empty_params(model.search_settings(), n_mask)
         rng = np.random.default_rng(seed)
         params["permeability"][:] = rng.uniform(1e-5, 0.1, params["permeability"].shape)
         params["predicted"][:] = rng.uniform(0, 1, params["predicted"].shape)

@@ -137,6 +137,7 @@ LAYERS = [
     "reconst.fit_prediction",
     "reconst.fit",
     "reconst.posterior",
+    "reconst.search_settings",
     "reconst.status",
     "reconst.surfaces",
     "reconst.resume",

@@ -173,13 +173,13 @@ def chunks(rows, size):
     return (rows[start : start + size] for start in range(0, len(rows), size))
 
 
-def chunk_share(model, n_voxels, n_workers):
+def chunk_share(settings, n_voxels, n_workers):
     """Voxels per chunk: ``batch_size``, or an equal share of each worker.
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model (its ``batch_size``).
+    settings : SearchSettings
+        The fit's settings (its ``batch_size``).
     n_voxels : int
         The voxels to fit.
     n_workers : int
@@ -190,4 +190,4 @@ def chunk_share(model, n_voxels, n_workers):
     int
         Voxels per chunk, at least 1.
     """
-    return max(1, min(model.batch_size, math.ceil(n_voxels / n_workers)))
+    return max(1, min(settings.batch_size, math.ceil(n_voxels / n_workers)))

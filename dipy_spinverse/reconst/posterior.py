@@ -50,7 +50,7 @@ from ..posterior.predictive import predictive_signals
 from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
 from .fit import SpinverseFit
 from .gate import admit, gradient_tables, s0_per_acquisition
-from .noise import relative_noise, warn_noise
+from .noise import warn_noise
 
 __all__ = [
     "PosteriorFit",
@@ -197,27 +197,25 @@ def volume_iou_bound(fraction_draws, fraction):
     return 1.0 - ratio.mean(axis=0)
 
 
-def surface_volume_bound(
-    model, signals, fractions, *, n_samples, seed=0, relative=None
-):
+def surface_volume_bound(estimator, signals, fractions, *, relative, n_samples, seed=0):
     """The surface check of the label search's answers (``prior=`` with
     ``fit_method="search"``).
 
     Parameters
     ----------
-    model : SpinverseModel
-        With ``surface_check``.
+    estimator : PosteriorEstimator
+        The surface check's posterior
+        (:attr:`~dipy_spinverse.reconst.search_settings.SurfaceCheck.estimator`).
     signals : VoxelSignals
         The voxels, normalised once upstream.
     fractions : ndarray (n,)
         Each answer's restricted fraction.
+    relative : ndarray (n,)
+        The voxels' relative noise, as the gate gives it
+        (:attr:`~dipy_spinverse.reconst.gate.Admitted.relative`).
     n_samples : int
         Posterior draws per voxel.
-    seed : int
-    relative : ndarray (n,), optional
-        The voxels' relative noise, as the gate gives it
-        (:attr:`~dipy_spinverse.reconst.gate.Admitted.relative`); default
-        ``model.sigma`` over each voxel's ``signals.s0``, the same.
+    seed : int, optional
 
     Returns
     -------
@@ -228,10 +226,7 @@ def surface_volume_bound(
     outside : ndarray of bool (n,)
         Those voxels.
     """
-    estimator = model.estimator
     inputs = np.asarray(signals.normalised, dtype=np.float32)
-    if relative is None:
-        relative = relative_noise(model.sigma, signals.s0)
     sigma = np.asarray(relative).astype(np.float32)
     bound = np.ones(len(inputs))
     outside = np.zeros(len(inputs), dtype=bool)

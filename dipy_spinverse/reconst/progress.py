@@ -31,7 +31,7 @@ def progress_bar(total, verbose):
     )
 
 
-def chunk_progress(bar, model, n_rows, shown):
+def chunk_progress(bar, config, n_rows, shown):
     """Inversion callback moving the bar through a chunk of ``n_rows`` voxels.
 
     The face fit moves the bar through its share of the chunk iteration by
@@ -45,8 +45,8 @@ def chunk_progress(bar, model, n_rows, shown):
     ----------
     bar : tqdm.tqdm
         The fit's progress bar (:func:`progress_bar`).
-    model : SpinverseSearchModel
-        The model (its inversion config).
+    config : InversionConfig
+        The fit's inversion configuration.
     n_rows : int
         The voxels in the chunk.
     shown : list of float
@@ -57,7 +57,6 @@ def chunk_progress(bar, model, n_rows, shown):
     callable
         ``callback(iteration, permeability, losses)`` for the inversion.
     """
-    config = model.config
     face_share = 0.5 if config.searches_labels else 1.0
     steps = [0, set()]  # search steps so far, voxels whose search ended
 

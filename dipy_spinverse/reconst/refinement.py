@@ -15,7 +15,7 @@ from .codes import MESH_FAILED, MESH_NO_CELL, MESH_OK
 __all__ = ["refine_meshes"]
 
 
-def refine_meshes(model, signals, noise, result, rows):
+def refine_meshes(settings, signals, noise, result, rows):
     """Smooth meshes of the largest cell of ``rows`` (``refine_mesh=True``).
 
     Fills ``result``'s mesh parameters in place. A voxel without a labelled
@@ -24,8 +24,8 @@ def refine_meshes(model, signals, noise, result, rows):
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model (grid, protocol, diffusivity, mesh options).
+    settings : SearchSettings
+        The fit's settings (grid, protocol, diffusivity, mesh options).
     signals : VoxelSignals
         The voxels, normalised by the gate.
     noise : Noise
@@ -47,15 +47,15 @@ def refine_meshes(model, signals, noise, result, rows):
             continue
         try:
             fit = refine_cell(
-                model.grid,
+                settings.grid,
                 labels,
                 result["permeability"][row],
                 replace(signals[[row]], precision=noise.precision[[row]]),
-                model.protocol,
-                diffusivity=model.diffusivity,
+                settings.protocol,
+                diffusivity=settings.diffusivity,
                 sigma=noise.level,
-                noise=model.config.loss.noise,
-                options=model.mesh_options,
+                noise=settings.config.loss.noise,
+                options=settings.mesh_options,
             )
             vertices, loss = fit.vertices, float(np.min(fit.loss_history))
             if not np.all(np.isfinite(vertices)) or fit.n_inverted:

@@ -16,7 +16,6 @@ After every chunk an optional ``checkpoint(partial_fit, rows)`` hook sees
 the fit so far; a partial fit resumes on the same data (:mod:`.resume`).
 """
 
-import copy
 import inspect
 import numbers
 import warnings
@@ -54,7 +53,7 @@ __all__ = [
 ]
 
 
-def fit_noise(model, data, *, mask=None):
+def fit_noise(settings, data, *, mask=None):
     """The relative noise level of a fit of ``data``
     (:func:`~dipy_spinverse.reconst.noise.reference_noise`), its SNR logged.
 
@@ -64,8 +63,8 @@ def fit_noise(model, data, *, mask=None):
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model (its ``sigma`` in the data's units).
+    settings : SearchSettings
+        The fit's settings (its ``sigma`` in the data's units).
     data : array_like
         The volume ``shape + (n_volumes,)``, the mask's rows, or (n,
         n_volumes) voxels.
@@ -84,28 +83,32 @@ def fit_noise(model, data, *, mask=None):
     ValueError
         ``sigma`` is not below the median b = 0 signal.
     """
-    if not model.sigma > 0:
-        return model.config.loss.sigma
-    b0 = np.flatnonzero(model.protocol.bvals == 0)
+    if not settings.sigma > 0:
+        return settings.config.loss.sigma
+    b0 = np.flatnonzero(settings.protocol.bvals == 0)
     rows = np.asarray(data[..., b0], dtype=np.float64)  # b = 0 volumes only
     if mask is not None:
         mask = check_mask(mask, volume_shape(data, mask))
         rows = rows if is_mask_rows(data, mask) else rows[mask]
     s0 = rows.reshape(-1, len(b0)).mean(axis=-1)
-    noise = reference_noise(model.sigma, s0)
+    noise = reference_noise(settings.sigma, s0)
     if noise > 0:
-        snr_range = model.posterior_options.snr_range if model.surface_check else None
-        warn_noise(relative_noise(model.sigma, s0), snr_range=snr_range)
+        check = settings.surface_check
+        snr_range = None if check is None else check.snr_range
+        warn_noise(relative_noise(settings.sigma, s0), snr_range=snr_range)
     return noise
 
 
-def fit_voxels(model, data, *, noise, callback=None):
+def fit_voxels(settings, data, *, noise, callback=None):
     """Fit (n, n_volumes) raw voxels; per-voxel problems become statuses.
+
+    A function of the voxels, their noise and the fit's settings: it reads
+    no model and returns arrays.
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model.
+    settings : SearchSettings
+        The fit's settings (:meth:`SpinverseSearchModel.search_settings`).
     data : ndarray (n, n_volumes)
         The voxels' raw signals.
     noise : float
@@ -124,9 +127,9 @@ def fit_voxels(model, data, *, noise, callback=None):
         The inversion's loss curves, when it ran once over all voxels.
     """
     gate = admit(
-        data, model.protocol, sigma=model.sigma, level=noise, dtype=model.dtype
+        data, settings.protocol, sigma=settings.sigma, level=noise, dtype=settings.dtype
     )
-    result = empty_params(model, len(gate.status))
+    result = empty_params(settings, len(gate.status))
     failed = ~gate.ok
     result["status"][failed] = gate.status[failed]
     valid = np.flatnonzero(gate.ok)
@@ -134,7 +137,7 @@ def fit_voxels(model, data, *, noise, callback=None):
     history = None
     if len(valid):
         part, history = _reconstruct(
-            model, signals[valid], gate.noise.voxels(valid), callback
+            settings, signals[valid], gate.noise.voxels(valid), callback
         )
         for key, value in part.items():
             if value is not None:
@@ -142,38 +145,36 @@ def fit_voxels(model, data, *, noise, callback=None):
         ok = valid[np.isin(part["status"], FITTED)]
         result["S0"][ok] = gate.S0[ok]
         result["S0_sequences"][ok] = gate.S0_sequences[ok]
-        if model.surface_check and len(ok):
-            check_surfaces(model, signals[ok], gate.relative[ok], result, ok)
-        vouch_for_surfaces(model, result, ok, level=noise)
+        if settings.surface_check is not None and len(ok):
+            check_surfaces(settings, signals[ok], gate.relative[ok], result, ok)
+        vouch_for_surfaces(settings, result, ok, level=noise)
         flag_uncertain_surfaces(result, ok)
-        flag_implausible(model, gate.impossible[ok], result, ok)
-        if model.refine_mesh:
-            refine_meshes(model, signals, gate.noise, result, ok)
+        flag_implausible(settings, gate.impossible[ok], result, ok)
+        if settings.refine_mesh:
+            refine_meshes(settings, signals, gate.noise, result, ok)
     return result, history
 
 
-def _reconstruct(model, signals, noise, callback=None):
+def _reconstruct(settings, signals, noise, callback=None):
     """Run the inversion on valid voxels (their :class:`Noise`); retry one by
     one if it raises."""
     n = len(signals)
     try:
         rec = reconstruct(
-            model.grid,
+            settings.grid,
             signals,
-            model.protocol,
+            settings.protocol,
             data_noise=noise,
-            preset=model.config,
-            diffusivity=model.diffusivity,
-            dtype=model.dtype,
-            device=model.device,
+            preset=settings.config,
+            diffusivity=settings.diffusivity,
+            dtype=settings.dtype,
+            device=settings.device,
             callback=callback,
         )
     except Exception as err:  # a voxel must never stop the volume
         if n > 1:
-            parts = [
-                _reconstruct(model, signals[i : i + 1], noise.voxels([i]), callback)[0]
-                for i in range(n)
-            ]
+            one = [(signals[i : i + 1], noise.voxels([i])) for i in range(n)]
+            parts = [_reconstruct(settings, *voxel, callback)[0] for voxel in one]
             return _merge(parts, np.concatenate), None
         warnings.warn(
             f"Spinverse fit of a voxel failed ({type(err).__name__}: {err}); "
@@ -181,20 +182,22 @@ def _reconstruct(model, signals, noise, callback=None):
             RuntimeWarning,
             stacklevel=2,
         )
-        part = empty_params(model, 1)
+        part = empty_params(settings, 1)
         part["status"][:] = FAILED
         return part, None
     permeability = np.asarray(rec.permeability, dtype=np.float64)
     predicted = np.asarray(rec.predicted, dtype=np.float64)
     loss = np.asarray(rec.loss, dtype=np.float64)
-    poor = poor_fits(loss, model.config, len(model.protocol), level=rec.noise_level)
+    poor = poor_fits(
+        loss, settings.config, len(settings.protocol), level=rec.noise_level
+    )
     good = (
         np.isfinite(permeability).all(-1)
         & np.isfinite(predicted).all(-1)
         & np.isfinite(loss)
     )
     poor &= good
-    part = empty_params(model, n)
+    part = empty_params(settings, n)
     part["status"][:] = np.where(good, np.where(poor, POOR_FIT, OK), DIVERGED)
     part["permeability"][good] = permeability[good]
     part["predicted"][good] = predicted[good]
@@ -206,14 +209,14 @@ def _reconstruct(model, signals, noise, callback=None):
     return part, rec.history
 
 
-def empty_params(model, shape):
+def empty_params(settings, shape):
     """Per-voxel parameters of ``shape`` (an int or a tuple), all PENDING.
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model (its grid, protocol and options decide which parameters
-        exist).
+    settings : SearchSettings
+        The fit's settings (its grid, protocol and options decide which
+        parameters exist).
     shape : int or tuple of int
         The voxels' shape.
 
@@ -221,38 +224,38 @@ def empty_params(model, shape):
     -------
     dict
         Per parameter an array of ``shape + (...)`` (NaN, -1 labels, status
-        PENDING), or None where the model does not produce it.
+        PENDING), or None where the settings do not produce it.
     """
     shape = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
     labels = None
-    if model.has_labels:
-        labels = np.full(shape + (model.grid.n_cells,), -1, dtype=np.int16)
-    searched = model.config.searches_labels
-    n_cells = model.grid.n_cells
+    if settings.has_labels:
+        labels = np.full(shape + (settings.grid.n_cells,), -1, dtype=np.int16)
+    searched = settings.config.searches_labels
+    n_cells = settings.grid.n_cells
     return dict(
-        permeability=np.full(shape + (model.grid.n_faces,), np.nan),
+        permeability=np.full(shape + (settings.grid.n_faces,), np.nan),
         labels=labels,
         inside_probability=np.full(shape + (n_cells,), np.nan, np.float32)
         if searched
         else None,
         uncertainty=np.full(shape, np.nan) if searched else None,
         proposal_probability=np.full(shape + (n_cells,), np.nan, np.float32)
-        if model.config.uses_proposal
+        if settings.config.uses_proposal
         else None,
-        predicted=np.full(shape + (len(model.protocol),), np.nan),
+        predicted=np.full(shape + (len(settings.protocol),), np.nan),
         S0=np.full(shape, np.nan),
-        S0_sequences=np.full(shape + (len(model.sequences),), np.nan),
+        S0_sequences=np.full(shape + (settings.n_sequences,), np.nan),
         loss=np.full(shape, np.nan),
         status=np.full(shape, PENDING, dtype=np.int16),
-        **_empty_mesh_params(model, shape),
+        **_empty_mesh_params(settings, shape),
     )
 
 
-def _empty_mesh_params(model, shape):
+def _empty_mesh_params(settings, shape):
     """The smooth mesh's parameters (None unless ``refine_mesh``)."""
-    if not model.refine_mesh:
+    if not settings.refine_mesh:
         return dict(mesh_vertices=None, mesh_loss=None, mesh_status=None)
-    n_vertices = int(model.mesh_tets.max()) + 1
+    n_vertices = int(settings.mesh_tets.max()) + 1
     return dict(
         mesh_vertices=np.full(shape + (n_vertices, 3), np.nan),
         mesh_loss=np.full(shape, np.nan),
@@ -313,6 +316,7 @@ def fit_volume(
         engine, address, n_jobs, vox_per_chunk
     )
     hook = _checkpoint_hook(checkpoint)
+    settings = model.search_settings()  # frozen once: every chunk reads these
     if resume is not None:
         check_resume(model, resume, data, mask)
         mask = resume.mask
@@ -321,8 +325,8 @@ def fit_volume(
         }
     else:
         mask = check_mask(mask, volume_shape(data, mask))
-        params = empty_params(model, int(mask.sum()))
-    noise = fit_noise(model, data, mask=mask)  # one level for the whole fit
+        params = empty_params(settings, int(mask.sum()))
+    noise = fit_noise(settings, data, mask=mask)  # one level for the whole fit
     digest = fingerprint(data, mask)
     shape = mask.shape
     partial = SpinverseFit(model, params, mask, fingerprint=digest, noise_level=noise)
@@ -360,31 +364,33 @@ def fit_volume(
     completed = [0]  # voxels stored
     try:
         if engine == "serial":
-            size = vox_per_chunk or model.batch_size
+            size = vox_per_chunk or settings.batch_size
             for rows in chunks(todo, size):
                 progress = None
                 if verbose:
-                    progress = chunk_progress(bar, model, len(rows), bar_share)
+                    progress = chunk_progress(
+                        bar, settings.config, len(rows), bar_share
+                    )
                 done(
                     rows,
-                    fit_voxels(model, load(rows), noise=noise, callback=progress)[0],
+                    fit_voxels(settings, load(rows), noise=noise, callback=progress)[0],
                 )
         elif on_cluster:
-            chunk = vox_per_chunk or chunk_share(model, len(todo), n_workers)
+            chunk = vox_per_chunk or chunk_share(settings, len(todo), n_workers)
             with clusters.open_cluster(engine, address, n_workers=n_workers) as cluster:
                 if vox_per_chunk is None and address is not None:
-                    chunk = chunk_share(model, len(todo), cluster.slots)
+                    chunk = chunk_share(settings, len(todo), cluster.slots)
                 clusters.run_chunks(
                     cluster,
                     _fit_shared_chunk,
-                    (model, noise),
+                    (settings, noise),
                     chunks(todo, chunk),
                     load=load,
                     done=done,
-                    gpu=model.device.type == "cuda",
+                    gpu=settings.device.type == "cuda",
                 )
         else:
-            chunk = vox_per_chunk or chunk_share(model, len(todo), n_workers)
+            chunk = vox_per_chunk or chunk_share(settings, len(todo), n_workers)
             # One chunk per worker at a time, so that the bar and the
             # checkpoint move as the workers finish (the pool of processes
             # is reused between calls).
@@ -427,10 +433,13 @@ def fit_one(model, data, *, verbose=False):
     noise : float
         The fit's relative noise level (:func:`fit_noise`).
     """
-    noise = fit_noise(model, data[None])
+    settings = model.search_settings()
+    noise = fit_noise(settings, data[None])
     with progress_bar(1, verbose) as bar:
-        progress = chunk_progress(bar, model, 1, [0.0]) if verbose else None
-        params, history = fit_voxels(model, data[None], noise=noise, callback=progress)
+        progress = chunk_progress(bar, settings.config, 1, [0.0]) if verbose else None
+        params, history = fit_voxels(
+            settings, data[None], noise=noise, callback=progress
+        )
         bar.n = 1
     warn_negative(model, count_negative(data[None]), 1)
     warn_implausible(model, params["status"])
@@ -438,40 +447,40 @@ def fit_one(model, data, *, verbose=False):
     return params, history, noise
 
 
-def fit_chunk(model, data, *, noise, device=None):
+def fit_chunk(settings, data, *, noise, device=None):
     """Fit (n, n_volumes) raw voxels on a cluster worker (its ``device``).
 
     The task of the Ray and Dask engines
     (:func:`~dipy_spinverse.clusters.run_chunks`): ``device`` is the
-    worker's own GPU, or None to keep the model's.
+    worker's own GPU, or None to keep the settings'.
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model.
+    settings : SearchSettings
+        The fit's settings.
     data : ndarray (n, n_volumes)
         The voxels' raw signals.
     noise : float
         The fit's relative noise level (:func:`fit_noise`).
     device : str or torch.device, optional
-        The worker's device; None keeps the model's.
+        The worker's device; None keeps the settings'.
 
     Returns
     -------
     dict of ndarray
         The per-voxel parameters, of shape (n, ...).
     """
-    if device is not None and torch.device(device) != model.device:
-        model = copy.copy(model)
-        model.device = torch.device(device)
-    return fit_voxels(model, data, noise=noise)[0]
+    if device is not None and torch.device(device) != settings.device:
+        settings = settings.on_device(device)
+    return fit_voxels(settings, data, noise=noise)[0]
 
 
 def _fit_shared_chunk(shared, data, *, device=None):
-    """:func:`fit_chunk` of the cluster's shared ``(model, noise)``: a task
-    is a plain module-level function (Ray's ``remote`` takes no partial)."""
-    model, noise = shared
-    return fit_chunk(model, data, noise=noise, device=device)
+    """:func:`fit_chunk` of the cluster's shared ``(settings, noise)``: a
+    task is a plain module-level function (Ray's ``remote`` takes no
+    partial)."""
+    settings, noise = shared
+    return fit_chunk(settings, data, noise=noise, device=device)
 
 
 def _checkpoint_hook(checkpoint):

@@ -45,6 +45,7 @@ from .parallel import check_engine_options, share_cores
 from .plausibility import protocol_problems
 from .posterior_model import N_POSTERIOR_SAMPLES, check_prior
 from .resume import check_mask
+from .search_settings import SearchSettings, SurfaceCheck, knows_noise
 
 __all__ = [
     "SpinverseSearchModel",
@@ -515,7 +516,7 @@ class SpinverseSearchModel(ReconstModel):
                     "or resume it."
                 )
             if mask is not None and not check_mask(mask, ()):
-                params = runner.empty_params(self, ())
+                params = runner.empty_params(self.search_settings(check=False), ())
                 params["status"][...] = MASKED
                 return SpinverseFit(self, params, False)
             params, history, noise = runner.fit_one(self, data, verbose=verbose)
@@ -538,7 +539,48 @@ class SpinverseSearchModel(ReconstModel):
     def noise_known(self):
         """Whether the fit knows the noise (``sigma``, or the configuration's
         own relative noise)."""
-        return self.sigma > 0 or self.config.loss.sigma > 0
+        return knows_noise(self.sigma, self.config)
+
+    def search_settings(self, *, check=True):
+        """The settings a fit of this model runs under, frozen
+        (:class:`~dipy_spinverse.reconst.search_settings.SearchSettings`).
+
+        The voxel loop (:mod:`~dipy_spinverse.reconst.runner`) reads these,
+        never the model: each fit makes them once.
+
+        Parameters
+        ----------
+        check : bool, optional
+            Include the surface check's posterior (trained on first use);
+            False leaves it out, for what needs only the parameters' layout.
+
+        Returns
+        -------
+        SearchSettings
+        """
+        surface = None
+        if check and self.surface_check:
+            surface = SurfaceCheck(
+                estimator=self.estimator,
+                prior=self.prior.prior,
+                n_samples=self.n_posterior_samples,
+                snr_range=self.posterior_options.snr_range,
+            )
+        return SearchSettings(
+            grid=self.grid,
+            protocol=self.protocol,
+            n_sequences=len(self.sequences),
+            sigma=self.sigma,
+            config=self.config,
+            diffusivity=self.diffusivity,
+            dtype=self.dtype,
+            device=self.device,
+            batch_size=self.batch_size,
+            protocol_problems=tuple(self.protocol_problems),
+            mesh_options=self.mesh_options,
+            mesh_tets=self.mesh_tets,
+            surface_check=surface,
+        )
 
     def _prepare(self, *, progress):
         """Train (or read from the cache) the learned proposal and the grid's
@@ -572,9 +614,10 @@ class SpinverseSearchModel(ReconstModel):
         """
         share_cores(kwargs.get("n_jobs"), self._pid)
         data = np.atleast_2d(data)
+        settings = self.search_settings()
         if noise is None:
-            noise = runner.fit_noise(self, data)
-        params, _ = runner.fit_voxels(self, data, noise=noise)
+            noise = runner.fit_noise(settings, data)
+        params, _ = runner.fit_voxels(settings, data, noise=noise)
         fits = np.empty(len(params["status"]), dtype=object)
         for i in range(len(fits)):
             fits[i] = SpinverseFit(

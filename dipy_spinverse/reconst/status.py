@@ -79,24 +79,24 @@ def poor_fits(loss, config, n_acquisitions, *, level):
     return np.isfinite(loss) & (loss / config.loss.loss_scale > bound)
 
 
-def flag_implausible(model, impossible, result, rows):
+def flag_implausible(settings, impossible, result, rows):
     """Statuses ``IMPOSSIBLE_SIGNAL`` and ``UNDERDETERMINED`` of the fitted
     voxels ``rows`` (in place), over the fit's own warning statuses.
 
     ``impossible``: whether each of those voxels' attenuation exceeds 1
     beyond the noise (the gate's test,
     :func:`~dipy_spinverse.reconst.plausibility.impossible_signal`, with the
-    model's ``sigma`` or, without it, the voxel's own spread); they get
+    fit's ``sigma`` or, without it, the voxel's own spread); they get
     ``IMPOSSIBLE_SIGNAL``. Where the protocol cannot determine the membranes
-    (``model.protocol_problems``), every other fitted voxel gets
+    (``settings.protocol_problems``), every other fitted voxel gets
     ``UNDERDETERMINED``. Both outrank ``POOR_FIT`` and ``UNCERTAIN_SURFACE``,
     which follow from them (the precedence of
     :mod:`~dipy_spinverse.reconst.codes`); the voxels keep their outputs.
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model (its ``protocol_problems``).
+    settings : SearchSettings
+        The fit's settings (its ``protocol_problems``).
     impossible : ndarray of bool (len(rows),)
         Whether each voxel of ``rows`` has an impossible signal.
     result : dict of ndarray
@@ -111,7 +111,7 @@ def flag_implausible(model, impossible, result, rows):
     if not len(rows):
         return
     status = result["status"]
-    if model.protocol_problems:
+    if settings.protocol_problems:
         status[rows] = UNDERDETERMINED
     status[rows[impossible]] = IMPOSSIBLE_SIGNAL
 

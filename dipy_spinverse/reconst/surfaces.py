@@ -37,7 +37,7 @@ __all__ = [
 SURFACE_MISFIT_FALSE_ALARM = WITHIN_NOISE_FALSE_ALARM
 
 
-def check_surfaces(model, signals, relative, result, rows):
+def check_surfaces(settings, signals, relative, result, rows):
     """The surface check (``prior=`` with the search): raise each answer's
     ``uncertainty`` to the posterior's volume bound
     (:func:`~dipy_spinverse.reconst.posterior.surface_volume_bound`), in
@@ -45,8 +45,8 @@ def check_surfaces(model, signals, relative, result, rows):
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model (grid, prior, ``n_posterior_samples``).
+    settings : SearchSettings
+        The fit's settings (its grid and ``surface_check``).
     signals : VoxelSignals
         The voxels (len(rows)), normalised by the gate.
     relative : ndarray (len(rows),)
@@ -60,26 +60,26 @@ def check_surfaces(model, signals, relative, result, rows):
     -------
     None
     """
-    grid = model.grid
+    grid, check = settings.grid, settings.surface_check
     inside = result["labels"][rows] > 0
     fractions = inside @ grid.cell_volumes / grid.volume
     bound, outside = surface_volume_bound(
-        model,
+        check.estimator,
         signals,
         fractions,
-        n_samples=model.n_posterior_samples,
         relative=relative,
+        n_samples=check.n_samples,
     )
     result["uncertainty"][rows] = np.fmax(result["uncertainty"][rows], bound)
     if outside.any():
         logger.warning(
             f"{int(outside.sum())} of {len(rows)} voxels lie outside the surface "
-            f"check's prior ({model.prior.prior!r}): nothing vouches for their "
+            f"check's prior ({check.prior!r}): nothing vouches for their "
             "surfaces, whose uncertainty is set to 1."
         )
 
 
-def vouch_for_surfaces(model, result, rows, *, level):
+def vouch_for_surfaces(settings, result, rows, *, level):
     """Uncertainty 1 for the label search's answers the data reject (in place).
 
     ``rows``: the fitted voxels (status OK or POOR_FIT).
@@ -96,8 +96,8 @@ def vouch_for_surfaces(model, result, rows, *, level):
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model (protocol, the loss's ``loss_scale``).
+    settings : SearchSettings
+        The fit's settings (protocol, the loss's ``loss_scale``).
     result : dict of ndarray
         The per-voxel parameters (``uncertainty`` set in place).
     rows : ndarray of int
@@ -116,11 +116,11 @@ def vouch_for_surfaces(model, result, rows, *, level):
         result["uncertainty"][rows] = 1.0
         return
     bound = poor_fit_bound(
-        len(model.protocol), level, false_alarm=SURFACE_MISFIT_FALSE_ALARM
+        len(settings.protocol), level, false_alarm=SURFACE_MISFIT_FALSE_ALARM
     )
     # POOR_FIT answers are beyond this bound too: their maps are kept, not
     # their surfaces.
-    mse = result["loss"][rows] / model.config.loss.loss_scale
+    mse = result["loss"][rows] / settings.config.loss.loss_scale
     rejected = rows[mse > bound]
     result["uncertainty"][rejected] = 1.0
     if len(rejected):

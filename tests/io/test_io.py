@@ -68,7 +68,7 @@ def test_the_fits_noise_level_is_kept(gtab, grid, volume, tmp_path):
         gtab, grid=grid, sigma=0.01, preset=preset, max_iter=3, dtype="float64"
     )
     fit = model.fit(data, mask=mask)
-    level = runner.fit_noise(model, data, mask=mask)
+    level = runner.fit_noise(model.search_settings(), data, mask=mask)
     assert level > 0 and fit.noise_level == level
     index = tuple(np.argwhere(mask)[0])
     assert fit[index].noise_level == level
@@ -322,7 +322,7 @@ def test_store_writes_each_chunk_once(model, volume, volume_fit, tmp_path, monke
 def test_store_does_not_grow_with_the_volume(model, volume, tmp_path):
     """A store holds the mask's voxels only: 3 voxels of a 300,000-voxel
     volume cost their rows and the (compressed) mask, not the volume."""
-    params = runner.empty_params(model, 3)
+    params = runner.empty_params(model.search_settings(), 3)
     sizes = []
     for n_voxels in (3, 300_000):
         big = np.zeros(n_voxels, bool)
@@ -518,7 +518,7 @@ def _saved_on(path, device):
 
 def test_resume_on_cuda_without_cuda_is_refused(model, volume, tmp_path, monkeypatch):
     data, mask = volume
-    params = runner.empty_params(model, mask.shape)
+    params = runner.empty_params(model.search_settings(), mask.shape)
     params["status"][~mask] = MASKED
     digest = resume.fingerprint(data, mask)
     partial = SpinverseFit(model, params, mask, fingerprint=digest)
@@ -617,7 +617,10 @@ def test_a_failing_hdf5_library_cannot_lose_a_store(
 
     monkeypatch.setattr(h5py, "File", broken)
     partial = SpinverseFit(
-        model, runner.empty_params(model, 3), mask, fingerprint="another fit"
+        model,
+        runner.empty_params(model.search_settings(), 3),
+        mask,
+        fingerprint="another fit",
     )
     with pytest.raises(WriteError, match=r"state\.h5 \(creating it\).*Slist"):
         Checkpoint(path)(partial)

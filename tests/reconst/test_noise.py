@@ -202,7 +202,9 @@ def test_the_search_is_the_same_in_any_units(gtab, grid, signal):
     # The fit's noise refers to the median b = 0; the model holds settings
     # only, and the fit's is the model as built.
     reference = np.median(fit.S0)
-    assert runner.fit_noise(model, data) == pytest.approx(7.0 / reference)
+    assert runner.fit_noise(model.search_settings(), data) == pytest.approx(
+        7.0 / reference
+    )
     assert fit.model is model and model.sigma == 7.0
     assert model.config.loss.sigma == 0.0  # no placeholder noise
     assert not hasattr(model, "s0_reference")
@@ -213,7 +215,7 @@ def test_the_search_weighs_each_voxel_by_its_own_noise(gtab, grid, signal):
     voxel's own: (sigma / its b = 0)^2 over its sequence's precision."""
     data = T2_WEIGHT * signal * np.array([[800.0], [400.0]])
     model = _search(gtab, grid, 4.0)
-    noise = runner.fit_noise(model, data)
+    noise = runner.fit_noise(model.search_settings(), data)
     assert noise == pytest.approx(4.0 / np.median(data[:, [0, 3]].mean(1)))
     assert model.config.loss.sigma == 0.0  # the settings hold no noise
     plain = admit(data, model.protocol, sigma=model.sigma)

@@ -355,7 +355,7 @@ def test_progress_moves_within_a_chunk(gtab, grid):
     for model, after_face in ((face_only, 6.0), (searching, 3.0)):
         bar = tqdm(total=6, file=io.StringIO())
         shown = [0.0]
-        callback = chunk_progress(bar, model, 6, shown)
+        callback = chunk_progress(bar, model.config, 6, shown)
         callback(0, None, {"data": 0.1})
         assert_allclose(bar.n, after_face / model.n_iterations)
         for i in range(1, model.n_iterations):
@@ -957,7 +957,9 @@ def test_answers_the_data_reject_are_not_vouched_for(gtab, grid):
         loss=loss,
         status=np.array([OK, OK, OK, OK, POOR_FIT]),
     )
-    vouch_for_surfaces(model, result, np.arange(5), level=sigma)
+    vouch_for_surfaces(
+        model.search_settings(), result, np.arange(5), level=sigma
+    )
     assert_array_equal(result["uncertainty"], [0.02, 0.3, 1.0, 1.0, 1.0])
     flag_uncertain_surfaces(result, np.arange(5))
     assert_array_equal(
@@ -1058,7 +1060,7 @@ def test_mesh_refinement_gets_the_fits_noise_weights(monkeypatch):
         raise ValueError("seen")
 
     monkeypatch.setattr(refinement, "refine_cell", refine_cell)
-    model = SimpleNamespace(
+    settings = SimpleNamespace(
         grid=None,
         protocol=prot,
         diffusivity=2e-3,
@@ -1071,7 +1073,7 @@ def test_mesh_refinement_gets_the_fits_noise_weights(monkeypatch):
         mesh_status=np.zeros(2, np.int16),
     )
     with pytest.warns(RuntimeWarning, match="seen"):
-        refinement.refine_meshes(model, signals, noise, result, np.array([1]))
+        refinement.refine_meshes(settings, signals, noise, result, np.array([1]))
     ((signal, level),) = seen
     assert isinstance(signal, VoxelSignals) and level == 0.02
     assert_array_equal(signal.precision, noise.precision[[1]])

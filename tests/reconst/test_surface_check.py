@@ -21,6 +21,7 @@ from dipy_spinverse.reconst import (
     UNCERTAIN_SURFACE_LEVEL,
     SpinverseFit,
 )
+from dipy_spinverse.reconst.noise import relative_noise
 from dipy_spinverse.reconst.posterior import surface_volume_bound, volume_iou_bound
 from dipy_spinverse.sim.signals import VoxelSignals
 from dipy_spinverse.workflows.outputs import save_surface
@@ -108,7 +109,11 @@ def test_uncertainty_is_at_least_the_posteriors_volume_bound(checked):
     fractions = (labels > 0) @ GRID.cell_volumes / GRID.volume
     signals = VoxelSignals.from_raw(data, PROTOCOL)
     bound, outside = surface_volume_bound(
-        model, signals, fractions, n_samples=model.n_posterior_samples
+        model.estimator,
+        signals,
+        fractions,
+        relative=relative_noise(model.sigma, signals.s0),
+        n_samples=model.n_posterior_samples,
     )
     assert outside[-1] and not outside[:-1].any()
     own = np.asarray(plain.uncertainty)[:, 0, 0]

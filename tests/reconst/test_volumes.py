@@ -49,7 +49,7 @@ protocol = Protocol.pgse([0, 1000, 1000], np.eye(3), small_delta=0.005,
 model = SpinverseModel(protocol, grid=TetGrid.bcc(8.0, 2), preset="paper",
                        max_iter=2)
 n = 50_000
-params = empty_params(model, n)
+params = empty_params(model.search_settings(), n)
 fit = SpinverseFit(model, params, np.ones(n, bool))
 store = Checkpoint(sys.argv[1])
 store(fit)
