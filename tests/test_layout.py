@@ -27,6 +27,7 @@ LAYERS = [
     "clusters",
     "sim.grid",
     "sim.sections",
+    "sim.pools",
     "sim.waveforms",
     "sim.sequences",
     "sim.operators",

@@ -27,14 +27,53 @@ too coarse to hold the sheath there) two, in series.
 
 Descriptors are those of the rasterised tissue (the simulated one): an
 axon's diameter is its cells' equivalent-circle diameter, its sheath's
-g-ratio ``sqrt(A_axon / (A_axon + A_sheath))``.
+g-ratio ``sqrt(A_axon / (A_axon + A_sheath))``; a sub-grid axon's are its
+drawn discs'.
+
+Sub-grid axons (``resolve_above``). Resolving the smallest axons and their
+sheaths needs a fine, stiff grid, yet diffusion MRI sees them as sticks. An
+axon thinner than ``resolve_above`` is not rasterised: the grid cells whose
+circumcentre its outer disc covers are removed (the extra-axonal water
+flows around it), and its water becomes two pools of a
+:class:`~dipy_spinverse.sim.pools.PooledSection` attached to the nearest
+extra-axonal cell (its *host*, whose gradient phase they carry): the
+sheath's (area ``pi (r_o^2 - r_i^2)``, compartment ``myelin``) and the
+axon's (``pi r_i^2``, ``intra``), each with its compartment's diffusivity
+(along the fibres, and radially within its link), T2 and density, and no
+in-plane flux. The myelin is a pool of its own, not folded into the links,
+so that its water and its fast T2 count exactly. The links, in series:
+
+- host -> sheath: the outer membrane, over the perimeter ``2 pi r_o``,
+  then the sheath's radial diffusion from ``r_o`` in to ``r_m = sqrt(r_i
+  r_o)``: distance ``r_o ln(r_o / r_m)`` (the exact steady resistance of
+  that shell, ``ln(r_o / r_m) / (2 pi D_m rho_m)``, over that perimeter);
+- sheath -> axon: the shell from ``r_m`` in to ``r_i`` (distance ``r_i
+  ln(r_m / r_i)``), the inner membrane over ``2 pi r_i``, then the axon's
+  inside: distance ``r_i / 4``, the linear-driving-force resistance of a
+  cylinder (exchange rate ``8 D / r_i^2``, Glueckauf's; its slowest mode
+  relaxes at ``3.39 D / r_i^2``).
+
+In series the two links give :meth:`AxonBundle.sheath_conductance` plus
+that inner term (at equal densities inside and out), which matters only
+where the membranes are very permeable. What the model leaves out: the
+axon's restricted in-plane diffusion (a stick's signal is exp(-b_par D):
+its error is ``1 - E_cylinder(d)``, the Gaussian-phase cylinder
+attenuation, ~1e-3 of the axon's signal at d = 1 um, b = 3000 s/mm^2),
+the host's extra-axonal access path around the fibre (the exchange meets
+the host cell's magnetisation, at up to ``r_o`` plus a cell from the
+fibre), and the sheath's in-plane diffusion. The removed cells' area
+differs from the fibre's disc (staircase); the difference is taken from
+the extra-axonal cells near the fibre (within ``r_o`` plus 1.5 cells), in
+proportion to their areas, so that the section's water is the drawn
+tissue's exactly.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from ...checks import check_int, check_number
+from ...checks import check_int, check_number, check_positive
+from ...sim.pools import PooledSection
 from .substrate import check_rng
 
 __all__ = [
@@ -52,6 +91,11 @@ COMPARTMENTS = ("extra", "intra", "myelin")
 # to the smallest outer radius) below which two discs count as apart.
 _PUSH_ITERATIONS = 4000
 _PUSH_TOL = 1e-6
+# Sub-grid axons: the extra-axonal cells near a fibre (within its outer
+# radius plus this many spacings) give or take the area its removed cells
+# lack or exceed; no kept cell may keep less than this share of its area.
+_RING_SPACINGS = 1.5
+_MIN_AREA_SHARE = 0.25
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,19 +108,26 @@ class AxonBundle:
         Axon centres in the section's plane coordinates, um.
     inner_diameters, outer_diameters : ndarray (n_axons,)
         The drawn discs' diameters (axon; axon and sheath), um.
-    axon : ndarray of int (n_grid_cells,)
-        ``k`` in axon ``k``'s inside or sheath (1 .. n_axons), 0 outside.
-    compartment : ndarray of int (n_grid_cells,)
+    axon : ndarray of int (grid.n_cells,)
+        ``k`` in axon ``k``'s inside or sheath (1 .. n_axons), 0 outside
+        (a sub-grid axon's pools too).
+    compartment : ndarray of int (grid.n_cells,)
         Index into :data:`COMPARTMENTS`: 0 extra-axonal, 1 intra-axonal,
         2 myelin.
     permeability : ndarray (n_axons,)
         Each axon's membrane permeability, m/s (both sides of its sheath).
-    face_permeability : ndarray (n_faces,)
-        Every edge's permeability for :func:`dipy_spinverse.simulate`
-        (``inf``: no membrane).
+    face_permeability : ndarray (grid.n_faces,)
+        Every edge's (and link's) permeability for
+        :func:`dipy_spinverse.simulate` (``inf``: no membrane).
     axon_areas, sheath_areas : ndarray (n_axons,)
         Rasterised areas of each axon's inside and sheath, um^2 (per um of
-        fibre).
+        fibre); a sub-grid axon's are its drawn discs'.
+    grid : SectionGrid or PooledSection
+        What to simulate on: the section the bundle was drawn in, or, with
+        sub-grid axons, that section with their cells removed and their
+        pools attached (:class:`~dipy_spinverse.sim.pools.PooledSection`).
+    subgrid : ndarray of bool (n_axons,)
+        The axons held as pools (thinner than ``resolve_above``).
     """
 
     centres: np.ndarray
@@ -88,6 +139,8 @@ class AxonBundle:
     face_permeability: np.ndarray
     axon_areas: np.ndarray
     sheath_areas: np.ndarray
+    grid: object = None
+    subgrid: np.ndarray = None
 
     @property
     def n_axons(self):
@@ -104,7 +157,7 @@ class AxonBundle:
 
         Returns
         -------
-        ndarray (n_grid_cells,)
+        ndarray (grid.n_cells,)
         """
         return np.array([extra, intra, myelin], dtype=float)[self.compartment]
 
@@ -235,6 +288,7 @@ def axon_bundle(
     g_ratio,
     fibre_fraction,
     permeability,
+    resolve_above=None,
 ):
     """Myelinated axons of gamma-distributed diameters packed in a section.
 
@@ -261,6 +315,11 @@ def axon_bundle(
     permeability : float or (float, float)
         Membrane permeability, m/s: one value, or a range each axon's is
         drawn from log-uniformly.
+    resolve_above : float, optional
+        Inner diameter (um) below which an axon is not rasterised but held
+        as sub-grid pools (a stick and its sheath, module documentation);
+        None (the default): every axon is rasterised. The draw is the same
+        either way (same ``rng``: same discs).
 
     Returns
     -------
@@ -269,8 +328,10 @@ def axon_bundle(
     Raises
     ------
     ValueError
-        Bad arguments (named), or a bundle the grid does not hold (an axon
-        on no grid cell: use fewer or larger axons or a finer grid).
+        Bad arguments (named), or a bundle the grid does not hold (a
+        rasterised axon on no grid cell: use fewer or larger axons, a finer
+        grid, or a larger ``resolve_above``; a sub-grid fibre whose area the
+        cells around it cannot give: a finer grid).
     """
     rng = check_rng(rng)
     n = check_int(n_axons, "n_axons", 1)
@@ -284,6 +345,10 @@ def axon_bundle(
         )
     if not (mean > 0 and shape > 0):
         raise ValueError("mean_diameter and shape must be > 0.")
+    if resolve_above is not None:
+        resolve_above = check_positive(
+            resolve_above, "resolve_above", "um", example="2.0 (or None)"
+        )
     inner = rng.gamma(shape, mean / shape, n)
     g = _uniform(rng, g_ratio, "g_ratio", n, (0.0, 1.0))
     kappa = np.exp(_uniform(rng, np.log(permeability), "permeability", n, None))
@@ -292,6 +357,8 @@ def axon_bundle(
     scale = np.sqrt(fraction * grid.volume / (np.pi / 4 * np.sum(outer**2)))
     inner, outer = inner * scale, outer * scale
     centres = _packed_centres(grid, rng, outer / 2)
+    if resolve_above is not None:
+        return _with_subgrid(grid, centres, inner, outer, kappa, inner < resolve_above)
     axon, compartment = _rasterised(grid, centres, inner / 2, outer / 2)
     areas = np.bincount(
         axon, weights=grid.cell_volumes * (compartment == 1), minlength=n + 1
@@ -315,6 +382,109 @@ def axon_bundle(
         face_permeability=_face_permeability(grid, axon, compartment, kappa),
         axon_areas=areas,
         sheath_areas=sheaths,
+        grid=grid,
+        subgrid=np.zeros(n, dtype=bool),
+    )
+
+
+def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
+    """The bundle with the axons ``subgrid`` held as pools (module
+    documentation); the others rasterised as without."""
+    n = len(inner)
+    r_i, r_o = inner / 2, outer / 2
+    kept = np.flatnonzero(~subgrid)
+    axon, compartment = _rasterised(grid, centres[kept], r_i[kept], r_o[kept])
+    axon = np.concatenate([[0], kept + 1])[axon]  # the drawn axons' numbers
+    areas = np.bincount(
+        axon, weights=grid.cell_volumes * (compartment == 1), minlength=n + 1
+    )[1:]
+    sheaths = np.bincount(
+        axon, weights=grid.cell_volumes * (compartment == 2), minlength=n + 1
+    )[1:]
+    lost = ~subgrid & (areas == 0)
+    if np.any(lost):
+        raise ValueError(
+            f"{int(lost.sum())} of the {n} rasterised axons hold no cell of "
+            f"{grid!r} (their diameter is below its spacing); use fewer or larger "
+            "axons, a finer grid, or a larger resolve_above."
+        )
+    face_kappa = _face_permeability(grid, axon, compartment, kappa)
+    points = grid.section_positions
+    volumes = grid.cell_volumes.astype(float).copy()
+    removed = np.zeros(grid.n_cells, dtype=bool)
+    fibres = np.flatnonzero(subgrid)
+    radial = []
+    for k in fibres:
+        r = np.linalg.norm(grid.displacement2(points, centres[k]), axis=1)
+        covered = (r < r_o[k]) & (compartment == 0) & ~removed
+        removed |= covered
+        radial.append(r)
+    hosts = []
+    for k, r in zip(fibres, radial, strict=True):
+        extra = (compartment == 0) & ~removed
+        if not extra.any():
+            raise ValueError(
+                f"no extra-axonal cell of {grid!r} is left to host the sub-grid "
+                "axons; use a finer grid."
+            )
+        hosts.append(int(np.flatnonzero(extra)[np.argmin(r[extra])]))
+        covered_area = grid.cell_volumes[(r < r_o[k]) & removed].sum()
+        missing = np.pi * r_o[k] ** 2 - covered_area
+        reach = r_o[k] + _RING_SPACINGS * grid.spacing
+        ring = extra & (r < reach)
+        ring[hosts[-1]] = True
+        volumes[ring] -= (
+            missing * grid.cell_volumes[ring] / grid.cell_volumes[ring].sum()
+        )
+    if np.any(volumes[~removed] < _MIN_AREA_SHARE * grid.cell_volumes[~removed]):
+        raise ValueError(
+            f"the cells of {grid!r} around a sub-grid axon cannot give its area "
+            "(its staircase differs from its disc by more than they hold); use a "
+            "finer grid."
+        )
+    m = len(fibres)
+    base = grid.n_cells
+    myelin_pool = base + np.arange(m)
+    axon_pool = base + m + np.arange(m)
+    ri, ro = r_i[fibres], r_o[fibres]
+    rm = np.sqrt(ri * ro)
+    pooled = PooledSection.attach(
+        grid,
+        pool_hosts=np.concatenate([hosts, hosts]),
+        pool_volumes=np.concatenate([np.pi * (ro**2 - ri**2), np.pi * ri**2]),
+        links=np.concatenate(
+            [
+                np.stack([np.array(hosts), myelin_pool], axis=1),
+                np.stack([myelin_pool, axon_pool], axis=1),
+            ]
+        ),
+        link_areas=np.concatenate([2 * np.pi * ro, 2 * np.pi * ri]),
+        link_distances=np.concatenate(
+            [
+                np.stack([np.zeros(m), ro * np.log(ro / rm)], axis=1),
+                np.stack([ri * np.log(rm / ri), ri / 4], axis=1),
+            ]
+        ),
+        removed=removed,
+        cell_volumes=volumes,
+    )
+    keep = pooled.kept_cells
+    areas[fibres] = np.pi * ri**2
+    sheaths[fibres] = np.pi * (ro**2 - ri**2)
+    return AxonBundle(
+        centres=centres,
+        inner_diameters=inner,
+        outer_diameters=outer,
+        axon=np.concatenate([axon[keep], fibres + 1, fibres + 1]),
+        compartment=np.concatenate([compartment[keep], np.full(m, 2), np.full(m, 1)]),
+        permeability=kappa,
+        face_permeability=np.concatenate(
+            [face_kappa[pooled.kept_faces], kappa[fibres], kappa[fibres]]
+        ),
+        axon_areas=areas,
+        sheath_areas=sheaths,
+        grid=pooled,
+        subgrid=subgrid,
     )
 
 

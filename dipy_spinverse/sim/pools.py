@@ -1,0 +1,299 @@
+"""Sub-grid pools: water a section's grid does not resolve, as extra unknowns.
+
+A straight fibre much thinner than the grid's spacing (a small axon, its
+myelin sheath) needs a very fine and stiff grid to be resolved, yet diffusion
+MRI sees it as a *stick*: its water barely moves across the fibres. A
+:class:`PooledSection` keeps such water as *pools* (a double-porosity,
+sub-grid finite-volume model): each pool is one more unknown of the
+:class:`~dipy_spinverse.sim.sections.SectionGrid`, a "cell" whose "volume"
+is the pool's area (per um of fibre) and whose position is that of its host
+grid cell, joined to its host (or to another pool of the same host) by a
+*link*: a "face" whose "area" is the membrane's perimeter (per um of fibre)
+and whose distances are the radial diffusion paths on its two sides. The
+operators of :mod:`~dipy_spinverse.sim.operators` then apply unchanged:
+
+- a link conducts ``w = A / (d_a / (D_a rho_a) + d_b / (D_b rho_b) + 1 /
+  (kappa max(rho_a, rho_b)))`` like any face (``kappa = inf``: only the
+  diffusion paths; ``kappa = 0``: closed);
+- a pool has no in-plane flux but through its links, so it is a stick: it
+  decays along the fibres at its own ``D k_a(t)^2`` (the section engine's
+  per-cell term) and relaxes at its own T2;
+- a link joins two unknowns at one position, so its displacement is zero and
+  a gradient puts no phase across it: a pool's water carries its host's
+  gradient phase.
+
+Grid cells may also be *removed* (those a sub-grid fibre covers: its water
+is the pools', and the extra-axonal water flows around it) and the kept
+cells' volumes changed (so that the water of the section is conserved when
+the removed cells' area differs from the pools'). Face and cell arrays keep
+:class:`~dipy_spinverse.sim.sections.SectionGrid`'s names: the kept grid
+cells first, then the pools; the kept edges first, then the links.
+
+Units: um, us; volumes per um of fibre (um^2), areas per um of fibre (um).
+"""
+
+import numpy as np
+
+from .grid import cell_adjacency
+from .sections import SectionGrid
+
+__all__ = ["PooledSection"]
+
+
+class PooledSection(SectionGrid):
+    """A :class:`~dipy_spinverse.sim.sections.SectionGrid` with sub-grid
+    pools attached to its cells (module documentation). Build one with
+    :meth:`attach`; :func:`~dipy_spinverse.simulate` takes it as a section.
+
+    Attributes
+    ----------
+    section : SectionGrid
+        The grid the pools are attached to.
+    kept_cells : ndarray of int (n_grid_cells,)
+        The section's cells kept, in order (the first ``n_grid_cells`` cells).
+    kept_faces : ndarray of int (n_grid_faces,)
+        The section's edges kept (both their cells kept), in order: a
+        permeability field of the section maps to the first ``n_grid_faces``
+        faces as ``field[kept_faces]``.
+    pool_hosts : ndarray of int (n_pools,)
+        Each pool's host: its grid cell (in this grid's numbering).
+    """
+
+    @classmethod
+    def attach(
+        cls,
+        section,
+        *,
+        pool_hosts,
+        pool_volumes,
+        links,
+        link_areas,
+        link_distances,
+        removed=None,
+        cell_volumes=None,
+    ):
+        """``section`` with pools attached.
+
+        Cells are named in one numbering: ``0 .. section.n_cells - 1`` the
+        section's cells, ``section.n_cells + p`` pool ``p``.
+
+        Parameters
+        ----------
+        section : SectionGrid
+        pool_hosts : array_like of int (n_pools,)
+            Each pool's host cell of ``section`` (kept): the pool sits at its
+            circumcentre.
+        pool_volumes : array_like (n_pools,)
+            Each pool's area per um of fibre (um^2), > 0 (its water is this
+            times its density, as a cell's).
+        links : array_like of int (n_links, 2)
+            The two unknowns each link joins: a pool and its host, or two
+            pools of one host.
+        link_areas : array_like (n_links,)
+            The membrane's length in the section (um per um of fibre), > 0.
+        link_distances : array_like (n_links, 2)
+            The diffusion path on each side of the link's membrane (um),
+            >= 0, at least one > 0 (so that an open link, ``kappa = inf``,
+            conducts finitely).
+        removed : array_like of bool (section.n_cells,), optional
+            Cells of ``section`` to remove (their edges go with them: the
+            water around them flows past).
+        cell_volumes : array_like (section.n_cells,), optional
+            The section's cells' volumes (default its own); those of removed
+            cells are not read.
+
+        Returns
+        -------
+        PooledSection
+        """
+        if not isinstance(section, SectionGrid) or isinstance(section, cls):
+            raise TypeError(
+                f"section must be a plain SectionGrid, got {type(section).__name__}."
+            )
+        n = section.n_cells
+        removed = _bools(removed, n)
+        volumes = _array(
+            section.cell_volumes if cell_volumes is None else cell_volumes,
+            "cell_volumes",
+            (n,),
+        )
+        hosts = np.asarray(pool_hosts, dtype=np.int64).reshape(-1)
+        n_pools = len(hosts)
+        pool_volumes = _array(pool_volumes, "pool_volumes", (n_pools,))
+        links = np.asarray(links, dtype=np.int64).reshape(-1, 2)
+        areas = _array(link_areas, "link_areas", (len(links),))
+        distances = _array(link_distances, "link_distances", (len(links), 2))
+        if np.any((hosts < 0) | (hosts >= n)) or np.any(removed[hosts]):
+            raise ValueError(
+                "pool_hosts must be kept cells of the section (0 .. n_cells - 1, "
+                "not removed)."
+            )
+        if np.any(pool_volumes <= 0) or np.any(volumes[~removed] <= 0):
+            raise ValueError(
+                "pool_volumes and the kept cell_volumes must be > 0 (um^2 per um "
+                "of fibre); a cell without water is removed instead."
+            )
+        if np.any(areas <= 0) or np.any(distances < 0):
+            raise ValueError("link_areas must be > 0 and link_distances >= 0 (um).")
+        if np.any(distances.sum(1) <= 0):
+            raise ValueError(
+                "each link needs a diffusion path (a link_distances > 0) so that "
+                "an open membrane (kappa = inf) conducts finitely."
+            )
+        # Where each unknown sits: a pool at its host.
+        site = np.concatenate([np.arange(n), hosts])
+        if np.any((links < 0) | (links >= n + n_pools)):
+            raise ValueError(
+                f"links must name cells 0 .. {n - 1} or pools {n} .. {n + n_pools - 1}."
+            )
+        if np.any(np.all(links < n, axis=1)):
+            raise ValueError("a link joins a pool; two grid cells share an edge.")
+        if np.any(site[links[:, 0]] != site[links[:, 1]]) or np.any(
+            links[:, 0] == links[:, 1]
+        ):
+            raise ValueError(
+                "a link joins a pool to its own host, or two pools of one host "
+                "(the two must sit at one place)."
+            )
+
+        kept = np.flatnonzero(~removed)
+        number = np.full(n + n_pools, -1, dtype=np.int64)
+        number[kept] = np.arange(len(kept))
+        number[n:] = len(kept) + np.arange(n_pools)
+        cells = section.face_cells
+        kept_faces = np.flatnonzero(~removed[cells[:, 0]] & ~removed[cells[:, 1]])
+        face_cells = np.concatenate([number[cells[kept_faces]], number[links]])
+        host_points = section.cell_circumcentres[hosts]
+
+        out = object.__new__(cls)
+        out.__dict__.update(
+            {k: v for k, v in section.__dict__.items() if k != "section_positions"}
+        )
+        n_links = len(links)
+        _set(out, "section", section)
+        _set(out, "kept_cells", kept)
+        _set(out, "kept_faces", kept_faces)
+        _set(out, "pool_hosts", number[hosts])
+        _set(out, "triangles", section.triangles[kept])
+        _set(out, "tri_coords", section.tri_coords[kept])
+        _set(out, "cell_volumes", np.concatenate([volumes[kept], pool_volumes]))
+        _set(
+            out,
+            "cell_centroids",
+            np.concatenate([section.cell_centroids[kept], host_points]),
+        )
+        _set(
+            out,
+            "cell_circumcentres",
+            np.concatenate([section.cell_circumcentres[kept], host_points]),
+        )
+        _set(
+            out,
+            "faces",
+            np.concatenate(
+                [section.faces[kept_faces], np.full((n_links, 2), -1, np.int64)]
+            ),
+        )
+        _set(out, "face_cells", face_cells)
+        _set(out, "face_areas", np.concatenate([section.face_areas[kept_faces], areas]))
+        _set(
+            out,
+            "face_centroids",
+            np.concatenate(
+                [section.face_centroids[kept_faces], _site_points(section, links, site)]
+            ),
+        )
+        # A link has no direction in the plane: its displacement (distances
+        # times normal) is zero, so no gradient phase crosses it.
+        _set(
+            out,
+            "face_normals",
+            np.concatenate([section.face_normals[kept_faces], np.zeros((n_links, 3))]),
+        )
+        _set(
+            out,
+            "face_distances",
+            np.concatenate([section.face_distances[kept_faces], distances]),
+        )
+        width = max(3, int(np.bincount(face_cells.ravel()).max()))
+        faces, neighbours = cell_adjacency(face_cells, len(kept) + n_pools, width)
+        _set(out, "cell_faces", faces)
+        _set(out, "cell_neighbours", neighbours)
+        for value in out.__dict__.values():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+        return out
+
+    @property
+    def n_cells(self):
+        """Number of unknowns: the kept grid cells and the pools."""
+        return len(self.cell_volumes)
+
+    @property
+    def n_grid_cells(self):
+        """Number of kept grid cells (the first ones)."""
+        return len(self.kept_cells)
+
+    @property
+    def n_pools(self):
+        """Number of pools (the last cells)."""
+        return len(self.pool_hosts)
+
+    @property
+    def n_grid_faces(self):
+        """Number of kept edges (the first faces); the links follow."""
+        return len(self.kept_faces)
+
+    def oriented(self, axis):
+        """The same grid and pools with the fibres along ``axis``
+        (:meth:`SectionGrid.oriented`).
+
+        Parameters
+        ----------
+        axis : array_like (3,)
+
+        Returns
+        -------
+        PooledSection
+        """
+        out = super().oriented(axis)
+        _set(out, "section", self.section.oriented(axis))
+        return out
+
+    def __repr__(self):
+        return (
+            f"PooledSection(extent={self.extent[0]:g} x {self.extent[1]:g} um, "
+            f"n_grid_cells={self.n_grid_cells}, n_pools={self.n_pools}, "
+            f"axis={np.round(self.axis, 4).tolist()})"
+        )
+
+
+def _site_points(section, links, site):
+    """Each link's place: its unknowns' host circumcentre."""
+    return section.cell_circumcentres[site[links[:, 0]]]
+
+
+def _bools(mask, n):
+    if mask is None:
+        return np.zeros(n, dtype=bool)
+    mask = np.asarray(mask)
+    if mask.dtype != bool or mask.shape != (n,):
+        raise ValueError(f"removed must be a boolean mask of the section's {n} cells.")
+    return mask
+
+
+def _array(value, name, shape):
+    out = np.asarray(value, dtype=float)
+    try:
+        out = np.broadcast_to(out, shape).copy()
+    except ValueError as err:
+        raise ValueError(f"{name} must have shape {shape}, got {out.shape}.") from err
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} must be finite.")
+    return out
+
+
+def _set(obj, name, value):
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value)
+    object.__setattr__(obj, name, value)
