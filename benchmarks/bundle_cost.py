@@ -16,15 +16,33 @@ change by at most 1e-3, the prior's time tolerance), then the row's
 bundles are simulated together at that count: seconds a bundle after the
 pilot, and the pilot's seconds.
 
+"Sub-grid axons" (``--subgrid``): 20 axons of mean 1 um (in vivo tissue,
+the middles of the prior's in vivo ranges: D 2.2 / 1.7 / 0.27 um^2/ms,
+T2 85 / 62 / 14 ms, myelin water density 0.45), fully resolved (one cell a
+sheath, the reference) and with the axons thinner than ``resolve_above``
+held as sub-grid pools (:mod:`~dipy_spinverse.sim.pools`) on the coarsest
+grid that puts 3 cells across the thinnest kept axon, and on a grid twice
+finer. The same draws (the same seed: the same discs) at every row;
+sub-steps measured on each section (to 1e-3); seconds a section (its own
+pilot apart), and the largest and the root-mean-square difference of its
+signals from two references: the resolved bundle at one cell a sheath
+(the cost table's), and at two cells a sheath with every membrane's
+permeability scaled by its axon's smooth perimeter over its staircase's
+(a staircase is 1.2-1.35 times longer than the circle it follows, at any
+refinement, and exchanges that much faster; the sub-grid links use the
+circles' perimeters).
+
 Run::
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/bundle_cost.py --protocols demo cord
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bundle_cost.py --subgrid --n 1
 
-``--quick``: one small row on the demo protocol.
+``--quick``: one small row of each table on the demo protocol.
 """
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -39,6 +57,17 @@ from dipy_spinverse.sim.sections import SectionGrid
 ROWS = ((1.0, 20, 1), (3.0, 20, 1), (3.0, 20, 2), (3.0, 8, 1))
 SHAPE, G_RATIO, FIBRE, KAPPA = 4.0, (0.6, 0.8), 0.7, (1e-5, 1e-4)
 TIME_TOL = 1e-3
+#: Sub-grid rows: (mean inner diameter um, axons), the resolve_above values
+#: (um) and the grids' refinements over 3 cells across the thinnest kept axon.
+SUBGRID = (1.0, 20)
+RESOLVE_ABOVE = (1.5, 2.0, 3.0)
+REFINE = (1, 2)
+#: In vivo tissue (extra, intra, myelin): the middles of WhiteMatterPrior's.
+IN_VIVO = dict(
+    diffusivity=(1.7e-3, 2.2e-3, 0.27e-3),
+    t2=(0.062, 0.085, 0.014),
+    density=(1, 1, 0.45),
+)
 
 
 def bundle_row(protocol, mean, n_axons, cells_per_sheath, n, seed):
@@ -99,16 +128,225 @@ def bundle_row(protocol, mean, n_axons, cells_per_sheath, n, seed):
     )
 
 
+def _draws(grid, mean, n_axons, n, seed, resolve_above=None):
+    """The first ``n`` bundles of ``seed`` that ``grid`` holds, each with
+    its draw's index (a draw the grid cannot hold is skipped)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(50 * n):
+        state = rng.bit_generator.state
+        try:
+            bundle = axon_bundle(
+                grid,
+                rng=rng,
+                n_axons=n_axons,
+                mean_diameter=mean,
+                shape=SHAPE,
+                g_ratio=G_RATIO,
+                fibre_fraction=FIBRE,
+                permeability=KAPPA,
+                resolve_above=resolve_above,
+            )
+        except ValueError:
+            continue
+        out.append((index, state, bundle))
+        if len(out) == n:
+            break
+    return out
+
+
+def _redraw(grid, state, mean, n_axons, resolve_above):
+    """The draw of ``state`` (a generator state) into ``grid``."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return axon_bundle(
+        grid,
+        rng=rng,
+        n_axons=n_axons,
+        mean_diameter=mean,
+        shape=SHAPE,
+        g_ratio=G_RATIO,
+        fibre_fraction=FIBRE,
+        permeability=KAPPA,
+        resolve_above=resolve_above,
+    )
+
+
+def _smooth_membranes(grid, bundle):
+    """``bundle``'s face permeabilities with each axon's inner and outer
+    membranes scaled by its circle's perimeter over its staircase's (an
+    edge on both, an axon bare of its sheath, takes both factors)."""
+    a, b = grid.face_cells.T
+    comp, axon = bundle.compartment, bundle.axon
+    scale = np.ones(grid.n_faces)
+    for k in range(1, bundle.n_axons + 1):
+        in_a, in_b = axon[a] == k, axon[b] == k
+        inner = (in_a & (comp[a] == 1)) != (in_b & (comp[b] == 1))
+        outer = in_a != in_b
+        for faces, diameter in (
+            (inner, bundle.inner_diameters[k - 1]),
+            (outer, bundle.outer_diameters[k - 1]),
+        ):
+            if faces.any():
+                scale[faces] *= np.pi * diameter / grid.face_areas[faces].sum()
+    kappa = bundle.face_permeability
+    return np.where(np.isfinite(kappa), kappa * scale, kappa)
+
+
+def _section_signals(bundle, protocol):
+    """Signals of one section (in vivo tissue, fibres along z), the seconds
+    after its pilot, the pilot's seconds and the sub-steps."""
+    options = {k: bundle.per_cell(*v) for k, v in IN_VIVO.items()}
+
+    def run(substeps):
+        with torch.no_grad():
+            return simulate(
+                bundle.grid,
+                bundle.face_permeability,
+                protocol,
+                substeps=substeps,
+                **options,
+            ).numpy()
+
+    start = time.perf_counter()
+    substeps, _, _ = converged_substeps(run, TIME_TOL)
+    pilot = time.perf_counter() - start
+    start = time.perf_counter()
+    signals = run(substeps)
+    return signals, time.perf_counter() - start, pilot, substeps
+
+
+def subgrid_rows(protocol, mean, n_axons, n, seed, resolve_above, refine):
+    """The reference (fully resolved) and each (resolve_above, refinement)
+    row: dicts of cells, pools, spacing, seconds, pilot, sub-steps, and the
+    signals' largest and root-mean-square difference from the reference."""
+    side = bundle_side(n_axons, mean, SHAPE, G_RATIO, FIBRE)
+    sheath = mean * (1 / np.mean(G_RATIO) - 1) / 2
+    fine = SectionGrid.triangular(side, int(np.ceil(side / sheath)))
+    finer = SectionGrid.triangular(side, int(np.ceil(2 * side / sheath)))
+    draws = _draws(fine, mean, n_axons, n, seed)
+    reference = [_section_signals(b, protocol) for _, _, b in draws]
+    smooth = []
+    for _, state, _ in draws:
+        bundle = _redraw(finer, state, mean, n_axons, None)
+        bundle = replace(bundle, face_permeability=_smooth_membranes(finer, bundle))
+        smooth.append(_section_signals(bundle, protocol))
+    rows = []
+    for grid, refs, label in ((fine, reference, 1), (finer, smooth, 2)):
+        rows.append(
+            dict(
+                resolve_above=None,
+                refine=None,
+                label=label,
+                cells=grid.n_cells,
+                pools=0,
+                subgrid=0.0,
+                spacing=grid.spacing,
+                seconds=np.mean([r[1] for r in refs]),
+                pilot=np.mean([r[2] for r in refs]),
+                substeps=refs[0][3],
+                max=float(
+                    np.abs(
+                        [r[0] - f[0] for r, f in zip(refs, reference, strict=True)]
+                    ).max()
+                ),
+                max_smooth=float(
+                    np.abs(
+                        [r[0] - f[0] for r, f in zip(refs, smooth, strict=True)]
+                    ).max()
+                ),
+                rms=0.0,
+            )
+        )
+    for above in resolve_above:
+        for factor in refine:
+            grid = SectionGrid.triangular(side, int(np.ceil(factor * 3 * side / above)))
+            got, diffs, smooth_diffs = [], [], []
+            pairs = zip(draws, reference, smooth, strict=True)
+            for (_, state, _), ref, ref_smooth in pairs:
+                try:
+                    bundle = _redraw(grid, state, mean, n_axons, above)
+                except ValueError:
+                    continue  # a kept axon finer than this grid
+                result = _section_signals(bundle, protocol)
+                got.append((bundle, *result[1:]))
+                diffs.append(result[0] - ref[0])
+                smooth_diffs.append(result[0] - ref_smooth[0])
+            if not got:
+                continue
+            diffs, smooth_diffs = np.array(diffs), np.array(smooth_diffs)
+            rows.append(
+                dict(
+                    resolve_above=above,
+                    refine=factor,
+                    cells=np.mean([b.grid.n_grid_cells for b, *_ in got]),
+                    pools=np.mean([b.grid.n_pools for b, *_ in got]),
+                    subgrid=np.mean([b.subgrid.mean() for b, *_ in got]),
+                    spacing=grid.spacing,
+                    seconds=np.mean([g[1] for g in got]),
+                    pilot=np.mean([g[2] for g in got]),
+                    substeps=got[0][3],
+                    max=float(np.abs(diffs).max()),
+                    max_smooth=float(np.abs(smooth_diffs).max()),
+                    rms=float(np.sqrt(np.mean(diffs**2))),
+                )
+            )
+    return rows
+
+
+def _subgrid_table(args, default):
+    mean, n_axons = SUBGRID
+    above, refine = RESOLVE_ABOVE, REFINE
+    if args.quick:
+        mean, n_axons, above, refine = 3.0, 4, (3.0,), (1,)
+    print(
+        "\n| protocol | resolve_above (um) | grid | sub-grid axons | cells + pools "
+        "| spacing (um) | s a section | pilot s | sub-steps | x default "
+        "| max diff (1 cell) | rms diff (1 cell) | max diff (2 cells, smooth) |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.protocols:
+        protocol = protocol_named(name)
+        rows = subgrid_rows(protocol, mean, n_axons, args.n, args.seed, above, refine)
+        for row in rows:
+            label = (
+                f"resolved, {row['label']} cell(s) a sheath"
+                if row["refine"] is None
+                else f"{row['refine']:g} x coarsest"
+            )
+            kept = "--" if row["resolve_above"] is None else f"{row['resolve_above']:g}"
+            print(
+                f"| {name} | {kept} | {label} | {100 * row['subgrid']:.0f} % "
+                f"| {row['cells']:.0f} + {row['pools']:.0f} | {row['spacing']:.3f} "
+                f"| {row['seconds']:.2f} | {row['pilot']:.1f} | {row['substeps']} "
+                f"| {row['seconds'] / default[name]:.0f} | {row['max']:.4f} "
+                f"| {row['rms']:.4f} | {row['max_smooth']:.4f} |",
+                flush=True,
+            )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--protocols", nargs="+", default=["demo", "cord"])
     parser.add_argument("--n", type=int, default=4, help="bundles a row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--subgrid", action="store_true", help="only the sub-grid axons' table"
+    )
     args = parser.parse_args(argv)
     rows = ROWS
     if args.quick:
         args.protocols, args.n, rows = ["demo"], 1, ((3.0, 4, 1),)
+    default = {}
+    if args.subgrid:
+        for name in args.protocols:
+            default[name] = _mean(
+                measure(name, max(args.n, 2), args.seed, 6)[0]["sides"]
+            )
+            print(f"default prior on {name}: {default[name]:.3f} s a section")
+        _subgrid_table(args, default)
+        return
     print(
         "| protocol | section | axons | mean d (um) | cells | spacing (um) "
         "| s a section | pilot s | sub-steps | x default |"
@@ -116,10 +354,10 @@ def main(argv=None):
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.protocols:
         protocol = protocol_named(name)
-        default = _mean(measure(name, max(args.n, 2), args.seed, 6)[0]["sides"])
+        default[name] = _mean(measure(name, max(args.n, 2), args.seed, 6)[0]["sides"])
         print(
             f"| {name} | default prior (1-4 axons, res. 6) | 1-4 | 1-25 | ~84 | "
-            f"| {default:.3f} | | | 1.0 |"
+            f"| {default[name]:.3f} | | | 1.0 |"
         )
         for mean, n_axons, per_sheath in rows:
             got = bundle_row(protocol, mean, n_axons, per_sheath, args.n, args.seed)
@@ -127,9 +365,11 @@ def main(argv=None):
                 f"| {name} | bundle, {per_sheath} cell(s) a sheath | {n_axons} "
                 f"| {mean:g} | {got['cells']} | {got['spacing']:.3f} "
                 f"| {got['seconds']:.2f} | {got['pilot']:.1f} | {got['substeps']} "
-                f"| {got['seconds'] / default:.0f} |",
+                f"| {got['seconds'] / default[name]:.0f} |",
                 flush=True,
             )
+    if args.quick:
+        _subgrid_table(args, default)
 
 
 if __name__ == "__main__":

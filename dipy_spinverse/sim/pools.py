@@ -18,9 +18,15 @@ operators of :mod:`~dipy_spinverse.sim.operators` then apply unchanged:
 - a pool has no in-plane flux but through its links, so it is a stick: it
   decays along the fibres at its own ``D k_a(t)^2`` (the section engine's
   per-cell term) and relaxes at its own T2;
-- a link joins two unknowns at one position, so its displacement is zero and
-  a gradient puts no phase across it: a pool's water carries its host's
-  gradient phase.
+- a pool sits at a position of its own (by default its host cell's
+  circumcentre): a link carries the gradient's phase across the
+  displacement between its two unknowns (nearest periodic image), as an
+  edge does, so water crossing a pool from one side to the other moves
+  across the section (a permeable fibre is a path, not only a store).
+  The link's distances are resistances, not its length: its "normal" is
+  its displacement over the sum of its distances (not a unit vector), so
+  that the operators' slot displacement, distances times normal, is the
+  displacement.
 
 Grid cells may also be *removed* (those a sub-grid fibre covers: its water
 is the pools', and the extra-axonal water flows around it) and the kept
@@ -69,6 +75,7 @@ class PooledSection(SectionGrid):
         links,
         link_areas,
         link_distances,
+        pool_positions=None,
         removed=None,
         cell_volumes=None,
     ):
@@ -81,20 +88,23 @@ class PooledSection(SectionGrid):
         ----------
         section : SectionGrid
         pool_hosts : array_like of int (n_pools,)
-            Each pool's host cell of ``section`` (kept): the pool sits at its
-            circumcentre.
+            Each pool's host cell of ``section`` (kept): where it sits
+            unless ``pool_positions`` says otherwise.
         pool_volumes : array_like (n_pools,)
             Each pool's area per um of fibre (um^2), > 0 (its water is this
             times its density, as a cell's).
         links : array_like of int (n_links, 2)
-            The two unknowns each link joins: a pool and its host, or two
-            pools of one host.
+            The two unknowns each link joins: a pool and a kept cell, or two
+            pools.
         link_areas : array_like (n_links,)
             The membrane's length in the section (um per um of fibre), > 0.
         link_distances : array_like (n_links, 2)
             The diffusion path on each side of the link's membrane (um),
             >= 0, at least one > 0 (so that an open link, ``kappa = inf``,
             conducts finitely).
+        pool_positions : array_like (n_pools, 2), optional
+            Each pool's place in the section's plane coordinates ``(u, v)``
+            (um); default its host's circumcentre.
         removed : array_like of bool (section.n_cells,), optional
             Cells of ``section`` to remove (their edges go with them: the
             water around them flows past).
@@ -140,22 +150,26 @@ class PooledSection(SectionGrid):
                 "each link needs a diffusion path (a link_distances > 0) so that "
                 "an open membrane (kappa = inf) conducts finitely."
             )
-        # Where each unknown sits: a pool at its host.
-        site = np.concatenate([np.arange(n), hosts])
         if np.any((links < 0) | (links >= n + n_pools)):
             raise ValueError(
                 f"links must name cells 0 .. {n - 1} or pools {n} .. {n + n_pools - 1}."
             )
         if np.any(np.all(links < n, axis=1)):
             raise ValueError("a link joins a pool; two grid cells share an edge.")
-        if np.any(site[links[:, 0]] != site[links[:, 1]]) or np.any(
-            links[:, 0] == links[:, 1]
-        ):
-            raise ValueError(
-                "a link joins a pool to its own host, or two pools of one host "
-                "(the two must sit at one place)."
+        if np.any(links[:, 0] == links[:, 1]):
+            raise ValueError("a link joins two different unknowns.")
+        if np.any(removed[links[links < n]]):
+            raise ValueError("links must join kept cells (not removed ones).")
+        if pool_positions is None:
+            places = section.section_positions[hosts]
+        else:
+            places = section.wrap2(
+                _array(pool_positions, "pool_positions", (n_pools, 2))
             )
-
+        # Every unknown's place in the plane, and each link's displacement.
+        where = np.concatenate([section.section_positions, places])
+        step = section.displacement2(where[links[:, 1]], where[links[:, 0]])
+        length = distances.sum(1)
         kept = np.flatnonzero(~removed)
         number = np.full(n + n_pools, -1, dtype=np.int64)
         number[kept] = np.arange(len(kept))
@@ -163,7 +177,7 @@ class PooledSection(SectionGrid):
         cells = section.face_cells
         kept_faces = np.flatnonzero(~removed[cells[:, 0]] & ~removed[cells[:, 1]])
         face_cells = np.concatenate([number[cells[kept_faces]], number[links]])
-        host_points = section.cell_circumcentres[hosts]
+        pool_points = places @ section.plane
 
         out = object.__new__(cls)
         out.__dict__.update(
@@ -180,12 +194,12 @@ class PooledSection(SectionGrid):
         _set(
             out,
             "cell_centroids",
-            np.concatenate([section.cell_centroids[kept], host_points]),
+            np.concatenate([section.cell_centroids[kept], pool_points]),
         )
         _set(
             out,
             "cell_circumcentres",
-            np.concatenate([section.cell_circumcentres[kept], host_points]),
+            np.concatenate([section.cell_circumcentres[kept], pool_points]),
         )
         _set(
             out,
@@ -200,15 +214,22 @@ class PooledSection(SectionGrid):
             out,
             "face_centroids",
             np.concatenate(
-                [section.face_centroids[kept_faces], _site_points(section, links, site)]
+                [
+                    section.face_centroids[kept_faces],
+                    section.wrap2(where[links[:, 0]] + step / 2) @ section.plane,
+                ]
             ),
         )
-        # A link has no direction in the plane: its displacement (distances
-        # times normal) is zero, so no gradient phase crosses it.
+        # Distances times normal is the displacement (module documentation).
         _set(
             out,
             "face_normals",
-            np.concatenate([section.face_normals[kept_faces], np.zeros((n_links, 3))]),
+            np.concatenate(
+                [
+                    section.face_normals[kept_faces],
+                    (step / length[:, None]) @ section.plane,
+                ]
+            ),
         )
         _set(
             out,
@@ -266,11 +287,6 @@ class PooledSection(SectionGrid):
             f"n_grid_cells={self.n_grid_cells}, n_pools={self.n_pools}, "
             f"axis={np.round(self.axis, 4).tolist()})"
         )
-
-
-def _site_points(section, links, site):
-    """Each link's place: its unknowns' host circumcentre."""
-    return section.cell_circumcentres[site[links[:, 0]]]
 
 
 def _bools(mask, n):

@@ -241,28 +241,41 @@ def test_subgrid_axons_keep_the_water_and_count_in_the_descriptors(resolve_above
 
 
 def test_a_subgrid_axon_exchanges_through_its_sheath_in_series():
-    """The two links of a sub-grid axon (host -> sheath -> axon) conduct in
-    series the sheath's exact cylindrical-shell conductance
-    (:meth:`AxonBundle.sheath_conductance`: both membranes and the
-    sheath's radial diffusion) plus the axon's inside (path r_i / 4, the
-    linear-driving-force rate 8 D / r_i^2); equal densities inside and
-    out, so the membranes pass kappa: rtol 1e-12."""
+    """A sub-grid axon's links (the extra-axonal cells it touches -> its
+    sheath -> its axon) conduct in series the sheath's exact
+    cylindrical-shell conductance (:meth:`AxonBundle.sheath_conductance`:
+    both membranes and the sheath's radial diffusion) plus the axon's
+    inside (path r_i / 4, the linear-driving-force rate 8 D / r_i^2): the
+    outer membrane's perimeter is shared among the cells it touches
+    (in parallel), whose own extra-axonal paths are made negligible here
+    (D_extra 1e12); equal densities inside and out, so the membranes pass
+    kappa: rtol 1e-12."""
     grid, bundle = _bundle(1, n=32, resolve_above=10.0)
     pooled = bundle.grid
     d_in, d_my, rho_my = 1.7e-3, 3e-4, 0.45
     conductance = face_conductance(
         pooled,
         torch.as_tensor(bundle.face_permeability)[None],
-        torch.as_tensor(bundle.per_cell(2e-3, d_in, d_my))[None],
+        torch.as_tensor(bundle.per_cell(1e12, d_in, d_my))[None],
         torch.as_tensor(bundle.per_cell(1.0, 1.0, rho_my))[None],
     )[0].numpy()
     m = bundle.n_axons
-    outer, inner = conductance[-2 * m : -m], conductance[-m:]
+    links = np.arange(pooled.n_grid_faces, pooled.n_faces - m)
+    myelin = pooled.face_cells[links, 1] - pooled.n_grid_cells
+    outer = np.bincount(myelin, weights=conductance[links], minlength=m)
+    inner = conductance[-m:]
     series = 1 / (1 / outer + 1 / inner)
     sheath = bundle.sheath_conductance(myelin_diffusivity=d_my, myelin_density=rho_my)
     r_i = bundle.inner_diameters / 2
     inside = 2 * np.pi * r_i * d_in / (r_i / 4)
     assert_allclose(series, 1 / (1 / sheath + 1 / inside), rtol=1e-12)
+    # Each link's displacement is its cell's to the fibre's centre.
+    touching = pooled.face_cells[links, 0]
+    step = grid.displacement2(
+        bundle.centres[myelin], pooled.section_positions[touching]
+    )
+    moved = pooled.face_distances[links].sum(1)[:, None] * pooled.face_normals[links]
+    assert_allclose(moved @ grid.plane.T, step, atol=1e-12)
 
 
 def _ring_gpa(rate, delta, big_delta, r2, diffusivity, n_t=4000):

@@ -278,7 +278,10 @@ def test_gradient_of_the_link_permeability_matches_finite_differences():
         (dict(link_distances=[[0.0, 0.0]]), "diffusion path"),
         (dict(link_areas=[-1.0]), "link_areas"),
         (dict(links=[[3, 4]]), "grid cells share an edge"),
-        (dict(links=[[5, 160]]), "own host"),
+        (
+            dict(links=[[5, 160]], removed=np.arange(160) == 5),
+            "kept cells",
+        ),
         (dict(removed=np.r_[True, np.zeros(159, dtype=bool)]), "pool_hosts"),
     ],
 )

@@ -412,27 +412,48 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
     points = grid.section_positions
     volumes = grid.cell_volumes.astype(float).copy()
     removed = np.zeros(grid.n_cells, dtype=bool)
+    owner = np.full(grid.n_cells, -1)
     fibres = np.flatnonzero(subgrid)
     radial = []
     for k in fibres:
         r = np.linalg.norm(grid.displacement2(points, centres[k]), axis=1)
         covered = (r < r_o[k]) & (compartment == 0) & ~removed
         removed |= covered
+        owner[covered] = k
         radial.append(r)
-    hosts = []
+    extra = (compartment == 0) & ~removed
+    if not extra.any():
+        raise ValueError(
+            f"no extra-axonal cell of {grid!r} is left around the sub-grid axons; "
+            "use a finer grid."
+        )
+    a, b = grid.face_cells.T
+    m = len(fibres)
+    myelin_pool = grid.n_cells + np.arange(m)
+    rings, shares, hosts = [], [], []
     for k, r in zip(fibres, radial, strict=True):
-        extra = (compartment == 0) & ~removed
-        if not extra.any():
-            raise ValueError(
-                f"no extra-axonal cell of {grid!r} is left to host the sub-grid "
-                "axons; use a finer grid."
-            )
         hosts.append(int(np.flatnonzero(extra)[np.argmin(r[extra])]))
-        covered_area = grid.cell_volumes[(r < r_o[k]) & removed].sum()
+        # The fibre's contacts: kept extra-axonal cells across its removed
+        # cells' edges, each with its share of those edges' length.
+        touching = np.concatenate(
+            [b[(owner[a] == k) & extra[b]], a[(owner[b] == k) & extra[a]]]
+        )
+        lengths = np.concatenate(
+            [
+                grid.face_areas[(owner[a] == k) & extra[b]],
+                grid.face_areas[(owner[b] == k) & extra[a]],
+            ]
+        )
+        if len(touching) == 0:  # a fibre within one cell: its host
+            touching, lengths = np.array([hosts[-1]]), np.array([1.0])
+        cells, where = np.unique(touching, return_inverse=True)
+        rings.append(cells)
+        shares.append(np.bincount(where, weights=lengths) / lengths.sum())
+        covered_area = grid.cell_volumes[owner == k].sum()
         missing = np.pi * r_o[k] ** 2 - covered_area
         reach = r_o[k] + _RING_SPACINGS * grid.spacing
         ring = extra & (r < reach)
-        ring[hosts[-1]] = True
+        ring[cells] = True
         volumes[ring] -= (
             missing * grid.cell_volumes[ring] / grid.cell_volumes[ring].sum()
         )
@@ -442,26 +463,38 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
             "(its staircase differs from its disc by more than they hold); use a "
             "finer grid."
         )
-    m = len(fibres)
-    base = grid.n_cells
-    myelin_pool = base + np.arange(m)
-    axon_pool = base + m + np.arange(m)
+    axon_pool = grid.n_cells + m + np.arange(m)
     ri, ro = r_i[fibres], r_o[fibres]
     rm = np.sqrt(ri * ro)
+    counts = np.array([len(c) for c in rings])
+    contact = np.concatenate(rings)
+    share = np.concatenate(shares)
+    outer_r = np.repeat(ro, counts)
+    surface = np.linalg.norm(
+        grid.displacement2(points[contact], np.repeat(centres[fibres], counts, 0)),
+        axis=1,
+    )
     pooled = PooledSection.attach(
         grid,
         pool_hosts=np.concatenate([hosts, hosts]),
         pool_volumes=np.concatenate([np.pi * (ro**2 - ri**2), np.pi * ri**2]),
+        pool_positions=np.concatenate([centres[fibres], centres[fibres]]),
         links=np.concatenate(
             [
-                np.stack([np.array(hosts), myelin_pool], axis=1),
+                np.stack([contact, np.repeat(myelin_pool, counts)], axis=1),
                 np.stack([myelin_pool, axon_pool], axis=1),
             ]
         ),
-        link_areas=np.concatenate([2 * np.pi * ro, 2 * np.pi * ri]),
+        link_areas=np.concatenate([2 * np.pi * outer_r * share, 2 * np.pi * ri]),
         link_distances=np.concatenate(
             [
-                np.stack([np.zeros(m), ro * np.log(ro / rm)], axis=1),
+                np.stack(
+                    [
+                        np.maximum(surface - outer_r, 0.0),
+                        outer_r * np.log(outer_r / np.repeat(rm, counts)),
+                    ],
+                    axis=1,
+                ),
                 np.stack([ri * np.log(rm / ri), ri / 4], axis=1),
             ]
         ),
@@ -479,7 +512,8 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
         compartment=np.concatenate([compartment[keep], np.full(m, 2), np.full(m, 1)]),
         permeability=kappa,
         face_permeability=np.concatenate(
-            [face_kappa[pooled.kept_faces], kappa[fibres], kappa[fibres]]
+            [face_kappa[pooled.kept_faces], np.repeat(kappa[fibres], counts)]
+            + [kappa[fibres]]
         ),
         axon_areas=areas,
         sheath_areas=sheaths,
