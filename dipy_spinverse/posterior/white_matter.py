@@ -23,7 +23,10 @@ log-uniform) in their ranges; the section's side is the one in which the
 drawn axons fill the fibre fraction, snapped to a ladder of sides so that
 draws share grids, and its spacing resolves the mean axon's sheath with
 ``cells_per_sheath`` triangles (axons the grid cannot hold are drawn
-again).
+again). With ``resolve_above``, axons thinner than it are sub-grid pools
+(:func:`~dipy_spinverse.geometry.substrates.axon_bundle`) and the spacing
+resolves the sheath of an axon of ``max(mean, resolve_above)``: each
+draw then has a grid of its own, simulated alone.
 
 The descriptors (:data:`DESCRIPTORS`) are the rasterised tissue's, the one
 simulated: ``effective_diameter`` (``(<d^6> / <d^2>)^(1/4)``, what the
@@ -46,7 +49,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..checks import check_int, check_range
+from ..checks import check_int, check_positive, check_range
 from ..geometry.substrates import axon_bundle, bundle_side
 from ..sim.forward import simulate
 from ..sim.sequences import as_protocol
@@ -135,6 +138,9 @@ class WhiteMatterPrior:
     fibre_axis : (3,) array_like, optional
         The fibres' direction in the gradient table's frame; default uniform
         on the sphere.
+    resolve_above : float, optional
+        Inner diameter (um) below which axons are sub-grid pools (module
+        documentation); None (the default): every axon rasterised.
     """
 
     n_axons: tuple = (8, 24)
@@ -152,10 +158,11 @@ class WhiteMatterPrior:
     myelin_density: tuple = (0.35, 0.55)
     cells_per_sheath: int = 1
     fibre_axis: tuple | None = None
+    resolve_above: float | None = None
 
     def __post_init__(self):
         for f in fields(self):
-            if f.name in ("cells_per_sheath", "fibre_axis"):
+            if f.name in ("cells_per_sheath", "fibre_axis", "resolve_above"):
                 continue
             value = check_range(getattr(self, f.name), f.name, 0.0)
             object.__setattr__(self, f.name, value)
@@ -177,6 +184,11 @@ class WhiteMatterPrior:
         if self.fibre_axis is not None:
             axis = unit_fibre_axis(self.fibre_axis, ("axon",))
             object.__setattr__(self, "fibre_axis", axis)
+        if self.resolve_above is not None:
+            above = check_positive(
+                self.resolve_above, "resolve_above", "um", example="2.0 (or None)"
+            )
+            object.__setattr__(self, "resolve_above", above)
 
     @classmethod
     def in_vivo(cls, **changes):
@@ -224,7 +236,10 @@ class WhiteMatterPrior:
             fibre = rng.uniform(*self.fibre_fraction)
             kappa = _log_uniform(rng, self.permeability)
             side = self._snapped_side(bundle_side(n, mean, shape, g, fibre))
-            sheath = mean * (1 / np.mean(g) - 1) / 2
+            thinnest = (
+                mean if self.resolve_above is None else max(mean, self.resolve_above)
+            )
+            sheath = thinnest * (1 / np.mean(g) - 1) / 2
             resolution = _snapped_resolution(side * self.cells_per_sheath / sheath)
             grid = section_grid(side, resolution)
             try:
@@ -237,6 +252,7 @@ class WhiteMatterPrior:
                     g_ratio=g,
                     fibre_fraction=fibre,
                     permeability=kappa,
+                    resolve_above=self.resolve_above,
                 )
             except ValueError:
                 continue
@@ -331,10 +347,14 @@ class WhiteMatterPrior:
         out = np.empty((len(draws), len(protocol)))
         by_grid = {}
         for i, draw in enumerate(draws):
-            by_grid.setdefault((draw.side, draw.resolution), []).append(i)
-        for (side, resolution), rows in by_grid.items():
-            grid = section_grid(side, resolution)
+            # A bundle with sub-grid axons has a grid of its own.
+            key = (draw.side, draw.resolution)
+            if draw.bundle.subgrid is not None and draw.bundle.subgrid.any():
+                key = ("pooled", i)
+            by_grid.setdefault(key, []).append(i)
+        for key, rows in by_grid.items():
             chosen = [draws[i] for i in rows]
+            grid = chosen[0].bundle.grid if key[0] == "pooled" else section_grid(*key)
             values = {
                 name: np.stack([_per_cell(d, name) for d in chosen])
                 for name in ("diffusivity", "t2", "density")

@@ -6,10 +6,9 @@ MRI sees it as a *stick*: its water barely moves across the fibres. A
 :class:`PooledSection` keeps such water as *pools* (a double-porosity,
 sub-grid finite-volume model): each pool is one more unknown of the
 :class:`~dipy_spinverse.sim.sections.SectionGrid`, a "cell" whose "volume"
-is the pool's area (per um of fibre) and whose position is that of its host
-grid cell, joined to its host (or to another pool of the same host) by a
-*link*: a "face" whose "area" is the membrane's perimeter (per um of fibre)
-and whose distances are the radial diffusion paths on its two sides. The
+is the pool's area (per um of fibre), joined to grid cells or to other
+pools by *links*: "faces" whose "area" is a membrane's length (per um of
+fibre) and whose distances are the diffusion paths on its two sides. The
 operators of :mod:`~dipy_spinverse.sim.operators` then apply unchanged:
 
 - a link conducts ``w = A / (d_a / (D_a rho_a) + d_b / (D_b rho_b) + 1 /

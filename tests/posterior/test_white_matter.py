@@ -94,8 +94,41 @@ def test_b0_is_the_relaxation_of_each_compartments_water():
         (dict(intra_t2=(0.1, 0.05)), "intra_t2"),
         (dict(cells_per_sheath=0), "cells_per_sheath"),
         (dict(fibre_axis=(0, 0, 0)), "fibre_axis"),
+        (dict(resolve_above=-1.0), "resolve_above"),
     ],
 )
 def test_bad_settings_are_named(changes, match):
     with pytest.raises(ValueError, match=match):
         WhiteMatterPrior(**changes)
+
+
+def test_subgrid_axons_keep_each_compartments_water():
+    """resolve_above: the axons thinner than it are sub-grid pools, every
+    draw on its own pooled grid; closed membranes (1e-15 m/s), b = 0: the
+    signal is sum_c W_c exp(-TE / T2_c) / sum_c W_c over the pooled grid's
+    compartments (pools included), whose water is the section's (1e-12);
+    1e-9 as test_b0_is_the_relaxation_of_each_compartments_water."""
+    prior = replace(SMALL, permeability=(1e-15, 1e-15), resolve_above=3.0)
+    rng = np.random.default_rng(2)
+    draws = [prior.draw(rng) for _ in range(2)]
+    assert all(d.bundle.subgrid.any() for d in draws)
+    prot = Protocol.pgse(
+        [0, 0, 2000], [[1, 0, 0]] * 3, small_delta=0.005, big_delta=[0.02, 0.05, 0.02]
+    )
+    signals = prior.simulate(draws, prot, substeps=2)
+    for draw, signal in zip(draws, signals, strict=True):
+        bundle = draw.bundle
+        volumes = bundle.grid.cell_volumes
+        assert_allclose(volumes.sum(), draw.side**2, rtol=1e-12)
+        names = ("extra", "intra", "myelin")
+        water = [
+            draw.tissue[c]["density"] * volumes[bundle.compartment == i].sum()
+            for i, c in enumerate(names)
+        ]
+        expected = [
+            np.dot(water, [np.exp(-te / draw.tissue[c]["t2"]) for c in names])
+            / np.sum(water)
+            for te in prot.echo_times[:2]
+        ]
+        assert_allclose(signal[:2], expected, rtol=0, atol=1e-9)
+        assert 0 < signal[2] < signal[0]

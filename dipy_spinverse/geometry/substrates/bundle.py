@@ -35,37 +35,48 @@ sheaths needs a fine, stiff grid, yet diffusion MRI sees them as sticks. An
 axon thinner than ``resolve_above`` is not rasterised: the grid cells whose
 circumcentre its outer disc covers are removed (the extra-axonal water
 flows around it), and its water becomes two pools of a
-:class:`~dipy_spinverse.sim.pools.PooledSection` attached to the nearest
-extra-axonal cell (its *host*, whose gradient phase they carry): the
-sheath's (area ``pi (r_o^2 - r_i^2)``, compartment ``myelin``) and the
+:class:`~dipy_spinverse.sim.pools.PooledSection` at the fibre's centre:
+the sheath's (area ``pi (r_o^2 - r_i^2)``, compartment ``myelin``) and the
 axon's (``pi r_i^2``, ``intra``), each with its compartment's diffusivity
-(along the fibres, and radially within its link), T2 and density, and no
-in-plane flux. The myelin is a pool of its own, not folded into the links,
-so that its water and its fast T2 count exactly. The links, in series:
+(along the fibres, and radially within its links), T2 and density, and no
+in-plane flux of its own. The myelin is a pool of its own, not folded into
+the links, so that its water and its fast T2 count exactly. The links:
 
-- host -> sheath: the outer membrane, over the perimeter ``2 pi r_o``,
-  then the sheath's radial diffusion from ``r_o`` in to ``r_m = sqrt(r_i
-  r_o)``: distance ``r_o ln(r_o / r_m)`` (the exact steady resistance of
-  that shell, ``ln(r_o / r_m) / (2 pi D_m rho_m)``, over that perimeter);
+- every kept extra-axonal cell across an edge of the fibre's removed cells
+  (its *contacts*; the nearest extra-axonal cell when it covers none) ->
+  sheath: the extra-axonal path from the cell's circumcentre to the fibre's
+  surface, the outer membrane over the cell's share of the perimeter ``2
+  pi r_o`` (in proportion to its edges' length along the fibre: the
+  circle's perimeter, not the staircase's, which is 1.2-1.35 times longer
+  at any refinement), then the sheath's radial diffusion from ``r_o`` in to
+  ``r_m = sqrt(r_i r_o)``: distance ``r_o ln(r_o / r_m)`` (the exact steady
+  resistance of that shell, ``ln(r_o / r_m) / (2 pi D_m rho_m)``, over the
+  whole perimeter);
 - sheath -> axon: the shell from ``r_m`` in to ``r_i`` (distance ``r_i
   ln(r_m / r_i)``), the inner membrane over ``2 pi r_i``, then the axon's
   inside: distance ``r_i / 4``, the linear-driving-force resistance of a
   cylinder (exchange rate ``8 D / r_i^2``, Glueckauf's; its slowest mode
   relaxes at ``3.39 D / r_i^2``).
 
-In series the two links give :meth:`AxonBundle.sheath_conductance` plus
-that inner term (at equal densities inside and out), which matters only
-where the membranes are very permeable. What the model leaves out: the
-axon's restricted in-plane diffusion (a stick's signal is exp(-b_par D):
-its error is ``1 - E_cylinder(d)``, the Gaussian-phase cylinder
-attenuation, ~1e-3 of the axon's signal at d = 1 um, b = 3000 s/mm^2),
-the host's extra-axonal access path around the fibre (the exchange meets
-the host cell's magnetisation, at up to ``r_o`` plus a cell from the
-fibre), and the sheath's in-plane diffusion. The removed cells' area
-differs from the fibre's disc (staircase); the difference is taken from
-the extra-axonal cells near the fibre (within ``r_o`` plus 1.5 cells), in
-proportion to their areas, so that the section's water is the drawn
-tissue's exactly.
+In series (the contacts in parallel) the links give
+:meth:`AxonBundle.sheath_conductance` plus that inner term and the
+extra-axonal paths, at equal densities inside and out. Each contact's link
+carries the displacement from its cell to the fibre's centre, so water
+that enters the fibre on one side and leaves on another has crossed it: a
+permeable fibre is a path across the section, as a resolved one is (in a
+bundle of fibre fraction 0.7 that path matters: without it the sub-grid
+bundle's signal was 0.07 above the resolved one on the demo protocol).
+What the model leaves out: the axon's restricted in-plane diffusion (a
+stick; the error is ``1 - E_cylinder(d)``, the Gaussian-phase cylinder
+attenuation, below 1e-5 of the signal at d = 0.8 um, b = 3000 s/mm^2), the
+sheath's in-plane diffusion (its water going round the ring, ~3e-4 of the
+signal there at D_myelin 0.27 um^2/ms; T2_myelin removes most of it by the
+echo), and the sheath's resistance to water going round it (the sheath
+pool is well mixed: a short circuit between contacts through the outer
+membrane). The removed cells' area differs from the fibre's disc
+(staircase); the difference is taken from the extra-axonal cells near the
+fibre (within ``r_o`` plus 1.5 cells, and its contacts), in proportion to
+their areas, so that the section's water is the drawn tissue's exactly.
 """
 
 from dataclasses import dataclass
