@@ -11,7 +11,9 @@ modules: where fits start (:mod:`.starts`), the fibre count of each voxel
 (:mod:`.counts`) and the learned estimator (:mod:`.amortised`).
 """
 
+import inspect
 import warnings
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -199,6 +201,9 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
     default_polish = 1
     _fit_class = None
     param_names = ()
+    #: Constructor keywords the model keeps under another attribute than
+    #: their own name (:meth:`settings`).
+    _setting_attributes = {}
 
     def _setup(
         self,
@@ -234,6 +239,121 @@ class CompartmentModel(StartsMixin, LearnedMixin, CountsMixin, ReconstModel):
                 "fit_method='learned' needs a fixed n_fibres; fibres='auto' "
                 "is fitted (fit_method='varpro')"
             )
+
+    # -- settings and saved fits ---------------------------------------------
+    def settings(self):
+        """The constructor's keywords that rebuild this model, ``gtab`` aside.
+
+        ``type(model)(model.gtab, **model.settings())`` is the same model:
+        what :func:`dipy_spinverse.io.save_fit` keeps of it.
+
+        Returns
+        -------
+        dict
+            Every keyword-only argument of the model's constructor, as the
+            model checked it; ``learned_options`` as a dict
+            (:class:`~.learned.LearnedOptions`' fields).
+
+        Raises
+        ------
+        TypeError
+            A constructor keyword the model keeps no attribute of (a
+            subclass's own option): keep it as ``self.<name>``, or name its
+            attribute in ``_setting_attributes``.
+        """
+        settings = {}
+        signature = inspect.signature(type(self).__init__)
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is not parameter.KEYWORD_ONLY:
+                continue
+            attribute = self._setting_attributes.get(name, name)
+            if not hasattr(self, attribute):
+                raise TypeError(
+                    f"{type(self).__name__} keeps no attribute {attribute!r} of "
+                    f"its constructor's keyword {name!r}, so it cannot be "
+                    f"described; keep it as self.{name} in __init__, or name its "
+                    "attribute in _setting_attributes."
+                )
+            settings[name] = getattr(self, attribute)
+        if "learned_options" in settings:
+            settings["learned_options"] = asdict(self.learned_options)
+        return settings
+
+    def network_key(self):
+        """The cache key its learned network is found by.
+
+        Returns
+        -------
+        str or None
+            The key (a hash of the model, its acquisitions, the training
+            options and the code that trains it) of ``fit_method="learned"``;
+            None for ``fit_method="varpro"``, which has no network.
+        """
+        return self._learned_key() if self.fit_method == "learned" else None
+
+    def restored_fit(self, arrays):
+        """The fit of this model whose arrays are ``arrays``.
+
+        The counterpart of :meth:`CompartmentFit.saved_arrays
+        <dipy_spinverse.masked.MaskedFit.saved_arrays>`, for
+        :func:`dipy_spinverse.io.load_fit`.
+
+        Parameters
+        ----------
+        arrays : dict of ndarray
+            ``mask`` (the volume's), ``model_params`` and ``status`` (the
+            rows of the mask's voxels) and, where the fit has them,
+            ``sequence_levels``.
+
+        Returns
+        -------
+        CompartmentFit subclass
+            The model's fit class, holding the arrays as they are (dtypes
+            kept).
+
+        Raises
+        ------
+        ValueError
+            An array missing, or of a shape or dtype this model's fits do
+            not have (the arrays of another model, or damaged ones).
+        """
+        missing = [k for k in ("mask", "model_params", "status") if k not in arrays]
+        if missing:
+            raise ValueError(f"the arrays {missing} are missing")
+        mask = np.asarray(arrays["mask"])
+        if mask.dtype != bool or mask.ndim == 0:
+            raise ValueError(
+                f"mask must be a volume of bools, got {mask.dtype} of shape "
+                f"{mask.shape}"
+            )
+        n = int(mask.sum())
+        timings = None if self._sequences is None else int(self._sequences.max()) + 1
+        params = {
+            "model_params": np.asarray(arrays["model_params"]),
+            "sequence_levels": arrays.get("sequence_levels"),
+            "status": np.asarray(arrays["status"]),
+        }
+        shapes = {
+            "model_params": (n, len(self.param_names)),
+            "status": (n,),
+            "sequence_levels": (n, timings),
+        }
+        for name, value in params.items():
+            if value is None:
+                continue
+            value = params[name] = np.asarray(value)
+            if value.shape != shapes[name]:
+                raise ValueError(
+                    f"{name} has shape {value.shape}, but {n} voxels of this "
+                    f"{type(self).__name__} ({len(self.param_names)} parameters, "
+                    f"{timings or 'no'} b = 0 levels) need {shapes[name]}"
+                )
+            kind = "iu" if name == "status" else "f"
+            if value.dtype.kind not in kind:
+                raise ValueError(f"{name} has dtype {value.dtype}")
+        fit = object.__new__(self._fit_class)
+        MaskedFit.__init__(fit, self, params, mask)
+        return fit
 
     # -- parameter layout ---------------------------------------------------
     @property

@@ -92,6 +92,9 @@ class ExchangeModel(CompartmentModel):
         flo, fhi = check_bounds(f_bounds, "f_bounds")
         if fhi >= 1.0:
             raise ValueError(f"f_bounds must end below 1, got {f_bounds!r}")
+        # Kept as checked: the model's settings (:meth:`settings`).
+        self.exchange_time_bounds = (tlo, thi)
+        self.d_bounds, self.f_bounds = (dlo, dhi), (flo, fhi)
         self._shared = (
             Bound("f_intra", flo, fhi),
             Bound("d_extra", dlo, dhi),

@@ -68,6 +68,8 @@ class IvimCompartmentModel(CompartmentModel):
                 f"d_star_bounds starts at {slo}, below the top of d_bounds ({hi}): "
                 "D* and D could swap; make d_star_bounds[0] >= d_bounds[1]"
             )
+        # Kept as checked: the model's settings (:meth:`settings`).
+        self.d_bounds, self.d_star_bounds = (lo, hi), (slo, shi)
         self._shared = (Bound("D_star", slo, shi, log=True), Bound("D", lo, hi))
         self._fibre = ()
         self._grid = {

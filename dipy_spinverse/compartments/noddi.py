@@ -177,6 +177,9 @@ class NoddiModel(CompartmentModel):
     _direction_starts = "tensor"
 
     _needs_b0 = True
+    # n_starts as given (None: chosen by the fibre count), as its siblings
+    # of other fibre counts take it.
+    _setting_attributes = {"n_starts": "_n_starts_given"}
 
     @warning_for_keywords()
     def __init__(

@@ -2,9 +2,12 @@
 
 A fitted volume is saved as one ``.npz`` file that holds every per-voxel
 array of a :class:`~dipy_spinverse.reconst.SpinverseFit` (status, per-face
-permeability, cell labels, predicted signal, S0, loss) and a JSON
-description of the model (:func:`~dipy_spinverse.io.specs.model_spec`), from
-which :func:`load_fit` rebuilds it. :func:`load_fit` also reads the HDF5
+permeability, cell labels, predicted signal, S0, loss), a
+:class:`~dipy_spinverse.reconst.PosteriorFit` or a
+:class:`~dipy_spinverse.compartments.CompartmentFit` (its fitted
+parameters, status and b = 0 levels) and a JSON description of the model
+(:func:`~dipy_spinverse.io.specs.model_spec`), from which :func:`load_fit`
+rebuilds it. :func:`load_fit` also reads the HDF5
 store of a :class:`~dipy_spinverse.io.checkpoint.Checkpoint` (a fit saved a
 chunk at a time, the voxels still to fit with status ``PENDING``), checking
 each row against its checksum. The header, the values of a voxel not fitted
@@ -19,6 +22,7 @@ import zlib
 
 import numpy as np
 
+from ..compartments import CompartmentFit
 from ..files import atomic_write
 from ..reconst import (
     MESH_NOT_REFINED,
@@ -37,6 +41,13 @@ _FORMAT = "dipy_spinverse.SpinverseFit"
 _POSTERIOR_FORMAT = "dipy_spinverse.PosteriorFit"
 _POSTERIOR_VERSION = 1
 _POSTERIOR_ARRAYS = ("mask", "status", "inputs", "sigma", "S0")
+#: A compartment model's fit: its parameters' rows, status and (where the
+#: fit has them) b = 0 levels, and its model's class, table and settings.
+_COMPARTMENT_FORMAT = "dipy_spinverse.CompartmentFit"
+_COMPARTMENT_VERSION = 1
+_COMPARTMENT_ARRAYS = ("mask", "status", "model_params")
+#: The fit classes save_fit takes.
+_SAVED_FITS = (SpinverseFit, PosteriorFit, CompartmentFit)
 # Version 2: one SpinverseFit class, S0_sequences columns in rank order
 # (Protocol.sequences), the label search's options named search_*, no seed.
 # Version 3: the parameters of the voxels in the mask only, (n_mask, ...).
@@ -79,13 +90,19 @@ def fit_header(fit):
 
     Parameters
     ----------
-    fit : SpinverseFit or PosteriorFit
+    fit : SpinverseFit, PosteriorFit or CompartmentFit
 
     Returns
     -------
     dict
         JSON-ready; :func:`read_fit_file` checks its format and version.
     """
+    if isinstance(fit, CompartmentFit):
+        return dict(
+            format=_COMPARTMENT_FORMAT,
+            version=_COMPARTMENT_VERSION,
+            model=model_spec(fit.model),
+        )
     if isinstance(fit, PosteriorFit):
         return dict(
             format=_POSTERIOR_FORMAT,
@@ -130,10 +147,14 @@ def save_fit(fit, path):
 
     Parameters
     ----------
-    fit : SpinverseFit or PosteriorFit
-        A volume fit (``fit.shape != ()``) of either method. A posterior
-        fit keeps its maps and its model's settings; its estimator is found
-        again by their key (the cache or the package) when it is needed.
+    fit : SpinverseFit, PosteriorFit or CompartmentFit
+        A volume fit (``fit.shape != ()``) of either method, or of a
+        compartment model. A posterior fit keeps its maps and its model's
+        settings; its estimator is found again by their key (the cache or
+        the package) when it is needed. A compartment fit keeps its
+        parameters, status and b = 0 levels, and its model's class, gradient
+        table and settings; a learned model's network is found again by its
+        key when it is needed.
     path : str or os.PathLike
         Output file; ``.npz`` is appended when missing.
 
@@ -142,19 +163,20 @@ def save_fit(fit, path):
     str
         The path written.
     """
-    if not isinstance(fit, (SpinverseFit, PosteriorFit)) or fit.shape == ():
+    if not isinstance(fit, _SAVED_FITS) or fit.shape == ():
         got = type(fit).__name__
-        if isinstance(fit, (SpinverseFit, PosteriorFit)):
+        if isinstance(fit, _SAVED_FITS):
             got = f"a {got} of one voxel"
         raise ValueError(
-            "save_fit saves volume fits (a SpinverseFit or PosteriorFit of a "
-            f"volume), got {got}; fit a volume, e.g. data[None] for one voxel."
+            "save_fit saves volume fits (a SpinverseFit, PosteriorFit or "
+            f"CompartmentFit of a volume), got {got}; fit a volume, e.g. "
+            "data[None] for one voxel."
         )
     path = os.fspath(path)
     if not path.endswith(".npz"):
         path += ".npz"
     # The fit's own arrays (MaskedFit.saved_arrays): the mask and the rows
-    # of every parameter it holds, the same path for both methods.
+    # of every parameter it holds, the same path for every fit class.
     arrays = fit.saved_arrays()
     arrays["header"] = np.array(json.dumps(fit_header(fit)))
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
@@ -178,7 +200,7 @@ def load_fit(path):
 
     Returns
     -------
-    SpinverseFit or PosteriorFit
+    SpinverseFit, PosteriorFit or CompartmentFit
         ``fit.n_pending > 0`` for a partial search fit; continue it with
         :func:`resume_fit`.
 
@@ -186,7 +208,9 @@ def load_fit(path):
     ------
     ValueError
         Naming ``path``: a missing, truncated or corrupted file, or one not
-        written by :func:`save_fit` or :class:`Checkpoint`.
+        written by :func:`save_fit` or :class:`Checkpoint`; a learned
+        compartment model's fit whose network this version would not find
+        (its key changed with the code that trains it).
     """
     path = os.fspath(path)
     header, arrays = read_fit_file(path)
@@ -197,6 +221,8 @@ def load_fit(path):
             f"{path}: the saved model cannot be rebuilt ({type(err).__name__}: "
             f"{err}); the file is damaged or was not written by save_fit."
         ) from err
+    if header["format"] == _COMPARTMENT_FORMAT:
+        return _compartment_fit(path, header["model"], model, arrays)
     if header["format"] == _POSTERIOR_FORMAT:
         params = {k: v for k, v in arrays.items() if k not in ("mask", "header")}
         return PosteriorFit(model, params, arrays["mask"].astype(bool))
@@ -277,6 +303,7 @@ def read_fit_file(path):
         ) from err
     formats = {_FORMAT: (_VERSION, _ARRAYS)}
     formats[_POSTERIOR_FORMAT] = (_POSTERIOR_VERSION, _POSTERIOR_ARRAYS)
+    formats[_COMPARTMENT_FORMAT] = (_COMPARTMENT_VERSION, _COMPARTMENT_ARRAYS)
     found = header.get("format") if isinstance(header, dict) else None
     if found not in formats:
         raise ValueError(f"{path} is not a Spinverse fit (format {found!r}).")
@@ -292,6 +319,27 @@ def read_fit_file(path):
         raise ValueError(f"{path} lacks {what}; the file is damaged.")
     _verify_store(path, header, arrays)
     return header, arrays
+
+
+def _compartment_fit(path, spec, model, arrays):
+    """The compartment fit of ``arrays``, its model rebuilt; a learned
+    model's only if its network's key is the saved one."""
+    saved, key = spec.get("network_key"), model.network_key()
+    if saved != key:
+        raise ValueError(
+            f"{path}: its {spec['model']} was fitted by the learned network of "
+            f"key {saved}, which this dipy_spinverse would not find (it looks "
+            f"for key {key}: the code or settings that train the network "
+            "changed since the fit was saved). Load the file with the "
+            "dipy_spinverse version that wrote it, or fit the data again; its "
+            "arrays stay readable with numpy.load."
+        )
+    try:
+        return model.restored_fit(arrays)
+    except ValueError as err:
+        raise ValueError(
+            f"{path}: {err}; the file is damaged or was not written by save_fit."
+        ) from err
 
 
 def _check_arrays(path, model, shape, params):

@@ -1,9 +1,12 @@
 """Models as JSON: the description a fit file keeps of its model.
 
 :func:`model_spec` describes a :class:`~dipy_spinverse.reconst.SpinverseModel`
-(its grid, protocol waveforms and options) in JSON-ready values, no pickles;
-:func:`model_from_spec` rebuilds the model from it. The grid is kept as the
-BCC grid's parameters, or as its geometry when it was built by hand.
+(its grid, protocol waveforms and options) or a compartment model (its
+gradient table and constructor settings,
+:meth:`~dipy_spinverse.compartments.CompartmentModel.settings`) in
+JSON-ready values, no pickles; :func:`model_from_spec` rebuilds the model
+from it. The grid is kept as the BCC grid's parameters, or as its geometry
+when it was built by hand.
 """
 
 import copy
@@ -13,7 +16,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 from dipy.core.gradients import gradient_table
+from dipy.reconst.csdeconv import AxSymShResponse
 
+from .. import compartments
+from ..compartments import CompartmentModel
 from ..inverse import InversionConfig, resolve_config
 from ..posterior import TissuePrior, TrainingOptions
 from ..reconst import SpinverseModel
@@ -24,6 +30,16 @@ __all__ = ["model_spec", "model_from_spec"]
 
 #: The ``kind`` of a posterior model's description.
 POSTERIOR = "posterior"
+#: The ``kind`` of a compartment model's description.
+COMPARTMENT = "compartment"
+#: The compartment models a description can name, by class name.
+COMPARTMENT_MODELS = tuple(
+    name
+    for name in compartments.__all__
+    if isinstance(getattr(compartments, name), type)
+    and issubclass(getattr(compartments, name), CompartmentModel)
+    and getattr(compartments, name) is not CompartmentModel
+)
 
 
 def model_spec(model):
@@ -32,8 +48,13 @@ def model_spec(model):
     The acquisitions are saved as the model's protocol (waveforms, b-values,
     directions), which is all a fit depends on. A posterior model is saved
     as its settings (its prior, training options, noise and draws): its
-    estimator is found again by their key, in the cache or the package.
+    estimator is found again by their key, in the cache or the package. A
+    compartment model is saved as its gradient table and constructor
+    settings, and, with ``fit_method="learned"``, the cache key of its
+    network (``network_key``).
     """
+    if isinstance(model, CompartmentModel):
+        return _compartment_spec(model)
     if model.fit_method == POSTERIOR:
         spec = dict(
             kind=POSTERIOR,
@@ -88,6 +109,78 @@ def _posterior_from_spec(spec, table):
     )
 
 
+def _compartment_spec(model):
+    """A compartment model's description: its class, gradient table and
+    settings, and its network's key (None without one)."""
+    name = type(model).__name__
+    if getattr(compartments, name, None) is not type(model):
+        raise ValueError(
+            f"save_fit describes the package's compartment models "
+            f"({', '.join(COMPARTMENT_MODELS)}), not {type(model).__module__}."
+            f"{name}; save a fit of one of them, or save this fit's arrays "
+            "(fit.saved_arrays()) with numpy.savez."
+        )
+    settings = model.settings()
+    if "response" in settings:
+        settings["response"] = _response_spec(settings["response"])
+    if settings.get("cache_dir") is not None:
+        settings["cache_dir"] = str(settings["cache_dir"])
+    g = model.gtab
+    spec = dict(
+        kind=COMPARTMENT,
+        model=name,
+        settings=settings,
+        gtab=dict(
+            bvals=g.bvals,
+            bvecs=g.bvecs,
+            big_delta=g.big_delta,
+            small_delta=g.small_delta,
+            b0_threshold=g.b0_threshold,
+        ),
+        network_key=model.network_key(),
+    )
+    return json.loads(json.dumps(spec, default=_jsonable))
+
+
+def _response_spec(response):
+    """A CSD response option as JSON: None, ``(evals, S0)`` or DIPY's
+    ``AxSymShResponse`` (its S0, coefficients and b-value)."""
+    if isinstance(response, AxSymShResponse):
+        return dict(
+            type="AxSymShResponse",
+            S0=response.S0,
+            dwi_response=response.dwi_response,
+            bvalue=response.bvalue,
+        )
+    return response
+
+
+def _compartment_from_spec(spec, table):
+    """The compartment model :func:`_compartment_spec` described (a learned
+    network on ``cuda`` is run on ``cpu`` where CUDA is absent)."""
+    name = spec["model"]
+    if name not in COMPARTMENT_MODELS:
+        raise ValueError(
+            f"no compartment model {name!r}; this dipy_spinverse has "
+            f"{', '.join(COMPARTMENT_MODELS)}"
+        )
+    settings = dict(spec["settings"])
+    response = settings.get("response")
+    if isinstance(response, dict):
+        settings["response"] = AxSymShResponse(
+            response["S0"],
+            np.asarray(response["dwi_response"], float),
+            bvalue=response["bvalue"],
+        )
+    elif response is not None:
+        settings["response"] = (tuple(response[0]), response[1])
+    options = settings.get("learned_options")
+    if options is not None:
+        options["hidden"] = tuple(options["hidden"])
+        options["device"] = _saved_device(options)
+    return getattr(compartments, name)(table, **settings)
+
+
 def _saved_device(spec):
     """The saved model's device, or ``cpu`` when CUDA is absent here."""
     device = spec["device"]
@@ -111,7 +204,7 @@ def model_from_spec(spec):
             bvals=np.asarray(p["bvals"], float),
             bvecs=np.asarray(p["bvecs"], float).reshape(-1, 3),
         )
-    else:  # version 1 files of models built from a gradient table
+    else:  # compartment models, and version 1 files of models built from a table
         g = spec["gtab"]
         table = gradient_table(
             np.asarray(g["bvals"], float),
@@ -122,6 +215,8 @@ def model_from_spec(spec):
         )
     if spec.get("kind") == POSTERIOR:
         return _posterior_from_spec(spec, table)
+    if spec.get("kind") == COMPARTMENT:
+        return _compartment_from_spec(spec, table)
     grid = _grid_from_spec(spec["grid"])
     device = _saved_device(spec)
     options, preset = spec["options"], spec["preset"]
