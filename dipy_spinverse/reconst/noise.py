@@ -18,9 +18,12 @@ import warnings
 import numpy as np
 from dipy.utils.logging import logger
 
+from ..checks import OptionError
+
 __all__ = [
     "NOISE_HINT",
     "SUSPECT_SNR",
+    "check_below_b0",
     "check_sigma",
     "reference_noise",
     "relative_noise",
@@ -102,6 +105,47 @@ def check_sigma(sigma, *, name="sigma", n_volumes=None):
     return float(value)
 
 
+def check_below_b0(sigma, median, *, name="sigma", voxels="of the voxels", hint=None):
+    """Refuse a noise level not below the median b = 0 signal.
+
+    The one check of it, for every caller: the models' (through
+    :func:`reference_noise`, in Python's names) and the command's (its
+    dataset's noise, in its flags' names, given by the arguments).
+
+    Parameters
+    ----------
+    sigma : float
+        The noise in the data's units.
+    median : float
+        The median b = 0 signal of the voxels it refers to.
+    name : str, optional
+        The argument that gave ``sigma``, as the caller names it.
+    voxels : str, optional
+        Whose median it is, as the caller says it (``"of the voxels"``).
+    hint : str, optional
+        What to pass instead, as the caller says it; default what ``sigma``
+        is in the models' words (:data:`NOISE_HINT`).
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    OptionError
+        ``sigma`` is not below ``median``; the message names ``name`` (its
+        option) and the fix.
+    """
+    if sigma < median:
+        return
+    hint = NOISE_HINT[1:-1] if hint is None else hint
+    raise OptionError(
+        f"{name} {sigma:.4g} is not below the median b=0 signal {median:.4g} "
+        f"{voxels}: a noise level cannot be as large as the signal; pass {hint}",
+        options=(name,),
+    )
+
+
 def relative_noise(sigma, s0):
     """Each voxel's noise over its own mean b = 0 signal.
 
@@ -148,8 +192,9 @@ def reference_noise(sigma, s0):
 
     Raises
     ------
-    ValueError
-        ``sigma`` is not below the median b = 0 signal.
+    OptionError
+        ``sigma`` is not below the median b = 0 signal
+        (:func:`check_below_b0`).
     """
     if not sigma > 0:
         return 0.0
@@ -158,12 +203,7 @@ def reference_noise(sigma, s0):
     if not len(s0):
         return 0.0  # every voxel is flagged by the gate (BAD_B0)
     median = float(np.median(s0))
-    if not sigma < median:
-        raise ValueError(
-            f"sigma {sigma:.4g} is not below the median b=0 signal "
-            f"{median:.4g} of the voxels: pass the noise standard "
-            "deviation in the data's units " + NOISE_HINT[1:-1] + "."
-        )
+    check_below_b0(sigma, median)
     return sigma / median
 
 

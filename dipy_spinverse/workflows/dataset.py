@@ -9,6 +9,7 @@ from dipy.utils.logging import logger
 from ..checks import check_mask_values, check_same_space
 from ..files import load_image, read_voxels
 from ..io.gradients import read_gradients
+from ..reconst.noise import check_below_b0
 
 __all__ = [
     "Dataset",
@@ -30,6 +31,17 @@ SIGMA_AUTO_MIN_VOXELS = 1000
 #: Volumes ``--sigma auto`` reads at most (evenly spread): the median of
 #: their estimates moves by noise only past a few dozen.
 SIGMA_AUTO_MAX_VOLUMES = 64
+#: How the noise check (:func:`~dipy_spinverse.reconst.noise.check_below_b0`)
+#: names the noise of each noise flag, and what the command takes instead.
+_NOISE_NAMES = {
+    "sigma": "--sigma",
+    "auto": "--sigma auto's estimate",
+    "snr": "sigma from --snr",
+}
+_NOISE_FIX = (
+    "--sigma, the noise standard deviation in the data's units (e.g. DIPY's "
+    "estimate_sigma), or --snr, the SNR of that median b=0 signal (e.g. 50)"
+)
 
 
 @dataclass(frozen=True)
@@ -187,6 +199,14 @@ def noise_sigma(noise, image, data, table):
     Returns
     -------
     float
+
+    Raises
+    ------
+    ValueError
+        No b = 0 volume, a median b = 0 signal that is not positive, or a
+        noise level not below it (the models' check,
+        :func:`~dipy_spinverse.reconst.noise.check_below_b0`, in the flags'
+        words).
     """
     if noise is None:
         return 0.0
@@ -212,11 +232,9 @@ def noise_sigma(noise, image, data, table):
         if value > 0
         else "Noise: sigma 0"
     )
-    if value >= s0:
-        raise ValueError(
-            f"--sigma {value:.4g} is not below the median b=0 signal {s0:.4g}: "
-            "give the noise standard deviation in the data's units (or --snr)."
-        )
+    check_below_b0(
+        value, s0, name=_NOISE_NAMES[kind], voxels="of the mask", hint=_NOISE_FIX
+    )
     return value
 
 
