@@ -660,9 +660,28 @@ def _interrupted_at(at, how, old, new_argv, folder, monkeypatch, capsys):
         return _command(patch, capsys, new_argv(folder))
 
 
+@pytest.fixture
+def forced_rerun(demo, tmp_path, monkeypatch, capsys):
+    """``forced_rerun(*old_flags)``: ``new_argv`` and the sets of
+    :func:`_sets` (``old, new, renames, commit``) of a ``--force`` rerun
+    with the default settings over a run with other settings
+    (``--max_iter 3 --n_report 1`` and ``old_flags``: more files)."""
+
+    def new_argv(out):
+        return _argv(demo, out, "--force")
+
+    def sets(*old_flags):
+        def old_argv(out):
+            return _argv(demo, out, "--max_iter", "3", "--n_report", "1", *old_flags)
+
+        return new_argv, *_sets(demo, tmp_path, monkeypatch, capsys, old_argv, new_argv)
+
+    return sets
+
+
 @pytest.mark.parametrize("how", ["raise", "signal"])
 def test_ctrl_c_while_a_forced_rerun_writes_leaves_the_old_set_or_the_new(
-    demo, tmp_path, monkeypatch, capsys, how, request
+    demo, tmp_path, monkeypatch, capsys, how, request, forced_rerun
 ):
     """Ctrl-C at every file of a --force rerun (maps, state, swap) leaves
     exactly the earlier run's outputs (other settings, more files: a report
@@ -670,21 +689,12 @@ def test_ctrl_c_while_a_forced_rerun_writes_leaves_the_old_set_or_the_new(
     8 of issue 73: the folder mixed old and new maps). Before the journal
     the staging folder is removed; from it on, the swap is finished (a
     SIGINT waits for it)."""
-
-    def old_argv(out):
-        return _argv(demo, out, "--max_iter", "3", "--n_report", "1", "--voxel_meshes")
-
-    def new_argv(out):
-        return _argv(demo, out, "--force")
-
     if how == "signal":
         # A shell that starts a job in the background makes it ignore SIGINT
         # (CI may run so): this test is about Python's Ctrl-C, so restore it.
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
-    old, new, renames, commit = _sets(
-        demo, tmp_path, monkeypatch, capsys, old_argv, new_argv
-    )
+    new_argv, old, new, renames, commit = forced_rerun("--voxel_meshes")
     before = _outputs(old)
     # The SIGINT at the journal's rename is held: the swap goes on.
     last_old = commit - 1 if how == "signal" else commit
@@ -705,22 +715,14 @@ def test_ctrl_c_while_a_forced_rerun_writes_leaves_the_old_set_or_the_new(
 
 
 def test_a_killed_rerun_is_finished_or_undone_by_the_next_run(
-    demo, tmp_path, monkeypatch, capsys, caplog
+    demo, tmp_path, monkeypatch, capsys, caplog, forced_rerun
 ):
     """A run killed at any rename (no handler runs) leaves its staging
     folder; the next run, a plain rerun, removes it when its set was not
     complete (the folder keeps the old set), or finishes the swap, and says
     which in a warning naming the folder."""
 
-    def old_argv(out):
-        return _argv(demo, out, "--max_iter", "3", "--n_report", "1")
-
-    def new_argv(out):
-        return _argv(demo, out, "--force")
-
-    old, new, renames, commit = _sets(
-        demo, tmp_path, monkeypatch, capsys, old_argv, new_argv
-    )
+    new_argv, old, new, renames, commit = forced_rerun()
     before = _outputs(old)
     for at in range(len(renames)):
         folder = tmp_path / f"at{at}"
@@ -759,20 +761,12 @@ main()
 
 
 def test_a_run_killed_in_its_swap_is_finished_by_the_next(
-    demo, tmp_path, monkeypatch, capsys, caplog
+    demo, tmp_path, monkeypatch, capsys, caplog, forced_rerun
 ):
     """A real kill (a process of its own ends in the middle of the swap):
     the next run finishes the swap, with a warning naming the folder."""
 
-    def old_argv(out):
-        return _argv(demo, out, "--max_iter", "3", "--n_report", "1")
-
-    def new_argv(out):
-        return _argv(demo, out, "--force")
-
-    old, new, renames, commit = _sets(
-        demo, tmp_path, monkeypatch, capsys, old_argv, new_argv
-    )
+    new_argv, old, new, renames, commit = forced_rerun()
     folder = tmp_path / "killed"
     shutil.copytree(old, folder)
     at = (commit + len(renames)) // 2  # old files in the trash, new ones not all in
@@ -804,7 +798,7 @@ def _failing_move(real, path, times):
 
 
 def test_a_rename_that_fails_in_the_swap_puts_the_old_set_back(
-    demo, tmp_path, monkeypatch, capsys, caplog
+    demo, tmp_path, monkeypatch, capsys, caplog, forced_rerun
 ):
     """A failure while the new set is moved in (a permission on one map)
     puts the old set back, says so in one line naming the file, and keeps
@@ -812,13 +806,7 @@ def test_a_rename_that_fails_in_the_swap_puts_the_old_set_back(
     that stays (the old map cannot go back either) is named so, and the
     next run finishes the swap."""
 
-    def old_argv(out):
-        return _argv(demo, out, "--max_iter", "3", "--n_report", "1")
-
-    def new_argv(out):
-        return _argv(demo, out, "--force")
-
-    old, new, _, _ = _sets(demo, tmp_path, monkeypatch, capsys, old_argv, new_argv)
+    new_argv, old, new, _, _ = forced_rerun()
     real = shutil.move
     for times in (1, 2):
         folder = tmp_path / f"failed{times}"
