@@ -21,6 +21,7 @@ from dipy.utils.logging import logger
 from ..checks import OptionError
 
 __all__ = [
+    "CheckedSigma",
     "NOISE_HINT",
     "SUSPECT_SNR",
     "check_below_b0",
@@ -45,8 +46,32 @@ NOISE_HINT = (
 SUSPECT_SNR = 1000.0
 
 
+class CheckedSigma(float):
+    """A noise level :func:`check_sigma` has checked, in the data's units.
+
+    :func:`check_sigma` returns one and takes one back as it is, so that a
+    value checked where it was given (the command line, before any data
+    are read) is not checked again by the model it is handed to. Made
+    directly, it still holds only a finite level >= 0.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value):
+        level = float.__new__(cls, value)
+        if not (np.isfinite(level) and level >= 0):
+            raise ValueError(
+                f"CheckedSigma holds a finite noise level >= 0, got {value!r}; "
+                "make it with check_sigma."
+            )
+        return level
+
+
 def check_sigma(sigma, *, name="sigma", n_volumes=None):
     """``sigma`` in the data's units as one float (0 when None: unknown).
+
+    A :class:`CheckedSigma` (what this function returns) is returned as it
+    is: every value is checked once.
 
     Parameters
     ----------
@@ -62,7 +87,7 @@ def check_sigma(sigma, *, name="sigma", n_volumes=None):
 
     Returns
     -------
-    float
+    CheckedSigma
         At least 0; 0 for None.
 
     Raises
@@ -70,8 +95,10 @@ def check_sigma(sigma, *, name="sigma", n_volumes=None):
     ValueError
         Not a finite, non-negative number (or 1-D array of them).
     """
+    if isinstance(sigma, CheckedSigma):
+        return sigma
     if sigma is None:
-        return 0.0
+        return CheckedSigma(0.0)
     try:
         value = np.asarray(sigma, dtype=np.float64)
     except (TypeError, ValueError):
@@ -101,8 +128,8 @@ def check_sigma(sigma, *, name="sigma", n_volumes=None):
             f"{value.min():.4g}-{value.max():.4g}) taken as their root mean "
             f"square, {rms:.4g}, in the data's units."
         )
-        return rms
-    return float(value)
+        return CheckedSigma(rms)
+    return CheckedSigma(value)
 
 
 def check_below_b0(sigma, median, *, name="sigma", voxels="of the voxels", hint=None):

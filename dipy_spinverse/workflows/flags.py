@@ -552,6 +552,6 @@ def parse_noise(sigma, snr):
             f"(e.g. 20) or 'auto', got {sigma!r}."
         ) from err
     # The models' own check of sigma, early (before any data is read),
-    # named as the flag.
+    # named as the flag; the model takes the checked value as it is.
     value = check_sigma(value, name="--sigma")
     return None if value == 0 else ("sigma", value)

@@ -24,10 +24,12 @@ from dipy_spinverse.reconst import runner
 from dipy_spinverse.reconst.gate import admit
 from dipy_spinverse.reconst.noise import (
     SUSPECT_SNR,
+    CheckedSigma,
     check_sigma,
     relative_noise,
     warn_noise,
 )
+from dipy_spinverse.workflows.flags import parse_noise
 from dipy_spinverse.workflows.spinverse import parse_posterior_options
 
 
@@ -78,6 +80,25 @@ def test_sigma_is_checked_once_per_model(gtab, grid, monkeypatch):
     model = _search(gtab, grid, np.full(len(gtab.bvals), 5.0))
     assert len(calls) == 1 and model.sigma == pytest.approx(5.0)
     assert model.config.loss.sigma == 0.0
+
+
+def test_a_sigma_the_command_checked_is_not_checked_again(gtab, grid, caplog):
+    """The command checks a numeric --sigma before any data are read
+    (parse_noise); the model takes that checked value as it is. A sigma per
+    volume would log its RMS at each check: once here."""
+    kind, value = parse_noise("20", None)
+    assert kind == "sigma" and isinstance(value, CheckedSigma)
+    model = _search(gtab, grid, value)
+    assert model.sigma is value  # taken as it is, not checked again
+    per_volume = check_sigma(np.full(len(gtab.bvals), 5.0))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dipy"):
+        _search(gtab, grid, per_volume)
+    assert "root mean square" not in caplog.text
+    # Made by hand, it still holds only a level check_sigma would accept.
+    for bad in (-1.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="make it with check_sigma"):
+            CheckedSigma(bad)
 
 
 def test_each_voxel_has_the_noise_of_its_own_b0():
