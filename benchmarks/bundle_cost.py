@@ -25,12 +25,12 @@ grid that puts 3 cells across the thinnest kept axon, and on a grid twice
 finer. The same draws (the same seed: the same discs) at every row;
 sub-steps measured on each section (to 1e-3); seconds a section (its own
 pilot apart), and the largest and the root-mean-square difference of its
-signals from two references: the resolved bundle at one cell a sheath
-(the cost table's), and at two cells a sheath with every membrane's
-permeability scaled by its axon's smooth perimeter over its staircase's
-(a staircase is 1.2-1.35 times longer than the circle it follows, at any
-refinement, and exchanges that much faster; the sub-grid links use the
-circles' perimeters).
+signals from the resolved bundle at one cell a sheath (the cost table's),
+and with ``--smooth`` from the resolved bundle at two cells a sheath with
+every membrane's permeability scaled by its axon's smooth perimeter over
+its staircase's (a staircase is 1.2-1.35 times longer than the circle it
+follows, at any refinement, and exchanges that much faster; the sub-grid
+links use the circles' perimeters).
 
 Run::
 
@@ -216,82 +216,69 @@ def _section_signals(bundle, protocol):
     return signals, time.perf_counter() - start, pilot, substeps
 
 
-def subgrid_rows(protocol, mean, n_axons, n, seed, resolve_above, refine):
+def subgrid_rows(protocol, mean, n_axons, n, seed, resolve_above, refine, smooth=False):
     """The reference (fully resolved) and each (resolve_above, refinement)
     row: dicts of cells, pools, spacing, seconds, pilot, sub-steps, and the
-    signals' largest and root-mean-square difference from the reference."""
+    signals' largest and root-mean-square difference from the reference
+    (and, with ``smooth``, the largest from the two-cell reference with
+    smooth membranes). Rows are yielded as they are measured."""
     side = bundle_side(n_axons, mean, SHAPE, G_RATIO, FIBRE)
     sheath = mean * (1 / np.mean(G_RATIO) - 1) / 2
     fine = SectionGrid.triangular(side, int(np.ceil(side / sheath)))
     finer = SectionGrid.triangular(side, int(np.ceil(2 * side / sheath)))
     draws = _draws(fine, mean, n_axons, n, seed)
     reference = [_section_signals(b, protocol) for _, _, b in draws]
-    smooth = []
-    for _, state, _ in draws:
+    smooth_refs, smooth_bundles = [], []
+    for _, state, _ in draws if smooth else ():
         bundle = _redraw(finer, state, mean, n_axons, None)
         bundle = replace(bundle, face_permeability=_smooth_membranes(finer, bundle))
-        smooth.append(_section_signals(bundle, protocol))
-    rows = []
-    for grid, refs, label in ((fine, reference, 1), (finer, smooth, 2)):
-        rows.append(
-            dict(
-                resolve_above=None,
-                refine=None,
-                label=label,
-                cells=grid.n_cells,
-                pools=0,
-                subgrid=0.0,
-                spacing=grid.spacing,
-                seconds=np.mean([r[1] for r in refs]),
-                pilot=np.mean([r[2] for r in refs]),
-                substeps=refs[0][3],
-                max=float(
-                    np.abs(
-                        [r[0] - f[0] for r, f in zip(refs, reference, strict=True)]
-                    ).max()
-                ),
-                max_smooth=float(
-                    np.abs(
-                        [r[0] - f[0] for r, f in zip(refs, smooth, strict=True)]
-                    ).max()
-                ),
-                rms=0.0,
-            )
+        smooth_bundles.append(bundle)
+        smooth_refs.append(_section_signals(bundle, protocol))
+
+    def largest(diffs):
+        return float(np.abs(diffs).max()) if len(diffs) else float("nan")
+
+    def row(grid, above, factor, bundles, results):
+        diffs = np.array([r[0] - f[0] for r, f in zip(results, reference, strict=True)])
+        smooth_diffs = (
+            [r[0] - f[0] for r, f in zip(results, smooth_refs or results, strict=True)]
+            if smooth_refs
+            else []
         )
+        return dict(
+            resolve_above=above,
+            refine=factor,
+            cells=np.mean(
+                [getattr(b.grid, "n_grid_cells", grid.n_cells) for b in bundles]
+            ),
+            pools=np.mean([getattr(b.grid, "n_pools", 0) for b in bundles]),
+            subgrid=np.mean([b.subgrid.mean() for b in bundles]),
+            spacing=grid.spacing,
+            seconds=np.mean([r[1] for r in results]),
+            pilot=np.mean([r[2] for r in results]),
+            substeps=results[0][3],
+            max=largest(diffs),
+            rms=float(np.sqrt(np.mean(diffs**2))),
+            max_smooth=largest(smooth_diffs),
+            label=None,
+        )
+
+    first = row(fine, None, None, [b for _, _, b in draws], reference)
+    yield dict(first, label=1)
+    if smooth:
+        yield dict(row(finer, None, None, smooth_bundles, smooth_refs), label=2)
     for above in resolve_above:
         for factor in refine:
             grid = SectionGrid.triangular(side, int(np.ceil(factor * 3 * side / above)))
-            got, diffs, smooth_diffs = [], [], []
-            pairs = zip(draws, reference, smooth, strict=True)
-            for (_, state, _), ref, ref_smooth in pairs:
+            bundles, results = [], []
+            for _, state, _ in draws:
                 try:
-                    bundle = _redraw(grid, state, mean, n_axons, above)
+                    bundles.append(_redraw(grid, state, mean, n_axons, above))
                 except ValueError:
-                    continue  # a kept axon finer than this grid
-                result = _section_signals(bundle, protocol)
-                got.append((bundle, *result[1:]))
-                diffs.append(result[0] - ref[0])
-                smooth_diffs.append(result[0] - ref_smooth[0])
-            if not got:
-                continue
-            diffs, smooth_diffs = np.array(diffs), np.array(smooth_diffs)
-            rows.append(
-                dict(
-                    resolve_above=above,
-                    refine=factor,
-                    cells=np.mean([b.grid.n_grid_cells for b, *_ in got]),
-                    pools=np.mean([b.grid.n_pools for b, *_ in got]),
-                    subgrid=np.mean([b.subgrid.mean() for b, *_ in got]),
-                    spacing=grid.spacing,
-                    seconds=np.mean([g[1] for g in got]),
-                    pilot=np.mean([g[2] for g in got]),
-                    substeps=got[0][3],
-                    max=float(np.abs(diffs).max()),
-                    max_smooth=float(np.abs(smooth_diffs).max()),
-                    rms=float(np.sqrt(np.mean(diffs**2))),
-                )
-            )
-    return rows
+                    break  # a kept axon finer than this grid: the row is left out
+                results.append(_section_signals(bundles[-1], protocol))
+            if len(results) == len(draws):
+                yield row(grid, above, factor, bundles, results)
 
 
 def _subgrid_table(args, default):
@@ -307,7 +294,9 @@ def _subgrid_table(args, default):
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.protocols:
         protocol = protocol_named(name)
-        rows = subgrid_rows(protocol, mean, n_axons, args.n, args.seed, above, refine)
+        rows = subgrid_rows(
+            protocol, mean, n_axons, args.n, args.seed, above, refine, args.smooth
+        )
         for row in rows:
             label = (
                 f"resolved, {row['label']} cell(s) a sheath"
@@ -333,6 +322,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--subgrid", action="store_true", help="only the sub-grid axons' table"
+    )
+    parser.add_argument(
+        "--smooth",
+        action="store_true",
+        help="also the two-cell reference with smooth membranes (slow)",
     )
     args = parser.parse_args(argv)
     rows = ROWS
