@@ -34,6 +34,17 @@ the removed cells' area differs from the pools'). Face and cell arrays keep
 :class:`~dipy_spinverse.sim.sections.SectionGrid`'s names: the kept grid
 cells first, then the pools; the kept edges first, then the links.
 
+Cost. The section engine's Magnus sub-steps follow the largest phase
+across any slot, links included: a link as long as a fibre's radius on a
+grid much finer than that fibre sets the steps (a step criterion weighed
+by the slots' conductances would not; not done). The Chebyshev plan
+bounds the spectrum by Gershgorin's discs of the symmetrised operator,
+which sink below zero where a small pool is linked fast (``kappa = inf``)
+to a much larger cell: more sub-steps and terms, and numpy's overflow
+warnings in the plan (harmless: the signals still match the dense engine,
+``tests/sim/test_subgrid.py``). Membrane-limited links, as in tissue, do
+neither.
+
 Units: um, us; volumes per um of fibre (um^2), areas per um of fibre (um).
 """
 
