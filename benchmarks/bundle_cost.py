@@ -136,17 +136,7 @@ def _draws(grid, mean, n_axons, n, seed, resolve_above=None):
     for index in range(50 * n):
         state = rng.bit_generator.state
         try:
-            bundle = axon_bundle(
-                grid,
-                rng=rng,
-                n_axons=n_axons,
-                mean_diameter=mean,
-                shape=SHAPE,
-                g_ratio=G_RATIO,
-                fibre_fraction=FIBRE,
-                permeability=KAPPA,
-                resolve_above=resolve_above,
-            )
+            bundle = _draw(grid, rng, mean, n_axons, resolve_above)
         except ValueError:
             continue
         out.append((index, state, bundle))
@@ -159,6 +149,11 @@ def _redraw(grid, state, mean, n_axons, resolve_above):
     """The draw of ``state`` (a generator state) into ``grid``."""
     rng = np.random.default_rng()
     rng.bit_generator.state = state
+    return _draw(grid, rng, mean, n_axons, resolve_above)
+
+
+def _draw(grid, rng, mean, n_axons, resolve_above):
+    """The table's bundle drawn from ``rng`` into ``grid``."""
     return axon_bundle(
         grid,
         rng=rng,

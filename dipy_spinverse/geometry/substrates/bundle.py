@@ -371,12 +371,7 @@ def axon_bundle(
     if resolve_above is not None:
         return _with_subgrid(grid, centres, inner, outer, kappa, inner < resolve_above)
     axon, compartment = _rasterised(grid, centres, inner / 2, outer / 2)
-    areas = np.bincount(
-        axon, weights=grid.cell_volumes * (compartment == 1), minlength=n + 1
-    )[1:]
-    sheaths = np.bincount(
-        axon, weights=grid.cell_volumes * (compartment == 2), minlength=n + 1
-    )[1:]
+    areas, sheaths = _areas(grid, axon, compartment, n)
     if np.any(areas == 0):
         raise ValueError(
             f"{int(np.sum(areas == 0))} of the {n} axons hold no cell of {grid!r} "
@@ -398,6 +393,16 @@ def axon_bundle(
     )
 
 
+def _areas(grid, axon, compartment, n):
+    """Each of the ``n`` axons' rasterised inner and sheath areas (um^2)."""
+
+    def area(of):
+        weights = grid.cell_volumes * (compartment == of)
+        return np.bincount(axon, weights=weights, minlength=n + 1)[1:]
+
+    return area(1), area(2)
+
+
 def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
     """The bundle with the axons ``subgrid`` held as pools (module
     documentation); the others rasterised as without."""
@@ -406,12 +411,7 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
     kept = np.flatnonzero(~subgrid)
     axon, compartment = _rasterised(grid, centres[kept], r_i[kept], r_o[kept])
     axon = np.concatenate([[0], kept + 1])[axon]  # the drawn axons' numbers
-    areas = np.bincount(
-        axon, weights=grid.cell_volumes * (compartment == 1), minlength=n + 1
-    )[1:]
-    sheaths = np.bincount(
-        axon, weights=grid.cell_volumes * (compartment == 2), minlength=n + 1
-    )[1:]
+    areas, sheaths = _areas(grid, axon, compartment, n)
     lost = ~subgrid & (areas == 0)
     if np.any(lost):
         raise ValueError(
