@@ -75,10 +75,16 @@ def simulated_features(cord, kept, signals):
     return shell_features(_Simulated, levels, keep=kept)
 
 
-def simulate_prior(name, cord, kept, n, seed, out):
+def simulate_prior(name, cord, kept, n, seed, out, resolve_above=None):
     """(signals, truth) of ``n`` draws of prior ``name``, resumed from and
-    saved to ``out``."""
-    path = pathlib.Path(out) / f"{name}-{n}-{seed}.npz"
+    saved to ``out``; the white-matter prior's axons thinner than
+    ``resolve_above`` (um) held as sub-grid pools."""
+    tag = (
+        ""
+        if name != "white_matter" or resolve_above is None
+        else f"-{resolve_above:g}um"
+    )
+    path = pathlib.Path(out) / f"{name}{tag}-{n}-{seed}.npz"
     if path.exists():
         saved = np.load(path)
         return saved["signals"], saved["diameter"], saved["fraction"]
@@ -86,7 +92,7 @@ def simulate_prior(name, cord, kept, n, seed, out):
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     if name == "white_matter":
-        prior = WhiteMatterPrior.fixed(fibre_axis=AXIS)
+        prior = WhiteMatterPrior.fixed(fibre_axis=AXIS, resolve_above=resolve_above)
         draws = [prior.draw(rng) for _ in range(n)]
         signals = prior.simulate(draws, protocol)
         diameter = np.array([d.descriptors["effective_diameter"] for d in draws])
@@ -137,6 +143,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="cord_white_matter")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--resolve_above",
+        type=float,
+        default=None,
+        help="white-matter axons thinner than this (um) as sub-grid pools",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n = 4
@@ -159,7 +171,7 @@ def main(argv=None):
     print("|---|---:|---|---:|---:|---:|---:|")
     for name in ("default", "white_matter"):
         signals, diameter, fraction = simulate_prior(
-            name, cord, kept, args.n, args.seed, args.out
+            name, cord, kept, args.n, args.seed, args.out, args.resolve_above
         )
         if args.quick:
             continue
