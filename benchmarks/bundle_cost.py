@@ -80,18 +80,7 @@ def bundle_row(protocol, mean, n_axons, cells_per_sheath, n, seed):
     bundles = []
     while len(bundles) < n:
         try:
-            bundles.append(
-                axon_bundle(
-                    grid,
-                    rng=rng,
-                    n_axons=n_axons,
-                    mean_diameter=mean,
-                    shape=SHAPE,
-                    g_ratio=G_RATIO,
-                    fibre_fraction=FIBRE,
-                    permeability=KAPPA,
-                )
-            )
+            bundles.append(_draw(grid, rng, mean, n_axons, None))
         except ValueError:
             continue  # an axon finer than the grid: drawn again, as a prior does
     options = dict(

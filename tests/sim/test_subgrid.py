@@ -74,18 +74,25 @@ def _one_pool_per_cell(section, share, distance):
     )
 
 
-def test_without_pools_the_section_is_unchanged():
-    """A pooled section with no pool and no cell removed is the section:
-    the same signals, bit for bit."""
-    section = SectionGrid.triangular(4.0, 8, axis=AXIS)
-    pooled = PooledSection.attach(
+def _without_pools(section, **cells):
+    """``section`` as a pooled section of no pool (``cells``: its removed
+    cells and kept volumes)."""
+    return PooledSection.attach(
         section,
         pool_hosts=[],
         pool_volumes=[],
         links=np.zeros((0, 2)),
         link_areas=[],
         link_distances=np.zeros((0, 2)),
+        **cells,
     )
+
+
+def test_without_pools_the_section_is_unchanged():
+    """A pooled section with no pool and no cell removed is the section:
+    the same signals, bit for bit."""
+    section = SectionGrid.triangular(4.0, 8, axis=AXIS)
+    pooled = _without_pools(section)
     prot = _protocol([[1, 0, 0], [0, 0.6, 0.8]])
     diffusivity = np.linspace(1e-3, 2e-3, section.n_cells)
     field = np.full(section.n_faces, np.inf)
@@ -119,13 +126,8 @@ def test_a_closed_pool_is_a_stick_added_to_the_rest():
     removed = np.zeros(section.n_cells, dtype=bool)
     removed[[40, 41]] = True
     pooled = _sticks(section, [10, 60, 100], removed)
-    rest = PooledSection.attach(
+    rest = _without_pools(
         section,
-        pool_hosts=[],
-        pool_volumes=[],
-        links=np.zeros((0, 2)),
-        link_areas=[],
-        link_distances=np.zeros((0, 2)),
         removed=removed,
         cell_volumes=np.r_[pooled.cell_volumes, np.zeros(2)][
             np.argsort(np.r_[pooled.kept_cells, np.flatnonzero(removed)])
