@@ -7,18 +7,18 @@ diameters, where the default prior's did not?
 
 A ridge regression is trained on simulated voxels only (never on the
 histology): ``--n`` draws of the prior, simulated on the cord's own
-AxCaliber scheme (every timing and gradient strength, two of its four
-in-plane directions: the features average them), Rician noise at the
-cord's white-matter SNR, the features of ``benchmarks/cord_histology.py
---oracle`` (each timing's signal over its b = 0, averaged per gradient
-strength, and their logarithms), the penalty chosen by 5-fold
-cross-validation on the simulations. It then predicts each cord voxel's
-``d_eff`` and intra-axonal fraction, scored against the histology in white
-matter (Spearman, median absolute error). The same regression trained on
-the default prior's draws (one diffusivity, no myelin, 1-4 axons;
-``TissuePrior(fibre_axis=(0, 0, 1))``: its ``cell_diameter`` and
-``restricted_fraction``) is the control. This bounds what a posterior
-trained on either prior can read, short of training one.
+AxCaliber scheme (every timing and gradient strength, ``--directions`` of
+its four in-plane directions, two by default: the features average them),
+Rician noise at the cord's white-matter SNR, the features of
+``benchmarks/cord_histology.py --oracle`` (each timing's signal over its b
+= 0, averaged per gradient strength, and their logarithms), the penalty
+chosen by 5-fold cross-validation on the simulations. It then predicts
+each cord voxel's ``d_eff`` and intra-axonal fraction, scored against the
+histology in white matter (Spearman, median absolute error). The same
+regression trained on the default prior's draws (one diffusivity, no
+myelin, 1-4 axons; ``TissuePrior(fibre_axis=(0, 0, 1))``: its
+``cell_diameter`` and ``restricted_fraction``) is the control. This bounds
+what a posterior trained on either prior can read, short of training one.
 
 Run (the simulations are kept in ``--out`` and resumed)::
 
@@ -84,7 +84,7 @@ def simulate_prior(name, cord, kept, n, seed, out, resolve_above=None):
         if name != "white_matter" or resolve_above is None
         else f"-{resolve_above:g}um"
     )
-    path = pathlib.Path(out) / f"{name}{tag}-{n}-{seed}.npz"
+    path = pathlib.Path(out) / f"{name}{tag}-{len(kept)}v-{n}-{seed}.npz"
     if path.exists():
         saved = np.load(path)
         return saved["signals"], saved["diameter"], saved["fraction"]
@@ -149,6 +149,12 @@ def main(argv=None):
         default=None,
         help="white-matter axons thinner than this (um) as sub-grid pools",
     )
+    parser.add_argument(
+        "--directions",
+        type=int,
+        default=2,
+        help="in-plane directions simulated per timing and gradient strength",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n = 4
@@ -156,7 +162,7 @@ def main(argv=None):
     sigma, levels = cord.repeated_b0_noise(cord.mask)
     wm, _ = white_matter(cord)
     snr = (levels.mean(1) / sigma)[wm]
-    kept = simulated_volumes(cord)
+    kept = simulated_volumes(cord, args.directions)
     cord_features = shell_features(cord, levels)[wm]
     h = {k: v[cord.mask][wm] for k, v in cord.histology.items()}
     rng = np.random.default_rng(args.seed)
