@@ -94,7 +94,7 @@ def simulate_prior(name, cord, kept, n, seed, out, resolve_above=None):
     if name == "white_matter":
         prior = WhiteMatterPrior.fixed(fibre_axis=AXIS, resolve_above=resolve_above)
         draws = [prior.draw(rng) for _ in range(n)]
-        signals = prior.simulate(draws, protocol)
+        signals = simulated_in_chunks(prior, draws, protocol, path)
         diameter = np.array([d.descriptors["effective_diameter"] for d in draws])
         fraction = np.array([d.descriptors["intra_axonal_fraction"] for d in draws])
     else:
@@ -105,6 +105,20 @@ def simulate_prior(name, cord, kept, n, seed, out, resolve_above=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, signals=signals, diameter=diameter, fraction=fraction)
     return signals, diameter, fraction
+
+
+def simulated_in_chunks(prior, draws, protocol, path, chunk=10):
+    """``prior.simulate(draws, protocol)``, ``chunk`` draws at a time, kept
+    in a partial file beside ``path`` so that a stopped run resumes."""
+    partial = path.with_suffix(".partial.npy")
+    done = np.load(partial) if partial.exists() else np.empty((0, len(protocol)))
+    for lo in range(len(done), len(draws), chunk):
+        signals = prior.simulate(draws[lo : lo + chunk], protocol)
+        done = np.concatenate([done, signals])
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        np.save(partial, done)
+        print(f"  {len(done)} of {len(draws)} draws", flush=True)
+    return done
 
 
 def noisy(signals, snr, rng):
