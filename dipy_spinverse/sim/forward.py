@@ -246,9 +246,11 @@ def simulate(
     stationary = relaxation is None and initial is None
     stationary = stationary and grid.boundary != "absorbing"
 
-    def signals(op, start, substeps, rows=slice(None)):
+    def signals(op, start, substeps, rows=slice(None), fill=None):
+        """The normalised signals; with ``fill``, only those that set their
+        chunk's time plan (:func:`_probed`), the rest taken from ``fill``."""
         u0 = op.sqrt_volumes * start  # (B, N): u = sqrt(rho V) m
-        out = _signals(
+        out, probed = _signals(
             op,
             protocol,
             u0,
@@ -259,8 +261,10 @@ def simulate(
             substeps=substeps,
             along=(diff[rows], planes[rows, 2]) if per_cell else None,
             still=stationary,
+            probe=fill is not None,
         )
-        return out / (u0 * u0).sum(-1)[:, None]  # initial magnetisation: volume
+        out = out / (u0 * u0).sum(-1)[:, None]  # initial magnetisation: volume
+        return out if fill is None else torch.where(probed, out, fill)
 
     def finish(out):
         return out if per_cell else _finish(out, planes, protocol, diff)
@@ -287,9 +291,19 @@ def simulate(
                 )
                 if axes is not None:
                     pilot_op = _oriented(pilot_op, grid, planes[pilot])
-                substeps, coarse, change = converged_substeps(
-                    lambda n: signals(pilot_op, start[pilot], n, pilot), time_tol
-                )
+                # Every acquisition at one sub-step, then only those that set
+                # each chunk's plan (its strongest gradients) at more: the
+                # others share their plan, and keep their first values, so
+                # that only the probed ones measure the change.
+                first = []
+
+                def pilot_signals(n):
+                    if n == 1:
+                        first.append(signals(pilot_op, start[pilot], 1, pilot))
+                        return first[0]
+                    return signals(pilot_op, start[pilot], n, pilot, fill=first[0])
+
+                substeps, coarse, change = converged_substeps(pilot_signals, time_tol)
             if change > time_tol:
                 warnings.warn(
                     f"simulate: the signals still change by {change:.2g} (above "
@@ -307,7 +321,8 @@ def simulate(
                 for t in (kappa, diff, relaxation, water)
                 if t is not None
             )
-            if n_batch <= _PILOT and not graph:  # the pilot was the batch
+            # The pilot was the batch, and every acquisition of it converged.
+            if n_batch <= _PILOT and substeps == 1 and not graph:
                 return finish(coarse).reshape(shape)
     # The laboratory frame has no Magnus steps: one multiple.
     out = signals(op, start, 1 if substeps is None else int(substeps))
@@ -321,7 +336,7 @@ def _finish(out, planes, protocol, diffusivity):
     return out * _along_axis(planes, protocol, diffusivity)
 
 
-def _signals(op, protocol, u0, *, frame, still=False, **options):
+def _signals(op, protocol, u0, *, frame, still=False, probe=False, **options):
     """Unnormalised signals (B, n_acquisitions) of ``u0`` (B, N).
 
     Work that acquisitions share is done once: waveforms whose echo is
@@ -332,22 +347,56 @@ def _signals(op, protocol, u0, *, frame, still=False, **options):
     propagated once (:func:`_canonical_rates`). ``still``: the start is at
     rest without gradient (no relaxation, no sink, a whole start), so the
     time before a waveform's first gradient is left out.
+
+    Also returns which acquisitions were computed (a boolean tensor): all,
+    or with ``probe`` those that set their chunk's time plan
+    (:func:`_probed`), each under the very plan it has in the whole
+    computation (the others are zero).
     """
-    out = torch.empty(u0.shape[0], len(protocol), dtype=u0.dtype, device=u0.device)
+    out = torch.zeros(u0.shape[0], len(protocol), dtype=u0.dtype, device=u0.device)
+    probed = np.zeros(len(protocol), dtype=bool)
     rates = torch.tensor(protocol.gradient_rate, dtype=u0.dtype, device=u0.device)
     families, others = _half_echo_families(protocol, still=still)
     for durations, amplitudes, tails, idx in families:
-        signal = _family_signal(
-            op, durations, amplitudes, tails, rates[idx], u0, frame=frame, **options
+        signal, kept = _family_signal(
+            op,
+            durations,
+            amplitudes,
+            tails,
+            rates[idx],
+            u0,
+            frame=frame,
+            probe=probe,
+            **options,
         )
         out = out.index_copy(1, torch.as_tensor(idx, device=u0.device), signal)
+        probed[idx] = kept
     for waveform, idx in others:
         unique, inverse = _canonical_rates(rates[idx])
-        signal = _group_signal(op, waveform, unique, u0, frame=frame, **options)
+        signal, kept = _group_signal(
+            op, waveform, unique, u0, frame=frame, probe=probe, **options
+        )
         out = out.index_copy(
             1, torch.as_tensor(idx, device=u0.device), signal[:, inverse]
         )
-    return out
+        probed[idx] = kept[inverse.cpu().numpy()]
+    return out, torch.as_tensor(probed, device=u0.device)
+
+
+def _probed(chunk, strength, probe):
+    """The rates of ``chunk`` (indices, sorted by ``strength``) to propagate:
+    all of them, or with ``probe`` those at the chunk's largest strength.
+
+    A chunk's Magnus sub-steps follow its strongest gradient, and at a given
+    step every error term of the scheme (commutators of the generator with
+    the gradient's) grows with the gradient: the strongest rates err most.
+    Every chunk is probed, because a weak chunk's few long sub-steps can err
+    more than a strong chunk's (stiff grids).
+    """
+    if not probe:
+        return chunk
+    top = strength[chunk]
+    return chunk[top >= top.max() * (1.0 - 1e-9)]
 
 
 def _half_echo_families(protocol, *, still=False):
@@ -532,6 +581,7 @@ def _family_signal(
     phase_step,
     substeps,
     along,
+    probe=False,
 ):
     """Signals (B, A) of antisymmetric acquisitions that share their first
     half's gradient pieces and differ in its gradient-free tail ``tails``
@@ -544,9 +594,11 @@ def _family_signal(
     once, then through the gradient-free time in increments, from the
     shortest tail it needs to the longest: the generator is constant there,
     so an increment is one exponential, and every diffusion time of the
-    pulse costs only its own increment.
+    pulse costs only its own increment. Also returns which of the A were
+    computed (all but with ``probe``, :func:`_probed`).
     """
     unique, inverse = _canonical_rates(rates)
+    strength = unique.norm(dim=-1).cpu().numpy()
     times, tail_index = np.unique(tails, return_inverse=True)
     needed = np.zeros((len(unique), len(times)), dtype=bool)
     needed[inverse.cpu().numpy(), tail_index] = True
@@ -580,7 +632,10 @@ def _family_signal(
         n_batch, n_cells, len(unique) * (1 + partial), u0.element_size(), engine
     )
     n_chunks = -(-len(unique) // most)
+    computed = []
     for chunk in np.array_split(np.arange(len(unique)), n_chunks):
+        chunk = _probed(chunk, strength, probe)
+        computed.append(chunk)
         cols = torch.as_tensor(chunk, device=u0.device)
         r = unique[cols]
         start = first[..., :1].expand(n_batch, n_cells, len(cols))
@@ -608,7 +663,8 @@ def _family_signal(
                     v = propagate(op, [step], v, rv, **kwargs)
                     elapsed = times[j]
                 full[:, cols[index], j] = _half_echo(v, len(members), partial)
-    return full[:, inverse, torch.as_tensor(tail_index, device=u0.device)]
+    signal = full[:, inverse, torch.as_tensor(tail_index, device=u0.device)]
+    return signal, np.isin(inverse.cpu().numpy(), np.concatenate(computed))
 
 
 def _members(labels, count):
@@ -649,18 +705,34 @@ def _half_echo(u, n_acq, partial):
 
 
 def _group_signal(
-    op, waveform, rate, u0, *, frame, engine, tol, phase_step, substeps, along
+    op,
+    waveform,
+    rate,
+    u0,
+    *,
+    frame,
+    engine,
+    tol,
+    phase_step,
+    substeps,
+    along,
+    probe=False,
 ):
     """Signals (B, A) of acquisitions that share one waveform, propagated
-    over the whole echo (waveforms that are not antisymmetric)."""
+    over the whole echo (waveforms that are not antisymmetric), and which of
+    the ``rate`` (A, 3; sorted by strength) were computed (:func:`_probed`)."""
     durations, amplitudes = waveform.segments
     dmax = float(op.displacement.norm(dim=-1).max())
     n_batch, n_cells = u0.shape
     chunk = _chunk_size(n_batch, n_cells, len(rate), u0.element_size(), engine)
     ctype = torch.complex128 if u0.dtype == torch.float64 else torch.complex64
-    signals = []
+    strength = rate.norm(dim=-1).cpu().numpy()
+    signals = torch.zeros(n_batch, len(rate), dtype=u0.dtype, device=u0.device)
+    computed = np.zeros(len(rate), dtype=bool)
     for lo in range(0, len(rate), chunk):
-        r = rate[lo : lo + chunk]
+        cols = _probed(np.arange(lo, min(lo + chunk, len(rate))), strength, probe)
+        computed[cols] = True
+        r = rate[torch.as_tensor(cols, device=rate.device)]
         start = u0.to(ctype)[..., None].expand(n_batch, n_cells, len(r))
         steps = _chunk_plan(durations, amplitudes, r, frame, phase_step, substeps, dmax)
         u = propagate(
@@ -673,8 +745,10 @@ def _group_signal(
             tol=tol,
             along=along,
         )
-        signals.append(_full_echo(op, u, r, waveform, frame).abs())
-    return torch.cat(signals, dim=1)
+        signals[:, torch.as_tensor(cols, device=u0.device)] = _full_echo(
+            op, u, r, waveform, frame
+        ).abs()
+    return signals, computed
 
 
 def _full_echo(op, u, rate, waveform, frame):
