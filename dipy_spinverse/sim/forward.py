@@ -389,9 +389,13 @@ def _probed(chunk, strength, probe):
 
     A chunk's Magnus sub-steps follow its strongest gradient, and at a given
     step every error term of the scheme (commutators of the generator with
-    the gradient's) grows with the gradient: the strongest rates err most.
-    Every chunk is probed, because a weak chunk's few long sub-steps can err
-    more than a strong chunk's (stiff grids).
+    the gradient's) grows with the gradient: the strongest rates err most
+    as a rule, not as a bound. On 34 random sections and protocols (two
+    cores, 2026-11-28) the probe chose the multiple every acquisition
+    chose in 33; in the other it chose fewer, and erred by 1.5e-5 against
+    32 multiples (time_tol 1e-4). Every chunk is probed, because a weak
+    chunk's few long sub-steps can err more than a strong chunk's (stiff
+    grids).
     """
     if not probe:
         return chunk
