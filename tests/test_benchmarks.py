@@ -29,6 +29,7 @@ _SLOW = {
     "generalisation",
     "isbi_prediction",
     "posterior_peers",
+    "protocol_free",
     "protocols",
     "surface_check",
     "tissue_maps",
