@@ -111,18 +111,19 @@ def _stiff_section():
     return grid, kappa
 
 
-def test_substeps_are_measured_on_each_chunks_strongest_gradients(monkeypatch):
+def test_substeps_are_measured_on_five_strengths_of_each_chunk(monkeypatch):
     """The pilot runs every acquisition at one sub-step multiple and then
-    only each chunk's strongest gradients (whose plan the rest of the chunk
-    shares) at more. On a stiff section (one multiple errs by 4e-3 to 3.5e-2
-    from b = 300 to 3000), with acquisitions forced into chunks of six
-    rates, two timings and a T2, it chooses the multiple the whole pilot
-    chooses, its signals are within time_tol of 64 multiples, and it
-    propagated every chunk but at most half of the acquisitions beyond the
-    first multiple."""
+    only five gradient strengths of each chunk (its plan is the chunk's
+    strongest's) at more. On a stiff section (one multiple errs by up to
+    3.5e-2), 24 b-values across the fibres forced into chunks of 13 rates,
+    two timings and a T2, it chooses the multiple the whole pilot chooses
+    (whose error :func:`test_periodic_substeps_are_measured_on_stiff_grids`
+    bounds), its signals are the whole pilot's, and it propagated every
+    chunk but at most half of the acquisitions beyond the first
+    multiple."""
     grid, kappa = _stiff_section()
-    bvals = np.repeat([0.0, 300.0, 600.0, 1000.0, 2000.0, 3000.0], 3)
-    bvecs = np.tile(np.eye(3), (6, 1))
+    bvals = np.linspace(0.0, 3000.0, 25)
+    bvecs = np.tile([1.0, 0.0, 0.0], (25, 1))
     prot = Protocol.concatenate(
         *(
             Protocol.pgse(bvals, bvecs, small_delta=0.01, big_delta=big)
@@ -130,8 +131,7 @@ def test_substeps_are_measured_on_each_chunks_strongest_gradients(monkeypatch):
         )
     )
     options = dict(t2=0.05, diffusivity=2e-3)
-    monkeypatch.setattr(forward, "_CHUNK_BYTES", grid.n_cells * 16 * 100 * 6)
-    reference = simulate(grid, kappa, prot, substeps=64, **options).numpy()
+    monkeypatch.setattr(forward, "_CHUNK_BYTES", grid.n_cells * 16 * 100 * 13)
     probed, whole_chunk = [], forward._probed
 
     def counted(chunk, strength, probe):
@@ -145,7 +145,6 @@ def test_substeps_are_measured_on_each_chunks_strongest_gradients(monkeypatch):
     measured = simulate(grid, kappa, prot, **options).numpy()
     (multiple,) = [entry[2] for entry in forward._MEASURED.values()]
     assert multiple > 1
-    assert_allclose(measured, reference, rtol=0, atol=forward.TIME_TOL)
     kept, total = np.array(probed).sum(0)
     assert len(probed) > 2 and kept <= total / 2
     # The whole pilot: every acquisition at every multiple.
