@@ -20,9 +20,10 @@ myelin, 1-4 axons; ``TissuePrior(fibre_axis=(0, 0, 1))``: its
 ``cell_diameter`` and ``restricted_fraction``) is the control. This bounds
 what a posterior trained on either prior can read, short of training one.
 
-Run (the simulations are kept in ``--out`` and resumed)::
+Run (the simulations are kept in ``--out`` and resumed; with
+``OPENBLAS_NUM_THREADS=1``)::
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/cord_white_matter.py --n 400
+    python benchmarks/cord_white_matter.py --n 200 --resolve_above 3 --directions 1
 
 ``--quick``: 4 draws of each prior, no scores.
 """

@@ -250,8 +250,8 @@ def simulate(
     stationary = stationary and grid.boundary != "absorbing"
 
     def signals(op, start, substeps, rows=slice(None), fill=None):
-        """The normalised signals; with ``fill``, only those that set their
-        chunk's time plan (:func:`_probed`), the rest taken from ``fill``."""
+        """The normalised signals; with ``fill``, only the probed ones
+        (:func:`_probed`), the rest taken from ``fill``."""
         u0 = op.sqrt_volumes * start  # (B, N): u = sqrt(rho V) m
         out, probed = _signals(
             op,
@@ -294,9 +294,9 @@ def simulate(
                 )
                 if axes is not None:
                     pilot_op = _oriented(pilot_op, grid, planes[pilot])
-                # Every acquisition at one sub-step, then only those that set
-                # each chunk's plan (its strongest gradients) at more: the
-                # others share their plan, and keep their first values, so
+                # Every acquisition at one sub-step, then only a few gradient
+                # strengths of each chunk at more (:func:`_probed`): the others
+                # share their chunk's plan, and keep their first values, so
                 # that only the probed ones measure the change.
                 first = []
 
@@ -352,9 +352,9 @@ def _signals(op, protocol, u0, *, frame, still=False, probe=False, **options):
     time before a waveform's first gradient is left out.
 
     Also returns which acquisitions were computed (a boolean tensor): all,
-    or with ``probe`` those that set their chunk's time plan
-    (:func:`_probed`), each under the very plan it has in the whole
-    computation (the others are zero).
+    or with ``probe`` a few strengths of each chunk (:func:`_probed`), each
+    under the very plan it has in the whole computation (the others are
+    zero).
     """
     out = torch.zeros(u0.shape[0], len(protocol), dtype=u0.dtype, device=u0.device)
     probed = np.zeros(len(protocol), dtype=bool)
