@@ -248,8 +248,8 @@ def test_a_subgrid_axon_exchanges_through_its_sheath_in_series():
     inside (path r_i / 4, the linear-driving-force rate 8 D / r_i^2): the
     outer membrane's perimeter is shared among the cells it touches
     (in parallel), whose own extra-axonal paths are made negligible here
-    (D_extra 1e12); equal densities inside and out, so the membranes pass
-    kappa: rtol 1e-12."""
+    (D_extra 1e12), and the axon's inside pools are in parallel; equal
+    densities inside and out, so the membranes pass kappa: rtol 1e-12."""
     grid, bundle = _bundle(1, n=32, resolve_above=10.0)
     pooled = bundle.grid
     d_in, d_my, rho_my = 1.7e-3, 3e-4, 0.45
@@ -260,22 +260,24 @@ def test_a_subgrid_axon_exchanges_through_its_sheath_in_series():
         torch.as_tensor(bundle.per_cell(1.0, 1.0, rho_my))[None],
     )[0].numpy()
     m = bundle.n_axons
-    # The links: contacts -> sheaths, sheaths -> their axons' four
-    # quarters, then each quarter -> the next one round its ring (open).
-    links = np.arange(pooled.n_grid_faces, pooled.n_faces - 8 * m)
-    myelin = pooled.face_cells[links, 1] - pooled.n_grid_cells
-    outer = np.bincount(myelin, weights=conductance[links], minlength=m)
-    quarters = slice(pooled.n_faces - 8 * m, pooled.n_faces - 4 * m)
-    sheath_of = pooled.face_cells[quarters, 0] - pooled.n_grid_cells
-    assert_allclose(sheath_of, np.repeat(np.arange(m), 4))
-    inner = np.bincount(sheath_of, weights=conductance[quarters], minlength=m)
-    assert np.all(np.isinf(bundle.face_permeability[-4 * m :]))
+    # The links: contacts -> sheaths, sheaths -> their axons' inside pools
+    # (four quarters on a ring, or one), and round each ring (open).
+    a, b = pooled.face_cells[pooled.n_grid_faces :].T
+    kind = bundle.compartment[a] * 3 + bundle.compartment[b]
+    owner = bundle.axon[b] - 1
+    link = conductance[pooled.n_grid_faces :]
+    outer = np.bincount(owner, weights=link * (kind == 2), minlength=m)
+    inner = np.bincount(owner, weights=link * (kind == 7), minlength=m)
+    assert set(kind) == {2, 7, 4}
+    assert np.all(np.isinf(bundle.face_permeability[pooled.n_grid_faces :][kind == 4]))
     series = 1 / (1 / outer + 1 / inner)
     sheath = bundle.sheath_conductance(myelin_diffusivity=d_my, myelin_density=rho_my)
     r_i = bundle.inner_diameters / 2
     inside = 2 * np.pi * r_i * d_in / (r_i / 4)
     assert_allclose(series, 1 / (1 / sheath + 1 / inside), rtol=1e-12)
-    # Each link's displacement is its cell's to the fibre's centre.
+    # Each contact's displacement is its cell's to the fibre's centre.
+    links = pooled.n_grid_faces + np.flatnonzero(kind == 2)
+    myelin = owner[kind == 2]
     touching = pooled.face_cells[links, 0]
     step = grid.displacement2(
         bundle.centres[myelin], pooled.section_positions[touching]
@@ -433,3 +435,35 @@ def test_a_subgrid_axon_moves_across_as_the_cylinders_first_mode():
         assert np.all(np.log(first) < -4e-4)  # the restriction is seen
         assert_allclose(np.log(signal), np.log(first), rtol=2e-3)
         assert_allclose(np.log(signal), np.log(series), rtol=4e-3)
+
+
+def test_an_axon_whose_ring_would_outpace_the_grid_is_a_stick():
+    """A sub-grid axon is four pools on a ring when the ring's angular mode
+    (D root^2 / r^2) is no faster than the grid's fastest cell (sum_f A_f
+    / L_f / V, D = 1; 12 / h^2 on the equilateral lattice: r >= 0.53 h),
+    one pool at its centre otherwise: the thinnest axons of an
+    exponential spread (mean 1 um) are sticks, more of them on a coarse
+    grid (h 0.46 um) than a fine one (0.08 um); the inside's water is its
+    disc's either way (1e-12)."""
+    root = an.cylinder_roots(1)[0]
+    sticks = []
+    for n in (16, 96):
+        grid, bundle = _bundle(1, n=n, mean_diameter=1.0, shape=1.0, resolve_above=10)
+        pooled = bundle.grid
+        faces = grid.face_areas / grid.face_distances.sum(1)
+        fastest = np.max(
+            np.bincount(grid.face_cells.ravel(), np.repeat(faces, 2))
+            / grid.cell_volumes
+        )
+        r_i = bundle.inner_diameters / 2
+        intra = bundle.compartment == 1
+        owner = bundle.axon[intra] - 1
+        parts = np.bincount(owner, minlength=bundle.n_axons)
+        assert_allclose(parts, np.where(root**2 / r_i**2 <= fastest, 4, 1))
+        sticks.append((parts == 1).sum())
+        water = np.bincount(owner, pooled.cell_volumes[intra], minlength=len(r_i))
+        assert_allclose(water, np.pi * r_i**2, rtol=1e-12)
+        cells = pooled.face_cells[pooled.n_grid_faces :]
+        ring = np.all(bundle.compartment[cells] == 1, axis=1)
+        assert ring.sum() == 4 * (parts == 4).sum()
+    assert sticks[0] > sticks[1] > 0

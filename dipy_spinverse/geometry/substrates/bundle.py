@@ -58,7 +58,15 @@ within 1.26 % of the whole series' log-signal for narrow pulses and 0.13 %
 for long ones (``tests/geometry/test_bundle.py``). Their other modes do
 not couple to the gradient at second order; beyond the Gaussian phase
 (``q R`` near 1) the ring is a four-site jump model, not the cylinder's
-diffraction. The links:
+diffraction. An axon whose ring would relax faster than the grid's
+fastest cell exchanges (``a^2 / R^2`` above the largest ``sum_f (A_f /
+L_f) / V`` over the grid's cells, at unit diffusivity: ``R`` below about
+half the spacing of the triangular grid) stays one pool at its centre, a
+stick: its ring would set the solver's stiffness (a cord draw took ten
+times longer), and what the stick leaves out, the cylinder's attenuation,
+falls as ``R^4`` (``(7 / 96) R^4 q^2 / (D delta)`` for long pulses: 1e-4
+of the axon's signal at R = 0.25 um, q = 1.8 um^-1, delta 8 ms, D 1.2
+um^2/ms, the cat cord's strongest). The links:
 
 - every kept extra-axonal cell across an edge of the fibre's removed cells
   (its *contacts*; the nearest extra-axonal cell when it covers none) ->
@@ -70,9 +78,9 @@ diffraction. The links:
   ``r_m = sqrt(r_i r_o)``: distance ``r_o ln(r_o / r_m)`` (the exact steady
   resistance of that shell, ``ln(r_o / r_m) / (2 pi D_m rho_m)``, over the
   whole perimeter);
-- sheath -> each quarter of the axon: the shell from ``r_m`` in to
-  ``r_i`` (distance ``r_i ln(r_m / r_i)``), the inner membrane over a
-  quarter of ``2 pi r_i``, then the axon's inside: distance ``r_i / 4``,
+- sheath -> each quarter of the axon (or its one pool): the shell from
+  ``r_m`` in to ``r_i`` (distance ``r_i ln(r_m / r_i)``), the inner
+  membrane over a quarter of ``2 pi r_i`` (the whole), then the axon's inside: distance ``r_i / 4``,
   the linear-driving-force resistance of a cylinder (exchange rate ``8 D /
   r_i^2``, Glueckauf's; its slowest radial mode relaxes at ``14.7 D /
   r_i^2``);
@@ -131,8 +139,12 @@ _PUSH_TOL = 1e-6
 _RING_SPACINGS = 1.5
 _MIN_AREA_SHARE = 0.25
 # A sub-grid axon's inside is this many pools on a ring (its quarters): the
-# fewest whose first angular mode is isotropic in the plane.
+# fewest whose first angular mode is isotropic in the plane. The disc's
+# first angular Neumann mode: the first root of J_1', and the ring's radius
+# over the disc's that gives the ring the mode's share of <x^2>.
 _QUADRANTS = 4
+_ROOT = float(special.jnp_zeros(1, 1)[0])
+_RING_RADIUS = float(np.sqrt(4 / (_ROOT**2 * (_ROOT**2 - 1))))
 
 
 @dataclass(frozen=True, eq=False)
@@ -511,36 +523,26 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
         grid.displacement2(points[contact], np.repeat(centres[fibres], counts, 0)),
         axis=1,
     )
-    # Each axon's inside: _QUADRANTS pools (its quarters) on a ring around
-    # the fibre's centre, each linked to the sheath and to its neighbours.
-    quarters = grid.n_cells + m + np.arange(_QUADRANTS * m).reshape(m, _QUADRANTS)
-    offsets, ring_length, ring_area = _quadrant_ring(ri)
+    # Each axon's inside: its quarters on a ring (the disc's first angular
+    # mode), or one pool (a stick) where that ring would be stiffer than the
+    # grid it joins (module documentation).
+    parts = np.where(_ROOT**2 / ri**2 <= _stiffest_rate(grid), _QUADRANTS, 1)
+    inside = _inside_pools(ri, rm, centres[fibres], parts, myelin_pool)
+    first_inside = grid.n_cells + m
     pooled = PooledSection.attach(
         grid,
-        pool_hosts=np.concatenate([hosts, np.repeat(hosts, _QUADRANTS)]),
-        pool_volumes=np.concatenate(
-            [np.pi * (ro**2 - ri**2), np.repeat(np.pi * ri**2 / _QUADRANTS, _QUADRANTS)]
-        ),
-        pool_positions=np.concatenate(
-            [centres[fibres], (centres[fibres][:, None] + offsets).reshape(-1, 2)]
-        ),
+        pool_hosts=np.concatenate([hosts, np.asarray(hosts)[inside["owner"]]]),
+        pool_volumes=np.concatenate([np.pi * (ro**2 - ri**2), inside["volumes"]]),
+        pool_positions=np.concatenate([centres[fibres], inside["positions"]]),
         links=np.concatenate(
             [
                 np.stack([contact, np.repeat(myelin_pool, counts)], axis=1),
-                np.stack(
-                    [np.repeat(myelin_pool, _QUADRANTS), quarters.ravel()], axis=1
-                ),
-                np.stack(
-                    [quarters.ravel(), np.roll(quarters, -1, axis=1).ravel()], axis=1
-                ),
+                inside["sheath_links"] + [0, first_inside],
+                inside["ring_links"] + first_inside,
             ]
         ),
         link_areas=np.concatenate(
-            [
-                2 * np.pi * outer_r * share,
-                np.repeat(2 * np.pi * ri / _QUADRANTS, _QUADRANTS),
-                np.repeat(ring_area, _QUADRANTS),
-            ]
+            [2 * np.pi * outer_r * share, inside["sheath_areas"], inside["ring_areas"]]
         ),
         link_distances=np.concatenate(
             [
@@ -551,12 +553,8 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
                     ],
                     axis=1,
                 ),
-                np.repeat(
-                    np.stack([ri * np.log(rm / ri), ri / 4], axis=1), _QUADRANTS, 0
-                ),
-                np.repeat(
-                    np.stack([ring_length, ring_length], axis=1) / 2, _QUADRANTS, 0
-                ),
+                inside["sheath_distances"],
+                inside["ring_distances"],
             ]
         ),
         removed=removed,
@@ -565,23 +563,22 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
     keep = pooled.kept_cells
     areas[fibres] = np.pi * ri**2
     sheaths[fibres] = np.pi * (ro**2 - ri**2)
+    owner = fibres[inside["owner"]]
     return AxonBundle(
         centres=centres,
         inner_diameters=inner,
         outer_diameters=outer,
-        axon=np.concatenate(
-            [axon[keep], fibres + 1, np.repeat(fibres + 1, _QUADRANTS)]
-        ),
+        axon=np.concatenate([axon[keep], fibres + 1, owner + 1]),
         compartment=np.concatenate(
-            [compartment[keep], np.full(m, 2), np.full(_QUADRANTS * m, 1)]
+            [compartment[keep], np.full(m, 2), np.full(len(owner), 1)]
         ),
         permeability=kappa,
         face_permeability=np.concatenate(
             [
                 face_kappa[pooled.kept_faces],
                 np.repeat(kappa[fibres], counts),
-                np.repeat(kappa[fibres], _QUADRANTS),
-                np.full(_QUADRANTS * m, np.inf),
+                kappa[owner],
+                np.full(len(inside["ring_links"]), np.inf),
             ]
         ),
         axon_areas=areas,
@@ -591,29 +588,63 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
     )
 
 
-def _quadrant_ring(radius):
-    """The ring of :data:`_QUADRANTS` pools that holds the inside of each
-    sub-grid axon of ``radius`` (um): their offsets from its centre (n,
-    _QUADRANTS, 2), and the length and "area" of each link between
-    neighbours (n,), so that the ring's water moves across the fibre as the
-    disc's first angular mode does (module documentation)."""
-    root = special.jnp_zeros(1, 1)[0]
-    # <x^2> of the ring's pools (radius rho): rho^2 / 2, the mode's share.
-    rho = radius * np.sqrt(4 / (root**2 * (root**2 - 1)))
-    angles = 2 * np.pi * (np.arange(_QUADRANTS) + 0.5) / _QUADRANTS
-    offsets = rho[:, None, None] * np.stack([np.cos(angles), np.sin(angles)], -1)
-    length = 2 * rho * np.sin(np.pi / _QUADRANTS)
-    # A ring of n pools of volume V joined by conductance w relaxes its
-    # first angular mode at 2 w (1 - cos(2 pi / n)) / V; the disc's at
-    # D root^2 / R^2. A link conducts D * area / length (open, one density).
-    volume = np.pi * radius**2 / _QUADRANTS
-    area = (
-        root**2
-        * volume
-        * length
-        / (2 * radius**2 * (1 - np.cos(2 * np.pi / _QUADRANTS)))
+def _stiffest_rate(grid):
+    """The grid's fastest exchange at unit diffusivity (um^-2): the largest
+    ``sum_f (A_f / L_f) / V`` over its cells (open faces, path ``L_f``)."""
+    per_face = grid.face_areas / grid.face_distances.sum(1)
+    total = np.bincount(
+        grid.face_cells.ravel(), np.repeat(per_face, 2), minlength=grid.n_cells
     )
-    return offsets, length, area
+    return float(np.max(total / grid.cell_volumes))
+
+
+def _inside_pools(radius, middle, centres, parts, sheath_pools):
+    """The pools of the insides of sub-grid axons of ``radius`` (um), each
+    ``parts`` pools (one at its centre, or :data:`_QUADRANTS` on a ring),
+    and their links: to their sheath's pool (``sheath_pools``; the shell
+    from ``middle`` in, the inner membrane, the inside's ``r / 4``) and
+    round the ring (open; module documentation). Links name the inside
+    pools from 0 (the sheaths' as given).
+
+    Returns
+    -------
+    dict
+        ``owner`` (each pool's axon, index into ``radius``), ``volumes``,
+        ``positions``, ``sheath_links``, ``sheath_areas``,
+        ``sheath_distances``, ``ring_links``, ``ring_areas``,
+        ``ring_distances``.
+    """
+    owner = np.repeat(np.arange(len(radius)), parts)
+    pool = np.arange(len(owner))
+    n = parts[owner]
+    within = pool - np.repeat(np.cumsum(parts) - parts, parts)
+    r = radius[owner]
+    rho = np.where(n > 1, _RING_RADIUS * r, 0.0)
+    angle = 2 * np.pi * (within + 0.5) / n
+    volume = np.pi * r**2 / n
+    ringed = n > 1
+    following = np.where(within == n - 1, pool - n + 1, pool + 1)
+    # Neighbours on a ring of n pools, rho from the centre; a ring of pools
+    # of volume V joined by conductance w relaxes its first angular mode at
+    # 2 w (1 - cos(2 pi / n)) / V, the disc at D root^2 / r^2, and an open
+    # link of path L conducts D A / L.
+    length = (2 * rho * np.sin(np.pi / n))[ringed]
+    cosine = np.cos(2 * np.pi / n[ringed])
+    return dict(
+        owner=owner,
+        volumes=volume,
+        positions=centres[owner]
+        + rho[:, None] * np.stack([np.cos(angle), np.sin(angle)], -1),
+        sheath_links=np.stack([sheath_pools[owner], pool], axis=1),
+        sheath_areas=2 * np.pi * r / n,
+        sheath_distances=np.stack([r * np.log(middle[owner] / r), r / 4], axis=1),
+        ring_links=np.stack([pool[ringed], following[ringed]], axis=1),
+        ring_areas=_ROOT**2
+        * volume[ringed]
+        * length
+        / (2 * r[ringed] ** 2 * (1 - cosine)),
+        ring_distances=np.stack([length, length], axis=1) / 2,
+    )
 
 
 def _uniform(rng, value, name, n, bounds):
