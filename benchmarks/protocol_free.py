@@ -147,19 +147,48 @@ class _Flow(torch.nn.Module):
 
 
 class SetEstimator(_Flow):
-    """The protocol-free estimator: DeepSets over shell tokens."""
+    """The protocol-free estimator: DeepSets over shell tokens.
 
-    def __init__(self, n_token, n_targets, width=96, context=32):
+    ``pooling`` is how the shells' features become one vector: ``mean``
+    (which hides how many shells there are), ``count`` (the mean and the
+    log of the number of shells), ``sum`` (the sum over 16 shells),
+    ``mean+sum`` (both), or ``attention`` (a few learned queries attending
+    over the shells, with the log count)."""
+
+    POOLINGS = ("mean", "count", "sum", "mean+sum", "attention")
+
+    def __init__(self, n_token, n_targets, width=96, context=32, pooling="mean"):
         super().__init__(n_targets, width, context)
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"pooling {pooling!r} not in {self.POOLINGS}")
+        self.pooling = pooling
         self.phi = _mlp(n_token + 1, width, width)
-        self.rho = _mlp(width + 1, width, context)
+        pooled = {"mean": width, "count": width + 1, "sum": width}
+        pooled.update({"mean+sum": 2 * width, "attention": 2 * width + 1})
+        if pooling == "attention":
+            self.queries = torch.nn.Parameter(0.1 * torch.randn(2, width))
+            self.attend = torch.nn.MultiheadAttention(width, 4, batch_first=True)
+        self.rho = _mlp(pooled[pooling] + 1, width, context)
 
     def context(self, tokens, mask, log_sigma):
         """``tokens`` (B, S, T) with ``mask`` (B, S) of shells present."""
         noise = log_sigma[:, None, None].expand(*tokens.shape[:2], 1)
         h = self.phi(torch.cat([tokens, noise], -1)) * mask[..., None]
-        pooled = h.sum(1) / mask.sum(1, keepdim=True)
-        return self.rho(torch.cat([pooled, log_sigma[:, None]], -1))
+        count = mask.sum(1, keepdim=True)
+        total = h.sum(1)
+        if self.pooling == "mean":
+            pooled = [total / count]
+        elif self.pooling == "count":
+            pooled = [total / count, torch.log(count)]
+        elif self.pooling == "sum":
+            pooled = [total / 16]
+        elif self.pooling == "mean+sum":
+            pooled = [total / count, total / 16]
+        else:
+            queries = self.queries.expand(len(h), -1, -1)
+            attended, _ = self.attend(queries, h, h, key_padding_mask=mask < 0.5)
+            pooled = [attended.flatten(1), torch.log(count)]
+        return self.rho(torch.cat([*pooled, log_sigma[:, None]], -1))
 
 
 class SignalEstimator(_Flow):
@@ -269,6 +298,16 @@ def main(argv=None):
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train_seed",
+        type=int,
+        default=None,
+        help="seeds the networks, the noise and the shell subsets "
+        "(default --seed); the protocols and simulations keep --seed",
+    )
+    parser.add_argument(
+        "--pooling", default="count", choices=SetEstimator.POOLINGS
+    )
     parser.add_argument("--out", default="protocol_free")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -279,11 +318,13 @@ def main(argv=None):
     unions = [
         random_union(rng, args.shells, args.directions) for _ in range(args.unions + 1)
     ]
+    seed = args.seed if args.train_seed is None else args.train_seed
+    noise_rng = rng if seed == args.seed else np.random.default_rng([seed, args.seed])
     sizes = [args.n] * args.unions + [args.n * args.unions + args.test]
     data = []
     for u, ((protocol, shell), n) in enumerate(zip(unions, sizes, strict=True)):
         signals, y = simulated(args.out, u, protocol, n, args.seed + 1 + u)
-        noisy, sigma = rician(signals, rng)
+        noisy, sigma = rician(signals, noise_rng)
         tokens = shell_tokens(protocol, shell, noisy)
         data.append((tokens, np.log(sigma), y, noisy))
     # The last union is held out: its first draws train the per-protocol
@@ -298,11 +339,11 @@ def main(argv=None):
 
     start = time.perf_counter()
     free = fit(
-        SetEstimator(tokens.shape[-1], y.shape[1]),
+        SetEstimator(tokens.shape[-1], y.shape[1], pooling=args.pooling),
         (tokens, np.ones(tokens.shape[:2]), log_sigma),
         y,
         epochs=args.epochs,
-        seed=args.seed,
+        seed=seed,
         random_mask=random_mask,
     )
     print(f"protocol-free estimator trained in {time.perf_counter() - start:.0f} s")
@@ -320,6 +361,7 @@ def main(argv=None):
         + " |"
     )
     print("|---:|---:|---|" + "---:|---:|" * len(DESCRIPTORS))
+    ratios = {}
     for k in sorted({min(k, n_shells) for k in (4, 8, n_shells)}):
         seen = np.arange(n_shells) < k
         mask = np.tile(seen, (len(held_y), 1)).astype(float)
@@ -333,11 +375,12 @@ def main(argv=None):
             (signals[train], held_sigma[train]),
             held_y[train],
             epochs=args.epochs,
-            seed=args.seed,
+            seed=seed,
         )
         seconds = time.perf_counter() - start
         print(f"per-protocol estimator ({k} shells) in {seconds:.0f} s")
         truth = held_y[test]
+        widths = []
         for name, model, inputs in (
             ("protocol-free", free, (held_tokens[test], mask[test], held_sigma[test])),
             ("per-protocol", own, (signals[test], held_sigma[test])),
@@ -349,6 +392,13 @@ def main(argv=None):
                 f"{c:.2f} | {w:.2f}" for c, w in zip(inside, width, strict=True)
             )
             print(f"| {k} | {volumes.sum()} | {name} | {cells} |", flush=True)
+            widths.append(width)
+        ratios[k] = widths[0] / widths[1]
+    print("\nWidth ratio, protocol-free / per-protocol:\n")
+    print("| shells | " + " | ".join(DESCRIPTORS) + " |")
+    print("|---:|" + "---:|" * len(DESCRIPTORS))
+    for k, ratio in ratios.items():
+        print(f"| {k} | " + " | ".join(f"{r:.2f}" for r in ratio) + " |")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ _PILOT = 4
 # measures the sub-steps beyond the first multiple (:func:`_probed`).
 _PROBE_LEVELS = 5
 _MAX_SUBSTEPS = 64
+# In float32 a doubling of the sub-steps whose change is not this many
+# times below the last one's is rounding, not the steps' error.
+_ROUNDING_FALLS = 4.0
 # Measured sub-step multiples by (grid, protocol, settings): an optimisation's
 # repeated simulations of one grid measure once. The entries hold their grid
 # and protocol, so that an id is not reused while it is cached.
@@ -155,7 +158,12 @@ def simulate(
         by at most ``time_tol``; the signals are those of the last multiple
         before that doubling (their time error about ``time_tol``). Pass a
         number to fix it (the measurement costs about twice the run on one
-        substrate, little on a batch).
+        substrate, little on a batch). In float32 the rounding grows with
+        the steps (2e-4 at two multiples on a stiff cord draw whose one
+        multiple is within 2e-5 of float64): where a doubling's change
+        above ``time_tol`` falls less than 4x, the steps cannot be measured
+        in float32 and the simulation runs in float64 (a RuntimeWarning
+        says so; the signals are returned in float32).
     time_tol : float
         Periodic grids with ``substeps=None``: the largest signal change a
         doubling of the sub-steps may make (default :data:`TIME_TOL`).
@@ -221,6 +229,7 @@ def simulate(
             "its cells in 3-D: remove axes."
         )
     engine = _engine(method)
+    given_tol = tol
     if tol is None and method != "modes":
         tol = 1e-11 if dtype == torch.float64 else 1e-6
     if phase_step is None:
@@ -306,7 +315,40 @@ def simulate(
                         return first[0]
                     return signals(pilot_op, start[pilot], n, pilot, fill=first[0])
 
-                substeps, coarse, change = converged_substeps(pilot_signals, time_tol)
+                substeps, coarse, change = converged_substeps(
+                    pilot_signals,
+                    time_tol,
+                    falls=_ROUNDING_FALLS if dtype == torch.float32 else None,
+                )
+            stalled = change > time_tol and substeps < _MAX_SUBSTEPS
+            if stalled and dtype == torch.float32:
+                # float32's rounding grows with the steps (2e-4 at two
+                # multiples on a stiff cord draw whose one multiple is within
+                # 2e-5 of float64): the steps cannot be measured in it.
+                warnings.warn(
+                    f"simulate: in float32 the signals change by {change:.2g} "
+                    f"(above time_tol {time_tol:.2g}) when the Magnus sub-steps "
+                    "double, and the change stopped falling: rounding, not the "
+                    "steps. Simulated in float64 instead (returned in float32).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return simulate(
+                    grid,
+                    permeability,
+                    protocol,
+                    diffusivity=diffusivity,
+                    initial=initial,
+                    method=method,
+                    dtype=torch.float64,
+                    device=device,
+                    t2=t2,
+                    tol=given_tol,
+                    phase_step=phase_step,
+                    time_tol=time_tol,
+                    axes=axes,
+                    density=density,
+                ).to(dtype)
             if change > time_tol:
                 warnings.warn(
                     f"simulate: the signals still change by {change:.2g} (above "
@@ -489,7 +531,7 @@ def _canonical_rates(rates):
     return unique[order], rank[inverse]
 
 
-def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS):
+def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS, falls=None):
     """Double a Magnus sub-step multiple until the signals stop moving.
 
     The fourth-order scheme's error falls ~16x per doubling, so the change
@@ -505,28 +547,34 @@ def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS):
         Largest change accepted.
     max_substeps : int
         The largest multiple tried.
+    falls : float, optional
+        Stop doubling when a doubling's change is not at least ``falls``
+        times smaller than the one before (the steps' error falls ~16x a
+        doubling; a change that does not is rounding, which grows with the
+        steps in float32); default: double up to ``max_substeps``.
 
     Returns
     -------
     multiple : int
         The first ``n`` (1, 2, 4, ...) whose signals change by at most
         ``time_tol`` when doubled; where none does up to ``max_substeps``,
-        ``max_substeps`` (the finest tried).
+        ``max_substeps`` (the finest tried), or, where the changes stopped
+        falling (``falls``), the multiple before that doubling.
     signals : array or tensor
         ``signals(multiple)``.
     change : float
         The last change measured: above ``time_tol`` only when the doubling
         did not converge (the caller says so).
     """
-    substeps, coarse = 1, signals(1)
+    substeps, coarse, last = 1, signals(1), np.inf
     while True:
         fine = signals(2 * substeps)
         change = float(abs(coarse - fine).max())
-        if change <= time_tol:
+        if change <= time_tol or (falls is not None and change * falls > last):
             return substeps, coarse, change
         if 2 * substeps >= max_substeps:
             return 2 * substeps, fine, change
-        substeps, coarse = 2 * substeps, fine
+        substeps, coarse, last = 2 * substeps, fine, change
 
 
 def _section_planes(grid, axes, n_batch, batch_shape, like):

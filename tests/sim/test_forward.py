@@ -1,5 +1,7 @@
 """simulate(): solver agreement, gradients, batching, options and bad input."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -408,6 +410,41 @@ def test_converged_substeps_doubles_until_the_change_is_below_tolerance():
     multiple, value, change = converged_substeps(signals, 1e-9, max_substeps=16)
     assert multiple == 16 and change > 1e-9
     assert_allclose(value, signals(16))
+
+    # Rounding that grows with the steps (float32): the change stops falling
+    # 4x a doubling, and the multiple before that doubling is returned.
+    calls.clear()
+
+    def rounded(n):
+        calls.append(n)
+        return np.array([1.0 + 0.1 * n**-4.0 + 2e-5 * n * (-1) ** n])
+
+    multiple, value, change = converged_substeps(rounded, 1e-6, falls=4.0)
+    # Changes 9.4e-2, 5.8e-3, 2.9e-4, then 1.4e-4 (8 -> 16: falls 2x only).
+    assert multiple == 8 and calls == [1, 2, 4, 8, 16] and change > 1e-6
+    assert_allclose(value, rounded(8))
+
+
+def test_float32_whose_steps_cannot_be_measured_is_simulated_in_float64(
+    monkeypatch,
+):
+    """A float32 pilot whose changes stop falling (forced here: any change
+    above time_tol counts as stalled) says so and returns the float64
+    simulation, in float32 (1e-7: float64's signals rounded)."""
+    monkeypatch.setattr(forward, "_ROUNDING_FALLS", 1e12)
+    grid = SectionGrid.triangular(3.0, 8)
+    kappa = np.full(grid.n_faces, 1e-5)
+    prot = Protocol.pgse(
+        [1000, 3000], [[1, 0, 0]] * 2, small_delta=0.01, big_delta=0.02
+    )
+    options = dict(time_tol=1e-9, tol=1e-11)
+    with pytest.warns(RuntimeWarning, match="rounding, not the steps"):
+        got = simulate(grid, kappa, prot, dtype=torch.float32, **options)
+    assert got.dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reference = simulate(grid, kappa, prot, dtype=torch.float64, **options)
+    assert_allclose(got.numpy(), reference.numpy(), rtol=1e-7)
 
 
 def _shared_pulse_protocol():
