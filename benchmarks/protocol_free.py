@@ -7,11 +7,14 @@ Design: a protocol is a set of *shells*, each one timing (delta, Delta)
 and one b-value played along several directions. A shell is summarised by
 what does not depend on the tissue's orientation: the rotation invariants
 of its signal's even spherical harmonics, ``p_l = sum_m c_lm^2`` for
-l = 0, 2, 4 (as ``sqrt``), with its b, delta and Delta. A DeepSets encoder
-(Zaheer et al. 2017: one network per shell, a mean over the shells,
-another network) turns any number of shells, in any order, into the
-context of a neural spline flow (zuko) over the tissue's
-orientation-free descriptors.
+l = 0, 2, 4 (as ``sqrt``), with its b, delta and Delta. A set encoder
+(one network per shell, with the noise level; one self-attention layer
+across the shells; two learned queries attending over them, with the log
+of the number of shells; another network: a small Set Transformer, Lee et
+al. 2019) turns any number of shells, in any order, into the context of a
+neural spline flow (zuko) over the tissue's orientation-free descriptors.
+``--pooling`` picks another way to pool the shells (``mean``: the first
+design's DeepSets mean, Zaheer et al. 2017; see :class:`SetEstimator`).
 
 Training data: ``--unions`` random protocols ("unions") of ``--shells``
 shells, each drawn from the design distribution (b 200-10,000 s/mm^2,
@@ -28,7 +31,10 @@ architecture trained on that fixed protocol with as many draws as the
 protocol-free one saw (``--unions`` times ``--n``, simulated on it).
 Reported on ``--test`` further draws: the coverage of the 90 % intervals
 and their median width (in the flow's coordinates: log or logit), for
-each descriptor, for both estimators.
+each descriptor, for both estimators, and the ratio of the widths.
+``--train_seed`` reseeds the networks, the noise and the shell subsets
+only (the protocols and the simulations, kept in ``--out``, follow
+``--seed``).
 
 Run (simulations are kept in ``--out`` and resumed)::
 
@@ -147,17 +153,20 @@ class _Flow(torch.nn.Module):
 
 
 class SetEstimator(_Flow):
-    """The protocol-free estimator: DeepSets over shell tokens.
+    """The protocol-free estimator: a set encoder over shell tokens.
 
-    ``pooling`` is how the shells' features become one vector: ``mean``
-    (which hides how many shells there are), ``count`` (the mean and the
-    log of the number of shells), ``sum`` (the sum over 16 shells),
-    ``mean+sum`` (both), or ``attention`` (a few learned queries attending
-    over the shells, with the log count)."""
+    ``pooling`` is how the shells' features (one network per shell) become
+    one vector: ``mean`` (DeepSets; it hides how many shells there are),
+    ``count`` (the mean and the log of the number of shells), ``sum`` (the
+    sum over 16 shells), ``mean+sum`` (both), ``attention`` (two learned
+    queries attending over the shells, 4 heads, with the log count: a
+    Set Transformer's pooling by multi-head attention, Lee et al. 2019) or
+    ``transformer`` (one self-attention layer across the shells first,
+    then that pooling)."""
 
-    POOLINGS = ("mean", "count", "sum", "mean+sum", "attention")
+    POOLINGS = ("mean", "count", "sum", "mean+sum", "attention", "transformer")
 
-    def __init__(self, n_token, n_targets, width=96, context=32, pooling="mean"):
+    def __init__(self, n_token, n_targets, width=96, context=32, pooling="transformer"):
         super().__init__(n_targets, width, context)
         if pooling not in self.POOLINGS:
             raise ValueError(f"pooling {pooling!r} not in {self.POOLINGS}")
@@ -165,9 +174,14 @@ class SetEstimator(_Flow):
         self.phi = _mlp(n_token + 1, width, width)
         pooled = {"mean": width, "count": width + 1, "sum": width}
         pooled.update({"mean+sum": 2 * width, "attention": 2 * width + 1})
-        if pooling == "attention":
+        pooled["transformer"] = 2 * width + 1
+        if pooling in ("attention", "transformer"):
             self.queries = torch.nn.Parameter(0.1 * torch.randn(2, width))
             self.attend = torch.nn.MultiheadAttention(width, 4, batch_first=True)
+        if pooling == "transformer":
+            self.mix = torch.nn.TransformerEncoderLayer(
+                width, 4, 2 * width, dropout=0.0, batch_first=True
+            )
         self.rho = _mlp(pooled[pooling] + 1, width, context)
 
     def context(self, tokens, mask, log_sigma):
@@ -185,6 +199,8 @@ class SetEstimator(_Flow):
         elif self.pooling == "mean+sum":
             pooled = [total / count, total / 16]
         else:
+            if self.pooling == "transformer":
+                h = self.mix(h, src_key_padding_mask=mask < 0.5) * mask[..., None]
             queries = self.queries.expand(len(h), -1, -1)
             attended, _ = self.attend(queries, h, h, key_padding_mask=mask < 0.5)
             pooled = [attended.flatten(1), torch.log(count)]
@@ -306,7 +322,7 @@ def main(argv=None):
         "(default --seed); the protocols and simulations keep --seed",
     )
     parser.add_argument(
-        "--pooling", default="count", choices=SetEstimator.POOLINGS
+        "--pooling", default="transformer", choices=SetEstimator.POOLINGS
     )
     parser.add_argument("--out", default="protocol_free")
     parser.add_argument("--quick", action="store_true")
