@@ -286,6 +286,27 @@ def test_a_subgrid_axon_exchanges_through_its_sheath_in_series():
     assert_allclose(moved @ grid.plane.T, step, atol=1e-12)
 
 
+def _one_axon(d_in, *, drawn=None, **changes):
+    """One myelinated axon of inner diameter ``d_in`` (g = 0.7) filling 0.35
+    of a 16-edge section (its drawn diameter, ``drawn``, is scaled to
+    ``d_in``)."""
+    g, fraction = 0.7, 0.35
+    side = np.sqrt(np.pi / 4 * (d_in / g) ** 2 / fraction)
+    grid = SectionGrid.triangular(side, 16)
+    bundle = axon_bundle(
+        grid,
+        rng=np.random.default_rng(0),
+        n_axons=1,
+        mean_diameter=d_in if drawn is None else drawn,
+        shape=1e6,
+        g_ratio=g,
+        fibre_fraction=fraction,
+        permeability=1e-5,
+        **changes,
+    )
+    return grid, bundle
+
+
 def _ring_gpa(rate, delta, big_delta, r2, diffusivity, n_t=4000):
     """Gaussian phase attenuation of water on a ring of mean square radius
     ``r2`` (its one angular mode that a gradient sees: <x(t) x(t')> =
@@ -314,19 +335,8 @@ def test_a_stick_differs_from_the_resolved_axon_by_its_restriction():
     smallest attenuations (the staircase annulus is a longer, rougher
     path than the ring: its angular mode is slower); tolerance 35 % of the
     prediction plus 2e-5."""
-    g, fraction, d_in = 0.7, 0.35, 0.8
-    side = np.sqrt(np.pi / 4 * (d_in / g) ** 2 / fraction)
-    grid = SectionGrid.triangular(side, 16)
-    bundle = axon_bundle(
-        grid,
-        rng=np.random.default_rng(0),
-        n_axons=1,
-        mean_diameter=1.0,
-        shape=1e6,
-        g_ratio=g,
-        fibre_fraction=fraction,
-        permeability=1e-5,
-    )
+    d_in = 0.8
+    grid, bundle = _one_axon(d_in, drawn=1.0)
     removed = bundle.compartment > 0
     r = np.linalg.norm(
         grid.displacement2(grid.section_positions, bundle.centres[0]), axis=1
@@ -398,20 +408,8 @@ def test_a_subgrid_axon_moves_across_as_the_cylinders_first_mode():
     R^2 / D = 0.5 ms; at most 1.26 % in the narrow-pulse limit, where the
     first mode holds 98.74 % of <x^2>): within 4e-3 of it, that gap plus
     the steps'. A stick's log-signal is zero."""
-    d_in, g, fraction, diffusivity = 2.0, 0.7, 0.35, 2e-3
-    side = np.sqrt(np.pi / 4 * (d_in / g) ** 2 / fraction)
-    grid = SectionGrid.triangular(side, 16)
-    bundle = axon_bundle(
-        grid,
-        rng=np.random.default_rng(0),
-        n_axons=1,
-        mean_diameter=d_in,
-        shape=1e6,
-        g_ratio=g,
-        fibre_fraction=fraction,
-        permeability=1e-5,
-        resolve_above=10.0,
-    )
+    diffusivity = 2e-3
+    _, bundle = _one_axon(2.0, resolve_above=10.0)
     assert bundle.subgrid.all()
     closed = np.where(np.isfinite(bundle.face_permeability), 0.0, np.inf)
     radius = bundle.inner_diameters[0] / 2
