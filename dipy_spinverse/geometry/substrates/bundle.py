@@ -80,10 +80,10 @@ um^2/ms, the cat cord's strongest). The links:
   whole perimeter);
 - sheath -> each quarter of the axon (or its one pool): the shell from
   ``r_m`` in to ``r_i`` (distance ``r_i ln(r_m / r_i)``), the inner
-  membrane over a quarter of ``2 pi r_i`` (the whole), then the axon's inside: distance ``r_i / 4``,
-  the linear-driving-force resistance of a cylinder (exchange rate ``8 D /
-  r_i^2``, Glueckauf's; its slowest radial mode relaxes at ``14.7 D /
-  r_i^2``);
+  membrane over a quarter of ``2 pi r_i`` (the whole), then the axon's
+  inside: distance ``r_i / 4``, the linear-driving-force resistance of a
+  cylinder (exchange rate ``8 D / r_i^2``, Glueckauf's; its slowest
+  radial mode relaxes at ``14.7 D / r_i^2``);
 - each quarter -> the next round the ring (no membrane).
 
 In series (the contacts in parallel) the links give
@@ -101,9 +101,9 @@ the fraction exchanged during the sequence. What the model leaves out:
 the axon's other in-plane modes (above), the sheath's in-plane diffusion
 (its water going round the ring: ~3e-4 of the signal for a 0.8 um axon at
 b = 3000 s/mm^2 and D_myelin 0.27 um^2/ms; T2_myelin removes most of it
-by the echo), and the sheath's resistance to water going round it (the sheath
-pool is well mixed: a short circuit between contacts through the outer
-membrane). The removed cells' area differs from the fibre's disc
+by the echo), and the sheath's resistance to water going round it (the
+sheath pool is well mixed: a short circuit between contacts through the
+outer membrane). The removed cells' area differs from the fibre's disc
 (staircase); the difference is taken from the extra-axonal cells near the
 fibre (within ``r_o`` plus 1.5 cells, and its contacts), in proportion to
 their areas, so that the section's water is the drawn tissue's exactly.
