@@ -172,9 +172,14 @@ class SetEstimator(_Flow):
             raise ValueError(f"pooling {pooling!r} not in {self.POOLINGS}")
         self.pooling = pooling
         self.phi = _mlp(n_token + 1, width, width)
-        pooled = {"mean": width, "count": width + 1, "sum": width}
-        pooled.update({"mean+sum": 2 * width, "attention": 2 * width + 1})
-        pooled["transformer"] = 2 * width + 1
+        pooled = {
+            "mean": width,
+            "count": width + 1,
+            "sum": width,
+            "mean+sum": 2 * width,
+            "attention": 2 * width + 1,
+            "transformer": 2 * width + 1,
+        }
         if pooling in ("attention", "transformer"):
             self.queries = torch.nn.Parameter(0.1 * torch.randn(2, width))
             self.attend = torch.nn.MultiheadAttention(width, 4, batch_first=True)

@@ -112,9 +112,9 @@ their areas, so that the section's water is the drawn tissue's exactly.
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
 
 from ...checks import check_int, check_number, check_positive
+from ...sim.analytic import cylinder_roots
 from ...sim.pools import PooledSection
 from .substrate import check_rng
 
@@ -143,7 +143,7 @@ _MIN_AREA_SHARE = 0.25
 # first angular Neumann mode: the first root of J_1', and the ring's radius
 # over the disc's that gives the ring the mode's share of <x^2>.
 _QUADRANTS = 4
-_ROOT = float(special.jnp_zeros(1, 1)[0])
+_ROOT = float(cylinder_roots(1)[0])
 _RING_RADIUS = float(np.sqrt(4 / (_ROOT**2 * (_ROOT**2 - 1))))
 
 
@@ -527,8 +527,9 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
     # mode), or one pool (a stick) where that ring would be stiffer than the
     # grid it joins (module documentation).
     parts = np.where(_ROOT**2 / ri**2 <= _stiffest_rate(grid), _QUADRANTS, 1)
-    inside = _inside_pools(ri, rm, centres[fibres], parts, myelin_pool)
-    first_inside = grid.n_cells + m
+    inside = _inside_pools(
+        ri, rm, centres[fibres], parts, myelin_pool, first=grid.n_cells + m
+    )
     pooled = PooledSection.attach(
         grid,
         pool_hosts=np.concatenate([hosts, np.asarray(hosts)[inside["owner"]]]),
@@ -537,8 +538,8 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
         links=np.concatenate(
             [
                 np.stack([contact, np.repeat(myelin_pool, counts)], axis=1),
-                inside["sheath_links"] + [0, first_inside],
-                inside["ring_links"] + first_inside,
+                inside["sheath_links"],
+                inside["ring_links"],
             ]
         ),
         link_areas=np.concatenate(
@@ -598,13 +599,13 @@ def _stiffest_rate(grid):
     return float(np.max(total / grid.cell_volumes))
 
 
-def _inside_pools(radius, middle, centres, parts, sheath_pools):
+def _inside_pools(radius, middle, centres, parts, sheath_pools, *, first):
     """The pools of the insides of sub-grid axons of ``radius`` (um), each
     ``parts`` pools (one at its centre, or :data:`_QUADRANTS` on a ring),
-    and their links: to their sheath's pool (``sheath_pools``; the shell
-    from ``middle`` in, the inner membrane, the inside's ``r / 4``) and
-    round the ring (open; module documentation). Links name the inside
-    pools from 0 (the sheaths' as given).
+    numbered from ``first``, and their links: to their sheath's pool
+    (``sheath_pools``; the shell from ``middle`` in, the inner membrane,
+    the inside's ``r / 4``) and round the ring (open; module
+    documentation).
 
     Returns
     -------
@@ -615,14 +616,14 @@ def _inside_pools(radius, middle, centres, parts, sheath_pools):
         ``ring_distances``.
     """
     owner = np.repeat(np.arange(len(radius)), parts)
-    pool = np.arange(len(owner))
+    pool = first + np.arange(len(owner))
     n = parts[owner]
-    within = pool - np.repeat(np.cumsum(parts) - parts, parts)
+    ringed = n > 1
+    within = np.arange(len(owner)) - np.repeat(np.cumsum(parts) - parts, parts)
     r = radius[owner]
-    rho = np.where(n > 1, _RING_RADIUS * r, 0.0)
+    rho = np.where(ringed, _RING_RADIUS * r, 0.0)
     angle = 2 * np.pi * (within + 0.5) / n
     volume = np.pi * r**2 / n
-    ringed = n > 1
     following = np.where(within == n - 1, pool - n + 1, pool + 1)
     # Neighbours on a ring of n pools, rho from the centre; a ring of pools
     # of volume V joined by conductance w relaxes its first angular mode at
