@@ -45,9 +45,6 @@ _PILOT = 4
 # measures the sub-steps beyond the first multiple (:func:`_probed`).
 _PROBE_LEVELS = 5
 _MAX_SUBSTEPS = 64
-# In float32 a doubling of the sub-steps whose change is not this many
-# times below the last one's is rounding, not the steps' error.
-_ROUNDING_FALLS = 4.0
 # Measured sub-step multiples by (grid, protocol, settings): an optimisation's
 # repeated simulations of one grid measure once. The entries hold their grid
 # and protocol, so that an id is not reused while it is cached.
@@ -158,12 +155,14 @@ def simulate(
         by at most ``time_tol``; the signals are those of the last multiple
         before that doubling (their time error about ``time_tol``). Pass a
         number to fix it (the measurement costs about twice the run on one
-        substrate, little on a batch). In float32 the rounding grows with
-        the steps (2e-4 at two multiples on a stiff cord draw whose one
-        multiple is within 2e-5 of float64): where a doubling's change
-        above ``time_tol`` falls less than 4x, the steps cannot be measured
-        in float32 and the simulation runs in float64 (a RuntimeWarning
-        says so; the signals are returned in float32).
+        substrate, little on a batch). With ``dtype=float32`` the probed
+        acquisitions are measured against float64 (float32's rounding grows
+        with the steps and a doubling in float32 takes it for their error):
+        one multiple serves where float32 there is within ``time_tol`` of
+        float64 at two; otherwise the multiple is measured in float64, and
+        where float32's rounding at it exceeds ``time_tol`` the simulation
+        runs in float64 (a RuntimeWarning says so; the signals are returned
+        in float32).
     time_tol : float
         Periodic grids with ``substeps=None``: the largest signal change a
         doubling of the sub-steps may make (default :data:`TIME_TOL`).
@@ -259,8 +258,8 @@ def simulate(
     stationary = stationary and grid.boundary != "absorbing"
 
     def signals(op, start, substeps, rows=slice(None), fill=None):
-        """The normalised signals; with ``fill``, only the probed ones
-        (:func:`_probed`), the rest taken from ``fill``."""
+        """The normalised signals, in the precision of ``op``; with ``fill``,
+        only the probed ones (:func:`_probed`), the rest taken from ``fill``."""
         u0 = op.sqrt_volumes * start  # (B, N): u = sqrt(rho V) m
         out, probed = _signals(
             op,
@@ -268,20 +267,54 @@ def simulate(
             u0,
             frame="phase" if grid.periodic else "lab",
             engine=engine,
-            tol=tol,
+            # A float64 pilot of a float32 simulation: float64's tolerance.
+            tol=tol if u0.dtype == dtype or given_tol else 1e-11,
             phase_step=phase_step,
             substeps=substeps,
-            along=(diff[rows], planes[rows, 2]) if per_cell else None,
+            along=(diff[rows].to(u0), planes[rows, 2].to(u0)) if per_cell else None,
             still=stationary,
             probe=fill is not None,
         )
         out = out / (u0 * u0).sum(-1)[:, None]  # initial magnetisation: volume
         return out if fill is None else torch.where(probed, out, fill)
 
+    def pilot_signals(precision, first=None):
+        """``signals(n)`` of the first batch elements in ``precision``: every
+        acquisition at one sub-step multiple, or ``first`` (the pilot's
+        signals at one multiple in another precision), and beyond it (with
+        ``first``, at every multiple) only a few gradient strengths of each
+        chunk (:func:`_probed`; the others share their chunk's plan and
+        keep their first values, so that only the probed ones measure)."""
+        rows = slice(0, _PILOT)
+
+        def cast(values):
+            return None if values is None else values[rows].to(precision)
+
+        with torch.no_grad():
+            pilot_op = diffusion_operator(
+                grid, cast(kappa), cast(diff), cast(relaxation), density=cast(water)
+            )
+            if axes is not None:
+                pilot_op = _oriented(pilot_op, grid, cast(planes))
+        known = {}
+
+        def at(n):
+            if n not in known:
+                with torch.no_grad():
+                    if first is None and n == 1:
+                        known[n] = signals(pilot_op, cast(start), 1, rows)
+                    else:
+                        fill = at(1) if first is None else first.to(precision)
+                        known[n] = signals(pilot_op, cast(start), n, rows, fill=fill)
+            return known[n]
+
+        return at
+
     def finish(out):
         return out if per_cell else _finish(out, planes, protocol, diff)
 
     shape = (*batch_shape, len(protocol))
+    run_dtype = dtype
     if substeps is None and grid.periodic:
         # The diffusivity to 3 digits: the stiffness scales with it, and a
         # finite difference of it must not measure again.
@@ -290,85 +323,44 @@ def simulate(
         key += (time_tol, stiffness, relaxation is None, axes is None)
         known = _MEASURED.get(key)
         if known is not None and known[0] is grid and known[1] is protocol:
-            substeps = known[2]
+            substeps, run_dtype = known[2:]
         else:
-            pilot = slice(0, _PILOT)
-            with torch.no_grad():
-                pilot_op = diffusion_operator(
-                    grid,
-                    kappa[pilot],
-                    diff[pilot],
-                    None if relaxation is None else relaxation[pilot],
-                    density=None if water is None else water[pilot],
-                )
-                if axes is not None:
-                    pilot_op = _oriented(pilot_op, grid, planes[pilot])
-                # Every acquisition at one sub-step, then only a few gradient
-                # strengths of each chunk at more (:func:`_probed`): the others
-                # share their chunk's plan, and keep their first values, so
-                # that only the probed ones measure the change.
-                first = []
-
-                def pilot_signals(n):
-                    if n == 1:
-                        first.append(signals(pilot_op, start[pilot], 1, pilot))
-                        return first[0]
-                    return signals(pilot_op, start[pilot], n, pilot, fill=first[0])
-
+            if dtype == torch.float32:
+                substeps, coarse, run_dtype = _float32_substeps(pilot_signals, time_tol)
+            else:
                 substeps, coarse, change = converged_substeps(
-                    pilot_signals,
-                    time_tol,
-                    falls=_ROUNDING_FALLS if dtype == torch.float32 else None,
+                    pilot_signals(torch.float64), time_tol
                 )
-            stalled = change > time_tol and substeps < _MAX_SUBSTEPS
-            if stalled and dtype == torch.float32:
-                # float32's rounding grows with the steps (2e-4 at two
-                # multiples on a stiff cord draw whose one multiple is within
-                # 2e-5 of float64): the steps cannot be measured in it.
-                warnings.warn(
-                    f"simulate: in float32 the signals change by {change:.2g} "
-                    f"(above time_tol {time_tol:.2g}) when the Magnus sub-steps "
-                    "double, and the change stopped falling: rounding, not the "
-                    "steps. Simulated in float64 instead (returned in float32).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return simulate(
-                    grid,
-                    permeability,
-                    protocol,
-                    diffusivity=diffusivity,
-                    initial=initial,
-                    method=method,
-                    dtype=torch.float64,
-                    device=device,
-                    t2=t2,
-                    tol=given_tol,
-                    phase_step=phase_step,
-                    time_tol=time_tol,
-                    axes=axes,
-                    density=density,
-                ).to(dtype)
-            if change > time_tol:
-                warnings.warn(
-                    f"simulate: the signals still change by {change:.2g} (above "
-                    f"time_tol {time_tol:.2g}) at {_MAX_SUBSTEPS} Magnus sub-step "
-                    "multiples; returned at that multiple. Pass a smaller "
-                    "phase_step, or a coarser grid.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                _warn_unconverged(change, time_tol)
             if len(_MEASURED) >= _MEASURED_MAX:
                 _MEASURED.clear()
-            _MEASURED[key] = (grid, protocol, substeps)
+            _MEASURED[key] = (grid, protocol, substeps, run_dtype)
             graph = torch.is_grad_enabled() and any(
                 t.requires_grad
                 for t in (kappa, diff, relaxation, water)
                 if t is not None
             )
             # The pilot was the batch, and every acquisition of it converged.
-            if n_batch <= _PILOT and substeps == 1 and not graph:
+            pilot_is_batch = n_batch <= _PILOT and substeps == 1 and not graph
+            if pilot_is_batch and run_dtype == dtype:
                 return finish(coarse).reshape(shape)
+    if run_dtype != dtype:
+        return simulate(
+            grid,
+            permeability,
+            protocol,
+            diffusivity=diffusivity,
+            initial=initial,
+            method=method,
+            dtype=run_dtype,
+            device=device,
+            t2=t2,
+            tol=given_tol,
+            phase_step=phase_step,
+            substeps=substeps,
+            axes=axes,
+            density=density,
+        ).to(dtype)
     # The laboratory frame has no Magnus steps: one multiple.
     out = signals(op, start, 1 if substeps is None else int(substeps))
     return finish(out).reshape(shape)
@@ -531,7 +523,7 @@ def _canonical_rates(rates):
     return unique[order], rank[inverse]
 
 
-def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS, falls=None):
+def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS):
     """Double a Magnus sub-step multiple until the signals stop moving.
 
     The fourth-order scheme's error falls ~16x per doubling, so the change
@@ -547,34 +539,79 @@ def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS, falls=N
         Largest change accepted.
     max_substeps : int
         The largest multiple tried.
-    falls : float, optional
-        Stop doubling when a doubling's change is not at least ``falls``
-        times smaller than the one before (the steps' error falls ~16x a
-        doubling; a change that does not is rounding, which grows with the
-        steps in float32); default: double up to ``max_substeps``.
 
     Returns
     -------
     multiple : int
         The first ``n`` (1, 2, 4, ...) whose signals change by at most
         ``time_tol`` when doubled; where none does up to ``max_substeps``,
-        ``max_substeps`` (the finest tried), or, where the changes stopped
-        falling (``falls``), the multiple before that doubling.
+        ``max_substeps`` (the finest tried).
     signals : array or tensor
         ``signals(multiple)``.
     change : float
         The last change measured: above ``time_tol`` only when the doubling
         did not converge (the caller says so).
     """
-    substeps, coarse, last = 1, signals(1), np.inf
+    substeps, coarse = 1, signals(1)
     while True:
         fine = signals(2 * substeps)
         change = float(abs(coarse - fine).max())
-        if change <= time_tol or (falls is not None and change * falls > last):
+        if change <= time_tol:
             return substeps, coarse, change
         if 2 * substeps >= max_substeps:
             return 2 * substeps, fine, change
-        substeps, coarse, last = 2 * substeps, fine, change
+        substeps, coarse = 2 * substeps, fine
+
+
+def _float32_substeps(pilot, time_tol):
+    """The Magnus sub-step multiple of a float32 simulation, its pilot's
+    signals at it, and the precision it runs in.
+
+    Measured against float64: float32's rounding grows with the steps (2e-4
+    at two multiples on a stiff cord draw whose one multiple is within 2e-5
+    of float64), and a doubling in float32 takes it for their error.
+    ``pilot(precision, first=None)``: the pilot's ``signals(n)``, every
+    acquisition at one multiple and the probed ones beyond; with ``first``,
+    the probed ones only, the others ``first`` (so float64 simulates only
+    those). One multiple serves where float32's signals there are within
+    ``time_tol`` of float64's at two: that bounds float32's rounding and its
+    time error together (up to float64's time error at two multiples, ~16x
+    smaller). Otherwise the multiple is measured in float64
+    (:func:`converged_substeps`), and the simulation runs in float32 where
+    its rounding at that multiple is within ``time_tol``, in float64 (with a
+    RuntimeWarning) where not.
+    """
+    rounded = pilot(torch.float32)
+    first = rounded(1)
+    precise = pilot(torch.float64, first)
+    if float(abs(first.to(precise(2)) - precise(2)).max()) <= time_tol:
+        return 1, first, torch.float32
+    substeps, coarse, change = converged_substeps(precise, time_tol)
+    _warn_unconverged(change, time_tol, stacklevel=4)
+    kept = rounded(substeps)
+    rounding = float(abs(kept.to(coarse) - coarse).max())
+    if rounding <= time_tol:
+        return substeps, kept, torch.float32
+    warnings.warn(
+        f"simulate: float32's rounding moves the signals by {rounding:.2g} "
+        f"(above time_tol {time_tol:.2g}) at the measured Magnus sub-steps. "
+        "Simulated in float64 instead (returned in float32).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return substeps, coarse, torch.float64
+
+
+def _warn_unconverged(change, time_tol, *, stacklevel=3):
+    if change > time_tol:
+        warnings.warn(
+            f"simulate: the signals still change by {change:.2g} (above "
+            f"time_tol {time_tol:.2g}) at {_MAX_SUBSTEPS} Magnus sub-step "
+            "multiples; returned at that multiple. Pass a smaller phase_step, "
+            "or a coarser grid.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _section_planes(grid, axes, n_batch, batch_shape, like):
@@ -687,9 +724,7 @@ def _family_signal(
     )
     # Chunks of rates in order of strength (each chunk's Magnus sub-steps
     # follow its strongest gradient), of even sizes.
-    most = _chunk_size(
-        n_batch, n_cells, len(unique) * (1 + partial), u0.element_size(), engine
-    )
+    most = _chunk_size(n_batch, n_cells, len(unique) * (1 + partial), engine)
     n_chunks = -(-len(unique) // most)
     computed = []
     for chunk in np.array_split(np.arange(len(unique)), n_chunks):
@@ -783,7 +818,7 @@ def _group_signal(
     durations, amplitudes = waveform.segments
     dmax = float(op.displacement.norm(dim=-1).max())
     n_batch, n_cells = u0.shape
-    chunk = _chunk_size(n_batch, n_cells, len(rate), u0.element_size(), engine)
+    chunk = _chunk_size(n_batch, n_cells, len(rate), engine)
     ctype = torch.complex128 if u0.dtype == torch.float64 else torch.complex64
     strength = rate.norm(dim=-1).cpu().numpy()
     signals = torch.zeros(n_batch, len(rate), dtype=u0.dtype, device=u0.device)
@@ -830,15 +865,20 @@ def _first_half(durations, amplitudes):
     return d, amplitudes[keep]
 
 
-def _chunk_size(n_batch, n_cells, n_acq, itemsize, engine):
+def _chunk_size(n_batch, n_cells, n_acq, engine):
+    """Acquisitions per chunk within :data:`_CHUNK_BYTES`, counted in
+    complex128 in either precision: a chunk's Magnus sub-steps follow its
+    strongest gradient, so float32 is chunked, and stepped, as float64 is
+    (which measures its sub-steps, :func:`simulate`)."""
+    complex_bytes = 16
     if engine == "dense":
         # Generator, propagator and matrix_exp workspace: ~4 dense complex
         # (N, N) matrices per acquisition and batch element.
-        per_acq = n_batch * n_cells**2 * 2 * itemsize * 4
+        per_acq = n_batch * n_cells**2 * complex_bytes * 4
     else:
         # The backward pass of one Chebyshev step holds its ~100 terms of
         # (B, N, chunk) complex states.
-        per_acq = n_batch * n_cells * 2 * itemsize * 100
+        per_acq = n_batch * n_cells * complex_bytes * 100
     return max(1, min(n_acq, _CHUNK_BYTES // max(per_acq, 1)))
 
 
