@@ -362,3 +362,37 @@ def test_cord_oracle_quick_run(cord_bench, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "cord_histology").exists() or not any(
         (tmp_path / "cord_histology").iterdir()
     )
+
+
+def test_cord_white_matter_reading_checks(monkeypatch):
+    """``cord_white_matter.py``'s checks: features drawn like the
+    simulations' fall inside their 95 % region about 95 % of the time and
+    shifted ones not at all; the two-compartment reading recovers the
+    parameters a signal was made of (the cord's b-values and gradients
+    across 0.1-0.8 T/m, two timings)."""
+    module = _load_benchmark("cord_white_matter", monkeypatch)
+    from dipy_spinverse.sim.waveforms import GAMMA_UM_US
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(12, 24))
+    simulated = rng.normal(size=(4000, 12)) @ mixing
+    alike = rng.normal(size=(500, 12)) @ mixing
+    labels = [f"feature {i}" for i in range(12)]
+    inside, own, theirs, worst = module.prior_predictive(simulated, alike, labels)
+    assert 0.9 < inside < 0.99 and abs(own - theirs) < 0.3
+    shifted = alike + 8 * simulated.std(0)
+    inside, _, _, worst = module.prior_predictive(simulated, shifted, labels)
+    assert inside == 0 and "100% outside" in worst
+
+    strength = np.tile(np.linspace(0.1, 0.8, 15), 2)  # T/m
+    delta = np.repeat([3e3, 8e3], 15)  # us
+    big_delta = np.repeat([20e3, 40e3], 15)
+    g = GAMMA_UM_US * strength  # rad/(um us), as protocol.gradient_rate
+    b = g**2 * delta**2 * (big_delta - delta / 3) * 1e-3  # ms/um^2
+    truth = dict(f_i=0.35, R=2.5, D_i=1.2, D_e=0.6, f_dot=0.05)
+    inside = module.cylinder_gpa_pgse(g, delta, big_delta, 2.5, 1.2e-3)
+    signal = 0.35 * inside + 0.05 + 0.6 * np.exp(-b * 0.6)
+    read = module.two_compartment_reading(signal, (g, delta, big_delta, b))
+    assert read["rms"] < 1e-4
+    for name, value in truth.items():
+        assert_allclose(read[name], value, rtol=0.05, atol=0.01)
