@@ -34,7 +34,8 @@ noise. Three more tables say why a score is what it is:
   outside the simulations' 1-99 % range;
 - what a two-compartment model (a Gaussian-phase cylinder, hindered water
   and a non-decaying pool) reads in the median signal of the cord and of
-  each prior's simulations.
+  each prior's simulations, and (``--probe``) in one draw as one tissue
+  setting changes at a time; and the cord's tensor from its 3-D set.
 
 Run (the simulations are kept in ``--out`` and resumed; with
 ``OPENBLAS_NUM_THREADS=1``)::
@@ -313,6 +314,58 @@ def cord_tensor(wm):
     )
 
 
+#: One draw's settings (seed 0): a dozen 4 um axons at the histology's
+#: fibre fraction, then one setting changed at a time (``--probe``).
+PROBE_BASE = dict(
+    mean_diameter=(4.0, 4.0),
+    n_axons=(12, 12),
+    fibre_fraction=(0.65, 0.65),
+    g_ratio=(0.6, 0.7),
+    permeability=(1e-5, 1e-5),
+)
+PROBE_CHANGES = {
+    "none": {},
+    "permeability 3e-3 m/s": dict(permeability=(3e-3, 3e-3)),
+    "permeability 3e-3 m/s, myelin D 1.0": dict(
+        permeability=(3e-3, 3e-3), myelin_diffusivity=(1e-3, 1e-3)
+    ),
+    "fibre fraction 0.3": dict(fibre_fraction=(0.3, 0.3)),
+    "extra-axonal D 2.0": dict(extra_diffusivity=(2e-3, 2e-3)),
+}
+
+
+def settings_probe(cord, kept, acquisitions, resolve_above):
+    """The two-compartment reading of one draw's signal as one setting of
+    the fixed preset changes at a time (:data:`PROBE_CHANGES`)."""
+    protocol = cord.protocol[kept]
+    n = len(acquisitions[0])
+    print(
+        "\nOne draw, one setting changed at a time (two-compartment reading):"
+        "\n\n| changed | fibre fraction | f_i | D_e across (um^2/ms) "
+        "| non-decaying | s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, change in PROBE_CHANGES.items():
+        prior = WhiteMatterPrior.fixed(
+            fibre_axis=AXIS, resolve_above=resolve_above, **{**PROBE_BASE, **change}
+        )
+        draw = prior.draw(np.random.default_rng(0))
+        start = time.perf_counter()
+        signals = prior.simulate([draw], protocol, dtype=torch.float32)
+        seconds = time.perf_counter() - start
+        features = simulated_features(cord, kept, signals)[0, :n]
+        r = two_compartment_reading(features, acquisitions)
+        myelin, intra = (
+            draw.descriptors[k] for k in ("myelin_fraction", "intra_axonal_fraction")
+        )
+        fibres = myelin + intra * (1 - myelin)  # as histology's fr + MVF
+        print(
+            f"| {name} | {fibres:.2f} | {r['f_i']:.2f} "
+            f"| {r['D_e']:.2f} | {r['f_dot']:.2f} | {seconds:.0f} |",
+            flush=True,
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400)
@@ -333,6 +386,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--repeats", type=int, default=5, help="draws of the simulated noise"
+    )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="also read one draw with one tissue setting changed at a time",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -437,6 +495,8 @@ def main(argv=None):
             f"| {name} | {r['f_i']:.2f} | {r['R']:.2f} | {r['D_i']:.2f} "
             f"| {r['D_e']:.2f} | {r['f_dot']:.2f} | {r['rms']:.3f} |"
         )
+    if args.probe:
+        settings_probe(cord, kept, acquisitions, args.resolve_above)
     ad, rd, fa, angle = cord_tensor(wm)
     print(
         f"\nThe cord's white-matter tensor (3-D set, b <= 1,700 s/mm^2): AD "
