@@ -296,17 +296,17 @@ def simulate(
             )
             if axes is not None:
                 pilot_op = _oriented(pilot_op, grid, cast(planes))
-        known = {}
+        computed = {}
 
         def at(n):
-            if n not in known:
+            if n not in computed:
                 with torch.no_grad():
                     if first is None and n == 1:
-                        known[n] = signals(pilot_op, cast(start), 1, rows)
+                        computed[n] = signals(pilot_op, cast(start), 1, rows)
                     else:
                         fill = at(1) if first is None else first.to(precision)
-                        known[n] = signals(pilot_op, cast(start), n, rows, fill=fill)
-            return known[n]
+                        computed[n] = signals(pilot_op, cast(start), n, rows, fill=fill)
+            return computed[n]
 
         return at
 
