@@ -38,9 +38,10 @@ noise. Three more tables say why a score is what it is:
   setting changes at a time; and the cord's tensor from its 3-D set.
 
 Run (the simulations are kept in ``--out`` and resumed; with
-``OPENBLAS_NUM_THREADS=1``)::
+``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1`` beside other work: two torch
+threads on two shared cores made a draw eight times slower)::
 
-    python benchmarks/cord_white_matter.py --n 200 --resolve_above 3 --directions 1
+    python benchmarks/cord_white_matter.py --n 200 --resolve_above 3 --directions 1 --probe
 
 ``--quick``: 4 draws of each prior, no scores.
 """
@@ -95,15 +96,19 @@ def simulated_features(cord, kept, signals):
     return shell_features(_Simulated, levels, keep=kept)
 
 
-def simulate_prior(name, cord, kept, n, seed, out, resolve_above=None):
+def simulate_prior(
+    name, cord, kept, n, seed, out, resolve_above=None, fibre_fraction=None
+):
     """(signals, truth) of ``n`` draws of prior ``name``, resumed from and
     saved to ``out``; the white-matter prior's axons thinner than
-    ``resolve_above`` (um) held as sub-grid pools."""
-    tag = (
-        ""
-        if name != "white_matter" or resolve_above is None
-        else f"-{resolve_above:g}um"
-    )
+    ``resolve_above`` (um) held as sub-grid pools, its fibre fraction
+    drawn from ``fibre_fraction`` (low, high) where given (a diagnostic:
+    the preset's range is the literature's)."""
+    tag = ""
+    if name == "white_matter" and resolve_above is not None:
+        tag += f"-{resolve_above:g}um"
+    if name == "white_matter" and fibre_fraction is not None:
+        tag += "-ff{:g}-{:g}".format(*fibre_fraction)
     path = pathlib.Path(out) / f"{name}{tag}-{len(kept)}v-{n}-{seed}.npz"
     if path.exists():
         saved = np.load(path)
@@ -112,7 +117,10 @@ def simulate_prior(name, cord, kept, n, seed, out, resolve_above=None):
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     if name == "white_matter":
-        prior = WhiteMatterPrior.fixed(fibre_axis=AXIS, resolve_above=resolve_above)
+        changes = {} if fibre_fraction is None else {"fibre_fraction": fibre_fraction}
+        prior = WhiteMatterPrior.fixed(
+            fibre_axis=AXIS, resolve_above=resolve_above, **changes
+        )
         draws = [prior.draw(rng) for _ in range(n)]
         signals = simulated_in_chunks(prior, draws, protocol, path)
         diameter = np.array([d.descriptors["effective_diameter"] for d in draws])
@@ -342,17 +350,15 @@ def settings_probe(cord, kept, acquisitions, resolve_above):
     print(
         "\nOne draw, one setting changed at a time (two-compartment reading):"
         "\n\n| changed | fibre fraction | f_i | D_e across (um^2/ms) "
-        "| non-decaying | s |"
+        "| non-decaying |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|")
     for name, change in PROBE_CHANGES.items():
         prior = WhiteMatterPrior.fixed(
             fibre_axis=AXIS, resolve_above=resolve_above, **{**PROBE_BASE, **change}
         )
         draw = prior.draw(np.random.default_rng(0))
-        start = time.perf_counter()
         signals = prior.simulate([draw], protocol, dtype=torch.float32)
-        seconds = time.perf_counter() - start
         features = simulated_features(cord, kept, signals)[0, :n]
         r = two_compartment_reading(features, acquisitions)
         myelin, intra = (
@@ -361,7 +367,7 @@ def settings_probe(cord, kept, acquisitions, resolve_above):
         fibres = myelin + intra * (1 - myelin)  # as histology's fr + MVF
         print(
             f"| {name} | {fibres:.2f} | {r['f_i']:.2f} "
-            f"| {r['D_e']:.2f} | {r['f_dot']:.2f} | {seconds:.0f} |",
+            f"| {r['D_e']:.2f} | {r['f_dot']:.2f} |",
             flush=True,
         )
 
@@ -388,6 +394,15 @@ def main(argv=None):
         "--repeats", type=int, default=5, help="draws of the simulated noise"
     )
     parser.add_argument(
+        "--fibre_fraction",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="draw the white-matter fibre fraction from this range (a "
+        "diagnostic; the preset's is the literature's 0.4-0.8)",
+    )
+    parser.add_argument(
         "--probe",
         action="store_true",
         help="also read one draw with one tissue setting changed at a time",
@@ -410,7 +425,14 @@ def main(argv=None):
     read = {}
     for name in ("default", "white_matter"):
         signals, diameter, fraction = simulate_prior(
-            name, cord, kept, args.n, args.seed, args.out, args.resolve_above
+            name,
+            cord,
+            kept,
+            args.n,
+            args.seed,
+            args.out,
+            args.resolve_above,
+            args.fibre_fraction,
         )
         if not args.quick:
             read[name] = (signals, diameter, fraction)
