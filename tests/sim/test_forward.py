@@ -113,6 +113,16 @@ def _stiff_section():
     return grid, kappa
 
 
+def _across_the_fibre():
+    """PGSE 10/20 ms across the stiff section's fibre, b 100-3000 s/mm^2."""
+    return Protocol.pgse(
+        np.array([100.0, 1000.0, 3000.0]),
+        np.tile([1.0, 0.0, 0.0], (3, 1)),
+        small_delta=0.01,
+        big_delta=0.02,
+    )
+
+
 def test_substeps_are_measured_on_five_strengths_of_each_chunk(monkeypatch):
     """The pilot runs every acquisition at one sub-step multiple and then
     only five gradient strengths of each chunk (its plan is the chunk's
@@ -165,12 +175,7 @@ def test_periodic_substeps_are_measured_on_stiff_grids(monkeypatch):
     for the grid and protocol (a second call does not measure), and a
     gradient run at that multiple gives the same signal."""
     grid, kappa = _stiff_section()
-    prot = Protocol.pgse(
-        np.array([100.0, 1000.0, 3000.0]),
-        np.tile([1.0, 0.0, 0.0], (3, 1)),
-        small_delta=0.01,
-        big_delta=0.02,
-    )
+    prot = _across_the_fibre()
     reference = simulate(grid, kappa, prot, substeps=64).numpy()
     one = simulate(grid, kappa, prot, substeps=1).numpy()
     assert np.abs(one - reference).max() > 1e-2
@@ -460,17 +465,11 @@ def test_float32_on_a_stiff_section_is_stepped_by_float64(time_tol):
     2e-4 to 5e-4 at every multiple. Its multiple is measured in float64.
     At time_tol 1e-3 float32 runs at it, within time_tol plus 6e-4 of
     rounding of the 64-multiple reference (5.9e-4 measured); at 1e-4 its
-    rounding exceeds
-    time_tol, so float64 runs, with a warning, returned in float32 and
-    within time_tol of the reference. The choice is kept for the grid (no
-    second warning)."""
+    rounding exceeds time_tol, so float64 runs, with a warning, returned in
+    float32 and within time_tol of the reference. The choice is kept for
+    the grid (no second warning)."""
     grid, kappa = _stiff_section()
-    prot = Protocol.pgse(
-        np.array([100.0, 1000.0, 3000.0]),
-        np.tile([1.0, 0.0, 0.0], (3, 1)),
-        small_delta=0.01,
-        big_delta=0.02,
-    )
+    prot = _across_the_fibre()
     reference = simulate(grid, kappa, prot, substeps=64).numpy()
     forward._MEASURED.clear()
     rounds = time_tol < 2e-4
