@@ -382,7 +382,7 @@ class PriorSimulator:
         substeps = self.measured_substeps.get(box, (1, None))[0]
         return box, [draws[i] for i in rows], substeps
 
-    def _simulate(self, grid, draws, rows, box=None, *, substeps=None):
+    def _simulate(self, grid, draws, rows, box=None, *, substeps=None, dtype=None):
         if substeps is None:
             substeps = self.measured_substeps.get(box, (1, None))[0]
         kappa = np.stack([draws[i].substrate.face_permeability for i in rows])
@@ -396,7 +396,7 @@ class PriorSimulator:
                 kappa,
                 self.protocol,
                 diffusivity=np.repeat(diffusivity, grid.n_cells, axis=1),
-                dtype=self.dtype,
+                dtype=self.dtype if dtype is None else dtype,
                 method=self.method,
                 phase_step=None if self.time_tolerance is None else self.PHASE_STEP,
                 substeps=substeps,
@@ -409,9 +409,14 @@ class PriorSimulator:
         """Double the Magnus sub-steps of ``rows`` until their signals change
         by less than ``time_tolerance`` (:func:`~dipy_spinverse.sim.forward.
         converged_substeps`); keep that count for the box (side, boundary)
-        and return the rows' signals at it (as every other row of the box)."""
+        and return the rows' signals at it (as every other row of the box).
+        Measured in float64 whatever ``dtype``: float32's rounding grows with
+        the steps, and a doubling in float32 takes it for their error
+        (:func:`~dipy_spinverse.simulate` measures so too)."""
         substeps, signals, error = converged_substeps(
-            lambda n: self._simulate(grid, draws, rows, substeps=n),
+            lambda n: self._simulate(
+                grid, draws, rows, substeps=n, dtype=torch.float64
+            ),
             self.time_tolerance,
             max_substeps=self.MAX_SUBSTEPS,
         )
@@ -420,7 +425,8 @@ class PriorSimulator:
             logger.warning(
                 "Prior boxes of side %.3g um (%s): time steps still change the "
                 "signals by %.2g at %d Magnus sub-steps, above time_tolerance "
-                "%.2g; simulate in float64 or raise cell_diameter's lower bound.",
+                "%.2g; raise cell_diameter's lower bound (its finest cells set the "
+                "stiffness).",
                 box[0],
                 box[1],
                 error,

@@ -461,6 +461,39 @@ def test_prior_simulator_measures_its_time_error():
         prior.simulator(PROTOCOL, time_tolerance=-1)
 
 
+def test_a_float32_prior_simulator_measures_its_steps_in_float64(monkeypatch):
+    """float32's rounding grows with the steps, so a float32 simulator
+    measures its Magnus sub-steps in float64 (every measuring simulation
+    is float64's) and keeps the multiple a float64 simulator keeps; the
+    rest of its draws run in float32."""
+    import dipy_spinverse.posterior.simulator as simulator_module
+
+    prior = TissuePrior(
+        resolution=3,
+        cell_diameter=(2.0, 4.0),
+        n_cells=(1, 1),
+        families=("packed",),
+        min_spacings=1.0,
+    )
+    calls = []
+    simulate = simulator_module.simulate
+
+    def spy(*args, dtype, substeps, **options):
+        calls.append((dtype, substeps))
+        return simulate(*args, dtype=dtype, substeps=substeps, **options)
+
+    monkeypatch.setattr(simulator_module, "simulate", spy)
+    single = prior.simulator(PROTOCOL, time_tolerance=1e-3, dtype=torch.float32)
+    single.sample(12, seed=3)
+    dtypes = {dtype for dtype, _ in calls}
+    double = prior.simulator(PROTOCOL, time_tolerance=1e-3)
+    double.sample(12, seed=3)
+    assert {k: n for k, (n, _) in single.measured_substeps.items()} == {
+        k: n for k, (n, _) in double.measured_substeps.items()
+    }
+    assert dtypes == {torch.float64, torch.float32}
+
+
 # -- the prior grid's discretisation error ----------------------------------------
 def test_draw_pairs_hold_the_same_tissue_on_a_finer_grid():
     """A pair leaves the prior's own draw unchanged (same random stream; when
