@@ -326,12 +326,22 @@ def simulate(
             substeps, run_dtype = known[2:]
         else:
             if dtype == torch.float32:
-                substeps, coarse, run_dtype = _float32_substeps(pilot_signals, time_tol)
+                substeps, coarse, change, run_dtype = _float32_substeps(
+                    pilot_signals, time_tol
+                )
             else:
                 substeps, coarse, change = converged_substeps(
                     pilot_signals(torch.float64), time_tol
                 )
-                _warn_unconverged(change, time_tol)
+            if change > time_tol:
+                warnings.warn(
+                    f"simulate: the signals still change by {change:.2g} (above "
+                    f"time_tol {time_tol:.2g}) at {_MAX_SUBSTEPS} Magnus sub-step "
+                    "multiples; returned at that multiple. Pass a smaller "
+                    "phase_step, or a coarser grid.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             if len(_MEASURED) >= _MEASURED_MAX:
                 _MEASURED.clear()
             _MEASURED[key] = (grid, protocol, substeps, run_dtype)
@@ -565,7 +575,8 @@ def converged_substeps(signals, time_tol, *, max_substeps=_MAX_SUBSTEPS):
 
 def _float32_substeps(pilot, time_tol):
     """The Magnus sub-step multiple of a float32 simulation, its pilot's
-    signals at it, and the precision it runs in.
+    signals at it, the change its doubling made in float64 (as
+    :func:`converged_substeps`), and the precision it runs in.
 
     Measured against float64: float32's rounding grows with the steps (2e-4
     at two multiples on a stiff cord draw whose one multiple is within 2e-5
@@ -584,14 +595,14 @@ def _float32_substeps(pilot, time_tol):
     rounded = pilot(torch.float32)
     first = rounded(1)
     precise = pilot(torch.float64, first)
-    if float(abs(first.to(precise(2)) - precise(2)).max()) <= time_tol:
-        return 1, first, torch.float32
+    error = float(abs(first.to(precise(2)) - precise(2)).max())
+    if error <= time_tol:
+        return 1, first, error, torch.float32
     substeps, coarse, change = converged_substeps(precise, time_tol)
-    _warn_unconverged(change, time_tol, stacklevel=4)
     kept = rounded(substeps)
     rounding = float(abs(kept.to(coarse) - coarse).max())
     if rounding <= time_tol:
-        return substeps, kept, torch.float32
+        return substeps, kept, change, torch.float32
     warnings.warn(
         f"simulate: float32's rounding moves the signals by {rounding:.2g} "
         f"(above time_tol {time_tol:.2g}) at the measured Magnus sub-steps. "
@@ -599,19 +610,7 @@ def _float32_substeps(pilot, time_tol):
         RuntimeWarning,
         stacklevel=3,
     )
-    return substeps, coarse, torch.float64
-
-
-def _warn_unconverged(change, time_tol, *, stacklevel=3):
-    if change > time_tol:
-        warnings.warn(
-            f"simulate: the signals still change by {change:.2g} (above "
-            f"time_tol {time_tol:.2g}) at {_MAX_SUBSTEPS} Magnus sub-step "
-            "multiples; returned at that multiple. Pass a smaller phase_step, "
-            "or a coarser grid.",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
+    return substeps, coarse, change, torch.float64
 
 
 def _section_planes(grid, axes, n_batch, batch_shape, like):

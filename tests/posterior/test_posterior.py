@@ -431,19 +431,25 @@ def test_model_options_are_checked_without_a_gradient_table():
         SpinverseModel(PROTOCOL, fit_method="posterior", sigma=SIGMA, max_iter=3)
 
 
-def test_prior_simulator_measures_its_time_error():
-    """With ``time_tolerance`` the Magnus sub-steps of each patch side are
-    doubled until the signals move by less than it; the kept signals then lie
-    within about that tolerance of a 4x finer simulation (the error falls ~8x
-    per doubling: 1.2x the tolerance allows the pilot's few substrates to
-    under-represent the rest). Fine 3 um cells make the time steps matter."""
-    prior = TissuePrior(
+def _fine_cells_prior():
+    """One packed cell of 2-4 um on 3 um patches: stiff enough that the time
+    steps matter."""
+    return TissuePrior(
         resolution=3,
         cell_diameter=(2.0, 4.0),
         n_cells=(1, 1),
         families=("packed",),
         min_spacings=1.0,
     )
+
+
+def test_prior_simulator_measures_its_time_error():
+    """With ``time_tolerance`` the Magnus sub-steps of each patch side are
+    doubled until the signals move by less than it; the kept signals then lie
+    within about that tolerance of a 4x finer simulation (the error falls ~8x
+    per doubling: 1.2x the tolerance allows the pilot's few substrates to
+    under-represent the rest). Fine 3 um cells make the time steps matter."""
+    prior = _fine_cells_prior()
     tolerance = 1e-3
     fast = prior.simulator(PROTOCOL, time_tolerance=tolerance)
     signals, _ = fast.sample(4, seed=3)
@@ -463,18 +469,10 @@ def test_prior_simulator_measures_its_time_error():
 
 def test_a_float32_prior_simulator_measures_its_steps_in_float64(monkeypatch):
     """float32's rounding grows with the steps, so a float32 simulator
-    measures its Magnus sub-steps in float64 (every measuring simulation
-    is float64's) and keeps the multiple a float64 simulator keeps; the
-    rest of its draws run in float32."""
-    import dipy_spinverse.posterior.simulator as simulator_module
-
-    prior = TissuePrior(
-        resolution=3,
-        cell_diameter=(2.0, 4.0),
-        n_cells=(1, 1),
-        families=("packed",),
-        min_spacings=1.0,
-    )
+    measures its Magnus sub-steps in float64: it keeps the multiples a
+    float64 simulator keeps, and simulates in both precisions (float64 to
+    measure, float32 for the rest of its draws)."""
+    prior = _fine_cells_prior()
     calls = []
     simulate = simulator_module.simulate
 
