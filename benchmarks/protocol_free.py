@@ -53,9 +53,8 @@ import torch
 from dipy.core.sphere import cart2sphere
 from dipy.reconst.shm import real_sh_descoteaux
 
-from dipy_spinverse import Protocol
 from dipy_spinverse.posterior import TissuePrior
-from dipy_spinverse.sim.sequences import fibonacci_sphere
+from dipy_spinverse.posterior.protocol_free import random_union
 
 #: The orientation-free descriptors the flow models, and their transforms.
 DESCRIPTORS = {
@@ -70,34 +69,8 @@ SNR = (20.0, 200.0)
 
 
 # -- protocols ----------------------------------------------------------------
-def random_union(rng, n_shells, n_directions):
-    """A protocol of ``n_shells`` shells drawn from the design distribution,
-    and each acquisition's shell index."""
-    bvals, bvecs, small, big, shell = [], [], [], [], []
-    for s in range(n_shells):
-        delta = rng.uniform(3e-3, 40e-3)
-        lo = max(10e-3, delta + 1e-3)
-        Delta = rng.uniform(lo, max(lo, 120e-3))
-        b = rng.uniform(200.0, 10_000.0)
-        rotation = _random_rotation(rng)
-        dirs = fibonacci_sphere(n_directions, hemisphere=True) @ rotation.T
-        bvals.append(np.full(n_directions, b))
-        bvecs.append(dirs)
-        small.append(np.full(n_directions, delta))
-        big.append(np.full(n_directions, Delta))
-        shell.append(np.full(n_directions, s))
-    protocol = Protocol.pgse(
-        np.concatenate(bvals),
-        np.concatenate(bvecs),
-        small_delta=np.concatenate(small),
-        big_delta=np.concatenate(big),
-    )
-    return protocol, np.concatenate(shell)
-
-
-def _random_rotation(rng):
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    return q * np.sign(np.diag(r))
+# random_union: the package's (the shipped estimator's training unions are
+# these, drawn from the same seeds).
 
 
 def shell_tokens(protocol, shell, signals):

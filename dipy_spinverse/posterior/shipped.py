@@ -83,6 +83,7 @@ TRAINING_ROOTS = (
     "posterior.simulator",
     "posterior.training",
     "posterior.cache",
+    "posterior.protocol_free",
 )
 
 #: Modules of the posterior that shape no estimator: this one, and the

@@ -34,7 +34,7 @@ from ..sim.sections import SectionGrid
 from ..sim.sequences import as_protocol
 from .checkpoint import SimulationCheckpoint
 
-__all__ = ["PriorSimulator", "SIMULATION_ENGINES", "simulate_batch"]
+__all__ = ["PriorSimulator", "SIMULATION_ENGINES", "simulate_batch", "draws_truth"]
 
 #: Where a :class:`PriorSimulator` simulates: this process or a cluster.
 SIMULATION_ENGINES = ("serial", "ray", "dask")
@@ -183,7 +183,7 @@ class PriorSimulator:
         """
         draws, references = self._draws(n, seed, reference_resolution, progress)
         signals = self.simulate_draws(draws, progress=progress, checkpoint=checkpoint)
-        return signals, _truth(draws if references is None else references)
+        return signals, draws_truth(draws if references is None else references)
 
     def sample_pairs(
         self, n, *, reference_resolution, seed, progress=False, checkpoint=None
@@ -239,7 +239,17 @@ class PriorSimulator:
         fine = reference.simulate_draws(
             references, progress=progress, checkpoint=fine_checkpoint
         )
-        return signals, fine, _truth(references)
+        return signals, fine, draws_truth(references)
+
+    def draws(self, n, *, seed):
+        """The prior's first ``n`` draws of ``seed``, not simulated (the
+        tissue :meth:`sample` simulates; :func:`draws_truth` describes them).
+
+        Returns
+        -------
+        list of Draw
+        """
+        return self._draws(n, seed, None, False)[0]
 
     def _draws(self, n, seed, reference_resolution, progress):
         """Draws of the prior, and of the same tissue at a finer resolution."""
@@ -475,7 +485,7 @@ def _boxes(draws):
     return by_box
 
 
-def _truth(draws):
+def draws_truth(draws):
     """The descriptors of draws, stacked, with what else a draw holds."""
     truth = _stack([d.descriptors for d in draws])
     truth["diffusivity"] = np.array([d.diffusivity for d in draws])

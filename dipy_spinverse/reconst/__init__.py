@@ -4,7 +4,9 @@
     :func:`SpinverseModel`, the selector: ``fit_method="search"`` returns a
     :class:`SpinverseSearchModel` (``search_model``: options checked once,
     prediction helpers), ``fit_method="posterior"`` a
-    :class:`SpinversePosteriorModel` (``posterior_model``).
+    :class:`SpinversePosteriorModel` (``posterior_model``),
+    ``fit_method="protocol_free"`` a :class:`SpinverseProtocolFreeModel`
+    (``protocol_free_model``: no training, protocols of its design).
 ``gate``
     The one gate of the data: gradient tables to protocols, and each
     voxel's signal checked, cast, normalised and given its status once,
@@ -67,6 +69,7 @@ from .model import SpinverseModel
 from .parallel import PARALLEL_ENGINES
 from .posterior import PosteriorFit
 from .posterior_model import SpinversePosteriorModel
+from .protocol_free_model import ProtocolFreeFit, SpinverseProtocolFreeModel
 from .search_model import SpinverseSearchModel
 from .voxels import MESH_PARAMETERS, OPTIONAL_PARAMETERS
 
@@ -75,6 +78,8 @@ __all__ = [
     "SpinverseSearchModel",
     "SpinversePosteriorModel",
     "PosteriorFit",
+    "SpinverseProtocolFreeModel",
+    "ProtocolFreeFit",
     "SpinverseFit",
     "STATUS_CODES",
     "PARALLEL_ENGINES",

@@ -13,18 +13,28 @@ asked for; each takes only its own keywords:
     the amortised posterior of the tissue descriptors, with credible
     intervals and an ``OUT_OF_PRIOR`` status
     (:class:`~dipy_spinverse.reconst.posterior.PosteriorFit`).
+``"protocol_free"``
+    :class:`~dipy_spinverse.reconst.protocol_free_model.SpinverseProtocolFreeModel`:
+    the default prior's posterior from the shipped protocol-free estimator,
+    for any protocol of its design, without training
+    (:class:`~dipy_spinverse.reconst.protocol_free_model.ProtocolFreeFit`).
 """
 
 import inspect
 
 from ..checks import OptionError, about, check_choice
 from .posterior_model import SpinversePosteriorModel
+from .protocol_free_model import SpinverseProtocolFreeModel
 from .search_model import SpinverseSearchModel, misplaced_options
 
 __all__ = ["FIT_METHODS", "SpinverseModel", "check_fit_method"]
 
 #: The fitting methods and the model class of each.
-FIT_METHODS = {"search": SpinverseSearchModel, "posterior": SpinversePosteriorModel}
+FIT_METHODS = {
+    "search": SpinverseSearchModel,
+    "posterior": SpinversePosteriorModel,
+    "protocol_free": SpinverseProtocolFreeModel,
+}
 
 
 def SpinverseModel(gtab, *, fit_method="search", **kwargs):
@@ -35,18 +45,22 @@ def SpinverseModel(gtab, *, fit_method="search", **kwargs):
     gtab : dipy.core.gradients.GradientTable or Protocol
         Gradient table whose ``big_delta`` and ``small_delta`` hold the pulse
         timing in seconds, or a :class:`~dipy_spinverse.sim.sequences.Protocol`.
-    fit_method : {"search", "posterior"}
+    fit_method : {"search", "posterior", "protocol_free"}
         ``"search"``: the label search and face fit
         (:class:`~dipy_spinverse.reconst.search_model.SpinverseSearchModel`).
         ``"posterior"``: the amortised posterior of the tissue descriptors
         (:class:`~dipy_spinverse.reconst.posterior_model.SpinversePosteriorModel`;
+        needs ``sigma``), trained once per protocol.
+        ``"protocol_free"``: the default prior's posterior without a
+        training, for protocols of its design
+        (:class:`~dipy_spinverse.reconst.protocol_free_model.SpinverseProtocolFreeModel`;
         needs ``sigma``).
     **kwargs
         The keywords of that model's class.
 
     Returns
     -------
-    SpinverseSearchModel or SpinversePosteriorModel
+    SpinverseSearchModel, SpinversePosteriorModel or SpinverseProtocolFreeModel
 
     Raises
     ------
@@ -89,8 +103,7 @@ def check_fit_method(fit_method, keywords=()):
     Returns
     -------
     type
-        :class:`~dipy_spinverse.reconst.search_model.SpinverseSearchModel`
-        or :class:`~dipy_spinverse.reconst.posterior_model.SpinversePosteriorModel`.
+        The value of :data:`FIT_METHODS` for ``fit_method``.
 
     Raises
     ------
@@ -108,8 +121,8 @@ def check_fit_method(fit_method, keywords=()):
         return model
     hints, rest = misplaced_options(foreign, searching=fit_method == "search")
     if rest:
-        (other,) = set(FIT_METHODS) - {fit_method}
-        hints.append(f"leave {rest} out, or use fit_method={other!r} if they are its")
+        others = " or ".join(repr(m) for m in FIT_METHODS if m != fit_method)
+        hints.append(f"leave {rest} out, or use fit_method={others} if they are its")
     raise OptionError(
         f"option(s) {foreign} are not options of fit_method={fit_method!r} "
         f"({model.__name__} takes {', '.join(takes)}); {'; '.join(hints)}",

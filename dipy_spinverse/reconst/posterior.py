@@ -59,6 +59,8 @@ __all__ = [
     "surface_volume_bound",
     "OUT_OF_PRIOR",
     "POSTERIOR_STATUS_CODES",
+    "kept_index",
+    "check_level",
 ]
 
 
@@ -314,7 +316,7 @@ class PosteriorFit(MaskedFit):
         )
 
     def _quantile(self, name, q):
-        return self.params[name][:, _kept_index(q)]
+        return self.params[name][:, kept_index(q)]
 
     # -- intervals and samples -------------------------------------------------------
     def credible_interval(self, name, level=0.9):
@@ -337,9 +339,9 @@ class PosteriorFit(MaskedFit):
             is not ``OK``).
         """
         _check_scalar(name)
-        level = _check_level(level)
+        level = check_level(level)
         lo, hi = (1 - level) / 2, (1 + level) / 2
-        stored = [_kept_index(q) for q in (lo, hi)]
+        stored = [kept_index(q) for q in (lo, hi)]
         if None not in stored:
             low, high = (self.params[name][:, i] for i in stored)
         else:
@@ -551,7 +553,7 @@ def _check_scalar(name):
         )
 
 
-def _kept_index(q):
+def kept_index(q):
     """The column of the stored quantile ``q`` (:data:`_KEPT`), or None.
 
     Matched to 1e-6: a level given in float32 (``np.float32(0.9)``, whose
@@ -562,7 +564,7 @@ def _kept_index(q):
     return int(close[0]) if len(close) else None
 
 
-def _check_level(level):
+def check_level(level):
     """``level`` as a float in (0, 1), or ValueError naming it."""
     # Strings and sequences are refused before float() reads "0.9" as a
     # number or fails on "high" with a message that names no argument.

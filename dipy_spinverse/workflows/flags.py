@@ -187,6 +187,13 @@ def check_flags(arguments):
     fit_method = args["fit_method"]
     with in_flags():
         check_fit_method(fit_method)
+    if fit_method == "protocol_free":
+        raise ValueError(
+            "--fit_method protocol_free is not a command-line method yet (its "
+            "outputs are not written); fit from Python with "
+            "SpinverseModel(gtab, fit_method='protocol_free', sigma=s), or use "
+            "--fit_method posterior."
+        )
     # The label search's configuration flags (the model takes them in its
     # configuration, ``preset``), where given (0 means off: left out, as
     # the models' defaults).

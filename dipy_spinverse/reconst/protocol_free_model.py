@@ -1,0 +1,303 @@
+"""``SpinverseModel(gtab, fit_method="protocol_free", sigma=s)``: no training.
+
+The default prior's posterior for any protocol of the shipped protocol-free
+estimator's design (:mod:`dipy_spinverse.posterior.protocol_free`): read
+through the protocol's shells, it needs no training for a new protocol and
+gives its maps in seconds. Its intervals are calibrated on average over the
+design's protocols; a per-protocol estimator (``fit_method="posterior"``,
+one training a protocol, cached) is narrower (doc/validation/
+protocol_free.md) and also gives ``orientation`` and predictions.
+
+What the design does not cover is named when the model is built (a
+``UserWarning`` and :attr:`SpinverseProtocolFreeModel.out_of_design`): such
+shells are not read, and a protocol with no shell left is refused.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+from dipy.reconst.base import ReconstModel
+from dipy.utils.logging import logger
+
+from ..checks import check_int
+from ..masked import COMMON_CODES, MaskedFit
+from ..posterior.calibration import calibrated_draws
+from ..posterior.protocol_free import (
+    FREE_SCALARS,
+    SNR_RANGE,
+    ProtocolShells,
+    decode_free,
+    load_protocol_free,
+)
+from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
+from .gate import admit, check_data, gradient_tables, require_b0
+from .noise import NOISE_HINT, check_sigma, warn_noise
+from .posterior import check_level, kept_index
+from .resume import check_mask, is_mask_rows, volume_shape
+from .status import count_negative, warn_negative
+
+__all__ = ["SpinverseProtocolFreeModel", "ProtocolFreeFit", "PROTOCOL_FREE_CODES"]
+
+#: Status codes of a protocol-free fit and their meaning.
+PROTOCOL_FREE_CODES = {
+    OK: COMMON_CODES[OK],
+    NONFINITE: COMMON_CODES[NONFINITE],
+    BAD_B0: COMMON_CODES[BAD_B0],
+    IMPOSSIBLE_SIGNAL: "attenuation above 1 beyond the noise: no tissue produces it",
+    MASKED: COMMON_CODES[MASKED],
+}
+#: Quantiles kept per voxel and descriptor (as the posterior fit's).
+_KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
+# Voxels drawn from together (x the samples: about 16,000 flow draws).
+_VOXELS_PER_BATCH = 128
+
+
+class SpinverseProtocolFreeModel(ReconstModel):
+    """The protocol-free posterior of the default prior, as a DIPY model.
+
+    Parameters
+    ----------
+    gtab : dipy.core.gradients.GradientTable or Protocol
+        Gradient table whose ``big_delta`` and ``small_delta`` hold the PGSE
+        timing in seconds, or a
+        :class:`~dipy_spinverse.sim.sequences.Protocol`; at least one b = 0
+        volume, and one at each echo time.
+    sigma : float or array_like (n_volumes,)
+        Noise standard deviation in the data's units (as
+        :class:`~dipy_spinverse.reconst.posterior_model.SpinversePosteriorModel`'s).
+    n_posterior_samples : int
+        Posterior draws per voxel for the maps and stored intervals.
+
+    Attributes
+    ----------
+    shells : ProtocolShells
+        The protocol as the estimator reads it.
+    out_of_design : list of str
+        What of the protocol lies outside the estimator's design (shells not
+        read and why, a volume count outside it); empty when it all lies
+        inside.
+
+    Notes
+    -----
+    The tissue is the default prior's
+    (:class:`~dipy_spinverse.posterior.TissuePrior` ``()``: straight
+    permeable axons of 1-25 um, intrinsic diffusivity 2e-3 mm^2/s).
+    """
+
+    #: How the model estimates (the selector's ``fit_method``).
+    fit_method = "protocol_free"
+
+    def __init__(self, gtab, *, sigma=None, n_posterior_samples=128):
+        self.gtab, self.protocol = gradient_tables(gtab)
+        sigma = check_sigma(sigma, n_volumes=len(self.protocol))
+        if not sigma > 0:
+            raise ValueError(
+                f"fit_method='protocol_free' needs the noise level: pass sigma "
+                f"{NOISE_HINT}."
+            )
+        require_b0(self.protocol)
+        self.sigma = sigma
+        self.sequences = self.protocol.sequences()
+        self.shells = ProtocolShells(self.protocol)
+        self.out_of_design = [
+            f"{what}: {why}" for what, why in self.shells.dropped
+        ] + list(self.shells.problems)
+        if self.out_of_design:
+            warnings.warn(
+                "the protocol-free estimator does not read all of this protocol "
+                "(outside its design): "
+                + "; ".join(self.out_of_design)
+                + ". Its intervals rest on the rest; fit_method='posterior' "
+                "reads every volume.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.n_posterior_samples = check_int(
+            n_posterior_samples, "n_posterior_samples", 10
+        )
+        self._estimator = None
+
+    @property
+    def estimator(self):
+        """The shipped :class:`~dipy_spinverse.posterior.protocol_free.
+        ProtocolFreeEstimator` (read on first use)."""
+        if self._estimator is None:
+            self._estimator = load_protocol_free()
+        return self._estimator
+
+    def fit(self, data, *, mask=None):
+        """Posterior maps of one voxel or a volume.
+
+        Parameters
+        ----------
+        data : array_like (..., n_volumes) or (n_mask, n_volumes)
+            As :meth:`SpinversePosteriorModel.fit
+            <dipy_spinverse.reconst.posterior_model.SpinversePosteriorModel.fit>`
+            takes it.
+        mask : array_like of bool (data.shape[:-1]), optional
+
+        Returns
+        -------
+        ProtocolFreeFit
+        """
+        data = check_data(data, len(self.protocol))
+        if data.ndim == 1:
+            mask = np.asarray(True if mask is None else mask, dtype=bool)
+            rows = data[None] if mask else data[None][:0]
+        else:
+            mask = check_mask(mask, volume_shape(data, mask))
+            rows = data if is_mask_rows(data, mask) else data[mask]
+        warn_negative(self, count_negative(rows), len(rows), stacklevel=3)
+        return ProtocolFreeFit(self, self._params(rows), mask)
+
+    def _params(self, rows):
+        gate = admit(rows, self.protocol, sigma=self.sigma)
+        status = gate.status.copy()
+        status[gate.impossible] = IMPOSSIBLE_SIGNAL
+        good = np.flatnonzero(status == OK)
+        n = len(status)
+        tokens = np.full(
+            (n, len(self.shells.shells), self.estimator.token_mean.numel()),
+            np.nan,
+            dtype=np.float32,
+        )
+        tokens[good] = self.shells.tokens(gate.signals.normalised[good])
+        sigma = gate.relative.astype(np.float32)
+        warn_noise(sigma[good], snr_range=SNR_RANGE)
+        params = {name: np.full((n, len(_KEPT)), np.nan) for name in FREE_SCALARS}
+        for part, values in _draws(
+            self.estimator, tokens, sigma, good, self.n_posterior_samples, 0
+        ):
+            for name in FREE_SCALARS:
+                levels = self.estimator.quantile_levels(name, _KEPT)
+                params[name][part] = np.quantile(values[name], levels, axis=0).T
+        logger.info(
+            f"protocol-free posterior of {len(good)} of {n} voxels "
+            f"({'; '.join(self.shells.report())})"
+        )
+        return dict(status=status, tokens=tokens, sigma=sigma, S0=gate.S0, **params)
+
+    def __repr__(self):
+        return (
+            f"SpinverseProtocolFreeModel(n_volumes={len(self.protocol)}, "
+            f"sigma={self.sigma:.4g}, shells={len(self.shells.shells)})"
+        )
+
+
+def _draws(estimator, tokens, sigma, rows, n_samples, seed):
+    """Batches of ``rows``: ``(rows, decoded flow draws (n_samples, len))``."""
+    for start in range(0, len(rows), _VOXELS_PER_BATCH):
+        part = rows[start : start + _VOXELS_PER_BATCH]
+        t = torch.as_tensor(tokens[part])
+        draws = estimator.sample(
+            t,
+            torch.ones(t.shape[:2]),
+            torch.as_tensor(sigma[part]),
+            n_samples,
+            generator_seed=seed + start,
+        )
+        yield part, decode_free(draws.numpy())
+
+
+class ProtocolFreeFit(MaskedFit):
+    """The protocol-free posterior of one voxel or a volume.
+
+    Maps (the posterior median) are attributes named as the descriptors of
+    :data:`~dipy_spinverse.posterior.protocol_free.FREE_SCALARS`; 0 outside
+    the mask, NaN where the status is not ``OK`` (:data:`PROTOCOL_FREE_CODES`).
+    :meth:`credible_interval` and :meth:`posterior_samples` as
+    :class:`~dipy_spinverse.reconst.posterior.PosteriorFit`'s. It has no
+    ``orientation`` and no ``predict`` (the estimator reads rotation
+    invariants; ``fit_method="posterior"`` has both).
+    """
+
+    status_codes = PROTOCOL_FREE_CODES
+
+    @property
+    def S0(self):
+        """Mean b = 0 signal of each voxel."""
+        return self._volume(self.params["S0"], 0.0)
+
+    def __getattr__(self, name):
+        if not name.startswith("_") and name in FREE_SCALARS:
+            return self._volume(self.params[name][:, kept_index(0.5)], 0.0)
+        message = f"'ProtocolFreeFit' object has no attribute {name!r}"
+        if not name.startswith("_"):
+            message += (
+                f". It has the maps {', '.join(FREE_SCALARS)}; status, S0, "
+                "credible_interval(name, level), posterior_samples(name, n)"
+            )
+            if name in ("orientation", "predict", "predictive_samples"):
+                message += (
+                    f"; {name} needs the orientation, which the protocol-free "
+                    'estimator does not read: fit_method="posterior"'
+                )
+        raise AttributeError(message + ".", name=name, obj=self)
+
+    def credible_interval(self, name, level=0.9):
+        """The central credible interval of a descriptor: (low, high) maps.
+
+        Parameters
+        ----------
+        name : str
+            One of :data:`~dipy_spinverse.posterior.protocol_free.FREE_SCALARS`.
+        level : float
+            In (0, 1); 0.5 and 0.9 are stored, others drawn again (seeded).
+
+        Returns
+        -------
+        low, high : ndarray
+        """
+        _check_name(name)
+        level = check_level(level)
+        lo, hi = (1 - level) / 2, (1 + level) / 2
+        stored = [kept_index(q) for q in (lo, hi)]
+        if None not in stored:
+            low, high = (self.params[name][:, i] for i in stored)
+        else:
+            levels = self.model.estimator.quantile_levels(name, [lo, hi])
+            low, high = np.quantile(self._flow_draws(name, 1000, 1), levels, axis=0)
+        return self._volume(low, 0.0), self._volume(high, 0.0)
+
+    def posterior_samples(self, name, n=100, *, seed=0):
+        """``n`` draws of the recalibrated posterior of a descriptor per voxel.
+
+        Returns
+        -------
+        ndarray (n,) + shape
+            NaN where the status is not ``OK``, 0 outside the mask.
+        """
+        _check_name(name)
+        n = check_int(n, "n", 1, hint=" (the draws per voxel), e.g. n=100")
+        seed = check_int(seed, "seed", 0, hint=" (it seeds the draws), e.g. seed=0")
+        draws = self._flow_draws(name, n, seed)
+        table = self.model.estimator.level_table(name)
+        draws = calibrated_draws(draws, table, np.random.default_rng(seed))
+        return np.moveaxis(
+            self._volume(np.moveaxis(draws, 0, 1), 0.0), self.mask.ndim, 0
+        )
+
+    def _flow_draws(self, name, n, seed):
+        out = np.full((n, len(self.params["status"])), np.nan)
+        ok = np.flatnonzero(self.params["status"] == OK)
+        for part, values in _draws(
+            self.model.estimator,
+            self.params["tokens"],
+            self.params["sigma"],
+            ok,
+            n,
+            seed,
+        ):
+            out[:, part] = values[name]
+        return out
+
+
+def _check_name(name):
+    if name not in FREE_SCALARS:
+        raise ValueError(
+            f"the protocol-free fit has the descriptors {FREE_SCALARS}, got "
+            f"{name!r}"
+            + (" (fit_method='posterior' has it)" if name == "orientation" else "")
+            + "."
+        )
