@@ -121,8 +121,13 @@ def check_fit_method(fit_method, keywords=()):
         return model
     hints, rest = misplaced_options(foreign, searching=fit_method == "search")
     if rest:
-        others = " or ".join(repr(m) for m in FIT_METHODS if m != fit_method)
-        hints.append(f"leave {rest} out, or use fit_method={others} if they are its")
+        takers = [
+            repr(m)
+            for m, other in FIT_METHODS.items()
+            if m != fit_method and set(rest) <= set(_keywords(other))
+        ]
+        use = f", or use fit_method={' or '.join(takers)} if they are its"
+        hints.append(f"leave {rest} out" + (use if takers else ""))
     raise OptionError(
         f"option(s) {foreign} are not options of fit_method={fit_method!r} "
         f"({model.__name__} takes {', '.join(takes)}); {'; '.join(hints)}",

@@ -458,7 +458,10 @@ def test_per_voxel_problems_never_stop_a_volume(model, signal, monkeypatch):
             r"pass preset=resolve_config\('default', search_steps=\.\.\.\)",
         ),
         (dict(grid_size=10.0), r"pass grid=dict\(size=\.\.\.\)"),
-        (dict(n_posterior_samples=10), r"use fit_method='posterior' if they are its"),
+        (
+            dict(n_posterior_samples=10),
+            r"use fit_method='posterior' or 'protocol_free' if they are its",
+        ),
         (dict(device="mps"), "device"),
         (dict(sigma=-30.0), "sigma must be"),
     ],
@@ -957,9 +960,7 @@ def test_answers_the_data_reject_are_not_vouched_for(gtab, grid):
         loss=loss,
         status=np.array([OK, OK, OK, OK, POOR_FIT]),
     )
-    vouch_for_surfaces(
-        model.search_settings(), result, np.arange(5), level=sigma
-    )
+    vouch_for_surfaces(model.search_settings(), result, np.arange(5), level=sigma)
     assert_array_equal(result["uncertainty"], [0.02, 0.3, 1.0, 1.0, 1.0])
     flag_uncertain_surfaces(result, np.arange(5))
     assert_array_equal(
