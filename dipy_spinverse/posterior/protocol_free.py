@@ -12,8 +12,11 @@ doc/validation/protocol_free.md).
   shell becomes a token: its b, delta and Delta, the rotation invariants
   ``sqrt(p_l)``, ``p_l = sum_m c_lm^2``, of its b0-normalised signal's even
   spherical harmonics (l = 0, 2, and 4 where it has 15 directions or more),
-  and how many directions they rest on. The invariants do not depend on
-  the tissue's orientation, so neither does anything estimated here:
+  how many directions they rest on, and the signal's Legendre
+  coefficients ``a_2``, ``a_4`` about the voxel's common axis (the most
+  distinct axis of the sum of the shells' l = 2 parts: the fibres'
+  direction, which every shell shares). None of these depends on the
+  tissue's orientation, so neither does anything estimated here:
   ``orientation`` is not.
 - A small Set Transformer (Lee et al. 2019) turns any number of tokens, in
   any order, into the context of a neural spline flow (zuko) over the
@@ -40,6 +43,7 @@ are then wider than they need be, never narrower).
 """
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -109,8 +113,9 @@ _LOGS = ("cell_volume", "cell_diameter", "surface_to_volume", "permeability")
 _LOGS += ("exchange_time",)
 #: Token features: b / 1000, delta / 10 ms, Delta / 100 ms, sqrt p_0,
 #: sqrt p_2, sqrt p_4, directions read (0 at 6, 1 at 20, log scale), l = 4
-#: estimated (0 or 1).
-N_TOKEN = 8
+#: estimated (0 or 1), and the signal's Legendre coefficients a_2, a_4 about
+#: the voxel's common axis (estimated from all the shells read).
+N_TOKEN = 10
 
 
 def encode_free(truth, *, rng=None):
@@ -193,14 +198,22 @@ def make_shell(protocol, rows):
     )
 
 
-def shell_token_features(shells, signals):
+def shell_token_features(shells, signals, present=None):
     """Tokens (n, len(shells), :data:`N_TOKEN`) of b0-normalised ``signals``
-    (n, n_acquisitions), float32."""
-    out = np.zeros((len(signals), len(shells), N_TOKEN), dtype=np.float32)
+    (n, n_acquisitions), float32.
+
+    ``present`` (n, len(shells)) of bool says which shells a voxel is read
+    through (default all): the common axis is estimated from those alone.
+    """
+    n = len(signals)
+    present = np.ones((n, len(shells)), bool) if present is None else present
+    coefs = [signals[:, shell.rows] @ shell.pinv.T for shell in shells]
+    axis_sh = _axis_harmonics(shells, coefs, present)
+    out = np.zeros((n, len(shells), N_TOKEN), dtype=np.float32)
     lo, hi = DIRECTIONS
-    for s, shell in enumerate(shells):
-        coef = signals[:, shell.rows] @ shell.pinv.T
+    for s, (shell, coef) in enumerate(zip(shells, coefs, strict=True)):
         power = [np.sqrt((coef[:, shell.order == lv] ** 2).sum(1)) for lv in (0, 2, 4)]
+        along = coef * axis_sh[:, : coef.shape[1]]
         read = min(len(shell.rows), hi)
         out[:, s, 0] = shell.b / 1e3
         out[:, s, 1] = shell.small_delta / 1e-2
@@ -208,7 +221,45 @@ def shell_token_features(shells, signals):
         out[:, s, 3:6] = np.column_stack(power)
         out[:, s, 6] = math.log(read / lo) / math.log(hi / lo)
         out[:, s, 7] = float((shell.order == 4).any())
+        out[:, s, 8] = along[:, shell.order == 2].sum(1)
+        out[:, s, 9] = along[:, shell.order == 4].sum(1)
     return out
+
+
+def _axis_harmonics(shells, coefs, present):
+    """The spherical harmonics (n, 15) at each voxel's common axis: the
+    most distinct eigenvector of the sum of its shells' l = 2 parts (as
+    traceless quadratic forms), over the shells ``present``."""
+    total = np.zeros((len(present), 5))
+    for s, (shell, coef) in enumerate(zip(shells, coefs, strict=True)):
+        total += coef[:, shell.order == 2] * present[:, s, None]
+    entries = total @ _quadratic_map().T
+    xx, yy, zz, xy, xz, yz = entries.T
+    forms = np.stack(
+        [
+            np.stack([xx, xy, xz], -1),
+            np.stack([xy, yy, yz], -1),
+            np.stack([xz, yz, zz], -1),
+        ],
+        -2,
+    )
+    values, vectors = np.linalg.eigh(forms)
+    pick = np.argmax(np.abs(values), axis=1)
+    axis = np.take_along_axis(vectors, pick[:, None, None], axis=2)[..., 0]
+    _, theta, phi = cart2sphere(*axis.T)
+    return real_sh_descoteaux(4, theta, phi, legacy=False)[0]
+
+
+@functools.cache
+def _quadratic_map():
+    """The linear map (6, 5) from l = 2 coefficients to the entries (xx, yy,
+    zz, xy, xz, yz) of the traceless quadratic form they are."""
+    g = fibonacci_sphere(60)
+    _, theta, phi = cart2sphere(*g.T)
+    basis, _, order = real_sh_descoteaux(2, theta, phi, legacy=False)
+    x, y, z = g.T
+    design = np.column_stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z])
+    return np.linalg.pinv(design) @ basis[:, order == 2]
 
 
 class ProtocolShells:
@@ -497,10 +548,10 @@ def settings_key(settings):
 
 
 def _epoch_tokens(unions, rows, rng):
-    """Tokens (n, MAX_SHELLS, N_TOKEN), relative noise (n,) and coordinates
-    of the draws ``rows`` (per union, an index array) with fresh noise and
-    direction subsets."""
-    tokens, sigmas, ys = [], [], []
+    """Tokens (n, MAX_SHELLS, N_TOKEN), relative noise (n,), coordinates
+    and the shells read (n, MAX_SHELLS) of the draws ``rows`` (per union,
+    an index array), with fresh noise, shells and direction subsets."""
+    tokens, sigmas, ys, masks = [], [], [], []
     for union, idx in zip(unions, rows, strict=True):
         if not len(idx):
             continue
@@ -531,10 +582,12 @@ def _epoch_tokens(unions, rows, rng):
             )
             noisy[:, picked] /= b0[:, None]
             shells.append(shell)
-        tokens.append(shell_token_features(shells, noisy))
+        mask = _random_masks(rng, len(idx))
+        tokens.append(shell_token_features(shells, noisy, mask > 0.5))
         sigmas.append(sigma[:, 0])
         ys.append(union.coordinates[idx])
-    return (np.concatenate(tokens), np.concatenate(sigmas), np.concatenate(ys))
+        masks.append(mask)
+    return tuple(np.concatenate(a) for a in (tokens, sigmas, ys, masks))
 
 
 def _random_masks(rng, n, n_shells=MAX_SHELLS):
@@ -596,15 +649,14 @@ def train_protocol_free(
         )
     train_rows = [s[0] for s in splits]
     net = ProtocolFreeEstimator()
-    tokens, sigma, y = _epoch_tokens(prepared, train_rows, rng)
-    flat = tokens.reshape(-1, N_TOKEN)
+    tokens, sigma, y, mask = _epoch_tokens(prepared, train_rows, rng)
+    flat = tokens[mask > 0.5]
     net.token_mean.copy_(torch.as_tensor(flat.mean(0)))
     net.token_std.copy_(torch.as_tensor(flat.std(0) + 1e-6))
     net.y_mean.copy_(torch.as_tensor(y.mean(0), dtype=torch.float32))
     net.y_std.copy_(torch.as_tensor(y.std(0), dtype=torch.float32))
     check = _epoch_tokens(prepared, [s[1] for s in splits], rng)
-    check_mask = _random_masks(rng, len(check[0]))
-    check = [torch.as_tensor(a, dtype=torch.float32) for a in (*check, check_mask)]
+    check = [torch.as_tensor(a, dtype=torch.float32) for a in check]
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     best, state = np.inf, None
@@ -615,8 +667,7 @@ def train_protocol_free(
     )
     for epoch in bar:
         if epoch:
-            tokens, sigma, y = _epoch_tokens(prepared, train_rows, rng)
-        mask = _random_masks(rng, len(y))
+            tokens, sigma, y, mask = _epoch_tokens(prepared, train_rows, rng)
         net.train()
         order = rng.permutation(len(y))
         for lo in range(0, len(y), batch):
@@ -651,8 +702,7 @@ def _level_tables(net, unions, rows, rng, seed, *, repeats=3, n_draws=64):
     and noise."""
     transforms = {name: [] for name in FREE_SCALARS}
     for repeat in range(repeats):
-        tokens, sigma, y = _epoch_tokens(unions, rows, rng)
-        mask = _random_masks(rng, len(y))
+        tokens, sigma, y, mask = _epoch_tokens(unions, rows, rng)
         draws = net.sample(
             *(torch.as_tensor(a, dtype=torch.float32) for a in (tokens, mask, sigma)),
             n_draws,

@@ -103,13 +103,22 @@ class SpinverseProtocolFreeModel(ReconstModel):
         self.out_of_design = [
             f"{what}: {why}" for what, why in self.shells.dropped
         ] + list(self.shells.problems)
-        if self.out_of_design:
+        if self.shells.dropped:
             warnings.warn(
-                "the protocol-free estimator does not read all of this protocol "
-                "(outside its design): "
-                + "; ".join(self.out_of_design)
-                + ". Its intervals rest on the rest; fit_method='posterior' "
-                "reads every volume.",
+                "the protocol-free estimator does not read these shells (outside "
+                "its design): "
+                + "; ".join(f"{what}: {why}" for what, why in self.shells.dropped)
+                + ". Its intervals rest on the other shells; "
+                "fit_method='posterior' reads every volume.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.shells.problems:
+            warnings.warn(
+                "the protocol lies outside the protocol-free estimator's design ("
+                + "; ".join(self.shells.problems)
+                + "): its intervals are not validated there; fit_method="
+                "'posterior' trains for this protocol.",
                 UserWarning,
                 stacklevel=3,
             )

@@ -133,8 +133,12 @@ def test_more_shells_than_trained_are_thinned_over_b_and_delta():
 
 
 def test_a_volume_count_outside_the_design_is_named():
-    shells = pf.ProtocolShells(_shells((1000, 0.01, 0.03, 10), n_b0=1))
+    protocol = _shells((1000, 0.01, 0.03, 10), n_b0=1)
+    shells = pf.ProtocolShells(protocol)
     assert shells.problems == ["11 volumes, outside the design's 30-3000"]
+    with pytest.warns(UserWarning, match="outside the protocol-free estimator's"):
+        model = SpinverseModel(protocol, fit_method="protocol_free", sigma=10.0)
+    assert model.out_of_design == shells.problems
 
 
 # -- tokens ---------------------------------------------------------------------
@@ -159,6 +163,26 @@ def test_tokens_of_a_quadratic_signal_are_its_closed_form_invariants():
     assert tokens[0, 4] > 0.1
     assert_allclose(tokens[:, 5], 0, atol=1e-6)
     assert_allclose(tokens[:, :3], [[1.0, 1.0, 0.3]] * 4, rtol=1e-6)
+
+
+def test_the_common_axis_gives_the_legendre_coefficients_about_the_fibres():
+    """An axially symmetric quadratic signal ``b + (a - b) (g . u)^2`` is
+    ``b + (a - b) / 3 + 2 (a - b) / 3 P_2(g . u)``: about the common axis
+    its Legendre coefficients are a_2 = 2 (a - b) / 3 and a_4 = 0, in every
+    shell, whatever u; the axis is the one all shells share."""
+    protocol = _shells((1000, 0.01, 0.03, 20), (3000, 0.01, 0.03, 12))
+    shells = pf.ProtocolShells(protocol)
+    g = protocol.bvecs
+    for seed in range(3):
+        u = _rotation(seed)[:, 0]
+        signal = np.where(
+            protocol.bvals == 1000, 0.6 + 0.3 * (g @ u) ** 2, 0.2 + 0.1 * (g @ u) ** 2
+        )
+        signal[protocol.bvals == 0] = 1.0
+        tokens = shells.tokens(signal[None])[0]
+        by_b = {round(s.b): t for s, t in zip(shells.shells, tokens, strict=True)}
+        assert_allclose(by_b[1000][8:], [2 * 0.3 / 3, 0.0], atol=1e-6)
+        assert_allclose(by_b[3000][8:], [2 * 0.1 / 3, 0.0], atol=1e-6)
 
 
 def test_more_directions_than_trained_read_as_the_most_trained():
@@ -287,7 +311,7 @@ def test_the_model_reads_the_shipped_estimator_and_flags_bad_voxels():
 
 def test_the_model_names_what_it_does_not_read():
     protocol = _shells((1000, 0.005, 0.006, 20), (2000, 0.01, 0.03, 20))
-    with pytest.warns(UserWarning, match="big_delta 6 ms outside"):
+    with pytest.warns(UserWarning, match="does not read these shells.*big_delta 6 ms"):
         model = SpinverseModel(protocol, fit_method="protocol_free", sigma=10.0)
     assert len(model.shells.shells) == 1
     assert len(model.out_of_design) == 1
