@@ -6,7 +6,6 @@ tissue descriptors with credible intervals, from a network trained once per
 protocol and prior and cached on disk.
 """
 
-import numpy as np
 from dipy.reconst.base import ReconstModel
 from dipy.utils.logging import logger
 
@@ -15,7 +14,7 @@ from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_
 from .gate import check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma
 from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
-from .resume import check_mask, is_mask_rows, volume_shape
+from .resume import masked_rows
 from .status import count_negative, warn_implausible, warn_negative
 
 __all__ = [
@@ -183,12 +182,7 @@ class SpinversePosteriorModel(ReconstModel):
             voxels; ``()`` for one voxel).
         """
         data = check_data(data, len(self.protocol))
-        if data.ndim == 1:
-            mask = np.asarray(True if mask is None else mask, dtype=bool)
-            rows = data[None] if mask else data[None][:0]
-        else:
-            mask = check_mask(mask, volume_shape(data, mask))
-            rows = data if is_mask_rows(data, mask) else data[mask]
+        rows, mask = masked_rows(data, mask)
         # Magnitudes cannot be negative; denoised data can: fitted as given.
         warn_negative(self, count_negative(rows), len(rows), stacklevel=3)
         params = fit_posterior(self, rows, n_samples=self.n_posterior_samples)

@@ -34,7 +34,7 @@ from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
 from .gate import admit, check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma, warn_noise
 from .posterior import check_level, kept_index
-from .resume import check_mask, is_mask_rows, volume_shape
+from .resume import masked_rows
 from .status import count_negative, warn_negative
 
 __all__ = ["SpinverseProtocolFreeModel", "ProtocolFreeFit", "PROTOCOL_FREE_CODES"]
@@ -151,12 +151,7 @@ class SpinverseProtocolFreeModel(ReconstModel):
         ProtocolFreeFit
         """
         data = check_data(data, len(self.protocol))
-        if data.ndim == 1:
-            mask = np.asarray(True if mask is None else mask, dtype=bool)
-            rows = data[None] if mask else data[None][:0]
-        else:
-            mask = check_mask(mask, volume_shape(data, mask))
-            rows = data if is_mask_rows(data, mask) else data[mask]
+        rows, mask = masked_rows(data, mask)
         warn_negative(self, count_negative(rows), len(rows), stacklevel=3)
         return ProtocolFreeFit(self, self._params(rows), mask)
 

@@ -19,6 +19,7 @@ __all__ = [
     "volume_shape",
     "fingerprint",
     "check_mask",
+    "masked_rows",
     "check_resume",
 ]
 
@@ -145,6 +146,30 @@ def check_mask(mask, shape):
             f"of shape data.shape[:-1]{one}."
         )
     return check_mask_values(mask)
+
+
+def masked_rows(data, mask):
+    """The voxels to fit of checked ``data`` and their mask.
+
+    Parameters
+    ----------
+    data : ndarray (n_volumes,), (..., n_volumes) or (n_mask, n_volumes)
+        One voxel, a volume, or the mask's voxels only.
+    mask : array_like of bool or None
+        As the models' ``fit`` take it (a single bool for one voxel).
+
+    Returns
+    -------
+    rows : ndarray (n, n_volumes)
+        The voxels of the mask, in C order (none for one voxel outside it).
+    mask : ndarray of bool
+        The checked mask (shape ``()`` for one voxel).
+    """
+    if data.ndim == 1:
+        mask = np.asarray(True if mask is None else mask, dtype=bool)
+        return (data[None] if mask else data[None][:0]), mask
+    mask = check_mask(mask, volume_shape(data, mask))
+    return (data if is_mask_rows(data, mask) else data[mask]), mask
 
 
 def check_resume(model, resume, data, mask=None, *, digest=None):
