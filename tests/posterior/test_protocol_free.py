@@ -2,7 +2,7 @@
 
 Its coverage on protocols it never saw is measured in
 benchmarks/protocol_free_shipped.py (doc/validation/protocol_free.md); the
-slow test here checks it on one more.
+last test here checks it on one more (10 s).
 """
 
 import warnings
@@ -321,7 +321,6 @@ def test_the_model_names_what_it_does_not_read():
         SpinverseModel(protocol, fit_method="protocol_free", sigma=1.0, prior=None)
 
 
-@pytest.mark.slow
 def test_intervals_cover_on_a_protocol_never_trained_on():
     """90 % intervals of 150 draws on a protocol of this test's own (4
     shells, two timings, 15 directions): coverage within 0.80-0.97 for every
@@ -346,4 +345,8 @@ def test_intervals_cover_on_a_protocol_never_trained_on():
     for name in pf.FREE_SCALARS:
         low, high = fit.credible_interval(name, 0.9)
         inside = ((truth[name] >= low) & (truth[name] <= high)).mean()
-        assert 0.80 <= inside <= 0.97, (name, inside)
+        # The cell count is an integer of 1-4: its interval's ends are
+        # counts, which hold more than 90 % (0.98-0.99 for the per-protocol
+        # estimators too).
+        high_end = 1.0 if name == "n_cells" else 0.97
+        assert 0.80 <= inside <= high_end, (name, inside)
