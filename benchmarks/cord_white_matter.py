@@ -41,7 +41,8 @@ Run (the simulations are kept in ``--out`` and resumed; with
 ``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1`` beside other work: two torch
 threads on two shared cores made a draw eight times slower)::
 
-    python benchmarks/cord_white_matter.py --n 200 --resolve_above 3 --directions 1 --probe
+    python benchmarks/cord_white_matter.py --n 200 --resolve_above 3 \\
+        --directions 1 --probe
 
 ``--quick``: 4 draws of each prior, no scores.
 """
