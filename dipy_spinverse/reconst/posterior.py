@@ -61,6 +61,7 @@ __all__ = [
     "POSTERIOR_STATUS_CODES",
     "kept_index",
     "check_level",
+    "interval_rows",
 ]
 
 
@@ -339,14 +340,9 @@ class PosteriorFit(MaskedFit):
             is not ``OK``).
         """
         _check_scalar(name)
-        level = check_level(level)
-        lo, hi = (1 - level) / 2, (1 + level) / 2
-        stored = [kept_index(q) for q in (lo, hi)]
-        if None not in stored:
-            low, high = (self.params[name][:, i] for i in stored)
-        else:
-            levels = self.model.estimator.quantile_levels(name, [lo, hi])
-            low, high = np.quantile(self._draws(name, 1000), levels, axis=0)
+        low, high = interval_rows(
+            self.params, name, level, self.model.estimator, self._draws
+        )
         return self._volume(low, 0.0), self._volume(high, 0.0)
 
     def posterior_samples(self, name, n=100, *, seed=0):
@@ -562,6 +558,27 @@ def kept_index(q):
     """
     close = np.flatnonzero(np.abs(np.asarray(_KEPT) - q) < 1e-6)
     return int(close[0]) if len(close) else None
+
+
+def interval_rows(params, name, level, estimator, draws):
+    """The central credible interval of ``name`` at ``level``, per row.
+
+    The stored quantiles (:data:`_KEPT`) where they hold the bounds; else
+    1,000 new draws per voxel (``draws(name, n)``, (n, n_rows)) at the
+    estimator's recalibrated levels (``estimator.quantile_levels``).
+
+    Returns
+    -------
+    low, high : ndarray (n_rows,)
+    """
+    level = check_level(level)
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    stored = [kept_index(q) for q in (lo, hi)]
+    if None not in stored:
+        return tuple(params[name][:, i] for i in stored)
+    levels = estimator.quantile_levels(name, [lo, hi])
+    low, high = np.quantile(draws(name, 1000), levels, axis=0)
+    return low, high
 
 
 def check_level(level):

@@ -33,7 +33,7 @@ from ..posterior.protocol_free import (
 from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
 from .gate import admit, check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma, warn_noise
-from .posterior import check_level, kept_index
+from .posterior import interval_rows, kept_index
 from .resume import masked_rows
 from .status import count_negative, warn_negative
 
@@ -254,14 +254,9 @@ class ProtocolFreeFit(MaskedFit):
         low, high : ndarray
         """
         _check_name(name)
-        level = check_level(level)
-        lo, hi = (1 - level) / 2, (1 + level) / 2
-        stored = [kept_index(q) for q in (lo, hi)]
-        if None not in stored:
-            low, high = (self.params[name][:, i] for i in stored)
-        else:
-            levels = self.model.estimator.quantile_levels(name, [lo, hi])
-            low, high = np.quantile(self._flow_draws(name, 1000, 1), levels, axis=0)
+        low, high = interval_rows(
+            self.params, name, level, self.model.estimator, self._flow_draws
+        )
         return self._volume(low, 0.0), self._volume(high, 0.0)
 
     def posterior_samples(self, name, n=100, *, seed=0):
@@ -282,7 +277,7 @@ class ProtocolFreeFit(MaskedFit):
             self._volume(np.moveaxis(draws, 0, 1), 0.0), self.mask.ndim, 0
         )
 
-    def _flow_draws(self, name, n, seed):
+    def _flow_draws(self, name, n, seed=1):
         out = np.full((n, len(self.params["status"])), np.nan)
         ok = np.flatnonzero(self.params["status"] == OK)
         for part, values in _draws(
