@@ -1,6 +1,6 @@
-"""Regenerates the tables of doc/validation/protocol_free.md (the shipped estimator).
+"""Regenerates the tables of doc/validation/protocol_free.md.
 
-The shipped protocol-free estimator (``SpinverseModel(gtab,
+Its first part, the shipped protocol-free estimator (``SpinverseModel(gtab,
 fit_method="protocol_free", sigma=s)``) on protocols it never saw, through
 the public API, against a per-protocol estimator of the same prior
 (``fit_method="posterior"``):

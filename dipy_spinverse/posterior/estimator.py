@@ -189,6 +189,17 @@ def normal_points(n, n_voxels, dimension):
     normal, the voxels' point sets are independent, and within a voxel the
     points fill the cube evenly, so sample quantiles converge nearly as 1/n
     instead of 1/sqrt(n). Seeded by torch's global generator.
+
+    Parameters
+    ----------
+    n : int
+        Points per voxel.
+    n_voxels : int
+    dimension : int
+
+    Returns
+    -------
+    Tensor (n, n_voxels, dimension)
     """
     seed = int(torch.randint(2**31 - 1, ()))
     engine = torch.quasirandom.SobolEngine(dimension, scramble=True, seed=seed)

@@ -122,9 +122,23 @@ N_TOKEN = 10
 def encode_free(truth, *, rng=None):
     """Descriptors (dict of arrays of length n) as flow coordinates (n, 8).
 
-    ``n_cells`` is dequantised by a uniform jitter in [-1/2, 1/2) when
-    ``rng`` is given (as :func:`~.targets.encode`); ``anisotropy`` must lie
-    strictly inside (0, 1).
+    Parameters
+    ----------
+    truth : dict
+        Each of :data:`FREE_SCALARS` (arrays of length n), as
+        :meth:`~.simulator.PriorSimulator.sample` returns them.
+    rng : numpy.random.Generator, optional
+        Dequantises ``n_cells`` by a uniform jitter in [-1/2, 1/2) (as
+        :func:`~.targets.encode`); default none.
+
+    Returns
+    -------
+    ndarray (n, len(FREE_TARGETS))
+
+    Raises
+    ------
+    ValueError
+        If an ``anisotropy`` is not strictly inside (0, 1).
     """
     f = np.asarray(truth["restricted_fraction"], dtype=float)
     n = np.asarray(truth["n_cells"], dtype=float)
@@ -508,10 +522,23 @@ def _mlp(n_in, width, n_out):
 
 # -- the design's protocols -------------------------------------------------------
 def random_union(rng, n_shells, n_directions):
-    """A protocol of ``n_shells`` shells drawn from :data:`DESIGN`, each of
-    ``n_directions`` evenly spread directions turned at random, without
-    b = 0 volumes (the simulations are normalised already); and each
-    acquisition's shell index."""
+    """A protocol of shells drawn from :data:`DESIGN`.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+    n_shells : int
+    n_directions : int
+        Directions a shell: evenly spread (:func:`fibonacci_sphere`), turned
+        at random.
+
+    Returns
+    -------
+    protocol : Protocol
+        Without b = 0 volumes (the simulations are normalised already).
+    shell : ndarray of int (n_acquisitions,)
+        Each acquisition's shell.
+    """
     bvals, bvecs, small, big, shell = [], [], [], [], []
     for s in range(n_shells):
         delta = rng.uniform(*DESIGN["small_delta"])

@@ -563,9 +563,20 @@ def kept_index(q):
 def interval_rows(params, name, level, estimator, draws):
     """The central credible interval of ``name`` at ``level``, per row.
 
-    The stored quantiles (:data:`_KEPT`) where they hold the bounds; else
-    1,000 new draws per voxel (``draws(name, n)``, (n, n_rows)) at the
-    estimator's recalibrated levels (``estimator.quantile_levels``).
+    Parameters
+    ----------
+    params : dict
+        A fit's rows: ``params[name]`` (n_rows, len(_KEPT)) holds the
+        stored quantiles (:data:`_KEPT`), which give the bounds where they
+        can.
+    name : str
+        The descriptor.
+    level : float
+        In (0, 1).
+    estimator : PosteriorEstimator or ProtocolFreeEstimator
+        Its ``quantile_levels`` recalibrate new draws' bounds.
+    draws : callable
+        ``draws(name, n)``: n new flow draws per row, (n, n_rows).
 
     Returns
     -------
