@@ -22,6 +22,7 @@ from dipy.utils.logging import logger
 
 from ..checks import check_int
 from ..masked import COMMON_CODES, MaskedFit
+from ..posterior import TissuePrior
 from ..posterior.calibration import calibrated_draws
 from ..posterior.protocol_free import (
     FREE_SCALARS,
@@ -33,20 +34,33 @@ from ..posterior.protocol_free import (
 from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
 from .gate import admit, check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma, warn_noise
-from .posterior import interval_rows, kept_index
+from .posterior import OUT_OF_PRIOR, interval_rows, kept_index
 from .resume import masked_rows
 from .status import count_negative, warn_negative
 
-__all__ = ["SpinverseProtocolFreeModel", "ProtocolFreeFit", "PROTOCOL_FREE_CODES"]
+__all__ = [
+    "SpinverseProtocolFreeModel",
+    "ProtocolFreeFit",
+    "PROTOCOL_FREE_CODES",
+    "PRIOR_DIFFUSIVITY",
+    "faster_than_free",
+]
 
 #: Status codes of a protocol-free fit and their meaning.
 PROTOCOL_FREE_CODES = {
     OK: COMMON_CODES[OK],
     NONFINITE: COMMON_CODES[NONFINITE],
     BAD_B0: COMMON_CODES[BAD_B0],
+    OUT_OF_PRIOR: "a shell decays faster than free water at the prior's "
+    "diffusivity, beyond the noise",
     IMPOSSIBLE_SIGNAL: "attenuation above 1 beyond the noise: no tissue produces it",
     MASKED: COMMON_CODES[MASKED],
 }
+#: The prior's intrinsic diffusivity (mm^2/s): ``TissuePrior()``'s, the
+#: tissue the shipped estimator was trained on.
+PRIOR_DIFFUSIVITY = TissuePrior().diffusivity
+#: Standard errors below the free-water bound that flag a shell.
+_FREE_WATER_MARGIN = 4.0
 #: Quantiles kept per voxel and descriptor (as the posterior fit's).
 _KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
 # Voxels drawn from together (x the samples: about 16,000 flow draws).
@@ -159,6 +173,20 @@ class SpinverseProtocolFreeModel(ReconstModel):
         gate = admit(rows, self.protocol, sigma=self.sigma)
         status = gate.status.copy()
         status[gate.impossible] = IMPOSSIBLE_SIGNAL
+        sigma = gate.relative.astype(np.float32)
+        ok = status == OK
+        fast = np.zeros(len(status), bool)
+        fast[ok] = faster_than_free(
+            self.shells.shells, gate.signals.normalised[ok], sigma[ok]
+        )
+        status[fast] = OUT_OF_PRIOR
+        if fast.any():
+            logger.warning(
+                f"{int(fast.sum())} of {len(status)} voxels are OUT_OF_PRIOR: a "
+                "shell's mean signal decays faster than free water at the "
+                f"prior's diffusivity ({PRIOR_DIFFUSIVITY} mm^2/s) beyond the "
+                "noise (free water, CSF, or a sigma too small); their maps are NaN."
+            )
         good = np.flatnonzero(status == OK)
         n = len(status)
         tokens = np.full(
@@ -167,7 +195,6 @@ class SpinverseProtocolFreeModel(ReconstModel):
             dtype=np.float32,
         )
         tokens[good] = self.shells.tokens(gate.signals.normalised[good])
-        sigma = gate.relative.astype(np.float32)
         warn_noise(sigma[good], snr_range=SNR_RANGE)
         params = {name: np.full((n, len(_KEPT)), np.nan) for name in FREE_SCALARS}
         for part, values in _draws(
@@ -187,6 +214,41 @@ class SpinverseProtocolFreeModel(ReconstModel):
             f"SpinverseProtocolFreeModel(n_volumes={len(self.protocol)}, "
             f"sigma={self.sigma:.4g}, shells={len(self.shells.shells)})"
         )
+
+
+def faster_than_free(shells, normalised, sigma):
+    """Voxels a shell of which decays faster than free water at the prior's
+    diffusivity: outside the prior, whatever its tissue.
+
+    Membranes only slow diffusion, so every direction's signal of the
+    prior's tissue stays above ``exp(-b D0)`` (``D0`` =
+    :data:`PRIOR_DIFFUSIVITY`; restricted diffusion's diffraction minima
+    dip below it by far less than any noise), and so does a shell's mean.
+    A voxel is flagged when some shell's mean lies below that bound by more
+    than :data:`_FREE_WATER_MARGIN` standard errors (the mean's noise,
+    ``sigma / sqrt(n)``, and its b = 0 normalisation's, up to ``sigma``
+    relative).
+
+    Parameters
+    ----------
+    shells : list of Shell
+        The shells read.
+    normalised : ndarray (n, n_acquisitions)
+        b0-normalised signals.
+    sigma : ndarray (n,)
+        Relative noise.
+
+    Returns
+    -------
+    ndarray of bool (n,)
+    """
+    flagged = np.zeros(len(normalised), bool)
+    for shell in shells:
+        bound = np.exp(-shell.b * PRIOR_DIFFUSIVITY)
+        mean = normalised[:, shell.rows].mean(axis=1)
+        error = sigma * (1 / np.sqrt(len(shell.rows)) + bound)
+        flagged |= mean < bound - _FREE_WATER_MARGIN * error
+    return flagged
 
 
 def _draws(estimator, tokens, sigma, rows, n_samples, seed):

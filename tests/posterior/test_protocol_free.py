@@ -17,6 +17,7 @@ from dipy_spinverse import Protocol, SpinverseModel
 from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.posterior import protocol_free as pf
 from dipy_spinverse.reconst import NONFINITE, OK
+from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
 from dipy_spinverse.sim.sequences import fibonacci_sphere, hcp_protocol
 
 
@@ -309,6 +310,27 @@ def test_the_model_reads_the_shipped_estimator_and_flags_bad_voxels():
         fit.credible_interval("orientation")
 
 
+def test_signals_faster_than_free_water_are_out_of_the_prior():
+    """Membranes only slow water: a shell whose mean decays faster than
+    free diffusion at the prior's 2e-3 mm^2/s (CSF at 3e-3) is flagged,
+    a slower one (1.9e-3, or the prior's own draws) is not."""
+    protocol = _shells((1000, 0.01, 0.03, 20), (2500, 0.01, 0.06, 20))
+    model = SpinverseModel(protocol, fit_method="protocol_free", sigma=20.0)
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in (3e-3, 1.9e-3):
+        clean = 1000 * np.exp(-protocol.bvals * d)
+        rows.append(
+            np.hypot(
+                clean + 20 * rng.standard_normal(len(clean)),
+                20 * rng.standard_normal(len(clean)),
+            )
+        )
+    fit = model.fit(np.array(rows))
+    assert_array_equal(fit.status, [OUT_OF_PRIOR, OK])
+    assert np.isnan(fit.cell_diameter[0]) and np.isfinite(fit.cell_diameter[1])
+
+
 def test_the_model_names_what_it_does_not_read():
     protocol = _shells((1000, 0.005, 0.006, 20), (2000, 0.01, 0.03, 20))
     with pytest.warns(UserWarning, match="does not read these shells.*big_delta 6 ms"):
@@ -342,6 +364,7 @@ def test_intervals_cover_on_a_protocol_never_trained_on():
         warnings.simplefilter("error", UserWarning)  # all of it is in the design
         model = SpinverseModel(protocol, fit_method="protocol_free", sigma=25.0)
     fit = model.fit(noisy)
+    assert (fit.status == OK).all()  # the prior's own draws: none flagged
     for name in pf.FREE_SCALARS:
         low, high = fit.credible_interval(name, 0.9)
         inside = ((truth[name] >= low) & (truth[name] <= high)).mean()
