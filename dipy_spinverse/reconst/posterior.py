@@ -59,6 +59,7 @@ __all__ = [
     "surface_volume_bound",
     "OUT_OF_PRIOR",
     "POSTERIOR_STATUS_CODES",
+    "KEPT",
     "kept_index",
     "check_level",
     "interval_rows",
@@ -79,7 +80,7 @@ POSTERIOR_STATUS_CODES = {
 
 #: Quantiles kept per voxel and descriptor: the median and the bounds of the
 #: 50 % and 90 % central credible intervals.
-_KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
+KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
 #: Posterior draws simulated per voxel by :meth:`PosteriorFit.predict`.
 N_PREDICTIVE = 16
 # Flow draws made together (voxels x samples): bounds the memory of a batch
@@ -112,7 +113,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
         ``status`` (n,), ``inputs`` (n, n_volumes) b0-normalised signals,
         ``sigma`` (n,), ``S0`` (n,), ``S0_sequences`` (n, n_sequences), per
         scalar descriptor its quantiles
-        (n, 5) at :data:`_KEPT`, and ``orientation`` (n, 3).
+        (n, 5) at :data:`KEPT`, and ``orientation`` (n, 3).
     """
     gate = admit(rows, model.protocol, sigma=model.sigma)
     n = len(gate.status)
@@ -124,7 +125,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     inputs[good] = gate.signals.normalised[good]
     sigma = gate.relative.astype(np.float32)
     warn_noise(sigma[good], snr_range=model.posterior_options.snr_range)
-    summary = {name: np.full((n, len(_KEPT)), np.nan) for name in SCALARS}
+    summary = {name: np.full((n, len(KEPT)), np.nan) for name in SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
     estimator = model.estimator
     batches = _posterior_draws(
@@ -135,7 +136,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
         if not len(keep):
             continue
         for name in SCALARS:
-            levels = estimator.quantile_levels(name, _KEPT)
+            levels = estimator.quantile_levels(name, KEPT)
             summary[name][keep] = np.quantile(values[name], levels, axis=0).T
         summary["orientation"][keep] = _mean_axis(values["orientation"])
     return dict(
@@ -550,13 +551,13 @@ def _check_scalar(name):
 
 
 def kept_index(q):
-    """The column of the stored quantile ``q`` (:data:`_KEPT`), or None.
+    """The column of the stored quantile ``q`` (:data:`KEPT`), or None.
 
     Matched to 1e-6: a level given in float32 (``np.float32(0.9)``, whose
     bounds are 0.04999999702 and 0.95000000298) is the stored 90 %
     interval, not another one drawn again; stored levels are 0.05 apart.
     """
-    close = np.flatnonzero(np.abs(np.asarray(_KEPT) - q) < 1e-6)
+    close = np.flatnonzero(np.abs(np.asarray(KEPT) - q) < 1e-6)
     return int(close[0]) if len(close) else None
 
 
@@ -566,8 +567,8 @@ def interval_rows(params, name, level, estimator, draws):
     Parameters
     ----------
     params : dict
-        A fit's rows: ``params[name]`` (n_rows, len(_KEPT)) holds the
-        stored quantiles (:data:`_KEPT`), which give the bounds where they
+        A fit's rows: ``params[name]`` (n_rows, len(KEPT)) holds the
+        stored quantiles (:data:`KEPT`), which give the bounds where they
         can.
     name : str
         The descriptor.

@@ -21,20 +21,27 @@ from dipy.reconst.base import ReconstModel
 from dipy.utils.logging import logger
 
 from ..checks import check_int
-from ..masked import COMMON_CODES, MaskedFit
+from ..masked import MaskedFit
 from ..posterior import TissuePrior
 from ..posterior.calibration import calibrated_draws
 from ..posterior.protocol_free import (
     FREE_SCALARS,
+    N_TOKEN,
     SNR_RANGE,
     ProtocolShells,
     decode_free,
     load_protocol_free,
 )
-from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
+from .codes import IMPOSSIBLE_SIGNAL, OK
 from .gate import admit, check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma, warn_noise
-from .posterior import OUT_OF_PRIOR, interval_rows, kept_index
+from .posterior import (
+    KEPT,
+    OUT_OF_PRIOR,
+    POSTERIOR_STATUS_CODES,
+    interval_rows,
+    kept_index,
+)
 from .resume import masked_rows
 from .status import count_negative, warn_negative
 
@@ -46,23 +53,18 @@ __all__ = [
     "faster_than_free",
 ]
 
-#: Status codes of a protocol-free fit and their meaning.
+#: Status codes of a protocol-free fit and their meaning: the posterior
+#: fit's, its out-of-prior test the free-water bound.
 PROTOCOL_FREE_CODES = {
-    OK: COMMON_CODES[OK],
-    NONFINITE: COMMON_CODES[NONFINITE],
-    BAD_B0: COMMON_CODES[BAD_B0],
+    **POSTERIOR_STATUS_CODES,
     OUT_OF_PRIOR: "a shell decays faster than free water at the prior's "
     "diffusivity, beyond the noise",
-    IMPOSSIBLE_SIGNAL: "attenuation above 1 beyond the noise: no tissue produces it",
-    MASKED: COMMON_CODES[MASKED],
 }
 #: The prior's intrinsic diffusivity (mm^2/s): ``TissuePrior()``'s, the
 #: tissue the shipped estimator was trained on.
 PRIOR_DIFFUSIVITY = TissuePrior().diffusivity
 #: Standard errors below the free-water bound that flag a shell.
 _FREE_WATER_MARGIN = 4.0
-#: Quantiles kept per voxel and descriptor (as the posterior fit's).
-_KEPT = (0.05, 0.25, 0.5, 0.75, 0.95)
 # Voxels drawn from together (x the samples: about 16,000 flow draws).
 _VOXELS_PER_BATCH = 128
 
@@ -190,18 +192,18 @@ class SpinverseProtocolFreeModel(ReconstModel):
         good = np.flatnonzero(status == OK)
         n = len(status)
         tokens = np.full(
-            (n, len(self.shells.shells), self.estimator.token_mean.numel()),
+            (n, len(self.shells.shells), N_TOKEN),
             np.nan,
             dtype=np.float32,
         )
         tokens[good] = self.shells.tokens(gate.signals.normalised[good])
         warn_noise(sigma[good], snr_range=SNR_RANGE)
-        params = {name: np.full((n, len(_KEPT)), np.nan) for name in FREE_SCALARS}
+        params = {name: np.full((n, len(KEPT)), np.nan) for name in FREE_SCALARS}
         for part, values in _draws(
             self.estimator, tokens, sigma, good, self.n_posterior_samples, 0
         ):
             for name in FREE_SCALARS:
-                levels = self.estimator.quantile_levels(name, _KEPT)
+                levels = self.estimator.quantile_levels(name, KEPT)
                 params[name][part] = np.quantile(values[name], levels, axis=0).T
         logger.info(
             f"protocol-free posterior of {len(good)} of {n} voxels "
