@@ -1,6 +1,8 @@
 """``python -m dipy_spinverse.posterior``: the shipped estimators and the code
 they are accepted for (:func:`.shipped.main`; ``rekey --reason "..."`` after
-a change of the code that leaves their training as it was)."""
+a change of the code that leaves their training as it was). Exit status 0,
+1 when a shipped estimator is not accepted, 2 when the command is refused
+(one line on stderr: :data:`.shipped.EXIT_STATUSES`)."""
 
 import sys
 

@@ -35,6 +35,15 @@ After a change to that code, either
 ``python -m dipy_spinverse.posterior`` (or ``check``) says which
 shipped estimators the current code accepts and which of the hashed files
 changed since the last re-key; ``sources`` lists the hashed files.
+
+``ship`` loads the file it is given (an estimator of the settings and code
+its name gives) before it replaces anything, and installs it whole or not at
+all. Exit status: 0 when every shipped estimator is accepted (or the
+command did its work); 1 when a shipped estimator is not accepted by this
+code, or is missing; 2 when the command is refused (its arguments, a
+``--folder`` that does not exist, a damaged manifest, a file that is not
+an estimator): one line on stderr, ``python -m dipy_spinverse.posterior:
+error: ...``, as argparse refuses its arguments, and nothing is changed.
 """
 
 import argparse
@@ -43,12 +52,16 @@ import json
 import pathlib
 import re
 import shutil
+import types
+import zipfile
 
 from ..files import atomic_write
 from ..provenance import code_digest, source_digests
 
 __all__ = [
+    "ShippedError",
     "SHIPPED",
+    "EXIT_STATUSES",
     "MANIFEST_NAME",
     "TRAINING_ROOTS",
     "NOT_FOLLOWED",
@@ -96,6 +109,33 @@ REKEY_COMMAND = 'python -m dipy_spinverse.posterior rekey --reason "..."'
 # A cache file's name: the settings' key and the code digest.
 _CACHED = re.compile(r"posterior-(?P<settings>[0-9a-f]+)-(?P<code>[0-9a-f]+)\.pt")
 
+# The flow's spline transforms in a saved per-protocol estimator (one level
+# deeper when it samples fast: estimator.PosteriorEstimator).
+_TRANSFORM = re.compile(r"flow\.transform\.(?:transform\.)?transforms\.(\d+)\.")
+
+# What to ship instead of a file that is not an estimator of its name.
+_SHIP_FIX = (
+    "ship the file its training wrote, unchanged (`python -m "
+    "dipy_spinverse.posterior.protocol_free train` or load_or_train's cache; "
+    "doc/validation/posterior.md)"
+)
+
+#: The command line's exit statuses (its ``--help``).
+EXIT_STATUSES = (
+    "exit status: 0 every shipped estimator accepted (or the command done); "
+    "1 a shipped estimator not accepted by this code, or missing; 2 the "
+    "command refused (its arguments, a --folder that does not exist, a "
+    "damaged manifest, a file that is not an estimator), in one line on "
+    "stderr, with nothing changed."
+)
+
+
+class ShippedError(ValueError):
+    """A refusal of the shipped estimators' tools: a damaged manifest, a file
+    that is not an estimator of its name, a folder that does not exist, a
+    re-key without a reason. Its message names what was given and the fix;
+    the command line prints it in one line and exits with status 2."""
+
 
 def estimator_code():
     """The digest of the code that trains a posterior estimator.
@@ -135,23 +175,60 @@ def read_manifest(folder=SHIPPED):
 
     Raises
     ------
-    ValueError
-        Naming the file when it is not a manifest.
+    ShippedError
+        Naming the file when it is not a manifest (unreadable, not JSON, or
+        not of the layout above).
     """
     path = pathlib.Path(folder) / MANIFEST_NAME
     if not path.exists():
         return {"estimators": {}, "sources": {}}
     try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest.get("estimators"), dict):
-            raise ValueError("no 'estimators' table")
-    except ValueError as err:
-        raise ValueError(
-            f"the shipped estimators' manifest {path} cannot be read ({err}); "
-            "restore it from the package's repository."
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError("it is empty")
+        manifest = json.loads(text)
+        _check_layout(manifest)
+    except (OSError, ValueError) as err:
+        raise ShippedError(
+            f"the shipped estimators' manifest {path} cannot be read "
+            f"({_brief(err, 160)}); restore it from the package's repository (or "
+            "reinstall dipy_spinverse)."
         ) from err
     manifest.setdefault("sources", {})
     return manifest
+
+
+def _check_layout(manifest):
+    """ValueError saying how ``manifest`` (parsed JSON) is not a manifest's
+    layout (:func:`read_manifest`); what the other functions read of it."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"it holds a JSON {type(manifest).__name__}, not a table")
+    estimators = manifest.get("estimators")
+    if not isinstance(estimators, dict):
+        raise ValueError("no 'estimators' table")
+    if not isinstance(manifest.get("sources", {}), dict):
+        raise ValueError("its 'sources' is not a table")
+    for name, entry in estimators.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"its entry {name!r} is not a table")
+        under = entry.get("trained_under")
+        accepted = entry.get("accepted", [])
+        codes = accepted if isinstance(accepted, list) else [None]
+        if not isinstance(under, (str, type(None))) or not all(
+            isinstance(item, dict) and isinstance(item.get("code"), str)
+            for item in codes
+        ):
+            raise ValueError(
+                f"its entry {name!r} has no 'trained_under' digest (or null) "
+                "and list of 'accepted' codes"
+            )
+
+
+def _brief(err, limit=None):
+    """An exception's message on one line (a manifest's JSON error, torch's
+    multi-line load_state_dict report), cut after ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if limit is None or len(text) <= limit else f"{text[:limit]}..."
 
 
 def _accepted(entry):
@@ -253,23 +330,33 @@ def rekey(reason, *, names=None, code=None, folder=SHIPPED):
 
     Raises
     ------
-    ValueError
-        When ``reason`` is empty or several lines, or a name is not shipped.
+    ShippedError
+        When ``reason`` is empty or several lines, ``folder`` has no manifest
+        or a damaged one, or a name is not shipped.
     """
     reason = str(reason).strip()
     if not reason or "\n" in reason:
-        raise ValueError(
+        raise ShippedError(
             "a re-key needs a one-line reason: what changed and why the "
             "shipped estimators' simulations and training did not."
         )
     reason = " ".join(reason.split())
     code = estimator_code() if code is None else code
+    path = pathlib.Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        # A re-key accepts code for estimators already shipped: it never
+        # starts a manifest.
+        raise ShippedError(
+            f"{path} does not exist: nothing is shipped in {folder} to re-key; "
+            "give the shipped estimators' folder (--folder, default "
+            f"{SHIPPED}) or ship an estimator there first."
+        )
     manifest = read_manifest(folder)
     estimators = manifest["estimators"]
     names = sorted(estimators) if names is None else list(names)
     unknown = [n for n in names if n not in estimators]
     if unknown:
-        raise ValueError(
+        raise ShippedError(
             f"{unknown} are not in the manifest of {folder}; shipped: "
             f"{sorted(estimators)}."
         )
@@ -290,11 +377,19 @@ def ship(path, *, about, folder=SHIPPED):
     """Ship an estimator trained into a cache: copy it into ``folder`` under
     its settings' name, recorded as trained under the code its name holds.
 
+    The file is first copied beside its target and loaded there: only an
+    estimator of the settings key and code its name gives is installed, and
+    it replaces the shipped file in one rename (the old file stays until the
+    new one is whole). Anything else is refused and nothing is changed.
+
     Parameters
     ----------
     path : path-like
         ``posterior-<settings>-<code>.pt``, as
-        :func:`~dipy_spinverse.posterior.load_or_train` caches it.
+        :func:`~dipy_spinverse.posterior.load_or_train` caches it (its
+        ``state``, ``key`` and ``code``), or as ``python -m
+        dipy_spinverse.posterior.protocol_free train`` writes the
+        protocol-free estimator (its tensors alone: its code is its name's).
     about : str
         What it is, in words (its prior, options and protocol).
     folder : path-like
@@ -303,21 +398,43 @@ def ship(path, *, about, folder=SHIPPED):
     -------
     pathlib.Path
         The shipped file.
+
+    Raises
+    ------
+    ShippedError
+        Naming ``path`` and why, when it is not such a file, ``about`` is
+        empty, or the manifest in ``folder`` is damaged.
     """
+    given = path
     path = pathlib.Path(path)
     match = _CACHED.fullmatch(path.name)
     if match is None:
-        raise ValueError(
-            f"{path} is not a cached posterior estimator "
+        raise ShippedError(
+            f"{given} is not a cached posterior estimator "
             "(posterior-<settings>-<code>.pt); train it with the command in "
             "doc/validation/posterior.md and pass the file it writes."
         )
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ShippedError(f"{given} {what}; {_SHIP_FIX}.")
+    about = " ".join(str(about).split())
+    if not about:
+        raise ShippedError(
+            "about (--about) is empty: say what the estimator is (its prior, "
+            "training options and protocol)."
+        )
+    # A damaged manifest is refused before the estimator is replaced.
+    manifest = read_manifest(folder)
     target = pathlib.Path(folder) / shipped_name(match["settings"])
     with atomic_write(target) as tmp:
         shutil.copyfile(path, tmp)
-    manifest = read_manifest(folder)
+        # The copy is checked, so that the bytes loaded are those installed;
+        # a refusal removes it and leaves the shipped file as it was.
+        _check_estimator(
+            pathlib.Path(tmp), given, settings=match["settings"], code=match["code"]
+        )
     manifest["estimators"][target.name] = {
-        "about": " ".join(str(about).split()),
+        "about": about,
         "trained_under": match["code"],
         "accepted": [],
     }
@@ -327,19 +444,119 @@ def ship(path, *, about, folder=SHIPPED):
     return target
 
 
+def _check_estimator(copy, given, *, settings, code):
+    """Load ``copy`` (of the file ``given``) as the estimator of ``settings``
+    trained under ``code``; else :class:`ShippedError` naming ``given``."""
+    import torch
+
+    from .protocol_free import shipped_key
+
+    if copy.stat().st_size == 0:
+        raise ShippedError(f"{given} is empty (0 bytes); {_SHIP_FIX}.")
+    # torch.save writes a zip archive: other bytes (or a cut one) are named
+    # as such, not by torch's advice on weights_only.
+    if not zipfile.is_zipfile(copy):
+        raise ShippedError(
+            f"{given} is not a whole torch file ({copy.stat().st_size} bytes, "
+            f"not a zip archive as torch.save writes; cut short?); {_SHIP_FIX}."
+        )
+    try:
+        saved = torch.load(copy, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch's errors on foreign bytes vary
+        raise ShippedError(
+            f"{given} cannot be read as a torch file ({type(err).__name__}: "
+            f"{_brief(err, 160)}); {_SHIP_FIX}."
+        ) from err
+    if settings == shipped_key():
+        _check_protocol_free(saved, given)
+    else:
+        _check_per_protocol(copy, saved, given, settings=settings, code=code)
+
+
+def _check_protocol_free(saved, given):
+    """``saved`` loads into the protocol-free estimator (its tensors alone),
+    else :class:`ShippedError` naming ``given``."""
+    from .protocol_free import ProtocolFreeEstimator
+
+    try:
+        ProtocolFreeEstimator().load_state_dict(saved)
+    except Exception as err:  # noqa: BLE001 - any mismatch refuses the file
+        raise ShippedError(
+            f"{given} is named as the protocol-free estimator, but its tensors "
+            f"do not load into one ({type(err).__name__}: {_brief(err, 160)}); "
+            f"{_SHIP_FIX}."
+        ) from err
+
+
+def _check_per_protocol(copy, saved, given, *, settings, code):
+    """``saved`` is a per-protocol estimator cached for ``settings`` and
+    ``code`` (its ``key`` and ``code``) and its tensors load into one (of
+    the widths they have), else :class:`ShippedError` naming ``given``."""
+    from .cache import _load
+
+    if not isinstance(saved, dict) or not {"state", "key", "code"} <= saved.keys():
+        held = sorted(saved)[:5] if isinstance(saved, dict) else type(saved).__name__
+        raise ShippedError(
+            f"{given} is not a posterior estimator cached by load_or_train "
+            f"(it holds {held}, not its 'state', 'key' and 'code'); {_SHIP_FIX}."
+        )
+    if saved["code"] != code:
+        raise ShippedError(
+            f"{given} was trained under code {saved['code']}, but its name says "
+            f"{code} (renamed by hand?); {_SHIP_FIX}."
+        )
+    if saved["key"] != f"{settings}-{code}":
+        raise ShippedError(
+            f"{given} holds the estimator of key {saved['key']}, but its name "
+            f"says {settings}-{code} (renamed by hand?); {_SHIP_FIX}."
+        )
+    try:
+        state = saved["state"]
+        transforms = {m[1] for key in state if (m := _TRANSFORM.match(key))}
+        widths = types.SimpleNamespace(
+            hidden=state["embed.2.weight"].shape[0],
+            embedding=state["embed.4.weight"].shape[0],
+            transforms=len(transforms),
+        )
+        _load(copy, state["x_mean"].numel() - 1, widths, code=code)
+    except Exception as err:  # noqa: BLE001 - any mismatch refuses the file
+        why = (
+            f"it has no tensor {err}"
+            if isinstance(err, KeyError)
+            else f"{type(err).__name__}: {_brief(err, 160)}"
+        )
+        raise ShippedError(
+            f"{given} is not a posterior estimator: its tensors do not load "
+            f"into one ({why}); {_SHIP_FIX}."
+        ) from err
+
+
 def main(argv=None):
-    """``python -m dipy_spinverse.posterior [check | sources | rekey
-    --reason TEXT [NAME ...] | ship PATH --about TEXT]``; see the module's
-    documentation. Returns the exit status (1: a shipped estimator is not
-    accepted by this code)."""
+    """``python -m dipy_spinverse.posterior [--folder DIR] [check | sources |
+    rekey --reason TEXT [NAME ...] | ship PATH --about TEXT]``; see the
+    module's documentation.
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 1 when a shipped estimator is not accepted by
+        this code (or missing).
+
+    Raises
+    ------
+    SystemExit
+        With status 2 when the command is refused (:class:`ShippedError`,
+        or a file that cannot be written): one line on stderr, as argparse
+        refuses its arguments; nothing is changed.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m dipy_spinverse.posterior",
         description="The shipped posterior estimators and the code they accept.",
+        epilog=EXIT_STATUSES,
     )
     parser.add_argument(
         "--folder",
-        default=SHIPPED,
-        type=pathlib.Path,
+        default=str(SHIPPED),
         help="the shipped estimators' folder (default: this package's)",
     )
     commands = parser.add_subparsers(dest="command")
@@ -352,24 +569,73 @@ def main(argv=None):
     to_ship.add_argument("path")
     to_ship.add_argument("--about", required=True, help="what it is, in words")
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except (ShippedError, OSError) as err:
+        # The one way a command is refused: one line and status 2, as
+        # argparse refuses its arguments (status 1 is a refused estimator).
+        parser.exit(2, f"{parser.prog}: error: {_brief(err)}\n")
+
+
+def _command(args):
+    """Run the parsed command line ``args`` (:func:`main`); its exit status."""
+    folder = _folder(args.folder)
     code = estimator_code()
     if args.command == "sources":
         for relative, digest in _estimator_sources().items():
             print(f"{digest}  {relative}")
         return 0
     if args.command == "rekey":
-        try:
-            done = rekey(args.reason, names=args.names or None, folder=args.folder)
-        except ValueError as err:
-            parser.error(str(err))
+        done = rekey(args.reason, names=args.names or None, folder=folder)
         print(f"code {code} accepted for: {', '.join(done) or 'none (already)'}")
         return 0
     if args.command == "ship":
-        print(f"shipped {ship(args.path, about=args.about, folder=args.folder)}")
+        print(f"shipped {ship(args.path, about=args.about, folder=folder)}")
+    return _check(folder, args.folder, code)
+
+
+def _folder(given):
+    """``--folder`` as a path, if it is a folder; else :class:`ShippedError`
+    naming the value given."""
+    folder = pathlib.Path(given)
+    if not folder.exists():
+        raise ShippedError(
+            f"--folder {given} does not exist; give the shipped estimators' "
+            f"folder (default {SHIPPED}), or create it first to ship into a "
+            "new one."
+        )
+    if not folder.is_dir():
+        raise ShippedError(
+            f"--folder {given} is not a folder; give the shipped estimators' "
+            f"folder (default {SHIPPED})."
+        )
+    return folder
+
+
+def _check(folder, given, code):
+    """Print whether ``code`` is accepted for each estimator in the manifest
+    of ``folder`` and each ``posterior-*.pt`` there; the exit status."""
+    estimators = read_manifest(folder)["estimators"]
+    # A file the manifest does not list is named too: it is never served.
+    names = sorted(set(estimators) | {p.name for p in folder.glob("posterior-*.pt")})
+    if not names:
+        raise ShippedError(
+            f"--folder {given} holds no shipped estimators (no {MANIFEST_NAME}, "
+            f"no posterior-*.pt); give the shipped estimators' folder (default "
+            f"{SHIPPED})."
+        )
     print(f"code digest {code}")
     status = 0
-    for name in sorted(read_manifest(args.folder)["estimators"]):
-        why = refusal(name, code, folder=args.folder)
+    for name in names:
+        if not (folder / name).is_file():
+            print(f"{name}: MISSING")
+            print(
+                f"  its manifest lists it, but {folder / name} is not there; "
+                "restore it from the package's repository."
+            )
+            status = 1
+            continue
+        why = refusal(name, code, folder=folder)
         print(f"{name}: {'accepted' if why is None else 'NOT ACCEPTED'}")
         if why is not None:
             print(f"  {why}")
