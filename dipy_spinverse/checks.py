@@ -20,6 +20,7 @@ __all__ = [
     "check_number",
     "check_positive",
     "check_range",
+    "check_generator",
     "check_choice",
     "check_device",
     "check_dtype",
@@ -254,6 +255,42 @@ def check_range(value, name, minimum=0.0):
             f"{name} must be a range (low, high) with 0 < low <= high, got {value!r}."
         )
     return low, high
+
+
+def check_generator(rng, name="rng"):
+    """A numpy ``Generator`` from anything :func:`numpy.random.default_rng`
+    takes: None (fresh entropy), a non-negative int seed or a sequence of
+    them, a ``SeedSequence``, a ``BitGenerator``, or a ``Generator``, which
+    is returned unchanged (drawing from it advances it).
+
+    Parameters
+    ----------
+    rng : None, int, array_like of int, SeedSequence, BitGenerator or Generator
+    name : str
+        The argument's name, used in the error message.
+
+    Returns
+    -------
+    numpy.random.Generator
+
+    Raises
+    ------
+    ValueError
+        If numpy cannot seed a generator from ``rng``, or it is a bool
+        (which numpy would read as the seed 0 or 1).
+    """
+    if not isinstance(rng, bool | np.bool_):
+        try:
+            return np.random.default_rng(rng)
+        except (TypeError, ValueError) as err:
+            reason = err
+    else:
+        reason = None
+    raise ValueError(
+        f"{name} must be what numpy.random.default_rng takes: None, a "
+        "non-negative int seed (or a sequence of them), a SeedSequence, a "
+        f"BitGenerator or a Generator; got {rng!r}."
+    ) from reason
 
 
 def check_choice(value, name, choices):

@@ -49,8 +49,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..checks import check_int, check_positive, check_range
+from ..checks import check_generator, check_int, check_positive, check_range
 from ..geometry.substrates import axon_bundle, bundle_side
+from ..geometry.substrates.bundle import MAX_FIBRE_FRACTION, UnheldBundleError
 from ..sim.forward import simulate
 from ..sim.sequences import as_protocol
 from .prior import plain_value, section_grid, unit_fibre_axis
@@ -118,21 +119,25 @@ class WhiteMatterPrior:
     Parameters
     ----------
     n_axons : (int, int)
+        Whole numbers, ``1 <= low <= high``.
     mean_diameter : (float, float)
         Mean inner diameter of the voxel's gamma distribution.
     diameter_shape : (float, float)
         The gamma distribution's shape ``k`` (coefficient of variation
         ``1 / sqrt(k)``).
     g_ratio : (float, float)
+        Within (0, 1).
     fibre_fraction : (float, float)
-        Axons and sheaths' share of the section.
+        Axons and sheaths' share of the section, within (0, 0.85] (the
+        densest :func:`~dipy_spinverse.geometry.substrates.axon_bundle`
+        packs).
     permeability : (float, float)
         Of every membrane (both sides of each sheath).
     intra_diffusivity, extra_diffusivity, myelin_diffusivity : (float, float)
     intra_t2, extra_t2, myelin_t2 : (float, float)
     myelin_density : (float, float)
         Myelin's water per unit volume relative to the axons' and the
-        extra-axonal space's.
+        extra-axonal space's, below 1.
     cells_per_sheath : int
         Triangles across the mean axon's sheath.
     fibre_axis : (3,) array_like, optional
@@ -161,21 +166,22 @@ class WhiteMatterPrior:
     resolve_above: float | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "n_axons", _whole_range(self.n_axons, "n_axons"))
         for f in fields(self):
-            if f.name in ("cells_per_sheath", "fibre_axis", "resolve_above"):
+            if f.name in ("n_axons", "cells_per_sheath", "fibre_axis", "resolve_above"):
                 continue
-            value = check_range(getattr(self, f.name), f.name, 0.0)
-            object.__setattr__(self, f.name, value)
-        low, high = self.n_axons
-        if low != int(low) or low < 1:
-            raise ValueError(f"n_axons must be whole numbers >= 1, got {self.n_axons}.")
-        object.__setattr__(self, "n_axons", (int(low), int(high)))
-        for name in ("g_ratio", "fibre_fraction", "myelin_density"):
-            if getattr(self, name)[1] >= (0.86 if name == "fibre_fraction" else 1.0):
+            given = getattr(self, f.name)
+            value = check_range(given, f.name, 0.0)
+            # The ranges axon_bundle takes, checked here once (none of its
+            # draws is then refused for the range, and none redrawn).
+            if f.name == "fibre_fraction" and value[1] > MAX_FIBRE_FRACTION:
                 raise ValueError(
-                    f"{name} must lie below {0.85 if name == 'fibre_fraction' else 1}, "
-                    f"got {getattr(self, name)}."
+                    f"fibre_fraction must lie in (0, {MAX_FIBRE_FRACTION:g}] (the "
+                    f"densest axon_bundle packs), got {given!r}."
                 )
+            if f.name in ("g_ratio", "myelin_density") and value[1] >= 1.0:
+                raise ValueError(f"{f.name} must lie below 1, got {given!r}.")
+            object.__setattr__(self, f.name, value)
         object.__setattr__(
             self,
             "cells_per_sheath",
@@ -218,13 +224,18 @@ class WhiteMatterPrior:
 
         Parameters
         ----------
-        rng : numpy.random.Generator
+        rng : None, int, SeedSequence, BitGenerator or numpy.random.Generator
+            Anything :func:`numpy.random.default_rng` takes; a Generator is
+            drawn from (it advances).
 
         Raises
         ------
         ValueError
-            When no draw is accepted in a few tens of tries.
+            When no draw is accepted in a few tens of tries (a bundle its
+            grid cannot hold is drawn again; the last refusal is given).
         """
+        rng = check_generator(rng)
+        refused = None
         for _ in range(_MAX_TRIES):
             n = int(rng.integers(self.n_axons[0], self.n_axons[1] + 1))
             mean = _log_uniform(rng, self.mean_diameter)
@@ -254,7 +265,8 @@ class WhiteMatterPrior:
                     permeability=kappa,
                     resolve_above=self.resolve_above,
                 )
-            except ValueError:
+            except UnheldBundleError as err:
+                refused = err
                 continue
             tissue = self._tissue(rng)
             described = self._described(grid, bundle, tissue)
@@ -262,9 +274,11 @@ class WhiteMatterPrior:
                 side, resolution, bundle, tissue, described, self._axis(rng)
             )
         raise ValueError(
-            f"no draw of {self!r} was accepted in {_MAX_TRIES} tries: its axons "
-            "are finer than the grid; raise cells_per_sheath or mean_diameter."
-        )
+            f"no draw of {self!r} was accepted in {_MAX_TRIES} tries; the last "
+            f"was refused as: {refused} Raise cells_per_sheath or mean_diameter "
+            "(axons finer than the grid), or lower fibre_fraction (discs that "
+            "cannot be packed apart)."
+        ) from refused
 
     def _tissue(self, rng):
         log = _log_uniform
@@ -375,6 +389,20 @@ class WhiteMatterPrior:
     def description(self):
         """The prior's fields as plain values (cache keys, reports)."""
         return {f.name: plain_value(getattr(self, f.name)) for f in fields(self)}
+
+
+def _whole_range(value, name):
+    """``value`` as a ``(low, high)`` pair of ints, ``1 <= low <= high``."""
+    try:
+        low, high = value
+        low = check_int(low, name, 1)
+        high = check_int(high, name, low)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{name} must be a range (low, high) of whole numbers with 1 <= low "
+            f"<= high, got {value!r}."
+        ) from err
+    return low, high
 
 
 def _per_cell(draw, name):

@@ -113,14 +113,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...checks import check_int, check_number, check_positive
+from ...checks import check_generator, check_int, check_number, check_positive
 from ...sim.analytic import cylinder_roots
 from ...sim.pools import PooledSection
-from .substrate import check_rng
+from ...sim.sections import SectionGrid
 
 __all__ = [
     "COMPARTMENTS",
+    "MAX_FIBRE_FRACTION",
     "AxonBundle",
+    "UnheldBundleError",
     "axon_bundle",
     "bundle_side",
     "effective_diameter_of",
@@ -128,6 +130,11 @@ __all__ = [
 
 #: The compartments of a bundle, by their index in :attr:`AxonBundle.compartment`.
 COMPARTMENTS = ("extra", "intra", "myelin")
+
+#: The largest fibre fraction :func:`axon_bundle` packs (the soft-disc
+#: relaxation packs no denser); the docstrings here and in
+#: :class:`~dipy_spinverse.posterior.white_matter.WhiteMatterPrior` say 0.85.
+MAX_FIBRE_FRACTION = 0.85
 
 # Relaxation of the soft-disc packing: iterations, and the overlap (relative
 # to the smallest outer radius) below which two discs count as apart.
@@ -145,6 +152,13 @@ _MIN_AREA_SHARE = 0.25
 _QUADRANTS = 4
 _ROOT = float(cylinder_roots(1)[0])
 _RING_RADIUS = float(np.sqrt(4 / (_ROOT**2 * (_ROOT**2 - 1))))
+
+
+class UnheldBundleError(ValueError):
+    """A drawn bundle the grid cannot hold (an axon on no cell, discs that
+    cannot be packed apart, a sub-grid fibre whose area its neighbours
+    cannot give): a fault of this draw on this grid, which another draw or
+    a finer grid may not have; not a bad argument."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -348,8 +362,11 @@ def axon_bundle(
     Parameters
     ----------
     grid : SectionGrid
-        A periodic section.
-    rng : numpy.random.Generator
+        A periodic section (:meth:`SectionGrid.triangular
+        <dipy_spinverse.sim.sections.SectionGrid.triangular>`), without pools.
+    rng : None, int, SeedSequence, BitGenerator or numpy.random.Generator
+        Anything :func:`numpy.random.default_rng` takes; a Generator is
+        drawn from (it advances).
     n_axons : int
     mean_diameter : float
         Mean inner (axon) diameter of the gamma distribution, um.
@@ -368,8 +385,8 @@ def axon_bundle(
         Inner diameter (um) below which an axon is not rasterised but held
         as sub-grid pools (its sheath, and its inside on a ring: module
         documentation);
-        None (the default): every axon is rasterised. The draw is the same
-        either way (same ``rng``: same discs).
+        None (the default), or no axon thinner: every axon is rasterised.
+        The draw is the same either way (same ``rng``: same discs).
 
     Returns
     -------
@@ -378,41 +395,50 @@ def axon_bundle(
     Raises
     ------
     ValueError
-        Bad arguments (named), or a bundle the grid does not hold (a
-        rasterised axon on no grid cell: use fewer or larger axons, a finer
-        grid, or a larger ``resolve_above``; a sub-grid fibre whose area the
-        cells around it cannot give: a finer grid).
+        Bad arguments (named, with the value given).
+    UnheldBundleError
+        A bundle the grid does not hold (a rasterised axon on no grid cell:
+        use fewer or larger axons, a finer grid, or a larger
+        ``resolve_above``; a sub-grid fibre whose area the cells around it
+        cannot give: a finer grid; discs that cannot be packed apart: a
+        lower ``fibre_fraction``). A ``ValueError``.
     """
-    rng = check_rng(rng)
+    grid = _check_section(grid)
+    rng = check_generator(rng)
     n = check_int(n_axons, "n_axons", 1)
-    mean = check_number(mean_diameter, "mean_diameter", minimum=0.0)
-    shape = check_number(shape, "shape", minimum=0.0)
-    fraction = check_number(fibre_fraction, "fibre_fraction", minimum=0.0)
-    if not (0 < fraction <= 0.85):
+    mean = check_positive(mean_diameter, "mean_diameter", "um", example="2.0")
+    shape = check_positive(shape, "shape", example="4.0")
+    fraction = check_number(fibre_fraction, "fibre_fraction")
+    if not (0 < fraction <= MAX_FIBRE_FRACTION):
         raise ValueError(
-            f"fibre_fraction must lie in (0, 0.85] (discs pack no denser here), "
-            f"got {fibre_fraction!r}."
+            f"fibre_fraction must lie in (0, {MAX_FIBRE_FRACTION:g}] (discs pack "
+            f"no denser here), got {fibre_fraction!r}."
         )
-    if not (mean > 0 and shape > 0):
-        raise ValueError("mean_diameter and shape must be > 0.")
     if resolve_above is not None:
         resolve_above = check_positive(
             resolve_above, "resolve_above", "um", example="2.0 (or None)"
         )
+    # Every argument is checked as given before anything is drawn or
+    # transformed (a logarithm of 0 would report -inf, not the 0 passed).
+    g_bounds = _value_or_range(g_ratio, "g_ratio", (0.0, 1.0), "(0.6, 0.8)")
+    kappa_bounds = _value_or_range(
+        permeability, "permeability", (0.0, np.inf), "(1e-5, 1e-4) m/s"
+    )
     inner = rng.gamma(shape, mean / shape, n)
-    g = _uniform(rng, g_ratio, "g_ratio", n, (0.0, 1.0))
-    kappa = np.exp(_uniform(rng, np.log(permeability), "permeability", n, None))
+    g = _uniform(rng, g_bounds, n)
+    kappa = np.exp(_uniform(rng, np.log(kappa_bounds), n))
     outer = inner / g
     # The drawn discs scaled together to fill the fraction in this section.
     scale = np.sqrt(fraction * grid.volume / (np.pi / 4 * np.sum(outer**2)))
     inner, outer = inner * scale, outer * scale
     centres = _packed_centres(grid, rng, outer / 2)
-    if resolve_above is not None:
-        return _with_subgrid(grid, centres, inner, outer, kappa, inner < resolve_above)
+    thin = inner < (0.0 if resolve_above is None else resolve_above)
+    if thin.any():
+        return _with_subgrid(grid, centres, inner, outer, kappa, thin)
     axon, compartment = _rasterised(grid, centres, inner / 2, outer / 2)
     areas, sheaths = _areas(grid, axon, compartment, n)
     if np.any(areas == 0):
-        raise ValueError(
+        raise UnheldBundleError(
             f"{int(np.sum(areas == 0))} of the {n} axons hold no cell of {grid!r} "
             "(their diameter is below its spacing); use fewer or larger axons or "
             "a finer grid."
@@ -453,7 +479,7 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
     areas, sheaths = _areas(grid, axon, compartment, n)
     lost = ~subgrid & (areas == 0)
     if np.any(lost):
-        raise ValueError(
+        raise UnheldBundleError(
             f"{int(lost.sum())} of the {n} rasterised axons hold no cell of "
             f"{grid!r} (their diameter is below its spacing); use fewer or larger "
             "axons, a finer grid, or a larger resolve_above."
@@ -473,7 +499,7 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
         radial.append(r)
     extra = (compartment == 0) & ~removed
     if not extra.any():
-        raise ValueError(
+        raise UnheldBundleError(
             f"no extra-axonal cell of {grid!r} is left around the sub-grid axons; "
             "use a finer grid."
         )
@@ -508,7 +534,7 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
             missing * grid.cell_volumes[ring] / grid.cell_volumes[ring].sum()
         )
     if np.any(volumes[~removed] < _MIN_AREA_SHARE * grid.cell_volumes[~removed]):
-        raise ValueError(
+        raise UnheldBundleError(
             f"the cells of {grid!r} around a sub-grid axon cannot give its area "
             "(its staircase differs from its disc by more than they hold); use a "
             "finer grid."
@@ -648,15 +674,54 @@ def _inside_pools(radius, middle, centres, parts, sheath_pools, *, first):
     )
 
 
-def _uniform(rng, value, name, n, bounds):
-    """``n`` values: ``value`` repeated, or uniform in the range it gives."""
-    low, high = np.broadcast_to(np.asarray(value, dtype=float), (2,))
-    if not (np.isfinite(low) and np.isfinite(high) and low <= high):
+def _check_section(grid):
+    """``grid``, which must be a periodic section without pools."""
+    if isinstance(grid, SectionGrid) and not isinstance(grid, PooledSection):
+        return grid
+    pooled = (
+        " (it holds sub-grid pools already: draw into the section it was built on)"
+        if isinstance(grid, PooledSection)
+        else ""
+    )
+    raise ValueError(
+        "grid must be a periodic section, a SectionGrid without pools, e.g. "
+        "SectionGrid.triangular(bundle_side(...), 48) from "
+        f"dipy_spinverse.sim.sections; got {type(grid).__name__}{pooled}."
+    )
+
+
+def _value_or_range(value, name, limits, example):
+    """``value`` (a number, or a ``(low, high)`` range) as ``(low, high)``
+    floats strictly within ``limits``; the error shows ``value`` as given."""
+    try:
+        given = np.asarray(value)
+        pair = np.broadcast_to(given.astype(float), (2,))
+    except (TypeError, ValueError):
+        pair = None  # not numbers, or not one or two of them
+    # A string or a bool would convert to a number; neither is one here.
+    if pair is None or given.dtype.kind not in "iuf":
+        ok = False
+    else:
+        ok = bool(np.all(np.isfinite(pair)) and pair[0] <= pair[1])
+    if not ok:
         raise ValueError(
-            f"{name} must be a finite value or (low, high), got {value!r}."
+            f"{name} must be a finite value or (low, high) with low <= high, e.g. "
+            f"{example}, got {value!r}."
         )
-    if bounds is not None and not (bounds[0] < low and high < bounds[1]):
-        raise ValueError(f"{name} must lie in {bounds} (exclusive), got {value!r}.")
+    low, high = float(pair[0]), float(pair[1])
+    if not (limits[0] < low and high < limits[1]):
+        where = (
+            f"be > {limits[0]:g}"
+            if np.isinf(limits[1])
+            else f"lie in ({limits[0]:g}, {limits[1]:g}) (exclusive)"
+        )
+        raise ValueError(f"{name} must {where}, e.g. {example}, got {value!r}.")
+    return low, high
+
+
+def _uniform(rng, bounds, n):
+    """``n`` values: ``low`` repeated, or uniform in ``(low, high)``."""
+    low, high = bounds
     return rng.uniform(low, high, n) if high > low else np.full(n, low)
 
 
@@ -686,7 +751,7 @@ def _packed_centres(grid, rng, radii):
         direction = d / np.where(dist > 0, dist, 1.0)[..., None]
         weight = radii[None, :] ** 2 / (radii[:, None] ** 2 + radii[None, :] ** 2)
         centres = centres - np.einsum("ij,ij,ijk->ik", push, weight, direction)
-    raise ValueError(
+    raise UnheldBundleError(
         f"{n} discs could not be packed apart in the {grid.extent[0]:g} um "
         "section; lower fibre_fraction."
     )
