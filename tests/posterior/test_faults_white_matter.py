@@ -298,3 +298,21 @@ def test_resolve_above_below_every_axon_rasterises_them_all():
     prior = WhiteMatterPrior(**{**SMALL, "resolve_above": 0.01})
     draw = prior.draw(0)
     assert not draw.bundle.subgrid.any()
+
+
+@pytest.mark.parametrize(
+    "make_seed",
+    [lambda: np.random.SeedSequence(3), lambda: np.random.PCG64(3), lambda: [3, 1]],
+)
+def test_random_and_packed_substrates_take_any_seed_default_rng_takes(make_seed):
+    """Issue 84 case 10's neighbours: every seeded substrate builder takes
+    what numpy's default_rng takes (they refused a SeedSequence, a
+    BitGenerator and a list)."""
+    from dipy_spinverse.geometry.substrates import packed_substrate, random_substrate
+
+    grid = TetGrid.bcc(12.0, 2, boundary="periodic")
+    first = random_substrate(grid, rng=make_seed()).labels
+    assert_array_equal(first, random_substrate(grid, rng=make_seed()).labels)
+    assert packed_substrate(grid, rng=make_seed()) is not None
+    with pytest.raises(ValueError, match="rng must be what numpy.random.default_rng"):
+        random_substrate(grid, rng="seven")

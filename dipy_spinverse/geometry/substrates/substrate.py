@@ -4,12 +4,11 @@ the grid cells, the permeabilities of the faces (two membranes in series
 between touching cells), log-uniform draws and the checked random inputs.
 """
 
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...checks import check_number
+from ...checks import check_generator, check_number
 from ..phantoms import Phantom
 from ..topology import graph_components
 
@@ -247,22 +246,16 @@ def check_rng(rng):
 
     Parameters
     ----------
-    rng : None, int or numpy.random.Generator
-        A seed (non-negative), a generator, or None for fresh entropy.
+    rng : None, int, array_like of int, SeedSequence, BitGenerator or Generator
+        Anything :func:`numpy.random.default_rng` takes
+        (:func:`~dipy_spinverse.checks.check_generator`); a Generator is
+        used as it is.
 
     Returns
     -------
     numpy.random.Generator
     """
-    if rng is None or isinstance(rng, np.random.Generator):
-        return np.random.default_rng(rng)
-    ok = isinstance(rng, numbers.Integral) and not isinstance(rng, bool)
-    if not ok or rng < 0:
-        raise ValueError(
-            "rng must be None, a non-negative int seed or a numpy.random.Generator, "
-            f"got {rng!r}."
-        )
-    return np.random.default_rng(int(rng))
+    return check_generator(rng, "rng")
 
 
 def log_uniform(rng, bounds, *, n):
