@@ -30,6 +30,7 @@ from ..reconst import (
     OPTIONAL_PARAMETERS,
     PENDING,
     PosteriorFit,
+    ProtocolFreeFit,
     SpinverseFit,
 )
 from .specs import model_from_spec, model_spec
@@ -48,6 +49,17 @@ _COMPARTMENT_VERSION = 1
 _COMPARTMENT_ARRAYS = ("mask", "status", "model_params")
 #: The fit classes save_fit takes.
 _SAVED_FITS = (SpinverseFit, PosteriorFit, CompartmentFit)
+#: Why a protocol-free fit (of a volume or a voxel) is refused, and what
+#: keeps its results meanwhile.
+_PROTOCOL_FREE_UNSAVED = (
+    "a protocol-free fit (ProtocolFreeFit, of fit_method='protocol_free') "
+    "cannot be saved yet: save_fit has no file format for it. Save "
+    "its maps instead: for each name in dipy_spinverse.posterior.protocol_free."
+    "FREE_SCALARS, nib.save(nib.Nifti1Image(getattr(fit, name), affine), "
+    "f'{name}.nii.gz'), and likewise the bounds of fit.credible_interval(name, "
+    "0.9) and fit.status; or fit with fit_method='posterior', whose fits "
+    "save_fit keeps."
+)
 # Version 2: one SpinverseFit class, S0_sequences columns in rank order
 # (Protocol.sequences), the label search's options named search_*, no seed.
 # Version 3: the parameters of the voxels in the mask only, (n_mask, ...).
@@ -162,7 +174,16 @@ def save_fit(fit, path):
     -------
     str
         The path written.
+
+    Raises
+    ------
+    ValueError
+        For a fit of one voxel, of another class, or a protocol-free fit
+        (:class:`~dipy_spinverse.reconst.ProtocolFreeFit`, not saved yet: the
+        message says how to keep its maps).
     """
+    if isinstance(fit, ProtocolFreeFit):
+        raise ValueError(_PROTOCOL_FREE_UNSAVED)
     if not isinstance(fit, _SAVED_FITS) or fit.shape == ():
         got = type(fit).__name__
         if isinstance(fit, _SAVED_FITS):
@@ -305,8 +326,10 @@ def read_fit_file(path):
     formats[_POSTERIOR_FORMAT] = (_POSTERIOR_VERSION, _POSTERIOR_ARRAYS)
     formats[_COMPARTMENT_FORMAT] = (_COMPARTMENT_VERSION, _COMPARTMENT_ARRAYS)
     found = header.get("format") if isinstance(header, dict) else None
-    if found not in formats:
+    # A format of another type (a list is not even hashable) is no format.
+    if not isinstance(found, str) or found not in formats:
         raise ValueError(f"{path} is not a Spinverse fit (format {found!r}).")
+    _check_header_types(path, header)
     newest, required = formats[found]
     if header.get("version", 0) > newest:
         raise ValueError(
@@ -319,6 +342,41 @@ def read_fit_file(path):
         raise ValueError(f"{path} lacks {what}; the file is damaged.")
     _verify_store(path, header, arrays)
     return header, arrays
+
+
+def _check_header_types(path, header):
+    """Refuse header fields of the wrong type before they are compared or
+    converted (a version of "1" or null would fail as a TypeError)."""
+    version = header.get("version", 0)  # absent: the earliest files
+    if "version" in header and not (_is_whole(version) and version >= 1):
+        _refuse_field(path, "version", version, "a whole number of 1 or more")
+    # Only the type: the value is the fit's own (NaN where it had no b = 0).
+    noise_level = header.get("noise_level")
+    if noise_level is not None and not _is_real(noise_level):
+        _refuse_field(path, "noise_level", noise_level, "a number or null")
+    fingerprint = header.get("fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        _refuse_field(path, "fingerprint", fingerprint, "a string or null")
+    # Absent, it is named below with the arrays the file lacks.
+    if "model" in header and not isinstance(header["model"], dict):
+        _refuse_field(path, "model", header["model"], "a table describing the model")
+
+
+def _is_whole(value):
+    # JSON's true and false are Python bools, an int subclass: not numbers.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _refuse_field(path, name, value, expected):
+    raise ValueError(
+        f"{path}: its header's {name} is {value!r}, not {expected}; the file is "
+        "damaged or was not written by save_fit. Load an intact copy, or fit "
+        "again."
+    )
 
 
 def _compartment_fit(path, spec, model, arrays):
