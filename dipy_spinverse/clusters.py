@@ -15,19 +15,34 @@ GPU of its rank among the workers of its host (:func:`worker_device`).
 
 DIPY's ``paramap`` runs Dask on local threads only and Ray only inside the
 user's own ``ray.init``; here the cluster is used as it is.
+
+A local Dask cluster's workers are processes that multiprocessing *spawns*:
+each runs the main script's top level again as it starts (Python's "safe
+importing of the main module"). A script that starts one from code outside
+``if __name__ == "__main__":`` is refused before any worker starts
+(:func:`refuse_unguarded_main`), and a spawned process that would wait on a
+lock its parent holds raises instead (:func:`refuse_spawned_main_import`).
 """
 
+import ast
 import os
+import pathlib
 import socket
+import sys
 
 import torch
+
+from .files import MAIN_GUARD_HINT, refuse_spawned_main_import
 
 __all__ = [
     "CLUSTER_ENGINES",
     "INSTALL_HINT",
     "Cluster",
     "open_cluster",
+    "refuse_spawned_main_import",
+    "refuse_unguarded_main",
     "run_chunks",
+    "unguarded_main_line",
     "worker_device",
 ]
 
@@ -172,6 +187,10 @@ class DaskCluster(Cluster):
             try:
                 client = distributed.get_client()
             except ValueError:  # no client yet: a local cluster of processes
+                refuse_unguarded_main(
+                    "a Dask engine without an address (engine='dask', "
+                    "training_engine='dask')"
+                )
                 cluster = distributed.LocalCluster(
                     n_workers=n_workers,
                     threads_per_worker=1,
@@ -239,6 +258,87 @@ class DaskCluster(Cluster):
         for owned in self.owned:
             owned.close()
         self.owned = []
+
+
+def unguarded_main_line():
+    """The main script and its line now running outside an ``if __name__ ==
+    "__main__":`` block: code that a spawned process runs again.
+
+    The line is that of the script's top level (a call of a function that
+    led here counts as that call). None when the main module is not run
+    again by spawned processes (an interactive session, ``python -c``, a
+    package's ``__main__``), when no frame of its top level led here (another
+    thread), when its source cannot be read, or when the line lies inside an
+    ``if`` that tests ``__name__``.
+
+    Returns
+    -------
+    tuple of (str, int) or None
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    # multiprocessing's spawn does not run these again (spawn.py).
+    if path is None or name == "__main__" or name.endswith(".__main__"):
+        return None
+    frame = sys._getframe(1)
+    while frame is not None and not (
+        frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    line = frame.f_lineno
+    try:
+        tree = ast.parse(pathlib.Path(frame.f_code.co_filename).read_text())
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.If)
+            and node.lineno <= line <= node.end_lineno
+            and any(
+                isinstance(n, ast.Name) and n.id == "__name__"
+                for n in ast.walk(node.test)
+            )
+        ):
+            return None
+    return frame.f_code.co_filename, line
+
+
+def refuse_unguarded_main(what):
+    """Refuse to start a local Dask cluster whose spawned workers would run
+    the main script's unguarded work again (:func:`unguarded_main_line`).
+
+    Parameters
+    ----------
+    what : str
+        What starts the cluster, for the message.
+
+    Raises
+    ------
+    RuntimeError
+        Naming the script, its line and the guard.
+    """
+    if _start_method() == "fork":
+        return
+    found = unguarded_main_line()
+    if found is not None:
+        path, line = found
+        raise RuntimeError(
+            f"{what} starts a local Dask cluster, whose worker processes run "
+            f"{path} again as they start, and line {line} of it runs outside "
+            '`if __name__ == "__main__":`: every worker would start this work '
+            f"again (a training waits for ever on its own lock). Fix: "
+            f"{MAIN_GUARD_HINT}."
+        )
+
+
+def _start_method():
+    """How Dask starts a local cluster's workers."""
+    import dask
+
+    return dask.config.get("distributed.worker.multiprocessing-method", "spawn")
 
 
 def probe(address, timeout=CONNECT_TIMEOUT):
@@ -314,6 +414,7 @@ def open_cluster(engine, address=None, *, n_workers=1):
     Cluster
         Close it (or use it as a context manager) to stop what was started.
     """
+    refuse_spawned_main_import()
     if engine == "ray":
         return RayCluster(address, n_workers=n_workers)
     if engine == "dask":

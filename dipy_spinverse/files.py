@@ -11,11 +11,13 @@ import errno
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import pathlib
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import warnings
@@ -209,6 +211,31 @@ def _signature(path):
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+#: How to write a script whose work spawned workers do not start again.
+MAIN_GUARD_HINT = (
+    'put the script\'s top-level code under `if __name__ == "__main__":` '
+    '(https://docs.python.org/3/library/multiprocessing.html, "Safe '
+    'importing of main module"), or pass the address of a running cluster, '
+    "or use engine='serial'"
+)
+
+
+def refuse_spawned_main_import():
+    """Raise RuntimeError in a spawned process that is still running its
+    parent's main module (the parent's unguarded work, run again as the
+    process starts): what would wait on its parent must not."""
+    # The test of multiprocessing's own _check_not_importing_main.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        main = getattr(sys.modules.get("__main__"), "__file__", "the main script")
+        raise RuntimeError(
+            f"this process was spawned (a Dask worker, a multiprocessing "
+            f"process) and is running {main} again as it starts: its parent "
+            'started it from code outside `if __name__ == "__main__":`, '
+            f"and this process would wait for ever on its parent. Fix: "
+            f"{MAIN_GUARD_HINT}."
+        )
+
+
 @contextlib.contextmanager
 def _build_lock(path, what):
     """Hold ``<path>.lock`` while ``path`` is built; wait (saying so) when
@@ -227,6 +254,9 @@ def _build_lock(path, what):
         try:
             lock.acquire(timeout=0)
         except Timeout:
+            # A spawned process running its parent's unguarded script again
+            # would wait for ever on the lock its parent holds.
+            refuse_spawned_main_import()
             logger.info(
                 f"Another process is building the {what} {path} (it holds "
                 f"{lock_path}); waiting for it, to use its result."

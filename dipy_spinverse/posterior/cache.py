@@ -21,7 +21,7 @@ from ..files import StaleCacheError, cache_root, load_or_build
 from ..provenance import StaleEstimatorWarning
 from ..sim.forward import update_digest
 from ..sim.grid import TetGrid
-from .estimator import PosteriorEstimator
+from .estimator import PosteriorEstimator, kept_generators
 from .shipped import SHIPPED, estimator_code, refusal, shipped_name
 from .training import default_training, simulate_and_train
 
@@ -203,6 +203,7 @@ def _train(simulator, options, path, progress):
     )
 
 
+@kept_generators()  # building the network draws from torch's generator
 def _load(path, n_inputs, options, *, code=None):
     """The estimator saved at ``path``; with ``code``, only if that code
     trained it (else :class:`~dipy_spinverse.files.StaleCacheError`: a file

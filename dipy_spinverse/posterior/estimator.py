@@ -21,6 +21,7 @@ truths fell below it a fraction ``p`` of the time.
 """
 
 import contextlib
+import random
 
 import numpy as np
 import torch
@@ -28,7 +29,12 @@ import torch
 from . import support, targets
 from .calibration import LEVELS, SCALARS, calibrated_levels
 
-__all__ = ["PosteriorEstimator", "normal_points", "flushed_denormals"]
+__all__ = [
+    "PosteriorEstimator",
+    "normal_points",
+    "flushed_denormals",
+    "kept_generators",
+]
 
 
 class PosteriorEstimator(torch.nn.Module):
@@ -120,9 +126,13 @@ class PosteriorEstimator(torch.nn.Module):
             Noise standard deviation relative to the b = 0 signal.
         n : int
         generator_seed : int, optional
-            Seeds torch's generator for reproducible draws (the base points
-            are drawn on the CPU, so that a seed gives the same draws on
-            every device, to rounding).
+            Seeds the draws, from generators of their own: torch's global
+            generator is neither read nor moved. A voxel's draws depend on
+            the seed and its own signal and sigma only, not on the voxels
+            drawn with it nor its place among them. The base points are
+            drawn on the CPU, so that a seed gives the same draws on every
+            device, to rounding. None: a seed drawn from torch's global
+            generator.
 
         Notes
         -----
@@ -133,9 +143,13 @@ class PosteriorEstimator(torch.nn.Module):
         level error of a median is 0.022 with 128 such draws and with 500
         independent ones; of a 5 % bound 0.014 against 0.010).
         """
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        base = normal_points(n, len(signal), self.y_mean.numel()).to(self.device)
+        base = normal_points(
+            n,
+            len(signal),
+            self.y_mean.numel(),
+            seed=generator_seed,
+            voxel_data=(signal, sigma),
+        ).to(self.device)
         with flushed_denormals():
             context = self._context(signal.to(self.device), sigma.to(self.device))
             y = self.flow(context).transform.inv(base)
@@ -180,15 +194,15 @@ class PosteriorEstimator(torch.nn.Module):
         )
 
 
-def normal_points(n, n_voxels, dimension):
+def normal_points(n, n_voxels, dimension, *, seed=None, voxel_data=None):
     """Standard normal base points (n, n_voxels, dimension), randomised QMC.
 
     One scrambled Sobol sequence of ``n`` points (Owen 1998), shifted modulo 1
-    by an independent uniform vector per voxel (Cranley and Patterson 1976)
-    and mapped through the normal quantile. Each point is exactly standard
-    normal, the voxels' point sets are independent, and within a voxel the
-    points fill the cube evenly, so sample quantiles converge nearly as 1/n
-    instead of 1/sqrt(n). Seeded by torch's global generator.
+    by a uniform vector per voxel (Cranley and Patterson 1976) and mapped
+    through the normal quantile. Each point is exactly standard normal, the
+    voxels' point sets are independent, and within a voxel the points fill
+    the cube evenly, so sample quantiles converge nearly as 1/n instead of
+    1/sqrt(n).
 
     Parameters
     ----------
@@ -196,18 +210,97 @@ def normal_points(n, n_voxels, dimension):
         Points per voxel.
     n_voxels : int
     dimension : int
+    seed : int, optional
+        Seeds the sequence's scrambling and the shifts, through generators of
+        their own: torch's global generator is neither read nor moved. None:
+        a seed drawn from torch's global generator.
+    voxel_data : sequence of Tensor or ndarray (n_voxels, ...), optional
+        What each voxel is (its signal, its noise level): a voxel's shift
+        is a hash of ``seed`` and its rows, so that its points are the same
+        whatever voxels it is drawn with and wherever among them (voxels of
+        identical data have identical points). None: a hash of ``seed`` and
+        the voxel's index.
 
     Returns
     -------
     Tensor (n, n_voxels, dimension)
     """
-    seed = int(torch.randint(2**31 - 1, ()))
-    engine = torch.quasirandom.SobolEngine(dimension, scramble=True, seed=seed)
-    shift = torch.rand(n_voxels, dimension)
+    if seed is None:
+        seed = int(torch.randint(2**31 - 1, ()))
+    if voxel_data is None:
+        voxel_data = (np.arange(n_voxels),)
+    # One scrambling for every voxel, the seed's (not the batch's), and a
+    # shift per voxel from its own data.
+    engine = torch.quasirandom.SobolEngine(
+        dimension, scramble=True, seed=_seed_word(seed)
+    )
+    shift = _uniforms(_voxel_keys(seed, n_voxels, voxel_data), dimension)
     uniform = torch.frac(engine.draw(n)[:, None, :] + shift)
     # A shifted point can land on 0 exactly: kept inside the open cube.
     tiny = torch.finfo(uniform.dtype).eps
     return torch.special.ndtri(uniform.clamp(tiny, 1 - tiny))
+
+
+#: splitmix64's increment (Steele et al. 2014), 2^64 over the golden ratio.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x):
+    """splitmix64's finaliser, elementwise on a uint64 array (wrapping)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _seed_word(seed):
+    """A non-negative 63-bit seed mixed from ``seed`` (any int)."""
+    word = np.array([int(seed) % 2**64], dtype=np.uint64)
+    return int(_mix(word + _GOLDEN)[0] >> np.uint64(1))
+
+
+def _voxel_keys(seed, n_voxels, voxel_data):
+    """A 64-bit hash per voxel of ``seed`` and the bytes of its rows of each
+    array of ``voxel_data`` (uint64, (n_voxels,))."""
+    keys = np.full(n_voxels, _seed_word(seed), dtype=np.uint64)
+    for data in voxel_data:
+        if isinstance(data, torch.Tensor):
+            data = data.detach().cpu().numpy()
+        data = np.ascontiguousarray(data)
+        # Explicit widths: no voxels is no error.
+        rows = data.reshape(n_voxels, data[0].size if n_voxels else 0)
+        raw = rows.view(np.uint8).reshape(n_voxels, rows.shape[1] * data.itemsize)
+        # Padded to whole 8-byte words.
+        raw = np.pad(raw, ((0, 0), (0, -raw.shape[1] % 8)))
+        for word in np.ascontiguousarray(raw).view(np.uint64).T:
+            keys = _mix((keys ^ word) + _GOLDEN)
+    return keys
+
+
+def _uniforms(keys, dimension):
+    """Uniforms in [0, 1) (len(keys), dimension): a splitmix64 stream per key,
+    24 bits each (exact in float32)."""
+    steps = np.arange(1, dimension + 1, dtype=np.uint64) * _GOLDEN
+    bits = _mix(keys[:, None] + steps) >> np.uint64(40)
+    return torch.from_numpy(bits.astype(np.float32) * np.float32(2.0**-24))
+
+
+@contextlib.contextmanager
+def kept_generators():
+    """torch's CPU generator, numpy's legacy global one and Python's
+    ``random`` as they were on entering, restored on leaving: what runs
+    inside (a network's initialisation when an estimator is read, a seeded
+    training) leaves the caller's random sequences as they were. Also a
+    decorator (``@kept_generators()``)."""
+    # The legacy global generator is the caller's to keep, so it is read.
+    states = np.random.get_state(), random.getstate()  # noqa: NPY002
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            np.random.set_state(states[0])  # noqa: NPY002
+            random.setstate(states[1])
 
 
 @contextlib.contextmanager

@@ -36,11 +36,14 @@ doc/validation/protocol_free.md).
 
 What lies outside the design is not read: a shell outside :data:`DESIGN`
 (b, delta, Delta, too few directions, not PGSE, no b = 0 at its echo time)
-is dropped and named (:attr:`ProtocolShells.dropped`), and a protocol left
-without shells is refused. More than 16 shells are thinned to 16 spread over
-b and Delta (named too); more than 20 directions read as 20 (the trained
-most; on the HCP-style 90 directions the 90 % intervals held 0.83-0.89 of
-the truths, doc/validation/protocol_free.md).
+and volumes on no shell (b-values spread beyond :data:`B_TOLERANCE`, a
+ramp) are dropped and named (:attr:`ProtocolShells.dropped`), and a protocol
+left without shells is refused. A PGSE inside a longer spin echo
+(``Protocol.from_gtab(gtab, echo_time=TE)``) is read as PGSE, normalised by
+the b = 0 volumes at its echo time. More than 16 shells are thinned to 16
+spread over b and Delta (named too); more than 20 directions read as 20
+(the trained most; on the HCP-style 90 directions the 90 % intervals held
+0.83-0.89 of the truths, doc/validation/protocol_free.md).
 """
 
 import copy
@@ -56,8 +59,9 @@ from dipy.core.sphere import cart2sphere
 from dipy.reconst.shm import real_sh_descoteaux
 
 from ..sim.sequences import PGSE, Protocol, fibonacci_sphere
+from ..sim.waveforms import SpinEcho
 from .calibration import LEVELS, SCALARS, calibrated_levels, level_table, rank_transform
-from .estimator import flushed_denormals, normal_points
+from .estimator import flushed_denormals, kept_generators, normal_points
 
 __all__ = [
     "DESIGN",
@@ -172,7 +176,8 @@ class Shell(NamedTuple):
     """One shell: its acquisitions' rows, b (s/mm^2), delta and Delta (s),
     and the least-squares map from its signal to its even spherical
     harmonics (``pinv`` (n_coefficients, n_rows)) with each coefficient's
-    order ``l``."""
+    order ``l``; its echo time (s) and the rows of the b = 0 volumes it is
+    normalised by (those at its echo time)."""
 
     rows: np.ndarray
     b: float
@@ -180,20 +185,38 @@ class Shell(NamedTuple):
     big_delta: float
     pinv: np.ndarray
     order: np.ndarray
+    echo_time: float = math.nan
+    b0_rows: np.ndarray = np.zeros(0, dtype=np.intp)
 
     def describe(self):
         return (
-            f"b={self.b:.0f} s/mm^2, delta={self.small_delta * 1e3:.3g} ms, "
-            f"Delta={self.big_delta * 1e3:.3g} ms ({len(self.rows)} directions)"
+            f"b={self.b:.0f} s/mm^2, {_timing_words(self)}, "
+            f"TE={self.echo_time * 1e3:.3g} ms ({len(self.rows)} directions)"
         )
 
 
-def make_shell(protocol, rows):
+def _pgse_encoding(waveform):
+    """The PGSE encoding of ``waveform`` (itself, or the encoding of a
+    :class:`~dipy_spinverse.sim.waveforms.SpinEcho`: an echo time longer
+    than the encoding leaves it PGSE); None when it is not PGSE."""
+    encoding = waveform.encoding if isinstance(waveform, SpinEcho) else waveform
+    return encoding if isinstance(encoding, PGSE) else None
+
+
+def _timing_words(encoding):
+    return (
+        f"delta={encoding.small_delta * 1e3:.3g} ms, "
+        f"Delta={encoding.big_delta * 1e3:.3g} ms"
+    )
+
+
+def make_shell(protocol, rows, b0_rows=()):
     """The :class:`Shell` of ``protocol``'s acquisitions ``rows`` (one PGSE
-    timing and b); None when their directions do not determine a rank-2
-    spherical harmonic fit."""
+    timing and b), normalised by its b = 0 volumes ``b0_rows``; None when
+    their directions do not determine a rank-2 spherical harmonic fit."""
     rows = np.asarray(rows, dtype=np.intp)
     waveform = protocol.waveforms[rows[0]]
+    encoding = _pgse_encoding(waveform)
     sh_order = 4 if len(rows) >= L4_DIRECTIONS else 2
     _, theta, phi = cart2sphere(*protocol.bvecs[rows].T)
     basis, _, order = real_sh_descoteaux(sh_order, theta, phi, legacy=False)
@@ -206,10 +229,12 @@ def make_shell(protocol, rows):
     return Shell(
         rows=rows,
         b=float(protocol.bvals[rows].mean()),
-        small_delta=float(waveform.small_delta),
-        big_delta=float(waveform.big_delta),
+        small_delta=float(encoding.small_delta),
+        big_delta=float(encoding.big_delta),
         pinv=np.linalg.pinv(basis),
         order=np.asarray(order),
+        echo_time=float(waveform.echo_time),
+        b0_rows=np.asarray(b0_rows, dtype=np.intp),
     )
 
 
@@ -280,6 +305,12 @@ def _quadratic_map():
 class ProtocolShells:
     """A protocol read as the estimator's shells, what it drops and why.
 
+    A shell is the acquisitions of one PGSE timing, one echo time and one
+    b-value: b-values within :data:`B_TOLERANCE` of each other, the spread
+    of a shell bounded (a ramp of b-values is no shell, however small its
+    steps). Each shell is normalised by the b = 0 volumes of its sequence,
+    else by those at its echo time (the same T2 weighting).
+
     Parameters
     ----------
     protocol : Protocol
@@ -290,7 +321,8 @@ class ProtocolShells:
     shells : list of Shell
         The shells read (at most :data:`MAX_SHELLS`).
     dropped : list of (str, str)
-        Each shell not read, described, with the reason.
+        Each shell (or set of volumes on no shell) not read, described with
+        its timing and echo time, and the reason.
     problems : list of str
         What of the protocol as a whole lies outside :data:`DESIGN` (its
         volume count).
@@ -312,20 +344,20 @@ class ProtocolShells:
             )
         candidates = []
         b0 = protocol.bvals == 0
-        several_echoes = len(set(np.round(protocol.echo_times, 9))) > 1
         for waveform, idx in protocol.sequences():
             weighted = idx[~b0[idx]]
             if not len(weighted):
                 continue
-            own_b0 = b0[idx].any()
-            for rows in _b_groups(protocol.bvals, weighted):
+            b0_rows = _b0_rows(protocol, idx)
+            groups, loose = _b_groups(protocol.bvals, weighted)
+            for rows in loose:
+                what = _describe_loose(protocol, rows)
+                self.dropped.append((what, _loose_words(protocol.bvals[rows])))
+            for rows in groups:
                 reason = self._outside(waveform, protocol.bvals[rows], len(rows))
-                if reason is None and several_echoes and not own_b0:
-                    reason = (
-                        "no b = 0 volume at its echo time (it would be "
-                        "normalised by another echo time's)"
-                    )
-                shell = make_shell(protocol, rows) if reason is None else None
+                if reason is None and not len(b0_rows):
+                    reason = _no_b0_words(protocol, waveform)
+                shell = make_shell(protocol, rows, b0_rows) if reason is None else None
                 if reason is None and shell is None:
                     reason = "its directions do not span the sphere (rank < 6)"
                 if reason is None:
@@ -337,18 +369,32 @@ class ProtocolShells:
             raise ValueError(
                 "the protocol-free estimator reads no shell of this protocol: "
                 + "; ".join(f"{d}: {r}" for d, r in self.dropped)
-                + f". Its design is {_design_words()}; fit this protocol with "
-                'fit_method="posterior" (a per-protocol estimator) instead.'
+                + f". It reads {_design_words()}, with a b = 0 volume at each "
+                "echo time. " + self._fixes()
             )
+
+    def _fixes(self):
+        """What to do with a protocol of no shell read, from the reasons."""
+        fixes = []
+        if any(why.startswith("no b = 0 volume") for _, why in self.dropped):
+            fixes.append("acquire a b = 0 volume at each echo time")
+        fixes.append(
+            'fit this protocol with fit_method="posterior" (a per-protocol '
+            "estimator, trained once for it), which reads every volume"
+        )
+        text = ", or ".join(fixes)
+        return text[0].upper() + text[1:] + "."
 
     @staticmethod
     def _outside(waveform, bvals, n_rows):
-        if not isinstance(waveform, PGSE):
-            return f"a {type(waveform).__name__} waveform, not PGSE"
+        encoding = _pgse_encoding(waveform)
+        if encoding is None:
+            inner = getattr(waveform, "encoding", waveform)
+            return f"a {type(inner).__name__} encoding, not PGSE"
         checks = (
             ("b", float(bvals.mean()), 1.0, " s/mm^2"),
-            ("small_delta", waveform.small_delta, 1e3, " ms"),
-            ("big_delta", waveform.big_delta, 1e3, " ms"),
+            ("small_delta", encoding.small_delta, 1e3, " ms"),
+            ("big_delta", encoding.big_delta, 1e3, " ms"),
         )
         for name, value, scale, unit in checks:
             lo, hi = DESIGN[name]
@@ -357,7 +403,7 @@ class ProtocolShells:
                     f"{name} {value * scale:.4g}{unit} outside the design's "
                     f"{lo * scale:.4g}-{hi * scale:.4g}{unit}"
                 )
-        if waveform.big_delta < waveform.small_delta + 1e-3:
+        if encoding.big_delta < encoding.small_delta + 1e-3:
             return "Delta below delta + 1 ms, outside the design"
         if n_rows < DIRECTIONS[0]:
             return f"{n_rows} directions, fewer than the {DIRECTIONS[0]} needed"
@@ -381,6 +427,24 @@ class ProtocolShells:
                 )
         return kept
 
+    def normalised(self, signals):
+        """Raw ``signals`` (n, n_acquisitions) divided, shell by shell, by
+        the mean of the shell's b = 0 volumes (:attr:`Shell.b0_rows`).
+
+        Returns
+        -------
+        ndarray (n, n_acquisitions)
+            NaN off the shells' rows, and on a shell whose b = 0 mean is
+            not positive and finite.
+        """
+        signals = np.asarray(signals, dtype=np.float64)
+        out = np.full(signals.shape, np.nan)
+        for shell in self.shells:
+            scale = signals[:, shell.b0_rows].mean(axis=1, keepdims=True)
+            scale = np.where(np.isfinite(scale) & (scale > 0), scale, np.nan)
+            out[:, shell.rows] = signals[:, shell.rows] / scale
+        return out
+
     def tokens(self, normalised):
         """The shells' tokens (n, len(shells), N_TOKEN) of b0-normalised
         signals (n, n_acquisitions)."""
@@ -394,23 +458,131 @@ class ProtocolShells:
         return lines
 
 
+def _echo_key(times):
+    """Echo times (s) compared to the nanosecond."""
+    return np.round(np.asarray(times, dtype=np.float64), 9)
+
+
+def _b0_rows(protocol, idx):
+    """The b = 0 volumes that normalise the sequence of acquisitions
+    ``idx``: its own (as the gate normalises it), else those at its echo
+    time, whatever their encoding's timing (a b = 0 has no diffusion
+    weighting, only its echo time's T2 weighting); none when no b = 0 has
+    its echo time."""
+    b0 = protocol.bvals == 0
+    own = idx[b0[idx]]
+    if len(own):
+        return own
+    echo = _echo_key(protocol.echo_times)
+    return np.flatnonzero(b0 & (echo == echo[idx[0]]))
+
+
+def _no_b0_words(protocol, waveform):
+    """Why a shell at an echo time without b = 0 volumes is not read."""
+    b0 = protocol.bvals == 0
+    others = sorted(set(_echo_key(protocol.echo_times[b0])))
+    at = ", ".join(f"{t * 1e3:.3g}" for t in others)
+    te = f"TE={waveform.echo_time * 1e3:.3g} ms"
+    words = (
+        f"no b = 0 volume at its echo time ({te}; the b = 0 volumes are at "
+        f"TE={at} ms), so its T2 weighting is not known: acquire a b = 0 "
+        f"volume at {te}"
+    )
+    if not isinstance(waveform, SpinEcho):
+        # Without an echo time given, a PGSE's echo ends with its encoding
+        # (delta + Delta): a scanner's one echo time for every volume is
+        # given to the protocol instead.
+        words += (
+            ", or, if the scanner's echo time was one for all volumes, give "
+            "it: Protocol.from_gtab(gtab, echo_time=TE)"
+        )
+    return words
+
+
 def _b_groups(bvals, rows):
-    """``rows`` grouped by b-value within :data:`B_TOLERANCE`."""
+    """``rows`` as shells, each of b-values within :data:`B_TOLERANCE` of
+    each other, and the rows on no shell.
+
+    Returns
+    -------
+    shells : list of ndarray
+        Each shell's rows, sorted.
+    loose : list of ndarray
+        Rows whose b-values spread beyond the tolerance with fewer than
+        :data:`DIRECTIONS` ``[0]`` of them within it (a ramp): one array per
+        run of b-values (steps of at most the tolerance).
+    """
     order = rows[np.argsort(bvals[rows], kind="stable")]
-    breaks = np.flatnonzero(np.diff(bvals[order]) > B_TOLERANCE) + 1
-    return [np.sort(g) for g in np.split(order, breaks)]
+    # Runs of steps within the tolerance. A run spanning no more than the
+    # tolerance is a shell; a longer one (a ramp, or shells closer than the
+    # tolerance's chain) is split, never chained into one shell.
+    runs = np.split(order, np.flatnonzero(np.diff(bvals[order]) > B_TOLERANCE) + 1)
+    shells, loose = [], []
+    for run in runs:
+        found, rest = _dense_windows(bvals, run)
+        shells += found
+        if len(rest) and np.ptp(bvals[rest]) <= B_TOLERANCE:
+            shells.append(rest)  # a few directions: named as too few
+        elif len(rest):
+            loose.append(rest)
+    return [np.sort(g) for g in shells], [np.sort(g) for g in loose]
+
+
+def _dense_windows(bvals, run):
+    """The shells of ``run`` (rows sorted by b): a run within the tolerance
+    whole, else the fullest windows of b-values within it, fullest first,
+    while they hold :data:`DIRECTIONS` ``[0]`` directions; and the rest."""
+    if np.ptp(bvals[run]) <= B_TOLERANCE:
+        return [run], run[:0]
+    found = []
+    while len(run):
+        b = bvals[run]
+        ends = np.searchsorted(b, b + B_TOLERANCE, side="right")
+        counts = ends - np.arange(len(b))
+        first = int(np.argmax(counts))
+        if counts[first] < DIRECTIONS[0]:
+            break
+        found.append(run[first : ends[first]])
+        run = np.delete(run, np.arange(first, ends[first]))
+    return found, run
 
 
 def _describe(protocol, rows):
     waveform = protocol.waveforms[rows[0]]
-    timing = ""
-    if isinstance(waveform, PGSE):
-        timing = (
-            f", delta={waveform.small_delta * 1e3:.3g} ms, "
-            f"Delta={waveform.big_delta * 1e3:.3g} ms"
-        )
     b = protocol.bvals[rows].mean()
-    return f"b={b:.0f} s/mm^2{timing} ({len(rows)} directions)"
+    return f"b={b:.0f} s/mm^2{_waveform_words(waveform)} ({len(rows)} directions)"
+
+
+def _describe_loose(protocol, rows):
+    waveform = protocol.waveforms[rows[0]]
+    b = protocol.bvals[rows]
+    return (
+        f"b {b.min():.0f}-{b.max():.0f} s/mm^2{_waveform_words(waveform)} "
+        f"(volumes {_index_runs(rows)}, {len(rows)} in all)"
+    )
+
+
+def _loose_words(bvals):
+    return (
+        f"b-values spread over {np.ptp(bvals):.0f} s/mm^2 with fewer than "
+        f"{DIRECTIONS[0]} within {B_TOLERANCE:.0f} s/mm^2 of each other: not a "
+        "shell (a shell's b-values differ by at most that)"
+    )
+
+
+def _waveform_words(waveform):
+    """``", delta=.. ms, Delta=.. ms, TE=.. ms"``: what tells shells of one
+    b apart (no delta and Delta for an encoding other than PGSE)."""
+    encoding = _pgse_encoding(waveform)
+    timing = f", {_timing_words(encoding)}" if encoding is not None else ""
+    return f"{timing}, TE={waveform.echo_time * 1e3:.3g} ms"
+
+
+def _index_runs(rows):
+    """``"4-63, 70"``: sorted volume indices as runs."""
+    rows = np.sort(np.asarray(rows))
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
 
 
 def _design_words():
@@ -493,9 +665,13 @@ class ProtocolFreeEstimator(torch.nn.Module):
         """``n`` posterior draws of the flow coordinates, (n, n_voxels, 8),
         randomised quasi-Monte Carlo as
         :meth:`~.estimator.PosteriorEstimator.sample` draws them."""
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        base = normal_points(n, len(tokens), len(FREE_TARGETS))
+        base = normal_points(
+            n,
+            len(tokens),
+            len(FREE_TARGETS),
+            seed=generator_seed,
+            voxel_data=(tokens, mask, sigma),
+        )
         with flushed_denormals():
             flow = self.flow(self.context(tokens, mask, sigma))
             y = flow.transform.inv(base)
@@ -623,6 +799,7 @@ def _random_masks(rng, n, n_shells=MAX_SHELLS):
     return (rng.random((n, n_shells)).argsort(1) < k[:, None]).astype(np.float32)
 
 
+@kept_generators()  # it seeds torch's generator
 def train_protocol_free(
     unions,
     *,
@@ -809,6 +986,7 @@ def shipped_key():
     return settings_key(SHIPPED_SETTINGS)
 
 
+@kept_generators()  # building the network draws from torch's generator
 def load_protocol_free(folder=None):
     """The shipped protocol-free estimator, if the current code accepts it.
 
@@ -826,24 +1004,43 @@ def load_protocol_free(folder=None):
     Raises
     ------
     RuntimeError
-        When the file is missing or its manifest does not accept the code
-        (the message says how to retrain or re-key it).
+        When its manifest does not accept the code (the message says how to
+        retrain or re-key it), or the file is missing or cannot be read as
+        this estimator (truncated, overwritten, another network's: the
+        message names the file and says to reinstall or retrain).
     """
+    import pathlib
+
     from .shipped import SHIPPED, refusal, shipped_name
 
-    folder = SHIPPED if folder is None else folder
+    folder = pathlib.Path(SHIPPED if folder is None else folder)
     name = shipped_name(shipped_key())
     why = refusal(name, folder=folder)
     if why is not None:
-        raise RuntimeError(
-            f"{why} (the protocol-free estimator: `python -m "
-            "dipy_spinverse.posterior.protocol_free train --out DIR`, then "
-            "ship the file it writes.)"
-        )
+        raise RuntimeError(f"{why} {_RETRAIN}")
+    path = folder / name
     net = ProtocolFreeEstimator()
-    state = torch.load(f"{folder}/{name}", map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    # Retraining takes hours (unlike a per-protocol estimator's minutes):
+    # a damaged file is refused, never retrained in the user's fit.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - a damaged file is never used
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise RuntimeError(
+            f"the shipped protocol-free estimator {path} cannot be read "
+            f"({type(err).__name__}: {detail}): the file is missing, truncated "
+            "or not this estimator. Reinstall dipy_spinverse to restore it. "
+            f"{_RETRAIN}"
+        ) from err
     return net.eval()
+
+
+_RETRAIN = (
+    "(To make it again: `python -m dipy_spinverse.posterior.protocol_free "
+    "train --out DIR`, then ship the file it writes: `python -m "
+    "dipy_spinverse.posterior ship PATH --about TEXT`.)"
+)
 
 
 def main(argv=None):

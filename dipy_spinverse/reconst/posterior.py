@@ -163,8 +163,10 @@ def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed):
         if not len(keep):
             yield part[outside], keep, {}
             continue
+        # One seed for every batch: a voxel's draws are seeded by its own
+        # data (PosteriorEstimator.sample), not by its batch.
         draws = estimator.sample(
-            x[~outside], s[~outside], n_samples, generator_seed=seed + start
+            x[~outside], s[~outside], n_samples, generator_seed=seed
         )
         yield part[outside], keep, decode(draws.numpy())
 
@@ -488,7 +490,7 @@ class PosteriorFit(MaskedFit):
                 torch.as_tensor(self.params["inputs"][part]),
                 torch.as_tensor(self.params["sigma"][part]),
                 n,
-                generator_seed=seed + start,
+                generator_seed=seed,
             )
             chunks.append(np.moveaxis(draws.numpy(), 0, 1))
         return np.concatenate(chunks)

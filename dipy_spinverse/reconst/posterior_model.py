@@ -76,6 +76,9 @@ class SpinversePosteriorModel(ReconstModel):
         trained: this process, or the workers of a Ray or Dask cluster, a
         batch of draws each (:class:`~dipy_spinverse.posterior.PriorSimulator`;
         the signals, and so the estimator, are identical to a serial run's).
+        A local Dask cluster's workers run the main script again as they
+        start: a script must train from under ``if __name__ == "__main__":``
+        (else a RuntimeError says so, before any worker starts).
     training_address : str or distributed.Client, optional
         The cluster of ``training_engine``: a running Ray cluster's address
         (``ray start --head`` prints it), ``"auto"`` for the one on this

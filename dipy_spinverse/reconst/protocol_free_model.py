@@ -32,7 +32,7 @@ from ..posterior.protocol_free import (
     decode_free,
     load_protocol_free,
 )
-from .codes import IMPOSSIBLE_SIGNAL, OK
+from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, OK
 from .gate import admit, check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma, warn_noise
 from .posterior import (
@@ -112,7 +112,15 @@ class SpinverseProtocolFreeModel(ReconstModel):
                 f"fit_method='protocol_free' needs the noise level: pass sigma "
                 f"{NOISE_HINT}."
             )
-        require_b0(self.protocol)
+        with warnings.catch_warnings():
+            # The gate's warning of sequences normalised by every echo
+            # time's b = 0 does not apply: each shell read is normalised by
+            # the b = 0 volumes at its echo time, and one without them is
+            # not read and named (out_of_design).
+            warnings.filterwarnings(
+                "ignore", message=r"sequence\(s\) of rank", category=UserWarning
+            )
+            require_b0(self.protocol)
         self.sigma = sigma
         self.sequences = self.protocol.sequences()
         self.shells = ProtocolShells(self.protocol)
@@ -121,8 +129,8 @@ class SpinverseProtocolFreeModel(ReconstModel):
         ] + list(self.shells.problems)
         if self.shells.dropped:
             warnings.warn(
-                "the protocol-free estimator does not read these shells (outside "
-                "its design): "
+                "the protocol-free estimator does not read these shells or "
+                "volumes (outside its design): "
                 + "; ".join(f"{what}: {why}" for what, why in self.shells.dropped)
                 + ". Its intervals rest on the other shells; "
                 "fit_method='posterior' reads every volume.",
@@ -176,11 +184,16 @@ class SpinverseProtocolFreeModel(ReconstModel):
         status = gate.status.copy()
         status[gate.impossible] = IMPOSSIBLE_SIGNAL
         sigma = gate.relative.astype(np.float32)
+        # Each shell by the b = 0 volumes at its echo time (the gate's
+        # per-sequence b = 0 where the sequence has its own, else those of
+        # its echo time, not the mean of every echo time's).
+        normalised = self.shells.normalised(rows)
+        read = np.concatenate([shell.rows for shell in self.shells.shells])
+        unread = ~np.isfinite(normalised[:, read]).all(axis=1)
+        status[(status == OK) & unread] = BAD_B0
         ok = status == OK
         fast = np.zeros(len(status), bool)
-        fast[ok] = faster_than_free(
-            self.shells.shells, gate.signals.normalised[ok], sigma[ok]
-        )
+        fast[ok] = faster_than_free(self.shells.shells, normalised[ok], sigma[ok])
         status[fast] = OUT_OF_PRIOR
         if fast.any():
             logger.warning(
@@ -196,7 +209,7 @@ class SpinverseProtocolFreeModel(ReconstModel):
             np.nan,
             dtype=np.float32,
         )
-        tokens[good] = self.shells.tokens(gate.signals.normalised[good])
+        tokens[good] = self.shells.tokens(normalised[good])
         warn_noise(sigma[good], snr_range=SNR_RANGE)
         params = {name: np.full((n, len(KEPT)), np.nan) for name in FREE_SCALARS}
         for part, values in _draws(
@@ -263,7 +276,7 @@ def _draws(estimator, tokens, sigma, rows, n_samples, seed):
             torch.ones(t.shape[:2]),
             torch.as_tensor(sigma[part]),
             n_samples,
-            generator_seed=seed + start,
+            generator_seed=seed,
         )
         yield part, decode_free(draws.numpy())
 

@@ -12,6 +12,7 @@ dataset read (:mod:`.dataset`), the fit (here), the outputs written
 (:mod:`.outputs`).
 """
 
+import contextlib
 import glob
 import os
 import time
@@ -21,6 +22,7 @@ from dipy.utils.logging import logger
 from dipy.workflows.workflow import Workflow
 
 from ..files import (
+    LOCK_NAME,
     STAGING_PREFIX,
     StagedOutputs,
     WriteError,
@@ -402,31 +404,33 @@ class SpinverseFlow(Workflow):
                 "--scheme_file": scheme_file,
             }
         )
-        writable_folder(out_dir or ".", "outputs", fix="give a writable --out_dir")
-        try:
-            # DIPY reads run's arguments from this frame, and creates the
-            # output folders.
-            io_it = self.get_io_iterator()
-        except OSError as err:
-            raise _folder_error(out_dir, err) from err
-        refuse_shared_outputs(io_it)
-        for dwi, bval, bvec, maskfile, *paths in io_it:
-            # Outputs by name: every one has its own path (out_dir joined).
-            out = dict(zip(io_it.out_keys, paths, strict=True))
-            # Checked before the fit: an output that clashes or cannot be
-            # written would fail after the voxels' work, or overwrite another.
-            folder = check_output_paths(out)
-            with output_lock(folder, command="dipy_fit_spinverse"):
-                logger.info(f"Spinverse fit of {dwi}")
-                dataset = read_dataset(
-                    dwi,
-                    bval,
-                    bvec,
-                    maskfile,
-                    gradients=flags.gradients,
-                    noise=flags.noise,
-                )
-                self._fit(dataset, out, flags, StagedOutputs(folder))
+        # A run refused before its fit leaves no folder it made.
+        with _no_empty_folders_left(out_dir or "."):
+            writable_folder(out_dir or ".", "outputs", fix="give a writable --out_dir")
+            try:
+                # DIPY reads run's arguments from this frame, and creates the
+                # output folders.
+                io_it = self.get_io_iterator()
+            except OSError as err:
+                raise _folder_error(out_dir, err) from err
+            refuse_shared_outputs(io_it)
+            for dwi, bval, bvec, maskfile, *paths in io_it:
+                # Outputs by name: every one has its own path (out_dir joined).
+                out = dict(zip(io_it.out_keys, paths, strict=True))
+                # Checked before the fit: an output that clashes or cannot be
+                # written would fail after the voxels' work, or overwrite another.
+                folder = check_output_paths(out)
+                with output_lock(folder, command="dipy_fit_spinverse"):
+                    logger.info(f"Spinverse fit of {dwi}")
+                    dataset = read_dataset(
+                        dwi,
+                        bval,
+                        bvec,
+                        maskfile,
+                        gradients=flags.gradients,
+                        noise=flags.noise,
+                    )
+                    self._fit(dataset, out, flags, StagedOutputs(folder))
 
     def _fit(self, dataset, out, flags, staging):
         """The fit of one dataset and its outputs (one set, ``staging``),
@@ -478,6 +482,65 @@ class SpinverseFlow(Workflow):
                 )
                 return True
         return super().manage_output_overwrite()
+
+
+@contextlib.contextmanager
+def _no_empty_folders_left(out_dir):
+    """On an error or interrupt in the block, remove the folders of
+    ``out_dir`` that it made and left empty: a refused run leaves no empty
+    output folder behind. Folders there before, and any holding a file,
+    stay."""
+    made = _first_missing(out_dir)
+    try:
+        yield
+    except BaseException:
+        if made is not None:
+            _remove_empty(made)
+        raise
+
+
+def _first_missing(path):
+    """The outermost folder of ``path`` (``path`` itself or one of its
+    parents) that does not exist: the one that making ``path`` creates; None
+    when ``path`` exists."""
+    path = os.path.abspath(path)
+    missing = None
+    while not os.path.lexists(path):
+        missing = path
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_empty(folder):
+    """Remove ``folder`` and the folders under it that hold no file but an
+    output lock, bottom up (a folder that holds any other file stays)."""
+    for root, _, files in os.walk(folder, topdown=False):
+        if files == [LOCK_NAME]:
+            _remove_lock(root)
+        with contextlib.suppress(OSError):  # not empty, or gone
+            os.rmdir(root)
+
+
+def _remove_lock(folder):
+    """Remove ``folder``'s output lock file while holding it (a run that asks
+    for it meanwhile is refused, as while the fit held it); left to a run
+    that holds it."""
+    from filelock import FileLock, Timeout
+
+    path = os.path.join(folder, LOCK_NAME)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except (Timeout, OSError):
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    finally:
+        lock.release()
 
 
 def _recover(folder):
