@@ -24,12 +24,12 @@ Also :mod:`.predictive` (posterior predictive signals) and
 :mod:`.white_matter` (a prior of myelinated bundles).
 """
 
-# _load, _partial_folder, SHIPPED and estimator_code stay readable here (as
-# when this module held the cache; tests and benchmarks read them), but
-# load_or_train reads .cache's own: point the cache elsewhere there.
-from .cache import _load as _load
+# _load (load_estimator_file's name when this module held the cache),
+# _partial_folder, SHIPPED and estimator_code stay readable here (tests and
+# benchmarks read them), but load_or_train reads .cache's own: point the
+# cache elsewhere there.
 from .cache import _partial_folder as _partial_folder
-from .cache import estimator_key, load_or_train
+from .cache import estimator_key, load_estimator_file, load_or_train
 from .estimator import PosteriorEstimator
 from .prior import ALL_FAMILIES, FAMILIES, WHITE_MATTER, TissuePrior
 from .shipped import SHIPPED as SHIPPED
@@ -42,6 +42,8 @@ from .training import (
     default_training,
     train_estimator,
 )
+
+_load = load_estimator_file
 
 __all__ = [
     "WHITE_MATTER_TRAINING",
@@ -57,6 +59,7 @@ __all__ = [
     "decode",
     "encode",
     "estimator_key",
+    "load_estimator_file",
     "load_or_train",
     "shape_descriptors",
     "train_estimator",

@@ -25,7 +25,7 @@ from .estimator import PosteriorEstimator, kept_generators
 from .shipped import SHIPPED, estimator_code, refusal, shipped_name
 from .training import default_training, simulate_and_train
 
-__all__ = ["estimator_key", "load_or_train"]
+__all__ = ["estimator_key", "load_estimator_file", "load_or_train"]
 
 # load_or_train reads the shipped estimators' folder as this module's
 # SHIPPED (from .shipped), which tests and benchmarks point elsewhere.
@@ -139,7 +139,7 @@ def load_or_train(
         )
     elif shipped.exists():
         try:
-            return _load(shipped, len(protocol), options), shipped
+            return load_estimator_file(shipped, len(protocol), options), shipped
         except Exception as err:  # noqa: BLE001 - a damaged file is never used
             # Never rebuilt in the package's folder (often read-only): the
             # user's cache takes the new one.
@@ -152,7 +152,7 @@ def load_or_train(
     path = cache_root(cache_dir) / f"posterior-{key}.pt"
     net = load_or_build(
         path,
-        load=lambda path: _load(path, len(protocol), options, code=code),
+        load=lambda path: load_estimator_file(path, len(protocol), options, code=code),
         build=lambda: _train(
             prior.simulator(protocol, device=device, engine=engine, address=address),
             options,
@@ -204,10 +204,33 @@ def _train(simulator, options, path, progress):
 
 
 @kept_generators()  # building the network draws from torch's generator
-def _load(path, n_inputs, options, *, code=None):
-    """The estimator saved at ``path``; with ``code``, only if that code
-    trained it (else :class:`~dipy_spinverse.files.StaleCacheError`: a file
-    renamed or copied by hand is trained again, never served)."""
+def load_estimator_file(path, n_inputs, options, *, code=None):
+    """The per-protocol estimator saved at ``path``, as :func:`load_or_train`
+    saves it (its ``state``, ``key`` and ``code``).
+
+    Parameters
+    ----------
+    path : path-like
+        The cache file, or a shipped one.
+    n_inputs : int
+        The protocol's measurements (the estimator's input width).
+    options : TrainingOptions
+        The options it was trained with (its widths: ``hidden``,
+        ``embedding``, ``transforms``; any object with these attributes).
+    code : str, optional
+        The code digest that must have trained it (default: not checked).
+
+    Returns
+    -------
+    PosteriorEstimator
+        In evaluation mode.
+
+    Raises
+    ------
+    dipy_spinverse.files.StaleCacheError
+        When ``code`` is given and other code trained it: a file renamed or
+        copied by hand is trained again, never served.
+    """
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if code is not None and saved.get("code") != code:
         raise StaleCacheError(

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from dipy_spinverse.posterior import protocol_free, shipped
+from dipy_spinverse.posterior import protocol_free, shipped, shipping
 
 PROG = "python -m dipy_spinverse.posterior"
 # A per-protocol shipped estimator (the README demo's posterior fit) and
@@ -48,7 +48,7 @@ def _digests(folder):
 def _run(capsys, *argv):
     """``main(argv)``: (exit status, stdout, stderr)."""
     try:
-        status = shipped.main([str(a) for a in argv])
+        status = shipping.main([str(a) for a in argv])
     except SystemExit as exit_:
         status = exit_.code
     out, err = capsys.readouterr()
@@ -340,7 +340,7 @@ def test_the_help_documents_the_exit_statuses(capsys):
     status, out, _ = _run(capsys, "--help")
     assert status == 0
     assert "exit status" in out.lower() and "2" in out
-    assert "exit status" in shipped.__doc__.lower()
+    assert "exit status" in shipping.__doc__.lower()
 
 
 # -- case 16: the folder ------------------------------------------------------------

@@ -370,7 +370,7 @@ def test_a_damaged_shipped_estimator_is_never_used(
     package's folder is often read-only) and the user's cache serves: here
     it already holds the estimator, so nothing is trained either."""
     import dipy_spinverse.posterior as posterior
-    from dipy_spinverse.posterior import shipped as shipping
+    from dipy_spinverse.posterior import shipping
 
     assert posterior_model.estimator is not None  # trained on first use
     path = posterior_model.estimator_path

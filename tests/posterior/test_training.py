@@ -1,6 +1,6 @@
 """Training one key: reproducible from its seed, cached under the code that
 trained it, and shipped only for code that the manifest accepts
-(dipy_spinverse.posterior.load_or_train, .shipped)."""
+(dipy_spinverse.posterior.load_or_train, .shipped, .shipping)."""
 
 import dataclasses
 import json
@@ -14,7 +14,7 @@ from numpy.testing import assert_allclose
 import dipy_spinverse.posterior as posterior
 from dipy_spinverse.data import _protocol
 from dipy_spinverse.files import StaleCacheError
-from dipy_spinverse.posterior import TrainingOptions, calibration, shipped
+from dipy_spinverse.posterior import TrainingOptions, calibration, shipped, shipping
 from dipy_spinverse.provenance import StaleEstimatorWarning
 
 PROTOCOL = _protocol(((0.010, 0.020), (0.010, 0.060)), (1000.0, 2500.0), 6, 2)
@@ -111,7 +111,7 @@ def test_a_shipped_estimator_serves_only_code_its_manifest_accepts(
     monkeypatch.setattr(posterior.cache, "SHIPPED", folder)
     monkeypatch.setattr(posterior.cache, "_train", lambda *a, **k: 1 / 0)
     code = shipped.estimator_code()
-    target = shipped.ship(path, about="the tests' tiny estimator", folder=folder)
+    target = shipping.ship(path, about="the tests' tiny estimator", folder=folder)
     settings = path.name.split("-")[1]
     assert target == folder / f"posterior-{settings}.pt"
     entry = shipped.read_manifest(folder)["estimators"][target.name]
@@ -125,12 +125,12 @@ def test_a_shipped_estimator_serves_only_code_its_manifest_accepts(
 
     assert load()[1] == target
     # The code changes (as an edit of sim/ would change its digest).
-    for module in (posterior.cache, shipped):
+    for module in (posterior.cache, shipped, shipping):
         monkeypatch.setattr(module, "estimator_code", lambda: "f" * 16)
     with pytest.warns(StaleEstimatorWarning, match="posterior rekey --reason"):
         with pytest.raises(ZeroDivisionError):  # it would train
             load()
-    assert shipped.main(["--folder", str(folder)]) == 1
+    assert shipping.main(["--folder", str(folder)]) == 1
     with pytest.raises(ValueError, match="one-line reason"):
         shipped.rekey("  ", code="f" * 16, folder=folder)
     with pytest.raises(ValueError, match="not in the manifest"):
@@ -152,16 +152,16 @@ def test_a_shipped_estimator_serves_only_code_its_manifest_accepts(
 def test_the_rekey_command_records_the_current_code(trained, tmp_path, capsys):
     _, path = trained
     folder = tmp_path / "trained"
-    shipped.ship(path, about="tiny", folder=folder)
+    shipping.ship(path, about="tiny", folder=folder)
     manifest = shipped.read_manifest(folder)
     name = next(iter(manifest["estimators"]))
     manifest["estimators"][name]["trained_under"] = "0" * 16
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert shipped.main(["--folder", str(folder)]) == 1
+    assert shipping.main(["--folder", str(folder)]) == 1
     assert "NOT ACCEPTED" in capsys.readouterr().out
     argv = ["--folder", str(folder), "rekey", "--reason", "a comment in sim/"]
-    assert shipped.main(argv) == 0
-    assert shipped.main(["--folder", str(folder), "check"]) == 0
+    assert shipping.main(argv) == 0
+    assert shipping.main(["--folder", str(folder), "check"]) == 0
     out = capsys.readouterr().out
     assert f"code {shipped.estimator_code()} accepted for: {name}" in out
     assert f"{name}: accepted" in out

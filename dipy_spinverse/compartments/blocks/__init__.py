@@ -16,6 +16,8 @@ One module per family of blocks, re-exported here:
   approximation, any piecewise-constant waveform (:class:`GpaTable`);
 - :mod:`.watson`: Watson-dispersed sticks and zeppelins;
 - :mod:`.watson_table`: NODDI's tabulated Watson stick and its derivatives;
+- :mod:`.zonal`: any axially symmetric response tabulated against the cosine
+  to its axis, in zonal harmonics, and its Watson dispersion (Funk-Hecke);
 - :mod:`.karger`: two-compartment exchange.
 """
 
@@ -34,6 +36,12 @@ from .watson import (
     watson_zeppelin,
 )
 from .watson_table import WatsonStickTable, noddi_neurite_derivatives
+from .zonal import (
+    axial_nodes,
+    dispersed_response,
+    watson_dispersed,
+    zonal_coefficients,
+)
 
 __all__ = [
     "ball",
@@ -56,6 +64,10 @@ __all__ = [
     "cosines",
     "watson_tau_slope",
     "noddi_neurite_derivatives",
+    "axial_nodes",
+    "zonal_coefficients",
+    "dispersed_response",
+    "watson_dispersed",
     "N_ROOTS",
     "N_WATSON_NODES",
     "WATSON_WINDOW",
