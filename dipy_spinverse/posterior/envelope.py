@@ -1,0 +1,440 @@
+"""Whether a prior holds a signal: the prior predictive check.
+
+Before any inference (Gelman et al., "Bayesian workflow", 2020) simulate
+the prior on the data's own protocol, put the data's noise on the
+simulations, and ask whether the data could have come from them. A prior
+that holds none of the data gives a calibrated posterior of the wrong
+tissue.
+
+The signals are compared through a few features of each shell (the
+acquisitions of one sequence and one b-value): the logarithm of the mean
+b0-normalised signal over the shell's directions and, where it has
+several, their standard deviation relative to that mean (how anisotropic
+it reads). They are
+computed the same way on the data and on the simulations, on the same
+directions, so that no feature needs to be rotation invariant.
+
+A :class:`PredictiveEnvelope` standardises the features on noisy
+simulations, keeps their first principal components, and measures a
+signal's distance as its Mahalanobis distance in those components plus
+what lies off them (each feature's residual in units of the simulations'
+residual in it), a distance that grows both where a signal lies beyond what the
+prior spreads over and where it leaves the directions the prior varies
+in. Its limit at a level (0.95: the 95 % predictive region) is that
+quantile of the distances of held-out simulations, at the same noise.
+The noise differs between voxels; the envelope is built at a fixed ladder
+of noise levels (powers of :data:`LEVEL_RATIO`) and each signal is
+measured at the lowest rung at or above its own noise (a little wider an
+envelope than its own noise would give, never narrower).
+
+:func:`check_prior` is the public check (each prior's ``check`` calls it);
+the posterior fits flag ``OUT_OF_PRIOR`` with the same envelope built on
+their training signals.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from dipy.utils.logging import logger
+
+from ..sim.signals import normalise_b0, sequence_index
+from .noise import add_noise
+
+__all__ = [
+    "N_COMPONENTS",
+    "shell_layout",
+    "shell_features",
+    "PredictiveEnvelope",
+    "PriorCheck",
+    "check_prior",
+]
+
+#: Principal components of the standardised features in the distance.
+N_COMPONENTS = 10
+#: A shell's b-values lie within this fraction (plus 5 s/mm^2) of its lowest.
+SHELL_SPREAD = 0.05
+#: The ladder of noise levels an envelope is built at: powers of this.
+LEVEL_RATIO = 1.25
+
+
+def shell_layout(protocol):
+    """The shells of a protocol: acquisitions of one sequence and b-value.
+
+    Within each sequence the b-values above 0 are sorted and a shell holds
+    those within :data:`SHELL_SPREAD` (plus 5 s/mm^2) of its lowest: a
+    bounded spread, never a chain of small steps.
+
+    Parameters
+    ----------
+    protocol : Protocol
+
+    Returns
+    -------
+    shells : list of ndarray of int
+        Each shell's acquisitions.
+    labels : list of str
+        Each shell named by its timing and mean b-value.
+    """
+    rank = sequence_index(protocol)
+    waveforms = [w for w, _ in protocol.sequences()]
+    shells, labels = [], []
+    for r, waveform in enumerate(waveforms):
+        rows = np.flatnonzero((rank == r) & (protocol.bvals > 0))
+        rows = rows[np.argsort(protocol.bvals[rows], kind="stable")]
+        start = 0
+        for i in range(1, len(rows) + 1):
+            b_low = protocol.bvals[rows[start]]
+            if (
+                i == len(rows)
+                or protocol.bvals[rows[i]] > b_low * (1 + SHELL_SPREAD) + 5
+            ):
+                shell = np.sort(rows[start:i])
+                shells.append(shell)
+                labels.append(
+                    f"{_timing(waveform)}, b {protocol.bvals[shell].mean():.0f}"
+                )
+                start = i
+    return shells, labels
+
+
+def _timing(waveform):
+    delta, big = (getattr(waveform, n, None) for n in ("small_delta", "big_delta"))
+    if delta is None or big is None:
+        return f"TE {waveform.echo_time * 1e3:g} ms"
+    return f"delta {delta * 1e3:g} / Delta {big * 1e3:g} ms"
+
+
+def shell_features(normalised, shells):
+    """Each shell's mean signal, and the spread over its directions.
+
+    Parameters
+    ----------
+    normalised : ndarray (n, n_acquisitions)
+        b0-normalised signals.
+    shells : list of ndarray of int
+        :func:`shell_layout`'s.
+
+    Returns
+    -------
+    ndarray (n, n_features)
+        The logarithms of the shells' means, then the standard deviations
+        over the directions of the shells of more than one direction,
+        relative to their means.
+    """
+    means = [normalised[:, s].mean(1) for s in shells]
+    spreads = [
+        normalised[:, s].std(1) / m
+        for s, m in zip(shells, means, strict=True)
+        if len(s) > 1
+    ]
+    # Logarithms: a decay is linear in them, and a mean far below every
+    # draw's is far in them too (a magnitude's mean is > 0).
+    return np.stack([np.log(m) for m in means] + spreads, axis=1)
+
+
+def feature_labels(shells, labels):
+    """The names of :func:`shell_features`' columns."""
+    spread = [
+        f"{name}: spread" for s, name in zip(shells, labels, strict=True) if len(s) > 1
+    ]
+    return [f"{name}: log mean" for name in labels] + spread
+
+
+class _Level:
+    """The envelope at one noise level: standardisation, components, limit."""
+
+    def __init__(self, fit, held_out, level):
+        self.centre = fit.mean(0)
+        self.scale = fit.std(0)
+        # A feature the prior never varies (a noise-free b = 0, a shell of
+        # one direction) is compared by its distance to the simulations'.
+        self.scale[self.scale == 0] = (
+            1e-12 + np.abs(self.centre[self.scale == 0]) * 1e-6
+        )
+        z = (fit - self.centre) / self.scale
+        _, singular, axes = np.linalg.svd(z, full_matrices=False)
+        k = min(N_COMPONENTS, len(singular) - 1) if len(singular) > 1 else 1
+        self.axes = axes[:k]
+        self.spread = singular[:k] / np.sqrt(len(z)) + 1e-12
+        residual = z - (z @ self.axes.T) @ self.axes
+        # Each feature's residual in units of its own: a few features far
+        # off are not diluted by the many that only hold noise.
+        self.residual = residual.std(0) + 1e-12
+        self.limit = float(np.quantile(self.distance(held_out), level))
+
+    def distance(self, features):
+        z = (features - self.centre) / self.scale
+        along = z @ self.axes.T
+        residual = z - along @ self.axes
+        inside = ((along / self.spread) ** 2).sum(1)
+        off = ((residual / self.residual) ** 2).sum(1)
+        return np.sqrt(inside + off)
+
+
+class PredictiveEnvelope:
+    """Where noisy simulations of a prior lie (module documentation).
+
+    Built lazily at the noise levels asked for, each on the fixed ladder
+    ``LEVEL_RATIO ** k`` (a signal is measured at the lowest rung at or
+    above its noise), so that a signal's distance and limit depend on it
+    alone, not on the other signals measured with it.
+
+    Parameters
+    ----------
+    signals : ndarray (n, n_acquisitions)
+        Noise-free simulations of the prior on ``protocol`` (normalised to
+        the signal at time 0); at least 20. Half build the envelope, half
+        set its limit.
+    protocol : Protocol
+    level : float
+        The predictive region's probability (0.95: 95 %).
+    seed : int
+        Seed of the noise put on the simulations (each rung's its own).
+    """
+
+    def __init__(self, signals, protocol, *, level=0.95, seed=0):
+        signals = np.asarray(signals, dtype=np.float64)
+        if signals.ndim != 2 or len(signals) < 20:
+            raise ValueError(
+                "signals must be (n, n_acquisitions) simulations with n >= 20, "
+                f"got shape {signals.shape}."
+            )
+        if not 0 < level < 1:
+            raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {level!r}.")
+        self.protocol = protocol
+        self.shells, names = shell_layout(protocol)
+        if not self.shells:
+            raise ValueError("the protocol has no diffusion-weighted volume to check.")
+        self.labels = feature_labels(self.shells, names)
+        self.level = level
+        self.seed = int(seed)
+        self._clean = torch.as_tensor(signals)
+        self._rungs = {}
+
+    def features(self, normalised):
+        """:func:`shell_features` of b0-normalised signals (n, n_acquisitions)."""
+        return shell_features(np.asarray(normalised, dtype=np.float64), self.shells)
+
+    def _rung(self, k):
+        """The envelope at noise ``LEVEL_RATIO ** k``: its fit, and the
+        noisy simulations' features."""
+        if k not in self._rungs:
+            sigma = torch.full((len(self._clean),), LEVEL_RATIO**k)
+            generator = torch.Generator().manual_seed(self.seed * 1000 + k % 1000)
+            noisy = add_noise(self._clean, sigma, generator)
+            features = self.features(normalise_b0(noisy, self.protocol).numpy())
+            half = len(features) // 2
+            fit = _Level(features[:half], features[half:], self.level)
+            self._rungs[k] = (fit, features)
+        return self._rungs[k]
+
+    @staticmethod
+    def _rung_index(sigma):
+        sigma = np.atleast_1d(np.asarray(sigma, dtype=np.float64))
+        if not np.all(np.isfinite(sigma) & (sigma > 0)):
+            raise ValueError("sigma must be finite and > 0 for every signal.")
+        return np.ceil(np.log(sigma) / np.log(LEVEL_RATIO) - 1e-9).astype(int)
+
+    def distance(self, normalised, sigma):
+        """Each signal's distance and the limit of its noise level.
+
+        Parameters
+        ----------
+        normalised : ndarray (n, n_acquisitions)
+            b0-normalised signals.
+        sigma : ndarray (n,)
+            Their noise relative to the mean b = 0 signal.
+
+        Returns
+        -------
+        distance, limit : ndarray (n,)
+            A signal is inside the prior's predictive region where
+            ``distance <= limit``.
+        """
+        features = self.features(normalised)
+        index = self._rung_index(sigma)
+        distance, limit = np.empty(len(features)), np.empty(len(features))
+        for k in np.unique(index):
+            rows = index == k
+            fit, _ = self._rung(int(k))
+            distance[rows] = fit.distance(features[rows])
+            limit[rows] = fit.limit
+        return distance, limit
+
+    def features_outside(self, normalised, sigma, *, n=3):
+        """The features where most signals fall outside the simulations'
+        1-99 % range (at each signal's noise level).
+
+        Parameters
+        ----------
+        normalised : ndarray (n, n_acquisitions)
+        sigma : ndarray (n,)
+        n : int
+            How many features.
+
+        Returns
+        -------
+        list of (str, float, float, float, float)
+            Label, share outside, the signals' median, the range's ends (at
+            the noisiest level); the ``n`` largest shares first, ties by how
+            far outside the median lies.
+        """
+        features = self.features(normalised)
+        index = self._rung_index(sigma)
+        outside = np.zeros(features.shape, dtype=bool)
+        for k in np.unique(index):
+            rows = index == k
+            low, high = np.percentile(self._rung(int(k))[1], [1, 99], axis=0)
+            outside[rows] = (features[rows] < low) | (features[rows] > high)
+        share = outside.mean(0)
+        median = np.median(features, 0)
+        # Ties (every voxel outside several features) go to the feature the
+        # data's median leaves farthest, in widths of the range.
+        beyond = np.maximum(low - median, median - high) / (high - low + 1e-12)
+        order = np.lexsort((-beyond, -share))[:n]
+        return [
+            (self.labels[k], float(share[k]), float(median[k]), low[k], high[k])
+            for k in order
+        ]
+
+
+@dataclass
+class PriorCheck:
+    """What a prior predictive check found (:func:`check_prior`).
+
+    Attributes
+    ----------
+    inside : ndarray of bool
+        Per voxel (the data's spatial shape): inside the prior's
+        predictive region. False outside the mask and where the data could
+        not be checked (``checked``).
+    distance : ndarray
+        Per voxel, the envelope's distance (NaN where not checked).
+    limit : ndarray
+        Per voxel, the distance's limit at its noise (NaN where not
+        checked).
+    checked : ndarray of bool
+        Voxels of the mask with finite data and a positive b = 0 signal.
+    share_inside : float
+        Of the checked voxels.
+    level : float
+        The predictive region's probability.
+    features_outside : list of (str, float, float, float, float)
+        :meth:`PredictiveEnvelope.features_outside`.
+    n_draws : int
+    """
+
+    inside: np.ndarray
+    distance: np.ndarray
+    limit: np.ndarray
+    checked: np.ndarray
+    share_inside: float
+    level: float
+    features_outside: list
+    n_draws: int
+
+    def summary(self):
+        """One line: the share inside and the features most outside."""
+        worst = "; ".join(
+            f"{label}: {share:.0%} outside [{low:.3g}, {high:.3g}] "
+            f"(data median {median:.3g})"
+            for label, share, median, low, high in self.features_outside
+            if share > 0
+        )
+        return (
+            f"{self.share_inside:.0%} of {int(self.checked.sum())} voxels lie inside "
+            f"the prior's {self.level:.0%} predictive region ({self.n_draws} "
+            f"draws)" + (f"; most outside: {worst}" if worst else "")
+        )
+
+
+def check_prior(simulate, data, protocol, *, mask=None, sigma, level=0.95, seed=0):
+    """Prior predictive check of a volume (or of rows of voxels).
+
+    Parameters
+    ----------
+    simulate : callable
+        ``simulate(protocol, seed)`` -> noise-free simulations (n,
+        n_acquisitions) of the prior on ``protocol`` (each prior's
+        ``check`` passes its own).
+    data : ndarray (..., n_volumes)
+    protocol : Protocol
+        The data's, with echo times where they matter.
+    mask : ndarray of bool, optional
+        The data's spatial shape; default every voxel.
+    sigma : float or ndarray
+        The noise standard deviation in the data's units (one value, or
+        one per voxel of the data's spatial shape).
+    level : float
+        The predictive region's probability.
+    seed : int
+
+    Returns
+    -------
+    PriorCheck
+    """
+    data = np.asarray(data, dtype=np.float64)
+    if data.ndim < 1 or data.shape[-1] != len(protocol):
+        raise ValueError(
+            f"data must end in one value per volume ({len(protocol)}), got shape "
+            f"{data.shape}."
+        )
+    shape = data.shape[:-1]
+    mask = np.ones(shape, dtype=bool) if mask is None else np.asarray(mask)
+    if mask.shape != shape or mask.dtype != bool:
+        raise ValueError(
+            f"mask must be a boolean array of the data's spatial shape {shape}, "
+            f"got {mask.dtype} of shape {mask.shape}."
+        )
+    sigma = _checked_sigma(sigma, shape)
+    rows = data[mask]
+    b0 = protocol.bvals == 0
+    scale = rows[:, b0].mean(1) if b0.any() else np.ones(len(rows))
+    ok = np.isfinite(rows).all(1) & (scale > 0) & np.isfinite(sigma[mask])
+    relative = sigma[mask][ok] / scale[ok]
+    if not ok.any():
+        raise ValueError(
+            "no voxel of the mask has finite data and a positive b = 0 signal to check."
+        )
+    simulated = np.asarray(simulate(protocol, seed))
+    envelope = PredictiveEnvelope(simulated, protocol, level=level, seed=seed)
+    normalised = normalise_b0(rows[ok], protocol)
+    distance, limit = envelope.distance(normalised, relative)
+    result = PriorCheck(
+        inside=_spread(distance <= limit, mask, ok, False),
+        distance=_spread(distance, mask, ok, np.nan),
+        limit=_spread(limit, mask, ok, np.nan),
+        checked=_spread(np.ones(int(ok.sum()), bool), mask, ok, False),
+        share_inside=float(np.mean(distance <= limit)),
+        level=level,
+        features_outside=envelope.features_outside(normalised, relative),
+        n_draws=len(simulated),
+    )
+    logger.info(result.summary())
+    return result
+
+
+def _checked_sigma(sigma, shape):
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if sigma.ndim == 0:
+        sigma = np.full(shape, float(sigma))
+    if sigma.shape != shape:
+        raise ValueError(
+            "sigma must be one noise level in the data's units or one per voxel "
+            f"(shape {shape}), got shape {sigma.shape}."
+        )
+    if not np.all(np.isfinite(sigma) & (sigma > 0)):
+        raise ValueError(
+            "sigma must be finite and > 0 (the noise standard deviation in the "
+            "data's units; dipy.denoise.noise_estimate.estimate_sigma estimates it)."
+        )
+    return sigma
+
+
+def _spread(values, mask, ok, fill):
+    out = np.full(mask.shape, fill, dtype=np.asarray(values).dtype)
+    rows = np.full(int(mask.sum()), fill, dtype=out.dtype)
+    rows[ok] = values
+    out[mask] = rows
+    return out

@@ -1,0 +1,283 @@
+"""A voxel mixed from domains that exchange no water within the experiment.
+
+Bundles some tens of um apart, free water and stationary water ("dots")
+exchange no water during a diffusion experiment, so a voxel's signal is
+the water- and T2-weighted sum of theirs (the premise of SANDI, NODDI and
+microstructure fingerprinting). Only a bundle, with its myelin and its
+exchange, needs the Bloch-Torrey solver; the rest is closed form:
+
+- free water of diffusivity ``D`` and relaxation ``T2``:
+  ``exp(-TE / T2) exp(-b D)``;
+- a dot: ``exp(-TE / T2)``.
+
+Each is normalised to its own water at zero echo time, as
+:meth:`~dipy_spinverse.posterior.white_matter.WhiteMatterPrior.simulate`'s
+bundles are, so that the mixture of waters ``W_k`` is
+``sum_k W_k S_k / sum_k W_k``.
+
+A bundle's response depends on the gradient through the cosine to its
+axis alone once its cross-section is averaged over in-plane orientations
+(:class:`BundleResponse`: simulated once per shell at the cosines of
+:func:`~dipy_spinverse.compartments.blocks.zonal.axial_nodes`, each the
+mean over ``n_azimuths`` in-plane directions). In zonal harmonics it then
+gives the bundle along any axis and under any Watson dispersion
+(:func:`~dipy_spinverse.compartments.blocks.zonal.watson_dispersed`)
+without another simulation.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..checks import check_int, check_positive
+from ..compartments.blocks.watson import even_legendre, watson_legendre_moments
+from ..compartments.blocks.zonal import axial_nodes, zonal_coefficients
+from ..sim.sequences import Protocol, as_protocol
+
+__all__ = [
+    "free_water_signal",
+    "dot_signal",
+    "mixed_signal",
+    "nodes_for_decay",
+    "BundleResponse",
+]
+
+#: Largest node count of a shell's table (Legendre degree 2 * (n - 1)).
+MAX_NODES = 64
+
+
+def free_water_signal(protocol, *, diffusivity, t2):
+    """``exp(-TE / T2) exp(-b D)`` of every acquisition.
+
+    Parameters
+    ----------
+    protocol : Protocol or GradientTable
+    diffusivity : float or array_like (n,)
+        mm^2/s.
+    t2 : float or array_like (n,)
+        Seconds (inf: no relaxation).
+
+    Returns
+    -------
+    ndarray (n_acquisitions,) or (n, n_acquisitions)
+    """
+    protocol = as_protocol(protocol)
+    d = np.asarray(diffusivity, dtype=np.float64)[..., None]
+    return _relaxation(protocol, t2) * np.exp(-protocol.bvals * d)
+
+
+def dot_signal(protocol, *, t2):
+    """``exp(-TE / T2)``: water that does not move (a "dot").
+
+    Parameters
+    ----------
+    protocol : Protocol or GradientTable
+    t2 : float or array_like (n,)
+        Seconds (inf: no relaxation).
+
+    Returns
+    -------
+    ndarray (n_acquisitions,) or (n, n_acquisitions)
+    """
+    return _relaxation(as_protocol(protocol), t2)
+
+
+def _relaxation(protocol, t2):
+    t2 = np.asarray(t2, dtype=np.float64)[..., None]
+    if np.any(~(t2 > 0)):
+        raise ValueError(f"t2 must be > 0 seconds (inf: none), got {t2.ravel()}.")
+    return np.exp(-protocol.echo_times / t2)
+
+
+def mixed_signal(signals, waters):
+    """The water-weighted mixture of domains that exchange no water.
+
+    Parameters
+    ----------
+    signals : array_like (..., n_domains, n_acquisitions)
+        Each normalised to its own water at zero echo time.
+    waters : array_like (..., n_domains)
+        Each domain's water (any common unit), >= 0, not all 0.
+
+    Returns
+    -------
+    ndarray (..., n_acquisitions)
+        ``sum_k W_k S_k / sum_k W_k``: 1 at b = 0 without relaxation.
+    """
+    signals = np.asarray(signals, dtype=np.float64)
+    waters = np.asarray(waters, dtype=np.float64)
+    if np.any(~(waters >= 0)) or np.any(waters.sum(-1) <= 0):
+        raise ValueError("waters must be >= 0 with a positive sum per voxel.")
+    return np.einsum("...k,...kn->...n", waters, signals) / waters.sum(-1)[..., None]
+
+
+def nodes_for_decay(rate, *, tol=1e-4):
+    """Nodes that tabulate ``exp(-rate x^2)`` to ``tol`` everywhere in [0, 1].
+
+    Along a fibre the signal decays at most as free water's does, so the
+    node count of a shell follows from ``b`` times the largest diffusivity
+    of its domains.
+
+    Parameters
+    ----------
+    rate : float
+        ``b D`` (dimensionless), >= 0.
+    tol : float
+
+    Returns
+    -------
+    int
+        At most :data:`MAX_NODES`.
+
+    Raises
+    ------
+    ValueError
+        When :data:`MAX_NODES` nodes do not reach ``tol``.
+    """
+    x = np.linspace(0.0, 1.0, 201)
+    for n in range(2, MAX_NODES + 1):
+        e = zonal_coefficients(np.exp(-rate * axial_nodes(n) ** 2))
+        back = (e * even_legendre(torch.as_tensor(x), n)).sum(-1).numpy()
+        if np.max(np.abs(back - np.exp(-rate * x**2))) <= tol:
+            return n
+    raise ValueError(
+        f"b D = {rate:g} needs more than {MAX_NODES} nodes for {tol:g}: the "
+        "signal along the fibres is gone at such b; leave those volumes out."
+    )
+
+
+def _shell_keys(protocol):
+    """Each acquisition's shell: its waveform and its b-value (to 1e-3)."""
+    keys, index = [], np.empty(len(protocol), dtype=np.intp)
+    lookup = {}
+    for i, (waveform, b) in enumerate(
+        zip(protocol.waveforms, protocol.bvals, strict=True)
+    ):
+        key = (waveform, round(float(b), 3))
+        if key not in lookup:
+            lookup[key] = len(keys)
+            keys.append(key)
+        index[i] = lookup[key]
+    return keys, index
+
+
+@dataclass(frozen=True)
+class BundleResponse:
+    """A bundle's signal by shell and cosine to its axis, in zonal harmonics.
+
+    Attributes
+    ----------
+    shells : tuple of (Waveform, float)
+        Each shell's waveform and b-value (s/mm^2).
+    coefficients : ndarray (n_shells, n_terms)
+        Even Legendre coefficients of each shell's response (zero beyond
+        its own node count).
+    n_azimuths : int
+        In-plane directions averaged at each node.
+    """
+
+    shells: tuple
+    coefficients: np.ndarray
+    n_azimuths: int
+
+    @classmethod
+    def tabulate(cls, prior, draw, protocol, *, n_azimuths=4, tol=1e-4):
+        """Simulate a bundle at every shell of ``protocol`` and tabulate it.
+
+        Parameters
+        ----------
+        prior : WhiteMatterPrior
+            Simulates the draw (:meth:`WhiteMatterPrior.simulate`).
+        draw : WhiteMatterDraw
+            Its axis is ignored: the table is about the fibres' own axis.
+        protocol : Protocol or GradientTable
+            The shells tabulated (each waveform and b-value).
+        n_azimuths : int
+            In-plane directions over [0, pi) averaged at each node: the
+            bundle's in-plane anisotropy at harmonics below ``2
+            n_azimuths`` is averaged out.
+        tol : float
+            Each shell's nodes interpolate free decay along the fibres at
+            the draw's largest diffusivity to this (:func:`nodes_for_decay`).
+
+        Returns
+        -------
+        BundleResponse
+        """
+        protocol = as_protocol(protocol)
+        n_azimuths = check_int(n_azimuths, "n_azimuths", 1)
+        tol = check_positive(tol, "tol")
+        keys, _ = _shell_keys(protocol)
+        fastest = max(c["diffusivity"] for c in draw.tissue.values())
+        counts = [
+            nodes_for_decay(b * fastest, tol=tol) if b > 0 else 1 for _, b in keys
+        ]
+        table = _table_protocol(keys, counts, n_azimuths)
+        along_z = draw._replace(axis=np.array([0.0, 0.0, 1.0]))
+        raw = prior.simulate([along_z], table)[0]
+        coefficients = np.zeros((len(keys), max(counts)))
+        start = 0
+        for s, n in enumerate(counts):
+            block = raw[start : start + n * n_azimuths].reshape(n, n_azimuths)
+            coefficients[s, :n] = zonal_coefficients(block.mean(1)).numpy()
+            start += n * n_azimuths
+        return cls(tuple(keys), coefficients, n_azimuths)
+
+    def signals(self, protocol, axis, kappa=np.inf):
+        """The bundle's signals along ``axis``, Watson-dispersed by ``kappa``.
+
+        Parameters
+        ----------
+        protocol : Protocol or GradientTable
+            Every acquisition's shell must be tabulated.
+        axis : array_like (3,) or (n, 3)
+            Mean fibre directions (unit).
+        kappa : float or array_like (n,)
+            Watson concentrations (inf: no dispersion).
+
+        Returns
+        -------
+        ndarray (n_acquisitions,) or (n, n_acquisitions)
+            Normalised to the bundle's water at zero echo time.
+        """
+        protocol = as_protocol(protocol)
+        rows = self._rows(protocol)
+        axis = np.asarray(axis, dtype=np.float64)
+        cosines = torch.as_tensor(axis @ protocol.bvecs.T)  # (..., n_acq)
+        moments = watson_legendre_moments(kappa, self.coefficients.shape[1])
+        legendre = even_legendre(cosines, self.coefficients.shape[1])
+        weighted = torch.as_tensor(self.coefficients[rows]) * moments[..., None, :]
+        return (weighted * legendre).sum(-1).numpy()
+
+    def _rows(self, protocol):
+        lookup = {key: s for s, key in enumerate(self.shells)}
+        keys, index = _shell_keys(protocol)
+        missing = [k for k in keys if k not in lookup]
+        if missing:
+            waveform, b = missing[0]
+            raise ValueError(
+                f"the bundle was not tabulated at b = {b:g} s/mm^2 with {waveform!r} "
+                f"({len(missing)} such shells); tabulate it on this protocol."
+            )
+        return np.array([lookup[k] for k in keys])[index]
+
+
+def _table_protocol(keys, counts, n_azimuths):
+    """The acquisitions of a table: per shell, its nodes (cosines to z) times
+    the azimuths, in that order."""
+    waveforms, bvals, bvecs = [], [], []
+    psi = np.pi * np.arange(n_azimuths) / n_azimuths
+    for (waveform, b), n in zip(keys, counts, strict=True):
+        x = axial_nodes(n) if b > 0 else np.zeros(1)
+        for cosine in x:
+            sine = np.sqrt(1 - cosine**2)
+            for angle in psi:
+                waveforms.append(waveform)
+                bvals.append(b)
+                bvecs.append(
+                    [sine * np.cos(angle), sine * np.sin(angle), cosine]
+                    if b > 0
+                    else [0.0, 0.0, 0.0]
+                )
+    return Protocol(waveforms=tuple(waveforms), bvals=bvals, bvecs=bvecs)
