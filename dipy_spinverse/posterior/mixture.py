@@ -182,7 +182,7 @@ class BundleResponse:
     n_azimuths: int
 
     @classmethod
-    def tabulate(cls, prior, draw, protocol, *, n_azimuths=4, tol=1e-4):
+    def tabulate(cls, prior, draw, protocol, *, n_azimuths=4, tol=1e-4, substeps=None):
         """Simulate a bundle at every shell of ``protocol`` and tabulate it.
 
         Parameters
@@ -200,6 +200,9 @@ class BundleResponse:
         tol : float
             Each shell's nodes interpolate free decay along the fibres at
             the draw's largest diffusivity to this (:func:`nodes_for_decay`).
+        substeps : int, optional
+            Magnus sub-step multiple of the simulations (default: measured,
+            :func:`~dipy_spinverse.simulate`).
 
         Returns
         -------
@@ -215,7 +218,7 @@ class BundleResponse:
         ]
         table = _table_protocol(keys, counts, n_azimuths)
         along_z = draw._replace(axis=np.array([0.0, 0.0, 1.0]))
-        raw = prior.simulate([along_z], table)[0]
+        raw = prior.simulate([along_z], table, substeps=substeps)[0]
         coefficients = np.zeros((len(keys), max(counts)))
         start = 0
         for s, n in enumerate(counts):

@@ -12,8 +12,12 @@ OK                 0     posterior computed
 NONFINITE          1     the data contain NaN or inf, or overflow once
                          b0-normalised
 BAD_B0             2     the mean b = 0 signal (of some sequence) is <= 0
-OUT_OF_PRIOR       6     no simulation of the prior explains the signal
-                         within the noise
+OUT_OF_PRIOR       6     the signal lies outside the prior: beyond the
+                         :data:`PREDICTIVE_LEVEL` predictive region of the
+                         training signals with the voxel's noise (the prior
+                         predictive check, :mod:`~dipy_spinverse.posterior.
+                         envelope`), or no simulation of the prior explains
+                         it within the noise
                          (:meth:`PosteriorEstimator.support_statistic` above
                          its 99.9 % in-prior level): the tissue, the
                          diffusivity or the protocol lies outside what the
@@ -58,6 +62,7 @@ __all__ = [
     "volume_iou_bound",
     "surface_volume_bound",
     "OUT_OF_PRIOR",
+    "PREDICTIVE_LEVEL",
     "POSTERIOR_STATUS_CODES",
     "KEPT",
     "kept_index",
@@ -67,6 +72,12 @@ __all__ = [
 
 
 OUT_OF_PRIOR = 6
+
+#: The prior predictive region beyond which a voxel is ``OUT_OF_PRIOR``:
+#: one in a thousand of the prior's own noisy signals lies beyond it (as
+#: the support statistic's; the grid's approximation error, which the
+#: training models, is not in the training signals).
+PREDICTIVE_LEVEL = 0.999
 
 #: Status codes of a posterior fit and their meaning.
 POSTERIOR_STATUS_CODES = {
@@ -128,9 +139,14 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     summary = {name: np.full((n, len(KEPT)), np.nan) for name in SCALARS}
     summary["orientation"] = np.full((n, 3), np.nan)
     estimator = model.estimator
-    batches = _posterior_draws(
-        estimator, inputs, sigma, np.flatnonzero(good), n_samples, seed
-    )
+    rows = np.flatnonzero(good)
+    # The prior predictive check of the training signals: a voxel whose
+    # signal lies beyond them as a whole is outside the prior even where
+    # some training signal lies near it acquisition by acquisition.
+    distance, limit = model.predictive_envelope.distance(inputs[rows], sigma[rows])
+    far = np.zeros(n, dtype=bool)
+    far[rows] = distance > limit
+    batches = _posterior_draws(estimator, inputs, sigma, far, rows, n_samples, seed)
     for outside, keep, values in batches:
         status[outside] = OUT_OF_PRIOR
         if not len(keep):
@@ -149,16 +165,18 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     )
 
 
-def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed):
+def _posterior_draws(estimator, inputs, sigma, far, rows, n_samples, seed):
     """Batches of ``rows``: ``(rows outside the prior's support, rows inside,
-    their decoded flow draws (n_samples, len(inside)))``."""
+    their decoded flow draws (n_samples, len(inside)))``; outside are the
+    rows ``far`` (beyond the prior predictive region) and those no training
+    signal explains within the noise."""
     chunk = _voxels_per_batch(n_samples)
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         x = torch.as_tensor(inputs[part])
         s = torch.as_tensor(sigma[part])
         statistic = estimator.support_statistic(x, s)
-        outside = (statistic > estimator.support_limit(s)).numpy()
+        outside = (statistic > estimator.support_limit(s)).numpy() | far[part]
         keep = part[~outside]
         if not len(keep):
             yield part[outside], keep, {}

@@ -11,9 +11,10 @@ from dipy.utils.logging import logger
 
 from ..checks import check_device, check_diffusivity, check_int
 from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
+from ..posterior.envelope import PredictiveEnvelope
 from .gate import check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma
-from .posterior import OUT_OF_PRIOR, PosteriorFit, fit_posterior
+from .posterior import OUT_OF_PRIOR, PREDICTIVE_LEVEL, PosteriorFit, fit_posterior
 from .resume import masked_rows
 from .status import count_negative, warn_implausible, warn_negative
 
@@ -149,6 +150,7 @@ class SpinversePosteriorModel(ReconstModel):
         #: problem makes its intervals wrong, only wide.
         self.protocol_problems = []
         self._estimator = None
+        self._envelope = None
 
     @property
     def estimator(self):
@@ -165,6 +167,20 @@ class SpinversePosteriorModel(ReconstModel):
             )
             self._estimator.to(self.device)
         return self._estimator
+
+    @property
+    def predictive_envelope(self):
+        """Where the training signals lie with noise: the prior predictive
+        region of ``OUT_OF_PRIOR``
+        (:class:`~dipy_spinverse.posterior.envelope.PredictiveEnvelope` at
+        :data:`~dipy_spinverse.reconst.posterior.PREDICTIVE_LEVEL`), built
+        once."""
+        if self._envelope is None:
+            signals = self.estimator.support_signals.detach().cpu().numpy()
+            self._envelope = PredictiveEnvelope(
+                signals, self.protocol, level=PREDICTIVE_LEVEL
+            )
+        return self._envelope
 
     def fit(self, data, *, mask=None):
         """Posterior maps of one voxel or a volume.
@@ -192,10 +208,12 @@ class SpinversePosteriorModel(ReconstModel):
         bad = params["status"] == OUT_OF_PRIOR
         if bad.any():
             logger.warning(
-                f"{int(bad.sum())} of {len(bad)} voxels are OUT_OF_PRIOR: no "
-                "simulation of the prior explains their signal within the noise "
+                f"{int(bad.sum())} of {len(bad)} voxels are OUT_OF_PRIOR: their "
+                "signal lies outside what the prior simulates, with their noise "
                 f"(prior {self.prior.prior!r}); their maps are NaN. Check the "
-                "diffusivity, sigma and timing, or widen the prior."
+                "diffusivity, sigma and timing, or another prior "
+                "(prior.check(data, gtab, sigma=...) says which features lie "
+                "outside)."
             )
         warn_implausible(self, params["status"])
         return PosteriorFit(self, params, mask)
