@@ -41,6 +41,8 @@ __all__ = [
     "mixed_signal",
     "nodes_for_decay",
     "BundleResponse",
+    "bundle_water",
+    "voxel_descriptors",
 ]
 
 #: Largest node count of a shell's table (Legendre degree 2 * (n - 1)).
@@ -284,3 +286,102 @@ def _table_protocol(keys, counts, n_azimuths):
                     else [0.0, 0.0, 0.0]
                 )
     return Protocol(waveforms=tuple(waveforms), bvals=bvals, bvecs=bvecs)
+
+
+def bundle_water(draw):
+    """A bundle's water per unit of its section's area (free water: 1).
+
+    Only myelin holds water at another density than 1 (its ``density``).
+
+    Parameters
+    ----------
+    draw : WhiteMatterDraw
+
+    Returns
+    -------
+    float
+    """
+    area = draw.bundle.grid.volume
+    myelin = draw.bundle.sheath_areas.sum()
+    return float((area - myelin * (1 - draw.tissue["myelin"]["density"])) / area)
+
+
+def voxel_descriptors(draws, fractions, *, free_water=0.0, dot=0.0):
+    """The descriptors of a voxel of several bundles, free water and dots,
+    from every axon it holds.
+
+    Bundle ``k`` fills a share ``v_k`` of the voxel; its section of area
+    ``A_k`` stands for ``v_k / A_k`` copies per unit of the voxel's
+    cross-section, so the voxel's axons are the bundles' axons with those
+    weights: ``d_eff = (sum w d^6 / sum w d^2)^(1/4)`` over all of them, the
+    areas and conductances summed likewise.
+
+    Parameters
+    ----------
+    draws : sequence of WhiteMatterDraw
+    fractions : array_like (n_bundles,)
+        Each bundle's share of the voxel's volume.
+    free_water, dot : float
+        The free water's and the dots' shares of the voxel's volume; the
+        shares sum to 1.
+
+    Returns
+    -------
+    dict
+        ``effective_diameter`` and ``mean_diameter`` (um, over every axon),
+        ``intra_axonal_fraction`` (the axons' share of the bundles' space
+        outside myelin, histology's ``fr / (1 - MVF)`` of the tissue),
+        ``myelin_fraction`` (of the bundles' space), ``g_ratio``
+        (aggregate), ``exchange_time`` (s, the axons' water over their
+        sheaths' conductance), ``free_water_fraction`` and ``dot_fraction``
+        (of the voxel's water), and the aliases ``cell_diameter`` and
+        ``restricted_fraction``.
+    """
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if fractions.shape != (len(draws),) or np.any(~(fractions >= 0)):
+        raise ValueError(
+            f"fractions must be one share >= 0 per bundle ({len(draws)}), got "
+            f"{fractions!r}."
+        )
+    total = fractions.sum() + free_water + dot
+    if not (free_water >= 0 and dot >= 0 and abs(total - 1) <= 1e-9):
+        raise ValueError(
+            "the bundles' fractions, free_water and dot are shares of the voxel "
+            f">= 0 that sum to 1, got a sum of {total:.6g}."
+        )
+    weights = [v / d.bundle.grid.volume for v, d in zip(fractions, draws, strict=True)]
+    diameters = np.concatenate([d.bundle.diameters for d in draws])
+    copies = np.concatenate(
+        [np.full(d.bundle.n_axons, w) for w, d in zip(weights, draws, strict=True)]
+    )
+    axons = sum(
+        w * d.bundle.axon_areas.sum() for w, d in zip(weights, draws, strict=True)
+    )
+    myelin = sum(
+        w * d.bundle.sheath_areas.sum() for w, d in zip(weights, draws, strict=True)
+    )
+    conductance = sum(
+        w
+        * d.bundle.sheath_conductance(
+            myelin_diffusivity=d.tissue["myelin"]["diffusivity"],
+            myelin_density=d.tissue["myelin"]["density"],
+        ).sum()
+        for w, d in zip(weights, draws, strict=True)
+    )
+    tissue = fractions.sum()
+    water = [v * bundle_water(d) for v, d in zip(fractions, draws, strict=True)]
+    all_water = sum(water) + free_water + dot
+    moment = lambda p: np.sum(copies * diameters**p)  # noqa: E731
+    out = dict(
+        effective_diameter=float((moment(6) / moment(2)) ** 0.25),
+        mean_diameter=float(moment(1) / copies.sum()),
+        intra_axonal_fraction=float(axons / (tissue - myelin)) if tissue else np.nan,
+        myelin_fraction=float(myelin / tissue) if tissue else np.nan,
+        g_ratio=float(np.sqrt(1 - myelin / (axons + myelin))) if tissue else np.nan,
+        exchange_time=float(axons / conductance) * 1e-6 if tissue else np.nan,
+        free_water_fraction=float(free_water / all_water),
+        dot_fraction=float(dot / all_water),
+    )
+    out["cell_diameter"] = out["effective_diameter"]
+    out["restricted_fraction"] = out["intra_axonal_fraction"]
+    return out
