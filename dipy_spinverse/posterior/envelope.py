@@ -27,7 +27,7 @@ of noise levels (powers of :data:`LEVEL_RATIO`) and each signal is
 measured at the lowest rung at or above its own noise (a little wider an
 envelope than its own noise would give, never narrower).
 
-:func:`check_prior` is the public check (each prior's ``check`` calls it);
+:func:`prior_predictive_check` is the public check (each prior's ``check`` calls it);
 the posterior fits flag ``OUT_OF_PRIOR`` with the same envelope built on
 their training signals.
 """
@@ -47,7 +47,7 @@ __all__ = [
     "shell_features",
     "PredictiveEnvelope",
     "PriorCheck",
-    "check_prior",
+    "prior_predictive_check",
 ]
 
 #: Principal components of the standardised features in the distance.
@@ -301,7 +301,7 @@ class PredictiveEnvelope:
 
 @dataclass
 class PriorCheck:
-    """What a prior predictive check found (:func:`check_prior`).
+    """What a prior predictive check found (:func:`prior_predictive_check`).
 
     Attributes
     ----------
@@ -349,7 +349,9 @@ class PriorCheck:
         )
 
 
-def check_prior(simulate, data, protocol, *, mask=None, sigma, level=0.95, seed=0):
+def prior_predictive_check(
+    simulate, data, protocol, *, mask=None, sigma, level=0.95, seed=0
+):
     """Prior predictive check of a volume (or of rows of voxels).
 
     Parameters

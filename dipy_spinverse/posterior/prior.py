@@ -72,7 +72,7 @@ from ..geometry.substrates import (
 from ..sim.grid import TetGrid
 from ..sim.sections import SectionGrid
 from ..sim.sequences import as_protocol
-from .envelope import check_prior
+from .envelope import prior_predictive_check
 from .simulator import PriorSimulator
 
 __all__ = [
@@ -618,7 +618,7 @@ class TissuePrior:
         def simulate(protocol, seed):
             return self.simulator(protocol).sample(n_draws, seed=seed)[0]
 
-        return check_prior(
+        return prior_predictive_check(
             simulate,
             data,
             as_protocol(gtab),

@@ -14,7 +14,7 @@ from dipy_spinverse import Protocol
 from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.posterior.envelope import (
     PredictiveEnvelope,
-    check_prior,
+    prior_predictive_check,
     shell_layout,
 )
 from dipy_spinverse.posterior.noise import add_noise
@@ -53,7 +53,7 @@ def test_held_out_draws_fall_inside_at_the_level(level):
     within 3 binomial standard errors of 1,000 voxels (plus the limit's
     own error from 1,000 calibration draws: ~1 point at 0.95)."""
     data = noisy(ball_and_stick(PROTOCOL, seed=7, n=1000), 0.02, seed=1) * 300
-    result = check_prior(
+    result = prior_predictive_check(
         ball_and_stick, data, PROTOCOL, sigma=0.02 * 300, level=level, seed=3
     )
     tolerance = 3 * np.sqrt(level * (1 - level) / 1000) + 0.015
@@ -67,7 +67,7 @@ def test_water_the_prior_cannot_make_is_outside_and_named():
     farthest."""
     free = np.exp(-BVALS * 3e-3)[None].repeat(50, 0)
     data = noisy(free, 0.01, seed=2)
-    result = check_prior(ball_and_stick, data, PROTOCOL, sigma=0.01, seed=0)
+    result = prior_predictive_check(ball_and_stick, data, PROTOCOL, sigma=0.01, seed=0)
     assert not result.inside.any()
     label, share, *_ = result.features_outside[0]
     assert share == 1.0 and label.endswith(": log mean")
@@ -85,7 +85,9 @@ def test_a_pairing_the_prior_never_makes_is_outside():
     fast = np.argsort(draws[:, b3000].mean(1))[:100]
     paired = draws[slow].copy()
     paired[:, b3000] = draws[fast][:, b3000]
-    result = check_prior(ball_and_stick, paired, PROTOCOL, sigma=0.005, seed=0)
+    result = prior_predictive_check(
+        ball_and_stick, paired, PROTOCOL, sigma=0.005, seed=0
+    )
     assert result.share_inside < 0.1
     assert max(share for _, share, *_ in result.features_outside) < 0.5
 
@@ -96,7 +98,9 @@ def test_bad_voxels_are_flagged_not_fatal_and_the_mask_is_kept():
     data[0, 1, :2] = 0.0  # b = 0 of zero
     mask = np.ones((3, 4), bool)
     mask[2, 3] = False
-    result = check_prior(ball_and_stick, data, PROTOCOL, mask=mask, sigma=0.02)
+    result = prior_predictive_check(
+        ball_and_stick, data, PROTOCOL, mask=mask, sigma=0.02
+    )
     assert not result.checked[0, 0] and not result.checked[0, 1]
     assert not result.checked[2, 3] and np.isnan(result.distance[2, 3])
     assert result.checked.sum() == 9
@@ -110,15 +114,17 @@ def test_bad_voxels_are_flagged_not_fatal_and_the_mask_is_kept():
 def test_bad_sigma_is_named(sigma, match):
     data = ball_and_stick(PROTOCOL, seed=1, n=4)
     with pytest.raises(ValueError, match=match):
-        check_prior(ball_and_stick, data, PROTOCOL, sigma=sigma)
+        prior_predictive_check(ball_and_stick, data, PROTOCOL, sigma=sigma)
 
 
 def test_bad_data_and_mask_are_named():
     data = ball_and_stick(PROTOCOL, seed=1, n=4)
     with pytest.raises(ValueError, match="one value per volume"):
-        check_prior(ball_and_stick, data[:, :5], PROTOCOL, sigma=0.1)
+        prior_predictive_check(ball_and_stick, data[:, :5], PROTOCOL, sigma=0.1)
     with pytest.raises(ValueError, match="mask must be a boolean array"):
-        check_prior(ball_and_stick, data, PROTOCOL, mask=np.ones(4), sigma=0.1)
+        prior_predictive_check(
+            ball_and_stick, data, PROTOCOL, mask=np.ones(4), sigma=0.1
+        )
     with pytest.raises(ValueError, match="n >= 20"):
         PredictiveEnvelope(data, PROTOCOL)
 
@@ -153,3 +159,26 @@ def test_tissue_prior_check_holds_its_own_draws():
     result = prior.check(data, protocol, sigma=0.01, n_draws=200, seed=0)
     assert result.inside[:20].mean() >= 0.75
     assert not result.inside[20:].any()
+
+
+def test_white_matter_prior_check_holds_its_own_draws():
+    """WhiteMatterPrior.check: the same public check (24 small bundles): its
+    own held-out draws inside, free water outside."""
+    from dipy_spinverse.posterior.white_matter import WhiteMatterPrior
+
+    prior = WhiteMatterPrior(
+        n_axons=(4, 6), mean_diameter=(2.0, 4.0), fibre_fraction=(0.5, 0.7)
+    )
+    protocol = Protocol.pgse(
+        np.r_[0, [1500.0] * 3, [4000.0] * 3],
+        np.r_[[[0, 0, 0]], np.eye(3), np.eye(3)],
+        small_delta=0.01,
+        big_delta=0.03,
+    )
+    rng = np.random.default_rng(77)
+    own = prior.simulate([prior.draw(rng) for _ in range(4)], protocol)
+    free = np.exp(-protocol.bvals * 3e-3)[None].repeat(3, 0)
+    data = noisy(np.concatenate([own, free]), 0.01, seed=4)
+    result = prior.check(data, protocol, sigma=0.01, n_draws=24, seed=0)
+    assert result.inside[:4].mean() >= 0.75
+    assert not result.inside[4:].any()
