@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from dipy.utils.logging import logger
 
+from ..files import cache_key, cache_root, load_or_build
+from ..provenance import code_digest
 from ..sim.signals import normalise_b0, sequence_index
 from .noise import add_noise
 
@@ -48,6 +50,7 @@ __all__ = [
     "PredictiveEnvelope",
     "PriorCheck",
     "prior_predictive_check",
+    "prior_envelope",
 ]
 
 #: Principal components of the standardised features in the distance.
@@ -440,3 +443,53 @@ def _spread(values, mask, ok, fill):
     rows[ok] = values
     out[mask] = rows
     return out
+
+
+def prior_envelope(prior, protocol, *, n_draws, level, seed=0, cache_dir=None):
+    """The envelope of ``n_draws`` simulations of ``prior`` on ``protocol``,
+    simulated once and kept in the cache.
+
+    Parameters
+    ----------
+    prior : TissuePrior
+        Anything with ``description()`` and ``simulator(protocol)``.
+    protocol : Protocol
+    n_draws : int
+    level : float
+    seed : int
+    cache_dir : path-like, optional
+        Default :func:`~dipy_spinverse.files.cache_root`.
+
+    Returns
+    -------
+    PredictiveEnvelope
+    """
+    description = {
+        "prior": prior.description(),
+        "n_draws": int(n_draws),
+        "seed": int(seed),
+        "waveforms": [repr(w) for w in protocol.waveforms],
+        "code": code_digest("posterior.prior"),
+    }
+    key = cache_key(description, [protocol.bvals, protocol.bvecs])
+    path = cache_root(cache_dir) / f"prior-draws-{key}.npz"
+
+    def build():
+        simulator = prior.simulator(protocol)
+        return simulator.sample(int(n_draws), seed=int(seed))[0]
+
+    def save(signals, tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, signals=signals)
+
+    def load(path):
+        with np.load(path) as saved:
+            signals = saved["signals"]
+        if signals.shape != (int(n_draws), len(protocol)):
+            raise ValueError(f"it holds signals of shape {signals.shape}")
+        return signals
+
+    signals = load_or_build(
+        path, load=load, build=build, save=save, what="prior's simulations"
+    )
+    return PredictiveEnvelope(signals, protocol, level=level, seed=seed)

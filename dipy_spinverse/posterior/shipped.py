@@ -91,10 +91,12 @@ TRAINING_ROOTS = (
     "posterior.protocol_free",
 )
 
-#: Modules of the posterior that shape no estimator: this one, and the
-#: checkpoint of simulations (it stores them; it does not make them). The
-#: commands of :mod:`.shipping` need no entry: nothing hashed imports them.
-NOT_FOLLOWED = ("posterior.shipped", "posterior.checkpoint")
+#: Modules of the posterior that shape no estimator: this one, the
+#: checkpoint of simulations (it stores them; it does not make them), and
+#: the prior predictive check (it reads simulations; the priors import it
+#: for their ``check``). The commands of :mod:`.shipping` need no entry:
+#: nothing hashed imports them.
+NOT_FOLLOWED = ("posterior.shipped", "posterior.checkpoint", "posterior.envelope")
 
 #: The command that re-keys the shipped estimators for the current code.
 REKEY_COMMAND = 'python -m dipy_spinverse.posterior rekey --reason "..."'

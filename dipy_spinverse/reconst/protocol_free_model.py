@@ -24,6 +24,7 @@ from ..checks import check_int
 from ..masked import MaskedFit
 from ..posterior import TissuePrior
 from ..posterior.calibration import calibrated_draws
+from ..posterior.envelope import prior_envelope
 from ..posterior.protocol_free import (
     FREE_SCALARS,
     N_TOKEN,
@@ -32,6 +33,7 @@ from ..posterior.protocol_free import (
     decode_free,
     load_protocol_free,
 )
+from ..sim.signals import normalise_b0
 from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, OK
 from .gate import admit, check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma, warn_noise
@@ -39,6 +41,7 @@ from .posterior import (
     KEPT,
     OUT_OF_PRIOR,
     POSTERIOR_STATUS_CODES,
+    PREDICTIVE_LEVEL,
     interval_rows,
     kept_index,
 )
@@ -57,9 +60,14 @@ __all__ = [
 #: fit's, its out-of-prior test the free-water bound.
 PROTOCOL_FREE_CODES = {
     **POSTERIOR_STATUS_CODES,
-    OUT_OF_PRIOR: "a shell decays faster than free water at the prior's "
+    OUT_OF_PRIOR: "outside the prior: beyond its predictive region on the "
+    "shells read, or a shell decays faster than free water at the prior's "
     "diffusivity, beyond the noise",
 }
+#: Draws of the prior simulated on a new protocol for its predictive
+#: region (once per protocol, kept in the cache: about 15 s on the README
+#: demo's 99 volumes on 2 cores).
+N_ENVELOPE_DRAWS = 200
 #: The prior's intrinsic diffusivity (mm^2/s): ``TissuePrior()``'s, the
 #: tissue the shipped estimator was trained on.
 PRIOR_DIFFUSIVITY = TissuePrior().diffusivity
@@ -84,6 +92,10 @@ class SpinverseProtocolFreeModel(ReconstModel):
         :class:`~dipy_spinverse.reconst.posterior_model.SpinversePosteriorModel`'s).
     n_posterior_samples : int
         Posterior draws per voxel for the maps and stored intervals.
+    cache_dir : path-like, optional
+        Where the prior's simulations on this protocol are kept (default
+        :func:`~dipy_spinverse.files.cache_root`): the ``OUT_OF_PRIOR``
+        test's predictive region, simulated on the first fit of a protocol.
 
     Attributes
     ----------
@@ -104,7 +116,7 @@ class SpinverseProtocolFreeModel(ReconstModel):
     #: How the model estimates (the selector's ``fit_method``).
     fit_method = "protocol_free"
 
-    def __init__(self, gtab, *, sigma=None, n_posterior_samples=128):
+    def __init__(self, gtab, *, sigma=None, n_posterior_samples=128, cache_dir=None):
         self.gtab, self.protocol = gradient_tables(gtab)
         sigma = check_sigma(sigma, n_volumes=len(self.protocol))
         if not sigma > 0:
@@ -149,7 +161,32 @@ class SpinverseProtocolFreeModel(ReconstModel):
         self.n_posterior_samples = check_int(
             n_posterior_samples, "n_posterior_samples", 10
         )
+        self.cache_dir = cache_dir
         self._estimator = None
+        self._envelope = None
+        # The volumes read: each shell's and its b = 0 volumes.
+        self._read = np.unique(
+            np.concatenate(
+                [np.r_[shell.rows, shell.b0_rows] for shell in self.shells.shells]
+            )
+        )
+
+    @property
+    def predictive_envelope(self):
+        """The prior's predictive region on the volumes read
+        (:func:`~dipy_spinverse.posterior.envelope.prior_envelope` of
+        :data:`N_ENVELOPE_DRAWS` draws of ``TissuePrior()``, at
+        :data:`~dipy_spinverse.reconst.posterior.PREDICTIVE_LEVEL`):
+        simulated once per protocol, kept in the cache."""
+        if self._envelope is None:
+            self._envelope = prior_envelope(
+                TissuePrior(),
+                self.protocol[self._read],
+                n_draws=N_ENVELOPE_DRAWS,
+                level=PREDICTIVE_LEVEL,
+                cache_dir=self.cache_dir,
+            )
+        return self._envelope
 
     @property
     def estimator(self):
@@ -194,13 +231,22 @@ class SpinverseProtocolFreeModel(ReconstModel):
         ok = status == OK
         fast = np.zeros(len(status), bool)
         fast[ok] = faster_than_free(self.shells.shells, normalised[ok], sigma[ok])
-        status[fast] = OUT_OF_PRIOR
+        far = self._beyond_the_prior(rows, sigma, status == OK)
+        status[fast | far] = OUT_OF_PRIOR
         if fast.any():
             logger.warning(
                 f"{int(fast.sum())} of {len(status)} voxels are OUT_OF_PRIOR: a "
                 "shell's mean signal decays faster than free water at the "
                 f"prior's diffusivity ({PRIOR_DIFFUSIVITY} mm^2/s) beyond the "
                 "noise (free water, CSF, or a sigma too small); their maps are NaN."
+            )
+        if (far & ~fast).any():
+            logger.warning(
+                f"{int((far & ~fast).sum())} of {len(status)} voxels are "
+                "OUT_OF_PRIOR: their signal lies beyond the predictive region "
+                "of the prior's simulations on this protocol, with their noise; "
+                "their maps are NaN. TissuePrior().check(data, gtab, sigma=...) "
+                "says which features lie outside."
             )
         good = np.flatnonzero(status == OK)
         n = len(status)
@@ -223,6 +269,17 @@ class SpinverseProtocolFreeModel(ReconstModel):
             f"({'; '.join(self.shells.report())})"
         )
         return dict(status=status, tokens=tokens, sigma=sigma, S0=gate.S0, **params)
+
+    def _beyond_the_prior(self, rows, sigma, ok):
+        """Voxels ``ok`` whose signal on the volumes read lies beyond the
+        prior's predictive region (:attr:`predictive_envelope`)."""
+        far = np.zeros(len(rows), dtype=bool)
+        if ok.any():
+            protocol = self.protocol[self._read]
+            normalised = normalise_b0(rows[ok][:, self._read], protocol)
+            distance, limit = self.predictive_envelope.distance(normalised, sigma[ok])
+            far[ok] = distance > limit
+        return far
 
     def __repr__(self):
         return (

@@ -18,6 +18,7 @@ from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.posterior import protocol_free as pf
 from dipy_spinverse.reconst import NONFINITE, OK
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
+from dipy_spinverse.reconst.protocol_free_model import faster_than_free
 from dipy_spinverse.sim.sequences import fibonacci_sphere, hcp_protocol
 
 
@@ -312,23 +313,34 @@ def test_the_model_reads_the_shipped_estimator_and_flags_bad_voxels():
 
 def test_signals_faster_than_free_water_are_out_of_the_prior():
     """Membranes only slow water: a shell whose mean decays faster than
-    free diffusion at the prior's 2e-3 mm^2/s (CSF at 3e-3) is flagged,
-    a slower one (1.9e-3, or the prior's own draws) is not."""
+    free diffusion at the prior's 2e-3 mm^2/s (CSF at 3e-3) is beyond the
+    free-water bound, a slower one (1.9e-3) is not; the prior predictive
+    region flags the slower one too (isotropic water without membranes is no
+    draw of the prior), and not the prior's own draw."""
     protocol = _shells((1000, 0.01, 0.03, 20), (2500, 0.01, 0.06, 20))
     model = SpinverseModel(protocol, fit_method="protocol_free", sigma=20.0)
     rng = np.random.default_rng(0)
+    own = TissuePrior().simulator(protocol).sample(1, seed=4)[0][0]
     rows = []
-    for d in (3e-3, 1.9e-3):
-        clean = 1000 * np.exp(-protocol.bvals * d)
+    for clean in (
+        np.exp(-protocol.bvals * 3e-3),
+        np.exp(-protocol.bvals * 1.9e-3),
+        own,
+    ):
         rows.append(
             np.hypot(
-                clean + 20 * rng.standard_normal(len(clean)),
+                1000 * clean + 20 * rng.standard_normal(len(clean)),
                 20 * rng.standard_normal(len(clean)),
             )
         )
-    fit = model.fit(np.array(rows))
-    assert_array_equal(fit.status, [OUT_OF_PRIOR, OK])
-    assert np.isnan(fit.cell_diameter[0]) and np.isfinite(fit.cell_diameter[1])
+    rows = np.array(rows)
+    fit = model.fit(rows)
+    assert_array_equal(fit.status, [OUT_OF_PRIOR, OUT_OF_PRIOR, OK])
+    assert np.isnan(fit.cell_diameter[0]) and np.isfinite(fit.cell_diameter[2])
+    fast = faster_than_free(
+        model.shells.shells, model.shells.normalised(rows[:2]), np.full(2, 0.02)
+    )
+    assert_array_equal(fast, [True, False])
 
 
 def test_the_model_names_what_it_does_not_read():
@@ -364,10 +376,14 @@ def test_intervals_cover_on_a_protocol_never_trained_on():
         warnings.simplefilter("error", UserWarning)  # all of it is in the design
         model = SpinverseModel(protocol, fit_method="protocol_free", sigma=25.0)
     fit = model.fit(noisy)
-    assert (fit.status == OK).all()  # the prior's own draws: none flagged
+    # The prior's own draws: at most 5 % beyond its 99.9 % predictive region
+    # (its limit from 100 held-out simulations; 1 here).
+    read = fit.status == OK
+    assert read.mean() >= 0.95
     for name in pf.FREE_SCALARS:
         low, high = fit.credible_interval(name, 0.9)
-        inside = ((truth[name] >= low) & (truth[name] <= high)).mean()
+        held = (truth[name] >= low) & (truth[name] <= high)
+        inside = held[read].mean()
         # The cell count is an integer of 1-4: its interval's ends are
         # counts, which hold more than 90 % (0.98-0.99 for the per-protocol
         # estimators too).
