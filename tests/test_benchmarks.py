@@ -37,7 +37,7 @@ _SLOW = {
     "workflow_memory",
 }
 #: Scripts that read the dmipy 1.0.5 distribution's files (skipped without).
-_DMIPY = {"cord_histology", "cord_white_matter", "isbi_prediction"}
+_DMIPY = {"cord_histology", "cord_white_matter", "isbi_prediction", "prior_check"}
 #: Packages of the ``benchmark`` and ``tissue`` extras some scripts import.
 _NEEDS = {"tissue_maps": ("skimage", "nilearn", "sklearn")}
 #: Scripts run as a command (their child processes import them by name).

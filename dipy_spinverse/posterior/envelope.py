@@ -59,6 +59,8 @@ N_COMPONENTS = 10
 SHELL_SPREAD = 0.05
 #: The ladder of noise levels an envelope is built at: powers of this.
 LEVEL_RATIO = 1.25
+#: Noise draws of each held-out simulation that set a limit.
+HELD_OUT_REPEATS = 4
 
 
 def shell_layout(protocol):
@@ -188,7 +190,7 @@ class PredictiveEnvelope:
     signals : ndarray (n, n_acquisitions)
         Noise-free simulations of the prior on ``protocol`` (normalised to
         the signal at time 0); at least 20. Half build the envelope, half
-        set its limit.
+        set its limit (each with :data:`HELD_OUT_REPEATS` noise draws).
     protocol : Protocol
     level : float
         The predictive region's probability (0.95: 95 %).
@@ -223,13 +225,20 @@ class PredictiveEnvelope:
         """The envelope at noise ``LEVEL_RATIO ** k``: its fit, and the
         noisy simulations' features."""
         if k not in self._rungs:
-            sigma = torch.full((len(self._clean),), LEVEL_RATIO**k)
             generator = torch.Generator().manual_seed(self.seed * 1000 + k % 1000)
-            noisy = add_noise(self._clean, sigma, generator)
-            features = self.features(normalise_b0(noisy, self.protocol).numpy())
-            half = len(features) // 2
-            fit = _Level(features[:half], features[half:], self.level)
-            self._rungs[k] = (fit, features)
+            half = len(self._clean) // 2
+
+            def noisy(clean):
+                sigma = torch.full((len(clean),), LEVEL_RATIO**k)
+                signals = add_noise(clean, sigma, generator)
+                return self.features(normalise_b0(signals, self.protocol).numpy())
+
+            built = noisy(self._clean[:half])
+            # The limit, a high quantile, from several noise draws of each
+            # held-out simulation: steadier than one.
+            held_out = noisy(self._clean[half:].repeat(HELD_OUT_REPEATS, 1))
+            fit = _Level(built, held_out, self.level)
+            self._rungs[k] = (fit, np.concatenate([built, held_out[: len(built)]]))
         return self._rungs[k]
 
     @staticmethod

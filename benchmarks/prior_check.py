@@ -1,0 +1,134 @@
+"""Regenerates the prior predictive check tables of doc/validation/white_matter.md.
+
+Does a prior hold the data, before any training is spent on it? The public
+check (:meth:`TissuePrior.check <dipy_spinverse.posterior.TissuePrior.check>`:
+:func:`~dipy_spinverse.posterior.envelope.prior_predictive_check`) on the cat
+spinal cord's white matter (694 voxels, the 486 volumes of
+``benchmarks/cord_white_matter.py``: every b = 0 and one in-plane direction
+per timing and gradient strength; each voxel's noise from the repeated b = 0
+volumes), against each prior's own held-out draws with the same noise (the
+check's calibration: a level's share of them should lie inside):
+
+- ``default``: ``TissuePrior()``, the default prior (straight axons of
+  1-25 um along any direction, one diffusivity, no myelin);
+- ``default_z``: the same with the fibres along the cord (z).
+
+It also gives the share the posterior fit's ``OUT_OF_PRIOR`` leaves
+inside (the 99.9 % region of ``reconst.posterior.PREDICTIVE_LEVEL``).
+The simulations are kept in ``--out`` and resumed.
+
+    python benchmarks/prior_check.py --n 2000
+
+``--quick``: 24 draws of each prior; its numbers mean nothing.
+"""
+
+import argparse
+import pathlib
+import time
+
+import numpy as np
+import torch
+from cord_histology import white_matter
+from cord_white_matter import simulated_volumes
+
+from dipy_spinverse.data import read_cat_spinal_cord
+from dipy_spinverse.posterior import TissuePrior
+from dipy_spinverse.posterior.envelope import prior_predictive_check
+from dipy_spinverse.posterior.noise import add_noise
+
+LEVELS = (0.95, 0.99, 0.999)
+PRIORS = {
+    "default": TissuePrior,
+    "default_z": lambda: TissuePrior(fibre_axis=(0.0, 0.0, 1.0)),
+}
+
+
+def simulated(name, protocol, n, seed, out):
+    """``n`` noise-free draws of prior ``name`` on ``protocol``, resumed
+    from (and kept in) ``out``."""
+    path = pathlib.Path(out) / f"{name}-{len(protocol)}v-{n}-{seed}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    simulator = PRIORS[name]().simulator(protocol)
+    signals, _ = simulator.sample(n, seed=seed, checkpoint=path)
+    print(f"{name}: {n} draws in {time.perf_counter() - start:.0f} s", flush=True)
+    return signals
+
+
+def held_out(signals, relative_sigma, seed):
+    """Held-out draws with the cord's noise: each at the relative noise of
+    a cord voxel drawn at random, in units of its b = 0."""
+    rng = np.random.default_rng(seed)
+    sigma = rng.choice(relative_sigma, size=len(signals))
+    generator = torch.Generator().manual_seed(seed)
+    noisy = add_noise(torch.as_tensor(signals), torch.as_tensor(sigma), generator)
+    return noisy.numpy(), sigma
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="draws of each prior")
+    parser.add_argument("--n_held_out", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--out", default="prior_check")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.n_held_out = 24, 20
+    cord = read_cat_spinal_cord("2d")
+    kept = simulated_volumes(cord, 1)
+    protocol = cord.protocol[kept]
+    sigma, _ = cord.repeated_b0_noise(cord.mask)
+    wm, _ = white_matter(cord)
+    data = cord.data[cord.mask][wm][:, kept]
+    sigma = np.broadcast_to(np.asarray(sigma, dtype=float), (int(cord.mask.sum()),))
+    sigma = sigma[wm]
+    b0 = protocol.bvals == 0
+    relative = sigma / data[:, b0].mean(1)
+    print(
+        f"cord: {len(kept)} of {len(cord.protocol)} volumes; white matter "
+        f"{len(data)} voxels, SNR median {np.median(1 / relative):.0f}"
+    )
+    rows = []
+    for name in PRIORS:
+        signals = simulated(name, protocol, args.n, args.seed, args.out)
+        extra = simulated(name, protocol, args.n_held_out, args.seed + 1, args.out)
+        own, own_sigma = held_out(extra, relative, args.seed)
+        for level in LEVELS:
+            cord_check = prior_predictive_check(
+                lambda p, s, signals=signals: signals,
+                data,
+                protocol,
+                sigma=sigma,
+                level=level,
+                seed=args.seed,
+            )
+            own_check = prior_predictive_check(
+                lambda p, s, signals=signals: signals,
+                own,
+                protocol,
+                sigma=own_sigma,
+                level=level,
+                seed=args.seed,
+            )
+            worst = cord_check.features_outside[0]
+            rows.append(
+                (name, level, cord_check.share_inside, own_check.share_inside, worst)
+            )
+    print(
+        "\n| prior | level | cord white matter inside | held-out draws inside "
+        "| feature most outside (share of the cord outside the draws' 1-99 %; "
+        "cord median) |"
+    )
+    print("|---|---:|---:|---:|---|")
+    for name, level, cord_inside, own_inside, worst in rows:
+        label, share, median, low, high = worst
+        print(
+            f"| {name} | {level:.1%} | {cord_inside:.1%} | {own_inside:.1%} | "
+            f"{label}: {share:.0%} outside [{low:.3f}, {high:.3f}] "
+            f"({median:.3f}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
