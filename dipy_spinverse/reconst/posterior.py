@@ -362,7 +362,7 @@ class PosteriorFit(MaskedFit):
         """
         _check_scalar(name)
         low, high = interval_rows(
-            self.params, name, level, self.model.estimator, self._draws
+            self.params, name, level, lambda: self.model.estimator, self._draws
         )
         return self._volume(low, 0.0), self._volume(high, 0.0)
 
@@ -594,8 +594,11 @@ def interval_rows(params, name, level, estimator, draws):
         The descriptor.
     level : float
         In (0, 1).
-    estimator : PosteriorEstimator or ProtocolFreeEstimator
-        Its ``quantile_levels`` recalibrate new draws' bounds.
+    estimator : callable
+        ``estimator()``: the PosteriorEstimator or ProtocolFreeEstimator
+        whose ``quantile_levels`` recalibrate new draws' bounds; called
+        only when the level is not stored (reading a fit's stored intervals
+        loads no estimator, and trains none).
     draws : callable
         ``draws(name, n)``: n new flow draws per row, (n, n_rows).
 
@@ -608,7 +611,7 @@ def interval_rows(params, name, level, estimator, draws):
     stored = [kept_index(q) for q in (lo, hi)]
     if None not in stored:
         return tuple(params[name][:, i] for i in stored)
-    levels = estimator.quantile_levels(name, [lo, hi])
+    levels = estimator().quantile_levels(name, [lo, hi])
     low, high = np.quantile(draws(name, 1000), levels, axis=0)
     return low, high
 

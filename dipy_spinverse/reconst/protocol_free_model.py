@@ -389,7 +389,7 @@ class ProtocolFreeFit(MaskedFit):
         """
         _check_name(name)
         low, high = interval_rows(
-            self.params, name, level, self.model.estimator, self._flow_draws
+            self.params, name, level, lambda: self.model.estimator, self._flow_draws
         )
         return self._volume(low, 0.0), self._volume(high, 0.0)
 
