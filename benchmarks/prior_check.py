@@ -95,22 +95,18 @@ def main(argv=None):
         extra = simulated(name, protocol, args.n_held_out, args.seed + 1, args.out)
         own, own_sigma = held_out(extra, relative, args.seed)
         for level in LEVELS:
-            cord_check = prior_predictive_check(
-                lambda p, s, signals=signals: signals,
-                data,
-                protocol,
-                sigma=sigma,
-                level=level,
-                seed=args.seed,
-            )
-            own_check = prior_predictive_check(
-                lambda p, s, signals=signals: signals,
-                own,
-                protocol,
-                sigma=own_sigma,
-                level=level,
-                seed=args.seed,
-            )
+
+            def check(voxels, noise, level=level, signals=signals):
+                return prior_predictive_check(
+                    lambda p, s: signals,
+                    voxels,
+                    protocol,
+                    sigma=noise,
+                    level=level,
+                    seed=args.seed,
+                )
+
+            cord_check, own_check = check(data, sigma), check(own, own_sigma)
             worst = cord_check.features_outside[0]
             rows.append(
                 (name, level, cord_check.share_inside, own_check.share_inside, worst)

@@ -199,3 +199,20 @@ SMALL_TRAINING = dict(
     batch_size=32,
     n_calibration=32,
 )
+
+
+# -- the README demo's protocol, whose default posterior ships ---------------
+@pytest.fixture(scope="session")
+def demo_gradients(tmp_path_factory):
+    """The README demo's gradient table (99 volumes, three diffusion times)
+    and a fresh cache folder: the default prior's estimator for it ships,
+    so a posterior fit trains nothing."""
+    from dipy_spinverse.data import make_phantom_dataset
+    from dipy_spinverse.io.gradients import read_gradients
+
+    folder = tmp_path_factory.mktemp("demo")
+    paths = make_phantom_dataset(folder / "demo", tissue_voxels=False)
+    table = read_gradients(
+        paths["bvals"], paths["bvecs"], n_volumes=99, timing_file=paths["timing"]
+    )
+    return table, folder / "cache"

@@ -22,8 +22,6 @@ from numpy.testing import assert_array_equal
 import dipy_spinverse.posterior as posterior
 import dipy_spinverse.reconst.posterior as reconst_posterior
 from dipy_spinverse import Protocol, SpinverseModel
-from dipy_spinverse.data import make_phantom_dataset
-from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.posterior.estimator import normal_points
 from dipy_spinverse.reconst import OK
@@ -61,14 +59,9 @@ def _noisy(protocol, n, seed):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The demo's gradient table, its cache folder and voxels of its prior."""
-    folder = tmp_path_factory.mktemp("demo")
-    paths = make_phantom_dataset(folder / "demo", tissue_voxels=False)
-    table = read_gradients(
-        paths["bvals"], paths["bvecs"], n_volumes=99, timing_file=paths["timing"]
-    )
-    return table, folder / "cache"
+def demo(demo_gradients):
+    """The demo's gradient table and its cache folder."""
+    return demo_gradients
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,6 @@ from numpy.testing import assert_allclose
 
 import dipy_spinverse.posterior as posterior
 from dipy_spinverse import SpinverseModel
-from dipy_spinverse.data import make_phantom_dataset
-from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.posterior.predictive import predictive_signals, realise_draws
 from dipy_spinverse.posterior.targets import encode
 from dipy_spinverse.reconst import OK
@@ -35,15 +33,9 @@ S0, SIGMA = 300.0, 6.0
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("demo")
-    paths = make_phantom_dataset(folder / "demo", tissue_voxels=False)
-    table = read_gradients(
-        paths["bvals"], paths["bvecs"], n_volumes=99, timing_file=paths["timing"]
-    )
-    model = SpinverseModel(
-        table, fit_method="posterior", sigma=SIGMA, cache_dir=folder / "cache"
-    )
+def model(demo_gradients):
+    table, cache = demo_gradients
+    model = SpinverseModel(table, fit_method="posterior", sigma=SIGMA, cache_dir=cache)
     model.estimator  # noqa: B018 -- read here, so that the check below holds
     assert model.estimator_path.parent == posterior.SHIPPED, "would train"
     return model

@@ -885,16 +885,11 @@ def test_several_inputs_are_each_one_set(demo, tmp_path, monkeypatch, capsys):
     """Two inputs in one run, each into its own folder (beside it,
     --out_strat append): Ctrl-C in the second's writes leaves the first's
     new set whole and the second's old one."""
-    for subject in ("subjA", "subjB"):
-        (tmp_path / subject).mkdir()
-        shutil.copy(demo["data"], tmp_path / subject / "dwi.nii.gz")
-        shutil.copy(demo["mask"], tmp_path / subject / "mask.nii.gz")
+    inputs = _subjects(demo, tmp_path)
 
     def argv(*extra):
-        data = tmp_path / "subj*" / "dwi.nii.gz"
-        mask = tmp_path / "subj*" / "mask.nii.gz"
         extra = ("--out_strat", "append", *extra)
-        return _argv(demo, "fit", *extra, data=data, mask=mask)
+        return _argv(demo, "fit", *extra, **inputs)
 
     code, err = _command(monkeypatch, capsys, argv("--max_iter", "3"))
     assert code == 0, err
@@ -917,3 +912,54 @@ def test_several_inputs_are_each_one_set(demo, tmp_path, monkeypatch, capsys):
     assert code == 130, err
     assert [_outputs(f) for f in folders] == [after[0], before[1]] != before
     assert f"{folders[1]} keeps the previous run's outputs" in err
+
+
+# -- a refused run leaves no output folder it made (issue 84, also noted) -----
+def _subjects(demo, tmp_path):
+    """Two subjects' data and masks, for one glob."""
+    for subject in ("subjA", "subjB"):
+        (tmp_path / subject).mkdir()
+        shutil.copy(demo["data"], tmp_path / subject / "dwi.nii.gz")
+        shutil.copy(demo["mask"], tmp_path / subject / "mask.nii.gz")
+    return dict(
+        data=tmp_path / "subj*" / "dwi.nii.gz",
+        mask=tmp_path / "subj*" / "mask.nii.gz",
+    )
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_a_refused_glob_run_leaves_no_out_dir(demo, tmp_path, monkeypatch, capsys, mix):
+    """Two subjects into one new --out_dir (two levels of new folders) are
+    refused before the fit: neither level is left behind."""
+    out = tmp_path / "new" / "out"
+    argv = _argv(
+        demo, out, *(["--mix_names"] if mix else []), **_subjects(demo, tmp_path)
+    )
+    code, err = _command(monkeypatch, capsys, argv)
+    assert code == 2 and "would both be written" in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refusal_keeps_an_out_dir_that_was_there(demo, tmp_path, monkeypatch, capsys):
+    """An --out_dir that existed before the run stays, empty or not."""
+    inputs = _subjects(demo, tmp_path)
+    empty, kept = tmp_path / "empty", tmp_path / "kept"
+    empty.mkdir()
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for out in (empty, kept):
+        code, err = _command(monkeypatch, capsys, _argv(demo, out, **inputs))
+        assert code == 2, err
+    assert empty.is_dir() and not list(empty.iterdir())
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
+def test_a_damaged_input_leaves_no_out_dir(demo, tmp_path, monkeypatch, capsys):
+    """A refusal while reading the data (a truncated image), before the fit."""
+    cut = tmp_path / "cut.nii.gz"
+    whole = open(demo["data"], "rb").read()
+    cut.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "o"
+    code, err = _command(monkeypatch, capsys, _argv(demo, out, data=cut))
+    assert code == 2 and str(cut) in err, err
+    assert not out.exists()
