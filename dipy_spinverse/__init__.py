@@ -9,9 +9,15 @@ file format: meshes, Camino schemes, fits and checkpoints, NIfTI maps) ->
 ``workflows`` (the commands).
 """
 
+import importlib.metadata
+
 from .lazy import attach
 
-__version__ = "0.1.0.dev0"
+try:
+    # One version, setup.cfg's, read from the installed package's metadata.
+    __version__ = importlib.metadata.version("dipy_spinverse")
+except importlib.metadata.PackageNotFoundError:  # a source tree not installed
+    __version__ = "0+unknown"
 
 # Public names and the module that defines each. They are imported on first
 # use (PEP 562), so that ``import dipy_spinverse`` loads neither torch nor

@@ -12,12 +12,17 @@ another key, and a cache file made by other code is never read.
 
 What is hashed, and why so:
 
-- The whole text of each file, comments and docstrings included, with its
-  line endings made ``\\n``: the same checkout gives the same digest on every
-  machine and Python version (an AST or token dump would change with the
-  Python version). A comment edit therefore changes the digest too; a cache
-  entry is then trained again, and a shipped estimator must be re-keyed on
-  purpose (:mod:`dipy_spinverse.posterior.shipped`): one command.
+- The code of each file (:func:`code_text`): its text without docstrings
+  (every statement that is a bare string), comments, blank lines and
+  trailing spaces, its line endings made ``\\n``. Two texts that differ only
+  there run the same, so a docstring or comment edit moves no key; any
+  other edit (a constant, a name, an argument's default) does. The spans
+  are found by Python's parser and tokenizer and cut from the text itself
+  (not an AST or token dump, which would change with the Python version),
+  so the same checkout gives the same digest on every machine and Python
+  version. A key that moves means a cache entry is trained again and a
+  shipped estimator must be re-keyed on purpose
+  (:mod:`dipy_spinverse.posterior.shipped`): one command.
 - Files in the order of their paths relative to the package, each prefixed
   by that path: renaming a module is a change.
 - Not followed: modules that shape no trained artefact (:data:`NOT_TRAINING`:
@@ -30,10 +35,13 @@ What is hashed, and why so:
 import ast
 import functools
 import hashlib
+import io
 import pathlib
+import tokenize
 
 __all__ = [
     "code_digest",
+    "code_text",
     "code_sources",
     "source_digests",
     "package_imports",
@@ -130,7 +138,7 @@ def source_digests(*roots, exclude=()):
         the SHA-256 of its text (line endings made ``\\n``).
     """
     return {
-        relative: hashlib.sha256(_text(relative)).hexdigest()[:DIGEST_LENGTH]
+        relative: hashlib.sha256(code_text(relative)).hexdigest()[:DIGEST_LENGTH]
         for relative in code_sources(*roots, exclude=exclude)
     }
 
@@ -139,7 +147,7 @@ def source_digests(*roots, exclude=()):
 def _digest(roots, exclude):
     digest = hashlib.sha256()
     for relative in _closure(roots, exclude):
-        text = _text(relative)
+        text = code_text(relative)
         digest.update(f"{relative}\0{len(text)}\0".encode())
         digest.update(text)
     return digest.hexdigest()[:DIGEST_LENGTH]
@@ -150,6 +158,64 @@ def _text(relative):
     them out as ``\\r\\n`` on another system)."""
     text = (PACKAGE / relative).read_bytes()
     return text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def code_text(relative):
+    """The code of a source file of the package, as it is hashed.
+
+    Its text without docstrings (every expression statement that is a
+    string constant: it does nothing), comments, blank lines and trailing
+    spaces, line endings ``\\n``. Docstrings are found by the parser and
+    comments by the tokenizer; their spans are cut from the text itself.
+
+    Parameters
+    ----------
+    relative : str
+        The file's path relative to the package (``"sim/forward.py"``).
+
+    Returns
+    -------
+    bytes
+        UTF-8.
+
+    Examples
+    --------
+    >>> len(code_text("sim/grid.py")) < len((PACKAGE / "sim/grid.py").read_bytes())
+    True
+    """
+    source = _text(relative).decode("utf-8")
+    lines = source.split("\n")
+    spans = []  # (first line, first column, last line, end column), 0-based
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            # The parser's columns count UTF-8 bytes; the lines are text.
+            first, last = node.lineno - 1, node.end_lineno - 1
+            spans.append(
+                (
+                    first,
+                    _characters(lines[first], node.col_offset),
+                    last,
+                    _characters(lines[last], node.end_col_offset),
+                )
+            )
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            (first, start), (last, end) = token.start, token.end
+            spans.append((first - 1, start, last - 1, end))
+    for first, start, last, end in sorted(spans, reverse=True):
+        lines[first : last + 1] = [lines[first][:start] + lines[last][end:]]
+    kept = [line.rstrip() for line in lines if line.strip()]
+    return ("\n".join(kept) + "\n").encode("utf-8")
+
+
+def _characters(line, n_bytes):
+    """The number of characters of ``line`` in its first ``n_bytes`` UTF-8
+    bytes."""
+    return len(line.encode("utf-8")[:n_bytes].decode("utf-8", errors="ignore"))
 
 
 def _relative(name):

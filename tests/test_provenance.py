@@ -54,8 +54,10 @@ def test_the_sources_are_the_roots_and_what_they_import(package):
 
 
 def test_the_digest_changes_with_the_code_it_covers_only(package):
-    """Any edit of a covered file (a comment too) changes it; an edit
-    elsewhere, or line endings made CRLF, do not."""
+    """An edit of a covered file's code (a constant) changes it; an edit
+    elsewhere, line endings made CRLF, a comment, a docstring, blank lines
+    or trailing spaces do not (issue 83 item 3: keys move only when the
+    numbers can)."""
     before = code_digest("a")
     assert len(before) == provenance.DIGEST_LENGTH
     _edit(package, "e.py", b"h = 3\n")
@@ -64,8 +66,36 @@ def test_the_digest_changes_with_the_code_it_covers_only(package):
     _edit(package, "a.py", b"from .b import f\r\n")
     assert code_digest("a") == before
     _edit(package, "c/d.py", b"g = 1  # the physics, again\n")
+    assert code_digest("a") == before
+    _edit(package, "c/d.py", b'"""The module, documented."""\n\n\ng = 1   \n')
+    _edit(
+        package,
+        "b.py",
+        (package / "b.py")
+        .read_bytes()
+        .replace(
+            b"def f():\n", b'def f():\n    """Say what f does \xc3\xa9."""  # and why\n'
+        ),
+    )
+    assert code_digest("a") == before
+    _edit(package, "c/d.py", b"g = 2\n")
     assert code_digest("a") != before
     assert code_digest("a") == code_digest("a", "a")
+
+
+def test_the_hashed_code_is_the_text_without_docstrings_and_comments(package):
+    """What is hashed: the statements as written (a string inside code
+    stays), without docstrings, comments, blank lines and trailing spaces;
+    columns after a non-ASCII docstring are cut right."""
+    _edit(
+        package,
+        "c/d.py",
+        '"""Módulo."""\n# a comment\n\ng = "# not a comment"  # one\n'
+        'def f():\n    """Doc \u00e9t\u00e9."""; return 1\n'.encode(),
+    )
+    assert provenance.code_text("c/d.py") == (
+        b'g = "# not a comment"\ndef f():\n    ; return 1\n'
+    )
 
 
 def test_the_posterior_covers_the_simulator_prior_descriptors_and_training():

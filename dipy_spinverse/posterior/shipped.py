@@ -18,9 +18,10 @@ fails with the command to run.
 
 After a change to that code, either
 
-- the estimators' simulations and training are unchanged (a comment, an
-  optional argument whose default keeps every signal; say which test shows
-  it): re-key them on purpose::
+- the estimators' simulations and training are unchanged (an optional
+  argument whose default keeps every signal, a refactor; say which test
+  shows it; docstrings and comments are not hashed): re-key them on
+  purpose::
 
       python -m dipy_spinverse.posterior rekey --reason \
           "sim/operators.py: an optional argument; signals unchanged (tests/sim/...)"
