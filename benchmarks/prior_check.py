@@ -1,7 +1,8 @@
-"""Regenerates the prior predictive check tables of doc/validation/white_matter.md.
+"""Regenerates the tables of doc/validation/white_matter.md.
 
-Does a prior hold the data, before any training is spent on it? The public
-check (:meth:`TissuePrior.check <dipy_spinverse.posterior.TissuePrior.check>`:
+"Does a prior hold the data? The prior predictive check": does a prior
+hold the data, before any training is spent on it? The public check
+(:meth:`TissuePrior.check <dipy_spinverse.posterior.TissuePrior.check>`:
 :func:`~dipy_spinverse.posterior.envelope.prior_predictive_check`) on the cat
 spinal cord's white matter (694 voxels, the 486 volumes of
 ``benchmarks/cord_white_matter.py``: every b = 0 and one in-plane direction
