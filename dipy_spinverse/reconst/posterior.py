@@ -146,7 +146,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     distance, limit = model.predictive_envelope.distance(inputs[rows], sigma[rows])
     far = np.zeros(n, dtype=bool)
     far[rows] = distance > limit
-    batches = _posterior_draws(estimator, inputs, sigma, far, rows, n_samples, seed)
+    batches = _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed, far=far)
     for outside, keep, values in batches:
         status[outside] = OUT_OF_PRIOR
         if not len(keep):
@@ -165,11 +165,13 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     )
 
 
-def _posterior_draws(estimator, inputs, sigma, far, rows, n_samples, seed):
+def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed, *, far=None):
     """Batches of ``rows``: ``(rows outside the prior's support, rows inside,
-    their decoded flow draws (n_samples, len(inside)))``; outside are the
-    rows ``far`` (beyond the prior predictive region) and those no training
-    signal explains within the noise."""
+    their decoded flow draws (n_samples, len(inside)))``; outside are those
+    no training signal explains within the noise and, where given, the rows
+    ``far`` (a mask over ``inputs``: beyond the prior predictive region)."""
+    if far is None:
+        far = np.zeros(len(inputs), dtype=bool)
     chunk = _voxels_per_batch(n_samples)
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
