@@ -10,26 +10,28 @@ The signals are compared through a few features of each shell (the
 acquisitions of one sequence and one b-value): the logarithm of the mean
 b0-normalised signal over the shell's directions and, where it has
 several, their standard deviation relative to that mean (how anisotropic
-it reads). They are
-computed the same way on the data and on the simulations, on the same
-directions, so that no feature needs to be rotation invariant.
+it reads). They are computed the same way on the data and on the
+simulations, on the same directions, so that no feature needs to be
+rotation invariant. A signal whose features are not finite (a shell's
+mean at or below 0) lies outside.
 
 A :class:`PredictiveEnvelope` standardises the features on noisy
 simulations, keeps their first principal components, and measures a
 signal's distance as its Mahalanobis distance in those components plus
 what lies off them (each feature's residual in units of the simulations'
-residual in it), a distance that grows both where a signal lies beyond what the
-prior spreads over and where it leaves the directions the prior varies
-in. Its limit at a level (0.95: the 95 % predictive region) is that
+residual in it), a distance that grows both where a signal lies beyond
+what the prior spreads over and where it leaves the directions the prior
+varies in. Its limit at a level (0.95: the 95 % predictive region) is that
 quantile of the distances of held-out simulations, at the same noise.
 The noise differs between voxels; the envelope is built at a fixed ladder
 of noise levels (powers of :data:`LEVEL_RATIO`) and each signal is
 measured at the lowest rung at or above its own noise (a little wider an
 envelope than its own noise would give, never narrower).
 
-:func:`prior_predictive_check` is the public check (each prior's ``check`` calls it);
-the posterior fits flag ``OUT_OF_PRIOR`` with the same envelope built on
-their training signals.
+:func:`prior_predictive_check` is the public check (each prior's
+``check`` calls it); the posterior fits flag ``OUT_OF_PRIOR`` with the same
+envelope, built on their training signals (:func:`prior_envelope` for the
+protocol-free fit).
 """
 
 from dataclasses import dataclass
@@ -128,14 +130,16 @@ def shell_features(normalised, shells):
         relative to their means.
     """
     means = [normalised[:, s].mean(1) for s in shells]
-    spreads = [
-        normalised[:, s].std(1) / m
-        for s, m in zip(shells, means, strict=True)
-        if len(s) > 1
-    ]
     # Logarithms: a decay is linear in them, and a mean far below every
-    # draw's is far in them too (a magnitude's mean is > 0).
-    return np.stack([np.log(m) for m in means] + spreads, axis=1)
+    # draw's is far in them too (a magnitude's mean is > 0; one at or below
+    # 0, of denoised data, gives a distance of NaN: outside).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spreads = [
+            normalised[:, s].std(1) / m
+            for s, m in zip(shells, means, strict=True)
+            if len(s) > 1
+        ]
+        return np.stack([np.log(m) for m in means] + spreads, axis=1)
 
 
 def feature_labels(shells, labels):
@@ -262,7 +266,7 @@ class PredictiveEnvelope:
         -------
         distance, limit : ndarray (n,)
             A signal is inside the prior's predictive region where
-            ``distance <= limit``.
+            ``distance <= limit`` (a NaN distance is outside).
         """
         features = self.features(normalised)
         index = self._rung_index(sigma)

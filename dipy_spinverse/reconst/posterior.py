@@ -145,7 +145,7 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     # some training signal lies near it acquisition by acquisition.
     distance, limit = model.predictive_envelope.distance(inputs[rows], sigma[rows])
     far = np.zeros(n, dtype=bool)
-    far[rows] = distance > limit
+    far[rows] = ~(distance <= limit)  # a NaN distance is outside
     batches = _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed, far=far)
     for outside, keep, values in batches:
         status[outside] = OUT_OF_PRIOR

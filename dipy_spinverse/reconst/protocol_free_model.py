@@ -278,7 +278,7 @@ class SpinverseProtocolFreeModel(ReconstModel):
             protocol = self.protocol[self._read]
             normalised = normalise_b0(rows[ok][:, self._read], protocol)
             distance, limit = self.predictive_envelope.distance(normalised, sigma[ok])
-            far[ok] = distance > limit
+            far[ok] = ~(distance <= limit)  # a NaN distance is outside
         return far
 
     def __repr__(self):

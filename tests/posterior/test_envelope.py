@@ -182,3 +182,15 @@ def test_white_matter_prior_check_holds_its_own_draws():
     result = prior.check(data, protocol, sigma=0.01, n_draws=24, seed=0)
     assert result.inside[:4].mean() >= 0.75
     assert not result.inside[4:].any()
+
+
+def test_a_shell_mean_at_or_below_zero_is_outside():
+    """Denoised data can be negative: a shell's mean at or below 0 has no
+    logarithm, its distance is NaN, and the voxel is outside (not inside by
+    a failed comparison)."""
+    data = noisy(ball_and_stick(PROTOCOL, seed=9, n=3), 0.01, seed=6)
+    data[0, BVALS == 3000] = -0.01
+    data[1, BVALS == 1000] = 0.0
+    result = prior_predictive_check(ball_and_stick, data, PROTOCOL, sigma=0.01)
+    assert not result.inside[0] and not result.inside[1]
+    assert np.isnan(result.distance[0]) and result.checked[0]
