@@ -123,6 +123,7 @@ LAYERS = [
     "posterior.prior",
     "posterior.white_matter",
     "posterior.mixture",
+    "posterior.library",
     "posterior.calibration",
     "posterior.support",
     "posterior.estimator",

@@ -41,6 +41,7 @@ __all__ = [
     "mixed_signal",
     "nodes_for_decay",
     "BundleResponse",
+    "shell_keys",
     "bundle_water",
     "voxel_descriptors",
 ]
@@ -149,8 +150,21 @@ def nodes_for_decay(rate, *, tol=1e-4):
     )
 
 
-def _shell_keys(protocol):
-    """Each acquisition's shell: its waveform and its b-value (to 1e-3)."""
+def shell_keys(protocol):
+    """The shells a bundle is tabulated at, and each acquisition's.
+
+    Parameters
+    ----------
+    protocol : Protocol
+
+    Returns
+    -------
+    keys : list of (Waveform, float)
+        Each distinct waveform and b-value (to 1e-3 s/mm^2), in order of
+        first appearance.
+    index : ndarray of int (n_acquisitions,)
+        Each acquisition's key.
+    """
     keys, index = [], np.empty(len(protocol), dtype=np.intp)
     lookup = {}
     for i, (waveform, b) in enumerate(
@@ -213,7 +227,7 @@ class BundleResponse:
         protocol = as_protocol(protocol)
         n_azimuths = check_int(n_azimuths, "n_azimuths", 1)
         tol = check_positive(tol, "tol")
-        keys, _ = _shell_keys(protocol)
+        keys, _ = shell_keys(protocol)
         fastest = max(c["diffusivity"] for c in draw.tissue.values())
         counts = [
             nodes_for_decay(b * fastest, tol=tol) if b > 0 else 1 for _, b in keys
@@ -257,7 +271,7 @@ class BundleResponse:
 
     def _rows(self, protocol):
         lookup = {key: s for s, key in enumerate(self.shells)}
-        keys, index = _shell_keys(protocol)
+        keys, index = shell_keys(protocol)
         missing = [k for k in keys if k not in lookup]
         if missing:
             waveform, b = missing[0]

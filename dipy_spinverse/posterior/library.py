@@ -1,0 +1,158 @@
+"""A library of simulated bundles: each bundle's table, simulated once.
+
+A voxel mixed from bundles, free water and dots (:mod:`.mixture`) needs the
+Bloch-Torrey solver for its bundles only, and a bundle tabulated by shell
+and cosine to its axis (:class:`~.mixture.BundleResponse`) serves every
+axis and dispersion. A :class:`BundleLibrary` draws ``n_bundles`` bundles of
+a white-matter prior, tabulates each on a protocol's shells, and keeps the
+tables in the cache under a key of everything they depend on (the prior,
+the protocol, the draws' seed and the code that simulates them), so that any
+number of mixed voxels costs the library once. Draw ``i`` depends on the
+seed and ``i`` alone (the ``i``-th child of ``numpy.random.SeedSequence``):
+the draws are made again on load, only the tables are stored, and a library
+stopped part way resumes from its partial file.
+"""
+
+import pathlib
+
+import numpy as np
+
+from ..checks import check_int
+from ..files import cache_key, cache_root, load_or_build
+from ..provenance import code_digest
+from ..sim.sequences import as_protocol
+from .mixture import BundleResponse, shell_keys
+
+__all__ = ["BundleLibrary"]
+
+
+class BundleLibrary:
+    """Bundles of a prior tabulated on a protocol (module documentation).
+
+    Parameters
+    ----------
+    prior : WhiteMatterPrior
+        Draws the bundles (``draw(rng)``) and simulates them
+        (``simulate``); ``description()`` keys the cache.
+    protocol : Protocol or GradientTable
+        The shells tabulated.
+    n_bundles : int
+    seed : int
+    n_azimuths : int
+        In-plane directions averaged at each node
+        (:meth:`~.mixture.BundleResponse.tabulate`).
+    substeps : int, optional
+        Magnus sub-step multiple (default: measured per section).
+    cache_dir : path-like, optional
+        Default :func:`~dipy_spinverse.files.cache_root`.
+
+    Attributes
+    ----------
+    draws : list of WhiteMatterDraw
+        The bundles, made again from the seed.
+    """
+
+    def __init__(
+        self,
+        prior,
+        protocol,
+        *,
+        n_bundles,
+        seed=0,
+        n_azimuths=4,
+        substeps=None,
+        cache_dir=None,
+    ):
+        self.prior = prior
+        self.protocol = as_protocol(protocol)
+        self.n_bundles = check_int(n_bundles, "n_bundles", 1)
+        self.seed = check_int(seed, "seed", 0)
+        self.n_azimuths = check_int(n_azimuths, "n_azimuths", 1)
+        self.substeps = substeps
+        self.cache_dir = cache_dir
+        children = np.random.SeedSequence(self.seed).spawn(self.n_bundles)
+        self.draws = [prior.draw(np.random.default_rng(c)) for c in children]
+        self._tables = None
+
+    @property
+    def path(self):
+        """The library's cache file."""
+        description = {
+            "prior": self.prior.description(),
+            "n_bundles": self.n_bundles,
+            "seed": self.seed,
+            "n_azimuths": self.n_azimuths,
+            "substeps": self.substeps,
+            "waveforms": [repr(w) for w in self.protocol.waveforms],
+            "code": code_digest("posterior.white_matter", "posterior.mixture"),
+        }
+        key = cache_key(description, [self.protocol.bvals, self.protocol.bvecs])
+        return cache_root(self.cache_dir) / f"bundle-library-{key}.npz"
+
+    @property
+    def responses(self):
+        """Each bundle's :class:`~.mixture.BundleResponse` (simulated on
+        first use, or read from the cache)."""
+        if self._tables is None:
+            self._tables = self._load_or_build()
+        shells = tuple(shell_keys(self.protocol)[0])
+        return [BundleResponse(shells, t, self.n_azimuths) for t in self._tables]
+
+    def _load_or_build(self):
+        path = self.path
+
+        def load(path):
+            with np.load(path) as saved:
+                tables = saved["coefficients"]
+            if len(tables) != self.n_bundles:
+                raise ValueError(f"it holds {len(tables)} bundles")
+            return tables
+
+        def save(tables, tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, coefficients=tables)
+
+        return load_or_build(
+            path,
+            load=load,
+            build=lambda: self._simulate(path.with_suffix(".partial.npz")),
+            save=save,
+            what="bundle library",
+        )
+
+    def _simulate(self, partial):
+        """Every bundle's table, kept in ``partial`` after each so that a
+        stopped run resumes."""
+        done = _read_partial(partial)
+        for draw in self.draws[len(done) :]:
+            table = BundleResponse.tabulate(
+                self.prior,
+                draw,
+                self.protocol,
+                n_azimuths=self.n_azimuths,
+                substeps=self.substeps,
+            ).coefficients
+            done.append(table)
+            with open(partial, "wb") as f:
+                np.savez(f, *_padded(done))
+        tables = _padded(done)
+        partial.unlink(missing_ok=True)
+        return tables
+
+
+def _read_partial(partial):
+    partial = pathlib.Path(partial)
+    if not partial.exists():
+        return []
+    with np.load(partial) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+def _padded(tables):
+    """The tables as one array, each padded with zero coefficients to the
+    widest (a coefficient beyond a shell's nodes is zero)."""
+    width = max(t.shape[1] for t in tables)
+    out = np.zeros((len(tables), tables[0].shape[0], width))
+    for i, t in enumerate(tables):
+        out[i, :, : t.shape[1]] = t
+    return out

@@ -1,0 +1,90 @@
+"""The library of simulated bundles (posterior.library): each bundle's
+table simulated once, read back from the cache, resumed after a stop, and
+the same as tabulating the bundle alone."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from dipy_spinverse import Protocol
+from dipy_spinverse.posterior.library import BundleLibrary
+from dipy_spinverse.posterior.mixture import BundleResponse
+from dipy_spinverse.posterior.white_matter import WhiteMatterPrior
+
+#: A coarse, small prior: cheap sections.
+SMALL = WhiteMatterPrior(
+    n_axons=(4, 6), mean_diameter=(2.0, 4.0), fibre_fraction=(0.5, 0.7)
+)
+PROTOCOL = Protocol.pgse(
+    [0.0, 1500.0, 1500.0, 4000.0],
+    [[0, 0, 0], [1, 0, 0], [0, 0.6, 0.8], [0, 1, 0]],
+    small_delta=0.01,
+    big_delta=0.03,
+)
+
+
+def _library(tmp_path, **changes):
+    options = dict(n_bundles=3, seed=4, substeps=2, cache_dir=tmp_path)
+    return BundleLibrary(SMALL, PROTOCOL, **{**options, **changes})
+
+
+def test_a_library_is_its_bundles_tabulated_alone(tmp_path):
+    """Each entry is the table of its draw made alone (1e-12: the same
+    simulations), its signals at the protocol finite."""
+    built = _library(tmp_path)
+    responses = built.responses
+    assert len(responses) == 3 and len(built.draws) == 3
+    alone = BundleResponse.tabulate(SMALL, built.draws[1], PROTOCOL, substeps=2)
+    width = alone.coefficients.shape[1]
+    assert_allclose(
+        responses[1].coefficients[:, :width], alone.coefficients, atol=1e-12
+    )
+    assert not responses[1].coefficients[:, width:].any()
+    signals = responses[0].signals(PROTOCOL, [0.0, 0.0, 1.0], 2.0)
+    assert np.isfinite(signals).all() and signals[0] > 0
+
+
+def test_a_library_is_read_back_not_simulated_again(tmp_path, monkeypatch):
+    first = _library(tmp_path).responses
+    assert _library(tmp_path).path.exists()
+
+    def never(*args, **kwargs):
+        raise AssertionError("simulated again")
+
+    monkeypatch.setattr(BundleResponse, "tabulate", never)
+    again = _library(tmp_path).responses
+    for a, b in zip(first, again, strict=True):
+        assert_array_equal(a.coefficients, b.coefficients)
+    # Another seed, another library.
+    assert _library(tmp_path, seed=5).path != _library(tmp_path).path
+
+
+def test_a_stopped_library_resumes(tmp_path, monkeypatch):
+    """Stopped after its second bundle, the next run simulates the third
+    only and gives the library of an uninterrupted run."""
+    calls = []
+    tabulate = BundleResponse.tabulate.__func__
+
+    def counted(cls, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return tabulate(cls, *args, **kwargs)
+
+    monkeypatch.setattr(BundleResponse, "tabulate", classmethod(counted))
+    with pytest.raises(KeyboardInterrupt):
+        _ = _library(tmp_path).responses
+    partial = _library(tmp_path).path.with_suffix(".partial.npz")
+    with np.load(partial) as saved:
+        assert len(saved.files) == 2
+    monkeypatch.setattr(BundleResponse, "tabulate", classmethod(tabulate))
+    resumed = _library(tmp_path).responses
+    assert not partial.exists()
+    whole = _library(tmp_path / "other").responses
+    for a, b in zip(resumed, whole, strict=True):
+        assert_allclose(a.coefficients, b.coefficients, atol=1e-12)
+
+
+def test_bad_sizes_are_named(tmp_path):
+    with pytest.raises(ValueError, match="n_bundles"):
+        _library(tmp_path, n_bundles=0)
