@@ -8,12 +8,12 @@ tissue.
 
 The signals are compared through a few features of each shell (the
 acquisitions of one sequence and one b-value): the logarithm of the mean
-b0-normalised signal over the shell's directions and, where it has
+b0-normalised signal over the shell's directions (linear below 1 % of b =
+0, so that the negative means of Gaussian noise are read too) and, where it has
 several, their standard deviation relative to that mean (how anisotropic
 it reads). They are computed the same way on the data and on the
 simulations, on the same directions, so that no feature needs to be
-rotation invariant. A signal whose features are not finite (a shell's
-mean at or below 0) lies outside.
+rotation invariant. A signal whose features are not finite lies outside.
 
 A :class:`PredictiveEnvelope` standardises the features on noisy
 simulations, keeps their first principal components, and measures a
@@ -23,7 +23,9 @@ residual in it), a distance that grows both where a signal lies beyond
 what the prior spreads over and where it leaves the directions the prior
 varies in. Its limit at a level (0.95: the 95 % predictive region) is that
 quantile of the distances of held-out simulations, at the same noise.
-The noise differs between voxels; the envelope is built at a fixed ladder
+Shells whose simulated mean lies within :data:`SIGNAL_FLOOR` noise levels
+of 0 are not compared: there a magnitude's noise floor sets the mean, not
+the tissue. The noise differs between voxels; the envelope is built at a fixed ladder
 of noise levels (powers of :data:`LEVEL_RATIO`) and each signal is
 measured at the lowest rung at or above its own noise (a little wider an
 envelope than its own noise would give, never narrower).
@@ -63,6 +65,12 @@ SHELL_SPREAD = 0.05
 LEVEL_RATIO = 1.25
 #: Noise draws of each held-out simulation that set a limit.
 HELD_OUT_REPEATS = 4
+#: Shells whose median simulated mean lies below this many noise levels
+#: are not compared (module documentation).
+SIGNAL_FLOOR = 3.0
+#: A shell's mean enters as ``arcsinh(mean / LOG_FLOOR)``: its logarithm
+#: (plus ``log(2 / LOG_FLOOR)``) well above 1 % of b = 0, linear below.
+LOG_FLOOR = 0.01
 
 
 def shell_layout(protocol):
@@ -125,21 +133,21 @@ def shell_features(normalised, shells):
     Returns
     -------
     ndarray (n, n_features)
-        The logarithms of the shells' means, then the standard deviations
-        over the directions of the shells of more than one direction,
-        relative to their means.
+        ``arcsinh(mean / LOG_FLOOR)`` of each shell's mean (its logarithm
+        but for a constant, above 1 % of b = 0; defined for any mean), then
+        the standard deviations over the directions of the shells of more
+        than one direction, relative to their means.
     """
     means = [normalised[:, s].mean(1) for s in shells]
-    # Logarithms: a decay is linear in them, and a mean far below every
-    # draw's is far in them too (a magnitude's mean is > 0; one at or below
-    # 0, of denoised data, gives a distance of NaN: outside).
-    with np.errstate(divide="ignore", invalid="ignore"):
-        spreads = [
-            normalised[:, s].std(1) / m
-            for s, m in zip(shells, means, strict=True)
-            if len(s) > 1
-        ]
-        return np.stack([np.log(m) for m in means] + spreads, axis=1)
+    # Nearly logarithms: a decay is linear in them, and a mean far below
+    # every draw's is far in them too; near and below 0 (Gaussian noise,
+    # denoised data) they turn linear instead of failing.
+    spreads = [
+        normalised[:, s].std(1) / np.hypot(m, LOG_FLOOR)
+        for s, m in zip(shells, means, strict=True)
+        if len(s) > 1
+    ]
+    return np.stack([np.arcsinh(m / LOG_FLOOR) for m in means] + spreads, axis=1)
 
 
 def feature_labels(shells, labels):
@@ -153,7 +161,9 @@ def feature_labels(shells, labels):
 class _Level:
     """The envelope at one noise level: standardisation, components, limit."""
 
-    def __init__(self, fit, held_out, level):
+    def __init__(self, fit, held_out, level, columns):
+        self.columns = columns
+        fit = fit[:, columns]
         self.centre = fit.mean(0)
         self.scale = fit.std(0)
         # A feature the prior never varies (a noise-free b = 0, a shell of
@@ -173,7 +183,7 @@ class _Level:
         self.limit = float(np.quantile(self.distance(held_out), level))
 
     def distance(self, features):
-        z = (features - self.centre) / self.scale
+        z = (features[:, self.columns] - self.centre) / self.scale
         along = z @ self.axes.T
         residual = z - along @ self.axes
         inside = ((along / self.spread) ** 2).sum(1)
@@ -216,6 +226,9 @@ class PredictiveEnvelope:
         if not self.shells:
             raise ValueError("the protocol has no diffusion-weighted volume to check.")
         self.labels = feature_labels(self.shells, names)
+        # Each feature's shell: its mean's column, then its spread's.
+        several = [i for i, shell in enumerate(self.shells) if len(shell) > 1]
+        self._shell_of = np.array(list(range(len(self.shells))) + several)
         self.level = level
         self.seed = int(seed)
         self._clean = torch.as_tensor(signals)
@@ -241,7 +254,14 @@ class PredictiveEnvelope:
             # The limit, a high quantile, from several noise draws of each
             # held-out simulation: steadier than one.
             held_out = noisy(self._clean[half:].repeat(HELD_OUT_REPEATS, 1))
-            fit = _Level(built, held_out, self.level)
+            # Shells the prior leaves within a few noise levels of 0 are not
+            # compared: there the magnitude's noise floor, not the tissue,
+            # sets the mean, and data of another noise model (Gaussian,
+            # denoised) would read as outside.
+            n_shells = len(self.shells)
+            means = np.sinh(built[:, :n_shells]) * LOG_FLOOR
+            above = np.median(means, axis=0) > SIGNAL_FLOOR * LEVEL_RATIO**k
+            fit = _Level(built, held_out, self.level, above[self._shell_of])
             self._rungs[k] = (fit, np.concatenate([built, held_out[: len(built)]]))
         return self._rungs[k]
 

@@ -68,6 +68,7 @@ __all__ = [
     "kept_index",
     "check_level",
     "interval_rows",
+    "noisiest_sequence",
 ]
 
 
@@ -143,7 +144,9 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     # The prior predictive check of the training signals: a voxel whose
     # signal lies beyond them as a whole is outside the prior even where
     # some training signal lies near it acquisition by acquisition.
-    distance, limit = model.predictive_envelope.distance(inputs[rows], sigma[rows])
+    distance, limit = model.predictive_envelope.distance(
+        inputs[rows], noisiest_sequence(gate, rows)
+    )
     far = np.zeros(n, dtype=bool)
     far[rows] = ~(distance <= limit)  # a NaN distance is outside
     batches = _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed, far=far)
@@ -163,6 +166,27 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
         S0_sequences=gate.S0_sequences,
         **summary,
     )
+
+
+def noisiest_sequence(gate, rows):
+    """Each voxel's relative noise in its noisiest sequence: the noise over
+    its smallest per-sequence b = 0 scale (a longer echo time, a smaller b =
+    0 and more noise once normalised). The predictive region is measured at
+    it: never narrower than any sequence's noise allows.
+
+    Parameters
+    ----------
+    gate : Admitted
+        :func:`~dipy_spinverse.reconst.gate.admit`'s voxels.
+    rows : ndarray of int
+        Admitted rows.
+
+    Returns
+    -------
+    ndarray (len(rows),)
+    """
+    smallest = gate.S0_sequences[rows].min(axis=1)
+    return gate.relative[rows] * gate.S0[rows] / smallest
 
 
 def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed, *, far=None):

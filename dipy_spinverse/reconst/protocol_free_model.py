@@ -44,6 +44,7 @@ from .posterior import (
     PREDICTIVE_LEVEL,
     interval_rows,
     kept_index,
+    noisiest_sequence,
 )
 from .resume import masked_rows
 from .status import count_negative, warn_negative
@@ -231,7 +232,7 @@ class SpinverseProtocolFreeModel(ReconstModel):
         ok = status == OK
         fast = np.zeros(len(status), bool)
         fast[ok] = faster_than_free(self.shells.shells, normalised[ok], sigma[ok])
-        far = self._beyond_the_prior(rows, sigma, status == OK)
+        far = self._beyond_the_prior(rows, gate, status == OK)
         status[fast | far] = OUT_OF_PRIOR
         if fast.any():
             logger.warning(
@@ -270,14 +271,16 @@ class SpinverseProtocolFreeModel(ReconstModel):
         )
         return dict(status=status, tokens=tokens, sigma=sigma, S0=gate.S0, **params)
 
-    def _beyond_the_prior(self, rows, sigma, ok):
+    def _beyond_the_prior(self, rows, gate, ok):
         """Voxels ``ok`` whose signal on the volumes read lies beyond the
-        prior's predictive region (:attr:`predictive_envelope`)."""
+        prior's predictive region (:attr:`predictive_envelope`), at the
+        noise of each one's noisiest sequence."""
         far = np.zeros(len(rows), dtype=bool)
         if ok.any():
             protocol = self.protocol[self._read]
             normalised = normalise_b0(rows[ok][:, self._read], protocol)
-            distance, limit = self.predictive_envelope.distance(normalised, sigma[ok])
+            sigma = noisiest_sequence(gate, np.flatnonzero(ok))
+            distance, limit = self.predictive_envelope.distance(normalised, sigma)
             far[ok] = ~(distance <= limit)  # a NaN distance is outside
         return far
 

@@ -184,13 +184,14 @@ def test_white_matter_prior_check_holds_its_own_draws():
     assert not result.inside[4:].any()
 
 
-def test_a_shell_mean_at_or_below_zero_is_outside():
-    """Denoised data can be negative: a shell's mean at or below 0 has no
-    logarithm, its distance is NaN, and the voxel is outside (not inside by
-    a failed comparison)."""
-    data = noisy(ball_and_stick(PROTOCOL, seed=9, n=3), 0.01, seed=6)
+def test_a_shell_mean_at_or_below_zero_is_read():
+    """Gaussian noise (denoised or real-valued data) can leave a shell's
+    mean at or below 0 at high b: the features stay finite (linear below
+    1 % of b = 0), and such a voxel of the prior is read like the rest."""
+    rng = np.random.default_rng(6)
+    clean = ball_and_stick(PROTOCOL, seed=9, n=200)
+    data = clean + 0.02 * rng.standard_normal(clean.shape)
     data[0, BVALS == 3000] = -0.01
-    data[1, BVALS == 1000] = 0.0
-    result = prior_predictive_check(ball_and_stick, data, PROTOCOL, sigma=0.01)
-    assert not result.inside[0] and not result.inside[1]
-    assert np.isnan(result.distance[0]) and result.checked[0]
+    result = prior_predictive_check(ball_and_stick, data, PROTOCOL, sigma=0.02)
+    assert np.isfinite(result.distance).all()
+    assert result.share_inside > 0.85
