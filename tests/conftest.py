@@ -216,3 +216,35 @@ def demo_gradients(tmp_path_factory):
         paths["bvals"], paths["bvecs"], n_volumes=99, timing_file=paths["timing"]
     )
     return table, folder / "cache"
+
+
+#: The data's b = 0 signal and noise in its units (SNR 50) of the demo
+#: posterior tests.
+DEMO_S0, DEMO_SIGMA = 300.0, 6.0
+
+
+@pytest.fixture(scope="module")
+def demo_posterior(demo_gradients):
+    """The default posterior on the README demo's protocol (its shipped
+    estimator read, never trained), noise ``DEMO_SIGMA``; one per module."""
+    import dipy_spinverse.posterior as posterior
+
+    table, cache = demo_gradients
+    model = SpinverseModel(
+        table, fit_method="posterior", sigma=DEMO_SIGMA, cache_dir=cache
+    )
+    model.estimator  # noqa: B018 -- read here, so that the check below holds
+    assert model.estimator_path.parent == posterior.SHIPPED, "would train"
+    return model
+
+
+#: One myelinated bundle's settings (``axon_bundle``), shared by the bundle
+#: tests and the white-matter fault tests.
+BUNDLE_SETTINGS = dict(
+    n_axons=12,
+    mean_diameter=2.0,
+    shape=4.0,
+    g_ratio=(0.6, 0.8),
+    fibre_fraction=0.7,
+    permeability=(1e-5, 1e-4),
+)

@@ -38,7 +38,10 @@ def test_watson_moments_against_adaptive_quadrature(kappa):
         )[0]
         return num / integrate.quad(density, 0, 1, limit=400, points=points)[0]
 
-    want = [mean(lambda t, l=l: special.eval_legendre(l, t)) for l in range(0, 32, 2)]
+    want = [
+        mean(lambda t, degree=degree: special.eval_legendre(degree, t))
+        for degree in range(0, 32, 2)
+    ]
     assert_allclose(got, want, atol=1e-12)
 
 

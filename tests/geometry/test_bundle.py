@@ -4,6 +4,7 @@ periodic section, their membranes and their histology-style descriptors."""
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLE_SETTINGS as SETTINGS
 from numpy.testing import assert_allclose
 
 from dipy_spinverse import Protocol, simulate
@@ -16,15 +17,6 @@ from dipy_spinverse.sim import analytic as an
 from dipy_spinverse.sim.operators import face_conductance
 from dipy_spinverse.sim.pools import PooledSection
 from dipy_spinverse.sim.sections import SectionGrid
-
-SETTINGS = dict(
-    n_axons=12,
-    mean_diameter=2.0,
-    shape=4.0,
-    g_ratio=(0.6, 0.8),
-    fibre_fraction=0.7,
-    permeability=(1e-5, 1e-4),
-)
 
 
 def _bundle(seed=0, n=64, **changes):

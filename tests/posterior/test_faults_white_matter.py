@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import BUNDLE_SETTINGS as SETTINGS
 from numpy.testing import assert_array_equal
 
 import dipy_spinverse.posterior.white_matter as white_matter
@@ -20,15 +21,6 @@ from dipy_spinverse.sim.sections import SectionGrid
 
 #: A coarse, small prior: cheap sections.
 SMALL = dict(n_axons=(4, 6), mean_diameter=(2.0, 4.0), fibre_fraction=(0.5, 0.7))
-#: One bundle's settings (tests/geometry/test_bundle.py's).
-SETTINGS = dict(
-    n_axons=12,
-    mean_diameter=2.0,
-    shape=4.0,
-    g_ratio=(0.6, 0.8),
-    fibre_fraction=0.7,
-    permeability=(1e-5, 1e-4),
-)
 
 
 def _section(n=24):

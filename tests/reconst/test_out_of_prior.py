@@ -14,25 +14,20 @@ package: nothing is trained.
 import numpy as np
 import pytest
 import torch
+from conftest import DEMO_S0, DEMO_SIGMA
 from numpy.testing import assert_allclose
 
-import dipy_spinverse.posterior as posterior
-from dipy_spinverse import SpinverseModel
 from dipy_spinverse.posterior.noise import add_noise
 from dipy_spinverse.reconst import OK
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
 
 #: The data's b = 0 signal and noise in its units (SNR 50).
-S0, SIGMA = 300.0, 6.0
+S0, SIGMA = DEMO_S0, DEMO_SIGMA
 
 
 @pytest.fixture(scope="module")
-def model(demo_gradients):
-    table, cache = demo_gradients
-    model = SpinverseModel(table, fit_method="posterior", sigma=SIGMA, cache_dir=cache)
-    model.estimator  # noqa: B018 -- read here, so that the check below holds
-    assert model.estimator_path.parent == posterior.SHIPPED, "would train"
-    return model
+def model(demo_posterior):
+    return demo_posterior
 
 
 def _noisy(signals, seed):

@@ -420,7 +420,7 @@ def watson_legendre_moments(kappa, n_terms, *, n_nodes=N_MOMENT_NODES):
     s, w, _ = _watson_rule(finite, n_nodes)
     density = w * torch.exp(-finite[..., None] * s)
     t = torch.sqrt((1.0 - s).clamp_min(0.0))
-    moments = (density[..., None, :] * even_legendre(t, n_terms).movedim(-1, -2))
+    moments = density[..., None, :] * even_legendre(t, n_terms).movedim(-1, -2)
     moments = moments.sum(-1) / density.sum(-1)[..., None]
     return torch.where(infinite[..., None], torch.ones_like(moments), moments)
 
