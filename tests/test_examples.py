@@ -48,6 +48,7 @@ def test_learned_noddi_example_runs(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_posterior_tissue_example_runs(tmp_path):
     """Posterior intervals of voxels no dictionary holds and of small_101D
     (a tiny, uncalibrated network: the script's path, not its numbers)."""
@@ -58,6 +59,7 @@ def test_posterior_tissue_example_runs(tmp_path):
     assert (tmp_path / "posterior_tissue.md").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_white_matter_example_runs(tmp_path):
     """The HCP white-matter slice: maps, the determination table and the
     resolution limit (a tiny network: the script's path, not its numbers)."""

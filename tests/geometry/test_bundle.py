@@ -313,6 +313,7 @@ def _ring_gpa(rate, delta, big_delta, r2, diffusivity, n_t=4000):
     return np.array(out)
 
 
+@pytest.mark.slow
 def test_a_stick_differs_from_the_resolved_axon_by_its_restriction():
     """One axon of 0.8 um (g = 0.7), closed, rasterised on a fine grid
     (spacing 0.107 um), against the same axon as two sub-grid pools of
@@ -389,6 +390,7 @@ def test_a_stick_differs_from_the_resolved_axon_by_its_restriction():
     assert np.all(np.abs(sticks - resolved - predicted) <= 0.35 * predicted + 2e-5)
 
 
+@pytest.mark.slow
 def test_a_subgrid_axon_moves_across_as_the_cylinders_first_mode():
     """A closed sub-grid axon (d = 2 um, D 2 um^2/ms) held as four pools
     on a ring: PGSE across the fibre, short and long pulses, b up to

@@ -146,6 +146,7 @@ def test_axon_fit_finds_the_beading_period(short_tube, protocol):
     assert fit.loss_history.min() < 0.5 * blind.loss_history.min()
 
 
+@pytest.mark.slow
 def test_axon_fit_finds_the_bend(short_tube, protocol):
     # Noise free, curvature 0.1 / um (a 69 degree turn over 12 um), in
     # another direction than the start's 45 degrees: within 5%, the radius
@@ -183,6 +184,7 @@ def test_axon_fit_keeps_noise_out_of_the_bend(short_tube, protocol):
     assert fit.axon_parameters["curvature"] == pytest.approx(0.1, rel=0.15)
 
 
+@pytest.mark.slow
 def test_beads_longer_than_the_axon_face_a_taper(short_tube, protocol, monkeypatch):
     # Beads of 20 um on a 12 um axon at SNR 200: the fit finds beads of
     # 14 um, longer than the template, so it also refits them as a taper

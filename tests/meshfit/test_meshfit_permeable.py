@@ -104,6 +104,7 @@ def test_limits(box):
     assert np.abs(middle - closed).max() > 0.01
 
 
+@pytest.mark.slow
 def test_exchange_matches_the_grid_simulator():
     # The change of the signal from kappa = 0 that the membrane makes, mesh
     # against grid on the same tetrahedra. Their difference is the

@@ -161,6 +161,7 @@ def test_tissue_prior_check_holds_its_own_draws():
     assert not result.inside[20:].any()
 
 
+@pytest.mark.slow
 def test_white_matter_prior_check_holds_its_own_draws():
     """WhiteMatterPrior.check: the same public check (24 small bundles): its
     own held-out draws inside, free water outside."""

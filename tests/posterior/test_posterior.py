@@ -467,6 +467,7 @@ def test_prior_simulator_measures_its_time_error():
         prior.simulator(PROTOCOL, time_tolerance=-1)
 
 
+@pytest.mark.slow
 def test_a_float32_prior_simulator_measures_its_steps_in_float64(monkeypatch):
     """float32's rounding grows with the steps, so a float32 simulator
     measures its Magnus sub-steps in float64: it keeps the multiples a

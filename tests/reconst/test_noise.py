@@ -168,6 +168,7 @@ def _posterior(demo, sigma, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_posterior_is_the_same_in_any_units(demo, tmp_path):
     """Data and sigma in other units (x 1/1000: a normalised image) give
     the same posterior: the convention has no hidden scale."""
@@ -183,6 +184,7 @@ def test_the_posterior_is_the_same_in_any_units(demo, tmp_path):
         assert_allclose(getattr(fit, name), getattr(scaled, name), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_posterior_gives_each_voxel_its_own_noise(demo, tmp_path):
     fit = _posterior(demo, demo["sigma"], tmp_path).fit(demo["voxels"])
     assert_allclose(fit.params["sigma"], demo["sigma"] / fit.S0, rtol=1e-6)

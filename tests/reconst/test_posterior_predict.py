@@ -118,6 +118,7 @@ def test_a_tissue_outside_the_grid_is_no_draw(model):
         )
 
 
+@pytest.mark.slow
 def test_the_predictive_mean_is_informed_by_the_data(model):
     """Four voxels of the prior at SNR 50, in data units (S0 300, the
     long-diffusion-time sequence T2-weighted by 0.8).

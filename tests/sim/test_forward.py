@@ -123,6 +123,7 @@ def _across_the_fibre():
     )
 
 
+@pytest.mark.slow
 def test_substeps_are_measured_on_five_strengths_of_each_chunk(monkeypatch):
     """The pilot runs every acquisition at one sub-step multiple and then
     only five gradient strengths of each chunk (its plan is the chunk's
@@ -197,9 +198,19 @@ def test_periodic_substeps_are_measured_on_stiff_grids(monkeypatch):
         simulate(grid, kappa, prot, time_tol=0.0)
 
 
-@pytest.mark.parametrize("boundary", BOUNDARIES)
-@pytest.mark.parametrize("method", ["dense", "chebyshev"])
-def test_gradients_match_finite_differences(boundary, method):
+# The dense engine on the periodic patch takes ~30 s: slow; its Chebyshev
+# twin checks the same gradients in the default run.
+@pytest.mark.parametrize(
+    "method, boundary",
+    [
+        pytest.param(
+            m, b, marks=[pytest.mark.slow] * (m == "dense" and b == "periodic")
+        )
+        for m in ("dense", "chebyshev")
+        for b in BOUNDARIES
+    ],
+)
+def test_gradients_match_finite_differences(method, boundary):
     """Autograd vs central differences (float64), permeability and diffusivity.
 
     Relative step 1e-5: truncation ~1e-10, rounding ~1e-11 / 1e-5 ~ 1e-6 of

@@ -69,6 +69,7 @@ def test_modes_with_relaxation_an_absorbing_wall_and_a_compartment():
     assert_allclose(modes, reference, atol=2e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_modes_of_a_batch_and_in_float32():
     grid = TetGrid.bcc(8.0, 4)
     fields = np.stack([_sphere(grid, r, 1e-5)[1] for r in (2.5, 3.5)])

@@ -402,6 +402,7 @@ def test_modes_engine_refuses_a_section():
         simulate(grid, _open(grid), prot, method="modes")
 
 
+@pytest.mark.slow
 def test_batched_axes_equal_one_grid_per_axis():
     """``axes`` simulates one lattice at several orientations together: each
     row equals the SectionGrid built with that axis (PGSE, double PGSE and a

@@ -353,7 +353,10 @@ def test_magnitude_of_straddling_inversion_is_fitted_exactly():
     assert_allclose(fit.probabilities, truth, atol=1e-8)
 
 
-@pytest.mark.parametrize("gain, max_iter", [("global", 400), ("voxel", 100)])
+@pytest.mark.parametrize(
+    "gain, max_iter",
+    [pytest.param("global", 400, marks=pytest.mark.slow), ("voxel", 100)],
+)
 def test_parameter_mixing_fits_its_own_data(gain, max_iter):
     model = TissueMapModel(PROTOCOL, mixing="parameters", gain=gain, max_iter=max_iter)
     truth = _phantom(shape=(6, 5, 4))

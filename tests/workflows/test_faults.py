@@ -271,7 +271,9 @@ main()
 """
 
 
-@pytest.mark.parametrize("when", ["before", "during"])
+@pytest.mark.parametrize(
+    "when", ["before", pytest.param("during", marks=pytest.mark.slow)]
+)
 def test_a_real_full_disk_ends_cleanly_and_the_rerun_finishes(
     demo, reference, tmp_path, when
 ):
@@ -679,7 +681,9 @@ def forced_rerun(demo, tmp_path, monkeypatch, capsys):
     return sets
 
 
-@pytest.mark.parametrize("how", ["raise", "signal"])
+@pytest.mark.parametrize(
+    "how", ["raise", pytest.param("signal", marks=pytest.mark.slow)]
+)
 def test_ctrl_c_while_a_forced_rerun_writes_leaves_the_old_set_or_the_new(
     demo, tmp_path, monkeypatch, capsys, how, request, forced_rerun
 ):
@@ -714,6 +718,7 @@ def test_ctrl_c_while_a_forced_rerun_writes_leaves_the_old_set_or_the_new(
             assert not (folder / "spinverse_fit.partial.h5").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_rerun_is_finished_or_undone_by_the_next_run(
     demo, tmp_path, monkeypatch, capsys, caplog, forced_rerun
 ):
