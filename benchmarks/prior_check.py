@@ -12,13 +12,23 @@ check's calibration: a level's share of them should lie inside):
 
 - ``default``: ``TissuePrior()``, the default prior (straight axons of
   1-25 um along any direction, one diffusivity, no myelin);
-- ``default_z``: the same with the fibres along the cord (z).
+- ``default_z``: the same with the fibres along the cord (z);
+- ``mixture_fixed``: :meth:`MixturePrior.fixed
+  <dipy_spinverse.posterior.MixturePrior.fixed>`, voxels mixed from a
+  library of simulated myelinated bundles, free water and dots, every range
+  from the fixed-tissue literature (its library simulated once per
+  protocol and kept in ``--out``);
+- ``mixture_fixed_z``: the same with the fibres about the cord's axis (z).
+
+``--set 3d`` checks the cord's other acquisition (796 volumes: 16 b = 0
+and four shells of 195 directions, every volume) instead.
 
 It also gives the share the posterior fit's ``OUT_OF_PRIOR`` leaves
 inside (the 99.9 % region of ``reconst.posterior.PREDICTIVE_LEVEL``).
 The simulations are kept in ``--out`` and resumed.
 
     python benchmarks/prior_check.py --n 2000
+    python benchmarks/prior_check.py --set 3d --n 1000
 
 ``--quick``: 24 draws of each prior; its numbers mean nothing.
 """
@@ -26,6 +36,7 @@ The simulations are kept in ``--out`` and resumed.
 import argparse
 import pathlib
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -35,23 +46,34 @@ from cord_white_matter import simulated_volumes
 from dipy_spinverse.data import read_cat_spinal_cord
 from dipy_spinverse.posterior import TissuePrior
 from dipy_spinverse.posterior.envelope import prior_predictive_check
+from dipy_spinverse.posterior.mixture_prior import MixturePrior
 from dipy_spinverse.posterior.noise import add_noise
 
 LEVELS = (0.95, 0.99, 0.999)
 PRIORS = {
     "default": TissuePrior,
     "default_z": lambda: TissuePrior(fibre_axis=(0.0, 0.0, 1.0)),
+    "mixture_fixed": MixturePrior.fixed,
+    "mixture_fixed_z": lambda: MixturePrior.fixed(fibre_axis=(0.0, 0.0, 1.0)),
 }
 
 
-def simulated(name, protocol, n, seed, out):
+def simulated(name, protocol, n, seed, out, *, quick=False):
     """``n`` noise-free draws of prior ``name`` on ``protocol``, resumed
     from (and kept in) ``out``."""
     path = pathlib.Path(out) / f"{name}-{len(protocol)}v-{n}-{seed}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    simulator = PRIORS[name]().simulator(protocol)
-    signals, _ = simulator.sample(n, seed=seed, checkpoint=path)
+    prior = PRIORS[name]()
+    if isinstance(prior, MixturePrior) and quick:
+        prior = replace(prior, n_library=2)
+    if isinstance(prior, MixturePrior):
+        # The library is simulated once (kept in ``out``); mixing is cheap.
+        simulator = prior.simulator(protocol, cache_dir=out, progress=True)
+        signals, _ = simulator.sample(n, seed=seed)
+    else:
+        simulator = prior.simulator(protocol)
+        signals, _ = simulator.sample(n, seed=seed, checkpoint=path)
     print(f"{name}: {n} draws in {time.perf_counter() - start:.0f} s", flush=True)
     return signals
 
@@ -72,12 +94,19 @@ def main(argv=None):
     parser.add_argument("--n_held_out", type=int, default=300)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", default="prior_check")
+    parser.add_argument("--set", choices=("2d", "3d"), default="2d")
+    parser.add_argument("--priors", nargs="+", choices=tuple(PRIORS), default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.n_held_out = 24, 20
-    cord = read_cat_spinal_cord("2d")
-    kept = simulated_volumes(cord, 1)
+    cord = read_cat_spinal_cord(args.set)
+    # The 3-D set's shells are checked on all their directions.
+    kept = (
+        simulated_volumes(cord, 1)
+        if args.set == "2d"
+        else np.arange(len(cord.protocol))
+    )
     protocol = cord.protocol[kept]
     sigma, _ = cord.repeated_b0_noise(cord.mask)
     wm, _ = white_matter(cord)
@@ -91,9 +120,13 @@ def main(argv=None):
         f"{len(data)} voxels, SNR median {np.median(1 / relative):.0f}"
     )
     rows = []
-    for name in PRIORS:
-        signals = simulated(name, protocol, args.n, args.seed, args.out)
-        extra = simulated(name, protocol, args.n_held_out, args.seed + 1, args.out)
+    for name in args.priors or PRIORS:
+        signals = simulated(
+            name, protocol, args.n, args.seed, args.out, quick=args.quick
+        )
+        extra = simulated(
+            name, protocol, args.n_held_out, args.seed + 1, args.out, quick=args.quick
+        )
         own, own_sigma = held_out(extra, relative, args.seed)
         for level in LEVELS:
 

@@ -21,13 +21,17 @@ names them):
   (:mod:`.support`).
 
 Also :mod:`.predictive` (posterior predictive signals) and
-:mod:`.white_matter` (a prior of myelinated bundles).
+:mod:`.white_matter` (a prior of myelinated bundles), and
+:mod:`.mixture_prior` (:class:`MixturePrior`: voxels mixed from a library of
+simulated bundles, :mod:`.library`, with free water and dots,
+:mod:`.mixture`).
 """
 
 # _load (load_estimator_file's name when this module held the cache),
 # _partial_folder, SHIPPED and estimator_code stay readable here (tests and
 # benchmarks read them), but load_or_train reads .cache's own: point the
 # cache elsewhere there.
+from ..lazy import attach
 from .cache import _partial_folder as _partial_folder
 from .cache import estimator_key, load_estimator_file, load_or_train
 from .estimator import PosteriorEstimator
@@ -45,6 +49,13 @@ from .training import (
 
 _load = load_estimator_file
 
+# The white-matter priors import the compartments' zonal harmonics: read on
+# first use, so that importing the package loads none of them.
+__getattr__, _dir = attach(
+    __name__,
+    {"MixturePrior": "mixture_prior", "WhiteMatterPrior": "white_matter"},
+)
+
 __all__ = [
     "WHITE_MATTER_TRAINING",
     "default_training",
@@ -52,10 +63,12 @@ __all__ = [
     "FAMILIES",
     "WHITE_MATTER",
     "TARGETS",
+    "MixturePrior",
     "PosteriorEstimator",
     "PriorSimulator",
     "TissuePrior",
     "TrainingOptions",
+    "WhiteMatterPrior",
     "decode",
     "encode",
     "estimator_key",

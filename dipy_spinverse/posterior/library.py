@@ -9,13 +9,17 @@ tables in the cache under a key of everything they depend on (the prior,
 the protocol, the draws' seed and the code that simulates them), so that any
 number of mixed voxels costs the library once. Draw ``i`` depends on the
 seed and ``i`` alone (the ``i``-th child of ``numpy.random.SeedSequence``):
-the draws are made again on load, only the tables are stored, and a library
-stopped part way resumes from its partial file.
+the draws are made again on load, only the tables are stored, and every
+bundle simulated is kept in a store of the prior, protocol and seed, so
+that a library stopped part way resumes, a larger one extends a smaller,
+and a smaller one reads the first bundles of a larger.
 """
 
+import os
 import pathlib
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..checks import check_int
 from ..files import cache_key, cache_root, load_or_build
@@ -45,6 +49,8 @@ class BundleLibrary:
         Magnus sub-step multiple (default: measured per section).
     cache_dir : path-like, optional
         Default :func:`~dipy_spinverse.files.cache_root`.
+    progress : bool
+        A progress bar while the bundles are simulated.
 
     Attributes
     ----------
@@ -62,8 +68,10 @@ class BundleLibrary:
         n_azimuths=4,
         substeps=None,
         cache_dir=None,
+        progress=False,
     ):
         self.prior = prior
+        self.progress = bool(progress)
         self.protocol = as_protocol(protocol)
         self.n_bundles = check_int(n_bundles, "n_bundles", 1)
         self.seed = check_int(seed, "seed", 0)
@@ -77,9 +85,20 @@ class BundleLibrary:
     @property
     def path(self):
         """The library's cache file."""
+        return self._cache_file("bundle-library", n_bundles=self.n_bundles)
+
+    @property
+    def store(self):
+        """Every bundle of this prior, protocol and seed simulated so far,
+        whatever the library's size (bundle ``i`` is the same in a library
+        of any size): a larger library extends it, a smaller one reads its
+        first bundles, and a stopped one resumes from it."""
+        return self._cache_file("bundle-store")
+
+    def _cache_file(self, stem, **more):
         description = {
             "prior": self.prior.description(),
-            "n_bundles": self.n_bundles,
+            **more,
             "seed": self.seed,
             "n_azimuths": self.n_azimuths,
             "substeps": self.substeps,
@@ -87,7 +106,7 @@ class BundleLibrary:
             "code": code_digest("posterior.white_matter", "posterior.mixture"),
         }
         key = cache_key(description, [self.protocol.bvals, self.protocol.bvecs])
-        return cache_root(self.cache_dir) / f"bundle-library-{key}.npz"
+        return cache_root(self.cache_dir) / f"{stem}-{key}.npz"
 
     @property
     def responses(self):
@@ -115,16 +134,26 @@ class BundleLibrary:
         return load_or_build(
             path,
             load=load,
-            build=lambda: self._simulate(path.with_suffix(".partial.npz")),
+            build=lambda: self._simulate(self.store),
             save=save,
             what="bundle library",
         )
 
-    def _simulate(self, partial):
-        """Every bundle's table, kept in ``partial`` after each so that a
-        stopped run resumes."""
-        done = _read_partial(partial)
-        for draw in self.draws[len(done) :]:
+    def _simulate(self, store):
+        """The first ``n_bundles`` bundles' tables: those in ``store``, the
+        rest simulated and added to it one by one (written whole and renamed,
+        so that a stop leaves the store readable)."""
+        done = _read_store(store)[: self.n_bundles]
+        stored = len(done)
+        remaining = self.draws[len(done) :]
+        bar = tqdm(
+            remaining,
+            desc="Simulating the bundle library",
+            initial=len(done),
+            total=self.n_bundles,
+            disable=not self.progress,
+        )
+        for draw in bar:
             table = BundleResponse.tabulate(
                 self.prior,
                 draw,
@@ -133,18 +162,19 @@ class BundleLibrary:
                 substeps=self.substeps,
             ).coefficients
             done.append(table)
-            with open(partial, "wb") as f:
-                np.savez(f, *_padded(done))
-        tables = _padded(done)
-        partial.unlink(missing_ok=True)
-        return tables
+            if len(done) > stored:
+                tmp = store.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as f:
+                    np.savez(f, *done)
+                os.replace(tmp, store)
+        return _padded(done)
 
 
-def _read_partial(partial):
-    partial = pathlib.Path(partial)
-    if not partial.exists():
+def _read_store(store):
+    store = pathlib.Path(store)
+    if not store.exists():
         return []
-    with np.load(partial) as saved:
+    with np.load(store) as saved:
         return [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.interpolate import PchipInterpolator
 
 from ..checks import check_int, check_positive
 from ..compartments.blocks.watson import even_legendre, watson_legendre_moments
@@ -42,6 +43,7 @@ __all__ = [
     "nodes_for_decay",
     "BundleResponse",
     "shell_keys",
+    "b_rungs",
     "bundle_water",
     "voxel_descriptors",
 ]
@@ -199,7 +201,17 @@ class BundleResponse:
 
     @classmethod
     def tabulate(cls, prior, draw, protocol, *, n_azimuths=4, tol=1e-4, substeps=None):
-        """Simulate a bundle at every shell of ``protocol`` and tabulate it.
+        """Simulate a bundle on ``protocol``'s waveforms and tabulate it.
+
+        Each waveform is simulated at a few b-values (its rungs,
+        :func:`b_rungs`) and, at each, on the cosines of one node set (enough
+        for free decay along the fibres at the largest b and the draw's
+        largest diffusivity, :func:`nodes_for_decay`). Every shell of the
+        protocol then takes its values at the nodes interpolated between the
+        rungs around its b (the logarithm, piecewise cubic and monotone in
+        b: exact for a Gaussian compartment's ``exp(-b D)``), so that
+        scanner jitter or fifty gradient strengths of one waveform cost a
+        few rungs, not a simulation each.
 
         Parameters
         ----------
@@ -214,7 +226,7 @@ class BundleResponse:
             bundle's in-plane anisotropy at harmonics below ``2
             n_azimuths`` is averaged out.
         tol : float
-            Each shell's nodes interpolate free decay along the fibres at
+            Each waveform's nodes interpolate free decay along the fibres at
             the draw's largest diffusivity to this (:func:`nodes_for_decay`).
         substeps : int, optional
             Magnus sub-step multiple of the simulations (default: measured,
@@ -229,18 +241,28 @@ class BundleResponse:
         tol = check_positive(tol, "tol")
         keys, _ = shell_keys(protocol)
         fastest = max(c["diffusivity"] for c in draw.tissue.values())
-        counts = [
-            nodes_for_decay(b * fastest, tol=tol) if b > 0 else 1 for _, b in keys
-        ]
-        table = _table_protocol(keys, counts, n_azimuths)
+        rungs = b_rungs(keys)
+        counts = {
+            w: nodes_for_decay(max(bs) * fastest, tol=tol) for w, bs in rungs.items()
+        }
+        simulated = [(w, b) for w, bs in rungs.items() for b in bs]
+        sizes = [counts[w] if b > 0 else 1 for w, b in simulated]
+        table = _table_protocol(simulated, sizes, n_azimuths)
         along_z = draw._replace(axis=np.array([0.0, 0.0, 1.0]))
         raw = prior.simulate([along_z], table, substeps=substeps)[0]
-        coefficients = np.zeros((len(keys), max(counts)))
-        start = 0
-        for s, n in enumerate(counts):
+        values, start = {}, 0
+        for key, n in zip(simulated, sizes, strict=True):
             block = raw[start : start + n * n_azimuths].reshape(n, n_azimuths)
-            coefficients[s, :n] = zonal_coefficients(block.mean(1)).numpy()
+            values[key] = block.mean(1)
             start += n * n_azimuths
+        coefficients = np.zeros((len(keys), max(counts.values(), default=1)))
+        for s, (waveform, b) in enumerate(keys):
+            at_nodes = (
+                values[(waveform, b)]
+                if (waveform, b) in values
+                else _between_rungs(rungs[waveform], values, waveform, b)
+            )
+            coefficients[s, : len(at_nodes)] = zonal_coefficients(at_nodes).numpy()
         return cls(tuple(keys), coefficients, n_azimuths)
 
     def signals(self, protocol, axis, kappa=np.inf):
@@ -300,6 +322,74 @@ def _table_protocol(keys, counts, n_azimuths):
                     else [0.0, 0.0, 0.0]
                 )
     return Protocol(waveforms=tuple(waveforms), bvals=bvals, bvecs=bvecs)
+
+
+#: Most b-values simulated per waveform: a waveform of more distinct shells
+#: is simulated on a geometric ladder of this many and interpolated.
+MAX_RUNGS = 12
+#: b-values within this fraction (plus 5 s/mm^2) of a group's lowest are one
+#: group (scanner jitter), simulated at the group's ends.
+RUNG_SPREAD = 0.05
+
+
+def b_rungs(keys):
+    """The b-values simulated for each waveform of a protocol's shells.
+
+    A waveform's positive b-values are grouped (each group within
+    :data:`RUNG_SPREAD` of its lowest, plus 5 s/mm^2: jitter about one
+    nominal b) and simulated at each group's lowest and highest value; a
+    waveform of more than :data:`MAX_RUNGS` such values is simulated on a
+    geometric ladder of :data:`MAX_RUNGS` from its lowest to its highest
+    b. b = 0 is simulated where the protocol has it.
+
+    Parameters
+    ----------
+    keys : list of (Waveform, float)
+        :func:`shell_keys`.
+
+    Returns
+    -------
+    dict
+        Waveform -> sorted b-values (s/mm^2).
+    """
+    by_waveform = {}
+    for waveform, b in keys:
+        by_waveform.setdefault(waveform, []).append(b)
+    out = {}
+    for waveform, bs in by_waveform.items():
+        positive = np.sort([b for b in bs if b > 0])
+        groups = []  # [lowest, highest] of each group
+        for b in positive:
+            if groups and b <= groups[-1][0] * (1 + RUNG_SPREAD) + 5:
+                groups[-1][1] = b
+            else:
+                groups.append([b, b])
+        ends = sorted({b for group in groups for b in group})
+        if len(ends) > MAX_RUNGS:
+            ends = list(np.geomspace(positive[0], positive[-1], MAX_RUNGS))
+            ends[0], ends[-1] = positive[0], positive[-1]
+        zero = [0.0] if min(bs) == 0 else []
+        out[waveform] = zero + [float(b) for b in ends]
+    return out
+
+
+def _between_rungs(rungs, values, waveform, b):
+    """The values at a waveform's nodes at ``b``, interpolated between its
+    positive rungs: the logarithm, monotone piecewise cubic in b (linear
+    between two), where every value is positive; the values themselves
+    otherwise (a diffraction dip below 0)."""
+    positive = [r for r in rungs if r > 0]
+    table = np.stack([values[(waveform, r)] for r in positive])
+    if len(positive) == 1:
+        return table[0]
+    logs = np.all(table > 0)
+    y = np.log(table) if logs else table
+    if len(positive) == 2:
+        weight = (b - positive[0]) / (positive[1] - positive[0])
+        out = (1 - weight) * y[0] + weight * y[1]
+    else:
+        out = PchipInterpolator(positive, y, axis=0)(b)
+    return np.exp(out) if logs else out
 
 
 def bundle_water(draw):

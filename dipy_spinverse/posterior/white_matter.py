@@ -167,7 +167,7 @@ class WhiteMatterPrior:
     resolve_above: float | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "n_axons", _whole_range(self.n_axons, "n_axons"))
+        object.__setattr__(self, "n_axons", whole_range(self.n_axons, "n_axons"))
         for f in fields(self):
             if f.name in ("n_axons", "cells_per_sheath", "fibre_axis", "resolve_above"):
                 continue
@@ -239,14 +239,14 @@ class WhiteMatterPrior:
         refused = None
         for _ in range(_MAX_TRIES):
             n = int(rng.integers(self.n_axons[0], self.n_axons[1] + 1))
-            mean = _log_uniform(rng, self.mean_diameter)
+            mean = log_uniform(rng, self.mean_diameter)
             shape = rng.uniform(*self.diameter_shape)
             g_low = rng.uniform(
                 self.g_ratio[0], max(self.g_ratio[1] - _G_SPREAD, self.g_ratio[0])
             )
             g = (g_low, min(g_low + _G_SPREAD, self.g_ratio[1]))
             fibre = rng.uniform(*self.fibre_fraction)
-            kappa = _log_uniform(rng, self.permeability)
+            kappa = log_uniform(rng, self.permeability)
             side = self._snapped_side(bundle_side(n, mean, shape, g, fibre))
             thinnest = (
                 mean if self.resolve_above is None else max(mean, self.resolve_above)
@@ -282,7 +282,7 @@ class WhiteMatterPrior:
         ) from refused
 
     def _tissue(self, rng):
-        log = _log_uniform
+        log = log_uniform
         return {
             "intra": dict(
                 diffusivity=log(rng, self.intra_diffusivity),
@@ -448,8 +448,9 @@ class WhiteMatterPrior:
         return {f.name: plain_value(getattr(self, f.name)) for f in fields(self)}
 
 
-def _whole_range(value, name):
-    """``value`` as a ``(low, high)`` pair of ints, ``1 <= low <= high``."""
+def whole_range(value, name):
+    """``value`` as a ``(low, high)`` pair of ints, ``1 <= low <= high``
+    (a ``ValueError`` naming ``name`` otherwise)."""
     try:
         low, high = value
         low = check_int(low, name, 1)
@@ -467,7 +468,8 @@ def _per_cell(draw, name):
     return draw.bundle.per_cell(*values)
 
 
-def _log_uniform(rng, bounds):
+def log_uniform(rng, bounds):
+    """A draw of ``rng`` log-uniform in ``bounds`` (low, high > 0)."""
     return math.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1])))
 
 

@@ -74,15 +74,38 @@ def test_a_stopped_library_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(BundleResponse, "tabulate", classmethod(counted))
     with pytest.raises(KeyboardInterrupt):
         _ = _library(tmp_path).responses
-    partial = _library(tmp_path).path.with_suffix(".partial.npz")
-    with np.load(partial) as saved:
+    store = _library(tmp_path).store
+    with np.load(store) as saved:
         assert len(saved.files) == 2
-    monkeypatch.setattr(BundleResponse, "tabulate", classmethod(tabulate))
+    calls.append(1)  # past the interrupt: count without raising
     resumed = _library(tmp_path).responses
-    assert not partial.exists()
+    assert len(calls) == 5  # the third bundle only
+    monkeypatch.setattr(BundleResponse, "tabulate", classmethod(tabulate))
     whole = _library(tmp_path / "other").responses
     for a, b in zip(resumed, whole, strict=True):
         assert_allclose(a.coefficients, b.coefficients, atol=1e-12)
+
+
+def test_libraries_of_other_sizes_share_their_bundles(tmp_path, monkeypatch):
+    """Bundle i is the same in a library of any size: a smaller library
+    reads the first bundles of a larger one, a larger one simulates only
+    the bundles it adds."""
+    three = _library(tmp_path).responses
+    calls = []
+    tabulate = BundleResponse.tabulate.__func__
+
+    def counted(cls, *args, **kwargs):
+        calls.append(1)
+        return tabulate(cls, *args, **kwargs)
+
+    monkeypatch.setattr(BundleResponse, "tabulate", classmethod(counted))
+    two = _library(tmp_path, n_bundles=2).responses
+    assert not calls
+    four = _library(tmp_path, n_bundles=4).responses
+    assert len(calls) == 1
+    for a, b, c in zip(two, three, four, strict=False):
+        assert_array_equal(a.coefficients, b.coefficients)
+        assert_array_equal(b.coefficients, c.coefficients)
 
 
 def test_bad_sizes_are_named(tmp_path):
