@@ -23,6 +23,7 @@ __all__ = [
     "check_generator",
     "check_choice",
     "check_device",
+    "readable_device",
     "check_dtype",
     "check_diffusivity",
     "check_affine",
@@ -345,6 +346,26 @@ def check_device(device):
             f"{torch.cuda.device_count()} CUDA device(s); use device 'cuda' (the "
             f"first) or 'cuda:<i>' with i < {torch.cuda.device_count()}."
         )
+    return device
+
+
+def readable_device(device):
+    """Where a model saved on ``device`` is rebuilt here: ``device``, or
+    ``"cpu"`` where it is a CUDA device and this machine has no CUDA (a
+    saved fit is read anywhere; continuing it on another device is asked
+    for by name).
+
+    Parameters
+    ----------
+    device : str
+        The saved device, e.g. ``"cuda:0"``.
+
+    Returns
+    -------
+    str
+    """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        return "cpu"
     return device
 
 

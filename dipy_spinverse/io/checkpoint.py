@@ -1,10 +1,10 @@
 """The checkpoint of a volume fit: an HDF5 store written a chunk at a time.
 
-:class:`Checkpoint` is the ``checkpoint`` hook of
-:meth:`SpinverseModel.fit <dipy_spinverse.reconst.SpinverseModel.fit>`; a
-partly finished fit is read back by :func:`~dipy_spinverse.io.fits.load_fit`
-(status ``PENDING`` on the voxels still to fit), and :func:`resume_fit`
-continues it.
+:class:`Checkpoint` is the ``checkpoint`` hook of the fits that resume
+(:meth:`SpinverseModel.fit <dipy_spinverse.reconst.SpinverseModel.fit>`,
+the protocol-free model's); a partly finished fit is read back by
+:func:`~dipy_spinverse.io.fits.load_fit` (status ``PENDING`` on the voxels
+still to fit), and :func:`resume_fit` continues a label search's.
 """
 
 import errno
@@ -125,8 +125,15 @@ _WRITE_BYTES = 1 << 26
 
 
 def _stored(fit):
-    """The parameters ``fit``'s store holds, status last."""
-    return [name for name in UNFITTED if fit.params.get(name) is not None]
+    """The parameters ``fit``'s store holds, status last: the label search's
+    in the order of :data:`~dipy_spinverse.io.fits.UNFITTED`, any other
+    fit's in its own order."""
+    order = [*UNFITTED, *fit.params]
+    names = sorted(
+        (name for name, values in fit.params.items() if values is not None),
+        key=lambda name: (name == "status", order.index(name)),
+    )
+    return names
 
 
 def _store_contents(fit):

@@ -1,16 +1,20 @@
 """Fit files: a volume fit saved whole (``.npz``) and read back.
 
 A fitted volume is saved as one ``.npz`` file that holds every per-voxel
-array of a :class:`~dipy_spinverse.reconst.SpinverseFit` (status, per-face
-permeability, cell labels, predicted signal, S0, loss), a
-:class:`~dipy_spinverse.reconst.PosteriorFit` or a
-:class:`~dipy_spinverse.compartments.CompartmentFit` (its fitted
-parameters, status and b = 0 levels) and a JSON description of the model
+array of the fit (``fit.saved_arrays()``: a
+:class:`~dipy_spinverse.reconst.SpinverseFit`'s status, per-face
+permeability, cell labels, predicted signal, S0, loss; a
+:class:`~dipy_spinverse.reconst.PosteriorFit`'s or
+:class:`~dipy_spinverse.reconst.ProtocolFreeFit`'s quantiles; a
+:class:`~dipy_spinverse.compartments.CompartmentFit`'s fitted parameters,
+status and b = 0 levels) and a JSON header: its method's file format
+(:mod:`dipy_spinverse.reconst.methods`) and a description of the model
 (:func:`~dipy_spinverse.io.specs.model_spec`), from which :func:`load_fit`
-rebuilds it. :func:`load_fit` also reads the HDF5
-store of a :class:`~dipy_spinverse.io.checkpoint.Checkpoint` (a fit saved a
-chunk at a time, the voxels still to fit with status ``PENDING``), checking
-each row against its checksum. The header, the values of a voxel not fitted
+rebuilds it and its method's ``restored_fit`` the fit. :func:`load_fit`
+also reads the HDF5 store of a
+:class:`~dipy_spinverse.io.checkpoint.Checkpoint` (a fit saved a chunk at a
+time, the voxels still to fit with status ``PENDING``), checking each row
+against its checksum. The header, the values of a voxel not fitted
 yet and the row checksums are shared with the checkpoint, which writes
 them.
 """
@@ -22,51 +26,20 @@ import zlib
 
 import numpy as np
 
-from ..compartments import CompartmentFit
 from ..files import atomic_write
-from ..reconst import (
-    MESH_NOT_REFINED,
-    MESH_PARAMETERS,
-    OPTIONAL_PARAMETERS,
-    PENDING,
-    PosteriorFit,
-    ProtocolFreeFit,
-    SpinverseFit,
+from ..reconst import MESH_NOT_REFINED, PENDING
+from ..reconst.methods import (
+    SAVED_KINDS,
+    method_of,
+    method_of_fit,
+    method_of_format,
 )
 from .specs import model_from_spec, model_spec
 
 __all__ = ["save_fit", "load_fit"]
 
-_FORMAT = "dipy_spinverse.SpinverseFit"
-#: A posterior fit's file: its maps' arrays and its model's settings.
-_POSTERIOR_FORMAT = "dipy_spinverse.PosteriorFit"
-_POSTERIOR_VERSION = 1
-_POSTERIOR_ARRAYS = ("mask", "status", "inputs", "sigma", "S0")
-#: A compartment model's fit: its parameters' rows, status and (where the
-#: fit has them) b = 0 levels, and its model's class, table and settings.
-_COMPARTMENT_FORMAT = "dipy_spinverse.CompartmentFit"
-_COMPARTMENT_VERSION = 1
-_COMPARTMENT_ARRAYS = ("mask", "status", "model_params")
-#: The fit classes save_fit takes.
-_SAVED_FITS = (SpinverseFit, PosteriorFit, CompartmentFit)
-#: Why a protocol-free fit (of a volume or a voxel) is refused, and what
-#: keeps its results meanwhile.
-_PROTOCOL_FREE_UNSAVED = (
-    "a protocol-free fit (ProtocolFreeFit, of fit_method='protocol_free') "
-    "cannot be saved yet: save_fit has no file format for it. Save "
-    "its maps instead: for each name in dipy_spinverse.posterior.protocol_free."
-    "FREE_SCALARS, nib.save(nib.Nifti1Image(getattr(fit, name), affine), "
-    "f'{name}.nii.gz'), and likewise the bounds of fit.credible_interval(name, "
-    "0.9) and fit.status; or fit with fit_method='posterior', whose fits "
-    "save_fit keeps."
-)
-# Version 2: one SpinverseFit class, S0_sequences columns in rank order
-# (Protocol.sequences), the label search's options named search_*, no seed.
-# Version 3: the parameters of the voxels in the mask only, (n_mask, ...).
-_VERSION = 3
-_ARRAYS = ("mask", "status", "permeability", "predicted", "S0", "S0_sequences", "loss")
-#: What a store holds for a voxel not fitted yet (status last: see
-#: :class:`~dipy_spinverse.io.checkpoint.Checkpoint`).
+#: What a store holds for a voxel of a label search not fitted yet (status
+#: last: see :class:`~dipy_spinverse.io.checkpoint.Checkpoint`).
 UNFITTED = dict(
     permeability=np.nan,
     labels=-1,
@@ -82,9 +55,6 @@ UNFITTED = dict(
     mesh_status=MESH_NOT_REFINED,
     status=PENDING,
 )
-#: Per-voxel arrays saved when the fit holds them (None otherwise): the
-#: optional parameters and the smooth meshes of ``refine_mesh=True``.
-_SAVED_IF_PRESENT = OPTIONAL_PARAMETERS + MESH_PARAMETERS
 
 #: A store's checksums (its header's ``checksum``): the CRC32 of each row
 #: (mask voxel) of each parameter, in the dataset ``crc32.<parameter>``,
@@ -96,38 +66,30 @@ CRC_PREFIX = "crc32."
 
 
 def fit_header(fit):
-    """The header a fit file keeps: format, version, model (and, for a
-    search fit, the fitted data's fingerprint and the relative noise level
-    its losses are measured in, ``noise_level``).
+    """The header a fit file keeps: format, version, model and the fit's
+    own fields its method's format names (for a search fit the fitted
+    data's fingerprint and the relative noise level its losses are measured
+    in, ``noise_level``).
 
     Parameters
     ----------
-    fit : SpinverseFit, PosteriorFit or CompartmentFit
+    fit : MaskedFit
+        A fit of a registered method
+        (:func:`~dipy_spinverse.reconst.methods.method_of` its model).
 
     Returns
     -------
     dict
         JSON-ready; :func:`read_fit_file` checks its format and version.
     """
-    if isinstance(fit, CompartmentFit):
-        return dict(
-            format=_COMPARTMENT_FORMAT,
-            version=_COMPARTMENT_VERSION,
-            model=model_spec(fit.model),
-        )
-    if isinstance(fit, PosteriorFit):
-        return dict(
-            format=_POSTERIOR_FORMAT,
-            version=_POSTERIOR_VERSION,
-            model=model_spec(fit.model),
-        )
-    return dict(
-        format=_FORMAT,
-        version=_VERSION,
+    file_format = method_of(fit.model).file_format
+    header = dict(
+        format=file_format.name,
+        version=file_format.version,
         model=model_spec(fit.model),
-        fingerprint=fit.fingerprint,
-        noise_level=fit.noise_level,
     )
+    header.update({name: getattr(fit, name) for name in file_format.header})
+    return header
 
 
 def row_checksums(values):
@@ -159,14 +121,17 @@ def save_fit(fit, path):
 
     Parameters
     ----------
-    fit : SpinverseFit, PosteriorFit or CompartmentFit
-        A volume fit (``fit.shape != ()``) of either method, or of a
-        compartment model. A posterior fit keeps its maps and its model's
-        settings; its estimator is found again by their key (the cache or
-        the package) when it is needed. A compartment fit keeps its
-        parameters, status and b = 0 levels, and its model's class, gradient
-        table and settings; a learned model's network is found again by its
-        key when it is needed.
+    fit : SpinverseFit, PosteriorFit, ProtocolFreeFit or CompartmentFit
+        A volume fit (``fit.shape != ()``) of any registered method
+        (:mod:`dipy_spinverse.reconst.methods`), or of a compartment model.
+        A posterior fit keeps its maps and its model's settings; its
+        estimator is found again by their key (the cache or the package)
+        when it is needed. A protocol-free fit keeps its maps, its voxels'
+        tokens and noise (new intervals are drawn from them) and its
+        model's noise, draws and protocol. A compartment fit keeps its
+        parameters, status and b = 0 levels, and its model's class,
+        gradient table and settings; a learned model's network is found
+        again by its key when it is needed.
     path : str or os.PathLike
         Output file; ``.npz`` is appended when missing.
 
@@ -178,20 +143,17 @@ def save_fit(fit, path):
     Raises
     ------
     ValueError
-        For a fit of one voxel, of another class, or a protocol-free fit
-        (:class:`~dipy_spinverse.reconst.ProtocolFreeFit`, not saved yet: the
-        message says how to keep its maps).
+        For a fit of one voxel, or of a method that is not registered.
     """
-    if isinstance(fit, ProtocolFreeFit):
-        raise ValueError(_PROTOCOL_FREE_UNSAVED)
-    if not isinstance(fit, _SAVED_FITS) or fit.shape == ():
+    method = method_of_fit(fit)
+    if method is None or fit.shape == ():
         got = type(fit).__name__
-        if isinstance(fit, _SAVED_FITS):
+        if method is not None:
             got = f"a {got} of one voxel"
+        kinds = ", ".join(m.fit.__name__ for m in SAVED_KINDS.values())
         raise ValueError(
-            "save_fit saves volume fits (a SpinverseFit, PosteriorFit or "
-            f"CompartmentFit of a volume), got {got}; fit a volume, e.g. "
-            "data[None] for one voxel."
+            f"save_fit saves volume fits (a {kinds.replace(', ', ', a ')} of a "
+            f"volume), got {got}; fit a volume, e.g. data[None] for one voxel."
         )
     path = os.fspath(path)
     if not path.endswith(".npz"):
@@ -221,9 +183,10 @@ def load_fit(path):
 
     Returns
     -------
-    SpinverseFit, PosteriorFit or CompartmentFit
-        ``fit.n_pending > 0`` for a partial search fit; continue it with
-        :func:`resume_fit`.
+    SpinverseFit, PosteriorFit, ProtocolFreeFit or CompartmentFit
+        The fit of the method its file's format names
+        (:func:`~dipy_spinverse.reconst.methods.method_of_format`);
+        ``fit.n_pending > 0`` for a partial fit read from a checkpoint.
 
     Raises
     ------
@@ -242,27 +205,16 @@ def load_fit(path):
             f"{path}: the saved model cannot be rebuilt ({type(err).__name__}: "
             f"{err}); the file is damaged or was not written by save_fit."
         ) from err
-    if header["format"] == _COMPARTMENT_FORMAT:
-        return _compartment_fit(path, header["model"], model, arrays)
-    if header["format"] == _POSTERIOR_FORMAT:
-        params = {k: v for k, v in arrays.items() if k not in ("mask", "header")}
-        return PosteriorFit(model, params, arrays["mask"].astype(bool))
-    params = {name: arrays[name] for name in _ARRAYS if name != "mask"}
-    for name in _SAVED_IF_PRESENT:
-        params[name] = arrays.get(name)
-    mask = arrays["mask"].astype(bool)
-    # Up to version 2 the parameters of the whole volume were saved.
-    rows = mask.shape if header.get("version", 0) < 3 else (int(mask.sum()),)
-    _check_arrays(path, model, rows, params)
-    return SpinverseFit(
-        model,
-        params,
-        mask,
-        fingerprint=header.get("fingerprint"),
-        saved_device=str(header["model"].get("device", model.device)),
-        # Files before it have none: not recorded (None).
-        noise_level=header.get("noise_level"),
-    )
+    # The fit's own arrays: the header and a store's checksums apart.
+    own = {
+        name: values
+        for name, values in arrays.items()
+        if name != "header" and not name.startswith(CRC_PREFIX)
+    }
+    try:
+        return method_of_format(header["format"]).restore(model, own, header)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 #: What a damaged ``.npz`` raises while it is read: zipfile's errors for a
@@ -322,15 +274,13 @@ def read_fit_file(path):
             f"it is truncated, corrupted or another file ({type(err).__name__}: "
             f"{err}). Fit again, or load an intact copy."
         ) from err
-    formats = {_FORMAT: (_VERSION, _ARRAYS)}
-    formats[_POSTERIOR_FORMAT] = (_POSTERIOR_VERSION, _POSTERIOR_ARRAYS)
-    formats[_COMPARTMENT_FORMAT] = (_COMPARTMENT_VERSION, _COMPARTMENT_ARRAYS)
     found = header.get("format") if isinstance(header, dict) else None
     # A format of another type (a list is not even hashable) is no format.
-    if not isinstance(found, str) or found not in formats:
+    method = method_of_format(found) if isinstance(found, str) else None
+    if method is None:
         raise ValueError(f"{path} is not a Spinverse fit (format {found!r}).")
     _check_header_types(path, header)
-    newest, required = formats[found]
+    newest, required = method.file_format.version, method.file_format.arrays
     if header.get("version", 0) > newest:
         raise ValueError(
             f"{path} was written by a newer dipy_spinverse (format version "
@@ -379,56 +329,6 @@ def _refuse_field(path, name, value, expected):
     )
 
 
-def _compartment_fit(path, spec, model, arrays):
-    """The compartment fit of ``arrays``, its model rebuilt; a learned
-    model's only if its network's key is the saved one."""
-    saved, key = spec.get("network_key"), model.network_key()
-    if saved != key:
-        raise ValueError(
-            f"{path}: its {spec['model']} was fitted by the learned network of "
-            f"key {saved}, which this dipy_spinverse would not find (it looks "
-            f"for key {key}: the code or settings that train the network "
-            "changed since the fit was saved). Load the file with the "
-            "dipy_spinverse version that wrote it, or fit the data again; its "
-            "arrays stay readable with numpy.load."
-        )
-    try:
-        return model.restored_fit(arrays)
-    except ValueError as err:
-        raise ValueError(
-            f"{path}: {err}; the file is damaged or was not written by save_fit."
-        ) from err
-
-
-def _check_arrays(path, model, shape, params):
-    """Refuse arrays whose shapes do not fit ``shape`` (voxels) and the model."""
-    trailing = dict(
-        permeability=(model.grid.n_faces,),
-        labels=(model.grid.n_cells,),
-        predicted=(len(model.protocol),),
-        S0=(),
-        S0_sequences=(len(model.sequences),),
-        loss=(),
-        status=(),
-        inside_probability=(model.grid.n_cells,),
-        uncertainty=(),
-        proposal_probability=(model.grid.n_cells,),
-        mesh_loss=(),
-        mesh_status=(),
-    )
-    if model.mesh_tets is not None:
-        trailing["mesh_vertices"] = (int(model.mesh_tets.max()) + 1, 3)
-    for name, tail in trailing.items():
-        if params.get(name) is None:
-            continue
-        if params[name].shape != tuple(shape) + tail:
-            raise ValueError(
-                f"{path}: {name} has shape {params[name].shape} but the saved "
-                f"volume and model need {tuple(shape) + tail}; the file is "
-                "damaged."
-            )
-
-
 def _verify_store(path, header, arrays):
     """Refuse a store whose rows do not match their checksums (values
     overwritten or corrupted on disk); stores without checksums pass."""
@@ -446,9 +346,14 @@ def _verify_store(path, header, arrays):
         )
     # Voxels still PENDING are fitted again, whatever they hold.
     written = np.flatnonzero(np.asarray(arrays["status"]) != PENDING)
-    for name in [*UNFITTED][::-1]:
-        crcs = arrays.get(CRC_PREFIX + name)
-        if crcs is None or name not in arrays:
+    # The status first (written last): a voxel counts as written by it.
+    names = sorted(
+        (name[len(CRC_PREFIX) :] for name in arrays if name.startswith(CRC_PREFIX)),
+        key=lambda name: name != "status",
+    )
+    for name in names:
+        crcs = arrays[CRC_PREFIX + name]
+        if name not in arrays:
             continue
         bad = written[row_checksums(arrays[name][written]) != crcs[written]]
         if not bad.size:

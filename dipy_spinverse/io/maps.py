@@ -240,10 +240,11 @@ _SUMMARIES = {
 def save_posterior(fit, folder, *, affine=None, reference=None):
     """Write a posterior fit's maps as NIfTI images, one per file, in ``folder``.
 
-    For each scalar descriptor ``<name>.nii.gz`` (the posterior median) and
-    ``<name>_ci50.nii.gz`` / ``<name>_ci90.nii.gz`` (4-D, the low and high
-    bounds of the 50 % and 90 % central credible intervals), then
-    ``orientation.nii.gz`` (4-D, the mean principal axis) and
+    For each scalar descriptor the fit holds ``<name>.nii.gz`` (the
+    posterior median) and ``<name>_ci50.nii.gz`` / ``<name>_ci90.nii.gz``
+    (4-D, the low and high bounds of the 50 % and 90 % central credible
+    intervals), then, where the fit has it (not a protocol-free fit's),
+    ``orientation.nii.gz`` (4-D, the mean principal axis), and
     ``posterior_status.nii.gz``. Each header's ``descrip`` names the
     quantity and its unit (:data:`dipy_spinverse.geometry.UNITS`); values are
     0 outside the mask and NaN where the status is not ``OK``. Written a
@@ -251,7 +252,7 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
 
     Parameters
     ----------
-    fit : PosteriorFit
+    fit : PosteriorFit or ProtocolFreeFit
     folder : str or os.PathLike
     affine : ndarray (4, 4), optional
     reference : nibabel image or Nifti1Header, optional
@@ -274,7 +275,7 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
             path, np.asarray(rows, np.float32), mask, description=what, **space
         )
 
-    for name in DESCRIPTORS:
+    for name in (n for n in DESCRIPTORS if n in params):
         unit = f" ({UNITS[name]})" if UNITS[name] else ""
         if name == "orientation":
             write(name, params[name], "posterior mean principal axis (unit vector)")

@@ -7,6 +7,12 @@
     :class:`SpinversePosteriorModel` (``posterior_model``),
     ``fit_method="protocol_free"`` a :class:`SpinverseProtocolFreeModel`
     (``protocol_free_model``: no training, protocols of its design).
+``methods``
+    The fit methods, each registered once (``FIT_METHODS``): its model
+    class (settings, description, the fit read back, status wording), its
+    fit's file format and its parts in the command; saving, reading and the
+    command look a method up there (``descriptions``: the models' inputs as
+    JSON-ready values).
 ``gate``
     The one gate of the data: gradient tables to protocols, and each
     voxel's signal checked, cast, normalised and given its status once,

@@ -1,8 +1,9 @@
-"""``SpinverseModel(gtab, fit_method=...)``: one name, two fitting methods.
+"""``SpinverseModel(gtab, fit_method=...)``: one name, three fitting methods.
 
 As DIPY's ``IvimModel(gtab, fit_method=...)`` returns ``IvimModelTRR`` or
 ``IvimModelVP``, :func:`SpinverseModel` returns the model of the method
-asked for; each takes only its own keywords:
+asked for (its class registered in :mod:`~dipy_spinverse.reconst.methods`);
+each takes only its own keywords:
 
 ``"search"``
     :class:`~dipy_spinverse.reconst.search_model.SpinverseSearchModel`: the
@@ -23,18 +24,10 @@ asked for; each takes only its own keywords:
 import inspect
 
 from ..checks import OptionError, about, check_choice
-from .posterior_model import SpinversePosteriorModel
-from .protocol_free_model import SpinverseProtocolFreeModel
-from .search_model import SpinverseSearchModel, misplaced_options
+from .methods import FIT_METHODS
+from .search_model import misplaced_options
 
 __all__ = ["FIT_METHODS", "SpinverseModel", "check_fit_method"]
-
-#: The fitting methods and the model class of each.
-FIT_METHODS = {
-    "search": SpinverseSearchModel,
-    "posterior": SpinversePosteriorModel,
-    "protocol_free": SpinverseProtocolFreeModel,
-}
 
 
 def SpinverseModel(gtab, *, fit_method="search", **kwargs):
@@ -103,7 +96,8 @@ def check_fit_method(fit_method, keywords=()):
     Returns
     -------
     type
-        The value of :data:`FIT_METHODS` for ``fit_method``.
+        The model class of ``fit_method``'s entry in :data:`FIT_METHODS`
+        (:mod:`~dipy_spinverse.reconst.methods`).
 
     Raises
     ------
@@ -114,17 +108,20 @@ def check_fit_method(fit_method, keywords=()):
         (``grid=dict(...)``).
     """
     with about("fit_method"):
-        model = FIT_METHODS[check_choice(fit_method, "fit_method", FIT_METHODS)]
+        name = check_choice(fit_method, "fit_method", FIT_METHODS)
+    model = FIT_METHODS[name].model
     takes = _keywords(model)
     foreign = sorted(set(keywords) - set(takes))
     if not foreign:
         return model
-    hints, rest = misplaced_options(foreign, searching=fit_method == "search")
+    # The label search's configuration and grid are keywords of the model
+    # that takes a preset and a grid.
+    hints, rest = misplaced_options(foreign, searching={"preset", "grid"} <= set(takes))
     if rest:
         takers = [
             repr(m)
             for m, other in FIT_METHODS.items()
-            if m != fit_method and set(rest) <= set(_keywords(other))
+            if m != name and set(rest) <= set(_keywords(other.model))
         ]
         use = f", or use fit_method={' or '.join(takers)} if they are its"
         hints.append(f"leave {rest} out" + (use if takers else ""))

@@ -6,12 +6,14 @@ tissue descriptors with credible intervals, from a network trained once per
 protocol and prior and cached on disk.
 """
 
+import numpy as np
 from dipy.reconst.base import ReconstModel
 from dipy.utils.logging import logger
 
-from ..checks import check_device, check_diffusivity, check_int
+from ..checks import check_device, check_diffusivity, check_int, readable_device
 from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
 from ..posterior.envelope import PredictiveEnvelope
+from .descriptions import protocol_description, table_from_description
 from .gate import check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma
 from .posterior import OUT_OF_PRIOR, PREDICTIVE_LEVEL, PosteriorFit, fit_posterior
@@ -97,6 +99,9 @@ class SpinversePosteriorModel(ReconstModel):
 
     #: How the model estimates (the selector's ``fit_method``).
     fit_method = "posterior"
+    #: What the voxels of status ``IMPOSSIBLE_SIGNAL`` keep, in the warning
+    #: a fit gives once (:func:`~dipy_spinverse.reconst.status.warn_implausible`).
+    impossible_outputs = "their maps are NaN, as outside the prior"
 
     def __init__(
         self,
@@ -217,6 +222,91 @@ class SpinversePosteriorModel(ReconstModel):
             )
         warn_implausible(self, params["status"])
         return PosteriorFit(self, params, mask)
+
+    # -- settings and saved fits ---------------------------------------------------
+    def settings(self):
+        """The constructor's keywords that rebuild this model, ``gtab`` aside.
+
+        ``type(model)(model.protocol, **model.settings())`` is the same model.
+
+        Returns
+        -------
+        dict
+        """
+        return dict(
+            sigma=self.sigma,
+            prior=self.prior.prior,
+            diffusivity=self.diffusivity,
+            posterior_options=self.posterior_options,
+            n_posterior_samples=self.n_posterior_samples,
+            cache_dir=self.cache_dir,
+            device=self.device,
+            training_engine=self.prior.engine,
+            training_address=self.prior.address,
+        )
+
+    def description(self):
+        """The model as a fit file keeps it: its prior, training options,
+        noise, draws and protocol; its estimator is found again by their
+        key, in the cache or the package, when it is needed.
+
+        Returns
+        -------
+        dict
+            JSON-ready values (numpy arrays aside);
+            :meth:`from_description` rebuilds the model.
+        """
+        return dict(
+            sigma=self.sigma,
+            diffusivity=self.diffusivity,
+            prior=self.prior.prior.description(),
+            posterior_options=self.posterior_options.description(),
+            n_posterior_samples=self.n_posterior_samples,
+            device=str(self.device),
+            protocol=protocol_description(self.protocol),
+        )
+
+    @classmethod
+    def from_description(cls, description):
+        """The model :meth:`description` described (its estimator is read, or
+        trained, when first needed; on ``cpu`` where it was saved on
+        ``cuda`` and this machine has none).
+
+        Parameters
+        ----------
+        description : dict
+
+        Returns
+        -------
+        SpinversePosteriorModel
+        """
+        d = description
+        return cls(
+            table_from_description(d),
+            sigma=d["sigma"],
+            diffusivity=d["diffusivity"],
+            prior=TissuePrior(**d["prior"]),
+            posterior_options=TrainingOptions(**d["posterior_options"]),
+            n_posterior_samples=d["n_posterior_samples"],
+            device=readable_device(d["device"]),
+        )
+
+    def restored_fit(self, arrays, header):
+        """The fit of this model whose file holds ``arrays``.
+
+        Parameters
+        ----------
+        arrays : dict of ndarray
+            ``mask`` and the per-voxel arrays of :func:`fit_posterior`.
+        header : dict
+            The file's header (nothing of it is the fit's own).
+
+        Returns
+        -------
+        PosteriorFit
+        """
+        params = {k: v for k, v in arrays.items() if k != "mask"}
+        return PosteriorFit(self, params, np.asarray(arrays["mask"]).astype(bool))
 
     def __repr__(self):
         return (

@@ -34,9 +34,15 @@ from ..posterior.protocol_free import (
     load_protocol_free,
 )
 from ..sim.signals import normalise_b0
-from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, OK
+from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, OK, PENDING
+from .descriptions import (
+    protocol_description,
+    same_protocol,
+    table_from_description,
+)
 from .gate import admit, check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma, warn_noise
+from .parallel import chunks
 from .posterior import (
     KEPT,
     OUT_OF_PRIOR,
@@ -46,8 +52,16 @@ from .posterior import (
     kept_index,
     noisiest_sequence,
 )
-from .resume import masked_rows
-from .status import count_negative, warn_negative
+from .resume import (
+    check_mask,
+    check_resume,
+    fingerprint,
+    is_mask_rows,
+    masked_rows,
+    volume_shape,
+)
+from .runner import checkpoint_hook
+from .status import count_negative, warn_implausible, warn_negative
 
 __all__ = [
     "SpinverseProtocolFreeModel",
@@ -76,6 +90,9 @@ PRIOR_DIFFUSIVITY = TissuePrior().diffusivity
 _FREE_WATER_MARGIN = 4.0
 # Voxels drawn from together (x the samples: about 16,000 flow draws).
 _VOXELS_PER_BATCH = 128
+#: Voxels of a volume fitted between two calls of a fit's checkpoint (a
+#: few seconds on 2 cores at the default draws).
+VOXELS_PER_CHUNK = 2048
 
 
 class SpinverseProtocolFreeModel(ReconstModel):
@@ -116,6 +133,9 @@ class SpinverseProtocolFreeModel(ReconstModel):
 
     #: How the model estimates (the selector's ``fit_method``).
     fit_method = "protocol_free"
+    #: What the voxels of status ``IMPOSSIBLE_SIGNAL`` keep, in the warning
+    #: a fit gives once (:func:`~dipy_spinverse.reconst.status.warn_implausible`).
+    impossible_outputs = "their maps are NaN, as outside the prior"
 
     def __init__(self, gtab, *, sigma=None, n_posterior_samples=128, cache_dir=None):
         self.gtab, self.protocol = gradient_tables(gtab)
@@ -197,8 +217,13 @@ class SpinverseProtocolFreeModel(ReconstModel):
             self._estimator = load_protocol_free()
         return self._estimator
 
-    def fit(self, data, *, mask=None):
+    def fit(self, data, *, mask=None, checkpoint=None, resume=None):
         """Posterior maps of one voxel or a volume.
+
+        A volume's voxels are read a chunk at a time
+        (:data:`VOXELS_PER_CHUNK`); after each, ``checkpoint`` sees the fit
+        so far, and a fit interrupted then continues from it (``resume``),
+        as the label search's does.
 
         Parameters
         ----------
@@ -207,17 +232,112 @@ class SpinverseProtocolFreeModel(ReconstModel):
             <dipy_spinverse.reconst.posterior_model.SpinversePosteriorModel.fit>`
             takes it.
         mask : array_like of bool (data.shape[:-1]), optional
+        checkpoint : callable, optional
+            ``checkpoint(partial_fit, rows)`` at the start (``rows`` None)
+            and after every chunk, with the rows of ``partial_fit.params``
+            that chunk fitted: :class:`dipy_spinverse.io.Checkpoint` writes
+            each chunk once to an HDF5 store. Volume fits only.
+        resume : ProtocolFreeFit, optional
+            A partly finished volume fit of the same data and model (its
+            voxels still to fit have status ``PENDING``; a store is read
+            with :func:`dipy_spinverse.io.load_fit`): only those are fitted.
 
         Returns
         -------
         ProtocolFreeFit
         """
         data = check_data(data, len(self.protocol))
-        rows, mask = masked_rows(data, mask)
-        warn_negative(self, count_negative(rows), len(rows), stacklevel=3)
-        return ProtocolFreeFit(self, self._params(rows), mask)
+        if data.ndim == 1:
+            if checkpoint is not None or resume is not None:
+                raise ValueError(
+                    "checkpoint and resume are for volume fits and data is one "
+                    "voxel (1-D); fit data[None], a volume of one voxel, to save "
+                    "or resume it."
+                )
+            rows, mask = masked_rows(data, mask)
+            warn_negative(self, count_negative(rows), len(rows), stacklevel=3)
+            params, notes = self._params(rows)
+            self._report(params["status"], params["sigma"], notes)
+            return ProtocolFreeFit(self, params, mask)
+        return self._fit_volume(data, mask, checkpoint_hook(checkpoint), resume)
+
+    def _fit_volume(self, data, mask, hook, resume):
+        """:meth:`fit` of a volume: its PENDING voxels a chunk at a time."""
+        if resume is not None:
+            check_resume(self, resume, data, mask)
+            mask = resume.mask
+            params = {k: v.copy() for k, v in resume.params.items()}
+        else:
+            mask = check_mask(mask, volume_shape(data, mask))
+            params = self._pending(int(mask.sum()))
+        partial = ProtocolFreeFit(self, params, mask)
+        partial.fingerprint = fingerprint(data, mask)
+        # The volume index of each row, or None for the mask's rows given.
+        voxels = None if is_mask_rows(data, mask) else np.flatnonzero(mask)
+        todo = np.flatnonzero(params["status"] == PENDING)
+        if hook is not None:
+            hook(partial, None)
+        negative, notes = 0, {"fast": 0, "far": 0}
+        for rows in chunks(todo, VOXELS_PER_CHUNK):
+            if voxels is None:
+                chunk = data[rows]
+            else:
+                chunk = data[np.unravel_index(voxels[rows], mask.shape)]
+            negative += count_negative(chunk)
+            values, found = self._params(np.asarray(chunk, dtype=np.float64))
+            for name, value in values.items():
+                params[name][rows] = value
+            notes = {key: notes[key] + found[key] for key in notes}
+            if hook is not None:
+                hook(partial, rows)
+        warn_negative(self, negative, len(todo), stacklevel=4)
+        self._report(params["status"][todo], params["sigma"][todo], notes)
+        return partial
+
+    def _pending(self, n):
+        """The parameters of ``n`` voxels not fitted yet (status PENDING)."""
+        n_shells = len(self.shells.shells)
+        params = dict(
+            status=np.full(n, PENDING, dtype=np.int16),
+            tokens=np.full((n, n_shells, N_TOKEN), np.nan, dtype=np.float32),
+            sigma=np.full(n, np.nan, dtype=np.float32),
+            S0=np.full(n, np.nan),
+        )
+        params.update({name: np.full((n, len(KEPT)), np.nan) for name in FREE_SCALARS})
+        return params
+
+    def _report(self, status, sigma, notes):
+        """The warnings and log lines a fit gives once, of the voxels it fitted
+        (their ``status`` and relative noise ``sigma``; ``notes``: the counts
+        of :meth:`_params`)."""
+        n, fast, far = len(status), notes["fast"], notes["far"]
+        good = status == OK
+        warn_noise(sigma[good], snr_range=SNR_RANGE)
+        if fast:
+            logger.warning(
+                f"{fast} of {n} voxels are OUT_OF_PRIOR: a shell's mean signal "
+                "decays faster than free water at the prior's diffusivity "
+                f"({PRIOR_DIFFUSIVITY} mm^2/s) beyond the noise (free water, CSF, "
+                "or a sigma too small); their maps are NaN."
+            )
+        if far:
+            logger.warning(
+                f"{far} of {n} voxels are OUT_OF_PRIOR: their signal lies beyond "
+                "the predictive region of the prior's simulations on this "
+                "protocol, with their noise; their maps are NaN. "
+                "TissuePrior().check(data, gtab, sigma=...) says which features "
+                "lie outside."
+            )
+        warn_implausible(self, status)
+        logger.info(
+            f"protocol-free posterior of {int(good.sum())} of {n} voxels "
+            f"({'; '.join(self.shells.report())})"
+        )
 
     def _params(self, rows):
+        """The parameters of the voxels ``rows`` (n, n_volumes), and the
+        counts of those out of the prior (``fast``: faster than free water;
+        ``far``: beyond the predictive region only)."""
         gate = admit(rows, self.protocol, sigma=self.sigma)
         status = gate.status.copy()
         status[gate.impossible] = IMPOSSIBLE_SIGNAL
@@ -234,21 +354,6 @@ class SpinverseProtocolFreeModel(ReconstModel):
         fast[ok] = faster_than_free(self.shells.shells, normalised[ok], sigma[ok])
         far = self._beyond_the_prior(rows, gate, status == OK)
         status[fast | far] = OUT_OF_PRIOR
-        if fast.any():
-            logger.warning(
-                f"{int(fast.sum())} of {len(status)} voxels are OUT_OF_PRIOR: a "
-                "shell's mean signal decays faster than free water at the "
-                f"prior's diffusivity ({PRIOR_DIFFUSIVITY} mm^2/s) beyond the "
-                "noise (free water, CSF, or a sigma too small); their maps are NaN."
-            )
-        if (far & ~fast).any():
-            logger.warning(
-                f"{int((far & ~fast).sum())} of {len(status)} voxels are "
-                "OUT_OF_PRIOR: their signal lies beyond the predictive region "
-                "of the prior's simulations on this protocol, with their noise; "
-                "their maps are NaN. TissuePrior().check(data, gtab, sigma=...) "
-                "says which features lie outside."
-            )
         good = np.flatnonzero(status == OK)
         n = len(status)
         tokens = np.full(
@@ -257,7 +362,6 @@ class SpinverseProtocolFreeModel(ReconstModel):
             dtype=np.float32,
         )
         tokens[good] = self.shells.tokens(normalised[good])
-        warn_noise(sigma[good], snr_range=SNR_RANGE)
         params = {name: np.full((n, len(KEPT)), np.nan) for name in FREE_SCALARS}
         for part, values in _draws(
             self.estimator, tokens, sigma, good, self.n_posterior_samples, 0
@@ -265,11 +369,11 @@ class SpinverseProtocolFreeModel(ReconstModel):
             for name in FREE_SCALARS:
                 levels = self.estimator.quantile_levels(name, KEPT)
                 params[name][part] = np.quantile(values[name], levels, axis=0).T
-        logger.info(
-            f"protocol-free posterior of {len(good)} of {n} voxels "
-            f"({'; '.join(self.shells.report())})"
+        notes = {"fast": int(fast.sum()), "far": int((far & ~fast).sum())}
+        return (
+            dict(status=status, tokens=tokens, sigma=sigma, S0=gate.S0, **params),
+            notes,
         )
-        return dict(status=status, tokens=tokens, sigma=sigma, S0=gate.S0, **params)
 
     def _beyond_the_prior(self, rows, gate, ok):
         """Voxels ``ok`` whose signal on the volumes read lies beyond the
@@ -283,6 +387,116 @@ class SpinverseProtocolFreeModel(ReconstModel):
             distance, limit = self.predictive_envelope.distance(normalised, sigma)
             far[ok] = ~(distance <= limit)  # a NaN distance is outside
         return far
+
+    # -- settings and saved fits ---------------------------------------------------
+    def settings(self):
+        """The constructor's keywords that rebuild this model, ``gtab`` aside.
+
+        ``type(model)(model.protocol, **model.settings())`` is the same model.
+
+        Returns
+        -------
+        dict
+        """
+        return dict(
+            sigma=self.sigma,
+            n_posterior_samples=self.n_posterior_samples,
+            cache_dir=self.cache_dir,
+        )
+
+    def description(self):
+        """The model as a fit file keeps it: its noise, draws and protocol
+        (the estimator is the package's, read when it is needed).
+
+        Returns
+        -------
+        dict
+            JSON-ready values (numpy arrays aside);
+            :meth:`from_description` rebuilds the model.
+        """
+        return dict(
+            sigma=self.sigma,
+            n_posterior_samples=self.n_posterior_samples,
+            protocol=protocol_description(self.protocol),
+        )
+
+    @classmethod
+    def from_description(cls, description):
+        """The model :meth:`description` described.
+
+        Parameters
+        ----------
+        description : dict
+
+        Returns
+        -------
+        SpinverseProtocolFreeModel
+        """
+        with warnings.catch_warnings():
+            # What the design does not read was said when the fit was made.
+            warnings.simplefilter("ignore", UserWarning)
+            return cls(
+                table_from_description(description),
+                sigma=description["sigma"],
+                n_posterior_samples=description["n_posterior_samples"],
+            )
+
+    def restored_fit(self, arrays, header):
+        """The fit of this model whose file holds ``arrays``.
+
+        Parameters
+        ----------
+        arrays : dict of ndarray
+            ``mask`` and the per-voxel arrays of a fit (``status``,
+            ``tokens``, ``sigma``, ``S0`` and each descriptor's quantiles).
+        header : dict
+            The file's header: the fitted data's ``fingerprint``.
+
+        Returns
+        -------
+        ProtocolFreeFit
+
+        Raises
+        ------
+        ValueError
+            An array missing, or of a shape the volume and this model do not
+            have.
+        """
+        mask = np.asarray(arrays["mask"]).astype(bool)
+        n = int(mask.sum())
+        shapes = dict(
+            status=(n,),
+            tokens=(n, len(self.shells.shells), N_TOKEN),
+            sigma=(n,),
+            S0=(n,),
+            **{name: (n, len(KEPT)) for name in FREE_SCALARS},
+        )
+        missing = [name for name in shapes if name not in arrays]
+        if missing:
+            raise ValueError(f"the arrays {missing} are missing; the file is damaged.")
+        for name, shape in shapes.items():
+            if np.shape(arrays[name]) != shape:
+                raise ValueError(
+                    f"{name} has shape {np.shape(arrays[name])} but the saved "
+                    f"volume and model need {shape}; the file is damaged."
+                )
+        fit = ProtocolFreeFit(self, {k: np.asarray(arrays[k]) for k in shapes}, mask)
+        fit.fingerprint = header.get("fingerprint")
+        return fit
+
+    def differences(self, other):
+        """Names of the settings that make ``other``'s fits differ from ours
+        (``cache_dir`` aside: where the prior's simulations are kept)."""
+        mine, theirs = self.description(), other.description()
+        pairs = dict(
+            sigma=(mine["sigma"], theirs["sigma"]),
+            n_posterior_samples=(
+                mine["n_posterior_samples"],
+                theirs["n_posterior_samples"],
+            ),
+            protocol=(True, same_protocol(self.protocol, other.protocol)),
+        )
+        return [name for name, (a, b) in pairs.items() if a != b]
 
     def __repr__(self):
         return (
@@ -354,11 +568,21 @@ class ProtocolFreeFit(MaskedFit):
     """
 
     status_codes = PROTOCOL_FREE_CODES
+    #: Checksum of the fitted data (:func:`~dipy_spinverse.reconst.resume.
+    #: fingerprint`), so that a partial fit resumes on them; a part
+    #: (``fit[index]``) has none.
+    fingerprint = None
 
     @property
     def S0(self):
         """Mean b = 0 signal of each voxel."""
         return self._volume(self.params["S0"], 0.0)
+
+    @property
+    def n_pending(self):
+        """Voxels of the mask still to fit (status ``PENDING``: a fit
+        interrupted, read from its checkpoint)."""
+        return int(np.count_nonzero(self.params["status"] == PENDING))
 
     def __getattr__(self, name):
         if not name.startswith("_") and name in FREE_SCALARS:

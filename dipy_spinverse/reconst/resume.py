@@ -11,7 +11,6 @@ import hashlib
 import numpy as np
 
 from ..checks import check_mask_values
-from .fit import SpinverseFit
 
 __all__ = [
     "FINGERPRINT_BYTES",
@@ -175,25 +174,31 @@ def masked_rows(data, mask):
 def check_resume(model, resume, data, mask=None, *, digest=None):
     """Raise a ValueError unless ``model`` can continue ``resume`` on ``data``.
 
-    ``resume`` must be a partial volume fit of the same data (shape and
-    :func:`fingerprint`), mask (when given) and model settings
-    (:meth:`SpinverseModel.differences`).
+    ``resume`` must be a partial volume fit of a model of ``model``'s class
+    (a method's fits continue only with that method), of the same data
+    (shape and :func:`fingerprint`), mask (when given) and model settings
+    (the model's ``differences``).
 
     Parameters
     ----------
-    model : SpinverseModel
-    resume : SpinverseFit
+    model : ReconstModel
+        A model whose fits resume (the label search's, the protocol-free
+        posterior's).
+    resume : SpinverseFit or ProtocolFreeFit
     data : ndarray (..., n_volumes) or (n_mask, n_volumes)
         The volume, or the rows of its mask (:func:`is_mask_rows`).
     mask : array_like of bool, optional
     digest : str, optional
         ``fingerprint(data, resume.mask)`` when already known.
     """
-    if not isinstance(resume, SpinverseFit) or resume.shape == ():
+    if type(getattr(resume, "model", None)) is not type(model) or resume.shape == ():
+        got = type(resume).__name__
+        if hasattr(resume, "model"):
+            got += f" of a {type(resume.model).__name__}"
         raise ValueError(
-            "resume must be a partly finished volume SpinverseFit (load a saved "
-            "one with dipy_spinverse.io.load_fit, or use dipy_spinverse.io."
-            f"resume_fit), got {type(resume).__name__}."
+            f"resume must be a partly finished volume fit of a "
+            f"{type(model).__name__} (load a saved one with dipy_spinverse.io."
+            f"load_fit, or use dipy_spinverse.io.resume_fit), got {got}."
         )
     shape = volume_shape(data, resume.mask if mask is None else mask)
     if resume.shape != shape:

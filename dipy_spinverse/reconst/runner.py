@@ -50,6 +50,7 @@ __all__ = [
     "fit_volume",
     "fit_chunk",
     "empty_params",
+    "checkpoint_hook",
 ]
 
 
@@ -315,7 +316,7 @@ def fit_volume(
     on_cluster, n_workers, vox_per_chunk = check_engine_options(
         engine, address, n_jobs, vox_per_chunk
     )
-    hook = _checkpoint_hook(checkpoint)
+    hook = checkpoint_hook(checkpoint)
     settings = model.search_settings()  # frozen once: every chunk reads these
     if resume is not None:
         check_resume(model, resume, data, mask)
@@ -483,7 +484,7 @@ def _fit_shared_chunk(shared, data, *, device=None):
     return fit_chunk(settings, data, noise=noise, device=device)
 
 
-def _checkpoint_hook(checkpoint):
+def checkpoint_hook(checkpoint):
     """``hook(partial_fit, rows)`` calling ``checkpoint`` as it asks to be.
 
     A checkpoint takes ``(partial_fit, rows)``: ``rows`` are the rows of

@@ -28,8 +28,9 @@ from ..checks import (
     check_int,
     check_positive,
     check_s0,
+    readable_device,
 )
-from ..inverse import grid_error, prepare, resolve_config
+from ..inverse import InversionConfig, grid_error, prepare, resolve_config
 from ..inverse.config import OPTIONS, refuse_unused
 from ..inverse.prediction import predict_signal
 from ..meshfit.refine import check_refine_options, refine_topology
@@ -38,6 +39,13 @@ from ..sim.grid import BOUNDARIES, TetGrid
 from ..sim.sequences import Protocol
 from . import runner
 from .codes import MASKED, UNDERDETERMINED
+from .descriptions import (
+    grid_description,
+    grid_from_description,
+    protocol_description,
+    same_protocol,
+    table_from_description,
+)
 from .fit import SpinverseFit
 from .gate import check_data, gradient_tables, require_b0
 from .noise import NOISE_HINT, check_sigma
@@ -46,6 +54,7 @@ from .plausibility import protocol_problems
 from .posterior_model import N_POSTERIOR_SAMPLES, check_prior
 from .resume import check_mask
 from .search_settings import SearchSettings, SurfaceCheck, knows_noise
+from .voxels import MESH_PARAMETERS, OPTIONAL_PARAMETERS
 
 __all__ = [
     "SpinverseSearchModel",
@@ -284,6 +293,9 @@ class SpinverseSearchModel(ReconstModel):
 
     #: How the model estimates (the selector's ``fit_method``).
     fit_method = "search"
+    #: What the voxels of status ``IMPOSSIBLE_SIGNAL`` keep, in the warning
+    #: a fit gives once (:func:`~dipy_spinverse.reconst.status.warn_implausible`).
+    impossible_outputs = "their outputs are kept, fitted to data no membranes made"
 
     def __init__(
         self,
@@ -627,6 +639,163 @@ class SpinverseSearchModel(ReconstModel):
             )
         return fits
 
+    # -- settings and saved fits ---------------------------------------------------
+    def settings(self):
+        """The constructor's keywords that rebuild this model, ``gtab`` aside.
+
+        ``type(model)(model.protocol, **model.settings())`` is the same
+        model: its configuration is kept whole, as adapted to the protocol.
+
+        Returns
+        -------
+        dict
+        """
+        check = self.surface_check
+        return dict(
+            grid=self.grid,
+            diffusivity=self.diffusivity,
+            sigma=self.sigma,
+            preset=self.config,
+            max_iter=None,
+            refine_mesh=self.refine_mesh,
+            mesh_options=self.mesh_options,
+            prior=self.prior.prior if check else None,
+            posterior_options=self.posterior_options if check else None,
+            batch_size=self.batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            cache_dir=self.cache_dir,
+        )
+
+    def description(self):
+        """The model as a fit file keeps it: its grid, protocol and options.
+
+        The configuration is described whole, as options (``preset`` None),
+        so that the model reloads with the same one, whatever preset it was
+        built from. The surface check's prior is not kept.
+
+        Returns
+        -------
+        dict
+            JSON-ready values (numpy arrays aside);
+            :meth:`from_description` rebuilds the model.
+        """
+        return dict(
+            grid=grid_description(self.grid),
+            diffusivity=self.diffusivity,
+            preset=None,
+            max_iter=None,
+            batch_size=self.batch_size,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            options=self.config.as_dict(),
+            sigma=self.sigma,
+            refine_mesh=self.refine_mesh,
+            mesh_options=self.mesh_options,
+            protocol=protocol_description(self.protocol),
+        )
+
+    @classmethod
+    def from_description(cls, description):
+        """The model :meth:`description` described (on ``cpu`` where it was
+        saved on ``cuda`` and this machine has none).
+
+        Files of earlier versions hold a preset, its options and
+        ``max_iter``; files before the noise convention of issue 61 hold
+        the relative noise in the configuration alone (no ``sigma``).
+
+        Parameters
+        ----------
+        description : dict
+
+        Returns
+        -------
+        SpinverseSearchModel
+        """
+        d = description
+        if d["preset"] is None:  # a whole configuration was saved
+            config = InversionConfig.from_options(**d["options"])
+        else:
+            config = resolve_config(d["preset"], max_iter=d["max_iter"], **d["options"])
+        return cls(
+            table_from_description(d),
+            sigma=d.get("sigma") or None,
+            grid=grid_from_description(d["grid"]),
+            diffusivity=d["diffusivity"],
+            preset=config,
+            batch_size=d["batch_size"],
+            device=readable_device(d["device"]),
+            dtype=d["dtype"],
+            refine_mesh=d.get("refine_mesh", False),
+            mesh_options=d.get("mesh_options"),
+        )
+
+    def restored_fit(self, arrays, header):
+        """The fit of this model whose file holds ``arrays``.
+
+        Parameters
+        ----------
+        arrays : dict of ndarray
+            ``mask`` and the per-voxel parameters
+            (:data:`~dipy_spinverse.reconst.voxels.PARAMETERS`, the optional
+            ones where the fit holds them).
+        header : dict
+            The file's header: its ``version`` (up to 2 the parameters of
+            the whole volume were saved), ``fingerprint``, ``noise_level``
+            and the model's saved ``device``.
+
+        Returns
+        -------
+        SpinverseFit
+
+        Raises
+        ------
+        ValueError
+            An array of a shape the volume and this model do not have.
+        """
+        params = {name: arrays[name] for name in _SAVED}
+        for name in OPTIONAL_PARAMETERS + MESH_PARAMETERS:
+            params[name] = arrays.get(name)
+        mask = np.asarray(arrays["mask"]).astype(bool)
+        rows = mask.shape if header.get("version", 0) < 3 else (int(mask.sum()),)
+        self._check_arrays(rows, params)
+        return SpinverseFit(
+            self,
+            params,
+            mask,
+            fingerprint=header.get("fingerprint"),
+            saved_device=str(header["model"].get("device", self.device)),
+            # Files before it have none: not recorded (None).
+            noise_level=header.get("noise_level"),
+        )
+
+    def _check_arrays(self, rows, params):
+        """Refuse arrays whose shapes do not fit ``rows`` (voxels) and the model."""
+        trailing = dict(
+            permeability=(self.grid.n_faces,),
+            labels=(self.grid.n_cells,),
+            predicted=(len(self.protocol),),
+            S0=(),
+            S0_sequences=(len(self.sequences),),
+            loss=(),
+            status=(),
+            inside_probability=(self.grid.n_cells,),
+            uncertainty=(),
+            proposal_probability=(self.grid.n_cells,),
+            mesh_loss=(),
+            mesh_status=(),
+        )
+        if self.mesh_tets is not None:
+            trailing["mesh_vertices"] = (int(self.mesh_tets.max()) + 1, 3)
+        for name, tail in trailing.items():
+            if params.get(name) is None:
+                continue
+            if params[name].shape != tuple(rows) + tail:
+                raise ValueError(
+                    f"{name} has shape {params[name].shape} but the saved volume "
+                    f"and model need {tuple(rows) + tail}; the file is damaged."
+                )
+
     # -- what the model holds ------------------------------------------------------
     @property
     def has_labels(self):
@@ -653,7 +822,7 @@ class SpinverseSearchModel(ReconstModel):
             sigma=(self.sigma, other.sigma),
             config=(_without_noise(self), _without_noise(other)),
             dtype=(self.dtype, other.dtype),
-            protocol=(_protocol_key(self.protocol), _protocol_key(other.protocol)),
+            protocol=(True, same_protocol(self.protocol, other.protocol)),
             refine_mesh=(self.refine_mesh, other.refine_mesh),
             mesh_options=(self.mesh_options, other.mesh_options),
         )
@@ -753,6 +922,10 @@ class SpinverseSearchModel(ReconstModel):
             + ")"
         )
 
+
+#: The per-voxel parameters every saved search fit holds (the optional
+#: ones and the smooth meshes' where the fit has them).
+_SAVED = ("status", "permeability", "predicted", "S0", "S0_sequences", "loss")
 
 #: The name of each grid setting in the messages' ``names``
 #: How messages name each of the grid's settings (the options of
@@ -873,11 +1046,3 @@ def _grid_key(grid):
     for array in (grid.vertices, grid.tets, grid.tet_coords):
         geometry.update(np.ascontiguousarray(array).data)
     return (grid.size, grid.boundary, grid.wall_permeability, geometry.hexdigest())
-
-
-def _protocol_key(protocol):
-    return (
-        tuple(protocol.waveforms),
-        protocol.bvals.tobytes(),
-        protocol.bvecs.tobytes(),
-    )

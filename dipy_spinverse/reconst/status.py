@@ -123,8 +123,10 @@ def warn_implausible(model, status):
 
     Parameters
     ----------
-    model : SpinverseSearchModel or SpinversePosteriorModel
-        The model (its ``fit_method`` and ``protocol_problems``).
+    model : ReconstModel
+        The model: what its ``IMPOSSIBLE_SIGNAL`` voxels keep
+        (``impossible_outputs``, a sentence of each method's model) and,
+        where voxels are ``UNDERDETERMINED``, its ``protocol_problems``.
     status : array_like of int
         The statuses of the voxels the fit ran on.
 
@@ -140,11 +142,7 @@ def warn_implausible(model, status):
     status = np.asarray(status)
     impossible = int(np.count_nonzero(status == IMPOSSIBLE_SIGNAL))
     if impossible:
-        kept = (
-            "their maps are NaN, as outside the prior"
-            if model.fit_method == "posterior"
-            else "their outputs are kept, fitted to data no membranes made"
-        )
+        kept = model.impossible_outputs
         warnings.warn(
             f"{impossible} of {status.size} voxels have an attenuation above 1 "
             "beyond the noise, which no tissue produces; they have status "

@@ -1,27 +1,34 @@
 """The flags of ``dipy_fit_spinverse``, checked before any data is read.
 
-The chosen model's options are checked by the model's own checks
+Each fit method owns its flags: its registry entry
+(:mod:`dipy_spinverse.reconst.methods`) names the function here that turns
+them into its model's keywords (:func:`search_flags`,
+:func:`posterior_flags`, :func:`protocol_free_flags`) and refuses the
+flags of the other methods, naming them. The chosen model's options are
+checked by the model's own checks
 (:func:`~dipy_spinverse.reconst.model.check_fit_method`,
 :func:`~dipy_spinverse.reconst.search_model.check_search_options`), which
 speak in Python keywords: :func:`in_flags` rewords their
 :class:`~dipy_spinverse.checks.OptionError` in the command's flags
-(:data:`FLAGS`). The rest is the command's own: the search's flags with the
-posterior, its JSON flags, the noise flags, the outputs.
+(:data:`FLAGS`). The rest is the command's own: its JSON flags, the noise
+flags, the outputs.
 """
 
 import ast
 import contextlib
+import importlib
 import json
 import pathlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..checks import OptionError, check_choice, check_int, check_number
 from ..inverse.config import PRESETS, resolve_config
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
-from ..reconst.model import check_fit_method
+from ..reconst.model import FIT_METHODS, check_fit_method
 from ..reconst.noise import check_sigma
+from ..reconst.protocol_free_model import PRIOR_DIFFUSIVITY
 from ..reconst.search_model import check_search_options, make_grid
 from .outputs import DEFAULT_METRICS, METRICS, SMOOTH_MESH_FORMATS
 
@@ -30,6 +37,10 @@ __all__ = [
     "NOISE_FLAGS",
     "Flags",
     "check_flags",
+    "command_part",
+    "search_flags",
+    "posterior_flags",
+    "protocol_free_flags",
     "check_metrics",
     "in_flags",
     "reword",
@@ -124,7 +135,8 @@ class Flags:
     Parameters
     ----------
     fit_method : str
-        ``"search"`` or ``"posterior"``.
+        A method of the command (a key of
+        :data:`~dipy_spinverse.reconst.methods.FIT_METHODS`).
     model : dict
         The keywords of the chosen model
         (:func:`~dipy_spinverse.reconst.model.SpinverseModel`) but ``sigma``,
@@ -145,6 +157,9 @@ class Flags:
         The smooth meshes' file extension (``".vtp"``, ...).
     n_report : int
         Voxels in the PNG report (0: none).
+    fit_options : dict
+        The keywords of the model's ``fit`` (the search's engine, a
+        progress bar).
     """
 
     fit_method: str
@@ -157,6 +172,25 @@ class Flags:
     voxel_meshes: bool
     mesh_ext: str
     n_report: int
+    fit_options: dict = field(default_factory=dict)
+
+
+def command_part(fit_method, part):
+    """A method's part in the command, imported from its entry point.
+
+    Parameters
+    ----------
+    fit_method : str
+        A key of :data:`~dipy_spinverse.reconst.methods.FIT_METHODS`.
+    part : {"flags", "outputs"}
+        The part (:class:`~dipy_spinverse.reconst.methods.Command`).
+
+    Returns
+    -------
+    callable
+    """
+    module, name = getattr(FIT_METHODS[fit_method].command, part).split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def check_flags(arguments):
@@ -187,66 +221,10 @@ def check_flags(arguments):
     fit_method = args["fit_method"]
     with in_flags():
         check_fit_method(fit_method)
-    if fit_method == "protocol_free":
-        raise ValueError(
-            "--fit_method protocol_free is not a command-line method yet (its "
-            "outputs are not written); fit from Python with "
-            "SpinverseModel(gtab, fit_method='protocol_free', sigma=s), or use "
-            "--fit_method posterior."
-        )
-    # The label search's configuration flags (the model takes them in its
-    # configuration, ``preset``), where given (0 means off: left out, as
-    # the models' defaults).
-    configured = _given(
-        search_bootstrap=args["search_bootstrap"],
-        search_proposal=args["search_proposal"],
+    # The method's own flags, by its function (its registry entry's).
+    model, fit_options = command_part(fit_method, "flags")(
+        args, noise=noise, metrics=metrics, mesh_options=mesh_options
     )
-    posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
-    if fit_method == "posterior":
-        # The label search's flags (max_iter's default None: left out).
-        search = _given(max_iter=args["max_iter"], refine_mesh=refine_mesh)
-        search = sorted({**search, **configured})
-        if search:
-            raise ValueError(
-                f"{[FLAGS[k] for k in search]} are not options of --fit_method "
-                "posterior; leave them out, or use --fit_method search if they "
-                "are its."
-            )
-        model = dict(
-            fit_method="posterior",
-            diffusivity=args["diffusivity"],
-            device=args["device"],
-            **_training_cluster(args),
-            **posterior,
-        )
-        searches_labels = False
-    else:
-        model = _search_keywords(args, configured, posterior, mesh_options)
-        with in_flags():
-            checked = check_search_options(**search_options(model))
-        searches_labels = checked.searches_labels
-    if (fit_method == "posterior" or "prior" in posterior) and noise is None:
-        what = (
-            "--fit_method posterior"
-            if fit_method == "posterior"
-            else 'With a "prior" in --posterior_options, the surface check'
-        )
-        # --snr 0 or --sigma 0 say "unknown": named, so that the fix is not
-        # to pass the flag that was passed.
-        zero = next(
-            (f"--{flag} 0" for flag in ("snr", "sigma") if args[flag] is not None),
-            None,
-        )
-        given = f" ({zero} means unknown)" if zero else ""
-        raise ValueError(
-            f"{what} needs the noise level{given}: pass {NOISE_FLAGS} with a "
-            "value above 0."
-        )
-    if args["save_metrics"] and "uncertainty" in metrics and not searches_labels:
-        raise ValueError(
-            "--save_metrics uncertainty comes from the label search, which "
-            f"--preset {args['preset']} does not run; use --preset default."
-        )
     check_number(args["bvecs_tol"], "--bvecs_tol", minimum=0.0)
     ext = check_choice(
         args["smooth_mesh_format"], "--smooth_mesh_format", SMOOTH_MESH_FORMATS
@@ -262,6 +240,174 @@ def check_flags(arguments):
         voxel_meshes=bool(args["voxel_meshes"]),
         mesh_ext="." + ext,
         n_report=n_report,
+        fit_options=fit_options,
+    )
+
+
+def search_flags(args, *, noise, metrics, mesh_options):
+    """``--fit_method search``: the label search's model keywords and fit
+    options from the flags.
+
+    Parameters
+    ----------
+    args : dict
+        The run's arguments by flag name.
+    noise : tuple or None
+        The noise flags (:func:`parse_noise`).
+    metrics : list of str
+        The outputs of ``--save_metrics`` (:func:`check_metrics`).
+    mesh_options : dict or None
+        ``--mesh_options`` checked (:func:`parse_mesh_options`).
+
+    Returns
+    -------
+    model : dict
+        The keywords of the search's model but ``sigma``.
+    fit_options : dict
+        The fit's engine, its address and workers, and its progress bar.
+
+    Raises
+    ------
+    ValueError
+        A flag out of range, or one the run would ignore, named as given.
+    """
+    # The label search's configuration flags (the model takes them in its
+    # configuration, ``preset``), where given (0 means off: left out, as
+    # the models' defaults).
+    configured = _given(
+        search_bootstrap=args["search_bootstrap"],
+        search_proposal=args["search_proposal"],
+    )
+    posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
+    model = _search_keywords(args, configured, posterior, mesh_options)
+    with in_flags():
+        checked = check_search_options(**search_options(model))
+    if "prior" in posterior:
+        _require_noise(
+            args, noise, 'With a "prior" in --posterior_options, the surface check'
+        )
+    if (
+        args["save_metrics"]
+        and "uncertainty" in metrics
+        and not checked.searches_labels
+    ):
+        raise ValueError(
+            "--save_metrics uncertainty comes from the label search, which "
+            f"--preset {args['preset']} does not run; use --preset default."
+        )
+    engine = {k: args[k] for k in ("engine", "address", "n_jobs")}
+    return model, dict(engine, verbose=True)
+
+
+def posterior_flags(args, *, noise, **_):
+    """``--fit_method posterior``: the posterior's model keywords from the
+    flags (no fit options: the posterior draws in this process).
+
+    Parameters
+    ----------
+    args : dict
+        The run's arguments by flag name.
+    noise : tuple or None
+        The noise flags: the posterior needs them.
+    **_
+        The other checked flags (:func:`search_flags`'), which it does not
+        read.
+
+    Returns
+    -------
+    model, fit_options : dict
+    """
+    posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
+    _refuse_search_flags(args, "posterior")
+    model = dict(
+        fit_method="posterior",
+        diffusivity=args["diffusivity"],
+        device=args["device"],
+        **_training_cluster(args),
+        **posterior,
+    )
+    _require_noise(args, noise, "--fit_method posterior")
+    return model, {}
+
+
+def protocol_free_flags(args, *, noise, **_):
+    """``--fit_method protocol_free``: the protocol-free model's keywords
+    from the flags (its draws, ``"n_samples"`` of ``--posterior_options``).
+
+    Its estimator and prior are the package's (no training: no prior,
+    training, diffusivity, device or cluster of its own); it fits in this
+    process, continuing an interrupted fit from its checkpoint.
+
+    Parameters
+    ----------
+    args : dict
+        The run's arguments by flag name.
+    noise : tuple or None
+        The noise flags: the model needs them.
+    **_
+        The other checked flags, which it does not read.
+
+    Returns
+    -------
+    model, fit_options : dict
+    """
+    posterior = parse_posterior_options(args["posterior_options"], args["diffusivity"])
+    _refuse_search_flags(args, "protocol_free")
+    # The posterior's own flags, as given (their values where they are not
+    # the protocol-free model's own, which has no such setting).
+    given = [FLAGS[k] for k in ("prior", "posterior_options") if k in posterior]
+    given += [
+        f"--{flag} {args[flag]}"
+        for flag, own in (
+            ("diffusivity", PRIOR_DIFFUSIVITY),
+            ("device", "cpu"),
+            ("engine", "serial"),
+            ("address", None),
+            ("n_jobs", None),
+        )
+        if args[flag] != own
+    ]
+    if given:
+        raise ValueError(
+            f"{given} are not options of --fit_method protocol_free, "
+            "which reads the package's estimator of the default prior (straight "
+            f"axons, diffusivity {PRIOR_DIFFUSIVITY} mm^2/s) on the CPU, without "
+            "training; leave them out, or use --fit_method posterior, which "
+            "trains for another prior, diffusivity, device or cluster."
+        )
+    _require_noise(args, noise, "--fit_method protocol_free")
+    return dict(fit_method="protocol_free", **posterior), {}
+
+
+def _refuse_search_flags(args, fit_method):
+    """Refuse the label search's flags given with another method."""
+    search = _given(
+        max_iter=args["max_iter"],  # None by default: left out
+        refine_mesh=bool(args["refine_mesh"]),
+        search_bootstrap=args["search_bootstrap"],
+        search_proposal=args["search_proposal"],
+    )
+    if search:
+        raise ValueError(
+            f"{[FLAGS[k] for k in sorted(search)]} are not options of --fit_method "
+            f"{fit_method}; leave them out, or use --fit_method search if they "
+            "are its."
+        )
+
+
+def _require_noise(args, noise, what):
+    """Refuse a run without the noise level that ``what`` needs."""
+    if noise is not None:
+        return
+    # --snr 0 or --sigma 0 say "unknown": named, so that the fix is not to
+    # pass the flag that was passed.
+    zero = next(
+        (f"--{flag} 0" for flag in ("snr", "sigma") if args[flag] is not None),
+        None,
+    )
+    given = f" ({zero} means unknown)" if zero else ""
+    raise ValueError(
+        f"{what} needs the noise level{given}: pass {NOISE_FLAGS} with a value above 0."
     )
 
 
@@ -311,7 +457,7 @@ def _search_keywords(args, configured, posterior, mesh_options):
     """The label search's model keywords from the flags (``args``), its
     configuration built from ``--preset`` and the ``configured`` flags."""
     check_choice(args["preset"], "--preset", tuple(PRESETS))
-    # One JSON flag holds the options of both methods; with the search it is
+    # One JSON flag holds the options of every method; with the search it is
     # the surface check's.
     if "n_posterior_samples" in posterior:
         raise ValueError(

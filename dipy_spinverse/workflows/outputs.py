@@ -296,13 +296,13 @@ def write_search_outputs(
     return written
 
 
-def write_posterior_outputs(fit, out, *, staging, space, n_report):
+def write_posterior_outputs(fit, out, *, staging, space, n_report, discard=()):
     """Every output of a posterior fit: maps, status, report and state, as
     one set (:func:`write_output_set`).
 
     Parameters
     ----------
-    fit : PosteriorFit
+    fit : PosteriorFit or ProtocolFreeFit
         The volume's fit.
     out : dict
         The ``out_*`` paths by flag name.
@@ -312,6 +312,8 @@ def write_posterior_outputs(fit, out, *, staging, space, n_report):
         ``affine`` and ``reference`` image of the maps.
     n_report : int
         Voxels in the PNG report (0: no report).
+    discard : sequence of path
+        Files removed with the swap (the checkpoint of the fit written).
 
     Returns
     -------
@@ -326,7 +328,7 @@ def write_posterior_outputs(fit, out, *, staging, space, n_report):
             write_posterior_report(fit, staged["out_report"], n_voxels=n_report)
         save_fit(fit, state_path(staged["out_state"]))  # load_fit reads it back
 
-    written = write_output_set(out, write, staging=staging)
+    written = write_output_set(out, write, staging=staging, discard=discard)
     logger.info(f"Voxel status: {fit.status_counts()}")
     logger.info(f"Spinverse posterior: {len(written)} files in {out['out_posterior']}")
     return written

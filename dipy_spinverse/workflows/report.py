@@ -19,7 +19,8 @@ def write_posterior_report(fit, path, *, n_voxels=8):
 
     Parameters
     ----------
-    fit : PosteriorFit
+    fit : PosteriorFit or ProtocolFreeFit
+        Its descriptors' stored quantiles (``fit.params``).
     path : str or os.PathLike
     n_voxels : int
         The first voxels of the mask with status ok (in index order).
@@ -41,7 +42,7 @@ def write_posterior_report(fit, path, *, n_voxels=8):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    names = [n for n in DESCRIPTORS if n != "orientation"]
+    names = [n for n in DESCRIPTORS if n != "orientation" and n in fit.params]
     rows = np.flatnonzero(fit.params["status"] == OK)[:n_voxels]
     fig, axes = plt.subplots(1, len(names), figsize=(2.1 * len(names), 2.8), dpi=80)
     for ax, name in zip(axes, names, strict=True):

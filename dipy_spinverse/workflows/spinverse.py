@@ -36,11 +36,13 @@ from ..io.checkpoint import Checkpoint, checkpoint_for
 from ..io.fits import load_fit
 from ..io.gradients import B0_THRESHOLD, BVECS_TOL
 from ..reconst import SpinverseModel
+from ..reconst.model import FIT_METHODS
 from ..reconst.resume import check_resume
 from .cli import run_command
 from .dataset import read_dataset
 from .flags import (
     check_flags,
+    command_part,
     in_flags,
     parse_mesh_options,
     parse_posterior_options,
@@ -65,15 +67,6 @@ __all__ = [
     "SMOOTH_MESH_FORMATS",
 ]
 
-_POSTERIOR_INTERRUPTED = (
-    "no maps were written ({folder} keeps the previous run's outputs, if any); "
-    "a posterior being trained keeps its simulations in {cache} "
-    "(posterior-<key>.partial) and the same command continues them"
-)
-_KEPT_AFTER_INTERRUPT = (
-    "the voxels fitted so far are kept in {checkpoint}; run the same command "
-    "again to continue ({folder} keeps the previous run's outputs, if any)"
-)
 _NEW_OUTPUTS = "{folder} holds this run's new outputs, complete"
 
 
@@ -304,15 +297,22 @@ class SpinverseFlow(Workflow):
             diameter, surface-to-volume, permeability, exchange time,
             anisotropy, orientation), with 50 % and 90 % credible intervals
             and an out-of-prior status, in out_posterior; needs --snr or
-            --sigma and trains once per protocol (cached). Writes out_posterior,
-            out_status, out_report and out_state only.
+            --sigma and trains once per protocol (cached). protocol_free: the
+            default prior's posterior of the same descriptors but orientation,
+            from the package's estimator, for any protocol of its design,
+            without training; needs --snr or --sigma, names the shells it does
+            not read and refuses a protocol of none, and continues an
+            interrupted fit from its checkpoint, as the search does. Both
+            posteriors write out_posterior, out_status, out_report and
+            out_state only.
         posterior_options : string, optional
             JSON object with the posterior's settings, or a file holding one
             (the demo writes demo/posterior.json): "prior" (fields of
             dipy_spinverse.posterior.TissuePrior, e.g. {"cell_diameter": [1,
             5], "families": ["fibre"]}), "training" (fields of
             TrainingOptions, e.g. {"n_simulations": 5000}) and "n_samples"
-            (posterior draws per voxel). With --fit_method search a "prior"
+            (posterior draws per voxel; the only one of --fit_method
+            protocol_free). With --fit_method search a "prior"
             turns on the surface check: each voxel's surface is held against
             the posterior of that prior (its box must be the grid's: e.g.
             {"boundary": "reflecting", "box_side": 26.67}, or the demo's
@@ -378,9 +378,9 @@ class SpinverseFlow(Workflow):
             Name of the PNG report (needs matplotlib: without it the report is
             skipped with a warning).
         out_posterior : string, optional
-            Folder of the posterior's maps (--fit_method posterior): per
-            descriptor the median and the 50 % and 90 % interval bounds,
-            units in each header's description.
+            Folder of the posterior's maps (--fit_method posterior or
+            protocol_free): per descriptor the median and the 50 % and 90 %
+            interval bounds, units in each header's description.
 
         References
         ----------
@@ -433,23 +433,21 @@ class SpinverseFlow(Workflow):
                     self._fit(dataset, out, flags, StagedOutputs(folder))
 
     def _fit(self, dataset, out, flags, staging):
-        """The fit of one dataset and its outputs (one set, ``staging``),
-        saying on Ctrl-C what is kept: the checkpoint or the posterior's
-        simulations, and the output folder's set, earlier or new."""
+        """The fit of one dataset and its outputs (one set, ``staging``), by
+        its method's part (:func:`~.flags.command_part`), saying on Ctrl-C
+        what is kept (its method's wording: the checkpoint, or a training's
+        simulations) and the output folder's set, earlier or new."""
         folder = staging.folder
-        if flags.fit_method == "posterior":
-            fit = fit_posterior
-            self.on_interrupt = _POSTERIOR_INTERRUPTED.format(
-                folder=folder, cache=cache_root()
-            )
-        else:
-            fit = fit_search
-            checkpoint = checkpoint_for(state_path(out["out_state"]))
-            self.on_interrupt = _KEPT_AFTER_INTERRUPT.format(
-                checkpoint=checkpoint, folder=folder
-            )
+        command = FIT_METHODS[flags.fit_method].command
+        self.on_interrupt = command.interrupted.format(
+            folder=folder,
+            checkpoint=checkpoint_for(state_path(out["out_state"])),
+            cache=cache_root(),
+        )
         try:
-            fit(dataset, out, flags, staging=staging)
+            command_part(flags.fit_method, "outputs")(
+                dataset, out, flags, staging=staging
+            )
         finally:
             if staging.committed:
                 self.on_interrupt = _NEW_OUTPUTS.format(folder=folder)
@@ -642,22 +640,7 @@ def fit_search(dataset, out, flags, *, staging):
         The staging of the output folder
         (:func:`~dipy_spinverse.workflows.outputs.write_output_set`).
     """
-    model = search_model(dataset, flags)
-    logger.info(f"{model}; {int(dataset.mask.sum())} voxels in the mask")
-    state = state_path(out["out_state"])
-    if state != os.fspath(out["out_state"]):
-        logger.info(f"The fit state is an .npz archive: writing {state}.")
-    previous = previous_fit(
-        model, dataset.data, dataset.mask, state, resume=flags.resume
-    )
-    fit = model.fit(
-        dataset.data,
-        mask=dataset.mask,
-        **flags.engine,
-        verbose=True,
-        checkpoint=Checkpoint(checkpoint_for(state)),
-        resume=previous,
-    )
+    fit = fit_resumed(dataset, out, flags)
     write_search_outputs(
         fit,
         dataset.data,
@@ -671,8 +654,70 @@ def fit_search(dataset, out, flags, *, staging):
     )
 
 
-def search_model(dataset, flags):
-    """The label search's model of one dataset.
+def fit_protocol_free(dataset, out, flags, *, staging):
+    """``--fit_method protocol_free``: the fit (continuing an interrupted
+    one), then its maps, status, report and state, one set.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        The dataset read, with its noise level.
+    out : dict
+        The ``out_*`` paths by flag name.
+    flags : Flags
+        The checked flags.
+    staging : StagedOutputs
+        The staging of the output folder.
+    """
+    fit = fit_resumed(dataset, out, flags)
+    write_posterior_outputs(
+        fit,
+        out,
+        staging=staging,
+        space=dataset.space,
+        n_report=flags.n_report,
+        discard=[checkpoint_for(state_path(out["out_state"]))],
+    )
+
+
+def fit_resumed(dataset, out, flags):
+    """The fit of a method that resumes: an interrupted fit of the same
+    data, mask and settings continued from its checkpoint (or, with
+    ``--resume``, the state), every chunk kept in the checkpoint beside the
+    state as it is fitted.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        The dataset read, with its noise level.
+    out : dict
+        The ``out_*`` paths by flag name.
+    flags : Flags
+        The checked flags.
+
+    Returns
+    -------
+    SpinverseFit or ProtocolFreeFit
+    """
+    model = dataset_model(dataset, flags)
+    logger.info(f"{model}; {int(dataset.mask.sum())} voxels in the mask")
+    state = state_path(out["out_state"])
+    if state != os.fspath(out["out_state"]):
+        logger.info(f"The fit state is an .npz archive: writing {state}.")
+    previous = previous_fit(
+        model, dataset.data, dataset.mask, state, resume=flags.resume
+    )
+    return model.fit(
+        dataset.data,
+        mask=dataset.mask,
+        checkpoint=Checkpoint(checkpoint_for(state)),
+        resume=previous,
+        **flags.fit_options,
+    )
+
+
+def dataset_model(dataset, flags):
+    """The model of one dataset: the method's keywords and the data's noise.
 
     Parameters
     ----------
@@ -683,14 +728,16 @@ def search_model(dataset, flags):
 
     Returns
     -------
-    SpinverseSearchModel
+    ReconstModel
+        The model of ``flags.fit_method``.
 
     Raises
     ------
     ValueError
         A noise level the configuration would ignore (``--sigma`` with
-        ``--preset paper``), named as the flags: the model's own check (of
-        ``sigma`` once), the one option check that needs the data.
+        ``--preset paper``), or a protocol the model cannot read, named as
+        the flags: the model's own checks, the option checks that need the
+        data.
     """
     options = dict(flags.model)
     if dataset.sigma:  # 0: unknown, left out (a preset without noise takes none)
@@ -714,10 +761,9 @@ def fit_posterior(dataset, out, flags, *, staging):
     staging : StagedOutputs
         The staging of the output folder.
     """
-    with in_flags():
-        model = SpinverseModel(dataset.table, **flags.model, sigma=dataset.sigma)
-    logger.info(f"Posterior of {model.prior.prior!r}; {int(dataset.mask.sum())} voxels")
-    fit = model.fit(dataset.data, mask=dataset.mask)
+    model = dataset_model(dataset, flags)
+    logger.info(f"{model}; {int(dataset.mask.sum())} voxels in the mask")
+    fit = model.fit(dataset.data, mask=dataset.mask, **flags.fit_options)
     write_posterior_outputs(
         fit, out, staging=staging, space=dataset.space, n_report=flags.n_report
     )
@@ -743,8 +789,8 @@ def previous_fit(model, data, mask, state, *, resume):
 
     Parameters
     ----------
-    model : SpinverseSearchModel
-        The model of this run.
+    model : SpinverseSearchModel or SpinverseProtocolFreeModel
+        The model of this run (of a method whose fits resume).
     data : ndarray (n_mask, n_volumes)
         The mask's voxels.
     mask : ndarray of bool
@@ -756,7 +802,7 @@ def previous_fit(model, data, mask, state, *, resume):
 
     Returns
     -------
-    SpinverseFit or None
+    SpinverseFit, ProtocolFreeFit or None
         The partial (or finished) fit to continue, or None: a new fit.
     """
     checkpoint = checkpoint_for(state)

@@ -1,5 +1,5 @@
 """Issue 84, cases 9 and 13: fit files with headers of the wrong types,
-and save_fit given a protocol-free fit."""
+and save_fit given a protocol-free fit (kept since issue 83)."""
 
 import json
 import re
@@ -100,17 +100,18 @@ def _protocol_free_fit():
     return model.fit(1000.0 * signals.reshape(2, 1, 1, -1))
 
 
-def test_save_fit_says_a_protocol_free_fit_cannot_be_saved_yet(tmp_path):
+def test_save_fit_keeps_a_protocol_free_fit(tmp_path):
+    """Issue 83 (it was refused): a protocol-free volume fit saves and loads
+    whole; one voxel of it is refused as any fit's voxel is."""
     fit = _protocol_free_fit()
     assert fit.shape == (2, 1, 1)
-    with pytest.raises(ValueError) as info:
-        save_fit(fit, tmp_path / "fit.npz")
-    message = str(info.value)
-    assert "protocol-free fit" in message and "cannot be saved yet" in message
-    # Not the one-voxel advice: it is a volume fit.
-    assert "data[None]" not in message, message
-    assert "credible_interval" in message and "nib.save" in message, message
-    assert not (tmp_path / "fit.npz").exists()
-    # One voxel of it: the same reason, not "fit a volume".
-    with pytest.raises(ValueError, match="cannot be saved yet"):
+    loaded = load_fit(save_fit(fit, tmp_path / "fit.npz"))
+    assert type(loaded) is type(fit)
+    for key, value in fit.params.items():
+        np.testing.assert_array_equal(loaded.params[key], value, err_msg=key)
+    np.testing.assert_array_equal(loaded.cell_diameter, fit.cell_diameter)
+    with pytest.raises(
+        ValueError, match="ProtocolFreeFit of one voxel.*data\\[None\\]"
+    ):
         save_fit(fit[0, 0, 0], tmp_path / "voxel.npz")
+    assert not (tmp_path / "voxel.npz").exists()
