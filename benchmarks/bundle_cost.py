@@ -40,10 +40,10 @@ Run::
 ``--quick``: one small row of each table on the demo protocol.
 """
 
-import argparse
 import time
 from dataclasses import replace
 
+import harness
 import numpy as np
 import torch
 from protocol_cost import _mean, measure, protocol_named
@@ -270,12 +270,12 @@ def _subgrid_table(args, default):
     above, refine = RESOLVE_ABOVE, REFINE
     if args.quick:
         mean, n_axons, above, refine = 3.0, 4, (3.0,), (1,)
+    titles = ["protocol", "resolve_above (um)", "grid", "sub-grid axons"]
+    titles += ["cells + pools", "spacing (um)", "s a section", "pilot s"]
+    titles += ["sub-steps", "x default", "max diff (1 cell)", "rms diff (1 cell)"]
     print(
-        "\n| protocol | resolve_above (um) | grid | sub-grid axons | cells + pools "
-        "| spacing (um) | s a section | pilot s | sub-steps | x default "
-        "| max diff (1 cell) | rms diff (1 cell) | max diff (2 cells, smooth) |"
+        "\n" + harness.head([*titles, "max diff (2 cells, smooth)"], "-r-" + "r" * 10)
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.protocols:
         protocol = protocol_named(name)
         rows = subgrid_rows(
@@ -288,22 +288,23 @@ def _subgrid_table(args, default):
                 else f"{row['refine']:g} x coarsest"
             )
             kept = "--" if row["resolve_above"] is None else f"{row['resolve_above']:g}"
-            print(
-                f"| {name} | {kept} | {label} | {100 * row['subgrid']:.0f} % "
-                f"| {row['cells']:.0f} + {row['pools']:.0f} | {row['spacing']:.3f} "
-                f"| {row['seconds']:.2f} | {row['pilot']:.1f} | {row['substeps']} "
-                f"| {row['seconds'] / default[name]:.0f} | {row['max']:.4f} "
-                f"| {row['rms']:.4f} | {row['max_smooth']:.4f} |",
-                flush=True,
-            )
+            cells = [name, kept, label, f"{100 * row['subgrid']:.0f} %"]
+            cells += [
+                f"{row['cells']:.0f} + {row['pools']:.0f}",
+                f"{row['spacing']:.3f}",
+            ]
+            cells += [f"{row['seconds']:.2f}", f"{row['pilot']:.1f}", row["substeps"]]
+            cells += [f"{row['seconds'] / default[name]:.0f}", f"{row['max']:.4f}"]
+            cells += [f"{row['rms']:.4f}", f"{row['max_smooth']:.4f}"]
+            print(harness.row(cells), flush=True)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(
+        __doc__, seed=0, quick="one small row of each table on the demo protocol"
+    )
     parser.add_argument("--protocols", nargs="+", default=["demo", "cord"])
     parser.add_argument("--n", type=int, default=4, help="bundles a row")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--subgrid", action="store_true", help="only the sub-grid axons' table"
     )
@@ -325,11 +326,9 @@ def main(argv=None):
             print(f"default prior on {name}: {default[name]:.3f} s a section")
         _subgrid_table(args, default)
         return
-    print(
-        "| protocol | section | axons | mean d (um) | cells | spacing (um) "
-        "| s a section | pilot s | sub-steps | x default |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    titles = ["protocol", "section", "axons", "mean d (um)", "cells", "spacing (um)"]
+    titles += ["s a section", "pilot s", "sub-steps", "x default"]
+    print(harness.head(titles, "--" + "r" * 8))
     for name in args.protocols:
         protocol = protocol_named(name)
         default[name] = _mean(measure(name, max(args.n, 2), args.seed, 6)[0]["sides"])
@@ -339,13 +338,11 @@ def main(argv=None):
         )
         for mean, n_axons, per_sheath in rows:
             got = bundle_row(protocol, mean, n_axons, per_sheath, args.n, args.seed)
-            print(
-                f"| {name} | bundle, {per_sheath} cell(s) a sheath | {n_axons} "
-                f"| {mean:g} | {got['cells']} | {got['spacing']:.3f} "
-                f"| {got['seconds']:.2f} | {got['pilot']:.1f} | {got['substeps']} "
-                f"| {got['seconds'] / default[name]:.0f} |",
-                flush=True,
-            )
+            cells = [name, f"bundle, {per_sheath} cell(s) a sheath", n_axons]
+            cells += [f"{mean:g}", got["cells"], f"{got['spacing']:.3f}"]
+            cells += [f"{got['seconds']:.2f}", f"{got['pilot']:.1f}", got["substeps"]]
+            cells += [f"{got['seconds'] / default[name]:.0f}"]
+            print(harness.row(cells), flush=True)
     if args.quick:
         _subgrid_table(args, default)
 

@@ -19,11 +19,11 @@ run's::
 ``--quick``: 4 draws at resolution 3, 1 worker.
 """
 
-import argparse
 import os
 import time
 from collections import Counter
 
+import harness
 import numpy as np
 import ray
 import torch
@@ -39,14 +39,12 @@ def timed(simulator, draws):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, seed=1, quick="4 draws at resolution 3, 1 worker")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="demo")
     parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=6)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.resolution, args.workers, args.batch_size = 4, 3, [1], 2

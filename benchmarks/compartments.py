@@ -27,7 +27,6 @@ and median absolute errors of the main parameters are printed as markdown;
     PYTHONPATH=. python benchmarks/compartments.py --write-doc
 """
 
-import argparse
 import math
 import os
 import platform
@@ -40,6 +39,7 @@ from pathlib import Path
 # when other processes share the cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from dipy.core.gradients import gradient_table  # noqa: E402
@@ -340,17 +340,12 @@ def run(quick, seed):
 
 
 def table(gtabs, rows):
-    lines = [
-        "| model | protocol | voxels | wall (s) | voxels/s | CPU s/voxel "
-        "| median abs. error (SNR 50) |",
-        "|:---|:---|---:|---:|---:|---:|:---|",
-    ]
+    titles = ["model", "protocol", "voxels", "wall (s)", "voxels/s", "CPU s/voxel"]
+    lines = [harness.head([*titles, "median abs. error (SNR 50)"], "llrrrrl")]
     for name, proto, n, wall, cpu, medians in rows:
         errs = ", ".join(f"{k} {v:.3g}" for k, v in medians.items())
-        lines.append(
-            f"| {name} | {proto} | {n} | {wall:.2f} | {n / wall:.1f} "
-            f"| {cpu / n:.3g} | {errs} |"
-        )
+        cells = [name, proto, n, f"{wall:.2f}", f"{n / wall:.1f}", f"{cpu / n:.3g}"]
+        lines.append(harness.row([*cells, errs]))
     lines.append("")
     lines.append("Protocols:")
     lines.append("")
@@ -448,17 +443,17 @@ def run_learned(quick, cache, seed):
                 f"{speeds[1]:.0f} vox per CPU-s",
                 flush=True,
             )
-    lines = [
-        "| model | learned voxels/s | voxels per CPU-s | training or loading (s) "
-        "| median abs. error: learned / fitted (ratio) |",
-        "|:---|---:|---:|---:|:---|",
-    ]
+    titles = ["model", "learned voxels/s", "voxels per CPU-s"]
+    titles += ["training or loading (s)", "median abs. error: learned / fitted (ratio)"]
+    lines = [harness.head(titles, "lrrrl")]
     for name, (speed, per_cpu), train, fitted, got in rows:
         errs = ", ".join(
             f"{k} {got[k]:.3g} / {fitted[k]:.3g} ({ratio(got[k], fitted[k])})"
             for k in fitted
         )
-        lines.append(f"| {name} | {speed:.0f} | {per_cpu:.0f} | {train:.1f} | {errs} |")
+        lines.append(
+            harness.row([name, f"{speed:.0f}", f"{per_cpu:.0f}", f"{train:.1f}", errs])
+        )
     return "\n".join(lines)
 
 
@@ -535,12 +530,11 @@ def count_table(label, gtab, counts, found, wall, seed):
         f"**{np.mean(found == counts):.1%} correct** ({len(counts) / wall:.2f} "
         "voxels/s). Rows: true count, columns: count found.",
         "",
-        "| true \\ found | 0 | 1 | 2 | 3 | correct |",
-        "|---:|---:|---:|---:|---:|---:|",
+        harness.head(["true \\ found", 0, 1, 2, 3, "correct"], "rrrrrr"),
     ]
     for k in np.unique(counts):
-        row = " | ".join(str(v) for v in confusion[k])
-        lines.append(f"| {k} | {row} | {confusion[k, k] / confusion[k].sum():.0%} |")
+        correct = f"{confusion[k, k] / confusion[k].sum():.0%}"
+        lines.append(harness.row([k, *confusion[k], correct]))
     return lines
 
 
@@ -593,8 +587,9 @@ def run_fibres(quick, protocol, seeds, seed):
         "Two fibres at SNR 50, crossings 45-90 degrees "
         f"(median {np.median(crossing):.0f}), {m} voxels:",
         "",
-        "| fit | median angle error (deg) | 90th percentile | voxels/s |",
-        "|:---|---:|---:|---:|",
+        harness.head(
+            ["fit", "median angle error (deg)", "90th percentile", "voxels/s"], "lrrr"
+        ),
     ]
     for label, mdl, kwargs in (
         ("NoddiModel(n_fibres=2)", NoddiModel(gtab, n_fibres=2), {}),
@@ -609,10 +604,8 @@ def run_fibres(quick, protocol, seeds, seed):
         wall = time.perf_counter() - start
         got = fit.direction.reshape(m, -1, 3)[:, :2]
         err = match_fibres(got, dirs[:, :2])[0].mean(1)
-        lines.append(
-            f"| {label} | {np.median(err):.2f} | {np.percentile(err, 90):.2f} "
-            f"| {m / wall:.1f} |"
-        )
+        cells = [label, f"{np.median(err):.2f}", f"{np.percentile(err, 90):.2f}"]
+        lines.append(harness.row([*cells, f"{m / wall:.1f}"]))
     return "\n".join(lines)
 
 
@@ -685,9 +678,11 @@ def run_axon_fibres(quick, seeds=(1,)):
         f"Two fibres at SNR 50, crossings >= {MIN_CROSSING_DEG:g} degrees, {m} "
         "voxels, count map (fibres=2):",
         "",
-        "| fit | median angle error (deg) | 90th percentile | median diameter "
-        "error (um) | median fic error | voxels/s |",
-        "|:---|---:|---:|---:|---:|---:|",
+        harness.head(
+            ["fit", "median angle error (deg)", "90th percentile"]
+            + ["median diameter error (um)", "median fic error", "voxels/s"],
+            "lrrrrr",
+        ),
     ]
     for cls, head, width in ((ActiveAxModel, 3, 6), (ZcdModel, 2, 8)):
         model = cls(gtab, fibres="auto")
@@ -698,10 +693,10 @@ def run_axon_fibres(quick, seeds=(1,)):
         fit = model.fit(data, fibres=two)
         wall = time.perf_counter() - start
         ang, d_err, f_err = matched_fibre_errors(fit, params, dirs, head, width)
+        cells = [f"{cls.__name__}(fibres='auto'), count map", f"{np.median(ang):.2f}"]
+        cells += [f"{np.percentile(ang, 90):.2f}", f"{np.median(d_err):.2f}"]
         lines.append(
-            f"| {cls.__name__}(fibres='auto'), count map | {np.median(ang):.2f} | "
-            f"{np.percentile(ang, 90):.2f} | {np.median(d_err):.2f} | "
-            f"{np.median(f_err):.3f} | {m / wall:.1f} |"
+            harness.row([*cells, f"{np.median(f_err):.3f}", f"{m / wall:.1f}"])
         )
     return "\n".join(lines)
 
@@ -828,11 +823,10 @@ def run_amico(quick, threads, seed):
     import tempfile
 
     gtab = protocols()["noddi"]
-    lines = [
-        "| fibres | voxels | ours: voxels/s | AMICO: voxels/s | ours: voxels per "
-        "CPU s | AMICO: voxels per CPU s | median abs. error: ours / AMICO |",
-        "|---:|---:|---:|---:|---:|---:|:---|",
-    ]
+    titles = ["fibres", "voxels", "ours: voxels/s", "AMICO: voxels/s"]
+    titles += ["ours: voxels per CPU s", "AMICO: voxels per CPU s"]
+    titles += ["median abs. error: ours / AMICO"]
+    lines = [harness.head(titles, "rrrrrrl")]
     kernel_times = []
     for k, n in ((1, 10000), (2, 100), (3, 40)):
         n = max(8, int(n * (0.25 if quick else 1.0)))
@@ -862,10 +856,8 @@ def run_amico(quick, threads, seed):
             f"{key} {np.median(ours[key]):.3g} / {np.median(theirs[key]):.3g}"
             for key in ours
         )
-        lines.append(
-            f"| {k} | {n} | {n / wall:.1f} | {n / amico_wall:.1f} | {n / cpu:.1f} "
-            f"| {n / amico_cpu:.1f} | {errs} |"
-        )
+        speeds = [n / wall, n / amico_wall, n / cpu, n / amico_cpu]
+        lines.append(harness.row([k, n, *(f"{v:.1f}" for v in speeds), errs]))
         print(lines[-1], flush=True)
     lines += [
         "",
@@ -899,14 +891,11 @@ def write_block(name, text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="fewer voxels (a quarter of most tables, 40 of 200 for --fibres)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="the voxels' seed (main, learned, AMICO)"
+    parser = harness.parser(
+        __doc__,
+        seed=0,
+        seed_help="the voxels' seed (main, learned, AMICO)",
+        quick="fewer voxels (a quarter of most tables, 40 of 200 for --fibres)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(

@@ -52,11 +52,11 @@ volume-corrected diameter, and the neighbouring voxel's d_eff; last, the
 white matter's blocked ridge as the gap widens from 0 to 4 rows.
 """
 
-import argparse
 import pathlib
 import platform
 import time
 
+import harness
 import numpy as np
 import torch
 from dipy.segment.threshold import otsu
@@ -181,19 +181,14 @@ def unflatten(arrays):
 
 def print_table(title, rows):
     print(f"\n{title}")
-    header = (
-        "| model | n | Spearman | Pearson | median abs error | median | "
-        "90 % holds truth | 90 % width | rho(S0) |"
-    )
-    _print_header(header)
+    titles = ["model", "n", "Spearman", "Pearson", "median abs error", "median"]
+    print(harness.head([*titles, "90 % holds truth", "90 % width", "rho(S0)"]))
     for name, r in rows.items():
         cover = f"{100 * r['coverage_90']:.0f} %" if "coverage_90" in r else "--"
         width = f"{r['width_90']:.2f}" if "width_90" in r else "--"
-        print(
-            f"| {name} | {r['n']} | {r['spearman']:.2f} | {r['pearson']:.2f} | "
-            f"{r['median_abs_error']:.2f} | {r['median_estimate']:.2f} | {cover} | "
-            f"{width} | {r['spearman_s0']:.2f} |"
-        )
+        cells = [name, r["n"], f"{r['spearman']:.2f}", f"{r['pearson']:.2f}"]
+        cells += [f"{r['median_abs_error']:.2f}", f"{r['median_estimate']:.2f}"]
+        print(harness.row([*cells, cover, width, f"{r['spearman_s0']:.2f}"]))
 
 
 # The supervised oracle (--oracle): what the signals could tell of d_eff
@@ -598,12 +593,6 @@ def gap_sensitivity(cord, levels, wm, *, n_folds=5, block=5, gaps=range(5)):
     return out
 
 
-def _print_header(header):
-    """A markdown table's header row and its separator."""
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-
-
 def print_oracle(out, seconds):
     """The oracle's tables, as the page gives them."""
     print(
@@ -611,11 +600,9 @@ def print_oracle(out, seconds):
         "(trained and scored within the same voxels; 'partial': Spearman with fr "
         "and MVF partialled out)"
     )
-    header = (
-        "| voxels | inputs | folds | regressor | n | Spearman (90 %, bands "
-        "resampled) | Pearson | median abs error (um) | partial |"
-    )
-    _print_header(header)
+    titles = ["voxels", "inputs", "folds", "regressor", "n"]
+    titles += ["Spearman (90 %, bands resampled)", "Pearson", "median abs error (um)"]
+    print(harness.head([*titles, "partial"]))
     for r in out["oracle"]:
         print(
             f"| {r['voxels']} | {r['inputs']} | {r['folds']} | {r['regressor']} | "
@@ -624,18 +611,16 @@ def print_oracle(out, seconds):
             f"{r['median_abs_error']:.2f} | {r['partial']:.2f} |"
         )
     print("\nOne quantity alone: its Spearman correlation with d_eff")
-    print("| voxels | quantity | Spearman |\n|---|---|---|")
+    print(harness.head(["voxels", "quantity", "Spearman"]))
     for region, name, rho in out["confounds"]:
-        print(f"| {region} | {name} | {rho:.2f} |")
+        print(harness.row([region, name, f"{rho:.2f}"]))
     print(
         "\nThe label d_eff: its sampling error (axons redrawn from each voxel's "
         "gamma), its dependence on the distribution assumed and on the voxel"
     )
-    header = (
-        "| voxels | median relative sd | Spearman with a redrawn label | between two "
-        "redrawn | log-normal d_eff | volume-corrected diameter | one voxel over |"
-    )
-    _print_header(header)
+    titles = ["voxels", "median relative sd", "Spearman with a redrawn label"]
+    titles += ["between two redrawn", "log-normal d_eff", "volume-corrected diameter"]
+    print(harness.head([*titles, "one voxel over"]))
     for r in out["label"]:
         print(
             f"| {r['voxels']} | {100 * r['relative_sd']:.1f} % | {r['resampled']:.3f} "
@@ -647,21 +632,16 @@ def print_oracle(out, seconds):
         "and test rows widens (best penalty: chosen on the test voxels, an upper "
         "bound)"
     )
-    header = (
-        "| gap (rows) | training voxels a fold (median) | Spearman, nested | "
-        "Spearman, best penalty | its penalty |"
-    )
-    _print_header(header)
+    titles = ["gap (rows)", "training voxels a fold (median)", "Spearman, nested"]
+    print(harness.head([*titles, "Spearman, best penalty", "its penalty"]))
     for r in out["gaps"]:
-        print(
-            f"| {r['gap']} | {r['train']} | {r['nested']:.2f} | {r['best']:.2f} | "
-            f"{r['best_alpha']:.3g} |"
-        )
+        cells = [r["gap"], r["train"], f"{r['nested']:.2f}", f"{r['best']:.2f}"]
+        print(harness.row([*cells, f"{r['best_alpha']:.3g}"]))
     print(f"oracle: {seconds:.0f} s")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, seed=0)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=None)
     parser.add_argument(
         "--oracle",
@@ -675,10 +655,6 @@ def main(argv=None):
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--dmipy", default=None, help="dmipy installation or wheel")
     parser.add_argument("--out_dir", default="cord_histology")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
-    )
     args = parser.parse_args(argv)
     if args.models is None:
         args.models = [] if args.oracle else list(MODELS)

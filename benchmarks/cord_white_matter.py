@@ -47,10 +47,10 @@ threads on two shared cores made a draw eight times slower)::
 ``--quick``: 4 draws of each prior, no scores.
 """
 
-import argparse
 import pathlib
 import time
 
+import harness
 import numpy as np
 import torch
 from cord_histology import ridge_predictions, shell_features, white_matter
@@ -111,29 +111,32 @@ def simulate_prior(
     if name == "white_matter" and fibre_fraction is not None:
         tag += "-ff{:g}-{:g}".format(*fibre_fraction)
     path = pathlib.Path(out) / f"{name}{tag}-{len(kept)}v-{n}-{seed}.npz"
-    if path.exists():
-        saved = np.load(path)
-        return saved["signals"], saved["diameter"], saved["fraction"]
-    protocol = cord.protocol[kept]
-    rng = np.random.default_rng(seed)
-    start = time.perf_counter()
-    if name == "white_matter":
-        changes = {} if fibre_fraction is None else {"fibre_fraction": fibre_fraction}
-        prior = WhiteMatterPrior.fixed(
-            fibre_axis=AXIS, resolve_above=resolve_above, **changes
-        )
-        draws = [prior.draw(rng) for _ in range(n)]
-        signals = simulated_in_chunks(prior, draws, protocol, path)
-        diameter = np.array([d.descriptors["effective_diameter"] for d in draws])
-        fraction = np.array([d.descriptors["intra_axonal_fraction"] for d in draws])
-    else:
-        simulator = TissuePrior(fibre_axis=AXIS).simulator(protocol)
-        signals, truth = simulator.sample(n, seed=seed)
-        diameter, fraction = truth["cell_diameter"], truth["restricted_fraction"]
-    print(f"{name}: {n} draws in {time.perf_counter() - start:.0f} s", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, signals=signals, diameter=diameter, fraction=fraction)
-    return signals, diameter, fraction
+
+    def build():
+        protocol = cord.protocol[kept]
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        if name == "white_matter":
+            changes = {}
+            if fibre_fraction is not None:
+                changes["fibre_fraction"] = fibre_fraction
+            prior = WhiteMatterPrior.fixed(
+                fibre_axis=AXIS, resolve_above=resolve_above, **changes
+            )
+            draws = [prior.draw(rng) for _ in range(n)]
+            signals = simulated_in_chunks(prior, draws, protocol, path)
+            diameter = [d.descriptors["effective_diameter"] for d in draws]
+            fraction = [d.descriptors["intra_axonal_fraction"] for d in draws]
+            diameter, fraction = np.array(diameter), np.array(fraction)
+        else:
+            simulator = TissuePrior(fibre_axis=AXIS).simulator(protocol)
+            signals, truth = simulator.sample(n, seed=seed)
+            diameter, fraction = truth["cell_diameter"], truth["restricted_fraction"]
+        print(f"{name}: {n} draws in {time.perf_counter() - start:.0f} s", flush=True)
+        return dict(signals=signals, diameter=diameter, fraction=fraction)
+
+    saved = harness.cached(path, build)
+    return saved["signals"], saved["diameter"], saved["fraction"]
 
 
 def simulated_in_chunks(prior, draws, protocol, path, chunk=10):
@@ -348,12 +351,11 @@ def settings_probe(cord, kept, acquisitions, resolve_above):
     the fixed preset changes at a time (:data:`PROBE_CHANGES`)."""
     protocol = cord.protocol[kept]
     n = len(acquisitions[0])
+    titles = ["changed", "fibre fraction", "f_i", "D_e across (um^2/ms)"]
     print(
-        "\nOne draw, one setting changed at a time (two-compartment reading):"
-        "\n\n| changed | fibre fraction | f_i | D_e across (um^2/ms) "
-        "| non-decaying |"
+        "\nOne draw, one setting changed at a time (two-compartment reading):\n\n"
+        + harness.head([*titles, "non-decaying"], "-rrrr")
     )
-    print("|---|---:|---:|---:|---:|")
     for name, change in PROBE_CHANGES.items():
         prior = WhiteMatterPrior.fixed(
             fibre_axis=AXIS, resolve_above=resolve_above, **{**PROBE_BASE, **change}
@@ -366,19 +368,18 @@ def settings_probe(cord, kept, acquisitions, resolve_above):
             draw.descriptors[k] for k in ("myelin_fraction", "intra_axonal_fraction")
         )
         fibres = myelin + intra * (1 - myelin)  # as histology's fr + MVF
-        print(
-            f"| {name} | {fibres:.2f} | {r['f_i']:.2f} "
-            f"| {r['D_e']:.2f} | {r['f_dot']:.2f} |",
-            flush=True,
-        )
+        cells = (fibres, r["f_i"], r["D_e"], r["f_dot"])
+        print(harness.row([name, *(f"{v:.2f}" for v in cells)]), flush=True)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(
+        __doc__,
+        seed=0,
+        quick="4 draws of each prior, no scores",
+        out="cord_white_matter",
+    )
     parser.add_argument("--n", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="cord_white_matter")
-    parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--resolve_above",
         type=float,
@@ -444,12 +445,12 @@ def main(argv=None):
         ("d_eff (um)", 1, h["axon_diameter_effective"]),
         ("intra-axonal fraction", 2, h["intra_axonal_fraction"]),
     )
+    titles = ["prior", "draws", "quantity", "simulations (held out)"]
+    titles += ["cord Spearman", "cord median abs error", "median prediction"]
     print(
         f"\nScores, mean (spread) over {args.repeats} draws of the noise:\n\n"
-        "| prior | draws | quantity | simulations (held out) | cord Spearman "
-        "| cord median abs error | median prediction |"
+        + harness.head(titles, "-r-rrrr")
     )
-    print("|---|---:|---|---:|---:|---:|---:|")
     curves, checks = [], []
     for name, (signals, *truths) in read.items():
         runs = []
@@ -479,45 +480,36 @@ def main(argv=None):
         runs = np.array(runs)  # (repeats, quantities, 5)
         for q, (quantity, _, _) in enumerate(quantities):
             mean, spread = runs[:, q].mean(0), runs[:, q].std(0)
-            print(
-                f"| {name} | {len(signals)} | {quantity} | {mean[0]:.2f} "
-                f"| {mean[1]:.2f} ({spread[1]:.2f}) | {mean[2]:.2f} | {mean[4]:.2f} |",
-                flush=True,
-            )
+            cells = [name, len(signals), quantity, f"{mean[0]:.2f}"]
+            cells += [f"{mean[1]:.2f} ({spread[1]:.2f})", f"{mean[2]:.2f}"]
+            print(harness.row([*cells, f"{mean[4]:.2f}"]), flush=True)
     print("\nThe cord's Spearman against the draws trained on:\n")
     sizes = list(curves[0][2])
-    print("| prior | quantity | " + " | ".join(f"{n} draws" for n in sizes) + " |")
-    print("|---|---|" + "---:|" * len(sizes))
+    titles = ["prior", "quantity", *(f"{n} draws" for n in sizes)]
+    print(harness.head(titles, "--" + "r" * len(sizes)))
     for name, quantity, curve in curves:
-        print(
-            f"| {name} | {quantity} | "
-            + " | ".join(f"{curve[n]:.2f}" for n in sizes)
-            + " |"
-        )
-    print(
-        "\nPrior predictive check:\n\n| prior | cord voxels inside the "
-        "simulations' 95 % region | median distance, simulations | median "
-        "distance, cord | feature most outside |"
-    )
-    print("|---|---:|---:|---:|---|")
+        print(harness.row([name, quantity, *(f"{curve[n]:.2f}" for n in sizes)]))
+    titles = ["prior", "cord voxels inside the simulations' 95 % region"]
+    titles += ["median distance, simulations", "median distance, cord"]
+    titles += ["feature most outside"]
+    print("\nPrior predictive check:\n\n" + harness.head(titles, "-rrr-"))
     for name, (inside, own, theirs, worst) in checks:
-        print(f"| {name} | {inside:.0%} | {own:.1f} | {theirs:.1f} | {worst} |")
+        cells = [name, f"{inside:.0%}", f"{own:.1f}", f"{theirs:.1f}", worst]
+        print(harness.row(cells))
+    titles = ["signal", "f_i", "R (um)", "D_i (um^2/ms)", "D_e across (um^2/ms)"]
     print(
         "\nA two-compartment reading of the median signal across the fibres "
-        "(noise-free simulations):\n\n| signal | f_i | R (um) | D_i (um^2/ms) "
-        "| D_e across (um^2/ms) | non-decaying | rms |"
+        "(noise-free simulations):\n\n"
+        + harness.head([*titles, "non-decaying", "rms"], "-rrrrrr")
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
     n = len(labels)
     medians = {"cord white matter": np.median(cord_features[:, :n], 0)}
     for name, (signals, *_) in read.items():
         medians[name] = np.median(simulated_features(cord, kept, signals)[:, :n], 0)
     for name, median in medians.items():
         r = two_compartment_reading(median, acquisitions)
-        print(
-            f"| {name} | {r['f_i']:.2f} | {r['R']:.2f} | {r['D_i']:.2f} "
-            f"| {r['D_e']:.2f} | {r['f_dot']:.2f} | {r['rms']:.3f} |"
-        )
+        cells = (r[k] for k in ("f_i", "R", "D_i", "D_e", "f_dot"))
+        print(harness.row([name, *(f"{v:.2f}" for v in cells), f"{r['rms']:.3f}"]))
     if args.probe:
         settings_probe(cord, kept, acquisitions, args.resolve_above)
     ad, rd, fa, angle = cord_tensor(wm)

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 
@@ -128,9 +129,11 @@ def write_doc(path, generated):
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = harness.parser(
+        __doc__,
+        seed=0,
+        seed_help="the faces' permeabilities (default 0)",
+        quick="only the published 576-cell grid",
     )
     parser.add_argument(
         "--threads", type=int, default=2, help="torch CPU threads (default 2)"
@@ -149,12 +152,6 @@ def _parse(argv):
             "cubes per side to run, from 4 (576 cells), 6 (2160), 10 (10800), "
             "15 (37800); default all"
         ),
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="the faces' permeabilities (default 0)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="only the published 576-cell grid"
     )
     parser.add_argument(
         "--write-doc",
@@ -393,7 +390,7 @@ def _format(value, fmt):
 def format_markdown(header, rows, notes, argv):
     """The machine description, table and notes as a markdown document."""
     titles = [title for title, _, _ in COLUMNS]
-    align = ["---:" if fmt != "s" else ":---" for _, _, fmt in COLUMNS]
+    align = "".join("r" if fmt != "s" else "l" for _, _, fmt in COLUMNS)
     lines = [
         "# Forward-model benchmark",
         "",
@@ -403,8 +400,7 @@ def format_markdown(header, rows, notes, argv):
         "",
     ]
     lines += [f"- {h}" for h in header]
-    lines += ["", "| " + " | ".join(titles) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    lines += ["", harness.table(titles, [_cells(r) for r in rows], align)]
     lines += ["", "Notes:", ""]
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"

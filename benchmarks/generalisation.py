@@ -47,7 +47,6 @@ them again (18 minutes for the 200 fine-grid targets).
         --approximation 32 --batch 8 --rows snr100_rows.jsonl
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -55,6 +54,7 @@ import platform
 import time
 from collections import defaultdict
 
+import harness
 import numpy as np
 import torch
 
@@ -430,16 +430,13 @@ def table(physics, summaries):
         "poor_fit": "POOR_FIT",
         "iou_median_not_poor": "IoU median, not POOR_FIT",
     }
-    print(
-        "| family | "
-        + " | ".join(columns.values())
-        + f" | wrong (IoU < 0.5) with uncertainty >= {FLAG} |"
-    )
-    print("| --- |" + " ---: |" * (len(columns) + 1))
+    titles = ["family", *columns.values()]
+    titles += [f"wrong (IoU < 0.5) with uncertainty >= {FLAG}"]
+    print(harness.head(titles, "-" + "r" * (len(columns) + 1), spaced=True))
     for name, numbers in summaries.items():
         cells = [_cell(numbers[key], key) for key in columns]
         flagged = f"{numbers['wrong_flagged']}/{numbers['wrong']}"
-        print(f"| {name} | " + " | ".join(cells) + f" | {flagged} |")
+        print(harness.row([name, *cells, flagged]))
 
 
 def _cell(value, key):
@@ -452,10 +449,9 @@ def _cell(value, key):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__, seed=HELD_OUT_SEED)
     parser.add_argument("--n", type=int, default=200, help="substrates per physics")
     parser.add_argument("--physics", nargs="+", default=list(PHYSICS), choices=PHYSICS)
-    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     parser.add_argument("--batch", type=int, default=8, help="voxels per call")
     parser.add_argument(
         "--approximation",
@@ -470,9 +466,6 @@ def main(argv=None):
         help="JSON-lines file: each batch's voxels are appended to it as they are "
         "scored, and voxels already in it (same physics and settings) are read, "
         "not fitted again, so an interrupted run resumes",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
     )
     args = parser.parse_args(argv)
     if args.quick:  # one voxel, paper physics, a short search

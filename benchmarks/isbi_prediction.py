@@ -34,10 +34,10 @@ random). Run::
     python benchmarks/isbi_prediction.py --held_out strongest
 """
 
-import argparse
 import platform
 import time
 
+import harness
 import numpy as np
 import torch
 
@@ -59,13 +59,9 @@ MODELS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, seed=0)
     parser.add_argument("--held_out", choices=("middle", "strongest"), default="middle")
     parser.add_argument("--dmipy", default=None, help="dmipy installation or wheel")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
-    )
     args = parser.parse_args(argv)
     models = dict(list(MODELS.items())[:1]) if args.quick else MODELS  # ActiveAx
     torch.manual_seed(args.seed)
@@ -83,8 +79,8 @@ def main(argv=None):
         f"{np.median(levels[:, isbi.gtab.b0s_mask].mean(-1) / sigma):.0f}. "
         f"Machine: {platform.machine()}"
     )
-    print("\n| model | genu | fornix | all | fit (s) | diameter genu / fornix (um) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    titles = ["model", "genu", "fornix", "all", "fit (s)"]
+    print("\n" + harness.head([*titles, "diameter genu / fornix (um)"], spaced=True))
     for name, build in models.items():
         model = build(train_table)
         start = time.perf_counter()
@@ -100,10 +96,8 @@ def main(argv=None):
         if hasattr(fit, "diameter"):
             d = np.asarray(fit.diameter).ravel()
             diameter = " / ".join(f"{np.median(d[region == r]):.1f}" for r in (0, 1))
-        print(
-            f"| {name} | {' | '.join(cells)} | {np.median(score):.1f} | "
-            f"{seconds:.1f} | {diameter} |"
-        )
+        scores = [*cells, f"{np.median(score):.1f}"]
+        print(harness.row([name, *scores, f"{seconds:.1f}", diameter]))
     print(
         "\nMedian over the voxels of the mean squared prediction error over "
         "the noise variance (1: as good as the noise allows)."

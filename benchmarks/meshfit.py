@@ -12,9 +12,9 @@ random; ``--seed`` seeds torch's global generator all the same.
     OMP_NUM_THREADS=1 python benchmarks/meshfit.py --repeats 3
 """
 
-import argparse
 import time
 
+import harness
 import numpy as np
 import torch
 
@@ -41,27 +41,24 @@ def time_forward(resolution, length_scale, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="one coarse mesh, once (a smoke test)"
+    parser = harness.parser(
+        __doc__, seed=0, quick="one coarse mesh, once (a smoke test)"
     )
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     sizes = ((5, 2.0), (5, 1.0))
     if args.quick:
         args.repeats, sizes = 1, ((3, 2.0),)
     print(f"torch threads: {torch.get_num_threads()}")
-    print("| mesh tets | modes | length scale (um) | basis (s) | forward+grad (s) |")
-    print("| --- | --- | --- | --- | --- |")
+    titles = ["mesh tets", "modes", "length scale (um)", "basis (s)"]
+    print(harness.head([*titles, "forward+grad (s)"], spaced=True))
     for resolution, length_scale in sizes:
         n_tets, n_modes, t_basis, t_fb = time_forward(
             resolution, length_scale, args.repeats
         )
-        print(
-            f"| {n_tets} | {n_modes} | {length_scale:g} | {t_basis:.2f} | {t_fb:.2f} |"
-        )
+        cells = [n_tets, n_modes, f"{length_scale:g}", f"{t_basis:.2f}"]
+        print(harness.row([*cells, f"{t_fb:.2f}"]))
 
 
 if __name__ == "__main__":

@@ -38,13 +38,13 @@ on a GPU (the GPU rows of doc/validation/sections.md); ``--retrain
 voxels.
 """
 
-import argparse
 import logging
 import pathlib
 import tempfile
 import time
 import warnings
 
+import harness
 import numpy as np
 from prior_throughput import machine
 from surface_check import _demo_protocol
@@ -301,16 +301,14 @@ def trained_model(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(
+        __doc__,
+        seed=TEST_SEED,
+        seed_help="held-out draws (left-out families: seed + 1, "
+        "--fixed_permeability: seed + 2)",
+    )
     add_estimator_arguments(parser)
     parser.add_argument("--n_test", type=int, default=1000)
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=TEST_SEED,
-        help="held-out draws (left-out families: seed + 1, --fixed_permeability: "
-        "seed + 2)",
-    )
     parser.add_argument("--figure", default=None, help="PNG of the calibration")
     parser.add_argument("--fixed_permeability", type=float, default=None)
     parser.add_argument(
@@ -326,9 +324,6 @@ def main(argv=None):
         default=0,
         metavar="N",
         help="also time one fit of N voxels (the held-out signals repeated)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
     )
     args = parser.parse_args(argv)
     if args.quick:  # the shipped default estimator on 8 held-out draws
@@ -400,11 +395,9 @@ def print_resolution_limit(fits, truth, protocol):
     from the prior's floor to about the limit."""
     diameter = np.asarray(truth["cell_diameter"])
     print("\ncell diameter against the resolution limit (Nilsson et al. 2017)")
-    print(
-        "| SNR | d_min (um) | fibres below: n, median 90 % interval (um) "
-        "| fibres of d_min-2 d_min: n, median interval / truth |"
-    )
-    print("| --- | --- | --- | --- |")
+    titles = ["SNR", "d_min (um)", "fibres below: n, median 90 % interval (um)"]
+    titles += ["fibres of d_min-2 d_min: n, median interval / truth"]
+    print(harness.head(titles, spaced=True))
     for snr, fit in fits.items():
         d_min = diameter_resolution_limit(protocol, snr=snr)
         low, high = fit.credible_interval("cell_diameter", level=0.9)

@@ -37,7 +37,6 @@ truth.
         --left_out torus fanning_tube --n_test 100
 """
 
-import argparse
 import logging
 import os
 import platform
@@ -49,6 +48,7 @@ import warnings
 from datetime import date
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
 from posterior_calibration import (
@@ -401,7 +401,11 @@ def print_table(title, results, truth, methods, record, *, voxels=None, common=N
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(
+        __doc__,
+        seed=TEST_SEED,
+        seed_help="held-out draws (the left-out families' from seed + 1)",
+    )
     add_estimator_arguments(parser)
     parser.add_argument("--n_test", type=int, default=100)
     parser.add_argument(
@@ -413,16 +417,7 @@ def main(argv=None):
         "minute or more a voxel and SNR)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=TEST_SEED,
-        help="held-out draws (the left-out families' from seed + 1)",
-    )
     add_test_arguments(parser)
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
-    )
     args = parser.parse_args(argv)
     if args.quick:  # the shipped default estimator on 8 held-out draws
         args.default, args.n_test, args.search = True, 8, 0

@@ -21,7 +21,9 @@ check's calibration: a level's share of them should lie inside):
 - ``mixture_fixed_z``: the same with the fibres about the cord's axis (z).
 
 ``--set 3d`` checks the cord's other acquisition (796 volumes: 16 b = 0
-and four shells of 195 directions, every volume) instead.
+and four shells of 195 directions, every volume) instead. ``--probe``
+checks the mixing prior's mechanisms one at a time: its bundles along the
+cord alone, with each of dispersion, free water and dots, then all.
 
 It also gives the share the posterior fit's ``OUT_OF_PRIOR`` leaves
 inside (the 99.9 % region of ``reconst.posterior.PREDICTIVE_LEVEL``).
@@ -29,6 +31,7 @@ The simulations are kept in ``--out`` and resumed.
 
     python benchmarks/prior_check.py --n 2000
     python benchmarks/prior_check.py --set 3d --n 1000
+    python benchmarks/prior_check.py --set 3d --n 1000 --probe
 
 ``--quick``: 24 draws of each prior; its numbers mean nothing.
 """
@@ -45,7 +48,7 @@ from cord_white_matter import simulated_volumes
 
 from dipy_spinverse.data import read_cat_spinal_cord
 from dipy_spinverse.posterior import TissuePrior
-from dipy_spinverse.posterior.envelope import prior_predictive_check
+from dipy_spinverse.posterior.envelope import prior_predictive_check, shell_layout
 from dipy_spinverse.posterior.mixture_prior import MixturePrior
 from dipy_spinverse.posterior.noise import add_noise
 
@@ -56,6 +59,29 @@ PRIORS = {
     "mixture_fixed": MixturePrior.fixed,
     "mixture_fixed_z": lambda: MixturePrior.fixed(fibre_axis=(0.0, 0.0, 1.0)),
 }
+_Z = (0.0, 0.0, 1.0)
+_NONE = (0.0, 0.0)
+#: The mechanisms one at a time (``--probe``): the fixed preset's bundles
+#: along the cord alone, then with each of dispersion, free water and dots;
+#: all of them are ``mixture_fixed_z``. One library serves them all.
+PROBES = {
+    "bundles_z": lambda: MixturePrior.fixed(
+        fibre_axis=_Z,
+        orientation_dispersion=_NONE,
+        free_water_fraction=_NONE,
+        dot_fraction=_NONE,
+    ),
+    "bundles_z+dispersion": lambda: MixturePrior.fixed(
+        fibre_axis=_Z, free_water_fraction=_NONE, dot_fraction=_NONE
+    ),
+    "bundles_z+free_water": lambda: MixturePrior.fixed(
+        fibre_axis=_Z, orientation_dispersion=_NONE, dot_fraction=_NONE
+    ),
+    "bundles_z+dots": lambda: MixturePrior.fixed(
+        fibre_axis=_Z, orientation_dispersion=_NONE, free_water_fraction=_NONE
+    ),
+}
+PRIORS.update(PROBES)
 
 
 def simulated(name, protocol, n, seed, out, *, quick=False):
@@ -78,6 +104,39 @@ def simulated(name, protocol, n, seed, out, *, quick=False):
     return signals
 
 
+def cord_voxels(cord, kept, *, drift=False, noise="b0"):
+    """The cord's white-matter signals on the volumes ``kept`` and each
+    voxel's noise in their units.
+
+    With ``drift`` each volume is divided by its timing's b = 0 at its place
+    in the acquisition (the cord's 3-D set drifts by up to 5 % between the
+    runs of b = 0 volumes that open each shell), so the signals are b0
+    levels, 1 at b = 0. ``noise="lowest_shell"`` takes the spread of the
+    lowest shell over its directions (noise and that shell's little
+    anisotropy: an upper bound) instead of the repeated b = 0 volumes',
+    which on the 3-D set is drift between runs (2.1 % of b = 0) or, within a
+    run, 0.3 %, four times below the spread between neighbouring volumes of
+    the lowest shell (1.3 %).
+    """
+    sigma, levels = cord.repeated_b0_noise(cord.mask, drift=drift)
+    wm, _ = white_matter(cord)
+    data = cord.data[cord.mask][wm][:, kept]
+    sigma = np.broadcast_to(np.asarray(sigma, dtype=float), (int(cord.mask.sum()),))
+    sigma = sigma[wm]
+    if drift:
+        scale = levels[wm][:, kept]
+        sigma = sigma / scale[:, cord.protocol.bvals[kept] == 0].mean(1)
+        data = data / scale
+    if noise == "lowest_shell":
+        protocol = cord.protocol[kept]
+        shells, _ = shell_layout(protocol)
+        lowest = min(shells, key=lambda s: protocol.bvals[s].mean())
+        if len(lowest) < 6:
+            raise ValueError("--noise lowest_shell needs a shell of 6 directions.")
+        sigma = data[:, lowest].std(1, ddof=1)
+    return data, sigma
+
+
 def held_out(signals, relative_sigma, seed):
     """Held-out draws with the cord's noise: each at the relative noise of
     a cord voxel drawn at random, in units of its b = 0."""
@@ -96,8 +155,28 @@ def main(argv=None):
     parser.add_argument("--out", default="prior_check")
     parser.add_argument("--set", choices=("2d", "3d"), default="2d")
     parser.add_argument("--priors", nargs="+", choices=tuple(PRIORS), default=None)
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="the mixing prior's mechanisms one at a time (PROBES), then all",
+    )
+    parser.add_argument(
+        "--drift",
+        action="store_true",
+        help="each volume over its timing's b = 0 at its place in the "
+        "acquisition (RealDataset.repeated_b0_noise(drift=True))",
+    )
+    parser.add_argument(
+        "--noise",
+        choices=("b0", "lowest_shell"),
+        default="b0",
+        help="each voxel's noise: the repeated b = 0 volumes' spread, or the "
+        "spread of its lowest shell over its directions (an upper bound)",
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    if args.probe:
+        args.priors = [*PROBES, "mixture_fixed_z"]
     if args.quick:
         args.n, args.n_held_out = 24, 20
     cord = read_cat_spinal_cord(args.set)
@@ -108,11 +187,7 @@ def main(argv=None):
         else np.arange(len(cord.protocol))
     )
     protocol = cord.protocol[kept]
-    sigma, _ = cord.repeated_b0_noise(cord.mask)
-    wm, _ = white_matter(cord)
-    data = cord.data[cord.mask][wm][:, kept]
-    sigma = np.broadcast_to(np.asarray(sigma, dtype=float), (int(cord.mask.sum()),))
-    sigma = sigma[wm]
+    data, sigma = cord_voxels(cord, kept, drift=args.drift, noise=args.noise)
     b0 = protocol.bvals == 0
     relative = sigma / data[:, b0].mean(1)
     print(

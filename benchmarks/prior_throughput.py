@@ -51,10 +51,10 @@ difference, not a time error); the mean row weights the sides by their
 draws among the ``--n``.
 """
 
-import argparse
 import platform
 import time
 
+import harness
 import numpy as np
 import torch
 
@@ -74,9 +74,13 @@ BVALS = (1000.0, 2500.0, 4000.0)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(
+        __doc__,
+        seed=1,
+        quick="4 draws at resolution 3, one of each side compared, the old "
+        "engine to 2 sub-steps (a smoke test)",
+    )
     parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--n_directions", type=int, default=10)
     parser.add_argument("--resolution", type=int, default=6)
     parser.add_argument("--cell_diameter", type=float, nargs=2, default=(1.0, 25.0))
@@ -104,12 +108,6 @@ def main(argv=None):
     )
     parser.add_argument("--old_max_substeps", type=int, default=16)
     parser.add_argument("--reference_tolerance", type=float, default=1e-4)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="4 draws at resolution 3, one of each side compared, the old "
-        "engine to 2 sub-steps (a smoke test)",
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.resolution = 4, 3

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 
+import harness
 import numpy as np
 import torch
 
@@ -150,13 +151,13 @@ def _run_old(rev, name, args, substeps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(
+        __doc__, seed=1, quick="2 draws at resolution 3 on the demo protocol"
+    )
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=PROTOCOLS)
     parser.add_argument("--n", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=6)
     parser.add_argument("--old", default=None, help="git revision of the old engine")
-    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--substeps", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--save", default=None, help=argparse.SUPPRESS)

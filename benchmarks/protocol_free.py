@@ -43,11 +43,11 @@ Run (simulations are kept in ``--out`` and resumed)::
 ``--quick``: 2 unions of 5 shells, a few draws, no meaning.
 """
 
-import argparse
 import copy
 import pathlib
 import time
 
+import harness
 import numpy as np
 import torch
 from dipy.core.sphere import cart2sphere
@@ -262,17 +262,15 @@ def intervals(model, inputs, n=400, level=0.9):
 
 # -- the measurement ----------------------------------------------------------
 def simulated(out, u, protocol, n, seed):
-    path = pathlib.Path(out) / f"union{u}-{n}-{seed}.npz"
-    if path.exists():
-        saved = np.load(path)
-        return saved["signals"], saved["y"]
-    start = time.perf_counter()
-    signals, truth = TissuePrior().simulator(protocol).sample(n, seed=seed)
-    print(f"union {u}: {n} draws in {time.perf_counter() - start:.0f} s", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    y = coordinates(truth)
-    np.savez(path, signals=signals, y=y)
-    return signals, y
+    def build():
+        start = time.perf_counter()
+        signals, truth = TissuePrior().simulator(protocol).sample(n, seed=seed)
+        seconds = time.perf_counter() - start
+        print(f"union {u}: {n} draws in {seconds:.0f} s", flush=True)
+        return dict(signals=signals, y=coordinates(truth))
+
+    saved = harness.cached(pathlib.Path(out) / f"union{u}-{n}-{seed}.npz", build)
+    return saved["signals"], saved["y"]
 
 
 def standardised(tokens, y, stats=None):
@@ -284,14 +282,18 @@ def standardised(tokens, y, stats=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(
+        __doc__,
+        seed=0,
+        quick="2 unions of 5 shells, a few draws, no meaning",
+        out="protocol_free",
+    )
     parser.add_argument("--unions", type=int, default=6)
     parser.add_argument("--shells", type=int, default=16)
     parser.add_argument("--directions", type=int, default=20)
     parser.add_argument("--n", type=int, default=400, help="draws a union")
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--train_seed",
         type=int,
@@ -302,8 +304,6 @@ def main(argv=None):
     parser.add_argument(
         "--pooling", default="transformer", choices=SetEstimator.POOLINGS
     )
-    parser.add_argument("--out", default="protocol_free")
-    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.unions, args.shells, args.n, args.test, args.epochs = 2, 5, 16, 8, 2
@@ -349,12 +349,9 @@ def main(argv=None):
         slice(len(held_y) - args.test, None),
     )
     shell = unions[-1][1]
-    print(
-        "| shells | volumes | estimator | "
-        + " | ".join(f"{d} coverage | width" for d in DESCRIPTORS)
-        + " |"
-    )
-    print("|---:|---:|---|" + "---:|---:|" * len(DESCRIPTORS))
+    titles = ["shells", "volumes", "estimator"]
+    titles += [t for d in DESCRIPTORS for t in (f"{d} coverage", "width")]
+    print(harness.head(titles, "rr-" + "rr" * len(DESCRIPTORS)))
     ratios = {}
     for k in sorted({min(k, n_shells) for k in (4, 8, n_shells)}):
         seen = np.arange(n_shells) < k
@@ -382,17 +379,15 @@ def main(argv=None):
             lo, hi = intervals(model, inputs)
             inside = ((truth >= lo) & (truth <= hi)).mean(0)
             width = np.median(hi - lo, axis=0) * stats[3]
-            cells = " | ".join(
-                f"{c:.2f} | {w:.2f}" for c, w in zip(inside, width, strict=True)
-            )
-            print(f"| {k} | {volumes.sum()} | {name} | {cells} |", flush=True)
+            pairs = zip(inside, width, strict=True)
+            cells = [f"{v:.2f}" for pair in pairs for v in pair]
+            print(harness.row([k, volumes.sum(), name, *cells]), flush=True)
             widths.append(width)
         ratios[k] = widths[0] / widths[1]
     print("\nWidth ratio, protocol-free / per-protocol:\n")
-    print("| shells | " + " | ".join(DESCRIPTORS) + " |")
-    print("|---:|" + "---:|" * len(DESCRIPTORS))
+    print(harness.head(["shells", *DESCRIPTORS], "r" * (len(DESCRIPTORS) + 1)))
     for k, ratio in ratios.items():
-        print(f"| {k} | " + " | ".join(f"{r:.2f}" for r in ratio) + " |")
+        print(harness.row([k, *(f"{r:.2f}" for r in ratio)]))
 
 
 if __name__ == "__main__":

@@ -46,10 +46,10 @@ Run::
 protocol alone, 16 draws, no meaning.
 """
 
-import argparse
 import pathlib
 import time
 
+import harness
 import numpy as np
 
 from dipy_spinverse import Protocol, SpinverseModel
@@ -173,12 +173,15 @@ def take(truth, rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="protocol_free")
+    parser = harness.parser(
+        __doc__,
+        seed=0,
+        quick="the demo protocol alone, 16 draws, no meaning",
+        out="protocol_free",
+    )
     parser.add_argument("--union_folder", default=None)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--snr", type=float, default=50.0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--protocols",
         nargs="+",
@@ -186,7 +189,6 @@ def main(argv=None):
         choices=PROTOCOLS,
         help="the hidden protocols to score (default: all)",
     )
-    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     cases = {}
     demo = demo_table(args.out)
@@ -233,7 +235,6 @@ def main(argv=None):
         signals, truth = test_draws(args.out, "hcp", hcp, args.test, args.seed + 101)
         cases["hcp"] = (hcp, signals, truth, HCP_TRAINING)
 
-    head = " | ".join(f"{n}: coverage | width" for n in pf.FREE_SCALARS)
     rows, ratios = [], {}
     for name, (protocol, signals, truth, reference) in cases.items():
         rng = np.random.default_rng([args.seed, PROTOCOLS.index(name)])
@@ -265,16 +266,18 @@ def main(argv=None):
         ratios[name] = [scores[n][1] / ref_scores[n][1] for n in pf.FREE_SCALARS]
 
     print(f"\nSNR {args.snr:g}, {args.test} test draws a protocol:\n")
-    print(f"| protocol | volumes | estimator | voxels | seconds | {head} |")
-    print("|---|---:|---|---:|---:|" + "---:|---:|" * len(pf.FREE_SCALARS))
+    titles = ["protocol", "volumes", "estimator", "voxels", "seconds"]
+    titles += [t for n in pf.FREE_SCALARS for t in (f"{n}: coverage", "width")]
+    print(harness.head(titles, "-r-rr" + "rr" * len(pf.FREE_SCALARS)))
     for name, volumes, which, scores, n_ok, seconds in rows:
-        cells = " | ".join(f"{c:.2f} | {w:.2f}" for c, w in scores.values())
-        print(f"| {name} | {volumes} | {which} | {n_ok} | {seconds:.0f} | {cells} |")
+        cells = [f"{v:.2f}" for pair in scores.values() for v in pair]
+        print(harness.row([name, volumes, which, n_ok, f"{seconds:.0f}", *cells]))
     print("\nWidth ratio, protocol-free / per-protocol:\n")
-    print("| protocol | " + " | ".join(pf.FREE_SCALARS) + " |")
-    print("|---|" + "---:|" * len(pf.FREE_SCALARS))
+    print(
+        harness.head(["protocol", *pf.FREE_SCALARS], "-" + "r" * len(pf.FREE_SCALARS))
+    )
     for name, ratio in ratios.items():
-        print(f"| {name} | " + " | ".join(f"{r:.2f}" for r in ratio) + " |")
+        print(harness.row([name, *(f"{r:.2f}" for r in ratio)]))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ pasted from its output).
     python benchmarks/protocols.py --out protocols_table.md
 """
 
-import argparse
 import platform
 import time
 
+import harness
 import numpy as np
 import torch
 
@@ -66,15 +66,9 @@ def noisy(signal, protocol, rng):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__, seed=0)
     parser.add_argument("--shapes", nargs="+", default=["sphere", "cylinder"])
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="markdown file for the table")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a smoke test, not a measurement",
-    )
     args = parser.parse_args(argv)
     chosen = protocols()
     options = {}
@@ -89,8 +83,11 @@ def main(argv=None):
         f'"default" preset with sigma; {platform.machine()}, '
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}.",
         "",
-        "| protocol | volumes | shape | F1 | IoU | membrane (m/s) | time (s) |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        harness.head(
+            ["protocol", "volumes", "shape", "F1", "IoU", "membrane (m/s)", "time (s)"],
+            "-r-rrrr",
+            spaced=True,
+        ),
     ]
     print("\n".join(lines), flush=True)
     for name, protocol in chosen:
@@ -105,9 +102,9 @@ def main(argv=None):
             scores = all_metrics(grid, result.barrier, phantom)
             membrane = result.permeability[result.barrier]
             kappa = f"{np.median(membrane):.2g}" if membrane.size else "--"
-            line = (
-                f"| {name} | {len(protocol)} | {shape} | {scores['f1']:.2f} | "
-                f"{scores['iou']:.2f} | {kappa} | {seconds:.0f} |"
+            line = harness.row(
+                [name, len(protocol), shape, f"{scores['f1']:.2f}"]
+                + [f"{scores['iou']:.2f}", kappa, f"{seconds:.0f}"]
             )
             lines.append(line)
             print(line, flush=True)

@@ -30,11 +30,11 @@ uncertainty < 0.1, status OK; target none).
     python benchmarks/surface_check.py --n 12 --snr 100 --published
 """
 
-import argparse
 import tempfile
 import time
 from types import SimpleNamespace
 
+import harness
 import numpy as np
 import torch
 
@@ -64,11 +64,10 @@ QUICK_SEARCH = dict(max_iter=2, search_steps=2, search_restarts=1)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, seed=4601)
     parser.add_argument(
         "--n", type=int, default=24, help="held-out substrates (0: none)"
     )
-    parser.add_argument("--seed", type=int, default=4601)
     parser.add_argument("--snr", type=float, default=100.0)
     parser.add_argument(
         "--noise_free_sigma",
@@ -87,9 +86,6 @@ def main(argv=None):
         type=int,
         default=None,
         help="descents of the label search (search_restarts; default the preset's)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -253,13 +249,11 @@ def summary(rows):
 def _print(name, check, rows, seconds):
     s = summary(rows)
     print(f"\n{name}, {check} uncertainty ({s['n']} voxels, {seconds:.1f} s a voxel)")
-    print("| uncertainty | voxels | median aligned IoU | mean 1 - IoU |")
-    print("| --- | ---: | ---: | ---: |")
+    titles = ["uncertainty", "voxels", "median aligned IoU", "mean 1 - IoU"]
+    print(harness.head(titles, "-rrr", spaced=True))
     for b in s["bins"]:
-        print(
-            f"| {b['low']:.2f}-{b['high']:.2f} | {b['n']} | {b['iou_median']:.2f} "
-            f"| {b['expected']:.2f} |"
-        )
+        cells = [f"{b['low']:.2f}-{b['high']:.2f}", b["n"], f"{b['iou_median']:.2f}"]
+        print(harness.row([*cells, f"{b['expected']:.2f}"]))
     print(
         f"uncertainty < 0.1: {s['sure']} voxels, {100 * s['sure_right']:.0f} % with "
         f"IoU >= 0.8 (target 90 %); IoU < 0.5: {s['wrong']} voxels, "

@@ -21,12 +21,12 @@ draws the noise and starts the Gaussian mixture.
         --figure doc/validation/tissue_maps.png
 """
 
-import argparse
 import os
 import platform
 import time
 import warnings
 
+import harness
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -106,15 +106,18 @@ def timed_fit(model, images, mask):
     return fit, time.perf_counter() - start
 
 
+#: The table's columns (``row`` writes one line).
+TITLES = ["SNR", "contrasts", "method", "MAE", "Dice csf / gm / wm"]
+TITLES += ["PSNR csf / gm / wm (dB)", "SSIM csf / gm / wm", "fit (s)"]
+
+
 def row(method, snr, contrasts, result, seconds=None):
     dice = " / ".join(f"{result[f'dice_{t}']:.3f}" for t in TISSUES)
     psnr = " / ".join(f"{result[f'psnr_{t}']:.1f}" for t in TISSUES)
     ssim = " / ".join(f"{result[f'ssim_{t}']:.3f}" for t in TISSUES)
     time_text = f"{seconds:.1f}" if seconds is not None else ""
-    return (
-        f"| {snr:g} | {contrasts} | {method} | {result['mae']:.4f} | {dice} | "
-        f"{psnr} | {ssim} | {time_text} |"
-    )
+    cells = [f"{snr:g}", contrasts, method, f"{result['mae']:.4f}"]
+    return harness.row([*cells, dice, psnr, ssim, time_text])
 
 
 def figure(path, truth, fits, mask):
@@ -143,16 +146,12 @@ def figure(path, truth, fits, mask):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__, seed=0)
     parser.add_argument("--snr", type=float, nargs="+", default=[20, 50, 100])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--figure", help="save true vs fitted maps (PNG)")
     parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
-    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     truth, mask, _ = mni152_tissue_maps(resolution=2)
@@ -169,9 +168,7 @@ def main(argv=None):
         f", {os.cpu_count()} cores (shared with other jobs: times are upper "
         "bounds).",
         "",
-        "| SNR | contrasts | method | MAE | Dice csf / gm / wm | "
-        "PSNR csf / gm / wm (dB) | SSIM csf / gm / wm | fit (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        harness.head(TITLES, spaced=True),
     ]
     print("\n".join(lines), flush=True)
     figure_fits = None

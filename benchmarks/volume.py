@@ -21,7 +21,6 @@ and the throughput, with the time of the whole mask extrapolated.
     python benchmarks/volume.py --chunks 2
 """
 
-import argparse
 import os
 import resource
 import shutil
@@ -29,6 +28,7 @@ import tempfile
 import time
 import tracemalloc
 
+import harness
 import numpy as np
 import torch
 from dipy.core.gradients import gradient_table
@@ -146,15 +146,11 @@ def checkpoint_costs(model, sizes, batch, repeats, folder, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, seed=0)
     parser.add_argument("--chunks", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max_iter", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
-    )
     args = parser.parse_args(argv)
     sizes = (1_000, 10_000, 100_000)
     if args.quick:
@@ -178,42 +174,42 @@ def main(argv=None):
     traced, rss_before, rss_after, per_chunk = memory_and_throughput(
         model, data, mask, args.chunks
     )
-    print("\n| memory | MiB |")
-    print("|---|---:|")
-    print(f"| the volume's data (float32, input) | {data.nbytes / 2**20:.0f} |")
-    print(f"| peak traced allocations during the fit (tracemalloc) | {traced:.0f} |")
-    print(f"| peak RSS before the fit (data, imports) | {rss_before:.0f} |")
-    print(f"| peak RSS after {args.chunks} chunks | {rss_after:.0f} |")
-    print(
-        f"| per-voxel arrays of the {N_MASK:,} voxels of the mask (held) | "
-        f"{volume_layout_bytes(model, N_MASK) / 2**20:.0f} |"
-    )
-    print(
-        f"| the same for all {mask.size:,} voxels (the layout before) | "
-        f"{volume_layout_bytes(model, mask.size) / 2**20:,.0f} |"
-    )
+    memory = [
+        ("the volume's data (float32, input)", f"{data.nbytes / 2**20:.0f}"),
+        ("peak traced allocations during the fit (tracemalloc)", f"{traced:.0f}"),
+        ("peak RSS before the fit (data, imports)", f"{rss_before:.0f}"),
+        (f"peak RSS after {args.chunks} chunks", f"{rss_after:.0f}"),
+        (
+            f"per-voxel arrays of the {N_MASK:,} voxels of the mask (held)",
+            f"{volume_layout_bytes(model, N_MASK) / 2**20:.0f}",
+        ),
+        (
+            f"the same for all {mask.size:,} voxels (the layout before)",
+            f"{volume_layout_bytes(model, mask.size) / 2**20:,.0f}",
+        ),
+    ]
+    print("\n" + harness.table(["memory", "MiB"], memory, "-r"))
     folder = tempfile.mkdtemp()
     try:
         costs = checkpoint_costs(model, sizes, args.batch, 20, folder, args.seed + 1)
     finally:
         shutil.rmtree(folder)
-    print(
-        f"\n| voxels in the mask | store created (s) | HDF5 chunk of {args.batch} "
-        "(ms) | whole .npz rewrite (s) |"
-    )
-    print("|---:|---:|---:|---:|")
-    for n_mask, create, chunk, whole in costs:
-        print(f"| {n_mask:,} | {create:.3f} | {chunk * 1e3:.1f} | {whole:.2f} |")
+    titles = ["voxels in the mask", "store created (s)"]
+    titles += [f"HDF5 chunk of {args.batch} (ms)", "whole .npz rewrite (s)"]
+    rows = [
+        (f"{n:,}", f"{create:.3f}", f"{chunk * 1e3:.1f}", f"{whole:.2f}")
+        for n, create, chunk, whole in costs
+    ]
+    print("\n" + harness.table(titles, rows, "rrrr"))
     seconds = float(np.mean(per_chunk))
     per_minute = args.batch / seconds * 60
-    print("\n| throughput | value |")
-    print("|---|---:|")
-    print(f"| chunks fitted | {len(per_chunk)} x {args.batch} voxels |")
-    print(f"| seconds per chunk (fit + checkpoint) | {seconds:.2f} |")
-    print(f"| voxels per minute | {per_minute:,.0f} |")
-    print(
-        f"| the {N_MASK:,}-voxel mask (extrapolated) | {N_MASK / per_minute:.0f} min |"
-    )
+    throughput = [
+        ("chunks fitted", f"{len(per_chunk)} x {args.batch} voxels"),
+        ("seconds per chunk (fit + checkpoint)", f"{seconds:.2f}"),
+        ("voxels per minute", f"{per_minute:,.0f}"),
+        (f"the {N_MASK:,}-voxel mask (extrapolated)", f"{N_MASK / per_minute:.0f} min"),
+    ]
+    print("\n" + harness.table(["throughput", "value"], throughput, "-r"))
 
 
 if __name__ == "__main__":

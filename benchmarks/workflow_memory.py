@@ -20,7 +20,6 @@ Run: ``python benchmarks/workflow_memory.py`` (about two minutes on 2 CPU
 cores); ``--shape 40 48 40 --n_mask 50`` for a quick check.
 """
 
-import argparse
 import multiprocessing
 import os
 import subprocess
@@ -28,6 +27,7 @@ import sys
 import tempfile
 import time
 
+import harness
 import nibabel as nib
 import numpy as np
 
@@ -106,14 +106,10 @@ def run_workflow(paths, out_dir, *, max_iter):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, seed=0, seed_help="the mask's places")
     parser.add_argument("--shape", type=int, nargs=3, default=(145, 174, 145))
     parser.add_argument("--n_mask", type=int, default=1000)
     parser.add_argument("--max_iter", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="the mask's places")
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke test, not a measurement"
-    )
     args = parser.parse_args(argv)
     if args.quick:
         args.shape, args.n_mask, args.max_iter = (12, 12, 12), 6, 1

@@ -2,10 +2,12 @@
 ``--seed`` and has a ``--quick`` smoke run (run here; the long ones with
 ``-m slow``), and the helpers of the scripts that score, split or write."""
 
+import argparse
 import importlib.util
 import json
 import pathlib
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,9 @@ from dipy_spinverse.geometry.substrates import random_substrates
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "generalisation.py"
 _ROOT = _PATH.parents[1]
-_SCRIPTS = sorted(p.stem for p in _PATH.parent.glob("*.py"))
+#: benchmarks/harness.py: the scripts' shared arguments, results and tables.
+_HARNESS = "harness"
+_SCRIPTS = sorted(p.stem for p in _PATH.parent.glob("*.py") if p.stem != _HARNESS)
 
 #: Scripts whose ``--quick`` run takes more than about a minute on 2 shared
 #: cores (a label search, a training or a whole-brain fit): run with -m slow.
@@ -29,6 +33,7 @@ _SLOW = {
     "generalisation",
     "isbi_prediction",
     "posterior_peers",
+    "mixture_reader",
     "prior_check",
     "protocol_free",
     "protocol_free_shipped",
@@ -39,7 +44,13 @@ _SLOW = {
     "workflow_memory",
 }
 #: Scripts that read the dmipy 1.0.5 distribution's files (skipped without).
-_DMIPY = {"cord_histology", "cord_white_matter", "isbi_prediction", "prior_check"}
+_DMIPY = {
+    "cord_histology",
+    "cord_white_matter",
+    "isbi_prediction",
+    "mixture_reader",
+    "prior_check",
+}
 #: Packages of the ``benchmark`` and ``tissue`` extras some scripts import.
 _NEEDS = {"tissue_maps": ("skimage", "nilearn", "sklearn")}
 #: Scripts run as a command (their child processes import them by name).
@@ -47,15 +58,20 @@ _COMMAND = {"workflow_memory"}
 
 
 def _load_benchmark(name, monkeypatch=None):
-    """The script benchmarks/<name>.py as a module (with benchmarks/ on the
-    path when ``monkeypatch`` is given, for scripts that import each other)."""
+    """The script benchmarks/<name>.py as a module: benchmarks/ is on the
+    path while it loads (for the harness), and after it too when
+    ``monkeypatch`` is given (for scripts that import each other)."""
     if monkeypatch is not None:
         monkeypatch.syspath_prepend(str(_PATH.parent))
     spec = importlib.util.spec_from_file_location(
         f"{name}_bench", _PATH.parent / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(_PATH.parent))
     return module
 
 
@@ -71,8 +87,10 @@ def test_every_script_names_its_page_and_the_index_lists_it():
         page = first.split("of ", 1)[1].rstrip(".")
         assert (_ROOT / page).exists(), (name, page)
         assert f"`{name}.py` | `{pathlib.Path(page).name}`" in index, name
-        assert '"--quick"' in text, name
-        assert '"--seed"' in text, name
+        # The harness's parser adds both and takes the seed by keyword.
+        shared = re.search(r"harness\.parser\(\s*__doc__,\s*seed=", text)
+        assert '"--quick"' in text or shared, name
+        assert '"--seed"' in text or shared, name
     listed = re.findall(r"^\| `(\w+)\.py` \|", index, flags=re.MULTILINE)
     assert sorted(listed) == _SCRIPTS  # one row per script, none of a dropped one
 
@@ -117,6 +135,36 @@ def test_quick_run(name, monkeypatch, tmp_path, capsys):
     module = _load_benchmark(name, monkeypatch)
     module.main(["--quick"])
     assert capsys.readouterr().out.strip()
+
+
+def test_harness_keeps_results_and_writes_tables(tmp_path):
+    """benchmarks/harness.py: every parser takes --quick and the seed its
+    script states; a result is built once, then read back; tables are
+    written as the pages hold them, and a wrong alignment is named."""
+    harness = _load_benchmark(_HARNESS)
+    made = harness.parser("Title.\n\nBody.", seed=4, out="kept")
+    args = made.parse_args(["--quick"])
+    assert (args.seed, args.quick, args.out) == (4, True, "kept")
+    assert made.description == "Title."
+    built = []
+
+    def build():
+        built.append(1)
+        return {"x": np.arange(3.0), "n": np.array(7)}
+
+    path = tmp_path / "results" / "run-7.npz"
+    first = harness.cached(path, build)
+    again = harness.cached(path, build)
+    assert len(built) == 1
+    assert_allclose(again["x"], first["x"], rtol=0, atol=0)
+    assert int(again["n"]) == 7
+    assert harness.head(["a", "b"], "-r") == "| a | b |\n|---|---:|"
+    assert harness.head(["a", "b"], "lc", spaced=True) == "| a | b |\n| :--- | :---: |"
+    assert harness.table(["a"], [[1], ["x"]]) == "| a |\n|---|\n| 1 |\n| x |"
+    with pytest.raises(ValueError, match="align='x'"):
+        harness.rule("x")
+    with pytest.raises(ValueError, match="2 columns for 1 titles"):
+        harness.head(["a"], "rr")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +226,7 @@ def test_rows_file_resumes_and_refuses_other_settings(bench, tmp_path):
     """--rows: voxels appended per batch are read back as they were scored
     (infinite Chamfer and NaN chi-square included), voxels beyond --n are
     left out, and rows of other settings for the same physics are refused."""
-    args = bench.argparse.Namespace(seed=7, batch=8, approximation=0)
+    args = argparse.Namespace(seed=7, batch=8, approximation=0)
     key = bench._settings("paper", args)
     path = str(tmp_path / "rows.jsonl")
     assert bench._stored_rows(path, key, 10) == {}  # no file yet
