@@ -132,6 +132,30 @@ def test_the_posterior_covers_the_simulator_prior_descriptors_and_training():
     assert len(shipped.estimator_code()) == provenance.DIGEST_LENGTH
 
 
+def test_each_kind_of_estimator_hashes_its_own_code():
+    """A per-protocol estimator's key does not cover the protocol-free
+    estimator's module, which covers its own; every kind's digest differs,
+    and the manifest names each shipped file's kind."""
+    from dipy_spinverse.posterior import shipped
+
+    per_protocol = shipped.estimator_sources("per_protocol")
+    protocol_free = shipped.estimator_sources("protocol_free")
+    assert "posterior/protocol_free.py" not in per_protocol
+    assert "posterior/protocol_free.py" in protocol_free
+    assert "posterior/training.py" in per_protocol
+    assert shipped.estimator_code("per_protocol") != shipped.estimator_code(
+        "protocol_free"
+    )
+    assert shipped.estimator_code() == shipped.estimator_code("per_protocol")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        shipped.estimator_code("other")
+    kinds = {
+        shipped.estimator_kind(entry)
+        for entry in shipped.read_manifest()["estimators"].values()
+    }
+    assert kinds == set(shipped.ESTIMATOR_ROOTS)
+
+
 def _keys(monkeypatch, module, key):
     """``key()`` under two code digests of ``module``'s."""
     out = []

@@ -121,25 +121,40 @@ class RealDataset:
     units: dict
     reference: str
 
-    def repeated_b0_noise(self, mask=None):
+    def repeated_b0_noise(self, mask=None, *, drift=False):
         """Each voxel's noise from its repeated b = 0 volumes, and each
         volume's b = 0 level.
 
         Every timing (and echo time) of these sets repeats its b = 0 volume:
         their spread about their own mean is noise, pooled over the timings
-        (a timing's own T2 weighting and drift are its mean, not noise).
+        (a timing's own T2 weighting is its mean, not noise).
+
+        The scanner's signal also drifts during a session (Vos et al. 2017,
+        "The importance of correcting for signal drift in diffusion MRI").
+        Where a timing's b = 0 volumes come in runs acquired at different
+        times (the cord's 3-D set: four runs of four, one per shell, whose
+        means differ by up to 5 %), the spread between runs is drift, not
+        noise: with ``drift=True`` the noise is the spread within each run of
+        consecutive b = 0 volumes about the run's own mean, and each volume's
+        level is its timing's b = 0 at its place in the acquisition,
+        interpolated linearly between the runs about it (the nearest run's
+        beyond the first and the last).
 
         Parameters
         ----------
         mask : ndarray of bool (X, Y, Z), optional
             The voxels (default: every voxel).
+        drift : bool
+            Read the runs as above; default False (the whole timing's spread
+            and mean, as the published benchmarks were measured).
 
         Returns
         -------
         sigma : ndarray (n,)
             The noise standard deviation per voxel, in the data's units.
         levels : ndarray (n, N)
-            Each volume's b = 0 level: the mean b = 0 of its timing.
+            Each volume's b = 0 level: the mean b = 0 of its timing, or with
+            ``drift`` its timing's b = 0 at its place in the acquisition.
         """
         data = self.data.reshape(-1, self.data.shape[-1])
         if mask is not None:
@@ -150,17 +165,35 @@ class RealDataset:
         squares, dof = np.zeros(len(data)), 0
         for _, rows in self.protocol.groups():
             own = rows[b0[rows]]
-            mean = data[:, own].mean(-1, keepdims=True)
-            levels[:, rows] = mean
-            squares += ((data[:, own] - mean) ** 2).sum(-1)
-            dof += len(own) - 1
+            runs = _runs(own) if drift else [own]
+            means = [data[:, run].mean(-1, keepdims=True) for run in runs]
+            for run, mean in zip(runs, means, strict=True):
+                squares += ((data[:, run] - mean) ** 2).sum(-1)
+                dof += len(run) - 1
+            if len(runs) == 1:
+                levels[:, rows] = means[0]
+                continue
+            # Each volume's linear interpolation weights over the runs.
+            centres = [run.mean() for run in runs]
+            weights = np.stack(
+                [np.interp(rows, centres, unit) for unit in np.eye(len(runs))], 1
+            )
+            levels[:, rows] = np.concatenate(means, axis=1) @ weights.T
         if dof < 1:
             raise ValueError(
-                f"{self.name} repeats no b = 0 volume within a timing: its noise "
-                "cannot be measured from them; estimate it otherwise (e.g. "
-                "dipy.denoise.noise_estimate.estimate_sigma)."
+                f"{self.name} repeats no b = 0 volume within a timing"
+                + (" and a run" if drift else "")
+                + ": its noise cannot be measured from them; estimate it otherwise "
+                "(e.g. dipy.denoise.noise_estimate.estimate_sigma)."
             )
         return np.sqrt(squares / dof), levels
+
+
+def _runs(indices):
+    """Runs of consecutive volume indices (sorted), as arrays."""
+    indices = np.sort(np.asarray(indices))
+    breaks = np.flatnonzero(np.diff(indices) > 1) + 1
+    return np.split(indices, breaks)
 
 
 def held_out_shells(dataset, held_out="middle"):

@@ -1068,7 +1068,8 @@ def main(argv=None):
         seed=SHIPPED_SETTINGS["seed"],
         progress=True,
     )
-    path = args.out / f"posterior-{shipped_key()}-{estimator_code()}.pt"
+    code = estimator_code("protocol_free")
+    path = args.out / f"posterior-{shipped_key()}-{code}.pt"
     torch.save(net.state_dict(), path)
     print(f"wrote {path}")
     return 0

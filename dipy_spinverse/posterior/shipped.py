@@ -55,7 +55,10 @@ __all__ = [
     "ShippedError",
     "SHIPPED",
     "MANIFEST_NAME",
+    "ESTIMATOR_ROOTS",
+    "DEFAULT_KIND",
     "TRAINING_ROOTS",
+    "estimator_kind",
     "NOT_FOLLOWED",
     "REKEY_COMMAND",
     "estimator_code",
@@ -78,19 +81,27 @@ SHIPPED = pathlib.Path(__file__).resolve().parent / "trained"
 #: trained under and the later code accepted for it.
 MANIFEST_NAME = "manifest.json"
 
-#: What makes a posterior estimator, in the order of its steps: the prior,
-#: its simulator, the training and the cache
-#: (:func:`~dipy_spinverse.posterior.load_or_train`); every module of the
-#: package they import follows (the flow, its calibration and support test,
-#: the targets, ``sim/``, ``geometry/``). Not the package's ``__init__``: it
-#: only re-exports them.
-TRAINING_ROOTS = (
-    "posterior.prior",
-    "posterior.simulator",
-    "posterior.training",
-    "posterior.cache",
-    "posterior.protocol_free",
-)
+#: What makes each kind of estimator: its roots, and every module of the
+#: package they import follows. A per-protocol posterior estimator
+#: (:func:`~dipy_spinverse.posterior.load_or_train`) is made by the prior,
+#: its simulator, the training and the cache (the flow, its calibration and
+#: support test, the targets, ``sim/``, ``geometry/`` follow); the
+#: protocol-free estimator by :mod:`.protocol_free` and what it imports. A
+#: change to one kind's code moves no other kind's key. Not the package's
+#: ``__init__``: it only re-exports them.
+ESTIMATOR_ROOTS = {
+    "per_protocol": (
+        "posterior.prior",
+        "posterior.simulator",
+        "posterior.training",
+        "posterior.cache",
+    ),
+    "protocol_free": ("posterior.protocol_free",),
+}
+#: The kind of a shipped estimator whose manifest entry names none.
+DEFAULT_KIND = "per_protocol"
+#: Every kind's roots together (the files any shipped estimator hashes).
+TRAINING_ROOTS = tuple(dict.fromkeys(r for v in ESTIMATOR_ROOTS.values() for r in v))
 
 #: Modules of the posterior that shape no estimator: this one, the
 #: checkpoint of simulations (it stores them; it does not make them), and
@@ -111,29 +122,52 @@ class ShippedError(ValueError):
     status 2."""
 
 
-def estimator_code():
-    """The digest of the code that trains a posterior estimator.
+def estimator_code(kind=DEFAULT_KIND):
+    """The digest of the code that makes an estimator of ``kind``.
+
+    Parameters
+    ----------
+    kind : {"per_protocol", "protocol_free"}
 
     Returns
     -------
     str
-        :func:`~dipy_spinverse.provenance.code_digest` of
-        :data:`TRAINING_ROOTS` without :data:`NOT_FOLLOWED`.
+        :func:`~dipy_spinverse.provenance.code_digest` of the kind's
+        :data:`ESTIMATOR_ROOTS` without :data:`NOT_FOLLOWED`.
     """
-    return code_digest(*TRAINING_ROOTS, exclude=NOT_FOLLOWED)
+    return code_digest(*_roots(kind), exclude=NOT_FOLLOWED)
 
 
-def estimator_sources():
-    """The files :func:`estimator_code` hashes, each with its digest.
+def estimator_sources(kind=None):
+    """The files an estimator's code digest hashes, each with its digest.
+
+    Parameters
+    ----------
+    kind : {"per_protocol", "protocol_free"}, optional
+        Default: every kind's files together.
 
     Returns
     -------
     dict
         ``{path relative to the package: digest}``
-        (:func:`~dipy_spinverse.provenance.source_digests` of
-        :data:`TRAINING_ROOTS` without :data:`NOT_FOLLOWED`).
+        (:func:`~dipy_spinverse.provenance.source_digests`).
     """
-    return source_digests(*TRAINING_ROOTS, exclude=NOT_FOLLOWED)
+    roots = TRAINING_ROOTS if kind is None else _roots(kind)
+    return source_digests(*roots, exclude=NOT_FOLLOWED)
+
+
+def _roots(kind):
+    if kind not in ESTIMATOR_ROOTS:
+        raise ValueError(
+            f"kind must be one of {sorted(ESTIMATOR_ROOTS)}, got {kind!r}."
+        )
+    return ESTIMATOR_ROOTS[kind]
+
+
+def estimator_kind(entry):
+    """The kind of a manifest entry's estimator (:data:`DEFAULT_KIND` when it
+    names none)."""
+    return entry.get("kind", DEFAULT_KIND)
 
 
 def shipped_name(settings):
@@ -194,6 +228,11 @@ def _check_layout(manifest):
     for name, entry in estimators.items():
         if not isinstance(entry, dict):
             raise ValueError(f"its entry {name!r} is not a table")
+        if entry.get("kind", DEFAULT_KIND) not in ESTIMATOR_ROOTS:
+            raise ValueError(
+                f"its entry {name!r} has the kind {entry['kind']!r}, not one of "
+                f"{sorted(ESTIMATOR_ROOTS)}"
+            )
         under = entry.get("trained_under")
         accepted = entry.get("accepted", [])
         codes = accepted if isinstance(accepted, list) else [None]
@@ -241,7 +280,7 @@ def refusal(name, code=None, *, folder=SHIPPED):
     name : str
         Its file name in ``folder`` (:func:`shipped_name`).
     code : str, optional
-        The code digest (default :func:`estimator_code`).
+        The code digest (default :func:`estimator_code` of its kind).
     folder : path-like
 
     Returns
@@ -251,7 +290,6 @@ def refusal(name, code=None, *, folder=SHIPPED):
         naming the file, the digests, the files that changed since the last
         re-key and the command to run.
     """
-    code = estimator_code() if code is None else code
     folder = pathlib.Path(folder)
     try:
         manifest = read_manifest(folder)
@@ -265,6 +303,7 @@ def refusal(name, code=None, *, folder=SHIPPED):
             "trained it; ship it with `python -m dipy_spinverse.posterior ship "
             "PATH --about ...`."
         )
+    code = estimator_code(estimator_kind(entry)) if code is None else code
     if code in _accepted(entry):
         return None
     under = entry.get("trained_under")
@@ -329,7 +368,7 @@ def rekey(reason, *, names=None, code=None, folder=SHIPPED):
     names : iterable of str, optional
         Files to re-key (default every one in the manifest).
     code : str, optional
-        Default :func:`estimator_code`.
+        Default :func:`estimator_code` of each one's kind.
     folder : path-like
 
     Returns
@@ -350,7 +389,6 @@ def rekey(reason, *, names=None, code=None, folder=SHIPPED):
             "shipped estimators' simulations and training did not."
         )
     reason = " ".join(reason.split())
-    code = estimator_code() if code is None else code
     path = pathlib.Path(folder) / MANIFEST_NAME
     if not path.exists():
         # A re-key accepts code for estimators already shipped: it never
@@ -371,10 +409,11 @@ def rekey(reason, *, names=None, code=None, folder=SHIPPED):
         )
     done = []
     for name in names:
-        if code in _accepted(estimators[name]):
+        own = estimator_code(estimator_kind(estimators[name])) if code is None else code
+        if own in _accepted(estimators[name]):
             continue
         estimators[name].setdefault("accepted", []).append(
-            {"code": code, "reason": reason, "date": str(datetime.date.today())}
+            {"code": own, "reason": reason, "date": str(datetime.date.today())}
         )
         done.append(name)
     manifest["sources"] = estimator_sources()

@@ -32,6 +32,8 @@ from ..files import atomic_write
 from .cache import load_estimator_file
 from .protocol_free import ProtocolFreeEstimator, shipped_key
 from .shipped import (
+    DEFAULT_KIND,
+    ESTIMATOR_ROOTS,
     MANIFEST_NAME,
     SHIPPED,
     ShippedError,
@@ -131,12 +133,14 @@ def ship(path, *, about, folder=SHIPPED):
         _check_estimator(
             pathlib.Path(tmp), given, settings=match["settings"], code=match["code"]
         )
+    kind = "protocol_free" if match["settings"] == shipped_key() else DEFAULT_KIND
     manifest["estimators"][target.name] = {
         "about": about,
+        "kind": kind,
         "trained_under": match["code"],
         "accepted": [],
     }
-    if match["code"] == estimator_code():
+    if match["code"] == estimator_code(kind):
         manifest["sources"] = estimator_sources()
     write_manifest(folder, manifest)
     return target
@@ -270,18 +274,22 @@ def main(argv=None):
 def _command(args):
     """Run the parsed command line ``args`` (:func:`main`); its exit status."""
     folder = _folder(args.folder)
-    code = estimator_code()
     if args.command == "sources":
         for relative, digest in estimator_sources().items():
             print(f"{digest}  {relative}")
         return 0
     if args.command == "rekey":
         done = rekey(args.reason, names=args.names or None, folder=folder)
-        print(f"code {code} accepted for: {', '.join(done) or 'none (already)'}")
+        print(f"code {_codes()} accepted for: {', '.join(done) or 'none (already)'}")
         return 0
     if args.command == "ship":
         print(f"shipped {ship(args.path, about=args.about, folder=folder)}")
-    return _check(folder, args.folder, code)
+    return _check(folder, args.folder)
+
+
+def _codes():
+    """Each kind's code digest, in words."""
+    return ", ".join(f"{estimator_code(k)} ({k})" for k in ESTIMATOR_ROOTS)
 
 
 def _folder(given):
@@ -302,8 +310,8 @@ def _folder(given):
     return folder
 
 
-def _check(folder, given, code):
-    """Print whether ``code`` is accepted for each estimator in the manifest
+def _check(folder, given):
+    """Print whether this code is accepted for each estimator in the manifest
     of ``folder`` and each ``posterior-*.pt`` there; the exit status."""
     estimators = read_manifest(folder)["estimators"]
     # A file the manifest does not list is named too: it is never served.
@@ -314,7 +322,7 @@ def _check(folder, given, code):
             f"no posterior-*.pt); give the shipped estimators' folder (default "
             f"{SHIPPED})."
         )
-    print(f"code digest {code}")
+    print(f"code digests {_codes()}")
     status = 0
     for name in names:
         if not (folder / name).is_file():
@@ -325,7 +333,7 @@ def _check(folder, given, code):
             )
             status = 1
             continue
-        why = refusal(name, code, folder=folder)
+        why = refusal(name, folder=folder)
         print(f"{name}: {'accepted' if why is None else 'NOT ACCEPTED'}")
         if why is not None:
             print(f"  {why}")

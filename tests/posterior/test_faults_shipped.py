@@ -213,12 +213,14 @@ def test_ship_installs_the_protocol_free_estimator(folder, tmp_path, capsys):
     dipy_spinverse.posterior.protocol_free train``): loaded as one, shipped."""
     name = shipped.shipped_name(protocol_free.shipped_key())
     state = torch.load(shipped.SHIPPED / name, weights_only=True)
-    code = shipped.estimator_code()
+    code = shipped.estimator_code("protocol_free")
     path = _cache_file(tmp_path, protocol_free.shipped_key(), code, state)
     status, out, err = _run(capsys, "--folder", folder, "ship", path, "--about", "pf")
     assert status in (0, 1) and not err, err
     assert f"{name}: accepted" in out
     assert (folder / name).read_bytes() == path.read_bytes()
+    # Recorded as the protocol-free kind: its own code serves it.
+    assert shipped.read_manifest(folder)["estimators"][name]["kind"] == "protocol_free"
 
 
 @pytest.mark.parametrize(

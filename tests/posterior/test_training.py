@@ -116,7 +116,10 @@ def test_a_shipped_estimator_serves_only_code_its_manifest_accepts(
     assert target == folder / f"posterior-{settings}.pt"
     entry = shipped.read_manifest(folder)["estimators"][target.name]
     assert entry == dict(
-        about="the tests' tiny estimator", trained_under=code, accepted=[]
+        about="the tests' tiny estimator",
+        kind="per_protocol",
+        trained_under=code,
+        accepted=[],
     )
     empty = tmp_path / "empty_cache"
 
@@ -126,7 +129,7 @@ def test_a_shipped_estimator_serves_only_code_its_manifest_accepts(
     assert load()[1] == target
     # The code changes (as an edit of sim/ would change its digest).
     for module in (posterior.cache, shipped, shipping):
-        monkeypatch.setattr(module, "estimator_code", lambda: "f" * 16)
+        monkeypatch.setattr(module, "estimator_code", lambda kind=None: "f" * 16)
     with pytest.warns(StaleEstimatorWarning, match="posterior rekey --reason"):
         with pytest.raises(ZeroDivisionError):  # it would train
             load()
@@ -163,5 +166,6 @@ def test_the_rekey_command_records_the_current_code(trained, tmp_path, capsys):
     assert shipping.main(argv) == 0
     assert shipping.main(["--folder", str(folder), "check"]) == 0
     out = capsys.readouterr().out
-    assert f"code {shipped.estimator_code()} accepted for: {name}" in out
+    assert f"code {shipped.estimator_code()} (per_protocol), " in out
+    assert f"accepted for: {name}" in out
     assert f"{name}: accepted" in out
