@@ -28,7 +28,7 @@ import numpy as np
 from dipy.utils.logging import logger
 from nibabel.filebasedimages import ImageFileError
 
-from .checks import check_affine
+from .checks import OptionError, check_affine
 
 __all__ = [
     "load_or_build",
@@ -424,43 +424,47 @@ def check_outputs(outputs, *, folders=()):
     """Refuse outputs that would overwrite each other or cannot be written.
 
     Checked by the command-line tools before any data is read: two outputs
-    that resolve to the same path (``--out_s0 status.nii.gz``: one map
+    that resolve to the same path (``out_s0="status.nii.gz"``: one map
     written over the other), a file output that is a folder, or a folder
     output that is a file.
 
     Parameters
     ----------
     outputs : iterable of (str, path)
-        ``(name, path)`` of every output, named as its flag without the
-        dashes (``"out_s0"``); a name may come more than once (an output
+        ``(name, path)`` of every output, named as the argument that gives
+        it (``"out_s0"``); a name may come more than once (an output
         written as several files).
     folders : container of str
         The names of the outputs that are folders.
 
     Raises
     ------
-    ValueError
-        Naming both flags and the path, or the flag and what it must be.
+    OptionError
+        Naming both outputs and the path, or the output and what it must
+        be (a command rewords them in its flags).
     """
     owners = {}
     for key, path in outputs:
         path = os.fspath(path)
         real = os.path.realpath(path)
         if real in owners and owners[real] != key:
-            raise ValueError(
-                f"--{owners[real]} and --{key} both write {path}: one output "
-                "would overwrite the other; give each its own name."
+            raise OptionError(
+                f"{owners[real]} and {key} both write {path!r}: one output "
+                "would overwrite the other; give each its own name",
+                options=(owners[real], key),
             )
         owners[real] = key
         if key in folders and os.path.isfile(path):
-            raise ValueError(
-                f"--{key} {path} is a file, but it names a folder of outputs; "
-                "give a folder name."
+            raise OptionError(
+                f"{key}={path!r} is a file, but it names a folder of outputs; "
+                "give a folder name",
+                options=(key,),
             )
         if key not in folders and os.path.isdir(path):
-            raise ValueError(
-                f"--{key} {path} is a folder, but it names an output file; give "
-                "a file name (or remove the folder)."
+            raise OptionError(
+                f"{key}={path!r} is a folder, but it names an output file; give "
+                "a file name (or remove the folder)",
+                options=(key,),
             )
 
 
@@ -469,7 +473,7 @@ LOCK_NAME = ".dipy_spinverse.lock"
 
 
 @contextlib.contextmanager
-def output_lock(folder, *, command):
+def output_lock(folder, *, command, option="folder"):
     """Hold an output folder while a command writes to it: a second run
     writing there is refused at once, with a message, instead of the two
     overwriting each other's checkpoint and maps.
@@ -483,11 +487,15 @@ def output_lock(folder, *, command):
     folder : str or os.PathLike
     command : str
         The command's name, for the message.
+    option : str, optional
+        The argument that gave ``folder``, as the message names it (a
+        command's ``"out_dir"``).
 
     Raises
     ------
-    ValueError
-        When another process holds the folder, or it cannot be locked.
+    OptionError
+        When another process holds the folder, or it cannot be locked,
+        naming ``option`` (a command rewords it in its flags).
     """
     from filelock import FileLock, Timeout
 
@@ -496,15 +504,18 @@ def output_lock(folder, *, command):
     try:
         lock.acquire()
     except Timeout:
-        raise ValueError(
-            f"another dipy_spinverse run is writing to {folder} (it holds "
-            f"{path}); wait for it to finish, or give this {command} run "
-            "another --out_dir."
+        raise OptionError(
+            f"another dipy_spinverse run is writing to {os.fspath(folder)!r} (it "
+            f"holds {path!r}); wait for it to finish, or give this {command} run "
+            f"another {option}",
+            options=(option,),
         ) from None
     except OSError as err:
-        raise ValueError(
-            f"cannot lock the output folder {folder} ({describe_cause(err)}); "
-            "give a writable --out_dir."
+        raise OptionError(
+            f"cannot lock the output folder {os.fspath(folder)!r} "
+            f"({describe_cause(err)}); "
+            f"give a writable {option}",
+            options=(option,),
         ) from err
     try:
         yield path

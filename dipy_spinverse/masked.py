@@ -16,14 +16,19 @@ The status codes every method shares are defined here (:data:`COMMON_CODES`);
 a method adds its own (:data:`dipy_spinverse.reconst.STATUS_CODES`,
 :data:`dipy_spinverse.reconst.posterior.POSTERIOR_STATUS_CODES`).
 
+The mask of a fit's data is read here too (:func:`masked_rows`): its data
+a volume or the rows of its mask only (:func:`is_mask_rows`).
+
 It sits under every model package (``compartments`` included), so it
-imports nothing of the package.
+imports only the package's validators (:mod:`dipy_spinverse.checks`).
 """
 
 from functools import cached_property
 
 import numpy as np
 from dipy.reconst.base import ReconstFit
+
+from .checks import check_mask_values
 
 __all__ = [
     "MaskedFit",
@@ -34,6 +39,10 @@ __all__ = [
     "DIVERGED",
     "MASKED",
     "mask_rows",
+    "is_mask_rows",
+    "volume_shape",
+    "check_mask",
+    "masked_rows",
     "spread",
     "scalar",
     "take",
@@ -272,6 +281,107 @@ def mask_rows(mask):
     rank = np.full(mask.size, -1, dtype=np.int64)
     rank[mask.reshape(-1)] = np.arange(int(mask.sum()))
     return rank
+
+
+def is_mask_rows(data, mask):
+    """Whether ``data`` holds the voxels of ``mask`` only, ``(n_mask, n_volumes)``
+    (``volume[mask]``), rather than a volume of ``mask.shape``.
+
+    Never ambiguous: when both readings fit, the mask selects every voxel of
+    a 1-D volume and the two are the same array.
+
+    Parameters
+    ----------
+    data : array_like
+        A volume (..., n_volumes) or rows (n_mask, n_volumes).
+    mask : array_like of bool or None
+        The mask.
+
+    Returns
+    -------
+    bool
+    """
+    if mask is None or np.ndim(mask) == 0:
+        return False
+    mask_shape = np.shape(mask)
+    return (
+        np.ndim(data) == 2
+        and np.shape(data)[:-1] != mask_shape
+        and len(data) == int(np.count_nonzero(mask))
+    )
+
+
+def volume_shape(data, mask=None):
+    """The voxel shape of the volume ``data`` stands for (see :func:`is_mask_rows`).
+
+    Parameters
+    ----------
+    data : array_like
+        A volume (..., n_volumes) or the mask's rows (n_mask, n_volumes).
+    mask : array_like of bool, optional
+        The mask.
+
+    Returns
+    -------
+    tuple of int
+    """
+    return np.shape(mask) if is_mask_rows(data, mask) else np.shape(data)[:-1]
+
+
+def check_mask(mask, shape):
+    """A boolean mask of ``shape`` (all True when None).
+
+    Parameters
+    ----------
+    mask : array_like or None
+        The mask (booleans, or numbers nonzero inside).
+    shape : tuple of int
+        The volume's voxel shape.
+
+    Returns
+    -------
+    ndarray of bool
+        The mask, of ``shape``.
+
+    Raises
+    ------
+    ValueError
+        If the mask's shape is not ``shape`` or its values are not a mask's.
+    """
+    if mask is None:
+        return np.ones(shape, dtype=bool)
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        one = " (for one voxel, 1-D data, a single bool)" if shape == () else ""
+        raise ValueError(
+            f"mask has shape {mask.shape} but data has {shape} voxels; pass a mask "
+            f"of shape data.shape[:-1]{one}."
+        )
+    return check_mask_values(mask)
+
+
+def masked_rows(data, mask):
+    """The voxels to fit of checked ``data`` and their mask.
+
+    Parameters
+    ----------
+    data : ndarray (n_volumes,), (..., n_volumes) or (n_mask, n_volumes)
+        One voxel, a volume, or the mask's voxels only.
+    mask : array_like of bool or None
+        As the models' ``fit`` take it (a single bool for one voxel).
+
+    Returns
+    -------
+    rows : ndarray (n, n_volumes)
+        The voxels of the mask, in C order (none for one voxel outside it).
+    mask : ndarray of bool
+        The checked mask (shape ``()`` for one voxel).
+    """
+    if data.ndim == 1:
+        mask = np.asarray(True if mask is None else mask, dtype=bool)
+        return (data[None] if mask else data[None][:0]), mask
+    mask = check_mask(mask, volume_shape(data, mask))
+    return (data if is_mask_rows(data, mask) else data[mask]), mask
 
 
 def spread(rows, mask, fill):

@@ -212,3 +212,50 @@ def test_two_processes_building_one_key_build_it_once(tmp_path):
     assert result in out_first and result in out_second
     assert "another process built" in out_second
     assert path.read_text() == f"built by {first.pid}"
+
+
+# -- the outputs' refusals: Python's words, a command's flags (issue 83) -----
+
+
+def test_outputs_that_clash_are_named_as_the_arguments(tmp_path):
+    """check_outputs names each output as the argument that gives it; a
+    command rewords the same refusal in its flags (a path holding an
+    option's name stays as it is)."""
+    from dipy_spinverse.checks import OptionError
+    from dipy_spinverse.files import check_outputs
+    from dipy_spinverse.workflows.cli import flag_names, reword_options
+
+    folder = tmp_path / "out_s0"  # a folder named as an option
+    folder.mkdir()
+    same = folder / "status.nii.gz"
+    with pytest.raises(OptionError) as err:
+        check_outputs([("out_status", same), ("out_s0", same)])
+    assert str(err.value) == (
+        f"out_status and out_s0 both write {str(same)!r}: one output would "
+        "overwrite the other; give each its own name."
+    )
+    flags = flag_names("out_status", "out_s0")
+    assert reword_options(err.value, flags) == (
+        f"--out_status and --out_s0 both write {str(same)!r}: one output would "
+        "overwrite the other; give each its own name."
+    )
+    with pytest.raises(OptionError) as err:
+        check_outputs([("out_s0", folder)])
+    assert str(err.value).startswith(f"out_s0={str(folder)!r} is a folder")
+    assert reword_options(err.value, flags).startswith(f"--out_s0 {folder} is a")
+
+
+def test_a_folder_in_use_names_the_argument_that_gave_it(tmp_path):
+    from dipy_spinverse.checks import OptionError
+    from dipy_spinverse.files import output_lock
+    from dipy_spinverse.workflows.cli import flag_names, options_as_flags
+
+    with output_lock(tmp_path, command="test"):
+        with pytest.raises(OptionError, match="give this test run another folder"):
+            with output_lock(tmp_path, command="test"):
+                pass
+        with pytest.raises(ValueError, match="another --out_dir") as err:
+            with options_as_flags(flag_names("out_dir")):
+                with output_lock(tmp_path, command="test", option="out_dir"):
+                    pass
+        assert not isinstance(err.value, OptionError)

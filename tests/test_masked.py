@@ -132,3 +132,29 @@ def test_every_fit_class_is_a_masked_fit(cls):
     # Subclasses keep only what is theirs: the volume machinery is the base's.
     for name in ("shape", "status", "__getitem__", "_part", "status_counts"):
         assert name not in vars(cls), (cls.__name__, name)
+
+
+def test_the_voxels_of_a_fit_are_read_here():
+    """``masked_rows`` (issue 83: it lived in reconst.resume, beside the
+    search's resuming, and both posterior models imported it from there):
+    one voxel, a volume, or the rows of its mask, and the mask checked."""
+    from dipy_spinverse import masked
+    from dipy_spinverse.reconst import posterior_model, protocol_free_model, resume
+
+    volume = np.arange(2 * 3 * 4.0).reshape(2, 3, 4)
+    mask = np.array([[True, False, True], [False, True, False]])
+    rows, checked = masked.masked_rows(volume, mask)
+    assert_array_equal(rows, volume[mask])
+    assert_array_equal(checked, mask)
+    rows, _ = masked.masked_rows(volume[mask], mask)  # the mask's rows given
+    assert_array_equal(rows, volume[mask])
+    assert masked.is_mask_rows(volume[mask], mask)
+    assert masked.volume_shape(volume[mask], mask) == (2, 3)
+    rows, checked = masked.masked_rows(volume[0, 0], False)  # one voxel, out
+    assert rows.shape == (0, 4) and checked.shape == ()
+    with pytest.raises(ValueError, match="mask has shape"):
+        masked.masked_rows(volume, mask[0])
+    # Both posterior models start their fit from it (voxels_to_fit).
+    assert posterior_model.masked_rows is masked.masked_rows
+    assert protocol_free_model.voxels_to_fit is posterior_model.voxels_to_fit
+    assert not hasattr(resume, "masked_rows")

@@ -114,8 +114,8 @@ def _store_error(path, err, what, *, created=True):
         err,
         what="the checkpoint",
         during=what,
-        fix=f"{kept}: free space (or pass another --out_dir) and run again to "
-        "resume the fit from them.",
+        fix=f"{kept}: free space and run again to resume the fit from them (or "
+        "fit again into another folder).",
     )
 
 

@@ -334,10 +334,7 @@ def _verify_store(path, header, arrays):
     overwritten or corrupted on disk); stores without checksums pass."""
     if header.get("checksum") != CHECKSUM:
         return
-    fix = (
-        "Delete the checkpoint (or run again with --force) to fit those voxels "
-        "again, or restore an intact copy."
-    )
+    fix = "Delete the checkpoint to fit those voxels again, or restore an intact copy."
     mask = np.asarray(arrays["mask"], dtype=bool)
     if zlib.crc32(np.ascontiguousarray(mask)) != header.get("mask_crc32"):
         raise ValueError(

@@ -4,7 +4,11 @@
 timing (one ``big_delta``/``small_delta`` pair, a per-volume timing file or
 a scheme file) into a DIPY ``GradientTable`` or a
 :class:`~dipy_spinverse.sim.sequences.Protocol`, with the checks that name
-the file at fault; :func:`read_timing` reads a timing file.
+the file at fault; :func:`read_timing` reads a timing file. Options are
+named as its arguments: a refusal that names them is an
+:class:`~dipy_spinverse.checks.OptionError`, and a log line that names
+them carries them (``extra={"options": ...}``), so that a command rewords
+both in its flags (:func:`dipy_spinverse.workflows.cli.options_as_flags`).
 """
 
 import os
@@ -14,9 +18,7 @@ from dipy.core.gradients import gradient_table
 from dipy.io.gradients import read_bvals_bvecs
 from dipy.utils.logging import logger
 
-from ..checks import (
-    check_number,
-)
+from ..checks import OptionError, check_number
 from ..sim.sequences import check_bvals, unit_rows
 from ..sim.waveforms import PGSE
 from .camino import read_scheme
@@ -31,6 +33,10 @@ BVECS_TOL = 0.01
 # Camino b-values are recomputed from G and the timing; allow this much
 # disagreement with the bval file (relative, plus an absolute s/mm^2 slack).
 _BVAL_RTOL, _BVAL_ATOL = 0.01, 5.0
+
+# The options of the gradient timing, as the messages name them.
+_PULSES = ("small_delta", "big_delta")
+_TIMING = ("big_delta", "small_delta", "timing_file", "scheme_file")
 
 #: Ratio between the b = 0 levels of two groups of volumes (medians over
 #: the mask) above which one timing is doubted: noise moves a median over
@@ -86,10 +92,10 @@ def read_gradients(
     Raises
     ------
     ValueError
-        Naming the file or the option at fault (as the argument and the
-        command-line flag, e.g. ``b0_threshold (--b0_threshold)``), with the
-        fix: among others b-values in another unit than s/mm^2, times in
-        milliseconds, no b = 0 volume.
+        Naming the file or the option at fault, with the fix: among others
+        b-values in another unit than s/mm^2, times in milliseconds, no
+        b = 0 volume. Where it names options (as these arguments), an
+        :class:`~dipy_spinverse.checks.OptionError`.
     """
     try:
         bvals, bvecs = read_bvals_bvecs(os.fspath(bval), os.fspath(bvec))
@@ -110,10 +116,11 @@ def read_gradients(
     pulses = big_delta is not None or small_delta is not None
     sources = [pulses, timing_file is not None, scheme_file is not None]
     if sum(sources) != 1:
-        raise ValueError(
+        raise OptionError(
             "the gradient timing is needed, from exactly one source: "
-            "--big_delta and --small_delta (seconds), --timing_file (one "
-            "'small_delta big_delta' row per volume) or --scheme_file (Camino)."
+            "big_delta and small_delta (seconds), timing_file (one "
+            "'small_delta big_delta' row per volume) or scheme_file (Camino)",
+            options=_TIMING,
         )
     if scheme_file is not None:
         try:
@@ -141,9 +148,10 @@ def read_gradients(
         return protocol
     if pulses:
         if big_delta is None or small_delta is None:
-            raise ValueError(
-                "pass both --big_delta and --small_delta (seconds), e.g. "
-                "--big_delta 0.02 --small_delta 0.01."
+            raise OptionError(
+                "pass both big_delta and small_delta (seconds), e.g. "
+                "big_delta=0.02 and small_delta=0.01",
+                options=_PULSES,
             )
         _check_pulse_timing(small_delta, big_delta)
         if data is not None:
@@ -163,10 +171,10 @@ def read_gradients(
 
 
 def _check_pulse_timing(small_delta, big_delta):
-    """Refuse, naming the flags, a ``small_delta``/``big_delta`` pair that
-    the model would refuse later under the arguments' names only (the
-    checks of :class:`~dipy_spinverse.sim.waveforms.PGSE`: seconds,
-    ``big_delta >= small_delta``)."""
+    """Refuse, naming both, a ``small_delta``/``big_delta`` pair that the
+    model would refuse later (the checks of
+    :class:`~dipy_spinverse.sim.waveforms.PGSE`: seconds,
+    ``big_delta >= small_delta``), with the pair as given."""
     try:
         pairs = np.unique(
             np.column_stack(
@@ -178,10 +186,10 @@ def _check_pulse_timing(small_delta, big_delta):
             axis=0,
         )
     except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"small_delta (--small_delta) {small_delta!r} and big_delta "
-            f"(--big_delta) {big_delta!r} must be numbers in seconds, e.g. "
-            "--small_delta 0.01 --big_delta 0.02."
+        raise OptionError(
+            f"small_delta {small_delta!r} and big_delta {big_delta!r} must be "
+            "numbers in seconds, e.g. small_delta=0.01 and big_delta=0.02",
+            options=_PULSES,
         ) from err
     for small, big in pairs:
         try:
@@ -195,20 +203,20 @@ def _check_pulse_timing(small_delta, big_delta):
                 # seconds, rarely under 1 in milliseconds).
                 small_s, big_s = (v / 1000 if v >= 1 else v for v in (small, big))
                 fix = (
-                    f" Pass both in seconds: --small_delta {small_s:g} "
-                    f"--big_delta {big_s:g}."
+                    f" Pass both in seconds: small_delta={small_s:g} and "
+                    f"big_delta={big_s:g}."
                 )
-            raise ValueError(
-                f"small_delta (--small_delta) {small:g} and big_delta "
-                f"(--big_delta) {big:g}: {err}.{fix}"
+            raise OptionError(
+                f"small_delta {small:g} and big_delta {big:g}: {err}.{fix}",
+                options=_PULSES,
             ) from err
 
 
 def _check_b0(bvals, bval, b0_threshold):
-    """Refuse, naming ``b0_threshold`` (``--b0_threshold``), a table without
-    b = 0 volume: every voxel is normalised by its b = 0 signal, and the
-    model's own refusal speaks of ``gradient_table``, which a user of the
-    command line never called."""
+    """Refuse, naming ``b0_threshold``, a table without b = 0 volume: every
+    voxel is normalised by its b = 0 signal, and the model's own refusal
+    speaks of ``gradient_table``, which a user of the command line never
+    called."""
     lowest = float(np.min(bvals))
     if lowest <= b0_threshold:
         return
@@ -218,9 +226,8 @@ def _check_b0(bvals, bval, b0_threshold):
         # volumes at the lowest b are likely the b = 0 ones.
         fix = (
             f"If the volumes at b = {lowest:g} are the b = 0 ones (stored with "
-            f"a small nominal b-value), pass b0_threshold={lowest:g} "
-            f"(--b0_threshold {lowest:g}); otherwise add the b = 0 volumes of "
-            "the acquisition."
+            f"a small nominal b-value), pass b0_threshold={lowest:g}; otherwise "
+            "add the b = 0 volumes of the acquisition."
         )
     else:
         fix = (
@@ -229,10 +236,11 @@ def _check_b0(bvals, bval, b0_threshold):
             "the b = 0 volumes of the acquisition to the data and the gradient "
             "files."
         )
-    raise ValueError(
+    raise OptionError(
         f"{bval} has no b = 0 volume: its smallest b-value is {lowest:g} s/mm^2, "
-        f"above b0_threshold (--b0_threshold) {b0_threshold:g} s/mm^2, and each "
-        f"voxel is normalised by its b = 0 signal. {fix}"
+        f"above b0_threshold {b0_threshold:g} s/mm^2, and each voxel is "
+        f"normalised by its b = 0 signal. {fix}",
+        options=("b0_threshold",),
     )
 
 
@@ -241,12 +249,13 @@ def _check_scheme_b0(protocol, scheme_file):
     a scheme are its rows without gradient, whatever ``b0_threshold``."""
     if (protocol.bvals == 0).any():
         return
-    raise ValueError(
+    raise OptionError(
         f"{scheme_file} has no b = 0 row (|G| = 0 or a zero direction): its "
         f"smallest b-value is {protocol.bvals.min():g} s/mm^2, and each voxel is "
         "normalised by its b = 0 signal. Write the b = 0 rows of the acquisition "
-        "with |G| = 0 (b0_threshold, --b0_threshold, applies to the b-values "
-        "file, not to a scheme's rows)."
+        "with |G| = 0 (b0_threshold applies to the b-values file, not to a "
+        "scheme's rows)",
+        options=("b0_threshold",),
     )
 
 
@@ -277,9 +286,10 @@ def _check_one_b0_level(data, b0s):
         f"{named(low)} at a median of {np.median(levels[order[: cut + 1]]):.4g}, "
         f"volume(s) {named(high)} at {np.median(levels[order[cut + 1 :]]):.4g} "
         f"({jumps[cut]:.2f}x). The data look acquired with several echo or "
-        "diffusion times, but one timing (--big_delta, --small_delta) is given: "
-        "give each volume its timing with --timing_file (one 'small_delta "
-        "big_delta' row per volume), or fit each acquisition on its own."
+        "diffusion times, but one timing (big_delta, small_delta) is given: "
+        "give each volume its timing with timing_file (one 'small_delta "
+        "big_delta' row per volume), or fit each acquisition on its own.",
+        extra={"options": _TIMING},
     )
 
 
@@ -295,16 +305,17 @@ def _check_unit_bvecs(bvals, bvecs, bvec, b0_threshold, bvecs_tol):
     first = int(np.argmax(off))
     volume, length = int(weighted[first]), float(norms[first])
     hint = (
-        " A zero vector on a volume above --b0_threshold is a b = 0 volume "
-        f"stored as b = {bvals[volume]:g}: raise --b0_threshold above it."
+        " A zero vector on a volume above b0_threshold is a b = 0 volume "
+        f"stored as b = {bvals[volume]:g}: raise b0_threshold above it."
         if length < bvecs_tol
-        else " Renormalise the vectors, or raise --bvecs_tol if they are known "
+        else " Renormalise the vectors, or raise bvecs_tol if they are known "
         "to be this far off."
     )
-    raise ValueError(
+    raise OptionError(
         f"{bvec}: {int(off.sum())} diffusion-weighted volume(s) have a b-vector "
-        f"that is not unit within --bvecs_tol {bvecs_tol:g} (volume {volume}: "
-        f"length {length:.4f}, b = {bvals[volume]:g} s/mm^2).{hint}"
+        f"that is not unit within bvecs_tol {bvecs_tol:g} (volume {volume}: "
+        f"length {length:.4f}, b = {bvals[volume]:g} s/mm^2).{hint}",
+        options=("b0_threshold", "bvecs_tol"),
     )
 
 
@@ -354,16 +365,17 @@ def read_timing(path, *, n_volumes=None):
         table = table.T
     if table.shape[1] != 2 or (n_volumes is not None and len(table) != n_volumes):
         expected = n_volumes if n_volumes is not None else "n"
-        one = (
-            " For one diffusion time, give --small_delta and --big_delta "
-            "instead of a file."
-            if len(table) == 1
-            else ""
-        )
-        raise ValueError(
+        message = (
             f"{path} must hold one 'small_delta big_delta' row per volume "
-            f"({expected} rows of 2 values, seconds), got shape {table.shape}.{one}"
+            f"({expected} rows of 2 values, seconds), got shape {table.shape}."
         )
+        if len(table) == 1:
+            raise OptionError(
+                f"{message} For one diffusion time, give small_delta and "
+                "big_delta instead of a file",
+                options=_PULSES,
+            )
+        raise ValueError(message)
     bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
     if bad.size:
         where = ", ".join(str(r) for r in bad[:8]) + (", ..." if bad.size > 8 else "")

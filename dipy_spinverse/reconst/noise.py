@@ -26,6 +26,7 @@ __all__ = [
     "SUSPECT_SNR",
     "check_below_b0",
     "check_sigma",
+    "require_sigma",
     "reference_noise",
     "relative_noise",
     "warn_noise",
@@ -130,6 +131,39 @@ def check_sigma(sigma, *, name="sigma", n_volumes=None):
         )
         return CheckedSigma(rms)
     return CheckedSigma(value)
+
+
+def require_sigma(sigma, *, fit_method, n_volumes):
+    """``sigma`` checked (:func:`check_sigma`) and known: the posterior
+    methods need the noise level, above 0.
+
+    Parameters
+    ----------
+    sigma : float, array_like (n_volumes,) or None
+        As :func:`check_sigma` takes it.
+    fit_method : str
+        The method that needs it, named in the refusal.
+    n_volumes : int
+        The volumes of the gradient table.
+
+    Returns
+    -------
+    CheckedSigma
+        Above 0.
+
+    Raises
+    ------
+    OptionError
+        ``sigma`` None or 0, naming ``fit_method`` and ``sigma``; a
+        ValueError (:func:`check_sigma`) for a value that is no noise level.
+    """
+    sigma = check_sigma(sigma, n_volumes=n_volumes)
+    if not sigma > 0:
+        raise OptionError(
+            f"fit_method={fit_method!r} needs the noise level: pass sigma {NOISE_HINT}",
+            options=("fit_method", "sigma"),
+        )
+    return sigma
 
 
 def check_below_b0(sigma, median, *, name="sigma", voxels="of the voxels", hint=None):

@@ -69,6 +69,7 @@ __all__ = [
     "check_level",
     "interval_rows",
     "noisiest_sequence",
+    "flow_draws",
 ]
 
 
@@ -189,6 +190,53 @@ def noisiest_sequence(gate, rows):
     return gate.relative[rows] * gate.S0[rows] / smallest
 
 
+def flow_draws(sample, inputs, sigma, rows, *, per_batch, outside=None):
+    """The flow draws of the voxels ``rows``, a batch at a time: the one loop
+    of the posterior fits' draws (their maps, intervals, samples and
+    predictions; the protocol-free fit's too).
+
+    Parameters
+    ----------
+    sample : callable
+        ``sample(x, s)``: the estimator's draws (a tensor ``(n_samples,
+        len(x), ...)``) for a batch's inputs ``x`` and relative noise ``s``
+        (tensors). Every batch is drawn with the same seed: a voxel's draws
+        are seeded by its own data, not by its batch.
+    inputs : ndarray (n, ...)
+        The voxels' inputs to the estimator.
+    sigma : ndarray (n,)
+        Their relative noise.
+    rows : ndarray of int
+        The voxels drawn from, in order.
+    per_batch : int
+        Voxels drawn from together (it bounds the network's memory).
+    outside : callable, optional
+        ``outside(part, x, s)``: a boolean array of the batch's voxels not
+        to draw from (default none).
+
+    Yields
+    ------
+    part : ndarray of int
+        A batch of ``rows``.
+    drawn : ndarray of bool (len(part),)
+        Those drawn from.
+    draws : ndarray (n_samples, drawn.sum(), ...) or None
+        Their draws; None where none is drawn from.
+    """
+    for start in range(0, len(rows), per_batch):
+        part = rows[start : start + per_batch]
+        x = torch.as_tensor(inputs[part])
+        s = torch.as_tensor(sigma[part])
+        if outside is None:
+            yield part, np.ones(len(part), dtype=bool), sample(x, s).numpy()
+            continue
+        out = outside(part, x, s)
+        if out.all():
+            yield part, ~out, None
+            continue
+        yield part, ~out, sample(x[~out], s[~out]).numpy()
+
+
 def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed, *, far=None):
     """Batches of ``rows``: ``(rows outside the prior's support, rows inside,
     their decoded flow draws (n_samples, len(inside)))``; outside are those
@@ -196,23 +244,25 @@ def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed, *, far=Non
     ``far`` (a mask over ``inputs``: beyond the prior predictive region)."""
     if far is None:
         far = np.zeros(len(inputs), dtype=bool)
-    chunk = _voxels_per_batch(n_samples)
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        x = torch.as_tensor(inputs[part])
-        s = torch.as_tensor(sigma[part])
+
+    def outside(part, x, s):
         statistic = estimator.support_statistic(x, s)
-        outside = (statistic > estimator.support_limit(s)).numpy() | far[part]
-        keep = part[~outside]
-        if not len(keep):
-            yield part[outside], keep, {}
-            continue
-        # One seed for every batch: a voxel's draws are seeded by its own
-        # data (PosteriorEstimator.sample), not by its batch.
-        draws = estimator.sample(
-            x[~outside], s[~outside], n_samples, generator_seed=seed
-        )
-        yield part[outside], keep, decode(draws.numpy())
+        return (statistic > estimator.support_limit(s)).numpy() | far[part]
+
+    def sample(x, s):
+        return estimator.sample(x, s, n_samples, generator_seed=seed)
+
+    batches = flow_draws(
+        sample,
+        inputs,
+        sigma,
+        rows,
+        per_batch=_voxels_per_batch(n_samples),
+        outside=outside,
+    )
+    for part, drawn, draws in batches:
+        values = {} if draws is None else decode(draws)
+        yield part[~drawn], part[drawn], values
 
 
 def volume_iou_bound(fraction_draws, fraction):
@@ -526,18 +576,18 @@ class PosteriorFit(MaskedFit):
 
     def _flow_values(self, rows, n, seed):
         """Joint flow draws (len(rows), n, n_targets) of the voxels ``rows``."""
-        chunks = []
-        chunk = _voxels_per_batch(n)
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            draws = self.model.estimator.sample(
-                torch.as_tensor(self.params["inputs"][part]),
-                torch.as_tensor(self.params["sigma"][part]),
-                n,
-                generator_seed=seed,
-            )
-            chunks.append(np.moveaxis(draws.numpy(), 0, 1))
-        return np.concatenate(chunks)
+
+        def sample(x, s):
+            return self.model.estimator.sample(x, s, n, generator_seed=seed)
+
+        batches = flow_draws(
+            sample,
+            self.params["inputs"],
+            self.params["sigma"],
+            rows,
+            per_batch=_voxels_per_batch(n),
+        )
+        return np.concatenate([np.moveaxis(draws, 0, 1) for _, _, draws in batches])
 
     def _scale(self, protocol, rows, S0):
         """The S0 (len(rows), n_acquisitions) of each predicted row."""

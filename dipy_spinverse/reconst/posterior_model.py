@@ -11,18 +11,19 @@ from dipy.reconst.base import ReconstModel
 from dipy.utils.logging import logger
 
 from ..checks import check_device, check_diffusivity, check_int, readable_device
+from ..masked import masked_rows
 from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
 from ..posterior.envelope import PredictiveEnvelope
 from .descriptions import protocol_description, table_from_description
 from .gate import check_data, gradient_tables, require_b0
-from .noise import NOISE_HINT, check_sigma
+from .noise import require_sigma
 from .posterior import OUT_OF_PRIOR, PREDICTIVE_LEVEL, PosteriorFit, fit_posterior
-from .resume import masked_rows
 from .status import count_negative, warn_implausible, warn_negative
 
 __all__ = [
     "SpinversePosteriorModel",
     "check_prior",
+    "voxels_to_fit",
 ]
 
 #: Posterior draws per voxel for the maps and stored intervals.
@@ -118,12 +119,9 @@ class SpinversePosteriorModel(ReconstModel):
         training_address=None,
     ):
         self.gtab, self.protocol = gradient_tables(gtab)
-        sigma = check_sigma(sigma, n_volumes=len(self.protocol))
-        if not sigma > 0:
-            raise ValueError(
-                f"fit_method='posterior' needs the noise level: pass sigma "
-                f"{NOISE_HINT}."
-            )
+        sigma = require_sigma(
+            sigma, fit_method=self.fit_method, n_volumes=len(self.protocol)
+        )
         check_prior(prior, posterior_options)
         require_b0(self.protocol)
         #: The protocol's sequences in rank order (:meth:`Protocol.sequences`).
@@ -205,10 +203,7 @@ class SpinversePosteriorModel(ReconstModel):
             Of shape ``data.shape[:-1]`` (``mask.shape`` for the mask's
             voxels; ``()`` for one voxel).
         """
-        data = check_data(data, len(self.protocol))
-        rows, mask = masked_rows(data, mask)
-        # Magnitudes cannot be negative; denoised data can: fitted as given.
-        warn_negative(self, count_negative(rows), len(rows), stacklevel=3)
+        rows, mask = voxels_to_fit(self, data, mask)
         params = fit_posterior(self, rows, n_samples=self.n_posterior_samples)
         bad = params["status"] == OUT_OF_PRIOR
         if bad.any():
@@ -313,6 +308,39 @@ class SpinversePosteriorModel(ReconstModel):
             f"SpinversePosteriorModel(n_volumes={len(self.protocol)}, "
             f"sigma={self.sigma:.4g}, prior={self.prior.prior!r})"
         )
+
+
+def voxels_to_fit(model, data, mask):
+    """The voxels of ``data`` that ``model`` fits, and the mask: where the
+    ``fit`` of the posterior models starts.
+
+    ``data`` is checked (:func:`~dipy_spinverse.reconst.gate.check_data`),
+    its voxels in the mask taken (:func:`~dipy_spinverse.masked.masked_rows`),
+    and those with negative samples counted in a warning at the user's
+    ``fit`` call: magnitudes cannot be negative, denoised data can, and they
+    are fitted as given.
+
+    Parameters
+    ----------
+    model : SpinversePosteriorModel or SpinverseProtocolFreeModel
+        The model (its ``protocol``).
+    data : array_like (..., n_volumes) or (n_mask, n_volumes)
+        As the models' ``fit`` takes it.
+    mask : array_like of bool, optional
+        As the models' ``fit`` takes it.
+
+    Returns
+    -------
+    rows : ndarray (n, n_volumes)
+        The voxels to fit.
+    mask : ndarray of bool
+        The checked mask (shape ``()`` for one voxel).
+    """
+    data = check_data(data, len(model.protocol))
+    rows, mask = masked_rows(data, mask)
+    # The frames: here, the model's fit, the user's call.
+    warn_negative(model, count_negative(rows), len(rows), stacklevel=4)
+    return rows, mask
 
 
 def check_prior(prior, posterior_options):

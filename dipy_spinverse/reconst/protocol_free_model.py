@@ -21,7 +21,7 @@ from dipy.reconst.base import ReconstModel
 from dipy.utils.logging import logger
 
 from ..checks import check_int
-from ..masked import MaskedFit
+from ..masked import MaskedFit, check_mask, is_mask_rows, volume_shape
 from ..posterior import TissuePrior
 from ..posterior.calibration import calibrated_draws
 from ..posterior.envelope import prior_envelope
@@ -41,25 +41,20 @@ from .descriptions import (
     table_from_description,
 )
 from .gate import admit, check_data, gradient_tables, require_b0
-from .noise import NOISE_HINT, check_sigma, warn_noise
+from .noise import require_sigma, warn_noise
 from .parallel import chunks
 from .posterior import (
     KEPT,
     OUT_OF_PRIOR,
     POSTERIOR_STATUS_CODES,
     PREDICTIVE_LEVEL,
+    flow_draws,
     interval_rows,
     kept_index,
     noisiest_sequence,
 )
-from .resume import (
-    check_mask,
-    check_resume,
-    fingerprint,
-    is_mask_rows,
-    masked_rows,
-    volume_shape,
-)
+from .posterior_model import voxels_to_fit
+from .resume import check_resume, fingerprint
 from .runner import checkpoint_hook
 from .status import count_negative, warn_implausible, warn_negative
 
@@ -139,12 +134,9 @@ class SpinverseProtocolFreeModel(ReconstModel):
 
     def __init__(self, gtab, *, sigma=None, n_posterior_samples=128, cache_dir=None):
         self.gtab, self.protocol = gradient_tables(gtab)
-        sigma = check_sigma(sigma, n_volumes=len(self.protocol))
-        if not sigma > 0:
-            raise ValueError(
-                f"fit_method='protocol_free' needs the noise level: pass sigma "
-                f"{NOISE_HINT}."
-            )
+        sigma = require_sigma(
+            sigma, fit_method=self.fit_method, n_volumes=len(self.protocol)
+        )
         with warnings.catch_warnings():
             # The gate's warning of sequences normalised by every echo
             # time's b = 0 does not apply: each shell read is normalised by
@@ -254,8 +246,7 @@ class SpinverseProtocolFreeModel(ReconstModel):
                     "voxel (1-D); fit data[None], a volume of one voxel, to save "
                     "or resume it."
                 )
-            rows, mask = masked_rows(data, mask)
-            warn_negative(self, count_negative(rows), len(rows), stacklevel=3)
+            rows, mask = voxels_to_fit(self, data, mask)
             params, notes = self._params(rows)
             self._report(params["status"], params["sigma"], notes)
             return ProtocolFreeFit(self, params, mask)
@@ -542,17 +533,16 @@ def faster_than_free(shells, normalised, sigma):
 
 def _draws(estimator, tokens, sigma, rows, n_samples, seed):
     """Batches of ``rows``: ``(rows, decoded flow draws (n_samples, len))``."""
-    for start in range(0, len(rows), _VOXELS_PER_BATCH):
-        part = rows[start : start + _VOXELS_PER_BATCH]
-        t = torch.as_tensor(tokens[part])
-        draws = estimator.sample(
-            t,
-            torch.ones(t.shape[:2]),
-            torch.as_tensor(sigma[part]),
-            n_samples,
-            generator_seed=seed,
+
+    def sample(t, s):
+        # Every shell of every voxel read (the mask of the tokens).
+        return estimator.sample(
+            t, torch.ones(t.shape[:2]), s, n_samples, generator_seed=seed
         )
-        yield part, decode_free(draws.numpy())
+
+    batches = flow_draws(sample, tokens, sigma, rows, per_batch=_VOXELS_PER_BATCH)
+    for part, _, draws in batches:
+        yield part, decode_free(draws)
 
 
 class ProtocolFreeFit(MaskedFit):

@@ -2,23 +2,19 @@
 partial fit continues on the same data, mask and model settings.
 
 ``data`` is a volume ``shape + (n_volumes,)`` or the rows of its mask only
-(``volume[mask]``, :func:`is_mask_rows`); both have the same
-:func:`fingerprint`.
+(``volume[mask]``, :func:`~dipy_spinverse.masked.is_mask_rows`); both have
+the same :func:`fingerprint`.
 """
 
 import hashlib
 
 import numpy as np
 
-from ..checks import check_mask_values
+from ..masked import check_mask, is_mask_rows, volume_shape
 
 __all__ = [
     "FINGERPRINT_BYTES",
-    "is_mask_rows",
-    "volume_shape",
     "fingerprint",
-    "check_mask",
-    "masked_rows",
     "check_resume",
 ]
 
@@ -26,55 +22,11 @@ __all__ = [
 FINGERPRINT_BYTES = 1 << 24
 
 
-def is_mask_rows(data, mask):
-    """Whether ``data`` holds the voxels of ``mask`` only, ``(n_mask, n_volumes)``
-    (``volume[mask]``), rather than a volume of ``mask.shape``.
-
-    Never ambiguous: when both readings fit, the mask selects every voxel of
-    a 1-D volume and the two are the same array.
-
-    Parameters
-    ----------
-    data : array_like
-        A volume (..., n_volumes) or rows (n_mask, n_volumes).
-    mask : array_like of bool or None
-        The mask.
-
-    Returns
-    -------
-    bool
-    """
-    if mask is None or np.ndim(mask) == 0:
-        return False
-    mask_shape = np.shape(mask)
-    return (
-        np.ndim(data) == 2
-        and np.shape(data)[:-1] != mask_shape
-        and len(data) == int(np.count_nonzero(mask))
-    )
-
-
-def volume_shape(data, mask=None):
-    """The voxel shape of the volume ``data`` stands for (see :func:`is_mask_rows`).
-
-    Parameters
-    ----------
-    data : array_like
-        A volume (..., n_volumes) or the mask's rows (n_mask, n_volumes).
-    mask : array_like of bool, optional
-        The mask.
-
-    Returns
-    -------
-    tuple of int
-    """
-    return np.shape(mask) if is_mask_rows(data, mask) else np.shape(data)[:-1]
-
-
 def fingerprint(data, mask=None):
     """SHA-1 of the voxels of ``mask`` (float64, C order) and the volume's shape.
 
-    ``data`` is a volume or the rows of the mask (:func:`is_mask_rows`);
+    ``data`` is a volume or the rows of the mask
+    (:func:`~dipy_spinverse.masked.is_mask_rows`);
     both give the same digest, which is that of ``data[mask]``'s bytes, so
     a fit started on a volume resumes on the mask's rows read from its file.
     Without a mask every voxel counts (the digest of the whole array).
@@ -115,62 +67,6 @@ def fingerprint(data, mask=None):
     return digest.hexdigest()
 
 
-def check_mask(mask, shape):
-    """A boolean mask of ``shape`` (all True when None).
-
-    Parameters
-    ----------
-    mask : array_like or None
-        The mask (booleans, or numbers nonzero inside).
-    shape : tuple of int
-        The volume's voxel shape.
-
-    Returns
-    -------
-    ndarray of bool
-        The mask, of ``shape``.
-
-    Raises
-    ------
-    ValueError
-        If the mask's shape is not ``shape`` or its values are not a mask's.
-    """
-    if mask is None:
-        return np.ones(shape, dtype=bool)
-    mask = np.asarray(mask)
-    if mask.shape != shape:
-        one = " (for one voxel, 1-D data, a single bool)" if shape == () else ""
-        raise ValueError(
-            f"mask has shape {mask.shape} but data has {shape} voxels; pass a mask "
-            f"of shape data.shape[:-1]{one}."
-        )
-    return check_mask_values(mask)
-
-
-def masked_rows(data, mask):
-    """The voxels to fit of checked ``data`` and their mask.
-
-    Parameters
-    ----------
-    data : ndarray (n_volumes,), (..., n_volumes) or (n_mask, n_volumes)
-        One voxel, a volume, or the mask's voxels only.
-    mask : array_like of bool or None
-        As the models' ``fit`` take it (a single bool for one voxel).
-
-    Returns
-    -------
-    rows : ndarray (n, n_volumes)
-        The voxels of the mask, in C order (none for one voxel outside it).
-    mask : ndarray of bool
-        The checked mask (shape ``()`` for one voxel).
-    """
-    if data.ndim == 1:
-        mask = np.asarray(True if mask is None else mask, dtype=bool)
-        return (data[None] if mask else data[None][:0]), mask
-    mask = check_mask(mask, volume_shape(data, mask))
-    return (data if is_mask_rows(data, mask) else data[mask]), mask
-
-
 def check_resume(model, resume, data, mask=None, *, digest=None):
     """Raise a ValueError unless ``model`` can continue ``resume`` on ``data``.
 
@@ -186,7 +82,8 @@ def check_resume(model, resume, data, mask=None, *, digest=None):
         posterior's).
     resume : SpinverseFit or ProtocolFreeFit
     data : ndarray (..., n_volumes) or (n_mask, n_volumes)
-        The volume, or the rows of its mask (:func:`is_mask_rows`).
+        The volume, or the rows of its mask
+        (:func:`~dipy_spinverse.masked.is_mask_rows`).
     mask : array_like of bool, optional
     digest : str, optional
         ``fingerprint(data, resume.mask)`` when already known.

@@ -25,6 +25,7 @@ import torch
 
 from .. import clusters
 from ..inverse import reconstruct
+from ..masked import check_mask, is_mask_rows, volume_shape
 from .codes import DIVERGED, FAILED, FITTED, MESH_NOT_REFINED, OK, PENDING, POOR_FIT
 from .fit import SpinverseFit
 from .gate import admit
@@ -32,7 +33,7 @@ from .noise import reference_noise, relative_noise, warn_noise
 from .parallel import check_engine_options, chunk_share, chunks
 from .progress import chunk_progress, progress_bar
 from .refinement import refine_meshes
-from .resume import check_mask, check_resume, fingerprint, is_mask_rows, volume_shape
+from .resume import check_resume, fingerprint
 from .status import (
     count_negative,
     flag_implausible,
@@ -283,7 +284,8 @@ def fit_volume(
     ``(n_mask, ...)`` arrays, and each chunk of voxels is read from ``data``
     (any numeric dtype, never copied whole) and converted to float64 when it
     is fitted. ``data`` is the volume (``shape + (n_volumes,)``) or the rows
-    of the mask only (``data[mask]``, :func:`is_mask_rows`).
+    of the mask only (``data[mask]``,
+    :func:`~dipy_spinverse.masked.is_mask_rows`).
 
     Parameters
     ----------

@@ -33,6 +33,7 @@ from ..checks import (
 from ..inverse import InversionConfig, grid_error, prepare, resolve_config
 from ..inverse.config import OPTIONS, refuse_unused
 from ..inverse.prediction import predict_signal
+from ..masked import check_mask
 from ..meshfit.refine import check_refine_options, refine_topology
 from ..posterior import default_training, load_or_train
 from ..sim.grid import BOUNDARIES, TetGrid
@@ -52,7 +53,6 @@ from .noise import NOISE_HINT, check_sigma
 from .parallel import check_engine_options, share_cores
 from .plausibility import protocol_problems
 from .posterior_model import N_POSTERIOR_SAMPLES, check_prior
-from .resume import check_mask
 from .search_settings import SearchSettings, SurfaceCheck, knows_noise
 from .voxels import MESH_PARAMETERS, OPTIONAL_PARAMETERS
 

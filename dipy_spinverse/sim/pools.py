@@ -48,18 +48,83 @@ neither.
 Units: um, us; volumes per um of fibre (um^2), areas per um of fibre (um).
 """
 
+import dataclasses
+from typing import NamedTuple
+
 import numpy as np
 
 from .grid import cell_adjacency
 from .sections import SectionGrid
 
-__all__ = ["PooledSection"]
+__all__ = ["PooledSection", "Pools", "Links"]
+
+
+class Pools(NamedTuple):
+    """The pools of a :class:`PooledSection`, numbered as in
+    :meth:`PooledSection.attach`.
+
+    Attributes
+    ----------
+    hosts : ndarray of int (n_pools,)
+        Each pool's host cell of the section.
+    volumes : ndarray (n_pools,)
+        Each pool's area per um of fibre (um^2).
+    places : ndarray (n_pools, 2)
+        Each pool's place in the section's plane coordinates ``(u, v)`` (um).
+    """
+
+    hosts: np.ndarray
+    volumes: np.ndarray
+    places: np.ndarray
+
+
+class Links(NamedTuple):
+    """Links between unknowns, numbered as in :meth:`PooledSection.attach`:
+    the "faces" of pools (module documentation).
+
+    Attributes
+    ----------
+    cells : ndarray of int (n_links, 2)
+        The two unknowns each link joins.
+    areas : ndarray (n_links,)
+        The membrane's length in the section (um per um of fibre).
+    distances : ndarray (n_links, 2)
+        The diffusion path on each side of the membrane (um).
+    """
+
+    cells: np.ndarray
+    areas: np.ndarray
+    distances: np.ndarray
+
+    @classmethod
+    def joined(cls, *parts):
+        """The links of ``parts`` (each a :class:`Links`), in their order."""
+        return cls(*(np.concatenate(column) for column in zip(*parts, strict=True)))
 
 
 class PooledSection(SectionGrid):
     """A :class:`~dipy_spinverse.sim.sections.SectionGrid` with sub-grid
     pools attached to its cells (module documentation). Build one with
-    :meth:`attach`; :func:`~dipy_spinverse.simulate` takes it as a section.
+    :meth:`attach`, which checks its inputs; :func:`~dipy_spinverse.simulate`
+    takes it as a section.
+
+    Its unknowns are the kept grid cells first, in order, then the pools;
+    its faces the kept edges first, then the links. The lattice and its
+    frame (``vertices``, ``extent``, ``axis``, ``plane``, ``spacing``,
+    ``row_height``, ``boundary``) are the section's.
+
+    Parameters
+    ----------
+    section : SectionGrid
+        The grid the pools are attached to.
+    removed : ndarray of bool (section.n_cells,)
+        Its cells removed.
+    cell_volumes : ndarray (section.n_cells,)
+        Its cells' volumes (um^2 per um of fibre; the removed ones' unread).
+    pools : Pools
+        The pools.
+    links : Links
+        The links.
 
     Attributes
     ----------
@@ -74,6 +139,72 @@ class PooledSection(SectionGrid):
     pool_hosts : ndarray of int (n_pools,)
         Each pool's host: its grid cell (in this grid's numbering).
     """
+
+    def __init__(self, section, *, removed, cell_volumes, pools, links):
+        n, n_pools = section.n_cells, len(pools.hosts)
+        # This grid's number of each unknown of the given numbering: the
+        # kept cells, then the pools (-1: removed).
+        kept_cells = np.flatnonzero(~removed)
+        number = np.full(n + n_pools, -1, dtype=np.int64)
+        number[kept_cells] = np.arange(len(kept_cells))
+        number[n:] = len(kept_cells) + np.arange(n_pools)
+        edges = section.face_cells
+        kept_faces = np.flatnonzero(~removed[edges[:, 0]] & ~removed[edges[:, 1]])
+        face_cells = np.concatenate([number[edges[kept_faces]], number[links.cells]])
+        # Every unknown's place in the plane, and each link's displacement
+        # from its first unknown to its second (nearest periodic image).
+        where = np.concatenate([section.section_positions, pools.places])
+        start, end = where[links.cells[:, 0]], where[links.cells[:, 1]]
+        step = section.displacement2(end, start)
+        pool_points = pools.places @ section.plane
+        width = max(3, int(np.bincount(face_cells.ravel()).max()))
+        cell_faces, cell_neighbours = cell_adjacency(
+            face_cells, len(kept_cells) + n_pools, width
+        )
+        built = dict(
+            triangles=section.triangles[kept_cells],
+            tri_coords=section.tri_coords[kept_cells],
+            cell_volumes=np.concatenate([cell_volumes[kept_cells], pools.volumes]),
+            cell_centroids=np.concatenate(
+                [section.cell_centroids[kept_cells], pool_points]
+            ),
+            cell_circumcentres=np.concatenate(
+                [section.cell_circumcentres[kept_cells], pool_points]
+            ),
+            faces=np.concatenate(
+                [section.faces[kept_faces], np.full((len(step), 2), -1, np.int64)]
+            ),
+            face_cells=face_cells,
+            face_areas=np.concatenate([section.face_areas[kept_faces], links.areas]),
+            face_centroids=np.concatenate(
+                [
+                    section.face_centroids[kept_faces],
+                    section.wrap2(start + step / 2) @ section.plane,
+                ]
+            ),
+            # Distances times normal is the displacement (module
+            # documentation).
+            face_normals=np.concatenate(
+                [
+                    section.face_normals[kept_faces],
+                    (step / links.distances.sum(1)[:, None]) @ section.plane,
+                ]
+            ),
+            face_distances=np.concatenate(
+                [section.face_distances[kept_faces], links.distances]
+            ),
+            cell_faces=cell_faces,
+            cell_neighbours=cell_neighbours,
+        )
+        lattice = {name: getattr(section, name) for name in _LATTICE}
+        _set_fields(self, {**lattice, **built})
+        _set(self, "section", section)
+        _set(self, "kept_cells", kept_cells)
+        _set(self, "kept_faces", kept_faces)
+        _set(self, "pool_hosts", number[pools.hosts])
+        for value in vars(self).values():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
 
     @classmethod
     def attach(
@@ -176,84 +307,13 @@ class PooledSection(SectionGrid):
             places = section.wrap2(
                 _array(pool_positions, "pool_positions", (n_pools, 2))
             )
-        # Every unknown's place in the plane, and each link's displacement.
-        where = np.concatenate([section.section_positions, places])
-        step = section.displacement2(where[links[:, 1]], where[links[:, 0]])
-        length = distances.sum(1)
-        kept = np.flatnonzero(~removed)
-        number = np.full(n + n_pools, -1, dtype=np.int64)
-        number[kept] = np.arange(len(kept))
-        number[n:] = len(kept) + np.arange(n_pools)
-        cells = section.face_cells
-        kept_faces = np.flatnonzero(~removed[cells[:, 0]] & ~removed[cells[:, 1]])
-        face_cells = np.concatenate([number[cells[kept_faces]], number[links]])
-        pool_points = places @ section.plane
-
-        out = object.__new__(cls)
-        out.__dict__.update(
-            {k: v for k, v in section.__dict__.items() if k != "section_positions"}
+        return cls(
+            section,
+            removed=removed,
+            cell_volumes=volumes,
+            pools=Pools(hosts=hosts, volumes=pool_volumes, places=places),
+            links=Links(cells=links, areas=areas, distances=distances),
         )
-        n_links = len(links)
-        _set(out, "section", section)
-        _set(out, "kept_cells", kept)
-        _set(out, "kept_faces", kept_faces)
-        _set(out, "pool_hosts", number[hosts])
-        _set(out, "triangles", section.triangles[kept])
-        _set(out, "tri_coords", section.tri_coords[kept])
-        _set(out, "cell_volumes", np.concatenate([volumes[kept], pool_volumes]))
-        _set(
-            out,
-            "cell_centroids",
-            np.concatenate([section.cell_centroids[kept], pool_points]),
-        )
-        _set(
-            out,
-            "cell_circumcentres",
-            np.concatenate([section.cell_circumcentres[kept], pool_points]),
-        )
-        _set(
-            out,
-            "faces",
-            np.concatenate(
-                [section.faces[kept_faces], np.full((n_links, 2), -1, np.int64)]
-            ),
-        )
-        _set(out, "face_cells", face_cells)
-        _set(out, "face_areas", np.concatenate([section.face_areas[kept_faces], areas]))
-        _set(
-            out,
-            "face_centroids",
-            np.concatenate(
-                [
-                    section.face_centroids[kept_faces],
-                    section.wrap2(where[links[:, 0]] + step / 2) @ section.plane,
-                ]
-            ),
-        )
-        # Distances times normal is the displacement (module documentation).
-        _set(
-            out,
-            "face_normals",
-            np.concatenate(
-                [
-                    section.face_normals[kept_faces],
-                    (step / length[:, None]) @ section.plane,
-                ]
-            ),
-        )
-        _set(
-            out,
-            "face_distances",
-            np.concatenate([section.face_distances[kept_faces], distances]),
-        )
-        width = max(3, int(np.bincount(face_cells.ravel()).max()))
-        faces, neighbours = cell_adjacency(face_cells, len(kept) + n_pools, width)
-        _set(out, "cell_faces", faces)
-        _set(out, "cell_neighbours", neighbours)
-        for value in out.__dict__.values():
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
-        return out
 
     @property
     def n_cells(self):
@@ -317,6 +377,25 @@ def _array(value, name, shape):
     if not np.all(np.isfinite(out)):
         raise ValueError(f"{name} must be finite.")
     return out
+
+
+#: The fields of a section its pooled section keeps as they are: the lattice
+#: and its frame (the other fields are built from them and the pools).
+_LATTICE = ("vertices", "extent", "axis", "plane", "spacing", "row_height", "boundary")
+
+
+def _set_fields(obj, values):
+    """Set every field of :class:`SectionGrid` on ``obj`` from ``values``; a
+    field added to the section is refused here, not left unset."""
+    fields = [field.name for field in dataclasses.fields(SectionGrid)]
+    if sorted(values) != sorted(fields):
+        unset = sorted(set(fields) - set(values))
+        raise TypeError(
+            f"PooledSection sets {sorted(values)}, but SectionGrid's fields are "
+            f"{fields} (unset: {unset}); build each one in PooledSection.__init__."
+        )
+    for name in fields:
+        _set(obj, name, values[name])
 
 
 def _set(obj, name, value):

@@ -14,15 +14,12 @@ speak in Python keywords: :func:`in_flags` rewords their
 flags, the outputs.
 """
 
-import ast
-import contextlib
 import importlib
 import json
 import pathlib
-import re
 from dataclasses import dataclass, field
 
-from ..checks import OptionError, check_choice, check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..inverse.config import PRESETS, resolve_config
 from ..meshfit.refine import check_refine_options
 from ..posterior import TissuePrior, TrainingOptions
@@ -30,6 +27,7 @@ from ..reconst.model import FIT_METHODS, check_fit_method
 from ..reconst.noise import check_sigma
 from ..reconst.protocol_free_model import PRIOR_DIFFUSIVITY
 from ..reconst.search_model import check_search_options, make_grid
+from .cli import flag_names, options_as_flags, reword_options
 from .outputs import DEFAULT_METRICS, METRICS, SMOOTH_MESH_FORMATS
 
 __all__ = [
@@ -37,6 +35,7 @@ __all__ = [
     "NOISE_FLAGS",
     "Flags",
     "check_flags",
+    "command_flags",
     "command_part",
     "search_flags",
     "posterior_flags",
@@ -50,9 +49,10 @@ __all__ = [
 ]
 
 #: The command's flag for each option it sets, by the option's name in the
-#: models' messages (:func:`reword`). The posterior's options are keys of
-#: the one JSON flag ``--posterior_options``; the grid's settings are named
-#: as :data:`~dipy_spinverse.reconst.search_model.GRID_SETTINGS`.
+#: core's messages (:func:`reword`: the models', the gradient table's, the
+#: files'). The posterior's options are keys of the one JSON flag
+#: ``--posterior_options``; the grid's settings are named as
+#: :data:`~dipy_spinverse.reconst.search_model.GRID_SETTINGS`.
 FLAGS = {
     "fit_method": "--fit_method",
     "preset": "--preset",
@@ -68,57 +68,73 @@ FLAGS = {
     "grid size": "--grid_size",
     "grid resolution": "--grid_resolution",
     "grid boundary": "--boundary",
+    # The gradient table's (read_gradients'), the outputs' and the run's.
+    **flag_names(
+        "big_delta",
+        "small_delta",
+        "timing_file",
+        "scheme_file",
+        "b0_threshold",
+        "bvecs_tol",
+        "out_dir",
+        "force",
+        "resume",
+    ),
 }
 
-#: A value as the models' messages write it in a setting (``'default'``,
-#: ``0``, ``1e-05``, ``True``).
-_VALUE = r"'[^']*'|[\w.+-]*\w"
+
+def command_flags(*own):
+    """The command's flag of each option: :data:`FLAGS`, and the options
+    ``own`` by their names (``out_s0``: ``--out_s0``).
+
+    Parameters
+    ----------
+    *own : str
+        Options of the command's ``run`` that are flags by their names.
+
+    Returns
+    -------
+    dict
+    """
+    return {**flag_names(*own), **FLAGS}
 
 
-def reword(err):
-    """The message of ``err`` in the command's flags.
+def reword(err, *own):
+    """The message of ``err`` in the command's flags
+    (:func:`~dipy_spinverse.workflows.cli.reword_options`).
 
     Parameters
     ----------
     err : OptionError
-        An error of the models' checks, naming options as keywords.
+        A refusal of the core, naming options as keywords.
+    *own : str
+        Options it may name that are flags by their names
+        (:func:`command_flags`).
 
     Returns
     -------
     str
-        Its message with each option it names that has a flag
-        (:data:`FLAGS`) written as the flag, a setting as the flag and its
-        value (``max_iter=0``: ``--max_iter 0``; ``refine_mesh=True``:
-        ``--refine_mesh``), and only the fixes a flag sets.
+        Its message with each option it names that has a flag written as
+        the flag, a setting as the flag and its value (``max_iter=0``:
+        ``--max_iter 0``; ``refine_mesh=True``: ``--refine_mesh``), and only
+        the fixes a flag sets.
     """
-    flags = {option: FLAGS[option] for option in err.options if option in FLAGS}
-    text = err.wording(settable=flags)
-    if not flags:
-        return text
-    names = "|".join(re.escape(o) for o in sorted(flags, key=len, reverse=True))
-    pattern = rf"(?<![\w-])({names})(?:=({_VALUE}))?(?!\w)"
-    return re.sub(pattern, lambda m: _setting(flags[m[1]], m[2]), text)
+    return reword_options(err, command_flags(*own))
 
 
-def _setting(flag, value):
-    """``flag`` set to ``value`` (a Python literal, or None: the flag alone)."""
-    if value is None:
-        return flag
-    try:
-        value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        pass
-    return flag if value is True else f"{flag} {value}"
-
-
-@contextlib.contextmanager
-def in_flags():
+def in_flags(*own):
     """Raise an :class:`~dipy_spinverse.checks.OptionError` of the block as
-    a ``ValueError`` worded in the command's flags (:func:`reword`)."""
-    try:
-        yield
-    except OptionError as err:
-        raise ValueError(reword(err)) from err
+    a ``ValueError`` worded in the command's flags (:func:`reword`), and
+    word the log lines that name options so
+    (:func:`~dipy_spinverse.workflows.cli.options_as_flags`).
+
+    Parameters
+    ----------
+    *own : str
+        Options of the block that are flags by their names
+        (:func:`command_flags`).
+    """
+    return options_as_flags(command_flags(*own))
 
 
 #: How to give the noise level on the command line.

@@ -414,23 +414,30 @@ class SpinverseFlow(Workflow):
             except OSError as err:
                 raise _folder_error(out_dir, err) from err
             refuse_shared_outputs(io_it)
-            for dwi, bval, bvec, maskfile, *paths in io_it:
-                # Outputs by name: every one has its own path (out_dir joined).
-                out = dict(zip(io_it.out_keys, paths, strict=True))
-                # Checked before the fit: an output that clashes or cannot be
-                # written would fail after the voxels' work, or overwrite another.
-                folder = check_output_paths(out)
-                with output_lock(folder, command="dipy_fit_spinverse"):
-                    logger.info(f"Spinverse fit of {dwi}")
-                    dataset = read_dataset(
-                        dwi,
-                        bval,
-                        bvec,
-                        maskfile,
-                        gradients=flags.gradients,
-                        noise=flags.noise,
-                    )
-                    self._fit(dataset, out, flags, StagedOutputs(folder))
+            # The core's refusals (files, gradients, models) in the flags.
+            with in_flags(*getattr(io_it, "out_keys", ())):
+                for dwi, bval, bvec, maskfile, *paths in io_it:
+                    self._run_one(dwi, bval, bvec, maskfile, paths, io_it, flags)
+
+    def _run_one(self, dwi, bval, bvec, maskfile, paths, io_it, flags):
+        """One dataset of :meth:`run`: its outputs checked, its folder held,
+        the dataset read and fitted, its outputs written."""
+        # Outputs by name: every one has its own path (out_dir joined).
+        out = dict(zip(io_it.out_keys, paths, strict=True))
+        # Checked before the fit: an output that clashes or cannot be
+        # written would fail after the voxels' work, or overwrite another.
+        folder = check_output_paths(out)
+        with output_lock(folder, command="dipy_fit_spinverse", option="out_dir"):
+            logger.info(f"Spinverse fit of {dwi}")
+            dataset = read_dataset(
+                dwi,
+                bval,
+                bvec,
+                maskfile,
+                gradients=flags.gradients,
+                noise=flags.noise,
+            )
+            self._fit(dataset, out, flags, StagedOutputs(folder))
 
     def _fit(self, dataset, out, flags, staging):
         """The fit of one dataset and its outputs (one set, ``staging``), by
@@ -548,7 +555,7 @@ def _recover(folder):
     if not glob.glob(os.path.join(glob.escape(folder), STAGING_PREFIX + "*")):
         return
     try:
-        with output_lock(folder, command="dipy_fit_spinverse"):
+        with output_lock(folder, command="dipy_fit_spinverse", option="out_dir"):
             recover_staged(folder)
     except WriteError as err:  # said as it is, not as a folder not made
         raise ValueError(str(err)) from err
@@ -812,7 +819,15 @@ def previous_fit(model, data, mask, state, *, resume):
             logger.info(f"No saved state at {state}; starting a new fit.")
             return None
         logger.info(f"Resuming the fit saved in {saved[0]}.")
-        previous = load_fit(saved[0])
+        try:
+            previous = load_fit(saved[0])
+        except ValueError as err:
+            # A damaged store (its checksums): without --resume the run sets
+            # it aside and fits afresh.
+            raise ValueError(
+                f"--resume: {saved[0]} cannot be read ({err}); run without "
+                "--resume to fit afresh."
+            ) from err
         try:
             check_resume(model, previous, data, mask)
         except ValueError as err:

@@ -29,7 +29,7 @@ from ..files import (
 )
 from ..tissue.model import POOR_FIT, TissueMapModel
 from ..tissue.sequences import sequence_from_string
-from .cli import run_command
+from .cli import flag_names, options_as_flags, run_command
 
 __all__ = ["TissueMapsFlow", "read_sequences", "main"]
 
@@ -199,21 +199,26 @@ class TissueMapsFlow(Workflow):
             device=device,
         )
         io_it = self.get_io_iterator()
-        for inputs in io_it:
-            image_file, sequence_file = inputs[0], inputs[1]
-            outputs = inputs[-7:]
-            # Before the fit: outputs that clash, or a folder that cannot
-            # hold them, are refused before the work, not after it.
-            check_outputs(zip(io_it.out_keys, outputs, strict=True))
-            folder = writable_folder(
-                os.path.dirname(os.path.abspath(outputs[0])),
-                "outputs",
-                fix="pass an --out_dir that is a folder you can write to.",
-            )
-            with output_lock(folder, command="dipy_fit_tissue_maps"):
-                self._fit_and_save(
-                    image_file, sequence_file, mask_files, outputs, options
+        # The core's refusals (its files) in the command's flags.
+        flags = flag_names("out_dir", *getattr(io_it, "out_keys", ()))
+        with options_as_flags(flags):
+            for inputs in io_it:
+                image_file, sequence_file = inputs[0], inputs[1]
+                outputs = inputs[-7:]
+                # Before the fit: outputs that clash, or a folder that cannot
+                # hold them, are refused before the work, not after it.
+                check_outputs(zip(io_it.out_keys, outputs, strict=True))
+                folder = writable_folder(
+                    os.path.dirname(os.path.abspath(outputs[0])),
+                    "outputs",
+                    fix="pass an --out_dir that is a folder you can write to.",
                 )
+                with output_lock(
+                    folder, command="dipy_fit_tissue_maps", option="out_dir"
+                ):
+                    self._fit_and_save(
+                        image_file, sequence_file, mask_files, outputs, options
+                    )
 
     def _fit_and_save(self, image_file, sequence_file, mask_file, outputs, options):
         """Fit one dataset and write its maps (the output folder is held)."""

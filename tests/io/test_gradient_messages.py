@@ -1,9 +1,10 @@
 """The gradient table's messages speak the user's words (issue 59, item 5).
 
-Errors met through :func:`read_gradients` (what ``dipy_fit_spinverse``
-calls) name the option both as the argument and as the flag the user typed
-(``b0_threshold (--b0_threshold)``), and values that look like another unit
-say which unit is expected and the conversion.
+Errors met through :func:`read_gradients` name the option as its argument
+(``b0_threshold``), and the command (``dipy_fit_spinverse``) rewords them
+in the flag the user typed (``--b0_threshold``; issue 83: the core speaks
+Python, the command its flags); values that look like another unit say
+which unit is expected and the conversion.
 """
 
 import numpy as np
@@ -16,6 +17,7 @@ from dipy_spinverse.data import make_phantom_dataset
 from dipy_spinverse.io.camino import read_scheme
 from dipy_spinverse.io.gradients import read_gradients
 from dipy_spinverse.sim.sequences import Protocol, fibonacci_sphere
+from dipy_spinverse.workflows.flags import in_flags, reword
 
 #: Two b = 0 volumes and two shells of three directions.
 BVALS = np.array([0.0, 0.0, 1000, 1000, 1000, 2500, 2500, 2500])
@@ -53,21 +55,24 @@ def demo(tmp_path_factory):
     return make_phantom_dataset(tmp_path_factory.mktemp("demo"), **SMALL_DEMO)
 
 
-# -- No b = 0 volume: --b0_threshold, not gradient_table ----------------------
+# -- No b = 0 volume: b0_threshold, not gradient_table ------------------------
 
 
 def test_no_b0_names_b0_threshold_and_the_fix(tmp_path):
     """b = 0 volumes stored as b = 5 with the threshold at 0: the message
-    names the option as the user gave it and the value that fixes it."""
+    names the option as the user gave it (the argument; the command's flag)
+    and the value that fixes it."""
     files, options = _files(tmp_path, np.where(BVALS == 0, 5.0, BVALS))
     with pytest.raises(
         ValueError,
         match=r"b\.bval has no b = 0 volume: its smallest b-value is 5 s/mm\^2, "
-        r"above b0_threshold \(--b0_threshold\) 0 s/mm\^2.*"
-        r"pass b0_threshold=5 \(--b0_threshold 5\)",
+        r"above b0_threshold 0 s/mm\^2.*pass b0_threshold=5;",
     ) as err:
         read_gradients(*files, **options, **PULSES, b0_threshold=0)
-    assert "gradient_table" not in str(err.value)
+    assert "gradient_table" not in str(err.value) and "--" not in str(err.value)
+    command = reword(err.value)
+    assert "above --b0_threshold 0 s/mm^2" in command
+    assert "pass --b0_threshold 5;" in command
     table = read_gradients(*files, **options, **PULSES, b0_threshold=5)
     assert_array_equal(table.b0s_mask, BVALS == 0)
 
@@ -79,11 +84,10 @@ def test_no_b0_acquired_is_not_fixed_by_the_threshold(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"smallest b-value is 1000 s/mm\^2, above b0_threshold "
-        r"\(--b0_threshold\) 50 s/mm\^2.*diffusion-weighted shell.*add the b = 0 "
-        "volumes",
+        r"50 s/mm\^2.*diffusion-weighted shell.*add the b = 0 volumes",
     ) as err:
         read_gradients(*files, **options, **PULSES)
-    assert "--b0_threshold 1000" not in str(err.value)
+    assert "b0_threshold=1000" not in str(err.value)
 
 
 def test_a_scheme_without_b0_row_is_refused_naming_it(tmp_path):
@@ -146,29 +150,41 @@ def test_the_demo_bvals_in_another_unit_are_refused(demo, tmp_path, scale, unit)
 
 
 @pytest.mark.parametrize(
-    "small_delta, big_delta, match",
-    [
-        (10.0, 40.0, r"small_delta=10 looks like milliseconds"),
-        (0.01, 40.0, r"big_delta=40 looks like milliseconds"),
-    ],
+    "small_delta, big_delta, option",
+    [(10.0, 40.0, "small_delta=10"), (0.01, 40.0, "big_delta=40")],
 )
 def test_pulse_flags_in_ms_name_the_flags_and_seconds(
-    tmp_path, small_delta, big_delta, match
+    tmp_path, small_delta, big_delta, option
 ):
     files, options = _files(tmp_path, BVALS)
     with pytest.raises(
         ValueError,
-        match=r"small_delta \(--small_delta\) .* big_delta \(--big_delta\) .*"
-        + match
-        + r".*seconds.*Pass both in seconds: --small_delta 0\.01 --big_delta 0\.04",
+        match=rf"small_delta .* big_delta .*{option} looks like milliseconds.*"
+        r"seconds.*Pass both in seconds: small_delta=0\.01 and big_delta=0\.04",
+    ):
+        read_gradients(*files, **options, small_delta=small_delta, big_delta=big_delta)
+    # The command's words: its flags.
+    with (
+        pytest.raises(
+            ValueError,
+            match=rf"--small_delta .* --big_delta .*--{option.replace('=', ' ')} looks "
+            r"like milliseconds.*Pass both in seconds: --small_delta 0\.01 and "
+            r"--big_delta 0\.04",
+        ),
+        in_flags(),
     ):
         read_gradients(*files, **options, small_delta=small_delta, big_delta=big_delta)
 
 
 def test_pulse_flags_in_the_wrong_order_name_the_flags(tmp_path):
     files, options = _files(tmp_path, BVALS)
-    with pytest.raises(
-        ValueError, match=r"\(--small_delta\) 0\.02 and .*\(--big_delta\) 0\.01:.*>="
+    with pytest.raises(ValueError, match=r"small_delta 0\.02 and big_delta 0\.01:.*>="):
+        read_gradients(*files, **options, small_delta=0.02, big_delta=0.01)
+    with (
+        pytest.raises(
+            ValueError, match=r"--small_delta 0\.02 and --big_delta 0\.01:.*>="
+        ),
+        in_flags(),
     ):
         read_gradients(*files, **options, small_delta=0.02, big_delta=0.01)
 

@@ -554,7 +554,8 @@ def test_a_tampered_checkpoint_is_refused(model, volume, tmp_path):
         store["permeability"][1, :5] = 12345.0
     message = (
         r"state\.h5: permeability of 1 stored voxel\(s\) does not match its "
-        r"checksum \(rows 1 of the mask's voxels.*--force"
+        r"checksum \(rows 1 of the mask's voxels.*Delete the checkpoint to fit those "
+        "voxels again"
     )
     with pytest.raises(ValueError, match=message):
         load_fit(path)

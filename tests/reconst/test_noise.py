@@ -193,6 +193,30 @@ def test_the_posterior_gives_each_voxel_its_own_noise(demo, tmp_path):
     assert_allclose(dark.params["sigma"], 4 * fit.params["sigma"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("fit_method", ["posterior", "protocol_free"])
+@pytest.mark.parametrize("sigma", [None, 0.0])
+def test_both_posterior_models_refuse_an_unknown_sigma_by_one_check(
+    gtab, fit_method, sigma
+):
+    """One refusal (issue 83: each model repeated it), an OptionError in
+    Python's words that a command rewords in its flags."""
+    import traceback
+
+    from dipy_spinverse.checks import OptionError
+    from dipy_spinverse.workflows.flags import reword
+
+    with pytest.raises(OptionError) as err:
+        SpinverseModel(gtab, fit_method=fit_method, sigma=sigma)
+    assert traceback.extract_tb(err.value.__traceback__)[-1].name == "require_sigma"
+    assert str(err.value).startswith(
+        f"fit_method={fit_method!r} needs the noise level: pass sigma (the noise "
+        "standard deviation in the data's units"
+    )
+    assert reword(err.value).startswith(
+        f"--fit_method {fit_method} needs the noise level: pass --sigma/--snr ("
+    )
+
+
 def test_a_posterior_needs_sigma_in_data_units(demo, tmp_path):
     with pytest.raises(ValueError, match="needs the noise level.*data's units"):
         _posterior(demo, None, tmp_path)

@@ -72,3 +72,39 @@ def test_the_envelope_is_built_once_and_a_voxel_is_its_own(model):
     assert_allclose(
         [alone[0][0], alone[1][0]], [together[0][0], together[1][0]], rtol=1e-12
     )
+
+
+def test_the_posterior_fits_draw_through_one_batched_loop():
+    """``flow_draws``, the one loop of the posterior fits' draws (issue 83:
+    the posterior's fit and samples and the protocol-free fit repeated it):
+    ``rows`` in batches of ``per_batch``, in order, each batch's inputs and
+    noise as tensors, the voxels ``outside`` not drawn from (and a batch
+    of none of them not drawn at all)."""
+    from dipy_spinverse.reconst.posterior import flow_draws
+
+    inputs = np.arange(14.0).reshape(7, 2)
+    sigma = np.arange(7.0) / 10
+    calls = []
+
+    def sample(x, s):
+        calls.append(len(x))
+        return torch.stack([x.sum(1) + s] * 3)  # (n_samples, len(x))
+
+    rows = np.array([6, 0, 2, 4, 5])
+    batches = list(
+        flow_draws(
+            sample, inputs, sigma, rows, per_batch=2, outside=lambda p, x, s: p >= 5
+        )
+    )
+    assert [part.tolist() for part, _, _ in batches] == [[6, 0], [2, 4], [5]]
+    assert [drawn.tolist() for _, drawn, _ in batches] == [
+        [False, True],
+        [True, True],
+        [False],
+    ]
+    assert calls == [1, 2]  # the batch of voxel 5 alone: not drawn
+    assert batches[2][2] is None
+    assert_allclose(batches[1][2], [[9.2, 17.4]] * 3)
+    everyone = list(flow_draws(sample, inputs, sigma, rows, per_batch=5))
+    assert len(everyone) == 1 and everyone[0][1].all()
+    assert_allclose(everyone[0][2][0], inputs[rows].sum(1) + sigma[rows])

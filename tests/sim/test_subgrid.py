@@ -301,3 +301,27 @@ def test_bad_pools_are_named(changes, match):
         PooledSection.attach(section, **{**settings, **changes})
     with pytest.raises(TypeError, match="SectionGrid"):
         PooledSection.attach(PooledSection.attach(section, **settings), **settings)
+
+
+def test_a_pooled_section_names_every_field_of_its_section(monkeypatch):
+    """Built by its constructor (issue 83), not by copying the section's
+    ``__dict__``: every field of SectionGrid is set, the lattice's shared
+    with the section, the section's cached positions not carried over; a
+    field the constructor neither builds nor shares is refused, named."""
+    import dataclasses
+
+    from dipy_spinverse.sim import pools
+
+    section = SectionGrid.triangular(4.0, 8, axis=AXIS)
+    assert "section_positions" not in vars(section)
+    section.section_positions  # noqa: B018 -- cached on the section, not copied
+    pooled = _sticks(section, [3, 17, 60])
+    fields = [field.name for field in dataclasses.fields(SectionGrid)]
+    assert set(fields) <= set(vars(pooled))
+    assert "section_positions" not in vars(pooled)
+    for name in pools._LATTICE:
+        assert getattr(pooled, name) is getattr(section, name)
+    assert len(pooled.section_positions) == pooled.n_cells
+    monkeypatch.setattr(pools, "_LATTICE", pools._LATTICE[:-1])
+    with pytest.raises(TypeError, match=r"unset: \['boundary'\]"):
+        _sticks(section, [3])

@@ -538,8 +538,14 @@ def test_timing_file_mistakes_name_the_volumes_and_the_fix(demo, tmp_path):
         read_timing(zeros, n_volumes=N_VOLUMES)
     one = tmp_path / "one.txt"
     np.savetxt(one, [[0.01, 0.06]])
-    with pytest.raises(ValueError, match="give --small_delta and --big_delta"):
+    # The option's name as the argument; the command's flag (issue 83).
+    with pytest.raises(ValueError, match="give small_delta and big_delta inst"):
         read_timing(one, n_volumes=N_VOLUMES)
+    with pytest.raises(ValueError) as err, in_flags():
+        read_timing(one, n_volumes=N_VOLUMES)
+    # The file's row format is text of the file, not flags.
+    assert "one 'small_delta big_delta' row per volume" in str(err.value)
+    assert "give --small_delta and --big_delta instead" in str(err.value)
 
 
 @pytest.mark.parametrize("mistake", ["missing data", "not an image", "out_dir a file"])
@@ -1000,7 +1006,8 @@ def test_a_nan_in_the_timing_file_names_its_volumes(tmp_path):
 
 def test_one_timing_for_b0_levels_of_several_acquisitions_warns(tmp_path, caplog):
     """b = 0 volumes at two levels (2x) fitted with one timing: a warning
-    names the groups and --timing_file; one level: no warning."""
+    names the groups and timing_file (the command: --timing_file); one
+    level: no warning."""
     from dipy_spinverse.io.gradients import read_gradients
 
     bvals = np.array([0, 1000, 1000, 0, 2000, 2000, 0, 1000])
@@ -1027,7 +1034,13 @@ def test_one_timing_for_b0_levels_of_several_acquisitions_warns(tmp_path, caplog
     with caplog.at_level("WARNING"):
         read_gradients(*files, data=data, **options)
     assert "volume(s) 6 at a median" in caplog.text
-    assert "volume(s) 0, 3 at" in caplog.text and "--timing_file" in caplog.text
+    assert "volume(s) 0, 3 at" in caplog.text and "with timing_file (" in caplog.text
+    assert "--" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), in_flags():
+        read_gradients(*files, data=data, **options)
+    assert "one timing (--big_delta, --small_delta) is given" in caplog.text
+    assert "with --timing_file (one 'small_delta big_delta' row" in caplog.text
 
 
 def test_noise_options_take_dipys_meaning(demo):

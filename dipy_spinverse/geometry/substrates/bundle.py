@@ -110,12 +110,13 @@ their areas, so that the section's water is the drawn tissue's exactly.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from ...checks import check_generator, check_int, check_number, check_positive
 from ...sim.analytic import cylinder_roots
-from ...sim.pools import PooledSection
+from ...sim.pools import Links, PooledSection
 from ...sim.sections import SectionGrid
 
 __all__ = [
@@ -468,14 +469,57 @@ def _areas(grid, axon, compartment, n):
     return area(1), area(2)
 
 
+class _Covered(NamedTuple):
+    """The grid cells the sub-grid fibres' outer discs cover: removed, their
+    water the fibres' pools (module documentation)."""
+
+    #: bool (n_cells,): covered by a fibre.
+    removed: np.ndarray
+    #: int (n_cells,): the axon whose disc covers each cell (-1: none).
+    fibre: np.ndarray
+    #: Per fibre, each cell's distance from its centre (um, nearest image).
+    distances: list
+
+
+class _Contacts(NamedTuple):
+    """A sub-grid fibre's contacts: the kept extra-axonal cells its sheath
+    exchanges water with (module documentation)."""
+
+    #: The kept extra-axonal cell nearest the fibre's centre: its pools'
+    #: host.
+    host: int
+    #: The contact cells, ascending.
+    cells: np.ndarray
+    #: Each contact's share of the fibre's perimeter (they sum to 1).
+    shares: np.ndarray
+
+
+class _Inside(NamedTuple):
+    """The pools of sub-grid axons' insides and their links
+    (:func:`_inside_pools`)."""
+
+    #: Each pool's axon (an index into the sub-grid axons).
+    axon: np.ndarray
+    #: Each pool's area (um^2 per um of fibre).
+    volumes: np.ndarray
+    #: Each pool's place in the section's plane coordinates (um).
+    places: np.ndarray
+    #: Each pool to its axon's sheath pool, through the inner membrane.
+    to_sheath: Links
+    #: Each pool of a ring to the next one round it (open).
+    round_ring: Links
+
+
 def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
     """The bundle with the axons ``subgrid`` held as pools (module
     documentation); the others rasterised as without."""
     n = len(inner)
-    r_i, r_o = inner / 2, outer / 2
-    kept = np.flatnonzero(~subgrid)
-    axon, compartment = _rasterised(grid, centres[kept], r_i[kept], r_o[kept])
-    axon = np.concatenate([[0], kept + 1])[axon]  # the drawn axons' numbers
+    inner_radius, outer_radius = inner / 2, outer / 2
+    resolved = np.flatnonzero(~subgrid)
+    axon, compartment = _rasterised(
+        grid, centres[resolved], inner_radius[resolved], outer_radius[resolved]
+    )
+    axon = np.concatenate([[0], resolved + 1])[axon]  # the drawn axons' numbers
     areas, sheaths = _areas(grid, axon, compartment, n)
     lost = ~subgrid & (areas == 0)
     if np.any(lost):
@@ -485,133 +529,173 @@ def _with_subgrid(grid, centres, inner, outer, kappa, subgrid):
             "axons, a finer grid, or a larger resolve_above."
         )
     face_kappa = _face_permeability(grid, axon, compartment, kappa)
-    points = grid.section_positions
-    volumes = grid.cell_volumes.astype(float).copy()
-    removed = np.zeros(grid.n_cells, dtype=bool)
-    owner = np.full(grid.n_cells, -1)
     fibres = np.flatnonzero(subgrid)
-    radial = []
-    for k in fibres:
-        r = np.linalg.norm(grid.displacement2(points, centres[k]), axis=1)
-        covered = (r < r_o[k]) & (compartment == 0) & ~removed
-        removed |= covered
-        owner[covered] = k
-        radial.append(r)
-    extra = (compartment == 0) & ~removed
+    covered = _covered_cells(grid, centres, outer_radius, compartment, fibres)
+    extra = (compartment == 0) & ~covered.removed
     if not extra.any():
         raise UnheldBundleError(
             f"no extra-axonal cell of {grid!r} is left around the sub-grid axons; "
             "use a finer grid."
         )
-    a, b = grid.face_cells.T
-    m = len(fibres)
-    myelin_pool = grid.n_cells + np.arange(m)
-    rings, shares, hosts = [], [], []
-    for k, r in zip(fibres, radial, strict=True):
-        hosts.append(int(np.flatnonzero(extra)[np.argmin(r[extra])]))
-        # The fibre's contacts: kept extra-axonal cells across its removed
-        # cells' edges, each with its share of those edges' length.
-        touching = np.concatenate(
-            [b[(owner[a] == k) & extra[b]], a[(owner[b] == k) & extra[a]]]
-        )
-        lengths = np.concatenate(
-            [
-                grid.face_areas[(owner[a] == k) & extra[b]],
-                grid.face_areas[(owner[b] == k) & extra[a]],
-            ]
-        )
-        if len(touching) == 0:  # a fibre within one cell: its host
-            touching, lengths = np.array([hosts[-1]]), np.array([1.0])
-        cells, where = np.unique(touching, return_inverse=True)
-        rings.append(cells)
-        shares.append(np.bincount(where, weights=lengths) / lengths.sum())
-        covered_area = grid.cell_volumes[owner == k].sum()
-        missing = np.pi * r_o[k] ** 2 - covered_area
-        reach = r_o[k] + _RING_SPACINGS * grid.spacing
-        ring = extra & (r < reach)
-        ring[cells] = True
-        volumes[ring] -= (
-            missing * grid.cell_volumes[ring] / grid.cell_volumes[ring].sum()
-        )
-    if np.any(volumes[~removed] < _MIN_AREA_SHARE * grid.cell_volumes[~removed]):
+    volumes = grid.cell_volumes.astype(float).copy()
+    contacts = []
+    for k, distance in zip(fibres, covered.distances, strict=True):
+        mine = covered.fibre == k
+        contacts.append(_contacts(grid, mine, distance, extra))
+        _give_area(grid, volumes, outer_radius[k], mine, distance, extra, contacts[-1])
+    kept = ~covered.removed
+    if np.any(volumes[kept] < _MIN_AREA_SHARE * grid.cell_volumes[kept]):
         raise UnheldBundleError(
             f"the cells of {grid!r} around a sub-grid axon cannot give its area "
             "(its staircase differs from its disc by more than they hold); use a "
             "finer grid."
         )
-    ri, ro = r_i[fibres], r_o[fibres]
-    rm = np.sqrt(ri * ro)
-    counts = np.array([len(c) for c in rings])
-    contact = np.concatenate(rings)
-    share = np.concatenate(shares)
-    outer_r = np.repeat(ro, counts)
-    surface = np.linalg.norm(
-        grid.displacement2(points[contact], np.repeat(centres[fibres], counts, 0)),
-        axis=1,
+    fibre_inner, fibre_outer = inner_radius[fibres], outer_radius[fibres]
+    # The sheath's middle radius: its shell's resistance splits there
+    # between the outer and the inner membranes' links.
+    middle = np.sqrt(fibre_inner * fibre_outer)
+    sheath_pools = grid.n_cells + np.arange(len(fibres))
+    to_sheaths = _contact_links(
+        grid, centres[fibres], fibre_outer, middle, contacts, sheath_pools
     )
     # Each axon's inside: its quarters on a ring (the disc's first angular
     # mode), or one pool (a stick) where that ring would be stiffer than the
     # grid it joins (module documentation).
-    parts = np.where(_ROOT**2 / ri**2 <= _stiffest_rate(grid), _QUADRANTS, 1)
+    parts = np.where(_ROOT**2 / fibre_inner**2 <= _stiffest_rate(grid), _QUADRANTS, 1)
     inside = _inside_pools(
-        ri, rm, centres[fibres], parts, myelin_pool, first=grid.n_cells + m
+        fibre_inner,
+        middle,
+        centres[fibres],
+        parts,
+        sheath_pools,
+        first=grid.n_cells + len(fibres),
     )
+    hosts = np.array([contact.host for contact in contacts])
+    links = Links.joined(to_sheaths, inside.to_sheath, inside.round_ring)
     pooled = PooledSection.attach(
         grid,
-        pool_hosts=np.concatenate([hosts, np.asarray(hosts)[inside["owner"]]]),
-        pool_volumes=np.concatenate([np.pi * (ro**2 - ri**2), inside["volumes"]]),
-        pool_positions=np.concatenate([centres[fibres], inside["positions"]]),
-        links=np.concatenate(
-            [
-                np.stack([contact, np.repeat(myelin_pool, counts)], axis=1),
-                inside["sheath_links"],
-                inside["ring_links"],
-            ]
+        pool_hosts=np.concatenate([hosts, hosts[inside.axon]]),
+        pool_volumes=np.concatenate(
+            [np.pi * (fibre_outer**2 - fibre_inner**2), inside.volumes]
         ),
-        link_areas=np.concatenate(
-            [2 * np.pi * outer_r * share, inside["sheath_areas"], inside["ring_areas"]]
-        ),
-        link_distances=np.concatenate(
-            [
-                np.stack(
-                    [
-                        np.maximum(surface - outer_r, 0.0),
-                        outer_r * np.log(outer_r / np.repeat(rm, counts)),
-                    ],
-                    axis=1,
-                ),
-                inside["sheath_distances"],
-                inside["ring_distances"],
-            ]
-        ),
-        removed=removed,
+        pool_positions=np.concatenate([centres[fibres], inside.places]),
+        links=links.cells,
+        link_areas=links.areas,
+        link_distances=links.distances,
+        removed=covered.removed,
         cell_volumes=volumes,
     )
-    keep = pooled.kept_cells
-    areas[fibres] = np.pi * ri**2
-    sheaths[fibres] = np.pi * (ro**2 - ri**2)
-    owner = fibres[inside["owner"]]
+    areas[fibres] = np.pi * fibre_inner**2
+    sheaths[fibres] = np.pi * (fibre_outer**2 - fibre_inner**2)
+    inside_axon = fibres[inside.axon]
+    # The pooled grid's unknowns: its kept cells, the sheaths' pools (myelin,
+    # 2), the insides' pools (intra, 1); its faces: the kept edges, then the
+    # links in the order of `links`.
     return AxonBundle(
         centres=centres,
         inner_diameters=inner,
         outer_diameters=outer,
-        axon=np.concatenate([axon[keep], fibres + 1, owner + 1]),
+        axon=np.concatenate([axon[pooled.kept_cells], fibres + 1, inside_axon + 1]),
         compartment=np.concatenate(
-            [compartment[keep], np.full(m, 2), np.full(len(owner), 1)]
+            [
+                compartment[pooled.kept_cells],
+                np.full(len(fibres), 2),
+                np.full(len(inside_axon), 1),
+            ]
         ),
         permeability=kappa,
         face_permeability=np.concatenate(
             [
                 face_kappa[pooled.kept_faces],
-                np.repeat(kappa[fibres], counts),
-                kappa[owner],
-                np.full(len(inside["ring_links"]), np.inf),
+                np.repeat(kappa[fibres], [len(c.cells) for c in contacts]),
+                kappa[inside_axon],
+                np.full(len(inside.round_ring.cells), np.inf),
             ]
         ),
         axon_areas=areas,
         sheath_areas=sheaths,
         grid=pooled,
         subgrid=subgrid,
+    )
+
+
+def _covered_cells(grid, centres, outer_radius, compartment, fibres):
+    """The extra-axonal cells whose circumcentre lies within the outer disc of
+    a sub-grid axon of ``fibres`` (the first one's, where two discs reach
+    it)."""
+    removed = np.zeros(grid.n_cells, dtype=bool)
+    fibre = np.full(grid.n_cells, -1)
+    distances = []
+    for k in fibres:
+        distance = np.linalg.norm(
+            grid.displacement2(grid.section_positions, centres[k]), axis=1
+        )
+        covered = (distance < outer_radius[k]) & (compartment == 0) & ~removed
+        removed |= covered
+        fibre[covered] = k
+        distances.append(distance)
+    return _Covered(removed=removed, fibre=fibre, distances=distances)
+
+
+def _contacts(grid, mine, distance, extra):
+    """A fibre's contacts (module documentation): the kept extra-axonal cells
+    (``extra``) across an edge of its removed cells (``mine``), each with its
+    share of those edges' length; the nearest one (``distance`` from its
+    centre) when it covers none."""
+    host = int(np.flatnonzero(extra)[np.argmin(distance[extra])])
+    one, other = grid.face_cells.T
+    # Edges out of the fibre: its cell on one side, a kept one on the other.
+    out_of_one = mine[one] & extra[other]
+    out_of_other = mine[other] & extra[one]
+    touching = np.concatenate([other[out_of_one], one[out_of_other]])
+    lengths = np.concatenate(
+        [grid.face_areas[out_of_one], grid.face_areas[out_of_other]]
+    )
+    if len(touching) == 0:  # a fibre within one cell: its host
+        touching, lengths = np.array([host]), np.array([1.0])
+    cells, which = np.unique(touching, return_inverse=True)
+    shares = np.bincount(which, weights=lengths) / lengths.sum()
+    return _Contacts(host=host, cells=cells, shares=shares)
+
+
+def _give_area(grid, volumes, radius, mine, distance, extra, contacts):
+    """Take from ``volumes`` (in place) the area a fibre of outer ``radius``
+    lacks, its disc less its removed cells' (``mine``) area (a negative lack
+    is given), from the extra-axonal cells near it (within ``radius`` plus
+    :data:`_RING_SPACINGS` spacings of its centre, and its ``contacts``), in
+    proportion to their areas: the section's water is the drawn tissue's."""
+    missing = np.pi * radius**2 - grid.cell_volumes[mine].sum()
+    reach = radius + _RING_SPACINGS * grid.spacing
+    near = extra & (distance < reach)
+    near[contacts.cells] = True
+    volumes[near] -= missing * grid.cell_volumes[near] / grid.cell_volumes[near].sum()
+
+
+def _contact_links(grid, centres, outer, middle, contacts, sheath_pools):
+    """Each fibre's contacts linked to its sheath's pool: the extra-axonal
+    path from the contact's circumcentre to the fibre's surface, the outer
+    membrane over the contact's share of the perimeter, then the sheath
+    from ``outer`` in to ``middle`` (module documentation)."""
+    counts = [len(contact.cells) for contact in contacts]
+    cells = np.concatenate([contact.cells for contact in contacts])
+    shares = np.concatenate([contact.shares for contact in contacts])
+    radius = np.repeat(outer, counts)
+    from_centre = np.linalg.norm(
+        grid.displacement2(
+            grid.section_positions[cells], np.repeat(centres, counts, 0)
+        ),
+        axis=1,
+    )
+    return Links(
+        cells=np.stack([cells, np.repeat(sheath_pools, counts)], axis=1),
+        areas=2 * np.pi * radius * shares,
+        distances=np.stack(
+            [
+                np.maximum(from_centre - radius, 0.0),
+                radius * np.log(radius / np.repeat(middle, counts)),
+            ],
+            axis=1,
+        ),
     )
 
 
@@ -635,42 +719,47 @@ def _inside_pools(radius, middle, centres, parts, sheath_pools, *, first):
 
     Returns
     -------
-    dict
-        ``owner`` (each pool's axon, index into ``radius``), ``volumes``,
-        ``positions``, ``sheath_links``, ``sheath_areas``,
-        ``sheath_distances``, ``ring_links``, ``ring_areas``,
-        ``ring_distances``.
+    _Inside
     """
-    owner = np.repeat(np.arange(len(radius)), parts)
-    pool = first + np.arange(len(owner))
-    n = parts[owner]
-    ringed = n > 1
-    within = np.arange(len(owner)) - np.repeat(np.cumsum(parts) - parts, parts)
-    r = radius[owner]
-    rho = np.where(ringed, _RING_RADIUS * r, 0.0)
-    angle = 2 * np.pi * (within + 0.5) / n
-    volume = np.pi * r**2 / n
-    following = np.where(within == n - 1, pool - n + 1, pool + 1)
-    # Neighbours on a ring of n pools, rho from the centre; a ring of pools
-    # of volume V joined by conductance w relaxes its first angular mode at
-    # 2 w (1 - cos(2 pi / n)) / V, the disc at D root^2 / r^2, and an open
-    # link of path L conducts D A / L.
-    length = (2 * rho * np.sin(np.pi / n))[ringed]
-    cosine = np.cos(2 * np.pi / n[ringed])
-    return dict(
-        owner=owner,
+    axon = np.repeat(np.arange(len(radius)), parts)
+    pool = first + np.arange(len(axon))
+    on_ring = parts[axon]  # the pools of each one's axon (1: a stick)
+    ringed = on_ring > 1
+    # Each pool's place round its ring (0 .. on_ring - 1).
+    place = np.arange(len(axon)) - np.repeat(np.cumsum(parts) - parts, parts)
+    axon_radius = radius[axon]
+    ring_radius = np.where(ringed, _RING_RADIUS * axon_radius, 0.0)
+    angle = 2 * np.pi * (place + 0.5) / on_ring
+    volume = np.pi * axon_radius**2 / on_ring
+    following = np.where(place == on_ring - 1, pool - on_ring + 1, pool + 1)
+    # A ring of n (on_ring) pools of volume V, rho (ring_radius) from the
+    # centre, joined to its neighbours by conductance w, relaxes its first
+    # angular mode at 2 w (1 - cos(2 pi / n)) / V, the disc of radius r at
+    # D root^2 / r^2; an open link of path L (half the chord each side)
+    # conducts D A / L.
+    chord = (2 * ring_radius * np.sin(np.pi / on_ring))[ringed]
+    cosine = np.cos(2 * np.pi / on_ring[ringed])
+    return _Inside(
+        axon=axon,
         volumes=volume,
-        positions=centres[owner]
-        + rho[:, None] * np.stack([np.cos(angle), np.sin(angle)], -1),
-        sheath_links=np.stack([sheath_pools[owner], pool], axis=1),
-        sheath_areas=2 * np.pi * r / n,
-        sheath_distances=np.stack([r * np.log(middle[owner] / r), r / 4], axis=1),
-        ring_links=np.stack([pool[ringed], following[ringed]], axis=1),
-        ring_areas=_ROOT**2
-        * volume[ringed]
-        * length
-        / (2 * r[ringed] ** 2 * (1 - cosine)),
-        ring_distances=np.stack([length, length], axis=1) / 2,
+        places=centres[axon]
+        + ring_radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], -1),
+        to_sheath=Links(
+            cells=np.stack([sheath_pools[axon], pool], axis=1),
+            areas=2 * np.pi * axon_radius / on_ring,
+            distances=np.stack(
+                [axon_radius * np.log(middle[axon] / axon_radius), axon_radius / 4],
+                axis=1,
+            ),
+        ),
+        round_ring=Links(
+            cells=np.stack([pool[ringed], following[ringed]], axis=1),
+            areas=_ROOT**2
+            * volume[ringed]
+            * chord
+            / (2 * axon_radius[ringed] ** 2 * (1 - cosine)),
+            distances=np.stack([chord, chord], axis=1) / 2,
+        ),
     )
 
 
