@@ -26,14 +26,16 @@ _SCRIPTS = sorted(p.stem for p in _PATH.parent.glob("*.py") if p.stem != _HARNES
 #: Scripts whose ``--quick`` run takes more than about a minute on 2 shared
 #: cores (a label search, a training or a whole-brain fit): run with -m slow.
 _SLOW = {
+    "bundle_cost",
     "cluster_training",
     "compartments",
     "cord_histology",
     "cord_white_matter",
+    "forward",
     "generalisation",
     "isbi_prediction",
-    "posterior_peers",
     "mixture_reader",
+    "posterior_peers",
     "prior_check",
     "protocol_free",
     "protocol_free_shipped",

@@ -9,6 +9,7 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 
 
+@pytest.mark.slow
 def test_compare_tutorial_runs(tmp_path):
     script = os.path.join(EXAMPLES, "compare_compartment_models.py")
     run = subprocess.run(
@@ -40,6 +41,7 @@ def _run_cached(name, tmp_path, timeout=300):
     return run
 
 
+@pytest.mark.slow
 def test_learned_noddi_example_runs(tmp_path):
     run = _run_cached("learned_noddi.py", tmp_path)
     assert "| fitted |" in run.stdout and "| learned |" in run.stdout

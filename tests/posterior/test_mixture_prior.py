@@ -96,10 +96,9 @@ def _prior(**changes):
 
 @pytest.fixture(scope="module")
 def simulator(tmp_path_factory):
-    """The small prior bound to PROTOCOL, its library simulated once (with
-    the measured time steps, as the check simulates it)."""
+    """The small prior bound to PROTOCOL, its library simulated once."""
     cache = tmp_path_factory.mktemp("cache")
-    return _prior().simulator(PROTOCOL, cache_dir=cache)
+    return _prior().simulator(PROTOCOL, cache_dir=cache, substeps=SUBSTEPS)
 
 
 def test_a_voxel_is_drawn_within_the_ranges():
@@ -204,6 +203,7 @@ def test_bad_settings_are_named(changes, match):
         MixturePrior.fixed(**changes)
 
 
+@pytest.mark.slow  # its library with measured time steps: ~20 s
 def test_the_check_holds_its_own_draws(simulator, tmp_path):
     """Held-out voxels of the prior, with Rician noise at SNR 50, lie inside
     its 95 % predictive region at about that rate (200 draws build it; 40
