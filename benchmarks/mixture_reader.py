@@ -30,11 +30,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 from cord_histology import ridge_predictions, white_matter
-from cord_white_matter import simulated_volumes, trained_ridge
-from prior_check import cord_voxels
+from cord_white_matter import trained_ridge
+from prior_check import cord_set
 from scipy import stats
 
-from dipy_spinverse.data import read_cat_spinal_cord
 from dipy_spinverse.posterior import MixturePrior
 from dipy_spinverse.posterior.envelope import shell_features, shell_layout
 from dipy_spinverse.posterior.noise import add_noise
@@ -91,16 +90,10 @@ def main(argv=None):
     prior = MixturePrior.fixed(fibre_axis=(0.0, 0.0, 1.0))
     if args.quick:
         args.n, prior = 60, replace(prior, n_library=2)
-    cord = read_cat_spinal_cord(args.set)
-    kept = (
-        simulated_volumes(cord, 1)
-        if args.set == "2d"
-        else np.arange(len(cord.protocol))
-    )
+    cord, kept, data, sigma = cord_set(args.set, drift=args.drift, noise=args.noise)
     protocol = cord.protocol[kept]
-    data, sigma = cord_voxels(cord, kept, drift=args.drift, noise=args.noise)
-    wm, _ = white_matter(cord)
     relative = sigma / data[:, protocol.bvals == 0].mean(1)
+    wm, _ = white_matter(cord)
     simulator = prior.simulator(protocol, cache_dir=args.out, progress=True)
     signals, truth = simulator.sample(args.n, seed=args.seed, progress=True)
     rng = np.random.default_rng(args.seed)

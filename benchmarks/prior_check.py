@@ -104,6 +104,20 @@ def simulated(name, protocol, n, seed, out, *, quick=False):
     return signals
 
 
+def cord_set(name, *, drift=False, noise="b0"):
+    """The cord's set ``name`` (``"2d"``, ``"3d"``) as these benchmarks read
+    it: ``(cord, kept, data, sigma)``, the volumes kept (the 2-D set's
+    benchmark subset, every volume of the 3-D set: its shells are read on all
+    their directions), the white-matter voxels' signals on them and their
+    noise in the signals' units (:func:`cord_voxels`)."""
+    cord = read_cat_spinal_cord(name)
+    if name == "2d":
+        kept = simulated_volumes(cord, 1)
+    else:
+        kept = np.arange(len(cord.protocol))
+    return (cord, kept, *cord_voxels(cord, kept, drift=drift, noise=noise))
+
+
 def cord_voxels(cord, kept, *, drift=False, noise="b0"):
     """The cord's white-matter signals on the volumes ``kept`` and each
     voxel's noise in their units.
@@ -179,17 +193,9 @@ def main(argv=None):
         args.priors = [*PROBES, "mixture_fixed_z"]
     if args.quick:
         args.n, args.n_held_out = 24, 20
-    cord = read_cat_spinal_cord(args.set)
-    # The 3-D set's shells are checked on all their directions.
-    kept = (
-        simulated_volumes(cord, 1)
-        if args.set == "2d"
-        else np.arange(len(cord.protocol))
-    )
+    cord, kept, data, sigma = cord_set(args.set, drift=args.drift, noise=args.noise)
     protocol = cord.protocol[kept]
-    data, sigma = cord_voxels(cord, kept, drift=args.drift, noise=args.noise)
-    b0 = protocol.bvals == 0
-    relative = sigma / data[:, b0].mean(1)
+    relative = sigma / data[:, protocol.bvals == 0].mean(1)
     print(
         f"cord: {len(kept)} of {len(cord.protocol)} volumes; white matter "
         f"{len(data)} voxels, SNR median {np.median(1 / relative):.0f}"
