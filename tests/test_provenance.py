@@ -140,8 +140,22 @@ def test_each_kind_of_estimator_hashes_its_own_code():
 
     per_protocol = shipped.estimator_sources("per_protocol")
     protocol_free = shipped.estimator_sources("protocol_free")
-    assert "posterior/protocol_free.py" not in per_protocol
-    assert "posterior/protocol_free.py" in protocol_free
+    package = "posterior/protocol_free/"
+    assert not [name for name in per_protocol if name.startswith(package)]
+    # Every module of the protocol-free package but its command line, whose
+    # settings are the shipped module's.
+    assert {name for name in protocol_free if name.startswith(package)} == {
+        package + name
+        for name in (
+            "__init__.py",
+            "design.py",
+            "estimator.py",
+            "shells.py",
+            "shipped.py",
+            "tokens.py",
+            "training.py",
+        )
+    }
     assert "posterior/training.py" in per_protocol
     assert shipped.estimator_code("per_protocol") != shipped.estimator_code(
         "protocol_free"

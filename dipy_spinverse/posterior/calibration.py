@@ -40,6 +40,7 @@ __all__ = [
     "calibrated_levels",
     "calibrated_draws",
     "measure_level_tables",
+    "recalibration_tables",
 ]
 
 #: Descriptors with credible intervals (``orientation`` is a unit vector).
@@ -149,15 +150,50 @@ def measure_level_tables(net, signals, coordinates, noisy, *, seed):
     -------
     ndarray (len(SCALARS), len(LEVELS))
     """
-    rng = np.random.default_rng(seed)
-    truth = decode(coordinates.numpy())
-    repeats = max(1, math.ceil(_N_TRANSFORMS / len(signals)))
+    return recalibration_tables(
+        net,
+        decode(coordinates.numpy()),
+        lambda: noisy(signals),
+        repeats=max(1, math.ceil(_N_TRANSFORMS / len(signals))),
+        seed=seed,
+        rng=np.random.default_rng(seed),
+    )
+
+
+@torch.no_grad()
+def recalibration_tables(net, truth, inputs, *, repeats, seed, rng, decode=decode):
+    """Level tables of an estimator from held-out truths, seen ``repeats``
+    times through fresh inputs: every estimator's recalibration.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        ``net.sample(*inputs(), n, generator_seed=...)`` gives ``n`` flow
+        draws a voxel (:class:`~.estimator.PosteriorEstimator`, or the
+        protocol-free estimator).
+    truth : dict
+        The held-out descriptors (each of :data:`SCALARS`, arrays (n,)).
+    inputs : callable
+        ``inputs()``: the network's inputs of those voxels (a tuple of
+        tensors), drawn afresh at every call (noise, and what else the
+        estimator is trained to see).
+    repeats : int
+        Times the held-out truths are seen.
+    seed : int
+        The draws of repeat ``r`` are seeded ``seed + r``.
+    rng : numpy.random.Generator
+        Breaks the rank transforms' ties (:func:`rank_transform`).
+    decode : callable
+        Flow coordinates to descriptors (:func:`.targets.decode`).
+
+    Returns
+    -------
+    ndarray (len(SCALARS), len(LEVELS))
+    """
     transforms = {name: [] for name in SCALARS}
     for repeat in range(repeats):
-        inputs, sigma = noisy(signals)
-        values = decode(
-            net.sample(inputs, sigma, _N_DRAWS, generator_seed=seed + repeat).numpy()
-        )
+        draws = net.sample(*inputs(), _N_DRAWS, generator_seed=seed + repeat)
+        values = decode(draws.numpy())
         for name in SCALARS:
             transforms[name].append(rank_transform(values[name], truth[name], rng))
     return np.stack([level_table(np.concatenate(transforms[n])) for n in SCALARS])

@@ -43,8 +43,10 @@ import numpy as np
 import torch
 from dipy.utils.logging import logger
 
+from ..checks import check_int
 from ..files import cache_key, cache_root, load_or_build
 from ..provenance import code_digest
+from ..sim.sequences import as_protocol
 from ..sim.signals import normalise_b0, sequence_index
 from .noise import add_noise
 
@@ -55,6 +57,7 @@ __all__ = [
     "PredictiveEnvelope",
     "PriorCheck",
     "prior_predictive_check",
+    "PredictiveCheck",
     "prior_envelope",
 ]
 
@@ -464,6 +467,77 @@ def prior_predictive_check(
     )
     logger.info(result.summary())
     return result
+
+
+class PredictiveCheck:
+    """The prior predictive check as a method of every prior.
+
+    A prior that binds itself to a protocol (``simulator(protocol,
+    **options)``, whose ``sample(n, seed=...)`` returns the noise-free
+    signals first) gets :meth:`check`; :attr:`CHECK_DRAWS` is its default
+    number of draws.
+    """
+
+    #: Draws simulated for a check, unless ``n_draws`` says otherwise.
+    CHECK_DRAWS = 1000
+
+    def check(
+        self,
+        data,
+        gtab,
+        *,
+        mask=None,
+        sigma,
+        n_draws=None,
+        level=0.95,
+        seed=0,
+        **options,
+    ):
+        """Whether this prior holds the data: the prior predictive check.
+
+        Simulates ``n_draws`` of the prior on the data's protocol, puts the
+        data's noise on them, and asks which voxels lie inside the draws'
+        ``level`` predictive region (:mod:`~dipy_spinverse.posterior.
+        envelope`); logs the share inside and the features most outside. Run
+        it before spending a training on the prior.
+
+        Parameters
+        ----------
+        data : ndarray (..., n_volumes)
+        gtab : GradientTable or Protocol
+            With ``big_delta`` and ``small_delta``; a Protocol carries echo
+            times where the data's differ.
+        mask : ndarray of bool, optional
+        sigma : float or ndarray
+            Noise standard deviation in the data's units (one, or one per
+            voxel).
+        n_draws : int, optional
+            Default :attr:`CHECK_DRAWS`.
+        level : float
+        seed : int
+        **options
+            Passed to the prior's ``simulator`` (e.g. ``dtype``,
+            ``cache_dir``).
+
+        Returns
+        -------
+        PriorCheck
+        """
+        n_draws = self.CHECK_DRAWS if n_draws is None else n_draws
+        n_draws = check_int(n_draws, "n_draws", 20)
+
+        def simulate(protocol, seed):
+            return self.simulator(protocol, **options).sample(n_draws, seed=seed)[0]
+
+        return prior_predictive_check(
+            simulate,
+            data,
+            as_protocol(gtab),
+            mask=mask,
+            sigma=sigma,
+            level=level,
+            seed=seed,
+        )
 
 
 def _per_signal(sigma, n):

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_generator, check_int, check_range
 from ..sim.sequences import as_protocol
-from .envelope import prior_predictive_check
+from .envelope import PredictiveCheck
 from .library import BundleLibrary
 from .mixture import (
     bundle_water,
@@ -107,7 +107,7 @@ class MixtureDraw(NamedTuple):
 
 
 @dataclass(frozen=True)
-class MixturePrior:
+class MixturePrior(PredictiveCheck):
     """What a voxel of white matter may hold, mixed (module documentation).
 
     Use :meth:`fixed` or :meth:`in_vivo`. Shares are of the voxel's volume,
@@ -252,61 +252,11 @@ class MixturePrior:
     # -- binding to a protocol ---------------------------------------------------
     def simulator(self, protocol, **options):
         """This prior bound to an acquisition protocol
-        (:class:`MixtureSimulator`; ``options`` go to it)."""
+        (:class:`MixtureSimulator`; ``options`` go to it, ``cache_dir``
+        among them: also :meth:`check`'s). The first binding to a protocol
+        simulates the library (kept in the cache); any later one only
+        mixes."""
         return MixtureSimulator(self, protocol, **options)
-
-    def check(
-        self,
-        data,
-        gtab,
-        *,
-        mask=None,
-        sigma,
-        n_draws=1000,
-        level=0.95,
-        seed=0,
-        cache_dir=None,
-    ):
-        """Whether this prior holds the data: the prior predictive check.
-
-        As :meth:`TissuePrior.check
-        <dipy_spinverse.posterior.TissuePrior.check>`; the first check on a
-        protocol simulates the library (kept in the cache), any later one
-        only mixes.
-
-        Parameters
-        ----------
-        data : ndarray (..., n_volumes)
-        gtab : GradientTable or Protocol
-        mask : ndarray of bool, optional
-        sigma : float or ndarray
-            Noise standard deviation in the data's units.
-        n_draws : int
-        level : float
-        seed : int
-        cache_dir : path-like, optional
-            Where the library is kept (default
-            :func:`~dipy_spinverse.files.cache_root`).
-
-        Returns
-        -------
-        PriorCheck
-        """
-        n_draws = check_int(n_draws, "n_draws", 20)
-
-        def simulate(protocol, seed):
-            simulator = self.simulator(protocol, cache_dir=cache_dir)
-            return simulator.sample(n_draws, seed=seed)[0]
-
-        return prior_predictive_check(
-            simulate,
-            data,
-            as_protocol(gtab),
-            mask=mask,
-            sigma=sigma,
-            level=level,
-            seed=seed,
-        )
 
     def description(self):
         """The prior's fields as plain values (cache keys, reports)."""

@@ -71,8 +71,7 @@ from ..geometry.substrates import (
 )
 from ..sim.grid import TetGrid
 from ..sim.sections import SectionGrid
-from ..sim.sequences import as_protocol
-from .envelope import prior_predictive_check
+from .envelope import PredictiveCheck
 from .simulator import PriorSimulator
 
 __all__ = [
@@ -151,7 +150,7 @@ class Draw(NamedTuple):
 
 
 @dataclass(frozen=True)
-class TissuePrior:
+class TissuePrior(PredictiveCheck):
     """What tissue a voxel may hold: the prior of the amortised posterior.
 
     See the module documentation for how one voxel is drawn.
@@ -585,48 +584,6 @@ class TissuePrior:
     def simulator(self, protocol, **options):
         """This prior bound to an acquisition protocol (:class:`PriorSimulator`)."""
         return PriorSimulator(self, protocol, **options)
-
-    def check(self, data, gtab, *, mask=None, sigma, n_draws=1000, level=0.95, seed=0):
-        """Whether this prior holds the data: the prior predictive check.
-
-        Simulates ``n_draws`` of the prior on the data's protocol, puts the
-        data's noise on them, and asks which voxels lie inside the draws'
-        ``level`` predictive region (:mod:`~dipy_spinverse.posterior.
-        envelope`); logs the share inside and the features most outside. Run
-        it before spending a training on the prior.
-
-        Parameters
-        ----------
-        data : ndarray (..., n_volumes)
-        gtab : GradientTable or Protocol
-            With ``big_delta`` and ``small_delta``; a Protocol carries echo
-            times where the data's differ.
-        mask : ndarray of bool, optional
-        sigma : float or ndarray
-            Noise standard deviation in the data's units (one, or one per
-            voxel).
-        n_draws : int
-        level : float
-        seed : int
-
-        Returns
-        -------
-        PriorCheck
-        """
-        n_draws = check_int(n_draws, "n_draws", 20)
-
-        def simulate(protocol, seed):
-            return self.simulator(protocol).sample(n_draws, seed=seed)[0]
-
-        return prior_predictive_check(
-            simulate,
-            data,
-            as_protocol(gtab),
-            mask=mask,
-            sigma=sigma,
-            level=level,
-            seed=seed,
-        )
 
     def description(self):
         """The prior's fields as a dict of plain values (cache keys, reports)."""

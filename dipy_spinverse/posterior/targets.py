@@ -9,11 +9,27 @@ five free components of their normalised second-moment tensor
 and ``orientation`` (its principal axis) follow for every posterior sample.
 Modelling the tensor, not the axis, keeps the sign ambiguity of an axis out
 of the density.
+
+The first seven coordinates (:data:`SCALAR_TARGETS`: the fraction, the
+count and the five positive quantities; :func:`encode_scalars`,
+:func:`decode_scalars`) are every flow's: the protocol-free flow
+(:mod:`.protocol_free`) models them too, with the :func:`logit` of the
+anisotropy in place of the tensor.
 """
 
 import numpy as np
 
-__all__ = ["TARGETS", "encode", "decode", "shape_descriptors"]
+__all__ = [
+    "TARGETS",
+    "SCALAR_TARGETS",
+    "encode",
+    "decode",
+    "encode_scalars",
+    "decode_scalars",
+    "logit",
+    "logistic",
+    "shape_descriptors",
+]
 
 #: The flow's coordinates, in order.
 TARGETS = (
@@ -30,6 +46,10 @@ TARGETS = (
     "shape_xz",
     "shape_yz",
 )
+
+#: The coordinates of the descriptors that every flow models alike (the
+#: first seven of :data:`TARGETS`).
+SCALAR_TARGETS = TARGETS[:7]
 
 _LOGS = (
     "cell_volume",
@@ -57,22 +77,17 @@ def encode(truth, *, rng=None):
     -------
     ndarray (n, len(TARGETS))
     """
-    f = np.asarray(truth["restricted_fraction"], dtype=float)
-    n = np.asarray(truth["n_cells"], dtype=float)
-    if rng is not None:
-        n = n + rng.uniform(-0.5, 0.5, size=n.shape)
-    columns = [np.log(f) - np.log1p(-f), np.log(n)]
-    columns += [np.log(np.asarray(truth[name], dtype=float)) for name in _LOGS]
+    scalars = encode_scalars(truth, rng=rng)
     tensor = np.asarray(truth["shape_tensor"], dtype=float)
     tensor = tensor / np.trace(tensor, axis1=-2, axis2=-1)[..., None, None]
-    columns += [
+    shape = [
         tensor[:, 0, 0] - 1 / 3,
         tensor[:, 1, 1] - 1 / 3,
         tensor[:, 0, 1],
         tensor[:, 0, 2],
         tensor[:, 1, 2],
     ]
-    return np.stack(columns, axis=-1)
+    return np.concatenate([scalars, np.stack(shape, axis=-1)], axis=-1)
 
 
 def decode(values):
@@ -82,10 +97,7 @@ def decode(values):
     has a last axis of 3.
     """
     values = np.asarray(values, dtype=float)
-    out = {"restricted_fraction": 1 / (1 + np.exp(-values[..., 0]))}
-    out["n_cells"] = np.maximum(1, np.rint(np.exp(values[..., 1]))).astype(np.int64)
-    for i, name in enumerate(_LOGS, start=2):
-        out[name] = np.exp(values[..., i])
+    out = decode_scalars(values)
     xx, yy, xy, xz, yz = (values[..., i] for i in range(7, 12))
     # The trace is 1: the third diagonal entry is what the first two leave.
     zz = 1 / 3 - xx - yy
@@ -99,6 +111,52 @@ def decode(values):
     )
     out.update(shape_descriptors(tensor))
     return out
+
+
+def encode_scalars(truth, *, rng=None):
+    """The coordinates of :data:`SCALAR_TARGETS` (n, 7), as :func:`encode`'s
+    first seven.
+
+    Parameters
+    ----------
+    truth : dict
+        ``restricted_fraction``, ``n_cells`` and the :data:`_LOGS`
+        quantities (arrays of length n).
+    rng : numpy.random.Generator, optional
+        For the dequantisation of ``n_cells`` (default: no jitter).
+
+    Returns
+    -------
+    ndarray (n, len(SCALAR_TARGETS))
+    """
+    n = np.asarray(truth["n_cells"], dtype=float)
+    if rng is not None:
+        n = n + rng.uniform(-0.5, 0.5, size=n.shape)
+    columns = [logit(truth["restricted_fraction"]), np.log(n)]
+    columns += [np.log(np.asarray(truth[name], dtype=float)) for name in _LOGS]
+    return np.stack(columns, axis=-1)
+
+
+def decode_scalars(values):
+    """The descriptors of :data:`SCALAR_TARGETS` from coordinates (..., k),
+    k >= 7 (the first seven read), as :func:`decode` gives them."""
+    values = np.asarray(values, dtype=float)
+    out = {"restricted_fraction": logistic(values[..., 0])}
+    out["n_cells"] = np.maximum(1, np.rint(np.exp(values[..., 1]))).astype(np.int64)
+    for i, name in enumerate(_LOGS, start=2):
+        out[name] = np.exp(values[..., i])
+    return out
+
+
+def logit(p):
+    """``log(p / (1 - p))`` of fractions in (0, 1): their flow coordinate."""
+    p = np.asarray(p, dtype=float)
+    return np.log(p) - np.log1p(-p)
+
+
+def logistic(x):
+    """The fraction of a flow coordinate (the inverse of :func:`logit`)."""
+    return 1 / (1 + np.exp(-x))
 
 
 def shape_descriptors(tensor):

@@ -11,11 +11,13 @@ and, where modelled, the grid's error, then trains on it:
 :class:`~dipy_spinverse.posterior.PosteriorEstimator` together, minimising
 the negative log density of the true flow coordinates of noisy inputs
 (:func:`.noise.noisy_inputs`: fresh noise every batch), keeps the epoch
-best on the validation part, then recalibrates its credible bounds
-(:func:`.calibration.measure_level_tables`) and measures the prior's
-support (:func:`.support.measure_support`) on simulations it did not train
-on. A training is reproducible: the same options and seed give the same
-estimator, to float tolerance. Caching it is :mod:`.cache`'s.
+best on the validation part (:func:`optimise`: Adam, a cosine-annealed
+rate, the best state; the protocol-free estimator trains in it too), then
+recalibrates its credible bounds (:func:`.calibration.measure_level_tables`)
+and measures the prior's support (:func:`.support.measure_support`) on
+simulations it did not train on. A training is reproducible: the same
+options and seed give the same estimator, to float tolerance. Caching it
+is :mod:`.cache`'s.
 """
 
 import functools
@@ -42,6 +44,7 @@ __all__ = [
     "default_training",
     "simulate_and_train",
     "train_estimator",
+    "optimise",
 ]
 
 
@@ -324,40 +327,25 @@ def train_estimator(
     net.y_mean.copy_(y[train].mean(0))
     net.y_std.copy_(y[train].std(0).clamp_min(1e-6))
     val_x, val_sigma = noisy(x[val])
-    optimiser = torch.optim.Adam(net.parameters(), lr=options.learning_rate)
-    steps = options.epochs * math.ceil(len(train) / options.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-    best, best_state = math.inf, None
-    bar = tqdm(
-        range(options.epochs), desc="Training the posterior", disable=not progress
-    )
-    for _ in bar:
-        net.train()
-        for batch in torch.randperm(len(train), generator=generator).split(
-            options.batch_size
-        ):
+
+    def batch_losses(epoch):
+        batches = torch.randperm(len(train), generator=generator)
+        for batch in batches.split(options.batch_size):
             rows = train[batch]
             inputs, s = noisy(x[rows])
-            loss = -net.log_prob(inputs, s, y[rows]).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            optimiser.step()
-            schedule.step()
-        net.eval()
-        with torch.no_grad():
-            score = -net.log_prob(val_x, val_sigma, y[val]).mean().item()
-        if score < best:
-            best = score
-            best_state = {k: v.clone() for k, v in net.state_dict().items()}
-        bar.set_postfix_str(f"validation -log p {score:.3f}")
-    if best_state is None:
-        raise RuntimeError(
-            "the posterior's training diverged (no finite validation loss); "
-            "lower learning_rate in TrainingOptions."
-        )
-    net.load_state_dict(best_state)
-    net.eval()
+            yield -net.log_prob(inputs, s, y[rows]).mean()
+
+    optimise(
+        net,
+        batch_losses,
+        lambda: -net.log_prob(val_x, val_sigma, y[val]).mean().item(),
+        epochs=options.epochs,
+        learning_rate=options.learning_rate,
+        steps_per_epoch=math.ceil(len(train) / options.batch_size),
+        clip_norm=5.0,
+        fix="lower learning_rate in TrainingOptions",
+        progress=progress,
+    )
     held_x, held_y = x[val], y[val]
     if calibration is not None:
         more_x, more_y = (torch.as_tensor(a, dtype=torch.float32) for a in calibration)
@@ -369,3 +357,88 @@ def train_estimator(
     held_out = add_model_error(x[val], model_error, generator)
     measure_support(net, x[train], held_out, protocol, options, generator)
     return net
+
+
+def optimise(
+    net,
+    batch_losses,
+    validation_loss,
+    *,
+    epochs,
+    learning_rate,
+    steps_per_epoch=None,
+    clip_norm=None,
+    fix="lower the learning rate",
+    name="posterior",
+    progress=True,
+):
+    """Adam on a network's batch losses, its learning rate cosine-annealed,
+    and the epoch of least validation loss kept: every estimator's loop.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+    batch_losses : callable
+        ``batch_losses(epoch)``: the epoch's batch losses (scalar tensors),
+        each computed when it is reached (so on inputs drawn afresh), with
+        the network in training mode.
+    validation_loss : callable
+        ``validation_loss()``: the validation loss (float), the network in
+        evaluation mode, without gradients.
+    epochs : int
+    learning_rate : float
+        Adam's initial rate.
+    steps_per_epoch : int, optional
+        Batches an epoch: the rate is annealed batch by batch over
+        ``epochs * steps_per_epoch`` steps; default: epoch by epoch.
+    clip_norm : float, optional
+        Each step's gradients clipped to this norm; default none.
+    fix : str
+        What to do when the training diverges (in the error's message).
+    name : str
+        What is trained (in the progress bar and the error's message).
+    progress : bool
+
+    Returns
+    -------
+    float
+        The least validation loss; ``net`` holds its epoch's state, in
+        evaluation mode.
+
+    Raises
+    ------
+    RuntimeError
+        When no epoch has a finite validation loss (the training diverged).
+    """
+    optimiser = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    steps = epochs if steps_per_epoch is None else epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    best, best_state = math.inf, None
+    bar = tqdm(range(epochs), desc=f"Training the {name}", disable=not progress)
+    for epoch in bar:
+        net.train()
+        for loss in batch_losses(epoch):
+            optimiser.zero_grad()
+            loss.backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
+            optimiser.step()
+            if steps_per_epoch is not None:
+                schedule.step()
+        if steps_per_epoch is None:
+            schedule.step()
+        net.eval()
+        with torch.no_grad():
+            score = validation_loss()
+        if score < best:
+            best = score
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        bar.set_postfix_str(f"validation -log p {score:.3f}")
+    if best_state is None:
+        raise RuntimeError(
+            f"the {name}'s training diverged (no finite validation loss at "
+            f"learning rate {learning_rate!r}); {fix}."
+        )
+    net.load_state_dict(best_state)
+    net.eval()
+    return best

@@ -54,10 +54,10 @@ from ..geometry.substrates import axon_bundle, bundle_side
 from ..geometry.substrates.bundle import MAX_FIBRE_FRACTION, UnheldBundleError
 from ..sim.forward import simulate
 from ..sim.sequences import as_protocol
-from .envelope import prior_predictive_check
+from .envelope import PredictiveCheck
 from .prior import plain_value, section_grid, unit_fibre_axis
 
-__all__ = ["DESCRIPTORS", "WhiteMatterDraw", "WhiteMatterPrior"]
+__all__ = ["DESCRIPTORS", "WhiteMatterDraw", "WhiteMatterPrior", "WhiteMatterSimulator"]
 
 #: The descriptors of a white-matter draw (module documentation).
 DESCRIPTORS = (
@@ -110,7 +110,7 @@ class WhiteMatterDraw(NamedTuple):
 
 
 @dataclass(frozen=True)
-class WhiteMatterPrior:
+class WhiteMatterPrior(PredictiveCheck):
     """What white matter a voxel may hold (module documentation).
 
     Use :meth:`in_vivo` or :meth:`fixed`; the defaults are the in vivo
@@ -165,6 +165,9 @@ class WhiteMatterPrior:
     cells_per_sheath: int = 1
     fibre_axis: tuple | None = None
     resolve_above: float | None = None
+
+    #: Draws of a prior predictive check (:meth:`check`): seconds each.
+    CHECK_DRAWS = 200
 
     def __post_init__(self):
         object.__setattr__(self, "n_axons", whole_range(self.n_axons, "n_axons"))
@@ -387,65 +390,64 @@ class WhiteMatterPrior:
             out[rows] = signals.cpu().numpy()
         return out
 
-    def check(
-        self,
-        data,
-        gtab,
-        *,
-        mask=None,
-        sigma,
-        n_draws=200,
-        level=0.95,
-        seed=0,
-        dtype=torch.float32,
-    ):
-        """Whether this prior holds the data: the prior predictive check.
-
-        As :meth:`TissuePrior.check
-        <dipy_spinverse.posterior.TissuePrior.check>`: ``n_draws`` bundles
-        simulated on the data's protocol (seconds each on a long protocol:
-        float32 by default, within 1e-5 of float64), the data's noise put
-        on them, and the share of voxels inside their ``level`` predictive
-        region, logged with the features most outside.
-
-        Parameters
-        ----------
-        data : ndarray (..., n_volumes)
-        gtab : GradientTable or Protocol
-            A Protocol carries echo times
-            (:meth:`~dipy_spinverse.sim.sequences.Protocol.from_gtab`).
-        mask : ndarray of bool, optional
-        sigma : float or ndarray
-            Noise standard deviation in the data's units.
-        n_draws : int
-        level : float
-        seed : int
-        dtype : torch.float32 or torch.float64
-
-        Returns
-        -------
-        PriorCheck
-        """
-        n_draws = check_int(n_draws, "n_draws", 20)
-
-        def simulated(protocol, seed):
-            rng = check_generator(seed, "seed")
-            draws = [self.draw(rng) for _ in range(n_draws)]
-            return self.simulate(draws, protocol, dtype=dtype)
-
-        return prior_predictive_check(
-            simulated,
-            data,
-            as_protocol(gtab),
-            mask=mask,
-            sigma=sigma,
-            level=level,
-            seed=seed,
-        )
+    def simulator(self, protocol, **options):
+        """This prior bound to an acquisition protocol
+        (:class:`WhiteMatterSimulator`; ``options``, ``dtype`` and
+        ``substeps``, go to it). A bundle costs seconds on a long protocol,
+        so :meth:`check` simulates :attr:`CHECK_DRAWS` (200) in float32 by
+        default, within 1e-5 of float64."""
+        return WhiteMatterSimulator(self, protocol, **options)
 
     def description(self):
         """The prior's fields as plain values (cache keys, reports)."""
         return {f.name: plain_value(getattr(self, f.name)) for f in fields(self)}
+
+
+class WhiteMatterSimulator:
+    """Bundles of a :class:`WhiteMatterPrior` simulated on one protocol.
+
+    Parameters
+    ----------
+    prior : WhiteMatterPrior
+    protocol : Protocol or GradientTable
+    dtype : torch.float64 or torch.float32
+        Default float32 (within 1e-5 of float64 on these sections).
+    substeps : int, optional
+        Magnus sub-step multiple (default: measured per section).
+    """
+
+    def __init__(self, prior, protocol, *, dtype=torch.float32, substeps=None):
+        self.prior = prior
+        self.protocol = as_protocol(protocol)
+        self.dtype = dtype
+        self.substeps = substeps
+
+    def sample(self, n, *, seed):
+        """``n`` draws' noise-free signals and descriptors.
+
+        Parameters
+        ----------
+        n : int
+        seed : anything :func:`numpy.random.default_rng` takes
+            The draws are made one after another from it.
+
+        Returns
+        -------
+        signals : ndarray (n, n_acquisitions)
+        truth : dict of ndarray (n,)
+            :data:`DESCRIPTORS`, and ``orientation`` (n, 3).
+        """
+        n = check_int(n, "n", 1)
+        rng = check_generator(seed, "seed")
+        draws = [self.prior.draw(rng) for _ in range(n)]
+        signals = self.prior.simulate(
+            draws, self.protocol, dtype=self.dtype, substeps=self.substeps
+        )
+        truth = {
+            name: np.array([d.descriptors[name] for d in draws]) for name in DESCRIPTORS
+        }
+        truth["orientation"] = np.stack([d.axis for d in draws])
+        return signals, truth
 
 
 def whole_range(value, name):

@@ -14,7 +14,7 @@ from dipy.core.gradients import gradient_table
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import Protocol, SpinverseModel
-from dipy_spinverse.posterior import TissuePrior
+from dipy_spinverse.posterior import TissuePrior, targets
 from dipy_spinverse.posterior import protocol_free as pf
 from dipy_spinverse.reconst import NONFINITE, OK
 from dipy_spinverse.reconst.posterior import OUT_OF_PRIOR
@@ -212,6 +212,35 @@ def test_free_coordinates_round_trip():
         pf.encode_free(dict(truth, anisotropy=np.array([0.0, 0.5])))
 
 
+def test_free_coordinates_are_the_per_protocol_scalars_and_the_anisotropy_logit():
+    """One encoding (issue 83): the protocol-free flow's first seven
+    coordinates are the per-protocol flow's, the eighth the anisotropy's
+    logit, each encoded by posterior.targets."""
+    rng = np.random.default_rng(2)
+    truth = {
+        "restricted_fraction": rng.uniform(0.05, 0.95, 9),
+        "n_cells": rng.integers(1, 6, 9),
+        "cell_volume": rng.uniform(10, 900, 9),
+        "cell_diameter": rng.uniform(1, 20, 9),
+        "surface_to_volume": rng.uniform(0.1, 2, 9),
+        "permeability": 10 ** rng.uniform(-6, -3, 9),
+        "exchange_time": 10 ** rng.uniform(-2, 1, 9),
+        "anisotropy": rng.uniform(0.01, 0.99, 9),
+    }
+    tensors = np.stack([np.diag(rng.uniform(0.2, 1, 3)) for _ in range(9)])
+    free = pf.encode_free(truth, rng=np.random.default_rng(1))
+    full = targets.encode(
+        dict(truth, shape_tensor=tensors), rng=np.random.default_rng(1)
+    )
+    assert pf.FREE_TARGETS == targets.SCALAR_TARGETS + ("logit_anisotropy",)
+    assert pf.FREE_TARGETS[:7] == targets.TARGETS[:7]
+    assert_array_equal(free[:, :7], full[:, :7])
+    assert_array_equal(free[:, 7], targets.logit(truth["anisotropy"]))
+    free_back, full_back = pf.decode_free(free), targets.decode(full)
+    for name in targets.decode_scalars(free):
+        assert_array_equal(free_back[name], full_back[name])
+
+
 # -- the set encoder --------------------------------------------------------------
 def test_the_context_ignores_the_shells_order_and_the_padding():
     torch.manual_seed(0)
@@ -270,6 +299,41 @@ def test_training_gives_a_calibration_table_per_descriptor():
             again.context(tokens, mask, sigma).numpy(),
             atol=1e-6,
         )
+
+
+def test_a_diverging_training_is_refused_naming_the_learning_rate():
+    """The per-protocol estimator's loop (training.optimise): no epoch of a
+    finite validation loss is an error, not a network of no state."""
+    with pytest.raises(RuntimeError, match="diverged.*learning rate 1e\\+30.*lower lr"):
+        pf.train_protocol_free(_toy_unions(), epochs=1, lr=1e30)
+
+
+def test_the_command_line_writes_the_estimator_named_by_its_key_and_code(
+    tmp_path, monkeypatch, capsys
+):
+    """``python -m dipy_spinverse.posterior.protocol_free train --out DIR``
+    (the simulations and the training stubbed: their plumbing only)."""
+    from dipy_spinverse.posterior import shipped
+    from dipy_spinverse.posterior.protocol_free import __main__ as command
+    from dipy_spinverse.posterior.protocol_free import shipped as pf_shipped
+
+    seen = {}
+
+    def train(unions, **settings):
+        seen.update(settings, unions=unions)
+        torch.manual_seed(0)
+        return pf.ProtocolFreeEstimator(width=8, context=4)
+
+    monkeypatch.setattr(pf_shipped, "simulated_unions", lambda out, **_: [out])
+    monkeypatch.setattr(pf_shipped, "train_protocol_free", train)
+    assert command.main(["train", "--out", str(tmp_path)]) == 0
+    code = shipped.estimator_code("protocol_free")
+    path = tmp_path / f"posterior-{pf.shipped_key()}-{code}.pt"
+    assert path.is_file() and f"wrote {path}" in capsys.readouterr().out
+    assert seen["unions"] == [tmp_path]
+    assert (seen["epochs"], seen["seed"]) == (80, 0)
+    with pytest.raises(SystemExit):
+        command.main(["train"])  # --out is required
 
 
 # -- the model ------------------------------------------------------------------
