@@ -97,6 +97,8 @@ def main(argv=None):
     simulator = prior.simulator(protocol, cache_dir=args.out, progress=True)
     signals, truth = simulator.sample(args.n, seed=args.seed, progress=True)
     rng = np.random.default_rng(args.seed)
+    # The cord's noise is relative to each voxel's mean b = 0: so is theirs.
+    signals = signals / signals[:, protocol.bvals == 0].mean(1, keepdims=True)
     noise = torch.as_tensor(rng.choice(relative, size=len(signals)))
     generator = torch.Generator().manual_seed(args.seed)
     noisy = add_noise(torch.as_tensor(signals), noise, generator).numpy()

@@ -151,11 +151,13 @@ def cord_voxels(cord, kept, *, drift=False, noise="b0"):
     return data, sigma
 
 
-def held_out(signals, relative_sigma, seed):
+def held_out(signals, protocol, relative_sigma, seed):
     """Held-out draws with the cord's noise: each at the relative noise of
     a cord voxel drawn at random, in units of its b = 0."""
     rng = np.random.default_rng(seed)
     sigma = rng.choice(relative_sigma, size=len(signals))
+    # In units of each draw's own mean b = 0, as the cord's noise is.
+    signals = signals / signals[:, protocol.bvals == 0].mean(1, keepdims=True)
     generator = torch.Generator().manual_seed(seed)
     noisy = add_noise(torch.as_tensor(signals), torch.as_tensor(sigma), generator)
     return noisy.numpy(), sigma
@@ -208,7 +210,7 @@ def main(argv=None):
         extra = simulated(
             name, protocol, args.n_held_out, args.seed + 1, args.out, quick=args.quick
         )
-        own, own_sigma = held_out(extra, relative, args.seed)
+        own, own_sigma = held_out(extra, protocol, relative, args.seed)
         for level in LEVELS:
 
             def check(voxels, noise, level=level, signals=signals):

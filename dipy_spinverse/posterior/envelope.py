@@ -215,9 +215,10 @@ class PredictiveEnvelope:
     Parameters
     ----------
     signals : ndarray (n, n_acquisitions)
-        Noise-free simulations of the prior on ``protocol`` (normalised to
-        the signal at time 0); at least 20. Half build the envelope, half
-        set its limit (each with :data:`HELD_OUT_REPEATS` noise draws).
+        Noise-free simulations of the prior on ``protocol``; at least 20.
+        Each is scaled to a mean b = 0 of 1 (the noise levels are relative
+        to it). Half build the envelope, half set its limit (each with
+        :data:`HELD_OUT_REPEATS` noise draws).
     protocol : Protocol
     level : float
         The predictive region's probability (0.95: 95 %).
@@ -234,6 +235,12 @@ class PredictiveEnvelope:
             )
         if not 0 < level < 1:
             raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {level!r}.")
+        # Scaled to a mean b = 0 of 1, the signal a noise level is relative
+        # to (the data's convention): a prior with T2 gives b = 0 below 1 at
+        # its echo times, and its noise would otherwise be 1 / b0 too large.
+        b0 = protocol.bvals == 0
+        if b0.any():
+            signals = signals / signals[:, b0].mean(1, keepdims=True)
         self.protocol = protocol
         self.shells, names = shell_layout(protocol)
         if not self.shells:

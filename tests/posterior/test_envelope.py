@@ -219,3 +219,20 @@ def test_a_spread_is_the_tissues_not_the_noises():
         ramp.std() / ramp.mean(),
         rtol=1e-3,
     )
+
+
+def test_noise_is_relative_to_b0_when_the_prior_has_t2():
+    """A prior whose signals carry T2 weighting (b = 0 of 0.4 at its echo
+    time) is checked as the same prior without it: noise levels are relative
+    to each signal's own b = 0, the data's convention. Before, its envelope
+    put 1 / 0.4 times the noise on its draws, and the check of data at the
+    stated noise held 0.95 of them at most by chance."""
+    data = noisy(ball_and_stick(PROTOCOL, seed=7, n=400), 0.02, seed=1) * 300
+
+    def weighted(protocol, seed):
+        return 0.4 * ball_and_stick(protocol, seed)
+
+    plain = prior_predictive_check(ball_and_stick, data, PROTOCOL, sigma=6.0, seed=3)
+    with_t2 = prior_predictive_check(weighted, data, PROTOCOL, sigma=6.0, seed=3)
+    assert_allclose(with_t2.distance, plain.distance, rtol=1e-9)
+    assert_allclose(with_t2.limit, plain.limit, rtol=1e-9)
