@@ -225,19 +225,30 @@ def main(argv=None):
 
             cord_check, own_check = check(data, sigma), check(own, own_sigma)
             worst = cord_check.features_outside[0]
+            # How far outside: the cord's median distance over its limit.
+            ratio = np.nanmedian(cord_check.distance / cord_check.limit)
             rows.append(
-                (name, level, cord_check.share_inside, own_check.share_inside, worst)
+                (
+                    name,
+                    level,
+                    cord_check.share_inside,
+                    own_check.share_inside,
+                    ratio,
+                    worst,
+                )
             )
     print(
         "\n| prior | level | cord white matter inside | held-out draws inside "
+        "| cord median distance / limit "
         "| feature most outside (share of the cord outside the draws' 1-99 %; "
         "cord median) |"
     )
-    print("|---|---:|---:|---:|---|")
-    for name, level, cord_inside, own_inside, worst in rows:
+    print("|---|---:|---:|---:|---:|---|")
+    for name, level, cord_inside, own_inside, ratio, worst in rows:
         label, share, median, low, high = worst
         print(
             f"| {name} | {level:.1%} | {cord_inside:.1%} | {own_inside:.1%} | "
+            f"{ratio:.2f} | "
             f"{label}: {share:.0%} outside [{low:.3f}, {high:.3f}] "
             f"({median:.3f}) |"
         )
