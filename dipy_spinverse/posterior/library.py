@@ -80,7 +80,7 @@ class BundleLibrary:
         self.cache_dir = cache_dir
         children = np.random.SeedSequence(self.seed).spawn(self.n_bundles)
         self.draws = [prior.draw(np.random.default_rng(c)) for c in children]
-        self._tables = None
+        self._responses = None
 
     @property
     def path(self):
@@ -112,10 +112,13 @@ class BundleLibrary:
     def responses(self):
         """Each bundle's :class:`~.mixture.BundleResponse` (simulated on
         first use, or read from the cache)."""
-        if self._tables is None:
-            self._tables = self._load_or_build()
-        shells = tuple(shell_keys(self.protocol)[0])
-        return [BundleResponse(shells, t, self.n_azimuths) for t in self._tables]
+        if self._responses is None:
+            shells = tuple(shell_keys(self.protocol)[0])
+            self._responses = [
+                BundleResponse(shells, t, self.n_azimuths)
+                for t in self._load_or_build()
+            ]
+        return self._responses
 
     def _load_or_build(self):
         path = self.path

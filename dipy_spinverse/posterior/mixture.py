@@ -265,7 +265,7 @@ class BundleResponse:
             coefficients[s, : len(at_nodes)] = zonal_coefficients(at_nodes).numpy()
         return cls(tuple(keys), coefficients, n_azimuths)
 
-    def signals(self, protocol, axis, kappa=np.inf):
+    def signals(self, protocol, axis, kappa=np.inf, *, rows=None):
         """The bundle's signals along ``axis``, Watson-dispersed by ``kappa``.
 
         Parameters
@@ -276,6 +276,9 @@ class BundleResponse:
             Mean fibre directions (unit).
         kappa : float or array_like (n,)
             Watson concentrations (inf: no dispersion).
+        rows : ndarray of int, optional
+            ``shell_rows(protocol)``, found once where many calls share the
+            protocol and the shells (a library's bundles); default found here.
 
         Returns
         -------
@@ -283,7 +286,7 @@ class BundleResponse:
             Normalised to the bundle's water at zero echo time.
         """
         protocol = as_protocol(protocol)
-        rows = self._rows(protocol)
+        rows = self.shell_rows(protocol) if rows is None else rows
         axis = np.asarray(axis, dtype=np.float64)
         cosines = torch.as_tensor(axis @ protocol.bvecs.T)  # (..., n_acq)
         moments = watson_legendre_moments(kappa, self.coefficients.shape[1])
@@ -291,7 +294,9 @@ class BundleResponse:
         weighted = torch.as_tensor(self.coefficients[rows]) * moments[..., None, :]
         return (weighted * legendre).sum(-1).numpy()
 
-    def _rows(self, protocol):
+    def shell_rows(self, protocol):
+        """Each acquisition's row of :attr:`coefficients` (ndarray of int);
+        a ``ValueError`` naming a shell that is not tabulated."""
         lookup = {key: s for s, key in enumerate(self.shells)}
         keys, index = shell_keys(protocol)
         missing = [k for k in keys if k not in lookup]

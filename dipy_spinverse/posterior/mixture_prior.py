@@ -310,6 +310,7 @@ class MixtureSimulator:
             cache_dir=cache_dir,
             progress=progress,
         )
+        self._rows = None
 
     def sample(self, n, *, seed, progress=False):
         """``n`` voxels' noise-free signals and descriptors.
@@ -329,25 +330,27 @@ class MixtureSimulator:
             :data:`MIXTURE_DESCRIPTORS`, and ``orientation`` (n, 3).
         """
         n = check_int(n, "n", 1)
-        responses = self.library.responses
         children = np.random.SeedSequence(check_int(seed, "seed", 0)).spawn(n)
         signals = np.empty((n, len(self.protocol)))
         truth = {name: np.empty(n) for name in MIXTURE_DESCRIPTORS}
         truth["orientation"] = np.empty((n, 3))
         for i, child in enumerate(tqdm(children, desc="Mixing", disable=not progress)):
             draw = self.prior.draw(np.random.default_rng(child))
-            signals[i] = self.signals(draw, responses)
+            signals[i] = self.signals(draw)
             described = self.descriptors(draw)
             for name in MIXTURE_DESCRIPTORS:
                 truth[name][i] = described[name]
             truth["orientation"][i] = draw.axis
         return signals, truth
 
-    def signals(self, draw, responses=None):
+    def signals(self, draw):
         """One voxel's noise-free signals (n_acquisitions,)."""
-        responses = self.library.responses if responses is None else responses
+        responses = self.library.responses
+        # Every bundle of the library shares one shell layout: its rows once.
+        if self._rows is None:
+            self._rows = responses[0].shell_rows(self.protocol)
         bundles = [
-            responses[b].signals(self.protocol, draw.axis, draw.kappa)
+            responses[b].signals(self.protocol, draw.axis, draw.kappa, rows=self._rows)
             for b in draw.bundles
         ]
         free = free_water_signal(
