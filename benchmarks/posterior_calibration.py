@@ -31,6 +31,15 @@ its key)::
 
     python benchmarks/posterior_calibration.py --default --n_test 1000
 
+``--mixture in_vivo`` (or ``fixed``) scores the mixing prior
+(:meth:`MixturePrior.in_vivo <dipy_spinverse.posterior.MixturePrior.in_vivo>`,
+a library of ``--n_library`` simulated bundles, free water, dots and
+dispersion) on the demo's timings and shells, its descriptors (diameters,
+fractions, g-ratio, exchange time) in place of the cells'; the training's
+time includes the library's::
+
+    python benchmarks/posterior_calibration.py --mixture in_vivo --n_test 1000
+
 ``--device cuda`` simulates the held-out draws and draws from the posterior
 on a GPU (the GPU rows of doc/validation/sections.md); ``--retrain
 --cache_dir DIR`` trains into ``DIR`` even where the package ships the key
@@ -51,13 +60,16 @@ from surface_check import _demo_protocol
 
 from dipy_spinverse import SpinverseModel, posterior
 from dipy_spinverse.data import _protocol
-from dipy_spinverse.geometry import DESCRIPTORS
-from dipy_spinverse.posterior import FAMILIES, TissuePrior, TrainingOptions
+from dipy_spinverse.posterior import (
+    FAMILIES,
+    MixturePrior,
+    TissuePrior,
+    TrainingOptions,
+)
 from dipy_spinverse.sim.limits import diameter_resolution_limit
 
 SNRS = (20, 50, 100, 200)
 LEVELS = (0.5, 0.9)
-SCALARS = tuple(name for name in DESCRIPTORS if name != "orientation")
 # Held-out draws use seeds far from the training seed and its probe.
 TEST_SEED = 987_654
 
@@ -109,7 +121,7 @@ def coverage(fit, truth, among=None):
     else:
         flagged = 1 - ok.mean()
     rows = {}
-    for name in SCALARS:
+    for name in (n for n in fit.descriptors if n != "orientation"):
         true = np.asarray(truth[name], dtype=float)
         cover = []
         for level in LEVELS:
@@ -138,8 +150,10 @@ def figure(path, fits, truth, *, n_draws=200):
     import matplotlib.pyplot as plt
 
     levels = np.linspace(0.05, 0.95, 19)
-    fig, axes = plt.subplots(2, len(SCALARS), figsize=(2.2 * len(SCALARS), 4.6))
-    for col, name in enumerate(SCALARS):
+    fit = next(iter(fits.values()))
+    names = [n for n in fit.descriptors if n != "orientation"]
+    fig, axes = plt.subplots(2, len(names), figsize=(2.2 * len(names), 4.6))
+    for col, name in enumerate(names):
         true = np.asarray(truth[name], dtype=float)
         for snr, fit in fits.items():
             ok = fit.status == 0
@@ -204,6 +218,15 @@ def add_estimator_arguments(parser):
         help="the default posterior: TissuePrior() and its default_training "
         "(the options above that name a prior or its training are ignored)",
     )
+    parser.add_argument(
+        "--mixture",
+        choices=("in_vivo", "fixed"),
+        default=None,
+        help="the mixing prior's preset in place of a TissuePrior",
+    )
+    parser.add_argument(
+        "--n_library", type=int, default=64, help="the mixing prior's bundles"
+    )
 
 
 def add_test_arguments(parser):
@@ -256,6 +279,9 @@ def trained_model(args):
     trained = tuple(f for f in FAMILIES if f not in args.left_out)
 
     def prior(families=None, **fields):
+        if args.mixture:
+            preset = getattr(MixturePrior, args.mixture)
+            return preset(n_library=args.n_library, **fields)
         if args.default:
             return TissuePrior(**fields)
         return TissuePrior(

@@ -10,6 +10,7 @@ from .descriptors import (
     DESCRIPTORS,
     SMOOTHING,
     UNITS,
+    WHITE_MATTER_UNITS,
     cell_covariances,
     describe,
     describe_substrate,
@@ -19,6 +20,7 @@ from .descriptors import (
 __all__ = [
     "DESCRIPTORS",
     "UNITS",
+    "WHITE_MATTER_UNITS",
     "SMOOTHING",
     "describe",
     "describe_substrate",

@@ -114,6 +114,7 @@ from ..sim.sections import SectionGrid
 __all__ = [
     "DESCRIPTORS",
     "UNITS",
+    "WHITE_MATTER_UNITS",
     "SMOOTHING",
     "describe",
     "describe_substrate",
@@ -145,6 +146,22 @@ UNITS = {
     "exchange_time": "s",
     "anisotropy": "",
     "orientation": "",
+}
+
+#: Unit of each descriptor of the white-matter priors' posteriors (bundles'
+#: histology, their compartments and a mixed voxel's shares) that
+#: :data:`UNITS` does not hold.
+WHITE_MATTER_UNITS = {
+    "effective_diameter": "um",
+    "mean_diameter": "um",
+    "intra_axonal_fraction": "",
+    "myelin_fraction": "",
+    "g_ratio": "",
+    "intra_diffusivity": "mm^2/s",
+    "extra_diffusivity": "mm^2/s",
+    "free_water_fraction": "",
+    "dot_fraction": "",
+    "orientation_dispersion": "",
 }
 
 #: Width (standard deviation) of the Gaussian that smooths membrane normals,

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..files import save_image, save_voxels
-from ..geometry import DESCRIPTORS, UNITS
+from ..geometry import UNITS, WHITE_MATTER_UNITS
 from ..reconst import FITTED, STATUS_CODES
 
 __all__ = [
@@ -230,6 +230,10 @@ def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
 #: The files of a posterior descriptor (but orientation): suffix -> the
 #: columns of the stored quantiles (0.05, 0.25, 0.5, 0.75, 0.95) it holds,
 #: and what they are.
+#: Every posterior's descriptors and their units.
+_UNITS = {**UNITS, **WHITE_MATTER_UNITS}
+
+
 _SUMMARIES = {
     "": (2, "median"),
     "_ci50": ([1, 3], "50% interval"),
@@ -246,7 +250,8 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
     intervals), then, where the fit has it (not a protocol-free fit's),
     ``orientation.nii.gz`` (4-D, the mean principal axis), and
     ``posterior_status.nii.gz``. Each header's ``descrip`` names the
-    quantity and its unit (:data:`dipy_spinverse.geometry.UNITS`); values are
+    quantity and its unit (:data:`dipy_spinverse.geometry.UNITS`, and
+    ``WHITE_MATTER_UNITS`` for a white-matter prior's); values are
     0 outside the mask and NaN where the status is not ``OK``. Written a
     volume at a time from the mask's voxels.
 
@@ -275,8 +280,8 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
             path, np.asarray(rows, np.float32), mask, description=what, **space
         )
 
-    for name in (n for n in DESCRIPTORS if n in params):
-        unit = f" ({UNITS[name]})" if UNITS[name] else ""
+    for name in (n for n in _UNITS if n in params):
+        unit = f" ({_UNITS[name]})" if _UNITS[name] else ""
         if name == "orientation":
             write(name, params[name], "posterior mean principal axis (unit vector)")
             continue
@@ -314,7 +319,7 @@ def posterior_map_files(folder):
         Their paths.
     """
     names = ["posterior_status"]
-    for name in DESCRIPTORS:
+    for name in _UNITS:
         suffixes = ("",) if name == "orientation" else tuple(_SUMMARIES)
         names += [name + suffix for suffix in suffixes]
     paths = [os.path.join(os.fspath(folder), f"{name}.nii.gz") for name in names]

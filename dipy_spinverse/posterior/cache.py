@@ -23,6 +23,8 @@ from ..sim.forward import update_digest
 from ..sim.grid import TetGrid
 from .estimator import PosteriorEstimator, kept_generators
 from .shipped import SHIPPED, estimator_code, refusal, shipped_name
+from .simulator import bound_simulator
+from .targets import TISSUE_TARGETS
 from .training import default_training, simulate_and_train
 
 __all__ = ["estimator_key", "load_estimator_file", "load_or_train"]
@@ -41,8 +43,9 @@ def estimator_key(prior, protocol, options):
 
     Parameters
     ----------
-    prior : TissuePrior
-        The prior the estimator is trained on.
+    prior : TissuePrior, WhiteMatterPrior or MixturePrior
+        The prior the estimator is trained on (its ``estimator_kind`` names
+        the code).
     protocol : Protocol
         The acquisition.
     options : TrainingOptions
@@ -55,7 +58,8 @@ def estimator_key(prior, protocol, options):
         of the settings (the name of a shipped estimator's file), then the
         code's digest.
     """
-    return f"{_settings_key(prior, protocol, options)}-{estimator_code()}"
+    code = estimator_code(prior.estimator_kind)
+    return f"{_settings_key(prior, protocol, options)}-{code}"
 
 
 def _settings_key(prior, protocol, options):
@@ -101,7 +105,7 @@ def load_or_train(
 
     Parameters
     ----------
-    prior : TissuePrior
+    prior : TissuePrior, WhiteMatterPrior or MixturePrior
     protocol : Protocol
     options : TrainingOptions, optional
         Default :func:`default_training` of the prior.
@@ -126,7 +130,8 @@ def load_or_train(
         The cache file.
     """
     options = default_training(prior) if options is None else options
-    settings, code = _settings_key(prior, protocol, options), estimator_code()
+    settings = _settings_key(prior, protocol, options)
+    code = estimator_code(prior.estimator_kind)
     key = f"{settings}-{code}"
     shipped = SHIPPED / shipped_name(settings)
     refused = shipped.exists() and refusal(shipped.name, code, folder=SHIPPED)
@@ -139,7 +144,12 @@ def load_or_train(
         )
     elif shipped.exists():
         try:
-            return load_estimator_file(shipped, len(protocol), options), shipped
+            return (
+                load_estimator_file(
+                    shipped, len(protocol), options, targets=prior.targets
+                ),
+                shipped,
+            )
         except Exception as err:  # noqa: BLE001 - a damaged file is never used
             # Never rebuilt in the package's folder (often read-only): the
             # user's cache takes the new one.
@@ -152,9 +162,18 @@ def load_or_train(
     path = cache_root(cache_dir) / f"posterior-{key}.pt"
     net = load_or_build(
         path,
-        load=lambda path: load_estimator_file(path, len(protocol), options, code=code),
+        load=lambda path: load_estimator_file(
+            path, len(protocol), options, targets=prior.targets, code=code
+        ),
         build=lambda: _train(
-            prior.simulator(protocol, device=device, engine=engine, address=address),
+            bound_simulator(
+                prior,
+                protocol,
+                device=device,
+                engine=engine,
+                address=address,
+                cache_dir=cache_dir,
+            ),
             options,
             path,
             progress,
@@ -204,7 +223,7 @@ def _train(simulator, options, path, progress):
 
 
 @kept_generators()  # building the network draws from torch's generator
-def load_estimator_file(path, n_inputs, options, *, code=None):
+def load_estimator_file(path, n_inputs, options, *, targets=TISSUE_TARGETS, code=None):
     """The per-protocol estimator saved at ``path``, as :func:`load_or_train`
     saves it (its ``state``, ``key`` and ``code``).
 
@@ -217,6 +236,8 @@ def load_estimator_file(path, n_inputs, options, *, code=None):
     options : TrainingOptions
         The options it was trained with (its widths: ``hidden``,
         ``embedding``, ``transforms``; any object with these attributes).
+    targets : TissueTargets or DescriptorTargets
+        Its prior's ``targets`` (default the cells').
     code : str, optional
         The code digest that must have trained it (default: not checked).
 
@@ -240,7 +261,7 @@ def load_estimator_file(path, n_inputs, options, *, code=None):
     state = saved["state"]
     # The inverse-autoregressive flow's parameters sit one level deeper.
     fast = any(key.startswith("flow.transform.transform.") for key in state)
-    net = PosteriorEstimator(n_inputs, options, fast_sampling=fast)
+    net = PosteriorEstimator(n_inputs, options, targets=targets, fast_sampling=fast)
     for name in ("support_signals", "support_log_sigma", "support_threshold"):
         setattr(net, name, torch.empty_like(state[name]))
     net.load_state_dict(state)

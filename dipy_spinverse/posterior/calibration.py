@@ -29,8 +29,7 @@ import math
 import numpy as np
 import torch
 
-from ..geometry.descriptors import DESCRIPTORS
-from .targets import decode
+from .targets import SCALARS, decode
 
 __all__ = [
     "SCALARS",
@@ -42,9 +41,6 @@ __all__ = [
     "measure_level_tables",
     "recalibration_tables",
 ]
-
-#: Descriptors with credible intervals (``orientation`` is a unit vector).
-SCALARS = tuple(name for name in DESCRIPTORS if name != "orientation")
 
 #: Nominal levels at which a table stores its calibrated level.
 LEVELS = np.linspace(0.0, 1.0, 101)
@@ -131,7 +127,7 @@ def calibrated_draws(values, table, rng):
 
 
 @torch.no_grad()
-def measure_level_tables(net, signals, coordinates, noisy, *, seed):
+def measure_level_tables(net, signals, coordinates, noisy, *, seed, targets=None):
     """Level tables of a trained estimator from held-out simulations.
 
     Parameters
@@ -139,29 +135,36 @@ def measure_level_tables(net, signals, coordinates, noisy, *, seed):
     net : PosteriorEstimator
     signals : Tensor (n, n_acquisitions)
         Noise-free held-out signals.
-    coordinates : Tensor (n, len(TARGETS))
+    coordinates : Tensor (n, len(targets.coordinates))
         Their true flow coordinates.
     noisy : callable
         ``noisy(signals) -> (inputs, sigma)``: the noisy, b0-normalised
         inputs the network trains on (fresh noise at every call).
     seed : int
+    targets : TissueTargets or DescriptorTargets, optional
+        The estimator's (default ``net.targets``).
 
     Returns
     -------
-    ndarray (len(SCALARS), len(LEVELS))
+    ndarray (len(targets.calibrated), len(LEVELS))
     """
+    targets = net.targets if targets is None else targets
     return recalibration_tables(
         net,
-        decode(coordinates.numpy()),
+        targets.decode(coordinates.numpy()),
         lambda: noisy(signals),
         repeats=max(1, math.ceil(_N_TRANSFORMS / len(signals))),
         seed=seed,
         rng=np.random.default_rng(seed),
+        decode=targets.decode,
+        scalars=targets.calibrated,
     )
 
 
 @torch.no_grad()
-def recalibration_tables(net, truth, inputs, *, repeats, seed, rng, decode=decode):
+def recalibration_tables(
+    net, truth, inputs, *, repeats, seed, rng, decode=decode, scalars=SCALARS
+):
     """Level tables of an estimator from held-out truths, seen ``repeats``
     times through fresh inputs: every estimator's recalibration.
 
@@ -172,7 +175,7 @@ def recalibration_tables(net, truth, inputs, *, repeats, seed, rng, decode=decod
         draws a voxel (:class:`~.estimator.PosteriorEstimator`, or the
         protocol-free estimator).
     truth : dict
-        The held-out descriptors (each of :data:`SCALARS`, arrays (n,)).
+        The held-out descriptors (each of ``scalars``, arrays (n,)).
     inputs : callable
         ``inputs()``: the network's inputs of those voxels (a tuple of
         tensors), drawn afresh at every call (noise, and what else the
@@ -185,15 +188,18 @@ def recalibration_tables(net, truth, inputs, *, repeats, seed, rng, decode=decod
         Breaks the rank transforms' ties (:func:`rank_transform`).
     decode : callable
         Flow coordinates to descriptors (:func:`.targets.decode`).
+    scalars : tuple of str
+        The descriptors recalibrated, in the table's order (default the
+        cells' :data:`SCALARS`).
 
     Returns
     -------
-    ndarray (len(SCALARS), len(LEVELS))
+    ndarray (len(scalars), len(LEVELS))
     """
-    transforms = {name: [] for name in SCALARS}
+    transforms = {name: [] for name in scalars}
     for repeat in range(repeats):
         draws = net.sample(*inputs(), _N_DRAWS, generator_seed=seed + repeat)
         values = decode(draws.numpy())
-        for name in SCALARS:
+        for name in scalars:
             transforms[name].append(rank_transform(values[name], truth[name], rng))
-    return np.stack([level_table(np.concatenate(transforms[n])) for n in SCALARS])
+    return np.stack([level_table(np.concatenate(transforms[n])) for n in scalars])

@@ -40,11 +40,17 @@ class SimulationCheckpoint:
         records a fingerprint of them and is only read back for the same
         draws.
     n_acquisitions : int
+    fingerprint : str, optional
+        What the draws' signals depend on, as a hash, for draws of another
+        prior than :class:`~.prior.TissuePrior` (default: computed from its
+        draws).
     """
 
-    def __init__(self, path, draws, n_acquisitions):
+    def __init__(self, path, draws, n_acquisitions, *, fingerprint=None):
         self.path = pathlib.Path(path)
-        self.fingerprint = _fingerprint(draws, n_acquisitions)
+        if fingerprint is None:
+            fingerprint = _fingerprint(draws, n_acquisitions)
+        self.fingerprint = fingerprint
         self._last_save = time.monotonic()
 
     def restore(self, signals, done, measured_substeps):

@@ -47,7 +47,7 @@ from ..checks import check_int
 from ..files import cache_key, cache_root, load_or_build
 from ..provenance import code_digest
 from ..sim.sequences import as_protocol
-from ..sim.signals import normalise_b0, sequence_index
+from ..sim.signals import normalise_b0, per_mean_b0, sequence_index
 from .noise import add_noise
 
 __all__ = [
@@ -238,9 +238,7 @@ class PredictiveEnvelope:
         # Scaled to a mean b = 0 of 1, the signal a noise level is relative
         # to (the data's convention): a prior with T2 gives b = 0 below 1 at
         # its echo times, and its noise would otherwise be 1 / b0 too large.
-        b0 = protocol.bvals == 0
-        if b0.any():
-            signals = signals / signals[:, b0].mean(1, keepdims=True)
+        signals = per_mean_b0(signals, protocol)
         self.protocol = protocol
         self.shells, names = shell_layout(protocol)
         if not self.shells:

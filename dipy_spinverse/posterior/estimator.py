@@ -26,8 +26,9 @@ import random
 import numpy as np
 import torch
 
-from . import support, targets
-from .calibration import LEVELS, SCALARS, calibrated_levels
+from . import support
+from .calibration import LEVELS, calibrated_levels
+from .targets import TISSUE_TARGETS
 
 __all__ = [
     "PosteriorEstimator",
@@ -45,6 +46,9 @@ class PosteriorEstimator(torch.nn.Module):
     n_inputs : int
         Acquisitions per voxel.
     options : TrainingOptions
+    targets : TissueTargets or DescriptorTargets
+        The prior's descriptors as the flow models them (its ``targets``;
+        default the cells' :data:`~.targets.TISSUE_TARGETS`).
     fast_sampling : bool
         Build the flow's coupling transforms in the sampling direction (an
         inverse autoregressive flow, Kingma et al. 2016): a draw costs one
@@ -56,11 +60,15 @@ class PosteriorEstimator(torch.nn.Module):
         the direction from a saved estimator's parameters).
     """
 
-    def __init__(self, n_inputs, options, *, fast_sampling=True):
+    def __init__(
+        self, n_inputs, options, *, targets=TISSUE_TARGETS, fast_sampling=True
+    ):
         import zuko
         from zuko.lazy import LazyInverse
 
         super().__init__()
+        #: The descriptors as the flow models them (:mod:`.targets`).
+        self.targets = targets
         width = options.hidden
         self.embed = torch.nn.Sequential(
             torch.nn.Linear(n_inputs + 1, 2 * width),
@@ -69,7 +77,7 @@ class PosteriorEstimator(torch.nn.Module):
             torch.nn.SiLU(),
             torch.nn.Linear(width, options.embedding),
         )
-        n_targets = len(targets.TARGETS)
+        n_targets = len(targets.coordinates)
         self.flow = zuko.flows.NSF(
             n_targets,
             context=options.embedding,
@@ -93,7 +101,9 @@ class PosteriorEstimator(torch.nn.Module):
         # The recalibration (identity until measured after training).
         self.register_buffer(
             "level_tables",
-            torch.as_tensor(np.tile(LEVELS, (len(SCALARS), 1)), dtype=torch.float32),
+            torch.as_tensor(
+                np.tile(LEVELS, (len(targets.calibrated), 1)), dtype=torch.float32
+            ),
         )
 
     @property
@@ -115,7 +125,8 @@ class PosteriorEstimator(torch.nn.Module):
 
     @torch.no_grad()
     def sample(self, signal, sigma, n, *, generator_seed=None):
-        """``n`` posterior draws of the flow coordinates, (n, n_voxels, 12).
+        """``n`` posterior draws of the flow coordinates, (n, n_voxels,
+        len(targets.coordinates)).
 
         Parameters
         ----------
@@ -158,7 +169,8 @@ class PosteriorEstimator(torch.nn.Module):
     def level_table(self, name):
         """``name``'s recalibration: the flow's level at each of
         :data:`.calibration.LEVELS` (ndarray)."""
-        return self.level_tables[SCALARS.index(name)].cpu().numpy()
+        row = self.targets.calibrated.index(self.targets.table_name(name))
+        return self.level_tables[row].cpu().numpy()
 
     def quantile_levels(self, name, levels):
         """The flow's quantile levels that give ``name``'s credible bounds at

@@ -30,6 +30,7 @@ mixed from bundles"), none from a dataset they are scored on.
 """
 
 import math
+import time
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_generator, check_int, check_range
 from ..sim.sequences import as_protocol
+from ..sim.signals import per_mean_b0
 from .envelope import PredictiveCheck
 from .library import BundleLibrary
 from .mixture import (
@@ -48,7 +50,13 @@ from .mixture import (
     voxel_descriptors,
 )
 from .prior import plain_value, unit_fibre_axis
-from .white_matter import WhiteMatterPrior, log_uniform, whole_range
+from .white_matter import (
+    WhiteMatterPrior,
+    descriptor_targets,
+    log_uniform,
+    single_values,
+    whole_range,
+)
 
 __all__ = ["MIXTURE_DESCRIPTORS", "MixtureDraw", "MixturePrior", "MixtureSimulator"]
 
@@ -152,6 +160,45 @@ class MixturePrior(PredictiveCheck):
     orientation_dispersion: tuple = (0.01, 0.3)
     fibre_axis: tuple | None = None
     n_azimuths: int = 4
+
+    #: The code that makes its estimators (:data:`.shipped.ESTIMATOR_ROOTS`).
+    estimator_kind = "mixture"
+
+    @property
+    def simulator_class(self):
+        """What :meth:`simulator` returns (:class:`MixtureSimulator`)."""
+        return MixtureSimulator
+
+    @property
+    def targets(self):
+        """Its descriptors as the posterior's flow models them
+        (:class:`~.targets.DescriptorTargets`): the fractions (the
+        orientation dispersion index among them) through the logit, the
+        diameters and exchange time through the logarithm; free water or
+        dots that the prior never holds, a dispersion or g-ratio of one
+        value, are constants. The mean fibre direction is not modelled (the
+        diffusion tensor's principal axis reads it)."""
+        constants = single_values(
+            g_ratio=self.bundles.g_ratio,
+            orientation_dispersion=self.orientation_dispersion,
+        )
+        # A share drawn in (0, high] gives a fraction of the water that
+        # varies with the bundles'; only none at all is one value.
+        for name in ("free_water_fraction", "dot_fraction"):
+            if getattr(self, name)[1] == 0:
+                constants[name] = 0.0
+        return descriptor_targets(
+            fractions=(
+                "intra_axonal_fraction",
+                "myelin_fraction",
+                "g_ratio",
+                "free_water_fraction",
+                "dot_fraction",
+                "orientation_dispersion",
+            ),
+            positives=("effective_diameter", "mean_diameter", "exchange_time"),
+            constants=constants,
+        )
 
     def __post_init__(self):
         if not isinstance(self.bundles, WhiteMatterPrior):
@@ -270,6 +317,12 @@ class MixturePrior(PredictiveCheck):
             )
         return out
 
+    @classmethod
+    def from_description(cls, description):
+        """The prior :meth:`description` described."""
+        bundles = WhiteMatterPrior.from_description(description["bundles"])
+        return cls(**{**description, "bundles": bundles})
+
 
 class MixtureSimulator:
     """Mixed voxels of a :class:`MixturePrior` on one protocol.
@@ -312,7 +365,7 @@ class MixtureSimulator:
         )
         self._rows = None
 
-    def sample(self, n, *, seed, progress=False):
+    def sample(self, n, *, seed, progress=False, checkpoint=None):
         """``n`` voxels' noise-free signals and descriptors.
 
         Parameters
@@ -321,11 +374,17 @@ class MixtureSimulator:
         seed : int
             Voxel ``i`` depends on ``seed`` and ``i`` alone.
         progress : bool
+        checkpoint : path-like, optional
+            Not written: a voxel is mixed in milliseconds. What costs, the
+            library, is kept in its store as it is simulated and resumes
+            there (:class:`~.library.BundleLibrary`).
 
         Returns
         -------
         signals : ndarray (n, n_acquisitions)
-            Normalised to the voxel's water at zero echo time.
+            Relative to the voxel's mean b = 0 signal (as a noise level is;
+            :meth:`signals` gives them relative to its water at zero echo
+            time).
         truth : dict of ndarray (n,)
             :data:`MIXTURE_DESCRIPTORS`, and ``orientation`` (n, 3).
         """
@@ -341,7 +400,15 @@ class MixtureSimulator:
             for name in MIXTURE_DESCRIPTORS:
                 truth[name][i] = described[name]
             truth["orientation"][i] = draw.axis
-        return signals, truth
+        return per_mean_b0(signals, self.protocol), truth
+
+    def seconds_per_draw(self, *, seed, n_draws=50):
+        """The mean time to mix a voxel, in seconds, timed on ``n_draws`` of
+        ``seed`` (the library simulated first, where it is not stored)."""
+        self.library.responses  # noqa: B018 - built (or read) before timing
+        start = time.perf_counter()
+        self.sample(n_draws, seed=seed)
+        return (time.perf_counter() - start) / n_draws
 
     def signals(self, draw):
         """One voxel's noise-free signals (n_acquisitions,)."""

@@ -73,6 +73,7 @@ from ..sim.grid import TetGrid
 from ..sim.sections import SectionGrid
 from .envelope import PredictiveCheck
 from .simulator import PriorSimulator
+from .targets import TISSUE_TARGETS
 
 __all__ = [
     "TissuePrior",
@@ -210,6 +211,13 @@ class TissuePrior(PredictiveCheck):
     box_side: float | None = None
     fibre_axis: tuple | None = None
     _boxes: tuple = field(init=False, repr=False, compare=False)
+
+    #: Its descriptors as the posterior's flow models them (:mod:`.targets`).
+    targets = TISSUE_TARGETS
+    #: The code that makes its estimators (:data:`.shipped.ESTIMATOR_ROOTS`).
+    estimator_kind = "per_protocol"
+    #: What :meth:`simulator` returns.
+    simulator_class = PriorSimulator
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -584,6 +592,11 @@ class TissuePrior(PredictiveCheck):
     def simulator(self, protocol, **options):
         """This prior bound to an acquisition protocol (:class:`PriorSimulator`)."""
         return PriorSimulator(self, protocol, **options)
+
+    @classmethod
+    def from_description(cls, description):
+        """The prior :meth:`description` described."""
+        return cls(**description)
 
     def description(self):
         """The prior's fields as a dict of plain values (cache keys, reports)."""

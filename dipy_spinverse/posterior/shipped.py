@@ -89,13 +89,18 @@ MANIFEST_NAME = "manifest.json"
 #: protocol-free estimator by :mod:`.protocol_free` and what it imports. A
 #: change to one kind's code moves no other kind's key. Not the package's
 #: ``__init__``: it only re-exports them.
+_PER_PROTOCOL = (
+    "posterior.prior",
+    "posterior.simulator",
+    "posterior.training",
+    "posterior.cache",
+)
 ESTIMATOR_ROOTS = {
-    "per_protocol": (
-        "posterior.prior",
-        "posterior.simulator",
-        "posterior.training",
-        "posterior.cache",
-    ),
+    "per_protocol": _PER_PROTOCOL,
+    # The white-matter priors' per-protocol estimators follow their own
+    # prior's module too: a change there moves no estimator of the cells.
+    "white_matter": (*_PER_PROTOCOL, "posterior.white_matter"),
+    "mixture": (*_PER_PROTOCOL, "posterior.mixture_prior"),
     "protocol_free": ("posterior.protocol_free",),
 }
 #: The kind of a shipped estimator whose manifest entry names none.
@@ -127,7 +132,8 @@ def estimator_code(kind=DEFAULT_KIND):
 
     Parameters
     ----------
-    kind : {"per_protocol", "protocol_free"}
+    kind : {"per_protocol", "white_matter", "mixture", "protocol_free"}
+        A prior's ``estimator_kind``, or the protocol-free estimator's.
 
     Returns
     -------
@@ -143,7 +149,8 @@ def estimator_sources(kind=None):
 
     Parameters
     ----------
-    kind : {"per_protocol", "protocol_free"}, optional
+    kind : str, optional
+        One of :data:`ESTIMATOR_ROOTS`.
         Default: every kind's files together.
 
     Returns

@@ -16,6 +16,7 @@ itself here (``TissuePrior.simulator``) and this one never imports it.
 """
 
 import copy
+import inspect
 import os
 import pathlib
 import time
@@ -34,10 +35,64 @@ from ..sim.sections import SectionGrid
 from ..sim.sequences import as_protocol
 from .checkpoint import SimulationCheckpoint
 
-__all__ = ["PriorSimulator", "SIMULATION_ENGINES", "simulate_batch", "draws_truth"]
+__all__ = [
+    "PriorSimulator",
+    "SIMULATION_ENGINES",
+    "bound_simulator",
+    "simulate_batch",
+    "draws_truth",
+]
 
 #: Where a :class:`PriorSimulator` simulates: this process or a cluster.
 SIMULATION_ENGINES = ("serial", "ray", "dask")
+
+
+#: The options a posterior model binds every prior with, and their defaults.
+BINDING_DEFAULTS = dict(device="cpu", engine="serial", address=None, cache_dir=None)
+
+
+def bound_simulator(prior, protocol, **options):
+    """``prior.simulator(protocol, ...)`` with those of ``options`` (of
+    :data:`BINDING_DEFAULTS`) that its simulator takes: one prior binding for
+    every prior a posterior model trains on.
+
+    A :class:`PriorSimulator` simulates on ``device`` and on the cluster of
+    ``engine``; the white-matter priors' simulators in this process on the
+    CPU (a device is then the network's alone), the mixing prior's library
+    kept in ``cache_dir``.
+
+    Parameters
+    ----------
+    prior : TissuePrior, WhiteMatterPrior or MixturePrior
+        Its ``simulator_class`` says what its simulator takes.
+    protocol : Protocol
+    **options
+        ``device``, ``engine``, ``address``, ``cache_dir``.
+
+    Returns
+    -------
+    PriorSimulator, WhiteMatterSimulator or MixtureSimulator
+
+    Raises
+    ------
+    ValueError
+        For an ``engine`` or ``address`` the prior's simulator cannot use.
+    """
+    unknown = sorted(set(options) - set(BINDING_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"bound_simulator takes {sorted(BINDING_DEFAULTS)}, not {unknown}."
+        )
+    taken = inspect.signature(prior.simulator_class).parameters
+    for name in ("engine", "address"):
+        value = options.get(name, BINDING_DEFAULTS[name])
+        if name not in taken and value != BINDING_DEFAULTS[name]:
+            raise ValueError(
+                f"{type(prior).__name__} simulates in this process: {name}="
+                f"{value!r} cannot be used; leave {name} at "
+                f"{BINDING_DEFAULTS[name]!r} (training_{name} of the model)."
+            )
+    return prior.simulator(protocol, **{k: v for k, v in options.items() if k in taken})
 
 
 class PriorSimulator:

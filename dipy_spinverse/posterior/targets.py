@@ -15,13 +15,29 @@ count and the five positive quantities; :func:`encode_scalars`,
 :func:`decode_scalars`) are every flow's: the protocol-free flow
 (:mod:`.protocol_free`) models them too, with the :func:`logit` of the
 anisotropy in place of the tensor.
+
+A prior names how its descriptors are modelled (its ``targets``): the cells'
+priors (:class:`~.prior.TissuePrior`) by :data:`TISSUE_TARGETS`, these
+coordinates; the white-matter priors, whose descriptors are fractions and
+positive quantities alone, by a :class:`DescriptorTargets`. A flow
+(:class:`~.estimator.PosteriorEstimator`), its training and its fit read
+the coordinates, the descriptors with credible intervals and the decoding
+from it.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from ..geometry.descriptors import DESCRIPTORS
 
 __all__ = [
     "TARGETS",
     "SCALAR_TARGETS",
+    "SCALARS",
+    "TISSUE_TARGETS",
+    "TissueTargets",
+    "DescriptorTargets",
     "encode",
     "decode",
     "encode_scalars",
@@ -46,6 +62,10 @@ TARGETS = (
     "shape_xz",
     "shape_yz",
 )
+
+#: The cells' descriptors with credible intervals (``orientation`` is a unit
+#: vector).
+SCALARS = tuple(name for name in DESCRIPTORS if name != "orientation")
 
 #: The coordinates of the descriptors that every flow models alike (the
 #: first seven of :data:`TARGETS`).
@@ -179,3 +199,133 @@ def shape_descriptors(tensor):
     )
     axis = axis * np.where(lead < 0, -1.0, 1.0)
     return {"anisotropy": np.nan_to_num(fa), "orientation": axis}
+
+
+class TissueTargets:
+    """The cells' descriptors as a flow models them: :data:`TARGETS`
+    (:func:`encode`, :func:`decode`), intervals for :data:`SCALARS` and an
+    ``orientation``. Use :data:`TISSUE_TARGETS`."""
+
+    #: The flow's coordinates, in order.
+    coordinates = TARGETS
+    #: The descriptors with credible intervals.
+    scalars = SCALARS
+    #: Those with a recalibration table of their own (all of them).
+    calibrated = SCALARS
+    #: Whether the draws decode to an ``orientation`` (unit vectors).
+    orientation = True
+
+    def encode(self, truth, *, rng=None):
+        """:func:`encode`."""
+        return encode(truth, rng=rng)
+
+    def decode(self, values):
+        """:func:`decode`."""
+        return decode(values)
+
+    def table_name(self, name):
+        """The descriptor whose recalibration table ``name`` reads: its own."""
+        return name
+
+    def __repr__(self):
+        return "TISSUE_TARGETS"
+
+
+#: The targets of :class:`~.prior.TissuePrior`.
+TISSUE_TARGETS = TissueTargets()
+
+
+@dataclass(frozen=True)
+class DescriptorTargets:
+    """Scalar descriptors as flow coordinates: each fraction through the
+    :func:`logit`, each positive quantity through the logarithm.
+
+    A descriptor that the prior holds fixed is a constant (not modelled: a
+    flow coordinate of no spread has no density), and an alias reads
+    another descriptor's draws (the names the cells' priors use).
+
+    Parameters
+    ----------
+    fractions : tuple of str
+        Descriptors in (0, 1).
+    positives : tuple of str
+        Descriptors > 0.
+    constants : tuple of (str, float)
+        Descriptors of one value.
+    aliases : tuple of (str, str)
+        ``(alias, descriptor)`` pairs.
+    """
+
+    fractions: tuple = ()
+    positives: tuple = ()
+    constants: tuple = ()
+    aliases: tuple = ()
+
+    #: The draws decode to no ``orientation``.
+    orientation = False
+
+    def __post_init__(self):
+        modelled = self.fractions + self.positives
+        if not modelled:
+            raise ValueError(
+                "DescriptorTargets needs at least one descriptor in fractions or "
+                "positives to model."
+            )
+        names = modelled + tuple(n for n, _ in self.constants)
+        names += tuple(a for a, _ in self.aliases)
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"descriptors named twice in DescriptorTargets: {repeated}."
+            )
+        unknown = [d for _, d in self.aliases if d not in names]
+        if unknown:
+            raise ValueError(f"aliases of descriptors that are not targets: {unknown}.")
+
+    @property
+    def coordinates(self):
+        """The flow's coordinates, in order."""
+        return tuple(f"logit_{n}" for n in self.fractions) + tuple(
+            f"log_{n}" for n in self.positives
+        )
+
+    @property
+    def scalars(self):
+        """Every descriptor with credible intervals: the modelled ones, the
+        constants, the aliases."""
+        return (
+            self.fractions
+            + self.positives
+            + tuple(n for n, _ in self.constants)
+            + tuple(a for a, _ in self.aliases)
+        )
+
+    @property
+    def calibrated(self):
+        """The descriptors with a recalibration table of their own: all but
+        the aliases, which read their descriptor's."""
+        return self.scalars[: len(self.scalars) - len(self.aliases)]
+
+    def table_name(self, name):
+        """The descriptor whose recalibration table ``name`` reads."""
+        return dict(self.aliases).get(name, name)
+
+    def encode(self, truth, *, rng=None):
+        """Descriptors (dict of arrays of length n) as flow coordinates
+        (n, len(coordinates)); ``rng`` is unused (no count to dequantise)."""
+        columns = [logit(truth[n]) for n in self.fractions]
+        columns += [np.log(np.asarray(truth[n], dtype=float)) for n in self.positives]
+        return np.stack(columns, axis=-1)
+
+    def decode(self, values):
+        """Flow coordinates (..., len(coordinates)) as each of :attr:`scalars`
+        (dict of arrays (...))."""
+        values = np.asarray(values, dtype=float)
+        k = len(self.fractions)
+        out = {n: logistic(values[..., i]) for i, n in enumerate(self.fractions)}
+        out.update(
+            {n: np.exp(values[..., k + i]) for i, n in enumerate(self.positives)}
+        )
+        out.update({n: np.full(values.shape[:-1], float(v)) for n, v in self.constants})
+        out.update({a: out[d] for a, d in self.aliases})
+        return out

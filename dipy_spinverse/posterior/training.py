@@ -35,8 +35,9 @@ from ..checks import check_int, check_number
 from .calibration import measure_level_tables
 from .estimator import PosteriorEstimator
 from .noise import add_model_error, noisy_inputs
+from .prior import TissuePrior
 from .support import measure_support
-from .targets import encode
+from .targets import TISSUE_TARGETS
 
 __all__ = [
     "TrainingOptions",
@@ -154,13 +155,13 @@ def default_training(prior):
 
     Parameters
     ----------
-    prior : TissuePrior
+    prior : TissuePrior, WhiteMatterPrior or MixturePrior
 
     Returns
     -------
     TrainingOptions
     """
-    if set(prior.families) == {"axon"}:
+    if isinstance(prior, TissuePrior) and set(prior.families) == {"axon"}:
         return WHITE_MATTER_TRAINING
     return TrainingOptions()
 
@@ -176,9 +177,14 @@ def simulate_and_train(simulator, options, *, checkpoints=None, progress=True):
     :meth:`~dipy_spinverse.posterior.PriorSimulator.sample` and
     ``sample_pairs``); then :func:`train_estimator`.
 
+    The descriptors are encoded as the prior's ``targets`` say
+    (:mod:`.targets`); a grid error (``options.reference_resolution``) is
+    modelled for a simulator that draws pairs (``sample_pairs``, a
+    :class:`~dipy_spinverse.posterior.TissuePrior`'s).
+
     Parameters
     ----------
-    simulator : PriorSimulator
+    simulator : PriorSimulator, WhiteMatterSimulator or MixtureSimulator
         The prior bound to the protocol, where and how it simulates.
     options : TrainingOptions
     checkpoints : path-like, optional
@@ -192,6 +198,15 @@ def simulate_and_train(simulator, options, *, checkpoints=None, progress=True):
     PosteriorEstimator
     """
     n_draws = options.n_simulations + options.n_calibration
+    targets = simulator.prior.targets
+    pairs = options.reference_resolution is not None
+    if pairs and not hasattr(simulator, "sample_pairs"):
+        raise ValueError(
+            "TrainingOptions(reference_resolution=...) models the grid error of a "
+            f"TissuePrior; {type(simulator.prior).__name__} has none to model: "
+            "leave reference_resolution as None."
+        )
+    extra = {"reference_resolution": options.reference_resolution} if pairs else {}
 
     def kept(name):
         return None if checkpoints is None else pathlib.Path(checkpoints) / name
@@ -211,10 +226,10 @@ def simulate_and_train(simulator, options, *, checkpoints=None, progress=True):
         options.n_simulations,
         seed=options.seed,
         progress=progress,
-        reference_resolution=options.reference_resolution,
         checkpoint=kept("training.npz"),
+        **extra,
     )
-    coordinates = encode(truth, rng=np.random.default_rng(options.seed))
+    coordinates = targets.encode(truth, rng=np.random.default_rng(options.seed))
     calibration = None
     if options.n_calibration:
         logger.info(
@@ -225,12 +240,12 @@ def simulate_and_train(simulator, options, *, checkpoints=None, progress=True):
             options.n_calibration,
             seed=options.seed + 3 * 10**6,
             progress=progress,
-            reference_resolution=options.reference_resolution,
             checkpoint=kept("calibration.npz"),
+            **extra,
         )
-        calibration = (held_signals, encode(held_truth))
+        calibration = (held_signals, targets.encode(held_truth))
     model_error = None
-    if options.reference_resolution is not None:
+    if pairs:
         logger.info(
             f"Measuring the prior grid's discretisation error: {options.n_reference} "
             f"draws also simulated at resolution {options.reference_resolution}."
@@ -250,6 +265,7 @@ def simulate_and_train(simulator, options, *, checkpoints=None, progress=True):
         options,
         model_error=model_error,
         calibration=calibration,
+        targets=targets,
         progress=progress,
     )
 
@@ -262,6 +278,7 @@ def train_estimator(
     *,
     model_error=None,
     calibration=None,
+    targets=TISSUE_TARGETS,
     progress=True,
 ):
     """Train a :class:`PosteriorEstimator` on simulations.
@@ -270,8 +287,8 @@ def train_estimator(
     ----------
     signals : ndarray (n, n_acquisitions)
         Noise-free simulated signals (1 at b = 0).
-    coordinates : ndarray (n, 12)
-        Their descriptors' flow coordinates (:func:`.targets.encode`).
+    coordinates : ndarray (n, len(targets.coordinates))
+        Their descriptors' flow coordinates (``targets.encode``).
     protocol : Protocol
     options : TrainingOptions
     model_error : ndarray (m, n_acquisitions), optional
@@ -281,6 +298,9 @@ def train_estimator(
     calibration : (ndarray, ndarray), optional
         More held-out ``(signals, coordinates)``, not trained on, on which
         the credible bounds are recalibrated with the validation part.
+    targets : TissueTargets or DescriptorTargets
+        How the descriptors are modelled (the prior's ``targets``; default
+        the cells' :data:`~.targets.TISSUE_TARGETS`).
     progress : bool
 
     Returns
@@ -319,7 +339,7 @@ def train_estimator(
     # it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
-        net = PosteriorEstimator(x.shape[1], options)
+        net = PosteriorEstimator(x.shape[1], options, targets=targets)
     inputs, sigma = noisy(x[train])
     stats = torch.cat([inputs, torch.log(sigma)[:, None]], -1)
     net.x_mean.copy_(stats.mean(0))

@@ -42,20 +42,26 @@ sheath's radial diffusion in series, :meth:`~dipy_spinverse.geometry.
 substrates.AxonBundle.sheath_conductance`).
 """
 
+import hashlib
 import math
+import time
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..checks import check_generator, check_int, check_positive, check_range
 from ..geometry.substrates import axon_bundle, bundle_side
 from ..geometry.substrates.bundle import MAX_FIBRE_FRACTION, UnheldBundleError
 from ..sim.forward import simulate
 from ..sim.sequences import as_protocol
+from ..sim.signals import per_mean_b0
+from .checkpoint import SimulationCheckpoint
 from .envelope import PredictiveCheck
 from .prior import plain_value, section_grid, unit_fibre_axis
+from .targets import DescriptorTargets
 
 __all__ = ["DESCRIPTORS", "WhiteMatterDraw", "WhiteMatterPrior", "WhiteMatterSimulator"]
 
@@ -168,6 +174,36 @@ class WhiteMatterPrior(PredictiveCheck):
 
     #: Draws of a prior predictive check (:meth:`check`): seconds each.
     CHECK_DRAWS = 200
+    #: The code that makes its estimators (:data:`.shipped.ESTIMATOR_ROOTS`).
+    estimator_kind = "white_matter"
+
+    @property
+    def simulator_class(self):
+        """What :meth:`simulator` returns (:class:`WhiteMatterSimulator`)."""
+        return WhiteMatterSimulator
+
+    @property
+    def targets(self):
+        """Its descriptors as the posterior's flow models them
+        (:class:`~.targets.DescriptorTargets`): the fractions through the
+        logit, the diameters, diffusivities and exchange time through the
+        logarithm; a diffusivity or g-ratio whose range is one value is a
+        constant."""
+        return descriptor_targets(
+            fractions=("intra_axonal_fraction", "myelin_fraction", "g_ratio"),
+            positives=(
+                "effective_diameter",
+                "mean_diameter",
+                "exchange_time",
+                "intra_diffusivity",
+                "extra_diffusivity",
+            ),
+            constants=single_values(
+                g_ratio=self.g_ratio,
+                intra_diffusivity=self.intra_diffusivity,
+                extra_diffusivity=self.extra_diffusivity,
+            ),
+        )
 
     def __post_init__(self):
         object.__setattr__(self, "n_axons", whole_range(self.n_axons, "n_axons"))
@@ -402,6 +438,11 @@ class WhiteMatterPrior(PredictiveCheck):
         """The prior's fields as plain values (cache keys, reports)."""
         return {f.name: plain_value(getattr(self, f.name)) for f in fields(self)}
 
+    @classmethod
+    def from_description(cls, description):
+        """The prior :meth:`description` described."""
+        return cls(**description)
+
 
 class WhiteMatterSimulator:
     """Bundles of a :class:`WhiteMatterPrior` simulated on one protocol.
@@ -416,13 +457,17 @@ class WhiteMatterSimulator:
         Magnus sub-step multiple (default: measured per section).
     """
 
+    #: Draws simulated together between two checkpoints (a bundle costs
+    #: seconds on a long protocol: a chunk is a minute or two).
+    CHUNK = 32
+
     def __init__(self, prior, protocol, *, dtype=torch.float32, substeps=None):
         self.prior = prior
         self.protocol = as_protocol(protocol)
         self.dtype = dtype
         self.substeps = substeps
 
-    def sample(self, n, *, seed):
+    def sample(self, n, *, seed, progress=False, checkpoint=None):
         """``n`` draws' noise-free signals and descriptors.
 
         Parameters
@@ -430,24 +475,127 @@ class WhiteMatterSimulator:
         n : int
         seed : anything :func:`numpy.random.default_rng` takes
             The draws are made one after another from it.
+        progress : bool
+            A progress bar over the draws.
+        checkpoint : path-like, optional
+            An ``.npz`` file that keeps the signals as they are simulated
+            (:class:`~.checkpoint.SimulationCheckpoint`, every
+            :attr:`CHUNK` draws at most once a minute, and when
+            interrupted); a later call on the same draws resumes from it.
 
         Returns
         -------
         signals : ndarray (n, n_acquisitions)
+            Relative to the voxel's mean b = 0 signal (as a noise level is).
         truth : dict of ndarray (n,)
             :data:`DESCRIPTORS`, and ``orientation`` (n, 3).
         """
-        n = check_int(n, "n", 1)
-        rng = check_generator(seed, "seed")
-        draws = [self.prior.draw(rng) for _ in range(n)]
-        signals = self.prior.simulate(
-            draws, self.protocol, dtype=self.dtype, substeps=self.substeps
+        draws = self.sample_draws(n, seed=seed)
+        n = len(draws)
+        signals = np.empty((n, len(self.protocol)))
+        done = np.zeros(n, dtype=bool)
+        kept = None
+        if checkpoint is not None:
+            kept = SimulationCheckpoint(
+                checkpoint,
+                draws,
+                len(self.protocol),
+                fingerprint=_fingerprint(self.prior, draws, self.protocol),
+            )
+            kept.restore(signals, done, {})
+        bar = tqdm(
+            total=n,
+            initial=int(done.sum()),
+            desc="Simulating bundles",
+            disable=not progress,
         )
+        try:
+            for start in range(0, n, self.CHUNK):
+                rows = [
+                    i for i in range(start, min(n, start + self.CHUNK)) if not done[i]
+                ]
+                if not rows:
+                    continue
+                signals[rows] = self.prior.simulate(
+                    [draws[i] for i in rows],
+                    self.protocol,
+                    dtype=self.dtype,
+                    substeps=self.substeps,
+                )
+                done[rows] = True
+                bar.update(len(rows))
+                if kept is not None:
+                    kept.save(signals, done, {})
+        finally:
+            bar.close()
+            if kept is not None:
+                kept.save(signals, done, {}, force=True)
         truth = {
             name: np.array([d.descriptors[name] for d in draws]) for name in DESCRIPTORS
         }
         truth["orientation"] = np.stack([d.axis for d in draws])
-        return signals, truth
+        return per_mean_b0(signals, self.protocol), truth
+
+    def seconds_per_draw(self, *, seed, n_draws=2):
+        """The mean simulation time of a draw, in seconds, timed on
+        ``n_draws`` of ``seed``."""
+        draws = self.sample_draws(n_draws, seed=seed)
+        start = time.perf_counter()
+        self.prior.simulate(
+            draws, self.protocol, dtype=self.dtype, substeps=self.substeps
+        )
+        return (time.perf_counter() - start) / len(draws)
+
+    def sample_draws(self, n, *, seed):
+        """The first ``n`` draws of ``seed``, not simulated."""
+        rng = check_generator(seed, "seed")
+        return [self.prior.draw(rng) for _ in range(check_int(n, "n", 1))]
+
+
+def _fingerprint(prior, draws, protocol):
+    """A hash of what a list of draws' signals depend on: the prior and its
+    draws' descriptors, tissue and axes, on the protocol's acquisitions."""
+    digest = hashlib.sha256(repr(prior.description()).encode())
+    digest.update(np.asarray(protocol.bvals, dtype=np.float64).tobytes())
+    digest.update(np.asarray(protocol.bvecs, dtype=np.float64).tobytes())
+    for draw in draws:
+        digest.update(repr((draw.side, draw.resolution, draw.tissue)).encode())
+        digest.update(repr(sorted(draw.descriptors.items())).encode())
+        digest.update(np.asarray(draw.axis, dtype=np.float64).tobytes())
+        digest.update(np.asarray(draw.bundle.face_permeability).tobytes())
+    return digest.hexdigest()
+
+
+def descriptor_targets(*, fractions, positives, constants):
+    """The :class:`~.targets.DescriptorTargets` of a white-matter prior.
+
+    Parameters
+    ----------
+    fractions, positives : tuple of str
+        The descriptors in (0, 1) and those > 0.
+    constants : dict
+        ``{descriptor: value}``: those the prior holds at one value (not
+        modelled).
+
+    Returns
+    -------
+    DescriptorTargets
+        With the aliases ``cell_diameter`` and ``restricted_fraction``.
+    """
+    return DescriptorTargets(
+        fractions=tuple(n for n in fractions if n not in constants),
+        positives=tuple(n for n in positives if n not in constants),
+        constants=tuple((n, float(v)) for n, v in constants.items()),
+        aliases=(
+            ("cell_diameter", "effective_diameter"),
+            ("restricted_fraction", "intra_axonal_fraction"),
+        ),
+    )
+
+
+def single_values(**ranges):
+    """``{name: low}`` of the ranges ``(low, high)`` with ``low == high``."""
+    return {name: low for name, (low, high) in ranges.items() if low == high}
 
 
 def whole_range(value, name):

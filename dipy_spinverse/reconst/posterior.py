@@ -46,11 +46,10 @@ import torch
 from dipy.utils.logging import logger
 
 from ..checks import check_int, check_s0
-from ..geometry.descriptors import DESCRIPTORS
 from ..masked import COMMON_CODES, MaskedFit
-from ..posterior import decode
-from ..posterior.calibration import SCALARS, calibrated_draws
+from ..posterior.calibration import calibrated_draws
 from ..posterior.predictive import predictive_signals
+from ..posterior.targets import TISSUE_TARGETS
 from .codes import BAD_B0, IMPOSSIBLE_SIGNAL, MASKED, NONFINITE, OK
 from .fit import SpinverseFit
 from .gate import admit, gradient_tables, s0_per_acquisition
@@ -125,8 +124,8 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     dict
         ``status`` (n,), ``inputs`` (n, n_volumes) b0-normalised signals,
         ``sigma`` (n,), ``S0`` (n,), ``S0_sequences`` (n, n_sequences), per
-        scalar descriptor its quantiles
-        (n, 5) at :data:`KEPT`, and ``orientation`` (n, 3).
+        scalar descriptor of the prior's ``targets`` its quantiles (n, 5)
+        at :data:`KEPT`, and, where they have one, ``orientation`` (n, 3).
     """
     gate = admit(rows, model.protocol, sigma=model.sigma)
     n = len(gate.status)
@@ -138,8 +137,10 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
     inputs[good] = gate.signals.normalised[good]
     sigma = gate.relative.astype(np.float32)
     warn_noise(sigma[good], snr_range=model.posterior_options.snr_range)
-    summary = {name: np.full((n, len(KEPT)), np.nan) for name in SCALARS}
-    summary["orientation"] = np.full((n, 3), np.nan)
+    targets = model.prior.prior.targets
+    summary = {name: np.full((n, len(KEPT)), np.nan) for name in targets.scalars}
+    if targets.orientation:
+        summary["orientation"] = np.full((n, 3), np.nan)
     estimator = model.estimator
     rows = np.flatnonzero(good)
     # The prior predictive check of the training signals: a voxel whose
@@ -155,10 +156,11 @@ def fit_posterior(model, rows, *, n_samples, seed=0):
         status[outside] = OUT_OF_PRIOR
         if not len(keep):
             continue
-        for name in SCALARS:
+        for name in targets.scalars:
             levels = estimator.quantile_levels(name, KEPT)
             summary[name][keep] = np.quantile(values[name], levels, axis=0).T
-        summary["orientation"][keep] = _mean_axis(values["orientation"])
+        if targets.orientation:
+            summary["orientation"][keep] = _mean_axis(values["orientation"])
     return dict(
         status=status,
         inputs=inputs,
@@ -261,7 +263,7 @@ def _posterior_draws(estimator, inputs, sigma, rows, n_samples, seed, *, far=Non
         outside=outside,
     )
     for part, drawn, draws in batches:
-        values = {} if draws is None else decode(draws)
+        values = {} if draws is None else estimator.targets.decode(draws)
         yield part[~drawn], part[drawn], values
 
 
@@ -369,8 +371,9 @@ class PosteriorFit(MaskedFit):
     """Posterior of the tissue descriptors of one voxel or a volume.
 
     Maps (the posterior median of each descriptor; ``orientation`` is the
-    mean axis, ``(..., 3)``) are attributes named as
-    :data:`~dipy_spinverse.geometry.DESCRIPTORS`. Outside the mask they are
+    mean axis, ``(..., 3)``) are attributes named as the prior's descriptors
+    (:attr:`descriptors`: :data:`~dipy_spinverse.geometry.DESCRIPTORS` for a
+    :class:`~dipy_spinverse.posterior.TissuePrior`). Outside the mask they are
     0; inside, NaN where the status is not ``OK``
     (:data:`POSTERIOR_STATUS_CODES`).
 
@@ -396,6 +399,13 @@ class PosteriorFit(MaskedFit):
     status_codes = POSTERIOR_STATUS_CODES
 
     @property
+    def descriptors(self):
+        """The descriptors of this fit's prior, ``orientation`` last where
+        its posterior draws one (:mod:`dipy_spinverse.posterior.targets`)."""
+        targets = self.model.prior.prior.targets
+        return targets.scalars + (("orientation",) if targets.orientation else ())
+
+    @property
     def S0(self):
         """Mean b = 0 signal of each voxel."""
         return self._volume(self.params["S0"], 0.0)
@@ -404,13 +414,16 @@ class PosteriorFit(MaskedFit):
         # Reached only when normal lookup fails. Private and special names
         # (copy, pickle and hasattr probe them, maybe before __init__ has
         # run) get the plain error without reading self.params.
-        if not name.startswith("_"):
-            if name in SCALARS:
-                return self._volume(self._quantile(name, 0.5), 0.0)
+        params = self.__dict__.get("params", {})
+        if not name.startswith("_") and name in params:
             if name == "orientation":
-                return self._volume(self.params["orientation"], 0.0)
+                return self._volume(params["orientation"], 0.0)
+            if np.ndim(params[name]) == 2 and name in self.descriptors:
+                return self._volume(self._quantile(name, 0.5), 0.0)
         raise AttributeError(
-            _no_attribute(type(self).__name__, name), name=name, obj=self
+            _no_attribute(type(self).__name__, name, self.__dict__.get("model")),
+            name=name,
+            obj=self,
         )
 
     def _quantile(self, name, q):
@@ -423,8 +436,8 @@ class PosteriorFit(MaskedFit):
         Parameters
         ----------
         name : str
-            One of :data:`~dipy_spinverse.geometry.DESCRIPTORS` but
-            ``orientation`` (units: :data:`~dipy_spinverse.geometry.UNITS`).
+            One of :attr:`descriptors` but ``orientation`` (units:
+            :data:`~dipy_spinverse.geometry.UNITS`).
         level : float
             Probability mass inside, in (0, 1), e.g. 0.9 for the central
             90 % interval. 0.5 and 0.9 are stored; other levels draw samples
@@ -436,7 +449,7 @@ class PosteriorFit(MaskedFit):
             Maps of the fit's shape (0 outside the mask, NaN where the status
             is not ``OK``).
         """
-        _check_scalar(name)
+        _check_scalar(name, self.model.prior.prior.targets.scalars)
         low, high = interval_rows(
             self.params, name, level, lambda: self.model.estimator, self._draws
         )
@@ -453,7 +466,7 @@ class PosteriorFit(MaskedFit):
         Parameters
         ----------
         name : str
-            One of :data:`~dipy_spinverse.geometry.DESCRIPTORS`.
+            One of :attr:`descriptors`.
         n : int
             Draws per voxel, at least 1.
         seed : int
@@ -464,12 +477,14 @@ class PosteriorFit(MaskedFit):
         ndarray (n,) + shape (+ (3,) for ``orientation``)
             NaN where the status is not ``OK``, 0 outside the mask.
         """
-        if name not in DESCRIPTORS:
-            raise ValueError(f"Unknown descriptor {name!r}; choose from {DESCRIPTORS}.")
+        if name not in self.descriptors:
+            raise ValueError(
+                f"Unknown descriptor {name!r}; this fit's prior has {self.descriptors}."
+            )
         n = check_int(n, "n", 1, hint=" (the draws per voxel), e.g. n=100")
         seed = check_int(seed, "seed", 0, hint=" (it seeds the draws), e.g. seed=0")
         draws = self._draws(name, n, seed=seed)
-        if name in SCALARS:
+        if name != "orientation":
             # The recalibrated posterior (the intervals' own), per voxel.
             table = self.model.estimator.level_table(name)
             draws = calibrated_draws(draws, table, np.random.default_rng(seed))
@@ -483,6 +498,7 @@ class PosteriorFit(MaskedFit):
         ok = np.flatnonzero(self.params["status"] == OK)
         if len(ok):
             values = self._flow_values(ok, n, seed)
+            decode = self.model.prior.prior.targets.decode
             out[:, ok] = decode(np.moveaxis(values, 0, 1))[name]
         return out
 
@@ -553,7 +569,23 @@ class PosteriorFit(MaskedFit):
         -------
         ndarray (n,) + shape + (n_volumes,)
             0 outside the mask, NaN where the status is not ``OK``.
+
+        Raises
+        ------
+        NotImplementedError
+            For a prior whose descriptors determine no tissue to simulate
+            (:class:`~dipy_spinverse.posterior.WhiteMatterPrior`,
+            :class:`~dipy_spinverse.posterior.MixturePrior`).
         """
+        prior = self.model.prior.prior
+        if prior.targets is not TISSUE_TARGETS:
+            raise NotImplementedError(
+                "posterior predictive signals realise the flow's draws as the "
+                "prior's tissue: a TissuePrior's descriptors determine one, a "
+                f"{type(prior).__name__}'s (bundles' averages) do not. Compare "
+                "the data with the prior itself instead: prior.check(data, gtab, "
+                "sigma=...)."
+            )
         n = check_int(n, "n", 1, hint=" (the draws per voxel), e.g. n=16")
         seed = check_int(seed, "seed", 0, hint=" (it seeds the draws), e.g. seed=0")
         protocol = self.model.protocol if gtab is None else gradient_tables(gtab)[1]
@@ -564,7 +596,7 @@ class PosteriorFit(MaskedFit):
             scale = self._scale(protocol, ok, S0)
             values = self._flow_values(ok, n, seed)
             signals = predictive_signals(
-                self.model.prior.prior,
+                prior,
                 protocol,
                 values.reshape(-1, values.shape[-1]),
                 seed=seed,
@@ -610,24 +642,21 @@ class PosteriorFit(MaskedFit):
         return [f"prior={self.model.prior.prior!r}"]
 
 
-#: What a :class:`PosteriorFit` has, for the message of a name it has not.
-_ATTRIBUTES = (
-    "the posterior median maps "
-    + ", ".join(SCALARS)
-    + " and orientation (the mean axis); status, ok, fitted, S0, shape, mask, "
-    "params, model; credible_interval(name, level), posterior_samples(name, "
-    "n, seed=0), status_counts(), voxel_data(data, index); fit[i, j, k] for "
-    "one voxel"
-)
-
-
-def _no_attribute(owner, name):
+def _no_attribute(owner, name, model=None):
     """The message of ``AttributeError`` for ``name`` on a fit of class
-    ``owner``: what it has, and where a search fit's attribute lives."""
+    ``owner`` and ``model``: what it has, and where a search fit's attribute
+    lives."""
     message = f"{owner!r} object has no attribute {name!r}"
     if name.startswith("_"):
         return message
-    message += f". It has {_ATTRIBUTES}."
+    targets = TISSUE_TARGETS if model is None else model.prior.prior.targets
+    axis = " and orientation (the mean axis)" if targets.orientation else ""
+    message += (
+        f". It has the posterior median maps {', '.join(targets.scalars)}{axis}; "
+        "status, ok, fitted, S0, shape, mask, params, model; "
+        "credible_interval(name, level), posterior_samples(name, n, seed=0), "
+        "status_counts(), voxel_data(data, index); fit[i, j, k] for one voxel."
+    )
     if hasattr(SpinverseFit, name):
         message += (
             f" {name!r} belongs to the search's fits (SpinverseFit): fit with "
@@ -636,11 +665,11 @@ def _no_attribute(owner, name):
     return message
 
 
-def _check_scalar(name):
-    if name not in SCALARS:
+def _check_scalar(name, scalars):
+    if name not in scalars:
         extra = " (orientation is a unit vector: see posterior_samples)"
         raise ValueError(
-            f"credible_interval takes one of {SCALARS}, got {name!r}"
+            f"credible_interval takes one of {scalars}, got {name!r}"
             + (extra if name == "orientation" else "")
             + "."
         )

@@ -14,6 +14,7 @@ from ..checks import check_device, check_diffusivity, check_int, readable_device
 from ..masked import masked_rows
 from ..posterior import TissuePrior, TrainingOptions, default_training, load_or_train
 from ..posterior.envelope import PredictiveEnvelope
+from ..posterior.simulator import bound_simulator
 from .descriptions import protocol_description, table_from_description
 from .gate import check_data, gradient_tables, require_b0
 from .noise import require_sigma
@@ -23,6 +24,8 @@ from .status import count_negative, warn_implausible, warn_negative
 __all__ = [
     "SpinversePosteriorModel",
     "check_prior",
+    "prior_from_description",
+    "prior_types",
     "voxels_to_fit",
 ]
 
@@ -46,10 +49,17 @@ class SpinversePosteriorModel(ReconstModel):
         ``np.median(dipy.denoise.noise_estimate.estimate_sigma(data))``; one
         value per volume is taken as their root mean square). Each voxel's
         relative noise is ``sigma`` over its own mean b = 0 signal.
-    prior : TissuePrior, optional
+    prior : TissuePrior, WhiteMatterPrior or MixturePrior, optional
         The tissue the posterior is trained on (default
         ``TissuePrior(diffusivity=diffusivity)``: white matter, straight
-        permeable axons of 1-25 um).
+        permeable axons of 1-25 um). Its descriptors are the fit's maps
+        (``prior.targets.scalars``); a prior of bundles
+        (:class:`~dipy_spinverse.posterior.WhiteMatterPrior`, or voxels mixed
+        of them, :class:`~dipy_spinverse.posterior.MixturePrior`) gives
+        myelinated-axon descriptors (diameters, fractions, g-ratio, exchange
+        time) and no orientation. Check it on the data first
+        (``prior.check(data, gtab, sigma=...)``): a training costs hours for
+        them.
     diffusivity : float
         Intrinsic diffusivity in mm^2/s of the default prior, within
         :data:`~dipy_spinverse.checks.DIFFUSIVITY_RANGE`; ignored when
@@ -136,13 +146,17 @@ class SpinversePosteriorModel(ReconstModel):
         #: The noise standard deviation in the data's units.
         self.sigma = sigma
         self.device = check_device(device)
+        self.training_engine = training_engine
+        self.training_address = training_address
         #: The prior bound to this protocol, simulating on ``device``:
         #: ``model.prior.sample(n, seed=s)``.
-        self.prior = prior.simulator(
+        self.prior = bound_simulator(
+            prior,
             self.protocol,
             device=self.device,
             engine=training_engine,
             address=training_address,
+            cache_dir=cache_dir,
         )
         self.posterior_options = options
         self.n_posterior_samples = check_int(
@@ -165,8 +179,8 @@ class SpinversePosteriorModel(ReconstModel):
                 self.posterior_options,
                 cache_dir=self.cache_dir,
                 device=self.device,
-                engine=self.prior.engine,
-                address=self.prior.address,
+                engine=self.training_engine,
+                address=self.training_address,
             )
             self._estimator.to(self.device)
         return self._estimator
@@ -236,8 +250,8 @@ class SpinversePosteriorModel(ReconstModel):
             n_posterior_samples=self.n_posterior_samples,
             cache_dir=self.cache_dir,
             device=self.device,
-            training_engine=self.prior.engine,
-            training_address=self.prior.address,
+            training_engine=self.training_engine,
+            training_address=self.training_address,
         )
 
     def description(self):
@@ -255,6 +269,7 @@ class SpinversePosteriorModel(ReconstModel):
             sigma=self.sigma,
             diffusivity=self.diffusivity,
             prior=self.prior.prior.description(),
+            prior_type=type(self.prior.prior).__name__,
             posterior_options=self.posterior_options.description(),
             n_posterior_samples=self.n_posterior_samples,
             device=str(self.device),
@@ -280,7 +295,7 @@ class SpinversePosteriorModel(ReconstModel):
             table_from_description(d),
             sigma=d["sigma"],
             diffusivity=d["diffusivity"],
-            prior=TissuePrior(**d["prior"]),
+            prior=prior_from_description(d["prior"], d.get("prior_type")),
             posterior_options=TrainingOptions(**d["posterior_options"]),
             n_posterior_samples=d["n_posterior_samples"],
             device=readable_device(d["device"]),
@@ -343,12 +358,45 @@ def voxels_to_fit(model, data, mask):
     return rows, mask
 
 
+def prior_types():
+    """The priors a posterior model trains on, by class name (the white
+    matter's imported when first asked for)."""
+    from ..posterior import MixturePrior, WhiteMatterPrior
+
+    return {cls.__name__: cls for cls in (TissuePrior, WhiteMatterPrior, MixturePrior)}
+
+
+def prior_from_description(description, prior_type=None):
+    """The prior a model's :meth:`~SpinversePosteriorModel.description` keeps.
+
+    Parameters
+    ----------
+    description : dict
+        The prior's ``description()``.
+    prior_type : str, optional
+        Its class name (default ``"TissuePrior"``: fit files written before
+        other priors were trainable name none).
+
+    Returns
+    -------
+    TissuePrior, WhiteMatterPrior or MixturePrior
+    """
+    types = prior_types()
+    name = "TissuePrior" if prior_type is None else prior_type
+    if name not in types:
+        raise ValueError(
+            f"prior_type must be one of {sorted(types)}, got {prior_type!r}: the "
+            "file was written by another version of dipy_spinverse."
+        )
+    return types[name].from_description(description)
+
+
 def check_prior(prior, posterior_options):
     """Refuse a prior or training options of another type, naming it.
 
     Parameters
     ----------
-    prior : TissuePrior or None
+    prior : TissuePrior, WhiteMatterPrior, MixturePrior or None
         The prior given.
     posterior_options : TrainingOptions or None
         The training options given.
@@ -362,10 +410,11 @@ def check_prior(prior, posterior_options):
     ValueError
         If either is neither None nor of its type.
     """
-    if prior is not None and not isinstance(prior, TissuePrior):
+    types = prior_types()
+    if prior is not None and not isinstance(prior, tuple(types.values())):
         raise ValueError(
-            "prior must be a dipy_spinverse.posterior.TissuePrior, got "
-            f"{type(prior).__name__}."
+            f"prior must be one of dipy_spinverse.posterior's {', '.join(types)}, "
+            f"got {type(prior).__name__}."
         )
     if posterior_options is not None and not isinstance(
         posterior_options, TrainingOptions

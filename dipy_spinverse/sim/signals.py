@@ -21,6 +21,7 @@ __all__ = [
     "VoxelSignals",
     "b0_scale",
     "normalise_b0",
+    "per_mean_b0",
     "noise_precision",
     "sequence_index",
     "data_loss",
@@ -72,6 +73,26 @@ def normalise_b0(signal, protocol):
     """
     scale = b0_scale(signal, protocol)
     return signal / scale[..., sequence_index(protocol)]
+
+
+def per_mean_b0(signal, protocol):
+    """Divide each signal by its mean b = 0 over every sequence: the scale
+    a voxel's noise is relative to (its relaxation between echo times kept).
+
+    Parameters
+    ----------
+    signal : ndarray (..., n_acquisitions)
+    protocol : Protocol
+
+    Returns
+    -------
+    ndarray
+        ``signal`` as it is for a protocol without b = 0 volumes.
+    """
+    b0 = protocol.bvals == 0
+    if not b0.any():
+        return signal
+    return signal / signal[..., b0].mean(-1, keepdims=True)
 
 
 def noise_precision(signal, protocol):

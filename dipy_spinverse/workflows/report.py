@@ -7,7 +7,7 @@ import numpy as np
 from dipy.utils.logging import logger
 
 from ..files import atomic_write
-from ..geometry import DESCRIPTORS, UNITS
+from ..geometry import DESCRIPTORS, UNITS, WHITE_MATTER_UNITS
 from ..reconst import OK, STATUS_CODES
 from ..sim.signals import sequence_index
 
@@ -42,7 +42,8 @@ def write_posterior_report(fit, path, *, n_voxels=8):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    names = [n for n in DESCRIPTORS if n != "orientation" and n in fit.params]
+    names = [n for n in getattr(fit, "descriptors", DESCRIPTORS) if n != "orientation"]
+    names = [n for n in names if n in fit.params]
     rows = np.flatnonzero(fit.params["status"] == OK)[:n_voxels]
     fig, axes = plt.subplots(1, len(names), figsize=(2.1 * len(names), 2.8), dpi=80)
     for ax, name in zip(axes, names, strict=True):
@@ -55,7 +56,8 @@ def write_posterior_report(fit, path, *, n_voxels=8):
             ax.set_xscale("log")
             # Decades only: labelled minor ticks overlap within one decade.
             ax.xaxis.set_minor_formatter(NullFormatter())
-        unit = f" ({UNITS[name]})" if UNITS[name] else ""
+        unit = {**UNITS, **WHITE_MATTER_UNITS}[name]
+        unit = f" ({unit})" if unit else ""
         ax.set_title(name.replace("_", " ") + unit, fontsize=7)
         ax.set_yticks(y)
         ax.set_yticklabels([str(int(r)) for r in rows] if ax is axes[0] else [])

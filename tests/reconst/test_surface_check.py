@@ -196,7 +196,7 @@ def _voxel_ids(path):
             "boundary='reflecting'",
         ),
         (dict(posterior_options=OPTIONS, sigma=SIGMA), "pass fit_method='posterior'"),
-        (dict(prior="walled", sigma=SIGMA), "prior must be a"),
+        (dict(prior="walled", sigma=SIGMA), "prior must be one of"),
     ],
 )
 def test_surface_check_refuses_a_prior_of_another_box(options, message):
