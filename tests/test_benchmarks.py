@@ -34,6 +34,7 @@ _SLOW = {
     "forward",
     "generalisation",
     "isbi_prediction",
+    "library_size",
     "mixture_reader",
     "posterior_peers",
     "prior_check",
@@ -50,6 +51,7 @@ _DMIPY = {
     "cord_histology",
     "cord_white_matter",
     "isbi_prediction",
+    "library_size",
     "mixture_reader",
     "prior_check",
 }

@@ -196,12 +196,22 @@ class _Level:
         self.limit = float(np.quantile(self.distance(held_out), level))
 
     def distance(self, features):
+        return np.sqrt(self.terms(features).sum(1))
+
+    def terms(self, features):
+        """Each compared feature's term of the squared distance (n,
+        n_compared): ``z_j sum_k a_kj (z . a_k) / s_k^2`` along the
+        components plus its own residual term; they sum to the squared
+        distance exactly. A term is the feature's part of the distance as
+        the prior correlates it with the others (negative where the feature
+        pulls the signal toward the prior), so features each within the
+        prior's range but together outside it carry the distance between
+        them."""
         z = (features[:, self.columns] - self.centre) / self.scale
         along = z @ self.axes.T
         residual = z - along @ self.axes
-        inside = ((along / self.spread) ** 2).sum(1)
-        off = ((residual / self.residual) ** 2).sum(1)
-        return np.sqrt(inside + off)
+        inside = z * ((along / self.spread**2) @ self.axes)
+        return inside + (residual / self.residual) ** 2
 
 
 class PredictiveEnvelope:
@@ -319,6 +329,46 @@ class PredictiveEnvelope:
             limit[rows] = fit.limit
         return distance, limit
 
+    def features_carrying(self, normalised, sigma, *, n=3):
+        """The features that carry most of the signals' distance: each
+        feature's share of a signal's squared distance (its terms sum to it
+        over their sum), its median over the signals outside the region (all
+        signals where none is).
+
+        Where signals are outside jointly (every feature within the prior's
+        range, their combination not), :meth:`features_outside` finds no
+        feature; these name the ones that make up the distance.
+
+        Parameters
+        ----------
+        normalised : ndarray (n, n_acquisitions)
+        sigma : ndarray (n,)
+        n : int
+            How many features.
+
+        Returns
+        -------
+        list of (str, float)
+            Label and median share, the ``n`` largest first.
+        """
+        features = self.features(normalised, _per_signal(sigma, len(normalised)))
+        index = self._rung_index(sigma)
+        shares = np.zeros(features.shape)
+        outside = np.zeros(len(features), dtype=bool)
+        for k in np.unique(index):
+            rows = index == k
+            fit, _ = self._rung(int(k))
+            terms = fit.terms(features[rows])
+            total = terms.sum(1, keepdims=True)
+            part = np.zeros((int(rows.sum()), features.shape[1]))
+            part[:, fit.columns] = terms / np.where(total > 0, total, 1.0)
+            shares[rows] = part
+            outside[rows] = ~(np.sqrt(total[:, 0]) <= fit.limit)
+        typical = np.median(shares[outside] if outside.any() else shares, axis=0)
+        typical = np.nan_to_num(typical, nan=0.0)
+        order = np.argsort(-typical)[:n]
+        return [(self.labels[k], float(typical[k])) for k in order]
+
     def features_outside(self, normalised, sigma, *, n=3):
         """The features where most signals fall outside the simulations'
         1-99 % range (at each signal's noise level).
@@ -380,6 +430,10 @@ class PriorCheck:
     features_outside : list of (str, float, float, float, float)
         :meth:`PredictiveEnvelope.features_outside`.
     n_draws : int
+    features_carrying : list of (str, float)
+        :meth:`PredictiveEnvelope.features_carrying`: the features that
+        make up the distance of the voxels outside, with their median share
+        of it.
     """
 
     inside: np.ndarray
@@ -390,6 +444,7 @@ class PriorCheck:
     level: float
     features_outside: list
     n_draws: int
+    features_carrying: list = ()
 
     def summary(self):
         """One line: the share inside and the features most outside."""
@@ -399,10 +454,17 @@ class PriorCheck:
             for label, share, median, low, high in self.features_outside
             if share > 0
         )
+        carrying = ", ".join(
+            f"{label} ({share:.0%})"
+            for label, share in self.features_carrying
+            if share > 0
+        )
         return (
             f"{self.share_inside:.0%} of {int(self.checked.sum())} voxels lie inside "
             f"the prior's {self.level:.0%} predictive region ({self.n_draws} "
-            f"draws)" + (f"; most outside: {worst}" if worst else "")
+            f"draws)"
+            + (f"; most outside: {worst}" if worst else "")
+            + (f"; their distance is carried by {carrying}" if carrying else "")
         )
 
 
@@ -469,6 +531,7 @@ def prior_predictive_check(
         level=level,
         features_outside=envelope.features_outside(normalised, relative),
         n_draws=len(simulated),
+        features_carrying=envelope.features_carrying(normalised, relative),
     )
     logger.info(result.summary())
     return result

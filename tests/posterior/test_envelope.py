@@ -90,6 +90,26 @@ def test_a_pairing_the_prior_never_makes_is_outside():
     )
     assert result.share_inside < 0.1
     assert max(share for _, share, *_ in result.features_outside) < 0.5
+    # The distance's terms name what no range does: both shells, whose
+    # pairing (means and spreads) the prior never makes, carry most of it.
+    top = result.features_carrying
+    shells = {label.split(",")[1].split(":")[0].strip() for label, _ in top}
+    assert shells == {"b 1000", "b 3000"}, top
+    assert sum(share for _, share in top) > 0.5
+    assert "carried by" in result.summary()
+
+
+def test_the_distance_terms_sum_to_its_square():
+    """Each feature's term of the squared distance (the Mahalanobis distance
+    split by feature, plus its own residual) sums to the squared distance."""
+    draws = ball_and_stick(PROTOCOL, seed=11, n=400)
+    built = envelope.PredictiveEnvelope(draws, PROTOCOL, level=0.95)
+    data = noisy(ball_and_stick(PROTOCOL, seed=12, n=30), 0.01, seed=4)
+    normalised = data / data[:, BVALS == 0].mean(1, keepdims=True)
+    distance, _ = built.distance(normalised, np.full(30, 0.01))
+    fit, _ = built._rung(int(built._rung_index(0.01)[0]))
+    terms = fit.terms(built.features(normalised, np.full(30, 0.01)))
+    assert_allclose(terms.sum(1), distance**2, rtol=1e-10)
 
 
 def test_bad_voxels_are_flagged_not_fatal_and_the_mask_is_kept():
