@@ -1,4 +1,4 @@
-"""Regenerates the library-size table of doc/validation/white_matter.md.
+"""Regenerates the tables of doc/validation/white_matter.md.
 
 How many simulated bundles does a mixing prior's library need? For each
 size ``N`` of ``--sizes``, the posterior of :meth:`MixturePrior.fixed
