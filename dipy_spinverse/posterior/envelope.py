@@ -320,20 +320,25 @@ class PredictiveEnvelope:
             ``distance <= limit`` (a NaN distance is outside).
         """
         features = self.features(normalised, _per_signal(sigma, len(normalised)))
-        index = self._rung_index(sigma)
         distance, limit = np.empty(len(features)), np.empty(len(features))
-        for k in np.unique(index):
-            rows = index == k
-            fit, _ = self._rung(int(k))
+        for rows, fit, _ in self._by_rung(sigma):
             distance[rows] = fit.distance(features[rows])
             limit[rows] = fit.limit
         return distance, limit
 
+    def _by_rung(self, sigma):
+        """``(rows, fit, simulated features)`` of each noise rung the signals
+        of noise ``sigma`` are measured at (the rows a mask over them)."""
+        index = self._rung_index(sigma)
+        for k in np.unique(index):
+            fit, simulated = self._rung(int(k))
+            yield index == k, fit, simulated
+
     def features_carrying(self, normalised, sigma, *, n=3):
         """The features that carry most of the signals' distance: each
-        feature's share of a signal's squared distance (its terms sum to it
-        over their sum), its median over the signals outside the region (all
-        signals where none is).
+        feature's share of a signal's squared distance (its term over the
+        sum of the terms, which is that square), its median over the signals
+        outside the region (all signals where none is).
 
         Where signals are outside jointly (every feature within the prior's
         range, their combination not), :meth:`features_outside` finds no
@@ -352,12 +357,9 @@ class PredictiveEnvelope:
             Label and median share, the ``n`` largest first.
         """
         features = self.features(normalised, _per_signal(sigma, len(normalised)))
-        index = self._rung_index(sigma)
         shares = np.zeros(features.shape)
         outside = np.zeros(len(features), dtype=bool)
-        for k in np.unique(index):
-            rows = index == k
-            fit, _ = self._rung(int(k))
+        for rows, fit, _ in self._by_rung(sigma):
             terms = fit.terms(features[rows])
             total = terms.sum(1, keepdims=True)
             part = np.zeros((int(rows.sum()), features.shape[1]))
@@ -388,11 +390,9 @@ class PredictiveEnvelope:
             far outside the median lies.
         """
         features = self.features(normalised, _per_signal(sigma, len(normalised)))
-        index = self._rung_index(sigma)
         outside = np.zeros(features.shape, dtype=bool)
-        for k in np.unique(index):
-            rows = index == k
-            low, high = np.percentile(self._rung(int(k))[1], [1, 99], axis=0)
+        for rows, _, simulated in self._by_rung(sigma):
+            low, high = np.percentile(simulated, [1, 99], axis=0)
             outside[rows] = (features[rows] < low) | (features[rows] > high)
         share = outside.mean(0)
         median = np.median(features, 0)
