@@ -27,7 +27,17 @@ from ..provenance import code_digest
 from ..sim.sequences import as_protocol
 from .mixture import BundleResponse, shell_keys
 
-__all__ = ["BundleLibrary"]
+__all__ = ["BundleLibrary", "SIMULATING_CODE"]
+
+#: What a bundle's table is made by: the prior's draws and simulation and
+#: the tabulation, with everything they import except what never touches a
+#: table (the prior predictive check, the training's checkpoint of
+#: simulations, the flow's targets), so that editing those keeps the
+#: library: a bundle costs about a minute of Bloch-Torrey solves.
+SIMULATING_CODE = {
+    "roots": ("posterior.white_matter", "posterior.mixture"),
+    "exclude": ("posterior.envelope", "posterior.checkpoint", "posterior.targets"),
+}
 
 
 class BundleLibrary:
@@ -103,7 +113,9 @@ class BundleLibrary:
             "n_azimuths": self.n_azimuths,
             "substeps": self.substeps,
             "waveforms": [repr(w) for w in self.protocol.waveforms],
-            "code": code_digest("posterior.white_matter", "posterior.mixture"),
+            "code": code_digest(
+                *SIMULATING_CODE["roots"], exclude=SIMULATING_CODE["exclude"]
+            ),
         }
         key = cache_key(description, [self.protocol.bvals, self.protocol.bvecs])
         return cache_root(self.cache_dir) / f"{stem}-{key}.npz"

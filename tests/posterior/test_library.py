@@ -7,9 +7,10 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import Protocol
-from dipy_spinverse.posterior.library import BundleLibrary
+from dipy_spinverse.posterior.library import SIMULATING_CODE, BundleLibrary
 from dipy_spinverse.posterior.mixture import BundleResponse
 from dipy_spinverse.posterior.white_matter import WhiteMatterPrior
+from dipy_spinverse.provenance import code_sources
 
 #: A coarse, small prior: cheap sections.
 SMALL = WhiteMatterPrior(
@@ -111,3 +112,21 @@ def test_libraries_of_other_sizes_share_their_bundles(tmp_path, monkeypatch):
 def test_bad_sizes_are_named(tmp_path):
     with pytest.raises(ValueError, match="n_bundles"):
         _library(tmp_path, n_bundles=0)
+
+
+def test_the_key_follows_what_simulates_a_bundle():
+    """The library's code key covers the simulator and the tabulation, not
+    the prior predictive check or the training's checkpoint, whose edits
+    change no table (a bundle costs a minute to simulate again)."""
+    sources = code_sources(
+        *SIMULATING_CODE["roots"], exclude=SIMULATING_CODE["exclude"]
+    )
+    for simulating in (
+        "sim/forward.py",
+        "posterior/white_matter.py",
+        "posterior/mixture.py",
+        "geometry/substrates/bundle.py",
+    ):
+        assert simulating in sources
+    for checking in ("posterior/envelope.py", "posterior/checkpoint.py"):
+        assert checking not in sources
