@@ -13,6 +13,12 @@ the draws are made again on load, only the tables are stored, and every
 bundle simulated is kept in a store of the prior, protocol and seed, so
 that a library stopped part way resumes, a larger one extends a smaller,
 and a smaller one reads the first bundles of a larger.
+
+The bundles are independent: with ``engine="ray"`` or ``"dask"`` each is a
+task on a cluster's worker (:func:`~dipy_spinverse.clusters.open_cluster`),
+as a posterior's training simulations are. They finish in any order; the
+store takes them in order, so a stop loses at most the bundles past the
+first one still running.
 """
 
 import os
@@ -22,12 +28,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..checks import check_int
+from ..clusters import open_cluster, run_chunks
 from ..files import cache_key, cache_root, load_or_build
 from ..provenance import code_digest
 from ..sim.sequences import as_protocol
 from .mixture import BundleResponse, shell_keys
+from .simulator import SIMULATION_ENGINES
 
-__all__ = ["BundleLibrary", "SIMULATING_CODE"]
+__all__ = ["BundleLibrary", "SIMULATING_CODE", "tabulate_bundle"]
 
 #: What a bundle's table is made by: the prior's draws and simulation and
 #: the tabulation, with everything they import except what never touches a
@@ -61,6 +69,17 @@ class BundleLibrary:
         Default :func:`~dipy_spinverse.files.cache_root`.
     progress : bool
         A progress bar while the bundles are simulated.
+    engine : {"serial", "ray", "dask"}
+        ``"serial"`` simulates the bundles in this process, one after
+        another; ``"ray"`` and ``"dask"`` make each bundle a task of a
+        cluster. The tables are the same either way (to rounding: a worker
+        may sum in another order on another number of threads).
+    address : str or distributed.Client, optional
+        The cluster of ``engine``, as
+        :func:`~dipy_spinverse.clusters.open_cluster` takes it (default:
+        this process's, else ``RAY_ADDRESS``, else a local one).
+    n_workers : int, optional
+        Workers of a local cluster started here (default: every core).
 
     Attributes
     ----------
@@ -79,7 +98,24 @@ class BundleLibrary:
         substeps=None,
         cache_dir=None,
         progress=False,
+        engine="serial",
+        address=None,
+        n_workers=None,
     ):
+        if engine not in SIMULATION_ENGINES:
+            raise ValueError(
+                f"engine must be one of {SIMULATION_ENGINES} (where the bundles "
+                f"are simulated), got {engine!r}."
+            )
+        if address is not None and engine == "serial":
+            raise ValueError(
+                f"address={address!r} is the cluster of engine='ray' or 'dask'; "
+                "pass one of those engines, or leave address out."
+            )
+        self.engine, self.address = engine, address
+        self.n_workers = check_int(
+            os.cpu_count() if n_workers is None else n_workers, "n_workers", 1
+        )
         self.prior = prior
         self.progress = bool(progress)
         self.protocol = as_protocol(protocol)
@@ -156,33 +192,74 @@ class BundleLibrary:
 
     def _simulate(self, store):
         """The first ``n_bundles`` bundles' tables: those in ``store``, the
-        rest simulated and added to it one by one (written whole and renamed,
-        so that a stop leaves the store readable)."""
+        rest simulated here or on a cluster and added to it in order (written
+        whole and renamed, so that a stop leaves the store readable)."""
         done = _read_store(store)[: self.n_bundles]
         stored = len(done)
-        remaining = self.draws[len(done) :]
+        waiting = {}  # finished out of order: kept until those before them
         bar = tqdm(
-            remaining,
             desc="Simulating the bundle library",
             initial=len(done),
             total=self.n_bundles,
             disable=not self.progress,
         )
-        for draw in bar:
-            table = BundleResponse.tabulate(
-                self.prior,
-                draw,
-                self.protocol,
-                n_azimuths=self.n_azimuths,
-                substeps=self.substeps,
-            ).coefficients
-            done.append(table)
-            if len(done) > stored:
+
+        def finished(i, table):
+            bar.update()
+            waiting[i] = table
+            grew = len(done) in waiting
+            while len(done) in waiting:
+                done.append(waiting.pop(len(done)))
+            if grew:
                 tmp = store.with_suffix(f".{os.getpid()}.tmp")
                 with open(tmp, "wb") as f:
                     np.savez(f, *done)
                 os.replace(tmp, store)
+
+        setting = (self.prior, self.protocol, self.n_azimuths, self.substeps)
+        todo = range(stored, self.n_bundles)
+        try:
+            if self.engine == "serial":
+                for i in todo:
+                    finished(i, tabulate_bundle(setting, self.draws[i]))
+            else:
+                with open_cluster(
+                    self.engine, self.address, n_workers=self.n_workers
+                ) as cluster:
+                    run_chunks(
+                        cluster,
+                        tabulate_bundle,
+                        setting,
+                        todo,
+                        load=lambda i: self.draws[i],
+                        done=finished,
+                    )
+        finally:
+            bar.close()
         return _padded(done)
+
+
+def tabulate_bundle(setting, draw, device=None):
+    """One bundle's table (a task of :class:`BundleLibrary`, run in this
+    process or on a cluster's worker).
+
+    Parameters
+    ----------
+    setting : tuple
+        The bundles' prior, the protocol, ``n_azimuths`` and ``substeps``.
+    draw : WhiteMatterDraw
+    device : None
+        Taken for the cluster's call; the bundles simulate on the CPU.
+
+    Returns
+    -------
+    ndarray (n_shells, n_nodes)
+        :attr:`~.mixture.BundleResponse.coefficients`.
+    """
+    prior, protocol, n_azimuths, substeps = setting
+    return BundleResponse.tabulate(
+        prior, draw, protocol, n_azimuths=n_azimuths, substeps=substeps
+    ).coefficients
 
 
 def _read_store(store):

@@ -338,6 +338,11 @@ class MixtureSimulator:
     substeps : int, optional
         Magnus sub-step multiple of the library's simulations (default:
         measured per section).
+    engine, address, n_workers
+        Where the library's bundles are simulated: here (``"serial"``) or
+        each bundle a task on a Ray or Dask cluster
+        (:class:`~.library.BundleLibrary`).
+        Mixing runs here: a voxel takes milliseconds.
 
     Attributes
     ----------
@@ -345,7 +350,16 @@ class MixtureSimulator:
     """
 
     def __init__(
-        self, prior, protocol, *, cache_dir=None, progress=False, substeps=None
+        self,
+        prior,
+        protocol,
+        *,
+        cache_dir=None,
+        progress=False,
+        substeps=None,
+        engine="serial",
+        address=None,
+        n_workers=None,
     ):
         if not isinstance(prior, MixturePrior):
             raise TypeError(
@@ -362,6 +376,9 @@ class MixtureSimulator:
             substeps=substeps,
             cache_dir=cache_dir,
             progress=progress,
+            engine=engine,
+            address=address,
+            n_workers=n_workers,
         )
         self._rows = None
 

@@ -57,9 +57,10 @@ def bound_simulator(prior, protocol, **options):
     every prior a posterior model trains on.
 
     A :class:`PriorSimulator` simulates on ``device`` and on the cluster of
-    ``engine``; the white-matter priors' simulators in this process on the
-    CPU (a device is then the network's alone), the mixing prior's library
-    kept in ``cache_dir``.
+    ``engine``; a :class:`WhiteMatterPrior`'s simulator in this process on
+    the CPU (a device is then the network's alone); the mixing prior's
+    simulator its library's bundles on the cluster of ``engine``, kept in
+    ``cache_dir``.
 
     Parameters
     ----------

@@ -130,3 +130,81 @@ def test_the_key_follows_what_simulates_a_bundle():
         assert simulating in sources
     for checking in ("posterior/envelope.py", "posterior/checkpoint.py"):
         assert checking not in sources
+
+
+class _LastFirst:
+    """A cluster stand-in that runs each task as it is submitted and hands
+    the tasks in flight back newest first: bundles finish out of order.
+    ``stop_at``: the task whose result raises, as an interrupt would."""
+
+    slots = 2
+
+    def __init__(self, stop_at=None):
+        self.results, self.stop_at = {}, stop_at
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def share(self, obj):
+        return obj
+
+    def submit(self, function, *args, gpu=False):
+        future = len(self.results)
+        self.results[future] = function(*args)
+        return future
+
+    def wait_any(self, futures):
+        return [max(futures)]
+
+    def result(self, future):
+        if future == self.stop_at:
+            raise KeyboardInterrupt
+        return self.results[future]
+
+    def cancel(self, futures):
+        pass
+
+
+def test_bundles_finished_out_of_order_are_stored_in_order(tmp_path, monkeypatch):
+    """On a cluster the bundles finish in any order: the library is the
+    serial one, and a stop keeps only the bundles before the first one
+    unfinished (the store holds bundle i at place i)."""
+    import dipy_spinverse.posterior.library as library
+
+    serial = _library(tmp_path / "serial").responses
+    monkeypatch.setattr(library, "open_cluster", lambda *a, **k: _LastFirst(0))
+    stopped = _library(tmp_path / "cluster", engine="ray")
+    with pytest.raises(KeyboardInterrupt):
+        stopped.responses  # noqa: B018
+    assert not stopped.store.exists()  # bundles 1 and 2 came back, not 0
+    monkeypatch.setattr(library, "open_cluster", lambda *a, **k: _LastFirst())
+    resumed = _library(tmp_path / "cluster", engine="ray").responses
+    for a, b in zip(serial, resumed, strict=True):
+        assert_allclose(a.coefficients, b.coefficients, atol=1e-12)
+    assert len(np.load(stopped.store).files) == 3
+
+
+@pytest.mark.slow  # Ray's worker processes import torch: about a minute on 2 cores
+def test_a_library_on_ray_is_the_serial_one(tmp_path):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already running in this process")
+    serial = _library(tmp_path / "serial").responses
+    on_ray = _library(
+        tmp_path / "ray", engine="ray", address="local", n_workers=2
+    ).responses
+    assert not ray.is_initialized()  # the local instance stopped again
+    for a, b in zip(serial, on_ray, strict=True):
+        assert_allclose(a.coefficients, b.coefficients, atol=1e-12)
+
+
+def test_bad_engines_are_named(tmp_path):
+    with pytest.raises(ValueError, match="engine must be one of"):
+        _library(tmp_path, engine="spark")
+    with pytest.raises(ValueError, match="address='auto' is the cluster of"):
+        _library(tmp_path, address="auto")
+    with pytest.raises(ValueError, match="n_workers"):
+        _library(tmp_path, engine="ray", n_workers=0)
