@@ -36,6 +36,7 @@ _SLOW = {
     "isbi_prediction",
     "library_size",
     "mixture_reader",
+    "mixture_span",
     "posterior_peers",
     "prior_check",
     "protocol_free",
@@ -48,11 +49,13 @@ _SLOW = {
 }
 #: Scripts that read the dmipy 1.0.5 distribution's files (skipped without).
 _DMIPY = {
+    "cord_fluid",
     "cord_histology",
     "cord_white_matter",
     "isbi_prediction",
     "library_size",
     "mixture_reader",
+    "mixture_span",
     "prior_check",
 }
 #: Packages of the ``benchmark`` and ``tissue`` extras some scripts import.
