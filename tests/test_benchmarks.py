@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 from dipy_spinverse import TetGrid
 from dipy_spinverse.geometry.metrics import cell_inversion
@@ -453,3 +453,25 @@ def test_cord_white_matter_reading_checks(monkeypatch):
     assert read["rms"] < 1e-4
     for name, value in truth.items():
         assert_allclose(read[name], value, rtol=0.05, atol=0.01)
+
+
+def test_prior_check_run_gains_scale_each_runs_weighted_volumes(monkeypatch):
+    """benchmarks/prior_check.py --run_gains: a volume's run is its timing's
+    last run of b = 0 volumes before it; each run's weighted volumes of a
+    draw share one gain within the bound, and b = 0 keeps its scale."""
+    from dipy_spinverse import Protocol
+
+    bench = _load_benchmark("prior_check", monkeypatch)
+    bvals = [0, 0, 1000, 2000, 0, 1000, 2000, 2000]
+    bvecs = [[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]] + [[0, 0, 0]]
+    bvecs += [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    protocol = Protocol.pgse(bvals, bvecs, small_delta=0.01, big_delta=0.03)
+    runs = bench.acquisition_runs(protocol)
+    assert_array_equal(runs, [0, 0, 0, 0, 1, 1, 1, 1])
+    signals = np.ones((50, len(bvals)))
+    weighted = protocol.bvals > 0
+    scaled = bench.with_run_gains(signals, runs, weighted, 0.05, seed=3)
+    assert_array_equal(scaled[:, ~weighted], 1.0)
+    assert np.all(np.abs(scaled - 1) <= 0.05)
+    assert np.ptp(scaled[:, 2:4], axis=1).max() == 0  # one gain a run
+    assert np.ptp(scaled[:, [2, 5]], axis=1).max() > 0  # runs apart
