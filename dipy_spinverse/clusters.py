@@ -32,12 +32,14 @@ import sys
 
 import torch
 
+from .checks import check_int
 from .files import MAIN_GUARD_HINT, refuse_spawned_main_import
 
 __all__ = [
     "CLUSTER_ENGINES",
     "INSTALL_HINT",
     "Cluster",
+    "checked_engine",
     "open_cluster",
     "refuse_spawned_main_import",
     "refuse_unguarded_main",
@@ -54,6 +56,32 @@ INSTALL_HINT = 'pip install "dipy_spinverse[parallel]"'
 
 #: Seconds to wait for a Dask scheduler before calling it unreachable.
 CONNECT_TIMEOUT = 10
+
+
+def checked_engine(engine, address, n_workers):
+    """Where simulations run, checked: ``(engine, address, n_workers)``, with
+    ``n_workers`` every core when None.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument: an engine other than ``"serial"`` and
+        :data:`CLUSTER_ENGINES`, an address without a cluster engine, fewer
+        than one worker.
+    """
+    engines = ("serial", *CLUSTER_ENGINES)
+    if engine not in engines:
+        raise ValueError(
+            f"engine must be one of {engines} (where the simulations run), "
+            f"got {engine!r}."
+        )
+    if address is not None and engine == "serial":
+        raise ValueError(
+            f"address={address!r} is the cluster of engine='ray' or 'dask'; "
+            "pass one of those engines, or leave address out."
+        )
+    n_workers = os.cpu_count() if n_workers is None else n_workers
+    return engine, address, check_int(n_workers, "n_workers", 1)
 
 
 def require(engine, address=None):

@@ -28,23 +28,28 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..checks import check_int
-from ..clusters import open_cluster, run_chunks
+from ..clusters import checked_engine, open_cluster, run_chunks
 from ..files import cache_key, cache_root, load_or_build
 from ..provenance import code_digest
 from ..sim.sequences import as_protocol
 from .mixture import BundleResponse, shell_keys
-from .simulator import SIMULATION_ENGINES
 
 __all__ = ["BundleLibrary", "SIMULATING_CODE", "tabulate_bundle"]
 
 #: What a bundle's table is made by: the prior's draws and simulation and
 #: the tabulation, with everything they import except what never touches a
-#: table (the prior predictive check, the training's checkpoint of
-#: simulations, the flow's targets), so that editing those keeps the
-#: library: a bundle costs about a minute of Bloch-Torrey solves.
+#: table (the prior predictive check, the tissue prior's simulator, the
+#: training's checkpoint of simulations, the flow's targets), so that
+#: editing those keeps the library: a bundle costs about a minute of
+#: Bloch-Torrey solves.
 SIMULATING_CODE = {
     "roots": ("posterior.white_matter", "posterior.mixture"),
-    "exclude": ("posterior.envelope", "posterior.checkpoint", "posterior.targets"),
+    "exclude": (
+        "posterior.envelope",
+        "posterior.simulator",
+        "posterior.checkpoint",
+        "posterior.targets",
+    ),
 }
 
 
@@ -102,19 +107,8 @@ class BundleLibrary:
         address=None,
         n_workers=None,
     ):
-        if engine not in SIMULATION_ENGINES:
-            raise ValueError(
-                f"engine must be one of {SIMULATION_ENGINES} (where the bundles "
-                f"are simulated), got {engine!r}."
-            )
-        if address is not None and engine == "serial":
-            raise ValueError(
-                f"address={address!r} is the cluster of engine='ray' or 'dask'; "
-                "pass one of those engines, or leave address out."
-            )
-        self.engine, self.address = engine, address
-        self.n_workers = check_int(
-            os.cpu_count() if n_workers is None else n_workers, "n_workers", 1
+        self.engine, self.address, self.n_workers = checked_engine(
+            engine, address, n_workers
         )
         self.prior = prior
         self.progress = bool(progress)

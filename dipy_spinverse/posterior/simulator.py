@@ -17,7 +17,6 @@ itself here (``TissuePrior.simulator``) and this one never imports it.
 
 import copy
 import inspect
-import os
 import pathlib
 import time
 from dataclasses import replace
@@ -28,7 +27,7 @@ from dipy.utils.logging import logger
 from tqdm.auto import tqdm
 
 from ..checks import check_device, check_int, check_number
-from ..clusters import open_cluster, run_chunks
+from ..clusters import CLUSTER_ENGINES, checked_engine, open_cluster, run_chunks
 from ..geometry.descriptors import DESCRIPTORS
 from ..sim.forward import converged_substeps, simulate
 from ..sim.sections import SectionGrid
@@ -44,7 +43,7 @@ __all__ = [
 ]
 
 #: Where a :class:`PriorSimulator` simulates: this process or a cluster.
-SIMULATION_ENGINES = ("serial", "ray", "dask")
+SIMULATION_ENGINES = ("serial", *CLUSTER_ENGINES)
 
 
 #: The options a posterior model binds every prior with, and their defaults.
@@ -181,19 +180,8 @@ class PriorSimulator:
             time_tolerance = check_number(time_tolerance, "time_tolerance", minimum=0.0)
         self.time_tolerance = time_tolerance
         self.device = check_device(device)
-        if engine not in SIMULATION_ENGINES:
-            raise ValueError(
-                f"engine must be one of {SIMULATION_ENGINES} (where the draws are "
-                f"simulated), got {engine!r}."
-            )
-        if address is not None and engine == "serial":
-            raise ValueError(
-                f"address={address!r} is the cluster of engine='ray' or 'dask'; "
-                "pass one of those engines, or leave address out."
-            )
-        self.engine, self.address = engine, address
-        self.n_workers = check_int(
-            os.cpu_count() if n_workers is None else n_workers, "n_workers", 1
+        self.engine, self.address, self.n_workers = checked_engine(
+            engine, address, n_workers
         )
         #: Per box (side, boundary, section): (Magnus sub-step multiplier,
         #: measured time error).
