@@ -59,8 +59,20 @@ CONNECT_TIMEOUT = 10
 
 
 def checked_engine(engine, address, n_workers):
-    """Where simulations run, checked: ``(engine, address, n_workers)``, with
-    ``n_workers`` every core when None.
+    """Where simulations run, checked.
+
+    Parameters
+    ----------
+    engine : {"serial", "ray", "dask"}
+        This process, or a cluster of :data:`CLUSTER_ENGINES`.
+    address : str or distributed.Client, optional
+        The cluster (:func:`open_cluster`); only with a cluster engine.
+    n_workers : int, optional
+        Workers of a local cluster; default every core.
+
+    Returns
+    -------
+    engine, address, n_workers
 
     Raises
     ------
