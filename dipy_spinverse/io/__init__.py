@@ -44,6 +44,7 @@ from .gradients import (
     read_timing,
 )
 from .maps import (
+    DESCRIPTOR_UNITS,
     MAP_UNITS,
     MAPS,
     MESH_MAPS,
@@ -117,6 +118,7 @@ __all__ = [
     "MAPS",
     "SEARCH_MAPS",
     "MESH_MAPS",
+    "DESCRIPTOR_UNITS",
     "MAP_UNITS",
     "save_map",
     "save_maps",

@@ -20,6 +20,7 @@ __all__ = [
     "MAPS",
     "SEARCH_MAPS",
     "MESH_MAPS",
+    "DESCRIPTOR_UNITS",
     "MAP_UNITS",
     "save_map",
     "save_maps",
@@ -227,13 +228,13 @@ def save_predicted(fit, path, *, affine=None, reference=None, gtab=None):
     return save_voxels(path, rows, fit.mask, affine, reference)
 
 
+#: Every posterior's descriptors and their units: the tissue prior's and the
+#: white-matter priors' (maps, tables and the report's figures).
+DESCRIPTOR_UNITS = {**UNITS, **WHITE_MATTER_UNITS}
+
 #: The files of a posterior descriptor (but orientation): suffix -> the
 #: columns of the stored quantiles (0.05, 0.25, 0.5, 0.75, 0.95) it holds,
 #: and what they are.
-#: Every posterior's descriptors and their units.
-_UNITS = {**UNITS, **WHITE_MATTER_UNITS}
-
-
 _SUMMARIES = {
     "": (2, "median"),
     "_ci50": ([1, 3], "50% interval"),
@@ -280,8 +281,8 @@ def save_posterior(fit, folder, *, affine=None, reference=None):
             path, np.asarray(rows, np.float32), mask, description=what, **space
         )
 
-    for name in (n for n in _UNITS if n in params):
-        unit = f" ({_UNITS[name]})" if _UNITS[name] else ""
+    for name in (n for n in DESCRIPTOR_UNITS if n in params):
+        unit = f" ({DESCRIPTOR_UNITS[name]})" if DESCRIPTOR_UNITS[name] else ""
         if name == "orientation":
             write(name, params[name], "posterior mean principal axis (unit vector)")
             continue
@@ -319,7 +320,7 @@ def posterior_map_files(folder):
         Their paths.
     """
     names = ["posterior_status"]
-    for name in _UNITS:
+    for name in DESCRIPTOR_UNITS:
         suffixes = ("",) if name == "orientation" else tuple(_SUMMARIES)
         names += [name + suffix for suffix in suffixes]
     paths = [os.path.join(os.fspath(folder), f"{name}.nii.gz") for name in names]

@@ -7,7 +7,8 @@ import numpy as np
 from dipy.utils.logging import logger
 
 from ..files import atomic_write
-from ..geometry import DESCRIPTORS, UNITS, WHITE_MATTER_UNITS
+from ..geometry import DESCRIPTORS
+from ..io.maps import DESCRIPTOR_UNITS
 from ..reconst import OK, STATUS_CODES
 from ..sim.signals import sequence_index
 
@@ -56,7 +57,7 @@ def write_posterior_report(fit, path, *, n_voxels=8):
             ax.set_xscale("log")
             # Decades only: labelled minor ticks overlap within one decade.
             ax.xaxis.set_minor_formatter(NullFormatter())
-        unit = {**UNITS, **WHITE_MATTER_UNITS}[name]
+        unit = DESCRIPTOR_UNITS[name]
         unit = f" ({unit})" if unit else ""
         ax.set_title(name.replace("_", " ") + unit, fontsize=7)
         ax.set_yticks(y)
