@@ -30,6 +30,7 @@ import time
 
 import harness
 import numpy as np
+from cord_fluid import shells
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 from dipy.reconst.shm import real_sh_descoteaux_from_index, sph_harm_ind_list
@@ -44,13 +45,6 @@ FREE_DIFFUSIVITIES = (0.5, 1.0, 1.5, 1.8, 2.0, 2.3, 2.6, 3.0)  # um^2/ms
 SH_ORDER = 6
 #: Rounds of the gains' and the weights' alternating fit.
 GAIN_ROUNDS = 30
-
-
-def shells(bvals):
-    """Volumes by shell: sorted b-values split at gaps of 10 % and 5 s/mm^2."""
-    order = np.argsort(bvals, kind="stable")
-    b = bvals[order]
-    return np.split(order, np.where(np.diff(b) > 0.1 * b[1:] + 5)[0] + 1)
 
 
 def smooth_floor(data, protocol, groups):
@@ -137,7 +131,7 @@ def main(argv=None):
     if args.n_voxels is not None:
         rng = np.random.default_rng(args.seed)
         data = data[rng.choice(len(data), args.n_voxels, replace=False)]
-    groups = shells(protocol.bvals)
+    groups = shells(protocol.bvals, np.arange(len(protocol)))
     floor = smooth_floor(data, protocol, groups)
     prior = MixturePrior.fixed(fibre_axis=(0.0, 0.0, 1.0), n_library=args.n_library)
     simulator = prior.simulator(protocol, cache_dir=args.out, progress=True)
